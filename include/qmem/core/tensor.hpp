@@ -1,0 +1,170 @@
+#pragma once
+//! \file
+//! The tensor-like contract: how qmem reads the element type, size, data pointer and memory space
+//! of a user's tensor type, and the non-owning `tensor_view` every algorithm works on.
+//!
+//! A type is tensor-like when `qmem::tensor_traits<T>` tells those four things. The primary
+//! template covers every contiguous sized range (std::vector, std::array, std::span, ...) as host
+//! memory; a framework specializes `tensor_traits` for its own tensor type (see
+//! examples/02_custom_tensor).
+
+#include <qmem/core/config.hpp>
+#include <qmem/core/error.hpp>
+#include <qmem/core/memory_space.hpp>
+
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <iterator>
+#include <memory>
+#include <ranges>
+#include <span>
+#include <type_traits>
+
+namespace qmem {
+
+//! Customization point: specialize for a tensor type to make it tensor-like. A specialization
+//! provides `element_type`, and static functions `data(t)` (pointer to the first element),
+//! `size(t)` (number of elements) and `space(t)` (its memory_space).
+//! The primary template covers contiguous sized ranges, which live in host memory.
+template <class T>
+struct tensor_traits {};
+
+template <class T>
+  requires std::ranges::contiguous_range<T> && std::ranges::sized_range<T>
+struct tensor_traits<T> {
+  using element_type = std::remove_reference_t<std::ranges::range_reference_t<T>>;
+  template <class U>
+    requires std::same_as<std::remove_const_t<U>, T>
+  static constexpr auto data(U& t) noexcept {
+    return std::ranges::data(t); // a pointer to const for a const range
+  }
+  static constexpr std::size_t size(T const& t) noexcept {
+    return static_cast<std::size_t>(std::ranges::size(t));
+  }
+  static constexpr memory_space space(T const&) noexcept { return memory_space::host; }
+};
+
+namespace detail {
+template <class T>
+using traits_of = tensor_traits<std::remove_cvref_t<T>>;
+} // namespace detail
+
+//! A contiguous tensor whose element type, size, data and memory space qmem can read.
+template <class T>
+concept tensor_like = requires(T& t) {
+  typename detail::traits_of<T>::element_type;                                    // element type
+  { detail::traits_of<T>::data(t) } -> std::convertible_to<void const*>;          // first element
+  { detail::traits_of<T>::size(t) } -> std::convertible_to<std::size_t>;          // element count
+  { detail::traits_of<T>::space(t) } -> std::same_as<memory_space>;               // where it lives
+};
+
+//! The element type of a tensor-like type (const when `T` is const or a const view).
+template <tensor_like T>
+using tensor_element_t = std::remove_reference_t<decltype(*detail::traits_of<T>::data(
+    std::declval<std::remove_reference_t<T>&>()))>;
+
+//! A non-owning, trivially copyable view of `size` contiguous elements of type `T` in a memory
+//! space. Views are what algorithms and kernels take; pass them by value.
+template <class T>
+class tensor_view {
+public:
+  using element_type = T;
+  using value_type = std::remove_cv_t<T>;
+
+private:
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+  memory_space space_ = memory_space::host;
+
+public:
+  constexpr tensor_view() = default;
+  //! Views `size` elements at `data` in `space`. Precondition: `data` points to `size` elements
+  //! (or size is 0). Not checked: a raw pointer carries no extent.
+  QMEM_HOST_DEVICE constexpr tensor_view(T* data, std::size_t size,
+                                         memory_space space = memory_space::host) noexcept
+      : data_(data), size_(size), space_(space) {}
+
+  //! A view of const elements from a view of mutable ones.
+  template <class U>
+    requires(std::is_const_v<T> && std::same_as<std::remove_const_t<T>, U>)
+  QMEM_HOST_DEVICE constexpr tensor_view(tensor_view<U> other) noexcept
+      : data_(other.data()), size_(other.size()), space_(other.space()) {}
+
+  QMEM_HOST_DEVICE constexpr T* data() const noexcept { return data_; }
+  QMEM_HOST_DEVICE constexpr std::size_t size() const noexcept { return size_; }
+  QMEM_HOST_DEVICE constexpr std::size_t size_bytes() const noexcept { return size_ * sizeof(T); }
+  QMEM_HOST_DEVICE constexpr bool empty() const noexcept { return size_ == 0; }
+  QMEM_HOST_DEVICE constexpr memory_space space() const noexcept { return space_; }
+  QMEM_HOST_DEVICE constexpr T& operator[](std::size_t i) const noexcept { return data_[i]; }
+  QMEM_HOST_DEVICE constexpr T* begin() const noexcept { return data_; }
+  QMEM_HOST_DEVICE constexpr T* end() const noexcept { return data_ + size_; }
+
+  //! Elements [offset, offset + count). Throws bad_argument when the range is outside the view.
+  tensor_view subview(std::size_t offset, std::size_t count) const {
+    QMEM_EXPECTS(offset <= size_ && count <= size_ - offset, "range [", offset, ", ",
+                 offset + count, ") is outside a view of ", size_, " elements");
+    return {data_ + offset, count, space_};
+  }
+
+  //! The same bytes seen as another trivially copyable element type. Throws bad_argument when
+  //! the byte size or the alignment does not fit `U`.
+  template <class U>
+    requires std::is_trivially_copyable_v<std::remove_cv_t<U>> &&
+             (std::is_const_v<U> || !std::is_const_v<T>)
+  tensor_view<U> reinterpret() const {
+    QMEM_EXPECTS(size_bytes() % sizeof(U) == 0, "a view of ", size_bytes(),
+                 " bytes is not a whole number of ", sizeof(U), "-byte elements");
+    QMEM_EXPECTS(reinterpret_cast<std::uintptr_t>(data_) % alignof(U) == 0,
+                 "data is not aligned to ", alignof(U), " bytes");
+    return {reinterpret_cast<U*>(data_), size_bytes() / sizeof(U), space_};
+  }
+};
+
+static_assert(std::is_trivially_copyable_v<tensor_view<float>>);
+
+//! tensor_view is itself tensor-like.
+template <class T>
+struct tensor_traits<tensor_view<T>> {
+  using element_type = T;
+  static constexpr T* data(tensor_view<T> const& v) noexcept { return v.data(); }
+  static constexpr T* data(tensor_view<T>& v) noexcept { return v.data(); }
+  static constexpr std::size_t size(tensor_view<T> const& v) noexcept { return v.size(); }
+  static constexpr memory_space space(tensor_view<T> const& v) noexcept { return v.space(); }
+};
+
+//! The view of any tensor-like object (keeps its constness).
+template <tensor_like T>
+constexpr auto view(T&& t) noexcept {
+  using E = tensor_element_t<T>;
+  auto& ref = t;
+  return tensor_view<E>(detail::traits_of<T>::data(ref), detail::traits_of<T>::size(ref),
+                        detail::traits_of<T>::space(ref));
+}
+
+//! A view of `size` elements at `data` in `space` (pointer + size adapter).
+template <class T>
+constexpr tensor_view<T> view(T* data, std::size_t size,
+                              memory_space space = memory_space::host) noexcept {
+  return {data, size, space};
+}
+
+//! Checks the preconditions every algorithm shares for one argument: non-null data when non-empty,
+//! alignment of the element type, and a memory space the execution object can reach.
+template <class T>
+void check_view(tensor_view<T> v, char const* function, char const* name, bool need_host,
+                bool need_device) {
+  if (v.size() != 0 && v.data() == nullptr)
+    detail::raise(function, ": ", name, " is a null pointer with ", v.size(), " elements");
+  if (reinterpret_cast<std::uintptr_t>(v.data()) % alignof(std::remove_cv_t<T>) != 0)
+    detail::raise(function, ": ", name, " is not aligned to ", alignof(std::remove_cv_t<T>),
+                  " bytes");
+  if (need_host && !host_accessible(v.space()))
+    detail::raise(function, ": ", name, " is in ", to_string(v.space()),
+                  " memory; this call runs on the host and needs host-accessible memory");
+  if (need_device && !device_accessible(v.space()))
+    detail::raise(function, ": ", name, " is in ", to_string(v.space()),
+                  " memory; this call runs on the GPU and needs device-accessible memory");
+}
+
+} // namespace qmem

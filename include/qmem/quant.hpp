@@ -1,0 +1,9 @@
+#pragma once
+//! \file
+//! The quantization layer: code tables, code types, formats, quantize/dequantize, the owning
+//! quantized tensor.
+
+#include <qmem/core.hpp>
+#include <qmem/memory.hpp>
+#include <qmem/quant/code_table.hpp>
+#include <qmem/quant/codes.hpp>
