@@ -1,0 +1,85 @@
+#pragma once
+//! \file
+//! CUDA runtime plumbing shared by every kernel file: error checking where calls are made, launch
+//! checks, and a guard that makes the execution object's device current for the duration of a
+//! call (and restores the caller's). Only for CUDA translation units.
+
+#include <qmem/core/config.hpp>
+#include <qmem/core/error.hpp>
+#include <qmem/core/exec.hpp>
+
+#if !QMEM_HAS_CUDA()
+#error "qmem/core/cuda/runtime.cuh is for CUDA translation units (compile this file with nvcc)"
+#endif
+
+#include <cuda_runtime.h>
+
+#include <source_location>
+#include <string>
+
+namespace qmem::cuda_detail {
+
+//! Throws qmem::cuda_error naming the call and the CUDA error when `status` is not cudaSuccess.
+inline void check(cudaError_t status, char const* what,
+                  std::source_location where = std::source_location::current()) {
+  if (status != cudaSuccess) [[unlikely]] {
+    (void)cudaGetLastError(); // clear a sticky-free error so later calls are not poisoned
+    throw cuda_error(detail::message(what, " failed: ", cudaGetErrorName(status), " (",
+                                     cudaGetErrorString(status), ") at ", where.file_name(), ":",
+                                     where.line()),
+                     static_cast<int>(status));
+  }
+}
+
+//! Checks the launch that just happened on `e`'s stream; with `e.sync_after_launch` also waits
+//! for it and checks its execution (localizes faults while debugging).
+inline void check_launch(exec::cuda const& e, char const* kernel,
+                         std::source_location where = std::source_location::current()) {
+  check(cudaGetLastError(), kernel, where);
+  if (e.sync_after_launch)
+    check(cudaStreamSynchronize(e.stream), kernel, where);
+}
+
+//! Makes `device` current for this scope; restores the previous device on exit.
+class device_guard {
+  int previous_ = -1;
+
+public:
+  explicit device_guard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device)
+      check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  device_guard(device_guard const&) = delete;
+  device_guard& operator=(device_guard const&) = delete;
+  ~device_guard() {
+    int current = -1;
+    if (cudaGetDevice(&current) == cudaSuccess && current != previous_ && previous_ >= 0)
+      (void)cudaSetDevice(previous_);
+  }
+};
+
+//! Number of multiprocessors of `device` (cached per device, first 64 devices).
+inline int sm_count(int device) {
+  static int cache[64] = {};
+  if (device >= 0 && device < 64 && cache[device] != 0)
+    return cache[device];
+  int n = 0;
+  check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute(MultiProcessorCount)");
+  if (device >= 0 && device < 64)
+    cache[device] = n;
+  return n;
+}
+
+//! True when at least one CUDA device is usable (tests skip GPU cases otherwise).
+inline bool device_available() noexcept {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+} // namespace qmem::cuda_detail
