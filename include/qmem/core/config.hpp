@@ -63,8 +63,10 @@
 
 //! Ask the compiler to unroll the loop that follows.
 #ifndef QMEM_UNROLL
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #define QMEM_UNROLL _Pragma("unroll")
+#elif defined(__CUDACC__) // nvcc's host pass: neither its front end nor g++ take the other's pragma
+#define QMEM_UNROLL
 #elif defined(__clang__)
 #define QMEM_UNROLL _Pragma("clang loop unroll(full)")
 #elif defined(__GNUC__)
