@@ -135,7 +135,7 @@ bool skip() {
   if (B::available())
     return false;
   std::printf("[qmem] SKIPPED on %s: no CUDA device on this machine\n", B::name);
-  MESSAGE(std::string("skipped on ") + B::name + ": no CUDA device on this machine");
+  MESSAGE((std::string("skipped on ") + B::name + ": no CUDA device on this machine"));
   return true;
 }
 
