@@ -8,6 +8,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #if defined(__has_include) && __has_include(<cuda_bf16.h>) && __has_include(<cuda_fp16.h>)
