@@ -7,3 +7,6 @@
 #include <qmem/memory.hpp>
 #include <qmem/quant/code_table.hpp>
 #include <qmem/quant/codes.hpp>
+#include <qmem/quant/stochastic.hpp>
+#include <qmem/quant/blockwise.hpp>
+#include <qmem/quant/double_quant.hpp>

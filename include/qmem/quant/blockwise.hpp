@@ -1,0 +1,244 @@
+#pragma once
+//! \file
+//! Blockwise quantization (bitsandbytes' `quantize_blockwise` / `quantize_4bit` without double
+//! quantization): the elements are cut into consecutive blocks of `block_size` (the last one
+//! partial), each block stores its fp32 absmax and one code per element. The function computed is
+//! spelled out in quant/detail/blockwise_ops.hpp; host and CUDA compute it bit for bit alike.
+//!
+//! Layout, for n elements and code type C:
+//!   codes   uint8[n]            (8-bit codes)
+//!           uint8[ceil(n / 2)]  (4-bit codes: element 2i in the high nibble of byte i, element
+//!                                2i+1 in the low nibble; an odd tail's low nibble is C::zero_code)
+//!   absmax  float[ceil(n / block_size)]
+//!
+//! Non-finite input (documented, tested): a NaN anywhere in a block makes that block's absmax NaN,
+//! so every element of the block dequantizes to NaN (bitsandbytes' GPU max ignores NaN and loses
+//! it; qmem keeps it visible). An infinity makes the absmax +inf: finite elements then normalize to
+//! 0 (their code is the code of 0), the infinity to inf * 0 = NaN, and dequantization gives
+//! 0 * inf = NaN for the block. An all-zero block has absmax 0, 1/0 = inf, 0 * inf = NaN, encoded
+//! as each code type encodes NaN (what bitsandbytes' arithmetic does); it dequantizes to
+//! code_value * 0 = +-0.
+//!
+//! Backends: `exec::host` runs detail::parallel_for over whole blocks; `exec::cuda` (in a
+//! translation unit compiled by nvcc) calls qmem::quant::cuda_impl::<same name><C>(e, <the other
+//! arguments>) from quant/cuda/blockwise.cuh, after the checks here (cuda_impl does not repeat
+//! them).
+
+#include <qmem/core/config.hpp>
+#include <qmem/core/detail/parallel.hpp>
+#include <qmem/core/error.hpp>
+#include <qmem/core/exec.hpp>
+#include <qmem/core/numeric.hpp>
+#include <qmem/core/tensor.hpp>
+#include <qmem/quant/codes.hpp>
+#include <qmem/quant/detail/blockwise_ops.hpp>
+#include <qmem/quant/stochastic.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#if QMEM_HAS_CUDA()
+#if !defined(__has_include) || __has_include(<qmem/quant/cuda/blockwise.cuh>)
+#include <qmem/quant/cuda/blockwise.cuh>
+#define QMEM_QUANT_HAS_CUDA_BLOCKWISE 1
+#endif
+#endif
+#ifndef QMEM_QUANT_HAS_CUDA_BLOCKWISE
+#define QMEM_QUANT_HAS_CUDA_BLOCKWISE 0
+#endif
+
+namespace qmem::quant {
+namespace detail {
+
+template <class E>
+inline constexpr bool always_false_v = false;
+
+//! Checks one argument's pointer, alignment and memory space for executor E.
+template <class E, class T>
+void check_arg(tensor_view<T> v, char const* function, char const* name) {
+  check_view(v, function, name, exec::is_host_v<E>, exec::is_cuda_v<E>);
+}
+
+//! Blocks handed to one host task at a time: whole blocks, at least 64 Ki elements per thread
+//! (a thread start costs ~20 us, 64 Ki elements take ~50 us on the dev box).
+inline std::size_t host_min_blocks(std::size_t block_size) noexcept {
+  std::size_t const b = (std::size_t{1} << 16) / block_size;
+  return b == 0 ? 1 : b;
+}
+
+template <code_type C, float_element T>
+void quantize_blocks_host(T const* QMEM_RESTRICT x, std::size_t n, std::size_t block_size,
+                          std::uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax,
+                          rounding r, std::size_t first_block, std::size_t last_block) {
+  auto const& book = C::book;
+  for (std::size_t blk = first_block; blk < last_block; ++blk) {
+    std::size_t const begin = blk * block_size;
+    std::size_t const count = n - begin < block_size ? n - begin : block_size;
+    T const* QMEM_RESTRICT xb = x + begin;
+    float const amax = qmem::detail::bits_to_float(block_absmax_bits(xb, count));
+    absmax[blk] = amax;
+    float const inv = rcp_rn(amax);
+    if constexpr (C::bits == 8) {
+      std::uint8_t* QMEM_RESTRICT cb = codes + begin;
+      if (r.stochastic) {
+        for (std::size_t i = 0; i < count; ++i)
+          cb[i] = encode_element<C>(to_float(xb[i]), inv, book, r, begin + i);
+      } else {
+        for (std::size_t i = 0; i < count; ++i)
+          cb[i] = C::encode(mul_rn(to_float(xb[i]), inv), book);
+      }
+    } else {
+      // block_size is even, so every block starts on a byte boundary
+      std::uint8_t* QMEM_RESTRICT cb = codes + begin / 2;
+      std::size_t const pairs = count / 2;
+      if (r.stochastic) {
+        for (std::size_t i = 0; i < pairs; ++i)
+          cb[i] = pack_nibbles(encode_element<C>(to_float(xb[2 * i]), inv, book, r, begin + 2 * i),
+                               encode_element<C>(to_float(xb[2 * i + 1]), inv, book, r,
+                                                 begin + 2 * i + 1));
+      } else {
+        for (std::size_t i = 0; i < pairs; ++i)
+          cb[i] = pack_nibbles(C::encode(mul_rn(to_float(xb[2 * i]), inv), book),
+                               C::encode(mul_rn(to_float(xb[2 * i + 1]), inv), book));
+      }
+      if (count % 2 != 0)
+        cb[pairs] = pack_nibbles(
+            encode_element<C>(to_float(xb[count - 1]), inv, book, r, begin + count - 1),
+            C::zero_code);
+    }
+  }
+}
+
+//! Dequantizes block `blk` (scale `amax`) of n elements.
+template <code_type C, float_element T>
+QMEM_INLINE void dequantize_block_host(std::uint8_t const* QMEM_RESTRICT codes, float amax,
+                                       std::size_t n, std::size_t block_size,
+                                       T* QMEM_RESTRICT y, std::size_t blk) {
+  auto const& book = C::book;
+  std::size_t const begin = blk * block_size;
+  std::size_t const count = n - begin < block_size ? n - begin : block_size;
+  T* QMEM_RESTRICT yb = y + begin;
+  if constexpr (C::bits == 8) {
+    std::uint8_t const* QMEM_RESTRICT cb = codes + begin;
+    for (std::size_t i = 0; i < count; ++i)
+      yb[i] = from_float<T>(decode_element<C>(cb[i], amax, book));
+  } else {
+    std::uint8_t const* QMEM_RESTRICT cb = codes + begin / 2;
+    std::size_t const pairs = count / 2;
+    for (std::size_t i = 0; i < pairs; ++i) {
+      std::uint8_t const b = cb[i];
+      yb[2 * i] = from_float<T>(decode_element<C>(static_cast<std::uint8_t>(b >> 4), amax, book));
+      yb[2 * i + 1] =
+          from_float<T>(decode_element<C>(static_cast<std::uint8_t>(b & 0x0f), amax, book));
+    }
+    if (count % 2 != 0)
+      yb[count - 1] =
+          from_float<T>(decode_element<C>(static_cast<std::uint8_t>(cb[pairs] >> 4), amax, book));
+  }
+}
+
+template <code_type C, float_element T>
+void dequantize_blocks_host(std::uint8_t const* QMEM_RESTRICT codes,
+                            float const* QMEM_RESTRICT absmax, std::size_t n,
+                            std::size_t block_size, T* QMEM_RESTRICT y, std::size_t first_block,
+                            std::size_t last_block) {
+  for (std::size_t blk = first_block; blk < last_block; ++blk)
+    dequantize_block_host<C>(codes, absmax[blk], n, block_size, y, blk);
+}
+
+//! The shared size checks of the blockwise entry points.
+template <code_type C>
+void check_blockwise_sizes(char const* function, std::size_t n, std::size_t block_size,
+                           std::size_t codes_size, std::size_t absmax_size) {
+  if (!valid_block_size<C>(block_size))
+    qmem::detail::raise(function, ": block_size is ", block_size, "; expected a power of two in [",
+                        C::bits == 4 ? 32 : 64, ", 4096] for ", C::bits, "-bit codes");
+  if (codes_size != code_bytes<C>(n))
+    qmem::detail::raise(function, ": codes has ", codes_size, " bytes; expected ",
+                        code_bytes<C>(n), " for ", n, " elements of ", C::bits, "-bit codes");
+  if (absmax_size != block_count(n, block_size))
+    qmem::detail::raise(function, ": absmax has ", absmax_size, " elements; expected ",
+                        block_count(n, block_size), " (ceil(", n, " / ", block_size, "))");
+}
+
+} // namespace detail
+
+//! Quantizes `x` blockwise with code type `C`: absmax[b] = max |x| over block b, codes as laid
+//! out in this file's comment, rounded as `r` says (nearest: bitsandbytes' codes, up to its
+//! approximate reciprocal; stochastic: reproducible from r.seed).
+//! Preconditions (checked before anything is written; qmem::bad_argument otherwise):
+//! valid_block_size<C>(block_size); codes.size() == code_bytes<C>(x.size()); absmax.size() ==
+//! block_count(x.size(), block_size); every view non-null when non-empty, aligned, and reachable
+//! by `e` (host memory for exec::host, device-accessible memory for exec::cuda); the outputs do
+//! not overlap the input. Bytes moved: n * sizeof(T) read, codes and absmax written.
+template <code_type C, exec::execution E, float_element T>
+void quantize_blockwise(E const& e, tensor_view<T const> x, std::size_t block_size,
+                        tensor_view<std::uint8_t> codes, tensor_view<float> absmax,
+                        rounding r = {}) {
+  constexpr char const* fn = "quantize_blockwise";
+  detail::check_arg<E>(x, fn, "x");
+  detail::check_arg<E>(codes, fn, "codes");
+  detail::check_arg<E>(absmax, fn, "absmax");
+  detail::check_blockwise_sizes<C>(fn, x.size(), block_size, codes.size(), absmax.size());
+  if (x.empty())
+    return;
+  if constexpr (exec::is_cuda_v<E>) {
+#if QMEM_HAS_CUDA() && QMEM_QUANT_HAS_CUDA_BLOCKWISE
+    cuda_impl::quantize_blockwise<C>(e, x, block_size, codes, absmax, r);
+#else
+    static_assert(detail::always_false_v<E>,
+                  "qmem::quant::quantize_blockwise with exec::cuda needs a translation unit "
+                  "compiled by nvcc (and quant/cuda/blockwise.cuh)");
+#endif
+  } else {
+    std::size_t const n = x.size();
+    std::size_t const blocks = absmax.size();
+    qmem::detail::parallel_for(
+        e, blocks, 1,
+        [&](std::size_t b0, std::size_t b1) {
+          detail::quantize_blocks_host<C>(x.data(), n, block_size, codes.data(), absmax.data(), r,
+                                          b0, b1);
+        },
+        detail::host_min_blocks(block_size));
+  }
+}
+
+//! Dequantizes blockwise codes of code type `C`: y[i] = C::decode(code_i) * absmax[i / block_size]
+//! in float, rounded once to T.
+//! Preconditions (checked before anything is written): valid_block_size<C>(block_size);
+//! codes.size() == code_bytes<C>(y.size()); absmax.size() == block_count(y.size(), block_size);
+//! views non-null when non-empty, aligned, reachable by `e`. Every code value is valid (4-bit codes
+//! use all 16, 8-bit codes all 256 patterns).
+template <code_type C, exec::execution E, float_element T>
+void dequantize_blockwise(E const& e, tensor_view<std::uint8_t const> codes,
+                          tensor_view<float const> absmax, std::size_t block_size,
+                          tensor_view<T> y) {
+  constexpr char const* fn = "dequantize_blockwise";
+  detail::check_arg<E>(codes, fn, "codes");
+  detail::check_arg<E>(absmax, fn, "absmax");
+  detail::check_arg<E>(y, fn, "y");
+  detail::check_blockwise_sizes<C>(fn, y.size(), block_size, codes.size(), absmax.size());
+  if (y.empty())
+    return;
+  if constexpr (exec::is_cuda_v<E>) {
+#if QMEM_HAS_CUDA() && QMEM_QUANT_HAS_CUDA_BLOCKWISE
+    cuda_impl::dequantize_blockwise<C>(e, codes, absmax, block_size, y);
+#else
+    static_assert(detail::always_false_v<E>,
+                  "qmem::quant::dequantize_blockwise with exec::cuda needs a translation unit "
+                  "compiled by nvcc (and quant/cuda/blockwise.cuh)");
+#endif
+  } else {
+    std::size_t const n = y.size();
+    qmem::detail::parallel_for(
+        e, absmax.size(), 1,
+        [&](std::size_t b0, std::size_t b1) {
+          detail::dequantize_blocks_host<C>(codes.data(), absmax.data(), n, block_size, y.data(),
+                                            b0, b1);
+        },
+        detail::host_min_blocks(block_size));
+  }
+}
+
+} // namespace qmem::quant

@@ -1,0 +1,246 @@
+#pragma once
+//! \file
+//! Double quantization of the block scales (bitsandbytes' `compress_statistics=True` for 4-bit,
+//! `nested=True` for 8-bit): the fp32 absmax values are replaced by
+//!   offset        float          mean(absmax), see below
+//!   qabsmax       uint8[m]       absmax - offset, quantized with dynamic_signed ...
+//!   absmax2       float[ceil(m / nested_block)]   ... blockwise in blocks of nested_block
+//! and read back as nested_table[qabsmax] * absmax2, then + offset (each rounded in float).
+//! bitsandbytes uses nested_block 256 for 4-bit formats and the data's block size for 8-bit.
+//!
+//! The offset is the mean of the absmax values in a fixed order, so that the host and the GPU
+//! get the same bits: a 256-ary tree in double precision, each node the left-to-right sum of up to
+//! 256 children (the leaves are the absmax values), then total / m rounded to float.
+//! bitsandbytes computes torch's float32 mean on the GPU instead, whose reduction order is not
+//! specified; the golden test measures how often the two agree (see docs/quant.md), and
+//! quantize_scales_given_offset reproduces bitsandbytes exactly from its stored offset.
+
+#include <qmem/core/config.hpp>
+#include <qmem/core/detail/parallel.hpp>
+#include <qmem/core/error.hpp>
+#include <qmem/core/exec.hpp>
+#include <qmem/core/numeric.hpp>
+#include <qmem/core/tensor.hpp>
+#include <qmem/quant/blockwise.hpp>
+#include <qmem/quant/codes.hpp>
+#include <qmem/quant/detail/blockwise_ops.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace qmem::quant {
+
+//! Children per node of the offset's summation tree (see the file comment).
+inline constexpr std::size_t offset_tree_arity = 256;
+
+namespace detail {
+
+//! The fixed-order mean of `v` (the double-quantization offset): a 256-ary tree of left-to-right
+//! double sums, divided by n in double, rounded to float. n == 0 gives 0.
+inline float tree_mean(float const* v, std::size_t n) {
+  if (n == 0)
+    return 0.0f;
+  std::vector<double> level((n + offset_tree_arity - 1) / offset_tree_arity);
+  for (std::size_t c = 0; c < level.size(); ++c) {
+    double s = 0.0;
+    std::size_t const end = (c + 1) * offset_tree_arity < n ? (c + 1) * offset_tree_arity : n;
+    for (std::size_t i = c * offset_tree_arity; i < end; ++i)
+      s += static_cast<double>(v[i]);
+    level[c] = s;
+  }
+  while (level.size() > 1) {
+    std::vector<double> next((level.size() + offset_tree_arity - 1) / offset_tree_arity);
+    for (std::size_t c = 0; c < next.size(); ++c) {
+      double s = 0.0;
+      std::size_t const end = (c + 1) * offset_tree_arity < level.size()
+                                  ? (c + 1) * offset_tree_arity
+                                  : level.size();
+      for (std::size_t i = c * offset_tree_arity; i < end; ++i)
+        s += level[i];
+      next[c] = s;
+    }
+    level.swap(next);
+  }
+  return static_cast<float>(level[0] / static_cast<double>(n));
+}
+
+//! Host body of quantize_scales after the offset is known.
+inline void quantize_scales_host(exec::host const& e, float const* absmax, std::size_t m,
+                                 std::size_t nested_block, float offset, std::uint8_t* qabsmax,
+                                 float* absmax2) {
+  auto const& book = dynamic_signed::book;
+  std::size_t const blocks = block_count(m, nested_block);
+  qmem::detail::parallel_for(
+      e, blocks, 1,
+      [&](std::size_t b0, std::size_t b1) {
+        for (std::size_t b = b0; b < b1; ++b) {
+          std::size_t const begin = b * nested_block;
+          std::size_t const count = m - begin < nested_block ? m - begin : nested_block;
+          std::uint32_t mx = 0;
+          for (std::size_t i = 0; i < count; ++i) {
+            std::uint32_t const a = abs_bits(sub_rn(absmax[begin + i], offset));
+            mx = a > mx ? a : mx;
+          }
+          float const amax2 = qmem::detail::bits_to_float(mx);
+          absmax2[b] = amax2;
+          float const inv = rcp_rn(amax2);
+          for (std::size_t i = 0; i < count; ++i)
+            qabsmax[begin + i] =
+                dynamic_signed::encode(mul_rn(sub_rn(absmax[begin + i], offset), inv), book);
+        }
+      },
+      host_min_blocks(nested_block));
+}
+
+inline void check_scales_sizes(char const* fn, std::size_t m, std::size_t nested_block,
+                               std::size_t qabsmax_size, std::size_t absmax2_size) {
+  if (!valid_block_size<dynamic_signed>(nested_block))
+    qmem::detail::raise(fn, ": nested_block is ", nested_block,
+                        "; expected a power of two in [64, 4096]");
+  if (qabsmax_size != m)
+    qmem::detail::raise(fn, ": qabsmax has ", qabsmax_size, " elements; expected ", m,
+                        " (one code per absmax)");
+  if (absmax2_size != block_count(m, nested_block))
+    qmem::detail::raise(fn, ": absmax2 has ", absmax2_size, " elements; expected ",
+                        block_count(m, nested_block), " (ceil(", m, " / ", nested_block, "))");
+}
+
+} // namespace detail
+
+//! Double-quantizes block scales: offset[0] = the fixed-order mean of `absmax` (file comment);
+//! qabsmax/absmax2 = quantize_blockwise<dynamic_signed> of (absmax[i] - offset) in blocks of
+//! `nested_block`.
+//! Preconditions (checked before anything is written): valid_block_size<dynamic_signed>(
+//! nested_block); qabsmax.size() == absmax.size(); absmax2.size() == block_count(absmax.size(),
+//! nested_block); offset.size() == 1; views non-null when non-empty, aligned, reachable by `e`.
+template <exec::execution E>
+void quantize_scales(E const& e, tensor_view<float const> absmax, std::size_t nested_block,
+                     tensor_view<std::uint8_t> qabsmax, tensor_view<float> absmax2,
+                     tensor_view<float> offset) {
+  constexpr char const* fn = "quantize_scales";
+  detail::check_arg<E>(absmax, fn, "absmax");
+  detail::check_arg<E>(qabsmax, fn, "qabsmax");
+  detail::check_arg<E>(absmax2, fn, "absmax2");
+  detail::check_arg<E>(offset, fn, "offset");
+  detail::check_scales_sizes(fn, absmax.size(), nested_block, qabsmax.size(), absmax2.size());
+  QMEM_EXPECTS(offset.size() == 1, "offset has ", offset.size(), " elements; expected 1");
+  if constexpr (exec::is_cuda_v<E>) {
+#if QMEM_HAS_CUDA() && QMEM_QUANT_HAS_CUDA_BLOCKWISE
+    cuda_impl::quantize_scales(e, absmax, nested_block, qabsmax, absmax2, offset);
+#else
+    static_assert(detail::always_false_v<E>,
+                  "qmem::quant::quantize_scales with exec::cuda needs a translation unit compiled "
+                  "by nvcc (and quant/cuda/blockwise.cuh)");
+#endif
+  } else {
+    float const off = detail::tree_mean(absmax.data(), absmax.size());
+    detail::quantize_scales_host(e, absmax.data(), absmax.size(), nested_block, off,
+                                 qabsmax.data(), absmax2.data());
+    offset[0] = off;
+  }
+}
+
+//! quantize_scales with a given offset instead of the computed mean (host only): reproduces
+//! bitsandbytes' qabsmax and absmax2 exactly from the offset it stored, and lets a caller choose
+//! its own offset. Preconditions as quantize_scales (without `offset`); `offset` is any float.
+inline void quantize_scales_given_offset(exec::host const& e, tensor_view<float const> absmax,
+                                         std::size_t nested_block, float offset,
+                                         tensor_view<std::uint8_t> qabsmax,
+                                         tensor_view<float> absmax2) {
+  constexpr char const* fn = "quantize_scales_given_offset";
+  detail::check_arg<exec::host>(absmax, fn, "absmax");
+  detail::check_arg<exec::host>(qabsmax, fn, "qabsmax");
+  detail::check_arg<exec::host>(absmax2, fn, "absmax2");
+  detail::check_scales_sizes(fn, absmax.size(), nested_block, qabsmax.size(), absmax2.size());
+  detail::quantize_scales_host(e, absmax.data(), absmax.size(), nested_block, offset,
+                               qabsmax.data(), absmax2.data());
+}
+
+//! Reads double-quantized scales back: absmax[i] = (nested_table[qabsmax[i]] *
+//! absmax2[i / nested_block]) + offset[0], each operation rounded in float.
+//! Preconditions (checked before anything is written): valid_block_size<dynamic_signed>(
+//! nested_block); qabsmax.size() == absmax.size(); absmax2.size() == block_count(absmax.size(),
+//! nested_block); offset.size() == 1; views non-null when non-empty, aligned, reachable by `e`.
+template <exec::execution E>
+void dequantize_scales(E const& e, tensor_view<std::uint8_t const> qabsmax,
+                       tensor_view<float const> absmax2, tensor_view<float const> offset,
+                       std::size_t nested_block, tensor_view<float> absmax) {
+  constexpr char const* fn = "dequantize_scales";
+  detail::check_arg<E>(qabsmax, fn, "qabsmax");
+  detail::check_arg<E>(absmax2, fn, "absmax2");
+  detail::check_arg<E>(offset, fn, "offset");
+  detail::check_arg<E>(absmax, fn, "absmax");
+  detail::check_scales_sizes(fn, absmax.size(), nested_block, qabsmax.size(), absmax2.size());
+  QMEM_EXPECTS(offset.size() == 1, "offset has ", offset.size(), " elements; expected 1");
+  if (absmax.empty())
+    return;
+  if constexpr (exec::is_cuda_v<E>) {
+#if QMEM_HAS_CUDA() && QMEM_QUANT_HAS_CUDA_BLOCKWISE
+    cuda_impl::dequantize_scales(e, qabsmax, absmax2, offset, nested_block, absmax);
+#else
+    static_assert(detail::always_false_v<E>,
+                  "qmem::quant::dequantize_scales with exec::cuda needs a translation unit "
+                  "compiled by nvcc (and quant/cuda/blockwise.cuh)");
+#endif
+  } else {
+    float const off = offset[0];
+    auto const& book = dynamic_signed::book;
+    qmem::detail::parallel_for(e, absmax.size(), nested_block, [&](std::size_t i0, std::size_t i1) {
+      for (std::size_t i = i0; i < i1; ++i)
+        absmax[i] = detail::nested_scale(qabsmax[i], absmax2[i / nested_block], off, book);
+    });
+  }
+}
+
+//! Dequantizes blockwise codes whose scales are double-quantized, in one pass: the scale of block
+//! b is (nested_table[qabsmax[b]] * absmax2[b / nested_block]) + offset[0], then y[i] =
+//! C::decode(code_i) * scale, rounded once to T (bitsandbytes' arithmetic, bit for bit).
+//! Preconditions (checked before anything is written): valid_block_size<C>(block_size);
+//! valid_block_size<dynamic_signed>(nested_block); codes.size() == code_bytes<C>(y.size());
+//! qabsmax.size() == block_count(y.size(), block_size); absmax2.size() ==
+//! block_count(qabsmax.size(), nested_block); offset.size() == 1; views non-null when non-empty,
+//! aligned, reachable by `e`.
+template <code_type C, exec::execution E, float_element T>
+void dequantize_blockwise_nested(E const& e, tensor_view<std::uint8_t const> codes,
+                                 tensor_view<std::uint8_t const> qabsmax,
+                                 tensor_view<float const> absmax2, tensor_view<float const> offset,
+                                 std::size_t block_size, std::size_t nested_block,
+                                 tensor_view<T> y) {
+  constexpr char const* fn = "dequantize_blockwise_nested";
+  detail::check_arg<E>(codes, fn, "codes");
+  detail::check_arg<E>(qabsmax, fn, "qabsmax");
+  detail::check_arg<E>(absmax2, fn, "absmax2");
+  detail::check_arg<E>(offset, fn, "offset");
+  detail::check_arg<E>(y, fn, "y");
+  detail::check_blockwise_sizes<C>(fn, y.size(), block_size, codes.size(), qabsmax.size());
+  detail::check_scales_sizes(fn, qabsmax.size(), nested_block, qabsmax.size(), absmax2.size());
+  QMEM_EXPECTS(offset.size() == 1, "offset has ", offset.size(), " elements; expected 1");
+  if (y.empty())
+    return;
+  if constexpr (exec::is_cuda_v<E>) {
+#if QMEM_HAS_CUDA() && QMEM_QUANT_HAS_CUDA_BLOCKWISE
+    cuda_impl::dequantize_blockwise_nested<C>(e, codes, qabsmax, absmax2, offset, block_size,
+                                              nested_block, y);
+#else
+    static_assert(detail::always_false_v<E>,
+                  "qmem::quant::dequantize_blockwise_nested with exec::cuda needs a translation "
+                  "unit compiled by nvcc (and quant/cuda/blockwise.cuh)");
+#endif
+  } else {
+    std::size_t const n = y.size();
+    float const off = offset[0];
+    auto const& nbook = dynamic_signed::book;
+    qmem::detail::parallel_for(
+        e, qabsmax.size(), 1,
+        [&](std::size_t b0, std::size_t b1) {
+          for (std::size_t b = b0; b < b1; ++b)
+            detail::dequantize_block_host<C>(
+                codes.data(), detail::nested_scale(qabsmax[b], absmax2[b / nested_block], off, nbook),
+                n, block_size, y.data(), b);
+        },
+        detail::host_min_blocks(block_size));
+  }
+}
+
+} // namespace qmem::quant
