@@ -6,3 +6,8 @@
 #include <qmem/core.hpp>
 #include <qmem/memory.hpp>
 #include <qmem/quant.hpp>
+// The I/O layer needs nlohmann-json; it is included here only where that header is available
+// (include <qmem/io.hpp> directly to require it).
+#if defined(__has_include) && __has_include(<nlohmann/json.hpp>)
+#include <qmem/io.hpp>
+#endif
