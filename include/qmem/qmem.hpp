@@ -11,3 +11,4 @@
 #if defined(__has_include) && __has_include(<nlohmann/json.hpp>)
 #include <qmem/io.hpp>
 #endif
+#include <qmem/optim.hpp>

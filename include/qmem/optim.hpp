@@ -1,0 +1,12 @@
+#pragma once
+//! \file
+//! The optimizer layer: update rules as element-wise functors, state policies (fp32, bf16,
+//! 8-bit and 4-bit blockwise, any quantization format), and the optimizer binding rule x state x
+//! parameters with the host backend, clipping, schedules and save/resume.
+
+#include <qmem/core.hpp>
+#include <qmem/memory.hpp>
+#include <qmem/quant.hpp>
+#include <qmem/optim/rule.hpp>
+#include <qmem/optim/rules.hpp>
+#include <qmem/optim/state.hpp>
