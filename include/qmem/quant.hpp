@@ -10,3 +10,5 @@
 #include <qmem/quant/stochastic.hpp>
 #include <qmem/quant/blockwise.hpp>
 #include <qmem/quant/double_quant.hpp>
+#include <qmem/quant/format.hpp>
+#include <qmem/quant/quantized_tensor.hpp>

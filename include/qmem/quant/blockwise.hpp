@@ -68,10 +68,12 @@ inline std::size_t host_min_blocks(std::size_t block_size) noexcept {
 }
 
 template <code_type C, float_element T>
-void quantize_blocks_host(T const* QMEM_RESTRICT x, std::size_t n, std::size_t block_size,
-                          std::uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax,
-                          rounding r, std::size_t first_block, std::size_t last_block) {
-  auto const& book = C::book;
+void quantize_blocks_host(decltype(C::book) const& book, T const* QMEM_RESTRICT x, std::size_t n,
+                          std::size_t block_size, std::uint8_t* QMEM_RESTRICT codes,
+                          float* QMEM_RESTRICT absmax, rounding r, std::size_t first_block,
+                          std::size_t last_block) {
+  // the pad nibble of an odd tail: the code of 0.0 (C::zero_code for every built-in code type)
+  std::uint8_t const pad = C::encode(0.0f, book);
   for (std::size_t blk = first_block; blk < last_block; ++blk) {
     std::size_t const begin = blk * block_size;
     std::size_t const count = n - begin < block_size ? n - begin : block_size;
@@ -104,18 +106,17 @@ void quantize_blocks_host(T const* QMEM_RESTRICT x, std::size_t n, std::size_t b
       }
       if (count % 2 != 0)
         cb[pairs] = pack_nibbles(
-            encode_element<C>(to_float(xb[count - 1]), inv, book, r, begin + count - 1),
-            C::zero_code);
+            encode_element<C>(to_float(xb[count - 1]), inv, book, r, begin + count - 1), pad);
     }
   }
 }
 
 //! Dequantizes block `blk` (scale `amax`) of n elements.
 template <code_type C, float_element T>
-QMEM_INLINE void dequantize_block_host(std::uint8_t const* QMEM_RESTRICT codes, float amax,
+QMEM_INLINE void dequantize_block_host(decltype(C::book) const& book,
+                                       std::uint8_t const* QMEM_RESTRICT codes, float amax,
                                        std::size_t n, std::size_t block_size,
                                        T* QMEM_RESTRICT y, std::size_t blk) {
-  auto const& book = C::book;
   std::size_t const begin = blk * block_size;
   std::size_t const count = n - begin < block_size ? n - begin : block_size;
   T* QMEM_RESTRICT yb = y + begin;
@@ -139,12 +140,12 @@ QMEM_INLINE void dequantize_block_host(std::uint8_t const* QMEM_RESTRICT codes, 
 }
 
 template <code_type C, float_element T>
-void dequantize_blocks_host(std::uint8_t const* QMEM_RESTRICT codes,
+void dequantize_blocks_host(decltype(C::book) const& book, std::uint8_t const* QMEM_RESTRICT codes,
                             float const* QMEM_RESTRICT absmax, std::size_t n,
                             std::size_t block_size, T* QMEM_RESTRICT y, std::size_t first_block,
                             std::size_t last_block) {
   for (std::size_t blk = first_block; blk < last_block; ++blk)
-    dequantize_block_host<C>(codes, absmax[blk], n, block_size, y, blk);
+    dequantize_block_host<C>(book, codes, absmax[blk], n, block_size, y, blk);
 }
 
 //! The shared size checks of the blockwise entry points.
@@ -197,7 +198,7 @@ void quantize_blockwise(E const& e, tensor_view<T const> x, std::size_t block_si
     qmem::detail::parallel_for(
         e, blocks, 1,
         [&](std::size_t b0, std::size_t b1) {
-          detail::quantize_blocks_host<C>(x.data(), n, block_size, codes.data(), absmax.data(), r,
+          detail::quantize_blocks_host<C>(C::book, x.data(), n, block_size, codes.data(), absmax.data(), r,
                                           b0, b1);
         },
         detail::host_min_blocks(block_size));
@@ -234,7 +235,7 @@ void dequantize_blockwise(E const& e, tensor_view<std::uint8_t const> codes,
     qmem::detail::parallel_for(
         e, absmax.size(), 1,
         [&](std::size_t b0, std::size_t b1) {
-          detail::dequantize_blocks_host<C>(codes.data(), absmax.data(), n, block_size, y.data(),
+          detail::dequantize_blocks_host<C>(C::book, codes.data(), absmax.data(), n, block_size, y.data(),
                                             b0, b1);
         },
         detail::host_min_blocks(block_size));

@@ -236,7 +236,7 @@ void dequantize_blockwise_nested(E const& e, tensor_view<std::uint8_t const> cod
         [&](std::size_t b0, std::size_t b1) {
           for (std::size_t b = b0; b < b1; ++b)
             detail::dequantize_block_host<C>(
-                codes.data(), detail::nested_scale(qabsmax[b], absmax2[b / nested_block], off, nbook),
+                C::book, codes.data(), detail::nested_scale(qabsmax[b], absmax2[b / nested_block], off, nbook),
                 n, block_size, y.data(), b);
         },
         detail::host_min_blocks(block_size));
