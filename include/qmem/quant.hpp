@@ -12,3 +12,4 @@
 #include <qmem/quant/double_quant.hpp>
 #include <qmem/quant/format.hpp>
 #include <qmem/quant/quantized_tensor.hpp>
+#include <qmem/quant/rowwise.hpp>
