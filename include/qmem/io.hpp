@@ -5,4 +5,5 @@
 //! other layers do not, and `qmem.hpp` includes this layer only when the header is available.
 
 #include <qmem/core.hpp>
+#include <qmem/io/bnb.hpp>
 #include <qmem/io/safetensors.hpp>

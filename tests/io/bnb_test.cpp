@@ -1,0 +1,263 @@
+// bitsandbytes checkpoint interop: the two transformers bnb-4bit checkpoints (NF4 and FP4, double
+// quantized) dequantize bit-exactly to bnb's own output, read-then-write reproduces the files byte
+// for byte, codes stored in other dtypes (FSDP quant_storage) read the same, and quantize_bnb
+// writes the keys, dtypes, shapes and quant-state JSON transformers writes.
+#include <qmem/io.hpp>
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+using qmem::dtype;
+using qmem::io::bnb_format;
+using qmem::io::safetensors_reader;
+
+namespace {
+
+fs::path data_dir() { return fs::path(QMEM_TEST_DATA_DIR); }
+
+std::vector<char> slurp(fs::path const& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+struct scratch_dir {
+  fs::path path;
+  scratch_dir() {
+    static int counter = 0;
+    path = fs::temp_directory_path() /
+           ("qmem_bnb_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    fs::create_directories(path);
+  }
+  ~scratch_dir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+// Writes every tensor of `r` except those in `skip`, plus `extra` weights, to `path`.
+void rewrite(safetensors_reader const& r, std::vector<qmem::io::bnb_weight> const& weights,
+             fs::path const& path) {
+  qmem::io::safetensors_writer w;
+  for (auto const& [k, v] : r.metadata())
+    w.set_metadata(k, v);
+  for (auto const& e : r.tensors()) {
+    bool owned = false;
+    for (auto const& bw : weights)
+      owned = owned || e.name == bw.name || qmem::io::is_bnb_aux_key(e.name, bw.name);
+    if (!owned)
+      w.add(e.name, e.type, e.shape, r.bytes(e));
+  }
+  for (auto const& bw : weights)
+    bw.add_to(w);
+  w.save(path);
+}
+
+} // namespace
+
+TEST_CASE("bnb: python float repr as json.dumps writes it") {
+  using qmem::io::python_float_repr;
+  CHECK(python_float_repr(0.05185295641422272) == "0.05185295641422272");
+  CHECK(python_float_repr(static_cast<double>(0.05185295641422272f)) == "0.05185295641422272");
+  CHECK(python_float_repr(1.0) == "1.0");
+  CHECK(python_float_repr(0.0) == "0.0");
+  CHECK(python_float_repr(-0.0) == "-0.0");
+  CHECK(python_float_repr(123.5) == "123.5");
+  CHECK(python_float_repr(0.0001) == "0.0001");
+  CHECK(python_float_repr(1e-05) == "1e-05");
+  CHECK(python_float_repr(1.5e-07) == "1.5e-07");
+  CHECK(python_float_repr(-2.5e-10) == "-2.5e-10");
+  CHECK(python_float_repr(1e15) == "1000000000000000.0");
+  CHECK(python_float_repr(1e16) == "1e+16");
+  CHECK(python_float_repr(1.25e100) == "1.25e+100");
+}
+
+TEST_CASE("bnb: tiny Llama checkpoints dequantize bit-exactly and rewrite byte for byte") {
+  for (auto const* dir : {"tiny_llama_nf4_dq", "tiny_llama_fp4_dq"}) {
+    CAPTURE(dir);
+    auto const model_path = data_dir() / dir / "model.safetensors";
+    safetensors_reader model(model_path);
+    safetensors_reader ref(data_dir() / dir / "reference_dequantized.safetensors");
+    auto const names = qmem::io::bnb_weight_names(model);
+    REQUIRE(names.size() == 14); // 7 linear layers x 2 decoder layers
+
+    std::vector<qmem::io::bnb_weight> weights;
+    for (auto const& name : names) {
+      CAPTURE(name);
+      auto w = qmem::io::read_bnb_weight(model, name);
+      CHECK(w.format() == (std::string(dir).find("nf4") != std::string::npos ? bnb_format::nf4
+                                                                              : bnb_format::fp4));
+      CHECK(w.state.nested);
+      CHECK(w.state.blocksize == 64);
+      CHECK(w.state.type == dtype::bf16);
+      // the quant state re-serializes to the stored bytes (Python json.dumps + float repr)
+      CHECK(w.state.to_json() == w.state_json);
+      auto const& re = ref.at(name);
+      CHECK(re.shape == w.state.shape);
+      auto const expected = ref.read<qmem::bf16>(name);
+      auto const got = w.dequantize<qmem::bf16>();
+      REQUIRE(got.size() == expected.size());
+      std::size_t mismatches = 0;
+      for (std::size_t i = 0; i < got.size(); ++i)
+        mismatches += got[i].bits != expected[i].bits ? 1 : 0;
+      CHECK(mismatches == 0);
+      // f32 output rounds to the same bf16 values
+      auto const f = w.dequantize<float>();
+      CHECK(qmem::bf16(f[123]).bits == expected[123].bits);
+      CHECK(w.bits_per_parameter() == doctest::Approx(4.0 + 8.0 / 64 + 32.0 / (64 * 256)).epsilon(0.01));
+      weights.push_back(std::move(w));
+    }
+
+    scratch_dir tmp;
+    rewrite(model, weights, tmp.path / "out.safetensors");
+    CHECK(slurp(tmp.path / "out.safetensors") == slurp(model_path));
+  }
+}
+
+TEST_CASE("bnb: codes stored in BF16/F16/F32 (quant_storage) read like U8") {
+  safetensors_reader model(data_dir() / "tiny_llama_nf4_dq" / "model.safetensors");
+  std::string const name = "model.layers.1.self_attn.q_proj.weight";
+  auto const base = qmem::io::read_bnb_weight(model, name);
+  auto const expected = base.dequantize<qmem::bf16>();
+  for (dtype storage : {dtype::bf16, dtype::f16, dtype::f32}) {
+    CAPTURE(qmem::dtype_name(storage));
+    auto w = base;
+    auto const item = static_cast<std::int64_t>(qmem::dtype_size(storage));
+    // bnb's shape for other storage: ((n + 1) // (2 * itemsize), 1)
+    auto const n = static_cast<std::int64_t>(w.numel());
+    auto const rows = (n + 1) / (2 * item);
+    w.codes.type = storage;
+    w.codes.shape = {rows, 1};
+    w.codes.bytes.resize(static_cast<std::size_t>(rows * item));
+    scratch_dir tmp;
+    rewrite(model, {w}, tmp.path / "s.safetensors");
+    safetensors_reader r(tmp.path / "s.safetensors");
+    CHECK(r.at(name).type == storage);
+    auto const back = qmem::io::read_bnb_weight(r, name);
+    CHECK(back.codes.type == storage);
+    auto const got = back.dequantize<qmem::bf16>();
+    CHECK(got == expected);
+    // and it writes back as stored
+    scratch_dir tmp2;
+    rewrite(r, {back}, tmp2.path / "t.safetensors");
+    CHECK(slurp(tmp2.path / "t.safetensors") == slurp(tmp.path / "s.safetensors"));
+  }
+}
+
+TEST_CASE("bnb: quantize_bnb writes what transformers writes") {
+  for (auto const* dir : {"tiny_llama_nf4_dq", "tiny_llama_fp4_dq"}) {
+    CAPTURE(dir);
+    safetensors_reader model(data_dir() / dir / "model.safetensors");
+    safetensors_reader ref(data_dir() / dir / "reference_dequantized.safetensors");
+    std::string const name = "model.layers.0.mlp.down_proj.weight";
+    auto const stored = qmem::io::read_bnb_weight(model, name);
+    auto const x = ref.read<qmem::bf16>(name);
+    auto const w = qmem::io::quantize_bnb(qmem::exec::host{}, name, stored.format(),
+                                          qmem::view(std::as_const(x)), stored.state.shape, 64, true);
+    auto const a = stored.tensors(), b = w.tensors();
+    REQUIRE(a.size() == b.size());
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      CAPTURE(a[i].first.name);
+      CHECK(a[i].first.name == b[i].first.name);
+      CHECK(a[i].first.type == b[i].first.type);
+      CHECK(a[i].first.shape == b[i].first.shape);
+    }
+    // constant tables are bnb's bytes
+    CHECK(w.quant_map.bytes == stored.quant_map.bytes);
+    CHECK(w.nested_quant_map->bytes == stored.nested_quant_map->bytes);
+    // the JSON is the same up to the offset's digits
+    auto const cut = [](std::string const& s) { return s.substr(0, s.find("\"nested_offset\"")); };
+    CHECK(cut(w.state_json) == cut(stored.state_json));
+    CHECK(w.state.nested_offset == doctest::Approx(stored.state.nested_offset).epsilon(0.02));
+    // re-quantizing bnb's own output is close to bnb's output
+    auto const y = w.dequantize<float>();
+    double err = 0, norm = 0;
+    for (std::size_t i = 0; i < y.size(); ++i) {
+      double const d = y[i] - x[i].to_float();
+      err += d * d;
+      norm += static_cast<double>(x[i].to_float()) * x[i].to_float();
+    }
+    CHECK(std::sqrt(err / norm) < 0.02);
+  }
+}
+
+TEST_CASE("bnb: int8 layout round trip, non-nested and nested") {
+  std::vector<float> x(1000);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    x[i] = std::sin(0.37f * static_cast<float>(i)) * (1.0f + static_cast<float>(i % 7));
+  for (bool nested : {false, true}) {
+    auto const w = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::int8,
+                                          qmem::view(std::as_const(x)), {10, 100}, 64, nested);
+    CHECK(w.codes.shape == std::vector<std::int64_t>{10, 100});
+    CHECK(w.state_json.starts_with("{\"quant_type\": \"int8\", \"blocksize\": 64, \"dtype\": "
+                                   "\"float32\", \"shape\": [10, 100]"));
+    scratch_dir tmp;
+    qmem::io::safetensors_writer out;
+    w.add_to(out);
+    out.save(tmp.path / "i.safetensors");
+    safetensors_reader r(tmp.path / "i.safetensors");
+    CHECK(r.contains("w.quant_state.qmem__int8"));
+    CHECK(qmem::io::bnb_weight_names(r) == std::vector<std::string>{"w"});
+    auto const back = qmem::io::read_bnb_weight(r, "w");
+    auto const y = back.dequantize<float>();
+    CHECK(y == w.dequantize<float>());
+    for (std::size_t i = 0; i < x.size(); ++i)
+      CHECK(std::fabs(y[i] - x[i]) <= 0.02f * 8.0f);
+  }
+}
+
+TEST_CASE("bnb: broken checkpoints are rejected") {
+  safetensors_reader model(data_dir() / "tiny_llama_fp4_dq" / "model.safetensors");
+  std::string const name = "model.layers.0.self_attn.k_proj.weight";
+  auto const good = qmem::io::read_bnb_weight(model, name);
+  CHECK_THROWS_AS((void)qmem::io::read_bnb_weight(model, "model.norm.weight"), qmem::bad_argument);
+
+  auto expect_rejected = [&](qmem::io::bnb_weight const& w, char const* why) {
+    CAPTURE(why);
+    scratch_dir tmp;
+    rewrite(model, {w}, tmp.path / "b.safetensors");
+    safetensors_reader r(tmp.path / "b.safetensors");
+    CHECK_THROWS_WITH_AS((void)qmem::io::read_bnb_weight(r, name), doctest::Contains(why),
+                         qmem::format_error);
+  };
+  {
+    auto w = good;
+    w.absmax.bytes.resize(w.absmax.bytes.size() - 1);
+    w.absmax.shape[0] -= 1;
+    expect_rejected(w, "absmax");
+  }
+  {
+    auto w = good;
+    w.codes.bytes.resize(10);
+    w.codes.shape = {10, 1};
+    expect_rejected(w, "codes tensor has 10 bytes");
+  }
+  {
+    auto w = good;
+    auto q = w.quant_map.as<float>(16);
+    q[3] = 0.9f;
+    std::memcpy(w.quant_map.bytes.data(), q.data(), 64);
+    expect_rejected(w, "quant_map");
+  }
+  for (auto const* json : {"{not json", "[1]", "{\"quant_type\": \"fp4\"}",
+                           "{\"quant_type\": \"fp4\", \"blocksize\": 48, \"dtype\": \"bfloat16\", "
+                           "\"shape\": [256, 256]}",
+                           "{\"quant_type\": \"fp4\", \"blocksize\": 64, \"dtype\": \"int8\", "
+                           "\"shape\": [256, 256]}",
+                           "{\"quant_type\": \"fp4\", \"blocksize\": 64, \"dtype\": \"bfloat16\", "
+                           "\"shape\": [256, -256]}",
+                           "{\"quant_type\": \"fp4\", \"blocksize\": 64, \"dtype\": \"bfloat16\", "
+                           "\"shape\": [256, 256], \"nested_blocksize\": 256}"}) {
+    auto w = good;
+    w.state_json = json;
+    expect_rejected(w, "quant_state");
+  }
+}
