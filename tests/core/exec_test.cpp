@@ -1,0 +1,146 @@
+// Execution objects and the host parallel loop: which types are execution objects, how many
+// threads `exec::host` asks for, and parallel_for's contract (every index exactly once, chunks
+// aligned to the grain, small problems on the calling thread, worker exceptions rethrown on the
+// caller after every worker joined).
+#include <qmem/core.hpp>
+#include <qmem/core/detail/parallel.hpp>
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+static_assert(qmem::exec::execution<qmem::exec::host>);
+static_assert(qmem::exec::execution<qmem::exec::cuda>);
+static_assert(qmem::exec::execution<qmem::exec::host const&>);
+static_assert(qmem::exec::execution<qmem::exec::cuda&&>);
+static_assert(!qmem::exec::execution<int>);
+static_assert(!qmem::exec::execution<CUstream_st*>);
+static_assert(qmem::exec::is_host_v<qmem::exec::host const&>);
+static_assert(!qmem::exec::is_host_v<qmem::exec::cuda>);
+static_assert(qmem::exec::is_cuda_v<qmem::exec::cuda&>);
+static_assert(!qmem::exec::is_cuda_v<qmem::exec::host>);
+// Both are cheap aggregates passed by value.
+static_assert(std::is_trivially_copyable_v<qmem::exec::host>);
+static_assert(std::is_trivially_copyable_v<qmem::exec::cuda>);
+
+namespace {
+
+struct chunk {
+  std::size_t begin, end;
+  std::thread::id thread;
+};
+
+// Runs parallel_for and records every chunk it was given.
+std::vector<chunk> chunks_of(qmem::exec::host e, std::size_t n, std::size_t grain,
+                             std::size_t min_items_per_thread) {
+  std::mutex m;
+  std::vector<chunk> out;
+  qmem::detail::parallel_for(
+      e, n, grain,
+      [&](std::size_t b, std::size_t end) {
+        std::lock_guard lock(m);
+        out.push_back({b, end, std::this_thread::get_id()});
+      },
+      min_items_per_thread);
+  return out;
+}
+
+} // namespace
+
+TEST_CASE("exec objects: defaults and thread counts") {
+  qmem::exec::cuda const c{};
+  CHECK(c.stream == nullptr);
+  CHECK(c.device == 0);
+  CHECK_FALSE(c.sync_after_launch);
+  CHECK(qmem::detail::thread_count(qmem::exec::host{3}) == 3);
+  unsigned const hw = std::thread::hardware_concurrency();
+  CHECK(qmem::detail::thread_count(qmem::exec::host{}) == (hw == 0 ? 1u : hw));
+}
+
+TEST_CASE("parallel_for: every index exactly once, for many sizes, grains and thread counts") {
+  for (unsigned threads : {1u, 2u, 3u, 8u})
+    for (std::size_t n : {std::size_t{1}, std::size_t{7}, std::size_t{64}, std::size_t{1000},
+                          std::size_t{4097}})
+      for (std::size_t grain : {std::size_t{0}, std::size_t{1}, std::size_t{16}, std::size_t{5000}}) {
+        CAPTURE(threads);
+        CAPTURE(n);
+        CAPTURE(grain);
+        std::vector<std::atomic<int>> hits(n);
+        qmem::detail::parallel_for(
+            qmem::exec::host{threads}, n, grain,
+            [&](std::size_t b, std::size_t e) {
+              for (std::size_t i = b; i < e; ++i)
+                hits[i].fetch_add(1, std::memory_order_relaxed);
+            },
+            1);
+        std::size_t wrong = 0;
+        for (auto& h : hits)
+          wrong += h.load() != 1;
+        REQUIRE(wrong == 0);
+      }
+}
+
+TEST_CASE("parallel_for: chunks are grain multiples, one per thread, disjoint and ordered") {
+  auto cs = chunks_of(qmem::exec::host{4}, 1000, 10, 1);
+  REQUIRE(cs.size() == 4);
+  std::sort(cs.begin(), cs.end(), [](chunk const& a, chunk const& b) { return a.begin < b.begin; });
+  std::set<std::thread::id> ids;
+  std::size_t expected_begin = 0;
+  for (std::size_t i = 0; i < cs.size(); ++i) {
+    CHECK(cs[i].begin == expected_begin);
+    if (i + 1 < cs.size())
+      CHECK((cs[i].end - cs[i].begin) % 10 == 0);
+    expected_begin = cs[i].end;
+    ids.insert(cs[i].thread);
+  }
+  CHECK(expected_begin == 1000);
+  CHECK(ids.size() == 4); // the caller plus three workers, all alive at once
+  CHECK(ids.count(std::this_thread::get_id()) == 1);
+}
+
+TEST_CASE("parallel_for: small problems run on the calling thread as one chunk") {
+  // 1000 items with the default minimum of 65536 items per thread: one chunk, no thread started
+  auto cs = chunks_of(qmem::exec::host{8}, 1000, 1, std::size_t{1} << 16);
+  REQUIRE(cs.size() == 1);
+  CHECK(cs[0].begin == 0);
+  CHECK(cs[0].end == 1000);
+  CHECK(cs[0].thread == std::this_thread::get_id());
+  // never more threads than grains
+  cs = chunks_of(qmem::exec::host{8}, 100, 50, 1);
+  CHECK(cs.size() == 2);
+  // n == 0: f is not called at all
+  CHECK(chunks_of(qmem::exec::host{8}, 0, 1, 1).empty());
+}
+
+TEST_CASE("parallel_for: an exception in a worker reaches the caller after all chunks ran") {
+  std::atomic<int> finished{0};
+  auto body = [&](std::size_t b, std::size_t e) {
+    if (b == 250) // the second chunk, on a worker thread
+      throw std::out_of_range("chunk " + std::to_string(b) + ".." + std::to_string(e));
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    finished.fetch_add(1);
+  };
+  try {
+    qmem::detail::parallel_for(qmem::exec::host{4}, 1000, 10, body, 1);
+    FAIL("parallel_for did not rethrow");
+  } catch (std::out_of_range const& e) {
+    CHECK(std::string(e.what()) == "chunk 250..500");
+  }
+  CHECK(finished.load() == 3); // the other three chunks completed: nothing is left running
+
+  // on the calling thread (single chunk) the exception passes straight through
+  CHECK_THROWS_AS(qmem::detail::parallel_for(
+                      qmem::exec::host{1}, 10, 1,
+                      [](std::size_t, std::size_t) { throw qmem::bad_argument("x"); }),
+                  qmem::bad_argument);
+}
