@@ -261,3 +261,34 @@ TEST_CASE("bnb: broken checkpoints are rejected") {
     expect_rejected(w, "quant_state");
   }
 }
+
+TEST_CASE("bnb: weights convert to and from qmem quantized tensors") {
+  safetensors_reader model(data_dir() / "tiny_llama_nf4_dq" / "model.safetensors");
+  safetensors_reader ref(data_dir() / "tiny_llama_nf4_dq" / "reference_dequantized.safetensors");
+  for (auto const& name : qmem::io::bnb_weight_names(model)) {
+    CAPTURE(name);
+    auto const w = qmem::io::read_bnb_weight(model, name);
+    auto const q = w.to_quantized();
+    CHECK(q.format().code == qmem::quant::code_id::nf4);
+    CHECK(q.format().nested);
+    CHECK(q.original_dtype() == dtype::bf16);
+    std::vector<qmem::bf16> y(q.numel());
+    q.dequantize(qmem::exec::host{}, qmem::view(y));
+    CHECK(y == ref.read<qmem::bf16>(name));
+    auto const back = qmem::io::bnb_weight::from_quantized(name, q);
+    CHECK(back.state_json == w.state_json);
+    auto const a = back.tensors(), b = w.tensors();
+    REQUIRE(a.size() == b.size());
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      CHECK(a[i].first.name == b[i].first.name);
+      CHECK(a[i].first.shape == b[i].first.shape);
+      CHECK(std::equal(a[i].second.begin(), a[i].second.end(), b[i].second.begin(), b[i].second.end()));
+    }
+  }
+  // a format bitsandbytes has no checkpoint layout for
+  std::vector<float> x(256, 0.5f);
+  std::vector<std::int64_t> const shape{256};
+  auto const q = qmem::quant::quantize(qmem::exec::host{}, qmem::view(std::as_const(x)), shape,
+                                       {qmem::quant::code_id::fp8_e4m3, 64, false, 256});
+  CHECK_THROWS_AS((void)qmem::io::bnb_weight::from_quantized("w", q), qmem::bad_argument);
+}

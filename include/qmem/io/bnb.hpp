@@ -38,6 +38,8 @@
 #include <qmem/quant/code_table.hpp>
 #include <qmem/quant/codes.hpp>
 #include <qmem/quant/double_quant.hpp>
+#include <qmem/quant/format.hpp>
+#include <qmem/quant/quantized_tensor.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -349,6 +351,17 @@ struct bnb_weight {
     }
   }
 
+  //! The weight as a qmem quantized tensor whose buffers come from `r` (host-accessible memory):
+  //! the same codes (the first code bytes of `W`, whatever its storage dtype), scales and offset.
+  //! The inverse of from_quantized up to the storage dtype of `W`.
+  [[nodiscard]] quant::quantized_tensor to_quantized(
+      memory::resource& r = memory::default_host_resource()) const;
+
+  //! A bnb weight named `name` holding `q`'s codes and scales, with the tensors and quant-state
+  //! JSON bitsandbytes/transformers write (U8 codes). Preconditions: q's code is nf4, fp4 or
+  //! dynamic_signed (int8), and its buffers are in host-accessible memory; throws bad_argument.
+  [[nodiscard]] static bnb_weight from_quantized(std::string name, quant::quantized_tensor const& q);
+
   //! The dequantized values as a new vector.
   template <float_element T>
   [[nodiscard]] std::vector<T> dequantize(exec::host const& e = {}) const {
@@ -393,7 +406,97 @@ bool table_equals(stored_tensor const& t, quant::code_table<N> const& table) {
 
 inline quant::code_table<256> dynamic_signed_table() { return quant::dynamic_signed::book.value; }
 
+//! The `W.quant_map` tensor bitsandbytes writes for format `f`.
+inline stored_tensor stored_table(bnb_format f) {
+  auto bytes_of = [](std::span<float const> v) {
+    auto const b = std::as_bytes(v);
+    return std::vector<std::byte>(b.begin(), b.end());
+  };
+  if (f == bnb_format::nf4)
+    return {dtype::f32, {16}, bytes_of(quant::nf4_table.value)};
+  if (f == bnb_format::fp4)
+    return {dtype::f32, {16}, bytes_of(quant::fp4_stored_table.value)};
+  auto const t = dynamic_signed_table();
+  return {dtype::f32, {256}, bytes_of(t.value)};
+}
+
 } // namespace detail
+
+//! The quantized-tensor format of a bnb weight.
+inline quant::format_desc format_of(bnb_quant_state const& s) noexcept {
+  quant::format_desc d{};
+  d.code = s.format == bnb_format::nf4   ? quant::code_id::nf4
+           : s.format == bnb_format::fp4 ? quant::code_id::fp4
+                                         : quant::code_id::dynamic_signed;
+  d.block_size = static_cast<std::uint32_t>(s.blocksize);
+  d.nested = s.nested;
+  d.nested_block = static_cast<std::uint32_t>(s.nested_blocksize);
+  return d;
+}
+
+inline quant::quantized_tensor bnb_weight::to_quantized(memory::resource& r) const {
+  QMEM_EXPECTS(host_accessible(r.space()), "the resource hands out ", to_string(r.space()),
+               " memory; expected host-accessible memory");
+  quant::quantized_tensor q(format_of(state), state.type, state.shape, r);
+  auto copy = [](auto dst, std::vector<std::byte> const& src) {
+    if (dst.size() != 0)
+      std::memcpy(dst.data(), src.data(), dst.size_bytes());
+  };
+  copy(q.codes(), codes.bytes);
+  if (state.nested) {
+    copy(q.qabsmax(), absmax.bytes);
+    copy(q.absmax2(), nested_absmax->bytes);
+    q.offset()[0] = state.nested_offset;
+  } else {
+    copy(q.absmax(), absmax.bytes);
+  }
+  return q;
+}
+
+inline bnb_weight bnb_weight::from_quantized(std::string name, quant::quantized_tensor const& q) {
+  auto const code = q.format().code;
+  QMEM_EXPECTS(code == quant::code_id::nf4 || code == quant::code_id::fp4 ||
+                   code == quant::code_id::dynamic_signed,
+               "q has code ", quant::to_string(code),
+               "; bitsandbytes checkpoints hold nf4, fp4 or dynamic_signed (int8)");
+  QMEM_EXPECTS(host_accessible(q.space()), "q is in ", to_string(q.space()),
+               " memory; expected host-accessible memory");
+  bnb_weight w;
+  w.name = std::move(name);
+  w.state.format = code == quant::code_id::nf4   ? bnb_format::nf4
+                   : code == quant::code_id::fp4 ? bnb_format::fp4
+                                                 : bnb_format::int8;
+  w.state.blocksize = q.format().block_size;
+  w.state.type = q.original_dtype();
+  w.state.shape.assign(q.shape().begin(), q.shape().end());
+  w.state.nested = q.format().nested;
+  w.state.nested_blocksize = q.format().nested ? q.format().nested_block
+                                               : (w.state.format == bnb_format::int8
+                                                      ? w.state.blocksize
+                                                      : 256);
+  auto bytes_of = [](auto v) {
+    auto const b = std::as_bytes(std::span(v.data(), v.size()));
+    return std::vector<std::byte>(b.begin(), b.end());
+  };
+  bool const four_bit = w.state.format != bnb_format::int8;
+  w.codes = {dtype::u8,
+             four_bit ? std::vector<std::int64_t>{static_cast<std::int64_t>(q.codes().size()), 1}
+                      : w.state.shape,
+             bytes_of(q.codes())};
+  if (w.state.nested) {
+    w.state.nested_offset = q.offset()[0];
+    w.absmax = {dtype::u8, {static_cast<std::int64_t>(q.qabsmax().size())}, bytes_of(q.qabsmax())};
+    w.nested_absmax =
+        stored_tensor{dtype::f32, {static_cast<std::int64_t>(q.absmax2().size())}, bytes_of(q.absmax2())};
+    auto const nt = detail::dynamic_signed_table();
+    w.nested_quant_map = stored_tensor{dtype::f32, {256}, bytes_of(std::span<float const>(nt.value))};
+  } else {
+    w.absmax = {dtype::f32, {static_cast<std::int64_t>(q.absmax().size())}, bytes_of(q.absmax())};
+  }
+  w.quant_map = detail::stored_table(w.state.format);
+  w.state_json = w.state.to_json();
+  return w;
+}
 
 //! The keys `W` of every bnb-quantized weight in `r` (those with a `W.quant_state.bitsandbytes__*`
 //! or `W.quant_state.qmem__int8` tensor), in file order.
@@ -560,12 +663,7 @@ template <float_element T>
   } else {
     w.absmax = {dtype::f32, {static_cast<std::int64_t>(blocks)}, bytes_of(absmax)};
   }
-  if (f == bnb_format::nf4)
-    w.quant_map = {dtype::f32, {16}, bytes_of(quant::nf4_table.value)};
-  else if (f == bnb_format::fp4)
-    w.quant_map = {dtype::f32, {16}, bytes_of(quant::fp4_stored_table.value)};
-  else
-    w.quant_map = {dtype::f32, {256}, bytes_of(detail::dynamic_signed_table().value)};
+  w.quant_map = detail::stored_table(f);
   w.state_json = w.state.to_json();
   return w;
 }
