@@ -10,3 +10,5 @@
 #include <qmem/optim/rule.hpp>
 #include <qmem/optim/rules.hpp>
 #include <qmem/optim/state.hpp>
+#include <qmem/optim/schedule.hpp>
+#include <qmem/optim/optimizer.hpp>

@@ -144,10 +144,13 @@ struct blockwise_format {
   QMEM_HOST_DEVICE QMEM_INLINE static float load(ref r, std::size_t i) noexcept {
     return detail::fmath::mul(Code::decode(code_at(r, i), Code::book), r.absmax[i / Block]);
   }
-  //! The code of the updated state `s` in a block whose new absmax is `absmax`.
-  QMEM_HOST_DEVICE QMEM_INLINE static std::uint8_t encode(float s, float absmax) noexcept {
-    float const xn = absmax > 0.0f ? detail::fmath::div(s, absmax) : 0.0f;
-    std::uint8_t c = Code::encode(xn, Code::book);
+  //! The normalized value of the updated state `s` in a block whose new absmax is `absmax`.
+  QMEM_HOST_DEVICE QMEM_INLINE static float normalize(float s, float absmax) noexcept {
+    return absmax > 0.0f ? detail::fmath::div(s, absmax) : 0.0f;
+  }
+  //! The sign fix (SignFix only): code `c` of state `s` moved one step toward s's sign when the
+  //! sign bits of its value and of s differ.
+  QMEM_HOST_DEVICE QMEM_INLINE static std::uint8_t fix_sign(std::uint8_t c, float s) noexcept {
     if constexpr (SignFix) {
       bool const code_negative =
           (qmem::detail::float_to_bits(Code::decode(c, Code::book)) >> 31) != 0;
@@ -156,6 +159,10 @@ struct blockwise_format {
         c = static_cast<std::uint8_t>(s > 0.0f ? c + 1 : c - 1);
     }
     return c;
+  }
+  //! The code of the updated state `s` in a block whose new absmax is `absmax`.
+  QMEM_HOST_DEVICE QMEM_INLINE static std::uint8_t encode(float s, float absmax) noexcept {
+    return fix_sign(Code::encode(normalize(s, absmax), Code::book), s);
   }
   //! Writes an 8-bit code.
   QMEM_HOST_DEVICE QMEM_INLINE static void store_code(ref r, std::size_t i,

@@ -1,0 +1,607 @@
+#pragma once
+//! \file
+//! The optimizer: binds an update rule, a state policy and any number of parameter tensors of
+//! any sizes, and steps them on the host (threaded; the CUDA step lives in optim/cuda/).
+//!
+//!     qmem::optim::optimizer<qmem::optim::adamw, qmem::optim::int8_state> opt(
+//!         qmem::optim::adamw{.weight_decay = 0.01f}, {.lr = qmem::optim::lr_schedule::constant(1e-3f)});
+//!     opt.add_param(qmem::view(weights));             // state allocated here, zeroed
+//!     opt.step(qmem::exec::host{}, {qmem::view(std::as_const(grads))});
+//!
+//! Per parameter: a copy of the rule with other hyper-parameters, an lr multiplier, and fp32
+//! state whatever the policy (`param_options`). Tensors below `min_quantized_size` elements keep
+//! fp32 state (bitsandbytes' min_8bit_size). The step count and the current lr live in a small
+//! buffer from the optimizer's memory resource (device memory for a CUDA optimizer, so a step is
+//! graph-capturable there).
+//!
+//! One step, in order: found_inf -> skip. One pass over all gradients: the global norm and
+//! whether any element is non-finite (skipped when neither clipping nor a non-finite policy other
+//! than skip_element needs it). Non-finite: raise (throws, nothing written), skip_step (returns
+//! applied = false, nothing written, the step is not counted). The gradient scale = unscale x
+//! global-norm clip x percentile clip. Then per tensor: the rule's reduction pass (LAMB, LARS),
+//! the update-norm pass (max_unorm), and the update pass (rule.hpp describes it per block).
+
+#include <qmem/core/config.hpp>
+#include <qmem/core/detail/parallel.hpp>
+#include <qmem/core/error.hpp>
+#include <qmem/core/exec.hpp>
+#include <qmem/core/numeric.hpp>
+#include <qmem/core/tensor.hpp>
+#include <qmem/memory/resource.hpp>
+#include <qmem/optim/detail/encode_lut.hpp>
+#include <qmem/optim/rule.hpp>
+#include <qmem/optim/rules.hpp>
+#include <qmem/optim/schedule.hpp>
+#include <qmem/optim/state.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <optional>
+#include <span>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace qmem::optim {
+
+//! Step count and learning rate of the last step, where the backend can read them (device memory
+//! for a CUDA optimizer).
+struct step_counter {
+  std::int32_t step = 0;
+  float lr = 0.0f;
+};
+
+namespace detail {
+
+template <int N, class F>
+constexpr void for_each_state(F&& f) {
+  [&]<int... K>(std::integer_sequence<int, K...>) {
+    (f(std::integral_constant<int, K>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
+//! The host's encoder for format F: the table encoder for 8-bit codes that admit one.
+template <class F>
+struct host_encoder {
+  using code = typename F::code;
+  lut_encoder<code> const* lut = nullptr;
+  host_encoder() {
+    if constexpr (F::bits == 8)
+      lut = lut_encoder<code>::get();
+  }
+  QMEM_INLINE std::uint8_t operator()(float s, float absmax) const noexcept {
+    if constexpr (F::bits == 8) {
+      if (lut != nullptr)
+        return F::fix_sign(lut->encode(F::normalize(s, absmax)), s);
+    }
+    return F::encode(s, absmax);
+  }
+};
+
+template <class F>
+struct host_encoder_of {
+  struct none {};
+  using type = none;
+};
+template <class F>
+  requires F::blockwise
+struct host_encoder_of<F> {
+  using type = host_encoder<F>;
+};
+
+} // namespace detail
+
+//! The optimizer for rule `Rule`, state policy `Policy` and parameters of element type `Param`
+//! (float, bf16 or f16). Gradients may be float, bf16 or f16. Not copyable; movable.
+template <update_rule Rule, state_policy Policy = int8_state, float_element Param = float>
+  requires(!std::same_as<Param, double>)
+class optimizer {
+public:
+  using rule_type = Rule;
+  using policy_type = Policy;
+  using param_type = Param;
+  static constexpr int state_count = Rule::state_count;
+  //! The format of state K under policy P.
+  template <class P, int K>
+  using format_of = typename P::template format<Rule::state_signs[static_cast<std::size_t>(K)]>;
+
+  //! Per-parameter overrides.
+  struct param_options {
+    std::optional<Rule> rule; //!< other hyper-parameters for this tensor (betas, weight decay...)
+    float lr_scale = 1.0f;    //!< this tensor's lr = schedule(t) * lr_scale
+    bool fp32_state = false;  //!< keep fp32 state whatever the policy (e.g. embeddings)
+  };
+
+  //! One parameter tensor and its state. `data[k]` holds state k (fp32 values, or the format's
+  //! codes), `scale[k]` its block absmax (blockwise formats).
+  struct param_state {
+    tensor_view<Param> param;
+    Rule rule;
+    float lr_scale = 1.0f;
+    bool quantized = false; //!< true: the policy's formats; false: fp32
+    std::array<memory::buffer<std::uint8_t>, static_cast<std::size_t>(state_count)> data;
+    std::array<memory::buffer<float>, static_cast<std::size_t>(state_count)> scale;
+    memory::buffer<float> master; //!< fp32 master weights (16-bit params with master_weights)
+  };
+
+private:
+  Rule rule_;
+  optimizer_options options_;
+  memory::resource* resource_;
+  std::vector<param_state> params_;
+  memory::buffer<step_counter> counter_;
+  std::vector<float> norm_history_; // percentile clipping: squared global norms, ring of 100
+
+  template <class O>
+  friend struct state_access;
+
+public:
+  //! An optimizer with default hyper-parameters `rule` and `options`; state is allocated from
+  //! `r` (host memory for the host backend). Throws bad_argument for an lr < 0, a percentile
+  //! outside [1, 100], negative clipping thresholds, or stochastic rounding of f16 parameters.
+  explicit optimizer(Rule rule = {}, optimizer_options options = {},
+                     memory::resource& r = memory::default_host_resource())
+      : rule_(rule), options_(options), resource_(&r),
+        counter_(1, r, memory::category::optimizer_state) {
+    QMEM_EXPECTS(options.lr.lr >= 0.0f && options.lr.min_lr >= 0.0f, "lr is ", options.lr.lr,
+                 " and min_lr ", options.lr.min_lr, "; expected >= 0");
+    QMEM_EXPECTS(options.percentile >= 1 && options.percentile <= 100, "percentile is ",
+                 options.percentile, "; expected 1..100");
+    QMEM_EXPECTS(options.max_grad_norm >= 0.0f && options.max_unorm >= 0.0f,
+                 "max_grad_norm is ", options.max_grad_norm, " and max_unorm ", options.max_unorm,
+                 "; expected >= 0 (0 turns them off)");
+    constexpr bool can_round_stochastically = !std::same_as<Param, f16>;
+    QMEM_EXPECTS(options.rounding == param_rounding::nearest || can_round_stochastically,
+                 "stochastic rounding of parameters needs bf16 parameters");
+    counter_[0] = step_counter{};
+  }
+
+  optimizer(optimizer&&) noexcept = default;
+  optimizer& operator=(optimizer&&) noexcept = default;
+
+  //! Adds a parameter tensor (host-accessible, non-null when non-empty) and allocates its state,
+  //! zeroed (bitsandbytes' initial codes and absmax). Returns its index, the position of its
+  //! gradient in step(). Throws bad_argument for a bad view or lr_scale < 0.
+  std::size_t add_param(tensor_view<Param> param, param_options o = {}) {
+    check_view(param, "add_param", "param", true, false);
+    QMEM_EXPECTS(o.lr_scale >= 0.0f, "lr_scale is ", o.lr_scale, "; expected >= 0");
+    param_state ps;
+    ps.param = param;
+    ps.rule = o.rule.value_or(rule_);
+    ps.lr_scale = o.lr_scale;
+    ps.quantized = !o.fp32_state && param.size() >= options_.min_quantized_size;
+    std::size_t const n = param.size();
+    auto alloc = [&]<class P>() {
+      detail::for_each_state<state_count>([&](auto K) {
+        using F = format_of<P, K.value>;
+        ps.data[K] = memory::buffer<std::uint8_t>(F::bytes(n), *resource_,
+                                                  memory::category::optimizer_state);
+        if (F::bytes(n) != 0)
+          std::memset(ps.data[K].data(), 0, F::bytes(n));
+        ps.scale[K] = memory::buffer<float>(F::scale_count(n), *resource_,
+                                            memory::category::optimizer_state);
+        std::fill_n(ps.scale[K].data(), F::scale_count(n), 0.0f);
+      });
+    };
+    if (ps.quantized)
+      alloc.template operator()<Policy>();
+    else
+      alloc.template operator()<fp32_state>();
+    if (options_.master_weights && !std::same_as<Param, float>) {
+      ps.master = memory::buffer<float>(n, *resource_, memory::category::weights);
+      for (std::size_t i = 0; i < n; ++i)
+        ps.master[i] = to_float(param[i]);
+    }
+    params_.push_back(std::move(ps));
+    return params_.size() - 1;
+  }
+
+  //! Number of parameter tensors.
+  [[nodiscard]] std::size_t size() const noexcept { return params_.size(); }
+  //! The parameter tensors and their state (read-only).
+  [[nodiscard]] std::span<param_state const> params() const noexcept { return params_; }
+  //! Steps taken (skipped steps do not count).
+  [[nodiscard]] std::int32_t step_count() const noexcept { return counter_[0].step; }
+  //! The lr of the last step.
+  [[nodiscard]] float last_lr() const noexcept { return counter_[0].lr; }
+  [[nodiscard]] Rule const& rule() const noexcept { return rule_; }
+  [[nodiscard]] optimizer_options const& options() const noexcept { return options_; }
+  [[nodiscard]] memory::resource& resource() const noexcept { return *resource_; }
+  //! Bytes of optimizer state (codes, scales, step counter; not master weights).
+  [[nodiscard]] std::size_t state_bytes() const noexcept {
+    std::size_t b = counter_.size_bytes();
+    for (auto const& p : params_)
+      for (int k = 0; k < state_count; ++k)
+        b += p.data[static_cast<std::size_t>(k)].size_bytes() +
+             p.scale[static_cast<std::size_t>(k)].size_bytes();
+    return b;
+  }
+
+  //! State k of parameter i decoded to fp32 (for tests, inspection and conversion).
+  [[nodiscard]] std::vector<float> state_values_of(std::size_t i, int k) const {
+    QMEM_EXPECTS(i < params_.size(), "parameter index ", i, " is not below ", params_.size());
+    QMEM_EXPECTS(k >= 0 && k < state_count, "state index ", k, " is outside [0, ", state_count,
+                 ")");
+    auto const& ps = params_[i];
+    std::vector<float> out(ps.param.size());
+    auto dec = [&]<class P>() {
+      detail::for_each_state<state_count>([&](auto K) {
+        if (K.value != k)
+          return;
+        using F = format_of<P, K.value>;
+        auto const r = make_ref<F>(const_cast<param_state&>(ps), K.value);
+        for (std::size_t j = 0; j < out.size(); ++j)
+          out[j] = F::load(r, j);
+      });
+    };
+    if (ps.quantized)
+      dec.template operator()<Policy>();
+    else
+      dec.template operator()<fp32_state>();
+    return out;
+  }
+
+  //! One optimizer step on the host. `grads[i]` is the gradient of parameter i (same size,
+  //! host-accessible). Preconditions (bad_argument before anything is written): one gradient per
+  //! parameter, sizes equal, views valid. With nonfinite_policy::raise, a non-finite gradient
+  //! throws qmem::error before anything is written.
+  //! Bytes moved per element (update pass): param read+write, grad read, each state read+write
+  //! (plus a gradient read for the norm pass when clipping or a non-finite check is on).
+  template <float_element G>
+    requires(!std::same_as<G, double>)
+  step_result step(exec::host const& e, std::span<tensor_view<G const> const> grads,
+                   step_options so = {}) {
+    QMEM_EXPECTS(grads.size() == params_.size(), "got ", grads.size(), " gradients for ",
+                 params_.size(), " parameters");
+    for (std::size_t i = 0; i < grads.size(); ++i) {
+      QMEM_EXPECTS(grads[i].size() == params_[i].param.size(), "gradient ", i, " has ",
+                   grads[i].size(), " elements; its parameter has ", params_[i].param.size());
+      check_view(grads[i], "step", "grad", true, false);
+    }
+    QMEM_EXPECTS(std::isfinite(so.grad_unscale) && so.grad_unscale >= 0.0f, "grad_unscale is ",
+                 so.grad_unscale, "; expected a finite value >= 0");
+    step_result res;
+    if (so.found_inf)
+      return res;
+    float grad_scale = so.grad_unscale;
+    bool const need_norm = options_.max_grad_norm > 0.0f || options_.percentile < 100 ||
+                           options_.nonfinite != nonfinite_policy::skip_element;
+    if (need_norm) {
+      auto const [sumsq, finite] = grad_norm_pass(e, grads);
+      if (!finite) {
+        if (options_.nonfinite == nonfinite_policy::raise)
+          qmem::detail::raise<error>("step: a gradient holds a non-finite value (nonfinite_policy::"
+                               "raise); nothing was updated");
+        if (options_.nonfinite == nonfinite_policy::skip_step)
+          return res;
+      }
+      double const norm = std::sqrt(sumsq) * static_cast<double>(so.grad_unscale);
+      res.grad_norm = static_cast<float>(norm);
+      if (options_.max_grad_norm > 0.0f && norm > options_.max_grad_norm)
+        grad_scale = static_cast<float>(grad_scale * (options_.max_grad_norm / (norm + 1e-6)));
+      if (options_.percentile < 100) {
+        std::int32_t const t = counter_[0].step + 1;
+        if (norm_history_.empty())
+          norm_history_.assign(100, 0.0f);
+        norm_history_[static_cast<std::size_t>((t - 1) % 100)] = static_cast<float>(norm * norm);
+        std::size_t const seen = static_cast<std::size_t>(std::min<std::int32_t>(t, 100));
+        std::vector<float> sorted(norm_history_.begin(),
+                                  norm_history_.begin() + static_cast<std::ptrdiff_t>(seen));
+        if (seen == 100)
+          sorted.assign(norm_history_.begin(), norm_history_.end());
+        std::sort(sorted.begin(), sorted.end());
+        std::size_t const idx =
+            std::min(seen - 1, static_cast<std::size_t>(options_.percentile) * seen / 100);
+        double const clip = std::sqrt(static_cast<double>(sorted[idx]));
+        if (norm > clip && norm > 0.0)
+          grad_scale = static_cast<float>(grad_scale * (clip / norm));
+      }
+    }
+    res.grad_scale = grad_scale;
+    std::int32_t const t = counter_[0].step + 1;
+    float const lr = options_.lr(t);
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      auto& ps = params_[i];
+      step_info const si{lr * ps.lr_scale, t, grad_scale};
+      if (ps.quantized)
+        update_tensor<Policy>(e, ps, grads[i], si);
+      else
+        update_tensor<fp32_state>(e, ps, grads[i], si);
+    }
+    counter_[0] = step_counter{t, lr};
+    res.applied = true;
+    return res;
+  }
+
+  //! step() over a vector of gradient views.
+  template <float_element G>
+    requires(!std::same_as<G, double>)
+  step_result step(exec::host const& e, std::vector<tensor_view<G const>> const& grads,
+                   step_options so = {}) {
+    return step(e, std::span<tensor_view<G const> const>(grads), so);
+  }
+
+  //! An optimizer with state policy `To` holding this one's state re-encoded (for example fp32
+  //! -> 8-bit): same parameters, rule, options, step count and master weights. Explicit, never
+  //! implicit. Tensors below min_quantized_size (or marked fp32_state) stay fp32.
+  template <state_policy To>
+  [[nodiscard]] optimizer<Rule, To, Param> converted(
+      memory::resource& r = memory::default_host_resource()) const {
+    optimizer<Rule, To, Param> out(rule_, options_, r);
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      auto const& ps = params_[i];
+      typename optimizer<Rule, To, Param>::param_options o;
+      o.rule = ps.rule;
+      o.lr_scale = ps.lr_scale;
+      o.fp32_state = !ps.quantized;
+      out.add_param(ps.param, o);
+      std::vector<std::vector<float>> values;
+      for (int k = 0; k < state_count; ++k)
+        values.push_back(state_values_of(i, k));
+      out.set_state_values(i, values);
+      if (!ps.master.empty())
+        std::copy_n(ps.master.data(), ps.master.size(), out.master_data(i));
+    }
+    out.set_step(step_count(), last_lr());
+    return out;
+  }
+
+  //! Sets the states of parameter i from fp32 values (encoded with this optimizer's format:
+  //! blockwise formats take each block's absmax). Precondition: state_count vectors of the
+  //! parameter's size.
+  void set_state_values(std::size_t i, std::vector<std::vector<float>> const& values) {
+    QMEM_EXPECTS(i < params_.size(), "parameter index ", i, " is not below ", params_.size());
+    QMEM_EXPECTS(values.size() == static_cast<std::size_t>(state_count), "got ", values.size(),
+                 " states; the rule has ", state_count);
+    for (auto const& v : values)
+      QMEM_EXPECTS(v.size() == params_[i].param.size(), "a state has ", v.size(),
+                   " values; the parameter has ", params_[i].param.size());
+    auto& ps = params_[i];
+    auto enc = [&]<class P>() {
+      detail::for_each_state<state_count>([&](auto K) {
+        using F = format_of<P, K.value>;
+        auto const r = make_ref<F>(ps, K.value);
+        auto const& v = values[static_cast<std::size_t>(K.value)];
+        store_state<F>(r, v.data(), 0, v.size(), 0, K.value);
+      });
+    };
+    if (ps.quantized)
+      enc.template operator()<Policy>();
+    else
+      enc.template operator()<fp32_state>();
+  }
+
+  //! Sets the step count and the last lr (resume, conversion).
+  void set_step(std::int32_t step, float lr) {
+    QMEM_EXPECTS(step >= 0, "step is ", step, "; expected >= 0");
+    counter_[0] = step_counter{step, lr};
+  }
+
+  //! The fp32 master weights of parameter i (nullptr when it has none).
+  [[nodiscard]] float* master_data(std::size_t i) noexcept {
+    return params_[i].master.empty() ? nullptr : params_[i].master.data();
+  }
+
+private:
+  template <class F>
+  static typename F::ref make_ref(param_state& ps, int k) noexcept {
+    auto const kk = static_cast<std::size_t>(k);
+    if constexpr (F::blockwise)
+      return {ps.data[kk].data(), ps.scale[kk].data()};
+    else
+      return {reinterpret_cast<typename F::element*>(ps.data[kk].data())};
+  }
+
+  //! Writes values v[0, count) of elements [first, first + count) of a state of format F
+  //! (first and count block-aligned except at the tensor's end).
+  template <class F, class Enc = typename detail::host_encoder_of<F>::type>
+  void store_state(typename F::ref r, float const* v, std::size_t first, std::size_t count,
+                   std::int32_t t, int k, Enc const& enc = {}) const {
+    if constexpr (F::blockwise) {
+      for (std::size_t b = 0; b < count; b += F::block_size) {
+        std::size_t const m = std::min<std::size_t>(F::block_size, count - b);
+        float amax = 0.0f;
+        for (std::size_t j = 0; j < m; ++j) {
+          float const a = std::fabs(v[b + j]);
+          amax = a > amax ? a : amax;
+        }
+        r.absmax[(first + b) / F::block_size] = amax;
+        if constexpr (F::bits == 8) {
+          for (std::size_t j = 0; j < m; ++j)
+            r.codes[first + b + j] = enc(v[b + j], amax);
+        } else {
+          std::size_t j = 0;
+          for (; j + 1 < m; j += 2)
+            F::store_code_pair(r, first + b + j, enc(v[b + j], amax), enc(v[b + j + 1], amax));
+          if (j < m)
+            F::store_code_pair(r, first + b + j, enc(v[b + j], amax), enc(0.0f, amax));
+        }
+      }
+    } else {
+      for (std::size_t j = 0; j < count; ++j)
+        F::store(r, first + j, v[j],
+                 detail::random_bits(options_.seed,
+                                     detail::random_counter(t, k, first + j)));
+    }
+  }
+
+  template <float_element G>
+  std::pair<double, bool> grad_norm_pass(exec::host const& e,
+                                         std::span<tensor_view<G const> const> grads) const {
+    double total = 0.0;
+    bool finite = true;
+    constexpr std::size_t chunk = std::size_t{1} << 14;
+    for (auto const& g : grads) {
+      std::size_t const chunks = (g.size() + chunk - 1) / chunk;
+      std::vector<double> part(chunks, 0.0);
+      std::vector<unsigned char> bad(chunks, 0);
+      qmem::detail::parallel_for(e, g.size(), chunk, [&](std::size_t b, std::size_t end) {
+        for (std::size_t c = b; c < end; c += chunk) {
+          std::size_t const ce = std::min(end, c + chunk);
+          double s = 0.0;
+          bool nf = false;
+          for (std::size_t i = c; i < ce; ++i) {
+            float const x = to_float(g[i]);
+            bool const ok = detail::fmath::is_finite(x);
+            nf |= !ok;
+            double const d = ok ? static_cast<double>(x) : 0.0;
+            s += d * d;
+          }
+          part[c / chunk] = s;
+          bad[c / chunk] = nf ? 1 : 0;
+        }
+      });
+      for (std::size_t c = 0; c < chunks; ++c) {
+        total += part[c];
+        finite = finite && bad[c] == 0;
+      }
+    }
+    return {total, finite};
+  }
+
+  //! One tensor: reduction pass (reducing rules), update-norm pass (max_unorm), update pass.
+  template <class P, float_element G>
+  void update_tensor(exec::host const& e, param_state& ps, tensor_view<G const> grad,
+                     step_info const& si) {
+    using scalars = typename Rule::scalars;
+    constexpr int N = state_count;
+    constexpr std::size_t chunk = [] {
+      std::size_t c = 256;
+      detail::for_each_state<N>([&](auto K) { c = std::lcm(c, format_of<P, K.value>::block_size); });
+      return c;
+    }();
+    std::size_t const n = ps.param.size();
+    if (n == 0)
+      return;
+    scalars k = ps.rule.prepare(si);
+    bool const skip_bad = options_.nonfinite == nonfinite_policy::skip_element;
+    float* const master = ps.master.empty() ? nullptr : ps.master.data();
+    auto refs = [&]<int... K>(std::integer_sequence<int, K...>) {
+      return std::tuple<typename format_of<P, K>::ref...>{make_ref<format_of<P, K>>(ps, K)...};
+    }(std::make_integer_sequence<int, N>{});
+    auto encoders = [&]<int... K>(std::integer_sequence<int, K...>) {
+      return std::tuple<typename detail::host_encoder_of<format_of<P, K>>::type...>{};
+    }(std::make_integer_sequence<int, N>{});
+    std::size_t const chunks = (n + chunk - 1) / chunk;
+
+    // Loads elements [b, b + m) into fp32 registers (arrays of one chunk).
+    auto load = [&](std::size_t b, std::size_t m, float* p, float* g, float (*s)[chunk]) {
+      for (std::size_t i = 0; i < m; ++i)
+        p[i] = master != nullptr ? master[b + i] : to_float(ps.param[b + i]);
+      for (std::size_t i = 0; i < m; ++i)
+        g[i] = detail::fmath::mul(to_float(grad[b + i]), si.grad_scale);
+      detail::for_each_state<N>([&](auto K) {
+        using F = format_of<P, K.value>;
+        auto const r = std::get<K.value>(refs);
+        for (std::size_t i = 0; i < m; ++i)
+          s[K.value][i] = F::load(r, b + i);
+      });
+    };
+
+    // Per-tensor sums: fixed chunks, summed in chunk order (independent of the thread count).
+    auto tensor_sums = [&](auto&& terms) {
+      std::vector<std::array<double, 2>> part(chunks, {0.0, 0.0});
+      qmem::detail::parallel_for(e, n, chunk, [&](std::size_t b0, std::size_t e0) {
+        float p[chunk], g[chunk], s[N > 0 ? N : 1][chunk];
+        for (std::size_t b = b0; b < e0; b += chunk) {
+          std::size_t const m = std::min(chunk, e0 - b);
+          load(b, m, p, g, s);
+          double a = 0.0, c = 0.0;
+          for (std::size_t i = 0; i < m; ++i) {
+            if (skip_bad && !detail::fmath::is_finite(g[i]))
+              continue;
+            state_values<N> sv;
+            for (int q = 0; q < N; ++q)
+              sv[q] = s[q][i];
+            norm_terms const t = terms(p[i], g[i], sv);
+            a += t.a;
+            c += t.b;
+          }
+          part[b / chunk] = {a, c};
+        }
+      });
+      double a = 0.0, c = 0.0;
+      for (auto const& x : part) {
+        a += x[0];
+        c += x[1];
+      }
+      return norm_terms{static_cast<float>(a), static_cast<float>(c)};
+    };
+
+    if constexpr (reducing_rule<Rule>) {
+      k = Rule::finish(k, tensor_sums([&](float p, float g, state_values<N> sv) {
+        return Rule::reduce(p, g, sv, k);
+      }));
+    }
+    float update_scale = 1.0f;
+    if (options_.max_unorm > 0.0f) {
+      norm_terms const t = tensor_sums([&](float p, float g, state_values<N> sv) {
+        float q = p;
+        Rule::update(q, g, sv, k);
+        double const d = static_cast<double>(q) - p;
+        return norm_terms{static_cast<float>(d * d), p * p};
+      });
+      double const unorm = std::sqrt(static_cast<double>(t.a));
+      double const limit = options_.max_unorm * std::sqrt(static_cast<double>(t.b));
+      if (unorm > limit)
+        update_scale = static_cast<float>(limit / unorm);
+    }
+
+    bool const sr_param = std::same_as<Param, bf16> && master == nullptr &&
+                          options_.rounding == param_rounding::stochastic;
+    qmem::detail::parallel_for(
+        e, n, chunk,
+        [&](std::size_t b0, std::size_t e0) {
+          float p[chunk], g[chunk], s[N > 0 ? N : 1][chunk];
+          for (std::size_t b = b0; b < e0; b += chunk) {
+            std::size_t const m = std::min(chunk, e0 - b);
+            load(b, m, p, g, s);
+            for (std::size_t i = 0; i < m; ++i) {
+              state_values<N> sv;
+              for (int q = 0; q < N; ++q)
+                sv[q] = s[q][i];
+              float pi = p[i];
+              Rule::update(pi, g[i], sv, k);
+              if (skip_bad && !detail::fmath::is_finite(g[i]))
+                continue;
+              if (update_scale != 1.0f)
+                pi = detail::fmath::add(
+                    p[i], detail::fmath::mul(update_scale, detail::fmath::sub(pi, p[i])));
+              p[i] = pi;
+              for (int q = 0; q < N; ++q)
+                s[q][i] = sv[q];
+            }
+            detail::for_each_state<N>([&](auto K) {
+              using F = format_of<P, K.value>;
+              store_state<F>(std::get<K.value>(refs), s[K.value], b, m, si.step, K.value,
+                             std::get<K.value>(encoders));
+            });
+            if (master != nullptr)
+              std::copy_n(p, m, master + b);
+            if constexpr (std::same_as<Param, float>) {
+              std::copy_n(p, m, ps.param.data() + b);
+            } else {
+              if (sr_param) {
+                if constexpr (std::same_as<Param, bf16>)
+                  for (std::size_t i = 0; i < m; ++i)
+                    ps.param[b + i] = detail::bf16_stochastic(
+                        p[i], detail::random_bits(options_.seed,
+                                                  detail::random_counter(si.step, 15, b + i)));
+              } else {
+                for (std::size_t i = 0; i < m; ++i)
+                  ps.param[b + i] = from_float<Param>(p[i]);
+              }
+            }
+          }
+        },
+        std::size_t{1} << 15);
+  }
+};
+
+} // namespace qmem::optim
