@@ -282,6 +282,10 @@ using bf16_state = uniform_state<bf16_format>;
 //! for states of any sign, the unsigned dynamic map for non-negative ones. AdamW: 2.03 B/param.
 using int8_state = signed_unsigned_state<blockwise_format<quant::dynamic_signed, 256, true>,
                                          blockwise_format<quant::dynamic_unsigned, 256>>;
+//! bitsandbytes' layout for its 1-state 8-bit optimizers (RMSprop, Adagrad): every state with
+//! the signed dynamic map, non-negative ones included. Use it to exchange state with bitsandbytes;
+//! int8_state spends the sign bit better.
+using int8_signed_state = uniform_state<blockwise_format<quant::dynamic_signed, 256, true>>;
 //! The 4-bit recipe (torchao's 4-bit AdamW): blocks of 128, the signed 4-bit dynamic map for
 //! states of any sign, the linear map without zero for non-negative ones. AdamW: 1.06 B/param.
 using int4_state = signed_unsigned_state<blockwise_format<dynamic4_signed, 128>,
