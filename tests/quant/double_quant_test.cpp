@@ -1,0 +1,157 @@
+// Double quantization of block scales (quant/double_quant.hpp): the fixed-order offset, nested
+// codes and scales, dequantize_scales and the one-pass nested dequantization, on every backend;
+// bad arguments write nothing. (bitsandbytes agreement: tests/golden/formats_test.cpp.)
+#include "quant/quant_test_support.hpp"
+
+#include <qmem/quant.hpp>
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+using namespace qmem;
+using namespace qmem::quant;
+using qmem::test::normal_floats;
+} // namespace
+
+TEST_CASE("double quant: the offset is the fixed-order (256-ary tree, double) mean") {
+  std::vector<float> a(70000);
+  for (std::size_t i = 0; i < a.size(); ++i)
+    a[i] = 0.5f + static_cast<float>(i % 1000) * 1e-3f;
+  // the tree, spelled out: leaves in chunks of 256, then chunks of 256 sums, ...
+  std::vector<double> level;
+  for (std::size_t c = 0; c < a.size(); c += 256) {
+    double s = 0.0;
+    for (std::size_t i = c; i < std::min(a.size(), c + 256); ++i)
+      s += a[i];
+    level.push_back(s);
+  }
+  while (level.size() > 1) {
+    std::vector<double> next;
+    for (std::size_t c = 0; c < level.size(); c += 256) {
+      double s = 0.0;
+      for (std::size_t i = c; i < std::min(level.size(), c + 256); ++i)
+        s += level[i];
+      next.push_back(s);
+    }
+    level = next;
+  }
+  float const expected = static_cast<float>(level[0] / static_cast<double>(a.size()));
+  CHECK(qmem::quant::detail::tree_mean(a.data(), a.size()) == expected);
+  CHECK(qmem::quant::detail::tree_mean(a.data(), 0) == 0.0f);
+  float const one = 3.25f;
+  CHECK(qmem::quant::detail::tree_mean(&one, 1) == 3.25f);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("double quant: scales round trip and one-pass dequantization", B,
+                          double_quant_roundtrip) {
+  if (qmem::test::skip<B>())
+    return;
+  for (std::size_t m : {std::size_t{1}, std::size_t{5}, std::size_t{256}, std::size_t{257},
+                        std::size_t{4097}}) {
+    for (std::size_t nb : {std::size_t{64}, std::size_t{256}}) {
+      CAPTURE(m);
+      CAPTURE(nb);
+      std::vector<float> absmax(m);
+      auto const r = normal_floats(m, static_cast<std::uint32_t>(m));
+      for (std::size_t i = 0; i < m; ++i)
+        absmax[i] = 1.0f + 0.3f * std::fabs(r[i]);
+      auto da = B::upload(absmax);
+      auto dq = B::template alloc<std::uint8_t>(m);
+      auto d2 = B::template alloc<float>(block_count(m, nb));
+      auto doff = B::template alloc<float>(1);
+      quantize_scales(B::exec(), tensor_view<float const>(da.view()), nb, dq.view(), d2.view(),
+                      doff.view());
+      auto const q = B::download(dq.view());
+      auto const a2 = B::download(d2.view());
+      float const off = B::download(doff.view())[0];
+      CHECK(off == qmem::quant::detail::tree_mean(absmax.data(), m));
+      // reference: quantize_blockwise<dynamic_signed> of absmax - offset
+      std::vector<float> centered(m);
+      for (std::size_t i = 0; i < m; ++i)
+        centered[i] = absmax[i] - off;
+      std::vector<std::uint8_t> rq(m);
+      std::vector<float> ra(block_count(m, nb));
+      quantize_blockwise<dynamic_signed>(exec::host{}, view(std::as_const(centered)), nb, view(rq),
+                                         view(ra));
+      CHECK(q == rq);
+      CHECK(qmem::test::same_bits(a2, ra));
+      // read back
+      auto ds = B::template alloc<float>(m);
+      dequantize_scales(B::exec(), tensor_view<std::uint8_t const>(dq.view()),
+                        tensor_view<float const>(d2.view()), tensor_view<float const>(doff.view()),
+                        nb, ds.view());
+      auto const back = B::download(ds.view());
+      for (std::size_t i = 0; i < m; ++i) {
+        float const expect = dynamic_signed::book.value.value[q[i]] * a2[i / nb] + off;
+        REQUIRE(std::bit_cast<std::uint32_t>(back[i]) == std::bit_cast<std::uint32_t>(expect));
+        CHECK(std::fabs(back[i] - absmax[i]) < 0.01f * absmax[i]);
+      }
+      // one-pass NF4 dequantization with these scales == two steps
+      std::size_t const block = 64;
+      std::size_t const n = m * block - 3; // last block partial, odd n
+      auto const x = normal_floats(n, 11);
+      std::vector<std::uint8_t> codes(code_bytes<nf4>(n));
+      std::vector<float> plain(m);
+      quantize_blockwise<nf4>(exec::host{}, view(std::as_const(x)), block, view(codes), view(plain));
+      auto dc = B::upload(codes);
+      auto dy = B::template alloc<bf16>(n);
+      dequantize_blockwise_nested<nf4>(B::exec(), tensor_view<std::uint8_t const>(dc.view()),
+                                       tensor_view<std::uint8_t const>(dq.view()),
+                                       tensor_view<float const>(d2.view()),
+                                       tensor_view<float const>(doff.view()), block, nb, dy.view());
+      std::vector<bf16> y2(n);
+      dequantize_blockwise<nf4>(exec::host{}, view(std::as_const(codes)), view(std::as_const(back)),
+                                block, view(y2));
+      CHECK(qmem::test::same_bits(B::download(dy.view()), y2));
+    }
+  }
+}
+TEST_CASE_TEMPLATE_APPLY(double_quant_roundtrip, qmem::test::quant_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("double quant: bad arguments throw and write nothing", B, double_quant_bad) {
+  if (qmem::test::skip<B>())
+    return;
+  std::vector<float> absmax(300, 1.0f);
+  auto da = B::upload(absmax);
+  tensor_view<float const> av(da.view());
+  auto dq = B::template alloc<std::uint8_t>(300);
+  auto d2 = B::template alloc<float>(2);
+  auto doff = B::template alloc<float>(2);
+  auto const q0 = B::download(dq.view());
+  auto const a0 = B::download(d2.view());
+  auto const o0 = B::download(doff.view());
+  auto const e = B::exec();
+  CHECK_THROWS_AS(quantize_scales(e, av, 100, dq.view(), d2.view(), doff.view().subview(0, 1)),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_scales(e, av, 32, dq.view(), d2.view(), doff.view().subview(0, 1)),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_scales(e, av, 256, dq.view().subview(0, 299), d2.view(),
+                                  doff.view().subview(0, 1)),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_scales(e, av, 256, dq.view(), d2.view().subview(0, 1),
+                                  doff.view().subview(0, 1)),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_scales(e, av, 256, dq.view(), d2.view(), doff.view()),
+                  qmem::bad_argument); // offset must have 1 element
+  auto dy = B::template alloc<float>(300 * 64);
+  auto const y0 = B::download(dy.view());
+  auto dc = B::template alloc<std::uint8_t>(300 * 32);
+  CHECK_THROWS_AS(dequantize_blockwise_nested<nf4>(
+                      e, tensor_view<std::uint8_t const>(dc.view()),
+                      tensor_view<std::uint8_t const>(dq.view()), tensor_view<float const>(d2.view()),
+                      tensor_view<float const>(doff.view().subview(0, 1)), 64, 128, dy.view()),
+                  qmem::bad_argument); // absmax2 has 2, nested block 128 needs 3
+  CHECK_THROWS_AS(dequantize_blockwise_nested<nf4>(
+                      e, tensor_view<std::uint8_t const>(dc.view()),
+                      tensor_view<std::uint8_t const>(dq.view()), tensor_view<float const>(d2.view()),
+                      tensor_view<float const>(doff.view().subview(0, 1)), 128, 256, dy.view()),
+                  qmem::bad_argument); // block 128 needs 150 scales
+  CHECK(B::download(dq.view()) == q0);
+  CHECK(qmem::test::same_bits(B::download(d2.view()), a0));
+  CHECK(qmem::test::same_bits(B::download(doff.view()), o0));
+  CHECK(qmem::test::same_bits(B::download(dy.view()), y0));
+}
+TEST_CASE_TEMPLATE_APPLY(double_quant_bad, qmem::test::quant_backends);
