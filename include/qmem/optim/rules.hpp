@@ -21,7 +21,7 @@ namespace qmem::optim {
 
 //! Adam (`Decoupled = false`: L2 weight decay added to the gradient, as torch.optim.Adam) and
 //! AdamW (`Decoupled = true`: the parameter shrinks by lr * weight_decay after the update, in the
-//! order bitsandbytes applies it). States: m (first moment, any sign), v (second, non-negative).
+//! order bitsandbytes applies it; `decay_first` shrinks it before, as torch.optim.AdamW). States: m (first moment, any sign), v (second, non-negative).
 //!   m = m b1 + (1 - b1) g;  v = v b2 + (1 - b2) (g g)
 //!   p = p + step_size (m / (sqrt(v) + eps c2)),  c1 = 1 - b1^t,  c2 = sqrt(1 - b2^t),
 //!   step_size = (-lr c2) / c1   [bitsandbytes' form of torch's m_hat / (sqrt(v_hat) + eps)]
@@ -34,6 +34,7 @@ struct adam_rule {
   float beta2 = 0.999f;
   float eps = 1e-8f;
   float weight_decay = Decoupled ? 1e-2f : 0.0f;
+  bool decay_first = false; //!< decoupled decay before the update (torch) instead of after (bnb)
 
   struct scalars {
     float beta1, one_minus_beta1, beta2, one_minus_beta2;
@@ -41,6 +42,7 @@ struct adam_rule {
     float eps_c2;    //!< eps c2
     float decay;     //!< 1 - lr wd (decoupled) or wd (L2)
     bool has_decay;
+    bool decay_first;
   };
 
   //! Precondition (checked by the optimizer): 0 <= beta < 1, eps >= 0, step >= 1.
@@ -55,7 +57,8 @@ struct adam_rule {
             div(mul(-si.lr, c2), c1),
             mul(eps, c2),
             Decoupled ? sub(1.0f, mul(si.lr, weight_decay)) : weight_decay,
-            weight_decay > 0.0f};
+            weight_decay > 0.0f,
+            decay_first};
   }
 
   QMEM_HOST_DEVICE QMEM_INLINE static void update(float& p, float g, state_values<2>& s,
@@ -63,10 +66,12 @@ struct adam_rule {
     using namespace detail::fmath;
     if (!Decoupled && k.has_decay)
       g = add(g, mul(p, k.decay));
+    if (Decoupled && k.has_decay && k.decay_first)
+      p = mul(p, k.decay);
     s[0] = add(mul(s[0], k.beta1), mul(k.one_minus_beta1, g));
     s[1] = add(mul(s[1], k.beta2), mul(k.one_minus_beta2, mul(g, g)));
     p = add(p, mul(k.step_size, div(s[0], add(sqrt(s[1]), k.eps_c2))));
-    if (Decoupled && k.has_decay)
+    if (Decoupled && k.has_decay && !k.decay_first)
       p = mul(p, k.decay);
   }
 };
