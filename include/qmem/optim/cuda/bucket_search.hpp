@@ -1,0 +1,129 @@
+#pragma once
+//! \file
+//! A constant-time replacement for bitsandbytes' 8-bit binary search (`bnb_search256`), proven to
+//! return the same code for every float.
+//!
+//! Why: the fused optimizer kernels requantize two states per element. bnb's search is eight
+//! dependent table reads per value; from shared memory, with 32 lanes reading scattered entries,
+//! that alone costs more than the memory traffic of the whole 8-bit step on an H200. This search
+//! is one byte read from a small table, one threshold read and one comparison.
+//!
+//! How: bnb's search returns the nearest code, and at an exact midpoint between two codes the side
+//! its search path happened to land on. So the code of x is the number of thresholds T[c] (the
+//! smallest float that maps to c + 1 or above, c = 0..254) with x >= T[c]. The thresholds are
+//! found once, at compile time, by running bnb_search256 itself on each midpoint. A monotone key
+//! of the float's bits (sign, exponent, the top `mantissa_bits` of the mantissa) splits the line
+//! into buckets holding at most one threshold each (checked at compile time: the build fails if
+//! the chosen resolution is too coarse for a table); `base[key]` counts the thresholds in lower
+//! buckets, and one comparison with T[base[key]] settles the bucket's own.
+//!
+//! Proof of equality: at compile time for both neighbours of every threshold, and on the GPU over
+//! all 2^32 bit patterns (tests/optim/cuda_optim_test.cpp).
+
+#include <qmem/core/config.hpp>
+#include <qmem/core/numeric.hpp>
+#include <qmem/quant/codes.hpp>
+
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+
+namespace qmem::optim::cuda_search {
+
+//! The search tables of one 256-entry code table. `MantissaBits` mantissa bits per bucket, values
+//! with |x| < 2^-`TinyExponent` share one bucket per sign. Trivially copyable (about 7 KB with the
+//! defaults): kernels copy it into shared memory.
+template <int MantissaBits = 7, int TinyExponent = 24>
+struct bucket_table {
+  static constexpr int mantissa_bits = MantissaBits;
+  static constexpr int tiny_exponent = TinyExponent;
+  //! Magnitude buckets per sign: one tiny bucket, TinyExponent binades, one for |x| >= 1.
+  static constexpr std::uint32_t magnitudes = (std::uint32_t{TinyExponent} << MantissaBits) + 2u;
+  static constexpr std::uint32_t keys = 2u * magnitudes;
+
+  float threshold[256];     //!< x >= threshold[c] <=> code(x) > c; threshold[255] is NaN
+  std::uint8_t base[keys];  //!< number of thresholds in buckets below this key
+
+  //! The bucket of `x` (not NaN): monotone non-decreasing in x; -0.0 and +0.0 are neighbours.
+  QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint32_t key(float x) noexcept {
+    return key_of_bits(qmem::detail::float_to_bits(x));
+  }
+  //! key() of the float whose bits are `u`.
+  QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint32_t key_of_bits(std::uint32_t u) noexcept {
+    std::uint32_t const q = (u & 0x7fffffffu) >> (23 - MantissaBits);
+    constexpr std::uint32_t lo = std::uint32_t{127 - TinyExponent} << MantissaBits;
+    constexpr std::uint32_t hi = std::uint32_t{127} << MantissaBits;
+    std::uint32_t const mag = q < lo ? 0u : (q >= hi ? magnitudes - 1u : q - lo + 1u);
+    return (u >> 31) != 0 ? magnitudes - 1u - mag : magnitudes + mag;
+  }
+
+  //! The code bnb_search256 returns for `x` over the table this was built from.
+  QMEM_HOST_DEVICE QMEM_INLINE constexpr std::uint8_t encode(float x) const noexcept {
+    if (x != x) // NaN: bnb's search compares false all the way down to code 0
+      return 0;
+    std::uint32_t const b = base[key(x)];
+    return static_cast<std::uint8_t>(b + (x >= threshold[b] ? 1u : 0u));
+  }
+};
+
+namespace detail {
+
+constexpr float next_up(float x) noexcept {
+  auto u = std::bit_cast<std::uint32_t>(x);
+  if ((u & 0x7fffffffu) == 0)
+    return std::bit_cast<float>(0x00000001u);
+  return std::bit_cast<float>((u >> 31) != 0 ? u - 1 : u + 1);
+}
+constexpr float next_down(float x) noexcept {
+  auto u = std::bit_cast<std::uint32_t>(x);
+  if ((u & 0x7fffffffu) == 0)
+    return std::bit_cast<float>(0x80000001u);
+  return std::bit_cast<float>((u >> 31) != 0 ? u + 1 : u - 1);
+}
+
+//! Throwing in a constant expression makes the build fail with this function in the message.
+inline void bucket_table_resolution_too_coarse_or_table_not_sorted() {}
+
+} // namespace detail
+
+//! Builds the search tables of `code` (256 ascending values, as the 8-bit maps). Evaluated at
+//! compile time; a table whose thresholds two-to-a-bucket, or whose search is not monotone, stops
+//! the build.
+template <int MantissaBits = 7, int TinyExponent = 24>
+constexpr bucket_table<MantissaBits, TinyExponent> make_bucket_table(float const* code) {
+  using table = bucket_table<MantissaBits, TinyExponent>;
+  table t{};
+  for (int c = 0; c < 255; ++c) {
+    float const mid = (code[c] + code[c + 1]) * 0.5f;
+    std::uint8_t const at_mid = quant::detail::bnb_search256(mid, code);
+    float const th = at_mid == c + 1 ? mid : detail::next_up(mid);
+    // the threshold is exact: the float below maps to c, the threshold itself to c + 1
+    if (quant::detail::bnb_search256(th, code) != c + 1 ||
+        quant::detail::bnb_search256(detail::next_down(th), code) != c)
+      detail::bucket_table_resolution_too_coarse_or_table_not_sorted();
+    if (c > 0 && !(t.threshold[c - 1] < th))
+      detail::bucket_table_resolution_too_coarse_or_table_not_sorted();
+    t.threshold[c] = th;
+  }
+  t.threshold[255] = std::bit_cast<float>(0x7fc00000u); // compares false: never a 256th code
+  std::uint32_t previous_key = 0;
+  for (int c = 0; c < 255; ++c) {
+    std::uint32_t const k = table::key_of_bits(std::bit_cast<std::uint32_t>(t.threshold[c]));
+    if (c > 0 && k <= previous_key) // two thresholds in one bucket
+      detail::bucket_table_resolution_too_coarse_or_table_not_sorted();
+    previous_key = k;
+  }
+  int c = 0;
+  for (std::uint32_t k = 0; k < table::keys; ++k) {
+    while (c < 255 && table::key_of_bits(std::bit_cast<std::uint32_t>(t.threshold[c])) < k)
+      ++c;
+    t.base[k] = static_cast<std::uint8_t>(c);
+  }
+  return t;
+}
+
+//! The table for a bnb-searched 8-bit code type (dynamic or linear map).
+template <class Code>
+inline constexpr auto bucket_table_of = make_bucket_table(Code::book.value.value);
+
+} // namespace qmem::optim::cuda_search

@@ -1,0 +1,428 @@
+#pragma once
+//! \file
+//! The fused multi-tensor optimizer kernels: one launch updates any number of tensors of any sizes.
+//!
+//! Work is cut into warp tasks of `Format::block` elements (256 for fp32 and 8-bit states, 128 for
+//! the 4-bit recipe): one warp owns one absmax block, each lane Block/32 consecutive elements. A
+//! task loads its parameters, gradients, state codes and old absmax with vector loads, decodes the
+//! states, applies the rule's element update in fp32 registers, takes the block max of each new
+//! state with warp shuffles (no shared memory, no __syncthreads), requantizes and writes back: one
+//! pass over memory. Tasks are numbered across all tensors; a device-side table of tensor entries
+//! (built once, tensor_table.cuh) maps a task to its tensor by a cached hint plus binary search, so
+//! 64 tensors cost what one tensor costs. lr, step and the gradient scale are read from device
+//! memory (step_control), so a step contains no host synchronization and can be captured in a
+//! CUDA graph.
+//!
+//! Bytes moved per element and step: params read + written, gradient read, each state read +
+//! written (4 bytes fp32, 1 byte 8-bit, 0.5 byte 4-bit) plus 8 bytes per block per quantized state.
+
+#include <qmem/core/cuda/runtime.cuh>
+#include <qmem/core/numeric.hpp>
+#include <qmem/optim/cuda/state_format.hpp>
+#include <qmem/optim/rule.hpp>
+#include <qmem/optim/schedule.hpp>
+#include <qmem/optim/state.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace qmem::optim::cuda {
+
+//! One tensor of a multi-tensor step as the kernels see it (trivially copyable, in device memory).
+struct tensor_entry {
+  void* param = nullptr;       //!< P[size]
+  void const* grad = nullptr;  //!< G[size]
+  void* state[4] = {};         //!< per state: float[size] or codes
+  float* absmax[4] = {};       //!< per blockwise state: float[ceil(size / block)]
+  float* master = nullptr;     //!< fp32 master weights (16-bit params) or nullptr
+  float lr_scale = 1.0f;       //!< this tensor's lr = schedule lr * lr_scale
+  std::uint32_t pad0 = 0;
+  std::uint64_t size = 0;      //!< elements (never 0 in a table)
+  std::uint64_t first_task = 0; //!< global index of this tensor's first warp task
+  std::uint64_t end_task = 0;   //!< one past its last
+  std::uint32_t vectorized = 0; //!< every pointer is aligned for the vector path
+  std::uint32_t pad = 0;
+};
+
+//! The device-resident scalars of a step. Lives in device memory: the user (or a schedule kernel)
+//! writes `lr`; the prologue kernel writes the rest before the update reads it.
+struct step_control {
+  float lr = 1e-3f;             //!< learning rate of the next step
+  std::int32_t step = 0;        //!< steps taken; the prologue increments it unless the step is skipped
+  float grad_scale = 1.0f;      //!< factor applied to every gradient in this step (unscale x clip)
+  std::uint32_t skip = 0;       //!< nonzero: this step is skipped (non-finite gradient, found inf)
+  float grad_norm = 0.0f;       //!< global L2 norm of the unscaled gradients (when computed)
+  float inv_loss_scale = 1.0f;  //!< gradients carry a loss scale: multiply by this (1: none)
+  float max_grad_norm = 0.0f;   //!< clip the global norm to this (<= 0: no clipping)
+  std::uint32_t skipped_steps = 0; //!< steps skipped so far
+};
+
+//! The scalars the element code needs, besides the rule's own: read once per task.
+namespace detail {
+
+template <int Bytes>
+struct raw_vector;
+template <>
+struct raw_vector<16> {
+  using type = uint4;
+};
+template <>
+struct raw_vector<8> {
+  using type = uint2;
+};
+template <>
+struct raw_vector<4> {
+  using type = unsigned int;
+};
+template <>
+struct raw_vector<2> {
+  using type = unsigned short;
+};
+template <>
+struct raw_vector<1> {
+  using type = unsigned char;
+};
+
+//! Loads N trivially copyable T from a pointer aligned to min(16, N * sizeof(T)) bytes, streaming
+//! (each byte is read once per step: evict-first).
+template <class T, int N>
+__device__ QMEM_INLINE void load_stream(void const* ptr, T (&out)[N]) {
+  constexpr int bytes = N * static_cast<int>(sizeof(T));
+  constexpr int chunk = bytes >= 16 ? 16 : bytes;
+  using V = typename raw_vector<chunk>::type;
+  V v[bytes / chunk];
+  QMEM_UNROLL
+  for (int k = 0; k < bytes / chunk; ++k)
+    v[k] = __ldcs(static_cast<V const*>(ptr) + k);
+  std::memcpy(out, v, bytes);
+}
+template <class T, int N>
+__device__ QMEM_INLINE void store_stream(void* ptr, T const (&in)[N]) {
+  constexpr int bytes = N * static_cast<int>(sizeof(T));
+  constexpr int chunk = bytes >= 16 ? 16 : bytes;
+  using V = typename raw_vector<chunk>::type;
+  V v[bytes / chunk];
+  std::memcpy(v, in, bytes);
+  QMEM_UNROLL
+  for (int k = 0; k < bytes / chunk; ++k)
+    __stcs(static_cast<V*>(ptr) + k, v[k]);
+}
+
+__device__ QMEM_INLINE float warp_max(float m) {
+  QMEM_UNROLL
+  for (int o = 16; o > 0; o >>= 1) {
+    float const other = __shfl_xor_sync(0xffffffffu, m, o);
+    m = other > m ? other : m;
+  }
+  return m;
+}
+
+//! The tensor that owns global task `task`: the hint when it still does, else a binary search
+//! over the entries' first tasks (warp-uniform; the table is small and stays in L1/L2).
+__device__ QMEM_INLINE std::uint32_t find_tensor(tensor_entry const* t, std::uint32_t n,
+                                                 std::uint64_t task, std::uint32_t hint) {
+  if (task >= t[hint].first_task && task < t[hint].end_task)
+    return hint;
+  std::uint32_t lo = 0;
+  std::uint32_t hi = n;
+  while (hi - lo > 1) {
+    std::uint32_t const mid = (lo + hi) / 2;
+    if (t[mid].first_task <= task)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+} // namespace detail
+
+
+//! Everything one launch of the fused kernel reads (passed by value as a __grid_constant__).
+template <update_rule Rule, state_policy Policy>
+struct fused_args {
+  tensor_entry const* tensors;           //!< [tensor_count]
+  typename Rule::scalars const* scalars; //!< [tensor_count], written by the prepare kernel
+  step_control const* control;           //!< step, grad scale, skip
+  std::uint64_t task_begin;              //!< this launch covers tasks [task_begin, task_end)
+  std::uint64_t task_end;
+  std::uint64_t seed;                    //!< stochastic rounding (bf16 states and parameters)
+  std::uint32_t tensor_count;
+  std::uint32_t param_stochastic;        //!< bf16 params without master: stochastic rounding
+  typename kernel_traits<Rule, Policy>::tables tables;
+};
+
+namespace detail {
+
+//! The sign of state J of Rule as a constant usable in device code.
+template <class Rule, int J>
+inline constexpr state_sign state_sign_v = Rule::state_signs[static_cast<std::size_t>(J)];
+
+//! The shared-memory codec of the states of sign `Sign`.
+template <state_sign Sign, class Tables>
+__device__ QMEM_INLINE auto const& codec_for(Tables const& t) {
+  if constexpr (Sign == state_sign::any)
+    return t.signed_codec;
+  else
+    return t.unsigned_codec;
+}
+
+//! Calls f(std::integral_constant<int, J>) for J = 0..N-1 (compile-time state index).
+template <int N, class F>
+__device__ QMEM_INLINE void for_states(F&& f) {
+  [&]<int... J>(std::integer_sequence<int, J...>) {
+    (f(std::integral_constant<int, J>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
+//! One warp task: kernel_traits::per_lane elements per lane, everything in registers. The
+//! arithmetic is the host backend's (optimizer.hpp), element for element.
+template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
+__device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t block,
+                                       typename Rule::scalars const& k, float grad_scale,
+                                       std::int32_t step, std::uint64_t seed, bool param_sr,
+                                       typename kernel_traits<Rule, Policy>::tables const& tables,
+                                       unsigned lane) {
+  using traits = kernel_traits<Rule, Policy>;
+  constexpr int E = traits::per_lane;
+  constexpr int S = Rule::state_count;
+  constexpr std::uint64_t B = traits::block;
+  std::uint64_t const size = entry->size;
+  std::uint64_t const first = block * B + std::uint64_t{lane} * E;
+  bool const vector_path = entry->vectorized != 0 && first + E <= size;
+  auto* const param = static_cast<P*>(entry->param);
+  auto const* const grad = static_cast<G const*>(entry->grad);
+  float* const master = entry->master;
+
+  float p[E];
+  float g[E];
+  bool valid[E];
+  {
+    P p_raw[E];
+    G g_raw[E];
+    if (vector_path) {
+      if (master == nullptr)
+        load_stream(param + first, p_raw);
+      load_stream(grad + first, g_raw);
+      if (master != nullptr)
+        load_stream(master + first, p);
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i)
+        valid[i] = true;
+    } else {
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i) {
+        valid[i] = first + i < size;
+        p_raw[i] = valid[i] && master == nullptr ? param[first + i] : from_float<P>(0.0f);
+        g_raw[i] = valid[i] ? grad[first + i] : from_float<G>(0.0f);
+        if (master != nullptr)
+          p[i] = valid[i] ? master[first + i] : 0.0f;
+      }
+    }
+    QMEM_UNROLL
+    for (int i = 0; i < E; ++i) {
+      if (master == nullptr)
+        p[i] = to_float(p_raw[i]);
+      g[i] = optim::detail::fmath::mul(to_float(g_raw[i]), grad_scale);
+    }
+  }
+
+  // decode the states
+  float s[S > 0 ? S : 1][E];
+  for_states<S>([&](auto J) {
+    using F = typename traits::template format<J.value>;
+    void* const state = entry->state[J.value];
+    if constexpr (F::blockwise) {
+      constexpr int code_bytes = E * F::bits / 8;
+      auto const& fc = codec_for<state_sign_v<Rule, J.value>>(tables);
+      float const old_absmax = entry->absmax[J.value][block];
+      std::uint8_t bytes[code_bytes];
+      auto const* const codes = static_cast<std::uint8_t const*>(state) + first * F::bits / 8;
+      if (vector_path) {
+        load_stream(codes, bytes);
+      } else {
+        std::uint64_t const code_count = F::bits == 8 ? size : (size + 1) / 2;
+        QMEM_UNROLL
+        for (int b = 0; b < code_bytes; ++b)
+          bytes[b] = first * F::bits / 8 + b < code_count ? codes[b] : std::uint8_t{0};
+      }
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i) {
+        std::uint8_t c = 0;
+        if constexpr (F::bits == 8)
+          c = bytes[i];
+        else
+          c = static_cast<std::uint8_t>(i % 2 == 0 ? bytes[i / 2] >> 4 : bytes[i / 2] & 0xf);
+        s[J.value][i] = fc.decode(c, old_absmax);
+      }
+    } else {
+      using T = typename F::element;
+      T raw[E];
+      T const* const st = static_cast<T const*>(state);
+      if (vector_path) {
+        load_stream(st + first, raw);
+      } else {
+        QMEM_UNROLL
+        for (int i = 0; i < E; ++i)
+          raw[i] = valid[i] ? st[first + i] : from_float<T>(0.0f);
+      }
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i)
+        s[J.value][i] = to_float(raw[i]);
+    }
+  });
+
+  // update (the host's order: update a copy, keep it unless the element is skipped)
+  QMEM_UNROLL
+  for (int i = 0; i < E; ++i) {
+    state_values<S> sv;
+    QMEM_UNROLL
+    for (int j = 0; j < S; ++j)
+      sv[j] = s[j][i];
+    float pi = p[i];
+    Rule::update(pi, g[i], sv, k);
+    bool keep = valid[i];
+    if constexpr (NonFinite == nonfinite_policy::skip_element)
+      keep = keep && optim::detail::fmath::is_finite(g[i]);
+    if (keep) {
+      p[i] = pi;
+      QMEM_UNROLL
+      for (int j = 0; j < S; ++j)
+        s[j][i] = sv[j];
+    }
+  }
+
+  // requantize and write the states
+  for_states<S>([&](auto J) {
+    using F = typename traits::template format<J.value>;
+    void* const state = entry->state[J.value];
+    if constexpr (F::blockwise) {
+      constexpr int code_bytes = E * F::bits / 8;
+      auto const& fc = codec_for<state_sign_v<Rule, J.value>>(tables);
+      float local = 0.0f;
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i) {
+        float const a = fabsf(s[J.value][i]);
+        local = valid[i] && a > local ? a : local;
+      }
+      float const absmax = warp_max(local);
+      if (lane == 0)
+        entry->absmax[J.value][block] = absmax;
+      std::uint8_t code[E];
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i) // a 4-bit pad nibble is the code of 0, as the host writes it
+        code[i] = fc.encode(valid[i] ? s[J.value][i] : 0.0f, absmax);
+      std::uint8_t bytes[code_bytes];
+      QMEM_UNROLL
+      for (int b = 0; b < code_bytes; ++b) {
+        if constexpr (F::bits == 8)
+          bytes[b] = code[b];
+        else
+          bytes[b] = static_cast<std::uint8_t>((code[2 * b] << 4) | (code[2 * b + 1] & 0xf));
+      }
+      auto* const codes = static_cast<std::uint8_t*>(state) + first * F::bits / 8;
+      if (vector_path) {
+        store_stream(codes, bytes);
+      } else {
+        std::uint64_t const code_count = F::bits == 8 ? size : (size + 1) / 2;
+        QMEM_UNROLL
+        for (int b = 0; b < code_bytes; ++b)
+          if (first * F::bits / 8 + b < code_count)
+            codes[b] = bytes[b];
+      }
+    } else {
+      using T = typename F::element;
+      T raw[E];
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i) {
+        if constexpr (std::same_as<T, float>)
+          raw[i] = s[J.value][i];
+        else
+          raw[i] = optim::detail::bf16_stochastic(
+              s[J.value][i],
+              optim::detail::random_bits(
+                  seed, optim::detail::random_counter(step, J.value, first + i)));
+      }
+      T* const st = static_cast<T*>(state);
+      if (vector_path) {
+        store_stream(st + first, raw);
+      } else {
+        QMEM_UNROLL
+        for (int i = 0; i < E; ++i)
+          if (valid[i])
+            st[first + i] = raw[i];
+      }
+    }
+  });
+
+  // write the parameters (and master weights)
+  P out[E];
+  QMEM_UNROLL
+  for (int i = 0; i < E; ++i) {
+    if constexpr (std::same_as<P, bf16>) {
+      out[i] = param_sr ? optim::detail::bf16_stochastic(
+                              p[i], optim::detail::random_bits(
+                                        seed, optim::detail::random_counter(step, 15, first + i)))
+                        : from_float<P>(p[i]);
+    } else {
+      out[i] = from_float<P>(p[i]);
+    }
+  }
+  if (vector_path) {
+    store_stream(param + first, out);
+    if (master != nullptr)
+      store_stream(master + first, p);
+  } else {
+    QMEM_UNROLL
+    for (int i = 0; i < E; ++i)
+      if (valid[i]) {
+        param[first + i] = out[i];
+        if (master != nullptr)
+          master[first + i] = p[i];
+      }
+  }
+}
+
+} // namespace detail
+
+//! Threads per block of the fused kernel: 8 warps, 8 tasks in flight per block. With 16-byte
+//! loads every lane has 64 to 80 bytes in flight per task; 1024+ resident threads per SM cover
+//! HBM3e latency (Little's law: ~22 KB in flight per SM at 4.8 TB/s).
+inline constexpr int fused_block_threads = 256;
+
+//! The fused kernel: grid-stride over warp tasks [task_begin, task_end) across all tensors.
+template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
+__global__ void __launch_bounds__(fused_block_threads)
+    fused_step_kernel(__grid_constant__ fused_args<Rule, Policy> const args) {
+  using tables_t = typename kernel_traits<Rule, Policy>::tables;
+  static_assert(sizeof(tables_t) % 4 == 0 && std::is_trivially_copyable_v<tables_t>);
+  __shared__ std::uint32_t table_words[sizeof(tables_t) / 4];
+  {
+    auto const* src = reinterpret_cast<std::uint32_t const*>(&args.tables);
+    for (unsigned w = threadIdx.x; w < sizeof(tables_t) / 4; w += blockDim.x)
+      table_words[w] = src[w];
+  }
+  __syncthreads();
+  auto const& tables = *reinterpret_cast<tables_t const*>(table_words);
+  if (args.control->skip != 0)
+    return;
+  float const grad_scale = args.control->grad_scale;
+  std::int32_t const step = args.control->step;
+  unsigned const lane = threadIdx.x & 31u;
+  std::uint64_t const warps = (static_cast<std::uint64_t>(gridDim.x) * blockDim.x) >> 5;
+  std::uint32_t hint = 0;
+  for (std::uint64_t task = args.task_begin +
+                            ((static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
+       task < args.task_end; task += warps) {
+    hint = detail::find_tensor(args.tensors, args.tensor_count, task, hint);
+    tensor_entry const* const entry = args.tensors + hint;
+    typename Rule::scalars const k = args.scalars[hint];
+    detail::fused_task<Rule, Policy, P, G, NonFinite>(entry, task - entry->first_task, k,
+                                                      grad_scale, step, args.seed,
+                                                      args.param_stochastic != 0, tables, lane);
+  }
+}
+
+} // namespace qmem::optim::cuda

@@ -1,0 +1,556 @@
+#pragma once
+//! \file
+//! The multi-tensor CUDA optimizer step. Two owners, both built once and reused every step:
+//!
+//! - `step_controller`: the device-resident step state (step count, lr schedule, gradient scale,
+//!   skip flag, norm) and the norm partials of every tensor group;
+//! - `multi_tensor_step<Rule, Policy, P, G>`: one group of tensors sharing a rule, a state policy
+//!   and element types: the device table of tensor entries, the per-tensor rules and scalars.
+//!
+//! A step is a few stream-ordered launches with no host synchronization:
+//!
+//!   1. per group, only when clipping or a skip-step/raise policy needs it: the gradients' sum of
+//!      squares (finite elements, in double) and a non-finite count, over a fixed partition into
+//!      `norm_partials` blocks, so the result does not depend on the device (deterministic);
+//!   2. `resolve`, one block: folds every group's partials in a fixed order, decides the skip
+//!      (non-finite under skip_step/raise, a loss scaler's found-inf flag), the clip factor and the
+//!      gradient scale, advances the step count and evaluates the lr schedule;
+//!   3. per group: `prepare` (one block: each tensor's rule.prepare into device scalars) and the
+//!      fused update (fused_step.cuh).
+//!
+//! The arithmetic is the host optimizer's (optim/optimizer.hpp) element for element, so the two
+//! backends agree bit for bit; the one exception is the global norm (a different summation order
+//! in double), which changes the clip factor only when the double norm lies within a few ulps of
+//! a float rounding boundary. Because lr, step and every derived scalar live in device memory, a
+//! step can be captured in a CUDA graph once and replayed.
+
+#include <qmem/core/cuda/runtime.cuh>
+#include <qmem/core/error.hpp>
+#include <qmem/core/exec.hpp>
+#include <qmem/core/numeric.hpp>
+#include <qmem/memory/resource.hpp>
+#include <qmem/optim/cuda/fused_step.cuh>
+#include <qmem/optim/cuda/state_format.hpp>
+#include <qmem/optim/rule.hpp>
+#include <qmem/optim/schedule.hpp>
+#include <qmem/optim/state.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <utility>
+#include <vector>
+
+namespace qmem::optim::cuda {
+
+//! The step state as it lives in device memory.
+struct step_state {
+  step_control control;
+  lr_schedule schedule;
+};
+
+//! Partial sums per group in the norm pass: fixed, so that the reduction order, and the norm's
+//! bits, are the same on every device and for every launch.
+inline constexpr unsigned norm_partials = 1024;
+
+//! Options of the CUDA step (the host optimizer's optimizer_options that the device honours).
+struct cuda_step_options {
+  lr_schedule lr = lr_schedule::constant(1e-3f);
+  nonfinite_policy nonfinite = nonfinite_policy::skip_step;
+  float max_grad_norm = 0.0f;   //!< global-norm clipping (torch's clip_grad_norm_); 0: off
+  float grad_unscale = 1.0f;    //!< initial inverse loss scale (device-side, changeable)
+  param_rounding rounding = param_rounding::nearest; //!< bf16 params without master weights
+  std::uint64_t seed = 0;       //!< stochastic rounding seed
+  //! A loss scaler's device flag: nonzero skips the step without touching any state. May be null.
+  std::uint32_t const* found_inf = nullptr;
+  unsigned max_groups = 4;      //!< tensor groups (rule/policy/type combinations) per controller
+};
+
+namespace detail {
+
+//! Calls f(std::integral_constant<int, J>) for J = 0..N-1 on the host.
+template <int N, class F>
+void for_each_state_host(F&& f) {
+  [&]<int... J>(std::integer_sequence<int, J...>) {
+    (f(std::integral_constant<int, J>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
+template <class T>
+class device_array {
+  memory::buffer<T> buf_;
+
+public:
+  device_array() = default;
+  device_array(std::size_t n, memory::resource& r, memory::category cat)
+      : buf_(n == 0 ? 1 : n, r, cat) {}
+  T* data() noexcept { return buf_.data(); }
+  T const* data() const noexcept { return buf_.data(); }
+};
+
+template <class G, int Block>
+__global__ void __launch_bounds__(256)
+    grad_sumsq_kernel(tensor_entry const* tensors, std::uint32_t tensor_count,
+                      std::uint64_t task_count, double* partial_sum,
+                      std::uint32_t* partial_bad) {
+  constexpr int E = Block / 32;
+  unsigned const lane = threadIdx.x & 31u;
+  unsigned const warp = threadIdx.x >> 5;
+  std::uint32_t hint = 0;
+  double acc = 0.0;
+  std::uint32_t bad = 0;
+  for (std::uint64_t task = std::uint64_t{blockIdx.x} * 8 + warp; task < task_count;
+       task += std::uint64_t{gridDim.x} * 8) {
+    hint = find_tensor(tensors, tensor_count, task, hint);
+    tensor_entry const* const entry = tensors + hint;
+    std::uint64_t const size = entry->size;
+    std::uint64_t const first = (task - entry->first_task) * Block + std::uint64_t{lane} * E;
+    auto const* const grad = static_cast<G const*>(entry->grad);
+    G g[E];
+    if (entry->vectorized != 0 && first + E <= size) {
+      load_stream(grad + first, g);
+    } else {
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i)
+        g[i] = first + i < size ? grad[first + i] : from_float<G>(0.0f);
+    }
+    QMEM_UNROLL
+    for (int i = 0; i < E; ++i) {
+      float const x = to_float(g[i]);
+      bool const ok = optim::detail::fmath::is_finite(x);
+      bad += ok ? 0u : 1u;
+      double const d = ok ? static_cast<double>(x) : 0.0;
+      acc += d * d;
+    }
+  }
+  // fixed-order block reduction: butterfly in the warp, then the warps in index order
+  QMEM_UNROLL
+  for (int o = 16; o > 0; o >>= 1) {
+    acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    bad += __shfl_xor_sync(0xffffffffu, bad, o);
+  }
+  __shared__ double warp_sum[8];
+  __shared__ std::uint32_t warp_bad[8];
+  if (lane == 0) {
+    warp_sum[warp] = acc;
+    warp_bad[warp] = bad;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    std::uint32_t total_bad = 0;
+    for (int w = 0; w < 8; ++w) {
+      total += warp_sum[w];
+      total_bad += warp_bad[w];
+    }
+    partial_sum[blockIdx.x] = total;
+    partial_bad[blockIdx.x] = total_bad;
+  }
+}
+
+__global__ void __launch_bounds__(256)
+    resolve_kernel(step_state* state, double const* partial_sum, std::uint32_t const* partial_bad,
+                   unsigned partial_count, std::uint32_t const* found_inf,
+                   nonfinite_policy nonfinite) {
+  __shared__ double sums[256];
+  __shared__ std::uint32_t bads[256];
+  double acc = 0.0;
+  std::uint32_t bad = 0;
+  for (unsigned i = threadIdx.x; i < partial_count; i += 256) {
+    acc += partial_sum[i];
+    bad |= partial_bad[i];
+  }
+  sums[threadIdx.x] = acc;
+  bads[threadIdx.x] = bad;
+  __syncthreads();
+  for (unsigned half = 128; half > 0; half >>= 1) {
+    if (threadIdx.x < half) {
+      sums[threadIdx.x] += sums[threadIdx.x + half];
+      bads[threadIdx.x] |= bads[threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x != 0)
+    return;
+  step_control& c = state->control;
+  bool const norm_pass = partial_count > 0;
+  bool const non_finite = norm_pass && bads[0] != 0 && nonfinite != nonfinite_policy::skip_element;
+  bool const flagged = found_inf != nullptr && *found_inf != 0;
+  bool const skip = non_finite || flagged;
+  float grad_scale = c.inv_loss_scale;
+  float norm = 0.0f;
+  if (norm_pass && !flagged) {
+    double const n = ::sqrt(sums[0]) * static_cast<double>(c.inv_loss_scale);
+    norm = static_cast<float>(n);
+    if (c.max_grad_norm > 0.0f && n > c.max_grad_norm)
+      grad_scale = static_cast<float>(grad_scale * (c.max_grad_norm / (n + 1e-6)));
+  }
+  c.grad_norm = norm;
+  c.skip = skip ? 1u : 0u;
+  if (skip) {
+    ++c.skipped_steps;
+    return;
+  }
+  c.step += 1;
+  c.lr = state->schedule(c.step);
+  c.grad_scale = grad_scale;
+}
+
+template <update_rule Rule>
+__global__ void __launch_bounds__(256)
+    prepare_kernel(step_control const* control, tensor_entry const* tensors, Rule const* rules,
+                   typename Rule::scalars* scalars, std::uint32_t tensor_count) {
+  if (control->skip != 0)
+    return;
+  float const lr = control->lr;
+  std::int32_t const step = control->step;
+  float const grad_scale = control->grad_scale;
+  for (std::uint32_t t = blockIdx.x * blockDim.x + threadIdx.x; t < tensor_count;
+       t += gridDim.x * blockDim.x)
+    scalars[t] = rules[t].prepare(
+        step_info{optim::detail::fmath::mul(lr, tensors[t].lr_scale), step, grad_scale});
+}
+
+} // namespace detail
+
+//! The device-resident step state of an optimizer and the norm partials of its tensor groups.
+//! Create one per optimizer; pass it to every multi_tensor_step group of that optimizer.
+class step_controller {
+  detail::device_array<step_state> state_;
+  detail::device_array<double> partial_sum_;
+  detail::device_array<std::uint32_t> partial_bad_;
+  cuda_step_options options_;
+  unsigned groups_ = 0;
+  int device_ = 0;
+
+public:
+  //! Allocates the step state from `device` (a device or managed resource) and initializes it on
+  //! e.stream (blocks until that upload is done, once). Preconditions: lr >= 0, max_grad_norm >= 0,
+  //! grad_unscale finite and >= 0, max_groups >= 1 (bad_argument otherwise).
+  step_controller(exec::cuda const& e, memory::resource& device, cuda_step_options options = {})
+      : options_(options), device_(e.device) {
+    QMEM_EXPECTS(device.space() != memory_space::host, "the resource hands out host memory; ",
+                 "expected a device or managed memory resource");
+    QMEM_EXPECTS(options.lr.lr >= 0.0f && options.lr.min_lr >= 0.0f, "lr is ", options.lr.lr,
+                 " and min_lr ", options.lr.min_lr, "; expected >= 0");
+    QMEM_EXPECTS(options.max_grad_norm >= 0.0f, "max_grad_norm is ", options.max_grad_norm,
+                 "; expected >= 0 (0 turns clipping off)");
+    QMEM_EXPECTS(std::isfinite(options.grad_unscale) && options.grad_unscale >= 0.0f,
+                 "grad_unscale is ", options.grad_unscale, "; expected a finite value >= 0");
+    QMEM_EXPECTS(options.max_groups >= 1, "max_groups is 0; expected >= 1");
+    cuda_detail::device_guard guard(device_);
+    state_ = {1, device, memory::category::optimizer_state};
+    partial_sum_ = {std::size_t{norm_partials} * options.max_groups, device,
+                    memory::category::workspace};
+    partial_bad_ = {std::size_t{norm_partials} * options.max_groups, device,
+                    memory::category::workspace};
+    step_state st{};
+    st.control.lr = options.lr(1);
+    st.control.inv_loss_scale = options.grad_unscale;
+    st.control.max_grad_norm = options.max_grad_norm;
+    st.schedule = options.lr;
+    cuda_detail::check(cudaMemcpyAsync(state_.data(), &st, sizeof(st), cudaMemcpyHostToDevice,
+                                       e.stream),
+                       "cudaMemcpyAsync(step state)");
+    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(step state)");
+  }
+
+  //! Reserves the norm partials of one more group; returns its slot.
+  unsigned register_group() {
+    QMEM_EXPECTS(groups_ < options_.max_groups, "this controller already has ", groups_,
+                 " groups (max_groups); raise cuda_step_options::max_groups");
+    return groups_++;
+  }
+
+  //! True when steps run the gradient-norm pass (clipping, or skip_step/raise need it).
+  [[nodiscard]] bool needs_norm() const noexcept {
+    return options_.max_grad_norm > 0.0f || options_.nonfinite != nonfinite_policy::skip_element;
+  }
+  [[nodiscard]] double* partial_sum(unsigned slot) noexcept {
+    return partial_sum_.data() + std::size_t{slot} * norm_partials;
+  }
+  [[nodiscard]] std::uint32_t* partial_bad(unsigned slot) noexcept {
+    return partial_bad_.data() + std::size_t{slot} * norm_partials;
+  }
+
+  //! Enqueues the resolution of this step (after every group's accumulate_norm).
+  void resolve(exec::cuda const& e) {
+    cuda_detail::device_guard guard(device_);
+    unsigned const partials = needs_norm() ? norm_partials * groups_ : 0u;
+    detail::resolve_kernel<<<1, 256, 0, e.stream>>>(state_.data(), partial_sum_.data(),
+                                                    partial_bad_.data(), partials,
+                                                    options_.found_inf, options_.nonfinite);
+    cuda_detail::check_launch(e, "resolve_kernel");
+  }
+
+  //! The device control block. Between steps the caller may write `inv_loss_scale` and
+  //! `max_grad_norm` there (cudaMemcpyAsync or a kernel); read `step`, `skip`, `grad_norm`.
+  [[nodiscard]] step_control* control() noexcept { return &state_.data()->control; }
+  //! The device-side lr schedule (evaluated by every step).
+  [[nodiscard]] lr_schedule* schedule() noexcept { return &state_.data()->schedule; }
+  [[nodiscard]] cuda_step_options const& options() const noexcept { return options_; }
+  [[nodiscard]] int device() const noexcept { return device_; }
+
+  //! Copies the control block to the host (waits for e.stream).
+  [[nodiscard]] step_control read_control_blocking(exec::cuda const& e) {
+    step_control c{};
+    cuda_detail::device_guard guard(device_);
+    cuda_detail::check(cudaMemcpyAsync(&c, control(), sizeof(c), cudaMemcpyDeviceToHost,
+                                       e.stream),
+                       "cudaMemcpyAsync(control)");
+    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(control)");
+    return c;
+  }
+
+  //! Under nonfinite_policy::raise: waits for e.stream and throws qmem::error when the last step
+  //! was skipped (nothing was written). Other policies: returns at once.
+  void check_raise_blocking(exec::cuda const& e) {
+    if (options_.nonfinite != nonfinite_policy::raise)
+      return;
+    step_control const c = read_control_blocking(e);
+    if (c.skip != 0)
+      detail_raise_nonfinite(c.step + 1);
+  }
+
+private:
+  [[noreturn]] static void detail_raise_nonfinite(std::int32_t step) {
+    qmem::detail::raise<error>("optimizer step ", step,
+                               ": a gradient holds a non-finite value (nonfinite_policy::raise); "
+                               "nothing was updated");
+  }
+};
+
+//! One tensor of a group: its parameter, gradient, optional fp32 master weights and state
+//! storage (device or managed memory), the rule with this tensor's hyper-parameters
+//! (per-parameter overrides) and its lr scale.
+template <update_rule Rule, float_element P, float_element G>
+struct step_tensor {
+  P* param = nullptr;
+  G const* grad = nullptr;
+  std::size_t size = 0;
+  void* state[4] = {};     //!< state j: the format's element array or codes (F::bytes(size))
+  float* absmax[4] = {};   //!< blockwise state j: float[F::scale_count(size)]
+  float* master = nullptr; //!< fp32 master weights of a 16-bit parameter, or nullptr
+  Rule rule{};
+  float lr_scale = 1.0f;
+};
+
+//! The fused multi-tensor step of one rule, state policy and parameter/gradient type over a
+//! fixed set of tensors. Owns the device tables (tensor entries, per-tensor rules and scalars)
+//! allocated from `device`; the tensors' storage stays the caller's.
+template <update_rule Rule, state_policy Policy, float_element P = float, float_element G = P>
+  requires(!std::same_as<P, double> && !std::same_as<G, double>)
+class multi_tensor_step {
+public:
+  using tensor = step_tensor<Rule, P, G>;
+  using traits = kernel_traits<Rule, Policy>;
+  static constexpr std::size_t block = traits::block;
+  static_assert(!reducing_rule<Rule>,
+                "the fused CUDA step does not run per-tensor reductions yet (LAMB, LARS): use the "
+                "host optimizer for reducing rules");
+
+private:
+  step_controller* controller_;
+  std::vector<std::uint64_t> tensor_first_task_; // per caller tensor (empty ones included)
+  std::vector<std::size_t> tensor_state_bytes_;   // per caller tensor: state + absmax bytes
+  detail::device_array<tensor_entry> entries_;
+  detail::device_array<Rule> rules_;
+  detail::device_array<typename Rule::scalars> scalars_;
+  std::vector<tensor> tensors_;
+  std::uint32_t entry_count_ = 0;
+  std::uint64_t task_count_ = 0;
+  unsigned slot_ = 0;
+  int grid_ = 0;
+
+public:
+  //! Builds and uploads the tables of `tensors` (stream-ordered on e.stream, then waits once).
+  //! Preconditions (bad_argument naming the tensor, nothing allocated): every tensor with
+  //! size > 0 has non-null param and grad, and for each state a non-null state pointer (and an
+  //! absmax pointer for blockwise formats); e.device is the controller's device.
+  multi_tensor_step(exec::cuda const& e, std::span<tensor const> tensors,
+                    memory::resource& device, step_controller& controller)
+      : controller_(&controller), tensors_(tensors.begin(), tensors.end()) {
+    QMEM_EXPECTS(e.device == controller.device(), "e.device is ", e.device,
+                 "; the controller lives on device ", controller.device());
+    std::vector<tensor_entry> entries;
+    std::vector<Rule> rules;
+    std::uint64_t task = 0;
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      tensor const& t = tensors[i];
+      tensor_first_task_.push_back(task);
+      tensor_state_bytes_.push_back(0);
+      if (t.size == 0)
+        continue;
+      QMEM_EXPECTS(t.param != nullptr && t.grad != nullptr, "tensor ", i, " (size ", t.size,
+                   ") has a null param or grad pointer");
+      tensor_entry en{};
+      en.param = t.param;
+      en.grad = t.grad;
+      en.master = t.master;
+      en.lr_scale = t.lr_scale;
+      en.size = t.size;
+      constexpr int E = traits::per_lane;
+      bool aligned = is_aligned(t.param, sizeof(P) * E) && is_aligned(t.grad, sizeof(G) * E) &&
+                     is_aligned(t.master, sizeof(float) * E);
+      std::size_t bytes = 0;
+      detail::for_each_state_host<Rule::state_count>([&](auto J) {
+        using F = typename traits::template format<J.value>;
+        QMEM_EXPECTS(t.state[J.value] != nullptr, "tensor ", i, " state ", J.value, " is null");
+        en.state[J.value] = t.state[J.value];
+        bytes += F::bytes(t.size);
+        if constexpr (F::blockwise) {
+          QMEM_EXPECTS(t.absmax[J.value] != nullptr, "tensor ", i, " state ", J.value,
+                       " has no absmax (blockwise states need one float per block)");
+          en.absmax[J.value] = t.absmax[J.value];
+          bytes += F::scale_count(t.size) * sizeof(float);
+          aligned = aligned && is_aligned(t.state[J.value], E * F::bits / 8);
+        } else {
+          aligned = aligned && is_aligned(t.state[J.value], sizeof(typename F::element) * E);
+        }
+      });
+      tensor_state_bytes_.back() = bytes;
+      std::uint64_t const tasks = (t.size + block - 1) / block;
+      en.first_task = task;
+      en.end_task = task + tasks;
+      en.vectorized = aligned ? 1u : 0u;
+      task += tasks;
+      entries.push_back(en);
+      rules.push_back(t.rule);
+    }
+    tensor_first_task_.push_back(task);
+    task_count_ = task;
+    entry_count_ = static_cast<std::uint32_t>(entries.size());
+    slot_ = controller.register_group();
+    cuda_detail::device_guard guard(e.device);
+    std::size_t const n = entries.size();
+    entries_ = {n, device, memory::category::workspace};
+    rules_ = {n, device, memory::category::workspace};
+    scalars_ = {n, device, memory::category::workspace};
+    if (n > 0) {
+      cuda_detail::check(cudaMemcpyAsync(entries_.data(), entries.data(),
+                                         n * sizeof(tensor_entry), cudaMemcpyHostToDevice,
+                                         e.stream),
+                         "cudaMemcpyAsync(tensor entries)");
+      cuda_detail::check(cudaMemcpyAsync(rules_.data(), rules.data(), n * sizeof(Rule),
+                                         cudaMemcpyHostToDevice, e.stream),
+                         "cudaMemcpyAsync(rules)");
+      cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(upload)");
+    }
+    int per_sm = 0;
+    cuda_detail::check(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>,
+            fused_block_threads, 0),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    grid_ = std::max(1, per_sm) * cuda_detail::sm_count(e.device);
+  }
+
+  multi_tensor_step(multi_tensor_step const&) = delete;
+  multi_tensor_step& operator=(multi_tensor_step const&) = delete;
+  multi_tensor_step(multi_tensor_step&&) noexcept = default;
+  multi_tensor_step& operator=(multi_tensor_step&&) noexcept = default;
+
+  //! Enqueues this group's part of the gradient-norm pass (a no-op when the controller needs no
+  //! norm). Reads every gradient once.
+  void accumulate_norm(exec::cuda const& e) {
+    if (!controller_->needs_norm())
+      return;
+    cuda_detail::device_guard guard(e.device);
+    if (task_count_ == 0) {
+      cuda_detail::check(cudaMemsetAsync(controller_->partial_sum(slot_), 0,
+                                         norm_partials * sizeof(double), e.stream),
+                         "cudaMemsetAsync(partial sums)");
+      cuda_detail::check(cudaMemsetAsync(controller_->partial_bad(slot_), 0,
+                                         norm_partials * sizeof(std::uint32_t), e.stream),
+                         "cudaMemsetAsync(partial flags)");
+      return;
+    }
+    detail::grad_sumsq_kernel<G, static_cast<int>(block)><<<norm_partials, 256, 0, e.stream>>>(
+        entries_.data(), entry_count_, task_count_, controller_->partial_sum(slot_),
+        controller_->partial_bad(slot_));
+    cuda_detail::check_launch(e, "grad_sumsq_kernel");
+  }
+
+  //! Enqueues the per-tensor scalars of this step (after the controller's resolve()).
+  void prepare(exec::cuda const& e) {
+    if (entry_count_ == 0)
+      return;
+    cuda_detail::device_guard guard(e.device);
+    unsigned const blocks = std::min<unsigned>((entry_count_ + 255) / 256, 64);
+    detail::prepare_kernel<Rule><<<blocks, 256, 0, e.stream>>>(
+        controller_->control(), entries_.data(), rules_.data(), scalars_.data(), entry_count_);
+    cuda_detail::check_launch(e, "prepare_kernel");
+  }
+
+  //! Enqueues the fused update of global tasks [task_begin, task_end) (after prepare()).
+  void update(exec::cuda const& e, std::uint64_t task_begin, std::uint64_t task_end) {
+    QMEM_EXPECTS(task_begin <= task_end && task_end <= task_count_, "task range [", task_begin,
+                 ", ", task_end, ") is not within [0, ", task_count_, "]");
+    if (task_begin == task_end)
+      return;
+    cuda_detail::device_guard guard(e.device);
+    cuda_step_options const& o = controller_->options();
+    fused_args<Rule, Policy> const args{entries_.data(),
+                                        scalars_.data(),
+                                        controller_->control(),
+                                        task_begin,
+                                        task_end,
+                                        o.seed,
+                                        entry_count_,
+                                        o.rounding == param_rounding::stochastic ? 1u : 0u,
+                                        traits::tables::make()};
+    std::uint64_t const blocks_needed = (task_end - task_begin + 7) / 8;
+    int const grid = static_cast<int>(std::min<std::uint64_t>(blocks_needed, grid_));
+    if (o.nonfinite == nonfinite_policy::skip_element)
+      fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>
+          <<<grid, fused_block_threads, 0, e.stream>>>(args);
+    else // skip_step and raise: resolve() already skipped a step with a non-finite gradient
+      fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>
+          <<<grid, fused_block_threads, 0, e.stream>>>(args);
+    cuda_detail::check_launch(e, "fused_step_kernel");
+  }
+  //! Enqueues the fused update of every tensor of the group.
+  void update(exec::cuda const& e) { update(e, 0, task_count_); }
+
+  //! A whole step of this group alone (norm, resolve, prepare, update). With several groups on
+  //! one controller use cuda::step(e, controller, groups...) instead.
+  void step(exec::cuda const& e) {
+    accumulate_norm(e);
+    controller_->resolve(e);
+    prepare(e);
+    update(e);
+  }
+
+  [[nodiscard]] std::uint64_t task_count() const noexcept { return task_count_; }
+  //! The first global task of caller tensor `i` (i == tensor_count() gives task_count()).
+  [[nodiscard]] std::uint64_t first_task(std::size_t i) const noexcept {
+    return tensor_first_task_[i];
+  }
+  //! Bytes of state (codes or values, and absmax) of caller tensor `i`.
+  [[nodiscard]] std::size_t state_bytes(std::size_t i) const noexcept {
+    return tensor_state_bytes_[i];
+  }
+  [[nodiscard]] std::size_t tensor_count() const noexcept { return tensors_.size(); }
+  [[nodiscard]] tensor const& tensor_at(std::size_t i) const noexcept { return tensors_[i]; }
+  [[nodiscard]] step_controller& controller() noexcept { return *controller_; }
+
+private:
+  static bool is_aligned(void const* p, std::size_t bytes) noexcept {
+    std::size_t const a = bytes >= 16 ? 16 : bytes;
+    return p == nullptr || a <= 1 || reinterpret_cast<std::uintptr_t>(p) % a == 0;
+  }
+};
+
+//! One optimizer step over several groups sharing `controller`: every group's norm pass, one
+//! resolve, then each group's prepare and update. Stream-ordered, no host synchronization.
+template <class... Groups>
+void step(exec::cuda const& e, step_controller& controller, Groups&... groups) {
+  (groups.accumulate_norm(e), ...);
+  controller.resolve(e);
+  (groups.prepare(e), ...);
+  (groups.update(e), ...);
+}
+
+} // namespace qmem::optim::cuda
