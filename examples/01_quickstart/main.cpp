@@ -78,7 +78,8 @@ std::size_t count_different(A const& a, B const& b) {
 
 void print_row(std::string const& name, double bits, error_stats e, std::size_t changed) {
   std::printf("%-36s %9.3f %10.4f %10.5f   %s\n", name.c_str(), bits, e.rel_rmse, e.max_abs,
-              changed == 0 ? "same codes" : (std::to_string(changed) + " code bytes differ").c_str());
+              changed == 0 ? "same codes"
+                           : (std::to_string(changed) + " code bytes differ").c_str());
 }
 
 } // namespace
@@ -86,7 +87,8 @@ void print_row(std::string const& name, double bits, error_stats e, std::size_t 
 int main() {
   constexpr std::int64_t rows = 4096, cols = 1024;
   std::int64_t const shape[] = {rows, cols};
-  auto const w = normal_weights(rows * cols, 0.02f, 2024); // a typical init scale for a linear layer
+  auto const w =
+      normal_weights(rows * cols, 0.02f, 2024); // a typical init scale for a linear layer
   auto const x = view(std::as_const(w));
   exec::host const host{};
 
@@ -99,10 +101,9 @@ int main() {
 
   // Blockwise formats, described at run time (the CLI and checkpoints use the same descriptor).
   // A user 4-bit table: 16 values in [-1, 1] including 0, stored with the tensor.
-  std::vector<float> const uniform4 = {-1.0f,     -0.857143f, -0.714286f, -0.571429f,
-                                       -0.428571f, -0.285714f, -0.142857f, 0.0f,
-                                       0.125f,    0.25f,      0.375f,     0.5f,
-                                       0.625f,    0.75f,      0.875f,     1.0f};
+  std::vector<float> const uniform4 = {
+      -1.0f,  -0.857143f, -0.714286f, -0.571429f, -0.428571f, -0.285714f, -0.142857f, 0.0f,
+      0.125f, 0.25f,      0.375f,     0.5f,       0.625f,     0.75f,      0.875f,     1.0f};
   struct entry {
     char const* name;
     quant::format_desc format;
@@ -121,21 +122,22 @@ int main() {
   };
   std::vector<bf16> y(w.size()), z(w.size());
   for (auto const& f : formats) {
-    auto const q = quant::quantize(host, x, shape, f.format, memory::default_host_resource(), {},
-                                   f.table);
+    auto const q =
+        quant::quantize(host, x, shape, f.format, memory::default_host_resource(), {}, f.table);
     q.dequantize(host, view(y));
     // round trip: quantize what came back, compare the codes byte for byte
     auto const q2 = quant::quantize(host, view(std::as_const(y)), shape, f.format,
                                     memory::default_host_resource(), {}, f.table);
-    print_row(f.name, q.bits_per_parameter(), compare(w, y), count_different(q.codes(), q2.codes()));
+    print_row(f.name, q.bits_per_parameter(), compare(w, y),
+              count_different(q.codes(), q2.codes()));
   }
 
   // LLM.int8's row-wise absmax int8: one fp32 scale per row.
   std::vector<std::int8_t> codes(w.size()), codes2(w.size());
   std::vector<float> row_absmax(rows), row_absmax2(rows);
   quant::quantize_rowwise(host, x, rows, cols, view(codes), view(row_absmax));
-  quant::dequantize_rowwise(host, view(std::as_const(codes)), view(std::as_const(row_absmax)),
-                            rows, cols, view(z));
+  quant::dequantize_rowwise(host, view(std::as_const(codes)), view(std::as_const(row_absmax)), rows,
+                            cols, view(z));
   quant::quantize_rowwise(host, view(std::as_const(z)), rows, cols, view(codes2),
                           view(row_absmax2));
   double const rowwise_bits = 8.0 + 32.0 / static_cast<double>(cols);

@@ -66,8 +66,8 @@ static_assert(std::same_as<qmem::tensor_element_t<mini::tensor const>, float con
 int main() {
   mini::tensor w({256, 512});
   for (std::size_t i = 0; i < w.numel(); ++i) // a smooth pattern with a few large values
-    w.data()[i] = 0.05f * std::sin(0.001f * static_cast<float>(i * 7 % 4099)) +
-                  (i % 997 == 0 ? 0.5f : 0.0f);
+    w.data()[i] =
+        0.05f * std::sin(0.001f * static_cast<float>(i * 7 % 4099)) + (i % 997 == 0 ? 0.5f : 0.0f);
 
   qmem::quant::format_desc const qlora{qmem::quant::code_id::nf4, 64, true, 256};
   qmem::exec::host const host{};

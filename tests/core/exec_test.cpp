@@ -69,9 +69,10 @@ TEST_CASE("exec objects: defaults and thread counts") {
 
 TEST_CASE("parallel_for: every index exactly once, for many sizes, grains and thread counts") {
   for (unsigned threads : {1u, 2u, 3u, 8u})
-    for (std::size_t n : {std::size_t{1}, std::size_t{7}, std::size_t{64}, std::size_t{1000},
-                          std::size_t{4097}})
-      for (std::size_t grain : {std::size_t{0}, std::size_t{1}, std::size_t{16}, std::size_t{5000}}) {
+    for (std::size_t n :
+         {std::size_t{1}, std::size_t{7}, std::size_t{64}, std::size_t{1000}, std::size_t{4097}})
+      for (std::size_t grain :
+           {std::size_t{0}, std::size_t{1}, std::size_t{16}, std::size_t{5000}}) {
         CAPTURE(threads);
         CAPTURE(n);
         CAPTURE(grain);
@@ -139,8 +140,8 @@ TEST_CASE("parallel_for: an exception in a worker reaches the caller after all c
   CHECK(finished.load() == 3); // the other three chunks completed: nothing is left running
 
   // on the calling thread (single chunk) the exception passes straight through
-  CHECK_THROWS_AS(qmem::detail::parallel_for(
-                      qmem::exec::host{1}, 10, 1,
-                      [](std::size_t, std::size_t) { throw qmem::bad_argument("x"); }),
-                  qmem::bad_argument);
+  CHECK_THROWS_AS(
+      qmem::detail::parallel_for(qmem::exec::host{1}, 10, 1,
+                                 [](std::size_t, std::size_t) { throw qmem::bad_argument("x"); }),
+      qmem::bad_argument);
 }

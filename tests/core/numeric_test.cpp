@@ -68,7 +68,7 @@ TEST_CASE("f16: every pattern round-trips through float") {
     REQUIRE(qmem::f16(f).bits == b);
     // the value itself: sign * 2^(e-15) * (1 + m/1024), or subnormal m * 2^-24
     int const e = (b >> 10) & 0x1f, m = b & 0x3ff;
-    double const mag = e == 0 ? std::ldexp(m, -24)
+    double const mag = e == 0    ? std::ldexp(m, -24)
                        : e == 31 ? std::numeric_limits<double>::infinity()
                                  : std::ldexp(1.0 + m / 1024.0, e - 15);
     REQUIRE(static_cast<double>(f) == ((b & 0x8000u) ? -mag : mag));
@@ -76,12 +76,20 @@ TEST_CASE("f16: every pattern round-trips through float") {
 }
 
 TEST_CASE("bf16: float conversion rounds to nearest even (dense sweep and edges)") {
-  float const edges[] = {0.0f, -0.0f, 1.0f, -1.0f, std::numeric_limits<float>::infinity(),
+  float const edges[] = {0.0f,
+                         -0.0f,
+                         1.0f,
+                         -1.0f,
+                         std::numeric_limits<float>::infinity(),
                          -std::numeric_limits<float>::infinity(),
-                         std::numeric_limits<float>::max(), std::numeric_limits<float>::lowest(),
-                         std::numeric_limits<float>::min(), std::numeric_limits<float>::denorm_min(),
-                         std::bit_cast<float>(0x3f808000u), std::bit_cast<float>(0x3f818000u),
-                         std::bit_cast<float>(0x7f7f8000u), std::bit_cast<float>(0x7f7f7fffu)};
+                         std::numeric_limits<float>::max(),
+                         std::numeric_limits<float>::lowest(),
+                         std::numeric_limits<float>::min(),
+                         std::numeric_limits<float>::denorm_min(),
+                         std::bit_cast<float>(0x3f808000u),
+                         std::bit_cast<float>(0x3f818000u),
+                         std::bit_cast<float>(0x7f7f8000u),
+                         std::bit_cast<float>(0x7f7f7fffu)};
   for (float f : edges)
     CHECK(qmem::bf16(f).bits == reference_bf16(f));
   CHECK(qmem::bf16(std::numeric_limits<float>::quiet_NaN()).bits == 0x7fc0);
@@ -117,9 +125,10 @@ TEST_CASE("f16: float conversion matches the exact rounding of the value") {
         return static_cast<std::uint16_t>(sign | b);
     return 0xffff;
   };
-  float const edges[] = {0.0f,      -0.0f,       65504.0f,     65519.99f, 65520.0f,
-                         -65520.0f, 6.1035156e-05f, 5.9604645e-08f, 2.9802322e-08f,
-                         2.9802326e-08f, 1.0009765625f, 1.00048828125f, 1.00146484375f};
+  float const edges[] = {0.0f,           -0.0f,          65504.0f,       65519.99f,
+                         65520.0f,       -65520.0f,      6.1035156e-05f, 5.9604645e-08f,
+                         2.9802322e-08f, 2.9802326e-08f, 1.0009765625f,  1.00048828125f,
+                         1.00146484375f};
   for (float f : edges)
     CHECK(qmem::f16(f).bits == reference(f));
   // a sweep across the whole f16 range (reference is slow: sample)

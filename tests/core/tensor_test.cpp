@@ -69,8 +69,8 @@ static_assert(qmem::tensor_like<qmem::memory::buffer<std::uint8_t>>);
 static_assert(qmem::tensor_like<user::gpu_tensor>);
 static_assert(!qmem::tensor_like<int>);
 static_assert(!qmem::tensor_like<float*>);
-static_assert(!qmem::tensor_like<std::list<float>>);          // not contiguous
-static_assert(!qmem::tensor_like<std::map<int, float>>);      // not contiguous
+static_assert(!qmem::tensor_like<std::list<float>>);     // not contiguous
+static_assert(!qmem::tensor_like<std::map<int, float>>); // not contiguous
 
 // --- element types keep constness -------------------------------------------------------------
 static_assert(std::same_as<qmem::tensor_element_t<std::vector<float>>, float>);
@@ -88,7 +88,9 @@ static_assert(std::is_trivially_copyable_v<qmem::tensor_view<float const>>);
 
 // reinterpret may add const, never drop it
 template <class V, class U>
-concept can_reinterpret = requires(V v) { v.template reinterpret<U>(); };
+concept can_reinterpret = requires(V v) {
+  v.template reinterpret<U>();
+};
 static_assert(can_reinterpret<qmem::tensor_view<float>, std::uint8_t>);
 static_assert(can_reinterpret<qmem::tensor_view<float>, std::uint8_t const>);
 static_assert(can_reinterpret<qmem::tensor_view<float const>, std::uint8_t const>);
@@ -201,8 +203,9 @@ TEST_CASE("check_view: null, misaligned and unreachable memory are named in the 
   CHECK_NOTHROW(qmem::check_view(ok, "f", "input", true, false));
   CHECK_NOTHROW(qmem::check_view(qmem::tensor_view<float>(nullptr, 0), "f", "input", true, false));
 
-  auto msg = bad_argument_message(
-      [] { qmem::check_view(qmem::tensor_view<float>(nullptr, 3), "quantize", "input", true, false); });
+  auto msg = bad_argument_message([] {
+    qmem::check_view(qmem::tensor_view<float>(nullptr, 3), "quantize", "input", true, false);
+  });
   CHECK(contains(msg, "quantize: input is a null pointer with 3 elements"));
 
   alignas(8) std::uint8_t raw[16] = {};
