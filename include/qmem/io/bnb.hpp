@@ -74,8 +74,17 @@ constexpr std::string_view to_string(bnb_format f) noexcept {
 
 //! The suffix of the quant-state key after `W.` ("quant_state.bitsandbytes__nf4", ...).
 inline std::string quant_state_suffix(bnb_format f) {
-  return f == bnb_format::int8 ? std::string("quant_state.qmem__int8")
-                               : "quant_state.bitsandbytes__" + std::string(to_string(f));
+  std::string s = f == bnb_format::int8 ? "quant_state.qmem__" : "quant_state.bitsandbytes__";
+  s += to_string(f);
+  return s;
+}
+
+//! The quant-state key of weight `w` in format `f` (`w` + "." + quant_state_suffix(f)).
+inline std::string quant_state_key(std::string_view w, bnb_format f) {
+  std::string s(w);
+  s += '.';
+  s += quant_state_suffix(f);
+  return s;
 }
 
 //! torch's name of a floating dtype as bnb writes it ("bfloat16", "float16", "float32",
@@ -325,7 +334,7 @@ struct bnb_weight {
       add(name + ".nested_absmax", *nested_absmax);
       add(name + ".nested_quant_map", *nested_quant_map);
     }
-    out.push_back({tensor_spec{name + "." + quant_state_suffix(state.format), dtype::u8,
+    out.push_back({tensor_spec{quant_state_key(name, state.format), dtype::u8,
                                {static_cast<std::int64_t>(state_json.size())}},
                    std::as_bytes(std::span(state_json))});
     return out;
@@ -504,7 +513,7 @@ inline std::vector<std::string> bnb_weight_names(safetensors_reader const& r) {
   std::vector<std::string> out;
   for (auto const& e : r.tensors())
     for (auto f : {bnb_format::nf4, bnb_format::fp4, bnb_format::int8}) {
-      std::string const suffix = "." + quant_state_suffix(f);
+      std::string const suffix = quant_state_key("", f);
       if (e.name.size() > suffix.size() && e.name.ends_with(suffix))
         out.push_back(e.name.substr(0, e.name.size() - suffix.size()));
     }
@@ -529,7 +538,7 @@ inline bnb_weight read_bnb_weight(safetensors_reader const& r, std::string_view 
   w.name = std::string(name);
   tensor_entry const* qs = nullptr;
   for (auto f : {bnb_format::nf4, bnb_format::fp4, bnb_format::int8})
-    if ((qs = r.find(w.name + "." + quant_state_suffix(f))) != nullptr)
+    if ((qs = r.find(quant_state_key(w.name, f))) != nullptr)
       break;
   QMEM_EXPECTS(qs != nullptr, "'", name, "' in ", r.origin(),
                " has no quant_state tensor; it is not a bitsandbytes weight");

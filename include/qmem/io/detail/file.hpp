@@ -114,8 +114,14 @@ public:
     static std::atomic<unsigned> counter{0};
     auto const dir = target_.has_parent_path() ? target_.parent_path() : std::filesystem::path(".");
     for (int attempt = 0; attempt < 100; ++attempt) {
-      temp_ = dir / ("." + target_.filename().string() + ".tmp." + std::to_string(::getpid()) +
-                     "." + std::to_string(counter.fetch_add(1)));
+      // (appends rather than `"." + string`: g++ 12 -O3 warns falsely on that, -Wrestrict)
+      std::string name(1, '.');
+      name += target_.filename().string();
+      name += ".tmp.";
+      name += std::to_string(::getpid());
+      name += '.';
+      name += std::to_string(counter.fetch_add(1));
+      temp_ = dir / name;
       fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
       if (fd_ >= 0)
         return;

@@ -1,0 +1,544 @@
+// qmem: inspect, quantize and dequantize safetensors checkpoints (single files or sharded
+// `*.safetensors.index.json` checkpoints) in bitsandbytes' layout.
+//
+//   qmem inspect FILE
+//   qmem quantize --format nf4|fp4|int8 [--block N] [--double-quant] [--only REGEX] IN OUT
+//   qmem dequantize [--dtype bf16|f16|f32] IN OUT
+//
+// Files are read through memory mappings and written a tensor at a time (streaming writer), so a
+// checkpoint larger than RAM converts with about one tensor in memory. On any error the tool
+// prints one line `qmem: error: <reason>` and exits non-zero (2 for usage errors); outputs are
+// written atomically, so a failed run leaves no partial file behind. See docs/cli.md.
+
+#include "checkpoint.hpp"
+
+#include <qmem/io.hpp>
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <regex>
+#include <set>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <unistd.h>
+
+namespace qmem::cli {
+namespace {
+
+constexpr char const* usage_text =
+    "usage:\n"
+    "  qmem inspect FILE\n"
+    "  qmem quantize --format nf4|fp4|int8 [--block N] [--double-quant] [--only REGEX] IN OUT\n"
+    "  qmem dequantize [--dtype bf16|f16|f32] IN OUT\n"
+    "FILE, IN and OUT are .safetensors files or sharded checkpoints (*.safetensors.index.json).\n"
+    "quantize: nf4/fp4 write the tensors transformers saves for bitsandbytes 4-bit weights; int8\n"
+    "  writes qmem's blockwise int8 layout (docs/io.md). --block: 64 by default for nf4/fp4, 256\n"
+    "  for int8. Without --only, 2-D floating tensors named *.weight are quantized except\n"
+    "  embeddings and lm_head (as transformers does); --only REGEX selects floating tensors whose\n"
+    "  name matches instead. Other tensors are copied unchanged.\n"
+    "dequantize: every bitsandbytes/qmem quantized weight back to floats (the weight's original\n"
+    "  dtype unless --dtype says otherwise); other tensors are copied unchanged.\n";
+
+//! A command-line mistake: exit status 2.
+struct usage_error : error {
+  using error::error;
+};
+
+//! The progress line on a terminal: tensors, bytes, rate. Silent when stderr is not a terminal.
+class progress {
+  bool on_;
+  std::string what_;
+  std::size_t tensors_ = 0;
+  std::uint64_t bytes_total_ = 0, bytes_ = 0;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+
+public:
+  progress(std::string what, std::uint64_t bytes)
+      : on_(::isatty(2) != 0), what_(std::move(what)), bytes_total_(bytes) {}
+  void step(std::uint64_t bytes) {
+    ++tensors_;
+    bytes_ += bytes;
+    if (!on_)
+      return;
+    double const s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    std::fprintf(stderr, "\r%s: %zu tensors written, %.1f/%.1f MB read, %.1f MB/s   ",
+                 what_.c_str(), tensors_, static_cast<double>(bytes_) / 1e6,
+                 static_cast<double>(bytes_total_) / 1e6,
+                 s > 0 ? static_cast<double>(bytes_) / 1e6 / s : 0.0);
+    std::fflush(stderr);
+  }
+  void done() {
+    if (on_)
+      std::fprintf(stderr, "\n");
+  }
+};
+
+std::string shape_string(std::span<std::int64_t const> shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i)
+    s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+//! Calls f(T{}) with the C++ type of a floating dtype.
+template <class F>
+decltype(auto) with_float_type(dtype t, F&& f) {
+  switch (t) {
+  case dtype::f32: return f(float{});
+  case dtype::f16: return f(f16{});
+  case dtype::bf16: return f(bf16{});
+  case dtype::f64: return f(double{});
+  default: qmem::detail::raise("not a floating dtype: ", dtype_name(t));
+  }
+}
+
+//! The bnb weights of a shard and the keys their auxiliary tensors use.
+struct bnb_keys {
+  std::set<std::string, std::less<>> weights;
+  std::map<std::string, std::string, std::less<>> owner; // aux key -> weight
+
+  explicit bnb_keys(io::safetensors_reader const& r) {
+    for (auto& w : io::bnb_weight_names(r))
+      weights.insert(w);
+    for (auto const& e : r.tensors())
+      for (auto const& w : weights)
+        if (io::is_bnb_aux_key(e.name, w))
+          owner.emplace(e.name, w);
+  }
+  [[nodiscard]] bool is_aux(std::string_view key) const { return owner.contains(key); }
+  [[nodiscard]] bool is_weight(std::string_view key) const { return weights.contains(key); }
+};
+
+// --- inspect --------------------------------------------------------------------------------
+
+int inspect(std::vector<std::string> const& args) {
+  if (args.size() != 1)
+    throw usage_error("inspect takes one FILE; got " + std::to_string(args.size()) + " arguments");
+  auto const ck = checkpoint::open(args[0]);
+  struct row {
+    std::string name, type, shape, format = "-", block = "-", nested = "-";
+    std::uint64_t bytes = 0, numel = 0;
+    double bits = 0;
+  };
+  std::vector<row> rows;
+  std::uint64_t total_bytes = 0, total_numel = 0;
+  std::size_t quantized = 0;
+  for (auto const& sh : ck.shards) {
+    auto const& r = sh.reader;
+    bnb_keys const keys(r);
+    for (auto const& e : r.tensors()) {
+      total_bytes += e.nbytes();
+      if (keys.is_aux(e.name))
+        continue;
+      row x;
+      x.name = e.name;
+      if (keys.is_weight(e.name)) {
+        auto const w = io::read_bnb_weight(r, e.name);
+        x.type = std::string(dtype_name(w.state.type));
+        x.shape = shape_string(w.state.shape);
+        x.format = std::string(io::to_string(w.format()));
+        x.block = std::to_string(w.state.blocksize);
+        x.nested = w.state.nested ? "yes" : "no";
+        x.bytes = w.stored_bytes();
+        x.numel = w.numel();
+        x.bits = w.bits_per_parameter();
+        ++quantized;
+      } else {
+        x.type = std::string(dtype_name(e.type));
+        x.shape = shape_string(e.shape);
+        x.bytes = e.nbytes();
+        x.numel = e.numel();
+        x.bits = 8.0 * static_cast<double>(dtype_size(e.type));
+      }
+      total_numel += x.numel;
+      rows.push_back(std::move(x));
+    }
+  }
+  std::size_t w_name = 4, w_shape = 5;
+  for (auto const& x : rows) {
+    w_name = std::max(w_name, x.name.size());
+    w_shape = std::max(w_shape, x.shape.size());
+  }
+  std::printf("%s: %zu shard%s, %zu tensors (%zu quantized)\n", args[0].c_str(), ck.shards.size(),
+              ck.shards.size() == 1 ? "" : "s", rows.size(), quantized);
+  std::printf("%-*s  %-7s  %-*s  %-6s  %5s  %-6s  %12s  %10s\n", static_cast<int>(w_name), "name",
+              "dtype", static_cast<int>(w_shape), "shape", "format", "block", "nested", "bytes",
+              "bits/param");
+  for (auto const& x : rows)
+    std::printf("%-*s  %-7s  %-*s  %-6s  %5s  %-6s  %12llu  %10.3f\n", static_cast<int>(w_name),
+                x.name.c_str(), x.type.c_str(), static_cast<int>(w_shape), x.shape.c_str(),
+                x.format.c_str(), x.block.c_str(), x.nested.c_str(),
+                static_cast<unsigned long long>(x.bytes), x.bits);
+  std::printf("total: %zu tensors, %llu parameters, %llu bytes, %.3f bits/param\n", rows.size(),
+              static_cast<unsigned long long>(total_numel),
+              static_cast<unsigned long long>(total_bytes),
+              total_numel ? 8.0 * static_cast<double>(total_bytes) / static_cast<double>(total_numel)
+                          : 0.0);
+  return 0;
+}
+
+// --- conversions ------------------------------------------------------------------------------
+
+//! One output tensor and where it comes from.
+struct output_item {
+  io::tensor_spec spec;
+  io::tensor_entry const* source = nullptr; // the input tensor (copied, or the weight converted)
+  bool converted = false;                   // false: copy source's bytes
+};
+
+//! Reads a floating input tensor as T values: a view of the mapping when aligned, else a copy.
+template <class T>
+tensor_view<T const> values_of(io::safetensors_reader const& r, io::tensor_entry const& e,
+                               std::vector<T>& storage) {
+  auto const b = r.bytes(e);
+  if (reinterpret_cast<std::uintptr_t>(b.data()) % alignof(T) == 0)
+    return {reinterpret_cast<T const*>(b.data()), e.numel()};
+  storage.resize(e.numel());
+  std::memcpy(storage.data(), b.data(), b.size());
+  return view(std::as_const(storage));
+}
+
+struct quantize_options {
+  io::bnb_format format = io::bnb_format::nf4;
+  std::size_t block = 0;
+  bool nested = false;
+  std::optional<std::regex> only;
+};
+
+bool default_selected(io::tensor_entry const& e) {
+  return e.shape.size() == 2 && e.name.ends_with(".weight") &&
+         e.name.find("embed") == std::string::npos && e.name.find("lm_head") == std::string::npos;
+}
+
+io::bnb_weight quantize_entry(io::safetensors_reader const& r, io::tensor_entry const& e,
+                              quantize_options const& o) {
+  return with_float_type(e.type, [&]<class T>(T) {
+    std::vector<T> storage;
+    auto const x = values_of<T>(r, e, storage);
+    return io::quantize_bnb(exec::host{}, e.name, o.format, x, e.shape, o.block, o.nested);
+  });
+}
+
+//! Writes one output shard: `items` in the reference order, converting with `convert` (which
+//! returns the bytes of a converted item; it may cache per source weight).
+template <class Convert>
+std::uint64_t write_shard(fs::path const& out, io::safetensors_reader const& r,
+                          std::vector<output_item> items, Convert&& convert, progress& p) {
+  std::ranges::stable_sort(items, [](output_item const& a, output_item const& b) {
+    int const ra = io::detail::reference_rank(a.spec.type), rb = io::detail::reference_rank(b.spec.type);
+    return ra != rb ? ra > rb : a.spec.name < b.spec.name;
+  });
+  std::vector<io::tensor_spec> specs;
+  for (auto const& it : items)
+    specs.push_back(it.spec);
+  r.advise_sequential();
+  io::safetensors_stream_writer w(out, specs, r.metadata());
+  std::uint64_t const total = w.tensors().empty() ? 0 : w.tensors().back().end;
+  std::set<io::tensor_entry const*> done;
+  for (auto const& it : items) {
+    if (it.converted)
+      w.write(convert(it));
+    else
+      w.write(r.bytes(*it.source));
+    // input bytes count once per source tensor (a quantized weight makes several outputs)
+    p.step(done.insert(it.source).second ? it.source->nbytes() : 0);
+  }
+  w.commit();
+  return total;
+}
+
+//! Output paths: OUT itself, or for a sharded IN, OUT's directory + each shard's file name.
+std::vector<fs::path> output_paths(checkpoint const& in, fs::path const& in_path,
+                                   fs::path const& out) {
+  if (in.sharded != is_index(out))
+    throw usage_error(in.sharded ? "IN is a sharded checkpoint (*.index.json); OUT must be one too"
+                                 : "IN is a single file; OUT must not be an *.index.json");
+  if (!in.sharded)
+    return {out};
+  auto const out_dir = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  auto const in_dir = in_path.has_parent_path() ? in_path.parent_path() : fs::path(".");
+  std::error_code ec;
+  if (fs::equivalent(out_dir, in_dir, ec))
+    throw usage_error("OUT's directory is IN's directory: the output shards would replace the "
+                      "input shards; choose another directory");
+  if (!fs::is_directory(out_dir))
+    throw io_error("the output directory '" + out_dir.string() + "' does not exist");
+  std::vector<fs::path> paths;
+  for (auto const& s : in.shards)
+    paths.push_back(out_dir / s.file);
+  return paths;
+}
+
+template <class Plan>
+int convert_checkpoint(std::string const& verb, std::string const& in_path,
+                       std::string const& out_path, Plan&& plan) {
+  auto const in = checkpoint::open(in_path);
+  auto const outs = output_paths(in, in_path, out_path);
+  if (!in.sharded) {
+    std::error_code ec;
+    if (fs::equivalent(in_path, out_path, ec))
+      throw usage_error("IN and OUT are the same file");
+  }
+  std::uint64_t bytes = 0;
+  for (auto const& s : in.shards)
+    bytes += s.reader.data_size();
+  progress p("qmem " + verb, bytes);
+  std::map<std::string, std::string> weight_map;
+  std::uint64_t total_size = 0;
+  for (std::size_t i = 0; i < in.shards.size(); ++i) {
+    auto const names = plan(in.shards[i].reader, outs[i], p, total_size);
+    for (auto const& n : names)
+      weight_map[n] = in.shards[i].file;
+  }
+  p.done();
+  if (in.sharded)
+    write_index(out_path, in.index_metadata, total_size, weight_map);
+  return 0;
+}
+
+int quantize(std::vector<std::string> const& args, quantize_options o) {
+  if (args.size() != 2)
+    throw usage_error("quantize takes IN and OUT; got " + std::to_string(args.size()) +
+                      " arguments");
+  if (o.block == 0)
+    o.block = o.format == io::bnb_format::int8 ? 256 : 64;
+  bool const block_ok = o.format == io::bnb_format::int8
+                            ? quant::valid_block_size<quant::dynamic_signed>(o.block)
+                            : quant::valid_block_size<quant::nf4>(o.block);
+  if (!block_ok)
+    throw usage_error("--block " + std::to_string(o.block) + " is not a power of two in [" +
+                      (o.format == io::bnb_format::int8 ? "64" : "32") + ", 4096] for " +
+                      std::string(io::to_string(o.format)));
+  return convert_checkpoint(
+      "quantize", args[0], args[1],
+      [&](io::safetensors_reader const& r, fs::path const& out, progress& p,
+          std::uint64_t& total) {
+        bnb_keys const keys(r);
+        std::vector<output_item> items;
+        for (auto const& e : r.tensors()) {
+          bool const selectable = is_floating(e.type) && e.numel() != 0 &&
+                                  !keys.is_aux(e.name) && !keys.is_weight(e.name);
+          bool const selected =
+              selectable && (o.only ? std::regex_search(e.name, *o.only) : default_selected(e));
+          if (!selected) {
+            items.push_back({{e.name, e.type, e.shape}, &e, false});
+            continue;
+          }
+          // the quant-state JSON's length depends on the data (nested_offset): plan with one
+          // quantization, convert with another (deterministic: the same bytes)
+          auto const w = quantize_entry(r, e, o);
+          for (auto const& [spec, bytes] : w.tensors())
+            items.push_back({spec, &e, true});
+        }
+        std::optional<io::bnb_weight> cache;
+        std::vector<std::string> names;
+        for (auto const& it : items)
+          names.push_back(it.spec.name);
+        total += write_shard(
+            out, r, std::move(items),
+            [&](output_item const& it) -> std::span<std::byte const> {
+              if (!cache || cache->name != it.source->name)
+                cache = quantize_entry(r, *it.source, o);
+              for (auto const& [spec, bytes] : cache->tensors())
+                if (spec.name == it.spec.name) {
+                  if (bytes.size() != io::detail::checked_nbytes(it.spec.shape, it.spec.type))
+                    throw error("internal: the second quantization of '" + it.source->name +
+                                "' differs in size from the first");
+                  return bytes;
+                }
+              throw error("internal: no tensor '" + it.spec.name + "' in the quantization");
+            },
+            p);
+        return names;
+      });
+}
+
+int dequantize(std::vector<std::string> const& args, std::optional<dtype> out_type) {
+  if (args.size() != 2)
+    throw usage_error("dequantize takes IN and OUT; got " + std::to_string(args.size()) +
+                      " arguments");
+  return convert_checkpoint(
+      "dequantize", args[0], args[1],
+      [&](io::safetensors_reader const& r, fs::path const& out, progress& p,
+          std::uint64_t& total) {
+        bnb_keys const keys(r);
+        std::vector<output_item> items;
+        for (auto const& e : r.tensors()) {
+          if (keys.is_aux(e.name))
+            continue;
+          if (!keys.is_weight(e.name)) {
+            items.push_back({{e.name, e.type, e.shape}, &e, false});
+            continue;
+          }
+          auto const w = io::read_bnb_weight(r, e.name); // validates the whole weight up front
+          items.push_back({{e.name, out_type.value_or(w.state.type), w.state.shape}, &e, true});
+        }
+        std::vector<std::string> names;
+        for (auto const& it : items)
+          names.push_back(it.spec.name);
+        std::vector<std::byte> buffer;
+        total += write_shard(
+            out, r, std::move(items),
+            [&](output_item const& it) -> std::span<std::byte const> {
+              auto const w = io::read_bnb_weight(r, it.source->name);
+              with_float_type(it.spec.type, [&]<class T>(T) {
+                buffer.resize(w.numel() * sizeof(T));
+                w.dequantize(exec::host{},
+                             tensor_view<T>(reinterpret_cast<T*>(buffer.data()), w.numel()));
+              });
+              return buffer;
+            },
+            p);
+        return names;
+      });
+}
+
+// --- arguments --------------------------------------------------------------------------------
+
+//! Splits `--name=value` and `--name value`; returns the positional arguments.
+struct parsed_args {
+  std::map<std::string, std::string> options; // name -> value ("" for flags)
+  std::vector<std::string> positional;
+};
+
+parsed_args parse(std::vector<std::string> const& argv, std::set<std::string> const& with_value,
+                  std::set<std::string> const& flags) {
+  parsed_args p;
+  for (std::size_t i = 0; i < argv.size(); ++i) {
+    std::string a = argv[i];
+    if (a == "--") {
+      p.positional.insert(p.positional.end(), argv.begin() + static_cast<std::ptrdiff_t>(i) + 1,
+                          argv.end());
+      break;
+    }
+    if (!a.starts_with("--")) {
+      p.positional.push_back(a);
+      continue;
+    }
+    std::string value;
+    bool has_value = false;
+    if (auto const eq = a.find('='); eq != std::string::npos) {
+      value = a.substr(eq + 1);
+      a = a.substr(0, eq);
+      has_value = true;
+    }
+    if (flags.contains(a)) {
+      if (has_value)
+        throw usage_error(a + " takes no value");
+      p.options[a] = "";
+    } else if (with_value.contains(a)) {
+      if (!has_value) {
+        if (i + 1 >= argv.size())
+          throw usage_error(a + " needs a value");
+        value = argv[++i];
+      }
+      p.options[a] = value;
+    } else {
+      throw usage_error("unknown option " + a);
+    }
+  }
+  return p;
+}
+
+int run(std::vector<std::string> const& argv) {
+  if (argv.empty())
+    throw usage_error("no command; expected inspect, quantize or dequantize");
+  std::string const cmd = argv[0];
+  std::vector<std::string> const rest(argv.begin() + 1, argv.end());
+  if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+    std::fputs(usage_text, stdout);
+    return 0;
+  }
+  if (cmd == "--version") {
+    std::puts("qmem 0.1.0");
+    return 0;
+  }
+  if (cmd == "inspect") {
+    auto const p = parse(rest, {}, {});
+    return inspect(p.positional);
+  }
+  if (cmd == "quantize") {
+    auto const p = parse(rest, {"--format", "--block", "--only"}, {"--double-quant"});
+    quantize_options o;
+    if (!p.options.contains("--format"))
+      throw usage_error("quantize needs --format nf4|fp4|int8");
+    auto const& f = p.options.at("--format");
+    if (f == "nf4")
+      o.format = io::bnb_format::nf4;
+    else if (f == "fp4")
+      o.format = io::bnb_format::fp4;
+    else if (f == "int8")
+      o.format = io::bnb_format::int8;
+    else
+      throw usage_error("--format is '" + f + "'; expected nf4, fp4 or int8");
+    if (p.options.contains("--block")) {
+      auto const& b = p.options.at("--block");
+      std::size_t v = 0;
+      auto const [ptr, ec] = std::from_chars(b.data(), b.data() + b.size(), v);
+      if (ec != std::errc{} || ptr != b.data() + b.size() || v == 0)
+        throw usage_error("--block is '" + b + "'; expected a positive integer");
+      o.block = v;
+    }
+    o.nested = p.options.contains("--double-quant");
+    if (p.options.contains("--only")) {
+      try {
+        o.only = std::regex(p.options.at("--only"), std::regex::ECMAScript);
+      } catch (std::regex_error const& e) {
+        throw usage_error("--only '" + p.options.at("--only") + "' is not a valid regular "
+                          "expression: " + e.what());
+      }
+    }
+    return quantize(p.positional, std::move(o));
+  }
+  if (cmd == "dequantize") {
+    auto const p = parse(rest, {"--dtype"}, {});
+    std::optional<dtype> t;
+    if (p.options.contains("--dtype")) {
+      auto const& d = p.options.at("--dtype");
+      if (d == "bf16")
+        t = dtype::bf16;
+      else if (d == "f16")
+        t = dtype::f16;
+      else if (d == "f32")
+        t = dtype::f32;
+      else
+        throw usage_error("--dtype is '" + d + "'; expected bf16, f16 or f32");
+    }
+    return dequantize(p.positional, t);
+  }
+  throw usage_error("unknown command '" + cmd + "'; expected inspect, quantize or dequantize");
+}
+
+//! The message on one line.
+std::string one_line(std::string s) {
+  std::ranges::replace(s, '\n', ' ');
+  return s;
+}
+
+} // namespace
+} // namespace qmem::cli
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  try {
+    return qmem::cli::run(args);
+  } catch (qmem::cli::usage_error const& e) {
+    std::fprintf(stderr, "qmem: error: %s (see qmem --help)\n", qmem::cli::one_line(e.what()).c_str());
+    return 2;
+  } catch (std::exception const& e) {
+    std::fprintf(stderr, "qmem: error: %s\n", qmem::cli::one_line(e.what()).c_str());
+    return 1;
+  }
+}
