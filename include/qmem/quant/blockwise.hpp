@@ -32,6 +32,7 @@
 #include <qmem/core/tensor.hpp>
 #include <qmem/quant/codes.hpp>
 #include <qmem/quant/detail/blockwise_ops.hpp>
+#include <qmem/quant/detail/search_table.hpp>
 #include <qmem/quant/stochastic.hpp>
 
 #include <cstddef>
@@ -67,6 +68,25 @@ inline std::size_t host_min_blocks(std::size_t block_size) noexcept {
   return b == 0 ? 1 : b;
 }
 
+//! Converts a block to float into `xs` and returns its absmax bits (see block_absmax_bits). The
+//! bits are compared as signed integers (they are below 2^31): SSE2 has a signed compare only.
+template <float_element T>
+QMEM_INLINE std::uint32_t load_block(T const* QMEM_RESTRICT x, std::size_t count,
+                                     float* QMEM_RESTRICT xs) noexcept {
+  std::int32_t m = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    float const f = to_float(x[i]);
+    xs[i] = f;
+    auto const b = static_cast<std::int32_t>(abs_bits(f));
+    m = b > m ? b : m;
+  }
+  return static_cast<std::uint32_t>(m);
+}
+
+//! Host quantization of blocks [first_block, last_block). Each block is converted to float once,
+//! then encoded in a loop the compiler vectorizes (4-bit codes go through a byte array and are
+//! packed after); 8-bit codes searched as bitsandbytes searches use search_table (the same codes,
+//! one table load per value).
 template <code_type C, float_element T>
 void quantize_blocks_host(decltype(C::book) const& book, T const* QMEM_RESTRICT x, std::size_t n,
                           std::size_t block_size, std::uint8_t* QMEM_RESTRICT codes,
@@ -74,39 +94,33 @@ void quantize_blocks_host(decltype(C::book) const& book, T const* QMEM_RESTRICT 
                           std::size_t last_block) {
   // the pad nibble of an odd tail: the code of 0.0 (C::zero_code for every built-in code type)
   std::uint8_t const pad = C::encode(0.0f, book);
+  alignas(64) float xs[4096];
+  alignas(64) std::uint8_t cs[4096 + 1];
   for (std::size_t blk = first_block; blk < last_block; ++blk) {
     std::size_t const begin = blk * block_size;
     std::size_t const count = n - begin < block_size ? n - begin : block_size;
-    T const* QMEM_RESTRICT xb = x + begin;
-    float const amax = qmem::detail::bits_to_float(block_absmax_bits(xb, count));
+    float const amax = qmem::detail::bits_to_float(load_block(x + begin, count, xs));
     absmax[blk] = amax;
     float const inv = rcp_rn(amax);
-    if constexpr (C::bits == 8) {
-      std::uint8_t* QMEM_RESTRICT cb = codes + begin;
-      if (r.stochastic) {
-        for (std::size_t i = 0; i < count; ++i)
-          cb[i] = encode_element<C>(to_float(xb[i]), inv, book, r, begin + i);
-      } else {
-        for (std::size_t i = 0; i < count; ++i)
-          cb[i] = C::encode(mul_rn(to_float(xb[i]), inv), book);
-      }
+    std::uint8_t* QMEM_RESTRICT out = C::bits == 8 ? codes + begin : cs;
+    if (r.stochastic) {
+      for (std::size_t i = 0; i < count; ++i)
+        out[i] = encode_element<C>(xs[i], inv, book, r, begin + i);
+    } else if constexpr (uses_bnb_search_v<C>) {
+      search_table const& t = search_table_of<C>();
+      for (std::size_t i = 0; i < count; ++i)
+        out[i] = t.encode(mul_rn(xs[i], inv));
     } else {
+      for (std::size_t i = 0; i < count; ++i)
+        out[i] = C::encode(mul_rn(xs[i], inv), book);
+    }
+    if constexpr (C::bits == 4) {
       // block_size is even, so every block starts on a byte boundary
+      cs[count] = pad;
       std::uint8_t* QMEM_RESTRICT cb = codes + begin / 2;
-      std::size_t const pairs = count / 2;
-      if (r.stochastic) {
-        for (std::size_t i = 0; i < pairs; ++i)
-          cb[i] = pack_nibbles(encode_element<C>(to_float(xb[2 * i]), inv, book, r, begin + 2 * i),
-                               encode_element<C>(to_float(xb[2 * i + 1]), inv, book, r,
-                                                 begin + 2 * i + 1));
-      } else {
-        for (std::size_t i = 0; i < pairs; ++i)
-          cb[i] = pack_nibbles(C::encode(mul_rn(to_float(xb[2 * i]), inv), book),
-                               C::encode(mul_rn(to_float(xb[2 * i + 1]), inv), book));
-      }
-      if (count % 2 != 0)
-        cb[pairs] = pack_nibbles(
-            encode_element<C>(to_float(xb[count - 1]), inv, book, r, begin + count - 1), pad);
+      std::size_t const bytes = count / 2 + count % 2;
+      for (std::size_t i = 0; i < bytes; ++i)
+        cb[i] = pack_nibbles(cs[2 * i], cs[2 * i + 1]);
     }
   }
 }
@@ -125,17 +139,20 @@ QMEM_INLINE void dequantize_block_host(decltype(C::book) const& book,
     for (std::size_t i = 0; i < count; ++i)
       yb[i] = from_float<T>(decode_element<C>(cb[i], amax, book));
   } else {
+    // the 16 possible outputs of this block, then one lookup per element (the same values as
+    // decode_element, computed 16 times instead of `count` times)
+    T scaled[16];
+    for (std::uint8_t k = 0; k < 16; ++k)
+      scaled[k] = from_float<T>(decode_element<C>(k, amax, book));
     std::uint8_t const* QMEM_RESTRICT cb = codes + begin / 2;
     std::size_t const pairs = count / 2;
     for (std::size_t i = 0; i < pairs; ++i) {
       std::uint8_t const b = cb[i];
-      yb[2 * i] = from_float<T>(decode_element<C>(static_cast<std::uint8_t>(b >> 4), amax, book));
-      yb[2 * i + 1] =
-          from_float<T>(decode_element<C>(static_cast<std::uint8_t>(b & 0x0f), amax, book));
+      yb[2 * i] = scaled[b >> 4];
+      yb[2 * i + 1] = scaled[b & 0x0f];
     }
     if (count % 2 != 0)
-      yb[count - 1] =
-          from_float<T>(decode_element<C>(static_cast<std::uint8_t>(cb[pairs] >> 4), amax, book));
+      yb[count - 1] = scaled[cb[pairs] >> 4];
   }
 }
 

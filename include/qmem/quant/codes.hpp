@@ -237,11 +237,17 @@ struct fp4 {
     // bnb's thresholds between consecutive magnitudes (0.583333f is bnb's literal, 6 digits).
     constexpr float thresholds[7] = {0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f,
                                      0.4166667f,  0.583333f,  0.8333333f};
-    // magnitude rank -> 3-bit magnitude code
-    constexpr std::uint8_t code_of_rank[8] = {0, 1, 6, 7, 4, 5, 2, 3};
-    std::uint8_t const sign = xn < 0.0f ? 8 : 0;
+    // Magnitude rank r -> 3-bit code {0, 1, 6, 7, 4, 5, 2, 3}[r], written as a sum of the steps
+    // between consecutive codes (+1, +5, +1, -3, +1, -3, +1) over the thresholds passed: no table
+    // lookup, so the host loop vectorizes.
+    constexpr int step[7] = {1, 5, 1, -3, 1, -3, 1};
+    int const sign = xn < 0.0f ? 8 : 0;
     float const mag = xn < 0.0f ? -xn : xn; // fabsf; NaN stays NaN (rank 0)
-    return static_cast<std::uint8_t>(sign | code_of_rank[detail::rank_above(mag, thresholds)]);
+    int code = 0;
+    QMEM_UNROLL
+    for (int i = 0; i < 7; ++i)
+      code += mag > thresholds[i] ? step[i] : 0;
+    return static_cast<std::uint8_t>(sign | code);
   }
   QMEM_HOST_DEVICE QMEM_INLINE static constexpr float decode(std::uint8_t c,
                                                              codebook<16> const& b) noexcept {
