@@ -12,3 +12,9 @@
 #include <qmem/optim/state.hpp>
 #include <qmem/optim/schedule.hpp>
 #include <qmem/optim/optimizer.hpp>
+
+// Save/resume needs qmem/io (nlohmann-json); included here only where that header is available
+// (include <qmem/optim/checkpoint.hpp> directly to require it).
+#if defined(__has_include) && __has_include(<nlohmann/json.hpp>)
+#include <qmem/optim/checkpoint.hpp>
+#endif

@@ -1,0 +1,166 @@
+// Save and resume: 10 steps == 5 steps + save + load into a fresh optimizer + 5 steps, bit for
+// bit (8-bit, 4-bit, bf16 with stochastic rounding, fp32; bf16 params with master weights;
+// percentile history); a file of another policy, another parameter set, or a corrupted file gives
+// a clear error and leaves the optimizer unchanged.
+#include <qmem/optim.hpp>
+
+#include <doctest/doctest.h>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+namespace {
+
+using namespace qmem;
+
+std::filesystem::path temp_file(std::string const& name) {
+  return std::filesystem::temp_directory_path() /
+         ("qmem_optim_" + name + "_" + std::to_string(::getpid()) + ".safetensors");
+}
+
+std::vector<std::vector<float>> gradients(std::vector<std::size_t> const& sizes, int step) {
+  std::vector<std::vector<float>> gs;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    std::mt19937 rng(static_cast<unsigned>(1000 * step + i));
+    std::normal_distribution<float> d(0.0f, 0.1f);
+    std::vector<float> g(sizes[i]);
+    for (auto& x : g)
+      x = d(rng);
+    gs.push_back(std::move(g));
+  }
+  return gs;
+}
+
+template <class Opt>
+void steps(Opt& opt, std::vector<std::size_t> const& sizes, int from, int to) {
+  for (int s = from; s < to; ++s) {
+    auto const gs = gradients(sizes, s);
+    std::vector<tensor_view<float const>> v;
+    for (auto const& g : gs)
+      v.push_back(view(g));
+    opt.step(exec::host{}, v);
+  }
+}
+
+template <class Param>
+std::vector<Param> initial(std::size_t n) {
+  std::vector<Param> p(n);
+  for (std::size_t i = 0; i < n; ++i)
+    p[i] = Param(std::sin(static_cast<float>(i) * 0.37f));
+  return p;
+}
+
+template <class Policy, class Param>
+void check_resume(optim::optimizer_options o) {
+  std::vector<std::size_t> const sizes = {5000, 70000, 100};
+  auto const path = temp_file("resume");
+  // reference: 10 steps straight
+  std::vector<std::vector<Param>> a, b;
+  for (auto n : sizes) {
+    a.push_back(initial<Param>(n));
+    b.push_back(initial<Param>(n));
+  }
+  optim::optimizer<optim::adamw, Policy, Param> ref({}, o);
+  for (auto& p : a)
+    ref.add_param(view(p));
+  steps(ref, sizes, 0, 10);
+  // 5 steps, save, fresh optimizer, load, 5 steps
+  {
+    optim::optimizer<optim::adamw, Policy, Param> first({}, o);
+    for (auto& p : b)
+      first.add_param(view(p));
+    steps(first, sizes, 0, 5);
+    optim::save_state(first, path);
+  }
+  optim::optimizer<optim::adamw, Policy, Param> second({}, o);
+  for (auto& p : b)
+    second.add_param(view(p));
+  optim::load_state(second, path);
+  CHECK(second.step_count() == 5);
+  steps(second, sizes, 5, 10);
+  for (std::size_t i = 0; i < sizes.size(); ++i)
+    CHECK(std::memcmp(a[i].data(), b[i].data(), sizes[i] * sizeof(Param)) == 0);
+  for (std::size_t i = 0; i < sizes.size(); ++i)
+    for (int k = 0; k < 2; ++k)
+      CHECK(ref.state_values_of(i, k) == second.state_values_of(i, k));
+  std::filesystem::remove(path);
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE("resume: 10 steps == 5 + save + load + 5, bit for bit", Policy, optim::int8_state,
+                   optim::int4_state, optim::bf16_state, optim::fp32_state) {
+  check_resume<Policy, float>({.lr = optim::lr_schedule::cosine(1e-2f, 3, 10)});
+  check_resume<Policy, bf16>({.percentile = 90, .master_weights = true});
+  check_resume<Policy, bf16>({.rounding = optim::param_rounding::stochastic, .seed = 7});
+}
+
+TEST_CASE("load errors: wrong policy, wrong parameters, corrupt file; optimizer unchanged") {
+  auto const path = temp_file("errors");
+  std::vector<float> p(10000, 0.5f);
+  std::vector<float> g(10000, 0.1f);
+  std::vector<tensor_view<float const>> gs{view(g)};
+  optim::optimizer<optim::adamw, optim::int8_state> saved;
+  saved.add_param(view(p));
+  saved.step(exec::host{}, gs);
+  optim::save_state(saved, path);
+
+  optim::optimizer<optim::adamw, optim::int8_state> target;
+  std::vector<float> q(10000, 0.5f);
+  target.add_param(view(q));
+  target.step(exec::host{}, gs);
+  target.step(exec::host{}, gs);
+  auto const before = target.state_values_of(0, 0);
+
+  SUBCASE("another policy") {
+    optim::optimizer<optim::adamw, optim::int4_state> four;
+    four.add_param(view(q));
+    CHECK_THROWS_WITH_AS(optim::load_state(four, path), doctest::Contains("formats"),
+                         qmem::format_error);
+    CHECK(four.step_count() == 0);
+  }
+  SUBCASE("other parameters") {
+    optim::optimizer<optim::adamw, optim::int8_state> two;
+    std::vector<float> r(10000, 0.5f), s(5000, 0.5f);
+    two.add_param(view(r));
+    two.add_param(view(s));
+    CHECK_THROWS_AS(optim::load_state(two, path), qmem::format_error);
+    std::vector<float> big(20000, 0.5f);
+    optim::optimizer<optim::adamw, optim::int8_state> other;
+    other.add_param(view(big));
+    CHECK_THROWS_AS(optim::load_state(other, path), qmem::format_error);
+    CHECK(other.step_count() == 0);
+  }
+  SUBCASE("a flipped byte in the data section: checksum") {
+    {
+      std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+      f.seekg(-100, std::ios::end);
+      char c = 0;
+      f.read(&c, 1);
+      c = static_cast<char>(c ^ 0x5a);
+      f.seekp(-100, std::ios::end);
+      f.write(&c, 1);
+    }
+    CHECK_THROWS_WITH_AS(optim::load_state(target, path), doctest::Contains("checksum"),
+                         qmem::format_error);
+    CHECK(target.step_count() == 2);
+    CHECK(target.state_values_of(0, 0) == before);
+  }
+  SUBCASE("a truncated file") {
+    std::filesystem::resize_file(path, std::filesystem::file_size(path) / 2);
+    CHECK_THROWS_AS(optim::load_state(target, path), qmem::io_error);
+    CHECK(target.step_count() == 2);
+    CHECK(target.state_values_of(0, 0) == before);
+  }
+  SUBCASE("a missing file") {
+    CHECK_THROWS_AS(optim::load_state(target, temp_file("missing")), qmem::io_error);
+  }
+  std::filesystem::remove(path);
+}
