@@ -1,0 +1,278 @@
+// GPU blockwise quantization at 2^28 elements (the size of the peers' figures in
+// shared/anchors/README.md): NF4 and FP4 from/to bf16 at every block size, int8 dynamic from/to
+// fp32 at every block size, and the double-quantized variants.
+//
+// Each case is timed with CUDA events around the one call (manual time) and reports the bytes an
+// ideal kernel must move (input read + codes + fp32 scales written, or the reverse),
+// GB/s, and "pct_copy": the percentage of a device-to-device copy's bandwidth measured in the same
+// run (the "copy_d2d" row, bytes read + written), which is the roofline.
+//
+//   quant_bench_cuda --benchmark_min_time=0.05 --benchmark_out=quant.json --benchmark_out_format=json
+#include <qmem/core/cuda/runtime.cuh>
+#include <qmem/quant.hpp>
+#include <qmem/quant/double_quant.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace qmem;
+using namespace qmem::quant;
+
+constexpr std::size_t elements = std::size_t{1} << 28;
+constexpr std::size_t nested_block = 256; // bitsandbytes' nested block for 4-bit formats
+
+void check(cudaError_t s, char const* what) { cuda_detail::check(s, what); }
+
+// Device buffers shared by every case (allocated once: 2^28 elements need ~3 GB in all).
+struct buffers {
+  float* x32 = nullptr;
+  bf16* x16 = nullptr;
+  float* y32 = nullptr;
+  bf16* y16 = nullptr;
+  std::uint8_t* codes = nullptr;
+  float* absmax = nullptr;
+  std::uint8_t* qabsmax = nullptr;
+  float* absmax2 = nullptr;
+  float* offset = nullptr;
+  cudaEvent_t start{};
+  cudaEvent_t stop{};
+  double copy_bytes_per_s = 0.0;
+};
+buffers* g = nullptr;
+
+__global__ void fill_normalish(float* x32, bf16* x16, std::size_t n) {
+  std::size_t const stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    // sum of four uniforms: a bell-shaped value with outliers in every block of 64
+    std::uint32_t h = static_cast<std::uint32_t>(i) * 2654435761u;
+    float s = 0.0f;
+    for (int k = 0; k < 4; ++k) {
+      h ^= h >> 13;
+      h *= 0x5bd1e995u;
+      h ^= h >> 15;
+      s += static_cast<float>(h & 0xffffff) * (1.0f / 16777216.0f) - 0.5f;
+    }
+    x32[i] = s * 1.7f;
+    x16[i] = bf16(s * 1.7f);
+  }
+}
+
+void setup() {
+  g = new buffers;
+  check(cudaMalloc(&g->x32, elements * sizeof(float)), "cudaMalloc");
+  check(cudaMalloc(&g->x16, elements * sizeof(bf16)), "cudaMalloc");
+  check(cudaMalloc(&g->y32, elements * sizeof(float)), "cudaMalloc");
+  check(cudaMalloc(&g->y16, elements * sizeof(bf16)), "cudaMalloc");
+  check(cudaMalloc(&g->codes, elements), "cudaMalloc");
+  check(cudaMalloc(&g->absmax, elements / 32 * sizeof(float)), "cudaMalloc");
+  check(cudaMalloc(&g->qabsmax, elements / 32), "cudaMalloc");
+  check(cudaMalloc(&g->absmax2, elements / 32 / 64 * sizeof(float) + 256), "cudaMalloc");
+  check(cudaMalloc(&g->offset, sizeof(float)), "cudaMalloc");
+  check(cudaEventCreate(&g->start), "cudaEventCreate");
+  check(cudaEventCreate(&g->stop), "cudaEventCreate");
+  fill_normalish<<<132 * 8, 256>>>(g->x32, g->x16, elements);
+  check(cudaGetLastError(), "fill_normalish");
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
+template <class F>
+float time_ms(F&& f) {
+  check(cudaEventRecord(g->start), "cudaEventRecord");
+  f();
+  check(cudaEventRecord(g->stop), "cudaEventRecord");
+  check(cudaEventSynchronize(g->stop), "cudaEventSynchronize");
+  float ms = 0.0f;
+  check(cudaEventElapsedTime(&ms, g->start, g->stop), "cudaEventElapsedTime");
+  return ms;
+}
+
+// The roofline: a 1 GiB device-to-device copy, median of 21 after 3 warm-ups.
+double measure_copy() {
+  std::size_t const bytes = elements * sizeof(float);
+  auto copy = [&] {
+    check(cudaMemcpyAsync(g->y32, g->x32, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync");
+  };
+  for (int i = 0; i < 3; ++i)
+    copy();
+  std::vector<float> t;
+  for (int i = 0; i < 21; ++i)
+    t.push_back(time_ms(copy));
+  std::sort(t.begin(), t.end());
+  return 2.0 * static_cast<double>(bytes) / (t[t.size() / 2] * 1e-3);
+}
+
+// Runs `f` once per iteration under CUDA events and reports bytes, GB/s and % of the copy.
+template <class F>
+void run(benchmark::State& state, double bytes, F&& f) {
+  f(); // warm-up (first launch, pool growth)
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  for (auto _ : state)
+    state.SetIterationTime(time_ms(f) * 1e-3);
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * bytes));
+  state.counters["GBps"] =
+      benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["pct_copy"] = benchmark::Counter(100.0 * bytes / g->copy_bytes_per_s,
+                                                  benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["roofline_ms"] = 1e3 * bytes / g->copy_bytes_per_s;
+}
+
+exec::cuda const e{};
+
+void copy_d2d(benchmark::State& state) {
+  std::size_t const bytes = elements * sizeof(float);
+  run(state, 2.0 * static_cast<double>(bytes), [&] {
+    check(cudaMemcpyAsync(g->y32, g->x32, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync");
+  });
+}
+
+template <class C, class T>
+double format_bytes(std::size_t block) {
+  return static_cast<double>(elements * sizeof(T) + code_bytes<C>(elements) +
+                             block_count(elements, block) * sizeof(float));
+}
+
+template <class T>
+T* input() {
+  if constexpr (std::is_same_v<T, float>)
+    return g->x32;
+  else
+    return g->x16;
+}
+template <class T>
+T* output() {
+  if constexpr (std::is_same_v<T, float>)
+    return g->y32;
+  else
+    return g->y16;
+}
+
+template <class C, class T>
+void quantize(benchmark::State& state) {
+  auto const block = static_cast<std::size_t>(state.range(0));
+  tensor_view<T const> x(input<T>(), elements, memory_space::device);
+  tensor_view<std::uint8_t> codes(g->codes, code_bytes<C>(elements), memory_space::device);
+  tensor_view<float> absmax(g->absmax, block_count(elements, block), memory_space::device);
+  run(state, format_bytes<C, T>(block),
+      [&] { quantize_blockwise<C>(e, x, block, codes, absmax); });
+}
+
+template <class C, class T>
+void dequantize(benchmark::State& state) {
+  auto const block = static_cast<std::size_t>(state.range(0));
+  tensor_view<std::uint8_t const> codes(g->codes, code_bytes<C>(elements), memory_space::device);
+  tensor_view<float const> absmax(g->absmax, block_count(elements, block), memory_space::device);
+  tensor_view<T> y(output<T>(), elements, memory_space::device);
+  // codes and scales of real data first
+  quantize_blockwise<C>(e, tensor_view<T const>(input<T>(), elements, memory_space::device), block,
+                        tensor_view<std::uint8_t>(g->codes, code_bytes<C>(elements),
+                                                  memory_space::device),
+                        tensor_view<float>(g->absmax, block_count(elements, block),
+                                           memory_space::device));
+  run(state, format_bytes<C, T>(block),
+      [&] { dequantize_blockwise<C>(e, codes, absmax, block, y); });
+}
+
+// Quantize with double-quantized scales: the blockwise pass, then quantize_scales (mean tree +
+// nested quantization). Bytes: those of the plain format (what the peers count).
+template <class C, class T>
+void quantize_nested(benchmark::State& state) {
+  auto const block = static_cast<std::size_t>(state.range(0));
+  std::size_t const m = block_count(elements, block);
+  tensor_view<T const> x(input<T>(), elements, memory_space::device);
+  tensor_view<std::uint8_t> codes(g->codes, code_bytes<C>(elements), memory_space::device);
+  tensor_view<float> absmax(g->absmax, m, memory_space::device);
+  tensor_view<std::uint8_t> qabsmax(g->qabsmax, m, memory_space::device);
+  tensor_view<float> absmax2(g->absmax2, block_count(m, nested_block), memory_space::device);
+  tensor_view<float> offset(g->offset, 1, memory_space::device);
+  run(state, format_bytes<C, T>(block), [&] {
+    quantize_blockwise<C>(e, x, block, codes, absmax);
+    quantize_scales(e, tensor_view<float const>(absmax), nested_block, qabsmax, absmax2, offset);
+  });
+}
+
+template <class C, class T>
+void dequantize_nested(benchmark::State& state) {
+  auto const block = static_cast<std::size_t>(state.range(0));
+  std::size_t const m = block_count(elements, block);
+  tensor_view<std::uint8_t> codes(g->codes, code_bytes<C>(elements), memory_space::device);
+  tensor_view<float> absmax(g->absmax, m, memory_space::device);
+  tensor_view<std::uint8_t> qabsmax(g->qabsmax, m, memory_space::device);
+  tensor_view<float> absmax2(g->absmax2, block_count(m, nested_block), memory_space::device);
+  tensor_view<float> offset(g->offset, 1, memory_space::device);
+  quantize_blockwise<C>(e, tensor_view<T const>(input<T>(), elements, memory_space::device), block,
+                        codes, absmax);
+  quantize_scales(e, tensor_view<float const>(absmax), nested_block, qabsmax, absmax2, offset);
+  tensor_view<T> y(output<T>(), elements, memory_space::device);
+  run(state, format_bytes<C, T>(block), [&] {
+    dequantize_blockwise_nested<C>(e, tensor_view<std::uint8_t const>(codes),
+                                   tensor_view<std::uint8_t const>(qabsmax),
+                                   tensor_view<float const>(absmax2),
+                                   tensor_view<float const>(offset), block, nested_block, y);
+  });
+}
+
+void four_bit_blocks(benchmark::internal::Benchmark* b) {
+  for (int block = 32; block <= 4096; block *= 2)
+    b->Arg(block);
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
+}
+void eight_bit_blocks(benchmark::internal::Benchmark* b) {
+  for (int block = 64; block <= 4096; block *= 2)
+    b->Arg(block);
+  b->UseManualTime()->Unit(benchmark::kMillisecond);
+}
+void one_block(benchmark::internal::Benchmark* b, int block) {
+  b->Arg(block)->UseManualTime()->Unit(benchmark::kMillisecond);
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (!cuda_detail::device_available()) {
+    std::printf("[qmem] SKIPPED: no CUDA device on this machine\n");
+    return 0;
+  }
+  setup();
+  g->copy_bytes_per_s = measure_copy();
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  benchmark::AddCustomContext("device", prop.name);
+  benchmark::AddCustomContext("copy_GBps", std::to_string(g->copy_bytes_per_s / 1e9));
+  benchmark::AddCustomContext("elements", std::to_string(elements));
+
+  benchmark::RegisterBenchmark("copy_d2d", copy_d2d)->UseManualTime()->Unit(benchmark::kMillisecond);
+  four_bit_blocks(benchmark::RegisterBenchmark("nf4_quantize_bf16", quantize<nf4, bf16>));
+  four_bit_blocks(benchmark::RegisterBenchmark("nf4_dequantize_bf16", dequantize<nf4, bf16>));
+  four_bit_blocks(benchmark::RegisterBenchmark("fp4_quantize_bf16", quantize<fp4, bf16>));
+  four_bit_blocks(benchmark::RegisterBenchmark("fp4_dequantize_bf16", dequantize<fp4, bf16>));
+  eight_bit_blocks(
+      benchmark::RegisterBenchmark("int8_quantize_f32", quantize<dynamic_signed, float>));
+  eight_bit_blocks(
+      benchmark::RegisterBenchmark("int8_dequantize_f32", dequantize<dynamic_signed, float>));
+  one_block(benchmark::RegisterBenchmark("nf4_quantize_bf16_dq", quantize_nested<nf4, bf16>), 64);
+  one_block(benchmark::RegisterBenchmark("nf4_dequantize_bf16_dq", dequantize_nested<nf4, bf16>),
+            64);
+  one_block(benchmark::RegisterBenchmark("fp4_quantize_bf16_dq", quantize_nested<fp4, bf16>), 64);
+  one_block(benchmark::RegisterBenchmark("fp4_dequantize_bf16_dq", dequantize_nested<fp4, bf16>),
+            64);
+  one_block(benchmark::RegisterBenchmark("int8_quantize_f32_dq",
+                                         quantize_nested<dynamic_signed, float>),
+            256);
+  one_block(benchmark::RegisterBenchmark("int8_dequantize_f32_dq",
+                                         dequantize_nested<dynamic_signed, float>),
+            256);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,69 @@
+#pragma once
+//! \file
+//! Thrust vectors as tensor-like types (CUDA translation units): `thrust::device_vector<T, A>` is
+//! a tensor in device memory, `thrust::host_vector<T, A>` one in host memory (pinned when its
+//! allocator is thrust::universal_host_pinned_allocator), so qmem algorithms take them directly:
+//!
+//!   thrust::device_vector<qmem::bf16> w(n);
+//!   thrust::device_vector<std::uint8_t> codes(n / 2);
+//!   qmem::quant::quantize_blockwise<qmem::quant::nf4>(qmem::exec::cuda{stream}, qmem::view(w), ...)
+//!
+//! The views do not own anything: keep the vector alive and unresized while a view of it is used
+//! (a resize reallocates). Thrust's own operations on the vectors synchronize as Thrust documents.
+
+#include <qmem/core/config.hpp>
+
+#if !QMEM_HAS_CUDA()
+#error "qmem/memory/cuda_thrust.cuh is for CUDA translation units (compile this file with nvcc)"
+#endif
+
+#include <qmem/core/memory_space.hpp>
+#include <qmem/core/tensor.hpp>
+
+#include <thrust/device_vector.h>
+#include <thrust/host_vector.h>
+#include <thrust/universal_allocator.h>
+
+#include <cstddef>
+#include <type_traits>
+
+namespace qmem {
+namespace detail {
+template <class T, class Alloc>
+inline constexpr bool is_thrust_pinned_allocator_v =
+    std::is_same_v<Alloc, thrust::universal_host_pinned_allocator<T>>;
+} // namespace detail
+
+//! thrust::device_vector is tensor-like: device memory.
+template <class T, class Alloc>
+struct tensor_traits<thrust::device_vector<T, Alloc>> {
+  using element_type = T;
+  static T* data(thrust::device_vector<T, Alloc>& v) noexcept {
+    return thrust::raw_pointer_cast(v.data());
+  }
+  static T const* data(thrust::device_vector<T, Alloc> const& v) noexcept {
+    return thrust::raw_pointer_cast(v.data());
+  }
+  static std::size_t size(thrust::device_vector<T, Alloc> const& v) noexcept { return v.size(); }
+  static memory_space space(thrust::device_vector<T, Alloc> const&) noexcept {
+    return memory_space::device;
+  }
+};
+
+//! thrust::host_vector is tensor-like: host memory (pinned with thrust::universal_host_pinned_allocator).
+template <class T, class Alloc>
+struct tensor_traits<thrust::host_vector<T, Alloc>> {
+  using element_type = T;
+  static T* data(thrust::host_vector<T, Alloc>& v) noexcept {
+    return thrust::raw_pointer_cast(v.data());
+  }
+  static T const* data(thrust::host_vector<T, Alloc> const& v) noexcept {
+    return thrust::raw_pointer_cast(v.data());
+  }
+  static std::size_t size(thrust::host_vector<T, Alloc> const& v) noexcept { return v.size(); }
+  static memory_space space(thrust::host_vector<T, Alloc> const&) noexcept {
+    return detail::is_thrust_pinned_allocator_v<T, Alloc> ? memory_space::pinned : memory_space::host;
+  }
+};
+
+} // namespace qmem

@@ -1,0 +1,749 @@
+#pragma once
+//! \file
+//! CUDA kernels of blockwise quantization: the `exec::cuda` branch of quant/blockwise.hpp and
+//! quant/double_quant.hpp calls `qmem::quant::cuda_impl::<same name><C>(e, <same arguments>)`
+//! after checking the preconditions, so the functions here do not check them again.
+//!
+//! They compute exactly the function spelled out in quant/detail/blockwise_ops.hpp, with the same
+//! element code (C::encode / C::decode / encode_stochastic, the `_rn` float operations), so the
+//! codes, scales and values are bit-identical to the host's.
+//!
+//! How the work is laid out (the fast path, for 16-byte aligned tensors):
+//! - quantize: a *group* of G threads owns one quantization block; each thread loads 32 bytes of
+//!   input with two 16-byte vector loads, the group takes the maximum of the |x| bit patterns
+//!   with warp shuffles (and shared memory across warps when G > 32), then each thread encodes
+//!   and stores its codes with one vector store. A grid sized to the SM count walks the blocks.
+//! - dequantize: each thread owns 64 bytes of output (16 bf16 / 8 fp32 values) inside one block,
+//!   reads its codes with one vector load and its scale once, decodes from a shared-memory copy
+//!   of the code book, and writes four 16-byte stores.
+//! Unaligned views (subviews at odd offsets) take a scalar path that computes the same function.
+//! Code books live in shared memory: kernel parameters sit in constant memory, which serializes
+//! a warp's reads of different entries.
+//!
+//! Every function launches on `e.device` (device_guard) and `e.stream`, checks each launch, and
+//! never synchronizes (except with `e.sync_after_launch`, a debugging aid).
+
+#include <qmem/core/config.hpp>
+
+#if !QMEM_HAS_CUDA()
+#error "qmem/quant/cuda/blockwise.cuh is for CUDA translation units (compile this file with nvcc)"
+#endif
+
+#include <qmem/core/cuda/runtime.cuh>
+#include <qmem/core/exec.hpp>
+#include <qmem/core/numeric.hpp>
+#include <qmem/core/tensor.hpp>
+#include <qmem/memory/cuda_resource.cuh>
+#include <qmem/quant/codes.hpp>
+#include <qmem/quant/cuda/detail/encoder.cuh>
+#include <qmem/quant/detail/blockwise_ops.hpp>
+#include <qmem/quant/detail/float_ops.hpp>
+#include <qmem/quant/stochastic.hpp>
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+namespace qmem::quant::cuda_impl {
+namespace kernels {
+
+using std::size_t;
+using std::uint32_t;
+using std::uint8_t;
+
+template <class C>
+using book_t = std::remove_cv_t<decltype(C::book)>;
+
+//! Children per node of the offset's summation tree; equals quant::offset_tree_arity
+//! (double_quant.hpp, which includes this file after it: the CUDA tests check the two agree).
+inline constexpr size_t offset_tree_arity_v = 256;
+
+//! Threads of a CTA on the fast paths. 256 keeps 8 CTAs (64 warps) resident per SM on sm_90.
+inline constexpr int cta_threads = 256;
+
+//! Bytes of input one thread loads per quantization step: two 16-byte vector loads in flight per
+//! thread, 64 KiB per SM at full occupancy, above the ~22 KiB Little's law asks for on an H200
+//! (4.8 TB/s x ~600 ns / 132 SMs).
+inline constexpr int quantize_bytes_per_thread = 32;
+
+//! Bytes of output one thread writes per dequantization step (four 16-byte stores).
+inline constexpr int dequantize_bytes_per_thread = 64;
+
+//! Elements per thread of the fast quantize kernel for input T: 32 bytes (two 16-byte loads),
+//! and at least 8 so that a 4096-element block needs at most 512 threads.
+template <class T>
+inline constexpr int quantize_items =
+    quantize_bytes_per_thread / static_cast<int>(sizeof(T)) > 8
+        ? quantize_bytes_per_thread / static_cast<int>(sizeof(T))
+        : 8;
+
+//! Largest CTA of the fast quantize kernel: one 4096-element block at 8 elements per thread.
+inline constexpr int max_quantize_threads = 512;
+
+//! The work split of the fast dequantize kernel for output T.
+template <class T>
+struct dequantize_plan {
+  static constexpr int items = dequantize_bytes_per_thread / static_cast<int>(sizeof(T));
+};
+
+// ---- small device helpers ------------------------------------------------------------------
+
+//! Copies a trivially copyable object (a code book) into shared memory, 4 bytes per thread step.
+//! The caller synchronizes the CTA afterwards.
+template <class Book>
+__device__ QMEM_INLINE void copy_to_shared(Book& dst, Book const& src) {
+  static_assert(sizeof(Book) % 4 == 0);
+  auto* d = reinterpret_cast<uint32_t*>(&dst);
+  auto const* s = reinterpret_cast<uint32_t const*>(&src);
+  for (int i = static_cast<int>(threadIdx.x); i < static_cast<int>(sizeof(Book) / 4);
+       i += static_cast<int>(blockDim.x))
+    d[i] = s[i];
+}
+
+//! Loads N elements of T from 16-byte aligned global memory as 16-byte vectors.
+template <class T, int N>
+__device__ QMEM_INLINE void load_vectors(T (&v)[N], T const* p) {
+  static_assert((N * sizeof(T)) % 16 == 0);
+  constexpr int vectors = static_cast<int>(N * sizeof(T) / 16);
+  uint4 raw[vectors];
+  auto const* src = reinterpret_cast<uint4 const*>(p);
+  QMEM_UNROLL
+  for (int i = 0; i < vectors; ++i)
+    raw[i] = __ldcs(src + i); // streamed once: evict-first
+  QMEM_UNROLL
+  for (int i = 0; i < N; ++i)
+    __builtin_memcpy(&v[i], reinterpret_cast<char const*>(raw) + i * sizeof(T), sizeof(T));
+}
+
+//! Stores `Bytes` bytes (2, 4, 8, 16, 32 or 64) to global memory aligned to min(Bytes, 16).
+template <int Bytes>
+__device__ QMEM_INLINE void store_bytes(uint8_t* p, uint8_t const (&b)[Bytes]) {
+  if constexpr (Bytes >= 16) {
+    QMEM_UNROLL
+    for (int i = 0; i < Bytes / 16; ++i) {
+      uint4 w;
+      __builtin_memcpy(&w, b + 16 * i, 16);
+      reinterpret_cast<uint4*>(p)[i] = w;
+    }
+  } else if constexpr (Bytes == 8) {
+    uint2 w;
+    __builtin_memcpy(&w, b, 8);
+    *reinterpret_cast<uint2*>(p) = w;
+  } else if constexpr (Bytes == 4) {
+    uint32_t w;
+    __builtin_memcpy(&w, b, 4);
+    *reinterpret_cast<uint32_t*>(p) = w;
+  } else {
+    static_assert(Bytes == 2);
+    std::uint16_t w;
+    __builtin_memcpy(&w, b, 2);
+    *reinterpret_cast<std::uint16_t*>(p) = w;
+  }
+}
+
+//! Loads `Bytes` bytes (2..32) from global memory aligned to min(Bytes, 16).
+template <int Bytes>
+__device__ QMEM_INLINE void load_bytes(uint8_t (&b)[Bytes], uint8_t const* p) {
+  if constexpr (Bytes >= 16) {
+    QMEM_UNROLL
+    for (int i = 0; i < Bytes / 16; ++i) {
+      uint4 const w = __ldcs(reinterpret_cast<uint4 const*>(p) + i);
+      __builtin_memcpy(b + 16 * i, &w, 16);
+    }
+  } else if constexpr (Bytes == 8) {
+    uint2 const w = __ldcs(reinterpret_cast<uint2 const*>(p));
+    __builtin_memcpy(b, &w, 8);
+  } else if constexpr (Bytes == 4) {
+    uint32_t const w = __ldcs(reinterpret_cast<unsigned int const*>(p));
+    __builtin_memcpy(b, &w, 4);
+  } else {
+    static_assert(Bytes == 2);
+    std::uint16_t const w = __ldcs(reinterpret_cast<unsigned short const*>(p));
+    __builtin_memcpy(b, &w, 2);
+  }
+}
+
+//! Stores N elements of T to 16-byte aligned global memory as 16-byte vectors.
+template <class T, int N>
+__device__ QMEM_INLINE void store_vectors(T* p, T const (&v)[N]) {
+  static_assert((N * sizeof(T)) % 16 == 0);
+  constexpr int vectors = static_cast<int>(N * sizeof(T) / 16);
+  uint4 raw[vectors];
+  QMEM_UNROLL
+  for (int i = 0; i < N; ++i)
+    __builtin_memcpy(reinterpret_cast<char*>(raw) + i * sizeof(T), &v[i], sizeof(T));
+  QMEM_UNROLL
+  for (int i = 0; i < vectors; ++i)
+    reinterpret_cast<uint4*>(p)[i] = raw[i];
+}
+
+//! Maximum over the `group` consecutive threads that share a quantization block (a power of two,
+//! at most max_quantize_threads). Every thread of the CTA calls it: shuffles use the full mask,
+//! and groups wider than a warp combine through shared memory between two CTA barriers (the
+//! branch is uniform over the CTA).
+__device__ QMEM_INLINE uint32_t group_max(uint32_t m, int group,
+                                          uint32_t (&warp_max)[max_quantize_threads / 32]) {
+  int const width = group < 32 ? group : 32;
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    uint32_t const other = __shfl_xor_sync(0xffffffffu, m, offset);
+    m = other > m ? other : m;
+  }
+  if (group > 32) {
+    int const warps_per_group = group / 32;
+    int const warp = static_cast<int>(threadIdx.x) / 32;
+    if (threadIdx.x % 32 == 0)
+      warp_max[warp] = m;
+    __syncthreads();
+    int const first = warp / warps_per_group * warps_per_group;
+    m = 0;
+    for (int w = 0; w < warps_per_group; ++w)
+      m = warp_max[first + w] > m ? warp_max[first + w] : m;
+    __syncthreads(); // warp_max is reused by the next step
+  }
+  return m;
+}
+
+//! Identity on loaded values (plain quantization).
+struct no_transform {
+  __device__ QMEM_INLINE float operator()(float v) const noexcept { return v; }
+};
+
+//! Subtracts the double-quantization offset, read from device memory once per thread (it is
+//! computed by an earlier kernel on the same stream).
+struct subtract_offset {
+  float const* offset;
+  __device__ QMEM_INLINE float operator()(float v) const noexcept {
+    return quant::detail::sub_rn(v, *offset);
+  }
+};
+
+template <class Transform>
+struct transform_state;
+template <>
+struct transform_state<no_transform> {
+  __device__ static no_transform load(no_transform t) noexcept { return t; }
+};
+template <>
+struct transform_state<subtract_offset> {
+  struct loaded {
+    float offset;
+    __device__ QMEM_INLINE float operator()(float v) const noexcept {
+      return quant::detail::sub_rn(v, offset);
+    }
+  };
+  __device__ static loaded load(subtract_offset t) noexcept { return {*t.offset}; }
+};
+
+//! The code of one normalized value: nearest (through the shared-memory encoder of 8-bit maps,
+//! or C::encode) or stochastic.
+template <class C, class Encoder>
+__device__ QMEM_INLINE uint8_t encode_one(float x, float inv, Encoder const& enc,
+                                          book_t<C> const& book, rounding r, size_t index) {
+  float const xn = quant::detail::mul_rn(x, inv);
+  if (r.stochastic)
+    return encode_stochastic<C>(xn, uniform01(r.seed, index), book);
+  return enc(xn);
+}
+
+// ---- quantize ------------------------------------------------------------------------------
+
+//! Fast quantize kernel: aligned input and codes, a power-of-two block size of at least
+//! quantize_items<T>; `group` = block_size / items threads per block, the CTA has
+//! max(group, cta_threads) threads and works on blockDim.x / group blocks per step.
+template <class C, class T, class Transform>
+__global__ void __launch_bounds__(max_quantize_threads)
+    quantize_aligned(T const* QMEM_RESTRICT x, size_t n, int block_shift,
+                     uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, size_t blocks,
+                     rounding r, book_t<C> book,
+                     typename device_encoder<C>::params const enc_params, Transform transform) {
+  constexpr int items = quantize_items<T>;
+  int const group_size = (1 << block_shift) / items;
+  int const blocks_per_cta = static_cast<int>(blockDim.x) / group_size;
+  __shared__ book_t<C> sbook;
+  __shared__ typename device_encoder<C>::storage enc_storage;
+  __shared__ uint32_t warp_max[max_quantize_threads / 32];
+  copy_to_shared(sbook, book);
+  device_encoder<C>::prepare(enc_storage, enc_params);
+  __syncthreads();
+  auto const enc = device_encoder<C>::make(enc_storage, enc_params, sbook);
+  auto const tf = transform_state<Transform>::load(transform);
+
+  int const group = static_cast<int>(threadIdx.x) / group_size;
+  int const lane = static_cast<int>(threadIdx.x) % group_size;
+  size_t const stride = static_cast<size_t>(gridDim.x) * static_cast<size_t>(blocks_per_cta);
+  for (size_t first = static_cast<size_t>(blockIdx.x) * static_cast<size_t>(blocks_per_cta);
+       first < blocks; first += stride) {
+    size_t const blk = first + static_cast<size_t>(group);
+    size_t const begin = (blk << block_shift) + static_cast<size_t>(lane) * items;
+    bool const active = blk < blocks && begin < n;
+    bool const whole = active && n - begin >= static_cast<size_t>(items);
+    T raw[items];
+    float v[items];
+    if (whole) {
+      load_vectors(raw, x + begin);
+      QMEM_UNROLL
+      for (int i = 0; i < items; ++i)
+        v[i] = tf(to_float(raw[i]));
+    } else {
+      QMEM_UNROLL
+      for (int i = 0; i < items; ++i)
+        v[i] = active && begin + i < n ? tf(to_float(x[begin + i])) : 0.0f;
+    }
+    uint32_t m = 0;
+    QMEM_UNROLL
+    for (int i = 0; i < items; ++i) {
+      uint32_t const b = quant::detail::abs_bits(v[i]);
+      m = b > m ? b : m;
+    }
+    m = group_max(m, group_size, warp_max);
+    if (!active)
+      continue;
+    float const amax = qmem::detail::bits_to_float(m);
+    if (lane == 0)
+      absmax[blk] = amax;
+    float const inv = quant::detail::rcp_rn(amax);
+    if constexpr (C::bits == 8) {
+      uint8_t c[items];
+      QMEM_UNROLL
+      for (int i = 0; i < items; ++i)
+        c[i] = encode_one<C>(v[i], inv, enc, sbook, r, begin + i);
+      if (whole) {
+        store_bytes<items>(codes + begin, c);
+      } else {
+        for (int i = 0; i < items; ++i)
+          if (begin + i < n)
+            codes[begin + i] = c[i];
+      }
+    } else {
+      uint8_t c[items / 2];
+      QMEM_UNROLL
+      for (int i = 0; i < items / 2; ++i) {
+        uint8_t const hi = encode_one<C>(v[2 * i], inv, enc, sbook, r, begin + 2 * i);
+        uint8_t const lo =
+            begin + 2 * i + 1 < n ? encode_one<C>(v[2 * i + 1], inv, enc, sbook, r, begin + 2 * i + 1)
+                                  : static_cast<uint8_t>(C::zero_code);
+        c[i] = quant::detail::pack_nibbles(hi, lo);
+      }
+      if (whole) {
+        store_bytes<items / 2>(codes + begin / 2, c);
+      } else {
+        for (int i = 0; i < items / 2; ++i)
+          if (begin + 2 * i < n)
+            codes[begin / 2 + i] = c[i];
+      }
+    }
+  }
+}
+
+//! Scalar quantize kernel: any alignment, any (even) block size. One warp per block; two passes
+//! over the block (the second one reads it again, mostly from L1/L2).
+template <class C, class T, class Transform>
+__global__ void __launch_bounds__(cta_threads)
+    quantize_scalar(T const* QMEM_RESTRICT x, size_t n, size_t block_size,
+                    uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, size_t blocks,
+                    rounding r, book_t<C> book, typename device_encoder<C>::params const enc_params,
+                    Transform transform) {
+  __shared__ book_t<C> sbook;
+  __shared__ typename device_encoder<C>::storage enc_storage;
+  copy_to_shared(sbook, book);
+  device_encoder<C>::prepare(enc_storage, enc_params);
+  __syncthreads();
+  auto const enc = device_encoder<C>::make(enc_storage, enc_params, sbook);
+  auto const tf = transform_state<Transform>::load(transform);
+
+  int const lane = static_cast<int>(threadIdx.x) % 32;
+  size_t const warps = static_cast<size_t>(gridDim.x) * (blockDim.x / 32);
+  for (size_t blk = (static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+       blk < blocks; blk += warps) {
+    size_t const begin = blk * block_size;
+    size_t const count = n - begin < block_size ? n - begin : block_size;
+    uint32_t m = 0;
+    for (size_t i = static_cast<size_t>(lane); i < count; i += 32) {
+      uint32_t const b = quant::detail::abs_bits(tf(to_float(x[begin + i])));
+      m = b > m ? b : m;
+    }
+    QMEM_UNROLL
+    for (int offset = 16; offset > 0; offset /= 2) {
+      uint32_t const other = __shfl_xor_sync(0xffffffffu, m, offset);
+      m = other > m ? other : m;
+    }
+    float const amax = qmem::detail::bits_to_float(m);
+    if (lane == 0)
+      absmax[blk] = amax;
+    float const inv = quant::detail::rcp_rn(amax);
+    if constexpr (C::bits == 8) {
+      for (size_t i = static_cast<size_t>(lane); i < count; i += 32)
+        codes[begin + i] = encode_one<C>(tf(to_float(x[begin + i])), inv, enc, sbook, r, begin + i);
+    } else {
+      size_t const pairs = count / 2 + count % 2;
+      for (size_t p = static_cast<size_t>(lane); p < pairs; p += 32) {
+        size_t const i = begin + 2 * p;
+        uint8_t const hi = encode_one<C>(tf(to_float(x[i])), inv, enc, sbook, r, i);
+        uint8_t const lo = 2 * p + 1 < count
+                               ? encode_one<C>(tf(to_float(x[i + 1])), inv, enc, sbook, r, i + 1)
+                               : static_cast<uint8_t>(C::zero_code);
+        codes[begin / 2 + p] = quant::detail::pack_nibbles(hi, lo);
+      }
+    }
+  }
+}
+
+// ---- dequantize ----------------------------------------------------------------------------
+
+//! Scales stored as fp32 absmax.
+struct plain_scales {
+  float const* absmax;
+  struct loaded {
+    float const* absmax;
+    __device__ QMEM_INLINE float operator()(size_t blk) const noexcept { return absmax[blk]; }
+  };
+};
+
+//! Double-quantized scales: nested_table[qabsmax[b]] * absmax2[b / nested_block] + offset.
+struct nested_scales {
+  uint8_t const* qabsmax;
+  float const* absmax2;
+  float const* offset;
+  size_t nested_block;
+  code_table<256> table = dynamic_signed::book.value; // copied to shared memory by the kernel
+  struct loaded {
+    uint8_t const* qabsmax;
+    float const* absmax2;
+    float offset;
+    size_t nested_block;
+    float const* table; // shared memory
+    __device__ QMEM_INLINE float operator()(size_t blk) const noexcept {
+      return quant::detail::add_rn(
+          quant::detail::mul_rn(table[qabsmax[blk]], absmax2[blk / nested_block]), offset);
+    }
+  };
+};
+
+template <class Scales>
+struct scales_state;
+template <>
+struct scales_state<plain_scales> {
+  struct storage {};
+  __device__ static void prepare(plain_scales const&, storage&) noexcept {}
+  __device__ static plain_scales::loaded load(plain_scales s, storage&) noexcept {
+    return {s.absmax};
+  }
+};
+template <>
+struct scales_state<nested_scales> {
+  struct storage {
+    float table[256];
+  };
+  __device__ static void prepare(nested_scales const& s, storage& st) noexcept {
+    for (int i = static_cast<int>(threadIdx.x); i < 256; i += static_cast<int>(blockDim.x))
+      st.table[i] = s.table.value[i];
+  }
+  __device__ static nested_scales::loaded load(nested_scales s, storage& st) noexcept {
+    return {s.qabsmax, s.absmax2, *s.offset, s.nested_block, st.table};
+  }
+};
+
+//! Fast dequantize kernel: aligned codes and output; every thread's elements lie in one block.
+template <class C, class T, class Scales>
+__global__ void __launch_bounds__(cta_threads)
+    dequantize_aligned(uint8_t const* QMEM_RESTRICT codes, Scales scales, size_t n,
+                       int block_shift, T* QMEM_RESTRICT y, book_t<C> book) {
+  constexpr int items = dequantize_plan<T>::items;
+  constexpr int code_bytes = C::bits == 8 ? items : items / 2;
+  __shared__ book_t<C> sbook;
+  __shared__ typename scales_state<Scales>::storage scale_storage;
+  copy_to_shared(sbook, book);
+  scales_state<Scales>::prepare(scales, scale_storage);
+  __syncthreads();
+  auto const scale_of = scales_state<Scales>::load(scales, scale_storage);
+
+  size_t const chunks = n / items + (n % items != 0 ? 1 : 0);
+  size_t const stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t chunk = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; chunk < chunks;
+       chunk += stride) {
+    size_t const begin = chunk * items;
+    float const s = scale_of(begin >> block_shift);
+    if (n - begin >= static_cast<size_t>(items)) {
+      uint8_t c[code_bytes];
+      load_bytes<code_bytes>(c, codes + (C::bits == 8 ? begin : begin / 2));
+      T out[items];
+      QMEM_UNROLL
+      for (int i = 0; i < items; ++i) {
+        uint8_t const code =
+            C::bits == 8 ? c[i] : static_cast<uint8_t>(i % 2 == 0 ? c[i / 2] >> 4 : c[i / 2] & 0x0f);
+        out[i] = from_float<T>(quant::detail::decode_element<C>(code, s, sbook));
+      }
+      store_vectors(y + begin, out);
+    } else {
+      for (size_t i = begin; i < n; ++i) {
+        uint8_t const code = C::bits == 8 ? codes[i] : quant::detail::nibble(codes, i);
+        y[i] = from_float<T>(quant::detail::decode_element<C>(code, s, sbook));
+      }
+    }
+  }
+}
+
+//! Scalar dequantize kernel: any alignment, any block size; one element per thread step.
+template <class C, class T, class Scales>
+__global__ void __launch_bounds__(cta_threads)
+    dequantize_scalar(uint8_t const* QMEM_RESTRICT codes, Scales scales, size_t n,
+                      size_t block_size, T* QMEM_RESTRICT y, book_t<C> book) {
+  __shared__ book_t<C> sbook;
+  __shared__ typename scales_state<Scales>::storage scale_storage;
+  copy_to_shared(sbook, book);
+  scales_state<Scales>::prepare(scales, scale_storage);
+  __syncthreads();
+  auto const scale_of = scales_state<Scales>::load(scales, scale_storage);
+  size_t const stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    uint8_t const code = C::bits == 8 ? codes[i] : quant::detail::nibble(codes, i);
+    y[i] = from_float<T>(quant::detail::decode_element<C>(code, scale_of(i / block_size), sbook));
+  }
+}
+
+// ---- double quantization: the offset's fixed-order mean -------------------------------------
+
+//! One level of the offset's summation tree: node c = left-to-right double sum of
+//! in[256c .. 256c + 255]. The CTA stages `Nodes` nodes' children in shared memory with
+//! coalesced loads (rows padded by one element against bank conflicts), then one thread per node
+//! sums its row in order. When a single node remains it writes offset = float(sum / count).
+template <class In, int Nodes>
+__global__ void __launch_bounds__(cta_threads)
+    tree_level(In const* QMEM_RESTRICT in, size_t len, double* QMEM_RESTRICT out,
+               float* QMEM_RESTRICT offset, size_t count) {
+  constexpr int arity = static_cast<int>(offset_tree_arity_v);
+  __shared__ In rows[Nodes][arity + 1];
+  size_t const first = static_cast<size_t>(blockIdx.x) * Nodes;
+  size_t const base = first * arity;
+  for (int i = static_cast<int>(threadIdx.x); i < Nodes * arity; i += static_cast<int>(blockDim.x)) {
+    size_t const k = base + static_cast<size_t>(i);
+    rows[i / arity][i % arity] = k < len ? in[k] : In{};
+  }
+  __syncthreads();
+  if (threadIdx.x < static_cast<unsigned>(Nodes)) {
+    size_t const node = first + threadIdx.x;
+    size_t const node_begin = node * arity;
+    if (node_begin < len) {
+      size_t const end = len - node_begin < static_cast<size_t>(arity) ? len - node_begin
+                                                                       : static_cast<size_t>(arity);
+      double s = 0.0;
+      for (size_t i = 0; i < end; ++i)
+        s = __dadd_rn(s, static_cast<double>(rows[threadIdx.x][i]));
+      size_t const nodes = len / arity + (len % arity != 0 ? 1 : 0);
+      if (nodes == 1)
+        *offset = __double2float_rn(__ddiv_rn(s, static_cast<double>(count)));
+      else
+        out[node] = s;
+    }
+  }
+}
+
+//! Elementwise dequantization of double-quantized scales.
+__global__ void __launch_bounds__(cta_threads)
+    dequantize_scales_kernel(nested_scales scales, size_t m, float* QMEM_RESTRICT absmax) {
+  __shared__ scales_state<nested_scales>::storage st;
+  scales_state<nested_scales>::prepare(scales, st);
+  __syncthreads();
+  auto const scale_of = scales_state<nested_scales>::load(scales, st);
+  size_t const stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < m; i += stride)
+    absmax[i] = scale_of(i);
+}
+
+// ---- launch helpers -----------------------------------------------------------------------
+
+inline bool aligned16(void const* p) noexcept {
+  return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+}
+
+//! Grid for a grid-stride kernel: enough CTAs to fill every SM (`resident` per SM, from the
+//! occupancy calculator), never more than there is work for.
+template <class Kernel>
+unsigned grid_for(Kernel kernel, int threads, size_t work_items, int device) {
+  int resident = 0;
+  qmem::cuda_detail::check(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0),
+      "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  if (resident < 1)
+    resident = 1;
+  size_t const full = static_cast<size_t>(qmem::cuda_detail::sm_count(device)) *
+                      static_cast<size_t>(resident);
+  size_t const g = work_items < full ? work_items : full;
+  return static_cast<unsigned>(g == 0 ? 1 : g);
+}
+
+//! log2 of a power of two.
+inline int log2_exact(size_t v) noexcept {
+  int s = 0;
+  while ((size_t{1} << s) < v)
+    ++s;
+  return s;
+}
+
+//! Quantizes with the fast kernel when the block size is a power of two in
+//! [quantize_items<T>, 8 * max_quantize_threads] and the views are 16-byte aligned, else with the
+//! scalar kernel.
+template <class C, class T, class Transform>
+void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, uint8_t* codes,
+                  float* absmax, rounding r, Transform tf) {
+  constexpr int items = quantize_items<T>;
+  size_t const blocks = n / block_size + (n % block_size != 0 ? 1 : 0);
+  bool const pow2 = (block_size & (block_size - 1)) == 0;
+  if (aligned16(x) && aligned16(codes) && pow2 && block_size >= static_cast<size_t>(items) &&
+      block_size / items <= static_cast<size_t>(max_quantize_threads)) {
+    int const group = static_cast<int>(block_size / items);
+    int const threads = group > cta_threads ? group : cta_threads;
+    size_t const per_step = static_cast<size_t>(threads / group);
+    auto kernel = quantize_aligned<C, T, Transform>;
+    unsigned const grid = grid_for(kernel, threads, blocks / per_step + 1, e.device);
+    kernel<<<grid, threads, 0, e.stream>>>(x, n, log2_exact(block_size), codes, absmax, blocks, r,
+                                           C::book, device_encoder<C>::host_params(), tf);
+    qmem::cuda_detail::check_launch(e, "qmem::quant quantize_aligned");
+    return;
+  }
+  auto kernel = quantize_scalar<C, T, Transform>;
+  unsigned const grid = grid_for(kernel, cta_threads, blocks / (cta_threads / 32) + 1, e.device);
+  kernel<<<grid, cta_threads, 0, e.stream>>>(x, n, block_size, codes, absmax, blocks, r, C::book,
+                                             device_encoder<C>::host_params(), tf);
+  qmem::cuda_detail::check_launch(e, "qmem::quant quantize_scalar");
+}
+
+
+template <class C, class T, class Scales>
+void dequantize_any(exec::cuda const& e, uint8_t const* codes, Scales scales, size_t n,
+                    size_t block_size, T* y) {
+  constexpr int items = dequantize_plan<T>::items;
+  bool const pow2 = (block_size & (block_size - 1)) == 0;
+  if (aligned16(codes) && aligned16(y) && pow2 && block_size % items == 0) {
+    auto kernel = dequantize_aligned<C, T, Scales>;
+    size_t const chunks = n / items + 1;
+    unsigned const grid = grid_for(kernel, cta_threads, chunks / cta_threads + 1, e.device);
+    kernel<<<grid, cta_threads, 0, e.stream>>>(codes, scales, n, log2_exact(block_size), y,
+                                               C::book);
+    qmem::cuda_detail::check_launch(e, "qmem::quant dequantize_aligned");
+    return;
+  }
+  auto kernel = dequantize_scalar<C, T, Scales>;
+  unsigned const grid = grid_for(kernel, cta_threads, n / cta_threads + 1, e.device);
+  kernel<<<grid, cta_threads, 0, e.stream>>>(codes, scales, n, block_size, y, C::book);
+  qmem::cuda_detail::check_launch(e, "qmem::quant dequantize_scalar");
+}
+
+//! Enqueues the fixed-order mean of absmax[0, m) into *offset (m > 0).
+inline void tree_mean(exec::cuda const& e, float const* absmax, size_t m, float* offset) {
+  constexpr size_t arity = offset_tree_arity_v;
+  // 32 rows of 257 floats (32.9 KB) or 16 rows of 257 doubles per CTA: under the 48 KB static
+  // shared memory limit, enough for the 8 loading warps to saturate a CTA's share of bandwidth.
+  constexpr int float_nodes = 32;
+  constexpr int double_nodes = 16;
+  size_t const level0 = m / arity + (m % arity != 0 ? 1 : 0);
+  if (level0 == 1) {
+    tree_level<float, float_nodes><<<1, cta_threads, 0, e.stream>>>(absmax, m, nullptr, offset, m);
+    qmem::cuda_detail::check_launch(e, "qmem::quant tree_level");
+    return;
+  }
+  // ping-pong storage for the levels above the leaves
+  size_t const level1 = level0 / arity + (level0 % arity != 0 ? 1 : 0);
+  memory::device_workspace<double> ws(memory::default_device_resource(e.device), level0 + level1,
+                                      e.stream);
+  double* cur = ws.data();
+  double* next = ws.data() + level0;
+  {
+    unsigned const grid = static_cast<unsigned>((level0 + float_nodes - 1) / float_nodes);
+    tree_level<float, float_nodes><<<grid, cta_threads, 0, e.stream>>>(absmax, m, cur, offset, m);
+    qmem::cuda_detail::check_launch(e, "qmem::quant tree_level");
+  }
+  size_t len = level0;
+  while (len > 1) {
+    size_t const nodes = len / arity + (len % arity != 0 ? 1 : 0);
+    unsigned const grid = static_cast<unsigned>((nodes + double_nodes - 1) / double_nodes);
+    tree_level<double, double_nodes><<<grid, cta_threads, 0, e.stream>>>(cur, len, next, offset, m);
+    qmem::cuda_detail::check_launch(e, "qmem::quant tree_level");
+    len = nodes;
+    double* const t = cur;
+    cur = next;
+    next = t;
+  }
+}
+
+} // namespace kernels
+
+//! GPU quantize_blockwise (see quant/blockwise.hpp; preconditions checked by the caller).
+template <code_type C, float_element T>
+void quantize_blockwise(exec::cuda const& e, tensor_view<T const> x, std::size_t block_size,
+                        tensor_view<std::uint8_t> codes, tensor_view<float> absmax,
+                        rounding r = {}) {
+  if (x.empty())
+    return;
+  qmem::cuda_detail::device_guard guard(e.device);
+  kernels::quantize_any<C>(e, x.data(), x.size(), block_size, codes.data(), absmax.data(), r,
+                           kernels::no_transform{});
+}
+
+//! GPU dequantize_blockwise (see quant/blockwise.hpp).
+template <code_type C, float_element T>
+void dequantize_blockwise(exec::cuda const& e, tensor_view<std::uint8_t const> codes,
+                          tensor_view<float const> absmax, std::size_t block_size,
+                          tensor_view<T> y) {
+  if (y.empty())
+    return;
+  qmem::cuda_detail::device_guard guard(e.device);
+  kernels::dequantize_any<C>(e, codes.data(), kernels::plain_scales{absmax.data()}, y.size(),
+                             block_size, y.data());
+}
+
+//! GPU quantize_scales (see quant/double_quant.hpp): the fixed-order mean (a 256-ary tree of
+//! double sums, one kernel per level, workspace from the device's default pool), then the
+//! blockwise dynamic_signed quantization of absmax - offset. Stream-ordered, no host round trip.
+inline void quantize_scales(exec::cuda const& e, tensor_view<float const> absmax,
+                            std::size_t nested_block, tensor_view<std::uint8_t> qabsmax,
+                            tensor_view<float> absmax2, tensor_view<float> offset) {
+  qmem::cuda_detail::device_guard guard(e.device);
+  if (absmax.empty()) {
+    qmem::cuda_detail::check(cudaMemsetAsync(offset.data(), 0, sizeof(float), e.stream),
+                             "cudaMemsetAsync");
+    return;
+  }
+  kernels::tree_mean(e, absmax.data(), absmax.size(), offset.data());
+  kernels::quantize_any<dynamic_signed>(e, absmax.data(), absmax.size(), nested_block,
+                                        qabsmax.data(), absmax2.data(), rounding{},
+                                        kernels::subtract_offset{offset.data()});
+}
+
+//! GPU dequantize_scales (see quant/double_quant.hpp).
+inline void dequantize_scales(exec::cuda const& e, tensor_view<std::uint8_t const> qabsmax,
+                              tensor_view<float const> absmax2, tensor_view<float const> offset,
+                              std::size_t nested_block, tensor_view<float> absmax) {
+  if (absmax.empty())
+    return;
+  qmem::cuda_detail::device_guard guard(e.device);
+  auto kernel = kernels::dequantize_scales_kernel;
+  unsigned const grid =
+      kernels::grid_for(kernel, kernels::cta_threads, absmax.size() / kernels::cta_threads + 1,
+                        e.device);
+  kernel<<<grid, kernels::cta_threads, 0, e.stream>>>(
+      kernels::nested_scales{qabsmax.data(), absmax2.data(), offset.data(), nested_block},
+      absmax.size(), absmax.data());
+  qmem::cuda_detail::check_launch(e, "qmem::quant dequantize_scales");
+}
+
+//! GPU dequantize_blockwise_nested (see quant/double_quant.hpp): the scale of each block is
+//! rebuilt from qabsmax/absmax2/offset inside the dequantize kernel (one pass over the codes).
+template <code_type C, float_element T>
+void dequantize_blockwise_nested(exec::cuda const& e, tensor_view<std::uint8_t const> codes,
+                                 tensor_view<std::uint8_t const> qabsmax,
+                                 tensor_view<float const> absmax2, tensor_view<float const> offset,
+                                 std::size_t block_size, std::size_t nested_block,
+                                 tensor_view<T> y) {
+  if (y.empty())
+    return;
+  qmem::cuda_detail::device_guard guard(e.device);
+  kernels::dequantize_any<C>(
+      e, codes.data(),
+      kernels::nested_scales{qabsmax.data(), absmax2.data(), offset.data(), nested_block},
+      y.size(), block_size, y.data());
+}
+
+} // namespace qmem::quant::cuda_impl

@@ -1,0 +1,114 @@
+// CUDA memory resources (memory/cuda_resource.cuh) and the Thrust adapters
+// (memory/cuda_thrust.cuh): spaces, alignment, stream-ordered reuse, the managed resource's
+// refusal to oversubscribe, and a quantization that reads and writes thrust vectors directly.
+// Compiled only by nvcc; without a GPU each case says so and returns.
+#include "support/backend.hpp"
+
+#include <qmem/core/config.hpp>
+
+#if QMEM_HAS_CUDA()
+
+#include <qmem/memory/cuda_resource.cuh>
+#include <qmem/memory/cuda_thrust.cuh>
+#include <qmem/quant.hpp>
+
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <vector>
+
+using namespace qmem;
+using qmem::test::cuda_backend;
+
+TEST_CASE("cuda resources: device pool, pinned and managed memory") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  cudaStream_t s = nullptr;
+  cuda_detail::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  {
+    memory::cuda_device_resource dev(0, s);
+    CHECK(dev.space() == memory_space::device);
+    CHECK(dev.device() == 0);
+    {
+      memory::buffer<float> b(1 << 20, dev, memory::category::workspace);
+      CHECK(b.space() == memory_space::device);
+      CHECK(reinterpret_cast<std::uintptr_t>(b.data()) % 256 == 0);
+      CHECK(dev.used_bytes() >= (1u << 22));
+      cuda_detail::check(cudaMemsetAsync(b.data(), 0, b.size_bytes(), s), "cudaMemsetAsync");
+    }
+    // freed in stream order, the bytes stay reserved in the pool (release threshold: keep all)
+    cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    CHECK(dev.used_bytes() == 0);
+    CHECK(dev.reserved_bytes() >= (1u << 22));
+    dev.trim(0);
+    CHECK(dev.reserved_bytes() == 0);
+    CHECK_THROWS_AS((void)dev.allocate(64, 512), bad_argument);
+    CHECK(dev.allocate_async(0, s) == nullptr);
+  }
+  {
+    memory::cuda_pinned_resource pinned;
+    memory::buffer<int> b(1000, pinned);
+    CHECK(b.space() == memory_space::pinned);
+    for (int i = 0; i < 1000; ++i)
+      b[static_cast<std::size_t>(i)] = i; // host-accessible
+    CHECK(b[999] == 999);
+  }
+  {
+    memory::cuda_managed_resource managed(0);
+    CHECK(managed.space() == memory_space::managed);
+    {
+      memory::buffer<float> b(1024, managed);
+      b[3] = 2.5f;
+      CHECK(b[3] == 2.5f);
+      CHECK(managed.outstanding_bytes() == 1024 * sizeof(float));
+    }
+    CHECK(managed.outstanding_bytes() == 0);
+    std::size_t free_bytes = 0;
+    std::size_t total_bytes = 0;
+    cuda_detail::check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+    // more than the device has free: refused, nothing allocated
+    CHECK_THROWS_AS((void)managed.allocate(free_bytes + (std::size_t{1} << 30)), cuda_error);
+    CHECK(managed.outstanding_bytes() == 0);
+  }
+  {
+    auto& pool = memory::default_device_resource(0);
+    CHECK(&pool == &memory::default_device_resource(0));
+    memory::device_workspace<double> ws(pool, 1000, s);
+    CHECK(ws.data() != nullptr);
+    CHECK(ws.size() == 1000);
+  }
+  cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+  cuda_detail::check(cudaStreamDestroy(s), "cudaStreamDestroy");
+}
+
+TEST_CASE("cuda resources: thrust vectors are tensor-like") {
+  static_assert(tensor_like<thrust::device_vector<float>>);
+  static_assert(tensor_like<thrust::host_vector<bf16>>);
+  static_assert(tensor_like<thrust::host_vector<float, thrust::universal_host_pinned_allocator<float>>>);
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  std::size_t const n = 1000;
+  std::vector<float> x(n);
+  for (std::size_t i = 0; i < n; ++i)
+    x[i] = static_cast<float>(static_cast<int>(i % 37) - 18) / 7.0f;
+  thrust::device_vector<float> dx(x.begin(), x.end());
+  thrust::device_vector<std::uint8_t> dcodes(quant::code_bytes<quant::nf4>(n));
+  thrust::device_vector<float> dabsmax(quant::block_count(n, 64));
+  auto const xv = view(std::as_const(dx));
+  CHECK(xv.space() == memory_space::device);
+  CHECK(xv.size() == n);
+  static_assert(std::is_same_v<decltype(xv), tensor_view<float const> const>);
+  quant::quantize_blockwise<quant::nf4>(exec::cuda{}, xv, 64, view(dcodes), view(dabsmax));
+  thrust::host_vector<std::uint8_t> codes = dcodes; // copies back (synchronizes)
+  thrust::host_vector<float> absmax = dabsmax;
+  CHECK(view(codes).space() == memory_space::host);
+  std::vector<std::uint8_t> hc(quant::code_bytes<quant::nf4>(n));
+  std::vector<float> ha(quant::block_count(n, 64));
+  quant::quantize_blockwise<quant::nf4>(exec::host{}, view(std::as_const(x)), 64, view(hc), view(ha));
+  CHECK(std::vector<std::uint8_t>(codes.begin(), codes.end()) == hc);
+  CHECK(std::vector<float>(absmax.begin(), absmax.end()) == ha);
+  thrust::host_vector<float, thrust::universal_host_pinned_allocator<float>> pinned(4);
+  CHECK(view(pinned).space() == memory_space::pinned);
+}
+
+#endif // QMEM_HAS_CUDA()

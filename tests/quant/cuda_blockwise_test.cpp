@@ -1,0 +1,372 @@
+// CUDA-specific cases of the blockwise kernels (quant/cuda/blockwise.cuh), beyond the shared
+// backend tests in blockwise_test.cpp / double_quant_test.cpp (which already run every code type
+// and block size on the GPU against the reference): the device encoders against C::encode over
+// all 2^32 floats, views at offsets that are not 16-byte aligned (the scalar path), sizes that
+// are not a multiple of a thread's vector, grid-stride loops over many blocks per CTA, a tensor of
+// more than 2^32 elements, a multi-level offset tree, a non-default stream and
+// sync_after_launch. Every result is compared bit for bit with the host backend.
+// Compiled only by nvcc; without a GPU each case says so and returns.
+#include "support/backend.hpp"
+
+#include <qmem/core/config.hpp>
+
+#if QMEM_HAS_CUDA()
+
+#include <qmem/memory/cuda_resource.cuh>
+#include <qmem/quant.hpp>
+#include <qmem/quant/cuda/blockwise.cuh>
+#include <qmem/quant/double_quant.hpp>
+
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace qmem;
+using namespace qmem::quant;
+using qmem::test::cuda_backend;
+using qmem::test::host_backend;
+
+static_assert(cuda_impl::kernels::offset_tree_arity_v == offset_tree_arity,
+              "the GPU offset tree must have the host's arity");
+
+// Values with a wide dynamic range per block (so every decade of the dynamic maps is hit),
+// outliers, exact zeros, and, when `specials`, NaN, infinities and negative zeros.
+std::vector<float> test_values(std::size_t n, std::uint32_t seed, bool specials = false) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    float const scale = std::ldexp(1.0f, static_cast<int>(g() % 40) - 20);
+    v[i] = u(g) * scale;
+    if (g() % 61 == 0)
+      v[i] = 0.0f;
+  }
+  if (specials && n > 300) {
+    v[5] = std::numeric_limits<float>::quiet_NaN();
+    v[130] = std::numeric_limits<float>::infinity();
+    v[200] = -0.0f;
+    for (std::size_t i = 256; i < 320; ++i) // an all-zero block for block sizes <= 64
+      v[i] = 0.0f;
+  }
+  return v;
+}
+
+template <class T>
+std::vector<T> as(std::vector<float> const& v) {
+  std::vector<T> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i)
+    out[i] = from_float<T>(v[i]);
+  return out;
+}
+
+template <class T>
+bool same_bits(std::vector<T> const& a, std::vector<T> const& b) {
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+// Quantizes x[offset, offset + n) into codes[code_offset, ...) and dequantizes into
+// y[y_offset, ...) on the GPU and on the host; requires identical bits everywhere.
+template <class C, class T>
+void check_gpu_equals_host(std::vector<float> const& values, std::size_t block, std::size_t offset,
+                           std::size_t code_offset, std::size_t y_offset, rounding r = {},
+                           exec::cuda const& e = {}) {
+  std::size_t const n = values.size() - offset;
+  auto const x = as<T>(values);
+  std::vector<std::uint8_t> hc(code_bytes<C>(n));
+  std::vector<float> ha(block_count(n, block));
+  tensor_view<T const> hx(x.data() + offset, n);
+  quantize_blockwise<C>(exec::host{}, hx, block, view(hc), view(ha), r);
+  std::vector<T> hy(n);
+  dequantize_blockwise<C>(exec::host{}, view(std::as_const(hc)), view(std::as_const(ha)), block,
+                          view(hy));
+
+  auto dx = cuda_backend::upload(x);
+  auto dc = cuda_backend::alloc<std::uint8_t>(code_bytes<C>(n) + code_offset);
+  auto da = cuda_backend::alloc<float>(ha.size());
+  auto dy = cuda_backend::alloc<T>(n + y_offset);
+  auto const xv = tensor_view<T const>(dx.view()).subview(offset, n);
+  auto const cv = dc.view().subview(code_offset, code_bytes<C>(n));
+  auto const yv = dy.view().subview(y_offset, n);
+  quantize_blockwise<C>(e, xv, block, cv, da.view(), r);
+  dequantize_blockwise<C>(e, tensor_view<std::uint8_t const>(cv), tensor_view<float const>(da.view()),
+                          block, yv);
+  auto const gc = cuda_backend::download(tensor_view<std::uint8_t const>(cv));
+  auto const ga = cuda_backend::download(da.view());
+  auto const gy = cuda_backend::download(tensor_view<T const>(yv));
+  REQUIRE(same_bits(ga, ha));
+  REQUIRE(gc == hc);
+  REQUIRE(same_bits(gy, hy));
+}
+
+// ---- device encoders == C::encode over every float ---------------------------------------------
+
+template <class C>
+__global__ void count_encoder_mismatches(typename cuda_impl::device_encoder<C>::params const p,
+                                         decltype(C::book) book, unsigned long long* mismatches) {
+  using enc_t = cuda_impl::device_encoder<C>;
+  __shared__ typename enc_t::storage storage;
+  __shared__ std::remove_cv_t<decltype(C::book)> sbook;
+  cuda_impl::kernels::copy_to_shared(sbook, book);
+  enc_t::prepare(storage, p);
+  __syncthreads();
+  auto const enc = enc_t::make(storage, p, sbook);
+  unsigned long long local = 0;
+  std::uint64_t const stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
+  for (std::uint64_t u = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       u < (std::uint64_t{1} << 32); u += stride) {
+    float const x = qmem::detail::bits_to_float(static_cast<std::uint32_t>(u));
+    local += enc(x) != C::encode(x, sbook) ? 1u : 0u;
+  }
+  if (local != 0)
+    atomicAdd(mismatches, local);
+}
+
+template <class C>
+unsigned long long encoder_mismatches() {
+  unsigned long long* d = nullptr;
+  cuda_detail::check(cudaMalloc(&d, sizeof(unsigned long long)), "cudaMalloc");
+  cuda_detail::check(cudaMemset(d, 0, sizeof(unsigned long long)), "cudaMemset");
+  count_encoder_mismatches<C><<<132 * 8, 256>>>(cuda_impl::device_encoder<C>::host_params(),
+                                                 C::book, d);
+  cuda_detail::check(cudaGetLastError(), "count_encoder_mismatches");
+  unsigned long long h = 0;
+  cuda_detail::check(cudaMemcpy(&h, d, sizeof h, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  (void)cudaFree(d);
+  return h;
+}
+
+} // namespace
+
+TEST_CASE("cuda blockwise: device encoders equal C::encode for all 2^32 floats") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  CHECK(encoder_mismatches<dynamic_signed>() == 0);
+  CHECK(encoder_mismatches<dynamic_unsigned>() == 0);
+  CHECK(encoder_mismatches<fp4>() == 0);
+  CHECK(encoder_mismatches<nf4>() == 0);
+}
+
+TEST_CASE("cuda blockwise: bucket tables reproduce C::encode around every table midpoint (host)") {
+  // The host half of the check above, cheap enough for every build: both sides of the midpoint
+  // of each pair of neighbouring table values, and the special values.
+  auto check = []<class C>(std::type_identity<C>) {
+    using layout = typename cuda_impl::bucket_layout_of<C>::type;
+    auto const& t = cuda_impl::bucket_table_of<C>();
+    constexpr std::size_t entries = std::size_t{1} << C::bits;
+    for (std::size_t i = 0; i + 1 < entries; ++i) {
+      float const mid = (C::book.sorted[i] + C::book.sorted[i + 1]) * 0.5f;
+      for (float x : {mid, std::nextafter(mid, -2.0f), std::nextafter(mid, 2.0f),
+                      C::book.sorted[i], -mid}) {
+        REQUIRE(cuda_impl::bucket_lookup<layout>(x, t.entry, t.nan_code, t.negative_zero_code) ==
+                C::encode(x, C::book));
+      }
+    }
+    for (float x : {0.0f, -0.0f, 1.0f, -1.0f, 2.0f, -2.0f, 1e-30f, -1e-30f,
+                    std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                    std::numeric_limits<float>::quiet_NaN()})
+      REQUIRE(cuda_impl::bucket_lookup<layout>(x, t.entry, t.nan_code, t.negative_zero_code) == C::encode(x, C::book));
+  };
+  check(std::type_identity<dynamic_signed>{});
+  check(std::type_identity<dynamic_unsigned>{});
+  check(std::type_identity<nf4>{});
+  check(std::type_identity<fp4>{});
+}
+
+TEST_CASE("cuda blockwise: odd sizes, partial vectors and many blocks per CTA") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  for (std::size_t n : {std::size_t{1}, std::size_t{3}, std::size_t{15}, std::size_t{17},
+                        std::size_t{4095}, std::size_t{(1u << 20) + 7}}) {
+    CAPTURE(n);
+    auto const v = test_values(n, static_cast<std::uint32_t>(n), true);
+    check_gpu_equals_host<nf4, bf16>(v, 64, 0, 0, 0);
+    check_gpu_equals_host<fp4, f16>(v, 32, 0, 0, 0);
+    check_gpu_equals_host<dynamic_signed, float>(v, 256, 0, 0, 0);
+    check_gpu_equals_host<dynamic_signed, bf16>(v, 4096, 0, 0, 0);
+    check_gpu_equals_host<dynamic_unsigned, float>(v, 128, 0, 0, 0);
+    check_gpu_equals_host<fp8_e4m3, bf16>(v, 512, 0, 0, 0);
+    check_gpu_equals_host<nf4, double>(v, 4096, 0, 0, 0);
+  }
+}
+
+TEST_CASE("cuda blockwise: views at offsets that are not 16-byte aligned") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  auto const v = test_values(10007, 7, true);
+  for (std::size_t off : {std::size_t{1}, std::size_t{3}, std::size_t{8}}) {
+    CAPTURE(off);
+    check_gpu_equals_host<nf4, bf16>(v, 64, off, 0, 0);
+    check_gpu_equals_host<nf4, bf16>(v, 64, 0, off, 0);
+    check_gpu_equals_host<nf4, bf16>(v, 64, 0, 0, off);
+    check_gpu_equals_host<dynamic_signed, float>(v, 256, off, off, off);
+    check_gpu_equals_host<fp4, float>(v, 1024, off, 0, off);
+  }
+}
+
+TEST_CASE("cuda blockwise: stochastic rounding draws the host's numbers") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  auto const v = test_values(70001, 3);
+  rounding const r{true, 12345};
+  check_gpu_equals_host<nf4, bf16>(v, 64, 0, 0, 0, r);
+  check_gpu_equals_host<dynamic_signed, float>(v, 256, 0, 0, 0, r);
+  check_gpu_equals_host<dynamic_unsigned, float>(v, 2048, 1, 1, 0, r);
+}
+
+TEST_CASE("cuda blockwise: a stream of its own, and sync_after_launch") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  cudaStream_t s = nullptr;
+  cuda_detail::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  auto const v = test_values(100003, 5);
+  check_gpu_equals_host<nf4, bf16>(v, 64, 0, 0, 0, {}, exec::cuda{s, 0, false});
+  check_gpu_equals_host<dynamic_signed, float>(v, 256, 0, 0, 0, {}, exec::cuda{s, 0, true});
+  cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+  cuda_detail::check(cudaStreamDestroy(s), "cudaStreamDestroy");
+}
+
+TEST_CASE("cuda blockwise: double quantization with a three-level offset tree") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  std::size_t const m = 300001; // 1172 leaves' sums -> 5 -> 1
+  auto r = test_values(m, 9);
+  std::vector<float> absmax(m);
+  for (std::size_t i = 0; i < m; ++i)
+    absmax[i] = 0.5f + std::fabs(r[i]);
+  std::size_t const nb = 256;
+  std::vector<std::uint8_t> hq(m);
+  std::vector<float> h2(block_count(m, nb));
+  std::vector<float> hoff(1);
+  quantize_scales(exec::host{}, view(std::as_const(absmax)), nb, view(hq), view(h2), view(hoff));
+
+  auto da = cuda_backend::upload(absmax);
+  auto dq = cuda_backend::alloc<std::uint8_t>(m);
+  auto d2 = cuda_backend::alloc<float>(h2.size());
+  auto doff = cuda_backend::alloc<float>(1);
+  exec::cuda const e{};
+  quantize_scales(e, tensor_view<float const>(da.view()), nb, dq.view(), d2.view(), doff.view());
+  REQUIRE(same_bits(cuda_backend::download(doff.view()), hoff));
+  REQUIRE(cuda_backend::download(dq.view()) == hq);
+  REQUIRE(same_bits(cuda_backend::download(d2.view()), h2));
+
+  std::vector<float> hback(m);
+  dequantize_scales(exec::host{}, view(std::as_const(hq)), view(std::as_const(h2)),
+                    view(std::as_const(hoff)), nb, view(hback));
+  auto dback = cuda_backend::alloc<float>(m);
+  dequantize_scales(e, tensor_view<std::uint8_t const>(dq.view()),
+                    tensor_view<float const>(d2.view()), tensor_view<float const>(doff.view()), nb,
+                    dback.view());
+  REQUIRE(same_bits(cuda_backend::download(dback.view()), hback));
+
+  // one-pass nested dequantization of 8-bit codes, output offset by one element (scalar path)
+  std::size_t const block = 64;
+  std::size_t const n = m * block - 5;
+  std::vector<std::uint8_t> codes(n);
+  for (std::size_t i = 0; i < n; ++i)
+    codes[i] = static_cast<std::uint8_t>((i * 2654435761u) >> 13);
+  std::vector<bf16> hy(n);
+  dequantize_blockwise_nested<dynamic_signed>(exec::host{}, view(std::as_const(codes)),
+                                              view(std::as_const(hq)), view(std::as_const(h2)),
+                                              view(std::as_const(hoff)), block, nb, view(hy));
+  auto dc = cuda_backend::upload(codes);
+  for (std::size_t y_offset : {std::size_t{0}, std::size_t{1}}) {
+    auto dy = cuda_backend::alloc<bf16>(n + y_offset);
+    dequantize_blockwise_nested<dynamic_signed>(
+        e, tensor_view<std::uint8_t const>(dc.view()), tensor_view<std::uint8_t const>(dq.view()),
+        tensor_view<float const>(d2.view()), tensor_view<float const>(doff.view()), block, nb,
+        dy.view().subview(y_offset, n));
+    REQUIRE(same_bits(cuda_backend::download(tensor_view<bf16 const>(dy.view().subview(y_offset, n))),
+                      hy));
+  }
+}
+
+namespace {
+__global__ void fill_pattern(bf16* x, std::size_t n) {
+  std::size_t const stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    std::uint32_t h = static_cast<std::uint32_t>(i ^ (i >> 29)) * 2654435761u;
+    h ^= h >> 15;
+    x[i] = bf16(static_cast<float>(static_cast<int>(h & 0xffff) - 32768) *
+                (1.0f / 32768.0f) * static_cast<float>(1 + (i >> 32)));
+  }
+}
+} // namespace
+
+TEST_CASE("cuda blockwise: more than 2^32 elements (64-bit indexing)") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  std::size_t const n = (std::size_t{1} << 32) + 4099; // > 2^32, odd, last block partial
+  std::size_t const block = 64;
+  std::size_t free_bytes = 0;
+  std::size_t total_bytes = 0;
+  cuda_detail::check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  std::size_t const need = n * 2 * 2 + n / 2 + n / 16 + (std::size_t{1} << 30);
+  if (free_bytes < need) {
+    MESSAGE("SKIPPED: needs " << need << " bytes of free device memory, " << free_bytes
+                              << " free");
+    return;
+  }
+  bf16* x = nullptr;
+  std::uint8_t* codes = nullptr;
+  float* absmax = nullptr;
+  bf16* y = nullptr;
+  std::size_t const blocks = block_count(n, block);
+  cuda_detail::check(cudaMalloc(&x, n * sizeof(bf16)), "cudaMalloc");
+  cuda_detail::check(cudaMalloc(&codes, code_bytes<nf4>(n)), "cudaMalloc");
+  cuda_detail::check(cudaMalloc(&absmax, blocks * sizeof(float)), "cudaMalloc");
+  cuda_detail::check(cudaMalloc(&y, n * sizeof(bf16)), "cudaMalloc");
+  fill_pattern<<<132 * 8, 256>>>(x, n);
+  cuda_detail::check(cudaGetLastError(), "fill_pattern");
+  exec::cuda const e{};
+  quantize_blockwise<nf4>(e, tensor_view<bf16 const>(x, n, memory_space::device), block,
+                          tensor_view<std::uint8_t>(codes, code_bytes<nf4>(n), memory_space::device),
+                          tensor_view<float>(absmax, blocks, memory_space::device));
+  dequantize_blockwise<nf4>(
+      e, tensor_view<std::uint8_t const>(codes, code_bytes<nf4>(n), memory_space::device),
+      tensor_view<float const>(absmax, blocks, memory_space::device), block,
+      tensor_view<bf16>(y, n, memory_space::device));
+  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+
+  // The host recomputes two windows of whole blocks: one straddling 2^32 and the tail.
+  for (std::size_t first_block : {(std::size_t{1} << 32) / block - 3, blocks - 5}) {
+    CAPTURE(first_block);
+    std::size_t const begin = first_block * block;
+    std::size_t const count = n - begin < 8 * block ? n - begin : 8 * block;
+    std::vector<bf16> hx(count);
+    cuda_detail::check(cudaMemcpy(hx.data(), x + begin, count * sizeof(bf16), cudaMemcpyDeviceToHost),
+                       "cudaMemcpy");
+    std::vector<std::uint8_t> hc(code_bytes<nf4>(count));
+    std::vector<float> ha(block_count(count, block));
+    quantize_blockwise<nf4>(exec::host{}, view(std::as_const(hx)), block, view(hc), view(ha));
+    std::vector<std::uint8_t> gc(hc.size());
+    std::vector<float> ga(ha.size());
+    std::vector<bf16> gy(count);
+    cuda_detail::check(cudaMemcpy(gc.data(), codes + begin / 2, gc.size(), cudaMemcpyDeviceToHost),
+                       "cudaMemcpy");
+    cuda_detail::check(cudaMemcpy(ga.data(), absmax + first_block, ga.size() * sizeof(float),
+                                  cudaMemcpyDeviceToHost),
+                       "cudaMemcpy");
+    cuda_detail::check(cudaMemcpy(gy.data(), y + begin, count * sizeof(bf16), cudaMemcpyDeviceToHost),
+                       "cudaMemcpy");
+    std::vector<bf16> hy(count);
+    dequantize_blockwise<nf4>(exec::host{}, view(std::as_const(hc)), view(std::as_const(ha)), block,
+                              view(hy));
+    CHECK(gc == hc);
+    CHECK(same_bits(ga, ha));
+    CHECK(same_bits(gy, hy));
+  }
+  (void)cudaFree(x);
+  (void)cudaFree(codes);
+  (void)cudaFree(absmax);
+  (void)cudaFree(y);
+}
+
+#endif // QMEM_HAS_CUDA()
