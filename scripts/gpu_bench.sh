@@ -103,8 +103,15 @@ if has tests && [[ -x $tests ]]; then
 fi
 
 if has bench; then
-  if [[ -x $build/quant_bench_cuda || -x $build/bench/quant_bench_cuda ]]; then
-    qb=$(ls "$build"/bench/quant_bench_cuda "$build"/quant_bench_cuda 2>/dev/null | head -1)
+  if [[ ! -x $build/bench/quant_bench_cuda ]]; then
+    say "quant_bench_cuda did not build with CMake; building it alone"
+    mkdir -p "$build/bench"
+    nvcc -std=c++20 -arch=sm_90 -O3 --extended-lambda -I"$root/include" -I"$deps/include" \
+      "$root/bench/cuda/quant_bench.cu" -L"$deps/lib/x86_64-linux-gnu" -lbenchmark -lpthread \
+      -o "$build/bench/quant_bench_cuda" >>"$log" 2>&1
+  fi
+  if [[ -x $build/bench/quant_bench_cuda ]]; then
+    qb=$build/bench/quant_bench_cuda
     say "quant benchmark"
     "$qb" --benchmark_min_time=0.1 --benchmark_out="$OUT/quant_bench.json" \
       --benchmark_out_format=json >>"$log" 2>&1 || say "quant benchmark FAILED"
