@@ -1,0 +1,443 @@
+// Matmul with quantized weights on the GPU, against cuBLAS bf16 and a device-to-device copy
+// measured in the same run.
+//
+// - gemv/*: NF4 weights, bf16 activations, batch 1 and 16, the five shapes of
+//   shared/anchors/README.md, timed as the anchors' peer_gemv_graph.py times bitsandbytes: 200
+//   calls captured in one CUDA graph, time per call. Bytes moved = codes + scales + x + y; GB/s and
+//   % of the same-run copy bandwidth (bytes read + written) are reported.
+// - cublas_gemv/*: cuBLASLt bf16 on the same shapes, the same way (it reads 4x the weight bytes).
+// - gemm/*: batch 4096, dequantize + cuBLASLt against cuBLASLt bf16 on the same shape.
+// - grad_input/*, int8/*: the QLoRA backward pass and the LLM.int8 layer.
+#include <qmem/quant/cuda/matmul.cuh>
+#include <qmem/quant/matmul.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+namespace {
+
+using namespace qmem;
+using namespace qmem::quant;
+
+void check(cudaError_t s, char const* what) { cuda_detail::check(s, what); }
+
+//! Deterministic pseudo-random bytes (a 32-bit mix of the index), filled on the device.
+__global__ void fill_bytes(std::uint8_t* p, std::size_t n, std::uint32_t seed) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    std::uint32_t h = static_cast<std::uint32_t>(i) * 0x9E3779B1u ^ seed;
+    h ^= h >> 15;
+    h *= 0x85EBCA77u;
+    h ^= h >> 13;
+    p[i] = static_cast<std::uint8_t>(h >> 7);
+  }
+}
+
+//! Values in [lo, hi) from the same mix.
+template <class T>
+__global__ void fill_values(T* p, std::size_t n, float lo, float hi, std::uint32_t seed) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < n;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    std::uint32_t h = static_cast<std::uint32_t>(i) * 0x9E3779B1u ^ seed;
+    h ^= h >> 15;
+    h *= 0x85EBCA77u;
+    h ^= h >> 13;
+    float const u = static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
+    p[i] = from_float<T>(lo + (hi - lo) * u);
+  }
+}
+
+//! x[r, c] = 8 for every 128th column c and every 64th row r (and row 0).
+__global__ void plant_outliers(bf16* x, std::size_t m, std::size_t k) {
+  for (std::size_t c = (blockIdx.x * std::size_t{blockDim.x} + threadIdx.x) * 128; c < k;
+       c += std::size_t{gridDim.x} * blockDim.x * 128)
+    for (std::size_t r = 0; r < m; r += 64)
+      x[r * k + c] = bf16(8.0f);
+}
+
+template <class T>
+struct device_buffer {
+  T* p = nullptr;
+  std::size_t n = 0;
+  explicit device_buffer(std::size_t count) : n(count) {
+    check(cudaMalloc(&p, std::max<std::size_t>(count, 1) * sizeof(T)), "cudaMalloc");
+  }
+  ~device_buffer() { (void)cudaFree(p); }
+  device_buffer(device_buffer const&) = delete;
+  device_buffer& operator=(device_buffer const&) = delete;
+  tensor_view<T> view() const { return {p, n, memory_space::device}; }
+};
+
+//! Median of `reps` timings of `body` (events around it), in seconds.
+template <class F>
+double time_median(cudaStream_t s, int reps, F&& body) {
+  cudaEvent_t a, b;
+  check(cudaEventCreate(&a), "cudaEventCreate");
+  check(cudaEventCreate(&b), "cudaEventCreate");
+  std::vector<float> ms;
+  for (int r = 0; r < reps; ++r) {
+    check(cudaEventRecord(a, s), "cudaEventRecord");
+    body();
+    check(cudaEventRecord(b, s), "cudaEventRecord");
+    check(cudaEventSynchronize(b), "cudaEventSynchronize");
+    float t = 0;
+    check(cudaEventElapsedTime(&t, a, b), "cudaEventElapsedTime");
+    ms.push_back(t);
+  }
+  (void)cudaEventDestroy(a);
+  (void)cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2] * 1e-3;
+}
+
+//! Device-to-device copy bandwidth (bytes read + written per second), measured once per run on
+//! 2 GiB; the roofline every result here is compared with.
+double copy_bandwidth() {
+  static double bw = [] {
+    std::size_t const bytes = std::size_t{1} << 30;
+    device_buffer<std::uint8_t> src(bytes), dst(bytes);
+    cudaStream_t s;
+    check(cudaStreamCreate(&s), "cudaStreamCreate");
+    double const t = time_median(s, 15, [&] {
+      check(cudaMemcpyAsync(dst.p, src.p, bytes, cudaMemcpyDeviceToDevice, s), "cudaMemcpyAsync");
+    });
+    (void)cudaStreamDestroy(s);
+    return 2.0 * static_cast<double>(bytes) / t;
+  }();
+  return bw;
+}
+
+void report(benchmark::State& state, double seconds_per_call, double bytes) {
+  state.counters["us"] = seconds_per_call * 1e6;
+  state.counters["GB/s"] = bytes / seconds_per_call * 1e-9;
+  state.counters["pct_copy"] = 100.0 * bytes / seconds_per_call / copy_bandwidth();
+  state.counters["copy_GB/s"] = copy_bandwidth() * 1e-9;
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes) * state.iterations());
+}
+
+//! A 4-bit NF4 weight with random codes and scales on the device.
+struct nf4_weight {
+  std::size_t n, k, block;
+  bool nested;
+  device_buffer<std::uint8_t> codes;
+  device_buffer<float> absmax;
+  device_buffer<std::uint8_t> qabsmax;
+  device_buffer<float> absmax2;
+  nf4_weight(std::size_t rows, std::size_t cols, std::size_t blk, bool nest)
+      : n(rows), k(cols), block(blk), nested(nest), codes(rows * cols / 2),
+        absmax(nest ? 0 : rows * cols / blk), qabsmax(nest ? rows * cols / blk : 0),
+        absmax2(nest ? (rows * cols / blk + 255) / 256 : 0) {
+    fill_bytes<<<1024, 256>>>(codes.p, codes.n, 17u);
+    if (nested) {
+      fill_bytes<<<1024, 256>>>(qabsmax.p, qabsmax.n, 23u);
+      fill_values<float><<<64, 256>>>(absmax2.p, absmax2.n, 0.01f, 0.02f, 29u);
+    } else {
+      fill_values<float><<<1024, 256>>>(absmax.p, absmax.n, 0.01f, 0.05f, 31u);
+    }
+    check(cudaGetLastError(), "fill");
+  }
+  weight_4bit_view<nf4> view() const {
+    weight_4bit_view<nf4> v;
+    v.codes = tensor_view<std::uint8_t const>(codes.view());
+    v.rows = n;
+    v.cols = k;
+    v.block_size = block;
+    if (nested) {
+      v.scales.qabsmax = tensor_view<std::uint8_t const>(qabsmax.view());
+      v.scales.absmax2 = tensor_view<float const>(absmax2.view());
+      v.scales.offset = 0.03f;
+    } else {
+      v.scales.absmax = tensor_view<float const>(absmax.view());
+    }
+    return v;
+  }
+  double bytes() const {
+    double const e = static_cast<double>(n) * static_cast<double>(k);
+    double const blocks = e / static_cast<double>(block);
+    return e / 2 + (nested ? blocks + blocks / 256 * 4 : blocks * 4);
+  }
+};
+
+//! Time per call of `call`, captured `calls` times into one CUDA graph (as the anchors do).
+template <class F>
+double graph_time_per_call(cudaStream_t s, int calls, F&& call) {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+  for (int i = 0; i < calls; ++i)
+    call();
+  check(cudaStreamEndCapture(s, &graph), "cudaStreamEndCapture");
+  check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+  for (int i = 0; i < 3; ++i)
+    check(cudaGraphLaunch(exec, s), "cudaGraphLaunch"); // warm-up
+  double const t = time_median(s, 20, [&] { check(cudaGraphLaunch(exec, s), "cudaGraphLaunch"); });
+  (void)cudaGraphExecDestroy(exec);
+  (void)cudaGraphDestroy(graph);
+  return t / calls;
+}
+
+// Args: n, k, m, nested
+void gemv(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  bool const nested = state.range(3) != 0;
+  nf4_weight w(n, k, 64, nested);
+  device_buffer<bf16> x(m * k), y(m * n);
+  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  cudaStream_t s;
+  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  exec::cuda const e{s, 0};
+  auto const wv = w.view();
+  double t = 0;
+  for (auto _ : state) {
+    t = graph_time_per_call(s, 200, [&] {
+      matmul_4bit<bf16>(e, tensor_view<bf16 const>(x.view()), m, wv, y.view());
+    });
+    state.SetIterationTime(t * 200);
+  }
+  report(state, t, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
+  (void)cudaStreamDestroy(s);
+}
+
+// The GEMV kernel's variants: {warps, unroll, tiles, shuffle decode}.
+constexpr int variants[][4] = {{8, 2, 1, 1}, {8, 2, 2, 1}, {8, 2, 1, 0}, {8, 2, 2, 0},
+                               {4, 2, 1, 1}, {16, 2, 1, 1}, {8, 4, 1, 1}, {4, 2, 2, 1}};
+
+template <int W, int U, int R, bool S>
+void launch_variant(exec::cuda const& e, cuda_matmul::gemv_args<bf16> const& a) {
+  cuda_matmul::launch_gemv_fast<nf4, bf16, false, W, U, R, S>(e, a);
+}
+
+// Args: n, k, m, variant index. The fast GEMV kernel alone, plain scales, with each block shape.
+void gemv_variant(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  int const v = static_cast<int>(state.range(3));
+  nf4_weight w(n, k, 64, false);
+  device_buffer<bf16> x(m * k), y(m * n);
+  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  cudaStream_t s;
+  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  exec::cuda const e{s, 0};
+  cuda_matmul::gemv_args<bf16> const a{x.p, w.codes.p, cuda_matmul::make_scale_args(w.view().scales),
+                                       y.p, static_cast<unsigned>(m), n, k, 6};
+  auto call = [&] {
+    switch (v) {
+    case 1: launch_variant<8, 2, 2, true>(e, a); break;
+    case 2: launch_variant<8, 2, 1, false>(e, a); break;
+    case 3: launch_variant<8, 2, 2, false>(e, a); break;
+    case 4: launch_variant<4, 2, 1, true>(e, a); break;
+    case 5: launch_variant<16, 2, 1, true>(e, a); break;
+    case 6: launch_variant<8, 4, 1, true>(e, a); break;
+    case 7: launch_variant<4, 2, 2, true>(e, a); break;
+    default: launch_variant<8, 2, 1, true>(e, a);
+    }
+  };
+  double t = 0;
+  for (auto _ : state) {
+    t = graph_time_per_call(s, 200, call);
+    state.SetIterationTime(t * 200);
+  }
+  state.counters["warps"] = variants[v][0];
+  state.counters["unroll"] = variants[v][1];
+  state.counters["tiles"] = variants[v][2];
+  state.counters["shuffle"] = variants[v][3];
+  report(state, t, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
+  (void)cudaStreamDestroy(s);
+}
+
+// Args: n, k, m. cuBLASLt bf16 x bf16 -> bf16, fp32 accumulation, the same graph timing.
+void cublas_gemv(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  device_buffer<bf16> w(n * k), x(m * k), y(m * n);
+  device_buffer<std::byte> ws(cublaslt_workspace_bytes);
+  fill_values<bf16><<<1024, 256>>>(w.p, w.n, -0.05f, 0.05f, 5u);
+  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  cudaStream_t s;
+  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  exec::cuda const e{s, 0};
+  auto call = [&] {
+    cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, w.p, x.p,
+                                    CUDA_R_16BF, y.p, ws.p, ws.n);
+  };
+  double t = 0;
+  for (auto _ : state) {
+    t = graph_time_per_call(s, 200, call);
+    state.SetIterationTime(t * 200);
+  }
+  report(state, t, 2.0 * static_cast<double>(n * k + m * k + m * n));
+  (void)cudaStreamDestroy(s);
+}
+
+// Args: n, k, m. Large batch: qmem (dequantize + cuBLASLt) and cuBLASLt bf16 in the same run.
+void gemm(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  nf4_weight w(n, k, 64, false);
+  device_buffer<bf16> x(m * k), y(m * n), wb(n * k);
+  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
+  auto const wv = w.view();
+  device_buffer<std::byte> ws(matmul_4bit_workspace_bytes<bf16>(m, wv));
+  cudaStream_t s;
+  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  exec::cuda const e{s, 0};
+  auto qmem_call = [&] {
+    matmul_4bit<bf16>(e, tensor_view<bf16 const>(x.view()), m, wv, y.view(), ws.view());
+  };
+  auto cublas_call = [&] {
+    cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
+                                    CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
+  };
+  for (int i = 0; i < 3; ++i) {
+    qmem_call();
+    cublas_call();
+  }
+  double tq = 0, tc = 0;
+  for (auto _ : state) {
+    tq = time_median(s, 10, qmem_call);
+    tc = time_median(s, 10, cublas_call);
+    state.SetIterationTime(tq);
+  }
+  state.counters["qmem_ms"] = tq * 1e3;
+  state.counters["cublas_bf16_ms"] = tc * 1e3;
+  state.counters["ratio"] = tq / tc;
+  state.counters["TFLOP/s"] = 2.0 * static_cast<double>(m * n * k) / tq * 1e-12;
+  (void)cudaStreamDestroy(s);
+}
+
+// Args: n, k, m. QLoRA backward: grad_x = grad_y * dequant(w).
+void grad_input(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  nf4_weight w(n, k, 64, false);
+  device_buffer<bf16> gy(m * n), gx(m * k);
+  fill_values<bf16><<<256, 256>>>(gy.p, gy.n, -1.0f, 1.0f, 3u);
+  auto const wv = w.view();
+  device_buffer<std::byte> ws(matmul_4bit_grad_input_workspace_bytes<bf16>(m, wv));
+  cudaStream_t s;
+  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  exec::cuda const e{s, 0};
+  auto call = [&] {
+    matmul_4bit_grad_input<bf16>(e, tensor_view<bf16 const>(gy.view()), m, wv, gx.view(),
+                                 ws.view());
+  };
+  call();
+  double t = 0;
+  for (auto _ : state) {
+    t = time_median(s, 10, call);
+    state.SetIterationTime(t);
+  }
+  report(state, t, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
+  (void)cudaStreamDestroy(s);
+}
+
+// Args: n, k, m, threshold x 10. LLM.int8 linear layer, bf16 in and out.
+void int8_linear(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  float const threshold = static_cast<float>(state.range(3)) / 10.0f;
+  device_buffer<bf16> x(m * k), y(m * n);
+  device_buffer<std::uint8_t> b(n * k);
+  device_buffer<float> cs(n);
+  fill_values<bf16><<<1024, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  plant_outliers<<<64, 256>>>(x.p, m, k); // 1 column in 128 above the threshold (LLM.int8-like)
+  fill_bytes<<<1024, 256>>>(b.p, b.n, 41u);
+  fill_values<float><<<64, 256>>>(cs.p, cs.n, 0.01f, 0.1f, 43u);
+  device_buffer<std::byte> ws(linear_int8_workspace_bytes(m, n, k));
+  cudaStream_t s;
+  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  exec::cuda const e{s, 0};
+  tensor_view<std::int8_t const> const bv(reinterpret_cast<std::int8_t const*>(b.p), b.n,
+                                          memory_space::device);
+  auto call = [&] {
+    linear_int8<bf16>(e, tensor_view<bf16 const>(x.view()), bv,
+                      tensor_view<float const>(cs.view()), m, n, k, threshold, y.view(), ws.view());
+  };
+  call();
+  double t = 0;
+  for (auto _ : state) {
+    t = time_median(s, 10, call);
+    state.SetIterationTime(t);
+  }
+  state.counters["ms"] = t * 1e3;
+  state.counters["TOP/s"] = 2.0 * static_cast<double>(m * n * k) / t * 1e-12;
+  (void)cudaStreamDestroy(s);
+}
+
+void copy(benchmark::State& state) {
+  for (auto _ : state)
+    state.SetIterationTime(1.0);
+  state.counters["copy_GB/s"] = copy_bandwidth() * 1e-9;
+}
+
+// The anchors' five shapes (out x in).
+constexpr std::int64_t shapes[5][2] = {
+    {4096, 4096}, {14336, 4096}, {4096, 14336}, {8192, 8192}, {28672, 8192}};
+
+void gemv_args(benchmark::internal::Benchmark* b) {
+  for (auto const& s : shapes)
+    for (std::int64_t m : {1, 16})
+      for (std::int64_t nested : {0, 1})
+        b->Args({s[0], s[1], m, nested});
+}
+void variant_args(benchmark::internal::Benchmark* b) {
+  for (auto const& s : {shapes[0], shapes[3], shapes[4]})
+    for (std::int64_t m : {1, 16})
+      for (std::int64_t v = 0; v < 8; ++v)
+        b->Args({s[0], s[1], m, v});
+}
+void cublas_args(benchmark::internal::Benchmark* b) {
+  for (auto const& s : shapes)
+    for (std::int64_t m : {1, 16})
+      b->Args({s[0], s[1], m});
+}
+
+} // namespace
+
+BENCHMARK(copy)->UseManualTime()->Iterations(1)->Unit(benchmark::kMicrosecond);
+BENCHMARK(gemv)->Apply(gemv_args)->UseManualTime()->Iterations(3)->Unit(benchmark::kMicrosecond);
+BENCHMARK(gemv_variant)
+    ->Apply(variant_args)
+    ->UseManualTime()
+    ->Iterations(2)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(cublas_gemv)
+    ->Apply(cublas_args)
+    ->UseManualTime()
+    ->Iterations(3)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(gemm)
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
+    ->UseManualTime()
+    ->Iterations(2)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(grad_input)
+    ->Args({8192, 8192, 1})
+    ->Args({8192, 8192, 16})
+    ->Args({8192, 8192, 4096})
+    ->UseManualTime()
+    ->Iterations(2)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(int8_linear)
+    ->Args({8192, 8192, 4096, 0})
+    ->Args({8192, 8192, 4096, 60})
+    ->Args({8192, 8192, 16, 60})
+    ->UseManualTime()
+    ->Iterations(2)
+    ->Unit(benchmark::kMicrosecond);
+
+BENCHMARK_MAIN();

@@ -1,0 +1,480 @@
+// Matmul with quantized weights: the host reference against hand-computed values, every backend
+// against the host reference (4-bit forward and grad-input, both the GEMV-style and the
+// large-batch paths), int8 products bit for bit, and the preconditions.
+//
+// Tolerance of a 4-bit product (docs/matmul.md derives it): the reference sums exact products in
+// double and rounds once to T; a backend sums the same products (the weights are the same values:
+// round_T(code * scale)) in fp32 in another order, on tensor cores that may truncate instead of
+// rounding at each addition. So |backend - reference| <= 2^(1-p) |reference| (T's rounding of two
+// nearby sums, p = 8 for bf16, 11 for f16) + 2 k 2^-24 sum_i |x_i w_i| (fp32 summation, doubled
+// for truncation). A misplaced code, scale or row changes a result by about |y|, far above this.
+#include <qmem/quant/matmul.hpp>
+#if QMEM_HAS_CUDA()
+#include <qmem/quant/cuda/matmul.cuh>
+#endif
+
+#include "support/backend.hpp"
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using namespace qmem;
+using namespace qmem::quant;
+
+//! A random 4-bit weight with its scales, owned on the host.
+struct host_weight {
+  std::size_t rows = 0, cols = 0, block = 64;
+  bool nested = false;
+  std::vector<std::uint8_t> codes, qabsmax;
+  std::vector<float> absmax, absmax2;
+  float offset = 0.0f;
+};
+
+host_weight random_weight(std::size_t rows, std::size_t cols, std::size_t block, bool nested,
+                          std::mt19937& rng) {
+  host_weight w;
+  w.rows = rows;
+  w.cols = cols;
+  w.block = block;
+  w.nested = nested;
+  std::size_t const n = rows * cols;
+  std::size_t const blocks = (n + block - 1) / block;
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> scale(0.25f, 2.0f);
+  w.codes.resize((n + 1) / 2);
+  for (auto& c : w.codes)
+    c = static_cast<std::uint8_t>(byte(rng));
+  if (nested) {
+    w.qabsmax.resize(blocks);
+    for (auto& q : w.qabsmax)
+      q = static_cast<std::uint8_t>(byte(rng));
+    w.absmax2.resize((blocks + 255) / 256);
+    for (auto& a : w.absmax2)
+      a = scale(rng);
+    w.offset = 0.75f;
+  } else {
+    w.absmax.resize(blocks);
+    for (auto& a : w.absmax)
+      a = scale(rng);
+  }
+  return w;
+}
+
+template <class T>
+std::vector<T> random_matrix(std::size_t count, std::mt19937& rng) {
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  std::vector<T> v(count);
+  for (auto& x : v)
+    x = from_float<T>(d(rng));
+  return v;
+}
+
+//! The host weight uploaded to backend B (arrays kept alive alongside the view).
+template <class B, class Code>
+struct backend_weight {
+  decltype(B::upload(std::vector<std::uint8_t>{})) codes, qabsmax;
+  decltype(B::upload(std::vector<float>{})) absmax, absmax2;
+  weight_4bit_view<Code> view;
+
+  explicit backend_weight(host_weight const& h)
+      : codes(B::upload(h.codes)), qabsmax(B::upload(h.qabsmax)), absmax(B::upload(h.absmax)),
+        absmax2(B::upload(h.absmax2)) {
+    view.codes = codes.view();
+    view.rows = h.rows;
+    view.cols = h.cols;
+    view.block_size = h.block;
+    if (h.nested) {
+      view.scales.qabsmax = qabsmax.view();
+      view.scales.absmax2 = absmax2.view();
+      view.scales.offset = h.offset;
+    } else {
+      view.scales.absmax = absmax.view();
+    }
+  }
+};
+
+template <class Code>
+weight_4bit_view<Code> host_view(host_weight const& h) {
+  weight_4bit_view<Code> v;
+  v.codes = {h.codes.data(), h.codes.size()};
+  v.rows = h.rows;
+  v.cols = h.cols;
+  v.block_size = h.block;
+  if (h.nested) {
+    v.scales.qabsmax = {h.qabsmax.data(), h.qabsmax.size()};
+    v.scales.absmax2 = {h.absmax2.data(), h.absmax2.size()};
+    v.scales.offset = h.offset;
+  } else {
+    v.scales.absmax = {h.absmax.data(), h.absmax.size()};
+  }
+  return v;
+}
+
+template <class T>
+constexpr int precision_bits = std::is_same_v<T, bf16> ? 8 : 11;
+
+//! Checks got against ref with the tolerance derived above; `terms[i]` is sum |x w| of output i
+//! and `depth` the summation length.
+template <class T>
+void expect_close(std::vector<T> const& got, std::vector<T> const& ref,
+                  std::vector<double> const& terms, std::size_t depth, std::string const& what) {
+  REQUIRE(got.size() == ref.size());
+  std::size_t bad = 0;
+  double worst = 0.0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    double const r = to_float(ref[i]);
+    double const g = to_float(got[i]);
+    double const tol = std::ldexp(std::fabs(r), 1 - precision_bits<T>) +
+                       2.0 * static_cast<double>(depth) * std::ldexp(terms[i], -24);
+    double const err = std::fabs(g - r);
+    worst = std::max(worst, tol > 0 ? err / tol : err);
+    if (!(err <= tol)) {
+      if (bad < 5)
+        MESSAGE(what << ": element " << i << " is " << g << ", reference " << r
+                     << ", tolerance " << tol);
+      ++bad;
+    }
+  }
+  INFO(what << ": worst error / tolerance = " << worst);
+  CHECK(bad == 0);
+}
+
+template <class B>
+auto workspace_for(std::size_t bytes) {
+  if constexpr (std::is_same_v<B, qmem::test::host_backend>)
+    return B::template alloc<std::byte>(0);
+  else
+    return B::template alloc<std::byte>(bytes);
+}
+
+template <class B, class T, class Code>
+void check_forward(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
+                   std::mt19937& rng) {
+  host_weight const hw = random_weight(n, k, block, nested, rng);
+  std::vector<T> const x = random_matrix<T>(m * k, rng);
+  std::vector<T> ref(m * n);
+  matmul_4bit<T>(exec::host{}, {x.data(), x.size()}, m, host_view<Code>(hw),
+                 tensor_view<T>{ref.data(), ref.size()});
+  std::vector<float> const wd = qmem::quant::detail::mm::host_dequantized<T>(host_view<Code>(hw));
+  std::vector<double> terms(m * n, 0.0);
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j)
+      for (std::size_t l = 0; l < k; ++l)
+        terms[i * n + j] += std::fabs(static_cast<double>(to_float(x[i * k + l])) * wd[j * k + l]);
+
+  backend_weight<B, Code> bw(hw);
+  auto bx = B::upload(x);
+  auto by = B::template alloc<T>(m * n);
+  auto ws = workspace_for<B>(matmul_4bit_workspace_bytes<T>(m, bw.view));
+  if (m <= gemv_max_rows)
+    matmul_4bit<T>(B::exec(), bx.view(), m, bw.view, by.view()); // no workspace needed
+  else
+    matmul_4bit<T>(B::exec(), bx.view(), m, bw.view, by.view(), ws.view());
+  std::vector<T> const got = B::download(by.view());
+  expect_close(got, ref, terms, k,
+               std::string(B::name) + " forward m=" + std::to_string(m) + " n=" +
+                   std::to_string(n) + " k=" + std::to_string(k) + " block=" +
+                   std::to_string(block) + (nested ? " nested" : " plain"));
+}
+
+template <class B, class T, class Code>
+void check_grad_input(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
+                      std::mt19937& rng) {
+  host_weight const hw = random_weight(n, k, block, nested, rng);
+  std::vector<T> const gy = random_matrix<T>(m * n, rng);
+  std::vector<T> ref(m * k);
+  matmul_4bit_grad_input<T>(exec::host{}, {gy.data(), gy.size()}, m, host_view<Code>(hw),
+                            tensor_view<T>{ref.data(), ref.size()});
+  std::vector<float> const wd = qmem::quant::detail::mm::host_dequantized<T>(host_view<Code>(hw));
+  std::vector<double> terms(m * k, 0.0);
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j)
+      for (std::size_t l = 0; l < k; ++l)
+        terms[i * k + l] += std::fabs(static_cast<double>(to_float(gy[i * n + j])) * wd[j * k + l]);
+
+  backend_weight<B, Code> bw(hw);
+  auto bg = B::upload(gy);
+  auto bx = B::template alloc<T>(m * k);
+  auto ws = workspace_for<B>(matmul_4bit_grad_input_workspace_bytes<T>(m, bw.view));
+  matmul_4bit_grad_input<T>(B::exec(), bg.view(), m, bw.view, bx.view(), ws.view());
+  std::vector<T> const got = B::download(bx.view());
+  expect_close(got, ref, terms, n,
+               std::string(B::name) + " grad_input m=" + std::to_string(m) + " n=" +
+                   std::to_string(n) + " k=" + std::to_string(k) + " block=" +
+                   std::to_string(block) + (nested ? " nested" : " plain"));
+}
+
+struct shape {
+  std::size_t m, n, k, block;
+};
+
+// Odd shapes: k not a multiple of the block (96, 160 with 64; 2080 with 4096), n not a multiple of
+// the 16-row tile, k not a multiple of 32 (77, 100: the generic kernel), m across 1..16 and
+// beyond 16 (the dequantize + cuBLASLt path), a weight smaller than one block.
+constexpr shape shapes[] = {
+    {1, 37, 96, 64},   {3, 64, 256, 64},   {8, 50, 160, 32},  {9, 24, 100, 256},
+    {16, 33, 512, 64}, {5, 20, 77, 64},    {1, 1, 1, 32},     {12, 17, 2080, 4096},
+    {2, 300, 384, 128}, {17, 40, 128, 64}, {40, 70, 192, 128}, {33, 19, 64, 32},
+};
+
+} // namespace
+
+TEST_CASE("host matmul_4bit reference: hand-computed values") {
+  // w = [[code 15, code 0], [code 7, code 8]] in NF4 with absmax 2: values [[2, -2], [0, 0.159...]]
+  std::vector<std::uint8_t> const codes = {0xF0, 0x78};
+  std::vector<float> const absmax = {2.0f};
+  weight_4bit_view<nf4> w;
+  w.codes = {codes.data(), codes.size()};
+  w.scales.absmax = {absmax.data(), 1};
+  w.rows = 2;
+  w.cols = 2;
+  w.block_size = 64;
+  std::vector<bf16> const x = {bf16(1.0f), bf16(0.5f)};
+  std::vector<bf16> y(2, bf16(123.0f));
+  matmul_4bit<bf16>(exec::host{}, {x.data(), 2}, 1, w, tensor_view<bf16>{y.data(), 2});
+  CHECK(to_float(y[0]) == 1.0f);                                   // 1 * 2 + 0.5 * -2
+  float const w11 = to_float(bf16(nf4_table.value[8] * 2.0f));     // 0.159 rounded to bf16
+  CHECK(to_float(y[1]) == to_float(bf16(0.5f * w11)));
+  // grad_x = grad_y * w: [1, 1] * w = [2 + 0, -2 + w11]
+  std::vector<bf16> const gy = {bf16(1.0f), bf16(1.0f)};
+  std::vector<bf16> gx(2);
+  matmul_4bit_grad_input<bf16>(exec::host{}, {gy.data(), 2}, 1, w, tensor_view<bf16>{gx.data(), 2});
+  CHECK(to_float(gx[0]) == 2.0f);
+  CHECK(to_float(gx[1]) == to_float(bf16(-2.0f + w11)));
+  // double-quantized scale: dynamic_signed[255] = 1, so scale = 1 * 1.5 + 0.5 = 2: same values
+  std::vector<std::uint8_t> const q = {255};
+  std::vector<float> const a2 = {1.5f};
+  weight_4bit_view<nf4> wn = w;
+  wn.scales = {};
+  wn.scales.qabsmax = {q.data(), 1};
+  wn.scales.absmax2 = {a2.data(), 1};
+  wn.scales.offset = 0.5f;
+  std::vector<bf16> yn(2);
+  matmul_4bit<bf16>(exec::host{}, {x.data(), 2}, 1, wn, tensor_view<bf16>{yn.data(), 2});
+  CHECK(yn == y);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("matmul_4bit forward matches the host reference", B, mm_forward) {
+  if (qmem::test::skip<B>())
+    return;
+  std::mt19937 rng(1234);
+  for (shape const& s : shapes)
+    for (bool const nested : {false, true}) {
+      check_forward<B, bf16, nf4>(s.m, s.n, s.k, s.block, nested, rng);
+      check_forward<B, f16, fp4>(s.m, s.n, s.k, s.block, nested, rng);
+    }
+  check_forward<B, bf16, fp4>(4, 48, 1024, 64, false, rng);
+  check_forward<B, f16, nf4>(13, 48, 1024, 64, true, rng);
+}
+TEST_CASE_TEMPLATE_APPLY(mm_forward, qmem::test::backends);
+
+#if QMEM_HAS_CUDA()
+namespace {
+template <int W, int U, int R, bool S>
+void variant_case(std::size_t m, std::size_t n, std::size_t k, bool nested, std::mt19937& rng) {
+  using B = qmem::test::cuda_backend;
+  host_weight const hw = random_weight(n, k, 64, nested, rng);
+  std::vector<bf16> const x = random_matrix<bf16>(m * k, rng);
+  std::vector<bf16> ref(m * n);
+  matmul_4bit<bf16>(exec::host{}, {x.data(), x.size()}, m, host_view<nf4>(hw),
+                    tensor_view<bf16>{ref.data(), ref.size()});
+  std::vector<float> const wd = qmem::quant::detail::mm::host_dequantized<bf16>(host_view<nf4>(hw));
+  std::vector<double> terms(m * n, 0.0);
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j)
+      for (std::size_t l = 0; l < k; ++l)
+        terms[i * n + j] += std::fabs(static_cast<double>(to_float(x[i * k + l])) * wd[j * k + l]);
+  backend_weight<B, nf4> bw(hw);
+  auto bx = B::upload(x);
+  auto by = B::template alloc<bf16>(m * n);
+  cuda_matmul::gemv_args<bf16> const a{bx.view().data(), bw.view.codes.data(),
+                                       cuda_matmul::make_scale_args(bw.view.scales),
+                                       by.view().data(), static_cast<unsigned>(m), n, k, 6};
+  if (nested)
+    cuda_matmul::launch_gemv_fast<nf4, bf16, true, W, U, R, S>(B::exec(), a);
+  else
+    cuda_matmul::launch_gemv_fast<nf4, bf16, false, W, U, R, S>(B::exec(), a);
+  expect_close(B::download(by.view()), ref, terms, k,
+               "variant " + std::to_string(W) + "/" + std::to_string(U) + "/" +
+                   std::to_string(R) + " m=" + std::to_string(m) + " n=" + std::to_string(n));
+}
+} // namespace
+
+TEST_CASE("GEMV kernel block shapes the bench compares all compute the reference") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  std::mt19937 rng(11);
+  for (std::size_t const m : {std::size_t{1}, std::size_t{5}, std::size_t{16}})
+    for (bool const nested : {false, true}) {
+      variant_case<8, 2, 1, true>(m, 45, 1408, nested, rng);
+      variant_case<8, 2, 2, true>(m, 45, 1408, nested, rng);
+      variant_case<8, 2, 1, false>(m, 45, 1408, nested, rng);
+      variant_case<8, 2, 2, false>(m, 70, 1408, nested, rng);
+      variant_case<4, 2, 1, true>(m, 70, 1408, nested, rng);
+      variant_case<16, 2, 1, true>(m, 33, 4096, nested, rng);
+      variant_case<8, 4, 1, true>(m, 33, 4096, nested, rng);
+      variant_case<4, 2, 2, true>(m, 70, 1408, nested, rng);
+    }
+}
+#endif
+
+TEST_CASE_TEMPLATE_DEFINE("matmul_4bit_grad_input matches the host reference", B, mm_grad) {
+  if (qmem::test::skip<B>())
+    return;
+  std::mt19937 rng(99);
+  for (shape const& s : shapes)
+    for (bool const nested : {false, true}) {
+      check_grad_input<B, bf16, nf4>(s.m, s.n, s.k, s.block, nested, rng);
+      check_grad_input<B, f16, fp4>(s.m, s.n, s.k, s.block, nested, rng);
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(mm_grad, qmem::test::backends);
+
+TEST_CASE_TEMPLATE_DEFINE("matmul_int8 and linear_int8 equal the host bit for bit", B, mm_int8) {
+  if (qmem::test::skip<B>())
+    return;
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> code(-127, 127);
+  std::uniform_real_distribution<float> sc(0.1f, 3.0f);
+  struct dims {
+    std::size_t m, n, k;
+  };
+  for (dims const d : {dims{1, 5, 8}, dims{7, 33, 64}, dims{40, 24, 132}, dims{3, 16, 1024}}) {
+    CAPTURE(d.m);
+    CAPTURE(d.n);
+    CAPTURE(d.k);
+    std::vector<std::int8_t> a(d.m * d.k), b(d.n * d.k);
+    for (auto& v : a)
+      v = static_cast<std::int8_t>(code(rng));
+    for (auto& v : b)
+      v = static_cast<std::int8_t>(code(rng));
+    std::vector<float> rs(d.m), cs(d.n);
+    for (auto& v : rs)
+      v = sc(rng);
+    for (auto& v : cs)
+      v = sc(rng);
+    // the int32 sum is exact: check one element independently of the epilogue helper
+    std::vector<float> ref(d.m * d.n);
+    matmul_int8(exec::host{}, {a.data(), a.size()}, {rs.data(), rs.size()}, {b.data(), b.size()},
+                {cs.data(), cs.size()}, d.m, d.n, d.k, tensor_view<float>{ref.data(), ref.size()});
+    {
+      std::int64_t acc = 0;
+      for (std::size_t l = 0; l < d.k; ++l)
+        acc += std::int64_t{a[l]} * std::int64_t{b[l]};
+      double const expect = static_cast<double>(acc) * rs[0] * cs[0] / (127.0 * 127.0);
+      CHECK(std::fabs(ref[0] - expect) <= 1e-6 * std::fabs(expect) + 1e-30);
+    }
+    auto ba = B::upload(a);
+    auto bb = B::upload(b);
+    auto brs = B::upload(rs);
+    auto bcs = B::upload(cs);
+    auto bo = B::template alloc<float>(d.m * d.n);
+    auto ws = workspace_for<B>(matmul_int8_workspace_bytes(d.m, d.n));
+    matmul_int8(B::exec(), ba.view(), brs.view(), bb.view(), bcs.view(), d.m, d.n, d.k, bo.view(),
+                ws.view());
+    CHECK(B::download(bo.view()) == ref);
+
+    // LLM.int8 linear: activations with a few outlier columns (|x| > 6)
+    std::vector<bf16> x = random_matrix<bf16>(d.m * d.k, rng);
+    for (std::size_t l = 0; l < d.k; l += 5)
+      x[(l % d.m) * d.k + l] = bf16(l % 2 == 0 ? 9.5f : -7.25f);
+    for (float const threshold : {6.0f, 0.0f}) {
+      CAPTURE(threshold);
+      std::vector<bf16> yref(d.m * d.n);
+      linear_int8<bf16>(exec::host{}, {x.data(), x.size()}, {b.data(), b.size()},
+                        {cs.data(), cs.size()}, d.m, d.n, d.k, threshold,
+                        tensor_view<bf16>{yref.data(), yref.size()});
+      auto bxv = B::upload(x);
+      auto by = B::template alloc<bf16>(d.m * d.n);
+      auto ws2 = workspace_for<B>(linear_int8_workspace_bytes(d.m, d.n, d.k));
+      linear_int8<bf16>(B::exec(), bxv.view(), bb.view(), bcs.view(), d.m, d.n, d.k, threshold,
+                        by.view(), ws2.view());
+      CHECK(B::download(by.view()) == yref);
+      // and the layer approximates x * W^T (W = b * cs / 127) to int8 accuracy
+      double worst = 0.0;
+      for (std::size_t i = 0; i < d.m; ++i)
+        for (std::size_t j = 0; j < d.n; ++j) {
+          double exact = 0.0, mag = 0.0;
+          for (std::size_t l = 0; l < d.k; ++l) {
+            double const t = static_cast<double>(to_float(x[i * d.k + l])) * b[j * d.k + l] *
+                             cs[j] / 127.0;
+            exact += t;
+            mag += std::fabs(t);
+          }
+          worst = std::max(worst, std::fabs(to_float(yref[i * d.n + j]) - exact) / (mag + 1e-30));
+        }
+      // threshold 6 keeps the outliers exact: int8 rounding of |x| <= 1 (1/254 relative) remains;
+      // without it the 9.5 outliers stretch the row scale and the error grows
+      if (threshold > 0.0f)
+        CHECK(worst < 0.02);
+    }
+  }
+}
+TEST_CASE_TEMPLATE_APPLY(mm_int8, qmem::test::backends);
+
+TEST_CASE_TEMPLATE_DEFINE("quantized matmuls reject bad arguments and write nothing", B, mm_bad) {
+  if (qmem::test::skip<B>())
+    return;
+  std::mt19937 rng(5);
+  host_weight const hw = random_weight(8, 64, 64, false, rng);
+  backend_weight<B, nf4> bw(hw);
+  auto bx = B::upload(random_matrix<bf16>(2 * 64, rng));
+  std::vector<bf16> const sentinel(2 * 8, bf16(42.0f));
+  auto by = B::upload(sentinel);
+  auto ws = workspace_for<B>(0);
+  // wrong y size
+  auto by_small = B::upload(std::vector<bf16>(15, bf16(42.0f)));
+  CHECK_THROWS_AS(matmul_4bit<bf16>(B::exec(), bx.view(), 2, bw.view, by_small.view(), ws.view()),
+                  qmem::bad_argument);
+  // m that does not match x
+  CHECK_THROWS_AS(matmul_4bit<bf16>(B::exec(), bx.view(), 3, bw.view, by.view(), ws.view()),
+                  qmem::bad_argument);
+  // bad block size
+  auto w_bad = bw.view;
+  w_bad.block_size = 48;
+  CHECK_THROWS_AS(matmul_4bit<bf16>(B::exec(), bx.view(), 2, w_bad, by.view(), ws.view()),
+                  qmem::bad_argument);
+  // too few scales
+  auto w_short = bw.view;
+  w_short.scales.absmax = w_short.scales.absmax.subview(0, 7);
+  CHECK_THROWS_AS(matmul_4bit<bf16>(B::exec(), bx.view(), 2, w_short, by.view(), ws.view()),
+                  qmem::bad_argument);
+  // host memory handed to the GPU (or device memory to the host)
+  if constexpr (!std::is_same_v<B, qmem::test::host_backend>) {
+    std::vector<bf16> hx(2 * 64);
+    CHECK_THROWS_AS(matmul_4bit<bf16>(B::exec(), {hx.data(), hx.size()}, 2, bw.view, by.view(),
+                                      ws.view()),
+                    qmem::bad_argument);
+    // a large batch without the workspace it needs
+    auto bx40 = B::upload(random_matrix<bf16>(40 * 64, rng));
+    auto by40 = B::template alloc<bf16>(40 * 8);
+    CHECK_THROWS_AS(matmul_4bit<bf16>(B::exec(), bx40.view(), 40, bw.view, by40.view(), ws.view()),
+                    qmem::bad_argument);
+  }
+  CHECK(B::download(by.view()) == sentinel);
+  // int8: k not a multiple of 4 on the GPU; mismatched scales everywhere
+  std::vector<float> const rs(2, 1.0f), cs(8, 1.0f);
+  auto ba = B::upload(std::vector<std::int8_t>(2 * 64, 1));
+  auto bb = B::upload(std::vector<std::int8_t>(8 * 64, 1));
+  auto brs = B::upload(rs);
+  auto bcs_short = B::upload(std::vector<float>(7, 1.0f));
+  auto bo = B::upload(std::vector<float>(16, 42.0f));
+  auto ws8 = workspace_for<B>(matmul_int8_workspace_bytes(2, 8));
+  CHECK_THROWS_AS(matmul_int8(B::exec(), ba.view(), brs.view(), bb.view(), bcs_short.view(), 2, 8,
+                              64, bo.view(), ws8.view()),
+                  qmem::bad_argument);
+  CHECK(B::download(bo.view()) == std::vector<float>(16, 42.0f));
+}
+TEST_CASE_TEMPLATE_APPLY(mm_bad, qmem::test::backends);
