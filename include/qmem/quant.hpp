@@ -13,3 +13,4 @@
 #include <qmem/quant/format.hpp>
 #include <qmem/quant/quantized_tensor.hpp>
 #include <qmem/quant/rowwise.hpp>
+#include <qmem/quant/matmul.hpp>

@@ -419,3 +419,8 @@ void linear_int8(exec::host, std::type_identity_t<tensor_view<T const>> x,
 }
 
 } // namespace qmem::quant
+
+// In a CUDA translation unit the exec::cuda overloads come with this header.
+#if QMEM_HAS_CUDA()
+#include <qmem/quant/cuda/matmul.cuh>
+#endif

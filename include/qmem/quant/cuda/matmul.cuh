@@ -225,19 +225,24 @@ __device__ QMEM_INLINE void load_tables(float* table, float* dyn, code_table<16>
 // ------------------------------------------------------------------------------------------------
 // GEMV-style forward: y[m, n] = x[m, k] * dequant(w)[n, k]^T for m <= 16
 
-//! Warps per block of the GEMV kernel; they split the columns of the block's rows. H200,
-//! 2026-11-29, NF4 batch 1: 4, 8 and 16 warps within 5% of each other on 8192 x 8192 and
-//! 28672 x 8192 (24-26 us, 78-85 us), 16 best on 4096 x 4096 (7.6 vs 8.0 us) but worst at batch 16.
+// Tuning of the GEMV kernel, measured with bench/cuda/matmul_bench.cu (gemv_variant: 200 calls in
+// one CUDA graph, NF4 block 64, plain scales) on one H200, 2026-11-29.
+
+//! Warps per block; they split the columns of the block's rows. Batch 1: 4, 8 and 16 warps within
+//! 5% of each other (8192 x 8192: 21.6 / 20.9 / 21.8 us; 28672 x 8192: 68.2 / 68.2 / 73.0 us);
+//! batch 16 (two tiles): 16 warps is worst (8192 x 8192: 44.3 us against 29.5 with 8).
 inline constexpr int gemv_warps = 8;
-//! Chunks of 128 columns a warp loads before computing (memory-level parallelism). H200,
-//! 2026-11-29: 1, 2 and 4 within 5% (the kernel was bound by decode instructions, not latency).
+//! Chunks of 128 columns a warp loads before computing. 2 and 4 within 5% (8192 x 8192, batch 1:
+//! 20.9 / 21.3 us; 28672 x 8192: 68.2 / 74.1 us): the kernel is bound by the decode
+//! instructions (lookup, scale, convert: ~3.5 per weight), not by load latency.
 inline constexpr int gemv_unroll = 2;
-//! 16-row weight tiles per block for batches of 9 to 16 rows (activation reuse); batches up to 8
-//! use one. H200, 2026-11-29, 8192 x 8192 NF4, batch 16: 40.6 us with 1 tile, 29.9 us with 2
-//! (28672 x 8192: 127.5 / 104.0 us); batch 1: 24.5 / 23.6 us, but 81.7 / 85.2 us on 28672 x 8192.
+//! 16-row weight tiles per block for batches of 9 to 16 rows (each warp reuses its activation
+//! fragments for all of them); batches up to 8 use one. Batch 16: 8192 x 8192 38.8 us with one
+//! tile, 29.5 us with two (28672 x 8192: 129.1 / 98.1 us). Batch 1: 20.9 / 20.3 us, but 68.2 /
+//! 71.4 us on 28672 x 8192, hence one tile there.
 inline constexpr int gemv_tiles = 2;
-//! Decode codes with a warp shuffle (true) or a shared-memory table (false); the bench's
-//! gemv_variant compares them.
+//! Decode codes with a warp shuffle (true) or a shared-memory table (false). The shuffle needs no
+//! address arithmetic: batch 1, 8192 x 8192 20.9 us against 24.5 us; 28672 x 8192 68.2 / 81.6 us.
 inline constexpr bool gemv_shuffle = true;
 
 template <class T>
@@ -564,7 +569,8 @@ __device__ QMEM_INLINE float2 round_pair(float a, float b) {
   }
 }
 
-//! Rows of the weight each thread of grad_input_4bit_vec_kernel loads before computing.
+//! Rows of the weight each thread of grad_input_4bit_vec_kernel loads before computing (not
+//! tuned: the one value measured, 8192 x 8192 batch 1 in 54 us on an H200, 2026-11-29).
 inline constexpr int grad_unroll = 4;
 
 //! The aligned fast path of the grad-input GEMV (k % 8 == 0, codes 4-byte aligned): each thread
