@@ -254,6 +254,7 @@ std::uint64_t write_shard(fs::path const& out, io::safetensors_reader const& r,
       w.write(r.bytes(*it.source));
     // input bytes count once per source tensor (a quantized weight makes several outputs)
     p.step(done.insert(it.source).second ? it.source->nbytes() : 0);
+    r.release(*it.source); // keep the resident set at about one tensor
   }
   w.commit();
   return total;
@@ -339,6 +340,7 @@ int quantize(std::vector<std::string> const& args, quantize_options o) {
           // the quant-state JSON's length depends on the data (nested_offset): plan with one
           // quantization, convert with another (deterministic: the same bytes)
           auto const w = quantize_entry(r, e, o);
+          r.release(e);
           for (auto const& [spec, bytes] : w.tensors())
             items.push_back({spec, &e, true});
         }

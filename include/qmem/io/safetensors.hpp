@@ -293,6 +293,16 @@ public:
   //! Tells the kernel the data will be read front to back once (no-op for `parse`d buffers).
   void advise_sequential() const noexcept { file_.advise_sequential(); }
 
+  //! Drops `t`'s resident pages from memory (file-backed readers only; a no-op for `parse`d
+  //! buffers). Reading `t` again re-reads them from the file or the page cache.
+  void release(tensor_entry const& t) const noexcept {
+    if (t.begin > t.end || t.end > data_.size() || file_.bytes().empty())
+      return;
+    auto const data_offset = static_cast<std::size_t>(data_.data() - bytes_.data());
+    file_.release(data_offset + static_cast<std::size_t>(t.begin),
+                  static_cast<std::size_t>(t.end - t.begin));
+  }
+
   //! A copy of tensor `name`. Throws bad_argument when there is no such tensor or its dtype is
   //! not `dtype_of_v<T>`.
   template <class T>

@@ -90,6 +90,21 @@ public:
       ::madvise(const_cast<std::byte*>(data_), size_, MADV_SEQUENTIAL);
   }
 
+  //! Drops the resident pages wholly inside [offset, offset + size) (they are re-read from the
+  //! file if touched again). Keeps the resident set of a pass over a file larger than RAM at about
+  //! one tensor. Out-of-range parts are ignored.
+  void release(std::size_t offset, std::size_t size) const noexcept {
+    if (data_ == nullptr || offset >= size_)
+      return;
+    size = std::min(size, size_ - offset);
+    auto const page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+    auto const base = reinterpret_cast<std::uintptr_t>(data_);
+    std::uintptr_t const first = (base + offset + page - 1) / page * page;
+    std::uintptr_t const last = (base + offset + size) / page * page;
+    if (first < last)
+      ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  }
+
 private:
   void unmap() noexcept {
     if (data_ != nullptr)
