@@ -9,6 +9,7 @@
 #include <qmem/optim/rules.hpp>
 #include <qmem/optim/state.hpp>
 #include <qmem/optim/cuda/bucket_search.hpp>
+#include <qmem/optim/cuda/state_format.hpp>
 
 #include "support/backend.hpp"
 
@@ -26,7 +27,7 @@
 #if QMEM_HAS_CUDA()
 #include <qmem/memory/cuda_resource.cuh>
 #include <qmem/optim/cuda/multi_tensor.cuh>
-// paged
+#include <qmem/optim/cuda/paged.cuh>
 #endif
 
 namespace {
@@ -70,6 +71,57 @@ void check_bucket_search_host() {
     ++checked;
   }
   MESSAGE("bucket search == bnb_search256 on ", checked, " values");
+}
+
+template <class Code>
+void check_encode_quotient() {
+  auto const codec = qmem::optim::cuda::codec<Code>::make();
+  auto const& t = codec.search;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> exponent(-140, 10);
+  std::size_t checked = 0, divided = 0;
+  auto check_one = [&](float s, float a) {
+    float const inv = qmem::optim::cuda::reciprocal(a);
+    std::uint8_t const expected = t.encode(s / a);
+    REQUIRE(codec.encode_quotient(s, a, inv) == expected);
+    ++checked;
+  };
+  for (int k = 0; k < 1 << 18; ++k) { // random blocks: a state and its block's absmax
+    float const a = std::ldexp(std::abs(unit(rng)) + 1e-3f, exponent(rng));
+    check_one(unit(rng) * a, a);
+    check_one(a, a);
+    check_one(-a, a);
+  }
+  for (int c = 0; c < 255; ++c) // states whose quotient lands on or next to a threshold
+    for (int k = 0; k < 64; ++k) {
+      float const a = std::ldexp(std::abs(unit(rng)) + 1e-3f, exponent(rng));
+      float s = t.threshold[c] * a;
+      for (int j = 0; j < 4; ++j)
+        s = next_after(s, false);
+      for (int j = 0; j < 9; ++j, s = next_after(s, true)) {
+        check_one(s, a);
+        divided += std::abs(s * qmem::optim::cuda::reciprocal(a) - t.threshold[c]) <
+                           std::abs(t.threshold[c]) * 1e-6f
+                       ? 1
+                       : 0;
+      }
+    }
+  check_one(0.0f, 1.0f);
+  check_one(-0.0f, 1.0f);
+  check_one(std::numeric_limits<float>::quiet_NaN(), 1.0f);
+  check_one(1e-45f, 1e-45f);
+  check_one(1e-45f, 3e-39f);
+  check_one(1.0f, std::numeric_limits<float>::infinity());
+  MESSAGE("encode_quotient == encode(s / absmax) on ", checked, " values (", divided,
+          " near a threshold)");
+}
+
+TEST_CASE("encode_quotient (multiply by the reciprocal, divide only near a threshold) == "
+          "encode of the IEEE quotient") {
+  check_encode_quotient<quant::dynamic_signed>();
+  check_encode_quotient<quant::dynamic_unsigned>();
+  check_encode_quotient<quant::linear_signed>();
 }
 
 TEST_CASE("bucket search returns bnb_search256's code (host: thresholds, specials, samples)") {
@@ -375,6 +427,378 @@ TEST_CASE("CUDA step == host optimizer, bit for bit, over 3 steps on 8 tensors o
     compare_with_host<oq::adamw, oq::int8_state, float>(
         make_problem<float, float>(odd_sizes(), 3, 12, true), oq::adamw{}, oo);
   }
+}
+
+// --- device groups for the remaining tests ---------------------------------------------------------
+
+//! A group's device storage: params, grads and zeroed states (as the host optimizer starts).
+template <class Rule, class Policy, class P, class G>
+struct device_problem {
+  using group_t = ocu::multi_tensor_step<Rule, Policy, P, G>;
+  using traits = typename group_t::traits;
+  std::vector<std::size_t> sizes;
+  std::vector<P*> p;
+  std::vector<G*> g;
+  std::vector<std::vector<std::uint8_t*>> state;
+  std::vector<std::vector<float*>> absmax;
+  std::vector<typename group_t::tensor> tensors;
+  memory::resource* storage = nullptr; // null: cudaMalloc
+
+  device_problem(problem<P, G> const& pr, Rule rule, memory::resource* r = nullptr)
+      : sizes(pr.sizes), storage(r) {
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      std::size_t const n = sizes[i];
+      p.push_back(to_device(pr.params[i]));
+      g.push_back(to_device(pr.grads[0][i]));
+      typename group_t::tensor t;
+      t.param = p.back();
+      t.grad = g.back();
+      t.size = n;
+      t.rule = rule;
+      state.emplace_back();
+      absmax.emplace_back();
+      ocu::detail::for_each_state_host<Rule::state_count>([&](auto J) {
+        using F = typename traits::template format<J.value>;
+        auto* s = static_cast<std::uint8_t*>(alloc(F::bytes(n) + 16));
+        auto* a = static_cast<float*>(alloc(F::scale_count(n) * 4 + 16));
+        cuda_detail::check(cudaMemset(s, 0, F::bytes(n) + 16), "cudaMemset(state)");
+        cuda_detail::check(cudaMemset(a, 0, F::scale_count(n) * 4 + 16), "cudaMemset(absmax)");
+        state.back().push_back(s);
+        absmax.back().push_back(a);
+        t.state[J.value] = s;
+        t.absmax[J.value] = a;
+      });
+      tensors.push_back(t);
+    }
+  }
+  device_problem(device_problem const&) = delete;
+  ~device_problem() {
+    (void)cudaDeviceSynchronize();
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      (void)cudaFree(p[i]);
+      (void)cudaFree(g[i]);
+      for (std::size_t j = 0; j < state[i].size(); ++j) {
+        free_bytes(state[i][j]);
+        free_bytes(absmax[i][j]);
+      }
+    }
+  }
+  void* alloc(std::size_t bytes) {
+    if (storage != nullptr)
+      return storage->allocate(bytes);
+    void* d = nullptr;
+    cuda_detail::check(cudaMalloc(&d, bytes), "cudaMalloc");
+    return d;
+  }
+  void free_bytes(void* d) {
+    if (storage != nullptr)
+      storage->deallocate(d, 0); // the paged resource looks sizes up itself
+    else
+      (void)cudaFree(d);
+  }
+  void set_grads(std::vector<std::vector<G>> const& gs, cudaStream_t stream = nullptr) {
+    for (std::size_t i = 0; i < sizes.size(); ++i)
+      cuda_detail::check(cudaMemcpyAsync(g[i], gs[i].data(), gs[i].size() * sizeof(G),
+                                         cudaMemcpyHostToDevice, stream),
+                         "cudaMemcpyAsync(grad)");
+  }
+  std::span<typename group_t::tensor const> span() const { return tensors; }
+  //! Every byte of params, states and absmax, in order.
+  std::vector<std::uint8_t> snapshot() const {
+    std::vector<std::uint8_t> out;
+    auto append = [&](void const* d, std::size_t bytes) {
+      auto const h = to_host(static_cast<std::uint8_t const*>(d), bytes);
+      out.insert(out.end(), h.begin(), h.end());
+    };
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      std::size_t const n = sizes[i];
+      append(p[i], n * sizeof(P));
+      ocu::detail::for_each_state_host<Rule::state_count>([&](auto J) {
+        using F = typename traits::template format<J.value>;
+        append(state[i][J.value], F::bytes(n));
+        append(absmax[i][J.value], F::scale_count(n) * 4);
+      });
+    }
+    return out;
+  }
+};
+
+TEST_CASE("two groups on one controller (8-bit and, below 4096 elements, fp32) == host optimizer") {
+  if (skip_without_gpu())
+    return;
+  using P = float;
+  auto const pr = make_problem<P, P>(odd_sizes(), 3, 21);
+  oq::optimizer_options oo = default_options();
+  oo.max_grad_norm = 0.05f; // the global norm spans both groups
+  // host, with bitsandbytes' default threshold
+  std::vector<std::vector<P>> hp = pr.params;
+  oq::optimizer<oq::adamw, oq::int8_state, P> opt(oq::adamw{}, oo);
+  for (auto& p : hp)
+    opt.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
+  // device: split the tensors the same way
+  problem<P, P> big, small;
+  std::vector<std::size_t> big_index, small_index;
+  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+    bool const q = pr.sizes[i] >= oo.min_quantized_size;
+    auto& dst = q ? big : small;
+    (q ? big_index : small_index).push_back(i);
+    dst.sizes.push_back(pr.sizes[i]);
+    dst.params.push_back(pr.params[i]);
+  }
+  for (auto const& gs : pr.grads) {
+    big.grads.emplace_back();
+    small.grads.emplace_back();
+    for (std::size_t i = 0; i < gs.size(); ++i)
+      (pr.sizes[i] >= oo.min_quantized_size ? big : small).grads.back().push_back(gs[i]);
+  }
+  memory::cuda_device_resource dres(0);
+  exec::cuda const e{};
+  ocu::cuda_step_options co;
+  co.lr = oo.lr;
+  co.nonfinite = oo.nonfinite;
+  co.max_grad_norm = oo.max_grad_norm;
+  ocu::step_controller ctl(e, dres, co);
+  device_problem<oq::adamw, oq::int8_state, P, P> dq(big, oq::adamw{});
+  device_problem<oq::adamw, oq::fp32_state, P, P> df(small, oq::adamw{});
+  ocu::multi_tensor_step<oq::adamw, oq::int8_state, P, P> gq(e, dq.span(), dres, ctl);
+  ocu::multi_tensor_step<oq::adamw, oq::fp32_state, P, P> gf(e, df.span(), dres, ctl);
+  float host_norm = 0.0f;
+  for (std::size_t s = 0; s < pr.grads.size(); ++s) {
+    std::vector<tensor_view<P const>> gv;
+    for (auto const& g : pr.grads[s])
+      gv.emplace_back(g.data(), g.size(), memory_space::host);
+    host_norm = opt.step(exec::host{}, gv).grad_norm;
+    dq.set_grads(big.grads[s]);
+    df.set_grads(small.grads[s]);
+    ocu::step(e, ctl, gq, gf);
+  }
+  auto const c = ctl.read_control_blocking(e);
+  CHECK(c.step == 3);
+  CHECK(c.grad_norm == doctest::Approx(host_norm).epsilon(1e-6));
+  auto check_group = [&](auto& dev, std::vector<std::size_t> const& index) {
+    using traits = typename std::remove_reference_t<decltype(dev)>::traits;
+    for (std::size_t k = 0; k < index.size(); ++k) {
+      std::size_t const i = index[k];
+      std::size_t const n = pr.sizes[i];
+      INFO("tensor ", i, " of size ", n);
+      CHECK(same_bits(to_host(dev.p[k], n), hp[i].data(), n));
+      ocu::detail::for_each_state_host<2>([&](auto J) {
+        using F = typename traits::template format<J.value>;
+        CHECK(same_bits(to_host(dev.state[k][J.value], F::bytes(n)),
+                        opt.params()[i].data[J.value].data(), F::bytes(n)));
+      });
+    }
+  };
+  check_group(dq, big_index);
+  check_group(df, small_index);
+}
+
+TEST_CASE("a step captured in a CUDA graph replays exactly (lr, step and scalars on the device)") {
+  if (skip_without_gpu())
+    return;
+  using P = float;
+  auto const pr = make_problem<P, P>(odd_sizes(), 3, 31);
+  memory::cuda_device_resource dres(0);
+  cudaStream_t stream = nullptr;
+  cuda_detail::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  exec::cuda const e{stream, 0};
+  ocu::cuda_step_options co;
+  co.lr = oq::lr_schedule::linear_warmup(1e-3f, 3);
+  co.max_grad_norm = 1.0f;
+  ocu::step_controller ctl_a(e, dres, co), ctl_b(e, dres, co);
+  device_problem<oq::adamw, oq::int8_state, P, P> da(pr, oq::adamw{}), db(pr, oq::adamw{});
+  ocu::multi_tensor_step<oq::adamw, oq::int8_state, P, P> ga(e, da.span(), dres, ctl_a);
+  ocu::multi_tensor_step<oq::adamw, oq::int8_state, P, P> gb(e, db.span(), dres, ctl_b);
+  cudaGraph_t graph = nullptr;
+  cuda_detail::check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
+                     "cudaStreamBeginCapture");
+  ga.step(e);
+  cuda_detail::check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+  cudaGraphExec_t exec_graph = nullptr;
+  cuda_detail::check(cudaGraphInstantiate(&exec_graph, graph, 0), "cudaGraphInstantiate");
+  for (std::size_t s = 0; s < pr.grads.size(); ++s) {
+    da.set_grads(pr.grads[s], stream);
+    db.set_grads(pr.grads[s], stream);
+    cuda_detail::check(cudaGraphLaunch(exec_graph, stream), "cudaGraphLaunch");
+    gb.step(e);
+  }
+  cuda_detail::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  CHECK(ctl_a.read_control_blocking(e).step == 3);
+  CHECK(ctl_a.read_control_blocking(e).lr == ctl_b.read_control_blocking(e).lr);
+  CHECK(da.snapshot() == db.snapshot());
+  (void)cudaGraphExecDestroy(exec_graph);
+  (void)cudaGraphDestroy(graph);
+  (void)cudaStreamDestroy(stream);
+}
+
+TEST_CASE("found-inf and non-finite gradients skip the step without touching anything") {
+  if (skip_without_gpu())
+    return;
+  using P = float;
+  auto const pr = make_problem<P, P>(odd_sizes(), 2, 41);
+  auto const bad = make_problem<P, P>(odd_sizes(), 1, 42, true);
+  memory::cuda_device_resource dres(0);
+  exec::cuda const e{};
+  std::uint32_t* flag = nullptr;
+  cuda_detail::check(cudaMalloc(&flag, 4), "cudaMalloc");
+  cuda_detail::check(cudaMemset(flag, 0, 4), "cudaMemset");
+  for (auto policy : {oq::nonfinite_policy::skip_step, oq::nonfinite_policy::raise}) {
+    ocu::cuda_step_options co;
+    co.nonfinite = policy;
+    co.found_inf = flag;
+    ocu::step_controller ctl(e, dres, co);
+    device_problem<oq::adamw, oq::int8_state, P, P> d(pr, oq::adamw{});
+    ocu::multi_tensor_step<oq::adamw, oq::int8_state, P, P> g(e, d.span(), dres, ctl);
+    g.step(e); // one real step so that states and absmax are not all zero
+    ctl.check_raise_blocking(e);
+    auto const before = d.snapshot();
+    // 1. the loss scaler's flag
+    cuda_detail::check(cudaMemset(flag, 0xff, 4), "cudaMemset");
+    d.set_grads(pr.grads[1]);
+    g.step(e);
+    auto c = ctl.read_control_blocking(e);
+    CHECK(c.skip == 1);
+    CHECK(c.step == 1);
+    CHECK(c.skipped_steps == 1);
+    CHECK(d.snapshot() == before);
+    cuda_detail::check(cudaMemset(flag, 0, 4), "cudaMemset");
+    // 2. a NaN and an inf in the gradients
+    d.set_grads(bad.grads[0]);
+    g.step(e);
+    if (policy == oq::nonfinite_policy::raise)
+      CHECK_THROWS_AS(ctl.check_raise_blocking(e), qmem::error);
+    c = ctl.read_control_blocking(e);
+    CHECK(c.skip == 1);
+    CHECK(c.step == 1);
+    CHECK(c.skipped_steps == 2);
+    CHECK(d.snapshot() == before);
+    // 3. finite gradients again: the step applies
+    d.set_grads(pr.grads[1]);
+    g.step(e);
+    c = ctl.read_control_blocking(e);
+    CHECK(c.skip == 0);
+    CHECK(c.step == 2);
+    CHECK(d.snapshot() != before);
+  }
+  (void)cudaFree(flag);
+}
+
+TEST_CASE("paged state: resident and fallback storage give the unpaged bits") {
+  if (skip_without_gpu())
+    return;
+  using P = float;
+  auto const pr = make_problem<P, P>(odd_sizes(), 3, 51);
+  memory::cuda_device_resource dres(0);
+  exec::cuda const e{};
+  auto run = [&](memory::resource* storage, std::size_t budget, bool fallback) {
+    ocu::step_controller ctl(e, dres, {});
+    device_problem<oq::adamw, oq::int8_state, P, P> d(pr, oq::adamw{}, storage);
+    ocu::multi_tensor_step<oq::adamw, oq::int8_state, P, P> g(e, d.span(), dres, ctl);
+    if (storage == nullptr) {
+      for (auto const& gs : pr.grads) {
+        d.set_grads(gs);
+        g.step(e);
+      }
+      return d.snapshot();
+    }
+    auto& ps = static_cast<ocu::paged_state_resource&>(*storage);
+    ocu::pager<decltype(g)> pg(g, ps, budget);
+    for (auto const& gs : pr.grads) {
+      d.set_grads(gs);
+      pg.step(e);
+    }
+    INFO("unified ", pg.unified(), ", oversubscribed ", pg.oversubscribed(), ", windows ",
+         pg.window_count());
+    if (pg.unified() && pg.oversubscribed()) {
+      CHECK(pg.counters().evicted_bytes > 0);
+      CHECK(pg.counters().prefetched_bytes >= pg.state_bytes());
+    }
+    CHECK(pg.unified() == (!fallback && ocu::query_paging_support(0).concurrent_managed_access));
+    return d.snapshot();
+  };
+  auto const reference = run(nullptr, 0, false);
+  ocu::paged_state_resource unified(0, std::size_t{1} << 30);
+  CHECK(run(&unified, std::size_t{1} << 30, false) == reference); // fits: prefetched once
+  ocu::paged_state_resource windows(0, std::size_t{1} << 30);
+  CHECK(run(&windows, 64 * 1024, false) == reference); // small budget: many windows
+  ocu::paged_state_resource fallback(0, 40000, true);   // part device, part pinned host
+  CHECK(run(&fallback, 64 * 1024, true) == reference);
+  CHECK(fallback.fallback_pinned_bytes() == 0); // all returned
+}
+
+TEST_CASE("paged state under real oversubscription completes with the unpaged bits") {
+  if (skip_without_gpu())
+    return;
+  // 2^27 parameters, bf16 params and grads (512 MiB), fp32 AdamW state (1 GiB). The unpaged
+  // reference runs first; then a cudaMalloc holds all but ~768 MiB of the device, so the state
+  // cannot be resident (budget 384 MiB) and must page through windows.
+  using P = bf16;
+  std::size_t const n = std::size_t{1} << 27;
+  problem<P, P> pr;
+  pr.sizes = {n / 2, n / 4, n / 4};
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (std::size_t m : pr.sizes) {
+    std::vector<P> p(m);
+    for (auto& x : p)
+      x = P(0.02f * nd(rng));
+    pr.params.push_back(std::move(p));
+  }
+  for (int s = 0; s < 2; ++s) {
+    pr.grads.emplace_back();
+    for (std::size_t m : pr.sizes) {
+      std::vector<P> g(m);
+      for (auto& x : g)
+        x = P(1e-3f * nd(rng));
+      pr.grads.back().push_back(std::move(g));
+    }
+  }
+  memory::cuda_device_resource dres(0);
+  exec::cuda const e{};
+  std::vector<std::uint8_t> reference;
+  {
+    ocu::step_controller ctl(e, dres, {});
+    device_problem<oq::adamw, oq::fp32_state, P, P> d(pr, oq::adamw{});
+    ocu::multi_tensor_step<oq::adamw, oq::fp32_state, P, P> g(e, d.span(), dres, ctl);
+    for (auto const& gs : pr.grads) {
+      d.set_grads(gs);
+      g.step(e);
+    }
+    reference = d.snapshot();
+  }
+  std::size_t const budget = std::size_t{384} << 20;
+  ocu::paged_state_resource storage(0, budget);
+  ocu::step_controller ctl(e, dres, {});
+  device_problem<oq::adamw, oq::fp32_state, P, P> d(pr, oq::adamw{}, &storage);
+  ocu::multi_tensor_step<oq::adamw, oq::fp32_state, P, P> g(e, d.span(), dres, ctl);
+  dres.trim(0);
+  std::size_t free_bytes = 0, total_bytes = 0;
+  cuda_detail::check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  std::size_t const leave = std::size_t{768} << 20;
+  void* hog = nullptr;
+  if (free_bytes > leave)
+    cuda_detail::check(cudaMalloc(&hog, free_bytes - leave), "cudaMalloc(hog)");
+  cuda_detail::check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  std::size_t const state = std::size_t{8} * n;
+  MESSAGE("paged state ", state >> 20, " MiB with ", free_bytes >> 20, " MiB free on the device (",
+          storage.unified() ? "unified memory" : "fallback storage", ")");
+  CHECK(state > free_bytes);
+  {
+    ocu::pager<decltype(g)> pg(g, storage, budget);
+    CHECK(pg.oversubscribed());
+    for (auto const& gs : pr.grads) {
+      d.set_grads(gs);
+      pg.step(e);
+    }
+    cuda_detail::check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
+    MESSAGE("windows ", pg.window_count(), ", prefetched ", pg.counters().prefetched_bytes >> 20,
+            " MiB, evicted ", pg.counters().evicted_bytes >> 20, " MiB");
+    if (pg.unified())
+      CHECK(pg.counters().evicted_bytes > 0);
+  }
+  if (hog != nullptr)
+    (void)cudaFree(hog);
+  CHECK(d.snapshot() == reference);
 }
 
 } // namespace

@@ -310,10 +310,11 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
       float const absmax = warp_max(local);
       if (lane == 0)
         entry->absmax[J.value][block] = absmax;
+      float const inv = reciprocal(absmax);
       std::uint8_t code[E];
       QMEM_UNROLL
       for (int i = 0; i < E; ++i) // a 4-bit pad nibble is the code of 0, as the host writes it
-        code[i] = fc.encode(valid[i] ? s[J.value][i] : 0.0f, absmax);
+        code[i] = fc.encode(valid[i] ? s[J.value][i] : 0.0f, absmax, inv);
       std::uint8_t bytes[code_bytes];
       QMEM_UNROLL
       for (int b = 0; b < code_bytes; ++b) {
@@ -387,14 +388,20 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
 
 } // namespace detail
 
-//! Threads per block of the fused kernel: 8 warps, 8 tasks in flight per block. With 16-byte
-//! loads every lane has 64 to 80 bytes in flight per task; 1024+ resident threads per SM cover
-//! HBM3e latency (Little's law: ~22 KB in flight per SM at 4.8 TB/s).
+//! Threads per block of the fused kernel: 8 warps, 8 tasks in flight per block.
 inline constexpr int fused_block_threads = 256;
+
+//! Minimum resident blocks per SM asked of the register allocator (__launch_bounds__). The 8-bit
+//! AdamW step is issue- and latency-bound, not bandwidth-bound: more resident warps hide more of
+//! the dependent chain (decode, update, block max, encode). Overridable for tuning runs.
+#ifndef QMEM_OPTIM_FUSED_MIN_BLOCKS
+#define QMEM_OPTIM_FUSED_MIN_BLOCKS 2
+#endif
+inline constexpr int fused_min_blocks = QMEM_OPTIM_FUSED_MIN_BLOCKS;
 
 //! The fused kernel: grid-stride over warp tasks [task_begin, task_end) across all tensors.
 template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
-__global__ void __launch_bounds__(fused_block_threads)
+__global__ void __launch_bounds__(fused_block_threads, fused_min_blocks)
     fused_step_kernel(__grid_constant__ fused_args<Rule, Policy> const args) {
   using tables_t = typename kernel_traits<Rule, Policy>::tables;
   static_assert(sizeof(tables_t) % 4 == 0 && std::is_trivially_copyable_v<tables_t>);
