@@ -36,10 +36,12 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <numeric>
 #include <optional>
 #include <span>
@@ -69,18 +71,11 @@ constexpr void for_each_state(F&& f) {
 //! The host's encoder for format F: the table encoder for 8-bit codes that admit one.
 template <class F>
 struct host_encoder {
-  using code = typename F::code;
-  lut_encoder<code> const* lut = nullptr;
-  host_encoder() {
-    if constexpr (F::bits == 8)
-      lut = lut_encoder<code>::get();
-  }
-  QMEM_INLINE std::uint8_t operator()(float s, float absmax) const noexcept {
-    if constexpr (F::bits == 8) {
-      if (lut != nullptr)
-        return F::fix_sign(lut->encode(F::normalize(s, absmax)), s);
-    }
-    return F::encode(s, absmax);
+  using code_type = typename F::code;
+  lut_encoder<code_type> const* lut = lut_encoder<code_type>::get();
+  //! code_type::encode(xn), from the tables when the code admits them.
+  QMEM_INLINE std::uint8_t code(float xn) const noexcept {
+    return lut != nullptr ? lut->encode(xn) : code_type::encode(xn, code_type::book);
   }
 };
 
@@ -273,7 +268,8 @@ public:
     bool const need_norm = options_.max_grad_norm > 0.0f || options_.percentile < 100 ||
                            options_.nonfinite != nonfinite_policy::skip_element;
     if (need_norm) {
-      auto const [sumsq, finite] = grad_norm_pass(e, grads);
+      bool const with_norm = options_.max_grad_norm > 0.0f || options_.percentile < 100;
+      auto const [sumsq, finite] = grad_norm_pass(e, grads, with_norm);
       if (!finite) {
         if (options_.nonfinite == nonfinite_policy::raise)
           qmem::detail::raise<error>("step: a gradient holds a non-finite value (nonfinite_policy::"
@@ -325,6 +321,14 @@ public:
   step_result step(exec::host const& e, std::vector<tensor_view<G const>> const& grads,
                    step_options so = {}) {
     return step(e, std::span<tensor_view<G const> const>(grads), so);
+  }
+
+  //! step() over a braced list of gradient views: `opt.step(exec::host{}, {view(g0), view(g1)})`.
+  template <float_element G>
+    requires(!std::same_as<G, double>)
+  step_result step(exec::host const& e, std::initializer_list<tensor_view<G const>> grads,
+                   step_options so = {}) {
+    return step(e, std::span<tensor_view<G const> const>(grads.begin(), grads.size()), so);
   }
 
   //! An optimizer with state policy `To` holding this one's state re-encoded (for example fp32
@@ -398,29 +402,71 @@ private:
       return {reinterpret_cast<typename F::element*>(ps.data[kk].data())};
   }
 
+  //! The rule over elements [0, m) of a chunk, in registers; SkipBad keeps the old values of
+  //! elements with a non-finite gradient, Scaled applies the max_unorm factor. Separate
+  //! instantiations keep the common loop free of branches (it vectorizes).
+  template <std::size_t Chunk, bool SkipBad, bool Scaled>
+  static void update_elements(std::size_t m, float* QMEM_RESTRICT p, float const* QMEM_RESTRICT g,
+                              float (*QMEM_RESTRICT s)[Chunk], typename Rule::scalars const& k,
+                              float update_scale) noexcept {
+    constexpr int N = state_count;
+    for (std::size_t i = 0; i < m; ++i) {
+      state_values<N> sv;
+      for (int q = 0; q < N; ++q)
+        sv[q] = s[q][i];
+      float pi = p[i];
+      Rule::update(pi, g[i], sv, k);
+      if constexpr (Scaled)
+        pi = detail::fmath::add(p[i],
+                                detail::fmath::mul(update_scale, detail::fmath::sub(pi, p[i])));
+      if constexpr (SkipBad) {
+        bool const ok = detail::fmath::is_finite(g[i]);
+        p[i] = ok ? pi : p[i];
+        for (int q = 0; q < N; ++q)
+          s[q][i] = ok ? sv[q] : s[q][i];
+      } else {
+        p[i] = pi;
+        for (int q = 0; q < N; ++q)
+          s[q][i] = sv[q];
+      }
+    }
+  }
+
   //! Writes values v[0, count) of elements [first, first + count) of a state of format F
-  //! (first and count block-aligned except at the tensor's end).
+  //! (first and count block-aligned except at the tensor's end). Blockwise: absmax as the
+  //! integer maximum of the magnitudes' bits (the same value as max |v|, vectorizes), the
+  //! normalization as its own loop (vector divisions), then the table encoder.
   template <class F, class Enc = typename detail::host_encoder_of<F>::type>
   void store_state(typename F::ref r, float const* v, std::size_t first, std::size_t count,
                    std::int32_t t, int k, Enc const& enc = {}) const {
     if constexpr (F::blockwise) {
+      float xn[F::block_size];
       for (std::size_t b = 0; b < count; b += F::block_size) {
         std::size_t const m = std::min<std::size_t>(F::block_size, count - b);
-        float amax = 0.0f;
+        float const* QMEM_RESTRICT vb = v + b;
+        std::int32_t mb = 0;
         for (std::size_t j = 0; j < m; ++j) {
-          float const a = std::fabs(v[b + j]);
-          amax = a > amax ? a : amax;
+          auto const a = static_cast<std::int32_t>(std::bit_cast<std::uint32_t>(vb[j]) & 0x7fffffffu);
+          mb = a > mb ? a : mb;
         }
+        float const amax = std::bit_cast<float>(static_cast<std::uint32_t>(mb));
         r.absmax[(first + b) / F::block_size] = amax;
+        if (amax > 0.0f)
+          for (std::size_t j = 0; j < m; ++j)
+            xn[j] = vb[j] / amax; // F::normalize, as one vector loop
+        else
+          for (std::size_t j = 0; j < m; ++j)
+            xn[j] = 0.0f;
+        auto code = [&](std::size_t j) { return F::fix_sign(enc.code(xn[j]), vb[j]); };
         if constexpr (F::bits == 8) {
           for (std::size_t j = 0; j < m; ++j)
-            r.codes[first + b + j] = enc(v[b + j], amax);
+            r.codes[first + b + j] = code(j);
         } else {
           std::size_t j = 0;
           for (; j + 1 < m; j += 2)
-            F::store_code_pair(r, first + b + j, enc(v[b + j], amax), enc(v[b + j + 1], amax));
+            F::store_code_pair(r, first + b + j, code(j), code(j + 1));
           if (j < m)
-            F::store_code_pair(r, first + b + j, enc(v[b + j], amax), enc(0.0f, amax));
+            F::store_code_pair(r, first + b + j, code(j), F::encode(0.0f, amax));
         }
       }
     } else {
@@ -431,35 +477,56 @@ private:
     }
   }
 
+  //! One read of every gradient: whether all elements are finite and, when `with_norm`, the sum
+  //! of the squares of the finite ones. Vectorizable: the finiteness test is an integer maximum of
+  //! the exponent bits, the squares go to 16 float lanes per 4096-element piece (fixed order,
+  //! independent of the thread count), the pieces are summed in double.
   template <float_element G>
   std::pair<double, bool> grad_norm_pass(exec::host const& e,
-                                         std::span<tensor_view<G const> const> grads) const {
+                                         std::span<tensor_view<G const> const> grads,
+                                         bool with_norm) const {
     double total = 0.0;
     bool finite = true;
-    constexpr std::size_t chunk = std::size_t{1} << 14;
+    constexpr std::size_t piece = 4096;
+    constexpr std::size_t lanes = 16;
     for (auto const& g : grads) {
-      std::size_t const chunks = (g.size() + chunk - 1) / chunk;
-      std::vector<double> part(chunks, 0.0);
-      std::vector<unsigned char> bad(chunks, 0);
-      qmem::detail::parallel_for(e, g.size(), chunk, [&](std::size_t b, std::size_t end) {
-        for (std::size_t c = b; c < end; c += chunk) {
-          std::size_t const ce = std::min(end, c + chunk);
-          double s = 0.0;
-          bool nf = false;
+      std::size_t const pieces = (g.size() + piece - 1) / piece;
+      std::vector<double> part(pieces, 0.0);
+      std::vector<std::uint32_t> expmax(pieces, 0);
+      qmem::detail::parallel_for(e, g.size(), piece, [&](std::size_t b, std::size_t end) {
+        for (std::size_t c = b; c < end; c += piece) {
+          std::size_t const ce = std::min(end, c + piece);
+          std::int32_t mx = 0;
           for (std::size_t i = c; i < ce; ++i) {
-            float const x = to_float(g[i]);
-            bool const ok = detail::fmath::is_finite(x);
-            nf |= !ok;
-            double const d = ok ? static_cast<double>(x) : 0.0;
-            s += d * d;
+            auto const ex = static_cast<std::int32_t>(
+                std::bit_cast<std::uint32_t>(to_float(g[i])) & 0x7f800000u);
+            mx = ex > mx ? ex : mx;
           }
-          part[c / chunk] = s;
-          bad[c / chunk] = nf ? 1 : 0;
+          expmax[c / piece] = static_cast<std::uint32_t>(mx);
+          if (!with_norm)
+            continue;
+          float acc[lanes] = {};
+          std::size_t i = c;
+          for (; i + lanes <= ce; i += lanes)
+            for (std::size_t l = 0; l < lanes; ++l) {
+              float const x = to_float(g[i + l]);
+              float const y = detail::fmath::is_finite(x) ? x : 0.0f;
+              acc[l] += y * y;
+            }
+          double sum = 0.0;
+          for (; i < ce; ++i) {
+            float const x = to_float(g[i]);
+            float const y = detail::fmath::is_finite(x) ? x : 0.0f;
+            sum += static_cast<double>(y) * y;
+          }
+          for (float a : acc)
+            sum += a;
+          part[c / piece] = sum;
         }
       });
-      for (std::size_t c = 0; c < chunks; ++c) {
+      for (std::size_t c = 0; c < pieces; ++c) {
         total += part[c];
-        finite = finite && bad[c] == 0;
+        finite = finite && expmax[c] != 0x7f800000u;
       }
     }
     return {total, finite};
@@ -492,15 +559,34 @@ private:
 
     // Loads elements [b, b + m) into fp32 registers (arrays of one chunk).
     auto load = [&](std::size_t b, std::size_t m, float* p, float* g, float (*s)[chunk]) {
-      for (std::size_t i = 0; i < m; ++i)
-        p[i] = master != nullptr ? master[b + i] : to_float(ps.param[b + i]);
+      if (master != nullptr)
+        std::copy_n(master + b, m, p);
+      else
+        for (std::size_t i = 0; i < m; ++i)
+          p[i] = to_float(ps.param[b + i]);
       for (std::size_t i = 0; i < m; ++i)
         g[i] = detail::fmath::mul(to_float(grad[b + i]), si.grad_scale);
       detail::for_each_state<N>([&](auto K) {
         using F = format_of<P, K.value>;
         auto const r = std::get<K.value>(refs);
-        for (std::size_t i = 0; i < m; ++i)
-          s[K.value][i] = F::load(r, b + i);
+        float* QMEM_RESTRICT out = s[K.value];
+        bool done = false;
+        if constexpr (F::blockwise) {
+          if constexpr (F::bits == 8) {
+            // F::load with the block's scale hoisted: code value times absmax
+            for (std::size_t j = 0; j < m; j += F::block_size) {
+              float const a = r.absmax[(b + j) / F::block_size];
+              std::size_t const e = std::min<std::size_t>(m, j + F::block_size);
+              std::uint8_t const* QMEM_RESTRICT c = r.codes + b;
+              for (std::size_t i = j; i < e; ++i)
+                out[i] = detail::fmath::mul(F::code::decode(c[i], F::code::book), a);
+            }
+            done = true;
+          }
+        }
+        if (!done)
+          for (std::size_t i = 0; i < m; ++i)
+            out[i] = F::load(r, b + i);
       });
     };
 
@@ -562,21 +648,12 @@ private:
           for (std::size_t b = b0; b < e0; b += chunk) {
             std::size_t const m = std::min(chunk, e0 - b);
             load(b, m, p, g, s);
-            for (std::size_t i = 0; i < m; ++i) {
-              state_values<N> sv;
-              for (int q = 0; q < N; ++q)
-                sv[q] = s[q][i];
-              float pi = p[i];
-              Rule::update(pi, g[i], sv, k);
-              if (skip_bad && !detail::fmath::is_finite(g[i]))
-                continue;
-              if (update_scale != 1.0f)
-                pi = detail::fmath::add(
-                    p[i], detail::fmath::mul(update_scale, detail::fmath::sub(pi, p[i])));
-              p[i] = pi;
-              for (int q = 0; q < N; ++q)
-                s[q][i] = sv[q];
-            }
+            if (skip_bad)
+              update_scale != 1.0f ? update_elements<chunk, true, true>(m, p, g, s, k, update_scale)
+                                   : update_elements<chunk, true, false>(m, p, g, s, k, 1.0f);
+            else
+              update_scale != 1.0f ? update_elements<chunk, false, true>(m, p, g, s, k, update_scale)
+                                   : update_elements<chunk, false, false>(m, p, g, s, k, 1.0f);
             detail::for_each_state<N>([&](auto K) {
               using F = format_of<P, K.value>;
               store_state<F>(std::get<K.value>(refs), s[K.value], b, m, si.step, K.value,

@@ -126,7 +126,7 @@ QMEM_HOST_DEVICE QMEM_INLINE float sqrt(float a) noexcept {
 #if defined(__CUDA_ARCH__)
   return __fsqrt_rn(a);
 #else
-  return std::sqrt(a);
+  return __builtin_sqrtf(a);
 #endif
 }
 //! sign(x) in {-1, 0, +1}; NaN gives 0.
@@ -143,5 +143,9 @@ QMEM_HOST_DEVICE QMEM_INLINE float pow_step(float base, std::int32_t step) noexc
 }
 
 } // namespace detail::fmath
+
+//! The float operations of the built-in rules, for user rules: each rounds once, on the host and
+//! on the GPU alike (mul, add, sub, div, sqrt, sign, is_finite, pow_step).
+namespace fmath = detail::fmath;
 
 } // namespace qmem::optim

@@ -38,11 +38,12 @@ struct adam_rule {
 
   struct scalars {
     float beta1, one_minus_beta1, beta2, one_minus_beta2;
-    float step_size; //!< (-lr c2) / c1
-    float eps_c2;    //!< eps c2
-    float decay;     //!< 1 - lr wd (decoupled) or wd (L2)
-    bool has_decay;
-    bool decay_first;
+    float step_size;    //!< (-lr c2) / c1
+    float eps_c2;       //!< eps c2
+    float decay_before; //!< 1 - lr wd when decoupled and decay_first, else 1 (exact no-op)
+    float decay_after;  //!< 1 - lr wd when decoupled and not decay_first, else 1
+    float l2;           //!< wd when not decoupled
+    bool has_l2;
   };
 
   //! Precondition (checked by the optimizer): 0 <= beta < 1, eps >= 0, step >= 1.
@@ -50,29 +51,30 @@ struct adam_rule {
     using namespace detail::fmath;
     float const c1 = sub(1.0f, pow_step(beta1, si.step));
     float const c2 = sqrt(sub(1.0f, pow_step(beta2, si.step)));
+    bool const decays = Decoupled && weight_decay > 0.0f;
+    float const decay = sub(1.0f, mul(si.lr, weight_decay));
     return {beta1,
             sub(1.0f, beta1),
             beta2,
             sub(1.0f, beta2),
             div(mul(-si.lr, c2), c1),
             mul(eps, c2),
-            Decoupled ? sub(1.0f, mul(si.lr, weight_decay)) : weight_decay,
-            weight_decay > 0.0f,
-            decay_first};
+            decays && decay_first ? decay : 1.0f,
+            decays && !decay_first ? decay : 1.0f,
+            weight_decay,
+            !Decoupled && weight_decay > 0.0f};
   }
 
+  //! Branch-free (a multiplication by 1 is exact), so the host loop vectorizes.
   QMEM_HOST_DEVICE QMEM_INLINE static void update(float& p, float g, state_values<2>& s,
                                                   scalars const& k) noexcept {
     using namespace detail::fmath;
-    if (!Decoupled && k.has_decay)
-      g = add(g, mul(p, k.decay));
-    if (Decoupled && k.has_decay && k.decay_first)
-      p = mul(p, k.decay);
+    g = k.has_l2 ? add(g, mul(p, k.l2)) : g; // L2 only when on: g + 0 would turn -0 into +0
+    p = mul(p, k.decay_before);
     s[0] = add(mul(s[0], k.beta1), mul(k.one_minus_beta1, g));
     s[1] = add(mul(s[1], k.beta2), mul(k.one_minus_beta2, mul(g, g)));
     p = add(p, mul(k.step_size, div(s[0], add(sqrt(s[1]), k.eps_c2))));
-    if (Decoupled && k.has_decay && !k.decay_first)
-      p = mul(p, k.decay);
+    p = mul(p, k.decay_after);
   }
 };
 using adam = adam_rule<false>;  //!< Adam with L2 weight decay (torch.optim.Adam)

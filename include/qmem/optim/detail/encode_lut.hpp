@@ -1,8 +1,8 @@
 #pragma once
 //! \file
-//! A table-driven encoder for 8-bit codes whose nearest-code search is monotone (bitsandbytes'
-//! dynamic and linear maps): the host requantization of the 8-bit optimizer states without a
-//! binary search per element. It returns exactly what `Code::encode` returns for every float in
+//! A table-driven encoder for 4- and 8-bit codes whose nearest-code search is monotone
+//! (bitsandbytes' dynamic and linear maps, the 4-bit optimizer maps): the host requantization of
+//! the optimizer states without a search per element. It returns exactly what `Code::encode` returns for every float in
 //! [-1, 1] (values outside, NaN included, go to `Code::encode` itself).
 //!
 //! How: encode is a non-decreasing step function of x over the sorted table, so it is fixed by
@@ -37,9 +37,8 @@ inline float from_ordered_bits(std::uint32_t o) noexcept {
 //! The encoder tables of one 8-bit code type. Built once (about 20 ms), shared.
 template <quant::code_type Code>
 class lut_encoder {
-  static_assert(Code::bits == 8, "the table encoder is for 8-bit codes");
-
 public:
+  static constexpr unsigned levels = 1u << Code::bits;
   static constexpr int max_steps = 2;
 
   //! The shared tables of `Code`; nullptr when Code's encoding is not a monotone function of x
@@ -51,9 +50,10 @@ public:
 
   //! Code::encode(x), exactly.
   QMEM_INLINE std::uint8_t encode(float x) const noexcept {
-    if (!(x >= -1.0f && x <= 1.0f)) [[unlikely]]
+    std::uint32_t const u = std::bit_cast<std::uint32_t>(x);
+    if ((u & 0x7fffffffu) > 0x3f800000u) [[unlikely]] // |x| > 1 or NaN
       return Code::encode(x, Code::book);
-    unsigned r = cell_rank_[std::bit_cast<std::uint32_t>(x) >> 16];
+    unsigned r = cell_rank_[u >> 16];
     r += x >= thr_[r + 1] ? 1u : 0u;
     r += x >= thr_[r + 1] ? 1u : 0u;
     return code_of_[r];
@@ -61,12 +61,12 @@ public:
 
 private:
   std::vector<std::uint8_t> cell_rank_; // 65536
-  float thr_[256 + max_steps]{};        // thr_[r]: smallest x of rank >= r (r >= 1), then +inf
-  std::uint8_t code_of_[256]{};
+  float thr_[levels + max_steps]{};     // thr_[r]: smallest x of rank >= r (r >= 1), then +inf
+  std::uint8_t code_of_[levels]{};
 
   static unsigned rank_of(float x) noexcept {
     std::uint8_t const c = Code::encode(x, Code::book);
-    for (unsigned r = 0; r < 256; ++r)
+    for (unsigned r = 0; r < levels; ++r)
       if (Code::book.code_of[r] == c)
         return r;
     return 0;
@@ -74,12 +74,12 @@ private:
 
   static std::unique_ptr<lut_encoder> build() {
     auto e = std::make_unique<lut_encoder>();
-    for (int i = 1; i < 256; ++i)
+    for (unsigned i = 1; i < levels; ++i)
       if (!(Code::book.sorted[i - 1] < Code::book.sorted[i]))
         return nullptr; // repeated values (e.g. +-0 in fp8): ranks would not name one code
     if (rank_of(-0.0f) != rank_of(0.0f))
       return nullptr;
-    for (int r = 0; r < 256; ++r)
+    for (unsigned r = 0; r < levels; ++r)
       e->code_of_[r] = Code::book.code_of[r];
     std::uint32_t const lo = ordered_bits(-1.0f);
     std::uint32_t const hi = ordered_bits(1.0f);
@@ -87,7 +87,7 @@ private:
     unsigned prev = rank_of(-1.0f);
     for (unsigned r = 0; r <= prev; ++r)
       e->thr_[r] = -1.0f;
-    for (unsigned r = prev + 1; r < 256; ++r) {
+    for (unsigned r = prev + 1; r < levels; ++r) {
       if (rank_of(1.0f) < r) {
         e->thr_[r] = std::numeric_limits<float>::infinity();
         continue;
@@ -103,9 +103,9 @@ private:
       e->thr_[r] = from_ordered_bits(b);
     }
     for (int s = 0; s < max_steps; ++s)
-      e->thr_[256 + s] = std::numeric_limits<float>::infinity();
+      e->thr_[levels + static_cast<unsigned>(s)] = std::numeric_limits<float>::infinity();
     // monotonicity check at every threshold: the rank just below is smaller
-    for (unsigned r = prev + 1; r < 256; ++r) {
+    for (unsigned r = prev + 1; r < levels; ++r) {
       float const t = e->thr_[r];
       if (t == std::numeric_limits<float>::infinity())
         continue;
