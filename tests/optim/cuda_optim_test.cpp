@@ -73,57 +73,6 @@ void check_bucket_search_host() {
   MESSAGE("bucket search == bnb_search256 on ", checked, " values");
 }
 
-template <class Code>
-void check_encode_quotient() {
-  auto const codec = qmem::optim::cuda::codec<Code>::make();
-  auto const& t = codec.search;
-  std::mt19937 rng(11);
-  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
-  std::uniform_int_distribution<int> exponent(-140, 10);
-  std::size_t checked = 0, divided = 0;
-  auto check_one = [&](float s, float a) {
-    float const inv = qmem::optim::cuda::reciprocal(a);
-    std::uint8_t const expected = t.encode(s / a);
-    REQUIRE(codec.encode_quotient(s, a, inv) == expected);
-    ++checked;
-  };
-  for (int k = 0; k < 1 << 18; ++k) { // random blocks: a state and its block's absmax
-    float const a = std::ldexp(std::abs(unit(rng)) + 1e-3f, exponent(rng));
-    check_one(unit(rng) * a, a);
-    check_one(a, a);
-    check_one(-a, a);
-  }
-  for (int c = 0; c < 255; ++c) // states whose quotient lands on or next to a threshold
-    for (int k = 0; k < 64; ++k) {
-      float const a = std::ldexp(std::abs(unit(rng)) + 1e-3f, exponent(rng));
-      float s = t.threshold[c] * a;
-      for (int j = 0; j < 4; ++j)
-        s = next_after(s, false);
-      for (int j = 0; j < 9; ++j, s = next_after(s, true)) {
-        check_one(s, a);
-        divided += std::abs(s * qmem::optim::cuda::reciprocal(a) - t.threshold[c]) <
-                           std::abs(t.threshold[c]) * 1e-6f
-                       ? 1
-                       : 0;
-      }
-    }
-  check_one(0.0f, 1.0f);
-  check_one(-0.0f, 1.0f);
-  check_one(std::numeric_limits<float>::quiet_NaN(), 1.0f);
-  check_one(1e-45f, 1e-45f);
-  check_one(1e-45f, 3e-39f);
-  check_one(1.0f, std::numeric_limits<float>::infinity());
-  MESSAGE("encode_quotient == encode(s / absmax) on ", checked, " values (", divided,
-          " near a threshold)");
-}
-
-TEST_CASE("encode_quotient (multiply by the reciprocal, divide only near a threshold) == "
-          "encode of the IEEE quotient") {
-  check_encode_quotient<quant::dynamic_signed>();
-  check_encode_quotient<quant::dynamic_unsigned>();
-  check_encode_quotient<quant::linear_signed>();
-}
-
 TEST_CASE("bucket search returns bnb_search256's code (host: thresholds, specials, samples)") {
   check_bucket_search_host<quant::dynamic_signed>();
   check_bucket_search_host<quant::dynamic_unsigned>();
@@ -370,30 +319,30 @@ TEST_CASE("CUDA step == host optimizer, bit for bit, over 3 steps on 8 tensors o
     return;
   auto const o = default_options();
   SUBCASE("AdamW, 8-bit state, fp32 params") {
-    compare_with_host<oq::adamw, oq::int8_state, float>(make_problem<float, float>(odd_sizes(), 3, 1),
-                                                        oq::adamw{}, o);
+    compare_with_host<oq::adamw, oq::int8_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 1), oq::adamw{}, o);
   }
   SUBCASE("AdamW, 8-bit state, bf16 params and grads") {
     compare_with_host<oq::adamw, oq::int8_state, bf16>(make_problem<bf16, bf16>(odd_sizes(), 3, 2),
                                                        oq::adamw{}, o);
   }
   SUBCASE("AdamW, fp32 state") {
-    compare_with_host<oq::adamw, oq::fp32_state, float>(make_problem<float, float>(odd_sizes(), 3, 3),
-                                                        oq::adamw{}, o);
+    compare_with_host<oq::adamw, oq::fp32_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 3), oq::adamw{}, o);
   }
   SUBCASE("AdamW, 4-bit state (block 128, odd counts pad the last nibble)") {
-    compare_with_host<oq::adamw, oq::int4_state, float>(make_problem<float, float>(odd_sizes(), 3, 4),
-                                                        oq::adamw{}, o);
+    compare_with_host<oq::adamw, oq::int4_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 4), oq::adamw{}, o);
   }
   SUBCASE("AdamW, bf16 state with stochastic rounding") {
     auto oo = o;
     oo.seed = 1234;
-    compare_with_host<oq::adamw, oq::bf16_state, float>(make_problem<float, float>(odd_sizes(), 3, 5),
-                                                        oq::adamw{}, oo);
+    compare_with_host<oq::adamw, oq::bf16_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 5), oq::adamw{}, oo);
   }
   SUBCASE("Lion, 8-bit state") {
-    compare_with_host<oq::lion, oq::int8_state, float>(make_problem<float, float>(odd_sizes(), 3, 6),
-                                                       oq::lion{.weight_decay = 0.1f}, o);
+    compare_with_host<oq::lion, oq::int8_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 6), oq::lion{.weight_decay = 0.1f}, o);
   }
   SUBCASE("Adam (L2), FP8 e4m3 state") {
     compare_with_host<oq::adam, oq::quantized_state<quant::fp8_e4m3>, float>(
@@ -414,8 +363,8 @@ TEST_CASE("CUDA step == host optimizer, bit for bit, over 3 steps on 8 tensors o
     auto oo = o;
     oo.lr = oq::lr_schedule::cosine(2e-3f, 2, 10, 1e-4f);
     oo.max_grad_norm = 0.3f;
-    compare_with_host<oq::adamw, oq::int8_state, float>(make_problem<float, float>(odd_sizes(), 4, 10),
-                                                        oq::adamw{}, oo, 0.5f);
+    compare_with_host<oq::adamw, oq::int8_state, float>(
+        make_problem<float, float>(odd_sizes(), 4, 10), oq::adamw{}, oo, 0.5f);
   }
   SUBCASE("skip_element: non-finite gradient elements keep their values") {
     compare_with_host<oq::adamw, oq::int8_state, float>(
@@ -429,7 +378,7 @@ TEST_CASE("CUDA step == host optimizer, bit for bit, over 3 steps on 8 tensors o
   }
 }
 
-// --- device groups for the remaining tests ---------------------------------------------------------
+// --- device groups for the remaining tests --------------------------------------------------
 
 //! A group's device storage: params, grads and zeroed states (as the host optimizer starts).
 template <class Rule, class Policy, class P, class G>

@@ -49,7 +49,8 @@ struct bucket_table {
     return key_of_bits(qmem::detail::float_to_bits(x));
   }
   //! key() of the float whose bits are `u`.
-  QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint32_t key_of_bits(std::uint32_t u) noexcept {
+  QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint32_t
+  key_of_bits(std::uint32_t u) noexcept {
     std::uint32_t const q = (u & 0x7fffffffu) >> (23 - MantissaBits);
     constexpr std::uint32_t lo = std::uint32_t{127 - TinyExponent} << MantissaBits;
     constexpr std::uint32_t hi = std::uint32_t{127} << MantissaBits;

@@ -2,19 +2,21 @@
 //! \file
 //! The fused multi-tensor optimizer kernels: one launch updates any number of tensors of any sizes.
 //!
-//! Work is cut into warp tasks of `Format::block` elements (256 for fp32 and 8-bit states, 128 for
-//! the 4-bit recipe): one warp owns one absmax block, each lane Block/32 consecutive elements. A
-//! task loads its parameters, gradients, state codes and old absmax with vector loads, decodes the
-//! states, applies the rule's element update in fp32 registers, takes the block max of each new
-//! state with warp shuffles (no shared memory, no __syncthreads), requantizes and writes back: one
-//! pass over memory. Tasks are numbered across all tensors; a device-side table of tensor entries
-//! (built once, tensor_table.cuh) maps a task to its tensor by a cached hint plus binary search, so
-//! 64 tensors cost what one tensor costs. lr, step and the gradient scale are read from device
-//! memory (step_control), so a step contains no host synchronization and can be captured in a
-//! CUDA graph.
+//! Work is cut into warp tasks of 32 x per_lane elements (kernel_traits: 256 for fp32 and 8-bit
+//! states, 128 for the 4-bit recipe's blocks of 128): a warp owns whole absmax blocks, each lane
+//! per_lane consecutive elements. A task loads its parameters, gradients, state codes and old
+//! absmax with 16-byte streaming loads, decodes the states (codebooks and the bucket search table
+//! in shared memory), applies the rule's element update in fp32 registers (the host optimizer's
+//! arithmetic, optim/optimizer.hpp), takes the block max of each new state with warp shuffles (no
+//! shared memory, no __syncthreads), requantizes and writes back: one pass over memory. Tasks are
+//! numbered across all tensors; the device table of tensor entries (built once, multi_tensor.cuh)
+//! maps a task to its tensor by a cached hint plus binary search, so 64 tensors cost what one
+//! tensor costs. Step, gradient scale and skip flag are read from device memory (step_control),
+//! so a step contains no host synchronization and can be captured in a CUDA graph.
 //!
 //! Bytes moved per element and step: params read + written, gradient read, each state read +
-//! written (4 bytes fp32, 1 byte 8-bit, 0.5 byte 4-bit) plus 8 bytes per block per quantized state.
+//! written (4 bytes fp32, 2 bf16, 1 byte 8-bit, 0.5 byte 4-bit), 8 bytes per block and blockwise
+//! state, and fp32 master weights read + written when present.
 
 #include <qmem/core/cuda/runtime.cuh>
 #include <qmem/core/numeric.hpp>
@@ -46,11 +48,12 @@ struct tensor_entry {
   std::uint32_t pad = 0;
 };
 
-//! The device-resident scalars of a step. Lives in device memory: the user (or a schedule kernel)
-//! writes `lr`; the prologue kernel writes the rest before the update reads it.
+//! The device-resident scalars of a step (device memory). The resolve kernel (multi_tensor.cuh)
+//! writes lr (from the schedule), step, grad_scale, skip and grad_norm before the update reads
+//! them; the caller may write inv_loss_scale and max_grad_norm between steps.
 struct step_control {
-  float lr = 1e-3f;             //!< learning rate of the next step
-  std::int32_t step = 0;        //!< steps taken; the prologue increments it unless the step is skipped
+  float lr = 1e-3f;             //!< learning rate of this step (the schedule's value)
+  std::int32_t step = 0;        //!< steps taken; a skipped step does not count
   float grad_scale = 1.0f;      //!< factor applied to every gradient in this step (unscale x clip)
   std::uint32_t skip = 0;       //!< nonzero: this step is skipped (non-finite gradient, found inf)
   float grad_norm = 0.0f;       //!< global L2 norm of the unscaled gradients (when computed)
@@ -110,9 +113,11 @@ __device__ QMEM_INLINE void store_stream(void* ptr, T const (&in)[N]) {
     __stcs(static_cast<V*>(ptr) + k, v[k]);
 }
 
+//! The max over each group of `Lanes` consecutive lanes (a power of two up to 32).
+template <int Lanes>
 __device__ QMEM_INLINE float warp_max(float m) {
   QMEM_UNROLL
-  for (int o = 16; o > 0; o >>= 1) {
+  for (int o = Lanes / 2; o > 0; o >>= 1) {
     float const other = __shfl_xor_sync(0xffffffffu, m, o);
     m = other > m ? other : m;
   }
@@ -180,7 +185,7 @@ __device__ QMEM_INLINE void for_states(F&& f) {
 //! One warp task: kernel_traits::per_lane elements per lane, everything in registers. The
 //! arithmetic is the host backend's (optimizer.hpp), element for element.
 template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
-__device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t block,
+__device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t task,
                                        typename Rule::scalars const& k, float grad_scale,
                                        std::int32_t step, std::uint64_t seed, bool param_sr,
                                        typename kernel_traits<Rule, Policy>::tables const& tables,
@@ -190,7 +195,8 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
   constexpr int S = Rule::state_count;
   constexpr std::uint64_t B = traits::block;
   std::uint64_t const size = entry->size;
-  std::uint64_t const first = block * B + std::uint64_t{lane} * E;
+  std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * E;
+  std::uint64_t const block = first / B; // this lane's absmax block
   bool const vector_path = entry->vectorized != 0 && first + E <= size;
   auto* const param = static_cast<P*>(entry->param);
   auto const* const grad = static_cast<G const*>(entry->grad);
@@ -237,7 +243,7 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
     if constexpr (F::blockwise) {
       constexpr int code_bytes = E * F::bits / 8;
       auto const& fc = codec_for<state_sign_v<Rule, J.value>>(tables);
-      float const old_absmax = entry->absmax[J.value][block];
+      float const old_absmax = first < size ? entry->absmax[J.value][block] : 0.0f;
       std::uint8_t bytes[code_bytes];
       auto const* const codes = static_cast<std::uint8_t const*>(state) + first * F::bits / 8;
       if (vector_path) {
@@ -307,14 +313,13 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
         float const a = fabsf(s[J.value][i]);
         local = valid[i] && a > local ? a : local;
       }
-      float const absmax = warp_max(local);
-      if (lane == 0)
+      float const absmax = warp_max<traits::lanes_per_block>(local);
+      if (lane % traits::lanes_per_block == 0 && first < size)
         entry->absmax[J.value][block] = absmax;
-      float const inv = reciprocal(absmax);
       std::uint8_t code[E];
       QMEM_UNROLL
       for (int i = 0; i < E; ++i) // a 4-bit pad nibble is the code of 0, as the host writes it
-        code[i] = fc.encode(valid[i] ? s[J.value][i] : 0.0f, absmax, inv);
+        code[i] = fc.encode(valid[i] ? s[J.value][i] : 0.0f, absmax);
       std::uint8_t bytes[code_bytes];
       QMEM_UNROLL
       for (int b = 0; b < code_bytes; ++b) {
@@ -392,10 +397,13 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
 inline constexpr int fused_block_threads = 256;
 
 //! Minimum resident blocks per SM asked of the register allocator (__launch_bounds__). The 8-bit
-//! AdamW step is issue- and latency-bound, not bandwidth-bound: more resident warps hide more of
-//! the dependent chain (decode, update, block max, encode). Overridable for tuning runs.
+//! steps are latency-bound, not bandwidth-bound: more resident warps hide more of the dependent
+//! chain (decode, update, block max, encode). Measured on an H200 at 2^28 parameters: 3 blocks
+//! (80 registers, 64-byte spills) against 2 (~106 registers): AdamW 8-bit 2.87 vs 3.31 ms, SGD
+//! 8-bit 1.48 vs 1.87 ms, AdamW 32-bit 2.03 vs 2.09 ms; 4 blocks (64 registers) spills 4x more.
+//! Overridable for tuning runs.
 #ifndef QMEM_OPTIM_FUSED_MIN_BLOCKS
-#define QMEM_OPTIM_FUSED_MIN_BLOCKS 2
+#define QMEM_OPTIM_FUSED_MIN_BLOCKS 3
 #endif
 inline constexpr int fused_min_blocks = QMEM_OPTIM_FUSED_MIN_BLOCKS;
 
@@ -420,9 +428,9 @@ __global__ void __launch_bounds__(fused_block_threads, fused_min_blocks)
   unsigned const lane = threadIdx.x & 31u;
   std::uint64_t const warps = (static_cast<std::uint64_t>(gridDim.x) * blockDim.x) >> 5;
   std::uint32_t hint = 0;
-  for (std::uint64_t task = args.task_begin +
-                            ((static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);
-       task < args.task_end; task += warps) {
+  std::uint64_t const warp =
+      (static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  for (std::uint64_t task = args.task_begin + warp; task < args.task_end; task += warps) {
     hint = detail::find_tensor(args.tensors, args.tensor_count, task, hint);
     tensor_entry const* const entry = args.tensors + hint;
     typename Rule::scalars const k = args.scalars[hint];

@@ -346,7 +346,8 @@ class multi_tensor_step {
 public:
   using tensor = step_tensor<Rule, P, G>;
   using traits = kernel_traits<Rule, Policy>;
-  static constexpr std::size_t block = traits::block;
+  static constexpr std::size_t block = traits::block;               //!< elements per absmax
+  static constexpr std::size_t task_elements = traits::task_elements; //!< elements per warp task
   static_assert(!reducing_rule<Rule>,
                 "the fused CUDA step does not run per-tensor reductions yet (LAMB, LARS): use the "
                 "host optimizer for reducing rules");
@@ -411,7 +412,7 @@ public:
         }
       });
       tensor_state_bytes_.back() = bytes;
-      std::uint64_t const tasks = (t.size + block - 1) / block;
+      std::uint64_t const tasks = (t.size + task_elements - 1) / task_elements;
       en.first_task = task;
       en.end_task = task + tasks;
       en.vectorized = aligned ? 1u : 0u;
@@ -467,7 +468,8 @@ public:
                          "cudaMemsetAsync(partial flags)");
       return;
     }
-    detail::grad_sumsq_kernel<G, static_cast<int>(block)><<<norm_partials, 256, 0, e.stream>>>(
+    constexpr int task = static_cast<int>(task_elements);
+    detail::grad_sumsq_kernel<G, task><<<norm_partials, 256, 0, e.stream>>>(
         entries_.data(), entry_count_, task_count_, controller_->partial_sum(slot_),
         controller_->partial_bad(slot_));
     cuda_detail::check_launch(e, "grad_sumsq_kernel");

@@ -189,7 +189,7 @@ public:
       : group_(&group), device_(storage.device()), unified_(storage.unified()),
         budget_(device_budget) {
     using traits = typename Group::traits;
-    constexpr std::size_t B = Group::block;
+    constexpr std::size_t B = Group::task_elements;
     // the state bytes of one task of each tensor, and the ranges of a task range
     auto ranges_of = [&](std::size_t i, std::uint64_t t0, std::uint64_t t1, window& w) {
       auto const& t = group.tensor_at(i);
@@ -204,8 +204,10 @@ public:
         w.ranges.push_back({base + b0, b1 - b0});
         w.bytes += b1 - b0;
         if constexpr (F::blockwise) {
-          w.ranges.push_back({t.absmax[J.value] + (t0 - first), (t1 - t0) * sizeof(float)});
-          w.bytes += (t1 - t0) * sizeof(float);
+          std::size_t const a0 = F::scale_count(e0);
+          std::size_t const a1 = F::scale_count(e1);
+          w.ranges.push_back({t.absmax[J.value] + a0, (a1 - a0) * sizeof(float)});
+          w.bytes += (a1 - a0) * sizeof(float);
         }
       });
     };
@@ -220,7 +222,8 @@ public:
       std::uint64_t const t_end = group.first_task(i + 1);
       if (t_begin == t_end)
         continue;
-      std::size_t const per_task = (group.state_bytes(i) + (t_end - t_begin) - 1) / (t_end - t_begin);
+      std::uint64_t const tasks = t_end - t_begin;
+      std::size_t const per_task = (group.state_bytes(i) + tasks - 1) / tasks;
       QMEM_EXPECTS(per_task <= window_bytes, "device_budget ", device_budget,
                    " leaves windows of ", window_bytes, " bytes; tensor ", i, " needs ", per_task,
                    " bytes per task of ", B, " elements");

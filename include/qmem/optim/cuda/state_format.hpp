@@ -67,28 +67,6 @@ struct codec {
     else
       return Code::encode(xn, book);
   }
-
-  //! encode(s / absmax) (IEEE division; absmax > 0 finite or not) without dividing in the common
-  //! case. `inv` is the IEEE reciprocal 1 / absmax. q = s * inv differs from the IEEE quotient
-  //! x = s / absmax by less than 3 * 2^-24 |q| when q is normal: inv carries one rounding of
-  //! 2^-24 relative, the product another, x a third. If q stays 2^-20 |q| (16 times that) inside
-  //! the thresholds around its own code, x lies between the same thresholds and has the same
-  //! code. Otherwise (q within the margin of a threshold, q not finite, NaN) this divides.
-  //! Subnormal q lie far below the smallest threshold (about 1.6e-7), where an absolute error of
-  //! 2^-149 cannot cross one. Tested against the division for every code type that uses it.
-  QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode_quotient(float s, float absmax,
-                                                            float inv) const noexcept
-    requires bucketed
-  {
-    float const q = optim::detail::fmath::mul(s, inv);
-    float const m = optim::detail::fmath::mul(q < 0.0f ? -q : q, 0x1p-20f);
-    std::uint8_t const c = search.encode(q);
-    float const lower = c > 0 ? search.threshold[c - 1] : qmem::detail::bits_to_float(0xff800000u);
-    float const upper = c < 255 ? search.threshold[c] : qmem::detail::bits_to_float(0x7f800000u);
-    if (optim::detail::fmath::sub(q, m) >= lower && optim::detail::fmath::add(q, m) < upper)
-      return c;
-    return search.encode(optim::detail::fmath::div(s, absmax));
-  }
 };
 
 //! The codec of a state format: a codec for blockwise formats, an empty placeholder otherwise.
@@ -102,15 +80,13 @@ struct format_codec<F, true> {
   codec<typename F::code> c;
   static constexpr format_codec make() noexcept { return {codec<typename F::code>::make()}; }
 
-  //! Element-level encode of format F with this codec (F::encode with the shared-memory book);
-  //! `inv` is reciprocal(absmax), computed once per block.
-  QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode(float s, float absmax,
-                                                   float inv) const noexcept {
-    std::uint8_t code = 0;
-    if constexpr (codec<typename F::code>::bucketed)
-      code = absmax > 0.0f ? c.encode_quotient(s, absmax, inv) : c.encode(0.0f);
-    else
-      code = c.encode(F::normalize(s, absmax));
+  //! Element-level encode of format F with this codec (F::encode with the shared-memory book).
+  //! The IEEE division in F::normalize stays: multiplying by the block's reciprocal and dividing
+  //! only within a proven margin of a threshold was measured slower on an H200 (AdamW 8-bit
+  //! 3.31 ms against 3.06 ms at 2^28): the extra dependent shared-memory reads cost more than
+  //! div.rn.f32's fast path.
+  QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode(float s, float absmax) const noexcept {
+    std::uint8_t code = c.encode(F::normalize(s, absmax));
     if constexpr (F::sign_fix) {
       bool const code_negative = (qmem::detail::float_to_bits(c.decode(code)) >> 31) != 0;
       bool const s_negative = (qmem::detail::float_to_bits(s) >> 31) != 0;
@@ -124,11 +100,6 @@ struct format_codec<F, true> {
     return optim::detail::fmath::mul(c.decode(code), absmax);
   }
 };
-
-//! The reciprocal of a block absmax that encode() takes (IEEE division, once per block).
-QMEM_HOST_DEVICE QMEM_INLINE float reciprocal(float absmax) noexcept {
-  return optim::detail::fmath::div(1.0f, absmax);
-}
 
 //! What the kernels derive from a rule and a state policy: each state's format, the warp-task
 //! size (the common block of the blockwise formats, 256 when there is none), and the codecs of
@@ -158,11 +129,18 @@ struct kernel_traits {
   }();
   static_assert(block != 0, "the fused CUDA step needs every blockwise state of a rule to use the "
                             "same block size: choose a policy whose formats share one");
-  static_assert(block % 32 == 0 && block <= 1024,
-                "the fused CUDA step gives each lane of a warp block/32 elements of one block: "
-                "the block size must be a multiple of 32, at most 1024");
-  static constexpr int per_lane = static_cast<int>(block / 32);
-  static_assert(per_lane % 2 == 0, "4-bit codes are packed by pairs: block/32 must be even");
+  static_assert(block == 16 || block == 32 || block == 64 || block == 128 || block == 256 ||
+                    block == 512 || block == 1024,
+                "the fused CUDA step gives each block a power-of-two group of lanes of a warp: "
+                "the block size must be a power of two from 16 to 1024");
+  //! Elements per lane: block/32 (at least 2, so that 4-bit codes fill whole bytes). Measured on
+  //! an H200: 8 elements per lane for the 4-bit recipe's blocks of 128 (two blocks per warp)
+  //! were slower than 4 (AdamW 4-bit 5.18 ms against 4.84 ms at 2^28).
+  static constexpr int per_lane = block / 32 >= 2 ? static_cast<int>(block / 32) : 2;
+  //! Lanes that share one absmax block (the block max is reduced over them).
+  static constexpr int lanes_per_block = static_cast<int>(block) / per_lane;
+  //! Elements per warp task.
+  static constexpr std::size_t task_elements = std::size_t{32} * per_lane;
 
   //! Shared-memory tables: codecs of the signed and the non-negative states' formats.
   struct tables {
