@@ -32,6 +32,7 @@
 #include <qmem/core/tensor.hpp>
 #include <qmem/quant/codes.hpp>
 #include <qmem/quant/detail/blockwise_ops.hpp>
+#include <qmem/quant/detail/host_isa.hpp>
 #include <qmem/quant/detail/search_table.hpp>
 #include <qmem/quant/stochastic.hpp>
 
@@ -88,10 +89,11 @@ QMEM_INLINE std::uint32_t load_block(T const* QMEM_RESTRICT x, std::size_t count
 //! packed after); 8-bit codes searched as bitsandbytes searches use search_table (the same codes,
 //! one table load per value).
 template <code_type C, float_element T>
-void quantize_blocks_host(decltype(C::book) const& book, T const* QMEM_RESTRICT x, std::size_t n,
-                          std::size_t block_size, std::uint8_t* QMEM_RESTRICT codes,
-                          float* QMEM_RESTRICT absmax, rounding r, std::size_t first_block,
-                          std::size_t last_block) {
+QMEM_INLINE void quantize_blocks_body(decltype(C::book) const& book, T const* QMEM_RESTRICT x,
+                                      std::size_t n, std::size_t block_size,
+                                      std::uint8_t* QMEM_RESTRICT codes,
+                                      float* QMEM_RESTRICT absmax, rounding r,
+                                      std::size_t first_block, std::size_t last_block) {
   // the pad nibble of an odd tail: the code of 0.0 (C::zero_code for every built-in code type)
   std::uint8_t const pad = C::encode(0.0f, book);
   alignas(64) float xs[4096];
@@ -157,12 +159,65 @@ QMEM_INLINE void dequantize_block_host(decltype(C::book) const& book,
 }
 
 template <code_type C, float_element T>
+QMEM_INLINE void dequantize_blocks_body(decltype(C::book) const& book,
+                                        std::uint8_t const* QMEM_RESTRICT codes,
+                                        float const* QMEM_RESTRICT absmax, std::size_t n,
+                                        std::size_t block_size, T* QMEM_RESTRICT y,
+                                        std::size_t first_block, std::size_t last_block) {
+  for (std::size_t blk = first_block; blk < last_block; ++blk)
+    dequantize_block_host<C>(book, codes, absmax[blk], n, block_size, y, blk);
+}
+
+// The host loops are compiled twice on x86-64 when the build does not already target AVX2: for
+// the baseline ISA and for AVX2 (wider vectors, same IEEE operations, so the same bits; FMA is not
+// enabled, so nothing is contracted), chosen at run time. Measured on the 2-core dev box (thread
+// CPU time, 2^22 elements): NF4 quantize bf16 2.6 -> 1.4 ns per element.
+#if QMEM_QUANT_HOST_AVX2
+template <code_type C, float_element T>
+__attribute__((target("avx2"))) void
+quantize_blocks_avx2(decltype(C::book) const& book, T const* QMEM_RESTRICT x, std::size_t n,
+                     std::size_t block_size, std::uint8_t* QMEM_RESTRICT codes,
+                     float* QMEM_RESTRICT absmax, rounding r, std::size_t first_block,
+                     std::size_t last_block) {
+  quantize_blocks_body<C>(book, x, n, block_size, codes, absmax, r, first_block, last_block);
+}
+template <code_type C, float_element T>
+__attribute__((target("avx2"))) void
+dequantize_blocks_avx2(decltype(C::book) const& book, std::uint8_t const* QMEM_RESTRICT codes,
+                       float const* QMEM_RESTRICT absmax, std::size_t n, std::size_t block_size,
+                       T* QMEM_RESTRICT y, std::size_t first_block, std::size_t last_block) {
+  dequantize_blocks_body<C>(book, codes, absmax, n, block_size, y, first_block, last_block);
+}
+#endif
+
+//! Host quantization of blocks [first_block, last_block) (see quantize_blocks_body).
+template <code_type C, float_element T>
+void quantize_blocks_host(decltype(C::book) const& book, T const* QMEM_RESTRICT x, std::size_t n,
+                          std::size_t block_size, std::uint8_t* QMEM_RESTRICT codes,
+                          float* QMEM_RESTRICT absmax, rounding r, std::size_t first_block,
+                          std::size_t last_block) {
+#if QMEM_QUANT_HOST_AVX2
+  if (host_has_avx2()) {
+    quantize_blocks_avx2<C>(book, x, n, block_size, codes, absmax, r, first_block, last_block);
+    return;
+  }
+#endif
+  quantize_blocks_body<C>(book, x, n, block_size, codes, absmax, r, first_block, last_block);
+}
+
+//! Host dequantization of blocks [first_block, last_block).
+template <code_type C, float_element T>
 void dequantize_blocks_host(decltype(C::book) const& book, std::uint8_t const* QMEM_RESTRICT codes,
                             float const* QMEM_RESTRICT absmax, std::size_t n,
                             std::size_t block_size, T* QMEM_RESTRICT y, std::size_t first_block,
                             std::size_t last_block) {
-  for (std::size_t blk = first_block; blk < last_block; ++blk)
-    dequantize_block_host<C>(book, codes, absmax[blk], n, block_size, y, blk);
+#if QMEM_QUANT_HOST_AVX2
+  if (host_has_avx2()) {
+    dequantize_blocks_avx2<C>(book, codes, absmax, n, block_size, y, first_block, last_block);
+    return;
+  }
+#endif
+  dequantize_blocks_body<C>(book, codes, absmax, n, block_size, y, first_block, last_block);
 }
 
 //! The shared size checks of the blockwise entry points.

@@ -234,10 +234,14 @@ void dequantize_blockwise_nested(E const& e, tensor_view<std::uint8_t const> cod
     qmem::detail::parallel_for(
         e, qabsmax.size(), 1,
         [&](std::size_t b0, std::size_t b1) {
+          // this chunk's scales, then the plain blockwise loop over the chunk
+          std::vector<float> scales(b1 - b0);
           for (std::size_t b = b0; b < b1; ++b)
-            detail::dequantize_block_host<C>(
-                C::book, codes.data(), detail::nested_scale(qabsmax[b], absmax2[b / nested_block], off, nbook),
-                n, block_size, y.data(), b);
+            scales[b - b0] = detail::nested_scale(qabsmax[b], absmax2[b / nested_block], off, nbook);
+          std::size_t const first = b0 * block_size;
+          detail::dequantize_blocks_host<C>(C::book, codes.data() + code_bytes<C>(first),
+                                            scales.data(), n - first, block_size, y.data() + first,
+                                            0, b1 - b0);
         },
         detail::host_min_blocks(block_size));
   }

@@ -1,0 +1,27 @@
+#pragma once
+//! \file
+//! Run-time choice of the host instruction set for the quantization loops. On x86-64 with g++ or
+//! clang, when the translation unit does not already target AVX2, the loops are also compiled for
+//! AVX2 (a function attribute) and chosen when the CPU has it. Defining QMEM_QUANT_HOST_AVX2 to 0
+//! before including qmem turns this off (nvcc's host pass always has it off).
+
+#ifndef QMEM_QUANT_HOST_AVX2
+#if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) &&  \
+    !defined(__AVX2__)
+#define QMEM_QUANT_HOST_AVX2 1
+#else
+#define QMEM_QUANT_HOST_AVX2 0
+#endif
+#endif
+
+namespace qmem::quant::detail {
+
+#if QMEM_QUANT_HOST_AVX2
+//! True when the CPU runs AVX2 (checked once).
+inline bool host_has_avx2() noexcept {
+  static bool const has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+} // namespace qmem::quant::detail
