@@ -34,22 +34,19 @@ public:
   static constexpr std::size_t buckets = key_hi - key_lo + 1;
 
 private:
-  // [sign][bucket]
-  std::vector<float> limit_[2];
-  std::vector<std::uint8_t> below_[2];
-  std::vector<std::uint8_t> above_[2];
-  std::uint8_t nan_code_ = 0;
+  // index sign * buckets + bucket: the largest |x| that maps below the bucket's step, and the two
+  // codes (below | above << 8) as 32-bit words, so that AVX2 can gather both per lane
+  std::vector<float> limit_;
+  std::vector<std::uint32_t> codes_;
+  std::uint32_t nan_code_ = 0;
 
   static float magnitude(std::uint32_t bits) noexcept { return qmem::detail::bits_to_float(bits); }
 
 public:
   //! Builds the table for the ascending 256-entry `code` (what bnb_search256 searches).
-  explicit search_table(float const* code) {
+  explicit search_table(float const* code) : limit_(2 * buckets), codes_(2 * buckets) {
     nan_code_ = bnb_search256(qmem::detail::bits_to_float(0x7fc00000u), code);
-    for (int s = 0; s < 2; ++s) {
-      limit_[s].resize(buckets);
-      below_[s].resize(buckets);
-      above_[s].resize(buckets);
+    for (std::size_t s = 0; s < 2; ++s) {
       std::uint32_t const sign = s == 0 ? 0u : 0x80000000u;
       auto search = [&](std::uint32_t mag_bits) {
         return bnb_search256(qmem::detail::bits_to_float(sign | mag_bits), code);
@@ -60,10 +57,9 @@ public:
         std::uint32_t const hi = k == buckets - 1 ? 0x7f800000u : (key << shift) | 0xffffu;
         std::uint8_t const c_lo = search(lo);
         std::uint8_t const c_hi = search(hi);
-        below_[s][k] = c_lo;
-        above_[s][k] = c_hi;
+        codes_[s * buckets + k] = c_lo | (static_cast<std::uint32_t>(c_hi) << 8);
         if (c_lo == c_hi) {
-          limit_[s][k] = magnitude(0x7f800000u); // |x| > inf never holds
+          limit_[s * buckets + k] = magnitude(0x7f800000u); // |x| > inf never holds
           continue;
         }
         // the largest magnitude in [lo, hi) that still maps to c_lo
@@ -76,22 +72,22 @@ public:
           else
             b = m;
         }
-        limit_[s][k] = magnitude(a);
+        limit_[s * buckets + k] = magnitude(a);
       }
     }
   }
 
-  //! The code bnb_search256(x, code) returns.
-  std::uint8_t encode(float x) const noexcept {
+  //! The code bnb_search256(x, code) returns. Branch-free (two table loads and selects), so the
+  //! host loop vectorizes with gathers where the ISA has them.
+  QMEM_INLINE std::uint8_t encode(float x) const noexcept {
     std::uint32_t const u = qmem::detail::float_to_bits(x);
     std::uint32_t const a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) [[unlikely]]
-      return nan_code_;
-    std::uint32_t const s = u >> 31;
     std::uint32_t key = a >> shift;
     key = key < key_lo ? key_lo : (key > key_hi ? key_hi : key);
-    std::size_t const k = key - key_lo;
-    return magnitude(a) > limit_[s][k] ? above_[s][k] : below_[s][k];
+    std::size_t const i = (u >> 31) * buckets + (key - key_lo);
+    std::uint32_t const c = codes_.data()[i];
+    std::uint32_t const r = magnitude(a) > limit_.data()[i] ? c >> 8 : c;
+    return static_cast<std::uint8_t>(a > 0x7f800000u ? nan_code_ : r);
   }
 };
 
