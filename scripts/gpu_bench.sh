@@ -13,6 +13,7 @@
 #
 # Prepare on the development machine first: scripts/gpu_prepare.sh (fills .peers/), then
 #   run(command="OUT=$OUT scripts/gpu_bench.sh all", carry=[".peers"])
+# QMEM_PREBUILT=<dir>: use binaries built on the development machine instead of building here.
 # Steps, comma-separated: all (default: tests,bench,peers) | tests | bench | peers | others (the
 # other layers' *_bench_cuda programs, matmul and optim, 60 s each).
 set -uo pipefail
@@ -40,7 +41,15 @@ if has peers && [[ -d $root/.peers/bitsandbytes ]]; then
   peers_pid=$!
 fi
 
-if has tests || has bench || has others; then
+prebuilt=${QMEM_PREBUILT:-}
+if [[ -n $prebuilt ]]; then
+  # Binaries built on the development machine (nvcc, static CUDA runtime) and carried: no build
+  # here, which saves device time. Expected: $prebuilt/qmem_quant_tests_cuda, quant_bench_cuda.
+  say "using prebuilt binaries from $prebuilt"
+  mkdir -p "$build/tests" "$build/bench"
+  [[ -x $prebuilt/qmem_quant_tests_cuda ]] && ln -sf "$(cd "$prebuilt" && pwd)/qmem_quant_tests_cuda" "$build/tests/qmem_tests_cuda"
+  [[ -x $prebuilt/quant_bench_cuda ]] && ln -sf "$(cd "$prebuilt" && pwd)/quant_bench_cuda" "$build/bench/quant_bench_cuda"
+elif has tests || has bench || has others; then
   say "configure"
   cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$deps" \
     -DQMEM_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_ARCHITECTURES=90 >>"$log" 2>&1 || say "configure FAILED"

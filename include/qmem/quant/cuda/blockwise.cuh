@@ -10,12 +10,13 @@
 //!
 //! How the work is laid out (the fast path, for 16-byte aligned tensors):
 //! - quantize: a *group* of G threads owns one quantization block; each thread loads 32 bytes of
-//!   input with two 16-byte vector loads, the group takes the maximum of the |x| bit patterns
-//!   with warp shuffles (and shared memory across warps when G > 32), then each thread encodes
-//!   and stores its codes with one vector store. A grid sized to the SM count walks the blocks.
-//! - dequantize: each thread owns 64 bytes of output (16 bf16 / 8 fp32 values) inside one block,
-//!   reads its codes with one vector load and its scale once, decodes from a shared-memory copy
-//!   of the code book, and writes four 16-byte stores.
+//!   input with two 16-byte vector loads (the group's lanes on consecutive vectors), the group
+//!   takes the maximum of the |x| bit patterns with warp shuffles (and shared memory across warps
+//!   when G > 32), then each thread encodes and stores its codes, one store per vector. A grid
+//!   sized to the SM count walks the blocks.
+//! - dequantize: a thread owns 16-byte output vectors (8 bf16 / 4 fp32 values, inside one block),
+//!   consecutive threads consecutive vectors, four per loop step; it reads the codes and the scale
+//!   of each, decodes from a shared-memory copy of the code book, and writes one 16-byte store.
 //! Unaligned views (subviews at odd offsets) take a scalar path that computes the same function.
 //! Code books live in shared memory: kernel parameters sit in constant memory, which serializes
 //! a warp's reads of different entries.
@@ -68,8 +69,9 @@ inline constexpr int cta_threads = 256;
 //! (4.8 TB/s x ~600 ns / 132 SMs).
 inline constexpr int quantize_bytes_per_thread = 32;
 
-//! Bytes of output one thread writes per dequantization step (four 16-byte stores).
-inline constexpr int dequantize_bytes_per_thread = 64;
+//! Elements of one 16-byte vector of T.
+template <class T>
+inline constexpr int vector_items = 16 / static_cast<int>(sizeof(T));
 
 //! Elements per thread of the fast quantize kernel for input T: 32 bytes (two 16-byte loads),
 //! and at least 8 so that a 4096-element block needs at most 512 threads.
@@ -79,14 +81,21 @@ inline constexpr int quantize_items =
         ? quantize_bytes_per_thread / static_cast<int>(sizeof(T))
         : 8;
 
+//! Elements per thread of the fast quantize kernel for blocks of more than 32 * quantize_items<T>
+//! elements: 64 bytes, so that blocks up to 1024 (fp32) / 2048 (bf16) elements still reduce
+//! within one warp, without the two CTA barriers per step of wider groups (measured on the H200,
+//! 2026-11-29, int8 from fp32 at 32 bytes per thread: block 256 at 62% of the copy bandwidth,
+//! block 512 at 51%).
+template <class T>
+inline constexpr int quantize_items_wide = 2 * quantize_items<T>;
+
 //! Largest CTA of the fast quantize kernel: one 4096-element block at 8 elements per thread.
 inline constexpr int max_quantize_threads = 512;
 
-//! The work split of the fast dequantize kernel for output T.
-template <class T>
-struct dequantize_plan {
-  static constexpr int items = dequantize_bytes_per_thread / static_cast<int>(sizeof(T));
-};
+//! 16-byte output vectors one thread of the fast dequantize kernel handles per loop step, loaded
+//! and decoded together for memory-level parallelism (consecutive lanes own consecutive vectors,
+//! so every load and store instruction of a warp covers whole 32-byte sectors).
+inline constexpr int dequantize_vectors_per_step = 4;
 
 // ---- small device helpers ------------------------------------------------------------------
 
@@ -102,81 +111,58 @@ __device__ QMEM_INLINE void copy_to_shared(Book& dst, Book const& src) {
     d[i] = s[i];
 }
 
-//! Loads N elements of T from 16-byte aligned global memory as 16-byte vectors.
-template <class T, int N>
-__device__ QMEM_INLINE void load_vectors(T (&v)[N], T const* p) {
-  static_assert((N * sizeof(T)) % 16 == 0);
-  constexpr int vectors = static_cast<int>(N * sizeof(T) / 16);
-  uint4 raw[vectors];
-  auto const* src = reinterpret_cast<uint4 const*>(p);
-  QMEM_UNROLL
-  for (int i = 0; i < vectors; ++i)
-    raw[i] = __ldcs(src + i); // streamed once: evict-first
-  QMEM_UNROLL
-  for (int i = 0; i < N; ++i)
-    __builtin_memcpy(&v[i], reinterpret_cast<char const*>(raw) + i * sizeof(T), sizeof(T));
+//! Loads one 16-byte vector of T (16-byte aligned global memory, streamed: read once).
+template <class T>
+__device__ QMEM_INLINE void load_vector(T (&v)[vector_items<T>], T const* p) {
+  uint4 const raw = __ldcs(reinterpret_cast<uint4 const*>(p));
+  __builtin_memcpy(&v[0], &raw, 16);
 }
 
-//! Stores `Bytes` bytes (2, 4, 8, 16, 32 or 64) to global memory aligned to min(Bytes, 16).
+//! Stores one 16-byte vector of T (16-byte aligned global memory).
+template <class T>
+__device__ QMEM_INLINE void store_vector(T* p, T const (&v)[vector_items<T>]) {
+  uint4 raw;
+  __builtin_memcpy(&raw, &v[0], 16);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+//! Unsigned integer of `Bytes` bytes (1, 2, 4, 8, 16).
+template <int Bytes>
+struct word;
+template <>
+struct word<1> {
+  using type = unsigned char;
+};
+template <>
+struct word<2> {
+  using type = unsigned short;
+};
+template <>
+struct word<4> {
+  using type = unsigned int;
+};
+template <>
+struct word<8> {
+  using type = uint2;
+};
+template <>
+struct word<16> {
+  using type = uint4;
+};
+
+//! Stores `Bytes` bytes with one instruction (`p` aligned to `Bytes`).
 template <int Bytes>
 __device__ QMEM_INLINE void store_bytes(uint8_t* p, uint8_t const (&b)[Bytes]) {
-  if constexpr (Bytes >= 16) {
-    QMEM_UNROLL
-    for (int i = 0; i < Bytes / 16; ++i) {
-      uint4 w;
-      __builtin_memcpy(&w, b + 16 * i, 16);
-      reinterpret_cast<uint4*>(p)[i] = w;
-    }
-  } else if constexpr (Bytes == 8) {
-    uint2 w;
-    __builtin_memcpy(&w, b, 8);
-    *reinterpret_cast<uint2*>(p) = w;
-  } else if constexpr (Bytes == 4) {
-    uint32_t w;
-    __builtin_memcpy(&w, b, 4);
-    *reinterpret_cast<uint32_t*>(p) = w;
-  } else {
-    static_assert(Bytes == 2);
-    std::uint16_t w;
-    __builtin_memcpy(&w, b, 2);
-    *reinterpret_cast<std::uint16_t*>(p) = w;
-  }
+  typename word<Bytes>::type w;
+  __builtin_memcpy(&w, b, Bytes);
+  *reinterpret_cast<typename word<Bytes>::type*>(p) = w;
 }
 
-//! Loads `Bytes` bytes (2..32) from global memory aligned to min(Bytes, 16).
+//! Loads `Bytes` bytes with one instruction (`p` aligned to `Bytes`, streamed).
 template <int Bytes>
 __device__ QMEM_INLINE void load_bytes(uint8_t (&b)[Bytes], uint8_t const* p) {
-  if constexpr (Bytes >= 16) {
-    QMEM_UNROLL
-    for (int i = 0; i < Bytes / 16; ++i) {
-      uint4 const w = __ldcs(reinterpret_cast<uint4 const*>(p) + i);
-      __builtin_memcpy(b + 16 * i, &w, 16);
-    }
-  } else if constexpr (Bytes == 8) {
-    uint2 const w = __ldcs(reinterpret_cast<uint2 const*>(p));
-    __builtin_memcpy(b, &w, 8);
-  } else if constexpr (Bytes == 4) {
-    uint32_t const w = __ldcs(reinterpret_cast<unsigned int const*>(p));
-    __builtin_memcpy(b, &w, 4);
-  } else {
-    static_assert(Bytes == 2);
-    std::uint16_t const w = __ldcs(reinterpret_cast<unsigned short const*>(p));
-    __builtin_memcpy(b, &w, 2);
-  }
-}
-
-//! Stores N elements of T to 16-byte aligned global memory as 16-byte vectors.
-template <class T, int N>
-__device__ QMEM_INLINE void store_vectors(T* p, T const (&v)[N]) {
-  static_assert((N * sizeof(T)) % 16 == 0);
-  constexpr int vectors = static_cast<int>(N * sizeof(T) / 16);
-  uint4 raw[vectors];
-  QMEM_UNROLL
-  for (int i = 0; i < N; ++i)
-    __builtin_memcpy(reinterpret_cast<char*>(raw) + i * sizeof(T), &v[i], sizeof(T));
-  QMEM_UNROLL
-  for (int i = 0; i < vectors; ++i)
-    reinterpret_cast<uint4*>(p)[i] = raw[i];
+  auto const w = __ldcs(reinterpret_cast<typename word<Bytes>::type const*>(p));
+  __builtin_memcpy(b, &w, Bytes);
 }
 
 //! Maximum over the `group` consecutive threads that share a quantization block (a power of two,
@@ -250,15 +236,24 @@ __device__ QMEM_INLINE uint8_t encode_one(float x, float inv, Encoder const& enc
 // ---- quantize ------------------------------------------------------------------------------
 
 //! Fast quantize kernel: aligned input and codes, a power-of-two block size of at least
-//! quantize_items<T>; `group` = block_size / items threads per block, the CTA has
-//! max(group, cta_threads) threads and works on blockDim.x / group blocks per step.
-template <class C, class T, class Transform>
+//! Items (quantize_items<T> or quantize_items_wide<T>). A group of `group_size` =
+//! block_size / Items consecutive threads owns one
+//! block; the CTA has max(group_size, cta_threads) threads and works on blockDim.x / group_size
+//! blocks per step. Thread `lane` of a group loads vectors j = 0, 1, ... at block offset
+//! (j * group_size + lane) * vector_items: the group's lanes read consecutive 16-byte vectors, so
+//! each load instruction covers whole 32-byte sectors (a thread-contiguous layout would request
+//! every sector twice).
+template <class C, class T, int Items, class Transform>
 __global__ void __launch_bounds__(max_quantize_threads)
     quantize_aligned(T const* QMEM_RESTRICT x, size_t n, int block_shift,
                      uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, size_t blocks,
                      rounding r, book_t<C> book,
                      typename device_encoder<C>::params const enc_params, Transform transform) {
-  constexpr int items = quantize_items<T>;
+  constexpr int items = Items;
+  constexpr int vec = vector_items<T>;
+  constexpr int vectors = items / vec;
+  constexpr int code_bytes_per_vector = C::bits == 8 ? vec : vec / 2;
+  static_assert(items % vec == 0 && vec % 2 == 0);
   int const group_size = (1 << block_shift) / items;
   int const blocks_per_cta = static_cast<int>(blockDim.x) / group_size;
   __shared__ book_t<C> sbook;
@@ -276,26 +271,32 @@ __global__ void __launch_bounds__(max_quantize_threads)
   for (size_t first = static_cast<size_t>(blockIdx.x) * static_cast<size_t>(blocks_per_cta);
        first < blocks; first += stride) {
     size_t const blk = first + static_cast<size_t>(group);
-    size_t const begin = (blk << block_shift) + static_cast<size_t>(lane) * items;
-    bool const active = blk < blocks && begin < n;
-    bool const whole = active && n - begin >= static_cast<size_t>(items);
-    T raw[items];
-    float v[items];
-    if (whole) {
-      load_vectors(raw, x + begin);
-      QMEM_UNROLL
-      for (int i = 0; i < items; ++i)
-        v[i] = tf(to_float(raw[i]));
-    } else {
-      QMEM_UNROLL
-      for (int i = 0; i < items; ++i)
-        v[i] = active && begin + i < n ? tf(to_float(x[begin + i])) : 0.0f;
+    size_t const block_begin = blk << block_shift;
+    bool const active = blk < blocks;
+    float v[vectors][vec];
+    QMEM_UNROLL
+    for (int j = 0; j < vectors; ++j) {
+      size_t const begin = block_begin + static_cast<size_t>((j * group_size + lane) * vec);
+      if (active && begin < n && n - begin >= static_cast<size_t>(vec)) {
+        T raw[vec];
+        load_vector(raw, x + begin);
+        QMEM_UNROLL
+        for (int k = 0; k < vec; ++k)
+          v[j][k] = tf(to_float(raw[k]));
+      } else {
+        QMEM_UNROLL
+        for (int k = 0; k < vec; ++k)
+          v[j][k] = active && begin + k < n ? tf(to_float(x[begin + k])) : 0.0f;
+      }
     }
     uint32_t m = 0;
     QMEM_UNROLL
-    for (int i = 0; i < items; ++i) {
-      uint32_t const b = quant::detail::abs_bits(v[i]);
-      m = b > m ? b : m;
+    for (int j = 0; j < vectors; ++j) {
+      QMEM_UNROLL
+      for (int k = 0; k < vec; ++k) {
+        uint32_t const b = quant::detail::abs_bits(v[j][k]);
+        m = b > m ? b : m;
+      }
     }
     m = group_max(m, group_size, warp_max);
     if (!active)
@@ -304,34 +305,34 @@ __global__ void __launch_bounds__(max_quantize_threads)
     if (lane == 0)
       absmax[blk] = amax;
     float const inv = quant::detail::rcp_rn(amax);
-    if constexpr (C::bits == 8) {
-      uint8_t c[items];
-      QMEM_UNROLL
-      for (int i = 0; i < items; ++i)
-        c[i] = encode_one<C>(v[i], inv, enc, sbook, r, begin + i);
-      if (whole) {
-        store_bytes<items>(codes + begin, c);
+    QMEM_UNROLL
+    for (int j = 0; j < vectors; ++j) {
+      size_t const begin = block_begin + static_cast<size_t>((j * group_size + lane) * vec);
+      if (begin >= n)
+        continue;
+      uint8_t c[code_bytes_per_vector];
+      if constexpr (C::bits == 8) {
+        QMEM_UNROLL
+        for (int k = 0; k < vec; ++k)
+          c[k] = encode_one<C>(v[j][k], inv, enc, sbook, r, begin + k);
       } else {
-        for (int i = 0; i < items; ++i)
-          if (begin + i < n)
-            codes[begin + i] = c[i];
+        QMEM_UNROLL
+        for (int k = 0; k < vec / 2; ++k) {
+          uint8_t const hi = encode_one<C>(v[j][2 * k], inv, enc, sbook, r, begin + 2 * k);
+          uint8_t const lo = begin + 2 * k + 1 < n
+                                 ? encode_one<C>(v[j][2 * k + 1], inv, enc, sbook, r,
+                                                 begin + 2 * k + 1)
+                                 : static_cast<uint8_t>(C::zero_code);
+          c[k] = quant::detail::pack_nibbles(hi, lo);
+        }
       }
-    } else {
-      uint8_t c[items / 2];
-      QMEM_UNROLL
-      for (int i = 0; i < items / 2; ++i) {
-        uint8_t const hi = encode_one<C>(v[2 * i], inv, enc, sbook, r, begin + 2 * i);
-        uint8_t const lo =
-            begin + 2 * i + 1 < n ? encode_one<C>(v[2 * i + 1], inv, enc, sbook, r, begin + 2 * i + 1)
-                                  : static_cast<uint8_t>(C::zero_code);
-        c[i] = quant::detail::pack_nibbles(hi, lo);
-      }
-      if (whole) {
-        store_bytes<items / 2>(codes + begin / 2, c);
+      size_t const code_begin = C::bits == 8 ? begin : begin / 2;
+      if (n - begin >= static_cast<size_t>(vec)) {
+        store_bytes<code_bytes_per_vector>(codes + code_begin, c);
       } else {
-        for (int i = 0; i < items / 2; ++i)
-          if (begin + 2 * i < n)
-            codes[begin / 2 + i] = c[i];
+        size_t const valid = C::bits == 8 ? n - begin : (n - begin + 1) / 2;
+        for (size_t k = 0; k < valid; ++k)
+          codes[code_begin + k] = c[k];
       }
     }
   }
@@ -445,13 +446,17 @@ struct scales_state<nested_scales> {
   }
 };
 
-//! Fast dequantize kernel: aligned codes and output; every thread's elements lie in one block.
+//! Fast dequantize kernel: aligned codes and output, block size a power of two of at least
+//! vector_items<T>. The work item is one 16-byte output vector (whose elements share a block);
+//! consecutive threads own consecutive vectors, and each thread handles
+//! dequantize_vectors_per_step of them per loop step (all loads first, then decode and store).
 template <class C, class T, class Scales>
 __global__ void __launch_bounds__(cta_threads)
     dequantize_aligned(uint8_t const* QMEM_RESTRICT codes, Scales scales, size_t n,
                        int block_shift, T* QMEM_RESTRICT y, book_t<C> book) {
-  constexpr int items = dequantize_plan<T>::items;
-  constexpr int code_bytes = C::bits == 8 ? items : items / 2;
+  constexpr int vec = vector_items<T>;
+  constexpr int code_bytes_per_vector = C::bits == 8 ? vec : vec / 2;
+  constexpr int per_step = dequantize_vectors_per_step;
   __shared__ book_t<C> sbook;
   __shared__ typename scales_state<Scales>::storage scale_storage;
   copy_to_shared(sbook, book);
@@ -459,28 +464,41 @@ __global__ void __launch_bounds__(cta_threads)
   __syncthreads();
   auto const scale_of = scales_state<Scales>::load(scales, scale_storage);
 
-  size_t const chunks = n / items + (n % items != 0 ? 1 : 0);
-  size_t const stride = static_cast<size_t>(gridDim.x) * blockDim.x;
-  for (size_t chunk = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; chunk < chunks;
-       chunk += stride) {
-    size_t const begin = chunk * items;
-    float const s = scale_of(begin >> block_shift);
-    if (n - begin >= static_cast<size_t>(items)) {
-      uint8_t c[code_bytes];
-      load_bytes<code_bytes>(c, codes + (C::bits == 8 ? begin : begin / 2));
-      T out[items];
-      QMEM_UNROLL
-      for (int i = 0; i < items; ++i) {
-        uint8_t const code =
-            C::bits == 8 ? c[i] : static_cast<uint8_t>(i % 2 == 0 ? c[i / 2] >> 4 : c[i / 2] & 0x0f);
-        out[i] = from_float<T>(quant::detail::decode_element<C>(code, s, sbook));
+  size_t const whole = n / vec; // vectors entirely inside [0, n)
+  size_t const threads = static_cast<size_t>(gridDim.x) * blockDim.x;
+  size_t const tid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (size_t base = tid; base < whole; base += threads * per_step) {
+    uint8_t c[per_step][code_bytes_per_vector];
+    float s[per_step];
+    QMEM_UNROLL
+    for (int u = 0; u < per_step; ++u) {
+      size_t const v = base + static_cast<size_t>(u) * threads;
+      if (v < whole) {
+        load_bytes<code_bytes_per_vector>(c[u], codes + v * code_bytes_per_vector);
+        s[u] = scale_of((v * vec) >> block_shift);
       }
-      store_vectors(y + begin, out);
-    } else {
-      for (size_t i = begin; i < n; ++i) {
-        uint8_t const code = C::bits == 8 ? codes[i] : quant::detail::nibble(codes, i);
-        y[i] = from_float<T>(quant::detail::decode_element<C>(code, s, sbook));
+    }
+    QMEM_UNROLL
+    for (int u = 0; u < per_step; ++u) {
+      size_t const v = base + static_cast<size_t>(u) * threads;
+      if (v < whole) {
+        T out[vec];
+        QMEM_UNROLL
+        for (int k = 0; k < vec; ++k) {
+          uint8_t const code =
+              C::bits == 8 ? c[u][k]
+                           : static_cast<uint8_t>(k % 2 == 0 ? c[u][k / 2] >> 4 : c[u][k / 2] & 0x0f);
+          out[k] = from_float<T>(quant::detail::decode_element<C>(code, s[u], sbook));
+        }
+        store_vector(y + v * vec, out);
       }
+    }
+  }
+  // the last partial vector
+  if (tid == 0) {
+    for (size_t i = whole * vec; i < n; ++i) {
+      uint8_t const code = C::bits == 8 ? codes[i] : quant::detail::nibble(codes, i);
+      y[i] = from_float<T>(quant::detail::decode_element<C>(code, scale_of(i >> block_shift), sbook));
     }
   }
 }
@@ -540,7 +558,9 @@ __global__ void __launch_bounds__(cta_threads)
   }
 }
 
-//! Elementwise dequantization of double-quantized scales.
+//! Elementwise dequantization of double-quantized scales. (A template only so that the header
+//! can define it in every translation unit: a plain __global__ function is not inline.)
+template <int = 0>
 __global__ void __launch_bounds__(cta_threads)
     dequantize_scales_kernel(nested_scales scales, size_t m, float* QMEM_RESTRICT absmax) {
   __shared__ scales_state<nested_scales>::storage st;
@@ -582,25 +602,33 @@ inline int log2_exact(size_t v) noexcept {
   return s;
 }
 
-//! Quantizes with the fast kernel when the block size is a power of two in
-//! [quantize_items<T>, 8 * max_quantize_threads] and the views are 16-byte aligned, else with the
-//! scalar kernel.
+//! Quantizes with the fast kernel when the block size is a power of two of at least
+//! quantize_items<T> (and at most quantize_items_wide<T> * max_quantize_threads) and the views are
+//! 16-byte aligned, else with the scalar kernel. Blocks that one warp covers at quantize_items<T>
+//! per thread use that; larger ones quantize_items_wide<T>.
 template <class C, class T, class Transform>
 void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, uint8_t* codes,
                   float* absmax, rounding r, Transform tf) {
-  constexpr int items = quantize_items<T>;
   size_t const blocks = n / block_size + (n % block_size != 0 ? 1 : 0);
   bool const pow2 = (block_size & (block_size - 1)) == 0;
-  if (aligned16(x) && aligned16(codes) && pow2 && block_size >= static_cast<size_t>(items) &&
-      block_size / items <= static_cast<size_t>(max_quantize_threads)) {
-    int const group = static_cast<int>(block_size / items);
+  auto launch = [&]<int Items>(std::integral_constant<int, Items>) {
+    int const group = static_cast<int>(block_size / Items);
     int const threads = group > cta_threads ? group : cta_threads;
     size_t const per_step = static_cast<size_t>(threads / group);
-    auto kernel = quantize_aligned<C, T, Transform>;
+    auto kernel = quantize_aligned<C, T, Items, Transform>;
     unsigned const grid = grid_for(kernel, threads, blocks / per_step + 1, e.device);
     kernel<<<grid, threads, 0, e.stream>>>(x, n, log2_exact(block_size), codes, absmax, blocks, r,
                                            C::book, device_encoder<C>::host_params(), tf);
     qmem::cuda_detail::check_launch(e, "qmem::quant quantize_aligned");
+  };
+  constexpr int narrow = quantize_items<T>;
+  constexpr int wide = quantize_items_wide<T>;
+  if (aligned16(x) && aligned16(codes) && pow2 && block_size >= static_cast<size_t>(narrow) &&
+      block_size / wide <= static_cast<size_t>(max_quantize_threads)) {
+    if (block_size <= static_cast<size_t>(32 * narrow))
+      launch(std::integral_constant<int, narrow>{});
+    else
+      launch(std::integral_constant<int, wide>{});
     return;
   }
   auto kernel = quantize_scalar<C, T, Transform>;
@@ -614,12 +642,12 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
 template <class C, class T, class Scales>
 void dequantize_any(exec::cuda const& e, uint8_t const* codes, Scales scales, size_t n,
                     size_t block_size, T* y) {
-  constexpr int items = dequantize_plan<T>::items;
+  constexpr int vec = vector_items<T>;
   bool const pow2 = (block_size & (block_size - 1)) == 0;
-  if (aligned16(codes) && aligned16(y) && pow2 && block_size % items == 0) {
+  if (aligned16(codes) && aligned16(y) && pow2 && block_size % vec == 0) {
     auto kernel = dequantize_aligned<C, T, Scales>;
-    size_t const chunks = n / items + 1;
-    unsigned const grid = grid_for(kernel, cta_threads, chunks / cta_threads + 1, e.device);
+    size_t const steps = n / vec / dequantize_vectors_per_step + 1;
+    unsigned const grid = grid_for(kernel, cta_threads, steps / cta_threads + 1, e.device);
     kernel<<<grid, cta_threads, 0, e.stream>>>(codes, scales, n, log2_exact(block_size), y,
                                                C::book);
     qmem::cuda_detail::check_launch(e, "qmem::quant dequantize_aligned");
@@ -719,7 +747,7 @@ inline void dequantize_scales(exec::cuda const& e, tensor_view<std::uint8_t cons
   if (absmax.empty())
     return;
   qmem::cuda_detail::device_guard guard(e.device);
-  auto kernel = kernels::dequantize_scales_kernel;
+  auto kernel = kernels::dequantize_scales_kernel<>;
   unsigned const grid =
       kernels::grid_for(kernel, kernels::cta_threads, absmax.size() / kernels::cta_threads + 1,
                         e.device);
