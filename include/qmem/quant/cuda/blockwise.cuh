@@ -61,7 +61,8 @@ using book_t = std::remove_cv_t<decltype(C::book)>;
 //! (double_quant.hpp, which includes this file after it: the CUDA tests check the two agree).
 inline constexpr size_t offset_tree_arity_v = 256;
 
-//! Threads of a CTA on the fast paths. 256 keeps 8 CTAs (64 warps) resident per SM on sm_90.
+//! Threads of a CTA on the fast paths; 256 allows 8 resident CTAs (64 warps) per SM on sm_90
+//! where registers permit (quantize_aligned uses 60-64 registers, ptxas 13.0: 4 CTAs).
 inline constexpr int cta_threads = 256;
 
 //! Bytes of input one thread loads per quantization step: two 16-byte vector loads in flight per
@@ -94,7 +95,9 @@ inline constexpr int max_quantize_threads = 512;
 
 //! 16-byte output vectors one thread of the fast dequantize kernel handles per loop step, loaded
 //! and decoded together for memory-level parallelism (consecutive lanes own consecutive vectors,
-//! so every load and store instruction of a warp covers whole 32-byte sectors).
+//! so every load and store instruction of a warp covers whole 32-byte sectors). Measured on the
+//! H200 (2026-11-29, 2^28 elements): NF4 -> bf16 at 78% of the copy bandwidth and int8 -> fp32 at
+//! 83%, against 37% / 42% for 64 contiguous bytes per thread (half-sector stores).
 inline constexpr int dequantize_vectors_per_step = 4;
 
 // ---- small device helpers ------------------------------------------------------------------
