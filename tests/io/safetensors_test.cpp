@@ -101,6 +101,13 @@ TEST_CASE("safetensors: reads the tiny bnb checkpoint") {
   r.read_into("model.layers.0.input_layernorm.weight", qmem::view(into));
   CHECK(into == norm);
 
+  // dropping a tensor's pages keeps its contents readable (re-read from the file)
+  r.release(r.at("model.layers.0.input_layernorm.weight"));
+  CHECK(r.read<qmem::bf16>("model.layers.0.input_layernorm.weight") == norm);
+  for (auto const& e : r.tensors())
+    r.release(e);
+  CHECK(r.read<std::uint8_t>("model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4") == qs);
+
   CHECK(r.find("nope") == nullptr);
   CHECK_THROWS_WITH_AS((void)r.at("nope"), doctest::Contains("'nope'"), qmem::bad_argument);
   CHECK_THROWS_AS((void)r.read<float>("model.layers.0.input_layernorm.weight"), qmem::bad_argument);
