@@ -34,7 +34,7 @@
 
 namespace qmem::memory {
 
-namespace cuda_detail {
+namespace cuda_resource_detail {
 //! Alignment every CUDA allocation call guarantees (cudaMalloc, cudaMallocAsync, cudaHostAlloc,
 //! cudaMallocManaged all return at least 256-byte aligned storage).
 inline constexpr std::size_t runtime_alignment = 256;
@@ -49,7 +49,7 @@ inline void check_alignment_request(std::size_t alignment, char const* resource_
   QMEM_EXPECTS(alignment <= runtime_alignment, resource_name, ": alignment ", alignment,
                " is above the ", runtime_alignment, " bytes the CUDA runtime guarantees");
 }
-} // namespace cuda_detail
+} // namespace cuda_resource_detail
 
 //! Device memory from a stream-ordered pool owned by this resource.
 //! `allocate`/`deallocate` (the `resource` interface) are ordered on `stream()`; the `_async`
@@ -111,7 +111,8 @@ public:
     void* p = nullptr;
     qmem::cuda_detail::check(cudaMallocFromPoolAsync(&p, bytes, pool_, stream),
                              "cudaMallocFromPoolAsync");
-    cuda_detail::check_alignment(p, cuda_detail::runtime_alignment, "cudaMallocFromPoolAsync");
+    cuda_resource_detail::check_alignment(p, cuda_resource_detail::runtime_alignment,
+                                          "cudaMallocFromPoolAsync");
     return p;
   }
   //! Returns `p` to the pool in stream order on `stream` (no synchronization).
@@ -141,7 +142,7 @@ public:
 
 private:
   void* do_allocate(std::size_t bytes, std::size_t alignment, category) override {
-    cuda_detail::check_alignment_request(alignment, "cuda_device_resource");
+    cuda_resource_detail::check_alignment_request(alignment, "cuda_device_resource");
     return allocate_async(bytes, stream_);
   }
   void do_deallocate(void* p, std::size_t, std::size_t, category) noexcept override {
@@ -157,12 +158,12 @@ public:
 
 private:
   void* do_allocate(std::size_t bytes, std::size_t alignment, category) override {
-    cuda_detail::check_alignment_request(alignment, "cuda_pinned_resource");
+    cuda_resource_detail::check_alignment_request(alignment, "cuda_pinned_resource");
     void* p = nullptr;
     qmem::cuda_detail::check(
         cudaHostAlloc(&p, bytes == 0 ? 1 : bytes, cudaHostAllocPortable | cudaHostAllocMapped),
         "cudaHostAlloc");
-    cuda_detail::check_alignment(p, alignment, "cudaHostAlloc");
+    cuda_resource_detail::check_alignment(p, alignment, "cudaHostAlloc");
     return p;
   }
   void do_deallocate(void* p, std::size_t, std::size_t, category) noexcept override {
@@ -198,7 +199,7 @@ public:
 
 private:
   void* do_allocate(std::size_t bytes, std::size_t alignment, category) override {
-    cuda_detail::check_alignment_request(alignment, "cuda_managed_resource");
+    cuda_resource_detail::check_alignment_request(alignment, "cuda_managed_resource");
     std::lock_guard lock(mutex_);
     if (!allow_oversubscription_) {
       qmem::cuda_detail::device_guard guard(device_);
@@ -215,7 +216,7 @@ private:
     void* p = nullptr;
     qmem::cuda_detail::check(cudaMallocManaged(&p, bytes == 0 ? 1 : bytes, cudaMemAttachGlobal),
                              "cudaMallocManaged");
-    cuda_detail::check_alignment(p, alignment, "cudaMallocManaged");
+    cuda_resource_detail::check_alignment(p, alignment, "cudaMallocManaged");
     outstanding_ += bytes;
     return p;
   }
