@@ -146,6 +146,7 @@ int inspect(std::vector<std::string> const& args) {
       x.name = e.name;
       if (keys.is_weight(e.name)) {
         auto const w = io::read_bnb_weight(r, e.name);
+        r.release(e); // validated; its pages are not needed again
         x.type = std::string(dtype_name(w.state.type));
         x.shape = shape_string(w.state.shape);
         x.format = std::string(io::to_string(w.format()));
@@ -356,7 +357,7 @@ int quantize(std::vector<std::string> const& args, quantize_options o) {
           std::size_t const small = w.stored_bytes() - w.codes.bytes.size();
           if (small_bytes + small <= small_budget) {
             small_bytes += small;
-            w.codes.bytes = {};
+            std::vector<std::byte>().swap(w.codes.bytes); // frees the codes (`= {}` keeps them)
             smalls.emplace(e.name, std::move(w));
           }
         }
@@ -408,6 +409,7 @@ int dequantize(std::vector<std::string> const& args, std::optional<dtype> out_ty
             continue;
           }
           auto const w = io::read_bnb_weight(r, e.name); // validates the whole weight up front
+          r.release(e);
           items.push_back({{e.name, out_type.value_or(w.state.type), w.state.shape}, &e, true});
         }
         std::vector<std::string> names;
