@@ -42,7 +42,6 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
-#include <numeric>
 #include <optional>
 #include <span>
 #include <string>
@@ -68,14 +67,26 @@ constexpr void for_each_state(F&& f) {
   }(std::make_integer_sequence<int, N>{});
 }
 
+//! Least common multiple (std::lcm is not usable in constant expressions under nvcc's front end).
+constexpr std::size_t lcm_of(std::size_t a, std::size_t b) noexcept {
+  std::size_t x = a, y = b;
+  while (y != 0) {
+    std::size_t const t = x % y;
+    x = y;
+    y = t;
+  }
+  return a / x * b;
+}
+
 //! The host's encoder for format F: the table encoder for 8-bit codes that admit one.
 template <class F>
 struct host_encoder {
   using code_type = typename F::code;
   lut_encoder<code_type> const* lut = lut_encoder<code_type>::get();
-  //! code_type::encode(xn), from the tables when the code admits them.
+  //! code_type::encode(xn) for xn = s / absmax in [-1, 1], from the tables when the code admits
+  //! them.
   QMEM_INLINE std::uint8_t code(float xn) const noexcept {
-    return lut != nullptr ? lut->encode(xn) : code_type::encode(xn, code_type::book);
+    return lut != nullptr ? lut->encode_normalized(xn) : code_type::encode(xn, code_type::book);
   }
 };
 
@@ -540,7 +551,8 @@ private:
     constexpr int N = state_count;
     constexpr std::size_t chunk = [] {
       std::size_t c = 256;
-      detail::for_each_state<N>([&](auto K) { c = std::lcm(c, format_of<P, K.value>::block_size); });
+      detail::for_each_state<N>(
+          [&](auto K) { c = detail::lcm_of(c, format_of<P, K.value>::block_size); });
       return c;
     }();
     std::size_t const n = ps.param.size();

@@ -21,7 +21,8 @@
 //! A block of zeros (absmax 0) encodes every element as `s / absmax := 0` (bitsandbytes divides
 //! 0 by 0 there; its codes for such blocks are not meaningful).
 //!
-//! Kernels use the element-level pieces: `F::load(ref, i)`, `F::encode(s, absmax)`,
+//! Kernels use the element-level pieces: `F::load(ref, i, book)`, `F::encode(s, absmax, book)`
+//! (device code passes the codebook, a kernel argument; host code may omit it),
 //! `F::store_code(ref, i, code)` (4-bit: the two elements of a byte are written together with
 //! `store_code_pair`), `F::store(ref, i, s, random_bits)` for the unblocked formats.
 
@@ -140,9 +141,11 @@ struct blockwise_format {
       return static_cast<std::uint8_t>((i % 2 == 0) ? (r.codes[i / 2] >> 4)
                                                      : (r.codes[i / 2] & 0x0fu));
   }
-  //! The stored value of element i: table value times its block's absmax.
-  QMEM_HOST_DEVICE QMEM_INLINE static float load(ref r, std::size_t i) noexcept {
-    return detail::fmath::mul(Code::decode(code_at(r, i), Code::book), r.absmax[i / Block]);
+  //! The stored value of element i: table value times its block's absmax. Device code passes
+  //! the codebook (a kernel argument: `Code::book` is a host object); host code may omit it.
+  QMEM_HOST_DEVICE QMEM_INLINE static float load(ref r, std::size_t i,
+                                                 book_type const& book = Code::book) noexcept {
+    return detail::fmath::mul(Code::decode(code_at(r, i), book), r.absmax[i / Block]);
   }
   //! The normalized value of the updated state `s` in a block whose new absmax is `absmax`.
   QMEM_HOST_DEVICE QMEM_INLINE static float normalize(float s, float absmax) noexcept {
@@ -150,10 +153,10 @@ struct blockwise_format {
   }
   //! The sign fix (SignFix only): code `c` of state `s` moved one step toward s's sign when the
   //! sign bits of its value and of s differ.
-  QMEM_HOST_DEVICE QMEM_INLINE static std::uint8_t fix_sign(std::uint8_t c, float s) noexcept {
+  QMEM_HOST_DEVICE QMEM_INLINE static std::uint8_t
+  fix_sign(std::uint8_t c, float s, book_type const& book = Code::book) noexcept {
     if constexpr (SignFix) {
-      bool const code_negative =
-          (qmem::detail::float_to_bits(Code::decode(c, Code::book)) >> 31) != 0;
+      bool const code_negative = (qmem::detail::float_to_bits(Code::decode(c, book)) >> 31) != 0;
       bool const s_negative = (qmem::detail::float_to_bits(s) >> 31) != 0;
       if (code_negative != s_negative)
         c = static_cast<std::uint8_t>(s > 0.0f ? c + 1 : c - 1);
@@ -161,8 +164,9 @@ struct blockwise_format {
     return c;
   }
   //! The code of the updated state `s` in a block whose new absmax is `absmax`.
-  QMEM_HOST_DEVICE QMEM_INLINE static std::uint8_t encode(float s, float absmax) noexcept {
-    return fix_sign(Code::encode(normalize(s, absmax), Code::book), s);
+  QMEM_HOST_DEVICE QMEM_INLINE static std::uint8_t
+  encode(float s, float absmax, book_type const& book = Code::book) noexcept {
+    return fix_sign(Code::encode(normalize(s, absmax), book), s, book);
   }
   //! Writes an 8-bit code.
   QMEM_HOST_DEVICE QMEM_INLINE static void store_code(ref r, std::size_t i,

@@ -59,6 +59,16 @@ public:
     return code_of_[r];
   }
 
+  //! encode(x) for x in [-1, 1] (what normalizing by the block absmax gives), without the range
+  //! test, so a loop of them can be vectorized. Memory-safe for any x; outside [-1, 1] (NaN from
+  //! an infinite state) the code is unspecified.
+  QMEM_INLINE std::uint8_t encode_normalized(float x) const noexcept {
+    unsigned r = cell_rank_[std::bit_cast<std::uint32_t>(x) >> 16];
+    r += x >= thr_[r + 1] ? 1u : 0u;
+    r += x >= thr_[r + 1] ? 1u : 0u;
+    return code_of_[r];
+  }
+
 private:
   std::vector<std::uint8_t> cell_rank_; // 65536
   float thr_[levels + max_steps]{};     // thr_[r]: smallest x of rank >= r (r >= 1), then +inf
