@@ -306,7 +306,7 @@ public:
   //! A copy of tensor `name`. Throws bad_argument when there is no such tensor or its dtype is
   //! not `dtype_of_v<T>`.
   template <class T>
-    requires has_dtype_v<T>
+    requires(has_dtype_v<T> && !std::same_as<T, bool>) // std::vector<bool> is not contiguous
   [[nodiscard]] std::vector<T> read(std::string_view name) const {
     auto const& e = checked_entry<T>(name, "read");
     std::vector<T> out(e.numel());
@@ -350,8 +350,6 @@ private:
   [[noreturn]] void fail(Args const&... args) const {
     qmem::detail::raise<format_error>(origin_, ": not a valid safetensors file: ", args...);
   }
-
-  static std::int64_t as_int64(nlohmann::json const& v) { return v.get<std::int64_t>(); }
 
   void validate() {
     using json = nlohmann::json;
@@ -453,8 +451,7 @@ private:
     if (!sh->is_array())
       fail("tensor '", key, "' has a shape that is not an array");
     for (auto const& d : *sh) {
-      if (!d.is_number_integer() || (d.is_number_integer() && !d.is_number_unsigned() &&
-                                     as_int64(d) < 0))
+      if (!d.is_number_unsigned()) // negative integers, floats, strings, ...
         fail("tensor '", key, "' has shape ", sh->dump(),
              "; expected non-negative integer dimensions");
       if (d.get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
@@ -500,8 +497,7 @@ public:
   //! (before creating anything); io_error when the file cannot be created or written.
   safetensors_stream_writer(std::filesystem::path const& path, std::span<tensor_spec const> specs,
                             metadata_map const& metadata = {})
-      : safetensors_stream_writer(path, detail::layout(specs, "safetensors_stream_writer"),
-                                  metadata) {}
+      : safetensors_stream_writer(path, prepare(specs, metadata)) {}
 
   //! The declared tensors with their offsets, in data order.
   [[nodiscard]] std::span<tensor_entry const> tensors() const noexcept { return entries_; }
@@ -558,23 +554,27 @@ public:
   }
 
 private:
-  safetensors_stream_writer(std::filesystem::path const& path, std::vector<tensor_entry> entries,
-                            metadata_map const& metadata)
-      : file_(path), entries_(std::move(entries)) {
+  struct prepared {
+    std::vector<tensor_entry> entries;
+    std::string header; // padded
+  };
+
+  // Lays out and serializes everything that can fail on bad input, before any file exists.
+  static prepared prepare(std::span<tensor_spec const> specs, metadata_map const& metadata) {
+    prepared p{detail::layout(specs, "safetensors_stream_writer"), {}};
+    p.header = detail::header_json(p.entries, metadata);
+    p.header.append((8 - p.header.size() % 8) % 8, ' ');
+    return p;
+  }
+
+  safetensors_stream_writer(std::filesystem::path const& path, prepared p)
+      : file_(path), entries_(std::move(p.entries)) {
     total_ = entries_.empty() ? 0 : entries_.back().end;
-    std::string h;
-    try {
-      h = detail::header_json(entries_, metadata);
-    } catch (...) {
-      file_.discard();
-      throw;
-    }
-    h.append((8 - h.size() % 8) % 8, ' ');
-    std::uint64_t const n = h.size();
+    std::uint64_t const n = p.header.size();
     std::byte len[8];
     std::memcpy(len, &n, 8);
     file_.write(len);
-    file_.write(std::as_bytes(std::span(h)));
+    file_.write(std::as_bytes(std::span(p.header)));
   }
 };
 
