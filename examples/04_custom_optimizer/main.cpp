@@ -8,6 +8,7 @@
 
 #include <qmem/optim.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <vector>
