@@ -1,7 +1,7 @@
 // The test-backend harness itself: upload/download round-trip on every backend.
-#include "support/backend.hpp"
-
 #include <numeric>
+
+#include "support/backend.hpp"
 
 TEST_CASE_TEMPLATE_DEFINE("backend upload/download round-trip", B, backend_roundtrip) {
   if (qmem::test::skip<B>())
