@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -291,4 +292,23 @@ TEST_CASE("bnb: weights convert to and from qmem quantized tensors") {
   auto const q = qmem::quant::quantize(qmem::exec::host{}, qmem::view(std::as_const(x)), shape,
                                        {qmem::quant::code_id::fp8_e4m3, 64, false, 256});
   CHECK_THROWS_AS((void)qmem::io::bnb_weight::from_quantized("w", q), qmem::bad_argument);
+}
+
+TEST_CASE("bnb: a NaN in a double-quantized weight round-trips through the JSON as Python writes it") {
+  std::vector<float> x(512, 0.25f);
+  x[3] = std::numeric_limits<float>::quiet_NaN();
+  auto const w = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
+                                        qmem::view(std::as_const(x)), {512}, 64, true);
+  CHECK(std::isnan(w.state.nested_offset));
+  CHECK(w.state_json.ends_with("\"nested_offset\": NaN}")); // json.dumps(float('nan'))
+  scratch_dir tmp;
+  qmem::io::safetensors_writer out;
+  w.add_to(out);
+  out.save(tmp.path / "nan.safetensors");
+  safetensors_reader r(tmp.path / "nan.safetensors");
+  auto const back = qmem::io::read_bnb_weight(r, "w");
+  CHECK(std::isnan(back.state.nested_offset));
+  CHECK(back.state.to_json() == w.state_json);
+  auto const y = back.dequantize<float>();
+  CHECK(std::isnan(y[3])); // NaN stays visible (see quant/blockwise.hpp on non-finite input)
 }

@@ -193,10 +193,24 @@ struct bnb_quant_state {
     auto fail = [&](auto const&... args) {
       qmem::detail::raise<format_error>(where, ": bad bitsandbytes quant_state: ", args...);
     };
+    // Python's json.dumps writes a non-finite nested_offset (a NaN in the weight makes the mean
+    // of the absmax values NaN) as the bare token NaN / Infinity / -Infinity, which is not JSON:
+    // read that one value as Python does, the rest strictly.
+    std::string text(reinterpret_cast<char const*>(bytes.data()), bytes.size());
+    std::optional<float> special_offset;
+    for (auto const& [token, value] :
+         {std::pair<char const*, float>{"-Infinity", -std::numeric_limits<float>::infinity()},
+          {"Infinity", std::numeric_limits<float>::infinity()},
+          {"NaN", std::numeric_limits<float>::quiet_NaN()}}) {
+      std::string const key = std::string("\"nested_offset\": ") + token;
+      if (auto const at = text.find(key); at != std::string::npos && !special_offset) {
+        text.replace(at, key.size(), "\"nested_offset\": 0");
+        special_offset = value;
+      }
+    }
     json j;
     try {
-      auto const* p = reinterpret_cast<char const*>(bytes.data());
-      j = json::parse(p, p + bytes.size());
+      j = json::parse(text);
     } catch (json::exception const& e) {
       fail("JSON does not parse: ", e.what());
     }
@@ -259,7 +273,7 @@ struct bnb_quant_state {
       auto const& off = j["nested_offset"];
       if (!off.is_number())
         fail("nested_offset is ", off.dump(), "; expected a number");
-      s.nested_offset = static_cast<float>(off.get<double>());
+      s.nested_offset = special_offset ? *special_offset : static_cast<float>(off.get<double>());
     }
     return s;
   }
