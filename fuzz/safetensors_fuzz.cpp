@@ -30,7 +30,8 @@ extern "C" int LLVMFuzzerTestOneInput(std::uint8_t const* data, std::size_t size
       require(e.begin == pos && e.end >= e.begin && e.end - e.begin == e.nbytes());
       auto const b = r.bytes(e);
       require(b.size() == e.nbytes());
-      require(b.empty() || (b.data() >= input.data() && b.data() + b.size() <= input.data() + size));
+      require(b.empty() ||
+              (b.data() >= input.data() && b.data() + b.size() <= input.data() + size));
       require(r.find(e.name) == &e);
       if (e.type == qmem::dtype::u8)
         require(r.read<std::uint8_t>(e.name).size() == e.numel());

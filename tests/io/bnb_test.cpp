@@ -95,7 +95,7 @@ TEST_CASE("bnb: tiny Llama checkpoints dequantize bit-exactly and rewrite byte f
       CAPTURE(name);
       auto w = qmem::io::read_bnb_weight(model, name);
       CHECK(w.format() == (std::string(dir).find("nf4") != std::string::npos ? bnb_format::nf4
-                                                                              : bnb_format::fp4));
+                                                                             : bnb_format::fp4));
       CHECK(w.state.nested);
       CHECK(w.state.blocksize == 64);
       CHECK(w.state.type == dtype::bf16);
@@ -113,7 +113,8 @@ TEST_CASE("bnb: tiny Llama checkpoints dequantize bit-exactly and rewrite byte f
       // f32 output rounds to the same bf16 values
       auto const f = w.dequantize<float>();
       CHECK(qmem::bf16(f[123]).bits == expected[123].bits);
-      CHECK(w.bits_per_parameter() == doctest::Approx(4.0 + 8.0 / 64 + 32.0 / (64 * 256)).epsilon(0.01));
+      CHECK(w.bits_per_parameter() ==
+            doctest::Approx(4.0 + 8.0 / 64 + 32.0 / (64 * 256)).epsilon(0.01));
       weights.push_back(std::move(w));
     }
 
@@ -161,8 +162,9 @@ TEST_CASE("bnb: quantize_bnb writes what transformers writes") {
     std::string const name = "model.layers.0.mlp.down_proj.weight";
     auto const stored = qmem::io::read_bnb_weight(model, name);
     auto const x = ref.read<qmem::bf16>(name);
-    auto const w = qmem::io::quantize_bnb(qmem::exec::host{}, name, stored.format(),
-                                          qmem::view(std::as_const(x)), stored.state.shape, 64, true);
+    auto const w =
+        qmem::io::quantize_bnb(qmem::exec::host{}, name, stored.format(),
+                               qmem::view(std::as_const(x)), stored.state.shape, 64, true);
     auto const a = stored.tensors(), b = w.tensors();
     REQUIRE(a.size() == b.size());
     for (std::size_t i = 0; i < a.size(); ++i) {
@@ -283,7 +285,8 @@ TEST_CASE("bnb: weights convert to and from qmem quantized tensors") {
     for (std::size_t i = 0; i < a.size(); ++i) {
       CHECK(a[i].first.name == b[i].first.name);
       CHECK(a[i].first.shape == b[i].first.shape);
-      CHECK(std::equal(a[i].second.begin(), a[i].second.end(), b[i].second.begin(), b[i].second.end()));
+      CHECK(std::equal(a[i].second.begin(), a[i].second.end(), b[i].second.begin(),
+                       b[i].second.end()));
     }
   }
   // a format bitsandbytes has no checkpoint layout for
@@ -294,7 +297,8 @@ TEST_CASE("bnb: weights convert to and from qmem quantized tensors") {
   CHECK_THROWS_AS((void)qmem::io::bnb_weight::from_quantized("w", q), qmem::bad_argument);
 }
 
-TEST_CASE("bnb: a NaN in a double-quantized weight round-trips through the JSON as Python writes it") {
+TEST_CASE(
+    "bnb: a NaN in a double-quantized weight round-trips through the JSON as Python writes it") {
   std::vector<float> x(512, 0.25f);
   x[3] = std::numeric_limits<float>::quiet_NaN();
   auto const w = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,

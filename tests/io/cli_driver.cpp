@@ -107,8 +107,8 @@ fs::path make_sharded(fs::path const& src, fs::path const& dir) {
   for (auto const& e : r.tensors()) {
     bool const first = e.name.find("layers.1.") == std::string::npos;
     (first ? a : b).add(e.name, e.type, e.shape, r.bytes(e));
-    index["weight_map"][e.name] = first ? "model-00001-of-00002.safetensors"
-                                        : "model-00002-of-00002.safetensors";
+    index["weight_map"][e.name] =
+        first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
     total += e.nbytes();
   }
   a.set_metadata("format", "pt");
@@ -144,7 +144,8 @@ void check_index(fs::path const& path) {
 } // namespace
 
 TEST_CASE("cli: inspect lists formats, block sizes, bytes and bits per parameter") {
-  auto const r = qmem_run({"inspect", (data_dir() / "tiny_llama_nf4_dq" / "model.safetensors").string()});
+  auto const r =
+      qmem_run({"inspect", (data_dir() / "tiny_llama_nf4_dq" / "model.safetensors").string()});
   CHECK(r.rc == 0);
   CHECK(r.err.empty());
   CHECK(r.out.find("21 tensors (14 quantized)") != std::string::npos);
@@ -246,8 +247,8 @@ TEST_CASE("cli: quantize writes transformers' layout; quantize then dequantize r
 
   // --only selects by regular expression (any rank); --block sets the block size
   auto const only = tmp.path / "only.safetensors";
-  REQUIRE(qmem_run({"quantize", "--format=fp4", "--block=128", "--only", "norm|q_proj", deq.string(),
-                    only.string()})
+  REQUIRE(qmem_run({"quantize", "--format=fp4", "--block=128", "--only", "norm|q_proj",
+                    deq.string(), only.string()})
               .rc == 0);
   safetensors_reader o(only);
   auto const names = qmem::io::bnb_weight_names(o);
@@ -263,13 +264,16 @@ TEST_CASE("cli: quantize writes transformers' layout; quantize then dequantize r
 
   // quantizing an already-quantized checkpoint copies its bnb weights unchanged
   auto const again = tmp.path / "again.safetensors";
-  REQUIRE(qmem_run({"quantize", "--format", "nf4", "--double-quant", model.string(), again.string()}).rc == 0);
+  REQUIRE(
+      qmem_run({"quantize", "--format", "nf4", "--double-quant", model.string(), again.string()})
+          .rc == 0);
   CHECK(slurp(again) == slurp(model));
 }
 
 TEST_CASE("cli: sharded checkpoints in and out") {
   scratch_dir in_dir, out_dir, back_dir;
-  auto const index = make_sharded(data_dir() / "tiny_llama_fp4_dq" / "model.safetensors", in_dir.path);
+  auto const index =
+      make_sharded(data_dir() / "tiny_llama_fp4_dq" / "model.safetensors", in_dir.path);
   auto const r = qmem_run({"inspect", index.string()});
   CHECK(r.rc == 0);
   CHECK(r.out.find("2 shards, 21 tensors (14 quantized)") != std::string::npos);
@@ -279,7 +283,8 @@ TEST_CASE("cli: sharded checkpoints in and out") {
   CHECK(fs::exists(out_dir.path / "model-00001-of-00002.safetensors"));
   CHECK(fs::exists(out_dir.path / "model-00002-of-00002.safetensors"));
   check_index(deq);
-  for (auto const* shard : {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}) {
+  for (auto const* shard :
+       {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}) {
     safetensors_reader s(out_dir.path / shard);
     safetensors_reader ref(data_dir() / "tiny_llama_fp4_dq" / "reference_dequantized.safetensors");
     for (auto const& e : s.tensors())
@@ -288,7 +293,9 @@ TEST_CASE("cli: sharded checkpoints in and out") {
   }
 
   auto const q = back_dir.path / "model.safetensors.index.json";
-  REQUIRE(qmem_run({"quantize", "--format", "nf4", "--double-quant", deq.string(), q.string()}).rc == 0);
+  REQUIRE(
+      qmem_run({"quantize", "--format", "nf4", "--double-quant", deq.string(), q.string()}).rc ==
+      0);
   check_index(q);
   auto const j = nlohmann::json::parse(slurp(q));
   CHECK(j["weight_map"]["model.layers.1.mlp.up_proj.weight.absmax"] ==
@@ -299,17 +306,20 @@ TEST_CASE("cli: sharded checkpoints in and out") {
   CHECK(i2.out.find("2 shards, 21 tensors (14 quantized)") != std::string::npos);
 
   // sharded in, single file out (and the reverse) is a usage error; so is writing over the input
-  auto const bad = qmem_run({"dequantize", index.string(), (out_dir.path / "x.safetensors").string()});
+  auto const bad =
+      qmem_run({"dequantize", index.string(), (out_dir.path / "x.safetensors").string()});
   CHECK(bad.rc == 2);
   CHECK(lines(bad.err) == 1);
-  auto const over = qmem_run({"dequantize", index.string(), (in_dir.path / "o.safetensors.index.json").string()});
+  auto const over =
+      qmem_run({"dequantize", index.string(), (in_dir.path / "o.safetensors.index.json").string()});
   CHECK(over.rc == 2);
   // an index that maps a tensor to the wrong shard
   auto text = slurp(index);
   auto const pos = text.find("model-00002-of-00002");
   text.replace(pos, 20, "model-00001-of-00002");
   std::ofstream(in_dir.path / "broken.safetensors.index.json") << text;
-  auto const broken = qmem_run({"inspect", (in_dir.path / "broken.safetensors.index.json").string()});
+  auto const broken =
+      qmem_run({"inspect", (in_dir.path / "broken.safetensors.index.json").string()});
   CHECK(broken.rc == 1);
   CHECK(lines(broken.err) == 1);
 }
@@ -358,7 +368,8 @@ TEST_CASE("cli: bad arguments and corrupt files give one line and a non-zero exi
 
   // a truncated file and a file with a corrupted header
   auto const bytes = slurp(model);
-  std::ofstream(tmp.path / "cut.safetensors", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+  std::ofstream(tmp.path / "cut.safetensors", std::ios::binary)
+      << bytes.substr(0, bytes.size() / 2);
   auto corrupt = bytes;
   corrupt[20] = '#';
   std::ofstream(tmp.path / "bad.safetensors", std::ios::binary) << corrupt;

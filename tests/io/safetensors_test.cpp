@@ -91,7 +91,8 @@ TEST_CASE("safetensors: reads the tiny bnb checkpoint") {
   CHECK(w.type == dtype::u8);
   CHECK(w.shape == std::vector<std::int64_t>{88064, 1});
   CHECK(w.numel() == 88064);
-  auto const qs = r.read<std::uint8_t>("model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4");
+  auto const qs =
+      r.read<std::uint8_t>("model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4");
   std::string const json(qs.begin(), qs.end());
   CHECK(json.starts_with("{\"quant_type\": \"nf4\", \"blocksize\": 64"));
 
@@ -106,7 +107,8 @@ TEST_CASE("safetensors: reads the tiny bnb checkpoint") {
   CHECK(r.read<qmem::bf16>("model.layers.0.input_layernorm.weight") == norm);
   for (auto const& e : r.tensors())
     r.release(e);
-  CHECK(r.read<std::uint8_t>("model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4") == qs);
+  CHECK(r.read<std::uint8_t>("model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4") ==
+        qs);
 
   CHECK(r.find("nope") == nullptr);
   CHECK_THROWS_WITH_AS((void)r.at("nope"), doctest::Contains("'nope'"), qmem::bad_argument);
@@ -117,9 +119,9 @@ TEST_CASE("safetensors: reads the tiny bnb checkpoint") {
 }
 
 TEST_CASE("safetensors: rewriting a reference file reproduces it byte for byte") {
-  for (auto const* name : {"tiny_llama_nf4_dq/model.safetensors",
-                           "tiny_llama_fp4_dq/reference_dequantized.safetensors",
-                           "bnb_golden_dev.safetensors"}) {
+  for (auto const* name :
+       {"tiny_llama_nf4_dq/model.safetensors",
+        "tiny_llama_fp4_dq/reference_dequantized.safetensors", "bnb_golden_dev.safetensors"}) {
     CAPTURE(name);
     auto const src = data_dir() / name;
     safetensors_reader r(src);
@@ -202,10 +204,10 @@ TEST_CASE("safetensors: writer preconditions; nothing appears on failure") {
   std::vector<float> const v(4, 1.f);
   qmem::io::safetensors_writer w;
   w.add<float>("x", {4}, v);
-  CHECK_THROWS_AS(w.add<float>("x", {4}, v), qmem::bad_argument);        // duplicate
-  CHECK_THROWS_AS(w.add<float>("y", {5}, v), qmem::bad_argument);        // size mismatch
-  CHECK_THROWS_AS(w.add<float>("z", {-1, -4}, v), qmem::bad_argument);   // negative
-  CHECK_THROWS_AS(w.add<float>("", {4}, v), qmem::bad_argument);         // empty name
+  CHECK_THROWS_AS(w.add<float>("x", {4}, v), qmem::bad_argument);      // duplicate
+  CHECK_THROWS_AS(w.add<float>("y", {5}, v), qmem::bad_argument);      // size mismatch
+  CHECK_THROWS_AS(w.add<float>("z", {-1, -4}, v), qmem::bad_argument); // negative
+  CHECK_THROWS_AS(w.add<float>("", {4}, v), qmem::bad_argument);       // empty name
   CHECK_THROWS_AS(w.add<float>("__metadata__", {4}, v), qmem::bad_argument);
   CHECK(w.size() == 1);
 
@@ -218,9 +220,7 @@ TEST_CASE("safetensors: writer preconditions; nothing appears on failure") {
   // the stream writer: order, sizes, overrun, incomplete commit
   std::vector<qmem::io::tensor_spec> specs{{"p", dtype::f32, {4}}, {"q", dtype::f32, {2}}};
   auto const target = dir.path / "s.safetensors";
-  {
-    std::ofstream(target) << "previous contents";
-  }
+  { std::ofstream(target) << "previous contents"; }
   {
     qmem::io::safetensors_stream_writer s(target, specs);
     CHECK_THROWS_AS(s.write<float>("q", std::span(v).first(2)), qmem::bad_argument); // not next
@@ -264,8 +264,8 @@ TEST_CASE("safetensors: hostile headers are rejected with format_error") {
     std::memcpy(big.data(), &huge, 8);
     CHECK_THROWS_AS((void)safetensors_reader::parse(big), qmem::format_error);
   }
-  check_rejected(ok, 9, "data section is 9 bytes");    // trailing bytes
-  check_rejected(ok, 7, "past the data section");      // truncated data
+  check_rejected(ok, 9, "data section is 9 bytes"); // trailing bytes
+  check_rejected(ok, 7, "past the data section");   // truncated data
   check_rejected(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]})", 8, "does not parse");
   check_rejected(R"([1,2])", 0, "not a JSON object");
   check_rejected(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
@@ -278,15 +278,16 @@ TEST_CASE("safetensors: hostile headers are rejected with format_error") {
   check_rejected(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8, "non-negative");
   check_rejected(R"({"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}})", 8, "non-negative");
   check_rejected(R"({"a":{"dtype":"F32","shape":2,"data_offsets":[0,8]}})", 8, "not an array");
-  check_rejected(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})",
-                 8, "overflows");
-  check_rejected(R"({"a":{"dtype":"F32","shape":[18446744073709551615],"data_offsets":[0,8]}})",
-                 8, "2^63");
+  check_rejected(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8,
+                 "overflows");
+  check_rejected(R"({"a":{"dtype":"F32","shape":[18446744073709551615],"data_offsets":[0,8]}})", 8,
+                 "2^63");
   check_rejected(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", 8, "begin after end");
   check_rejected(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,9]}})", 8, "past the data");
   check_rejected(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}})", 8, "needs 8");
   check_rejected(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0]}})", 8, "two non-negative");
-  check_rejected(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,-8]}})", 8, "two non-negative");
+  check_rejected(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,-8]}})", 8,
+                 "two non-negative");
   check_rejected(R"({"a":{"dtype":"F32","shape":[2]}})", 8, "lacks");
   check_rejected(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":1}})", 8,
                  "unknown field");
@@ -310,7 +311,8 @@ TEST_CASE("safetensors: every truncation and many corruptions of a real file are
   // every cut inside the header, and a sample of cuts in the data section
   for (std::size_t cut = 0; cut < file.size(); cut += cut < header_end + 64 ? 1 : 4099) {
     CAPTURE(cut);
-    CHECK_THROWS_AS((void)safetensors_reader::parse(std::span(file).first(cut)), qmem::format_error);
+    CHECK_THROWS_AS((void)safetensors_reader::parse(std::span(file).first(cut)),
+                    qmem::format_error);
   }
   // flipping a byte of the header either still parses (inside a string or a digit that keeps the
   // layout valid) or is rejected: never a crash or another exception type

@@ -32,7 +32,8 @@ struct shard {
 //! index's other top-level fields and metadata (kept when writing an output index).
 struct checkpoint {
   std::vector<shard> shards;
-  nlohmann::json index_metadata = nlohmann::json::object(); // the index's "metadata" minus total_size
+  nlohmann::json index_metadata =
+      nlohmann::json::object(); // the index's "metadata" minus total_size
   bool sharded = false;
 
   //! Opens `path`. Throws io_error/format_error with a one-line reason.
@@ -69,8 +70,8 @@ struct checkpoint {
                                           "' is not a file name");
       auto const f = file.get<std::string>();
       if (f.empty() || fs::path(f).has_parent_path() || f == "." || f == "..")
-        qmem::detail::raise<format_error>(path.string(), ": weight_map entry '", name,
-                                          "' names '", f, "'; expected a file next to the index");
+        qmem::detail::raise<format_error>(path.string(), ": weight_map entry '", name, "' names '",
+                                          f, "'; expected a file next to the index");
       names_by_file[f].insert(name);
     }
     auto const dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
@@ -84,8 +85,8 @@ struct checkpoint {
                                             "', which the index does not map to it");
       for (auto const& n : names)
         if (!r.contains(n))
-          qmem::detail::raise<format_error>(path.string(), ": the index maps '", n, "' to '",
-                                            file, "', which does not hold it");
+          qmem::detail::raise<format_error>(path.string(), ": the index maps '", n, "' to '", file,
+                                            "', which does not hold it");
       c.shards.push_back(shard{file, std::move(r)});
     }
     return c;

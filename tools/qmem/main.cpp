@@ -10,8 +10,6 @@
 // prints one line `qmem: error: <reason>` and exits non-zero (2 for usage errors); outputs are
 // written atomically, so a failed run leaves no partial file behind. See docs/cli.md.
 
-#include "checkpoint.hpp"
-
 #include <qmem/io.hpp>
 
 #include <algorithm>
@@ -29,9 +27,10 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <unistd.h>
 #include <vector>
 
-#include <unistd.h>
+#include "checkpoint.hpp"
 
 namespace qmem::cli {
 namespace {
@@ -182,11 +181,11 @@ int inspect(std::vector<std::string> const& args) {
                 x.name.c_str(), x.type.c_str(), static_cast<int>(w_shape), x.shape.c_str(),
                 x.format.c_str(), x.block.c_str(), x.nested.c_str(),
                 static_cast<unsigned long long>(x.bytes), x.bits);
-  std::printf("total: %zu tensors, %llu parameters, %llu bytes, %.3f bits/param\n", rows.size(),
-              static_cast<unsigned long long>(total_numel),
-              static_cast<unsigned long long>(total_bytes),
-              total_numel ? 8.0 * static_cast<double>(total_bytes) / static_cast<double>(total_numel)
-                          : 0.0);
+  std::printf(
+      "total: %zu tensors, %llu parameters, %llu bytes, %.3f bits/param\n", rows.size(),
+      static_cast<unsigned long long>(total_numel), static_cast<unsigned long long>(total_bytes),
+      total_numel ? 8.0 * static_cast<double>(total_bytes) / static_cast<double>(total_numel)
+                  : 0.0);
   return 0;
 }
 
@@ -243,7 +242,8 @@ template <class Convert>
 std::uint64_t write_shard(fs::path const& out, io::safetensors_reader const& r,
                           std::vector<output_item> items, Convert&& convert, progress& p) {
   std::ranges::stable_sort(items, [](output_item const& a, output_item const& b) {
-    int const ra = io::detail::reference_rank(a.spec.type), rb = io::detail::reference_rank(b.spec.type);
+    int const ra = io::detail::reference_rank(a.spec.type),
+              rb = io::detail::reference_rank(b.spec.type);
     return ra != rb ? ra > rb : a.spec.name < b.spec.name;
   });
   std::vector<io::tensor_spec> specs;
@@ -330,15 +330,14 @@ int quantize(std::vector<std::string> const& args, quantize_options o) {
                       std::string(io::to_string(o.format)));
   return convert_checkpoint(
       "quantize", args[0], args[1],
-      [&](io::safetensors_reader const& r, fs::path const& out, progress& p,
-          std::uint64_t& total) {
+      [&](io::safetensors_reader const& r, fs::path const& out, progress& p, std::uint64_t& total) {
         bnb_keys const keys(r);
         std::vector<output_item> items;
         std::map<std::string, io::bnb_weight, std::less<>> smalls;
         std::size_t small_bytes = 0;
         for (auto const& e : r.tensors()) {
-          bool const selectable = is_floating(e.type) && e.numel() != 0 &&
-                                  !keys.is_aux(e.name) && !keys.is_weight(e.name);
+          bool const selectable = is_floating(e.type) && e.numel() != 0 && !keys.is_aux(e.name) &&
+                                  !keys.is_weight(e.name);
           bool const selected =
               selectable && (o.only ? std::regex_search(e.name, *o.only) : default_selected(e));
           if (!selected) {
@@ -397,8 +396,7 @@ int dequantize(std::vector<std::string> const& args, std::optional<dtype> out_ty
                       " arguments");
   return convert_checkpoint(
       "dequantize", args[0], args[1],
-      [&](io::safetensors_reader const& r, fs::path const& out, progress& p,
-          std::uint64_t& total) {
+      [&](io::safetensors_reader const& r, fs::path const& out, progress& p, std::uint64_t& total) {
         bnb_keys const keys(r);
         std::vector<output_item> items;
         for (auto const& e : r.tensors()) {
@@ -523,8 +521,10 @@ int run(std::vector<std::string> const& argv) {
       try {
         o.only = std::regex(p.options.at("--only"), std::regex::ECMAScript);
       } catch (std::regex_error const& e) {
-        throw usage_error("--only '" + p.options.at("--only") + "' is not a valid regular "
-                          "expression: " + e.what());
+        throw usage_error("--only '" + p.options.at("--only") +
+                          "' is not a valid regular "
+                          "expression: " +
+                          e.what());
       }
     }
     return quantize(p.positional, std::move(o));
@@ -562,7 +562,8 @@ int main(int argc, char** argv) {
   try {
     return qmem::cli::run(args);
   } catch (qmem::cli::usage_error const& e) {
-    std::fprintf(stderr, "qmem: error: %s (see qmem --help)\n", qmem::cli::one_line(e.what()).c_str());
+    std::fprintf(stderr, "qmem: error: %s (see qmem --help)\n",
+                 qmem::cli::one_line(e.what()).c_str());
     return 2;
   } catch (std::exception const& e) {
     std::fprintf(stderr, "qmem: error: %s\n", qmem::cli::one_line(e.what()).c_str());

@@ -303,13 +303,13 @@ struct stored_tensor {
 //! A bnb-quantized weight: its quant state and the stored tensors, kept as stored so that writing
 //! them back gives the same bytes.
 struct bnb_weight {
-  std::string name;         //!< the weight's key `W`
-  bnb_quant_state state;    //!< parsed from `state_json`
-  std::string state_json;   //!< the quant-state bytes as stored
-  stored_tensor codes;      //!< `W`
-  stored_tensor absmax;     //!< `W.absmax` (F32 scales, or U8 codes when nested)
-  stored_tensor quant_map;  //!< `W.quant_map`
-  std::optional<stored_tensor> nested_absmax;    //!< `W.nested_absmax` (nested only)
+  std::string name;                           //!< the weight's key `W`
+  bnb_quant_state state;                      //!< parsed from `state_json`
+  std::string state_json;                     //!< the quant-state bytes as stored
+  stored_tensor codes;                        //!< `W`
+  stored_tensor absmax;                       //!< `W.absmax` (F32 scales, or U8 codes when nested)
+  stored_tensor quant_map;                    //!< `W.quant_map`
+  std::optional<stored_tensor> nested_absmax; //!< `W.nested_absmax` (nested only)
   std::optional<stored_tensor> nested_quant_map; //!< `W.nested_quant_map` (nested only)
 
   [[nodiscard]] std::size_t numel() const noexcept { return state.numel(); }
@@ -317,8 +317,8 @@ struct bnb_weight {
 
   //! Bytes of every stored tensor of this weight (codes, scales, tables, state).
   [[nodiscard]] std::size_t stored_bytes() const noexcept {
-    std::size_t b = codes.bytes.size() + absmax.bytes.size() + quant_map.bytes.size() +
-                    state_json.size();
+    std::size_t b =
+        codes.bytes.size() + absmax.bytes.size() + quant_map.bytes.size() + state_json.size();
     if (nested_absmax)
       b += nested_absmax->bytes.size() + nested_quant_map->bytes.size();
     return b;
@@ -348,7 +348,8 @@ struct bnb_weight {
       add(name + ".nested_absmax", *nested_absmax);
       add(name + ".nested_quant_map", *nested_quant_map);
     }
-    out.push_back({tensor_spec{quant_state_key(name, state.format), dtype::u8,
+    out.push_back({tensor_spec{quant_state_key(name, state.format),
+                               dtype::u8,
                                {static_cast<std::int64_t>(state_json.size())}},
                    std::as_bytes(std::span(state_json))});
     return out;
@@ -377,13 +378,14 @@ struct bnb_weight {
   //! The weight as a qmem quantized tensor whose buffers come from `r` (host-accessible memory):
   //! the same codes (the first code bytes of `W`, whatever its storage dtype), scales and offset.
   //! The inverse of from_quantized up to the storage dtype of `W`.
-  [[nodiscard]] quant::quantized_tensor to_quantized(
-      memory::resource& r = memory::default_host_resource()) const;
+  [[nodiscard]] quant::quantized_tensor
+  to_quantized(memory::resource& r = memory::default_host_resource()) const;
 
   //! A bnb weight named `name` holding `q`'s codes and scales, with the tensors and quant-state
   //! JSON bitsandbytes/transformers write (U8 codes). Preconditions: q's code is nf4, fp4 or
   //! dynamic_signed (int8), and its buffers are in host-accessible memory; throws bad_argument.
-  [[nodiscard]] static bnb_weight from_quantized(std::string name, quant::quantized_tensor const& q);
+  [[nodiscard]] static bnb_weight from_quantized(std::string name,
+                                                 quant::quantized_tensor const& q);
 
   //! The dequantized values as a new vector.
   template <float_element T>
@@ -398,14 +400,15 @@ private:
   void dequantize_as(exec::host const& e, tensor_view<T> out) const {
     std::size_t const n = numel();
     std::size_t const blocks = quant::block_count(n, state.blocksize);
-    tensor_view<std::uint8_t const> const c(reinterpret_cast<std::uint8_t const*>(codes.bytes.data()),
-                                            quant::code_bytes<C>(n));
+    tensor_view<std::uint8_t const> const c(
+        reinterpret_cast<std::uint8_t const*>(codes.bytes.data()), quant::code_bytes<C>(n));
     if (state.nested) {
       auto const q = absmax.as<std::uint8_t>(blocks);
       auto const a2 = nested_absmax->as<float>(quant::block_count(blocks, state.nested_blocksize));
       float const off = state.nested_offset;
-      quant::dequantize_blockwise_nested<C>(e, c, view(q), view(a2), tensor_view<float const>(&off, 1),
-                                            state.blocksize, state.nested_blocksize, out);
+      quant::dequantize_blockwise_nested<C>(e, c, view(q), view(a2),
+                                            tensor_view<float const>(&off, 1), state.blocksize,
+                                            state.nested_blocksize, out);
     } else {
       auto const a = absmax.as<float>(blocks);
       quant::dequantize_blockwise<C>(e, c, view(a), state.blocksize, out);
@@ -493,10 +496,9 @@ inline bnb_weight bnb_weight::from_quantized(std::string name, quant::quantized_
   w.state.type = q.original_dtype();
   w.state.shape.assign(q.shape().begin(), q.shape().end());
   w.state.nested = q.format().nested;
-  w.state.nested_blocksize = q.format().nested ? q.format().nested_block
-                                               : (w.state.format == bnb_format::int8
-                                                      ? w.state.blocksize
-                                                      : 256);
+  w.state.nested_blocksize = q.format().nested
+                                 ? q.format().nested_block
+                                 : (w.state.format == bnb_format::int8 ? w.state.blocksize : 256);
   auto bytes_of = [](auto v) {
     auto const b = std::as_bytes(std::span(v.data(), v.size()));
     return std::vector<std::byte>(b.begin(), b.end());
@@ -509,10 +511,11 @@ inline bnb_weight bnb_weight::from_quantized(std::string name, quant::quantized_
   if (w.state.nested) {
     w.state.nested_offset = q.offset()[0];
     w.absmax = {dtype::u8, {static_cast<std::int64_t>(q.qabsmax().size())}, bytes_of(q.qabsmax())};
-    w.nested_absmax =
-        stored_tensor{dtype::f32, {static_cast<std::int64_t>(q.absmax2().size())}, bytes_of(q.absmax2())};
+    w.nested_absmax = stored_tensor{
+        dtype::f32, {static_cast<std::int64_t>(q.absmax2().size())}, bytes_of(q.absmax2())};
     auto const nt = detail::dynamic_signed_table();
-    w.nested_quant_map = stored_tensor{dtype::f32, {256}, bytes_of(std::span<float const>(nt.value))};
+    w.nested_quant_map =
+        stored_tensor{dtype::f32, {256}, bytes_of(std::span<float const>(nt.value))};
   } else {
     w.absmax = {dtype::f32, {static_cast<std::int64_t>(q.absmax().size())}, bytes_of(q.absmax())};
   }
@@ -594,9 +597,11 @@ inline bnb_weight read_bnb_weight(safetensors_reader const& r, std::string_view 
   w.absmax = stored_tensor::from(r, ae);
 
   w.quant_map = stored_tensor::from(r, need(w.name + ".quant_map"));
-  bool const table_ok = w.state.format == bnb_format::nf4   ? detail::table_equals(w.quant_map, quant::nf4_table)
-                        : w.state.format == bnb_format::fp4 ? detail::table_equals(w.quant_map, quant::fp4_stored_table)
-                                                            : detail::table_equals(w.quant_map, detail::dynamic_signed_table());
+  bool const table_ok = w.state.format == bnb_format::nf4
+                            ? detail::table_equals(w.quant_map, quant::nf4_table)
+                        : w.state.format == bnb_format::fp4
+                            ? detail::table_equals(w.quant_map, quant::fp4_stored_table)
+                            : detail::table_equals(w.quant_map, detail::dynamic_signed_table());
   if (!table_ok)
     fail("quant_map is not bitsandbytes' ", to_string(w.state.format),
          " table; other tables are not supported");
@@ -658,8 +663,12 @@ template <float_element T>
   std::vector<std::uint8_t> codes(code_b);
   std::vector<float> absmax(blocks);
   switch (f) {
-  case bnb_format::nf4: quant::quantize_blockwise<quant::nf4>(e, x, blocksize, view(codes), view(absmax)); break;
-  case bnb_format::fp4: quant::quantize_blockwise<quant::fp4>(e, x, blocksize, view(codes), view(absmax)); break;
+  case bnb_format::nf4:
+    quant::quantize_blockwise<quant::nf4>(e, x, blocksize, view(codes), view(absmax));
+    break;
+  case bnb_format::fp4:
+    quant::quantize_blockwise<quant::fp4>(e, x, blocksize, view(codes), view(absmax));
+    break;
   case bnb_format::int8:
     quant::quantize_blockwise<quant::dynamic_signed>(e, x, blocksize, view(codes), view(absmax));
     break;
@@ -680,7 +689,8 @@ template <float_element T>
                            view(q), view(a2), tensor_view<float>(&off, 1));
     w.state.nested_offset = off;
     w.absmax = {dtype::u8, {static_cast<std::int64_t>(blocks)}, bytes_of(q)};
-    w.nested_absmax = stored_tensor{dtype::f32, {static_cast<std::int64_t>(a2.size())}, bytes_of(a2)};
+    w.nested_absmax =
+        stored_tensor{dtype::f32, {static_cast<std::int64_t>(a2.size())}, bytes_of(a2)};
     auto const nt = detail::dynamic_signed_table();
     w.nested_quant_map = stored_tensor{dtype::f32, {256}, bytes_of(nt.value)};
   } else {

@@ -21,8 +21,8 @@
 //! trailing bytes is rejected (it is either corrupt or hiding data).
 //!
 //! The writer writes what the reference implementation writes for the same tensors: compact JSON,
-//! `__metadata__` first (when there is any), tensors in data order, the header padded with spaces to
-//! a multiple of 8 bytes. Files are written atomically (see detail::atomic_file).
+//! `__metadata__` first (when there is any), tensors in data order, the header padded with spaces
+//! to a multiple of 8 bytes. Files are written atomically (see detail::atomic_file).
 //!
 //! Dependency: this header (and everything in qmem/io) needs nlohmann-json 3 (Debian:
 //! nlohmann-json3-dev; CMake: link nlohmann_json::nlohmann_json). The rest of qmem does not.
@@ -271,7 +271,9 @@ public:
     QMEM_EXPECTS(e != nullptr, "no tensor named '", name, "' in ", origin_);
     return *e;
   }
-  [[nodiscard]] bool contains(std::string_view name) const noexcept { return find(name) != nullptr; }
+  [[nodiscard]] bool contains(std::string_view name) const noexcept {
+    return find(name) != nullptr;
+  }
   //! The `__metadata__` map (empty when the file has none).
   [[nodiscard]] metadata_map const& metadata() const noexcept { return metadata_; }
   //! The JSON header length N (the file's first 8 bytes).
@@ -306,8 +308,8 @@ public:
   //! A copy of tensor `name`. Throws bad_argument when there is no such tensor or its dtype is
   //! not `dtype_of_v<T>`.
   template <class T>
-    requires(has_dtype_v<T> && !std::same_as<T, bool>) // std::vector<bool> is not contiguous
-  [[nodiscard]] std::vector<T> read(std::string_view name) const {
+  requires(has_dtype_v<T> && !std::same_as<T, bool>) // std::vector<bool> is not contiguous
+      [[nodiscard]] std::vector<T> read(std::string_view name) const {
     auto const& e = checked_entry<T>(name, "read");
     std::vector<T> out(e.numel());
     if (!out.empty())
@@ -319,8 +321,8 @@ public:
   //! `dtype_of_v<T>`, `out` has exactly numel() elements in host-accessible memory, aligned and
   //! non-null. Throws bad_argument otherwise, before writing anything.
   template <class T>
-    requires(has_dtype_v<T> && !std::is_const_v<T>)
-  void read_into(std::string_view name, tensor_view<T> out) const {
+  requires(has_dtype_v<T> && !std::is_const_v<T>) void read_into(std::string_view name,
+                                                                 tensor_view<T> out) const {
     auto const& e = checked_entry<T>(name, "read_into");
     QMEM_EXPECTS(out.size() == e.numel(), "out has ", out.size(), " elements; tensor '", name,
                  "' has ", e.numel());
@@ -446,7 +448,8 @@ private:
     tensor_entry e;
     e.name = key;
     if (!dt->is_string() || !parse_dtype(dt->get_ref<std::string const&>(), e.type))
-      fail("tensor '", key, "' has dtype ", dt->dump(), "; expected one of F64 F32 F16 BF16 "
+      fail("tensor '", key, "' has dtype ", dt->dump(),
+           "; expected one of F64 F32 F16 BF16 "
            "F8_E4M3 F8_E5M2 I64 I32 I16 I8 U64 U32 U16 U8 BOOL");
     if (!sh->is_array())
       fail("tensor '", key, "' has a shape that is not an array");
@@ -454,7 +457,8 @@ private:
       if (!d.is_number_unsigned()) // negative integers, floats, strings, ...
         fail("tensor '", key, "' has shape ", sh->dump(),
              "; expected non-negative integer dimensions");
-      if (d.get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+      if (d.get<std::uint64_t>() >
+          static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
         fail("tensor '", key, "' has a dimension above 2^63 - 1");
       e.shape.push_back(d.get<std::int64_t>());
     }
@@ -503,9 +507,8 @@ public:
   [[nodiscard]] std::span<tensor_entry const> tensors() const noexcept { return entries_; }
   //! Index of the first tensor not yet completely written (== tensors().size() when all are).
   [[nodiscard]] std::size_t current() const noexcept {
-    auto const it = std::ranges::find_if(entries_, [&](tensor_entry const& e) {
-      return e.end > written_;
-    });
+    auto const it =
+        std::ranges::find_if(entries_, [&](tensor_entry const& e) { return e.end > written_; });
     return static_cast<std::size_t>(it - entries_.begin());
   }
   //! Bytes of the data section still to write.
@@ -525,15 +528,15 @@ public:
   //! Writes the whole tensor `name`, which must be the next one in data order and have
   //! `dtype_of_v<T>` and exactly `values.size()` elements. Throws bad_argument otherwise.
   template <class T>
-    requires has_dtype_v<T>
+  requires has_dtype_v<T>
   void write(std::string_view name, std::span<T const> values) {
     auto const found = std::ranges::find(entries_, name, &tensor_entry::name);
     QMEM_EXPECTS(found != entries_.end(), "no tensor named '", name, "' was declared");
     auto const* e = &*found;
-    QMEM_EXPECTS(e->type == dtype_of_v<T>, "tensor '", name, "' was declared ",
-                 dtype_name(e->type), "; the values are ", dtype_name(dtype_of_v<T>));
-    QMEM_EXPECTS(values.size() == e->numel(), "tensor '", name, "' was declared with ",
-                 e->numel(), " elements; got ", values.size());
+    QMEM_EXPECTS(e->type == dtype_of_v<T>, "tensor '", name, "' was declared ", dtype_name(e->type),
+                 "; the values are ", dtype_name(dtype_of_v<T>));
+    QMEM_EXPECTS(values.size() == e->numel(), "tensor '", name, "' was declared with ", e->numel(),
+                 " elements; got ", values.size());
     if (e->begin == e->end)
       return; // an empty tensor has no bytes; it may be "written" at any time
     QMEM_EXPECTS(e->begin == written_, "tensor '", name, "' is not next: ",
@@ -619,7 +622,7 @@ public:
 
   //! Adds a copy of typed values with the given shape (numel must equal values.size()).
   template <class T>
-    requires has_dtype_v<T>
+  requires has_dtype_v<T>
   void add(std::string name, std::vector<std::int64_t> shape, std::span<T const> values) {
     add(std::move(name), dtype_of_v<T>, std::move(shape), std::as_bytes(values));
   }

@@ -11,21 +11,19 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <fcntl.h>
 #include <filesystem>
 #include <span>
 #include <string>
-#include <utility>
-
-#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <utility>
 
 namespace qmem::io::detail {
 
 //! `what 'path': strerror(err)`.
-[[noreturn]] inline void raise_errno(char const* what, std::filesystem::path const& path,
-                                     int err) {
+[[noreturn]] inline void raise_errno(char const* what, std::filesystem::path const& path, int err) {
   qmem::detail::raise<io_error>(what, " '", path.string(), "': ", std::strerror(err));
 }
 
