@@ -15,6 +15,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -27,6 +28,7 @@
 #if QMEM_HAS_CUDA()
 #include <qmem/memory/cuda_resource.cuh>
 #include <qmem/optim/cuda/multi_tensor.cuh>
+#include <qmem/optim/cuda/optimizer_step.cuh>
 #include <qmem/optim/cuda/paged.cuh>
 #endif
 
@@ -748,6 +750,62 @@ TEST_CASE("paged state under real oversubscription completes with the unpaged bi
   if (hog != nullptr)
     (void)cudaFree(hog);
   CHECK(d.snapshot() == reference);
+}
+
+TEST_CASE("optimizer_step: an optimizer's own (managed) state stepped on the GPU == its host step") {
+  if (skip_without_gpu())
+    return;
+  using P = float;
+  auto const pr = make_problem<P, P>(odd_sizes(), 3, 61);
+  oq::optimizer_options oo = default_options();
+  oo.max_grad_norm = 0.05f; // clipping over both groups (8-bit, and fp32 below 4096 elements)
+  std::vector<std::vector<P>> hp = pr.params;
+  oq::optimizer<oq::adamw, oq::int8_state, P> host_opt(oq::adamw{}, oo);
+  for (auto& p : hp)
+    host_opt.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
+  memory::cuda_managed_resource managed(0);
+  memory::cuda_device_resource dres(0);
+  oq::optimizer<oq::adamw, oq::int8_state, P> gpu_opt(oq::adamw{}, oo, managed);
+  std::vector<memory::buffer<P>> mp, mg;
+  std::vector<tensor_view<P const>> gv;
+  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+    std::size_t const n = pr.sizes[i];
+    mp.emplace_back(n, managed, memory::category::weights);
+    mg.emplace_back(n, managed, memory::category::gradients);
+    std::copy(pr.params[i].begin(), pr.params[i].end(), mp.back().data());
+    gpu_opt.add_param(tensor_view<P>(mp.back().data(), n, memory_space::managed));
+    gv.emplace_back(mg.back().data(), n, memory_space::managed);
+  }
+  exec::cuda const e{};
+  ocu::optimizer_step<decltype(gpu_opt)> gpu(e, gpu_opt, gv, dres);
+  for (auto const& step_grads : pr.grads) {
+    std::vector<tensor_view<P const>> hv;
+    for (auto const& g : step_grads)
+      hv.emplace_back(g.data(), g.size(), memory_space::host);
+    (void)host_opt.step(exec::host{}, hv);
+    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    for (std::size_t i = 0; i < step_grads.size(); ++i)
+      std::copy(step_grads[i].begin(), step_grads[i].end(), mg[i].data());
+    gpu.step(e);
+  }
+  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  CHECK(gpu.controller().read_control_blocking(e).step == host_opt.step_count());
+  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+    std::size_t const n = pr.sizes[i];
+    INFO("tensor ", i, " of size ", n);
+    CHECK(std::memcmp(mp[i].data(), hp[i].data(), n * sizeof(P)) == 0);
+    for (std::size_t k = 0; k < 2; ++k) {
+      auto const& a = gpu_opt.params()[i];
+      auto const& b = host_opt.params()[i];
+      CHECK(a.data[k].size() == b.data[k].size());
+      CHECK(std::memcmp(a.data[k].data(), b.data[k].data(), b.data[k].size()) == 0);
+      CHECK(std::memcmp(a.scale[k].data(), b.scale[k].data(), b.scale[k].size_bytes()) == 0);
+    }
+  }
+  oq::optimizer_options bad = oo;
+  bad.percentile = 90;
+  oq::optimizer<oq::adamw, oq::int8_state, P> refused(oq::adamw{}, bad, managed);
+  CHECK_THROWS_AS(ocu::optimizer_step<decltype(refused)>(e, refused, {}, dres), qmem::bad_argument);
 }
 
 } // namespace

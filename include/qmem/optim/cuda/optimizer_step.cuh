@@ -1,0 +1,128 @@
+#pragma once
+//! \file
+//! The fused CUDA step for a qmem::optim::optimizer (optim/optimizer.hpp) whose state, parameters
+//! and gradients the GPU can reach: the optimizer's own state buffers, rules, lr scales and
+//! master weights are stepped in place by the multi-tensor kernels, so the optimizer object keeps
+//! doing what it does on the host (state_values_of, conversion, save and resume).
+//!
+//!     memory::cuda_managed_resource managed(0);            // host- and device-accessible state
+//!     optim::optimizer<optim::adamw, optim::int8_state> opt({}, options, managed);
+//!     opt.add_param(view_of_managed_params);
+//!     optim::cuda::optimizer_step<decltype(opt)> gpu(exec::cuda{stream}, opt, grads, device);
+//!     gpu.step(exec::cuda{stream});                         // graph-capturable, no host sync
+//!
+//! Tensors with policy state and tensors kept in fp32 (below min_quantized_size, or fp32_state)
+//! form two groups on one step_controller, so the global norm and the skip decision span both.
+//! The step count lives in the controller (device memory); the optimizer's host counter is not
+//! advanced by GPU steps. Not on the device yet: percentile clipping, max_unorm, reducing rules
+//! (LAMB, LARS): the constructor refuses them.
+
+#include <qmem/core/cuda/runtime.cuh>
+#include <qmem/core/error.hpp>
+#include <qmem/core/exec.hpp>
+#include <qmem/core/tensor.hpp>
+#include <qmem/memory/resource.hpp>
+#include <qmem/optim/cuda/multi_tensor.cuh>
+#include <qmem/optim/optimizer.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+namespace qmem::optim::cuda {
+
+//! The fused CUDA step of optimizer `Optimizer` (an optim::optimizer<Rule, Policy, Param>) with
+//! gradients of element type `G`. Not copyable; movable.
+template <class Optimizer, float_element G = typename Optimizer::param_type>
+class optimizer_step {
+public:
+  using rule_type = typename Optimizer::rule_type;
+  using policy_type = typename Optimizer::policy_type;
+  using param_type = typename Optimizer::param_type;
+  using quantized_group = multi_tensor_step<rule_type, policy_type, param_type, G>;
+  using plain_group = multi_tensor_step<rule_type, fp32_state, param_type, G>;
+
+private:
+  std::unique_ptr<step_controller> controller_;
+  std::unique_ptr<quantized_group> quantized_;
+  std::unique_ptr<plain_group> plain_;
+
+  static cuda_step_options options_of(Optimizer const& opt, std::uint32_t const* found_inf) {
+    optimizer_options const& o = opt.options();
+    QMEM_EXPECTS(o.percentile == 100, "percentile clipping (", o.percentile,
+                 ") is not available in the CUDA step; expected 100 (off)");
+    QMEM_EXPECTS(o.max_unorm == 0.0f, "max_unorm (", o.max_unorm,
+                 ") is not available in the CUDA step; expected 0 (off)");
+    cuda_step_options c;
+    c.lr = o.lr;
+    c.nonfinite = o.nonfinite;
+    c.max_grad_norm = o.max_grad_norm;
+    c.rounding = o.rounding;
+    c.seed = o.seed;
+    c.found_inf = found_inf;
+    c.max_groups = 2;
+    return c;
+  }
+
+  template <class Group>
+  static std::vector<typename Group::tensor>
+  tensors_of(Optimizer const& opt, std::span<tensor_view<G const> const> grads, bool quantized) {
+    std::vector<typename Group::tensor> out;
+    for (std::size_t i = 0; i < opt.size(); ++i) {
+      auto const& ps = opt.params()[i];
+      if (ps.quantized != quantized)
+        continue;
+      typename Group::tensor t;
+      t.param = ps.param.data();
+      t.grad = grads[i].data();
+      t.size = ps.param.size();
+      t.rule = ps.rule;
+      t.lr_scale = ps.lr_scale;
+      t.master = ps.master.empty() ? nullptr : const_cast<float*>(ps.master.data());
+      for (int k = 0; k < rule_type::state_count; ++k) {
+        t.state[k] = const_cast<std::uint8_t*>(ps.data[static_cast<std::size_t>(k)].data());
+        t.absmax[k] = const_cast<float*>(ps.scale[static_cast<std::size_t>(k)].data());
+      }
+      out.push_back(t);
+    }
+    return out;
+  }
+
+public:
+  //! Binds `opt` and one gradient per parameter (same order and sizes as add_param) for steps on
+  //! e.device; the device tables come from `device`. Preconditions (bad_argument, nothing
+  //! allocated): the optimizer's state resource, its parameters and the gradients are
+  //! device-accessible (managed or pinned memory; device memory for the gradients too);
+  //! percentile clipping and max_unorm are off. `found_inf`: a loss scaler's device flag, or null.
+  //! The parameters, gradients and state must stay where they are while this object lives.
+  optimizer_step(exec::cuda const& e, Optimizer& opt, std::span<tensor_view<G const> const> grads,
+                 memory::resource& device, std::uint32_t const* found_inf = nullptr) {
+    QMEM_EXPECTS(grads.size() == opt.size(), "got ", grads.size(), " gradients for ", opt.size(),
+                 " parameters");
+    QMEM_EXPECTS(device_accessible(opt.resource().space()), "the optimizer's state is in ",
+                 to_string(opt.resource().space()),
+                 " memory; expected device-accessible (managed or pinned) memory");
+    for (std::size_t i = 0; i < grads.size(); ++i) {
+      auto const& p = opt.params()[i].param;
+      QMEM_EXPECTS(grads[i].size() == p.size(), "gradient ", i, " has ", grads[i].size(),
+                   " elements; its parameter has ", p.size());
+      QMEM_EXPECTS(device_accessible(p.space()) && device_accessible(grads[i].space()),
+                   "parameter ", i, " (", to_string(p.space()), ") or its gradient (",
+                   to_string(grads[i].space()), ") is not device-accessible");
+    }
+    controller_ = std::make_unique<step_controller>(e, device, options_of(opt, found_inf));
+    auto const q = tensors_of<quantized_group>(opt, grads, true);
+    auto const f = tensors_of<plain_group>(opt, grads, false);
+    quantized_ = std::make_unique<quantized_group>(e, std::span(q), device, *controller_);
+    plain_ = std::make_unique<plain_group>(e, std::span(f), device, *controller_);
+  }
+
+  //! Enqueues one step of every parameter on e.stream (no host synchronization).
+  void step(exec::cuda const& e) { cuda::step(e, *controller_, *quantized_, *plain_); }
+
+  [[nodiscard]] step_controller& controller() noexcept { return *controller_; }
+};
+
+} // namespace qmem::optim::cuda
