@@ -291,6 +291,13 @@ TEST_CASE_TEMPLATE_DEFINE("blockwise: NaN and infinity make their block's absmax
       CHECK(!std::isfinite(y[i])); // inf absmax: inf or NaN, never a silent finite value
     for (std::size_t i = 128; i < 256; ++i)
       CHECK(std::isfinite(y[i]));
+    // bf16 output: one rounding of the same float values, NaN included
+    auto db = B::template alloc<bf16>(x.size());
+    dequantize_blockwise<C>(B::exec(), tensor_view<std::uint8_t const>(dc.view()),
+                            tensor_view<float const>(da.view()), 64, db.view());
+    auto const yb = B::download(db.view());
+    for (std::size_t i = 0; i < yb.size(); ++i)
+      CHECK(yb[i] == bf16(y[i]));
   };
   check(std::type_identity<dynamic_signed>{});
   check(std::type_identity<nf4>{});
