@@ -23,9 +23,10 @@
 //!
 //! The parameter update uses the fp32 updated states, before requantization, as bitsandbytes'
 //! kOptimizer8bitBlockwise does. Host and device compute every float operation with one IEEE
-//! rounding each, in the order written in the rule (no fused multiply-add: detail::fmath below).
+//! rounding each, in the order written in the rule (no fused multiply-add: qmem::fmath, core/fmath.hpp).
 
 #include <qmem/core/config.hpp>
+#include <qmem/core/fmath.hpp>
 #include <qmem/core/numeric.hpp>
 
 #include <array>
@@ -90,59 +91,10 @@ concept reducing_rule =
       { R::finish(k, t) } -> std::same_as<typename R::scalars>;
     };
 
-namespace detail::fmath {
-// One IEEE rounding per operation on both backends: nvcc would otherwise contract a*b+c into an
-// FMA in device code while the host keeps two roundings, and the two paths would differ.
-
-QMEM_HOST_DEVICE QMEM_INLINE constexpr float mul(float a, float b) noexcept {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-QMEM_HOST_DEVICE QMEM_INLINE constexpr float add(float a, float b) noexcept {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-QMEM_HOST_DEVICE QMEM_INLINE constexpr float sub(float a, float b) noexcept {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-QMEM_HOST_DEVICE QMEM_INLINE constexpr float div(float a, float b) noexcept {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-QMEM_HOST_DEVICE QMEM_INLINE float sqrt(float a) noexcept {
-#if defined(__CUDA_ARCH__)
-  return __fsqrt_rn(a);
-#else
-  return __builtin_sqrtf(a);
-#endif
-}
-//! sign(x) in {-1, 0, +1}; NaN gives 0.
-QMEM_HOST_DEVICE QMEM_INLINE constexpr float sign(float x) noexcept {
-  return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
-}
-QMEM_HOST_DEVICE QMEM_INLINE constexpr bool is_finite(float x) noexcept {
-  return (qmem::detail::float_to_bits(x) & 0x7f800000u) != 0x7f800000u;
-}
-//! base^step rounded once to float, from a double evaluation (what a correctly rounded powf
-//! gives for these arguments; bitsandbytes computes `powf(beta, step)` in float).
-QMEM_HOST_DEVICE QMEM_INLINE float pow_step(float base, std::int32_t step) noexcept {
-  return static_cast<float>(::pow(static_cast<double>(base), static_cast<double>(step)));
-}
-
-} // namespace detail::fmath
+namespace detail {
+//! The one-rounding float operations shared with the quantizers (core/fmath.hpp).
+namespace fmath = qmem::fmath;
+} // namespace detail
 
 //! The float operations of the built-in rules, for user rules: each rounds once, on the host and
 //! on the GPU alike (mul, add, sub, div, sqrt, sign, is_finite, pow_step).

@@ -107,7 +107,7 @@ QMEM_INLINE void quantize_blocks_body(decltype(C::book) const& book, T const* QM
     std::size_t const count = n - begin < block_size ? n - begin : block_size;
     float const amax = qmem::detail::bits_to_float(load_block(x + begin, count, xs));
     absmax[blk] = amax;
-    float const inv = rcp_rn(amax);
+    float const inv = fmath::rcp(amax);
     std::uint8_t* QMEM_RESTRICT out = C::bits == 8 ? codes + begin : cs;
     if (r.stochastic) {
       for (std::size_t i = 0; i < count; ++i)
@@ -115,10 +115,10 @@ QMEM_INLINE void quantize_blocks_body(decltype(C::book) const& book, T const* QM
     } else if constexpr (uses_bnb_search_v<C>) {
       search_table const& t = search_table_of<C>();
       for (std::size_t i = 0; i < count; ++i)
-        out[i] = t.encode(mul_rn(xs[i], inv));
+        out[i] = t.encode(fmath::mul(xs[i], inv));
     } else {
       for (std::size_t i = 0; i < count; ++i)
-        out[i] = C::encode(mul_rn(xs[i], inv), book);
+        out[i] = C::encode(fmath::mul(xs[i], inv), book);
     }
     if constexpr (C::bits == 4) {
       // block_size is even, so every block starts on a byte boundary

@@ -158,12 +158,21 @@ QMEM_HOST_DEVICE QMEM_INLINE constexpr std::size_t nearest_sorted(float x,
 
 } // namespace detail
 
-//! bitsandbytes' 8-bit dynamic map, signed or unsigned (`create_dynamic_map`).
-template <bool Signed>
-struct dynamic_map {
+//! Which of bitsandbytes' 256-entry maps a searched_map holds.
+enum class map_kind : std::uint8_t {
+  dynamic, //!< `create_dynamic_map`: decades of linear fractions (the 8-bit optimizers' map)
+  linear,  //!< `create_linear_map`: evenly spaced
+};
+
+//! A 256-entry ascending map encoded with bitsandbytes' 8-bit search (`dQuantize`): the dynamic
+//! and linear maps, signed ([-1, 1]) or unsigned ([0, 1]).
+template <bool Signed, map_kind Kind>
+struct searched_map {
   static constexpr int bits = 8;
   static constexpr bool is_signed = Signed;
-  static constexpr codebook<256> book = make_codebook(make_dynamic_map(Signed));
+  static constexpr map_kind kind = Kind;
+  static constexpr codebook<256> book = make_codebook(
+      Kind == map_kind::dynamic ? make_dynamic_map(Signed) : make_linear_map(Signed));
   static constexpr std::uint8_t zero_code = Signed ? 127 : 0;
   static_assert(book.value.value[zero_code] == 0.0f);
 
@@ -176,29 +185,25 @@ struct dynamic_map {
     return b.value.value[c];
   }
 };
+
+//! bitsandbytes' 8-bit dynamic map, signed or unsigned (`create_dynamic_map`).
+template <bool Signed>
+using dynamic_map = searched_map<Signed, map_kind::dynamic>;
 using dynamic_signed = dynamic_map<true>;
 using dynamic_unsigned = dynamic_map<false>;
 
 //! bitsandbytes' linear 8-bit map (`create_linear_map`), encoded with the same search.
 template <bool Signed>
-struct linear_map {
-  static constexpr int bits = 8;
-  static constexpr bool is_signed = Signed;
-  static constexpr codebook<256> book = make_codebook(make_linear_map(Signed));
-  static constexpr std::uint8_t zero_code = Signed ? 127 : 0;
-  static_assert(book.value.value[zero_code] == 0.0f);
-
-  QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint8_t encode(float xn,
-                                                                    codebook<256> const& b) noexcept {
-    return detail::bnb_search256(xn, b.value.value);
-  }
-  QMEM_HOST_DEVICE QMEM_INLINE static constexpr float decode(std::uint8_t c,
-                                                             codebook<256> const& b) noexcept {
-    return b.value.value[c];
-  }
-};
+using linear_map = searched_map<Signed, map_kind::linear>;
 using linear_signed = linear_map<true>;
 using linear_unsigned = linear_map<false>;
+
+//! True for the code types whose encode is bitsandbytes' 8-bit search over their table (so a
+//! faster proven-equal search may replace it).
+template <class C>
+inline constexpr bool uses_bnb_search_v = false;
+template <bool Signed, map_kind Kind>
+inline constexpr bool uses_bnb_search_v<searched_map<Signed, Kind>> = true;
 
 //! NF4: 16 normal-float levels; code = number of bnb's thresholds (the float midpoints between
 //! neighbouring levels) strictly below x, which is what bnb's decision tree computes.

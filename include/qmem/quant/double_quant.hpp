@@ -79,15 +79,15 @@ inline void quantize_scales_host(exec::host const& e, float const* absmax, std::
           std::size_t const count = m - begin < nested_block ? m - begin : nested_block;
           std::uint32_t mx = 0;
           for (std::size_t i = 0; i < count; ++i) {
-            std::uint32_t const a = abs_bits(sub_rn(absmax[begin + i], offset));
+            std::uint32_t const a = abs_bits(fmath::sub(absmax[begin + i], offset));
             mx = a > mx ? a : mx;
           }
           float const amax2 = qmem::detail::bits_to_float(mx);
           absmax2[b] = amax2;
-          float const inv = rcp_rn(amax2);
+          float const inv = fmath::rcp(amax2);
           for (std::size_t i = 0; i < count; ++i)
             qabsmax[begin + i] =
-                dynamic_signed::encode(mul_rn(sub_rn(absmax[begin + i], offset), inv), book);
+                dynamic_signed::encode(fmath::mul(fmath::sub(absmax[begin + i], offset), inv), book);
         }
       },
       host_min_blocks(nested_block));

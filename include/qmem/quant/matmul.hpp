@@ -25,7 +25,7 @@
 #include <qmem/quant/code_table.hpp>
 #include <qmem/quant/codes.hpp>
 #include <qmem/quant/detail/blockwise_ops.hpp>
-#include <qmem/quant/detail/float_ops.hpp>
+#include <qmem/core/fmath.hpp>
 
 #include <cmath>
 #include <concepts>
@@ -86,11 +86,10 @@ struct weight_4bit_view {
 };
 
 // The element-level pieces below live in their own namespace so that they cannot collide with the
-// other quant headers' detail helpers (mul_rn, add_rn, nested_scale and nibble come from those).
+// other quant headers' detail helpers (nested_scale and nibble come from those; the float
+// operations from core/fmath.hpp).
 namespace detail::mm {
 
-using detail::add_rn;
-using detail::mul_rn;
 using detail::nibble;
 
 //! Whether `b` is a block size the 4-bit matmul accepts: a power of two in [32, 4096].
@@ -110,7 +109,7 @@ constexpr unsigned log2_exact(std::size_t b) noexcept {
 //! product, rounded once to the activation type.
 template <matmul_activation T>
 QMEM_HOST_DEVICE QMEM_INLINE float dequant_weight(float code_value, float scale) noexcept {
-  return to_float(from_float<T>(mul_rn(code_value, scale)));
+  return to_float(from_float<T>(fmath::mul(code_value, scale)));
 }
 
 //! bitsandbytes' int8 dequantization constant 1 / (127 * 127).
@@ -120,21 +119,21 @@ inline constexpr float int8_dequant_scale = 1.0f / (127.0f * 127.0f);
 //! absmax values: acc * ((row * col) * 1/127^2), each a float operation.
 QMEM_HOST_DEVICE QMEM_INLINE float int8_epilogue(std::int32_t acc, float row_scale,
                                                  float col_scale) noexcept {
-  return mul_rn(static_cast<float>(acc), mul_rn(mul_rn(row_scale, col_scale), int8_dequant_scale));
+  return fmath::mul(static_cast<float>(acc), fmath::mul(fmath::mul(row_scale, col_scale), int8_dequant_scale));
 }
 
 //! The int8 weight value bitsandbytes' outlier path multiplies with: code * (absmax / 127).
 QMEM_HOST_DEVICE QMEM_INLINE float int8_weight_value(std::int8_t code, float col_scale) noexcept {
-  return mul_rn(static_cast<float>(code), mul_rn(col_scale, 1.0f / 127.0f));
+  return fmath::mul(static_cast<float>(code), fmath::mul(col_scale, 1.0f / 127.0f));
 }
 
 //! Row-wise int8 quantization of one activation: round(x * (127 / absmax)), ties to even, as an
 //! int8 in [-127, 127]; 0 when the row's absmax is 0.
 QMEM_HOST_DEVICE QMEM_INLINE std::int8_t int8_quantize(float x, float inv_scale) noexcept {
 #if defined(__CUDA_ARCH__)
-  int q = __float2int_rn(mul_rn(x, inv_scale));
+  int q = __float2int_rn(fmath::mul(x, inv_scale));
 #else
-  int q = static_cast<int>(std::nearbyint(mul_rn(x, inv_scale)));
+  int q = static_cast<int>(std::nearbyint(fmath::mul(x, inv_scale)));
 #endif
   q = q > 127 ? 127 : (q < -127 ? -127 : q);
   return static_cast<std::int8_t>(q);
@@ -142,7 +141,7 @@ QMEM_HOST_DEVICE QMEM_INLINE std::int8_t int8_quantize(float x, float inv_scale)
 
 //! 127 / absmax (IEEE division), 0 for an all-zero row.
 QMEM_HOST_DEVICE QMEM_INLINE float int8_inverse_scale(float absmax) noexcept {
-  return absmax > 0.0f ? detail::div_rn(127.0f, absmax) : 0.0f;
+  return absmax > 0.0f ? fmath::div(127.0f, absmax) : 0.0f;
 }
 
 //! True when |x| exceeds the outlier threshold (a threshold <= 0 disables outliers).

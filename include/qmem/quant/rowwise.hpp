@@ -25,7 +25,7 @@
 #include <qmem/core/tensor.hpp>
 #include <qmem/quant/blockwise.hpp>
 #include <qmem/quant/detail/blockwise_ops.hpp>
-#include <qmem/quant/detail/float_ops.hpp>
+#include <qmem/core/fmath.hpp>
 
 #include <cmath>
 #include <cstddef>
@@ -66,12 +66,12 @@ QMEM_HOST_DEVICE QMEM_INLINE std::int8_t round_int8(float v) noexcept {
 
 //! The code of one element of a row with scale 127 / absmax.
 QMEM_HOST_DEVICE QMEM_INLINE std::int8_t rowwise_encode(float x, float scale) noexcept {
-  return round_int8(mul_rn(x, scale));
+  return round_int8(fmath::mul(x, scale));
 }
 
 //! The value of one code of a row with absmax `absmax`: (q * absmax) * (1/127).
 QMEM_HOST_DEVICE QMEM_INLINE float rowwise_decode(std::int8_t q, float absmax) noexcept {
-  return mul_rn(mul_rn(static_cast<float>(q), absmax), inv127);
+  return fmath::mul(fmath::mul(static_cast<float>(q), absmax), inv127);
 }
 
 inline void check_rowwise_sizes(char const* fn, std::size_t rows, std::size_t cols,
@@ -120,7 +120,7 @@ void quantize_rowwise(E const& e, tensor_view<T const> x, std::size_t rows, std:
             std::int8_t* QMEM_RESTRICT qr = q.data() + r * cols;
             float const amax = qmem::detail::bits_to_float(detail::block_absmax_bits(xr, cols));
             row_absmax[r] = amax;
-            float const scale = detail::div_rn(127.0f, amax);
+            float const scale = fmath::div(127.0f, amax);
             for (std::size_t c = 0; c < cols; ++c)
               qr[c] = detail::rowwise_encode(to_float(xr[c]), scale);
           }

@@ -11,7 +11,7 @@
 
 #include <qmem/core/config.hpp>
 #include <qmem/quant/codes.hpp>
-#include <qmem/quant/detail/float_ops.hpp>
+#include <qmem/core/fmath.hpp>
 
 #include <cstddef>
 #include <cstdint>
@@ -76,7 +76,7 @@ encode_stochastic(float xn, float u, decltype(C::book) const& book) noexcept {
   if (above == n || !(book.sorted[above] == book.sorted[above]))
     return book.code_of[above - 1];
   float const high = book.sorted[above];
-  float const p = detail::div_rn(detail::sub_rn(xn, low), detail::sub_rn(high, low));
+  float const p = fmath::div(fmath::sub(xn, low), fmath::sub(high, low));
   return u < p ? book.code_of[above] : book.code_of[above - 1];
 }
 

@@ -25,15 +25,6 @@
 
 namespace qmem::optim::cuda {
 
-//! True for the 8-bit code types whose encode is bitsandbytes' binary search (dynamic and linear
-//! maps): the kernels replace it with the proven-equal bucket search.
-template <class C>
-inline constexpr bool is_bnb_searched_v = false;
-template <bool S>
-inline constexpr bool is_bnb_searched_v<quant::dynamic_map<S>> = true;
-template <bool S>
-inline constexpr bool is_bnb_searched_v<quant::linear_map<S>> = true;
-
 namespace detail {
 struct no_search {};
 } // namespace detail
@@ -43,7 +34,7 @@ struct no_search {};
 template <class Code>
 struct codec {
   static constexpr std::size_t entries = std::size_t{1} << Code::bits;
-  static constexpr bool bucketed = is_bnb_searched_v<Code>;
+  static constexpr bool bucketed = quant::uses_bnb_search_v<Code>;
   using code_type = Code;
 
   quant::codebook<entries> book;

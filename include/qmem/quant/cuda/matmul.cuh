@@ -204,7 +204,7 @@ inline scale_args make_scale_args(block_scales const& s) {
 template <bool Nested>
 __device__ QMEM_INLINE float block_scale(scale_args const& s, std::size_t b, float const* dyn) {
   if constexpr (Nested)
-    return detail::add_rn(detail::mul_rn(dyn[__ldg(s.qabsmax + b)],
+    return fmath::add(fmath::mul(dyn[__ldg(s.qabsmax + b)],
                                          __ldg(s.absmax2 + b / s.nested_block)),
                           s.offset);
   else
@@ -360,10 +360,10 @@ __global__ void __launch_bounds__(Warps * 32)
           int const sb = sa + 8;
           // A fragment: {row g, cols 2t..2t+1}, {row g+8, ...}, {row g, cols 2t+8..}, {row g+8, ...}
           std::uint32_t const frag[4] = {
-              pack2<T>(detail::mul_rn(decode(u0, sa + 4), s0), detail::mul_rn(decode(u0, sa), s0)),
-              pack2<T>(detail::mul_rn(decode(u1, sa + 4), s1), detail::mul_rn(decode(u1, sa), s1)),
-              pack2<T>(detail::mul_rn(decode(u0, sb + 4), s0), detail::mul_rn(decode(u0, sb), s0)),
-              pack2<T>(detail::mul_rn(decode(u1, sb + 4), s1), detail::mul_rn(decode(u1, sb), s1))};
+              pack2<T>(fmath::mul(decode(u0, sa + 4), s0), fmath::mul(decode(u0, sa), s0)),
+              pack2<T>(fmath::mul(decode(u1, sa + 4), s1), fmath::mul(decode(u1, sa), s1)),
+              pack2<T>(fmath::mul(decode(u0, sb + 4), s0), fmath::mul(decode(u0, sb), s0)),
+              pack2<T>(fmath::mul(decode(u1, sb + 4), s1), fmath::mul(decode(u1, sb), s1))};
           QMEM_UNROLL
           for (int mt = 0; mt < MTiles; ++mt)
             mma_16816<T>(acc[r][mt], frag, xf[mt][2 * j], xf[mt][2 * j + 1]);
@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(256)
       acc[m] = 0.0f;
     for (std::size_t col = lane; col < a.k; col += 32) {
       std::size_t const f = row * a.k + col;
-      float const w = to_float(from_float<T>(detail::mul_rn(
+      float const w = to_float(from_float<T>(fmath::mul(
           table[detail::nibble(a.codes, f)], block_scale<Nested>(a.scales, f >> a.block_shift, dyn))));
       QMEM_UNROLL
       for (unsigned m = 0; m < gemv_max_rows; ++m)
@@ -471,13 +471,13 @@ __global__ void __launch_bounds__(256)
       QMEM_UNROLL
       for (int b = 0; b < 4; ++b) {
         std::uint32_t const byte = (q >> (8 * b)) & 0xffu;
-        o[b] = pack2<T>(detail::mul_rn(table[byte >> 4], s), detail::mul_rn(table[byte & 15], s));
+        o[b] = pack2<T>(fmath::mul(table[byte >> 4], s), fmath::mul(table[byte & 15], s));
       }
       *reinterpret_cast<uint4*>(a.out + i) = v;
     } else {
       std::size_t const end = i + 8 < a.elements ? i + 8 : a.elements;
       for (std::size_t j = i; j < end; ++j)
-        a.out[j] = from_float<T>(detail::mul_rn(
+        a.out[j] = from_float<T>(fmath::mul(
             table[detail::nibble(a.codes, j)], block_scale<Nested>(a.scales, j >> a.block_shift, dyn)));
     }
   }
@@ -532,7 +532,7 @@ __global__ void __launch_bounds__(256)
         w[c] = 0.0f;
         if (col < a.k) {
           std::size_t const f = row * a.k + col;
-          w[c] = to_float(from_float<T>(detail::mul_rn(
+          w[c] = to_float(from_float<T>(fmath::mul(
               table[detail::nibble(a.codes, f)],
               block_scale<Nested>(a.scales, f >> a.block_shift, dyn))));
         }
@@ -620,8 +620,8 @@ __global__ void __launch_bounds__(256)
       QMEM_UNROLL
       for (int b = 0; b < 4; ++b) {
         std::uint32_t const byte = (word[u] >> (8 * b)) & 0xffu;
-        float2 const v = round_pair<T>(detail::mul_rn(table[byte >> 4], scale[u]),
-                                       detail::mul_rn(table[byte & 15], scale[u]));
+        float2 const v = round_pair<T>(fmath::mul(table[byte >> 4], scale[u]),
+                                       fmath::mul(table[byte & 15], scale[u]));
         w[2 * b] = v.x;
         w[2 * b + 1] = v.y;
       }

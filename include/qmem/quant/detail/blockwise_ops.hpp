@@ -6,7 +6,7 @@
 //!
 //! The function every backend computes, per block of `block_size` elements (the last one partial):
 //!   absmax = max |x|                     (NaN wins over everything, then inf: see block_absmax)
-//!   inv    = 1.0f / absmax               (IEEE, rcp_rn)
+//!   inv    = 1.0f / absmax               (IEEE, fmath::rcp)
 //!   code   = C::encode(x * inv)          (or encode_stochastic with uniform01(seed, index))
 //!   y      = C::decode(code) * absmax    (then one rounding to the output type)
 //! 4-bit codes are packed two per byte, the first element in the high nibble; an odd tail's low
@@ -15,7 +15,7 @@
 #include <qmem/core/config.hpp>
 #include <qmem/core/numeric.hpp>
 #include <qmem/quant/codes.hpp>
-#include <qmem/quant/detail/float_ops.hpp>
+#include <qmem/core/fmath.hpp>
 #include <qmem/quant/stochastic.hpp>
 
 #include <cstddef>
@@ -71,7 +71,7 @@ template <code_type C>
 QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode_element(float x, float inv,
                                                          decltype(C::book) const& book,
                                                          rounding r, std::uint64_t index) noexcept {
-  float const xn = mul_rn(x, inv);
+  float const xn = fmath::mul(x, inv);
   if (r.stochastic)
     return encode_stochastic<C>(xn, uniform01(r.seed, index), book);
   return C::encode(xn, book);
@@ -81,14 +81,14 @@ QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode_element(float x, float inv,
 template <code_type C>
 QMEM_HOST_DEVICE QMEM_INLINE float decode_element(std::uint8_t code, float absmax,
                                                   decltype(C::book) const& book) noexcept {
-  return mul_rn(C::decode(code, book), absmax);
+  return fmath::mul(C::decode(code, book), absmax);
 }
 
 //! A double-quantized scale: nested_table[q] * absmax2, then + offset, each rounded in float
 //! (bitsandbytes' order).
 QMEM_HOST_DEVICE QMEM_INLINE float nested_scale(std::uint8_t q, float absmax2, float offset,
                                                 codebook<256> const& nested_book) noexcept {
-  return add_rn(mul_rn(nested_book.value.value[q], absmax2), offset);
+  return fmath::add(fmath::mul(nested_book.value.value[q], absmax2), offset);
 }
 
 //! Packs two 4-bit codes: `first` in the high nibble.

@@ -91,13 +91,7 @@ public:
   }
 };
 
-//! True for the code types whose encode is bnb_search256 over their table.
-template <class C>
-inline constexpr bool uses_bnb_search_v = false;
-template <bool S>
-inline constexpr bool uses_bnb_search_v<dynamic_map<S>> = true;
-template <bool S>
-inline constexpr bool uses_bnb_search_v<linear_map<S>> = true;
+using quant::uses_bnb_search_v; // codes.hpp
 
 //! The search table of code type C (built on first use, thread-safe).
 template <class C>
