@@ -62,7 +62,7 @@ using book_t = std::remove_cv_t<decltype(C::book)>;
 inline constexpr size_t offset_tree_arity_v = 256;
 
 //! Threads of a CTA on the fast paths; 256 allows 8 resident CTAs (64 warps) per SM on sm_90
-//! where registers permit (quantize_aligned uses 60-64 registers, ptxas 13.0: 4 CTAs).
+//! where registers permit (32 registers per thread; see quantize_min_ctas).
 inline constexpr int cta_threads = 256;
 
 //! Bytes of input one thread loads per quantization step: two 16-byte vector loads in flight per
@@ -92,6 +92,31 @@ inline constexpr int quantize_items_wide = 2 * quantize_items<T>;
 
 //! Largest CTA of the fast quantize kernel: one 4096-element block at 8 elements per thread.
 inline constexpr int max_quantize_threads = 512;
+
+//! Largest CTA a quantize_aligned<T, Items> launch uses: cta_threads at quantize_items<T> (groups
+//! of at most a warp), max_quantize_threads at quantize_items_wide<T>.
+template <class T, int Items>
+inline constexpr int quantize_cta_limit =
+    Items == quantize_items<T> ? cta_threads : max_quantize_threads;
+
+//! Resident CTAs of quantize_cta_limit<T, Items> threads per SM that quantize_aligned's
+//! __launch_bounds__ asks ptxas to fit in the register file (65536 registers per SM on sm_90).
+//! ptxas 13.0 for sm_90 (-O3, 2026-11-29), nearest rounding, none with a stack frame or spills:
+//! - bf16, quantize_items (NF4/FP4 blocks 64..512): 8 -> 32 registers, 64 warps per SM
+//!   (48 registers without the bound; before the rounding mode became a template argument and
+//!   the block offsets ints: 57-60 registers and an 8-56 byte stack frame, 4 CTAs);
+//! - fp32, quantize_items (int8 blocks 8..256): 6 -> 39 registers, 48 warps (8 CTAs would spill
+//!   8 bytes);
+//! - fp32, quantize_items_wide (int8 blocks 512..4096, 256-thread CTAs up to 4096): 3 -> 40
+//!   registers, 6 CTAs of 256 threads (was 63 registers, 4 CTAs);
+//! - bf16, quantize_items_wide (4-bit blocks 1024..4096): 2 -> 61-64 registers (3 would spill).
+//! Stochastic rounding (the generator, 48-64 registers) is not bounded: it is the rare path.
+//! Predicted, not measured yet: NF4/FP4 quantize of 2^28 bf16 near the 0.20 ms goal if the
+//! 64-warp occupancy was the limit; int8 block 256 ~0.45 ms (48 warps instead of 32).
+template <class T, int Items, bool Stochastic>
+inline constexpr int quantize_min_ctas =
+    Stochastic ? 1
+               : (Items == quantize_items<T> ? (sizeof(T) == 2 ? 8 : 6) : (sizeof(T) == 2 ? 2 : 3));
 
 //! 16-byte output vectors one thread of the fast dequantize kernel handles per loop step, loaded
 //! and decoded together for memory-level parallelism (consecutive lanes own consecutive vectors,
@@ -225,15 +250,18 @@ struct transform_state<subtract_offset> {
   __device__ static loaded load(subtract_offset t) noexcept { return {*t.offset}; }
 };
 
-//! The code of one normalized value: nearest (through the shared-memory encoder of 8-bit maps,
-//! or C::encode) or stochastic.
-template <class C, class Encoder>
+//! The code of one normalized value: nearest (through the device encoder) or, when
+//! `Stochastic`, stochastic rounding with the draw `uniform01(seed, index)`. The rounding mode is
+//! a template argument so that the nearest-rounding kernels carry no generator code (registers).
+template <class C, bool Stochastic, class Encoder>
 __device__ QMEM_INLINE uint8_t encode_one(float x, float inv, Encoder const& enc,
-                                          book_t<C> const& book, rounding r, size_t index) {
+                                          book_t<C> const& book, std::uint64_t seed,
+                                          size_t index) {
   float const xn = quant::detail::mul_rn(x, inv);
-  if (r.stochastic)
-    return encode_stochastic<C>(xn, uniform01(r.seed, index), book);
-  return enc(xn);
+  if constexpr (Stochastic)
+    return encode_stochastic<C>(xn, uniform01(seed, index), book);
+  else
+    return enc(xn);
 }
 
 // ---- quantize ------------------------------------------------------------------------------
@@ -246,11 +274,12 @@ __device__ QMEM_INLINE uint8_t encode_one(float x, float inv, Encoder const& enc
 //! (j * group_size + lane) * vector_items: the group's lanes read consecutive 16-byte vectors, so
 //! each load instruction covers whole 32-byte sectors (a thread-contiguous layout would request
 //! every sector twice).
-template <class C, class T, int Items, class Transform>
-__global__ void __launch_bounds__(max_quantize_threads)
+template <class C, class T, int Items, class Transform, bool Stochastic>
+__global__ void __launch_bounds__(quantize_cta_limit<T, Items>,
+                                  quantize_min_ctas<T, Items, Stochastic>)
     quantize_aligned(T const* QMEM_RESTRICT x, size_t n, int block_shift,
                      uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, size_t blocks,
-                     rounding r, book_t<C> book,
+                     std::uint64_t seed, book_t<C> book,
                      typename device_encoder<C>::params const enc_params, Transform transform) {
   constexpr int items = Items;
   constexpr int vec = vector_items<T>;
@@ -270,39 +299,56 @@ __global__ void __launch_bounds__(max_quantize_threads)
 
   int const group = static_cast<int>(threadIdx.x) / group_size;
   int const lane = static_cast<int>(threadIdx.x) % group_size;
+  int const block_len = 1 << block_shift;
   size_t const stride = static_cast<size_t>(gridDim.x) * static_cast<size_t>(blocks_per_cta);
   for (size_t first = static_cast<size_t>(blockIdx.x) * static_cast<size_t>(blocks_per_cta);
        first < blocks; first += stride) {
     size_t const blk = first + static_cast<size_t>(group);
     size_t const block_begin = blk << block_shift;
-    bool const active = blk < blocks;
-    float v[vectors][vec];
+    // elements of this group's block inside [0, n): 0 for a group past the last block. Offsets
+    // inside a block are ints (a block has at most 2^12 elements), which keeps the 64-bit address
+    // arithmetic out of the inner loops (registers).
+    int const count = blk >= blocks ? 0
+                      : n - block_begin < static_cast<size_t>(block_len)
+                          ? static_cast<int>(n - block_begin)
+                          : block_len;
+    T const* const xb = x + (blk < blocks ? block_begin : 0);
+    // The raw input stays in registers as loaded (bf16: half the registers of floats) and is
+    // widened again when encoded (one shift per element).
+    T raw[vectors][vec];
     QMEM_UNROLL
     for (int j = 0; j < vectors; ++j) {
-      size_t const begin = block_begin + static_cast<size_t>((j * group_size + lane) * vec);
-      if (active && begin < n && n - begin >= static_cast<size_t>(vec)) {
-        T raw[vec];
-        load_vector(raw, x + begin);
-        QMEM_UNROLL
-        for (int k = 0; k < vec; ++k)
-          v[j][k] = tf(to_float(raw[k]));
+      int const off = (j * group_size + lane) * vec;
+      if (off + vec <= count) {
+        load_vector(raw[j], xb + off);
       } else {
         QMEM_UNROLL
         for (int k = 0; k < vec; ++k)
-          v[j][k] = active && begin + k < n ? tf(to_float(x[begin + k])) : 0.0f;
+          raw[j][k] = off + k < count ? xb[off + k] : T{};
       }
     }
     uint32_t m = 0;
-    QMEM_UNROLL
-    for (int j = 0; j < vectors; ++j) {
+    if (count == block_len) {
       QMEM_UNROLL
-      for (int k = 0; k < vec; ++k) {
-        uint32_t const b = quant::detail::abs_bits(v[j][k]);
-        m = b > m ? b : m;
+      for (int j = 0; j < vectors; ++j) {
+        QMEM_UNROLL
+        for (int k = 0; k < vec; ++k) {
+          uint32_t const b = quant::detail::abs_bits(tf(to_float(raw[j][k])));
+          m = b > m ? b : m;
+        }
+      }
+    } else { // the last, partial block (or none): elements past its end do not count
+      QMEM_UNROLL
+      for (int j = 0; j < vectors; ++j) {
+        QMEM_UNROLL
+        for (int k = 0; k < vec; ++k) {
+          uint32_t const b = quant::detail::abs_bits(tf(to_float(raw[j][k])));
+          m = (j * group_size + lane) * vec + k < count && b > m ? b : m;
+        }
       }
     }
     m = group_max(m, group_size, warp_max);
-    if (!active)
+    if (count == 0)
       continue;
     float const amax = qmem::detail::bits_to_float(m);
     if (lane == 0)
@@ -310,32 +356,40 @@ __global__ void __launch_bounds__(max_quantize_threads)
     float const inv = quant::detail::rcp_rn(amax);
     QMEM_UNROLL
     for (int j = 0; j < vectors; ++j) {
-      size_t const begin = block_begin + static_cast<size_t>((j * group_size + lane) * vec);
-      if (begin >= n)
+      int const off = (j * group_size + lane) * vec;
+      if (off >= count)
         continue;
+      size_t const begin = block_begin + static_cast<size_t>(off); // stochastic draws only
       uint8_t c[code_bytes_per_vector];
       if constexpr (C::bits == 8) {
         QMEM_UNROLL
         for (int k = 0; k < vec; ++k)
-          c[k] = encode_one<C>(v[j][k], inv, enc, sbook, r, begin + k);
+          c[k] = encode_one<C, Stochastic>(tf(to_float(raw[j][k])), inv, enc, sbook, seed,
+                                           begin + static_cast<size_t>(k));
       } else {
         QMEM_UNROLL
         for (int k = 0; k < vec / 2; ++k) {
-          uint8_t const hi = encode_one<C>(v[j][2 * k], inv, enc, sbook, r, begin + 2 * k);
-          uint8_t const lo = begin + 2 * k + 1 < n
-                                 ? encode_one<C>(v[j][2 * k + 1], inv, enc, sbook, r,
-                                                 begin + 2 * k + 1)
-                                 : static_cast<uint8_t>(C::zero_code);
+          uint8_t const hi = encode_one<C, Stochastic>(tf(to_float(raw[j][2 * k])), inv, enc,
+                                                       sbook, seed, begin + 2 * k);
+          uint8_t const lo =
+              off + 2 * k + 1 < count
+                  ? encode_one<C, Stochastic>(tf(to_float(raw[j][2 * k + 1])), inv, enc, sbook,
+                                              seed, begin + 2 * k + 1)
+                  : static_cast<uint8_t>(C::zero_code);
           c[k] = quant::detail::pack_nibbles(hi, lo);
         }
       }
-      size_t const code_begin = C::bits == 8 ? begin : begin / 2;
-      if (n - begin >= static_cast<size_t>(vec)) {
-        store_bytes<code_bytes_per_vector>(codes + code_begin, c);
+      uint8_t* const cp = codes + (C::bits == 8 ? block_begin : block_begin / 2) +
+                          (C::bits == 8 ? off : off / 2);
+      if (off + vec <= count) {
+        store_bytes<code_bytes_per_vector>(cp, c);
       } else {
-        size_t const valid = C::bits == 8 ? n - begin : (n - begin + 1) / 2;
-        for (size_t k = 0; k < valid; ++k)
-          codes[code_begin + k] = c[k];
+        // unrolled with a predicate: an indexed loop would put c[] in local memory (stack)
+        int const valid = C::bits == 8 ? count - off : (count - off + 1) / 2;
+        QMEM_UNROLL
+        for (int k = 0; k < code_bytes_per_vector; ++k)
+          if (k < valid)
+            cp[k] = c[k];
       }
     }
   }
@@ -343,11 +397,12 @@ __global__ void __launch_bounds__(max_quantize_threads)
 
 //! Scalar quantize kernel: any alignment, any (even) block size. One warp per block; two passes
 //! over the block (the second one reads it again, mostly from L1/L2).
-template <class C, class T, class Transform>
+template <class C, class T, class Transform, bool Stochastic>
 __global__ void __launch_bounds__(cta_threads)
     quantize_scalar(T const* QMEM_RESTRICT x, size_t n, size_t block_size,
                     uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, size_t blocks,
-                    rounding r, book_t<C> book, typename device_encoder<C>::params const enc_params,
+                    std::uint64_t seed, book_t<C> book,
+                    typename device_encoder<C>::params const enc_params,
                     Transform transform) {
   __shared__ book_t<C> sbook;
   __shared__ typename device_encoder<C>::storage enc_storage;
@@ -379,14 +434,16 @@ __global__ void __launch_bounds__(cta_threads)
     float const inv = quant::detail::rcp_rn(amax);
     if constexpr (C::bits == 8) {
       for (size_t i = static_cast<size_t>(lane); i < count; i += 32)
-        codes[begin + i] = encode_one<C>(tf(to_float(x[begin + i])), inv, enc, sbook, r, begin + i);
+        codes[begin + i] =
+            encode_one<C, Stochastic>(tf(to_float(x[begin + i])), inv, enc, sbook, seed, begin + i);
     } else {
       size_t const pairs = count / 2 + count % 2;
       for (size_t p = static_cast<size_t>(lane); p < pairs; p += 32) {
         size_t const i = begin + 2 * p;
-        uint8_t const hi = encode_one<C>(tf(to_float(x[i])), inv, enc, sbook, r, i);
+        uint8_t const hi = encode_one<C, Stochastic>(tf(to_float(x[i])), inv, enc, sbook, seed, i);
         uint8_t const lo = 2 * p + 1 < count
-                               ? encode_one<C>(tf(to_float(x[i + 1])), inv, enc, sbook, r, i + 1)
+                               ? encode_one<C, Stochastic>(tf(to_float(x[i + 1])), inv, enc,
+                                                           sbook, seed, i + 1)
                                : static_cast<uint8_t>(C::zero_code);
         codes[begin / 2 + p] = quant::detail::pack_nibbles(hi, lo);
       }
@@ -614,31 +671,44 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
                   float* absmax, rounding r, Transform tf) {
   size_t const blocks = n / block_size + (n % block_size != 0 ? 1 : 0);
   bool const pow2 = (block_size & (block_size - 1)) == 0;
-  auto launch = [&]<int Items>(std::integral_constant<int, Items>) {
+  auto launch = [&]<int Items, bool Stochastic>(std::integral_constant<int, Items>,
+                                                 std::bool_constant<Stochastic>) {
     int const group = static_cast<int>(block_size / Items);
     int const threads = group > cta_threads ? group : cta_threads;
     size_t const per_step = static_cast<size_t>(threads / group);
-    auto kernel = quantize_aligned<C, T, Items, Transform>;
+    auto kernel = quantize_aligned<C, T, Items, Transform, Stochastic>;
     unsigned const grid = grid_for(kernel, threads, blocks / per_step + 1, e.device);
-    kernel<<<grid, threads, 0, e.stream>>>(x, n, log2_exact(block_size), codes, absmax, blocks, r,
-                                           C::book, device_encoder<C>::host_params(), tf);
+    kernel<<<grid, threads, 0, e.stream>>>(x, n, log2_exact(block_size), codes, absmax, blocks,
+                                           r.seed, C::book, device_encoder<C>::host_params(), tf);
     qmem::cuda_detail::check_launch(e, "qmem::quant quantize_aligned");
+  };
+  auto launch_scalar = [&]<bool Stochastic>(std::bool_constant<Stochastic>) {
+    auto kernel = quantize_scalar<C, T, Transform, Stochastic>;
+    unsigned const grid =
+        grid_for(kernel, cta_threads, blocks / (cta_threads / 32) + 1, e.device);
+    kernel<<<grid, cta_threads, 0, e.stream>>>(x, n, block_size, codes, absmax, blocks, r.seed,
+                                               C::book, device_encoder<C>::host_params(), tf);
+    qmem::cuda_detail::check_launch(e, "qmem::quant quantize_scalar");
   };
   constexpr int narrow = quantize_items<T>;
   constexpr int wide = quantize_items_wide<T>;
   if (aligned16(x) && aligned16(codes) && pow2 && block_size >= static_cast<size_t>(narrow) &&
       block_size / wide <= static_cast<size_t>(max_quantize_threads)) {
-    if (block_size <= static_cast<size_t>(32 * narrow))
-      launch(std::integral_constant<int, narrow>{});
+    bool const narrow_items = block_size <= static_cast<size_t>(32 * narrow);
+    if (narrow_items && r.stochastic)
+      launch(std::integral_constant<int, narrow>{}, std::true_type{});
+    else if (narrow_items)
+      launch(std::integral_constant<int, narrow>{}, std::false_type{});
+    else if (r.stochastic)
+      launch(std::integral_constant<int, wide>{}, std::true_type{});
     else
-      launch(std::integral_constant<int, wide>{});
+      launch(std::integral_constant<int, wide>{}, std::false_type{});
     return;
   }
-  auto kernel = quantize_scalar<C, T, Transform>;
-  unsigned const grid = grid_for(kernel, cta_threads, blocks / (cta_threads / 32) + 1, e.device);
-  kernel<<<grid, cta_threads, 0, e.stream>>>(x, n, block_size, codes, absmax, blocks, r, C::book,
-                                             device_encoder<C>::host_params(), tf);
-  qmem::cuda_detail::check_launch(e, "qmem::quant quantize_scalar");
+  if (r.stochastic)
+    launch_scalar(std::true_type{});
+  else
+    launch_scalar(std::false_type{});
 }
 
 
