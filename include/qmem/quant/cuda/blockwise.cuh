@@ -5,7 +5,7 @@
 //! after checking the preconditions, so the functions here do not check them again.
 //!
 //! They compute exactly the function spelled out in quant/detail/blockwise_ops.hpp, with the same
-//! element code (C::encode / C::decode / encode_stochastic, the `_rn` float operations), so the
+//! element code (C::encode / C::decode / encode_stochastic, the one-rounding float operations of core/fmath.hpp), so the
 //! codes, scales and values are bit-identical to the host's.
 //!
 //! How the work is laid out (the fast path, for 16-byte aligned tensors):
@@ -38,7 +38,7 @@
 #include <qmem/quant/codes.hpp>
 #include <qmem/quant/cuda/detail/encoder.cuh>
 #include <qmem/quant/detail/blockwise_ops.hpp>
-#include <qmem/quant/detail/float_ops.hpp>
+#include <qmem/core/fmath.hpp>
 #include <qmem/quant/stochastic.hpp>
 
 #include <cuda_runtime.h>
@@ -229,7 +229,7 @@ struct no_transform {
 struct subtract_offset {
   float const* offset;
   __device__ QMEM_INLINE float operator()(float v) const noexcept {
-    return quant::detail::sub_rn(v, *offset);
+    return fmath::sub(v, *offset);
   }
 };
 
@@ -244,7 +244,7 @@ struct transform_state<subtract_offset> {
   struct loaded {
     float offset;
     __device__ QMEM_INLINE float operator()(float v) const noexcept {
-      return quant::detail::sub_rn(v, offset);
+      return fmath::sub(v, offset);
     }
   };
   __device__ static loaded load(subtract_offset t) noexcept { return {*t.offset}; }
@@ -257,7 +257,7 @@ template <class C, bool Stochastic, class Encoder>
 __device__ QMEM_INLINE uint8_t encode_one(float x, float inv, Encoder const& enc,
                                           book_t<C> const& book, std::uint64_t seed,
                                           size_t index) {
-  float const xn = quant::detail::mul_rn(x, inv);
+  float const xn = fmath::mul(x, inv);
   if constexpr (Stochastic)
     return encode_stochastic<C>(xn, uniform01(seed, index), book);
   else
@@ -353,7 +353,7 @@ __global__ void __launch_bounds__(quantize_cta_limit<T, Items>,
     float const amax = qmem::detail::bits_to_float(m);
     if (lane == 0)
       absmax[blk] = amax;
-    float const inv = quant::detail::rcp_rn(amax);
+    float const inv = fmath::rcp(amax);
     QMEM_UNROLL
     for (int j = 0; j < vectors; ++j) {
       int const off = (j * group_size + lane) * vec;
@@ -431,7 +431,7 @@ __global__ void __launch_bounds__(cta_threads)
     float const amax = qmem::detail::bits_to_float(m);
     if (lane == 0)
       absmax[blk] = amax;
-    float const inv = quant::detail::rcp_rn(amax);
+    float const inv = fmath::rcp(amax);
     if constexpr (C::bits == 8) {
       for (size_t i = static_cast<size_t>(lane); i < count; i += 32)
         codes[begin + i] =
@@ -476,8 +476,8 @@ struct nested_scales {
     size_t nested_block;
     float const* table; // shared memory
     __device__ QMEM_INLINE float operator()(size_t blk) const noexcept {
-      return quant::detail::add_rn(
-          quant::detail::mul_rn(table[qabsmax[blk]], absmax2[blk / nested_block]), offset);
+      return fmath::add(
+          fmath::mul(table[qabsmax[blk]], absmax2[blk / nested_block]), offset);
     }
   };
 };
