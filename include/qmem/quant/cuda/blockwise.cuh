@@ -5,8 +5,8 @@
 //! after checking the preconditions, so the functions here do not check them again.
 //!
 //! They compute exactly the function spelled out in quant/detail/blockwise_ops.hpp, with the same
-//! element code (C::encode / C::decode / encode_stochastic, the one-rounding float operations of core/fmath.hpp), so the
-//! codes, scales and values are bit-identical to the host's.
+//! element code (C::encode / C::decode / encode_stochastic, the one-rounding float operations of
+//! core/fmath.hpp), so the codes, scales and values are bit-identical to the host's.
 //!
 //! How the work is laid out (the fast path, for 16-byte aligned tensors):
 //! - quantize: a *group* of G threads owns one quantization block; each thread loads 32 bytes of
@@ -102,17 +102,19 @@ inline constexpr int quantize_cta_limit =
 //! Resident CTAs of quantize_cta_limit<T, Items> threads per SM that quantize_aligned's
 //! __launch_bounds__ asks ptxas to fit in the register file (65536 registers per SM on sm_90).
 //! ptxas 13.0 for sm_90 (-O3, 2026-11-29), nearest rounding, none with a stack frame or spills:
-//! - bf16, quantize_items (NF4/FP4 blocks 64..512): 8 -> 32 registers, 64 warps per SM
+//! - bf16, quantize_items (NF4/FP4 blocks 16..512): 8 -> 32 registers, 64 warps per SM
 //!   (48 registers without the bound; before the rounding mode became a template argument and
-//!   the block offsets ints: 57-60 registers and an 8-56 byte stack frame, 4 CTAs);
+//!   the block offsets ints: 56-60 registers and an 8 byte stack frame, 4 CTAs);
 //! - fp32, quantize_items (int8 blocks 8..256): 6 -> 39 registers, 48 warps (8 CTAs would spill
 //!   8 bytes);
 //! - fp32, quantize_items_wide (int8 blocks 512..4096, 256-thread CTAs up to 4096): 3 -> 40
 //!   registers, 6 CTAs of 256 threads (was 63 registers, 4 CTAs);
-//! - bf16, quantize_items_wide (4-bit blocks 1024..4096): 2 -> 61-64 registers (3 would spill).
+//! - bf16, quantize_items_wide (4-bit blocks 1024..4096): 2 -> 61-64 registers (3 would spill;
+//!   before: 64 registers and 40-44 bytes of spills).
 //! Stochastic rounding (the generator, 48-64 registers) is not bounded: it is the rare path.
-//! Predicted, not measured yet: NF4/FP4 quantize of 2^28 bf16 near the 0.20 ms goal if the
-//! 64-warp occupancy was the limit; int8 block 256 ~0.45 ms (48 warps instead of 32).
+//! Predicted, not measured yet (H200, 2^28 elements; 32 warps per SM gave 0.57 ms NF4, 0.59 ms
+//! int8): NF4/FP4 block 64 about 0.30 ms (0.25-0.35: at 64 warps the ~20-25 instructions per
+//! element, not memory, should set the pace), int8 block 256 about 0.45 ms (48 warps).
 template <class T, int Items, bool Stochastic>
 inline constexpr int quantize_min_ctas =
     Stochastic ? 1
