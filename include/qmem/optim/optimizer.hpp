@@ -490,8 +490,10 @@ private:
 
   //! One read of every gradient: whether all elements are finite and, when `with_norm`, the sum
   //! of the squares of the finite ones. Vectorizable: the finiteness test is an integer maximum of
-  //! the exponent bits, the squares go to 16 float lanes per 4096-element piece (fixed order,
-  //! independent of the thread count), the pieces are summed in double.
+  //! the exponent bits, the squares (exact in double) go to 16 double lanes per 4096-element
+  //! piece (fixed order, independent of the thread count), the pieces are summed in double. Float
+  //! lanes lost ~1e-5 of the norm, enough to change the clip factor against the GPU's double
+  //! reduction (tests/optim/cuda_optim_test.cpp); in double the two orders agree to ~1e-16.
   template <float_element G>
   std::pair<double, bool> grad_norm_pass(exec::host const& e,
                                          std::span<tensor_view<G const> const> grads,
@@ -516,13 +518,13 @@ private:
           expmax[c / piece] = static_cast<std::uint32_t>(mx);
           if (!with_norm)
             continue;
-          float acc[lanes] = {};
+          double acc[lanes] = {};
           std::size_t i = c;
           for (; i + lanes <= ce; i += lanes)
             for (std::size_t l = 0; l < lanes; ++l) {
               float const x = to_float(g[i + l]);
               float const y = detail::fmath::is_finite(x) ? x : 0.0f;
-              acc[l] += y * y;
+              acc[l] += static_cast<double>(y) * y;
             }
           double sum = 0.0;
           for (; i < ce; ++i) {
@@ -530,7 +532,7 @@ private:
             float const y = detail::fmath::is_finite(x) ? x : 0.0f;
             sum += static_cast<double>(y) * y;
           }
-          for (float a : acc)
+          for (double a : acc)
             sum += a;
           part[c / piece] = sum;
         }
