@@ -8,6 +8,7 @@
 // as NaN, see same_values).
 // Compiled only by nvcc; without a GPU each case says so and returns.
 #include "support/backend.hpp"
+#include "quant/quant_test_support.hpp"
 
 #include <qmem/core/config.hpp>
 
@@ -59,19 +60,12 @@ std::vector<float> test_values(std::size_t n, std::uint32_t seed, bool specials 
   return v;
 }
 
+// as<T> and same_bits come from quant_test_support.hpp (qmem::test::convert, same_bits).
 template <class T>
 std::vector<T> as(std::vector<float> const& v) {
-  std::vector<T> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i)
-    out[i] = from_float<T>(v[i]);
-  return out;
+  return qmem::test::convert<T>(v);
 }
-
-template <class T>
-bool same_bits(std::vector<T> const& a, std::vector<T> const& b) {
-  return a.size() == b.size() &&
-         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
-}
+using qmem::test::same_bits;
 
 template <class T>
 bool is_nan_value(T v) {
