@@ -29,6 +29,7 @@
 #include <qmem/core/tensor.hpp>
 #include <qmem/memory/resource.hpp>
 #include <qmem/optim/detail/encode_lut.hpp>
+#include <qmem/optim/detail/tensor_sum.hpp>
 #include <qmem/optim/rule.hpp>
 #include <qmem/optim/rules.hpp>
 #include <qmem/optim/schedule.hpp>
@@ -569,7 +570,6 @@ private:
     auto encoders = [&]<int... K>(std::integer_sequence<int, K...>) {
       return std::tuple<typename detail::host_encoder_of<format_of<P, K>>::type...>{};
     }(std::make_integer_sequence<int, N>{});
-    std::size_t const chunks = (n + chunk - 1) / chunk;
 
     // Loads elements [b, b + m) into fp32 registers (arrays of one chunk).
     auto load = [&](std::size_t b, std::size_t m, float* p, float* g, float (*s)[chunk]) {
@@ -604,34 +604,33 @@ private:
       });
     };
 
-    // Per-tensor sums: fixed chunks, summed in chunk order (independent of the thread count).
+    // Per-tensor sums in the order of optim/detail/tensor_sum.hpp (pieces of 2048 elements, 32
+    // lane sums each folded as a butterfly, pieces folded over 256 slots), which the CUDA step
+    // computes too: the totals do not depend on the thread count or the backend.
     auto tensor_sums = [&](auto&& terms) {
-      std::vector<std::array<double, 2>> part(chunks, {0.0, 0.0});
-      qmem::detail::parallel_for(e, n, chunk, [&](std::size_t b0, std::size_t e0) {
+      constexpr std::size_t piece = detail::lcm_of(detail::sum_piece, chunk);
+      std::vector<detail::term_sums> part((n + piece - 1) / piece);
+      qmem::detail::parallel_for(e, n, piece, [&](std::size_t b0, std::size_t e0) {
         float p[chunk], g[chunk], s[N > 0 ? N : 1][chunk];
-        for (std::size_t b = b0; b < e0; b += chunk) {
-          std::size_t const m = std::min(chunk, e0 - b);
-          load(b, m, p, g, s);
-          double a = 0.0, c = 0.0;
-          for (std::size_t i = 0; i < m; ++i) {
-            if (skip_bad && !detail::fmath::is_finite(g[i]))
-              continue;
-            state_values<N> sv;
-            for (int q = 0; q < N; ++q)
-              sv[q] = s[q][i];
-            norm_terms const t = terms(p[i], g[i], sv);
-            a += t.a;
-            c += t.b;
+        for (std::size_t b = b0; b < e0; b += piece) {
+          detail::term_sums lane[detail::sum_lanes] = {};
+          std::size_t const pe = std::min(e0, b + piece);
+          for (std::size_t c = b; c < pe; c += chunk) {
+            std::size_t const m = std::min(chunk, pe - c);
+            load(c, m, p, g, s);
+            for (std::size_t i = 0; i < m; ++i) {
+              if (skip_bad && !detail::fmath::is_finite(g[i]))
+                continue;
+              state_values<N> sv;
+              for (int q = 0; q < N; ++q)
+                sv[q] = s[q][i];
+              detail::add_terms(lane[detail::sum_lane_of(c - b + i)], terms(p[i], g[i], sv));
+            }
           }
-          part[b / chunk] = {a, c};
+          part[b / piece] = detail::fold_lanes(lane);
         }
       });
-      double a = 0.0, c = 0.0;
-      for (auto const& x : part) {
-        a += x[0];
-        c += x[1];
-      }
-      return norm_terms{static_cast<float>(a), static_cast<float>(c)};
+      return detail::fold_pieces(part, part.size());
     };
 
     if constexpr (reducing_rule<Rule>) {
@@ -640,18 +639,11 @@ private:
       }));
     }
     float update_scale = 1.0f;
-    if (options_.max_unorm > 0.0f) {
-      norm_terms const t = tensor_sums([&](float p, float g, state_values<N> sv) {
-        float q = p;
-        Rule::update(q, g, sv, k);
-        double const d = static_cast<double>(q) - p;
-        return norm_terms{static_cast<float>(d * d), p * p};
-      });
-      double const unorm = std::sqrt(static_cast<double>(t.a));
-      double const limit = options_.max_unorm * std::sqrt(static_cast<double>(t.b));
-      if (unorm > limit)
-        update_scale = static_cast<float>(limit / unorm);
-    }
+    if (options_.max_unorm > 0.0f)
+      update_scale = detail::unorm_scale(tensor_sums([&](float p, float g, state_values<N> sv) {
+                                           return detail::unorm_terms<Rule>(p, g, sv, k);
+                                         }),
+                                         options_.max_unorm);
 
     bool const sr_param = std::same_as<Param, bf16> && master == nullptr &&
                           options_.rounding == param_rounding::stochastic;
