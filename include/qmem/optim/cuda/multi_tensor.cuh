@@ -15,13 +15,16 @@
 //!   2. `resolve`, one block: folds every group's partials in a fixed order, decides the skip
 //!      (non-finite under skip_step/raise, a loss scaler's found-inf flag), the clip factor and the
 //!      gradient scale, advances the step count and evaluates the lr schedule;
-//!   3. per group: `prepare` (one block: each tensor's rule.prepare into device scalars) and the
-//!      fused update (fused_step.cuh).
+//!   3. per group: `prepare` (one block: each tensor's rule.prepare into device scalars), the
+//!      per-tensor reductions when the group needs them (tensor_reduce.cuh: a reducing rule's
+//!      first pass and finish, LAMB and LARS; max_unorm's update-norm pass), and the fused update
+//!      (fused_step.cuh).
 //!
 //! The arithmetic is the host optimizer's (optim/optimizer.hpp) element for element, so the two
 //! backends agree bit for bit; the one exception is the global norm (a different summation order
 //! in double), which changes the clip factor only when the double norm lies within a few ulps of
-//! a float rounding boundary. Because lr, step and every derived scalar live in device memory, a
+//! a float rounding boundary (percentile clipping's history holds the same norm). The per-tensor
+//! reductions follow the host's order exactly (optim/detail/tensor_sum.hpp). Because lr, step and every derived scalar live in device memory, a
 //! step can be captured in a CUDA graph once and replayed.
 
 #include <qmem/core/cuda/runtime.cuh>
@@ -31,6 +34,7 @@
 #include <qmem/memory/resource.hpp>
 #include <qmem/optim/cuda/fused_step.cuh>
 #include <qmem/optim/cuda/state_format.hpp>
+#include <qmem/optim/cuda/tensor_reduce.cuh>
 #include <qmem/optim/rule.hpp>
 #include <qmem/optim/schedule.hpp>
 #include <qmem/optim/state.hpp>
@@ -45,10 +49,16 @@
 
 namespace qmem::optim::cuda {
 
+//! Length of percentile clipping's history of global norms (bitsandbytes' and the host's).
+inline constexpr int norm_history_size = 100;
+
 //! The step state as it lives in device memory.
 struct step_state {
   step_control control;
   lr_schedule schedule;
+  //! percentile clipping: squared global norms of the applied steps, a ring indexed by
+  //! (step - 1) % 100 (the host optimizer's norm_history)
+  float norm_history[norm_history_size];
 };
 
 //! Partial sums per group in the norm pass: fixed, so that the reduction order, and the norm's
@@ -60,6 +70,12 @@ struct cuda_step_options {
   lr_schedule lr = lr_schedule::constant(1e-3f);
   nonfinite_policy nonfinite = nonfinite_policy::skip_step;
   float max_grad_norm = 0.0f;   //!< global-norm clipping (torch's clip_grad_norm_); 0: off
+  //! Update-norm clipping per tensor (optimizer_options::max_unorm); 0: off. Needs groups whose
+  //! rule is an unorm_clipped<Rule> adaptor (optimizer_step and device_optimizer use one).
+  float max_unorm = 0.0f;
+  //! Percentile clipping (optimizer_options::percentile): the gradients are scaled down to the
+  //! `percentile`-th percentile of the last 100 global norms. 100: off.
+  int percentile = 100;
   float grad_unscale = 1.0f;    //!< initial inverse loss scale (device-side, changeable)
   param_rounding rounding = param_rounding::nearest; //!< bf16 params without master weights
   std::uint64_t seed = 0;       //!< stochastic rounding seed
@@ -153,9 +169,13 @@ __global__ void __launch_bounds__(256)
 __global__ void __launch_bounds__(256)
     resolve_kernel(step_state* state, double const* partial_sum, std::uint32_t const* partial_bad,
                    unsigned partial_count, std::uint32_t const* found_inf,
-                   nonfinite_policy nonfinite) {
+                   nonfinite_policy nonfinite, int percentile) {
   __shared__ double sums[256];
   __shared__ std::uint32_t bads[256];
+  __shared__ float history[norm_history_size];
+  __shared__ float clip_value;
+  __shared__ int seen;
+  __shared__ int rank_wanted;
   double acc = 0.0;
   std::uint32_t bad = 0;
   for (unsigned i = threadIdx.x; i < partial_count; i += 256) {
@@ -172,17 +192,46 @@ __global__ void __launch_bounds__(256)
     }
     __syncthreads();
   }
-  if (threadIdx.x != 0)
-    return;
   step_control& c = state->control;
   bool const norm_pass = partial_count > 0;
   bool const non_finite = norm_pass && bads[0] != 0 && nonfinite != nonfinite_policy::skip_element;
   bool const flagged = found_inf != nullptr && *found_inf != 0;
-  bool const skip = non_finite || flagged;
+  bool const skip = non_finite || flagged; // the same value in every thread
+  double n = 0.0;
+  if (norm_pass && !flagged)
+    n = ::sqrt(sums[0]) * static_cast<double>(c.inv_loss_scale);
+  // percentile clipping (the host's order): record this step's squared norm, then take the
+  // percentile-th smallest of the steps seen (a stable rank selection instead of a sort)
+  bool const use_percentile = percentile < 100 && !skip;
+  if (use_percentile) {
+    if (threadIdx.x == 0) {
+      std::int32_t const t = c.step + 1;
+      state->norm_history[(t - 1) % norm_history_size] = static_cast<float>(n * n);
+      seen = t < norm_history_size ? t : norm_history_size;
+      clip_value = static_cast<float>(n * n); // replaced below (kept only if the norms are NaN)
+      int const idx = percentile * seen / 100;
+      rank_wanted = idx < seen - 1 ? idx : seen - 1;
+    }
+    __syncthreads();
+    for (int i = static_cast<int>(threadIdx.x); i < norm_history_size; i += 256)
+      history[i] = state->norm_history[i];
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < seen) {
+      int const i = static_cast<int>(threadIdx.x);
+      float const v = history[i];
+      int rank = 0;
+      for (int j = 0; j < seen; ++j)
+        rank += (history[j] < v || (history[j] == v && j < i)) ? 1 : 0;
+      if (rank == rank_wanted)
+        clip_value = v;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x != 0)
+    return;
   float grad_scale = c.inv_loss_scale;
   float norm = 0.0f;
   if (norm_pass && !flagged) {
-    double const n = ::sqrt(sums[0]) * static_cast<double>(c.inv_loss_scale);
     norm = static_cast<float>(n);
     if (c.max_grad_norm > 0.0f && n > c.max_grad_norm)
       grad_scale = static_cast<float>(grad_scale * (c.max_grad_norm / (n + 1e-6)));
@@ -192,6 +241,11 @@ __global__ void __launch_bounds__(256)
   if (skip) {
     ++c.skipped_steps;
     return;
+  }
+  if (use_percentile) {
+    double const clip = ::sqrt(static_cast<double>(clip_value));
+    if (n > clip && n > 0.0)
+      grad_scale = static_cast<float>(grad_scale * (clip / n));
   }
   c.step += 1;
   c.lr = state->schedule(c.step);
@@ -228,7 +282,8 @@ class step_controller {
 public:
   //! Allocates the step state from `device` (a device or managed resource) and initializes it on
   //! e.stream (blocks until that upload is done, once). Preconditions: lr >= 0, max_grad_norm >= 0,
-  //! grad_unscale finite and >= 0, max_groups >= 1 (bad_argument otherwise).
+  //! max_unorm >= 0, percentile in [1, 100], grad_unscale finite and >= 0, max_groups >= 1
+  //! (bad_argument otherwise).
   step_controller(exec::cuda const& e, memory::resource& device, cuda_step_options options = {})
       : options_(options), device_(e.device) {
     QMEM_EXPECTS(device.space() != memory_space::host, "the resource hands out host memory; ",
@@ -240,6 +295,10 @@ public:
     QMEM_EXPECTS(std::isfinite(options.grad_unscale) && options.grad_unscale >= 0.0f,
                  "grad_unscale is ", options.grad_unscale, "; expected a finite value >= 0");
     QMEM_EXPECTS(options.max_groups >= 1, "max_groups is 0; expected >= 1");
+    QMEM_EXPECTS(options.max_unorm >= 0.0f, "max_unorm is ", options.max_unorm,
+                 "; expected >= 0 (0 turns update-norm clipping off)");
+    QMEM_EXPECTS(options.percentile >= 1 && options.percentile <= 100, "percentile is ",
+                 options.percentile, "; expected 1..100 (100 turns percentile clipping off)");
     cuda_detail::device_guard guard(device_);
     state_ = {1, device, memory::category::optimizer_state};
     partial_sum_ = {std::size_t{norm_partials} * options.max_groups, device,
@@ -264,9 +323,11 @@ public:
     return groups_++;
   }
 
-  //! True when steps run the gradient-norm pass (clipping, or skip_step/raise need it).
+  //! True when steps run the gradient-norm pass (clipping, percentile clipping, or skip_step/raise
+  //! need it).
   [[nodiscard]] bool needs_norm() const noexcept {
-    return options_.max_grad_norm > 0.0f || options_.nonfinite != nonfinite_policy::skip_element;
+    return options_.max_grad_norm > 0.0f || options_.percentile < 100 ||
+           options_.nonfinite != nonfinite_policy::skip_element;
   }
   [[nodiscard]] double* partial_sum(unsigned slot) noexcept {
     return partial_sum_.data() + std::size_t{slot} * norm_partials;
@@ -281,8 +342,60 @@ public:
     unsigned const partials = needs_norm() ? norm_partials * groups_ : 0u;
     detail::resolve_kernel<<<1, 256, 0, e.stream>>>(state_.data(), partial_sum_.data(),
                                                     partial_bad_.data(), partials,
-                                                    options_.found_inf, options_.nonfinite);
+                                                    options_.found_inf, options_.nonfinite,
+                                                    options_.percentile);
     cuda_detail::check_launch(e, "resolve_kernel");
+  }
+
+  //! Percentile clipping's history of squared global norms on the device
+  //! (float[norm_history_size], a ring indexed by (step - 1) % norm_history_size).
+  [[nodiscard]] float* norm_history() noexcept { return state_.data()->norm_history; }
+
+  //! Sets the step count, the last lr and the norm history (resume; `history` empty: zeros),
+  //! stream-ordered on e.stream, and waits for it. Preconditions: step >= 0, history empty or of
+  //! norm_history_size values (bad_argument otherwise, nothing written).
+  void restore_blocking(exec::cuda const& e, std::int32_t step, float lr,
+                        std::span<float const> history) {
+    QMEM_EXPECTS(step >= 0, "step is ", step, "; expected >= 0");
+    QMEM_EXPECTS(history.empty() || history.size() == std::size_t{norm_history_size},
+                 "history has ", history.size(), " values; expected 0 or ", norm_history_size);
+    cuda_detail::device_guard guard(device_);
+    step_state st{};
+    cuda_detail::check(cudaMemcpyAsync(&st, state_.data(), sizeof(st), cudaMemcpyDeviceToHost,
+                                       e.stream),
+                       "cudaMemcpyAsync(step state)");
+    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(step state)");
+    st.control.step = step;
+    st.control.lr = lr;
+    for (int i = 0; i < norm_history_size; ++i)
+      st.norm_history[i] = history.empty() ? 0.0f : history[static_cast<std::size_t>(i)];
+    cuda_detail::check(cudaMemcpyAsync(state_.data(), &st, sizeof(st), cudaMemcpyHostToDevice,
+                                       e.stream),
+                       "cudaMemcpyAsync(step state)");
+    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(step state)");
+  }
+
+  //! Copies the whole device step state (step count, lr, loss scale, max_grad_norm, skipped
+  //! steps, norm history) of `other`, a controller on the same device, stream-ordered on
+  //! e.stream (no wait).
+  void copy_state_from(exec::cuda const& e, step_controller& other) {
+    QMEM_EXPECTS(other.device_ == device_, "the other controller is on device ", other.device_,
+                 "; this one on ", device_);
+    cuda_detail::device_guard guard(device_);
+    cuda_detail::check(cudaMemcpyAsync(state_.data(), other.state_.data(), sizeof(step_state),
+                                       cudaMemcpyDeviceToDevice, e.stream),
+                       "cudaMemcpyAsync(step state)");
+  }
+
+  //! Copies the norm history to the host (waits for e.stream).
+  [[nodiscard]] std::vector<float> read_norm_history_blocking(exec::cuda const& e) {
+    std::vector<float> h(norm_history_size);
+    cuda_detail::device_guard guard(device_);
+    cuda_detail::check(cudaMemcpyAsync(h.data(), norm_history(), h.size() * sizeof(float),
+                                       cudaMemcpyDeviceToHost, e.stream),
+                       "cudaMemcpyAsync(norm history)");
+    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(norm history)");
+    return h;
   }
 
   //! The device control block. Between steps the caller may write `inv_loss_scale` and
@@ -348,9 +461,10 @@ public:
   using traits = kernel_traits<Rule, Policy>;
   static constexpr std::size_t block = traits::block;               //!< elements per absmax
   static constexpr std::size_t task_elements = traits::task_elements; //!< elements per warp task
-  static_assert(!reducing_rule<Rule>,
-                "the fused CUDA step does not run per-tensor reductions yet (LAMB, LARS): use the "
-                "host optimizer for reducing rules");
+  //! Whether the group runs a reducing rule's first pass (LAMB, LARS) before its update.
+  static constexpr bool reducing = reducing_rule<Rule>;
+  //! Whether the group can clip its updates' norms (max_unorm): its rule is an unorm_clipped<R>.
+  static constexpr bool unorm_capable = is_unorm_clipped_v<Rule>;
 
 private:
   step_controller* controller_;
@@ -364,6 +478,7 @@ private:
   std::uint64_t task_count_ = 0;
   unsigned slot_ = 0;
   int grid_ = 0;
+  tensor_reduction<Rule, Policy, P, G> reduction_; // reducing rules and max_unorm only
 
 public:
   //! Builds and uploads the tables of `tensors` (stream-ordered on e.stream, then waits once).
@@ -375,6 +490,9 @@ public:
       : controller_(&controller), tensors_(tensors.begin(), tensors.end()) {
     QMEM_EXPECTS(e.device == controller.device(), "e.device is ", e.device,
                  "; the controller lives on device ", controller.device());
+    QMEM_EXPECTS(controller.options().max_unorm == 0.0f || unorm_capable,
+                 "the controller clips update norms (max_unorm ", controller.options().max_unorm,
+                 "); expected a group whose rule is optim::cuda::unorm_clipped<Rule>");
     std::vector<tensor_entry> entries;
     std::vector<Rule> rules;
     std::uint64_t task = 0;
@@ -439,6 +557,13 @@ public:
                          "cudaMemcpyAsync(rules)");
       cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(upload)");
     }
+    if (reducing || unorm_capable) {
+      std::vector<std::uint64_t> sizes;
+      for (auto const& en : entries)
+        sizes.push_back(en.size);
+      reduction_ = tensor_reduction<Rule, Policy, P, G>(e, std::span<std::uint64_t const>(sizes),
+                                                       device);
+    }
     int per_sm = 0;
     cuda_detail::check(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(
@@ -475,7 +600,9 @@ public:
     cuda_detail::check_launch(e, "grad_sumsq_kernel");
   }
 
-  //! Enqueues the per-tensor scalars of this step (after the controller's resolve()).
+  //! Enqueues the per-tensor scalars of this step (after the controller's resolve()): each
+  //! tensor's rule.prepare, then the reducing rule's first pass and finish (LAMB, LARS), then
+  //! max_unorm's update-norm pass when the controller clips update norms.
   void prepare(exec::cuda const& e) {
     if (entry_count_ == 0)
       return;
@@ -484,6 +611,15 @@ public:
     detail::prepare_kernel<Rule><<<blocks, 256, 0, e.stream>>>(
         controller_->control(), entries_.data(), rules_.data(), scalars_.data(), entry_count_);
     cuda_detail::check_launch(e, "prepare_kernel");
+    cuda_step_options const& o = controller_->options();
+    bool const skip_bad = o.nonfinite == nonfinite_policy::skip_element;
+    if constexpr (reducing)
+      reduction_.template run<detail::rule_terms, detail::rule_finish>(
+          e, entries_.data(), scalars_.data(), controller_->control(), skip_bad, o.max_unorm);
+    if constexpr (unorm_capable)
+      if (o.max_unorm > 0.0f)
+        reduction_.template run<detail::update_norm_terms, detail::update_norm_finish>(
+            e, entries_.data(), scalars_.data(), controller_->control(), skip_bad, o.max_unorm);
   }
 
   //! Enqueues the fused update of global tasks [task_begin, task_end) (after prepare()).
@@ -546,7 +682,7 @@ private:
 };
 
 //! One optimizer step over several groups sharing `controller`: every group's norm pass, one
-//! resolve, then each group's prepare and update. Stream-ordered, no host synchronization.
+//! resolve, then each group's prepare (with its reductions) and update. Stream-ordered, no host synchronization.
 template <class... Groups>
 void step(exec::cuda const& e, step_controller& controller, Groups&... groups) {
   (groups.accumulate_norm(e), ...);

@@ -13,16 +13,24 @@
 //!
 //! Tensors with policy state and tensors kept in fp32 (below min_quantized_size, or fp32_state)
 //! form two groups on one step_controller, so the global norm and the skip decision span both.
-//! The step count lives in the controller (device memory); the optimizer's host counter is not
-//! advanced by GPU steps. Not on the device yet: percentile clipping, max_unorm, reducing rules
-//! (LAMB, LARS): the constructor refuses them.
+//! Every option of the host step runs on the device with the host's bits: reducing rules (LAMB,
+//! LARS: per-tensor first pass, tensor_reduce.cuh), max_unorm (each group's rule wrapped in
+//! unorm_clipped), percentile clipping (the history lives in the controller), global-norm
+//! clipping, the non-finite policies. The step count, the lr and the norm history start from the
+//! optimizer's and then live in the controller (device memory); `store_step_blocking` copies them
+//! back into the optimizer (before save_state, for example).
+//!
+//! For parameters in plain device memory (a framework's own CUDA tensors), use device_optimizer
+//! (device_optimizer.cuh), which allocates its state on the device.
 
 #include <qmem/core/cuda/runtime.cuh>
 #include <qmem/core/error.hpp>
 #include <qmem/core/exec.hpp>
 #include <qmem/core/tensor.hpp>
 #include <qmem/memory/resource.hpp>
+#include <qmem/optim/checkpoint.hpp>
 #include <qmem/optim/cuda/multi_tensor.cuh>
+#include <qmem/optim/cuda/tensor_reduce.cuh>
 #include <qmem/optim/optimizer.hpp>
 
 #include <cstddef>
@@ -41,24 +49,25 @@ public:
   using rule_type = typename Optimizer::rule_type;
   using policy_type = typename Optimizer::policy_type;
   using param_type = typename Optimizer::param_type;
-  using quantized_group = multi_tensor_step<rule_type, policy_type, param_type, G>;
-  using plain_group = multi_tensor_step<rule_type, fp32_state, param_type, G>;
+  //! The rule the groups run: the optimizer's, with max_unorm's factor on its update.
+  using device_rule = unorm_clipped<rule_type>;
+  using quantized_group = multi_tensor_step<device_rule, policy_type, param_type, G>;
+  using plain_group = multi_tensor_step<device_rule, fp32_state, param_type, G>;
 
 private:
   std::unique_ptr<step_controller> controller_;
   std::unique_ptr<quantized_group> quantized_;
   std::unique_ptr<plain_group> plain_;
+  Optimizer* opt_ = nullptr;
 
   static cuda_step_options options_of(Optimizer const& opt, std::uint32_t const* found_inf) {
     optimizer_options const& o = opt.options();
-    QMEM_EXPECTS(o.percentile == 100, "percentile clipping (", o.percentile,
-                 ") is not available in the CUDA step; expected 100 (off)");
-    QMEM_EXPECTS(o.max_unorm == 0.0f, "max_unorm (", o.max_unorm,
-                 ") is not available in the CUDA step; expected 0 (off)");
     cuda_step_options c;
     c.lr = o.lr;
     c.nonfinite = o.nonfinite;
     c.max_grad_norm = o.max_grad_norm;
+    c.max_unorm = o.max_unorm;
+    c.percentile = o.percentile;
     c.rounding = o.rounding;
     c.seed = o.seed;
     c.found_inf = found_inf;
@@ -78,7 +87,7 @@ private:
       t.param = ps.param.data();
       t.grad = grads[i].data();
       t.size = ps.param.size();
-      t.rule = ps.rule;
+      t.rule = device_rule{ps.rule};
       t.lr_scale = ps.lr_scale;
       t.master = ps.master.empty() ? nullptr : const_cast<float*>(ps.master.data());
       for (int k = 0; k < rule_type::state_count; ++k) {
@@ -94,11 +103,13 @@ public:
   //! Binds `opt` and one gradient per parameter (same order and sizes as add_param) for steps on
   //! e.device; the device tables come from `device`. Preconditions (bad_argument, nothing
   //! allocated): the optimizer's state resource, its parameters and the gradients are
-  //! device-accessible (managed or pinned memory; device memory for the gradients too);
-  //! percentile clipping and max_unorm are off. `found_inf`: a loss scaler's device flag, or null.
-  //! The parameters, gradients and state must stay where they are while this object lives.
+  //! device-accessible (managed or pinned memory; device memory for the gradients too).
+  //! `found_inf`: a loss scaler's device flag, or null. The step count, lr and norm history start
+  //! from the optimizer's (waits for e.stream once). The parameters, gradients and state must stay
+  //! where they are while this object lives.
   optimizer_step(exec::cuda const& e, Optimizer& opt, std::span<tensor_view<G const> const> grads,
-                 memory::resource& device, std::uint32_t const* found_inf = nullptr) {
+                 memory::resource& device, std::uint32_t const* found_inf = nullptr)
+      : opt_(&opt) {
     QMEM_EXPECTS(grads.size() == opt.size(), "got ", grads.size(), " gradients for ", opt.size(),
                  " parameters");
     QMEM_EXPECTS(device_accessible(opt.resource().space()), "the optimizer's state is in ",
@@ -113,6 +124,9 @@ public:
                    to_string(grads[i].space()), ") is not device-accessible");
     }
     controller_ = std::make_unique<step_controller>(e, device, options_of(opt, found_inf));
+    if (opt.step_count() > 0) // a resumed optimizer: continue its step count and history
+      controller_->restore_blocking(e, opt.step_count(), opt.last_lr(),
+                                    state_access<Optimizer>::history(opt));
     auto const q = tensors_of<quantized_group>(opt, grads, true);
     auto const f = tensors_of<plain_group>(opt, grads, false);
     quantized_ = std::make_unique<quantized_group>(e, std::span(q), device, *controller_);
@@ -121,6 +135,18 @@ public:
 
   //! Enqueues one step of every parameter on e.stream (no host synchronization).
   void step(exec::cuda const& e) { cuda::step(e, *controller_, *quantized_, *plain_); }
+
+  //! Copies the device's step count, last lr and (percentile clipping) norm history into the
+  //! optimizer, so that its host-side view (step_count(), save_state) is current. Waits for
+  //! e.stream. The states, parameters and master weights are the optimizer's own already.
+  void store_step_blocking(exec::cuda const& e) {
+    step_control const c = controller_->read_control_blocking(e);
+    std::vector<float> h;
+    if (opt_->options().percentile < 100 && c.step > 0)
+      h = controller_->read_norm_history_blocking(e);
+    opt_->set_step(c.step, c.lr);
+    state_access<Optimizer>::history(*opt_) = std::move(h);
+  }
 
   [[nodiscard]] step_controller& controller() noexcept { return *controller_; }
 };

@@ -1,0 +1,426 @@
+#pragma once
+//! \file
+//! An optimizer over parameters and gradients in plain device memory (cudaMalloc, a device memory
+//! resource, a framework's own CUDA tensors), with its state allocated on the device too: what a
+//! CUDA training loop needs, with no host copy of anything between checkpoints.
+//!
+//!     memory::cuda_device_resource device(0, stream);
+//!     optim::cuda::device_optimizer<optim::adamw, optim::int8_state, bf16> opt(
+//!         exec::cuda{stream}, optim::adamw{.weight_decay = 0.01f}, options, device);
+//!     opt.add_param(exec::cuda{stream}, tensor_view<bf16>(weights_ptr, n, memory_space::device));
+//!     opt.bind(exec::cuda{stream}, grads);      // builds the device tables once
+//!     for (...) opt.step(exec::cuda{stream});    // graph-capturable, no host synchronization
+//!     opt.save(exec::cuda{stream}, "optim.safetensors");   // the host optimizer's file format
+//!
+//! The update is the host optimizer's (optim/optimizer.hpp) bit for bit, with every option:
+//! per-parameter overrides, min_quantized_size, master weights, stochastic rounding, global-norm,
+//! percentile and update-norm clipping, reducing rules (LAMB, LARS), the non-finite policies, the
+//! lr schedule. State lives in the resource given at construction: device memory, or paged
+//! memory (paged_state_resource, managed) when it may not fit. The step count, lr and norm history
+//! live in device memory (step_controller).
+//!
+//! Save and resume go through the host: `save` copies the state into a host optimizer of the same
+//! rule, policy and parameter sizes and writes its file (checkpoint.hpp, schema qmem.optim/1), so
+//! a file written here loads into a host optimizer and the other way round; `load` validates the
+//! whole file before it changes anything. `copy_state_to` / `copy_state_from` expose that copy.
+
+#include <qmem/core/cuda/runtime.cuh>
+#include <qmem/core/error.hpp>
+#include <qmem/core/exec.hpp>
+#include <qmem/core/numeric.hpp>
+#include <qmem/core/tensor.hpp>
+#include <qmem/memory/resource.hpp>
+#include <qmem/optim/checkpoint.hpp>
+#include <qmem/optim/cuda/multi_tensor.cuh>
+#include <qmem/optim/cuda/tensor_reduce.cuh>
+#include <qmem/optim/optimizer.hpp>
+#include <qmem/optim/rule.hpp>
+#include <qmem/optim/schedule.hpp>
+#include <qmem/optim/state.hpp>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <utility>
+#include <vector>
+
+namespace qmem::optim::cuda {
+
+namespace detail {
+//! out[i] = float(in[i]): fp32 master weights from 16-bit parameters (the host's to_float).
+template <class P>
+__global__ void __launch_bounds__(256) widen_kernel(P const* in, float* out, std::uint64_t n) {
+  for (std::uint64_t i = std::uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n;
+       i += std::uint64_t{gridDim.x} * blockDim.x)
+    out[i] = to_float(in[i]);
+}
+} // namespace detail
+
+//! The optimizer of rule `Rule`, state policy `Policy`, parameters of element type `Param` and
+//! gradients of type `G`, with parameters, gradients and state in device memory. Not copyable;
+//! movable.
+template <update_rule Rule, state_policy Policy = int8_state, float_element Param = float,
+          float_element G = Param>
+  requires(!std::same_as<Param, double> && !std::same_as<G, double>)
+class device_optimizer {
+public:
+  using rule_type = Rule;
+  using policy_type = Policy;
+  using param_type = Param;
+  using grad_type = G;
+  //! The host optimizer with the same state layout (save, load, inspection, conversion).
+  using host_optimizer = optimizer<Rule, Policy, Param>;
+  using param_options = typename host_optimizer::param_options;
+  static constexpr int state_count = Rule::state_count;
+  //! The rule the device groups run (max_unorm's factor on the update).
+  using device_rule = unorm_clipped<Rule>;
+  using quantized_group = multi_tensor_step<device_rule, Policy, Param, G>;
+  using plain_group = multi_tensor_step<device_rule, fp32_state, Param, G>;
+
+  //! One parameter tensor and its device state (the layout of host_optimizer::param_state).
+  struct param_state {
+    tensor_view<Param> param;
+    Rule rule;
+    float lr_scale = 1.0f;
+    bool quantized = false; //!< true: the policy's formats; false: fp32
+    std::array<memory::buffer<std::uint8_t>, static_cast<std::size_t>(state_count)> data;
+    std::array<memory::buffer<float>, static_cast<std::size_t>(state_count)> scale;
+    memory::buffer<float> master; //!< fp32 master weights (16-bit params with master_weights)
+  };
+
+private:
+  Rule rule_;
+  optimizer_options options_;
+  memory::resource* state_resource_;
+  memory::resource* workspace_;
+  std::uint32_t const* found_inf_ = nullptr;
+  std::vector<param_state> params_;
+  std::vector<tensor_view<G const>> grads_;
+  std::unique_ptr<step_controller> controller_;
+  std::unique_ptr<quantized_group> quantized_;
+  std::unique_ptr<plain_group> plain_;
+  int device_ = 0;
+
+  template <class P, int K>
+  using format_of = typename P::template format<Rule::state_signs[static_cast<std::size_t>(K)]>;
+
+  cuda_step_options step_options() const {
+    cuda_step_options c;
+    c.lr = options_.lr;
+    c.nonfinite = options_.nonfinite;
+    c.max_grad_norm = options_.max_grad_norm;
+    c.max_unorm = options_.max_unorm;
+    c.percentile = options_.percentile;
+    c.rounding = options_.rounding;
+    c.seed = options_.seed;
+    c.found_inf = found_inf_;
+    c.max_groups = 2;
+    return c;
+  }
+
+  template <class Group>
+  std::vector<typename Group::tensor> tensors_of(bool quantized) {
+    std::vector<typename Group::tensor> out;
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      auto& ps = params_[i];
+      if (ps.quantized != quantized)
+        continue;
+      typename Group::tensor t;
+      t.param = ps.param.data();
+      t.grad = grads_[i].data();
+      t.size = ps.param.size();
+      t.rule = device_rule{ps.rule};
+      t.lr_scale = ps.lr_scale;
+      t.master = ps.master.empty() ? nullptr : ps.master.data();
+      for (int k = 0; k < state_count; ++k) {
+        t.state[k] = ps.data[static_cast<std::size_t>(k)].data();
+        t.absmax[k] = ps.scale[static_cast<std::size_t>(k)].data();
+      }
+      out.push_back(t);
+    }
+    return out;
+  }
+
+  void build_groups(exec::cuda const& e) {
+    auto const q = tensors_of<quantized_group>(true);
+    auto const f = tensors_of<plain_group>(false);
+    // a fresh controller registers the two groups again; the device step state is carried over.
+    // Steps in flight read the old tables: wait for them before anything is freed, and for the
+    // copy before the old controller goes (the workspace may order its frees on another stream).
+    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(rebind)");
+    quantized_.reset();
+    plain_.reset();
+    auto controller = std::make_unique<step_controller>(e, *workspace_, step_options());
+    controller->copy_state_from(e, *controller_);
+    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(rebind)");
+    controller_ = std::move(controller);
+    quantized_ = std::make_unique<quantized_group>(e, std::span(q), *workspace_, *controller_);
+    plain_ = std::make_unique<plain_group>(e, std::span(f), *workspace_, *controller_);
+  }
+
+  //! A host optimizer with this one's rule, options and parameter sizes over host parameters
+  //! `storage` (zeros; the parameters are not part of the optimizer state).
+  host_optimizer make_host(std::vector<std::vector<Param>>& storage) const {
+    host_optimizer h(rule_, options_);
+    storage.clear();
+    storage.reserve(params_.size());
+    for (auto const& ps : params_) {
+      storage.emplace_back(ps.param.size(), from_float<Param>(0.0f));
+      param_options o;
+      o.rule = ps.rule;
+      o.lr_scale = ps.lr_scale;
+      o.fp32_state = !ps.quantized;
+      h.add_param(tensor_view<Param>(storage.back().data(), storage.back().size(),
+                                     memory_space::host),
+                  o);
+    }
+    return h;
+  }
+
+  //! Bad_argument unless `h` has this optimizer's parameter count, sizes and state kinds.
+  void check_same_layout(host_optimizer const& h) const {
+    QMEM_EXPECTS(h.size() == params_.size(), "the host optimizer has ", h.size(),
+                 " parameters; this one has ", params_.size());
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      auto const& a = params_[i];
+      auto const& b = h.params()[i];
+      QMEM_EXPECTS(a.param.size() == b.param.size() && a.quantized == b.quantized &&
+                       a.master.size() == b.master.size(),
+                   "parameter ", i, " has ", b.param.size(), " elements (",
+                   b.quantized ? "quantized" : "fp32", " state) in the host optimizer; here ",
+                   a.param.size(), " (", a.quantized ? "quantized" : "fp32", " state)");
+    }
+  }
+
+  static void copy(exec::cuda const& e, void* dst, void const* src, std::size_t bytes,
+                   cudaMemcpyKind kind) {
+    if (bytes != 0)
+      cuda_detail::check(cudaMemcpyAsync(dst, src, bytes, kind, e.stream),
+                         "cudaMemcpyAsync(optimizer state)");
+  }
+
+public:
+  //! An optimizer with default hyper-parameters `rule` and `options` on device e.device: state
+  //! from `state` (device or paged memory), the step tables and the step state from `workspace`
+  //! (device memory). `found_inf`: a loss scaler's device flag (nonzero skips a step), or null.
+  //! Preconditions (bad_argument): the options are valid for optim::optimizer; both resources
+  //! hand out device-accessible memory.
+  device_optimizer(exec::cuda const& e, Rule rule, optimizer_options options,
+                   memory::resource& state, memory::resource& workspace,
+                   std::uint32_t const* found_inf = nullptr)
+      : rule_(rule), options_(options), state_resource_(&state), workspace_(&workspace),
+        found_inf_(found_inf), device_(e.device) {
+    { host_optimizer const validate(rule, options); } // the host optimizer's option checks
+    QMEM_EXPECTS(device_accessible(state.space()) && device_accessible(workspace.space()),
+                 "the state resource hands out ", to_string(state.space()),
+                 " memory and the workspace resource ", to_string(workspace.space()),
+                 "; expected device, managed or pinned memory");
+    controller_ = std::make_unique<step_controller>(e, workspace, step_options());
+  }
+  //! The same with one resource for state and workspace.
+  device_optimizer(exec::cuda const& e, Rule rule, optimizer_options options,
+                   memory::resource& device, std::uint32_t const* found_inf = nullptr)
+      : device_optimizer(e, rule, options, device, device, found_inf) {}
+
+  device_optimizer(device_optimizer&&) noexcept = default;
+  device_optimizer& operator=(device_optimizer&&) noexcept = default;
+
+  //! Adds a parameter tensor in device-accessible memory and allocates its state, zeroed
+  //! (stream-ordered on e.stream; master weights are widened from the parameter there). Returns
+  //! its index, the position of its gradient in bind(). Call bind() again before the next step
+  //! (adding a parameter to a bound optimizer waits for e.stream and unbinds it).
+  //! Preconditions (bad_argument, nothing allocated): the view is non-null when non-empty and not
+  //! in host memory; lr_scale >= 0; e.device is this optimizer's device.
+  std::size_t add_param(exec::cuda const& e, tensor_view<Param> param, param_options o = {}) {
+    QMEM_EXPECTS(e.device == device_, "e.device is ", e.device, "; this optimizer is on device ",
+                 device_);
+    QMEM_EXPECTS(param.size() == 0 || param.data() != nullptr, "add_param: param of ",
+                 param.size(), " elements has a null pointer");
+    QMEM_EXPECTS(device_accessible(param.space()), "add_param: param is in ",
+                 to_string(param.space()), " memory; expected device-accessible memory");
+    QMEM_EXPECTS(o.lr_scale >= 0.0f, "lr_scale is ", o.lr_scale, "; expected >= 0");
+    cuda_detail::device_guard guard(device_);
+    param_state ps;
+    ps.param = param;
+    ps.rule = o.rule.value_or(rule_);
+    ps.lr_scale = o.lr_scale;
+    ps.quantized = !o.fp32_state && param.size() >= options_.min_quantized_size;
+    std::size_t const n = param.size();
+    auto alloc = [&]<class P>() {
+      optim::detail::for_each_state<state_count>([&](auto K) {
+        using F = format_of<P, K.value>;
+        auto const k = static_cast<std::size_t>(K.value);
+        ps.data[k] = memory::buffer<std::uint8_t>(F::bytes(n), *state_resource_,
+                                                  memory::category::optimizer_state);
+        ps.scale[k] = memory::buffer<float>(F::scale_count(n), *state_resource_,
+                                            memory::category::optimizer_state);
+        if (ps.data[k].size_bytes() != 0)
+          cuda_detail::check(cudaMemsetAsync(ps.data[k].data(), 0, ps.data[k].size_bytes(),
+                                             e.stream),
+                             "cudaMemsetAsync(state)");
+        if (ps.scale[k].size_bytes() != 0)
+          cuda_detail::check(cudaMemsetAsync(ps.scale[k].data(), 0, ps.scale[k].size_bytes(),
+                                             e.stream),
+                             "cudaMemsetAsync(absmax)");
+      });
+    };
+    if (ps.quantized)
+      alloc.template operator()<Policy>();
+    else
+      alloc.template operator()<fp32_state>();
+    if (options_.master_weights && !std::same_as<Param, float> && n != 0) {
+      ps.master = memory::buffer<float>(n, *state_resource_, memory::category::weights);
+      unsigned const blocks = static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 4096));
+      detail::widen_kernel<Param><<<blocks, 256, 0, e.stream>>>(param.data(), ps.master.data(), n);
+      cuda_detail::check_launch(e, "widen_kernel");
+    }
+    params_.push_back(std::move(ps));
+    if (bound()) { // steps in flight read the tables: wait before they are freed
+      cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(add_param)");
+      quantized_.reset();
+      plain_.reset();
+    }
+    return params_.size() - 1;
+  }
+
+  //! Binds one gradient per parameter (same order and sizes as add_param, device-accessible) and
+  //! builds the device tables of the step (waits for e.stream once). Call it again when the
+  //! gradient buffers move or parameters were added. Preconditions (bad_argument, the previous
+  //! binding kept): one gradient per parameter of the same size; non-null; not in host memory.
+  void bind(exec::cuda const& e, std::span<tensor_view<G const> const> grads) {
+    QMEM_EXPECTS(e.device == device_, "e.device is ", e.device, "; this optimizer is on device ",
+                 device_);
+    QMEM_EXPECTS(grads.size() == params_.size(), "got ", grads.size(), " gradients for ",
+                 params_.size(), " parameters");
+    for (std::size_t i = 0; i < grads.size(); ++i) {
+      QMEM_EXPECTS(grads[i].size() == params_[i].param.size(), "gradient ", i, " has ",
+                   grads[i].size(), " elements; its parameter has ", params_[i].param.size());
+      QMEM_EXPECTS(grads[i].size() == 0 || grads[i].data() != nullptr, "gradient ", i,
+                   " has a null pointer");
+      QMEM_EXPECTS(device_accessible(grads[i].space()), "gradient ", i, " is in ",
+                   to_string(grads[i].space()), " memory; expected device-accessible memory");
+    }
+    grads_.assign(grads.begin(), grads.end());
+    cuda_detail::device_guard guard(device_);
+    build_groups(e);
+  }
+  //! bind() over a vector of gradient views.
+  void bind(exec::cuda const& e, std::vector<tensor_view<G const>> const& grads) {
+    bind(e, std::span<tensor_view<G const> const>(grads));
+  }
+
+  //! Whether bind() has built the step for the current parameters.
+  [[nodiscard]] bool bound() const noexcept { return quantized_ != nullptr; }
+
+  //! Enqueues one step of every parameter on e.stream: no host synchronization, capturable in a
+  //! CUDA graph. Precondition: bound() (bad_argument otherwise).
+  void step(exec::cuda const& e) {
+    QMEM_EXPECTS(bound(), "step: no gradients are bound to the current parameters; call bind()");
+    cuda::step(e, *controller_, *quantized_, *plain_);
+  }
+
+  //! Number of parameter tensors.
+  [[nodiscard]] std::size_t size() const noexcept { return params_.size(); }
+  //! The parameter tensors and their device state (read-only).
+  [[nodiscard]] std::span<param_state const> params() const noexcept { return params_; }
+  [[nodiscard]] Rule const& rule() const noexcept { return rule_; }
+  [[nodiscard]] optimizer_options const& options() const noexcept { return options_; }
+  //! The device step state (step count, lr, skip flag, norm; loss scale and max_grad_norm are
+  //! writable there between steps).
+  [[nodiscard]] step_controller& controller() noexcept { return *controller_; }
+  //! Bytes of optimizer state on the device (codes, scales; not master weights).
+  [[nodiscard]] std::size_t state_bytes() const noexcept {
+    std::size_t b = sizeof(step_state);
+    for (auto const& p : params_)
+      for (std::size_t k = 0; k < static_cast<std::size_t>(state_count); ++k)
+        b += p.data[k].size_bytes() + p.scale[k].size_bytes();
+    return b;
+  }
+  //! Steps applied (waits for e.stream).
+  [[nodiscard]] std::int32_t step_count_blocking(exec::cuda const& e) {
+    return controller_->read_control_blocking(e).step;
+  }
+
+  //! Copies this optimizer's state (codes, absmax, fp32 values, master weights, per-parameter
+  //! rules and lr scales, step count, lr, norm history) into `h`, a host optimizer with the same
+  //! parameter count, sizes and state kinds (its parameters are not touched). Waits for e.stream.
+  //! Precondition (bad_argument, nothing written): the same layout.
+  void copy_state_to(exec::cuda const& e, host_optimizer& h) {
+    check_same_layout(h);
+    cuda_detail::device_guard guard(device_);
+    step_control const c = controller_->read_control_blocking(e);
+    std::vector<float> history;
+    if (options_.percentile < 100 && c.step > 0)
+      history = controller_->read_norm_history_blocking(e);
+    auto& hp = state_access<host_optimizer>::params(h);
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      auto& a = params_[i];
+      auto& b = hp[i];
+      for (std::size_t k = 0; k < static_cast<std::size_t>(state_count); ++k) {
+        copy(e, b.data[k].data(), a.data[k].data(), a.data[k].size_bytes(),
+             cudaMemcpyDeviceToHost);
+        copy(e, b.scale[k].data(), a.scale[k].data(), a.scale[k].size_bytes(),
+             cudaMemcpyDeviceToHost);
+      }
+      copy(e, b.master.data(), a.master.data(), a.master.size_bytes(), cudaMemcpyDeviceToHost);
+      b.rule = a.rule;
+      b.lr_scale = a.lr_scale;
+    }
+    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(state copy)");
+    h.set_step(c.step, c.lr);
+    state_access<host_optimizer>::history(h) = std::move(history);
+  }
+
+  //! Copies the state of `h` (a host optimizer with the same layout) into this optimizer: codes,
+  //! absmax, values, master weights, rules, lr scales, step count, lr, norm history. Rebuilds the
+  //! device tables when bound. Waits for e.stream. Precondition (bad_argument, nothing written):
+  //! the same layout.
+  void copy_state_from(exec::cuda const& e, host_optimizer const& h) {
+    check_same_layout(h);
+    cuda_detail::device_guard guard(device_);
+    auto& hp = state_access<host_optimizer>::params(const_cast<host_optimizer&>(h));
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      auto& a = params_[i];
+      auto& b = hp[i];
+      for (std::size_t k = 0; k < static_cast<std::size_t>(state_count); ++k) {
+        copy(e, a.data[k].data(), b.data[k].data(), a.data[k].size_bytes(),
+             cudaMemcpyHostToDevice);
+        copy(e, a.scale[k].data(), b.scale[k].data(), a.scale[k].size_bytes(),
+             cudaMemcpyHostToDevice);
+      }
+      copy(e, a.master.data(), b.master.data(), a.master.size_bytes(), cudaMemcpyHostToDevice);
+      a.rule = b.rule;
+      a.lr_scale = b.lr_scale;
+    }
+    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(state copy)");
+    auto const& history = state_access<host_optimizer>::history(const_cast<host_optimizer&>(h));
+    controller_->restore_blocking(e, h.step_count(), h.last_lr(), history);
+    if (bound())
+      build_groups(e); // the tables hold the rules and lr scales
+  }
+
+  //! Writes the state to `path` in the host optimizer's format (checkpoint.hpp), atomically,
+  //! through host memory. Waits for e.stream. Throws io_error when the file cannot be written.
+  void save(exec::cuda const& e, std::filesystem::path const& path) {
+    std::vector<std::vector<Param>> storage;
+    host_optimizer h = make_host(storage);
+    copy_state_to(e, h);
+    save_state(h, path);
+  }
+
+  //! Loads state written by save() or by a host optimizer's save_state with the same rule,
+  //! policy and parameter sizes. Throws io_error / format_error (see load_state) with this
+  //! optimizer unchanged; everything is validated before anything is copied. Waits for e.stream.
+  void load(exec::cuda const& e, std::filesystem::path const& path) {
+    std::vector<std::vector<Param>> storage;
+    host_optimizer h = make_host(storage);
+    load_state(h, path);
+    copy_state_from(e, h);
+  }
+};
+
+} // namespace qmem::optim::cuda

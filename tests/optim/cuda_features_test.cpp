@@ -1,0 +1,652 @@
+// The optimizer features of the CUDA step beyond the element update: reducing rules (LAMB, LARS:
+// per-tensor first pass), update-norm clipping (max_unorm), percentile clipping, their graph
+// capture, and device_optimizer (parameters, gradients and state in plain device memory) with its
+// save/load round trip. Every GPU case compares with the host optimizer bit for bit. The host
+// cases check the summation order that makes this possible (optim/detail/tensor_sum.hpp).
+#include <qmem/optim/checkpoint.hpp>
+#include <qmem/optim/detail/tensor_sum.hpp>
+#include <qmem/optim/optimizer.hpp>
+#include <qmem/optim/rules.hpp>
+#include <qmem/optim/state.hpp>
+
+#include "support/backend.hpp"
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#if QMEM_HAS_CUDA()
+#include <qmem/memory/cuda_resource.cuh>
+#include <qmem/optim/cuda/device_optimizer.cuh>
+#include <qmem/optim/cuda/multi_tensor.cuh>
+#include <qmem/optim/cuda/optimizer_step.cuh>
+#endif
+
+namespace {
+
+using namespace qmem;
+namespace oq = qmem::optim;
+
+//! Initial params and per-step gradients of several tensors (normal values, seeded).
+template <class P, class G>
+struct problem {
+  std::vector<std::size_t> sizes;
+  std::vector<std::vector<P>> params;
+  std::vector<std::vector<std::vector<G>>> grads; // [step][tensor][i]
+};
+
+template <class P, class G>
+problem<P, G> make_problem(std::vector<std::size_t> const& sizes, int steps, unsigned seed,
+                           bool poison = false) {
+  problem<P, G> pr;
+  pr.sizes = sizes;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (std::size_t n : sizes) {
+    std::vector<P> p(n);
+    for (auto& x : p)
+      x = from_float<P>(0.05f * nd(rng));
+    pr.params.push_back(std::move(p));
+  }
+  for (int s = 0; s < steps; ++s) {
+    std::vector<std::vector<G>> gs;
+    for (std::size_t n : sizes) {
+      std::vector<G> g(n);
+      float const scale = (s % 3 == 0) ? 1e-2f : (s % 3 == 1 ? 3e-3f : 6e-3f);
+      for (auto& x : g)
+        x = from_float<G>(scale * nd(rng));
+      if (poison && n > 10) {
+        g[3] = from_float<G>(std::numeric_limits<float>::quiet_NaN());
+        g[n - 2] = from_float<G>(std::numeric_limits<float>::infinity());
+      }
+      gs.push_back(std::move(g));
+    }
+    pr.grads.push_back(std::move(gs));
+  }
+  return pr;
+}
+
+//! Runs the host optimizer over a problem with `threads` threads; returns the parameters.
+template <class Rule, class Policy, class P>
+std::vector<std::vector<P>> host_run(problem<P, P> const& pr, Rule rule,
+                                     oq::optimizer_options oo, unsigned threads) {
+  std::vector<std::vector<P>> hp = pr.params;
+  oq::optimizer<Rule, Policy, P> opt(rule, oo);
+  for (auto& p : hp)
+    opt.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
+  for (auto const& step_grads : pr.grads) {
+    std::vector<tensor_view<P const>> gv;
+    for (auto const& g : step_grads)
+      gv.emplace_back(g.data(), g.size(), memory_space::host);
+    (void)opt.step(exec::host{threads}, gv);
+  }
+  return hp;
+}
+
+TEST_CASE("per-tensor sums: the fixed tree order of tensor_sum.hpp") {
+  // fold_lanes is the warp butterfly: lane l adds lane l ^ o for o = 16 .. 1
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<double> ud(-1.0, 1.0);
+  oq::detail::term_sums lanes[32];
+  double butterfly[32];
+  for (int l = 0; l < 32; ++l) {
+    lanes[l] = {ud(rng) * std::ldexp(1.0, l % 7 * 9), ud(rng)};
+    butterfly[l] = lanes[l].a;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    double next[32];
+    for (int l = 0; l < 32; ++l)
+      next[l] = butterfly[l] + butterfly[l ^ o];
+    std::memcpy(butterfly, next, sizeof(next));
+  }
+  oq::detail::term_sums const folded = oq::detail::fold_lanes(lanes);
+  for (int l = 0; l < 32; ++l)
+    CHECK(std::memcmp(&butterfly[l], &folded.a, sizeof(double)) == 0);
+  // fold_pieces: slots q % 256 in increasing q, then the halving tree
+  std::vector<oq::detail::term_sums> pieces(1000);
+  for (auto& p : pieces)
+    p = {ud(rng) * 1e3, ud(rng) * 1e-3};
+  double slot[256] = {};
+  for (std::size_t q = 0; q < pieces.size(); ++q)
+    slot[q % 256] += pieces[q].a;
+  for (int h = 128; h > 0; h >>= 1)
+    for (int i = 0; i < h; ++i)
+      slot[i] += slot[i + h];
+  oq::norm_terms const t = oq::detail::fold_pieces(pieces, pieces.size());
+  CHECK(t.a == static_cast<float>(slot[0]));
+  CHECK(oq::detail::sum_lane_of(0) == 0);
+  CHECK(oq::detail::sum_lane_of(7) == 0);
+  CHECK(oq::detail::sum_lane_of(8) == 1);
+  CHECK(oq::detail::sum_lane_of(255) == 31);
+  CHECK(oq::detail::sum_lane_of(256) == 0);
+}
+
+TEST_CASE("host LAMB, LARS and max_unorm do not depend on the thread count") {
+  auto const pr = make_problem<float, float>({5000, 300001, 4097}, 3, 11);
+  oq::optimizer_options oo;
+  oo.min_quantized_size = 0;
+  oo.max_unorm = 0.01f;
+  auto const a1 = host_run<oq::lamb, oq::int8_state>(pr, oq::lamb{}, oo, 1);
+  auto const a2 = host_run<oq::lamb, oq::int8_state>(pr, oq::lamb{}, oo, 2);
+  auto const a3 = host_run<oq::lamb, oq::int8_state>(pr, oq::lamb{}, oo, 3);
+  CHECK(a1 == a2);
+  CHECK(a1 == a3);
+  oq::optimizer_options lo;
+  auto const b1 = host_run<oq::lars, oq::fp32_state>(pr, oq::lars{}, lo, 1);
+  auto const b2 = host_run<oq::lars, oq::fp32_state>(pr, oq::lars{}, lo, 3);
+  CHECK(b1 == b2);
+  CHECK(a1 != pr.params);
+  CHECK(b1 != pr.params);
+}
+
+} // namespace
+
+#if QMEM_HAS_CUDA()
+namespace {
+
+namespace ocu = qmem::optim::cuda;
+
+bool skip_without_gpu() {
+  if (test::gpu_present())
+    return false;
+  std::printf("[qmem] SKIPPED on cuda: no CUDA device on this machine\n");
+  MESSAGE("skipped: no CUDA device");
+  return true;
+}
+
+//! A plain cudaMalloc'd array (no qmem resource involved), freed on destruction.
+template <class T>
+struct device_vector {
+  T* ptr = nullptr;
+  std::size_t n = 0;
+  explicit device_vector(std::vector<T> const& v) : n(v.size()) {
+    cuda_detail::check(cudaMalloc(&ptr, n == 0 ? 1 : n * sizeof(T)), "cudaMalloc");
+    upload(v);
+  }
+  device_vector(device_vector const&) = delete;
+  device_vector& operator=(device_vector const&) = delete;
+  ~device_vector() { (void)cudaFree(ptr); }
+  void upload(std::vector<T> const& v) {
+    REQUIRE(v.size() == n);
+    if (n != 0)
+      cuda_detail::check(cudaMemcpy(ptr, v.data(), n * sizeof(T), cudaMemcpyHostToDevice),
+                         "cudaMemcpy H2D");
+    // a pageable upload may still be in flight when cudaMemcpy returns: the steps run on other
+    // (non-blocking) streams, so wait for it
+    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  }
+  std::vector<T> download() const {
+    std::vector<T> v(n);
+    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    if (n != 0)
+      cuda_detail::check(cudaMemcpy(v.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost),
+                         "cudaMemcpy D2H");
+    return v;
+  }
+};
+
+//! The device side of a problem: parameters and gradients in cudaMalloc'd memory.
+template <class P, class G>
+struct device_tensors {
+  std::vector<std::unique_ptr<device_vector<P>>> p;
+  std::vector<std::unique_ptr<device_vector<G>>> g;
+  explicit device_tensors(problem<P, G> const& pr) {
+    for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+      p.push_back(std::make_unique<device_vector<P>>(pr.params[i]));
+      g.push_back(std::make_unique<device_vector<G>>(pr.grads[0][i]));
+    }
+  }
+  std::vector<tensor_view<G const>> grad_views() const {
+    std::vector<tensor_view<G const>> v;
+    for (auto const& x : g)
+      v.emplace_back(x->ptr, x->n, memory_space::device);
+    return v;
+  }
+  void set_grads(std::vector<std::vector<G>> const& gs) {
+    for (std::size_t i = 0; i < gs.size(); ++i)
+      g[i]->upload(gs[i]);
+  }
+};
+
+//! Bytes of every state of `a` equal those of `b` (two host optimizers of the same layout).
+template <class O>
+void check_same_state(O const& a, O const& b) {
+  REQUIRE(a.size() == b.size());
+  CHECK(a.step_count() == b.step_count());
+  CHECK(a.last_lr() == b.last_lr());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    auto const& x = a.params()[i];
+    auto const& y = b.params()[i];
+    INFO("tensor ", i, " of size ", x.param.size());
+    for (std::size_t k = 0; k < x.data.size(); ++k) {
+      INFO("state ", k);
+      REQUIRE(x.data[k].size() == y.data[k].size());
+      CHECK(std::memcmp(x.data[k].data(), y.data[k].data(), x.data[k].size_bytes()) == 0);
+      REQUIRE(x.scale[k].size() == y.scale[k].size());
+      CHECK(std::memcmp(x.scale[k].data(), y.scale[k].data(), x.scale[k].size_bytes()) == 0);
+    }
+    REQUIRE(x.master.size() == y.master.size());
+    CHECK(std::memcmp(x.master.data(), y.master.data(), x.master.size_bytes()) == 0);
+  }
+}
+
+//! `steps` of the host optimizer and of a device_optimizer over cudaMalloc'd tensors; parameters
+//! and every state byte compared bit for bit (the device state read through copy_state_to).
+template <class Rule, class Policy, class P>
+void compare_device_optimizer(problem<P, P> const& pr, Rule rule, oq::optimizer_options oo,
+                              bool capture = false) {
+  using host_opt = oq::optimizer<Rule, Policy, P>;
+  // host
+  std::vector<std::vector<P>> hp = pr.params;
+  host_opt host(rule, oo);
+  for (auto& p : hp)
+    host.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
+  for (auto const& step_grads : pr.grads) {
+    std::vector<tensor_view<P const>> gv;
+    for (auto const& g : step_grads)
+      gv.emplace_back(g.data(), g.size(), memory_space::host);
+    (void)host.step(exec::host{}, gv);
+  }
+  // device
+  cudaStream_t stream = nullptr;
+  cuda_detail::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  {
+    exec::cuda const e{stream, 0};
+    memory::cuda_device_resource dres(0, stream);
+    device_tensors<P, P> d(pr);
+    ocu::device_optimizer<Rule, Policy, P> dev(e, rule, oo, dres);
+    for (auto const& x : d.p)
+      dev.add_param(e, tensor_view<P>(x->ptr, x->n, memory_space::device));
+    dev.bind(e, d.grad_views());
+    cudaGraphExec_t graph_exec = nullptr;
+    cudaGraph_t graph = nullptr;
+    if (capture) {
+      cuda_detail::check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal),
+                         "cudaStreamBeginCapture");
+      dev.step(e);
+      cuda_detail::check(cudaStreamEndCapture(stream, &graph), "cudaStreamEndCapture");
+      cuda_detail::check(cudaGraphInstantiate(&graph_exec, graph, 0), "cudaGraphInstantiate");
+    }
+    for (auto const& step_grads : pr.grads) {
+      cuda_detail::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+      d.set_grads(step_grads); // synchronous copies, after the previous step finished
+      if (capture)
+        cuda_detail::check(cudaGraphLaunch(graph_exec, stream), "cudaGraphLaunch");
+      else
+        dev.step(e);
+    }
+    cuda_detail::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    CHECK(dev.step_count_blocking(e) == host.step_count());
+    for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+      INFO("parameter ", i, " of size ", pr.sizes[i]);
+      auto const got = d.p[i]->download();
+      CHECK(std::memcmp(got.data(), hp[i].data(), got.size() * sizeof(P)) == 0);
+    }
+    std::vector<std::vector<P>> storage = pr.params;
+    host_opt mirror(rule, oo);
+    for (auto& p : storage)
+      mirror.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
+    dev.copy_state_to(e, mirror);
+    check_same_state(mirror, host);
+    if (oo.percentile < 100) {
+      using access = oq::state_access<host_opt>;
+      CHECK(access::history(mirror) == access::history(host));
+    }
+    if (capture) {
+      (void)cudaGraphExecDestroy(graph_exec);
+      (void)cudaGraphDestroy(graph);
+    }
+  }
+  (void)cudaStreamDestroy(stream);
+}
+
+std::vector<std::size_t> odd_sizes() { return {1, 31, 256, 257, 1000, 2049, 4097, 33333, 65536}; }
+
+oq::optimizer_options options(float lr = 1e-3f) {
+  oq::optimizer_options o;
+  o.lr = oq::lr_schedule::constant(lr);
+  o.nonfinite = oq::nonfinite_policy::skip_element;
+  return o;
+}
+
+TEST_CASE("CUDA LAMB and LARS == host optimizer, bit for bit (8-bit and fp32 states)") {
+  if (skip_without_gpu())
+    return;
+  auto const pr = make_problem<float, float>(odd_sizes(), 3, 101);
+  SUBCASE("LAMB, 8-bit state (and fp32 below 4096 elements)") {
+    compare_device_optimizer<oq::lamb, oq::int8_state>(pr, oq::lamb{}, options());
+  }
+  SUBCASE("LAMB, fp32 state") {
+    compare_device_optimizer<oq::lamb, oq::fp32_state>(pr, oq::lamb{}, options());
+  }
+  SUBCASE("LAMB, 4-bit state (blocks of 128), other weight decay") {
+    oq::optimizer_options o = options();
+    o.min_quantized_size = 0;
+    compare_device_optimizer<oq::lamb, oq::int4_state>(pr, oq::lamb{.weight_decay = 0.1f}, o);
+  }
+  SUBCASE("LARS, 8-bit state") {
+    compare_device_optimizer<oq::lars, oq::int8_state>(
+        pr, oq::lars{.weight_decay = 1e-4f, .trust_coefficient = 0.02f}, options(0.1f));
+  }
+  SUBCASE("LARS, fp32 state") {
+    compare_device_optimizer<oq::lars, oq::fp32_state>(pr, oq::lars{}, options(0.1f));
+  }
+  SUBCASE("LAMB, bf16 params with fp32 master weights and a cosine schedule") {
+    auto const pb = make_problem<bf16, bf16>(odd_sizes(), 3, 102);
+    oq::optimizer_options o = options();
+    o.master_weights = true;
+    o.lr = oq::lr_schedule::cosine(1e-3f, 1, 10, 1e-5f);
+    compare_device_optimizer<oq::lamb, oq::int8_state>(pb, oq::lamb{}, o);
+  }
+  SUBCASE("LAMB over more than 256 pieces (the slot fold) with skip_element") {
+    auto const big = make_problem<float, float>({600001, 3000}, 2, 103, true);
+    compare_device_optimizer<oq::lamb, oq::int8_state>(big, oq::lamb{}, options());
+  }
+}
+
+TEST_CASE("CUDA max_unorm and percentile clipping == host optimizer, bit for bit") {
+  if (skip_without_gpu())
+    return;
+  auto const pr = make_problem<float, float>(odd_sizes(), 5, 111);
+  SUBCASE("max_unorm, AdamW 8-bit") {
+    oq::optimizer_options o = options();
+    o.max_unorm = 0.01f; // Adam's first steps change p by ~lr: ||dp|| / ||p|| ~ 0.02 here
+    compare_device_optimizer<oq::adamw, oq::int8_state>(pr, oq::adamw{}, o);
+  }
+  SUBCASE("max_unorm with LAMB, fp32 state") {
+    oq::optimizer_options o = options(1e-2f);
+    o.max_unorm = 0.005f;
+    compare_device_optimizer<oq::lamb, oq::fp32_state>(pr, oq::lamb{}, o);
+  }
+  SUBCASE("percentile clipping, AdamW 8-bit, skip_step") {
+    oq::optimizer_options o = options();
+    o.percentile = 10; // the smallest norm seen: steps with larger norms are scaled down
+    o.nonfinite = oq::nonfinite_policy::skip_step;
+    compare_device_optimizer<oq::adamw, oq::int8_state>(pr, oq::adamw{}, o);
+  }
+  SUBCASE("percentile, global-norm and update-norm clipping together, Lion 8-bit") {
+    oq::optimizer_options o = options(1e-4f);
+    o.percentile = 50;
+    o.max_grad_norm = 0.5f;
+    o.max_unorm = 0.001f;
+    compare_device_optimizer<oq::lion, oq::int8_state>(pr, oq::lion{}, o);
+  }
+  SUBCASE("percentile history past 100 steps wraps as on the host") {
+    auto const many = make_problem<float, float>({300, 5000}, 103, 112);
+    oq::optimizer_options o = options();
+    o.percentile = 30;
+    compare_device_optimizer<oq::adamw, oq::fp32_state>(many, oq::adamw{}, o);
+  }
+}
+
+TEST_CASE("a LAMB step with max_unorm and percentile clipping captured in a CUDA graph == host") {
+  if (skip_without_gpu())
+    return;
+  auto const pr = make_problem<float, float>(odd_sizes(), 4, 121);
+  oq::optimizer_options o = options();
+  o.max_unorm = 0.01f;
+  o.percentile = 50;
+  o.lr = oq::lr_schedule::linear_warmup(1e-3f, 3);
+  compare_device_optimizer<oq::lamb, oq::int8_state>(pr, oq::lamb{}, o, true);
+}
+
+TEST_CASE("multi_tensor_step runs LAMB's reduction itself (no adaptor, one group)") {
+  if (skip_without_gpu())
+    return;
+  auto const pr = make_problem<float, float>(odd_sizes(), 3, 131);
+  oq::optimizer_options oo = options();
+  oo.min_quantized_size = 0;
+  std::vector<std::vector<float>> hp = pr.params;
+  oq::optimizer<oq::lamb, oq::int8_state, float> host(oq::lamb{}, oo);
+  for (auto& p : hp)
+    host.add_param(tensor_view<float>(p.data(), p.size(), memory_space::host));
+  memory::cuda_device_resource dres(0);
+  exec::cuda const e{};
+  // the device optimizer's state buffers serve as plain group storage here
+  ocu::device_optimizer<oq::lamb, oq::int8_state, float> storage(e, oq::lamb{}, oo, dres);
+  device_tensors<float, float> d(pr);
+  for (auto const& x : d.p)
+    storage.add_param(e, tensor_view<float>(x->ptr, x->n, memory_space::device));
+  ocu::cuda_step_options co;
+  co.lr = oo.lr;
+  co.nonfinite = oo.nonfinite;
+  ocu::step_controller ctl(e, dres, co);
+  using group_t = ocu::multi_tensor_step<oq::lamb, oq::int8_state, float, float>;
+  static_assert(group_t::reducing && !group_t::unorm_capable);
+  std::vector<group_t::tensor> ts;
+  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+    auto& ps = const_cast<typename decltype(storage)::param_state&>(storage.params()[i]);
+    group_t::tensor t;
+    t.param = d.p[i]->ptr;
+    t.grad = d.g[i]->ptr;
+    t.size = pr.sizes[i];
+    t.rule = oq::lamb{};
+    for (int k = 0; k < 2; ++k) {
+      t.state[k] = ps.data[static_cast<std::size_t>(k)].data();
+      t.absmax[k] = ps.scale[static_cast<std::size_t>(k)].data();
+    }
+    ts.push_back(t);
+  }
+  group_t group(e, std::span<group_t::tensor const>(ts), dres, ctl);
+  for (auto const& step_grads : pr.grads) {
+    std::vector<tensor_view<float const>> gv;
+    for (auto const& g : step_grads)
+      gv.emplace_back(g.data(), g.size(), memory_space::host);
+    (void)host.step(exec::host{}, gv);
+    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    d.set_grads(step_grads);
+    group.step(e);
+  }
+  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+    INFO("parameter ", i, " of size ", pr.sizes[i]);
+    auto const got = d.p[i]->download();
+    CHECK(std::memcmp(got.data(), hp[i].data(), got.size() * sizeof(float)) == 0);
+  }
+  // a controller that clips update norms refuses a group without the adaptor
+  ocu::cuda_step_options cu = co;
+  cu.max_unorm = 0.1f;
+  ocu::step_controller clipping(e, dres, cu);
+  CHECK_THROWS_AS(group_t(e, std::span<group_t::tensor const>(ts), dres, clipping),
+                  qmem::bad_argument);
+}
+
+TEST_CASE("device_optimizer over cudaMalloc'd params: 10 steps == 5 + save + load + 5, bit for bit") {
+  if (skip_without_gpu())
+    return;
+  using P = bf16;
+  using R = oq::adamw;
+  using Pol = oq::int8_state;
+  auto const pr = make_problem<P, P>(odd_sizes(), 10, 141);
+  oq::optimizer_options o = options();
+  o.master_weights = true;
+  o.percentile = 50;
+  o.max_grad_norm = 1.0f;
+  o.lr = oq::lr_schedule::cosine(1e-3f, 2, 10, 1e-5f);
+  auto const dir = std::filesystem::temp_directory_path();
+  auto const path = dir / ("qmem_device_optimizer_" + std::to_string(::getpid()) + ".safetensors");
+  memory::cuda_device_resource dres(0);
+  exec::cuda const e{};
+  auto run = [&](ocu::device_optimizer<R, Pol, P>& opt, device_tensors<P, P>& d, int from, int to) {
+    for (int s = from; s < to; ++s) {
+      cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+      d.set_grads(pr.grads[static_cast<std::size_t>(s)]);
+      opt.step(e);
+    }
+    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  };
+  auto make = [&](device_tensors<P, P>& d) {
+    ocu::device_optimizer<R, Pol, P> opt(e, R{.weight_decay = 0.01f}, o, dres);
+    for (std::size_t i = 0; i < d.p.size(); ++i) {
+      typename ocu::device_optimizer<R, Pol, P>::param_options po;
+      if (i == 2)
+        po.lr_scale = 0.5f;
+      if (i == 8)
+        po.fp32_state = true;
+      opt.add_param(e, tensor_view<P>(d.p[i]->ptr, d.p[i]->n, memory_space::device), po);
+    }
+    opt.bind(e, d.grad_views());
+    return opt;
+  };
+  // straight through
+  device_tensors<P, P> da(pr);
+  auto a = make(da);
+  run(a, da, 0, 10);
+  // 5 steps, save, a fresh optimizer (and fresh state) over the same parameters, load, 5 steps
+  device_tensors<P, P> db(pr);
+  {
+    auto b = make(db);
+    run(b, db, 0, 5);
+    b.save(e, path);
+  }
+  auto c = make(db);
+  CHECK(c.step_count_blocking(e) == 0);
+  c.load(e, path);
+  CHECK(c.step_count_blocking(e) == 5);
+  run(c, db, 5, 10);
+  CHECK(c.step_count_blocking(e) == 10);
+  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+    INFO("parameter ", i, " of size ", pr.sizes[i]);
+    auto const x = da.p[i]->download();
+    auto const y = db.p[i]->download();
+    CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(P)) == 0);
+  }
+  using host_opt = oq::optimizer<R, Pol, P>;
+  std::vector<std::vector<P>> s1 = pr.params, s2 = pr.params;
+  host_opt ha(R{.weight_decay = 0.01f}, o), hc(R{.weight_decay = 0.01f}, o);
+  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+    typename host_opt::param_options po;
+    if (i == 2)
+      po.lr_scale = 0.5f;
+    if (i == 8)
+      po.fp32_state = true;
+    ha.add_param(tensor_view<P>(s1[i].data(), s1[i].size(), memory_space::host), po);
+    hc.add_param(tensor_view<P>(s2[i].data(), s2[i].size(), memory_space::host), po);
+  }
+  a.copy_state_to(e, ha);
+  c.copy_state_to(e, hc);
+  check_same_state(ha, hc);
+  CHECK(oq::state_access<host_opt>::history(ha) == oq::state_access<host_opt>::history(hc));
+  // the file is the host optimizer's format: a host optimizer loads it
+  host_opt hl(R{.weight_decay = 0.01f}, o);
+  std::vector<std::vector<P>> s3 = pr.params;
+  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+    typename host_opt::param_options po;
+    if (i == 2)
+      po.lr_scale = 0.5f;
+    if (i == 8)
+      po.fp32_state = true;
+    hl.add_param(tensor_view<P>(s3[i].data(), s3[i].size(), memory_space::host), po);
+  }
+  oq::load_state(hl, path);
+  CHECK(hl.step_count() == 5);
+  // a corrupt file: format_error, the optimizer unchanged
+  {
+    std::FILE* f = std::fopen(path.string().c_str(), "r+b");
+    REQUIRE(f != nullptr);
+    std::fseek(f, -3, SEEK_END);
+    std::fputc(0x5a, f);
+    std::fclose(f);
+  }
+  CHECK_THROWS_AS(c.load(e, path), qmem::format_error);
+  CHECK(c.step_count_blocking(e) == 10);
+  host_opt hc2(R{.weight_decay = 0.01f}, o);
+  std::vector<std::vector<P>> s4 = pr.params;
+  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+    typename host_opt::param_options po;
+    if (i == 2)
+      po.lr_scale = 0.5f;
+    if (i == 8)
+      po.fp32_state = true;
+    hc2.add_param(tensor_view<P>(s4[i].data(), s4[i].size(), memory_space::host), po);
+  }
+  c.copy_state_to(e, hc2);
+  check_same_state(hc, hc2);
+  std::filesystem::remove(path);
+  // preconditions
+  ocu::device_optimizer<R, Pol, P> empty(e, R{}, o, dres);
+  std::vector<P> host_param(10);
+  CHECK_THROWS_AS(
+      empty.add_param(e, tensor_view<P>(host_param.data(), host_param.size(), memory_space::host)),
+      qmem::bad_argument);
+  CHECK_THROWS_AS(empty.step(e), qmem::bad_argument);
+  CHECK(empty.size() == 0);
+}
+
+TEST_CASE("optimizer_step: managed LAMB optimizer with max_unorm and percentile == host, resumable") {
+  if (skip_without_gpu())
+    return;
+  using P = float;
+  auto const pr = make_problem<P, P>(odd_sizes(), 4, 151);
+  oq::optimizer_options oo = options();
+  oo.max_unorm = 0.01f;
+  oo.percentile = 50;
+  std::vector<std::vector<P>> hp = pr.params;
+  oq::optimizer<oq::lamb, oq::int8_state, P> host_opt(oq::lamb{}, oo);
+  for (auto& p : hp)
+    host_opt.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
+  memory::cuda_managed_resource managed(0);
+  memory::cuda_device_resource dres(0);
+  oq::optimizer<oq::lamb, oq::int8_state, P> gpu_opt(oq::lamb{}, oo, managed);
+  std::vector<memory::buffer<P>> mp, mg;
+  std::vector<tensor_view<P const>> gv;
+  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+    std::size_t const n = pr.sizes[i];
+    mp.emplace_back(n, managed, memory::category::weights);
+    mg.emplace_back(n, managed, memory::category::gradients);
+    std::copy(pr.params[i].begin(), pr.params[i].end(), mp.back().data());
+    gpu_opt.add_param(tensor_view<P>(mp.back().data(), n, memory_space::managed));
+    gv.emplace_back(mg.back().data(), n, memory_space::managed);
+  }
+  exec::cuda const e{};
+  auto host_step = [&](std::size_t s) {
+    std::vector<tensor_view<P const>> hv;
+    for (auto const& g : pr.grads[s])
+      hv.emplace_back(g.data(), g.size(), memory_space::host);
+    (void)host_opt.step(exec::host{}, hv);
+  };
+  auto gpu_step = [&](ocu::optimizer_step<decltype(gpu_opt)>& gpu, std::size_t s) {
+    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    for (std::size_t i = 0; i < pr.grads[s].size(); ++i)
+      std::copy(pr.grads[s][i].begin(), pr.grads[s][i].end(), mg[i].data());
+    gpu.step(e);
+  };
+  {
+    ocu::optimizer_step<decltype(gpu_opt)> gpu(e, gpu_opt, gv, dres);
+    for (std::size_t s = 0; s < 2; ++s) {
+      host_step(s);
+      gpu_step(gpu, s);
+    }
+    gpu.store_step_blocking(e); // the optimizer's host view: step 2 and the norm history
+  }
+  CHECK(gpu_opt.step_count() == 2);
+  ocu::optimizer_step<decltype(gpu_opt)> resumed(e, gpu_opt, gv, dres); // continues from step 2
+  for (std::size_t s = 2; s < 4; ++s) {
+    host_step(s);
+    gpu_step(resumed, s);
+  }
+  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  resumed.store_step_blocking(e);
+  CHECK(gpu_opt.step_count() == host_opt.step_count());
+  using access = oq::state_access<decltype(gpu_opt)>;
+  CHECK(access::history(gpu_opt) == access::history(host_opt));
+  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
+    std::size_t const n = pr.sizes[i];
+    INFO("tensor ", i, " of size ", n);
+    CHECK(std::memcmp(mp[i].data(), hp[i].data(), n * sizeof(P)) == 0);
+  }
+  check_same_state(gpu_opt, host_opt);
+}
+
+} // namespace
+#endif
