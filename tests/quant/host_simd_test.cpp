@@ -1,0 +1,265 @@
+// The AVX2 / AVX-512 host loops (quant/detail/host_simd.hpp) against the portable element code:
+// bf16 widening over every bf16 pattern, f32 -> bf16 narrowing over every upper half with the
+// rounding-critical lower halves plus a strided sweep of all 2^32 floats (NaN, inf, subnormals
+// included), and every vectorized quantize/dequantize loop against the portable loop of
+// quant/blockwise.hpp and quant/rowwise.hpp, bit for bit, on full, partial and odd blocks with
+// NaN, inf and all-zero blocks. Cases for an instruction set the CPU lacks say so and skip.
+#include "quant/quant_test_support.hpp"
+
+#include <qmem/quant.hpp>
+
+#include <doctest/doctest.h>
+
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if QMEM_QUANT_HOST_AVX2
+
+namespace {
+
+using namespace qmem;
+using namespace qmem::quant;
+using qmem::test::same_bits;
+namespace qd = qmem::quant::detail;
+
+bool have_avx2() {
+  if (!qd::host_has_avx2())
+    MESSAGE("SKIPPED: this CPU has no AVX2");
+  return qd::host_has_avx2();
+}
+
+bool have_avx512() {
+  if (!qd::host_has_avx512())
+    MESSAGE("SKIPPED: this CPU has no AVX-512F");
+  return qd::host_has_avx512();
+}
+
+//! The floats of the narrowing sweep: every upper half with the lower halves where rounding
+//! changes (0, 1, just below / at / above the halfway point, all ones), then every 251st pattern.
+std::vector<float> sweep_floats() {
+  std::vector<float> v;
+  std::uint32_t const lows[] = {0x0000, 0x0001, 0x7fff, 0x8000, 0x8001, 0xffff, 0x4000, 0xc000};
+  for (std::uint32_t hi = 0; hi < 0x10000; ++hi)
+    for (std::uint32_t lo : lows)
+      v.push_back(std::bit_cast<float>(hi << 16 | lo));
+  for (std::uint64_t u = 0; u < (std::uint64_t{1} << 32); u += 251)
+    v.push_back(std::bit_cast<float>(static_cast<std::uint32_t>(u)));
+  return v;
+}
+
+std::vector<bf16> every_bf16() {
+  std::vector<bf16> v(0x10000);
+  for (std::uint32_t i = 0; i < 0x10000; ++i)
+    v[i] = bf16::from_bits(static_cast<std::uint16_t>(i));
+  return v;
+}
+
+template <class T>
+std::vector<T> scalar_narrow(std::vector<float> const& x) {
+  std::vector<T> y(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i)
+    y[i] = from_float<T>(x[i]);
+  return y;
+}
+
+std::vector<float> scalar_widen(std::vector<bf16> const& x) {
+  std::vector<float> y(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i)
+    y[i] = to_float(x[i]);
+  return y;
+}
+
+//! Data with every special case in some block: N(0, 1) values, an all-zero block, a NaN, an
+//! infinity, subnormals, values that normalize to exact thresholds' neighbours.
+std::vector<float> test_values(std::size_t n, std::size_t block) {
+  auto v = qmem::test::normal_floats(n, 7);
+  for (std::size_t i = 0; i < block && i < n; ++i)
+    v[i] = 0.0f; // block 0 all zero
+  if (n > 2 * block) {
+    v[block + 3] = std::numeric_limits<float>::quiet_NaN(); // block 1: NaN absmax
+    v[2 * block + 1] = std::numeric_limits<float>::infinity(); // block 2: inf absmax
+  }
+  if (n > 3 * block + 2) {
+    v[3 * block] = 1e-42f; // subnormals in block 3
+    v[3 * block + 1] = -3e-40f;
+  }
+  return v;
+}
+
+//! Bitwise equality, except that two NaN floats are equal whatever their sign: the sign of a NaN
+//! product is not fixed in C++ (g++ folds table[k] * absmax with table[k] == -1 into -absmax,
+//! which flips a NaN's sign bit; a multiply keeps it). bf16/f16 NaN are canonical and compared
+//! bitwise.
+template <class T>
+bool same_values(std::vector<T> const& a, std::vector<T> const& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (a.size() != b.size())
+      return false;
+    for (std::size_t i = 0; i < a.size(); ++i)
+      if (std::bit_cast<std::uint32_t>(a[i]) != std::bit_cast<std::uint32_t>(b[i]) &&
+          !(a[i] != a[i] && b[i] != b[i]))
+        return false;
+    return true;
+  } else {
+    return same_bits(a, b);
+  }
+}
+
+//! Runs the portable loop (the same qd::*_body functions the dispatch falls back to).
+template <class C, class T>
+void portable_quantize(std::vector<T> const& x, std::size_t block, std::vector<std::uint8_t>& codes,
+                       std::vector<float>& absmax) {
+  qd::quantize_blocks_body<C, false>(C::book, x.data(), x.size(), block, codes.data(),
+                                         absmax.data(), rounding{}, 0, absmax.size());
+}
+
+template <class C, class T>
+void portable_dequantize(std::vector<std::uint8_t> const& codes, std::vector<float> const& absmax,
+                         std::size_t block, std::vector<T>& y) {
+  qd::dequantize_blocks_body<C>(C::book, codes.data(), absmax.data(), y.size(), block,
+                                    y.data(), 0, absmax.size());
+}
+
+template <class C, class T>
+void check_blockwise(std::size_t n, std::size_t block) {
+  CAPTURE(n);
+  CAPTURE(block);
+  auto const x = qmem::test::convert<T>(test_values(n, block));
+  std::size_t const blocks = block_count(n, block);
+  std::vector<std::uint8_t> codes(code_bytes<C>(n)), ref_codes(code_bytes<C>(n));
+  std::vector<float> absmax(blocks), ref_absmax(blocks);
+  quantize_blockwise<C>(exec::host{}, view(x), block, view(codes), view(absmax));
+  portable_quantize<C>(x, block, ref_codes, ref_absmax);
+  CHECK(same_bits(absmax, ref_absmax));
+  CHECK(same_bits(codes, ref_codes));
+  std::vector<T> y(n), ref_y(n);
+  dequantize_blockwise<C>(exec::host{}, view(std::as_const(codes)), view(std::as_const(absmax)),
+                          block, view(y));
+  portable_dequantize<C>(codes, absmax, block, ref_y);
+  CHECK(same_values(y, ref_y));
+}
+
+template <class C>
+void check_code_type(std::size_t block) {
+  for (std::size_t n : {block * 9, block * 9 - 1, block * 4 + 17, block / 2 + 1, std::size_t{1}}) {
+    check_blockwise<C, float>(n, block);
+    check_blockwise<C, bf16>(n, block);
+    check_blockwise<C, f16>(n, block);
+  }
+}
+
+} // namespace
+
+TEST_CASE("host_simd: bf16 widening equals the scalar conversion for every bf16") {
+  auto const x = every_bf16();
+  auto const ref = scalar_widen(x);
+  if (have_avx2()) {
+    std::vector<float> y(x.size());
+    qd::widen_bf16_avx2(x.data(), x.size(), y.data());
+    CHECK(same_bits(y, ref));
+  }
+  if (have_avx512()) {
+    std::vector<float> y(x.size());
+    qd::widen_bf16_avx512(x.data(), x.size(), y.data());
+    CHECK(same_bits(y, ref));
+  }
+}
+
+TEST_CASE("host_simd: f32 -> bf16 narrowing equals float_to_bf16_bits over a dense sweep") {
+  auto const x = sweep_floats();
+  auto const ref = scalar_narrow<bf16>(x);
+  // the sweep reaches NaN, infinities and subnormals of both signs, and every NaN narrows to 0x7fc0
+  CHECK(ref[0x7fc1 * 8].bits == 0x7fc0);
+  CHECK(ref[0xffc1 * 8].bits == 0x7fc0);
+  CHECK(ref[0x7f80 * 8].bits == 0x7f80);
+  if (have_avx2()) {
+    std::vector<bf16> y(x.size());
+    qd::narrow_bf16_avx2(x.data(), x.size(), y.data());
+    CHECK(same_bits(y, ref));
+  }
+  if (have_avx512()) {
+    std::vector<bf16> y(x.size());
+    qd::narrow_bf16_avx512(x.data(), x.size(), y.data());
+    CHECK(same_bits(y, ref));
+  }
+}
+
+TEST_CASE("host_simd: blockwise loops equal the portable loops") {
+  if (!have_avx2())
+    return;
+  SUBCASE("nf4") {
+    for (std::size_t block : {32, 64, 256, 4096})
+      check_code_type<nf4>(block);
+  }
+  SUBCASE("fp4") { check_code_type<fp4>(64); }
+  SUBCASE("8-bit") {
+    check_code_type<dynamic_signed>(256);
+    check_code_type<dynamic_unsigned>(64);
+    check_code_type<linear_signed>(4096);
+    check_code_type<fp8_e4m3>(128);
+    check_code_type<fp8_e5m2>(128);
+  }
+}
+
+TEST_CASE("host_simd: NF4 quantization hits every threshold exactly as nf4::encode") {
+  if (!have_avx512())
+    return;
+  // absmax 1 (the first element), then each threshold, its float neighbours and -0.0, NaN in a
+  // block of its own: the binary search must agree with the 15 comparisons everywhere
+  std::vector<float> x = {1.0f};
+  for (float t : qd::nf4_thresholds) {
+    auto const b = std::bit_cast<std::uint32_t>(t);
+    x.insert(x.end(), {t, std::bit_cast<float>(b + 1), std::bit_cast<float>(b - 1)});
+  }
+  x.push_back(-0.0f);
+  x.resize(64, 0.5f);
+  x.push_back(std::numeric_limits<float>::quiet_NaN());
+  x.resize(128, -0.25f);
+  std::vector<std::uint8_t> codes(64), ref_codes(64);
+  std::vector<float> absmax(2), ref_absmax(2);
+  quantize_blockwise<nf4>(exec::host{}, view(std::as_const(x)), 64, view(codes), view(absmax));
+  portable_quantize<nf4>(x, 64, ref_codes, ref_absmax);
+  CHECK(same_bits(codes, ref_codes));
+  CHECK(same_bits(absmax, ref_absmax));
+  CHECK(absmax[0] == 1.0f);
+  CHECK(absmax[1] != absmax[1]);
+}
+
+TEST_CASE("host_simd: row-wise int8 dequantization equals rowwise_decode") {
+  std::size_t const rows = 5, cols = 4096 + 13;
+  auto x = qmem::test::normal_floats(rows * cols, 3);
+  x[cols + 7] = std::numeric_limits<float>::quiet_NaN(); // row 1: NaN absmax
+  for (std::size_t c = 0; c < cols; ++c)
+    x[2 * cols + c] = 0.0f; // row 2: all zero
+  std::vector<std::int8_t> q(rows * cols);
+  std::vector<float> s(rows);
+  quantize_rowwise(exec::host{}, view(std::as_const(x)), rows, cols, view(q), view(s));
+  std::vector<float> yf(rows * cols);
+  std::vector<bf16> yb(rows * cols);
+  dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols,
+                     view(yf));
+  dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols,
+                     view(yb));
+  std::vector<float> ref_f(rows * cols);
+  std::vector<bf16> ref_b(rows * cols);
+  for (std::size_t i = 0; i < rows * cols; ++i) {
+    ref_f[i] = qd::rowwise_decode(q[i], s[i / cols]);
+    ref_b[i] = bf16(ref_f[i]);
+  }
+  CHECK(same_values(yf, ref_f));
+  CHECK(same_bits(yb, ref_b));
+}
+
+#else
+
+TEST_CASE("host_simd: AVX2/AVX-512 loops") {
+  MESSAGE("SKIPPED: QMEM_QUANT_HOST_AVX2 is 0 in this build (not x86-64 g++/clang, nvcc's host "
+          "pass, or the build already targets AVX2): only the portable loops exist");
+}
+
+#endif
