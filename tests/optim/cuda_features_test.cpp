@@ -583,6 +583,49 @@ TEST_CASE("device_optimizer over cudaMalloc'd params: 10 steps == 5 + save + loa
   CHECK(empty.size() == 0);
 }
 
+TEST_CASE("device_optimizer: the documented usage (docs/optim.md)") {
+  if (skip_without_gpu())
+    return;
+  std::size_t const n = 10000;
+  auto const pr = make_problem<bf16, bf16>({n}, 3, 161);
+  device_vector<bf16> weights(pr.params[0]);
+  device_vector<bf16> grads(pr.grads[0][0]);
+  bf16* w = weights.ptr;
+  bf16 const* g = grads.ptr;
+  auto const path = std::filesystem::temp_directory_path() /
+                    ("qmem_usage_" + std::to_string(::getpid()) + ".safetensors");
+  cudaStream_t stream = nullptr;
+  cuda_detail::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  {
+    // -- usage --
+    qmem::memory::cuda_device_resource device(0, stream);
+    qmem::exec::cuda const gpu{stream, 0};
+    qmem::optim::cuda::device_optimizer<qmem::optim::lamb, qmem::optim::int8_state, qmem::bf16> opt(
+        gpu, qmem::optim::lamb{.weight_decay = 0.01f},
+        {.lr = qmem::optim::lr_schedule::cosine(1e-3f, 10, 1000), .max_unorm = 1.0f,
+         .master_weights = true},
+        device);
+    opt.add_param(gpu, qmem::tensor_view<qmem::bf16>(w, n, qmem::memory_space::device));
+    opt.bind(gpu, {qmem::tensor_view<qmem::bf16 const>(g, n, qmem::memory_space::device)});
+    for (int s = 0; s < 3; ++s)
+      opt.step(gpu); // no host synchronization: capturable in a CUDA graph
+    opt.save(gpu, path); // the host optimizer's file format, written through host memory
+    // -- end usage --
+    CHECK(opt.step_count_blocking(gpu) == 3);
+    CHECK(weights.download() != pr.params[0]);
+    qmem::optim::cuda::device_optimizer<qmem::optim::lamb, qmem::optim::int8_state, qmem::bf16>
+        again(gpu, qmem::optim::lamb{.weight_decay = 0.01f},
+              {.lr = qmem::optim::lr_schedule::cosine(1e-3f, 10, 1000), .max_unorm = 1.0f,
+               .master_weights = true},
+              device);
+    again.add_param(gpu, qmem::tensor_view<qmem::bf16>(w, n, qmem::memory_space::device));
+    again.load(gpu, path);
+    CHECK(again.step_count_blocking(gpu) == 3);
+    std::filesystem::remove(path);
+  }
+  (void)cudaStreamDestroy(stream);
+}
+
 TEST_CASE("optimizer_step: managed LAMB optimizer with max_unorm and percentile == host, resumable") {
   if (skip_without_gpu())
     return;
