@@ -461,7 +461,7 @@ TEST_CASE("multi_tensor_step runs LAMB's reduction itself (no adaptor, one group
                   qmem::bad_argument);
 }
 
-TEST_CASE("device_optimizer over cudaMalloc'd params: 10 steps == 5 + save + load + 5, bit for bit") {
+TEST_CASE("device_optimizer over cudaMalloc'd params: 10 steps == 5 + save + load + 5 steps") {
   if (skip_without_gpu())
     return;
   using P = bf16;
@@ -626,7 +626,7 @@ TEST_CASE("device_optimizer: the documented usage (docs/optim.md)") {
   (void)cudaStreamDestroy(stream);
 }
 
-TEST_CASE("optimizer_step: managed LAMB optimizer with max_unorm and percentile == host, resumable") {
+TEST_CASE("optimizer_step: managed LAMB, max_unorm and percentile == host, resumable") {
   if (skip_without_gpu())
     return;
   using P = float;

@@ -24,8 +24,9 @@
 //! backends agree bit for bit; the one exception is the global norm (a different summation order
 //! in double), which changes the clip factor only when the double norm lies within a few ulps of
 //! a float rounding boundary (percentile clipping's history holds the same norm). The per-tensor
-//! reductions follow the host's order exactly (optim/detail/tensor_sum.hpp). Because lr, step and every derived scalar live in device memory, a
-//! step can be captured in a CUDA graph once and replayed.
+//! reductions follow the host's order exactly (optim/detail/tensor_sum.hpp). Because lr, step and
+//! every derived scalar live in device memory, a step can be captured in a CUDA graph once and
+//! replayed.
 
 #include <qmem/core/cuda/runtime.cuh>
 #include <qmem/core/error.hpp>
@@ -682,7 +683,8 @@ private:
 };
 
 //! One optimizer step over several groups sharing `controller`: every group's norm pass, one
-//! resolve, then each group's prepare (with its reductions) and update. Stream-ordered, no host synchronization.
+//! resolve, then each group's prepare (with its reductions) and update. Stream-ordered, no host
+//! synchronization.
 template <class... Groups>
 void step(exec::cuda const& e, step_controller& controller, Groups&... groups) {
   (groups.accumulate_norm(e), ...);

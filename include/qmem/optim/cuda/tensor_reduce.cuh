@@ -198,7 +198,7 @@ struct terms_args {
   optim::detail::term_sums* partial;     //!< [piece_count]: written
   std::uint64_t piece_count;
   std::uint32_t tensor_count;
-  std::uint32_t skip_bad;                //!< nonzero: elements with a non-finite gradient add nothing
+  std::uint32_t skip_bad;                //!< nonzero: a non-finite gradient's element adds nothing
   decode_books<Rule, Policy> books;
 };
 
@@ -339,8 +339,9 @@ public:
                    memory::resource& device)
       : tensor_count_(static_cast<std::uint32_t>(sizes.size())) {
     std::vector<std::uint64_t> first(sizes.size() + 1, 0);
+    constexpr std::size_t piece = optim::detail::sum_piece;
     for (std::size_t t = 0; t < sizes.size(); ++t)
-      first[t + 1] = first[t] + (sizes[t] + optim::detail::sum_piece - 1) / optim::detail::sum_piece;
+      first[t + 1] = first[t] + (sizes[t] + piece - 1) / piece;
     piece_count_ = first.back();
     cuda_detail::device_guard guard(e.device);
     first_piece_ = memory::buffer<std::uint64_t>(first.size(), device, memory::category::workspace);
@@ -352,10 +353,8 @@ public:
                        "cudaMemcpyAsync(piece table)");
     cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(piece table)");
     int per_sm = 0;
-    cuda_detail::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                           &per_sm,
-                           detail::tensor_terms_kernel<Rule, Policy, P, G, detail::update_norm_terms>,
-                           256, 0),
+    auto const kernel = &detail::tensor_terms_kernel<Rule, Policy, P, G, detail::update_norm_terms>;
+    cuda_detail::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, 0),
                        "cudaOccupancyMaxActiveBlocksPerMultiprocessor(terms)");
     std::uint64_t const blocks_needed = (piece_count_ + 7) / 8;
     terms_grid_ = static_cast<int>(std::clamp<std::uint64_t>(

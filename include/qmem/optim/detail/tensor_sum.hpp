@@ -104,7 +104,8 @@ QMEM_HOST_DEVICE QMEM_INLINE norm_terms unorm_terms(float p, float g,
 QMEM_HOST_DEVICE QMEM_INLINE float unorm_scale(norm_terms t, float max_unorm) noexcept {
 #if defined(__CUDA_ARCH__)
   double const unorm = __dsqrt_rn(static_cast<double>(t.a));
-  double const limit = __dmul_rn(static_cast<double>(max_unorm), __dsqrt_rn(static_cast<double>(t.b)));
+  double const limit =
+      __dmul_rn(static_cast<double>(max_unorm), __dsqrt_rn(static_cast<double>(t.b)));
   return unorm > limit ? static_cast<float>(__ddiv_rn(limit, unorm)) : 1.0f;
 #else
   double const unorm = __builtin_sqrt(static_cast<double>(t.a));
