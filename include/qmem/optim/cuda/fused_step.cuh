@@ -124,6 +124,13 @@ __device__ QMEM_INLINE float warp_max(float m) {
   return m;
 }
 
+//! Asks L2 for the `bytes` bytes at `ptr`, one 128-byte line per lane and instruction.
+__device__ QMEM_INLINE void prefetch_l2(void const* ptr, std::uint64_t bytes, unsigned lane) {
+  auto const* const p = static_cast<char const*>(ptr);
+  for (std::uint64_t off = std::uint64_t{lane} * 128; off < bytes; off += 32 * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
+}
+
 //! The tensor that owns global task `task`: the hint when it still does, else a binary search
 //! over the entries' first tasks (warp-uniform; the table is small and stays in L1/L2).
 __device__ QMEM_INLINE std::uint32_t find_tensor(tensor_entry const* t, std::uint32_t n,
@@ -156,6 +163,7 @@ struct fused_args {
   std::uint64_t seed;                    //!< stochastic rounding (bf16 states and parameters)
   std::uint32_t tensor_count;
   std::uint32_t param_stochastic;        //!< bf16 params without master: stochastic rounding
+  //! A placeholder: the codec tables reach the kernel through device memory (shared_tables_image).
   typename kernel_traits<Rule, Policy>::tables tables;
 };
 
@@ -164,15 +172,6 @@ namespace detail {
 //! The sign of state J of Rule as a constant usable in device code.
 template <class Rule, int J>
 inline constexpr state_sign state_sign_v = Rule::state_signs[static_cast<std::size_t>(J)];
-
-//! The shared-memory codec of the states of sign `Sign`.
-template <state_sign Sign, class Tables>
-__device__ QMEM_INLINE auto const& codec_for(Tables const& t) {
-  if constexpr (Sign == state_sign::any)
-    return t.signed_codec;
-  else
-    return t.unsigned_codec;
-}
 
 //! Calls f(std::integral_constant<int, J>) for J = 0..N-1 (compile-time state index).
 template <int N, class F>
@@ -183,13 +182,15 @@ __device__ QMEM_INLINE void for_states(F&& f) {
 }
 
 //! One warp task: kernel_traits::per_lane elements per lane, everything in registers. The
-//! arithmetic is the host backend's (optimizer.hpp), element for element.
-template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
-__device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t task,
-                                       typename Rule::scalars const& k, float grad_scale,
-                                       std::int32_t step, std::uint64_t seed, bool param_sr,
-                                       typename kernel_traits<Rule, Policy>::tables const& tables,
-                                       unsigned lane) {
+//! arithmetic is the host backend's (optimizer.hpp), element for element. `Full`: the caller has
+//! checked that the whole task lies inside the tensor and that its pointers are aligned for the
+//! vector path, so the element bounds checks and the scalar path compile away.
+template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite,
+          bool Full>
+__device__ QMEM_INLINE void
+fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars const& k,
+           float grad_scale, std::int32_t step, std::uint64_t seed, bool param_sr,
+           typename kernel_traits<Rule, Policy>::shared_tables const& tables, unsigned lane) {
   using traits = kernel_traits<Rule, Policy>;
   constexpr int E = traits::per_lane;
   constexpr int S = Rule::state_count;
@@ -197,7 +198,7 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
   std::uint64_t const size = entry->size;
   std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * E;
   std::uint64_t const block = first / B; // this lane's absmax block
-  bool const vector_path = entry->vectorized != 0 && first + E <= size;
+  bool const vector_path = Full || (entry->vectorized != 0 && first + E <= size);
   auto* const param = static_cast<P*>(entry->param);
   auto const* const grad = static_cast<G const*>(entry->grad);
   float* const master = entry->master;
@@ -217,7 +218,7 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
       QMEM_UNROLL
       for (int i = 0; i < E; ++i)
         valid[i] = true;
-    } else {
+    } else if constexpr (!Full) {
       QMEM_UNROLL
       for (int i = 0; i < E; ++i) {
         valid[i] = first + i < size;
@@ -242,13 +243,13 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
     void* const state = entry->state[J.value];
     if constexpr (F::blockwise) {
       constexpr int code_bytes = E * F::bits / 8;
-      auto const& fc = codec_for<state_sign_v<Rule, J.value>>(tables);
-      float const old_absmax = first < size ? entry->absmax[J.value][block] : 0.0f;
+      auto const& fc = tables.template codec_for<state_sign_v<Rule, J.value>>();
+      float const old_absmax = Full || first < size ? entry->absmax[J.value][block] : 0.0f;
       std::uint8_t bytes[code_bytes];
       auto const* const codes = static_cast<std::uint8_t const*>(state) + first * F::bits / 8;
       if (vector_path) {
         load_stream(codes, bytes);
-      } else {
+      } else if constexpr (!Full) {
         std::uint64_t const code_count = F::bits == 8 ? size : (size + 1) / 2;
         QMEM_UNROLL
         for (int b = 0; b < code_bytes; ++b)
@@ -269,7 +270,7 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
       T const* const st = static_cast<T const*>(state);
       if (vector_path) {
         load_stream(st + first, raw);
-      } else {
+      } else if constexpr (!Full) {
         QMEM_UNROLL
         for (int i = 0; i < E; ++i)
           raw[i] = valid[i] ? st[first + i] : from_float<T>(0.0f);
@@ -300,13 +301,40 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
     }
   }
 
+  // write the parameters (and master weights) first: their registers are free for the encode
+  P out[E];
+  QMEM_UNROLL
+  for (int i = 0; i < E; ++i) {
+    if constexpr (std::same_as<P, bf16>) {
+      out[i] = param_sr ? optim::detail::bf16_stochastic(
+                              p[i], optim::detail::random_bits(
+                                        seed, optim::detail::random_counter(step, 15, first + i)))
+                        : from_float<P>(p[i]);
+    } else {
+      out[i] = from_float<P>(p[i]);
+    }
+  }
+  if (vector_path) {
+    store_stream(param + first, out);
+    if (master != nullptr)
+      store_stream(master + first, p);
+  } else if constexpr (!Full) {
+    QMEM_UNROLL
+    for (int i = 0; i < E; ++i)
+      if (valid[i]) {
+        param[first + i] = out[i];
+        if (master != nullptr)
+          master[first + i] = p[i];
+      }
+  }
+
   // requantize and write the states
   for_states<S>([&](auto J) {
     using F = typename traits::template format<J.value>;
     void* const state = entry->state[J.value];
     if constexpr (F::blockwise) {
       constexpr int code_bytes = E * F::bits / 8;
-      auto const& fc = codec_for<state_sign_v<Rule, J.value>>(tables);
+      auto const& fc = tables.template codec_for<state_sign_v<Rule, J.value>>();
       float local = 0.0f;
       QMEM_UNROLL
       for (int i = 0; i < E; ++i) {
@@ -314,12 +342,13 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
         local = valid[i] && a > local ? a : local;
       }
       float const absmax = warp_max<traits::lanes_per_block>(local);
-      if (lane % traits::lanes_per_block == 0 && first < size)
+      if (lane % traits::lanes_per_block == 0 && (Full || first < size))
         entry->absmax[J.value][block] = absmax;
+      auto const scale = fc.scale_of(absmax);
       std::uint8_t code[E];
       QMEM_UNROLL
       for (int i = 0; i < E; ++i) // a 4-bit pad nibble is the code of 0, as the host writes it
-        code[i] = fc.encode(valid[i] ? s[J.value][i] : 0.0f, absmax);
+        code[i] = fc.encode(valid[i] ? s[J.value][i] : 0.0f, scale);
       std::uint8_t bytes[code_bytes];
       QMEM_UNROLL
       for (int b = 0; b < code_bytes; ++b) {
@@ -331,7 +360,7 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
       auto* const codes = static_cast<std::uint8_t*>(state) + first * F::bits / 8;
       if (vector_path) {
         store_stream(codes, bytes);
-      } else {
+      } else if constexpr (!Full) {
         std::uint64_t const code_count = F::bits == 8 ? size : (size + 1) / 2;
         QMEM_UNROLL
         for (int b = 0; b < code_bytes; ++b)
@@ -354,7 +383,7 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
       T* const st = static_cast<T*>(state);
       if (vector_path) {
         store_stream(st + first, raw);
-      } else {
+      } else if constexpr (!Full) {
         QMEM_UNROLL
         for (int i = 0; i < E; ++i)
           if (valid[i])
@@ -362,33 +391,6 @@ __device__ QMEM_INLINE void fused_task(tensor_entry const* entry, std::uint64_t 
       }
     }
   });
-
-  // write the parameters (and master weights)
-  P out[E];
-  QMEM_UNROLL
-  for (int i = 0; i < E; ++i) {
-    if constexpr (std::same_as<P, bf16>) {
-      out[i] = param_sr ? optim::detail::bf16_stochastic(
-                              p[i], optim::detail::random_bits(
-                                        seed, optim::detail::random_counter(step, 15, first + i)))
-                        : from_float<P>(p[i]);
-    } else {
-      out[i] = from_float<P>(p[i]);
-    }
-  }
-  if (vector_path) {
-    store_stream(param + first, out);
-    if (master != nullptr)
-      store_stream(master + first, p);
-  } else {
-    QMEM_UNROLL
-    for (int i = 0; i < E; ++i)
-      if (valid[i]) {
-        param[first + i] = out[i];
-        if (master != nullptr)
-          master[first + i] = p[i];
-      }
-  }
 }
 
 } // namespace detail
@@ -407,16 +409,63 @@ inline constexpr int fused_block_threads = 256;
 #endif
 inline constexpr int fused_min_blocks = QMEM_OPTIM_FUSED_MIN_BLOCKS;
 
+//! The compile-time image of the fused kernel's shared-memory tables, in device memory: each
+//! block copies it (16 bytes per thread and read, from L2 after the first block).
+template <update_rule Rule, state_policy Policy>
+__device__ typename kernel_traits<Rule, Policy>::shared_tables const shared_tables_image =
+    kernel_traits<Rule, Policy>::shared_tables::make();
+
+//! A task that may end inside the tensor or whose pointers are not vector-aligned (at most one
+//! per tensor and launch). Inlined: out of line (__noinline__) the call forced the loop's live
+//! registers around it to the stack (ptxas sm_90, AdamW 8-bit: 172 bytes of spills against 36).
+template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
+__device__ QMEM_INLINE void
+partial_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars const& k,
+             float grad_scale, std::int32_t step, std::uint64_t seed, bool param_sr,
+             typename kernel_traits<Rule, Policy>::shared_tables const& tables, unsigned lane) {
+  detail::fused_task<Rule, Policy, P, G, NonFinite, false>(entry, task, k, grad_scale, step, seed,
+                                                           param_sr, tables, lane);
+}
+
+//! Whether each warp asks L2 for its next task's bytes before computing the current one, so that
+//! the next task's loads wait for L2 instead of HBM.
+inline constexpr bool fused_prefetch_next = false;
+
+//! Prefetches into L2 what task `local` of `entry` reads (full tasks only).
+template <update_rule Rule, state_policy Policy, class P, class G>
+__device__ QMEM_INLINE void prefetch_task(tensor_entry const* entry, std::uint64_t local,
+                                          unsigned lane) {
+  using traits = kernel_traits<Rule, Policy>;
+  constexpr std::uint64_t n = traits::task_elements;
+  std::uint64_t const first = local * n;
+  if (entry->master == nullptr)
+    detail::prefetch_l2(static_cast<P const*>(entry->param) + first, n * sizeof(P), lane);
+  else
+    detail::prefetch_l2(entry->master + first, n * sizeof(float), lane);
+  detail::prefetch_l2(static_cast<G const*>(entry->grad) + first, n * sizeof(G), lane);
+  detail::for_states<Rule::state_count>([&](auto J) {
+    using F = typename traits::template format<J.value>;
+    if constexpr (F::blockwise)
+      detail::prefetch_l2(static_cast<std::uint8_t const*>(entry->state[J.value]) +
+                              first * F::bits / 8,
+                          n * F::bits / 8, lane);
+    else
+      detail::prefetch_l2(static_cast<typename F::element const*>(entry->state[J.value]) + first,
+                          n * sizeof(typename F::element), lane);
+  });
+}
+
 //! The fused kernel: grid-stride over warp tasks [task_begin, task_end) across all tensors.
 template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
 __global__ void __launch_bounds__(fused_block_threads, fused_min_blocks)
     fused_step_kernel(__grid_constant__ fused_args<Rule, Policy> const args) {
-  using tables_t = typename kernel_traits<Rule, Policy>::tables;
-  static_assert(sizeof(tables_t) % 4 == 0 && std::is_trivially_copyable_v<tables_t>);
-  __shared__ std::uint32_t table_words[sizeof(tables_t) / 4];
+  using traits = kernel_traits<Rule, Policy>;
+  using tables_t = typename traits::shared_tables;
+  static_assert(sizeof(tables_t) % 16 == 0 && std::is_trivially_copyable_v<tables_t>);
+  __shared__ uint4 table_words[sizeof(tables_t) / 16];
   {
-    auto const* src = reinterpret_cast<std::uint32_t const*>(&args.tables);
-    for (unsigned w = threadIdx.x; w < sizeof(tables_t) / 4; w += blockDim.x)
+    auto const* src = reinterpret_cast<uint4 const*>(&shared_tables_image<Rule, Policy>);
+    for (unsigned w = threadIdx.x; w < sizeof(tables_t) / 16; w += blockDim.x)
       table_words[w] = src[w];
   }
   __syncthreads();
@@ -428,15 +477,34 @@ __global__ void __launch_bounds__(fused_block_threads, fused_min_blocks)
   unsigned const lane = threadIdx.x & 31u;
   std::uint64_t const warps = (static_cast<std::uint64_t>(gridDim.x) * blockDim.x) >> 5;
   std::uint32_t hint = 0;
+  std::uint32_t loaded = ~std::uint32_t{0}; // the tensor whose scalars k holds (none yet)
+  typename Rule::scalars k{};
   std::uint64_t const warp =
       (static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   for (std::uint64_t task = args.task_begin + warp; task < args.task_end; task += warps) {
-    hint = detail::find_tensor(args.tensors, args.tensor_count, task, hint);
+    std::uint32_t const owner = detail::find_tensor(args.tensors, args.tensor_count, task, hint);
+    if (owner != loaded) { // the scalars are read once per tensor, not once per task
+      k = args.scalars[owner];
+      loaded = owner;
+    }
+    hint = owner;
     tensor_entry const* const entry = args.tensors + hint;
-    typename Rule::scalars const k = args.scalars[hint];
-    detail::fused_task<Rule, Policy, P, G, NonFinite>(entry, task - entry->first_task, k,
-                                                      grad_scale, step, args.seed,
-                                                      args.param_stochastic != 0, tables, lane);
+    std::uint64_t const local = task - entry->first_task;
+    bool const full =
+        entry->vectorized != 0 && (local + 1) * traits::task_elements <= entry->size;
+    if constexpr (fused_prefetch_next) {
+      std::uint64_t const next = local + warps;
+      if (full && (next + 1) * traits::task_elements <= entry->size)
+        prefetch_task<Rule, Policy, P, G>(entry, next, lane);
+    }
+    if (full)
+      detail::fused_task<Rule, Policy, P, G, NonFinite, true>(entry, local, k, grad_scale, step,
+                                                              args.seed,
+                                                              args.param_stochastic != 0, tables,
+                                                              lane);
+    else
+      partial_task<Rule, Policy, P, G, NonFinite>(entry, local, k, grad_scale, step, args.seed,
+                                                  args.param_stochastic != 0, tables, lane);
   }
 }
 

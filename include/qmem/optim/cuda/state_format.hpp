@@ -18,6 +18,8 @@
 #include <qmem/optim/state.hpp>
 #include <qmem/quant/codes.hpp>
 
+#include <array>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -26,65 +28,222 @@
 namespace qmem::optim::cuda {
 
 namespace detail {
+
 struct no_search {};
+
+template <class Code>
+inline constexpr bool is_nearest4_v = false;
+template <auto const& Table>
+inline constexpr bool is_nearest4_v<nearest4_code<Table>> = true;
+
+//! A float's position on the number line as an unsigned integer (monotone; -0.0 just below +0.0).
+constexpr std::uint32_t ordered_bits(float x) noexcept {
+  std::uint32_t const u = std::bit_cast<std::uint32_t>(x);
+  return (u >> 31) != 0 ? ~u : u | 0x80000000u;
+}
+constexpr float from_ordered_bits(std::uint32_t o) noexcept {
+  return std::bit_cast<float>((o >> 31) != 0 ? o & 0x7fffffffu : ~o);
+}
+
+//! The 15 thresholds of a nearest4_code: thresholds[i - 1] is the smallest float whose code
+//! rank (index in the sorted table) is >= i, found by bisection over the floats between the
+//! neighbouring table values with the code's own (constexpr) search. The search is monotone (the
+//! distances it compares are), so rank(x) = the number of thresholds <= x, NaN 0: proven for all
+//! 2^32 floats by tests/optim/cuda_fused_codec_test.cpp.
+template <class Code>
+constexpr std::array<float, 15> nearest4_thresholds() noexcept {
+  std::array<float, 15> t{};
+  auto const& sorted = Code::book.sorted;
+  for (std::size_t i = 1; i < 16; ++i) {
+    std::uint32_t lo = ordered_bits(sorted[i - 1]); // rank i - 1 there
+    std::uint32_t hi = ordered_bits(sorted[i]);     // rank i there
+    while (hi - lo > 1) {
+      std::uint32_t const mid = lo + (hi - lo) / 2;
+      if (quant::detail::nearest_sorted<16>(from_ordered_bits(mid), sorted) >= i)
+        hi = mid;
+      else
+        lo = mid;
+    }
+    t[i - 1] = from_ordered_bits(hi);
+  }
+  return t;
+}
+
+//! Whether a nearest4_code's ranks are its codes (an ascending table: no code_of lookup).
+template <class Code>
+constexpr bool ranks_are_codes() noexcept {
+  for (std::size_t i = 0; i < 16; ++i)
+    if (Code::book.code_of[i] != i)
+      return false;
+  return true;
+}
+
+//! Threshold I of a nearest4_code as a scalar constant (device code may use scalar constexpr
+//! variables only): the compare chain below reads them as immediates.
+template <class Code, int I>
+inline constexpr float nearest4_threshold_v = nearest4_thresholds<Code>()[I];
+
+//! The number of codes whose value has its sign bit set when they are codes 0..n-1 (a table
+//! ascending in its sign), else -1.
+template <class Code>
+constexpr int negative_code_prefix() noexcept {
+  constexpr std::size_t n = std::size_t{1} << Code::bits;
+  int count = 0;
+  bool nonnegative_seen = false;
+  for (std::size_t c = 0; c < n; ++c) {
+    bool const negative = (std::bit_cast<std::uint32_t>(Code::book.value.value[c]) >> 31) != 0;
+    if (negative && nonnegative_seen)
+      return -1;
+    if (negative)
+      ++count;
+    else
+      nonnegative_seen = true;
+  }
+  return count;
+}
+
+//! Whether every value of a table is >= +0 (an unsigned map).
+template <class Code>
+constexpr bool all_nonnegative() noexcept {
+  return negative_code_prefix<Code>() == 0;
+}
+
 } // namespace detail
 
-//! Decode and encode of one code type in one trivially copyable object that kernels copy into
-//! shared memory: the codebook and, for bnb-searched maps, the bucket search table.
+//! How a codec encodes: bucket_table's two reads, packed_bucket_table's one read, a compare chain
+//! against immediate thresholds (4-bit nearest codes), or the code type's own search (any other).
+enum class encode_method : std::uint8_t { bucket, packed_bucket, compare_chain, code_search };
+
+//! Decode and encode of one code type, in one trivially copyable object that each block copies
+//! into shared memory: the code values and the search table of the encode method.
 template <class Code>
 struct codec {
   static constexpr std::size_t entries = std::size_t{1} << Code::bits;
-  static constexpr bool bucketed = quant::uses_bnb_search_v<Code>;
   using code_type = Code;
+  using packed_table = cuda_search::packed_bucket_table<7, 24, detail::all_nonnegative<Code>()>;
+  static constexpr encode_method method = [] {
+    if constexpr (quant::uses_bnb_search_v<Code>)
+      return packed_table::packable(cuda_search::bucket_table_of<Code>)
+                 ? encode_method::packed_bucket
+                 : encode_method::bucket;
+    else if constexpr (detail::is_nearest4_v<Code>)
+      return detail::ranks_are_codes<Code>() ? encode_method::compare_chain
+                                             : encode_method::code_search;
+    else
+      return encode_method::code_search;
+  }();
+  using search_type = std::conditional_t<
+      method == encode_method::packed_bucket, packed_table,
+      std::conditional_t<method == encode_method::bucket, cuda_search::bucket_table<>,
+                         std::conditional_t<method == encode_method::code_search,
+                                            quant::codebook<entries>, detail::no_search>>>;
 
-  quant::codebook<entries> book;
-  std::conditional_t<bucketed, cuda_search::bucket_table<>, detail::no_search> search;
+  float value[entries]; //!< value[code]
+  search_type search;
 
   //! The codec of `Code` (compile time).
   static constexpr codec make() noexcept {
     codec c{};
-    c.book = Code::book;
-    if constexpr (bucketed)
+    for (std::size_t i = 0; i < entries; ++i)
+      c.value[i] = Code::book.value.value[i];
+    if constexpr (method == encode_method::packed_bucket)
+      c.search = packed_table::make(cuda_search::bucket_table_of<Code>);
+    else if constexpr (method == encode_method::bucket)
       c.search = cuda_search::bucket_table_of<Code>;
+    else if constexpr (method == encode_method::code_search)
+      c.search = Code::book;
     return c;
   }
-  QMEM_HOST_DEVICE QMEM_INLINE float decode(std::uint8_t c) const noexcept {
-    return Code::decode(c, book);
-  }
+  QMEM_HOST_DEVICE QMEM_INLINE float decode(std::uint8_t c) const noexcept { return value[c]; }
   //! The code of the normalized value `xn`: what Code::encode returns, bit for bit.
   QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode(float xn) const noexcept {
-    if constexpr (bucketed)
+    if constexpr (method == encode_method::packed_bucket || method == encode_method::bucket) {
       return search.encode(xn);
-    else
-      return Code::encode(xn, book);
+    } else if constexpr (method == encode_method::compare_chain) {
+      // rank = the number of thresholds <= xn (NaN: none), 15 independent compares
+      return [&]<int... I>(std::integer_sequence<int, I...>) {
+        return static_cast<std::uint8_t>(
+            (0u + ... + (xn >= detail::nearest4_threshold_v<Code, I> ? 1u : 0u)));
+      }(std::make_integer_sequence<int, 15>{});
+    } else {
+      return Code::encode(xn, search);
+    }
   }
 };
 
 //! The codec of a state format: a codec for blockwise formats, an empty placeholder otherwise.
 template <class F, bool Blockwise = F::blockwise>
-struct format_codec {
+struct format_codec;
+template <class F>
+struct format_codec<F, false> {
   std::uint32_t unused;
   static constexpr format_codec make() noexcept { return {0}; }
 };
 template <class F>
 struct format_codec<F, true> {
-  codec<typename F::code> c;
-  static constexpr format_codec make() noexcept { return {codec<typename F::code>::make()}; }
+  using code = typename F::code;
+  //! Codes 0..negative_codes-1 have negative values, the others not (-1: no such split).
+  static constexpr int negative_codes = detail::negative_code_prefix<code>();
+  codec<code> c;
+  static constexpr format_codec make() noexcept { return {codec<code>::make()}; }
 
-  //! Element-level encode of format F with this codec (F::encode with the shared-memory book).
-  //! The IEEE division in F::normalize stays: multiplying by the block's reciprocal and dividing
-  //! only within a proven margin of a threshold was measured slower on an H200 (AdamW 8-bit
-  //! 3.31 ms against 3.06 ms at 2^28): the extra dependent shared-memory reads cost more than
-  //! div.rn.f32's fast path.
-  QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode(float s, float absmax) const noexcept {
-    std::uint8_t code = c.encode(F::normalize(s, absmax));
+  //! Whether the encode normalizes with the block's reciprocal in double precision instead of an
+  //! fp32 division per element. Exact for these codecs: with y = RN64(1 / absmax), the product
+  //! RN64(s * y) is within 2^-52 (relative) of s / absmax, while a quotient of two floats lies at
+  //! least 2^-49 (relative) away from any midpoint between neighbouring floats of the normal
+  //! range; so rounding the product to float gives RN32(s / absmax) whenever that is a normal
+  //! float. Below 2^-126 the two may differ, but both keep the sign and stay below every threshold
+  //! of these codecs (the packed search's tiny bucket holds none; the 4-bit thresholds are normal),
+  //! so the CODE is the same. The GPU test compares the codes for all 2^32 states at several
+  //! absmax. Why: div.rn.f32 is a reciprocal, four FMAs, a range check and a branch per element;
+  //! the branches keep the compiler from interleaving a lane's elements.
+  static constexpr bool reciprocal_normalize =
+      codec<code>::method == encode_method::packed_bucket ||
+      codec<code>::method == encode_method::compare_chain;
+
+  //! What the encode needs of a block: its new absmax and, with reciprocal_normalize, 1 / absmax.
+  struct block_scale {
+    float absmax;
+    double inverse;
+  };
+  //! The block_scale of a block whose new absmax is `absmax` (once per block).
+  QMEM_HOST_DEVICE QMEM_INLINE block_scale scale_of(float absmax) const noexcept {
+    if constexpr (reciprocal_normalize)
+      return {absmax, absmax > 0.0f ? 1.0 / static_cast<double>(absmax) : 0.0};
+    else
+      return {absmax, 0.0};
+  }
+  //! F::normalize(s, absmax), bit for bit where the code depends on it (see reciprocal_normalize).
+  QMEM_HOST_DEVICE QMEM_INLINE float normalize(float s, block_scale b) const noexcept {
+    if constexpr (reciprocal_normalize)
+      return b.absmax > 0.0f ? static_cast<float>(static_cast<double>(s) * b.inverse) : 0.0f;
+    else
+      return F::normalize(s, b.absmax);
+  }
+
+  //! Element-level encode of format F with this codec: F::encode(s, absmax), code for code. The
+  //! sign fix reads the sign of the code's value from the code itself when the table is ordered by
+  //! sign (bnb's signed map: codes 0..126 negative), not from the table. (An earlier fp32 version,
+  //! multiplying by the block's reciprocal and dividing only within a margin of a threshold, was
+  //! measured slower on an H200: 3.31 ms against 3.06 ms for AdamW 8-bit at 2^28, because its
+  //! margin check took extra dependent shared-memory reads.)
+  QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode(float s, block_scale b) const noexcept {
+    std::uint8_t code = c.encode(normalize(s, b));
     if constexpr (F::sign_fix) {
-      bool const code_negative = (qmem::detail::float_to_bits(c.decode(code)) >> 31) != 0;
+      bool code_negative = false;
+      if constexpr (negative_codes >= 0)
+        code_negative = code < negative_codes;
+      else
+        code_negative = (qmem::detail::float_to_bits(c.decode(code)) >> 31) != 0;
       bool const s_negative = (qmem::detail::float_to_bits(s) >> 31) != 0;
       if (code_negative != s_negative)
         code = static_cast<std::uint8_t>(s > 0.0f ? code + 1 : code - 1);
     }
     return code;
+  }
+  //! encode(s, scale_of(absmax)).
+  QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode(float s, float absmax) const noexcept {
+    return encode(s, scale_of(absmax));
   }
   //! Element-level decode of format F: table value times the block absmax.
   QMEM_HOST_DEVICE QMEM_INLINE float decode(std::uint8_t code, float absmax) const noexcept {
@@ -133,13 +292,41 @@ struct kernel_traits {
   //! Elements per warp task.
   static constexpr std::size_t task_elements = std::size_t{32} * per_lane;
 
-  //! Shared-memory tables: codecs of the signed and the non-negative states' formats.
-  struct tables {
+  //! Whether the signed and the non-negative states share one format (and so one codec).
+  static constexpr bool one_codec = std::is_same_v<signed_format, unsigned_format>;
+
+  //! The codecs of the signed and the non-negative states' formats (one when they share a
+  //! format), as each block of the fused kernel holds them in shared memory. Too large for kernel
+  //! parameters (the packed 8-bit search tables take 37 KB for AdamW), so fused_step.cuh keeps a
+  //! compile-time image in device memory that each block copies, 16 bytes per thread and read.
+  struct alignas(16) shared_tables {
     format_codec<signed_format> signed_codec;
-    format_codec<unsigned_format> unsigned_codec;
-    static constexpr tables make() noexcept {
-      return {format_codec<signed_format>::make(), format_codec<unsigned_format>::make()};
+    std::conditional_t<one_codec, format_codec<void, false>, format_codec<unsigned_format>>
+        unsigned_codec;
+    static constexpr shared_tables make() noexcept {
+      shared_tables t{};
+      t.signed_codec = format_codec<signed_format>::make();
+      if constexpr (!one_codec)
+        t.unsigned_codec = format_codec<unsigned_format>::make();
+      return t;
     }
+    //! The codec of the states of sign `Sign`.
+    template <state_sign Sign>
+    QMEM_HOST_DEVICE QMEM_INLINE auto const& codec_for() const noexcept {
+      if constexpr (Sign == state_sign::any || one_codec)
+        return signed_codec;
+      else
+        return unsigned_codec;
+    }
+  };
+  static_assert(sizeof(shared_tables) <= 48 * 1024,
+                "the fused kernel's tables must fit in 48 KB of static shared memory");
+
+  //! What the fused kernel takes as a parameter besides the shared tables: nothing (a placeholder
+  //! kept so that launches written when the tables travelled as a parameter still compile).
+  struct tables {
+    std::uint32_t unused;
+    static constexpr tables make() noexcept { return {0}; }
   };
 };
 

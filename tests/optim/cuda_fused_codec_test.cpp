@@ -1,0 +1,258 @@
+// The encoders of the fused CUDA optimizer step (include/qmem/optim/cuda/state_format.hpp,
+// bucket_search.hpp) return the code types' own codes: the one-read packed bucket search equals
+// bitsandbytes' binary search and the 4-bit compare chain equals nearest4_code's table search, on
+// the host at every threshold and its neighbours and on the GPU for all 2^32 floats. The sign fix
+// reads a code's sign from the code itself only where the table is ordered by sign.
+#include <qmem/optim/cuda/bucket_search.hpp>
+#include <qmem/optim/cuda/state_format.hpp>
+#include <qmem/optim/state.hpp>
+#include <qmem/quant/codes.hpp>
+
+#include <doctest/doctest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <type_traits>
+
+#include "support/backend.hpp"
+
+#if QMEM_HAS_CUDA()
+#include <qmem/core/cuda/runtime.cuh>
+#endif
+
+namespace {
+
+using namespace qmem;
+namespace ocu = qmem::optim::cuda;
+namespace cs = qmem::optim::cuda_search;
+
+using dyn4 = optim::dynamic4_signed;
+using lin4 = optim::linear4_unsigned;
+
+// the methods the fused step uses for the built-in policies (a change here changes the kernels)
+static_assert(ocu::codec<quant::dynamic_signed>::method == ocu::encode_method::packed_bucket);
+static_assert(ocu::codec<quant::dynamic_unsigned>::method == ocu::encode_method::packed_bucket);
+static_assert(ocu::codec<quant::linear_signed>::method == ocu::encode_method::bucket);
+static_assert(ocu::codec<dyn4>::method == ocu::encode_method::compare_chain);
+static_assert(ocu::codec<lin4>::method == ocu::encode_method::compare_chain);
+static_assert(ocu::codec<quant::fp8_e4m3>::method == ocu::encode_method::code_search);
+// bnb's signed dynamic map: codes 0..126 negative, 127 is +0, 128..255 positive
+static_assert(ocu::detail::negative_code_prefix<quant::dynamic_signed>() == 127);
+static_assert(ocu::detail::negative_code_prefix<quant::dynamic_unsigned>() == 0);
+
+float step_to(float x, bool up) {
+  return std::nextafter(x, up ? std::numeric_limits<float>::infinity()
+                              : -std::numeric_limits<float>::infinity());
+}
+
+//! Codes of `codec` against `reference` at `x` and at its neighbours; returns the mismatches.
+template <class Codec, class Ref>
+int mismatches_around(Codec const& codec, Ref&& reference, float x) {
+  int bad = 0;
+  float const points[] = {step_to(step_to(x, false), false), step_to(x, false), x, step_to(x, true),
+                          step_to(step_to(x, true), true)};
+  for (float v : points)
+    bad += codec.encode(v) != reference(v) ? 1 : 0;
+  return bad;
+}
+
+//! Host check of one codec over special values, every threshold +- 2 ulps and random floats.
+template <class Code>
+void check_codec_host(float const* thresholds, int threshold_count) {
+  static auto const c = ocu::codec<Code>::make(); // large: static storage, built once
+  auto reference = [](float x) { return Code::encode(x, Code::book); };
+  int bad = 0;
+  int checked = 0;
+  for (int i = 0; i < threshold_count; ++i, checked += 5)
+    bad += mismatches_around(c, reference, thresholds[i]);
+  float const specials[] = {0.0f,
+                            -0.0f,
+                            1.0f,
+                            -1.0f,
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(),
+                            -std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::denorm_min(),
+                            -std::numeric_limits<float>::denorm_min(),
+                            std::numeric_limits<float>::max(),
+                            std::numeric_limits<float>::min()};
+  for (float v : specials) {
+    bad += c.encode(v) != reference(v) ? 1 : 0;
+    ++checked;
+  }
+  std::mt19937 rng(1234);
+  std::uniform_real_distribution<float> in_range(-1.0f, 1.0f);
+  for (int i = 0; i < 200000; ++i, ++checked) {
+    float const v =
+        i % 2 == 0 ? in_range(rng) : std::bit_cast<float>(static_cast<std::uint32_t>(rng()));
+    bad += c.encode(v) != reference(v) ? 1 : 0;
+  }
+  CHECK_MESSAGE(bad == 0, bad, " of ", checked, " codes differ");
+}
+
+TEST_CASE("packed bucket search == bnb_search256 (host: thresholds, specials, samples)") {
+  check_codec_host<quant::dynamic_signed>(cs::bucket_table_of<quant::dynamic_signed>.threshold,
+                                          255);
+  check_codec_host<quant::dynamic_unsigned>(cs::bucket_table_of<quant::dynamic_unsigned>.threshold,
+                                            255);
+}
+
+TEST_CASE("4-bit compare chain == nearest4_code's search (host: thresholds, specials, samples)") {
+  constexpr auto t_dyn = ocu::detail::nearest4_thresholds<dyn4>();
+  constexpr auto t_lin = ocu::detail::nearest4_thresholds<lin4>();
+  check_codec_host<dyn4>(t_dyn.data(), 15);
+  check_codec_host<lin4>(t_lin.data(), 15);
+  // the thresholds lie between neighbouring table values, ascending
+  for (int i = 0; i < 15; ++i) {
+    CHECK(dyn4::book.sorted[i] < t_dyn[static_cast<std::size_t>(i)]);
+    CHECK(t_dyn[static_cast<std::size_t>(i)] <= dyn4::book.sorted[i + 1]);
+  }
+}
+
+TEST_CASE("the sign fix from the code equals the sign fix from the table (every code and sign)") {
+  using F = optim::blockwise_format<quant::dynamic_signed, 256, true>;
+  static auto const fc = ocu::format_codec<F>::make();
+  float const states[] = {1e-9f, -1e-9f, 0.3f, -0.3f, 1.0f, -1.0f, 0.0f, -0.0f, 7e-8f, -7e-8f};
+  float const absmaxes[] = {1.0f, 0.3f, 1e-9f, 3e8f};
+  int bad = 0;
+  for (float s : states)
+    for (float a : absmaxes)
+      bad += fc.encode(s, a) != F::encode(s, a) ? 1 : 0;
+  CHECK(bad == 0);
+}
+
+} // namespace
+
+#if QMEM_HAS_CUDA()
+namespace {
+
+//! The codec image the GPU check copies into shared memory (as the fused kernel does).
+template <class Code>
+__device__ ocu::codec<Code> const codec_image = ocu::codec<Code>::make();
+
+template <class Code>
+__global__ void exhaustive_codec_kernel(std::remove_cv_t<decltype(Code::book)> book,
+                                        unsigned long long* mismatches) {
+  using codec_t = ocu::codec<Code>;
+  static_assert(sizeof(codec_t) % 4 == 0);
+  __shared__ std::uint32_t words[sizeof(codec_t) / 4];
+  __shared__ std::remove_cv_t<decltype(Code::book)> reference_book;
+  auto const* src = reinterpret_cast<std::uint32_t const*>(&codec_image<Code>);
+  for (unsigned w = threadIdx.x; w < sizeof(codec_t) / 4; w += blockDim.x)
+    words[w] = src[w];
+  if (threadIdx.x == 0)
+    reference_book = book;
+  __syncthreads();
+  auto const& c = *reinterpret_cast<codec_t const*>(words);
+  unsigned long long bad = 0;
+  std::uint64_t const stride = std::uint64_t{gridDim.x} * blockDim.x;
+  for (std::uint64_t u = std::uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; u < (1ull << 32);
+       u += stride) {
+    float const x = __uint_as_float(static_cast<std::uint32_t>(u));
+    bad += c.encode(x) != Code::encode(x, reference_book) ? 1u : 0u;
+  }
+  if (bad != 0)
+    atomicAdd(mismatches, bad);
+}
+
+template <class Code>
+unsigned long long exhaustive_codec_mismatches() {
+  unsigned long long* d = nullptr;
+  cuda_detail::check(cudaMalloc(&d, sizeof(*d)), "cudaMalloc");
+  cuda_detail::check(cudaMemset(d, 0, sizeof(*d)), "cudaMemset");
+  exhaustive_codec_kernel<Code><<<132 * 8, 256>>>(Code::book, d);
+  cuda_detail::check(cudaGetLastError(), "exhaustive_codec_kernel");
+  unsigned long long h = 0;
+  cuda_detail::check(cudaMemcpy(&h, d, sizeof(h), cudaMemcpyDeviceToHost), "cudaMemcpy");
+  cuda_detail::check(cudaFree(d), "cudaFree");
+  return h;
+}
+
+//! Counts the states s (all 2^32 bit patterns) whose code under format F's fused encode (block
+//! reciprocal in double, shared-memory codec) differs from F::encode's (IEEE fp32 division),
+//! with the block absmax `absmax`.
+template <class F>
+__global__ void exhaustive_format_kernel(typename F::book_type book, float absmax,
+                                         unsigned long long* mismatches) {
+  using codec_t = ocu::format_codec<F>;
+  static_assert(sizeof(codec_t) % 4 == 0);
+  __shared__ std::uint32_t words[sizeof(codec_t) / 4];
+  __shared__ typename F::book_type reference_book;
+  auto const* src = reinterpret_cast<std::uint32_t const*>(&codec_image<typename F::code>);
+  for (unsigned w = threadIdx.x; w < sizeof(codec_t) / 4; w += blockDim.x)
+    words[w] = src[w];
+  if (threadIdx.x == 0)
+    reference_book = book;
+  __syncthreads();
+  auto const& fc = *reinterpret_cast<codec_t const*>(words);
+  auto const scale = fc.scale_of(absmax);
+  unsigned long long bad = 0;
+  std::uint64_t const stride = std::uint64_t{gridDim.x} * blockDim.x;
+  for (std::uint64_t u = std::uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; u < (1ull << 32);
+       u += stride) {
+    float const s = __uint_as_float(static_cast<std::uint32_t>(u));
+    bad += fc.encode(s, scale) != F::encode(s, absmax, reference_book) ? 1u : 0u;
+  }
+  if (bad != 0)
+    atomicAdd(mismatches, bad);
+}
+
+template <class F>
+unsigned long long exhaustive_format_mismatches(float absmax) {
+  static_assert(sizeof(ocu::format_codec<F>) == sizeof(ocu::codec<typename F::code>));
+  unsigned long long* d = nullptr;
+  cuda_detail::check(cudaMalloc(&d, sizeof(*d)), "cudaMalloc");
+  cuda_detail::check(cudaMemset(d, 0, sizeof(*d)), "cudaMemset");
+  exhaustive_format_kernel<F><<<132 * 8, 256>>>(F::code::book, absmax, d);
+  cuda_detail::check(cudaGetLastError(), "exhaustive_format_kernel");
+  unsigned long long h = 0;
+  cuda_detail::check(cudaMemcpy(&h, d, sizeof(h), cudaMemcpyDeviceToHost), "cudaMemcpy");
+  cuda_detail::check(cudaFree(d), "cudaFree");
+  return h;
+}
+
+TEST_CASE(
+    "fused-step state encode (block reciprocal in double) == F::encode: all 2^32 states (GPU)") {
+  if (!test::gpu_present()) {
+    std::printf("[qmem] SKIPPED on cuda: no CUDA device on this machine\n");
+    MESSAGE("skipped: no CUDA device");
+    return;
+  }
+  using s8 = optim::blockwise_format<quant::dynamic_signed, 256, true>;
+  using u8 = optim::blockwise_format<quant::dynamic_unsigned, 256>;
+  using s4 = optim::blockwise_format<dyn4, 128>;
+  using u4 = optim::blockwise_format<lin4, 128>;
+  static_assert(ocu::format_codec<s8>::reciprocal_normalize &&
+                ocu::format_codec<u4>::reciprocal_normalize);
+  // typical, odd-mantissa, tiny (denormal and normal) and huge block maxima; the states of all
+  // 2^32 bit patterns include every |s| <= absmax that a block can hold, and more
+  float const absmaxes[] = {
+      1.0f, 0.1f, 3.0e-3f, 1.2345678e-7f, 7.7e12f, 1.0e-40f, 1.17549435e-38f, 3.0e38f, 0.0f};
+  for (float a : absmaxes) {
+    CAPTURE(a);
+    CHECK(exhaustive_format_mismatches<s8>(a) == 0);
+    CHECK(exhaustive_format_mismatches<u8>(a) == 0);
+    CHECK(exhaustive_format_mismatches<s4>(a) == 0);
+    CHECK(exhaustive_format_mismatches<u4>(a) == 0);
+  }
+}
+
+TEST_CASE("fused-step encoders == the code types' encode for all 2^32 floats (GPU)") {
+  if (!test::gpu_present()) {
+    std::printf("[qmem] SKIPPED on cuda: no CUDA device on this machine\n");
+    MESSAGE("skipped: no CUDA device");
+    return;
+  }
+  CHECK(exhaustive_codec_mismatches<quant::dynamic_signed>() == 0);
+  CHECK(exhaustive_codec_mismatches<quant::dynamic_unsigned>() == 0);
+  CHECK(exhaustive_codec_mismatches<dyn4>() == 0);
+  CHECK(exhaustive_codec_mismatches<lin4>() == 0);
+}
+
+} // namespace
+#endif
