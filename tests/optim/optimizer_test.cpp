@@ -1,7 +1,7 @@
 // The optimizer: state policies (8-bit, 4-bit, bf16, FP8), state bytes per parameter through a
 // memory resource, many tensors, size threshold and per-parameter overrides, non-finite
-// policies, found-inf, clipping, schedules, 16-bit parameters, conversion, thread independence,
-// and the table-driven 8-bit encoder.
+// policies, found-inf, clipping, schedules, 16-bit parameters, conversion, thread independence.
+// The table encoder and the AVX2 step are tested in host_avx2_test.cpp.
 #include <qmem/optim.hpp>
 
 #include <doctest/doctest.h>
@@ -409,37 +409,4 @@ TEST_CASE("bad arguments are refused before anything is written") {
   CHECK_THROWS_AS(opt_t({}, {.percentile = 0}), qmem::bad_argument);
   CHECK_THROWS_AS(opt_t({}, {.lr = optim::lr_schedule::constant(-1.0f)}), qmem::bad_argument);
   CHECK_THROWS_AS(opt.add_param(tensor_view<float>(nullptr, 10)), qmem::bad_argument);
-}
-
-TEST_CASE("the table-driven 8-bit encoder equals the binary search exactly") {
-  auto check = [](auto code_tag) {
-    using C = decltype(code_tag);
-    auto const* lut = optim::detail::lut_encoder<C>::get();
-    REQUIRE(lut != nullptr);
-    std::size_t bad = 0;
-    // every midpoint neighbourhood (the ties), then random values over all decades
-    for (int c = 0; c < 255; ++c) {
-      float const mid = (C::book.value.value[c] + C::book.value.value[c + 1]) * 0.5f;
-      std::uint32_t const o = optim::detail::ordered_bits(mid);
-      for (std::uint32_t d = 0; d < 9; ++d) {
-        float const x = optim::detail::from_ordered_bits(o - 4 + d);
-        bad += lut->encode(x) != C::encode(x, C::book);
-      }
-    }
-    std::mt19937 rng(1);
-    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-    for (int i = 0; i < 200000; ++i) {
-      float x = u(rng) * std::pow(10.0f, -static_cast<float>(i % 8));
-      if constexpr (!C::is_signed)
-        x = std::fabs(x);
-      bad += lut->encode(x) != C::encode(x, C::book);
-    }
-    for (float x : {0.0f, -0.0f, 1.0f, -1.0f, 1e-30f, -1e-30f, 2.0f, -7.0f,
-                    std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()})
-      bad += lut->encode(x) != C::encode(x, C::book);
-    CHECK(bad == 0);
-  };
-  check(quant::dynamic_signed{});
-  check(quant::dynamic_unsigned{});
-  check(quant::linear_signed{});
 }

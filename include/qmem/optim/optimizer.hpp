@@ -28,7 +28,7 @@
 #include <qmem/core/numeric.hpp>
 #include <qmem/core/tensor.hpp>
 #include <qmem/memory/resource.hpp>
-#include <qmem/optim/detail/encode_lut.hpp>
+#include <qmem/optim/detail/host_avx2.hpp>
 #include <qmem/optim/detail/tensor_sum.hpp>
 #include <qmem/optim/rule.hpp>
 #include <qmem/optim/rules.hpp>
@@ -79,15 +79,55 @@ constexpr std::size_t lcm_of(std::size_t a, std::size_t b) noexcept {
   return a / x * b;
 }
 
-//! The host's encoder for format F: the table encoder for 8-bit codes that admit one.
+//! The host's encoder for blockwise format F: the search table (quant/detail/search_table.hpp)
+//! for the code types proven equal to it, otherwise `Code::encode`; and the code's values (every
+//! code decoded), for the vector decode and the sign fix.
 template <class F>
 struct host_encoder {
   using code_type = typename F::code;
-  lut_encoder<code_type> const* lut = lut_encoder<code_type>::get();
-  //! code_type::encode(xn) for xn = s / absmax in [-1, 1], from the tables when the code admits
-  //! them.
+  quant::detail::search_table const* table = table_of();
+  float const* values = values_of();
+  //! The sign fix's test on codes: the codes whose values carry the sign bit are those below
+  //! this; -1 when F has no sign fix. (A code table without that property gets no table.)
+  int negative_below = negative_below_of();
+
+  //! code_type::encode(xn), exactly.
   QMEM_INLINE std::uint8_t code(float xn) const noexcept {
-    return lut != nullptr ? lut->encode_normalized(xn) : code_type::encode(xn, code_type::book);
+    return table != nullptr ? table->encode(xn) : code_type::encode(xn, code_type::book);
+  }
+  static quant::detail::search_table const* table_of() {
+    if constexpr (quant::detail::search_table_proven_v<code_type>) {
+      auto const& t = quant::detail::search_table_of<code_type>();
+      return t.exact() && negative_below_of() != -2 ? &t : nullptr;
+    } else {
+      return nullptr;
+    }
+  }
+  static int negative_below_of() {
+    if constexpr (F::sign_fix) {
+      static int const below = [] {
+        float const* v = values_of();
+        int k = 0;
+        while (k < 256 && std::signbit(v[k]))
+          ++k;
+        for (int c = k; c < 256; ++c)
+          if (std::signbit(v[c]))
+            return -2; // not contiguous: no table, encode() through Code::encode
+        return k;
+      }();
+      return below;
+    } else {
+      return -1;
+    }
+  }
+  static float const* values_of() {
+    static std::array<float, 256> const v = [] {
+      std::array<float, 256> a{};
+      for (unsigned c = 0; c < (1u << code_type::bits); ++c)
+        a[c] = code_type::decode(static_cast<std::uint8_t>(c), code_type::book);
+      return a;
+    }();
+    return v.data();
   }
 };
 
@@ -103,6 +143,16 @@ struct host_encoder_of<F> {
 };
 
 } // namespace detail
+} // namespace qmem::optim
+
+namespace qmem::quant::detail {
+//! The 4-bit optimizer maps are served by the search table too (proven over every float by
+//! tests/optim/host_avx2_test.cpp with QMEM_EXHAUSTIVE=1).
+template <auto const& Table>
+inline constexpr bool search_table_proven_v<optim::nearest4_code<Table>> = true;
+} // namespace qmem::quant::detail
+
+namespace qmem::optim {
 
 //! The optimizer for rule `Rule`, state policy `Policy` and parameters of element type `Param`
 //! (float, bf16 or f16). Gradients may be float, bf16 or f16. Not copyable; movable.
@@ -416,27 +466,39 @@ private:
 
   //! The rule over elements [0, m) of a chunk, in registers; SkipBad keeps the old values of
   //! elements with a non-finite gradient, Scaled applies the max_unorm factor. Separate
-  //! instantiations keep the common loop free of branches (it vectorizes).
+  //! instantiations keep the loops free of branches (they vectorize). SkipBad updates every
+  //! element and then restores the skipped ones from a copy (a select per element): written as
+  //! one loop with the select inside, g++ 12 kept it scalar (2x slower for AdamW 8-bit).
   template <std::size_t Chunk, bool SkipBad, bool Scaled>
-  static void update_elements(std::size_t m, float* QMEM_RESTRICT p, float const* QMEM_RESTRICT g,
-                              float (*QMEM_RESTRICT s)[Chunk], typename Rule::scalars const& k,
-                              float update_scale) noexcept {
+  QMEM_INLINE static void update_elements(std::size_t m, float* QMEM_RESTRICT p,
+                                          float const* QMEM_RESTRICT g,
+                                          float (*QMEM_RESTRICT s)[Chunk],
+                                          typename Rule::scalars const& k,
+                                          float update_scale) noexcept {
     constexpr int N = state_count;
-    for (std::size_t i = 0; i < m; ++i) {
-      state_values<N> sv;
+    if constexpr (SkipBad) {
+      float p0[Chunk];
+      float s0[N > 0 ? N : 1][Chunk];
+      std::copy_n(p, m, p0);
       for (int q = 0; q < N; ++q)
-        sv[q] = s[q][i];
-      float pi = p[i];
-      Rule::update(pi, g[i], sv, k);
-      if constexpr (Scaled)
-        pi = detail::fmath::add(p[i],
-                                detail::fmath::mul(update_scale, detail::fmath::sub(pi, p[i])));
-      if constexpr (SkipBad) {
+        std::copy_n(s[q], m, s0[q]);
+      update_elements<Chunk, false, Scaled>(m, p, g, s, k, update_scale);
+      for (std::size_t i = 0; i < m; ++i) {
         bool const ok = detail::fmath::is_finite(g[i]);
-        p[i] = ok ? pi : p[i];
+        p[i] = ok ? p[i] : p0[i];
         for (int q = 0; q < N; ++q)
-          s[q][i] = ok ? sv[q] : s[q][i];
-      } else {
+          s[q][i] = ok ? s[q][i] : s0[q][i];
+      }
+    } else {
+      for (std::size_t i = 0; i < m; ++i) {
+        state_values<N> sv;
+        for (int q = 0; q < N; ++q)
+          sv[q] = s[q][i];
+        float pi = p[i];
+        Rule::update(pi, g[i], sv, k);
+        if constexpr (Scaled)
+          pi = detail::fmath::add(p[i],
+                                  detail::fmath::mul(update_scale, detail::fmath::sub(pi, p[i])));
         p[i] = pi;
         for (int q = 0; q < N; ++q)
           s[q][i] = sv[q];
@@ -444,37 +506,92 @@ private:
     }
   }
 
+  //! update_elements with the variant chosen at run time; `avx2`: the same loop compiled for
+  //! AVX2 (8 lanes, the same IEEE operations: no FMA), where the CPU has it.
+  template <std::size_t Chunk>
+  static void update_chunk(bool avx2, bool skip_bad, float update_scale, std::size_t m,
+                           float* QMEM_RESTRICT p, float const* QMEM_RESTRICT g,
+                           float (*QMEM_RESTRICT s)[Chunk], typename Rule::scalars const& k) noexcept {
+#if QMEM_OPTIM_HOST_AVX2
+    if (avx2) {
+      update_chunk_avx2<Chunk>(skip_bad, update_scale, m, p, g, s, k);
+      return;
+    }
+#else
+    (void)avx2;
+#endif
+    if (skip_bad)
+      update_scale != 1.0f ? update_elements<Chunk, true, true>(m, p, g, s, k, update_scale)
+                           : update_elements<Chunk, true, false>(m, p, g, s, k, 1.0f);
+    else
+      update_scale != 1.0f ? update_elements<Chunk, false, true>(m, p, g, s, k, update_scale)
+                           : update_elements<Chunk, false, false>(m, p, g, s, k, 1.0f);
+  }
+
+#if QMEM_OPTIM_HOST_AVX2
+  template <std::size_t Chunk>
+  __attribute__((target("avx2"))) static void
+  update_chunk_avx2(bool skip_bad, float update_scale, std::size_t m, float* QMEM_RESTRICT p,
+                    float const* QMEM_RESTRICT g, float (*QMEM_RESTRICT s)[Chunk],
+                    typename Rule::scalars const& k) noexcept {
+    if (skip_bad)
+      update_scale != 1.0f ? update_elements<Chunk, true, true>(m, p, g, s, k, update_scale)
+                           : update_elements<Chunk, true, false>(m, p, g, s, k, 1.0f);
+    else
+      update_scale != 1.0f ? update_elements<Chunk, false, true>(m, p, g, s, k, update_scale)
+                           : update_elements<Chunk, false, false>(m, p, g, s, k, 1.0f);
+  }
+#endif
+
   //! Writes values v[0, count) of elements [first, first + count) of a state of format F
   //! (first and count block-aligned except at the tensor's end). Blockwise: absmax as the
   //! integer maximum of the magnitudes' bits (the same value as max |v|, vectorizes), the
-  //! normalization as its own loop (vector divisions), then the table encoder.
+  //! normalization as its own loop (vector divisions), then the table encoder; with `avx2` (and
+  //! a search table for the code) the block goes through the AVX2 kernels
+  //! (optim/detail/host_avx2.hpp), the same operations 8 lanes at a time, the tail here.
   template <class F, class Enc = typename detail::host_encoder_of<F>::type>
   void store_state(typename F::ref r, float const* v, std::size_t first, std::size_t count,
-                   std::int32_t t, int k, Enc const& enc = {}) const {
+                   std::int32_t t, int k, Enc const& enc = {}, bool avx2 = false) const {
     if constexpr (F::blockwise) {
       float xn[F::block_size];
       for (std::size_t b = 0; b < count; b += F::block_size) {
         std::size_t const m = std::min<std::size_t>(F::block_size, count - b);
         float const* QMEM_RESTRICT vb = v + b;
-        std::int32_t mb = 0;
-        for (std::size_t j = 0; j < m; ++j) {
-          auto const a = static_cast<std::int32_t>(std::bit_cast<std::uint32_t>(vb[j]) & 0x7fffffffu);
-          mb = a > mb ? a : mb;
+        std::size_t done = 0; // elements [0, done) written by the AVX2 kernel
+        float amax = 0.0f;
+#if QMEM_OPTIM_HOST_AVX2
+        if (avx2 && enc.table != nullptr) {
+          if constexpr (F::bits == 8)
+            amax = detail::store_block8(*enc.table, enc.negative_below, vb, m,
+                                        r.codes + first + b, done);
+          else
+            amax = detail::store_block4(*enc.table, vb, m, r.codes + (first + b) / 2, done);
+        } else
+#else
+        (void)avx2;
+#endif
+        {
+          std::int32_t mb = 0;
+          for (std::size_t j = 0; j < m; ++j) {
+            auto const a =
+                static_cast<std::int32_t>(std::bit_cast<std::uint32_t>(vb[j]) & 0x7fffffffu);
+            mb = a > mb ? a : mb;
+          }
+          amax = std::bit_cast<float>(static_cast<std::uint32_t>(mb));
         }
-        float const amax = std::bit_cast<float>(static_cast<std::uint32_t>(mb));
         r.absmax[(first + b) / F::block_size] = amax;
         if (amax > 0.0f)
-          for (std::size_t j = 0; j < m; ++j)
+          for (std::size_t j = done; j < m; ++j)
             xn[j] = vb[j] / amax; // F::normalize, as one vector loop
         else
-          for (std::size_t j = 0; j < m; ++j)
+          for (std::size_t j = done; j < m; ++j)
             xn[j] = 0.0f;
         auto code = [&](std::size_t j) { return F::fix_sign(enc.code(xn[j]), vb[j]); };
         if constexpr (F::bits == 8) {
-          for (std::size_t j = 0; j < m; ++j)
+          for (std::size_t j = done; j < m; ++j)
             r.codes[first + b + j] = code(j);
         } else {
-          std::size_t j = 0;
+          std::size_t j = done;
           for (; j + 1 < m; j += 2)
             F::store_code_pair(r, first + b + j, code(j), code(j + 1));
           if (j < m)
@@ -570,6 +687,7 @@ private:
     auto encoders = [&]<int... K>(std::integer_sequence<int, K...>) {
       return std::tuple<typename detail::host_encoder_of<format_of<P, K>>::type...>{};
     }(std::make_integer_sequence<int, N>{});
+    bool const avx2 = detail::use_avx2();
 
     // Loads elements [b, b + m) into fp32 registers (arrays of one chunk).
     auto load = [&](std::size_t b, std::size_t m, float* p, float* g, float (*s)[chunk]) {
@@ -586,9 +704,24 @@ private:
         float* QMEM_RESTRICT out = s[K.value];
         bool done = false;
         if constexpr (F::blockwise) {
+#if QMEM_OPTIM_HOST_AVX2
+          if (avx2) {
+            // per block: gathers (8-bit) or permutes (4-bit) of the code values times absmax
+            float const* values = std::get<K.value>(encoders).values;
+            for (std::size_t j = 0; j < m; j += F::block_size) {
+              float const a = r.absmax[(b + j) / F::block_size];
+              std::size_t const e = std::min<std::size_t>(m, j + F::block_size);
+              if constexpr (F::bits == 8)
+                detail::decode8(values, r.codes + b + j, a, out + j, e - j);
+              else
+                detail::decode4(values, r.codes + (b + j) / 2, a, out + j, e - j);
+            }
+            done = true;
+          }
+#endif
           if constexpr (F::bits == 8) {
             // F::load with the block's scale hoisted: code value times absmax
-            for (std::size_t j = 0; j < m; j += F::block_size) {
+            for (std::size_t j = 0; !done && j < m; j += F::block_size) {
               float const a = r.absmax[(b + j) / F::block_size];
               std::size_t const e = std::min<std::size_t>(m, j + F::block_size);
               std::uint8_t const* QMEM_RESTRICT c = r.codes + b;
@@ -654,16 +787,11 @@ private:
           for (std::size_t b = b0; b < e0; b += chunk) {
             std::size_t const m = std::min(chunk, e0 - b);
             load(b, m, p, g, s);
-            if (skip_bad)
-              update_scale != 1.0f ? update_elements<chunk, true, true>(m, p, g, s, k, update_scale)
-                                   : update_elements<chunk, true, false>(m, p, g, s, k, 1.0f);
-            else
-              update_scale != 1.0f ? update_elements<chunk, false, true>(m, p, g, s, k, update_scale)
-                                   : update_elements<chunk, false, false>(m, p, g, s, k, 1.0f);
+            update_chunk<chunk>(avx2, skip_bad, update_scale, m, p, g, s, k);
             detail::for_each_state<N>([&](auto K) {
               using F = format_of<P, K.value>;
               store_state<F>(std::get<K.value>(refs), s[K.value], b, m, si.step, K.value,
-                             std::get<K.value>(encoders));
+                             std::get<K.value>(encoders), avx2);
             });
             if (master != nullptr)
               std::copy_n(p, m, master + b);

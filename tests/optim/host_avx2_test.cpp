@@ -1,0 +1,211 @@
+// The host step's exact table encoder and its AVX2 kernels (optim/detail/host_avx2.hpp):
+// - the search table (quant/detail/search_table.hpp) equals `C::encode` for every code type it
+//   serves, 8-bit (bitsandbytes' searched maps) and 4-bit (the optimizer's maps): a strided sweep
+//   over all 2^32 float patterns, every table value and midpoint +-8 ulps, every bucket edge; with
+//   QMEM_EXHAUSTIVE=1 every one of the 2^32 floats (minutes). Its AVX2 form is compared on the
+//   same values;
+// - the step with the AVX2 kernels equals the portable step bit for bit (parameters, codes,
+//   absmax) for every rule x quantized policy, odd sizes, partial blocks, non-finite gradients.
+#include <qmem/optim.hpp>
+
+#include <doctest/doctest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+namespace {
+
+using namespace qmem;
+
+// Restores the AVX2 switch when a test case ends.
+struct avx2_switch {
+  bool const saved = optim::detail::host_avx2_allowed().load();
+  ~avx2_switch() { optim::detail::host_avx2_allowed().store(saved); }
+  void set(bool on) { optim::detail::host_avx2_allowed().store(on); }
+};
+
+#if QMEM_OPTIM_HOST_AVX2
+__attribute__((target("avx2"))) void table_encode_avx2(quant::detail::search_table const& t,
+                                                       float const* x, std::uint8_t* out) {
+  alignas(32) std::uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
+                     optim::detail::table_encode8(t, _mm256_loadu_ps(x)));
+  for (int i = 0; i < 8; ++i)
+    out[i] = static_cast<std::uint8_t>(lanes[i]);
+}
+#endif
+
+template <class C>
+void check_table(char const* name) {
+  CAPTURE(name);
+  static_assert(quant::detail::search_table_proven_v<C>);
+  auto const& table = quant::detail::search_table_of<C>();
+  REQUIRE(table.exact());
+  bool const simd = optim::detail::use_avx2();
+  std::size_t checked = 0, bad = 0;
+  float batch[8];
+  int filled = 0;
+  auto flush = [&] {
+#if QMEM_OPTIM_HOST_AVX2
+    if (simd && filled == 8) {
+      std::uint8_t got[8];
+      table_encode_avx2(table, batch, got);
+      for (int i = 0; i < 8; ++i)
+        if (got[i] != C::encode(batch[i], C::book) && bad++ < 10)
+          FAIL_CHECK("AVX2 x = ", batch[i], " (bits ", std::bit_cast<std::uint32_t>(batch[i]),
+                     "): ", int(got[i]), ", encode ", int(C::encode(batch[i], C::book)));
+    }
+#endif
+    filled = 0;
+  };
+  auto check = [&](float x) {
+    ++checked;
+    std::uint8_t const want = C::encode(x, C::book);
+    if (table.encode(x) != want && bad++ < 10)
+      FAIL_CHECK("x = ", x, " (bits ", std::bit_cast<std::uint32_t>(x), "): table ",
+                 int(table.encode(x)), ", encode ", int(want));
+    batch[filled++] = x;
+    if (filled == 8)
+      flush();
+  };
+  auto around = [&](float v, int ulps) {
+    auto const u = std::bit_cast<std::uint32_t>(v);
+    for (int d = -ulps; d <= ulps; ++d)
+      check(std::bit_cast<float>(static_cast<std::uint32_t>(static_cast<std::int64_t>(u) + d)));
+  };
+  bool const exhaustive = std::getenv("QMEM_EXHAUSTIVE") != nullptr;
+  std::uint64_t const stride = exhaustive ? 1 : 4099;
+  for (std::uint64_t u = 0; u < (std::uint64_t{1} << 32); u += stride)
+    check(std::bit_cast<float>(static_cast<std::uint32_t>(u)));
+  constexpr std::size_t levels = std::size(C::book.sorted);
+  for (std::size_t i = 0; i < levels; ++i) {
+    around(C::book.sorted[i], 8);
+    around(-C::book.sorted[i], 8);
+    if (i + 1 < levels)
+      around((C::book.sorted[i] + C::book.sorted[i + 1]) * 0.5f, 8);
+  }
+  using quant::detail::search_table;
+  for (std::uint32_t k = search_table::key_lo; k <= search_table::key_hi; ++k) {
+    around(std::bit_cast<float>(k << search_table::shift), 2);
+    around(-std::bit_cast<float>(k << search_table::shift), 2);
+  }
+  float const inf = std::numeric_limits<float>::infinity();
+  for (float x : {0.0f, -0.0f, inf, -inf, std::numeric_limits<float>::quiet_NaN(),
+                  -std::numeric_limits<float>::quiet_NaN(), 1.0f, -1.0f})
+    check(x);
+  flush();
+  CHECK(bad == 0);
+  std::printf("[qmem search table] %s: %zu values%s, AVX2 %s, %zu differ\n", name, checked,
+              exhaustive ? " (every float)" : "", simd ? "checked" : "not run", bad);
+}
+
+std::vector<float> randn(std::size_t n, float scale, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v)
+    x = d(rng);
+  return v;
+}
+
+// Runs `steps` steps of rule R with policy P on tensors of the given sizes, with the AVX2 kernels
+// on or off; returns every parameter, code byte and absmax as raw bytes.
+template <class R, class P>
+std::vector<std::uint8_t> run(bool avx2, R rule, optim::nonfinite_policy nf, float max_unorm,
+                              std::vector<std::size_t> const& sizes, int steps) {
+  avx2_switch sw;
+  sw.set(avx2);
+  std::vector<std::vector<float>> params, grads;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    params.push_back(randn(sizes[i], 1.0f, 10 + static_cast<unsigned>(i)));
+    grads.push_back(randn(sizes[i], 0.01f, 20 + static_cast<unsigned>(i)));
+    // a few elements of very different scale, and non-finite gradients where they are skipped
+    for (std::size_t j = 0; j < sizes[i]; j += 97)
+      grads[i][j] *= 1e4f;
+    if (nf == optim::nonfinite_policy::skip_element && sizes[i] > 40) {
+      grads[i][3] = std::numeric_limits<float>::quiet_NaN();
+      grads[i][40] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  optim::optimizer<R, P> opt(rule, {.lr = optim::lr_schedule::constant(1e-3f),
+                                    .min_quantized_size = 0,
+                                    .max_unorm = max_unorm,
+                                    .nonfinite = nf});
+  for (auto& p : params)
+    opt.add_param(view(p));
+  for (int s = 0; s < steps; ++s) {
+    std::vector<tensor_view<float const>> gs;
+    for (auto& g : grads) {
+      for (auto& x : g)
+        x = std::isfinite(x) ? x * -0.9f : x; // sign changes: the sign fix is exercised
+      gs.push_back(view(std::as_const(g)));
+    }
+    REQUIRE(opt.step(exec::host{2}, gs).applied);
+  }
+  std::vector<std::uint8_t> out;
+  auto append = [&](void const* p, std::size_t bytes) {
+    auto const* b = static_cast<std::uint8_t const*>(p);
+    out.insert(out.end(), b, b + bytes);
+  };
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    append(params[i].data(), params[i].size() * sizeof(float));
+    auto const& ps = opt.params()[i];
+    for (auto const& d : ps.data)
+      append(d.data(), d.size_bytes());
+    for (auto const& sc : ps.scale)
+      append(sc.data(), sc.size_bytes());
+  }
+  return out;
+}
+
+template <class R, class P>
+void check_same(char const* what, R rule = {},
+                optim::nonfinite_policy nf = optim::nonfinite_policy::skip_element,
+                float max_unorm = 0.0f) {
+  CAPTURE(what);
+  std::vector<std::size_t> const sizes = {1, 7, 64, 255, 256, 1000, 4096 + 77, 20000};
+  auto const a = run<R, P>(true, rule, nf, max_unorm, sizes, 3);
+  auto const b = run<R, P>(false, rule, nf, max_unorm, sizes, 3);
+  REQUIRE(a.size() == b.size());
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    differ += a[i] != b[i];
+  CHECK(differ == 0);
+}
+
+} // namespace
+
+TEST_CASE("search table: equal to Code::encode for every code type it serves (8- and 4-bit)") {
+  check_table<quant::dynamic_signed>("dynamic_signed");
+  check_table<quant::dynamic_unsigned>("dynamic_unsigned");
+  check_table<quant::linear_signed>("linear_signed");
+  check_table<quant::linear_unsigned>("linear_unsigned");
+  check_table<optim::dynamic4_signed>("dynamic4_signed");
+  check_table<optim::linear4_unsigned>("linear4_unsigned");
+}
+
+TEST_CASE("host step: the AVX2 kernels give the portable step's bits") {
+  if (!optim::detail::use_avx2())
+    MESSAGE("this CPU or build has no AVX2 kernels: both runs take the portable path");
+  using namespace optim;
+  check_same<adamw, int8_state>("adamw int8");
+  check_same<adamw, int4_state>("adamw int4");
+  check_same<adamw, int8_state>("adamw int8 skip_step", {}, nonfinite_policy::skip_step);
+  check_same<adamw, int8_state>("adamw int8 max_unorm", {}, nonfinite_policy::skip_element, 1e-4f);
+  check_same<adam, int4_state>("adam int4 l2", adam{.weight_decay = 1e-2f});
+  check_same<lion, int8_state>("lion int8");
+  check_same<lion, int4_state>("lion int4");
+  check_same<sgd, int8_signed_state>("sgd int8 signed");
+  check_same<rmsprop, int8_state>("rmsprop int8");
+  check_same<ademamix, int8_state>("ademamix int8");
+  check_same<lamb, int4_state>("lamb int4");
+  check_same<adamw, quantized_state<quant::fp8_e4m3>>("adamw fp8 (no table: scalar encode)");
+  check_same<adamw, quantized_state<quant::nf4, 64>>("adamw nf4 (no table)");
+}
