@@ -6,4 +6,5 @@
 
 #include <qmem/core.hpp>
 #include <qmem/io/bnb.hpp>
+#include <qmem/io/bnb_int8.hpp>
 #include <qmem/io/safetensors.hpp>

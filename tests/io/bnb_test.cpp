@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "io_test_support.hpp"
+
 namespace fs = std::filesystem;
 using qmem::dtype;
 using qmem::io::bnb_format;
@@ -23,26 +25,9 @@ using qmem::io::safetensors_reader;
 
 namespace {
 
-fs::path data_dir() { return fs::path(QMEM_TEST_DATA_DIR); }
-
-std::vector<char> slurp(fs::path const& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-struct scratch_dir {
-  fs::path path;
-  scratch_dir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("qmem_bnb_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using qmem::test::data_dir;
+using qmem::test::scratch_dir;
+using qmem::test::slurp;
 
 // Writes every tensor of `r` except those in `skip`, plus `extra` weights, to `path`.
 void rewrite(safetensors_reader const& r, std::vector<qmem::io::bnb_weight> const& weights,

@@ -14,9 +14,12 @@
 #include <fstream>
 #include <iterator>
 #include <set>
+#include <span>
 #include <string>
 #include <sys/wait.h>
 #include <vector>
+
+#include "io_test_support.hpp"
 
 namespace fs = std::filesystem;
 using qmem::dtype;
@@ -24,26 +27,9 @@ using qmem::io::safetensors_reader;
 
 namespace {
 
-fs::path data_dir() { return fs::path(QMEM_TEST_DATA_DIR); }
-
-std::string slurp(fs::path const& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-struct scratch_dir {
-  fs::path path;
-  scratch_dir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("qmem_cli_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using qmem::test::data_dir;
+using qmem::test::scratch_dir;
+using qmem::test::slurp;
 
 struct result {
   int rc = -1;
@@ -192,7 +178,7 @@ TEST_CASE("cli: quantize writes transformers' layout; quantize then dequantize r
   auto const deq = tmp.path / "deq.safetensors";
   REQUIRE(qmem_run({"dequantize", model.string(), deq.string()}).rc == 0);
 
-  for (auto const* fmt : {"nf4", "fp4", "int8"}) {
+  for (auto const* fmt : {"nf4", "fp4"}) {
     for (bool nested : {false, true}) {
       CAPTURE(fmt);
       CAPTURE(nested);
@@ -210,7 +196,7 @@ TEST_CASE("cli: quantize writes transformers' layout; quantize then dequantize r
       for (auto const& name : weights) {
         auto const w = qmem::io::read_bnb_weight(qr, name);
         CHECK(w.state.nested == nested);
-        CHECK(w.state.blocksize == (std::string(fmt) == "int8" ? 256u : 64u));
+        CHECK(w.state.blocksize == 64u);
       }
       if (std::string(fmt) == "nf4" && nested) {
         // the same keys, dtypes and shapes as transformers' file, in the same order
@@ -240,7 +226,7 @@ TEST_CASE("cli: quantize writes transformers' layout; quantize then dequantize r
           err += d * d;
           norm += static_cast<double>(x[k].to_float()) * x[k].to_float();
         }
-        CHECK(std::sqrt(err / (norm + 1e-30)) < (std::string(fmt) == "int8" ? 0.02 : 0.12));
+        CHECK(std::sqrt(err / (norm + 1e-30)) < 0.12);
       }
     }
   }
@@ -324,6 +310,127 @@ TEST_CASE("cli: sharded checkpoints in and out") {
   CHECK(lines(broken.err) == 1);
 }
 
+TEST_CASE("cli: --format int8 writes bitsandbytes' LLM.int8 tensors that inspect and dequantize "
+          "read") {
+  scratch_dir tmp;
+  auto const model = data_dir() / "tiny_llama_nf4_dq" / "model.safetensors";
+  auto const deq = tmp.path / "deq.safetensors";
+  REQUIRE(qmem_run({"dequantize", model.string(), deq.string()}).rc == 0);
+  auto const q8 = tmp.path / "q8.safetensors";
+  REQUIRE(qmem_run({"quantize", "--format", "int8", deq.string(), q8.string()}).rc == 0);
+
+  safetensors_reader dr(deq), qr(q8);
+  CHECK(qmem::io::bnb_weight_names(qr).empty()); // no quant_state tensors
+  auto const weights = qmem::io::int8_weight_names(qr);
+  CHECK(weights.size() == 14);
+  for (auto const& name : weights) {
+    CAPTURE(name);
+    // Linear8bitLt's state dict: P.weight I8 [out, in], P.SCB F32 [out], P.weight_format U8 []
+    // = 0; the same codes and scales as the library's quantize_int8 of the input
+    auto const prefix = name.substr(0, name.size() - 6);
+    auto const& we = qr.at(name);
+    auto const& in = dr.at(name);
+    CHECK(we.type == dtype::i8);
+    CHECK(we.shape == in.shape);
+    CHECK(qr.at(prefix + "SCB").type == dtype::f32);
+    CHECK(qr.at(prefix + "SCB").shape == std::vector<std::int64_t>{in.shape[0]});
+    auto const& fe = qr.at(prefix + "weight_format");
+    CHECK(fe.type == dtype::u8);
+    CHECK(fe.shape.empty());
+    CHECK(qr.read<std::uint8_t>(fe.name) == std::vector<std::uint8_t>{0});
+    auto const x = dr.read<qmem::bf16>(name);
+    auto const lib = qmem::io::quantize_int8(qmem::exec::host{}, name, qmem::view(x), in.shape);
+    CHECK(lib.codes.bytes == qmem::io::stored_tensor::from(qr, we).bytes);
+    CHECK(lib.scb.bytes == qmem::io::stored_tensor::from(qr, qr.at(prefix + "SCB")).bytes);
+  }
+  // everything else is copied: norms, embeddings, lm_head
+  CHECK(qr.at("model.norm.weight").type == dtype::bf16);
+  CHECK(qr.read<qmem::bf16>("model.norm.weight") == dr.read<qmem::bf16>("model.norm.weight"));
+
+  auto const ins = qmem_run({"inspect", q8.string()});
+  CHECK(ins.rc == 0);
+  CHECK(ins.out.find("(14 quantized)") != std::string::npos);
+  auto const line_at = ins.out.find("model.layers.0.self_attn.q_proj.weight");
+  REQUIRE(line_at != std::string::npos);
+  auto const line = ins.out.substr(line_at, ins.out.find('\n', line_at) - line_at);
+  CHECK(line.find(" I8 ") != std::string::npos);
+  CHECK(line.find(" int8 ") != std::string::npos);
+  CHECK(line.find(" row ") != std::string::npos);
+
+  // dequantize: F16 by default (what bitsandbytes quantized from), --dtype otherwise; the values
+  // are the library's, and close to the input
+  for (char const* type : {"", "bf16"}) {
+    CAPTURE(type);
+    auto const back = tmp.path / "back.safetensors";
+    std::vector<std::string> args{"dequantize"};
+    if (*type != 0)
+      args.insert(args.end(), {"--dtype", type});
+    args.insert(args.end(), {q8.string(), back.string()});
+    REQUIRE(qmem_run(args).rc == 0);
+    safetensors_reader br(back);
+    CHECK(br.tensors().size() == dr.tensors().size());
+    for (auto const& name : weights) {
+      CAPTURE(name);
+      auto const w = qmem::io::read_int8_weight(qr, name);
+      auto const x = dr.read<qmem::bf16>(name);
+      double err = 0, norm = 0;
+      if (*type == 0) {
+        CHECK(br.at(name).type == dtype::f16);
+        auto const y = br.read<qmem::f16>(name);
+        CHECK(y == w.dequantize<qmem::f16>());
+        for (std::size_t k = 0; k < x.size(); ++k) {
+          double const d = static_cast<double>(y[k].to_float()) - x[k].to_float();
+          err += d * d;
+          norm += static_cast<double>(x[k].to_float()) * x[k].to_float();
+        }
+        CHECK(std::sqrt(err / (norm + 1e-30)) < 0.02);
+      } else {
+        CHECK(br.at(name).type == dtype::bf16);
+        CHECK(br.read<qmem::bf16>(name) == w.dequantize<qmem::bf16>());
+      }
+    }
+  }
+
+  // a file from bitsandbytes < 0.43.1 (no weight_format) reads the same
+  auto const old = tmp.path / "old.safetensors";
+  {
+    qmem::io::safetensors_writer w;
+    for (auto const& [k, v] : qr.metadata())
+      w.set_metadata(k, v);
+    for (auto const& e : qr.tensors())
+      if (!e.name.ends_with(".weight_format"))
+        w.add(e.name, e.type, e.shape, qr.bytes(e));
+    w.save(old);
+  }
+  auto const b1 = tmp.path / "b1.safetensors", b2 = tmp.path / "b2.safetensors";
+  REQUIRE(qmem_run({"dequantize", q8.string(), b1.string()}).rc == 0);
+  REQUIRE(qmem_run({"dequantize", old.string(), b2.string()}).rc == 0);
+  CHECK(slurp(b1) == slurp(b2));
+
+  // quantizing an int8 checkpoint again leaves its int8 weights as they are
+  auto const again = tmp.path / "again.safetensors";
+  REQUIRE(qmem_run({"quantize", "--format", "nf4", q8.string(), again.string()}).rc == 0);
+  CHECK(slurp(again) == slurp(q8));
+
+  // a weight_format other than row-major is refused, naming the layout
+  auto const tiled = tmp.path / "tiled.safetensors";
+  {
+    qmem::io::safetensors_writer w;
+    std::vector<std::uint8_t> const col32 = {1};
+    for (auto const& e : qr.tensors())
+      if (e.name == "model.layers.0.mlp.up_proj.weight_format")
+        w.add(e.name, e.type, e.shape, std::as_bytes(std::span(col32)));
+      else
+        w.add(e.name, e.type, e.shape, qr.bytes(e));
+    w.save(tiled);
+  }
+  auto const out = tmp.path / "o.safetensors";
+  auto const res = qmem_run({"dequantize", tiled.string(), out.string()});
+  CHECK(res.rc == 1);
+  CHECK(res.err.find("col32") != std::string::npos);
+  CHECK(!fs::exists(out));
+}
+
 TEST_CASE("cli: bad arguments and corrupt files give one line and a non-zero exit") {
   scratch_dir tmp;
   auto const model = (data_dir() / "tiny_llama_nf4_dq" / "model.safetensors").string();
@@ -340,7 +447,9 @@ TEST_CASE("cli: bad arguments and corrupt files give one line and a non-zero exi
       {{"quantize", model, out}, 2, "--format"},
       {{"quantize", "--format", "nf3", model, out}, 2, "nf3"},
       {{"quantize", "--format", "nf4", "--block", "48", model, out}, 2, "48"},
-      {{"quantize", "--format", "int8", "--block", "32", model, out}, 2, "32"},
+      {{"quantize", "--format", "int8", "--block", "256", model, out}, 2, "--block does not apply"},
+      {{"quantize", "--format", "int8", "--double-quant", model, out}, 2, "does not apply"},
+      {{"quantize", "--format", "int8", "--only", "norm", model, out}, 2, "narrow --only"},
       {{"quantize", "--format", "nf4", "--block", "x", model, out}, 2, "positive integer"},
       {{"quantize", "--format", "nf4", "--only", "(", model, out}, 2, "regular expression"},
       {{"quantize", "--format", "nf4", model}, 2, "IN and OUT"},

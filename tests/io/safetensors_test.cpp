@@ -13,43 +13,16 @@
 #include <string>
 #include <vector>
 
+#include "io_test_support.hpp"
+
 namespace fs = std::filesystem;
 using qmem::dtype;
 using qmem::io::safetensors_reader;
 
 namespace {
 
-fs::path data_dir() { return fs::path(QMEM_TEST_DATA_DIR); }
-
-std::vector<std::byte> slurp(fs::path const& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::vector<char> c((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::byte> out(c.size());
-  if (!c.empty())
-    std::memcpy(out.data(), c.data(), c.size());
-  return out;
-}
-
-// A scratch directory removed at scope exit.
-struct scratch_dir {
-  fs::path path;
-  scratch_dir() {
-    path = fs::temp_directory_path() /
-           ("qmem_io_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter()++));
-    fs::create_directories(path);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  static int& counter() {
-    static int c = 0;
-    return c;
-  }
-  std::size_t entries() const {
-    return static_cast<std::size_t>(std::distance(fs::directory_iterator(path), {}));
-  }
-};
+using qmem::test::data_dir;
+using qmem::test::scratch_dir;
 
 // A file image: 8-byte length, the header as given, `data` bytes of zeros.
 std::vector<std::byte> image(std::string const& header, std::size_t data = 0) {
@@ -138,7 +111,7 @@ TEST_CASE("safetensors: rewriting a reference file reproduces it byte for byte")
     w.save(dir.path / "a.safetensors");
     // the reference orders metadata keys by hash; with one key (or none) the bytes are fixed
     if (r.metadata().size() <= 1)
-      CHECK(slurp(dir.path / "a.safetensors") == slurp(src));
+      CHECK(qmem::test::slurp_bytes(dir.path / "a.safetensors") == qmem::test::slurp_bytes(src));
     safetensors_reader back(dir.path / "a.safetensors");
     REQUIRE(back.tensors().size() == r.tensors().size());
     for (auto const& e : r.tensors()) {
@@ -168,8 +141,8 @@ TEST_CASE("safetensors: rewriting a reference file reproduces it byte for byte")
     }
     safetensors_reader b(dir.path / "b.safetensors");
     CHECK(b.header_size() == r.header_size());
-    auto const fb = slurp(dir.path / "b.safetensors");
-    auto const fs_ = slurp(src);
+    auto const fb = qmem::test::slurp_bytes(dir.path / "b.safetensors");
+    auto const fs_ = qmem::test::slurp_bytes(src);
     // same data section byte for byte
     CHECK(std::equal(fb.end() - static_cast<std::ptrdiff_t>(b.data_size()), fb.end(),
                      fs_.end() - static_cast<std::ptrdiff_t>(r.data_size()), fs_.end()));
@@ -305,7 +278,7 @@ TEST_CASE("safetensors: hostile headers are rejected with format_error") {
 }
 
 TEST_CASE("safetensors: every truncation and many corruptions of a real file are rejected") {
-  auto const file = slurp(data_dir() / "tiny_llama_fp4_dq" / "model.safetensors");
+  auto const file = qmem::test::slurp_bytes(data_dir() / "tiny_llama_fp4_dq" / "model.safetensors");
   safetensors_reader const whole = safetensors_reader::parse(file);
   auto const header_end = 8 + whole.header_size();
   // every cut inside the header, and a sample of cuts in the data section

@@ -28,6 +28,7 @@
 #include <string>
 #include <string_view>
 #include <unistd.h>
+#include <variant>
 #include <vector>
 
 #include "checkpoint.hpp"
@@ -42,12 +43,15 @@ constexpr char const* usage_text =
     "  qmem dequantize [--dtype bf16|f16|f32] IN OUT\n"
     "FILE, IN and OUT are .safetensors files or sharded checkpoints (*.safetensors.index.json).\n"
     "quantize: nf4/fp4 write the tensors transformers saves for bitsandbytes 4-bit weights; int8\n"
-    "  writes qmem's blockwise int8 layout (docs/io.md). --block: 64 by default for nf4/fp4, 256\n"
-    "  for int8. Without --only, 2-D floating tensors named *.weight are quantized except\n"
+    "  writes bitsandbytes' LLM.int8 tensors (Linear8bitLt / load_in_8bit: P.weight I8, P.SCB,\n"
+    "  P.weight_format; docs/io.md). --block (nf4/fp4 only): 64 by default; --double-quant:\n"
+    "  nf4/fp4 only. Without --only, 2-D floating tensors named *.weight are quantized except\n"
     "  embeddings and lm_head (as transformers does); --only REGEX selects floating tensors whose\n"
-    "  name matches instead. Other tensors are copied unchanged.\n"
+    "  name matches instead (int8: each must be 2-D and named *.weight). Other tensors are copied\n"
+    "  unchanged.\n"
     "dequantize: every bitsandbytes/qmem quantized weight back to floats (the weight's original\n"
-    "  dtype unless --dtype says otherwise); other tensors are copied unchanged.\n";
+    "  dtype, f16 for int8 weights, unless --dtype says otherwise); other tensors are copied\n"
+    "  unchanged.\n";
 
 //! A command-line mistake: exit status 2.
 struct usage_error : error {
@@ -103,21 +107,55 @@ decltype(auto) with_float_type(dtype t, F&& f) {
   }
 }
 
-//! The bnb weights of a shard and the keys their auxiliary tensors use.
+//! The quantized weights of a shard (bnb 4-bit and qmem's blockwise int8 with a quant state;
+//! bnb LLM.int8 with an SCB) and the keys their auxiliary tensors use.
 struct bnb_keys {
-  std::set<std::string, std::less<>> weights;
+  std::set<std::string, std::less<>> weights;            // quant-state weights
+  std::set<std::string, std::less<>> int8_weights;       // LLM.int8 weights
   std::map<std::string, std::string, std::less<>> owner; // aux key -> weight
 
   explicit bnb_keys(io::safetensors_reader const& r) {
     for (auto& w : io::bnb_weight_names(r))
       weights.insert(w);
-    for (auto const& e : r.tensors())
+    for (auto& w : io::int8_weight_names(r))
+      if (!weights.contains(w))
+        int8_weights.insert(w);
+    for (auto const& e : r.tensors()) {
       for (auto const& w : weights)
         if (io::is_bnb_aux_key(e.name, w))
           owner.emplace(e.name, w);
+      for (auto const& w : int8_weights)
+        if (io::is_int8_aux_key(e.name, w))
+          owner.emplace(e.name, w);
+    }
   }
   [[nodiscard]] bool is_aux(std::string_view key) const { return owner.contains(key); }
   [[nodiscard]] bool is_weight(std::string_view key) const { return weights.contains(key); }
+  [[nodiscard]] bool is_int8(std::string_view key) const { return int8_weights.contains(key); }
+};
+
+//! One quantized weight the quantize command writes: bnb 4-bit or LLM.int8.
+struct quantized_weight {
+  std::variant<io::bnb_weight, io::int8_weight> w;
+
+  [[nodiscard]] std::string const& name() const {
+    return std::visit([](auto const& x) -> std::string const& { return x.name; }, w);
+  }
+  [[nodiscard]] std::vector<std::pair<io::tensor_spec, std::span<std::byte const>>>
+  tensors() const {
+    return std::visit([](auto const& x) { return x.tensors(); }, w);
+  }
+  [[nodiscard]] std::size_t stored_bytes() const {
+    return std::visit([](auto const& x) { return x.stored_bytes(); }, w);
+  }
+  //! Bytes of the codes (the tensor named name()).
+  [[nodiscard]] std::size_t code_bytes() const {
+    return std::visit([](auto const& x) { return x.codes.bytes.size(); }, w);
+  }
+  //! Frees the codes (kept: the small tensors).
+  void drop_codes() {
+    std::visit([](auto& x) { std::vector<std::byte>().swap(x.codes.bytes); }, w);
+  }
 };
 
 // --- inspect --------------------------------------------------------------------------------
@@ -143,7 +181,19 @@ int inspect(std::vector<std::string> const& args) {
         continue;
       row x;
       x.name = e.name;
-      if (keys.is_weight(e.name)) {
+      if (keys.is_int8(e.name)) {
+        auto const w = io::read_int8_weight(r, e.name);
+        r.release(e);
+        x.type = std::string(dtype_name(e.type));
+        x.shape = shape_string(w.shape());
+        x.format = "int8";
+        x.block = "row";
+        x.nested = "no";
+        x.bytes = w.stored_bytes();
+        x.numel = w.numel();
+        x.bits = w.bits_per_parameter();
+        ++quantized;
+      } else if (keys.is_weight(e.name)) {
         auto const w = io::read_bnb_weight(r, e.name);
         r.release(e); // validated; its pages are not needed again
         x.type = std::string(dtype_name(w.state.type));
@@ -227,13 +277,24 @@ bool default_selected(io::tensor_entry const& e) {
          e.name.find("embed") == std::string::npos && e.name.find("lm_head") == std::string::npos;
 }
 
-io::bnb_weight quantize_entry(io::safetensors_reader const& r, io::tensor_entry const& e,
-                              quantize_options const& o) {
+quantized_weight quantize_entry(io::safetensors_reader const& r, io::tensor_entry const& e,
+                                quantize_options const& o) {
   return with_float_type(e.type, [&]<class T>(T) {
     std::vector<T> storage;
     auto const x = values_of<T>(r, e, storage);
-    return io::quantize_bnb(exec::host{}, e.name, o.format, x, e.shape, o.block, o.nested);
+    if (o.format == io::bnb_format::int8)
+      return quantized_weight{io::quantize_int8(exec::host{}, e.name, x, e.shape)};
+    return quantized_weight{
+        io::quantize_bnb(exec::host{}, e.name, o.format, x, e.shape, o.block, o.nested)};
   });
+}
+
+//! Throws when `e` cannot be stored in bitsandbytes' LLM.int8 layout (a linear layer's weight).
+void check_int8_selectable(io::tensor_entry const& e) {
+  if (e.shape.size() != 2 || !io::int8_prefix(e.name))
+    throw usage_error("--format int8 stores linear weights (2-D, named *.weight) as bitsandbytes' "
+                      "Linear8bitLt does; '" +
+                      e.name + "' is " + shape_string(e.shape) + ": narrow --only");
 }
 
 //! Writes one output shard: `items` in the reference order, converting with `convert` (which
@@ -319,31 +380,37 @@ int quantize(std::vector<std::string> const& args, quantize_options o) {
   if (args.size() != 2)
     throw usage_error("quantize takes IN and OUT; got " + std::to_string(args.size()) +
                       " arguments");
+  if (o.format == io::bnb_format::int8) {
+    if (o.block != 0)
+      throw usage_error("--block does not apply to --format int8 (one scale per row)");
+    if (o.nested)
+      throw usage_error("--double-quant does not apply to --format int8 (bitsandbytes' "
+                        "LLM.int8 keeps its row scales in F32)");
+  }
   if (o.block == 0)
-    o.block = o.format == io::bnb_format::int8 ? 256 : 64;
-  bool const block_ok = o.format == io::bnb_format::int8
-                            ? quant::valid_block_size<quant::dynamic_signed>(o.block)
-                            : quant::valid_block_size<quant::nf4>(o.block);
-  if (!block_ok)
-    throw usage_error("--block " + std::to_string(o.block) + " is not a power of two in [" +
-                      (o.format == io::bnb_format::int8 ? "64" : "32") + ", 4096] for " +
+    o.block = 64;
+  if (o.format != io::bnb_format::int8 && !quant::valid_block_size<quant::nf4>(o.block))
+    throw usage_error("--block " + std::to_string(o.block) +
+                      " is not a power of two in [32, 4096] for " +
                       std::string(io::to_string(o.format)));
   return convert_checkpoint(
       "quantize", args[0], args[1],
       [&](io::safetensors_reader const& r, fs::path const& out, progress& p, std::uint64_t& total) {
         bnb_keys const keys(r);
         std::vector<output_item> items;
-        std::map<std::string, io::bnb_weight, std::less<>> smalls;
+        std::map<std::string, quantized_weight, std::less<>> smalls;
         std::size_t small_bytes = 0;
         for (auto const& e : r.tensors()) {
           bool const selectable = is_floating(e.type) && e.numel() != 0 && !keys.is_aux(e.name) &&
-                                  !keys.is_weight(e.name);
+                                  !keys.is_weight(e.name) && !keys.is_int8(e.name);
           bool const selected =
               selectable && (o.only ? std::regex_search(e.name, *o.only) : default_selected(e));
           if (!selected) {
             items.push_back({{e.name, e.type, e.shape}, &e, false});
             continue;
           }
+          if (o.format == io::bnb_format::int8)
+            check_int8_selectable(e);
           // the quant-state JSON's length depends on the data (nested_offset): plan with one
           // quantization, convert with another (deterministic: the same bytes)
           auto w = quantize_entry(r, e, o);
@@ -353,26 +420,26 @@ int quantize(std::vector<std::string> const& args, quantize_options o) {
           // keep the small tensors (scales, tables, state: ~3% of the input at block 64) while
           // they fit the budget, so the write pass quantizes each weight once more (for its
           // codes) instead of once per dtype section of the output
-          std::size_t const small = w.stored_bytes() - w.codes.bytes.size();
+          std::size_t const small = w.stored_bytes() - w.code_bytes();
           if (small_bytes + small <= small_budget) {
             small_bytes += small;
-            std::vector<std::byte>().swap(w.codes.bytes); // frees the codes (`= {}` keeps them)
+            w.drop_codes();
             smalls.emplace(e.name, std::move(w));
           }
         }
-        std::optional<io::bnb_weight> cache;
+        std::optional<quantized_weight> cache;
         std::vector<std::string> names;
         for (auto const& it : items)
           names.push_back(it.spec.name);
         total += write_shard(
             out, r, std::move(items),
             [&](output_item const& it) -> std::span<std::byte const> {
-              io::bnb_weight const* w = nullptr;
+              quantized_weight const* w = nullptr;
               if (auto const found = smalls.find(it.source->name);
                   found != smalls.end() && it.spec.name != it.source->name)
                 w = &found->second;
               if (w == nullptr) {
-                if (!cache || cache->name != it.source->name)
+                if (!cache || cache->name() != it.source->name)
                   cache = quantize_entry(r, *it.source, o);
                 w = &*cache;
               }
@@ -402,6 +469,12 @@ int dequantize(std::vector<std::string> const& args, std::optional<dtype> out_ty
         for (auto const& e : r.tensors()) {
           if (keys.is_aux(e.name))
             continue;
+          if (keys.is_int8(e.name)) {
+            auto const w = io::read_int8_weight(r, e.name); // validates up front
+            r.release(e);
+            items.push_back({{e.name, out_type.value_or(dtype::f16), w.shape()}, &e, true});
+            continue;
+          }
           if (!keys.is_weight(e.name)) {
             items.push_back({{e.name, e.type, e.shape}, &e, false});
             continue;
@@ -417,12 +490,17 @@ int dequantize(std::vector<std::string> const& args, std::optional<dtype> out_ty
         total += write_shard(
             out, r, std::move(items),
             [&](output_item const& it) -> std::span<std::byte const> {
-              auto const w = io::read_bnb_weight(r, it.source->name);
-              with_float_type(it.spec.type, [&]<class T>(T) {
-                buffer.resize(w.numel() * sizeof(T));
-                w.dequantize(exec::host{},
-                             tensor_view<T>(reinterpret_cast<T*>(buffer.data()), w.numel()));
-              });
+              auto dequantize_into = [&](auto const& w) {
+                with_float_type(it.spec.type, [&]<class T>(T) {
+                  buffer.resize(w.numel() * sizeof(T));
+                  w.dequantize(exec::host{},
+                               tensor_view<T>(reinterpret_cast<T*>(buffer.data()), w.numel()));
+                });
+              };
+              if (keys.is_int8(it.source->name))
+                dequantize_into(io::read_int8_weight(r, it.source->name));
+              else
+                dequantize_into(io::read_bnb_weight(r, it.source->name));
               return buffer;
             },
             p);

@@ -19,11 +19,13 @@
 //!                                          "dtype", "shape"[, "nested_blocksize", "nested_dtype",
 //!                                          "nested_offset"]} in that order
 //!
-//! qmem's int8 layout (bitsandbytes' blockwise 8-bit has no transformers format; this one mirrors
-//! the 4-bit keys so the same code reads both): `W` U8 of the weight's own shape (one code of the
-//! signed dynamic map per element), `W.absmax`/`W.nested_*` as above, `W.quant_map` F32 [256],
-//! and `W.quant_state.qmem__int8` with "quant_type": "int8". Double quantization of int8 uses
-//! nested blocks of the data's block size, as bitsandbytes' quantize_blockwise(nested=True) does.
+//! qmem's earlier blockwise int8 layout, still read (and written by quantize_bnb with
+//! bnb_format::int8; the CLI's `--format int8` now writes bitsandbytes' LLM.int8 tensors instead,
+//! io/bnb_int8.hpp). Blockwise 8-bit has no transformers format; this one mirrors the 4-bit keys:
+//! `W` U8 of the weight's own shape (one code of the signed dynamic map per element),
+//! `W.absmax`/`W.nested_*` as above, `W.quant_map` F32 [256], and `W.quant_state.qmem__int8` with
+//! "quant_type": "int8". Double quantization of int8 uses nested blocks of the data's block size,
+//! as bitsandbytes' quantize_blockwise(nested=True) does.
 //!
 //! Dequantization uses qmem's code tables (which equal bnb's kernels, including FP4's -0.0 at code
 //! 8) after checking that the stored tables hold those values: a checkpoint with another table is
@@ -64,7 +66,8 @@ namespace qmem::io {
 enum class bnb_format {
   nf4, //!< bitsandbytes NF4 (transformers `bnb_4bit_quant_type="nf4"`)
   fp4, //!< bitsandbytes FP4
-  int8 //!< bitsandbytes blockwise 8-bit with the signed dynamic map, in qmem's layout
+  int8 //!< blockwise 8-bit with the signed dynamic map in qmem's earlier layout (read; LLM.int8
+       //!< checkpoints are io/bnb_int8.hpp's int8_weight)
 };
 
 //! "nf4", "fp4", "int8".
