@@ -4,8 +4,6 @@
 // included), and every vectorized quantize/dequantize loop against the portable loop of
 // quant/blockwise.hpp and quant/rowwise.hpp, bit for bit, on full, partial and odd blocks with
 // NaN, inf and all-zero blocks. Cases for an instruction set the CPU lacks say so and skip.
-#include "quant/quant_test_support.hpp"
-
 #include <qmem/quant.hpp>
 
 #include <doctest/doctest.h>
@@ -17,6 +15,8 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include "quant/quant_test_support.hpp"
 
 #if QMEM_QUANT_HOST_AVX2
 
@@ -81,7 +81,7 @@ std::vector<float> test_values(std::size_t n, std::size_t block) {
   for (std::size_t i = 0; i < block && i < n; ++i)
     v[i] = 0.0f; // block 0 all zero
   if (n > 2 * block) {
-    v[block + 3] = std::numeric_limits<float>::quiet_NaN(); // block 1: NaN absmax
+    v[block + 3] = std::numeric_limits<float>::quiet_NaN();    // block 1: NaN absmax
     v[2 * block + 1] = std::numeric_limits<float>::infinity(); // block 2: inf absmax
   }
   if (n > 3 * block + 2) {
@@ -115,14 +115,14 @@ template <class C, class T>
 void portable_quantize(std::vector<T> const& x, std::size_t block, std::vector<std::uint8_t>& codes,
                        std::vector<float>& absmax) {
   qd::quantize_blocks_body<C, false>(C::book, x.data(), x.size(), block, codes.data(),
-                                         absmax.data(), rounding{}, 0, absmax.size());
+                                     absmax.data(), rounding{}, 0, absmax.size());
 }
 
 template <class C, class T>
 void portable_dequantize(std::vector<std::uint8_t> const& codes, std::vector<float> const& absmax,
                          std::size_t block, std::vector<T>& y) {
-  qd::dequantize_blocks_body<C>(C::book, codes.data(), absmax.data(), y.size(), block,
-                                    y.data(), 0, absmax.size());
+  qd::dequantize_blocks_body<C>(C::book, codes.data(), absmax.data(), y.size(), block, y.data(), 0,
+                                absmax.size());
 }
 
 template <class C, class T>

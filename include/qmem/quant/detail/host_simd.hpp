@@ -24,12 +24,11 @@
 #include <qmem/quant/detail/blockwise_ops.hpp>
 #include <qmem/quant/detail/rowwise_ops.hpp>
 
-#include <immintrin.h>
-
 #include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 #include <type_traits>
 
 namespace qmem::quant::detail {
@@ -86,7 +85,7 @@ QMEM_QUANT_AVX2_FN void widen_bf16_avx2(bf16 const* x, std::size_t n, float* y) 
 //! The widening half of blockwise quantization from bf16: xs[i] = float(x[i]) for i < count, and
 //! the block's absmax bits (the integer maximum of |x| as bits, NaN above inf: block_absmax_bits).
 QMEM_QUANT_AVX2_FN std::uint32_t load_block_bf16_avx2(bf16 const* x, std::size_t count,
-                                                        float* xs) noexcept {
+                                                      float* xs) noexcept {
   __m256i const abs_mask = _mm256_set1_epi32(0x7fffffff);
   __m256i m = _mm256_setzero_si256();
   std::size_t i = 0;
@@ -118,8 +117,8 @@ QMEM_QUANT_AVX2_FN void lookup_nibbles_u16_avx2(std::uint16_t const* table,
                                                 std::uint16_t* y) noexcept {
   // the 16 low bytes and the 16 high bytes of the table, each in both 128-bit lanes
   __m256i const t = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(table));
-  __m256i const split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0,
-                                         2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  __m256i const split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2,
+                                         4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   // lane 0: lo(t0-7) hi(t0-7), lane 1: lo(t8-15) hi(t8-15) -> qwords lo0-7 lo8-15 hi0-7 hi8-15
   __m256i const halves = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(t, split), 0xd8);
   __m256i const t_lo = _mm256_permute2x128_si256(halves, halves, 0x00);
@@ -176,8 +175,8 @@ QMEM_QUANT_AVX2_FN void lookup_bytes_avx2(float const* table, float absmax,
   for (; i + 16 <= count; i += 16) {
     __m128i const c = _mm_loadu_si128(reinterpret_cast<__m128i const*>(codes + i));
     __m256 const v0 = _mm256_mul_ps(_mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(c), 4), a);
-    __m256 const v1 = _mm256_mul_ps(
-        _mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)), 4), a);
+    __m256 const v1 =
+        _mm256_mul_ps(_mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)), 4), a);
     if constexpr (std::is_same_v<T, float>) {
       _mm256_storeu_ps(y + i, v0);
       _mm256_storeu_ps(y + i + 8, v1);
@@ -242,7 +241,8 @@ QMEM_QUANT_AVX512_FN __m256i bf16_round_avx512(__m512 f) noexcept {
 
 //! 16 floats from 16 bf16 (exact).
 QMEM_QUANT_AVX512_FN __m512 bf16_widen_avx512(__m256i h) noexcept {
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(all16, _mm512_maskz_cvtepu16_epi32(all16, h), 16));
+  return _mm512_castsi512_ps(
+      _mm512_maskz_slli_epi32(all16, _mm512_maskz_cvtepu16_epi32(all16, h), 16));
 }
 
 //! y[i] = bf16(x[i]) for i < n (float_to_bf16_bits on every element).
@@ -259,8 +259,8 @@ QMEM_QUANT_AVX512_FN void narrow_bf16_avx512(float const* x, std::size_t n, bf16
 QMEM_QUANT_AVX512_FN void widen_bf16_avx512(bf16 const* x, std::size_t n, float* y) noexcept {
   std::size_t i = 0;
   for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(y + i, bf16_widen_avx512(
-                                _mm256_loadu_si256(reinterpret_cast<__m256i const*>(x + i))));
+    _mm512_storeu_ps(
+        y + i, bf16_widen_avx512(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(x + i))));
   for (; i < n; ++i)
     y[i] = x[i].to_float();
 }
@@ -274,9 +274,10 @@ QMEM_QUANT_AVX512_FN void lookup_bytes_avx512(float const* table, float absmax,
   __m512 const a = _mm512_set1_ps(absmax);
   std::size_t i = 0;
   for (; i + 16 <= count; i += 16) {
-    __m512i const idx =
-        _mm512_maskz_cvtepu8_epi32(all16, _mm_loadu_si128(reinterpret_cast<__m128i const*>(codes + i)));
-    __m512 const v = _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), all16, idx, table, 4), a);
+    __m512i const idx = _mm512_maskz_cvtepu8_epi32(
+        all16, _mm_loadu_si128(reinterpret_cast<__m128i const*>(codes + i)));
+    __m512 const v =
+        _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), all16, idx, table, 4), a);
     if constexpr (std::is_same_v<T, float>)
       _mm512_storeu_ps(y + i, v);
     else
@@ -295,8 +296,9 @@ QMEM_QUANT_AVX512_FN void dequantize_row_avx512(std::int8_t const* q, float absm
   __m512 const s = _mm512_set1_ps(inv127);
   std::size_t c = 0;
   for (; c + 16 <= cols; c += 16) {
-    __m512 const f = _mm512_maskz_cvtepi32_ps(all16, 
-        _mm512_maskz_cvtepi8_epi32(all16, _mm_loadu_si128(reinterpret_cast<__m128i const*>(q + c))));
+    __m512 const f = _mm512_maskz_cvtepi32_ps(
+        all16, _mm512_maskz_cvtepi8_epi32(
+                   all16, _mm_loadu_si128(reinterpret_cast<__m128i const*>(q + c))));
     __m512 const v = _mm512_mul_ps(_mm512_mul_ps(f, a), s);
     if constexpr (std::is_same_v<T, float>)
       _mm512_storeu_ps(y + c, v);
@@ -311,9 +313,9 @@ QMEM_QUANT_AVX512_FN void dequantize_row_avx512(std::int8_t const* q, float absm
 //! constants in nf4::encode (which keeps them local so that CUDA kernels can use them); the
 //! static_assert below proves the two equal, bit for bit, from nf4::encode itself.
 inline constexpr float nf4_thresholds[15] = {
-    -0.8480964004993439f,  -0.6106329262256622f,  -0.4599952697753906f, -0.33967943489551544f,
+    -0.8480964004993439f,  -0.6106329262256622f,  -0.4599952697753906f,   -0.33967943489551544f,
     -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
-    0.1202552504837513f,   0.2035212516784668f,   0.2920137718319893f,   0.3893125355243683f,
+    0.1202552504837513f,   0.2035212516784668f,   0.2920137718319893f,    0.3893125355243683f,
     0.5016634166240692f,   0.6427869200706482f,   0.8614784181118011f};
 
 //! True when nf4_thresholds[i] is exactly where nf4::encode steps from code i to code i + 1:
@@ -349,7 +351,8 @@ QMEM_QUANT_AVX512_FN float quantize_block_nf4_avx512(T const* x, std::size_t cou
   __m512i m = _mm512_setzero_si512();
   __m512i const abs_mask = _mm512_set1_epi32(0x7fffffff);
   for (std::size_t i = 0; i < full; i += 16)
-    m = _mm512_maskz_max_epi32(all16, m, _mm512_and_si512(_mm512_castps_si512(load16_avx512(x + i)), abs_mask));
+    m = _mm512_maskz_max_epi32(
+        all16, m, _mm512_and_si512(_mm512_castps_si512(load16_avx512(x + i)), abs_mask));
   alignas(64) std::uint32_t lanes[16];
   _mm512_store_si512(lanes, m);
   std::uint32_t amax_bits = 0;
@@ -376,9 +379,8 @@ QMEM_QUANT_AVX512_FN float quantize_block_nf4_avx512(T const* x, std::size_t cou
   __m512 const vinv = _mm512_set1_ps(inv);
   for (std::size_t i = 0; i < full; i += 16) {
     __m512 const xn = _mm512_mul_ps(load16_avx512(x + i), vinv);
-    __m512i idx = _mm512_mask_mov_epi32(_mm512_setzero_si512(),
-                                        _mm512_cmp_ps_mask(xn, t8, _CMP_GT_OQ),
-                                        _mm512_set1_epi32(8));
+    __m512i idx = _mm512_mask_mov_epi32(
+        _mm512_setzero_si512(), _mm512_cmp_ps_mask(xn, t8, _CMP_GT_OQ), _mm512_set1_epi32(8));
     idx = _mm512_mask_add_epi32(
         idx, _mm512_cmp_ps_mask(xn, _mm512_maskz_permutexvar_ps(all16, idx, t4), _CMP_GT_OQ), idx,
         _mm512_set1_epi32(4));
@@ -389,8 +391,10 @@ QMEM_QUANT_AVX512_FN float quantize_block_nf4_avx512(T const* x, std::size_t cou
         idx, _mm512_cmp_ps_mask(xn, _mm512_maskz_permutexvar_ps(all16, idx, t1), _CMP_GT_OQ), idx,
         _mm512_set1_epi32(1));
     // per 64-bit lane: element 2k in the low dword, 2k + 1 in the high one -> (e0 << 4) | e1
-    __m512i const pairs = _mm512_or_si512(_mm512_maskz_slli_epi64(all8, idx, 4), _mm512_maskz_srli_epi64(all8, idx, 32));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i / 2), _mm512_maskz_cvtepi64_epi8(all8, pairs));
+    __m512i const pairs = _mm512_or_si512(_mm512_maskz_slli_epi64(all8, idx, 4),
+                                          _mm512_maskz_srli_epi64(all8, idx, 32));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i / 2),
+                     _mm512_maskz_cvtepi64_epi8(all8, pairs));
   }
   for (std::size_t i = full; i < count; i += 2) {
     std::uint8_t const first = nf4::encode(fmath::mul(to_float(x[i]), inv), nf4::book);
