@@ -13,6 +13,8 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -129,6 +131,106 @@ TEST_CASE("per-tensor sums: the fixed tree order of tensor_sum.hpp") {
   CHECK(oq::detail::sum_lane_of(8) == 1);
   CHECK(oq::detail::sum_lane_of(255) == 31);
   CHECK(oq::detail::sum_lane_of(256) == 0);
+}
+
+//! A reducing rule that exposes the per-tensor totals: its terms are (g, p) (signed, of varied
+//! magnitudes: the summation order shows in the result) and its update writes the total of the
+//! terms `Which` selects into every parameter.
+template <int Which>
+struct probe_sum {
+  static constexpr int state_count = 0;
+  static constexpr std::array<oq::state_sign, 0> state_signs = {};
+  struct scalars {
+    float a, b;
+  };
+  QMEM_HOST_DEVICE scalars prepare(oq::step_info const&) const noexcept { return {0.0f, 0.0f}; }
+  QMEM_HOST_DEVICE static oq::norm_terms reduce(float p, float g, oq::state_values<0>,
+                                                scalars const&) noexcept {
+    return {g, p};
+  }
+  QMEM_HOST_DEVICE static scalars finish(scalars, oq::norm_terms t) noexcept { return {t.a, t.b}; }
+  QMEM_HOST_DEVICE static void update(float& p, float, oq::state_values<0>&,
+                                      scalars const& k) noexcept {
+    p = Which == 0 ? k.a : k.b;
+  }
+};
+static_assert(oq::reducing_rule<probe_sum<0>>);
+
+//! Values whose float sum depends on the summation order: over 60 binades, each value of the
+//! first half cancelled by its negation in the second (shuffled), so the total is made of the
+//! double rounding errors (checked: for n = 100000 a sequential sum, sums of 256-element chunks
+//! and the documented tree give three different floats).
+std::vector<float> order_sensitive(std::size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> ex(-30, 30);
+  std::vector<float> v(n);
+  std::size_t const half = n / 2;
+  for (std::size_t i = 0; i < n - half; ++i)
+    v[i] = std::ldexp(ud(rng), ex(rng));
+  for (std::size_t i = 0; i < half; ++i)
+    v[n - half + i] = -v[i];
+  std::shuffle(v.begin(), v.end(), rng);
+  return v;
+}
+
+//! The documented order (tensor_sum.hpp), written out independently of the optimizer.
+float reference_total(std::vector<float> const& t, std::vector<bool> const& skip) {
+  std::size_t const pieces = (t.size() + 2047) / 2048;
+  double slot[256] = {};
+  for (std::size_t q = 0; q < pieces; ++q) {
+    double lane[32] = {};
+    for (std::size_t j = q * 2048; j < std::min(t.size(), (q + 1) * 2048); ++j)
+      if (!skip[j])
+        lane[(j % 256) / 8] += static_cast<double>(t[j]);
+    for (int o = 16; o > 0; o >>= 1)
+      for (int l = 0; l < o; ++l)
+        lane[l] += lane[l + o];
+    slot[q % 256] += lane[0];
+  }
+  for (int h = 128; h > 0; h >>= 1)
+    for (int i = 0; i < h; ++i)
+      slot[i] += slot[i + h];
+  return static_cast<float>(slot[0]);
+}
+
+TEST_CASE("host per-tensor sums follow the documented order exactly (a probe rule)") {
+  for (std::size_t n : {std::size_t{1}, std::size_t{2049}, std::size_t{100000},
+                        std::size_t{600001}}) {
+    INFO("n = ", n);
+    auto p = order_sensitive(n, 5);
+    auto g = order_sensitive(n, 6);
+    if (n > 10) { // skip_element: a NaN adds nothing (its partner is zeroed: the rest cancels)
+      float const old = g[7];
+      g[7] = std::numeric_limits<float>::quiet_NaN();
+      auto const partner = std::find(g.begin(), g.end(), -old);
+      if (partner != g.end())
+        *partner = 0.0f;
+    }
+    std::vector<bool> skip(n, false);
+    for (std::size_t i = 0; i < n; ++i)
+      skip[i] = !std::isfinite(g[i]);
+    oq::optimizer_options o;
+    o.nonfinite = oq::nonfinite_policy::skip_element;
+    auto p0 = p;
+    oq::optimizer<probe_sum<0>, oq::fp32_state, float> a(probe_sum<0>{}, o);
+    a.add_param(tensor_view<float>(p0.data(), n, memory_space::host));
+    (void)a.step(exec::host{2}, {tensor_view<float const>(g.data(), n, memory_space::host)});
+    float const want_a = reference_total(g, skip);
+    CHECK(std::memcmp(&p0[0], &want_a, 4) == 0);
+    auto p1 = p;
+    oq::optimizer<probe_sum<1>, oq::fp32_state, float> b(probe_sum<1>{}, o);
+    b.add_param(tensor_view<float>(p1.data(), n, memory_space::host));
+    (void)b.step(exec::host{3}, {tensor_view<float const>(g.data(), n, memory_space::host)});
+    float const want_b = reference_total(p, skip);
+    CHECK(std::memcmp(&p1[n - 1], &want_b, 4) == 0);
+    if (n == 100000) { // the data can tell orders apart: a sequential sum gives another float
+      double sequential = 0.0;
+      for (std::size_t i = 0; i < n; ++i)
+        sequential += skip[i] ? 0.0 : static_cast<double>(g[i]);
+      CHECK(static_cast<float>(sequential) != want_a);
+    }
+  }
 }
 
 TEST_CASE("host LAMB, LARS and max_unorm do not depend on the thread count") {
@@ -347,6 +449,18 @@ TEST_CASE("CUDA LAMB and LARS == host optimizer, bit for bit (8-bit and fp32 sta
     o.master_weights = true;
     o.lr = oq::lr_schedule::cosine(1e-3f, 1, 10, 1e-5f);
     compare_device_optimizer<oq::lamb, oq::int8_state>(pb, oq::lamb{}, o);
+  }
+  SUBCASE("a probe rule whose update writes the raw per-tensor totals") {
+    problem<float, float> probe;
+    probe.sizes = {1, 2049, 100000, 600001};
+    std::vector<std::vector<float>> step_grads;
+    for (std::size_t i = 0; i < probe.sizes.size(); ++i) {
+      probe.params.push_back(order_sensitive(probe.sizes[i], 20 + static_cast<unsigned>(i)));
+      step_grads.push_back(order_sensitive(probe.sizes[i], 30 + static_cast<unsigned>(i)));
+    }
+    probe.grads.push_back(step_grads);
+    compare_device_optimizer<probe_sum<0>, oq::int8_state>(probe, probe_sum<0>{}, options());
+    compare_device_optimizer<probe_sum<1>, oq::fp32_state>(probe, probe_sum<1>{}, options());
   }
   SUBCASE("LAMB over more than 256 pieces (the slot fold) with skip_element") {
     auto const big = make_problem<float, float>({600001, 3000}, 2, 103, true);

@@ -136,10 +136,10 @@ private:
       t.rule = device_rule{ps.rule};
       t.lr_scale = ps.lr_scale;
       t.master = ps.master.empty() ? nullptr : ps.master.data();
-      for (int k = 0; k < state_count; ++k) {
-        t.state[k] = ps.data[static_cast<std::size_t>(k)].data();
-        t.absmax[k] = ps.scale[static_cast<std::size_t>(k)].data();
-      }
+      optim::detail::for_each_state<state_count>([&](auto K) {
+        t.state[K.value] = ps.data[static_cast<std::size_t>(K.value)].data();
+        t.absmax[K.value] = ps.scale[static_cast<std::size_t>(K.value)].data();
+      });
       out.push_back(t);
     }
     return out;
@@ -336,8 +336,10 @@ public:
   [[nodiscard]] std::size_t state_bytes() const noexcept {
     std::size_t b = sizeof(step_state);
     for (auto const& p : params_)
-      for (std::size_t k = 0; k < static_cast<std::size_t>(state_count); ++k)
+      optim::detail::for_each_state<state_count>([&](auto K) {
+        auto const k = static_cast<std::size_t>(K.value);
         b += p.data[k].size_bytes() + p.scale[k].size_bytes();
+      });
     return b;
   }
   //! Steps applied (waits for e.stream).
@@ -360,12 +362,13 @@ public:
     for (std::size_t i = 0; i < params_.size(); ++i) {
       auto& a = params_[i];
       auto& b = hp[i];
-      for (std::size_t k = 0; k < static_cast<std::size_t>(state_count); ++k) {
+      optim::detail::for_each_state<state_count>([&](auto K) {
+        auto const k = static_cast<std::size_t>(K.value);
         copy(e, b.data[k].data(), a.data[k].data(), a.data[k].size_bytes(),
              cudaMemcpyDeviceToHost);
         copy(e, b.scale[k].data(), a.scale[k].data(), a.scale[k].size_bytes(),
              cudaMemcpyDeviceToHost);
-      }
+      });
       copy(e, b.master.data(), a.master.data(), a.master.size_bytes(), cudaMemcpyDeviceToHost);
       b.rule = a.rule;
       b.lr_scale = a.lr_scale;
@@ -386,12 +389,13 @@ public:
     for (std::size_t i = 0; i < params_.size(); ++i) {
       auto& a = params_[i];
       auto& b = hp[i];
-      for (std::size_t k = 0; k < static_cast<std::size_t>(state_count); ++k) {
+      optim::detail::for_each_state<state_count>([&](auto K) {
+        auto const k = static_cast<std::size_t>(K.value);
         copy(e, a.data[k].data(), b.data[k].data(), a.data[k].size_bytes(),
              cudaMemcpyHostToDevice);
         copy(e, a.scale[k].data(), b.scale[k].data(), a.scale[k].size_bytes(),
              cudaMemcpyHostToDevice);
-      }
+      });
       copy(e, a.master.data(), b.master.data(), a.master.size_bytes(), cudaMemcpyHostToDevice);
       a.rule = b.rule;
       a.lr_scale = b.lr_scale;
