@@ -127,10 +127,10 @@ TEST_CASE("per-tensor sums: the fixed tree order of tensor_sum.hpp") {
   oq::norm_terms const t = oq::detail::fold_pieces(pieces, pieces.size());
   CHECK(t.a == static_cast<float>(slot[0]));
   CHECK(oq::detail::sum_lane_of(0) == 0);
-  CHECK(oq::detail::sum_lane_of(7) == 0);
-  CHECK(oq::detail::sum_lane_of(8) == 1);
-  CHECK(oq::detail::sum_lane_of(255) == 31);
-  CHECK(oq::detail::sum_lane_of(256) == 0);
+  CHECK(oq::detail::sum_lane_of(7) == 7);
+  CHECK(oq::detail::sum_lane_of(31) == 31);
+  CHECK(oq::detail::sum_lane_of(32) == 0);
+  CHECK(oq::detail::sum_lane_of(2047) == 31);
 }
 
 //! A reducing rule that exposes the per-tensor totals: its terms are (g, p) (signed, of varied
@@ -182,7 +182,7 @@ float reference_total(std::vector<float> const& t, std::vector<bool> const& skip
     double lane[32] = {};
     for (std::size_t j = q * 2048; j < std::min(t.size(), (q + 1) * 2048); ++j)
       if (!skip[j])
-        lane[(j % 256) / 8] += static_cast<double>(t[j]);
+        lane[j % 32] += static_cast<double>(t[j]);
     for (int o = 16; o > 0; o >>= 1)
       for (int l = 0; l < o; ++l)
         lane[l] += lane[l + o];

@@ -6,10 +6,11 @@
 //! folded into a factor on the update). Both run between the prepare kernel and the fused update
 //! (multi_tensor.cuh) over every tensor of a group in two launches, with no host synchronization:
 //!
-//!   1. `tensor_terms_kernel`: one warp per piece of 2048 elements, across all tensors; each lane
-//!      loads its elements (parameter or master weight, gradient times the step's gradient
-//!      scale, each state decoded exactly as the host does, `F::load`), sums the terms in double
-//!      and the warp folds its 32 lane sums; one partial per piece;
+//!   1. `tensor_terms_kernel`: one warp per piece of 2048 elements, across all tensors; lane l
+//!      loads elements l, l + 32, ... of the piece, coalesced (parameter or master weight,
+//!      gradient times the step's gradient scale, each state decoded exactly as the host does,
+//!      `F::load`), sums the terms in double and the warp folds its 32 lane sums; one partial per
+//!      piece;
 //!   2. `tensor_finish_kernel`: one block per tensor folds its pieces' partials over 256 slots
 //!      and applies the rule's `finish` (or max_unorm's factor) to the tensor's device scalars.
 //!
@@ -237,33 +238,31 @@ __global__ void __launch_bounds__(256)
     float const* const master = entry->master;
     std::uint64_t const base = (piece - args.first_piece[hint]) * optim::detail::sum_piece;
     optim::detail::term_sums acc{};
-    for (std::size_t r = 0; r < optim::detail::sum_piece; r += optim::detail::sum_row) {
-      std::uint64_t const run = base + r + std::uint64_t{lane} * optim::detail::sum_lane_run;
-      for (std::size_t i = 0; i < optim::detail::sum_lane_run; ++i) {
-        std::uint64_t const j = run + i;
-        if (j >= size)
-          break;
-        float const p = master != nullptr ? master[j] : to_float(param[j]);
-        float const g = fmath::mul(to_float(grad[j]), grad_scale);
-        if (args.skip_bad != 0 && !fmath::is_finite(g))
-          continue;
-        state_values<S> sv;
-        each_state<S>([&](auto J) {
-          using F = typename traits::template format<J.value>;
-          if constexpr (F::blockwise) {
-            typename F::ref const ref{static_cast<std::uint8_t*>(entry->state[J.value]),
-                                      entry->absmax[J.value]};
-            if constexpr (state_is_signed_v<Rule, J.value>)
-              sv[J.value] = F::load(ref, j, books.any.book);
-            else
-              sv[J.value] = F::load(ref, j, books.non_negative.book);
-          } else {
-            typename F::ref const ref{static_cast<typename F::element*>(entry->state[J.value])};
-            sv[J.value] = F::load(ref, j);
-          }
-        });
-        optim::detail::add_terms(acc, Terms::template apply<Rule>(p, g, sv, k));
-      }
+    // lane l owns elements l, l + 32, l + 64, ... of the piece: every load of the warp reads
+    // 32 consecutive elements
+    constexpr std::uint64_t piece_elements = optim::detail::sum_piece;
+    std::uint64_t const end = size < base + piece_elements ? size : base + piece_elements;
+    for (std::uint64_t j = base + lane; j < end; j += optim::detail::sum_lanes) {
+      float const p = master != nullptr ? master[j] : to_float(param[j]);
+      float const g = fmath::mul(to_float(grad[j]), grad_scale);
+      if (args.skip_bad != 0 && !fmath::is_finite(g))
+        continue;
+      state_values<S> sv;
+      each_state<S>([&](auto J) {
+        using F = typename traits::template format<J.value>;
+        if constexpr (F::blockwise) {
+          typename F::ref const ref{static_cast<std::uint8_t*>(entry->state[J.value]),
+                                    entry->absmax[J.value]};
+          if constexpr (state_is_signed_v<Rule, J.value>)
+            sv[J.value] = F::load(ref, j, books.any.book);
+          else
+            sv[J.value] = F::load(ref, j, books.non_negative.book);
+        } else {
+          typename F::ref const ref{static_cast<typename F::element*>(entry->state[J.value])};
+          sv[J.value] = F::load(ref, j);
+        }
+      });
+      optim::detail::add_terms(acc, Terms::template apply<Rule>(p, g, sv, k));
     }
     // the butterfly of optim::detail::fold_lanes
     QMEM_UNROLL

@@ -9,8 +9,8 @@
 //! a tree that a warp and a host loop both compute cheaply. Every term is widened to double.
 //!
 //!   1. a tensor is cut into pieces of `sum_piece` (2048) elements, one warp's work on the GPU;
-//!   2. within a piece, element j belongs to lane `(j % 256) / 8` of 32: each lane owns 8
-//!      consecutive elements of each 256-element row and adds its terms in increasing j, from
+//!   2. within a piece, element j belongs to lane `j % 32` of 32 (on the GPU a warp's loads of
+//!      32 consecutive elements are coalesced); each lane adds its terms in increasing j, from
 //!      0.0 (an element skipped by the non-finite policy adds nothing);
 //!   3. the 32 lane sums fold as a butterfly (`__shfl_xor` over offsets 16, 8, 4, 2, 1:
 //!      v[l] = v[l] + v[l ^ o]; IEEE addition is commutative, so every lane ends with the value
@@ -31,14 +31,12 @@ namespace qmem::optim::detail {
 
 inline constexpr std::size_t sum_piece = 2048;   //!< elements per piece (one GPU warp)
 inline constexpr int sum_lanes = 32;             //!< lane sums per piece
-inline constexpr std::size_t sum_lane_run = 8;   //!< consecutive elements of a lane in a row
-inline constexpr std::size_t sum_row = 256;      //!< sum_lanes * sum_lane_run
 inline constexpr int sum_slots = 256;            //!< slots of the per-tensor fold
-static_assert(sum_row == sum_lanes * sum_lane_run && sum_piece % sum_row == 0);
+static_assert(sum_piece % sum_lanes == 0);
 
 //! The lane of offset `j` within its piece.
 QMEM_HOST_DEVICE QMEM_INLINE constexpr int sum_lane_of(std::size_t j) noexcept {
-  return static_cast<int>((j % sum_row) / sum_lane_run);
+  return static_cast<int>(j % sum_lanes);
 }
 
 //! The two running sums of a reduction (the totals of norm_terms::a and ::b).
