@@ -2,18 +2,23 @@
 // against the host reference (4-bit forward and grad-input, both the GEMV-style and the
 // large-batch paths), int8 products bit for bit, and the preconditions.
 //
-// Tolerance of a 4-bit product (docs/matmul.md derives it): the reference sums exact products in
-// double and rounds once to T; a backend sums the same products (the weights are the same values:
-// round_T(code * scale)) in fp32 in another order, on tensor cores that may truncate instead of
-// rounding at each addition. So |backend - reference| <= 2^(1-p) |reference| (T's rounding of two
-// nearby sums, p = 8 for bf16, 11 for f16) + 2 k 2^-24 sum_i |x_i w_i| (fp32 summation, doubled
-// for truncation). A misplaced code, scale or row changes a result by about |y|, far above this.
+// Tolerances of a 4-bit product (docs/matmul.md derives them). The host reference dequantizes
+// (w = round_T(code * scale)), sums the exact products in double and rounds once to T.
+// - Paths with the same weights (host, CUDA m > 16: dequantize + cuBLASLt; CUDA grad-input): they
+//   sum the same exact products in fp32 in another order, on tensor cores that may truncate:
+//   |got - ref| <= 2^(1-p) |ref| (two roundings to T of nearby sums, p = 8 for bf16, 11 for f16)
+//   + 2 k 2^-24 S, S = sum |x_i w_i|.
+// - The CUDA GEMV path (m <= 16) computes sum_b scale_b * sum_{i in b} round_T(v_i) x_i in fp32:
+//   checked tightly against that function evaluated in double (the "model"):
+//   |got - model| <= 2^(1-p) |model| + 4 (k + 64) 2^-24 S', S' = sum |x_i scale_b round_T(v_i)|;
+//   and against the reference with the bound the documentation states: the model's weight
+//   scale * round_T(v) and the reference's round_T(v * scale) are both within 2^-p relative of
+//   v * scale, which adds 2^(1-p) / (1 - 2^-p) S.
+// A misplaced code, scale or row changes a result by about |y|, far above the tight bounds.
 #include <qmem/quant/matmul.hpp>
 #if QMEM_HAS_CUDA()
 #include <qmem/quant/cuda/matmul.cuh>
 #endif
-
-#include "support/backend.hpp"
 
 #include <doctest/doctest.h>
 
@@ -25,6 +30,8 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include "support/backend.hpp"
 
 namespace {
 
@@ -125,9 +132,12 @@ constexpr int precision_bits = std::is_same_v<T, bf16> ? 8 : 11;
 
 //! Checks got against ref with the tolerance derived above; `terms[i]` is sum |x w| of output i
 //! and `depth` the summation length.
+//! `sum_coef` multiplies 2^-24 S (2 k for a plain fp32 sum), `weight_coef` multiplies S for the
+//! weights' own difference (0 when both sides use the same weights).
 template <class T>
 void expect_close(std::vector<T> const& got, std::vector<T> const& ref,
-                  std::vector<double> const& terms, std::size_t depth, std::string const& what) {
+                  std::vector<double> const& terms, double sum_coef, double weight_coef,
+                  std::string const& what) {
   REQUIRE(got.size() == ref.size());
   std::size_t bad = 0;
   double worst = 0.0;
@@ -135,18 +145,55 @@ void expect_close(std::vector<T> const& got, std::vector<T> const& ref,
     double const r = to_float(ref[i]);
     double const g = to_float(got[i]);
     double const tol = std::ldexp(std::fabs(r), 1 - precision_bits<T>) +
-                       2.0 * static_cast<double>(depth) * std::ldexp(terms[i], -24);
+                       sum_coef * std::ldexp(terms[i], -24) + weight_coef * terms[i];
     double const err = std::fabs(g - r);
     worst = std::max(worst, tol > 0 ? err / tol : err);
     if (!(err <= tol)) {
       if (bad < 5)
-        MESSAGE(what << ": element " << i << " is " << g << ", reference " << r
-                     << ", tolerance " << tol);
+        MESSAGE(what << ": element " << i << " is " << g << ", reference " << r << ", tolerance "
+                     << tol);
       ++bad;
     }
   }
   INFO(what << ": worst error / tolerance = " << worst);
   CHECK(bad == 0);
+}
+
+//! 2 k: the fp32 summation term of paths that use the reference's weights.
+constexpr double plain_sum(std::size_t k) { return 2.0 * static_cast<double>(k); }
+//! 4 (k + 64): the GEMV path's fp32 summation term (docs/matmul.md).
+constexpr double gemv_sum(std::size_t k) { return 4.0 * static_cast<double>(k + 64); }
+//! 2^(1-p) / (1 - 2^-p): the GEMV path's weight difference against the reference.
+template <class T>
+double gemv_weight_coef() {
+  double const u = std::ldexp(1.0, -precision_bits<T>);
+  return 2.0 * u / (1.0 - u);
+}
+
+//! The GEMV path's function evaluated in double, rounded once to T, and its sums of |terms|:
+//! y[i, j] = sum_l x[i, l] * scale(j * k + l) * round_T(value(code(j * k + l))).
+template <class T, class Code>
+void gemv_model(host_weight const& hw, std::vector<T> const& x, std::size_t m,
+                std::vector<T>& model, std::vector<double>& terms) {
+  auto const v = host_view<Code>(hw);
+  std::size_t const n = hw.rows, k = hw.cols;
+  std::vector<double> w(n * k);
+  for (std::size_t i = 0; i < n * k; ++i)
+    w[i] = static_cast<double>(qmem::quant::detail::mm::host_scale(v, i / hw.block)) *
+           static_cast<double>(qmem::quant::detail::mm::table_value<T>(
+               Code::decode(qmem::quant::detail::nibble(hw.codes.data(), i), Code::book)));
+  model.assign(m * n, T{});
+  terms.assign(m * n, 0.0);
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j) {
+      double acc = 0.0;
+      for (std::size_t l = 0; l < k; ++l) {
+        double const t = static_cast<double>(to_float(x[i * k + l])) * w[j * k + l];
+        acc += t;
+        terms[i * n + j] += std::fabs(t);
+      }
+      model[i * n + j] = from_float<T>(static_cast<float>(acc));
+    }
 }
 
 template <class B>
@@ -181,10 +228,20 @@ void check_forward(std::size_t m, std::size_t n, std::size_t k, std::size_t bloc
   else
     matmul_4bit<T>(B::exec(), bx.view(), m, bw.view, by.view(), ws.view());
   std::vector<T> const got = B::download(by.view());
-  expect_close(got, ref, terms, k,
-               std::string(B::name) + " forward m=" + std::to_string(m) + " n=" +
-                   std::to_string(n) + " k=" + std::to_string(k) + " block=" +
-                   std::to_string(block) + (nested ? " nested" : " plain"));
+  std::string const what = std::string(B::name) + " forward m=" + std::to_string(m) +
+                           " n=" + std::to_string(n) + " k=" + std::to_string(k) +
+                           " block=" + std::to_string(block) + (nested ? " nested" : " plain");
+  if (std::string(B::name) != "host" && m <= gemv_max_rows) {
+    // the GEMV path: tightly against its own function, and within the documented bound of the
+    // reference
+    std::vector<T> model;
+    std::vector<double> mterms;
+    gemv_model<T, Code>(hw, x, m, model, mterms);
+    expect_close(got, model, mterms, gemv_sum(k), 0.0, what + " (against the GEMV model)");
+    expect_close(got, ref, terms, gemv_sum(k), gemv_weight_coef<T>(), what);
+  } else {
+    expect_close(got, ref, terms, plain_sum(k), 0.0, what);
+  }
 }
 
 template <class B, class T, class Code>
@@ -208,10 +265,10 @@ void check_grad_input(std::size_t m, std::size_t n, std::size_t k, std::size_t b
   auto ws = workspace_for<B>(matmul_4bit_grad_input_workspace_bytes<T>(m, bw.view));
   matmul_4bit_grad_input<T>(B::exec(), bg.view(), m, bw.view, bx.view(), ws.view());
   std::vector<T> const got = B::download(bx.view());
-  expect_close(got, ref, terms, n,
-               std::string(B::name) + " grad_input m=" + std::to_string(m) + " n=" +
-                   std::to_string(n) + " k=" + std::to_string(k) + " block=" +
-                   std::to_string(block) + (nested ? " nested" : " plain"));
+  expect_close(got, ref, terms, plain_sum(n), 0.0,
+               std::string(B::name) + " grad_input m=" + std::to_string(m) +
+                   " n=" + std::to_string(n) + " k=" + std::to_string(k) +
+                   " block=" + std::to_string(block) + (nested ? " nested" : " plain"));
 }
 
 struct shape {
@@ -221,10 +278,14 @@ struct shape {
 // Odd shapes: k not a multiple of the block (96, 160 with 64; 2080 with 4096), n not a multiple of
 // the 16-row tile, k not a multiple of 32 (77, 100: the generic kernel), m across 1..16 and
 // beyond 16 (the dequantize + cuBLASLt path), a weight smaller than one block.
+// The fast GEMV kernel takes k % 64 == 0 and k % block == 0 (with blocks of 32, 64 and >= 128
+// compiled separately): {3, 64, 256, 64}, {16, 33, 512, 64}, {2, 300, 384, 128}, {4, 45, 1408, 32},
+// {11, 70, 4096, 4096}, {1, 130, 1024, 256}; the others take the generic kernel.
 constexpr shape shapes[] = {
-    {1, 37, 96, 64},   {3, 64, 256, 64},   {8, 50, 160, 32},  {9, 24, 100, 256},
-    {16, 33, 512, 64}, {5, 20, 77, 64},    {1, 1, 1, 32},     {12, 17, 2080, 4096},
-    {2, 300, 384, 128}, {17, 40, 128, 64}, {40, 70, 192, 128}, {33, 19, 64, 32},
+    {1, 37, 96, 64},    {3, 64, 256, 64},     {8, 50, 160, 32},    {9, 24, 100, 256},
+    {16, 33, 512, 64},  {5, 20, 77, 64},      {1, 1, 1, 32},       {12, 17, 2080, 4096},
+    {2, 300, 384, 128}, {17, 40, 128, 64},    {40, 70, 192, 128},  {33, 19, 64, 32},
+    {4, 45, 1408, 32},  {11, 70, 4096, 4096}, {1, 130, 1024, 256}, {7, 16, 64, 128},
 };
 
 } // namespace
@@ -242,8 +303,8 @@ TEST_CASE("host matmul_4bit reference: hand-computed values") {
   std::vector<bf16> const x = {bf16(1.0f), bf16(0.5f)};
   std::vector<bf16> y(2, bf16(123.0f));
   matmul_4bit<bf16>(exec::host{}, {x.data(), 2}, 1, w, tensor_view<bf16>{y.data(), 2});
-  CHECK(to_float(y[0]) == 1.0f);                                   // 1 * 2 + 0.5 * -2
-  float const w11 = to_float(bf16(nf4_table.value[8] * 2.0f));     // 0.159 rounded to bf16
+  CHECK(to_float(y[0]) == 1.0f);                               // 1 * 2 + 0.5 * -2
+  float const w11 = to_float(bf16(nf4_table.value[8] * 2.0f)); // 0.159 rounded to bf16
   CHECK(to_float(y[1]) == to_float(bf16(0.5f * w11)));
   // grad_x = grad_y * w: [1, 1] * w = [2 + 0, -2 + w11]
   std::vector<bf16> const gy = {bf16(1.0f), bf16(1.0f)};
@@ -280,53 +341,87 @@ TEST_CASE_TEMPLATE_APPLY(mm_forward, qmem::test::backends);
 
 #if QMEM_HAS_CUDA()
 namespace {
-template <int W, int U, int R, bool S>
-void variant_case(std::size_t m, std::size_t n, std::size_t k, bool nested, std::mt19937& rng) {
+template <cuda_matmul::gemv_shape Shape, bool Nested>
+int launch_shape(cuda_matmul::gemv_args<bf16> const& a) {
+  cuda_matmul::launch_gemv_fast<nf4, bf16, Nested, Shape>(qmem::test::cuda_backend::exec(), a);
+  return Shape.tiles;
+}
+template <cuda_matmul::gemv1_shape Shape, bool Nested>
+int launch_shape(cuda_matmul::gemv_args<bf16> const& a) {
+  cuda_matmul::launch_gemv1_fast<nf4, bf16, Nested, Shape>(qmem::test::cuda_backend::exec(), a);
+  return Shape.pairs;
+}
+
+template <auto Shape>
+void variant_case(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
+                  std::mt19937& rng) {
+  constexpr bool batch1 =
+      std::is_same_v<std::remove_cv_t<decltype(Shape)>, cuda_matmul::gemv1_shape>;
   using B = qmem::test::cuda_backend;
-  host_weight const hw = random_weight(n, k, 64, nested, rng);
+  host_weight const hw = random_weight(n, k, block, nested, rng);
   std::vector<bf16> const x = random_matrix<bf16>(m * k, rng);
-  std::vector<bf16> ref(m * n);
-  matmul_4bit<bf16>(exec::host{}, {x.data(), x.size()}, m, host_view<nf4>(hw),
-                    tensor_view<bf16>{ref.data(), ref.size()});
-  std::vector<float> const wd = qmem::quant::detail::mm::host_dequantized<bf16>(host_view<nf4>(hw));
-  std::vector<double> terms(m * n, 0.0);
-  for (std::size_t i = 0; i < m; ++i)
-    for (std::size_t j = 0; j < n; ++j)
-      for (std::size_t l = 0; l < k; ++l)
-        terms[i * n + j] += std::fabs(static_cast<double>(to_float(x[i * k + l])) * wd[j * k + l]);
+  std::vector<bf16> model;
+  std::vector<double> terms;
+  gemv_model<bf16, nf4>(hw, x, m, model, terms);
   backend_weight<B, nf4> bw(hw);
   auto bx = B::upload(x);
   auto by = B::template alloc<bf16>(m * n);
-  cuda_matmul::gemv_args<bf16> const a{bx.view().data(), bw.view.codes.data(),
+  REQUIRE(cuda_matmul::gemv_fast_path(k, block, bw.view.codes.data(), bx.view().data()));
+  cuda_matmul::gemv_args<bf16> const a{bx.view().data(),
+                                       bw.view.codes.data(),
                                        cuda_matmul::make_scale_args(bw.view.scales),
-                                       by.view().data(), static_cast<unsigned>(m), n, k, 6};
-  if (nested)
-    cuda_matmul::launch_gemv_fast<nf4, bf16, true, W, U, R, S>(B::exec(), a);
-  else
-    cuda_matmul::launch_gemv_fast<nf4, bf16, false, W, U, R, S>(B::exec(), a);
-  expect_close(B::download(by.view()), ref, terms, k,
-               "variant " + std::to_string(W) + "/" + std::to_string(U) + "/" +
-                   std::to_string(R) + " m=" + std::to_string(m) + " n=" + std::to_string(n));
+                                       by.view().data(),
+                                       static_cast<unsigned>(m),
+                                       n,
+                                       k,
+                                       qmem::quant::detail::mm::log2_exact(block)};
+  REQUIRE((!batch1 || m == 1));
+  int const third = nested ? launch_shape<Shape, true>(a) : launch_shape<Shape, false>(a);
+  expect_close(B::download(by.view()), model, terms, gemv_sum(k), 0.0,
+               std::string(batch1 ? "batch-1 " : "") + "variant " + std::to_string(Shape.warps) +
+                   "/" + std::to_string(Shape.unroll) + "/" + std::to_string(third) + " m=" +
+                   std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
+                   " block=" + std::to_string(block) + (nested ? " nested" : " plain"));
 }
 } // namespace
 
-TEST_CASE("GEMV kernel block shapes the bench compares all compute the reference") {
+TEST_CASE("GEMV kernel block shapes the bench compares all compute the same function") {
   if (!qmem::test::gpu_present()) {
     MESSAGE("skipped: no CUDA device on this machine");
     return;
   }
+  using cuda_matmul::gemv_shape;
   std::mt19937 rng(11);
   for (std::size_t const m : {std::size_t{1}, std::size_t{5}, std::size_t{16}})
     for (bool const nested : {false, true}) {
-      variant_case<8, 2, 1, true>(m, 45, 1408, nested, rng);
-      variant_case<8, 2, 2, true>(m, 45, 1408, nested, rng);
-      variant_case<8, 2, 1, false>(m, 45, 1408, nested, rng);
-      variant_case<8, 2, 2, false>(m, 70, 1408, nested, rng);
-      variant_case<4, 2, 1, true>(m, 70, 1408, nested, rng);
-      variant_case<16, 2, 1, true>(m, 33, 4096, nested, rng);
-      variant_case<8, 4, 1, true>(m, 33, 4096, nested, rng);
-      variant_case<4, 2, 2, true>(m, 70, 1408, nested, rng);
+      // steps of 64 columns: 1408 = 22 steps (tails of every unroll), 4096 = 64
+      variant_case<gemv_shape{8, 4, 1}>(m, 45, 1408, 64, nested, rng);
+      variant_case<gemv_shape{8, 2, 1}>(m, 45, 1408, 64, nested, rng);
+      variant_case<gemv_shape{8, 2, 2}>(m, 70, 1408, 64, nested, rng);
+      variant_case<gemv_shape{4, 4, 1}>(m, 33, 4096, 64, nested, rng);
+      variant_case<gemv_shape{16, 2, 1}>(m, 33, 4096, 64, nested, rng);
+      variant_case<gemv_shape{8, 8, 1}>(m, 33, 4096, 64, nested, rng);
+      variant_case<gemv_shape{8, 4, 2}>(m, 70, 1408, 64, nested, rng);
+      variant_case<gemv_shape{8, 4, 1}>(m, 40, 1408, 32, nested, rng);
+      variant_case<gemv_shape{8, 4, 1}>(m, 40, 4096, 256, nested, rng);
+      // consecutive steps with 16-byte scale loads (plain scales, k % 256 == 0; else the
+      // interleaved kernel): 4096 and 1536 columns, and 1408 (not a multiple of 256)
+      variant_case<gemv_shape{8, 4, 2, true}>(m, 45, 4096, 64, nested, rng);
+      variant_case<gemv_shape{8, 4, 1, true}>(m, 33, 1536, 64, nested, rng);
+      variant_case<gemv_shape{8, 2, 2, true}>(m, 70, 1408, 64, nested, rng);
     }
+  // the batch-1 kernel: 1408 columns = 2.75 super-steps of 512 (a partial one), 45 and 33 rows
+  // (partial row tiles), blocks 64 and larger
+  using cuda_matmul::gemv1_shape;
+  for (bool const nested : {false, true}) {
+    variant_case<gemv1_shape{8, 2, 2}>(1, 45, 1408, 64, nested, rng);
+    variant_case<gemv1_shape{8, 1, 4}>(1, 33, 4096, 64, nested, rng);
+    variant_case<gemv1_shape{8, 4, 1}>(1, 45, 8192, 64, nested, rng);
+    variant_case<gemv1_shape{16, 2, 2}>(1, 33, 4096, 64, nested, rng);
+    variant_case<gemv1_shape{8, 1, 2}>(1, 70, 1408, 64, nested, rng);
+    variant_case<gemv1_shape{8, 2, 2}>(1, 45, 1536, 128, nested, rng);
+    variant_case<gemv1_shape{8, 2, 2}>(1, 45, 4096, 4096, nested, rng);
+  }
 }
 #endif
 
@@ -351,7 +446,10 @@ TEST_CASE_TEMPLATE_DEFINE("matmul_int8 and linear_int8 equal the host bit for bi
   struct dims {
     std::size_t m, n, k;
   };
-  for (dims const d : {dims{1, 5, 8}, dims{7, 33, 64}, dims{40, 24, 132}, dims{3, 16, 1024}}) {
+  // outlier columns (every 5th): 2, 14, 27 and 205 (gathered into dense blocks on the GPU), 308
+  // (more than linear_int8_dense_outliers: read in place); 70 x 100 outputs span several tiles
+  for (dims const d : {dims{1, 5, 8}, dims{7, 33, 64}, dims{40, 24, 132}, dims{3, 16, 1024},
+                       dims{4, 20, 1536}, dims{70, 100, 256}}) {
     CAPTURE(d.m);
     CAPTURE(d.n);
     CAPTURE(d.k);
@@ -408,8 +506,8 @@ TEST_CASE_TEMPLATE_DEFINE("matmul_int8 and linear_int8 equal the host bit for bi
         for (std::size_t j = 0; j < d.n; ++j) {
           double exact = 0.0, mag = 0.0;
           for (std::size_t l = 0; l < d.k; ++l) {
-            double const t = static_cast<double>(to_float(x[i * d.k + l])) * b[j * d.k + l] *
-                             cs[j] / 127.0;
+            double const t =
+                static_cast<double>(to_float(x[i * d.k + l])) * b[j * d.k + l] * cs[j] / 127.0;
             exact += t;
             mag += std::fabs(t);
           }
@@ -454,9 +552,9 @@ TEST_CASE_TEMPLATE_DEFINE("quantized matmuls reject bad arguments and write noth
   // host memory handed to the GPU (or device memory to the host)
   if constexpr (!std::is_same_v<B, qmem::test::host_backend>) {
     std::vector<bf16> hx(2 * 64);
-    CHECK_THROWS_AS(matmul_4bit<bf16>(B::exec(), {hx.data(), hx.size()}, 2, bw.view, by.view(),
-                                      ws.view()),
-                    qmem::bad_argument);
+    CHECK_THROWS_AS(
+        matmul_4bit<bf16>(B::exec(), {hx.data(), hx.size()}, 2, bw.view, by.view(), ws.view()),
+        qmem::bad_argument);
     // a large batch without the workspace it needs
     auto bx40 = B::upload(random_matrix<bf16>(40 * 64, rng));
     auto by40 = B::template alloc<bf16>(40 * 8);

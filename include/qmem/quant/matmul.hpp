@@ -12,20 +12,23 @@
 //!     w      [n, k]   weight, out_features x in_features, row-major, quantized as a flat tensor
 //!     y      [m, n]   y = x * dequant(w)^T, accumulated in float (host: double), rounded once
 //!
-//! What "dequant(w)" means is fixed, so that every backend computes the same function: each weight
-//! element is `round_T(code_value * scale)` (one float product, then one rounding to the
-//! activation type T), which is what bitsandbytes' `dequantize_4bit` writes before its GEMM. Only
-//! the summation order differs between backends; docs/matmul.md derives the tolerance.
+//! What "dequant(w)" means in the reference: each weight element is `round_T(code_value * scale)`
+//! (one float product, then one rounding to the activation type T), which is what bitsandbytes'
+//! `dequantize_4bit` writes before its GEMM; the host backend and the CUDA large-batch and
+//! grad-input paths multiply exactly these weights. The CUDA GEMV path (m <= gemv_max_rows) never
+//! forms them: it sums `round_T(code_value) * x` over each block in fp32 and multiplies the sum by
+//! the block's fp32 scale (detail::mm::table_value). docs/matmul.md derives both tolerances
+//! against the reference.
 
 #include <qmem/core/config.hpp>
 #include <qmem/core/error.hpp>
 #include <qmem/core/exec.hpp>
+#include <qmem/core/fmath.hpp>
 #include <qmem/core/numeric.hpp>
 #include <qmem/core/tensor.hpp>
 #include <qmem/quant/code_table.hpp>
 #include <qmem/quant/codes.hpp>
 #include <qmem/quant/detail/blockwise_ops.hpp>
-#include <qmem/core/fmath.hpp>
 
 #include <cmath>
 #include <concepts>
@@ -112,6 +115,14 @@ QMEM_HOST_DEVICE QMEM_INLINE float dequant_weight(float code_value, float scale)
   return to_float(from_float<T>(fmath::mul(code_value, scale)));
 }
 
+//! The weight rule of the GEMV paths (CUDA, m <= gemv_max_rows): a code's table value rounded
+//! once to T. The block scale is not applied per weight: it multiplies the fp32 partial sum of the
+//! block's products, each of which (T value times T activation) is exact in fp32.
+template <matmul_activation T>
+QMEM_HOST_DEVICE QMEM_INLINE float table_value(float code_value) noexcept {
+  return to_float(from_float<T>(code_value));
+}
+
 //! bitsandbytes' int8 dequantization constant 1 / (127 * 127).
 inline constexpr float int8_dequant_scale = 1.0f / (127.0f * 127.0f);
 
@@ -119,7 +130,8 @@ inline constexpr float int8_dequant_scale = 1.0f / (127.0f * 127.0f);
 //! absmax values: acc * ((row * col) * 1/127^2), each a float operation.
 QMEM_HOST_DEVICE QMEM_INLINE float int8_epilogue(std::int32_t acc, float row_scale,
                                                  float col_scale) noexcept {
-  return fmath::mul(static_cast<float>(acc), fmath::mul(fmath::mul(row_scale, col_scale), int8_dequant_scale));
+  return fmath::mul(static_cast<float>(acc),
+                    fmath::mul(fmath::mul(row_scale, col_scale), int8_dequant_scale));
 }
 
 //! The int8 weight value bitsandbytes' outlier path multiplies with: code * (absmax / 127).
@@ -161,8 +173,8 @@ void check_weight(weight_4bit_view<Code> const& w, char const* fn, bool host, bo
     qmem::detail::raise(fn, ": w is ", w.rows, " x ", w.cols, "; expected a non-empty weight");
   std::size_t const n = w.elements();
   if (w.codes.size() != (n + 1) / 2)
-    qmem::detail::raise(fn, ": w.codes holds ", w.codes.size(), " bytes; a ", w.rows, " x ",
-                        w.cols, " 4-bit weight needs ", (n + 1) / 2);
+    qmem::detail::raise(fn, ": w.codes holds ", w.codes.size(), " bytes; a ", w.rows, " x ", w.cols,
+                        " 4-bit weight needs ", (n + 1) / 2);
   check_view(w.codes, fn, "w.codes", host, device);
   std::size_t const blocks = w.blocks();
   if (w.scales.nested()) {
@@ -173,12 +185,12 @@ void check_weight(weight_4bit_view<Code> const& w, char const* fn, bool host, bo
     if (w.scales.qabsmax.size() != blocks)
       qmem::detail::raise(fn, ": w.scales.qabsmax holds ", w.scales.qabsmax.size(),
                           " codes; expected one per block, ", blocks);
-    std::size_t const groups = (blocks + w.scales.nested_block_size - 1) /
-                               w.scales.nested_block_size;
+    std::size_t const groups =
+        (blocks + w.scales.nested_block_size - 1) / w.scales.nested_block_size;
     if (w.scales.absmax2.size() != groups)
       qmem::detail::raise(fn, ": w.scales.absmax2 holds ", w.scales.absmax2.size(),
-                          " scales; expected ", groups, " (one per ",
-                          w.scales.nested_block_size, " blocks)");
+                          " scales; expected ", groups, " (one per ", w.scales.nested_block_size,
+                          " blocks)");
     check_view(w.scales.qabsmax, fn, "w.scales.qabsmax", host, device);
     check_view(w.scales.absmax2, fn, "w.scales.absmax2", host, device);
   } else {
@@ -204,9 +216,8 @@ template <class Code>
 float host_scale(weight_4bit_view<Code> const& w, std::size_t b) noexcept {
   if (!w.scales.nested())
     return w.scales.absmax[b];
-  return detail::nested_scale(w.scales.qabsmax[b],
-                              w.scales.absmax2[b / w.scales.nested_block_size], w.scales.offset,
-                              dynamic_signed::book);
+  return detail::nested_scale(w.scales.qabsmax[b], w.scales.absmax2[b / w.scales.nested_block_size],
+                              w.scales.offset, dynamic_signed::book);
 }
 
 //! The dequantized weight as float values (each exactly representable in T), row-major [n, k].
@@ -255,12 +266,20 @@ constexpr std::size_t matmul_4bit_workspace_bytes(std::size_t m,
   return detail::mm::align256(w.elements() * sizeof(T)) + cublaslt_workspace_bytes;
 }
 
+//! Largest batch the CUDA grad-input serves with its GEMV-style kernel; larger batches dequantize
+//! into a workspace and call cuBLASLt. Measured on 8192 x 8192 NF4, one H200, 2026-11-29
+//! (bench grad_path, GEMV / dequantize + cuBLASLt): batch 2 91.0 / 93.3 us, 4 92.8 / 91.8,
+//! 8 109.1 / 91.9, 16 186.6 / 92.4 (batch 1: 56.7 us through the GEMV kernel). At 2-4 the two tie
+//! and the GEMV path needs 8 MiB of workspace instead of the dequantized weight's 128 MiB.
+inline constexpr std::size_t grad_input_gemv_max_rows = 4;
+
 //! Bytes of device workspace the CUDA matmul_4bit_grad_input needs for a batch of m rows: fp32
-//! partial sums of the row slices up to gemv_max_rows, else as matmul_4bit_workspace_bytes.
+//! partial sums of the row slices up to grad_input_gemv_max_rows, else as
+//! matmul_4bit_workspace_bytes.
 template <matmul_activation T, matmul_code_4bit Code>
-constexpr std::size_t matmul_4bit_grad_input_workspace_bytes(
-    std::size_t m, weight_4bit_view<Code> const& w) noexcept {
-  if (m <= gemv_max_rows)
+constexpr std::size_t
+matmul_4bit_grad_input_workspace_bytes(std::size_t m, weight_4bit_view<Code> const& w) noexcept {
+  if (m <= grad_input_gemv_max_rows)
     return detail::mm::grad_input_slices(w.rows, w.cols) * m * w.cols * sizeof(float);
   return detail::mm::align256(w.elements() * sizeof(T)) + cublaslt_workspace_bytes;
 }
@@ -271,13 +290,21 @@ constexpr std::size_t matmul_int8_workspace_bytes(std::size_t m, std::size_t n) 
   return detail::mm::align256(m * n * sizeof(std::int32_t)) + cublaslt_workspace_bytes;
 }
 
+//! Outlier columns up to which the CUDA linear_int8 gathers them into dense fp32 blocks (the
+//! activations' columns and the weight's dequantized columns) and adds their product in a tiled
+//! epilogue; with more, the epilogue reads them in place (correct, slower). LLM.int8 sees well
+//! under 1% of the columns as outliers: 256 covers k = 25600 at 1%.
+inline constexpr std::size_t linear_int8_dense_outliers = 256;
+
 //! Bytes of device workspace the CUDA linear_int8 needs: outlier flags and list (k), the
-//! quantized activations (m * k), row scales (m), the int32 product (m * n), cuBLASLt's workspace.
+//! quantized activations (m * k), row scales (m), the gathered outlier blocks ((m + n) *
+//! min(k, linear_int8_dense_outliers) floats), the int32 product (m * n), cuBLASLt's workspace.
 constexpr std::size_t linear_int8_workspace_bytes(std::size_t m, std::size_t n,
                                                   std::size_t k) noexcept {
   using detail::mm::align256;
+  std::size_t const cap = k < linear_int8_dense_outliers ? k : linear_int8_dense_outliers;
   return align256(k * 4) + align256((k + 1) * 4) + align256(m * k) + align256(m * 4) +
-         matmul_int8_workspace_bytes(m, n);
+         align256(m * cap * 4) + align256(n * cap * 4) + matmul_int8_workspace_bytes(m, n);
 }
 
 //! y[m, n] = x[m, k] * dequant(w)^T on the host: the reference every backend is tested against.
@@ -346,8 +373,7 @@ void matmul_int8(exec::host, tensor_view<std::int8_t const> a, tensor_view<float
                  std::size_t m, std::size_t n, std::size_t k, tensor_view<Out> out,
                  tensor_view<std::byte> = {}) {
   constexpr char const* fn = "qmem::quant::matmul_int8";
-  QMEM_EXPECTS(m > 0 && n > 0 && k > 0, "shape ", m, " x ", n, " x ", k,
-               "; expected m, n, k > 0");
+  QMEM_EXPECTS(m > 0 && n > 0 && k > 0, "shape ", m, " x ", n, " x ", k, "; expected m, n, k > 0");
   QMEM_EXPECTS(k <= 131072, "k is ", k, "; expected at most 131072 (int32 accumulation)");
   detail::mm::check_matrix(a, m, k, fn, "a", true, false);
   detail::mm::check_matrix(b, n, k, fn, "b", true, false);
@@ -368,18 +394,16 @@ void matmul_int8(exec::host, tensor_view<std::int8_t const> a, tensor_view<float
 //! |x| > threshold are outliers (threshold <= 0: none): they are multiplied in float with the
 //! dequantized weight (detail::mm::int8_weight_value), in ascending k with fused multiply-adds; the
 //! other columns are quantized row-wise to int8 (absmax over the non-outlier columns,
-//! detail::mm::int8_quantize) and go through matmul_int8's arithmetic. Both backends compute exactly
-//! this, so their results agree bit for bit.
-//! Preconditions: x holds m * k, b n * k, col_scale n, out m * n elements, host-accessible;
-//! m, n, k > 0; k <= 131072.
+//! detail::mm::int8_quantize) and go through matmul_int8's arithmetic. Both backends compute
+//! exactly this, so their results agree bit for bit. Preconditions: x holds m * k, b n * k,
+//! col_scale n, out m * n elements, host-accessible; m, n, k > 0; k <= 131072.
 template <matmul_activation T>
 void linear_int8(exec::host, std::type_identity_t<tensor_view<T const>> x,
                  tensor_view<std::int8_t const> b, tensor_view<float const> col_scale,
                  std::size_t m, std::size_t n, std::size_t k, float threshold, tensor_view<T> out,
                  tensor_view<std::byte> = {}) {
   constexpr char const* fn = "qmem::quant::linear_int8";
-  QMEM_EXPECTS(m > 0 && n > 0 && k > 0, "shape ", m, " x ", n, " x ", k,
-               "; expected m, n, k > 0");
+  QMEM_EXPECTS(m > 0 && n > 0 && k > 0, "shape ", m, " x ", n, " x ", k, "; expected m, n, k > 0");
   QMEM_EXPECTS(k <= 131072, "k is ", k, "; expected at most 131072 (int32 accumulation)");
   detail::mm::check_matrix(x, m, k, fn, "x", true, false);
   detail::mm::check_matrix(b, n, k, fn, "b", true, false);
@@ -400,8 +424,8 @@ void linear_int8(exec::host, std::type_identity_t<tensor_view<T const>> x,
     row_scale[i] = amax;
     float const inv = detail::mm::int8_inverse_scale(amax);
     for (std::size_t l = 0; l < k; ++l)
-      q[i * k + l] = outlier[l] != 0 ? std::int8_t{0}
-                                     : detail::mm::int8_quantize(to_float(x[i * k + l]), inv);
+      q[i * k + l] =
+          outlier[l] != 0 ? std::int8_t{0} : detail::mm::int8_quantize(to_float(x[i * k + l]), inv);
   }
   for (std::size_t i = 0; i < m; ++i)
     for (std::size_t j = 0; j < n; ++j) {
@@ -411,8 +435,8 @@ void linear_int8(exec::host, std::type_identity_t<tensor_view<T const>> x,
       float v = detail::mm::int8_epilogue(acc, row_scale[i], col_scale[j]);
       for (std::size_t l = 0; l < k; ++l)
         if (outlier[l] != 0)
-          v = std::fma(to_float(x[i * k + l]), detail::mm::int8_weight_value(b[j * k + l], col_scale[j]),
-                       v);
+          v = std::fma(to_float(x[i * k + l]),
+                       detail::mm::int8_weight_value(b[j * k + l], col_scale[j]), v);
       out[i * n + j] = from_float<T>(v);
     }
 }

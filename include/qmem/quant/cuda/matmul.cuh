@@ -2,18 +2,21 @@
 //! \file
 //! CUDA backend of quant/matmul.hpp: the same entry points taking `exec::cuda` first.
 //!
-//! - Batches of 1 to gemv_max_rows (16) rows run a GEMV-style kernel that reads the 4-bit codes and
-//!   the block scales directly: each warp dequantizes a 16-row x 128-column tile of the weight into
-//!   tensor-core fragments (`mma.sync` m16n8k16, the weight as the 16-row A operand, the
-//!   activations as the 8-column B operand) and the eight warps of a block split the columns, then
-//!   reduce in shared memory in a fixed order. Since a dot product may visit its terms in any
-//!   order, each thread loads 16 contiguous bytes (32 codes) of a row and the activation fragment
-//!   is permuted the same way: coalesced 16-byte loads, no shuffles.
+//! - Batches of 1 to gemv_max_rows (16) rows run GEMV-style kernels that read the 4-bit codes and
+//!   the block scales directly and never multiply a weight by its scale: a code byte (two codes)
+//!   decodes to a pair of T table values through a 256-entry shared-memory table (one byte
+//!   permute and one conflict-free load per two weights), the tensor cores (`mma.sync` m16n8k16,
+//!   fp32 accumulators) sum the products of one block, and the block's fp32 scale multiplies that
+//!   partial sum once per row (docs/matmul.md, "GEMV path": the function and its tolerance).
+//!   Batch 1 has its own layout (gemv1_4bit_kernel: the 8 batch columns of the fragment carry 8
+//!   column chunks); batches 2-16 use gemv_4bit_kernel. Warps split the columns and reduce in
+//!   shared memory in a fixed order (deterministic).
 //! - Larger batches dequantize the weight into a caller-provided bf16/f16 workspace and call
 //!   cuBLASLt (fp32 accumulation).
-//! - QLoRA's grad_input = grad_y * dequant(w) has the same two paths.
-//! - int8: cuBLASLt int8 x int8 -> int32, then an epilogue kernel applies the row and column scales
-//!   and adds the outlier columns.
+//! - QLoRA's grad_input = grad_y * dequant(w): a GEMV-style kernel up to grad_input_gemv_max_rows,
+//!   else dequantize + cuBLASLt.
+//! - int8: cuBLASLt int8 x int8 -> int32, then an epilogue kernel applies the row and column
+//!   scales; outlier columns are gathered into dense fp32 blocks and added by a tiled epilogue.
 //! Every call is stream-ordered on `e.stream`, launches on `e.device`, checks its preconditions
 //! (bad_argument, nothing launched) and checks each launch.
 
@@ -27,6 +30,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -42,9 +46,9 @@ namespace cuda_matmul {
 //! Throws qmem::cuda_error naming the cuBLAS call when `status` is not CUBLAS_STATUS_SUCCESS.
 inline void check_cublas(cublasStatus_t status, char const* what) {
   if (status != CUBLAS_STATUS_SUCCESS) [[unlikely]]
-    throw cuda_error(qmem::detail::message(what, " failed: cuBLAS status ",
-                                           static_cast<int>(status)),
-                     static_cast<int>(status));
+    throw cuda_error(
+        qmem::detail::message(what, " failed: cuBLAS status ", static_cast<int>(status)),
+        static_cast<int>(status));
 }
 
 //! One cuBLASLt handle per device, created on first use and kept for the process's lifetime
@@ -86,37 +90,48 @@ struct lt_descriptors {
 //! Computes in `compute` with alpha = 1, beta = 0 of `scale_type`; stream-ordered on e.stream.
 //! Returns false (launching nothing) when cuBLASLt has no algorithm for this shape and layout.
 [[nodiscard]] inline bool lt_matmul(exec::cuda const& e, cublasOperation_t op_a,
-                                    cublasOperation_t op_b,
-                      std::uint64_t rows, std::uint64_t cols, std::uint64_t inner,
-                      cudaDataType_t ab_type, void const* a, void const* b, cudaDataType_t d_type,
-                      void* d, cublasComputeType_t compute, cudaDataType_t scale_type,
-                      void* workspace, std::size_t workspace_bytes) {
+                                    cublasOperation_t op_b, std::uint64_t rows, std::uint64_t cols,
+                                    std::uint64_t inner, cudaDataType_t ab_type, void const* a,
+                                    void const* b, cudaDataType_t d_type, void* d,
+                                    cublasComputeType_t compute, cudaDataType_t scale_type,
+                                    void* workspace, std::size_t workspace_bytes) {
   lt_descriptors ds;
   check_cublas(cublasLtMatmulDescCreate(&ds.op, compute, scale_type), "cublasLtMatmulDescCreate");
-  check_cublas(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a,
-                                              sizeof(op_a)),
-               "cublasLtMatmulDescSetAttribute(TRANSA)");
-  check_cublas(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b,
-                                              sizeof(op_b)),
-               "cublasLtMatmulDescSetAttribute(TRANSB)");
+  check_cublas(
+      cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)),
+      "cublasLtMatmulDescSetAttribute(TRANSA)");
+  check_cublas(
+      cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)),
+      "cublasLtMatmulDescSetAttribute(TRANSB)");
   std::uint64_t const a_rows = op_a == CUBLAS_OP_N ? rows : inner;
   std::uint64_t const a_cols = op_a == CUBLAS_OP_N ? inner : rows;
   std::uint64_t const b_rows = op_b == CUBLAS_OP_N ? inner : cols;
   std::uint64_t const b_cols = op_b == CUBLAS_OP_N ? cols : inner;
-  check_cublas(cublasLtMatrixLayoutCreate(&ds.a, ab_type, a_rows, a_cols,
-                                          static_cast<std::int64_t>(a_rows)),
-               "cublasLtMatrixLayoutCreate(A)");
-  check_cublas(cublasLtMatrixLayoutCreate(&ds.b, ab_type, b_rows, b_cols,
-                                          static_cast<std::int64_t>(b_rows)),
-               "cublasLtMatrixLayoutCreate(B)");
-  check_cublas(cublasLtMatrixLayoutCreate(&ds.c, d_type, rows, cols,
-                                          static_cast<std::int64_t>(rows)),
-               "cublasLtMatrixLayoutCreate(D)");
+  check_cublas(
+      cublasLtMatrixLayoutCreate(&ds.a, ab_type, a_rows, a_cols, static_cast<std::int64_t>(a_rows)),
+      "cublasLtMatrixLayoutCreate(A)");
+  check_cublas(
+      cublasLtMatrixLayoutCreate(&ds.b, ab_type, b_rows, b_cols, static_cast<std::int64_t>(b_rows)),
+      "cublasLtMatrixLayoutCreate(B)");
+  check_cublas(
+      cublasLtMatrixLayoutCreate(&ds.c, d_type, rows, cols, static_cast<std::int64_t>(rows)),
+      "cublasLtMatrixLayoutCreate(D)");
   check_cublas(cublasLtMatmulPreferenceCreate(&ds.pref), "cublasLtMatmulPreferenceCreate");
   check_cublas(cublasLtMatmulPreferenceSetAttribute(ds.pref,
                                                     CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                     &workspace_bytes, sizeof(workspace_bytes)),
                "cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)");
+  if (compute != CUBLAS_COMPUTE_32I) {
+    // split-K partial sums are added in fp32 (in the workspace) or not at all: reducing them in
+    // the bf16/f16 output type (or in place in the output) rounds each partial sum to T, which
+    // an H200 run showed for 8 x 50 x 160 and 9 x 24 x 100 grad-input products (3 ulp errors)
+    std::uint32_t const schemes =
+        CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    check_cublas(cublasLtMatmulPreferenceSetAttribute(ds.pref,
+                                                      CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                                      &schemes, sizeof(schemes)),
+                 "cublasLtMatmulPreferenceSetAttribute(REDUCTION_SCHEME_MASK)");
+  }
   cublasLtHandle_t const handle = lt_handle(e.device);
   cublasLtMatmulHeuristicResult_t heuristic{};
   int found = 0;
@@ -172,8 +187,8 @@ __device__ QMEM_INLINE std::uint32_t pack2(float lo, float hi) {
 
 //! c += a * b on the tensor cores: m16n8k16, A row-major 16x16, B column-major 16x8, fp32 c.
 template <class T>
-__device__ QMEM_INLINE void mma_16816(float (&c)[4], std::uint32_t const (&a)[4],
-                                      std::uint32_t b0, std::uint32_t b1) {
+__device__ QMEM_INLINE void mma_16816(float (&c)[4], std::uint32_t const (&a)[4], std::uint32_t b0,
+                                      std::uint32_t b1) {
   if constexpr (std::same_as<T, bf16>)
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
                  "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -188,25 +203,34 @@ __device__ QMEM_INLINE void mma_16816(float (&c)[4], std::uint32_t const (&a)[4]
 
 //! What the kernels need to find a block scale (trivially copyable, a launch argument).
 struct scale_args {
-  float const* absmax;          //!< plain scales, or nullptr
-  std::uint8_t const* qabsmax;  //!< nested codes, or nullptr
-  float const* absmax2;         //!< nested scales
-  float offset;                 //!< nested offset
-  unsigned nested_block;        //!< blocks per absmax2 entry
+  float const* absmax;         //!< plain scales, or nullptr
+  std::uint8_t const* qabsmax; //!< nested codes, or nullptr
+  float const* absmax2;        //!< nested scales
+  float offset;                //!< nested offset
+  unsigned nested_block;       //!< blocks per absmax2 entry
+  int nested_shift;            //!< log2(nested_block) when a power of two, else -1
 };
 
 inline scale_args make_scale_args(block_scales const& s) {
-  return {s.absmax.data(), s.qabsmax.data(), s.absmax2.data(), s.offset,
-          static_cast<unsigned>(s.nested_block_size)};
+  std::size_t const nb = s.nested_block_size;
+  int const shift =
+      nb != 0 && (nb & (nb - 1)) == 0 ? static_cast<int>(detail::mm::log2_exact(nb)) : -1;
+  return {s.absmax.data(), s.qabsmax.data(),          s.absmax2.data(),
+          s.offset,        static_cast<unsigned>(nb), shift};
+}
+
+//! The absmax2 group of block b: a shift when the nested block size is a power of two (always,
+//! with bitsandbytes' 256), else a division.
+__device__ QMEM_INLINE std::size_t nested_group(scale_args const& s, std::size_t b) {
+  return s.nested_shift >= 0 ? b >> s.nested_shift : b / s.nested_block;
 }
 
 //! The scale of block b (`dyn` is the signed dynamic map, in shared memory, when Nested).
 template <bool Nested>
 __device__ QMEM_INLINE float block_scale(scale_args const& s, std::size_t b, float const* dyn) {
   if constexpr (Nested)
-    return fmath::add(fmath::mul(dyn[__ldg(s.qabsmax + b)],
-                                         __ldg(s.absmax2 + b / s.nested_block)),
-                          s.offset);
+    return fmath::add(fmath::mul(dyn[__ldg(s.qabsmax + b)], __ldg(s.absmax2 + nested_group(s, b))),
+                      s.offset);
   else
     return __ldg(s.absmax + b);
 }
@@ -223,172 +247,445 @@ __device__ QMEM_INLINE void load_tables(float* table, float* dyn, code_table<16>
 }
 
 // ------------------------------------------------------------------------------------------------
-// GEMV-style forward: y[m, n] = x[m, k] * dequant(w)[n, k]^T for m <= 16
+// GEMV-style forward: y[m, n] = x[m, k] * w[n, k]^T for m <= 16
+//
+// What it computes (docs/matmul.md, "GEMV path"): each code decodes to its table value rounded
+// once to T (exact in T, so every product with an activation is exact in fp32); the products of one
+// 64-column step of a row are summed in fp32 on the tensor cores, and the block's fp32 scale
+// multiplies that partial sum once (one fused multiply-add into the row's fp32 accumulator). No
+// weight is ever multiplied by its scale, which is what made the previous kernel instruction-bound
+// (per weight: a shuffle, a float product and half a conversion; 43-46% of the copy bandwidth).
+//
+// Decoding: a byte (two codes) indexes a 256-entry table of T pairs in shared memory, laid out as
+// [byte][64 words] with lane l reading word l, so that the 32 lanes of a warp always hit 32
+// different banks whatever their bytes. The byte offset of a lane's entry, (byte << 8) | (lane *
+// 4), is one byte permute (PRMT) of the code word and a register holding lane * 4: per two weights
+// one PRMT and one LDS, the pair landing directly in a tensor-core A register.
 
-// Tuning of the GEMV kernel, measured with bench/cuda/matmul_bench.cu (gemv_variant: 200 calls in
-// one CUDA graph, NF4 block 64, plain scales) on one H200, 2026-11-29.
+//! Bytes of the decode table: 256 entries of 64 words (lanes use words 0..31 of each).
+inline constexpr unsigned gemv_lut_bytes = 256 * 256;
 
-//! Warps per block; they split the columns of the block's rows. Batch 1: 4, 8 and 16 warps within
-//! 5% of each other (8192 x 8192: 21.6 / 20.9 / 21.8 us; 28672 x 8192: 68.2 / 68.2 / 73.0 us);
-//! batch 16 (two tiles): 16 warps is worst (8192 x 8192: 44.3 us against 29.5 with 8).
-inline constexpr int gemv_warps = 8;
-//! Chunks of 128 columns a warp loads before computing. 2 and 4 within 5% (8192 x 8192, batch 1:
-//! 20.9 / 21.3 us; 28672 x 8192: 68.2 / 74.1 us): the kernel is bound by the decode
-//! instructions (lookup, scale, convert: ~3.5 per weight), not by load latency.
-inline constexpr int gemv_unroll = 2;
-//! 16-row weight tiles per block for batches of 9 to 16 rows (each warp reuses its activation
-//! fragments for all of them); batches up to 8 use one. Batch 16: 8192 x 8192 38.8 us with one
-//! tile, 29.5 us with two (28672 x 8192: 129.1 / 98.1 us). Batch 1: 20.9 / 20.3 us, but 68.2 /
-//! 71.4 us on 28672 x 8192, hence one tile there.
-inline constexpr int gemv_tiles = 2;
-//! Decode codes with a warp shuffle (true) or a shared-memory table (false). The shuffle needs no
-//! address arithmetic: batch 1, 8192 x 8192 20.9 us against 24.5 us; 28672 x 8192 68.2 / 81.6 us.
-inline constexpr bool gemv_shuffle = true;
-
+//! What the GEMV kernels read, by value.
 template <class T>
 struct gemv_args {
-  T const* x;                  //!< [m, k]
-  std::uint8_t const* codes;   //!< packed codes
+  T const* x;                //!< [m, k]
+  std::uint8_t const* codes; //!< packed codes
   scale_args scales;
-  T* y;                        //!< [m, n]
+  T* y; //!< [m, n]
   unsigned m;
   std::size_t n, k;
-  unsigned block_shift;        //!< log2(block size)
+  unsigned block_shift; //!< log2(block size)
+  //! Always 0, unknown to the compiler: the first product of a step group depends on every load
+  //! of the group through it, so that ptxas issues them all before computing (without it, it
+  //! sank the later steps' loads below the first products: one step in flight per warp).
+  std::uint32_t zero = 0;
 };
 
-//! The fast path: k % 32 == 0, codes and x 16-byte aligned. `MTiles` 8-row halves of the batch
-//! (1: m <= 8, 2: m <= 16); `Tiles` 16-row tiles of the weight per block (each warp reuses its
-//! activation fragments for all of them); `Warps` split the columns; `Unroll` chunks of 128
-//! columns are loaded before any is computed.
+//! c = a * b on the tensor cores with a zero accumulator (the partial sum of one step).
+template <class T>
+__device__ QMEM_INLINE void mma_16816_zero(float (&c)[4], std::uint32_t const (&a)[4],
+                                           std::uint32_t b0, std::uint32_t b1) {
+  float const z = 0.0f;
+  if constexpr (std::same_as<T, bf16>)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};\n"
+                 : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(z));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};\n"
+                 : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(z));
+}
+
+// Loads through the non-coherent path that stay where they are written: asm volatile statements
+// keep their order, so every load of a step group is issued before the first tensor-core product
+// (plain __ldg let the compiler sink the later steps' loads below the first products, leaving one
+// step in flight per warp). `pred` false leaves the destination unchanged.
+
+__device__ QMEM_INLINE void ldg(uint2& v, void const* p) {
+  asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+}
+__device__ QMEM_INLINE void ldg(uint4& v, void const* p) {
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+}
+__device__ QMEM_INLINE void ldg(float& v, float const* p) {
+  asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p));
+}
+__device__ QMEM_INLINE void ldg(std::uint32_t& v, std::uint8_t const* p) {
+  asm volatile("ld.global.nc.u8 %0, [%1];" : "=r"(v) : "l"(p));
+}
+__device__ QMEM_INLINE void ldg_pred(uint2& v, void const* p, bool pred);
+__device__ QMEM_INLINE void ldg_pred(uint4& v, void const* p, bool pred);
+__device__ QMEM_INLINE void ldg_pred(float& v, float const* p, bool pred);
+__device__ QMEM_INLINE void ldg_pred(std::uint32_t& v, std::uint8_t const* p, bool pred);
+//! ldg when `Full` (every address valid), else a predicated load that leaves v unchanged.
+template <bool Full, class V, class P>
+__device__ QMEM_INLINE void ldg_if(V& v, P const* p, bool pred) {
+  if constexpr (Full)
+    ldg(v, p);
+  else
+    ldg_pred(v, p, pred);
+}
+
+__device__ QMEM_INLINE void ldg_pred(uint2& v, void const* p, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n"
+               " @q ld.global.nc.v2.u32 {%0, %1}, [%2];\n}\n"
+               : "+r"(v.x), "+r"(v.y)
+               : "l"(p), "r"(static_cast<int>(pred)));
+}
+__device__ QMEM_INLINE void ldg_pred(uint4& v, void const* p, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
+               " @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+               : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+               : "l"(p), "r"(static_cast<int>(pred)));
+}
+__device__ QMEM_INLINE void ldg_pred(float& v, float const* p, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n"
+               " @q ld.global.nc.f32 %0, [%1];\n}\n"
+               : "+f"(v)
+               : "l"(p), "r"(static_cast<int>(pred)));
+}
+__device__ QMEM_INLINE void ldg_pred(std::uint32_t& v, std::uint8_t const* p, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n"
+               " @q ld.global.nc.u8 %0, [%1];\n}\n"
+               : "+r"(v)
+               : "l"(p), "r"(static_cast<int>(pred)));
+}
+
+//! The scale of block b as the GEMV kernels read it (the nested one decoded once per block and
+//! row, never per weight).
+template <bool Nested>
+__device__ QMEM_INLINE float gemv_scale(scale_args const& s, std::size_t b, float const* dyn) {
+  if constexpr (Nested)
+    return fmath::add(fmath::mul(dyn[__ldg(s.qabsmax + b)], __ldg(s.absmax2 + nested_group(s, b))),
+                      s.offset);
+  else
+    return __ldg(s.absmax + b);
+}
+
+//! Block shape of the fast GEMV kernel: warps per block (they split the columns of the block's
+//! rows), 64-column steps each warp loads before computing, 16-row weight tiles per warp.
+struct gemv_shape {
+  int warps;  //!< warps per block
+  int unroll; //!< steps in flight per warp
+  int tiles;  //!< 16-row tiles per warp (each reuses the warp's activation fragments)
+  //! A warp's steps in flight are consecutive (else `warps` apart), so that with 4 of them and
+  //! 64-element plain blocks a row's 4 scales are one 16-byte load (needs k % 256 == 0).
+  bool contiguous = false;
+};
+
+//! Block shape of the batch-1 GEMV kernel: warps per block (they split the columns of the block's
+//! rows), 512-column super-steps each warp loads before computing, pairs of weight rows per warp.
+struct gemv1_shape {
+  int warps;  //!< warps per block
+  int unroll; //!< super-steps in flight per warp
+  int pairs;  //!< pairs of weight rows per warp (each reuses the warp's activation fragments)
+};
+
+// Tuning of the GEMV kernels: bench/cuda/matmul_bench.cu, gemv_variant (200 calls in one CUDA
+// graph, NF4 block 64, plain scales), one H200, two runs on 2026-11-29. The 64 KiB decode table
+// allows at most 3 blocks per SM.
+
+//! Batch 1 with blocks of 64 or more (gemv1_4bit_kernel). bench gemv_variant, plain scales, one
+//! H200, 2026-11-29, us on 4096 x 4096 / 14336 x 4096 / 4096 x 14336 / 8192 x 8192 / 28672 x 8192:
+//! {8, 1, 4} 7.38 / 19.40 / 13.76 / 17.36 / 57.30; {8, 2, 2} 8.44 / 22.66 / 15.05 / 18.89 /
+//! 62.33; {8, 1, 2} 8.01 / 21.25 / 15.52 / 19.39 / 69.79; {8, 4, 1} 9.85 / 27.50 / 18.61 / 24.59 /
+//! 102.5; {16, 2, 2} 14.99 / 47.19 / 21.40 / 32.98 / 118.6. (The batch-16 layout at batch 1, best
+//! of its shapes {8, 2, 2}: 7.75 / 21.66 / 18.10 / 18.95 / 72.04.)
+inline constexpr gemv1_shape gemv_batch1{8, 1, 4};
+//! The same with nested scales (two more loads per chunk and row: 4 pairs exceed 128 registers).
+//! Measured at {8, 2, 2} only: 10.26 / 26.27 / 18.67 / 23.01 / 74.21 us (same run).
+inline constexpr gemv1_shape gemv_batch1_nested{8, 2, 2};
+//! Batches of 2 to 8 rows (and batch 1 with 32-element blocks). Not measured at batch 2-8; at
+//! batch 1 (the same 8-row fragment) on 8192 x 8192, one H200, 2026-11-29: {8, 2, 2} 18.96 us,
+//! {8, 4, 2} 23.11, {8, 4, 1} 26.07, {16, 2, 1} 22.34; on 28672 x 8192 72.30 / 82.58 / 80.32 /
+//! 76.35.
+inline constexpr gemv_shape gemv_small_batch{8, 2, 2};
+//! Batches of 9 to 16 rows: two tiles per warp halve the activation reads per weight. Run 1 of
+//! 2026-11-29 (H200, batch 16, interleaved steps): {8, 4, 2} 8.63 / 27.5 / 97.9 us on 4096 x 4096
+//! / 8192 x 8192 / 28672 x 8192, against 8.86 / 28.6 / 104.9 with {8, 2, 2} and 9.80 / 32.0 /
+//! 113.2 with {8, 4, 1}.
+inline constexpr gemv_shape gemv_large_batch{8, 4, 2, true};
+
+//! The fast path: k % 64 == 0, codes 8-byte and x 16-byte aligned. A warp owns `Tiles` tiles of
+//! 16 weight rows and walks 64-column steps (`Unroll` steps loaded before any is computed, the
+//! `Warps` warps of the block interleaved so that together they read contiguous bytes); `MTiles`
+//! 8-row halves of the batch. Thread (g, t) of a warp holds, per step, bytes 8t..8t+7 of the step's
+//! 32 code bytes in rows g and g + 8 of each tile: columns 16t..16t+15, all inside one block when
+//! the block size is >= 64. With 32-element blocks (`Block32`) threads 0-1 and 2-3 of a group
+//! hold different blocks, so each step is two half-products whose other half is zero. `Block64`:
+//! the block size is 64 (compile-time scale addressing).
 template <class Code, class T, bool Nested, int MTiles, int Warps, int Unroll, int Tiles,
-          bool Shuffle>
+          bool Block32, bool Block64, bool Contig>
 __global__ void __launch_bounds__(Warps * 32)
     gemv_4bit_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested) {
-  __shared__ float table[16];
-  __shared__ float dyn[Nested ? 256 : 1];
-  __shared__ float partial[Warps][16 * Tiles][16 + 1]; // [warp][row in block][batch row]
-  load_tables<Nested>(table, dyn, values, nested);
-  __syncthreads();
+  extern __shared__ __align__(16) unsigned char gemv_smem[];
+  extern __shared__ __align__(16) std::uint32_t gemv_lut[]; // the same memory, read by decode
+  // [0, 64 KiB): decode table; then the partial sums [Warps][16 * Tiles][17]; the nested map; the
+  // 16 table values in T
+  auto* const partial = reinterpret_cast<float(*)[16 * Tiles][17]>(gemv_smem + gemv_lut_bytes);
+  float* const dyn = reinterpret_cast<float*>(gemv_smem + gemv_lut_bytes) + Warps * 16 * Tiles * 17;
+  constexpr int halves = Block32 ? 2 : 1;
 
   int const warp = static_cast<int>(threadIdx.x >> 5);
   int const lane = static_cast<int>(threadIdx.x & 31);
   int const g = lane >> 2; // fragment row group
   int const t = lane & 3;  // thread in group
-  std::size_t const base = static_cast<std::size_t>(blockIdx.x) * 16 * Tiles +
-                           static_cast<std::size_t>(g);
-  // Shuffle: lane i holds table[i % 16]; a shuffle whose source lane is the code word shifted
-  // right (the hardware reads the low 5 bits, the fifth from the next code, hence the copy in
-  // lanes 16-31) decodes with one shift and one SHFL, no address arithmetic.
-  float const lane_value = table[lane & 15];
-  auto decode = [&](std::uint32_t word, int shift) -> float {
-    if constexpr (Shuffle)
-      return __shfl_sync(0xffffffffu, lane_value, static_cast<int>(word >> shift));
-    else
-      return table[(word >> shift) & 15u];
+  auto const steps = static_cast<std::uint32_t>(a.k >> 6);
+  std::size_t const row0 =
+      static_cast<std::size_t>(blockIdx.x) * 16 * Tiles + static_cast<std::size_t>(g);
+  // log2(64-column steps per block) (k is a multiple of the block, so rows start on a block);
+  // compile-time 0 for 64-element blocks, whose scale addresses are then immediates
+  unsigned const step_shift = Block32 || Block64 ? 0u : a.block_shift - 6u;
+
+  // the rows this thread reads: their codes (at this thread's 8 bytes) and their first block
+  // (rows past n read row n - 1: finite values, never written)
+  std::uint8_t const* rowp[Tiles][2];
+  std::size_t rowblk[Tiles][2];
+  float const* rows[Tiles][2];        // plain scales of the row (absmax2 when nested: unused)
+  std::uint8_t const* rowq[Tiles][2]; // nested codes of the row
+  QMEM_UNROLL
+  for (int r = 0; r < Tiles; ++r)
+    QMEM_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    std::size_t row = row0 + static_cast<std::size_t>(16 * r + 8 * h);
+    row = row < a.n ? row : a.n - 1;
+    rowp[r][h] = a.codes + row * (a.k / 2) + 8 * static_cast<std::size_t>(t);
+    rowblk[r][h] = (row * a.k) >> a.block_shift;
+    rows[r][h] = Nested ? nullptr : a.scales.absmax + rowblk[r][h];
+    rowq[r][h] = Nested ? a.scales.qabsmax + rowblk[r][h] : nullptr;
+  }
+  // this thread's activation rows (batch rows g and g + 8), at its 16 columns
+  T const* xrow[MTiles];
+  QMEM_UNROLL
+  for (int mt = 0; mt < MTiles; ++mt)
+    xrow[mt] = a.x + static_cast<std::size_t>(mt * 8 + g) * a.k + 16 * t;
+
+  // the decode table (and the nested map): the 16 values in T first (a dynamic index into the
+  // kernel parameter would compile to a 16-way select per entry), then the 256 x 32 entries
+  auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem);
+  std::uint32_t* const bits16 = reinterpret_cast<std::uint32_t*>(dyn + (Nested ? 256 : 0));
+  if (threadIdx.x < 16)
+    bits16[threadIdx.x] = from_float<T>(values.value[threadIdx.x]).bits;
+  if constexpr (Nested)
+    for (unsigned i = threadIdx.x; i < 256u; i += Warps * 32)
+      dyn[i] = nested.value[i];
+  __syncthreads();
+  for (unsigned e = static_cast<unsigned>(warp); e < 256u; e += Warps)
+    lut[e * 64 + static_cast<unsigned>(lane)] = bits16[e >> 4] | (bits16[e & 15u] << 16);
+  __syncthreads();
+  std::uint32_t const lane_bytes = static_cast<std::uint32_t>(lane) * 4u;
+  // (the table's shared-window base stays in a uniform register: LDS [R + UR], no add per lookup)
+  auto decode = [&](std::uint32_t word, int byte) -> std::uint32_t {
+    std::uint32_t const off =
+        __byte_perm(word, lane_bytes, 0x5504u | (static_cast<unsigned>(byte) << 4));
+    return *reinterpret_cast<std::uint32_t const*>(
+        reinterpret_cast<unsigned char const*>(gemv_lut) + off);
   };
 
   float acc[Tiles][MTiles][4];
   QMEM_UNROLL
   for (int r = 0; r < Tiles; ++r)
     QMEM_UNROLL
-    for (int i = 0; i < MTiles; ++i)
-      acc[r][i][0] = acc[r][i][1] = acc[r][i][2] = acc[r][i][3] = 0.0f;
+  for (int i = 0; i < MTiles; ++i)
+    acc[r][i][0] = acc[r][i][1] = acc[r][i][2] = acc[r][i][3] = 0.0f;
 
-  std::size_t const chunks = (a.k + 127) / 128;
-  for (std::size_t c0 = static_cast<std::size_t>(warp); c0 < chunks;
-       c0 += static_cast<std::size_t>(Warps * Unroll)) {
-    // rows base + 16 r (h = 0) and base + 16 r + 8 (h = 1): 32 codes each, and their scales
-    uint4 q[Unroll][Tiles][2];
-    float s[Unroll][Tiles][2];
-    std::size_t kk[Unroll];
-    bool kin[Unroll];
-    QMEM_UNROLL
-    for (int u = 0; u < Unroll; ++u) {
-      std::size_t const c = c0 + static_cast<std::size_t>(u * Warps);
-      kk[u] = c * 128 + 32 * static_cast<std::size_t>(t);
-      kin[u] = c < chunks && kk[u] < a.k;
+  // U steps c0, c0 + Warps, ...: all their code and scale loads first, then the products. `Full`:
+  // every step exists (no predicates); else steps past the end load nothing and add nothing.
+  constexpr int S = Contig ? 1 : Warps; // steps between a warp's steps in flight
+  auto group = [&](std::uint32_t c0, auto full, auto unroll) {
+    constexpr bool Full = decltype(full)::value;
+    constexpr int U = decltype(unroll)::value;
+    constexpr bool vec_scales = Contig && Full && U == 4 && Block64 && !Nested;
+    uint2 q[U][Tiles][2];
+    float s[U][Tiles][2][halves];          // plain scale, or absmax2 when nested
+    std::uint32_t qs[U][Tiles][2][halves]; // nested code (unused when plain)
+    // addresses: a 64-bit base per group, the steps' offsets as immediates
+    std::size_t const code_off = static_cast<std::size_t>(c0) * 32;
+    if constexpr (vec_scales) {
       QMEM_UNROLL
       for (int r = 0; r < Tiles; ++r)
         QMEM_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          std::size_t const row = base + static_cast<std::size_t>(16 * r + 8 * h);
-          q[u][r][h] = make_uint4(0, 0, 0, 0);
-          s[u][r][h] = 0.0f;
-          if (kin[u] && row < a.n) {
-            std::size_t const f = row * a.k + kk[u];
-            q[u][r][h] = __ldg(reinterpret_cast<uint4 const*>(a.codes + f / 2));
-            s[u][r][h] = block_scale<Nested>(a.scales, f >> a.block_shift, dyn);
-          }
-        }
+      for (int h = 0; h < 2; ++h) {
+        uint4 v;
+        ldg(v, rows[r][h] + c0);
+        s[0][r][h][0] = __uint_as_float(v.x);
+        s[1][r][h][0] = __uint_as_float(v.y);
+        s[2][r][h][0] = __uint_as_float(v.z);
+        s[3][r][h][0] = __uint_as_float(v.w);
+      }
     }
     QMEM_UNROLL
-    for (int u = 0; u < Unroll; ++u) {
-      // activations of batch row mt * 8 + g, the same 32 columns this thread holds codes for
-      std::uint32_t xf[MTiles][16];
+    for (int u = 0; u < U; ++u) {
+      std::uint32_t const c = c0 + static_cast<std::uint32_t>(u * S);
+      bool const in = Full || c < steps;
+      // block of the step within its row (32-bit), then per row a 64-bit index
+      std::uint32_t const cb = (c << (Block32 ? 1 : 0)) >> step_shift;
+      QMEM_UNROLL
+      for (int r = 0; r < Tiles; ++r)
+        QMEM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (!Full)
+          q[u][r][h] = make_uint2(0, 0);
+        ldg_if<Full>(q[u][r][h], rowp[r][h] + code_off + u * S * 32, in);
+        QMEM_UNROLL
+        for (int e = 0; e < halves; ++e) {
+          std::uint32_t const cbe = cb + static_cast<std::uint32_t>(e);
+          if constexpr (!Full)
+            s[u][r][h][e] = 0.0f;
+          qs[u][r][h][e] = 0;
+          if constexpr (vec_scales) {
+            // loaded above
+          } else if constexpr (Nested) {
+            std::size_t const b = rowblk[r][h] + cbe;
+            ldg_if<Full>(qs[u][r][h][e], rowq[r][h] + cbe, in);
+            ldg_if<Full>(s[u][r][h][e], a.scales.absmax2 + nested_group(a.scales, b), in);
+          } else {
+            ldg_if<Full>(s[u][r][h][e], rows[r][h] + cbe, in);
+          }
+        }
+      }
+    }
+    {
+      // every load above feeds the first product (through a.zero): all are in flight together
+      std::uint32_t dep = 0;
+      QMEM_UNROLL
+      for (int u = 0; u < U; ++u)
+        QMEM_UNROLL
+      for (int r = 0; r < Tiles; ++r)
+        QMEM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        dep ^= q[u][r][h].x ^ q[u][r][h].y;
+        QMEM_UNROLL
+        for (int e = 0; e < halves; ++e) {
+          dep ^= __float_as_uint(s[u][r][h][e]);
+          if constexpr (Nested)
+            dep ^= qs[u][r][h][e];
+        }
+      }
+      q[0][0][0].x ^= dep & a.zero;
+    }
+    QMEM_UNROLL
+    for (int u = 0; u < U; ++u) {
+      std::uint32_t const c = c0 + static_cast<std::uint32_t>(u * Warps);
+      // activations of batch row mt * 8 + g at this thread's 16 columns (words 2j, 2j + 1 go with
+      // code bytes 2j, 2j + 1)
+      std::uint32_t xf[MTiles][8];
       QMEM_UNROLL
       for (int mt = 0; mt < MTiles; ++mt) {
         unsigned const m = static_cast<unsigned>(mt * 8 + g);
-        if (kin[u] && m < a.m) {
-          uint4 const* p = reinterpret_cast<uint4 const*>(a.x + m * a.k + kk[u]);
-          QMEM_UNROLL
-          for (int v = 0; v < 4; ++v) {
-            uint4 const w = __ldg(p + v);
-            xf[mt][4 * v + 0] = w.x;
-            xf[mt][4 * v + 1] = w.y;
-            xf[mt][4 * v + 2] = w.z;
-            xf[mt][4 * v + 3] = w.w;
-          }
-        } else {
-          QMEM_UNROLL
-          for (int v = 0; v < 16; ++v)
-            xf[mt][v] = 0;
-        }
+        bool const in = (Full || c < steps) && m < a.m;
+        uint4 const* p = reinterpret_cast<uint4 const*>(
+            xrow[mt] + (in ? static_cast<std::size_t>(c0) * 64 + u * S * 64 : 0));
+        uint4 v0 = make_uint4(0, 0, 0, 0), v1 = make_uint4(0, 0, 0, 0);
+        ldg_pred(v0, p, in);
+        ldg_pred(v1, p + 1, in);
+        xf[mt][0] = v0.x, xf[mt][1] = v0.y, xf[mt][2] = v0.z, xf[mt][3] = v0.w;
+        xf[mt][4] = v1.x, xf[mt][5] = v1.y, xf[mt][6] = v1.z, xf[mt][7] = v1.w;
       }
       QMEM_UNROLL
       for (int r = 0; r < Tiles; ++r) {
-        std::uint32_t const w0[4] = {q[u][r][0].x, q[u][r][0].y, q[u][r][0].z, q[u][r][0].w};
-        std::uint32_t const w1[4] = {q[u][r][1].x, q[u][r][1].y, q[u][r][1].z, q[u][r][1].w};
-        float const s0 = s[u][r][0];
-        float const s1 = s[u][r][1];
+        // partial sums of this step: [half][mt][4] (one half unless Block32)
+        float p[halves][MTiles][4];
         QMEM_UNROLL
-        for (int j = 0; j < 8; ++j) {
-          // bytes 2j and 2j+1 of each row: codes of columns 4j..4j+3 of this thread's 32 (the
-          // first of a byte in its high nibble)
-          std::uint32_t const u0 = w0[j >> 1];
-          std::uint32_t const u1 = w1[j >> 1];
-          int const sa = 16 * (j & 1);
-          int const sb = sa + 8;
-          // A fragment: {row g, cols 2t..2t+1}, {row g+8, ...}, {row g, cols 2t+8..}, {row g+8, ...}
-          std::uint32_t const frag[4] = {
-              pack2<T>(fmath::mul(decode(u0, sa + 4), s0), fmath::mul(decode(u0, sa), s0)),
-              pack2<T>(fmath::mul(decode(u1, sa + 4), s1), fmath::mul(decode(u1, sa), s1)),
-              pack2<T>(fmath::mul(decode(u0, sb + 4), s0), fmath::mul(decode(u0, sb), s0)),
-              pack2<T>(fmath::mul(decode(u1, sb + 4), s1), fmath::mul(decode(u1, sb), s1))};
+        for (int j = 0; j < 4; ++j) {
+          std::uint32_t const w0 = j < 2 ? q[u][r][0].x : q[u][r][0].y;
+          std::uint32_t const w1 = j < 2 ? q[u][r][1].x : q[u][r][1].y;
+          int const b = 2 * (j & 1);
+          // A fragment: {row g, cols 2t..}, {row g + 8, ...}, {row g, cols 2t + 8..}, {row g + 8,
+          // ...}
+          std::uint32_t const frag[4] = {decode(w0, b), decode(w1, b), decode(w0, b + 1),
+                                         decode(w1, b + 1)};
           QMEM_UNROLL
-          for (int mt = 0; mt < MTiles; ++mt)
-            mma_16816<T>(acc[r][mt], frag, xf[mt][2 * j], xf[mt][2 * j + 1]);
+          for (int mt = 0; mt < MTiles; ++mt) {
+            if constexpr (Block32) {
+              // threads 0-1 of a group hold the step's first block, 2-3 its second: each half
+              // product sees the other half's weights as zeros
+              bool const first = t < 2;
+              std::uint32_t const lo[4] = {first ? frag[0] : 0u, first ? frag[1] : 0u,
+                                           first ? frag[2] : 0u, first ? frag[3] : 0u};
+              std::uint32_t const hi[4] = {first ? 0u : frag[0], first ? 0u : frag[1],
+                                           first ? 0u : frag[2], first ? 0u : frag[3]};
+              if (j == 0) {
+                mma_16816_zero<T>(p[0][mt], lo, xf[mt][0], xf[mt][1]);
+                mma_16816_zero<T>(p[1][mt], hi, xf[mt][0], xf[mt][1]);
+              } else {
+                mma_16816<T>(p[0][mt], lo, xf[mt][2 * j], xf[mt][2 * j + 1]);
+                mma_16816<T>(p[1][mt], hi, xf[mt][2 * j], xf[mt][2 * j + 1]);
+              }
+            } else {
+              if (j == 0)
+                mma_16816_zero<T>(p[0][mt], frag, xf[mt][0], xf[mt][1]);
+              else
+                mma_16816<T>(p[0][mt], frag, xf[mt][2 * j], xf[mt][2 * j + 1]);
+            }
+          }
+        }
+        // one scale per block and row: acc += scale * partial (c[0..1] row g, c[2..3] row g + 8);
+        // a nested scale is decoded here, once per block and row
+        QMEM_UNROLL
+        for (int e = 0; e < halves; ++e) {
+          float sc[2];
+          QMEM_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            if constexpr (Nested)
+              sc[h] = fmath::add(fmath::mul(dyn[qs[u][r][h][e]], s[u][r][h][e]), a.scales.offset);
+            else
+              sc[h] = s[u][r][h][e];
+          }
+          QMEM_UNROLL
+          for (int mt = 0; mt < MTiles; ++mt) {
+            acc[r][mt][0] = fmaf(sc[0], p[e][mt][0], acc[r][mt][0]);
+            acc[r][mt][1] = fmaf(sc[0], p[e][mt][1], acc[r][mt][1]);
+            acc[r][mt][2] = fmaf(sc[1], p[e][mt][2], acc[r][mt][2]);
+            acc[r][mt][3] = fmaf(sc[1], p[e][mt][3], acc[r][mt][3]);
+          }
         }
       }
     }
+  };
+
+  using full_t = std::integral_constant<bool, true>;
+  using tail_t = std::integral_constant<bool, false>;
+  if constexpr (Contig) {
+    // chunks of Unroll consecutive steps, dealt to the warps in turn; the one partial chunk (at
+    // the end of the row) step by step
+    auto c0 = static_cast<std::uint32_t>(warp * Unroll);
+    for (; c0 + static_cast<std::uint32_t>(Unroll - 1) < steps;
+         c0 += static_cast<std::uint32_t>(Unroll * Warps))
+      group(c0, full_t{}, std::integral_constant<int, Unroll>{});
+    for (std::uint32_t c = c0; c < steps && c < c0 + static_cast<std::uint32_t>(Unroll); ++c)
+      group(c, tail_t{}, std::integral_constant<int, 1>{});
+  } else {
+    auto c0 = static_cast<std::uint32_t>(warp);
+    for (; c0 + static_cast<std::uint32_t>((Unroll - 1) * Warps) < steps;
+         c0 += static_cast<std::uint32_t>(Unroll * Warps))
+      group(c0, full_t{}, std::integral_constant<int, Unroll>{});
+    for (; c0 < steps; c0 += static_cast<std::uint32_t>(Warps))
+      group(c0, tail_t{}, std::integral_constant<int, 1>{});
   }
 
   // accumulator (row g or g + 8 of tile r, batch rows mt * 8 + 2t, + 1)
   QMEM_UNROLL
   for (int r = 0; r < Tiles; ++r)
     QMEM_UNROLL
-    for (int mt = 0; mt < MTiles; ++mt) {
-      partial[warp][16 * r + g][mt * 8 + 2 * t] = acc[r][mt][0];
-      partial[warp][16 * r + g][mt * 8 + 2 * t + 1] = acc[r][mt][1];
-      partial[warp][16 * r + g + 8][mt * 8 + 2 * t] = acc[r][mt][2];
-      partial[warp][16 * r + g + 8][mt * 8 + 2 * t + 1] = acc[r][mt][3];
-    }
+  for (int mt = 0; mt < MTiles; ++mt) {
+    partial[warp][16 * r + g][mt * 8 + 2 * t] = acc[r][mt][0];
+    partial[warp][16 * r + g][mt * 8 + 2 * t + 1] = acc[r][mt][1];
+    partial[warp][16 * r + g + 8][mt * 8 + 2 * t] = acc[r][mt][2];
+    partial[warp][16 * r + g + 8][mt * 8 + 2 * t + 1] = acc[r][mt][3];
+  }
   __syncthreads();
-  // one output per thread and step, consecutive threads on consecutive rows (coalesced stores)
+  // one output per thread and step, consecutive threads on consecutive rows (coalesced stores);
+  // the warps' partial sums are added in warp order (deterministic)
   for (int i = static_cast<int>(threadIdx.x); i < 16 * Tiles * MTiles * 8; i += Warps * 32) {
     int const r = i % (16 * Tiles);
     int const m = i / (16 * Tiles);
-    std::size_t const row = static_cast<std::size_t>(blockIdx.x) * 16 * Tiles +
-                            static_cast<std::size_t>(r);
+    std::size_t const row =
+        static_cast<std::size_t>(blockIdx.x) * 16 * Tiles + static_cast<std::size_t>(r);
     if (static_cast<unsigned>(m) < a.m && row < a.n) {
       float sum = 0.0f;
       QMEM_UNROLL
@@ -399,32 +696,276 @@ __global__ void __launch_bounds__(Warps * 32)
   }
 }
 
+//! Batch 1: the tensor core's 8 batch columns would be 7/8 zeros, so they carry 8 column chunks
+//! of the activation instead. A row of A (16 per warp) is a (weight row, 64-column chunk) pair:
+//! rows g of the fragment are weight row 2p of the pair p at chunk g of the super-step, rows
+//! g + 8 weight row 2p + 1 at the same chunk, and batch column n holds the activations of chunk
+//! n, so D[g][g] and D[g + 8][g] are the two rows' dot products over chunk g (the other 112
+//! entries are cross terms, never used). What this buys: a warp's load of a row's codes covers 8
+//! consecutive chunks, 256 contiguous bytes (2 cache lines, against 8 lines for 8 rows), and its
+//! scale load 8 consecutive scales: 4x fewer L1 wavefronts per weight, which bound the batch-16
+//! layout at batch 1 (ncu on an H200, 2026-11-29: L1/TEX 66% busy, DRAM 28%, 25.7 us on
+//! 8192 x 8192 with one 16-row tile per warp). Needs block size >= 64 (one scale per chunk and
+//! row). Result: 17.4 us on 8192 x 8192 ({8, 1, 4}); ncu of {8, 2, 2} (19 us): DRAM 36%, L1/TEX
+//! 51%, SM 39%, 25% occupancy (127 registers, 2 blocks per SM), 8.4 cycles between a warp's
+//! instructions: latency-bound, with about 2.7 instructions per weight (ptxas: one PRMT, one LDS
+//! and one address add per two weights, the rest loads, tensor-core products and scaling).
+template <class Code, class T, bool Nested, int Warps, int Unroll, int Pairs, bool Block64>
+__global__ void __launch_bounds__(Warps * 32, Warps >= 16 ? 1 : 2)
+    gemv1_4bit_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
+                      unsigned tiles) {
+  extern __shared__ __align__(16) unsigned char gemv_smem[];
+  extern __shared__ __align__(16) std::uint32_t gemv_lut[]; // the same memory, read by decode
+  constexpr int Rows = 2 * Pairs;                           // weight rows per block (and per warp)
+  // [0, 64 KiB): decode table; then partial sums [Warps][Rows][8]; the nested map; the 16 values
+  auto* const partial = reinterpret_cast<float(*)[Rows][8]>(gemv_smem + gemv_lut_bytes);
+  float* const dyn = reinterpret_cast<float*>(gemv_smem + gemv_lut_bytes) + Warps * Rows * 8;
+
+  int const warp = static_cast<int>(threadIdx.x >> 5);
+  int const lane = static_cast<int>(threadIdx.x & 31);
+  int const g = lane >> 2; // fragment row group = this thread's chunk
+  int const t = lane & 3;  // thread in group
+  auto const steps = static_cast<std::uint32_t>(a.k >> 6);
+  std::uint32_t const supers = (steps + 7) / 8;
+  unsigned const step_shift = Block64 ? 0u : a.block_shift - 6u;
+
+  // the decode table (and the nested map)
+  auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem);
+  std::uint32_t* const bits16 = reinterpret_cast<std::uint32_t*>(dyn + (Nested ? 256 : 0));
+  if (threadIdx.x < 16)
+    bits16[threadIdx.x] = from_float<T>(values.value[threadIdx.x]).bits;
+  if constexpr (Nested)
+    for (unsigned i = threadIdx.x; i < 256u; i += Warps * 32)
+      dyn[i] = nested.value[i];
+  __syncthreads();
+  for (unsigned e = static_cast<unsigned>(warp); e < 256u; e += Warps)
+    lut[e * 64 + static_cast<unsigned>(lane)] = bits16[e >> 4] | (bits16[e & 15u] << 16);
+  __syncthreads();
+  std::uint32_t const lane_bytes = static_cast<std::uint32_t>(lane) * 4u;
+  auto decode = [&](std::uint32_t word, int byte) -> std::uint32_t {
+    std::uint32_t const off =
+        __byte_perm(word, lane_bytes, 0x5504u | (static_cast<unsigned>(byte) << 4));
+    return *reinterpret_cast<std::uint32_t const*>(
+        reinterpret_cast<unsigned char const*>(gemv_lut) + off);
+  };
+  // this thread's activations: chunk g of each super-step, its 16 columns
+  T const* const xp = a.x + static_cast<std::size_t>(g) * 64 + 16 * static_cast<std::size_t>(t);
+
+  for (unsigned tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    std::size_t const row0 = static_cast<std::size_t>(tile) * Rows;
+    std::uint8_t const* rowp[Pairs][2];
+    float const* rows[Pairs][2];
+    std::uint8_t const* rowq[Pairs][2];
+    std::size_t rowblk[Pairs][2];
+    QMEM_UNROLL
+    for (int p = 0; p < Pairs; ++p)
+      QMEM_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      std::size_t row = row0 + static_cast<std::size_t>(2 * p + h);
+      row = row < a.n ? row : a.n - 1;
+      rowp[p][h] = a.codes + row * (a.k / 2) + 32 * static_cast<std::size_t>(g) +
+                   8 * static_cast<std::size_t>(t);
+      rowblk[p][h] = (row * a.k) >> a.block_shift;
+      rows[p][h] = Nested ? nullptr : a.scales.absmax + rowblk[p][h];
+      rowq[p][h] = Nested ? a.scales.qabsmax + rowblk[p][h] : nullptr;
+    }
+    float acc[Pairs][4];
+    QMEM_UNROLL
+    for (int p = 0; p < Pairs; ++p)
+      acc[p][0] = acc[p][1] = acc[p][2] = acc[p][3] = 0.0f;
+
+    auto group = [&](std::uint32_t sc0, auto full, auto unroll) {
+      constexpr bool Full = decltype(full)::value;
+      constexpr int U = decltype(unroll)::value;
+      uint2 q[U][Pairs][2];
+      float s[U][Pairs][2];
+      std::uint32_t qs[U][Pairs][2];
+      uint4 xv[U][2];
+      QMEM_UNROLL
+      for (int u = 0; u < U; ++u) {
+        std::uint32_t const c = (sc0 + static_cast<std::uint32_t>(u * Warps)) * 8 +
+                                static_cast<std::uint32_t>(g); // this thread's step
+        bool const in = Full || c < steps;
+        std::uint32_t const cb = c >> step_shift;
+        std::size_t const code_off = static_cast<std::size_t>(sc0) * 256 + u * Warps * 256;
+        QMEM_UNROLL
+        for (int p = 0; p < Pairs; ++p)
+          QMEM_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (!Full) {
+            q[u][p][h] = make_uint2(0, 0);
+            s[u][p][h] = 0.0f;
+          }
+          qs[u][p][h] = 0;
+          ldg_if<Full>(q[u][p][h], rowp[p][h] + code_off, in);
+          if constexpr (Nested) {
+            ldg_if<Full>(qs[u][p][h], rowq[p][h] + cb, in);
+            ldg_if<Full>(s[u][p][h], a.scales.absmax2 + nested_group(a.scales, rowblk[p][h] + cb),
+                         in);
+          } else {
+            ldg_if<Full>(s[u][p][h], rows[p][h] + cb, in);
+          }
+        }
+        std::size_t const x_off = static_cast<std::size_t>(sc0) * 512 + u * Warps * 512;
+        if constexpr (!Full)
+          xv[u][0] = xv[u][1] = make_uint4(0, 0, 0, 0);
+        ldg_if<Full>(xv[u][0], xp + x_off, in);
+        ldg_if<Full>(xv[u][1], xp + x_off + 8, in);
+      }
+      {
+        // every load above feeds the first product (through a.zero): all are in flight together
+        std::uint32_t dep = 0;
+        QMEM_UNROLL
+        for (int u = 0; u < U; ++u) {
+          QMEM_UNROLL
+          for (int p = 0; p < Pairs; ++p)
+            QMEM_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            dep ^= q[u][p][h].x ^ q[u][p][h].y ^ __float_as_uint(s[u][p][h]);
+            if constexpr (Nested)
+              dep ^= qs[u][p][h];
+          }
+          dep ^= xv[u][0].x ^ xv[u][1].x;
+        }
+        q[0][0][0].x ^= dep & a.zero;
+      }
+      // the products: for each k-step, every (super-step, pair) product is independent, so the
+      // tensor-core chains of one step group interleave
+      float d[U][Pairs][4];
+      QMEM_UNROLL
+      for (int j = 0; j < 4; ++j)
+        QMEM_UNROLL
+      for (int u = 0; u < U; ++u) {
+        std::uint32_t const* xf = &xv[u][0].x;
+        std::uint32_t const b0 = j < 2 ? (&xv[u][0].x)[2 * j] : (&xv[u][1].x)[2 * j - 4];
+        std::uint32_t const b1 = j < 2 ? (&xv[u][0].x)[2 * j + 1] : (&xv[u][1].x)[2 * j - 3];
+        (void)xf;
+        QMEM_UNROLL
+        for (int p = 0; p < Pairs; ++p) {
+          std::uint32_t const w0 = j < 2 ? q[u][p][0].x : q[u][p][0].y;
+          std::uint32_t const w1 = j < 2 ? q[u][p][1].x : q[u][p][1].y;
+          int const b = 2 * (j & 1);
+          std::uint32_t const frag[4] = {decode(w0, b), decode(w1, b), decode(w0, b + 1),
+                                         decode(w1, b + 1)};
+          if (j == 0)
+            mma_16816_zero<T>(d[u][p], frag, b0, b1);
+          else
+            mma_16816<T>(d[u][p], frag, b0, b1);
+        }
+      }
+      // one scale per block and row: only D[g][g] (element g & 1) and D[g + 8][g] (element
+      // 2 + (g & 1)) of thread t = g / 2 are kept in the end; the others accumulate cross terms
+      QMEM_UNROLL
+      for (int u = 0; u < U; ++u)
+        QMEM_UNROLL
+      for (int p = 0; p < Pairs; ++p) {
+        float sc[2];
+        QMEM_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (Nested)
+            sc[h] = fmath::add(fmath::mul(dyn[qs[u][p][h]], s[u][p][h]), a.scales.offset);
+          else
+            sc[h] = s[u][p][h];
+        }
+        acc[p][0] = fmaf(sc[0], d[u][p][0], acc[p][0]);
+        acc[p][1] = fmaf(sc[0], d[u][p][1], acc[p][1]);
+        acc[p][2] = fmaf(sc[1], d[u][p][2], acc[p][2]);
+        acc[p][3] = fmaf(sc[1], d[u][p][3], acc[p][3]);
+      }
+    };
+
+    using full_t = std::integral_constant<bool, true>;
+    using tail_t = std::integral_constant<bool, false>;
+    auto sc0 = static_cast<std::uint32_t>(warp);
+    // full groups: every step of every super-step exists
+    for (; (sc0 + static_cast<std::uint32_t>((Unroll - 1) * Warps)) * 8 + 7 < steps;
+         sc0 += static_cast<std::uint32_t>(Unroll * Warps))
+      group(sc0, full_t{}, std::integral_constant<int, Unroll>{});
+    for (; sc0 < supers; sc0 += static_cast<std::uint32_t>(Warps))
+      group(sc0, tail_t{}, std::integral_constant<int, 1>{});
+
+    // the kept entries, then the chunks and warps added in a fixed order
+    if (t == (g >> 1)) {
+      QMEM_UNROLL
+      for (int p = 0; p < Pairs; ++p) {
+        partial[warp][2 * p][g] = (g & 1) != 0 ? acc[p][1] : acc[p][0];
+        partial[warp][2 * p + 1][g] = (g & 1) != 0 ? acc[p][3] : acc[p][2];
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < static_cast<unsigned>(Rows)) {
+      std::size_t const row = row0 + threadIdx.x;
+      float sum = 0.0f;
+      for (int w = 0; w < Warps; ++w)
+        QMEM_UNROLL
+      for (int c = 0; c < 8; ++c)
+        sum += partial[w][threadIdx.x][c];
+      if (row < a.n)
+        a.y[row] = from_float<T>(sum);
+    }
+    __syncthreads();
+  }
+}
+
+//! Dynamic shared memory of gemv1_4bit_kernel.
+template <bool Nested, int Warps, int Pairs>
+constexpr unsigned gemv1_smem_bytes() {
+  return gemv_lut_bytes + Warps * 2 * Pairs * 8 * 4 + (Nested ? 256 * 4 : 0) + 16 * 4;
+}
+
+//! Dynamic shared memory of gemv_4bit_kernel.
+template <bool Nested, int Warps, int Tiles>
+constexpr unsigned gemv_smem_bytes() {
+  return gemv_lut_bytes + Warps * 16 * Tiles * 17 * 4 + (Nested ? 256 * 4 : 0) + 16 * 4;
+}
+
 //! Any shape and alignment: one warp per weight row, lanes stride the columns, codes read one
-//! nibble at a time. Serves k % 32 != 0 and unaligned views.
+//! nibble at a time. The same function as the fast path: T-rounded table values times
+//! activations summed in fp32 per block (each lane keeps its own block's partial sum), the block
+//! scale applied once to that sum. Serves k % 64 != 0 and unaligned views.
 template <class Code, class T, bool Nested>
 __global__ void __launch_bounds__(256)
     gemv_4bit_generic_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested) {
   __shared__ float table[16];
   __shared__ float dyn[Nested ? 256 : 1];
-  load_tables<Nested>(table, dyn, values, nested);
+  for (unsigned i = threadIdx.x; i < 16; i += blockDim.x)
+    table[i] = detail::mm::table_value<T>(values.value[i]);
+  if constexpr (Nested)
+    for (unsigned i = threadIdx.x; i < 256; i += blockDim.x)
+      dyn[i] = nested.value[i];
   __syncthreads();
   unsigned const lane = threadIdx.x & 31;
   std::size_t const warps = static_cast<std::size_t>(gridDim.x) * (blockDim.x >> 5);
-  for (std::size_t row = static_cast<std::size_t>(blockIdx.x) * (blockDim.x >> 5) +
-                         (threadIdx.x >> 5);
+  for (std::size_t row =
+           static_cast<std::size_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
        row < a.n; row += warps) {
-    float acc[gemv_max_rows];
+    float acc[gemv_max_rows], part[gemv_max_rows];
     QMEM_UNROLL
     for (unsigned m = 0; m < gemv_max_rows; ++m)
-      acc[m] = 0.0f;
+      acc[m] = part[m] = 0.0f;
+    std::size_t block = (row * a.k + lane) >> a.block_shift;
     for (std::size_t col = lane; col < a.k; col += 32) {
       std::size_t const f = row * a.k + col;
-      float const w = to_float(from_float<T>(fmath::mul(
-          table[detail::nibble(a.codes, f)], block_scale<Nested>(a.scales, f >> a.block_shift, dyn))));
+      if ((f >> a.block_shift) != block) {
+        float const s = gemv_scale<Nested>(a.scales, block, dyn);
+        QMEM_UNROLL
+        for (unsigned m = 0; m < gemv_max_rows; ++m) {
+          acc[m] = fmaf(s, part[m], acc[m]);
+          part[m] = 0.0f;
+        }
+        block = f >> a.block_shift;
+      }
+      float const w = table[detail::nibble(a.codes, f)];
       QMEM_UNROLL
       for (unsigned m = 0; m < gemv_max_rows; ++m)
         if (m < a.m)
-          acc[m] = fmaf(to_float(a.x[m * a.k + col]), w, acc[m]);
+          part[m] = fmaf(to_float(a.x[m * a.k + col]), w, part[m]);
+    }
+    if (lane < a.k) {
+      float const s = gemv_scale<Nested>(a.scales, block, dyn);
+      QMEM_UNROLL
+      for (unsigned m = 0; m < gemv_max_rows; ++m)
+        acc[m] = fmaf(s, part[m], acc[m]);
     }
     QMEM_UNROLL
     for (unsigned m = 0; m < gemv_max_rows; ++m) {
@@ -453,9 +994,8 @@ struct dequant_args {
 //! out[i] = round_T(code_value[i] * scale[i / block]); 8 elements (4 code bytes, one scale, one
 //! 16-byte store) per thread and iteration when aligned, element by element at the tail.
 template <class Code, class T, bool Nested>
-__global__ void __launch_bounds__(256)
-    dequant_4bit_kernel(dequant_args<T> a, code_table<16> values, code_table<256> nested,
-                        bool vector_ok) {
+__global__ void __launch_bounds__(256) dequant_4bit_kernel(dequant_args<T> a, code_table<16> values,
+                                                           code_table<256> nested, bool vector_ok) {
   __shared__ float table[16];
   __shared__ float dyn[Nested ? 256 : 1];
   load_tables<Nested>(table, dyn, values, nested);
@@ -477,8 +1017,9 @@ __global__ void __launch_bounds__(256)
     } else {
       std::size_t const end = i + 8 < a.elements ? i + 8 : a.elements;
       for (std::size_t j = i; j < end; ++j)
-        a.out[j] = from_float<T>(fmath::mul(
-            table[detail::nibble(a.codes, j)], block_scale<Nested>(a.scales, j >> a.block_shift, dyn)));
+        a.out[j] =
+            from_float<T>(fmath::mul(table[detail::nibble(a.codes, j)],
+                                     block_scale<Nested>(a.scales, j >> a.block_shift, dyn)));
     }
   }
 }
@@ -488,10 +1029,10 @@ __global__ void __launch_bounds__(256)
 
 template <class T>
 struct grad_args {
-  T const* grad_y;             //!< [m, n]
+  T const* grad_y; //!< [m, n]
   std::uint8_t const* codes;
   scale_args scales;
-  float* partial;              //!< [slices, m, k]
+  float* partial; //!< [slices, m, k]
   unsigned m;
   std::size_t n, k;
   std::size_t rows_per_slice;
@@ -515,14 +1056,14 @@ __global__ void __launch_bounds__(256)
       (static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x) * grad_cols;
   std::size_t const slice = blockIdx.y;
   std::size_t const row_begin = slice * a.rows_per_slice;
-  std::size_t const row_end = row_begin + a.rows_per_slice < a.n ? row_begin + a.rows_per_slice
-                                                                 : a.n;
+  std::size_t const row_end =
+      row_begin + a.rows_per_slice < a.n ? row_begin + a.rows_per_slice : a.n;
   float acc[gemv_max_rows][grad_cols];
   QMEM_UNROLL
   for (unsigned m = 0; m < gemv_max_rows; ++m)
     QMEM_UNROLL
-    for (int c = 0; c < grad_cols; ++c)
-      acc[m][c] = 0.0f;
+  for (int c = 0; c < grad_cols; ++c)
+    acc[m][c] = 0.0f;
   if (col0 < a.k) {
     for (std::size_t row = row_begin; row < row_end; ++row) {
       float w[grad_cols];
@@ -532,9 +1073,9 @@ __global__ void __launch_bounds__(256)
         w[c] = 0.0f;
         if (col < a.k) {
           std::size_t const f = row * a.k + col;
-          w[c] = to_float(from_float<T>(fmath::mul(
-              table[detail::nibble(a.codes, f)],
-              block_scale<Nested>(a.scales, f >> a.block_shift, dyn))));
+          w[c] = to_float(
+              from_float<T>(fmath::mul(table[detail::nibble(a.codes, f)],
+                                       block_scale<Nested>(a.scales, f >> a.block_shift, dyn))));
         }
       }
       QMEM_UNROLL
@@ -551,9 +1092,9 @@ __global__ void __launch_bounds__(256)
   for (unsigned m = 0; m < gemv_max_rows; ++m)
     if (m < a.m)
       QMEM_UNROLL
-      for (int c = 0; c < grad_cols; ++c)
-        if (col0 + static_cast<std::size_t>(c) < a.k)
-          a.partial[(slice * a.m + m) * a.k + col0 + static_cast<std::size_t>(c)] = acc[m][c];
+  for (int c = 0; c < grad_cols; ++c)
+    if (col0 + static_cast<std::size_t>(c) < a.k)
+      a.partial[(slice * a.m + m) * a.k + col0 + static_cast<std::size_t>(c)] = acc[m][c];
 }
 
 //! Rounds two floats to T and returns them as floats again (one conversion instruction for both).
@@ -587,16 +1128,16 @@ __global__ void __launch_bounds__(256)
   std::size_t const slice = blockIdx.y;
   unsigned const m0 = blockIdx.z * MB;
   std::size_t const row_begin = slice * a.rows_per_slice;
-  std::size_t const row_end = row_begin + a.rows_per_slice < a.n ? row_begin + a.rows_per_slice
-                                                                 : a.n;
+  std::size_t const row_end =
+      row_begin + a.rows_per_slice < a.n ? row_begin + a.rows_per_slice : a.n;
   if (col0 >= a.k)
     return;
   float acc[MB][8];
   QMEM_UNROLL
   for (int m = 0; m < MB; ++m)
     QMEM_UNROLL
-    for (int c = 0; c < 8; ++c)
-      acc[m][c] = 0.0f;
+  for (int c = 0; c < 8; ++c)
+    acc[m][c] = 0.0f;
   for (std::size_t r0 = row_begin; r0 < row_end; r0 += grad_unroll) {
     std::uint32_t word[grad_unroll];
     float scale[grad_unroll];
@@ -667,7 +1208,11 @@ template <class Out, class T>
 __global__ void __launch_bounds__(256)
     int8_epilogue_kernel(std::int32_t const* acc, float const* row_scale, float const* col_scale,
                          std::size_t m, std::size_t n, std::size_t k, T const* x,
-                         std::int8_t const* b, std::int32_t const* outliers, Out* out) {
+                         std::int8_t const* b, std::int32_t const* outliers, Out* out,
+                         int dense_cap) {
+  // up to dense_cap outliers int8_outlier_epilogue_kernel writes the results
+  if (outliers != nullptr && outliers[0] <= dense_cap)
+    return;
   std::size_t const count = m * n;
   for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
@@ -682,6 +1227,115 @@ __global__ void __launch_bounds__(256)
       }
     }
     out[i] = from_float<Out>(v);
+  }
+}
+
+//! The outlier columns gathered into dense fp32 blocks (when there are at most `cap`):
+//! xo[r, o] = x[r, list[o]] and wo[c, o] = int8_weight_value(b[c, list[o]], col_scale[c]), the
+//! operands the epilogue multiplies, exactly as it would read them in place.
+template <class T>
+__global__ void __launch_bounds__(256)
+    gather_outliers_kernel(T const* x, std::int8_t const* b, float const* col_scale, std::size_t m,
+                           std::size_t n, std::size_t k, std::int32_t const* list, int cap,
+                           float* xo, float* wo) {
+  int const count = list[0];
+  if (count > cap || count == 0)
+    return;
+  std::size_t const total = (m + n) * static_cast<std::size_t>(count);
+  for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    std::size_t const r = i / static_cast<std::size_t>(count);
+    int const o = static_cast<int>(i % static_cast<std::size_t>(count));
+    std::size_t const l = static_cast<std::size_t>(list[1 + o]);
+    if (r < m)
+      xo[r * static_cast<std::size_t>(cap) + static_cast<std::size_t>(o)] = to_float(x[r * k + l]);
+    else {
+      std::size_t const c = r - m;
+      wo[c * static_cast<std::size_t>(cap) + static_cast<std::size_t>(o)] =
+          detail::mm::int8_weight_value(b[c * k + l], col_scale[c]);
+    }
+  }
+}
+
+//! Output tile of the dense outlier epilogue: 64 x 64 outputs per block of 256 threads (4 x 4
+//! each), outlier columns staged 32 at a time. Measured on 8192 x 8192 at batch 4096 with 64
+//! outlier columns, one H200, 2026-11-29: the whole layer 0.851 ms with these tiles, 1.107 ms with
+//! 128 x 128 tiles of 8 x 8 per thread (142 registers: one block per SM), 0.552 ms without
+//! outliers.
+inline constexpr int outlier_tile = 64;
+inline constexpr int outlier_per_thread = outlier_tile / 16;
+inline constexpr int outlier_chunk = 32;
+
+//! out = epilogue(acc) plus the outlier product from the dense blocks: per output the same
+//! operations in the same order as int8_epilogue_kernel (ascending outlier columns, fused
+//! multiply-adds), so the results are bit for bit the host's; but the operands come from shared
+//! memory, each loaded once per tile. Does nothing when there are more than `cap` outliers.
+template <class Out>
+__global__ void __launch_bounds__(256)
+    int8_outlier_epilogue_kernel(std::int32_t const* acc, float const* row_scale,
+                                 float const* col_scale, std::size_t m, std::size_t n,
+                                 std::int32_t const* list, int cap, float const* xo,
+                                 float const* wo, Out* out) {
+  int const count = list[0];
+  if (count > cap)
+    return;
+  __shared__ float xs[outlier_tile][outlier_chunk + 1];
+  __shared__ float ws[outlier_tile][outlier_chunk + 1];
+  int const tx = static_cast<int>(threadIdx.x % 16), ty = static_cast<int>(threadIdx.x / 16);
+  std::size_t const c0 = static_cast<std::size_t>(blockIdx.x) * outlier_tile;
+  for (std::size_t r0 = static_cast<std::size_t>(blockIdx.y) * outlier_tile; r0 < m;
+       r0 += static_cast<std::size_t>(gridDim.y) * outlier_tile) {
+    constexpr int P = outlier_per_thread;
+    float v[P][P];
+    QMEM_UNROLL
+    for (int i = 0; i < P; ++i)
+      QMEM_UNROLL
+    for (int j = 0; j < P; ++j) {
+      std::size_t const r = r0 + static_cast<std::size_t>(ty + 16 * i);
+      std::size_t const c = c0 + static_cast<std::size_t>(tx + 16 * j);
+      v[i][j] = r < m && c < n
+                    ? detail::mm::int8_epilogue(acc[r * n + c], row_scale[r], col_scale[c])
+                    : 0.0f;
+    }
+    for (int o0 = 0; o0 < count; o0 += outlier_chunk) {
+      int const len = count - o0 < outlier_chunk ? count - o0 : outlier_chunk;
+      for (int i = static_cast<int>(threadIdx.x); i < outlier_tile * outlier_chunk; i += 256) {
+        int const row = i / outlier_chunk, o = i % outlier_chunk;
+        std::size_t const r = r0 + static_cast<std::size_t>(row);
+        std::size_t const c = c0 + static_cast<std::size_t>(row);
+        bool const in = o < len;
+        xs[row][o] = in && r < m
+                         ? xo[r * static_cast<std::size_t>(cap) + static_cast<std::size_t>(o0 + o)]
+                         : 0.0f;
+        ws[row][o] = in && c < n
+                         ? wo[c * static_cast<std::size_t>(cap) + static_cast<std::size_t>(o0 + o)]
+                         : 0.0f;
+      }
+      __syncthreads();
+      for (int o = 0; o < len; ++o) {
+        float xr[P], wr[P];
+        QMEM_UNROLL
+        for (int i = 0; i < P; ++i) {
+          xr[i] = xs[ty + 16 * i][o];
+          wr[i] = ws[tx + 16 * i][o];
+        }
+        QMEM_UNROLL
+        for (int i = 0; i < P; ++i)
+          QMEM_UNROLL
+        for (int j = 0; j < P; ++j)
+          v[i][j] = fmaf(xr[i], wr[j], v[i][j]);
+      }
+      __syncthreads();
+    }
+    QMEM_UNROLL
+    for (int i = 0; i < P; ++i)
+      QMEM_UNROLL
+    for (int j = 0; j < P; ++j) {
+      std::size_t const r = r0 + static_cast<std::size_t>(ty + 16 * i);
+      std::size_t const c = c0 + static_cast<std::size_t>(tx + 16 * j);
+      if (r < m && c < n)
+        out[r * n + c] = from_float<Out>(v[i][j]);
+    }
   }
 }
 
@@ -717,9 +1371,9 @@ inline void int8_product(exec::cuda const& e, std::int8_t const* a, std::int8_t 
 
 //! flags[l] = 1 for every column l holding an |x| above the threshold.
 template <class T>
-__global__ void __launch_bounds__(256) outlier_flags_kernel(T const* x, std::size_t count,
-                                                            std::size_t k, float threshold,
-                                                            std::uint32_t* flags) {
+__global__ void __launch_bounds__(256)
+    outlier_flags_kernel(T const* x, std::size_t count, std::size_t k, float threshold,
+                         std::uint32_t* flags) {
   for (std::size_t i = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
     if (detail::mm::is_outlier(to_float(x[i]), threshold))
@@ -728,8 +1382,8 @@ __global__ void __launch_bounds__(256) outlier_flags_kernel(T const* x, std::siz
 
 //! list = {count, flagged columns ascending}: one block of `Threads` scans the flags.
 template <int Threads>
-__global__ void __launch_bounds__(Threads) outlier_list_kernel(std::uint32_t const* flags,
-                                                               std::size_t k, std::int32_t* list) {
+__global__ void __launch_bounds__(Threads)
+    outlier_list_kernel(std::uint32_t const* flags, std::size_t k, std::int32_t* list) {
   using scan = cub::BlockScan<int, Threads>;
   __shared__ typename scan::TempStorage storage;
   __shared__ int base;
@@ -756,8 +1410,8 @@ __global__ void __launch_bounds__(Threads) outlier_list_kernel(std::uint32_t con
 //! codes (0 in outlier columns) and the row's scale.
 template <class T>
 __global__ void __launch_bounds__(256)
-    quantize_rows_int8_kernel(T const* x, std::size_t k, std::uint32_t const* flags,
-                              std::int8_t* q, float* row_scale) {
+    quantize_rows_int8_kernel(T const* x, std::size_t k, std::uint32_t const* flags, std::int8_t* q,
+                              float* row_scale) {
   using reduce = cub::BlockReduce<float, 256>;
   __shared__ typename reduce::TempStorage storage;
   __shared__ float shared_amax;
@@ -801,6 +1455,14 @@ inline bool aligned16(void const* p) noexcept {
   return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
 }
 
+//! Whether the fast GEMV kernel serves this weight: rows of whole 64-column steps that start on a
+//! block (k a multiple of 64 and of the block size), codes 8-byte and x 16-byte aligned.
+inline bool gemv_fast_path(std::size_t k, std::size_t block, void const* codes,
+                           void const* x) noexcept {
+  return k % 64 == 0 && k % block == 0 && reinterpret_cast<std::uintptr_t>(codes) % 8 == 0 &&
+         aligned16(x);
+}
+
 template <class Code>
 code_table<16> values_of() {
   return Code::book.value;
@@ -813,7 +1475,8 @@ template <class T, class Code>
 void dequantize_into(exec::cuda const& e, weight_4bit_view<Code> const& w, T* out) {
   dequant_args<T> a{w.codes.data(), make_scale_args(w.scales), out, w.elements(),
                     detail::mm::log2_exact(w.block_size)};
-  bool const vector_ok = reinterpret_cast<std::uintptr_t>(w.codes.data()) % 4 == 0 && aligned16(out);
+  bool const vector_ok =
+      reinterpret_cast<std::uintptr_t>(w.codes.data()) % 4 == 0 && aligned16(out);
   unsigned const grid = grid_for(w.elements(), 256 * 8);
   if (w.scales.nested())
     dequant_4bit_kernel<Code, T, true>
@@ -824,26 +1487,111 @@ void dequantize_into(exec::cuda const& e, weight_4bit_view<Code> const& w, T* ou
   cuda_detail::check_launch(e, "qmem::quant::dequant_4bit_kernel");
 }
 
-//! Launches the fast GEMV kernel with a given block shape (the bench compares shapes).
-template <class Code, class T, bool Nested, int Warps, int Unroll, int Tiles, bool Shuffle>
-void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
-  auto const grid = static_cast<unsigned>((a.n + 16 * Tiles - 1) / (16 * Tiles));
-  if (a.m <= 8)
-    gemv_4bit_kernel<Code, T, Nested, 1, Warps, Unroll, Tiles, Shuffle>
-        <<<grid, Warps * 32, 0, e.stream>>>(a, values_of<Code>(), nested_values());
+//! Lets `Kernel` use `bytes` of dynamic shared memory on `device` (once per kernel and device).
+template <auto Kernel>
+void allow_dynamic_smem(int device, unsigned bytes) {
+  static std::once_flag flags[64];
+  QMEM_EXPECTS(device >= 0 && device < 64, "e.device is ", device, "; expected 0..63");
+  std::call_once(flags[device], [&] {
+    cuda_detail::check(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(bytes)),
+                       "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  });
+}
+
+//! Blocks of `Kernel` resident on one SM of `device` times the SMs (once per kernel and device):
+//! the grid of a kernel that loops over its tiles.
+template <auto Kernel>
+unsigned resident_blocks(int device, int threads, unsigned smem) {
+  static std::once_flag flags[64];
+  static unsigned counts[64];
+  QMEM_EXPECTS(device >= 0 && device < 64, "e.device is ", device, "; expected 0..63");
+  std::call_once(flags[device], [&] {
+    int per_sm = 0, sms = 0;
+    cuda_detail::check(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads, smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    cuda_detail::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+                       "cudaDeviceGetAttribute(MultiProcessorCount)");
+    counts[device] = static_cast<unsigned>((per_sm > 0 ? per_sm : 1) * sms);
+  });
+  return counts[device];
+}
+
+//! Launches the batch-1 GEMV kernel with a given block shape (the bench and the tests compare
+//! shapes). Preconditions (the caller's): m == 1, k % 64 == 0, k % block == 0, block >= 64,
+//! codes 8-byte and x 16-byte aligned.
+template <class Code, class T, bool Nested, gemv1_shape Shape>
+void launch_gemv1_fast(exec::cuda const& e, gemv_args<T> const& a) {
+  auto run = [&](auto block64) {
+    constexpr auto kernel = &gemv1_4bit_kernel<Code, T, Nested, Shape.warps, Shape.unroll,
+                                               Shape.pairs, decltype(block64)::value>;
+    constexpr unsigned smem = gemv1_smem_bytes<Nested, Shape.warps, Shape.pairs>();
+    allow_dynamic_smem<kernel>(e.device, smem);
+    auto const tiles = static_cast<unsigned>((a.n + 2 * Shape.pairs - 1) / (2 * Shape.pairs));
+    unsigned const resident = resident_blocks<kernel>(e.device, Shape.warps * 32, smem);
+    unsigned const grid = tiles < resident ? tiles : resident;
+    kernel<<<grid, Shape.warps * 32, smem, e.stream>>>(a, values_of<Code>(), nested_values(),
+                                                       tiles);
+    cuda_detail::check_launch(e, "qmem::quant::gemv1_4bit_kernel");
+  };
+  if (a.block_shift == 6)
+    run(std::true_type{});
   else
-    gemv_4bit_kernel<Code, T, Nested, 2, Warps, Unroll, Tiles, Shuffle>
-        <<<grid, Warps * 32, 0, e.stream>>>(a, values_of<Code>(), nested_values());
+    run(std::false_type{});
+}
+
+template <class Code, class T, bool Nested, int MTiles, gemv_shape Shape, bool Block32,
+          bool Block64, bool Contig>
+void launch_gemv_kernel(exec::cuda const& e, gemv_args<T> const& a) {
+  constexpr auto kernel = &gemv_4bit_kernel<Code, T, Nested, MTiles, Shape.warps, Shape.unroll,
+                                            Shape.tiles, Block32, Block64, Contig>;
+  constexpr unsigned smem = gemv_smem_bytes<Nested, Shape.warps, Shape.tiles>();
+  allow_dynamic_smem<kernel>(e.device, smem);
+  auto const grid = static_cast<unsigned>((a.n + 16 * Shape.tiles - 1) / (16 * Shape.tiles));
+  kernel<<<grid, Shape.warps * 32, smem, e.stream>>>(a, values_of<Code>(), nested_values());
   cuda_detail::check_launch(e, "qmem::quant::gemv_4bit_kernel");
+}
+
+//! Launches the fast GEMV kernel with a given block shape (the bench and the tests compare
+//! shapes). Preconditions (the caller's): k % 64 == 0, codes 8-byte and x 16-byte aligned.
+template <class Code, class T, bool Nested, gemv_shape Shape>
+void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
+  // consecutive steps with 16-byte scale loads: plain 64-element blocks, rows of whole 4-scale
+  // groups (k % 256 == 0), aligned scales
+  bool const contig = Shape.contiguous && !Nested && a.block_shift == 6 && a.k % 256 == 0 &&
+                      aligned16(a.scales.absmax);
+  auto run = [&](auto mtiles) {
+    constexpr int MT = decltype(mtiles)::value;
+    if (a.block_shift == 5)
+      launch_gemv_kernel<Code, T, Nested, MT, Shape, true, false, false>(e, a);
+    else if (a.block_shift == 6) {
+      if constexpr (Shape.contiguous && !Nested) {
+        if (contig) {
+          launch_gemv_kernel<Code, T, Nested, MT, Shape, false, true, true>(e, a);
+          return;
+        }
+      }
+      launch_gemv_kernel<Code, T, Nested, MT, Shape, false, true, false>(e, a);
+    } else {
+      launch_gemv_kernel<Code, T, Nested, MT, Shape, false, false, false>(e, a);
+    }
+  };
+  if (a.m <= 8)
+    run(std::integral_constant<int, 1>{});
+  else
+    run(std::integral_constant<int, 2>{});
 }
 
 template <class Code, class T, bool Nested>
 void launch_gemv(exec::cuda const& e, gemv_args<T> const& a, bool fast) {
   if (fast) {
-    if (a.m <= 8)
-      launch_gemv_fast<Code, T, Nested, gemv_warps, gemv_unroll, 1, gemv_shuffle>(e, a);
+    if (a.m == 1 && a.block_shift >= 6)
+      launch_gemv1_fast<Code, T, Nested, Nested ? gemv_batch1_nested : gemv_batch1>(e, a);
+    else if (a.m <= 8)
+      launch_gemv_fast<Code, T, Nested, gemv_small_batch>(e, a);
     else
-      launch_gemv_fast<Code, T, Nested, gemv_warps, gemv_unroll, gemv_tiles, gemv_shuffle>(e, a);
+      launch_gemv_fast<Code, T, Nested, gemv_large_batch>(e, a);
   } else {
     gemv_4bit_generic_kernel<Code, T, Nested>
         <<<grid_for(a.n, 8), 256, 0, e.stream>>>(a, values_of<Code>(), nested_values());
@@ -892,15 +1640,18 @@ inline void check_workspace(tensor_view<std::byte> ws, std::size_t need, char co
 } // namespace cuda_matmul
 
 //! y[m, n] = x[m, k] * dequant(w)^T on the GPU, stream-ordered on e.stream (no synchronization).
-//! m <= gemv_max_rows: the GEMV-style kernel reads codes and scales directly (no workspace);
-//! larger m: w is dequantized into `workspace` and cuBLASLt multiplies (fp32 accumulation).
+//! m <= gemv_max_rows: the GEMV-style kernels read codes and scales directly (no workspace) and
+//! compute sum_b scale_b * sum_{i in b} round_T(value_i) * x_i in fp32 (docs/matmul.md gives its
+//! bound against the reference); larger m: w is dequantized into `workspace` (round_T(value *
+//! scale), the reference's weights) and cuBLASLt multiplies (fp32 accumulation).
 //! Preconditions (bad_argument, nothing launched): x holds m * w.cols, y m * w.rows elements, all
 //! views device-accessible; w consistent (weight_4bit_view); m > 0; workspace at least
 //! matmul_4bit_workspace_bytes<T>(m, w) bytes, 256-byte aligned; m, n, k < 2^31.
 //! Bytes moved (m <= 16): the codes, the scales, x once per 16 rows of w (from L2), y.
 template <matmul_activation T, matmul_code_4bit Code>
 void matmul_4bit(exec::cuda const& e, std::type_identity_t<tensor_view<T const>> x, std::size_t m,
-                 weight_4bit_view<Code> w, tensor_view<T> y, tensor_view<std::byte> workspace = {}) {
+                 weight_4bit_view<Code> w, tensor_view<T> y,
+                 tensor_view<std::byte> workspace = {}) {
   constexpr char const* fn = "qmem::quant::matmul_4bit";
   QMEM_EXPECTS(m > 0, "m is 0; expected at least one row of activations");
   detail::mm::check_weight(w, fn, false, true);
@@ -912,11 +1663,15 @@ void matmul_4bit(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
   cuda_matmul::check_workspace(workspace, matmul_4bit_workspace_bytes<T>(m, w), fn);
   cuda_detail::device_guard guard(e.device);
   if (m <= gemv_max_rows) {
-    cuda_matmul::gemv_args<T> a{x.data(), w.codes.data(), cuda_matmul::make_scale_args(w.scales),
-                                y.data(), static_cast<unsigned>(m), w.rows, w.cols,
+    cuda_matmul::gemv_args<T> a{x.data(),
+                                w.codes.data(),
+                                cuda_matmul::make_scale_args(w.scales),
+                                y.data(),
+                                static_cast<unsigned>(m),
+                                w.rows,
+                                w.cols,
                                 detail::mm::log2_exact(w.block_size)};
-    bool const fast = w.cols % 32 == 0 && cuda_matmul::aligned16(w.codes.data()) &&
-                      cuda_matmul::aligned16(x.data());
+    bool const fast = cuda_matmul::gemv_fast_path(w.cols, w.block_size, w.codes.data(), x.data());
     if (w.scales.nested())
       cuda_matmul::launch_gemv<Code, T, true>(e, a, fast);
     else
@@ -926,19 +1681,17 @@ void matmul_4bit(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
   std::size_t offset = 0;
   T* wd = reinterpret_cast<T*>(cuda_matmul::carve(workspace, offset, w.elements() * sizeof(T)));
   cuda_matmul::dequantize_into(e, w, wd);
-  cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, m, w.cols,
-                                  cuda_matmul::data_type<T>, wd, x.data(),
-                                  cuda_matmul::data_type<T>, y.data(), workspace.data() + offset,
-                                  workspace.size() - offset);
+  cuda_matmul::lt_matmul_or_throw(
+      e, CUBLAS_OP_T, CUBLAS_OP_N, w.rows, m, w.cols, cuda_matmul::data_type<T>, wd, x.data(),
+      cuda_matmul::data_type<T>, y.data(), workspace.data() + offset, workspace.size() - offset);
 }
 
 //! QLoRA's backward pass through a frozen 4-bit weight on the GPU:
-//! grad_x[m, k] = grad_y[m, n] * dequant(w), stream-ordered. m <= gemv_max_rows: a GEMV-style
-//! kernel over row slices whose fp32 partial sums (in `workspace`) are added in a fixed order;
-//! larger m: dequantize into `workspace`, then cuBLASLt.
-//! Preconditions: grad_y holds m * w.rows, grad_x m * w.cols elements, device-accessible; w
-//! consistent; m > 0; workspace at least matmul_4bit_grad_input_workspace_bytes<T>(m, w) bytes,
-//! 256-byte aligned; m, n, k < 2^31.
+//! grad_x[m, k] = grad_y[m, n] * dequant(w), stream-ordered. m <= grad_input_gemv_max_rows: a
+//! GEMV-style kernel over row slices whose fp32 partial sums (in `workspace`) are added in a fixed
+//! order; larger m: dequantize into `workspace`, then cuBLASLt. Preconditions: grad_y holds m *
+//! w.rows, grad_x m * w.cols elements, device-accessible; w consistent; m > 0; workspace at least
+//! matmul_4bit_grad_input_workspace_bytes<T>(m, w) bytes, 256-byte aligned; m, n, k < 2^31.
 template <matmul_activation T, matmul_code_4bit Code>
 void matmul_4bit_grad_input(exec::cuda const& e, std::type_identity_t<tensor_view<T const>> grad_y,
                             std::size_t m, weight_4bit_view<Code> w, tensor_view<T> grad_x,
@@ -953,7 +1706,7 @@ void matmul_4bit_grad_input(exec::cuda const& e, std::type_identity_t<tensor_vie
                "shape ", m, " x ", w.rows, " x ", w.cols, "; expected each below 2^31");
   cuda_matmul::check_workspace(workspace, matmul_4bit_grad_input_workspace_bytes<T>(m, w), fn);
   cuda_detail::device_guard guard(e.device);
-  if (m <= gemv_max_rows) {
+  if (m <= grad_input_gemv_max_rows) {
     std::size_t const slices = detail::mm::grad_input_slices(w.rows, w.cols);
     cuda_matmul::grad_args<T> a{grad_y.data(),
                                 w.codes.data(),
@@ -990,8 +1743,7 @@ void matmul_int8(exec::cuda const& e, tensor_view<std::int8_t const> a,
                  tensor_view<float const> col_scale, std::size_t m, std::size_t n, std::size_t k,
                  tensor_view<Out> out, tensor_view<std::byte> workspace = {}) {
   constexpr char const* fn = "qmem::quant::matmul_int8";
-  QMEM_EXPECTS(m > 0 && n > 0 && k > 0, "shape ", m, " x ", n, " x ", k,
-               "; expected m, n, k > 0");
+  QMEM_EXPECTS(m > 0 && n > 0 && k > 0, "shape ", m, " x ", n, " x ", k, "; expected m, n, k > 0");
   QMEM_EXPECTS(k <= 131072, "k is ", k, "; expected at most 131072 (int32 accumulation)");
   QMEM_EXPECTS(k % 4 == 0, "k is ", k, "; cuBLASLt's int8 product needs a multiple of 4");
   QMEM_EXPECTS(m < (std::size_t{1} << 31) && n < (std::size_t{1} << 31), "shape ", m, " x ", n,
@@ -1011,9 +1763,9 @@ void matmul_int8(exec::cuda const& e, tensor_view<std::int8_t const> a,
   cuda_matmul::int8_product(e, a.data(), b.data(), m, n, k, acc, workspace.data() + offset,
                             workspace.size() - offset);
   cuda_matmul::int8_epilogue_kernel<Out, bf16>
-      <<<cuda_matmul::grid_for(m * n, 256), 256, 0, e.stream>>>(
-          acc, row_scale.data(), col_scale.data(), m, n, k, nullptr, b.data(), nullptr,
-          out.data());
+      <<<cuda_matmul::grid_for(m * n, 256), 256, 0, e.stream>>>(acc, row_scale.data(),
+                                                                col_scale.data(), m, n, k, nullptr,
+                                                                b.data(), nullptr, out.data(), 0);
   cuda_detail::check_launch(e, "qmem::quant::int8_epilogue_kernel");
 }
 
@@ -1028,8 +1780,7 @@ void linear_int8(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
                  std::size_t m, std::size_t n, std::size_t k, float threshold, tensor_view<T> out,
                  tensor_view<std::byte> workspace = {}) {
   constexpr char const* fn = "qmem::quant::linear_int8";
-  QMEM_EXPECTS(m > 0 && n > 0 && k > 0, "shape ", m, " x ", n, " x ", k,
-               "; expected m, n, k > 0");
+  QMEM_EXPECTS(m > 0 && n > 0 && k > 0, "shape ", m, " x ", n, " x ", k, "; expected m, n, k > 0");
   QMEM_EXPECTS(k <= 131072, "k is ", k, "; expected at most 131072 (int32 accumulation)");
   QMEM_EXPECTS(k % 4 == 0, "k is ", k, "; cuBLASLt's int8 product needs a multiple of 4");
   QMEM_EXPECTS(m < (std::size_t{1} << 31) && n < (std::size_t{1} << 31), "shape ", m, " x ", n,
@@ -1047,6 +1798,9 @@ void linear_int8(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
   auto* list = reinterpret_cast<std::int32_t*>(cuda_matmul::carve(workspace, offset, (k + 1) * 4));
   auto* q = reinterpret_cast<std::int8_t*>(cuda_matmul::carve(workspace, offset, m * k));
   auto* rs = reinterpret_cast<float*>(cuda_matmul::carve(workspace, offset, m * 4));
+  std::size_t const cap = k < linear_int8_dense_outliers ? k : linear_int8_dense_outliers;
+  auto* xo = reinterpret_cast<float*>(cuda_matmul::carve(workspace, offset, m * cap * 4));
+  auto* wo = reinterpret_cast<float*>(cuda_matmul::carve(workspace, offset, n * cap * 4));
   auto* acc = reinterpret_cast<std::int32_t*>(cuda_matmul::carve(workspace, offset, m * n * 4));
   bool const outliers = threshold > 0.0f;
   if (outliers) {
@@ -1062,9 +1816,25 @@ void linear_int8(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
   cuda_detail::check_launch(e, "qmem::quant::quantize_rows_int8_kernel");
   cuda_matmul::int8_product(e, q, b.data(), m, n, k, acc, workspace.data() + offset,
                             workspace.size() - offset);
+  int const icap = static_cast<int>(cap);
+  if (outliers) {
+    // up to `cap` outliers (decided on the device from the list): gathered into dense blocks and
+    // added by the tiled epilogue; more: the plain epilogue reads them in place
+    cuda_matmul::gather_outliers_kernel<T>
+        <<<cuda_matmul::grid_for((m + n) * cap, 256), 256, 0, e.stream>>>(
+            x.data(), b.data(), col_scale.data(), m, n, k, list, icap, xo, wo);
+    cuda_detail::check_launch(e, "qmem::quant::gather_outliers_kernel");
+    dim3 const grid(
+        static_cast<unsigned>((n + cuda_matmul::outlier_tile - 1) / cuda_matmul::outlier_tile),
+        static_cast<unsigned>(std::min<std::size_t>(
+            (m + cuda_matmul::outlier_tile - 1) / cuda_matmul::outlier_tile, 65535)));
+    cuda_matmul::int8_outlier_epilogue_kernel<T><<<grid, 256, 0, e.stream>>>(
+        acc, rs, col_scale.data(), m, n, list, icap, xo, wo, out.data());
+    cuda_detail::check_launch(e, "qmem::quant::int8_outlier_epilogue_kernel");
+  }
   cuda_matmul::int8_epilogue_kernel<T, T><<<cuda_matmul::grid_for(m * n, 256), 256, 0, e.stream>>>(
-      acc, rs, col_scale.data(), m, n, k, x.data(), b.data(), outliers ? list : nullptr,
-      out.data());
+      acc, rs, col_scale.data(), m, n, k, x.data(), b.data(), outliers ? list : nullptr, out.data(),
+      icap);
   cuda_detail::check_launch(e, "qmem::quant::int8_epilogue_kernel");
 }
 
