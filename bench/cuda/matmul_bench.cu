@@ -167,6 +167,8 @@ template <class F>
 double graph_time_per_call(cudaStream_t s, int calls, F&& call) {
   cudaGraph_t graph;
   cudaGraphExec_t exec;
+  call(); // first use outside the capture (one-time set-up such as kernel attributes)
+  check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
   check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
   for (int i = 0; i < calls; ++i)
     call();
@@ -195,22 +197,28 @@ void gemv(benchmark::State& state) {
   auto const wv = w.view();
   double t = 0;
   for (auto _ : state) {
-    t = graph_time_per_call(s, 200, [&] {
-      matmul_4bit<bf16>(e, tensor_view<bf16 const>(x.view()), m, wv, y.view());
-    });
+    t = graph_time_per_call(
+        s, 200, [&] { matmul_4bit<bf16>(e, tensor_view<bf16 const>(x.view()), m, wv, y.view()); });
     state.SetIterationTime(t * 200);
   }
   report(state, t, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
   (void)cudaStreamDestroy(s);
 }
 
-// The GEMV kernel's variants: {warps, unroll, tiles, shuffle decode}.
-constexpr int variants[][4] = {{8, 2, 1, 1}, {8, 2, 2, 1}, {8, 2, 1, 0}, {8, 2, 2, 0},
-                               {4, 2, 1, 1}, {16, 2, 1, 1}, {8, 4, 1, 1}, {4, 2, 2, 1}};
+// The GEMV kernels' block shapes: {warps, unroll, tiles} (batch 1 to 16), then the batch-1
+// kernel's {warps, unroll, pairs} (variants 8 and up, batch 1 only).
+constexpr cuda_matmul::gemv_shape variants[] = {{8, 4, 1},       {8, 2, 1},      {8, 2, 2},
+                                                {8, 4, 2, true}, {16, 2, 1},     {8, 4, 1, true},
+                                                {8, 4, 2},       {8, 2, 2, true}};
+constexpr cuda_matmul::gemv1_shape variants1[] = {
+    {8, 2, 2}, {8, 1, 4}, {8, 4, 1}, {16, 2, 2}, {8, 1, 2}};
 
-template <int W, int U, int R, bool S>
+template <int V>
 void launch_variant(exec::cuda const& e, cuda_matmul::gemv_args<bf16> const& a) {
-  cuda_matmul::launch_gemv_fast<nf4, bf16, false, W, U, R, S>(e, a);
+  if constexpr (V < 8)
+    cuda_matmul::launch_gemv_fast<nf4, bf16, false, variants[V]>(e, a);
+  else
+    cuda_matmul::launch_gemv1_fast<nf4, bf16, false, variants1[V - 8]>(e, a);
 }
 
 // Args: n, k, m, variant index. The fast GEMV kernel alone, plain scales, with each block shape.
@@ -225,18 +233,29 @@ void gemv_variant(benchmark::State& state) {
   cudaStream_t s;
   check(cudaStreamCreate(&s), "cudaStreamCreate");
   exec::cuda const e{s, 0};
-  cuda_matmul::gemv_args<bf16> const a{x.p, w.codes.p, cuda_matmul::make_scale_args(w.view().scales),
-                                       y.p, static_cast<unsigned>(m), n, k, 6};
+  cuda_matmul::gemv_args<bf16> const a{x.p,
+                                       w.codes.p,
+                                       cuda_matmul::make_scale_args(w.view().scales),
+                                       y.p,
+                                       static_cast<unsigned>(m),
+                                       n,
+                                       k,
+                                       6};
   auto call = [&] {
     switch (v) {
-    case 1: launch_variant<8, 2, 2, true>(e, a); break;
-    case 2: launch_variant<8, 2, 1, false>(e, a); break;
-    case 3: launch_variant<8, 2, 2, false>(e, a); break;
-    case 4: launch_variant<4, 2, 1, true>(e, a); break;
-    case 5: launch_variant<16, 2, 1, true>(e, a); break;
-    case 6: launch_variant<8, 4, 1, true>(e, a); break;
-    case 7: launch_variant<4, 2, 2, true>(e, a); break;
-    default: launch_variant<8, 2, 1, true>(e, a);
+    case 1: launch_variant<1>(e, a); break;
+    case 2: launch_variant<2>(e, a); break;
+    case 3: launch_variant<3>(e, a); break;
+    case 4: launch_variant<4>(e, a); break;
+    case 5: launch_variant<5>(e, a); break;
+    case 6: launch_variant<6>(e, a); break;
+    case 7: launch_variant<7>(e, a); break;
+    case 8: launch_variant<8>(e, a); break;
+    case 9: launch_variant<9>(e, a); break;
+    case 10: launch_variant<10>(e, a); break;
+    case 11: launch_variant<11>(e, a); break;
+    case 12: launch_variant<12>(e, a); break;
+    default: launch_variant<0>(e, a);
     }
   };
   double t = 0;
@@ -244,10 +263,9 @@ void gemv_variant(benchmark::State& state) {
     t = graph_time_per_call(s, 200, call);
     state.SetIterationTime(t * 200);
   }
-  state.counters["warps"] = variants[v][0];
-  state.counters["unroll"] = variants[v][1];
-  state.counters["tiles"] = variants[v][2];
-  state.counters["shuffle"] = variants[v][3];
+  state.counters["warps"] = v < 8 ? variants[v].warps : variants1[v - 8].warps;
+  state.counters["unroll"] = v < 8 ? variants[v].unroll : variants1[v - 8].unroll;
+  state.counters["tiles"] = v < 8 ? variants[v].tiles : variants1[v - 8].pairs;
   report(state, t, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
   (void)cudaStreamDestroy(s);
 }
@@ -342,6 +360,55 @@ void grad_input(benchmark::State& state) {
   (void)cudaStreamDestroy(s);
 }
 
+// Args: n, k, m, path (0: the GEMV-style kernel over row slices, 1: dequantize + cuBLASLt). Both
+// grad-input paths at the same batch, to choose grad_input_gemv_max_rows.
+void grad_path(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  bool const dequant = state.range(3) != 0;
+  nf4_weight w(n, k, 64, false);
+  device_buffer<bf16> gy(m * n), gx(m * k);
+  fill_values<bf16><<<256, 256>>>(gy.p, gy.n, -1.0f, 1.0f, 3u);
+  auto const wv = w.view();
+  std::size_t const slices = quant::detail::mm::grad_input_slices(n, k);
+  device_buffer<std::byte> ws(dequant ? quant::detail::mm::align256(n * k * 2) +
+                                            cublaslt_workspace_bytes
+                                      : slices * m * k * 4);
+  cudaStream_t s;
+  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  exec::cuda const e{s, 0};
+  auto call = [&] {
+    if (dequant) {
+      auto* wd = reinterpret_cast<bf16*>(ws.p);
+      cuda_matmul::dequantize_into(e, wv, wd);
+      std::size_t const off = quant::detail::mm::align256(n * k * 2);
+      cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_N, CUBLAS_OP_N, k, m, n, CUDA_R_16BF, wd, gy.p,
+                                      CUDA_R_16BF, gx.p, ws.p + off, cublaslt_workspace_bytes);
+    } else {
+      cuda_matmul::grad_args<bf16> a{gy.p,
+                                     w.codes.p,
+                                     cuda_matmul::make_scale_args(wv.scales),
+                                     reinterpret_cast<float*>(ws.p),
+                                     static_cast<unsigned>(m),
+                                     n,
+                                     k,
+                                     (n + slices - 1) / slices,
+                                     6};
+      cuda_matmul::launch_grad<nf4, bf16, false>(e, a, slices, gx.p);
+    }
+  };
+  call();
+  double t = 0;
+  for (auto _ : state) {
+    t = time_median(s, 10, call);
+    state.SetIterationTime(t);
+  }
+  state.counters["us"] = t * 1e6;
+  state.counters["dequant_cublas"] = dequant ? 1 : 0;
+  (void)cudaStreamDestroy(s);
+}
+
 // Args: n, k, m, threshold x 10. LLM.int8 linear layer, bf16 in and out.
 void int8_linear(benchmark::State& state) {
   auto const n = static_cast<std::size_t>(state.range(0));
@@ -362,8 +429,8 @@ void int8_linear(benchmark::State& state) {
   tensor_view<std::int8_t const> const bv(reinterpret_cast<std::int8_t const*>(b.p), b.n,
                                           memory_space::device);
   auto call = [&] {
-    linear_int8<bf16>(e, tensor_view<bf16 const>(x.view()), bv,
-                      tensor_view<float const>(cs.view()), m, n, k, threshold, y.view(), ws.view());
+    linear_int8<bf16>(e, tensor_view<bf16 const>(x.view()), bv, tensor_view<float const>(cs.view()),
+                      m, n, k, threshold, y.view(), ws.view());
   };
   call();
   double t = 0;
@@ -393,10 +460,12 @@ void gemv_args(benchmark::internal::Benchmark* b) {
         b->Args({s[0], s[1], m, nested});
 }
 void variant_args(benchmark::internal::Benchmark* b) {
-  for (auto const& s : {shapes[0], shapes[3], shapes[4]})
-    for (std::int64_t m : {1, 16})
-      for (std::int64_t v = 0; v < 8; ++v)
-        b->Args({s[0], s[1], m, v});
+  for (auto const& s : shapes) {
+    for (std::int64_t v = 0; v < 13; ++v)
+      b->Args({s[0], s[1], 1, v});
+    for (std::int64_t v : {2, 3, 6, 7})
+      b->Args({s[0], s[1], 16, v});
+  }
 }
 void cublas_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes)
@@ -427,10 +496,23 @@ BENCHMARK(gemm)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(grad_input)
     ->Args({8192, 8192, 1})
+    ->Args({8192, 8192, 2})
     ->Args({8192, 8192, 16})
     ->Args({8192, 8192, 4096})
     ->UseManualTime()
     ->Iterations(2)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(grad_path)
+    ->Args({8192, 8192, 2, 0})
+    ->Args({8192, 8192, 2, 1})
+    ->Args({8192, 8192, 4, 0})
+    ->Args({8192, 8192, 4, 1})
+    ->Args({8192, 8192, 8, 0})
+    ->Args({8192, 8192, 8, 1})
+    ->Args({8192, 8192, 16, 0})
+    ->Args({8192, 8192, 16, 1})
+    ->UseManualTime()
+    ->Iterations(1)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(int8_linear)
     ->Args({8192, 8192, 4096, 0})
