@@ -1,17 +1,29 @@
-// Convergence on real (small) problems, trained full-batch on fixed synthetic classification sets
-// (Gaussian clusters with 15% label noise, so the loss stays well above 0), every tensor quantized
-// (min_quantized_size 0, so small tensors are covered too):
-// - a 2-layer MLP (8 -> 16 -> 8, tanh, softmax cross-entropy), 400 AdamW steps with a cosine
-//   schedule: 8-bit and bf16 state reach the 32-bit final loss within 1% (relative). 4-bit state
-//   (the specified recipe: block 128, signed dynamic 4-bit map / linear map without zero) trains
-//   more slowly on this net, whose blocks mix parameters of very different gradient scales: it is
-//   held to 8% here (measured: 6%), and reported;
+// Convergence on real (small) problems; 8-bit and 4-bit AdamW against the same run with 32-bit
+// state (same data, same initialization), final losses compared relative to the 32-bit one:
+// - online classification (the issue's goal): an MLP 32 -> 128 -> 8 (tanh, softmax
+//   cross-entropy) trained on a stream of fresh mini-batches of 64 from 8 Gaussian clusters with
+//   20% label noise, 1200 AdamW steps with a cosine schedule, loss measured on 8192 held-out
+//   samples. A stream cannot be memorized, so the loss approaches the noise floor (about 0.80;
+//   fp32 reaches 0.85) and the gap measures optimization quality. Default threshold (4096): the
+//   4096-element first layer is quantized, the smaller tensors keep fp32 state, as bitsandbytes
+//   and torchao do. 8-bit, bf16 and 4-bit state (the specified recipe: block 128, signed dynamic
+//   4-bit map / linear map without zero) are held to 1%. Measured (2026-11-29): 8-bit 0.14%,
+//   4-bit 0.83%; with 800 / 1600 steps 8-bit -0.25% / 0.07%, 4-bit 0.64% / 0.78%. The 4-bit
+//   margin is thin: a variant evaluated on a fixed sample set gave 4-bit 1.18% after 1600 steps,
+//   and 0.94% after 800 steps with every tensor quantized;
+// - a tiny full-batch MLP (8 -> 16 -> 8) with every tensor quantized (min_quantized_size 0), so
+//   each layer's weights share one 128-element block: 8-bit and bf16 within 1%; 4-bit trains
+//   more slowly there (its first moment: |m| below 0.275% of the block's largest rounds to 0, and
+//   a block holds weights of very different gradient scales), held to 8% (measured 6.0%; first
+//   moment alone 4-bit: 5.8%, second moment alone: 1.2%). No rounding defect behind it: the
+//   4-bit encoders equal nearest rounding over every float (host_simd_test.cpp);
 // - multinomial logistic regression (32 features, 8 classes; convex, one optimum): 8-bit and 4-bit
 //   both reach the 32-bit final loss within 1%.
 #include <qmem/optim.hpp>
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -137,6 +149,122 @@ double train(dataset const& ds, int steps) {
   return net.loss_and_grad(ds);
 }
 
+// An MLP In -> Hid -> 8 (tanh), row-major weights (w1 In x Hid, w2 Hid x 8), trained on a
+// stream of mini-batches drawn from 8 Gaussian clusters with label noise.
+template <int In, int Hid>
+struct stream_mlp {
+  static constexpr int classes = 8;
+  std::vector<float> w1, b1, w2, b2, gw1, gb1, gw2, gb2;
+
+  explicit stream_mlp(unsigned seed)
+      : w1(In * Hid), b1(Hid, 0.0f), w2(Hid * classes), b2(classes, 0.0f), gw1(w1.size()),
+        gb1(Hid), gw2(w2.size()), gb2(classes) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> d(0.0f, 1.0f);
+    for (auto& w : w1)
+      w = d(rng) / std::sqrt(static_cast<float>(In));
+    for (auto& w : w2)
+      w = d(rng) / std::sqrt(static_cast<float>(Hid));
+  }
+
+  // Mean cross-entropy over the n samples x (n x In) with labels y; gradients when `grad`.
+  double loss(float const* x, int const* y, int n, bool grad) {
+    if (grad)
+      for (auto* v : {&gw1, &gb1, &gw2, &gb2})
+        std::fill(v->begin(), v->end(), 0.0f);
+    double total = 0.0;
+    float h[Hid], dh[Hid], z[classes], dz[classes];
+    float const inv = 1.0f / static_cast<float>(n);
+    for (int s = 0; s < n; ++s) {
+      float const* xs = x + static_cast<std::size_t>(s) * In;
+      std::copy(b1.begin(), b1.end(), h);
+      for (int i = 0; i < In; ++i)
+        for (int j = 0; j < Hid; ++j)
+          h[j] += xs[i] * w1[static_cast<std::size_t>(i * Hid + j)];
+      for (int j = 0; j < Hid; ++j)
+        h[j] = std::tanh(h[j]);
+      std::copy(b2.begin(), b2.end(), z);
+      for (int j = 0; j < Hid; ++j)
+        for (int k = 0; k < classes; ++k)
+          z[k] += h[j] * w2[static_cast<std::size_t>(j * classes + k)];
+      float const zmax = *std::max_element(z, z + classes);
+      double sum = 0.0;
+      for (int k = 0; k < classes; ++k)
+        sum += std::exp(static_cast<double>(z[k] - zmax));
+      total += std::log(sum) - static_cast<double>(z[y[s]] - zmax);
+      if (!grad)
+        continue;
+      for (int k = 0; k < classes; ++k)
+        dz[k] = static_cast<float>(std::exp(static_cast<double>(z[k] - zmax)) / sum) * inv;
+      dz[y[s]] -= inv;
+      for (int k = 0; k < classes; ++k)
+        gb2[static_cast<std::size_t>(k)] += dz[k];
+      for (int j = 0; j < Hid; ++j) {
+        float acc = 0.0f;
+        for (int k = 0; k < classes; ++k) {
+          gw2[static_cast<std::size_t>(j * classes + k)] += h[j] * dz[k];
+          acc += w2[static_cast<std::size_t>(j * classes + k)] * dz[k];
+        }
+        dh[j] = acc * (1.0f - h[j] * h[j]);
+        gb1[static_cast<std::size_t>(j)] += dh[j];
+      }
+      for (int i = 0; i < In; ++i)
+        for (int j = 0; j < Hid; ++j)
+          gw1[static_cast<std::size_t>(i * Hid + j)] += xs[i] * dh[j];
+    }
+    return total / n;
+  }
+};
+
+// Samples from 8 Gaussian clusters (unit variance around fixed centres) with 20% label noise.
+struct cluster_stream {
+  int dim;
+  std::vector<float> centers;
+  std::mt19937 rng;
+  cluster_stream(int d, float spread, unsigned seed) : dim(d), centers(8 * static_cast<std::size_t>(d)), rng(seed) {
+    std::mt19937 c(2024);
+    std::normal_distribution<float> n(0.0f, 1.0f);
+    for (auto& v : centers)
+      v = spread * n(c);
+  }
+  void draw(int count, std::vector<float>& x, std::vector<int>& y) {
+    std::normal_distribution<float> n(0.0f, 1.0f);
+    std::uniform_real_distribution<float> u(0.0f, 1.0f);
+    std::uniform_int_distribution<int> cls(0, 7);
+    x.resize(static_cast<std::size_t>(count * dim));
+    y.resize(static_cast<std::size_t>(count));
+    for (int s = 0; s < count; ++s) {
+      int const k = cls(rng);
+      for (int i = 0; i < dim; ++i)
+        x[static_cast<std::size_t>(s * dim + i)] = centers[static_cast<std::size_t>(k * dim + i)] + n(rng);
+      y[static_cast<std::size_t>(s)] = u(rng) < 0.2f ? static_cast<int>(u(rng) * 8) % 8 : k;
+    }
+  }
+};
+
+template <class Policy>
+double train_stream(int steps) {
+  constexpr int in_dim = 32, hidden = 128, batch = 64;
+  stream_mlp<in_dim, hidden> net(7);
+  optim::optimizer<optim::adamw, Policy> opt(
+      optim::adamw{0.9f, 0.999f, 1e-8f, 1e-4f},
+      {.lr = optim::lr_schedule::cosine(3e-2f, 20, steps, 3e-4f)});
+  for (auto* p : {&net.w1, &net.b1, &net.w2, &net.b2})
+    opt.add_param(view(*p));
+  cluster_stream train_data(in_dim, 1.0f, 3), held_out(in_dim, 1.0f, 4);
+  std::vector<float> x;
+  std::vector<int> y;
+  for (int t = 0; t < steps; ++t) {
+    train_data.draw(batch, x, y);
+    net.loss(x.data(), y.data(), batch, true);
+    std::vector<tensor_view<float const>> gs{view(std::as_const(net.gw1)), view(std::as_const(net.gb1)),
+                                             view(std::as_const(net.gw2)), view(std::as_const(net.gb2))};
+    opt.step(exec::host{1}, gs);
+  }
+  held_out.draw(8192, x, y);
+  return net.loss(x.data(), y.data(), 8192, false);
+}
+
 // Multinomial logistic regression: z = x W + b, softmax cross-entropy (convex).
 constexpr int features = 32;
 
@@ -191,7 +319,7 @@ double train_logistic(dataset const& ds, int steps) {
 
 } // namespace
 
-TEST_CASE("convergence: MLP, 8-bit and bf16 AdamW reach the 32-bit final loss within 1%") {
+TEST_CASE("convergence: tiny MLP, every tensor quantized: 8-bit and bf16 within 1%, 4-bit 8%") {
   auto const ds = make_dataset(in, 1.0f);
   int const steps = 400;
   double const l32 = train<optim::fp32_state>(ds, steps);
@@ -215,5 +343,20 @@ TEST_CASE("convergence: logistic regression, 8-bit and 4-bit AdamW reach the 32-
   MESSAGE("logistic final loss: fp32 " << l32 << ", 8-bit " << l8 << ", 4-bit " << l4);
   CHECK(l32 < 0.6 * std::log(8.0));
   CHECK(std::fabs(l8 - l32) <= 0.01 * l32);
+  CHECK(std::fabs(l4 - l32) <= 0.01 * l32);
+}
+
+TEST_CASE("convergence: MLP on a stream, 8-bit, bf16 and 4-bit AdamW reach the 32-bit loss within 1%") {
+  int const steps = 1200;
+  double const l32 = train_stream<optim::fp32_state>(steps);
+  double const l8 = train_stream<optim::int8_state>(steps);
+  double const l4 = train_stream<optim::int4_state>(steps);
+  double const l16 = train_stream<optim::bf16_state>(steps);
+  MESSAGE("stream MLP held-out loss: fp32 " << l32 << ", 8-bit " << l8 << " (" << (l8 / l32 - 1) * 100
+                                            << "%), 4-bit " << l4 << " (" << (l4 / l32 - 1) * 100
+                                            << "%), bf16 " << l16);
+  CHECK(l32 < 0.5 * std::log(8.0)); // it learned (chance level is ln 8; the noise floor ~0.80)
+  CHECK(std::fabs(l8 - l32) <= 0.01 * l32);
+  CHECK(std::fabs(l16 - l32) <= 0.01 * l32);
   CHECK(std::fabs(l4 - l32) <= 0.01 * l32);
 }

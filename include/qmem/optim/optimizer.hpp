@@ -28,7 +28,7 @@
 #include <qmem/core/numeric.hpp>
 #include <qmem/core/tensor.hpp>
 #include <qmem/memory/resource.hpp>
-#include <qmem/optim/detail/host_avx2.hpp>
+#include <qmem/optim/detail/host_simd.hpp>
 #include <qmem/optim/detail/tensor_sum.hpp>
 #include <qmem/optim/rule.hpp>
 #include <qmem/optim/rules.hpp>
@@ -147,7 +147,7 @@ struct host_encoder_of<F> {
 
 namespace qmem::quant::detail {
 //! The 4-bit optimizer maps are served by the search table too (proven over every float by
-//! tests/optim/host_avx2_test.cpp with QMEM_EXHAUSTIVE=1).
+//! tests/optim/host_simd_test.cpp with QMEM_EXHAUSTIVE=1).
 template <auto const& Table>
 inline constexpr bool search_table_proven_v<optim::nearest4_code<Table>> = true;
 } // namespace qmem::quant::detail
@@ -506,19 +506,19 @@ private:
     }
   }
 
-  //! update_elements with the variant chosen at run time; `avx2`: the same loop compiled for
-  //! AVX2 (8 lanes, the same IEEE operations: no FMA), where the CPU has it.
+  //! update_elements with the variant chosen at run time; with AVX2 or better the same loop
+  //! compiled for AVX2 (8 lanes, the same IEEE operations: no FMA).
   template <std::size_t Chunk>
-  static void update_chunk(bool avx2, bool skip_bad, float update_scale, std::size_t m,
+  static void update_chunk(detail::host_isa isa, bool skip_bad, float update_scale, std::size_t m,
                            float* QMEM_RESTRICT p, float const* QMEM_RESTRICT g,
                            float (*QMEM_RESTRICT s)[Chunk], typename Rule::scalars const& k) noexcept {
-#if QMEM_OPTIM_HOST_AVX2
-    if (avx2) {
+#if QMEM_OPTIM_HOST_SIMD
+    if (isa >= detail::host_isa::avx2) {
       update_chunk_avx2<Chunk>(skip_bad, update_scale, m, p, g, s, k);
       return;
     }
 #else
-    (void)avx2;
+    (void)isa;
 #endif
     if (skip_bad)
       update_scale != 1.0f ? update_elements<Chunk, true, true>(m, p, g, s, k, update_scale)
@@ -528,7 +528,7 @@ private:
                            : update_elements<Chunk, false, false>(m, p, g, s, k, 1.0f);
   }
 
-#if QMEM_OPTIM_HOST_AVX2
+#if QMEM_OPTIM_HOST_SIMD
   template <std::size_t Chunk>
   __attribute__((target("avx2"))) static void
   update_chunk_avx2(bool skip_bad, float update_scale, std::size_t m, float* QMEM_RESTRICT p,
@@ -546,21 +546,28 @@ private:
   //! Writes values v[0, count) of elements [first, first + count) of a state of format F
   //! (first and count block-aligned except at the tensor's end). Blockwise: absmax as the
   //! integer maximum of the magnitudes' bits (the same value as max |v|, vectorizes), the
-  //! normalization as its own loop (vector divisions), then the table encoder; with `avx2` (and
-  //! a search table for the code) the block goes through the AVX2 kernels
-  //! (optim/detail/host_avx2.hpp), the same operations 8 lanes at a time, the tail here.
+  //! normalization as its own loop (vector divisions), then the table encoder; with `isa` AVX2 or
+  //! AVX-512 (and a search table for the code) the block goes through the SIMD kernels
+  //! (optim/detail/host_simd.hpp), the same operations 8 or 16 lanes at a time, the tail here.
   template <class F, class Enc = typename detail::host_encoder_of<F>::type>
   void store_state(typename F::ref r, float const* v, std::size_t first, std::size_t count,
-                   std::int32_t t, int k, Enc const& enc = {}, bool avx2 = false) const {
+                   std::int32_t t, int k, Enc const& enc = {},
+                   detail::host_isa isa = detail::host_isa::portable) const {
     if constexpr (F::blockwise) {
       float xn[F::block_size];
       for (std::size_t b = 0; b < count; b += F::block_size) {
         std::size_t const m = std::min<std::size_t>(F::block_size, count - b);
         float const* QMEM_RESTRICT vb = v + b;
-        std::size_t done = 0; // elements [0, done) written by the AVX2 kernel
+        std::size_t done = 0; // elements [0, done) written by a SIMD kernel
         float amax = 0.0f;
-#if QMEM_OPTIM_HOST_AVX2
-        if (avx2 && enc.table != nullptr) {
+#if QMEM_OPTIM_HOST_SIMD
+        if (isa == detail::host_isa::avx512 && enc.table != nullptr) {
+          if constexpr (F::bits == 8)
+            amax = detail::store_block8_512(*enc.table, enc.negative_below, vb, m,
+                                            r.codes + first + b, done);
+          else
+            amax = detail::store_block4_512(*enc.table, vb, m, r.codes + (first + b) / 2, done);
+        } else if (isa == detail::host_isa::avx2 && enc.table != nullptr) {
           if constexpr (F::bits == 8)
             amax = detail::store_block8(*enc.table, enc.negative_below, vb, m,
                                         r.codes + first + b, done);
@@ -568,7 +575,7 @@ private:
             amax = detail::store_block4(*enc.table, vb, m, r.codes + (first + b) / 2, done);
         } else
 #else
-        (void)avx2;
+        (void)isa;
 #endif
         {
           std::int32_t mb = 0;
@@ -687,7 +694,7 @@ private:
     auto encoders = [&]<int... K>(std::integer_sequence<int, K...>) {
       return std::tuple<typename detail::host_encoder_of<format_of<P, K>>::type...>{};
     }(std::make_integer_sequence<int, N>{});
-    bool const avx2 = detail::use_avx2();
+    detail::host_isa const isa = detail::current_host_isa();
 
     // Loads elements [b, b + m) into fp32 registers (arrays of one chunk).
     auto load = [&](std::size_t b, std::size_t m, float* p, float* g, float (*s)[chunk]) {
@@ -704,17 +711,21 @@ private:
         float* QMEM_RESTRICT out = s[K.value];
         bool done = false;
         if constexpr (F::blockwise) {
-#if QMEM_OPTIM_HOST_AVX2
-          if (avx2) {
+#if QMEM_OPTIM_HOST_SIMD
+          if (isa != detail::host_isa::portable) {
             // per block: gathers (8-bit) or permutes (4-bit) of the code values times absmax
             float const* values = std::get<K.value>(encoders).values;
+            bool const wide = isa == detail::host_isa::avx512;
             for (std::size_t j = 0; j < m; j += F::block_size) {
               float const a = r.absmax[(b + j) / F::block_size];
               std::size_t const e = std::min<std::size_t>(m, j + F::block_size);
+              std::uint8_t const* c = F::bits == 8 ? r.codes + b + j : r.codes + (b + j) / 2;
               if constexpr (F::bits == 8)
-                detail::decode8(values, r.codes + b + j, a, out + j, e - j);
+                wide ? detail::decode8_512(values, c, a, out + j, e - j)
+                     : detail::decode8(values, c, a, out + j, e - j);
               else
-                detail::decode4(values, r.codes + (b + j) / 2, a, out + j, e - j);
+                wide ? detail::decode4_512(values, c, a, out + j, e - j)
+                     : detail::decode4(values, c, a, out + j, e - j);
             }
             done = true;
           }
@@ -787,11 +798,11 @@ private:
           for (std::size_t b = b0; b < e0; b += chunk) {
             std::size_t const m = std::min(chunk, e0 - b);
             load(b, m, p, g, s);
-            update_chunk<chunk>(avx2, skip_bad, update_scale, m, p, g, s, k);
+            update_chunk<chunk>(isa, skip_bad, update_scale, m, p, g, s, k);
             detail::for_each_state<N>([&](auto K) {
               using F = format_of<P, K.value>;
               store_state<F>(std::get<K.value>(refs), s[K.value], b, m, si.step, K.value,
-                             std::get<K.value>(encoders), avx2);
+                             std::get<K.value>(encoders), isa);
             });
             if (master != nullptr)
               std::copy_n(p, m, master + b);

@@ -1,11 +1,12 @@
-// The host step's exact table encoder and its AVX2 kernels (optim/detail/host_avx2.hpp):
+// The host step's exact table encoder and its SIMD kernels (optim/detail/host_simd.hpp):
 // - the search table (quant/detail/search_table.hpp) equals `C::encode` for every code type it
 //   serves, 8-bit (bitsandbytes' searched maps) and 4-bit (the optimizer's maps): a strided sweep
 //   over all 2^32 float patterns, every table value and midpoint +-8 ulps, every bucket edge; with
-//   QMEM_EXHAUSTIVE=1 every one of the 2^32 floats (minutes). Its AVX2 form is compared on the
-//   same values;
-// - the step with the AVX2 kernels equals the portable step bit for bit (parameters, codes,
-//   absmax) for every rule x quantized policy, odd sizes, partial blocks, non-finite gradients.
+//   QMEM_EXHAUSTIVE=1 every one of the 2^32 floats (minutes). Its AVX2 and AVX-512 forms are
+//   compared on the same values where the CPU has them;
+// - the step with the AVX2 kernels, and with the AVX-512 ones, equals the portable step bit for
+//   bit (parameters, codes, absmax) for every rule x quantized policy, odd sizes, partial blocks,
+//   non-finite gradients.
 #include <qmem/optim.hpp>
 
 #include <doctest/doctest.h>
@@ -24,20 +25,41 @@ namespace {
 
 using namespace qmem;
 
-// Restores the AVX2 switch when a test case ends.
-struct avx2_switch {
-  bool const saved = optim::detail::host_avx2_allowed().load();
-  ~avx2_switch() { optim::detail::host_avx2_allowed().store(saved); }
-  void set(bool on) { optim::detail::host_avx2_allowed().store(on); }
+using optim::detail::host_isa;
+
+// Sets the highest ISA of the host step; restores it when the test case ends.
+struct isa_limit {
+  int const saved = optim::detail::host_isa_limit().load();
+  ~isa_limit() { optim::detail::host_isa_limit().store(saved); }
+  void set(host_isa i) { optim::detail::host_isa_limit().store(static_cast<int>(i)); }
 };
 
-#if QMEM_OPTIM_HOST_AVX2
+// The ISAs this machine runs, portable first.
+std::vector<host_isa> isas() {
+  isa_limit l;
+  std::vector<host_isa> r;
+  for (host_isa i : {host_isa::portable, host_isa::avx2, host_isa::avx512}) {
+    l.set(i);
+    if (optim::detail::current_host_isa() == i)
+      r.push_back(i);
+  }
+  return r;
+}
+
+#if QMEM_OPTIM_HOST_SIMD
 __attribute__((target("avx2"))) void table_encode_avx2(quant::detail::search_table const& t,
                                                        float const* x, std::uint8_t* out) {
   alignas(32) std::uint32_t lanes[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
                      optim::detail::table_encode8(t, _mm256_loadu_ps(x)));
   for (int i = 0; i < 8; ++i)
+    out[i] = static_cast<std::uint8_t>(lanes[i]);
+}
+__attribute__((target("avx512f"))) void table_encode_avx512(quant::detail::search_table const& t,
+                                                            float const* x, std::uint8_t* out) {
+  alignas(64) std::uint32_t lanes[16];
+  _mm512_store_si512(lanes, optim::detail::table_encode16(t, _mm512_loadu_ps(x)));
+  for (int i = 0; i < 16; ++i)
     out[i] = static_cast<std::uint8_t>(lanes[i]);
 }
 #endif
@@ -48,19 +70,31 @@ void check_table(char const* name) {
   static_assert(quant::detail::search_table_proven_v<C>);
   auto const& table = quant::detail::search_table_of<C>();
   REQUIRE(table.exact());
-  bool const simd = optim::detail::use_avx2();
+  auto const run = isas();
+  bool const avx2 = run.size() > 1;
+  bool const avx512 = run.size() > 2;
   std::size_t checked = 0, bad = 0;
-  float batch[8];
+  float batch[16];
   int filled = 0;
   auto flush = [&] {
-#if QMEM_OPTIM_HOST_AVX2
-    if (simd && filled == 8) {
-      std::uint8_t got[8];
-      table_encode_avx2(table, batch, got);
-      for (int i = 0; i < 8; ++i)
+#if QMEM_OPTIM_HOST_SIMD
+    auto compare = [&](std::uint8_t const* got, int n, char const* isa) {
+      for (int i = 0; i < n; ++i)
         if (got[i] != C::encode(batch[i], C::book) && bad++ < 10)
-          FAIL_CHECK("AVX2 x = ", batch[i], " (bits ", std::bit_cast<std::uint32_t>(batch[i]),
+          FAIL_CHECK(isa, " x = ", batch[i], " (bits ", std::bit_cast<std::uint32_t>(batch[i]),
                      "): ", int(got[i]), ", encode ", int(C::encode(batch[i], C::book)));
+    };
+    if (filled == 16) {
+      std::uint8_t got[16];
+      if (avx2) {
+        table_encode_avx2(table, batch, got);
+        table_encode_avx2(table, batch + 8, got + 8);
+        compare(got, 16, "AVX2");
+      }
+      if (avx512) {
+        table_encode_avx512(table, batch, got);
+        compare(got, 16, "AVX-512");
+      }
     }
 #endif
     filled = 0;
@@ -72,7 +106,7 @@ void check_table(char const* name) {
       FAIL_CHECK("x = ", x, " (bits ", std::bit_cast<std::uint32_t>(x), "): table ",
                  int(table.encode(x)), ", encode ", int(want));
     batch[filled++] = x;
-    if (filled == 8)
+    if (filled == 16)
       flush();
   };
   auto around = [&](float v, int ulps) {
@@ -102,8 +136,9 @@ void check_table(char const* name) {
     check(x);
   flush();
   CHECK(bad == 0);
-  std::printf("[qmem search table] %s: %zu values%s, AVX2 %s, %zu differ\n", name, checked,
-              exhaustive ? " (every float)" : "", simd ? "checked" : "not run", bad);
+  std::printf("[qmem search table] %s: %zu values%s, AVX2 %s, AVX-512 %s, %zu differ\n", name,
+              checked, exhaustive ? " (every float)" : "", avx2 ? "checked" : "not run",
+              avx512 ? "checked" : "not run", bad);
 }
 
 std::vector<float> randn(std::size_t n, float scale, unsigned seed) {
@@ -115,13 +150,13 @@ std::vector<float> randn(std::size_t n, float scale, unsigned seed) {
   return v;
 }
 
-// Runs `steps` steps of rule R with policy P on tensors of the given sizes, with the AVX2 kernels
-// on or off; returns every parameter, code byte and absmax as raw bytes.
+// Runs `steps` steps of rule R with policy P on tensors of the given sizes, with the host step's
+// ISA limited to `isa`; returns every parameter, code byte and absmax as raw bytes.
 template <class R, class P>
-std::vector<std::uint8_t> run(bool avx2, R rule, optim::nonfinite_policy nf, float max_unorm,
+std::vector<std::uint8_t> run(host_isa isa, R rule, optim::nonfinite_policy nf, float max_unorm,
                               std::vector<std::size_t> const& sizes, int steps) {
-  avx2_switch sw;
-  sw.set(avx2);
+  isa_limit limit;
+  limit.set(isa);
   std::vector<std::vector<float>> params, grads;
   for (std::size_t i = 0; i < sizes.size(); ++i) {
     params.push_back(randn(sizes[i], 1.0f, 10 + static_cast<unsigned>(i)));
@@ -171,13 +206,18 @@ void check_same(char const* what, R rule = {},
                 float max_unorm = 0.0f) {
   CAPTURE(what);
   std::vector<std::size_t> const sizes = {1, 7, 64, 255, 256, 1000, 4096 + 77, 20000};
-  auto const a = run<R, P>(true, rule, nf, max_unorm, sizes, 3);
-  auto const b = run<R, P>(false, rule, nf, max_unorm, sizes, 3);
-  REQUIRE(a.size() == b.size());
-  std::size_t differ = 0;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    differ += a[i] != b[i];
-  CHECK(differ == 0);
+  auto const want = run<R, P>(host_isa::portable, rule, nf, max_unorm, sizes, 3);
+  for (host_isa isa : isas()) {
+    if (isa == host_isa::portable)
+      continue;
+    CAPTURE(static_cast<int>(isa));
+    auto const got = run<R, P>(isa, rule, nf, max_unorm, sizes, 3);
+    REQUIRE(got.size() == want.size());
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < got.size(); ++i)
+      differ += got[i] != want[i];
+    CHECK(differ == 0);
+  }
 }
 
 } // namespace
@@ -191,9 +231,10 @@ TEST_CASE("search table: equal to Code::encode for every code type it serves (8-
   check_table<optim::linear4_unsigned>("linear4_unsigned");
 }
 
-TEST_CASE("host step: the AVX2 kernels give the portable step's bits") {
-  if (!optim::detail::use_avx2())
-    MESSAGE("this CPU or build has no AVX2 kernels: both runs take the portable path");
+TEST_CASE("host step: the AVX2 and AVX-512 kernels give the portable step's bits") {
+  if (isas().size() < 3)
+    MESSAGE("this CPU or build runs " << isas().size() - 1
+                                      << " of the 2 SIMD paths; the others are not tested here");
   using namespace optim;
   check_same<adamw, int8_state>("adamw int8");
   check_same<adamw, int4_state>("adamw int4");

@@ -1,17 +1,19 @@
 #pragma once
 //! \file
-//! AVX2 kernels of the host optimizer step for blockwise-quantized states: decode a block of codes
-//! (8-bit: a gather from the 256-entry value table; 4-bit: two 8-lane permutes), and requantize a
-//! block of updated fp32 states (absmax as an integer maximum, normalization by an IEEE division,
-//! the search table's look-up with two gathers, bitsandbytes' sign fix, byte and nibble packing).
-//! Every operation is the one the portable loop performs (the same IEEE multiplication and
-//! division, table look-ups proven equal to `Code::encode`), so both paths give the same bits;
-//! tests/optim/host_avx2_test.cpp checks that for every rule and state format.
+//! SIMD kernels of the host optimizer step for blockwise-quantized states, for AVX2 and AVX-512F:
+//! decode a block of codes (8-bit: a gather from the 256-entry value table; 4-bit: permutes of
+//! the 16 scaled values), and requantize a block of updated fp32 states (absmax as an integer
+//! maximum, normalization by an IEEE division, the search table's look-up with one gather,
+//! bitsandbytes' sign fix without a look-up, byte and nibble packing). Every operation is the one
+//! the portable loop performs (the same IEEE multiplication and division, table look-ups proven
+//! equal to `Code::encode`), so all paths give the same bits; tests/optim/host_simd_test.cpp
+//! checks that for every rule and state format, each ISA against the portable loop.
 //!
-//! On x86-64 with g++ or clang (not in nvcc's host pass) these functions are compiled for AVX2
-//! through a function attribute and chosen at run time when the CPU has AVX2 (`use_avx2()`);
-//! defining QMEM_OPTIM_HOST_AVX2 to 0 before including qmem removes them. AVX2 without FMA: a
-//! translation unit built with `-mfma` should also pass `-ffp-contract=off` (core/fmath.hpp).
+//! On x86-64 with g++ or clang (not in nvcc's host pass) these functions are compiled for their
+//! ISA through function attributes and chosen at run time from what the CPU has
+//! (`current_host_isa()`); defining QMEM_OPTIM_HOST_SIMD to 0 before including qmem removes them.
+//! No FMA is enabled: a translation unit built with `-mfma` (or `-march=native`) should also pass
+//! `-ffp-contract=off` to keep the host bit-identical to the GPU (core/fmath.hpp).
 
 #include <qmem/core/config.hpp>
 #include <qmem/quant/detail/search_table.hpp>
@@ -21,42 +23,47 @@
 #include <cstddef>
 #include <cstdint>
 
-#ifndef QMEM_OPTIM_HOST_AVX2
+#ifndef QMEM_OPTIM_HOST_SIMD
 #if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define QMEM_OPTIM_HOST_AVX2 1
+#define QMEM_OPTIM_HOST_SIMD 1
 #else
-#define QMEM_OPTIM_HOST_AVX2 0
+#define QMEM_OPTIM_HOST_SIMD 0
 #endif
 #endif
 
-#if QMEM_OPTIM_HOST_AVX2
+#if QMEM_OPTIM_HOST_SIMD
 #include <immintrin.h>
 #endif
 
 namespace qmem::optim::detail {
 
-//! Whether the host step may use its AVX2 kernels (default true). Tests turn it off to compare
-//! the AVX2 step with the portable one; nothing else should need to.
-inline std::atomic<bool>& host_avx2_allowed() noexcept {
-  static std::atomic<bool> allowed{true};
-  return allowed;
+//! The instruction sets of the host step, in order.
+enum class host_isa : int { portable = 0, avx2 = 1, avx512 = 2 };
+
+//! The highest ISA the host step may use (default: the best there is). Tests lower it to compare
+//! each ISA's step with the portable one; nothing else should need to.
+inline std::atomic<int>& host_isa_limit() noexcept {
+  static std::atomic<int> limit{static_cast<int>(host_isa::avx512)};
+  return limit;
 }
 
-//! True when the host step runs its AVX2 kernels: compiled in, allowed, and the CPU has AVX2.
-inline bool use_avx2() noexcept {
-#if QMEM_OPTIM_HOST_AVX2
-#if defined(__AVX2__)
-  bool const cpu = true;
+//! The ISA the host step runs: the best the build and the CPU have, within host_isa_limit().
+inline host_isa current_host_isa() noexcept {
+#if QMEM_OPTIM_HOST_SIMD
+  static int const cpu = __builtin_cpu_supports("avx512f")
+                             ? static_cast<int>(host_isa::avx512)
+                             : (__builtin_cpu_supports("avx2") ? static_cast<int>(host_isa::avx2)
+                                                               : 0);
+  int const limit = host_isa_limit().load(std::memory_order_relaxed);
+  return static_cast<host_isa>(cpu < limit ? cpu : limit);
 #else
-  static bool const cpu = __builtin_cpu_supports("avx2");
-#endif
-  return cpu && host_avx2_allowed().load(std::memory_order_relaxed);
-#else
-  return false;
+  return host_isa::portable;
 #endif
 }
 
-#if QMEM_OPTIM_HOST_AVX2
+#if QMEM_OPTIM_HOST_SIMD
+
+// --- AVX2: 8 lanes ---
 
 //! encode() of the 8 floats of `x` by search table `t` (quant/detail/search_table.hpp), in the low
 //! byte of each 32-bit lane (the upper bytes are zero).
@@ -248,6 +255,155 @@ store_block4(quant::detail::search_table const& t, float const* QMEM_RESTRICT v,
   return amax;
 }
 
-#endif // QMEM_OPTIM_HOST_AVX2
+// --- AVX-512F: 16 lanes (the same steps; masks instead of blends) ---
+
+// g++ 12 reports the self-initialized `_mm512_undefined_*` of its own AVX-512 intrinsics as
+// uninitialized once they are inlined (GCC bug 105593, fixed in 13): silenced for these kernels.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+//! encode() of the 16 floats of `x` by search table `t`, one code per 32-bit lane.
+__attribute__((target("avx512f"), always_inline)) inline __m512i
+table_encode16(quant::detail::search_table const& t, __m512 x) noexcept {
+  using quant::detail::search_table;
+  __m512i const u = _mm512_castps_si512(x);
+  __m512i const a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+  __m512i key = _mm512_srli_epi32(a, search_table::shift);
+  key = _mm512_max_epi32(key, _mm512_set1_epi32(static_cast<int>(search_table::key_lo)));
+  key = _mm512_min_epi32(key, _mm512_set1_epi32(static_cast<int>(search_table::key_hi)));
+  __m512i index = _mm512_sub_epi32(key, _mm512_set1_epi32(static_cast<int>(search_table::key_lo)));
+  __mmask16 const negative = _mm512_cmplt_epi32_mask(u, _mm512_setzero_si512());
+  index = _mm512_mask_add_epi32(index, negative, index,
+                                _mm512_set1_epi32(static_cast<int>(search_table::buckets)));
+  __m512i const e = _mm512_i32gather_epi32(index, t.entries(), 4);
+  __m512i const limit =
+      _mm512_or_si512(_mm512_slli_epi32(key, search_table::shift), _mm512_srli_epi32(e, 16));
+  __mmask16 const above = _mm512_cmpgt_epi32_mask(a, limit);
+  __m512i c = _mm512_mask_srli_epi32(e, above, e, 8);
+  c = _mm512_and_si512(c, _mm512_set1_epi32(0xff));
+  __mmask16 const nan = _mm512_cmpgt_epi32_mask(a, _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_blend_epi32(nan, c, _mm512_set1_epi32(static_cast<int>(t.nan_code())));
+}
+
+//! sign_fix8 on 16 lanes.
+__attribute__((target("avx512f"), always_inline)) inline __m512i
+sign_fix16(__m512i c, __m512 s, int negative_below) noexcept {
+  __mmask16 const code_negative = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(negative_below), c);
+  __mmask16 const s_negative =
+      _mm512_cmplt_epi32_mask(_mm512_castps_si512(s), _mm512_setzero_si512());
+  __mmask16 const differ = static_cast<__mmask16>(code_negative ^ s_negative);
+  __mmask16 const positive = _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_GT_OQ);
+  __m512i const one = _mm512_set1_epi32(1);
+  c = _mm512_mask_add_epi32(c, static_cast<__mmask16>(differ & positive), c, one);
+  c = _mm512_mask_sub_epi32(c, static_cast<__mmask16>(differ & ~positive), c, one);
+  return _mm512_and_si512(c, _mm512_set1_epi32(0xff));
+}
+
+//! decode8 with 16 lanes.
+__attribute__((target("avx512f"))) inline void decode8_512(float const* values,
+                                                          std::uint8_t const* QMEM_RESTRICT codes,
+                                                          float absmax, float* QMEM_RESTRICT out,
+                                                          std::size_t m) noexcept {
+  __m512 const a = _mm512_set1_ps(absmax);
+  std::size_t i = 0;
+  for (; i + 16 <= m; i += 16) {
+    __m512i const c =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<__m128i const*>(codes + i)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_i32gather_ps(c, values, 4), a));
+  }
+  for (; i < m; ++i)
+    out[i] = values[codes[i]] * absmax;
+}
+
+//! decode4 with one 16-entry permute per 16 outputs.
+__attribute__((target("avx512f"))) inline void decode4_512(float const* values,
+                                                          std::uint8_t const* QMEM_RESTRICT codes,
+                                                          float absmax, float* QMEM_RESTRICT out,
+                                                          std::size_t m) noexcept {
+  alignas(64) float scaled[16];
+  for (int k = 0; k < 16; ++k)
+    scaled[k] = values[k] * absmax;
+  __m512 const table = _mm512_load_ps(scaled);
+  __m512i const shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  __m512i const mask = _mm512_set1_epi32(15);
+  std::size_t j = 0;
+  for (; j + 16 <= m; j += 16) {
+    __m128i const v = _mm_loadl_epi64(reinterpret_cast<__m128i const*>(codes + j / 2));
+    __m512i const idx = _mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(v, v)), shifts), mask);
+    _mm512_storeu_ps(out + j, _mm512_permutexvar_ps(idx, table));
+  }
+  for (; j < m; ++j) {
+    std::uint8_t const b = codes[j / 2];
+    out[j] = scaled[(j % 2 == 0) ? (b >> 4) : (b & 0x0f)];
+  }
+}
+
+__attribute__((target("avx512f"))) inline std::uint32_t
+absmax_bits_512(float const* QMEM_RESTRICT v, std::size_t m) noexcept {
+  __m512i const mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i mx = _mm512_setzero_si512();
+  std::size_t i = 0;
+  for (; i + 16 <= m; i += 16)
+    mx = _mm512_max_epi32(mx, _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(v + i)), mask));
+  std::int32_t r = _mm512_reduce_max_epi32(mx);
+  for (; i < m; ++i) {
+    auto const x = static_cast<std::int32_t>(std::bit_cast<std::uint32_t>(v[i]) & 0x7fffffffu);
+    r = x > r ? x : r;
+  }
+  return static_cast<std::uint32_t>(r);
+}
+
+__attribute__((target("avx512f"), always_inline)) inline __m512i
+encode_lanes16(quant::detail::search_table const& t, int negative_below, float const* v, __m512 a,
+               bool positive_absmax) noexcept {
+  __m512 const s = _mm512_loadu_ps(v);
+  __m512 const xn = positive_absmax ? _mm512_div_ps(s, a) : _mm512_setzero_ps();
+  __m512i const c = table_encode16(t, xn);
+  return negative_below >= 0 ? sign_fix16(c, s, negative_below) : c;
+}
+
+//! store_block8 with 16 lanes; `done` is m rounded down to a multiple of 16.
+__attribute__((target("avx512f"))) inline float
+store_block8_512(quant::detail::search_table const& t, int negative_below,
+                 float const* QMEM_RESTRICT v, std::size_t m, std::uint8_t* QMEM_RESTRICT codes,
+                 std::size_t& done) noexcept {
+  float const amax = std::bit_cast<float>(absmax_bits_512(v, m));
+  bool const positive = amax > 0.0f;
+  __m512 const a = _mm512_set1_ps(amax);
+  std::size_t i = 0;
+  for (; i + 16 <= m; i += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
+                     _mm512_cvtepi32_epi8(encode_lanes16(t, negative_below, v + i, a, positive)));
+  done = i;
+  return amax;
+}
+
+//! store_block4 with 16 lanes; `done` is m rounded down to a multiple of 16.
+__attribute__((target("avx512f"))) inline float
+store_block4_512(quant::detail::search_table const& t, float const* QMEM_RESTRICT v,
+                 std::size_t m, std::uint8_t* QMEM_RESTRICT codes, std::size_t& done) noexcept {
+  float const amax = std::bit_cast<float>(absmax_bits_512(v, m));
+  bool const positive = amax > 0.0f;
+  __m512 const a = _mm512_set1_ps(amax);
+  std::size_t i = 0;
+  for (; i + 16 <= m; i += 16) {
+    __m512i const c = encode_lanes16(t, -1, v + i, a, positive);
+    // 64-bit lane: first | second << 32  ->  first << 4 | second in its low byte
+    __m512i const pairs = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i / 2), _mm512_cvtepi64_epi8(pairs));
+  }
+  done = i;
+  return amax;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#endif // QMEM_OPTIM_HOST_SIMD
 
 } // namespace qmem::optim::detail
