@@ -230,6 +230,43 @@ TEST_CASE("host_simd: NF4 quantization hits every threshold exactly as nf4::enco
   CHECK(absmax[1] != absmax[1]);
 }
 
+template <class T>
+void check_rowwise_quantize() {
+  // rows: N(0, 1); a NaN; all zero; absmax subnormal (127 / absmax = inf); an infinity; absmax
+  // 127 with halves (x * 1 = k + 0.5: ties to even), with 16 + 13 columns for the scalar tail
+  std::size_t const rows = 6, cols = 4096 + 13;
+  auto x = qmem::test::normal_floats(rows * cols, 5);
+  x[cols + 9] = std::numeric_limits<float>::quiet_NaN();
+  for (std::size_t c = 0; c < cols; ++c) {
+    x[2 * cols + c] = 0.0f;
+    x[3 * cols + c] = c % 3 == 0 ? 1e-39f : -2e-45f * static_cast<float>(c % 5);
+    x[5 * cols + c] = static_cast<float>(static_cast<int>(c % 254) - 127) + 0.5f;
+  }
+  x[4 * cols + cols - 2] = -std::numeric_limits<float>::infinity();
+  x[5 * cols + 1] = 127.0f;
+  auto const xt = qmem::test::convert<T>(x);
+  std::vector<std::int8_t> q(rows * cols), ref_q(rows * cols);
+  std::vector<float> s(rows), ref_s(rows);
+  quantize_rowwise(exec::host{}, view(std::as_const(xt)), rows, cols, view(q), view(s));
+  for (std::size_t r = 0; r < rows; ++r) {
+    ref_s[r] = qmem::detail::bits_to_float(qd::block_absmax_bits(xt.data() + r * cols, cols));
+    float const scale = fmath::div(127.0f, ref_s[r]);
+    for (std::size_t c = 0; c < cols; ++c)
+      ref_q[r * cols + c] = qd::rowwise_encode(to_float(xt[r * cols + c]), scale);
+  }
+  CHECK(same_bits(s, ref_s));
+  CHECK(same_bits(q, ref_q));
+  CHECK(q[5 * cols + 127] == 0); // 0.5 -> 0
+  CHECK(q[5 * cols + 128] == 2); // 1.5 -> 2
+  CHECK(q[5 * cols + 130] == 4); // 3.5 -> 4
+  CHECK(q[3 * cols] == 127);     // 1e-39 * inf
+}
+
+TEST_CASE("host_simd: row-wise int8 quantization equals rowwise_encode") {
+  check_rowwise_quantize<float>();
+  check_rowwise_quantize<bf16>();
+}
+
 TEST_CASE("host_simd: row-wise int8 dequantization equals rowwise_decode") {
   std::size_t const rows = 5, cols = 4096 + 13;
   auto x = qmem::test::normal_floats(rows * cols, 3);

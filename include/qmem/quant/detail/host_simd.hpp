@@ -406,6 +406,49 @@ QMEM_QUANT_AVX512_FN float quantize_block_nf4_avx512(T const* x, std::size_t cou
   return amax;
 }
 
+//! One row of row-wise int8 quantization on 16 lanes: the row's absmax (block_absmax_bits), then
+//! q[c] = rowwise_encode(x[c], 127 / absmax): x * scale clamped to [-256, 256], rounded to
+//! nearest even, NaN -> 0, saturated to [-127, 127] (round_int8). Returns the absmax.
+//! T = float or bf16.
+template <class T>
+QMEM_QUANT_AVX512_FN float quantize_row_avx512(T const* x, std::size_t cols,
+                                               std::int8_t* q) noexcept {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
+  std::size_t const full = cols & ~std::size_t{15};
+  __m512i m = _mm512_setzero_si512();
+  __m512i const abs_mask = _mm512_set1_epi32(0x7fffffff);
+  for (std::size_t c = 0; c < full; c += 16)
+    m = _mm512_maskz_max_epi32(
+        all16, m, _mm512_and_si512(_mm512_castps_si512(load16_avx512(x + c)), abs_mask));
+  alignas(64) std::uint32_t lanes[16];
+  _mm512_store_si512(lanes, m);
+  std::uint32_t amax_bits = 0;
+  for (std::uint32_t const l : lanes)
+    amax_bits = l > amax_bits ? l : amax_bits;
+  for (std::size_t c = full; c < cols; ++c) {
+    std::uint32_t const b = abs_bits(to_float(x[c]));
+    amax_bits = b > amax_bits ? b : amax_bits;
+  }
+  float const amax = qmem::detail::bits_to_float(amax_bits);
+  float const scale = fmath::div(127.0f, amax);
+  __m512 const s = _mm512_set1_ps(scale);
+  __m512 const lo = _mm512_set1_ps(-256.0f), hi = _mm512_set1_ps(256.0f);
+  __m512i const qlo = _mm512_set1_epi32(-127), qhi = _mm512_set1_epi32(127);
+  for (std::size_t c = 0; c < full; c += 16) {
+    __m512 const v = _mm512_mul_ps(load16_avx512(x + c), s);
+    __mmask16 const number = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+    // min/max return their second operand for a NaN: the NaN lanes are zeroed below anyway
+    __m512 const clamped = _mm512_maskz_max_ps(all16, _mm512_maskz_min_ps(all16, v, hi), lo);
+    __m512i r = _mm512_maskz_cvt_roundps_epi32(all16, clamped,
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_maskz_max_epi32(number, _mm512_maskz_min_epi32(all16, r, qhi), qlo);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), _mm512_maskz_cvtepi32_epi8(all16, r));
+  }
+  for (std::size_t c = full; c < cols; ++c)
+    q[c] = rowwise_encode(to_float(x[c]), scale);
+  return amax;
+}
+
 #undef QMEM_QUANT_AVX512_FN
 
 } // namespace qmem::quant::detail
