@@ -836,10 +836,11 @@ __global__ void __launch_bounds__(Warps * 32, Warps >= 16 ? 1 : 2)
       for (int j = 0; j < 4; ++j)
         QMEM_UNROLL
       for (int u = 0; u < U; ++u) {
-        std::uint32_t const* xf = &xv[u][0].x;
-        std::uint32_t const b0 = j < 2 ? (&xv[u][0].x)[2 * j] : (&xv[u][1].x)[2 * j - 4];
-        std::uint32_t const b1 = j < 2 ? (&xv[u][0].x)[2 * j + 1] : (&xv[u][1].x)[2 * j - 3];
-        (void)xf;
+        // activation words 2j, 2j + 1 go with code bytes 2j, 2j + 1
+        std::uint32_t const xw[8] = {xv[u][0].x, xv[u][0].y, xv[u][0].z, xv[u][0].w,
+                                     xv[u][1].x, xv[u][1].y, xv[u][1].z, xv[u][1].w};
+        std::uint32_t const b0 = xw[2 * j];
+        std::uint32_t const b1 = xw[2 * j + 1];
         QMEM_UNROLL
         for (int p = 0; p < Pairs; ++p) {
           std::uint32_t const w0 = j < 2 ? q[u][p][0].x : q[u][p][0].y;
@@ -1111,7 +1112,8 @@ __device__ QMEM_INLINE float2 round_pair(float a, float b) {
 }
 
 //! Rows of the weight each thread of grad_input_4bit_vec_kernel loads before computing (not
-//! tuned: the one value measured, 8192 x 8192 batch 1 in 54 us on an H200, 2026-11-29).
+//! tuned: the one value measured, 8192 x 8192 batch 1 in 49-57 us on an H200, 2026-11-29, three
+//! runs).
 inline constexpr int grad_unroll = 4;
 
 //! The aligned fast path of the grad-input GEMV (k % 8 == 0, codes 4-byte aligned): each thread
