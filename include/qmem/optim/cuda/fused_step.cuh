@@ -5,10 +5,13 @@
 //! Work is cut into warp tasks of 32 x per_lane elements (kernel_traits: 256 for fp32 and 8-bit
 //! states, 128 for the 4-bit recipe's blocks of 128): a warp owns whole absmax blocks, each lane
 //! per_lane consecutive elements. A task loads its parameters, gradients, state codes and old
-//! absmax with 16-byte streaming loads, decodes the states (codebooks and the bucket search table
-//! in shared memory), applies the rule's element update in fp32 registers (the host optimizer's
-//! arithmetic, optim/optimizer.hpp), takes the block max of each new state with warp shuffles (no
-//! shared memory, no __syncthreads), requantizes and writes back: one pass over memory. Tasks are
+//! absmax with 16-byte streaming loads, decodes the states (code values in shared memory),
+//! applies the rule's element update in fp32 registers (the host optimizer's arithmetic,
+//! optim/optimizer.hpp), writes the parameters, takes the block max of each new state with warp
+//! shuffles (no shared memory, no __syncthreads), requantizes (state_format.hpp: the block's
+//! reciprocal in double, one shared-memory read per 8-bit code, immediate compares per 4-bit code)
+//! and writes back: one pass over memory. A task wholly inside its tensor (all but at most one
+//! per tensor) runs without bounds checks or scalar fallbacks. Tasks are
 //! numbered across all tensors; the device table of tensor entries (built once, multi_tensor.cuh)
 //! maps a task to its tensor by a cached hint plus binary search, so 64 tensors cost what one
 //! tensor costs. Step, gradient scale and skip flag are read from device memory (step_control),
@@ -122,13 +125,6 @@ __device__ QMEM_INLINE float warp_max(float m) {
     m = other > m ? other : m;
   }
   return m;
-}
-
-//! Asks L2 for the `bytes` bytes at `ptr`, one 128-byte line per lane and instruction.
-__device__ QMEM_INLINE void prefetch_l2(void const* ptr, std::uint64_t bytes, unsigned lane) {
-  auto const* const p = static_cast<char const*>(ptr);
-  for (std::uint64_t off = std::uint64_t{lane} * 128; off < bytes; off += 32 * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
 }
 
 //! The tensor that owns global task `task`: the hint when it still does, else a binary search
@@ -398,12 +394,13 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
 //! Threads per block of the fused kernel: 8 warps, 8 tasks in flight per block.
 inline constexpr int fused_block_threads = 256;
 
-//! Minimum resident blocks per SM asked of the register allocator (__launch_bounds__). The 8-bit
-//! steps are latency-bound, not bandwidth-bound: more resident warps hide more of the dependent
-//! chain (decode, update, block max, encode). Measured on an H200 at 2^28 parameters: 3 blocks
-//! (80 registers, 64-byte spills) against 2 (~106 registers): AdamW 8-bit 2.87 vs 3.31 ms, SGD
-//! 8-bit 1.48 vs 1.87 ms, AdamW 32-bit 2.03 vs 2.09 ms; 4 blocks (64 registers) spills 4x more.
-//! Overridable for tuning runs.
+//! Minimum resident blocks per SM asked of the register allocator (__launch_bounds__): 3 (80
+//! registers, 24 warps per SM). Measured on an H200 at 2^28 parameters, 2026-11-29 (run 2 of
+//! docs/benchmarks.md, a variant of the committed kernel): 2 / 3 / 4 blocks gave AdamW 8-bit
+//! 2.17 / 1.93 / 2.03 ms, Lion 8-bit 1.19 / 1.18 / 1.14, AdamW 4-bit 2.27 / 2.26 / 2.20, AdamW
+//! 32-bit 1.94 / 1.99 / 2.29 (4 blocks spill the fp32 path); 3 is best or within 3% everywhere.
+//! (Asking L2 for the next task's bytes before computing the current one was slower in the same
+//! run: AdamW 8-bit 1.84 against 1.77 ms.) Overridable for tuning runs.
 #ifndef QMEM_OPTIM_FUSED_MIN_BLOCKS
 #define QMEM_OPTIM_FUSED_MIN_BLOCKS 3
 #endif
@@ -425,34 +422,6 @@ partial_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scala
              typename kernel_traits<Rule, Policy>::shared_tables const& tables, unsigned lane) {
   detail::fused_task<Rule, Policy, P, G, NonFinite, false>(entry, task, k, grad_scale, step, seed,
                                                            param_sr, tables, lane);
-}
-
-//! Whether each warp asks L2 for its next task's bytes before computing the current one, so that
-//! the next task's loads wait for L2 instead of HBM.
-inline constexpr bool fused_prefetch_next = false;
-
-//! Prefetches into L2 what task `local` of `entry` reads (full tasks only).
-template <update_rule Rule, state_policy Policy, class P, class G>
-__device__ QMEM_INLINE void prefetch_task(tensor_entry const* entry, std::uint64_t local,
-                                          unsigned lane) {
-  using traits = kernel_traits<Rule, Policy>;
-  constexpr std::uint64_t n = traits::task_elements;
-  std::uint64_t const first = local * n;
-  if (entry->master == nullptr)
-    detail::prefetch_l2(static_cast<P const*>(entry->param) + first, n * sizeof(P), lane);
-  else
-    detail::prefetch_l2(entry->master + first, n * sizeof(float), lane);
-  detail::prefetch_l2(static_cast<G const*>(entry->grad) + first, n * sizeof(G), lane);
-  detail::for_states<Rule::state_count>([&](auto J) {
-    using F = typename traits::template format<J.value>;
-    if constexpr (F::blockwise)
-      detail::prefetch_l2(static_cast<std::uint8_t const*>(entry->state[J.value]) +
-                              first * F::bits / 8,
-                          n * F::bits / 8, lane);
-    else
-      detail::prefetch_l2(static_cast<typename F::element const*>(entry->state[J.value]) + first,
-                          n * sizeof(typename F::element), lane);
-  });
 }
 
 //! The fused kernel: grid-stride over warp tasks [task_begin, task_end) across all tensors.
@@ -492,11 +461,6 @@ __global__ void __launch_bounds__(fused_block_threads, fused_min_blocks)
     std::uint64_t const local = task - entry->first_task;
     bool const full =
         entry->vectorized != 0 && (local + 1) * traits::task_elements <= entry->size;
-    if constexpr (fused_prefetch_next) {
-      std::uint64_t const next = local + warps;
-      if (full && (next + 1) * traits::task_elements <= entry->size)
-        prefetch_task<Rule, Policy, P, G>(entry, next, lane);
-    }
     if (full)
       detail::fused_task<Rule, Policy, P, G, NonFinite, true>(entry, local, k, grad_scale, step,
                                                               args.seed,

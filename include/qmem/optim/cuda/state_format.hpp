@@ -79,7 +79,7 @@ constexpr bool ranks_are_codes() noexcept {
 }
 
 //! Threshold I of a nearest4_code as a scalar constant (device code may use scalar constexpr
-//! variables only): the compare chain below reads them as immediates.
+//! variables only): the compare tree below reads them as immediates.
 template <class Code, int I>
 inline constexpr float nearest4_threshold_v = nearest4_thresholds<Code>()[I];
 
@@ -160,11 +160,25 @@ struct codec {
     if constexpr (method == encode_method::packed_bucket || method == encode_method::bucket) {
       return search.encode(xn);
     } else if constexpr (method == encode_method::compare_chain) {
-      // rank = the number of thresholds <= xn (NaN: none), 15 independent compares
-      return [&]<int... I>(std::integer_sequence<int, I...>) {
-        return static_cast<std::uint8_t>(
-            (0u + ... + (xn >= detail::nearest4_threshold_v<Code, I> ? 1u : 0u)));
-      }(std::make_integer_sequence<int, 15>{});
+      // rank = the number of thresholds <= xn (NaN: none): a branch-free binary search, each
+      // level's threshold selected among immediates by the answers above it (4 compares and 11
+      // selects; 15 compares and 15 adds for counting them all)
+      using detail::nearest4_threshold_v;
+      constexpr float t1 = nearest4_threshold_v<Code, 0>, t2 = nearest4_threshold_v<Code, 1>,
+                      t3 = nearest4_threshold_v<Code, 2>, t4 = nearest4_threshold_v<Code, 3>,
+                      t5 = nearest4_threshold_v<Code, 4>, t6 = nearest4_threshold_v<Code, 5>,
+                      t7 = nearest4_threshold_v<Code, 6>, t8 = nearest4_threshold_v<Code, 7>,
+                      t9 = nearest4_threshold_v<Code, 8>, t10 = nearest4_threshold_v<Code, 9>,
+                      t11 = nearest4_threshold_v<Code, 10>, t12 = nearest4_threshold_v<Code, 11>,
+                      t13 = nearest4_threshold_v<Code, 12>, t14 = nearest4_threshold_v<Code, 13>,
+                      t15 = nearest4_threshold_v<Code, 14>;
+      bool const b3 = xn >= t8;
+      bool const b2 = xn >= (b3 ? t12 : t4);
+      bool const b1 = xn >= (b3 ? (b2 ? t14 : t10) : (b2 ? t6 : t2));
+      bool const b0 = xn >= (b3 ? (b2 ? (b1 ? t15 : t13) : (b1 ? t11 : t9))
+                                : (b2 ? (b1 ? t7 : t5) : (b1 ? t3 : t1)));
+      return static_cast<std::uint8_t>((b3 ? 8u : 0u) | (b2 ? 4u : 0u) | (b1 ? 2u : 0u) |
+                                       (b0 ? 1u : 0u));
     } else {
       return Code::encode(xn, search);
     }
