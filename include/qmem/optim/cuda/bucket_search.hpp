@@ -18,7 +18,8 @@
 //! buckets, and one comparison with T[base[key]] settles the bucket's own.
 //!
 //! Proof of equality: at compile time for both neighbours of every threshold, and on the GPU over
-//! all 2^32 bit patterns (tests/optim/cuda_optim_test.cpp).
+//! all 2^32 bit patterns (tests/optim/cuda_optim_test.cpp; packed_bucket_table, the one-read form
+//! the fused step uses: tests/optim/cuda_fused_codec_test.cpp).
 
 #include <qmem/core/config.hpp>
 #include <qmem/core/numeric.hpp>

@@ -4,12 +4,15 @@
 //! needs beyond the formats' own element functions.
 //!
 //! The formats' `load`/`encode`/`fix_sign` read `Code::book`, a static constexpr object that
-//! device code cannot use (nvcc allows only scalar constexpr variables there). The kernels
-//! therefore copy each code type's book, with its search table, into shared memory once per block
-//! (`codec`) and apply the very same arithmetic: decode `mul(decode(code), absmax)`, encode
-//! `fix_sign(encode(F::normalize(s, absmax)), s)`, which is F::normalize itself (IEEE division).
-//! For bitsandbytes' 8-bit maps the encode is the bucket search of bucket_search.hpp, proven equal
-//! to bnb_search256 for every float.
+//! device code cannot use (nvcc allows only scalar constexpr variables there). Each block of the
+//! fused kernel therefore copies every code type's values, with its search table, into shared
+//! memory (`codec`, from a device-memory image) and computes the same codes: decode
+//! `mul(decode(code), absmax)`, encode `fix_sign(encode(F::normalize(s, absmax)), s)`. Faster
+//! routes to the same codes, each proven equal to the code type's own encode for all 2^32 floats
+//! (tests/optim/cuda_fused_codec_test.cpp): bitsandbytes' 8-bit maps search a packed bucket table
+//! with one read (bucket_search.hpp); the 4-bit nearest codes compare against immediate
+//! thresholds; the normalize multiplies by the block's reciprocal in double (exact for the codes,
+//! see format_codec::reciprocal_normalize); the sign fix reads the sign from the code.
 
 #include <qmem/core/config.hpp>
 #include <qmem/core/numeric.hpp>
