@@ -836,11 +836,9 @@ __global__ void __launch_bounds__(Warps * 32, Warps >= 16 ? 1 : 2)
       for (int j = 0; j < 4; ++j)
         QMEM_UNROLL
       for (int u = 0; u < U; ++u) {
-        // activation words 2j, 2j + 1 go with code bytes 2j, 2j + 1
-        std::uint32_t const xw[8] = {xv[u][0].x, xv[u][0].y, xv[u][0].z, xv[u][0].w,
-                                     xv[u][1].x, xv[u][1].y, xv[u][1].z, xv[u][1].w};
-        std::uint32_t const b0 = xw[2 * j];
-        std::uint32_t const b1 = xw[2 * j + 1];
+        // activation words 2j, 2j + 1 go with code bytes 2j, 2j + 1 (the 8 words of xv[u] in order)
+        std::uint32_t const b0 = j < 2 ? (&xv[u][0].x)[2 * j] : (&xv[u][1].x)[2 * j - 4];
+        std::uint32_t const b1 = j < 2 ? (&xv[u][0].x)[2 * j + 1] : (&xv[u][1].x)[2 * j - 3];
         QMEM_UNROLL
         for (int p = 0; p < Pairs; ++p) {
           std::uint32_t const w0 = j < 2 ? q[u][p][0].x : q[u][p][0].y;
