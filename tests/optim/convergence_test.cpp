@@ -52,15 +52,16 @@ dataset make_dataset(int dim, float spread) {
   for (int s = 0; s < samples; ++s) {
     int const c = s % out;
     for (int i = 0; i < dim; ++i)
-      ds.x[static_cast<std::size_t>(s * dim + i)] = centers[static_cast<std::size_t>(c * dim + i)] + d(rng);
+      ds.x[static_cast<std::size_t>(s * dim + i)] =
+          centers[static_cast<std::size_t>(c * dim + i)] + d(rng);
     ds.y[s] = u(rng) < 0.15f ? static_cast<int>(u(rng) * out) % out : c;
   }
   return ds;
 }
 
 struct mlp {
-  std::vector<float> w1, b1, w2, b2;       // parameters
-  std::vector<float> gw1, gb1, gw2, gb2;   // gradients
+  std::vector<float> w1, b1, w2, b2;     // parameters
+  std::vector<float> gw1, gb1, gw2, gb2; // gradients
 
   explicit mlp(unsigned seed) {
     std::mt19937 rng(seed);
@@ -142,8 +143,9 @@ double train(dataset const& ds, int steps) {
   opt.add_param(view(net.b2));
   for (int t = 0; t < steps; ++t) {
     net.loss_and_grad(ds);
-    std::vector<tensor_view<float const>> gs{view(std::as_const(net.gw1)), view(std::as_const(net.gb1)),
-                                             view(std::as_const(net.gw2)), view(std::as_const(net.gb2))};
+    std::vector<tensor_view<float const>> gs{
+        view(std::as_const(net.gw1)), view(std::as_const(net.gb1)), view(std::as_const(net.gw2)),
+        view(std::as_const(net.gb2))};
     opt.step(exec::host{1}, gs);
   }
   return net.loss_and_grad(ds);
@@ -157,8 +159,8 @@ struct stream_mlp {
   std::vector<float> w1, b1, w2, b2, gw1, gb1, gw2, gb2;
 
   explicit stream_mlp(unsigned seed)
-      : w1(In * Hid), b1(Hid, 0.0f), w2(Hid * classes), b2(classes, 0.0f), gw1(w1.size()),
-        gb1(Hid), gw2(w2.size()), gb2(classes) {
+      : w1(In * Hid), b1(Hid, 0.0f), w2(Hid * classes), b2(classes, 0.0f), gw1(w1.size()), gb1(Hid),
+        gw2(w2.size()), gb2(classes) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> d(0.0f, 1.0f);
     for (auto& w : w1)
@@ -221,7 +223,8 @@ struct cluster_stream {
   int dim;
   std::vector<float> centers;
   std::mt19937 rng;
-  cluster_stream(int d, float spread, unsigned seed) : dim(d), centers(8 * static_cast<std::size_t>(d)), rng(seed) {
+  cluster_stream(int d, float spread, unsigned seed)
+      : dim(d), centers(8 * static_cast<std::size_t>(d)), rng(seed) {
     std::mt19937 c(2024);
     std::normal_distribution<float> n(0.0f, 1.0f);
     for (auto& v : centers)
@@ -236,7 +239,8 @@ struct cluster_stream {
     for (int s = 0; s < count; ++s) {
       int const k = cls(rng);
       for (int i = 0; i < dim; ++i)
-        x[static_cast<std::size_t>(s * dim + i)] = centers[static_cast<std::size_t>(k * dim + i)] + n(rng);
+        x[static_cast<std::size_t>(s * dim + i)] =
+            centers[static_cast<std::size_t>(k * dim + i)] + n(rng);
       y[static_cast<std::size_t>(s)] = u(rng) < 0.2f ? static_cast<int>(u(rng) * 8) % 8 : k;
     }
   }
@@ -257,8 +261,9 @@ double train_stream(int steps) {
   for (int t = 0; t < steps; ++t) {
     train_data.draw(batch, x, y);
     net.loss(x.data(), y.data(), batch, true);
-    std::vector<tensor_view<float const>> gs{view(std::as_const(net.gw1)), view(std::as_const(net.gb1)),
-                                             view(std::as_const(net.gw2)), view(std::as_const(net.gb2))};
+    std::vector<tensor_view<float const>> gs{
+        view(std::as_const(net.gw1)), view(std::as_const(net.gb1)), view(std::as_const(net.gw2)),
+        view(std::as_const(net.gb2))};
     opt.step(exec::host{1}, gs);
   }
   held_out.draw(8192, x, y);
@@ -334,7 +339,8 @@ TEST_CASE("convergence: tiny MLP, every tensor quantized: 8-bit and bf16 within 
   CHECK(std::fabs(l4 - l32) <= 0.08 * l32);
 }
 
-TEST_CASE("convergence: logistic regression, 8-bit and 4-bit AdamW reach the 32-bit loss within 1%") {
+TEST_CASE(
+    "convergence: logistic regression, 8-bit and 4-bit AdamW reach the 32-bit loss within 1%") {
   auto const ds = make_dataset(features, 0.5f);
   int const steps = 200;
   double const l32 = train_logistic<optim::fp32_state>(ds, steps);
@@ -346,15 +352,16 @@ TEST_CASE("convergence: logistic regression, 8-bit and 4-bit AdamW reach the 32-
   CHECK(std::fabs(l4 - l32) <= 0.01 * l32);
 }
 
-TEST_CASE("convergence: MLP on a stream, 8-bit, bf16 and 4-bit AdamW reach the 32-bit loss within 1%") {
+TEST_CASE(
+    "convergence: MLP on a stream, 8-bit, bf16 and 4-bit AdamW reach the 32-bit loss within 1%") {
   int const steps = 1200;
   double const l32 = train_stream<optim::fp32_state>(steps);
   double const l8 = train_stream<optim::int8_state>(steps);
   double const l4 = train_stream<optim::int4_state>(steps);
   double const l16 = train_stream<optim::bf16_state>(steps);
-  MESSAGE("stream MLP held-out loss: fp32 " << l32 << ", 8-bit " << l8 << " (" << (l8 / l32 - 1) * 100
-                                            << "%), 4-bit " << l4 << " (" << (l4 / l32 - 1) * 100
-                                            << "%), bf16 " << l16);
+  MESSAGE("stream MLP held-out loss: fp32 " << l32 << ", 8-bit " << l8 << " ("
+                                            << (l8 / l32 - 1) * 100 << "%), 4-bit " << l4 << " ("
+                                            << (l4 / l32 - 1) * 100 << "%), bf16 " << l16);
   CHECK(l32 < 0.5 * std::log(8.0)); // it learned (chance level is ln 8; the noise floor ~0.80)
   CHECK(std::fabs(l8 - l32) <= 0.01 * l32);
   CHECK(std::fabs(l16 - l32) <= 0.01 * l32);

@@ -50,10 +50,10 @@ inline std::atomic<int>& host_isa_limit() noexcept {
 //! The ISA the host step runs: the best the build and the CPU have, within host_isa_limit().
 inline host_isa current_host_isa() noexcept {
 #if QMEM_OPTIM_HOST_SIMD
-  static int const cpu = __builtin_cpu_supports("avx512f")
-                             ? static_cast<int>(host_isa::avx512)
-                             : (__builtin_cpu_supports("avx2") ? static_cast<int>(host_isa::avx2)
-                                                               : 0);
+  static int const cpu =
+      __builtin_cpu_supports("avx512f")
+          ? static_cast<int>(host_isa::avx512)
+          : (__builtin_cpu_supports("avx2") ? static_cast<int>(host_isa::avx2) : 0);
   int const limit = host_isa_limit().load(std::memory_order_relaxed);
   return static_cast<host_isa>(cpu < limit ? cpu : limit);
 #else
@@ -107,25 +107,23 @@ sign_fix8(__m256i c, __m256 s, int negative_below) noexcept {
 }
 
 //! 32 codes (the low bytes of 4 x 8 lanes, each 0..255) as 32 bytes in order.
-__attribute__((target("avx2"), always_inline)) inline __m256i pack_bytes32(__m256i c0, __m256i c1,
-                                                                            __m256i c2,
-                                                                            __m256i c3) noexcept {
+__attribute__((target("avx2"), always_inline)) inline __m256i
+pack_bytes32(__m256i c0, __m256i c1, __m256i c2, __m256i c3) noexcept {
   // packus works within 128-bit halves: bytes come out in the order 0 4 1 5 2 6 3 7 (dwords)
-  __m256i const p =
-      _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+  __m256i const p = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
   return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
 //! 64 4-bit codes (two vectors of 32 code bytes) as 32 bytes, the first element of each pair in
 //! the high nibble (blockwise_format::store_code_pair).
 __attribute__((target("avx2"), always_inline)) inline __m256i pack_nibbles64(__m256i b0,
-                                                                              __m256i b1) noexcept {
+                                                                             __m256i b1) noexcept {
   __m256i const low = _mm256_set1_epi16(0x00ff);
   // 16-bit lane: first | second << 8  ->  first << 4 | second
-  __m256i const n0 = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b0, low), 4),
-                                     _mm256_srli_epi16(b0, 8));
-  __m256i const n1 = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b1, low), 4),
-                                     _mm256_srli_epi16(b1, 8));
+  __m256i const n0 =
+      _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b0, low), 4), _mm256_srli_epi16(b0, 8));
+  __m256i const n1 =
+      _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b1, low), 4), _mm256_srli_epi16(b1, 8));
   return _mm256_permute4x64_epi64(_mm256_packus_epi16(n0, n1), 0xd8);
 }
 
@@ -167,9 +165,9 @@ __attribute__((target("avx2"))) inline void decode4(float const* values,
       __m128i const pairs = half == 0 ? twice : _mm_srli_si128(twice, 8);
       __m256i const idx =
           _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(pairs), shifts), mask);
-      __m256 const x = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx),
-                                        _mm256_permutevar8x32_ps(hi, idx),
-                                        _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
+      __m256 const x =
+          _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                           _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
       _mm256_storeu_ps(out + j + 8 * static_cast<std::size_t>(half), x);
     }
   }
@@ -194,7 +192,8 @@ __attribute__((target("avx2"))) inline std::uint32_t absmax_bits(float const* QM
   for (std::int32_t x : lanes)
     r = x > r ? x : r;
   for (; i < m; ++i) {
-    std::int32_t const x = static_cast<std::int32_t>(std::bit_cast<std::uint32_t>(v[i]) & 0x7fffffffu);
+    std::int32_t const x =
+        static_cast<std::int32_t>(std::bit_cast<std::uint32_t>(v[i]) & 0x7fffffffu);
     r = x > r ? x : r;
   }
   return static_cast<std::uint32_t>(r);
@@ -216,9 +215,8 @@ encode_lanes(quant::detail::search_table const& t, int negative_below, float con
 //! block's absmax and writes codes[0, done), done = m rounded down to a multiple of 32 (the
 //! caller encodes the rest). `negative_below` >= 0: with the sign fix (see sign_fix8).
 __attribute__((target("avx2"))) inline float
-store_block8(quant::detail::search_table const& t, int negative_below,
-             float const* QMEM_RESTRICT v, std::size_t m, std::uint8_t* QMEM_RESTRICT codes,
-             std::size_t& done) noexcept {
+store_block8(quant::detail::search_table const& t, int negative_below, float const* QMEM_RESTRICT v,
+             std::size_t m, std::uint8_t* QMEM_RESTRICT codes, std::size_t& done) noexcept {
   float const amax = std::bit_cast<float>(absmax_bits(v, m));
   bool const positive = amax > 0.0f;
   __m256 const a = _mm256_set1_ps(amax);
@@ -304,9 +302,9 @@ sign_fix16(__m512i c, __m512 s, int negative_below) noexcept {
 
 //! decode8 with 16 lanes.
 __attribute__((target("avx512f"))) inline void decode8_512(float const* values,
-                                                          std::uint8_t const* QMEM_RESTRICT codes,
-                                                          float absmax, float* QMEM_RESTRICT out,
-                                                          std::size_t m) noexcept {
+                                                           std::uint8_t const* QMEM_RESTRICT codes,
+                                                           float absmax, float* QMEM_RESTRICT out,
+                                                           std::size_t m) noexcept {
   __m512 const a = _mm512_set1_ps(absmax);
   std::size_t i = 0;
   for (; i + 16 <= m; i += 16) {
@@ -320,9 +318,9 @@ __attribute__((target("avx512f"))) inline void decode8_512(float const* values,
 
 //! decode4 with one 16-entry permute per 16 outputs.
 __attribute__((target("avx512f"))) inline void decode4_512(float const* values,
-                                                          std::uint8_t const* QMEM_RESTRICT codes,
-                                                          float absmax, float* QMEM_RESTRICT out,
-                                                          std::size_t m) noexcept {
+                                                           std::uint8_t const* QMEM_RESTRICT codes,
+                                                           float absmax, float* QMEM_RESTRICT out,
+                                                           std::size_t m) noexcept {
   alignas(64) float scaled[16];
   for (int k = 0; k < 16; ++k)
     scaled[k] = values[k] * absmax;
@@ -384,8 +382,8 @@ store_block8_512(quant::detail::search_table const& t, int negative_below,
 
 //! store_block4 with 16 lanes; `done` is m rounded down to a multiple of 16.
 __attribute__((target("avx512f"))) inline float
-store_block4_512(quant::detail::search_table const& t, float const* QMEM_RESTRICT v,
-                 std::size_t m, std::uint8_t* QMEM_RESTRICT codes, std::size_t& done) noexcept {
+store_block4_512(quant::detail::search_table const& t, float const* QMEM_RESTRICT v, std::size_t m,
+                 std::uint8_t* QMEM_RESTRICT codes, std::size_t& done) noexcept {
   float const amax = std::bit_cast<float>(absmax_bits_512(v, m));
   bool const positive = amax > 0.0f;
   __m512 const a = _mm512_set1_ps(amax);

@@ -18,11 +18,11 @@
 //! value, one gather per 8 values. Buckets under 2^-40 and above 1.0078 are merged into the first
 //! and last (the maps are constant there; the constructor checks that too).
 //!
-//! The table is built from the encoder itself, once per code type. tests/quant/search_table_test.cpp
-//! compares it with the search (a strided sweep, every midpoint and table value +-8 ulps, every
-//! bucket edge, +-0, +-inf and NaN); tests/optim/host_avx2_test.cpp compares the table and its
-//! AVX2 form with `C::encode` for every code type served, over all 2^32 floats with
-//! QMEM_EXHAUSTIVE=1. This replaces the optimizer's former 64 K-entry cell table
+//! The table is built from the encoder itself, once per code type.
+//! tests/quant/search_table_test.cpp compares it with the search (a strided sweep, every midpoint
+//! and table value +-8 ulps, every bucket edge, +-0, +-inf and NaN); tests/optim/host_avx2_test.cpp
+//! compares the table and its AVX2 form with `C::encode` for every code type served, over all 2^32
+//! floats with QMEM_EXHAUSTIVE=1. This replaces the optimizer's former 64 K-entry cell table
 //! (optim/detail/encode_lut.hpp): scalar it was faster (1.05 against 2.14 ns per value, dev box,
 //! 2026-11-29), but with AVX2 gathers this layout encodes in 0.56 ns per value against 0.95 ns
 //! (two independent gathers instead of three dependent ones), and the host step runs the AVX2
@@ -52,7 +52,6 @@ private:
   std::uint32_t nan_code_ = 0;
   bool exact_ = true;
 
-
 public:
   //! Builds the table for the ascending 256-entry `code` (what bnb_search256 searches).
   explicit search_table(float const* code)
@@ -61,7 +60,7 @@ public:
   //! Builds the table of `encode` (float -> code), which must be, for each sign, a monotone step
   //! function of |x| (`exact()` reports whether every bucket held at most one step).
   template <class Encode>
-    requires std::is_invocable_r_v<std::uint8_t, Encode const&, float>
+  requires std::is_invocable_r_v<std::uint8_t, Encode const&, float>
   explicit search_table(Encode const& encode) : entry_(2 * buckets) {
     nan_code_ = encode(qmem::detail::bits_to_float(0x7fc00000u));
     for (std::size_t s = 0; s < 2; ++s) {
@@ -91,7 +90,7 @@ public:
             b = m;
         }
         entry_[s * buckets + k] = codes | (a << 16);
-        exact_ = exact_ && search(b) == c_hi; // a second step inside the bucket otherwise
+        exact_ = exact_ && search(b) == c_hi;   // a second step inside the bucket otherwise
         exact_ = exact_ && (a >> shift) == key; // a step in a merged bucket otherwise
       }
     }
