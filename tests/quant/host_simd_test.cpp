@@ -9,6 +9,7 @@
 #include <doctest/doctest.h>
 
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -228,6 +229,41 @@ TEST_CASE("host_simd: NF4 quantization hits every threshold exactly as nf4::enco
   CHECK(same_bits(absmax, ref_absmax));
   CHECK(absmax[0] == 1.0f);
   CHECK(absmax[1] != absmax[1]);
+}
+
+template <class C>
+void check_searched_sweep() {
+  // one block of every 97th float pattern of both signs up to 1.125 (past the table's top bucket
+  // at 1.0078) plus 1.0, a multiple of 16 values and then a scalar tail; the absmax is that of
+  // the sweep; then the same block with an infinity (absmax inf) and with a NaN (absmax NaN)
+  std::vector<float> x = {1.0f};
+  for (std::uint32_t u = 0; u < 0x3f900000u; u += 97)
+    x.insert(x.end(), {std::bit_cast<float>(u), std::bit_cast<float>(u | 0x80000000u)});
+  x.resize(x.size() + 16 - x.size() % 16, 0.5f);
+  x.insert(x.end(), {0.25f, -0.75f, 1e-30f});
+  auto const& t = qd::search_table_of<C>();
+  auto run = [&](std::vector<float> const& v) {
+    std::vector<std::uint8_t> codes(v.size()), ref(v.size());
+    float const amax = qd::quantize_block_searched_avx512(t, v.data(), v.size(), codes.data());
+    for (std::size_t i = 0; i < v.size(); ++i)
+      ref[i] = t.encode(fmath::mul(v[i], fmath::rcp(amax)));
+    CHECK(same_bits(codes, ref));
+    return amax;
+  };
+  CHECK(run(x) == std::bit_cast<float>((0x3f900000u - 1) / 97 * 97)); // the largest swept value
+  auto y = x;
+  y[5] = -std::numeric_limits<float>::infinity();
+  CHECK(std::isinf(run(y)));
+  y[7] = std::numeric_limits<float>::quiet_NaN();
+  CHECK(std::isnan(run(y)));
+}
+
+TEST_CASE("host_simd: 8-bit searched-map quantization equals search_table::encode") {
+  if (!have_avx512())
+    return;
+  check_searched_sweep<dynamic_signed>();
+  check_searched_sweep<dynamic_unsigned>();
+  check_searched_sweep<linear_signed>();
 }
 
 template <class T>

@@ -23,6 +23,7 @@
 #include <qmem/quant/codes.hpp>
 #include <qmem/quant/detail/blockwise_ops.hpp>
 #include <qmem/quant/detail/rowwise_ops.hpp>
+#include <qmem/quant/detail/search_table.hpp>
 
 #include <bit>
 #include <cstddef>
@@ -446,6 +447,64 @@ QMEM_QUANT_AVX512_FN float quantize_row_avx512(T const* x, std::size_t cols,
   }
   for (std::size_t c = full; c < cols; ++c)
     q[c] = rowwise_encode(to_float(x[c]), scale);
+  return amax;
+}
+
+//! 8-bit codes of one block through a search_table (bitsandbytes' searched maps), without
+//! stochastic rounding, on 16 lanes: absmax (block_absmax_bits), then per element
+//! t.encode(x * (1 / absmax)) with the table's documented vector look-up (one gather per 16
+//! values). Writes `count` codes and returns the absmax. T = float or bf16.
+template <class T>
+QMEM_QUANT_AVX512_FN float quantize_block_searched_avx512(search_table const& t, T const* x,
+                                                          std::size_t count,
+                                                          std::uint8_t* codes) noexcept {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
+  std::size_t const full = count & ~std::size_t{15};
+  __m512i m = _mm512_setzero_si512();
+  __m512i const abs_mask = _mm512_set1_epi32(0x7fffffff);
+  for (std::size_t i = 0; i < full; i += 16)
+    m = _mm512_maskz_max_epi32(
+        all16, m, _mm512_and_si512(_mm512_castps_si512(load16_avx512(x + i)), abs_mask));
+  alignas(64) std::uint32_t lanes[16];
+  _mm512_store_si512(lanes, m);
+  std::uint32_t amax_bits = 0;
+  for (std::uint32_t const l : lanes)
+    amax_bits = l > amax_bits ? l : amax_bits;
+  for (std::size_t i = full; i < count; ++i) {
+    std::uint32_t const b = abs_bits(to_float(x[i]));
+    amax_bits = b > amax_bits ? b : amax_bits;
+  }
+  float const amax = qmem::detail::bits_to_float(amax_bits);
+  float const inv = fmath::rcp(amax);
+  __m512 const vinv = _mm512_set1_ps(inv);
+  __m512i const key_lo = _mm512_set1_epi32(static_cast<int>(search_table::key_lo));
+  __m512i const key_hi = _mm512_set1_epi32(static_cast<int>(search_table::key_hi));
+  __m512i const buckets = _mm512_set1_epi32(static_cast<int>(search_table::buckets));
+  __m512i const inf_bits = _mm512_set1_epi32(0x7f800000);
+  __m512i const nan_code = _mm512_set1_epi32(static_cast<int>(t.nan_code()));
+  __m512i const byte = _mm512_set1_epi32(0xff);
+  auto const* entries = reinterpret_cast<int const*>(t.entries());
+  for (std::size_t i = 0; i < full; i += 16) {
+    __m512i const u = _mm512_castps_si512(_mm512_mul_ps(load16_avx512(x + i), vinv));
+    __m512i const a = _mm512_and_si512(u, abs_mask);
+    __m512i key = _mm512_maskz_srli_epi32(all16, a, search_table::shift);
+    key = _mm512_maskz_min_epu32(all16, _mm512_maskz_max_epu32(all16, key, key_lo), key_hi);
+    // index: sign * buckets + key - key_lo
+    __m512i const sign = _mm512_maskz_srli_epi32(all16, u, 31);
+    __m512i const idx = _mm512_add_epi32(_mm512_maskz_mullo_epi32(all16, sign, buckets),
+                                         _mm512_sub_epi32(key, key_lo));
+    __m512i const e = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), all16, idx, entries, 4);
+    __m512i const limit = _mm512_or_si512(_mm512_maskz_slli_epi32(all16, key, search_table::shift),
+                                          _mm512_maskz_srli_epi32(all16, e, 16));
+    // every operand is below 2^31: the signed compares order them as the scalar code does
+    __m512i r = _mm512_mask_mov_epi32(e, _mm512_cmpgt_epi32_mask(a, limit),
+                                      _mm512_maskz_srli_epi32(all16, e, 8));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epi32_mask(a, inf_bits), nan_code);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
+                     _mm512_maskz_cvtepi32_epi8(all16, _mm512_and_si512(r, byte)));
+  }
+  for (std::size_t i = full; i < count; ++i)
+    codes[i] = t.encode(fmath::mul(to_float(x[i]), inv));
   return amax;
 }
 
