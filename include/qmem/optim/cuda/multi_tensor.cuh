@@ -167,6 +167,10 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+//! Folds the norm partials, decides skip, clip factors (global norm, percentile), step and lr.
+//! (A template only so that the header can define it in every translation unit: a plain
+//! __global__ function is not inline, and two test units including this header did not link.)
+template <int = 0>
 __global__ void __launch_bounds__(256)
     resolve_kernel(step_state* state, double const* partial_sum, std::uint32_t const* partial_bad,
                    unsigned partial_count, std::uint32_t const* found_inf,
@@ -341,10 +345,10 @@ public:
   void resolve(exec::cuda const& e) {
     cuda_detail::device_guard guard(device_);
     unsigned const partials = needs_norm() ? norm_partials * groups_ : 0u;
-    detail::resolve_kernel<<<1, 256, 0, e.stream>>>(state_.data(), partial_sum_.data(),
-                                                    partial_bad_.data(), partials,
-                                                    options_.found_inf, options_.nonfinite,
-                                                    options_.percentile);
+    detail::resolve_kernel<><<<1, 256, 0, e.stream>>>(state_.data(), partial_sum_.data(),
+                                                      partial_bad_.data(), partials,
+                                                      options_.found_inf, options_.nonfinite,
+                                                      options_.percentile);
     cuda_detail::check_launch(e, "resolve_kernel");
   }
 
