@@ -23,6 +23,7 @@
 //! rule, policy and parameter sizes and writes its file (checkpoint.hpp, schema qmem.optim/1), so
 //! a file written here loads into a host optimizer and the other way round; `load` validates the
 //! whole file before it changes anything. `copy_state_to` / `copy_state_from` expose that copy.
+//! Like checkpoint.hpp, this header needs nlohmann-json (`<nlohmann/json.hpp>`).
 
 #include <qmem/core/cuda/runtime.cuh>
 #include <qmem/core/error.hpp>

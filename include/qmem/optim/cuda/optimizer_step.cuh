@@ -28,10 +28,19 @@
 #include <qmem/core/exec.hpp>
 #include <qmem/core/tensor.hpp>
 #include <qmem/memory/resource.hpp>
-#include <qmem/optim/checkpoint.hpp>
 #include <qmem/optim/cuda/multi_tensor.cuh>
 #include <qmem/optim/cuda/tensor_reduce.cuh>
 #include <qmem/optim/optimizer.hpp>
+
+// The percentile history is private to the optimizer; checkpoint.hpp's state_access reaches it.
+// That header needs nlohmann-json (safetensors): without it, the history is not carried between
+// the optimizer and the device (the step count and lr still are), as save_state is not there.
+#if defined(__has_include) && __has_include(<nlohmann/json.hpp>)
+#include <qmem/optim/checkpoint.hpp>
+#define QMEM_OPTIM_CUDA_STEP_HISTORY 1
+#else
+#define QMEM_OPTIM_CUDA_STEP_HISTORY 0
+#endif
 
 #include <cstddef>
 #include <cstdint>
@@ -124,9 +133,13 @@ public:
                    to_string(grads[i].space()), ") is not device-accessible");
     }
     controller_ = std::make_unique<step_controller>(e, device, options_of(opt, found_inf));
-    if (opt.step_count() > 0) // a resumed optimizer: continue its step count and history
-      controller_->restore_blocking(e, opt.step_count(), opt.last_lr(),
-                                    state_access<Optimizer>::history(opt));
+    if (opt.step_count() > 0) { // a resumed optimizer: continue its step count and history
+      std::span<float const> history;
+#if QMEM_OPTIM_CUDA_STEP_HISTORY
+      history = state_access<Optimizer>::history(opt);
+#endif
+      controller_->restore_blocking(e, opt.step_count(), opt.last_lr(), history);
+    }
     auto const q = tensors_of<quantized_group>(opt, grads, true);
     auto const f = tensors_of<plain_group>(opt, grads, false);
     quantized_ = std::make_unique<quantized_group>(e, std::span(q), device, *controller_);
@@ -136,16 +149,19 @@ public:
   //! Enqueues one step of every parameter on e.stream (no host synchronization).
   void step(exec::cuda const& e) { cuda::step(e, *controller_, *quantized_, *plain_); }
 
-  //! Copies the device's step count, last lr and (percentile clipping) norm history into the
-  //! optimizer, so that its host-side view (step_count(), save_state) is current. Waits for
-  //! e.stream. The states, parameters and master weights are the optimizer's own already.
+  //! Copies the device's step count, last lr and (percentile clipping, where checkpoint.hpp is
+  //! available) norm history into the optimizer, so that its host-side view (step_count(),
+  //! save_state) is current. Waits for e.stream. The states, parameters and master weights are
+  //! the optimizer's own already.
   void store_step_blocking(exec::cuda const& e) {
     step_control const c = controller_->read_control_blocking(e);
+    opt_->set_step(c.step, c.lr);
+#if QMEM_OPTIM_CUDA_STEP_HISTORY
     std::vector<float> h;
     if (opt_->options().percentile < 100 && c.step > 0)
       h = controller_->read_norm_history_blocking(e);
-    opt_->set_step(c.step, c.lr);
     state_access<Optimizer>::history(*opt_) = std::move(h);
+#endif
   }
 
   [[nodiscard]] step_controller& controller() noexcept { return *controller_; }
