@@ -14,8 +14,12 @@
 //!   [2^min_exponent, 1); magnitudes outside are clamped into the end buckets (the code must be
 //!   constant there: checked when the table is built);
 //! - each bucket holds at most one transition (checked when the table is built): a 32-bit entry
-//!   with the code below the transition (bits 24..31), the code above it (bits 16..23) and the
-//!   low 16 mantissa bits of the last magnitude before it (0xffff when there is none);
+//!   with the low 16 mantissa bits of the last magnitude before it (bits 16..31, 0xffff when
+//!   there is none), the code above it (bits 8..15) and the code below it (bits 0..7): in this
+//!   order one byte permute puts the magnitude's low bits above the codes, and one unsigned
+//!   comparison with the entry decides (bucket_lookup_normal);
+//! - one more bucket per sign covers [1, 1 + 2^-7): xn = x * (1 / absmax) can round to 1 + 2^-23,
+//!   so the fast lookup of blocks with an absmax in [2^-126, 2^126) needs no upper clamp;
 //! - one half of the table is for x >= 0, one for x < 0; NaN gets `nan_code`; where -0.0 encodes
 //!   unlike the tiny negatives (FP4: its sign rule tests x < 0), the layout says so and -0.0 gets
 //!   `negative_zero_code`.
@@ -28,6 +32,7 @@
 #include <qmem/core/numeric.hpp>
 #include <qmem/quant/codes.hpp>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
@@ -46,7 +51,15 @@ struct bucket_layout {
   static constexpr std::uint32_t low_mask = 0xffffu;
   static constexpr std::uint32_t lowest = static_cast<std::uint32_t>(127 + MinExponent) << 23;
   static constexpr std::uint32_t highest = (127u << 23) - 1u; // the float below 1.0
-  static constexpr std::size_t per_sign = static_cast<std::size_t>(-MinExponent) << 7;
+  //! Buckets per sign: 128 per binade, plus the one of [1, 1 + 2^-7).
+  static constexpr std::size_t per_sign = (static_cast<std::size_t>(-MinExponent) << 7) + 1;
+  //! 2^MinExponent: magnitudes below encode like it (checked when the table is built).
+  static constexpr float lowest_value = [] {
+    float v = 1.0f;
+    for (int i = 0; i < -MinExponent; ++i)
+      v *= 0.5f;
+    return v;
+  }();
   static constexpr std::size_t entries = 2 * per_sign;
   static_assert(MinExponent < 0 && MinExponent > -126);
 };
@@ -73,10 +86,43 @@ QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t bucket_lookup(float x, std::uint32_t c
   std::uint32_t const idx = ((m - Layout::lowest) >> Layout::low_bits) +
                             (u >> 31) * static_cast<std::uint32_t>(Layout::per_sign);
   std::uint32_t const e = entry[idx];
-  std::uint32_t code = (m & Layout::low_mask) > (e & Layout::low_mask) ? e >> 16 : e >> 24;
+  std::uint32_t code = (m & Layout::low_mask) > (e >> 16) ? (e >> 8) & 0xffu : e & 0xffu;
   if constexpr (Layout::negative_zero)
     code = u == 0x80000000u ? negative_zero_code : code;
   return mag > 0x7f800000u ? nan_code : static_cast<std::uint8_t>(code);
+}
+
+//! The code of xn when xn is finite and |xn| <= 1 + 2^-23 (blocks with an absmax in
+//! [2^-126, 2^126), whose reciprocal is a normal float),
+//! for layouts without a -0.0 code of their own: no NaN test, no upper clamp. The result's low 8
+//! bits are the code; bits 8 and up may hold other bits of the entry (callers keep the low byte).
+//! About 10 instructions: FMNMX (|xn| clamped below), two shifts and an IMAD for the index, the
+//! load, a byte permute (the magnitude's low 16 bits above the entry's codes, so that one
+//! unsigned comparison with the entry compares the magnitude with the threshold), ISETP and a
+//! predicated shift.
+template <class Layout>
+QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t bucket_lookup_normal(float xn,
+                                                                std::uint32_t const* entry) noexcept {
+  static_assert(!Layout::negative_zero, "bucket_lookup_normal: -0.0 needs bucket_lookup");
+  std::uint32_t const u = qmem::detail::float_to_bits(xn);
+#if defined(__CUDA_ARCH__)
+  float const a = fmaxf(fabsf(xn), Layout::lowest_value);
+#else
+  float const a = std::fmax(std::fabs(xn), Layout::lowest_value);
+#endif
+  std::uint32_t const m = qmem::detail::float_to_bits(a);
+  std::uint32_t const idx = ((m - Layout::lowest) >> Layout::low_bits) +
+                            (u >> 31) * static_cast<std::uint32_t>(Layout::per_sign);
+  std::uint32_t const e = entry[idx];
+#if defined(__CUDA_ARCH__)
+  std::uint32_t const key = __byte_perm(e, m, 0x5410);
+#else
+  std::uint32_t const key = (m << 16) | (e & 0xffffu);
+#endif
+  std::uint32_t code = e;
+  if (key > e)
+    code >>= 8;
+  return code;
 }
 
 //! Builds the table of code type C; throws std::logic_error when the layout cannot represent
@@ -121,7 +167,7 @@ bucket_table<Layout> build_bucket_table() {
           throw std::logic_error("bucket_search: two transitions in one bucket");
         threshold = lo & Layout::low_mask;
       }
-      t.entry[sign * Layout::per_sign + b] = (below << 24) | (above << 16) | threshold;
+      t.entry[sign * Layout::per_sign + b] = (threshold << 16) | (above << 8) | below;
     }
   }
   return t;
