@@ -9,12 +9,20 @@
 // Traffic per parameter (fp32 params and grads): read p, g and the state, write p and the state;
 // the state of 8-bit AdamW is 2 + 8/256 bytes, 4-bit 1 + 8/128, fp32 8, bf16 4. With the default
 // non-finite policy (skip_step) the gradients are read once more first ("checked" variants).
+//
+// The "_1thread_cpu" variants time one thread's CPU time (CLOCK_THREAD_CPUTIME_ID) for a step on
+// one thread and for a one-thread memcpy of the same traffic: on the shared development machine
+// the wall-clock ratio above moves with the other processes' load (a loaded memory system slows
+// the copy more than the step), the CPU-time ratio much less. pct_of_copy is copy / step there too.
+// QMEM_BENCH_ISA=0|1|2 caps the step's instruction set (portable, AVX2, AVX-512).
 #include <qmem/optim.hpp>
 
 #include <benchmark/benchmark.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <random>
 #include <vector>
 
@@ -47,7 +55,8 @@ void bm_step(benchmark::State& st, optim::nonfinite_policy nf) {
     x = d(rng);
   for (auto& x : g)
     x = 0.01f * d(rng);
-  optim::optimizer<Rule, Policy> opt(Rule{}, {.lr = optim::lr_schedule::constant(1e-4f), .nonfinite = nf});
+  optim::optimizer<Rule, Policy> opt(Rule{},
+                                     {.lr = optim::lr_schedule::constant(1e-4f), .nonfinite = nf});
   opt.add_param(view(p));
   std::vector<tensor_view<float const>> gs{view(std::as_const(g))};
   exec::host const e{};
@@ -76,8 +85,61 @@ void bm_step(benchmark::State& st, optim::nonfinite_policy nf) {
   st.SetBytesProcessed(static_cast<std::int64_t>(bytes * static_cast<double>(st.iterations())));
   st.counters["bytes_per_param"] = read + written;
   st.counters["step_GBps"] = bytes * static_cast<double>(st.iterations()) / step_s / 1e9;
-  st.counters["copy_GBps"] = 2.0 * static_cast<double>(copy_bytes) *
-                             static_cast<double>(st.iterations()) / copy_s / 1e9;
+  st.counters["copy_GBps"] =
+      2.0 * static_cast<double>(copy_bytes) * static_cast<double>(st.iterations()) / copy_s / 1e9;
+  st.counters["pct_of_copy"] = 100.0 * copy_s / step_s;
+}
+
+// QMEM_BENCH_ISA=0|1|2 caps the host step's ISA (portable, AVX2, AVX-512) for comparisons.
+[[maybe_unused]] bool const isa_capped = [] {
+  if (char const* v = std::getenv("QMEM_BENCH_ISA"))
+    optim::detail::host_isa_limit().store(std::atoi(v));
+  return true;
+}();
+
+double thread_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
+// One thread, CPU time: the step and a memcpy of the same traffic, alternating.
+template <class Rule, class Policy>
+void bm_step_cpu(benchmark::State& st) {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> p(n_params), g(n_params);
+  for (auto& x : p)
+    x = d(rng);
+  for (auto& x : g)
+    x = 0.01f * d(rng);
+  optim::optimizer<Rule, Policy> opt(Rule{}, {.lr = optim::lr_schedule::constant(1e-4f),
+                                              .nonfinite = optim::nonfinite_policy::skip_element});
+  opt.add_param(view(p));
+  std::vector<tensor_view<float const>> gs{view(std::as_const(g))};
+  exec::host const e{1};
+  double const s = state_bytes_per_param<Rule, Policy>();
+  double const moved = (8.0 + s) + (4.0 + s);
+  auto const copy_bytes = static_cast<std::size_t>(moved / 2.0 * n_params);
+  std::vector<std::byte> src(copy_bytes, std::byte{1}), dst(copy_bytes, std::byte{0});
+  opt.step(e, gs);
+  std::memcpy(dst.data(), src.data(), copy_bytes);
+  double step_s = 0.0, copy_s = 0.0;
+  for (auto _ : st) {
+    double const t0 = thread_seconds();
+    opt.step(e, gs);
+    double const t1 = thread_seconds();
+    std::memcpy(dst.data(), src.data(), copy_bytes);
+    double const t2 = thread_seconds();
+    step_s += t1 - t0;
+    copy_s += t2 - t1;
+    st.SetIterationTime(t1 - t0);
+    benchmark::DoNotOptimize(p.data());
+    benchmark::DoNotOptimize(dst.data());
+  }
+  double const iters = static_cast<double>(st.iterations());
+  st.counters["ns_per_param"] = step_s / iters / static_cast<double>(n_params) * 1e9;
+  st.counters["copy_ns_per_param"] = copy_s / iters / static_cast<double>(n_params) * 1e9;
   st.counters["pct_of_copy"] = 100.0 * copy_s / step_s;
 }
 
@@ -108,5 +170,26 @@ BENCHMARK(adamw_4bit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(1
 BENCHMARK(adamw_32bit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
 BENCHMARK(adamw_bf16)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
 BENCHMARK(lion_8bit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
+
+BENCHMARK(bm_step_cpu<optim::adamw, optim::int8_state>)
+    ->Name("adamw_8bit_1thread_cpu")
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
+BENCHMARK(bm_step_cpu<optim::adamw, optim::int4_state>)
+    ->Name("adamw_4bit_1thread_cpu")
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
+BENCHMARK(bm_step_cpu<optim::adamw, optim::fp32_state>)
+    ->Name("adamw_32bit_1thread_cpu")
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
+BENCHMARK(bm_step_cpu<optim::lion, optim::int8_state>)
+    ->Name("lion_8bit_1thread_cpu")
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
 
 BENCHMARK_MAIN();
