@@ -194,7 +194,8 @@ __attribute__((target("avx2"))) inline void lookup_nibbles_avx2(float const* sca
   __m256i const nibble_mask = _mm256_set1_epi32(15);
   __m256i const seven = _mm256_set1_epi32(7);
   std::size_t i = 0;
-  for (; i + 8 <= bytes; i += 8) {
+  std::size_t const vec_end = bytes - bytes % 8; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 8) {
     __m128i const v = _mm_loadl_epi64(reinterpret_cast<__m128i const*>(codes + i));
     __m128i const twice = _mm_unpacklo_epi8(v, v); // b0 b0 b1 b1 ... b7 b7
     for (int half = 0; half < 2; ++half) { // 8 bytes b b .. -> 8 floats

@@ -1,14 +1,15 @@
 #pragma once
 //! \file
 //! Run-time choice of the host instruction set for the quantization loops. On x86-64 with g++ or
-//! clang, when the translation unit does not already target AVX2, the loops are also compiled for
-//! AVX2 and, where it pays, AVX-512F (function attributes), and chosen when the CPU has them.
-//! Defining QMEM_QUANT_HOST_AVX2 to 0 before including qmem turns both off (nvcc's host pass
-//! always has them off).
+//! clang the loops are also compiled for AVX2 and, where it pays, AVX-512F (function attributes),
+//! and chosen when the CPU has them. This holds in translation units built for AVX2 or newer too
+//! (`-march=native`): the hand-written look-ups and searches are faster than what the compiler
+//! makes of the portable loops (2026-11-29: the portable loops of a `-march=native` build took the
+//! place of the SIMD ones before). Defining QMEM_QUANT_HOST_AVX2 to 0 before including qmem turns
+//! both off (nvcc's host pass always has them off).
 
 #ifndef QMEM_QUANT_HOST_AVX2
-#if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) &&  \
-    !defined(__AVX2__)
+#if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define QMEM_QUANT_HOST_AVX2 1
 #else
 #define QMEM_QUANT_HOST_AVX2 0

@@ -64,7 +64,8 @@ QMEM_QUANT_AVX2_FN __m256 bf16_widen_avx2(__m128i h) noexcept {
 //! y[i] = bf16(x[i]) for i < n (float_to_bf16_bits on every element).
 QMEM_QUANT_AVX2_FN void narrow_bf16_avx2(float const* x, std::size_t n, bf16* y) noexcept {
   std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  std::size_t const vec_end = n - n % 16; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 16) {
     __m256i const a = bf16_round_avx2(_mm256_loadu_ps(x + i));
     __m256i const b = bf16_round_avx2(_mm256_loadu_ps(x + i + 8));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), pack_u16_avx2(a, b));
@@ -76,7 +77,8 @@ QMEM_QUANT_AVX2_FN void narrow_bf16_avx2(float const* x, std::size_t n, bf16* y)
 //! y[i] = float(x[i]) for i < n (exact).
 QMEM_QUANT_AVX2_FN void widen_bf16_avx2(bf16 const* x, std::size_t n, float* y) noexcept {
   std::size_t i = 0;
-  for (; i + 8 <= n; i += 8)
+  std::size_t const vec_end = n - n % 8; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 8)
     _mm256_storeu_ps(y + i,
                      bf16_widen_avx2(_mm_loadu_si128(reinterpret_cast<__m128i const*>(x + i))));
   for (; i < n; ++i)
@@ -90,7 +92,8 @@ QMEM_QUANT_AVX2_FN std::uint32_t load_block_bf16_avx2(bf16 const* x, std::size_t
   __m256i const abs_mask = _mm256_set1_epi32(0x7fffffff);
   __m256i m = _mm256_setzero_si256();
   std::size_t i = 0;
-  for (; i + 8 <= count; i += 8) {
+  std::size_t const vec_end = count - count % 8; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 8) {
     __m256 const f = bf16_widen_avx2(_mm_loadu_si128(reinterpret_cast<__m128i const*>(x + i)));
     _mm256_storeu_ps(xs + i, f);
     // the bits are below 2^31, so the signed maximum orders them as unsigned
@@ -126,7 +129,8 @@ QMEM_QUANT_AVX2_FN void lookup_nibbles_u16_avx2(std::uint16_t const* table,
   __m256i const t_hi = _mm256_permute2x128_si256(halves, halves, 0x11);
   __m256i const low4 = _mm256_set1_epi8(0x0f);
   std::size_t i = 0;
-  for (; i + 32 <= bytes; i += 32) {
+  std::size_t const vec_end = bytes - bytes % 32; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 32) {
     __m256i const v = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(codes + i));
     __m256i const first = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4); // even elements
     __m256i const second = _mm256_and_si256(v, low4);                      // odd elements
@@ -173,7 +177,8 @@ QMEM_QUANT_AVX2_FN void lookup_bytes_avx2(float const* table, float absmax,
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
   __m256 const a = _mm256_set1_ps(absmax);
   std::size_t i = 0;
-  for (; i + 16 <= count; i += 16) {
+  std::size_t const vec_end = count - count % 16; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 16) {
     __m128i const c = _mm_loadu_si128(reinterpret_cast<__m128i const*>(codes + i));
     __m256 const v0 = _mm256_mul_ps(_mm256_i32gather_ps(table, _mm256_cvtepu8_epi32(c), 4), a);
     __m256 const v1 =
@@ -199,7 +204,8 @@ QMEM_QUANT_AVX2_FN void dequantize_row_avx2(std::int8_t const* q, float absmax, 
   __m256 const a = _mm256_set1_ps(absmax);
   __m256 const s = _mm256_set1_ps(inv127); // rowwise_ops.hpp's constant
   std::size_t c = 0;
-  for (; c + 16 <= cols; c += 16) {
+  std::size_t const vec_end = cols - cols % 16; // whole vectors (a form g++ can bound)
+  for (; c < vec_end; c += 16) {
     __m128i const v = _mm_loadu_si128(reinterpret_cast<__m128i const*>(q + c));
     __m256 const f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
     __m256 const f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
@@ -249,7 +255,8 @@ QMEM_QUANT_AVX512_FN __m512 bf16_widen_avx512(__m256i h) noexcept {
 //! y[i] = bf16(x[i]) for i < n (float_to_bf16_bits on every element).
 QMEM_QUANT_AVX512_FN void narrow_bf16_avx512(float const* x, std::size_t n, bf16* y) noexcept {
   std::size_t i = 0;
-  for (; i + 16 <= n; i += 16)
+  std::size_t const vec_end = n - n % 16; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i),
                         bf16_round_avx512(_mm512_loadu_ps(x + i)));
   for (; i < n; ++i)
@@ -259,7 +266,8 @@ QMEM_QUANT_AVX512_FN void narrow_bf16_avx512(float const* x, std::size_t n, bf16
 //! y[i] = float(x[i]) for i < n (exact).
 QMEM_QUANT_AVX512_FN void widen_bf16_avx512(bf16 const* x, std::size_t n, float* y) noexcept {
   std::size_t i = 0;
-  for (; i + 16 <= n; i += 16)
+  std::size_t const vec_end = n - n % 16; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 16)
     _mm512_storeu_ps(
         y + i, bf16_widen_avx512(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(x + i))));
   for (; i < n; ++i)
@@ -274,7 +282,8 @@ QMEM_QUANT_AVX512_FN void lookup_bytes_avx512(float const* table, float absmax,
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
   __m512 const a = _mm512_set1_ps(absmax);
   std::size_t i = 0;
-  for (; i + 16 <= count; i += 16) {
+  std::size_t const vec_end = count - count % 16; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 16) {
     __m512i const idx = _mm512_maskz_cvtepu8_epi32(
         all16, _mm_loadu_si128(reinterpret_cast<__m128i const*>(codes + i)));
     __m512 const v =
@@ -296,7 +305,8 @@ QMEM_QUANT_AVX512_FN void dequantize_row_avx512(std::int8_t const* q, float absm
   __m512 const a = _mm512_set1_ps(absmax);
   __m512 const s = _mm512_set1_ps(inv127);
   std::size_t c = 0;
-  for (; c + 16 <= cols; c += 16) {
+  std::size_t const vec_end = cols - cols % 16; // whole vectors (a form g++ can bound)
+  for (; c < vec_end; c += 16) {
     __m512 const f = _mm512_maskz_cvtepi32_ps(
         all16, _mm512_maskz_cvtepi8_epi32(
                    all16, _mm_loadu_si128(reinterpret_cast<__m128i const*>(q + c))));
