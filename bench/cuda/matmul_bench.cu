@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <iterator>
 #include <vector>
 
 namespace {
@@ -210,8 +211,20 @@ void gemv(benchmark::State& state) {
 constexpr cuda_matmul::gemv_shape variants[] = {{8, 4, 1},       {8, 2, 1},      {8, 2, 2},
                                                 {8, 4, 2, true}, {16, 2, 1},     {8, 4, 1, true},
                                                 {8, 4, 2},       {8, 2, 2, true}};
-constexpr cuda_matmul::gemv1_shape variants1[] = {
-    {8, 2, 2}, {8, 1, 4}, {8, 4, 1}, {16, 2, 2}, {8, 1, 2}};
+// Variants 13-18: cuda_matmul::gemv_batch1_candidates (pipelined loads, direct table addresses,
+// more warps per SM), to be compared with variant 9 (the dispatched {8, 1, 4}).
+constexpr cuda_matmul::gemv1_shape variants1[] = {{8, 2, 2},
+                                                  {8, 1, 4},
+                                                  {8, 4, 1},
+                                                  {16, 2, 2},
+                                                  {8, 1, 2},
+                                                  cuda_matmul::gemv_batch1_candidates[0],
+                                                  cuda_matmul::gemv_batch1_candidates[1],
+                                                  cuda_matmul::gemv_batch1_candidates[2],
+                                                  cuda_matmul::gemv_batch1_candidates[3],
+                                                  cuda_matmul::gemv_batch1_candidates[4],
+                                                  cuda_matmul::gemv_batch1_candidates[5]};
+constexpr int variant_count = 8 + static_cast<int>(std::size(variants1));
 
 template <int V>
 void launch_variant(exec::cuda const& e, cuda_matmul::gemv_args<bf16> const& a) {
@@ -255,6 +268,12 @@ void gemv_variant(benchmark::State& state) {
     case 10: launch_variant<10>(e, a); break;
     case 11: launch_variant<11>(e, a); break;
     case 12: launch_variant<12>(e, a); break;
+    case 13: launch_variant<13>(e, a); break;
+    case 14: launch_variant<14>(e, a); break;
+    case 15: launch_variant<15>(e, a); break;
+    case 16: launch_variant<16>(e, a); break;
+    case 17: launch_variant<17>(e, a); break;
+    case 18: launch_variant<18>(e, a); break;
     default: launch_variant<0>(e, a);
     }
   };
@@ -266,6 +285,9 @@ void gemv_variant(benchmark::State& state) {
   state.counters["warps"] = v < 8 ? variants[v].warps : variants1[v - 8].warps;
   state.counters["unroll"] = v < 8 ? variants[v].unroll : variants1[v - 8].unroll;
   state.counters["tiles"] = v < 8 ? variants[v].tiles : variants1[v - 8].pairs;
+  state.counters["pipelined"] = v < 8 ? 0 : variants1[v - 8].pipelined;
+  state.counters["direct_lut"] = v < 8 ? 0 : variants1[v - 8].direct_lut;
+  state.counters["blocks_per_sm"] = v < 8 ? 0 : cuda_matmul::gemv1_min_blocks(variants1[v - 8]);
   report(state, t, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
   (void)cudaStreamDestroy(s);
 }
@@ -461,7 +483,7 @@ void gemv_args(benchmark::internal::Benchmark* b) {
 }
 void variant_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes) {
-    for (std::int64_t v = 0; v < 13; ++v)
+    for (std::int64_t v = 0; v < variant_count; ++v)
       b->Args({s[0], s[1], 1, v});
     for (std::int64_t v : {2, 3, 6, 7})
       b->Args({s[0], s[1], 16, v});

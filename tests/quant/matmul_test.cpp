@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -422,6 +423,92 @@ TEST_CASE("GEMV kernel block shapes the bench compares all compute the same func
     variant_case<gemv1_shape{8, 2, 2}>(1, 45, 1536, 128, nested, rng);
     variant_case<gemv1_shape{8, 2, 2}>(1, 45, 4096, 4096, nested, rng);
   }
+  // the candidates (pipelined, direct table addresses, more warps per SM): partial super-steps and
+  // row tiles, groups in both pipeline registers and the loop's exits after either, block 128
+  constexpr auto const& c = cuda_matmul::gemv_batch1_candidates;
+  for (bool const nested : {false, true}) {
+    variant_case<c[0]>(1, 45, 1408, 64, nested, rng);
+    variant_case<c[0]>(1, 33, 8192, 64, nested, rng);
+    variant_case<c[1]>(1, 45, 1408, 64, nested, rng);
+    variant_case<c[1]>(1, 70, 12288, 64, nested, rng);
+    variant_case<c[2]>(1, 45, 1536, 128, nested, rng);
+    variant_case<c[2]>(1, 33, 8192 + 512, 64, nested, rng);
+    variant_case<c[3]>(1, 45, 1408, 64, nested, rng);
+    variant_case<c[3]>(1, 70, 8192, 64, nested, rng);
+    variant_case<c[3]>(1, 33, 12288 + 512, 256, nested, rng);
+    variant_case<c[4]>(1, 45, 4096 + 1024, 64, nested, rng);
+    variant_case<c[4]>(1, 33, 8192, 64, nested, rng);
+    variant_case<c[5]>(1, 70, 1408, 64, nested, rng);
+    variant_case<c[5]>(1, 45, 16384, 64, nested, rng);
+  }
+}
+
+namespace {
+// A code type of this test alone: every kernel templated on it is instantiated here only, so its
+// first use (and the shared-memory attribute set then) happens inside the capture below.
+inline constexpr code_table<16> capture_probe_values = {
+    {-1.0f, -0.8125f, -0.625f, -0.5f, -0.375f, -0.25f, -0.125f, 0.0f, 0.0625f, 0.1875f, 0.3125f,
+     0.4375f, 0.5625f, 0.6875f, 0.84375f, 1.0f}};
+using capture_probe = table_code<capture_probe_values>;
+} // namespace
+
+TEST_CASE("matmul_4bit's first call may be inside a CUDA graph capture (global mode)") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  using B = qmem::test::cuda_backend;
+  std::mt19937 rng(77);
+  std::size_t const n = 70, k = 1536;
+  host_weight const hw = random_weight(n, k, 64, false, rng);
+  backend_weight<B, capture_probe> bw(hw);
+  cudaStream_t s = nullptr;
+  cuda_detail::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  exec::cuda const e{s, 0};
+  // m = 1: the batch-1 kernel; 4 and 12: the small- and large-batch kernels (each needs the
+  // shared-memory attribute on its first launch)
+  for (std::size_t const m : {std::size_t{1}, std::size_t{4}, std::size_t{12}}) {
+    CAPTURE(m);
+    std::vector<bf16> const x = random_matrix<bf16>(m * k, rng);
+    std::vector<bf16> model;
+    std::vector<double> terms;
+    gemv_model<bf16, capture_probe>(hw, x, m, model, terms);
+    auto bx = B::upload(x);
+    auto captured = B::template alloc<bf16>(m * n);
+    auto direct = B::template alloc<bf16>(m * n);
+    REQUIRE(cuda_matmul::gemv_fast_path(k, 64, bw.view.codes.data(), bx.view().data()));
+
+    cudaGraph_t graph = nullptr;
+    cuda_detail::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal),
+                       "cudaStreamBeginCapture");
+    bool threw = false;
+    try {
+      matmul_4bit<bf16>(e, bx.view(), m, bw.view, captured.view());
+    } catch (std::exception const& ex) {
+      threw = true;
+      MESSAGE("matmul_4bit inside the capture threw: " << ex.what());
+    }
+    cudaError_t const ended = cudaStreamEndCapture(s, &graph);
+    CHECK_FALSE(threw);
+    REQUIRE(ended == cudaSuccess);
+    cudaGraphExec_t exec = nullptr;
+    REQUIRE(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess);
+    REQUIRE(cudaGraphLaunch(exec, s) == cudaSuccess);
+    REQUIRE(cudaStreamSynchronize(s) == cudaSuccess);
+    (void)cudaGraphExecDestroy(exec);
+    (void)cudaGraphDestroy(graph);
+
+    matmul_4bit<bf16>(e, bx.view(), m, bw.view, direct.view()); // the same call, not captured
+    cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    std::vector<bf16> const got = B::download(captured.view());
+    expect_close(got, model, terms, gemv_sum(k), 0.0, "captured first call m=" + std::to_string(m));
+    std::vector<bf16> const again = B::download(direct.view());
+    bool same = true;
+    for (std::size_t i = 0; i < got.size(); ++i)
+      same = same && got[i].bits == again[i].bits;
+    CHECK(same);
+  }
+  (void)cudaStreamDestroy(s);
 }
 #endif
 

@@ -51,15 +51,36 @@ inline void check_cublas(cublasStatus_t status, char const* what) {
         static_cast<int>(status));
 }
 
+//! While alive, this thread may make the one-time set-up calls of a first use (kernel
+//! attributes, occupancy and device queries, handle creation) even inside a stream capture: it
+//! switches the thread's capture mode to relaxed and restores the previous mode on exit. In global
+//! or thread-local mode such "potentially unsafe" calls are refused during a capture and
+//! invalidate it; none of them enqueues work, so the captured graph is the same. Outside a capture
+//! the mode switch changes nothing.
+class relaxed_capture_scope {
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+
+public:
+  relaxed_capture_scope() {
+    cuda_detail::check(cudaThreadExchangeStreamCaptureMode(&mode_),
+                       "cudaThreadExchangeStreamCaptureMode");
+  }
+  relaxed_capture_scope(relaxed_capture_scope const&) = delete;
+  relaxed_capture_scope& operator=(relaxed_capture_scope const&) = delete;
+  ~relaxed_capture_scope() { (void)cudaThreadExchangeStreamCaptureMode(&mode_); }
+};
+
 //! One cuBLASLt handle per device, created on first use and kept for the process's lifetime
-//! (creating one costs far more than a small matmul).
+//! (creating one costs far more than a small matmul). Safe on a first use inside a capture.
 inline cublasLtHandle_t lt_handle(int device) {
   static std::mutex mutex;
   static cublasLtHandle_t handles[64] = {};
   QMEM_EXPECTS(device >= 0 && device < 64, "e.device is ", device, "; expected 0..63");
   std::lock_guard<std::mutex> lock(mutex);
-  if (handles[device] == nullptr)
+  if (handles[device] == nullptr) {
+    relaxed_capture_scope const relaxed;
     check_cublas(cublasLtCreate(&handles[device]), "cublasLtCreate");
+  }
   return handles[device];
 }
 
@@ -383,6 +404,32 @@ struct gemv1_shape {
   int warps;  //!< warps per block
   int unroll; //!< super-steps in flight per warp
   int pairs;  //!< pairs of weight rows per warp (each reuses the warp's activation fragments)
+  //! Software pipelining: the loads of a warp's next step group are issued before the products
+  //! of the current one (two groups of registers), so that a warp always has loads in flight;
+  //! without it a warp loads, waits, then computes with nothing in flight.
+  bool pipelined = false;
+  //! The decode table's address comes out of the byte permute whole (the table's shared address
+  //! is a multiple of 64 KiB, checked at run time, else the kernel adds it): one instruction less
+  //! per two weights.
+  bool direct_lut = false;
+  //! Blocks per SM the registers are capped for (__launch_bounds__); 0: 2, or 1 with 16 warps.
+  //! The 64 KiB table allows 3; 3 blocks of 8 warps cap a thread at 80 registers.
+  int blocks = 0;
+};
+
+//! Blocks per SM a batch-1 kernel of this shape is compiled for.
+constexpr int gemv1_min_blocks(gemv1_shape s) {
+  return s.blocks > 0 ? s.blocks : (s.warps >= 16 ? 1 : 2);
+}
+
+//! The loads of one step group of the batch-1 kernel (`U` super-steps, `Pairs` row pairs).
+template <int U, int Pairs>
+struct gemv1_stage {
+  static constexpr int unroll = U;
+  uint2 q[U][Pairs][2];          //!< 16 codes of each row
+  float s[U][Pairs][2];          //!< plain scale, or the nested group's absmax2
+  std::uint32_t qs[U][Pairs][2]; //!< nested: the block's 8-bit scale code
+  uint4 xv[U][2];                //!< 16 activations
 };
 
 // Tuning of the GEMV kernels: bench/cuda/matmul_bench.cu, gemv_variant (200 calls in one CUDA
@@ -396,6 +443,30 @@ struct gemv1_shape {
 //! 102.5; {16, 2, 2} 14.99 / 47.19 / 21.40 / 32.98 / 118.6. (The batch-16 layout at batch 1, best
 //! of its shapes {8, 2, 2}: 7.75 / 21.66 / 18.10 / 18.95 / 72.04.)
 inline constexpr gemv1_shape gemv_batch1{8, 1, 4};
+//! Shapes that raise the batch-1 kernel's memory-level parallelism, compiled and counted offline
+//! (nvcc 13, sm_90, 2026-11-29; not yet timed): instructions per weight in the main loop from
+//! the SASS, registers from ptxas -v, warps per SM from registers and the 64 KiB table.
+//! {8, 1, 4} (dispatched): 2.58 per weight, 128 registers, 16 warps per SM, loads then products.
+//! 0 {8, 1, 4, direct}: 2.07 (the address add gone), 128 registers and 60 bytes spilled (outside
+//!   the main loop), 16 warps.
+//! 1 {8, 1, 2, pipelined}: 2.55, 125 registers, 16 warps, loads always in flight.
+//! 2 {8, 1, 2, pipelined, direct}: 2.08, 122 registers, 16 warps.
+//! 3 {8, 1, 2, pipelined, direct, 3 blocks}: 2.21, 80 registers, 24 warps.
+//! 4 {8, 1, 1, pipelined, direct, 3 blocks}: 2.41, 80 registers, 24 warps.
+//! 5 {16, 1, 1, pipelined, direct, 2 blocks}: 2.36, 64 registers, 32 warps (one table per 16).
+//! The bench's gemv_variant times them as variants 13 to 18 beside the dispatched {8, 1, 4}
+//! (variant 9); the tests check each against the GEMV model.
+inline constexpr gemv1_shape gemv_batch1_candidates[] = {
+    {8, 1, 4, false, true},   {8, 1, 2, true, false},   {8, 1, 2, true, true},
+    {8, 1, 2, true, true, 3}, {8, 1, 1, true, true, 3}, {16, 1, 1, true, true, 2}};
+//! Which shape batch 1 with plain scales runs: -1 the measured gemv_batch1, else
+//! gemv_batch1_candidates[gemv_batch1_pick]. TO BE CONFIRMED by the H200 run of bench
+//! gemv_variant (variants 13-18 against 9 on the five anchor shapes): pick the candidate that is
+//! fastest on all five, or keep -1.
+inline constexpr int gemv_batch1_pick = -1;
+//! The shape batch 1 with plain scales runs (gemv_batch1_pick).
+inline constexpr gemv1_shape gemv_batch1_dispatched =
+    gemv_batch1_pick < 0 ? gemv_batch1 : gemv_batch1_candidates[gemv_batch1_pick];
 //! The same with nested scales (two more loads per chunk and row: 4 pairs exceed 128 registers).
 //! Measured at {8, 2, 2} only: 10.26 / 26.27 / 18.67 / 23.01 / 74.21 us (same run).
 inline constexpr gemv1_shape gemv_batch1_nested{8, 2, 2};
@@ -710,8 +781,11 @@ __global__ void __launch_bounds__(Warps * 32)
 //! 51%, SM 39%, 25% occupancy (127 registers, 2 blocks per SM), 8.4 cycles between a warp's
 //! instructions: latency-bound, with about 2.7 instructions per weight (ptxas: one PRMT, one LDS
 //! and one address add per two weights, the rest loads, tensor-core products and scaling).
-template <class Code, class T, bool Nested, int Warps, int Unroll, int Pairs, bool Block64>
-__global__ void __launch_bounds__(Warps * 32, Warps >= 16 ? 1 : 2)
+//! The shape comes as scalars (`Pipelined`, `DirectLut`, `MinBlocks`: gemv1_shape's fields; nvcc's
+//! host stubs do not take a class-type template argument).
+template <class Code, class T, bool Nested, int Warps, int Unroll, int Pairs, bool Pipelined,
+          bool DirectLut, int MinBlocks, bool Block64>
+__global__ void __launch_bounds__(Warps * 32, MinBlocks)
     gemv1_4bit_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                       unsigned tiles) {
   extern __shared__ __align__(16) unsigned char gemv_smem[];
@@ -742,168 +816,245 @@ __global__ void __launch_bounds__(Warps * 32, Warps >= 16 ? 1 : 2)
     lut[e * 64 + static_cast<unsigned>(lane)] = bits16[e >> 4] | (bits16[e & 15u] << 16);
   __syncthreads();
   std::uint32_t const lane_bytes = static_cast<std::uint32_t>(lane) * 4u;
-  auto decode = [&](std::uint32_t word, int byte) -> std::uint32_t {
-    std::uint32_t const off =
-        __byte_perm(word, lane_bytes, 0x5504u | (static_cast<unsigned>(byte) << 4));
-    return *reinterpret_cast<std::uint32_t const*>(
-        reinterpret_cast<unsigned char const*>(gemv_lut) + off);
-  };
+  // direct_lut: the shared address of the table with the lane's bytes in its low byte; a byte
+  // permute puts the code byte in byte 1 and keeps bytes 2-3, giving the entry's address whole
+  auto const lut_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(gemv_smem));
+  std::uint32_t const lane_addr = lut_base | lane_bytes;
   // this thread's activations: chunk g of each super-step, its 16 columns
   T const* const xp = a.x + static_cast<std::size_t>(g) * 64 + 16 * static_cast<std::size_t>(t);
 
-  for (unsigned tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    std::size_t const row0 = static_cast<std::size_t>(tile) * Rows;
-    std::uint8_t const* rowp[Pairs][2];
-    float const* rows[Pairs][2];
-    std::uint8_t const* rowq[Pairs][2];
-    std::size_t rowblk[Pairs][2];
-    QMEM_UNROLL
-    for (int p = 0; p < Pairs; ++p)
-      QMEM_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      std::size_t row = row0 + static_cast<std::size_t>(2 * p + h);
-      row = row < a.n ? row : a.n - 1;
-      rowp[p][h] = a.codes + row * (a.k / 2) + 32 * static_cast<std::size_t>(g) +
-                   8 * static_cast<std::size_t>(t);
-      rowblk[p][h] = (row * a.k) >> a.block_shift;
-      rows[p][h] = Nested ? nullptr : a.scales.absmax + rowblk[p][h];
-      rowq[p][h] = Nested ? a.scales.qabsmax + rowblk[p][h] : nullptr;
-    }
-    float acc[Pairs][4];
-    QMEM_UNROLL
-    for (int p = 0; p < Pairs; ++p)
-      acc[p][0] = acc[p][1] = acc[p][2] = acc[p][3] = 0.0f;
-
-    auto group = [&](std::uint32_t sc0, auto full, auto unroll) {
-      constexpr bool Full = decltype(full)::value;
-      constexpr int U = decltype(unroll)::value;
-      uint2 q[U][Pairs][2];
-      float s[U][Pairs][2];
-      std::uint32_t qs[U][Pairs][2];
-      uint4 xv[U][2];
-      QMEM_UNROLL
-      for (int u = 0; u < U; ++u) {
-        std::uint32_t const c = (sc0 + static_cast<std::uint32_t>(u * Warps)) * 8 +
-                                static_cast<std::uint32_t>(g); // this thread's step
-        bool const in = Full || c < steps;
-        std::uint32_t const cb = c >> step_shift;
-        std::size_t const code_off = static_cast<std::size_t>(sc0) * 256 + u * Warps * 256;
-        QMEM_UNROLL
-        for (int p = 0; p < Pairs; ++p)
-          QMEM_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          if constexpr (!Full) {
-            q[u][p][h] = make_uint2(0, 0);
-            s[u][p][h] = 0.0f;
-          }
-          qs[u][p][h] = 0;
-          ldg_if<Full>(q[u][p][h], rowp[p][h] + code_off, in);
-          if constexpr (Nested) {
-            ldg_if<Full>(qs[u][p][h], rowq[p][h] + cb, in);
-            ldg_if<Full>(s[u][p][h], a.scales.absmax2 + nested_group(a.scales, rowblk[p][h] + cb),
-                         in);
-          } else {
-            ldg_if<Full>(s[u][p][h], rows[p][h] + cb, in);
-          }
-        }
-        std::size_t const x_off = static_cast<std::size_t>(sc0) * 512 + u * Warps * 512;
-        if constexpr (!Full)
-          xv[u][0] = xv[u][1] = make_uint4(0, 0, 0, 0);
-        ldg_if<Full>(xv[u][0], xp + x_off, in);
-        ldg_if<Full>(xv[u][1], xp + x_off + 8, in);
+  auto body = [&](auto direct_c) {
+    constexpr bool Direct = decltype(direct_c)::value;
+    auto decode = [&](std::uint32_t word, int byte) -> std::uint32_t {
+      if constexpr (Direct) {
+        std::uint32_t const addr =
+            __byte_perm(word, lane_addr, 0x7604u | (static_cast<unsigned>(byte) << 4));
+        std::uint32_t v;
+        asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+        return v;
+      } else {
+        std::uint32_t const off =
+            __byte_perm(word, lane_bytes, 0x5504u | (static_cast<unsigned>(byte) << 4));
+        return *reinterpret_cast<std::uint32_t const*>(
+            reinterpret_cast<unsigned char const*>(gemv_lut) + off);
       }
-      {
-        // every load above feeds the first product (through a.zero): all are in flight together
-        std::uint32_t dep = 0;
+    };
+    for (unsigned tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      std::size_t const row0 = static_cast<std::size_t>(tile) * Rows;
+      std::uint8_t const* rowp[Pairs][2];
+      float const* rows[Pairs][2];
+      std::uint8_t const* rowq[Pairs][2];
+      std::size_t rowblk[Pairs][2];
+      QMEM_UNROLL
+      for (int p = 0; p < Pairs; ++p)
+        QMEM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        std::size_t row = row0 + static_cast<std::size_t>(2 * p + h);
+        row = row < a.n ? row : a.n - 1;
+        rowp[p][h] = a.codes + row * (a.k / 2) + 32 * static_cast<std::size_t>(g) +
+                     8 * static_cast<std::size_t>(t);
+        rowblk[p][h] = (row * a.k) >> a.block_shift;
+        rows[p][h] = Nested ? nullptr : a.scales.absmax + rowblk[p][h];
+        rowq[p][h] = Nested ? a.scales.qabsmax + rowblk[p][h] : nullptr;
+      }
+      float acc[Pairs][4];
+      QMEM_UNROLL
+      for (int p = 0; p < Pairs; ++p)
+        acc[p][0] = acc[p][1] = acc[p][2] = acc[p][3] = 0.0f;
+
+      // the loads of the step group starting at super-step sc0 into st
+      auto load = [&](auto& st, std::uint32_t sc0, auto full) {
+        constexpr bool Full = decltype(full)::value;
+        constexpr int U = std::remove_cvref_t<decltype(st)>::unroll;
+        auto& q = st.q;
+        auto& s = st.s;
+        auto& qs = st.qs;
+        auto& xv = st.xv;
         QMEM_UNROLL
         for (int u = 0; u < U; ++u) {
+          std::uint32_t const c = (sc0 + static_cast<std::uint32_t>(u * Warps)) * 8 +
+                                  static_cast<std::uint32_t>(g); // this thread's step
+          bool const in = Full || c < steps;
+          std::uint32_t const cb = c >> step_shift;
+          std::size_t const code_off = static_cast<std::size_t>(sc0) * 256 + u * Warps * 256;
           QMEM_UNROLL
           for (int p = 0; p < Pairs; ++p)
             QMEM_UNROLL
           for (int h = 0; h < 2; ++h) {
-            dep ^= q[u][p][h].x ^ q[u][p][h].y ^ __float_as_uint(s[u][p][h]);
-            if constexpr (Nested)
-              dep ^= qs[u][p][h];
+            if constexpr (!Full) {
+              q[u][p][h] = make_uint2(0, 0);
+              s[u][p][h] = 0.0f;
+            }
+            qs[u][p][h] = 0;
+            ldg_if<Full>(q[u][p][h], rowp[p][h] + code_off, in);
+            if constexpr (Nested) {
+              ldg_if<Full>(qs[u][p][h], rowq[p][h] + cb, in);
+              ldg_if<Full>(s[u][p][h], a.scales.absmax2 + nested_group(a.scales, rowblk[p][h] + cb),
+                           in);
+            } else {
+              ldg_if<Full>(s[u][p][h], rows[p][h] + cb, in);
+            }
           }
-          dep ^= xv[u][0].x ^ xv[u][1].x;
+          std::size_t const x_off = static_cast<std::size_t>(sc0) * 512 + u * Warps * 512;
+          if constexpr (!Full)
+            xv[u][0] = xv[u][1] = make_uint4(0, 0, 0, 0);
+          ldg_if<Full>(xv[u][0], xp + x_off, in);
+          ldg_if<Full>(xv[u][1], xp + x_off + 8, in);
         }
-        q[0][0][0].x ^= dep & a.zero;
-      }
-      // the products: for each k-step, every (super-step, pair) product is independent, so the
-      // tensor-core chains of one step group interleave
-      float d[U][Pairs][4];
-      QMEM_UNROLL
-      for (int j = 0; j < 4; ++j)
+      };
+      // every load of st feeds the first product (through a.zero): all are in flight together
+      auto pin = [&](auto& st) {
+        constexpr int U = std::remove_cvref_t<decltype(st)>::unroll;
+        auto& q = st.q;
+        auto& s = st.s;
+        auto& qs = st.qs;
+        auto& xv = st.xv;
+        {
+          std::uint32_t dep = 0;
+          QMEM_UNROLL
+          for (int u = 0; u < U; ++u) {
+            QMEM_UNROLL
+            for (int p = 0; p < Pairs; ++p)
+              QMEM_UNROLL
+            for (int h = 0; h < 2; ++h) {
+              dep ^= q[u][p][h].x ^ q[u][p][h].y ^ __float_as_uint(s[u][p][h]);
+              if constexpr (Nested)
+                dep ^= qs[u][p][h];
+            }
+            dep ^= xv[u][0].x ^ xv[u][1].x;
+          }
+          q[0][0][0].x ^= dep & a.zero;
+        }
+      };
+      // the products of st, scaled into acc
+      auto compute = [&](auto const& st) {
+        constexpr int U = std::remove_cvref_t<decltype(st)>::unroll;
+        auto const& q = st.q;
+        auto const& s = st.s;
+        auto const& qs = st.qs;
+        auto const& xv = st.xv;
+        // the products: for each k-step, every (super-step, pair) product is independent, so the
+        // tensor-core chains of one step group interleave
+        float d[U][Pairs][4];
         QMEM_UNROLL
-      for (int u = 0; u < U; ++u) {
-        // activation words 2j, 2j + 1 go with code bytes 2j, 2j + 1 (the 8 words of xv[u] in order)
-        std::uint32_t const b0 = j < 2 ? (&xv[u][0].x)[2 * j] : (&xv[u][1].x)[2 * j - 4];
-        std::uint32_t const b1 = j < 2 ? (&xv[u][0].x)[2 * j + 1] : (&xv[u][1].x)[2 * j - 3];
+        for (int j = 0; j < 4; ++j)
+          QMEM_UNROLL
+        for (int u = 0; u < U; ++u) {
+          // activation words 2j, 2j + 1 go with code bytes 2j, 2j + 1 (the 8 words of xv[u] in
+          // order)
+          std::uint32_t const b0 = j < 2 ? (&xv[u][0].x)[2 * j] : (&xv[u][1].x)[2 * j - 4];
+          std::uint32_t const b1 = j < 2 ? (&xv[u][0].x)[2 * j + 1] : (&xv[u][1].x)[2 * j - 3];
+          QMEM_UNROLL
+          for (int p = 0; p < Pairs; ++p) {
+            std::uint32_t const w0 = j < 2 ? q[u][p][0].x : q[u][p][0].y;
+            std::uint32_t const w1 = j < 2 ? q[u][p][1].x : q[u][p][1].y;
+            int const b = 2 * (j & 1);
+            std::uint32_t const frag[4] = {decode(w0, b), decode(w1, b), decode(w0, b + 1),
+                                           decode(w1, b + 1)};
+            if (j == 0)
+              mma_16816_zero<T>(d[u][p], frag, b0, b1);
+            else
+              mma_16816<T>(d[u][p], frag, b0, b1);
+          }
+        }
+        // one scale per block and row: only D[g][g] (element g & 1) and D[g + 8][g] (element
+        // 2 + (g & 1)) of thread t = g / 2 are kept in the end; the others accumulate cross terms
+        QMEM_UNROLL
+        for (int u = 0; u < U; ++u)
+          QMEM_UNROLL
+        for (int p = 0; p < Pairs; ++p) {
+          float sc[2];
+          QMEM_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            if constexpr (Nested)
+              sc[h] = fmath::add(fmath::mul(dyn[qs[u][p][h]], s[u][p][h]), a.scales.offset);
+            else
+              sc[h] = s[u][p][h];
+          }
+          acc[p][0] = fmaf(sc[0], d[u][p][0], acc[p][0]);
+          acc[p][1] = fmaf(sc[0], d[u][p][1], acc[p][1]);
+          acc[p][2] = fmaf(sc[1], d[u][p][2], acc[p][2]);
+          acc[p][3] = fmaf(sc[1], d[u][p][3], acc[p][3]);
+        }
+      };
+
+      using full_t = std::integral_constant<bool, true>;
+      using tail_t = std::integral_constant<bool, false>;
+      auto sc0 = static_cast<std::uint32_t>(warp);
+      constexpr auto stride = static_cast<std::uint32_t>(Unroll * Warps);
+      // a full group: every step of every super-step exists
+      auto full_at = [&](std::uint32_t c) {
+        return (c + static_cast<std::uint32_t>((Unroll - 1) * Warps)) * 8 + 7 < steps;
+      };
+      if constexpr (Pipelined) {
+        // two groups of registers, used in turn: the next group's loads (asm volatile, kept in
+        // order) are issued before the current group's products
+        if (full_at(sc0)) {
+          gemv1_stage<Unroll, Pairs> st0, st1;
+          load(st0, sc0, full_t{});
+          for (;;) {
+            if (!full_at(sc0 + stride)) {
+              compute(st0);
+              sc0 += stride;
+              break;
+            }
+            load(st1, sc0 + stride, full_t{});
+            compute(st0);
+            sc0 += stride;
+            if (!full_at(sc0 + stride)) {
+              compute(st1);
+              sc0 += stride;
+              break;
+            }
+            load(st0, sc0 + stride, full_t{});
+            compute(st1);
+            sc0 += stride;
+          }
+        }
+      } else {
+        for (; full_at(sc0); sc0 += stride) {
+          gemv1_stage<Unroll, Pairs> st;
+          load(st, sc0, full_t{});
+          pin(st);
+          compute(st);
+        }
+      }
+      for (; sc0 < supers; sc0 += static_cast<std::uint32_t>(Warps)) {
+        gemv1_stage<1, Pairs> st;
+        load(st, sc0, tail_t{});
+        pin(st);
+        compute(st);
+      }
+
+      // the kept entries, then the chunks and warps added in a fixed order
+      if (t == (g >> 1)) {
         QMEM_UNROLL
         for (int p = 0; p < Pairs; ++p) {
-          std::uint32_t const w0 = j < 2 ? q[u][p][0].x : q[u][p][0].y;
-          std::uint32_t const w1 = j < 2 ? q[u][p][1].x : q[u][p][1].y;
-          int const b = 2 * (j & 1);
-          std::uint32_t const frag[4] = {decode(w0, b), decode(w1, b), decode(w0, b + 1),
-                                         decode(w1, b + 1)};
-          if (j == 0)
-            mma_16816_zero<T>(d[u][p], frag, b0, b1);
-          else
-            mma_16816<T>(d[u][p], frag, b0, b1);
+          partial[warp][2 * p][g] = (g & 1) != 0 ? acc[p][1] : acc[p][0];
+          partial[warp][2 * p + 1][g] = (g & 1) != 0 ? acc[p][3] : acc[p][2];
         }
       }
-      // one scale per block and row: only D[g][g] (element g & 1) and D[g + 8][g] (element
-      // 2 + (g & 1)) of thread t = g / 2 are kept in the end; the others accumulate cross terms
-      QMEM_UNROLL
-      for (int u = 0; u < U; ++u)
-        QMEM_UNROLL
-      for (int p = 0; p < Pairs; ++p) {
-        float sc[2];
-        QMEM_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          if constexpr (Nested)
-            sc[h] = fmath::add(fmath::mul(dyn[qs[u][p][h]], s[u][p][h]), a.scales.offset);
-          else
-            sc[h] = s[u][p][h];
-        }
-        acc[p][0] = fmaf(sc[0], d[u][p][0], acc[p][0]);
-        acc[p][1] = fmaf(sc[0], d[u][p][1], acc[p][1]);
-        acc[p][2] = fmaf(sc[1], d[u][p][2], acc[p][2]);
-        acc[p][3] = fmaf(sc[1], d[u][p][3], acc[p][3]);
+      __syncthreads();
+      if (threadIdx.x < static_cast<unsigned>(Rows)) {
+        std::size_t const row = row0 + threadIdx.x;
+        float sum = 0.0f;
+        for (int w = 0; w < Warps; ++w)
+          QMEM_UNROLL
+        for (int c = 0; c < 8; ++c)
+          sum += partial[w][threadIdx.x][c];
+        if (row < a.n)
+          a.y[row] = from_float<T>(sum);
       }
-    };
-
-    using full_t = std::integral_constant<bool, true>;
-    using tail_t = std::integral_constant<bool, false>;
-    auto sc0 = static_cast<std::uint32_t>(warp);
-    // full groups: every step of every super-step exists
-    for (; (sc0 + static_cast<std::uint32_t>((Unroll - 1) * Warps)) * 8 + 7 < steps;
-         sc0 += static_cast<std::uint32_t>(Unroll * Warps))
-      group(sc0, full_t{}, std::integral_constant<int, Unroll>{});
-    for (; sc0 < supers; sc0 += static_cast<std::uint32_t>(Warps))
-      group(sc0, tail_t{}, std::integral_constant<int, 1>{});
-
-    // the kept entries, then the chunks and warps added in a fixed order
-    if (t == (g >> 1)) {
-      QMEM_UNROLL
-      for (int p = 0; p < Pairs; ++p) {
-        partial[warp][2 * p][g] = (g & 1) != 0 ? acc[p][1] : acc[p][0];
-        partial[warp][2 * p + 1][g] = (g & 1) != 0 ? acc[p][3] : acc[p][2];
-      }
+      __syncthreads();
     }
-    __syncthreads();
-    if (threadIdx.x < static_cast<unsigned>(Rows)) {
-      std::size_t const row = row0 + threadIdx.x;
-      float sum = 0.0f;
-      for (int w = 0; w < Warps; ++w)
-        QMEM_UNROLL
-      for (int c = 0; c < 8; ++c)
-        sum += partial[w][threadIdx.x][c];
-      if (row < a.n)
-        a.y[row] = from_float<T>(sum);
+  };
+  if constexpr (DirectLut) {
+    if ((lut_base & 0xFFFFu) == 0) {
+      body(std::true_type{});
+      return;
     }
-    __syncthreads();
   }
+  body(std::false_type{});
 }
 
 //! Dynamic shared memory of gemv1_4bit_kernel.
@@ -1487,12 +1638,14 @@ void dequantize_into(exec::cuda const& e, weight_4bit_view<Code> const& w, T* ou
   cuda_detail::check_launch(e, "qmem::quant::dequant_4bit_kernel");
 }
 
-//! Lets `Kernel` use `bytes` of dynamic shared memory on `device` (once per kernel and device).
+//! Lets `Kernel` use `bytes` of dynamic shared memory on `device` (once per kernel and device;
+//! safe when that first use is inside a stream capture, whatever its mode).
 template <auto Kernel>
 void allow_dynamic_smem(int device, unsigned bytes) {
   static std::once_flag flags[64];
   QMEM_EXPECTS(device >= 0 && device < 64, "e.device is ", device, "; expected 0..63");
   std::call_once(flags[device], [&] {
+    relaxed_capture_scope const relaxed;
     cuda_detail::check(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(bytes)),
                        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
@@ -1500,13 +1653,14 @@ void allow_dynamic_smem(int device, unsigned bytes) {
 }
 
 //! Blocks of `Kernel` resident on one SM of `device` times the SMs (once per kernel and device):
-//! the grid of a kernel that loops over its tiles.
+//! the grid of a kernel that loops over its tiles. Safe on a first use inside a stream capture.
 template <auto Kernel>
 unsigned resident_blocks(int device, int threads, unsigned smem) {
   static std::once_flag flags[64];
   static unsigned counts[64];
   QMEM_EXPECTS(device >= 0 && device < 64, "e.device is ", device, "; expected 0..63");
   std::call_once(flags[device], [&] {
+    relaxed_capture_scope const relaxed;
     int per_sm = 0, sms = 0;
     cuda_detail::check(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads, smem),
@@ -1524,8 +1678,9 @@ unsigned resident_blocks(int device, int threads, unsigned smem) {
 template <class Code, class T, bool Nested, gemv1_shape Shape>
 void launch_gemv1_fast(exec::cuda const& e, gemv_args<T> const& a) {
   auto run = [&](auto block64) {
-    constexpr auto kernel = &gemv1_4bit_kernel<Code, T, Nested, Shape.warps, Shape.unroll,
-                                               Shape.pairs, decltype(block64)::value>;
+    constexpr auto kernel =
+        &gemv1_4bit_kernel<Code, T, Nested, Shape.warps, Shape.unroll, Shape.pairs, Shape.pipelined,
+                           Shape.direct_lut, gemv1_min_blocks(Shape), decltype(block64)::value>;
     constexpr unsigned smem = gemv1_smem_bytes<Nested, Shape.warps, Shape.pairs>();
     allow_dynamic_smem<kernel>(e.device, smem);
     auto const tiles = static_cast<unsigned>((a.n + 2 * Shape.pairs - 1) / (2 * Shape.pairs));
@@ -1587,7 +1742,8 @@ template <class Code, class T, bool Nested>
 void launch_gemv(exec::cuda const& e, gemv_args<T> const& a, bool fast) {
   if (fast) {
     if (a.m == 1 && a.block_shift >= 6)
-      launch_gemv1_fast<Code, T, Nested, Nested ? gemv_batch1_nested : gemv_batch1>(e, a);
+      launch_gemv1_fast<Code, T, Nested, Nested ? gemv_batch1_nested : gemv_batch1_dispatched>(e,
+                                                                                               a);
     else if (a.m <= 8)
       launch_gemv_fast<Code, T, Nested, gemv_small_batch>(e, a);
     else
