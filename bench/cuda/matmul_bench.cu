@@ -355,6 +355,47 @@ void gemm(benchmark::State& state) {
   (void)cudaStreamDestroy(s);
 }
 
+// Args: n, k, m, chunks. The m > 16 forward with its dequantization split into row chunks that
+// overlap the previous chunk's GEMM (cuda_matmul::dequantize_gemm; chunks 1 = the path
+// matmul_4bit runs with gemm_overlap_chunks = 1), against cuBLASLt bf16 in the same run.
+void gemm_overlap(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  auto const chunks = static_cast<unsigned>(state.range(3));
+  nf4_weight w(n, k, 64, false);
+  device_buffer<bf16> x(m * k), y(m * n), wb(n * k), wd(n * k);
+  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
+  auto const wv = w.view();
+  device_buffer<std::byte> ws(cublaslt_workspace_bytes);
+  cudaStream_t s;
+  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  exec::cuda const e{s, 0};
+  auto qmem_call = [&] {
+    cuda_matmul::dequantize_gemm<bf16>(e, x.p, m, wv, y.p, wd.p, ws.p, cublaslt_workspace_bytes,
+                                       chunks);
+  };
+  auto cublas_call = [&] {
+    cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
+                                    CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
+  };
+  for (int i = 0; i < 3; ++i) {
+    qmem_call();
+    cublas_call();
+  }
+  double tq = 0, tc = 0;
+  for (auto _ : state) {
+    tq = time_median(s, 10, qmem_call);
+    tc = time_median(s, 10, cublas_call);
+    state.SetIterationTime(tq);
+  }
+  state.counters["qmem_ms"] = tq * 1e3;
+  state.counters["cublas_bf16_ms"] = tc * 1e3;
+  state.counters["ratio"] = tq / tc;
+  (void)cudaStreamDestroy(s);
+}
+
 // Args: n, k, m. QLoRA backward: grad_x = grad_y * dequant(w).
 void grad_input(benchmark::State& state) {
   auto const n = static_cast<std::size_t>(state.range(0));
@@ -513,6 +554,13 @@ BENCHMARK(gemm)
     ->Args({4096, 4096, 4096})
     ->Args({14336, 4096, 4096})
     ->Args({8192, 8192, 4096})
+    ->UseManualTime()
+    ->Iterations(2)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(gemm_overlap)
+    ->ArgsProduct({{4096}, {4096}, {4096}, {1, 2, 4, 8}})
+    ->ArgsProduct({{14336}, {4096}, {4096}, {1, 2, 4, 8}})
+    ->ArgsProduct({{8192}, {8192}, {4096}, {1, 2, 4, 8}})
     ->UseManualTime()
     ->Iterations(2)
     ->Unit(benchmark::kMillisecond);

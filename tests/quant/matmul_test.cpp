@@ -510,6 +510,86 @@ TEST_CASE("matmul_4bit's first call may be inside a CUDA graph capture (global m
   }
   (void)cudaStreamDestroy(s);
 }
+
+namespace {
+//! The m > 16 forward with its dequantization in `chunks` row chunks overlapping the GEMMs
+//! (cuda_matmul::dequantize_gemm), captured in a graph (global mode) or called directly, against
+//! the host reference.
+template <class T>
+void check_overlap(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
+                   unsigned chunks, bool captured, std::mt19937& rng) {
+  using B = qmem::test::cuda_backend;
+  host_weight const hw = random_weight(n, k, block, nested, rng);
+  std::vector<T> const x = random_matrix<T>(m * k, rng);
+  std::vector<T> ref(m * n);
+  matmul_4bit<T>(exec::host{}, {x.data(), x.size()}, m, host_view<nf4>(hw),
+                 tensor_view<T>{ref.data(), ref.size()});
+  std::vector<float> const wd = qmem::quant::detail::mm::host_dequantized<T>(host_view<nf4>(hw));
+  std::vector<double> terms(m * n, 0.0);
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j)
+      for (std::size_t l = 0; l < k; ++l)
+        terms[i * n + j] += std::fabs(static_cast<double>(to_float(x[i * k + l])) * wd[j * k + l]);
+  backend_weight<B, nf4> bw(hw);
+  auto bx = B::upload(x);
+  auto by = B::template alloc<T>(m * n);
+  auto bwd = B::template alloc<T>(n * k);
+  auto lws = B::template alloc<std::byte>(cublaslt_workspace_bytes);
+  cudaStream_t s = nullptr;
+  cuda_detail::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  exec::cuda const e{s, 0};
+  auto call = [&] {
+    cuda_matmul::dequantize_gemm<T>(e, bx.view().data(), m, bw.view, by.view().data(),
+                                    bwd.view().data(), lws.view().data(), lws.view().size(),
+                                    chunks);
+  };
+  if (captured) {
+    cudaGraph_t graph = nullptr;
+    cuda_detail::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal),
+                       "cudaStreamBeginCapture");
+    bool threw = false;
+    try {
+      call();
+    } catch (std::exception const& ex) {
+      threw = true;
+      MESSAGE("dequantize_gemm inside the capture threw: " << ex.what());
+    }
+    cudaError_t const ended = cudaStreamEndCapture(s, &graph);
+    CHECK_FALSE(threw);
+    REQUIRE(ended == cudaSuccess);
+    cudaGraphExec_t exec = nullptr;
+    REQUIRE(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess);
+    REQUIRE(cudaGraphLaunch(exec, s) == cudaSuccess);
+    (void)cudaStreamSynchronize(s);
+    (void)cudaGraphExecDestroy(exec);
+    (void)cudaGraphDestroy(graph);
+  } else {
+    call();
+  }
+  cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+  (void)cudaStreamDestroy(s);
+  expect_close(B::download(by.view()), ref, terms, plain_sum(k), 0.0,
+               std::string("overlapped forward chunks=") + std::to_string(chunks) +
+                   " m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                   " k=" + std::to_string(k) + " block=" + std::to_string(block) +
+                   (nested ? " nested" : " plain") + (captured ? " captured" : ""));
+}
+} // namespace
+
+TEST_CASE("the m > 16 forward with dequantization overlapped in row chunks") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  std::mt19937 rng(99);
+  // captured first: the side stream and events are created inside the capture
+  check_overlap<bf16>(40, 70, 192, 64, false, 3, true, rng);
+  check_overlap<bf16>(40, 70, 192, 64, false, 3, false, rng);
+  check_overlap<f16>(33, 70, 4096, 64, true, 3, false, rng);  // nested: chunks of 4-row multiples
+  check_overlap<bf16>(24, 45, 100, 32, false, 4, false, rng); // 8-row quantum, partial last
+  check_overlap<bf16>(20, 300, 384, 128, true, 8, true, rng); // 256-row quantum: 256 + 44
+  check_overlap<bf16>(17, 64, 256, 64, false, 1, false, rng);
+}
 #endif
 
 TEST_CASE_TEMPLATE_DEFINE("matmul_4bit_grad_input matches the host reference", B, mm_grad) {
