@@ -7,6 +7,9 @@
 //   % of the same-run copy bandwidth (bytes read + written) are reported.
 // - cublas_gemv/*: cuBLASLt bf16 on the same shapes, the same way (it reads 4x the weight bytes).
 // - gemm/*: batch 4096, dequantize + cuBLASLt against cuBLASLt bf16 on the same shape.
+// - gemv_variant/n/k/m/v: each GEMV block shape alone (v 13-18: the batch-1 candidates of
+//   cuda_matmul::gemv_batch1_candidates, to compare with v 9, the dispatched {8, 1, 4}).
+// - gemm_overlap/n/k/m/chunks: batch 4096 with the dequantization overlapped in row chunks.
 // - grad_input/*, int8/*: the QLoRA backward pass and the LLM.int8 layer.
 #include <qmem/quant/cuda/matmul.cuh>
 #include <qmem/quant/matmul.hpp>
