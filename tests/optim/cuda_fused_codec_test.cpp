@@ -2,7 +2,9 @@
 // bucket_search.hpp) return the code types' own codes: the one-read packed bucket search equals
 // bitsandbytes' binary search and the 4-bit compare chain equals nearest4_code's table search, on
 // the host at every threshold and its neighbours and on the GPU for all 2^32 floats. The sign fix
-// reads a code's sign from the code itself only where the table is ordered by sign.
+// reads a code's sign from the code itself only where the table is ordered by sign. The short
+// encode of blocks with a finite absmax (format_codec::encode_finite) equals F::encode, checked
+// with the other format encoders over all 2^32 states.
 #include <qmem/optim/cuda/bucket_search.hpp>
 #include <qmem/optim/cuda/state_format.hpp>
 #include <qmem/optim/state.hpp>
@@ -126,6 +128,54 @@ TEST_CASE("the sign fix from the code equals the sign fix from the table (every 
   CHECK(bad == 0);
 }
 
+TEST_CASE("the short 8-bit encode of finite blocks == F::encode (host: specials, samples)") {
+  using s8 = optim::blockwise_format<quant::dynamic_signed, 256, true>;
+  using u8 = optim::blockwise_format<quant::dynamic_unsigned, 256>;
+  static_assert(ocu::format_codec<s8>::finite_route && ocu::format_codec<u8>::finite_route);
+  static_assert(!ocu::format_codec<optim::blockwise_format<dyn4, 128>>::finite_route);
+  static auto const fs = ocu::format_codec<s8>::make();
+  static auto const fu = ocu::format_codec<u8>::make();
+  float const inf = std::numeric_limits<float>::infinity();
+  float const nan = std::numeric_limits<float>::quiet_NaN();
+  // the blocks that take the short route: signed with 0 < absmax < inf, unsigned always
+  CHECK(fs.finite_block(1.0f));
+  CHECK(fs.finite_block(std::numeric_limits<float>::denorm_min()));
+  CHECK(fs.finite_block(std::numeric_limits<float>::max()));
+  CHECK_FALSE(fs.finite_block(0.0f));
+  CHECK_FALSE(fs.finite_block(inf));
+  CHECK(fu.finite_block(0.0f));
+  CHECK(fu.finite_block(inf));
+  float const specials[] = {0.0f, -0.0f, 1.0f, -1.0f, inf, -inf, nan, -nan, 1e-30f, -1e-30f,
+                            std::numeric_limits<float>::denorm_min(),
+                            -std::numeric_limits<float>::denorm_min(),
+                            std::numeric_limits<float>::max(), -std::numeric_limits<float>::max()};
+  float const absmaxes[] = {1.0f, 0.37f, 1e-9f, 3e8f, 1e-40f, std::numeric_limits<float>::max()};
+  std::mt19937 rng(77);
+  int bad = 0;
+  int checked = 0;
+  for (float a : absmaxes) {
+    auto const ss = fs.scale_of(a);
+    auto const su = fu.scale_of(a);
+    auto check = [&](float s) {
+      bad += fs.encode_finite(s, ss) != s8::encode(s, a) ? 1 : 0;
+      bad += fu.encode_finite(s, su) != u8::encode(s, a) ? 1 : 0;
+      checked += 2;
+    };
+    for (float s : specials)
+      check(s);
+    std::uniform_real_distribution<float> in_block(-a, a);
+    for (int i = 0; i < 20000; ++i)
+      check(i % 2 == 0 ? in_block(rng) : std::bit_cast<float>(static_cast<std::uint32_t>(rng())));
+  }
+  // the unsigned short route holds for any absmax (its blocks never branch)
+  for (float a : {0.0f, inf})
+    for (float s : specials) {
+      bad += fu.encode_finite(s, fu.scale_of(a)) != u8::encode(s, a) ? 1 : 0;
+      ++checked;
+    }
+  CHECK_MESSAGE(bad == 0, bad, " of ", checked, " codes differ");
+}
+
 } // namespace
 
 #if QMEM_HAS_CUDA()
@@ -191,12 +241,15 @@ __global__ void exhaustive_format_kernel(typename F::book_type book, float absma
   __syncthreads();
   auto const& fc = *reinterpret_cast<codec_t const*>(words);
   auto const scale = fc.scale_of(absmax);
+  bool const finite = fc.finite_block(absmax); // the fused step's short route applies too
   unsigned long long bad = 0;
   std::uint64_t const stride = std::uint64_t{gridDim.x} * blockDim.x;
   for (std::uint64_t u = std::uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; u < (1ull << 32);
        u += stride) {
     float const s = __uint_as_float(static_cast<std::uint32_t>(u));
-    bad += fc.encode(s, scale) != F::encode(s, absmax, reference_book) ? 1u : 0u;
+    std::uint8_t const expected = F::encode(s, absmax, reference_book);
+    bad += fc.encode(s, scale) != expected ? 1u : 0u;
+    bad += finite && fc.encode_finite(s, scale) != expected ? 1u : 0u;
   }
   if (bad != 0)
     atomicAdd(mismatches, bad);

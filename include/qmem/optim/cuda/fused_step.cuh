@@ -342,9 +342,15 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
         entry->absmax[J.value][block] = absmax;
       auto const scale = fc.scale_of(absmax);
       std::uint8_t code[E];
-      QMEM_UNROLL
-      for (int i = 0; i < E; ++i) // a 4-bit pad nibble is the code of 0, as the host writes it
-        code[i] = fc.encode(valid[i] ? s[J.value][i] : 0.0f, scale);
+      if (fc.finite_block(absmax)) { // uniform over the block's lanes; the others rarely taken
+        QMEM_UNROLL
+        for (int i = 0; i < E; ++i) // a 4-bit pad nibble is the code of 0, as the host writes it
+          code[i] = fc.encode_finite(valid[i] ? s[J.value][i] : 0.0f, scale);
+      } else {
+        QMEM_UNROLL
+        for (int i = 0; i < E; ++i)
+          code[i] = fc.encode(valid[i] ? s[J.value][i] : 0.0f, scale);
+      }
       std::uint8_t bytes[code_bytes];
       QMEM_UNROLL
       for (int b = 0; b < code_bytes; ++b) {
