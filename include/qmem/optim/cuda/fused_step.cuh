@@ -116,14 +116,14 @@ __device__ QMEM_INLINE void store_stream(void* ptr, T const (&in)[N]) {
     __stcs(static_cast<V*>(ptr) + k, v[k]);
 }
 
-//! The max over each group of `Lanes` consecutive lanes (a power of two up to 32).
+//! The max over each group of `Lanes` consecutive lanes (a power of two up to 32). Precondition:
+//! no lane holds a NaN or -0 (block maxima of magnitudes), so that fmaxf (one FMNMX) is the
+//! compare-and-select it replaces, bit for bit.
 template <int Lanes>
 __device__ QMEM_INLINE float warp_max(float m) {
   QMEM_UNROLL
-  for (int o = Lanes / 2; o > 0; o >>= 1) {
-    float const other = __shfl_xor_sync(0xffffffffu, m, o);
-    m = other > m ? other : m;
-  }
+  for (int o = Lanes / 2; o > 0; o >>= 1)
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   return m;
 }
 
@@ -331,12 +331,12 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
     if constexpr (F::blockwise) {
       constexpr int code_bytes = E * F::bits / 8;
       auto const& fc = tables.template codec_for<state_sign_v<Rule, J.value>>();
+      // the block max of the magnitudes, NaN ignored: fmaxf returns the non-NaN operand, and
+      // equals `a > local ? a : local` otherwise (both >= +0): one FMNMX per element, not two
       float local = 0.0f;
       QMEM_UNROLL
-      for (int i = 0; i < E; ++i) {
-        float const a = fabsf(s[J.value][i]);
-        local = valid[i] && a > local ? a : local;
-      }
+      for (int i = 0; i < E; ++i)
+        local = valid[i] ? fmaxf(local, fabsf(s[J.value][i])) : local;
       float const absmax = warp_max<traits::lanes_per_block>(local);
       if (lane % traits::lanes_per_block == 0 && (Full || first < size))
         entry->absmax[J.value][block] = absmax;
