@@ -250,22 +250,20 @@ template <float_element T>
   QMEM_EXPECTS(rows * cols == x.size(), "shape [", rows, ", ", cols, "] has ", rows * cols,
                " elements; x has ", x.size());
   std::size_t const n = x.size();
-  std::vector<f16> half;
-  tensor_view<f16 const> h;
-  if constexpr (std::is_same_v<T, f16>) {
-    h = x;
-  } else {
-    half.resize(n);
-    qmem::detail::parallel_for(e, n, 4096, [&](std::size_t b, std::size_t end) {
-      for (std::size_t i = b; i < end; ++i) {
-        if constexpr (std::is_same_v<T, double>)
-          half[i] = detail::f64_to_f16(x[i]);
-        else
-          half[i] = f16(to_float(x[i]));
-      }
-    });
-    h = view(std::as_const(half));
-  }
+  // the float16 values, held as floats (exact) so that the row-wise loop runs its 16-lane path:
+  // the same codes and scales as quantizing the float16 tensor itself
+  std::vector<float> half(n);
+  qmem::detail::parallel_for(e, n, 4096, [&](std::size_t b, std::size_t end) {
+    for (std::size_t i = b; i < end; ++i) {
+      if constexpr (std::is_same_v<T, f16>)
+        half[i] = x[i].to_float();
+      else if constexpr (std::is_same_v<T, double>)
+        half[i] = detail::f64_to_f16(x[i]).to_float();
+      else
+        half[i] = f16(to_float(x[i])).to_float();
+    }
+  });
+  tensor_view<float const> const h = view(std::as_const(half));
   std::vector<std::int8_t> q(n);
   std::vector<float> scb(rows);
   quant::quantize_rowwise(e, h, rows, cols, view(q), view(scb));
