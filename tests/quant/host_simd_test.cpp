@@ -190,6 +190,20 @@ TEST_CASE("host_simd: f32 -> bf16 narrowing equals float_to_bf16_bits over a den
   }
 }
 
+TEST_CASE("host_simd: f32 -> f16 narrowing equals float_to_f16_bits over a dense sweep") {
+  if (!have_avx512())
+    return;
+  auto const x = sweep_floats();
+  auto const ref = scalar_narrow<f16>(x);
+  CHECK(ref[0x7fc1 * 8].bits == 0x7e00); // NaN
+  CHECK(ref[0xffc1 * 8].bits == 0xfe00);
+  CHECK(ref[0x477f * 8 + 6].bits == 0x7bfa); // 0x477f4000 = 65344: finite
+  CHECK(ref[0x477f * 8 + 5].bits == 0x7c00); // 0x477fffff: past 65520, rounds to inf
+  std::vector<f16> y(x.size());
+  qd::narrow_f16_avx512(x.data(), x.size(), y.data());
+  CHECK(same_bits(y, ref));
+}
+
 TEST_CASE("host_simd: blockwise loops equal the portable loops") {
   if (!have_avx2())
     return;
@@ -314,16 +328,22 @@ TEST_CASE("host_simd: row-wise int8 dequantization equals rowwise_decode") {
   quantize_rowwise(exec::host{}, view(std::as_const(x)), rows, cols, view(q), view(s));
   std::vector<float> yf(rows * cols);
   std::vector<bf16> yb(rows * cols);
+  std::vector<f16> yh(rows * cols);
+  dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols,
+                     view(yh));
   dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols,
                      view(yf));
   dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols,
                      view(yb));
   std::vector<float> ref_f(rows * cols);
   std::vector<bf16> ref_b(rows * cols);
+  std::vector<f16> ref_h(rows * cols);
   for (std::size_t i = 0; i < rows * cols; ++i) {
     ref_f[i] = qd::rowwise_decode(q[i], s[i / cols]);
     ref_b[i] = bf16(ref_f[i]);
+    ref_h[i] = f16(ref_f[i]);
   }
+  CHECK(same_bits(yh, ref_h));
   CHECK(same_values(yf, ref_f));
   CHECK(same_bits(yb, ref_b));
 }

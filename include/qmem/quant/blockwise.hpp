@@ -313,7 +313,7 @@ quantize_blocks_searched_avx512(T const* QMEM_RESTRICT x, std::size_t n, std::si
   }
 }
 
-//! 8-bit dequantization of blocks [first_block, last_block) to float or bf16, AVX-512F.
+//! 8-bit dequantization of blocks [first_block, last_block) to float, bf16 or f16, AVX-512F.
 template <code_type C, float_element T>
 __attribute__((target("avx2,avx512f"))) void
 dequantize_blocks_8bit_avx512(decltype(C::book) const& book,
@@ -369,7 +369,8 @@ void dequantize_blocks_host(decltype(C::book) const& book, std::uint8_t const* Q
                             std::size_t block_size, T* QMEM_RESTRICT y, std::size_t first_block,
                             std::size_t last_block) {
 #if QMEM_QUANT_HOST_AVX2
-  if constexpr (C::bits == 8 && (std::is_same_v<T, float> || std::is_same_v<T, bf16>)) {
+  if constexpr (C::bits == 8 && (std::is_same_v<T, float> || std::is_same_v<T, bf16> ||
+                                 std::is_same_v<T, f16>)) {
     if (host_has_avx512()) {
       dequantize_blocks_8bit_avx512<C>(book, codes, absmax, n, block_size, y, first_block,
                                        last_block);

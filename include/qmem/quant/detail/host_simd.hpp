@@ -246,6 +246,58 @@ QMEM_QUANT_AVX512_FN __m256i bf16_round_avx512(__m512 f) noexcept {
   return _mm512_maskz_cvtepi32_epi16(all16, rounded); // the values fit: a plain truncation
 }
 
+//! float16 of 16 floats (float_to_f16_bits on every lane: nearest even, overflow to inf, gradual
+//! underflow, NaN -> sign | 0x7e00), narrowed to 16-bit lanes; integer operations only, so the
+//! same bits whatever MXCSR's flush-to-zero and denormals-are-zero bits say.
+QMEM_QUANT_AVX512_FN __m256i f16_round_avx512(__m512 f) noexcept {
+  __m512i const u = _mm512_castps_si512(f);
+  __m512i const sign =
+      _mm512_and_si512(_mm512_maskz_srli_epi32(all16, u, 16), _mm512_set1_epi32(0x8000));
+  __m512i const a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+  // normal float16: (a + 0xfff + lsb - (112 << 23)) >> 13
+  __m512i const lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(all16, a, 13), _mm512_set1_epi32(1));
+  __m512i normal = _mm512_add_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(0xfff)), lsb);
+  normal =
+      _mm512_maskz_srli_epi32(all16, _mm512_sub_epi32(normal, _mm512_set1_epi32(0x38000000)), 13);
+  // subnormal float16: the 24-bit significand shifted right by 126 - exponent (14..24), nearest
+  // even (only lanes with a in (0x33000000, 0x38800000) use this; others' shifts are clamped)
+  __m512i const e = _mm512_maskz_srli_epi32(all16, a, 23);
+  __m512i const m = _mm512_or_si512(_mm512_and_si512(a, _mm512_set1_epi32(0x7fffff)),
+                                    _mm512_set1_epi32(0x800000));
+  __m512i shift = _mm512_sub_epi32(_mm512_set1_epi32(126), e);
+  shift = _mm512_maskz_min_epi32(all16, _mm512_maskz_max_epi32(all16, shift, _mm512_set1_epi32(14)),
+                                 _mm512_set1_epi32(24));
+  __m512i const r = _mm512_maskz_srlv_epi32(all16, m, shift);
+  __m512i const one = _mm512_set1_epi32(1);
+  __m512i const rem =
+      _mm512_and_si512(m, _mm512_sub_epi32(_mm512_maskz_sllv_epi32(all16, one, shift), one));
+  __m512i const half = _mm512_maskz_sllv_epi32(all16, one, _mm512_sub_epi32(shift, one));
+  __mmask16 const up = _mm512_cmpgt_epi32_mask(rem, half) |
+                       (_mm512_cmpeq_epi32_mask(rem, half) & _mm512_test_epi32_mask(r, one));
+  __m512i const sub = _mm512_mask_add_epi32(r, up, r, one);
+  // pick per lane, in the scalar code's order of tests
+  __m512i v =
+      _mm512_mask_mov_epi32(normal, _mm512_cmplt_epi32_mask(a, _mm512_set1_epi32(0x38800000)), sub);
+  v = _mm512_mask_mov_epi32(v, _mm512_cmple_epi32_mask(a, _mm512_set1_epi32(0x33000000)),
+                            _mm512_setzero_si512());
+  v = _mm512_mask_mov_epi32(v, _mm512_cmpge_epi32_mask(a, _mm512_set1_epi32(0x477ff000)),
+                            _mm512_set1_epi32(0x7c00));
+  v = _mm512_mask_mov_epi32(v, _mm512_cmpgt_epi32_mask(a, _mm512_set1_epi32(0x7f800000)),
+                            _mm512_set1_epi32(0x7e00));
+  return _mm512_maskz_cvtepi32_epi16(all16, _mm512_or_si512(v, sign));
+}
+
+//! y[i] = f16(x[i]) for i < n (float_to_f16_bits on every element).
+QMEM_QUANT_AVX512_FN void narrow_f16_avx512(float const* x, std::size_t n, f16* y) noexcept {
+  std::size_t i = 0;
+  std::size_t const vec_end = n - n % 16;
+  for (; i < vec_end; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i),
+                        f16_round_avx512(_mm512_loadu_ps(x + i)));
+  for (; i < n; ++i)
+    y[i] = f16(x[i]);
+}
+
 //! 16 floats from 16 bf16 (exact).
 QMEM_QUANT_AVX512_FN __m512 bf16_widen_avx512(__m256i h) noexcept {
   return _mm512_castsi512_ps(
@@ -279,7 +331,7 @@ template <class T>
 QMEM_QUANT_AVX512_FN void lookup_bytes_avx512(float const* table, float absmax,
                                               std::uint8_t const* codes, std::size_t count,
                                               T* y) noexcept {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, f16>);
   __m512 const a = _mm512_set1_ps(absmax);
   std::size_t i = 0;
   std::size_t const vec_end = count - count % 16; // whole vectors (a form g++ can bound)
@@ -290,8 +342,10 @@ QMEM_QUANT_AVX512_FN void lookup_bytes_avx512(float const* table, float absmax,
         _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), all16, idx, table, 4), a);
     if constexpr (std::is_same_v<T, float>)
       _mm512_storeu_ps(y + i, v);
-    else
+    else if constexpr (std::is_same_v<T, bf16>)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), bf16_round_avx512(v));
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), f16_round_avx512(v));
   }
   for (; i < count; ++i)
     y[i] = from_float<T>(fmath::mul(table[codes[i]], absmax));
@@ -301,7 +355,7 @@ QMEM_QUANT_AVX512_FN void lookup_bytes_avx512(float const* table, float absmax,
 template <class T>
 QMEM_QUANT_AVX512_FN void dequantize_row_avx512(std::int8_t const* q, float absmax,
                                                 std::size_t cols, T* y) noexcept {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, f16>);
   __m512 const a = _mm512_set1_ps(absmax);
   __m512 const s = _mm512_set1_ps(inv127);
   std::size_t c = 0;
@@ -313,8 +367,10 @@ QMEM_QUANT_AVX512_FN void dequantize_row_avx512(std::int8_t const* q, float absm
     __m512 const v = _mm512_mul_ps(_mm512_mul_ps(f, a), s);
     if constexpr (std::is_same_v<T, float>)
       _mm512_storeu_ps(y + c, v);
-    else
+    else if constexpr (std::is_same_v<T, bf16>)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + c), bf16_round_avx512(v));
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + c), f16_round_avx512(v));
   }
   for (; c < cols; ++c)
     y[c] = from_float<T>(rowwise_decode(q[c], absmax));
