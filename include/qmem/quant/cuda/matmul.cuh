@@ -267,6 +267,14 @@ __device__ QMEM_INLINE std::size_t nested_group(scale_args const& s, std::size_t
   return s.nested_shift >= 0 ? b >> s.nested_shift : b / s.nested_block;
 }
 
+//! The absmax2 group of block b when the nested block size is a power of two (the fast GEMV
+//! kernels' precondition): one shift. In their loops the general form compiled to a branch and
+//! a 64-bit division per scale load (SASS of the batch-1 nested kernel, 2026-11-29: 4.8-5.3
+//! instructions per weight against 2.1-2.6 with plain scales).
+__device__ QMEM_INLINE std::size_t nested_group_pow2(scale_args const& s, std::size_t b) {
+  return b >> s.nested_shift;
+}
+
 //! The scale of block b (`dyn` is the signed dynamic map, in shared memory, when Nested).
 template <bool Nested>
 __device__ QMEM_INLINE float block_scale(scale_args const& s, std::size_t b, float const* dyn) {
@@ -489,7 +497,8 @@ inline constexpr int gemv_batch1_pick = -1;
 inline constexpr gemv1_shape gemv_batch1_dispatched =
     gemv_batch1_pick < 0 ? gemv_batch1 : gemv_batch1_candidates[gemv_batch1_pick];
 //! The same with nested scales (two more loads per chunk and row: 4 pairs exceed 128 registers).
-//! Measured at {8, 2, 2} only: 10.26 / 26.27 / 18.67 / 23.01 / 74.21 us (same run).
+//! Measured at {8, 2, 2} only: 10.26 / 26.27 / 18.67 / 23.01 / 74.21 us (same run), before the
+//! nested group became a shift (5.3 -> 3.3 SASS instructions per weight; not yet timed).
 inline constexpr gemv1_shape gemv_batch1_nested{8, 2, 2};
 //! Batches of 2 to 8 rows (and batch 1 with 32-element blocks). Not measured at batch 2-8; at
 //! batch 1 (the same 8-row fragment) on 8192 x 8192, one H200, 2026-11-29: {8, 2, 2} 18.96 us,
@@ -634,7 +643,7 @@ __global__ void __launch_bounds__(Warps * 32)
           } else if constexpr (Nested) {
             std::size_t const b = rowblk[r][h] + cbe;
             ldg_if<Full>(qs[u][r][h][e], rowq[r][h] + cbe, in);
-            ldg_if<Full>(s[u][r][h][e], a.scales.absmax2 + nested_group(a.scales, b), in);
+            ldg_if<Full>(s[u][r][h][e], a.scales.absmax2 + nested_group_pow2(a.scales, b), in);
           } else {
             ldg_if<Full>(s[u][r][h][e], rows[r][h] + cbe, in);
           }
@@ -910,8 +919,8 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
             ldg_if<Full>(q[u][p][h], rowp[p][h] + code_off, in);
             if constexpr (Nested) {
               ldg_if<Full>(qs[u][p][h], rowq[p][h] + cb, in);
-              ldg_if<Full>(s[u][p][h], a.scales.absmax2 + nested_group(a.scales, rowblk[p][h] + cb),
-                           in);
+              ldg_if<Full>(s[u][p][h],
+                           a.scales.absmax2 + nested_group_pow2(a.scales, rowblk[p][h] + cb), in);
             } else {
               ldg_if<Full>(s[u][p][h], rows[p][h] + cb, in);
             }
@@ -1804,7 +1813,7 @@ unsigned resident_blocks(int device, int threads, unsigned smem) {
 
 //! Launches the batch-1 GEMV kernel with a given block shape (the bench and the tests compare
 //! shapes). Preconditions (the caller's): m == 1, k % 64 == 0, k % block == 0, block >= 64,
-//! codes 8-byte and x 16-byte aligned.
+//! a power-of-two nested block size, codes 8-byte and x 16-byte aligned.
 template <class Code, class T, bool Nested, gemv1_shape Shape>
 void launch_gemv1_fast(exec::cuda const& e, gemv_args<T> const& a) {
   auto run = [&](auto block64) {
@@ -1839,7 +1848,8 @@ void launch_gemv_kernel(exec::cuda const& e, gemv_args<T> const& a) {
 }
 
 //! Launches the fast GEMV kernel with a given block shape (the bench and the tests compare
-//! shapes). Preconditions (the caller's): k % 64 == 0, codes 8-byte and x 16-byte aligned.
+//! shapes). Preconditions (the caller's): k % 64 == 0, a power-of-two nested block size, codes
+//! 8-byte and x 16-byte aligned.
 template <class Code, class T, bool Nested, gemv_shape Shape>
 void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
   // consecutive steps with 16-byte scale loads: plain 64-element blocks, rows of whole 4-scale
@@ -1957,7 +1967,10 @@ void matmul_4bit(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
                                 w.rows,
                                 w.cols,
                                 detail::mm::log2_exact(w.block_size)};
-    bool const fast = cuda_matmul::gemv_fast_path(w.cols, w.block_size, w.codes.data(), x.data());
+    // the fast kernels find a block's nested group by a shift: power-of-two nested block sizes
+    // (bitsandbytes: 256), else the generic kernel
+    bool const fast = cuda_matmul::gemv_fast_path(w.cols, w.block_size, w.codes.data(), x.data()) &&
+                      (!w.scales.nested() || a.scales.nested_shift >= 0);
     if (w.scales.nested())
       cuda_matmul::launch_gemv<Code, T, true>(e, a, fast);
     else
