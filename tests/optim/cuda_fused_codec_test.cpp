@@ -1,6 +1,6 @@
 // The encoders of the fused CUDA optimizer step (include/qmem/optim/cuda/state_format.hpp,
 // bucket_search.hpp) return the code types' own codes: the one-read packed bucket search equals
-// bitsandbytes' binary search and the 4-bit compare chain equals nearest4_code's table search, on
+// bitsandbytes' binary search and, over the 4-bit maps' thresholds, nearest4_code's search, on
 // the host at every threshold and its neighbours and on the GPU for all 2^32 floats. The sign fix
 // reads a code's sign from the code itself only where the table is ordered by sign. The short
 // encode of blocks with a finite absmax (format_codec::encode_finite) equals F::encode, checked
@@ -39,8 +39,8 @@ using lin4 = optim::linear4_unsigned;
 static_assert(ocu::codec<quant::dynamic_signed>::method == ocu::encode_method::packed_bucket);
 static_assert(ocu::codec<quant::dynamic_unsigned>::method == ocu::encode_method::packed_bucket);
 static_assert(ocu::codec<quant::linear_signed>::method == ocu::encode_method::bucket);
-static_assert(ocu::codec<dyn4>::method == ocu::encode_method::compare_chain);
-static_assert(ocu::codec<lin4>::method == ocu::encode_method::compare_chain);
+static_assert(ocu::codec<dyn4>::method == ocu::encode_method::packed_bucket);
+static_assert(ocu::codec<lin4>::method == ocu::encode_method::packed_bucket);
 static_assert(ocu::codec<quant::fp8_e4m3>::method == ocu::encode_method::code_search);
 // bnb's signed dynamic map: codes 0..126 negative, 127 is +0, 128..255 positive
 static_assert(ocu::detail::negative_code_prefix<quant::dynamic_signed>() == 127);
@@ -104,7 +104,7 @@ TEST_CASE("packed bucket search == bnb_search256 (host: thresholds, specials, sa
                                             255);
 }
 
-TEST_CASE("4-bit compare chain == nearest4_code's search (host: thresholds, specials, samples)") {
+TEST_CASE("4-bit packed search == nearest4_code's search (host: thresholds, specials, samples)") {
   constexpr auto t_dyn = ocu::detail::nearest4_thresholds<dyn4>();
   constexpr auto t_lin = ocu::detail::nearest4_thresholds<lin4>();
   check_codec_host<dyn4>(t_dyn.data(), 15);

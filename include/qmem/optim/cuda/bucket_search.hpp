@@ -88,13 +88,38 @@ inline void bucket_table_resolution_too_coarse_or_table_not_sorted() {}
 
 } // namespace detail
 
-//! Builds the search tables of `code` (256 ascending values, as the 8-bit maps). Evaluated at
-//! compile time; a table whose thresholds two-to-a-bucket, or whose search is not monotone, stops
-//! the build.
+//! Builds the search tables of the code whose value at x is the number of `count` (< 256)
+//! ascending thresholds <= x (NaN: 0). Evaluated at compile time; thresholds two-to-a-bucket or
+//! out of order stop the build.
 template <int MantissaBits = 7, int TinyExponent = 24>
-constexpr bucket_table<MantissaBits, TinyExponent> make_bucket_table(float const* code) {
+constexpr bucket_table<MantissaBits, TinyExponent>
+make_bucket_table_of_thresholds(float const* thresholds, int count) {
   using table = bucket_table<MantissaBits, TinyExponent>;
   table t{};
+  for (int c = 0; c < 256; ++c) // the NaN thresholds compare false: never a code above count
+    t.threshold[c] = c < count ? thresholds[c] : std::bit_cast<float>(0x7fc00000u);
+  std::uint32_t previous_key = 0;
+  for (int c = 0; c < count; ++c) {
+    std::uint32_t const k = table::key_of_bits(std::bit_cast<std::uint32_t>(t.threshold[c]));
+    if (c > 0 && (k <= previous_key || !(t.threshold[c - 1] < t.threshold[c])))
+      detail::bucket_table_resolution_too_coarse_or_table_not_sorted(); // two in one bucket
+    previous_key = k;
+  }
+  int c = 0;
+  for (std::uint32_t k = 0; k < table::keys; ++k) {
+    while (c < count && table::key_of_bits(std::bit_cast<std::uint32_t>(t.threshold[c])) < k)
+      ++c;
+    t.base[k] = static_cast<std::uint8_t>(c);
+  }
+  return t;
+}
+
+//! Builds the search tables of `code` (256 ascending values, as the 8-bit maps): its 255
+//! thresholds are found by running bnb_search256 on each midpoint. Evaluated at compile time; a
+//! table whose thresholds two-to-a-bucket, or whose search is not monotone, stops the build.
+template <int MantissaBits = 7, int TinyExponent = 24>
+constexpr bucket_table<MantissaBits, TinyExponent> make_bucket_table(float const* code) {
+  float thresholds[255] = {};
   for (int c = 0; c < 255; ++c) {
     float const mid = (code[c] + code[c + 1]) * 0.5f;
     std::uint8_t const at_mid = quant::detail::bnb_search256(mid, code);
@@ -103,25 +128,9 @@ constexpr bucket_table<MantissaBits, TinyExponent> make_bucket_table(float const
     if (quant::detail::bnb_search256(th, code) != c + 1 ||
         quant::detail::bnb_search256(detail::next_down(th), code) != c)
       detail::bucket_table_resolution_too_coarse_or_table_not_sorted();
-    if (c > 0 && !(t.threshold[c - 1] < th))
-      detail::bucket_table_resolution_too_coarse_or_table_not_sorted();
-    t.threshold[c] = th;
+    thresholds[c] = th;
   }
-  t.threshold[255] = std::bit_cast<float>(0x7fc00000u); // compares false: never a 256th code
-  std::uint32_t previous_key = 0;
-  for (int c = 0; c < 255; ++c) {
-    std::uint32_t const k = table::key_of_bits(std::bit_cast<std::uint32_t>(t.threshold[c]));
-    if (c > 0 && k <= previous_key) // two thresholds in one bucket
-      detail::bucket_table_resolution_too_coarse_or_table_not_sorted();
-    previous_key = k;
-  }
-  int c = 0;
-  for (std::uint32_t k = 0; k < table::keys; ++k) {
-    while (c < 255 && table::key_of_bits(std::bit_cast<std::uint32_t>(t.threshold[c])) < k)
-      ++c;
-    t.base[k] = static_cast<std::uint8_t>(c);
-  }
-  return t;
+  return make_bucket_table_of_thresholds<MantissaBits, TinyExponent>(thresholds, 255);
 }
 
 //! The table for a bnb-searched 8-bit code type (dynamic or linear map).
@@ -166,11 +175,12 @@ struct packed_bucket_table {
     return (u ^ static_cast<std::uint32_t>(static_cast<std::int32_t>(u) >> 31)) & low_mask;
   }
 
-  //! The entry of key `k` of the bucket table `t`.
-  static constexpr std::uint32_t make_entry(source const& t, std::uint32_t k) noexcept {
+  //! The entry of key `k` of the bucket table `t` of `count` thresholds.
+  static constexpr std::uint32_t make_entry(source const& t, std::uint32_t k,
+                                            int count) noexcept {
     std::uint32_t const b = t.base[k];
     std::uint32_t limit = never;
-    if (b < 255) {
+    if (static_cast<int>(b) < count) {
       std::uint32_t const tb = std::bit_cast<std::uint32_t>(t.threshold[b]);
       if (source::key_of_bits(tb) == k)
         limit = low_of_bits(tb);
@@ -203,9 +213,10 @@ struct packed_bucket_table {
     return entry[index_of(a, negative_mask)] + ((a ^ negative_mask) & low_mask);
   }
 
-  //! Whether the packed search of `t` equals its search for every float (see the struct comment).
-  static constexpr bool packable(source const& t) noexcept {
-    for (int c = 0; c < 255; ++c) {
+  //! Whether the packed search of `t` (of `count` thresholds) equals its search for every float
+  //! (see the struct comment).
+  static constexpr bool packable(source const& t, int count = 255) noexcept {
+    for (int c = 0; c < count; ++c) {
       std::uint32_t const tb = std::bit_cast<std::uint32_t>(t.threshold[c]);
       std::uint32_t const k = source::key_of_bits(tb);
       bool const regular = k != 0 && k != source::magnitudes - 1u && k != source::magnitudes &&
@@ -216,15 +227,15 @@ struct packed_bucket_table {
     return true;
   }
 
-  //! The packed form of `t`. Precondition: packable(t).
-  static constexpr packed_bucket_table make(source const& t) noexcept {
+  //! The packed form of `t` (of `count` thresholds). Precondition: packable(t, count).
+  static constexpr packed_bucket_table make(source const& t, int count = 255) noexcept {
     packed_bucket_table p{};
     for (std::uint32_t k = first_key; k < source::keys; ++k)
-      p.entry[k - first_key] = make_entry(t, k);
+      p.entry[k - first_key] = make_entry(t, k, count);
     return p;
   }
 
-  //! The code bnb_search256 returns for `x`: one table read.
+  //! The code bnb_search256 returns for `x` (the number of thresholds <= x): one table read.
   QMEM_HOST_DEVICE QMEM_INLINE constexpr std::uint8_t encode(float x) const noexcept {
     std::uint32_t const u = qmem::detail::float_to_bits(x);
     auto const negative_mask = static_cast<std::uint32_t>(static_cast<std::int32_t>(u) >> 31);

@@ -9,7 +9,7 @@
 //! applies the rule's element update in fp32 registers (the host optimizer's arithmetic,
 //! optim/optimizer.hpp), writes the parameters, takes the block max of each new state with warp
 //! shuffles (no shared memory, no __syncthreads), requantizes (state_format.hpp: the block's
-//! reciprocal in double, one shared-memory read per 8-bit code, immediate compares per 4-bit code)
+//! reciprocal in double, one shared-memory read per 8-bit or 4-bit code)
 //! and writes back: one pass over memory. A task wholly inside its tensor (all but at most one
 //! per tensor) runs without bounds checks or scalar fallbacks. Tasks are
 //! numbered across all tensors; the device table of tensor entries (built once, multi_tensor.cuh)
