@@ -721,14 +721,18 @@ private:
     detail::host_isa const isa = detail::current_host_isa();
 
     // Loads elements [b, b + m) into fp32 registers (arrays of one chunk).
-    auto load = [&](std::size_t b, std::size_t m, float* p, float* g, float(*s)[chunk]) {
+    auto load_params = [&](std::size_t b, std::size_t m, float* p) {
       if (master != nullptr)
         std::copy_n(master + b, m, p);
       else
         for (std::size_t i = 0; i < m; ++i)
           p[i] = to_float(ps.param[b + i]);
+    };
+    auto load_grads = [&](std::size_t b, std::size_t m, float* g) {
       for (std::size_t i = 0; i < m; ++i)
         g[i] = detail::fmath::mul(to_float(grad[b + i]), si.grad_scale);
+    };
+    auto load_states = [&](std::size_t b, std::size_t m, float(*s)[chunk]) {
       detail::for_each_state<N>([&](auto K) {
         using F = format_of<P, K.value>;
         auto const r = std::get<K.value>(refs);
@@ -770,6 +774,11 @@ private:
           for (std::size_t i = 0; i < m; ++i)
             out[i] = F::load(r, b + i);
       });
+    };
+    auto load = [&](std::size_t b, std::size_t m, float* p, float* g, float(*s)[chunk]) {
+      load_params(b, m, p);
+      load_grads(b, m, g);
+      load_states(b, m, s);
     };
 
     // Per-tensor sums in the order of optim/detail/tensor_sum.hpp (pieces of 2048 elements, 32
@@ -818,10 +827,23 @@ private:
     qmem::detail::parallel_for(
         e, n, chunk,
         [&](std::size_t b0, std::size_t e0) {
-          float p[chunk], g[chunk], s[N > 0 ? N : 1][chunk];
+          float p_copy[chunk], g_copy[chunk], s[N > 0 ? N : 1][chunk];
           for (std::size_t b = b0; b < e0; b += chunk) {
             std::size_t const m = std::min(chunk, e0 - b);
-            load(b, m, p, g, s);
+            // fp32 parameters are updated in place, fp32 gradients read in place when unscaled
+            // (x * 1.0f is x): no copy through the chunk arrays
+            float* p = p_copy;
+            float const* g = g_copy;
+            if constexpr (std::same_as<Param, float>)
+              p = ps.param.data() + b; // no master weights for fp32 parameters
+            else
+              load_params(b, m, p_copy);
+            if constexpr (std::same_as<G, float>)
+              if (si.grad_scale == 1.0f)
+                g = grad.data() + b;
+            if (g == g_copy)
+              load_grads(b, m, g_copy);
+            load_states(b, m, s);
             update_chunk<chunk>(isa, skip_bad, update_scale, m, p, g, s, k);
             detail::for_each_state<N>([&](auto K) {
               using F = format_of<P, K.value>;
@@ -830,9 +852,7 @@ private:
             });
             if (master != nullptr)
               std::copy_n(p, m, master + b);
-            if constexpr (std::same_as<Param, float>) {
-              std::copy_n(p, m, ps.param.data() + b);
-            } else {
+            if constexpr (!std::same_as<Param, float>) {
               if (sr_param) {
                 if constexpr (std::same_as<Param, bf16>)
                   for (std::size_t i = 0; i < m; ++i)
