@@ -127,6 +127,16 @@ __device__ QMEM_INLINE float warp_max(float m) {
   return m;
 }
 
+//! bf16(v): qmem::detail::float_to_bf16_bits (nearest even, NaN -> 0x7FC0), the same integer
+//! arithmetic with the NaN case selected instead of returned early, so that it compiles to a
+//! select rather than a branch per element.
+__device__ QMEM_INLINE bf16 bf16_nearest(float v) {
+  std::uint32_t const u = __float_as_uint(v);
+  std::uint32_t const rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return bf16::from_bits(static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u
+                                                                                     : rounded));
+}
+
 //! The tensor that owns global task `task`: the hint when it still does, else a binary search
 //! over the entries' first tasks (warp-uniform; the table is small and stays in L1/L2).
 __device__ QMEM_INLINE std::uint32_t find_tensor(tensor_entry const* t, std::uint32_t n,
@@ -299,16 +309,25 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
 
   // write the parameters (and master weights) first: their registers are free for the encode
   P out[E];
-  QMEM_UNROLL
-  for (int i = 0; i < E; ++i) {
-    if constexpr (std::same_as<P, bf16>) {
-      out[i] = param_sr ? optim::detail::bf16_stochastic(
-                              p[i], optim::detail::random_bits(
-                                        seed, optim::detail::random_counter(step, 15, first + i)))
-                        : from_float<P>(p[i]);
+  if constexpr (std::same_as<P, bf16>) {
+    // the rounding mode is chosen once per task, not per element, and the nearest-even rounding
+    // is branch-free (ptxas sm_90 branched per element for each: AdamW 8-bit bf16 params
+    // 121.0 -> 115.5 SASS instructions per element in the hot loop)
+    if (param_sr) {
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i)
+        out[i] = optim::detail::bf16_stochastic(
+            p[i],
+            optim::detail::random_bits(seed, optim::detail::random_counter(step, 15, first + i)));
     } else {
-      out[i] = from_float<P>(p[i]);
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i)
+        out[i] = bf16_nearest(p[i]);
     }
+  } else {
+    QMEM_UNROLL
+    for (int i = 0; i < E; ++i)
+      out[i] = from_float<P>(p[i]);
   }
   if (vector_path) {
     store_stream(param + first, out);
