@@ -473,6 +473,15 @@ private:
                   float update_scale) noexcept {
     constexpr int N = state_count;
     if constexpr (SkipBad) {
+      std::int32_t exponents = 0; // a chunk without non-finite gradients needs no restore
+      for (std::size_t i = 0; i < m; ++i) {
+        auto const x = static_cast<std::int32_t>(qmem::detail::float_to_bits(g[i]) & 0x7f800000u);
+        exponents = x > exponents ? x : exponents;
+      }
+      if (exponents != 0x7f800000) {
+        update_elements<Chunk, false, Scaled>(m, p, g, s, k, update_scale);
+        return;
+      }
       float p0[Chunk];
       float s0[N > 0 ? N : 1][Chunk];
       std::copy_n(p, m, p0);
