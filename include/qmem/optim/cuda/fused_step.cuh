@@ -298,7 +298,7 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
     Rule::update(pi, g[i], sv, k);
     bool keep = valid[i];
     if constexpr (NonFinite == nonfinite_policy::skip_element)
-      keep = keep && fabsf(g[i]) < __int_as_float(0x7f800000); // fmath::is_finite in one FSETP
+      keep = keep && optim::detail::fmath::is_finite(g[i]);
     if (keep) {
       p[i] = pi;
       QMEM_UNROLL
