@@ -280,6 +280,12 @@ int main(int argc, char** argv) {
   add<oq::rmsprop, oq::int8_state, float>("rmsprop/int8/fp32_params", oq::rmsprop{});
   add<oq::adagrad, oq::int8_state, float>("adagrad/int8/fp32_params", oq::adagrad{});
   add<oq::adam, oq::int8_state, float>("adam_l2/int8/fp32_params", oq::adam{});
+  // Reducing rules: the per-tensor reduction pass (tensor_reduce.cuh) reads params, grads and
+  // states once more before the fused update; `bytes` counts the fused pass only, so their % of
+  // the roofline shows what the second pass costs.
+  add<oq::lamb, oq::int8_state, float>("lamb/int8/fp32_params", oq::lamb{});
+  add<oq::lars, oq::int8_state, float>("lars/int8/fp32_params", oq::lars{});
+  add<oq::ademamix, oq::int8_state, float>("ademamix/int8/fp32_params", oq::ademamix{});
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;
