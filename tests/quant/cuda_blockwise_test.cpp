@@ -297,9 +297,11 @@ TEST_CASE("cuda blockwise: blocks whose absmax is zero, denormal, huge, inf or N
     check_gpu_equals_host<fp4, f16>(v, block, 0, 0, 0);
     check_gpu_equals_host<dynamic_signed, float>(v, block, 0, 0, 0);
     check_gpu_equals_host<dynamic_unsigned, bf16>(v, block, 0, 0, 0);
-    // Not fp8 here: an all-zero block gives xn = 0 * inf, whose NaN is 0xffc00000 on x86 and
-    // 0x7fffffff on NVIDIA GPUs, and fp8 encodes the NaN's sign (code 255 vs 127; seen on the
-    // H200, 2026-11-29). The 4-bit and dynamic codes above encode every NaN alike.
+    // An all-zero block gives xn = 0 * inf, whose NaN is 0xffc00000 on x86 and 0x7fffffff on
+    // NVIDIA GPUs: fp8 once encoded the NaN's sign (code 255 vs 127, seen on the H200,
+    // 2026-11-29); it now encodes every NaN as code 0 (quant/codes.hpp).
+    check_gpu_equals_host<fp8_e4m3, bf16>(v, block, 0, 0, 0);
+    check_gpu_equals_host<fp8_e5m2, float>(v, block, 0, 0, 0);
   }
 }
 

@@ -343,8 +343,12 @@ template <class Layout>
 constexpr code_table<256> fp8_normalized_table() noexcept {
   code_table<256> t{};
   float const mx = Layout::max_finite();
-  for (std::size_t c = 0; c < 256; ++c)
-    t.value[c] = Layout::to_float(static_cast<std::uint8_t>(c)) / mx;
+  for (std::size_t c = 0; c < 256; ++c) {
+    float const v = Layout::to_float(static_cast<std::uint8_t>(c));
+    // NaN codes keep their NaN as is: clang rejects arithmetic that yields a NaN in a constant
+    // expression (NaN / mx), g++ accepts it; the value is the same NaN either way.
+    t.value[c] = v != v ? v : v / mx;
+  }
   return t;
 }
 
@@ -362,9 +366,13 @@ struct fp8 {
   static constexpr codebook<256> book = make_codebook(detail::fp8_normalized_table<layout>());
   static constexpr std::uint8_t zero_code = 0;
 
+  //! A NaN normalized value encodes as 0. Blockwise, xn is NaN only in a block of zeros
+  //! (0 * (1 / 0)) or in a block whose absmax is NaN; the first must dequantize to zeros (code
+  //! 0 times absmax 0), the second dequantizes to NaN through its absmax whatever the code. The
+  //! NaN's sign would otherwise pick the code, and 0 * inf is -NaN on x86 but +NaN on NVIDIA GPUs.
   QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint8_t encode(float xn,
                                                                     codebook<256> const&) noexcept {
-    return layout::from_float(xn * max_finite);
+    return xn != xn ? zero_code : layout::from_float(xn * max_finite);
   }
   QMEM_HOST_DEVICE QMEM_INLINE static constexpr float decode(std::uint8_t c,
                                                              codebook<256> const& b) noexcept {

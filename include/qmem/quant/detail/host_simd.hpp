@@ -34,7 +34,16 @@
 
 namespace qmem::quant::detail {
 
-#define QMEM_QUANT_AVX2_FN __attribute__((target("avx2"))) inline
+// g++ contracts a * b + c into an FMA wherever the target has FMA (avx512f implies it) unless
+// told not to; the SIMD loops must give the scalar loops' (and the GPU's) bits, so every function
+// here is compiled with contraction off. clang contracts only within one source expression, which
+// the fmath operations never form, and does not know the `optimize` attribute.
+#if defined(__GNUC__) && !defined(__clang__)
+#define QMEM_QUANT_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define QMEM_QUANT_NO_CONTRACT
+#endif
+#define QMEM_QUANT_AVX2_FN __attribute__((target("avx2"))) QMEM_QUANT_NO_CONTRACT inline
 
 //! 8 bf16 (the low 16 bits of each 32-bit lane, upper bits zero) from 8 floats, rounded to
 //! nearest even, NaN -> 0x7fc0: float_to_bf16_bits on every lane.
@@ -227,7 +236,7 @@ QMEM_QUANT_AVX2_FN void dequantize_row_avx2(std::int8_t const* q, float absmax, 
 
 // --- AVX-512F (16 lanes; chosen over AVX2 when host_has_avx512()) --------------------------------
 
-#define QMEM_QUANT_AVX512_FN __attribute__((target("avx2,avx512f"))) inline
+#define QMEM_QUANT_AVX512_FN __attribute__((target("avx2,avx512f"))) QMEM_QUANT_NO_CONTRACT inline
 
 // g++ 12's unmasked AVX-512 intrinsics start from _mm512_undefined_*(), which -Wmaybe-uninitialized
 // reports once inlined (GCC bug 105593, fixed in 13); the zero-masking forms with every lane
@@ -575,6 +584,7 @@ QMEM_QUANT_AVX512_FN float quantize_block_searched_avx512(search_table const& t,
 }
 
 #undef QMEM_QUANT_AVX512_FN
+#undef QMEM_QUANT_NO_CONTRACT
 
 } // namespace qmem::quant::detail
 
