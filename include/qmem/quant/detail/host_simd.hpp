@@ -408,6 +408,24 @@ constexpr bool nf4_thresholds_match() noexcept {
 }
 static_assert(nf4_thresholds_match(), "nf4_thresholds differ from nf4::encode's thresholds");
 
+//! The binary search's lookup tables: step s (8, 4, 2, 1) compares with t[idx + s - 1]; idx is
+//! 0 at step 8, so that step compares with t[7] everywhere, the others look up a table shifted by
+//! s - 1 (entries past t[14] are never read: idx + s - 1 <= 14). Built once at compile time: built
+//! per block, they cost 48 scalar stores per 64 elements (NF4 quantize from bf16 0.27 -> see
+//! docs/benchmarks.md, 2-core development box, 2026-11-29).
+struct nf4_shifted_table {
+  alignas(64) float v[3][16];
+};
+inline constexpr nf4_shifted_table nf4_shifted_thresholds = [] {
+  nf4_shifted_table t{};
+  for (unsigned s = 0; s < 3; ++s) {
+    unsigned const off = (4u >> s) - 1;
+    for (unsigned j = 0; j < 16; ++j)
+      t.v[s][j] = j + off < 15 ? nf4_thresholds[j + off] : 0.0f;
+  }
+  return t;
+}();
+
 //! 16 floats from x[0, 16) (bf16 widened exactly).
 QMEM_QUANT_AVX512_FN __m512 load16_avx512(float const* x) noexcept { return _mm512_loadu_ps(x); }
 QMEM_QUANT_AVX512_FN __m512 load16_avx512(bf16 const* x) noexcept {
@@ -440,18 +458,10 @@ QMEM_QUANT_AVX512_FN float quantize_block_nf4_avx512(T const* x, std::size_t cou
   }
   float const amax = qmem::detail::bits_to_float(amax_bits);
   float const inv = fmath::rcp(amax);
-  // step s (8, 4, 2, 1) compares with t[idx + s - 1]; idx is 0 at step 8, so that step compares
-  // with t[7] everywhere, the others look up a table shifted by s - 1 (entries past t[14] are
-  // never read: idx + s - 1 <= 14)
-  alignas(64) float shifted[3][16];
-  for (unsigned s = 0; s < 3; ++s) {
-    unsigned const off = (4u >> s) - 1;
-    for (unsigned j = 0; j < 16; ++j)
-      shifted[s][j] = j + off < 15 ? nf4_thresholds[j + off] : 0.0f;
-  }
   __m512 const t8 = _mm512_set1_ps(nf4_thresholds[7]);
-  __m512 const t4 = _mm512_load_ps(shifted[0]), t2 = _mm512_load_ps(shifted[1]),
-               t1 = _mm512_load_ps(shifted[2]);
+  __m512 const t4 = _mm512_load_ps(nf4_shifted_thresholds.v[0]),
+               t2 = _mm512_load_ps(nf4_shifted_thresholds.v[1]),
+               t1 = _mm512_load_ps(nf4_shifted_thresholds.v[2]);
   __m512 const vinv = _mm512_set1_ps(inv);
   for (std::size_t i = 0; i < full; i += 16) {
     __m512 const xn = _mm512_mul_ps(load16_avx512(x + i), vinv);
