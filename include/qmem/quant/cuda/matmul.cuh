@@ -812,7 +812,7 @@ __global__ void __launch_bounds__(Warps * 32)
 //! instructions: latency-bound, with about 2.7 instructions per weight (ptxas: one PRMT, one LDS
 //! and one address add per two weights, the rest loads, tensor-core products and scaling).
 //! The shape comes as scalars (`Pipelined`, `DirectLut`, `MinBlocks`: gemv1_shape's fields; nvcc's
-//! host stubs do not take a class-type template argument).
+//! host-side launch wrappers do not take a class-type template argument).
 template <class Code, class T, bool Nested, int Warps, int Unroll, int Pairs, bool Pipelined,
           bool DirectLut, int MinBlocks, bool Block64>
 __global__ void __launch_bounds__(Warps * 32, MinBlocks)

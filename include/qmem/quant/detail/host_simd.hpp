@@ -432,15 +432,10 @@ QMEM_QUANT_AVX512_FN __m512 load16_avx512(bf16 const* x) noexcept {
   return bf16_widen_avx512(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(x)));
 }
 
-//! NF4 codes of one block without stochastic rounding, on 16 lanes: absmax (block_absmax_bits),
-//! then per element nf4::encode(x * (1 / absmax)) as a 4-step binary search over the thresholds
-//! (x > t compared exactly as rank_above compares, NaN never above), packed two per byte. Writes
-//! code_bytes(count) bytes to `codes` (an odd tail's low nibble is nf4::zero_code) and returns
-//! the absmax. T = float or bf16.
+//! max |x[i]| over x[0, count) as block_absmax_bits computes it (integer maximum of the bit
+//! patterns with the sign cleared: NaN wins, then inf), on 16 lanes. T = float or bf16.
 template <class T>
-QMEM_QUANT_AVX512_FN float quantize_block_nf4_avx512(T const* x, std::size_t count,
-                                                     std::uint8_t* codes) noexcept {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
+QMEM_QUANT_AVX512_FN float absmax_avx512(T const* x, std::size_t count) noexcept {
   std::size_t const full = count & ~std::size_t{15};
   __m512i m = _mm512_setzero_si512();
   __m512i const abs_mask = _mm512_set1_epi32(0x7fffffff);
@@ -457,6 +452,20 @@ QMEM_QUANT_AVX512_FN float quantize_block_nf4_avx512(T const* x, std::size_t cou
     amax_bits = b > amax_bits ? b : amax_bits;
   }
   float const amax = qmem::detail::bits_to_float(amax_bits);
+  return amax;
+}
+
+//! NF4 codes of one block without stochastic rounding, on 16 lanes: absmax (block_absmax_bits),
+//! then per element nf4::encode(x * (1 / absmax)) as a 4-step binary search over the thresholds
+//! (x > t compared exactly as rank_above compares, NaN never above), packed two per byte. Writes
+//! code_bytes(count) bytes to `codes` (an odd tail's low nibble is nf4::zero_code) and returns
+//! the absmax. T = float or bf16.
+template <class T>
+QMEM_QUANT_AVX512_FN float quantize_block_nf4_avx512(T const* x, std::size_t count,
+                                                     std::uint8_t* codes) noexcept {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
+  std::size_t const full = count & ~std::size_t{15};
+  float const amax = absmax_avx512(x, count);
   float const inv = fmath::rcp(amax);
   __m512 const t8 = _mm512_set1_ps(nf4_thresholds[7]);
   __m512 const t4 = _mm512_load_ps(nf4_shifted_thresholds.v[0]),
@@ -501,21 +510,7 @@ QMEM_QUANT_AVX512_FN float quantize_row_avx512(T const* x, std::size_t cols,
                                                std::int8_t* q) noexcept {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
   std::size_t const full = cols & ~std::size_t{15};
-  __m512i m = _mm512_setzero_si512();
-  __m512i const abs_mask = _mm512_set1_epi32(0x7fffffff);
-  for (std::size_t c = 0; c < full; c += 16)
-    m = _mm512_maskz_max_epi32(
-        all16, m, _mm512_and_si512(_mm512_castps_si512(load16_avx512(x + c)), abs_mask));
-  alignas(64) std::uint32_t lanes[16];
-  _mm512_store_si512(lanes, m);
-  std::uint32_t amax_bits = 0;
-  for (std::uint32_t const l : lanes)
-    amax_bits = l > amax_bits ? l : amax_bits;
-  for (std::size_t c = full; c < cols; ++c) {
-    std::uint32_t const b = abs_bits(to_float(x[c]));
-    amax_bits = b > amax_bits ? b : amax_bits;
-  }
-  float const amax = qmem::detail::bits_to_float(amax_bits);
+  float const amax = absmax_avx512(x, cols);
   float const scale = fmath::div(127.0f, amax);
   __m512 const s = _mm512_set1_ps(scale);
   __m512 const lo = _mm512_set1_ps(-256.0f), hi = _mm512_set1_ps(256.0f);
@@ -545,23 +540,10 @@ QMEM_QUANT_AVX512_FN float quantize_block_searched_avx512(search_table const& t,
                                                           std::uint8_t* codes) noexcept {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
   std::size_t const full = count & ~std::size_t{15};
-  __m512i m = _mm512_setzero_si512();
-  __m512i const abs_mask = _mm512_set1_epi32(0x7fffffff);
-  for (std::size_t i = 0; i < full; i += 16)
-    m = _mm512_maskz_max_epi32(
-        all16, m, _mm512_and_si512(_mm512_castps_si512(load16_avx512(x + i)), abs_mask));
-  alignas(64) std::uint32_t lanes[16];
-  _mm512_store_si512(lanes, m);
-  std::uint32_t amax_bits = 0;
-  for (std::uint32_t const l : lanes)
-    amax_bits = l > amax_bits ? l : amax_bits;
-  for (std::size_t i = full; i < count; ++i) {
-    std::uint32_t const b = abs_bits(to_float(x[i]));
-    amax_bits = b > amax_bits ? b : amax_bits;
-  }
-  float const amax = qmem::detail::bits_to_float(amax_bits);
+  float const amax = absmax_avx512(x, count);
   float const inv = fmath::rcp(amax);
   __m512 const vinv = _mm512_set1_ps(inv);
+  __m512i const abs_mask = _mm512_set1_epi32(0x7fffffff);
   __m512i const key_lo = _mm512_set1_epi32(static_cast<int>(search_table::key_lo));
   __m512i const key_hi = _mm512_set1_epi32(static_cast<int>(search_table::key_hi));
   __m512i const buckets = _mm512_set1_epi32(static_cast<int>(search_table::buckets));
