@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
+#include <algorithm>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -127,10 +129,8 @@ void portable_dequantize(std::vector<std::uint8_t> const& codes, std::vector<flo
 }
 
 template <class C, class T>
-void check_blockwise(std::size_t n, std::size_t block) {
-  CAPTURE(n);
-  CAPTURE(block);
-  auto const x = qmem::test::convert<T>(test_values(n, block));
+void check_blockwise_data(std::vector<T> const& x, std::size_t block) {
+  std::size_t const n = x.size();
   std::size_t const blocks = block_count(n, block);
   std::vector<std::uint8_t> codes(code_bytes<C>(n)), ref_codes(code_bytes<C>(n));
   std::vector<float> absmax(blocks), ref_absmax(blocks);
@@ -143,6 +143,20 @@ void check_blockwise(std::size_t n, std::size_t block) {
                           block, view(y));
   portable_dequantize<C>(codes, absmax, block, ref_y);
   CHECK(same_values(y, ref_y));
+}
+
+template <class C, class T>
+void check_blockwise(std::size_t n, std::size_t block) {
+  CAPTURE(n);
+  CAPTURE(block);
+  check_blockwise_data<C>(qmem::test::convert<T>(test_values(n, block)), block);
+}
+
+//! check_blockwise on given values, from float and from bf16.
+template <class C>
+void check_blockwise_values(std::vector<float> const& x, std::size_t block) {
+  check_blockwise_data<C>(x, block);
+  check_blockwise_data<C>(qmem::test::convert<bf16>(x), block);
 }
 
 template <class C>
@@ -204,6 +218,98 @@ TEST_CASE("host_simd: f32 -> f16 narrowing equals float_to_f16_bits over a dense
   CHECK(same_bits(y, ref));
 }
 
+bool have_avx512_bf16() {
+  if (!qd::host_has_avx512_bf16())
+    MESSAGE("SKIPPED: this CPU has no AVX-512 BW/VL/DQ/BF16/VBMI");
+  return qd::host_has_avx512_bf16();
+}
+
+TEST_CASE("host_simd: hardware bf16 / f16 narrowing (checked) equals the integer rounding") {
+  if (!have_avx512_bf16())
+    return;
+  // the sweep holds NaN of every sign and many payloads, subnormals, infinities and ties
+  auto const x = sweep_floats();
+  std::vector<bf16> yb(x.size());
+  qd::narrow_avx512bf16(x.data(), x.size(), yb.data());
+  CHECK(same_bits(yb, scalar_narrow<bf16>(x)));
+  std::vector<f16> yh(x.size());
+  qd::narrow_avx512bf16(x.data(), x.size(), yh.data());
+  CHECK(same_bits(yh, scalar_narrow<f16>(x)));
+}
+
+//! The 8-bit loops to 16-bit outputs (byte-permute tables, mirrored tables, gathers; hardware
+//! rounding checked and unchecked) against the portable loop: every code in every block (a NaN
+//! code, an infinity code, -0), every block size, partial last blocks of every length mod 64, and
+//! absmax values on both sides of the unchecked range [2^-100, FLT_MAX] (subnormal products,
+//! overflowing products, 0, inf, NaN, negative).
+template <class C, class T>
+void check_8bit_to_16bit(std::size_t block) {
+  CAPTURE(block);
+  float const absmaxes[] = {1.0f,
+                            0.75f,
+                            3.0f,
+                            0x1p-100f,
+                            std::nextafter(0x1p-100f, 0.0f),
+                            1e-35f,
+                            3e-39f,
+                            1e-44f,
+                            0.0f,
+                            0x1.fffffep127f,
+                            1e36f,
+                            std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(),
+                            -2.0f,
+                            -0.0f};
+  std::size_t const blocks = std::size(absmaxes) + 3;
+  for (std::size_t tail : {std::size_t{0}, std::size_t{1}, std::size_t{31}, std::size_t{33},
+                           std::size_t{63}, block - 1}) {
+    if (tail >= block)
+      continue;
+    CAPTURE(tail);
+    std::size_t const n = blocks * block - (tail == 0 ? 0 : block - tail);
+    std::vector<std::uint8_t> codes(n);
+    for (std::size_t i = 0; i < n; ++i)
+      codes[i] = static_cast<std::uint8_t>((i * 167 + (i / block) * 61) & 0xff);
+    // e4m3's NaN codes, -0 and e5m2's infinities in every block
+    std::uint8_t const specials[] = {0x7f, 0xff, 0x80, 0x7c, 0xfc};
+    for (std::size_t b = 0; b < blocks; ++b)
+      for (std::size_t k = 0; k < std::size(specials) && b * block + k < n; ++k)
+        codes[b * block + k] = specials[k];
+    std::vector<float> absmax(blocks);
+    for (std::size_t b = 0; b < blocks; ++b)
+      absmax[b] = b < std::size(absmaxes) ? absmaxes[b] : 0.5f + static_cast<float>(b);
+    std::vector<T> y(n), ref(n);
+    dequantize_blockwise<C>(exec::host{}, view(std::as_const(codes)), view(std::as_const(absmax)),
+                            block, view(y));
+    portable_dequantize<C>(codes, absmax, block, ref);
+    std::size_t i = 0;
+    while (i < n && y[i].bits == ref[i].bits)
+      ++i;
+    if (i < n) // the first difference
+      MESSAGE("element ", i, " code ", int{codes[i]}, " absmax ", absmax[i / block], ": ",
+              y[i].bits, " != ", ref[i].bits);
+    CHECK(i == n);
+  }
+}
+
+template <class C>
+void check_8bit_code_to_16bit() {
+  for (std::size_t block : {64, 128, 256, 512, 1024, 2048, 4096}) {
+    check_8bit_to_16bit<C, bf16>(block);
+    check_8bit_to_16bit<C, f16>(block);
+  }
+}
+
+TEST_CASE("host_simd: 8-bit dequantize to bf16 / f16 equals the portable loop") {
+  if (!have_avx512_bf16())
+    return;
+  SUBCASE("dynamic_signed") { check_8bit_code_to_16bit<dynamic_signed>(); }
+  SUBCASE("dynamic_unsigned") { check_8bit_code_to_16bit<dynamic_unsigned>(); }
+  SUBCASE("linear_signed") { check_8bit_code_to_16bit<linear_signed>(); }
+  SUBCASE("fp8_e4m3") { check_8bit_code_to_16bit<fp8_e4m3>(); }
+  SUBCASE("fp8_e5m2") { check_8bit_code_to_16bit<fp8_e5m2>(); }
+}
+
 TEST_CASE("host_simd: blockwise loops equal the portable loops") {
   if (!have_avx2())
     return;
@@ -243,6 +349,84 @@ TEST_CASE("host_simd: NF4 quantization hits every threshold exactly as nf4::enco
   CHECK(same_bits(absmax, ref_absmax));
   CHECK(absmax[0] == 1.0f);
   CHECK(absmax[1] != absmax[1]);
+}
+
+TEST_CASE("host_simd: the NF4 bucket encoder equals nf4::encode on [-17/16, 17/16]") {
+  if (!have_avx512_bf16())
+    return;
+  // every float of both signs below 17/16 with QMEM_EXHAUSTIVE=1 (2.1e9 values); otherwise
+  // every 7th, plus +-64 ulps around every threshold and every bucket edge k/16
+  bool const exhaustive = std::getenv("QMEM_EXHAUSTIVE") != nullptr;
+  std::uint32_t const top = 0x3f880000u; // 17/16
+  std::vector<float> xs;
+  auto around = [&](float v) {
+    auto const b = std::bit_cast<std::uint32_t>(v);
+    for (std::uint32_t d = 0; d <= 64; ++d)
+      for (std::uint32_t u : {b + d, b - d})
+        if ((u & 0x7fffffffu) < top)
+          xs.push_back(std::bit_cast<float>(u));
+  };
+  for (float t : qd::nf4_thresholds)
+    around(t);
+  for (int k = -17; k <= 17; ++k)
+    around(static_cast<float>(k) / 16.0f);
+  std::uint32_t const stride = exhaustive ? 1 : 7;
+  std::size_t mismatches = 0;
+  alignas(64) float batch[16];
+  std::uint8_t codes[16];
+  std::size_t filled = 0;
+  auto flush = [&] {
+    qd::nf4_encode16_bucket_avx512(batch, codes);
+    for (std::size_t j = 0; j < filled; ++j)
+      if (codes[j] != nf4::encode(batch[j], nf4::book) && mismatches++ < 8)
+        MESSAGE("xn ", batch[j], " (", std::bit_cast<std::uint32_t>(batch[j]), "): ",
+                int{codes[j]}, " != ", int{nf4::encode(batch[j], nf4::book)});
+    filled = 0;
+  };
+  auto push = [&](float v) {
+    batch[filled++] = v;
+    if (filled == 16)
+      flush();
+  };
+  for (float v : xs)
+    push(v);
+  for (std::uint32_t u = 0; u < top; u += stride) {
+    push(std::bit_cast<float>(u));
+    push(std::bit_cast<float>(u | 0x80000000u));
+  }
+  if (filled != 0) {
+    std::fill(batch + filled, batch + 16, 0.0f);
+    flush();
+  }
+  CHECK(mismatches == 0);
+}
+
+TEST_CASE("host_simd: NF4 quantization in groups of 16 blocks equals the portable loop") {
+  if (!have_avx512_bf16())
+    return;
+  // 40 blocks (two groups and a rest): special blocks inside the groups take the fallback; the
+  // absmax extremes around the bucket encoder's range (16 / absmax finite) and values whose
+  // normalized x * (1 / absmax) is subnormal
+  for (std::size_t block : {32, 64, 128, 256, 1024}) {
+    CAPTURE(block);
+    std::size_t const n = 40 * block - 5;
+    auto x = qmem::test::normal_floats(n, 11);
+    auto fill = [&](std::size_t b, float v) { x[b * block + 3] = v; };
+    for (std::size_t i = 0; i < block; ++i)
+      x[2 * block + i] = 0.0f;                           // block 2: all zero
+    fill(5, std::numeric_limits<float>::quiet_NaN());    // NaN absmax
+    fill(17, -std::numeric_limits<float>::infinity());   // inf absmax
+    for (std::size_t i = 0; i < block; ++i) {
+      x[7 * block + i] *= 1e-38f;                         // absmax near 4e-38: 16 / absmax = inf
+      x[8 * block + i] *= 1e-37f;                         // 16 / absmax finite
+      x[9 * block + i] = i % 2 == 0 ? 3e-45f : -1e-44f;  // subnormal absmax
+      x[20 * block + i] *= 1e-30f;                        // x * inv subnormal below
+    }
+    fill(20, 3e38f);
+    fill(21, 1.0f);
+    x[21 * block + 4] = -1.0f; // exactly +-absmax
+    check_blockwise_values<nf4>(x, block);
+  }
 }
 
 template <class C>

@@ -29,6 +29,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <immintrin.h>
 #include <type_traits>
 
@@ -576,6 +577,515 @@ QMEM_QUANT_AVX512_FN float quantize_block_searched_avx512(search_table const& t,
 }
 
 #undef QMEM_QUANT_AVX512_FN
+
+// --- AVX-512 with BW, VL, DQ and BF16 (chosen when host_has_avx512_bf16()) -----------------------
+// The 16-bit outputs of the 8-bit and row-wise loops: the hardware conversions (`vcvtne2ps2bf16`,
+// `vcvtps2ph`) where their result is core/numeric.hpp's, and 8-bit look-ups through 16-bit
+// permutes (`vpermt2w`: 64 words from two registers).
+
+#define QMEM_QUANT_AVX512BF16_FN                                                                   \
+  __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))                  \
+  QMEM_QUANT_NO_CONTRACT inline
+#define QMEM_QUANT_AVX512VBMI_FN                                                                   \
+  __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")))       \
+  QMEM_QUANT_NO_CONTRACT inline
+
+inline constexpr __mmask32 all32 = 0xffffffffu;
+inline constexpr __mmask64 all64 = ~__mmask64{0};
+
+//! The 512 bits lo (low half), hi (high half).
+QMEM_QUANT_AVX512BF16_FN __m512i join256_avx512(__m256i lo, __m256i hi) noexcept {
+  return _mm512_maskz_inserti64x4(
+      all8, _mm512_maskz_inserti64x4(all8, _mm512_setzero_si512(), lo, 0), hi, 1);
+}
+
+//! How the hardware narrowing may be trusted (see round32_avx512).
+enum class hw_round : bool {
+  checked,  //!< any input: lanes the hardware gets wrong are detected and redone
+  unchecked //!< the caller guarantees no subnormal input and NaN only as +-0x7fc00000 (bf16: +)
+};
+
+//! 32 bf16 in element order, lo giving elements 0-15 and hi 16-31: float_to_bf16_bits on every
+//! lane. `vcvtne2ps2bf16` rounds to nearest even exactly as the integer form does, except that it
+//! reads subnormal inputs as zero and keeps a NaN's sign and payload (0x7fc00000 -> 0x7fc0, the
+//! integer form's NaN). Checked: a vector with a NaN has those lanes set to 0x7fc0, one with a
+//! subnormal takes bf16_round_avx512 (`vfpclassps` finds both), so the bits never depend on MXCSR.
+//! A normal float never rounds to a subnormal bf16 (bf16 has float's exponent range).
+template <hw_round R>
+QMEM_QUANT_AVX512BF16_FN __m512i bf16_round32_avx512(__m512 lo, __m512 hi) noexcept {
+  __m512i const r = (__m512i)_mm512_cvtne2ps_pbh(hi, lo); // a vector cast: the same 64 bytes
+  if constexpr (R == hw_round::checked) {
+    constexpr int nan = 0x01 | 0x80, subnormal = 0x20;
+    if ((_mm512_fpclass_ps_mask(lo, nan | subnormal) |
+         _mm512_fpclass_ps_mask(hi, nan | subnormal)) != 0) [[unlikely]] {
+      if ((_mm512_fpclass_ps_mask(lo, subnormal) | _mm512_fpclass_ps_mask(hi, subnormal)) != 0)
+        return join256_avx512(bf16_round_avx512(lo), bf16_round_avx512(hi));
+      __mmask32 const nan_lanes =
+          _mm512_kunpackw(_mm512_fpclass_ps_mask(hi, nan), _mm512_fpclass_ps_mask(lo, nan));
+      return _mm512_mask_mov_epi16(r, nan_lanes, _mm512_set1_epi16(0x7fc0));
+    }
+  }
+  return r;
+}
+
+//! 16 f16 (float_to_f16_bits on every lane). `vcvtps2ph` with round-to-nearest-even gives the
+//! integer form's bits for every float but a NaN whose payload is not 0x400000 (it keeps the
+//! payload's top bits; the integer form gives sign | 0x7e00). Checked: NaN lanes are set to
+//! sign | 0x7e00. Subnormal floats become +-0 either way (they are below half of f16's smallest
+//! subnormal), so MXCSR's denormals-are-zero does not change the result.
+template <hw_round R>
+QMEM_QUANT_AVX512BF16_FN __m256i f16_round16_avx512(__m512 f) noexcept {
+  __m256i const r = _mm512_maskz_cvtps_ph(all16, f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if constexpr (R == hw_round::checked) {
+    __mmask16 const nan = _mm512_fpclass_ps_mask(f, 0x01 | 0x80);
+    if (nan != 0) [[unlikely]]
+      return _mm256_mask_mov_epi16(
+          r, nan,
+          _mm256_or_si256(_mm256_and_si256(r, _mm256_set1_epi16(static_cast<short>(0x8000))),
+                          _mm256_set1_epi16(0x7e00)));
+  }
+  return r;
+}
+
+//! v * a as the element code's product. Both NaN (a NaN code in a block with a NaN absmax): the
+//! f16 output keeps v's sign, as the scalar `values[c] * absmax` does on x86 (the first operand's
+//! NaN); vmulps's choice depends on which operand the compiler puts first, so f16 with checked
+//! rounding sets it.
+template <class T, hw_round R>
+QMEM_QUANT_AVX512BF16_FN __m512 scale16_avx512(__m512 v, __m512 a) noexcept {
+  __m512 const p = _mm512_mul_ps(v, a);
+  if constexpr (std::is_same_v<T, f16> && R == hw_round::checked)
+    return _mm512_mask_mov_ps(p, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+  else
+    return p;
+}
+
+//! 32 outputs of type T (bf16 or f16) in element order from two vectors of 16 floats.
+template <class T, hw_round R = hw_round::checked>
+QMEM_QUANT_AVX512BF16_FN __m512i round32_avx512(__m512 lo, __m512 hi) noexcept {
+  static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, f16>);
+  if constexpr (std::is_same_v<T, bf16>)
+    return bf16_round32_avx512<R>(lo, hi);
+  else
+    return join256_avx512(f16_round16_avx512<R>(lo), f16_round16_avx512<R>(hi));
+}
+
+//! y[i] = T(x[i]) for i < n, T = bf16 or f16 (float_to_bf16_bits / float_to_f16_bits).
+template <class T>
+QMEM_QUANT_AVX512BF16_FN void narrow_avx512bf16(float const* x, std::size_t n, T* y) noexcept {
+  std::size_t i = 0;
+  std::size_t const vec_end = n - n % 32; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 32)
+    _mm512_storeu_si512(y + i,
+                        round32_avx512<T>(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i + 16)));
+  for (; i < n; ++i)
+    y[i] = from_float<T>(x[i]);
+}
+
+//! 256 16-bit entries as two byte tables (low bytes, high bytes) of four registers each, looked
+//! up by byte codes 64 at a time (lookup64_u16). `vpermt2b` (AVX512-VBMI) indexes 128 bytes of two
+//! registers in one instruction; the 16-bit permute `vpermt2w` takes several (dev box, one
+//! thread, 2^16 codes in L2: 0.095 ns per 8-bit code to bf16 with word permutes, see
+//! docs/benchmarks.md for the byte form).
+struct byte_table_u16 {
+  __m512i lo[4]; //!< low bytes of entries [64k, 64k + 64) in lo[k]
+  __m512i hi[4]; //!< high bytes
+};
+
+//! Splits 64 16-bit entries (32 in a, 32 in b) into their low and high bytes.
+QMEM_QUANT_AVX512VBMI_FN void split_bytes(__m512i a, __m512i b, __m512i& lo, __m512i& hi) noexcept {
+  __m512i const even = _mm512_set_epi8(126, 124, 122, 120, 118, 116, 114, 112, 110, 108, 106, 104,
+                                       102, 100, 98, 96, 94, 92, 90, 88, 86, 84, 82, 80, 78, 76,
+                                       74, 72, 70, 68, 66, 64, 62, 60, 58, 56, 54, 52, 50, 48, 46,
+                                       44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20, 18, 16,
+                                       14, 12, 10, 8, 6, 4, 2, 0);
+  lo = _mm512_maskz_permutex2var_epi8(all64, a, even, b);
+  hi = _mm512_maskz_permutex2var_epi8(all64, a, _mm512_add_epi8(even, _mm512_set1_epi8(1)), b);
+}
+
+//! 64 entries of `t` from 64 codes, as two vectors of 32 16-bit entries in element order (first:
+//! codes 0-31). The codes are first permuted so that the byte interleave (`vpunpck*bw`, which
+//! works per 128-bit lane) comes out in element order.
+QMEM_QUANT_AVX512VBMI_FN void lookup64_u16(byte_table_u16 const& t, __m512i c, __m512i& first,
+                                           __m512i& second) noexcept {
+  // lane L (16 bytes): codes 8L .. 8L + 7, then 32 + 8L .. 32 + 8L + 7
+  __m512i const order = _mm512_set_epi8(63, 62, 61, 60, 59, 58, 57, 56, 31, 30, 29, 28, 27, 26,
+                                        25, 24, 55, 54, 53, 52, 51, 50, 49, 48, 23, 22, 21, 20, 19,
+                                        18, 17, 16, 47, 46, 45, 44, 43, 42, 41, 40, 15, 14, 13, 12,
+                                        11, 10, 9, 8, 39, 38, 37, 36, 35, 34, 33, 32, 7, 6, 5, 4, 3,
+                                        2, 1, 0);
+  __m512i const p = _mm512_maskz_permutexvar_epi8(all64, order, c);
+  __mmask64 const upper = _mm512_movepi8_mask(p); // bit 7: entries 128-255
+  __m512i const lo = _mm512_mask_blend_epi8(
+      upper, _mm512_maskz_permutex2var_epi8(all64, t.lo[0], p, t.lo[1]),
+      _mm512_maskz_permutex2var_epi8(all64, t.lo[2], p, t.lo[3]));
+  __m512i const hi = _mm512_mask_blend_epi8(
+      upper, _mm512_maskz_permutex2var_epi8(all64, t.hi[0], p, t.hi[1]),
+      _mm512_maskz_permutex2var_epi8(all64, t.hi[2], p, t.hi[3]));
+  first = _mm512_unpacklo_epi8(lo, hi);
+  second = _mm512_unpackhi_epi8(lo, hi);
+}
+
+//! How the 256 outputs of a block relate (byte_table_shape): `mirrored` when
+//! values[c + 128] == -values[c] for c < 128 (fp8: a sign bit), so that the upper 128 outputs are
+//! the lower ones with the sign flipped (IEEE products and round-to-nearest-even are symmetric),
+//! except NaN outputs of bf16 (always 0x7fc0): `flip[k]` has bit j set when entry 64k + j is not
+//! NaN.
+struct byte_table_shape {
+  bool mirrored = false;
+  __mmask64 flip[2] = {0, 0};
+};
+
+//! 8-bit codes of one block to T = bf16 or f16: y[i] = T(values[codes[i]] * absmax) for
+//! i < count (decode_element, then one rounding), through the block's 256 outputs (256 products
+//! and roundings; 128 when `shape.mirrored`, for unchecked rounding only) looked up 64 per step;
+//! the tail with masked loads and stores. For all but the smallest blocks.
+template <class T, hw_round R>
+QMEM_QUANT_AVX512VBMI_FN void lookup_bytes_table_avx512(float const* values, float absmax,
+                                                        std::uint8_t const* codes,
+                                                        std::size_t count, T* y,
+                                                        byte_table_shape const& shape) noexcept {
+  __m512 const a = _mm512_set1_ps(absmax);
+  byte_table_u16 t;
+  bool const mirrored = R == hw_round::unchecked && shape.mirrored;
+  for (int k = 0; k < (mirrored ? 2 : 4); ++k) {
+    float const* v = values + 64 * k;
+    __m512i const w0 = round32_avx512<T, R>(scale16_avx512<T, R>(_mm512_loadu_ps(v), a),
+                                            scale16_avx512<T, R>(_mm512_loadu_ps(v + 16), a));
+    __m512i const w1 = round32_avx512<T, R>(scale16_avx512<T, R>(_mm512_loadu_ps(v + 32), a),
+                                            scale16_avx512<T, R>(_mm512_loadu_ps(v + 48), a));
+    split_bytes(w0, w1, t.lo[k], t.hi[k]);
+  }
+  if (mirrored) {
+    __m512i const sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int k = 0; k < 2; ++k) {
+      t.lo[k + 2] = t.lo[k];
+      t.hi[k + 2] = _mm512_mask_blend_epi8(shape.flip[k], t.hi[k], _mm512_xor_si512(t.hi[k], sign));
+    }
+  }
+  std::size_t i = 0;
+  std::size_t const vec_end = count - count % 64; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 64) {
+    __m512i first, second;
+    lookup64_u16(t, _mm512_loadu_si512(codes + i), first, second);
+    _mm512_storeu_si512(y + i, first);
+    _mm512_storeu_si512(y + i + 32, second);
+  }
+  if (i < count) {
+    std::size_t const rest = count - i;
+    __mmask64 const m = (__mmask64{1} << rest) - 1; // rest < 64
+    __m512i first, second;
+    lookup64_u16(t, _mm512_maskz_loadu_epi8(m, codes + i), first, second);
+    _mm512_mask_storeu_epi16(y + i, static_cast<__mmask32>(m), first);
+    if (rest > 32)
+      _mm512_mask_storeu_epi16(y + i + 32, static_cast<__mmask32>(m >> 32), second);
+  }
+}
+
+//! NF4's encoder as a 32-bucket look-up, on s = 16 xn: bucket k = floor(s) (an integer in
+//! [-17, 16]; its low 5 bits index 32 entries) covers xn in [k/16, (k+1)/16), narrower than the
+//! closest two thresholds (0.085 apart), so it holds at most one: one compare of s with 16 times
+//! that threshold (+inf where there is none) in place of the 4-step search. The lane's
+//! k ^ (s > threshold ? 32 : 0) then indexes, by its low 6 bits, a 64-byte table of codes
+//! (`code[i | f << 5]`, f = the compare xor k < 0, since bit 5 of a k in [-17, 16] is its sign),
+//! looked up 32 lanes at a time by one byte permute after packing. The two values that wrap,
+//! s >= 16 (onto bucket 16, [-1, -15/16)) and s < -16 (onto 15, [15/16, 1)), reachable only
+//! within an ulp of xn = +-1, land in the unused halves of those buckets' entries: 15 and 0.
+//! Valid for finite |s| < 17; nf4_buckets_match() checks the table at every bucket edge, and
+//! tests/quant/host_simd_test.cpp checks the vector encoder against nf4::encode over the floats
+//! of [-17/16, 17/16] (every one with QMEM_EXHAUSTIVE=1).
+struct nf4_bucket_table {
+  alignas(64) float threshold[32]; //!< 16 times the bucket's threshold, +inf where it has none
+  alignas(64) std::uint8_t code[64];
+};
+
+//! The float just below f (toward -inf).
+constexpr float float_below(float f) noexcept {
+  std::uint32_t const b = std::bit_cast<std::uint32_t>(f);
+  return f > 0.0f ? std::bit_cast<float>(b - 1)
+                  : (f == 0.0f ? std::bit_cast<float>(0x80000001u) : std::bit_cast<float>(b + 1));
+}
+
+//! The codes of bucket i (k = i or i - 32): at xn = k/16 and just below (k+1)/16.
+constexpr std::uint8_t nf4_bucket_code(int i, bool top) noexcept {
+  int const k = i < 16 ? i : i - 32;
+  float const lo = static_cast<float>(k) / 16.0f;
+  return nf4::encode(top ? float_below(static_cast<float>(k + 1) / 16.0f) : lo, nf4::book);
+}
+
+inline constexpr nf4_bucket_table nf4_buckets = [] {
+  nf4_bucket_table t{};
+  for (int i = 0; i < 32; ++i) {
+    int const neg = i < 16 ? 0 : 1;
+    std::uint8_t const below = nf4_bucket_code(i, false);
+    std::uint8_t const above = nf4_bucket_code(i, true);
+    // one step: encode counts the thresholds below xn
+    t.threshold[i] = below != above ? 16.0f * nf4_thresholds[below]
+                                    : std::numeric_limits<float>::infinity();
+    t.code[i | neg << 5] = below;   // s <= threshold
+    t.code[i | !neg << 5] = above;  // s > threshold (unused without a threshold: below)
+  }
+  t.code[15 | 1 << 5] = 0;  // s < -16: floor -17 wraps onto bucket 15
+  t.code[16 | 0 << 5] = 15; // s >= 16: floor 16 wraps onto bucket 16
+  return t;
+}();
+
+//! True when every bucket of nf4_buckets holds at most one step of nf4::encode, at its threshold,
+//! and buckets 15 and 16 (which take the wrapping values) none.
+constexpr bool nf4_buckets_match() noexcept {
+  for (int i = 0; i < 32; ++i) {
+    int const k = i < 16 ? i : i - 32;
+    std::uint8_t const below = nf4_bucket_code(i, false);
+    std::uint8_t const above = nf4_bucket_code(i, true);
+    float const t = nf4_buckets.threshold[i] / 16.0f;
+    if (above > below + 1 || ((i == 15 || i == 16) && above != below))
+      return false;
+    if (below != above &&
+        !(static_cast<float>(k) / 16.0f <= t && t < static_cast<float>(k + 1) / 16.0f &&
+          nf4::encode(t, nf4::book) == below &&
+          nf4::encode(std::bit_cast<float>(std::bit_cast<std::uint32_t>(t) + (t < 0.0f ? -1 : 1)),
+                      nf4::book) == above))
+      return false;
+  }
+  return true;
+}
+static_assert(nf4_buckets_match(), "an NF4 bucket holds two thresholds or a wrong step");
+
+//! The bucket thresholds in registers.
+struct nf4_bucket_regs {
+  __m512 t_lo, t_hi;
+  __m512i code;
+};
+
+QMEM_QUANT_AVX512VBMI_FN nf4_bucket_regs load_nf4_buckets() noexcept {
+  return {_mm512_load_ps(nf4_buckets.threshold), _mm512_load_ps(nf4_buckets.threshold + 16),
+          _mm512_load_si512(nf4_buckets.code)};
+}
+
+//! The code-table index of 16 lanes of s (finite, |s| < 17) in the low 6 bits of each 32-bit lane
+//! (see nf4_bucket_table); look it up with nf4_codes_of.
+QMEM_QUANT_AVX512VBMI_FN __m512i nf4_index16_avx512(__m512 s, nf4_bucket_regs const& b) noexcept {
+  __m512i const k = _mm512_maskz_cvt_roundps_epi32(all16, s,
+                                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 const t = _mm512_maskz_permutex2var_ps(all16, b.t_lo, k, b.t_hi);
+  return _mm512_mask_xor_epi32(k, _mm512_cmp_ps_mask(s, t, _CMP_GT_OQ), k, _mm512_set1_epi32(32));
+}
+
+//! The codes of 64 indices (bytes; bits 6-7 ignored).
+QMEM_QUANT_AVX512VBMI_FN __m512i nf4_codes_of(__m512i index, nf4_bucket_regs const& b) noexcept {
+  return _mm512_maskz_permutexvar_epi8(all64, index, b.code);
+}
+
+//! nf4::encode(xn[j]) for j < 16 through the buckets (s = 16 xn, exact), for finite |xn| < 17/16.
+QMEM_QUANT_AVX512VBMI_FN void nf4_encode16_bucket_avx512(float const* xn,
+                                                         std::uint8_t* codes) noexcept {
+  nf4_bucket_regs const b = load_nf4_buckets();
+  __m512i const index = nf4_index16_avx512(
+      _mm512_mul_ps(_mm512_loadu_ps(xn), _mm512_set1_ps(16.0f)), b);
+  // the 16 index bytes (in each 128-bit lane), looked up as the block loop does
+  __m512i const bytes =
+      _mm512_maskz_broadcast_i32x4(all16, _mm512_maskz_cvtepi32_epi8(all16, index));
+  _mm512_mask_storeu_epi8(codes, 0xffff, nf4_codes_of(bytes, b));
+}
+
+//! max |x[i]| over x[0, count) as block_absmax_bits computes it, T = float or bf16, as a vector of
+//! 16 partial maxima (bf16: as 16-bit integers, 32 per step, the bf16 bits in each lane); masked
+//! loads for the tail.
+template <class T>
+QMEM_QUANT_AVX512VBMI_FN __m512i absmax_lanes_avx512bw(T const* x, std::size_t count) noexcept {
+  constexpr std::size_t step = 64 / sizeof(T);
+  __m512i m = _mm512_setzero_si512();
+  std::size_t i = 0;
+  if constexpr (std::is_same_v<T, bf16>) {
+    __m512i const abs_mask = _mm512_set1_epi16(0x7fff);
+    for (; i + step <= count; i += step)
+      m = _mm512_maskz_max_epu16(all32, m, _mm512_and_si512(_mm512_loadu_si512(x + i), abs_mask));
+    if (i < count)
+      m = _mm512_maskz_max_epu16(all32, m, _mm512_and_si512(_mm512_maskz_loadu_epi16(
+                                                   (__mmask32{1} << (count - i)) - 1, x + i),
+                                               abs_mask));
+    return _mm512_maskz_max_epu32(all16, _mm512_and_si512(m, _mm512_set1_epi32(0xffff)),
+                            _mm512_maskz_srli_epi32(all16, m, 16));
+  } else {
+    __m512i const abs_mask = _mm512_set1_epi32(0x7fffffff);
+    for (; i + step <= count; i += step)
+      m = _mm512_maskz_max_epu32(all16, m, _mm512_and_si512(_mm512_loadu_si512(x + i), abs_mask));
+    if (i < count)
+      m = _mm512_maskz_max_epu32(all16, m, _mm512_and_si512(_mm512_maskz_loadu_epi32(
+                                                   static_cast<__mmask16>((1u << (count - i)) - 1),
+                                                   x + i),
+                                               abs_mask));
+    return m;
+  }
+}
+
+//! The absmax bits from absmax_lanes_avx512bw's lanes.
+template <class T>
+QMEM_QUANT_AVX512VBMI_FN std::uint32_t absmax_bits_of(__m512i lanes) noexcept {
+  // swap halves, quarters, pairs and neighbours: every lane ends with the maximum
+  __m512i m = _mm512_maskz_max_epu32(all16, lanes, _mm512_maskz_shuffle_i32x4(all16, lanes, lanes, 0x4e));
+  m = _mm512_maskz_max_epu32(all16, m, _mm512_maskz_shuffle_i32x4(all16, m, m, 0xb1));
+  m = _mm512_maskz_max_epu32(all16, m, _mm512_maskz_shuffle_epi32(all16, m, _MM_PERM_BADC));
+  m = _mm512_maskz_max_epu32(all16, m, _mm512_maskz_shuffle_epi32(all16, m, _MM_PERM_CDAB));
+  auto const r = static_cast<std::uint32_t>(_mm512_cvtsi512_si32(m));
+  return std::is_same_v<T, bf16> ? r << 16 : r;
+}
+
+//! `vshufps` on 32-bit integers: per 128-bit lane, two lanes of a then two of b.
+template <int Imm>
+QMEM_QUANT_AVX512VBMI_FN __m512i shuffle_epi32_pairs(__m512i a, __m512i b) noexcept {
+  return _mm512_castps_si512(
+      _mm512_maskz_shuffle_ps(all16, _mm512_castsi512_ps(a), _mm512_castsi512_ps(b), Imm));
+}
+
+//! The 16 maxima of 16 vectors of lanes (m[j]: block j), in block order: a tree of 128-bit and
+//! 32-bit shuffles, halving the lanes of each block per level (46 instructions for 16 blocks).
+QMEM_QUANT_AVX512VBMI_FN __m512i reduce16_max_epu32(__m512i const* m) noexcept {
+  __m512i r[8], q[4], p[2];
+  for (int j = 0; j < 8; ++j) // block 2j in lanes 0-7, 2j + 1 in 8-15
+    r[j] = _mm512_maskz_max_epu32(all16, _mm512_maskz_shuffle_i32x4(all16, m[2 * j], m[2 * j + 1], 0x44),
+                            _mm512_maskz_shuffle_i32x4(all16, m[2 * j], m[2 * j + 1], 0xee));
+  for (int j = 0; j < 4; ++j) // block 4j + L in 128-bit lane L
+    q[j] = _mm512_maskz_max_epu32(all16, _mm512_maskz_shuffle_i32x4(all16, r[2 * j], r[2 * j + 1], 0x88),
+                            _mm512_maskz_shuffle_i32x4(all16, r[2 * j], r[2 * j + 1], 0xdd));
+  for (int j = 0; j < 2; ++j) // lane L: blocks 8j + L and 8j + 4 + L, two lanes each
+    p[j] = _mm512_maskz_max_epu32(all16, shuffle_epi32_pairs<0x88>(q[2 * j], q[2 * j + 1]),
+                            shuffle_epi32_pairs<0xdd>(q[2 * j], q[2 * j + 1]));
+  // 32-bit lane 4L + j: block L + 4j
+  __m512i const f = _mm512_maskz_max_epu32(all16, shuffle_epi32_pairs<0x88>(p[0], p[1]),
+                                     shuffle_epi32_pairs<0xdd>(p[0], p[1]));
+  return _mm512_maskz_permutexvar_epi32(
+      all16, _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
+}
+
+//! NF4 codes of one block through nf4_buckets, given s-scale inv16 = 16 * (1 / absmax) (finite,
+//! with a finite absmax): per element the code of s = x * inv16 (which is 16 * (x * (1 / absmax))
+//! exactly unless x * (1 / absmax) is subnormal, where both give the code of 0). 32 values per
+//! step: bf16 widened by interleaving with zero words, float in two loads; the 32 indices
+//! gathered in element order by one byte permute, looked up, and paired into nibbles by
+//! `vpmaddubsw` (16 * first + second) and a byte permute. The tail is loaded masked (zeros
+//! encode as nf4::zero_code, the odd tail's pad) and stored masked. Writes code_bytes(count).
+template <class T>
+QMEM_QUANT_AVX512VBMI_FN void encode_block_nf4_bucket_avx512(T const* x, std::size_t count,
+                                                             float inv16, std::uint8_t* codes,
+                                                             nf4_bucket_regs const& b) noexcept {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bf16>);
+  __m512 const vinv = _mm512_set1_ps(inv16);
+  // output byte e <- the index byte of element e: bf16 lanes come as elements
+  // {0-3, 8-11, 16-19, 24-27} (first register) and {4-7, 12-15, ...} (second), float lanes in order
+  alignas(64) static constexpr std::uint8_t gather_index[2][64] = {
+      {0,  4,  8,  12, 64, 68, 72, 76, 16, 20, 24,  28,  80,  84,  88,  92,
+       32, 36, 40, 44, 96, 100, 104, 108, 48, 52, 56, 60, 112, 116, 120, 124},
+      {0,  4,  8,  12, 16, 20, 24, 28, 32, 36, 40,  44,  48,  52,  56,  60,
+       64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124}};
+  __m512i const gather = _mm512_load_si512(gather_index[std::is_same_v<T, bf16> ? 0 : 1]);
+  __m512i const pair_weights = _mm512_set1_epi16(0x0110); // bytes 16, 1
+  __m512i const low_bytes = _mm512_set_epi8(
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8,
+      6, 4, 2, 0);
+  auto step = [&](__m512 lo, __m512 hi) {
+    __m512i const i0 = nf4_index16_avx512(_mm512_mul_ps(lo, vinv), b);
+    __m512i const i1 = nf4_index16_avx512(_mm512_mul_ps(hi, vinv), b);
+    __m512i const c = nf4_codes_of(_mm512_maskz_permutex2var_epi8(all64, i0, gather, i1), b);
+    __m512i const pairs = _mm512_maddubs_epi16(c, pair_weights);
+    return _mm512_maskz_permutexvar_epi8(all64, low_bytes, pairs); // 16 code bytes, then zeros
+  };
+  auto load = [&](std::size_t i, __mmask32 m, __m512& lo, __m512& hi) {
+    if constexpr (std::is_same_v<T, bf16>) {
+      __m512i const v = _mm512_maskz_loadu_epi16(m, x + i);
+      lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), v));
+      hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), v));
+    } else {
+      lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), x + i);
+      hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m >> 16), x + i + 16);
+    }
+  };
+  std::size_t i = 0;
+  std::size_t const vec_end = count - count % 32; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 32) {
+    __m512 lo, hi;
+    load(i, all32, lo, hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i / 2),
+                     _mm512_maskz_extracti32x4_epi32(0xf, step(lo, hi), 0));
+  }
+  if (i < count) {
+    std::size_t const rest = count - i;
+    __m512 lo, hi;
+    load(i, static_cast<__mmask32>((std::uint64_t{1} << rest) - 1), lo, hi);
+    _mm512_mask_storeu_epi8(codes + i / 2, (__mmask64{1} << (rest / 2 + rest % 2)) - 1,
+                            step(lo, hi));
+  }
+}
+
+//! True when the bucket encoder applies to a block with this absmax (finite, and 16 / absmax
+//! finite); the other blocks (NaN, infinite, zero or tiny absmax) take quantize_block_nf4_avx512.
+inline bool nf4_bucket_applies(float amax, float inv16) noexcept {
+  return abs_bits(amax) < 0x7f800000u && abs_bits(inv16) < 0x7f800000u;
+}
+
+//! NF4 codes of one block without stochastic rounding: absmax (block_absmax_bits), then
+//! encode_block_nf4_bucket_avx512 (or quantize_block_nf4_avx512 when it does not apply). Writes
+//! code_bytes(count) bytes and returns the absmax. T = float or bf16.
+template <class T>
+QMEM_QUANT_AVX512VBMI_FN float quantize_block_nf4_bucket_avx512(T const* x, std::size_t count,
+                                                               std::uint8_t* codes) noexcept {
+  float const amax =
+      qmem::detail::bits_to_float(absmax_bits_of<T>(absmax_lanes_avx512bw(x, count)));
+  float const inv16 = fmath::mul(fmath::rcp(amax), 16.0f);
+  if (!nf4_bucket_applies(amax, inv16)) [[unlikely]]
+    return quantize_block_nf4_avx512(x, count, codes);
+  encode_block_nf4_bucket_avx512(x, count, inv16, codes, load_nf4_buckets());
+  return amax;
+}
+
+//! The same outputs for any code type through gathers of the decoded values, products and
+//! roundings per element. For small blocks.
+template <class T, hw_round R>
+QMEM_QUANT_AVX512BF16_FN void lookup_bytes_gather_avx512(float const* values, float absmax,
+                                                         std::uint8_t const* codes,
+                                                         std::size_t count, T* y) noexcept {
+  __m512 const a = _mm512_set1_ps(absmax);
+  auto decode16 = [&](__m128i c) {
+    __m512i const idx = _mm512_maskz_cvtepu8_epi32(all16, c);
+    return scale16_avx512<T, R>(
+        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), all16, idx, values, 4), a);
+  };
+  std::size_t i = 0;
+  std::size_t const vec_end = count - count % 32; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 32) {
+    __m256i const c = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(codes + i));
+    _mm512_storeu_si512(y + i, round32_avx512<T, R>(decode16(_mm256_castsi256_si128(c)),
+                                                    decode16(_mm256_extracti128_si256(c, 1))));
+  }
+  for (; i < count; ++i)
+    y[i] = from_float<T>(fmath::mul(values[codes[i]], absmax));
+}
+
+//! One row of row-wise int8 dequantization to T = bf16 or f16 (dequantize_row_avx512 with the
+//! hardware narrowing, 32 per step).
+template <class T>
+QMEM_QUANT_AVX512BF16_FN void dequantize_row_u16_avx512(std::int8_t const* q, float absmax,
+                                                        std::size_t cols, T* y) noexcept {
+  __m512 const a = _mm512_set1_ps(absmax);
+  __m512 const s = _mm512_set1_ps(inv127);
+  auto decode16 = [&](__m128i v) {
+    __m512 const f = _mm512_maskz_cvtepi32_ps(all16, _mm512_maskz_cvtepi8_epi32(all16, v));
+    return _mm512_mul_ps(_mm512_mul_ps(f, a), s);
+  };
+  std::size_t c = 0;
+  std::size_t const vec_end = cols - cols % 32; // whole vectors (a form g++ can bound)
+  for (; c < vec_end; c += 32) {
+    __m256i const v = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(q + c));
+    _mm512_storeu_si512(y + c, round32_avx512<T>(decode16(_mm256_castsi256_si128(v)),
+                                                 decode16(_mm256_extracti128_si256(v, 1))));
+  }
+  for (; c < cols; ++c)
+    y[c] = from_float<T>(rowwise_decode(q[c], absmax));
+}
+
+#undef QMEM_QUANT_AVX512BF16_FN
+#undef QMEM_QUANT_AVX512VBMI_FN
 #undef QMEM_QUANT_NO_CONTRACT
 
 } // namespace qmem::quant::detail
