@@ -32,8 +32,10 @@
 #include <qmem/core/tensor.hpp>
 #include <qmem/memory/resource.hpp>
 #include <qmem/optim/checkpoint.hpp>
+#include <qmem/optim/cuda/detail/optimizer_groups.cuh>
 #include <qmem/optim/cuda/multi_tensor.cuh>
 #include <qmem/optim/cuda/tensor_reduce.cuh>
+#include <qmem/optim/detail/validate.hpp>
 #include <qmem/optim/optimizer.hpp>
 #include <qmem/optim/rule.hpp>
 #include <qmem/optim/schedule.hpp>
@@ -77,21 +79,14 @@ public:
   using host_optimizer = optimizer<Rule, Policy, Param>;
   using param_options = typename host_optimizer::param_options;
   static constexpr int state_count = Rule::state_count;
+  using groups_type = detail::optimizer_groups<Rule, Policy, Param, G>;
   //! The rule the device groups run (max_unorm's factor on the update).
-  using device_rule = unorm_clipped<Rule>;
-  using quantized_group = multi_tensor_step<device_rule, Policy, Param, G>;
-  using plain_group = multi_tensor_step<device_rule, fp32_state, Param, G>;
-
-  //! One parameter tensor and its device state (the layout of host_optimizer::param_state).
-  struct param_state {
-    tensor_view<Param> param;
-    Rule rule;
-    float lr_scale = 1.0f;
-    bool quantized = false; //!< true: the policy's formats; false: fp32
-    std::array<memory::buffer<std::uint8_t>, static_cast<std::size_t>(state_count)> data;
-    std::array<memory::buffer<float>, static_cast<std::size_t>(state_count)> scale;
-    memory::buffer<float> master; //!< fp32 master weights (16-bit params with master_weights)
-  };
+  using device_rule = typename groups_type::device_rule;
+  using quantized_group = typename groups_type::quantized_group;
+  using plain_group = typename groups_type::plain_group;
+  //! One parameter tensor and its device state: the host optimizer's layout, so that save, load
+  //! and the state copies move buffers one to one.
+  using param_state = typename host_optimizer::param_state;
 
 private:
   Rule rule_;
@@ -102,65 +97,25 @@ private:
   std::vector<param_state> params_;
   std::vector<tensor_view<G const>> grads_;
   std::unique_ptr<step_controller> controller_;
-  std::unique_ptr<quantized_group> quantized_;
-  std::unique_ptr<plain_group> plain_;
+  groups_type groups_;
   int device_ = 0;
 
   template <class P, int K>
   using format_of = typename P::template format<Rule::state_signs[static_cast<std::size_t>(K)]>;
 
-  cuda_step_options step_options() const {
-    cuda_step_options c;
-    c.lr = options_.lr;
-    c.nonfinite = options_.nonfinite;
-    c.max_grad_norm = options_.max_grad_norm;
-    c.max_unorm = options_.max_unorm;
-    c.percentile = options_.percentile;
-    c.rounding = options_.rounding;
-    c.seed = options_.seed;
-    c.found_inf = found_inf_;
-    c.max_groups = 2;
-    return c;
-  }
-
-  template <class Group>
-  std::vector<typename Group::tensor> tensors_of(bool quantized) {
-    std::vector<typename Group::tensor> out;
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      auto& ps = params_[i];
-      if (ps.quantized != quantized)
-        continue;
-      typename Group::tensor t;
-      t.param = ps.param.data();
-      t.grad = grads_[i].data();
-      t.size = ps.param.size();
-      t.rule = device_rule{ps.rule};
-      t.lr_scale = ps.lr_scale;
-      t.master = ps.master.empty() ? nullptr : ps.master.data();
-      optim::detail::for_each_state<state_count>([&](auto K) {
-        t.state[K.value] = ps.data[static_cast<std::size_t>(K.value)].data();
-        t.absmax[K.value] = ps.scale[static_cast<std::size_t>(K.value)].data();
-      });
-      out.push_back(t);
-    }
-    return out;
-  }
-
   void build_groups(exec::cuda const& e) {
-    auto const q = tensors_of<quantized_group>(true);
-    auto const f = tensors_of<plain_group>(false);
     // a fresh controller registers the two groups again; the device step state is carried over.
     // Steps in flight read the old tables: wait for them before anything is freed, and for the
     // copy before the old controller goes (the workspace may order its frees on another stream).
     cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(rebind)");
-    quantized_.reset();
-    plain_.reset();
-    auto controller = std::make_unique<step_controller>(e, *workspace_, step_options());
+    groups_.reset();
+    auto controller = std::make_unique<step_controller>(
+        e, *workspace_, detail::step_options_of(options_, found_inf_));
     controller->copy_state_from(e, *controller_);
     cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(rebind)");
     controller_ = std::move(controller);
-    quantized_ = std::make_unique<quantized_group>(e, std::span(q), *workspace_, *controller_);
-    plain_ = std::make_unique<plain_group>(e, std::span(f), *workspace_, *controller_);
+    groups_.build(e, std::span<param_state const>(params_),
+                  std::span<tensor_view<G const> const>(grads_), *workspace_, *controller_);
   }
 
   //! A host optimizer with this one's rule, options and parameter sizes over host parameters
@@ -215,12 +170,13 @@ public:
                    std::uint32_t const* found_inf = nullptr)
       : rule_(rule), options_(options), state_resource_(&state), workspace_(&workspace),
         found_inf_(found_inf), device_(e.device) {
-    { host_optimizer const validate(rule, options); } // the host optimizer's option checks
+    optim::detail::check_optimizer_options<Param>(options);
     QMEM_EXPECTS(device_accessible(state.space()) && device_accessible(workspace.space()),
                  "the state resource hands out ", to_string(state.space()),
                  " memory and the workspace resource ", to_string(workspace.space()),
                  "; expected device, managed or pinned memory");
-    controller_ = std::make_unique<step_controller>(e, workspace, step_options());
+    controller_ = std::make_unique<step_controller>(
+        e, workspace, detail::step_options_of(options, found_inf));
   }
   //! The same with one resource for state and workspace.
   device_optimizer(exec::cuda const& e, Rule rule, optimizer_options options,
@@ -243,7 +199,7 @@ public:
                  param.size(), " elements has a null pointer");
     QMEM_EXPECTS(device_accessible(param.space()), "add_param: param is in ",
                  to_string(param.space()), " memory; expected device-accessible memory");
-    QMEM_EXPECTS(o.lr_scale >= 0.0f, "lr_scale is ", o.lr_scale, "; expected >= 0");
+    optim::detail::check_lr_scale(o.lr_scale);
     cuda_detail::device_guard guard(device_);
     param_state ps;
     ps.param = param;
@@ -282,8 +238,7 @@ public:
     params_.push_back(std::move(ps));
     if (bound()) { // steps in flight read the tables: wait before they are freed
       cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(add_param)");
-      quantized_.reset();
-      plain_.reset();
+      groups_.reset();
     }
     return params_.size() - 1;
   }
@@ -315,13 +270,13 @@ public:
   }
 
   //! Whether bind() has built the step for the current parameters.
-  [[nodiscard]] bool bound() const noexcept { return quantized_ != nullptr; }
+  [[nodiscard]] bool bound() const noexcept { return groups_.built(); }
 
   //! Enqueues one step of every parameter on e.stream: no host synchronization, capturable in a
   //! CUDA graph. Precondition: bound() (bad_argument otherwise).
   void step(exec::cuda const& e) {
     QMEM_EXPECTS(bound(), "step: no gradients are bound to the current parameters; call bind()");
-    cuda::step(e, *controller_, *quantized_, *plain_);
+    groups_.step(e, *controller_);
   }
 
   //! Number of parameter tensors.

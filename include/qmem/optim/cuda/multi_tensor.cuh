@@ -36,6 +36,7 @@
 #include <qmem/optim/cuda/fused_step.cuh>
 #include <qmem/optim/cuda/state_format.hpp>
 #include <qmem/optim/cuda/tensor_reduce.cuh>
+#include <qmem/optim/detail/validate.hpp>
 #include <qmem/optim/rule.hpp>
 #include <qmem/optim/schedule.hpp>
 #include <qmem/optim/state.hpp>
@@ -293,17 +294,11 @@ public:
       : options_(options), device_(e.device) {
     QMEM_EXPECTS(device.space() != memory_space::host, "the resource hands out host memory; ",
                  "expected a device or managed memory resource");
-    QMEM_EXPECTS(options.lr.lr >= 0.0f && options.lr.min_lr >= 0.0f, "lr is ", options.lr.lr,
-                 " and min_lr ", options.lr.min_lr, "; expected >= 0");
-    QMEM_EXPECTS(options.max_grad_norm >= 0.0f, "max_grad_norm is ", options.max_grad_norm,
-                 "; expected >= 0 (0 turns clipping off)");
+    optim::detail::check_lr_schedule(options.lr);
+    optim::detail::check_clipping(options.max_grad_norm, options.max_unorm, options.percentile);
     QMEM_EXPECTS(std::isfinite(options.grad_unscale) && options.grad_unscale >= 0.0f,
                  "grad_unscale is ", options.grad_unscale, "; expected a finite value >= 0");
     QMEM_EXPECTS(options.max_groups >= 1, "max_groups is 0; expected >= 1");
-    QMEM_EXPECTS(options.max_unorm >= 0.0f, "max_unorm is ", options.max_unorm,
-                 "; expected >= 0 (0 turns update-norm clipping off)");
-    QMEM_EXPECTS(options.percentile >= 1 && options.percentile <= 100, "percentile is ",
-                 options.percentile, "; expected 1..100 (100 turns percentile clipping off)");
     cuda_detail::device_guard guard(device_);
     state_ = {1, device, memory::category::optimizer_state};
     partial_sum_ = {std::size_t{norm_partials} * options.max_groups, device,

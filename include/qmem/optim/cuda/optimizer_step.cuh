@@ -28,6 +28,7 @@
 #include <qmem/core/exec.hpp>
 #include <qmem/core/tensor.hpp>
 #include <qmem/memory/resource.hpp>
+#include <qmem/optim/cuda/detail/optimizer_groups.cuh>
 #include <qmem/optim/cuda/multi_tensor.cuh>
 #include <qmem/optim/cuda/tensor_reduce.cuh>
 #include <qmem/optim/optimizer.hpp>
@@ -58,55 +59,16 @@ public:
   using rule_type = typename Optimizer::rule_type;
   using policy_type = typename Optimizer::policy_type;
   using param_type = typename Optimizer::param_type;
+  using groups_type = detail::optimizer_groups<rule_type, policy_type, param_type, G>;
   //! The rule the groups run: the optimizer's, with max_unorm's factor on its update.
-  using device_rule = unorm_clipped<rule_type>;
-  using quantized_group = multi_tensor_step<device_rule, policy_type, param_type, G>;
-  using plain_group = multi_tensor_step<device_rule, fp32_state, param_type, G>;
+  using device_rule = typename groups_type::device_rule;
+  using quantized_group = typename groups_type::quantized_group;
+  using plain_group = typename groups_type::plain_group;
 
 private:
   std::unique_ptr<step_controller> controller_;
-  std::unique_ptr<quantized_group> quantized_;
-  std::unique_ptr<plain_group> plain_;
+  groups_type groups_;
   Optimizer* opt_ = nullptr;
-
-  static cuda_step_options options_of(Optimizer const& opt, std::uint32_t const* found_inf) {
-    optimizer_options const& o = opt.options();
-    cuda_step_options c;
-    c.lr = o.lr;
-    c.nonfinite = o.nonfinite;
-    c.max_grad_norm = o.max_grad_norm;
-    c.max_unorm = o.max_unorm;
-    c.percentile = o.percentile;
-    c.rounding = o.rounding;
-    c.seed = o.seed;
-    c.found_inf = found_inf;
-    c.max_groups = 2;
-    return c;
-  }
-
-  template <class Group>
-  static std::vector<typename Group::tensor>
-  tensors_of(Optimizer const& opt, std::span<tensor_view<G const> const> grads, bool quantized) {
-    std::vector<typename Group::tensor> out;
-    for (std::size_t i = 0; i < opt.size(); ++i) {
-      auto const& ps = opt.params()[i];
-      if (ps.quantized != quantized)
-        continue;
-      typename Group::tensor t;
-      t.param = ps.param.data();
-      t.grad = grads[i].data();
-      t.size = ps.param.size();
-      t.rule = device_rule{ps.rule};
-      t.lr_scale = ps.lr_scale;
-      t.master = ps.master.empty() ? nullptr : const_cast<float*>(ps.master.data());
-      for (int k = 0; k < rule_type::state_count; ++k) {
-        t.state[k] = const_cast<std::uint8_t*>(ps.data[static_cast<std::size_t>(k)].data());
-        t.absmax[k] = const_cast<float*>(ps.scale[static_cast<std::size_t>(k)].data());
-      }
-      out.push_back(t);
-    }
-    return out;
-  }
 
 public:
   //! Binds `opt` and one gradient per parameter (same order and sizes as add_param) for steps on
@@ -132,7 +94,8 @@ public:
                    "parameter ", i, " (", to_string(p.space()), ") or its gradient (",
                    to_string(grads[i].space()), ") is not device-accessible");
     }
-    controller_ = std::make_unique<step_controller>(e, device, options_of(opt, found_inf));
+    controller_ = std::make_unique<step_controller>(
+        e, device, detail::step_options_of(opt.options(), found_inf));
     if (opt.step_count() > 0) { // a resumed optimizer: continue its step count and history
       std::span<float const> history;
 #if QMEM_OPTIM_CUDA_STEP_HISTORY
@@ -140,14 +103,11 @@ public:
 #endif
       controller_->restore_blocking(e, opt.step_count(), opt.last_lr(), history);
     }
-    auto const q = tensors_of<quantized_group>(opt, grads, true);
-    auto const f = tensors_of<plain_group>(opt, grads, false);
-    quantized_ = std::make_unique<quantized_group>(e, std::span(q), device, *controller_);
-    plain_ = std::make_unique<plain_group>(e, std::span(f), device, *controller_);
+    groups_.build(e, opt.params(), grads, device, *controller_);
   }
 
   //! Enqueues one step of every parameter on e.stream (no host synchronization).
-  void step(exec::cuda const& e) { cuda::step(e, *controller_, *quantized_, *plain_); }
+  void step(exec::cuda const& e) { groups_.step(e, *controller_); }
 
   //! Copies the device's step count, last lr and (percentile clipping, where checkpoint.hpp is
   //! available) norm history into the optimizer, so that its host-side view (step_count(),
