@@ -9,6 +9,7 @@
 #include <qmem/optim/rules.hpp>
 #include <qmem/optim/state.hpp>
 
+#include "cuda_test_support.hpp"
 #include "support/backend.hpp"
 
 #include <doctest/doctest.h>
@@ -29,6 +30,7 @@
 
 #if QMEM_HAS_CUDA()
 #include <qmem/memory/cuda_resource.cuh>
+#include <qmem/optim/cuda/detail/optimizer_groups.cuh>
 #include <qmem/optim/cuda/device_optimizer.cuh>
 #include <qmem/optim/cuda/multi_tensor.cuh>
 #include <qmem/optim/cuda/optimizer_step.cuh>
@@ -39,60 +41,16 @@ namespace {
 using namespace qmem;
 namespace oq = qmem::optim;
 
-//! Initial params and per-step gradients of several tensors (normal values, seeded).
-template <class P, class G>
-struct problem {
-  std::vector<std::size_t> sizes;
-  std::vector<std::vector<P>> params;
-  std::vector<std::vector<std::vector<G>>> grads; // [step][tensor][i]
-};
-
-template <class P, class G>
-problem<P, G> make_problem(std::vector<std::size_t> const& sizes, int steps, unsigned seed,
-                           bool poison = false) {
-  problem<P, G> pr;
-  pr.sizes = sizes;
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (std::size_t n : sizes) {
-    std::vector<P> p(n);
-    for (auto& x : p)
-      x = from_float<P>(0.05f * nd(rng));
-    pr.params.push_back(std::move(p));
-  }
-  for (int s = 0; s < steps; ++s) {
-    std::vector<std::vector<G>> gs;
-    for (std::size_t n : sizes) {
-      std::vector<G> g(n);
-      float const scale = (s % 3 == 0) ? 1e-2f : (s % 3 == 1 ? 3e-3f : 6e-3f);
-      for (auto& x : g)
-        x = from_float<G>(scale * nd(rng));
-      if (poison && n > 10) {
-        g[3] = from_float<G>(std::numeric_limits<float>::quiet_NaN());
-        g[n - 2] = from_float<G>(std::numeric_limits<float>::infinity());
-      }
-      gs.push_back(std::move(g));
-    }
-    pr.grads.push_back(std::move(gs));
-  }
-  return pr;
-}
+using test::make_problem;
+using test::problem;
 
 //! Runs the host optimizer over a problem with `threads` threads; returns the parameters.
 template <class Rule, class Policy, class P>
-std::vector<std::vector<P>> host_run(problem<P, P> const& pr, Rule rule,
-                                     oq::optimizer_options oo, unsigned threads) {
-  std::vector<std::vector<P>> hp = pr.params;
-  oq::optimizer<Rule, Policy, P> opt(rule, oo);
-  for (auto& p : hp)
-    opt.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
-  for (auto const& step_grads : pr.grads) {
-    std::vector<tensor_view<P const>> gv;
-    for (auto const& g : step_grads)
-      gv.emplace_back(g.data(), g.size(), memory_space::host);
-    (void)opt.step(exec::host{threads}, gv);
-  }
-  return hp;
+std::vector<std::vector<P>> host_run(problem<P, P> const& pr, Rule rule, oq::optimizer_options oo,
+                                     unsigned threads) {
+  test::host_reference<Rule, Policy, P> host(pr.params, rule, oo);
+  host.run(pr, {}, exec::host{threads});
+  return host.params;
 }
 
 TEST_CASE("per-tensor sums: the fixed tree order of tensor_sum.hpp") {
@@ -258,87 +216,16 @@ namespace {
 
 namespace ocu = qmem::optim::cuda;
 
-bool skip_without_gpu() {
-  if (test::gpu_present())
-    return false;
-  std::printf("[qmem] SKIPPED on cuda: no CUDA device on this machine\n");
-  MESSAGE("skipped: no CUDA device");
-  return true;
-}
+using test::device_tensors;
+using test::device_vector;
+using test::skip_without_gpu;
 
-//! A plain cudaMalloc'd array (no qmem resource involved), freed on destruction.
-template <class T>
-struct device_vector {
-  T* ptr = nullptr;
-  std::size_t n = 0;
-  explicit device_vector(std::vector<T> const& v) : n(v.size()) {
-    cuda_detail::check(cudaMalloc(&ptr, n == 0 ? 1 : n * sizeof(T)), "cudaMalloc");
-    upload(v);
-  }
-  device_vector(device_vector const&) = delete;
-  device_vector& operator=(device_vector const&) = delete;
-  ~device_vector() { (void)cudaFree(ptr); }
-  void upload(std::vector<T> const& v) {
-    REQUIRE(v.size() == n);
-    if (n != 0)
-      cuda_detail::check(cudaMemcpy(ptr, v.data(), n * sizeof(T), cudaMemcpyHostToDevice),
-                         "cudaMemcpy H2D");
-    // a pageable upload may still be in flight when cudaMemcpy returns: the steps run on other
-    // (non-blocking) streams, so wait for it
-    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  }
-  std::vector<T> download() const {
-    std::vector<T> v(n);
-    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    if (n != 0)
-      cuda_detail::check(cudaMemcpy(v.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost),
-                         "cudaMemcpy D2H");
-    return v;
-  }
-};
-
-//! The device side of a problem: parameters and gradients in cudaMalloc'd memory.
+//! Checks the parameters of `d` against `expected`, bit for bit.
 template <class P, class G>
-struct device_tensors {
-  std::vector<std::unique_ptr<device_vector<P>>> p;
-  std::vector<std::unique_ptr<device_vector<G>>> g;
-  explicit device_tensors(problem<P, G> const& pr) {
-    for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-      p.push_back(std::make_unique<device_vector<P>>(pr.params[i]));
-      g.push_back(std::make_unique<device_vector<G>>(pr.grads[0][i]));
-    }
-  }
-  std::vector<tensor_view<G const>> grad_views() const {
-    std::vector<tensor_view<G const>> v;
-    for (auto const& x : g)
-      v.emplace_back(x->ptr, x->n, memory_space::device);
-    return v;
-  }
-  void set_grads(std::vector<std::vector<G>> const& gs) {
-    for (std::size_t i = 0; i < gs.size(); ++i)
-      g[i]->upload(gs[i]);
-  }
-};
-
-//! Bytes of every state of `a` equal those of `b` (two host optimizers of the same layout).
-template <class O>
-void check_same_state(O const& a, O const& b) {
-  REQUIRE(a.size() == b.size());
-  CHECK(a.step_count() == b.step_count());
-  CHECK(a.last_lr() == b.last_lr());
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    auto const& x = a.params()[i];
-    auto const& y = b.params()[i];
-    INFO("tensor ", i, " of size ", x.param.size());
-    for (std::size_t k = 0; k < x.data.size(); ++k) {
-      INFO("state ", k);
-      REQUIRE(x.data[k].size() == y.data[k].size());
-      CHECK(std::memcmp(x.data[k].data(), y.data[k].data(), x.data[k].size_bytes()) == 0);
-      REQUIRE(x.scale[k].size() == y.scale[k].size());
-      CHECK(std::memcmp(x.scale[k].data(), y.scale[k].data(), x.scale[k].size_bytes()) == 0);
-    }
-    REQUIRE(x.master.size() == y.master.size());
-    CHECK(std::memcmp(x.master.data(), y.master.data(), x.master.size_bytes()) == 0);
+void check_params(device_tensors<P, G> const& d, std::vector<std::vector<P>> const& expected) {
+  for (std::size_t i = 0; i < d.p.size(); ++i) {
+    INFO("parameter ", i, " of size ", d.p[i]->n);
+    CHECK(test::same_bits(d.p[i]->download(), expected[i].data(), expected[i].size()));
   }
 }
 
@@ -347,18 +234,9 @@ void check_same_state(O const& a, O const& b) {
 template <class Rule, class Policy, class P>
 void compare_device_optimizer(problem<P, P> const& pr, Rule rule, oq::optimizer_options oo,
                               bool capture = false) {
-  using host_opt = oq::optimizer<Rule, Policy, P>;
-  // host
-  std::vector<std::vector<P>> hp = pr.params;
-  host_opt host(rule, oo);
-  for (auto& p : hp)
-    host.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
-  for (auto const& step_grads : pr.grads) {
-    std::vector<tensor_view<P const>> gv;
-    for (auto const& g : step_grads)
-      gv.emplace_back(g.data(), g.size(), memory_space::host);
-    (void)host.step(exec::host{}, gv);
-  }
+  using host_opt = test::host_reference<Rule, Policy, P>;
+  host_opt host(pr.params, rule, oo);
+  host.run(pr);
   // device
   cudaStream_t stream = nullptr;
   cuda_detail::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
@@ -388,21 +266,14 @@ void compare_device_optimizer(problem<P, P> const& pr, Rule rule, oq::optimizer_
         dev.step(e);
     }
     cuda_detail::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-    CHECK(dev.step_count_blocking(e) == host.step_count());
-    for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-      INFO("parameter ", i, " of size ", pr.sizes[i]);
-      auto const got = d.p[i]->download();
-      CHECK(std::memcmp(got.data(), hp[i].data(), got.size() * sizeof(P)) == 0);
-    }
-    std::vector<std::vector<P>> storage = pr.params;
-    host_opt mirror(rule, oo);
-    for (auto& p : storage)
-      mirror.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
-    dev.copy_state_to(e, mirror);
-    check_same_state(mirror, host);
+    CHECK(dev.step_count_blocking(e) == host.opt.step_count());
+    check_params(d, host.params);
+    host_opt mirror(pr.params, rule, oo);
+    dev.copy_state_to(e, mirror.opt);
+    test::check_same_state(mirror.opt, host.opt);
     if (oo.percentile < 100) {
-      using access = oq::state_access<host_opt>;
-      CHECK(access::history(mirror) == access::history(host));
+      using access = oq::state_access<typename host_opt::optimizer_type>;
+      CHECK(access::history(mirror.opt) == access::history(host.opt));
     }
     if (capture) {
       (void)cudaGraphExecDestroy(graph_exec);
@@ -414,12 +285,7 @@ void compare_device_optimizer(problem<P, P> const& pr, Rule rule, oq::optimizer_
 
 std::vector<std::size_t> odd_sizes() { return {1, 31, 256, 257, 1000, 2049, 4097, 33333, 65536}; }
 
-oq::optimizer_options options(float lr = 1e-3f) {
-  oq::optimizer_options o;
-  o.lr = oq::lr_schedule::constant(lr);
-  o.nonfinite = oq::nonfinite_policy::skip_element;
-  return o;
-}
+oq::optimizer_options options(float lr = 1e-3f) { return test::comparison_options(lr); }
 
 TEST_CASE("CUDA LAMB and LARS == host optimizer, bit for bit (8-bit and fp32 states)") {
   if (skip_without_gpu())
@@ -520,59 +386,35 @@ TEST_CASE("multi_tensor_step runs LAMB's reduction itself (no adaptor, one group
   auto const pr = make_problem<float, float>(odd_sizes(), 3, 131);
   oq::optimizer_options oo = options();
   oo.min_quantized_size = 0;
-  std::vector<std::vector<float>> hp = pr.params;
-  oq::optimizer<oq::lamb, oq::int8_state, float> host(oq::lamb{}, oo);
-  for (auto& p : hp)
-    host.add_param(tensor_view<float>(p.data(), p.size(), memory_space::host));
+  test::host_reference<oq::lamb, oq::int8_state, float> host(pr.params, oq::lamb{}, oo);
   memory::cuda_device_resource dres(0);
   exec::cuda const e{};
   // the device optimizer's state buffers serve as plain group storage here
   ocu::device_optimizer<oq::lamb, oq::int8_state, float> storage(e, oq::lamb{}, oo, dres);
   device_tensors<float, float> d(pr);
-  for (auto const& x : d.p)
-    storage.add_param(e, tensor_view<float>(x->ptr, x->n, memory_space::device));
+  for (auto const& v : d.param_views())
+    storage.add_param(e, v);
   ocu::cuda_step_options co;
   co.lr = oo.lr;
   co.nonfinite = oo.nonfinite;
   ocu::step_controller ctl(e, dres, co);
   using group_t = ocu::multi_tensor_step<oq::lamb, oq::int8_state, float, float>;
   static_assert(group_t::reducing && !group_t::unorm_capable);
-  std::vector<group_t::tensor> ts;
-  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-    auto& ps = const_cast<typename decltype(storage)::param_state&>(storage.params()[i]);
-    group_t::tensor t;
-    t.param = d.p[i]->ptr;
-    t.grad = d.g[i]->ptr;
-    t.size = pr.sizes[i];
-    t.rule = oq::lamb{};
-    for (int k = 0; k < 2; ++k) {
-      t.state[k] = ps.data[static_cast<std::size_t>(k)].data();
-      t.absmax[k] = ps.scale[static_cast<std::size_t>(k)].data();
-    }
-    ts.push_back(t);
-  }
-  group_t group(e, std::span<group_t::tensor const>(ts), dres, ctl);
+  auto const grads = d.grad_views();
+  auto const ts = ocu::detail::group_tensors<group_t>(storage.params(), std::span(grads), true);
+  REQUIRE(ts.size() == pr.sizes.size());
+  group_t group(e, std::span(ts), dres, ctl);
   for (auto const& step_grads : pr.grads) {
-    std::vector<tensor_view<float const>> gv;
-    for (auto const& g : step_grads)
-      gv.emplace_back(g.data(), g.size(), memory_space::host);
-    (void)host.step(exec::host{}, gv);
-    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    (void)host.step(step_grads);
     d.set_grads(step_grads);
     group.step(e);
   }
-  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-    INFO("parameter ", i, " of size ", pr.sizes[i]);
-    auto const got = d.p[i]->download();
-    CHECK(std::memcmp(got.data(), hp[i].data(), got.size() * sizeof(float)) == 0);
-  }
+  check_params(d, host.params);
   // a controller that clips update norms refuses a group without the adaptor
   ocu::cuda_step_options cu = co;
   cu.max_unorm = 0.1f;
   ocu::step_controller clipping(e, dres, cu);
-  CHECK_THROWS_AS(group_t(e, std::span<group_t::tensor const>(ts), dres, clipping),
-                  qmem::bad_argument);
+  CHECK_THROWS_AS(group_t(e, std::span(ts), dres, clipping), qmem::bad_argument);
 }
 
 TEST_CASE("device_optimizer over cudaMalloc'd params: 10 steps == 5 + save + load + 5 steps") {
@@ -599,18 +441,28 @@ TEST_CASE("device_optimizer over cudaMalloc'd params: 10 steps == 5 + save + loa
     }
     cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   };
+  // per-parameter overrides: another lr scale, fp32 state for a tensor above the threshold
+  auto overrides = [](std::size_t i, auto& po) {
+    if (i == 2)
+      po.lr_scale = 0.5f;
+    if (i == 8)
+      po.fp32_state = true;
+  };
   auto make = [&](device_tensors<P, P>& d) {
     ocu::device_optimizer<R, Pol, P> opt(e, R{.weight_decay = 0.01f}, o, dres);
-    for (std::size_t i = 0; i < d.p.size(); ++i) {
+    auto const params = d.param_views();
+    for (std::size_t i = 0; i < params.size(); ++i) {
       typename ocu::device_optimizer<R, Pol, P>::param_options po;
-      if (i == 2)
-        po.lr_scale = 0.5f;
-      if (i == 8)
-        po.fp32_state = true;
-      opt.add_param(e, tensor_view<P>(d.p[i]->ptr, d.p[i]->n, memory_space::device), po);
+      overrides(i, po);
+      opt.add_param(e, params[i], po);
     }
     opt.bind(e, d.grad_views());
     return opt;
+  };
+  // a host optimizer of the same layout (its parameters are not part of the state)
+  using host_opt = test::host_reference<R, Pol, P>;
+  auto host_of = [&] {
+    return std::make_unique<host_opt>(pr.params, R{.weight_decay = 0.01f}, o, overrides);
   };
   // straight through
   device_tensors<P, P> da(pr);
@@ -629,41 +481,21 @@ TEST_CASE("device_optimizer over cudaMalloc'd params: 10 steps == 5 + save + loa
   CHECK(c.step_count_blocking(e) == 5);
   run(c, db, 5, 10);
   CHECK(c.step_count_blocking(e) == 10);
-  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-    INFO("parameter ", i, " of size ", pr.sizes[i]);
-    auto const x = da.p[i]->download();
-    auto const y = db.p[i]->download();
-    CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(P)) == 0);
-  }
-  using host_opt = oq::optimizer<R, Pol, P>;
-  std::vector<std::vector<P>> s1 = pr.params, s2 = pr.params;
-  host_opt ha(R{.weight_decay = 0.01f}, o), hc(R{.weight_decay = 0.01f}, o);
-  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-    typename host_opt::param_options po;
-    if (i == 2)
-      po.lr_scale = 0.5f;
-    if (i == 8)
-      po.fp32_state = true;
-    ha.add_param(tensor_view<P>(s1[i].data(), s1[i].size(), memory_space::host), po);
-    hc.add_param(tensor_view<P>(s2[i].data(), s2[i].size(), memory_space::host), po);
-  }
-  a.copy_state_to(e, ha);
-  c.copy_state_to(e, hc);
-  check_same_state(ha, hc);
-  CHECK(oq::state_access<host_opt>::history(ha) == oq::state_access<host_opt>::history(hc));
+  std::vector<std::vector<P>> straight;
+  for (auto const& x : da.p)
+    straight.push_back(x->download());
+  check_params(db, straight);
+  using access = oq::state_access<typename host_opt::optimizer_type>;
+  auto const ha = host_of();
+  auto const hc = host_of();
+  a.copy_state_to(e, ha->opt);
+  c.copy_state_to(e, hc->opt);
+  test::check_same_state(ha->opt, hc->opt);
+  CHECK(access::history(ha->opt) == access::history(hc->opt));
   // the file is the host optimizer's format: a host optimizer loads it
-  host_opt hl(R{.weight_decay = 0.01f}, o);
-  std::vector<std::vector<P>> s3 = pr.params;
-  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-    typename host_opt::param_options po;
-    if (i == 2)
-      po.lr_scale = 0.5f;
-    if (i == 8)
-      po.fp32_state = true;
-    hl.add_param(tensor_view<P>(s3[i].data(), s3[i].size(), memory_space::host), po);
-  }
-  oq::load_state(hl, path);
-  CHECK(hl.step_count() == 5);
+  auto const hl = host_of();
+  oq::load_state(hl->opt, path);
+  CHECK(hl->opt.step_count() == 5);
   // a corrupt file: format_error, the optimizer unchanged
   {
     std::FILE* f = std::fopen(path.string().c_str(), "r+b");
@@ -677,18 +509,9 @@ TEST_CASE("device_optimizer over cudaMalloc'd params: 10 steps == 5 + save + loa
   }
   CHECK_THROWS_AS(c.load(e, path), qmem::format_error);
   CHECK(c.step_count_blocking(e) == 10);
-  host_opt hc2(R{.weight_decay = 0.01f}, o);
-  std::vector<std::vector<P>> s4 = pr.params;
-  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-    typename host_opt::param_options po;
-    if (i == 2)
-      po.lr_scale = 0.5f;
-    if (i == 8)
-      po.fp32_state = true;
-    hc2.add_param(tensor_view<P>(s4[i].data(), s4[i].size(), memory_space::host), po);
-  }
-  c.copy_state_to(e, hc2);
-  check_same_state(hc, hc2);
+  auto const hc2 = host_of();
+  c.copy_state_to(e, hc2->opt);
+  test::check_same_state(hc->opt, hc2->opt);
   std::filesystem::remove(path);
   // preconditions
   ocu::device_optimizer<R, Pol, P> empty(e, R{}, o, dres);
@@ -751,61 +574,33 @@ TEST_CASE("optimizer_step: managed LAMB, max_unorm and percentile == host, resum
   oq::optimizer_options oo = options();
   oo.max_unorm = 0.01f;
   oo.percentile = 50;
-  std::vector<std::vector<P>> hp = pr.params;
-  oq::optimizer<oq::lamb, oq::int8_state, P> host_opt(oq::lamb{}, oo);
-  for (auto& p : hp)
-    host_opt.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
+  test::host_reference<oq::lamb, oq::int8_state, P> host(pr.params, oq::lamb{}, oo);
   memory::cuda_managed_resource managed(0);
   memory::cuda_device_resource dres(0);
   oq::optimizer<oq::lamb, oq::int8_state, P> gpu_opt(oq::lamb{}, oo, managed);
-  std::vector<memory::buffer<P>> mp, mg;
-  std::vector<tensor_view<P const>> gv;
-  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-    std::size_t const n = pr.sizes[i];
-    mp.emplace_back(n, managed, memory::category::weights);
-    mg.emplace_back(n, managed, memory::category::gradients);
-    std::copy(pr.params[i].begin(), pr.params[i].end(), mp.back().data());
-    gpu_opt.add_param(tensor_view<P>(mp.back().data(), n, memory_space::managed));
-    gv.emplace_back(mg.back().data(), n, memory_space::managed);
-  }
+  test::managed_tensors<P> m(pr, gpu_opt, managed);
   exec::cuda const e{};
-  auto host_step = [&](std::size_t s) {
-    std::vector<tensor_view<P const>> hv;
-    for (auto const& g : pr.grads[s])
-      hv.emplace_back(g.data(), g.size(), memory_space::host);
-    (void)host_opt.step(exec::host{}, hv);
-  };
-  auto gpu_step = [&](ocu::optimizer_step<decltype(gpu_opt)>& gpu, std::size_t s) {
-    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    for (std::size_t i = 0; i < pr.grads[s].size(); ++i)
-      std::copy(pr.grads[s][i].begin(), pr.grads[s][i].end(), mg[i].data());
+  auto both_step = [&](ocu::optimizer_step<decltype(gpu_opt)>& gpu, std::size_t s) {
+    (void)host.step(pr.grads[s]);
+    m.set_grads(pr.grads[s]);
     gpu.step(e);
   };
   {
-    ocu::optimizer_step<decltype(gpu_opt)> gpu(e, gpu_opt, gv, dres);
-    for (std::size_t s = 0; s < 2; ++s) {
-      host_step(s);
-      gpu_step(gpu, s);
-    }
+    ocu::optimizer_step<decltype(gpu_opt)> gpu(e, gpu_opt, m.grads, dres);
+    for (std::size_t s = 0; s < 2; ++s)
+      both_step(gpu, s);
     gpu.store_step_blocking(e); // the optimizer's host view: step 2 and the norm history
   }
   CHECK(gpu_opt.step_count() == 2);
-  ocu::optimizer_step<decltype(gpu_opt)> resumed(e, gpu_opt, gv, dres); // continues from step 2
-  for (std::size_t s = 2; s < 4; ++s) {
-    host_step(s);
-    gpu_step(resumed, s);
-  }
-  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  ocu::optimizer_step<decltype(gpu_opt)> resumed(e, gpu_opt, m.grads, dres); // from step 2
+  for (std::size_t s = 2; s < 4; ++s)
+    both_step(resumed, s);
   resumed.store_step_blocking(e);
-  CHECK(gpu_opt.step_count() == host_opt.step_count());
+  CHECK(gpu_opt.step_count() == host.opt.step_count());
   using access = oq::state_access<decltype(gpu_opt)>;
-  CHECK(access::history(gpu_opt) == access::history(host_opt));
-  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-    std::size_t const n = pr.sizes[i];
-    INFO("tensor ", i, " of size ", n);
-    CHECK(std::memcmp(mp[i].data(), hp[i].data(), n * sizeof(P)) == 0);
-  }
-  check_same_state(gpu_opt, host_opt);
+  CHECK(access::history(gpu_opt) == access::history(host.opt));
+  m.check_params(host.params);
+  test::check_same_state(gpu_opt, host.opt);
 }
 
 } // namespace

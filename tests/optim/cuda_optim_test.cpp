@@ -11,6 +11,7 @@
 #include <qmem/optim/cuda/bucket_search.hpp>
 #include <qmem/optim/cuda/state_format.hpp>
 
+#include "cuda_test_support.hpp"
 #include "support/backend.hpp"
 
 #include <doctest/doctest.h>
@@ -27,6 +28,7 @@
 
 #if QMEM_HAS_CUDA()
 #include <qmem/memory/cuda_resource.cuh>
+#include <qmem/optim/cuda/detail/optimizer_groups.cuh>
 #include <qmem/optim/cuda/multi_tensor.cuh>
 #include <qmem/optim/cuda/optimizer_step.cuh>
 #include <qmem/optim/cuda/paged.cuh>
@@ -139,254 +141,19 @@ TEST_CASE("bucket search returns bnb_search256's code for all 2^32 floats (GPU)"
 namespace oq = qmem::optim;
 namespace ocu = qmem::optim::cuda;
 
-bool skip_without_gpu() {
-  if (test::gpu_present())
-    return false;
-  std::printf("[qmem] SKIPPED on cuda: no CUDA device on this machine\n");
-  MESSAGE("skipped: no CUDA device");
-  return true;
-}
-
-template <class T>
-T* to_device(std::vector<T> const& v) {
-  T* d = nullptr;
-  cuda_detail::check(cudaMalloc(&d, v.empty() ? 1 : v.size() * sizeof(T)), "cudaMalloc");
-  if (!v.empty())
-    cuda_detail::check(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice),
-                       "cudaMemcpy H2D");
-  return d;
-}
-template <class T>
-std::vector<T> to_host(T const* d, std::size_t n) {
-  std::vector<T> v(n);
-  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  if (n != 0)
-    cuda_detail::check(cudaMemcpy(v.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost),
-                       "cudaMemcpy D2H");
-  return v;
-}
-template <class T>
-bool same_bits(std::vector<T> const& a, T const* b, std::size_t n) {
-  return a.size() == n && (n == 0 || std::memcmp(a.data(), b, n * sizeof(T)) == 0);
-}
-
-//! The tensors of one comparison: initial params, and gradients per step (some elements
-//! non-finite when `poison` says so).
-template <class P, class G>
-struct problem {
-  std::vector<std::size_t> sizes;
-  std::vector<std::vector<P>> params;
-  std::vector<std::vector<std::vector<G>>> grads; // [step][tensor][i]
-};
-
-template <class P, class G>
-problem<P, G> make_problem(std::vector<std::size_t> sizes, int steps, unsigned seed,
-                           bool poison = false) {
-  problem<P, G> pr;
-  pr.sizes = sizes;
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (std::size_t n : sizes) {
-    std::vector<P> p(n);
-    for (auto& x : p)
-      x = from_float<P>(0.05f * nd(rng));
-    pr.params.push_back(std::move(p));
-  }
-  for (int s = 0; s < steps; ++s) {
-    std::vector<std::vector<G>> gs;
-    for (std::size_t n : sizes) {
-      std::vector<G> g(n);
-      float const scale = (s % 2 == 0) ? 1e-2f : 3e-3f;
-      for (auto& x : g)
-        x = from_float<G>(scale * nd(rng));
-      if (poison && n > 10) {
-        g[3] = from_float<G>(std::numeric_limits<float>::quiet_NaN());
-        g[n - 2] = from_float<G>(std::numeric_limits<float>::infinity());
-      }
-      gs.push_back(std::move(g));
-    }
-    pr.grads.push_back(std::move(gs));
-  }
-  return pr;
-}
-
-//! Runs `steps` on the host optimizer and on the device (one group, one controller), then
-//! compares parameters, codes/values and absmax of every tensor bit for bit.
-template <class Rule, class Policy, class P, class G = P>
-void compare_with_host(problem<P, G> const& pr, Rule rule, oq::optimizer_options oo,
-                       float grad_unscale = 1.0f) {
-  using host_opt = oq::optimizer<Rule, Policy, P>;
-  std::size_t const T = pr.sizes.size();
-  oo.min_quantized_size = 0; // every tensor takes the policy's formats (one device group)
-  // host
-  std::vector<std::vector<P>> hp = pr.params;
-  host_opt opt(rule, oo);
-  for (auto& p : hp)
-    opt.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
-  for (auto const& step_grads : pr.grads) {
-    std::vector<tensor_view<G const>> gv;
-    for (auto const& g : step_grads)
-      gv.emplace_back(g.data(), g.size(), memory_space::host);
-    (void)opt.step(exec::host{}, gv, oq::step_options{grad_unscale, false});
-  }
-  // device
-  memory::cuda_device_resource dres(0);
-  exec::cuda const e{};
-  ocu::cuda_step_options co;
-  co.lr = oo.lr;
-  co.nonfinite = oo.nonfinite;
-  co.max_grad_norm = oo.max_grad_norm;
-  co.grad_unscale = grad_unscale;
-  co.rounding = oo.rounding;
-  co.seed = oo.seed;
-  ocu::step_controller ctl(e, dres, co);
-  using group_t = ocu::multi_tensor_step<Rule, Policy, P, G>;
-  using traits = typename group_t::traits;
-  std::vector<P*> dp(T);
-  std::vector<G*> dg(T);
-  std::vector<std::vector<void*>> dstate(T);
-  std::vector<std::vector<float*>> dabs(T);
-  std::vector<typename group_t::tensor> ts(T);
-  for (std::size_t i = 0; i < T; ++i) {
-    std::size_t const n = pr.sizes[i];
-    dp[i] = to_device(pr.params[i]);
-    dg[i] = to_device(pr.grads[0][i]);
-    ts[i].param = dp[i];
-    ts[i].grad = dg[i];
-    ts[i].size = n;
-    ts[i].rule = rule;
-    ocu::detail::for_each_state_host<Rule::state_count>([&](auto J) {
-      using F = typename traits::template format<J.value>;
-      void* s = nullptr;
-      cuda_detail::check(cudaMalloc(&s, F::bytes(n) + 16), "cudaMalloc(state)");
-      cuda_detail::check(cudaMemset(s, 0, F::bytes(n) + 16), "cudaMemset(state)");
-      float* a = nullptr;
-      cuda_detail::check(cudaMalloc(&a, F::scale_count(n) * 4 + 16), "cudaMalloc(absmax)");
-      cuda_detail::check(cudaMemset(a, 0, F::scale_count(n) * 4 + 16), "cudaMemset(absmax)");
-      dstate[i].push_back(s);
-      dabs[i].push_back(a);
-      ts[i].state[J.value] = s;
-      ts[i].absmax[J.value] = a;
-    });
-  }
-  group_t group(e, std::span<typename group_t::tensor const>(ts), dres, ctl);
-  for (auto const& step_grads : pr.grads) {
-    for (std::size_t i = 0; i < T; ++i)
-      cuda_detail::check(cudaMemcpy(dg[i], step_grads[i].data(), step_grads[i].size() * sizeof(G),
-                                    cudaMemcpyHostToDevice),
-                         "cudaMemcpy(grad)");
-    group.step(e);
-  }
-  auto const c = ctl.read_control_blocking(e);
-  CHECK(c.step == opt.step_count());
-  // compare
-  for (std::size_t i = 0; i < T; ++i) {
-    std::size_t const n = pr.sizes[i];
-    auto const dev_p = to_host(dp[i], n);
-    INFO("tensor ", i, " of size ", n);
-    CHECK(same_bits(dev_p, hp[i].data(), n));
-    auto const& ps = opt.params()[i];
-    ocu::detail::for_each_state_host<Rule::state_count>([&](auto J) {
-      using F = typename traits::template format<J.value>;
-      INFO("state ", J.value);
-      auto const codes = to_host(static_cast<std::uint8_t const*>(dstate[i][J.value]), F::bytes(n));
-      CHECK(same_bits(codes, ps.data[J.value].data(), F::bytes(n)));
-      if constexpr (F::blockwise) {
-        auto const am = to_host(dabs[i][J.value], F::scale_count(n));
-        CHECK(same_bits(am, ps.scale[J.value].data(), F::scale_count(n)));
-      }
-    });
-  }
-  for (std::size_t i = 0; i < T; ++i) {
-    (void)cudaFree(dp[i]);
-    (void)cudaFree(dg[i]);
-    for (void* s : dstate[i])
-      (void)cudaFree(s);
-    for (float* a : dabs[i])
-      (void)cudaFree(a);
-  }
-}
-
-std::vector<std::size_t> odd_sizes() { return {1, 31, 256, 257, 1000, 4097, 33333, 65536}; }
-
-oq::optimizer_options default_options() {
-  oq::optimizer_options o;
-  o.lr = oq::lr_schedule::constant(1e-3f);
-  o.nonfinite = oq::nonfinite_policy::skip_element;
-  return o;
-}
-
-TEST_CASE("CUDA step == host optimizer, bit for bit, over 3 steps on 8 tensors of odd sizes") {
-  if (skip_without_gpu())
-    return;
-  auto const o = default_options();
-  SUBCASE("AdamW, 8-bit state, fp32 params") {
-    compare_with_host<oq::adamw, oq::int8_state, float>(
-        make_problem<float, float>(odd_sizes(), 3, 1), oq::adamw{}, o);
-  }
-  SUBCASE("AdamW, 8-bit state, bf16 params and grads") {
-    compare_with_host<oq::adamw, oq::int8_state, bf16>(make_problem<bf16, bf16>(odd_sizes(), 3, 2),
-                                                       oq::adamw{}, o);
-  }
-  SUBCASE("AdamW, fp32 state") {
-    compare_with_host<oq::adamw, oq::fp32_state, float>(
-        make_problem<float, float>(odd_sizes(), 3, 3), oq::adamw{}, o);
-  }
-  SUBCASE("AdamW, 4-bit state (block 128, odd counts pad the last nibble)") {
-    compare_with_host<oq::adamw, oq::int4_state, float>(
-        make_problem<float, float>(odd_sizes(), 3, 4), oq::adamw{}, o);
-  }
-  SUBCASE("AdamW, bf16 state with stochastic rounding") {
-    auto oo = o;
-    oo.seed = 1234;
-    compare_with_host<oq::adamw, oq::bf16_state, float>(
-        make_problem<float, float>(odd_sizes(), 3, 5), oq::adamw{}, oo);
-  }
-  SUBCASE("Lion, 8-bit state") {
-    compare_with_host<oq::lion, oq::int8_state, float>(
-        make_problem<float, float>(odd_sizes(), 3, 6), oq::lion{.weight_decay = 0.1f}, o);
-  }
-  SUBCASE("Adam (L2), FP8 e4m3 state") {
-    compare_with_host<oq::adam, oq::quantized_state<quant::fp8_e4m3>, float>(
-        make_problem<float, float>(odd_sizes(), 3, 7), oq::adam{.weight_decay = 1e-2f}, o);
-  }
-  SUBCASE("SGD with Nesterov momentum, 8-bit state, fp16 params") {
-    compare_with_host<oq::sgd, oq::int8_state, f16>(make_problem<f16, f16>(odd_sizes(), 3, 8),
-                                                    oq::sgd{.momentum = 0.9f, .nesterov = true}, o);
-  }
-  SUBCASE("bf16 params with stochastic rounding") {
-    auto oo = o;
-    oo.rounding = oq::param_rounding::stochastic;
-    oo.seed = 99;
-    compare_with_host<oq::adamw, oq::int8_state, bf16>(make_problem<bf16, bf16>(odd_sizes(), 3, 9),
-                                                       oq::adamw{}, oo);
-  }
-  SUBCASE("cosine schedule with warmup, loss unscaling and global-norm clipping") {
-    auto oo = o;
-    oo.lr = oq::lr_schedule::cosine(2e-3f, 2, 10, 1e-4f);
-    oo.max_grad_norm = 0.3f;
-    compare_with_host<oq::adamw, oq::int8_state, float>(
-        make_problem<float, float>(odd_sizes(), 4, 10), oq::adamw{}, oo, 0.5f);
-  }
-  SUBCASE("skip_element: non-finite gradient elements keep their values") {
-    compare_with_host<oq::adamw, oq::int8_state, float>(
-        make_problem<float, float>(odd_sizes(), 3, 11, true), oq::adamw{}, o);
-  }
-  SUBCASE("skip_step: a non-finite gradient skips the whole step") {
-    auto oo = o;
-    oo.nonfinite = oq::nonfinite_policy::skip_step;
-    compare_with_host<oq::adamw, oq::int8_state, float>(
-        make_problem<float, float>(odd_sizes(), 3, 12, true), oq::adamw{}, oo);
-  }
-}
-
-// --- device groups for the remaining tests --------------------------------------------------
+using test::make_problem;
+using test::problem;
+using test::same_bits;
+using test::skip_without_gpu;
+using test::to_device;
+using test::to_host;
 
 //! A group's device storage: params, grads and zeroed states (as the host optimizer starts).
 template <class Rule, class Policy, class P, class G>
 struct device_problem {
   using group_t = ocu::multi_tensor_step<Rule, Policy, P, G>;
   using traits = typename group_t::traits;
+  static constexpr int state_count = Rule::state_count;
   std::vector<std::size_t> sizes;
   std::vector<P*> p;
   std::vector<G*> g;
@@ -474,18 +241,136 @@ struct device_problem {
   }
 };
 
+//! Checks tensor k of `dev` against tensor index[k] of the host reference `ref`: parameters,
+//! codes or values, and absmax, bit for bit.
+template <class Device, class Reference>
+void check_same_as_host(Device const& dev, Reference const& ref,
+                        std::vector<std::size_t> const& index) {
+  using traits = typename Device::traits;
+  for (std::size_t k = 0; k < index.size(); ++k) {
+    std::size_t const i = index[k];
+    std::size_t const n = dev.sizes[k];
+    INFO("tensor ", i, " of size ", n);
+    CHECK(same_bits(to_host(dev.p[k], n), ref.params[i].data(), n));
+    auto const& ps = ref.opt.params()[i];
+    ocu::detail::for_each_state_host<Device::state_count>([&](auto J) {
+      using F = typename traits::template format<J.value>;
+      INFO("state ", J.value);
+      CHECK(same_bits(to_host(dev.state[k][J.value], F::bytes(n)), ps.data[J.value].data(),
+                      F::bytes(n)));
+      if constexpr (F::blockwise)
+        CHECK(same_bits(to_host(dev.absmax[k][J.value], F::scale_count(n)),
+                        ps.scale[J.value].data(), F::scale_count(n)));
+    });
+  }
+}
+
+//! Every index of a problem of `count` tensors.
+std::vector<std::size_t> all_of(std::size_t count) {
+  std::vector<std::size_t> v(count);
+  for (std::size_t i = 0; i < count; ++i)
+    v[i] = i;
+  return v;
+}
+
+//! Runs `steps` on the host optimizer and on the device (one group, one controller), then
+//! compares parameters, codes/values and absmax of every tensor bit for bit.
+template <class Rule, class Policy, class P, class G = P>
+void compare_with_host(problem<P, G> const& pr, Rule rule, oq::optimizer_options oo,
+                       float grad_unscale = 1.0f) {
+  oo.min_quantized_size = 0; // every tensor takes the policy's formats (one device group)
+  test::host_reference<Rule, Policy, P> host(pr.params, rule, oo);
+  host.run(pr, oq::step_options{grad_unscale, false});
+  memory::cuda_device_resource dres(0);
+  exec::cuda const e{};
+  ocu::cuda_step_options co = ocu::detail::step_options_of(oo, nullptr);
+  co.grad_unscale = grad_unscale;
+  ocu::step_controller ctl(e, dres, co);
+  device_problem<Rule, Policy, P, G> d(pr, rule);
+  typename device_problem<Rule, Policy, P, G>::group_t group(e, d.span(), dres, ctl);
+  for (auto const& step_grads : pr.grads) {
+    d.set_grads(step_grads);
+    group.step(e);
+  }
+  CHECK(ctl.read_control_blocking(e).step == host.opt.step_count());
+  check_same_as_host(d, host, all_of(pr.sizes.size()));
+}
+
+std::vector<std::size_t> odd_sizes() { return {1, 31, 256, 257, 1000, 4097, 33333, 65536}; }
+
+TEST_CASE("CUDA step == host optimizer, bit for bit, over 3 steps on 8 tensors of odd sizes") {
+  if (skip_without_gpu())
+    return;
+  auto const o = test::comparison_options();
+  SUBCASE("AdamW, 8-bit state, fp32 params") {
+    compare_with_host<oq::adamw, oq::int8_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 1), oq::adamw{}, o);
+  }
+  SUBCASE("AdamW, 8-bit state, bf16 params and grads") {
+    compare_with_host<oq::adamw, oq::int8_state, bf16>(make_problem<bf16, bf16>(odd_sizes(), 3, 2),
+                                                       oq::adamw{}, o);
+  }
+  SUBCASE("AdamW, fp32 state") {
+    compare_with_host<oq::adamw, oq::fp32_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 3), oq::adamw{}, o);
+  }
+  SUBCASE("AdamW, 4-bit state (block 128, odd counts pad the last nibble)") {
+    compare_with_host<oq::adamw, oq::int4_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 4), oq::adamw{}, o);
+  }
+  SUBCASE("AdamW, bf16 state with stochastic rounding") {
+    auto oo = o;
+    oo.seed = 1234;
+    compare_with_host<oq::adamw, oq::bf16_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 5), oq::adamw{}, oo);
+  }
+  SUBCASE("Lion, 8-bit state") {
+    compare_with_host<oq::lion, oq::int8_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 6), oq::lion{.weight_decay = 0.1f}, o);
+  }
+  SUBCASE("Adam (L2), FP8 e4m3 state") {
+    compare_with_host<oq::adam, oq::quantized_state<quant::fp8_e4m3>, float>(
+        make_problem<float, float>(odd_sizes(), 3, 7), oq::adam{.weight_decay = 1e-2f}, o);
+  }
+  SUBCASE("SGD with Nesterov momentum, 8-bit state, fp16 params") {
+    compare_with_host<oq::sgd, oq::int8_state, f16>(make_problem<f16, f16>(odd_sizes(), 3, 8),
+                                                    oq::sgd{.momentum = 0.9f, .nesterov = true}, o);
+  }
+  SUBCASE("bf16 params with stochastic rounding") {
+    auto oo = o;
+    oo.rounding = oq::param_rounding::stochastic;
+    oo.seed = 99;
+    compare_with_host<oq::adamw, oq::int8_state, bf16>(make_problem<bf16, bf16>(odd_sizes(), 3, 9),
+                                                       oq::adamw{}, oo);
+  }
+  SUBCASE("cosine schedule with warmup, loss unscaling and global-norm clipping") {
+    auto oo = o;
+    oo.lr = oq::lr_schedule::cosine(2e-3f, 2, 10, 1e-4f);
+    oo.max_grad_norm = 0.3f;
+    compare_with_host<oq::adamw, oq::int8_state, float>(
+        make_problem<float, float>(odd_sizes(), 4, 10), oq::adamw{}, oo, 0.5f);
+  }
+  SUBCASE("skip_element: non-finite gradient elements keep their values") {
+    compare_with_host<oq::adamw, oq::int8_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 11, true), oq::adamw{}, o);
+  }
+  SUBCASE("skip_step: a non-finite gradient skips the whole step") {
+    auto oo = o;
+    oo.nonfinite = oq::nonfinite_policy::skip_step;
+    compare_with_host<oq::adamw, oq::int8_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 12, true), oq::adamw{}, oo);
+  }
+}
+
 TEST_CASE("two groups on one controller (8-bit and, below 4096 elements, fp32) == host optimizer") {
   if (skip_without_gpu())
     return;
   using P = float;
   auto const pr = make_problem<P, P>(odd_sizes(), 3, 21);
-  oq::optimizer_options oo = default_options();
+  oq::optimizer_options oo = test::comparison_options();
   oo.max_grad_norm = 0.05f; // the global norm spans both groups
   // host, with bitsandbytes' default threshold
-  std::vector<std::vector<P>> hp = pr.params;
-  oq::optimizer<oq::adamw, oq::int8_state, P> opt(oq::adamw{}, oo);
-  for (auto& p : hp)
-    opt.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
+  test::host_reference<oq::adamw, oq::int8_state, P> host(pr.params, oq::adamw{}, oo);
   // device: split the tensors the same way
   problem<P, P> big, small;
   std::vector<std::size_t> big_index, small_index;
@@ -504,21 +389,14 @@ TEST_CASE("two groups on one controller (8-bit and, below 4096 elements, fp32) =
   }
   memory::cuda_device_resource dres(0);
   exec::cuda const e{};
-  ocu::cuda_step_options co;
-  co.lr = oo.lr;
-  co.nonfinite = oo.nonfinite;
-  co.max_grad_norm = oo.max_grad_norm;
-  ocu::step_controller ctl(e, dres, co);
+  ocu::step_controller ctl(e, dres, ocu::detail::step_options_of(oo, nullptr));
   device_problem<oq::adamw, oq::int8_state, P, P> dq(big, oq::adamw{});
   device_problem<oq::adamw, oq::fp32_state, P, P> df(small, oq::adamw{});
   ocu::multi_tensor_step<oq::adamw, oq::int8_state, P, P> gq(e, dq.span(), dres, ctl);
   ocu::multi_tensor_step<oq::adamw, oq::fp32_state, P, P> gf(e, df.span(), dres, ctl);
   float host_norm = 0.0f;
   for (std::size_t s = 0; s < pr.grads.size(); ++s) {
-    std::vector<tensor_view<P const>> gv;
-    for (auto const& g : pr.grads[s])
-      gv.emplace_back(g.data(), g.size(), memory_space::host);
-    host_norm = opt.step(exec::host{}, gv).grad_norm;
+    host_norm = host.step(pr.grads[s]).grad_norm;
     dq.set_grads(big.grads[s]);
     df.set_grads(small.grads[s]);
     ocu::step(e, ctl, gq, gf);
@@ -526,22 +404,8 @@ TEST_CASE("two groups on one controller (8-bit and, below 4096 elements, fp32) =
   auto const c = ctl.read_control_blocking(e);
   CHECK(c.step == 3);
   CHECK(c.grad_norm == doctest::Approx(host_norm).epsilon(1e-6));
-  auto check_group = [&](auto& dev, std::vector<std::size_t> const& index) {
-    using traits = typename std::remove_reference_t<decltype(dev)>::traits;
-    for (std::size_t k = 0; k < index.size(); ++k) {
-      std::size_t const i = index[k];
-      std::size_t const n = pr.sizes[i];
-      INFO("tensor ", i, " of size ", n);
-      CHECK(same_bits(to_host(dev.p[k], n), hp[i].data(), n));
-      ocu::detail::for_each_state_host<2>([&](auto J) {
-        using F = typename traits::template format<J.value>;
-        CHECK(same_bits(to_host(dev.state[k][J.value], F::bytes(n)),
-                        opt.params()[i].data[J.value].data(), F::bytes(n)));
-      });
-    }
-  };
-  check_group(dq, big_index);
-  check_group(df, small_index);
+  check_same_as_host(dq, host, big_index);
+  check_same_as_host(df, host, small_index);
 }
 
 TEST_CASE("a step captured in a CUDA graph replays exactly (lr, step and scalars on the device)") {
@@ -757,51 +621,24 @@ TEST_CASE("optimizer_step: an optimizer's own (managed) state stepped on the GPU
     return;
   using P = float;
   auto const pr = make_problem<P, P>(odd_sizes(), 3, 61);
-  oq::optimizer_options oo = default_options();
+  oq::optimizer_options oo = test::comparison_options();
   oo.max_grad_norm = 0.05f; // clipping over both groups (8-bit, and fp32 below 4096 elements)
-  std::vector<std::vector<P>> hp = pr.params;
-  oq::optimizer<oq::adamw, oq::int8_state, P> host_opt(oq::adamw{}, oo);
-  for (auto& p : hp)
-    host_opt.add_param(tensor_view<P>(p.data(), p.size(), memory_space::host));
+  test::host_reference<oq::adamw, oq::int8_state, P> host(pr.params, oq::adamw{}, oo);
   memory::cuda_managed_resource managed(0);
   memory::cuda_device_resource dres(0);
   oq::optimizer<oq::adamw, oq::int8_state, P> gpu_opt(oq::adamw{}, oo, managed);
-  std::vector<memory::buffer<P>> mp, mg;
-  std::vector<tensor_view<P const>> gv;
-  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-    std::size_t const n = pr.sizes[i];
-    mp.emplace_back(n, managed, memory::category::weights);
-    mg.emplace_back(n, managed, memory::category::gradients);
-    std::copy(pr.params[i].begin(), pr.params[i].end(), mp.back().data());
-    gpu_opt.add_param(tensor_view<P>(mp.back().data(), n, memory_space::managed));
-    gv.emplace_back(mg.back().data(), n, memory_space::managed);
-  }
+  test::managed_tensors<P> m(pr, gpu_opt, managed);
   exec::cuda const e{};
-  ocu::optimizer_step<decltype(gpu_opt)> gpu(e, gpu_opt, gv, dres);
+  ocu::optimizer_step<decltype(gpu_opt)> gpu(e, gpu_opt, m.grads, dres);
   for (auto const& step_grads : pr.grads) {
-    std::vector<tensor_view<P const>> hv;
-    for (auto const& g : step_grads)
-      hv.emplace_back(g.data(), g.size(), memory_space::host);
-    (void)host_opt.step(exec::host{}, hv);
-    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    for (std::size_t i = 0; i < step_grads.size(); ++i)
-      std::copy(step_grads[i].begin(), step_grads[i].end(), mg[i].data());
+    (void)host.step(step_grads);
+    m.set_grads(step_grads);
     gpu.step(e);
   }
-  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  CHECK(gpu.controller().read_control_blocking(e).step == host_opt.step_count());
-  for (std::size_t i = 0; i < pr.sizes.size(); ++i) {
-    std::size_t const n = pr.sizes[i];
-    INFO("tensor ", i, " of size ", n);
-    CHECK(std::memcmp(mp[i].data(), hp[i].data(), n * sizeof(P)) == 0);
-    for (std::size_t k = 0; k < 2; ++k) {
-      auto const& a = gpu_opt.params()[i];
-      auto const& b = host_opt.params()[i];
-      CHECK(a.data[k].size() == b.data[k].size());
-      CHECK(std::memcmp(a.data[k].data(), b.data[k].data(), b.data[k].size()) == 0);
-      CHECK(std::memcmp(a.scale[k].data(), b.scale[k].data(), b.scale[k].size_bytes()) == 0);
-    }
-  }
+  CHECK(gpu.controller().read_control_blocking(e).step == host.opt.step_count());
+  m.check_params(host.params);
+  gpu.store_step_blocking(e); // the step count and lr, for the comparison of the whole state
+  test::check_same_state(gpu_opt, host.opt);
   // state the GPU cannot reach (host memory) is refused before anything is allocated
   oq::optimizer<oq::adamw, oq::int8_state, P> refused(oq::adamw{}, oo);
   CHECK_THROWS_AS(ocu::optimizer_step<decltype(refused)>(e, refused, {}, dres), qmem::bad_argument);
