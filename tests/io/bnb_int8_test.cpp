@@ -32,15 +32,9 @@
 
 #include "io_test_support.hpp"
 
-namespace {
+using namespace qmem::test::io_names;
 
-using qmem::bf16;
-using qmem::dtype;
-using qmem::f16;
-using qmem::io::safetensors_reader;
-using qmem::io::safetensors_writer;
-using qmem::test::scratch_dir;
-using qmem::test::slurp;
+namespace {
 
 template <class T>
 std::span<std::byte const> bytes_of(std::vector<T> const& v) {

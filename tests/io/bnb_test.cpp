@@ -18,16 +18,9 @@
 
 #include "io_test_support.hpp"
 
-namespace fs = std::filesystem;
-using qmem::dtype;
-using qmem::io::bnb_format;
-using qmem::io::safetensors_reader;
+using namespace qmem::test::io_names;
 
 namespace {
-
-using qmem::test::data_dir;
-using qmem::test::scratch_dir;
-using qmem::test::slurp;
 
 // Writes every tensor of `r` except those in `skip`, plus `extra` weights, to `path`.
 void rewrite(safetensors_reader const& r, std::vector<qmem::io::bnb_weight> const& weights,

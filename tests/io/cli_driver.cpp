@@ -21,15 +21,9 @@
 
 #include "io_test_support.hpp"
 
-namespace fs = std::filesystem;
-using qmem::dtype;
-using qmem::io::safetensors_reader;
+using namespace qmem::test::io_names;
 
 namespace {
-
-using qmem::test::data_dir;
-using qmem::test::scratch_dir;
-using qmem::test::slurp;
 
 struct result {
   int rc = -1;

@@ -1,7 +1,10 @@
 #pragma once
 // Support shared by the io tests (bnb_test, bnb_int8_test, safetensors_test, and cli_driver, which
 // tools/CMakeLists.txt builds into qmem_cli_tests): the test data directory, whole-file reads and
-// a scratch directory removed at scope exit.
+// a scratch directory removed at scope exit; `using namespace qmem::test::io_names;` brings the
+// names every io test uses.
+#include <qmem/io.hpp>
+
 #include <cstddef>
 #include <cstring>
 #include <filesystem>
@@ -53,5 +56,20 @@ struct scratch_dir {
     return static_cast<std::size_t>(std::distance(std::filesystem::directory_iterator(path), {}));
   }
 };
+
+//! The names the io tests use unqualified (one using-directive per test file).
+namespace io_names {
+namespace fs = std::filesystem;
+using qmem::bf16;
+using qmem::dtype;
+using qmem::f16;
+using qmem::io::bnb_format;
+using qmem::io::safetensors_reader;
+using qmem::io::safetensors_writer;
+using qmem::test::data_dir;
+using qmem::test::scratch_dir;
+using qmem::test::slurp;
+using qmem::test::slurp_bytes;
+} // namespace io_names
 
 } // namespace qmem::test

@@ -15,14 +15,9 @@
 
 #include "io_test_support.hpp"
 
-namespace fs = std::filesystem;
-using qmem::dtype;
-using qmem::io::safetensors_reader;
+using namespace qmem::test::io_names;
 
 namespace {
-
-using qmem::test::data_dir;
-using qmem::test::scratch_dir;
 
 // A file image: 8-byte length, the header as given, `data` bytes of zeros.
 std::vector<std::byte> image(std::string const& header, std::size_t data = 0) {

@@ -35,6 +35,7 @@
 #include <qmem/core/exec.hpp>
 #include <qmem/core/numeric.hpp>
 #include <qmem/core/tensor.hpp>
+#include <qmem/io/detail/stored_weight.hpp>
 #include <qmem/io/safetensors.hpp>
 #include <qmem/quant/blockwise.hpp>
 #include <qmem/quant/code_table.hpp>
@@ -305,7 +306,7 @@ struct stored_tensor {
 
 //! A bnb-quantized weight: its quant state and the stored tensors, kept as stored so that writing
 //! them back gives the same bytes.
-struct bnb_weight {
+struct bnb_weight : detail::stored_weight<bnb_weight> {
   std::string name;                           //!< the weight's key `W`
   bnb_quant_state state;                      //!< parsed from `state_json`
   std::string state_json;                     //!< the quant-state bytes as stored
@@ -358,19 +359,14 @@ struct bnb_weight {
     return out;
   }
 
-  //! Adds every tensor of this weight to `w`.
-  void add_to(safetensors_writer& w) const {
-    for (auto const& [spec, bytes] : tensors())
-      w.add(spec.name, spec.type, spec.shape, bytes);
-  }
+  using detail::stored_weight<bnb_weight>::dequantize; // the copy into a new vector
 
   //! Dequantizes into `out` (numel() elements, host memory) with bitsandbytes' arithmetic:
   //! table[code] * absmax in float (absmax = nested_table[q] * nested_absmax + offset when nested),
   //! rounded once to T. Throws bad_argument when out has the wrong size or is not host memory.
   template <float_element T>
   void dequantize(exec::host const& e, tensor_view<T> out) const {
-    QMEM_EXPECTS(out.size() == numel(), "out has ", out.size(), " elements; weight '", name,
-                 "' has ", numel());
+    check_output(out);
     switch (state.format) {
     case bnb_format::nf4: dequantize_as<quant::nf4>(e, out); break;
     case bnb_format::fp4: dequantize_as<quant::fp4>(e, out); break;
@@ -389,14 +385,6 @@ struct bnb_weight {
   //! dynamic_signed (int8), and its buffers are in host-accessible memory; throws bad_argument.
   [[nodiscard]] static bnb_weight from_quantized(std::string name,
                                                  quant::quantized_tensor const& q);
-
-  //! The dequantized values as a new vector.
-  template <float_element T>
-  [[nodiscard]] std::vector<T> dequantize(exec::host const& e = {}) const {
-    std::vector<T> out(numel());
-    dequantize(e, view(out));
-    return out;
-  }
 
 private:
   template <quant::code_type C, float_element T>

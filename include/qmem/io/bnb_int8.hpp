@@ -42,6 +42,7 @@
 #include <qmem/core/numeric.hpp>
 #include <qmem/core/tensor.hpp>
 #include <qmem/io/bnb.hpp>
+#include <qmem/io/detail/stored_weight.hpp>
 #include <qmem/io/safetensors.hpp>
 #include <qmem/quant/rowwise.hpp>
 
@@ -88,7 +89,7 @@ inline std::string int8_format_key(std::string_view w) {
 
 //! A bitsandbytes LLM.int8 weight: codes, row scales and the format flag, kept as stored so that
 //! writing them back gives the same bytes.
-struct int8_weight {
+struct int8_weight : detail::stored_weight<int8_weight> {
   std::string name;                           //!< the weight's key `P` + "weight"
   stored_tensor codes;                        //!< I8 [rows, cols]
   stored_tensor scb;                          //!< F32 [rows]
@@ -128,30 +129,18 @@ struct int8_weight {
     return out;
   }
 
-  //! Adds every tensor of this weight to `w`.
-  void add_to(safetensors_writer& w) const {
-    for (auto const& [spec, bytes] : tensors())
-      w.add(spec.name, spec.type, spec.shape, bytes);
-  }
+  using detail::stored_weight<int8_weight>::dequantize; // the copy into a new vector
 
   //! Dequantizes into `out` (numel() elements, row-major, host memory):
-  //! out[r][c] = T((q[r][c] * SCB[r]) * (1/127)). Throws bad_argument when out has the wrong size.
+  //! out[r][c] = T((q[r][c] * SCB[r]) * (1/127)). Throws bad_argument when out has the wrong size
+  //! or is not host memory.
   template <float_element T>
   void dequantize(exec::host const& e, tensor_view<T> out) const {
-    QMEM_EXPECTS(out.size() == numel(), "out has ", out.size(), " elements; weight '", name,
-                 "' has ", numel());
+    check_output(out);
     auto const s = scb.as<float>(rows());
     tensor_view<std::int8_t const> const q(reinterpret_cast<std::int8_t const*>(codes.bytes.data()),
                                            numel());
     quant::dequantize_rowwise(e, q, view(s), rows(), cols(), out);
-  }
-
-  //! The dequantized values as a new vector.
-  template <float_element T>
-  [[nodiscard]] std::vector<T> dequantize(exec::host const& e = {}) const {
-    std::vector<T> out(numel());
-    dequantize(e, view(out));
-    return out;
   }
 };
 
