@@ -64,18 +64,23 @@ __attribute__((target("avx512f"))) void table_encode_avx512(quant::detail::searc
 }
 #endif
 
-template <class C>
-void check_table(char const* name) {
+// Compares search table `table` with `want` (float -> code) on a strided sweep of all float
+// patterns (every one with QMEM_EXHAUSTIVE=1), every level of `sorted` and every midpoint +-8
+// ulps, every bucket edge, zeros, infinities and NaN (not with `finite_only`); with `simd`, the
+// AVX2 and AVX-512 look-ups (table_encode8, table_encode16) on the same values where the CPU has
+// them.
+template <class Want, std::size_t Levels>
+void check_table_against(char const* name, quant::detail::search_table const& table,
+                         Want const& want_of, float const (&sorted)[Levels], bool simd,
+                         bool finite_only = false) {
   CAPTURE(name);
-  static_assert(quant::detail::search_table_proven_v<C>);
-  auto const& table = quant::detail::search_table_of<C>();
   REQUIRE(table.exact());
   auto const run = isas();
-  bool const avx2 = run.size() > 1;
-  bool const avx512 = run.size() > 2;
+  bool const avx2 = simd && run.size() > 1;
+  bool const avx512 = simd && run.size() > 2;
   std::size_t checked = 0, bad = 0;
   float batch[16];
-  std::uint8_t wanted[16]; // C::encode of batch (computed once: the exhaustive run is long)
+  std::uint8_t wanted[16]; // want_of(batch) (computed once: the exhaustive run is long)
   int filled = 0;
   auto flush = [&] {
 #if QMEM_OPTIM_HOST_SIMD
@@ -101,8 +106,10 @@ void check_table(char const* name) {
     filled = 0;
   };
   auto check = [&](float x) {
+    if (finite_only && std::isnan(x))
+      return;
     ++checked;
-    std::uint8_t const want = C::encode(x, C::book);
+    std::uint8_t const want = want_of(x);
     std::uint8_t const got = table.encode(x);
     if (got != want && bad++ < 10)
       FAIL_CHECK("x = ", x, " (bits ", std::bit_cast<std::uint32_t>(x), "): table ", int(got),
@@ -121,12 +128,11 @@ void check_table(char const* name) {
   std::uint64_t const stride = exhaustive ? 1 : 4099;
   for (std::uint64_t u = 0; u < (std::uint64_t{1} << 32); u += stride)
     check(std::bit_cast<float>(static_cast<std::uint32_t>(u)));
-  constexpr std::size_t levels = std::size(C::book.sorted);
-  for (std::size_t i = 0; i < levels; ++i) {
-    around(C::book.sorted[i], 8);
-    around(-C::book.sorted[i], 8);
-    if (i + 1 < levels)
-      around((C::book.sorted[i] + C::book.sorted[i + 1]) * 0.5f, 8);
+  for (std::size_t i = 0; i < Levels; ++i) {
+    around(sorted[i], 8);
+    around(-sorted[i], 8);
+    if (i + 1 < Levels)
+      around((sorted[i] + sorted[i + 1]) * 0.5f, 8);
   }
   using quant::detail::search_table;
   for (std::uint32_t k = search_table::key_lo; k <= search_table::key_hi; ++k) {
@@ -142,6 +148,131 @@ void check_table(char const* name) {
   std::printf("[qmem search table] %s: %zu values%s, AVX2 %s, AVX-512 %s, %zu differ\n", name,
               checked, exhaustive ? " (every float)" : "", avx2 ? "checked" : "not run",
               avx512 ? "checked" : "not run", bad);
+}
+
+// The code's search table against C::encode.
+template <class C>
+void check_table(char const* name) {
+  static_assert(quant::detail::search_table_proven_v<C>);
+  check_table_against(
+      name, quant::detail::search_table_of<C>(), [](float x) { return C::encode(x, C::book); },
+      C::book.sorted, true);
+}
+
+// Format F's block table (optimizer.hpp, host_encoder::block_table) against its whole encoder,
+// the sign fix included, F::fix_sign(C::encode(xn), xn), for every non-NaN xn (the kernels use it
+// only in blocks without NaN; NaN's code there would depend on its sign).
+template <class F>
+void check_block_table(char const* name) {
+  using C = typename F::code;
+  auto const* table = optim::detail::host_encoder<F>::block_table();
+  REQUIRE(table != nullptr);
+  check_table_against(
+      name, *table, [](float x) { return F::fix_sign(C::encode(x, C::book), x); }, C::book.sorted,
+      false, true);
+}
+
+// States of blocks of format F aimed at the block table's edges: for several absmax (normal,
+// tiny, huge, subnormal), each code level, each midpoint between levels and each bucket edge,
+// times absmax, +-6 ulps, both signs, zeros; the first element of each block is +-absmax.
+template <class F>
+std::vector<float> near_step_states(float amax) {
+  using C = typename F::code;
+  std::vector<float> xn;
+  constexpr std::size_t levels = std::size(C::book.sorted);
+  for (std::size_t i = 0; i < levels; ++i) {
+    xn.push_back(C::book.sorted[i]);
+    if (i + 1 < levels)
+      xn.push_back((C::book.sorted[i] + C::book.sorted[i + 1]) * 0.5f);
+  }
+  using quant::detail::search_table;
+  for (std::uint32_t k = search_table::key_lo; k <= search_table::key_hi; k += 3)
+    xn.push_back(std::bit_cast<float>(k << search_table::shift));
+  std::vector<float> out;
+  for (float x : xn)
+    for (int d = -6; d <= 6; ++d)
+      for (float sign : {1.0f, -1.0f}) {
+        if (out.size() % F::block_size == 0)
+          out.push_back(out.size() / F::block_size % 2 == 0 ? amax : -amax);
+        float const s = std::min(std::fabs(x * amax), amax);
+        auto const bits = static_cast<std::int64_t>(std::bit_cast<std::uint32_t>(s)) + d;
+        float const v = bits < 0 ? 0.0f : std::bit_cast<float>(static_cast<std::uint32_t>(bits));
+        out.push_back(sign * std::min(v, amax));
+      }
+  for (float z : {0.0f, -0.0f, 1e-45f, -1e-45f, 1e-30f, -1e-30f}) {
+    if (out.size() % F::block_size == 0)
+      out.push_back(amax);
+    out.push_back(z);
+  }
+  while (out.size() % F::block_size != 0)
+    out.push_back(-0.0f);
+  return out;
+}
+
+#if QMEM_OPTIM_HOST_SIMD
+// F's SIMD block encoder of the given ISA on the blocks of `v` against F::encode per element.
+template <class F>
+std::size_t block_kernel_mismatches(host_isa isa, std::vector<float> const& v) {
+  optim::detail::host_encoder<F> const enc;
+  REQUIRE(enc.table != nullptr);
+  std::size_t bad = 0;
+  std::vector<std::uint8_t> codes(F::block_size);
+  for (std::size_t b = 0; b < v.size(); b += F::block_size) {
+    float const* vb = v.data() + b;
+    // (a size known at compile time made g++ 12 warn about the kernels' scalar tails)
+    std::size_t const m = std::min(F::block_size, v.size() - b);
+    std::size_t done = 0;
+    float amax = 0.0f;
+    if constexpr (F::bits == 8)
+      amax = isa == host_isa::avx512
+                 ? optim::detail::store_block8_512(*enc.table, enc.block_entries,
+                                                   enc.negative_below, vb, m, codes.data(), done)
+                 : optim::detail::store_block8(*enc.table, enc.block_entries, enc.negative_below,
+                                               vb, m, codes.data(), done);
+    else
+      amax = isa == host_isa::avx512 ? optim::detail::store_block4_512(
+                                           *enc.table, enc.block_entries, vb, m, codes.data(), done)
+                                     : optim::detail::store_block4(*enc.table, enc.block_entries,
+                                                                   vb, m, codes.data(), done);
+    REQUIRE(done == m);
+    float want_amax = 0.0f;
+    for (std::size_t i = 0; i < m; ++i)
+      want_amax = std::max(want_amax, std::fabs(vb[i]));
+    CHECK(std::bit_cast<std::uint32_t>(amax) == std::bit_cast<std::uint32_t>(want_amax));
+    for (std::size_t i = 0; i < m; ++i) {
+      std::uint8_t const want = F::encode(vb[i], amax);
+      std::uint8_t const got =
+          F::bits == 8
+              ? codes[i]
+              : static_cast<std::uint8_t>(i % 2 == 0 ? codes[i / 2] >> 4 : codes[i / 2] & 15);
+      if (got != want && bad++ < 10)
+        FAIL_CHECK("ISA ", static_cast<int>(isa), " absmax ", amax, " s = ", vb[i], " (bits ",
+                   std::bit_cast<std::uint32_t>(vb[i]), "): ", int(got), ", encode ", int(want));
+    }
+  }
+  return bad;
+}
+#endif
+
+template <class F>
+void check_block_kernels(char const* name) {
+  CAPTURE(name);
+#if QMEM_OPTIM_HOST_SIMD
+  REQUIRE(optim::detail::host_encoder<F>::block_table() != nullptr);
+  std::size_t values = 0;
+  for (float amax : {1.0f, 0.37f, 3.3e-5f, 7.1e30f, 3.0e38f, 1.17549435e-38f, 1e-40f}) {
+    CAPTURE(amax);
+    auto const v = near_step_states<F>(amax);
+    values += v.size();
+    for (host_isa isa : isas())
+      if (isa != host_isa::portable)
+        CHECK(block_kernel_mismatches<F>(isa, v) == 0);
+  }
+  std::printf("[qmem block table] %s: %zu states near steps, %zu SIMD paths\n", name, values,
+              isas().size() - 1);
+#else
+  MESSAGE("no SIMD kernels in this build");
+#endif
 }
 
 std::vector<float> randn(std::size_t n, float scale, unsigned seed) {
@@ -232,6 +363,23 @@ TEST_CASE("search table: equal to Code::encode for every code type it serves (8-
   check_table<quant::linear_unsigned>("linear_unsigned");
   check_table<optim::dynamic4_signed>("dynamic4_signed");
   check_table<optim::linear4_unsigned>("linear4_unsigned");
+}
+
+TEST_CASE("block tables: equal to each format's encoder with the sign fix, and so are the SIMD "
+          "block kernels near every step") {
+  using optim::blockwise_format;
+  using signed8 = blockwise_format<quant::dynamic_signed, 256, true>;
+  using unsigned8 = blockwise_format<quant::dynamic_unsigned, 256>;
+  using signed4 = blockwise_format<optim::dynamic4_signed, 128>;
+  using unsigned4 = blockwise_format<optim::linear4_unsigned, 128>;
+  check_block_table<signed8>("dynamic_signed, sign fix");
+  check_block_table<unsigned8>("dynamic_unsigned");
+  check_block_table<signed4>("dynamic4_signed");
+  check_block_table<unsigned4>("linear4_unsigned");
+  check_block_kernels<signed8>("dynamic_signed, sign fix");
+  check_block_kernels<unsigned8>("dynamic_unsigned");
+  check_block_kernels<signed4>("dynamic4_signed");
+  check_block_kernels<unsigned4>("linear4_unsigned");
 }
 
 TEST_CASE("host step: the AVX2 and AVX-512 kernels give the portable step's bits") {

@@ -91,6 +91,9 @@ struct host_encoder {
   //! this; -1 when F has no sign fix. (A code table without that property gets no table.)
   int negative_below = negative_below_of();
 
+  //! The entries of the block table (see block_table()), or nullptr where there is none.
+  std::uint32_t const* block_entries = block_entries_of();
+
   //! code_type::encode(xn), exactly.
   QMEM_INLINE std::uint8_t code(float xn) const noexcept {
     return table != nullptr ? table->encode(xn) : code_type::encode(xn, code_type::book);
@@ -102,6 +105,44 @@ struct host_encoder {
     } else {
       return nullptr;
     }
+  }
+  //! The block table: the search table of the whole element encoder of F in a block whose
+  //! absmax is positive and finite, xn -> F::fix_sign(code_type::encode(xn), xn), with which the
+  //! SIMD kernels (optim/detail/host_simd.hpp, block_encode8 / block_encode16) need no NaN
+  //! select and no sign fix. There xn = s / absmax has the sign bit of s, and xn > 0 unless s > 0
+  //! underflows to +0, which gets the same fix when the code of +0 has a value without the sign
+  //! bit (checked here). The kernels also need the first bucket of each sign to hold no step
+  //! (checked). For a format without a sign fix this is the code's own search table. nullptr
+  //! when a check fails or the code has no proven search table. Equal to the encoder for every
+  //! non-NaN float (tests/optim/host_simd_test.cpp; all 2^32 with QMEM_EXHAUSTIVE=1).
+  static quant::detail::search_table const* block_table() {
+    if constexpr (quant::detail::search_table_proven_v<code_type>) {
+      static quant::detail::search_table const* const t =
+          []() -> quant::detail::search_table const* {
+        if (table_of() == nullptr)
+          return nullptr;
+        quant::detail::search_table const* bt = table_of();
+        if constexpr (F::sign_fix) {
+          static quant::detail::search_table const fixed([](float xn) -> std::uint8_t {
+            return F::fix_sign(code_type::encode(xn, code_type::book), xn);
+          });
+          bt = &fixed;
+        }
+        using quant::detail::search_table;
+        std::uint8_t const zero_code = code_type::encode(0.0f, code_type::book);
+        bool const ok = bt->exact() && (bt->entries()[0] >> 16) == 0xffffu &&
+                        (bt->entries()[search_table::buckets] >> 16) == 0xffffu &&
+                        !std::signbit(code_type::decode(zero_code, code_type::book));
+        return ok ? bt : nullptr;
+      }();
+      return t;
+    } else {
+      return nullptr;
+    }
+  }
+  static std::uint32_t const* block_entries_of() {
+    auto const* t = block_table();
+    return t != nullptr ? t->entries() : nullptr;
   }
   static int negative_below_of() {
     if constexpr (F::sign_fix) {
@@ -595,16 +636,18 @@ private:
 #if QMEM_OPTIM_HOST_SIMD
         if (isa == detail::host_isa::avx512 && enc.table != nullptr) {
           if constexpr (F::bits == 8)
-            amax = detail::store_block8_512(*enc.table, enc.negative_below, vb, m,
-                                            r.codes + first + b, done);
+            amax = detail::store_block8_512(*enc.table, enc.block_entries, enc.negative_below, vb,
+                                            m, r.codes + first + b, done);
           else
-            amax = detail::store_block4_512(*enc.table, vb, m, r.codes + (first + b) / 2, done);
+            amax = detail::store_block4_512(*enc.table, enc.block_entries, vb, m,
+                                            r.codes + (first + b) / 2, done);
         } else if (isa == detail::host_isa::avx2 && enc.table != nullptr) {
           if constexpr (F::bits == 8)
-            amax = detail::store_block8(*enc.table, enc.negative_below, vb, m, r.codes + first + b,
-                                        done);
+            amax = detail::store_block8(*enc.table, enc.block_entries, enc.negative_below, vb, m,
+                                        r.codes + first + b, done);
           else
-            amax = detail::store_block4(*enc.table, vb, m, r.codes + (first + b) / 2, done);
+            amax = detail::store_block4(*enc.table, enc.block_entries, vb, m,
+                                        r.codes + (first + b) / 2, done);
         } else
 #else
         (void)isa;
