@@ -149,29 +149,39 @@ void bm_dequantize_nf4_dq(benchmark::State& state) {
                    [&] { q.dequantize(exec::host{}, view(y)); });
 }
 
-template <class T>
-void bm_quantize_rowwise(benchmark::State& state) {
-  auto const& x = input<T>();
-  std::size_t const cols = 4096;
-  std::size_t const rows = n_elements / cols;
-  std::vector<std::int8_t> q(n_elements);
-  std::vector<float> s(rows);
-  run_against_copy(state, n_elements * sizeof(T) + n_elements + rows * sizeof(float),
-                   [&] { quantize_rowwise(exec::host{}, view(x), rows, cols, view(q), view(s)); });
-}
+// A row-wise int8 matrix of the benchmark's elements: rows of 4096, codes and row absmax.
+struct rowwise_matrix {
+  static constexpr std::size_t cols = 4096;
+  static constexpr std::size_t rows = n_elements / cols;
+  std::vector<std::int8_t> q = std::vector<std::int8_t>(n_elements);
+  std::vector<float> absmax = std::vector<float>(rows);
+
+  // Bytes a (de)quantization with T values moves.
+  template <class T>
+  static constexpr std::size_t moved() {
+    return n_elements * sizeof(T) + n_elements + rows * sizeof(float);
+  }
+  template <class T>
+  void quantize(std::vector<T> const& x) {
+    quantize_rowwise(exec::host{}, view(x), rows, cols, view(q), view(absmax));
+  }
+};
 
 template <class T>
+void bm_quantize_rowwise(benchmark::State& state) {
+  rowwise_matrix m;
+  run_against_copy(state, m.moved<T>(), [&] { m.quantize(input<T>()); });
+}
+
+// T: the output type (the codes come from the same values in T).
+template <class T>
 void bm_dequantize_rowwise(benchmark::State& state) {
-  auto const& x = input<T>();
-  std::size_t const cols = 4096;
-  std::size_t const rows = n_elements / cols;
-  std::vector<std::int8_t> q(n_elements);
-  std::vector<float> s(rows);
-  quantize_rowwise(exec::host{}, view(x), rows, cols, view(q), view(s));
+  rowwise_matrix m;
+  m.quantize(input<T>());
   std::vector<T> y(n_elements);
-  run_against_copy(state, n_elements * sizeof(T) + n_elements + rows * sizeof(float), [&] {
-    dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols,
-                       view(y));
+  run_against_copy(state, m.moved<T>(), [&] {
+    dequantize_rowwise(exec::host{}, view(std::as_const(m.q)), view(std::as_const(m.absmax)),
+                       m.rows, m.cols, view(y));
   });
 }
 
@@ -199,6 +209,11 @@ BENCHMARK(bm_quantize_nf4_dq<bf16>)->Unit(ms)->UseManualTime();
 BENCHMARK(bm_dequantize_nf4_dq<bf16>)->Unit(ms)->UseManualTime();
 BENCHMARK(bm_quantize_rowwise<bf16>)->Unit(ms)->UseManualTime();
 BENCHMARK(bm_dequantize_rowwise<bf16>)->Unit(ms)->UseManualTime();
+// f16 outputs (the codes quantized from f16 values; the same bytes as bf16)
+BENCHMARK(bm_dequantize<nf4, f16, 64>)->Unit(ms)->UseManualTime();
+BENCHMARK(bm_dequantize<dynamic_signed, f16, 4096>)->Unit(ms)->UseManualTime();
+BENCHMARK(bm_dequantize<fp8_e4m3, f16, 128>)->Unit(ms)->UseManualTime();
+BENCHMARK(bm_dequantize_rowwise<f16>)->Unit(ms)->UseManualTime();
 
 } // namespace
 

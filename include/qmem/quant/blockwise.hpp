@@ -385,6 +385,32 @@ dequantize_blocks_8bit_avx512(decltype(C::book) const& book,
   }
 }
 
+//! 4-bit dequantization of blocks [first_block, last_block) to T = bf16 or f16 with AVX-512 VBMI
+//! and BF16 (lookup_nibbles_u16_avx512: the block's 16 outputs looked up by byte permutes, 64 per
+//! step), for blocks up to nibble_permute_max_block; larger ones keep the AVX2 byte shuffles.
+//! Dev box, one thread, 2^16 values in L2, best of 300, ns per value (AVX2 -> this), NF4 to
+//! bf16: block 32: 0.40 -> 0.13 (the AVX2 loop had only a scalar tail for 16 code bytes);
+//! 64: 0.084 -> 0.061; 256: 0.050 -> 0.040; 1024: 0.040 -> 0.040; 4096: 0.034 -> 0.041.
+//! To f16, block 64: 0.30 -> 0.064 (the AVX2 loop rounds the 16 outputs with scalar code).
+inline constexpr std::size_t nibble_permute_max_block = 1024;
+
+template <code_type C, float_element T>
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi"))) void
+dequantize_blocks_4bit_u16_avx512(decltype(C::book) const& book,
+                                  std::uint8_t const* QMEM_RESTRICT codes,
+                                  float const* QMEM_RESTRICT absmax, std::size_t n,
+                                  std::size_t block_size, T* QMEM_RESTRICT y,
+                                  std::size_t first_block, std::size_t last_block) {
+  alignas(64) float values[16];
+  for (unsigned k = 0; k < 16; ++k)
+    values[k] = C::decode(static_cast<std::uint8_t>(k), book);
+  for (std::size_t blk = first_block; blk < last_block; ++blk) {
+    std::size_t const begin = blk * block_size;
+    std::size_t const count = n - begin < block_size ? n - begin : block_size;
+    lookup_nibbles_u16_avx512(values, absmax[blk], codes + begin / 2, count, y + begin);
+  }
+}
+
 //! The smallest block whose 8-bit codes go to bf16 / f16 through the block's 256-entry table
 //! (half that when the table is mirrored, fp8); smaller blocks gather. Dev box, one thread, 2^16
 //! codes in L2, ns per code to bf16 (gathers with the integer rounding before -> gathers with
@@ -498,6 +524,13 @@ void dequantize_blocks_host(decltype(C::book) const& book, std::uint8_t const* Q
                             std::size_t block_size, T* QMEM_RESTRICT y, std::size_t first_block,
                             std::size_t last_block) {
 #if QMEM_QUANT_HOST_AVX2
+  if constexpr (C::bits == 4 && (std::is_same_v<T, bf16> || std::is_same_v<T, f16>)) {
+    if (block_size <= nibble_permute_max_block && host_has_avx512_bf16()) {
+      dequantize_blocks_4bit_u16_avx512<C>(book, codes, absmax, n, block_size, y, first_block,
+                                           last_block);
+      return;
+    }
+  }
   if constexpr (C::bits == 8 && (std::is_same_v<T, bf16> || std::is_same_v<T, f16>)) {
     if (host_has_avx512_bf16()) {
       dequantize_blocks_8bit_u16_avx512<C>(book, codes, absmax, n, block_size, y, first_block,

@@ -958,6 +958,36 @@ QMEM_QUANT_AVX512VBMI_FN __m512i reduce16_max_epu32(__m512i const* m) noexcept {
       all16, _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
 }
 
+//! 32 values as two vectors of floats, the lanes outside `m` zero: bf16 widened by interleaving
+//! with zero words (lanes: elements {0-3, 8-11, 16-19, 24-27}, then {4-7, 12-15, ...}), float in
+//! element order.
+QMEM_QUANT_AVX512VBMI_FN void nf4_load32(bf16 const* x, __mmask32 m, __m512& lo,
+                                         __m512& hi) noexcept {
+  __m512i const v = _mm512_maskz_loadu_epi16(m, x);
+  lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), v));
+  hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), v));
+}
+QMEM_QUANT_AVX512VBMI_FN void nf4_load32(float const* x, __mmask32 m, __m512& lo,
+                                         __m512& hi) noexcept {
+  lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), x);
+  hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m >> 16), x + 16);
+}
+
+//! The 16 code bytes of 32 values (nf4_load32's lanes; `gather` puts their index bytes in
+//! element order) scaled by vinv = 16 / absmax, in the low 16 bytes.
+QMEM_QUANT_AVX512VBMI_FN __m512i nf4_pack32(__m512 lo, __m512 hi, __m512 vinv, __m512i gather,
+                                            nf4_bucket_regs const& b) noexcept {
+  __m512i const pair_weights = _mm512_set1_epi16(0x0110); // bytes 16, 1
+  __m512i const low_bytes = _mm512_set_epi8(
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8,
+      6, 4, 2, 0);
+  __m512i const i0 = nf4_index16_avx512(_mm512_mul_ps(lo, vinv), b);
+  __m512i const i1 = nf4_index16_avx512(_mm512_mul_ps(hi, vinv), b);
+  __m512i const c = nf4_codes_of(_mm512_maskz_permutex2var_epi8(all64, i0, gather, i1), b);
+  return _mm512_maskz_permutexvar_epi8(all64, low_bytes, _mm512_maddubs_epi16(c, pair_weights));
+}
+
 //! NF4 codes of one block through nf4_buckets, given s-scale inv16 = 16 * (1 / absmax) (finite,
 //! with a finite absmax): per element the code of s = x * inv16 (which is 16 * (x * (1 / absmax))
 //! exactly unless x * (1 / absmax) is subnormal, where both give the code of 0). 32 values per
@@ -979,42 +1009,20 @@ QMEM_QUANT_AVX512VBMI_FN void encode_block_nf4_bucket_avx512(T const* x, std::si
       {0,  4,  8,  12, 16, 20, 24, 28, 32, 36, 40,  44,  48,  52,  56,  60,
        64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124}};
   __m512i const gather = _mm512_load_si512(gather_index[std::is_same_v<T, bf16> ? 0 : 1]);
-  __m512i const pair_weights = _mm512_set1_epi16(0x0110); // bytes 16, 1
-  __m512i const low_bytes = _mm512_set_epi8(
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8,
-      6, 4, 2, 0);
-  auto step = [&](__m512 lo, __m512 hi) {
-    __m512i const i0 = nf4_index16_avx512(_mm512_mul_ps(lo, vinv), b);
-    __m512i const i1 = nf4_index16_avx512(_mm512_mul_ps(hi, vinv), b);
-    __m512i const c = nf4_codes_of(_mm512_maskz_permutex2var_epi8(all64, i0, gather, i1), b);
-    __m512i const pairs = _mm512_maddubs_epi16(c, pair_weights);
-    return _mm512_maskz_permutexvar_epi8(all64, low_bytes, pairs); // 16 code bytes, then zeros
-  };
-  auto load = [&](std::size_t i, __mmask32 m, __m512& lo, __m512& hi) {
-    if constexpr (std::is_same_v<T, bf16>) {
-      __m512i const v = _mm512_maskz_loadu_epi16(m, x + i);
-      lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), v));
-      hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), v));
-    } else {
-      lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), x + i);
-      hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m >> 16), x + i + 16);
-    }
-  };
   std::size_t i = 0;
   std::size_t const vec_end = count - count % 32; // whole vectors (a form g++ can bound)
   for (; i < vec_end; i += 32) {
     __m512 lo, hi;
-    load(i, all32, lo, hi);
+    nf4_load32(x + i, all32, lo, hi);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i / 2),
-                     _mm512_maskz_extracti32x4_epi32(0xf, step(lo, hi), 0));
+                     _mm512_maskz_extracti32x4_epi32(0xf, nf4_pack32(lo, hi, vinv, gather, b), 0));
   }
   if (i < count) {
     std::size_t const rest = count - i;
     __m512 lo, hi;
-    load(i, static_cast<__mmask32>((std::uint64_t{1} << rest) - 1), lo, hi);
+    nf4_load32(x + i, static_cast<__mmask32>((std::uint64_t{1} << rest) - 1), lo, hi);
     _mm512_mask_storeu_epi8(codes + i / 2, (__mmask64{1} << (rest / 2 + rest % 2)) - 1,
-                            step(lo, hi));
+                            nf4_pack32(lo, hi, vinv, gather, b));
   }
 }
 
@@ -1039,6 +1047,71 @@ QMEM_QUANT_AVX512VBMI_FN float quantize_block_nf4_bucket_avx512(T const* x, std:
   return amax;
 }
 
+//! 4-bit codes of one block to T = bf16 or f16: y[i] = T(values[code_i] * absmax) for i < count
+//! (decode_element, then one rounding; `values`: the 16 decoded values), codes packed two per
+//! byte, the first element in the high nibble. The block's 16 outputs (16 products, rounded
+//! checked) split into a low-byte and a high-byte table, each repeated four times so that a byte
+//! permute (`vpermb`, which reads an index's low 6 bits) looks them up by the low 4 bits alone.
+//! Per 32 code bytes: one byte permute puts each code byte where its two elements go (in the
+//! order that makes the byte interleave `vpunpck*bw`, which works per 128-bit lane, come out in
+//! element order), a shift and a bit select keep the high nibble in even and the low nibble in
+//! odd elements, two look-ups and two interleaves give 64 outputs. The tail is loaded and stored
+//! masked.
+template <class T>
+QMEM_QUANT_AVX512VBMI_FN void lookup_nibbles_u16_avx512(float const* values, float absmax,
+                                                        std::uint8_t const* codes,
+                                                        std::size_t count, T* y) noexcept {
+  __m512i const out16 = round32_avx512<T>(
+      _mm512_mul_ps(_mm512_loadu_ps(values), _mm512_set1_ps(absmax)), _mm512_setzero_ps());
+  __m512i const even = _mm512_set_epi8(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
+                                       30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
+                                       30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
+                                       30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  __m512i const t_lo = _mm512_maskz_permutexvar_epi8(all64, even, out16);
+  __m512i const t_hi =
+      _mm512_maskz_permutexvar_epi8(all64, _mm512_add_epi8(even, _mm512_set1_epi8(1)), out16);
+  // byte j of 128-bit lane L: element 8L + j (j < 8), 32 + 8L + j - 8 (j >= 8); its code byte
+  __m512i const spread = _mm512_set_epi8(
+      31, 31, 30, 30, 29, 29, 28, 28, 15, 15, 14, 14, 13, 13, 12, 12, 27, 27, 26, 26, 25, 25, 24, 24,
+      11, 11, 10, 10, 9, 9, 8, 8, 23, 23, 22, 22, 21, 21, 20, 20, 7, 7, 6, 6, 5, 5, 4, 4, 19, 19, 18,
+      18, 17, 17, 16, 16, 3, 3, 2, 2, 1, 1, 0, 0);
+  __m512i const high_nibble = _mm512_set1_epi16(0x00ff); // even bytes: even elements
+  std::size_t i = 0; // elements
+  std::size_t const vec_end = count - count % 64; // whole vectors (a form g++ can bound)
+  for (; i < count; i += 64) {
+    bool const whole = i < vec_end;
+    std::size_t const rest = count - i;
+    __mmask64 const load_mask =
+        whole ? __mmask64{0xffffffffu} : (__mmask64{1} << (rest / 2 + rest % 2)) - 1;
+    __m512i const d = _mm512_maskz_permutexvar_epi8(
+        all64, spread, _mm512_maskz_loadu_epi8(load_mask, codes + i / 2));
+    // even bytes: d >> 4 (bits 4-7 from the next byte: ignored by the repeated tables)
+    __m512i const idx = _mm512_ternarylogic_epi32(_mm512_maskz_srli_epi16(all32, d, 4), d,
+                                                  high_nibble, 0xe4); // c ? a : b
+    __m512i const lo = _mm512_maskz_permutexvar_epi8(all64, idx, t_lo);
+    __m512i const hi = _mm512_maskz_permutexvar_epi8(all64, idx, t_hi);
+    __m512i const first = _mm512_unpacklo_epi8(lo, hi);
+    __m512i const second = _mm512_unpackhi_epi8(lo, hi);
+    if (whole) [[likely]] {
+      _mm512_storeu_si512(y + i, first);
+      _mm512_storeu_si512(y + i + 32, second);
+    } else {
+      __mmask64 const m = (__mmask64{1} << rest) - 1; // rest < 64
+      _mm512_mask_storeu_epi16(y + i, static_cast<__mmask32>(m), first);
+      if (rest > 32)
+        _mm512_mask_storeu_epi16(y + i + 32, static_cast<__mmask32>(m >> 32), second);
+    }
+  }
+}
+
+//! values[c[j]] * a for the 16 codes of c (scale16_avx512).
+template <class T, hw_round R>
+QMEM_QUANT_AVX512BF16_FN __m512 gather_scale16(float const* values, __m128i c, __m512 a) noexcept {
+  __m512i const idx = _mm512_maskz_cvtepu8_epi32(all16, c);
+  return scale16_avx512<T, R>(
+      _mm512_mask_i32gather_ps(_mm512_setzero_ps(), all16, idx, values, 4), a);
+}
+
 //! The same outputs for any code type through gathers of the decoded values, products and
 //! roundings per element. For small blocks.
 template <class T, hw_round R>
@@ -1046,20 +1119,22 @@ QMEM_QUANT_AVX512BF16_FN void lookup_bytes_gather_avx512(float const* values, fl
                                                          std::uint8_t const* codes,
                                                          std::size_t count, T* y) noexcept {
   __m512 const a = _mm512_set1_ps(absmax);
-  auto decode16 = [&](__m128i c) {
-    __m512i const idx = _mm512_maskz_cvtepu8_epi32(all16, c);
-    return scale16_avx512<T, R>(
-        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), all16, idx, values, 4), a);
-  };
   std::size_t i = 0;
   std::size_t const vec_end = count - count % 32; // whole vectors (a form g++ can bound)
   for (; i < vec_end; i += 32) {
     __m256i const c = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(codes + i));
-    _mm512_storeu_si512(y + i, round32_avx512<T, R>(decode16(_mm256_castsi256_si128(c)),
-                                                    decode16(_mm256_extracti128_si256(c, 1))));
+    _mm512_storeu_si512(
+        y + i, round32_avx512<T, R>(gather_scale16<T, R>(values, _mm256_castsi256_si128(c), a),
+                                    gather_scale16<T, R>(values, _mm256_extracti128_si256(c, 1), a)));
   }
   for (; i < count; ++i)
     y[i] = from_float<T>(fmath::mul(values[codes[i]], absmax));
+}
+
+//! rowwise_decode of 16 int8 codes with row absmax a: (q * a) * (1/127).
+QMEM_QUANT_AVX512BF16_FN __m512 rowwise_decode16(__m128i v, __m512 a) noexcept {
+  __m512 const f = _mm512_maskz_cvtepi32_ps(all16, _mm512_maskz_cvtepi8_epi32(all16, v));
+  return _mm512_mul_ps(_mm512_mul_ps(f, a), _mm512_set1_ps(inv127));
 }
 
 //! One row of row-wise int8 dequantization to T = bf16 or f16 (dequantize_row_avx512 with the
@@ -1068,17 +1143,12 @@ template <class T>
 QMEM_QUANT_AVX512BF16_FN void dequantize_row_u16_avx512(std::int8_t const* q, float absmax,
                                                         std::size_t cols, T* y) noexcept {
   __m512 const a = _mm512_set1_ps(absmax);
-  __m512 const s = _mm512_set1_ps(inv127);
-  auto decode16 = [&](__m128i v) {
-    __m512 const f = _mm512_maskz_cvtepi32_ps(all16, _mm512_maskz_cvtepi8_epi32(all16, v));
-    return _mm512_mul_ps(_mm512_mul_ps(f, a), s);
-  };
   std::size_t c = 0;
   std::size_t const vec_end = cols - cols % 32; // whole vectors (a form g++ can bound)
   for (; c < vec_end; c += 32) {
     __m256i const v = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(q + c));
-    _mm512_storeu_si512(y + c, round32_avx512<T>(decode16(_mm256_castsi256_si128(v)),
-                                                 decode16(_mm256_extracti128_si256(v, 1))));
+    _mm512_storeu_si512(y + c, round32_avx512<T>(rowwise_decode16(_mm256_castsi256_si128(v), a),
+                                                 rowwise_decode16(_mm256_extracti128_si256(v, 1), a)));
   }
   for (; c < cols; ++c)
     y[c] = from_float<T>(rowwise_decode(q[c], absmax));
