@@ -706,6 +706,7 @@ QMEM_QUANT_AVX512VBMI_FN void split_bytes(__m512i a, __m512i b, __m512i& lo, __m
 //! 64 entries of `t` from 64 codes, as two vectors of 32 16-bit entries in element order (first:
 //! codes 0-31). The codes are first permuted so that the byte interleave (`vpunpck*bw`, which
 //! works per 128-bit lane) comes out in element order.
+template <bool Mirrored = false>
 QMEM_QUANT_AVX512VBMI_FN void lookup64_u16(byte_table_u16 const& t, __m512i c, __m512i& first,
                                            __m512i& second) noexcept {
   // lane L (16 bytes): codes 8L .. 8L + 7, then 32 + 8L .. 32 + 8L + 7
@@ -716,14 +717,40 @@ QMEM_QUANT_AVX512VBMI_FN void lookup64_u16(byte_table_u16 const& t, __m512i c, _
                                         2, 1, 0);
   __m512i const p = _mm512_maskz_permutexvar_epi8(all64, order, c);
   __mmask64 const upper = _mm512_movepi8_mask(p); // bit 7: entries 128-255
-  __m512i const lo = _mm512_mask_blend_epi8(
-      upper, _mm512_maskz_permutex2var_epi8(all64, t.lo[0], p, t.lo[1]),
-      _mm512_maskz_permutex2var_epi8(all64, t.lo[2], p, t.lo[3]));
+  // mirrored: the upper half's low bytes are the lower half's
+  __m512i const lo =
+      Mirrored ? _mm512_maskz_permutex2var_epi8(all64, t.lo[0], p, t.lo[1])
+               : _mm512_mask_blend_epi8(upper,
+                                        _mm512_maskz_permutex2var_epi8(all64, t.lo[0], p, t.lo[1]),
+                                        _mm512_maskz_permutex2var_epi8(all64, t.lo[2], p, t.lo[3]));
   __m512i const hi = _mm512_mask_blend_epi8(
       upper, _mm512_maskz_permutex2var_epi8(all64, t.hi[0], p, t.hi[1]),
       _mm512_maskz_permutex2var_epi8(all64, t.hi[2], p, t.hi[3]));
   first = _mm512_unpacklo_epi8(lo, hi);
   second = _mm512_unpackhi_epi8(lo, hi);
+}
+
+//! y[i] = t[codes[i]] for i < count (lookup64_u16), the tail with masked loads and stores.
+template <bool Mirrored, class T>
+QMEM_QUANT_AVX512VBMI_FN void lookup_bytes_u16(byte_table_u16 const& t, std::uint8_t const* codes,
+                                               std::size_t count, T* y) noexcept {
+  std::size_t i = 0;
+  std::size_t const vec_end = count - count % 64; // whole vectors (a form g++ can bound)
+  for (; i < vec_end; i += 64) {
+    __m512i first, second;
+    lookup64_u16<Mirrored>(t, _mm512_loadu_si512(codes + i), first, second);
+    _mm512_storeu_si512(y + i, first);
+    _mm512_storeu_si512(y + i + 32, second);
+  }
+  if (i < count) {
+    std::size_t const rest = count - i;
+    __mmask64 const m = (__mmask64{1} << rest) - 1; // rest < 64
+    __m512i first, second;
+    lookup64_u16<Mirrored>(t, _mm512_maskz_loadu_epi8(m, codes + i), first, second);
+    _mm512_mask_storeu_epi16(y + i, static_cast<__mmask32>(m), first);
+    if (rest > 32)
+      _mm512_mask_storeu_epi16(y + i + 32, static_cast<__mmask32>(m >> 32), second);
+  }
 }
 
 //! How the 256 outputs of a block relate (byte_table_shape): `mirrored` when
@@ -763,23 +790,10 @@ QMEM_QUANT_AVX512VBMI_FN void lookup_bytes_table_avx512(float const* values, flo
       t.hi[k + 2] = _mm512_mask_blend_epi8(shape.flip[k], t.hi[k], _mm512_xor_si512(t.hi[k], sign));
     }
   }
-  std::size_t i = 0;
-  std::size_t const vec_end = count - count % 64; // whole vectors (a form g++ can bound)
-  for (; i < vec_end; i += 64) {
-    __m512i first, second;
-    lookup64_u16(t, _mm512_loadu_si512(codes + i), first, second);
-    _mm512_storeu_si512(y + i, first);
-    _mm512_storeu_si512(y + i + 32, second);
-  }
-  if (i < count) {
-    std::size_t const rest = count - i;
-    __mmask64 const m = (__mmask64{1} << rest) - 1; // rest < 64
-    __m512i first, second;
-    lookup64_u16(t, _mm512_maskz_loadu_epi8(m, codes + i), first, second);
-    _mm512_mask_storeu_epi16(y + i, static_cast<__mmask32>(m), first);
-    if (rest > 32)
-      _mm512_mask_storeu_epi16(y + i + 32, static_cast<__mmask32>(m >> 32), second);
-  }
+  if (mirrored)
+    lookup_bytes_u16<true>(t, codes, count, y);
+  else
+    lookup_bytes_u16<false>(t, codes, count, y);
 }
 
 //! NF4's encoder as a 32-bucket look-up, on s = 16 xn: bucket k = floor(s) (an integer in
