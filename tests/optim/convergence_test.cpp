@@ -7,10 +7,13 @@
 //   fp32 reaches 0.85) and the gap measures optimization quality. Default threshold (4096): the
 //   4096-element first layer is quantized, the smaller tensors keep fp32 state, as bitsandbytes
 //   and torchao do. 8-bit, bf16 and 4-bit state (the specified recipe: block 128, signed dynamic
-//   4-bit map / linear map without zero) are held to 1%. Measured (2026-11-29): 8-bit 0.14%,
-//   4-bit 0.83%; with 800 / 1600 steps 8-bit -0.25% / 0.07%, 4-bit 0.64% / 0.78%. The 4-bit
-//   margin is thin: a variant evaluated on a fixed sample set gave 4-bit 1.18% after 1600 steps,
-//   and 0.94% after 800 steps with every tensor quantized;
+//   4-bit map / linear map without zero) are held to 1% in the mean over three seed pairs
+//   (network, stream). One run's gap is noise-limited: over nine seed pairs (2026-11-29) 8-bit
+//   gave -0.53%..+0.48% (mean +0.04%), 4-bit +0.35%..+1.09% (mean +0.68%; one of the nine above
+//   1%); the three here: 8-bit 0.14 / 0.02 / 0.08%, 4-bit 0.83 / 0.29 / 0.87% (mean 0.66%).
+//   4-bit's systematic gap is the recipe's (the tiny MLP below isolates it: mostly the first
+//   moment's 4-bit map, whose smallest magnitude rounds small momenta to 0), not an encoding
+//   defect;
 // - a tiny full-batch MLP (8 -> 16 -> 8) with every tensor quantized (min_quantized_size 0), so
 //   each layer's weights share one 128-element block: 8-bit and bf16 within 1%; 4-bit trains
 //   more slowly there (its first moment: |m| below 0.275% of the block's largest rounds to 0, and
@@ -246,16 +249,22 @@ struct cluster_stream {
   }
 };
 
+// The seeds of one stream run: the network's initialization, the training stream, the held-out
+// samples.
+struct stream_seeds {
+  unsigned net, train, held_out;
+};
+
 template <class Policy>
-double train_stream(int steps) {
+double train_stream(int steps, stream_seeds seeds) {
   constexpr int in_dim = 32, hidden = 128, batch = 64;
-  stream_mlp<in_dim, hidden> net(7);
+  stream_mlp<in_dim, hidden> net(seeds.net);
   optim::optimizer<optim::adamw, Policy> opt(
       optim::adamw{0.9f, 0.999f, 1e-8f, 1e-4f},
       {.lr = optim::lr_schedule::cosine(3e-2f, 20, steps, 3e-4f)});
   for (auto* p : {&net.w1, &net.b1, &net.w2, &net.b2})
     opt.add_param(view(*p));
-  cluster_stream train_data(in_dim, 1.0f, 3), held_out(in_dim, 1.0f, 4);
+  cluster_stream train_data(in_dim, 1.0f, seeds.train), held_out(in_dim, 1.0f, seeds.held_out);
   std::vector<float> x;
   std::vector<int> y;
   for (int t = 0; t < steps; ++t) {
@@ -352,18 +361,31 @@ TEST_CASE(
   CHECK(std::fabs(l4 - l32) <= 0.01 * l32);
 }
 
-TEST_CASE(
-    "convergence: MLP on a stream, 8-bit, bf16 and 4-bit AdamW reach the 32-bit loss within 1%") {
+TEST_CASE("convergence: MLP on a stream, 8-bit, bf16 and 4-bit AdamW reach the 32-bit loss "
+          "within 1% (mean over three seeds)") {
   int const steps = 1200;
-  double const l32 = train_stream<optim::fp32_state>(steps);
-  double const l8 = train_stream<optim::int8_state>(steps);
-  double const l4 = train_stream<optim::int4_state>(steps);
-  double const l16 = train_stream<optim::bf16_state>(steps);
-  MESSAGE("stream MLP held-out loss: fp32 " << l32 << ", 8-bit " << l8 << " ("
-                                            << (l8 / l32 - 1) * 100 << "%), 4-bit " << l4 << " ("
-                                            << (l4 / l32 - 1) * 100 << "%), bf16 " << l16);
-  CHECK(l32 < 0.5 * std::log(8.0)); // it learned (chance level is ln 8; the noise floor ~0.80)
-  CHECK(std::fabs(l8 - l32) <= 0.01 * l32);
-  CHECK(std::fabs(l16 - l32) <= 0.01 * l32);
-  CHECK(std::fabs(l4 - l32) <= 0.01 * l32);
+  // One run's gap is noisy: over nine seed pairs (2026-11-29) 8-bit ranged -0.53%..+0.48%
+  // (mean +0.04%) and 4-bit +0.35%..+1.09% (mean +0.68%), so the mean over three is held to 1%.
+  double gap8 = 0.0, gap4 = 0.0, gap16 = 0.0;
+  int const runs = 3;
+  for (stream_seeds const seeds :
+       {stream_seeds{7, 3, 4}, stream_seeds{11, 5, 6}, stream_seeds{23, 9, 10}}) {
+    double const l32 = train_stream<optim::fp32_state>(steps, seeds);
+    double const l8 = train_stream<optim::int8_state>(steps, seeds);
+    double const l4 = train_stream<optim::int4_state>(steps, seeds);
+    double const l16 = train_stream<optim::bf16_state>(steps, seeds);
+    MESSAGE("stream MLP (seeds " << seeds.net << ", " << seeds.train << ") held-out loss: fp32 "
+                                 << l32 << ", 8-bit " << (l8 / l32 - 1) * 100 << "%, 4-bit "
+                                 << (l4 / l32 - 1) * 100 << "%, bf16 " << (l16 / l32 - 1) * 100
+                                 << "%");
+    CHECK(l32 < 0.5 * std::log(8.0)); // it learned (chance level is ln 8; the noise floor ~0.80)
+    gap8 += (l8 - l32) / l32 / runs;
+    gap4 += (l4 - l32) / l32 / runs;
+    gap16 += (l16 - l32) / l32 / runs;
+  }
+  MESSAGE("mean gaps: 8-bit " << gap8 * 100 << "%, 4-bit " << gap4 * 100 << "%, bf16 "
+                              << gap16 * 100 << "%");
+  CHECK(std::fabs(gap8) <= 0.01);
+  CHECK(std::fabs(gap16) <= 0.01);
+  CHECK(std::fabs(gap4) <= 0.01);
 }
