@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <iterator>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -186,6 +187,59 @@ double graph_time_per_call(cudaStream_t s, int calls, F&& call) {
   return t / calls;
 }
 
+//! A stream of one benchmark's own, destroyed with it.
+struct bench_stream {
+  cudaStream_t s{};
+  bench_stream() { check(cudaStreamCreate(&s), "cudaStreamCreate"); }
+  ~bench_stream() { (void)cudaStreamDestroy(s); }
+  bench_stream(bench_stream const&) = delete;
+  bench_stream& operator=(bench_stream const&) = delete;
+};
+
+//! Each iteration times `call` as 200 calls in one CUDA graph; returns the last time per call.
+template <class F>
+double graph_loop(benchmark::State& state, cudaStream_t s, F&& call) {
+  double t = 0;
+  for (auto _ : state) {
+    t = graph_time_per_call(s, 200, call);
+    state.SetIterationTime(t * 200);
+  }
+  return t;
+}
+
+//! After one untimed call, each iteration times `call` as the median of 10; returns the last.
+template <class F>
+double median_loop(benchmark::State& state, cudaStream_t s, F&& call) {
+  call();
+  double t = 0;
+  for (auto _ : state) {
+    t = time_median(s, 10, call);
+    state.SetIterationTime(t);
+  }
+  return t;
+}
+
+//! qmem against cuBLASLt bf16 on the same shape: 3 warm-ups of each, then per iteration the
+//! median of 10 of each (qmem's is the iteration time); the counters qmem_ms, cublas_bf16_ms and
+//! ratio. Returns qmem's time.
+template <class Q, class C>
+double versus_cublas(benchmark::State& state, cudaStream_t s, Q&& qmem_call, C&& cublas_call) {
+  for (int i = 0; i < 3; ++i) {
+    qmem_call();
+    cublas_call();
+  }
+  double tq = 0, tc = 0;
+  for (auto _ : state) {
+    tq = time_median(s, 10, qmem_call);
+    tc = time_median(s, 10, cublas_call);
+    state.SetIterationTime(tq);
+  }
+  state.counters["qmem_ms"] = tq * 1e3;
+  state.counters["cublas_bf16_ms"] = tc * 1e3;
+  state.counters["ratio"] = tq / tc;
+  return tq;
+}
+
 // Args: n, k, m, nested
 void gemv(benchmark::State& state) {
   auto const n = static_cast<std::size_t>(state.range(0));
@@ -195,18 +249,13 @@ void gemv(benchmark::State& state) {
   nf4_weight w(n, k, 64, nested);
   device_buffer<bf16> x(m * k), y(m * n);
   fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
-  cudaStream_t s;
-  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
   exec::cuda const e{s, 0};
   auto const wv = w.view();
-  double t = 0;
-  for (auto _ : state) {
-    t = graph_time_per_call(
-        s, 200, [&] { matmul_4bit<bf16>(e, tensor_view<bf16 const>(x.view()), m, wv, y.view()); });
-    state.SetIterationTime(t * 200);
-  }
+  double const t = graph_loop(
+      state, s, [&] { matmul_4bit<bf16>(e, tensor_view<bf16 const>(x.view()), m, wv, y.view()); });
   report(state, t, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
-  (void)cudaStreamDestroy(s);
 }
 
 // The GEMV kernels' block shapes: {warps, unroll, tiles} (batch 1 to 16), then the batch-1
@@ -227,14 +276,28 @@ constexpr cuda_matmul::gemv1_shape variants1[] = {{8, 2, 2},
                                                   cuda_matmul::gemv_batch1_candidates[3],
                                                   cuda_matmul::gemv_batch1_candidates[4],
                                                   cuda_matmul::gemv_batch1_candidates[5]};
-constexpr int variant_count = 8 + static_cast<int>(std::size(variants1));
+// Variants 19 and up: the streaming batch-1 kernel's shapes (cuda_matmul::
+// gemv_batch1_stream_candidates, 19 the dispatched one), to compare with 9 and 13-18.
+constexpr auto const& variants_stream = cuda_matmul::gemv_batch1_stream_candidates;
+constexpr int stream_first = 8 + static_cast<int>(std::size(variants1));
+constexpr int variant_count = stream_first + static_cast<int>(std::size(variants_stream));
 
 template <int V>
 void launch_variant(exec::cuda const& e, cuda_matmul::gemv_args<bf16> const& a) {
   if constexpr (V < 8)
     cuda_matmul::launch_gemv_fast<nf4, bf16, false, variants[V]>(e, a);
-  else
+  else if constexpr (V < stream_first)
     cuda_matmul::launch_gemv1_fast<nf4, bf16, false, variants1[V - 8]>(e, a);
+  else if (!cuda_matmul::launch_gemv1_stream<nf4, bf16, false, variants_stream[V - stream_first]>(
+               e, a))
+    throw qmem::bad_argument("gemv_variant: the streaming kernel does not take this shape");
+}
+
+//! launch_variant<V> for the run-time variant v (0 .. variant_count - 1).
+template <int... V>
+void launch_variant_at(int v, exec::cuda const& e, cuda_matmul::gemv_args<bf16> const& a,
+                       std::integer_sequence<int, V...>) {
+  ((v == V ? launch_variant<V>(e, a) : void()), ...);
 }
 
 // Args: n, k, m, variant index. The fast GEMV kernel alone, plain scales, with each block shape.
@@ -246,8 +309,8 @@ void gemv_variant(benchmark::State& state) {
   nf4_weight w(n, k, 64, false);
   device_buffer<bf16> x(m * k), y(m * n);
   fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
-  cudaStream_t s;
-  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
   exec::cuda const e{s, 0};
   cuda_matmul::gemv_args<bf16> const a{x.p,
                                        w.codes.p,
@@ -257,42 +320,26 @@ void gemv_variant(benchmark::State& state) {
                                        n,
                                        k,
                                        6};
-  auto call = [&] {
-    switch (v) {
-    case 1: launch_variant<1>(e, a); break;
-    case 2: launch_variant<2>(e, a); break;
-    case 3: launch_variant<3>(e, a); break;
-    case 4: launch_variant<4>(e, a); break;
-    case 5: launch_variant<5>(e, a); break;
-    case 6: launch_variant<6>(e, a); break;
-    case 7: launch_variant<7>(e, a); break;
-    case 8: launch_variant<8>(e, a); break;
-    case 9: launch_variant<9>(e, a); break;
-    case 10: launch_variant<10>(e, a); break;
-    case 11: launch_variant<11>(e, a); break;
-    case 12: launch_variant<12>(e, a); break;
-    case 13: launch_variant<13>(e, a); break;
-    case 14: launch_variant<14>(e, a); break;
-    case 15: launch_variant<15>(e, a); break;
-    case 16: launch_variant<16>(e, a); break;
-    case 17: launch_variant<17>(e, a); break;
-    case 18: launch_variant<18>(e, a); break;
-    default: launch_variant<0>(e, a);
-    }
-  };
-  double t = 0;
-  for (auto _ : state) {
-    t = graph_time_per_call(s, 200, call);
-    state.SetIterationTime(t * 200);
+  auto call = [&] { launch_variant_at(v, e, a, std::make_integer_sequence<int, variant_count>{}); };
+  double const t = graph_loop(state, s, call);
+  if (v < 8) {
+    state.counters["warps"] = variants[v].warps;
+    state.counters["unroll"] = variants[v].unroll;
+    state.counters["tiles"] = variants[v].tiles;
+  } else if (v < stream_first) {
+    auto const& s1 = variants1[v - 8];
+    state.counters["warps"] = s1.warps;
+    state.counters["unroll"] = s1.unroll;
+    state.counters["tiles"] = s1.pairs;
+    state.counters["pipelined"] = s1.pipelined;
+    state.counters["direct_lut"] = s1.direct_lut;
+    state.counters["blocks_per_sm"] = cuda_matmul::gemv1_min_blocks(s1);
+  } else {
+    state.counters["warps"] = variants_stream[v - stream_first].warps;
+    state.counters["depth"] = variants_stream[v - stream_first].depth;
+    state.counters["stream"] = 1;
   }
-  state.counters["warps"] = v < 8 ? variants[v].warps : variants1[v - 8].warps;
-  state.counters["unroll"] = v < 8 ? variants[v].unroll : variants1[v - 8].unroll;
-  state.counters["tiles"] = v < 8 ? variants[v].tiles : variants1[v - 8].pairs;
-  state.counters["pipelined"] = v < 8 ? 0 : variants1[v - 8].pipelined;
-  state.counters["direct_lut"] = v < 8 ? 0 : variants1[v - 8].direct_lut;
-  state.counters["blocks_per_sm"] = v < 8 ? 0 : cuda_matmul::gemv1_min_blocks(variants1[v - 8]);
   report(state, t, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
-  (void)cudaStreamDestroy(s);
 }
 
 // Args: n, k, m. cuBLASLt bf16 x bf16 -> bf16, fp32 accumulation, the same graph timing.
@@ -304,20 +351,15 @@ void cublas_gemv(benchmark::State& state) {
   device_buffer<std::byte> ws(cublaslt_workspace_bytes);
   fill_values<bf16><<<1024, 256>>>(w.p, w.n, -0.05f, 0.05f, 5u);
   fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
-  cudaStream_t s;
-  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
   exec::cuda const e{s, 0};
   auto call = [&] {
     cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, w.p, x.p,
                                     CUDA_R_16BF, y.p, ws.p, ws.n);
   };
-  double t = 0;
-  for (auto _ : state) {
-    t = graph_time_per_call(s, 200, call);
-    state.SetIterationTime(t * 200);
-  }
+  double const t = graph_loop(state, s, call);
   report(state, t, 2.0 * static_cast<double>(n * k + m * k + m * n));
-  (void)cudaStreamDestroy(s);
 }
 
 // Args: n, k, m. Large batch: qmem (dequantize + cuBLASLt) and cuBLASLt bf16 in the same run.
@@ -331,8 +373,8 @@ void gemm(benchmark::State& state) {
   fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
   auto const wv = w.view();
   device_buffer<std::byte> ws(matmul_4bit_workspace_bytes<bf16>(m, wv));
-  cudaStream_t s;
-  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
   exec::cuda const e{s, 0};
   auto qmem_call = [&] {
     matmul_4bit<bf16>(e, tensor_view<bf16 const>(x.view()), m, wv, y.view(), ws.view());
@@ -341,21 +383,8 @@ void gemm(benchmark::State& state) {
     cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
                                     CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
   };
-  for (int i = 0; i < 3; ++i) {
-    qmem_call();
-    cublas_call();
-  }
-  double tq = 0, tc = 0;
-  for (auto _ : state) {
-    tq = time_median(s, 10, qmem_call);
-    tc = time_median(s, 10, cublas_call);
-    state.SetIterationTime(tq);
-  }
-  state.counters["qmem_ms"] = tq * 1e3;
-  state.counters["cublas_bf16_ms"] = tc * 1e3;
-  state.counters["ratio"] = tq / tc;
+  double const tq = versus_cublas(state, s, qmem_call, cublas_call);
   state.counters["TFLOP/s"] = 2.0 * static_cast<double>(m * n * k) / tq * 1e-12;
-  (void)cudaStreamDestroy(s);
 }
 
 // Args: n, k, m, chunks. The m > 16 forward with its dequantization split into row chunks that
@@ -372,8 +401,8 @@ void gemm_overlap(benchmark::State& state) {
   fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
   auto const wv = w.view();
   device_buffer<std::byte> ws(cublaslt_workspace_bytes);
-  cudaStream_t s;
-  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
   exec::cuda const e{s, 0};
   auto qmem_call = [&] {
     cuda_matmul::dequantize_gemm<bf16>(e, x.p, m, wv, y.p, wd.p, ws.p, cublaslt_workspace_bytes,
@@ -383,20 +412,7 @@ void gemm_overlap(benchmark::State& state) {
     cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
                                     CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
   };
-  for (int i = 0; i < 3; ++i) {
-    qmem_call();
-    cublas_call();
-  }
-  double tq = 0, tc = 0;
-  for (auto _ : state) {
-    tq = time_median(s, 10, qmem_call);
-    tc = time_median(s, 10, cublas_call);
-    state.SetIterationTime(tq);
-  }
-  state.counters["qmem_ms"] = tq * 1e3;
-  state.counters["cublas_bf16_ms"] = tc * 1e3;
-  state.counters["ratio"] = tq / tc;
-  (void)cudaStreamDestroy(s);
+  (void)versus_cublas(state, s, qmem_call, cublas_call);
 }
 
 // Args: n, k, m. QLoRA backward: grad_x = grad_y * dequant(w).
@@ -409,21 +425,15 @@ void grad_input(benchmark::State& state) {
   fill_values<bf16><<<256, 256>>>(gy.p, gy.n, -1.0f, 1.0f, 3u);
   auto const wv = w.view();
   device_buffer<std::byte> ws(matmul_4bit_grad_input_workspace_bytes<bf16>(m, wv));
-  cudaStream_t s;
-  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
   exec::cuda const e{s, 0};
   auto call = [&] {
     matmul_4bit_grad_input<bf16>(e, tensor_view<bf16 const>(gy.view()), m, wv, gx.view(),
                                  ws.view());
   };
-  call();
-  double t = 0;
-  for (auto _ : state) {
-    t = time_median(s, 10, call);
-    state.SetIterationTime(t);
-  }
+  double const t = median_loop(state, s, call);
   report(state, t, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
-  (void)cudaStreamDestroy(s);
 }
 
 // Args: n, k, m, path (0: the GEMV-style kernel over row slices, 1: dequantize + cuBLASLt). Both
@@ -441,8 +451,8 @@ void grad_path(benchmark::State& state) {
   device_buffer<std::byte> ws(dequant ? quant::detail::mm::align256(n * k * 2) +
                                             cublaslt_workspace_bytes
                                       : slices * m * k * 4);
-  cudaStream_t s;
-  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
   exec::cuda const e{s, 0};
   auto call = [&] {
     if (dequant) {
@@ -464,15 +474,9 @@ void grad_path(benchmark::State& state) {
       cuda_matmul::launch_grad<nf4, bf16, false>(e, a, slices, gx.p);
     }
   };
-  call();
-  double t = 0;
-  for (auto _ : state) {
-    t = time_median(s, 10, call);
-    state.SetIterationTime(t);
-  }
+  double const t = median_loop(state, s, call);
   state.counters["us"] = t * 1e6;
   state.counters["dequant_cublas"] = dequant ? 1 : 0;
-  (void)cudaStreamDestroy(s);
 }
 
 // Args: n, k, m, threshold x 10. LLM.int8 linear layer, bf16 in and out.
@@ -489,8 +493,8 @@ void int8_linear(benchmark::State& state) {
   fill_bytes<<<1024, 256>>>(b.p, b.n, 41u);
   fill_values<float><<<64, 256>>>(cs.p, cs.n, 0.01f, 0.1f, 43u);
   device_buffer<std::byte> ws(linear_int8_workspace_bytes(m, n, k));
-  cudaStream_t s;
-  check(cudaStreamCreate(&s), "cudaStreamCreate");
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
   exec::cuda const e{s, 0};
   tensor_view<std::int8_t const> const bv(reinterpret_cast<std::int8_t const*>(b.p), b.n,
                                           memory_space::device);
@@ -498,15 +502,9 @@ void int8_linear(benchmark::State& state) {
     linear_int8<bf16>(e, tensor_view<bf16 const>(x.view()), bv, tensor_view<float const>(cs.view()),
                       m, n, k, threshold, y.view(), ws.view());
   };
-  call();
-  double t = 0;
-  for (auto _ : state) {
-    t = time_median(s, 10, call);
-    state.SetIterationTime(t);
-  }
+  double const t = median_loop(state, s, call);
   state.counters["ms"] = t * 1e3;
   state.counters["TOP/s"] = 2.0 * static_cast<double>(m * n * k) / t * 1e-12;
-  (void)cudaStreamDestroy(s);
 }
 
 void copy(benchmark::State& state) {

@@ -205,6 +205,33 @@ auto workspace_for(std::size_t bytes) {
     return B::template alloc<std::byte>(bytes);
 }
 
+//! Per output, the sum of |a * w| over the dot product with the reference's weights w (the
+//! tolerances' S): the forward's out[i, j] over l of a[i, l] w[j, l] (a = x, m x k), or
+//! grad_input's out[i, l] over j of a[i, j] w[j, l] (a = grad_y, m x n).
+template <class T, class Code>
+std::vector<double> abs_terms(host_weight const& hw, std::vector<T> const& a, std::size_t m,
+                              bool grad) {
+  std::size_t const n = hw.rows, k = hw.cols;
+  std::vector<float> const wd = qmem::quant::detail::mm::host_dequantized<T>(host_view<Code>(hw));
+  std::vector<double> terms(m * (grad ? k : n), 0.0);
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < n; ++j)
+      for (std::size_t l = 0; l < k; ++l) {
+        T const ai = grad ? a[i * n + j] : a[i * k + l];
+        terms[grad ? i * k + l : i * n + j] +=
+            std::fabs(static_cast<double>(to_float(ai)) * wd[j * k + l]);
+      }
+  return terms;
+}
+
+//! "<backend> <what> m=.. n=.. k=.. block=.. plain|nested", naming a checked case.
+inline std::string case_name(char const* backend, char const* what, std::size_t m, std::size_t n,
+                             std::size_t k, std::size_t block, bool nested) {
+  return std::string(backend) + " " + what + " m=" + std::to_string(m) + " n=" + std::to_string(n) +
+         " k=" + std::to_string(k) + " block=" + std::to_string(block) +
+         (nested ? " nested" : " plain");
+}
+
 template <class B, class T, class Code>
 void check_forward(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
                    std::mt19937& rng) {
@@ -213,12 +240,7 @@ void check_forward(std::size_t m, std::size_t n, std::size_t k, std::size_t bloc
   std::vector<T> ref(m * n);
   matmul_4bit<T>(exec::host{}, {x.data(), x.size()}, m, host_view<Code>(hw),
                  tensor_view<T>{ref.data(), ref.size()});
-  std::vector<float> const wd = qmem::quant::detail::mm::host_dequantized<T>(host_view<Code>(hw));
-  std::vector<double> terms(m * n, 0.0);
-  for (std::size_t i = 0; i < m; ++i)
-    for (std::size_t j = 0; j < n; ++j)
-      for (std::size_t l = 0; l < k; ++l)
-        terms[i * n + j] += std::fabs(static_cast<double>(to_float(x[i * k + l])) * wd[j * k + l]);
+  std::vector<double> const terms = abs_terms<T, Code>(hw, x, m, false);
 
   backend_weight<B, Code> bw(hw);
   auto bx = B::upload(x);
@@ -229,9 +251,7 @@ void check_forward(std::size_t m, std::size_t n, std::size_t k, std::size_t bloc
   else
     matmul_4bit<T>(B::exec(), bx.view(), m, bw.view, by.view(), ws.view());
   std::vector<T> const got = B::download(by.view());
-  std::string const what = std::string(B::name) + " forward m=" + std::to_string(m) +
-                           " n=" + std::to_string(n) + " k=" + std::to_string(k) +
-                           " block=" + std::to_string(block) + (nested ? " nested" : " plain");
+  std::string const what = case_name(B::name, "forward", m, n, k, block, nested);
   if (std::string(B::name) != "host" && m <= gemv_max_rows) {
     // the GEMV path: tightly against its own function, and within the documented bound of the
     // reference
@@ -253,12 +273,7 @@ void check_grad_input(std::size_t m, std::size_t n, std::size_t k, std::size_t b
   std::vector<T> ref(m * k);
   matmul_4bit_grad_input<T>(exec::host{}, {gy.data(), gy.size()}, m, host_view<Code>(hw),
                             tensor_view<T>{ref.data(), ref.size()});
-  std::vector<float> const wd = qmem::quant::detail::mm::host_dequantized<T>(host_view<Code>(hw));
-  std::vector<double> terms(m * k, 0.0);
-  for (std::size_t i = 0; i < m; ++i)
-    for (std::size_t j = 0; j < n; ++j)
-      for (std::size_t l = 0; l < k; ++l)
-        terms[i * k + l] += std::fabs(static_cast<double>(to_float(gy[i * n + j])) * wd[j * k + l]);
+  std::vector<double> const terms = abs_terms<T, Code>(hw, gy, m, true);
 
   backend_weight<B, Code> bw(hw);
   auto bg = B::upload(gy);
@@ -267,9 +282,7 @@ void check_grad_input(std::size_t m, std::size_t n, std::size_t k, std::size_t b
   matmul_4bit_grad_input<T>(B::exec(), bg.view(), m, bw.view, bx.view(), ws.view());
   std::vector<T> const got = B::download(bx.view());
   expect_close(got, ref, terms, plain_sum(n), 0.0,
-               std::string(B::name) + " grad_input m=" + std::to_string(m) +
-                   " n=" + std::to_string(n) + " k=" + std::to_string(k) +
-                   " block=" + std::to_string(block) + (nested ? " nested" : " plain"));
+               case_name(B::name, "grad_input", m, n, k, block, nested));
 }
 
 struct shape {
@@ -353,11 +366,11 @@ int launch_shape(cuda_matmul::gemv_args<bf16> const& a) {
   return Shape.pairs;
 }
 
-template <auto Shape>
-void variant_case(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
-                  std::mt19937& rng) {
-  constexpr bool batch1 =
-      std::is_same_v<std::remove_cv_t<decltype(Shape)>, cuda_matmul::gemv1_shape>;
+//! One fast GEMV kernel on a random m x n x k weight against the GEMV model: `launch(a)` launches
+//! it with the arguments a and returns its label for the message.
+template <class Launch>
+void kernel_case(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
+                 std::mt19937& rng, Launch&& launch) {
   using B = qmem::test::cuda_backend;
   host_weight const hw = random_weight(n, k, block, nested, rng);
   std::vector<bf16> const x = random_matrix<bf16>(m * k, rng);
@@ -376,15 +389,94 @@ void variant_case(std::size_t m, std::size_t n, std::size_t k, std::size_t block
                                        n,
                                        k,
                                        qmem::quant::detail::mm::log2_exact(block)};
-  REQUIRE((!batch1 || m == 1));
-  int const third = nested ? launch_shape<Shape, true>(a) : launch_shape<Shape, false>(a);
+  std::string const label = launch(a);
   expect_close(B::download(by.view()), model, terms, gemv_sum(k), 0.0,
-               std::string(batch1 ? "batch-1 " : "") + "variant " + std::to_string(Shape.warps) +
-                   "/" + std::to_string(Shape.unroll) + "/" + std::to_string(third) + " m=" +
-                   std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
-                   " block=" + std::to_string(block) + (nested ? " nested" : " plain"));
+               label + " " + case_name("cuda", "GEMV", m, n, k, block, nested));
+}
+
+template <auto Shape>
+void variant_case(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
+                  std::mt19937& rng) {
+  constexpr bool batch1 =
+      std::is_same_v<std::remove_cv_t<decltype(Shape)>, cuda_matmul::gemv1_shape>;
+  REQUIRE((!batch1 || m == 1));
+  kernel_case(m, n, k, block, nested, rng, [&](cuda_matmul::gemv_args<bf16> const& a) {
+    int const third = nested ? launch_shape<Shape, true>(a) : launch_shape<Shape, false>(a);
+    return std::string(batch1 ? "batch-1 " : "") + "variant " + std::to_string(Shape.warps) + "/" +
+           std::to_string(Shape.unroll) + "/" + std::to_string(third);
+  });
+}
+
+//! The streaming batch-1 kernel with shape S on one weight, planned for `sms` multiprocessors (0:
+//! the device's; fewer make blocks loop over several tiles), against the GEMV model.
+template <cuda_matmul::gemv1_stream_shape S>
+void stream_case(std::size_t n, std::size_t k, std::size_t block, bool nested, unsigned sms,
+                 std::mt19937& rng) {
+  kernel_case(1, n, k, block, nested, rng, [&](cuda_matmul::gemv_args<bf16> const& a) {
+    auto const& e = qmem::test::cuda_backend::exec();
+    bool const launched = nested ? cuda_matmul::launch_gemv1_stream<nf4, bf16, true, S>(e, a, sms)
+                                 : cuda_matmul::launch_gemv1_stream<nf4, bf16, false, S>(e, a, sms);
+    REQUIRE(launched);
+    return "streaming batch-1 " + std::to_string(S.warps) + "/" + std::to_string(S.depth) +
+           (S.async ? " async" : "") + " sms=" + std::to_string(sms);
+  });
 }
 } // namespace
+
+TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every plan") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  using cuda_matmul::gemv1_stream_shape;
+  constexpr gemv1_stream_shape dispatched = cuda_matmul::gemv_batch1_stream;
+  std::mt19937 rng(23);
+  for (bool const nested : {false, true}) {
+    // J = 1: 1408 columns = 2.75 super-steps (a partial one, 3 column groups, 5 row groups),
+    // 4096 (8 groups, 2 row groups), 8192 (16 groups), odd row counts (a clamped last pair)
+    stream_case<dispatched>(45, 1408, 64, nested, 0, rng);
+    stream_case<dispatched>(33, 4096, 64, nested, 0, rng);
+    stream_case<dispatched>(70, 8192, 64, nested, 0, rng);
+    stream_case<dispatched>(1, 512, 64, nested, 0, rng);
+    // J = 2 (12800 columns: 25 super-steps, 13 groups, the last one half empty) and J = 4 (17408:
+    // 34 super-steps, 9 groups)
+    stream_case<dispatched>(45, 12800, 64, nested, 0, rng);
+    stream_case<dispatched>(33, 17408, 64, nested, 0, rng);
+    // blocks of 128, 256 and 4096 (one scale for several chunks)
+    stream_case<dispatched>(45, 1536, 128, nested, 0, rng);
+    stream_case<dispatched>(37, 12800, 256, nested, 0, rng);
+    stream_case<dispatched>(45, 4096, 4096, nested, 0, rng);
+    // planned for 1 and 2 multiprocessors: partial sums that fit before the table at no J, so J =
+    // 4 and blocks looping over 2 and 3 tiles; planned for 7: a ring longer than a warp's pairs
+    stream_case<dispatched>(601, 8192, 64, nested, 1, rng);
+    stream_case<dispatched>(1501, 8192, 64, nested, 1, rng);
+    stream_case<dispatched>(1601, 8192, 64, nested, 2, rng);
+    stream_case<dispatched>(300, 2048, 64, nested, 7, rng);
+  }
+  // the other shapes the bench compares; the async rings (plain scales only) on J = 1, 2, 4, on
+  // partial super-steps, several tiles and rings longer than a warp's pairs
+  constexpr auto const& c = cuda_matmul::gemv_batch1_stream_candidates;
+  for (bool const nested : {false, true}) {
+    stream_case<c[1]>(70, 8192, 64, nested, 0, rng);
+    stream_case<c[1]>(45, 12800, 64, nested, 0, rng);
+    stream_case<c[2]>(70, 8192, 64, nested, 0, rng);
+    stream_case<c[2]>(45, 1408, 64, nested, 0, rng);
+    stream_case<c[3]>(70, 8192, 64, nested, 0, rng);
+    stream_case<c[3]>(45, 14336, 64, nested, 0, rng);
+  }
+  stream_case<c[4]>(45, 1408, 64, false, 0, rng);
+  stream_case<c[4]>(70, 8192, 64, false, 0, rng);
+  stream_case<c[4]>(45, 12800, 64, false, 0, rng);
+  stream_case<c[4]>(33, 17408, 256, false, 0, rng);
+  stream_case<c[4]>(1001, 8192, 64, false, 1, rng);
+  stream_case<c[4]>(300, 2048, 64, false, 7, rng);
+  stream_case<c[4]>(45, 4096, 4096, false, 0, rng);
+  stream_case<c[5]>(70, 8192, 64, false, 0, rng);
+  stream_case<c[5]>(1801, 4096, 128, false, 1, rng);
+  stream_case<c[6]>(70, 8192, 64, false, 0, rng);
+  stream_case<c[6]>(45, 14336, 64, false, 0, rng);
+  stream_case<c[6]>(300, 2048, 64, false, 7, rng);
+}
 
 TEST_CASE("GEMV kernel block shapes the bench compares all compute the same function") {
   if (!qmem::test::gpu_present()) {

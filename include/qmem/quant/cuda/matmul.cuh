@@ -37,6 +37,7 @@
 #include <mutex>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace qmem::quant {
@@ -315,6 +316,28 @@ __device__ QMEM_INLINE void load_tables(float* table, float* dyn, code_table<16>
 //! Bytes of the decode table: 256 entries of 64 words (lanes use words 0..31 of each).
 inline constexpr unsigned gemv_lut_bytes = 256 * 256;
 
+//! Fills the GEMV kernels' shared tables: the decode table (entry `byte`, lane l at word
+//! 64 * byte + l: the T pair of the byte's two codes, the high nibble's in the low half, so that
+//! 32 lanes never share a bank) from the 16 values in T (first put in `bits16`: a dynamic index
+//! into the kernel parameter compiles to a 16-way select per entry), and the nested map `dyn`
+//! when Nested. Every thread of the block calls it; it ends with a barrier.
+template <class T, bool Nested>
+__device__ QMEM_INLINE void fill_gemv_tables(std::uint32_t* lut, std::uint32_t* bits16, float* dyn,
+                                             code_table<16> const& values,
+                                             code_table<256> const& nested) {
+  if (threadIdx.x < 16)
+    bits16[threadIdx.x] = from_float<T>(values.value[threadIdx.x]).bits;
+  if constexpr (Nested)
+    for (unsigned i = threadIdx.x; i < 256u; i += blockDim.x)
+      dyn[i] = nested.value[i];
+  __syncthreads();
+  for (unsigned i = threadIdx.x; i < 256u * 32u; i += blockDim.x) {
+    unsigned const e = i >> 5;
+    lut[e * 64 + (i & 31u)] = bits16[e >> 4] | (bits16[e & 15u] << 16);
+  }
+  __syncthreads();
+}
+
 //! What the GEMV kernels read, by value.
 template <class T>
 struct gemv_args {
@@ -565,19 +588,10 @@ __global__ void __launch_bounds__(Warps * 32)
   for (int mt = 0; mt < MTiles; ++mt)
     xrow[mt] = a.x + static_cast<std::size_t>(mt * 8 + g) * a.k + 16 * t;
 
-  // the decode table (and the nested map): the 16 values in T first (a dynamic index into the
-  // kernel parameter would compile to a 16-way select per entry), then the 256 x 32 entries
+  // the decode table and the nested map
   auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem);
   std::uint32_t* const bits16 = reinterpret_cast<std::uint32_t*>(dyn + (Nested ? 256 : 0));
-  if (threadIdx.x < 16)
-    bits16[threadIdx.x] = from_float<T>(values.value[threadIdx.x]).bits;
-  if constexpr (Nested)
-    for (unsigned i = threadIdx.x; i < 256u; i += Warps * 32)
-      dyn[i] = nested.value[i];
-  __syncthreads();
-  for (unsigned e = static_cast<unsigned>(warp); e < 256u; e += Warps)
-    lut[e * 64 + static_cast<unsigned>(lane)] = bits16[e >> 4] | (bits16[e & 15u] << 16);
-  __syncthreads();
+  fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
   std::uint32_t const lane_bytes = static_cast<std::uint32_t>(lane) * 4u;
   // (the table's shared-window base stays in a uniform register: LDS [R + UR], no add per lookup)
   auto decode = [&](std::uint32_t word, int byte) -> std::uint32_t {
@@ -833,18 +847,10 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
   std::uint32_t const supers = (steps + 7) / 8;
   unsigned const step_shift = Block64 ? 0u : a.block_shift - 6u;
 
-  // the decode table (and the nested map)
+  // the decode table and the nested map
   auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem);
   std::uint32_t* const bits16 = reinterpret_cast<std::uint32_t*>(dyn + (Nested ? 256 : 0));
-  if (threadIdx.x < 16)
-    bits16[threadIdx.x] = from_float<T>(values.value[threadIdx.x]).bits;
-  if constexpr (Nested)
-    for (unsigned i = threadIdx.x; i < 256u; i += Warps * 32)
-      dyn[i] = nested.value[i];
-  __syncthreads();
-  for (unsigned e = static_cast<unsigned>(warp); e < 256u; e += Warps)
-    lut[e * 64 + static_cast<unsigned>(lane)] = bits16[e >> 4] | (bits16[e & 15u] << 16);
-  __syncthreads();
+  fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
   std::uint32_t const lane_bytes = static_cast<std::uint32_t>(lane) * 4u;
   // direct_lut: the shared address of the table with the lane's bytes in its low byte; a byte
   // permute puts the code byte in byte 1 and keeps bytes 2-3, giving the entry's address whole
@@ -1097,6 +1103,449 @@ constexpr unsigned gemv1_smem_bytes() {
 template <bool Nested, int Warps, int Tiles>
 constexpr unsigned gemv_smem_bytes() {
   return gemv_lut_bytes + Warps * 16 * Tiles * 17 * 4 + (Nested ? 256 * 4 : 0) + 16 * 4;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Streaming batch-1 GEMV (gemv1_stream_kernel)
+//
+// What bounded gemv1_4bit_kernel was latency, not bandwidth (ncu, 8192 x 8192: DRAM 36%, 25%
+// occupancy; a warp loaded a step group, waited, then computed with nothing in flight). Little's
+// law sizes the fix: at 4.3 TB/s and about 1 us of loaded DRAM latency the chip needs about 4 MB of
+// codes in flight, 32 KB per SM. This kernel keeps twice that in flight with one block of up to 16
+// warps per SM whose warps never stop streaming:
+// - a warp owns a fixed slice of the columns (J super-steps of 512) for all the rows of its tile,
+//   so its activations are loaded once into registers and never again (gemv1_4bit_kernel re-read
+//   x through L1 for every row tile: 1.5 bytes of x per byte of codes);
+// - the warp walks its row pairs with a ring of `Depth / J` pairs of loads in flight: the loads of
+//   pair i + ring are issued right after the products of pair i (16 warps x 32 lanes x 8 x 16 B =
+//   64 KB per SM with Depth 8), with no branch in the steady state;
+// - the decode table is the same 64 KiB conflict-free pair table, one per SM, placed at a 64 KiB
+//   aligned shared address (sm_90 starts dynamic shared memory at 0x400 of the block's window, so
+//   the table sits 0xFC00 into it and the partial sums use the space before it): the byte
+//   permute yields a table entry's address whole, one PRMT and one LDS per two weights;
+// - each warp's kept entries (D[g][g], D[g + 8][g], scaled) go to shared memory, one 8-byte store
+//   per pair; the block adds them per row in a fixed order after its tile (deterministic).
+// It computes the function of the other GEMV kernels (docs/matmul.md): T-rounded table values
+// times activations summed in fp32 per 64-column chunk on the tensor cores, the block scale
+// applied once to that sum, the chunk sums added in fp32.
+
+//! Launch plan of gemv1_stream_kernel (host-computed, a launch argument).
+struct gemv1_stream_plan {
+  unsigned col_groups; //!< C: warps splitting a row's super-steps, J each
+  unsigned row_groups; //!< G: groups of C warps splitting a tile's row pairs
+  unsigned pairs;      //!< row pairs of the weight, ceil(n / 2)
+  unsigned tile_pairs; //!< row pairs a block reduces at once (its shared partial sums)
+  unsigned tiles;      //!< ceil(pairs / tile_pairs); blocks loop over them
+  unsigned smem;       //!< dynamic shared memory of the launch, bytes
+};
+
+//! Block shape of gemv1_stream_kernel: at most `warps` warps per block (one block per SM) and
+//! `depth` super-steps of loads in flight per warp (depth / J row pairs).
+struct gemv1_stream_shape {
+  int warps;          //!< upper bound on C * G
+  int depth;          //!< row pairs of loads in flight per warp at one super-step per warp
+  bool async = false; //!< loads through a per-thread cp.async ring (plain scales only)
+};
+
+//! The streaming shapes batch 1 runs (blocks >= 64, k <= 32768), plain and nested scales; warps
+//! 0: gemv1_4bit_kernel instead. H200 run of 2026-11-29 15:34 UTC (200 calls in a graph, plain
+//! scales, register ring {16, 8}): 6.51 / 12.88 / 12.31 / 13.89 / 39.80 us on the five anchor
+//! shapes (gemv1_4bit_kernel {8, 1, 4}: 7.38 / 19.40 / 13.76 / 17.36 / 57.30); nested 7.29 /
+//! 13.62 / 13.40 / 14.58 / 42.96 (was 10.26 / 26.27 / 18.67 / 23.01 / 74.21).
+inline constexpr gemv1_stream_shape gemv_batch1_stream{16, 8};
+inline constexpr gemv1_stream_shape gemv_batch1_stream_nested{16, 8};
+//! Shapes the bench's gemv_variant compares (variants 19 and up), the first dispatched:
+//! register rings of depth 4, 8, 12 at 16 warps (ptxas -v, sm_90, plain J = 1: 104 / 127
+//! registers for 8 / 12, no spills) and 4 at 32 warps (64 registers); async rings (cp.async into
+//! shared memory, waited one commit group at a time) of 5 and 3 pairs at 16 warps and 2 at 32.
+//! Why the async ring: the SASS of the register ring (nvcc 13, sm_90) puts every load on one
+//! scoreboard (W5), and the first use of pair i waits for all of them (wait mask 100000), so a
+//! warp waits for its whole ring at once instead of one pair; cp.async.wait_group counts.
+inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
+    gemv_batch1_stream, {16, 4}, {16, 12}, {32, 4}, {16, 5, true}, {16, 3, true}, {32, 2, true}};
+
+//! The loads of one row pair (both rows, the warp's J super-steps).
+template <int J, bool Nested>
+struct gemv1_stream_stage {
+  uint2 q[J][2];                       //!< 16 codes of each row and super-step
+  float s[J][2];                       //!< plain scale, or the nested group's absmax2
+  std::uint32_t qs[Nested ? J : 1][2]; //!< nested: the block's 8-bit scale code
+};
+
+//! Where the streaming kernel's decode table goes in its dynamic shared memory: 0xFC00 bytes in,
+//! which is a 64 KiB-aligned shared address on sm_90 (dynamic shared memory starts at 0x400).
+//! The bytes before it hold the partial sums (register ring) or the staging ring (async ring).
+//! The kernel checks the address at run time and, elsewhere, puts the table at 0 and adds its
+//! base to every lookup (one more instruction per two weights).
+inline constexpr unsigned gemv1_stream_prefix = 0xFC00u;
+
+//! The most dynamic shared memory a block may have on sm_90 (227 KiB).
+inline constexpr unsigned gemv1_stream_smem_limit = 232448u;
+
+//! Bytes of the nested map and the 16 T values (after the partial sums).
+QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_extra_bytes(bool nested) {
+  return (nested ? 256u * 4u : 0u) + 64u;
+}
+
+//! Row pairs of loads in flight per warp of gemv1_stream_kernel.
+QMEM_HOST_DEVICE constexpr int gemv1_stream_ring(int depth, int j, bool nested, bool async) {
+  // nested scales at J = 4 keep one pair in registers (ptxas -v, sm_90: two spilled 516 bytes
+  // at 128 registers)
+  if (!async && nested && j == 4)
+    return 1;
+  return depth / j > 0 ? depth / j : 1;
+}
+
+//! Bytes of the async staging ring of one thread: per pair slot and super-step, both rows' 8 code
+//! bytes and 4-byte scales.
+QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_slot_bytes(int j) {
+  return static_cast<unsigned>(j) * 24u;
+}
+
+//! `J` super-steps per warp, `Depth / J` pairs in flight, blocks of at most `MaxWarps` warps;
+//! `Full`: every chunk of every warp's slice exists (k == 512 * J * C); `Async`: the loads go
+//! through a per-thread cp.async ring in shared memory (plain scales only).
+//! Preconditions (the launcher's): m == 1, k % 64 == 0, k % block == 0, block >= 64, codes
+//! 8-byte and x 16-byte aligned, a power-of-two nested block size, n * k / 64 < 2^32;
+//! blockDim.x == 32 * C * G.
+template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async>
+__global__ void __launch_bounds__(MaxWarps * 32, 1)
+    gemv1_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
+                        gemv1_stream_plan plan) {
+  static_assert(!(Async && Nested), "the async ring carries plain scales only");
+  constexpr int Ring = gemv1_stream_ring(Depth, J, Nested, Async); // pairs of loads in flight
+  extern __shared__ __align__(16) unsigned char gemv_smem[];
+  unsigned const C = plan.col_groups;
+  unsigned const G = plan.row_groups;
+  unsigned const threads = blockDim.x;
+
+  // layout: the table at a 64 KiB-aligned shared address when the allocation allows (else at 0).
+  // Register ring: the partial sums [tile_pairs][C][8] float2, the nested map and the 16 T values
+  // ("side") before the table when they fit, else after it. Async ring: the staging ring before
+  // the table, the side after it.
+  auto const base = static_cast<std::uint32_t>(__cvta_generic_to_shared(gemv_smem));
+  unsigned const side_bytes = plan.tile_pairs * C * 64u + gemv1_stream_extra_bytes(Nested);
+  unsigned const ring_bytes = Async ? Ring * threads * gemv1_stream_slot_bytes(J) : 0u;
+  unsigned const front = Async ? ring_bytes : side_bytes;
+  unsigned lut_off = (0u - base) & 0xFFFFu;
+  unsigned side_off = Async ? lut_off + gemv_lut_bytes : 0u;
+  bool direct = true;
+  if (lut_off < front || (Async && side_off + side_bytes > plan.smem)) {
+    side_off = lut_off + gemv_lut_bytes;
+    if (Async || side_off + side_bytes > plan.smem) {
+      lut_off = 0;
+      side_off = gemv_lut_bytes + ring_bytes;
+      direct = false;
+    }
+  }
+  unsigned const ring_off = Async && direct ? 0u : gemv_lut_bytes;
+  std::uint32_t const lut_addr = base + lut_off;
+  auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem + lut_off);
+  auto* const partial = reinterpret_cast<float2*>(gemv_smem + side_off);
+  float* const dyn = reinterpret_cast<float*>(partial + plan.tile_pairs * C * 8u);
+  std::uint32_t* const bits16 = reinterpret_cast<std::uint32_t*>(dyn + (Nested ? 256 : 0));
+
+  unsigned const warp = threadIdx.x >> 5;
+  unsigned const lane = threadIdx.x & 31u;
+  unsigned const g = lane >> 2; // fragment row group = this thread's chunk
+  unsigned const t = lane & 3u; // thread in group
+  unsigned const c = warp % C;  // column group: super-steps c * J .. c * J + J - 1
+  unsigned const rg = warp / C; // row group
+  auto const steps = static_cast<std::uint32_t>(a.k >> 6);
+  unsigned const step_shift = a.block_shift - 6u; // log2(chunks per block)
+
+  // this thread's activations, loaded once: chunk g of each of the warp's super-steps
+  uint4 xv[J][2];
+  bool valid[J];
+  unsigned cb[J]; // the chunk's block within its row
+  QMEM_UNROLL
+  for (int j = 0; j < J; ++j) {
+    std::uint32_t const chunk = (c * J + static_cast<unsigned>(j)) * 8 + g;
+    valid[j] = Full || chunk < steps;
+    cb[j] = chunk >> step_shift;
+    xv[j][0] = xv[j][1] = make_uint4(0, 0, 0, 0);
+    if (valid[j]) {
+      auto const* xp = reinterpret_cast<uint4 const*>(a.x + static_cast<std::size_t>(chunk) * 64 +
+                                                      16 * static_cast<std::size_t>(t));
+      xv[j][0] = __ldg(xp);
+      xv[j][1] = __ldg(xp + 1);
+    }
+  }
+
+  auto const n = static_cast<unsigned>(a.n);
+  auto const half_k = static_cast<std::uint32_t>(a.k / 2);
+  auto const row_blocks = static_cast<std::uint32_t>(a.k >> a.block_shift);
+  std::uint8_t const* const cbase =
+      a.codes + static_cast<std::size_t>(c) * J * 256 + 32 * g + 8 * t;
+  bool const odd = (g & 1u) != 0;
+  bool const keeper = t == (g >> 1);
+  // this thread's partial-sum slot for the warp's first pair of a tile, and the step per pair
+  std::uint32_t const part_addr =
+      static_cast<std::uint32_t>(__cvta_generic_to_shared(partial)) + ((rg * C + c) * 8 + g) * 8u;
+  std::uint32_t const part_stride = G * C * 64u;
+  using stage = gemv1_stream_stage<J, Nested>;
+
+  // calls f(integral_constant<int, s>) for s = 0 .. N - 1 (slot indices known at compile time)
+  auto each_slot = [&]<class F>(F&& f) {
+    [&]<int... S>(std::integer_sequence<int, S...>) { (f(std::integral_constant<int, S>{}), ...); }
+    (std::make_integer_sequence<int, Ring>{});
+  };
+
+  // the block's current tile
+  unsigned tile = blockIdx.x;
+  unsigned p0 = 0, tp = 0, count = 0, row_base = 0;
+  auto begin_tile = [&] {
+    p0 = tile * plan.tile_pairs;
+    tp = min(plan.tile_pairs, plan.pairs - p0);
+    count = rg < tp ? (tp - rg + G - 1) / G : 0u; // this warp's pairs
+    row_base = 2 * (p0 + rg);
+  };
+
+  // register ring: Ring stages; async ring: this thread's slots in shared memory, slot s holding
+  // [J][2] code words (8 bytes, one array of `threads` per (j, h)), then [J][2] scales
+  stage buf[Async ? 1 : Ring];
+  if constexpr (!Full && !Async) {
+    // chunks past k are never loaded: their codes and scales stay 0 (and x is 0 there)
+    QMEM_UNROLL
+    for (int s = 0; s < Ring; ++s)
+      QMEM_UNROLL
+    for (int j = 0; j < J; ++j)
+      QMEM_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      buf[s].q[j][h] = make_uint2(0, 0);
+      buf[s].s[j][h] = 0.0f;
+      if constexpr (Nested)
+        buf[s].qs[j][h] = 0;
+    }
+  }
+  std::uint32_t const slot_base = base + ring_off;
+  auto slot_code = [&](int s, int j, int h) -> std::uint32_t {
+    return slot_base +
+           (static_cast<unsigned>(s) * J * 24u + static_cast<unsigned>(j * 2 + h) * 8u) * threads +
+           threadIdx.x * 8u;
+  };
+  auto slot_scale = [&](int s, int j, int h) -> std::uint32_t {
+    return slot_base +
+           (static_cast<unsigned>(s) * J * 24u + J * 16u + static_cast<unsigned>(j * 2 + h) * 4u) *
+               threads +
+           threadIdx.x * 4u;
+  };
+
+  // the loads of this warp's pair i into slot S
+  auto load = [&](auto slot, unsigned i) {
+    constexpr int S = decltype(slot)::value;
+    unsigned const r0 = row_base + 2 * G * i;
+    unsigned const rows[2] = {r0, min(r0 + 1, n - 1)};
+    QMEM_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      std::uint8_t const* const cp = cbase + static_cast<std::uint64_t>(rows[h]) * half_k;
+      QMEM_UNROLL
+      for (int j = 0; j < J; ++j) {
+        std::uint32_t const blk = rows[h] * row_blocks + cb[j];
+        if constexpr (Async) {
+          // chunks past k: zero-filled, nothing read (src-size 0)
+          bool const in = Full || valid[j];
+          void const* const src = in ? static_cast<void const*>(cp + 256 * j) : a.codes;
+          void const* const ssrc = in ? static_cast<void const*>(a.scales.absmax + blk) : a.codes;
+          asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(slot_code(S, j, h)),
+                       "l"(src), "r"(in ? 8 : 0)
+                       : "memory");
+          asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(slot_scale(S, j, h)),
+                       "l"(ssrc), "r"(in ? 4 : 0)
+                       : "memory");
+        } else {
+          auto& st = buf[S];
+          ldg_if<Full>(st.q[j][h], cp + 256 * j, valid[j]);
+          if constexpr (Nested) {
+            ldg_if<Full>(st.qs[j][h], a.scales.qabsmax + blk, valid[j]);
+            ldg_if<Full>(st.s[j][h], a.scales.absmax2 + (blk >> a.scales.nested_shift), valid[j]);
+          } else {
+            ldg_if<Full>(st.s[j][h], a.scales.absmax + blk, valid[j]);
+          }
+        }
+      }
+    }
+  };
+  // async ring: one commit group per pair (empty past the warp's last pair), so that waiting for
+  // all but the newest Ring - 1 groups waits for exactly the pair about to be computed
+  auto commit = [&] {
+    if constexpr (Async)
+      asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  // the first Ring pairs of the tile
+  auto prologue = [&] {
+    each_slot([&](auto slot) {
+      if (static_cast<unsigned>(decltype(slot)::value) < count)
+        load(slot, static_cast<unsigned>(decltype(slot)::value));
+      commit();
+    });
+  };
+
+  // the first tile's loads go out before the tables are built
+  if (tile < plan.tiles) {
+    begin_tile();
+    prologue();
+  }
+  // the decode table and the nested map
+  fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
+
+  auto body = [&](auto direct_c) {
+    constexpr bool Direct = decltype(direct_c)::value;
+    // byte permute of the code word: Direct, the entry's shared address whole (the table's
+    // address has 16 zero low bits); else its offset, added to the table's address
+    std::uint32_t const lane_word = Direct ? lut_addr | (lane * 4u) : lane * 4u;
+    auto decode = [&](std::uint32_t word, int byte) -> std::uint32_t {
+      std::uint32_t addr;
+      if constexpr (Direct)
+        addr = __byte_perm(word, lane_word, 0x7604u | (static_cast<unsigned>(byte) << 4));
+      else
+        addr =
+            lut_addr + __byte_perm(word, lane_word, 0x5504u | (static_cast<unsigned>(byte) << 4));
+      std::uint32_t v;
+      asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+      return v;
+    };
+
+    // the products of pair i (in slot S), scaled; the kept entries to shared memory
+    auto compute = [&](auto slot, unsigned i) {
+      constexpr int S = decltype(slot)::value;
+      stage st;
+      if constexpr (Async) {
+        // this thread's own copies: complete once all but the newest Ring - 1 groups are
+        asm volatile("cp.async.wait_group %0;" ::"n"(Ring - 1) : "memory");
+        QMEM_UNROLL
+        for (int j = 0; j < J; ++j)
+          QMEM_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
+                       : "=r"(st.q[j][h].x), "=r"(st.q[j][h].y)
+                       : "r"(slot_code(S, j, h))
+                       : "memory");
+          asm volatile("ld.shared.f32 %0, [%1];"
+                       : "=f"(st.s[j][h])
+                       : "r"(slot_scale(S, j, h))
+                       : "memory");
+        }
+      } else {
+        st = buf[S];
+      }
+      float d[J][4];
+      QMEM_UNROLL
+      for (int kk = 0; kk < 4; ++kk)
+        QMEM_UNROLL
+      for (int j = 0; j < J; ++j) {
+        // activation words 2kk, 2kk + 1 go with code bytes 2kk, 2kk + 1
+        std::uint32_t const b0 = kk < 2 ? (&xv[j][0].x)[2 * kk] : (&xv[j][1].x)[2 * kk - 4];
+        std::uint32_t const b1 = kk < 2 ? (&xv[j][0].x)[2 * kk + 1] : (&xv[j][1].x)[2 * kk - 3];
+        std::uint32_t const w0 = kk < 2 ? st.q[j][0].x : st.q[j][0].y;
+        std::uint32_t const w1 = kk < 2 ? st.q[j][1].x : st.q[j][1].y;
+        int const b = 2 * (kk & 1);
+        std::uint32_t const frag[4] = {decode(w0, b), decode(w1, b), decode(w0, b + 1),
+                                       decode(w1, b + 1)};
+        if (kk == 0)
+          mma_16816_zero<T>(d[j], frag, b0, b1);
+        else
+          mma_16816<T>(d[j], frag, b0, b1);
+      }
+      // only D[g][g] (element g & 1) and D[g + 8][g] (element 2 + (g & 1)) of thread t = g / 2
+      // are kept; the other entries are cross terms
+      float v[2] = {0.0f, 0.0f};
+      QMEM_UNROLL
+      for (int j = 0; j < J; ++j)
+        QMEM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        float sc;
+        if constexpr (Nested)
+          sc = fmath::add(fmath::mul(dyn[st.qs[j][h]], st.s[j][h]), a.scales.offset);
+        else
+          sc = st.s[j][h];
+        v[h] = fmaf(sc, odd ? d[j][2 * h + 1] : d[j][2 * h], v[h]);
+      }
+      if (keeper) {
+        std::uint32_t const addr = part_addr + i * part_stride;
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(v[0]), "f"(v[1]));
+      }
+    };
+
+    while (tile < plan.tiles) {
+      // a ring of Ring pairs of loads in flight: pair i + Ring is loaded into the slot pair i
+      // was computed from; the prologue has loaded pairs 0 .. Ring - 1
+      unsigned i0 = 0;
+      for (; i0 + 2 * Ring <= count; i0 += Ring) {
+        // steady state: every pair computed and loaded exists
+        each_slot([&](auto slot) {
+          constexpr int S = decltype(slot)::value;
+          compute(slot, i0 + S);
+          load(slot, i0 + S + Ring);
+          commit();
+        });
+      }
+      // the last fewer than 2 Ring pairs
+      each_slot([&](auto slot) {
+        constexpr int S = decltype(slot)::value;
+        unsigned const i = i0 + S;
+        if (i < count) {
+          compute(slot, i);
+          if (i + Ring < count)
+            load(slot, i + Ring);
+        }
+        commit();
+      });
+      if constexpr (Async)
+        asm volatile("cp.async.wait_all;" ::: "memory"); // (no commit follows these)
+      each_slot([&](auto slot) {
+        constexpr int S = decltype(slot)::value;
+        unsigned const i = i0 + S + Ring;
+        if (i < count)
+          compute(slot, i);
+      });
+      // the next tile's loads go out before this one's reduction
+      unsigned const done_p0 = p0;
+      unsigned const done_tp = tp;
+      tile += gridDim.x;
+      if (tile < plan.tiles) {
+        begin_tile();
+        prologue();
+      }
+      __syncthreads();
+
+      // each row's C * 8 chunk sums, added in a fixed order: rt threads per pair (interleaved
+      // reads, then a butterfly whose partners add the same two numbers)
+      unsigned const per_pair = C * 8;
+      unsigned rt = 8;
+      while (rt > 1 && rt * done_tp > threads)
+        rt >>= 1;
+      for (unsigned from = 0; from < done_tp * rt; from += threads) {
+        unsigned const idx = from + threadIdx.x;
+        unsigned const pl = idx / rt;
+        unsigned const part = idx % rt;
+        float s0 = 0.0f, s1 = 0.0f;
+        if (pl < done_tp) {
+          float2 const* const src = partial + static_cast<std::size_t>(pl) * per_pair;
+          for (unsigned q = part; q < per_pair; q += rt) {
+            float2 const p = src[q];
+            s0 += p.x;
+            s1 += p.y;
+          }
+        }
+        for (unsigned o = 1; o < rt; o <<= 1) {
+          s0 += __shfl_xor_sync(0xFFFFFFFFu, s0, static_cast<int>(o));
+          s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, static_cast<int>(o));
+        }
+        if (pl < done_tp && part == 0) {
+          std::size_t const r0 = 2 * static_cast<std::size_t>(done_p0 + pl);
+          a.y[r0] = from_float<T>(s0);
+          if (r0 + 1 < a.n)
+            a.y[r0 + 1] = from_float<T>(s1);
+        }
+      }
+      __syncthreads();
+    }
+  };
+  if (direct)
+    body(std::true_type{});
+  else
+    body(std::false_type{});
 }
 
 //! Any shape and alignment: one warp per weight row, lanes stride the columns, codes read one
@@ -1835,6 +2284,109 @@ void launch_gemv1_fast(exec::cuda const& e, gemv_args<T> const& a) {
     run(std::false_type{});
 }
 
+//! Multiprocessors of `device` (queried once per device; safe inside a stream capture).
+inline unsigned multiprocessors(int device) {
+  static std::once_flag flags[64];
+  static unsigned counts[64];
+  QMEM_EXPECTS(device >= 0 && device < 64, "e.device is ", device, "; expected 0..63");
+  std::call_once(flags[device], [&] {
+    relaxed_capture_scope const relaxed;
+    int sms = 0;
+    cuda_detail::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+                       "cudaDeviceGetAttribute(MultiProcessorCount)");
+    counts[device] = static_cast<unsigned>(sms > 0 ? sms : 1);
+  });
+  return counts[device];
+}
+
+//! The streaming kernel's plan for an n x k weight on `sms` multiprocessors, and in `j` its
+//! super-steps per warp: the least J of 1, 2, 4 whose C = ceil(super-steps / J) column groups fit
+//! in `max_warps` and whose partial sums for a block's share of the row pairs fit in `room` bytes
+//! (one tile per block); else the largest J that fits, in several tiles; j = 0 when k is too long
+//! (C > max_warps at J = 4).
+inline gemv1_stream_plan gemv1_stream_plan_for(std::size_t n, std::size_t k, int max_warps,
+                                               unsigned room, unsigned sms, unsigned& j) {
+  auto const supers = static_cast<unsigned>((k / 64 + 7) / 8);
+  auto const warps = static_cast<unsigned>(max_warps);
+  gemv1_stream_plan p{};
+  p.pairs = static_cast<unsigned>((n + 1) / 2);
+  unsigned const per_block = (p.pairs + sms - 1) / sms;
+  j = 0;
+  for (unsigned cand = 1; cand <= 4; cand *= 2) {
+    unsigned const groups = (supers + cand - 1) / cand;
+    if (groups > warps)
+      continue;
+    j = cand;
+    if (per_block <= room / (groups * 64u))
+      break;
+  }
+  if (j == 0)
+    return p;
+  p.col_groups = (supers + j - 1) / j;
+  p.row_groups = warps / p.col_groups;
+  unsigned const cap = room / (p.col_groups * 64u);
+  unsigned const passes = (per_block + cap - 1) / cap;
+  p.tile_pairs = (per_block + passes - 1) / passes;
+  p.tiles = (p.pairs + p.tile_pairs - 1) / p.tile_pairs;
+  return p;
+}
+
+//! Launches the streaming batch-1 kernel with a given shape; false (nothing launched) when the
+//! weight does not suit it (k > 2048 * shape.warps, n * k / 64 >= 2^32, or nested scales with an
+//! async shape). Preconditions (the caller's): those of launch_gemv1_fast. `plan_sms`:
+//! multiprocessors to plan for, 0 for the device's (the tests plan for fewer to make blocks loop
+//! over several tiles).
+template <class Code, class T, bool Nested, gemv1_stream_shape Shape>
+bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned plan_sms = 0) {
+  if constexpr (Shape.async && Nested) {
+    return false;
+  } else {
+    if (a.n * (a.k >> 6) >= (std::size_t{1} << 32))
+      return false;
+    unsigned const sms = plan_sms != 0 ? plan_sms : multiprocessors(e.device);
+    unsigned const extra = gemv1_stream_extra_bytes(Nested);
+    // the partial sums go before the table (register ring) or after it (async ring)
+    unsigned const room =
+        Shape.async ? gemv1_stream_smem_limit - gemv1_stream_prefix - gemv_lut_bytes - extra
+                    : gemv1_stream_prefix - extra;
+    unsigned j = 0;
+    gemv1_stream_plan p = gemv1_stream_plan_for(a.n, a.k, Shape.warps, room, sms, j);
+    if (j == 0)
+      return false;
+    unsigned const threads = 32u * p.col_groups * p.row_groups;
+    unsigned const side = p.tile_pairs * p.col_groups * 64u + extra;
+    p.smem = gemv1_stream_prefix + gemv_lut_bytes + (Shape.async ? side : 0u);
+    if (Shape.async &&
+        static_cast<unsigned>(gemv1_stream_ring(Shape.depth, static_cast<int>(j), Nested, true)) *
+                threads * gemv1_stream_slot_bytes(static_cast<int>(j)) >
+            gemv1_stream_prefix)
+      return false; // the staging ring would not fit before the table
+    bool const full = a.k == std::size_t{512} * j * p.col_groups;
+    unsigned const grid = p.tiles < sms ? p.tiles : sms;
+    auto run = [&](auto jc, auto fullc) {
+      constexpr auto kernel =
+          &gemv1_stream_kernel<Code, T, Nested, decltype(jc)::value, Shape.depth, Shape.warps,
+                               decltype(fullc)::value, Shape.async>;
+      allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
+      kernel<<<grid, threads, p.smem, e.stream>>>(a, values_of<Code>(), nested_values(), p);
+      cuda_detail::check_launch(e, "qmem::quant::gemv1_stream_kernel");
+    };
+    auto with_full = [&](auto jc) {
+      if (full)
+        run(jc, std::true_type{});
+      else
+        run(jc, std::false_type{});
+    };
+    if (j == 1)
+      with_full(std::integral_constant<int, 1>{});
+    else if (j == 2)
+      with_full(std::integral_constant<int, 2>{});
+    else
+      with_full(std::integral_constant<int, 4>{});
+    return true;
+  }
+}
+
 template <class Code, class T, bool Nested, int MTiles, gemv_shape Shape, bool Block32,
           bool Block64, bool Contig>
 void launch_gemv_kernel(exec::cuda const& e, gemv_args<T> const& a) {
@@ -1881,6 +2433,10 @@ void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
 template <class Code, class T, bool Nested>
 void launch_gemv(exec::cuda const& e, gemv_args<T> const& a, bool fast) {
   if (fast) {
+    constexpr gemv1_stream_shape stream = Nested ? gemv_batch1_stream_nested : gemv_batch1_stream;
+    if (a.m == 1 && a.block_shift >= 6 && stream.warps > 0 &&
+        launch_gemv1_stream<Code, T, Nested, stream>(e, a))
+      return;
     if (a.m == 1 && a.block_shift >= 6)
       launch_gemv1_fast<Code, T, Nested, Nested ? gemv_batch1_nested : gemv_batch1_dispatched>(e,
                                                                                                a);
@@ -1933,6 +2489,27 @@ inline void check_workspace(tensor_view<std::byte> ws, std::size_t need, char co
     qmem::detail::raise(fn, ": workspace is not 256-byte aligned");
 }
 
+//! The checks matmul_4bit and matmul_4bit_grad_input make before launching anything, in this
+//! order: m > 0 (`rows_of`: what a row of `in` is), w consistent, `in` holding m x in_cols and
+//! `out` m x out_cols device-accessible elements, m and w's dimensions below 2^31, the workspace
+//! (`need` bytes). Throws qmem::bad_argument naming `fn` and the argument.
+template <class T, class Code>
+void check_4bit_call(char const* fn, char const* rows_of, char const* in_name,
+                     tensor_view<T const> in, std::size_t in_cols, char const* out_name,
+                     tensor_view<T> out, std::size_t out_cols, std::size_t m,
+                     weight_4bit_view<Code> const& w, tensor_view<std::byte> ws, std::size_t need) {
+  if (m == 0)
+    qmem::detail::raise(fn, ": m is 0; expected at least one row of ", rows_of);
+  detail::mm::check_weight(w, fn, false, true);
+  detail::mm::check_matrix(in, m, in_cols, fn, in_name, false, true);
+  detail::mm::check_matrix(tensor_view<T const>(out), m, out_cols, fn, out_name, false, true);
+  constexpr std::size_t limit = std::size_t{1} << 31;
+  if (m >= limit || w.rows >= limit || w.cols >= limit)
+    qmem::detail::raise(fn, ": shape ", m, " x ", w.rows, " x ", w.cols,
+                        "; expected each below 2^31");
+  check_workspace(ws, need, fn);
+}
+
 } // namespace cuda_matmul
 
 //! y[m, n] = x[m, k] * dequant(w)^T on the GPU, stream-ordered on e.stream (no synchronization).
@@ -1949,14 +2526,8 @@ void matmul_4bit(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
                  weight_4bit_view<Code> w, tensor_view<T> y,
                  tensor_view<std::byte> workspace = {}) {
   constexpr char const* fn = "qmem::quant::matmul_4bit";
-  QMEM_EXPECTS(m > 0, "m is 0; expected at least one row of activations");
-  detail::mm::check_weight(w, fn, false, true);
-  detail::mm::check_matrix(x, m, w.cols, fn, "x", false, true);
-  detail::mm::check_matrix(tensor_view<T const>(y), m, w.rows, fn, "y", false, true);
-  QMEM_EXPECTS(m < (std::size_t{1} << 31) && w.rows < (std::size_t{1} << 31) &&
-                   w.cols < (std::size_t{1} << 31),
-               "shape ", m, " x ", w.rows, " x ", w.cols, "; expected each below 2^31");
-  cuda_matmul::check_workspace(workspace, matmul_4bit_workspace_bytes<T>(m, w), fn);
+  cuda_matmul::check_4bit_call(fn, "activations", "x", x, w.cols, "y", y, w.rows, m, w, workspace,
+                               matmul_4bit_workspace_bytes<T>(m, w));
   cuda_detail::device_guard guard(e.device);
   if (m <= gemv_max_rows) {
     cuda_matmul::gemv_args<T> a{x.data(),
@@ -1994,14 +2565,8 @@ void matmul_4bit_grad_input(exec::cuda const& e, std::type_identity_t<tensor_vie
                             std::size_t m, weight_4bit_view<Code> w, tensor_view<T> grad_x,
                             tensor_view<std::byte> workspace = {}) {
   constexpr char const* fn = "qmem::quant::matmul_4bit_grad_input";
-  QMEM_EXPECTS(m > 0, "m is 0; expected at least one row of gradients");
-  detail::mm::check_weight(w, fn, false, true);
-  detail::mm::check_matrix(grad_y, m, w.rows, fn, "grad_y", false, true);
-  detail::mm::check_matrix(tensor_view<T const>(grad_x), m, w.cols, fn, "grad_x", false, true);
-  QMEM_EXPECTS(m < (std::size_t{1} << 31) && w.rows < (std::size_t{1} << 31) &&
-                   w.cols < (std::size_t{1} << 31),
-               "shape ", m, " x ", w.rows, " x ", w.cols, "; expected each below 2^31");
-  cuda_matmul::check_workspace(workspace, matmul_4bit_grad_input_workspace_bytes<T>(m, w), fn);
+  cuda_matmul::check_4bit_call(fn, "gradients", "grad_y", grad_y, w.rows, "grad_x", grad_x, w.cols,
+                               m, w, workspace, matmul_4bit_grad_input_workspace_bytes<T>(m, w));
   cuda_detail::device_guard guard(e.device);
   if (m <= grad_input_gemv_max_rows) {
     std::size_t const slices = detail::mm::grad_input_slices(w.rows, w.cols);
