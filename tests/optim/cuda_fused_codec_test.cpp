@@ -24,6 +24,14 @@
 
 #if QMEM_HAS_CUDA()
 #include <qmem/core/cuda/runtime.cuh>
+#include <qmem/memory/cuda_resource.cuh>
+#include <qmem/optim/cuda/fused_step.cuh>
+#include <qmem/optim/cuda/multi_tensor.cuh>
+#include <qmem/optim/optimizer.hpp>
+#include <qmem/optim/rules.hpp>
+
+#include <cstring>
+#include <vector>
 #endif
 
 namespace {
@@ -133,8 +141,15 @@ TEST_CASE("the short 8-bit encode of finite blocks == F::encode (host: specials,
   using u8 = optim::blockwise_format<quant::dynamic_unsigned, 256>;
   static_assert(ocu::format_codec<s8>::finite_route && ocu::format_codec<u8>::finite_route);
   static_assert(!ocu::format_codec<optim::blockwise_format<dyn4, 128>>::finite_route);
+  // v's encode clamps up to 2^-24 (its code is +0's) instead of clamping the bucket key
+  static_assert(ocu::format_codec<u8>::floor_route && !ocu::format_codec<s8>::floor_route);
   static auto const fs = ocu::format_codec<s8>::make();
   static auto const fu = ocu::format_codec<u8>::make();
+  using s4 = optim::blockwise_format<dyn4, 128>;
+  using u4 = optim::blockwise_format<lin4, 128>;
+  static_assert(ocu::format_codec<s4>::signed_floor_route && ocu::format_codec<u4>::floor_route);
+  static auto const f4s = ocu::format_codec<s4>::make();
+  static auto const f4u = ocu::format_codec<u4>::make();
   float const inf = std::numeric_limits<float>::infinity();
   float const nan = std::numeric_limits<float>::quiet_NaN();
   // the blocks that take the short route: signed with 0 < absmax < inf, unsigned always
@@ -160,6 +175,13 @@ TEST_CASE("the short 8-bit encode of finite blocks == F::encode (host: specials,
       bad += fs.encode_finite(s, ss) != s8::encode(s, a) ? 1 : 0;
       bad += fu.encode_finite(s, su) != u8::encode(s, a) ? 1 : 0;
       checked += 2;
+      if (std::fabs(s) <= a || s != s) { // a block's own states: the fused step's encode
+        bad += (fs.encode_block_high(s, ss) >> 24) != s8::encode(s, a) ? 1 : 0;
+        bad += (fu.encode_block_high(s, su) >> 24) != u8::encode(s, a) ? 1 : 0;
+        bad += (f4s.encode_block_high(s, f4s.scale_of(a)) >> 24) != s4::encode(s, a) ? 1 : 0;
+        bad += (f4u.encode_block_high(s, f4u.scale_of(a)) >> 24) != u4::encode(s, a) ? 1 : 0;
+        checked += 4;
+      }
     };
     for (float s : specials)
       check(s);
@@ -250,6 +272,11 @@ __global__ void exhaustive_format_kernel(typename F::book_type book, float absma
     std::uint8_t const expected = F::encode(s, absmax, reference_book);
     bad += fc.encode(s, scale) != expected ? 1u : 0u;
     bad += finite && fc.encode_finite(s, scale) != expected ? 1u : 0u;
+    if constexpr (codec_t::has_block_route) {
+      // the fused step's encode of a block's own states (|s| <= absmax or NaN)
+      if (codec_t::block_route(absmax) && (fabsf(s) <= absmax || s != s))
+        bad += (fc.encode_block_high(s, scale) >> 24) != expected ? 1u : 0u;
+    }
   }
   if (bad != 0)
     atomicAdd(mismatches, bad);
@@ -292,6 +319,213 @@ TEST_CASE(
     CHECK(exhaustive_format_mismatches<u8>(a) == 0);
     CHECK(exhaustive_format_mismatches<s4>(a) == 0);
     CHECK(exhaustive_format_mismatches<u4>(a) == 0);
+  }
+}
+
+//! Mismatches of the fused step's arithmetic shortcuts against the IEEE functions they replace:
+//! [0] bf16x2_nearest vs float_to_bf16_bits (every non-NaN float, in both halves), [1]
+//! sqrt_in_range vs __fsqrt_rn (every float in [2^-100, 2^100]), [2] div_in_range vs __fdiv_rn
+//! (every divisor mantissa at 7 exponents of [2^-51, 2^61] against 96 numerators spread over
+//! [2^-60, 2^60] with both signs, and 2^30 hashed pairs of the whole range).
+__global__ void exhaustive_arithmetic_kernel(unsigned long long* mismatches) {
+  unsigned long long bad[3] = {0, 0, 0};
+  std::uint64_t const stride = std::uint64_t{gridDim.x} * blockDim.x;
+  std::uint64_t const first = std::uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  for (std::uint64_t u = first; u < (1ull << 32); u += stride) {
+    std::uint32_t const b = static_cast<std::uint32_t>(u);
+    float const x = __uint_as_float(b);
+    if (x == x) {
+      std::uint32_t const y = b ^ 0x5a5a5a5au; // another float for the other half
+      float const yf = __uint_as_float(y) == __uint_as_float(y) ? __uint_as_float(y) : 1.0f;
+      std::uint32_t const pair = ocu::detail::bf16x2_nearest(x, yf);
+      std::uint32_t const want = (std::uint32_t{qmem::detail::float_to_bf16_bits(x)} << 16) |
+                                 qmem::detail::float_to_bf16_bits(yf);
+      bad[0] += pair != want ? 1u : 0u;
+    }
+    if (x >= 0x1p-100f && x <= 0x1p100f)
+      bad[1] += __float_as_uint(ocu::detail::sqrt_in_range(x)) != __float_as_uint(__fsqrt_rn(x))
+                    ? 1u
+                    : 0u;
+  }
+  // divisors: every mantissa at 7 exponents; numerators: 96 per divisor
+  constexpr int divisor_exponents[] = {-51, -50, -20, 0, 1, 33, 60};
+  for (std::uint64_t u = first; u < 7ull << 23; u += stride) {
+    int const e = divisor_exponents[u >> 23];
+    float const d = ldexpf(__uint_as_float(0x3f800000u | static_cast<std::uint32_t>(u & 0x7fffffu)),
+                           e);
+    for (int k = 0; k < 96; ++k) {
+      std::uint32_t h = static_cast<std::uint32_t>(u) * 0x9e3779b9u + static_cast<std::uint32_t>(k) * 0x85ebca6bu;
+      h ^= h >> 15;
+      h *= 0x2c1b3c6du;
+      h ^= h >> 12;
+      int const ne = -60 + static_cast<int>((h >> 8) % 121u); // [-60, 60]
+      float n = ldexpf(__uint_as_float(0x3f800000u | (h & 0x7fffffu)), ne);
+      if (ne == 60)
+        n = 0x1p60f; // the top of the range
+      n = (k & 1) != 0 ? -n : n;
+      bad[2] += __float_as_uint(ocu::detail::div_in_range(n, d)) != __float_as_uint(__fdiv_rn(n, d))
+                    ? 1u
+                    : 0u;
+    }
+  }
+  for (std::uint64_t u = first; u < (1ull << 30); u += stride) {
+    std::uint32_t h = static_cast<std::uint32_t>(u) * 0x9e3779b9u;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    std::uint32_t h2 = h * 0x846ca68bu;
+    h2 ^= h2 >> 16;
+    float const n = ldexpf(__uint_as_float(0x3f800000u | (h & 0x7fffffu)),
+                           -60 + static_cast<int>((h >> 23) % 120u));
+    float const d = ldexpf(__uint_as_float(0x3f800000u | (h2 & 0x7fffffu)),
+                           -51 + static_cast<int>((h2 >> 23) % 112u));
+    float const sn = (h2 & 1u) != 0 ? -n : n;
+    bad[2] += __float_as_uint(ocu::detail::div_in_range(sn, d)) != __float_as_uint(__fdiv_rn(sn, d))
+                  ? 1u
+                  : 0u;
+  }
+  for (int i = 0; i < 3; ++i)
+    if (bad[i] != 0)
+      atomicAdd(mismatches + i, bad[i]);
+}
+
+TEST_CASE("fused-step arithmetic shortcuts == the IEEE functions (bf16, sqrt: every float; div: "
+          "sweeps) (GPU)") {
+  if (!test::gpu_present()) {
+    std::printf("[qmem] SKIPPED on cuda: no CUDA device on this machine\n");
+    MESSAGE("skipped: no CUDA device");
+    return;
+  }
+  unsigned long long* d = nullptr;
+  cuda_detail::check(cudaMalloc(&d, 3 * sizeof(*d)), "cudaMalloc");
+  cuda_detail::check(cudaMemset(d, 0, 3 * sizeof(*d)), "cudaMemset");
+  exhaustive_arithmetic_kernel<<<132 * 8, 256>>>(d);
+  cuda_detail::check(cudaGetLastError(), "exhaustive_arithmetic_kernel");
+  unsigned long long h[3] = {};
+  cuda_detail::check(cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost), "cudaMemcpy");
+  cuda_detail::check(cudaFree(d), "cudaFree");
+  CHECK_MESSAGE(h[0] == 0, "bf16x2_nearest: ", h[0], " mismatches");
+  CHECK_MESSAGE(h[1] == 0, "sqrt_in_range: ", h[1], " mismatches");
+  CHECK_MESSAGE(h[2] == 0, "div_in_range: ", h[2], " mismatches");
+}
+
+//! Device step of one large tensor == host optimizer, bit for bit, over `steps` steps: large
+//! enough that every warp runs several full tasks of it (the pipelined loads of fused_step_kernel
+//! and the lane-wide update of lane_update), with a tail task, gradients that are zero over a run
+//! of elements (v = 0: the IEEE square root and division, not the in-range ones), and NaN and
+//! inf gradients (skip_element per element).
+template <class Rule, class Policy, class P>
+void large_tensor_matches_host(Rule rule, std::size_t n, int steps, unsigned seed) {
+  namespace oq = qmem::optim;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<P> p0(n);
+  for (auto& x : p0)
+    x = from_float<P>(0.05f * nd(rng));
+  std::vector<std::vector<P>> grads(static_cast<std::size_t>(steps), std::vector<P>(n));
+  for (int s = 0; s < steps; ++s) {
+    auto& g = grads[static_cast<std::size_t>(s)];
+    for (std::size_t i = 0; i < n; ++i)
+      g[i] = from_float<P>((s % 2 == 0 ? 1e-2f : 3e-3f) * nd(rng));
+    for (std::size_t i = 4096; i < 4096 + 3000; ++i) // zero gradients: v stays 0
+      g[i] = from_float<P>(0.0f);
+    g[777777 % n] = from_float<P>(std::numeric_limits<float>::quiet_NaN());
+    g[(n / 3) | 1] = from_float<P>(std::numeric_limits<float>::infinity());
+  }
+  oq::optimizer_options oo;
+  oo.lr = oq::lr_schedule::constant(1e-3f);
+  oo.nonfinite = oq::nonfinite_policy::skip_element;
+  oo.min_quantized_size = 0;
+  // host
+  std::vector<P> hp = p0;
+  oq::optimizer<Rule, Policy, P> opt(rule, oo);
+  opt.add_param(tensor_view<P>(hp.data(), n, memory_space::host));
+  for (auto const& g : grads) {
+    std::vector<tensor_view<P const>> gv{tensor_view<P const>(g.data(), n, memory_space::host)};
+    (void)opt.step(exec::host{}, gv, oq::step_options{1.0f, false});
+  }
+  // device
+  memory::cuda_device_resource dres(0);
+  exec::cuda const e{};
+  ocu::cuda_step_options co;
+  co.lr = oo.lr;
+  co.nonfinite = oo.nonfinite;
+  ocu::step_controller ctl(e, dres, co);
+  using group_t = ocu::multi_tensor_step<Rule, Policy, P, P>;
+  using traits = typename group_t::traits;
+  std::vector<void*> owned;
+  auto alloc = [&](std::size_t bytes) {
+    void* d = nullptr;
+    cuda_detail::check(cudaMalloc(&d, bytes + 16), "cudaMalloc");
+    cuda_detail::check(cudaMemset(d, 0, bytes + 16), "cudaMemset");
+    owned.push_back(d);
+    return d;
+  };
+  typename group_t::tensor t;
+  t.size = n;
+  t.rule = rule;
+  auto* dp = static_cast<P*>(alloc(n * sizeof(P)));
+  auto* dg = static_cast<P*>(alloc(n * sizeof(P)));
+  cuda_detail::check(cudaMemcpy(dp, p0.data(), n * sizeof(P), cudaMemcpyHostToDevice), "H2D");
+  t.param = dp;
+  t.grad = dg;
+  ocu::detail::for_each_state_host<Rule::state_count>([&](auto J) {
+    using F = typename traits::template format<J.value>;
+    t.state[J.value] = alloc(F::bytes(n));
+    t.absmax[J.value] = static_cast<float*>(alloc(F::scale_count(n) * 4));
+  });
+  group_t group(e, std::span<typename group_t::tensor const>(&t, 1), dres, ctl);
+  for (auto const& g : grads) {
+    cuda_detail::check(cudaMemcpy(dg, g.data(), n * sizeof(P), cudaMemcpyHostToDevice), "H2D");
+    group.step(e);
+  }
+  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  std::vector<P> got(n);
+  cuda_detail::check(cudaMemcpy(got.data(), dp, n * sizeof(P), cudaMemcpyDeviceToHost), "D2H");
+  CHECK(std::memcmp(got.data(), hp.data(), n * sizeof(P)) == 0);
+  auto const& ps = opt.params()[0];
+  ocu::detail::for_each_state_host<Rule::state_count>([&](auto J) {
+    using F = typename traits::template format<J.value>;
+    INFO("state ", J.value);
+    std::vector<std::uint8_t> codes(F::bytes(n));
+    cuda_detail::check(cudaMemcpy(codes.data(), t.state[J.value], codes.size(),
+                                  cudaMemcpyDeviceToHost),
+                       "D2H");
+    CHECK(std::memcmp(codes.data(), ps.data[J.value].data(), codes.size()) == 0);
+    if constexpr (F::blockwise) {
+      std::vector<float> am(F::scale_count(n));
+      cuda_detail::check(cudaMemcpy(am.data(), t.absmax[J.value], am.size() * 4,
+                                    cudaMemcpyDeviceToHost),
+                         "D2H");
+      CHECK(std::memcmp(am.data(), ps.scale[J.value].data(), am.size() * 4) == 0);
+    }
+  });
+  for (void* d : owned)
+    (void)cudaFree(d);
+}
+
+TEST_CASE("fused step, several full tasks per warp (pipelined loads) == host optimizer (GPU)") {
+  if (!test::gpu_present()) {
+    std::printf("[qmem] SKIPPED on cuda: no CUDA device on this machine\n");
+    MESSAGE("skipped: no CUDA device");
+    return;
+  }
+  namespace oq = qmem::optim;
+  std::size_t const n = (std::size_t{3} << 20) + 77; // 12289 tasks of 256 and a tail
+  SUBCASE("AdamW 8-bit, fp32 params") {
+    large_tensor_matches_host<oq::adamw, oq::int8_state, float>(oq::adamw{}, n, 3, 11);
+  }
+  SUBCASE("AdamW 8-bit, bf16 params") {
+    large_tensor_matches_host<oq::adamw, oq::int8_state, bf16>(oq::adamw{}, n, 3, 12);
+  }
+  SUBCASE("AdamW 4-bit, fp32 params") {
+    large_tensor_matches_host<oq::adamw, oq::int4_state, float>(oq::adamw{}, n, 3, 13);
+  }
+  SUBCASE("Lion 8-bit, fp32 params") {
+    large_tensor_matches_host<oq::lion, oq::int8_state, float>(oq::lion{}, n, 3, 14);
+  }
+  SUBCASE("AdamW 32-bit, fp32 params") {
+    large_tensor_matches_host<oq::adamw, oq::fp32_state, float>(oq::adamw{}, n, 3, 15);
   }
 }
 

@@ -213,6 +213,43 @@ struct packed_bucket_table {
     return entry[index_of(a, negative_mask)] + ((a ^ negative_mask) & low_mask);
   }
 
+  //! The bits of 2^-TinyExponent, the smallest magnitude of the regular buckets.
+  static constexpr std::uint32_t floor_bits = std::uint32_t{127 - TinyExponent} << 23;
+
+  //! code_high_bits(a, 0) without the clamps, for the bits `a` of a float in [2^-TinyExponent, 1]
+  //! (precondition): the entry index is the bucket key plus a constant. Callers clamp up to
+  //! 2^-TinyExponent with one fmaxf where that float takes the code of +0 (floor_takes_zero_code),
+  //! which also sends NaN, negative floats and -0 there (ptxas sm_90: a max and a shift-add
+  //! instead of a mask, a shift-add and two integer clamps).
+  QMEM_HOST_DEVICE QMEM_INLINE constexpr std::uint32_t
+  code_high_bits_positive(std::uint32_t a) const noexcept {
+    constexpr std::uint32_t offset =
+        (PositiveOnly ? 2u : source::magnitudes + 1u) - (std::uint32_t{127 - TinyExponent}
+                                                         << MantissaBits);
+    return entry[(a >> (23 - MantissaBits)) + offset] + (a & low_mask);
+  }
+
+  //! code_high_bits(a, negative_mask) without the clamps, for the bits `a` of a magnitude in
+  //! [2^-TinyExponent, 1] (precondition) and a sign mask of 0 or ~0 (a signed table).
+  QMEM_HOST_DEVICE QMEM_INLINE constexpr std::uint32_t
+  code_high_bits_signed(std::uint32_t a, std::uint32_t negative_mask) const noexcept {
+    static_assert(!PositiveOnly, "a table of non-negative floats: code_high_bits_positive");
+    constexpr std::uint32_t offset = 1u - (std::uint32_t{127 - TinyExponent} << MantissaBits);
+    return entry[source::magnitudes + (((a >> (23 - MantissaBits)) + offset) ^ negative_mask)] +
+           ((a ^ negative_mask) & low_mask);
+  }
+
+  //! Whether +-2^-TinyExponent have the codes of +-0 in this table (no threshold at them; for a
+  //! table of non-negative floats, the positive side only).
+  constexpr bool floor_takes_zero_code() const noexcept {
+    bool const positive =
+        (code_high_bits(floor_bits, 0u) >> 24) == (code_high_bits(0u, 0u) >> 24);
+    bool const negative =
+        PositiveOnly ||
+        (code_high_bits(floor_bits, ~0u) >> 24) == (code_high_bits(0u, ~0u) >> 24);
+    return positive && negative;
+  }
+
   //! Whether the packed search of `t` (of `count` thresholds) equals its search for every float
   //! (see the struct comment).
   static constexpr bool packable(source const& t, int count = 255) noexcept {

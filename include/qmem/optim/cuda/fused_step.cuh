@@ -2,16 +2,20 @@
 //! \file
 //! The fused multi-tensor optimizer kernels: one launch updates any number of tensors of any sizes.
 //!
-//! Work is cut into warp tasks of 32 x per_lane elements (kernel_traits: 256 for fp32 and 8-bit
-//! states, 128 for the 4-bit recipe's blocks of 128): a warp owns whole absmax blocks, each lane
+//! Work is cut into warp tasks of 32 x per_lane elements (kernel_traits: 256, 8 per lane, for
+//! fp32, 8-bit and the 4-bit recipe's blocks of 128): a warp owns whole absmax blocks, each lane
 //! per_lane consecutive elements. A task loads its parameters, gradients, state codes and old
 //! absmax with 16-byte streaming loads, decodes the states (code values in shared memory),
 //! applies the rule's element update in fp32 registers (the host optimizer's arithmetic,
-//! optim/optimizer.hpp), writes the parameters, takes the block max of each new state with warp
-//! shuffles (no shared memory, no __syncthreads), requantizes (state_format.hpp: the block's
-//! reciprocal in double, one shared-memory read per 8-bit or 4-bit code)
-//! and writes back: one pass over memory. A task wholly inside its tensor (all but at most one
-//! per tensor) runs without bounds checks or scalar fallbacks. Tasks are
+//! optim/optimizer.hpp), writes the parameters, takes the block max of each new state (one
+//! redux.sync when the block spans the warp, shuffles otherwise; no shared memory, no
+//! __syncthreads), requantizes (state_format.hpp: the block's reciprocal in double, one
+//! shared-memory read per 8-bit or 4-bit code, codes gathered by byte permutes) and writes back:
+//! one pass over memory. A task wholly inside its tensor (all but at most one
+//! per tensor) runs without bounds checks or scalar fallbacks; in the quantized steps a warp
+//! loads its next such task into registers before computing the current one (fused_pipeline).
+//! AdamW's element update runs lane-wide (lane_update): the moments, one range test, then the
+//! square roots and divisions by the IEEE functions' own fast sequences. Tasks are
 //! numbered across all tensors; the device table of tensor entries (built once, multi_tensor.cuh)
 //! maps a task to its tensor by a cached hint plus binary search, so 64 tensors cost what one
 //! tensor costs. Step, gradient scale and skip flag are read from device memory (step_control),
@@ -25,6 +29,7 @@
 #include <qmem/core/numeric.hpp>
 #include <qmem/optim/cuda/state_format.hpp>
 #include <qmem/optim/rule.hpp>
+#include <qmem/optim/rules.hpp>
 #include <qmem/optim/schedule.hpp>
 #include <qmem/optim/state.hpp>
 
@@ -119,12 +124,24 @@ __device__ QMEM_INLINE void store_stream(void* ptr, T const (&in)[N]) {
 //! The max over each group of `Lanes` consecutive lanes (a power of two up to 32). Precondition:
 //! no lane holds a NaN or -0 (block maxima of magnitudes), so that fmaxf (one FMNMX) is the
 //! compare-and-select it replaces, bit for bit.
+//! A whole warp (Lanes == 32) takes one `redux.sync.max.u32` over the bits: for floats >= +0 that
+//! are not NaN the unsigned order of the bits is the order of the values, so the integer maximum
+//! is fmaxf's, bit for bit (ptxas sm_90: 1 REDUX instead of 5 SHFL + 5 FMNMX per state and task).
 template <int Lanes>
 __device__ QMEM_INLINE float warp_max(float m) {
-  QMEM_UNROLL
-  for (int o = Lanes / 2; o > 0; o >>= 1)
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  return m;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr bool redux = Lanes == 32;
+#else
+  constexpr bool redux = false;
+#endif
+  if constexpr (redux) {
+    return __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(m)));
+  } else {
+    QMEM_UNROLL
+    for (int o = Lanes / 2; o > 0; o >>= 1)
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    return m;
+  }
 }
 
 //! bf16(v): qmem::detail::float_to_bf16_bits (nearest even, NaN -> 0x7FC0), the same integer
@@ -135,6 +152,20 @@ __device__ QMEM_INLINE bf16 bf16_nearest(float v) {
   std::uint32_t const rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return bf16::from_bits(static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u
                                                                                      : rounded));
+}
+
+//! The bf16 bits of two floats rounded to nearest even, `hi` in bits 16-31 and `lo` in bits 0-15:
+//! one `cvt.rn.bf16x2.f32`. The hardware rounding equals float_to_bf16_bits for every float but
+//! NaN (the hardware writes 0x7FFF, qmem 0x7FC0: callers select NaN away first), checked for all
+//! 2^32 floats by tests/optim/cuda_fused_codec_test.cpp.
+__device__ QMEM_INLINE std::uint32_t bf16x2_nearest(float hi, float lo) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  std::uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  return (std::uint32_t{bf16_nearest(hi).bits} << 16) | bf16_nearest(lo).bits;
+#endif
 }
 
 //! The tensor that owns global task `task`: the hint when it still does, else a binary search
@@ -187,16 +218,169 @@ __device__ QMEM_INLINE void for_states(F&& f) {
   }(std::make_integer_sequence<int, N>{});
 }
 
+//! sqrt.rn.f32(x) for x in [2^-100, 2^100] (precondition): the sequence ptxas emits for
+//! `__fsqrt_rn` on that range (sm_90: MUFU.RSQ, two FMUL.FTZ, two FFMA), without the range test,
+//! the branch to the general path and its convergence barrier, which the caller replaces by one
+//! test per lane. Equal to __fsqrt_rn for every float of the range (all of them are checked by
+//! tests/optim/cuda_fused_codec_test.cpp).
+__device__ QMEM_INLINE float sqrt_in_range(float x) {
+  float r;
+  asm("{\n\t"
+      ".reg .f32 y, h, e, q;\n\t"
+      "rsqrt.approx.ftz.f32 q, %1;\n\t"
+      "mul.rn.ftz.f32 y, %1, q;\n\t"
+      "mul.rn.ftz.f32 h, q, 0f3F000000;\n\t"
+      "neg.f32 q, y;\n\t"
+      "fma.rn.f32 e, q, y, %1;\n\t"
+      "fma.rn.f32 %0, e, h, y;\n\t"
+      "}"
+      : "=f"(r)
+      : "f"(x));
+  return r;
+}
+
+//! div.rn.f32(n, d) for 2^-60 <= |n| <= 2^60 and 2^-51 <= d <= 2^61 (precondition): the sequence
+//! ptxas emits for `__fdiv_rn` when its range check (FCHK) passes (sm_90: MUFU.RCP, five FFMA),
+//! without the check and the branch. In that range every intermediate is a normal float (the
+//! reciprocal, the quotient in [2^-121, 2^111], its residual above 2^-84), so the sequence's
+//! result scales exactly with the operands' exponents and equals the correctly rounded quotient
+//! as it does for operands in [1, 2) (checked against __fdiv_rn over every divisor mantissa and
+//! random operands by tests/optim/cuda_fused_codec_test.cpp).
+__device__ QMEM_INLINE float div_in_range(float n, float d) {
+  float r;
+  asm("{\n\t"
+      ".reg .f32 r0, r1, t, q0, e, nd;\n\t"
+      "rcp.approx.ftz.f32 r0, %2;\n\t"
+      "neg.f32 nd, %2;\n\t"
+      "fma.rn.f32 t, nd, r0, 0f3F800000;\n\t"
+      "fma.rn.f32 r1, r0, t, r0;\n\t"
+      "fma.rn.f32 q0, %1, r1, 0f00000000;\n\t"
+      "fma.rn.f32 e, nd, q0, %1;\n\t"
+      "fma.rn.f32 %0, r1, e, q0;\n\t"
+      "}"
+      : "=f"(r)
+      : "f"(n), "f"(d));
+  return r;
+}
+
+//! A whole lane's element updates of a rule in one go, for the common case, where that is
+//! cheaper than E calls of Rule::update: `run` returns false, having written nothing, when the
+//! case does not apply (the caller then runs Rule::update per element). The generic rule has none.
+template <class Rule>
+struct lane_update {
+  static constexpr bool available = false;
+};
+
+//! Adam and AdamW without L2 decay and without decoupled decay before the update (AdamW's
+//! default, bitsandbytes' order), every gradient finite and every element valid: adam_rule::update
+//! (rules.hpp) operation for operation, in two passes over the lane's elements: the moments, then
+//! the parameters. The moments' pass also tests that each v lies in [2^-100, 2^100] and each |m|
+//! in [2^-60, 2^60] (and, once, eps c2 in [0, 2^60]); then the square root and the division take
+//! sqrt_in_range / div_in_range (the denominator sqrt(v) + eps c2 lies in [2^-50, 2^61]), else
+//! the IEEE functions with their own branches. Dropped, being exact identities here: the select of
+//! the L2 term (has_l2 false) and the multiplication by decay_before = 1 (p * 1 is p, and for a
+//! NaN p the add after it writes the same canonical NaN). Why: a branch per square root and per
+//! division, each with a convergence barrier, and the range checks cost ptxas sm_90 about
+//! 9 instructions per element more than these tests, and the L2 select and decay 4 more.
+template <bool Decoupled>
+struct lane_update<adam_rule<Decoupled>> {
+  static constexpr bool available = true;
+  template <int E>
+  __device__ QMEM_INLINE static bool run(float (&p)[E], float const (&g)[E], float (&m)[E],
+                                         float (&v)[E],
+                                         typename adam_rule<Decoupled>::scalars const& k) {
+    using namespace qmem::fmath;
+    if (k.has_l2 || k.decay_before != 1.0f)
+      return false;
+    // the tests are combined with `&`, not `&&`: no branch per test (a NaN fails every test)
+    bool in_range = (k.eps_c2 >= 0.0f) & (k.eps_c2 <= 0x1p60f);
+    QMEM_UNROLL
+    for (int i = 0; i < E; ++i) {
+      m[i] = add(mul(m[i], k.beta1), mul(k.one_minus_beta1, g[i]));
+      v[i] = add(mul(v[i], k.beta2), mul(k.one_minus_beta2, mul(g[i], g[i])));
+      in_range = in_range & (v[i] >= 0x1p-100f) & (v[i] <= 0x1p100f) &
+                 (fabsf(m[i]) >= 0x1p-60f) & (fabsf(m[i]) <= 0x1p60f);
+    }
+    if (in_range) {
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i)
+        p[i] = mul(add(p[i], mul(k.step_size, div_in_range(m[i], add(sqrt_in_range(v[i]),
+                                                                       k.eps_c2)))),
+                   k.decay_after);
+    } else {
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i)
+        p[i] = mul(add(p[i], mul(k.step_size, div(m[i], add(sqrt(v[i]), k.eps_c2)))),
+                   k.decay_after);
+    }
+    return true;
+  }
+};
+
+//! The raw bytes one lane loads for a full task (parameters or master weights, gradients, each
+//! state's codes or elements and old absmax), held in registers so that the next task's loads can
+//! be in flight while the current task computes (fused_step_kernel, fused_pipeline).
+template <update_rule Rule, state_policy Policy, class P, class G>
+struct full_task_data {
+  static constexpr int E = kernel_traits<Rule, Policy>::per_lane;
+  static constexpr int S = Rule::state_count > 0 ? Rule::state_count : 1;
+  float p[E];
+  P p_raw[E];
+  G g_raw[E];
+  alignas(16) std::uint8_t state[S][E * 4];
+  float absmax[S];
+};
+
+//! Loads full task `task` of `entry` into `d` (streaming 16-byte loads, as fused_task does).
+template <update_rule Rule, state_policy Policy, class P, class G>
+__device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, std::uint64_t task,
+                                           unsigned lane,
+                                           full_task_data<Rule, Policy, P, G>& d) {
+  using traits = kernel_traits<Rule, Policy>;
+  constexpr int E = traits::per_lane;
+  std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * E;
+  std::uint64_t const block = first / traits::block;
+  auto const* const param = static_cast<P const*>(entry->param);
+  float const* const master = entry->master;
+  if constexpr (std::same_as<P, float>) {
+    load_stream(master != nullptr ? master + first : param + first, d.p);
+  } else {
+    if (master == nullptr)
+      load_stream(param + first, d.p_raw);
+    else
+      load_stream(master + first, d.p);
+  }
+  load_stream(static_cast<G const*>(entry->grad) + first, d.g_raw);
+  for_states<Rule::state_count>([&](auto J) {
+    using F = typename traits::template format<J.value>;
+    if constexpr (F::blockwise) {
+      constexpr int code_bytes = E * F::bits / 8;
+      d.absmax[J.value] = entry->absmax[J.value][block];
+      std::uint8_t bytes[code_bytes];
+      load_stream(static_cast<std::uint8_t const*>(entry->state[J.value]) + first * F::bits / 8,
+                  bytes);
+      std::memcpy(d.state[J.value], bytes, code_bytes);
+    } else {
+      using T = typename F::element;
+      T raw[E];
+      load_stream(static_cast<T const*>(entry->state[J.value]) + first, raw);
+      std::memcpy(d.state[J.value], raw, sizeof(raw));
+    }
+  });
+}
+
 //! One warp task: kernel_traits::per_lane elements per lane, everything in registers. The
 //! arithmetic is the host backend's (optimizer.hpp), element for element. `Full`: the caller has
 //! checked that the whole task lies inside the tensor and that its pointers are aligned for the
 //! vector path, so the element bounds checks and the scalar path compile away.
 template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite,
-          bool Full>
+          bool Full, bool Preloaded = false>
 __device__ QMEM_INLINE void
 fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars const& k,
            float grad_scale, std::int32_t step, std::uint64_t seed, bool param_sr,
-           typename kernel_traits<Rule, Policy>::shared_tables const& tables, unsigned lane) {
+           typename kernel_traits<Rule, Policy>::shared_tables const& tables, unsigned lane,
+           full_task_data<Rule, Policy, P, G> const* pre = nullptr) {
+  static_assert(Full || !Preloaded, "only full tasks are preloaded");
   using traits = kernel_traits<Rule, Policy>;
   constexpr int E = traits::per_lane;
   constexpr int S = Rule::state_count;
@@ -213,14 +397,27 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
   float g[E];
   bool valid[E];
   {
-    P p_raw[E];
-    G g_raw[E];
-    if (vector_path) {
-      if (master == nullptr)
-        load_stream(param + first, p_raw);
+    P p_raw[E]{}; // value-initialized: an array left undefined on one path became a loop-carried
+    G g_raw[E]{}; // value that ptxas spilled (8 local stores per task-lane, AdamW 8-bit)
+    if constexpr (Preloaded) {
+      std::memcpy(p, pre->p, sizeof(p));
+      std::memcpy(p_raw, pre->p_raw, sizeof(p_raw));
+      std::memcpy(g_raw, pre->g_raw, sizeof(g_raw));
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i)
+        valid[i] = true;
+    } else if (vector_path) {
+      if constexpr (std::same_as<P, float>) {
+        // fp32 parameters: one load from whichever array holds them (both hold the same values
+        // when there are master weights), not two predicated loads merged by 8 selects
+        load_stream(master != nullptr ? master + first : param + first, p);
+      } else {
+        if (master == nullptr)
+          load_stream(param + first, p_raw);
+        if (master != nullptr)
+          load_stream(master + first, p);
+      }
       load_stream(grad + first, g_raw);
-      if (master != nullptr)
-        load_stream(master + first, p);
       QMEM_UNROLL
       for (int i = 0; i < E; ++i)
         valid[i] = true;
@@ -236,8 +433,12 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
     }
     QMEM_UNROLL
     for (int i = 0; i < E; ++i) {
-      if (master == nullptr)
+      if constexpr (std::same_as<P, float>) {
+        if (!vector_path && master == nullptr)
+          p[i] = p_raw[i];
+      } else if (master == nullptr) {
         p[i] = to_float(p_raw[i]);
+      }
       g[i] = optim::detail::fmath::mul(to_float(g_raw[i]), grad_scale);
     }
   }
@@ -250,12 +451,18 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
     if constexpr (F::blockwise) {
       constexpr int code_bytes = E * F::bits / 8;
       auto const& fc = tables.template codec_for<state_sign_v<Rule, J.value>>();
-      float const old_absmax = Full || first < size ? entry->absmax[J.value][block] : 0.0f;
+      float old_absmax = 0.0f;
       std::uint8_t bytes[code_bytes];
-      auto const* const codes = static_cast<std::uint8_t const*>(state) + first * F::bits / 8;
-      if (vector_path) {
+      [[maybe_unused]] auto const* const codes =
+          static_cast<std::uint8_t const*>(state) + first * F::bits / 8;
+      if constexpr (Preloaded) {
+        old_absmax = pre->absmax[J.value];
+        std::memcpy(bytes, pre->state[J.value], code_bytes);
+      } else if (vector_path) {
+        old_absmax = entry->absmax[J.value][block];
         load_stream(codes, bytes);
       } else if constexpr (!Full) {
+        old_absmax = first < size ? entry->absmax[J.value][block] : 0.0f;
         std::uint64_t const code_count = F::bits == 8 ? size : (size + 1) / 2;
         QMEM_UNROLL
         for (int b = 0; b < code_bytes; ++b)
@@ -273,8 +480,10 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
     } else {
       using T = typename F::element;
       T raw[E];
-      T const* const st = static_cast<T const*>(state);
-      if (vector_path) {
+      [[maybe_unused]] T const* const st = static_cast<T const*>(state);
+      if constexpr (Preloaded) {
+        std::memcpy(raw, pre->state[J.value], sizeof(raw));
+      } else if (vector_path) {
         load_stream(st + first, raw);
       } else if constexpr (!Full) {
         QMEM_UNROLL
@@ -288,23 +497,45 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
   });
 
   // update (the host's order: update a copy, keep it unless the element is skipped)
-  QMEM_UNROLL
-  for (int i = 0; i < E; ++i) {
-    state_values<S> sv;
+  auto update_all = [&](auto check) {
     QMEM_UNROLL
-    for (int j = 0; j < S; ++j)
-      sv[j] = s[j][i];
-    float pi = p[i];
-    Rule::update(pi, g[i], sv, k);
-    bool keep = valid[i];
-    if constexpr (NonFinite == nonfinite_policy::skip_element)
-      keep = keep && optim::detail::fmath::is_finite(g[i]);
-    if (keep) {
-      p[i] = pi;
+    for (int i = 0; i < E; ++i) {
+      state_values<S> sv;
       QMEM_UNROLL
       for (int j = 0; j < S; ++j)
-        s[j][i] = sv[j];
+        sv[j] = s[j][i];
+      float pi = p[i];
+      Rule::update(pi, g[i], sv, k);
+      bool keep = valid[i];
+      if constexpr (decltype(check)::value)
+        keep = keep && optim::detail::fmath::is_finite(g[i]);
+      if (keep) {
+        p[i] = pi;
+        QMEM_UNROLL
+        for (int j = 0; j < S; ++j)
+          s[j][i] = sv[j];
+      }
     }
+  };
+  // every gradient of the lane finite: one test per lane (the largest exponent field), not a test
+  // and a select per element and value
+  bool lane_finite = true;
+  if constexpr (NonFinite == nonfinite_policy::skip_element) {
+    std::uint32_t exponents = 0;
+    QMEM_UNROLL
+    for (int i = 0; i < E; ++i)
+      exponents = max(exponents, qmem::detail::float_to_bits(g[i]) & 0x7f800000u);
+    lane_finite = exponents != 0x7f800000u;
+  }
+  bool updated = false;
+  if constexpr (lane_update<Rule>::available && Full)
+    if (lane_finite)
+      updated = lane_update<Rule>::run(p, g, s[0], s[1], k);
+  if (!updated) {
+    if (lane_finite)
+      update_all(std::false_type{});
+    else
+      update_all(std::true_type{});
   }
 
   // write the parameters (and master weights) first: their registers are free for the encode
@@ -320,9 +551,26 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
             p[i],
             optim::detail::random_bits(seed, optim::detail::random_counter(step, 15, first + i)));
     } else {
+      // two elements per cvt.rn.bf16x2.f32 when the lane holds no NaN (one FSETP per element
+      // decides), else the integer rounding that selects NaN's 0x7FC0
+      static_assert(E % 2 == 0);
+      bool any_nan = false;
       QMEM_UNROLL
       for (int i = 0; i < E; ++i)
-        out[i] = bf16_nearest(p[i]);
+        any_nan = any_nan || p[i] != p[i];
+      std::uint32_t words[E / 2];
+      if (!any_nan) {
+        QMEM_UNROLL
+        for (int w = 0; w < E / 2; ++w)
+          words[w] = bf16x2_nearest(p[2 * w + 1], p[2 * w]);
+      } else {
+        QMEM_UNROLL
+        for (int w = 0; w < E / 2; ++w)
+          words[w] = (std::uint32_t{bf16_nearest(p[2 * w + 1]).bits} << 16) |
+                     bf16_nearest(p[2 * w]).bits;
+      }
+      static_assert(sizeof(words) == sizeof(out));
+      std::memcpy(out, words, sizeof(out));
     }
   } else {
     QMEM_UNROLL
@@ -360,23 +608,61 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
       if (lane % traits::lanes_per_block == 0 && (Full || first < size))
         entry->absmax[J.value][block] = absmax;
       auto const scale = fc.scale_of(absmax);
-      std::uint8_t code[E];
-      if (fc.finite_block(absmax)) { // uniform over the block's lanes; the others rarely taken
-        QMEM_UNROLL
-        for (int i = 0; i < E; ++i) // a 4-bit pad nibble is the code of 0, as the host writes it
-          code[i] = fc.encode_finite(valid[i] ? s[J.value][i] : 0.0f, scale);
-      } else {
-        QMEM_UNROLL
-        for (int i = 0; i < E; ++i)
-          code[i] = fc.encode(valid[i] ? s[J.value][i] : 0.0f, scale);
-      }
       std::uint8_t bytes[code_bytes];
-      QMEM_UNROLL
-      for (int b = 0; b < code_bytes; ++b) {
-        if constexpr (F::bits == 8)
-          bytes[b] = code[b];
+      using codec_t = std::remove_cvref_t<decltype(fc)>;
+      if constexpr (codec_t::has_block_route && (F::bits == 8 || F::bits == 4) &&
+                    (code_bytes % 4 == 0 || code_bytes == 2)) {
+        // codes in bits 24-31 of encode_block_high; each output byte in one register (an 8-bit
+        // code in byte 3, two 4-bit codes in byte 0 by two shifts and a LOP3), gathered by byte
+        // permutes: 3 per 4 bytes (was a shift, a mask and a merge per code)
+        constexpr unsigned pos = F::bits == 8 ? 3u : 0u;
+        constexpr unsigned pair = pos | ((pos + 4u) << 4);
+        std::uint32_t src[code_bytes];
+        auto gather = [&](auto&& high_of) {
+          QMEM_UNROLL
+          for (int b = 0; b < code_bytes; ++b) {
+            if constexpr (F::bits == 8) {
+              src[b] = high_of(valid[b] ? s[J.value][b] : 0.0f);
+            } else { // the first code in the high nibble, as the host packs
+              std::uint32_t const h0 = high_of(valid[2 * b] ? s[J.value][2 * b] : 0.0f);
+              std::uint32_t const h1 = high_of(valid[2 * b + 1] ? s[J.value][2 * b + 1] : 0.0f);
+              src[b] = ((h0 >> 20) & 0xf0u) | ((h1 >> 24) & 0x0fu);
+            }
+          }
+        };
+        if (codec_t::block_route(absmax)) // uniform over the block's lanes; the others rarely
+          gather([&](float v) { return fc.encode_block_high(v, scale); });
         else
-          bytes[b] = static_cast<std::uint8_t>((code[2 * b] << 4) | (code[2 * b + 1] & 0xf));
+          gather([&](float v) { return std::uint32_t{fc.encode(v, scale)} << 24; });
+        if constexpr (code_bytes == 2) {
+          auto const half = static_cast<std::uint16_t>(__byte_perm(src[0], src[1], pair));
+          std::memcpy(bytes, &half, 2);
+        } else {
+          std::uint32_t words[code_bytes / 4];
+          QMEM_UNROLL
+          for (int w = 0; w < code_bytes / 4; ++w)
+            words[w] = __byte_perm(__byte_perm(src[4 * w], src[4 * w + 1], pair),
+                                   __byte_perm(src[4 * w + 2], src[4 * w + 3], pair), 0x5410u);
+          std::memcpy(bytes, words, sizeof(bytes));
+        }
+      } else {
+        std::uint8_t code[E];
+        if (fc.finite_block(absmax)) { // uniform over the block's lanes; the others rarely taken
+          QMEM_UNROLL
+          for (int i = 0; i < E; ++i) // a 4-bit pad nibble is the code of 0, as the host writes it
+            code[i] = fc.encode_finite(valid[i] ? s[J.value][i] : 0.0f, scale);
+        } else {
+          QMEM_UNROLL
+          for (int i = 0; i < E; ++i)
+            code[i] = fc.encode(valid[i] ? s[J.value][i] : 0.0f, scale);
+        }
+        QMEM_UNROLL
+        for (int b = 0; b < code_bytes; ++b) {
+          if constexpr (F::bits == 8)
+            bytes[b] = code[b];
+          else
+            bytes[b] = static_cast<std::uint8_t>((code[2 * b] << 4) | (code[2 * b + 1] & 0xf));
+        }
       }
       auto* const codes = static_cast<std::uint8_t*>(state) + first * F::bits / 8;
       if (vector_path) {
@@ -419,13 +705,13 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
 //! Threads per block of the fused kernel: 8 warps, 8 tasks in flight per block.
 inline constexpr int fused_block_threads = 256;
 
-//! Minimum resident blocks per SM asked of the register allocator (__launch_bounds__): 3 (80
-//! registers, 24 warps per SM). Measured on an H200 at 2^28 parameters, 2026-11-29 (run 2 of
-//! docs/benchmarks.md, a variant of the committed kernel): 2 / 3 / 4 blocks gave AdamW 8-bit
-//! 2.17 / 1.93 / 2.03 ms, Lion 8-bit 1.19 / 1.18 / 1.14, AdamW 4-bit 2.27 / 2.26 / 2.20, AdamW
-//! 32-bit 1.94 / 1.99 / 2.29 (4 blocks spill the fp32 path); 3 is best or within 3% everywhere.
-//! (Asking L2 for the next task's bytes before computing the current one was slower in the same
-//! run: AdamW 8-bit 1.84 against 1.77 ms.) Overridable for tuning runs.
+//! Minimum resident blocks per SM asked of the register allocator (__launch_bounds__) for the
+//! kernels that do not pipeline their loads (fp32 and bf16 states; the pipelined ones take
+//! QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED): 3 (80 registers, 24 warps per SM). Measured on an
+//! H200 at 2^28 parameters, 2026-11-29 (afternoon run of docs/benchmarks.md, a variant of the
+//! kernel of then): 2 / 3 / 4 blocks gave AdamW 8-bit 2.17 / 1.93 / 2.03 ms, Lion 8-bit 1.19 /
+//! 1.18 / 1.14, AdamW 4-bit 2.27 / 2.26 / 2.20, AdamW 32-bit 1.94 / 1.99 / 2.29 (4 blocks spill
+//! the fp32 path); 3 was best or within 3% everywhere. Overridable for tuning runs.
 #ifndef QMEM_OPTIM_FUSED_MIN_BLOCKS
 #define QMEM_OPTIM_FUSED_MIN_BLOCKS 3
 #endif
@@ -436,6 +722,43 @@ inline constexpr int fused_min_blocks = QMEM_OPTIM_FUSED_MIN_BLOCKS;
 template <update_rule Rule, state_policy Policy>
 __device__ typename kernel_traits<Rule, Policy>::shared_tables const shared_tables_image =
     kernel_traits<Rule, Policy>::shared_tables::make();
+
+//! Whether each warp loads its next full task into registers before computing the current one
+//! (1) or loads each task when it starts it (0); see fused_step_kernel. The quantized steps wait
+//! on their loads (ncu, AdamW 8-bit at 2^26, 3 blocks: 10.4 cycles between a warp's issues, 5.4
+//! of them on the loads' scoreboard, DRAM 68% busy; pipelined, 2 blocks: 6.8 and 2.7, 72%).
+//! Measured on an H200 at 2^28 parameters, 2026-11-29 16:05 UTC, same run (ms, pipelined /
+//! not): AdamW 8-bit 1.25 / 1.33, with bf16 params 1.17 / 1.17, AdamW 4-bit 1.28 / 1.32, Lion
+//! 8-bit 1.03 / 1.02, AdamW 8-bit as 64 tensors 1.30 / 1.39. Not kept, same run: asking L2 for
+//! the next task's lines instead (1.34 / 1.17 / 1.31 / 1.01; AdamW 32-bit 2.03 against 1.98) and
+//! the loads' L2::256B prefetch hint on top of the pipeline (1.25 / 1.22 / 1.27 / 1.03).
+//! Overridable for tuning runs.
+#ifndef QMEM_OPTIM_FUSED_PIPELINE
+#define QMEM_OPTIM_FUSED_PIPELINE 1
+#endif
+inline constexpr bool fused_pipeline = QMEM_OPTIM_FUSED_PIPELINE != 0;
+
+//! Minimum resident blocks per SM of the kernels that pipeline their loads (fused_pipeline):
+//! two tasks' raw bytes in registers need up to 128 registers (ptxas sm_90: AdamW 8-bit 128,
+//! 4-bit 127, Lion 8-bit 109, no spills; at 80 registers, 3 blocks, they spilled 50-600 bytes
+//! per thread). 16 warps per SM, each with two tasks' loads in flight.
+#ifndef QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED
+#define QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED 2
+#endif
+
+namespace detail {
+//! Whether the fused kernel of Rule x Policy pipelines its loads: with fused_pipeline, when every
+//! state is blockwise (the quantized steps, bound by latency; the fp32-state steps stream at 90%
+//! of a copy and would spill their 32 extra registers).
+template <update_rule Rule, state_policy Policy>
+inline constexpr bool pipelined = [] {
+  bool all = true;
+  [&]<int... J>(std::integer_sequence<int, J...>) {
+    ((all = all && kernel_traits<Rule, Policy>::template format<J>::blockwise), ...);
+  }(std::make_integer_sequence<int, Rule::state_count>{});
+  return fused_pipeline && all;
+}();
+} // namespace detail
 
 //! A task that may end inside the tensor or whose pointers are not vector-aligned (at most one
 //! per tensor and launch). Inlined: out of line (__noinline__) the call forced the loop's live
@@ -451,7 +774,10 @@ partial_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scala
 
 //! The fused kernel: grid-stride over warp tasks [task_begin, task_end) across all tensors.
 template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
-__global__ void __launch_bounds__(fused_block_threads, fused_min_blocks)
+__global__ void __launch_bounds__(fused_block_threads,
+                                  detail::pipelined<Rule, Policy>
+                                      ? QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED
+                                      : fused_min_blocks)
     fused_step_kernel(__grid_constant__ fused_args<Rule, Policy> const args) {
   using traits = kernel_traits<Rule, Policy>;
   using tables_t = typename traits::shared_tables;
@@ -470,30 +796,56 @@ __global__ void __launch_bounds__(fused_block_threads, fused_min_blocks)
   std::int32_t const step = args.control->step;
   unsigned const lane = threadIdx.x & 31u;
   std::uint64_t const warps = (static_cast<std::uint64_t>(gridDim.x) * blockDim.x) >> 5;
-  std::uint32_t hint = 0;
-  std::uint32_t loaded = ~std::uint32_t{0}; // the tensor whose scalars k holds (none yet)
-  typename Rule::scalars k{};
+  std::uint32_t owner = 0;
   std::uint64_t const warp =
       (static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  for (std::uint64_t task = args.task_begin + warp; task < args.task_end; task += warps) {
-    std::uint32_t const owner = detail::find_tensor(args.tensors, args.tensor_count, task, hint);
-    if (owner != loaded) { // the scalars are read once per tensor, not once per task
-      k = args.scalars[owner];
-      loaded = owner;
+  // outer loop: one trip per tensor this warp meets (its scalars and bounds read once); inner
+  // loop: the warp's tasks of that tensor. (One loop with the tensor lookup and a conditional
+  // reload of the scalars per task cost 12 instructions per task-lane more, ptxas sm_90, and
+  // kept the lookup's state in local memory.)
+  for (std::uint64_t task = args.task_begin + warp; task < args.task_end;) {
+    owner = detail::find_tensor(args.tensors, args.tensor_count, task, owner);
+    typename Rule::scalars const k = args.scalars[owner];
+    tensor_entry const* const entry = args.tensors + owner;
+    std::uint64_t const first_task = entry->first_task;
+    std::uint64_t const stop = entry->end_task < args.task_end ? entry->end_task : args.task_end;
+    // the tasks wholly inside the tensor, when its pointers allow the vector path
+    std::uint64_t const full_end =
+        first_task + (entry->vectorized != 0 ? entry->size / traits::task_elements : 0);
+    if constexpr (detail::pipelined<Rule, Policy>) {
+      // the next full task's loads are issued before the current one computes: two tasks'
+      // bytes in flight per warp
+      std::uint64_t const full_stop = full_end < stop ? full_end : stop;
+      if (task < full_stop) {
+        // two buffers used in turn (ping-pong): copying the loaded task into the current one
+        // cost 32 register moves per task-lane (ptxas sm_90, AdamW 8-bit)
+        detail::full_task_data<Rule, Policy, P, G> buffer[2];
+        detail::load_full_task(entry, task - first_task, lane, buffer[0]);
+        auto run = [&](auto const& cur, auto& ahead) {
+          std::uint64_t const next = task + warps;
+          bool const more = next < full_stop;
+          if (more)
+            detail::load_full_task(entry, next - first_task, lane, ahead);
+          detail::fused_task<Rule, Policy, P, G, NonFinite, true, true>(
+              entry, task - first_task, k, grad_scale, step, args.seed,
+              args.param_stochastic != 0, tables, lane, &cur);
+          task = next;
+          return more;
+        };
+        while (run(buffer[0], buffer[1]) && run(buffer[1], buffer[0])) {
+        }
+      }
     }
-    hint = owner;
-    tensor_entry const* const entry = args.tensors + hint;
-    std::uint64_t const local = task - entry->first_task;
-    bool const full =
-        entry->vectorized != 0 && (local + 1) * traits::task_elements <= entry->size;
-    if (full)
-      detail::fused_task<Rule, Policy, P, G, NonFinite, true>(entry, local, k, grad_scale, step,
-                                                              args.seed,
-                                                              args.param_stochastic != 0, tables,
-                                                              lane);
-    else
-      partial_task<Rule, Policy, P, G, NonFinite>(entry, local, k, grad_scale, step, args.seed,
-                                                  args.param_stochastic != 0, tables, lane);
+    for (; task < stop; task += warps) {
+      if (task < full_end)
+        detail::fused_task<Rule, Policy, P, G, NonFinite, true>(
+            entry, task - first_task, k, grad_scale, step, args.seed, args.param_stochastic != 0,
+            tables, lane);
+      else
+        partial_task<Rule, Policy, P, G, NonFinite>(entry, task - first_task, k, grad_scale,
+                                                    step, args.seed, args.param_stochastic != 0,
+                                                    tables, lane);
+    }
   }
 }
 

@@ -25,6 +25,7 @@
 #include <qmem/optim/state.hpp>
 #include <qmem/quant/codes.hpp>
 
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cmath>
@@ -318,7 +319,91 @@ struct format_codec<F, true> {
   //! instructions per 8-bit encode -> 14). Proven equal to encode for all 2^32 states at
   //! several absmax by tests/optim/cuda_fused_codec_test.cpp.
   QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode_finite(float s, block_scale b) const noexcept {
-    if constexpr (finite_route) {
+    if constexpr (finite_route)
+      return static_cast<std::uint8_t>(encode_finite_high(s, b) >> 24);
+    else
+      return encode(s, b);
+  }
+
+  //! Whether encode_block_high clamps the normalized value up to the packed table's floor with one
+  //! fmaxf (a non-negative table without the sign fix whose floor takes the code of +0).
+  static constexpr bool floor_route = [] {
+    if constexpr (finite_route && !F::sign_fix) {
+      constexpr auto t = codec<code>::make();
+      return t.search.floor_takes_zero_code();
+    } else {
+      return false;
+    }
+  }();
+
+  //! Whether encode_block_high has the route of a signed packed table without the sign fix (the
+  //! 4-bit signed map): magnitude clamped up to the floor, sign mask from the state, NaN selected.
+  static constexpr bool signed_floor_route = [] {
+    if constexpr (codec<code>::method == encode_method::packed_bucket && !F::sign_fix &&
+                  !detail::all_nonnegative<code>()) {
+      constexpr auto t = codec<code>::make();
+      return t.search.floor_takes_zero_code();
+    } else {
+      return false;
+    }
+  }();
+
+  //! Whether encode_block_high serves this format (in the blocks where block_route holds).
+  static constexpr bool has_block_route = finite_route || signed_floor_route;
+
+  //! Whether the blocks whose new absmax is `absmax` may encode with encode_block_high: the
+  //! routes that normalize by the magnitude need 0 < absmax < inf; the unsigned floor route takes
+  //! any block. One test per block.
+  QMEM_HOST_DEVICE QMEM_INLINE static constexpr bool block_route(float absmax) noexcept {
+    if constexpr (floor_route)
+      return true;
+    else if constexpr (has_block_route)
+      return absmax > 0.0f && absmax <= 3.40282347e38f;
+    else
+      return false;
+  }
+
+  //! encode_finite_high(s, b) for a state of the block whose absmax is b.absmax: precondition
+  //! |s| <= b.absmax or s is NaN, as for every state of a block (its absmax is the maximum of the
+  //! magnitudes, NaN ignored). Then s / absmax <= 1, and without the sign fix max(xn, 2^-24)
+  //! lies in [2^-24, 1] (NaN, negative xn, zeros and magnitudes below 2^-24 all go to 2^-24, whose
+  //! code is the code of +0, theirs): the packed search needs no clamp of its bucket key
+  //! (ptxas sm_90: 3 instructions fewer per encode of v). Other formats: encode_finite_high.
+  //! Proven equal to encode for every such state at several absmax by
+  //! tests/optim/cuda_fused_codec_test.cpp.
+  QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t encode_block_high(float s,
+                                                              block_scale b) const noexcept {
+    static_assert(has_block_route, "encode_block_high: no short route for this format");
+    if constexpr (floor_route) {
+      using table = typename codec<code>::search_type;
+      float const xn = static_cast<float>(static_cast<double>(s) * b.inverse);
+      float const x = fmaxf(xn, qmem::detail::bits_to_float(table::floor_bits));
+      return c.search.code_high_bits_positive(qmem::detail::float_to_bits(x));
+    } else if constexpr (signed_floor_route) {
+      // |xn| = RN(|s| / absmax) <= 1 with the sign of s (0 < absmax < inf); magnitudes below
+      // 2^-24, zeros and NaN go to 2^-24, whose code is that of a zero of the same sign; a NaN s
+      // then takes code 0, as the code type's search gives NaN (ptxas sm_90: the normalize's
+      // select of absmax > 0 and the key's two clamps go)
+      using table = typename codec<code>::search_type;
+      float const xa = fmaxf(static_cast<float>(static_cast<double>(fabsf(s)) * b.inverse),
+                             qmem::detail::bits_to_float(table::floor_bits));
+      auto const mask = static_cast<std::uint32_t>(
+          static_cast<std::int32_t>(qmem::detail::float_to_bits(s)) >> 31);
+      std::uint32_t const high = c.search.code_high_bits_signed(qmem::detail::float_to_bits(xa),
+                                                                mask);
+      return s != s ? 0u : high;
+    } else {
+      return encode_finite_high(s, b);
+    }
+  }
+
+  //! encode_finite's code in bits 24-31 of the result (bits 0-23 are not specified), before the
+  //! shift: the fused step gathers four codes into a word with three byte permutes (PRMT) instead
+  //! of a shift, a mask and a merge per code. Precondition: finite_route.
+  QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t encode_finite_high(float s,
+                                                               block_scale b) const noexcept {
+    static_assert(finite_route, "encode_finite_high needs the packed 8-bit route");
+    {
       if constexpr (F::sign_fix) {
         // |xn| = RN(|s| / absmax) (the sign comes from s; fabsf is an operand modifier)
         float const xa = static_cast<float>(static_cast<double>(fabsf(s)) * b.inverse);
@@ -329,15 +414,12 @@ struct format_codec<F, true> {
         constexpr std::uint32_t cap_off = ~((static_cast<std::uint32_t>(negative_codes - 1) << 24) |
                                             0xffffffu);
         std::uint32_t const cap = ~(mask & cap_off);
-        return static_cast<std::uint8_t>((high < cap ? high : cap) >> 24);
+        return high < cap ? high : cap;
       } else {
         float const xn = static_cast<float>(static_cast<double>(s) * b.inverse);
         float const x = fmaxf(xn, 0.0f); // NaN and negative xn: +0 (either zero when xn = -0)
-        return static_cast<std::uint8_t>(
-            c.search.code_high_bits(qmem::detail::float_to_bits(x) & 0x7fffffffu, 0u) >> 24);
+        return c.search.code_high_bits(qmem::detail::float_to_bits(x) & 0x7fffffffu, 0u);
       }
-    } else {
-      return encode(s, b);
     }
   }
 
@@ -350,6 +432,17 @@ struct format_codec<F, true> {
     return optim::detail::fmath::mul(c.decode(code), absmax);
   }
 };
+
+//! The fewest elements a lane of the fused kernel handles (a power of two >= 2): blocks smaller
+//! than 32 x this are shared by fewer lanes, so the per-task work is spread over more elements.
+//! Measured on an H200 at 2^28 parameters, 2026-11-29 15:38 UTC (docs/benchmarks.md): 8 against
+//! 2 (4 per lane for blocks of 128) gave AdamW 4-bit 1.32 against 1.53 ms and Lion 4-bit 1.00
+//! against 1.14 ms; the 8-bit and fp32 steps (8 per lane either way) within 1%. Overridable for
+//! tuning runs.
+#ifndef QMEM_OPTIM_FUSED_MIN_PER_LANE
+#define QMEM_OPTIM_FUSED_MIN_PER_LANE 8
+#endif
+inline constexpr std::size_t fused_min_per_lane = QMEM_OPTIM_FUSED_MIN_PER_LANE;
 
 //! What the kernels derive from a rule and a state policy: each state's format, the warp-task
 //! size (the common block of the blockwise formats, 256 when there is none), and the codecs of
@@ -383,10 +476,11 @@ struct kernel_traits {
                     block == 512 || block == 1024,
                 "the fused CUDA step gives each block a power-of-two group of lanes of a warp: "
                 "the block size must be a power of two from 16 to 1024");
-  //! Elements per lane: block/32 (at least 2, so that 4-bit codes fill whole bytes). Measured on
-  //! an H200: 8 elements per lane for the 4-bit recipe's blocks of 128 (two blocks per warp)
-  //! were slower than 4 (AdamW 4-bit 5.18 ms against 4.84 ms at 2^28).
-  static constexpr int per_lane = block / 32 >= 2 ? static_cast<int>(block / 32) : 2;
+  //! Elements per lane: block/32, at least fused_min_per_lane (and at most half a block, at
+  //! least 2, so that 4-bit codes fill whole bytes).
+  static constexpr int per_lane = static_cast<int>(
+      block / 32 >= fused_min_per_lane ? block / 32 : std::min<std::size_t>(fused_min_per_lane,
+                                                                            block / 2));
   //! Lanes that share one absmax block (the block max is reduced over them).
   static constexpr int lanes_per_block = static_cast<int>(block) / per_lane;
   //! Elements per warp task.
