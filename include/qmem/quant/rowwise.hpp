@@ -61,6 +61,20 @@ inline void check_rowwise_sizes(char const* fn, std::size_t rows, std::size_t co
     qmem::detail::raise(fn, ": row_absmax has ", stats, " elements; expected rows = ", rows);
 }
 
+//! Runs row(r) for every r < rows on the host executor `e`, split into ranges of whole rows of at
+//! least 64 Ki elements per thread (a thread start costs ~20 us on the dev box).
+template <class E, class Row>
+void for_each_row_host(E const& e, std::size_t rows, std::size_t cols, Row const& row) {
+  std::size_t const min_rows = cols == 0 ? rows : (std::size_t{1} << 16) / cols + 1;
+  qmem::detail::parallel_for(
+      e, rows, 1,
+      [&](std::size_t r0, std::size_t r1) {
+        for (std::size_t r = r0; r < r1; ++r)
+          row(r);
+      },
+      min_rows);
+}
+
 } // namespace detail
 
 //! Quantizes the row-major matrix x[rows][cols] row-wise to int8 (see the file comment).
@@ -85,31 +99,24 @@ void quantize_rowwise(E const& e, tensor_view<T const> x, std::size_t rows, std:
                   "by nvcc and quant/cuda/rowwise.cuh");
 #endif
   } else {
-    std::size_t const min_rows = cols == 0 ? rows : (std::size_t{1} << 16) / cols + 1;
-    qmem::detail::parallel_for(
-        e, rows, 1,
-        [&](std::size_t r0, std::size_t r1) {
-          for (std::size_t r = r0; r < r1; ++r) {
-            T const* QMEM_RESTRICT xr = x.data() + r * cols;
-            std::int8_t* QMEM_RESTRICT qr = q.data() + r * cols;
+    detail::for_each_row_host(e, rows, cols, [&](std::size_t r) {
+      T const* QMEM_RESTRICT xr = x.data() + r * cols;
+      std::int8_t* QMEM_RESTRICT qr = q.data() + r * cols;
 #if QMEM_QUANT_HOST_AVX2
-            // 16 lanes (dev box, one thread, 2^16 bf16 in L2: 1.64 -> 0.13 ns per element,
-            // 2026-11-29)
-            if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
-              if (detail::host_has_avx512()) {
-                row_absmax[r] = detail::quantize_row_avx512(xr, cols, qr);
-                continue;
-              }
-            }
+      // 16 lanes (dev box, one thread, 2^16 bf16 in L2: 1.64 -> 0.13 ns per element, 2026-11-29)
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
+        if (detail::host_has_avx512()) {
+          row_absmax[r] = detail::quantize_row_avx512(xr, cols, qr);
+          return;
+        }
+      }
 #endif
-            float const amax = qmem::detail::bits_to_float(detail::block_absmax_bits(xr, cols));
-            row_absmax[r] = amax;
-            float const scale = fmath::div(127.0f, amax);
-            for (std::size_t c = 0; c < cols; ++c)
-              qr[c] = detail::rowwise_encode(to_float(xr[c]), scale);
-          }
-        },
-        min_rows);
+      float const amax = qmem::detail::bits_to_float(detail::block_absmax_bits(xr, cols));
+      row_absmax[r] = amax;
+      float const scale = fmath::div(127.0f, amax);
+      for (std::size_t c = 0; c < cols; ++c)
+        qr[c] = detail::rowwise_encode(to_float(xr[c]), scale);
+    });
   }
 }
 
@@ -136,43 +143,37 @@ void dequantize_rowwise(E const& e, tensor_view<std::int8_t const> q,
                   "compiled by nvcc and quant/cuda/rowwise.cuh");
 #endif
   } else {
-    std::size_t const min_rows = cols == 0 ? rows : (std::size_t{1} << 16) / cols + 1;
-    qmem::detail::parallel_for(
-        e, rows, 1,
-        [&](std::size_t r0, std::size_t r1) {
-          for (std::size_t r = r0; r < r1; ++r) {
-            std::int8_t const* QMEM_RESTRICT qr = q.data() + r * cols;
-            T* QMEM_RESTRICT yr = y.data() + r * cols;
-            float const amax = row_absmax[r];
+    detail::for_each_row_host(e, rows, cols, [&](std::size_t r) {
+      std::int8_t const* QMEM_RESTRICT qr = q.data() + r * cols;
+      T* QMEM_RESTRICT yr = y.data() + r * cols;
+      float const amax = row_absmax[r];
 #if QMEM_QUANT_HOST_AVX2
-            // 16 / 8 lanes (dev box, one thread, 2^16 int8 to bf16 in L2: 0.45 ns per element
-            // scalar, 0.19 AVX2, 0.11 AVX-512 with the integer rounding, 0.08 with the
-            // hardware one; 2026-11-29); f16 on AVX-512 only
-            if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, f16>) {
-              if (detail::host_has_avx512_bf16()) {
-                detail::dequantize_row_u16_avx512(qr, amax, cols, yr);
-                continue;
-              }
-            }
-            if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16> ||
-                          std::is_same_v<T, f16>) {
-              if (detail::host_has_avx512()) {
-                detail::dequantize_row_avx512(qr, amax, cols, yr);
-                continue;
-              }
-            }
-            if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
-              if (detail::host_has_avx2()) {
-                detail::dequantize_row_avx2(qr, amax, cols, yr);
-                continue;
-              }
-            }
+      // 16 / 8 lanes (dev box, one thread, 2^16 int8 to bf16 in L2: 0.45 ns per element scalar,
+      // 0.19 AVX2, 0.11 AVX-512 with the integer rounding, 0.08 with the hardware one (f16 0.37
+      // -> 0.08); 2026-11-29); f16 on AVX-512 only
+      if constexpr (std::is_same_v<T, bf16> || std::is_same_v<T, f16>) {
+        if (detail::host_has_avx512_bf16()) {
+          detail::dequantize_row_u16_avx512(qr, amax, cols, yr);
+          return;
+        }
+      }
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16> ||
+                    std::is_same_v<T, f16>) {
+        if (detail::host_has_avx512()) {
+          detail::dequantize_row_avx512(qr, amax, cols, yr);
+          return;
+        }
+      }
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
+        if (detail::host_has_avx2()) {
+          detail::dequantize_row_avx2(qr, amax, cols, yr);
+          return;
+        }
+      }
 #endif
-            for (std::size_t c = 0; c < cols; ++c)
-              yr[c] = from_float<T>(detail::rowwise_decode(qr[c], amax));
-          }
-        },
-        min_rows);
+      for (std::size_t c = 0; c < cols; ++c)
+        yr[c] = from_float<T>(detail::rowwise_decode(qr[c], amax));
+    });
   }
 }
 
