@@ -200,6 +200,26 @@ void quantize_nested(benchmark::State& state) {
   });
 }
 
+// quantize_scales alone (the mean tree and the nested 8-bit quantization) on the scales of a
+// 2^28-element tensor in blocks of state.range(0): the part of quantize_nested that double
+// quantization adds. Bytes: the scales read twice, the nested codes written.
+void scales_only(benchmark::State& state) {
+  auto const block = static_cast<std::size_t>(state.range(0));
+  std::size_t const m = block_count(elements, block);
+  tensor_view<float> absmax(g->absmax, m, memory_space::device);
+  tensor_view<std::uint8_t> qabsmax(g->qabsmax, m, memory_space::device);
+  tensor_view<float> absmax2(g->absmax2, block_count(m, nested_block), memory_space::device);
+  tensor_view<float> offset(g->offset, 1, memory_space::device);
+  quantize_blockwise<nf4>(e, tensor_view<bf16 const>(g->x16, elements, memory_space::device),
+                          block,
+                          tensor_view<std::uint8_t>(g->codes, code_bytes<nf4>(elements),
+                                                    memory_space::device),
+                          absmax);
+  run(state, static_cast<double>(m) * 9.0, [&] {
+    quantize_scales(e, tensor_view<float const>(absmax), nested_block, qabsmax, absmax2, offset);
+  });
+}
+
 template <class C, class T>
 void dequantize_nested(benchmark::State& state) {
   auto const block = static_cast<std::size_t>(state.range(0));
@@ -261,6 +281,8 @@ int main(int argc, char** argv) {
   eight_bit_blocks(
       benchmark::RegisterBenchmark("int8_dequantize_f32", dequantize<dynamic_signed, float>));
   one_block(benchmark::RegisterBenchmark("nf4_quantize_bf16_dq", quantize_nested<nf4, bf16>), 64);
+  one_block(benchmark::RegisterBenchmark("scales_only_dq", scales_only), 64);
+  one_block(benchmark::RegisterBenchmark("scales_only_dq", scales_only), 256);
   one_block(benchmark::RegisterBenchmark("nf4_dequantize_bf16_dq", dequantize_nested<nf4, bf16>),
             64);
   one_block(benchmark::RegisterBenchmark("fp4_quantize_bf16_dq", quantize_nested<fp4, bf16>), 64);

@@ -127,93 +127,91 @@ void check_gpu_equals_host(std::vector<float> const& values, std::size_t block, 
 
 // ---- device encoders == C::encode over every float ---------------------------------------------
 
-template <class C>
-__global__ void count_encoder_mismatches(typename cuda_impl::device_encoder<C>::params const p,
-                                         decltype(C::book) book, unsigned long long* mismatches) {
-  using enc_t = cuda_impl::device_encoder<C>;
-  __shared__ typename enc_t::storage storage;
+// Counts the floats x for which the encoder Enc (device_encoder<C> or normal_encoder<C>) differs
+// from C::encode: every float, or when `NormalDomain` those with |x| <= 1 + 2^-23 (what
+// x * (1 / absmax) can be when absmax is a finite normal float; about 2^31 values), on which
+// normal_encoder is defined (it returns the code in its low C::bits bits).
+template <class C, class Enc, bool NormalDomain>
+__global__ void count_mismatches(typename Enc::params const p, decltype(C::book) book,
+                                 unsigned long long* mismatches) {
+  __shared__ typename Enc::storage storage;
   __shared__ std::remove_cv_t<decltype(C::book)> sbook;
   cuda_impl::kernels::copy_to_shared(sbook, book);
-  enc_t::prepare(storage, p);
+  Enc::prepare(storage, p);
   __syncthreads();
-  auto const enc = enc_t::make(storage, p, sbook);
-  unsigned long long local = 0;
-  std::uint64_t const stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
-  for (std::uint64_t u = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       u < (std::uint64_t{1} << 32); u += stride) {
-    float const x = qmem::detail::bits_to_float(static_cast<std::uint32_t>(u));
-    local += enc(x) != C::encode(x, sbook) ? 1u : 0u;
-  }
-  if (local != 0)
-    atomicAdd(mismatches, local);
-}
-
-template <class C>
-unsigned long long encoder_mismatches() {
-  unsigned long long* d = nullptr;
-  cuda_detail::check(cudaMalloc(&d, sizeof(unsigned long long)), "cudaMalloc");
-  cuda_detail::check(cudaMemset(d, 0, sizeof(unsigned long long)), "cudaMemset");
-  count_encoder_mismatches<C><<<132 * 8, 256>>>(cuda_impl::device_encoder<C>::host_params(),
-                                                 C::book, d);
-  cuda_detail::check(cudaGetLastError(), "count_encoder_mismatches");
-  unsigned long long h = 0;
-  cuda_detail::check(cudaMemcpy(&h, d, sizeof h, cudaMemcpyDeviceToHost), "cudaMemcpy");
-  (void)cudaFree(d);
-  return h;
-}
-
-// ---- normal_encoder == C::encode over the domain of blocks with a finite normal absmax ------
-
-// Every float x with |x| <= 1 + 2^-23 (what x * (1 / absmax) can be when absmax is a finite
-// normal float): about 2^31 values per code type.
-template <class C>
-__global__ void count_normal_encoder_mismatches(
-    typename cuda_impl::normal_encoder<C>::params const p, decltype(C::book) book,
-    unsigned long long* mismatches) {
-  using enc_t = cuda_impl::normal_encoder<C>;
-  __shared__ typename enc_t::storage storage;
-  __shared__ std::remove_cv_t<decltype(C::book)> sbook;
-  cuda_impl::kernels::copy_to_shared(sbook, book);
-  enc_t::prepare(storage, p);
-  __syncthreads();
-  auto const enc = enc_t::make(storage, p, sbook);
+  auto const enc = Enc::make(storage, p, sbook);
   constexpr std::uint32_t low_bits = C::bits == 8 ? 0xffu : 0x0fu;
   unsigned long long local = 0;
   std::uint64_t const stride = static_cast<std::uint64_t>(gridDim.x) * blockDim.x;
   for (std::uint64_t u = static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        u < (std::uint64_t{1} << 32); u += stride) {
-    if ((u & 0x7fffffffu) > 0x3f800001u) // |x| > 1 + 2^-23 or NaN: not in the domain
+    if (NormalDomain && (u & 0x7fffffffu) > 0x3f800001u) // |x| > 1 + 2^-23 or NaN
       continue;
     float const x = qmem::detail::bits_to_float(static_cast<std::uint32_t>(u));
-    local += (enc(x) & low_bits) != C::encode(x, sbook) ? 1u : 0u;
+    local += (static_cast<std::uint32_t>(enc(x)) & low_bits) != C::encode(x, sbook) ? 1u : 0u;
   }
   if (local != 0)
     atomicAdd(mismatches, local);
 }
 
-template <class C>
-unsigned long long normal_encoder_mismatches() {
+template <class C, class Enc, bool NormalDomain>
+unsigned long long mismatches() {
   unsigned long long* d = nullptr;
   cuda_detail::check(cudaMalloc(&d, sizeof(unsigned long long)), "cudaMalloc");
   cuda_detail::check(cudaMemset(d, 0, sizeof(unsigned long long)), "cudaMemset");
-  count_normal_encoder_mismatches<C><<<132 * 8, 256>>>(
-      cuda_impl::normal_encoder<C>::host_params(), C::book, d);
-  cuda_detail::check(cudaGetLastError(), "count_normal_encoder_mismatches");
+  count_mismatches<C, Enc, NormalDomain><<<132 * 8, 256>>>(Enc::host_params(0, nullptr), C::book,
+                                                            d);
+  cuda_detail::check(cudaGetLastError(), "count_mismatches");
   unsigned long long h = 0;
   cuda_detail::check(cudaMemcpy(&h, d, sizeof h, cudaMemcpyDeviceToHost), "cudaMemcpy");
   (void)cudaFree(d);
   return h;
 }
 
+// rcp_normal against fmath::rcp (__frcp_rn) on every float in [2^-126, 2^126).
+__global__ void count_rcp_mismatches(unsigned long long* mismatches) {
+  unsigned long long local = 0;
+  std::uint32_t const stride = gridDim.x * blockDim.x;
+  for (std::uint32_t u = 0x00800000u + blockIdx.x * blockDim.x + threadIdx.x; u < 0x7e800000u;
+       u += stride) {
+    float const a = qmem::detail::bits_to_float(u);
+    local += qmem::detail::float_to_bits(cuda_impl::kernels::rcp_normal(a)) !=
+                     qmem::detail::float_to_bits(fmath::rcp(a))
+                 ? 1u
+                 : 0u;
+  }
+  if (local != 0)
+    atomicAdd(mismatches, local);
+}
+
 } // namespace
 
-TEST_CASE("cuda blockwise: normal-domain encoders equal C::encode for every |x| <= 1 + 2^-23") {
+TEST_CASE("cuda blockwise: rcp_normal equals fmath::rcp on every float in [2^-126, 2^126)") {
   if (qmem::test::skip<cuda_backend>())
     return;
-  CHECK(normal_encoder_mismatches<nf4>() == 0);
-  CHECK(normal_encoder_mismatches<fp4>() == 0);
-  CHECK(normal_encoder_mismatches<dynamic_signed>() == 0);
-  CHECK(normal_encoder_mismatches<dynamic_unsigned>() == 0);
+  unsigned long long* d = nullptr;
+  cuda_detail::check(cudaMalloc(&d, sizeof(unsigned long long)), "cudaMalloc");
+  cuda_detail::check(cudaMemset(d, 0, sizeof(unsigned long long)), "cudaMemset");
+  count_rcp_mismatches<<<132 * 8, 256>>>(d);
+  cuda_detail::check(cudaGetLastError(), "count_rcp_mismatches");
+  unsigned long long h = 0;
+  cuda_detail::check(cudaMemcpy(&h, d, sizeof h, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  (void)cudaFree(d);
+  CHECK(h == 0);
+}
+
+TEST_CASE("cuda blockwise: device encoders equal C::encode for all 2^32 floats, normal-domain "
+          "encoders for every |x| <= 1 + 2^-23") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  auto check = []<class C>(std::type_identity<C>) {
+    CHECK(mismatches<C, cuda_impl::device_encoder<C>, false>() == 0);
+    CHECK(mismatches<C, cuda_impl::normal_encoder<C>, true>() == 0);
+  };
+  check(std::type_identity<nf4>{});
+  check(std::type_identity<fp4>{});
+  check(std::type_identity<dynamic_signed>{});
+  check(std::type_identity<dynamic_unsigned>{});
 }
 
 TEST_CASE("cuda blockwise: interval tables reproduce C::encode around every threshold (host)") {
@@ -303,15 +301,6 @@ TEST_CASE("cuda blockwise: blocks whose absmax is zero, denormal, huge, inf or N
     check_gpu_equals_host<fp8_e4m3, bf16>(v, block, 0, 0, 0);
     check_gpu_equals_host<fp8_e5m2, float>(v, block, 0, 0, 0);
   }
-}
-
-TEST_CASE("cuda blockwise: device encoders equal C::encode for all 2^32 floats") {
-  if (qmem::test::skip<cuda_backend>())
-    return;
-  CHECK(encoder_mismatches<dynamic_signed>() == 0);
-  CHECK(encoder_mismatches<dynamic_unsigned>() == 0);
-  CHECK(encoder_mismatches<fp4>() == 0);
-  CHECK(encoder_mismatches<nf4>() == 0);
 }
 
 TEST_CASE("cuda blockwise: bucket tables reproduce C::encode around every table midpoint (host)") {

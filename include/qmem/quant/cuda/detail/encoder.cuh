@@ -16,7 +16,8 @@
 //! the kernels pack the low bits only.
 //!
 //! Protocol (used by the kernels in quant/cuda/blockwise.cuh): `params` is a kernel argument made
-//! on the host by `host_params()`; `storage` is the kernel's shared memory, filled by `prepare`
+//! on the host by `host_params(device, stream)` (for the 8-bit maps: a pointer to the table in
+//! device memory, see device_table); `storage` is the kernel's shared memory, filled by `prepare`
 //! (followed by a CTA barrier); `make` returns the per-thread functor `enc(xn) -> code`.
 
 #include <qmem/core/config.hpp>
@@ -25,18 +26,86 @@
 #error "qmem/quant/cuda/detail/encoder.cuh is for CUDA translation units (compile with nvcc)"
 #endif
 
+#include <qmem/core/cuda/runtime.cuh>
+#include <qmem/memory/cuda_resource.cuh>
 #include <qmem/quant/codes.hpp>
 #include <qmem/quant/cuda/detail/bucket_search.hpp>
 #include <qmem/quant/cuda/detail/interval_table.hpp>
 
+#include <cuda_runtime.h>
+
+#include <array>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
 
 namespace qmem::quant::cuda_impl {
 
-//! Generic encoder: C::encode over the shared-memory book.
+//! A copy of `host` (a table built once per process, in static storage) in the device memory of
+//! `device` (the current device), made on the first call for that device and kept for the life of
+//! the process. The upload is stream-ordered on `stream` (pool allocation, asynchronous copy, an
+//! event); a later call on another stream makes that stream wait for the event until the upload
+//! has completed, so no call synchronizes the host. Devices 0..63.
+//!
+//! Why: the 8-bit maps' bucket table is 22.5 KB. Passed as a kernel argument it lives in the
+//! constant bank, where the threads' copies of different entries into shared memory serialize:
+//! the nested 8-bit quantization of 2^22 NF4 scales ran 62 us instead of ~6 (ncu, H200,
+//! 2026-11-29), most of the double-quantization overhead.
+template <class T>
+T const* device_table(T const& host, int device, cudaStream_t stream) {
+  struct slot {
+    T* ptr = nullptr;
+    cudaEvent_t ready = nullptr;
+    bool complete = false;
+  };
+  constexpr int max_devices = 64;
+  QMEM_EXPECTS(device >= 0 && device < max_devices, "device is ", device, "; expected 0..",
+               max_devices - 1);
+  static std::mutex mutex;
+  static std::array<slot, max_devices> slots;
+  std::lock_guard<std::mutex> lock(mutex);
+  slot& s = slots[static_cast<std::size_t>(device)];
+  if (s.ptr == nullptr) {
+    void* p = memory::default_device_resource(device).allocate_async(sizeof(T), stream);
+    qmem::cuda_detail::check(cudaMemcpyAsync(p, &host, sizeof(T), cudaMemcpyHostToDevice, stream),
+                             "cudaMemcpyAsync");
+    qmem::cuda_detail::check(cudaEventCreateWithFlags(&s.ready, cudaEventDisableTiming),
+                             "cudaEventCreateWithFlags");
+    qmem::cuda_detail::check(cudaEventRecord(s.ready, stream), "cudaEventRecord");
+    s.ptr = static_cast<T*>(p);
+  } else if (!s.complete) {
+    if (cudaEventQuery(s.ready) == cudaSuccess)
+      s.complete = true;
+    else
+      qmem::cuda_detail::check(cudaStreamWaitEvent(stream, s.ready, 0), "cudaStreamWaitEvent");
+  }
+  return s.ptr;
+}
+
+//! Copies `count` 32-bit words from global memory (read-only for the kernel's lifetime) into
+//! shared memory with the whole CTA, eight independent loads in flight per thread (a loop of one
+//! load and one store per iteration would wait on a memory latency per word). The caller
+//! synchronizes the CTA afterwards.
+__device__ QMEM_INLINE void copy_words_to_shared(std::uint32_t* dst, std::uint32_t const* src,
+                                                 int count) {
+  constexpr int batch = 8;
+  int const step = static_cast<int>(blockDim.x);
+  for (int first = static_cast<int>(threadIdx.x); first < count; first += batch * step) {
+    std::uint32_t w[batch];
+    QMEM_UNROLL
+    for (int k = 0; k < batch; ++k)
+      w[k] = first + k * step < count ? __ldg(src + first + k * step) : 0u;
+    QMEM_UNROLL
+    for (int k = 0; k < batch; ++k)
+      if (first + k * step < count)
+        dst[first + k * step] = w[k];
+  }
+}
+
+//! C::encode over the shared-memory book: the form of every encoder for code types without a
+//! table (the result is the clean code).
 template <class C>
-struct device_encoder {
+struct book_encoder {
   using book_type = std::remove_cv_t<decltype(C::book)>;
   struct params {};
   struct storage {};
@@ -46,20 +115,29 @@ struct device_encoder {
       return C::encode(xn, *book);
     }
   };
-  static params host_params() noexcept { return {}; }
+  static params host_params(int, cudaStream_t) noexcept { return {}; }
   __device__ static void prepare(storage&, params const&) noexcept {}
   __device__ static functor make(storage&, params const&, book_type const& shared_book) noexcept {
     return {&shared_book};
   }
 };
 
-//! Code types with a bucket table (the dynamic 8-bit maps, NF4, FP4): one shared-memory read.
+//! Generic encoder: C::encode over the shared-memory book.
+template <class C>
+struct device_encoder : book_encoder<C> {};
+
+//! Code types with a bucket table (the dynamic 8-bit maps, NF4, FP4): one shared-memory read. The
+//! table is copied into shared memory from its device-resident copy (device_table).
 template <class C>
   requires(!std::is_void_v<typename bucket_layout_of<C>::type>)
 struct device_encoder<C> {
   using book_type = std::remove_cv_t<decltype(C::book)>;
   using layout = typename bucket_layout_of<C>::type;
-  using params = bucket_table<layout>;
+  struct params {
+    std::uint32_t const* entry; //!< the table in device memory
+    std::uint8_t nan_code;
+    std::uint8_t negative_zero_code;
+  };
   struct storage {
     std::uint32_t entry[layout::entries];
   };
@@ -71,63 +149,58 @@ struct device_encoder<C> {
       return bucket_lookup<layout>(xn, entry, nan_code, negative_zero_code);
     }
   };
-  static params const& host_params() { return bucket_table_of<C>(); }
+  static params host_params(int device, cudaStream_t stream) {
+    auto const& t = bucket_table_of<C>();
+    return {device_table(t, device, stream)->entry, t.nan_code, t.negative_zero_code};
+  }
   __device__ static void prepare(storage& s, params const& p) noexcept {
-    for (int i = static_cast<int>(threadIdx.x); i < static_cast<int>(layout::entries);
-         i += static_cast<int>(blockDim.x))
-      s.entry[i] = p.entry[i];
+    copy_words_to_shared(s.entry, p.entry, static_cast<int>(layout::entries));
   }
   __device__ static functor make(storage& s, params const& p, book_type const&) noexcept {
     return {s.entry, p.nan_code, p.negative_zero_code};
   }
 };
 
-//! Encoder for blocks with an absmax in [2^-126, 2^126): C::encode over the shared-memory book for code
-//! types with no table (the result is the clean code).
+//! Encoder for blocks with an absmax in [2^-126, 2^126): C::encode over the shared-memory book
+//! for code types with no table.
 template <class C>
-struct normal_encoder {
-  using book_type = std::remove_cv_t<decltype(C::book)>;
-  struct params {};
-  struct storage {};
-  struct functor {
-    book_type const* book;
-    __device__ QMEM_INLINE std::uint32_t operator()(float xn) const noexcept {
-      return C::encode(xn, *book);
-    }
-  };
-  static params host_params() noexcept { return {}; }
-  __device__ static void prepare(storage&, params const&) noexcept {}
-  __device__ static functor make(storage&, params const&, book_type const& shared_book) noexcept {
-    return {&shared_book};
-  }
-};
+struct normal_encoder : book_encoder<C> {};
 
-//! NF4, FP4: the interval table in shared memory (280 bytes for either).
+//! Copies of the interval table in shared memory, entry k of copy r at k * interval_replicas + r;
+//! lane l reads copy l % interval_replicas, so the 16 lanes of each phase of a warp's 8-byte
+//! shared load never share a bank, whatever buckets their values fall in. With one copy, NF4
+//! quantization from bf16 (block 64) was bound by the L1/shared-memory pipe: ncu on the H200
+//! (2026-11-29) 97% L1/TEX throughput, 58% of stall cycles waiting on shared loads, 0.230 ms.
+inline constexpr std::uint32_t interval_replicas = 16;
+
+//! NF4, FP4: the interval table in shared memory (35 entries, interval_replicas copies: 4.4 KB).
 template <class C>
   requires(!std::is_void_v<typename interval_layout_of<C>::type>)
 struct normal_encoder<C> {
   using book_type = std::remove_cv_t<decltype(C::book)>;
   using layout = typename interval_layout_of<C>::type;
-  //! The table, and the bias of its addresses (-8 * (magic_bits + first)): a kernel argument
-  //! rather than a constant, so that ptxas keeps the table's shared address plus the bias in one
-  //! register and an element's address is one LEA (with the bias a constant it splits it into an
-  //! extra add per element).
+  static constexpr std::uint32_t replicas = interval_replicas;
+  //! The table, and the bias of its addresses (-8 * replicas * (magic_bits + first)): a kernel
+  //! argument rather than a constant, so that ptxas keeps the table's shared address plus the bias
+  //! in one register and an element's address is one IMAD (with the bias a constant it splits it
+  //! into an extra add per element).
   struct params {
     interval_table<layout> table;
     std::uint32_t bias;
   };
-  struct storage {
-    interval_entry entry[layout::entries];
+  //! 8-byte aligned: each lookup is one 8-byte shared load.
+  struct alignas(8) storage {
+    interval_entry entry[layout::entries * replicas];
   };
   //! interval_lookup with the entry's shared-memory address as one IMAD of the FFMA's bits:
-  //! `base` is the table's shared address less 8 * (magic_bits + first), in wrapping 32-bit
-  //! arithmetic.
+  //! `base` is the address of this lane's copy of the table less
+  //! 8 * replicas * (magic_bits + first), in wrapping 32-bit arithmetic.
   struct functor {
     std::uint32_t base;
     __device__ QMEM_INLINE std::uint32_t operator()(float xn) const noexcept {
       float const v = layout::magnitude ? fabsf(xn) : xn;
       float const y = __fmaf_rn(v, static_cast<float>(layout::scale), layout::magic);
-      std::uint32_t const addr = __float_as_uint(y) * 8u + base;
+      std::uint32_t const addr = __float_as_uint(y) * (8u * replicas) + base;
       float threshold;
       std::uint32_t c;
       asm("ld.shared.v2.b32 {%0, %1}, [%2];" : "=f"(threshold), "=r"(c) : "r"(addr));
@@ -139,32 +212,33 @@ struct normal_encoder<C> {
       return c;
     }
   };
-  static params host_params() {
+  static params host_params(int, cudaStream_t) {
     return {interval_table_of<C>(),
-            0u - 8u * (layout::magic_bits + static_cast<std::uint32_t>(layout::first))};
+            0u - 8u * replicas * (layout::magic_bits + static_cast<std::uint32_t>(layout::first))};
   }
   __device__ static void prepare(storage& s, params const& p) noexcept {
-    for (int i = static_cast<int>(threadIdx.x); i < static_cast<int>(layout::entries);
+    for (int i = static_cast<int>(threadIdx.x); i < static_cast<int>(layout::entries * replicas);
          i += static_cast<int>(blockDim.x))
-      s.entry[i] = p.table.entry[i];
+      s.entry[i] = p.table.entry[static_cast<std::uint32_t>(i) / replicas];
   }
   __device__ static functor make(storage& s, params const& p, book_type const&) noexcept {
-    return {static_cast<std::uint32_t>(__cvta_generic_to_shared(s.entry)) + p.bias};
+    return {static_cast<std::uint32_t>(__cvta_generic_to_shared(s.entry)) +
+            threadIdx.x % replicas * 8u + p.bias};
   }
 };
 
-//! The dynamic 8-bit maps: the bucket table in shared memory, looked up without the NaN test and
-//! the upper clamp (bucket_lookup_normal).
+//! The dynamic 8-bit maps: the bucket table in shared memory (copied from its device-resident
+//! copy, device_table), looked up without the NaN test and the upper clamp (bucket_lookup_normal).
 template <class C>
   requires(std::is_void_v<typename interval_layout_of<C>::type> &&
            !std::is_void_v<typename bucket_layout_of<C>::type>)
 struct normal_encoder<C> {
   using book_type = std::remove_cv_t<decltype(C::book)>;
   using layout = typename bucket_layout_of<C>::type;
-  //! The table, and the bias of its addresses (-4 * (lowest >> 16)), a kernel argument for the
-  //! reason given for NF4 / FP4 above.
+  //! The table in device memory, and the bias of its shared addresses (-4 * (lowest >> 16)), a
+  //! kernel argument for the reason given for NF4 / FP4 above.
   struct params {
-    bucket_table<layout> table;
+    std::uint32_t const* entry;
     std::uint32_t bias;
   };
   struct storage {
@@ -187,13 +261,12 @@ struct normal_encoder<C> {
       return code;
     }
   };
-  static params host_params() {
-    return {bucket_table_of<C>(), 0u - 4u * (layout::lowest >> layout::low_bits)};
+  static params host_params(int device, cudaStream_t stream) {
+    return {device_table(bucket_table_of<C>(), device, stream)->entry,
+            0u - 4u * (layout::lowest >> layout::low_bits)};
   }
   __device__ static void prepare(storage& s, params const& p) noexcept {
-    for (int i = static_cast<int>(threadIdx.x); i < static_cast<int>(layout::entries);
-         i += static_cast<int>(blockDim.x))
-      s.entry[i] = p.table.entry[i];
+    copy_words_to_shared(s.entry, p.entry, static_cast<int>(layout::entries));
   }
   __device__ static functor make(storage& s, params const& p, book_type const&) noexcept {
     return {static_cast<std::uint32_t>(__cvta_generic_to_shared(s.entry)) + p.bias};
