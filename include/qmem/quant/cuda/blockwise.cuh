@@ -628,11 +628,14 @@ inline constexpr int whole_items_wide = 2 * whole_items<T>;
 template <class T, int Items>
 inline constexpr int whole_min_ctas = Items == whole_items<T> ? 6 : 4;
 
-//! Waves of resident CTAs in quantize_whole's grid (each CTA still walks several steps). Measured
-//! on the H200 (2026-11-29, 16:10 UTC, NF4 from bf16, the kernel with 16 table copies and
-//! per-vector code stores, test harness): one wave 0.220 ms at block 64 and 0.197 at block 256,
-//! four waves 0.217 and 0.190, one CTA per step (no grid-stride) 0.231 and 0.192.
-inline constexpr int whole_waves = 4;
+//! Waves of resident CTAs in quantize_whole's grid (each CTA still walks several steps), by the
+//! size of the encoder's shared table. Measured on the H200 (2026-11-29, 16:10 UTC, NF4 from
+//! bf16, the kernel with 16 table copies and per-vector code stores, test harness): one wave
+//! 0.220 ms at block 64 and 0.197 at block 256, four waves 0.217 and 0.190, one CTA per step (no
+//! grid-stride) 0.231 and 0.192. The 8-bit maps keep one wave (not measured with more): every
+//! CTA copies their 22.5 KB table into shared memory first.
+template <class EncoderStorage>
+inline constexpr int whole_waves = sizeof(EncoderStorage) <= 8192 ? 4 : 1;
 
 //! Quantize kernel of whole blocks, nearest rounding: aligned input and codes, a power-of-two
 //! block size of at least Items, `blocks` blocks all full (the caller quantizes a partial last
@@ -1150,8 +1153,8 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
       int const threads = group > cta_threads ? group : cta_threads;
       size_t const per_step = static_cast<size_t>(threads / group);
       auto kernel = quantize_whole<C, T, Items, Transform>;
-      unsigned const grid =
-          grid_for(kernel, threads, whole / per_step + 1, e.device, whole_waves);
+      unsigned const grid = grid_for(kernel, threads, whole / per_step + 1, e.device,
+                                     whole_waves<typename normal_encoder<C>::storage>);
       kernel<<<grid, threads, 0, e.stream>>>(x, whole, log2_exact(block_size), codes, absmax,
                                              C::book,
                                              normal_encoder<C>::host_params(e.device, e.stream),
