@@ -4,6 +4,7 @@
 // save/load round trip. Every GPU case compares with the host optimizer bit for bit. The host
 // cases check the summation order that makes this possible (optim/detail/tensor_sum.hpp).
 #include <qmem/optim/checkpoint.hpp>
+#include <qmem/optim/detail/grad_norm.hpp>
 #include <qmem/optim/detail/tensor_sum.hpp>
 #include <qmem/optim/optimizer.hpp>
 #include <qmem/optim/rules.hpp>
@@ -207,6 +208,118 @@ TEST_CASE("host LAMB, LARS and max_unorm do not depend on the thread count") {
   CHECK(b1 == b2);
   CHECK(a1 != pr.params);
   CHECK(b1 != pr.params);
+}
+
+//! Gradients whose sum of squares depends on the summation order: magnitudes over 40 binades
+//! (squares over 80), so that every partial sum drops different low bits.
+template <class G>
+std::vector<G> wide_range(std::size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> ex(-20, 20);
+  std::vector<G> v(n);
+  for (auto& x : v)
+    x = from_float<G>(std::ldexp(ud(rng), ex(rng)));
+  return v;
+}
+
+//! The global norm's sum of squares in the documented order (optim/detail/grad_norm.hpp),
+//! written out independently of the library.
+template <class G>
+double reference_norm_sumsq(std::vector<std::vector<G>> const& grads,
+                            std::vector<std::uint8_t> const& group) {
+  std::size_t const run = 16 / sizeof(G);
+  std::vector<double> partial(2048, 0.0);
+  for (int gi = 0; gi < 2; ++gi) {
+    std::vector<double> slot(8192, 0.0);
+    std::size_t q = 0;
+    for (std::size_t i = 0; i < grads.size(); ++i) {
+      if (group[i] != gi)
+        continue;
+      for (std::size_t p = 0; p < grads[i].size(); p += 2048, ++q) {
+        double lane[32] = {};
+        for (std::size_t j = 0; j < std::min<std::size_t>(2048, grads[i].size() - p); ++j) {
+          float const x = to_float(grads[i][p + j]);
+          double const d = std::isfinite(x) ? static_cast<double>(x) : 0.0;
+          lane[(j / run) % 32] += d * d;
+        }
+        for (int o = 16; o > 0; o >>= 1)
+          for (int l = 0; l < o; ++l)
+            lane[l] += lane[l + o];
+        slot[q % 8192] += lane[0];
+      }
+    }
+    for (std::size_t b = 0; b < 1024; ++b) {
+      double s = 0.0;
+      for (std::size_t w = 0; w < 8; ++w)
+        s += slot[b * 8 + w];
+      partial[static_cast<std::size_t>(gi) * 1024 + b] = s;
+    }
+  }
+  double t[256];
+  for (std::size_t k = 0; k < 256; ++k) {
+    t[k] = 0.0;
+    for (std::size_t i = k; i < partial.size(); i += 256)
+      t[k] += partial[i];
+  }
+  for (std::size_t h = 128; h > 0; h >>= 1)
+    for (std::size_t k = 0; k < h; ++k)
+      t[k] += t[k + h];
+  return t[0];
+}
+
+template <class G>
+void check_global_norm_order(std::vector<std::size_t> const& sizes,
+                             std::vector<std::uint8_t> const& group) {
+  std::vector<std::vector<G>> grads;
+  for (std::size_t i = 0; i < sizes.size(); ++i)
+    grads.push_back(wide_range<G>(sizes[i], 70 + static_cast<unsigned>(i)));
+  grads[0][1] = from_float<G>(std::numeric_limits<float>::quiet_NaN()); // adds nothing
+  auto const views = test::host_views(grads);
+  double const want = reference_norm_sumsq(grads, group);
+  for (unsigned threads : {1u, 3u}) {
+    auto const got = oq::detail::global_grad_sumsq(exec::host{threads},
+                                                   std::span<tensor_view<G const> const>(views),
+                                                   std::span<std::uint8_t const>(group));
+    CHECK(std::memcmp(&got.sum, &want, sizeof(double)) == 0);
+    CHECK(!got.finite);
+  }
+  double sequential = 0.0; // the data tells orders apart
+  for (auto const& g : grads)
+    for (auto const& x : g)
+      sequential += std::isfinite(to_float(x)) ? static_cast<double>(to_float(x)) * to_float(x)
+                                               : 0.0;
+  CHECK(sequential != want);
+}
+
+TEST_CASE("host global norm follows the documented order exactly (grad_norm.hpp)") {
+  SUBCASE("fp32, both groups, more pieces than slots (17 M elements)") {
+    check_global_norm_order<float>({5, std::size_t{2048} * 8192 + 3001, 130, 4097, 0, 77777},
+                                   {1, 0, 0, 1, 0, 0});
+  }
+  SUBCASE("bf16 (runs of 8), one group") {
+    check_global_norm_order<bf16>({3, 100000, 2047, 2049}, {0, 0, 0, 0});
+  }
+  SUBCASE("the optimizer's clipping uses that sum: tensors with policy state first") {
+    std::vector<std::size_t> const sizes = {3000, 70000, 5000, 100}; // 4096 threshold
+    problem<float, float> pr;
+    pr.sizes = sizes;
+    std::vector<std::vector<float>> grads;
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      pr.params.push_back(wide_range<float>(sizes[i], 80 + static_cast<unsigned>(i)));
+      grads.push_back(wide_range<float>(sizes[i], 90 + static_cast<unsigned>(i)));
+    }
+    oq::optimizer_options o = test::comparison_options();
+    o.max_grad_norm = 1e-3f;
+    test::host_reference<oq::adamw, oq::int8_state, float> host(pr.params, oq::adamw{}, o);
+    float const unscale = 0.5f;
+    auto const r = host.step(grads, {unscale, false});
+    double const sumsq = reference_norm_sumsq(grads, {1, 0, 0, 1});
+    CHECK(r.grad_norm == static_cast<float>(std::sqrt(sumsq) * static_cast<double>(unscale)));
+    double const norm = std::sqrt(sumsq) * static_cast<double>(unscale);
+    CHECK(r.grad_scale ==
+          static_cast<float>(unscale * (static_cast<double>(o.max_grad_norm) / (norm + 1e-6))));
+  }
 }
 
 } // namespace

@@ -29,8 +29,10 @@
 #include <qmem/core/numeric.hpp>
 #include <qmem/core/tensor.hpp>
 #include <qmem/memory/resource.hpp>
+#include <qmem/optim/detail/grad_norm.hpp>
 #include <qmem/optim/detail/host_simd.hpp>
 #include <qmem/optim/detail/tensor_sum.hpp>
+#include <qmem/optim/detail/validate.hpp>
 #include <qmem/optim/rule.hpp>
 #include <qmem/optim/rules.hpp>
 #include <qmem/optim/schedule.hpp>
@@ -245,16 +247,7 @@ public:
                      memory::resource& r = memory::default_host_resource())
       : rule_(rule), options_(options), resource_(&r),
         counter_(1, r, memory::category::optimizer_state) {
-    QMEM_EXPECTS(options.lr.lr >= 0.0f && options.lr.min_lr >= 0.0f, "lr is ", options.lr.lr,
-                 " and min_lr ", options.lr.min_lr, "; expected >= 0");
-    QMEM_EXPECTS(options.percentile >= 1 && options.percentile <= 100, "percentile is ",
-                 options.percentile, "; expected 1..100");
-    QMEM_EXPECTS(options.max_grad_norm >= 0.0f && options.max_unorm >= 0.0f, "max_grad_norm is ",
-                 options.max_grad_norm, " and max_unorm ", options.max_unorm,
-                 "; expected >= 0 (0 turns them off)");
-    constexpr bool can_round_stochastically = !std::same_as<Param, f16>;
-    QMEM_EXPECTS(options.rounding == param_rounding::nearest || can_round_stochastically,
-                 "stochastic rounding of parameters needs bf16 parameters");
+    detail::check_optimizer_options<Param>(options);
     counter_[0] = step_counter{};
   }
 
@@ -266,7 +259,7 @@ public:
   //! gradient in step(). Throws bad_argument for a bad view or lr_scale < 0.
   std::size_t add_param(tensor_view<Param> param, param_options o = {}) {
     check_view(param, "add_param", "param", true, false);
-    QMEM_EXPECTS(o.lr_scale >= 0.0f, "lr_scale is ", o.lr_scale, "; expected >= 0");
+    detail::check_lr_scale(o.lr_scale);
     param_state ps;
     ps.param = param;
     ps.rule = o.rule.value_or(rule_);
@@ -688,22 +681,25 @@ private:
   }
 
   //! One read of every gradient: whether all elements are finite and, when `with_norm`, the sum
-  //! of the squares of the finite ones. Vectorizable: the finiteness test is an integer maximum of
-  //! the exponent bits, the squares (exact in double) go to 16 double lanes per 4096-element
-  //! piece (fixed order, independent of the thread count), the pieces are summed in double. Float
-  //! lanes lost ~1e-5 of the norm, enough to change the clip factor against the GPU's double
-  //! reduction (tests/optim/cuda_optim_test.cpp); in double the two orders agree to ~1e-16.
+  //! of the squares of the finite ones, in the order of optim/detail/grad_norm.hpp (the CUDA
+  //! step's too, so that both clip by the same factor): tensors with policy state form group 0,
+  //! those with fp32 state group 1. Without the norm the finiteness test is an integer maximum of
+  //! the exponent bits per 4096-element piece (vectorizable, independent of the thread count).
   template <float_element G>
   std::pair<double, bool> grad_norm_pass(exec::host const& e,
                                          std::span<tensor_view<G const> const> grads,
                                          bool with_norm) const {
-    double total = 0.0;
+    if (with_norm) {
+      std::vector<std::uint8_t> group(params_.size());
+      for (std::size_t i = 0; i < params_.size(); ++i)
+        group[i] = params_[i].quantized ? 0 : 1;
+      auto const s = detail::global_grad_sumsq(e, grads, std::span<std::uint8_t const>(group));
+      return {s.sum, s.finite};
+    }
     bool finite = true;
     constexpr std::size_t piece = 4096;
-    constexpr std::size_t lanes = 16;
     for (auto const& g : grads) {
       std::size_t const pieces = (g.size() + piece - 1) / piece;
-      std::vector<double> part(pieces, 0.0);
       std::vector<std::uint32_t> expmax(pieces, 0);
       qmem::detail::parallel_for(e, g.size(), piece, [&](std::size_t b, std::size_t end) {
         for (std::size_t c = b; c < end; c += piece) {
@@ -715,33 +711,12 @@ private:
             mx = ex > mx ? ex : mx;
           }
           expmax[c / piece] = static_cast<std::uint32_t>(mx);
-          if (!with_norm)
-            continue;
-          double acc[lanes] = {};
-          std::size_t i = c;
-          for (; i + lanes <= ce; i += lanes)
-            for (std::size_t l = 0; l < lanes; ++l) {
-              float const x = to_float(g[i + l]);
-              float const y = detail::fmath::is_finite(x) ? x : 0.0f;
-              acc[l] += static_cast<double>(y) * y;
-            }
-          double sum = 0.0;
-          for (; i < ce; ++i) {
-            float const x = to_float(g[i]);
-            float const y = detail::fmath::is_finite(x) ? x : 0.0f;
-            sum += static_cast<double>(y) * y;
-          }
-          for (double a : acc)
-            sum += a;
-          part[c / piece] = sum;
         }
       });
-      for (std::size_t c = 0; c < pieces; ++c) {
-        total += part[c];
+      for (std::size_t c = 0; c < pieces; ++c)
         finite = finite && expmax[c] != 0x7f800000u;
-      }
     }
-    return {total, finite};
+    return {0.0, finite};
   }
 
   //! One tensor: reduction pass (reducing rules), update-norm pass (max_unorm), update pass.
