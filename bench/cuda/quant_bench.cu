@@ -10,6 +10,7 @@
 //   quant_bench_cuda --benchmark_min_time=0.05 --benchmark_out=quant.json --benchmark_out_format=json
 #include <qmem/core/cuda/runtime.cuh>
 #include <qmem/quant.hpp>
+#include <qmem/quant/cuda/blockwise.cuh>
 #include <qmem/quant/double_quant.hpp>
 
 #include <benchmark/benchmark.h>
@@ -241,6 +242,40 @@ void dequantize_nested(benchmark::State& state) {
   });
 }
 
+// NF4 from bf16 through quantize_whole launched directly (narrow groups: blocks 32..1024):
+// variant 0 is the kernel quantize_blockwise dispatches (6 CTAs per SM, 4 waves), variants 1 and 2
+// the register-prefetch candidate with 3 / 4 CTAs per SM (same grid rule). Same bytes as
+// nf4_quantize_bf16. state.range(0): block size, range(1): variant.
+template <int MinCtas, bool Prefetch>
+void launch_nf4_whole(std::size_t block) {
+  namespace k = qmem::quant::cuda_impl::kernels;
+  constexpr int items = k::whole_items<bf16>;
+  auto kernel = k::quantize_whole<nf4, bf16, items, k::no_transform, MinCtas, Prefetch>;
+  std::size_t const blocks = elements / block;
+  int const group = static_cast<int>(block) / items;
+  std::size_t const per_step = static_cast<std::size_t>(k::cta_threads / group);
+  unsigned const grid =
+      k::grid_for(kernel, k::cta_threads, blocks / per_step + 1, 0,
+                  k::whole_waves<cuda_impl::normal_encoder<nf4>::storage>);
+  auto const params = cuda_impl::normal_encoder<nf4>::host_params(0, nullptr);
+  kernel<<<grid, k::cta_threads>>>(g->x16, blocks, k::log2_exact(block), g->codes, g->absmax,
+                                   nf4::book, params, k::no_transform{});
+  check(cudaGetLastError(), "quantize_whole");
+}
+
+void nf4_whole_variant(benchmark::State& state) {
+  auto const block = static_cast<std::size_t>(state.range(0));
+  auto const variant = state.range(1);
+  run(state, format_bytes<nf4, bf16>(block), [&] {
+    if (variant == 1)
+      launch_nf4_whole<3, true>(block);
+    else if (variant == 2)
+      launch_nf4_whole<4, true>(block);
+    else
+      launch_nf4_whole<cuda_impl::kernels::whole_min_ctas<bf16, 32>, false>(block);
+  });
+}
+
 void four_bit_blocks(benchmark::internal::Benchmark* b) {
   for (int block = 32; block <= 4096; block *= 2)
     b->Arg(block);
@@ -281,6 +316,13 @@ int main(int argc, char** argv) {
   eight_bit_blocks(
       benchmark::RegisterBenchmark("int8_dequantize_f32", dequantize<dynamic_signed, float>));
   one_block(benchmark::RegisterBenchmark("nf4_quantize_bf16_dq", quantize_nested<nf4, bf16>), 64);
+  {
+    auto* b = benchmark::RegisterBenchmark("nf4_quantize_whole_variant", nf4_whole_variant);
+    for (int block : {64, 256})
+      for (int variant : {0, 1, 2})
+        b->Args({block, variant});
+    b->UseManualTime()->Unit(benchmark::kMillisecond);
+  }
   one_block(benchmark::RegisterBenchmark("scales_only_dq", scales_only), 64);
   one_block(benchmark::RegisterBenchmark("scales_only_dq", scales_only), 256);
   one_block(benchmark::RegisterBenchmark("nf4_dequantize_bf16_dq", dequantize_nested<nf4, bf16>),

@@ -644,7 +644,15 @@ inline constexpr int whole_waves = sizeof(EncoderStorage) <= 8192 ? 4 : 1;
 //! bounds tests: a group's block is whole or absent. A block whose absmax is in [2^-126, 2^126)
 //! (all but blocks of zeros, subnormals, values above 2^126, infinities or NaNs) is encoded by
 //! normal_encoder<C> (no NaN or range tests per element); the others by C::encode.
-template <class C, class T, int Items, class Transform, int MinCtas = whole_min_ctas<T, Items>>
+//! `Prefetch`: the next step's vectors are loaded before this step is encoded (16 more registers
+//! per thread; meant with MinCtas 3 or 4). A candidate, not dispatched and not yet timed in this
+//! form: in the test harness of 2026-11-29 16:10 UTC a kernel with the fast path only (no
+//! C::encode path, per-vector code stores) went from 0.220 to 0.205 ms at NF4 block 64 and from
+//! 0.197 to 0.182 at block 256 with it; here ptxas 13.0 spills the prefetched vectors (3 CTAs: 80
+//! registers, 104 bytes of spill stores; 4 CTAs: 64 registers, 64 bytes). quant_bench's
+//! `nf4_quantize_whole_variant` times it against the dispatched kernel.
+template <class C, class T, int Items, class Transform, int MinCtas = whole_min_ctas<T, Items>,
+          bool Prefetch = false>
 __global__ void __launch_bounds__(cta_threads, MinCtas)
     quantize_whole(T const* QMEM_RESTRICT x, size_t blocks, int block_shift,
                    uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, book_t<C> book,
@@ -668,17 +676,30 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
   int const group = static_cast<int>(threadIdx.x) / group_size;
   int const lane = static_cast<int>(threadIdx.x) % group_size;
   size_t const stride = static_cast<size_t>(gridDim.x) * static_cast<size_t>(blocks_per_cta);
-  for (size_t blk = static_cast<size_t>(blockIdx.x) * static_cast<size_t>(blocks_per_cta) +
-                    static_cast<size_t>(group);
-       blk - static_cast<size_t>(group) < blocks; blk += stride) {
+  size_t const first = static_cast<size_t>(blockIdx.x) * static_cast<size_t>(blocks_per_cta) +
+                       static_cast<size_t>(group);
+  auto load = [&](uint4 (&v)[vectors], size_t b) {
+    uint4 const* const xb = reinterpret_cast<uint4 const*>(x + (b << block_shift)) + lane;
+    QMEM_UNROLL
+    for (int j = 0; j < vectors; ++j)
+      v[j] = __ldcs(xb + j * group_size);
+  };
+  [[maybe_unused]] uint4 next[Prefetch ? vectors : 1] = {};
+  if constexpr (Prefetch)
+    if (first < blocks)
+      load(next, first);
+  for (size_t blk = first; blk - static_cast<size_t>(group) < blocks; blk += stride) {
     bool const active = blk < blocks;
     size_t const begin = blk << block_shift;
     uint4 raw[vectors] = {};
-    if (active) {
-      uint4 const* const xb = reinterpret_cast<uint4 const*>(x + begin) + lane;
+    if constexpr (Prefetch) {
       QMEM_UNROLL
       for (int j = 0; j < vectors; ++j)
-        raw[j] = __ldcs(xb + j * group_size);
+        raw[j] = next[j];
+      if (blk + stride < blocks)
+        load(next, blk + stride);
+    } else if (active) {
+      load(raw, blk);
     }
     uint32_t const m = group_max(thread_abs_max<T>(raw, tf), group_size, warp_max);
     float const amax = qmem::detail::bits_to_float(m);
