@@ -411,6 +411,31 @@ dequantize_blocks_4bit_u16_avx512(decltype(C::book) const& book,
   }
 }
 
+//! 4-bit dequantization of blocks [first_block, last_block) to float with AVX-512 VBMI
+//! (lookup_nibbles_f32_avx512: byte permutes spread the codes, `vpermps` looks the block's 16
+//! outputs up), for blocks up to nibble_f32_max_block (the loop is bound by its 4-byte stores;
+//! larger blocks keep the AVX2 permutes). Dev box, one thread, 2^16 values in L2, ns per value
+//! (AVX2 -> this, two runs), NF4: block 32: 0.14 -> 0.12; 64: 0.120 -> 0.089-0.101; 256:
+//! 0.113 -> 0.106-0.127.
+inline constexpr std::size_t nibble_f32_max_block = 128;
+
+template <code_type C, float_element T>
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi"))) void
+dequantize_blocks_4bit_f32_avx512(decltype(C::book) const& book,
+                                  std::uint8_t const* QMEM_RESTRICT codes,
+                                  float const* QMEM_RESTRICT absmax, std::size_t n,
+                                  std::size_t block_size, T* QMEM_RESTRICT y,
+                                  std::size_t first_block, std::size_t last_block) {
+  alignas(64) float values[16];
+  for (unsigned k = 0; k < 16; ++k)
+    values[k] = C::decode(static_cast<std::uint8_t>(k), book);
+  for (std::size_t blk = first_block; blk < last_block; ++blk) {
+    std::size_t const begin = blk * block_size;
+    std::size_t const count = n - begin < block_size ? n - begin : block_size;
+    lookup_nibbles_f32_avx512(values, absmax[blk], codes + begin / 2, count, y + begin);
+  }
+}
+
 //! The smallest block whose 8-bit codes go to bf16 / f16 through the block's 256-entry table
 //! (half that when the table is mirrored, fp8); smaller blocks gather. Dev box, one thread, 2^16
 //! codes in L2, ns per code to bf16 (gathers with the integer rounding before -> gathers with
@@ -524,6 +549,13 @@ void dequantize_blocks_host(decltype(C::book) const& book, std::uint8_t const* Q
                             std::size_t block_size, T* QMEM_RESTRICT y, std::size_t first_block,
                             std::size_t last_block) {
 #if QMEM_QUANT_HOST_AVX2
+  if constexpr (C::bits == 4 && std::is_same_v<T, float>) {
+    if (block_size <= nibble_f32_max_block && host_has_avx512_bf16()) {
+      dequantize_blocks_4bit_f32_avx512<C>(book, codes, absmax, n, block_size, y, first_block,
+                                           last_block);
+      return;
+    }
+  }
   if constexpr (C::bits == 4 && (std::is_same_v<T, bf16> || std::is_same_v<T, f16>)) {
     if (block_size <= nibble_permute_max_block && host_has_avx512_bf16()) {
       dequantize_blocks_4bit_u16_avx512<C>(book, codes, absmax, n, block_size, y, first_block,

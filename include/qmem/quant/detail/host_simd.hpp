@@ -1118,6 +1118,45 @@ QMEM_QUANT_AVX512VBMI_FN void lookup_nibbles_u16_avx512(float const* values, flo
   }
 }
 
+//! 4-bit codes of one block to float: y[i] = values[code_i] * absmax for i < count
+//! (decode_element), codes packed two per byte, the first element in the high nibble. The block's
+//! 16 outputs in one register; per 16 elements a byte permute puts each element's code byte into
+//! its 32-bit lane, a variable shift brings even elements' high nibble down, and `vpermps` (which
+//! reads an index's low 4 bits) looks the outputs up; 64 per step from 32 code bytes, the tail
+//! loaded and stored masked.
+QMEM_QUANT_AVX512VBMI_FN void lookup_nibbles_f32_avx512(float const* values, float absmax,
+                                                        std::uint8_t const* codes,
+                                                        std::size_t count, float* y) noexcept {
+  __m512 const out16 = _mm512_mul_ps(_mm512_loadu_ps(values), _mm512_set1_ps(absmax));
+  // lane e of group g: the code byte of element 16g + e, (16g + e) / 2, in every byte
+  __m512i const spread0 = _mm512_set_epi8(
+      7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6, 5, 5, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4,
+      3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512i const eight = _mm512_set1_epi8(8);
+  __m512i const shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  for (std::size_t i = 0; i < count; i += 64) {
+    std::size_t const rest = count - i;
+    bool const whole = rest >= 64;
+    __mmask64 const load_mask =
+        whole ? __mmask64{0xffffffffu} : (__mmask64{1} << (rest / 2 + rest % 2)) - 1;
+    __m512i const c = _mm512_maskz_loadu_epi8(load_mask, codes + i / 2);
+    __m512i spread = spread0;
+    for (std::size_t g = 0; g < 4; ++g) {
+      __m512i const idx = _mm512_maskz_srlv_epi32(
+          all16, _mm512_maskz_permutexvar_epi8(all64, spread, c), shifts);
+      __m512 const v = _mm512_maskz_permutexvar_ps(all16, idx, out16);
+      if (whole) [[likely]] {
+        _mm512_storeu_ps(y + i + 16 * g, v);
+      } else if (rest > 16 * g) {
+        std::size_t const left = rest - 16 * g;
+        _mm512_mask_storeu_ps(y + i + 16 * g,
+                              left >= 16 ? all16 : static_cast<__mmask16>((1u << left) - 1), v);
+      }
+      spread = _mm512_add_epi8(spread, eight);
+    }
+  }
+}
+
 //! values[c[j]] * a for the 16 codes of c (scale16_avx512).
 template <class T, hw_round R>
 QMEM_QUANT_AVX512BF16_FN __m512 gather_scale16(float const* values, __m128i c, __m512 a) noexcept {
