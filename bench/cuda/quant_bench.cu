@@ -257,7 +257,7 @@ void launch_nf4_whole(std::size_t block) {
   unsigned const grid =
       k::grid_for(kernel, k::cta_threads, blocks / per_step + 1, 0,
                   k::whole_waves<cuda_impl::normal_encoder<nf4>::storage>);
-  auto const params = cuda_impl::normal_encoder<nf4>::host_params(0, nullptr);
+  auto const params = cuda_impl::normal_encoder<nf4>::host_params(0);
   kernel<<<grid, k::cta_threads>>>(g->x16, blocks, k::log2_exact(block), g->codes, g->absmax,
                                    nf4::book, params, k::no_transform{});
   check(cudaGetLastError(), "quantize_whole");

@@ -159,8 +159,7 @@ unsigned long long mismatches() {
   unsigned long long* d = nullptr;
   cuda_detail::check(cudaMalloc(&d, sizeof(unsigned long long)), "cudaMalloc");
   cuda_detail::check(cudaMemset(d, 0, sizeof(unsigned long long)), "cudaMemset");
-  count_mismatches<C, Enc, NormalDomain><<<132 * 8, 256>>>(Enc::host_params(0, nullptr), C::book,
-                                                            d);
+  count_mismatches<C, Enc, NormalDomain><<<132 * 8, 256>>>(Enc::host_params(0), C::book, d);
   cuda_detail::check(cudaGetLastError(), "count_mismatches");
   unsigned long long h = 0;
   cuda_detail::check(cudaMemcpy(&h, d, sizeof h, cudaMemcpyDeviceToHost), "cudaMemcpy");

@@ -1154,7 +1154,7 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
     unsigned const grid = grid_for(kernel, threads, blocks / per_step + 1, e.device);
     kernel<<<grid, threads, 0, e.stream>>>(x, n, log2_exact(block_size), codes, absmax, blocks,
                                            r.seed, C::book,
-                                           device_encoder<C>::host_params(e.device, e.stream), tf);
+                                           device_encoder<C>::host_params(e.device), tf);
     qmem::cuda_detail::check_launch(e, "qmem::quant quantize_aligned");
   };
   auto launch_scalar = [&]<bool Stochastic>(std::bool_constant<Stochastic>) {
@@ -1163,7 +1163,7 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
         grid_for(kernel, cta_threads, blocks / (cta_threads / 32) + 1, e.device);
     kernel<<<grid, cta_threads, 0, e.stream>>>(
         x, n, block_size, codes, absmax, blocks, r.seed, C::book,
-        device_encoder<C>::host_params(e.device, e.stream), tf);
+        device_encoder<C>::host_params(e.device), tf);
     qmem::cuda_detail::check_launch(e, "qmem::quant quantize_scalar");
   };
   // Nearest rounding: whole blocks by quantize_whole, a partial last block by quantize_scalar.
@@ -1178,7 +1178,7 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
                                      whole_waves<typename normal_encoder<C>::storage>);
       kernel<<<grid, threads, 0, e.stream>>>(x, whole, log2_exact(block_size), codes, absmax,
                                              C::book,
-                                             normal_encoder<C>::host_params(e.device, e.stream),
+                                             normal_encoder<C>::host_params(e.device),
                                              tf);
       qmem::cuda_detail::check_launch(e, "qmem::quant quantize_whole");
     }
@@ -1186,7 +1186,7 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
       size_t const begin = whole * block_size;
       quantize_scalar<C, T, Transform, false><<<1, 32, 0, e.stream>>>(
           x + begin, n - begin, block_size, codes + (C::bits == 8 ? begin : begin / 2),
-          absmax + whole, 1, r.seed, C::book, device_encoder<C>::host_params(e.device, e.stream),
+          absmax + whole, 1, r.seed, C::book, device_encoder<C>::host_params(e.device),
           tf);
       qmem::cuda_detail::check_launch(e, "qmem::quant quantize_scalar");
     }

@@ -16,7 +16,7 @@
 //! the kernels pack the low bits only.
 //!
 //! Protocol (used by the kernels in quant/cuda/blockwise.cuh): `params` is a kernel argument made
-//! on the host by `host_params(device, stream)` (for the 8-bit maps: a pointer to the table in
+//! on the host by `host_params(device)` (for the 8-bit maps: a pointer to the table in
 //! device memory, see device_table); `storage` is the kernel's shared memory, filled by `prepare`
 //! (followed by a CTA barrier); `make` returns the per-thread functor `enc(xn) -> code`.
 
@@ -43,43 +43,56 @@ namespace qmem::quant::cuda_impl {
 
 //! A copy of `host` (a table built once per process, in static storage) in the device memory of
 //! `device` (the current device), made on the first call for that device and kept for the life of
-//! the process. The upload is stream-ordered on `stream` (pool allocation, asynchronous copy, an
-//! event); a later call on another stream makes that stream wait for the event until the upload
-//! has completed, so no call synchronizes the host. Devices 0..63.
+//! the process. Thread-safe; devices 0..63.
+//!
+//! The one-time upload enqueues nothing on the caller's streams and may run while one of them is
+//! being captured into a CUDA graph: it uses a stream of its own, with this thread's capture mode
+//! switched to relaxed for its duration, and waits for that stream only (once per device and
+//! table; no device-wide synchronization).
 //!
 //! Why: the 8-bit maps' bucket table is 22.5 KB. Passed as a kernel argument it lives in the
 //! constant bank, where the threads' copies of different entries into shared memory serialize:
-//! the nested 8-bit quantization of 2^22 NF4 scales ran 62 us instead of ~6 (ncu, H200,
+//! the nested 8-bit quantization of 2^22 NF4 scales ran 62 us instead of 16 (ncu, H200,
 //! 2026-11-29), most of the double-quantization overhead.
 template <class T>
-T const* device_table(T const& host, int device, cudaStream_t stream) {
-  struct slot {
-    T* ptr = nullptr;
-    cudaEvent_t ready = nullptr;
-    bool complete = false;
-  };
+T const* device_table(T const& host, int device) {
   constexpr int max_devices = 64;
   QMEM_EXPECTS(device >= 0 && device < max_devices, "device is ", device, "; expected 0..",
                max_devices - 1);
   static std::mutex mutex;
-  static std::array<slot, max_devices> slots;
+  static std::array<T*, max_devices> tables{};
   std::lock_guard<std::mutex> lock(mutex);
-  slot& s = slots[static_cast<std::size_t>(device)];
-  if (s.ptr == nullptr) {
-    void* p = memory::default_device_resource(device).allocate_async(sizeof(T), stream);
-    qmem::cuda_detail::check(cudaMemcpyAsync(p, &host, sizeof(T), cudaMemcpyHostToDevice, stream),
-                             "cudaMemcpyAsync");
-    qmem::cuda_detail::check(cudaEventCreateWithFlags(&s.ready, cudaEventDisableTiming),
-                             "cudaEventCreateWithFlags");
-    qmem::cuda_detail::check(cudaEventRecord(s.ready, stream), "cudaEventRecord");
-    s.ptr = static_cast<T*>(p);
-  } else if (!s.complete) {
-    if (cudaEventQuery(s.ready) == cudaSuccess)
-      s.complete = true;
-    else
-      qmem::cuda_detail::check(cudaStreamWaitEvent(stream, s.ready, 0), "cudaStreamWaitEvent");
-  }
-  return s.ptr;
+  T*& table = tables[static_cast<std::size_t>(device)];
+  if (table != nullptr)
+    return table;
+  // this thread's capture mode relaxed until the end of the upload (restored on every path)
+  struct relaxed_capture {
+    cudaStreamCaptureMode previous = cudaStreamCaptureModeRelaxed;
+    relaxed_capture() {
+      qmem::cuda_detail::check(cudaThreadExchangeStreamCaptureMode(&previous),
+                               "cudaThreadExchangeStreamCaptureMode");
+    }
+    relaxed_capture(relaxed_capture const&) = delete;
+    relaxed_capture& operator=(relaxed_capture const&) = delete;
+    ~relaxed_capture() { (void)cudaThreadExchangeStreamCaptureMode(&previous); }
+  } const relaxed;
+  struct own_stream {
+    cudaStream_t stream = nullptr;
+    own_stream() {
+      qmem::cuda_detail::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking),
+                               "cudaStreamCreateWithFlags");
+    }
+    own_stream(own_stream const&) = delete;
+    own_stream& operator=(own_stream const&) = delete;
+    ~own_stream() { (void)cudaStreamDestroy(stream); }
+  } const upload;
+  void* p = memory::default_device_resource(device).allocate_async(sizeof(T), upload.stream);
+  qmem::cuda_detail::check(
+      cudaMemcpyAsync(p, &host, sizeof(T), cudaMemcpyHostToDevice, upload.stream),
+      "cudaMemcpyAsync");
+  qmem::cuda_detail::check(cudaStreamSynchronize(upload.stream), "cudaStreamSynchronize");
+  table = static_cast<T*>(p);
+  return table;
 }
 
 //! Copies `count` 32-bit words from global memory (read-only for the kernel's lifetime) into
@@ -115,7 +128,7 @@ struct book_encoder {
       return C::encode(xn, *book);
     }
   };
-  static params host_params(int, cudaStream_t) noexcept { return {}; }
+  static params host_params(int) noexcept { return {}; }
   __device__ static void prepare(storage&, params const&) noexcept {}
   __device__ static functor make(storage&, params const&, book_type const& shared_book) noexcept {
     return {&shared_book};
@@ -149,9 +162,9 @@ struct device_encoder<C> {
       return bucket_lookup<layout>(xn, entry, nan_code, negative_zero_code);
     }
   };
-  static params host_params(int device, cudaStream_t stream) {
+  static params host_params(int device) {
     auto const& t = bucket_table_of<C>();
-    return {device_table(t, device, stream)->entry, t.nan_code, t.negative_zero_code};
+    return {device_table(t, device)->entry, t.nan_code, t.negative_zero_code};
   }
   __device__ static void prepare(storage& s, params const& p) noexcept {
     copy_words_to_shared(s.entry, p.entry, static_cast<int>(layout::entries));
@@ -212,7 +225,7 @@ struct normal_encoder<C> {
       return c;
     }
   };
-  static params host_params(int, cudaStream_t) {
+  static params host_params(int) {
     return {interval_table_of<C>(),
             0u - 8u * replicas * (layout::magic_bits + static_cast<std::uint32_t>(layout::first))};
   }
@@ -261,8 +274,8 @@ struct normal_encoder<C> {
       return code;
     }
   };
-  static params host_params(int device, cudaStream_t stream) {
-    return {device_table(bucket_table_of<C>(), device, stream)->entry,
+  static params host_params(int device) {
+    return {device_table(bucket_table_of<C>(), device)->entry,
             0u - 4u * (layout::lowest >> layout::low_bits)};
   }
   __device__ static void prepare(storage& s, params const& p) noexcept {
