@@ -8,7 +8,8 @@
 // - cublas_gemv/*: cuBLASLt bf16 on the same shapes, the same way (it reads 4x the weight bytes).
 // - gemm/*: batch 4096, dequantize + cuBLASLt against cuBLASLt bf16 on the same shape.
 // - gemv_variant/n/k/m/v: each GEMV block shape alone (v 13-18: the batch-1 candidates of
-//   cuda_matmul::gemv_batch1_candidates, to compare with v 9, the dispatched {8, 1, 4}).
+//   cuda_matmul::gemv_batch1_candidates, to compare with v 9, gemv1_4bit_kernel's {8, 1, 4}; v 19
+//   and up: the streaming kernel's cuda_matmul::gemv_batch1_stream_candidates).
 // - gemm_overlap/n/k/m/chunks: batch 4096 with the dequantization overlapped in row chunks.
 // - grad_input/*, int8/*: the QLoRA backward pass and the LLM.int8 layer.
 #include <qmem/quant/cuda/matmul.cuh>
@@ -277,7 +278,8 @@ constexpr cuda_matmul::gemv1_shape variants1[] = {{8, 2, 2},
                                                   cuda_matmul::gemv_batch1_candidates[4],
                                                   cuda_matmul::gemv_batch1_candidates[5]};
 // Variants 19 and up: the streaming batch-1 kernel's shapes (cuda_matmul::
-// gemv_batch1_stream_candidates, 19 the dispatched one), to compare with 9 and 13-18.
+// gemv_batch1_stream_candidates; 20 is dispatched with plain scales, 19 with nested ones), to
+// compare with 9 and 13-18.
 constexpr auto const& variants_stream = cuda_matmul::gemv_batch1_stream_candidates;
 constexpr int stream_first = 8 + static_cast<int>(std::size(variants1));
 constexpr int variant_count = stream_first + static_cast<int>(std::size(variants_stream));
@@ -539,58 +541,32 @@ void cublas_args(benchmark::internal::Benchmark* b) {
 
 } // namespace
 
-BENCHMARK(copy)->UseManualTime()->Iterations(1)->Unit(benchmark::kMicrosecond);
-BENCHMARK(gemv)->Apply(gemv_args)->UseManualTime()->Iterations(3)->Unit(benchmark::kMicrosecond);
-BENCHMARK(gemv_variant)
-    ->Apply(variant_args)
-    ->UseManualTime()
-    ->Iterations(2)
-    ->Unit(benchmark::kMicrosecond);
-BENCHMARK(cublas_gemv)
-    ->Apply(cublas_args)
-    ->UseManualTime()
-    ->Iterations(3)
-    ->Unit(benchmark::kMicrosecond);
+//! Manual (CUDA event) timing, `I` iterations, results in microseconds or milliseconds (`Ms`).
+template <int I, bool Ms = false>
+void timed(benchmark::internal::Benchmark* b) {
+  b->UseManualTime()->Iterations(I)->Unit(Ms ? benchmark::kMillisecond : benchmark::kMicrosecond);
+}
+
+BENCHMARK(copy)->Apply(timed<1>);
+BENCHMARK(gemv)->Apply(gemv_args)->Apply(timed<3>);
+BENCHMARK(gemv_variant)->Apply(variant_args)->Apply(timed<2>);
+BENCHMARK(cublas_gemv)->Apply(cublas_args)->Apply(timed<3>);
 BENCHMARK(gemm)
     ->Args({4096, 4096, 4096})
     ->Args({14336, 4096, 4096})
     ->Args({8192, 8192, 4096})
-    ->UseManualTime()
-    ->Iterations(2)
-    ->Unit(benchmark::kMillisecond);
+    ->Apply(timed<2, true>);
 BENCHMARK(gemm_overlap)
     ->ArgsProduct({{4096}, {4096}, {4096}, {1, 2, 4, 8}})
     ->ArgsProduct({{14336}, {4096}, {4096}, {1, 2, 4, 8}})
     ->ArgsProduct({{8192}, {8192}, {4096}, {1, 2, 4, 8}})
-    ->UseManualTime()
-    ->Iterations(2)
-    ->Unit(benchmark::kMillisecond);
-BENCHMARK(grad_input)
-    ->Args({8192, 8192, 1})
-    ->Args({8192, 8192, 2})
-    ->Args({8192, 8192, 16})
-    ->Args({8192, 8192, 4096})
-    ->UseManualTime()
-    ->Iterations(2)
-    ->Unit(benchmark::kMicrosecond);
-BENCHMARK(grad_path)
-    ->Args({8192, 8192, 2, 0})
-    ->Args({8192, 8192, 2, 1})
-    ->Args({8192, 8192, 4, 0})
-    ->Args({8192, 8192, 4, 1})
-    ->Args({8192, 8192, 8, 0})
-    ->Args({8192, 8192, 8, 1})
-    ->Args({8192, 8192, 16, 0})
-    ->Args({8192, 8192, 16, 1})
-    ->UseManualTime()
-    ->Iterations(1)
-    ->Unit(benchmark::kMicrosecond);
+    ->Apply(timed<2, true>);
+BENCHMARK(grad_input)->ArgsProduct({{8192}, {8192}, {1, 2, 16, 4096}})->Apply(timed<2>);
+BENCHMARK(grad_path)->ArgsProduct({{8192}, {8192}, {2, 4, 8, 16}, {0, 1}})->Apply(timed<1>);
 BENCHMARK(int8_linear)
     ->Args({8192, 8192, 4096, 0})
     ->Args({8192, 8192, 4096, 60})
     ->Args({8192, 8192, 16, 60})
-    ->UseManualTime()
-    ->Iterations(2)
-    ->Unit(benchmark::kMicrosecond);
+    ->Apply(timed<2>);
 
 BENCHMARK_MAIN();

@@ -8,9 +8,11 @@
 //!   permute and one conflict-free load per two weights), the tensor cores (`mma.sync` m16n8k16,
 //!   fp32 accumulators) sum the products of one block, and the block's fp32 scale multiplies that
 //!   partial sum once per row (docs/matmul.md, "GEMV path": the function and its tolerance).
-//!   Batch 1 has its own layout (gemv1_4bit_kernel: the 8 batch columns of the fragment carry 8
-//!   column chunks); batches 2-16 use gemv_4bit_kernel. Warps split the columns and reduce in
-//!   shared memory in a fixed order (deterministic).
+//!   Batch 1 has its own layout (the 8 batch columns of the fragment carry 8 column chunks) and
+//!   its own streaming kernel (gemv1_stream_kernel: one block per SM, warps own column slices with
+//!   x in registers and stream row pairs; gemv1_4bit_kernel for rows longer than 32768); batches
+//!   2-16 use gemv_4bit_kernel. Warps split the columns and reduce in shared memory in a fixed
+//!   order (deterministic).
 //! - Larger batches dequantize the weight into a caller-provided bf16/f16 workspace and call
 //!   cuBLASLt (fp32 accumulation).
 //! - QLoRA's grad_input = grad_y * dequant(w): a GEMV-style kernel up to grad_input_gemv_max_rows,
@@ -1145,24 +1147,53 @@ struct gemv1_stream_shape {
   int warps;          //!< upper bound on C * G
   int depth;          //!< row pairs of loads in flight per warp at one super-step per warp
   bool async = false; //!< loads through a per-thread cp.async ring (plain scales only)
+  //! Register ring in two groups of depth / J pairs: a group's loads are issued only after every
+  //! register of the other group has been touched (a dependency through a zero the compiler cannot
+  //! see), so that the one scoreboard ptxas gives the loads holds one group: the warp computes a
+  //! group while the next one is in flight.
+  bool grouped = false;
 };
 
-//! The streaming shapes batch 1 runs (blocks >= 64, k <= 32768), plain and nested scales; warps
-//! 0: gemv1_4bit_kernel instead. H200 run of 2026-11-29 15:34 UTC (200 calls in a graph, plain
-//! scales, register ring {16, 8}): 6.51 / 12.88 / 12.31 / 13.89 / 39.80 us on the five anchor
-//! shapes (gemv1_4bit_kernel {8, 1, 4}: 7.38 / 19.40 / 13.76 / 17.36 / 57.30); nested 7.29 /
-//! 13.62 / 13.40 / 14.58 / 42.96 (was 10.26 / 26.27 / 18.67 / 23.01 / 74.21).
-inline constexpr gemv1_stream_shape gemv_batch1_stream{16, 8};
-inline constexpr gemv1_stream_shape gemv_batch1_stream_nested{16, 8};
-//! Shapes the bench's gemv_variant compares (variants 19 and up), the first dispatched:
-//! register rings of depth 4, 8, 12 at 16 warps (ptxas -v, sm_90, plain J = 1: 104 / 127
-//! registers for 8 / 12, no spills) and 4 at 32 warps (64 registers); async rings (cp.async into
-//! shared memory, waited one commit group at a time) of 5 and 3 pairs at 16 warps and 2 at 32.
-//! Why the async ring: the SASS of the register ring (nvcc 13, sm_90) puts every load on one
-//! scoreboard (W5), and the first use of pair i waits for all of them (wait mask 100000), so a
-//! warp waits for its whole ring at once instead of one pair; cp.async.wait_group counts.
-inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
-    gemv_batch1_stream, {16, 4}, {16, 12}, {32, 4}, {16, 5, true}, {16, 3, true}, {32, 2, true}};
+//! Shapes of gemv1_stream_kernel the bench's gemv_variant compares (variants 19 to 25): register
+//! rings of 8, 4 and 12 pairs at 16 warps (ptxas -v, sm_90, plain J = 1: 118 / 104 / 127
+//! registers, no spills) and of 4 at 32 warps (64 registers); async rings (cp.async into shared
+//! memory, waited one commit group at a time) of 5 and 3 pairs at 16 warps and 2 at 32.
+//! Why the async ring was tried: the SASS of the register ring (nvcc 13, sm_90) puts every load on
+//! one scoreboard (W5) and sinks them to the end of the unrolled loop, so a warp issues its ring,
+//! waits for all of it (wait mask 100000), then computes it; cp.async.wait_group counts groups.
+//! H200, 2026-11-29 16:05 UTC, 200 calls in one CUDA graph, NF4 block 64, plain scales, us on
+//! 4096 x 4096 / 14336 x 4096 / 4096 x 14336 / 8192 x 8192 / 28672 x 8192 (same-run copy 4244
+//! GB/s; gemv1_4bit_kernel {8, 1, 4}, variant 9: 7.96 / 20.26 / 14.80 / 18.19 / 59.23):
+//!   19 {16, 8}        6.36 / 12.51 / 12.13 / 13.49 / 42.95
+//!   20 {16, 4}        6.44 / 11.85 / 11.97 / 13.20 / 43.40   (dispatched)
+//!   21 {16, 12}       6.74 / 12.60 / 12.81 / 13.95 / 42.57
+//!   22 {32, 4}        6.61 / 11.85 / 12.32 / 13.13 / 52.07
+//!   23 {16, 5, async} 8.10 / 16.08 / 15.80 / 18.21 / 49.26
+//!   24 {16, 3, async} 7.86 / 15.79 / 16.30 / 17.90 / 56.39
+//!   25 {32, 2, async} 8.87 / 17.10 / 17.55 / 19.32 / 55.57
+//! The async rings lose: their 8- and 4-byte cp.async per lane and pair go through L1 (ncu,
+//! 8192 x 8192: L1/TEX 71% against 55% for the register ring, DRAM 43% against 46%).
+//! Not yet timed (written after that run): 26 {16, 4, grouped} and 27 {16, 6, grouped}, the
+//! register ring in two groups (SASS, nvcc 13, sm_90: the next group's loads are issued after
+//! the current group's registers are touched and before its products; 118 / 124 registers, no
+//! spills). To be timed against 20 in the next H200 run.
+inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {{16, 8},
+                                                                       {16, 4},
+                                                                       {16, 12},
+                                                                       {32, 4},
+                                                                       {16, 5, true},
+                                                                       {16, 3, true},
+                                                                       {32, 2, true},
+                                                                       {16, 4, false, true},
+                                                                       {16, 6, false, true}};
+//! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
+//! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes, {16, 4} (sum
+//! 86.9 us against 87.4 for {16, 8}).
+inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[1];
+//! The same with nested scales: {16, 8}, the only one measured (bench gemv/*/1/1, same run: 7.13
+//! / 13.71 / 13.26 / 14.69 / 43.56 us; gemv1_4bit_kernel {8, 2, 2} earlier the same day: 10.26 /
+//! 26.27 / 18.67 / 23.01 / 74.21).
+inline constexpr gemv1_stream_shape gemv_batch1_stream_nested = gemv_batch1_stream_candidates[0];
 
 //! The loads of one row pair (both rows, the warp's J super-steps).
 template <int J, bool Nested>
@@ -1187,13 +1218,16 @@ QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_extra_bytes(bool nested) {
   return (nested ? 256u * 4u : 0u) + 64u;
 }
 
-//! Row pairs of loads in flight per warp of gemv1_stream_kernel.
-QMEM_HOST_DEVICE constexpr int gemv1_stream_ring(int depth, int j, bool nested, bool async) {
+//! Row pairs of loads in flight per warp of gemv1_stream_kernel (per group when `grouped`).
+QMEM_HOST_DEVICE constexpr int gemv1_stream_ring(int depth, int j, bool nested, bool async,
+                                                 bool grouped = false) {
   // nested scales at J = 4 keep one pair in registers (ptxas -v, sm_90: two spilled 516 bytes
-  // at 128 registers)
+  // at 128 registers); two groups of nested scales take half the pairs (depth 6 in two groups of
+  // 6 spilled 208-456 bytes)
   if (!async && nested && j == 4)
     return 1;
-  return depth / j > 0 ? depth / j : 1;
+  int const per = grouped && nested ? 2 * j : j;
+  return depth / per > 0 ? depth / per : 1;
 }
 
 //! Bytes of the async staging ring of one thread: per pair slot and super-step, both rows' 8 code
@@ -1208,12 +1242,14 @@ QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_slot_bytes(int j) {
 //! Preconditions (the launcher's): m == 1, k % 64 == 0, k % block == 0, block >= 64, codes
 //! 8-byte and x 16-byte aligned, a power-of-two nested block size, n * k / 64 < 2^32;
 //! blockDim.x == 32 * C * G.
-template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async>
+template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async,
+          bool Grouped>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemv1_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemv1_stream_plan plan) {
   static_assert(!(Async && Nested), "the async ring carries plain scales only");
-  constexpr int Ring = gemv1_stream_ring(Depth, J, Nested, Async); // pairs of loads in flight
+  static_assert(!(Async && Grouped), "groups are a register ring's");
+  constexpr int Ring = gemv1_stream_ring(Depth, J, Nested, Async, Grouped); // pairs in flight
   extern __shared__ __align__(16) unsigned char gemv_smem[];
   unsigned const C = plan.col_groups;
   unsigned const G = plan.row_groups;
@@ -1303,11 +1339,13 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
 
   // register ring: Ring stages; async ring: this thread's slots in shared memory, slot s holding
   // [J][2] code words (8 bytes, one array of `threads` per (j, h)), then [J][2] scales
-  stage buf[Async ? 1 : Ring];
-  if constexpr (!Full && !Async) {
-    // chunks past k are never loaded: their codes and scales stay 0 (and x is 0 there)
+  constexpr int Stages = Async ? 1 : (Grouped ? 2 * Ring : Ring);
+  stage buf[Stages];
+  if constexpr ((!Full || Grouped) && !Async) {
+    // chunks past k are never loaded: their codes and scales stay 0 (and x is 0 there); groups
+    // read every register of a group (also of pairs past the warp's last) before the next loads
     QMEM_UNROLL
-    for (int s = 0; s < Ring; ++s)
+    for (int s = 0; s < Stages; ++s)
       QMEM_UNROLL
     for (int j = 0; j < J; ++j)
       QMEM_UNROLL
@@ -1331,10 +1369,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
            threadIdx.x * 4u;
   };
 
-  // the loads of this warp's pair i into slot S
-  auto load = [&](auto slot, unsigned i) {
+  // the loads of this warp's pair i into slot S (`dep`: always 0, a dependency of every address)
+  auto load = [&](auto slot, unsigned i, std::uint32_t dep = 0) {
     constexpr int S = decltype(slot)::value;
-    unsigned const r0 = row_base + 2 * G * i;
+    unsigned const r0 = row_base + 2 * G * i + dep;
     unsigned const rows[2] = {r0, min(r0 + 1, n - 1)};
     QMEM_UNROLL
     for (int h = 0; h < 2; ++h) {
@@ -1467,38 +1505,85 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       }
     };
 
+    // Grouped: the group of pairs base .. base + Ring - 1 in slots H * Ring ..: wait for it (by
+    // touching every register), issue the next group's loads into the other slots (their
+    // addresses depend on that touch), then compute it
+    // (`guard` false: every pair computed and loaded exists)
+    auto group_step = [&](auto half, unsigned base, auto guard) {
+      constexpr int H = decltype(half)::value;
+      constexpr bool Guard = decltype(guard)::value;
+      std::uint32_t dep = 0;
+      each_slot([&](auto slot) {
+        stage const& st = buf[H * Ring + decltype(slot)::value];
+        QMEM_UNROLL
+        for (int j = 0; j < J; ++j)
+          QMEM_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          dep ^= st.q[j][h].x ^ st.q[j][h].y ^ __float_as_uint(st.s[j][h]);
+          if constexpr (Nested)
+            dep ^= st.qs[j][h];
+        }
+      });
+      dep &= a.zero;
+      each_slot([&](auto slot) {
+        constexpr int S = decltype(slot)::value;
+        if (!Guard || base + Ring + S < count)
+          load(std::integral_constant<int, (1 - H) * Ring + S>{}, base + Ring + S, dep);
+      });
+      each_slot([&](auto slot) {
+        constexpr int S = decltype(slot)::value;
+        if (!Guard || base + S < count)
+          compute(std::integral_constant<int, H * Ring + S>{}, base + S);
+      });
+    };
+
     while (tile < plan.tiles) {
-      // a ring of Ring pairs of loads in flight: pair i + Ring is loaded into the slot pair i
-      // was computed from; the prologue has loaded pairs 0 .. Ring - 1
-      unsigned i0 = 0;
-      for (; i0 + 2 * Ring <= count; i0 += Ring) {
-        // steady state: every pair computed and loaded exists
+      if constexpr (Grouped) {
+        using zero_c = std::integral_constant<int, 0>;
+        using one_c = std::integral_constant<int, 1>;
+        unsigned base = 0;
+        for (; base + 3 * Ring <= count; base += 2 * Ring) {
+          group_step(zero_c{}, base, std::false_type{});
+          group_step(one_c{}, base + Ring, std::false_type{});
+        }
+        for (; base < count; base += 2 * Ring) {
+          group_step(zero_c{}, base, std::true_type{});
+          if (base + Ring < count)
+            group_step(one_c{}, base + Ring, std::true_type{});
+        }
+      } else {
+        // a ring of Ring pairs of loads in flight: pair i + Ring is loaded into the slot pair i
+        // was computed from; the prologue has loaded pairs 0 .. Ring - 1
+        unsigned i0 = 0;
+        for (; i0 + 2 * Ring <= count; i0 += Ring) {
+          // steady state: every pair computed and loaded exists
+          each_slot([&](auto slot) {
+            constexpr int S = decltype(slot)::value;
+            compute(slot, i0 + S);
+            load(slot, i0 + S + Ring);
+            commit();
+          });
+        }
+        // the last fewer than 2 Ring pairs
         each_slot([&](auto slot) {
           constexpr int S = decltype(slot)::value;
-          compute(slot, i0 + S);
-          load(slot, i0 + S + Ring);
+          unsigned const i = i0 + S;
+          if (i < count) {
+            compute(slot, i);
+            if (i + Ring < count)
+              load(slot, i + Ring);
+          }
           commit();
         });
+        if constexpr (Async)
+          asm volatile("cp.async.wait_all;" ::: "memory"); // (no commit follows these)
+        each_slot([&](auto slot) {
+          constexpr int S = decltype(slot)::value;
+          unsigned const i = i0 + S + Ring;
+          if (i < count)
+            compute(slot, i);
+        });
       }
-      // the last fewer than 2 Ring pairs
-      each_slot([&](auto slot) {
-        constexpr int S = decltype(slot)::value;
-        unsigned const i = i0 + S;
-        if (i < count) {
-          compute(slot, i);
-          if (i + Ring < count)
-            load(slot, i + Ring);
-        }
-        commit();
-      });
-      if constexpr (Async)
-        asm volatile("cp.async.wait_all;" ::: "memory"); // (no commit follows these)
-      each_slot([&](auto slot) {
-        constexpr int S = decltype(slot)::value;
-        unsigned const i = i0 + S + Ring;
-        if (i < count)
-          compute(slot, i);
-      });
       // the next tile's loads go out before this one's reduction
       unsigned const done_p0 = p0;
       unsigned const done_tp = tp;
@@ -2366,7 +2451,7 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     auto run = [&](auto jc, auto fullc) {
       constexpr auto kernel =
           &gemv1_stream_kernel<Code, T, Nested, decltype(jc)::value, Shape.depth, Shape.warps,
-                               decltype(fullc)::value, Shape.async>;
+                               decltype(fullc)::value, Shape.async, Shape.grouped>;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
       kernel<<<grid, threads, p.smem, e.stream>>>(a, values_of<Code>(), nested_values(), p);
       cuda_detail::check_launch(e, "qmem::quant::gemv1_stream_kernel");
@@ -2510,6 +2595,19 @@ void check_4bit_call(char const* fn, char const* rows_of, char const* in_name,
   check_workspace(ws, need, fn);
 }
 
+//! The shape checks of the int8 entry points: m, n, k > 0, k <= 131072 (int32 accumulation),
+//! k % 4 == 0 (cuBLASLt's int8 product), m and n below 2^31. Throws qmem::bad_argument naming `fn`.
+inline void check_int8_shape(char const* fn, std::size_t m, std::size_t n, std::size_t k) {
+  if (m == 0 || n == 0 || k == 0)
+    qmem::detail::raise(fn, ": shape ", m, " x ", n, " x ", k, "; expected m, n, k > 0");
+  if (k > 131072)
+    qmem::detail::raise(fn, ": k is ", k, "; expected at most 131072 (int32 accumulation)");
+  if (k % 4 != 0)
+    qmem::detail::raise(fn, ": k is ", k, "; cuBLASLt's int8 product needs a multiple of 4");
+  if (m >= (std::size_t{1} << 31) || n >= (std::size_t{1} << 31))
+    qmem::detail::raise(fn, ": shape ", m, " x ", n, "; expected each below 2^31");
+}
+
 } // namespace cuda_matmul
 
 //! y[m, n] = x[m, k] * dequant(w)^T on the GPU, stream-ordered on e.stream (no synchronization).
@@ -2605,11 +2703,7 @@ void matmul_int8(exec::cuda const& e, tensor_view<std::int8_t const> a,
                  tensor_view<float const> col_scale, std::size_t m, std::size_t n, std::size_t k,
                  tensor_view<Out> out, tensor_view<std::byte> workspace = {}) {
   constexpr char const* fn = "qmem::quant::matmul_int8";
-  QMEM_EXPECTS(m > 0 && n > 0 && k > 0, "shape ", m, " x ", n, " x ", k, "; expected m, n, k > 0");
-  QMEM_EXPECTS(k <= 131072, "k is ", k, "; expected at most 131072 (int32 accumulation)");
-  QMEM_EXPECTS(k % 4 == 0, "k is ", k, "; cuBLASLt's int8 product needs a multiple of 4");
-  QMEM_EXPECTS(m < (std::size_t{1} << 31) && n < (std::size_t{1} << 31), "shape ", m, " x ", n,
-               "; expected each below 2^31");
+  cuda_matmul::check_int8_shape(fn, m, n, k);
   detail::mm::check_matrix(a, m, k, fn, "a", false, true);
   detail::mm::check_matrix(b, n, k, fn, "b", false, true);
   detail::mm::check_matrix(row_scale, m, 1, fn, "row_scale", false, true);
@@ -2642,11 +2736,7 @@ void linear_int8(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
                  std::size_t m, std::size_t n, std::size_t k, float threshold, tensor_view<T> out,
                  tensor_view<std::byte> workspace = {}) {
   constexpr char const* fn = "qmem::quant::linear_int8";
-  QMEM_EXPECTS(m > 0 && n > 0 && k > 0, "shape ", m, " x ", n, " x ", k, "; expected m, n, k > 0");
-  QMEM_EXPECTS(k <= 131072, "k is ", k, "; expected at most 131072 (int32 accumulation)");
-  QMEM_EXPECTS(k % 4 == 0, "k is ", k, "; cuBLASLt's int8 product needs a multiple of 4");
-  QMEM_EXPECTS(m < (std::size_t{1} << 31) && n < (std::size_t{1} << 31), "shape ", m, " x ", n,
-               "; expected each below 2^31");
+  cuda_matmul::check_int8_shape(fn, m, n, k);
   detail::mm::check_matrix(x, m, k, fn, "x", false, true);
   detail::mm::check_matrix(b, n, k, fn, "b", false, true);
   detail::mm::check_matrix(col_scale, n, 1, fn, "col_scale", false, true);
