@@ -1174,9 +1174,11 @@ struct gemv1_stream_shape {
 //! The async rings lose: their 8- and 4-byte cp.async per lane and pair go through L1 (ncu,
 //! 8192 x 8192: L1/TEX 71% against 55% for the register ring, DRAM 43% against 46%).
 //! Not yet timed (written after that run): 26 {16, 4, grouped} and 27 {16, 6, grouped}, the
-//! register ring in two groups (SASS, nvcc 13, sm_90: the next group's loads are issued after
-//! the current group's registers are touched and before its products; 118 / 124 registers, no
-//! spills). To be timed against 20 in the next H200 run.
+//! register ring in two groups (SASS, nvcc 13, sm_90, plain J = 1: the next group's loads are
+//! issued after the current group's registers are touched, among its products, on other
+//! scoreboards than the loads being waited for; 2.0 instructions per weight in the unguarded loop
+//! against 1.94 for the ring; 104 / 124 registers, no spills). To be timed against 20 in the next
+//! H200 run.
 inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {{16, 8},
                                                                        {16, 4},
                                                                        {16, 12},
