@@ -381,6 +381,49 @@ TEST_CASE("cuda blockwise: a stream of its own, and sync_after_launch") {
   cuda_detail::check(cudaStreamDestroy(s), "cudaStreamDestroy");
 }
 
+TEST_CASE("cuda blockwise: quantization captured in a CUDA graph (global mode) replays to the "
+          "host's bits") {
+  // The one-time set-up of the launch path (the occupancy query, the 8-bit maps' device tables)
+  // runs with the thread's capture mode relaxed and enqueues nothing on the captured stream.
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  cudaStream_t s = nullptr;
+  cuda_detail::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  auto const v = test_values(70001, 11);
+  auto check = [&]<class C, class T>(std::type_identity<C>, std::type_identity<T>,
+                                     std::size_t block) {
+    CAPTURE(block);
+    auto const x = as<T>(v);
+    std::size_t const n = x.size();
+    std::vector<std::uint8_t> hc(code_bytes<C>(n));
+    std::vector<float> ha(block_count(n, block));
+    quantize_blockwise<C>(exec::host{}, tensor_view<T const>(x.data(), n), block, view(hc),
+                          view(ha));
+    auto dx = cuda_backend::upload(x);
+    auto dc = cuda_backend::alloc<std::uint8_t>(hc.size());
+    auto da = cuda_backend::alloc<float>(ha.size());
+    cudaGraph_t graph = nullptr;
+    cuda_detail::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal),
+                       "cudaStreamBeginCapture");
+    quantize_blockwise<C>(exec::cuda{s, 0, false}, tensor_view<T const>(dx.view()), block,
+                          dc.view(), da.view());
+    cuda_detail::check(cudaStreamEndCapture(s, &graph), "cudaStreamEndCapture");
+    cudaGraphExec_t instance = nullptr;
+    cuda_detail::check(cudaGraphInstantiate(&instance, graph, 0), "cudaGraphInstantiate");
+    cuda_detail::check(cudaGraphLaunch(instance, s), "cudaGraphLaunch");
+    cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    (void)cudaGraphExecDestroy(instance);
+    (void)cudaGraphDestroy(graph);
+    REQUIRE(cuda_backend::download(dc.view()) == hc);
+    REQUIRE(same_bits(cuda_backend::download(da.view()), ha));
+  };
+  check(std::type_identity<nf4>{}, std::type_identity<bf16>{}, 64);
+  check(std::type_identity<fp4>{}, std::type_identity<bf16>{}, 4096);
+  check(std::type_identity<dynamic_signed>{}, std::type_identity<float>{}, 256);
+  check(std::type_identity<dynamic_unsigned>{}, std::type_identity<f16>{}, 64);
+  cuda_detail::check(cudaStreamDestroy(s), "cudaStreamDestroy");
+}
+
 TEST_CASE("cuda blockwise: double quantization with a three-level offset tree") {
   if (qmem::test::skip<cuda_backend>())
     return;

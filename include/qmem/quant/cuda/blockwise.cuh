@@ -1113,6 +1113,7 @@ unsigned grid_for(Kernel kernel, int threads, size_t work_items, int device, int
         resident = cache[i].resident;
   }
   if (resident == 0) {
+    relaxed_capture const relaxed; // the first query may come inside a global-mode capture
     qmem::cuda_detail::check(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0),
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");

@@ -41,6 +41,21 @@
 
 namespace qmem::quant::cuda_impl {
 
+//! Switches this thread's stream-capture mode to relaxed for the object's lifetime and restores
+//! the previous mode (on every path), so that one-time set-up calls (allocations, an occupancy
+//! query, an upload on a stream of its own) are allowed while a caller's stream is being
+//! captured in global mode; they enqueue nothing on that stream.
+struct relaxed_capture {
+  cudaStreamCaptureMode previous = cudaStreamCaptureModeRelaxed;
+  relaxed_capture() {
+    qmem::cuda_detail::check(cudaThreadExchangeStreamCaptureMode(&previous),
+                             "cudaThreadExchangeStreamCaptureMode");
+  }
+  relaxed_capture(relaxed_capture const&) = delete;
+  relaxed_capture& operator=(relaxed_capture const&) = delete;
+  ~relaxed_capture() { (void)cudaThreadExchangeStreamCaptureMode(&previous); }
+};
+
 //! A copy of `host` (a table built once per process, in static storage) in the device memory of
 //! `device` (the current device), made on the first call for that device and kept for the life of
 //! the process. Thread-safe; devices 0..63.
@@ -65,17 +80,7 @@ T const* device_table(T const& host, int device) {
   T*& table = tables[static_cast<std::size_t>(device)];
   if (table != nullptr)
     return table;
-  // this thread's capture mode relaxed until the end of the upload (restored on every path)
-  struct relaxed_capture {
-    cudaStreamCaptureMode previous = cudaStreamCaptureModeRelaxed;
-    relaxed_capture() {
-      qmem::cuda_detail::check(cudaThreadExchangeStreamCaptureMode(&previous),
-                               "cudaThreadExchangeStreamCaptureMode");
-    }
-    relaxed_capture(relaxed_capture const&) = delete;
-    relaxed_capture& operator=(relaxed_capture const&) = delete;
-    ~relaxed_capture() { (void)cudaThreadExchangeStreamCaptureMode(&previous); }
-  } const relaxed;
+  relaxed_capture const relaxed; // until the end of the upload
   struct own_stream {
     cudaStream_t stream = nullptr;
     own_stream() {
