@@ -164,32 +164,29 @@ void lion_8bit(benchmark::State& st) {
 
 } // namespace
 
-BENCHMARK(adamw_8bit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
-BENCHMARK(adamw_8bit_checked)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
-BENCHMARK(adamw_4bit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
-BENCHMARK(adamw_32bit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
-BENCHMARK(adamw_bf16)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
-BENCHMARK(lion_8bit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
+// Every row: the step's time as reported above, in ms, at least one second of iterations.
+static void timed_rows(benchmark::internal::Benchmark* b) {
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(1.0);
+}
+
+BENCHMARK(adamw_8bit)->Apply(timed_rows);
+BENCHMARK(adamw_8bit_checked)->Apply(timed_rows);
+BENCHMARK(adamw_4bit)->Apply(timed_rows);
+BENCHMARK(adamw_32bit)->Apply(timed_rows);
+BENCHMARK(adamw_bf16)->Apply(timed_rows);
+BENCHMARK(lion_8bit)->Apply(timed_rows);
 
 BENCHMARK(bm_step_cpu<optim::adamw, optim::int8_state>)
     ->Name("adamw_8bit_1thread_cpu")
-    ->UseManualTime()
-    ->Unit(benchmark::kMillisecond)
-    ->MinTime(1.0);
+    ->Apply(timed_rows);
 BENCHMARK(bm_step_cpu<optim::adamw, optim::int4_state>)
     ->Name("adamw_4bit_1thread_cpu")
-    ->UseManualTime()
-    ->Unit(benchmark::kMillisecond)
-    ->MinTime(1.0);
+    ->Apply(timed_rows);
 BENCHMARK(bm_step_cpu<optim::adamw, optim::fp32_state>)
     ->Name("adamw_32bit_1thread_cpu")
-    ->UseManualTime()
-    ->Unit(benchmark::kMillisecond)
-    ->MinTime(1.0);
+    ->Apply(timed_rows);
 BENCHMARK(bm_step_cpu<optim::lion, optim::int8_state>)
     ->Name("lion_8bit_1thread_cpu")
-    ->UseManualTime()
-    ->Unit(benchmark::kMillisecond)
-    ->MinTime(1.0);
+    ->Apply(timed_rows);
 
 BENCHMARK_MAIN();
