@@ -27,6 +27,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <initializer_list>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -423,78 +424,82 @@ void stream_case(std::size_t n, std::size_t k, std::size_t block, bool nested, u
 }
 } // namespace
 
+namespace {
+//! A weight for the streaming kernel and the multiprocessors its plan is made for.
+struct stream_plan_case {
+  std::size_t n, k, block;
+  unsigned sms;
+};
+
+//! Shape S on each of `plans`, with plain scales and, when `nested_too`, nested ones; `Nested`
+//! (the other shape for nested scales) defaults to S.
+template <cuda_matmul::gemv1_stream_shape S, cuda_matmul::gemv1_stream_shape Nested = S>
+void stream_cases(std::initializer_list<stream_plan_case> plans, bool nested_too,
+                  std::mt19937& rng) {
+  for (auto const& p : plans) {
+    stream_case<S>(p.n, p.k, p.block, false, p.sms, rng);
+    if (nested_too)
+      stream_case<Nested>(p.n, p.k, p.block, true, p.sms, rng);
+  }
+}
+} // namespace
+
 TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every plan") {
   if (!qmem::test::gpu_present()) {
     MESSAGE("skipped: no CUDA device on this machine");
     return;
   }
   std::mt19937 rng(23);
-  for (bool const nested : {false, true}) {
-    // the shape matmul_4bit dispatches for these scales
-    auto dispatched_case = [&](std::size_t n, std::size_t k, std::size_t block, unsigned sms) {
-      if (nested)
-        stream_case<cuda_matmul::gemv_batch1_stream_nested>(n, k, block, true, sms, rng);
-      else
-        stream_case<cuda_matmul::gemv_batch1_stream>(n, k, block, false, sms, rng);
-    };
-    // J = 1: 1408 columns = 2.75 super-steps (a partial one, 3 column groups, 5 row groups),
-    // 4096 (8 groups, 2 row groups), 8192 (16 groups), odd row counts (a clamped last pair)
-    dispatched_case(45, 1408, 64, 0);
-    dispatched_case(33, 4096, 64, 0);
-    dispatched_case(70, 8192, 64, 0);
-    dispatched_case(1, 512, 64, 0);
-    // J = 2 (12800 columns: 25 super-steps, 13 groups, the last one half empty) and J = 4 (17408:
-    // 34 super-steps, 9 groups)
-    dispatched_case(45, 12800, 64, 0);
-    dispatched_case(33, 17408, 64, 0);
-    // blocks of 128, 256 and 4096 (one scale for several chunks)
-    dispatched_case(45, 1536, 128, 0);
-    dispatched_case(37, 12800, 256, 0);
-    dispatched_case(45, 4096, 4096, 0);
-    // planned for 1 and 2 multiprocessors: partial sums that fit before the table at no J, so J =
-    // 4 and blocks looping over 2 and 3 tiles; planned for 7: a ring longer than a warp's pairs
-    dispatched_case(601, 8192, 64, 1);
-    dispatched_case(1501, 8192, 64, 1);
-    dispatched_case(1601, 8192, 64, 2);
-    dispatched_case(300, 2048, 64, 7);
-  }
-  // the other shapes the bench compares; the async rings (plain scales only) on J = 1, 2, 4, on
-  // partial super-steps, several tiles and rings longer than a warp's pairs
+  // the shapes matmul_4bit dispatches, on plans of every kind:
+  // - J = 1: 1408 columns = 2.75 super-steps (a partial one, 3 column groups, 5 row groups), 4096
+  //   (8 groups, 2 row groups), 8192 (16 groups), odd row counts (a clamped last pair);
+  // - J = 2 (12800 columns: 25 super-steps, 13 groups, the last one half empty) and J = 4 (17408:
+  //   34 super-steps, 9 groups);
+  // - blocks of 128, 256 and 4096 (one scale for several chunks);
+  // - planned for 1 and 2 multiprocessors: partial sums that fit before the table at no J, so
+  //   J = 4 and blocks looping over 2 and 3 tiles; planned for 7: a ring longer than a warp's
+  //   pairs
+  stream_cases<cuda_matmul::gemv_batch1_stream, cuda_matmul::gemv_batch1_stream_nested>(
+      {{45, 1408, 64, 0},
+       {33, 4096, 64, 0},
+       {70, 8192, 64, 0},
+       {1, 512, 64, 0},
+       {45, 12800, 64, 0},
+       {33, 17408, 64, 0},
+       {45, 1536, 128, 0},
+       {37, 12800, 256, 0},
+       {45, 4096, 4096, 0},
+       {601, 8192, 64, 1},
+       {1501, 8192, 64, 1},
+       {1601, 8192, 64, 2},
+       {300, 2048, 64, 7}},
+      true, rng);
+  // the other shapes the bench compares; the async rings (plain scales only) and the two-group
+  // rings on J = 1, 2, 4, partial super-steps and groups, several tiles, rings longer than a
+  // warp's pairs
   constexpr auto const& c = cuda_matmul::gemv_batch1_stream_candidates;
-  for (bool const nested : {false, true}) {
-    stream_case<c[0]>(70, 8192, 64, nested, 0, rng);
-    stream_case<c[0]>(45, 12800, 64, nested, 0, rng);
-    stream_case<c[1]>(70, 8192, 64, nested, 0, rng);
-    stream_case<c[1]>(45, 12800, 64, nested, 0, rng);
-    stream_case<c[2]>(70, 8192, 64, nested, 0, rng);
-    stream_case<c[2]>(45, 1408, 64, nested, 0, rng);
-    stream_case<c[3]>(70, 8192, 64, nested, 0, rng);
-    stream_case<c[3]>(45, 14336, 64, nested, 0, rng);
-  }
-  stream_case<c[4]>(45, 1408, 64, false, 0, rng);
-  stream_case<c[4]>(70, 8192, 64, false, 0, rng);
-  stream_case<c[4]>(45, 12800, 64, false, 0, rng);
-  stream_case<c[4]>(33, 17408, 256, false, 0, rng);
-  stream_case<c[4]>(1001, 8192, 64, false, 1, rng);
-  stream_case<c[4]>(300, 2048, 64, false, 7, rng);
-  stream_case<c[4]>(45, 4096, 4096, false, 0, rng);
-  stream_case<c[5]>(70, 8192, 64, false, 0, rng);
-  stream_case<c[5]>(1801, 4096, 128, false, 1, rng);
-  stream_case<c[6]>(70, 8192, 64, false, 0, rng);
-  stream_case<c[6]>(45, 14336, 64, false, 0, rng);
-  stream_case<c[6]>(300, 2048, 64, false, 7, rng);
-  // the two-group register rings: odd group counts, partial groups, J = 2 and 4, several tiles
-  for (bool const nested : {false, true}) {
-    stream_case<c[7]>(70, 8192, 64, nested, 0, rng);
-    stream_case<c[7]>(45, 1408, 64, nested, 0, rng);
-    stream_case<c[7]>(45, 12800, 64, nested, 0, rng);
-    stream_case<c[7]>(33, 17408, 256, nested, 0, rng);
-    stream_case<c[7]>(1501, 8192, 64, nested, 1, rng);
-    stream_case<c[7]>(300, 2048, 64, nested, 7, rng);
-    stream_case<c[8]>(70, 8192, 64, nested, 0, rng);
-    stream_case<c[8]>(1601, 8192, 64, nested, 2, rng);
-    stream_case<c[8]>(45, 4096, 4096, nested, 0, rng);
-  }
+  stream_cases<c[0]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}}, true, rng);
+  stream_cases<c[1]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}}, true, rng);
+  stream_cases<c[2]>({{70, 8192, 64, 0}, {45, 1408, 64, 0}}, true, rng);
+  stream_cases<c[3]>({{70, 8192, 64, 0}, {45, 14336, 64, 0}}, true, rng);
+  stream_cases<c[4]>({{45, 1408, 64, 0},
+                      {70, 8192, 64, 0},
+                      {45, 12800, 64, 0},
+                      {33, 17408, 256, 0},
+                      {1001, 8192, 64, 1},
+                      {300, 2048, 64, 7},
+                      {45, 4096, 4096, 0}},
+                     false, rng);
+  stream_cases<c[5]>({{70, 8192, 64, 0}, {1801, 4096, 128, 1}}, false, rng);
+  stream_cases<c[6]>({{70, 8192, 64, 0}, {45, 14336, 64, 0}, {300, 2048, 64, 7}}, false, rng);
+  stream_cases<c[7]>({{70, 8192, 64, 0},
+                      {45, 1408, 64, 0},
+                      {45, 12800, 64, 0},
+                      {33, 17408, 256, 0},
+                      {1501, 8192, 64, 1},
+                      {300, 2048, 64, 7}},
+                     true, rng);
+  stream_cases<c[8]>({{70, 8192, 64, 0}, {1601, 8192, 64, 2}, {45, 4096, 4096, 0}}, true, rng);
 }
 
 TEST_CASE("GEMV kernel block shapes the bench compares all compute the same function") {
