@@ -18,8 +18,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <random>
 #include <vector>
+
+#include "optim_test_support.hpp"
 
 namespace {
 
@@ -275,14 +276,7 @@ void check_block_kernels(char const* name) {
 #endif
 }
 
-std::vector<float> randn(std::size_t n, float scale, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v)
-    x = d(rng);
-  return v;
-}
+using test::randn;
 
 // Runs `steps` steps of rule R with policy P on tensors of the given sizes, with the host step's
 // ISA limited to `isa`; returns every parameter, code byte and absmax as raw bytes.

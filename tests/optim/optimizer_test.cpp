@@ -9,8 +9,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <random>
 #include <vector>
+
+#include "optim_test_support.hpp"
 
 namespace {
 
@@ -34,14 +35,7 @@ private:
   }
 };
 
-std::vector<float> randn(std::size_t n, float scale, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v)
-    x = d(rng);
-  return v;
-}
+using test::randn;
 
 template <class Opt>
 void run_steps(Opt& opt, std::vector<std::vector<float>> const& grads, int steps,
