@@ -500,6 +500,8 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
                       {300, 2048, 64, 7}},
                      true, rng);
   stream_cases<c[8]>({{70, 8192, 64, 0}, {1601, 8192, 64, 2}, {45, 4096, 4096, 0}}, true, rng);
+  // programmatic dependent launch (outside a graph: the wait returns at once)
+  stream_cases<c[9]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}, {1501, 8192, 64, 1}}, true, rng);
 }
 
 TEST_CASE("GEMV kernel block shapes the bench compares all compute the same function") {

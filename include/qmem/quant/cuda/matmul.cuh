@@ -1152,6 +1152,10 @@ struct gemv1_stream_shape {
   //! see), so that the one scoreboard ptxas gives the loads holds one group: the warp computes a
   //! group while the next one is in flight.
   bool grouped = false;
+  //! Launched with programmatic dependent launch: the block builds its table while the previous
+  //! kernel of the stream drains, then waits for it (griddepcontrol.wait) before any global load,
+  //! and lets the next kernel launch at once (griddepcontrol.launch_dependents).
+  bool pdl = false;
 };
 
 //! Shapes of gemv1_stream_kernel the bench's gemv_variant compares (variants 19 to 25): register
@@ -1178,7 +1182,8 @@ struct gemv1_stream_shape {
 //! issued after the current group's registers are touched, among its products, on other
 //! scoreboards than the loads being waited for; 2.0 instructions per weight in the unguarded loop
 //! against 1.94 for the ring; 104 / 124 registers, no spills). To be timed against 20 in the next
-//! H200 run.
+//! H200 run. Also not yet timed: 28 {16, 4, pdl}, the dispatched shape launched with
+//! programmatic dependent launch (the table built while the previous call drains).
 inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {{16, 8},
                                                                        {16, 4},
                                                                        {16, 12},
@@ -1187,7 +1192,8 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {{16, 8},
                                                                        {16, 3, true},
                                                                        {32, 2, true},
                                                                        {16, 4, false, true},
-                                                                       {16, 6, false, true}};
+                                                                       {16, 6, false, true},
+                                                                       {16, 4, false, false, true}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes, {16, 4} (sum
 //! 86.9 us against 87.4 for {16, 8}).
@@ -1245,7 +1251,7 @@ QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_slot_bytes(int j) {
 //! 8-byte and x 16-byte aligned, a power-of-two nested block size, n * k / 64 < 2^32;
 //! blockDim.x == 32 * C * G.
 template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async,
-          bool Grouped>
+          bool Grouped, bool Pdl>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemv1_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemv1_stream_plan plan) {
@@ -1291,6 +1297,14 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   unsigned const rg = warp / C; // row group
   auto const steps = static_cast<std::uint32_t>(a.k >> 6);
   unsigned const step_shift = a.block_shift - 6u; // log2(chunks per block)
+
+  if constexpr (Pdl) {
+    // the next kernel may start as soon as SMs free up (it only builds its table before waiting)
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    // the table needs no memory another kernel writes; everything after the wait may
+    fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+  }
 
   // this thread's activations, loaded once: chunk g of each of the warp's super-steps
   uint4 xv[J][2];
@@ -1426,8 +1440,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     begin_tile();
     prologue();
   }
-  // the decode table and the nested map
-  fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
+  // the decode table and the nested map (Pdl: built before the wait)
+  if constexpr (!Pdl)
+    fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
 
   auto body = [&](auto direct_c) {
     constexpr bool Direct = decltype(direct_c)::value;
@@ -2453,9 +2468,25 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     auto run = [&](auto jc, auto fullc) {
       constexpr auto kernel =
           &gemv1_stream_kernel<Code, T, Nested, decltype(jc)::value, Shape.depth, Shape.warps,
-                               decltype(fullc)::value, Shape.async, Shape.grouped>;
+                               decltype(fullc)::value, Shape.async, Shape.grouped, Shape.pdl>;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
-      kernel<<<grid, threads, p.smem, e.stream>>>(a, values_of<Code>(), nested_values(), p);
+      if constexpr (Shape.pdl) {
+        cudaLaunchAttribute attr[1] = {};
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3(grid);
+        config.blockDim = dim3(threads);
+        config.dynamicSmemBytes = p.smem;
+        config.stream = e.stream;
+        config.attrs = attr;
+        config.numAttrs = 1;
+        cuda_detail::check(
+            cudaLaunchKernelEx(&config, kernel, a, values_of<Code>(), nested_values(), p),
+            "cudaLaunchKernelEx(gemv1_stream_kernel)");
+      } else {
+        kernel<<<grid, threads, p.smem, e.stream>>>(a, values_of<Code>(), nested_values(), p);
+      }
       cuda_detail::check_launch(e, "qmem::quant::gemv1_stream_kernel");
     };
     auto with_full = [&](auto jc) {
