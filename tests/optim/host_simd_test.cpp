@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <vector>
 
 #include "optim_test_support.hpp"
@@ -374,6 +375,36 @@ TEST_CASE("block tables: equal to each format's encoder with the sign fix, and s
   check_block_kernels<unsigned8>("dynamic_unsigned");
   check_block_kernels<signed4>("dynamic4_signed");
   check_block_kernels<unsigned4>("linear4_unsigned");
+}
+
+TEST_CASE("8-bit decode by byte permutes (AVX-512 VBMI) equals the gather decode") {
+#if QMEM_OPTIM_HOST_SIMD
+  if (!__builtin_cpu_supports("avx512vbmi") || !__builtin_cpu_supports("avx512bw")) {
+    MESSAGE("this CPU has no AVX-512 VBMI: decode8_vbmi not run");
+    return;
+  }
+  using F = optim::blockwise_format<quant::dynamic_signed, 256, true>;
+  optim::detail::host_encoder<F> const enc;
+  std::mt19937 rng(5);
+  std::vector<std::uint8_t> codes(1000);
+  for (std::size_t i = 0; i < codes.size(); ++i)
+    codes[i] = static_cast<std::uint8_t>(i < 256 ? i : rng()); // every code, then random ones
+  for (float absmax : {1.0f, 0.37f, 3e-30f, 1e-40f, 3e38f}) {
+    for (std::size_t m : {std::size_t{1000}, std::size_t{256}, std::size_t{77}, std::size_t{0}}) {
+      std::vector<float> want(m), got(m);
+      optim::detail::decode8_512(enc.values, codes.data(), absmax, want.data(), m);
+      optim::detail::decode8_vbmi(*enc.planes, codes.data(), absmax, got.data(), m);
+      std::size_t differ = 0;
+      for (std::size_t i = 0; i < m; ++i)
+        differ += std::bit_cast<std::uint32_t>(got[i]) != std::bit_cast<std::uint32_t>(want[i]);
+      CAPTURE(absmax);
+      CAPTURE(m);
+      CHECK(differ == 0);
+    }
+  }
+#else
+  MESSAGE("no SIMD kernels in this build");
+#endif
 }
 
 TEST_CASE("host step: the AVX2 and AVX-512 kernels give the portable step's bits") {

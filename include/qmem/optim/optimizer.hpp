@@ -107,6 +107,8 @@ struct host_encoder {
 
   //! The entries of the block table (see block_table()), or nullptr where there is none.
   std::uint32_t const* block_entries = block_entries_of();
+  //! The code's values as byte planes (8-bit codes: detail::decode8_vbmi).
+  byte_planes const* planes = planes_of();
 
   //! code_type::encode(xn), exactly.
   QMEM_INLINE std::uint8_t code(float xn) const noexcept {
@@ -174,6 +176,10 @@ struct host_encoder {
     } else {
       return -1;
     }
+  }
+  static byte_planes const* planes_of() {
+    static byte_planes const p(values_of());
+    return &p;
   }
   static float const* values_of() {
     static std::array<float, 256> const v = [] {
@@ -758,6 +764,7 @@ private:
     }
     (std::make_integer_sequence<int, N>{});
     detail::host_isa const isa = detail::current_host_isa();
+    [[maybe_unused]] bool const vbmi = detail::host_vbmi(); // 8-bit decode by byte permutes
 
     // Loads elements [b, b + m) into fp32 registers (arrays of one chunk).
     auto load_params = [&](std::size_t b, std::size_t m, float* p) {
@@ -780,19 +787,24 @@ private:
         if constexpr (F::blockwise) {
 #if QMEM_OPTIM_HOST_SIMD
           if (isa != detail::host_isa::portable) {
-            // per block: gathers (8-bit) or permutes (4-bit) of the code values times absmax
+            // per block: byte permutes (8-bit, AVX-512 VBMI), gathers (8-bit) or permutes (4-bit)
+            // of the code values, times absmax
             float const* values = std::get<K.value>(encoders).values;
             bool const wide = isa == detail::host_isa::avx512;
             for (std::size_t j = 0; j < m; j += F::block_size) {
               float const a = r.absmax[(b + j) / F::block_size];
               std::size_t const e = std::min<std::size_t>(m, j + F::block_size);
               std::uint8_t const* c = F::bits == 8 ? r.codes + b + j : r.codes + (b + j) / 2;
-              if constexpr (F::bits == 8)
-                wide ? detail::decode8_512(values, c, a, out + j, e - j)
-                     : detail::decode8(values, c, a, out + j, e - j);
-              else
+              if constexpr (F::bits == 8) {
+                if (vbmi)
+                  detail::decode8_vbmi(*std::get<K.value>(encoders).planes, c, a, out + j, e - j);
+                else
+                  wide ? detail::decode8_512(values, c, a, out + j, e - j)
+                       : detail::decode8(values, c, a, out + j, e - j);
+              } else {
                 wide ? detail::decode4_512(values, c, a, out + j, e - j)
                      : detail::decode4(values, c, a, out + j, e - j);
+              }
             }
             done = true;
           }

@@ -1,8 +1,9 @@
 #pragma once
 //! \file
 //! SIMD kernels of the host optimizer step for blockwise-quantized states, for AVX2 and AVX-512F:
-//! decode a block of codes (8-bit: a gather from the 256-entry value table; 4-bit: permutes of
-//! the 16 scaled values), and requantize a block of updated fp32 states (absmax as an integer
+//! decode a block of codes (8-bit: byte permutes of the 256 values' byte planes with AVX-512
+//! VBMI, else a gather from the 256-entry value table; 4-bit: permutes of the 16 scaled
+//! values), and requantize a block of updated fp32 states (absmax as an integer
 //! maximum, normalization by an IEEE division, one gather from a search table, byte and nibble
 //! packing). A block with a positive finite absmax (almost every block) looks its codes up in the
 //! format's block table, whose entries already hold bitsandbytes' sign fix (block_encode8,
@@ -63,6 +64,32 @@ inline host_isa current_host_isa() noexcept {
   return host_isa::portable;
 #endif
 }
+
+//! Whether the AVX-512 step may decode 8-bit codes by byte permutes (decode8_vbmi): the CPU has
+//! AVX-512 VBMI and BW (Ice Lake and later, Zen 4) and the step runs AVX-512.
+inline bool host_vbmi() noexcept {
+#if QMEM_OPTIM_HOST_SIMD
+  static bool const cpu =
+      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bw");
+  return cpu && current_host_isa() == host_isa::avx512;
+#else
+  return false;
+#endif
+}
+
+//! The 256 values of an 8-bit code as four byte planes (plane k holds byte k of each value's
+//! bits, in code order), the tables of decode8_vbmi.
+struct byte_planes {
+  alignas(64) std::uint8_t plane[4][256];
+
+  explicit byte_planes(float const* values) noexcept {
+    for (int c = 0; c < 256; ++c) {
+      std::uint32_t const u = std::bit_cast<std::uint32_t>(values[c]);
+      for (int k = 0; k < 4; ++k)
+        plane[k][c] = static_cast<std::uint8_t>(u >> (8 * k));
+    }
+  }
+};
 
 #if QMEM_OPTIM_HOST_SIMD
 
@@ -366,6 +393,52 @@ __attribute__((target("avx512f"))) inline void decode8_512(float const* values,
   }
   for (; i < m; ++i)
     out[i] = values[codes[i]] * absmax;
+}
+
+//! decode8_512 without gathers: each of the value's four bytes is looked up for 64 codes at once
+//! by two 128-entry byte permutes (vpermi2b) and a select on the code's top bit, and the bytes
+//! are interleaved into floats; the codes are permuted first so that the interleave (which works
+//! within 128-bit lanes) writes the outputs in order. The same floats as decode8_512 (the value
+//! times absmax, one IEEE multiplication). 0.155 -> 0.106 ns per value in L1/L2 (dev box,
+//! 2026-11-29): the gathers' 16 loads per 16 values were the decode's bound.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline void
+decode8_vbmi(byte_planes const& planes, std::uint8_t const* QMEM_RESTRICT codes, float absmax,
+             float* QMEM_RESTRICT out, std::size_t m) noexcept {
+  // position 16 L + 4 q + t (L, q, t < 4) takes code 16 q + 4 L + t: output vector q, lane L
+  alignas(64) static constexpr std::uint8_t order[64] = {
+      0,  1,  2,  3,  16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4,  5,  6,  7,  20, 21,
+      22, 23, 36, 37, 38, 39, 52, 53, 54, 55, 8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43,
+      56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+  __m512i const perm = _mm512_load_si512(order);
+  __m512i table[4][4];
+  for (int k = 0; k < 4; ++k)
+    for (int h = 0; h < 4; ++h)
+      table[k][h] = _mm512_load_si512(planes.plane[k] + 64 * h);
+  __m512 const a = _mm512_set1_ps(absmax);
+  std::size_t i = 0;
+  for (; i + 64 <= m; i += 64) {
+    __m512i const c = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(codes + i));
+    __mmask64 const high = _mm512_movepi8_mask(c); // codes 128..255
+    __m512i b[4];
+    for (int k = 0; k < 4; ++k)
+      b[k] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(table[k][0], c, table[k][1]),
+                                    _mm512_permutex2var_epi8(table[k][2], c, table[k][3]));
+    __m512i const w01l = _mm512_unpacklo_epi8(b[0], b[1]);
+    __m512i const w01h = _mm512_unpackhi_epi8(b[0], b[1]);
+    __m512i const w23l = _mm512_unpacklo_epi8(b[2], b[3]);
+    __m512i const w23h = _mm512_unpackhi_epi8(b[2], b[3]);
+    __m512i const v[4] = {_mm512_unpacklo_epi16(w01l, w23l), _mm512_unpackhi_epi16(w01l, w23l),
+                          _mm512_unpacklo_epi16(w01h, w23h), _mm512_unpackhi_epi16(w01h, w23h)};
+    for (int q = 0; q < 4; ++q)
+      _mm512_storeu_ps(out + i + 16 * static_cast<std::size_t>(q),
+                       _mm512_mul_ps(_mm512_castsi512_ps(v[q]), a));
+  }
+  for (; i < m; ++i) {
+    std::uint32_t u = 0;
+    for (int k = 0; k < 4; ++k)
+      u |= static_cast<std::uint32_t>(planes.plane[k][codes[i]]) << (8 * k);
+    out[i] = std::bit_cast<float>(u) * absmax;
+  }
 }
 
 //! decode4 with one 16-entry permute per 16 outputs.
