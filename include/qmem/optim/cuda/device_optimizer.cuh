@@ -152,11 +152,37 @@ private:
     }
   }
 
-  static void copy(exec::cuda const& e, void* dst, void const* src, std::size_t bytes,
-                   cudaMemcpyKind kind) {
-    if (bytes != 0)
-      cuda_detail::check(cudaMemcpyAsync(dst, src, bytes, kind, e.stream),
-                         "cudaMemcpyAsync(optimizer state)");
+  //! Copies every state buffer, absmax and master weight, the rule and the lr scale of each
+  //! parameter between this optimizer and `host` (a host optimizer's param_states of the same
+  //! layout): to the host for cudaMemcpyDeviceToHost, else from it. Waits for e.stream.
+  void copy_buffers(exec::cuda const& e, std::span<param_state> host, cudaMemcpyKind kind) {
+    bool const to_host = kind == cudaMemcpyDeviceToHost;
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      param_state& dev = params_[i];
+      param_state& hst = host[i];
+      auto move = [&](auto& d, auto& h) {
+        if (d.size_bytes() != 0)
+          cuda_detail::check(
+              cudaMemcpyAsync(to_host ? static_cast<void*>(h.data()) : d.data(),
+                              to_host ? static_cast<void const*>(d.data()) : h.data(),
+                              d.size_bytes(), kind, e.stream),
+              "cudaMemcpyAsync(optimizer state)");
+      };
+      optim::detail::for_each_state<state_count>([&](auto K) {
+        auto const k = static_cast<std::size_t>(K.value);
+        move(dev.data[k], hst.data[k]);
+        move(dev.scale[k], hst.scale[k]);
+      });
+      move(dev.master, hst.master);
+      if (to_host) {
+        hst.rule = dev.rule;
+        hst.lr_scale = dev.lr_scale;
+      } else {
+        dev.rule = hst.rule;
+        dev.lr_scale = hst.lr_scale;
+      }
+    }
+    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(state copy)");
   }
 
 public:
@@ -314,22 +340,7 @@ public:
     std::vector<float> history;
     if (options_.percentile < 100 && c.step > 0)
       history = controller_->read_norm_history_blocking(e);
-    auto& hp = state_access<host_optimizer>::params(h);
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      auto& a = params_[i];
-      auto& b = hp[i];
-      optim::detail::for_each_state<state_count>([&](auto K) {
-        auto const k = static_cast<std::size_t>(K.value);
-        copy(e, b.data[k].data(), a.data[k].data(), a.data[k].size_bytes(),
-             cudaMemcpyDeviceToHost);
-        copy(e, b.scale[k].data(), a.scale[k].data(), a.scale[k].size_bytes(),
-             cudaMemcpyDeviceToHost);
-      });
-      copy(e, b.master.data(), a.master.data(), a.master.size_bytes(), cudaMemcpyDeviceToHost);
-      b.rule = a.rule;
-      b.lr_scale = a.lr_scale;
-    }
-    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(state copy)");
+    copy_buffers(e, state_access<host_optimizer>::params(h), cudaMemcpyDeviceToHost);
     h.set_step(c.step, c.lr);
     state_access<host_optimizer>::history(h) = std::move(history);
   }
@@ -341,22 +352,8 @@ public:
   void copy_state_from(exec::cuda const& e, host_optimizer const& h) {
     check_same_layout(h);
     cuda_detail::device_guard guard(device_);
-    auto& hp = state_access<host_optimizer>::params(const_cast<host_optimizer&>(h));
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      auto& a = params_[i];
-      auto& b = hp[i];
-      optim::detail::for_each_state<state_count>([&](auto K) {
-        auto const k = static_cast<std::size_t>(K.value);
-        copy(e, a.data[k].data(), b.data[k].data(), a.data[k].size_bytes(),
-             cudaMemcpyHostToDevice);
-        copy(e, a.scale[k].data(), b.scale[k].data(), a.scale[k].size_bytes(),
-             cudaMemcpyHostToDevice);
-      });
-      copy(e, a.master.data(), b.master.data(), a.master.size_bytes(), cudaMemcpyHostToDevice);
-      a.rule = b.rule;
-      a.lr_scale = b.lr_scale;
-    }
-    cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(state copy)");
+    copy_buffers(e, state_access<host_optimizer>::params(const_cast<host_optimizer&>(h)),
+                 cudaMemcpyHostToDevice);
     auto const& history = state_access<host_optimizer>::history(const_cast<host_optimizer&>(h));
     controller_->restore_blocking(e, h.step_count(), h.last_lr(), history);
     if (bound())

@@ -10,9 +10,10 @@
 //! A step is a few stream-ordered launches with no host synchronization:
 //!
 //!   1. per group, only when clipping or a skip-step/raise policy needs it: the gradients' sum of
-//!      squares (finite elements, in double) and a non-finite count, over a fixed partition into
-//!      `norm_partials` blocks, so the result does not depend on the device (deterministic);
-//!   2. `resolve`, one block: folds every group's partials in a fixed order, decides the skip
+//!      squares (finite elements, in double) and a non-finite count, in the fixed order of
+//!      optim/detail/grad_norm.hpp (pieces of 2048 elements, `norm_partials` partials), so the
+//!      result does not depend on the device and equals the host optimizer's;
+//!   2. `resolve`, one block: folds every group's partials in that order, decides the skip
 //!      (non-finite under skip_step/raise, a loss scaler's found-inf flag), the clip factor and the
 //!      gradient scale, advances the step count and evaluates the lr schedule;
 //!   3. per group: `prepare` (one block: each tensor's rule.prepare into device scalars), the
@@ -21,10 +22,10 @@
 //!      (fused_step.cuh).
 //!
 //! The arithmetic is the host optimizer's (optim/optimizer.hpp) element for element, so the two
-//! backends agree bit for bit; the one exception is the global norm (a different summation order
-//! in double), which changes the clip factor only when the double norm lies within a few ulps of
-//! a float rounding boundary (percentile clipping's history holds the same norm). The per-tensor
-//! reductions follow the host's order exactly (optim/detail/tensor_sum.hpp). Because lr, step and
+//! backends agree bit for bit. The sums follow one order on both: the global norm that of
+//! optim/detail/grad_norm.hpp (the tensors with policy state form the group registered first,
+//! those with fp32 state the second, as optimizer_step and device_optimizer register them), the
+//! per-tensor reductions that of optim/detail/tensor_sum.hpp. Because lr, step and
 //! every derived scalar live in device memory, a step can be captured in a CUDA graph once and
 //! replayed.
 
@@ -36,6 +37,7 @@
 #include <qmem/optim/cuda/fused_step.cuh>
 #include <qmem/optim/cuda/state_format.hpp>
 #include <qmem/optim/cuda/tensor_reduce.cuh>
+#include <qmem/optim/detail/grad_norm.hpp>
 #include <qmem/optim/detail/validate.hpp>
 #include <qmem/optim/rule.hpp>
 #include <qmem/optim/schedule.hpp>
@@ -45,6 +47,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <utility>
 #include <vector>
@@ -63,9 +66,10 @@ struct step_state {
   float norm_history[norm_history_size];
 };
 
-//! Partial sums per group in the norm pass: fixed, so that the reduction order, and the norm's
-//! bits, are the same on every device and for every launch.
-inline constexpr unsigned norm_partials = 1024;
+//! Partial sums per group in the norm pass: fixed (optim/detail/grad_norm.hpp), so that the
+//! reduction order, and the norm's bits, are the same on every device, for every launch and on
+//! the host.
+inline constexpr unsigned norm_partials = optim::detail::norm_partials;
 
 //! Options of the CUDA step (the host optimizer's optimizer_options that the device honours).
 struct cuda_step_options {
@@ -108,59 +112,78 @@ public:
   T const* data() const noexcept { return buf_.data(); }
 };
 
-template <class G, int Block>
+//! The global norm's pass over one group (optim/detail/grad_norm.hpp, steps 2 to 5): warp w of
+//! the norm_partials x 256 grid sums pieces w, w + norm_slots, ... (lane l loads the runs of 16
+//! bytes at (32 r + l) R of its piece, coalesced), each piece folded by the butterfly and added to
+//! the warp's slot; thread 0 adds the 8 slots of its block into partial_sum[block]. partial_bad
+//! counts the non-finite elements.
+template <class G>
 __global__ void __launch_bounds__(256)
-    grad_sumsq_kernel(tensor_entry const* tensors, std::uint32_t tensor_count,
-                      std::uint64_t task_count, double* partial_sum,
+    grad_sumsq_kernel(tensor_entry const* tensors, std::uint64_t const* first_piece,
+                      std::uint32_t tensor_count, std::uint64_t piece_count, double* partial_sum,
                       std::uint32_t* partial_bad) {
-  constexpr int E = Block / 32;
+  namespace od = optim::detail;
+  constexpr int run = od::norm_run<G>;
+  constexpr int rows = static_cast<int>(od::norm_piece) / (run * od::norm_lanes);
+  static_assert(run * sizeof(G) == 16);
   unsigned const lane = threadIdx.x & 31u;
   unsigned const warp = threadIdx.x >> 5;
   std::uint32_t hint = 0;
-  double acc = 0.0;
+  double slot = 0.0;
   std::uint32_t bad = 0;
-  for (std::uint64_t task = std::uint64_t{blockIdx.x} * 8 + warp; task < task_count;
-       task += std::uint64_t{gridDim.x} * 8) {
-    hint = find_tensor(tensors, tensor_count, task, hint);
+  for (std::uint64_t q = std::uint64_t{blockIdx.x} * od::norm_block_warps + warp; q < piece_count;
+       q += od::norm_slots) {
+    hint = find_piece_owner(first_piece, tensor_count, q, hint);
     tensor_entry const* const entry = tensors + hint;
     std::uint64_t const size = entry->size;
-    std::uint64_t const first = (task - entry->first_task) * Block + std::uint64_t{lane} * E;
     auto const* const grad = static_cast<G const*>(entry->grad);
-    G g[E];
-    if (entry->vectorized != 0 && first + E <= size) {
-      load_stream(grad + first, g);
+    std::uint64_t const base = (q - first_piece[hint]) * od::norm_piece;
+    bool const whole = base + od::norm_piece <= size &&
+                       (reinterpret_cast<std::uintptr_t>(grad) & 15u) == 0;
+    G g[rows][run];
+    if (whole) { // every load first, then the arithmetic: 16 loads of 16 bytes in flight
+      QMEM_UNROLL
+      for (int r = 0; r < rows; ++r) {
+        uint4 const v = __ldcs(reinterpret_cast<uint4 const*>(
+            grad + base + (std::uint64_t{static_cast<unsigned>(r)} * 32 + lane) * run));
+        std::memcpy(g[r], &v, 16);
+      }
     } else {
       QMEM_UNROLL
-      for (int i = 0; i < E; ++i)
-        g[i] = first + i < size ? grad[first + i] : from_float<G>(0.0f);
+      for (int r = 0; r < rows; ++r)
+        QMEM_UNROLL
+        for (int v = 0; v < run; ++v) {
+          std::uint64_t const j =
+              base + (std::uint64_t{static_cast<unsigned>(r)} * 32 + lane) * run + v;
+          g[r][v] = j < size ? grad[j] : from_float<G>(0.0f);
+        }
     }
+    double acc = 0.0;
     QMEM_UNROLL
-    for (int i = 0; i < E; ++i) {
-      float const x = to_float(g[i]);
-      bool const ok = optim::detail::fmath::is_finite(x);
-      bad += ok ? 0u : 1u;
-      double const d = ok ? static_cast<double>(x) : 0.0;
-      acc += d * d;
-    }
+    for (int r = 0; r < rows; ++r)
+      QMEM_UNROLL
+      for (int v = 0; v < run; ++v)
+        acc = acc + od::finite_square(to_float(g[r][v]), bad);
+    QMEM_UNROLL
+    for (int o = od::norm_lanes / 2; o > 0; o >>= 1)
+      acc = acc + __shfl_xor_sync(0xffffffffu, acc, o);
+    slot = slot + acc;
   }
-  // fixed-order block reduction: butterfly in the warp, then the warps in index order
   QMEM_UNROLL
-  for (int o = 16; o > 0; o >>= 1) {
-    acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  for (int o = 16; o > 0; o >>= 1)
     bad += __shfl_xor_sync(0xffffffffu, bad, o);
-  }
-  __shared__ double warp_sum[8];
-  __shared__ std::uint32_t warp_bad[8];
+  __shared__ double warp_sum[od::norm_block_warps];
+  __shared__ std::uint32_t warp_bad[od::norm_block_warps];
   if (lane == 0) {
-    warp_sum[warp] = acc;
+    warp_sum[warp] = slot;
     warp_bad[warp] = bad;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     double total = 0.0;
     std::uint32_t total_bad = 0;
-    for (int w = 0; w < 8; ++w) {
-      total += warp_sum[w];
+    for (unsigned w = 0; w < od::norm_block_warps; ++w) {
+      total = total + warp_sum[w];
       total_bad += warp_bad[w];
     }
     partial_sum[blockIdx.x] = total;
@@ -176,6 +199,7 @@ __global__ void __launch_bounds__(256)
     resolve_kernel(step_state* state, double const* partial_sum, std::uint32_t const* partial_bad,
                    unsigned partial_count, std::uint32_t const* found_inf,
                    nonfinite_policy nonfinite, int percentile) {
+  static_assert(optim::detail::norm_fold_threads == 256, "grad_norm.hpp's step 6: 256 threads");
   __shared__ double sums[256];
   __shared__ std::uint32_t bads[256];
   __shared__ float history[norm_history_size];
@@ -471,11 +495,13 @@ private:
   std::vector<std::uint64_t> tensor_first_task_; // per caller tensor (empty ones included)
   std::vector<std::size_t> tensor_state_bytes_;   // per caller tensor: state + absmax bytes
   detail::device_array<tensor_entry> entries_;
+  detail::device_array<std::uint64_t> norm_first_piece_; // [entries + 1]: the norm pass's pieces
   detail::device_array<Rule> rules_;
   detail::device_array<typename Rule::scalars> scalars_;
   std::vector<tensor> tensors_;
   std::uint32_t entry_count_ = 0;
   std::uint64_t task_count_ = 0;
+  std::uint64_t norm_piece_count_ = 0;
   unsigned slot_ = 0;
   int grid_ = 0;
   tensor_reduction<Rule, Policy, P, G> reduction_; // reducing rules and max_unorm only
@@ -544,7 +570,13 @@ public:
     slot_ = controller.register_group();
     cuda_detail::device_guard guard(e.device);
     std::size_t const n = entries.size();
+    std::vector<std::uint64_t> first_piece(n + 1, 0); // the global norm's pieces per entry
+    for (std::size_t k = 0; k < n; ++k)
+      first_piece[k + 1] = first_piece[k] + (entries[k].size + optim::detail::norm_piece - 1) /
+                                                optim::detail::norm_piece;
+    norm_piece_count_ = first_piece.back();
     entries_ = {n, device, memory::category::workspace};
+    norm_first_piece_ = {n + 1, device, memory::category::workspace};
     rules_ = {n, device, memory::category::workspace};
     scalars_ = {n, device, memory::category::workspace};
     if (n > 0) {
@@ -552,6 +584,10 @@ public:
                                          n * sizeof(tensor_entry), cudaMemcpyHostToDevice,
                                          e.stream),
                          "cudaMemcpyAsync(tensor entries)");
+      cuda_detail::check(cudaMemcpyAsync(norm_first_piece_.data(), first_piece.data(),
+                                         (n + 1) * sizeof(std::uint64_t), cudaMemcpyHostToDevice,
+                                         e.stream),
+                         "cudaMemcpyAsync(norm pieces)");
       cuda_detail::check(cudaMemcpyAsync(rules_.data(), rules.data(), n * sizeof(Rule),
                                          cudaMemcpyHostToDevice, e.stream),
                          "cudaMemcpyAsync(rules)");
@@ -579,12 +615,13 @@ public:
   multi_tensor_step& operator=(multi_tensor_step&&) noexcept = default;
 
   //! Enqueues this group's part of the gradient-norm pass (a no-op when the controller needs no
-  //! norm). Reads every gradient once.
+  //! norm): the sum of squares in optim/detail/grad_norm.hpp's order, which the host optimizer
+  //! follows too. Reads every gradient once.
   void accumulate_norm(exec::cuda const& e) {
     if (!controller_->needs_norm())
       return;
     cuda_detail::device_guard guard(e.device);
-    if (task_count_ == 0) {
+    if (norm_piece_count_ == 0) {
       cuda_detail::check(cudaMemsetAsync(controller_->partial_sum(slot_), 0,
                                          norm_partials * sizeof(double), e.stream),
                          "cudaMemsetAsync(partial sums)");
@@ -593,10 +630,9 @@ public:
                          "cudaMemsetAsync(partial flags)");
       return;
     }
-    constexpr int task = static_cast<int>(task_elements);
-    detail::grad_sumsq_kernel<G, task><<<norm_partials, 256, 0, e.stream>>>(
-        entries_.data(), entry_count_, task_count_, controller_->partial_sum(slot_),
-        controller_->partial_bad(slot_));
+    detail::grad_sumsq_kernel<G><<<norm_partials, 256, 0, e.stream>>>(
+        entries_.data(), norm_first_piece_.data(), entry_count_, norm_piece_count_,
+        controller_->partial_sum(slot_), controller_->partial_bad(slot_));
     cuda_detail::check_launch(e, "grad_sumsq_kernel");
   }
 
