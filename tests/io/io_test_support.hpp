@@ -1,8 +1,8 @@
 #pragma once
 // Support shared by the io tests (bnb_test, bnb_int8_test, safetensors_test, and cli_driver, which
-// tools/CMakeLists.txt builds into qmem_cli_tests): the test data directory, whole-file reads and
-// a scratch directory removed at scope exit; `using namespace qmem::test::io_names;` brings the
-// names every io test uses.
+// examples/qmem_cli/CMakeLists.txt builds into qmem_cli_tests): the test data directory,
+// whole-file reads and a scratch directory removed at scope exit; `using namespace
+// qmem::test::io_names;` brings the names every io test uses.
 #include <qmem/io.hpp>
 
 #include <cstddef>

@@ -11,13 +11,13 @@
 #   peer_gemv.json     peer_gemv_graph.py
 #   report.md, gpu_quant_roofline.svg   gpu_report.py's table and chart
 #
-# Prepare on the development machine first: scripts/gpu_prepare.sh (fills .peers/), then
-#   run(command="OUT=$OUT scripts/gpu_bench.sh all", carry=[".peers"])
+# Prepare on the development machine first: bench/gpu/gpu_prepare.sh (fills .peers/), then
+#   run(command="OUT=$OUT bench/gpu/gpu_bench.sh all", carry=[".peers"])
 # QMEM_PREBUILT=<dir>: use binaries built on the development machine instead of building here.
 # Steps, comma-separated: all (default: tests,bench,peers) | tests | bench | peers | others (the
 # other layers' *_bench_cuda programs, matmul and optim, 60 s each).
 set -uo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+root=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-$root/out}
 mkdir -p "$OUT"
 steps=${1:-all}
@@ -36,8 +36,8 @@ peers_pid=
 if has peers && [[ -d $root/.peers/bitsandbytes ]]; then
   say "peers (background, GPU) while building"
   (cd "$OUT" && PYTHONPATH=$root/.peers PYTHONUNBUFFERED=1 OUT=$OUT \
-     python3 "$root/scripts/peers/peer_bench.py" >"$OUT/peers.log" 2>&1 &&
-   PYTHONPATH=$root/.peers python3 "$root/scripts/peers/peer_gemv_graph.py" >"$OUT/peer_gemv.json" 2>>"$OUT/peers.log") &
+     python3 "$root/bench/gpu/peers/peer_bench.py" >"$OUT/peers.log" 2>&1 &&
+   PYTHONPATH=$root/.peers python3 "$root/bench/gpu/peers/peer_gemv_graph.py" >"$OUT/peer_gemv.json" 2>>"$OUT/peers.log") &
   peers_pid=$!
 fi
 
@@ -139,7 +139,7 @@ if has others; then
 fi
 if has bench && [[ -f $OUT/quant_bench.json ]]; then
   say "report"
-  python3 "$root/scripts/gpu_report.py" --bench "$OUT/quant_bench.json" \
+  python3 "$root/bench/gpu/gpu_report.py" --bench "$OUT/quant_bench.json" \
     --anchors "$OUT/anchors.json" --md "$OUT/report.md" --svg "$OUT/gpu_quant_roofline.svg" >>"$log" 2>&1
 fi
 say "done"

@@ -1,11 +1,11 @@
 # Checks that the code snippets in the documentation are copied from files the tests compile.
 # A snippet is a fenced code block preceded by a line `<!-- snippet: path/from/repo/root -->`; it
 # passes when its text appears verbatim in that file. Run as
-#   cmake -DQMEM_SOURCE_DIR=<repository root> -P cmake/qmem_check_snippets.cmake
+#   cmake -DQMEM_SOURCE_DIR=<repository root> -P tests/check_snippets.cmake
 # Fails when any snippet is stale or names a missing file, and when no snippet is found at all.
 cmake_minimum_required(VERSION 3.25)
 if(NOT DEFINED QMEM_SOURCE_DIR)
-  message(FATAL_ERROR "qmem_check_snippets.cmake: -DQMEM_SOURCE_DIR=... is required")
+  message(FATAL_ERROR "check_snippets.cmake: -DQMEM_SOURCE_DIR=... is required")
 endif()
 
 set(marker "<!-- snippet: ")

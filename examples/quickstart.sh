@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-bash scripts/install_deps.sh
+bash .ci/install_deps.sh
 cmake --preset dev >/dev/null
 cmake --build --preset dev --target example_01_quickstart
 ./build/dev/examples/example_01_quickstart

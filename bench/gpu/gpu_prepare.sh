@@ -3,11 +3,11 @@
 # (it has no network): bitsandbytes 0.50.2 (the peer, CUDA 13 library only) and the build
 # dependencies of the tests and benchmarks (doctest, Google Benchmark, nlohmann-json) copied from
 # this machine's Debian packages. Everything lands in the git-ignored folder .peers/, which the
-# GPU run carries (`carry: [".peers"]`) and scripts/gpu_bench.sh reads.
+# GPU run carries (`carry: [".peers"]`) and bench/gpu/gpu_bench.sh reads.
 #
-# Usage: scripts/gpu_prepare.sh            (from anywhere; idempotent)
+# Usage: bench/gpu/gpu_prepare.sh            (from anywhere; idempotent)
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+root=$(cd "$(dirname "$0")/../.." && pwd)
 peers=$root/.peers
 mkdir -p "$peers"
 

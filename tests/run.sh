@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-bash scripts/install_deps.sh
+bash .ci/install_deps.sh
 cmake --workflow --preset dev

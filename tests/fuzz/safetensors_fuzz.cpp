@@ -5,7 +5,7 @@
 // the bytes it was read from, weights dequantize without touching memory they do not own). Any
 // other exception, crash, sanitizer report, leak or broken invariant is a finding.
 //
-// Build and run: fuzz/run.sh SECONDS (clang with -fsanitize=fuzzer,address,undefined).
+// Build and run: tests/fuzz/run.sh SECONDS (clang with -fsanitize=fuzzer,address,undefined).
 #include <qmem/io.hpp>
 
 #include <algorithm>
