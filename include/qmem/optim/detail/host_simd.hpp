@@ -241,6 +241,15 @@ encode_lanes(quant::detail::search_table const& t, int negative_below, float con
   return negative_below >= 0 ? sign_fix8(c, s, negative_below) : c;
 }
 
+//! The block table's entries addressed by key: entry sign * buckets + key - key_lo is at
+//! keyed_entries(entries)[sign * buckets + key] (the subtraction folded into the base address
+//! of the gathers; the result itself is never dereferenced outside the table).
+inline std::uint32_t const* keyed_entries(std::uint32_t const* entries) noexcept {
+  return std::bit_cast<std::uint32_t const*>(std::bit_cast<std::uintptr_t>(entries) -
+                                             quant::detail::search_table::key_lo *
+                                                 sizeof(*entries));
+}
+
 //! Whether a block with this absmax is encoded by its format's block table (block_encode8,
 //! block_encode16): positive and finite (a block holding NaN or infinity, or only zeros, takes
 //! the format's search table and the separate sign fix).
@@ -268,10 +277,8 @@ block_encode8(std::uint32_t const* entries, float const* v, __m256 a) noexcept {
   key = _mm256_add_epi32(
       key, _mm256_and_si256(_mm256_srai_epi32(u, 31),
                             _mm256_set1_epi32(static_cast<int>(search_table::buckets))));
-  // entry (sign * buckets + key - key_lo): the subtraction folded into the base address
-  auto const base = std::bit_cast<int const*>(std::bit_cast<std::uintptr_t>(entries) -
-                                              search_table::key_lo * sizeof(*entries));
-  __m256i const e = _mm256_i32gather_epi32(base, key, 4);
+  __m256i const e =
+      _mm256_i32gather_epi32(reinterpret_cast<int const*>(keyed_entries(entries)), key, 4);
   __m256i const flip = _mm256_set1_epi32(static_cast<int>(0x80000000u)); // unsigned order
   __m256i const above = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_slli_epi32(u, 16), flip),
                                            _mm256_xor_si256(e, flip));
@@ -506,10 +513,7 @@ block_encode16(std::uint32_t const* entries, float const* v, __m512 a) noexcept 
   __mmask16 const negative = _mm512_cmplt_epi32_mask(u, _mm512_setzero_si512());
   key = _mm512_mask_add_epi32(key, negative, key,
                               _mm512_set1_epi32(static_cast<int>(search_table::buckets)));
-  // entry (sign * buckets + key - key_lo), the subtraction folded into the base address
-  auto const base = std::bit_cast<std::uint32_t const*>(std::bit_cast<std::uintptr_t>(entries) -
-                                                        search_table::key_lo * sizeof(*entries));
-  __m512i const e = _mm512_i32gather_epi32(key, base, 4);
+  __m512i const e = _mm512_i32gather_epi32(key, keyed_entries(entries), 4);
   __mmask16 const above = _mm512_cmpgt_epu32_mask(_mm512_slli_epi32(u, 16), e);
   return _mm512_mask_srli_epi32(e, above, e, 8);
 }
