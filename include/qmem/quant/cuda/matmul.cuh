@@ -1195,9 +1195,16 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {{16, 8},
                                                                        {16, 6, false, true},
                                                                        {16, 4, false, false, true}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
-//! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes, {16, 4} (sum
-//! 86.9 us against 87.4 for {16, 8}).
-inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[1];
+//! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
+//! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
+//! 16:49 UTC (same order of shapes, us per call, 200 calls in one graph, copy 4105 GB/s):
+//!   20 {16, 4}              6.50 / 11.84 / 11.88 / 13.16 / 39.84   (sum 83.2)
+//!   26 {16, 4, grouped}     6.17 / 11.47 / 11.91 / 12.75 / 37.71   (sum 80.0)
+//!   27 {16, 6, grouped}     6.54 / 11.89 / 12.24 / 12.99 / 40.58   (sum 84.2)
+//!   28 {16, 4, pdl}         5.31 / 10.97 / 10.85 / 12.56 / 38.48   (sum 78.2, dispatched)
+//! 28 beats 20 on every shape; programmatic dependent launch lets a call build its decode table
+//! while the previous kernel drains.
+inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[9];
 //! The same with nested scales: {16, 8}, the only one measured (bench gemv/*/1/1, same run: 7.13
 //! / 13.71 / 13.26 / 14.69 / 43.56 us; gemv1_4bit_kernel {8, 2, 2} earlier the same day: 10.26 /
 //! 26.27 / 18.67 / 23.01 / 74.21).
