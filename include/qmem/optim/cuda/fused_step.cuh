@@ -707,13 +707,17 @@ inline constexpr int fused_block_threads = 256;
 
 //! Minimum resident blocks per SM asked of the register allocator (__launch_bounds__) for the
 //! kernels that do not pipeline their loads (fp32 and bf16 states; the pipelined ones take
-//! QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED): 3 (80 registers, 24 warps per SM). Measured on an
+//! QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED): 2 (see below; it was 3, 80 registers). Measured on an
 //! H200 at 2^28 parameters, 2026-11-29 (afternoon run of docs/benchmarks.md, a variant of the
 //! kernel of then): 2 / 3 / 4 blocks gave AdamW 8-bit 2.17 / 1.93 / 2.03 ms, Lion 8-bit 1.19 /
 //! 1.18 / 1.14, AdamW 4-bit 2.27 / 2.26 / 2.20, AdamW 32-bit 1.94 / 1.99 / 2.29 (4 blocks spill
-//! the fp32 path); 3 was best or within 3% everywhere. Overridable for tuning runs.
+//! the fp32 path); 3 was best or within 3% everywhere. Since the quantized kernels pipeline their
+//! loads (their own bound below), this bound serves the fp32 and bf16 states only: 2 blocks (no
+//! spills; 3 spilled 40 bytes per thread in the 32-bit AdamW) gave AdamW 32-bit 1.89 ms against
+//! 1.98 with 3, paged 1.89 against 1.97 (lead's integrated H200 run, 2026-11-29 16:49 UTC, same
+//! build otherwise). Overridable for tuning runs.
 #ifndef QMEM_OPTIM_FUSED_MIN_BLOCKS
-#define QMEM_OPTIM_FUSED_MIN_BLOCKS 3
+#define QMEM_OPTIM_FUSED_MIN_BLOCKS 2
 #endif
 inline constexpr int fused_min_blocks = QMEM_OPTIM_FUSED_MIN_BLOCKS;
 
