@@ -153,7 +153,7 @@ template <class Rule, class Policy, class P, class G>
 struct device_problem {
   using group_t = ocu::multi_tensor_step<Rule, Policy, P, G>;
   using traits = typename group_t::traits;
-  static constexpr int state_count = Rule::state_count;
+  using rule = Rule; // an alias: nvcc warns (#177-D) of a static member unused by one instantiation
   std::vector<std::size_t> sizes;
   std::vector<P*> p;
   std::vector<G*> g;
@@ -253,7 +253,7 @@ void check_same_as_host(Device const& dev, Reference const& ref,
     INFO("tensor ", i, " of size ", n);
     CHECK(same_bits(to_host(dev.p[k], n), ref.params[i].data(), n));
     auto const& ps = ref.opt.params()[i];
-    ocu::detail::for_each_state_host<Device::state_count>([&](auto J) {
+    ocu::detail::for_each_state_host<Device::rule::state_count>([&](auto J) {
       using F = typename traits::template format<J.value>;
       INFO("state ", J.value);
       CHECK(same_bits(to_host(dev.state[k][J.value], F::bytes(n)), ps.data[J.value].data(),

@@ -721,6 +721,11 @@ inline constexpr int fused_block_threads = 256;
 #endif
 inline constexpr int fused_min_blocks = QMEM_OPTIM_FUSED_MIN_BLOCKS;
 
+//! The same bound for the kernels whose states are not all fp32 (bf16 states with stochastic
+//! rounding): 3. With 2, AdamW with bf16 states ran 1.61 ms against 1.46 with 3 (lead's
+//! integrated H200 runs, 2026-11-29 16:49 and 17:05 UTC).
+inline constexpr int fused_min_blocks_16bit_states = 3;
+
 //! The compile-time image of the fused kernel's shared-memory tables, in device memory: each
 //! block copies it (16 bytes per thread and read, from L2 after the first block).
 template <update_rule Rule, state_policy Policy>
@@ -762,6 +767,20 @@ inline constexpr bool pipelined = [] {
   }(std::make_integer_sequence<int, Rule::state_count>{});
   return fused_pipeline && all;
 }();
+
+//! The register bound of a kernel that does not pipeline: fused_min_blocks when every state is
+//! fp32, fused_min_blocks_16bit_states otherwise.
+template <update_rule Rule, state_policy Policy>
+inline constexpr int unpipelined_min_blocks = [] {
+  bool all_fp32 = true;
+  [&]<int... J>(std::integer_sequence<int, J...>) {
+    ((all_fp32 = all_fp32 &&
+                 std::is_same_v<typename kernel_traits<Rule, Policy>::template format<J>,
+                                fp32_format>),
+     ...);
+  }(std::make_integer_sequence<int, Rule::state_count>{});
+  return all_fp32 ? fused_min_blocks : fused_min_blocks_16bit_states;
+}();
 } // namespace detail
 
 //! A task that may end inside the tensor or whose pointers are not vector-aligned (at most one
@@ -781,7 +800,7 @@ template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_pol
 __global__ void __launch_bounds__(fused_block_threads,
                                   detail::pipelined<Rule, Policy>
                                       ? QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED
-                                      : fused_min_blocks)
+                                      : detail::unpipelined_min_blocks<Rule, Policy>)
     fused_step_kernel(__grid_constant__ fused_args<Rule, Policy> const args) {
   using traits = kernel_traits<Rule, Policy>;
   using tables_t = typename traits::shared_tables;
