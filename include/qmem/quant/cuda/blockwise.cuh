@@ -1235,12 +1235,14 @@ void dequantize_any(exec::cuda const& e, uint8_t const* codes, Scales scales, si
   bool const pow2 = (block_size & (block_size - 1)) == 0;
   if (aligned16(codes) && aligned16(y) && pow2 && block_size % vec == 0) {
     auto kernel = dequantize_aligned<C, T, Scales>;
-    // one loop step per thread (the CTAs beyond the resident ones start as others finish):
-    // 0.196 -> 0.193 ms against a grid of resident CTAs only (see dequantize_vectors_per_step)
+    // A grid of resident CTAs striding over the vectors. One loop step per thread (a CTA per 512
+    // vectors) gained 0.196 -> 0.193 ms on NF4 in a harness but repeats every CTA's prologue (the
+    // decode table, and the nested scales' table and sums) 65536 times at 2^28 elements: NF4
+    // with double quantization ran 0.289-0.295 ms against 0.200-0.208 plain, int8 0.650 against
+    // 0.401-0.407 (lead's integrated H200 runs, 2026-11-29 16:49 and 16:57 UTC); the resident
+    // grid gave -3% / -1.6% for double quantization in the afternoon run of d15982e.
     size_t const steps = n / vec / dequantize_vectors_per_step + 1;
-    size_t const ctas = steps / cta_threads + 1;
-    constexpr size_t max_grid = (size_t{1} << 31) - 1;
-    unsigned const grid = static_cast<unsigned>(ctas < max_grid ? ctas : max_grid);
+    unsigned const grid = grid_for(kernel, cta_threads, steps / cta_threads + 1, e.device);
     kernel<<<grid, cta_threads, 0, e.stream>>>(codes, scales, n, log2_exact(block_size), y,
                                                C::book);
     qmem::cuda_detail::check_launch(e, "qmem::quant dequantize_aligned");
