@@ -385,54 +385,41 @@ dequantize_blocks_8bit_avx512(decltype(C::book) const& book,
   }
 }
 
-//! 4-bit dequantization of blocks [first_block, last_block) to T = bf16 or f16 with AVX-512 VBMI
-//! and BF16 (lookup_nibbles_u16_avx512: the block's 16 outputs looked up by byte permutes, 64 per
-//! step), for blocks up to nibble_permute_max_block; larger ones keep the AVX2 byte shuffles.
+//! Largest block whose 4-bit codes go to bf16 / f16 through lookup_nibbles_u16_avx512 (the block's
+//! 16 outputs looked up by byte permutes, 64 per step); larger ones keep the AVX2 byte shuffles.
 //! Dev box, one thread, 2^16 values in L2, best of 300, ns per value (AVX2 -> this), NF4 to
 //! bf16: block 32: 0.40 -> 0.13 (the AVX2 loop had only a scalar tail for 16 code bytes);
 //! 64: 0.084 -> 0.061; 256: 0.050 -> 0.040; 1024: 0.040 -> 0.040; 4096: 0.034 -> 0.041.
 //! To f16, block 64: 0.30 -> 0.064 (the AVX2 loop rounds the 16 outputs with scalar code).
 inline constexpr std::size_t nibble_permute_max_block = 1024;
 
-template <code_type C, float_element T>
-__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi"))) void
-dequantize_blocks_4bit_u16_avx512(decltype(C::book) const& book,
-                                  std::uint8_t const* QMEM_RESTRICT codes,
-                                  float const* QMEM_RESTRICT absmax, std::size_t n,
-                                  std::size_t block_size, T* QMEM_RESTRICT y,
-                                  std::size_t first_block, std::size_t last_block) {
-  alignas(64) float values[16];
-  for (unsigned k = 0; k < 16; ++k)
-    values[k] = C::decode(static_cast<std::uint8_t>(k), book);
-  for (std::size_t blk = first_block; blk < last_block; ++blk) {
-    std::size_t const begin = blk * block_size;
-    std::size_t const count = n - begin < block_size ? n - begin : block_size;
-    lookup_nibbles_u16_avx512(values, absmax[blk], codes + begin / 2, count, y + begin);
-  }
-}
-
-//! 4-bit dequantization of blocks [first_block, last_block) to float with AVX-512 VBMI
-//! (lookup_nibbles_f32_avx512: byte permutes spread the codes, `vpermps` looks the block's 16
-//! outputs up), for blocks up to nibble_f32_max_block (the loop is bound by its 4-byte stores;
-//! larger blocks keep the AVX2 permutes). Dev box, one thread, 2^16 values in L2, ns per value
-//! (AVX2 -> this, two runs), NF4: block 32: 0.14 -> 0.12; 64: 0.120 -> 0.089-0.101; 256:
-//! 0.113 -> 0.106-0.127.
+//! Largest block whose 4-bit codes go to float through lookup_nibbles_f32_avx512 (byte permutes
+//! spread the codes, `vpermps` looks the block's 16 outputs up); the loop is bound by its 4-byte
+//! stores, so larger blocks keep the AVX2 permutes. Dev box, one thread, 2^16 values in L2, ns
+//! per value (AVX2 -> this, two runs), NF4: block 32: 0.14 -> 0.12; 64: 0.120 -> 0.089-0.101;
+//! 256: 0.113 -> 0.106-0.127.
 inline constexpr std::size_t nibble_f32_max_block = 128;
 
+//! 4-bit dequantization of blocks [first_block, last_block) with AVX-512 VBMI (and BF16 for the
+//! 16-bit outputs): the block's 16 outputs by lookup_nibbles_f32_avx512 for float, by
+//! lookup_nibbles_u16_avx512 for bf16 / f16.
 template <code_type C, float_element T>
 __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi"))) void
-dequantize_blocks_4bit_f32_avx512(decltype(C::book) const& book,
-                                  std::uint8_t const* QMEM_RESTRICT codes,
-                                  float const* QMEM_RESTRICT absmax, std::size_t n,
-                                  std::size_t block_size, T* QMEM_RESTRICT y,
-                                  std::size_t first_block, std::size_t last_block) {
+dequantize_blocks_4bit_avx512(decltype(C::book) const& book,
+                              std::uint8_t const* QMEM_RESTRICT codes,
+                              float const* QMEM_RESTRICT absmax, std::size_t n,
+                              std::size_t block_size, T* QMEM_RESTRICT y, std::size_t first_block,
+                              std::size_t last_block) {
   alignas(64) float values[16];
   for (unsigned k = 0; k < 16; ++k)
     values[k] = C::decode(static_cast<std::uint8_t>(k), book);
   for (std::size_t blk = first_block; blk < last_block; ++blk) {
     std::size_t const begin = blk * block_size;
     std::size_t const count = n - begin < block_size ? n - begin : block_size;
-    lookup_nibbles_f32_avx512(values, absmax[blk], codes + begin / 2, count, y + begin);
+    if constexpr (std::is_same_v<T, float>)
+      lookup_nibbles_f32_avx512(values, absmax[blk], codes + begin / 2, count, y + begin);
+    else
+      lookup_nibbles_u16_avx512(values, absmax[blk], codes + begin / 2, count, y + begin);
   }
 }
 
@@ -549,17 +536,12 @@ void dequantize_blocks_host(decltype(C::book) const& book, std::uint8_t const* Q
                             std::size_t block_size, T* QMEM_RESTRICT y, std::size_t first_block,
                             std::size_t last_block) {
 #if QMEM_QUANT_HOST_AVX2
-  if constexpr (C::bits == 4 && std::is_same_v<T, float>) {
-    if (block_size <= nibble_f32_max_block && host_has_avx512_bf16()) {
-      dequantize_blocks_4bit_f32_avx512<C>(book, codes, absmax, n, block_size, y, first_block,
-                                           last_block);
-      return;
-    }
-  }
-  if constexpr (C::bits == 4 && (std::is_same_v<T, bf16> || std::is_same_v<T, f16>)) {
-    if (block_size <= nibble_permute_max_block && host_has_avx512_bf16()) {
-      dequantize_blocks_4bit_u16_avx512<C>(book, codes, absmax, n, block_size, y, first_block,
-                                           last_block);
+  if constexpr (C::bits == 4 && !std::is_same_v<T, double>) {
+    std::size_t const max_block =
+        std::is_same_v<T, float> ? nibble_f32_max_block : nibble_permute_max_block;
+    if (block_size <= max_block && host_has_avx512_bf16()) {
+      dequantize_blocks_4bit_avx512<C>(book, codes, absmax, n, block_size, y, first_block,
+                                       last_block);
       return;
     }
   }
