@@ -297,7 +297,7 @@ unsigned long long exhaustive_format_mismatches(float absmax) {
 }
 
 TEST_CASE(
-    "fused-step state encode (block reciprocal in double) == F::encode: all 2^32 states (GPU)") {
+    "fused-step state encode (double and fp32 block routes) == F::encode: all 2^32 states (GPU)") {
   if (!test::gpu_present()) {
     std::printf("[qmem] SKIPPED on cuda: no CUDA device on this machine\n");
     MESSAGE("skipped: no CUDA device");
@@ -309,10 +309,13 @@ TEST_CASE(
   using u4 = optim::blockwise_format<lin4, 128>;
   static_assert(ocu::format_codec<s8>::reciprocal_normalize &&
                 ocu::format_codec<u4>::reciprocal_normalize);
-  // typical, odd-mantissa, tiny (denormal and normal) and huge block maxima; the states of all
-  // 2^32 bit patterns include every |s| <= absmax that a block can hold, and more
-  float const absmaxes[] = {
-      1.0f, 0.1f, 3.0e-3f, 1.2345678e-7f, 7.7e12f, 1.0e-40f, 1.17549435e-38f, 3.0e38f, 0.0f};
+  // typical, odd-mantissa, tiny (denormal and normal) and huge block maxima, and the ends of the
+  // fp32 block route (format_codec::block_route_min / max) with an odd mantissa next to each; the
+  // states of all 2^32 bit patterns include every |s| <= absmax that a block can hold, and more
+  float const absmaxes[] = {1.0f,           0.1f,          3.0e-3f,       1.2345678e-7f,
+                            7.7e12f,        1.0e-40f,      1.17549435e-38f, 3.0e38f,
+                            0.0f,           0x1p-72f,      0x1.3c5e7ap-71f, 0x1.fffffep125f,
+                            0x1.9a3b2cp125f};
   for (float a : absmaxes) {
     CAPTURE(a);
     CHECK(exhaustive_format_mismatches<s8>(a) == 0);
