@@ -639,6 +639,8 @@ private:
                    detail::host_isa isa = detail::host_isa::portable) const {
     if constexpr (F::blockwise) {
       float xn[F::block_size];
+      // codes packed by byte permutes (AVX-512 VBMI: store_block8_vbmi, store_block4_vbmi)
+      [[maybe_unused]] bool const vbmi = isa == detail::host_isa::avx512 && detail::host_vbmi();
       for (std::size_t b = 0; b < count; b += F::block_size) {
         std::size_t const m = std::min<std::size_t>(F::block_size, count - b);
         float const* QMEM_RESTRICT vb = v + b;
@@ -647,11 +649,17 @@ private:
 #if QMEM_OPTIM_HOST_SIMD
         if (isa == detail::host_isa::avx512 && enc.table != nullptr) {
           if constexpr (F::bits == 8)
-            amax = detail::store_block8_512(*enc.table, enc.block_entries, enc.negative_below, vb,
-                                            m, r.codes + first + b, done);
+            amax = vbmi ? detail::store_block8_vbmi(*enc.table, enc.block_entries,
+                                                    enc.negative_below, vb, m,
+                                                    r.codes + first + b, done)
+                        : detail::store_block8_512(*enc.table, enc.block_entries,
+                                                   enc.negative_below, vb, m,
+                                                   r.codes + first + b, done);
           else
-            amax = detail::store_block4_512(*enc.table, enc.block_entries, vb, m,
-                                            r.codes + (first + b) / 2, done);
+            amax = vbmi ? detail::store_block4_vbmi(*enc.table, enc.block_entries, vb, m,
+                                                    r.codes + (first + b) / 2, done)
+                        : detail::store_block4_512(*enc.table, enc.block_entries, vb, m,
+                                                   r.codes + (first + b) / 2, done);
         } else if (isa == detail::host_isa::avx2 && enc.table != nullptr) {
           if constexpr (F::bits == 8)
             amax = detail::store_block8(*enc.table, enc.block_entries, enc.negative_below, vb, m,

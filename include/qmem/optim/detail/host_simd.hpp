@@ -65,7 +65,8 @@ inline host_isa current_host_isa() noexcept {
 #endif
 }
 
-//! Whether the AVX-512 step may decode 8-bit codes by byte permutes (decode8_vbmi): the CPU has
+//! Whether the AVX-512 step may decode 8-bit codes by byte permutes (decode8_vbmi) and pack
+//! codes by byte permutes (store_block8_vbmi, store_block4_vbmi): the CPU has
 //! AVX-512 VBMI and BW (Ice Lake and later, Zen 4) and the step runs AVX-512.
 inline bool host_vbmi() noexcept {
 #if QMEM_OPTIM_HOST_SIMD
@@ -560,6 +561,101 @@ store_block4_512(quant::detail::search_table const& t, std::uint32_t const* bloc
     _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i / 2), _mm512_cvtepi64_epi8(pairs));
   }
   done = i;
+  return amax;
+}
+
+//! The index of the byte permutes (vpermt2b) that gather the codes of two vectors of 16 codes,
+//! one in the low byte of each 32-bit lane: element e < 32 of the pair is byte 4 e of the first
+//! vector or byte 64 + 4 (e - 16) of the second. Byte j of the result takes element j mod 32
+//! (8-bit codes), or (Nibbles, 4-bit codes) element 2 (j mod 16) + j / 32: the even elements in
+//! bytes [0, 16), the odd ones in bytes [32, 48), each repeated 16 bytes higher.
+template <bool Nibbles>
+inline constexpr auto pair_permute = [] {
+  struct {
+    alignas(64) std::uint8_t index[64];
+  } p{};
+  for (int j = 0; j < 64; ++j) {
+    int const e = Nibbles ? 2 * (j % 16) + j / 32 : j % 32;
+    p.index[j] = static_cast<std::uint8_t>(e < 16 ? 4 * e : 64 + 4 * (e - 16));
+  }
+  return p;
+}();
+
+//! The codes of the states v[0, m) (m a multiple of 16) of a block whose absmax `amax` is
+//! positive and finite (block_table_applies), by the format's block table (`block_entries`, see
+//! block_encode16), into codes[0, m): 64 at a time packed by two byte permutes (vpermt2b) and a
+//! blend and stored at once, 3 instructions per 64 codes instead of 8 (four vpmovdb of two
+//! micro-operations each); then 16 at a time. AVX-512 VBMI.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline void
+block_codes8_vbmi(std::uint32_t const* block_entries, float const* QMEM_RESTRICT v, std::size_t m,
+                  float amax, std::uint8_t* QMEM_RESTRICT codes) noexcept {
+  __m512 const a = _mm512_set1_ps(amax);
+  __m512i const index = _mm512_load_si512(pair_permute<false>.index);
+  std::size_t i = 0;
+  for (; i + 64 <= m; i += 64) {
+    __m512i c[4];
+    for (int q = 0; q < 4; ++q)
+      c[q] = block_encode16(block_entries, v + i + 16 * static_cast<std::size_t>(q), a);
+    __m512i const lo = _mm512_permutex2var_epi8(c[0], index, c[1]); // codes 0..31, twice
+    __m512i const hi = _mm512_permutex2var_epi8(c[2], index, c[3]); // codes 32..63, twice
+    _mm512_storeu_si512(codes + i, _mm512_mask_blend_epi64(0xf0, lo, hi));
+  }
+  for (; i < m; i += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
+                     _mm512_cvtepi32_epi8(block_encode16(block_entries, v + i, a)));
+}
+
+//! block_codes8_vbmi for a 4-bit format: the codes of elements [0, m) packed two per byte into
+//! codes[0, m / 2). 64 values at a time: two byte permutes (even elements' codes to the lower
+//! 32 bytes, odd ones' to the upper), a blend, a shift and an OR, 6 instructions per 64 codes
+//! instead of 20. AVX-512 VBMI.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline void
+block_codes4_vbmi(std::uint32_t const* block_entries, float const* QMEM_RESTRICT v, std::size_t m,
+                  float amax, std::uint8_t* QMEM_RESTRICT codes) noexcept {
+  __m512 const a = _mm512_set1_ps(amax);
+  __m512i const index = _mm512_load_si512(pair_permute<true>.index);
+  std::size_t i = 0;
+  for (; i + 64 <= m; i += 64) {
+    __m512i c[4];
+    for (int q = 0; q < 4; ++q)
+      c[q] = block_encode16(block_entries, v + i + 16 * static_cast<std::size_t>(q), a);
+    // bytes [0, 16) even and [32, 48) odd codes of elements 0..31; [16, 32) and [48, 64) of 32..63
+    __m512i const g = _mm512_mask_blend_epi64(0xcc, _mm512_permutex2var_epi8(c[0], index, c[1]),
+                                              _mm512_permutex2var_epi8(c[2], index, c[3]));
+    __m256i const pairs = _mm256_or_si256(_mm512_castsi512_si256(_mm512_slli_epi16(g, 4)),
+                                          _mm512_extracti64x4_epi64(g, 1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i / 2), pairs);
+  }
+  for (; i < m; i += 16) {
+    __m512i const c = block_encode16(block_entries, v + i, a);
+    __m512i const pairs = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i / 2), _mm512_cvtepi64_epi8(pairs));
+  }
+}
+
+//! store_block8_512 with block_codes8_vbmi where the block table applies. AVX-512 VBMI.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline float
+store_block8_vbmi(quant::detail::search_table const& t, std::uint32_t const* block_entries,
+                  int negative_below, float const* QMEM_RESTRICT v, std::size_t m,
+                  std::uint8_t* QMEM_RESTRICT codes, std::size_t& done) noexcept {
+  float const amax = std::bit_cast<float>(absmax_bits_512(v, m));
+  if (block_entries == nullptr || !block_table_applies(amax))
+    return store_block8_512(t, block_entries, negative_below, v, m, codes, done);
+  done = m / 16 * 16;
+  block_codes8_vbmi(block_entries, v, done, amax, codes);
+  return amax;
+}
+
+//! store_block4_512 with block_codes4_vbmi where the block table applies. AVX-512 VBMI.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline float
+store_block4_vbmi(quant::detail::search_table const& t, std::uint32_t const* block_entries,
+                  float const* QMEM_RESTRICT v, std::size_t m, std::uint8_t* QMEM_RESTRICT codes,
+                  std::size_t& done) noexcept {
+  float const amax = std::bit_cast<float>(absmax_bits_512(v, m));
+  if (block_entries == nullptr || !block_table_applies(amax))
+    return store_block4_512(t, block_entries, v, m, codes, done);
+  done = m / 16 * 16;
+  block_codes4_vbmi(block_entries, v, done, amax, codes);
   return amax;
 }
 
