@@ -278,35 +278,56 @@ public:
   std::size_t add_param(tensor_view<Param> param, param_options o = {}) {
     check_view(param, "add_param", "param", true, false);
     detail::check_lr_scale(o.lr_scale);
+    param_state ps =
+        make_param_state(param, o, rule_, options_, *resource_, [](void* p, std::size_t bytes) {
+          std::memset(p, 0, bytes);
+        });
+    for (std::size_t i = 0; i < ps.master.size(); ++i)
+      ps.master[i] = to_float(param[i]);
+    params_.push_back(std::move(ps));
+    return params_.size() - 1;
+  }
+
+  //! The state of a new parameter, as add_param sets it up here and the CUDA optimizer
+  //! (optim/cuda/device_optimizer.cuh) on the device: the rule `o.rule` or `rule`, o's lr scale,
+  //! the policy's formats unless `o.fp32_state` or the parameter has fewer than
+  //! options.min_quantized_size elements (then fp32 state), one buffer of codes or values and
+  //! one of block absmax per state, and fp32 master weights for 16-bit parameters when
+  //! options.master_weights (not filled: the caller widens the parameters in its memory space).
+  //! Every buffer comes from `r`; `zero(pointer, bytes)` clears each non-empty state and absmax
+  //! buffer (bitsandbytes' initial codes and absmax). Preconditions: those of add_param, checked
+  //! by the caller.
+  template <class Zero>
+  [[nodiscard]] static param_state make_param_state(tensor_view<Param> param,
+                                                    param_options const& o, Rule const& rule,
+                                                    optimizer_options const& options,
+                                                    memory::resource& r, Zero&& zero) {
     param_state ps;
     ps.param = param;
-    ps.rule = o.rule.value_or(rule_);
+    ps.rule = o.rule.value_or(rule);
     ps.lr_scale = o.lr_scale;
-    ps.quantized = !o.fp32_state && param.size() >= options_.min_quantized_size;
+    ps.quantized = !o.fp32_state && param.size() >= options.min_quantized_size;
     std::size_t const n = param.size();
     auto alloc = [&]<class P>() {
       detail::for_each_state<state_count>([&](auto K) {
         using F = format_of<P, K.value>;
-        ps.data[K] = memory::buffer<std::uint8_t>(F::bytes(n), *resource_,
-                                                  memory::category::optimizer_state);
-        if (F::bytes(n) != 0)
-          std::memset(ps.data[K].data(), 0, F::bytes(n));
-        ps.scale[K] =
-            memory::buffer<float>(F::scale_count(n), *resource_, memory::category::optimizer_state);
-        std::fill_n(ps.scale[K].data(), F::scale_count(n), 0.0f);
+        auto& data = ps.data[static_cast<std::size_t>(K.value)];
+        auto& scale = ps.scale[static_cast<std::size_t>(K.value)];
+        data = memory::buffer<std::uint8_t>(F::bytes(n), r, memory::category::optimizer_state);
+        scale = memory::buffer<float>(F::scale_count(n), r, memory::category::optimizer_state);
+        if (data.size_bytes() != 0)
+          zero(static_cast<void*>(data.data()), data.size_bytes());
+        if (scale.size_bytes() != 0)
+          zero(static_cast<void*>(scale.data()), scale.size_bytes());
       });
     };
     if (ps.quantized)
       alloc.template operator()<Policy>();
     else
       alloc.template operator()<fp32_state>();
-    if (options_.master_weights && !std::same_as<Param, float>) {
-      ps.master = memory::buffer<float>(n, *resource_, memory::category::weights);
-      for (std::size_t i = 0; i < n; ++i)
-        ps.master[i] = to_float(param[i]);
-    }
-    params_.push_back(std::move(ps));
-    return params_.size() - 1;
+    if (options.master_weights && !std::same_as<Param, float> && n != 0)
+      ps.master = memory::buffer<float>(n, r, memory::category::weights);
+    return ps;
   }
 
   //! Number of parameter tensors.

@@ -227,36 +227,12 @@ public:
                  to_string(param.space()), " memory; expected device-accessible memory");
     optim::detail::check_lr_scale(o.lr_scale);
     cuda_detail::device_guard guard(device_);
-    param_state ps;
-    ps.param = param;
-    ps.rule = o.rule.value_or(rule_);
-    ps.lr_scale = o.lr_scale;
-    ps.quantized = !o.fp32_state && param.size() >= options_.min_quantized_size;
-    std::size_t const n = param.size();
-    auto alloc = [&]<class P>() {
-      optim::detail::for_each_state<state_count>([&](auto K) {
-        using F = format_of<P, K.value>;
-        auto const k = static_cast<std::size_t>(K.value);
-        ps.data[k] = memory::buffer<std::uint8_t>(F::bytes(n), *state_resource_,
-                                                  memory::category::optimizer_state);
-        ps.scale[k] = memory::buffer<float>(F::scale_count(n), *state_resource_,
-                                            memory::category::optimizer_state);
-        if (ps.data[k].size_bytes() != 0)
-          cuda_detail::check(cudaMemsetAsync(ps.data[k].data(), 0, ps.data[k].size_bytes(),
-                                             e.stream),
-                             "cudaMemsetAsync(state)");
-        if (ps.scale[k].size_bytes() != 0)
-          cuda_detail::check(cudaMemsetAsync(ps.scale[k].data(), 0, ps.scale[k].size_bytes(),
-                                             e.stream),
-                             "cudaMemsetAsync(absmax)");
-      });
-    };
-    if (ps.quantized)
-      alloc.template operator()<Policy>();
-    else
-      alloc.template operator()<fp32_state>();
-    if (options_.master_weights && !std::same_as<Param, float> && n != 0) {
-      ps.master = memory::buffer<float>(n, *state_resource_, memory::category::weights);
+    param_state ps = host_optimizer::make_param_state(
+        param, o, rule_, options_, *state_resource_, [&](void* p, std::size_t bytes) {
+          cuda_detail::check(cudaMemsetAsync(p, 0, bytes, e.stream), "cudaMemsetAsync(state)");
+        });
+    if (!ps.master.empty()) {
+      std::size_t const n = ps.master.size();
       unsigned const blocks = static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 4096));
       detail::widen_kernel<Param><<<blocks, 256, 0, e.stream>>>(param.data(), ps.master.data(), n);
       cuda_detail::check_launch(e, "widen_kernel");
