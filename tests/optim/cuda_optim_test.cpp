@@ -19,11 +19,13 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <span>
 #include <vector>
 
 #if QMEM_HAS_CUDA()
@@ -287,7 +289,15 @@ void compare_with_host(problem<P, G> const& pr, Rule rule, oq::optimizer_options
   co.grad_unscale = grad_unscale;
   ocu::step_controller ctl(e, dres, co);
   device_problem<Rule, Policy, P, G> d(pr, rule);
-  typename device_problem<Rule, Policy, P, G>::group_t group(e, d.span(), dres, ctl);
+  using group_t = typename device_problem<Rule, Policy, P, G>::group_t;
+  if constexpr (std::same_as<P, float>) {
+    // master weights belong to 16-bit parameters: the fp32-parameter kernels have no master path
+    std::vector<typename group_t::tensor> with_master(d.span().begin(), d.span().end());
+    with_master.back().master = d.p.back();
+    CHECK_THROWS_AS(group_t(e, std::span<typename group_t::tensor const>(with_master), dres, ctl),
+                    qmem::bad_argument);
+  }
+  group_t group(e, d.span(), dres, ctl);
   for (auto const& step_grads : pr.grads) {
     d.set_grads(step_grads);
     group.step(e);

@@ -469,7 +469,7 @@ struct step_tensor {
   std::size_t size = 0;
   void* state[4] = {};     //!< state j: the format's element array or codes (F::bytes(size))
   float* absmax[4] = {};   //!< blockwise state j: float[F::scale_count(size)]
-  float* master = nullptr; //!< fp32 master weights of a 16-bit parameter, or nullptr
+  float* master = nullptr; //!< fp32 master weights of a 16-bit parameter (nullptr for fp32 P)
   Rule rule{};
   float lr_scale = 1.0f;
 };
@@ -510,7 +510,8 @@ public:
   //! Builds and uploads the tables of `tensors` (stream-ordered on e.stream, then waits once).
   //! Preconditions (bad_argument naming the tensor, nothing allocated): every tensor with
   //! size > 0 has non-null param and grad, and for each state a non-null state pointer (and an
-  //! absmax pointer for blockwise formats); e.device is the controller's device.
+  //! absmax pointer for blockwise formats); no master weights when P is float (the fp32-parameter
+  //! kernels have no master path); e.device is the controller's device.
   multi_tensor_step(exec::cuda const& e, std::span<tensor const> tensors,
                     memory::resource& device, step_controller& controller)
       : controller_(&controller), tensors_(tensors.begin(), tensors.end()) {
@@ -530,6 +531,9 @@ public:
         continue;
       QMEM_EXPECTS(t.param != nullptr && t.grad != nullptr, "tensor ", i, " (size ", t.size,
                    ") has a null param or grad pointer");
+      QMEM_EXPECTS(detail::uses_master<P> || t.master == nullptr, "tensor ", i,
+                   " has master weights but fp32 parameters; expected master == nullptr "
+                   "(master weights belong to 16-bit parameters)");
       tensor_entry en{};
       en.param = t.param;
       en.grad = t.grad;
