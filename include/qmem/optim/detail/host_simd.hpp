@@ -583,57 +583,49 @@ inline constexpr auto pair_permute = [] {
 
 //! The codes of the states v[0, m) (m a multiple of 16) of a block whose absmax `amax` is
 //! positive and finite (block_table_applies), by the format's block table (`block_entries`, see
-//! block_encode16), into codes[0, m): 64 at a time packed by two byte permutes (vpermt2b) and a
-//! blend and stored at once, 3 instructions per 64 codes instead of 8 (four vpmovdb of two
-//! micro-operations each); then 16 at a time. AVX-512 VBMI.
+//! block_encode16), into `codes`: Bits 8, one byte per code; Bits 4, two codes per byte (the
+//! first in the high nibble). 64 values at a time, packed by two byte permutes (vpermt2b) and a
+//! blend and stored at once: 3 instructions per 64 8-bit codes instead of 8 (four vpmovdb of two
+//! micro-operations each), 6 per 64 4-bit codes instead of 20 (the even elements' codes in the
+//! lower 32 bytes, the odd ones' in the upper, then a shift and an OR); then 16 at a time.
+//! AVX-512 VBMI.
+template <int Bits>
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline void
-block_codes8_vbmi(std::uint32_t const* block_entries, float const* QMEM_RESTRICT v, std::size_t m,
-                  float amax, std::uint8_t* QMEM_RESTRICT codes) noexcept {
+block_codes_vbmi(std::uint32_t const* block_entries, float const* QMEM_RESTRICT v, std::size_t m,
+                 float amax, std::uint8_t* QMEM_RESTRICT codes) noexcept {
+  static_assert(Bits == 8 || Bits == 4);
   __m512 const a = _mm512_set1_ps(amax);
-  __m512i const index = _mm512_load_si512(pair_permute<false>.index);
+  __m512i const index = _mm512_load_si512(pair_permute<Bits == 4>.index);
   std::size_t i = 0;
   for (; i + 64 <= m; i += 64) {
     __m512i c[4];
     for (int q = 0; q < 4; ++q)
       c[q] = block_encode16(block_entries, v + i + 16 * static_cast<std::size_t>(q), a);
-    __m512i const lo = _mm512_permutex2var_epi8(c[0], index, c[1]); // codes 0..31, twice
-    __m512i const hi = _mm512_permutex2var_epi8(c[2], index, c[3]); // codes 32..63, twice
-    _mm512_storeu_si512(codes + i, _mm512_mask_blend_epi64(0xf0, lo, hi));
-  }
-  for (; i < m; i += 16)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
-                     _mm512_cvtepi32_epi8(block_encode16(block_entries, v + i, a)));
-}
-
-//! block_codes8_vbmi for a 4-bit format: the codes of elements [0, m) packed two per byte into
-//! codes[0, m / 2). 64 values at a time: two byte permutes (even elements' codes to the lower
-//! 32 bytes, odd ones' to the upper), a blend, a shift and an OR, 6 instructions per 64 codes
-//! instead of 20. AVX-512 VBMI.
-__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline void
-block_codes4_vbmi(std::uint32_t const* block_entries, float const* QMEM_RESTRICT v, std::size_t m,
-                  float amax, std::uint8_t* QMEM_RESTRICT codes) noexcept {
-  __m512 const a = _mm512_set1_ps(amax);
-  __m512i const index = _mm512_load_si512(pair_permute<true>.index);
-  std::size_t i = 0;
-  for (; i + 64 <= m; i += 64) {
-    __m512i c[4];
-    for (int q = 0; q < 4; ++q)
-      c[q] = block_encode16(block_entries, v + i + 16 * static_cast<std::size_t>(q), a);
-    // bytes [0, 16) even and [32, 48) odd codes of elements 0..31; [16, 32) and [48, 64) of 32..63
-    __m512i const g = _mm512_mask_blend_epi64(0xcc, _mm512_permutex2var_epi8(c[0], index, c[1]),
-                                              _mm512_permutex2var_epi8(c[2], index, c[3]));
-    __m256i const pairs = _mm256_or_si256(_mm512_castsi512_si256(_mm512_slli_epi16(g, 4)),
-                                          _mm512_extracti64x4_epi64(g, 1));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i / 2), pairs);
+    // 8-bit: codes 0..31 in the lower half, 32..63 in the upper; 4-bit: bytes [0, 16) even and
+    // [32, 48) odd codes of elements 0..31, [16, 32) and [48, 64) those of elements 32..63
+    __m512i const g =
+        _mm512_mask_blend_epi64(Bits == 8 ? 0xf0 : 0xcc, _mm512_permutex2var_epi8(c[0], index, c[1]),
+                                _mm512_permutex2var_epi8(c[2], index, c[3]));
+    if constexpr (Bits == 8)
+      _mm512_storeu_si512(codes + i, g);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i / 2),
+                          _mm256_or_si256(_mm512_castsi512_si256(_mm512_slli_epi16(g, 4)),
+                                          _mm512_extracti64x4_epi64(g, 1)));
   }
   for (; i < m; i += 16) {
     __m512i const c = block_encode16(block_entries, v + i, a);
-    __m512i const pairs = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i / 2), _mm512_cvtepi64_epi8(pairs));
+    if constexpr (Bits == 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(c));
+    } else {
+      // 64-bit lane: first | second << 32  ->  first << 4 | second in its low byte
+      __m512i const pairs = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i / 2), _mm512_cvtepi64_epi8(pairs));
+    }
   }
 }
 
-//! store_block8_512 with block_codes8_vbmi where the block table applies. AVX-512 VBMI.
+//! store_block8_512 with block_codes_vbmi<8> where the block table applies. AVX-512 VBMI.
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline float
 store_block8_vbmi(quant::detail::search_table const& t, std::uint32_t const* block_entries,
                   int negative_below, float const* QMEM_RESTRICT v, std::size_t m,
@@ -642,11 +634,11 @@ store_block8_vbmi(quant::detail::search_table const& t, std::uint32_t const* blo
   if (block_entries == nullptr || !block_table_applies(amax))
     return store_block8_512(t, block_entries, negative_below, v, m, codes, done);
   done = m / 16 * 16;
-  block_codes8_vbmi(block_entries, v, done, amax, codes);
+  block_codes_vbmi<8>(block_entries, v, done, amax, codes);
   return amax;
 }
 
-//! store_block4_512 with block_codes4_vbmi where the block table applies. AVX-512 VBMI.
+//! store_block4_512 with block_codes_vbmi<4> where the block table applies. AVX-512 VBMI.
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline float
 store_block4_vbmi(quant::detail::search_table const& t, std::uint32_t const* block_entries,
                   float const* QMEM_RESTRICT v, std::size_t m, std::uint8_t* QMEM_RESTRICT codes,
@@ -655,7 +647,7 @@ store_block4_vbmi(quant::detail::search_table const& t, std::uint32_t const* blo
   if (block_entries == nullptr || !block_table_applies(amax))
     return store_block4_512(t, block_entries, v, m, codes, done);
   done = m / 16 * 16;
-  block_codes4_vbmi(block_entries, v, done, amax, codes);
+  block_codes_vbmi<4>(block_entries, v, done, amax, codes);
   return amax;
 }
 
