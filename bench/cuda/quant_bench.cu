@@ -276,6 +276,39 @@ void nf4_whole_variant(benchmark::State& state) {
   });
 }
 
+// dequantize_aligned launched directly with PerStep vectors per thread and one step per thread
+// (the dispatched launch uses dequantize_vectors_per_step): NF4 -> bf16 block 64 and int8 -> fp32
+// block 256, same bytes as nf4_dequantize_bf16 / int8_dequantize_f32. state.range(0): PerStep.
+template <class C, class T, int PerStep>
+void launch_dequantize(std::size_t block) {
+  namespace k = qmem::quant::cuda_impl::kernels;
+  auto kernel = k::dequantize_aligned<C, T, k::plain_scales, PerStep>;
+  std::size_t const vectors = elements / k::vector_items<T>;
+  auto const grid = static_cast<unsigned>(vectors / PerStep / k::cta_threads + 1);
+  kernel<<<grid, k::cta_threads>>>(g->codes, k::plain_scales{g->absmax}, elements,
+                                   k::log2_exact(block), output<T>(), k::decoded_values_on<C>(0));
+  check(cudaGetLastError(), "dequantize_aligned");
+}
+
+template <class C, class T>
+void dequantize_variant(benchmark::State& state) {
+  std::size_t const block = C::bits == 8 ? 256 : 64;
+  quantize_blockwise<C>(e, tensor_view<T const>(input<T>(), elements, memory_space::device), block,
+                        tensor_view<std::uint8_t>(g->codes, code_bytes<C>(elements),
+                                                  memory_space::device),
+                        tensor_view<float>(g->absmax, block_count(elements, block),
+                                           memory_space::device));
+  auto const per_step = state.range(0);
+  run(state, format_bytes<C, T>(block), [&] {
+    if (per_step == 1)
+      launch_dequantize<C, T, 1>(block);
+    else if (per_step == 2)
+      launch_dequantize<C, T, 2>(block);
+    else
+      launch_dequantize<C, T, 4>(block);
+  });
+}
+
 void four_bit_blocks(benchmark::internal::Benchmark* b) {
   for (int block = 32; block <= 4096; block *= 2)
     b->Arg(block);
@@ -323,6 +356,11 @@ int main(int argc, char** argv) {
         b->Args({block, variant});
     b->UseManualTime()->Unit(benchmark::kMillisecond);
   }
+  for (auto* b : {benchmark::RegisterBenchmark("nf4_dequantize_variant",
+                                               dequantize_variant<nf4, bf16>),
+                  benchmark::RegisterBenchmark("int8_dequantize_variant",
+                                               dequantize_variant<dynamic_signed, float>)})
+    b->Arg(1)->Arg(2)->Arg(4)->UseManualTime()->Unit(benchmark::kMillisecond);
   one_block(benchmark::RegisterBenchmark("scales_only_dq", scales_only), 64);
   one_block(benchmark::RegisterBenchmark("scales_only_dq", scales_only), 256);
   one_block(benchmark::RegisterBenchmark("nf4_dequantize_bf16_dq", dequantize_nested<nf4, bf16>),

@@ -3,7 +3,8 @@
 // and block size on the GPU against the reference): the device encoders against C::encode over
 // all 2^32 floats, views at offsets that are not 16-byte aligned (the scalar path), sizes that
 // are not a multiple of a thread's vector, grid-stride loops over many blocks per CTA, a tensor of
-// more than 2^32 elements, a multi-level offset tree, a non-default stream and
+// more than 2^32 elements, a multi-level offset tree, the one-launch offset mean on exact and
+// inexact sums, a non-default stream and
 // sync_after_launch. Every result is compared bit for bit with the host backend (NaN outputs:
 // as NaN, see same_values).
 // Compiled only by nvcc; without a GPU each case says so and returns.
@@ -476,6 +477,80 @@ TEST_CASE("cuda blockwise: double quantization with a three-level offset tree") 
         dy.view().subview(y_offset, n));
     REQUIRE(same_bits(cuda_backend::download(tensor_view<bf16 const>(dy.view().subview(y_offset, n))),
                       hy));
+  }
+}
+
+TEST_CASE("cuda blockwise: the one-launch offset mean equals the host's tree, exact warp sums "
+          "or not") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  // offset_mean sums a warp's 256 values with shuffles only when every order gives the same exact
+  // double; the cases below take that path, the ordered fallback at the leaves, at the level above
+  // and at the root, and the special values
+  auto gpu_offset = [](std::vector<float> const& absmax) {
+    auto da = cuda_backend::upload(absmax);
+    auto dq = cuda_backend::alloc<std::uint8_t>(absmax.size());
+    auto d2 = cuda_backend::alloc<float>(block_count(absmax.size(), 256));
+    auto doff = cuda_backend::alloc<float>(1);
+    quantize_scales(exec::cuda{}, tensor_view<float const>(da.view()), 256, dq.view(), d2.view(),
+                    doff.view());
+    return cuda_backend::download(doff.view())[0];
+  };
+  auto check = [&](std::vector<float> const& absmax) {
+    float const host = qmem::quant::detail::tree_mean(absmax.data(), absmax.size());
+    float const gpu = gpu_offset(absmax);
+    if (std::isnan(host))
+      CHECK(std::isnan(gpu));
+    else
+      CHECK(qmem::detail::float_to_bits(gpu) == qmem::detail::float_to_bits(host));
+  };
+  std::mt19937 g(17);
+  std::uniform_real_distribution<float> u(0.5f, 2.0f);
+  {
+    INFO("bf16-valued scales: exact at every level");
+    std::vector<float> a((std::size_t{1} << 20) + 3);
+    for (auto& x : a)
+      x = to_float(bf16(u(g)));
+    check(a);
+  }
+  {
+    INFO("fp32 scales over 2^-24 .. 2^24: ordered sums at the leaves");
+    std::vector<float> a(70001);
+    for (auto& x : a)
+      x = std::ldexp(u(g), static_cast<int>(g() % 49) - 24);
+    check(a);
+  }
+  {
+    INFO("each leaf exact, leaves 2^60 apart: ordered sums above the leaves");
+    std::vector<float> a(256 * 300 + 7);
+    for (std::size_t i = 0; i < a.size(); ++i)
+      a[i] = std::ldexp(to_float(bf16(u(g))), static_cast<int>(i / 256 % 61) - 30);
+    check(a);
+  }
+  {
+    INFO("two leaves of 1 and 2^-60: ordered sum at the root only");
+    std::vector<float> a(512, 1.0f);
+    for (std::size_t i = 256; i < 512; ++i)
+      a[i] = std::ldexp(1.0f, -60);
+    check(a);
+  }
+  {
+    INFO("negative values, zeros and negative zeros");
+    std::vector<float> a(3000, -0.0f);
+    check(a);
+    for (std::size_t i = 0; i < a.size(); ++i)
+      a[i] = i % 3 == 0 ? -u(g) : (i % 3 == 1 ? 0.0f : u(g));
+    check(a);
+  }
+  {
+    INFO("subnormal, infinite and NaN values");
+    std::vector<float> a(5000, 1.0f);
+    a[700] = std::numeric_limits<float>::denorm_min();
+    check(a);
+    a[4000] = std::numeric_limits<float>::infinity();
+    check(a);
+    a[10] = std::numeric_limits<float>::quiet_NaN();
+    check(a);
   }
 }
 

@@ -20,10 +20,15 @@
 //! - quantize, stochastic rounding (quantize_aligned): the same layout with 32 bytes per thread,
 //!   per-element bounds tests, every element through encode_stochastic.
 //! - dequantize: a thread owns 16-byte output vectors (8 bf16 / 4 fp32 values, inside one block),
-//!   consecutive threads consecutive vectors, four per loop step; it reads the codes and the scale
-//!   of each, decodes each code byte with one load from a shared table of decoded values (both
-//!   values of a 4-bit code byte at once), rounds bf16 / f16 outputs two at a time with the
-//!   hardware conversion, and writes one 16-byte store.
+//!   consecutive threads consecutive vectors, four per thread and one loop step per thread (a
+//!   grid of resident CTAs striding over the tensor held the write-heavy stream at 86% of the
+//!   copy bandwidth); it reads the codes and the scale of each, decodes each code byte with one
+//!   load from a shared table of decoded values (both values of a 4-bit code byte at once; copied
+//!   from device memory), rounds bf16 / f16 outputs two at a time with the hardware conversion,
+//!   and writes one 16-byte store.
+//! - double quantization (quantize_scales): the offset's fixed-order mean in one kernel
+//!   (offset_mean: exact warp sums where the order cannot matter, the host's order elsewhere),
+//!   then the nested 8-bit quantization, launched as a programmatic dependent of it.
 //! Unaligned views (subviews at odd offsets) take a scalar path that computes the same function.
 //! Code books live in shared memory: kernel parameters sit in constant memory, which serializes
 //! a warp's reads of different entries.
@@ -131,15 +136,22 @@ inline constexpr int quantize_min_ctas =
 
 //! 16-byte output vectors one thread of the fast dequantize kernel handles per loop step, loaded
 //! and decoded together for memory-level parallelism (consecutive lanes own consecutive vectors,
-//! so every load and store instruction of a warp covers whole 32-byte sectors). Measured on the
-//! H200 (2026-11-29, 2^28 elements): NF4 -> bf16 at 78% of the copy bandwidth and int8 -> fp32 at
-//! 83%, against 37% / 42% for 64 contiguous bytes per thread (half-sector stores). Then (16:10
-//! UTC, the kernel's NF4 -> bf16 loop in a test harness, same run): 4 vectors 0.202 ms, 8 vectors
-//! 0.195, 2 vectors 0.196, and 2 vectors with streaming stores and a grid of one step per
-//! thread (dequantize_any) 0.193 ms (the streaming stores are not kept: see store_vector); a
-//! variant that only moves the same bytes (no decode) ran 0.194-0.198 ms, so the kernel is at the
-//! limit of its access pattern, not of its arithmetic.
-inline constexpr int dequantize_vectors_per_step = 2;
+//! so every load and store instruction of a warp covers whole 32-byte sectors); the launch gives
+//! each thread one step (a CTA per 1024 vectors). Measured on the H200 (2026-11-29 18:58 UTC,
+//! NF4 -> bf16 block 64, 2^28 elements, same run, copy 4187 GB/s): a grid of resident CTAs
+//! striding over the vectors (the kernel before) 0.194 ms; the same loop moving the same bytes
+//! without decoding 0.192 with that grid and 0.175 with one step per thread (2 vectors; 4:
+//! 0.178), while a write-only fill reaches 4508 GB/s and a read-only stream 4541: the resident
+//! grid, not the H200, held the 1:4 stream at 86% of the copy. With decoding and one step per
+//! thread, 4 vectors 0.180 ms and 2 vectors 0.190-0.194, when each CTA still computed its decode
+//! table from the code book in the constant bank (serialized reads): since then the table is
+//! copied from device memory after the step's loads are issued. Then (19:19 UTC, copy 4216 GB/s,
+//! quant_bench's dequantize_variant rows): NF4 -> bf16 block 64 with 1 / 2 / 4 vectors 0.238 /
+//! 0.185 / 0.179 ms, int8 -> fp32 block 256 0.400 / 0.334 / 0.339 (ncu, NF4: 173 us).
+inline constexpr int dequantize_vectors_per_step = 4;
+
+//! Largest grid of the one-step dequantize launch (the kernel strides beyond it).
+inline constexpr size_t max_grid = 0x7fffffff;
 
 // ---- small device helpers ------------------------------------------------------------------
 
@@ -249,6 +261,21 @@ __device__ QMEM_INLINE float rcp_normal(float a) noexcept {
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(a));
   float const e = __fmaf_rn(-a, r, 1.0f);
   return __fmaf_rn(r, e, r);
+}
+
+//! Programmatic dependent launch (sm_90; no-ops elsewhere and for kernels launched without the
+//! attribute): `allow_dependents` lets the next kernel of the stream start its CTAs now (its
+//! prologue overlaps this kernel's tail), `wait_for_prerequisites` blocks until the previous
+//! kernel has finished and its writes are visible.
+__device__ QMEM_INLINE void allow_dependents() noexcept {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ QMEM_INLINE void wait_for_prerequisites() noexcept {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 //! Identity on loaded values (plain quantization).
@@ -606,6 +633,42 @@ __device__ QMEM_INLINE uint4 gather_block_words(uint32_t const (&w)[4], int grou
   return make_uint4(a, b, c, d);
 }
 
+//! Forms of a streamed 16-byte global load (quantize_whole's input, read once): 0 ld.global.cs
+//! (evict-first in L1 and L2), 1 ld.global.nc (the read-only path), 2 ld.global.nc with
+//! L1::no_allocate and a 256-byte L2 prefetch, 3 ld.global.nc with an L2 evict-first policy.
+template <int Form>
+__device__ QMEM_INLINE uint4 load_stream(uint4 const* p) noexcept {
+  if constexpr (Form == 0) {
+    return __ldcs(p);
+  } else if constexpr (Form == 1) {
+    return __ldg(p);
+  } else if constexpr (Form == 2) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+  } else {
+    static_assert(Form == 3);
+    uint4 v;
+    asm("{\n\t.reg .b64 pol;\n\t"
+        "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n\t"
+        "ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], pol;\n\t}"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+  }
+}
+
+//! The load form quantize_whole uses (load_stream): ld.global.nc. Measured on the H200
+//! (2026-11-29 18:58 UTC, 2^28 elements, quantize_whole at the dispatched grid, same run, copy
+//! 4187 GB/s): NF4 from bf16 block 64 ld.global.cs 0.2029 ms, ld.global.nc 0.1866, L2
+//! evict-first policy 0.1972, nc + L1::no_allocate + L2::256B prefetch 0.2209; int8 from fp32
+//! block 256: 0.3698 / 0.3433 / 0.3652 / 0.3692. A plain 4:1 read:write stream: .cs 0.1721 ms,
+//! .nc 0.1628; a read-only stream is 4541 GB/s with either (the evict-first loads cost only when
+//! mixed with stores).
+inline constexpr int whole_load_form = 1;
+
 //! Bytes of input one thread of quantize_whole loads per step, for blocks that one warp covers:
 //! four 16-byte loads in flight (96 KiB per SM at 48 warps), twice quantize_aligned's, to halve
 //! the per-block work (shuffles, reciprocal, absmax store) per element. Measured with this value
@@ -640,6 +703,12 @@ inline constexpr int whole_min_ctas = Items == whole_items<T> ? 6 : 4;
 template <class EncoderStorage>
 inline constexpr int whole_waves = sizeof(EncoderStorage) <= 8192 ? 4 : 1;
 
+//! CTAs per SM of the nested quantization of double quantization (quantize_whole with
+//! subtract_offset on the scales; one wave would be 6 per SM). Measured on the H200 (2026-11-29
+//! 18:58 UTC, the 2^22 scales of a 2^28-element NF4 tensor, nested block 256, launched alone):
+//! 1 per SM 18.2 us, 2 per SM 16.5, 3 17.6, 6 (one wave) 19.5, 12 24.0.
+inline constexpr int nested_ctas_per_sm = 2;
+
 //! Quantize kernel of whole blocks, nearest rounding: aligned input and codes, a power-of-two
 //! block size of at least Items, `blocks` blocks all full (the caller quantizes a partial last
 //! block with quantize_scalar). The layout is quantize_aligned's (a group of block / Items
@@ -655,7 +724,7 @@ inline constexpr int whole_waves = sizeof(EncoderStorage) <= 8192 ? 4 : 1;
 //! registers, 104 bytes of spill stores; 4 CTAs: 64 registers, 64 bytes). quant_bench's
 //! `nf4_quantize_whole_variant` times it against the dispatched kernel.
 template <class C, class T, int Items, class Transform, int MinCtas = whole_min_ctas<T, Items>,
-          bool Prefetch = false>
+          bool Prefetch = false, int LoadForm = whole_load_form>
 __global__ void __launch_bounds__(cta_threads, MinCtas)
     quantize_whole(T const* QMEM_RESTRICT x, size_t blocks, int block_shift,
                    uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, book_t<C> book,
@@ -669,6 +738,11 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
   int const blocks_per_cta = static_cast<int>(blockDim.x) / group_size;
   __shared__ quantize_shared<C, normal_encoder<C>> sh;
   auto const fast = sh.prepare(book, enc_params);
+  // the nested quantization of double quantization starts (table copy above) while offset_mean,
+  // which computes the offset it subtracts, finishes: nothing before this line reads memory
+  // an earlier kernel writes
+  if constexpr (std::is_same_v<Transform, subtract_offset>)
+    wait_for_prerequisites();
   auto& warp_max = sh.warp_max;
   book_t<C> const* const shared_book = &sh.book;
   auto const general = [shared_book](float xn) -> uint32_t {
@@ -685,7 +759,7 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
     uint4 const* const xb = reinterpret_cast<uint4 const*>(x + (b << block_shift)) + lane;
     QMEM_UNROLL
     for (int j = 0; j < vectors; ++j)
-      v[j] = __ldcs(xb + j * group_size);
+      v[j] = load_stream<LoadForm>(xb + j * group_size);
   };
   [[maybe_unused]] uint4 next[Prefetch ? vectors : 1] = {};
   if constexpr (Prefetch)
@@ -817,8 +891,13 @@ __global__ void __launch_bounds__(cta_threads)
 //! Scales stored as fp32 absmax.
 struct plain_scales {
   float const* absmax;
+  //! What a thread loads per block before the kernel's prologue (fetch) and the scale it makes
+  //! of it after (finish); operator() does both.
   struct loaded {
     float const* absmax;
+    using raw = float;
+    __device__ QMEM_INLINE raw fetch(size_t blk) const noexcept { return absmax[blk]; }
+    __device__ QMEM_INLINE float finish(raw r) const noexcept { return r; }
     __device__ QMEM_INLINE float operator()(size_t blk) const noexcept { return absmax[blk]; }
   };
 };
@@ -826,22 +905,34 @@ struct plain_scales {
 //! Double-quantized scales: nested_table[qabsmax[b]] * absmax2[b >> nested_shift] + offset
 //! (nested_block = 2^nested_shift: a shift, where the 64-bit division by a runtime nested_block
 //! cost more than the rest of an NF4 dequantization's per-vector work: +35% at 2^28 elements on
-//! the H200, 2026-11-29).
+//! the H200, 2026-11-29). `table` is dynamic_signed's decoded values in device memory
+//! (nested_values), copied into shared memory by each CTA with one coalesced load per thread;
+//! before, the table was a kernel argument whose copy read the constant bank at 256 different
+//! addresses, serialized.
 struct nested_scales {
   uint8_t const* qabsmax;
   float const* absmax2;
   float const* offset;
   int nested_shift;
-  code_table<256> table = dynamic_signed::book.value; // copied to shared memory by the kernel
+  float const* table; //!< 256 floats in device memory
+  struct raw {
+    uint8_t code;
+    float absmax2;
+  };
   struct loaded {
     uint8_t const* qabsmax;
     float const* absmax2;
     float offset;
     int nested_shift;
     float const* table; // shared memory
+    __device__ QMEM_INLINE raw fetch(size_t blk) const noexcept {
+      return {qabsmax[blk], absmax2[blk >> nested_shift]};
+    }
+    __device__ QMEM_INLINE float finish(raw r) const noexcept {
+      return fmath::add(fmath::mul(table[r.code], r.absmax2), offset);
+    }
     __device__ QMEM_INLINE float operator()(size_t blk) const noexcept {
-      return fmath::add(
-          fmath::mul(table[qabsmax[blk]], absmax2[blk >> nested_shift]), offset);
+      return finish(fetch(blk));
     }
   };
 };
@@ -852,6 +943,8 @@ template <>
 struct scales_state<plain_scales> {
   struct storage {};
   __device__ static void prepare(plain_scales const&, storage&) noexcept {}
+  //! The fetching half, usable before prepare (reads no shared memory).
+  __device__ static plain_scales::loaded fetcher(plain_scales s) noexcept { return {s.absmax}; }
   __device__ static plain_scales::loaded load(plain_scales s, storage&) noexcept {
     return {s.absmax};
   }
@@ -863,7 +956,10 @@ struct scales_state<nested_scales> {
   };
   __device__ static void prepare(nested_scales const& s, storage& st) noexcept {
     for (int i = static_cast<int>(threadIdx.x); i < 256; i += static_cast<int>(blockDim.x))
-      st.table[i] = s.table.value[i];
+      st.table[i] = __ldg(s.table + i);
+  }
+  __device__ static nested_scales::loaded fetcher(nested_scales s) noexcept {
+    return {s.qabsmax, s.absmax2, 0.0f, s.nested_shift, nullptr};
   }
   __device__ static nested_scales::loaded load(nested_scales s, storage& st) noexcept {
     return {s.qabsmax, s.absmax2, *s.offset, s.nested_shift, st.table};
@@ -877,15 +973,10 @@ template <class C>
 struct decode_table {
   using entry = std::conditional_t<C::bits == 8, float, float2>;
   entry v[256];
-  __device__ void fill(book_t<C> const& book) noexcept {
-    for (int i = static_cast<int>(threadIdx.x); i < 256; i += static_cast<int>(blockDim.x)) {
-      auto const c = static_cast<uint8_t>(i);
-      if constexpr (C::bits == 8)
-        v[i] = C::decode(c, book);
-      else
-        v[i] = make_float2(C::decode(static_cast<uint8_t>(c >> 4), book),
-                           C::decode(static_cast<uint8_t>(c & 0x0f), book));
-    }
+  //! Copies the table from device memory (decoded_values), one coalesced load per thread.
+  __device__ void load(entry const* values) noexcept {
+    for (int i = static_cast<int>(threadIdx.x); i < 256; i += static_cast<int>(blockDim.x))
+      v[i] = __ldg(values + i);
   }
   //! The value of code `c` (a nibble for 4-bit codes).
   __device__ QMEM_INLINE float value(uint8_t c) const noexcept {
@@ -895,6 +986,39 @@ struct decode_table {
       return v[c].y;
   }
 };
+
+//! decode_table's contents, built once on the host with C::decode (the function the kernels
+//! computed from the code book before; host and device decode alike), for device_table.
+template <class C>
+struct decoded_values {
+  typename decode_table<C>::entry v[256];
+};
+
+template <class C>
+decoded_values<C> const& host_decoded_values() {
+  static decoded_values<C> const table = [] {
+    decoded_values<C> t{};
+    for (int i = 0; i < 256; ++i) {
+      auto const c = static_cast<uint8_t>(i);
+      if constexpr (C::bits == 8)
+        t.v[i] = C::decode(c, C::book);
+      else
+        t.v[i] = float2{C::decode(static_cast<uint8_t>(c >> 4), C::book),
+                        C::decode(static_cast<uint8_t>(c & 0x0f), C::book)};
+    }
+    return t;
+  }();
+  return table;
+}
+
+//! The decoded values of code type C in the device memory of `device` (uploaded once).
+template <class C>
+typename decode_table<C>::entry const* decoded_values_on(int device) {
+  return device_table(host_decoded_values<C>(), device)->v;
+}
+
+//! dynamic_signed's values (the nested scales' code) in the device memory of `device`.
+inline float const* nested_values(int device) { return decoded_values_on<dynamic_signed>(device); }
 
 //! Two floats as the bf16 / f16 pair {lo, hi} (lo at the lower address) with one hardware
 //! conversion (round to nearest even, subnormals kept: for finite values the same bits as
@@ -911,58 +1035,70 @@ __device__ QMEM_INLINE uint32_t pack_two(float lo, float hi) noexcept {
 
 //! Fast dequantize kernel: aligned codes and output, block size a power of two of at least
 //! vector_items<T>. The work item is one 16-byte output vector (whose elements share a block);
-//! consecutive threads own consecutive vectors, and each thread handles
-//! dequantize_vectors_per_step of them per loop step (all loads first, then decode and store).
-//! Values come from decode_table (one shared load per code byte); bf16 / f16 outputs of a vector
-//! with a finite scale (every product then finite) are rounded two at a time by the hardware
-//! conversion: about 3 instructions per 4-bit element instead of 11 with the integer rounding
-//! of from_float (ptxas 13.0, sm_90, 2026-11-29).
-template <class C, class T, class Scales>
+//! consecutive threads own consecutive vectors, and each thread handles PerStep of them per loop
+//! step (all loads first, then decode and store; the launch gives every thread one step). The
+//! first step's codes and scales are loaded before the prologue (the decode table and the nested
+//! scales' table copied from device memory into shared memory), so that its latency hides under
+//! theirs. Values come from decode_table (one shared load per code byte); bf16 / f16 outputs of a
+//! vector with a finite scale (every product then finite) are rounded two at a time by the
+//! hardware conversion: about 3 instructions per 4-bit element instead of 11 with the integer
+//! rounding of from_float (ptxas 13.0, sm_90, 2026-11-29).
+template <class C, class T, class Scales, int PerStep = dequantize_vectors_per_step>
 __global__ void __launch_bounds__(cta_threads)
     dequantize_aligned(uint8_t const* QMEM_RESTRICT codes, Scales scales, size_t n,
-                       int block_shift, T* QMEM_RESTRICT y, book_t<C> book) {
+                       int block_shift, T* QMEM_RESTRICT y,
+                       typename decode_table<C>::entry const* QMEM_RESTRICT values) {
   constexpr int vec = vector_items<T>;
   constexpr int code_bytes_per_vector = C::bits == 8 ? vec : vec / 2;
-  constexpr int per_step = dequantize_vectors_per_step;
+  constexpr int per_step = PerStep;
   constexpr bool half_output = std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
+  using raw_scale = decltype(scales_state<Scales>::fetcher(scales).fetch(0));
   __shared__ decode_table<C> table;
   __shared__ typename scales_state<Scales>::storage scale_storage;
-  table.fill(book);
-  scales_state<Scales>::prepare(scales, scale_storage);
-  __syncthreads();
-  auto const scale_of = scales_state<Scales>::load(scales, scale_storage);
 
   size_t const whole = n / vec; // vectors entirely inside [0, n)
   size_t const threads = static_cast<size_t>(gridDim.x) * blockDim.x;
   size_t const tid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (size_t base = tid; base < whole; base += threads * per_step) {
-    uint8_t c[per_step][code_bytes_per_vector];
-    float s[per_step];
+  uint8_t c[per_step][code_bytes_per_vector];
+  raw_scale r[per_step];
+  auto load_step = [&](size_t base) {
+    auto const fetch = scales_state<Scales>::fetcher(scales);
     QMEM_UNROLL
     for (int u = 0; u < per_step; ++u) {
       size_t const v = base + static_cast<size_t>(u) * threads;
       if (v < whole) {
         load_bytes<code_bytes_per_vector>(c[u], codes + v * code_bytes_per_vector);
-        s[u] = scale_of((v * vec) >> block_shift);
+        r[u] = fetch.fetch((v * vec) >> block_shift);
       }
     }
+  };
+  load_step(tid);
+  table.load(values);
+  scales_state<Scales>::prepare(scales, scale_storage);
+  __syncthreads();
+  auto const scale_of = scales_state<Scales>::load(scales, scale_storage);
+
+  for (size_t base = tid; base < whole; base += threads * per_step) {
+    if (base != tid)
+      load_step(base);
     QMEM_UNROLL
     for (int u = 0; u < per_step; ++u) {
       size_t const v = base + static_cast<size_t>(u) * threads;
       if (v < whole) {
+        float const s = scale_of.finish(r[u]);
         float f[vec];
         QMEM_UNROLL
         for (int k = 0; k < code_bytes_per_vector; ++k) {
           if constexpr (C::bits == 8) {
-            f[k] = fmath::mul(table.v[c[u][k]], s[u]);
+            f[k] = fmath::mul(table.v[c[u][k]], s);
           } else {
             float2 const p = table.v[c[u][k]];
-            f[2 * k] = fmath::mul(p.x, s[u]);
-            f[2 * k + 1] = fmath::mul(p.y, s[u]);
+            f[2 * k] = fmath::mul(p.x, s);
+            f[2 * k + 1] = fmath::mul(p.y, s);
           }
         }
         if constexpr (half_output) {
-          if ((qmem::detail::float_to_bits(s[u]) & 0x7fffffffu) < 0x7f800000u) {
+          if ((qmem::detail::float_to_bits(s) & 0x7fffffffu) < 0x7f800000u) {
             uint4 const out = make_uint4(pack_two<T>(f[0], f[1]), pack_two<T>(f[2], f[3]),
                                          pack_two<T>(f[4], f[5]), pack_two<T>(f[6], f[7]));
             *reinterpret_cast<uint4*>(y + v * vec) = out;
@@ -1069,6 +1205,219 @@ __global__ void __launch_bounds__(cta_threads)
         out[node] = s;
     }
   }
+}
+
+// ---- the offset's mean in one kernel: exact warp sums, the upper levels in the last CTA ------
+
+//! Bit positions (biased exponents) of a finite, nonzero, normal value: `top` of its leading bit,
+//! `low` of its lowest set bit. Returns false for zeros (which any sum ignores exactly), and sets
+//! `bad` for subnormals, infinities and NaNs (no exact-sum shortcut for those).
+template <class In>
+__device__ QMEM_INLINE bool bit_span(In v, int& top, int& low, bool& bad) noexcept {
+  if constexpr (std::is_same_v<In, float>) {
+    uint32_t const u = qmem::detail::float_to_bits(v) & 0x7fffffffu;
+    int const e = static_cast<int>(u >> 23);
+    bad |= u != 0 && (e == 0 || e == 255);
+    top = e;
+    low = e - 23 + __ffs(static_cast<int>((u & 0x007fffffu) | 0x00800000u)) - 1;
+    return u != 0;
+  } else {
+    static_assert(std::is_same_v<In, double>);
+    auto const u = static_cast<unsigned long long>(__double_as_longlong(v)) & 0x7fffffffffffffffull;
+    int const e = static_cast<int>(u >> 52);
+    bad |= u != 0 && (e == 0 || e == 2047);
+    top = e;
+    low = e - 52 +
+          __ffsll(static_cast<long long>((u & 0x000fffffffffffffull) | 0x0010000000000000ull)) - 1;
+    return u != 0;
+  }
+}
+
+//! The sum of a warp's values (`Per` per lane, at most 256 in all; absent ones passed as zeros)
+//! when it is exact in double: every value finite and normal, and the span from the highest
+//! leading bit to the lowest set bit at most 44 positions (then every partial sum of at most 256
+//! of them is a multiple of the lowest bit's weight below 2^53 times it, so every order of
+//! additions gives the same, exact, result: the host's left-to-right sum). Returns false (and
+//! leaves `sum`) otherwise; the caller then sums in order. Every lane of the warp calls it.
+template <class In, int Per>
+__device__ QMEM_INLINE bool warp_exact_sum(In const (&v)[Per], double& sum) noexcept {
+  static_assert(32 * Per <= static_cast<int>(offset_tree_arity_v));
+  int top = 0;
+  int low = 1 << 20;
+  bool bad = false;
+  double s = 0.0;
+  QMEM_UNROLL
+  for (int k = 0; k < Per; ++k) {
+    int t = 0;
+    int l = 0;
+    if (bit_span(v[k], t, l, bad)) {
+      top = t > top ? t : top;
+      low = l < low ? l : low;
+    }
+    s += static_cast<double>(v[k]);
+  }
+  QMEM_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2) { // shuffles: any sm (__reduce_*_sync is sm_80+)
+    int const t = __shfl_xor_sync(0xffffffffu, top, offset);
+    int const l = __shfl_xor_sync(0xffffffffu, low, offset);
+    top = t > top ? t : top;
+    low = l < low ? l : low;
+  }
+  // sums of floats stay far inside double's range; sums of doubles near its top take the slow path
+  bool const exact = !__any_sync(0xffffffffu, bad) && top - low <= 44 &&
+                     (std::is_same_v<In, float> || top <= 2046 - 9);
+  if (!exact)
+    return false;
+  QMEM_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2)
+    s += __shfl_xor_sync(0xffffffffu, s, offset);
+  sum = s + 0.0; // an all-zero sum is +0.0, as the host's 0.0 + ... gives
+  return true;
+}
+
+//! Left-to-right double sum of in[begin, end) (the slow path: values an exact warp sum cannot
+//! take). Loads through L2 (`in` may have been written by other CTAs of this kernel).
+template <class In>
+__device__ QMEM_INLINE double ordered_sum(In const* in, size_t begin, size_t end) noexcept {
+  double s = 0.0;
+  constexpr int batch = 8;
+  for (size_t i = begin; i < end; i += batch) {
+    In c[batch];
+    QMEM_UNROLL
+    for (int k = 0; k < batch; ++k)
+      c[k] = i + k < end ? __ldcg(in + i + k) : In{};
+    QMEM_UNROLL
+    for (int k = 0; k < batch; ++k)
+      if (i + k < end)
+        s = __dadd_rn(s, static_cast<double>(c[k]));
+  }
+  return s;
+}
+
+//! Nodes of the leaf level one warp of offset_mean sums (their loads all in flight at once).
+inline constexpr int mean_nodes_per_warp = 4;
+
+//! CTAs of offset_mean whose leaves make one node of the level above (256 leaves).
+inline constexpr unsigned mean_ctas_per_upper =
+    static_cast<unsigned>(offset_tree_arity_v) / (mean_nodes_per_warp * (cta_threads / 32));
+
+//! Largest leaf count offset_mean takes: the CTA that finishes last sums the leaves into at most
+//! 256 nodes and those into the root (m <= 2^24 scales: a tensor of 2^30 elements in blocks of 64);
+//! more leaves go through tree_level.
+inline constexpr size_t mean_max_leaves = offset_tree_arity_v * offset_tree_arity_v;
+
+//! The offset's fixed-order mean in one launch (leaves <= mean_max_leaves): warp w of CTA b sums
+//! the leaf nodes (256 consecutive absmax values each) mean_nodes_per_warp * (8b + w) ... + 3,
+//! exactly with shuffles where warp_exact_sum allows, else in order by one lane, into `leaves`;
+//! for each node of the level above, the CTA that finishes its group last sums it (one warp, the
+//! same way), and the one that sums the last of those sums the root and writes
+//! offset = float(root / count). `leaves` has room for both levels, `tickets` (the groups' and
+//! the root's counters) is zero on entry. The host's tree (quant/double_quant.hpp detail::tree_mean), bit
+//! for bit. Before (2026-11-29): one kernel per level, three launches for 2^22 scales (ncu, H200:
+//! 9.0 + 5.3 + 3.0 us), each upper level one thread's 256 ordered additions per node. This kernel
+//! (ncu, H200, 19:19 UTC, 2^22 scales): 14.9 us (the first version, one CTA summing all 64 upper
+//! nodes: 21.8); it is latency-bound (0.78 waves of CTAs, 16 cycles per issued instruction, DRAM
+//! 24%): each warp's four exact sums are chains of dependent shuffles and double additions.
+template <int = 0>
+__global__ void __launch_bounds__(cta_threads)
+    offset_mean(float const* QMEM_RESTRICT in, size_t len, double* QMEM_RESTRICT leaves,
+                unsigned* QMEM_RESTRICT tickets, float* QMEM_RESTRICT offset) {
+  allow_dependents(); // the nested quantization's CTAs copy their table meanwhile
+  constexpr int arity = static_cast<int>(offset_tree_arity_v);
+  constexpr int per = arity / 32;
+  constexpr int warps = cta_threads / 32;
+  int const warp = static_cast<int>(threadIdx.x) / 32;
+  int const lane = static_cast<int>(threadIdx.x) % 32;
+  size_t const nodes = (len + arity - 1) / arity;
+  size_t const first =
+      (static_cast<size_t>(blockIdx.x) * warps + static_cast<size_t>(warp)) * mean_nodes_per_warp;
+  // lane l holds elements 4l .. 4l + 3 and 128 + 4l .. 128 + 4l + 3 of each node (16-byte loads
+  // when the node is whole and `in` 16-byte aligned)
+  bool const vector_loads = reinterpret_cast<std::uintptr_t>(in) % 16 == 0;
+  float v[mean_nodes_per_warp][per];
+  QMEM_UNROLL
+  for (int j = 0; j < mean_nodes_per_warp; ++j) {
+    size_t const base = (first + static_cast<size_t>(j)) * arity;
+    QMEM_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      size_t const i = base + static_cast<size_t>(128 * h + 4 * lane);
+      if (vector_loads && base + arity <= len) {
+        float4 const q = __ldcs(reinterpret_cast<float4 const*>(in + i));
+        v[j][4 * h] = q.x;
+        v[j][4 * h + 1] = q.y;
+        v[j][4 * h + 2] = q.z;
+        v[j][4 * h + 3] = q.w;
+      } else {
+        QMEM_UNROLL
+        for (int k = 0; k < 4; ++k)
+          v[j][4 * h + k] = i + k < len ? in[i + k] : 0.0f;
+      }
+    }
+  }
+  QMEM_UNROLL
+  for (int j = 0; j < mean_nodes_per_warp; ++j) {
+    size_t const node = first + static_cast<size_t>(j);
+    if (node >= nodes) // uniform over the warp
+      break;
+    double s = 0.0;
+    if (!warp_exact_sum(v[j], s) && lane == 0)
+      s = ordered_sum(in, node * arity, node * arity + arity < len ? node * arity + arity : len);
+    if (lane == 0)
+      leaves[node] = s;
+  }
+  // Level 1: upper node k sums the leaves of CTAs mean_ctas_per_upper * k ... + 7; the last of
+  // them to finish (ticket k) sums it with one warp, and the last upper node to be summed (ticket
+  // `uppers`) sums the root the same way.
+  size_t const uppers = (nodes + arity - 1) / arity; // <= arity (mean_max_leaves)
+  unsigned const k = blockIdx.x / mean_ctas_per_upper;
+  unsigned const in_group = gridDim.x - k * mean_ctas_per_upper < mean_ctas_per_upper
+                                ? gridDim.x - k * mean_ctas_per_upper
+                                : mean_ctas_per_upper;
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0)
+    last = atomicAdd(tickets + k, 1u) == in_group - 1;
+  __syncthreads();
+  if (!last || warp != 0)
+    return;
+  __threadfence();
+  double* const upper = leaves + nodes;
+  size_t const begin = static_cast<size_t>(k) * arity;
+  size_t const end = begin + arity < nodes ? begin + arity : nodes;
+  double c[per];
+  QMEM_UNROLL
+  for (int j = 0; j < per; ++j) {
+    size_t const i = begin + static_cast<size_t>(32 * j + lane);
+    c[j] = i < end ? __ldcg(leaves + i) : 0.0;
+  }
+  double s = 0.0;
+  if (!warp_exact_sum(c, s) && lane == 0)
+    s = ordered_sum(static_cast<double const*>(leaves), begin, end);
+  if (uppers == 1) { // the host's tree ends here: offset = level 1's single node / count
+    if (lane == 0)
+      *offset = __double2float_rn(__ddiv_rn(s, static_cast<double>(len)));
+    return;
+  }
+  bool root = false;
+  if (lane == 0) {
+    __stcg(upper + k, s);
+    __threadfence();
+    root = atomicAdd(tickets + uppers, 1u) == static_cast<unsigned>(uppers) - 1;
+  }
+  if (!__shfl_sync(0xffffffffu, root, 0))
+    return;
+  __threadfence();
+  QMEM_UNROLL
+  for (int j = 0; j < per; ++j) {
+    auto const i = static_cast<size_t>(32 * j + lane);
+    c[j] = i < uppers ? __ldcg(upper + i) : 0.0;
+  }
+  s = 0.0;
+  if (!warp_exact_sum(c, s) && lane == 0)
+    s = ordered_sum(static_cast<double const*>(upper), 0, uppers);
+  if (lane == 0)
+    *offset = __double2float_rn(__ddiv_rn(s, static_cast<double>(len)));
 }
 
 //! Elementwise dequantization of double-quantized scales. (A template only so that the header
@@ -1178,12 +1527,33 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
       int const threads = group > cta_threads ? group : cta_threads;
       size_t const per_step = static_cast<size_t>(threads / group);
       auto kernel = quantize_whole<C, T, Items, Transform>;
-      unsigned const grid = grid_for(kernel, threads, whole / per_step + 1, e.device,
-                                     whole_waves<typename normal_encoder<C>::storage>);
-      kernel<<<grid, threads, 0, e.stream>>>(x, whole, log2_exact(block_size), codes, absmax,
-                                             C::book,
-                                             normal_encoder<C>::host_params(e.device),
-                                             tf);
+      unsigned grid = grid_for(kernel, threads, whole / per_step + 1, e.device,
+                               whole_waves<typename normal_encoder<C>::storage>);
+      if constexpr (std::is_same_v<Transform, subtract_offset>) {
+        auto const cap =
+            static_cast<unsigned>(nested_ctas_per_sm * qmem::cuda_detail::sm_count(e.device));
+        grid = grid < cap ? grid : cap;
+      }
+      auto const params = normal_encoder<C>::host_params(e.device);
+      if constexpr (std::is_same_v<Transform, subtract_offset>) {
+        // programmatic dependent launch after offset_mean (see quantize_whole)
+        cudaLaunchAttribute attr[1] = {};
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3(grid);
+        config.blockDim = dim3(static_cast<unsigned>(threads));
+        config.stream = e.stream;
+        config.attrs = attr;
+        config.numAttrs = 1;
+        qmem::cuda_detail::check(cudaLaunchKernelEx(&config, kernel, x, whole,
+                                                    log2_exact(block_size), codes, absmax,
+                                                    C::book, params, tf),
+                                 "cudaLaunchKernelEx(quantize_whole)");
+      } else {
+        kernel<<<grid, threads, 0, e.stream>>>(x, whole, log2_exact(block_size), codes, absmax,
+                                               C::book, params, tf);
+      }
       qmem::cuda_detail::check_launch(e, "qmem::quant quantize_whole");
     }
     if (whole != blocks) {
@@ -1235,16 +1605,14 @@ void dequantize_any(exec::cuda const& e, uint8_t const* codes, Scales scales, si
   bool const pow2 = (block_size & (block_size - 1)) == 0;
   if (aligned16(codes) && aligned16(y) && pow2 && block_size % vec == 0) {
     auto kernel = dequantize_aligned<C, T, Scales>;
-    // A grid of resident CTAs striding over the vectors. One loop step per thread (a CTA per 512
-    // vectors) gained 0.196 -> 0.193 ms on NF4 in a harness but repeats every CTA's prologue (the
-    // decode table, and the nested scales' table and sums) 65536 times at 2^28 elements: NF4
-    // with double quantization ran 0.289-0.295 ms against 0.200-0.208 plain, int8 0.650 against
-    // 0.401-0.407 (lead's integrated H200 runs, 2026-11-29 16:49 and 16:57 UTC); the resident
-    // grid gave -3% / -1.6% for double quantization in the afternoon run of d15982e.
+    // One loop step per thread (a CTA per cta_threads * dequantize_vectors_per_step vectors):
+    // see dequantize_vectors_per_step. The prologue it repeats per CTA is now two coalesced
+    // loads from device memory, issued after the step's own loads.
     size_t const steps = n / vec / dequantize_vectors_per_step + 1;
-    unsigned const grid = grid_for(kernel, cta_threads, steps / cta_threads + 1, e.device);
+    size_t const ctas = steps / cta_threads + 1;
+    auto const grid = static_cast<unsigned>(ctas < max_grid ? ctas : max_grid);
     kernel<<<grid, cta_threads, 0, e.stream>>>(codes, scales, n, log2_exact(block_size), y,
-                                               C::book);
+                                               decoded_values_on<C>(e.device));
     qmem::cuda_detail::check_launch(e, "qmem::quant dequantize_aligned");
     return;
   }
@@ -1262,6 +1630,20 @@ inline void tree_mean(exec::cuda const& e, float const* absmax, size_t m, float*
   constexpr int float_nodes = 32;
   constexpr int double_nodes = 16;
   size_t const level0 = m / arity + (m % arity != 0 ? 1 : 0);
+  if (level0 > 1 && level0 <= mean_max_leaves) {
+    // one launch (offset_mean): the leaves' sums and a ticket counter in a workspace
+    constexpr size_t nodes_per_cta = static_cast<size_t>(mean_nodes_per_warp) * (cta_threads / 32);
+    size_t const level1 = (level0 + arity - 1) / arity;
+    memory::device_workspace<double> ws(memory::default_device_resource(e.device),
+                                        level0 + level1 + (level1 + 2) / 2, e.stream);
+    auto* const tickets = reinterpret_cast<unsigned*>(ws.data() + level0 + level1);
+    qmem::cuda_detail::check(
+        cudaMemsetAsync(tickets, 0, (level1 + 1) * sizeof(unsigned), e.stream), "cudaMemsetAsync");
+    auto const grid = static_cast<unsigned>((level0 + nodes_per_cta - 1) / nodes_per_cta);
+    offset_mean<><<<grid, cta_threads, 0, e.stream>>>(absmax, m, ws.data(), tickets, offset);
+    qmem::cuda_detail::check_launch(e, "qmem::quant offset_mean");
+    return;
+  }
   if (level0 == 1) {
     tree_level<float, float_nodes><<<1, cta_threads, 0, e.stream>>>(absmax, m, nullptr, offset, m);
     qmem::cuda_detail::check_launch(e, "qmem::quant tree_level");
@@ -1348,7 +1730,8 @@ inline void dequantize_scales(exec::cuda const& e, tensor_view<std::uint8_t cons
                         e.device);
   kernel<<<grid, kernels::cta_threads, 0, e.stream>>>(
       kernels::nested_scales{qabsmax.data(), absmax2.data(), offset.data(),
-                              kernels::log2_exact(nested_block)},
+                              kernels::log2_exact(nested_block),
+                              kernels::nested_values(e.device)},
       absmax.size(), absmax.data());
   qmem::cuda_detail::check_launch(e, "qmem::quant dequantize_scales");
 }
@@ -1367,7 +1750,8 @@ void dequantize_blockwise_nested(exec::cuda const& e, tensor_view<std::uint8_t c
   kernels::dequantize_any<C>(
       e, codes.data(),
       kernels::nested_scales{qabsmax.data(), absmax2.data(), offset.data(),
-                              kernels::log2_exact(nested_block)},
+                              kernels::log2_exact(nested_block),
+                              kernels::nested_values(e.device)},
       y.size(), block_size, y.data());
 }
 
