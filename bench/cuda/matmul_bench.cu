@@ -9,7 +9,8 @@
 // - gemm/*: batch 4096, dequantize + cuBLASLt against cuBLASLt bf16 on the same shape.
 // - gemv_variant/n/k/m/v: each GEMV block shape alone (v 13-18: the batch-1 candidates of
 //   cuda_matmul::gemv_batch1_candidates, to compare with v 9, gemv1_4bit_kernel's {8, 1, 4}; v 19
-//   and up: the streaming kernel's cuda_matmul::gemv_batch1_stream_candidates).
+//   to 28: the streaming kernel's cuda_matmul::gemv_batch1_stream_candidates; 29 and up, at
+//   batches 4 and 16: the small-batch streaming kernel's gemv_batch16_stream_candidates).
 // - gemm_overlap/n/k/m/chunks: batch 4096 with the dequantization overlapped in row chunks.
 // - grad_input/*, int8/*: the QLoRA backward pass and the LLM.int8 layer.
 #include <qmem/quant/cuda/matmul.cuh>
@@ -293,7 +294,12 @@ constexpr cuda_matmul::gemv1_shape variants1[] = {{8, 2, 2},
 // not yet timed), to compare with 9 and 13-18.
 constexpr auto const& variants_stream = cuda_matmul::gemv_batch1_stream_candidates;
 constexpr int stream_first = 8 + static_cast<int>(std::size(variants1));
-constexpr int variant_count = stream_first + static_cast<int>(std::size(variants_stream));
+// Then the streaming small-batch kernel's shapes (cuda_matmul::gemv_batch16_stream_candidates,
+// batches 2-16; 36 and 37 are dispatched), to compare with 3 ({8, 4, 2, contiguous}, the
+// gemv_4bit_kernel shape dispatched before it at batches 9-16).
+constexpr auto const& variants_m = cuda_matmul::gemv_batch16_stream_candidates;
+constexpr int stream_m_first = stream_first + static_cast<int>(std::size(variants_stream));
+constexpr int variant_count = stream_m_first + static_cast<int>(std::size(variants_m));
 
 template <int V>
 void launch_variant(exec::cuda const& e, cuda_matmul::gemv_args<bf16> const& a) {
@@ -301,9 +307,14 @@ void launch_variant(exec::cuda const& e, cuda_matmul::gemv_args<bf16> const& a) 
     cuda_matmul::launch_gemv_fast<nf4, bf16, false, variants[V]>(e, a);
   else if constexpr (V < stream_first)
     cuda_matmul::launch_gemv1_fast<nf4, bf16, false, variants1[V - 8]>(e, a);
-  else if (!cuda_matmul::launch_gemv1_stream<nf4, bf16, false, variants_stream[V - stream_first]>(
-               e, a))
-    throw qmem::bad_argument("gemv_variant: the streaming kernel does not take this shape");
+  else if constexpr (V < stream_m_first) {
+    if (!cuda_matmul::launch_gemv1_stream<nf4, bf16, false, variants_stream[V - stream_first]>(e,
+                                                                                              a))
+      throw qmem::bad_argument("gemv_variant: the streaming kernel does not take this shape");
+  } else if (!cuda_matmul::launch_gemvm_stream<nf4, bf16, false, variants_m[V - stream_m_first]>(
+                 e, a)) {
+    throw qmem::bad_argument("gemv_variant: the small-batch kernel does not take this shape");
+  }
 }
 
 //! launch_variant<V> for the run-time variant v (0 .. variant_count - 1).
@@ -355,6 +366,11 @@ void gemv_variant(benchmark::State& state) {
     state.counters["pipelined"] = s1.pipelined;
     state.counters["direct_lut"] = s1.direct_lut;
     state.counters["blocks_per_sm"] = cuda_matmul::gemv1_min_blocks(s1);
+  } else if (v >= stream_m_first) {
+    auto const& st = variants_m[v - stream_m_first];
+    state.counters["warps"] = m <= 8 ? st.warps : st.warps16;
+    state.counters["tiles"] = m <= 8 ? st.tiles : st.tiles16;
+    state.counters["stream"] = 1;
   } else {
     state.counters["warps"] = variants_stream[v - stream_first].warps;
     auto const& st = variants_stream[v - stream_first];
@@ -544,16 +560,20 @@ constexpr std::int64_t shapes[5][2] = {
 
 void gemv_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes)
-    for (std::int64_t m : {1, 16})
+    for (std::int64_t m : {1, 2, 4, 8, 16})
       for (std::int64_t nested : {0, 1})
-        b->Args({s[0], s[1], m, nested});
+        if (m != 2 || nested == 0)
+          b->Args({s[0], s[1], m, nested});
 }
 void variant_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes) {
-    for (std::int64_t v = 0; v < variant_count; ++v)
+    for (std::int64_t v = 0; v < stream_m_first; ++v)
       b->Args({s[0], s[1], 1, v});
     for (std::int64_t v : {2, 3, 6, 7})
       b->Args({s[0], s[1], 16, v});
+    for (std::int64_t m : {4, 16})
+      for (std::int64_t v = stream_m_first; v < variant_count; ++v)
+        b->Args({s[0], s[1], m, v});
   }
 }
 void cublas_args(benchmark::internal::Benchmark* b) {

@@ -28,9 +28,11 @@
 #include <cstdint>
 #include <exception>
 #include <initializer_list>
+#include <iterator>
 #include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "support/backend.hpp"
@@ -502,6 +504,63 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
   stream_cases<c[8]>({{70, 8192, 64, 0}, {1601, 8192, 64, 2}, {45, 4096, 4096, 0}}, true, rng);
   // programmatic dependent launch (outside a graph: the wait returns at once)
   stream_cases<c[9]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}, {1501, 8192, 64, 1}}, true, rng);
+  // ... and with the weight's first lines asked of L2 before the wait (32 KiB: less than a tile
+  // on 1501 rows planned for 1 multiprocessor; 128 KiB: more than the 70-row weight)
+  stream_cases<c[10]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}, {1501, 8192, 64, 1}}, true, rng);
+  stream_cases<c[11]>({{70, 8192, 64, 0}, {1501, 8192, 64, 1}, {300, 2048, 64, 7}}, true, rng);
+}
+
+namespace {
+//! The streaming small-batch kernel with shape S at batch m on one weight, planned for `sms`
+//! multiprocessors (0: the device's; fewer make blocks walk several rounds), against the GEMV
+//! model.
+template <cuda_matmul::gemvm_stream_shape S>
+void small_batch_case(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
+                      unsigned sms, std::mt19937& rng) {
+  kernel_case(m, n, k, block, nested, rng, [&](cuda_matmul::gemv_args<bf16> const& a) {
+    auto const& e = qmem::test::cuda_backend::exec();
+    bool const launched = nested ? cuda_matmul::launch_gemvm_stream<nf4, bf16, true, S>(e, a, sms)
+                                 : cuda_matmul::launch_gemvm_stream<nf4, bf16, false, S>(e, a, sms);
+    REQUIRE(launched);
+    return "streaming small-batch " + std::to_string(S.warps) + "/" + std::to_string(S.tiles) +
+           "/" + std::to_string(S.warps16) + "/" + std::to_string(S.tiles16) +
+           " sms=" + std::to_string(sms);
+  });
+}
+
+//! Every plan kind of the streaming small-batch kernel for shape S, at batches 2 (and 5, 8: one
+//! 8-row half) and 9 (and 16: two halves); nested scales on some.
+template <cuda_matmul::gemvm_stream_shape S>
+void small_batch_cases(std::mt19937& rng) {
+  for (std::size_t const m : {std::size_t{2}, std::size_t{5}, std::size_t{8}, std::size_t{9},
+                              std::size_t{16}}) {
+    // 22 chunks over 16 warps (1 or 2 each), 3 tiles (the last partial), one tile per block
+    small_batch_case<S>(m, 45, 1408, 64, m == 5, 0, rng);
+    // 5 tiles in one block: rounds of R tiles, the last partial and a row tile past n
+    small_batch_case<S>(m, 70, 4096, 64, m == 9, 1, rng);
+    // 19 tiles over 3 planned multiprocessors (7 per block), blocks of 128
+    small_batch_case<S>(m, 300, 2048, 128, m == 16, 3, rng);
+    // 8 chunks: fewer warps than the shape's
+    small_batch_case<S>(m, 33, 512, 64, m == 2, 0, rng);
+    // blocks of 4096 (one scale for 64 chunks), 3 tiles in 2 blocks
+    small_batch_case<S>(m, 37, 8192, 4096, m == 8, 2, rng);
+  }
+}
+
+template <std::size_t... I>
+void all_small_batch_cases(std::mt19937& rng, std::index_sequence<I...>) {
+  (small_batch_cases<cuda_matmul::gemv_batch16_stream_candidates[I]>(rng), ...);
+}
+} // namespace
+
+TEST_CASE("the streaming small-batch GEMV kernel computes the GEMV function on every plan") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  std::mt19937 rng(29);
+  constexpr auto count = std::size(cuda_matmul::gemv_batch16_stream_candidates);
+  all_small_batch_cases(rng, std::make_index_sequence<count>{});
 }
 
 TEST_CASE("GEMV kernel block shapes the bench compares all compute the same function") {

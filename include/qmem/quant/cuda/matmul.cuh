@@ -1131,6 +1131,14 @@ constexpr unsigned gemv_smem_bytes() {
 // times activations summed in fp32 per 64-column chunk on the tensor cores, the block scale
 // applied once to that sum, the chunk sums added in fp32.
 
+//! Asks L2 for the 128-byte lines of [p, p + bytes), the block's threads in turn (no data comes
+//! back to the SM; a prefetch never faults).
+__device__ QMEM_INLINE void prefetch_l2_range(void const* p, std::size_t bytes) {
+  auto const* c = static_cast<unsigned char const*>(p);
+  for (std::size_t o = std::size_t{threadIdx.x} * 128; o < bytes; o += std::size_t{blockDim.x} * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
+}
+
 //! Launch plan of gemv1_stream_kernel (host-computed, a launch argument).
 struct gemv1_stream_plan {
   unsigned col_groups; //!< C: warps splitting a row's super-steps, J each
@@ -1156,6 +1164,13 @@ struct gemv1_stream_shape {
   //! kernel of the stream drains, then waits for it (griddepcontrol.wait) before any global load,
   //! and lets the next kernel launch at once (griddepcontrol.launch_dependents).
   bool pdl = false;
+  //! With `pdl`: before waiting for the previous kernel, the block asks L2 for the first
+  //! `prefetch_kib` KiB of its first tile's codes and the matching scales (prefetch.global.L2),
+  //! so the first loads after the wait find them there instead of paying the DRAM latency while
+  //! the chip is idle. Only the weight is prefetched: it is what the previous kernel does not
+  //! write in a model's forward; and a line the previous kernel does write is still read correctly
+  //! (L2 is where writes land; nothing reaches L1 before the wait).
+  int prefetch_kib = 0;
 };
 
 //! Shapes of gemv1_stream_kernel the bench's gemv_variant compares (variants 19 to 25): register
@@ -1193,7 +1208,9 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {{16, 8},
                                                                        {32, 2, true},
                                                                        {16, 4, false, true},
                                                                        {16, 6, false, true},
-                                                                       {16, 4, false, false, true}};
+                                                                       {16, 4, false, false, true},
+                                                                       {16, 4, false, false, true, 32},
+                                                                       {16, 4, false, false, true, 128}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
 //! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
@@ -1258,7 +1275,7 @@ QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_slot_bytes(int j) {
 //! 8-byte and x 16-byte aligned, a power-of-two nested block size, n * k / 64 < 2^32;
 //! blockDim.x == 32 * C * G.
 template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async,
-          bool Grouped, bool Pdl>
+          bool Grouped, bool Pdl, int PrefetchKiB = 0>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemv1_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemv1_stream_plan plan) {
@@ -1308,6 +1325,22 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   if constexpr (Pdl) {
     // the next kernel may start as soon as SMs free up (it only builds its table before waiting)
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if constexpr (PrefetchKiB > 0) {
+      // the first rows of the block's first tile, in the order the warps stream them
+      if (blockIdx.x < plan.tiles) {
+        std::size_t const row0 = std::size_t{2} * blockIdx.x * plan.tile_pairs;
+        std::size_t const rows = min(std::size_t{2} * plan.tile_pairs, a.n - row0);
+        std::size_t const half = a.k / 2;
+        std::size_t const bytes = min(rows * half, std::size_t{PrefetchKiB} * 1024);
+        std::size_t const row_blocks = a.k >> a.block_shift;
+        prefetch_l2_range(a.codes + row0 * half, bytes);
+        std::size_t const pf_rows = (bytes + half - 1) / half;
+        if constexpr (Nested)
+          prefetch_l2_range(a.scales.qabsmax + row0 * row_blocks, pf_rows * row_blocks);
+        else
+          prefetch_l2_range(a.scales.absmax + row0 * row_blocks, pf_rows * row_blocks * 4);
+      }
+    }
     // the table needs no memory another kernel writes; everything after the wait may
     fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -1649,6 +1682,413 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         }
       }
       __syncthreads();
+    }
+  };
+  if (direct)
+    body(std::true_type{});
+  else
+    body(std::false_type{});
+}
+
+// ------------------------------------------------------------------------------------------------
+// Streaming small-batch GEMV (gemvm_stream_kernel), batches 2 to 16
+//
+// gemv_4bit_kernel (the batch 2-16 kernel before this one) gave each block 32 rows and all the
+// columns: 448 blocks for 14336 rows, 3 resident per SM, so 1.13 waves (the second nearly empty),
+// and every block rebuilt the 64 KiB decode table for 2 step groups per warp. Batch 16 ran
+// 2.07-2.78x batch 1 on three anchor shapes (H200 integrated run, 2026-11-29 16:49 UTC). This
+// kernel applies the batch-1 streaming design to the standard fragment layout:
+// - one block of up to 16 warps per SM, the table built once per block (before
+//   griddepcontrol.wait with programmatic dependent launch);
+// - each block owns a contiguous run of 16-row tiles (ceil(tiles / SMs): every SM within one tile
+//   of the same share) and walks it in rounds of R tiles; each warp owns a contiguous range of
+//   the 64-column chunks for every round, so a block reads x once per round (from L2) and its
+//   warps never read the same bytes twice;
+// - a warp's step is one chunk of its R tiles (R x 16 rows x 32 code bytes: 2 KiB with R = 4, the
+//   batch-1 kernel's bytes in flight per warp) and its activations; the next step's loads are
+//   issued after the current step's registers have been touched (a dependency through a zero the
+//   compiler cannot see), so the one scoreboard ptxas gives the loads holds one step while the
+//   warp computes the other (the batch-1 kernel's "grouped" ring); the next round's first step
+//   is loaded before the current round's reduction;
+// - each round, the warps' fp32 sums go to shared memory and the block adds them per output in
+//   warp order (deterministic).
+// Thread (g, t) holds bytes 8t .. 8t + 7 of each chunk in rows g and g + 8 of every tile (columns
+// 16t .. 16t + 15) and, as the B fragment, the activations of batch rows g (and g + 8) at the same
+// columns: the mma's k order is a permutation of the chunk's columns shared by A and B. It
+// computes the function of the other GEMV kernels (docs/matmul.md).
+
+//! Launch plan of gemvm_stream_kernel (host-computed, a launch argument).
+struct gemvm_stream_plan {
+  unsigned tiles;      //!< 16-row tiles of the weight, ceil(n / 16)
+  unsigned per_block;  //!< consecutive tiles a block owns (the last block fewer)
+  unsigned col_groups; //!< warps per block, each a contiguous range of the chunks
+  unsigned chunks;     //!< 64-column chunks of a row, k / 64
+  unsigned smem;       //!< dynamic shared memory of the launch, bytes
+};
+
+//! Block shape of gemvm_stream_kernel: warps per block and tiles per step for batches of 2-8
+//! rows (one 8-row half, MT = 1) and of 9-16 rows (MT = 2, whose activations take twice the
+//! registers).
+struct gemvm_stream_shape {
+  int warps;    //!< at most this many warps per block (one block per SM), batch <= 8
+  int tiles;    //!< R: 16-row tiles a warp computes per step (they share its activations)
+  int warps16;  //!< the same for batches of 9-16
+  int tiles16;  //!< the same for batches of 9-16
+  bool pdl = true; //!< programmatic dependent launch (as gemv1_stream_shape::pdl)
+  //! With `pdl`: before waiting for the previous kernel, each warp asks L2 for this many 128-byte
+  //! lines (4 chunks each) of every row of the block's first round at its first chunk, and the
+  //! line of scales there (as gemv1_stream_shape::prefetch_kib).
+  int prefetch_lines = 0;
+  //! The 4 threads of a fragment row load the scales of 4 consecutive chunks in one instruction
+  //! (once per 4 chunks) and the step's scale comes by a shuffle: a quarter of the scale load
+  //! instructions, each touching the same 8 lines (one per weight row) as before.
+  bool group_scales = false;
+};
+
+//! Shapes of gemvm_stream_kernel the bench compares (gemv_variant 31 to 37, after the batch-1
+//! ones). bench gemv_variant, one H200, 200 calls in one CUDA graph, NF4 block 64, plain scales,
+//! us on 4096 x 4096 / 14336 x 4096 / 4096 x 14336 / 8192 x 8192 / 28672 x 8192.
+//! Run of 2026-11-29 19:27 UTC (same-run copy 4234 GB/s; batch 1 dispatched 5.32 / 10.91 /
+//! 10.82 / 12.53 / 39.95), {warps, R} at batch 4 | at batch 16 ("gs": group_scales):
+//!   {16, 2}     6.32 / 18.27 / 15.44 / 18.76 / 65.65 | {8, 4}      9.73 / 22.74 / 24.85 / 22.86 / 87.43
+//!   {16, 4}     7.08 / 17.34 / 18.93 / 19.08 / 71.70 | {16, 2}     7.43 / 23.57 / 19.74 / 23.71 / 91.52
+//!   {16, 2} gs  5.93 / 17.99 / 14.49 / 18.08 / 64.58 | {16, 3}     8.33 / 23.44 / 20.95 / 26.83 / 90.87
+//!   {16, 4} gs  6.88 / 15.59 / 18.07 / 17.05 / 66.35 | {12, 4}     9.18 / 21.84 / 22.44 / 23.48 / 92.41
+//!                                                    | {8, 4} gs  10.21 / 23.16 / 25.37 / 23.87 / 89.39
+//!                                                    | {16, 2} gs  7.12 / 22.70 / 17.79 / 22.55 / 87.69
+//!                                                    | {12, 4} gs  9.26 / 21.11 / 22.07 / 21.72 / 85.95
+//! Run of 19:10 UTC (copy 4209 GB/s), before tiles past a block's last were skipped and before
+//! group_scales: {16, 4} at batch 4 8.19 / 17.92 / 23.14 / 18.96 / 74.89, {16, 2} 6.33 / 18.72 /
+//! 15.62 / 18.69 / 64.40; at batch 16 {16, 2} 7.57 / 24.75 / 20.19 / 23.81 / 90.18, {8, 4} 10.99
+//! / 22.85 / 28.99 / 22.32 / 85.60, {16, 3} 9.14 / 25.89 / 25.88 / 31.44 / 94.35; without PDL
+//! 8-19% slower; the first lines asked of L2 before the wait (prefetch_lines 1, 2): within 3%;
+//! gemv_4bit_kernel at batch 16 (dispatched before): 8.61 / 30.66 / 19.32 / 26.17 / 94.57.
+//! Computing the skipped tiles was what lost with R = 4 on 4096 rows (2 tiles per block: batch 4
+//! 4096 x 14336 23.1 us against 15.6 with R = 2) and R = 3 on 8192 rows (2 rounds of 3 for 4
+//! tiles). ncu (8192 x 8192, one launch, cold L2; {16, 2} at batch 16, {16, 4} at batch 4):
+//! L1/TEX 68-72% busy, DRAM 27-33%, 25% occupancy; counted per chunk of a tile (1024 weights):
+//! 16 table loads, 2 code and 2 scale loads of 8 rows each (8 lines apiece), and the chunk's
+//! activations shared by R tiles. At batch 16 ptxas spilled R = 4 with 16 warps (128 registers),
+//! hence 12 or 8 warps there.
+inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
+    {16, 2, 8, 4},          {16, 2, 16, 2},          {16, 4, 16, 3},
+    {16, 4, 12, 4},         {16, 2, 8, 4, true, 0, true}, {16, 2, 16, 2, true, 0, true},
+    {16, 4, 12, 4, true, 0, true}};
+//! The shape batches 2 to 16 run with (blocks >= 64, k % 64 == 0) when a block owns at least 4
+//! tiles (more than 3 * SMs tiles of 16 rows): {16, 4} / {12, 4} with group_scales, the fastest
+//! above on 14336 x 4096 and 8192 x 8192 at both batches and on 28672 x 8192 at batch 16 (at
+//! batch 4 there {16, 2} gs was 2.7% faster). Else gemv_batch16_stream_short.
+inline constexpr gemvm_stream_shape gemv_batch16_stream = gemv_batch16_stream_candidates[6];
+//! Weights with fewer than 4 tiles per block (4096 rows on 132 SMs: 2): {16, 2} with
+//! group_scales at both batches, the fastest above on 4096 x 4096 and 4096 x 14336.
+inline constexpr gemvm_stream_shape gemv_batch16_stream_short = gemv_batch16_stream_candidates[5];
+
+//! Bytes of gemvm_stream_kernel's partial sums: [warps][8 MT batch rows][16 R rows + 4] floats
+//! (the padding makes the fragment stores and the reduction's reads conflict-free).
+QMEM_HOST_DEVICE constexpr unsigned gemvm_partial_bytes(unsigned warps, int mt, int r) {
+  return warps * static_cast<unsigned>(8 * mt) * static_cast<unsigned>(16 * r + 4) * 4u;
+}
+
+//! The loads of one step (R tiles at one chunk, and the activations of that chunk).
+template <int R, int MT, bool Nested>
+struct gemvm_stage {
+  uint2 q[R][2];                       //!< 16 codes of rows g and g + 8 of each tile
+  float s[R][2];                       //!< plain scale, or the nested group's absmax2
+  std::uint32_t qs[Nested ? R : 1][2]; //!< nested: the block's 8-bit scale code
+  uint4 x[MT][2];                      //!< 16 activations of batch rows g (MT 2: and g + 8)
+};
+
+//! `MT` 8-row halves of the batch, `R` tiles per step, at most `MaxWarps` warps.
+//! Preconditions (the launcher's): 2 <= m <= 16 (MT = 1 for m <= 8), k % 64 == 0, k % block ==
+//! 0, block >= 64, codes 8-byte and x 16-byte aligned, a power-of-two nested block size,
+//! n * k / 64 < 2^32; blockDim.x == 32 * plan.col_groups, plan.col_groups <= plan.chunks.
+template <class Code, class T, bool Nested, int MT, int R, int MaxWarps, bool Pdl,
+          int PrefetchLines = 0, bool GroupScales = false>
+__global__ void __launch_bounds__(MaxWarps * 32, 1)
+    gemvm_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
+                        gemvm_stream_plan plan) {
+  extern __shared__ __align__(16) unsigned char gemv_smem[];
+  unsigned const C = plan.col_groups;
+  constexpr unsigned stride = 16u * R + 4u; // floats between batch rows of the partial sums
+
+  // layout: the table at a 64 KiB-aligned shared address (direct byte-permute addressing) when
+  // the allocation allows, else at 0; the partial sums, the nested map and the T values after it
+  auto const base = static_cast<std::uint32_t>(__cvta_generic_to_shared(gemv_smem));
+  unsigned const side_bytes = gemvm_partial_bytes(C, MT, R) + gemv1_stream_extra_bytes(Nested);
+  unsigned lut_off = (0u - base) & 0xFFFFu;
+  bool const direct = lut_off + gemv_lut_bytes + side_bytes <= plan.smem;
+  if (!direct)
+    lut_off = 0;
+  std::uint32_t const lut_addr = base + lut_off;
+  auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem + lut_off);
+  auto* const partial = reinterpret_cast<float*>(gemv_smem + lut_off + gemv_lut_bytes);
+  float* const dyn = partial + gemvm_partial_bytes(C, MT, R) / 4u;
+  std::uint32_t* const bits16 = reinterpret_cast<std::uint32_t*>(dyn + (Nested ? 256 : 0));
+
+  unsigned const warp = threadIdx.x >> 5;
+  unsigned const lane = threadIdx.x & 31u;
+  unsigned const g = lane >> 2; // fragment row group
+  unsigned const t = lane & 3u; // thread in group
+  // this warp's chunks and this block's tiles
+  unsigned const lo = warp * plan.chunks / C;
+  unsigned const hi = (warp + 1) * plan.chunks / C;
+  unsigned const t0 = blockIdx.x * plan.per_block;
+  unsigned const t1 = min(t0 + plan.per_block, plan.tiles);
+  unsigned const step_shift = a.block_shift - 6u; // log2(chunks per block)
+  auto const n = static_cast<unsigned>(a.n);
+  std::size_t const half_k = a.k / 2;
+  auto const row_blocks = static_cast<std::uint32_t>(a.k >> a.block_shift);
+
+  if constexpr (Pdl) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if constexpr (PrefetchLines > 0) {
+      // lane l: rows l and l + 32 of the first round, from this warp's first chunk on
+      QMEM_UNROLL
+      for (unsigned j = lane; j < 16u * R; j += 32u) {
+        unsigned const row = t0 * 16u + j;
+        if (t0 + j / 16u < t1 && row < n) {
+          unsigned char const* const c =
+              a.codes + static_cast<std::size_t>(row) * half_k + std::size_t{32} * lo;
+          QMEM_UNROLL
+          for (int l = 0; l < PrefetchLines; ++l)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(c + 128 * l));
+          std::uint32_t const blk = row * row_blocks + (lo >> step_shift);
+          if constexpr (Nested)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(a.scales.qabsmax + blk));
+          else
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(a.scales.absmax + blk));
+        }
+      }
+    }
+    fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+  }
+
+  using stage = gemvm_stage<R, MT, Nested>;
+  stage buf[2];
+  // never-loaded registers (rows past n or past the round, batch rows past m) stay finite: the
+  // sums they enter are never stored, and x rows past m are zero
+  QMEM_UNROLL
+  for (int s = 0; s < 2; ++s) {
+    QMEM_UNROLL
+    for (int r = 0; r < R; ++r)
+      QMEM_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      buf[s].q[r][h] = make_uint2(0, 0);
+      buf[s].s[r][h] = 0.0f;
+      if constexpr (Nested)
+        buf[s].qs[r][h] = 0;
+    }
+    QMEM_UNROLL
+    for (int mt = 0; mt < MT; ++mt)
+      buf[s].x[mt][0] = buf[s].x[mt][1] = make_uint4(0, 0, 0, 0);
+  }
+
+  // the loads of chunk i of the round starting at tile tb into slot S (`dep`: always 0)
+  auto load = [&](auto slot, unsigned tb, unsigned i, std::uint32_t dep) {
+    constexpr int S = decltype(slot)::value;
+    stage& st = buf[S];
+    unsigned const chunk = i + dep;
+    // GroupScales: thread t loads the scale of chunk (chunk & ~3) + t at a warp's first chunk of
+    // a round and every 4th chunk; between those the slot keeps the other slot's (just waited for)
+    bool const fresh = !GroupScales || (i & 3u) == 0 || i == lo;
+    unsigned const schunk = GroupScales ? (chunk & ~3u) + t : chunk;
+    std::uint32_t const cblk = schunk >> step_shift;
+    if constexpr (GroupScales) {
+      if (!fresh) {
+        QMEM_UNROLL
+        for (int r = 0; r < R; ++r)
+          QMEM_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          st.s[r][h] = buf[1 - S].s[r][h];
+          if constexpr (Nested)
+            st.qs[r][h] = buf[1 - S].qs[r][h];
+        }
+      }
+    }
+    bool const sin = fresh && schunk < plan.chunks;
+    QMEM_UNROLL
+    for (int r = 0; r < R; ++r)
+      QMEM_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      unsigned const row = (tb + static_cast<unsigned>(r)) * 16u + 8u * h + g;
+      bool const in = tb + static_cast<unsigned>(r) < t1 && row < n;
+      ldg_pred(st.q[r][h],
+               a.codes + static_cast<std::size_t>(row) * half_k + std::size_t{32} * chunk + 8 * t,
+               in);
+      std::uint32_t const blk = row * row_blocks + cblk;
+      if constexpr (Nested) {
+        ldg_pred(st.qs[r][h], a.scales.qabsmax + blk, in && sin);
+        ldg_pred(st.s[r][h], a.scales.absmax2 + (blk >> a.scales.nested_shift), in && sin);
+      } else {
+        ldg_pred(st.s[r][h], a.scales.absmax + blk, in && sin);
+      }
+    }
+    QMEM_UNROLL
+    for (int mt = 0; mt < MT; ++mt) {
+      unsigned const m = static_cast<unsigned>(mt) * 8u + g;
+      auto const* p = reinterpret_cast<uint4 const*>(a.x + static_cast<std::size_t>(m) * a.k +
+                                                     std::size_t{64} * chunk + 16 * t);
+      ldg_pred(st.x[mt][0], p, m < a.m);
+      ldg_pred(st.x[mt][1], p + 1, m < a.m);
+    }
+  };
+
+  unsigned tb = t0; // the current round's first tile
+  unsigned ci = lo; // the current chunk
+  if (tb < t1)
+    load(std::integral_constant<int, 0>{}, tb, lo, 0);
+  if constexpr (!Pdl)
+    fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
+
+  auto body = [&](auto direct_c) {
+    constexpr bool Direct = decltype(direct_c)::value;
+    std::uint32_t const lane_word = Direct ? lut_addr | (lane * 4u) : lane * 4u;
+    auto decode = [&](std::uint32_t word, int byte) -> std::uint32_t {
+      std::uint32_t addr;
+      if constexpr (Direct)
+        addr = __byte_perm(word, lane_word, 0x7604u | (static_cast<unsigned>(byte) << 4));
+      else
+        addr =
+            lut_addr + __byte_perm(word, lane_word, 0x5504u | (static_cast<unsigned>(byte) << 4));
+      std::uint32_t v;
+      asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+      return v;
+    };
+
+    float acc[R][MT][4];
+    auto clear = [&] {
+      QMEM_UNROLL
+      for (int r = 0; r < R; ++r)
+        QMEM_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+        acc[r][mt][0] = acc[r][mt][1] = acc[r][mt][2] = acc[r][mt][3] = 0.0f;
+    };
+    clear();
+
+    // the products of the step in slot S, scaled, into acc; tiles past the block's last (in its
+    // last round) are skipped: computing them doubled the time of R = 4 on 4096-row weights (2
+    // tiles per block; H200, 2026-11-29 19:10 UTC, batch 4, 4096 x 14336: 23.1 us against 15.6
+    // with R = 2)
+    auto compute = [&](auto slot) {
+      stage const& st = buf[decltype(slot)::value];
+      // GroupScales: the current chunk's scale is thread (g, chunk % 4)'s
+      auto pick = [&](auto v) {
+        if constexpr (GroupScales)
+          return __shfl_sync(0xFFFFFFFFu, v, static_cast<int>((lane & ~3u) | (ci & 3u)));
+        else
+          return v;
+      };
+      QMEM_UNROLL
+      for (int r = 0; r < R; ++r) {
+        if (r > 0 && tb + static_cast<unsigned>(r) >= t1)
+          break;
+        float p[MT][4];
+        QMEM_UNROLL
+        for (int kk = 0; kk < 4; ++kk) {
+          std::uint32_t const w0 = kk < 2 ? st.q[r][0].x : st.q[r][0].y;
+          std::uint32_t const w1 = kk < 2 ? st.q[r][1].x : st.q[r][1].y;
+          int const b = 2 * (kk & 1);
+          std::uint32_t const frag[4] = {decode(w0, b), decode(w1, b), decode(w0, b + 1),
+                                         decode(w1, b + 1)};
+          QMEM_UNROLL
+          for (int mt = 0; mt < MT; ++mt) {
+            // activation words 2kk, 2kk + 1 go with code bytes 2kk, 2kk + 1
+            std::uint32_t const b0 =
+                kk < 2 ? (&st.x[mt][0].x)[2 * kk] : (&st.x[mt][1].x)[2 * kk - 4];
+            std::uint32_t const b1 =
+                kk < 2 ? (&st.x[mt][0].x)[2 * kk + 1] : (&st.x[mt][1].x)[2 * kk - 3];
+            if (kk == 0)
+              mma_16816_zero<T>(p[mt], frag, b0, b1);
+            else
+              mma_16816<T>(p[mt], frag, b0, b1);
+          }
+        }
+        float sc[2];
+        QMEM_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (Nested)
+            sc[h] = fmath::add(fmath::mul(dyn[pick(st.qs[r][h])], pick(st.s[r][h])),
+                               a.scales.offset);
+          else
+            sc[h] = pick(st.s[r][h]);
+        }
+        QMEM_UNROLL
+        for (int mt = 0; mt < MT; ++mt) {
+          acc[r][mt][0] = fmaf(sc[0], p[mt][0], acc[r][mt][0]);
+          acc[r][mt][1] = fmaf(sc[0], p[mt][1], acc[r][mt][1]);
+          acc[r][mt][2] = fmaf(sc[1], p[mt][2], acc[r][mt][2]);
+          acc[r][mt][3] = fmaf(sc[1], p[mt][3], acc[r][mt][3]);
+        }
+      }
+    };
+
+    // the round of tiles done .. done + R - 1 is complete in every warp's acc: add the warps'
+    // sums per output in warp order and store y
+    auto end_round = [&](unsigned done) {
+      QMEM_UNROLL
+      for (int r = 0; r < R; ++r)
+        QMEM_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        float* const col = partial + (warp * 8u * MT + 8u * mt + 2u * t) * stride + 16u * r + g;
+        col[0] = acc[r][mt][0];
+        col[stride] = acc[r][mt][1];
+        col[8] = acc[r][mt][2];
+        col[stride + 8] = acc[r][mt][3];
+      }
+      __syncthreads();
+      for (unsigned o = threadIdx.x; o < 16u * R * a.m; o += blockDim.x) {
+        unsigned const rl = o % (16u * R);
+        unsigned const m = o / (16u * R);
+        unsigned const row = done * 16u + rl;
+        if (row < n && done + rl / 16u < t1) {
+          float sum = 0.0f;
+          for (unsigned w = 0; w < C; ++w)
+            sum += partial[(w * 8u * MT + m) * stride + rl];
+          a.y[static_cast<std::size_t>(m) * a.n + row] = from_float<T>(sum);
+        }
+      }
+      __syncthreads();
+      clear();
+    };
+
+    // one step on slot S: wait for it (touch every register), load the next step into the other
+    // slot (its addresses depend on the touch), compute it; a round ends after its last chunk
+    auto step = [&](auto slot) {
+      constexpr int S = decltype(slot)::value;
+      stage const& st = buf[S];
+      std::uint32_t dep = 0;
+      QMEM_UNROLL
+      for (int r = 0; r < R; ++r)
+        QMEM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        dep ^= st.q[r][h].x ^ st.q[r][h].y ^ __float_as_uint(st.s[r][h]);
+        if constexpr (Nested)
+          dep ^= st.qs[r][h];
+      }
+      QMEM_UNROLL
+      for (int mt = 0; mt < MT; ++mt)
+        dep ^= st.x[mt][0].x ^ st.x[mt][0].y ^ st.x[mt][0].z ^ st.x[mt][0].w ^ st.x[mt][1].x ^
+               st.x[mt][1].y ^ st.x[mt][1].z ^ st.x[mt][1].w;
+      dep &= a.zero;
+      unsigned ni = ci + 1, ntb = tb;
+      if (ni == hi) {
+        ni = lo;
+        ntb = tb + R;
+      }
+      if (ntb < t1)
+        load(std::integral_constant<int, 1 - S>{}, ntb, ni, dep);
+      compute(slot);
+      ci = ni;
+      if (ntb != tb) {
+        end_round(tb);
+        tb = ntb;
+      }
+    };
+    while (tb < t1) {
+      step(std::integral_constant<int, 0>{});
+      if (tb < t1)
+        step(std::integral_constant<int, 1>{});
     }
   };
   if (direct)
@@ -2475,7 +2915,8 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     auto run = [&](auto jc, auto fullc) {
       constexpr auto kernel =
           &gemv1_stream_kernel<Code, T, Nested, decltype(jc)::value, Shape.depth, Shape.warps,
-                               decltype(fullc)::value, Shape.async, Shape.grouped, Shape.pdl>;
+                               decltype(fullc)::value, Shape.async, Shape.grouped, Shape.pdl,
+                               Shape.pdl ? Shape.prefetch_kib : 0>;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
       if constexpr (Shape.pdl) {
         cudaLaunchAttribute attr[1] = {};
@@ -2510,6 +2951,58 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
       with_full(std::integral_constant<int, 4>{});
     return true;
   }
+}
+
+//! Launches the streaming small-batch kernel with a given shape; false (nothing launched) when
+//! the call does not suit it (m outside 2..16, blocks under 64, n * k / 64 >= 2^32).
+//! Preconditions (the caller's): those of launch_gemv_fast. `plan_sms`: multiprocessors to plan
+//! for, 0 for the device's (the tests plan for fewer to make blocks walk several rounds).
+template <class Code, class T, bool Nested, gemvm_stream_shape Shape>
+bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned plan_sms = 0) {
+  if (a.m < 2 || a.m > 16 || a.block_shift < 6 || a.n * (a.k >> 6) >= (std::size_t{1} << 32))
+    return false;
+  unsigned const sms = plan_sms != 0 ? plan_sms : multiprocessors(e.device);
+  gemvm_stream_plan p{};
+  p.chunks = static_cast<unsigned>(a.k / 64);
+  p.tiles = static_cast<unsigned>((a.n + 15) / 16);
+  p.per_block = (p.tiles + sms - 1) / sms;
+  unsigned const grid = (p.tiles + p.per_block - 1) / p.per_block;
+  auto run = [&](auto mtc) {
+    constexpr int MT = decltype(mtc)::value;
+    constexpr int W = MT == 1 ? Shape.warps : Shape.warps16;
+    constexpr int R = MT == 1 ? Shape.tiles : Shape.tiles16;
+    constexpr auto kernel =
+        &gemvm_stream_kernel<Code, T, Nested, MT, R, W, Shape.pdl,
+                             Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales>;
+    p.col_groups = std::min(static_cast<unsigned>(W), p.chunks);
+    p.smem = gemv1_stream_prefix + gemv_lut_bytes + gemvm_partial_bytes(p.col_groups, MT, R) +
+             gemv1_stream_extra_bytes(Nested);
+    allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
+    unsigned const threads = 32u * p.col_groups;
+    if constexpr (Shape.pdl) {
+      cudaLaunchAttribute attr[1] = {};
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(grid);
+      config.blockDim = dim3(threads);
+      config.dynamicSmemBytes = p.smem;
+      config.stream = e.stream;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      cuda_detail::check(
+          cudaLaunchKernelEx(&config, kernel, a, values_of<Code>(), nested_values(), p),
+          "cudaLaunchKernelEx(gemvm_stream_kernel)");
+    } else {
+      kernel<<<grid, threads, p.smem, e.stream>>>(a, values_of<Code>(), nested_values(), p);
+    }
+    cuda_detail::check_launch(e, "qmem::quant::gemvm_stream_kernel");
+  };
+  if (a.m <= 8)
+    run(std::integral_constant<int, 1>{});
+  else
+    run(std::integral_constant<int, 2>{});
+  return true;
 }
 
 template <class Code, class T, bool Nested, int MTiles, gemv_shape Shape, bool Block32,
@@ -2565,6 +3058,11 @@ void launch_gemv(exec::cuda const& e, gemv_args<T> const& a, bool fast) {
     if (a.m == 1 && a.block_shift >= 6)
       launch_gemv1_fast<Code, T, Nested, Nested ? gemv_batch1_nested : gemv_batch1_dispatched>(e,
                                                                                                a);
+    else if (gemv_batch16_stream.warps > 0 &&
+             ((a.n + 15) / 16 > 3 * std::size_t{multiprocessors(e.device)}
+                  ? launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream>(e, a)
+                  : launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_short>(e, a)))
+      return;
     else if (a.m <= 8)
       launch_gemv_fast<Code, T, Nested, gemv_small_batch>(e, a);
     else
