@@ -11,8 +11,9 @@
 //!   Batch 1 has its own layout (the 8 batch columns of the fragment carry 8 column chunks) and
 //!   its own streaming kernel (gemv1_stream_kernel: one block per SM, warps own column slices with
 //!   x in registers and stream row pairs; gemv1_4bit_kernel for rows longer than 32768); batches
-//!   2-16 use gemv_4bit_kernel. Warps split the columns and reduce in shared memory in a fixed
-//!   order (deterministic).
+//!   2-16 use gemvm_stream_kernel (the same streaming design on the standard fragment layout;
+//!   gemv_4bit_kernel for blocks of 32). Warps split the columns and reduce in shared memory in a
+//!   fixed order (deterministic).
 //! - Larger batches dequantize the weight into a caller-provided bf16/f16 workspace and call
 //!   cuBLASLt (fp32 accumulation).
 //! - QLoRA's grad_input = grad_y * dequant(w): a GEMV-style kernel up to grad_input_gemv_max_rows,
@@ -1220,7 +1221,10 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {{16, 8},
 //!   27 {16, 6, grouped}     6.54 / 11.89 / 12.24 / 12.99 / 40.58   (sum 84.2)
 //!   28 {16, 4, pdl}         5.31 / 10.97 / 10.85 / 12.56 / 38.48   (sum 78.2, dispatched)
 //! 28 beats 20 on every shape; programmatic dependent launch lets a call build its decode table
-//! while the previous kernel drains.
+//! while the previous kernel drains. 29 and 30 (28 asking L2 for the first 32 / 128 KiB of the
+//! block's codes before the wait), H200 2026-11-29 19:10 UTC, same run as 28's 5.32 / 11.03 /
+//! 10.90 / 12.59 / 41.11: 5.70 / 11.23 / 11.12 / 12.78 / 39.71 and 5.72 / 11.27 / 11.28 / 12.94 /
+//! 39.18: slower except on the largest weight; 28 stays.
 inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[9];
 //! The same with nested scales: {16, 8}, the only one measured (bench gemv/*/1/1, same run: 7.13
 //! / 13.71 / 13.26 / 14.69 / 43.56 us; gemv1_4bit_kernel {8, 2, 2} earlier the same day: 10.26 /
