@@ -847,6 +847,25 @@ inline constexpr bool fused_pipeline = QMEM_OPTIM_FUSED_PIPELINE != 0;
 #define QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED 2
 #endif
 
+//! Tasks a warp holds in registers at once in the pipelined kernels with one state (Lion, SGD
+//! momentum, RMSprop, Adagrad): the current one and QMEM_OPTIM_FUSED_PIPELINE_DEPTH_ONE_STATE - 1
+//! whose loads are in flight: 3. A task's data is 18 registers per lane, so the third buffer
+//! fits the 128-register bound without spills (ptxas sm_90: Lion 8-bit 110 -> 128 registers).
+//! H200, 2^28 parameters, 2026-11-29 19:30 UTC, same session, depth 2 / 3 (two runs each, ms):
+//! Lion 8-bit 1.006-1.007 / 1.003, Lion 4-bit 1.003 / 0.994-0.997, SGD momentum 8-bit
+//! 1.009-1.010 / 1.001-1.002; ncu (Lion 8-bit, 2^26): 250.0 -> 245.1 us, but the long-scoreboard
+//! stall only 7.2 -> 6.9 of 10.0 -> 9.8 cycles per issue: what the warps wait on is mostly not
+//! the pipelined data (see docs/benchmarks.md, GPU optimizers, round 5).
+#ifndef QMEM_OPTIM_FUSED_PIPELINE_DEPTH_ONE_STATE
+#define QMEM_OPTIM_FUSED_PIPELINE_DEPTH_ONE_STATE 3
+#endif
+//! The same for the pipelined kernels with two states (AdamW): 2. With 3 they spill (ptxas sm_90:
+//! AdamW 4-bit 24 bytes, bf16 params 136) and ran slower in the same session: AdamW 8-bit 1.218-
+//! 1.221 -> 1.333 ms, 4-bit 1.221-1.222 -> 1.289, 64 tensors 1.270-1.273 -> 1.430.
+#ifndef QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE
+#define QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE 2
+#endif
+
 namespace detail {
 //! Whether the fused kernel of Rule x Policy pipelines its loads: with fused_pipeline, when every
 //! state is blockwise (the quantized steps, bound by latency; the fp32-state steps stream at 90%
@@ -859,6 +878,15 @@ inline constexpr bool pipelined = [] {
   }(std::make_integer_sequence<int, Rule::state_count>{});
   return fused_pipeline && all;
 }();
+
+//! Tasks in registers per warp in the pipelined loop of Rule x Policy (2: the current and the
+//! next; more for the one-state rules, see QMEM_OPTIM_FUSED_PIPELINE_DEPTH_ONE_STATE).
+template <update_rule Rule, state_policy Policy>
+inline constexpr int pipeline_depth =
+    Rule::state_count == 1 ? QMEM_OPTIM_FUSED_PIPELINE_DEPTH_ONE_STATE
+                           : QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE;
+static_assert(QMEM_OPTIM_FUSED_PIPELINE_DEPTH_ONE_STATE >= 2 &&
+              QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE >= 2);
 
 //! The register bound of a kernel that does not pipeline: fused_min_blocks when every state is
 //! fp32, fused_min_blocks_16bit_states otherwise.
@@ -928,26 +956,31 @@ __global__ void __launch_bounds__(fused_block_threads,
     std::uint64_t const full_end =
         first_task + (entry->vectorized != 0 ? entry->size / traits::task_elements : 0);
     if constexpr (detail::pipelined<Rule, Policy>) {
-      // the next full task's loads are issued before the current one computes: two tasks'
-      // bytes in flight per warp
+      // the next depth - 1 full tasks' loads are issued before the current one computes
+      constexpr int depth = detail::pipeline_depth<Rule, Policy>;
       std::uint64_t const full_stop = full_end < stop ? full_end : stop;
       if (task < full_stop) {
-        // two buffers used in turn (ping-pong): copying the loaded task into the current one
-        // cost 32 register moves per task-lane (ptxas sm_90, AdamW 8-bit)
-        detail::full_task_data<Rule, Policy, P, G> buffer[2];
-        detail::load_full_task(entry, task - first_task, lane, buffer[0]);
+        // buffers used in turn (a ring unrolled over its positions): copying the loaded task
+        // into the current one cost 32 register moves per task-lane (ptxas sm_90, AdamW 8-bit)
+        detail::full_task_data<Rule, Policy, P, G> buffer[depth];
+        QMEM_UNROLL
+        for (int d = 0; d + 1 < depth; ++d)
+          if (task + d * warps < full_stop)
+            detail::load_full_task(entry, task + d * warps - first_task, lane, buffer[d]);
         auto run = [&](auto const& cur, auto& ahead) {
-          std::uint64_t const next = task + warps;
-          bool const more = next < full_stop;
-          if (more)
-            detail::load_full_task(entry, next - first_task, lane, ahead);
+          std::uint64_t const ahead_task = task + (depth - 1) * warps;
+          if (ahead_task < full_stop)
+            detail::load_full_task(entry, ahead_task - first_task, lane, ahead);
           detail::fused_task<Rule, Policy, P, G, NonFinite, true, true>(
               entry, task - first_task, k, grad_scale, step, args.seed,
               args.param_stochastic != 0, tables, lane, &cur);
-          task = next;
-          return more;
+          task += warps;
+          return task < full_stop;
         };
-        while (run(buffer[0], buffer[1]) && run(buffer[1], buffer[0])) {
+        auto ring = [&]<int... D>(std::integer_sequence<int, D...>) {
+          return (run(buffer[D], buffer[(D + depth - 1) % depth]) && ...);
+        };
+        while (ring(std::make_integer_sequence<int, depth>{})) {
         }
       }
     }
