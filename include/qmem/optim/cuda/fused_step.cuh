@@ -866,6 +866,19 @@ inline constexpr bool fused_pipeline = QMEM_OPTIM_FUSED_PIPELINE != 0;
 #define QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE 2
 #endif
 
+//! Whether the fused kernels with fp32 parameters copy each tensor's table entry into registers
+//! once per tensor (1) instead of reading its pointers from global memory in every task (0), as
+//! they must when the entry stays in memory (the task's stores could alias it). Off until timed:
+//! ncu (H200, 2026-11-29 19:30 UTC) shows the pipelined kernels waiting mostly on the long
+//! scoreboard (AdamW 8-bit 3.6 of 6.9 cycles between a warp's issues, Lion 8-bit 6.9 of 9.8),
+//! and each task's loads and stores first wait for their addresses (LDG.E.64 from the entry, a
+//! dependent round trip; L1 hit rate 51%). With 1 (ptxas sm_90): LDG.E.64 per kernel 57 -> 12
+//! (AdamW 8-bit and 4-bit), 45 -> 10 (Lion 8-bit), registers unchanged (128), no spills.
+#ifndef QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS
+#define QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS 0
+#endif
+inline constexpr bool fused_entry_in_registers = QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS != 0;
+
 namespace detail {
 //! Whether the fused kernel of Rule x Policy pipelines its loads: with fused_pipeline, when every
 //! state is blockwise (the quantized steps, bound by latency; the fp32-state steps stream at 90%
@@ -949,7 +962,14 @@ __global__ void __launch_bounds__(fused_block_threads,
   for (std::uint64_t task = args.task_begin + warp; task < args.task_end;) {
     owner = detail::find_tensor(args.tensors, args.tensor_count, task, owner);
     typename Rule::scalars const k = args.scalars[owner];
-    tensor_entry const* const entry = args.tensors + owner;
+    // QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS: the tensor's pointers copied once per tensor, not
+    // reloaded from global memory per task (the stores between could alias them)
+    // (fp32 parameters only: the bf16-parameter AdamW kernel spilled 128 bytes with the copy)
+    constexpr bool copy_entry = fused_entry_in_registers && std::same_as<P, float>;
+    [[maybe_unused]] tensor_entry entry_copy;
+    if constexpr (copy_entry)
+      entry_copy = args.tensors[owner];
+    tensor_entry const* const entry = copy_entry ? &entry_copy : args.tensors + owner;
     std::uint64_t const first_task = entry->first_task;
     std::uint64_t const stop = entry->end_task < args.task_end ? entry->end_task : args.task_end;
     // the tasks wholly inside the tensor, when its pointers allow the vector path
