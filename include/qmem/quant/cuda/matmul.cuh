@@ -1747,6 +1747,12 @@ struct gemvm_stream_shape {
   //! (once per 4 chunks) and the step's scale comes by a shuffle: a quarter of the scale load
   //! instructions, each touching the same 8 lines (one per weight row) as before.
   bool group_scales = false;
+  //! A step is two chunks whose codes come as one 16-byte load per thread and row (thread t:
+  //! bytes 16t..16t+15 of the two chunks' 64), the halves exchanged between threads t and t ^ 2
+  //! by two shuffles so that each thread holds 8 bytes of each chunk: the code loads touch 8
+  //! lines per two chunks instead of per chunk. Needs group_scales, k % 128 == 0 and 16-byte
+  //! aligned codes (else the launcher declines).
+  bool pair = false;
 };
 
 //! Shapes of gemvm_stream_kernel the bench compares (gemv_variant 31 to 37, after the batch-1
@@ -1773,11 +1779,15 @@ struct gemvm_stream_shape {
 //! L1/TEX 68-72% busy, DRAM 27-33%, 25% occupancy; counted per chunk of a tile (1024 weights):
 //! 16 table loads, 2 code and 2 scale loads of 8 rows each (8 lines apiece), and the chunk's
 //! activations shared by R tiles. At batch 16 ptxas spilled R = 4 with 16 warps (128 registers),
-//! hence 12 or 8 warps there.
+//! hence 12 or 8 warps there. Written after that run, not yet timed (variants 38 and 39): `pair`
+//! shapes {16, 2} / {12, 2} and {12, 4} / {8, 4}, whose code loads touch 8 lines per two chunks
+//! (ptxas -v, sm_90: no spills with plain scales; with nested ones 164 bytes for 39 at batch <= 8,
+//! 8 for 38 at batch > 8).
 inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {16, 2, 8, 4},          {16, 2, 16, 2},          {16, 4, 16, 3},
     {16, 4, 12, 4},         {16, 2, 8, 4, true, 0, true}, {16, 2, 16, 2, true, 0, true},
-    {16, 4, 12, 4, true, 0, true}};
+    {16, 4, 12, 4, true, 0, true}, {16, 2, 12, 2, true, 0, true, true},
+    {12, 4, 8, 4, true, 0, true, true}};
 //! The shape batches 2 to 16 run with (blocks >= 64, k % 64 == 0) when a block owns at least 4
 //! tiles (more than 3 * SMs tiles of 16 rows): {16, 4} / {12, 4} with group_scales, the fastest
 //! above on 14336 x 4096 and 8192 x 8192 at both batches and on 28672 x 8192 at batch 16 (at
@@ -1793,13 +1803,14 @@ QMEM_HOST_DEVICE constexpr unsigned gemvm_partial_bytes(unsigned warps, int mt, 
   return warps * static_cast<unsigned>(8 * mt) * static_cast<unsigned>(16 * r + 4) * 4u;
 }
 
-//! The loads of one step (R tiles at one chunk, and the activations of that chunk).
-template <int R, int MT, bool Nested>
+//! The loads of one step (R tiles at one chunk, or two with `Pair`, and their activations).
+template <int R, int MT, bool Nested, bool Pair = false>
 struct gemvm_stage {
-  uint2 q[R][2];                       //!< 16 codes of rows g and g + 8 of each tile
+  //! 16 codes of rows g and g + 8 of each tile (Pair: 32, bytes 16t.. of two chunks)
+  std::conditional_t<Pair, uint4, uint2> q[R][2];
   float s[R][2];                       //!< plain scale, or the nested group's absmax2
   std::uint32_t qs[Nested ? R : 1][2]; //!< nested: the block's 8-bit scale code
-  uint4 x[MT][2];                      //!< 16 activations of batch rows g (MT 2: and g + 8)
+  uint4 x[Pair ? 2 : 1][MT][2];        //!< 16 activations of batch rows g (MT 2: and g + 8)
 };
 
 //! `MT` 8-row halves of the batch, `R` tiles per step, at most `MaxWarps` warps.
@@ -1807,10 +1818,12 @@ struct gemvm_stage {
 //! 0, block >= 64, codes 8-byte and x 16-byte aligned, a power-of-two nested block size,
 //! n * k / 64 < 2^32; blockDim.x == 32 * plan.col_groups, plan.col_groups <= plan.chunks.
 template <class Code, class T, bool Nested, int MT, int R, int MaxWarps, bool Pdl,
-          int PrefetchLines = 0, bool GroupScales = false>
+          int PrefetchLines = 0, bool GroupScales = false, bool Pair = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemvm_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemvm_stream_plan plan) {
+  static_assert(!Pair || GroupScales, "a pair step takes its two scales from a group");
+  constexpr unsigned P = Pair ? 2u : 1u; // chunks per step
   extern __shared__ __align__(16) unsigned char gemv_smem[];
   unsigned const C = plan.col_groups;
   constexpr unsigned stride = 16u * R + 4u; // floats between batch rows of the partial sums
@@ -1833,9 +1846,12 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   unsigned const lane = threadIdx.x & 31u;
   unsigned const g = lane >> 2; // fragment row group
   unsigned const t = lane & 3u; // thread in group
-  // this warp's chunks and this block's tiles
-  unsigned const lo = warp * plan.chunks / C;
-  unsigned const hi = (warp + 1) * plan.chunks / C;
+  // this warp's chunks (whole steps) and this block's tiles
+  unsigned const lo = P * (warp * (plan.chunks / P) / C);
+  unsigned const hi = P * ((warp + 1) * (plan.chunks / P) / C);
+  // Pair: the columns of this thread's 8 bytes in each chunk after the exchange (16 t' with t'
+  // = t's two bits swapped: threads 0-3 hold bytes 0, 16, 8, 24)
+  unsigned const xcol = 16u * (Pair ? ((t >> 1) | ((t & 1u) << 1)) : t);
   unsigned const t0 = blockIdx.x * plan.per_block;
   unsigned const t1 = min(t0 + plan.per_block, plan.tiles);
   unsigned const step_shift = a.block_shift - 6u; // log2(chunks per block)
@@ -1868,7 +1884,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     asm volatile("griddepcontrol.wait;" ::: "memory");
   }
 
-  using stage = gemvm_stage<R, MT, Nested>;
+  using stage = gemvm_stage<R, MT, Nested, Pair>;
   stage buf[2];
   // never-loaded registers (rows past n or past the round, batch rows past m) stay finite: the
   // sums they enter are never stored, and x rows past m are zero
@@ -1878,14 +1894,16 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     for (int r = 0; r < R; ++r)
       QMEM_UNROLL
     for (int h = 0; h < 2; ++h) {
-      buf[s].q[r][h] = make_uint2(0, 0);
+      buf[s].q[r][h] = {};
       buf[s].s[r][h] = 0.0f;
       if constexpr (Nested)
         buf[s].qs[r][h] = 0;
     }
     QMEM_UNROLL
+    for (unsigned pc = 0; pc < P; ++pc)
+      QMEM_UNROLL
     for (int mt = 0; mt < MT; ++mt)
-      buf[s].x[mt][0] = buf[s].x[mt][1] = make_uint4(0, 0, 0, 0);
+      buf[s].x[pc][mt][0] = buf[s].x[pc][mt][1] = make_uint4(0, 0, 0, 0);
   }
 
   // the loads of chunk i of the round starting at tile tb into slot S (`dep`: always 0)
@@ -1918,7 +1936,8 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       unsigned const row = (tb + static_cast<unsigned>(r)) * 16u + 8u * h + g;
       bool const in = tb + static_cast<unsigned>(r) < t1 && row < n;
       ldg_pred(st.q[r][h],
-               a.codes + static_cast<std::size_t>(row) * half_k + std::size_t{32} * chunk + 8 * t,
+               a.codes + static_cast<std::size_t>(row) * half_k + std::size_t{32} * chunk +
+                   8 * P * t,
                in);
       std::uint32_t const blk = row * row_blocks + cblk;
       if constexpr (Nested) {
@@ -1929,12 +1948,14 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       }
     }
     QMEM_UNROLL
+    for (unsigned pc = 0; pc < P; ++pc)
+      QMEM_UNROLL
     for (int mt = 0; mt < MT; ++mt) {
       unsigned const m = static_cast<unsigned>(mt) * 8u + g;
       auto const* p = reinterpret_cast<uint4 const*>(a.x + static_cast<std::size_t>(m) * a.k +
-                                                     std::size_t{64} * chunk + 16 * t);
-      ldg_pred(st.x[mt][0], p, m < a.m);
-      ldg_pred(st.x[mt][1], p + 1, m < a.m);
+                                                     std::size_t{64} * (chunk + pc) + xcol);
+      ldg_pred(st.x[pc][mt][0], p, m < a.m);
+      ldg_pred(st.x[pc][mt][1], p + 1, m < a.m);
     }
   };
 
@@ -1976,10 +1997,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     // with R = 2)
     auto compute = [&](auto slot) {
       stage const& st = buf[decltype(slot)::value];
-      // GroupScales: the current chunk's scale is thread (g, chunk % 4)'s
-      auto pick = [&](auto v) {
+      // GroupScales: chunk c's scale is thread (g, c % 4)'s
+      auto pick = [&](auto v, unsigned pc) {
         if constexpr (GroupScales)
-          return __shfl_sync(0xFFFFFFFFu, v, static_cast<int>((lane & ~3u) | (ci & 3u)));
+          return __shfl_sync(0xFFFFFFFFu, v, static_cast<int>((lane & ~3u) | ((ci + pc) & 3u)));
         else
           return v;
       };
@@ -1987,11 +2008,30 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       for (int r = 0; r < R; ++r) {
         if (r > 0 && tb + static_cast<unsigned>(r) >= t1)
           break;
+        // this thread's 8 code bytes of rows g and g + 8 in each chunk of the step; Pair: thread
+        // t < 2 holds bytes 16t..16t+15 of the first chunk and t >= 2 of the second; each keeps
+        // the 8 bytes of its own chunk at its column, trades the other 8 with thread t ^ 2
+        uint2 wq[P][2];
+        QMEM_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (Pair) {
+            uint4 const v = st.q[r][h];
+            bool const first = t < 2u;
+            std::uint32_t const r0 = __shfl_xor_sync(0xFFFFFFFFu, first ? v.z : v.x, 2);
+            std::uint32_t const r1 = __shfl_xor_sync(0xFFFFFFFFu, first ? v.w : v.y, 2);
+            wq[0][h] = first ? make_uint2(v.x, v.y) : make_uint2(r0, r1);
+            wq[P - 1][h] = first ? make_uint2(r0, r1) : make_uint2(v.z, v.w);
+          } else {
+            wq[0][h] = st.q[r][h];
+          }
+        }
+        QMEM_UNROLL
+        for (unsigned pc = 0; pc < P; ++pc) {
         float p[MT][4];
         QMEM_UNROLL
         for (int kk = 0; kk < 4; ++kk) {
-          std::uint32_t const w0 = kk < 2 ? st.q[r][0].x : st.q[r][0].y;
-          std::uint32_t const w1 = kk < 2 ? st.q[r][1].x : st.q[r][1].y;
+          std::uint32_t const w0 = kk < 2 ? wq[pc][0].x : wq[pc][0].y;
+          std::uint32_t const w1 = kk < 2 ? wq[pc][1].x : wq[pc][1].y;
           int const b = 2 * (kk & 1);
           std::uint32_t const frag[4] = {decode(w0, b), decode(w1, b), decode(w0, b + 1),
                                          decode(w1, b + 1)};
@@ -1999,9 +2039,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
           for (int mt = 0; mt < MT; ++mt) {
             // activation words 2kk, 2kk + 1 go with code bytes 2kk, 2kk + 1
             std::uint32_t const b0 =
-                kk < 2 ? (&st.x[mt][0].x)[2 * kk] : (&st.x[mt][1].x)[2 * kk - 4];
+                kk < 2 ? (&st.x[pc][mt][0].x)[2 * kk] : (&st.x[pc][mt][1].x)[2 * kk - 4];
             std::uint32_t const b1 =
-                kk < 2 ? (&st.x[mt][0].x)[2 * kk + 1] : (&st.x[mt][1].x)[2 * kk - 3];
+                kk < 2 ? (&st.x[pc][mt][0].x)[2 * kk + 1] : (&st.x[pc][mt][1].x)[2 * kk - 3];
             if (kk == 0)
               mma_16816_zero<T>(p[mt], frag, b0, b1);
             else
@@ -2012,10 +2052,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         QMEM_UNROLL
         for (int h = 0; h < 2; ++h) {
           if constexpr (Nested)
-            sc[h] = fmath::add(fmath::mul(dyn[pick(st.qs[r][h])], pick(st.s[r][h])),
+            sc[h] = fmath::add(fmath::mul(dyn[pick(st.qs[r][h], pc)], pick(st.s[r][h], pc)),
                                a.scales.offset);
           else
-            sc[h] = pick(st.s[r][h]);
+            sc[h] = pick(st.s[r][h], pc);
         }
         QMEM_UNROLL
         for (int mt = 0; mt < MT; ++mt) {
@@ -2023,6 +2063,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
           acc[r][mt][1] = fmaf(sc[0], p[mt][1], acc[r][mt][1]);
           acc[r][mt][2] = fmaf(sc[1], p[mt][2], acc[r][mt][2]);
           acc[r][mt][3] = fmaf(sc[1], p[mt][3], acc[r][mt][3]);
+        }
         }
       }
     };
@@ -2067,15 +2108,20 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         QMEM_UNROLL
       for (int h = 0; h < 2; ++h) {
         dep ^= st.q[r][h].x ^ st.q[r][h].y ^ __float_as_uint(st.s[r][h]);
+        if constexpr (Pair)
+          dep ^= st.q[r][h].z ^ st.q[r][h].w;
         if constexpr (Nested)
           dep ^= st.qs[r][h];
       }
       QMEM_UNROLL
-      for (int mt = 0; mt < MT; ++mt)
-        dep ^= st.x[mt][0].x ^ st.x[mt][0].y ^ st.x[mt][0].z ^ st.x[mt][0].w ^ st.x[mt][1].x ^
-               st.x[mt][1].y ^ st.x[mt][1].z ^ st.x[mt][1].w;
+      for (unsigned pc = 0; pc < P; ++pc)
+        QMEM_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        uint4 const(&xv)[2] = st.x[pc][mt];
+        dep ^= xv[0].x ^ xv[0].y ^ xv[0].z ^ xv[0].w ^ xv[1].x ^ xv[1].y ^ xv[1].z ^ xv[1].w;
+      }
       dep &= a.zero;
-      unsigned ni = ci + 1, ntb = tb;
+      unsigned ni = ci + P, ntb = tb;
       if (ni == hi) {
         ni = lo;
         ntb = tb + R;
@@ -2965,6 +3011,10 @@ template <class Code, class T, bool Nested, gemvm_stream_shape Shape>
 bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned plan_sms = 0) {
   if (a.m < 2 || a.m > 16 || a.block_shift < 6 || a.n * (a.k >> 6) >= (std::size_t{1} << 32))
     return false;
+  if constexpr (Shape.pair) {
+    if (a.k % 128 != 0 || !aligned16(a.codes))
+      return false;
+  }
   unsigned const sms = plan_sms != 0 ? plan_sms : multiprocessors(e.device);
   gemvm_stream_plan p{};
   p.chunks = static_cast<unsigned>(a.k / 64);
@@ -2977,8 +3027,9 @@ bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     constexpr int R = MT == 1 ? Shape.tiles : Shape.tiles16;
     constexpr auto kernel =
         &gemvm_stream_kernel<Code, T, Nested, MT, R, W, Shape.pdl,
-                             Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales>;
-    p.col_groups = std::min(static_cast<unsigned>(W), p.chunks);
+                             Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales,
+                             Shape.pair>;
+    p.col_groups = std::min(static_cast<unsigned>(W), p.chunks / (Shape.pair ? 2u : 1u));
     p.smem = gemv1_stream_prefix + gemv_lut_bytes + gemvm_partial_bytes(p.col_groups, MT, R) +
              gemv1_stream_extra_bytes(Nested);
     allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
