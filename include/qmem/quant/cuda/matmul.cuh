@@ -1755,7 +1755,7 @@ struct gemvm_stream_shape {
   bool pair = false;
 };
 
-//! Shapes of gemvm_stream_kernel the bench compares (gemv_variant 31 to 37, after the batch-1
+//! Shapes of gemvm_stream_kernel the bench compares (gemv_variant 31 to 39, after the batch-1
 //! ones). bench gemv_variant, one H200, 200 calls in one CUDA graph, NF4 block 64, plain scales,
 //! us on 4096 x 4096 / 14336 x 4096 / 4096 x 14336 / 8192 x 8192 / 28672 x 8192.
 //! Run of 2026-11-29 19:27 UTC (same-run copy 4234 GB/s; batch 1 dispatched 5.32 / 10.91 /
