@@ -98,9 +98,8 @@ void run_against_copy(benchmark::State& state, std::size_t moved, Op op) {
 // counters as the others because the CSV reporter needs them in every row).
 void bm_copy(benchmark::State& state) {
   std::size_t const moved = static_cast<std::size_t>(state.range(0));
-  run_against_copy(state, moved, [&] {
-    parallel_copy(copy_buffer(1).data(), copy_buffer(0).data(), moved / 2);
-  });
+  run_against_copy(state, moved,
+                   [&] { parallel_copy(copy_buffer(1).data(), copy_buffer(0).data(), moved / 2); });
 }
 
 template <class C, class T, std::size_t Block>
@@ -108,8 +107,9 @@ void bm_quantize(benchmark::State& state) {
   auto const& x = input<T>();
   std::vector<std::uint8_t> codes(code_bytes<C>(n_elements));
   std::vector<float> absmax(block_count(n_elements, Block));
-  run_against_copy(state, n_elements * sizeof(T) + codes.size() + absmax.size() * sizeof(float),
-                   [&] { quantize_blockwise<C>(exec::host{}, view(x), Block, view(codes), view(absmax)); });
+  run_against_copy(
+      state, n_elements * sizeof(T) + codes.size() + absmax.size() * sizeof(float),
+      [&] { quantize_blockwise<C>(exec::host{}, view(x), Block, view(codes), view(absmax)); });
 }
 
 template <class C, class T, std::size_t Block>
@@ -188,11 +188,16 @@ void bm_dequantize_rowwise(benchmark::State& state) {
 constexpr auto ms = benchmark::kMillisecond;
 
 // copies of the byte counts the benchmarks below move (f32 and bf16 inputs, 8- and 4-bit codes)
-BENCHMARK(bm_copy)->Arg(n_elements * 5)->Arg(n_elements * 3)->Arg(n_elements * 9 / 2)
-    ->Arg(n_elements * 5 / 2)->Unit(ms)->UseManualTime();
+BENCHMARK(bm_copy)
+    ->Arg(n_elements * 5)
+    ->Arg(n_elements * 3)
+    ->Arg(n_elements * 9 / 2)
+    ->Arg(n_elements * 5 / 2)
+    ->Unit(ms)
+    ->UseManualTime();
 
 #define QMEM_QUANT_BENCH(C, T, BLOCK)                                                              \
-  BENCHMARK(bm_quantize<C, T, BLOCK>)->Unit(ms)->UseManualTime();                                    \
+  BENCHMARK(bm_quantize<C, T, BLOCK>)->Unit(ms)->UseManualTime();                                  \
   BENCHMARK(bm_dequantize<C, T, BLOCK>)->Unit(ms)->UseManualTime()
 
 QMEM_QUANT_BENCH(nf4, bf16, 64);

@@ -309,7 +309,7 @@ void launch_variant(exec::cuda const& e, cuda_matmul::gemv_args<bf16> const& a) 
     cuda_matmul::launch_gemv1_fast<nf4, bf16, false, variants1[V - 8]>(e, a);
   else if constexpr (V < stream_m_first) {
     if (!cuda_matmul::launch_gemv1_stream<nf4, bf16, false, variants_stream[V - stream_first]>(e,
-                                                                                              a))
+                                                                                               a))
       throw qmem::bad_argument("gemv_variant: the streaming kernel does not take this shape");
   } else if (!cuda_matmul::launch_gemvm_stream<nf4, bf16, false, variants_m[V - stream_m_first]>(
                  e, a)) {

@@ -90,9 +90,12 @@ void bm_copy(benchmark::State& state) {
   cudaStream_t stream = nullptr;
   check(cudaStreamCreate(&stream), "cudaStreamCreate");
   double const bytes = 2.0 * 4.0 * static_cast<double>(n);
-  time_steps(state, stream, [&] {
-    check(cudaMemcpyAsync(b, a, n * 4, cudaMemcpyDeviceToDevice, stream), "cudaMemcpyAsync");
-  }, bytes);
+  time_steps(
+      state, stream,
+      [&] {
+        check(cudaMemcpyAsync(b, a, n * 4, cudaMemcpyDeviceToDevice, stream), "cudaMemcpyAsync");
+      },
+      bytes);
   // the rate Google Benchmark reports is bytes / mean manual time; keep it for the others
   state.counters["copy_GBps"] =
       benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
@@ -160,8 +163,8 @@ void bm_step(benchmark::State& state, Rule rule, int tensors, placement where,
   std::unique_ptr<ocu::paged_state_resource> paged;
   if (where == placement::paged)
     paged = std::make_unique<ocu::paged_state_resource>(0, std::size_t{1} << 40);
-  std::vector<void*> owned;          // cudaMalloc'd
-  std::vector<void*> paged_owned;    // from the paged resource
+  std::vector<void*> owned;       // cudaMalloc'd
+  std::vector<void*> paged_owned; // from the paged resource
   auto alloc = [&](std::size_t bytes, bool state_storage) -> void* {
     void* p = nullptr;
     if (state_storage && paged) {
@@ -208,10 +211,12 @@ void bm_step(benchmark::State& state, Rule rule, int tensors, placement where,
                                                        : static_cast<double>(total) * sizeof(G));
   if (paged) {
     ocu::pager<group_t> pg(group, *paged, std::size_t{100} << 30);
-    time_steps(state, stream, [&] { pg.step(e); }, bytes);
+    time_steps(
+        state, stream, [&] { pg.step(e); }, bytes);
     state.counters["unified"] = pg.unified() ? 1 : 0;
   } else {
-    time_steps(state, stream, [&] { group.step(e); }, bytes);
+    time_steps(
+        state, stream, [&] { group.step(e); }, bytes);
   }
   state.counters["params"] = static_cast<double>(total);
   state.counters["tensors"] = tensors;
@@ -225,8 +230,7 @@ void bm_step(benchmark::State& state, Rule rule, int tensors, placement where,
 
 template <class Rule, class Policy, class P, class G = P>
 void add(std::string const& name, Rule rule, int tensors = 1, placement where = placement::device,
-         oq::nonfinite_policy nonfinite = oq::nonfinite_policy::skip_element,
-         bool master = false) {
+         oq::nonfinite_policy nonfinite = oq::nonfinite_policy::skip_element, bool master = false) {
   benchmark::RegisterBenchmark(name.c_str(),
                                [=](benchmark::State& s) {
                                  bm_step<Rule, Policy, P, G>(s, rule, tensors, where, nonfinite,
@@ -263,14 +267,12 @@ int main(int argc, char** argv) {
                                         placement::paged);
   add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/paged_fits", oq::adamw{}, 1,
                                         placement::paged);
-  add<oq::adamw, oq::int8_state, float>("adamw/int8/fp32_params/skip_step_norm_pass",
-                                        oq::adamw{}, 1, placement::device,
-                                        oq::nonfinite_policy::skip_step);
+  add<oq::adamw, oq::int8_state, float>("adamw/int8/fp32_params/skip_step_norm_pass", oq::adamw{},
+                                        1, placement::device, oq::nonfinite_policy::skip_step);
   // the other rule x policy combinations
   add<oq::adamw, oq::bf16_state, float>("adamw/bf16_sr/fp32_params", oq::adamw{});
   add<oq::adamw, oq::int8_state, bf16>("adamw/int8/bf16_params/fp32_master", oq::adamw{}, 1,
-                                       placement::device, oq::nonfinite_policy::skip_element,
-                                       true);
+                                       placement::device, oq::nonfinite_policy::skip_element, true);
   add<oq::adamw, oq::quantized_state<quant::fp8_e4m3>, float>("adamw/fp8_e4m3/fp32_params",
                                                               oq::adamw{});
   add<oq::lion, oq::fp32_state, float>("lion/fp32/fp32_params", oq::lion{});

@@ -7,14 +7,14 @@
 // GB/s, and "pct_copy": the percentage of a device-to-device copy's bandwidth measured in the same
 // run (the "copy_d2d" row, bytes read + written), which is the roofline.
 //
-//   quant_bench_cuda --benchmark_min_time=0.05 --benchmark_out=quant.json --benchmark_out_format=json
+//   quant_bench_cuda --benchmark_min_time=0.05 --benchmark_out=quant.json
+//   --benchmark_out_format=json
 #include <qmem/core/cuda/runtime.cuh>
 #include <qmem/quant.hpp>
 #include <qmem/quant/cuda/blockwise.cuh>
 #include <qmem/quant/double_quant.hpp>
 
 #include <benchmark/benchmark.h>
-
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -163,8 +163,7 @@ void quantize(benchmark::State& state) {
   tensor_view<T const> x(input<T>(), elements, memory_space::device);
   tensor_view<std::uint8_t> codes(g->codes, code_bytes<C>(elements), memory_space::device);
   tensor_view<float> absmax(g->absmax, block_count(elements, block), memory_space::device);
-  run(state, format_bytes<C, T>(block),
-      [&] { quantize_blockwise<C>(e, x, block, codes, absmax); });
+  run(state, format_bytes<C, T>(block), [&] { quantize_blockwise<C>(e, x, block, codes, absmax); });
 }
 
 template <class C, class T>
@@ -174,11 +173,10 @@ void dequantize(benchmark::State& state) {
   tensor_view<float const> absmax(g->absmax, block_count(elements, block), memory_space::device);
   tensor_view<T> y(output<T>(), elements, memory_space::device);
   // codes and scales of real data first
-  quantize_blockwise<C>(e, tensor_view<T const>(input<T>(), elements, memory_space::device), block,
-                        tensor_view<std::uint8_t>(g->codes, code_bytes<C>(elements),
-                                                  memory_space::device),
-                        tensor_view<float>(g->absmax, block_count(elements, block),
-                                           memory_space::device));
+  quantize_blockwise<C>(
+      e, tensor_view<T const>(input<T>(), elements, memory_space::device), block,
+      tensor_view<std::uint8_t>(g->codes, code_bytes<C>(elements), memory_space::device),
+      tensor_view<float>(g->absmax, block_count(elements, block), memory_space::device));
   run(state, format_bytes<C, T>(block),
       [&] { dequantize_blockwise<C>(e, codes, absmax, block, y); });
 }
@@ -211,11 +209,9 @@ void scales_only(benchmark::State& state) {
   tensor_view<std::uint8_t> qabsmax(g->qabsmax, m, memory_space::device);
   tensor_view<float> absmax2(g->absmax2, block_count(m, nested_block), memory_space::device);
   tensor_view<float> offset(g->offset, 1, memory_space::device);
-  quantize_blockwise<nf4>(e, tensor_view<bf16 const>(g->x16, elements, memory_space::device),
-                          block,
-                          tensor_view<std::uint8_t>(g->codes, code_bytes<nf4>(elements),
-                                                    memory_space::device),
-                          absmax);
+  quantize_blockwise<nf4>(
+      e, tensor_view<bf16 const>(g->x16, elements, memory_space::device), block,
+      tensor_view<std::uint8_t>(g->codes, code_bytes<nf4>(elements), memory_space::device), absmax);
   run(state, static_cast<double>(m) * 9.0, [&] {
     quantize_scales(e, tensor_view<float const>(absmax), nested_block, qabsmax, absmax2, offset);
   });
@@ -254,9 +250,8 @@ void launch_nf4_whole(std::size_t block) {
   std::size_t const blocks = elements / block;
   int const group = static_cast<int>(block) / items;
   std::size_t const per_step = static_cast<std::size_t>(k::cta_threads / group);
-  unsigned const grid =
-      k::grid_for(kernel, k::cta_threads, blocks / per_step + 1, 0,
-                  k::whole_waves<cuda_impl::normal_encoder<nf4>::storage>);
+  unsigned const grid = k::grid_for(kernel, k::cta_threads, blocks / per_step + 1, 0,
+                                    k::whole_waves<cuda_impl::normal_encoder<nf4>::storage>);
   auto const params = cuda_impl::normal_encoder<nf4>::host_params(0);
   kernel<<<grid, k::cta_threads>>>(g->x16, blocks, k::log2_exact(block), g->codes, g->absmax,
                                    nf4::book, params, k::no_transform{});
@@ -293,11 +288,10 @@ void launch_dequantize(std::size_t block) {
 template <class C, class T>
 void dequantize_variant(benchmark::State& state) {
   std::size_t const block = C::bits == 8 ? 256 : 64;
-  quantize_blockwise<C>(e, tensor_view<T const>(input<T>(), elements, memory_space::device), block,
-                        tensor_view<std::uint8_t>(g->codes, code_bytes<C>(elements),
-                                                  memory_space::device),
-                        tensor_view<float>(g->absmax, block_count(elements, block),
-                                           memory_space::device));
+  quantize_blockwise<C>(
+      e, tensor_view<T const>(input<T>(), elements, memory_space::device), block,
+      tensor_view<std::uint8_t>(g->codes, code_bytes<C>(elements), memory_space::device),
+      tensor_view<float>(g->absmax, block_count(elements, block), memory_space::device));
   auto const per_step = state.range(0);
   run(state, format_bytes<C, T>(block), [&] {
     if (per_step == 1)
@@ -339,7 +333,9 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("copy_GBps", std::to_string(g->copy_bytes_per_s / 1e9));
   benchmark::AddCustomContext("elements", std::to_string(elements));
 
-  benchmark::RegisterBenchmark("copy_d2d", copy_d2d)->UseManualTime()->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("copy_d2d", copy_d2d)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
   four_bit_blocks(benchmark::RegisterBenchmark("nf4_quantize_bf16", quantize<nf4, bf16>));
   four_bit_blocks(benchmark::RegisterBenchmark("nf4_dequantize_bf16", dequantize<nf4, bf16>));
   four_bit_blocks(benchmark::RegisterBenchmark("fp4_quantize_bf16", quantize<fp4, bf16>));
@@ -356,10 +352,10 @@ int main(int argc, char** argv) {
         b->Args({block, variant});
     b->UseManualTime()->Unit(benchmark::kMillisecond);
   }
-  for (auto* b : {benchmark::RegisterBenchmark("nf4_dequantize_variant",
-                                               dequantize_variant<nf4, bf16>),
-                  benchmark::RegisterBenchmark("int8_dequantize_variant",
-                                               dequantize_variant<dynamic_signed, float>)})
+  for (auto* b :
+       {benchmark::RegisterBenchmark("nf4_dequantize_variant", dequantize_variant<nf4, bf16>),
+        benchmark::RegisterBenchmark("int8_dequantize_variant",
+                                     dequantize_variant<dynamic_signed, float>)})
     b->Arg(1)->Arg(2)->Arg(4)->UseManualTime()->Unit(benchmark::kMillisecond);
   one_block(benchmark::RegisterBenchmark("scales_only_dq", scales_only), 64);
   one_block(benchmark::RegisterBenchmark("scales_only_dq", scales_only), 256);
@@ -368,9 +364,9 @@ int main(int argc, char** argv) {
   one_block(benchmark::RegisterBenchmark("fp4_quantize_bf16_dq", quantize_nested<fp4, bf16>), 64);
   one_block(benchmark::RegisterBenchmark("fp4_dequantize_bf16_dq", dequantize_nested<fp4, bf16>),
             64);
-  one_block(benchmark::RegisterBenchmark("int8_quantize_f32_dq",
-                                         quantize_nested<dynamic_signed, float>),
-            256);
+  one_block(
+      benchmark::RegisterBenchmark("int8_quantize_f32_dq", quantize_nested<dynamic_signed, float>),
+      256);
   one_block(benchmark::RegisterBenchmark("int8_dequantize_f32_dq",
                                          dequantize_nested<dynamic_signed, float>),
             256);

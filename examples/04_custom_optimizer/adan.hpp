@@ -24,13 +24,17 @@ struct adan {
   };
   QMEM_HOST_DEVICE scalars prepare(qmem::optim::step_info const& si) const noexcept {
     auto corr = [&](float b) { return fm::sub(1.0f, fm::pow_step(b, si.step)); };
-    return {si.lr, beta1, beta2, beta3, corr(beta1), corr(beta2), corr(beta3), eps,
-            fm::add(1.0f, fm::mul(si.lr, weight_decay)), si.step == 1};
+    return {si.lr,       beta1,       beta2,
+            beta3,       corr(beta1), corr(beta2),
+            corr(beta3), eps,         fm::add(1.0f, fm::mul(si.lr, weight_decay)),
+            si.step == 1};
   }
   QMEM_HOST_DEVICE static void update(float& p, float g, qmem::optim::state_values<4>& s,
                                       scalars const& k) noexcept {
     float const diff = k.first ? 0.0f : fm::sub(g, s[3]); // g_prev = g on the first step
-    auto ema = [](float x, float b, float y) { return fm::add(fm::mul(b, x), fm::mul(fm::sub(1.0f, b), y)); };
+    auto ema = [](float x, float b, float y) {
+      return fm::add(fm::mul(b, x), fm::mul(fm::sub(1.0f, b), y));
+    };
     float const nes = fm::add(g, fm::mul(k.b2, diff));
     s[0] = ema(s[0], k.b1, g);
     s[1] = ema(s[1], k.b2, diff);

@@ -4,14 +4,14 @@
 // in qmem names Adan.
 //
 // The problem: an ill-conditioned quadratic, loss = 0.5 sum a_i (p_i - t_i)^2, from p = 0.
-#include "adan.hpp"
-
 #include <qmem/optim.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <vector>
+
+#include "adan.hpp"
 
 template <class Policy>
 double minimize(char const* name) {
@@ -36,16 +36,15 @@ double minimize(char const* name) {
       g[i] = a[i] * (p[i] - t[i]);
     opt.step(qmem::exec::host{}, {qmem::view(std::as_const(g))});
   }
-  std::printf("Adan, %-5s state: loss %.3g -> %.3g (%.4f bytes of state per parameter)\n", name,
-              l0, loss(), static_cast<double>(opt.state_bytes()) / static_cast<double>(n));
+  std::printf("Adan, %-5s state: loss %.3g -> %.3g (%.4f bytes of state per parameter)\n", name, l0,
+              loss(), static_cast<double>(opt.state_bytes()) / static_cast<double>(n));
   return loss() / l0;
 }
 
 int main() {
-  double const worst = std::max({minimize<qmem::optim::fp32_state>("fp32"),
-                                 minimize<qmem::optim::bf16_state>("bf16"),
-                                 minimize<qmem::optim::int8_state>("8-bit"),
-                                 minimize<qmem::optim::int4_state>("4-bit"),
-                                 minimize<qmem::optim::quantized_state<qmem::quant::fp8_e4m3>>("fp8")});
+  double const worst = std::max(
+      {minimize<qmem::optim::fp32_state>("fp32"), minimize<qmem::optim::bf16_state>("bf16"),
+       minimize<qmem::optim::int8_state>("8-bit"), minimize<qmem::optim::int4_state>("4-bit"),
+       minimize<qmem::optim::quantized_state<qmem::quant::fp8_e4m3>>("fp8")});
   return worst < 0.05 ? 0 : 1; // every policy cut the loss at least 20-fold
 }

@@ -6,12 +6,12 @@
 
 #include <qmem/core.hpp>
 #include <qmem/memory.hpp>
-#include <qmem/quant.hpp>
+#include <qmem/optim/optimizer.hpp>
 #include <qmem/optim/rule.hpp>
 #include <qmem/optim/rules.hpp>
-#include <qmem/optim/state.hpp>
 #include <qmem/optim/schedule.hpp>
-#include <qmem/optim/optimizer.hpp>
+#include <qmem/optim/state.hpp>
+#include <qmem/quant.hpp>
 
 // Save/resume needs qmem/io (nlohmann-json); included here only where that header is available
 // (include <qmem/optim/checkpoint.hpp> directly to require it).

@@ -5,12 +5,12 @@
 
 #include <qmem/core.hpp>
 #include <qmem/memory.hpp>
+#include <qmem/quant/blockwise.hpp>
 #include <qmem/quant/code_table.hpp>
 #include <qmem/quant/codes.hpp>
-#include <qmem/quant/stochastic.hpp>
-#include <qmem/quant/blockwise.hpp>
 #include <qmem/quant/double_quant.hpp>
 #include <qmem/quant/format.hpp>
+#include <qmem/quant/matmul.hpp>
 #include <qmem/quant/quantized_tensor.hpp>
 #include <qmem/quant/rowwise.hpp>
-#include <qmem/quant/matmul.hpp>
+#include <qmem/quant/stochastic.hpp>

@@ -10,9 +10,6 @@
 //   value is within 2 ulps of the midpoint between those two values. The counts are reported;
 // - double quantization: given bnb's stored offset, qabsmax follows the same rule and absmax2 is
 //   bit-identical; qmem's own offset (fixed-order mean) is compared and its agreement reported.
-#include "golden/golden_file.hpp"
-#include "quant/quant_test_support.hpp"
-
 #include <qmem/quant.hpp>
 
 #include <doctest/doctest.h>
@@ -26,6 +23,9 @@
 #include <map>
 #include <string>
 #include <vector>
+
+#include "golden/golden_file.hpp"
+#include "quant/quant_test_support.hpp"
 
 namespace {
 
@@ -41,7 +41,9 @@ struct golden_case {
   std::string dt;     // f32, bf16, f16
   std::string n_tag;  // n1000
   std::size_t block = 0;
-  std::string prefix() const { return family + "." + dt + "." + n_tag + ".bs" + std::to_string(block); }
+  std::string prefix() const {
+    return family + "." + dt + "." + n_tag + ".bs" + std::to_string(block);
+  }
 };
 
 std::vector<golden_case> discover_cases() {
@@ -78,8 +80,9 @@ std::vector<int> sorted_position() {
 // Checks qmem's codes against bnb's with the tie rule; returns the number of differing codes.
 // `xn` gives the normalized value of element i as qmem computes it.
 template <class C, class Xn>
-std::size_t compare_codes(std::vector<std::uint8_t> const& ours, std::vector<std::uint8_t> const& bnb,
-                          std::size_t n, Xn xn, std::string const& what) {
+std::size_t compare_codes(std::vector<std::uint8_t> const& ours,
+                          std::vector<std::uint8_t> const& bnb, std::size_t n, Xn xn,
+                          std::string const& what) {
   REQUIRE(ours.size() == bnb.size());
   auto const pos = sorted_position<C>();
   std::size_t diffs = 0;
@@ -122,7 +125,8 @@ std::vector<float> as_floats(std::vector<T> const& v) {
 }
 
 template <class T>
-void check_bits_equal(std::vector<T> const& ours, std::vector<T> const& ref, std::string const& what) {
+void check_bits_equal(std::vector<T> const& ours, std::vector<T> const& ref,
+                      std::string const& what) {
   REQUIRE(ours.size() == ref.size());
   std::size_t bad = 0;
   std::size_t first = 0;
@@ -143,8 +147,8 @@ template <class B, class C, class T>
 void run_case(golden_case const& gc, tally& t) {
   auto const& f = golden_file();
   std::string const pre = gc.prefix();
-  bool const nested = gc.family.find("nested") != std::string::npos ||
-                      gc.family.find("_dq") != std::string::npos;
+  bool const nested =
+      gc.family.find("nested") != std::string::npos || gc.family.find("_dq") != std::string::npos;
   auto const x = f.read<T>("in." + gc.dt + "." + gc.n_tag);
   std::size_t const n = x.size();
   auto const bnb_q = f.read<std::uint8_t>(pre + ".q");
@@ -227,11 +231,10 @@ void run_case(golden_case const& gc, tally& t) {
     auto ca2 = B::upload(bnb_absmax2);
     auto coff = B::upload(bnb_offset);
     auto dy = B::template alloc<T>(n);
-    dequantize_blockwise_nested<C>(B::exec(), tensor_view<std::uint8_t const>(cq.view()),
-                                   tensor_view<std::uint8_t const>(cqa.view()),
-                                   tensor_view<float const>(ca2.view()),
-                                   tensor_view<float const>(coff.view()), gc.block, nested_block,
-                                   dy.view());
+    dequantize_blockwise_nested<C>(
+        B::exec(), tensor_view<std::uint8_t const>(cq.view()),
+        tensor_view<std::uint8_t const>(cqa.view()), tensor_view<float const>(ca2.view()),
+        tensor_view<float const>(coff.view()), gc.block, nested_block, dy.view());
     check_bits_equal(B::download(dy.view()), bnb_deq, pre + ".deq (nested, one pass)");
     // and in two steps: the scales, then plain blockwise
     auto ds = B::template alloc<float>(blocks);

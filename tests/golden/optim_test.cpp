@@ -14,8 +14,6 @@
 //   one-step code differences are what it allows);
 // - parameters: mean relative error <= 0.0016 (bitsandbytes' test) and max |diff| <= 1e-5 after
 //   each step; fp32 states within 1e-6 + 1e-5 |b|.
-#include "golden_file.hpp"
-
 #include <qmem/optim.hpp>
 
 #include <doctest/doctest.h>
@@ -27,6 +25,8 @@
 #include <set>
 #include <string>
 #include <vector>
+
+#include "golden_file.hpp"
 
 namespace {
 
@@ -94,7 +94,8 @@ Opt run_case(std::string const& name, Opt opt, std::vector<float>& p, std::size_
     auto const ref = f.read<float>(base + "p" + std::to_string(s + 1));
     std::size_t const count = checked == 0 ? p.size() : checked;
     auto const c = compare_params(p, ref, count);
-    std::printf("[golden optim] %s step %d: params max |diff| %.3g (at %zu), mean rel %.3g, exact %zu/%zu\n",
+    std::printf("[golden optim] %s step %d: params max |diff| %.3g (at %zu), mean rel %.3g, exact "
+                "%zu/%zu\n",
                 name.c_str(), s + 1, c.max_abs, c.worst, c.mean_rel,
                 static_cast<std::size_t>(std::count_if(
                     p.begin(), p.end(),

@@ -2,9 +2,9 @@
 // (memory/cuda_thrust.cuh): spaces, alignment, stream-ordered reuse, the managed resource's
 // refusal to oversubscribe, and a quantization that reads and writes thrust vectors directly.
 // Compiled only by nvcc; without a GPU each case says so and returns.
-#include "support/backend.hpp"
-
 #include <qmem/core/config.hpp>
+
+#include "support/backend.hpp"
 
 #if QMEM_HAS_CUDA()
 
@@ -84,7 +84,8 @@ TEST_CASE("cuda resources: device pool, pinned and managed memory") {
 TEST_CASE("cuda resources: thrust vectors are tensor-like") {
   static_assert(tensor_like<thrust::device_vector<float>>);
   static_assert(tensor_like<thrust::host_vector<bf16>>);
-  static_assert(tensor_like<thrust::host_vector<float, thrust::universal_host_pinned_allocator<float>>>);
+  static_assert(
+      tensor_like<thrust::host_vector<float, thrust::universal_host_pinned_allocator<float>>>);
   if (qmem::test::skip<cuda_backend>())
     return;
   std::size_t const n = 1000;
@@ -104,7 +105,8 @@ TEST_CASE("cuda resources: thrust vectors are tensor-like") {
   CHECK(view(codes).space() == memory_space::host);
   std::vector<std::uint8_t> hc(quant::code_bytes<quant::nf4>(n));
   std::vector<float> ha(quant::block_count(n, 64));
-  quant::quantize_blockwise<quant::nf4>(exec::host{}, view(std::as_const(x)), 64, view(hc), view(ha));
+  quant::quantize_blockwise<quant::nf4>(exec::host{}, view(std::as_const(x)), 64, view(hc),
+                                        view(ha));
   CHECK(std::vector<std::uint8_t>(codes.begin(), codes.end()) == hc);
   CHECK(std::vector<float>(absmax.begin(), absmax.end()) == ha);
   thrust::host_vector<float, thrust::universal_host_pinned_allocator<float>> pinned(4);

@@ -12,9 +12,8 @@
 #include <fstream>
 #include <random>
 #include <string>
-#include <vector>
-
 #include <unistd.h>
+#include <vector>
 
 namespace {
 
@@ -95,8 +94,8 @@ void check_resume(optim::optimizer_options o) {
 
 } // namespace
 
-TEST_CASE_TEMPLATE("resume: 10 steps == 5 + save + load + 5, bit for bit", Policy, optim::int8_state,
-                   optim::int4_state, optim::bf16_state, optim::fp32_state) {
+TEST_CASE_TEMPLATE("resume: 10 steps == 5 + save + load + 5, bit for bit", Policy,
+                   optim::int8_state, optim::int4_state, optim::bf16_state, optim::fp32_state) {
   check_resume<Policy, float>({.lr = optim::lr_schedule::cosine(1e-2f, 3, 10)});
   check_resume<Policy, bf16>({.percentile = 90, .master_weights = true});
   check_resume<Policy, bf16>({.rounding = optim::param_rounding::stochastic, .seed = 7});

@@ -10,9 +10,6 @@
 #include <qmem/optim/rules.hpp>
 #include <qmem/optim/state.hpp>
 
-#include "cuda_test_support.hpp"
-#include "support/backend.hpp"
-
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -25,9 +22,11 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
-#include <unistd.h>
+#include "cuda_test_support.hpp"
+#include "support/backend.hpp"
 
 #if QMEM_HAS_CUDA()
 #include <qmem/memory/cuda_resource.cuh>
@@ -154,8 +153,8 @@ float reference_total(std::vector<float> const& t, std::vector<bool> const& skip
 }
 
 TEST_CASE("host per-tensor sums follow the documented order exactly (a probe rule)") {
-  for (std::size_t n : {std::size_t{1}, std::size_t{2049}, std::size_t{100000},
-                        std::size_t{600001}}) {
+  for (std::size_t n :
+       {std::size_t{1}, std::size_t{2049}, std::size_t{100000}, std::size_t{600001}}) {
     INFO("n = ", n);
     auto p = order_sensitive(n, 5);
     auto g = order_sensitive(n, 6);
@@ -287,8 +286,8 @@ void check_global_norm_order(std::vector<std::size_t> const& sizes,
   double sequential = 0.0; // the data tells orders apart
   for (auto const& g : grads)
     for (auto const& x : g)
-      sequential += std::isfinite(to_float(x)) ? static_cast<double>(to_float(x)) * to_float(x)
-                                               : 0.0;
+      sequential +=
+          std::isfinite(to_float(x)) ? static_cast<double>(to_float(x)) * to_float(x) : 0.0;
   CHECK(sequential != want);
 }
 
@@ -655,20 +654,22 @@ TEST_CASE("device_optimizer: the documented usage (docs/optim.md)") {
     qmem::exec::cuda const gpu{stream, 0};
     qmem::optim::cuda::device_optimizer<qmem::optim::lamb, qmem::optim::int8_state, qmem::bf16> opt(
         gpu, qmem::optim::lamb{.weight_decay = 0.01f},
-        {.lr = qmem::optim::lr_schedule::cosine(1e-3f, 10, 1000), .max_unorm = 1.0f,
+        {.lr = qmem::optim::lr_schedule::cosine(1e-3f, 10, 1000),
+         .max_unorm = 1.0f,
          .master_weights = true},
         device);
     opt.add_param(gpu, qmem::tensor_view<qmem::bf16>(w, n, qmem::memory_space::device));
     opt.bind(gpu, {qmem::tensor_view<qmem::bf16 const>(g, n, qmem::memory_space::device)});
     for (int s = 0; s < 3; ++s)
-      opt.step(gpu); // no host synchronization: capturable in a CUDA graph
+      opt.step(gpu);     // no host synchronization: capturable in a CUDA graph
     opt.save(gpu, path); // the host optimizer's file format, written through host memory
     // -- end usage --
     CHECK(opt.step_count_blocking(gpu) == 3);
     CHECK(weights.download() != pr.params[0]);
     qmem::optim::cuda::device_optimizer<qmem::optim::lamb, qmem::optim::int8_state, qmem::bf16>
         again(gpu, qmem::optim::lamb{.weight_decay = 0.01f},
-              {.lr = qmem::optim::lr_schedule::cosine(1e-3f, 10, 1000), .max_unorm = 1.0f,
+              {.lr = qmem::optim::lr_schedule::cosine(1e-3f, 10, 1000),
+               .max_unorm = 1.0f,
                .master_weights = true},
               device);
     again.add_param(gpu, qmem::tensor_view<qmem::bf16>(w, n, qmem::memory_space::device));

@@ -160,10 +160,20 @@ TEST_CASE("the short 8-bit encode of finite blocks == F::encode (host: specials,
   CHECK_FALSE(fs.finite_block(inf));
   CHECK(fu.finite_block(0.0f));
   CHECK(fu.finite_block(inf));
-  float const specials[] = {0.0f, -0.0f, 1.0f, -1.0f, inf, -inf, nan, -nan, 1e-30f, -1e-30f,
+  float const specials[] = {0.0f,
+                            -0.0f,
+                            1.0f,
+                            -1.0f,
+                            inf,
+                            -inf,
+                            nan,
+                            -nan,
+                            1e-30f,
+                            -1e-30f,
                             std::numeric_limits<float>::denorm_min(),
                             -std::numeric_limits<float>::denorm_min(),
-                            std::numeric_limits<float>::max(), -std::numeric_limits<float>::max()};
+                            std::numeric_limits<float>::max(),
+                            -std::numeric_limits<float>::max()};
   float const absmaxes[] = {1.0f, 0.37f, 1e-9f, 3e8f, 1e-40f, std::numeric_limits<float>::max()};
   std::mt19937 rng(77);
   int bad = 0;
@@ -312,10 +322,9 @@ TEST_CASE(
   // typical, odd-mantissa, tiny (denormal and normal) and huge block maxima, and the ends of the
   // fp32 block route (format_codec::block_route_min / max) with an odd mantissa next to each; the
   // states of all 2^32 bit patterns include every |s| <= absmax that a block can hold, and more
-  float const absmaxes[] = {1.0f,           0.1f,          3.0e-3f,       1.2345678e-7f,
-                            7.7e12f,        1.0e-40f,      1.17549435e-38f, 3.0e38f,
-                            0.0f,           0x1p-72f,      0x1.3c5e7ap-71f, 0x1.fffffep125f,
-                            0x1.9a3b2cp125f};
+  float const absmaxes[] = {
+      1.0f,    0.1f, 3.0e-3f,  1.2345678e-7f,   7.7e12f,         1.0e-40f,       1.17549435e-38f,
+      3.0e38f, 0.0f, 0x1p-72f, 0x1.3c5e7ap-71f, 0x1.fffffep125f, 0x1.9a3b2cp125f};
   for (float a : absmaxes) {
     CAPTURE(a);
     CHECK(exhaustive_format_mismatches<s8>(a) == 0);
@@ -354,10 +363,11 @@ __global__ void exhaustive_arithmetic_kernel(unsigned long long* mismatches) {
   constexpr int divisor_exponents[] = {-51, -50, -20, 0, 1, 33, 60};
   for (std::uint64_t u = first; u < 7ull << 23; u += stride) {
     int const e = divisor_exponents[u >> 23];
-    float const d = ldexpf(__uint_as_float(0x3f800000u | static_cast<std::uint32_t>(u & 0x7fffffu)),
-                           e);
+    float const d =
+        ldexpf(__uint_as_float(0x3f800000u | static_cast<std::uint32_t>(u & 0x7fffffu)), e);
     for (int k = 0; k < 96; ++k) {
-      std::uint32_t h = static_cast<std::uint32_t>(u) * 0x9e3779b9u + static_cast<std::uint32_t>(k) * 0x85ebca6bu;
+      std::uint32_t h =
+          static_cast<std::uint32_t>(u) * 0x9e3779b9u + static_cast<std::uint32_t>(k) * 0x85ebca6bu;
       h ^= h >> 15;
       h *= 0x2c1b3c6du;
       h ^= h >> 12;
@@ -491,15 +501,13 @@ void large_tensor_matches_host(Rule rule, std::size_t n, int steps, unsigned see
     using F = typename traits::template format<J.value>;
     INFO("state ", J.value);
     std::vector<std::uint8_t> codes(F::bytes(n));
-    cuda_detail::check(cudaMemcpy(codes.data(), t.state[J.value], codes.size(),
-                                  cudaMemcpyDeviceToHost),
-                       "D2H");
+    cuda_detail::check(
+        cudaMemcpy(codes.data(), t.state[J.value], codes.size(), cudaMemcpyDeviceToHost), "D2H");
     CHECK(std::memcmp(codes.data(), ps.data[J.value].data(), codes.size()) == 0);
     if constexpr (F::blockwise) {
       std::vector<float> am(F::scale_count(n));
-      cuda_detail::check(cudaMemcpy(am.data(), t.absmax[J.value], am.size() * 4,
-                                    cudaMemcpyDeviceToHost),
-                         "D2H");
+      cuda_detail::check(
+          cudaMemcpy(am.data(), t.absmax[J.value], am.size() * 4, cudaMemcpyDeviceToHost), "D2H");
       CHECK(std::memcmp(am.data(), ps.scale[J.value].data(), am.size() * 4) == 0);
     }
   });

@@ -5,14 +5,11 @@
 // share one controller; a step captured in a CUDA graph replays exactly; found-inf and
 // non-finite gradients skip the step without touching anything; clipping uses the same norm;
 // paged state under real oversubscription completes and gives the same bits.
+#include <qmem/optim/cuda/bucket_search.hpp>
+#include <qmem/optim/cuda/state_format.hpp>
 #include <qmem/optim/optimizer.hpp>
 #include <qmem/optim/rules.hpp>
 #include <qmem/optim/state.hpp>
-#include <qmem/optim/cuda/bucket_search.hpp>
-#include <qmem/optim/cuda/state_format.hpp>
-
-#include "cuda_test_support.hpp"
-#include "support/backend.hpp"
 
 #include <doctest/doctest.h>
 
@@ -27,6 +24,9 @@
 #include <random>
 #include <span>
 #include <vector>
+
+#include "cuda_test_support.hpp"
+#include "support/backend.hpp"
 
 #if QMEM_HAS_CUDA()
 #include <qmem/memory/cuda_resource.cuh>
@@ -61,12 +61,19 @@ void check_bucket_search_host() {
       ++checked;
     }
   }
-  float const specials[] = {0.0f, -0.0f, 1.0f, -1.0f, 2.0f, -2.0f,
+  float const specials[] = {0.0f,
+                            -0.0f,
+                            1.0f,
+                            -1.0f,
+                            2.0f,
+                            -2.0f,
                             std::numeric_limits<float>::infinity(),
                             -std::numeric_limits<float>::infinity(),
                             std::numeric_limits<float>::quiet_NaN(),
                             std::numeric_limits<float>::denorm_min(),
-                            -std::numeric_limits<float>::denorm_min(), 1e-30f, -1e-30f};
+                            -std::numeric_limits<float>::denorm_min(),
+                            1e-30f,
+                            -1e-30f};
   for (float x : specials)
     CHECK(t.encode(x) == quant::detail::bnb_search256(x, code));
   // a sample of all bit patterns
@@ -453,9 +460,9 @@ void check_norm_partials(std::vector<std::size_t> const& sizes,
   auto const second = to_host(ctl.partial_sum(1), ocu::norm_partials);
   dev.insert(dev.end(), second.begin(), second.end());
   auto const views = test::host_views(pr.grads[0]);
-  auto const [host, finite] = oq::detail::grad_norm_partials(
-      exec::host{}, std::span<tensor_view<G const> const>(views),
-      std::span<std::uint8_t const>(group));
+  auto const [host, finite] =
+      oq::detail::grad_norm_partials(exec::host{}, std::span<tensor_view<G const> const>(views),
+                                     std::span<std::uint8_t const>(group));
   CHECK(!finite);
   REQUIRE(host.size() == dev.size());
   std::size_t differing = 0;
@@ -607,7 +614,7 @@ TEST_CASE("paged state: resident and fallback storage give the unpaged bits") {
   CHECK(run(&unified, std::size_t{1} << 30, false) == reference); // fits: prefetched once
   ocu::paged_state_resource windows(0, std::size_t{1} << 30);
   CHECK(run(&windows, 64 * 1024, false) == reference); // small budget: many windows
-  ocu::paged_state_resource fallback(0, 40000, true);   // part device, part pinned host
+  ocu::paged_state_resource fallback(0, 40000, true);  // part device, part pinned host
   CHECK(run(&fallback, 64 * 1024, true) == reference);
   CHECK(fallback.fallback_pinned_bytes() == 0); // all returned
 }
@@ -687,7 +694,8 @@ TEST_CASE("paged state under real oversubscription completes with the unpaged bi
   CHECK(d.snapshot() == reference);
 }
 
-TEST_CASE("optimizer_step: an optimizer's own (managed) state stepped on the GPU == its host step") {
+TEST_CASE(
+    "optimizer_step: an optimizer's own (managed) state stepped on the GPU == its host step") {
   if (skip_without_gpu())
     return;
   using P = float;

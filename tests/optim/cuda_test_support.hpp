@@ -6,8 +6,6 @@
 #include <qmem/optim/optimizer.hpp>
 #include <qmem/optim/state.hpp>
 
-#include "support/backend.hpp"
-
 #include <doctest/doctest.h>
 
 #include <cstddef>
@@ -18,6 +16,8 @@
 #include <span>
 #include <utility>
 #include <vector>
+
+#include "support/backend.hpp"
 
 #if QMEM_HAS_CUDA()
 #include <qmem/core/cuda/runtime.cuh>

@@ -1,13 +1,13 @@
 // The user-written rule of examples/04_custom_optimizer (Adan): against an fp64 reference of its
 // definition with fp32 state, and run with every state policy (each must keep descending).
-#include "../../examples/04_custom_optimizer/adan.hpp"
-
 #include <qmem/optim.hpp>
 
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <vector>
+
+#include "../../examples/04_custom_optimizer/adan.hpp"
 
 namespace {
 
@@ -16,7 +16,8 @@ using namespace qmem;
 std::vector<float> grad_of(std::vector<float> const& p, int step) {
   std::vector<float> g(p.size());
   for (std::size_t i = 0; i < p.size(); ++i)
-    g[i] = (p[i] - std::cos(0.1f * static_cast<float>(i))) * (1.0f + 0.1f * static_cast<float>(step % 3));
+    g[i] = (p[i] - std::cos(0.1f * static_cast<float>(i))) *
+           (1.0f + 0.1f * static_cast<float>(step % 3));
   return g;
 }
 
@@ -47,14 +48,16 @@ TEST_CASE("custom rule (Adan from the example) against its fp64 definition") {
   std::vector<float> p(3000, 0.0f);
   std::vector<double> rp(p.size(), 0.0), m(p.size(), 0.0), v(p.size(), 0.0), nn(p.size(), 0.0),
       gp(p.size(), 0.0);
-  optim::optimizer<example::adan, optim::fp32_state> opt(r, {.lr = optim::lr_schedule::constant(lr)});
+  optim::optimizer<example::adan, optim::fp32_state> opt(r,
+                                                         {.lr = optim::lr_schedule::constant(lr)});
   opt.add_param(view(p));
   for (int t = 1; t <= 5; ++t) {
     auto const g = grad_of(p, t);
     opt.step(exec::host{}, {view(g)});
     double const b1 = r.beta1, b2 = r.beta2, b3 = r.beta3;
     for (std::size_t i = 0; i < p.size(); ++i) {
-      double const gi = (rp[i] - std::cos(0.1f * static_cast<float>(i))) * (1.0f + 0.1f * static_cast<float>(t % 3));
+      double const gi = (rp[i] - std::cos(0.1f * static_cast<float>(i))) *
+                        (1.0f + 0.1f * static_cast<float>(t % 3));
       double const diff = t == 1 ? 0.0 : gi - gp[i];
       m[i] = b1 * m[i] + (1 - b1) * gi;
       v[i] = b2 * v[i] + (1 - b2) * diff;

@@ -231,16 +231,14 @@ std::size_t block_kernel_mismatches(host_isa isa, std::vector<float> const& v, b
       amax = isa != host_isa::avx512
                  ? optim::detail::store_block8(*enc.table, enc.block_entries, enc.negative_below,
                                                vb, m, codes.data(), done)
-             : vbmi ? optim::detail::store_block8_vbmi(*enc.table, enc.block_entries,
-                                                       enc.negative_below, vb, m, codes.data(),
-                                                       done)
-                    : optim::detail::store_block8_512(*enc.table, enc.block_entries,
-                                                      enc.negative_below, vb, m, codes.data(),
-                                                      done);
+             : vbmi
+                 ? optim::detail::store_block8_vbmi(*enc.table, enc.block_entries,
+                                                    enc.negative_below, vb, m, codes.data(), done)
+                 : optim::detail::store_block8_512(*enc.table, enc.block_entries,
+                                                   enc.negative_below, vb, m, codes.data(), done);
     else
-      amax = isa != host_isa::avx512
-                 ? optim::detail::store_block4(*enc.table, enc.block_entries, vb, m,
-                                               codes.data(), done)
+      amax = isa != host_isa::avx512 ? optim::detail::store_block4(*enc.table, enc.block_entries,
+                                                                   vb, m, codes.data(), done)
              : vbmi ? optim::detail::store_block4_vbmi(*enc.table, enc.block_entries, vb, m,
                                                        codes.data(), done)
                     : optim::detail::store_block4_512(*enc.table, enc.block_entries, vb, m,

@@ -26,12 +26,12 @@ public:
 private:
   void* do_allocate(std::size_t bytes, std::size_t alignment, memory::category c) override {
     live[static_cast<std::size_t>(c)] += bytes;
-    return ::operator new(bytes == 0 ? 1 : bytes, std::align_val_t{alignment});
+    return ::operator new (bytes == 0 ? 1 : bytes, std::align_val_t{alignment});
   }
   void do_deallocate(void* p, std::size_t bytes, std::size_t alignment,
                      memory::category c) noexcept override {
     live[static_cast<std::size_t>(c)] -= bytes;
-    ::operator delete(p, std::align_val_t{alignment});
+    ::operator delete (p, std::align_val_t{alignment});
   }
 };
 
@@ -56,7 +56,8 @@ TEST_CASE_TEMPLATE("policies: quantized AdamW states follow the fp32 states", Po
   std::size_t const n = 20000;
   auto const p0 = randn(n, 1.0f, 1);
   std::vector<float> pa = p0, pb = p0;
-  optim::optimizer<optim::adamw, optim::fp32_state> ref({}, {.lr = optim::lr_schedule::constant(1e-3f)});
+  optim::optimizer<optim::adamw, optim::fp32_state> ref(
+      {}, {.lr = optim::lr_schedule::constant(1e-3f)});
   optim::optimizer<optim::adamw, Policy> q({}, {.lr = optim::lr_schedule::constant(1e-3f)});
   ref.add_param(view(pa));
   q.add_param(view(pb));
@@ -92,9 +93,9 @@ TEST_CASE("state bytes per parameter, measured through the memory resource") {
     {
       optim::optimizer<optim::adamw, Policy> opt({}, {}, r);
       opt.add_param(view(p));
-      double const b = static_cast<double>(r.live[static_cast<std::size_t>(
-                           memory::category::optimizer_state)]) /
-                       static_cast<double>(n);
+      double const b =
+          static_cast<double>(r.live[static_cast<std::size_t>(memory::category::optimizer_state)]) /
+          static_cast<double>(n);
       CHECK(opt.state_bytes() ==
             r.live[static_cast<std::size_t>(memory::category::optimizer_state)]);
       return b;
@@ -120,7 +121,8 @@ TEST_CASE("many tensors: threshold, per-parameter overrides, one step covers all
     grads.push_back(randn(sizes[i], 0.1f, 20 + static_cast<unsigned>(i)));
   }
   auto p_single = ps;
-  optim::optimizer<optim::adamw, optim::int8_state> opt({}, {.lr = optim::lr_schedule::constant(1e-2f)});
+  optim::optimizer<optim::adamw, optim::int8_state> opt(
+      {}, {.lr = optim::lr_schedule::constant(1e-2f)});
   for (std::size_t i = 0; i < sizes.size(); ++i) {
     decltype(opt)::param_options o;
     if (i == 4)
@@ -140,7 +142,8 @@ TEST_CASE("many tensors: threshold, per-parameter overrides, one step covers all
   // each tensor alone gives the same bits as the multi-tensor step
   for (std::size_t i = 0; i < sizes.size(); ++i) {
     CAPTURE(i);
-    optim::optimizer<optim::adamw, optim::int8_state> one({}, {.lr = optim::lr_schedule::constant(1e-2f)});
+    optim::optimizer<optim::adamw, optim::int8_state> one(
+        {}, {.lr = optim::lr_schedule::constant(1e-2f)});
     decltype(one)::param_options o;
     o.fp32_state = i == 4;
     if (i == 5) {
@@ -191,7 +194,8 @@ TEST_CASE("non-finite gradients: skip step, skip element, raise; found_inf") {
   }
   SUBCASE("raise: throws before writing") {
     std::vector<float> p = p0;
-    optim::optimizer<optim::adamw, optim::int8_state> opt({}, {.nonfinite = optim::nonfinite_policy::raise});
+    optim::optimizer<optim::adamw, optim::int8_state> opt(
+        {}, {.nonfinite = optim::nonfinite_policy::raise});
     opt.add_param(view(p));
     CHECK_THROWS_AS(opt.step(exec::host{}, gs), qmem::error);
     CHECK(std::memcmp(p.data(), p0.data(), n * 4) == 0);
@@ -199,7 +203,8 @@ TEST_CASE("non-finite gradients: skip step, skip element, raise; found_inf") {
   }
   SUBCASE("skip_element: the bad elements keep param and state, the others update") {
     std::vector<float> p = p0, q = p0;
-    optim::optimizer<optim::adamw, optim::fp32_state> opt({}, {.nonfinite = optim::nonfinite_policy::skip_element});
+    optim::optimizer<optim::adamw, optim::fp32_state> opt(
+        {}, {.nonfinite = optim::nonfinite_policy::skip_element});
     optim::optimizer<optim::adamw, optim::fp32_state> ref;
     opt.add_param(view(p));
     ref.add_param(view(q));
@@ -236,8 +241,10 @@ TEST_CASE("clipping: global norm, unscale, max_unorm, percentile") {
   std::vector<tensor_view<float const>> gs{view(g)};
   SUBCASE("global grad-norm clipping equals a step on pre-scaled gradients") {
     std::vector<float> p = p0, q = p0;
-    optim::optimizer<optim::sgd, optim::fp32_state> a({}, {.lr = optim::lr_schedule::constant(0.1f), .max_grad_norm = 0.3f});
-    optim::optimizer<optim::sgd, optim::fp32_state> b({}, {.lr = optim::lr_schedule::constant(0.1f)});
+    optim::optimizer<optim::sgd, optim::fp32_state> a(
+        {}, {.lr = optim::lr_schedule::constant(0.1f), .max_grad_norm = 0.3f});
+    optim::optimizer<optim::sgd, optim::fp32_state> b({},
+                                                      {.lr = optim::lr_schedule::constant(0.1f)});
     a.add_param(view(p));
     b.add_param(view(q));
     auto const r = a.step(exec::host{}, gs);
@@ -266,7 +273,8 @@ TEST_CASE("clipping: global norm, unscale, max_unorm, percentile") {
   }
   SUBCASE("max_unorm bounds the update norm") {
     std::vector<float> p = p0;
-    optim::optimizer<optim::sgd, optim::fp32_state> a({}, {.lr = optim::lr_schedule::constant(1.0f), .max_unorm = 0.01f});
+    optim::optimizer<optim::sgd, optim::fp32_state> a(
+        {}, {.lr = optim::lr_schedule::constant(1.0f), .max_unorm = 0.01f});
     a.add_param(view(p));
     a.step(exec::host{}, gs);
     double du = 0, pn = 0;
@@ -344,9 +352,12 @@ TEST_CASE("bf16 parameters: fp32 master weights, stochastic rounding") {
     std::vector<bf16> ones(n, bf16(1.0f)), ones_sr(n, bf16(1.0f));
     std::vector<float> unit(n, 1.0f);
     std::vector<tensor_view<float const>> us{view(unit)};
-    optim::optimizer<optim::sgd, optim::fp32_state, bf16> nearest({0.0f}, {.lr = optim::lr_schedule::constant(1e-4f)});
+    optim::optimizer<optim::sgd, optim::fp32_state, bf16> nearest(
+        {0.0f}, {.lr = optim::lr_schedule::constant(1e-4f)});
     optim::optimizer<optim::sgd, optim::fp32_state, bf16> sr(
-        {0.0f}, {.lr = optim::lr_schedule::constant(1e-4f), .rounding = optim::param_rounding::stochastic, .seed = 42});
+        {0.0f}, {.lr = optim::lr_schedule::constant(1e-4f),
+                 .rounding = optim::param_rounding::stochastic,
+                 .seed = 42});
     nearest.add_param(view(ones));
     sr.add_param(view(ones_sr));
     for (int s = 0; s < 20; ++s) {

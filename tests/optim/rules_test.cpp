@@ -49,7 +49,8 @@ void check_rule(R rule, float lr, ref_update ref, double atol, double rtol, int 
   optim::optimizer<R, optim::fp32_state> opt(rule, {.lr = optim::lr_schedule::constant(lr)});
   opt.add_param(view(p));
   std::vector<double> rp(pr.p0.begin(), pr.p0.end());
-  std::vector<std::vector<double>> rs(n, std::vector<double>(static_cast<std::size_t>(nstates), 0.0));
+  std::vector<std::vector<double>> rs(n,
+                                      std::vector<double>(static_cast<std::size_t>(nstates), 0.0));
   for (int t = 1; t <= 5; ++t) {
     auto const& g = pr.grads[static_cast<std::size_t>(t - 1)];
     std::vector<tensor_view<float const>> gs{view(g)};
@@ -80,41 +81,45 @@ void check_rule(R rule, float lr, ref_update ref, double atol, double rtol, int 
 TEST_CASE("rules: AdamW and Adam against fp64 definitions") {
   float const lr = 1e-2f;
   optim::adamw aw{0.9f, 0.995f, 1e-8f, 0.01f};
-  check_rule(aw, lr,
-             [&](int t, double& p, double g, std::vector<double>& s) {
-               double const b1 = aw.beta1, b2 = aw.beta2;
-               s[0] = b1 * s[0] + (1 - b1) * g;
-               s[1] = b2 * s[1] + (1 - b2) * g * g;
-               double const c1 = 1 - std::pow(b1, t), c2 = std::sqrt(1 - std::pow(b2, t));
-               p = p - lr * (s[0] / c1) / (std::sqrt(s[1]) / c2 + static_cast<double>(aw.eps));
-               p = p * (1 - static_cast<double>(lr) * aw.weight_decay); // bitsandbytes' order
-             },
-             1e-6, 1e-5, 2);
+  check_rule(
+      aw, lr,
+      [&](int t, double& p, double g, std::vector<double>& s) {
+        double const b1 = aw.beta1, b2 = aw.beta2;
+        s[0] = b1 * s[0] + (1 - b1) * g;
+        s[1] = b2 * s[1] + (1 - b2) * g * g;
+        double const c1 = 1 - std::pow(b1, t), c2 = std::sqrt(1 - std::pow(b2, t));
+        p = p - lr * (s[0] / c1) / (std::sqrt(s[1]) / c2 + static_cast<double>(aw.eps));
+        p = p * (1 - static_cast<double>(lr) * aw.weight_decay); // bitsandbytes' order
+      },
+      1e-6, 1e-5, 2);
   SUBCASE("torch.optim.AdamW's formulas, bitsandbytes' 32-bit tolerance") {
     optim::adamw torch_order = aw;
     torch_order.decay_first = true;
-    check_rule(torch_order, lr,
-               [&](int t, double& p, double g, std::vector<double>& s) {
-                 double const b1 = aw.beta1, b2 = aw.beta2;
-                 p = p * (1 - static_cast<double>(lr) * aw.weight_decay); // torch decays first
-                 s[0] = b1 * s[0] + (1 - b1) * g;
-                 s[1] = b2 * s[1] + (1 - b2) * g * g;
-                 double const bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
-                 double const denom = std::sqrt(s[1]) / std::sqrt(bc2) + aw.eps;
-                 p = p - (lr / bc1) * s[0] / denom;
-               },
-               1e-6, 1e-5, 2);
+    check_rule(
+        torch_order, lr,
+        [&](int t, double& p, double g, std::vector<double>& s) {
+          double const b1 = aw.beta1, b2 = aw.beta2;
+          p = p * (1 - static_cast<double>(lr) * aw.weight_decay); // torch decays first
+          s[0] = b1 * s[0] + (1 - b1) * g;
+          s[1] = b2 * s[1] + (1 - b2) * g * g;
+          double const bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
+          double const denom = std::sqrt(s[1]) / std::sqrt(bc2) + aw.eps;
+          p = p - (lr / bc1) * s[0] / denom;
+        },
+        1e-6, 1e-5, 2);
   }
   optim::adam a{0.9f, 0.999f, 1e-8f, 0.05f};
-  check_rule(a, lr,
-             [&](int t, double& p, double g, std::vector<double>& s) {
-               g = g + static_cast<double>(a.weight_decay) * p; // L2
-               s[0] = 0.9 * s[0] + 0.1 * g;
-               s[1] = static_cast<double>(a.beta2) * s[1] + (1 - static_cast<double>(a.beta2)) * g * g;
-               double const c1 = 1 - std::pow(0.9f, t), c2 = std::sqrt(1 - std::pow(static_cast<double>(a.beta2), t));
-               p = p - lr * (s[0] / c1) / (std::sqrt(s[1]) / c2 + 1e-8);
-             },
-             1e-6, 1e-5, 2);
+  check_rule(
+      a, lr,
+      [&](int t, double& p, double g, std::vector<double>& s) {
+        g = g + static_cast<double>(a.weight_decay) * p; // L2
+        s[0] = 0.9 * s[0] + 0.1 * g;
+        s[1] = static_cast<double>(a.beta2) * s[1] + (1 - static_cast<double>(a.beta2)) * g * g;
+        double const c1 = 1 - std::pow(0.9f, t),
+                     c2 = std::sqrt(1 - std::pow(static_cast<double>(a.beta2), t));
+        p = p - lr * (s[0] / c1) / (std::sqrt(s[1]) / c2 + 1e-8);
+      },
+      1e-6, 1e-5, 2);
 }
 
 TEST_CASE("rules: SGD (momentum, dampening, Nesterov, L2)") {
@@ -122,28 +127,31 @@ TEST_CASE("rules: SGD (momentum, dampening, Nesterov, L2)") {
     CAPTURE(nesterov);
     optim::sgd r{0.9f, nesterov ? 0.0f : 0.1f, 0.01f, nesterov};
     float const lr = 0.05f;
-    check_rule(r, lr,
-               [&](int t, double& p, double g, std::vector<double>& s) {
-                 double const m = r.momentum;
-                 g = g + static_cast<double>(r.weight_decay) * p;
-                 s[0] = t == 1 ? g : m * s[0] + (1 - static_cast<double>(r.dampening)) * g;
-                 p = p - lr * (nesterov ? g + m * s[0] : s[0]);
-               },
-               1e-6, 1e-5, 1);
+    check_rule(
+        r, lr,
+        [&](int t, double& p, double g, std::vector<double>& s) {
+          double const m = r.momentum;
+          g = g + static_cast<double>(r.weight_decay) * p;
+          s[0] = t == 1 ? g : m * s[0] + (1 - static_cast<double>(r.dampening)) * g;
+          p = p - lr * (nesterov ? g + m * s[0] : s[0]);
+        },
+        1e-6, 1e-5, 1);
   }
 }
 
 TEST_CASE("rules: Lion") {
   optim::lion r{0.9f, 0.99f, 0.1f};
   float const lr = 1e-3f;
-  check_rule(r, lr,
-             [&](int, double& p, double g, std::vector<double>& s) {
-               p = p * (1 - static_cast<double>(lr) * r.weight_decay);
-               double const c = static_cast<double>(r.beta1) * s[0] + (1 - static_cast<double>(r.beta1)) * g;
-               p = p - lr * (c > 0 ? 1.0 : (c < 0 ? -1.0 : 0.0));
-               s[0] = static_cast<double>(r.beta2) * s[0] + (1 - static_cast<double>(r.beta2)) * g;
-             },
-             1e-6, 1e-5, 1);
+  check_rule(
+      r, lr,
+      [&](int, double& p, double g, std::vector<double>& s) {
+        p = p * (1 - static_cast<double>(lr) * r.weight_decay);
+        double const c =
+            static_cast<double>(r.beta1) * s[0] + (1 - static_cast<double>(r.beta1)) * g;
+        p = p - lr * (c > 0 ? 1.0 : (c < 0 ? -1.0 : 0.0));
+        s[0] = static_cast<double>(r.beta2) * s[0] + (1 - static_cast<double>(r.beta2)) * g;
+      },
+      1e-6, 1e-5, 1);
 }
 
 TEST_CASE("rules: RMSprop (plain, centered, momentum)") {
@@ -178,14 +186,15 @@ TEST_CASE("rules: RMSprop (plain, centered, momentum)") {
 TEST_CASE("rules: Adagrad with lr decay") {
   optim::adagrad r{1e-10f, 0.01f, 0.1f};
   float const lr = 0.1f;
-  check_rule(r, lr,
-             [&](int t, double& p, double g, std::vector<double>& s) {
-               double const clr = lr / (1 + (t - 1) * static_cast<double>(r.lr_decay));
-               g = g + static_cast<double>(r.weight_decay) * p;
-               s[0] += g * g;
-               p -= clr * g / (std::sqrt(s[0]) + static_cast<double>(r.eps));
-             },
-             1e-6, 1e-5, 1);
+  check_rule(
+      r, lr,
+      [&](int t, double& p, double g, std::vector<double>& s) {
+        double const clr = lr / (1 + (t - 1) * static_cast<double>(r.lr_decay));
+        g = g + static_cast<double>(r.weight_decay) * p;
+        s[0] += g * g;
+        p -= clr * g / (std::sqrt(s[0]) + static_cast<double>(r.eps));
+      },
+      1e-6, 1e-5, 1);
 }
 
 TEST_CASE("rules: AdEMAMix with both schedulers") {
@@ -193,24 +202,24 @@ TEST_CASE("rules: AdEMAMix with both schedulers") {
   r.t_alpha = 4;
   r.t_beta3 = 4;
   float const lr = 1e-3f;
-  check_rule(r, lr,
-             [&](int t, double& p, double g, std::vector<double>& s) {
-               double const b1 = r.beta1, b2 = r.beta2, b3f = r.beta3;
-               double const alpha = std::min(t * static_cast<double>(r.alpha) / r.t_alpha,
-                                             static_cast<double>(r.alpha));
-               double const sc = static_cast<double>(t) / r.t_beta3;
-               double const b3 = std::min(
-                   std::exp(std::log(b1) * std::log(b3f) /
-                            ((1 - sc) * std::log(b3f) + sc * std::log(b1))),
-                   b3f);
-               s[0] = b1 * s[0] + (1 - b1) * g;
-               s[2] = b3 * s[2] + (1 - b3) * g;
-               s[1] = b2 * s[1] + (1 - b2) * g * g;
-               double const c1 = 1 - std::pow(b1, t), c2 = std::sqrt(1 - std::pow(b2, t));
-               p -= lr * (s[0] / c1 + alpha * s[2]) / (std::sqrt(s[1]) / c2 + static_cast<double>(r.eps));
-               p *= 1 - static_cast<double>(lr) * r.weight_decay;
-             },
-             1e-6, 1e-5, 3);
+  check_rule(
+      r, lr,
+      [&](int t, double& p, double g, std::vector<double>& s) {
+        double const b1 = r.beta1, b2 = r.beta2, b3f = r.beta3;
+        double const alpha =
+            std::min(t * static_cast<double>(r.alpha) / r.t_alpha, static_cast<double>(r.alpha));
+        double const sc = static_cast<double>(t) / r.t_beta3;
+        double const b3 = std::min(
+            std::exp(std::log(b1) * std::log(b3f) / ((1 - sc) * std::log(b3f) + sc * std::log(b1))),
+            b3f);
+        s[0] = b1 * s[0] + (1 - b1) * g;
+        s[2] = b3 * s[2] + (1 - b3) * g;
+        s[1] = b2 * s[1] + (1 - b2) * g * g;
+        double const c1 = 1 - std::pow(b1, t), c2 = std::sqrt(1 - std::pow(b2, t));
+        p -= lr * (s[0] / c1 + alpha * s[2]) / (std::sqrt(s[1]) / c2 + static_cast<double>(r.eps));
+        p *= 1 - static_cast<double>(lr) * r.weight_decay;
+      },
+      1e-6, 1e-5, 3);
 }
 
 // Reducing rules: the reference computes the tensor norms itself, so it runs tensor-wide.
@@ -221,7 +230,8 @@ TEST_CASE("rules: LAMB and LARS trust ratios against fp64 tensor-wide references
     optim::lamb r{0.9f, 0.999f, 1e-6f, 0.01f};
     float const lr = 1e-2f;
     std::vector<float> p = pr.p0;
-    optim::optimizer<optim::lamb, optim::fp32_state> opt(r, {.lr = optim::lr_schedule::constant(lr)});
+    optim::optimizer<optim::lamb, optim::fp32_state> opt(r,
+                                                         {.lr = optim::lr_schedule::constant(lr)});
     opt.add_param(view(p));
     std::vector<double> rp(pr.p0.begin(), pr.p0.end()), m(n, 0.0), v(n, 0.0), u(n);
     for (int t = 1; t <= 5; ++t) {
@@ -250,7 +260,8 @@ TEST_CASE("rules: LAMB and LARS trust ratios against fp64 tensor-wide references
     optim::lars r{0.9f, 1e-4f, 0.001f};
     float const lr = 0.1f;
     std::vector<float> p = pr.p0;
-    optim::optimizer<optim::lars, optim::fp32_state> opt(r, {.lr = optim::lr_schedule::constant(lr)});
+    optim::optimizer<optim::lars, optim::fp32_state> opt(r,
+                                                         {.lr = optim::lr_schedule::constant(lr)});
     opt.add_param(view(p));
     std::vector<double> rp(pr.p0.begin(), pr.p0.end()), buf(n, 0.0);
     for (int t = 1; t <= 5; ++t) {

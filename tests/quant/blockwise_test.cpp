@@ -3,8 +3,6 @@
 // n < block, odd n, all-zero blocks, NaN/inf inputs, the error on N(0, 1) data, and bad arguments
 // (nothing written). The CUDA backend runs the same cases, so it is checked against the same
 // reference bit for bit.
-#include "quant/quant_test_support.hpp"
-
 #include <qmem/quant.hpp>
 
 #include <doctest/doctest.h>
@@ -15,6 +13,8 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include "quant/quant_test_support.hpp"
 
 namespace {
 
@@ -97,15 +97,16 @@ std::vector<T> reference_dequantize(std::vector<std::uint8_t> const& codes,
   std::vector<T> y(n);
   for (std::size_t i = 0; i < n; ++i) {
     std::uint8_t const c = C::bits == 8 ? codes[i]
-                                        : static_cast<std::uint8_t>(
-                                              i % 2 == 0 ? codes[i / 2] >> 4 : codes[i / 2] & 15);
+                                        : static_cast<std::uint8_t>(i % 2 == 0 ? codes[i / 2] >> 4
+                                                                               : codes[i / 2] & 15);
     y[i] = from_float<T>(C::decode(c, C::book) * absmax[i / block]);
   }
   return y;
 }
 
 bool same_float(float a, float b) {
-  return (std::isnan(a) && std::isnan(b)) || std::bit_cast<std::uint32_t>(a) == std::bit_cast<std::uint32_t>(b);
+  return (std::isnan(a) && std::isnan(b)) ||
+         std::bit_cast<std::uint32_t>(a) == std::bit_cast<std::uint32_t>(b);
 }
 
 template <class T>
@@ -113,7 +114,8 @@ bool same_value_bits(T a, T b) {
   if constexpr (std::is_same_v<T, float>)
     return same_float(a, b);
   else if constexpr (std::is_same_v<T, double>)
-    return (std::isnan(a) && std::isnan(b)) || std::bit_cast<std::uint64_t>(a) == std::bit_cast<std::uint64_t>(b);
+    return (std::isnan(a) && std::isnan(b)) ||
+           std::bit_cast<std::uint64_t>(a) == std::bit_cast<std::uint64_t>(b);
   else
     return (std::isnan(a.to_float()) && std::isnan(b.to_float())) || a.bits == b.bits;
 }
@@ -135,7 +137,8 @@ void check_against_reference(std::vector<T> const& x, std::size_t block, roundin
   auto const absmax = B::download(da.view());
   REQUIRE(absmax.size() == ra.size());
   for (std::size_t b = 0; b < ra.size(); ++b)
-    if (!same_float(absmax[b], ra[b])) // one message argument: nvcc rejects doctest's comma form here
+    if (!same_float(absmax[b],
+                    ra[b])) // one message argument: nvcc rejects doctest's comma form here
       FAIL(qmem::detail::message("absmax[", b, "] = ", absmax[b], ", expected ", ra[b]));
   REQUIRE(codes == rc);
   auto dy = B::template alloc<T>(n);
@@ -172,8 +175,8 @@ TEST_CASE_TEMPLATE_DEFINE("blockwise: every code, block size and size agrees wit
       for (std::size_t n : {std::size_t{1}, std::size_t{2}, std::size_t{7}, block - 1, block,
                             block + 1, 3 * block + 5}) {
         auto const x = input_for<C>(n, static_cast<std::uint32_t>(n * 31 + block));
-        std::string const what = code_name<C>() + " block " + std::to_string(block) + " n " +
-                                 std::to_string(n);
+        std::string const what =
+            code_name<C>() + " block " + std::to_string(block) + " n " + std::to_string(n);
         check_against_reference<B, C>(x, block, {}, what + " f32");
         if (block == 64 || block == 4096) {
           check_against_reference<B, C>(convert<bf16>(x), block, {}, what + " bf16");
@@ -335,7 +338,8 @@ TEST_CASE_TEMPLATE_DEFINE("blockwise: bad arguments throw and write nothing", B,
   auto const e = B::exec();
   using C8 = dynamic_signed;
   // block sizes: not a power of two, too small for 8-bit (32 is 4-bit only), too large
-  for (std::size_t bad_block : {std::size_t{0}, std::size_t{32}, std::size_t{100}, std::size_t{8192}})
+  for (std::size_t bad_block :
+       {std::size_t{0}, std::size_t{32}, std::size_t{100}, std::size_t{8192}})
     CHECK_THROWS_AS(quantize_blockwise<C8>(e, xv, bad_block, codes.view(), absmax.view()),
                     qmem::bad_argument);
   CHECK_THROWS_AS(quantize_blockwise<nf4>(e, xv, 16, codes4.view(), absmax.view()),
@@ -347,9 +351,8 @@ TEST_CASE_TEMPLATE_DEFINE("blockwise: bad arguments throw and write nothing", B,
                   qmem::bad_argument);
   CHECK_THROWS_AS(quantize_blockwise<C8>(e, xv, 128, codes.view(), absmax.view()),
                   qmem::bad_argument);
-  CHECK_THROWS_AS(
-      quantize_blockwise<C8>(e, xv, 64, codes.view(), absmax.view().subview(0, 15)),
-      qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_blockwise<C8>(e, xv, 64, codes.view(), absmax.view().subview(0, 15)),
+                  qmem::bad_argument);
   // null and misaligned pointers
   CHECK_THROWS_AS(quantize_blockwise<C8>(e, tensor_view<float const>(nullptr, 1000, xv.space()), 64,
                                          codes.view(), absmax.view()),
@@ -359,7 +362,8 @@ TEST_CASE_TEMPLATE_DEFINE("blockwise: bad arguments throw and write nothing", B,
       reinterpret_cast<float*>(reinterpret_cast<std::uintptr_t>(av.data()) + 1), 16, av.space());
   CHECK_THROWS_AS(quantize_blockwise<C8>(e, xv, 64, codes.view(), misaligned), qmem::bad_argument);
   // memory space the executor cannot reach
-  memory_space const wrong = exec::is_host_v<decltype(e)> ? memory_space::device : memory_space::host;
+  memory_space const wrong =
+      exec::is_host_v<decltype(e)> ? memory_space::device : memory_space::host;
   CHECK_THROWS_AS(quantize_blockwise<C8>(e, tensor_view<float const>(xv.data(), xv.size(), wrong),
                                          64, codes.view(), absmax.view()),
                   qmem::bad_argument);
@@ -372,9 +376,9 @@ TEST_CASE_TEMPLATE_DEFINE("blockwise: bad arguments throw and write nothing", B,
   CHECK_THROWS_AS(dequantize_blockwise<nf4>(e, cv, acv, 64, y.view()), qmem::bad_argument);
   CHECK_THROWS_AS(dequantize_blockwise<C8>(e, cv, acv.subview(1, 15), 64, y.view()),
                   qmem::bad_argument);
-  CHECK_THROWS_AS(dequantize_blockwise<C8>(e, cv, acv, 64,
-                                           tensor_view<float>(y.view().data(), 1000, wrong)),
-                  qmem::bad_argument);
+  CHECK_THROWS_AS(
+      dequantize_blockwise<C8>(e, cv, acv, 64, tensor_view<float>(y.view().data(), 1000, wrong)),
+      qmem::bad_argument);
   try {
     quantize_blockwise<C8>(e, xv, 100, codes.view(), absmax.view());
   } catch (qmem::bad_argument const& err) {
@@ -396,5 +400,6 @@ TEST_CASE("blockwise: static block sizes and helpers") {
   std::vector<float> none;
   std::vector<std::uint8_t> c;
   std::vector<float> a;
-  CHECK_NOTHROW(quantize_blockwise<nf4>(exec::host{}, view(std::as_const(none)), 64, view(c), view(a)));
+  CHECK_NOTHROW(
+      quantize_blockwise<nf4>(exec::host{}, view(std::as_const(none)), 64, view(c), view(a)));
 }

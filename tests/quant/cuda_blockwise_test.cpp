@@ -8,10 +8,10 @@
 // sync_after_launch. Every result is compared bit for bit with the host backend (NaN outputs:
 // as NaN, see same_values).
 // Compiled only by nvcc; without a GPU each case says so and returns.
-#include "support/backend.hpp"
-#include "quant/quant_test_support.hpp"
-
 #include <qmem/core/config.hpp>
+
+#include "quant/quant_test_support.hpp"
+#include "support/backend.hpp"
 
 #if QMEM_HAS_CUDA()
 
@@ -116,8 +116,8 @@ void check_gpu_equals_host(std::vector<float> const& values, std::size_t block, 
   auto const cv = dc.view().subview(code_offset, code_bytes<C>(n));
   auto const yv = dy.view().subview(y_offset, n);
   quantize_blockwise<C>(e, xv, block, cv, da.view(), r);
-  dequantize_blockwise<C>(e, tensor_view<std::uint8_t const>(cv), tensor_view<float const>(da.view()),
-                          block, yv);
+  dequantize_blockwise<C>(e, tensor_view<std::uint8_t const>(cv),
+                          tensor_view<float const>(da.view()), block, yv);
   auto const gc = cuda_backend::download(tensor_view<std::uint8_t const>(cv));
   auto const ga = cuda_backend::download(da.view());
   auto const gy = cuda_backend::download(tensor_view<T const>(yv));
@@ -226,8 +226,8 @@ TEST_CASE("cuda blockwise: interval tables reproduce C::encode around every thre
     };
     for (std::size_t i = 0; i + 1 < 16; ++i) {
       float const mid = (C::book.sorted[i] + C::book.sorted[i + 1]) * 0.5f;
-      for (float x : {mid, std::nextafter(mid, -2.0f), std::nextafter(mid, 2.0f),
-                      C::book.sorted[i], -mid, -std::nextafter(mid, 2.0f)})
+      for (float x : {mid, std::nextafter(mid, -2.0f), std::nextafter(mid, 2.0f), C::book.sorted[i],
+                      -mid, -std::nextafter(mid, 2.0f)})
         same(x);
     }
     for (int k = -17; k <= 15; ++k) { // the bucket edges (k + 1/2) / 16 inside [-1, 1]
@@ -256,8 +256,8 @@ TEST_CASE("cuda blockwise: bucket_lookup_normal equals C::encode around every mi
     };
     for (std::size_t i = 0; i + 1 < 256; ++i) {
       float const mid = (C::book.sorted[i] + C::book.sorted[i + 1]) * 0.5f;
-      for (float x : {mid, std::nextafter(mid, -2.0f), std::nextafter(mid, 2.0f),
-                      C::book.sorted[i], -mid})
+      for (float x :
+           {mid, std::nextafter(mid, -2.0f), std::nextafter(mid, 2.0f), C::book.sorted[i], -mid})
         same(x);
     }
     for (float x : {0.0f, -0.0f, 1.0f, -1.0f, 1.0f + 0x1p-23f, -1.0f - 0x1p-23f, 1e-30f, -1e-30f,
@@ -285,7 +285,8 @@ TEST_CASE("cuda blockwise: blocks whose absmax is zero, denormal, huge, inf or N
     fill(1, [](std::size_t i) { return i % 3 == 0 ? -0.0f : 0.0f; });
     fill(2, [](std::size_t i) { return static_cast<float>(i % 7) * -1e-40f; }); // denormal absmax
     fill(3, [](std::size_t i) { return i == 5 ? 0x1p-126f : 1e-39f * static_cast<float>(i % 3); });
-    fill(4, [](std::size_t i) { return (i % 2 == 0 ? 3e38f : -1e38f) / static_cast<float>(i + 1); });
+    fill(4,
+         [](std::size_t i) { return (i % 2 == 0 ? 3e38f : -1e38f) / static_cast<float>(i + 1); });
     v[5 * block + 3] = std::numeric_limits<float>::infinity();
     v[6 * block + 9] = -std::numeric_limits<float>::infinity();
     v[7 * block + 1] = std::numeric_limits<float>::quiet_NaN();
@@ -312,8 +313,8 @@ TEST_CASE("cuda blockwise: bucket tables reproduce C::encode around every table 
     constexpr std::size_t entries = std::size_t{1} << C::bits;
     for (std::size_t i = 0; i + 1 < entries; ++i) {
       float const mid = (C::book.sorted[i] + C::book.sorted[i + 1]) * 0.5f;
-      for (float x : {mid, std::nextafter(mid, -2.0f), std::nextafter(mid, 2.0f),
-                      C::book.sorted[i], -mid}) {
+      for (float x :
+           {mid, std::nextafter(mid, -2.0f), std::nextafter(mid, 2.0f), C::book.sorted[i], -mid}) {
         REQUIRE(cuda_impl::bucket_lookup<layout>(x, t.entry, t.nan_code, t.negative_zero_code) ==
                 C::encode(x, C::book));
       }
@@ -321,7 +322,8 @@ TEST_CASE("cuda blockwise: bucket tables reproduce C::encode around every table 
     for (float x : {0.0f, -0.0f, 1.0f, -1.0f, 2.0f, -2.0f, 1e-30f, -1e-30f,
                     std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
                     std::numeric_limits<float>::quiet_NaN()})
-      REQUIRE(cuda_impl::bucket_lookup<layout>(x, t.entry, t.nan_code, t.negative_zero_code) == C::encode(x, C::book));
+      REQUIRE(cuda_impl::bucket_lookup<layout>(x, t.entry, t.nan_code, t.negative_zero_code) ==
+              C::encode(x, C::book));
   };
   check(std::type_identity<dynamic_signed>{});
   check(std::type_identity<dynamic_unsigned>{});
@@ -475,8 +477,8 @@ TEST_CASE("cuda blockwise: double quantization with a three-level offset tree") 
         e, tensor_view<std::uint8_t const>(dc.view()), tensor_view<std::uint8_t const>(dq.view()),
         tensor_view<float const>(d2.view()), tensor_view<float const>(doff.view()), block, nb,
         dy.view().subview(y_offset, n));
-    REQUIRE(same_bits(cuda_backend::download(tensor_view<bf16 const>(dy.view().subview(y_offset, n))),
-                      hy));
+    REQUIRE(same_bits(
+        cuda_backend::download(tensor_view<bf16 const>(dy.view().subview(y_offset, n))), hy));
   }
 }
 
@@ -561,8 +563,8 @@ __global__ void fill_pattern(bf16* x, std::size_t n) {
        i += stride) {
     std::uint32_t h = static_cast<std::uint32_t>(i ^ (i >> 29)) * 2654435761u;
     h ^= h >> 15;
-    x[i] = bf16(static_cast<float>(static_cast<int>(h & 0xffff) - 32768) *
-                (1.0f / 32768.0f) * static_cast<float>(1 + (i >> 32)));
+    x[i] = bf16(static_cast<float>(static_cast<int>(h & 0xffff) - 32768) * (1.0f / 32768.0f) *
+                static_cast<float>(1 + (i >> 32)));
   }
 }
 } // namespace
@@ -577,8 +579,7 @@ TEST_CASE("cuda blockwise: more than 2^32 elements (64-bit indexing)") {
   cuda_detail::check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
   std::size_t const need = n * 2 * 2 + n / 2 + n / 16 + (std::size_t{1} << 30);
   if (free_bytes < need) {
-    MESSAGE("SKIPPED: needs " << need << " bytes of free device memory, " << free_bytes
-                              << " free");
+    MESSAGE("SKIPPED: needs " << need << " bytes of free device memory, " << free_bytes << " free");
     return;
   }
   bf16* x = nullptr;
@@ -593,9 +594,10 @@ TEST_CASE("cuda blockwise: more than 2^32 elements (64-bit indexing)") {
   fill_pattern<<<132 * 8, 256>>>(x, n);
   cuda_detail::check(cudaGetLastError(), "fill_pattern");
   exec::cuda const e{};
-  quantize_blockwise<nf4>(e, tensor_view<bf16 const>(x, n, memory_space::device), block,
-                          tensor_view<std::uint8_t>(codes, code_bytes<nf4>(n), memory_space::device),
-                          tensor_view<float>(absmax, blocks, memory_space::device));
+  quantize_blockwise<nf4>(
+      e, tensor_view<bf16 const>(x, n, memory_space::device), block,
+      tensor_view<std::uint8_t>(codes, code_bytes<nf4>(n), memory_space::device),
+      tensor_view<float>(absmax, blocks, memory_space::device));
   dequantize_blockwise<nf4>(
       e, tensor_view<std::uint8_t const>(codes, code_bytes<nf4>(n), memory_space::device),
       tensor_view<float const>(absmax, blocks, memory_space::device), block,
@@ -608,8 +610,9 @@ TEST_CASE("cuda blockwise: more than 2^32 elements (64-bit indexing)") {
     std::size_t const begin = first_block * block;
     std::size_t const count = n - begin < 8 * block ? n - begin : 8 * block;
     std::vector<bf16> hx(count);
-    cuda_detail::check(cudaMemcpy(hx.data(), x + begin, count * sizeof(bf16), cudaMemcpyDeviceToHost),
-                       "cudaMemcpy");
+    cuda_detail::check(
+        cudaMemcpy(hx.data(), x + begin, count * sizeof(bf16), cudaMemcpyDeviceToHost),
+        "cudaMemcpy");
     std::vector<std::uint8_t> hc(code_bytes<nf4>(count));
     std::vector<float> ha(block_count(count, block));
     quantize_blockwise<nf4>(exec::host{}, view(std::as_const(hx)), block, view(hc), view(ha));
@@ -621,8 +624,9 @@ TEST_CASE("cuda blockwise: more than 2^32 elements (64-bit indexing)") {
     cuda_detail::check(cudaMemcpy(ga.data(), absmax + first_block, ga.size() * sizeof(float),
                                   cudaMemcpyDeviceToHost),
                        "cudaMemcpy");
-    cuda_detail::check(cudaMemcpy(gy.data(), y + begin, count * sizeof(bf16), cudaMemcpyDeviceToHost),
-                       "cudaMemcpy");
+    cuda_detail::check(
+        cudaMemcpy(gy.data(), y + begin, count * sizeof(bf16), cudaMemcpyDeviceToHost),
+        "cudaMemcpy");
     std::vector<bf16> hy(count);
     dequantize_blockwise<nf4>(exec::host{}, view(std::as_const(hc)), view(std::as_const(ha)), block,
                               view(hy));

@@ -1,7 +1,5 @@
 // Row-wise int8 (LLM.int8) on every backend equals the host definition bit for bit: codes, row
 // absmax and dequantized values, for odd shapes, a zero row and rows poisoned by NaN / inf.
-#include "support/backend.hpp"
-
 #include <qmem/quant.hpp>
 
 #include <bit>
@@ -10,6 +8,8 @@
 #include <limits>
 #include <random>
 #include <vector>
+
+#include "support/backend.hpp"
 
 namespace {
 
@@ -43,8 +43,8 @@ TEST_CASE_TEMPLATE_DEFINE("rowwise int8: every backend equals the host bit for b
     return;
   using namespace qmem;
   using T = bf16;
-  for (auto [rows, cols] : {std::pair<std::size_t, std::size_t>{1, 1}, {5, 7}, {37, 301},
-                            {4, 4096}, {300, 1000}}) {
+  for (auto [rows, cols] :
+       {std::pair<std::size_t, std::size_t>{1, 1}, {5, 7}, {37, 301}, {4, 4096}, {300, 1000}}) {
     CAPTURE(rows);
     CAPTURE(cols);
     auto const x = row_data<T>(rows, cols, static_cast<unsigned>(rows * 31 + cols));

@@ -1,14 +1,14 @@
 // Double quantization of block scales (quant/double_quant.hpp): the fixed-order offset, nested
 // codes and scales, dequantize_scales and the one-pass nested dequantization, on every backend;
 // bad arguments write nothing. (bitsandbytes agreement: tests/golden/formats_test.cpp.)
-#include "quant/quant_test_support.hpp"
-
 #include <qmem/quant.hpp>
 
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <vector>
+
+#include "quant/quant_test_support.hpp"
 
 namespace {
 using namespace qmem;
@@ -49,8 +49,8 @@ TEST_CASE_TEMPLATE_DEFINE("double quant: scales round trip and one-pass dequanti
                           double_quant_roundtrip) {
   if (qmem::test::skip<B>())
     return;
-  for (std::size_t m : {std::size_t{1}, std::size_t{5}, std::size_t{256}, std::size_t{257},
-                        std::size_t{4097}}) {
+  for (std::size_t m :
+       {std::size_t{1}, std::size_t{5}, std::size_t{256}, std::size_t{257}, std::size_t{4097}}) {
     for (std::size_t nb : {std::size_t{64}, std::size_t{256}}) {
       CAPTURE(m);
       CAPTURE(nb);
@@ -95,7 +95,8 @@ TEST_CASE_TEMPLATE_DEFINE("double quant: scales round trip and one-pass dequanti
       auto const x = normal_floats(n, 11);
       std::vector<std::uint8_t> codes(code_bytes<nf4>(n));
       std::vector<float> plain(m);
-      quantize_blockwise<nf4>(exec::host{}, view(std::as_const(x)), block, view(codes), view(plain));
+      quantize_blockwise<nf4>(exec::host{}, view(std::as_const(x)), block, view(codes),
+                              view(plain));
       auto dc = B::upload(codes);
       auto dy = B::template alloc<bf16>(n);
       dequantize_blockwise_nested<nf4>(B::exec(), tensor_view<std::uint8_t const>(dc.view()),
@@ -111,7 +112,8 @@ TEST_CASE_TEMPLATE_DEFINE("double quant: scales round trip and one-pass dequanti
 }
 TEST_CASE_TEMPLATE_APPLY(double_quant_roundtrip, qmem::test::quant_backends);
 
-TEST_CASE_TEMPLATE_DEFINE("double quant: bad arguments throw and write nothing", B, double_quant_bad) {
+TEST_CASE_TEMPLATE_DEFINE("double quant: bad arguments throw and write nothing", B,
+                          double_quant_bad) {
   if (qmem::test::skip<B>())
     return;
   std::vector<float> absmax(300, 1.0f);
@@ -128,12 +130,12 @@ TEST_CASE_TEMPLATE_DEFINE("double quant: bad arguments throw and write nothing",
                   qmem::bad_argument);
   CHECK_THROWS_AS(quantize_scales(e, av, 32, dq.view(), d2.view(), doff.view().subview(0, 1)),
                   qmem::bad_argument);
-  CHECK_THROWS_AS(quantize_scales(e, av, 256, dq.view().subview(0, 299), d2.view(),
-                                  doff.view().subview(0, 1)),
-                  qmem::bad_argument);
-  CHECK_THROWS_AS(quantize_scales(e, av, 256, dq.view(), d2.view().subview(0, 1),
-                                  doff.view().subview(0, 1)),
-                  qmem::bad_argument);
+  CHECK_THROWS_AS(
+      quantize_scales(e, av, 256, dq.view().subview(0, 299), d2.view(), doff.view().subview(0, 1)),
+      qmem::bad_argument);
+  CHECK_THROWS_AS(
+      quantize_scales(e, av, 256, dq.view(), d2.view().subview(0, 1), doff.view().subview(0, 1)),
+      qmem::bad_argument);
   CHECK_THROWS_AS(quantize_scales(e, av, 256, dq.view(), d2.view(), doff.view()),
                   qmem::bad_argument); // offset must have 1 element
   auto dy = B::template alloc<float>(300 * 64);
@@ -141,12 +143,14 @@ TEST_CASE_TEMPLATE_DEFINE("double quant: bad arguments throw and write nothing",
   auto dc = B::template alloc<std::uint8_t>(300 * 32);
   CHECK_THROWS_AS(dequantize_blockwise_nested<nf4>(
                       e, tensor_view<std::uint8_t const>(dc.view()),
-                      tensor_view<std::uint8_t const>(dq.view()), tensor_view<float const>(d2.view()),
+                      tensor_view<std::uint8_t const>(dq.view()),
+                      tensor_view<float const>(d2.view()),
                       tensor_view<float const>(doff.view().subview(0, 1)), 64, 128, dy.view()),
                   qmem::bad_argument); // absmax2 has 2, nested block 128 needs 3
   CHECK_THROWS_AS(dequantize_blockwise_nested<nf4>(
                       e, tensor_view<std::uint8_t const>(dc.view()),
-                      tensor_view<std::uint8_t const>(dq.view()), tensor_view<float const>(d2.view()),
+                      tensor_view<std::uint8_t const>(dq.view()),
+                      tensor_view<float const>(d2.view()),
                       tensor_view<float const>(doff.view().subview(0, 1)), 128, 256, dy.view()),
                   qmem::bad_argument); // block 128 needs 150 scales
   CHECK(B::download(dq.view()) == q0);

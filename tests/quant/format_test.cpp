@@ -34,10 +34,12 @@ TEST_CASE("format: runtime descriptor, validation and visitor") {
   static_assert(d.code == code_id::nf4 && d.block_size == 64 && d.nested && d.nested_block == 256);
   static_assert(d.size_bytes(1000) == nf4_qlora::size_bytes(1000));
   CHECK_NOTHROW(validate(d));
-  CHECK_THROWS_AS(validate(format_desc{code_id::dynamic_signed, 32, false, 256}), qmem::bad_argument);
+  CHECK_THROWS_AS(validate(format_desc{code_id::dynamic_signed, 32, false, 256}),
+                  qmem::bad_argument);
   CHECK_THROWS_AS(validate(format_desc{code_id::nf4, 48, false, 256}), qmem::bad_argument);
   CHECK_THROWS_AS(validate(format_desc{code_id::nf4, 64, true, 100}), qmem::bad_argument);
-  CHECK_THROWS_AS(validate(format_desc{static_cast<code_id>(77), 64, false, 256}), qmem::bad_argument);
+  CHECK_THROWS_AS(validate(format_desc{static_cast<code_id>(77), 64, false, 256}),
+                  qmem::bad_argument);
   CHECK_NOTHROW(validate(format_desc{code_id::nf4, 64, false, 100})); // nested block unused
   for (int i = 0; i < code_id_count; ++i) {
     auto const id = static_cast<code_id>(i);

@@ -8,12 +8,12 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <cstdlib>
-#include <algorithm>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -379,8 +379,8 @@ TEST_CASE("host_simd: the NF4 bucket encoder equals nf4::encode on [-17/16, 17/1
     qd::nf4_encode16_bucket_avx512(batch, codes);
     for (std::size_t j = 0; j < filled; ++j)
       if (codes[j] != nf4::encode(batch[j], nf4::book) && mismatches++ < 8)
-        MESSAGE("xn ", batch[j], " (", std::bit_cast<std::uint32_t>(batch[j]), "): ",
-                int{codes[j]}, " != ", int{nf4::encode(batch[j], nf4::book)});
+        MESSAGE("xn ", batch[j], " (", std::bit_cast<std::uint32_t>(batch[j]), "): ", int{codes[j]},
+                " != ", int{nf4::encode(batch[j], nf4::book)});
     filled = 0;
   };
   auto push = [&](float v) {
@@ -413,14 +413,14 @@ TEST_CASE("host_simd: NF4 quantization in groups of 16 blocks equals the portabl
     auto x = qmem::test::normal_floats(n, 11);
     auto fill = [&](std::size_t b, float v) { x[b * block + 3] = v; };
     for (std::size_t i = 0; i < block; ++i)
-      x[2 * block + i] = 0.0f;                           // block 2: all zero
-    fill(5, std::numeric_limits<float>::quiet_NaN());    // NaN absmax
-    fill(17, -std::numeric_limits<float>::infinity());   // inf absmax
+      x[2 * block + i] = 0.0f;                         // block 2: all zero
+    fill(5, std::numeric_limits<float>::quiet_NaN());  // NaN absmax
+    fill(17, -std::numeric_limits<float>::infinity()); // inf absmax
     for (std::size_t i = 0; i < block; ++i) {
-      x[7 * block + i] *= 1e-38f;                         // absmax near 4e-38: 16 / absmax = inf
-      x[8 * block + i] *= 1e-37f;                         // 16 / absmax finite
-      x[9 * block + i] = i % 2 == 0 ? 3e-45f : -1e-44f;  // subnormal absmax
-      x[20 * block + i] *= 1e-30f;                        // x * inv subnormal below
+      x[7 * block + i] *= 1e-38f;                       // absmax near 4e-38: 16 / absmax = inf
+      x[8 * block + i] *= 1e-37f;                       // 16 / absmax finite
+      x[9 * block + i] = i % 2 == 0 ? 3e-45f : -1e-44f; // subnormal absmax
+      x[20 * block + i] *= 1e-30f;                      // x * inv subnormal below
     }
     fill(20, 3e38f);
     fill(21, 1.0f);

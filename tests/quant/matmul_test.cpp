@@ -532,8 +532,8 @@ void small_batch_case(std::size_t m, std::size_t n, std::size_t k, std::size_t b
 //! 8-row half) and 9 (and 16: two halves); nested scales on some.
 template <cuda_matmul::gemvm_stream_shape S>
 void small_batch_cases(std::mt19937& rng) {
-  for (std::size_t const m : {std::size_t{2}, std::size_t{5}, std::size_t{8}, std::size_t{9},
-                              std::size_t{16}}) {
+  for (std::size_t const m :
+       {std::size_t{2}, std::size_t{5}, std::size_t{8}, std::size_t{9}, std::size_t{16}}) {
     // 22 chunks over 16 warps (1 or 2 each), 3 tiles (the last partial), one tile per block
     small_batch_case<S>(m, 45, 1408, 64, m == 5, 0, rng);
     // 5 tiles in one block: rounds of R tiles, the last partial and a row tile past n

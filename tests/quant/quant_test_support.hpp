@@ -2,8 +2,6 @@
 // Support for the quant tests: the backends they run on, test data, and bitwise comparisons.
 // In a CUDA build the GPU backend is included only when the CUDA kernels of the quant layer are
 // present (quant/cuda/blockwise.cuh); otherwise a test case says so visibly.
-#include "support/backend.hpp"
-
 #include <qmem/quant.hpp>
 
 #include <doctest/doctest.h>
@@ -15,6 +13,8 @@
 #include <random>
 #include <tuple>
 #include <vector>
+
+#include "support/backend.hpp"
 
 namespace qmem::test {
 

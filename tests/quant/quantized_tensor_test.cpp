@@ -1,8 +1,6 @@
 // The owning quantized tensor (quant/quantized_tensor.hpp): quantize/dequantize through the
 // runtime descriptor for every code, nested or not, custom tables, exact byte sizes and bits per
 // parameter, the trivially copyable ref, bad arguments.
-#include "quant/quant_test_support.hpp"
-
 #include <qmem/quant.hpp>
 
 #include <doctest/doctest.h>
@@ -10,6 +8,8 @@
 #include <cmath>
 #include <utility>
 #include <vector>
+
+#include "quant/quant_test_support.hpp"
 
 namespace {
 using namespace qmem;
@@ -40,7 +40,8 @@ TEST_CASE("quantized_tensor: quantize and dequantize every code, nested or not")
       CHECK(q.original_dtype() == dtype::f32);
       CHECK(q.shape().size() == 2);
       CHECK(q.size_bytes() == d.size_bytes(n));
-      CHECK(q.bits_per_parameter() == doctest::Approx(8.0 * static_cast<double>(d.size_bytes(n)) / n));
+      CHECK(q.bits_per_parameter() ==
+            doctest::Approx(8.0 * static_cast<double>(d.size_bytes(n)) / n));
       // same result as the blockwise functions
       std::vector<float> y(n);
       q.dequantize(B::exec(), view(y));
@@ -55,9 +56,9 @@ TEST_CASE("quantized_tensor: quantize and dequantize every code, nested or not")
           std::vector<float> a2(block_count(a.size(), 256));
           std::vector<float> off(1);
           quantize_scales(exec::host{}, view(std::as_const(a)), 256, view(qa), view(a2), view(off));
-          dequantize_blockwise_nested<C>(exec::host{}, view(std::as_const(c)), view(std::as_const(qa)),
-                                         view(std::as_const(a2)), view(std::as_const(off)), 128,
-                                         256, view(expect));
+          dequantize_blockwise_nested<C>(exec::host{}, view(std::as_const(c)),
+                                         view(std::as_const(qa)), view(std::as_const(a2)),
+                                         view(std::as_const(off)), 128, 256, view(expect));
         } else {
           dequantize_blockwise<C>(exec::host{}, view(std::as_const(c)), view(std::as_const(a)), 128,
                                   view(expect));

@@ -1,8 +1,6 @@
 // Row-wise int8 (LLM.int8 vector-wise) quantization (quant/rowwise.hpp): bitsandbytes' arithmetic
 // (round half to even of x * (127 / rowmax); (q * rowmax) * (1/127)), zero rows, NaN/inf rows,
 // error on N(0, 1) data, bad arguments.
-#include "quant/quant_test_support.hpp"
-
 #include <qmem/quant/rowwise.hpp>
 
 #include <doctest/doctest.h>
@@ -10,6 +8,8 @@
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#include "quant/quant_test_support.hpp"
 
 namespace {
 using namespace qmem;
@@ -56,14 +56,16 @@ TEST_CASE("rowwise: codes, scales and values follow the definition") {
     }
   }
   std::vector<float> y(rows * cols);
-  dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols, view(y));
+  dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols,
+                     view(y));
   double err = 0.0;
   for (std::size_t i = 0; i < y.size(); ++i) {
     float const expect = (static_cast<float>(q[i]) * s[i / cols]) * 7.874015718698502e-3f;
     REQUIRE(std::bit_cast<std::uint32_t>(y[i]) == std::bit_cast<std::uint32_t>(expect));
     err += std::fabs(y[i] - x[i]);
   }
-  MESSAGE("row-wise int8 mean |x - y| on N(0, 1), 301 columns: ", err / static_cast<double>(y.size()));
+  MESSAGE("row-wise int8 mean |x - y| on N(0, 1), 301 columns: ",
+          err / static_cast<double>(y.size()));
   CHECK(err / static_cast<double>(y.size()) < 0.01);
   for (std::size_t c = 0; c < cols; ++c) {
     CHECK(q[3 * cols + c] == 0);
@@ -71,7 +73,8 @@ TEST_CASE("rowwise: codes, scales and values follow the definition") {
   }
   // bf16 output: one rounding of the same float
   std::vector<bf16> yb(rows * cols);
-  dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols, view(yb));
+  dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols,
+                     view(yb));
   for (std::size_t i = 0; i < y.size(); ++i)
     REQUIRE(yb[i] == bf16(y[i]));
 }
@@ -89,7 +92,8 @@ TEST_CASE("rowwise: NaN and infinity poison their row only") {
   CHECK(std::isinf(s[1]));
   CHECK(std::isfinite(s[2]));
   std::vector<float> y(rows * cols);
-  dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols, view(y));
+  dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), rows, cols,
+                     view(y));
   for (std::size_t c = 0; c < cols; ++c) {
     CHECK(q[c] == 0);
     CHECK(std::isnan(y[c]));
@@ -107,12 +111,13 @@ TEST_CASE("rowwise: bad arguments throw and write nothing") {
   CHECK_THROWS_AS(quantize_rowwise(exec::host{}, xv, 5, 12, view(q), view(s)), qmem::bad_argument);
   CHECK_THROWS_AS(quantize_rowwise(exec::host{}, xv, 6, 10, view(q).subview(0, 59), view(s)),
                   qmem::bad_argument);
-  CHECK_THROWS_AS(quantize_rowwise(exec::host{}, tensor_view<float const>(x.data(), 60, memory_space::device),
-                                   6, 10, view(q), view(s)),
+  CHECK_THROWS_AS(quantize_rowwise(exec::host{},
+                                   tensor_view<float const>(x.data(), 60, memory_space::device), 6,
+                                   10, view(q), view(s)),
                   qmem::bad_argument);
   std::vector<float> y(60, 3.0f);
-  CHECK_THROWS_AS(dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)), 6,
-                                     10, view(y).subview(1, 59)),
+  CHECK_THROWS_AS(dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)),
+                                     6, 10, view(y).subview(1, 59)),
                   qmem::bad_argument);
   for (auto v : q)
     CHECK(v == 42);

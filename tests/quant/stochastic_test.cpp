@@ -1,14 +1,14 @@
 // Stochastic rounding (quant/stochastic.hpp): the generator is a pure function of (seed, index);
 // the same seed gives the same codes on every backend and thread split; the rounding is unbiased
 // (the mean of the dequantized values is the input) where nearest rounding is not.
-#include "quant/quant_test_support.hpp"
-
 #include <qmem/quant.hpp>
 
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <vector>
+
+#include "quant/quant_test_support.hpp"
 
 namespace {
 using namespace qmem;
@@ -55,10 +55,12 @@ TEST_CASE("stochastic: encode_stochastic picks a neighbour with the right probab
   float const f = 0.4f; // between 1/3 (code 4) and 1/2 (code 5)
   CHECK(encode_stochastic<fp4>(f, 0.0f, fp4::book) == 5);
   CHECK(encode_stochastic<fp4>(f, 0.999f, fp4::book) == 4);
-  CHECK(encode_stochastic<fp8_e4m3>(1.0f, 0.5f, fp8_e4m3::book) == fp8_e4m3::encode(1.0f, fp8_e4m3::book));
+  CHECK(encode_stochastic<fp8_e4m3>(1.0f, 0.5f, fp8_e4m3::book) ==
+        fp8_e4m3::encode(1.0f, fp8_e4m3::book));
 }
 
-TEST_CASE_TEMPLATE_DEFINE("stochastic: same seed, same codes; unbiased mean", B, stochastic_blockwise) {
+TEST_CASE_TEMPLATE_DEFINE("stochastic: same seed, same codes; unbiased mean", B,
+                          stochastic_blockwise) {
   if (qmem::test::skip<B>())
     return;
   std::size_t const n = std::size_t{1} << 18;
@@ -101,7 +103,8 @@ TEST_CASE_TEMPLATE_DEFINE("stochastic: same seed, same codes; unbiased mean", B,
     return s / static_cast<double>(k);
   };
   double const step = 0.33791524171829224 - 0.24611230194568634;
-  double const sigma = step / 2.0 / std::sqrt(static_cast<double>(n)); // bound on the std of the mean
+  double const sigma =
+      step / 2.0 / std::sqrt(static_cast<double>(n)); // bound on the std of the mean
   double const m_sr = mean_of_v(y1);
   auto const [cn, yn] = run({});
   double const m_nearest = mean_of_v(yn);

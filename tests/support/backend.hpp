@@ -103,9 +103,9 @@ struct cuda_backend {
   static device_array<T> upload(std::vector<T> const& v) {
     device_array<T> d(v.size());
     if (!v.empty())
-      cuda_detail::check(cudaMemcpy(d.view().data(), v.data(), v.size() * sizeof(T),
-                                    cudaMemcpyHostToDevice),
-                         "cudaMemcpy H2D");
+      cuda_detail::check(
+          cudaMemcpy(d.view().data(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice),
+          "cudaMemcpy H2D");
     return d;
   }
   template <class T>

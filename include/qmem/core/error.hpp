@@ -79,8 +79,8 @@ template <class Error = bad_argument, class... Args>
 #define QMEM_ASSERT(cond)                                                                          \
   do {                                                                                             \
     if (!(cond))                                                                                   \
-      ::qmem::detail::raise<::qmem::error>(__FILE__, ":", __LINE__, ": internal check failed: ",  \
-                                           #cond);                                                 \
+      ::qmem::detail::raise<::qmem::error>(__FILE__, ":", __LINE__,                                \
+                                           ": internal check failed: ", #cond);                    \
   } while (false)
 #else
 #define QMEM_ASSERT(cond) ((void)0)

@@ -39,8 +39,8 @@ struct cuda {
 
 //! An execution object qmem algorithms accept.
 template <class E>
-concept execution = std::same_as<std::remove_cvref_t<E>, host> ||
-                    std::same_as<std::remove_cvref_t<E>, cuda>;
+concept execution =
+    std::same_as<std::remove_cvref_t<E>, host> || std::same_as<std::remove_cvref_t<E>, cuda>;
 
 template <class E>
 inline constexpr bool is_host_v = std::same_as<std::remove_cvref_t<E>, host>;

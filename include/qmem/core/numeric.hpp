@@ -7,8 +7,8 @@
 //! `__nv_bfloat16` and `__half`. Conversion from float rounds to nearest, ties to even, with
 //! overflow to infinity and gradual underflow, exactly as `__float2bfloat16_rn`/`__float2half_rn`
 //! and torch's `.bfloat16()`/`.half()`; it is written with integer operations only, so the same
-//! function gives the same bits on the host, in a kernel, and under flush-to-zero. NaN inputs give a
-//! quiet NaN: bf16 0x7FC0 and f16 0x7E00 with the input's sign, as torch does (CUDA's intrinsics
+//! function gives the same bits on the host, in a kernel, and under flush-to-zero. NaN inputs give
+//! a quiet NaN: bf16 0x7FC0 and f16 0x7E00 with the input's sign, as torch does (CUDA's intrinsics
 //! give 0x7FFF: a different NaN payload, the same value class).
 
 #include <qmem/core/config.hpp>
@@ -108,7 +108,8 @@ struct bf16 {
   std::uint16_t bits;
 
   bf16() = default;
-  QMEM_HOST_DEVICE constexpr explicit bf16(float f) noexcept : bits(detail::float_to_bf16_bits(f)) {}
+  QMEM_HOST_DEVICE constexpr explicit bf16(float f) noexcept
+      : bits(detail::float_to_bf16_bits(f)) {}
   //! Wraps raw bits (no conversion).
   QMEM_HOST_DEVICE static constexpr bf16 from_bits(std::uint16_t b) noexcept {
     bf16 r{};
@@ -149,8 +150,8 @@ static_assert(sizeof(f16) == 2 && std::is_trivially_copyable_v<f16>);
 
 //! The floating-point element types qmem reads and writes as tensors of values.
 template <class T>
-concept float_element =
-    std::same_as<T, float> || std::same_as<T, bf16> || std::same_as<T, f16> || std::same_as<T, double>;
+concept float_element = std::same_as<T, float> || std::same_as<T, bf16> || std::same_as<T, f16> ||
+    std::same_as<T, double>;
 
 //! Converts any float_element to float (exact).
 template <float_element T>
@@ -176,15 +177,36 @@ QMEM_HOST_DEVICE QMEM_INLINE constexpr T from_float(float v) noexcept {
 
 //! Runtime element-type tag, as stored in files (safetensors names) and type-erased tensors.
 enum class dtype : std::uint8_t {
-  f64, f32, f16, bf16, f8_e4m3, f8_e5m2, i64, i32, i16, i8, u64, u32, u16, u8, boolean
+  f64,
+  f32,
+  f16,
+  bf16,
+  f8_e4m3,
+  f8_e5m2,
+  i64,
+  i32,
+  i16,
+  i8,
+  u64,
+  u32,
+  u16,
+  u8,
+  boolean
 };
 
 //! Bytes per element of `t`.
 constexpr std::size_t dtype_size(dtype t) noexcept {
   switch (t) {
-  case dtype::f64: case dtype::i64: case dtype::u64: return 8;
-  case dtype::f32: case dtype::i32: case dtype::u32: return 4;
-  case dtype::f16: case dtype::bf16: case dtype::i16: case dtype::u16: return 2;
+  case dtype::f64:
+  case dtype::i64:
+  case dtype::u64: return 8;
+  case dtype::f32:
+  case dtype::i32:
+  case dtype::u32: return 4;
+  case dtype::f16:
+  case dtype::bf16:
+  case dtype::i16:
+  case dtype::u16: return 2;
   default: return 1;
   }
 }
@@ -232,15 +254,23 @@ namespace detail {
 template <class T>
 constexpr int dtype_index() noexcept {
   using U = std::remove_cv_t<T>;
-  if constexpr (std::same_as<U, double>) return static_cast<int>(dtype::f64);
-  else if constexpr (std::same_as<U, float>) return static_cast<int>(dtype::f32);
-  else if constexpr (std::same_as<U, f16>) return static_cast<int>(dtype::f16);
-  else if constexpr (std::same_as<U, bf16>) return static_cast<int>(dtype::bf16);
-  else if constexpr (std::same_as<U, bool>) return static_cast<int>(dtype::boolean);
-  else if constexpr (std::is_integral_v<U> && (sizeof(U) == 1 || sizeof(U) == 2 || sizeof(U) == 4 || sizeof(U) == 8)) {
+  if constexpr (std::same_as<U, double>)
+    return static_cast<int>(dtype::f64);
+  else if constexpr (std::same_as<U, float>)
+    return static_cast<int>(dtype::f32);
+  else if constexpr (std::same_as<U, f16>)
+    return static_cast<int>(dtype::f16);
+  else if constexpr (std::same_as<U, bf16>)
+    return static_cast<int>(dtype::bf16);
+  else if constexpr (std::same_as<U, bool>)
+    return static_cast<int>(dtype::boolean);
+  else if constexpr (std::is_integral_v<U> &&
+                     (sizeof(U) == 1 || sizeof(U) == 2 || sizeof(U) == 4 || sizeof(U) == 8)) {
     constexpr int log2 = sizeof(U) == 1 ? 0 : sizeof(U) == 2 ? 1 : sizeof(U) == 4 ? 2 : 3;
-    return std::is_signed_v<U> ? static_cast<int>(dtype::i8) - log2 : static_cast<int>(dtype::u8) - log2;
-  } else return -1;
+    return std::is_signed_v<U> ? static_cast<int>(dtype::i8) - log2
+                               : static_cast<int>(dtype::u8) - log2;
+  } else
+    return -1;
 }
 } // namespace detail
 
@@ -250,7 +280,7 @@ inline constexpr bool has_dtype_v = detail::dtype_index<T>() >= 0;
 
 //! The dtype tag of a C++ element type.
 template <class T>
-  requires has_dtype_v<T>
+requires has_dtype_v<T>
 inline constexpr dtype dtype_of_v = static_cast<dtype>(detail::dtype_index<T>());
 
 } // namespace qmem

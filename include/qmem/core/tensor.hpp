@@ -31,11 +31,11 @@ template <class T>
 struct tensor_traits {};
 
 template <class T>
-  requires std::ranges::contiguous_range<T> && std::ranges::sized_range<T>
+requires std::ranges::contiguous_range<T> && std::ranges::sized_range<T>
 struct tensor_traits<T> {
   using element_type = std::remove_reference_t<std::ranges::range_reference_t<T>>;
   template <class U>
-    requires std::same_as<std::remove_const_t<U>, T>
+  requires std::same_as<std::remove_const_t<U>, T>
   static constexpr auto data(U& t) noexcept {
     return std::ranges::data(t); // a pointer to const for a const range
   }
@@ -53,10 +53,10 @@ using traits_of = tensor_traits<std::remove_cvref_t<T>>;
 //! A contiguous tensor whose element type, size, data and memory space qmem can read.
 template <class T>
 concept tensor_like = requires(T& t) {
-  typename detail::traits_of<T>::element_type;                                    // element type
-  { detail::traits_of<T>::data(t) } -> std::convertible_to<void const*>;          // first element
-  { detail::traits_of<T>::size(t) } -> std::convertible_to<std::size_t>;          // element count
-  { detail::traits_of<T>::space(t) } -> std::same_as<memory_space>;               // where it lives
+  typename detail::traits_of<T>::element_type;                           // element type
+  { detail::traits_of<T>::data(t) } -> std::convertible_to<void const*>; // first element
+  { detail::traits_of<T>::size(t) } -> std::convertible_to<std::size_t>; // element count
+  { detail::traits_of<T>::space(t) } -> std::same_as<memory_space>;      // where it lives
 };
 
 //! The element type of a tensor-like type (const when `T` is const or a const view).
@@ -87,8 +87,8 @@ public:
 
   //! A view of const elements from a view of mutable ones.
   template <class U>
-    requires(std::is_const_v<T> && std::same_as<std::remove_const_t<T>, U>)
-  QMEM_HOST_DEVICE constexpr tensor_view(tensor_view<U> other) noexcept
+  requires(std::is_const_v<T>&& std::same_as<std::remove_const_t<T>, U>) QMEM_HOST_DEVICE
+      constexpr tensor_view(tensor_view<U> other) noexcept
       : data_(other.data()), size_(other.size()), space_(other.space()) {}
 
   QMEM_HOST_DEVICE constexpr T* data() const noexcept { return data_; }
@@ -110,9 +110,8 @@ public:
   //! The same bytes seen as another trivially copyable element type. Throws bad_argument when
   //! the byte size or the alignment does not fit `U`.
   template <class U>
-    requires std::is_trivially_copyable_v<std::remove_cv_t<U>> &&
-             (std::is_const_v<U> || !std::is_const_v<T>)
-  tensor_view<U> reinterpret() const {
+  requires std::is_trivially_copyable_v<std::remove_cv_t<U>> &&
+      (std::is_const_v<U> || !std::is_const_v<T>)tensor_view<U> reinterpret() const {
     QMEM_EXPECTS(size_bytes() % sizeof(U) == 0, "a view of ", size_bytes(),
                  " bytes is not a whole number of ", sizeof(U), "-byte elements");
     QMEM_EXPECTS(reinterpret_cast<std::uintptr_t>(data_) % alignof(U) == 0,

@@ -127,9 +127,8 @@ public:
   //! Bytes the pool holds from the driver (cudaMemPoolAttrReservedMemCurrent).
   [[nodiscard]] std::uint64_t reserved_bytes() const {
     std::uint64_t v = 0;
-    qmem::cuda_detail::check(
-        cudaMemPoolGetAttribute(pool_, cudaMemPoolAttrReservedMemCurrent, &v),
-        "cudaMemPoolGetAttribute(ReservedMemCurrent)");
+    qmem::cuda_detail::check(cudaMemPoolGetAttribute(pool_, cudaMemPoolAttrReservedMemCurrent, &v),
+                             "cudaMemPoolGetAttribute(ReservedMemCurrent)");
     return v;
   }
   //! Bytes currently allocated from the pool (cudaMemPoolAttrUsedMemCurrent).
@@ -207,11 +206,11 @@ private:
       std::size_t total_bytes = 0;
       qmem::cuda_detail::check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
       if (bytes > free_bytes || outstanding_ > free_bytes - bytes)
-        throw cuda_error(qmem::detail::message(
-                             "cuda_managed_resource: ", bytes, " bytes requested with ",
-                             outstanding_, " outstanding, but device ", device_, " has ",
-                             free_bytes, " bytes free; oversubscription was not asked for"),
-                         static_cast<int>(cudaErrorMemoryAllocation));
+        throw cuda_error(
+            qmem::detail::message("cuda_managed_resource: ", bytes, " bytes requested with ",
+                                  outstanding_, " outstanding, but device ", device_, " has ",
+                                  free_bytes, " bytes free; oversubscription was not asked for"),
+            static_cast<int>(cudaErrorMemoryAllocation));
     }
     void* p = nullptr;
     qmem::cuda_detail::check(cudaMallocManaged(&p, bytes == 0 ? 1 : bytes, cudaMemAttachGlobal),

@@ -6,7 +6,8 @@
 //!
 //!   thrust::device_vector<qmem::bf16> w(n);
 //!   thrust::device_vector<std::uint8_t> codes(n / 2);
-//!   qmem::quant::quantize_blockwise<qmem::quant::nf4>(qmem::exec::cuda{stream}, qmem::view(w), ...)
+//!   qmem::quant::quantize_blockwise<qmem::quant::nf4>(qmem::exec::cuda{stream}, qmem::view(w),
+//!   ...)
 //!
 //! The views do not own anything: keep the vector alive and unresized while a view of it is used
 //! (a resize reallocates). Thrust's own operations on the vectors synchronize as Thrust documents.
@@ -50,7 +51,8 @@ struct tensor_traits<thrust::device_vector<T, Alloc>> {
   }
 };
 
-//! thrust::host_vector is tensor-like: host memory (pinned with thrust::universal_host_pinned_allocator).
+//! thrust::host_vector is tensor-like: host memory (pinned with
+//! thrust::universal_host_pinned_allocator).
 template <class T, class Alloc>
 struct tensor_traits<thrust::host_vector<T, Alloc>> {
   using element_type = T;
@@ -62,7 +64,8 @@ struct tensor_traits<thrust::host_vector<T, Alloc>> {
   }
   static std::size_t size(thrust::host_vector<T, Alloc> const& v) noexcept { return v.size(); }
   static memory_space space(thrust::host_vector<T, Alloc> const&) noexcept {
-    return detail::is_thrust_pinned_allocator_v<T, Alloc> ? memory_space::pinned : memory_space::host;
+    return detail::is_thrust_pinned_allocator_v<T, Alloc> ? memory_space::pinned
+                                                          : memory_space::host;
   }
 };
 

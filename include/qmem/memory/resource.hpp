@@ -19,14 +19,20 @@ namespace qmem::memory {
 
 //! What an allocation is for, as memory summaries group it.
 enum class category : std::uint8_t {
-  weights, gradients, optimizer_state, activations, quant_metadata, workspace, other
+  weights,
+  gradients,
+  optimizer_state,
+  activations,
+  quant_metadata,
+  workspace,
+  other
 };
 inline constexpr std::size_t category_count = 7;
 
 constexpr char const* to_string(category c) noexcept {
-  constexpr char const* names[category_count] = {"weights",        "gradients",
-                                                 "optimizer state", "activations",
-                                                 "quant metadata", "workspace", "other"};
+  constexpr char const* names[category_count] = {"weights",     "gradients",      "optimizer state",
+                                                 "activations", "quant metadata", "workspace",
+                                                 "other"};
   return names[static_cast<std::size_t>(c)];
 }
 
@@ -38,8 +44,8 @@ public:
   virtual ~resource() = default;
   [[nodiscard]] void* allocate(std::size_t bytes, std::size_t alignment = 256,
                                category cat = category::other) {
-    QMEM_EXPECTS(alignment != 0 && (alignment & (alignment - 1)) == 0,
-                 "alignment ", alignment, " is not a power of two");
+    QMEM_EXPECTS(alignment != 0 && (alignment & (alignment - 1)) == 0, "alignment ", alignment,
+                 " is not a power of two");
     return do_allocate(bytes, alignment, cat);
   }
   void deallocate(void* p, std::size_t bytes, std::size_t alignment = 256,
@@ -63,10 +69,10 @@ public:
 
 private:
   void* do_allocate(std::size_t bytes, std::size_t alignment, category) override {
-    return ::operator new(bytes == 0 ? 1 : bytes, std::align_val_t{alignment});
+    return ::operator new (bytes == 0 ? 1 : bytes, std::align_val_t{alignment});
   }
   void do_deallocate(void* p, std::size_t, std::size_t alignment, category) noexcept override {
-    ::operator delete(p, std::align_val_t{alignment});
+    ::operator delete (p, std::align_val_t{alignment});
   }
 };
 
@@ -79,7 +85,7 @@ inline resource& default_host_resource() noexcept {
 //! An owning array of `size` trivially copyable elements from a resource (move-only). Elements
 //! are not initialized. Aligned to 256 bytes, so that vector loads on any backend are legal.
 template <class T>
-  requires std::is_trivially_copyable_v<T>
+requires std::is_trivially_copyable_v<T>
 class buffer {
 public:
   static constexpr std::size_t alignment = alignof(T) > 256 ? alignof(T) : 256;

@@ -64,7 +64,8 @@ template <class Rule, class Policy>
 std::string policy_tag() {
   std::string s;
   for_each_state<Rule::state_count>([&](auto K) {
-    using F = typename Policy::template format<Rule::state_signs[static_cast<std::size_t>(K.value)]>;
+    using F =
+        typename Policy::template format<Rule::state_signs[static_cast<std::size_t>(K.value)]>;
     if (!s.empty())
       s += "|";
     s += format_tag<F>();
@@ -121,8 +122,8 @@ void save_state(optimizer<Rule, Policy, Param> const& opt, std::filesystem::path
       detail::for_each_state<Rule::state_count>([&](auto K) {
         using F = typename O::template format_of<P, K.value>;
         auto const k = static_cast<std::size_t>(K.value);
-        add(pre + "state." + std::to_string(k), detail::storage_dtype<F>(),
-            ps.data[k].size_bytes(), ps.data[k].data());
+        add(pre + "state." + std::to_string(k), detail::storage_dtype<F>(), ps.data[k].size_bytes(),
+            ps.data[k].data());
         if constexpr (F::blockwise)
           add(pre + "absmax." + std::to_string(k), dtype::f32, ps.scale[k].size_bytes(),
               ps.scale[k].data());
@@ -230,9 +231,9 @@ void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const
       detail::for_each_state<Rule::state_count>([&](auto K) {
         using F = typename O::template format_of<P, K.value>;
         auto const k = static_cast<std::size_t>(K.value);
-        copies.push_back({ps.data[k].data(), expect(pre + "state." + std::to_string(k),
-                                                    detail::storage_dtype<F>(),
-                                                    ps.data[k].size_bytes())});
+        copies.push_back(
+            {ps.data[k].data(), expect(pre + "state." + std::to_string(k),
+                                       detail::storage_dtype<F>(), ps.data[k].size_bytes())});
         if constexpr (F::blockwise)
           copies.push_back({ps.scale[k].data(), expect(pre + "absmax." + std::to_string(k),
                                                        dtype::f32, ps.scale[k].size_bytes())});
@@ -243,7 +244,8 @@ void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const
     else
       per_state.template operator()<fp32_state>();
     if (!ps.master.empty())
-      copies.push_back({ps.master.data(), expect(pre + "master", dtype::f32, ps.master.size_bytes())});
+      copies.push_back(
+          {ps.master.data(), expect(pre + "master", dtype::f32, ps.master.size_bytes())});
     else if (r.contains(pre + "master"))
       fail("parameter ", i, " has master weights in the file; this optimizer keeps none");
     std::memcpy(static_cast<void*>(&rules[i]), expect(pre + "rule", dtype::u8, sizeof(Rule)).data(),

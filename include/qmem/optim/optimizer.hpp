@@ -278,10 +278,8 @@ public:
   std::size_t add_param(tensor_view<Param> param, param_options o = {}) {
     check_view(param, "add_param", "param", true, false);
     detail::check_lr_scale(o.lr_scale);
-    param_state ps =
-        make_param_state(param, o, rule_, options_, *resource_, [](void* p, std::size_t bytes) {
-          std::memset(p, 0, bytes);
-        });
+    param_state ps = make_param_state(param, o, rule_, options_, *resource_,
+                                      [](void* p, std::size_t bytes) { std::memset(p, 0, bytes); });
     for (std::size_t i = 0; i < ps.master.size(); ++i)
       ps.master[i] = to_float(param[i]);
     params_.push_back(std::move(ps));
@@ -298,10 +296,9 @@ public:
   //! buffer (bitsandbytes' initial codes and absmax). Preconditions: those of add_param, checked
   //! by the caller.
   template <class Zero>
-  [[nodiscard]] static param_state make_param_state(tensor_view<Param> param,
-                                                    param_options const& o, Rule const& rule,
-                                                    optimizer_options const& options,
-                                                    memory::resource& r, Zero&& zero) {
+  [[nodiscard]] static param_state
+  make_param_state(tensor_view<Param> param, param_options const& o, Rule const& rule,
+                   optimizer_options const& options, memory::resource& r, Zero&& zero) {
     param_state ps;
     ps.param = param;
     ps.rule = o.rule.value_or(rule);
@@ -670,12 +667,11 @@ private:
 #if QMEM_OPTIM_HOST_SIMD
         if (isa == detail::host_isa::avx512 && enc.table != nullptr) {
           if constexpr (F::bits == 8)
-            amax = vbmi ? detail::store_block8_vbmi(*enc.table, enc.block_entries,
-                                                    enc.negative_below, vb, m,
-                                                    r.codes + first + b, done)
-                        : detail::store_block8_512(*enc.table, enc.block_entries,
-                                                   enc.negative_below, vb, m,
-                                                   r.codes + first + b, done);
+            amax =
+                vbmi ? detail::store_block8_vbmi(*enc.table, enc.block_entries, enc.negative_below,
+                                                 vb, m, r.codes + first + b, done)
+                     : detail::store_block8_512(*enc.table, enc.block_entries, enc.negative_below,
+                                                vb, m, r.codes + first + b, done);
           else
             amax = vbmi ? detail::store_block4_vbmi(*enc.table, enc.block_entries, vb, m,
                                                     r.codes + (first + b) / 2, done)

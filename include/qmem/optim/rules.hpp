@@ -21,7 +21,8 @@ namespace qmem::optim {
 
 //! Adam (`Decoupled = false`: L2 weight decay added to the gradient, as torch.optim.Adam) and
 //! AdamW (`Decoupled = true`: the parameter shrinks by lr * weight_decay after the update, in the
-//! order bitsandbytes applies it; `decay_first` shrinks it before, as torch.optim.AdamW). States: m (first moment, any sign), v (second, non-negative).
+//! order bitsandbytes applies it; `decay_first` shrinks it before, as torch.optim.AdamW). States: m
+//! (first moment, any sign), v (second, non-negative).
 //!   m = m b1 + (1 - b1) g;  v = v b2 + (1 - b2) (g g)
 //!   p = p + step_size (m / (sqrt(v) + eps c2)),  c1 = 1 - b1^t,  c2 = sqrt(1 - b2^t),
 //!   step_size = (-lr c2) / c1   [bitsandbytes' form of torch's m_hat / (sqrt(v_hat) + eps)]
@@ -77,8 +78,8 @@ struct adam_rule {
     p = mul(p, k.decay_after);
   }
 };
-using adam = adam_rule<false>;  //!< Adam with L2 weight decay (torch.optim.Adam)
-using adamw = adam_rule<true>;  //!< AdamW, decoupled weight decay (bitsandbytes' AdamW)
+using adam = adam_rule<false>; //!< Adam with L2 weight decay (torch.optim.Adam)
+using adamw = adam_rule<true>; //!< AdamW, decoupled weight decay (bitsandbytes' AdamW)
 
 //! SGD with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD). State: the
 //! momentum buffer (any sign), set to the gradient on the first step.
@@ -97,8 +98,8 @@ struct sgd {
     bool first, nesterov;
   };
   QMEM_HOST_DEVICE scalars prepare(step_info const& si) const noexcept {
-    return {si.lr, momentum, detail::fmath::sub(1.0f, dampening), weight_decay, si.step == 1,
-            nesterov};
+    return {si.lr,        momentum,     detail::fmath::sub(1.0f, dampening),
+            weight_decay, si.step == 1, nesterov};
   }
   QMEM_HOST_DEVICE QMEM_INLINE static void update(float& p, float g, state_values<1>& s,
                                                   scalars const& k) noexcept {
@@ -127,8 +128,13 @@ struct lion {
   };
   QMEM_HOST_DEVICE scalars prepare(step_info const& si) const noexcept {
     using namespace detail::fmath;
-    return {si.lr,           beta1, sub(1.0f, beta1), beta2, sub(1.0f, beta2),
-            sub(1.0f, mul(si.lr, weight_decay)), weight_decay > 0.0f};
+    return {si.lr,
+            beta1,
+            sub(1.0f, beta1),
+            beta2,
+            sub(1.0f, beta2),
+            sub(1.0f, mul(si.lr, weight_decay)),
+            weight_decay > 0.0f};
   }
   QMEM_HOST_DEVICE QMEM_INLINE static void update(float& p, float g, state_values<1>& s,
                                                   scalars const& k) noexcept {
@@ -167,8 +173,7 @@ struct rmsprop_rule {
   QMEM_HOST_DEVICE scalars prepare(step_info const& si) const noexcept {
     return {si.lr, alpha, detail::fmath::sub(1.0f, alpha), eps, weight_decay, momentum};
   }
-  QMEM_HOST_DEVICE QMEM_INLINE static void update(float& p, float g,
-                                                  state_values<state_count>& s,
+  QMEM_HOST_DEVICE QMEM_INLINE static void update(float& p, float g, state_values<state_count>& s,
                                                   scalars const& k) noexcept {
     using namespace detail::fmath;
     if (k.weight_decay > 0.0f)

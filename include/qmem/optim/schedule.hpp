@@ -26,7 +26,9 @@ struct lr_schedule {
   float min_lr = 0.0f;
 
   //! Constant learning rate. Precondition: lr >= 0 (checked by the optimizer).
-  static constexpr lr_schedule constant(float lr) noexcept { return {shape::constant, lr, 0, 0, 0}; }
+  static constexpr lr_schedule constant(float lr) noexcept {
+    return {shape::constant, lr, 0, 0, 0};
+  }
   //! Linear warmup over `warmup` steps, then constant.
   static constexpr lr_schedule linear_warmup(float lr, std::int32_t warmup) noexcept {
     return {shape::linear_warmup, lr, warmup, 0, 0};

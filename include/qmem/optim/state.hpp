@@ -127,9 +127,7 @@ struct blockwise_format {
     std::uint8_t* codes;
     float* absmax;
   };
-  static constexpr std::size_t bytes(std::size_t n) noexcept {
-    return bits == 8 ? n : (n + 1) / 2;
-  }
+  static constexpr std::size_t bytes(std::size_t n) noexcept { return bits == 8 ? n : (n + 1) / 2; }
   static constexpr std::size_t scale_count(std::size_t n) noexcept {
     return (n + Block - 1) / Block;
   }
@@ -139,7 +137,7 @@ struct blockwise_format {
       return r.codes[i];
     else
       return static_cast<std::uint8_t>((i % 2 == 0) ? (r.codes[i / 2] >> 4)
-                                                     : (r.codes[i / 2] & 0x0fu));
+                                                    : (r.codes[i / 2] & 0x0fu));
   }
   //! The stored value of element i: table value times its block's absmax. Device code passes
   //! the codebook (a kernel argument: `Code::book` is a host object); host code may omit it.
@@ -196,7 +194,7 @@ concept state_format = requires(typename F::ref r, std::size_t i) {
 //! A state policy picks the format of each state from its sign.
 template <class P>
 concept state_policy = state_format<typename P::template format<state_sign::any>> &&
-                       state_format<typename P::template format<state_sign::non_negative>>;
+    state_format<typename P::template format<state_sign::non_negative>>;
 
 //! The same format for every state.
 template <state_format F>
@@ -223,7 +221,8 @@ constexpr quant::code_table<16> make_dynamic4_signed() noexcept {
   constexpr float decade[3] = {1e-2f, 1e-1f, 1.0f};
   auto add = [&](auto const& b, int k, float scale) {
     for (int j = 0; j < k; ++j) {
-      float const mean = (b[static_cast<std::size_t>(j)] + b[static_cast<std::size_t>(j) + 1]) / 2.0f;
+      float const mean =
+          (b[static_cast<std::size_t>(j)] + b[static_cast<std::size_t>(j) + 1]) / 2.0f;
       data[n++] = scale * mean;
       data[n++] = -(scale * mean);
     }
@@ -270,8 +269,8 @@ struct nearest4_code {
   encode(float xn, quant::codebook<16> const& b) noexcept {
     return b.code_of[quant::detail::nearest_sorted<16>(xn, b.sorted)];
   }
-  QMEM_HOST_DEVICE QMEM_INLINE static constexpr float decode(std::uint8_t c,
-                                                             quant::codebook<16> const& b) noexcept {
+  QMEM_HOST_DEVICE QMEM_INLINE static constexpr float
+  decode(std::uint8_t c, quant::codebook<16> const& b) noexcept {
     return b.value.value[c];
   }
 };

@@ -142,8 +142,8 @@ QMEM_INLINE void quantize_blocks_body(decltype(C::book) const& book, T const* QM
 template <code_type C, float_element T>
 QMEM_INLINE void dequantize_block_host(decltype(C::book) const& book,
                                        std::uint8_t const* QMEM_RESTRICT codes, float amax,
-                                       std::size_t n, std::size_t block_size,
-                                       T* QMEM_RESTRICT y, std::size_t blk) {
+                                       std::size_t n, std::size_t block_size, T* QMEM_RESTRICT y,
+                                       std::size_t blk) {
   std::size_t const begin = blk * block_size;
   std::size_t const count = n - begin < block_size ? n - begin : block_size;
   T* QMEM_RESTRICT yb = y + begin;
@@ -170,11 +170,10 @@ QMEM_INLINE void dequantize_block_host(decltype(C::book) const& book,
 }
 
 template <code_type C, float_element T>
-QMEM_INLINE void dequantize_blocks_body(decltype(C::book) const& book,
-                                        std::uint8_t const* QMEM_RESTRICT codes,
-                                        float const* QMEM_RESTRICT absmax, std::size_t n,
-                                        std::size_t block_size, T* QMEM_RESTRICT y,
-                                        std::size_t first_block, std::size_t last_block) {
+QMEM_INLINE void
+dequantize_blocks_body(decltype(C::book) const& book, std::uint8_t const* QMEM_RESTRICT codes,
+                       float const* QMEM_RESTRICT absmax, std::size_t n, std::size_t block_size,
+                       T* QMEM_RESTRICT y, std::size_t first_block, std::size_t last_block) {
   for (std::size_t blk = first_block; blk < last_block; ++blk)
     dequantize_block_host<C>(book, codes, absmax[blk], n, block_size, y, blk);
 }
@@ -186,9 +185,8 @@ QMEM_INLINE void dequantize_blocks_body(decltype(C::book) const& book,
 #if QMEM_QUANT_HOST_AVX2
 //! y[2i], y[2i+1] = scaled[codes[i] >> 4], scaled[codes[i] & 15] for i < bytes, with AVX2
 //! permutes (16 floats per 8 code bytes) instead of scalar loads; the tail is scalar.
-__attribute__((target("avx2"))) inline void lookup_nibbles_avx2(float const* scaled,
-                                                                 std::uint8_t const* codes,
-                                                                 std::size_t bytes, float* y) {
+__attribute__((target("avx2"))) inline void
+lookup_nibbles_avx2(float const* scaled, std::uint8_t const* codes, std::size_t bytes, float* y) {
   __m256 const lo = _mm256_loadu_ps(scaled);
   __m256 const hi = _mm256_loadu_ps(scaled + 8);
   __m256i const shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
@@ -199,7 +197,7 @@ __attribute__((target("avx2"))) inline void lookup_nibbles_avx2(float const* sca
   for (; i < vec_end; i += 8) {
     __m128i const v = _mm_loadl_epi64(reinterpret_cast<__m128i const*>(codes + i));
     __m128i const twice = _mm_unpacklo_epi8(v, v); // b0 b0 b1 b1 ... b7 b7
-    for (int half = 0; half < 2; ++half) { // 8 bytes b b .. -> 8 floats
+    for (int half = 0; half < 2; ++half) {         // 8 bytes b b .. -> 8 floats
       __m128i const pairs = half == 0 ? twice : _mm_srli_si128(twice, 8);
       __m256i idx = _mm256_cvtepu8_epi32(pairs);
       idx = _mm256_and_si256(_mm256_srlv_epi32(idx, shifts), nibble_mask);
@@ -369,12 +367,10 @@ quantize_blocks_searched_avx512(T const* QMEM_RESTRICT x, std::size_t n, std::si
 
 //! 8-bit dequantization of blocks [first_block, last_block) to float, bf16 or f16, AVX-512F.
 template <code_type C, float_element T>
-__attribute__((target("avx2,avx512f"))) void
-dequantize_blocks_8bit_avx512(decltype(C::book) const& book,
-                              std::uint8_t const* QMEM_RESTRICT codes,
-                              float const* QMEM_RESTRICT absmax, std::size_t n,
-                              std::size_t block_size, T* QMEM_RESTRICT y, std::size_t first_block,
-                              std::size_t last_block) {
+__attribute__((target("avx2,avx512f"))) void dequantize_blocks_8bit_avx512(
+    decltype(C::book) const& book, std::uint8_t const* QMEM_RESTRICT codes,
+    float const* QMEM_RESTRICT absmax, std::size_t n, std::size_t block_size, T* QMEM_RESTRICT y,
+    std::size_t first_block, std::size_t last_block) {
   alignas(64) float values[256];
   for (unsigned k = 0; k < 256; ++k)
     values[k] = C::decode(static_cast<std::uint8_t>(k), book);
@@ -512,11 +508,9 @@ void quantize_blocks_host(decltype(C::book) const& book, T const* QMEM_RESTRICT 
       return;
     }
   }
-  if constexpr (uses_bnb_search_v<C> &&
-                (std::is_same_v<T, float> || std::is_same_v<T, bf16>)) {
+  if constexpr (uses_bnb_search_v<C> && (std::is_same_v<T, float> || std::is_same_v<T, bf16>)) {
     if (!r.stochastic && host_has_avx512()) {
-      quantize_blocks_searched_avx512<C>(x, n, block_size, codes, absmax, first_block,
-                                         last_block);
+      quantize_blocks_searched_avx512<C>(x, n, block_size, codes, absmax, first_block, last_block);
       return;
     }
   }
@@ -525,8 +519,7 @@ void quantize_blocks_host(decltype(C::book) const& book, T const* QMEM_RESTRICT 
     return;
   }
 #endif
-  quantize_blocks_body<C, false>(book, x, n, block_size, codes, absmax, r, first_block,
-                                 last_block);
+  quantize_blocks_body<C, false>(book, x, n, block_size, codes, absmax, r, first_block, last_block);
 }
 
 //! Host dequantization of blocks [first_block, last_block).
@@ -552,8 +545,8 @@ void dequantize_blocks_host(decltype(C::book) const& book, std::uint8_t const* Q
       return;
     }
   }
-  if constexpr (C::bits == 8 && (std::is_same_v<T, float> || std::is_same_v<T, bf16> ||
-                                 std::is_same_v<T, f16>)) {
+  if constexpr (C::bits == 8 &&
+                (std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, f16>)) {
     if (host_has_avx512()) {
       dequantize_blocks_8bit_avx512<C>(book, codes, absmax, n, block_size, y, first_block,
                                        last_block);
@@ -576,8 +569,8 @@ void check_blockwise_sizes(char const* function, std::size_t n, std::size_t bloc
     qmem::detail::raise(function, ": block_size is ", block_size, "; expected a power of two in [",
                         C::bits == 4 ? 32 : 64, ", 4096] for ", C::bits, "-bit codes");
   if (codes_size != code_bytes<C>(n))
-    qmem::detail::raise(function, ": codes has ", codes_size, " bytes; expected ",
-                        code_bytes<C>(n), " for ", n, " elements of ", C::bits, "-bit codes");
+    qmem::detail::raise(function, ": codes has ", codes_size, " bytes; expected ", code_bytes<C>(n),
+                        " for ", n, " elements of ", C::bits, "-bit codes");
   if (absmax_size != block_count(n, block_size))
     qmem::detail::raise(function, ": absmax has ", absmax_size, " elements; expected ",
                         block_count(n, block_size), " (ceil(", n, " / ", block_size, "))");
@@ -618,8 +611,8 @@ void quantize_blockwise(E const& e, tensor_view<T const> x, std::size_t block_si
     qmem::detail::parallel_for(
         e, blocks, 1,
         [&](std::size_t b0, std::size_t b1) {
-          detail::quantize_blocks_host<C>(C::book, x.data(), n, block_size, codes.data(), absmax.data(), r,
-                                          b0, b1);
+          detail::quantize_blocks_host<C>(C::book, x.data(), n, block_size, codes.data(),
+                                          absmax.data(), r, b0, b1);
         },
         detail::host_min_blocks(block_size));
   }
@@ -655,8 +648,8 @@ void dequantize_blockwise(E const& e, tensor_view<std::uint8_t const> codes,
     qmem::detail::parallel_for(
         e, absmax.size(), 1,
         [&](std::size_t b0, std::size_t b1) {
-          detail::dequantize_blocks_host<C>(C::book, codes.data(), absmax.data(), n, block_size, y.data(),
-                                            b0, b1);
+          detail::dequantize_blocks_host<C>(C::book, codes.data(), absmax.data(), n, block_size,
+                                            y.data(), b0, b1);
         },
         detail::host_min_blocks(block_size));
   }

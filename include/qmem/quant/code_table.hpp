@@ -148,23 +148,21 @@ constexpr code_table<256> make_linear_map(bool is_signed) noexcept {
 }
 
 //! NF4 (QLoRA's normal-float 4-bit), index = code; the float32 values bitsandbytes stores.
-inline constexpr code_table<16> nf4_table = {{
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f}};
+inline constexpr code_table<16> nf4_table = {
+    {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f}};
 
 //! bitsandbytes' FP4 as its kernel decodes it: bit 3 is the sign, bits 0-2 index the magnitude.
 //! Code 8 is -0.0 (magnitude 0 times sign -1); bitsandbytes' stored `quant_map` holds +0.0 there.
-inline constexpr code_table<16> fp4_table = {{
-    0.0f, 0.005208333333f, 0.6666666667f, 1.0f, 0.3333333333f, 0.5f, 0.1666666667f, 0.25f,
-    -0.0f, -0.005208333333f, -0.6666666667f, -1.0f, -0.3333333333f, -0.5f, -0.1666666667f,
-    -0.25f}};
+inline constexpr code_table<16> fp4_table = {
+    {0.0f, 0.005208333333f, 0.6666666667f, 1.0f, 0.3333333333f, 0.5f, 0.1666666667f, 0.25f, -0.0f,
+     -0.005208333333f, -0.6666666667f, -1.0f, -0.3333333333f, -0.5f, -0.1666666667f, -0.25f}};
 
 //! FP4 as bitsandbytes stores it in checkpoints (`quant_map`): +0.0 at code 8.
-inline constexpr code_table<16> fp4_stored_table = {{
-    0.0f, 0.005208333333f, 0.6666666667f, 1.0f, 0.3333333333f, 0.5f, 0.1666666667f, 0.25f,
-    0.0f, -0.005208333333f, -0.6666666667f, -1.0f, -0.3333333333f, -0.5f, -0.1666666667f,
-    -0.25f}};
+inline constexpr code_table<16> fp4_stored_table = {
+    {0.0f, 0.005208333333f, 0.6666666667f, 1.0f, 0.3333333333f, 0.5f, 0.1666666667f, 0.25f, 0.0f,
+     -0.005208333333f, -0.6666666667f, -1.0f, -0.3333333333f, -0.5f, -0.1666666667f, -0.25f}};
 
 } // namespace qmem::quant

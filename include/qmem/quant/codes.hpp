@@ -134,7 +134,7 @@ QMEM_HOST_DEVICE QMEM_INLINE constexpr unsigned rank_above(float x, float const 
 //! to the lower one; NaN goes to index 0. Returns the sorted index.
 template <std::size_t N>
 QMEM_HOST_DEVICE QMEM_INLINE constexpr std::size_t nearest_sorted(float x,
-                                                                   float const* sorted) noexcept {
+                                                                  float const* sorted) noexcept {
   // first index with sorted[i] >= x (NaN: none compare, lands on 0 below)
   std::size_t lo = 0;
   std::size_t len = N;
@@ -171,13 +171,13 @@ struct searched_map {
   static constexpr int bits = 8;
   static constexpr bool is_signed = Signed;
   static constexpr map_kind kind = Kind;
-  static constexpr codebook<256> book = make_codebook(
-      Kind == map_kind::dynamic ? make_dynamic_map(Signed) : make_linear_map(Signed));
+  static constexpr codebook<256> book =
+      make_codebook(Kind == map_kind::dynamic ? make_dynamic_map(Signed) : make_linear_map(Signed));
   static constexpr std::uint8_t zero_code = Signed ? 127 : 0;
   static_assert(book.value.value[zero_code] == 0.0f);
 
-  QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint8_t encode(float xn,
-                                                                    codebook<256> const& b) noexcept {
+  QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint8_t
+  encode(float xn, codebook<256> const& b) noexcept {
     return detail::bnb_search256(xn, b.value.value);
   }
   QMEM_HOST_DEVICE QMEM_INLINE static constexpr float decode(std::uint8_t c,
@@ -216,10 +216,9 @@ struct nf4 {
   QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint8_t encode(float xn,
                                                                     codebook<16> const&) noexcept {
     constexpr float thresholds[15] = {
-        -0.8480964004993439f,  -0.6106329262256622f,  -0.4599952697753906f,
-        -0.33967943489551544f, -0.23460740596055984f, -0.13791173323988914f,
-        -0.045525018125772476f, 0.03979014977812767f,  0.1202552504837513f,
-        0.2035212516784668f,   0.2920137718319893f,   0.3893125355243683f,
+        -0.8480964004993439f,  -0.6106329262256622f,  -0.4599952697753906f,   -0.33967943489551544f,
+        -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
+        0.1202552504837513f,   0.2035212516784668f,   0.2920137718319893f,    0.3893125355243683f,
         0.5016634166240692f,   0.6427869200706482f,   0.8614784181118011f};
     return static_cast<std::uint8_t>(detail::rank_above(xn, thresholds));
   }
@@ -293,10 +292,12 @@ struct fp8_layout {
       r *= 0.5f;
     return r;
   }
-  static constexpr float max_finite() noexcept { return to_float(static_cast<std::uint8_t>(max_code)); }
+  static constexpr float max_finite() noexcept {
+    return to_float(static_cast<std::uint8_t>(max_code));
+  }
   static constexpr std::uint32_t nan_code = (((1u << E) - 1u) << M) | ((1u << M) - 1u);
-  static constexpr std::uint32_t max_code =
-      has_inf ? (((1u << E) - 2u) << M) | ((1u << M) - 1u) : (((1u << E) - 1u) << M) | ((1u << M) - 2u);
+  static constexpr std::uint32_t max_code = has_inf ? (((1u << E) - 2u) << M) | ((1u << M) - 1u)
+                                                    : (((1u << E) - 1u) << M) | ((1u << M) - 2u);
 
   //! float -> fp8 bits, round to nearest even, saturating to the largest finite value; NaN -> NaN.
   QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint8_t from_float(float f) noexcept {
@@ -417,12 +418,12 @@ struct table_code {
 //! A code type: element-level encode/decode shared by host loops and CUDA kernels.
 template <class C>
 concept code_type = requires(float xn, std::uint8_t c) {
-  requires C::bits == 4 || C::bits == 8;                                  // bits per code
-  requires std::same_as<std::remove_cv_t<decltype(C::book.value)>,        // table, by code
+  requires C::bits == 4 || C::bits == 8;                           // bits per code
+  requires std::same_as<std::remove_cv_t<decltype(C::book.value)>, // table, by code
                         code_table<std::size_t{1} << C::bits>>;
-  { C::zero_code } -> std::convertible_to<std::uint8_t>;                  // the code of 0.0
-  { C::encode(xn, C::book) } -> std::same_as<std::uint8_t>;               // value -> code
-  { C::decode(c, C::book) } -> std::same_as<float>;                       // code -> value
+  { C::zero_code } -> std::convertible_to<std::uint8_t>;    // the code of 0.0
+  { C::encode(xn, C::book) } -> std::same_as<std::uint8_t>; // value -> code
+  { C::decode(c, C::book) } -> std::same_as<float>;         // code -> value
 };
 
 static_assert(code_type<dynamic_signed> && code_type<dynamic_unsigned> && code_type<nf4> &&

@@ -55,9 +55,8 @@ inline float tree_mean(float const* v, std::size_t n) {
     std::vector<double> next((level.size() + offset_tree_arity - 1) / offset_tree_arity);
     for (std::size_t c = 0; c < next.size(); ++c) {
       double s = 0.0;
-      std::size_t const end = (c + 1) * offset_tree_arity < level.size()
-                                  ? (c + 1) * offset_tree_arity
-                                  : level.size();
+      std::size_t const end =
+          (c + 1) * offset_tree_arity < level.size() ? (c + 1) * offset_tree_arity : level.size();
       for (std::size_t i = c * offset_tree_arity; i < end; ++i)
         s += level[i];
       next[c] = s;
@@ -72,7 +71,8 @@ inline void quantize_scales_host(exec::host const& e, float const* absmax, std::
                                  std::size_t nested_block, float offset, std::uint8_t* qabsmax,
                                  float* absmax2) {
   // search_table gives dynamic_signed::encode's codes (bnb's 8-step search) with one table load
-  // per value: 2^18 scales of NF4 block 64 (a 2^24-element weight) take 20.7 -> 1.0 ms (dev box, 2026-11-29)
+  // per value: 2^18 scales of NF4 block 64 (a 2^24-element weight) take 20.7 -> 1.0 ms (dev box,
+  // 2026-11-29)
   search_table const& table = search_table_of<dynamic_signed>();
   std::size_t const blocks = block_count(m, nested_block);
   qmem::detail::parallel_for(
@@ -139,8 +139,8 @@ void quantize_scales(E const& e, tensor_view<float const> absmax, std::size_t ne
 #endif
   } else {
     float const off = detail::tree_mean(absmax.data(), absmax.size());
-    detail::quantize_scales_host(e, absmax.data(), absmax.size(), nested_block, off,
-                                 qabsmax.data(), absmax2.data());
+    detail::quantize_scales_host(e, absmax.data(), absmax.size(), nested_block, off, qabsmax.data(),
+                                 absmax2.data());
     offset[0] = off;
   }
 }

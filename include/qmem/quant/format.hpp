@@ -91,12 +91,13 @@ struct blockwise {
 //! A quantization format: a code type, a static block size valid for it, and a scale policy.
 template <class F>
 concept quant_format = requires {
-  typename F::code;                                             // the code type
-  typename F::scales;                                           // the scale policy
-  { F::block_size } -> std::convertible_to<std::size_t>;        // elements per block
+  typename F::code;                                              // the code type
+  typename F::scales;                                            // the scale policy
+  { F::block_size } -> std::convertible_to<std::size_t>;         // elements per block
   { F::size_bytes(std::size_t{}) } -> std::same_as<std::size_t>; // storage of n elements
-} && code_type<typename F::code> && scale_policy<typename F::scales> &&
-                       valid_block_size<typename F::code>(F::block_size);
+}
+&&code_type<typename F::code>&& scale_policy<typename F::scales>&&
+    valid_block_size<typename F::code>(F::block_size);
 
 //! The formats bitsandbytes uses by default.
 using nf4_qlora = blockwise<nf4, 64, double_quant<256>>; //!< QLoRA: NF4, block 64, nested 256
@@ -127,8 +128,8 @@ inline constexpr int code_id_count = 10;
 //! The lower-case name of a code id ("nf4", "dynamic_signed", ...).
 constexpr std::string_view to_string(code_id c) noexcept {
   constexpr std::string_view names[code_id_count] = {
-      "dynamic_signed", "dynamic_unsigned", "linear_signed", "linear_unsigned", "nf4",
-      "fp4",            "fp8_e4m3",         "fp8_e5m2",      "custom4",         "custom8"};
+      "dynamic_signed", "dynamic_unsigned", "linear_signed", "linear_unsigned", "nf4", "fp4",
+      "fp8_e4m3",       "fp8_e5m2",         "custom4",       "custom8"};
   auto const i = static_cast<std::size_t>(c);
   return i < static_cast<std::size_t>(code_id_count) ? names[i] : std::string_view("?");
 }
@@ -190,15 +191,24 @@ constexpr format_desc describe() noexcept;
 namespace detail {
 template <class C>
 constexpr code_id code_id_of() noexcept {
-  if constexpr (std::same_as<C, dynamic_signed>) return code_id::dynamic_signed;
-  else if constexpr (std::same_as<C, dynamic_unsigned>) return code_id::dynamic_unsigned;
-  else if constexpr (std::same_as<C, linear_signed>) return code_id::linear_signed;
-  else if constexpr (std::same_as<C, linear_unsigned>) return code_id::linear_unsigned;
-  else if constexpr (std::same_as<C, nf4>) return code_id::nf4;
-  else if constexpr (std::same_as<C, fp4>) return code_id::fp4;
-  else if constexpr (std::same_as<C, fp8_e4m3>) return code_id::fp8_e4m3;
-  else if constexpr (std::same_as<C, fp8_e5m2>) return code_id::fp8_e5m2;
-  else return C::bits == 4 ? code_id::custom4 : code_id::custom8;
+  if constexpr (std::same_as<C, dynamic_signed>)
+    return code_id::dynamic_signed;
+  else if constexpr (std::same_as<C, dynamic_unsigned>)
+    return code_id::dynamic_unsigned;
+  else if constexpr (std::same_as<C, linear_signed>)
+    return code_id::linear_signed;
+  else if constexpr (std::same_as<C, linear_unsigned>)
+    return code_id::linear_unsigned;
+  else if constexpr (std::same_as<C, nf4>)
+    return code_id::nf4;
+  else if constexpr (std::same_as<C, fp4>)
+    return code_id::fp4;
+  else if constexpr (std::same_as<C, fp8_e4m3>)
+    return code_id::fp8_e4m3;
+  else if constexpr (std::same_as<C, fp8_e5m2>)
+    return code_id::fp8_e5m2;
+  else
+    return C::bits == 4 ? code_id::custom4 : code_id::custom8;
 }
 } // namespace detail
 

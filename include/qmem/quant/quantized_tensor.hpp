@@ -291,8 +291,8 @@ void dequantize_custom_host(exec::host const& e, std::span<float const> table,
 template <exec::execution E, float_element T>
 quantized_tensor quantize(E const& e, tensor_view<T const> x, std::span<std::int64_t const> shape,
                           format_desc const& format,
-                          memory::resource& r = memory::default_host_resource(),
-                          rounding rnd = {}, std::span<float const> table = {}) {
+                          memory::resource& r = memory::default_host_resource(), rounding rnd = {},
+                          std::span<float const> table = {}) {
   constexpr char const* fn = "quantize";
   validate(format, fn);
   std::size_t const n = detail::checked_numel(shape, fn);
@@ -314,8 +314,7 @@ quantized_tensor quantize(E const& e, tensor_view<T const> x, std::span<std::int
     if (format.code == code_id::custom4)
       detail::quantize_custom_host<16>(e, q.table(), x, format.block_size, q.codes(), absmax, rnd);
     else if (format.code == code_id::custom8)
-      detail::quantize_custom_host<256>(e, q.table(), x, format.block_size, q.codes(), absmax,
-                                        rnd);
+      detail::quantize_custom_host<256>(e, q.table(), x, format.block_size, q.codes(), absmax, rnd);
   }
   if (!is_custom(format.code))
     visit_code(format.code, [&]<class C>(std::type_identity<C>) {

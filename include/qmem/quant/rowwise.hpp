@@ -21,6 +21,7 @@
 #include <qmem/core/detail/parallel.hpp>
 #include <qmem/core/error.hpp>
 #include <qmem/core/exec.hpp>
+#include <qmem/core/fmath.hpp>
 #include <qmem/core/numeric.hpp>
 #include <qmem/core/tensor.hpp>
 #include <qmem/quant/blockwise.hpp>
@@ -28,7 +29,6 @@
 #include <qmem/quant/detail/host_isa.hpp>
 #include <qmem/quant/detail/host_simd.hpp>
 #include <qmem/quant/detail/rowwise_ops.hpp>
-#include <qmem/core/fmath.hpp>
 
 #include <cmath>
 #include <cstddef>
@@ -53,8 +53,8 @@ inline void check_rowwise_sizes(char const* fn, std::size_t rows, std::size_t co
   if (cols != 0 && rows > static_cast<std::size_t>(-1) / cols)
     qmem::detail::raise(fn, ": rows * cols overflows (", rows, " x ", cols, ")");
   if (values != rows * cols)
-    qmem::detail::raise(fn, ": the values view has ", values, " elements; expected rows * cols = ",
-                        rows * cols);
+    qmem::detail::raise(fn, ": the values view has ", values,
+                        " elements; expected rows * cols = ", rows * cols);
   if (codes != rows * cols)
     qmem::detail::raise(fn, ": q has ", codes, " elements; expected rows * cols = ", rows * cols);
   if (stats != rows)
@@ -157,8 +157,7 @@ void dequantize_rowwise(E const& e, tensor_view<std::int8_t const> q,
           return;
         }
       }
-      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16> ||
-                    std::is_same_v<T, f16>) {
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, f16>) {
         if (detail::host_has_avx512()) {
           detail::dequantize_row_avx512(qr, amax, cols, yr);
           return;

@@ -10,8 +10,8 @@
 //! the range go to the nearest end; NaN encodes as the code type's nearest rounding encodes it.
 
 #include <qmem/core/config.hpp>
-#include <qmem/quant/codes.hpp>
 #include <qmem/core/fmath.hpp>
+#include <qmem/quant/codes.hpp>
 
 #include <cstddef>
 #include <cstdint>

@@ -42,8 +42,8 @@ struct bucket_table {
   static constexpr std::uint32_t magnitudes = (std::uint32_t{TinyExponent} << MantissaBits) + 2u;
   static constexpr std::uint32_t keys = 2u * magnitudes;
 
-  float threshold[256];     //!< x >= threshold[c] <=> code(x) > c; threshold[255] is NaN
-  std::uint8_t base[keys];  //!< number of thresholds in buckets below this key
+  float threshold[256];    //!< x >= threshold[c] <=> code(x) > c; threshold[255] is NaN
+  std::uint8_t base[keys]; //!< number of thresholds in buckets below this key
 
   //! The bucket of `x` (not NaN): monotone non-decreasing in x; -0.0 and +0.0 are neighbours.
   QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint32_t key(float x) noexcept {
@@ -176,8 +176,7 @@ struct packed_bucket_table {
   }
 
   //! The entry of key `k` of the bucket table `t` of `count` thresholds.
-  static constexpr std::uint32_t make_entry(source const& t, std::uint32_t k,
-                                            int count) noexcept {
+  static constexpr std::uint32_t make_entry(source const& t, std::uint32_t k, int count) noexcept {
     std::uint32_t const b = t.base[k];
     std::uint32_t limit = never;
     if (static_cast<int>(b) < count) {
@@ -191,7 +190,8 @@ struct packed_bucket_table {
   //! The entry index of a float of sign `negative_mask` (0: positive, ~0: negative) whose
   //! magnitude has the bits `a` (a non-negative float or any NaN): source::key_of_bits minus
   //! first_key. The magnitude bucket is clamped with integer min/max (a NaN, sign bit or not, to
-  //! the top bucket) and mirrored for negative floats with an xor (key = magnitudes + (mag ^ mask)).
+  //! the top bucket) and mirrored for negative floats with an xor (key = magnitudes + (mag ^
+  //! mask)).
   QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint32_t
   index_of(std::uint32_t a, std::uint32_t negative_mask) noexcept {
     constexpr int lo = (127 - TinyExponent) << MantissaBits;
@@ -223,9 +223,8 @@ struct packed_bucket_table {
   //! instead of a mask, a shift-add and two integer clamps).
   QMEM_HOST_DEVICE QMEM_INLINE constexpr std::uint32_t
   code_high_bits_positive(std::uint32_t a) const noexcept {
-    constexpr std::uint32_t offset =
-        (PositiveOnly ? 2u : source::magnitudes + 1u) - (std::uint32_t{127 - TinyExponent}
-                                                         << MantissaBits);
+    constexpr std::uint32_t offset = (PositiveOnly ? 2u : source::magnitudes + 1u) -
+                                     (std::uint32_t{127 - TinyExponent} << MantissaBits);
     return entry[(a >> (23 - MantissaBits)) + offset] + (a & low_mask);
   }
 
@@ -242,11 +241,9 @@ struct packed_bucket_table {
   //! Whether +-2^-TinyExponent have the codes of +-0 in this table (no threshold at them; for a
   //! table of non-negative floats, the positive side only).
   constexpr bool floor_takes_zero_code() const noexcept {
-    bool const positive =
-        (code_high_bits(floor_bits, 0u) >> 24) == (code_high_bits(0u, 0u) >> 24);
+    bool const positive = (code_high_bits(floor_bits, 0u) >> 24) == (code_high_bits(0u, 0u) >> 24);
     bool const negative =
-        PositiveOnly ||
-        (code_high_bits(floor_bits, ~0u) >> 24) == (code_high_bits(0u, ~0u) >> 24);
+        PositiveOnly || (code_high_bits(floor_bits, ~0u) >> 24) == (code_high_bits(0u, ~0u) >> 24);
     return positive && negative;
   }
 

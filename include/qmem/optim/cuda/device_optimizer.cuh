@@ -68,8 +68,7 @@ __global__ void __launch_bounds__(256) widen_kernel(P const* in, float* out, std
 //! movable.
 template <update_rule Rule, state_policy Policy = int8_state, float_element Param = float,
           float_element G = Param>
-  requires(!std::same_as<Param, double> && !std::same_as<G, double>)
-class device_optimizer {
+requires(!std::same_as<Param, double> && !std::same_as<G, double>) class device_optimizer {
 public:
   using rule_type = Rule;
   using policy_type = Policy;
@@ -130,9 +129,8 @@ private:
       o.rule = ps.rule;
       o.lr_scale = ps.lr_scale;
       o.fp32_state = !ps.quantized;
-      h.add_param(tensor_view<Param>(storage.back().data(), storage.back().size(),
-                                     memory_space::host),
-                  o);
+      h.add_param(
+          tensor_view<Param>(storage.back().data(), storage.back().size(), memory_space::host), o);
     }
     return h;
   }
@@ -201,8 +199,8 @@ public:
                  "the state resource hands out ", to_string(state.space()),
                  " memory and the workspace resource ", to_string(workspace.space()),
                  "; expected device, managed or pinned memory");
-    controller_ = std::make_unique<step_controller>(
-        e, workspace, detail::step_options_of(options, found_inf));
+    controller_ = std::make_unique<step_controller>(e, workspace,
+                                                    detail::step_options_of(options, found_inf));
   }
   //! The same with one resource for state and workspace.
   device_optimizer(exec::cuda const& e, Rule rule, optimizer_options options,
@@ -221,8 +219,8 @@ public:
   std::size_t add_param(exec::cuda const& e, tensor_view<Param> param, param_options o = {}) {
     QMEM_EXPECTS(e.device == device_, "e.device is ", e.device, "; this optimizer is on device ",
                  device_);
-    QMEM_EXPECTS(param.size() == 0 || param.data() != nullptr, "add_param: param of ",
-                 param.size(), " elements has a null pointer");
+    QMEM_EXPECTS(param.size() == 0 || param.data() != nullptr, "add_param: param of ", param.size(),
+                 " elements has a null pointer");
     QMEM_EXPECTS(device_accessible(param.space()), "add_param: param is in ",
                  to_string(param.space()), " memory; expected device-accessible memory");
     optim::detail::check_lr_scale(o.lr_scale);

@@ -43,14 +43,14 @@ namespace qmem::optim::cuda {
 
 //! One tensor of a multi-tensor step as the kernels see it (trivially copyable, in device memory).
 struct tensor_entry {
-  void* param = nullptr;       //!< P[size]
-  void const* grad = nullptr;  //!< G[size]
-  void* state[4] = {};         //!< per state: float[size] or codes
-  float* absmax[4] = {};       //!< per blockwise state: float[ceil(size / block)]
-  float* master = nullptr;     //!< fp32 master weights (16-bit params) or nullptr
-  float lr_scale = 1.0f;       //!< this tensor's lr = schedule lr * lr_scale
+  void* param = nullptr;      //!< P[size]
+  void const* grad = nullptr; //!< G[size]
+  void* state[4] = {};        //!< per state: float[size] or codes
+  float* absmax[4] = {};      //!< per blockwise state: float[ceil(size / block)]
+  float* master = nullptr;    //!< fp32 master weights (16-bit params) or nullptr
+  float lr_scale = 1.0f;      //!< this tensor's lr = schedule lr * lr_scale
   std::uint32_t pad0 = 0;
-  std::uint64_t size = 0;      //!< elements (never 0 in a table)
+  std::uint64_t size = 0;       //!< elements (never 0 in a table)
   std::uint64_t first_task = 0; //!< global index of this tensor's first warp task
   std::uint64_t end_task = 0;   //!< one past its last
   std::uint32_t vectorized = 0; //!< every pointer is aligned for the vector path
@@ -61,13 +61,13 @@ struct tensor_entry {
 //! writes lr (from the schedule), step, grad_scale, skip and grad_norm before the update reads
 //! them; the caller may write inv_loss_scale and max_grad_norm between steps.
 struct step_control {
-  float lr = 1e-3f;             //!< learning rate of this step (the schedule's value)
-  std::int32_t step = 0;        //!< steps taken; a skipped step does not count
-  float grad_scale = 1.0f;      //!< factor applied to every gradient in this step (unscale x clip)
-  std::uint32_t skip = 0;       //!< nonzero: this step is skipped (non-finite gradient, found inf)
-  float grad_norm = 0.0f;       //!< global L2 norm of the unscaled gradients (when computed)
-  float inv_loss_scale = 1.0f;  //!< gradients carry a loss scale: multiply by this (1: none)
-  float max_grad_norm = 0.0f;   //!< clip the global norm to this (<= 0: no clipping)
+  float lr = 1e-3f;            //!< learning rate of this step (the schedule's value)
+  std::int32_t step = 0;       //!< steps taken; a skipped step does not count
+  float grad_scale = 1.0f;     //!< factor applied to every gradient in this step (unscale x clip)
+  std::uint32_t skip = 0;      //!< nonzero: this step is skipped (non-finite gradient, found inf)
+  float grad_norm = 0.0f;      //!< global L2 norm of the unscaled gradients (when computed)
+  float inv_loss_scale = 1.0f; //!< gradients carry a loss scale: multiply by this (1: none)
+  float max_grad_norm = 0.0f;  //!< clip the global norm to this (<= 0: no clipping)
   std::uint32_t skipped_steps = 0; //!< steps skipped so far
 };
 
@@ -151,8 +151,8 @@ __device__ QMEM_INLINE float warp_max(float m) {
 __device__ QMEM_INLINE bf16 bf16_nearest(float v) {
   std::uint32_t const u = __float_as_uint(v);
   std::uint32_t const rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return bf16::from_bits(static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u
-                                                                                     : rounded));
+  return bf16::from_bits(
+      static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded));
 }
 
 //! The bf16 bits of two floats rounded to nearest even, `hi` in bits 16-31 and `lo` in bits 0-15:
@@ -189,7 +189,6 @@ __device__ QMEM_INLINE std::uint32_t find_tensor(tensor_entry const* t, std::uin
 
 } // namespace detail
 
-
 //! Everything one launch of the fused kernel reads (passed by value as a __grid_constant__).
 template <update_rule Rule, state_policy Policy>
 struct fused_args {
@@ -198,9 +197,9 @@ struct fused_args {
   step_control const* control;           //!< step, grad scale, skip
   std::uint64_t task_begin;              //!< this launch covers tasks [task_begin, task_end)
   std::uint64_t task_end;
-  std::uint64_t seed;                    //!< stochastic rounding (bf16 states and parameters)
+  std::uint64_t seed; //!< stochastic rounding (bf16 states and parameters)
   std::uint32_t tensor_count;
-  std::uint32_t param_stochastic;        //!< bf16 params without master: stochastic rounding
+  std::uint32_t param_stochastic; //!< bf16 params without master: stochastic rounding
   //! A placeholder: the codec tables reach the kernel through device memory (shared_tables_image).
   typename kernel_traits<Rule, Policy>::tables tables;
 };
@@ -214,9 +213,8 @@ inline constexpr state_sign state_sign_v = Rule::state_signs[static_cast<std::si
 //! Calls f(std::integral_constant<int, J>) for J = 0..N-1 (compile-time state index).
 template <int N, class F>
 __device__ QMEM_INLINE void for_states(F&& f) {
-  [&]<int... J>(std::integer_sequence<int, J...>) {
-    (f(std::integral_constant<int, J>{}), ...);
-  }(std::make_integer_sequence<int, N>{});
+  [&]<int... J>(std::integer_sequence<int, J...>) { (f(std::integral_constant<int, J>{}), ...); }
+  (std::make_integer_sequence<int, N>{});
 }
 
 //! sqrt.rn.f32(x) for x in [2^-100, 2^100] (precondition): the sequence ptxas emits for
@@ -332,9 +330,9 @@ struct lane_update<adam_rule<Decoupled>> {
     using namespace qmem::fmath;
     QMEM_UNROLL
     for (int i = 0; i < E; ++i)
-      p[i] = mul(add(p[i], mul(k.step_size, div_in_range(m[i], add(sqrt_in_range(v[i]),
-                                                                     k.eps_c2)))),
-                 k.decay_after);
+      p[i] =
+          mul(add(p[i], mul(k.step_size, div_in_range(m[i], add(sqrt_in_range(v[i]), k.eps_c2)))),
+              k.decay_after);
   }
 
   //! Every gradient finite (precondition): the update, fast where in range, else IEEE.
@@ -351,8 +349,8 @@ struct lane_update<adam_rule<Decoupled>> {
     } else {
       QMEM_UNROLL
       for (int i = 0; i < E; ++i)
-        p[i] = mul(add(p[i], mul(k.step_size, div(m[i], add(sqrt(v[i]), k.eps_c2)))),
-                   k.decay_after);
+        p[i] =
+            mul(add(p[i], mul(k.step_size, div(m[i], add(sqrt(v[i]), k.eps_c2)))), k.decay_after);
     }
     return true;
   }
@@ -421,8 +419,7 @@ struct full_task_data {
 //! Loads full task `task` of `entry` into `d` (streaming 16-byte loads, as fused_task does).
 template <update_rule Rule, state_policy Policy, class P, class G>
 __device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, std::uint64_t task,
-                                           unsigned lane,
-                                           full_task_data<Rule, Policy, P, G>& d) {
+                                           unsigned lane, full_task_data<Rule, Policy, P, G>& d) {
   using traits = kernel_traits<Rule, Policy>;
   constexpr int E = traits::per_lane;
   std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * E;
@@ -653,8 +650,8 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
       } else {
         QMEM_UNROLL
         for (int w = 0; w < E / 2; ++w)
-          words[w] = (std::uint32_t{bf16_nearest(p[2 * w + 1]).bits} << 16) |
-                     bf16_nearest(p[2 * w]).bits;
+          words[w] =
+              (std::uint32_t{bf16_nearest(p[2 * w + 1]).bits} << 16) | bf16_nearest(p[2 * w]).bits;
       }
       static_assert(sizeof(words) == sizeof(out));
       std::memcpy(out, words, sizeof(out));
@@ -775,9 +772,8 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
           raw[i] = s[J.value][i];
         else
           raw[i] = optim::detail::bf16_stochastic(
-              s[J.value][i],
-              optim::detail::random_bits(
-                  seed, optim::detail::random_counter(step, J.value, first + i)));
+              s[J.value][i], optim::detail::random_bits(
+                                 seed, optim::detail::random_counter(step, J.value, first + i)));
       }
       T* const st = static_cast<T*>(state);
       if (vector_path) {
@@ -821,8 +817,8 @@ inline constexpr int fused_min_blocks_16bit_states = 3;
 //! The compile-time image of the fused kernel's shared-memory tables, in device memory: each
 //! block copies it (16 bytes per thread and read, from L2 after the first block).
 template <update_rule Rule, state_policy Policy>
-__device__ typename kernel_traits<Rule, Policy>::shared_tables const shared_tables_image =
-    kernel_traits<Rule, Policy>::shared_tables::make();
+__device__ typename kernel_traits<Rule, Policy>::shared_tables const
+    shared_tables_image = kernel_traits<Rule, Policy>::shared_tables::make();
 
 //! Whether each warp loads its next full task into registers before computing the current one
 //! (1) or loads each task when it starts it (0); see fused_step_kernel. The quantized steps wait
@@ -888,7 +884,8 @@ inline constexpr bool pipelined = [] {
   bool all = true;
   [&]<int... J>(std::integer_sequence<int, J...>) {
     ((all = all && kernel_traits<Rule, Policy>::template format<J>::blockwise), ...);
-  }(std::make_integer_sequence<int, Rule::state_count>{});
+  }
+  (std::make_integer_sequence<int, Rule::state_count>{});
   return fused_pipeline && all;
 }();
 
@@ -907,11 +904,12 @@ template <update_rule Rule, state_policy Policy>
 inline constexpr int unpipelined_min_blocks = [] {
   bool all_fp32 = true;
   [&]<int... J>(std::integer_sequence<int, J...>) {
-    ((all_fp32 = all_fp32 &&
-                 std::is_same_v<typename kernel_traits<Rule, Policy>::template format<J>,
-                                fp32_format>),
+    ((all_fp32 =
+          all_fp32 &&
+          std::is_same_v<typename kernel_traits<Rule, Policy>::template format<J>, fp32_format>),
      ...);
-  }(std::make_integer_sequence<int, Rule::state_count>{});
+  }
+  (std::make_integer_sequence<int, Rule::state_count>{});
   return all_fp32 ? fused_min_blocks : fused_min_blocks_16bit_states;
 }();
 } // namespace detail
@@ -992,8 +990,8 @@ __global__ void __launch_bounds__(fused_block_threads,
           if (ahead_task < full_stop)
             detail::load_full_task(entry, ahead_task - first_task, lane, ahead);
           detail::fused_task<Rule, Policy, P, G, NonFinite, true, true>(
-              entry, task - first_task, k, grad_scale, step, args.seed,
-              args.param_stochastic != 0, tables, lane, &cur);
+              entry, task - first_task, k, grad_scale, step, args.seed, args.param_stochastic != 0,
+              tables, lane, &cur);
           task += warps;
           return task < full_stop;
         };
@@ -1010,9 +1008,9 @@ __global__ void __launch_bounds__(fused_block_threads,
             entry, task - first_task, k, grad_scale, step, args.seed, args.param_stochastic != 0,
             tables, lane);
       else
-        partial_task<Rule, Policy, P, G, NonFinite>(entry, task - first_task, k, grad_scale,
-                                                    step, args.seed, args.param_stochastic != 0,
-                                                    tables, lane);
+        partial_task<Rule, Policy, P, G, NonFinite>(entry, task - first_task, k, grad_scale, step,
+                                                    args.seed, args.param_stochastic != 0, tables,
+                                                    lane);
     }
   }
 }

@@ -75,19 +75,19 @@ inline constexpr unsigned norm_partials = optim::detail::norm_partials;
 struct cuda_step_options {
   lr_schedule lr = lr_schedule::constant(1e-3f);
   nonfinite_policy nonfinite = nonfinite_policy::skip_step;
-  float max_grad_norm = 0.0f;   //!< global-norm clipping (torch's clip_grad_norm_); 0: off
+  float max_grad_norm = 0.0f; //!< global-norm clipping (torch's clip_grad_norm_); 0: off
   //! Update-norm clipping per tensor (optimizer_options::max_unorm); 0: off. Needs groups whose
   //! rule is an unorm_clipped<Rule> adaptor (optimizer_step and device_optimizer use one).
   float max_unorm = 0.0f;
   //! Percentile clipping (optimizer_options::percentile): the gradients are scaled down to the
   //! `percentile`-th percentile of the last 100 global norms. 100: off.
   int percentile = 100;
-  float grad_unscale = 1.0f;    //!< initial inverse loss scale (device-side, changeable)
+  float grad_unscale = 1.0f; //!< initial inverse loss scale (device-side, changeable)
   param_rounding rounding = param_rounding::nearest; //!< bf16 params without master weights
-  std::uint64_t seed = 0;       //!< stochastic rounding seed
+  std::uint64_t seed = 0;                            //!< stochastic rounding seed
   //! A loss scaler's device flag: nonzero skips the step without touching any state. May be null.
   std::uint32_t const* found_inf = nullptr;
-  unsigned max_groups = 4;      //!< tensor groups (rule/policy/type combinations) per controller
+  unsigned max_groups = 4; //!< tensor groups (rule/policy/type combinations) per controller
 };
 
 namespace detail {
@@ -95,9 +95,8 @@ namespace detail {
 //! Calls f(std::integral_constant<int, J>) for J = 0..N-1 on the host.
 template <int N, class F>
 void for_each_state_host(F&& f) {
-  [&]<int... J>(std::integer_sequence<int, J...>) {
-    (f(std::integral_constant<int, J>{}), ...);
-  }(std::make_integer_sequence<int, N>{});
+  [&]<int... J>(std::integer_sequence<int, J...>) { (f(std::integral_constant<int, J>{}), ...); }
+  (std::make_integer_sequence<int, N>{});
 }
 
 template <class T>
@@ -138,8 +137,8 @@ __global__ void __launch_bounds__(256)
     std::uint64_t const size = entry->size;
     auto const* const grad = static_cast<G const*>(entry->grad);
     std::uint64_t const base = (q - first_piece[hint]) * od::norm_piece;
-    bool const whole = base + od::norm_piece <= size &&
-                       (reinterpret_cast<std::uintptr_t>(grad) & 15u) == 0;
+    bool const whole =
+        base + od::norm_piece <= size && (reinterpret_cast<std::uintptr_t>(grad) & 15u) == 0;
     G g[rows][run];
     if (whole) { // every load first, then the arithmetic: 16 loads of 16 bytes in flight
       QMEM_UNROLL
@@ -152,18 +151,18 @@ __global__ void __launch_bounds__(256)
       QMEM_UNROLL
       for (int r = 0; r < rows; ++r)
         QMEM_UNROLL
-        for (int v = 0; v < run; ++v) {
-          std::uint64_t const j =
-              base + (std::uint64_t{static_cast<unsigned>(r)} * 32 + lane) * run + v;
-          g[r][v] = j < size ? grad[j] : from_float<G>(0.0f);
-        }
+      for (int v = 0; v < run; ++v) {
+        std::uint64_t const j =
+            base + (std::uint64_t{static_cast<unsigned>(r)} * 32 + lane) * run + v;
+        g[r][v] = j < size ? grad[j] : from_float<G>(0.0f);
+      }
     }
     double acc = 0.0;
     QMEM_UNROLL
     for (int r = 0; r < rows; ++r)
       QMEM_UNROLL
-      for (int v = 0; v < run; ++v)
-        acc = acc + od::finite_square(to_float(g[r][v]), bad);
+    for (int v = 0; v < run; ++v)
+      acc = acc + od::finite_square(to_float(g[r][v]), bad);
     QMEM_UNROLL
     for (int o = od::norm_lanes / 2; o > 0; o >>= 1)
       acc = acc + __shfl_xor_sync(0xffffffffu, acc, o);
@@ -334,9 +333,9 @@ public:
     st.control.inv_loss_scale = options.grad_unscale;
     st.control.max_grad_norm = options.max_grad_norm;
     st.schedule = options.lr;
-    cuda_detail::check(cudaMemcpyAsync(state_.data(), &st, sizeof(st), cudaMemcpyHostToDevice,
-                                       e.stream),
-                       "cudaMemcpyAsync(step state)");
+    cuda_detail::check(
+        cudaMemcpyAsync(state_.data(), &st, sizeof(st), cudaMemcpyHostToDevice, e.stream),
+        "cudaMemcpyAsync(step state)");
     cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(step state)");
   }
 
@@ -364,10 +363,9 @@ public:
   void resolve(exec::cuda const& e) {
     cuda_detail::device_guard guard(device_);
     unsigned const partials = needs_norm() ? norm_partials * groups_ : 0u;
-    detail::resolve_kernel<><<<1, 256, 0, e.stream>>>(state_.data(), partial_sum_.data(),
-                                                      partial_bad_.data(), partials,
-                                                      options_.found_inf, options_.nonfinite,
-                                                      options_.percentile);
+    detail::resolve_kernel<>
+        <<<1, 256, 0, e.stream>>>(state_.data(), partial_sum_.data(), partial_bad_.data(), partials,
+                                  options_.found_inf, options_.nonfinite, options_.percentile);
     cuda_detail::check_launch(e, "resolve_kernel");
   }
 
@@ -385,17 +383,17 @@ public:
                  "history has ", history.size(), " values; expected 0 or ", norm_history_size);
     cuda_detail::device_guard guard(device_);
     step_state st{};
-    cuda_detail::check(cudaMemcpyAsync(&st, state_.data(), sizeof(st), cudaMemcpyDeviceToHost,
-                                       e.stream),
-                       "cudaMemcpyAsync(step state)");
+    cuda_detail::check(
+        cudaMemcpyAsync(&st, state_.data(), sizeof(st), cudaMemcpyDeviceToHost, e.stream),
+        "cudaMemcpyAsync(step state)");
     cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(step state)");
     st.control.step = step;
     st.control.lr = lr;
     for (int i = 0; i < norm_history_size; ++i)
       st.norm_history[i] = history.empty() ? 0.0f : history[static_cast<std::size_t>(i)];
-    cuda_detail::check(cudaMemcpyAsync(state_.data(), &st, sizeof(st), cudaMemcpyHostToDevice,
-                                       e.stream),
-                       "cudaMemcpyAsync(step state)");
+    cuda_detail::check(
+        cudaMemcpyAsync(state_.data(), &st, sizeof(st), cudaMemcpyHostToDevice, e.stream),
+        "cudaMemcpyAsync(step state)");
     cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(step state)");
   }
 
@@ -434,8 +432,7 @@ public:
   [[nodiscard]] step_control read_control_blocking(exec::cuda const& e) {
     step_control c{};
     cuda_detail::device_guard guard(device_);
-    cuda_detail::check(cudaMemcpyAsync(&c, control(), sizeof(c), cudaMemcpyDeviceToHost,
-                                       e.stream),
+    cuda_detail::check(cudaMemcpyAsync(&c, control(), sizeof(c), cudaMemcpyDeviceToHost, e.stream),
                        "cudaMemcpyAsync(control)");
     cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(control)");
     return c;
@@ -478,12 +475,11 @@ struct step_tensor {
 //! fixed set of tensors. Owns the device tables (tensor entries, per-tensor rules and scalars)
 //! allocated from `device`; the tensors' storage stays the caller's.
 template <update_rule Rule, state_policy Policy, float_element P = float, float_element G = P>
-  requires(!std::same_as<P, double> && !std::same_as<G, double>)
-class multi_tensor_step {
+requires(!std::same_as<P, double> && !std::same_as<G, double>) class multi_tensor_step {
 public:
   using tensor = step_tensor<Rule, P, G>;
   using traits = kernel_traits<Rule, Policy>;
-  static constexpr std::size_t block = traits::block;               //!< elements per absmax
+  static constexpr std::size_t block = traits::block;                 //!< elements per absmax
   static constexpr std::size_t task_elements = traits::task_elements; //!< elements per warp task
   //! Whether the group runs a reducing rule's first pass (LAMB, LARS) before its update.
   static constexpr bool reducing = reducing_rule<Rule>;
@@ -493,7 +489,7 @@ public:
 private:
   step_controller* controller_;
   std::vector<std::uint64_t> tensor_first_task_; // per caller tensor (empty ones included)
-  std::vector<std::size_t> tensor_state_bytes_;   // per caller tensor: state + absmax bytes
+  std::vector<std::size_t> tensor_state_bytes_;  // per caller tensor: state + absmax bytes
   detail::device_array<tensor_entry> entries_;
   detail::device_array<std::uint64_t> norm_first_piece_; // [entries + 1]: the norm pass's pieces
   detail::device_array<Rule> rules_;
@@ -512,8 +508,8 @@ public:
   //! size > 0 has non-null param and grad, and for each state a non-null state pointer (and an
   //! absmax pointer for blockwise formats); no master weights when P is float (the fp32-parameter
   //! kernels have no master path); e.device is the controller's device.
-  multi_tensor_step(exec::cuda const& e, std::span<tensor const> tensors,
-                    memory::resource& device, step_controller& controller)
+  multi_tensor_step(exec::cuda const& e, std::span<tensor const> tensors, memory::resource& device,
+                    step_controller& controller)
       : controller_(&controller), tensors_(tensors.begin(), tensors.end()) {
     QMEM_EXPECTS(e.device == controller.device(), "e.device is ", e.device,
                  "; the controller lives on device ", controller.device());
@@ -584,9 +580,8 @@ public:
     rules_ = {n, device, memory::category::workspace};
     scalars_ = {n, device, memory::category::workspace};
     if (n > 0) {
-      cuda_detail::check(cudaMemcpyAsync(entries_.data(), entries.data(),
-                                         n * sizeof(tensor_entry), cudaMemcpyHostToDevice,
-                                         e.stream),
+      cuda_detail::check(cudaMemcpyAsync(entries_.data(), entries.data(), n * sizeof(tensor_entry),
+                                         cudaMemcpyHostToDevice, e.stream),
                          "cudaMemcpyAsync(tensor entries)");
       cuda_detail::check(cudaMemcpyAsync(norm_first_piece_.data(), first_piece.data(),
                                          (n + 1) * sizeof(std::uint64_t), cudaMemcpyHostToDevice,
@@ -601,15 +596,15 @@ public:
       std::vector<std::uint64_t> sizes;
       for (auto const& en : entries)
         sizes.push_back(en.size);
-      reduction_ = tensor_reduction<Rule, Policy, P, G>(e, std::span<std::uint64_t const>(sizes),
-                                                       device);
+      reduction_ =
+          tensor_reduction<Rule, Policy, P, G>(e, std::span<std::uint64_t const>(sizes), device);
     }
     int per_sm = 0;
-    cuda_detail::check(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>,
-            fused_block_threads, 0),
-        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    cuda_detail::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                           &per_sm,
+                           fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>,
+                           fused_block_threads, 0),
+                       "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     grid_ = std::max(1, per_sm) * cuda_detail::sm_count(e.device);
   }
 

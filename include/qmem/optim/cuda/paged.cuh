@@ -68,8 +68,7 @@ public:
   //! State storage for `device`. `device_budget` is the device memory the fallback may use before
   //! it turns to pinned host memory (unused in unified mode). `force_fallback` takes the fallback
   //! even where unified memory would work (tests, or where migration is slow).
-  explicit paged_state_resource(int device, std::size_t device_budget,
-                                bool force_fallback = false)
+  explicit paged_state_resource(int device, std::size_t device_budget, bool force_fallback = false)
       : device_(device), device_budget_(device_budget) {
     QMEM_EXPECTS(device >= 0, "device is ", device, "; expected a device ordinal >= 0");
     unified_ = !force_fallback && query_paging_support(device).concurrent_managed_access;
@@ -149,7 +148,7 @@ struct paging_counters {
   std::uint64_t prefetched_bytes = 0; //!< host -> device
   std::uint64_t evicted_bytes = 0;    //!< device -> host
   std::uint64_t prefetch_calls = 0;
-  std::uint64_t windows = 0;          //!< update windows launched
+  std::uint64_t windows = 0; //!< update windows launched
 };
 
 //! Runs the steps of a multi_tensor_step group whose state lives in paged_state_resource storage
@@ -224,9 +223,9 @@ public:
         continue;
       std::uint64_t const tasks = t_end - t_begin;
       std::size_t const per_task = (group.state_bytes(i) + tasks - 1) / tasks;
-      QMEM_EXPECTS(per_task <= window_bytes, "device_budget ", device_budget,
-                   " leaves windows of ", window_bytes, " bytes; tensor ", i, " needs ", per_task,
-                   " bytes per task of ", B, " elements");
+      QMEM_EXPECTS(per_task <= window_bytes, "device_budget ", device_budget, " leaves windows of ",
+                   window_bytes, " bytes; tensor ", i, " needs ", per_task, " bytes per task of ",
+                   B, " elements");
       std::uint64_t t = t_begin;
       while (t < t_end) {
         std::size_t const room = window_bytes - cur.bytes;

@@ -442,7 +442,7 @@ struct format_codec<F, true> {
   //! its bucket key (ptxas sm_90: 3 instructions fewer per encode of v). Proven equal to encode
   //! for every such state at several absmax by tests/optim/cuda_fused_codec_test.cpp.
   QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t encode_block_high(float s,
-                                                              block_scale b) const noexcept {
+                                                               block_scale b) const noexcept {
     static_assert(has_block_route, "encode_block_high: no short route for this format");
     if constexpr (floor_route) {
       using table = typename codec<code>::search_type;
@@ -455,12 +455,12 @@ struct format_codec<F, true> {
       // then takes code 0, as the code type's search gives NaN (ptxas sm_90: the normalize's
       // select of absmax > 0 and the key's two clamps go)
       using table = typename codec<code>::search_type;
-      float const xa = fmaxf(block_quotient(fabsf(s), b),
-                             qmem::detail::bits_to_float(table::floor_bits));
+      float const xa =
+          fmaxf(block_quotient(fabsf(s), b), qmem::detail::bits_to_float(table::floor_bits));
       auto const mask = static_cast<std::uint32_t>(
           static_cast<std::int32_t>(qmem::detail::float_to_bits(s)) >> 31);
-      std::uint32_t const high = c.search.code_high_bits_signed(qmem::detail::float_to_bits(xa),
-                                                                mask);
+      std::uint32_t const high =
+          c.search.code_high_bits_signed(qmem::detail::float_to_bits(xa), mask);
       return s != s ? 0u : high;
     } else if constexpr (F::sign_fix) {
       // encode_finite_high's sign-fixed search on the fp32 quotient
@@ -468,8 +468,8 @@ struct format_codec<F, true> {
       auto const mask = static_cast<std::uint32_t>(
           static_cast<std::int32_t>(qmem::detail::float_to_bits(s)) >> 31);
       std::uint32_t const high = c.search.code_high_bits(qmem::detail::float_to_bits(xa), mask);
-      constexpr std::uint32_t cap_off = ~((static_cast<std::uint32_t>(negative_codes - 1) << 24) |
-                                          0xffffffu);
+      constexpr std::uint32_t cap_off =
+          ~((static_cast<std::uint32_t>(negative_codes - 1) << 24) | 0xffffffu);
       std::uint32_t const cap = ~(mask & cap_off);
       return high < cap ? high : cap;
     } else {
@@ -482,7 +482,7 @@ struct format_codec<F, true> {
   //! shift: the fused step gathers four codes into a word with three byte permutes (PRMT) instead
   //! of a shift, a mask and a merge per code. Precondition: finite_route.
   QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t encode_finite_high(float s,
-                                                               block_scale b) const noexcept {
+                                                                block_scale b) const noexcept {
     static_assert(finite_route, "encode_finite_high needs the packed 8-bit route");
     {
       if constexpr (F::sign_fix) {
@@ -492,8 +492,8 @@ struct format_codec<F, true> {
             static_cast<std::int32_t>(qmem::detail::float_to_bits(s)) >> 31);
         std::uint32_t const high = c.search.code_high_bits(qmem::detail::float_to_bits(xa), mask);
         // the cap of negative states: (negative_codes - 1) in the code byte, any low bits
-        constexpr std::uint32_t cap_off = ~((static_cast<std::uint32_t>(negative_codes - 1) << 24) |
-                                            0xffffffu);
+        constexpr std::uint32_t cap_off =
+            ~((static_cast<std::uint32_t>(negative_codes - 1) << 24) | 0xffffffu);
         std::uint32_t const cap = ~(mask & cap_off);
         return high < cap ? high : cap;
       } else {
@@ -548,7 +548,8 @@ struct kernel_traits {
             }
           }(),
           ...);
-    }(std::make_integer_sequence<int, state_count>{});
+    }
+    (std::make_integer_sequence<int, state_count>{});
     return !same ? 0 : (b == 0 ? 256 : b);
   }();
   static_assert(block != 0, "the fused CUDA step needs every blockwise state of a rule to use the "
@@ -560,8 +561,8 @@ struct kernel_traits {
   //! Elements per lane: block/32, at least fused_min_per_lane (and at most half a block, at
   //! least 2, so that 4-bit codes fill whole bytes).
   static constexpr int per_lane = static_cast<int>(
-      block / 32 >= fused_min_per_lane ? block / 32 : std::min<std::size_t>(fused_min_per_lane,
-                                                                            block / 2));
+      block / 32 >= fused_min_per_lane ? block / 32
+                                       : std::min<std::size_t>(fused_min_per_lane, block / 2));
   //! Lanes that share one absmax block (the block max is reduced over them).
   static constexpr int lanes_per_block = static_cast<int>(block) / per_lane;
   //! Elements per warp task.

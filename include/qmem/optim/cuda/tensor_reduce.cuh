@@ -51,8 +51,8 @@ namespace qmem::optim::cuda {
 template <update_rule Rule>
 struct unorm_clipped {
   static constexpr int state_count = Rule::state_count;
-  static constexpr std::array<state_sign, static_cast<std::size_t>(Rule::state_count)>
-      state_signs = Rule::state_signs;
+  static constexpr std::array<state_sign, static_cast<std::size_t>(Rule::state_count)> state_signs =
+      Rule::state_signs;
   using inner_rule = Rule;
 
   Rule rule{}; //!< the wrapped rule with its hyper-parameters
@@ -73,16 +73,13 @@ struct unorm_clipped {
     if (k.update_scale != 1.0f)
       p = fmath::add(p0, fmath::mul(k.update_scale, fmath::sub(p, p0)));
   }
-  QMEM_HOST_DEVICE QMEM_INLINE static norm_terms reduce(float p, float g,
-                                                        state_values<state_count> s,
-                                                        scalars const& k) noexcept
-    requires reducing_rule<Rule>
-  {
+  QMEM_HOST_DEVICE QMEM_INLINE static norm_terms
+  reduce(float p, float g, state_values<state_count> s,
+         scalars const& k) noexcept requires reducing_rule<Rule> {
     return Rule::reduce(p, g, s, k.inner);
   }
-  QMEM_HOST_DEVICE static scalars finish(scalars k, norm_terms t) noexcept
-    requires reducing_rule<Rule>
-  {
+  QMEM_HOST_DEVICE static scalars finish(scalars k,
+                                         norm_terms t) noexcept requires reducing_rule<Rule> {
     return {Rule::finish(k.inner, t), k.update_scale};
   }
 };
@@ -142,8 +139,8 @@ struct update_norm_terms {
 //! A reducing rule's finish.
 struct rule_finish {
   template <class Rule>
-  QMEM_HOST_DEVICE QMEM_INLINE static typename Rule::scalars
-  apply(typename Rule::scalars k, norm_terms t, float) noexcept {
+  QMEM_HOST_DEVICE QMEM_INLINE static typename Rule::scalars apply(typename Rule::scalars k,
+                                                                   norm_terms t, float) noexcept {
     return Rule::finish(k, t);
   }
 };
@@ -160,9 +157,8 @@ struct update_norm_finish {
 //! Calls f(std::integral_constant<int, J>) for J = 0..N-1 (compile-time state index).
 template <int N, class F>
 QMEM_HOST_DEVICE QMEM_INLINE void each_state(F&& f) {
-  [&]<int... J>(std::integer_sequence<int, J...>) {
-    (f(std::integral_constant<int, J>{}), ...);
-  }(std::make_integer_sequence<int, N>{});
+  [&]<int... J>(std::integer_sequence<int, J...>) { (f(std::integral_constant<int, J>{}), ...); }
+  (std::make_integer_sequence<int, N>{});
 }
 
 //! Whether state J of Rule may be negative, as a constant usable in device code.
@@ -199,7 +195,7 @@ struct terms_args {
   optim::detail::term_sums* partial;     //!< [piece_count]: written
   std::uint64_t piece_count;
   std::uint32_t tensor_count;
-  std::uint32_t skip_bad;                //!< nonzero: a non-finite gradient's element adds nothing
+  std::uint32_t skip_bad; //!< nonzero: a non-finite gradient's element adds nothing
   decode_books<Rule, Policy> books;
 };
 
@@ -280,9 +276,8 @@ __global__ void __launch_bounds__(256)
 template <update_rule Rule, class Finish>
 __global__ void __launch_bounds__(optim::detail::sum_slots)
     tensor_finish_kernel(std::uint64_t const* first_piece, std::uint32_t tensor_count,
-                         optim::detail::term_sums const* partial,
-                         typename Rule::scalars* scalars, step_control const* control,
-                         float max_unorm) {
+                         optim::detail::term_sums const* partial, typename Rule::scalars* scalars,
+                         step_control const* control, float max_unorm) {
   constexpr int slots = optim::detail::sum_slots;
   __shared__ double sum_a[slots];
   __shared__ double sum_b[slots];
@@ -347,8 +342,8 @@ public:
     partial_ = memory::buffer<optim::detail::term_sums>(piece_count_ == 0 ? 1 : piece_count_,
                                                         device, memory::category::workspace);
     cuda_detail::check(cudaMemcpyAsync(first_piece_.data(), first.data(),
-                                       first.size() * sizeof(std::uint64_t),
-                                       cudaMemcpyHostToDevice, e.stream),
+                                       first.size() * sizeof(std::uint64_t), cudaMemcpyHostToDevice,
+                                       e.stream),
                        "cudaMemcpyAsync(piece table)");
     cuda_detail::check(cudaStreamSynchronize(e.stream), "cudaStreamSynchronize(piece table)");
     int per_sm = 0;
@@ -356,9 +351,10 @@ public:
     cuda_detail::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, 0),
                        "cudaOccupancyMaxActiveBlocksPerMultiprocessor(terms)");
     std::uint64_t const blocks_needed = (piece_count_ + 7) / 8;
-    terms_grid_ = static_cast<int>(std::clamp<std::uint64_t>(
-        blocks_needed, 1, static_cast<std::uint64_t>(std::max(1, per_sm)) *
-                              static_cast<std::uint64_t>(cuda_detail::sm_count(e.device))));
+    terms_grid_ = static_cast<int>(
+        std::clamp<std::uint64_t>(blocks_needed, 1,
+                                  static_cast<std::uint64_t>(std::max(1, per_sm)) *
+                                      static_cast<std::uint64_t>(cuda_detail::sm_count(e.device))));
     finish_grid_ = static_cast<int>(std::clamp<std::uint32_t>(tensor_count_, 1, 65535));
   }
 
@@ -370,17 +366,11 @@ public:
     if (tensor_count_ == 0)
       return;
     cuda_detail::device_guard guard(e.device);
-    detail::terms_args<Rule, Policy> const args{tensors,
-                                                first_piece_.data(),
-                                                scalars,
-                                                control,
-                                                partial_.data(),
-                                                piece_count_,
-                                                tensor_count_,
-                                                skip_bad ? 1u : 0u,
-                                                detail::decode_books<Rule, Policy>::make()};
-    detail::tensor_terms_kernel<Rule, Policy, P, G, Terms>
-        <<<terms_grid_, 256, 0, e.stream>>>(args);
+    detail::terms_args<Rule, Policy> const args{
+        tensors,       first_piece_.data(), scalars,
+        control,       partial_.data(),     piece_count_,
+        tensor_count_, skip_bad ? 1u : 0u,  detail::decode_books<Rule, Policy>::make()};
+    detail::tensor_terms_kernel<Rule, Policy, P, G, Terms><<<terms_grid_, 256, 0, e.stream>>>(args);
     cuda_detail::check_launch(e, "tensor_terms_kernel");
     detail::tensor_finish_kernel<Rule, Finish>
         <<<finish_grid_, optim::detail::sum_slots, 0, e.stream>>>(

@@ -603,9 +603,9 @@ block_codes_vbmi(std::uint32_t const* block_entries, float const* QMEM_RESTRICT 
       c[q] = block_encode16(block_entries, v + i + 16 * static_cast<std::size_t>(q), a);
     // 8-bit: codes 0..31 in the lower half, 32..63 in the upper; 4-bit: bytes [0, 16) even and
     // [32, 48) odd codes of elements 0..31, [16, 32) and [48, 64) those of elements 32..63
-    __m512i const g =
-        _mm512_mask_blend_epi64(Bits == 8 ? 0xf0 : 0xcc, _mm512_permutex2var_epi8(c[0], index, c[1]),
-                                _mm512_permutex2var_epi8(c[2], index, c[3]));
+    __m512i const g = _mm512_mask_blend_epi64(Bits == 8 ? 0xf0 : 0xcc,
+                                              _mm512_permutex2var_epi8(c[0], index, c[1]),
+                                              _mm512_permutex2var_epi8(c[2], index, c[3]));
     if constexpr (Bits == 8)
       _mm512_storeu_si512(codes + i, g);
     else

@@ -29,9 +29,9 @@
 
 namespace qmem::optim::detail {
 
-inline constexpr std::size_t sum_piece = 2048;   //!< elements per piece (one GPU warp)
-inline constexpr int sum_lanes = 32;             //!< lane sums per piece
-inline constexpr int sum_slots = 256;            //!< slots of the per-tensor fold
+inline constexpr std::size_t sum_piece = 2048; //!< elements per piece (one GPU warp)
+inline constexpr int sum_lanes = 32;           //!< lane sums per piece
+inline constexpr int sum_slots = 256;          //!< slots of the per-tensor fold
 static_assert(sum_piece % sum_lanes == 0);
 
 //! The lane of offset `j` within its piece.

@@ -44,13 +44,13 @@
 
 #include <qmem/core/cuda/runtime.cuh>
 #include <qmem/core/exec.hpp>
+#include <qmem/core/fmath.hpp>
 #include <qmem/core/numeric.hpp>
 #include <qmem/core/tensor.hpp>
 #include <qmem/memory/cuda_resource.cuh>
 #include <qmem/quant/codes.hpp>
 #include <qmem/quant/cuda/detail/encoder.cuh>
 #include <qmem/quant/detail/blockwise_ops.hpp>
-#include <qmem/core/fmath.hpp>
 #include <qmem/quant/stochastic.hpp>
 
 #include <cuda_runtime.h>
@@ -90,10 +90,9 @@ inline constexpr int vector_items = 16 / static_cast<int>(sizeof(T));
 //! Elements per thread of the fast quantize kernel for input T: 32 bytes (two 16-byte loads),
 //! and at least 8 so that a 4096-element block needs at most 512 threads.
 template <class T>
-inline constexpr int quantize_items =
-    quantize_bytes_per_thread / static_cast<int>(sizeof(T)) > 8
-        ? quantize_bytes_per_thread / static_cast<int>(sizeof(T))
-        : 8;
+inline constexpr int quantize_items = quantize_bytes_per_thread / static_cast<int>(sizeof(T)) > 8
+                                          ? quantize_bytes_per_thread / static_cast<int>(sizeof(T))
+                                          : 8;
 
 //! Elements per thread of the fast quantize kernel for blocks of more than 32 * quantize_items<T>
 //! elements: 64 bytes, so that blocks up to 1024 (fp32) / 2048 (bf16) elements still reduce
@@ -130,9 +129,10 @@ inline constexpr int quantize_cta_limit =
 //! instruction count, not occupancy, set the pace. Since then nearest rounding goes through
 //! quantize_whole (its own constants below) and this kernel serves stochastic rounding.
 template <class T, int Items, bool Stochastic>
-inline constexpr int quantize_min_ctas =
-    Stochastic ? 1
-               : (Items == quantize_items<T> ? (sizeof(T) == 2 ? 8 : 6) : (sizeof(T) == 2 ? 2 : 3));
+inline constexpr int quantize_min_ctas = Stochastic ? 1
+                                                    : (Items == quantize_items<T>
+                                                           ? (sizeof(T) == 2 ? 8 : 6)
+                                                           : (sizeof(T) == 2 ? 2 : 3));
 
 //! 16-byte output vectors one thread of the fast dequantize kernel handles per loop step, loaded
 //! and decoded together for memory-level parallelism (consecutive lanes own consecutive vectors,
@@ -287,9 +287,7 @@ struct no_transform {
 //! computed by an earlier kernel on the same stream).
 struct subtract_offset {
   float const* offset;
-  __device__ QMEM_INLINE float operator()(float v) const noexcept {
-    return fmath::sub(v, *offset);
-  }
+  __device__ QMEM_INLINE float operator()(float v) const noexcept { return fmath::sub(v, *offset); }
 };
 
 template <class Transform>
@@ -314,8 +312,7 @@ struct transform_state<subtract_offset> {
 //! a template argument so that the nearest-rounding kernels carry no generator code (registers).
 template <class C, bool Stochastic, class Encoder>
 __device__ QMEM_INLINE uint8_t encode_one(float x, float inv, Encoder const& enc,
-                                          book_t<C> const& book, std::uint64_t seed,
-                                          size_t index) {
+                                          book_t<C> const& book, std::uint64_t seed, size_t index) {
   float const xn = fmath::mul(x, inv);
   if constexpr (Stochastic)
     return encode_stochastic<C>(xn, uniform01(seed, index), book);
@@ -454,18 +451,17 @@ __global__ void __launch_bounds__(quantize_cta_limit<T, Items>,
       } else {
         QMEM_UNROLL
         for (int k = 0; k < vec / 2; ++k) {
-          uint8_t const hi = encode_one<C, Stochastic>(tf(to_float(raw[j][2 * k])), inv, enc,
-                                                       sbook, seed, begin + 2 * k);
-          uint8_t const lo =
-              off + 2 * k + 1 < count
-                  ? encode_one<C, Stochastic>(tf(to_float(raw[j][2 * k + 1])), inv, enc, sbook,
-                                              seed, begin + 2 * k + 1)
-                  : static_cast<uint8_t>(C::zero_code);
+          uint8_t const hi = encode_one<C, Stochastic>(tf(to_float(raw[j][2 * k])), inv, enc, sbook,
+                                                       seed, begin + 2 * k);
+          uint8_t const lo = off + 2 * k + 1 < count
+                                 ? encode_one<C, Stochastic>(tf(to_float(raw[j][2 * k + 1])), inv,
+                                                             enc, sbook, seed, begin + 2 * k + 1)
+                                 : static_cast<uint8_t>(C::zero_code);
           c[k] = quant::detail::pack_nibbles(hi, lo);
         }
       }
-      uint8_t* const cp = codes + (C::bits == 8 ? block_begin : block_begin / 2) +
-                          (C::bits == 8 ? off : off / 2);
+      uint8_t* const cp =
+          codes + (C::bits == 8 ? block_begin : block_begin / 2) + (C::bits == 8 ? off : off / 2);
       if (off + vec <= count) {
         store_bytes<code_bytes_per_vector>(cp, c);
       } else {
@@ -487,8 +483,7 @@ __device__ QMEM_INLINE float vector_element(uint4 const& v, int k) noexcept {
   if constexpr (std::is_same_v<T, float>) {
     return qmem::detail::bits_to_float(word[k]);
   } else if constexpr (std::is_same_v<T, bf16>) {
-    return qmem::detail::bits_to_float(k % 2 == 0 ? word[k / 2] << 16
-                                                  : word[k / 2] & 0xffff0000u);
+    return qmem::detail::bits_to_float(k % 2 == 0 ? word[k / 2] << 16 : word[k / 2] & 0xffff0000u);
   } else if constexpr (sizeof(T) == 2) {
     uint32_t const w = word[k / 2];
     return to_float(T::from_bits(static_cast<std::uint16_t>(k % 2 == 0 ? w & 0xffffu : w >> 16)));
@@ -745,9 +740,7 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
     wait_for_prerequisites();
   auto& warp_max = sh.warp_max;
   book_t<C> const* const shared_book = &sh.book;
-  auto const general = [shared_book](float xn) -> uint32_t {
-    return C::encode(xn, *shared_book);
-  };
+  auto const general = [shared_book](float xn) -> uint32_t { return C::encode(xn, *shared_book); };
   auto const tf = transform_state<Transform>::load(transform);
 
   int const group = static_cast<int>(threadIdx.x) / group_size;
@@ -755,7 +748,7 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
   size_t const stride = static_cast<size_t>(gridDim.x) * static_cast<size_t>(blocks_per_cta);
   size_t const first = static_cast<size_t>(blockIdx.x) * static_cast<size_t>(blocks_per_cta) +
                        static_cast<size_t>(group);
-  auto load = [&](uint4 (&v)[vectors], size_t b) {
+  auto load = [&](uint4(&v)[vectors], size_t b) {
     uint4 const* const xb = reinterpret_cast<uint4 const*>(x + (b << block_shift)) + lane;
     QMEM_UNROLL
     for (int j = 0; j < vectors; ++j)
@@ -806,8 +799,7 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
         }
         uint4 const words = gather_block_words(w, group_size, lane);
         if (active)
-          *reinterpret_cast<uint4*>(codes + (C::bits == 8 ? begin : begin / 2) + 16 * lane) =
-              words;
+          *reinterpret_cast<uint4*>(codes + (C::bits == 8 ? begin : begin / 2) + 16 * lane) = words;
         continue;
       }
     }
@@ -815,8 +807,7 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
       continue;
     if (lane == 0)
       absmax[blk] = amax;
-    uint8_t* const cb =
-        codes + (C::bits == 8 ? begin : begin / 2) + lane * code_bytes_per_vector;
+    uint8_t* const cb = codes + (C::bits == 8 ? begin : begin / 2) + lane * code_bytes_per_vector;
     if (normal) {
       float const inv = rcp_normal(amax);
       QMEM_UNROLL
@@ -840,8 +831,7 @@ __global__ void __launch_bounds__(cta_threads)
     quantize_scalar(T const* QMEM_RESTRICT x, size_t n, size_t block_size,
                     uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, size_t blocks,
                     std::uint64_t seed, book_t<C> book,
-                    typename device_encoder<C>::params const enc_params,
-                    Transform transform) {
+                    typename device_encoder<C>::params const enc_params, Transform transform) {
   __shared__ quantize_shared<C, device_encoder<C>> sh;
   auto const enc = sh.prepare(book, enc_params);
   book_t<C> const& sbook = sh.book;
@@ -849,8 +839,8 @@ __global__ void __launch_bounds__(cta_threads)
 
   int const lane = static_cast<int>(threadIdx.x) % 32;
   size_t const warps = static_cast<size_t>(gridDim.x) * (blockDim.x / 32);
-  for (size_t blk = (static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-       blk < blocks; blk += warps) {
+  for (size_t blk = (static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; blk < blocks;
+       blk += warps) {
     size_t const begin = blk * block_size;
     size_t const count = n - begin < block_size ? n - begin : block_size;
     uint32_t m = 0;
@@ -876,10 +866,10 @@ __global__ void __launch_bounds__(cta_threads)
       for (size_t p = static_cast<size_t>(lane); p < pairs; p += 32) {
         size_t const i = begin + 2 * p;
         uint8_t const hi = encode_one<C, Stochastic>(tf(to_float(x[i])), inv, enc, sbook, seed, i);
-        uint8_t const lo = 2 * p + 1 < count
-                               ? encode_one<C, Stochastic>(tf(to_float(x[i + 1])), inv, enc,
-                                                           sbook, seed, i + 1)
-                               : static_cast<uint8_t>(C::zero_code);
+        uint8_t const lo =
+            2 * p + 1 < count
+                ? encode_one<C, Stochastic>(tf(to_float(x[i + 1])), inv, enc, sbook, seed, i + 1)
+                : static_cast<uint8_t>(C::zero_code);
         codes[begin / 2 + p] = quant::detail::pack_nibbles(hi, lo);
       }
     }
@@ -1045,8 +1035,8 @@ __device__ QMEM_INLINE uint32_t pack_two(float lo, float hi) noexcept {
 //! rounding of from_float (ptxas 13.0, sm_90, 2026-11-29).
 template <class C, class T, class Scales, int PerStep = dequantize_vectors_per_step>
 __global__ void __launch_bounds__(cta_threads)
-    dequantize_aligned(uint8_t const* QMEM_RESTRICT codes, Scales scales, size_t n,
-                       int block_shift, T* QMEM_RESTRICT y,
+    dequantize_aligned(uint8_t const* QMEM_RESTRICT codes, Scales scales, size_t n, int block_shift,
+                       T* QMEM_RESTRICT y,
                        typename decode_table<C>::entry const* QMEM_RESTRICT values) {
   constexpr int vec = vector_items<T>;
   constexpr int code_bytes_per_vector = C::bits == 8 ? vec : vec / 2;
@@ -1147,8 +1137,8 @@ __global__ void __launch_bounds__(cta_threads)
 //! waited on ~32 dependent memory latencies per thread, and the whole NF4 double-quantization pass
 //! (tree + nested quantize) cost +37% of the NF4 quantize (H200, 2026-11-29, 0.232 -> 0.317 ms).
 template <class In, int Nodes>
-inline constexpr int tree_loads_per_thread =
-    Nodes * static_cast<int>(offset_tree_arity_v) / cta_threads;
+inline constexpr int
+    tree_loads_per_thread = Nodes* static_cast<int>(offset_tree_arity_v) / cta_threads;
 
 //! One level of the offset's summation tree: node c = left-to-right double sum of
 //! in[256c .. 256c + 255]. The CTA (cta_threads threads) stages `Nodes` nodes' children in shared
@@ -1312,12 +1302,13 @@ inline constexpr size_t mean_max_leaves = offset_tree_arity_v * offset_tree_arit
 //! for each node of the level above, the CTA that finishes its group last sums it (one warp, the
 //! same way), and the one that sums the last of those sums the root and writes
 //! offset = float(root / count). `leaves` has room for both levels, `tickets` (the groups' and
-//! the root's counters) is zero on entry. The host's tree (quant/double_quant.hpp detail::tree_mean), bit
-//! for bit. Before (2026-11-29): one kernel per level, three launches for 2^22 scales (ncu, H200:
-//! 9.0 + 5.3 + 3.0 us), each upper level one thread's 256 ordered additions per node. This kernel
-//! (ncu, H200, 19:19 UTC, 2^22 scales): 14.9 us (the first version, one CTA summing all 64 upper
-//! nodes: 21.8); it is latency-bound (0.78 waves of CTAs, 16 cycles per issued instruction, DRAM
-//! 24%): each warp's four exact sums are chains of dependent shuffles and double additions.
+//! the root's counters) is zero on entry. The host's tree (quant/double_quant.hpp
+//! detail::tree_mean), bit for bit. Before (2026-11-29): one kernel per level, three launches for
+//! 2^22 scales (ncu, H200: 9.0 + 5.3 + 3.0 us), each upper level one thread's 256 ordered additions
+//! per node. This kernel (ncu, H200, 19:19 UTC, 2^22 scales): 14.9 us (the first version, one CTA
+//! summing all 64 upper nodes: 21.8); it is latency-bound (0.78 waves of CTAs, 16 cycles per issued
+//! instruction, DRAM 24%): each warp's four exact sums are chains of dependent shuffles and double
+//! additions.
 template <int = 0>
 __global__ void __launch_bounds__(cta_threads)
     offset_mean(float const* QMEM_RESTRICT in, size_t len, double* QMEM_RESTRICT leaves,
@@ -1499,7 +1490,7 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
   size_t const blocks = n / block_size + (n % block_size != 0 ? 1 : 0);
   bool const pow2 = (block_size & (block_size - 1)) == 0;
   auto launch = [&]<int Items, bool Stochastic>(std::integral_constant<int, Items>,
-                                                 std::bool_constant<Stochastic>) {
+                                                std::bool_constant<Stochastic>) {
     int const group = static_cast<int>(block_size / Items);
     int const threads = group > cta_threads ? group : cta_threads;
     size_t const per_step = static_cast<size_t>(threads / group);
@@ -1512,11 +1503,10 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
   };
   auto launch_scalar = [&]<bool Stochastic>(std::bool_constant<Stochastic>) {
     auto kernel = quantize_scalar<C, T, Transform, Stochastic>;
-    unsigned const grid =
-        grid_for(kernel, cta_threads, blocks / (cta_threads / 32) + 1, e.device);
-    kernel<<<grid, cta_threads, 0, e.stream>>>(
-        x, n, block_size, codes, absmax, blocks, r.seed, C::book,
-        device_encoder<C>::host_params(e.device), tf);
+    unsigned const grid = grid_for(kernel, cta_threads, blocks / (cta_threads / 32) + 1, e.device);
+    kernel<<<grid, cta_threads, 0, e.stream>>>(x, n, block_size, codes, absmax, blocks, r.seed,
+                                               C::book, device_encoder<C>::host_params(e.device),
+                                               tf);
     qmem::cuda_detail::check_launch(e, "qmem::quant quantize_scalar");
   };
   // Nearest rounding: whole blocks by quantize_whole, a partial last block by quantize_scalar.
@@ -1547,8 +1537,8 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
         config.attrs = attr;
         config.numAttrs = 1;
         qmem::cuda_detail::check(cudaLaunchKernelEx(&config, kernel, x, whole,
-                                                    log2_exact(block_size), codes, absmax,
-                                                    C::book, params, tf),
+                                                    log2_exact(block_size), codes, absmax, C::book,
+                                                    params, tf),
                                  "cudaLaunchKernelEx(quantize_whole)");
       } else {
         kernel<<<grid, threads, 0, e.stream>>>(x, whole, log2_exact(block_size), codes, absmax,
@@ -1560,8 +1550,7 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
       size_t const begin = whole * block_size;
       quantize_scalar<C, T, Transform, false><<<1, 32, 0, e.stream>>>(
           x + begin, n - begin, block_size, codes + (C::bits == 8 ? begin : begin / 2),
-          absmax + whole, 1, r.seed, C::book, device_encoder<C>::host_params(e.device),
-          tf);
+          absmax + whole, 1, r.seed, C::book, device_encoder<C>::host_params(e.device), tf);
       qmem::cuda_detail::check_launch(e, "qmem::quant quantize_scalar");
     }
   };
@@ -1596,7 +1585,6 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
   else
     launch_scalar(std::false_type{});
 }
-
 
 template <class C, class T, class Scales>
 void dequantize_any(exec::cuda const& e, uint8_t const* codes, Scales scales, size_t n,
@@ -1637,8 +1625,8 @@ inline void tree_mean(exec::cuda const& e, float const* absmax, size_t m, float*
     memory::device_workspace<double> ws(memory::default_device_resource(e.device),
                                         level0 + level1 + (level1 + 2) / 2, e.stream);
     auto* const tickets = reinterpret_cast<unsigned*>(ws.data() + level0 + level1);
-    qmem::cuda_detail::check(
-        cudaMemsetAsync(tickets, 0, (level1 + 1) * sizeof(unsigned), e.stream), "cudaMemsetAsync");
+    qmem::cuda_detail::check(cudaMemsetAsync(tickets, 0, (level1 + 1) * sizeof(unsigned), e.stream),
+                             "cudaMemsetAsync");
     auto const grid = static_cast<unsigned>((level0 + nodes_per_cta - 1) / nodes_per_cta);
     offset_mean<><<<grid, cta_threads, 0, e.stream>>>(absmax, m, ws.data(), tickets, offset);
     qmem::cuda_detail::check_launch(e, "qmem::quant offset_mean");
@@ -1725,13 +1713,11 @@ inline void dequantize_scales(exec::cuda const& e, tensor_view<std::uint8_t cons
     return;
   qmem::cuda_detail::device_guard guard(e.device);
   auto kernel = kernels::dequantize_scales_kernel<>;
-  unsigned const grid =
-      kernels::grid_for(kernel, kernels::cta_threads, absmax.size() / kernels::cta_threads + 1,
-                        e.device);
+  unsigned const grid = kernels::grid_for(kernel, kernels::cta_threads,
+                                          absmax.size() / kernels::cta_threads + 1, e.device);
   kernel<<<grid, kernels::cta_threads, 0, e.stream>>>(
       kernels::nested_scales{qabsmax.data(), absmax2.data(), offset.data(),
-                              kernels::log2_exact(nested_block),
-                              kernels::nested_values(e.device)},
+                             kernels::log2_exact(nested_block), kernels::nested_values(e.device)},
       absmax.size(), absmax.data());
   qmem::cuda_detail::check_launch(e, "qmem::quant dequantize_scales");
 }
@@ -1747,12 +1733,11 @@ void dequantize_blockwise_nested(exec::cuda const& e, tensor_view<std::uint8_t c
   if (y.empty())
     return;
   qmem::cuda_detail::device_guard guard(e.device);
-  kernels::dequantize_any<C>(
-      e, codes.data(),
-      kernels::nested_scales{qabsmax.data(), absmax2.data(), offset.data(),
-                              kernels::log2_exact(nested_block),
-                              kernels::nested_values(e.device)},
-      y.size(), block_size, y.data());
+  kernels::dequantize_any<C>(e, codes.data(),
+                             kernels::nested_scales{qabsmax.data(), absmax2.data(), offset.data(),
+                                                    kernels::log2_exact(nested_block),
+                                                    kernels::nested_values(e.device)},
+                             y.size(), block_size, y.data());
 }
 
 } // namespace qmem::quant::cuda_impl

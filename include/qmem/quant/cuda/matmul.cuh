@@ -1136,7 +1136,8 @@ constexpr unsigned gemv_smem_bytes() {
 //! back to the SM; a prefetch never faults).
 __device__ QMEM_INLINE void prefetch_l2_range(void const* p, std::size_t bytes) {
   auto const* c = static_cast<unsigned char const*>(p);
-  for (std::size_t o = std::size_t{threadIdx.x} * 128; o < bytes; o += std::size_t{blockDim.x} * 128)
+  for (std::size_t o = std::size_t{threadIdx.x} * 128; o < bytes;
+       o += std::size_t{blockDim.x} * 128)
     asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
 }
 
@@ -1200,18 +1201,19 @@ struct gemv1_stream_shape {
 //! against 1.94 for the ring; 104 / 124 registers, no spills). To be timed against 20 in the next
 //! H200 run. Also not yet timed: 28 {16, 4, pdl}, the dispatched shape launched with
 //! programmatic dependent launch (the table built while the previous call drains).
-inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {{16, 8},
-                                                                       {16, 4},
-                                                                       {16, 12},
-                                                                       {32, 4},
-                                                                       {16, 5, true},
-                                                                       {16, 3, true},
-                                                                       {32, 2, true},
-                                                                       {16, 4, false, true},
-                                                                       {16, 6, false, true},
-                                                                       {16, 4, false, false, true},
-                                                                       {16, 4, false, false, true, 32},
-                                                                       {16, 4, false, false, true, 128}};
+inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
+    {16, 8},
+    {16, 4},
+    {16, 12},
+    {32, 4},
+    {16, 5, true},
+    {16, 3, true},
+    {32, 2, true},
+    {16, 4, false, true},
+    {16, 6, false, true},
+    {16, 4, false, false, true},
+    {16, 4, false, false, true, 32},
+    {16, 4, false, false, true, 128}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
 //! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
@@ -1734,10 +1736,10 @@ struct gemvm_stream_plan {
 //! rows (one 8-row half, MT = 1) and of 9-16 rows (MT = 2, whose activations take twice the
 //! registers).
 struct gemvm_stream_shape {
-  int warps;    //!< at most this many warps per block (one block per SM), batch <= 8
-  int tiles;    //!< R: 16-row tiles a warp computes per step (they share its activations)
-  int warps16;  //!< the same for batches of 9-16
-  int tiles16;  //!< the same for batches of 9-16
+  int warps;       //!< at most this many warps per block (one block per SM), batch <= 8
+  int tiles;       //!< R: 16-row tiles a warp computes per step (they share its activations)
+  int warps16;     //!< the same for batches of 9-16
+  int tiles16;     //!< the same for batches of 9-16
   bool pdl = true; //!< programmatic dependent launch (as gemv1_stream_shape::pdl)
   //! With `pdl`: before waiting for the previous kernel, each warp asks L2 for this many 128-byte
   //! lines (4 chunks each) of every row of the block's first round at its first chunk, and the
@@ -1760,13 +1762,15 @@ struct gemvm_stream_shape {
 //! us on 4096 x 4096 / 14336 x 4096 / 4096 x 14336 / 8192 x 8192 / 28672 x 8192.
 //! Run of 2026-11-29 19:27 UTC (same-run copy 4234 GB/s; batch 1 dispatched 5.32 / 10.91 /
 //! 10.82 / 12.53 / 39.95), {warps, R} at batch 4 | at batch 16 ("gs": group_scales):
-//!   {16, 2}     6.32 / 18.27 / 15.44 / 18.76 / 65.65 | {8, 4}      9.73 / 22.74 / 24.85 / 22.86 / 87.43
-//!   {16, 4}     7.08 / 17.34 / 18.93 / 19.08 / 71.70 | {16, 2}     7.43 / 23.57 / 19.74 / 23.71 / 91.52
-//!   {16, 2} gs  5.93 / 17.99 / 14.49 / 18.08 / 64.58 | {16, 3}     8.33 / 23.44 / 20.95 / 26.83 / 90.87
-//!   {16, 4} gs  6.88 / 15.59 / 18.07 / 17.05 / 66.35 | {12, 4}     9.18 / 21.84 / 22.44 / 23.48 / 92.41
-//!                                                    | {8, 4} gs  10.21 / 23.16 / 25.37 / 23.87 / 89.39
-//!                                                    | {16, 2} gs  7.12 / 22.70 / 17.79 / 22.55 / 87.69
-//!                                                    | {12, 4} gs  9.26 / 21.11 / 22.07 / 21.72 / 85.95
+//!   {16, 2}     6.32 / 18.27 / 15.44 / 18.76 / 65.65 | {8, 4}      9.73 / 22.74 / 24.85 / 22.86
+//!   / 87.43 {16, 4}     7.08 / 17.34 / 18.93 / 19.08 / 71.70 | {16, 2}     7.43 / 23.57 / 19.74
+//!   / 23.71 / 91.52 {16, 2} gs  5.93 / 17.99 / 14.49 / 18.08 / 64.58 | {16, 3}     8.33 / 23.44
+//!   / 20.95 / 26.83 / 90.87 {16, 4} gs  6.88 / 15.59 / 18.07 / 17.05 / 66.35 | {12, 4}     9.18
+//!   / 21.84 / 22.44 / 23.48 / 92.41
+//!                                                    | {8, 4} gs  10.21 / 23.16 / 25.37 / 23.87
+//!                                                    / 89.39 | {16, 2} gs  7.12 / 22.70 / 17.79
+//!                                                    / 22.55 / 87.69 | {12, 4} gs  9.26 / 21.11
+//!                                                    / 22.07 / 21.72 / 85.95
 //! Run of 19:10 UTC (copy 4209 GB/s), before tiles past a block's last were skipped and before
 //! group_scales: {16, 4} at batch 4 8.19 / 17.92 / 23.14 / 18.96 / 74.89, {16, 2} 6.33 / 18.72 /
 //! 15.62 / 18.69 / 64.40; at batch 16 {16, 2} 7.57 / 24.75 / 20.19 / 23.81 / 90.18, {8, 4} 10.99
@@ -1784,9 +1788,14 @@ struct gemvm_stream_shape {
 //! (ptxas -v, sm_90: no spills with plain scales; with nested ones 164 bytes for 39 at batch <= 8,
 //! 8 for 38 at batch > 8).
 inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
-    {16, 2, 8, 4},          {16, 2, 16, 2},          {16, 4, 16, 3},
-    {16, 4, 12, 4},         {16, 2, 8, 4, true, 0, true}, {16, 2, 16, 2, true, 0, true},
-    {16, 4, 12, 4, true, 0, true}, {16, 2, 12, 2, true, 0, true, true},
+    {16, 2, 8, 4},
+    {16, 2, 16, 2},
+    {16, 4, 16, 3},
+    {16, 4, 12, 4},
+    {16, 2, 8, 4, true, 0, true},
+    {16, 2, 16, 2, true, 0, true},
+    {16, 4, 12, 4, true, 0, true},
+    {16, 2, 12, 2, true, 0, true, true},
     {12, 4, 8, 4, true, 0, true, true}};
 //! The shape batches 2 to 16 run with (blocks >= 64, k % 64 == 0) when a block owns at least 4
 //! tiles (more than 3 * SMs tiles of 16 rows): {16, 4} / {12, 4} with group_scales, the fastest
@@ -2027,43 +2036,43 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         }
         QMEM_UNROLL
         for (unsigned pc = 0; pc < P; ++pc) {
-        float p[MT][4];
-        QMEM_UNROLL
-        for (int kk = 0; kk < 4; ++kk) {
-          std::uint32_t const w0 = kk < 2 ? wq[pc][0].x : wq[pc][0].y;
-          std::uint32_t const w1 = kk < 2 ? wq[pc][1].x : wq[pc][1].y;
-          int const b = 2 * (kk & 1);
-          std::uint32_t const frag[4] = {decode(w0, b), decode(w1, b), decode(w0, b + 1),
-                                         decode(w1, b + 1)};
+          float p[MT][4];
+          QMEM_UNROLL
+          for (int kk = 0; kk < 4; ++kk) {
+            std::uint32_t const w0 = kk < 2 ? wq[pc][0].x : wq[pc][0].y;
+            std::uint32_t const w1 = kk < 2 ? wq[pc][1].x : wq[pc][1].y;
+            int const b = 2 * (kk & 1);
+            std::uint32_t const frag[4] = {decode(w0, b), decode(w1, b), decode(w0, b + 1),
+                                           decode(w1, b + 1)};
+            QMEM_UNROLL
+            for (int mt = 0; mt < MT; ++mt) {
+              // activation words 2kk, 2kk + 1 go with code bytes 2kk, 2kk + 1
+              std::uint32_t const b0 =
+                  kk < 2 ? (&st.x[pc][mt][0].x)[2 * kk] : (&st.x[pc][mt][1].x)[2 * kk - 4];
+              std::uint32_t const b1 =
+                  kk < 2 ? (&st.x[pc][mt][0].x)[2 * kk + 1] : (&st.x[pc][mt][1].x)[2 * kk - 3];
+              if (kk == 0)
+                mma_16816_zero<T>(p[mt], frag, b0, b1);
+              else
+                mma_16816<T>(p[mt], frag, b0, b1);
+            }
+          }
+          float sc[2];
+          QMEM_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            if constexpr (Nested)
+              sc[h] = fmath::add(fmath::mul(dyn[pick(st.qs[r][h], pc)], pick(st.s[r][h], pc)),
+                                 a.scales.offset);
+            else
+              sc[h] = pick(st.s[r][h], pc);
+          }
           QMEM_UNROLL
           for (int mt = 0; mt < MT; ++mt) {
-            // activation words 2kk, 2kk + 1 go with code bytes 2kk, 2kk + 1
-            std::uint32_t const b0 =
-                kk < 2 ? (&st.x[pc][mt][0].x)[2 * kk] : (&st.x[pc][mt][1].x)[2 * kk - 4];
-            std::uint32_t const b1 =
-                kk < 2 ? (&st.x[pc][mt][0].x)[2 * kk + 1] : (&st.x[pc][mt][1].x)[2 * kk - 3];
-            if (kk == 0)
-              mma_16816_zero<T>(p[mt], frag, b0, b1);
-            else
-              mma_16816<T>(p[mt], frag, b0, b1);
+            acc[r][mt][0] = fmaf(sc[0], p[mt][0], acc[r][mt][0]);
+            acc[r][mt][1] = fmaf(sc[0], p[mt][1], acc[r][mt][1]);
+            acc[r][mt][2] = fmaf(sc[1], p[mt][2], acc[r][mt][2]);
+            acc[r][mt][3] = fmaf(sc[1], p[mt][3], acc[r][mt][3]);
           }
-        }
-        float sc[2];
-        QMEM_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          if constexpr (Nested)
-            sc[h] = fmath::add(fmath::mul(dyn[pick(st.qs[r][h], pc)], pick(st.s[r][h], pc)),
-                               a.scales.offset);
-          else
-            sc[h] = pick(st.s[r][h], pc);
-        }
-        QMEM_UNROLL
-        for (int mt = 0; mt < MT; ++mt) {
-          acc[r][mt][0] = fmaf(sc[0], p[mt][0], acc[r][mt][0]);
-          acc[r][mt][1] = fmaf(sc[0], p[mt][1], acc[r][mt][1]);
-          acc[r][mt][2] = fmaf(sc[1], p[mt][2], acc[r][mt][2]);
-          acc[r][mt][3] = fmaf(sc[1], p[mt][3], acc[r][mt][3]);
-        }
         }
       }
     };
@@ -2963,10 +2972,9 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     bool const full = a.k == std::size_t{512} * j * p.col_groups;
     unsigned const grid = p.tiles < sms ? p.tiles : sms;
     auto run = [&](auto jc, auto fullc) {
-      constexpr auto kernel =
-          &gemv1_stream_kernel<Code, T, Nested, decltype(jc)::value, Shape.depth, Shape.warps,
-                               decltype(fullc)::value, Shape.async, Shape.grouped, Shape.pdl,
-                               Shape.pdl ? Shape.prefetch_kib : 0>;
+      constexpr auto kernel = &gemv1_stream_kernel < Code, T, Nested, decltype(jc)::value,
+                     Shape.depth, Shape.warps, decltype(fullc)::value, Shape.async, Shape.grouped,
+                     Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0 > ;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
       if constexpr (Shape.pdl) {
         cudaLaunchAttribute attr[1] = {};
@@ -3025,10 +3033,8 @@ bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     constexpr int MT = decltype(mtc)::value;
     constexpr int W = MT == 1 ? Shape.warps : Shape.warps16;
     constexpr int R = MT == 1 ? Shape.tiles : Shape.tiles16;
-    constexpr auto kernel =
-        &gemvm_stream_kernel<Code, T, Nested, MT, R, W, Shape.pdl,
-                             Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales,
-                             Shape.pair>;
+    constexpr auto kernel = &gemvm_stream_kernel < Code, T, Nested, MT, R, W, Shape.pdl,
+                   Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales, Shape.pair > ;
     p.col_groups = std::min(static_cast<unsigned>(W), p.chunks / (Shape.pair ? 2u : 1u));
     p.smem = gemv1_stream_prefix + gemv_lut_bytes + gemvm_partial_bytes(p.col_groups, MT, R) +
              gemv1_stream_extra_bytes(Nested);

@@ -13,9 +13,9 @@
 //! nibble is C::zero_code.
 
 #include <qmem/core/config.hpp>
+#include <qmem/core/fmath.hpp>
 #include <qmem/core/numeric.hpp>
 #include <qmem/quant/codes.hpp>
-#include <qmem/core/fmath.hpp>
 #include <qmem/quant/stochastic.hpp>
 
 #include <cstddef>
@@ -56,7 +56,7 @@ QMEM_HOST_DEVICE QMEM_INLINE constexpr std::uint32_t abs_bits(float x) noexcept 
 //! NaN; otherwise a block with an infinity gets +inf.
 template <float_element T>
 QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t block_absmax_bits(T const* QMEM_RESTRICT x,
-                                                            std::size_t n) noexcept {
+                                                             std::size_t n) noexcept {
   std::uint32_t m = 0;
   for (std::size_t i = 0; i < n; ++i) {
     std::uint32_t const b = abs_bits(to_float(x[i]));
@@ -69,8 +69,8 @@ QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t block_absmax_bits(T const* QMEM_RESTR
 //! element's position in the whole tensor (the stochastic generator's counter).
 template <code_type C>
 QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode_element(float x, float inv,
-                                                         decltype(C::book) const& book,
-                                                         rounding r, std::uint64_t index) noexcept {
+                                                         decltype(C::book) const& book, rounding r,
+                                                         std::uint64_t index) noexcept {
   float const xn = fmath::mul(x, inv);
   if (r.stochastic)
     return encode_stochastic<C>(xn, uniform01(r.seed, index), book);

@@ -36,11 +36,10 @@ inline bool host_has_avx512() noexcept {
 //! and later, Zen 4; checked once): byte permutes, byte masks, `vfpclassps` and
 //! `vcvtne2ps2bf16`. The 16-bit outputs of the 8-bit and row-wise loops take this path.
 inline bool host_has_avx512_bf16() noexcept {
-  static bool const has = host_has_avx512() && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bf16") &&
-                          __builtin_cpu_supports("avx512vbmi");
+  static bool const has =
+      host_has_avx512() && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
   return has;
 }
 #endif

@@ -29,8 +29,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <immintrin.h>
+#include <limits>
 #include <type_traits>
 
 namespace qmem::quant::detail {
@@ -584,10 +584,10 @@ QMEM_QUANT_AVX512_FN float quantize_block_searched_avx512(search_table const& t,
 // permutes (`vpermt2w`: 64 words from two registers).
 
 #define QMEM_QUANT_AVX512BF16_FN                                                                   \
-  __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))                  \
+  __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))                    \
   QMEM_QUANT_NO_CONTRACT inline
 #define QMEM_QUANT_AVX512VBMI_FN                                                                   \
-  __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")))       \
+  __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")))         \
   QMEM_QUANT_NO_CONTRACT inline
 
 inline constexpr __mmask32 all32 = 0xffffffffu;
@@ -694,11 +694,10 @@ struct byte_table_u16 {
 
 //! Splits 64 16-bit entries (32 in a, 32 in b) into their low and high bytes.
 QMEM_QUANT_AVX512VBMI_FN void split_bytes(__m512i a, __m512i b, __m512i& lo, __m512i& hi) noexcept {
-  __m512i const even = _mm512_set_epi8(126, 124, 122, 120, 118, 116, 114, 112, 110, 108, 106, 104,
-                                       102, 100, 98, 96, 94, 92, 90, 88, 86, 84, 82, 80, 78, 76,
-                                       74, 72, 70, 68, 66, 64, 62, 60, 58, 56, 54, 52, 50, 48, 46,
-                                       44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20, 18, 16,
-                                       14, 12, 10, 8, 6, 4, 2, 0);
+  __m512i const even = _mm512_set_epi8(
+      126, 124, 122, 120, 118, 116, 114, 112, 110, 108, 106, 104, 102, 100, 98, 96, 94, 92, 90, 88,
+      86, 84, 82, 80, 78, 76, 74, 72, 70, 68, 66, 64, 62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42,
+      40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   lo = _mm512_maskz_permutex2var_epi8(all64, a, even, b);
   hi = _mm512_maskz_permutex2var_epi8(all64, a, _mm512_add_epi8(even, _mm512_set1_epi8(1)), b);
 }
@@ -710,11 +709,10 @@ template <bool Mirrored = false>
 QMEM_QUANT_AVX512VBMI_FN void lookup64_u16(byte_table_u16 const& t, __m512i c, __m512i& first,
                                            __m512i& second) noexcept {
   // lane L (16 bytes): codes 8L .. 8L + 7, then 32 + 8L .. 32 + 8L + 7
-  __m512i const order = _mm512_set_epi8(63, 62, 61, 60, 59, 58, 57, 56, 31, 30, 29, 28, 27, 26,
-                                        25, 24, 55, 54, 53, 52, 51, 50, 49, 48, 23, 22, 21, 20, 19,
-                                        18, 17, 16, 47, 46, 45, 44, 43, 42, 41, 40, 15, 14, 13, 12,
-                                        11, 10, 9, 8, 39, 38, 37, 36, 35, 34, 33, 32, 7, 6, 5, 4, 3,
-                                        2, 1, 0);
+  __m512i const order = _mm512_set_epi8(
+      63, 62, 61, 60, 59, 58, 57, 56, 31, 30, 29, 28, 27, 26, 25, 24, 55, 54, 53, 52, 51, 50, 49,
+      48, 23, 22, 21, 20, 19, 18, 17, 16, 47, 46, 45, 44, 43, 42, 41, 40, 15, 14, 13, 12, 11, 10, 9,
+      8, 39, 38, 37, 36, 35, 34, 33, 32, 7, 6, 5, 4, 3, 2, 1, 0);
   __m512i const p = _mm512_maskz_permutexvar_epi8(all64, order, c);
   __mmask64 const upper = _mm512_movepi8_mask(p); // bit 7: entries 128-255
   // mirrored: the upper half's low bytes are the lower half's
@@ -723,9 +721,9 @@ QMEM_QUANT_AVX512VBMI_FN void lookup64_u16(byte_table_u16 const& t, __m512i c, _
                : _mm512_mask_blend_epi8(upper,
                                         _mm512_maskz_permutex2var_epi8(all64, t.lo[0], p, t.lo[1]),
                                         _mm512_maskz_permutex2var_epi8(all64, t.lo[2], p, t.lo[3]));
-  __m512i const hi = _mm512_mask_blend_epi8(
-      upper, _mm512_maskz_permutex2var_epi8(all64, t.hi[0], p, t.hi[1]),
-      _mm512_maskz_permutex2var_epi8(all64, t.hi[2], p, t.hi[3]));
+  __m512i const hi =
+      _mm512_mask_blend_epi8(upper, _mm512_maskz_permutex2var_epi8(all64, t.hi[0], p, t.hi[1]),
+                             _mm512_maskz_permutex2var_epi8(all64, t.hi[2], p, t.hi[3]));
   first = _mm512_unpacklo_epi8(lo, hi);
   second = _mm512_unpackhi_epi8(lo, hi);
 }
@@ -768,10 +766,9 @@ struct byte_table_shape {
 //! and roundings; 128 when `shape.mirrored`, for unchecked rounding only) looked up 64 per step;
 //! the tail with masked loads and stores. For all but the smallest blocks.
 template <class T, hw_round R>
-QMEM_QUANT_AVX512VBMI_FN void lookup_bytes_table_avx512(float const* values, float absmax,
-                                                        std::uint8_t const* codes,
-                                                        std::size_t count, T* y,
-                                                        byte_table_shape const& shape) noexcept {
+QMEM_QUANT_AVX512VBMI_FN void
+lookup_bytes_table_avx512(float const* values, float absmax, std::uint8_t const* codes,
+                          std::size_t count, T* y, byte_table_shape const& shape) noexcept {
   __m512 const a = _mm512_set1_ps(absmax);
   byte_table_u16 t;
   bool const mirrored = R == hw_round::unchecked && shape.mirrored;
@@ -834,10 +831,10 @@ inline constexpr nf4_bucket_table nf4_buckets = [] {
     std::uint8_t const below = nf4_bucket_code(i, false);
     std::uint8_t const above = nf4_bucket_code(i, true);
     // one step: encode counts the thresholds below xn
-    t.threshold[i] = below != above ? 16.0f * nf4_thresholds[below]
-                                    : std::numeric_limits<float>::infinity();
-    t.code[i | neg << 5] = below;   // s <= threshold
-    t.code[i | !neg << 5] = above;  // s > threshold (unused without a threshold: below)
+    t.threshold[i] =
+        below != above ? 16.0f * nf4_thresholds[below] : std::numeric_limits<float>::infinity();
+    t.code[i | neg << 5] = below;  // s <= threshold
+    t.code[i | !neg << 5] = above; // s > threshold (unused without a threshold: below)
   }
   t.code[15 | 1 << 5] = 0;  // s < -16: floor -17 wraps onto bucket 15
   t.code[16 | 0 << 5] = 15; // s >= 16: floor 16 wraps onto bucket 16
@@ -879,8 +876,8 @@ QMEM_QUANT_AVX512VBMI_FN nf4_bucket_regs load_nf4_buckets() noexcept {
 //! The code-table index of 16 lanes of s (finite, |s| < 17) in the low 6 bits of each 32-bit lane
 //! (see nf4_bucket_table); look it up with nf4_codes_of.
 QMEM_QUANT_AVX512VBMI_FN __m512i nf4_index16_avx512(__m512 s, nf4_bucket_regs const& b) noexcept {
-  __m512i const k = _mm512_maskz_cvt_roundps_epi32(all16, s,
-                                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512i const k =
+      _mm512_maskz_cvt_roundps_epi32(all16, s, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 const t = _mm512_maskz_permutex2var_ps(all16, b.t_lo, k, b.t_hi);
   return _mm512_mask_xor_epi32(k, _mm512_cmp_ps_mask(s, t, _CMP_GT_OQ), k, _mm512_set1_epi32(32));
 }
@@ -894,8 +891,8 @@ QMEM_QUANT_AVX512VBMI_FN __m512i nf4_codes_of(__m512i index, nf4_bucket_regs con
 QMEM_QUANT_AVX512VBMI_FN void nf4_encode16_bucket_avx512(float const* xn,
                                                          std::uint8_t* codes) noexcept {
   nf4_bucket_regs const b = load_nf4_buckets();
-  __m512i const index = nf4_index16_avx512(
-      _mm512_mul_ps(_mm512_loadu_ps(xn), _mm512_set1_ps(16.0f)), b);
+  __m512i const index =
+      nf4_index16_avx512(_mm512_mul_ps(_mm512_loadu_ps(xn), _mm512_set1_ps(16.0f)), b);
   // the 16 index bytes (in each 128-bit lane), looked up as the block loop does
   __m512i const bytes =
       _mm512_maskz_broadcast_i32x4(all16, _mm512_maskz_cvtepi32_epi8(all16, index));
@@ -915,20 +912,22 @@ QMEM_QUANT_AVX512VBMI_FN __m512i absmax_lanes_avx512bw(T const* x, std::size_t c
     for (; i + step <= count; i += step)
       m = _mm512_maskz_max_epu16(all32, m, _mm512_and_si512(_mm512_loadu_si512(x + i), abs_mask));
     if (i < count)
-      m = _mm512_maskz_max_epu16(all32, m, _mm512_and_si512(_mm512_maskz_loadu_epi16(
-                                                   (__mmask32{1} << (count - i)) - 1, x + i),
-                                               abs_mask));
+      m = _mm512_maskz_max_epu16(
+          all32, m,
+          _mm512_and_si512(_mm512_maskz_loadu_epi16((__mmask32{1} << (count - i)) - 1, x + i),
+                           abs_mask));
     return _mm512_maskz_max_epu32(all16, _mm512_and_si512(m, _mm512_set1_epi32(0xffff)),
-                            _mm512_maskz_srli_epi32(all16, m, 16));
+                                  _mm512_maskz_srli_epi32(all16, m, 16));
   } else {
     __m512i const abs_mask = _mm512_set1_epi32(0x7fffffff);
     for (; i + step <= count; i += step)
       m = _mm512_maskz_max_epu32(all16, m, _mm512_and_si512(_mm512_loadu_si512(x + i), abs_mask));
     if (i < count)
-      m = _mm512_maskz_max_epu32(all16, m, _mm512_and_si512(_mm512_maskz_loadu_epi32(
-                                                   static_cast<__mmask16>((1u << (count - i)) - 1),
-                                                   x + i),
-                                               abs_mask));
+      m = _mm512_maskz_max_epu32(
+          all16, m,
+          _mm512_and_si512(
+              _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (count - i)) - 1), x + i),
+              abs_mask));
     return m;
   }
 }
@@ -937,7 +936,8 @@ QMEM_QUANT_AVX512VBMI_FN __m512i absmax_lanes_avx512bw(T const* x, std::size_t c
 template <class T>
 QMEM_QUANT_AVX512VBMI_FN std::uint32_t absmax_bits_of(__m512i lanes) noexcept {
   // swap halves, quarters, pairs and neighbours: every lane ends with the maximum
-  __m512i m = _mm512_maskz_max_epu32(all16, lanes, _mm512_maskz_shuffle_i32x4(all16, lanes, lanes, 0x4e));
+  __m512i m =
+      _mm512_maskz_max_epu32(all16, lanes, _mm512_maskz_shuffle_i32x4(all16, lanes, lanes, 0x4e));
   m = _mm512_maskz_max_epu32(all16, m, _mm512_maskz_shuffle_i32x4(all16, m, m, 0xb1));
   m = _mm512_maskz_max_epu32(all16, m, _mm512_maskz_shuffle_epi32(all16, m, _MM_PERM_BADC));
   m = _mm512_maskz_max_epu32(all16, m, _mm512_maskz_shuffle_epi32(all16, m, _MM_PERM_CDAB));
@@ -957,17 +957,19 @@ QMEM_QUANT_AVX512VBMI_FN __m512i shuffle_epi32_pairs(__m512i a, __m512i b) noexc
 QMEM_QUANT_AVX512VBMI_FN __m512i reduce16_max_epu32(__m512i const* m) noexcept {
   __m512i r[8], q[4], p[2];
   for (int j = 0; j < 8; ++j) // block 2j in lanes 0-7, 2j + 1 in 8-15
-    r[j] = _mm512_maskz_max_epu32(all16, _mm512_maskz_shuffle_i32x4(all16, m[2 * j], m[2 * j + 1], 0x44),
-                            _mm512_maskz_shuffle_i32x4(all16, m[2 * j], m[2 * j + 1], 0xee));
+    r[j] = _mm512_maskz_max_epu32(all16,
+                                  _mm512_maskz_shuffle_i32x4(all16, m[2 * j], m[2 * j + 1], 0x44),
+                                  _mm512_maskz_shuffle_i32x4(all16, m[2 * j], m[2 * j + 1], 0xee));
   for (int j = 0; j < 4; ++j) // block 4j + L in 128-bit lane L
-    q[j] = _mm512_maskz_max_epu32(all16, _mm512_maskz_shuffle_i32x4(all16, r[2 * j], r[2 * j + 1], 0x88),
-                            _mm512_maskz_shuffle_i32x4(all16, r[2 * j], r[2 * j + 1], 0xdd));
+    q[j] = _mm512_maskz_max_epu32(all16,
+                                  _mm512_maskz_shuffle_i32x4(all16, r[2 * j], r[2 * j + 1], 0x88),
+                                  _mm512_maskz_shuffle_i32x4(all16, r[2 * j], r[2 * j + 1], 0xdd));
   for (int j = 0; j < 2; ++j) // lane L: blocks 8j + L and 8j + 4 + L, two lanes each
     p[j] = _mm512_maskz_max_epu32(all16, shuffle_epi32_pairs<0x88>(q[2 * j], q[2 * j + 1]),
-                            shuffle_epi32_pairs<0xdd>(q[2 * j], q[2 * j + 1]));
+                                  shuffle_epi32_pairs<0xdd>(q[2 * j], q[2 * j + 1]));
   // 32-bit lane 4L + j: block L + 4j
   __m512i const f = _mm512_maskz_max_epu32(all16, shuffle_epi32_pairs<0x88>(p[0], p[1]),
-                                     shuffle_epi32_pairs<0xdd>(p[0], p[1]));
+                                           shuffle_epi32_pairs<0xdd>(p[0], p[1]));
   return _mm512_maskz_permutexvar_epi32(
       all16, _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
 }
@@ -992,10 +994,10 @@ QMEM_QUANT_AVX512VBMI_FN void nf4_load32(float const* x, __mmask32 m, __m512& lo
 QMEM_QUANT_AVX512VBMI_FN __m512i nf4_pack32(__m512 lo, __m512 hi, __m512 vinv, __m512i gather,
                                             nf4_bucket_regs const& b) noexcept {
   __m512i const pair_weights = _mm512_set1_epi16(0x0110); // bytes 16, 1
-  __m512i const low_bytes = _mm512_set_epi8(
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8,
-      6, 4, 2, 0);
+  __m512i const low_bytes =
+      _mm512_set_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 28, 26,
+                      24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   __m512i const i0 = nf4_index16_avx512(_mm512_mul_ps(lo, vinv), b);
   __m512i const i1 = nf4_index16_avx512(_mm512_mul_ps(hi, vinv), b);
   __m512i const c = nf4_codes_of(_mm512_maskz_permutex2var_epi8(all64, i0, gather, i1), b);
@@ -1018,9 +1020,9 @@ QMEM_QUANT_AVX512VBMI_FN void encode_block_nf4_bucket_avx512(T const* x, std::si
   // output byte e <- the index byte of element e: bf16 lanes come as elements
   // {0-3, 8-11, 16-19, 24-27} (first register) and {4-7, 12-15, ...} (second), float lanes in order
   alignas(64) static constexpr std::uint8_t gather_index[2][64] = {
-      {0,  4,  8,  12, 64, 68, 72, 76, 16, 20, 24,  28,  80,  84,  88,  92,
+      {0,  4,  8,  12, 64, 68,  72,  76,  16, 20, 24, 28, 80,  84,  88,  92,
        32, 36, 40, 44, 96, 100, 104, 108, 48, 52, 56, 60, 112, 116, 120, 124},
-      {0,  4,  8,  12, 16, 20, 24, 28, 32, 36, 40,  44,  48,  52,  56,  60,
+      {0,  4,  8,  12, 16, 20, 24, 28, 32, 36,  40,  44,  48,  52,  56,  60,
        64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124}};
   __m512i const gather = _mm512_load_si512(gather_index[std::is_same_v<T, bf16> ? 0 : 1]);
   std::size_t i = 0;
@@ -1051,7 +1053,7 @@ inline bool nf4_bucket_applies(float amax, float inv16) noexcept {
 //! code_bytes(count) bytes and returns the absmax. T = float or bf16.
 template <class T>
 QMEM_QUANT_AVX512VBMI_FN float quantize_block_nf4_bucket_avx512(T const* x, std::size_t count,
-                                                               std::uint8_t* codes) noexcept {
+                                                                std::uint8_t* codes) noexcept {
   float const amax =
       qmem::detail::bits_to_float(absmax_bits_of<T>(absmax_lanes_avx512bw(x, count)));
   float const inv16 = fmath::mul(fmath::rcp(amax), 16.0f);
@@ -1077,21 +1079,21 @@ QMEM_QUANT_AVX512VBMI_FN void lookup_nibbles_u16_avx512(float const* values, flo
                                                         std::size_t count, T* y) noexcept {
   __m512i const out16 = round32_avx512<T>(
       _mm512_mul_ps(_mm512_loadu_ps(values), _mm512_set1_ps(absmax)), _mm512_setzero_ps());
-  __m512i const even = _mm512_set_epi8(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
-                                       30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
-                                       30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0,
-                                       30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  __m512i const even =
+      _mm512_set_epi8(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0, 30, 28, 26, 24, 22,
+                      20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12,
+                      10, 8, 6, 4, 2, 0, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   __m512i const t_lo = _mm512_maskz_permutexvar_epi8(all64, even, out16);
   __m512i const t_hi =
       _mm512_maskz_permutexvar_epi8(all64, _mm512_add_epi8(even, _mm512_set1_epi8(1)), out16);
   // byte j of 128-bit lane L: element 8L + j (j < 8), 32 + 8L + j - 8 (j >= 8); its code byte
-  __m512i const spread = _mm512_set_epi8(
-      31, 31, 30, 30, 29, 29, 28, 28, 15, 15, 14, 14, 13, 13, 12, 12, 27, 27, 26, 26, 25, 25, 24, 24,
-      11, 11, 10, 10, 9, 9, 8, 8, 23, 23, 22, 22, 21, 21, 20, 20, 7, 7, 6, 6, 5, 5, 4, 4, 19, 19, 18,
-      18, 17, 17, 16, 16, 3, 3, 2, 2, 1, 1, 0, 0);
+  __m512i const spread = _mm512_set_epi8(31, 31, 30, 30, 29, 29, 28, 28, 15, 15, 14, 14, 13, 13, 12,
+                                         12, 27, 27, 26, 26, 25, 25, 24, 24, 11, 11, 10, 10, 9, 9,
+                                         8, 8, 23, 23, 22, 22, 21, 21, 20, 20, 7, 7, 6, 6, 5, 5, 4,
+                                         4, 19, 19, 18, 18, 17, 17, 16, 16, 3, 3, 2, 2, 1, 1, 0, 0);
   __m512i const high_nibble = _mm512_set1_epi16(0x00ff); // even bytes: even elements
-  std::size_t i = 0; // elements
-  std::size_t const vec_end = count - count % 64; // whole vectors (a form g++ can bound)
+  std::size_t i = 0;                                     // elements
+  std::size_t const vec_end = count - count % 64;        // whole vectors (a form g++ can bound)
   for (; i < count; i += 64) {
     bool const whole = i < vec_end;
     std::size_t const rest = count - i;
@@ -1129,9 +1131,10 @@ QMEM_QUANT_AVX512VBMI_FN void lookup_nibbles_f32_avx512(float const* values, flo
                                                         std::size_t count, float* y) noexcept {
   __m512 const out16 = _mm512_mul_ps(_mm512_loadu_ps(values), _mm512_set1_ps(absmax));
   // lane e of group g: the code byte of element 16g + e, (16g + e) / 2, in every byte
-  __m512i const spread0 = _mm512_set_epi8(
-      7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6, 5, 5, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4,
-      3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512i const spread0 =
+      _mm512_set_epi8(7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6, 5, 5, 5, 5, 5, 5, 5, 5, 4, 4,
+                      4, 4, 4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1,
+                      1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   __m512i const eight = _mm512_set1_epi8(8);
   __m512i const shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
   for (std::size_t i = 0; i < count; i += 64) {
@@ -1142,8 +1145,8 @@ QMEM_QUANT_AVX512VBMI_FN void lookup_nibbles_f32_avx512(float const* values, flo
     __m512i const c = _mm512_maskz_loadu_epi8(load_mask, codes + i / 2);
     __m512i spread = spread0;
     for (std::size_t g = 0; g < 4; ++g) {
-      __m512i const idx = _mm512_maskz_srlv_epi32(
-          all16, _mm512_maskz_permutexvar_epi8(all64, spread, c), shifts);
+      __m512i const idx =
+          _mm512_maskz_srlv_epi32(all16, _mm512_maskz_permutexvar_epi8(all64, spread, c), shifts);
       __m512 const v = _mm512_maskz_permutexvar_ps(all16, idx, out16);
       if (whole) [[likely]] {
         _mm512_storeu_ps(y + i + 16 * g, v);
@@ -1161,8 +1164,8 @@ QMEM_QUANT_AVX512VBMI_FN void lookup_nibbles_f32_avx512(float const* values, flo
 template <class T, hw_round R>
 QMEM_QUANT_AVX512BF16_FN __m512 gather_scale16(float const* values, __m128i c, __m512 a) noexcept {
   __m512i const idx = _mm512_maskz_cvtepu8_epi32(all16, c);
-  return scale16_avx512<T, R>(
-      _mm512_mask_i32gather_ps(_mm512_setzero_ps(), all16, idx, values, 4), a);
+  return scale16_avx512<T, R>(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), all16, idx, values, 4),
+                              a);
 }
 
 //! The same outputs for any code type through gathers of the decoded values, products and
@@ -1177,8 +1180,9 @@ QMEM_QUANT_AVX512BF16_FN void lookup_bytes_gather_avx512(float const* values, fl
   for (; i < vec_end; i += 32) {
     __m256i const c = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(codes + i));
     _mm512_storeu_si512(
-        y + i, round32_avx512<T, R>(gather_scale16<T, R>(values, _mm256_castsi256_si128(c), a),
-                                    gather_scale16<T, R>(values, _mm256_extracti128_si256(c, 1), a)));
+        y + i,
+        round32_avx512<T, R>(gather_scale16<T, R>(values, _mm256_castsi256_si128(c), a),
+                             gather_scale16<T, R>(values, _mm256_extracti128_si256(c, 1), a)));
   }
   for (; i < count; ++i)
     y[i] = from_float<T>(fmath::mul(values[codes[i]], absmax));
@@ -1200,8 +1204,9 @@ QMEM_QUANT_AVX512BF16_FN void dequantize_row_u16_avx512(std::int8_t const* q, fl
   std::size_t const vec_end = cols - cols % 32; // whole vectors (a form g++ can bound)
   for (; c < vec_end; c += 32) {
     __m256i const v = _mm256_loadu_si256(reinterpret_cast<__m256i const*>(q + c));
-    _mm512_storeu_si512(y + c, round32_avx512<T>(rowwise_decode16(_mm256_castsi256_si128(v), a),
-                                                 rowwise_decode16(_mm256_extracti128_si256(v, 1), a)));
+    _mm512_storeu_si512(y + c,
+                        round32_avx512<T>(rowwise_decode16(_mm256_castsi256_si128(v), a),
+                                          rowwise_decode16(_mm256_extracti128_si256(v, 1), a)));
   }
   for (; c < cols; ++c)
     y[c] = from_float<T>(rowwise_decode(q[c], absmax));

@@ -76,9 +76,9 @@ struct bucket_table {
 
 //! The code of x from a table (host or device; `entry` may point to shared memory).
 template <class Layout>
-QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t bucket_lookup(float x, std::uint32_t const* entry,
-                                                        std::uint8_t nan_code,
-                                                        std::uint8_t negative_zero_code = 0) noexcept {
+QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t
+bucket_lookup(float x, std::uint32_t const* entry, std::uint8_t nan_code,
+              std::uint8_t negative_zero_code = 0) noexcept {
   std::uint32_t const u = qmem::detail::float_to_bits(x);
   std::uint32_t const mag = u & 0x7fffffffu;
   std::uint32_t m = mag < Layout::lowest ? Layout::lowest : mag;
@@ -101,8 +101,8 @@ QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t bucket_lookup(float x, std::uint32_t c
 //! unsigned comparison with the entry compares the magnitude with the threshold), ISETP and a
 //! predicated shift.
 template <class Layout>
-QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t bucket_lookup_normal(float xn,
-                                                                std::uint32_t const* entry) noexcept {
+QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t
+bucket_lookup_normal(float xn, std::uint32_t const* entry) noexcept {
   static_assert(!Layout::negative_zero, "bucket_lookup_normal: -0.0 needs bucket_lookup");
   std::uint32_t const u = qmem::detail::float_to_bits(xn);
 #if defined(__CUDA_ARCH__)
@@ -200,8 +200,9 @@ struct bucket_layout_of<fp4> {
 
 //! The table of C, built once per process (thread-safe).
 template <class C>
-  requires(!std::is_void_v<typename bucket_layout_of<C>::type>)
-bucket_table<typename bucket_layout_of<C>::type> const& bucket_table_of() {
+requires(!std::is_void_v<typename bucket_layout_of<C>::type>)
+    bucket_table<typename bucket_layout_of<C>::type>
+const& bucket_table_of() {
   static auto const table = build_bucket_table<C, typename bucket_layout_of<C>::type>();
   return table;
 }

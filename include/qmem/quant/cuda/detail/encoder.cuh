@@ -147,8 +147,7 @@ struct device_encoder : book_encoder<C> {};
 //! Code types with a bucket table (the dynamic 8-bit maps, NF4, FP4): one shared-memory read. The
 //! table is copied into shared memory from its device-resident copy (device_table).
 template <class C>
-  requires(!std::is_void_v<typename bucket_layout_of<C>::type>)
-struct device_encoder<C> {
+requires(!std::is_void_v<typename bucket_layout_of<C>::type>) struct device_encoder<C> {
   using book_type = std::remove_cv_t<decltype(C::book)>;
   using layout = typename bucket_layout_of<C>::type;
   struct params {
@@ -193,8 +192,7 @@ inline constexpr std::uint32_t interval_replicas = 16;
 
 //! NF4, FP4: the interval table in shared memory (35 entries, interval_replicas copies: 4.4 KB).
 template <class C>
-  requires(!std::is_void_v<typename interval_layout_of<C>::type>)
-struct normal_encoder<C> {
+requires(!std::is_void_v<typename interval_layout_of<C>::type>) struct normal_encoder<C> {
   using book_type = std::remove_cv_t<decltype(C::book)>;
   using layout = typename interval_layout_of<C>::type;
   static constexpr std::uint32_t replicas = interval_replicas;
@@ -248,9 +246,8 @@ struct normal_encoder<C> {
 //! The dynamic 8-bit maps: the bucket table in shared memory (copied from its device-resident
 //! copy, device_table), looked up without the NaN test and the upper clamp (bucket_lookup_normal).
 template <class C>
-  requires(std::is_void_v<typename interval_layout_of<C>::type> &&
-           !std::is_void_v<typename bucket_layout_of<C>::type>)
-struct normal_encoder<C> {
+requires(std::is_void_v<typename interval_layout_of<C>::type> &&
+         !std::is_void_v<typename bucket_layout_of<C>::type>) struct normal_encoder<C> {
   using book_type = std::remove_cv_t<decltype(C::book)>;
   using layout = typename bucket_layout_of<C>::type;
   //! The table in device memory, and the bias of its shared addresses (-4 * (lowest >> 16)), a
