@@ -7,8 +7,7 @@
 // GB/s, and "pct_copy": the percentage of a device-to-device copy's bandwidth measured in the same
 // run (the "copy_d2d" row, bytes read + written), which is the roofline.
 //
-//   quant_bench_cuda --benchmark_min_time=0.05 --benchmark_out=quant.json
-//   --benchmark_out_format=json
+//   quant_bench_cuda --benchmark_min_time=0.05 --benchmark_out=quant.json --benchmark_out_format=json
 #include <qmem/core/cuda/runtime.cuh>
 #include <qmem/quant.hpp>
 #include <qmem/quant/cuda/blockwise.cuh>

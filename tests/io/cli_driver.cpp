@@ -1,6 +1,6 @@
-// The `qmem` command-line tool, driven as a user runs it (the binary built from examples/qmem_cli):
-// inspect, dequantize to bnb's own reference output bit for bit, quantize to transformers' layout,
-// round trips, sharded checkpoints in and out, and one-line errors with a non-zero exit status.
+// The `qmem` command-line tool, driven as a user runs it (the binary built from examples/qmem_cli): inspect,
+// dequantize to bnb's own reference output bit for bit, quantize to transformers' layout, round
+// trips, sharded checkpoints in and out, and one-line errors with a non-zero exit status.
 // Built into qmem_cli_tests by examples/qmem_cli/CMakeLists.txt (not globbed into qmem_tests).
 #include <qmem/io.hpp>
 

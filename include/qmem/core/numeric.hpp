@@ -7,8 +7,8 @@
 //! `__nv_bfloat16` and `__half`. Conversion from float rounds to nearest, ties to even, with
 //! overflow to infinity and gradual underflow, exactly as `__float2bfloat16_rn`/`__float2half_rn`
 //! and torch's `.bfloat16()`/`.half()`; it is written with integer operations only, so the same
-//! function gives the same bits on the host, in a kernel, and under flush-to-zero. NaN inputs give
-//! a quiet NaN: bf16 0x7FC0 and f16 0x7E00 with the input's sign, as torch does (CUDA's intrinsics
+//! function gives the same bits on the host, in a kernel, and under flush-to-zero. NaN inputs give a
+//! quiet NaN: bf16 0x7FC0 and f16 0x7E00 with the input's sign, as torch does (CUDA's intrinsics
 //! give 0x7FFF: a different NaN payload, the same value class).
 
 #include <qmem/core/config.hpp>

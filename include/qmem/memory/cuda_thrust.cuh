@@ -6,8 +6,7 @@
 //!
 //!   thrust::device_vector<qmem::bf16> w(n);
 //!   thrust::device_vector<std::uint8_t> codes(n / 2);
-//!   qmem::quant::quantize_blockwise<qmem::quant::nf4>(qmem::exec::cuda{stream}, qmem::view(w),
-//!   ...)
+//!   qmem::quant::quantize_blockwise<qmem::quant::nf4>(qmem::exec::cuda{stream}, qmem::view(w), ...)
 //!
 //! The views do not own anything: keep the vector alive and unresized while a view of it is used
 //! (a resize reallocates). Thrust's own operations on the vectors synchronize as Thrust documents.
@@ -51,8 +50,7 @@ struct tensor_traits<thrust::device_vector<T, Alloc>> {
   }
 };
 
-//! thrust::host_vector is tensor-like: host memory (pinned with
-//! thrust::universal_host_pinned_allocator).
+//! thrust::host_vector is tensor-like: host memory (pinned with thrust::universal_host_pinned_allocator).
 template <class T, class Alloc>
 struct tensor_traits<thrust::host_vector<T, Alloc>> {
   using element_type = T;

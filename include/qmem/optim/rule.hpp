@@ -9,9 +9,8 @@
 //! (the host backend in optimizer.hpp, the CUDA kernels in optim/cuda/ do exactly this):
 //!
 //!     step_info si{lr, step, grad_scale};            // lr and step may be read from device memory
-//!     R::scalars k = rule.prepare(si);                // once per tensor and step (bias
-//!     corrections) if constexpr (reducing_rule<R>)                 // optional first pass over the
-//!     tensor:
+//!     R::scalars k = rule.prepare(si);                // once per tensor and step (bias corrections)
+//!     if constexpr (reducing_rule<R>)                 // optional first pass over the tensor:
 //!       k = R::finish(k, sum over i of R::reduce(p[i], g[i] * si.grad_scale, s(i), k));
 //!     for each block of the state format (256 elements for 8-bit, 128 for 4-bit):
 //!       for each element i of the block:
@@ -24,8 +23,7 @@
 //!
 //! The parameter update uses the fp32 updated states, before requantization, as bitsandbytes'
 //! kOptimizer8bitBlockwise does. Host and device compute every float operation with one IEEE
-//! rounding each, in the order written in the rule (no fused multiply-add: qmem::fmath,
-//! core/fmath.hpp).
+//! rounding each, in the order written in the rule (no fused multiply-add: qmem::fmath, core/fmath.hpp).
 
 #include <qmem/core/config.hpp>
 #include <qmem/core/fmath.hpp>
@@ -70,18 +68,20 @@ struct norm_terms {
 };
 
 //! An update rule `R`:
+// (laid out by hand: clang-format 14 breaks the requirement lines and their comments apart)
+// clang-format off
 template <class R>
-concept update_rule = std::is_trivially_copyable_v<R> && // passed to kernels by value
-    std::is_trivially_copyable_v<typename R::scalars> && // per-step scalars, by value
-    requires(R const& r, step_info const& si, float& p, float g, state_values<R::state_count>& s,
-             typename R::scalars const& k) {
-  requires R::state_count >= 0 && R::state_count <= 4; // states per element
-  {
-    R::state_signs
-    } -> std::convertible_to<std::array<state_sign, R::state_count>>; // each state's sign
-  { r.prepare(si) } -> std::same_as<typename R::scalars>;             // once per tensor and step
-  { R::update(p, g, s, k) } -> std::same_as<void>;                    // one element, in place
-};
+concept update_rule =
+    std::is_trivially_copyable_v<R> &&                                   // passed to kernels by value
+    std::is_trivially_copyable_v<typename R::scalars> &&                 // per-step scalars, by value
+    requires(R const& r, step_info const& si, float& p, float g,
+             state_values<R::state_count>& s, typename R::scalars const& k) {
+      requires R::state_count >= 0 && R::state_count <= 4;               // states per element
+      { R::state_signs } -> std::convertible_to<std::array<state_sign, R::state_count>>; // signs
+      { r.prepare(si) } -> std::same_as<typename R::scalars>;            // once per tensor and step
+      { R::update(p, g, s, k) } -> std::same_as<void>;                   // one element, in place
+    };
+// clang-format on
 
 //! A rule that needs per-tensor sums (trust ratios) before its update: `reduce` gives the terms of
 //! one element (computed from the old states, which it must not keep), `finish` folds the totals

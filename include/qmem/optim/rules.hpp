@@ -21,8 +21,7 @@ namespace qmem::optim {
 
 //! Adam (`Decoupled = false`: L2 weight decay added to the gradient, as torch.optim.Adam) and
 //! AdamW (`Decoupled = true`: the parameter shrinks by lr * weight_decay after the update, in the
-//! order bitsandbytes applies it; `decay_first` shrinks it before, as torch.optim.AdamW). States: m
-//! (first moment, any sign), v (second, non-negative).
+//! order bitsandbytes applies it; `decay_first` shrinks it before, as torch.optim.AdamW). States: m (first moment, any sign), v (second, non-negative).
 //!   m = m b1 + (1 - b1) g;  v = v b2 + (1 - b2) (g g)
 //!   p = p + step_size (m / (sqrt(v) + eps c2)),  c1 = 1 - b1^t,  c2 = sqrt(1 - b2^t),
 //!   step_size = (-lr c2) / c1   [bitsandbytes' form of torch's m_hat / (sqrt(v_hat) + eps)]

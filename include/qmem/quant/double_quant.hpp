@@ -71,8 +71,7 @@ inline void quantize_scales_host(exec::host const& e, float const* absmax, std::
                                  std::size_t nested_block, float offset, std::uint8_t* qabsmax,
                                  float* absmax2) {
   // search_table gives dynamic_signed::encode's codes (bnb's 8-step search) with one table load
-  // per value: 2^18 scales of NF4 block 64 (a 2^24-element weight) take 20.7 -> 1.0 ms (dev box,
-  // 2026-11-29)
+  // per value: 2^18 scales of NF4 block 64 (a 2^24-element weight) take 20.7 -> 1.0 ms (dev box, 2026-11-29)
   search_table const& table = search_table_of<dynamic_signed>();
   std::size_t const blocks = block_count(m, nested_block);
   qmem::detail::parallel_for(

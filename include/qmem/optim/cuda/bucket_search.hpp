@@ -190,8 +190,7 @@ struct packed_bucket_table {
   //! The entry index of a float of sign `negative_mask` (0: positive, ~0: negative) whose
   //! magnitude has the bits `a` (a non-negative float or any NaN): source::key_of_bits minus
   //! first_key. The magnitude bucket is clamped with integer min/max (a NaN, sign bit or not, to
-  //! the top bucket) and mirrored for negative floats with an xor (key = magnitudes + (mag ^
-  //! mask)).
+  //! the top bucket) and mirrored for negative floats with an xor (key = magnitudes + (mag ^ mask)).
   QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint32_t
   index_of(std::uint32_t a, std::uint32_t negative_mask) noexcept {
     constexpr int lo = (127 - TinyExponent) << MantissaBits;

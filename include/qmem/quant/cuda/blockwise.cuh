@@ -1302,13 +1302,12 @@ inline constexpr size_t mean_max_leaves = offset_tree_arity_v * offset_tree_arit
 //! for each node of the level above, the CTA that finishes its group last sums it (one warp, the
 //! same way), and the one that sums the last of those sums the root and writes
 //! offset = float(root / count). `leaves` has room for both levels, `tickets` (the groups' and
-//! the root's counters) is zero on entry. The host's tree (quant/double_quant.hpp
-//! detail::tree_mean), bit for bit. Before (2026-11-29): one kernel per level, three launches for
-//! 2^22 scales (ncu, H200: 9.0 + 5.3 + 3.0 us), each upper level one thread's 256 ordered additions
-//! per node. This kernel (ncu, H200, 19:19 UTC, 2^22 scales): 14.9 us (the first version, one CTA
-//! summing all 64 upper nodes: 21.8); it is latency-bound (0.78 waves of CTAs, 16 cycles per issued
-//! instruction, DRAM 24%): each warp's four exact sums are chains of dependent shuffles and double
-//! additions.
+//! the root's counters) is zero on entry. The host's tree (quant/double_quant.hpp detail::tree_mean), bit
+//! for bit. Before (2026-11-29): one kernel per level, three launches for 2^22 scales (ncu, H200:
+//! 9.0 + 5.3 + 3.0 us), each upper level one thread's 256 ordered additions per node. This kernel
+//! (ncu, H200, 19:19 UTC, 2^22 scales): 14.9 us (the first version, one CTA summing all 64 upper
+//! nodes: 21.8); it is latency-bound (0.78 waves of CTAs, 16 cycles per issued instruction, DRAM
+//! 24%): each warp's four exact sums are chains of dependent shuffles and double additions.
 template <int = 0>
 __global__ void __launch_bounds__(cta_threads)
     offset_mean(float const* QMEM_RESTRICT in, size_t len, double* QMEM_RESTRICT leaves,
