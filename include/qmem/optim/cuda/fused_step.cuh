@@ -862,16 +862,21 @@ inline constexpr bool fused_pipeline = QMEM_OPTIM_FUSED_PIPELINE != 0;
 #define QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE 2
 #endif
 
-//! Whether the fused kernels with fp32 parameters copy each tensor's table entry into registers
-//! once per tensor (1) instead of reading its pointers from global memory in every task (0), as
-//! they must when the entry stays in memory (the task's stores could alias it). Off until timed:
-//! ncu (H200, 2026-11-29 19:30 UTC) shows the pipelined kernels waiting mostly on the long
-//! scoreboard (AdamW 8-bit 3.6 of 6.9 cycles between a warp's issues, Lion 8-bit 6.9 of 9.8),
-//! and each task's loads and stores first wait for their addresses (LDG.E.64 from the entry, a
-//! dependent round trip; L1 hit rate 51%). With 1 (ptxas sm_90): LDG.E.64 per kernel 57 -> 12
-//! (AdamW 8-bit and 4-bit), 45 -> 10 (Lion 8-bit), registers unchanged (128), no spills.
+//! Whether the pipelined two-state fused kernels with fp32 parameters (AdamW-like rules with
+//! blockwise states) copy each tensor's table entry into registers once per tensor (1) instead of
+//! reading its pointers from global memory in every task (0), as they must when the entry stays
+//! in memory (the task's stores could alias it). ncu (H200, 2026-11-29 19:30 UTC) showed the
+//! pipelined kernels waiting mostly on the long scoreboard (AdamW 8-bit 3.6 of 6.9 cycles between
+//! a warp's issues), each task's loads and stores first waiting for their addresses (LDG.E.64
+//! from the entry, a dependent round trip; L1 hit rate 51%). With the copy (ptxas sm_90):
+//! LDG.E.64 per kernel 57 -> 12, registers unchanged (128), no spills. Timed on the H200
+//! (2026-11-29 19:47 UTC, 2^28 params, interleaved, 0 / 1): AdamW 8-bit 1.214-1.221 ->
+//! 1.184-1.185 ms, 4-bit 1.214-1.220 -> 1.157-1.158, 64 tensors 1.245-1.257 -> 1.205-1.206, paged
+//! 1.213-1.223 -> 1.185-1.186; the one-state rules (three tasks in registers) were slower with it
+//! (Lion 8-bit 1.000 -> 1.014-1.015, SGD 8-bit 1.000 -> 1.012-1.014, Lion 4-bit 0.987-0.994 ->
+//! 1.002-1.003), so they keep reading the entry; the bf16-parameter kernel spilled 128 bytes.
 #ifndef QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS
-#define QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS 0
+#define QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS 1
 #endif
 inline constexpr bool fused_entry_in_registers = QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS != 0;
 
@@ -962,8 +967,9 @@ __global__ void __launch_bounds__(fused_block_threads,
     typename Rule::scalars const k = args.scalars[owner];
     // QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS: the tensor's pointers copied once per tensor, not
     // reloaded from global memory per task (the stores between could alias them)
-    // (fp32 parameters only: the bf16-parameter AdamW kernel spilled 128 bytes with the copy)
-    constexpr bool copy_entry = fused_entry_in_registers && std::same_as<P, float>;
+    // (fp32 parameters and two-state pipelined kernels only: see fused_entry_in_registers)
+    constexpr bool copy_entry = fused_entry_in_registers && std::same_as<P, float> &&
+                                detail::pipelined<Rule, Policy> && Rule::state_count >= 2;
     [[maybe_unused]] tensor_entry entry_copy;
     if constexpr (copy_entry)
       entry_copy = args.tensors[owner];
