@@ -1796,10 +1796,20 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {16, 2, 12, 2, true, 0, true, true},
     {12, 4, 8, 4, true, 0, true, true}};
 //! The shape batches 2 to 16 run with (blocks >= 64, k % 64 == 0) when a block owns at least 4
-//! tiles (more than 3 * SMs tiles of 16 rows): {16, 4} / {12, 4} with group_scales, the fastest
-//! above on 14336 x 4096 and 8192 x 8192 at both batches and on 28672 x 8192 at batch 16 (at
-//! batch 4 there {16, 2} gs was 2.7% faster). Else gemv_batch16_stream_short.
-inline constexpr gemvm_stream_shape gemv_batch16_stream = gemv_batch16_stream_candidates[6];
+//! tiles (more than 3 * SMs tiles of 16 rows), plain scales: the pair shape {12, 4} / {8, 4}
+//! (variant 39). Lead's integrated run (H200, 2026-11-29 19:55 UTC, copy 4164 GB/s, us per call;
+//! 14336 x 4096 / 8192 x 8192 / 28672 x 8192): batch 4 14.63 / 15.91 / 62.22 against 15.66 /
+//! 17.00 / 66.54 for {16, 4} / {12, 4} gs (variant 37, dispatched before), batch 16 19.39 / 19.85 /
+//! 77.98 against 21.20 / 21.63 / 86.08: batch 16 / batch 1 (10.92 / 12.50 / 40.15) 1.78 / 1.59 /
+//! 1.94 instead of 1.95 / 1.74 / 2.15. Nested scales (39 spills 164 bytes at batch <= 8 there) and
+//! the weights the pair shape declines (k % 128 != 0, codes not 16-byte aligned) run
+//! gemv_batch16_stream_unpaired. Else gemv_batch16_stream_short.
+inline constexpr gemvm_stream_shape gemv_batch16_stream = gemv_batch16_stream_candidates[8];
+//! {16, 4} / {12, 4} with group_scales (variant 37), the fastest unpaired shape on 14336 x 4096 and
+//! 8192 x 8192 at batches 4 and 16 and on 28672 x 8192 at batch 16 in the 19:27 UTC run above (at
+//! batch 4 there {16, 2} gs was 2.7% faster).
+inline constexpr gemvm_stream_shape gemv_batch16_stream_unpaired =
+    gemv_batch16_stream_candidates[6];
 //! Weights with fewer than 4 tiles per block (4096 rows on 132 SMs: 2): {16, 2} with
 //! group_scales at both batches, the fastest above on 4096 x 4096 and 4096 x 14336.
 inline constexpr gemvm_stream_shape gemv_batch16_stream_short = gemv_batch16_stream_candidates[5];
@@ -3107,6 +3117,17 @@ void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
     run(std::integral_constant<int, 2>{});
 }
 
+//! Batches 2 to 16 on weights where a block owns at least 4 tiles: the pair shape with plain
+//! scales, the unpaired one with nested scales or where the pair shape declines the weight.
+//! False when neither takes it.
+template <class Code, class T, bool Nested>
+bool launch_gemvm_long(exec::cuda const& e, gemv_args<T> const& a) {
+  if constexpr (!Nested)
+    if (launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream>(e, a))
+      return true;
+  return launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_unpaired>(e, a);
+}
+
 template <class Code, class T, bool Nested>
 void launch_gemv(exec::cuda const& e, gemv_args<T> const& a, bool fast) {
   if (fast) {
@@ -3119,7 +3140,7 @@ void launch_gemv(exec::cuda const& e, gemv_args<T> const& a, bool fast) {
                                                                                                a);
     else if (gemv_batch16_stream.warps > 0 &&
              ((a.n + 15) / 16 > 3 * std::size_t{multiprocessors(e.device)}
-                  ? launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream>(e, a)
+                  ? launch_gemvm_long<Code, T, Nested>(e, a)
                   : launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_short>(e, a)))
       return;
     else if (a.m <= 8)
