@@ -14,6 +14,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <source_location>
 #include <string>
 
@@ -38,6 +39,30 @@ inline void check_launch(exec::cuda const& e, char const* kernel,
   check(cudaGetLastError(), kernel, where);
   if (e.sync_after_launch)
     check(cudaStreamSynchronize(e.stream), kernel, where);
+}
+
+//! Launches `kernel` on `e`'s stream and checks the launch (check_launch). With `dependent`, as a
+//! programmatic dependent launch: the kernel may start while the stream's previous kernel is still
+//! running, so it must call cudaGridDependencySynchronize() before reading that kernel's results.
+template <class... Params, class... Args>
+void launch(exec::cuda const& e, bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block,
+            std::size_t smem, char const* name, Args const&... args) {
+  if (dependent) {
+    cudaLaunchAttribute attr[1] = {};
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = e.stream;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    check(cudaLaunchKernelEx(&config, kernel, args...), name);
+  } else {
+    kernel<<<grid, block, smem, e.stream>>>(args...);
+  }
+  check_launch(e, name);
 }
 
 //! Makes `device` current for this scope; restores the previous device on exit.

@@ -1524,26 +1524,11 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
         grid = grid < cap ? grid : cap;
       }
       auto const params = normal_encoder<C>::host_params(e.device);
-      if constexpr (std::is_same_v<Transform, subtract_offset>) {
-        // programmatic dependent launch after offset_mean (see quantize_whole)
-        cudaLaunchAttribute attr[1] = {};
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cudaLaunchConfig_t config = {};
-        config.gridDim = dim3(grid);
-        config.blockDim = dim3(static_cast<unsigned>(threads));
-        config.stream = e.stream;
-        config.attrs = attr;
-        config.numAttrs = 1;
-        qmem::cuda_detail::check(cudaLaunchKernelEx(&config, kernel, x, whole,
-                                                    log2_exact(block_size), codes, absmax, C::book,
-                                                    params, tf),
-                                 "cudaLaunchKernelEx(quantize_whole)");
-      } else {
-        kernel<<<grid, threads, 0, e.stream>>>(x, whole, log2_exact(block_size), codes, absmax,
-                                               C::book, params, tf);
-      }
-      qmem::cuda_detail::check_launch(e, "qmem::quant quantize_whole");
+      // with nested scales, a programmatic dependent launch after offset_mean (see quantize_whole)
+      qmem::cuda_detail::launch(e, std::is_same_v<Transform, subtract_offset>, kernel, dim3(grid),
+                                dim3(static_cast<unsigned>(threads)), 0,
+                                "qmem::quant quantize_whole", x, whole, log2_exact(block_size),
+                                codes, absmax, C::book, params, tf);
     }
     if (whole != blocks) {
       size_t const begin = whole * block_size;

@@ -2984,24 +2984,9 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
                      Shape.depth, Shape.warps, decltype(fullc)::value, Shape.async, Shape.grouped,
                      Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0 > ;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
-      if constexpr (Shape.pdl) {
-        cudaLaunchAttribute attr[1] = {};
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cudaLaunchConfig_t config = {};
-        config.gridDim = dim3(grid);
-        config.blockDim = dim3(threads);
-        config.dynamicSmemBytes = p.smem;
-        config.stream = e.stream;
-        config.attrs = attr;
-        config.numAttrs = 1;
-        cuda_detail::check(
-            cudaLaunchKernelEx(&config, kernel, a, values_of<Code>(), nested_values(), p),
-            "cudaLaunchKernelEx(gemv1_stream_kernel)");
-      } else {
-        kernel<<<grid, threads, p.smem, e.stream>>>(a, values_of<Code>(), nested_values(), p);
-      }
-      cuda_detail::check_launch(e, "qmem::quant::gemv1_stream_kernel");
+      cuda_detail::launch(e, Shape.pdl, kernel, dim3(grid), dim3(threads), p.smem,
+                          "qmem::quant::gemv1_stream_kernel", a, values_of<Code>(), nested_values(),
+                          p);
     };
     auto with_full = [&](auto jc) {
       if (full)
@@ -3048,24 +3033,9 @@ bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
              gemv1_stream_extra_bytes(Nested);
     allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
     unsigned const threads = 32u * p.col_groups;
-    if constexpr (Shape.pdl) {
-      cudaLaunchAttribute attr[1] = {};
-      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[0].val.programmaticStreamSerializationAllowed = 1;
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(grid);
-      config.blockDim = dim3(threads);
-      config.dynamicSmemBytes = p.smem;
-      config.stream = e.stream;
-      config.attrs = attr;
-      config.numAttrs = 1;
-      cuda_detail::check(
-          cudaLaunchKernelEx(&config, kernel, a, values_of<Code>(), nested_values(), p),
-          "cudaLaunchKernelEx(gemvm_stream_kernel)");
-    } else {
-      kernel<<<grid, threads, p.smem, e.stream>>>(a, values_of<Code>(), nested_values(), p);
-    }
-    cuda_detail::check_launch(e, "qmem::quant::gemvm_stream_kernel");
+    cuda_detail::launch(e, Shape.pdl, kernel, dim3(grid), dim3(threads), p.smem,
+                        "qmem::quant::gemvm_stream_kernel", a, values_of<Code>(), nested_values(),
+                        p);
   };
   if (a.m <= 8)
     run(std::integral_constant<int, 1>{});
