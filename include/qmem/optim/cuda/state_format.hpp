@@ -433,6 +433,21 @@ struct format_codec<F, true> {
       return false;
   }
 
+  //! All ones for a state with the sign bit set (negative, -0, negative NaN), else zero.
+  QMEM_HOST_DEVICE QMEM_INLINE static std::uint32_t sign_mask(float s) noexcept {
+    return static_cast<std::uint32_t>(static_cast<std::int32_t>(qmem::detail::float_to_bits(s)) >>
+                                      31);
+  }
+  //! The sign-fixed search's code in bits 24-31, capped for negative states (`mask`: sign_mask)
+  //! at (negative_codes - 1) in the code byte, any low bits; positive states pass unchanged.
+  QMEM_HOST_DEVICE QMEM_INLINE static std::uint32_t cap_negative(std::uint32_t high,
+                                                                 std::uint32_t mask) noexcept {
+    constexpr std::uint32_t cap_off =
+        ~((static_cast<std::uint32_t>(negative_codes - 1) << 24) | 0xffffffu);
+    std::uint32_t const cap = ~(mask & cap_off);
+    return high < cap ? high : cap;
+  }
+
   //! encode_finite_high(s, b) for a state of the block whose absmax is b.absmax: preconditions
   //! block_route(b.absmax), b.reciprocal set (block_route_scale or scale_of), and |s| <= b.absmax
   //! or s is NaN, as for every state of a block (its absmax is the maximum of the magnitudes, NaN
@@ -457,21 +472,16 @@ struct format_codec<F, true> {
       using table = typename codec<code>::search_type;
       float const xa =
           fmaxf(block_quotient(fabsf(s), b), qmem::detail::bits_to_float(table::floor_bits));
-      auto const mask = static_cast<std::uint32_t>(
-          static_cast<std::int32_t>(qmem::detail::float_to_bits(s)) >> 31);
+      auto const mask = sign_mask(s);
       std::uint32_t const high =
           c.search.code_high_bits_signed(qmem::detail::float_to_bits(xa), mask);
       return s != s ? 0u : high;
     } else if constexpr (F::sign_fix) {
       // encode_finite_high's sign-fixed search on the fp32 quotient
       float const xa = block_quotient(fabsf(s), b);
-      auto const mask = static_cast<std::uint32_t>(
-          static_cast<std::int32_t>(qmem::detail::float_to_bits(s)) >> 31);
+      auto const mask = sign_mask(s);
       std::uint32_t const high = c.search.code_high_bits(qmem::detail::float_to_bits(xa), mask);
-      constexpr std::uint32_t cap_off =
-          ~((static_cast<std::uint32_t>(negative_codes - 1) << 24) | 0xffffffu);
-      std::uint32_t const cap = ~(mask & cap_off);
-      return high < cap ? high : cap;
+      return cap_negative(high, mask);
     } else {
       float const x = fmaxf(block_quotient(s, b), 0.0f);
       return c.search.code_high_bits(qmem::detail::float_to_bits(x) & 0x7fffffffu, 0u);
@@ -488,14 +498,9 @@ struct format_codec<F, true> {
       if constexpr (F::sign_fix) {
         // |xn| = RN(|s| / absmax) (the sign comes from s; fabsf is an operand modifier)
         float const xa = static_cast<float>(static_cast<double>(fabsf(s)) * b.inverse);
-        auto const mask = static_cast<std::uint32_t>(
-            static_cast<std::int32_t>(qmem::detail::float_to_bits(s)) >> 31);
+        auto const mask = sign_mask(s);
         std::uint32_t const high = c.search.code_high_bits(qmem::detail::float_to_bits(xa), mask);
-        // the cap of negative states: (negative_codes - 1) in the code byte, any low bits
-        constexpr std::uint32_t cap_off =
-            ~((static_cast<std::uint32_t>(negative_codes - 1) << 24) | 0xffffffu);
-        std::uint32_t const cap = ~(mask & cap_off);
-        return high < cap ? high : cap;
+        return cap_negative(high, mask);
       } else {
         float const xn = static_cast<float>(static_cast<double>(s) * b.inverse);
         float const x = fmaxf(xn, 0.0f); // NaN and negative xn: +0 (either zero when xn = -0)
