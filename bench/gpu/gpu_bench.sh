@@ -7,6 +7,7 @@
 #   run.log            configure/build/test/sanitizer output
 #   quant_bench.json   qmem quantization benchmarks (Google Benchmark JSON)
 #   matmul_bench.json, optim_bench.json   the other layers' goal rows (step `others`)
+#   host_optim_bench.json   the host optimizer rows (step `host`)
 #   anchors.json       peer_bench.py (bitsandbytes and torch)
 #   peer_gemv.json     peer_gemv_graph.py
 #   report.md, gpu_quant_roofline.svg   gpu_report.py's table and chart
@@ -14,7 +15,9 @@
 # Prepare on the development machine first: bench/gpu/gpu_prepare.sh (fills .peers/), then
 #   run(command="OUT=$OUT bench/gpu/gpu_bench.sh all", carry=[".peers"])
 # Steps, comma-separated: all (default: tests,bench,peers) | tests | bench | peers | others (the
-# other layers' benchmarks, matmul and optim: goal rows, MATMUL_FILTER / OPTIM_FILTER).
+# other layers' benchmarks, matmul and optim: goal rows, MATMUL_FILTER / OPTIM_FILTER) | host (the
+# host optimizer benchmark, bench/optim_bench.cpp, on the machine's own CPU cores: HOST_FILTER).
+# TEST_FAST=1 compiles the test units with nvcc's fast-compile level (-Ofc max), as CI does.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-$root/out}
@@ -30,6 +33,7 @@ say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$log"; }
 say "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >>"$log" 2>&1
 nvcc --version | tail -1 >>"$log"
+grep -m1 'model name' /proc/cpuinfo >>"$log"; nproc >>"$log"
 
 peers_pid=
 if has peers && [[ -d $root/.peers/bitsandbytes ]]; then
@@ -55,14 +59,16 @@ gpu_test_units=(main.cpp core/backend_test.cpp core/error_test.cpp core/exec_tes
 nv=(nvcc -std=c++20 -arch=sm_90 -O3 -Xcompiler -O1 -DNDEBUG --extended-lambda -Werror=all-warnings
     -I"$root/include" -I"$deps/include")
 tests=$build/qmem_tests_cuda
-if has tests || has bench || has others; then
+test_opt=()
+[[ ${TEST_FAST:-0} == 1 ]] && test_opt=(-Ofc max)
+if has tests || has bench || has others || has host; then
   say "build (nvcc, parallel)"
   mkdir -p "$build/obj"
   pids=()
   if has tests; then
     for unit in "${gpu_test_units[@]}"; do
       obj=$build/obj/$(tr / _ <<<"$unit").o
-      ("${nv[@]}" -x cu -I"$root/tests" -DQMEM_TEST_DATA_DIR="\"$root/tests/data\"" \
+      ("${nv[@]}" "${test_opt[@]}" -x cu -I"$root/tests" -DQMEM_TEST_DATA_DIR="\"$root/tests/data\"" \
          -c "$root/tests/$unit" -o "$obj" >"$obj.log" 2>&1 || say "COMPILE FAILED tests/$unit") &
       pids+=($!)
     done
@@ -76,6 +82,12 @@ if has tests || has bench || has others; then
        say "COMPILE FAILED bench/cuda/${b}_bench.cu") &
     pids+=($!)
   done
+  if has host; then
+    (g++ -std=c++20 -O3 -march=native -fno-math-errno -DNDEBUG -I"$root/include" -I"$deps/include" \
+       "$root/bench/optim_bench.cpp" -L"$deps/lib/x86_64-linux-gnu" -lbenchmark -lpthread \
+       -o "$build/optim_bench_host" >"$build/host.log" 2>&1 || say "COMPILE FAILED bench/optim_bench.cpp") &
+    pids+=($!)
+  fi
   wait "${pids[@]}"
   cat "$build"/obj/*.log "$build"/*.log 2>/dev/null | grep -v '^$' | tail -n 60 >>"$log"
   if has tests; then
@@ -133,6 +145,12 @@ if has others; then
       --benchmark_out="$OUT/optim_bench.json" --benchmark_out_format=json >/dev/null 2>>"$log" ||
       say "optimizer benchmark FAILED"
   fi
+fi
+if has host && [[ -x $build/optim_bench_host ]]; then
+  say "host optimizer benchmark ($(nproc) threads)"
+  timeout 150 "$build/optim_bench_host" --benchmark_filter="${HOST_FILTER:-adamw_(8|4)bit(/|_1thread)}" \
+    --benchmark_out="$OUT/host_optim_bench.json" --benchmark_out_format=json >>"$log" 2>&1 ||
+    say "host optimizer benchmark FAILED"
 fi
 if has bench && [[ -f $OUT/quant_bench.json ]]; then
   say "report"
