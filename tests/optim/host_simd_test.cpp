@@ -11,6 +11,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -214,9 +215,11 @@ std::vector<float> near_step_states(float amax) {
 #if QMEM_OPTIM_HOST_SIMD
 // F's SIMD block encoder of the given ISA on the blocks of `v` against F::encode per element;
 // `vbmi`: the AVX-512 kernels that pack codes by byte permutes (store_block8_vbmi,
-// store_block4_vbmi).
+// store_block4_vbmi), 4-bit codes by the thresholds (block_codes4_search) unless `search4` is
+// false (then by the block table's gathers, block_codes_vbmi<4>).
 template <class F>
-std::size_t block_kernel_mismatches(host_isa isa, std::vector<float> const& v, bool vbmi = false) {
+std::size_t block_kernel_mismatches(host_isa isa, std::vector<float> const& v, bool vbmi = false,
+                                    bool search4 = true) {
   optim::detail::host_encoder<F> const enc;
   REQUIRE(enc.table != nullptr);
   std::size_t bad = 0;
@@ -239,7 +242,8 @@ std::size_t block_kernel_mismatches(host_isa isa, std::vector<float> const& v, b
     else
       amax = isa != host_isa::avx512 ? optim::detail::store_block4(*enc.table, enc.block_entries,
                                                                    vb, m, codes.data(), done)
-             : vbmi ? optim::detail::store_block4_vbmi(*enc.table, enc.block_entries, vb, m,
+             : vbmi ? optim::detail::store_block4_vbmi(*enc.table, enc.block_entries,
+                                                       search4 ? enc.steps4 : nullptr, vb, m,
                                                        codes.data(), done)
                     : optim::detail::store_block4_512(*enc.table, enc.block_entries, vb, m,
                                                       codes.data(), done);
@@ -288,6 +292,10 @@ void check_block_kernels(char const* name) {
     if (vbmi) {
       CHECK(block_kernel_mismatches<F>(host_isa::avx512, v, true) == 0);
       CHECK(block_kernel_mismatches<F>(host_isa::avx512, cut, true) == 0);
+      if (F::bits == 4) {
+        CHECK(block_kernel_mismatches<F>(host_isa::avx512, v, true, false) == 0);
+        CHECK(block_kernel_mismatches<F>(host_isa::avx512, cut, true, false) == 0);
+      }
     }
   }
   std::printf("[qmem block table] %s: %zu states near steps, %zu SIMD paths\n", name, values,
@@ -313,6 +321,9 @@ std::vector<std::uint8_t> run(host_isa isa, R rule, optim::nonfinite_policy nf, 
     // a few elements of very different scale, and non-finite gradients where they are skipped
     for (std::size_t j = 0; j < sizes[i]; j += 97)
       grads[i][j] *= 1e4f;
+    // zero gradients over whole blocks: states of absmax 0 (the kernels' fallback path)
+    if (sizes[i] > 1000)
+      std::fill(grads[i].begin() + 512, grads[i].begin() + 1024, 0.0f);
     if (nf == optim::nonfinite_policy::skip_element && sizes[i] > 40) {
       grads[i][3] = std::numeric_limits<float>::quiet_NaN();
       grads[i][40] = -std::numeric_limits<float>::infinity();
@@ -395,6 +406,76 @@ TEST_CASE("block tables: equal to each format's encoder with the sign fix, and s
   check_block_kernels<unsigned8>("dynamic_unsigned");
   check_block_kernels<signed4>("dynamic4_signed");
   check_block_kernels<unsigned4>("linear4_unsigned");
+}
+
+// block_codes4_search's division-free test |s| > Q_j against F::encode(s, absmax) (which divides):
+// for absmax of every binade (random mantissas, subnormal ones included) the states nearest to
+// absmax B_j for every threshold j of both signs, +-4 ulps, in blocks of 128 whose first state is
+// +-absmax.
+template <class F>
+void check_search4(char const* name, std::size_t absmaxes) {
+  CAPTURE(name);
+  using optim::detail::step_search4;
+#if QMEM_OPTIM_HOST_SIMD
+  optim::detail::host_encoder<F> const enc;
+  if (!optim::detail::host_step_search4()) {
+    CHECK(enc.steps4 == nullptr);
+    MESSAGE("this CPU has no AVX-512 VBMI and DQ: block_codes4_search not run");
+    return;
+  }
+  REQUIRE(enc.steps4 != nullptr); // the optimizer's 4-bit maps fit: the step uses the kernel
+  step_search4 const& steps = *enc.steps4;
+  std::mt19937 rng(11);
+  std::size_t values = 0, bad = 0;
+  std::vector<float> v;
+  std::vector<std::uint8_t> codes(F::block_size / 2);
+  for (std::size_t k = 0; k < absmaxes; ++k) {
+    // exponent bits 0 (subnormal) .. 254, random mantissa (not 0 for a subnormal)
+    auto const bits = static_cast<std::uint32_t>((k % 255) << 23 | (rng() & 0x7fffffu)) | 1u;
+    float const amax = std::bit_cast<float>(bits);
+    v.clear();
+    for (double b : steps.bound) {
+      float const near = static_cast<float>(static_cast<double>(amax) * b);
+      for (int d = -4; d <= 4; ++d) {
+        auto const u = static_cast<std::int64_t>(std::bit_cast<std::uint32_t>(near)) + d;
+        float const s =
+            u < 0 ? 0.0f : std::min(std::bit_cast<float>(static_cast<std::uint32_t>(u)), amax);
+        v.push_back(s);
+        v.push_back(-s);
+      }
+    }
+    for (std::size_t b = 0; b < v.size(); b += F::block_size)
+      v.insert(v.begin() + static_cast<std::ptrdiff_t>(b),
+               b / F::block_size % 2 == 0 ? amax : -amax);
+    while (v.size() % F::block_size != 0)
+      v.push_back(0.0f);
+    for (std::size_t b = 0; b < v.size(); b += F::block_size) {
+      optim::detail::block_codes4_search(steps, v.data() + b, F::block_size, amax, codes.data());
+      for (std::size_t i = 0; i < F::block_size; ++i) {
+        float const s = v[b + i];
+        auto const got =
+            static_cast<std::uint8_t>(i % 2 == 0 ? codes[i / 2] >> 4 : codes[i / 2] & 15);
+        std::uint8_t const want = F::encode(s, amax);
+        ++values;
+        if (got != want && bad++ < 10)
+          FAIL_CHECK("absmax ", amax, " (bits ", bits, ") s = ", s, " (bits ",
+                     std::bit_cast<std::uint32_t>(s), "): ", int(got), ", encode ", int(want));
+      }
+    }
+  }
+  CHECK(bad == 0);
+  std::printf("[qmem 4-bit threshold search] %s: %zu states near thresholds, %zu differ\n", name,
+              values, bad);
+#else
+  (void)absmaxes;
+  MESSAGE("no SIMD kernels in this build");
+#endif
+}
+
+TEST_CASE("4-bit encode by thresholds on the state (no division) equals the encoder") {
+  using optim::blockwise_format;
+  check_search4<blockwise_format<optim::dynamic4_signed, 128>>("dynamic4_signed", 4000);
+  check_search4<blockwise_format<optim::linear4_unsigned, 128>>("linear4_unsigned", 4000);
 }
 
 TEST_CASE("8-bit decode by byte permutes (AVX-512 VBMI) equals the gather decode") {

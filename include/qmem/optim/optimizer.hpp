@@ -109,6 +109,9 @@ struct host_encoder {
   std::uint32_t const* block_entries = block_entries_of();
   //! The code's values as byte planes (8-bit codes: detail::decode8_vbmi).
   byte_planes const* planes = planes_of();
+  //! The block table's steps as thresholds (4-bit codes: detail::block_codes4_search), or
+  //! nullptr where they do not fit or the CPU cannot run that kernel.
+  step_search4 const* steps4 = steps4_of();
 
   //! code_type::encode(xn), exactly.
   QMEM_INLINE std::uint8_t code(float xn) const noexcept {
@@ -176,6 +179,20 @@ struct host_encoder {
     } else {
       return -1;
     }
+  }
+  static step_search4 const* steps4_of() {
+#if QMEM_OPTIM_HOST_SIMD
+    if constexpr (code_type::bits == 4) {
+      static step_search4 const* const p = []() -> step_search4 const* {
+        if (block_entries_of() == nullptr || !host_step_search4())
+          return nullptr;
+        static step_search4 const s(block_entries_of());
+        return s.usable() ? &s : nullptr;
+      }();
+      return p;
+    }
+#endif
+    return nullptr;
   }
   static byte_planes const* planes_of() {
     static byte_planes const p(values_of());
@@ -643,6 +660,95 @@ private:
                       typename Rule::scalars const& k) noexcept {
     update_variant<Chunk>(skip_bad, update_scale, m, p, g, s, k);
   }
+
+  //! A block of 4-bit states waiting to be encoded (update_encode4): per state its updated
+  //! values, the thresholds' source and where its codes and absmax go.
+  struct pending_block4 {
+    float const* values[state_count > 0 ? state_count : 1];
+    detail::step_search4 const* steps[state_count > 0 ? state_count : 1];
+    std::uint8_t* codes[state_count > 0 ? state_count : 1];
+    float* absmax[state_count > 0 ? state_count : 1];
+  };
+
+  //! The rule over the `bs` elements of one block (bs a multiple of 64), interleaved 64 elements
+  //! at a time with the encoding of another block `w` of 4-bit states (block_codes4_search's
+  //! operations). The rule's loop waits on the divider (a square root and a division per
+  //! element) and the encoding on the permute port, so the core runs them side by side when
+  //! they come in small pieces; the same operations as update_chunk and store_state, in another
+  //! order (they touch different elements): the same bits. Returns false, having written
+  //! nothing, where a state of `w` has an absmax that is not positive and finite
+  //! (block_table_applies). AVX-512 F, BW, DQ and VBMI.
+  template <std::size_t Chunk>
+#if defined(__clang__)
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi")))
+#else
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi,prefer-vector-width=512"),
+                 optimize("fp-contract=off")))
+#endif
+  static bool
+  update_encode4(bool skip_bad, float update_scale, std::size_t bs, float* QMEM_RESTRICT p,
+                 float const* QMEM_RESTRICT g, float* s0, typename Rule::scalars const& k,
+                 pending_block4 const& w) noexcept {
+    constexpr int N = state_count;
+    float amax[N > 0 ? N : 1];
+    for (int q = 0; q < N; ++q) {
+      amax[q] = std::bit_cast<float>(detail::absmax_bits_512(w.values[q], bs));
+      if (!detail::block_table_applies(amax[q]))
+        return false;
+    }
+    detail::search4_block blocks[N > 0 ? N : 1];
+    for (int q = 0; q < N; ++q) {
+      *w.absmax[q] = amax[q];
+      blocks[q] = detail::search4_block(*w.steps[q], amax[q]);
+    }
+    for (std::size_t i = 0; i < bs; i += 64) {
+      // the chunk's state rows from element i on (row q at s0 + q Chunk + i)
+      update_variant<Chunk>(skip_bad, update_scale, 64, p + i, g + i,
+                            reinterpret_cast<float(*)[Chunk]>(s0 + i), k);
+      for (int q = 0; q < N; ++q)
+        blocks[q].codes64(w.values[q] + i, w.codes[q] + i / 2);
+    }
+    return true;
+  }
+#endif
+
+  //! One block of a chunk in the interleaved 4-bit step (update_tensor): the rule over elements
+  //! [j, j + BS) of chunk b, and the encoding of the block before it (block j - BS of this
+  //! chunk, or with `waiting` the previous chunk's last block, in `prev`), together by
+  //! update_encode4 where every state's absmax lets block_codes4_search encode it, else one after
+  //! the other by update_chunk and store_state.
+#if QMEM_OPTIM_HOST_SIMD
+  template <class P, std::size_t Chunk, std::size_t BS, class Refs, class Encoders>
+  void update_block4(std::size_t j, std::size_t b, float* p, float const* g, float (*s)[Chunk],
+                     float (*prev)[Chunk], bool waiting, std::size_t waiting_first,
+                     detail::host_isa isa, bool skip_bad, float update_scale,
+                     typename Rule::scalars const& k, Refs const& refs, Encoders const& encoders,
+                     std::int32_t step) const {
+    bool const encode = j > 0 || waiting;
+    float(*const src)[Chunk] = j > 0 ? s : prev;
+    std::size_t const offset = j > 0 ? j - BS : Chunk - BS;
+    std::size_t const first = j > 0 ? b + j - BS : waiting_first;
+    if (encode) {
+      pending_block4 w{};
+      detail::for_each_state<state_count>([&](auto K) {
+        auto const& r = std::get<K.value>(refs);
+        w.values[K.value] = src[K.value] + offset;
+        w.steps[K.value] = std::get<K.value>(encoders).steps4;
+        w.codes[K.value] = r.codes + first / 2;
+        w.absmax[K.value] = r.absmax + first / BS;
+      });
+      if (update_encode4<Chunk>(skip_bad, update_scale, BS, p + j, g + j, s[0] + j, k, w))
+        return;
+    }
+    update_chunk<Chunk>(isa, skip_bad, update_scale, BS, p + j, g + j,
+                        reinterpret_cast<float(*)[Chunk]>(s[0] + j), k);
+    if (encode)
+      detail::for_each_state<state_count>([&](auto K) {
+        using F = format_of<P, K.value>;
+        store_state<F>(std::get<K.value>(refs), src[K.value] + offset, first, BS, step, K.value,
+                       std::get<K.value>(encoders), isa);
+      });
+  }
 #endif
 
   //! Writes values v[0, count) of elements [first, first + count) of a state of format F
@@ -673,8 +779,8 @@ private:
                      : detail::store_block8_512(*enc.table, enc.block_entries, enc.negative_below,
                                                 vb, m, r.codes + first + b, done);
           else
-            amax = vbmi ? detail::store_block4_vbmi(*enc.table, enc.block_entries, vb, m,
-                                                    r.codes + (first + b) / 2, done)
+            amax = vbmi ? detail::store_block4_vbmi(*enc.table, enc.block_entries, enc.steps4, vb,
+                                                    m, r.codes + (first + b) / 2, done)
                         : detail::store_block4_512(*enc.table, enc.block_entries, vb, m,
                                                    r.codes + (first + b) / 2, done);
         } else if (isa == detail::host_isa::avx2 && enc.table != nullptr) {
@@ -905,11 +1011,56 @@ private:
     // parameters, one thread, 1.91-1.96 -> 1.50-1.57 ns/param (1.55-1.61 with one chunk of
     // look-ahead; dev box, 2026-11-29).
     constexpr std::size_t prefetch_ahead = 2 * chunk;
+    // Every state 4-bit blockwise with one block size (AdamW, Lion... with int4_state): on a CPU
+    // that runs block_codes4_search each block's encoding is interleaved with the rule of the
+    // next block (update_encode4), the last block of a chunk waiting for the next chunk.
+    constexpr std::size_t bs4 = [] {
+      std::size_t b = 0;
+      bool ok = N > 0;
+      detail::for_each_state<N>([&](auto K) {
+        using F = format_of<P, K.value>;
+        if constexpr (F::blockwise) {
+          ok = ok && F::bits == 4 && F::block_size % 64 == 0 && (b == 0 || b == F::block_size);
+          b = F::block_size;
+        } else {
+          ok = false;
+        }
+      });
+      return ok ? b : 0;
+    }();
+    [[maybe_unused]] bool interleave4 = false;
+#if QMEM_OPTIM_HOST_SIMD
+    if constexpr (bs4 != 0) {
+      interleave4 = vbmi;
+      detail::for_each_state<N>(
+          [&](auto K) { interleave4 = interleave4 && std::get<K.value>(encoders).steps4; });
+    }
+#endif
     qmem::detail::parallel_for(
         e, n, chunk,
         [&](std::size_t b0, std::size_t e0) {
-          float p_copy[chunk], g_copy[chunk], s[N > 0 ? N : 1][chunk];
+          float p_copy[chunk], g_copy[chunk], states[2][N > 0 ? N : 1][chunk];
+          // interleave4: the last block of the previous chunk, not yet encoded (in
+          // states[buffer ^ 1])
+          bool waiting = false;
+          int buffer = 0;
+          std::size_t waiting_first = 0; // its first element
+          // encodes the waiting block (store_state)
+          auto flush = [&] {
+            if constexpr (bs4 != 0) {
+              if (!waiting)
+                return;
+              detail::for_each_state<N>([&](auto K) {
+                using F = format_of<P, K.value>;
+                store_state<F>(std::get<K.value>(refs), states[buffer ^ 1][K.value] + chunk - bs4,
+                               waiting_first, bs4, si.step, K.value, std::get<K.value>(encoders),
+                               isa);
+              });
+              waiting = false;
+            }
+          };
           for (std::size_t b = b0; b < e0; b += chunk) {
+            float(*s)[chunk] = states[buffer];
             std::size_t const m = std::min(chunk, e0 - b);
             // fp32 parameters are updated in place, fp32 gradients read in place when unscaled
             // (x * 1.0f is x): no copy through the chunk arrays
@@ -938,12 +1089,30 @@ private:
               });
             }
             load_states(b, m, s);
-            update_chunk<chunk>(isa, skip_bad, update_scale, m, p, g, s, k);
-            detail::for_each_state<N>([&](auto K) {
-              using F = format_of<P, K.value>;
-              store_state<F>(std::get<K.value>(refs), s[K.value], b, m, si.step, K.value,
-                             std::get<K.value>(encoders), isa);
-            });
+            bool interleaved = false;
+#if QMEM_OPTIM_HOST_SIMD
+            if constexpr (bs4 != 0) {
+              if (interleave4 && m == chunk) {
+                for (std::size_t j = 0; j < chunk; j += bs4)
+                  update_block4<P, chunk, bs4>(j, b, p, g, s, states[buffer ^ 1], waiting,
+                                               waiting_first, isa, skip_bad, update_scale, k, refs,
+                                               encoders, si.step);
+                waiting = true; // this chunk's last block
+                waiting_first = b + chunk - bs4;
+                buffer ^= 1;
+                interleaved = true;
+              }
+            }
+#endif
+            if (!interleaved) {
+              flush();
+              update_chunk<chunk>(isa, skip_bad, update_scale, m, p, g, s, k);
+              detail::for_each_state<N>([&](auto K) {
+                using F = format_of<P, K.value>;
+                store_state<F>(std::get<K.value>(refs), s[K.value], b, m, si.step, K.value,
+                               std::get<K.value>(encoders), isa);
+              });
+            }
             if (master != nullptr)
               std::copy_n(p, m, master + b);
             if constexpr (!std::same_as<Param, float>) {
@@ -959,6 +1128,7 @@ private:
               }
             }
           }
+          flush();
         },
         std::size_t{1} << 15);
   }

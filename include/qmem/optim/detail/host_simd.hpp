@@ -92,6 +92,93 @@ struct byte_planes {
   }
 };
 
+//! The 4-bit block encoder without a division (block_codes4_search): the steps of a 4-bit
+//! format's block table (see block_encode16) as bounds on the unnormalized state, from which each
+//! block computes its thresholds.
+//!
+//! The block table maps xn = RN(s / absmax) to a code by |xn| and the sign of s: per sign a step
+//! function of |xn| whose step j leaves its lower code above T_j (the largest magnitude that
+//! still maps below). RN is monotone, so RN(|s| / a) > T_j exactly when |s| / a > B_j, the
+//! midpoint of T_j and the next float (or = B_j when that float's last bit is even: the tie goes
+//! to it), i.e. when |s| > a B_j (a > 0). a B_j is exact in double (24 + 25 significant bits), so
+//! with Q_j the largest float <= a B_j (minus one unit in the last place for a tie that goes up)
+//! the test is |s| > Q_j on float bits, exactly, for every finite s with |s| <= a. Per block
+//! that is two multiplications and conversions of 16 doubles instead of one IEEE division per
+//! state; per 16 states a binary search of four levels over the 15 thresholds of each sign, each
+//! level a 32-entry permute (both signs), a comparison and a masked add, all in registers.
+//! Built when both signs together have at most 15 steps (the optimizer's 4-bit maps: signed
+//! dynamic 8 + 7, linear without zero 15 + 0); `usable()` says whether it was.
+struct step_search4 {
+  //! B_j of compact slot j (the positive side's steps ascending, then the negative side's);
+  //! the unused slots and slot 15 hold 1.0 (a B = a: no state is above it).
+  alignas(64) double bound[16];
+  //! Level l (step s = 8 >> l of the search), sign (0 positive): the slot of the threshold the
+  //! search compares at count c, T[c + s - 1] of that sign, or slot 15 past the last (level 0,
+  //! where every count is 0: T[7] in every lane, a broadcast).
+  alignas(64) std::int32_t level[4][2][16];
+  //! The code of sign * 16 + count (count = the number of thresholds below |s|).
+  alignas(64) std::uint8_t code[64];
+  //! Bit j: a ratio equal to B_j takes the upper code (round to nearest even).
+  std::uint16_t tie_up = 0;
+
+  //! From the entries of a block table (search_table::entries() of host_encoder::block_table).
+  explicit step_search4(std::uint32_t const* entries) noexcept : bound{}, level{}, code{} {
+    using quant::detail::search_table;
+    std::uint32_t limit[2][16] = {};
+    std::uint8_t codes[2][16] = {};
+    int count[2] = {0, 0};
+    for (int sign = 0; sign < 2; ++sign) {
+      std::uint32_t const* e = entries + static_cast<std::size_t>(sign) * search_table::buckets;
+      std::uint32_t current = e[0] & 0xffu;
+      codes[sign][0] = static_cast<std::uint8_t>(current);
+      for (std::size_t k = 0; k < search_table::buckets; ++k) {
+        std::uint32_t const lo = e[k] & 0xffu;
+        std::uint32_t const hi = (e[k] >> 8) & 0xffu;
+        if (lo != current)
+          return; // not a step function of |xn| as read here
+        if (lo == hi)
+          continue;
+        if (count[sign] == 15)
+          return;
+        auto const key = static_cast<std::uint32_t>(search_table::key_lo + k);
+        limit[sign][count[sign]] = (key << search_table::shift) | (e[k] >> 16);
+        codes[sign][++count[sign]] = static_cast<std::uint8_t>(hi);
+        current = hi;
+      }
+    }
+    if (count[0] + count[1] > 15)
+      return;
+    for (double& b : bound)
+      b = 1.0;
+    int const base[2] = {0, count[0]};
+    for (int sign = 0; sign < 2; ++sign) {
+      for (int j = 0; j < count[sign]; ++j) {
+        std::uint32_t const t = limit[sign][j];
+        int const slot = base[sign] + j;
+        // the midpoint of two neighbouring floats: exact in double
+        bound[slot] = (static_cast<double>(std::bit_cast<float>(t)) +
+                       static_cast<double>(std::bit_cast<float>(t + 1))) /
+                      2.0;
+        if ((t & 1u) != 0) // the upper neighbour t + 1 is even
+          tie_up = static_cast<std::uint16_t>(tie_up | (1u << slot));
+      }
+      for (int l = 0; l < 4; ++l)
+        for (int c = 0; c < 16; ++c) {
+          int const j = (l == 0 ? 0 : c) + (8 >> l) - 1; // level 0: every lane at count 0
+          level[l][sign][c] = j < count[sign] ? base[sign] + j : 15;
+        }
+      for (int c = 0; c < 16; ++c)
+        code[16 * sign + c] = codes[sign][c < count[sign] ? c : count[sign]];
+    }
+    usable_ = true;
+  }
+  //! Whether the format's steps fit (at most 15 over both signs) and form step functions.
+  [[nodiscard]] bool usable() const noexcept { return usable_; }
+
+private:
+  bool usable_ = false;
+};
+
 #if QMEM_OPTIM_HOST_SIMD
 
 // --- AVX2: 8 lanes ---
@@ -625,6 +712,106 @@ block_codes_vbmi(std::uint32_t const* block_entries, float const* QMEM_RESTRICT 
   }
 }
 
+//! Whether the CPU has what block_codes4_search needs: AVX-512 F, BW, DQ and VBMI (the ISA
+//! limit aside: the kernel runs only inside store_block4_vbmi, which the step calls only when
+//! host_vbmi()).
+inline bool host_step_search4() noexcept {
+  static bool const cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vbmi");
+  return cpu;
+}
+
+//! Per 32-bit lane, sign * 16 + the number of the block's thresholds below |x| for the 16 states
+//! at x (block_codes4_search): t[l][sign] holds, at each count, the threshold that level l of the
+//! binary search compares (step 8 >> l). Per 16 states 15 instructions, 7 of them permutes or
+//! comparisons.
+__attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512i
+step_count16(__m512i const (&t)[4][2], float const* x) noexcept {
+  __m512i const u = _mm512_loadu_si512(x);
+  __m512i const magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+  __mmask16 const negative = _mm512_movepi32_mask(u);
+  __m512i c = _mm512_maskz_mov_epi32(negative, _mm512_set1_epi32(16));
+  __m512i const first = _mm512_mask_blend_epi32(negative, t[0][0], t[0][1]);
+  c = _mm512_mask_add_epi32(c, _mm512_cmpgt_epi32_mask(magnitude, first), c, _mm512_set1_epi32(8));
+  for (int l = 1; l < 4; ++l) {
+    __m512i const threshold = _mm512_permutex2var_epi32(t[l][0], c, t[l][1]);
+    c = _mm512_mask_add_epi32(c, _mm512_cmpgt_epi32_mask(magnitude, threshold), c,
+                              _mm512_set1_epi32(8 >> l));
+  }
+  return c;
+}
+
+//! One block's thresholds for block_codes4_search, in registers: Q_j of every step from the
+//! block's absmax, arranged per level of the search and sign (see step_count16), and the code of
+//! each count. AVX-512 DQ.
+struct search4_block {
+  __m512i t[4][2];
+  __m512i code;
+
+  search4_block() = default; //!< uninitialized (assign a constructed one before use)
+
+  __attribute__((target("avx512f,avx512dq"), always_inline))
+  search4_block(step_search4 const& steps, float amax) noexcept {
+    // Q (float bits, compact slots): the largest float <= a B, exact from the double product
+    __m512d const a = _mm512_set1_pd(static_cast<double>(amax));
+    __m512d const p0 = _mm512_mul_pd(a, _mm512_load_pd(steps.bound));
+    __m512d const p1 = _mm512_mul_pd(a, _mm512_load_pd(steps.bound + 8));
+    __m256 const q0 = _mm512_cvt_roundpd_ps(p0, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m256 const q1 = _mm512_cvt_roundpd_ps(p1, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    auto const exact =
+        static_cast<__mmask16>(_mm512_cmp_pd_mask(_mm512_cvtps_pd(q0), p0, _CMP_EQ_OQ) |
+                               (_mm512_cmp_pd_mask(_mm512_cvtps_pd(q1), p1, _CMP_EQ_OQ) << 8));
+    __m512i q = _mm512_castps_si512(_mm512_insertf32x8(_mm512_castps256_ps512(q0), q1, 1));
+    // a tie that goes up: |s| >= a B, i.e. |s| above the float below a B
+    q = _mm512_mask_sub_epi32(q, static_cast<__mmask16>(exact & steps.tie_up), q,
+                              _mm512_set1_epi32(1));
+    for (int l = 0; l < 4; ++l)
+      for (int sign = 0; sign < 2; ++sign)
+        t[l][sign] = _mm512_permutexvar_epi32(_mm512_load_si512(steps.level[l][sign]), q);
+    code = _mm512_load_si512(steps.code);
+  }
+
+  //! The codes of the 64 states at v, two per byte (the first in the high nibble), into out[0,
+  //! 32): the counts packed by two byte permutes and a blend (as block_codes_vbmi<4>), turned
+  //! into codes by one byte permute. AVX-512 VBMI.
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi"), always_inline)) void
+  codes64(float const* v, std::uint8_t* out) const noexcept {
+    __m512i const index = _mm512_load_si512(pair_permute<true>.index);
+    __m512i c[4];
+    for (int r = 0; r < 4; ++r)
+      c[r] = step_count16(t, v + 16 * r);
+    __m512i const g = _mm512_permutexvar_epi8(
+        _mm512_mask_blend_epi64(0xcc, _mm512_permutex2var_epi8(c[0], index, c[1]),
+                                _mm512_permutex2var_epi8(c[2], index, c[3])),
+        code);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm256_or_si256(_mm512_castsi512_si256(_mm512_slli_epi16(g, 4)),
+                                        _mm512_extracti64x4_epi64(g, 1)));
+  }
+};
+
+//! The 4-bit codes of the states v[0, m) (m a multiple of 16) of a block whose absmax `amax` is
+//! positive and finite, by the thresholds of `steps` (see step_search4): the block table's codes
+//! without a division and without a gather. Packed as block_codes_vbmi<4> packs them (two byte
+//! permutes and a blend per 64 values), the counts turned into codes by one byte permute.
+//! AVX-512 VBMI and DQ.
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi"))) inline void
+block_codes4_search(step_search4 const& steps, float const* QMEM_RESTRICT v, std::size_t m,
+                    float amax, std::uint8_t* QMEM_RESTRICT codes) noexcept {
+  search4_block const blk(steps, amax);
+  std::size_t i = 0;
+  for (; i + 64 <= m; i += 64)
+    blk.codes64(v + i, codes + i / 2);
+  for (; i < m; i += 16) {
+    // every byte through the code table; the truncations below keep each lane's lowest byte
+    __m512i const c = _mm512_permutexvar_epi8(step_count16(blk.t, v + i), blk.code);
+    // 64-bit lane: first | second << 32  ->  first << 4 | second in its low byte
+    __m512i const pairs = _mm512_or_si512(_mm512_slli_epi64(c, 4), _mm512_srli_epi64(c, 32));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i / 2), _mm512_cvtepi64_epi8(pairs));
+  }
+}
+
 //! store_block8_512 with block_codes_vbmi<8> where the block table applies. AVX-512 VBMI.
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline float
 store_block8_vbmi(quant::detail::search_table const& t, std::uint32_t const* block_entries,
@@ -638,16 +825,21 @@ store_block8_vbmi(quant::detail::search_table const& t, std::uint32_t const* blo
   return amax;
 }
 
-//! store_block4_512 with block_codes_vbmi<4> where the block table applies. AVX-512 VBMI.
+//! store_block4_512 with block_codes_vbmi<4> where the block table applies, or with
+//! block_codes4_search where `steps` is not nullptr (then usable, and host_step_search4()).
+//! AVX-512 VBMI.
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline float
 store_block4_vbmi(quant::detail::search_table const& t, std::uint32_t const* block_entries,
-                  float const* QMEM_RESTRICT v, std::size_t m, std::uint8_t* QMEM_RESTRICT codes,
-                  std::size_t& done) noexcept {
+                  step_search4 const* steps, float const* QMEM_RESTRICT v, std::size_t m,
+                  std::uint8_t* QMEM_RESTRICT codes, std::size_t& done) noexcept {
   float const amax = std::bit_cast<float>(absmax_bits_512(v, m));
   if (block_entries == nullptr || !block_table_applies(amax))
     return store_block4_512(t, block_entries, v, m, codes, done);
   done = m / 16 * 16;
-  block_codes_vbmi<4>(block_entries, v, done, amax, codes);
+  if (steps != nullptr)
+    block_codes4_search(*steps, v, done, amax, codes);
+  else
+    block_codes_vbmi<4>(block_entries, v, done, amax, codes);
   return amax;
 }
 
