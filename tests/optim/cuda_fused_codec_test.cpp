@@ -124,6 +124,47 @@ TEST_CASE("4-bit packed search == nearest4_code's search (host: thresholds, spec
   }
 }
 
+TEST_CASE("the linear 4-bit map's rounding-upward code == nearest4_code's search (host: every "
+          "float within 2^16 ulps of each value and midpoint, specials, samples)") {
+  using u4 = optim::blockwise_format<lin4, 128>;
+  using codec_t = ocu::format_codec<u4>;
+  static_assert(codec_t::linear16_route);
+  // the code from 16 xn (exact scaling: the route's quotient is 16 RN(s / absmax))
+  auto route = [](float xn) { return codec_t::code_of_high(codec_t::linear16_code(16.0f * xn)); };
+  auto reference = [](float xn) { return lin4::encode(xn, lin4::book); };
+  int bad = 0;
+  int checked = 0;
+  auto check = [&](float xn) {
+    bad += route(xn) != reference(xn) ? 1 : 0;
+    ++checked;
+  };
+  for (int j = 0; j <= 32; ++j) { // values j / 16 and midpoints (j + 0.5) / 16 (j / 32 in all)
+    auto const center = std::bit_cast<std::int32_t>(static_cast<float>(j) / 32.0f);
+    for (std::int32_t d = -(1 << 16); d <= (1 << 16); ++d) {
+      std::int32_t const u = center + d;
+      if (u >= 0 && std::bit_cast<float>(u) <= 1.0f)
+        check(std::bit_cast<float>(u));
+    }
+  }
+  float const specials[] = {0.0f,
+                            -0.0f,
+                            1.0f,
+                            -1.0f,
+                            -0.5f,
+                            std::numeric_limits<float>::quiet_NaN(),
+                            -std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::denorm_min(),
+                            std::numeric_limits<float>::min(),
+                            0x1p-30f};
+  for (float xn : specials)
+    check(xn);
+  std::mt19937 rng(16);
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  for (int i = 0; i < 200000; ++i)
+    check(unit(rng));
+  CHECK_MESSAGE(bad == 0, bad, " of ", checked, " codes differ");
+}
+
 TEST_CASE("the sign fix from the code equals the sign fix from the table (every code and sign)") {
   using F = optim::blockwise_format<quant::dynamic_signed, 256, true>;
   static auto const fc = ocu::format_codec<F>::make();
@@ -143,11 +184,18 @@ TEST_CASE("the short 8-bit encode of finite blocks == F::encode (host: specials,
   static_assert(!ocu::format_codec<optim::blockwise_format<dyn4, 128>>::finite_route);
   // v's encode clamps up to 2^-24 (its code is +0's) instead of clamping the bucket key
   static_assert(ocu::format_codec<u8>::floor_route && !ocu::format_codec<s8>::floor_route);
+  // the sign fix's cap of negative states at code 126 lives in the signed table
+  static_assert(ocu::format_codec<s8>::negative_cap == 126 &&
+                ocu::format_codec<u8>::negative_cap < 0);
   static auto const fs = ocu::format_codec<s8>::make();
   static auto const fu = ocu::format_codec<u8>::make();
   using s4 = optim::blockwise_format<dyn4, 128>;
   using u4 = optim::blockwise_format<lin4, 128>;
   static_assert(ocu::format_codec<s4>::signed_floor_route && ocu::format_codec<u4>::floor_route);
+  // the linear map without zero encodes by one upward rounding; the 4-bit codes sit at bit 28 or 0
+  static_assert(ocu::format_codec<u4>::linear16_route && !ocu::format_codec<s4>::linear16_route);
+  static_assert(ocu::format_codec<s4>::code_shift == 28 && ocu::format_codec<u4>::code_shift == 0 &&
+                ocu::format_codec<s8>::code_shift == 24);
   static auto const f4s = ocu::format_codec<s4>::make();
   static auto const f4u = ocu::format_codec<u4>::make();
   float const inf = std::numeric_limits<float>::infinity();
@@ -184,12 +232,22 @@ TEST_CASE("the short 8-bit encode of finite blocks == F::encode (host: specials,
     auto check = [&](float s) {
       bad += fs.encode_finite(s, ss) != s8::encode(s, a) ? 1 : 0;
       bad += fu.encode_finite(s, su) != u8::encode(s, a) ? 1 : 0;
-      checked += 2;
+      // the 4-bit tables (codes at bit 28): the general and the finite encode
+      bad += f4s.encode(s, f4s.scale_of(a)) != s4::encode(s, a) ? 1 : 0;
+      bad += f4u.encode(s, f4u.scale_of(a)) != u4::encode(s, a) ? 1 : 0;
+      bad += f4u.encode_finite(s, f4u.scale_of(a)) != u4::encode(s, a) ? 1 : 0;
+      checked += 5;
       if (std::fabs(s) <= a || s != s) { // a block's own states: the fused step's encode
-        bad += (fs.encode_block_high(s, ss) >> 24) != s8::encode(s, a) ? 1 : 0;
-        bad += (fu.encode_block_high(s, su) >> 24) != u8::encode(s, a) ? 1 : 0;
-        bad += (f4s.encode_block_high(s, f4s.scale_of(a)) >> 24) != s4::encode(s, a) ? 1 : 0;
-        bad += (f4u.encode_block_high(s, f4u.scale_of(a)) >> 24) != u4::encode(s, a) ? 1 : 0;
+        using c8s = ocu::format_codec<s8>;
+        using c8u = ocu::format_codec<u8>;
+        using c4s = ocu::format_codec<s4>;
+        using c4u = ocu::format_codec<u4>;
+        bad += c8s::code_of_high(fs.encode_block_high(s, ss)) != s8::encode(s, a) ? 1 : 0;
+        bad += c8u::code_of_high(fu.encode_block_high(s, su)) != u8::encode(s, a) ? 1 : 0;
+        bad += c4s::code_of_high(f4s.encode_block_high(s, f4s.scale_of(a))) != s4::encode(s, a) ? 1
+                                                                                                : 0;
+        bad += c4u::code_of_high(f4u.encode_block_high(s, f4u.scale_of(a))) != u4::encode(s, a) ? 1
+                                                                                                : 0;
         checked += 4;
       }
     };
@@ -216,6 +274,9 @@ namespace {
 //! The codec image the GPU check copies into shared memory (as the fused kernel does).
 template <class Code>
 __device__ ocu::codec<Code> const codec_image = ocu::codec<Code>::make();
+//! A format's codec image (its table may differ from the code type's: format_codec::negative_cap).
+template <class F>
+__device__ ocu::format_codec<F> const format_codec_image = ocu::format_codec<F>::make();
 
 template <class Code>
 __global__ void exhaustive_codec_kernel(std::remove_cv_t<decltype(Code::book)> book,
@@ -265,7 +326,7 @@ __global__ void exhaustive_format_kernel(typename F::book_type book, float absma
   static_assert(sizeof(codec_t) % 4 == 0);
   __shared__ std::uint32_t words[sizeof(codec_t) / 4];
   __shared__ typename F::book_type reference_book;
-  auto const* src = reinterpret_cast<std::uint32_t const*>(&codec_image<typename F::code>);
+  auto const* src = reinterpret_cast<std::uint32_t const*>(&format_codec_image<F>);
   for (unsigned w = threadIdx.x; w < sizeof(codec_t) / 4; w += blockDim.x)
     words[w] = src[w];
   if (threadIdx.x == 0)
@@ -285,7 +346,7 @@ __global__ void exhaustive_format_kernel(typename F::book_type book, float absma
     if constexpr (codec_t::has_block_route) {
       // the fused step's encode of a block's own states (|s| <= absmax or NaN)
       if (codec_t::block_route(absmax) && (fabsf(s) <= absmax || s != s))
-        bad += (fc.encode_block_high(s, scale) >> 24) != expected ? 1u : 0u;
+        bad += codec_t::code_of_high(fc.encode_block_high(s, scale)) != expected ? 1u : 0u;
     }
   }
   if (bad != 0)

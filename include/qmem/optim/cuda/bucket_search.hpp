@@ -138,12 +138,14 @@ template <class Code>
 inline constexpr auto bucket_table_of = make_bucket_table(Code::book.value.value);
 
 //! bucket_table's search in ONE table read: `entry[key]` holds the bucket's base code in bits
-//! 24-31 plus 2^24 - (the low (23 - MantissaBits) bits of the bucket's own threshold), or plus
-//! 2^24 - `never` when the bucket holds none. Inside a regular bucket every float shares the sign,
-//! the exponent and the top mantissa bits with its threshold, so `x >= threshold` is a compare of
-//! the low bits (reflected for negative floats), and adding x's low bits to the entry carries into
-//! the code byte exactly when x reaches the threshold: the code is (entry + low) >> 24. 4 bytes
-//! per key (about 24 KB; 12 KB with `PositiveOnly`).
+//! CodeShift-31 plus 2^CodeShift - (the low (23 - MantissaBits) bits of the bucket's own
+//! threshold), or plus 2^CodeShift - `never` when the bucket holds none. Inside a regular bucket
+//! every float shares the sign, the exponent and the top mantissa bits with its threshold, so
+//! `x >= threshold` is a compare of the low bits (reflected for negative floats), and adding x's
+//! low bits to the entry carries into the code bits exactly when x reaches the threshold: the code
+//! is (entry + low) >> CodeShift. 4 bytes per key (about 24 KB; 12 KB with `PositiveOnly`).
+//! CodeShift is 24 for 8-bit codes and 28 for 4-bit ones (the fused step packs a 4-bit code from
+//! the top nibble with one funnel shift).
 //!
 //! Why: the fused optimizer step encodes two states per element; bucket_table needs two dependent
 //! shared-memory reads (base, then threshold), each a ~3.5-way bank conflict on near-random codes.
@@ -155,13 +157,24 @@ inline constexpr auto bucket_table_of = make_bucket_table(Code::book.value.value
 //! (negative inputs then all take code 0 and share one entry): `packable` checks both at compile
 //! time. bnb's dynamic maps qualify; the signed linear map does not (a threshold at -2^-29) and
 //! keeps bucket_table.
-template <int MantissaBits = 7, int TinyExponent = 24, bool PositiveOnly = false>
+//!
+//! With `PositiveOnly`, each positive bucket's entry also has the bucket's high bits (the bits of
+//! its floats above the low bits, the same for all of them) subtracted, so that the code is
+//! (entry + a) >> CodeShift for a float's bits `a`, without masking its low bits (ptxas sm_90: one
+//! LOP3 per encode fewer in the fused step's v encode). The general search then clamps `a` to
+//! [2^-TinyExponent, 1] (NaN to 1) and sends negative floats to 2^-TinyExponent, whose code is
+//! the code of +0 (make checks it), rather than clamping the bucket.
+template <int MantissaBits = 7, int TinyExponent = 24, bool PositiveOnly = false,
+          int CodeShift = 24>
 struct packed_bucket_table {
   using source = bucket_table<MantissaBits, TinyExponent>;
+  //! The lowest bit of the code in code_high_bits' result.
+  static constexpr int code_shift = CodeShift;
+  static_assert(CodeShift == 24 || CodeShift == 28, "8-bit codes at bit 24, 4-bit codes at bit 28");
   static constexpr std::uint32_t low_mask = (std::uint32_t{1} << (23 - MantissaBits)) - 1u;
   //! The limit of a bucket without a threshold: above every low-bits value.
   static constexpr std::uint32_t never = low_mask + 1u;
-  static_assert(never < (std::uint32_t{1} << 24), "the low bits must add below the code byte");
+  static_assert(never < (std::uint32_t{1} << 24), "the low bits must add below the code bits");
   //! Keys below this one are not stored (PositiveOnly: every negative float uses this key's entry).
   static constexpr std::uint32_t first_key = PositiveOnly ? source::magnitudes - 1u : 0u;
   static constexpr std::uint32_t entries = source::keys - first_key;
@@ -184,8 +197,15 @@ struct packed_bucket_table {
       if (source::key_of_bits(tb) == k)
         limit = low_of_bits(tb);
     }
-    return (b << 24) + ((std::uint32_t{1} << 24) - limit); // limit 0: base + 1, no low bits
+    std::uint32_t high = 0; // PositiveOnly: the bucket's high bits, for a positive regular bucket
+    if (PositiveOnly && k > source::magnitudes)
+      high = (k - source::magnitudes - 1u + (std::uint32_t{127 - TinyExponent} << MantissaBits))
+             << (23 - MantissaBits);
+    return (b << CodeShift) + ((std::uint32_t{1} << CodeShift) - limit) - high; // limit 0: b + 1
   }
+
+  //! The bits of 1.0f, the smallest magnitude of the top bucket (PositiveOnly's clamp).
+  static constexpr std::uint32_t one_bits = 0x3f800000u;
 
   //! The entry index of a float of sign `negative_mask` (0: positive, ~0: negative) whose
   //! magnitude has the bits `a` (a non-negative float or any NaN): source::key_of_bits minus
@@ -205,11 +225,21 @@ struct packed_bucket_table {
   }
 
   //! The code of a float of sign `negative_mask` (0 or ~0) whose magnitude has the bits `a` (see
-  //! index_of), in bits 24-31 (the low bits are not zero): one table read. A NaN magnitude reads
-  //! the entry of the largest magnitudes (code 255 positive, 0 negative).
+  //! index_of), in bits CodeShift-31 (the bits below are not zero): one table read. A NaN
+  //! magnitude reads the entry of the largest magnitudes (code 255 positive, 0 negative).
   QMEM_HOST_DEVICE QMEM_INLINE constexpr std::uint32_t
   code_high_bits(std::uint32_t a, std::uint32_t negative_mask) const noexcept {
-    return entry[index_of(a, negative_mask)] + ((a ^ negative_mask) & low_mask);
+    if constexpr (PositiveOnly) {
+      constexpr std::uint32_t floor = std::uint32_t{127 - TinyExponent} << 23; // floor_bits
+      std::uint32_t c = a < floor ? floor : a;
+      c = c > one_bits ? one_bits : c;
+      c = negative_mask != 0 ? floor : c;
+      return entry[(c >> (23 - MantissaBits)) + 2u -
+                   (std::uint32_t{127 - TinyExponent} << MantissaBits)] +
+             c;
+    } else {
+      return entry[index_of(a, negative_mask)] + ((a ^ negative_mask) & low_mask);
+    }
   }
 
   //! The bits of 2^-TinyExponent, the smallest magnitude of the regular buckets.
@@ -222,9 +252,9 @@ struct packed_bucket_table {
   //! instead of a mask, a shift-add and two integer clamps).
   QMEM_HOST_DEVICE QMEM_INLINE constexpr std::uint32_t
   code_high_bits_positive(std::uint32_t a) const noexcept {
-    constexpr std::uint32_t offset = (PositiveOnly ? 2u : source::magnitudes + 1u) -
-                                     (std::uint32_t{127 - TinyExponent} << MantissaBits);
-    return entry[(a >> (23 - MantissaBits)) + offset] + (a & low_mask);
+    static_assert(PositiveOnly, "a signed table: code_high_bits_signed");
+    constexpr std::uint32_t offset = 2u - (std::uint32_t{127 - TinyExponent} << MantissaBits);
+    return entry[(a >> (23 - MantissaBits)) + offset] + a; // the entry holds -(high bits)
   }
 
   //! code_high_bits(a, negative_mask) without the clamps, for the bits `a` of a magnitude in
@@ -240,15 +270,18 @@ struct packed_bucket_table {
   //! Whether +-2^-TinyExponent have the codes of +-0 in this table (no threshold at them; for a
   //! table of non-negative floats, the positive side only).
   constexpr bool floor_takes_zero_code() const noexcept {
-    bool const positive = (code_high_bits(floor_bits, 0u) >> 24) == (code_high_bits(0u, 0u) >> 24);
-    bool const negative =
-        PositiveOnly || (code_high_bits(floor_bits, ~0u) >> 24) == (code_high_bits(0u, ~0u) >> 24);
+    bool const positive =
+        (code_high_bits(floor_bits, 0u) >> CodeShift) == (code_high_bits(0u, 0u) >> CodeShift);
+    bool const negative = PositiveOnly || (code_high_bits(floor_bits, ~0u) >> CodeShift) ==
+                                              (code_high_bits(0u, ~0u) >> CodeShift);
     return positive && negative;
   }
 
   //! Whether the packed search of `t` (of `count` thresholds) equals its search for every float
   //! (see the struct comment).
   static constexpr bool packable(source const& t, int count = 255) noexcept {
+    if (count >= (1 << (32 - CodeShift))) // a carry out of the code bits
+      return false;
     for (int c = 0; c < count; ++c) {
       std::uint32_t const tb = std::bit_cast<std::uint32_t>(t.threshold[c]);
       std::uint32_t const k = source::key_of_bits(tb);
@@ -262,6 +295,14 @@ struct packed_bucket_table {
 
   //! The packed form of `t` (of `count` thresholds). Precondition: packable(t, count).
   static constexpr packed_bucket_table make(source const& t, int count = 255) noexcept {
+    if constexpr (PositiveOnly) { // the general search sends the tiny bucket to 2^-TinyExponent
+      auto code_of = [&t](std::uint32_t u) { // t.encode, on the bits (constexpr on the device)
+        std::uint32_t const b = t.base[source::key_of_bits(u)];
+        return b + (std::bit_cast<float>(u) >= t.threshold[b] ? 1u : 0u);
+      };
+      if (code_of(floor_bits) != code_of(0u))
+        detail::bucket_table_resolution_too_coarse_or_table_not_sorted();
+    }
     packed_bucket_table p{};
     for (std::uint32_t k = first_key; k < source::keys; ++k)
       p.entry[k - first_key] = make_entry(t, k, count);
@@ -272,7 +313,7 @@ struct packed_bucket_table {
   QMEM_HOST_DEVICE QMEM_INLINE constexpr std::uint8_t encode(float x) const noexcept {
     std::uint32_t const u = qmem::detail::float_to_bits(x);
     auto const negative_mask = static_cast<std::uint32_t>(static_cast<std::int32_t>(u) >> 31);
-    std::uint32_t const code = code_high_bits(u & 0x7fffffffu, negative_mask) >> 24;
+    std::uint32_t const code = code_high_bits(u & 0x7fffffffu, negative_mask) >> CodeShift;
     return x != x ? std::uint8_t{0} : static_cast<std::uint8_t>(code); // NaN: code 0, as bnb
   }
 };

@@ -336,15 +336,17 @@ struct lane_update<adam_rule<Decoupled>> {
   }
 
   //! Every gradient finite (precondition): the update, fast where in range, else IEEE.
+  //! `states_finite` is set when the new moments are in range (so finite, no NaN).
   template <int E>
   __device__ QMEM_INLINE static bool run(float (&p)[E], float const (&g)[E], float (&s)[2][E],
-                                         scalars const& k) {
+                                         scalars const& k, bool& states_finite) {
     using namespace qmem::fmath;
     if (!applies(k))
       return false;
     float(&m)[E] = s[0];
     float(&v)[E] = s[1];
-    if (moments(g, m, v, k)) {
+    states_finite = moments(g, m, v, k);
+    if (states_finite) {
       fast_params(p, m, v, k);
     } else {
       QMEM_UNROLL
@@ -368,9 +370,10 @@ struct lane_update<adam_rule<Decoupled>> {
 template <>
 struct lane_update<lion> {
   static constexpr bool available = true;
+  //! (`states_finite` is left as it is: not known here.)
   template <int E>
   __device__ QMEM_INLINE static bool run(float (&p)[E], float const (&g)[E], float (&s)[1][E],
-                                         lion::scalars const& k) {
+                                         lion::scalars const& k, bool& /*states_finite*/) {
     using namespace qmem::fmath;
     if (k.lr != k.lr)
       return false;
@@ -402,6 +405,20 @@ struct lane_update<lion> {
 template <class P>
 inline constexpr bool uses_master = !std::same_as<P, float>;
 
+//! The absmax block of lane `lane`'s first element `first` of task `task`: first / block. When a
+//! block is a whole task (8-bit blocks of 256), that is `task` (ptxas sm_90 otherwise shifts and
+//! masks the 64-bit element index: the pipelined AdamW 8-bit loop 75.6 -> 74.8 instructions per
+//! element, Lion 44.4 -> 44.0; for blocks of 128 task x 2 + lane / 16 was 0.3 more than first /
+//! 128, so they keep the division).
+template <update_rule Rule, state_policy Policy>
+__device__ QMEM_INLINE std::uint64_t lane_block(std::uint64_t task, std::uint64_t first) {
+  using traits = kernel_traits<Rule, Policy>;
+  if constexpr (traits::task_elements == traits::block)
+    return task;
+  else
+    return first / traits::block;
+}
+
 //! The raw bytes one lane loads for a full task (parameters or master weights, gradients, each
 //! state's codes or elements and old absmax), held in registers so that the next task's loads can
 //! be in flight while the current task computes (fused_step_kernel, fused_pipeline).
@@ -423,7 +440,7 @@ __device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, std::uint6
   using traits = kernel_traits<Rule, Policy>;
   constexpr int E = traits::per_lane;
   std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * E;
-  std::uint64_t const block = first / traits::block;
+  std::uint64_t const block = detail::lane_block<Rule, Policy>(task, first);
   auto const* const param = static_cast<P const*>(entry->param);
   float const* const master = uses_master<P> ? entry->master : nullptr;
   if constexpr (std::same_as<P, float>) {
@@ -453,6 +470,21 @@ __device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, std::uint6
   });
 }
 
+//! Asks L2 for the parameter and gradient lines of full task `task` (the task after the one
+//! load_full_task has in flight), so that its loads find them there (QMEM_OPTIM_FUSED_PREFETCH_L2).
+//! A prefetch is a hint: it writes nothing and the task lies inside the tensor. (16-bit
+//! parameters with fp32 master weights load the master array, which this does not prefetch.)
+template <update_rule Rule, state_policy Policy, class P, class G>
+__device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, std::uint64_t task,
+                                               unsigned lane) {
+  using traits = kernel_traits<Rule, Policy>;
+  std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * traits::per_lane;
+  asm volatile(
+      "prefetch.global.L2::evict_last [%0];" ::"l"(static_cast<P const*>(entry->param) + first));
+  asm volatile(
+      "prefetch.global.L2::evict_last [%0];" ::"l"(static_cast<G const*>(entry->grad) + first));
+}
+
 //! One warp task: kernel_traits::per_lane elements per lane, everything in registers. The
 //! arithmetic is the host backend's (optimizer.hpp), element for element. `Full`: the caller has
 //! checked that the whole task lies inside the tensor and that its pointers are aligned for the
@@ -468,10 +500,9 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
   using traits = kernel_traits<Rule, Policy>;
   constexpr int E = traits::per_lane;
   constexpr int S = Rule::state_count;
-  constexpr std::uint64_t B = traits::block;
   std::uint64_t const size = entry->size;
   std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * E;
-  std::uint64_t const block = first / B; // this lane's absmax block
+  std::uint64_t const block = lane_block<Rule, Policy>(task, first); // this lane's absmax block
   bool const vector_path = Full || (entry->vectorized != 0 && first + E <= size);
   auto* const param = static_cast<P*>(entry->param);
   auto const* const grad = static_cast<G const*>(entry->grad);
@@ -552,14 +583,35 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
         for (int b = 0; b < code_bytes; ++b)
           bytes[b] = first * F::bits / 8 + b < code_count ? codes[b] : std::uint8_t{0};
       }
-      QMEM_UNROLL
-      for (int i = 0; i < E; ++i) {
-        std::uint8_t c = 0;
-        if constexpr (F::bits == 8)
-          c = bytes[i];
-        else
-          c = static_cast<std::uint8_t>(i % 2 == 0 ? bytes[i / 2] >> 4 : bytes[i / 2] & 0xf);
-        s[J.value][i] = fc.decode(c, old_absmax);
+      if constexpr (F::bits == 4 && code_bytes % 4 == 0) {
+        // the table offsets (4 x code) of a word's 8 codes in two words, one byte each (a shift
+        // and a mask per word), then one byte extract per code (ptxas sm_90: a shift and a mask
+        // per code before)
+        std::uint32_t words[code_bytes / 4];
+        std::memcpy(words, bytes, sizeof(words));
+        QMEM_UNROLL
+        for (int w = 0; w < code_bytes / 4; ++w) {
+          std::uint32_t const high = (words[w] >> 2) & 0x3c3c3c3cu; // first code of each byte
+          std::uint32_t const low = (words[w] << 2) & 0x3c3c3c3cu;
+          QMEM_UNROLL
+          for (int b = 0; b < 4; ++b) {
+            auto const select = static_cast<unsigned>(0x4440 + b); // byte b, zeros above
+            s[J.value][8 * w + 2 * b] = optim::detail::fmath::mul(
+                fc.c.decode_at(__byte_perm(high, 0u, select)), old_absmax);
+            s[J.value][8 * w + 2 * b + 1] =
+                optim::detail::fmath::mul(fc.c.decode_at(__byte_perm(low, 0u, select)), old_absmax);
+          }
+        }
+      } else {
+        QMEM_UNROLL
+        for (int i = 0; i < E; ++i) {
+          std::uint8_t c = 0;
+          if constexpr (F::bits == 8)
+            c = bytes[i];
+          else
+            c = static_cast<std::uint8_t>(i % 2 == 0 ? bytes[i / 2] >> 4 : bytes[i / 2] & 0xf);
+          s[J.value][i] = fc.decode(c, old_absmax);
+        }
       }
     } else {
       using T = typename F::element;
@@ -612,9 +664,10 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
     lane_finite = exponents != 0x7f800000u;
   }
   bool updated = false;
+  bool states_finite = false; // every new state known to be finite (not NaN)
   if constexpr (lane_update<Rule>::available && Full)
     if (lane_finite)
-      updated = lane_update<Rule>::run(p, g, s, k);
+      updated = lane_update<Rule>::run(p, g, s, k, states_finite);
   if (!updated) {
     if (lane_finite)
       update_all(std::false_type{});
@@ -682,6 +735,7 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
     if constexpr (F::blockwise) {
       constexpr int code_bytes = E * F::bits / 8;
       auto const& fc = tables.template codec_for<state_sign_v<Rule, J.value>>();
+      using codec_t = std::remove_cvref_t<decltype(fc)>;
       // the block max of the magnitudes, NaN ignored: fmaxf returns the non-NaN operand, and
       // equals `a > local ? a : local` otherwise (both >= +0): one FMNMX per element, not two
       float local = 0.0f;
@@ -692,46 +746,77 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
       if (lane % traits::lanes_per_block == 0 && (Full || first < size))
         entry->absmax[J.value][block] = absmax;
       std::uint8_t bytes[code_bytes];
-      using codec_t = std::remove_cvref_t<decltype(fc)>;
       if constexpr (codec_t::has_block_route && (F::bits == 8 || F::bits == 4) &&
                     (code_bytes % 4 == 0 || code_bytes == 2)) {
-        // codes in bits 24-31 of encode_block_high; each output byte in one register (an 8-bit
-        // code in byte 3, two 4-bit codes in byte 0 by two shifts and a LOP3), gathered by byte
-        // permutes: 3 per 4 bytes (was a shift, a mask and a merge per code)
-        constexpr unsigned pos = F::bits == 8 ? 3u : 0u;
-        constexpr unsigned pair = pos | ((pos + 4u) << 4);
-        std::uint32_t src[code_bytes];
+        // 8-bit codes in bits 24-31 of encode_block_high, each output byte in one register,
+        // gathered by byte permutes: 3 per 4 bytes (was a shift, a mask and a merge per code).
+        // 4-bit codes at bit 28 (packed search) or bit 0 (linear16_route): 8 codes into a word
+        // by one funnel shift each, in the order that leaves the first code of each byte in its
+        // high nibble, as the host packs (ptxas sm_90: was two shifts and a LOP3 per two codes
+        // and 3 PRMT per word)
+        constexpr unsigned shift = codec_t::code_shift;
+        std::uint32_t high[E];
         auto gather = [&](auto&& high_of) {
           QMEM_UNROLL
-          for (int b = 0; b < code_bytes; ++b) {
-            if constexpr (F::bits == 8) {
-              src[b] = high_of(valid[b] ? s[J.value][b] : 0.0f);
-            } else { // the first code in the high nibble, as the host packs
-              std::uint32_t const h0 = high_of(valid[2 * b] ? s[J.value][2 * b] : 0.0f);
-              std::uint32_t const h1 = high_of(valid[2 * b + 1] ? s[J.value][2 * b + 1] : 0.0f);
-              src[b] = ((h0 >> 20) & 0xf0u) | ((h1 >> 24) & 0x0fu);
-            }
-          }
+          for (int i = 0; i < E; ++i)
+            high[i] = high_of(valid[i] ? s[J.value][i] : 0.0f);
         };
         // the block's scale is computed in the branch that reads it (the double reciprocal of
         // scale_of, with its slow-path call, only where the fp32 route does not apply)
         if (codec_t::block_route(absmax)) { // uniform over the block's lanes; the others rarely
           auto const scale = codec_t::block_route_scale(absmax);
-          gather([&](float v) { return fc.encode_block_high(v, scale); });
+          // a lane whose states the lane-wide update left in its fast range holds no NaN: its
+          // encode skips NaN's select (codec_t::nan_select; ptxas sm_90, AdamW 4-bit: a FSETP
+          // and a SEL per element of m fewer)
+          if (codec_t::nan_select && states_finite)
+            gather([&](float v) { return fc.template encode_block_high<false>(v, scale); });
+          else
+            gather([&](float v) { return fc.encode_block_high(v, scale); });
         } else {
           auto const scale = fc.scale_of(absmax);
-          gather([&](float v) { return std::uint32_t{fc.encode(v, scale)} << 24; });
+          gather([&](float v) { return std::uint32_t{fc.encode(v, scale)} << shift; });
         }
-        if constexpr (code_bytes == 2) {
-          auto const half = static_cast<std::uint16_t>(__byte_perm(src[0], src[1], pair));
-          std::memcpy(bytes, &half, 2);
-        } else {
+        if constexpr (F::bits == 4 && code_bytes % 4 == 0) {
+          static_assert(shift == 28 || shift == 0);
           std::uint32_t words[code_bytes / 4];
           QMEM_UNROLL
-          for (int w = 0; w < code_bytes / 4; ++w)
-            words[w] = __byte_perm(__byte_perm(src[4 * w], src[4 * w + 1], pair),
-                                   __byte_perm(src[4 * w + 2], src[4 * w + 3], pair), 0x5410u);
+          for (int w = 0; w < code_bytes / 4; ++w) {
+            std::uint32_t acc = 0;
+            // codes 6 7 4 5 2 3 0 1 (top nibble first in) or 1 0 3 2 5 4 7 6 (bottom nibble
+            // first in): byte b of the word is (code 2b << 4) | code 2b + 1
+            QMEM_UNROLL
+            for (int k = 0; k < 8; ++k) {
+              int const pair = shift == 28 ? 3 - k / 2 : k / 2;
+              int const i = 8 * w + 2 * pair + (shift == 28 ? k % 2 : 1 - k % 2);
+              acc =
+                  shift == 28 ? __funnelshift_l(high[i], acc, 4) : __funnelshift_r(acc, high[i], 4);
+            }
+            words[w] = acc;
+          }
           std::memcpy(bytes, words, sizeof(bytes));
+        } else {
+          constexpr unsigned pos = F::bits == 8 ? 3u : 0u;
+          constexpr unsigned pair = pos | ((pos + 4u) << 4);
+          std::uint32_t src[code_bytes];
+          QMEM_UNROLL
+          for (int b = 0; b < code_bytes; ++b) {
+            if constexpr (F::bits == 8)
+              src[b] = high[b];
+            else // the first code in the high nibble, as the host packs
+              src[b] = (std::uint32_t{codec_t::code_of_high(high[2 * b])} << 4) |
+                       codec_t::code_of_high(high[2 * b + 1]);
+          }
+          if constexpr (code_bytes == 2) {
+            auto const half = static_cast<std::uint16_t>(__byte_perm(src[0], src[1], pair));
+            std::memcpy(bytes, &half, 2);
+          } else {
+            std::uint32_t words[code_bytes / 4];
+            QMEM_UNROLL
+            for (int w = 0; w < code_bytes / 4; ++w)
+              words[w] = __byte_perm(__byte_perm(src[4 * w], src[4 * w + 1], pair),
+                                     __byte_perm(src[4 * w + 2], src[4 * w + 3], pair), 0x5410u);
+            std::memcpy(bytes, words, sizeof(bytes));
+          }
         }
       } else {
         std::uint8_t code[E];
@@ -834,6 +919,22 @@ __device__ typename kernel_traits<Rule, Policy>::shared_tables const
 #define QMEM_OPTIM_FUSED_PIPELINE 1
 #endif
 inline constexpr bool fused_pipeline = QMEM_OPTIM_FUSED_PIPELINE != 0;
+
+//! Whether the pipelined loop also asks L2 for the parameter and gradient lines of the task after
+//! the one whose loads are in flight (prefetch.global.L2::evict_last, two per lane and task): 1.
+//! A third task in registers spills the two-state kernels; this keeps a third task's largest
+//! streams on their way without registers. ncu (H200, 2^26, AdamW 8-bit): L2 hit rate 39 -> 48%,
+//! long-scoreboard stall 3.3 -> 2.3 of 7.0 -> 6.6 cycles between a warp's issues, for 3.6% more
+//! instructions (ptxas sm_90: the AdamW 8-bit kernel spills 20 bytes, one reload per task-lane in
+//! the loop). H200, 2^28 parameters, 2026-11-29 22:09 UTC, same session, three runs each, 0 / 1
+//! (ms): AdamW 8-bit 1.175-1.181 -> 1.149-1.153, AdamW 4-bit 1.133-1.142 -> 1.070-1.079, Lion
+//! 8-bit 1.000-1.005 -> 0.959-0.963, Lion 4-bit 0.981-0.987 -> 0.920-0.934, SGD momentum 8-bit
+//! 0.993-0.997 -> 0.952-0.966, paged 8-bit 1.174-1.181 -> 1.150-1.154; bf16 parameters and 64
+//! tensors of 4 Mi unchanged (1.102-1.108 / 1.100-1.121, 1.195-1.197 / 1.201-1.205). Overridable
+//! for tuning runs.
+#ifndef QMEM_OPTIM_FUSED_PREFETCH_L2
+#define QMEM_OPTIM_FUSED_PREFETCH_L2 1
+#endif
 
 //! Minimum resident blocks per SM of the kernels that pipeline their loads (fused_pipeline):
 //! two tasks' raw bytes in registers need up to 128 registers (ptxas sm_90: AdamW 8-bit 128,
@@ -995,6 +1096,11 @@ __global__ void __launch_bounds__(fused_block_threads,
           std::uint64_t const ahead_task = task + (depth - 1) * warps;
           if (ahead_task < full_stop)
             detail::load_full_task(entry, ahead_task - first_task, lane, ahead);
+          if constexpr (QMEM_OPTIM_FUSED_PREFETCH_L2 != 0) {
+            std::uint64_t const far_task = ahead_task + warps;
+            if (far_task < full_stop)
+              detail::prefetch_full_task<Rule, Policy, P, G>(entry, far_task - first_task, lane);
+          }
           detail::fused_task<Rule, Policy, P, G, NonFinite, true, true>(
               entry, task - first_task, k, grad_scale, step, args.seed, args.param_stochastic != 0,
               tables, lane, &cur);

@@ -134,14 +134,18 @@ enum class encode_method : std::uint8_t { bucket, packed_bucket, compare_chain, 
 
 //! Decode and encode of one code type, in one trivially copyable object that each block copies
 //! into shared memory: the code values and the search table of the encode method.
-template <class Code>
+//! `NegativeCap` >= 0 (a packed 8-bit signed table only): the search gives negative floats at
+//! most that code, the cap in the table's negative entries (format_codec::negative_cap).
+template <class Code, int NegativeCap = -1>
 struct codec {
   static constexpr std::size_t entries = std::size_t{1} << Code::bits;
   using code_type = Code;
   //! 7 mantissa bits per bucket: the fewest that keep one threshold per bucket for bnb's dynamic
   //! maps (6 fails make_bucket_table's check); 24 binades reach below their smallest threshold
   //! (2^-22.6). 24 KB per signed table, 12 KB per unsigned one.
-  using packed_table = cuda_search::packed_bucket_table<7, 24, detail::all_nonnegative<Code>()>;
+  //! 4-bit codes sit in bits 28-31 of the search's result (the fused step packs them from there).
+  using packed_table = cuda_search::packed_bucket_table<7, 24, detail::all_nonnegative<Code>(),
+                                                        Code::bits == 4 ? 28 : 24>;
   static constexpr encode_method method = [] {
     if constexpr (quant::uses_bnb_search_v<Code>)
       return packed_table::packable(cuda_search::bucket_table_of<Code>)
@@ -177,10 +181,26 @@ struct codec {
       c.search = cuda_search::bucket_table_of<Code>;
     else if constexpr (method == encode_method::code_search)
       c.search = Code::book;
+    if constexpr (NegativeCap >= 0) {
+      static_assert(method == encode_method::packed_bucket && Code::bits == 8 &&
+                        !detail::all_nonnegative<Code>() && NegativeCap < 256,
+                    "codec: a negative cap needs a packed signed 8-bit table");
+      // the negative keys (0 .. magnitudes - 1): a bucket whose code reaches the cap keeps it,
+      // without a threshold (no carry); the others are below it whatever the carry
+      constexpr auto cap = static_cast<std::uint32_t>(NegativeCap);
+      for (std::uint32_t k = 0; k < packed_table::source::magnitudes; ++k)
+        if ((c.search.entry[k] >> 24) >= cap)
+          c.search.entry[k] = (cap << 24) + ((std::uint32_t{1} << 24) - packed_table::never);
+    }
     return c;
   }
   QMEM_HOST_DEVICE QMEM_INLINE float decode(std::uint8_t c) const noexcept { return value[c]; }
-  //! The code of the normalized value `xn`: what Code::encode returns, bit for bit.
+  //! value[c] for the byte offset 4 c (the fused step extracts 4-bit codes already scaled by 4).
+  QMEM_HOST_DEVICE QMEM_INLINE float decode_at(std::uint32_t offset) const noexcept {
+    return *reinterpret_cast<float const*>(reinterpret_cast<unsigned char const*>(value) + offset);
+  }
+  //! The code of the normalized value `xn`: what Code::encode returns, bit for bit (with a
+  //! NegativeCap, at most that code for negative xn).
   QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode(float xn) const noexcept {
     if constexpr (method == encode_method::packed_bucket || method == encode_method::bucket) {
       return search.encode(xn);
@@ -223,8 +243,24 @@ struct format_codec<F, true> {
   using code = typename F::code;
   //! Codes 0..negative_codes-1 have negative values, the others not (-1: no such split).
   static constexpr int negative_codes = detail::negative_code_prefix<code>();
-  codec<code> c;
-  static constexpr format_codec make() noexcept { return {codec<code>::make()}; }
+  //! The sign-fixed packed 8-bit route (finite_route with the sign fix): negative_codes - 1, the
+  //! code the sign fix caps negative states at, kept in the search table itself, which then
+  //! returns min(code, negative_codes - 1) for negative floats (ptxas sm_90: one LOP3 per encode
+  //! fewer, the per-value cap and its mask). That is the sign fix there: bnb's search gives a
+  //! negative float a code <= the first non-negative one, which the fix moves down by one, so
+  //! encode's sign fix leaves the capped codes as they are. Else -1 (no cap).
+  static constexpr int negative_cap = [] {
+    if constexpr (codec<code>::method == encode_method::packed_bucket && F::sign_fix &&
+                  quant::uses_bnb_search_v<code>) {
+      if (negative_codes >= 1 &&
+          quant::detail::bnb_search256(0.0f, code::book.value.value) >= negative_codes &&
+          quant::detail::bnb_search256(-0.0f, code::book.value.value) <= negative_codes)
+        return negative_codes - 1;
+    }
+    return -1;
+  }();
+  codec<code, negative_cap> c;
+  static constexpr format_codec make() noexcept { return {codec<code, negative_cap>::make()}; }
 
   //! Whether the encode normalizes with the block's reciprocal in double precision instead of an
   //! fp32 division per element. Exact for these codecs: with y = RN64(1 / absmax), the product
@@ -247,20 +283,23 @@ struct format_codec<F, true> {
     float absmax;
     double inverse;
     float reciprocal;
+    float absmax_16th;    //!< absmax / 16 (linear16_route)
+    float reciprocal_x16; //!< reciprocal * 16 (linear16_route)
   };
   //! The block_scale of a block whose new absmax is `absmax` (once per block): every field.
   QMEM_HOST_DEVICE QMEM_INLINE block_scale scale_of(float absmax) const noexcept {
     if constexpr (reciprocal_normalize)
       return {absmax, absmax > 0.0f ? 1.0 / static_cast<double>(absmax) : 0.0,
-              block_reciprocal(absmax)};
+              block_reciprocal(absmax), absmax * 0.0625f, block_reciprocal(absmax) * 16.0f};
     else
-      return {absmax, 0.0, 0.0f};
+      return {absmax, 0.0, 0.0f, 0.0f, 0.0f};
   }
   //! The block_scale that encode_block_high reads (absmax and reciprocal; inverse is 0), for a
   //! block where block_route(absmax) holds: no double division (ptxas sm_90: MUFU.RCP64H, five
   //! DFMA, a range test and a slow-path call per block and state -> one MUFU.RCP and two FFMA).
   QMEM_HOST_DEVICE QMEM_INLINE static block_scale block_route_scale(float absmax) noexcept {
-    return {absmax, 0.0, block_reciprocal(absmax)};
+    float const r = block_reciprocal(absmax);
+    return {absmax, 0.0, r, absmax * 0.0625f, r * 16.0f};
   }
 
   //! The smallest and largest absmax of the blocks that encode by encode_block_high: there the
@@ -308,6 +347,25 @@ struct format_codec<F, true> {
   //! unchanged (1.015-1.020). On the host: n / a.
   QMEM_HOST_DEVICE QMEM_INLINE static float block_quotient(float n, block_scale b) noexcept {
 #if defined(__CUDA_ARCH__)
+    return quotient_steps(n, b.absmax, b.reciprocal);
+#else
+    return n / b.absmax;
+#endif
+  }
+  //! 16 block_quotient(n, b) where that is normal (its sequence at a / 16 and 16 r: every step
+  //! scales by 16 exactly, the residual is the same), which is wherever linear16_route's code
+  //! depends on it; on the host 16 (n / a).
+  QMEM_HOST_DEVICE QMEM_INLINE static float block_quotient_x16(float n, block_scale b) noexcept {
+#if defined(__CUDA_ARCH__)
+    return quotient_steps(n, b.absmax_16th, b.reciprocal_x16);
+#else
+    return (n / b.absmax) * 16.0f;
+#endif
+  }
+#if defined(__CUDA_ARCH__)
+  //! The numerator half of ptxas's div.rn.f32 sequence (block_quotient): q0 = n r, e = n - a q0,
+  //! q0 + r e.
+  __device__ QMEM_INLINE static float quotient_steps(float n, float a, float r) noexcept {
     float q;
     asm("{\n\t"
         ".reg .f32 q0, e, na;\n\t"
@@ -317,12 +375,10 @@ struct format_codec<F, true> {
         "fma.rn.f32 %0, %3, e, q0;\n\t"
         "}"
         : "=f"(q)
-        : "f"(n), "f"(b.absmax), "f"(b.reciprocal));
+        : "f"(n), "f"(a), "f"(r));
     return q;
-#else
-    return n / b.absmax;
-#endif
   }
+#endif
   //! F::normalize(s, absmax), bit for bit where the code depends on it (see reciprocal_normalize).
   QMEM_HOST_DEVICE QMEM_INLINE float normalize(float s, block_scale b) const noexcept {
     if constexpr (reciprocal_normalize)
@@ -361,9 +417,7 @@ struct format_codec<F, true> {
       return false; // (no 4-bit policy fixes signs)
     } else {
       if constexpr (F::sign_fix)
-        return negative_codes >= 1 &&
-               quant::detail::bnb_search256(0.0f, code::book.value.value) >= negative_codes &&
-               quant::detail::bnb_search256(-0.0f, code::book.value.value) <= negative_codes;
+        return negative_cap >= 0;
       else
         return detail::all_nonnegative<code>();
     }
@@ -391,7 +445,8 @@ struct format_codec<F, true> {
   //! several absmax by tests/optim/cuda_fused_codec_test.cpp.
   QMEM_HOST_DEVICE QMEM_INLINE std::uint8_t encode_finite(float s, block_scale b) const noexcept {
     if constexpr (finite_route)
-      return static_cast<std::uint8_t>(encode_finite_high(s, b) >> 24);
+      return static_cast<std::uint8_t>(encode_finite_high(s, b) >>
+                                       codec<code>::packed_table::code_shift);
     else
       return encode(s, b);
   }
@@ -419,8 +474,60 @@ struct format_codec<F, true> {
     }
   }();
 
+  //! Whether the format's map is the linear one without zero, value[c] = (c + 1) / 16 exactly
+  //! (the 4-bit recipe's second moment), nearest value with ties to the lower code: then the code
+  //! of xn is clamp(ceil(16 xn - 1.5), 0, 15), which encode_block_high computes with one rounding
+  //! upward (linear16_code) instead of the packed search.
+  static constexpr bool linear16_route = [] {
+    if constexpr (!detail::is_nearest4_v<code> || F::sign_fix) {
+      return false;
+    } else {
+      for (std::size_t i = 0; i < 16; ++i)
+        if (code::book.value.value[i] != static_cast<float>(i + 1) / 16.0f)
+          return false;
+      return detail::ranks_are_codes<code>();
+    }
+  }();
+
+  //! Whether encode_block_high selects the code of a NaN state apart (signed_floor_route: a
+  //! FSETP and a SEL per value), so that a caller that knows its states are not NaN may call
+  //! encode_block_high<false> (the fused step, after the lane-wide AdamW update's range test).
+  static constexpr bool nan_select = signed_floor_route && !linear16_route;
+
   //! Whether encode_block_high serves this format (in the blocks where block_route holds).
-  static constexpr bool has_block_route = finite_route || signed_floor_route;
+  static constexpr bool has_block_route = finite_route || signed_floor_route || linear16_route;
+
+  //! The lowest bit of the code in encode_block_high's result (the code takes F::bits bits from
+  //! there; the other bits are not specified): 24 for the 8-bit maps, 28 for the 4-bit packed
+  //! search, 0 for linear16_route (the code is the low nibble of 2^23 + code's bits).
+  static constexpr unsigned code_shift =
+      linear16_route ? 0u : static_cast<unsigned>(codec<code>::packed_table::code_shift);
+  //! The code in an encode_block_high result `w`.
+  QMEM_HOST_DEVICE QMEM_INLINE static constexpr std::uint8_t
+  code_of_high(std::uint32_t w) noexcept {
+    return static_cast<std::uint8_t>((w >> code_shift) & ((1u << F::bits) - 1u));
+  }
+
+  //! The bits of 2^23 + clamp(ceil(y - 1.5), 0, 15) for y = RN(16 s / absmax) (block_quotient_x16)
+  //! of a block's state s: y clamped up to 1.5 by one fmaxf (NaN, negative states, zeros and
+  //! y < 1.5 all take code 0, as the nearest search gives them), then y + (2^23 - 1.5) rounded
+  //! upward: for y in [1.5, 16] the sum lies in [2^23, 2^23 + 14.5], where floats are the
+  //! integers, so the rounding is the ceiling and the code is the low nibble (ptxas sm_90: FMNMX
+  //! and FADD.RP after the quotient's three FFMA, in place of the packed search's key, table read,
+  //! carry and extraction: about 7 instructions per value fewer). Ties: y - 1.5 an integer j means
+  //! 16 xn = j + 1.5, the midpoint between values j + 1 and j + 2, which goes to the lower code j.
+  QMEM_HOST_DEVICE QMEM_INLINE static std::uint32_t linear16_code(float y) noexcept {
+    float const c = fmaxf(y, 1.5f);
+#if defined(__CUDA_ARCH__)
+    return __float_as_uint(__fadd_ru(c, 0x1.fffffap22f));
+#else
+    double const exact = static_cast<double>(c) + 0x1.fffffap22; // exact: both in [1.5, 2^23]
+    float r = static_cast<float>(exact);
+    if (static_cast<double>(r) < exact)
+      r = std::nextafter(r, 0x1p30f);
+    return std::bit_cast<std::uint32_t>(r);
+#endif
+  }
 
   //! Whether the blocks whose new absmax is `absmax` may encode with encode_block_high:
   //! block_route_min <= absmax <= block_route_max, where its fp32 quotient is exact (nearly every
@@ -438,17 +545,9 @@ struct format_codec<F, true> {
     return static_cast<std::uint32_t>(static_cast<std::int32_t>(qmem::detail::float_to_bits(s)) >>
                                       31);
   }
-  //! The sign-fixed search's code in bits 24-31, capped for negative states (`mask`: sign_mask)
-  //! at (negative_codes - 1) in the code byte, any low bits; positive states pass unchanged.
-  QMEM_HOST_DEVICE QMEM_INLINE static std::uint32_t cap_negative(std::uint32_t high,
-                                                                 std::uint32_t mask) noexcept {
-    constexpr std::uint32_t cap_off =
-        ~((static_cast<std::uint32_t>(negative_codes - 1) << 24) | 0xffffffu);
-    std::uint32_t const cap = ~(mask & cap_off);
-    return high < cap ? high : cap;
-  }
-
-  //! encode_finite_high(s, b) for a state of the block whose absmax is b.absmax: preconditions
+  //! encode(s, b)'s code in bits code_shift .. code_shift + F::bits - 1 of the result (code_of_high
+  //! extracts it; the 8-bit maps: encode_finite_high(s, b)) for a state of the block whose absmax
+  //! is b.absmax: preconditions
   //! block_route(b.absmax), b.reciprocal set (block_route_scale or scale_of), and |s| <= b.absmax
   //! or s is NaN, as for every state of a block (its absmax is the maximum of the magnitudes, NaN
   //! ignored). The quotient is block_quotient's (fp32). Then s / absmax <= 1, and without the sign
@@ -456,10 +555,14 @@ struct format_codec<F, true> {
   //! all go to 2^-24, whose code is the code of +0, theirs): the packed search needs no clamp of
   //! its bucket key (ptxas sm_90: 3 instructions fewer per encode of v). Proven equal to encode
   //! for every such state at several absmax by tests/optim/cuda_fused_codec_test.cpp.
+  //! `MayBeNaN` false: s is not NaN (precondition), which spares nan_select's select.
+  template <bool MayBeNaN = true>
   QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t encode_block_high(float s,
                                                                block_scale b) const noexcept {
     static_assert(has_block_route, "encode_block_high: no short route for this format");
-    if constexpr (floor_route) {
+    if constexpr (linear16_route) {
+      return linear16_code(block_quotient_x16(s, b));
+    } else if constexpr (floor_route) {
       using table = typename codec<code>::search_type;
       float const xn = block_quotient(s, b); // negative s (never a state here), NaN: see fmaxf
       float const x = fmaxf(xn, qmem::detail::bits_to_float(table::floor_bits));
@@ -475,22 +578,22 @@ struct format_codec<F, true> {
       auto const mask = sign_mask(s);
       std::uint32_t const high =
           c.search.code_high_bits_signed(qmem::detail::float_to_bits(xa), mask);
-      return s != s ? 0u : high;
+      return MayBeNaN && s != s ? 0u : high;
     } else if constexpr (F::sign_fix) {
       // encode_finite_high's sign-fixed search on the fp32 quotient
       float const xa = block_quotient(fabsf(s), b);
       auto const mask = sign_mask(s);
-      std::uint32_t const high = c.search.code_high_bits(qmem::detail::float_to_bits(xa), mask);
-      return cap_negative(high, mask);
+      return c.search.code_high_bits(qmem::detail::float_to_bits(xa), mask); // capped: the fix
     } else {
       float const x = fmaxf(block_quotient(s, b), 0.0f);
       return c.search.code_high_bits(qmem::detail::float_to_bits(x) & 0x7fffffffu, 0u);
     }
   }
 
-  //! encode_finite's code in bits 24-31 of the result (bits 0-23 are not specified), before the
-  //! shift: the fused step gathers four codes into a word with three byte permutes (PRMT) instead
-  //! of a shift, a mask and a merge per code. Precondition: finite_route.
+  //! encode_finite's code in bits 24-31 of the result (bits 0-23 are not specified; a 4-bit
+  //! table's in bits 28-31), before the shift: the fused step gathers four codes into a word with
+  //! three byte permutes (PRMT) instead of a shift, a mask and a merge per code. Precondition:
+  //! finite_route.
   QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t encode_finite_high(float s,
                                                                 block_scale b) const noexcept {
     static_assert(finite_route, "encode_finite_high needs the packed 8-bit route");
@@ -499,8 +602,7 @@ struct format_codec<F, true> {
         // |xn| = RN(|s| / absmax) (the sign comes from s; fabsf is an operand modifier)
         float const xa = static_cast<float>(static_cast<double>(fabsf(s)) * b.inverse);
         auto const mask = sign_mask(s);
-        std::uint32_t const high = c.search.code_high_bits(qmem::detail::float_to_bits(xa), mask);
-        return cap_negative(high, mask);
+        return c.search.code_high_bits(qmem::detail::float_to_bits(xa), mask); // capped: the fix
       } else {
         float const xn = static_cast<float>(static_cast<double>(s) * b.inverse);
         float const x = fmaxf(xn, 0.0f); // NaN and negative xn: +0 (either zero when xn = -0)
