@@ -99,10 +99,12 @@ struct byte_planes {
 //! The block table maps xn = RN(s / absmax) to a code by |xn| and the sign of s: per sign a step
 //! function of |xn| whose step j leaves its lower code above T_j (the largest magnitude that
 //! still maps below). RN is monotone, so RN(|s| / a) > T_j exactly when |s| / a > B_j, the
-//! midpoint of T_j and the next float (or = B_j when that float's last bit is even: the tie goes
-//! to it), i.e. when |s| > a B_j (a > 0). a B_j is exact in double (24 + 25 significant bits), so
-//! with Q_j the largest float <= a B_j (minus one unit in the last place for a tie that goes up)
-//! the test is |s| > Q_j on float bits, exactly, for every finite s with |s| <= a. Per block
+//! midpoint of T_j and the next float (|s| / a = B_j cannot happen: see below), i.e. when
+//! |s| > a B_j (a > 0). a B_j is exact in double (24 + 25 significant bits) and never a float:
+//! with a = m1 2^e, m1 odd, and B_j = m2 2^f, m2 = 2 M + 1 odd and above 2^24 (T_j normal: the
+//! table's steps lie above 2^-40), m1 m2 is odd with at least 25 bits. So with Q_j the largest
+//! float <= a B_j (the double product rounded down) the test is |s| > Q_j on float bits,
+//! exactly, for every finite s with |s| <= a. Per block
 //! that is two multiplications and conversions of 16 doubles instead of one IEEE division per
 //! state; per 16 states a binary search of four levels over the 15 thresholds of each sign, each
 //! level a 32-entry permute (both signs), a comparison and a masked add, all in registers.
@@ -118,8 +120,6 @@ struct step_search4 {
   alignas(64) std::int32_t level[4][2][16];
   //! The code of sign * 16 + count (count = the number of thresholds below |s|).
   alignas(64) std::uint8_t code[64];
-  //! Bit j: a ratio equal to B_j takes the upper code (round to nearest even).
-  std::uint16_t tie_up = 0;
 
   //! From the entries of a block table (search_table::entries() of host_encoder::block_table).
   explicit step_search4(std::uint32_t const* entries) noexcept : bound{}, level{}, code{} {
@@ -159,8 +159,6 @@ struct step_search4 {
         bound[slot] = (static_cast<double>(std::bit_cast<float>(t)) +
                        static_cast<double>(std::bit_cast<float>(t + 1))) /
                       2.0;
-        if ((t & 1u) != 0) // the upper neighbour t + 1 is even
-          tie_up = static_cast<std::uint16_t>(tie_up | (1u << slot));
       }
       for (int l = 0; l < 4; ++l)
         for (int c = 0; c < 16; ++c) {
@@ -753,19 +751,13 @@ struct search4_block {
 
   __attribute__((target("avx512f,avx512dq"), always_inline))
   search4_block(step_search4 const& steps, float amax) noexcept {
-    // Q (float bits, compact slots): the largest float <= a B, exact from the double product
+    // Q (float bits, compact slots): the largest float <= a B, from the exact double product
     __m512d const a = _mm512_set1_pd(static_cast<double>(amax));
     __m512d const p0 = _mm512_mul_pd(a, _mm512_load_pd(steps.bound));
     __m512d const p1 = _mm512_mul_pd(a, _mm512_load_pd(steps.bound + 8));
     __m256 const q0 = _mm512_cvt_roundpd_ps(p0, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m256 const q1 = _mm512_cvt_roundpd_ps(p1, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    auto const exact =
-        static_cast<__mmask16>(_mm512_cmp_pd_mask(_mm512_cvtps_pd(q0), p0, _CMP_EQ_OQ) |
-                               (_mm512_cmp_pd_mask(_mm512_cvtps_pd(q1), p1, _CMP_EQ_OQ) << 8));
-    __m512i q = _mm512_castps_si512(_mm512_insertf32x8(_mm512_castps256_ps512(q0), q1, 1));
-    // a tie that goes up: |s| >= a B, i.e. |s| above the float below a B
-    q = _mm512_mask_sub_epi32(q, static_cast<__mmask16>(exact & steps.tie_up), q,
-                              _mm512_set1_epi32(1));
+    __m512i const q = _mm512_castps_si512(_mm512_insertf32x8(_mm512_castps256_ps512(q0), q1, 1));
     for (int l = 0; l < 4; ++l)
       for (int sign = 0; sign < 2; ++sign)
         t[l][sign] = _mm512_permutexvar_epi32(_mm512_load_si512(steps.level[l][sign]), q);
