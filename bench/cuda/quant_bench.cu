@@ -111,13 +111,27 @@ double measure_copy() {
   return 2.0 * static_cast<double>(bytes) / (t[t.size() / 2] * 1e-3);
 }
 
-// Runs `f` once per iteration under CUDA events and reports bytes, GB/s and % of the copy.
+// Runs `f` once per iteration under CUDA events and reports bytes, GB/s and % of the copy (from
+// the mean, Google Benchmark's time), and the minimum and median of the iterations' times
+// (min_ms, median_ms): the statistics to compare between runs, since a slow iteration (a clock
+// change, another process) moves the mean by up to 10% (the same kernel in two rows of one
+// session, H200, 2026-11-29 19:19 UTC: 0.191 and 0.211 ms).
 template <class F>
 void run(benchmark::State& state, double bytes, F&& f) {
-  f(); // warm-up (first launch, pool growth)
+  for (int i = 0; i < 3; ++i) // warm-up: first launch, pool growth, table uploads, clocks
+    f();
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  for (auto _ : state)
-    state.SetIterationTime(time_ms(f) * 1e-3);
+  std::vector<float> times;
+  for (auto _ : state) {
+    float const ms = time_ms(f);
+    times.push_back(ms);
+    state.SetIterationTime(ms * 1e-3);
+  }
+  std::sort(times.begin(), times.end());
+  if (!times.empty()) {
+    state.counters["min_ms"] = times.front();
+    state.counters["median_ms"] = times[times.size() / 2];
+  }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * bytes));
   state.counters["GBps"] =
       benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
@@ -297,9 +311,93 @@ void dequantize_variant(benchmark::State& state) {
       launch_dequantize<C, T, 1>(block);
     else if (per_step == 2)
       launch_dequantize<C, T, 2>(block);
+    else if (per_step == 8)
+      launch_dequantize<C, T, 8>(block);
     else
       launch_dequantize<C, T, 4>(block);
   });
+}
+
+// quantize_whole as quantize_blockwise dispatches it (narrow groups), launched with `waves`
+// waves of resident CTAs instead of whole_waves, for whole_waves_ab.
+template <class C, class T>
+void launch_whole_waves(std::size_t block, int waves) {
+  namespace k = qmem::quant::cuda_impl::kernels;
+  constexpr int items = k::whole_items<T>;
+  auto kernel = k::quantize_whole<C, T, items, k::no_transform>;
+  std::size_t const blocks = elements / block;
+  int const group = static_cast<int>(block) / items;
+  std::size_t const per_step = static_cast<std::size_t>(k::cta_threads / group);
+  unsigned const grid = k::grid_for(kernel, k::cta_threads, blocks / per_step + 1, 0, waves);
+  auto const params = cuda_impl::normal_encoder<C>::host_params(0);
+  kernel<<<grid, k::cta_threads>>>(input<T>(), blocks, k::log2_exact(block), g->codes, g->absmax,
+                                   C::book, params, k::no_transform{});
+  check(cudaGetLastError(), "quantize_whole");
+}
+
+// Interleaved A/B of two launches of the same work: each iteration times A then B (the reported
+// time is their sum); counters A_/B_median_ms and A_/B_min_ms. Rows of one benchmark run drift
+// by a few percent over a process's life (clocks, L2 state: the same kernel 0.192 and 0.200 ms
+// in two rows, 21:49 UTC), so variants are compared within one row.
+template <class A, class B>
+void run_ab(benchmark::State& state, A&& a, B&& b) {
+  for (int i = 0; i < 3; ++i) {
+    a();
+    b();
+  }
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  std::vector<float> ta;
+  std::vector<float> tb;
+  for (auto _ : state) {
+    ta.push_back(time_ms(a));
+    tb.push_back(time_ms(b));
+    state.SetIterationTime((ta.back() + tb.back()) * 1e-3);
+  }
+  std::sort(ta.begin(), ta.end());
+  std::sort(tb.begin(), tb.end());
+  if (!ta.empty()) {
+    state.counters["A_min_ms"] = ta.front();
+    state.counters["A_median_ms"] = ta[ta.size() / 2];
+    state.counters["B_min_ms"] = tb.front();
+    state.counters["B_median_ms"] = tb[tb.size() / 2];
+  }
+}
+
+// quantize_whole A/B at two grid sizes: state.range(0) 0 = NF4 from bf16 block 64, 1 = FP4 from
+// bf16 block 64, 2 = int8 (dynamic_signed) from fp32 block 256; waves A = range(1), B = range(2).
+void whole_waves_ab(benchmark::State& state) {
+  auto const code = state.range(0);
+  std::size_t const block = code == 2 ? 256 : 64;
+  auto launch = [&](int waves) {
+    if (code == 0)
+      launch_whole_waves<nf4, bf16>(block, waves);
+    else if (code == 1)
+      launch_whole_waves<fp4, bf16>(block, waves);
+    else
+      launch_whole_waves<dynamic_signed, float>(block, waves);
+  };
+  run_ab(
+      state, [&] { launch(static_cast<int>(state.range(1))); },
+      [&] { launch(static_cast<int>(state.range(2))); });
+}
+
+// the dispatched quantize against itself (the noise floor of an A/B row): range(0) 0 NF4, 1 FP4
+// from bf16 block 64
+void plain_ab(benchmark::State& state) {
+  auto const code = state.range(0);
+  auto call = [code] {
+    if (code == 0)
+      quantize_blockwise<nf4>(
+          e, tensor_view<bf16 const>(g->x16, elements, memory_space::device), 64,
+          tensor_view<std::uint8_t>(g->codes, elements / 2, memory_space::device),
+          tensor_view<float>(g->absmax, elements / 64, memory_space::device));
+    else
+      quantize_blockwise<fp4>(
+          e, tensor_view<bf16 const>(g->x16, elements, memory_space::device), 64,
+          tensor_view<std::uint8_t>(g->codes, elements / 2, memory_space::device),
+          tensor_view<float>(g->absmax, elements / 64, memory_space::device));
+  };
+  run_ab(state, call, call);
 }
 
 void four_bit_blocks(benchmark::internal::Benchmark* b) {
@@ -355,7 +453,17 @@ int main(int argc, char** argv) {
        {benchmark::RegisterBenchmark("nf4_dequantize_variant", dequantize_variant<nf4, bf16>),
         benchmark::RegisterBenchmark("int8_dequantize_variant",
                                      dequantize_variant<dynamic_signed, float>)})
-    b->Arg(1)->Arg(2)->Arg(4)->UseManualTime()->Unit(benchmark::kMillisecond);
+    b->Arg(1)->Arg(2)->Arg(4)->Arg(8)->UseManualTime()->Unit(benchmark::kMillisecond);
+  {
+    auto* b = benchmark::RegisterBenchmark("whole_waves_ab", whole_waves_ab);
+    b->Args({0, 2, 4})->Args({1, 1, 4})->Args({1, 2, 4})->Args({2, 1, 4});
+    b->UseManualTime()->Unit(benchmark::kMillisecond);
+  }
+  benchmark::RegisterBenchmark("plain_ab", plain_ab)
+      ->Arg(0)
+      ->Arg(1)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
   one_block(benchmark::RegisterBenchmark("scales_only_dq", scales_only), 64);
   one_block(benchmark::RegisterBenchmark("scales_only_dq", scales_only), 256);
   one_block(benchmark::RegisterBenchmark("nf4_dequantize_bf16_dq", dequantize_nested<nf4, bf16>),

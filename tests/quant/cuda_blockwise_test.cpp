@@ -556,6 +556,51 @@ TEST_CASE("cuda blockwise: the one-launch offset mean equals the host's tree, ex
   }
 }
 
+TEST_CASE("cuda blockwise: the nested quantization on every nested block size, partial blocks "
+          "and unaligned views") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  // nested_quantize: groups of 2 (nested block 64) to 128 lanes (4096: the CTA's warps combine
+  // their maxima), a partial last block and a partial last vector, absmax / qabsmax views at
+  // offsets that are not 16- / 4-byte aligned (scalar loads and stores), special values
+  auto check = [](std::vector<float> const& absmax, std::size_t nb, std::size_t offset) {
+    std::size_t const m = absmax.size();
+    std::vector<std::uint8_t> hq(m);
+    std::vector<float> h2(block_count(m, nb));
+    std::vector<float> hoff(1);
+    quantize_scales(exec::host{}, view(absmax), nb, view(hq), view(h2), view(hoff));
+    std::vector<float> padded(offset, 1.0f);
+    padded.insert(padded.end(), absmax.begin(), absmax.end());
+    auto da = cuda_backend::upload(padded);
+    auto dq = cuda_backend::alloc<std::uint8_t>(m + offset);
+    auto d2 = cuda_backend::alloc<float>(h2.size());
+    auto doff = cuda_backend::alloc<float>(1);
+    auto const qv = dq.view().subview(offset, m);
+    quantize_scales(exec::cuda{}, tensor_view<float const>(da.view()).subview(offset, m), nb, qv,
+                    d2.view(), doff.view());
+    REQUIRE(same_values(cuda_backend::download(doff.view()), hoff));
+    REQUIRE(cuda_backend::download(tensor_view<std::uint8_t const>(qv)) == hq);
+    REQUIRE(same_values(cuda_backend::download(d2.view()), h2));
+  };
+  std::mt19937 g(41);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  std::vector<float> a(256 * 301 + 13);
+  for (auto& x : a)
+    x = std::ldexp(u(g), static_cast<int>(g() % 9) - 4);
+  for (std::size_t nb : {std::size_t{64}, std::size_t{256}, std::size_t{4096}})
+    for (std::size_t offset : {std::size_t{0}, std::size_t{1}, std::size_t{3}}) {
+      CAPTURE(nb);
+      CAPTURE(offset);
+      check(a, nb, offset);
+    }
+  auto b = a;
+  b[100] = std::numeric_limits<float>::infinity();
+  check(b, 256, 0);
+  b[5000] = std::numeric_limits<float>::quiet_NaN();
+  check(b, 256, 1);
+  check(std::vector<float>(77, 0.25f), 64, 0); // every scale equal to the offset
+}
+
 namespace {
 __global__ void fill_pattern(bf16* x, std::size_t n) {
   std::size_t const stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;

@@ -28,7 +28,8 @@
 //!   and writes one 16-byte store.
 //! - double quantization (quantize_scales): the offset's fixed-order mean in one kernel
 //!   (offset_mean: exact warp sums where the order cannot matter, the host's order elsewhere),
-//!   then the nested 8-bit quantization, launched as a programmatic dependent of it.
+//!   then the nested 8-bit quantization (nested_quantize: one step per thread), launched as a
+//!   programmatic dependent of it.
 //! Unaligned views (subviews at odd offsets) take a scalar path that computes the same function.
 //! Code books live in shared memory: kernel parameters sit in constant memory, which serializes
 //! a warp's reads of different entries.
@@ -147,8 +148,11 @@ inline constexpr int quantize_min_ctas = Stochastic ? 1
 //! table from the code book in the constant bank (serialized reads): since then the table is
 //! copied from device memory after the step's loads are issued. Then (19:19 UTC, copy 4216 GB/s,
 //! quant_bench's dequantize_variant rows): NF4 -> bf16 block 64 with 1 / 2 / 4 vectors 0.238 /
-//! 0.185 / 0.179 ms, int8 -> fp32 block 256 0.400 / 0.334 / 0.339 (ncu, NF4: 173 us).
-inline constexpr int dequantize_vectors_per_step = 4;
+//! 0.185 / 0.179 ms, int8 -> fp32 block 256 0.400 / 0.334 / 0.339 (ncu, NF4: 173 us); 21:49 UTC
+//! (medians, copy 4160 GB/s): NF4 1 / 2 / 4 / 8 vectors 0.237 / 0.187 / 0.182 / 0.187, int8
+//! 0.405 / 0.339 / 0.345 / 0.350. So 4 for 4-bit codes, 2 for 8-bit codes (two sessions agree).
+template <class C>
+inline constexpr int dequantize_vectors_per_step = C::bits == 8 ? 2 : 4;
 
 //! Largest grid of the one-step dequantize launch (the kernel strides beyond it).
 inline constexpr size_t max_grid = 0x7fffffff;
@@ -283,28 +287,11 @@ struct no_transform {
   __device__ QMEM_INLINE float operator()(float v) const noexcept { return v; }
 };
 
-//! Subtracts the double-quantization offset, read from device memory once per thread (it is
-//! computed by an earlier kernel on the same stream).
-struct subtract_offset {
-  float const* offset;
-  __device__ QMEM_INLINE float operator()(float v) const noexcept { return fmath::sub(v, *offset); }
-};
-
 template <class Transform>
 struct transform_state;
 template <>
 struct transform_state<no_transform> {
   __device__ static no_transform load(no_transform t) noexcept { return t; }
-};
-template <>
-struct transform_state<subtract_offset> {
-  struct loaded {
-    float offset;
-    __device__ QMEM_INLINE float operator()(float v) const noexcept {
-      return fmath::sub(v, offset);
-    }
-  };
-  __device__ static loaded load(subtract_offset t) noexcept { return {*t.offset}; }
 };
 
 //! The code of one normalized value: nearest (through the device encoder) or, when
@@ -693,16 +680,13 @@ inline constexpr int whole_min_ctas = Items == whole_items<T> ? 6 : 4;
 //! size of the encoder's shared table. Measured on the H200 (2026-11-29, 16:10 UTC, NF4 from
 //! bf16, the kernel with 16 table copies and per-vector code stores, test harness): one wave
 //! 0.220 ms at block 64 and 0.197 at block 256, four waves 0.217 and 0.190, one CTA per step (no
-//! grid-stride) 0.231 and 0.192. The 8-bit maps keep one wave (not measured with more): every
-//! CTA copies their 22.5 KB table into shared memory first.
+//! grid-stride) 0.231 and 0.192. The 8-bit maps (whose CTAs each copy a 22.5 KB table into
+//! shared memory first) had one wave until measured (21:49 UTC, int8 from fp32 block 256,
+//! quant_bench's whole_waves_variant, medians over the iterations of one row each): 1 / 2 / 4 / 8
+//! waves 0.356 / 0.342 / 0.334 / 0.333 ms (NF4 block 64: 0.186 / 0.186 / 0.186 / 0.192; FP4:
+//! 0.193 / 0.194 / 0.200 / 0.205, within the drift between rows), so every code takes 4.
 template <class EncoderStorage>
-inline constexpr int whole_waves = sizeof(EncoderStorage) <= 8192 ? 4 : 1;
-
-//! CTAs per SM of the nested quantization of double quantization (quantize_whole with
-//! subtract_offset on the scales; one wave would be 6 per SM). Measured on the H200 (2026-11-29
-//! 18:58 UTC, the 2^22 scales of a 2^28-element NF4 tensor, nested block 256, launched alone):
-//! 1 per SM 18.2 us, 2 per SM 16.5, 3 17.6, 6 (one wave) 19.5, 12 24.0.
-inline constexpr int nested_ctas_per_sm = 2;
+inline constexpr int whole_waves = 4;
 
 //! Quantize kernel of whole blocks, nearest rounding: aligned input and codes, a power-of-two
 //! block size of at least Items, `blocks` blocks all full (the caller quantizes a partial last
@@ -733,11 +717,6 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
   int const blocks_per_cta = static_cast<int>(blockDim.x) / group_size;
   __shared__ quantize_shared<C, normal_encoder<C>> sh;
   auto const fast = sh.prepare(book, enc_params);
-  // the nested quantization of double quantization starts (table copy above) while offset_mean,
-  // which computes the offset it subtracts, finishes: nothing before this line reads memory
-  // an earlier kernel writes
-  if constexpr (std::is_same_v<Transform, subtract_offset>)
-    wait_for_prerequisites();
   auto& warp_max = sh.warp_max;
   book_t<C> const* const shared_book = &sh.book;
   auto const general = [shared_book](float xn) -> uint32_t { return C::encode(xn, *shared_book); };
@@ -1033,7 +1012,7 @@ __device__ QMEM_INLINE uint32_t pack_two(float lo, float hi) noexcept {
 //! vector with a finite scale (every product then finite) are rounded two at a time by the
 //! hardware conversion: about 3 instructions per 4-bit element instead of 11 with the integer
 //! rounding of from_float (ptxas 13.0, sm_90, 2026-11-29).
-template <class C, class T, class Scales, int PerStep = dequantize_vectors_per_step>
+template <class C, class T, class Scales, int PerStep = dequantize_vectors_per_step<C>>
 __global__ void __launch_bounds__(cta_threads)
     dequantize_aligned(uint8_t const* QMEM_RESTRICT codes, Scales scales, size_t n, int block_shift,
                        T* QMEM_RESTRICT y,
@@ -1410,6 +1389,123 @@ __global__ void __launch_bounds__(cta_threads)
     *offset = __double2float_rn(__ddiv_rn(s, static_cast<double>(len)));
 }
 
+// ---- double quantization: the nested 8-bit quantization ------------------------------------
+
+//! Scales one thread of nested_quantize quantizes per step: eight 16-byte loads in flight.
+inline constexpr int nested_items = 32;
+
+//! Resident CTAs per SM nested_quantize is built for (at most 64 registers, 4 x 22.5 KB of
+//! bucket table): 4 x 132 CTAs of 256 threads x 32 scales cover the 2^22 scales of a
+//! 2^28-element NF4 tensor in blocks of 64 in one wave on the H200, each thread one step.
+inline constexpr int nested_min_ctas = 4;
+
+//! The nested quantization of double quantization: qabsmax = dynamic_signed codes of
+//! absmax[i] - offset in blocks of 2^nested_shift, absmax2 = each block's max |absmax - offset|
+//! (quant/double_quant.hpp detail::quantize_scales_host, bit for bit). A group of
+//! 2^nested_shift / nested_items threads owns a block (lane l of the group on the block's
+//! 4-scale vectors l, l + group, ...). Launched as a programmatic dependent of the kernel that
+//! computes the offset (offset_mean, or tree_level): the CTAs copy the bucket table while that
+//! kernel finishes, then wait for it. `vector_io`: absmax 16-byte and qabsmax 4-byte aligned
+//! (else every access is scalar); partial vectors and a partial last block are handled here.
+//! Before, this was quantize_whole with an offset-subtracting transform and a grid of 2 CTAs per
+//! SM walking 4 steps each. Measured on the H200 (2026-11-29 21:49 UTC, the 2^22 scales of a
+//! 2^28-element NF4 tensor, nested block 256): alone under ncu 14.3 us, as before (14.4; 16.8
+//! cycles per issued instruction: latency-bound, one dependent chain per thread), but its whole
+//! prologue now overlaps offset_mean: quantize_scales 0.036 -> 0.025 ms (scales_only_dq/64),
+//! NF4 quantize + double quantization 0.228 -> 0.216 ms (base and new in one session).
+template <int = 0>
+__global__ void __launch_bounds__(cta_threads, nested_min_ctas)
+    nested_quantize(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
+                    float const* QMEM_RESTRICT offset, uint8_t* QMEM_RESTRICT qabsmax,
+                    float* QMEM_RESTRICT absmax2, bool vector_io,
+                    typename device_encoder<dynamic_signed>::params const p) {
+  using layout = bucket_layout_of<dynamic_signed>::type;
+  constexpr int vectors = nested_items / 4;
+  __shared__ uint32_t table[layout::entries];
+  __shared__ uint32_t warp_max[max_quantize_threads / 32];
+  copy_words_to_shared(table, p.entry, static_cast<int>(layout::entries));
+  __syncthreads();
+  wait_for_prerequisites(); // nothing above reads what an earlier kernel writes
+  // through L2: the offset was written by the kernel this one overlapped (no stale L1 line)
+  float const off = __ldcg(offset);
+  int const group_size = (1 << nested_shift) / nested_items;
+  int const blocks_per_cta = static_cast<int>(blockDim.x) / group_size;
+  int const group = static_cast<int>(threadIdx.x) / group_size;
+  int const lane = static_cast<int>(threadIdx.x) % group_size;
+  size_t const blocks = (m + (size_t{1} << nested_shift) - 1) >> nested_shift;
+  size_t const stride = static_cast<size_t>(gridDim.x) * static_cast<size_t>(blocks_per_cta);
+  for (size_t first = static_cast<size_t>(blockIdx.x) * static_cast<size_t>(blocks_per_cta);
+       first < blocks; first += stride) { // uniform over the CTA (group_max's barriers)
+    size_t const blk = first + static_cast<size_t>(group);
+    size_t const begin = blk << nested_shift;
+    // scales of this group's block inside [0, m) (0 past the last block); offsets inside a block
+    // are ints (at most 4096 scales), which keeps 64-bit arithmetic out of the loops (registers)
+    int const count = blk >= blocks                             ? 0
+                      : m - begin < (size_t{1} << nested_shift) ? static_cast<int>(m - begin)
+                                                                : 1 << nested_shift;
+    float const* const src = absmax + (blk < blocks ? begin : 0);
+    float d[vectors][4]; // absmax - offset
+    uint32_t mx = 0;
+    QMEM_UNROLL
+    for (int j = 0; j < vectors; ++j) {
+      int const o = 4 * (j * group_size + lane);
+      if (vector_io && o + 4 <= count) {
+        float4 const q = __ldcg(reinterpret_cast<float4 const*>(src + o));
+        d[j][0] = fmath::sub(q.x, off);
+        d[j][1] = fmath::sub(q.y, off);
+        d[j][2] = fmath::sub(q.z, off);
+        d[j][3] = fmath::sub(q.w, off);
+        QMEM_UNROLL
+        for (int k = 0; k < 4; ++k) {
+          uint32_t const b = quant::detail::abs_bits(d[j][k]);
+          mx = b > mx ? b : mx;
+        }
+      } else {
+        QMEM_UNROLL
+        for (int k = 0; k < 4; ++k) {
+          // scales past the end: 0 (they add nothing to the maximum and encode in range)
+          d[j][k] = o + k < count ? fmath::sub(__ldcg(src + o + k), off) : 0.0f;
+          uint32_t const b = quant::detail::abs_bits(d[j][k]);
+          mx = b > mx ? b : mx;
+        }
+      }
+    }
+    mx = group_max(mx, group_size, warp_max);
+    if (count == 0)
+      continue;
+    float const amax2 = qmem::detail::bits_to_float(mx);
+    if (lane == 0)
+      absmax2[blk] = amax2;
+    uint8_t* const dst = qabsmax + begin;
+    auto const encode_store = [&](float inv, auto const& enc) {
+      QMEM_UNROLL
+      for (int j = 0; j < vectors; ++j) {
+        int const o = 4 * (j * group_size + lane);
+        uint32_t c[4];
+        QMEM_UNROLL
+        for (int k = 0; k < 4; ++k)
+          c[k] = enc(fmath::mul(d[j][k], inv));
+        if (vector_io && o + 4 <= count) {
+          *reinterpret_cast<uint32_t*>(dst + o) = pack_bytes(c[0], c[1], c[2], c[3]);
+        } else {
+          QMEM_UNROLL
+          for (int k = 0; k < 4; ++k)
+            if (o + k < count)
+              dst[o + k] = static_cast<uint8_t>(c[k]);
+        }
+      }
+    };
+    // absmax2 in [2^-126, 2^126): the normal-domain lookup, as in quantize_whole
+    if (mx - 0x00800000u < 0x7e000000u)
+      encode_store(rcp_normal(amax2),
+                   [&](float xn) -> uint32_t { return bucket_lookup_normal<layout>(xn, table); });
+    else
+      encode_store(fmath::rcp(amax2), [&](float xn) -> uint32_t {
+        return bucket_lookup<layout>(xn, table, p.nan_code, p.negative_zero_code);
+      });
+  }
+}
+
 //! Elementwise dequantization of double-quantized scales. (A template only so that the header
 //! can define it in every translation unit: a plain __global__ function is not inline.)
 template <int = 0>
@@ -1516,19 +1612,12 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
       int const threads = group > cta_threads ? group : cta_threads;
       size_t const per_step = static_cast<size_t>(threads / group);
       auto kernel = quantize_whole<C, T, Items, Transform>;
-      unsigned grid = grid_for(kernel, threads, whole / per_step + 1, e.device,
-                               whole_waves<typename normal_encoder<C>::storage>);
-      if constexpr (std::is_same_v<Transform, subtract_offset>) {
-        auto const cap =
-            static_cast<unsigned>(nested_ctas_per_sm * qmem::cuda_detail::sm_count(e.device));
-        grid = grid < cap ? grid : cap;
-      }
-      auto const params = normal_encoder<C>::host_params(e.device);
-      // with nested scales, a programmatic dependent launch after offset_mean (see quantize_whole)
-      qmem::cuda_detail::launch(e, std::is_same_v<Transform, subtract_offset>, kernel, dim3(grid),
-                                dim3(static_cast<unsigned>(threads)), 0,
-                                "qmem::quant quantize_whole", x, whole, log2_exact(block_size),
-                                codes, absmax, C::book, params, tf);
+      unsigned const grid = grid_for(kernel, threads, whole / per_step + 1, e.device,
+                                     whole_waves<typename normal_encoder<C>::storage>);
+      qmem::cuda_detail::launch(e, false, kernel, dim3(grid), dim3(static_cast<unsigned>(threads)),
+                                0, "qmem::quant quantize_whole", x, whole, log2_exact(block_size),
+                                codes, absmax, C::book, normal_encoder<C>::host_params(e.device),
+                                tf);
     }
     if (whole != blocks) {
       size_t const begin = whole * block_size;
@@ -1577,10 +1666,10 @@ void dequantize_any(exec::cuda const& e, uint8_t const* codes, Scales scales, si
   bool const pow2 = (block_size & (block_size - 1)) == 0;
   if (aligned16(codes) && aligned16(y) && pow2 && block_size % vec == 0) {
     auto kernel = dequantize_aligned<C, T, Scales>;
-    // One loop step per thread (a CTA per cta_threads * dequantize_vectors_per_step vectors):
+    // One loop step per thread (a CTA per cta_threads * dequantize_vectors_per_step<C> vectors):
     // see dequantize_vectors_per_step. The prologue it repeats per CTA is now two coalesced
     // loads from device memory, issued after the step's own loads.
-    size_t const steps = n / vec / dequantize_vectors_per_step + 1;
+    size_t const steps = n / vec / dequantize_vectors_per_step<C> + 1;
     size_t const ctas = steps / cta_threads + 1;
     auto const grid = static_cast<unsigned>(ctas < max_grid ? ctas : max_grid);
     kernel<<<grid, cta_threads, 0, e.stream>>>(codes, scales, n, log2_exact(block_size), y,
@@ -1645,6 +1734,22 @@ inline void tree_mean(exec::cuda const& e, float const* absmax, size_t m, float*
   }
 }
 
+//! Enqueues nested_quantize of absmax[0, m) - *offset in blocks of `nested_block`, as a
+//! programmatic dependent of the kernel before it on the stream (which computes *offset).
+inline void launch_nested_quantize(exec::cuda const& e, float const* absmax, size_t m,
+                                   size_t nested_block, float const* offset, uint8_t* qabsmax,
+                                   float* absmax2) {
+  auto kernel = nested_quantize<>;
+  size_t const per_cta = static_cast<size_t>(cta_threads) / (nested_block / nested_items);
+  size_t const blocks = (m + nested_block - 1) / nested_block;
+  unsigned const grid = grid_for(kernel, cta_threads, (blocks + per_cta - 1) / per_cta, e.device);
+  bool const vector_io = aligned16(absmax) && reinterpret_cast<std::uintptr_t>(qabsmax) % 4 == 0;
+  qmem::cuda_detail::launch(e, true, kernel, dim3(grid), dim3(cta_threads), 0,
+                            "qmem::quant nested_quantize", absmax, m, log2_exact(nested_block),
+                            offset, qabsmax, absmax2, vector_io,
+                            device_encoder<dynamic_signed>::host_params(e.device));
+}
+
 } // namespace kernels
 
 //! GPU quantize_blockwise (see quant/blockwise.hpp; preconditions checked by the caller).
@@ -1671,9 +1776,9 @@ void dequantize_blockwise(exec::cuda const& e, tensor_view<std::uint8_t const> c
                              block_size, y.data());
 }
 
-//! GPU quantize_scales (see quant/double_quant.hpp): the fixed-order mean (a 256-ary tree of
-//! double sums, one kernel per level, workspace from the device's default pool), then the
-//! blockwise dynamic_signed quantization of absmax - offset. Stream-ordered, no host round trip.
+//! GPU quantize_scales (see quant/double_quant.hpp): the fixed-order mean (offset_mean, or one
+//! tree_level kernel per level beyond 2^24 scales; workspace from the device's default pool), then
+//! nested_quantize of absmax - offset. Stream-ordered, no host round trip.
 inline void quantize_scales(exec::cuda const& e, tensor_view<float const> absmax,
                             std::size_t nested_block, tensor_view<std::uint8_t> qabsmax,
                             tensor_view<float> absmax2, tensor_view<float> offset) {
@@ -1684,9 +1789,8 @@ inline void quantize_scales(exec::cuda const& e, tensor_view<float const> absmax
     return;
   }
   kernels::tree_mean(e, absmax.data(), absmax.size(), offset.data());
-  kernels::quantize_any<dynamic_signed>(e, absmax.data(), absmax.size(), nested_block,
-                                        qabsmax.data(), absmax2.data(), rounding{},
-                                        kernels::subtract_offset{offset.data()});
+  kernels::launch_nested_quantize(e, absmax.data(), absmax.size(), nested_block, offset.data(),
+                                  qabsmax.data(), absmax2.data());
 }
 
 //! GPU dequantize_scales (see quant/double_quant.hpp).
