@@ -4,7 +4,8 @@
 // all 2^32 floats, views at offsets that are not 16-byte aligned (the scalar path), sizes that
 // are not a multiple of a thread's vector, grid-stride loops over many blocks per CTA, a tensor of
 // more than 2^32 elements, a multi-level offset tree, the one-launch offset mean on exact and
-// inexact sums, a non-default stream and
+// inexact sums, the nested quantization on every nested block size and unaligned views, a
+// non-default stream and
 // sync_after_launch. Every result is compared bit for bit with the host backend (NaN outputs:
 // as NaN, see same_values).
 // Compiled only by nvcc; without a GPU each case says so and returns.
