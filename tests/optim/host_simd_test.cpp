@@ -514,6 +514,37 @@ TEST_CASE("8-bit decode by byte permutes (AVX-512 VBMI) equals the gather decode
 #endif
 }
 
+TEST_CASE("4-bit decode by byte permutes (AVX-512 VBMI) equals the permute decode") {
+#if QMEM_OPTIM_HOST_SIMD
+  if (!optim::detail::host_vbmi()) {
+    MESSAGE("this CPU has no AVX-512 VBMI: decode4_vbmi not run");
+    return;
+  }
+  using F = optim::blockwise_format<optim::dynamic4_signed, 128>;
+  optim::detail::host_encoder<F> const enc;
+  std::mt19937 rng(7);
+  std::vector<std::uint8_t> codes(600);
+  for (std::size_t i = 0; i < codes.size(); ++i)
+    codes[i] = static_cast<std::uint8_t>(i < 256 ? i : rng()); // every pair of nibbles, then random
+  for (float absmax : {1.0f, 0.37f, 3e-30f, 1e-40f, 3e38f}) {
+    for (std::size_t m : {std::size_t{1200}, std::size_t{128}, std::size_t{64}, std::size_t{77},
+                          std::size_t{65}, std::size_t{1}, std::size_t{0}}) {
+      std::vector<float> want(m), got(m);
+      optim::detail::decode4_512(enc.values, codes.data(), absmax, want.data(), m);
+      optim::detail::decode4_vbmi(enc.values, codes.data(), absmax, got.data(), m);
+      std::size_t differ = 0;
+      for (std::size_t i = 0; i < m; ++i)
+        differ += std::bit_cast<std::uint32_t>(got[i]) != std::bit_cast<std::uint32_t>(want[i]);
+      CAPTURE(absmax);
+      CAPTURE(m);
+      CHECK(differ == 0);
+    }
+  }
+#else
+  MESSAGE("no SIMD kernels in this build");
+#endif
+}
+
 TEST_CASE("host step: the AVX2 and AVX-512 kernels give the portable step's bits") {
   if (isas().size() < 3)
     MESSAGE("this CPU or build runs " << isas().size() - 1

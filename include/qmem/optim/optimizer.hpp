@@ -895,7 +895,7 @@ private:
     }
     (std::make_integer_sequence<int, N>{});
     detail::host_isa const isa = detail::current_host_isa();
-    [[maybe_unused]] bool const vbmi = detail::host_vbmi(); // 8-bit decode by byte permutes
+    [[maybe_unused]] bool const vbmi = detail::host_vbmi(); // decode by byte permutes
 
     // Loads elements [b, b + m) into fp32 registers (arrays of one chunk).
     auto load_params = [&](std::size_t b, std::size_t m, float* p) {
@@ -933,8 +933,11 @@ private:
                   wide ? detail::decode8_512(values, c, a, out + j, e - j)
                        : detail::decode8(values, c, a, out + j, e - j);
               } else {
-                wide ? detail::decode4_512(values, c, a, out + j, e - j)
-                     : detail::decode4(values, c, a, out + j, e - j);
+                if (vbmi)
+                  detail::decode4_vbmi(values, c, a, out + j, e - j);
+                else
+                  wide ? detail::decode4_512(values, c, a, out + j, e - j)
+                       : detail::decode4(values, c, a, out + j, e - j);
               }
             }
             done = true;

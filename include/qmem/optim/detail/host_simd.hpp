@@ -558,6 +558,46 @@ __attribute__((target("avx512f"))) inline void decode4_512(float const* values,
   }
 }
 
+//! The byte permutes of decode4_vbmi: group g (16 outputs) of a 64-output step puts code byte
+//! 8 g + i / 2 into the low byte of 32-bit lane i.
+inline constexpr auto nibble_spread = [] {
+  struct {
+    alignas(64) std::uint8_t index[4][64];
+  } t{};
+  for (int g = 0; g < 4; ++g)
+    for (int j = 0; j < 64; ++j)
+      t.index[g][j] = static_cast<std::uint8_t>(8 * g + j / 8);
+  return t;
+}();
+
+//! decode4_512 with 64 outputs per step: the 32 code bytes loaded once, each group of 16 spread
+//! into 32-bit lanes by one byte permute (vpermb), shifted (the high nibble of even elements to
+//! the bottom) and looked up by one permute of the 16 scaled values, which reads only each
+//! index's low 4 bits (so no mask). The same floats as decode4_512 (the scaled values are the
+//! same products). Two permutes and a shift per 16 outputs instead of three permutes, a shift
+//! and a mask: 2.22 -> 1.69 TSC cycles per 16 values in L1 (dev box, 2026-11-29). AVX-512 VBMI.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline void
+decode4_vbmi(float const* values, std::uint8_t const* QMEM_RESTRICT codes, float absmax,
+             float* QMEM_RESTRICT out, std::size_t m) noexcept {
+  __m512 const table = _mm512_mul_ps(_mm512_loadu_ps(values), _mm512_set1_ps(absmax));
+  __m512i const shifts = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  __m512i spread[4];
+  for (int g = 0; g < 4; ++g)
+    spread[g] = _mm512_load_si512(nibble_spread.index[g]);
+  std::size_t j = 0;
+  for (; j + 64 <= m; j += 64) {
+    __m512i const bytes =
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<__m256i const*>(codes + j / 2)));
+    for (int g = 0; g < 4; ++g)
+      _mm512_storeu_ps(
+          out + j + 16 * static_cast<std::size_t>(g),
+          _mm512_permutexvar_ps(
+              _mm512_srlv_epi32(_mm512_permutexvar_epi8(spread[g], bytes), shifts), table));
+  }
+  if (j < m)
+    decode4_512(values, codes + j / 2, absmax, out + j, m - j);
+}
+
 __attribute__((target("avx512f"))) inline std::uint32_t
 absmax_bits_512(float const* QMEM_RESTRICT v, std::size_t m) noexcept {
   __m512i const mask = _mm512_set1_epi32(0x7fffffff);
