@@ -9,8 +9,11 @@
 // - gemm/*: batch 4096, dequantize + cuBLASLt against cuBLASLt bf16 on the same shape.
 // - gemv_variant/n/k/m/v: each GEMV block shape alone (v 13-18: the batch-1 candidates of
 //   cuda_matmul::gemv_batch1_candidates, to compare with v 9, gemv1_4bit_kernel's {8, 1, 4}; v 19
-//   to 28: the streaming kernel's cuda_matmul::gemv_batch1_stream_candidates; 29 and up, at
-//   batches 4 and 16: the small-batch streaming kernel's gemv_batch16_stream_candidates).
+//   to 30: the streaming kernel's cuda_matmul::gemv_batch1_stream_candidates; 31 to 39, at
+//   batches 4 and 16: the small-batch streaming kernel's gemv_batch16_stream_candidates; 40 and
+//   up: the later batch-1 streaming candidates).
+// - gemv_variant_dq/n/k/1/v: batch-1 streaming shapes 19, 28, 40 and up with nested scales.
+// - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).
 // - gemm_overlap/n/k/m/chunks: batch 4096 with the dequantization overlapped in row chunks.
 // - grad_input/*, int8/*: the QLoRA backward pass and the LLM.int8 layer.
 #include <qmem/quant/cuda/matmul.cuh>
@@ -294,22 +297,50 @@ constexpr cuda_matmul::gemv1_shape variants1[] = {{8, 2, 2},
 // not yet timed), to compare with 9 and 13-18.
 constexpr auto const& variants_stream = cuda_matmul::gemv_batch1_stream_candidates;
 constexpr int stream_first = 8 + static_cast<int>(std::size(variants1));
+// (the first 12 of them, variants 19-30; the later ones come after the small-batch shapes, so
+// that the variant numbers in docs/benchmarks.md keep their meaning)
+constexpr int stream_early = 12;
 // Then the streaming small-batch kernel's shapes (cuda_matmul::gemv_batch16_stream_candidates,
 // batches 2-16; 36 and 37 are dispatched), to compare with 3 ({8, 4, 2, contiguous}, the
 // gemv_4bit_kernel shape dispatched before it at batches 9-16).
 constexpr auto const& variants_m = cuda_matmul::gemv_batch16_stream_candidates;
-constexpr int stream_m_first = stream_first + static_cast<int>(std::size(variants_stream));
-constexpr int variant_count = stream_m_first + static_cast<int>(std::size(variants_m));
+constexpr int stream_m_first = stream_first + stream_early;
+// Then the batch-1 streaming shapes from the 13th on (variants 40 and up: matmul round 5).
+constexpr int stream_late_first = stream_m_first + static_cast<int>(std::size(variants_m));
+constexpr int variant_count =
+    stream_late_first + static_cast<int>(std::size(variants_stream)) - stream_early;
 
-template <int V>
+//! The batch-1 streaming shape of variant v (stream_first <= v < stream_m_first or
+//! stream_late_first <= v < variant_count).
+constexpr int stream_index(int v) {
+  return v < stream_m_first ? v - stream_first : stream_early + v - stream_late_first;
+}
+constexpr bool is_stream_variant(int v) {
+  return (v >= stream_first && v < stream_m_first) || v >= stream_late_first;
+}
+//! The batch-1 streaming shapes gemv_variant_dq times with nested scales: 19 ({16, 8}, dispatched
+//! with them), 28 ({16, 4, pdl}) and the round-5 ones (40 and up).
+constexpr bool is_dq_variant(int v) {
+  return v == stream_first || v == stream_first + 9 || v >= stream_late_first;
+}
+
+template <int V, bool Nested = false>
 void launch_variant(exec::cuda const& e, cuda_matmul::gemv_args<bf16> const& a) {
-  if constexpr (V < 8)
+  if constexpr (Nested) {
+    // nested scales: the batch-1 streaming shapes only
+    if constexpr (is_dq_variant(V)) {
+      if (!cuda_matmul::launch_gemv1_stream<nf4, bf16, true, variants_stream[stream_index(V)]>(e,
+                                                                                               a))
+        throw qmem::bad_argument("gemv_variant_dq: the streaming kernel does not take this shape");
+    } else {
+      throw qmem::bad_argument("gemv_variant_dq: not a variant it times");
+    }
+  } else if constexpr (V < 8)
     cuda_matmul::launch_gemv_fast<nf4, bf16, false, variants[V]>(e, a);
   else if constexpr (V < stream_first)
     cuda_matmul::launch_gemv1_fast<nf4, bf16, false, variants1[V - 8]>(e, a);
-  else if constexpr (V < stream_m_first) {
-    if (!cuda_matmul::launch_gemv1_stream<nf4, bf16, false, variants_stream[V - stream_first]>(e,
-                                                                                               a))
+  else if constexpr (is_stream_variant(V)) {
+    if (!cuda_matmul::launch_gemv1_stream<nf4, bf16, false, variants_stream[stream_index(V)]>(e, a))
       throw qmem::bad_argument("gemv_variant: the streaming kernel does not take this shape");
   } else if (!cuda_matmul::launch_gemvm_stream<nf4, bf16, false, variants_m[V - stream_m_first]>(
                  e, a)) {
@@ -318,19 +349,21 @@ void launch_variant(exec::cuda const& e, cuda_matmul::gemv_args<bf16> const& a) 
 }
 
 //! launch_variant<V> for the run-time variant v (0 .. variant_count - 1).
-template <int... V>
+template <bool Nested, int... V>
 void launch_variant_at(int v, exec::cuda const& e, cuda_matmul::gemv_args<bf16> const& a,
                        std::integer_sequence<int, V...>) {
-  ((v == V ? launch_variant<V>(e, a) : void()), ...);
+  ((v == V ? launch_variant<V, Nested>(e, a) : void()), ...);
 }
 
-// Args: n, k, m, variant index. The fast GEMV kernel alone, plain scales, with each block shape.
+// Args: n, k, m, variant index. The fast GEMV kernel alone, plain scales (Nested: double-quantized
+// ones, batch-1 streaming shapes only), with each block shape.
+template <bool Nested = false>
 void gemv_variant(benchmark::State& state) {
   auto const n = static_cast<std::size_t>(state.range(0));
   auto const k = static_cast<std::size_t>(state.range(1));
   auto const m = static_cast<std::size_t>(state.range(2));
   int const v = static_cast<int>(state.range(3));
-  nf4_weight w(n, k, 64, false);
+  nf4_weight w(n, k, 64, Nested);
   device_buffer<bf16> x(m * k), y(m * n);
   fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
   bench_stream const stream;
@@ -344,7 +377,9 @@ void gemv_variant(benchmark::State& state) {
                                        n,
                                        k,
                                        6};
-  auto call = [&] { launch_variant_at(v, e, a, std::make_integer_sequence<int, variant_count>{}); };
+  auto call = [&] {
+    launch_variant_at<Nested>(v, e, a, std::make_integer_sequence<int, variant_count>{});
+  };
   double t = 0;
   try {
     t = graph_loop(state, s, call);
@@ -366,14 +401,14 @@ void gemv_variant(benchmark::State& state) {
     state.counters["pipelined"] = s1.pipelined;
     state.counters["direct_lut"] = s1.direct_lut;
     state.counters["blocks_per_sm"] = cuda_matmul::gemv1_min_blocks(s1);
-  } else if (v >= stream_m_first) {
+  } else if (!is_stream_variant(v)) {
     auto const& st = variants_m[v - stream_m_first];
     state.counters["warps"] = m <= 8 ? st.warps : st.warps16;
     state.counters["tiles"] = m <= 8 ? st.tiles : st.tiles16;
     state.counters["stream"] = 1;
   } else {
-    state.counters["warps"] = variants_stream[v - stream_first].warps;
-    auto const& st = variants_stream[v - stream_first];
+    auto const& st = variants_stream[stream_index(v)];
+    state.counters["warps"] = st.warps;
     state.counters["depth"] = st.depth;
     state.counters["stream"] = 1;
     state.counters["async"] = st.async;
@@ -381,6 +416,57 @@ void gemv_variant(benchmark::State& state) {
     state.counters["pdl"] = st.pdl;
   }
   report(state, t, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
+}
+
+//! The fixed part of a streaming GEMV call: one block per SM that (with `Table`) fills a 64 KiB
+//! shared table, (with pdl) lets the next kernel launch and waits for the previous one, then
+//! loads one word per thread and stores one per block. No weight is read.
+template <bool Table>
+__global__ void floor_kernel(std::uint32_t const* x, std::uint32_t* y, int pdl) {
+  extern __shared__ std::uint32_t floor_smem[];
+  if (pdl != 0)
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if constexpr (Table) {
+    for (unsigned i = threadIdx.x; i < 16384u; i += blockDim.x)
+      floor_smem[i] = i * 0x9E3779B1u;
+    __syncthreads();
+  }
+  if (pdl != 0)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+  std::uint32_t acc = x[blockIdx.x * blockDim.x + threadIdx.x];
+  if constexpr (Table)
+    acc += floor_smem[(acc & 511u) * 32u + (threadIdx.x & 31u)];
+  acc = __reduce_add_sync(0xFFFFFFFFu, acc);
+  if (threadIdx.x == 0)
+    y[blockIdx.x] = acc;
+}
+
+// Args: threads, dynamic shared KiB, pdl, table. floor_kernel with one block per SM, the same
+// graph timing as gemv: what a call costs before it streams any weight.
+void gemv_floor(benchmark::State& state) {
+  auto const threads = static_cast<unsigned>(state.range(0));
+  auto const smem = static_cast<unsigned>(state.range(1)) * 1024u;
+  int const pdl = static_cast<int>(state.range(2));
+  bool const table = state.range(3) != 0;
+  int sms = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "cudaDeviceGetAttribute");
+  device_buffer<std::uint32_t> x(std::size_t{threads} * static_cast<unsigned>(sms)),
+      y(static_cast<unsigned>(sms));
+  check(cudaMemset(x.p, 0, x.n * 4), "cudaMemset");
+  auto const kernel = table ? &floor_kernel<true> : &floor_kernel<false>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(cuda_matmul::gemv1_stream_smem_limit)),
+        "cudaFuncSetAttribute");
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             static_cast<int>(cudaSharedmemCarveoutMaxShared)),
+        "cudaFuncSetAttribute");
+  bench_stream const stream;
+  exec::cuda const e{stream.s, 0};
+  double const t = graph_loop(state, stream.s, [&] {
+    cuda_detail::launch(e, pdl != 0, kernel, dim3(static_cast<unsigned>(sms)), dim3(threads), smem,
+                        "floor_kernel", x.p, y.p, pdl);
+  });
+  state.counters["us"] = t * 1e6;
 }
 
 // Args: n, k, m. cuBLASLt bf16 x bf16 -> bf16, fp32 accumulation, the same graph timing.
@@ -569,12 +655,20 @@ void variant_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes) {
     for (std::int64_t v = 0; v < stream_m_first; ++v)
       b->Args({s[0], s[1], 1, v});
+    for (std::int64_t v = stream_late_first; v < variant_count; ++v)
+      b->Args({s[0], s[1], 1, v});
     for (std::int64_t v : {2, 3, 6, 7})
       b->Args({s[0], s[1], 16, v});
     for (std::int64_t m : {4, 16})
-      for (std::int64_t v = stream_m_first; v < variant_count; ++v)
+      for (std::int64_t v = stream_m_first; v < stream_late_first; ++v)
         b->Args({s[0], s[1], m, v});
   }
+}
+void variant_dq_args(benchmark::internal::Benchmark* b) {
+  for (auto const& s : shapes)
+    for (std::int64_t v = stream_first; v < variant_count; ++v)
+      if (is_dq_variant(static_cast<int>(v)))
+        b->Args({s[0], s[1], 1, v});
 }
 void cublas_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes)
@@ -592,7 +686,17 @@ void timed(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(copy)->Apply(timed<1>);
 BENCHMARK(gemv)->Apply(gemv_args)->Apply(timed<3>);
-BENCHMARK(gemv_variant)->Apply(variant_args)->Apply(timed<2>);
+BENCHMARK(gemv_variant<false>)->Name("gemv_variant")->Apply(variant_args)->Apply(timed<2>);
+BENCHMARK(gemv_variant<true>)->Name("gemv_variant_dq")->Apply(variant_dq_args)->Apply(timed<2>);
+BENCHMARK(gemv_floor)
+    ->Args({512, 0, 0, 0})
+    ->Args({512, 0, 1, 0})
+    ->Args({512, 127, 0, 1})
+    ->Args({512, 127, 1, 0})
+    ->Args({512, 127, 1, 1})
+    ->Args({256, 110, 1, 0})
+    ->Args({256, 110, 1, 1})
+    ->Apply(timed<2>);
 BENCHMARK(cublas_gemv)->Apply(cublas_args)->Apply(timed<3>);
 BENCHMARK(gemm)
     ->Args({4096, 4096, 4096})

@@ -508,6 +508,9 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
   // on 1501 rows planned for 1 multiprocessor; 128 KiB: more than the 70-row weight)
   stream_cases<c[10]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}, {1501, 8192, 64, 1}}, true, rng);
   stream_cases<c[11]>({{70, 8192, 64, 0}, {1501, 8192, 64, 1}, {300, 2048, 64, 7}}, true, rng);
+  // two-group rings and the 8-pair ring with programmatic dependent launch
+  stream_cases<c[12]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}, {1501, 8192, 64, 1}}, true, rng);
+  stream_cases<c[13]>({{70, 8192, 64, 0}, {45, 1408, 64, 0}, {300, 2048, 64, 7}}, true, rng);
 }
 
 namespace {

@@ -1201,6 +1201,8 @@ struct gemv1_stream_shape {
 //! against 1.94 for the ring; 104 / 124 registers, no spills). To be timed against 20 in the next
 //! H200 run. Also not yet timed: 28 {16, 4, pdl}, the dispatched shape launched with
 //! programmatic dependent launch (the table built while the previous call drains).
+//! Round 5 (bench variants 40 and 41, after the small-batch shapes): {16, 4, grouped, pdl} and
+//! {16, 8, pdl}.
 inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 8},
     {16, 4},
@@ -1213,7 +1215,9 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 6, false, true},
     {16, 4, false, false, true},
     {16, 4, false, false, true, 32},
-    {16, 4, false, false, true, 128}};
+    {16, 4, false, false, true, 128},
+    {16, 4, false, true, true},
+    {16, 8, false, false, true}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
 //! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
@@ -1227,11 +1231,22 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
 //! block's codes before the wait), H200 2026-11-29 19:10 UTC, same run as 28's 5.32 / 11.03 /
 //! 10.90 / 12.59 / 41.11: 5.70 / 11.23 / 11.12 / 12.78 / 39.71 and 5.72 / 11.27 / 11.28 / 12.94 /
 //! 39.18: slower except on the largest weight; 28 stays.
-inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[9];
-//! The same with nested scales: {16, 8}, the only one measured (bench gemv/*/1/1, same run: 7.13
-//! / 13.71 / 13.26 / 14.69 / 43.56 us; gemv1_4bit_kernel {8, 2, 2} earlier the same day: 10.26 /
-//! 26.27 / 18.67 / 23.01 / 74.21).
-inline constexpr gemv1_stream_shape gemv_batch1_stream_nested = gemv_batch1_stream_candidates[0];
+//! Matmul round 5 (H200, 2026-11-29, same order): run of 21:54 UTC (copy 4226 GB/s), 40 {16, 4,
+//! grouped, pdl} 5.30 / 10.44 / 10.86 / 11.86 / 37.29 against 28's 5.43 / 10.84 / 10.75 / 12.41
+//! / 39.90; run of 22:18 UTC (copy 4220 GB/s), 5.28 / 10.40 / 10.79 / 11.85 / 42.54 against 5.35
+//! / 10.93 / 10.72 / 12.41 / 40.24, and through matmul_4bit (dispatched) 5.27 / 10.42 / 10.82 /
+//! 11.89 / 37.63: the two changes that won alone, together; faster on three shapes in both runs,
+//! +0.6% on 4096 x 14336 (two super-steps per warp), on 28672 x 8192 faster in two of three
+//! timings (37.29, 37.63; 42.54 once); dispatched. 41 {16, 8, pdl}: 5.52 / 11.24 / 10.78 / 12.18
+//! / 41.19 (21:54).
+inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[12];
+//! The same with nested scales: {16, 4, pdl} (variant 28). H200, 2026-11-29 22:18 UTC, bench
+//! gemv_variant_dq, us on the five shapes: 28 6.00 / 11.74 / 12.12 / 13.30 / 43.05 against
+//! {16, 8} (19, dispatched before) 7.43 / 13.74 / 13.22 / 14.71 / 42.90, 40 {16, 4, grouped, pdl}
+//! 6.01 / 11.86 / 12.47 / 13.35 / 43.48, 41 {16, 8, pdl} 6.26 / 12.21 / 12.24 / 13.38 / 41.57.
+//! (Earlier, {16, 8} 7.13 / 13.71 / 13.26 / 14.69 / 43.56; gemv1_4bit_kernel {8, 2, 2} 10.26 /
+//! 26.27 / 18.67 / 23.01 / 74.21.)
+inline constexpr gemv1_stream_shape gemv_batch1_stream_nested = gemv_batch1_stream_candidates[9];
 
 //! The loads of one row pair (both rows, the warp's J super-steps).
 template <int J, bool Nested>
