@@ -14,16 +14,18 @@
 #
 # Prepare on the development machine first: bench/gpu/gpu_prepare.sh (fills .peers/), then
 #   run(command="OUT=$OUT bench/gpu/gpu_bench.sh all", carry=[".peers"])
-# Steps, comma-separated: all (default: tests,bench,peers) | tests | bench | peers | others (the
+# Steps, comma-separated: all (default: tests,sanitize,bench,peers) | tests | bench | peers | others (the
 # other layers' benchmarks, matmul and optim: goal rows, MATMUL_FILTER / OPTIM_FILTER) | host (the
 # host optimizer benchmark, bench/optim_bench.cpp, on the machine's own CPU cores: HOST_FILTER).
+# sanitize (compute-sanitizer memcheck and racecheck over the CUDA test units, one process per test
+# case, in parallel: SANITIZER_FILES, SANITIZER_JOBS, SANITIZER_TIMEOUT).
 # TEST_FAST=1 compiles the test units with nvcc's fast-compile level (-Ofc max), as CI does.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-$root/out}
 mkdir -p "$OUT"
 steps=${1:-all}
-has() { [[ ($steps == all && $1 != others) || ,$steps, == *,$1,* ]]; }
+has() { [[ ($steps == all && $1 != others && $1 != host) || ,$steps, == *,$1,* ]]; }
 log=$OUT/run.log
 deps=$root/.peers/deps
 build=$root/build-gpu
@@ -61,11 +63,11 @@ nv=(nvcc -std=c++20 -arch=sm_90 -O3 -Xcompiler -O1 -DNDEBUG --extended-lambda -W
 tests=$build/qmem_tests_cuda
 test_opt=()
 [[ ${TEST_FAST:-0} == 1 ]] && test_opt=(-Ofc max)
-if has tests || has bench || has others || has host; then
+if has tests || has sanitize || has bench || has others || has host; then
   say "build (nvcc, parallel)"
   mkdir -p "$build/obj"
   pids=()
-  if has tests; then
+  if has tests || has sanitize; then
     for unit in "${gpu_test_units[@]}"; do
       obj=$build/obj/$(tr / _ <<<"$unit").o
       ("${nv[@]}" "${test_opt[@]}" -x cu -I"$root/tests" -DQMEM_TEST_DATA_DIR="\"$root/tests/data\"" \
@@ -90,7 +92,7 @@ if has tests || has bench || has others || has host; then
   fi
   wait "${pids[@]}"
   cat "$build"/obj/*.log "$build"/*.log 2>/dev/null | grep -v '^$' | tail -n 60 >>"$log"
-  if has tests; then
+  if has tests || has sanitize; then
     nvcc -arch=sm_90 "$build"/obj/*.o -lcublas -lcublasLt -o "$tests" >>"$log" 2>&1 ||
       say "link of the CUDA tests FAILED"
   fi
@@ -109,16 +111,45 @@ if has tests && [[ -x $tests ]]; then
   # (doctest's summary lines start with "[doctest]": keep them)
   grep -v '^\[[0-9]\|^$' "$OUT/tests.tmp" | grep -iv 'duration\|^[0-9.]* s:' | tail -n 120 >>"$log"
   grep -E '^[0-9.]+ s: ' "$OUT/tests.tmp" | sort -rn | head -n 15 >>"$log"; rm -f "$OUT/tests.tmp"
-  # The sanitizers on the CUDA-specific tests (quant, memory, optimizer, matmul), without the
-  # cases too slow under instrumentation (all 2^32 floats; a 2^32-element tensor) and the paging
-  # test under real oversubscription (managed memory under the sanitizer is not that test).
+fi
+# The sanitizers on the CUDA-specific test units (quant, memory, optimizer, matmul), without the
+# cases too slow under instrumentation (all 2^32 floats; a 2^32-element tensor), the paging test
+# under real oversubscription (managed memory under the sanitizer is not that test) and the
+# host-only instantiations: one process per test case and tool, SANITIZER_JOBS (default 16) at a
+# time, each limited to SANITIZER_TIMEOUT seconds (default 240). One process over all of them
+# never finished: racecheck alone spends 218 s in matmul_test's streaming batch-1 case (H200,
+# 2026-11-29 22:44 UTC, 18 processes in parallel on the 16 cores).
+if has sanitize && [[ -x $tests ]]; then
   filter=(--source-file="${SANITIZER_FILES:-*cuda_blockwise_test*,*cuda_resource_test*,*double_quant_test*,*cuda_rowwise*,*cuda_optim*,*matmul_test*}"
-          --test-case-exclude='*2^32*,*oversubscription*')
+          --test-case-exclude='*2^32*,*oversubscription*,*host_backend>')
+  # doctest lists the names between two rules of '='; a comma in a filter separates filters, so
+  # each comma of a name becomes '?' (any one character)
+  mapfile -t cases < <("$tests" --no-intro --list-test-cases "${filter[@]}" | sed '1,2d; /^=====/,$d')
+  san_dir=$build/sanitize; rm -rf "$san_dir"; mkdir -p "$san_dir"
+  sanitize_one() { # tool index name
+    local t0=$SECONDS rc
+    timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool "$1" --error-exitcode 7 "$tests" --no-intro \
+      --test-case="${3//,/?}" >"$san_dir/$1.$2.out" 2>&1
+    rc=$?
+    { echo "$1 exit $rc, $((SECONDS - t0)) s: $3"
+      grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|test cases:|CRASHED' "$san_dir/$1.$2.out" | sed 's/^/    /'
+      [[ $rc == 0 ]] || grep -E 'Invalid|Hazard|hazard|ERROR' "$san_dir/$1.$2.out" | grep -v SUMMARY | head -n 12 | sed 's/^/    /'
+    } >"$san_dir/$1.$2.sum"
+  }
+  say "compute-sanitizer memcheck and racecheck: ${#cases[@]} test cases each"
   for tool in memcheck racecheck; do
-    say "compute-sanitizer --tool $tool"
-    timeout "${SANITIZER_TIMEOUT:-60}" compute-sanitizer --tool "$tool" --error-exitcode 7 "$tests" --no-intro "${filter[@]}" \
-      >"$OUT/san.tmp" 2>&1; echo "exit $?" >>"$OUT/san.tmp"
-    tail -n 25 "$OUT/san.tmp" >>"$log"; rm -f "$OUT/san.tmp"
+    for i in "${!cases[@]}"; do
+      while (( $(jobs -rp | wc -l) >= ${SANITIZER_JOBS:-16} )); do wait -n; done
+      sanitize_one "$tool" "$i" "${cases[$i]}" &
+    done
+  done
+  wait
+  (( ${#cases[@]} )) || echo "no test case matched the sanitizer filters" >>"$log"
+  (( ${#cases[@]} )) && for tool in memcheck racecheck; do
+    sums=("$san_dir/$tool".*.sum)
+    failed=$(grep -L "^$tool exit 0," "${sums[@]}" | wc -l)
+    echo "$tool: ${#sums[@]} test cases, $failed not clean (a non-zero exit: errors, hazards or the time limit)" >>"$log"
+    cat "${sums[@]}" >>"$log"
   done
 fi
 
