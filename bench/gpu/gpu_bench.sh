@@ -13,13 +13,21 @@
 #   report.md, gpu_quant_roofline.svg   gpu_report.py's table and chart
 #
 # Prepare on the development machine first: bench/gpu/gpu_prepare.sh (fills .peers/), then
-#   run(command="OUT=$OUT bench/gpu/gpu_bench.sh all", carry=[".peers"])
-# Steps, comma-separated: all (default: tests,sanitize,bench,peers) | tests | bench | peers | others (the
-# other layers' benchmarks, matmul and optim: goal rows, MATMUL_FILTER / OPTIM_FILTER) | host (the
-# host optimizer benchmark, bench/optim_bench.cpp, on the machine's own CPU cores: HOST_FILTER).
-# sanitize (compute-sanitizer memcheck and racecheck over the CUDA test units, one process per test
-# case, in parallel: SANITIZER_FILES, SANITIZER_JOBS, SANITIZER_TIMEOUT).
-# TEST_FAST=1 compiles the test units with nvcc's fast-compile level (-Ofc max), as CI does.
+#   run(command="OUT=$OUT bench/gpu/gpu_bench.sh tests,bench,others,peers,host", carry=[".peers"])
+# Steps, comma-separated:
+#   all        tests,sanitize,bench,peers
+#   tests      the CUDA test units (built with nvcc directly, in parallel) and their run
+#   sanitize   compute-sanitizer memcheck and racecheck over the CUDA-specific test units, one
+#              process per test case, in parallel (SANITIZER_FILES, SANITIZER_JOBS, SANITIZER_TIMEOUT)
+#   bench      the quantization benchmark and the report (QUANT_FILTER)
+#   others     the matmul and optimizer benchmarks' goal rows (MATMUL_FILTER, OPTIM_FILTER)
+#   host       the host optimizer benchmark (bench/optim_bench.cpp) on the machine's own cores
+#   peers      bitsandbytes and torch (anchors' scripts), run while the build runs
+# TEST_FAST=1 compiles the test units at nvcc's fast-compile level (-Ofc max), as CI does.
+# One device command is limited to 600 s: on 2026-11-29 the build took 239 s (TEST_FAST=1) and
+# tests,bench,others,peers,host 487 s in all, so `sanitize` goes in a second command, right after
+# the first (the machine stays warm for 30 s), with REUSE_BUILD=1 and without carrying the build
+# folder again, so that the first command's build-gpu/ is still there.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-$root/out}
@@ -63,11 +71,16 @@ nv=(nvcc -std=c++20 -arch=sm_90 -O3 -Xcompiler -O1 -DNDEBUG --extended-lambda -W
 tests=$build/qmem_tests_cuda
 test_opt=()
 [[ ${TEST_FAST:-0} == 1 ]] && test_opt=(-Ofc max)
-if has tests || has sanitize || has bench || has others || has host; then
+# REUSE_BUILD=1: keep a test binary an earlier command built (the sanitize-only second command)
+build_tests=false
+if (has tests || has sanitize) && ! [[ ${REUSE_BUILD:-0} == 1 && -x $tests ]]; then
+  build_tests=true
+fi
+if $build_tests || has bench || has others || has host; then
   say "build (nvcc, parallel)"
   mkdir -p "$build/obj"
   pids=()
-  if has tests || has sanitize; then
+  if $build_tests; then
     for unit in "${gpu_test_units[@]}"; do
       obj=$build/obj/$(tr / _ <<<"$unit").o
       ("${nv[@]}" "${test_opt[@]}" -x cu -I"$root/tests" -DQMEM_TEST_DATA_DIR="\"$root/tests/data\"" \
@@ -92,7 +105,7 @@ if has tests || has sanitize || has bench || has others || has host; then
   fi
   wait "${pids[@]}"
   cat "$build"/obj/*.log "$build"/*.log 2>/dev/null | grep -v '^$' | tail -n 60 >>"$log"
-  if has tests || has sanitize; then
+  if $build_tests; then
     nvcc -arch=sm_90 "$build"/obj/*.o -lcublas -lcublasLt -o "$tests" >>"$log" 2>&1 ||
       say "link of the CUDA tests FAILED"
   fi
