@@ -29,6 +29,13 @@
 #include <qmem/core/cuda/runtime.cuh>
 #endif
 
+// 1 (the default): tests also run the kernel variants that are benchmarked but not dispatched (the
+// matmul candidates); 0 where no GPU runs the tests (CI: tests/CMakeLists.txt's
+// QMEM_TEST_CANDIDATE_KERNELS), since the benchmarks compile those variants already.
+#ifndef QMEM_TEST_CANDIDATE_KERNELS
+#define QMEM_TEST_CANDIDATE_KERNELS 1
+#endif
+
 namespace qmem::test {
 
 template <class T>
