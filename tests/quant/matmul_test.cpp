@@ -476,6 +476,7 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
        {1601, 8192, 64, 2},
        {300, 2048, 64, 7}},
       true, rng);
+#if QMEM_TEST_CANDIDATE_KERNELS
   // the other shapes the bench compares; the async rings (plain scales only) and the two-group
   // rings on J = 1, 2, 4, partial super-steps and groups, several tiles, rings longer than a
   // warp's pairs
@@ -511,6 +512,7 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
   // two-group rings and the 8-pair ring with programmatic dependent launch
   stream_cases<c[12]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}, {1501, 8192, 64, 1}}, true, rng);
   stream_cases<c[13]>({{70, 8192, 64, 0}, {45, 1408, 64, 0}, {300, 2048, 64, 7}}, true, rng);
+#endif
 }
 
 namespace {
@@ -562,10 +564,19 @@ TEST_CASE("the streaming small-batch GEMV kernel computes the GEMV function on e
     return;
   }
   std::mt19937 rng(29);
+#if QMEM_TEST_CANDIDATE_KERNELS
   constexpr auto count = std::size(cuda_matmul::gemv_batch16_stream_candidates);
   all_small_batch_cases(rng, std::make_index_sequence<count>{});
+#else
+  // the three shapes launch_gemv dispatches (gemv_batch16_stream, _unpaired, _short)
+  small_batch_cases<cuda_matmul::gemv_batch16_stream>(rng);
+  small_batch_cases<cuda_matmul::gemv_batch16_stream_unpaired>(rng);
+  small_batch_cases<cuda_matmul::gemv_batch16_stream_short>(rng);
+#endif
 }
 
+#if QMEM_TEST_CANDIDATE_KERNELS
+// The dispatched shapes among these run in mm_forward through matmul_4bit.
 TEST_CASE("GEMV kernel block shapes the bench compares all compute the same function") {
   if (!qmem::test::gpu_present()) {
     MESSAGE("skipped: no CUDA device on this machine");
@@ -622,6 +633,7 @@ TEST_CASE("GEMV kernel block shapes the bench compares all compute the same func
     variant_case<c[5]>(1, 45, 16384, 64, nested, rng);
   }
 }
+#endif
 
 namespace {
 // A code type of this test alone: every kernel templated on it is instantiated here only, so its
