@@ -243,7 +243,7 @@ std::size_t block_kernel_mismatches(host_isa isa, std::vector<float> const& v, b
                  ? optim::detail::store_block8(*enc.table, enc.block_entries, enc.negative_below,
                                                vb, m, codes.data(), done)
              : vbmi
-                 ? optim::detail::store_block8_vbmi(*enc.table, enc.block_entries,
+                 ? optim::detail::store_block8_vbmi(*enc.table, enc.block_entries, enc.recip8,
                                                     enc.negative_below, vb, m, codes.data(), done)
                  : optim::detail::store_block8_512(*enc.table, enc.block_entries,
                                                    enc.negative_below, vb, m, codes.data(), done);
@@ -490,6 +490,128 @@ TEST_CASE("4-bit encode by thresholds on the state (no division) equals the enco
   using optim::blockwise_format;
   check_search4<blockwise_format<optim::dynamic4_signed, 128>>("dynamic4_signed", 4000);
   check_search4<blockwise_format<optim::linear4_unsigned, 128>>("linear4_unsigned", 4000);
+}
+
+// block_codes8_recip (x' = s RN(1 / absmax) looked up in the moved block table, flagged states
+// encoded again by the division) against F::encode(s, absmax): for absmax of every binade where
+// recip_applies (random mantissas) the states nearest to absmax x every step of the block table
+// (both sides of each step), +-12 ulps, both signs, in blocks of 256 whose first state is
+// +-absmax. Also per 16 states: every lane whose code from x' alone differs from F::encode must
+// be flagged (that is what the fix-up relies on), and some must differ (so the fix-up is needed
+// and this test can see a missing one).
+#if QMEM_OPTIM_HOST_SIMD
+// recip_encode16 on the 16 states at v: each lane's code into raw, the flagged lanes as bits.
+__attribute__((target("avx512f,avx512dq"))) unsigned
+recip_lanes(std::uint32_t const* entries, float const* v, float amax, std::uint32_t* raw) {
+  __mmask16 risky = 0;
+  __m512i const c = optim::detail::recip_encode16(entries, v, _mm512_set1_ps(1.0f / amax), risky);
+  _mm512_storeu_si512(raw, c);
+  return risky;
+}
+#endif
+
+template <class F>
+void check_recip8(char const* name, std::size_t absmaxes) {
+  CAPTURE(name);
+#if QMEM_OPTIM_HOST_SIMD
+  using quant::detail::search_table;
+  optim::detail::host_encoder<F> const enc;
+  if (!optim::detail::host_step_search4()) {
+    CHECK(enc.recip8 == nullptr);
+    MESSAGE("this CPU has no AVX-512 VBMI and DQ: block_codes8_recip not run");
+    return;
+  }
+  REQUIRE(enc.recip8 != nullptr); // the optimizer's 8-bit maps fit: the step uses the kernel
+  REQUIRE(enc.block_entries != nullptr);
+  // the block table's step limits (largest |xn| below each step), both signs
+  std::vector<float> limits;
+  for (std::size_t k = 0; k < 2 * search_table::buckets; ++k) {
+    std::uint32_t const e = enc.block_entries[k];
+    if ((e & 0xffu) == ((e >> 8) & 0xffu))
+      continue;
+    auto const key = static_cast<std::uint32_t>(search_table::key_lo + k % search_table::buckets);
+    limits.push_back(std::bit_cast<float>(key << 16 | e >> 16));
+  }
+  REQUIRE(limits.size() > 200);
+  CHECK(!optim::detail::recip_applies(std::bit_cast<float>(0x007fffffu))); // subnormal
+  CHECK(optim::detail::recip_applies(std::bit_cast<float>(0x00800000u)));
+  CHECK(optim::detail::recip_applies(std::bit_cast<float>(0x7e7fffffu)));
+  CHECK(!optim::detail::recip_applies(std::bit_cast<float>(0x7e800000u))); // 2^126
+  std::mt19937 rng(12);
+  std::size_t values = 0, bad = 0, raw_differ = 0, unflagged = 0, flagged = 0;
+  std::vector<float> v;
+  std::vector<std::uint8_t> codes(F::block_size);
+  for (std::size_t k = 0; k < absmaxes; ++k) {
+    // exponent bits 1 .. 252 (recip_applies), random mantissa
+    auto const bits = static_cast<std::uint32_t>((1 + k % 252) << 23 | (rng() & 0x7fffffu));
+    float const amax = std::bit_cast<float>(bits);
+    REQUIRE(optim::detail::recip_applies(amax));
+    v.clear();
+    // the first bucket (no step), zeros and the smallest states
+    for (float s : {0.0f, amax * 0x1p-45f, amax * 0x1p-40f, amax * 0x1p-39f,
+                    std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::min()}) {
+      v.push_back(std::min(s, amax));
+      v.push_back(-std::min(s, amax));
+    }
+    for (float t : limits) {
+      float const near = static_cast<float>(static_cast<double>(amax) * static_cast<double>(t));
+      for (int d = -12; d <= 12; ++d) {
+        auto const u = static_cast<std::int64_t>(std::bit_cast<std::uint32_t>(near)) + d;
+        float const s =
+            u < 0 ? 0.0f : std::min(std::bit_cast<float>(static_cast<std::uint32_t>(u)), amax);
+        v.push_back(s);
+        v.push_back(-s);
+      }
+    }
+    for (std::size_t b = 0; b < v.size(); b += F::block_size)
+      v.insert(v.begin() + static_cast<std::ptrdiff_t>(b),
+               b / F::block_size % 2 == 0 ? amax : -amax);
+    while (v.size() % F::block_size != 0)
+      v.push_back(0.0f);
+    for (std::size_t b = 0; b < v.size(); b += F::block_size) {
+      optim::detail::block_codes8_recip(enc.recip8, enc.block_entries, v.data() + b, F::block_size,
+                                        amax, codes.data());
+      for (std::size_t i = 0; i < F::block_size; i += 16) {
+        std::uint32_t raw[16];
+        unsigned const risky = recip_lanes(enc.recip8, v.data() + b + i, amax, raw);
+        for (std::size_t l = 0; l < 16; ++l) {
+          float const s = v[b + i + l];
+          std::uint8_t const want = F::encode(s, amax);
+          bool const differ = static_cast<std::uint8_t>(raw[l]) != want;
+          bool const lane_flagged = (risky >> l & 1u) != 0;
+          raw_differ += differ;
+          flagged += lane_flagged;
+          if (differ && !lane_flagged && unflagged++ < 10)
+            FAIL_CHECK("unflagged: absmax ", amax, " s = ", s, " (bits ",
+                       std::bit_cast<std::uint32_t>(s), "): ", int(raw[l] & 255u), ", encode ",
+                       int(want));
+          ++values;
+          if (codes[i + l] != want && bad++ < 10)
+            FAIL_CHECK("absmax ", amax, " (bits ", bits, ") s = ", s, " (bits ",
+                       std::bit_cast<std::uint32_t>(s), "): ", int(codes[i + l]), ", encode ",
+                       int(want));
+        }
+      }
+    }
+  }
+  CHECK(bad == 0);
+  CHECK(unflagged == 0);
+  CHECK(raw_differ > 0);
+  std::printf("[qmem 8-bit reciprocal encode] %s: %zu states near steps, %zu differ (%zu from x' "
+              "alone, all %zu flagged among %zu)\n",
+              name, values, bad, raw_differ, raw_differ - unflagged, flagged);
+#else
+  (void)absmaxes;
+  MESSAGE("no SIMD kernels in this build");
+#endif
+}
+
+TEST_CASE("8-bit encode by the reciprocal (no division), flagged states by the division, equals "
+          "the encoder") {
+  using optim::blockwise_format;
+  check_recip8<blockwise_format<quant::dynamic_signed, 256, true>>("dynamic_signed, sign fix",
+                                                                   1000);
+  check_recip8<blockwise_format<quant::dynamic_unsigned, 256>>("dynamic_unsigned", 1000);
 }
 
 TEST_CASE("8-bit decode by byte permutes (AVX-512 VBMI) equals the gather decode") {

@@ -50,6 +50,7 @@
 #include <span>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -112,6 +113,10 @@ struct host_encoder {
   //! The block table's steps as thresholds (4-bit codes: detail::block_codes4_search), or
   //! nullptr where they do not fit or the CPU cannot run that kernel.
   step_search4 const* steps4 = steps4_of();
+  //! The entries of the block table with its buckets moved (8-bit codes:
+  //! detail::block_codes8_recip), or nullptr where it cannot serve or the CPU cannot run that
+  //! kernel.
+  std::uint32_t const* recip8 = recip8_of();
 
   //! code_type::encode(xn), exactly.
   QMEM_INLINE std::uint8_t code(float xn) const noexcept {
@@ -188,6 +193,22 @@ struct host_encoder {
           return nullptr;
         static step_search4 const s(block_entries_of());
         return s.usable() ? &s : nullptr;
+      }();
+      return p;
+    }
+#endif
+    return nullptr;
+  }
+  //! The entries of recip_table8 built from the block table, where it is usable.
+  static std::uint32_t const* recip8_of() {
+#if QMEM_OPTIM_HOST_SIMD
+    if constexpr (code_type::bits == 8) {
+      static std::uint32_t const* const p = []() -> std::uint32_t const* {
+        quant::detail::search_table const* bt = block_table();
+        if (bt == nullptr || !host_step_search4())
+          return nullptr;
+        static recip_table8 const t(*bt);
+        return t.usable() ? t.entries() : nullptr;
       }();
       return p;
     }
@@ -661,24 +682,29 @@ private:
     update_variant<Chunk>(skip_bad, update_scale, m, p, g, s, k);
   }
 
-  //! A block of 4-bit states waiting to be encoded (update_encode4): per state its updated
-  //! values, the thresholds' source and where its codes and absmax go.
-  struct pending_block4 {
+  //! A block of 4-bit or 8-bit states waiting to be encoded (update_encode): per state its
+  //! updated values, its encoder's tables (4-bit: the thresholds' source; 8-bit: the moved and
+  //! the plain block table) and where its codes and absmax go.
+  struct pending_block {
     float const* values[state_count > 0 ? state_count : 1];
     detail::step_search4 const* steps[state_count > 0 ? state_count : 1];
+    std::uint32_t const* recip[state_count > 0 ? state_count : 1];
+    std::uint32_t const* entries[state_count > 0 ? state_count : 1];
     std::uint8_t* codes[state_count > 0 ? state_count : 1];
     float* absmax[state_count > 0 ? state_count : 1];
   };
 
   //! The rule over the `bs` elements of one block (bs a multiple of 64), interleaved 64 elements
-  //! at a time with the encoding of another block `w` of 4-bit states (block_codes4_search's
-  //! operations). The rule's loop waits on the divider (a square root and a division per
-  //! element) and the encoding on the permute port, so the core runs them side by side when
-  //! they come in small pieces; the same operations as update_chunk and store_state, in another
-  //! order (they touch different elements): the same bits. Returns false, having written
-  //! nothing, where a state of `w` has an absmax that is not positive and finite
-  //! (block_table_applies). AVX-512 F, BW, DQ and VBMI.
-  template <std::size_t Chunk>
+  //! at a time with the encoding of another block `w` of Bits-bit states (4-bit:
+  //! block_codes4_search's operations; 8-bit: block_codes8_recip's). The rule's loop waits on
+  //! the divider (a square root and a division per element) and the encoding, which divides
+  //! nothing, on the permute port (4-bit) or the gathers' loads (8-bit), so the core runs them
+  //! side by side when they come in small pieces; the same operations as update_chunk and
+  //! store_state, in another order (they touch different elements): the same bits. Returns
+  //! false, having written nothing, where a state of `w` has an absmax that is not positive and
+  //! finite (block_table_applies) or, 8-bit, not in recip_applies' range. AVX-512 F, BW, DQ and
+  //! VBMI.
+  template <std::size_t Chunk, int Bits>
 #if defined(__clang__)
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi")))
 #else
@@ -686,58 +712,66 @@ private:
                  optimize("fp-contract=off")))
 #endif
   static bool
-  update_encode4(bool skip_bad, float update_scale, std::size_t bs, float* QMEM_RESTRICT p,
-                 float const* QMEM_RESTRICT g, float* s0, typename Rule::scalars const& k,
-                 pending_block4 const& w) noexcept {
+  update_encode(bool skip_bad, float update_scale, std::size_t bs, float* QMEM_RESTRICT p,
+                float const* QMEM_RESTRICT g, float* s0, typename Rule::scalars const& k,
+                pending_block const& w) noexcept {
+    static_assert(Bits == 4 || Bits == 8);
     constexpr int N = state_count;
     float amax[N > 0 ? N : 1];
     for (int q = 0; q < N; ++q) {
       amax[q] = std::bit_cast<float>(detail::absmax_bits_512(w.values[q], bs));
-      if (!detail::block_table_applies(amax[q]))
+      if (!detail::block_table_applies(amax[q]) || (Bits == 8 && !detail::recip_applies(amax[q])))
         return false;
     }
-    detail::search4_block blocks[N > 0 ? N : 1];
+    using block = std::conditional_t<Bits == 4, detail::search4_block, detail::recip8_block>;
+    block blocks[N > 0 ? N : 1];
     for (int q = 0; q < N; ++q) {
       *w.absmax[q] = amax[q];
-      blocks[q] = detail::search4_block(*w.steps[q], amax[q]);
+      if constexpr (Bits == 4)
+        blocks[q] = detail::search4_block(*w.steps[q], amax[q]);
+      else
+        blocks[q] = detail::recip8_block(w.recip[q], w.entries[q], amax[q]);
     }
     for (std::size_t i = 0; i < bs; i += 64) {
       // the chunk's state rows from element i on (row q at s0 + q Chunk + i)
       update_variant<Chunk>(skip_bad, update_scale, 64, p + i, g + i,
                             reinterpret_cast<float(*)[Chunk]>(s0 + i), k);
       for (int q = 0; q < N; ++q)
-        blocks[q].codes64(w.values[q] + i, w.codes[q] + i / 2);
+        blocks[q].codes64(w.values[q] + i, w.codes[q] + i * Bits / 8);
     }
     return true;
   }
 #endif
 
-  //! One block of a chunk in the interleaved 4-bit step (update_tensor): the rule over elements
-  //! [j, j + BS) of chunk b, and the encoding of the block before it (block j - BS of this
-  //! chunk, or with `waiting` the previous chunk's last block, in `prev`), together by
-  //! update_encode4 where every state's absmax lets block_codes4_search encode it, else one after
-  //! the other by update_chunk and store_state.
+  //! One block of a chunk in the interleaved step (update_tensor; every state Bits-bit): the
+  //! rule over elements [j, j + BS) of chunk b, and the encoding of the block before it (block
+  //! j - BS of this chunk, or with `waiting` the previous chunk's last block, in `prev`),
+  //! together by update_encode where every state's absmax lets its kernel encode it, else one
+  //! after the other by update_chunk and store_state.
 #if QMEM_OPTIM_HOST_SIMD
-  template <class P, std::size_t Chunk, std::size_t BS, class Refs, class Encoders>
-  void update_block4(std::size_t j, std::size_t b, float* p, float const* g, float (*s)[Chunk],
-                     float (*prev)[Chunk], bool waiting, std::size_t waiting_first,
-                     detail::host_isa isa, bool skip_bad, float update_scale,
-                     typename Rule::scalars const& k, Refs const& refs, Encoders const& encoders,
-                     std::int32_t step) const {
+  template <class P, std::size_t Chunk, std::size_t BS, int Bits, class Refs, class Encoders>
+  void update_block(std::size_t j, std::size_t b, float* p, float const* g, float (*s)[Chunk],
+                    float (*prev)[Chunk], bool waiting, std::size_t waiting_first,
+                    detail::host_isa isa, bool skip_bad, float update_scale,
+                    typename Rule::scalars const& k, Refs const& refs, Encoders const& encoders,
+                    std::int32_t step) const {
     bool const encode = j > 0 || waiting;
     float(*const src)[Chunk] = j > 0 ? s : prev;
     std::size_t const offset = j > 0 ? j - BS : Chunk - BS;
     std::size_t const first = j > 0 ? b + j - BS : waiting_first;
     if (encode) {
-      pending_block4 w{};
+      pending_block w{};
       detail::for_each_state<state_count>([&](auto K) {
         auto const& r = std::get<K.value>(refs);
+        auto const& enc = std::get<K.value>(encoders);
         w.values[K.value] = src[K.value] + offset;
-        w.steps[K.value] = std::get<K.value>(encoders).steps4;
-        w.codes[K.value] = r.codes + first / 2;
+        w.steps[K.value] = enc.steps4;
+        w.recip[K.value] = enc.recip8;
+        w.entries[K.value] = enc.block_entries;
+        w.codes[K.value] = r.codes + first * Bits / 8;
         w.absmax[K.value] = r.absmax + first / BS;
       });
-      if (update_encode4<Chunk>(skip_bad, update_scale, BS, p + j, g + j, s[0] + j, k, w))
+      if (update_encode<Chunk, Bits>(skip_bad, update_scale, BS, p + j, g + j, s[0] + j, k, w))
         return;
     }
     update_chunk<Chunk>(isa, skip_bad, update_scale, BS, p + j, g + j,
@@ -773,11 +807,12 @@ private:
 #if QMEM_OPTIM_HOST_SIMD
         if (isa == detail::host_isa::avx512 && enc.table != nullptr) {
           if constexpr (F::bits == 8)
-            amax =
-                vbmi ? detail::store_block8_vbmi(*enc.table, enc.block_entries, enc.negative_below,
-                                                 vb, m, r.codes + first + b, done)
-                     : detail::store_block8_512(*enc.table, enc.block_entries, enc.negative_below,
-                                                vb, m, r.codes + first + b, done);
+            amax = vbmi
+                       ? detail::store_block8_vbmi(*enc.table, enc.block_entries, enc.recip8,
+                                                   enc.negative_below, vb, m, r.codes + first + b,
+                                                   done)
+                       : detail::store_block8_512(*enc.table, enc.block_entries, enc.negative_below,
+                                                  vb, m, r.codes + first + b, done);
           else
             amax = vbmi ? detail::store_block4_vbmi(*enc.table, enc.block_entries, enc.steps4, vb,
                                                     m, r.codes + (first + b) / 2, done)
@@ -1014,49 +1049,61 @@ private:
     // parameters, one thread, 1.91-1.96 -> 1.50-1.57 ns/param (1.55-1.61 with one chunk of
     // look-ahead; dev box, 2026-11-29).
     constexpr std::size_t prefetch_ahead = 2 * chunk;
-    // Every state 4-bit blockwise with one block size (AdamW, Lion... with int4_state): on a CPU
-    // that runs block_codes4_search each block's encoding is interleaved with the rule of the
-    // next block (update_encode4), the last block of a chunk waiting for the next chunk.
-    constexpr std::size_t bs4 = [] {
-      std::size_t b = 0;
+    // Every state 4-bit blockwise, or every state 8-bit blockwise, with one block size (AdamW,
+    // Lion... with int4_state or int8_state): on a CPU that runs block_codes4_search (4-bit) or
+    // block_codes8_recip (8-bit) each block's encoding is interleaved with the rule of the next
+    // block (update_encode), the last block of a chunk waiting for the next chunk.
+    constexpr auto interleave_format = [] {
+      struct {
+        std::size_t block = 0; // 0: not interleaved
+        int bits = 0;
+      } r;
       bool ok = N > 0;
       detail::for_each_state<N>([&](auto K) {
         using F = format_of<P, K.value>;
         if constexpr (F::blockwise) {
-          ok = ok && F::bits == 4 && F::block_size % 64 == 0 && (b == 0 || b == F::block_size);
-          b = F::block_size;
+          ok = ok && (F::bits == 4 || F::bits == 8) && F::block_size % 64 == 0 &&
+               (r.block == 0 || (r.block == F::block_size && r.bits == F::bits));
+          r.block = F::block_size;
+          r.bits = F::bits;
         } else {
           ok = false;
         }
       });
-      return ok ? b : 0;
+      if (!ok)
+        r.block = 0;
+      return r;
     }();
-    [[maybe_unused]] bool interleave4 = false;
+    constexpr std::size_t bs_i = interleave_format.block;
+    [[maybe_unused]] constexpr int bits_i = interleave_format.bits;
+    [[maybe_unused]] bool interleave = false;
 #if QMEM_OPTIM_HOST_SIMD
-    if constexpr (bs4 != 0) {
-      interleave4 = vbmi;
-      detail::for_each_state<N>(
-          [&](auto K) { interleave4 = interleave4 && std::get<K.value>(encoders).steps4; });
+    if constexpr (bs_i != 0) {
+      interleave = vbmi;
+      detail::for_each_state<N>([&](auto K) {
+        auto const& enc = std::get<K.value>(encoders);
+        interleave = interleave && (bits_i == 4 ? enc.steps4 != nullptr : enc.recip8 != nullptr);
+      });
     }
 #endif
     qmem::detail::parallel_for(
         e, n, chunk,
         [&](std::size_t b0, std::size_t e0) {
           float p_copy[chunk], g_copy[chunk], states[2][N > 0 ? N : 1][chunk];
-          // interleave4: the last block of the previous chunk, not yet encoded (in
+          // interleave: the last block of the previous chunk, not yet encoded (in
           // states[buffer ^ 1])
           bool waiting = false;
           int buffer = 0;
           std::size_t waiting_first = 0; // its first element
           // encodes the waiting block (store_state)
           auto flush = [&] {
-            if constexpr (bs4 != 0) {
+            if constexpr (bs_i != 0) {
               if (!waiting)
                 return;
               detail::for_each_state<N>([&](auto K) {
                 using F = format_of<P, K.value>;
-                store_state<F>(std::get<K.value>(refs), states[buffer ^ 1][K.value] + chunk - bs4,
-                               waiting_first, bs4, si.step, K.value, std::get<K.value>(encoders),
+                store_state<F>(std::get<K.value>(refs), states[buffer ^ 1][K.value] + chunk - bs_i,
+                               waiting_first, bs_i, si.step, K.value, std::get<K.value>(encoders),
                                isa);
               });
               waiting = false;
@@ -1094,14 +1141,14 @@ private:
             load_states(b, m, s);
             bool interleaved = false;
 #if QMEM_OPTIM_HOST_SIMD
-            if constexpr (bs4 != 0) {
-              if (interleave4 && m == chunk) {
-                for (std::size_t j = 0; j < chunk; j += bs4)
-                  update_block4<P, chunk, bs4>(j, b, p, g, s, states[buffer ^ 1], waiting,
-                                               waiting_first, isa, skip_bad, update_scale, k, refs,
-                                               encoders, si.step);
+            if constexpr (bs_i != 0) {
+              if (interleave && m == chunk) {
+                for (std::size_t j = 0; j < chunk; j += bs_i)
+                  update_block<P, chunk, bs_i, bits_i>(j, b, p, g, s, states[buffer ^ 1], waiting,
+                                                       waiting_first, isa, skip_bad, update_scale,
+                                                       k, refs, encoders, si.step);
                 waiting = true; // this chunk's last block
-                waiting_first = b + chunk - bs4;
+                waiting_first = b + chunk - bs_i;
                 buffer ^= 1;
                 interleaved = true;
               }

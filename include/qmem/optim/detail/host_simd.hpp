@@ -26,6 +26,7 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #ifndef QMEM_OPTIM_HOST_SIMD
 #if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -750,6 +751,166 @@ block_codes_vbmi(std::uint32_t const* block_entries, float const* QMEM_RESTRICT 
   }
 }
 
+//! The codes of 64 values (one per 32-bit lane's low byte, four vectors) as 64 bytes in order
+//! (block_codes_vbmi<8>'s packing). AVX-512 VBMI.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"), always_inline)) inline __m512i
+pack_codes64(__m512i const (&c)[4]) noexcept {
+  __m512i const index = _mm512_load_si512(pair_permute<false>.index);
+  return _mm512_mask_blend_epi64(0xf0, _mm512_permutex2var_epi8(c[0], index, c[1]),
+                                 _mm512_permutex2var_epi8(c[2], index, c[3]));
+}
+
+//! The 8-bit block encoder without a division (block_codes8_recip): the block table looked up
+//! by x' = RN(s RN(1 / absmax)) instead of xn = RN(s / absmax), with a check that sends the rare
+//! state whose code could differ to the division.
+//!
+//! Why x' is within 3 float patterns of xn: with r = RN(1 / a) = (1 + d) / a, |d| <= 2^-24, the
+//! product s r is s / a (1 + d), so between s / a and s r lies less than one ulp of either (two
+//! of the binade below where they straddle a power of two); rounding both to nearest (monotone)
+//! keeps RN(s r) and RN(s / a) within 3 patterns. (Where either is subnormal both are below
+//! 2^-40, the table's first bucket, which holds no step.) So their codes differ only where a
+//! step of the block table lies within 3 patterns of x'.
+//!
+//! The look-up keys x' + `offset` (bit patterns), in a table built from the block table with
+//! its buckets moved by `offset` patterns: the dynamic maps' steps at short decimals (0.15625,
+//! 0.4375...) fall exactly on bucket edges of the block table, where the step test could not
+//! see them from the next bucket; moved by `offset` every step is at least 2 `margin` patterns
+//! inside its bucket (checked when the table is built), so a step within 3 patterns of x' is in
+//! x''s own bucket, whose entry holds it. A state whose x' is within `margin` patterns of its
+//! bucket's step (or of a stepless bucket's top) is flagged, and its 64 values are encoded again
+//! by the division (block_encode16): about 2^-12 of the states of a stepped bucket.
+//!
+//! The entries are indexed by the upper 16 bits of x' + offset as they are, sign bit included
+//! (negative x' at 0x8000 + key), every key from 0 (the first bucket's entry repeated below it)
+//! to search_table::key_hi: no clamp and no sign select per state (4 of 14 vector instructions
+//! per 16 states), for 196 KB per format of which the keys of |x'| in [2^-40, 1] are read
+//! (40 KB, as the block table).
+class recip_table8 {
+public:
+  //! The buckets' shift, in float patterns: the dynamic maps' steps then lie at least 655
+  //! patterns from a bucket edge (0x8000: 51, 0x2000: 197, 0x1000: 77; no shift: 0).
+  static constexpr std::uint32_t offset = 0x4000;
+  //! Patterns around x' checked for a step: at least the 3 of the argument above.
+  static constexpr std::uint32_t margin = 8;
+  //! Entries per sign (keys 0 .. key_hi), and where the negative keys start.
+  static constexpr std::size_t keys = quant::detail::search_table::key_hi + 1;
+  static constexpr std::size_t negative = 0x8000;
+
+  //! From a block table (host_encoder::block_table): its encoder read at x - offset patterns,
+  //! tabulated as a search table, checked, and spread over every key.
+  explicit recip_table8(quant::detail::search_table const& block) {
+    using quant::detail::search_table;
+    search_table const moved([&block](float y) -> std::uint8_t {
+      std::uint32_t const u = std::bit_cast<std::uint32_t>(y);
+      std::uint32_t const mag = u & 0x7fffffffu;
+      return block.encode(
+          std::bit_cast<float>((u & 0x80000000u) | (mag >= offset ? mag - offset : 0u)));
+    });
+    std::uint32_t const* e = moved.entries();
+    usable_ =
+        moved.exact() && (e[0] >> 16) == 0xffffu && (e[search_table::buckets] >> 16) == 0xffffu;
+    for (std::size_t k = 0; k < 2 * search_table::buckets; ++k) {
+      std::uint32_t const limit = e[k] >> 16;
+      bool const step = (e[k] & 0xffu) != ((e[k] >> 8) & 0xffu);
+      usable_ = usable_ && !(step && (limit < 2 * margin || limit > 0xffffu - 2 * margin));
+    }
+    entry_.assign(negative + keys, 0u);
+    for (std::size_t sign = 0; sign < 2; ++sign)
+      for (std::size_t key = 0; key < keys; ++key)
+        entry_[sign * negative + key] =
+            e[sign * search_table::buckets +
+              (key < search_table::key_lo ? 0 : key - search_table::key_lo)];
+  }
+  //! Whether every check passed (otherwise the table must not be used).
+  [[nodiscard]] bool usable() const noexcept { return usable_; }
+  //! The entries: for x' + offset with bits u, entries()[u >> 16] (a search_table entry).
+  [[nodiscard]] std::uint32_t const* entries() const noexcept { return entry_.data(); }
+
+private:
+  std::vector<std::uint32_t> entry_;
+  bool usable_ = false;
+};
+
+//! Whether block_codes8_recip may encode a block with this absmax: normal and below 2^126 (then
+//! 1 / absmax is a normal float, and RN(1 / absmax) is within half an ulp).
+inline bool recip_applies(float amax) noexcept {
+  std::uint32_t const b = std::bit_cast<std::uint32_t>(amax);
+  return b >= 0x00800000u && b < 0x7e800000u;
+}
+
+//! The codes of the 16 states at v by the moved table (`entries`: recip_table8's) from
+//! x' = s r; lanes whose code could differ from the block table's are added to `risky`. Each
+//! lane's low byte holds its code (the upper bytes are not cleared).
+__attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512i
+recip_encode16(std::uint32_t const* entries, float const* v, __m512 r, __mmask16& risky) noexcept {
+  using quant::detail::search_table;
+  static_assert(search_table::shift == 16, "the step test compares the low 16 bits");
+  __m512i const u = _mm512_add_epi32(_mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(v), r)),
+                                     _mm512_set1_epi32(static_cast<int>(recip_table8::offset)));
+  __m512i const e = _mm512_i32gather_epi32(_mm512_srli_epi32(u, 16), entries, 4);
+  __m512i const low = _mm512_slli_epi32(u, 16);
+  // high half of low - e: (x' - limit) mod 2^16, minus a borrow of 1 from the codes
+  __m512i const near =
+      _mm512_add_epi32(_mm512_sub_epi32(low, e),
+                       _mm512_set1_epi32(static_cast<int>((recip_table8::margin + 1) << 16)));
+  risky = static_cast<__mmask16>(
+      risky | _mm512_cmplt_epu32_mask(
+                  near, _mm512_set1_epi32(static_cast<int>((2 * recip_table8::margin + 2) << 16))));
+  return _mm512_mask_srli_epi32(e, _mm512_cmpgt_epu32_mask(low, e), e, 8);
+}
+
+//! One block's set-up for block_codes8_recip, in registers, to encode it 64 values at a time
+//! (the interleaved 8-bit step: update_encode).
+struct recip8_block {
+  std::uint32_t const* recip_entries;
+  std::uint32_t const* block_entries;
+  __m512 a; //!< absmax
+  __m512 r; //!< RN(1 / absmax)
+
+  recip8_block() = default; //!< uninitialized (assign a constructed one before use)
+
+  //! `amax` must satisfy block_table_applies and recip_applies.
+  __attribute__((target("avx512f"), always_inline))
+  recip8_block(std::uint32_t const* recip, std::uint32_t const* block, float amax) noexcept
+      : recip_entries(recip), block_entries(block), a(_mm512_set1_ps(amax)),
+        r(_mm512_set1_ps(1.0f / amax)) {}
+
+  //! The codes of the 64 states at v into out[0, 64). AVX-512 VBMI and DQ.
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi"), always_inline)) void
+  codes64(float const* v, std::uint8_t* out) const noexcept {
+    __mmask16 risky = 0;
+    __m512i c[4];
+    for (int q = 0; q < 4; ++q)
+      c[q] = recip_encode16(recip_entries, v + 16 * q, r, risky);
+    if (risky != 0) [[unlikely]]
+      for (int q = 0; q < 4; ++q)
+        c[q] = block_encode16(block_entries, v + 16 * q, a);
+    _mm512_storeu_si512(out, pack_codes64(c));
+  }
+};
+
+//! block_codes_vbmi<8> without the division: the codes of the states v[0, m) (m a multiple of
+//! 16) of a block whose absmax satisfies recip_applies, by recip_encode16 with the moved table
+//! `recip_entries` (see recip_table8); every 64 (or 16) values holding a flagged state are
+//! encoded again by block_encode16 with the block table `block_entries`. The same codes as
+//! block_codes_vbmi<8>. AVX-512 VBMI and DQ.
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi"))) inline void
+block_codes8_recip(std::uint32_t const* recip_entries, std::uint32_t const* block_entries,
+                   float const* QMEM_RESTRICT v, std::size_t m, float amax,
+                   std::uint8_t* QMEM_RESTRICT codes) noexcept {
+  recip8_block const blk(recip_entries, block_entries, amax);
+  std::size_t i = 0;
+  for (; i + 64 <= m; i += 64)
+    blk.codes64(v + i, codes + i);
+  for (; i < m; i += 16) {
+    __mmask16 risky = 0;
+    __m512i c = recip_encode16(recip_entries, v + i, blk.r, risky);
+    if (risky != 0) [[unlikely]]
+      c = block_encode16(block_entries, v + i, blk.a);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(c));
+  }
+}
+
 //! Whether the CPU has what block_codes4_search needs: AVX-512 F, BW, DQ and VBMI (the ISA
 //! limit aside: the kernel runs only inside store_block4_vbmi, which the step calls only when
 //! host_vbmi()).
@@ -844,16 +1005,22 @@ block_codes4_search(step_search4 const& steps, float const* QMEM_RESTRICT v, std
   }
 }
 
-//! store_block8_512 with block_codes_vbmi<8> where the block table applies. AVX-512 VBMI.
+//! store_block8_512 with block_codes_vbmi<8> where the block table applies, or with
+//! block_codes8_recip where `recip_entries` (recip_table_of's moved table) is not nullptr (then
+//! host_step_search4()) and the absmax lets it (recip_applies). AVX-512 VBMI.
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline float
 store_block8_vbmi(quant::detail::search_table const& t, std::uint32_t const* block_entries,
-                  int negative_below, float const* QMEM_RESTRICT v, std::size_t m,
-                  std::uint8_t* QMEM_RESTRICT codes, std::size_t& done) noexcept {
+                  std::uint32_t const* recip_entries, int negative_below,
+                  float const* QMEM_RESTRICT v, std::size_t m, std::uint8_t* QMEM_RESTRICT codes,
+                  std::size_t& done) noexcept {
   float const amax = std::bit_cast<float>(absmax_bits_512(v, m));
   if (block_entries == nullptr || !block_table_applies(amax))
     return store_block8_512(t, block_entries, negative_below, v, m, codes, done);
   done = m / 16 * 16;
-  block_codes_vbmi<8>(block_entries, v, done, amax, codes);
+  if (recip_entries != nullptr && recip_applies(amax))
+    block_codes8_recip(recip_entries, block_entries, v, done, amax, codes);
+  else
+    block_codes_vbmi<8>(block_entries, v, done, amax, codes);
   return amax;
 }
 
