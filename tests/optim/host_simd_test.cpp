@@ -501,12 +501,12 @@ TEST_CASE("4-bit encode by thresholds on the state (no division) equals the enco
 // and this test can see a missing one).
 #if QMEM_OPTIM_HOST_SIMD
 // recip_encode16 on the 16 states at v: each lane's code into raw, the flagged lanes as bits.
-__attribute__((target("avx512f,avx512dq"))) unsigned
+__attribute__((target("avx512f"))) unsigned
 recip_lanes(std::uint32_t const* entries, float const* v, float amax, std::uint32_t* raw) {
-  __mmask16 risky = 0;
-  __m512i const c = optim::detail::recip_encode16(entries, v, _mm512_set1_ps(1.0f / amax), risky);
+  __m512i nearest = _mm512_set1_epi32(-1);
+  __m512i const c = optim::detail::recip_encode16(entries, v, _mm512_set1_ps(1.0f / amax), nearest);
   _mm512_storeu_si512(raw, c);
-  return risky;
+  return optim::detail::recip_flagged(nearest);
 }
 #endif
 
