@@ -400,6 +400,54 @@ void plain_ab(benchmark::State& state) {
   run_ab(state, call, call);
 }
 
+// Double quantization's two ways (kernels::scales_path: 0 two_kernels = offset_mean +
+// nested_quantize, 1 fused = offset_nested_quantize, 2 fused_dependent = the same as a
+// programmatic dependent), interleaved A/B. dq_path_ab: the blockwise quantization then the
+// scales, range(0) 0 = NF4 from bf16 block 64, 1 = FP4 from bf16 block 64, 2 = int8 from fp32
+// block 256; paths A = range(1), B = range(2). scales_path_ab: the scales of NF4 block 64 alone.
+void quantize_scales_path(std::size_t m, int path) {
+  cuda_impl::kernels::quantize_scales_by(e, g->absmax, m, nested_block, g->qabsmax, g->absmax2,
+                                         g->offset,
+                                         static_cast<cuda_impl::kernels::scales_path>(path));
+}
+
+void dq_path_ab(benchmark::State& state) {
+  auto const code = state.range(0);
+  std::size_t const block = code == 2 ? 256 : 64;
+  std::size_t const m = elements / block;
+  auto call = [&](int path) {
+    if (code == 0)
+      quantize_blockwise<nf4>(
+          e, tensor_view<bf16 const>(g->x16, elements, memory_space::device), block,
+          tensor_view<std::uint8_t>(g->codes, elements / 2, memory_space::device),
+          tensor_view<float>(g->absmax, m, memory_space::device));
+    else if (code == 1)
+      quantize_blockwise<fp4>(
+          e, tensor_view<bf16 const>(g->x16, elements, memory_space::device), block,
+          tensor_view<std::uint8_t>(g->codes, elements / 2, memory_space::device),
+          tensor_view<float>(g->absmax, m, memory_space::device));
+    else
+      quantize_blockwise<dynamic_signed>(
+          e, tensor_view<float const>(g->x32, elements, memory_space::device), block,
+          tensor_view<std::uint8_t>(g->codes, elements, memory_space::device),
+          tensor_view<float>(g->absmax, m, memory_space::device));
+    quantize_scales_path(m, path);
+  };
+  run_ab(
+      state, [&] { call(static_cast<int>(state.range(1))); },
+      [&] { call(static_cast<int>(state.range(2))); });
+}
+
+void scales_path_ab(benchmark::State& state) {
+  std::size_t const m = elements / 64;
+  quantize_blockwise<nf4>(e, tensor_view<bf16 const>(g->x16, elements, memory_space::device), 64,
+                          tensor_view<std::uint8_t>(g->codes, elements / 2, memory_space::device),
+                          tensor_view<float>(g->absmax, m, memory_space::device));
+  run_ab(
+      state, [&] { quantize_scales_path(m, static_cast<int>(state.range(0))); },
+      [&] { quantize_scales_path(m, static_cast<int>(state.range(1))); });
+}
+
 void four_bit_blocks(benchmark::internal::Benchmark* b) {
   for (int block = 32; block <= 4096; block *= 2)
     b->Arg(block);
@@ -442,6 +490,18 @@ int main(int argc, char** argv) {
   eight_bit_blocks(
       benchmark::RegisterBenchmark("int8_dequantize_f32", dequantize<dynamic_signed, float>));
   one_block(benchmark::RegisterBenchmark("nf4_quantize_bf16_dq", quantize_nested<nf4, bf16>), 64);
+  one_block(benchmark::RegisterBenchmark("fp4_quantize_bf16_dq", quantize_nested<fp4, bf16>), 64);
+  {
+    auto* b = benchmark::RegisterBenchmark("dq_path_ab", dq_path_ab);
+    for (int code : {0, 1, 2})
+      b->Args({code, 0, 2})->Args({code, 1, 2});
+    b->UseManualTime()->Unit(benchmark::kMillisecond);
+  }
+  benchmark::RegisterBenchmark("scales_path_ab", scales_path_ab)
+      ->Args({0, 2})
+      ->Args({1, 2})
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
   {
     auto* b = benchmark::RegisterBenchmark("nf4_quantize_whole_variant", nf4_whole_variant);
     for (int block : {64, 256})
@@ -468,7 +528,6 @@ int main(int argc, char** argv) {
   one_block(benchmark::RegisterBenchmark("scales_only_dq", scales_only), 256);
   one_block(benchmark::RegisterBenchmark("nf4_dequantize_bf16_dq", dequantize_nested<nf4, bf16>),
             64);
-  one_block(benchmark::RegisterBenchmark("fp4_quantize_bf16_dq", quantize_nested<fp4, bf16>), 64);
   one_block(benchmark::RegisterBenchmark("fp4_dequantize_bf16_dq", dequantize_nested<fp4, bf16>),
             64);
   one_block(

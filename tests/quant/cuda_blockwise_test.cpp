@@ -4,7 +4,8 @@
 // all 2^32 floats, views at offsets that are not 16-byte aligned (the scalar path), sizes that
 // are not a multiple of a thread's vector, grid-stride loops over many blocks per CTA, a tensor of
 // more than 2^32 elements, a multi-level offset tree, the one-launch offset mean on exact and
-// inexact sums, the nested quantization on every nested block size and unaligned views, a
+// inexact sums, the nested quantization on every nested block size and unaligned views, double
+// quantization in one cooperative kernel (every path against the host; in a graph), a
 // non-default stream and
 // sync_after_launch. Every result is compared bit for bit with the host backend (NaN outputs:
 // as NaN, see same_values).
@@ -600,6 +601,191 @@ TEST_CASE("cuda blockwise: the nested quantization on every nested block size, p
   b[5000] = std::numeric_limits<float>::quiet_NaN();
   check(b, 256, 1);
   check(std::vector<float>(77, 0.25f), 64, 0); // every scale equal to the offset
+}
+
+TEST_CASE("cuda blockwise: double quantization in one cooperative kernel equals the host and "
+          "the two-kernel path") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  // offset_nested_quantize (scales_path::fused / fused_dependent) against the host and against
+  // offset_mean + nested_quantize (two_kernels): sums exact in any order (the one-barrier path)
+  // and not (subnormal, infinite, NaN scales, spans too wide for 2^53: the tree level by level
+  // behind grid barriers, with one, two and three levels), every nested block size, partial
+  // CTAs and blocks, unaligned views
+  namespace k = cuda_impl::kernels;
+  std::size_t const capacity = k::fused_capacity(0);
+  if (capacity == 0) {
+    MESSAGE("no cooperative launch on this device: quantize_scales takes the two-kernel path");
+    return;
+  }
+  auto check = [](std::vector<float> const& absmax, std::size_t nb, std::size_t offset,
+                  k::scales_path path) {
+    std::size_t const m = absmax.size();
+    std::vector<std::uint8_t> hq(m);
+    std::vector<float> h2(block_count(m, nb));
+    std::vector<float> hoff(1);
+    quantize_scales(exec::host{}, view(absmax), nb, view(hq), view(h2), view(hoff));
+    std::vector<float> padded(offset, 1.0f);
+    padded.insert(padded.end(), absmax.begin(), absmax.end());
+    auto da = cuda_backend::upload(padded);
+    auto dq = cuda_backend::alloc<std::uint8_t>(m + offset);
+    auto d2 = cuda_backend::alloc<float>(h2.size());
+    auto doff = cuda_backend::alloc<float>(1);
+    auto const av = tensor_view<float const>(da.view()).subview(offset, m);
+    auto const qv = dq.view().subview(offset, m);
+    k::quantize_scales_by(exec::cuda{}, av.data(), m, nb, qv.data(), d2.view().data(),
+                          doff.view().data(), path);
+    REQUIRE(same_values(cuda_backend::download(doff.view()), hoff));
+    REQUIRE(cuda_backend::download(tensor_view<std::uint8_t const>(qv)) == hq);
+    REQUIRE(same_values(cuda_backend::download(d2.view()), h2));
+  };
+  std::mt19937 g(43);
+  std::uniform_real_distribution<float> u(0.5f, 2.0f);
+  auto bf16_scales = [&](std::size_t m) {
+    std::vector<float> a(m);
+    for (auto& x : a)
+      x = to_float(bf16(u(g)));
+    return a;
+  };
+  std::vector<std::vector<float>> sets;
+  sets.push_back(bf16_scales(1));
+  sets.push_back(bf16_scales(255));
+  sets.push_back(bf16_scales(8192 * 3 + 77)); // partial last CTA
+  sets.push_back(bf16_scales((std::size_t{1} << 20) + 3));
+  {
+    std::vector<float> a(70001); // fp32 over 2^-24 .. 2^24: not exact, two levels
+    for (auto& x : a)
+      x = std::ldexp(u(g), static_cast<int>(g() % 49) - 24);
+    sets.push_back(a);
+  }
+  {
+    std::vector<float> a(300001); // not exact, three levels (1172 leaves -> 5 -> 1)
+    for (std::size_t i = 0; i < a.size(); ++i)
+      a[i] = std::ldexp(to_float(bf16(u(g))), static_cast<int>(i / 256 % 61) - 30);
+    sets.push_back(a);
+  }
+  {
+    std::vector<float> a(512, 1.0f); // exact leaves, inexact root
+    for (std::size_t i = 256; i < 512; ++i)
+      a[i] = std::ldexp(1.0f, -60);
+    sets.push_back(a);
+  }
+  {
+    // m = 4096 scales, a leading bit at 2^20: lowest bits 2^-20 (span 40 = 52 - ceil(log2 m):
+    // the one-barrier path), 2^-21 (41: the tree) and 2^-43 (63)
+    std::vector<float> a(4096, 1.0f);
+    a[7] = std::ldexp(1.0f, 20);
+    for (int low : {-20, -21, -43}) {
+      a[9] = 1.0f + std::ldexp(1.0f, low);
+      sets.push_back(a);
+    }
+  }
+  {
+    auto a = bf16_scales(5000);
+    for (std::size_t i = 0; i < a.size(); i += 3)
+      a[i] = i % 2 == 0 ? -a[i] : 0.0f;
+    a[11] = -0.0f;
+    sets.push_back(a);
+    a[700] = std::numeric_limits<float>::denorm_min();
+    sets.push_back(a);
+    a[4000] = std::numeric_limits<float>::infinity();
+    sets.push_back(a);
+    a[10] = std::numeric_limits<float>::quiet_NaN();
+    sets.push_back(a);
+  }
+  sets.push_back(std::vector<float>(77, 0.25f)); // every scale equal to the offset
+  sets.push_back(std::vector<float>(3000, 0.0f));
+  for (std::size_t i = 0; i < sets.size(); ++i)
+    for (auto path :
+         {k::scales_path::two_kernels, k::scales_path::fused, k::scales_path::fused_dependent}) {
+      CAPTURE(i);
+      CAPTURE(static_cast<int>(path));
+      check(sets[i], 256, 0, path);
+    }
+  auto const& a = sets[3];
+  for (std::size_t nb : {std::size_t{64}, std::size_t{128}, std::size_t{1024}, std::size_t{4096}})
+    for (std::size_t offset : {std::size_t{0}, std::size_t{1}, std::size_t{3}}) {
+      CAPTURE(nb);
+      CAPTURE(offset);
+      check(a, nb, offset, k::scales_path::fused_dependent);
+    }
+}
+
+TEST_CASE("cuda blockwise: double quantization of as many scales as the cooperative kernel "
+          "holds (every CTA resident) and one more (the two-kernel path)") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  std::size_t const capacity = cuda_impl::kernels::fused_capacity(0);
+  std::mt19937 g(47);
+  std::uniform_real_distribution<float> u(0.5f, 2.0f);
+  for (std::size_t const m : {capacity, capacity + 1}) {
+    CAPTURE(m);
+    std::vector<float> big(m);
+    for (auto& x : big)
+      x = to_float(bf16(u(g)));
+    std::size_t const nb = 256;
+    std::vector<std::uint8_t> hq(big.size());
+    std::vector<float> h2(block_count(big.size(), nb));
+    std::vector<float> hoff(1);
+    quantize_scales(exec::host{}, view(big), nb, view(hq), view(h2), view(hoff));
+    auto da = cuda_backend::upload(big);
+    auto dq = cuda_backend::alloc<std::uint8_t>(big.size());
+    auto d2 = cuda_backend::alloc<float>(h2.size());
+    auto doff = cuda_backend::alloc<float>(1);
+    quantize_scales(exec::cuda{}, tensor_view<float const>(da.view()), nb, dq.view(), d2.view(),
+                    doff.view());
+    REQUIRE(same_values(cuda_backend::download(doff.view()), hoff));
+    REQUIRE(cuda_backend::download(dq.view()) == hq);
+    REQUIRE(same_values(cuda_backend::download(d2.view()), h2));
+  }
+}
+
+TEST_CASE("cuda blockwise: double quantization captured in a CUDA graph replays to the host's "
+          "bits") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  // the 4-bit quantization then quantize_scales (offset_nested_quantize: a cooperative kernel
+  // node, programmatic dependent of the quantization) in one capture, replayed twice
+  cudaStream_t s = nullptr;
+  cuda_detail::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  auto const x = as<bf16>(test_values(64 * 20011, 13));
+  std::size_t const n = x.size();
+  std::size_t const m = block_count(n, 64);
+  std::vector<std::uint8_t> hc(code_bytes<nf4>(n));
+  std::vector<float> ha(m);
+  quantize_blockwise<nf4>(exec::host{}, tensor_view<bf16 const>(x.data(), n), 64, view(hc),
+                          view(ha));
+  std::vector<std::uint8_t> hq(m);
+  std::vector<float> h2(block_count(m, 256));
+  std::vector<float> hoff(1);
+  quantize_scales(exec::host{}, view(std::as_const(ha)), 256, view(hq), view(h2), view(hoff));
+  auto dx = cuda_backend::upload(x);
+  auto dc = cuda_backend::alloc<std::uint8_t>(hc.size());
+  auto da = cuda_backend::alloc<float>(m);
+  auto dq = cuda_backend::alloc<std::uint8_t>(m);
+  auto d2 = cuda_backend::alloc<float>(h2.size());
+  auto doff = cuda_backend::alloc<float>(1);
+  exec::cuda const e{s, 0, false};
+  cudaGraph_t graph = nullptr;
+  cuda_detail::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal),
+                     "cudaStreamBeginCapture");
+  quantize_blockwise<nf4>(e, tensor_view<bf16 const>(dx.view()), 64, dc.view(), da.view());
+  quantize_scales(e, tensor_view<float const>(da.view()), 256, dq.view(), d2.view(), doff.view());
+  cuda_detail::check(cudaStreamEndCapture(s, &graph), "cudaStreamEndCapture");
+  cudaGraphExec_t instance = nullptr;
+  cuda_detail::check(cudaGraphInstantiate(&instance, graph, 0), "cudaGraphInstantiate");
+  for (int replay = 0; replay < 2; ++replay) {
+    cuda_detail::check(cudaGraphLaunch(instance, s), "cudaGraphLaunch");
+    cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    REQUIRE(cuda_backend::download(dc.view()) == hc);
+    REQUIRE(same_bits(cuda_backend::download(da.view()), ha));
+    REQUIRE(same_bits(cuda_backend::download(doff.view()), hoff));
+    REQUIRE(cuda_backend::download(dq.view()) == hq);
+    REQUIRE(same_bits(cuda_backend::download(d2.view()), h2));
+  }
+  (void)cudaGraphExecDestroy(instance);
+  (void)cudaGraphDestroy(graph);
+  cuda_detail::check(cudaStreamDestroy(s), "cudaStreamDestroy");
 }
 
 namespace {

@@ -26,10 +26,13 @@
 //!   load from a shared table of decoded values (both values of a 4-bit code byte at once; copied
 //!   from device memory), rounds bf16 / f16 outputs two at a time with the hardware conversion,
 //!   and writes one 16-byte store.
-//! - double quantization (quantize_scales): the offset's fixed-order mean in one kernel
-//!   (offset_mean: exact warp sums where the order cannot matter, the host's order elsewhere),
-//!   then the nested 8-bit quantization (nested_quantize: one step per thread), launched as a
-//!   programmatic dependent of it.
+//! - double quantization (quantize_scales): one cooperative kernel (offset_nested_quantize) loads
+//!   the scales once, sums them (exact in any order, checked from their bit span; else the
+//!   host's tree order), waits at a grid barrier and quantizes its registers with the mean; for
+//!   more scales than one wave holds, the offset's fixed-order mean in one kernel (offset_mean:
+//!   exact warp sums where the order cannot matter, the host's order elsewhere), then the nested
+//!   8-bit quantization (nested_quantize: one step per thread), launched as a programmatic
+//!   dependent of it.
 //! Unaligned views (subviews at odd offsets) take a scalar path that computes the same function.
 //! Code books live in shared memory: kernel parameters sit in constant memory, which serializes
 //! a warp's reads of different entries.
@@ -56,6 +59,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cooperative_groups.h>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -715,6 +719,12 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
   constexpr bool gathered = vectors == 4 && code_bytes_per_vector == 4;
   int const group_size = (1 << block_shift) / Items;
   int const blocks_per_cta = static_cast<int>(blockDim.x) / group_size;
+  // a programmatic dependent launched after this kernel (double quantization's
+  // offset_nested_quantize) may place its CTAs as SMs free up in this grid's last wave; it waits
+  // (griddepcontrol.wait) for this grid to finish before it reads what this grid writes (H200,
+  // 2026-11-30, NF4 quantize + scales, interleaved: the fused kernel dependent 0.2193 ms against
+  // 0.2207 not dependent)
+  allow_dependents();
   __shared__ quantize_shared<C, normal_encoder<C>> sh;
   auto const fast = sh.prepare(book, enc_params);
   auto& warp_max = sh.warp_max;
@@ -1399,6 +1409,117 @@ inline constexpr int nested_items = 32;
 //! 2^28-element NF4 tensor in blocks of 64 in one wave on the H200, each thread one step.
 inline constexpr int nested_min_ctas = 4;
 
+//! 16-byte vectors of scales one thread of the nested quantization holds.
+inline constexpr int nested_vectors = nested_items / 4;
+
+//! Where one thread of a nested quantization step works: block `blk` of its group (2^shift
+//! scales; `count` of them inside [0, m), 0 past the last block), its lane in the group of
+//! `group_size` threads (lane l holds the block's 4-scale vectors l, l + group_size, ...).
+struct nested_slot {
+  size_t blk;
+  int count;
+  int lane;
+  int group_size;
+};
+
+//! The slot of this thread in the step whose first block is `first` (the CTA's blocks are
+//! first ... first + blockDim.x / group_size - 1).
+__device__ QMEM_INLINE nested_slot nested_slot_of(size_t first, size_t m, int shift) noexcept {
+  int const group_size = (1 << shift) / nested_items;
+  size_t const blocks = (m + (size_t{1} << shift) - 1) >> shift;
+  size_t const blk = first + static_cast<size_t>(static_cast<int>(threadIdx.x) / group_size);
+  size_t const begin = blk << shift;
+  // offsets inside a block are ints (at most 4096 scales), which keeps 64-bit arithmetic out of
+  // the loops (registers)
+  int const count = blk >= blocks                      ? 0
+                    : m - begin < (size_t{1} << shift) ? static_cast<int>(m - begin)
+                                                       : 1 << shift;
+  return {blk, count, static_cast<int>(threadIdx.x) % group_size, group_size};
+}
+
+//! Loads the thread's scales of its block through L2 (they were written by an earlier kernel
+//! this one may have overlapped), 0 past `count`. `vector_io`: absmax 16-byte aligned. `Full`:
+//! the caller knows the block whole and vector_io true (no per-vector tests: fewer registers).
+template <bool Full = false>
+__device__ QMEM_INLINE void load_nested(float (&a)[nested_vectors][4],
+                                        float const* QMEM_RESTRICT absmax, nested_slot const& s,
+                                        int shift, bool vector_io) noexcept {
+  float const* const src = absmax + (s.count > 0 ? s.blk << shift : 0);
+  QMEM_UNROLL
+  for (int j = 0; j < nested_vectors; ++j) {
+    int const o = 4 * (j * s.group_size + s.lane);
+    if (Full || (vector_io && o + 4 <= s.count)) {
+      float4 const q = __ldcg(reinterpret_cast<float4 const*>(src + o));
+      a[j][0] = q.x;
+      a[j][1] = q.y;
+      a[j][2] = q.z;
+      a[j][3] = q.w;
+    } else {
+      QMEM_UNROLL
+      for (int k = 0; k < 4; ++k)
+        a[j][k] = o + k < s.count ? __ldcg(src + o + k) : 0.0f;
+    }
+  }
+}
+
+//! The nested quantization of one thread's scales `a` (load_nested), in place: d = a - off (0
+//! past the block's end: adds nothing to the maximum, encodes in range), the block's max |d|
+//! (group_max, every thread of the CTA calls this), absmax2[blk] and the dynamic_signed codes of
+//! d / max. `vector_io`: qabsmax 4-byte aligned (with absmax 16-byte aligned). `Full` as for
+//! load_nested.
+template <bool Full = false>
+__device__ QMEM_INLINE void
+encode_nested(float (&d)[nested_vectors][4], float off, nested_slot const& s, int shift,
+              uint8_t* QMEM_RESTRICT qabsmax, float* QMEM_RESTRICT absmax2, bool vector_io,
+              uint32_t const* table, typename device_encoder<dynamic_signed>::params const& p,
+              uint32_t (&warp_max)[max_quantize_threads / 32]) {
+  using layout = bucket_layout_of<dynamic_signed>::type;
+  uint32_t mx = 0;
+  QMEM_UNROLL
+  for (int j = 0; j < nested_vectors; ++j) {
+    int const o = 4 * (j * s.group_size + s.lane);
+    QMEM_UNROLL
+    for (int k = 0; k < 4; ++k) {
+      d[j][k] = Full || o + k < s.count ? fmath::sub(d[j][k], off) : 0.0f;
+      uint32_t const b = quant::detail::abs_bits(d[j][k]);
+      mx = b > mx ? b : mx;
+    }
+  }
+  mx = group_max(mx, s.group_size, warp_max);
+  if (!Full && s.count == 0)
+    return;
+  float const amax2 = qmem::detail::bits_to_float(mx);
+  if (s.lane == 0)
+    absmax2[s.blk] = amax2;
+  uint8_t* const dst = qabsmax + (s.blk << shift);
+  auto const encode_store = [&](float inv, auto const& enc) {
+    QMEM_UNROLL
+    for (int j = 0; j < nested_vectors; ++j) {
+      int const o = 4 * (j * s.group_size + s.lane);
+      uint32_t c[4];
+      QMEM_UNROLL
+      for (int k = 0; k < 4; ++k)
+        c[k] = enc(fmath::mul(d[j][k], inv));
+      if (Full || (vector_io && o + 4 <= s.count)) {
+        *reinterpret_cast<uint32_t*>(dst + o) = pack_bytes(c[0], c[1], c[2], c[3]);
+      } else {
+        QMEM_UNROLL
+        for (int k = 0; k < 4; ++k)
+          if (o + k < s.count)
+            dst[o + k] = static_cast<uint8_t>(c[k]);
+      }
+    }
+  };
+  // absmax2 in [2^-126, 2^126): the normal-domain lookup, as in quantize_whole
+  if (mx - 0x00800000u < 0x7e000000u)
+    encode_store(rcp_normal(amax2),
+                 [&](float xn) -> uint32_t { return bucket_lookup_normal<layout>(xn, table); });
+  else
+    encode_store(fmath::rcp(amax2), [&](float xn) -> uint32_t {
+      return bucket_lookup<layout>(xn, table, p.nan_code, p.negative_zero_code);
+    });
+}
+
 //! The nested quantization of double quantization: qabsmax = dynamic_signed codes of
 //! absmax[i] - offset in blocks of 2^nested_shift, absmax2 = each block's max |absmax - offset|
 //! (quant/double_quant.hpp detail::quantize_scales_host, bit for bit). A group of
@@ -1407,6 +1528,7 @@ inline constexpr int nested_min_ctas = 4;
 //! computes the offset (offset_mean, or tree_level): the CTAs copy the bucket table while that
 //! kernel finishes, then wait for it. `vector_io`: absmax 16-byte and qabsmax 4-byte aligned
 //! (else every access is scalar); partial vectors and a partial last block are handled here.
+//! quantize_scales takes it for more scales than offset_nested_quantize holds in one wave.
 //! Before, this was quantize_whole with an offset-subtracting transform and a grid of 2 CTAs per
 //! SM walking 4 steps each. Measured on the H200 (2026-11-29 21:49 UTC, the 2^22 scales of a
 //! 2^28-element NF4 tensor, nested block 256): alone under ncu 14.3 us, as before (14.4; 16.8
@@ -1504,6 +1626,257 @@ __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
         return bucket_lookup<layout>(xn, table, p.nan_code, p.negative_zero_code);
       });
   }
+}
+
+// ---- double quantization in one kernel: the offset's mean and the nested quantization ------
+
+//! Scales one CTA of offset_nested_quantize holds (one step per thread, nested_items scales
+//! each): 32 whole leaves of the offset's tree, and whole nested blocks (at most 4096 scales).
+inline constexpr size_t fused_scales_per_cta = static_cast<size_t>(cta_threads) * nested_items;
+static_assert(fused_scales_per_cta ==
+              offset_tree_arity_v * static_cast<size_t>(mean_nodes_per_warp * (cta_threads / 32)));
+
+//! A partial sum of scales with what bounds the bit span of its terms: over the nonzero terms,
+//! the largest |x| bit pattern (`max_bits`), the smallest minus one (`min_bits_1`: a zero's
+//! 0 - 1 wraps to the largest), and the OR of the mantissa fields (`mantissas`). A term's lowest
+//! set bit is at least at exponent(min) - 23 + ctz(mantissas | 2^23): three integer operations
+//! per term instead of bit_span's eight (the bound is looser only where the terms' lowest bits
+//! differ).
+struct span_sum {
+  double sum;
+  uint32_t max_bits;
+  uint32_t min_bits_1;
+  uint32_t mantissas;
+};
+
+//! Adds one term to a span_sum's bounds (not to its sum).
+__device__ QMEM_INLINE void add_span(span_sum& t, float v) noexcept {
+  uint32_t const u = qmem::detail::float_to_bits(v) & 0x7fffffffu;
+  t.max_bits = u > t.max_bits ? u : t.max_bits;
+  t.min_bits_1 = u - 1u < t.min_bits_1 ? u - 1u : t.min_bits_1;
+  t.mantissas |= u & 0x007fffffu;
+}
+
+//! True when every partial sum, in any order, of m terms with these bounds is exact in double
+//! (no subnormal, infinite or NaN term; leading bit - lowest bit <= 52 - ceil(log2 m)): then
+//! `sum` is the host's tree sum whatever order made it.
+__device__ QMEM_INLINE bool exact_in_any_order(span_sum const& t, int log2_m) noexcept {
+  if (t.max_bits == 0)
+    return true; // only zeros
+  uint32_t const min_bits = t.min_bits_1 + 1u;
+  if (t.max_bits >= 0x7f800000u || min_bits < 0x00800000u)
+    return false;
+  int const top = static_cast<int>(t.max_bits >> 23);
+  int const low = static_cast<int>(min_bits >> 23) - 23 +
+                  __ffs(static_cast<int>(t.mantissas | 0x00800000u)) - 1;
+  return top - low <= 52 - log2_m;
+}
+
+//! Combines two span_sums (the sums in any order: used only where the result is exact).
+__device__ QMEM_INLINE span_sum combine(span_sum a, span_sum b) noexcept {
+  return {a.sum + b.sum, a.max_bits > b.max_bits ? a.max_bits : b.max_bits,
+          a.min_bits_1 < b.min_bits_1 ? a.min_bits_1 : b.min_bits_1, a.mantissas | b.mantissas};
+}
+
+//! The CTA's combined span_sum, in every thread (two CTA barriers).
+__device__ QMEM_INLINE span_sum cta_span_sum(span_sum v,
+                                             span_sum (&partial)[cta_threads / 32]) noexcept {
+  QMEM_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2)
+    v = combine(v, {__shfl_xor_sync(0xffffffffu, v.sum, offset),
+                    __shfl_xor_sync(0xffffffffu, v.max_bits, offset),
+                    __shfl_xor_sync(0xffffffffu, v.min_bits_1, offset),
+                    __shfl_xor_sync(0xffffffffu, v.mantissas, offset)});
+  if (threadIdx.x % 32 == 0)
+    partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = partial[0];
+  QMEM_UNROLL
+  for (int w = 1; w < cta_threads / 32; ++w)
+    v = combine(v, partial[w]);
+  __syncthreads(); // partial is reused
+  return v;
+}
+
+//! The host's sum of one leaf of the offset's tree (absmax[256 node, ...) inside [0, m)), in
+//! every lane of the calling warp: with shuffles where warp_exact_sum allows, else in order by
+//! lane 0 (the layout of offset_mean's leaves).
+__device__ QMEM_INLINE double leaf_sum(float const* absmax, size_t m, size_t node) noexcept {
+  constexpr int per = static_cast<int>(offset_tree_arity_v) / 32;
+  int const lane = static_cast<int>(threadIdx.x) % 32;
+  size_t const base = node * offset_tree_arity_v;
+  float v[per];
+  QMEM_UNROLL
+  for (int h = 0; h < 2; ++h)
+    QMEM_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    size_t const i = base + static_cast<size_t>(128 * h + 4 * lane + k);
+    v[4 * h + k] = i < m ? __ldcg(absmax + i) : 0.0f;
+  }
+  double s = 0.0;
+  if (!warp_exact_sum(v, s) && lane == 0)
+    s = ordered_sum(absmax, base, base + offset_tree_arity_v < m ? base + offset_tree_arity_v : m);
+  return __shfl_sync(0xffffffffu, s, 0);
+}
+
+//! The host's sum of nodes[begin, end) (end - begin <= 256), in every lane of the calling warp.
+__device__ QMEM_INLINE double node_sum(double const* nodes, size_t begin, size_t end) noexcept {
+  constexpr int per = static_cast<int>(offset_tree_arity_v) / 32;
+  int const lane = static_cast<int>(threadIdx.x) % 32;
+  double c[per];
+  QMEM_UNROLL
+  for (int j = 0; j < per; ++j) {
+    size_t const i = begin + static_cast<size_t>(32 * j + lane);
+    c[j] = i < end ? __ldcg(nodes + i) : 0.0;
+  }
+  double s = 0.0;
+  if (!warp_exact_sum(c, s) && lane == 0)
+    s = ordered_sum(nodes, begin, end);
+  return __shfl_sync(0xffffffffu, s, 0);
+}
+
+//! Double quantization of absmax[0, m) in one cooperative launch (all CTAs resident, one step per
+//! thread: m <= gridDim.x * fused_scales_per_cta, see fused_capacity), the scales loaded once and
+//! kept in registers across a grid barrier:
+//! 1. each thread loads its nested_items scales (nested_slot: the CTA holds scales
+//!    [fused_scales_per_cta * blockIdx.x, ...), 32 whole leaves) and sums them in double with
+//!    the bounds of their bit span (span_sum); the CTA combines its threads' and stores one
+//!    record in `ws`;
+//! 2. grid barrier; every CTA combines all records. When no term is subnormal, infinite or NaN
+//!    and top - low <= 52 - ceil(log2 m) (exact_in_any_order; top the highest leading bit, low
+//!    a bound of the lowest set bit), every partial sum of any subset of the scales is an
+//!    integer multiple of the lowest bit's weight below 2^53 times it: exact, whatever the order,
+//!    so the total is the host's tree sum (quant/double_quant.hpp detail::tree_mean) bit for bit;
+//!    otherwise (rare) the tree is summed level by level as offset_mean does (exact warp sums
+//!    where warp_exact_sum allows, else in order), a grid barrier after each level;
+//! 3. offset = float(total / m) (CTA 0 stores it), then the nested quantization of the registers
+//!    (encode_nested).
+//! `ws`: 3 * gridDim.x + ceil(m / 256) + ceil(m / 65536) doubles. Launched as a programmatic
+//! dependent of the blockwise quantization that writes absmax (the table copy overlaps its tail).
+//! Replaces offset_mean + nested_quantize for up to fused_capacity scales. Measured on the H200
+//! (2026-11-30, the 2^22 scales of a 2^28-element NF4 tensor, nested block 256): ncu 14.5 +
+//! 14.2 us for the two kernels; this kernel 24.2 us in its first form (bit_span per term, `a`
+//! live across the fallback branch, per-vector tests: 8.77 M issued instructions, 192 K local
+//! spill requests), 19.8 us now (span_sum bounds, the fallback re-loading `a`, `Full` CTAs
+//! without per-vector tests: 6.39 M instructions, 49 K spill requests; stalls: long scoreboard
+//! 7.6 of 23.5 cycles per issue, CTA barriers 3.8). quantize_scales alone 0.0266 -> 0.0210 ms;
+//! NF4 quantize + double quantization 0.216 -> 0.210 ms, FP4 0.216 -> 0.212 (quant_bench).
+template <int = 0>
+__global__ void __launch_bounds__(cta_threads, nested_min_ctas)
+    offset_nested_quantize(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
+                           double* QMEM_RESTRICT ws, float* QMEM_RESTRICT offset,
+                           uint8_t* QMEM_RESTRICT qabsmax, float* QMEM_RESTRICT absmax2,
+                           bool vector_io,
+                           typename device_encoder<dynamic_signed>::params const p) {
+  using layout = bucket_layout_of<dynamic_signed>::type;
+  __shared__ uint32_t table[layout::entries];
+  __shared__ uint32_t warp_max[max_quantize_threads / 32];
+  __shared__ span_sum partial[cta_threads / 32];
+  __shared__ float shared_offset;
+  copy_words_to_shared(table, p.entry, static_cast<int>(layout::entries));
+  __syncthreads();
+  wait_for_prerequisites(); // nothing above reads what an earlier kernel writes
+  auto grid = cooperative_groups::this_grid();
+  int const blocks_per_cta = static_cast<int>(blockDim.x) / ((1 << nested_shift) / nested_items);
+  nested_slot const s = nested_slot_of(
+      static_cast<size_t>(blockIdx.x) * static_cast<size_t>(blocks_per_cta), m, nested_shift);
+  // a CTA whose scales all lie inside [0, m) (whole blocks: 8192 is a multiple of every nested
+  // block) takes code without per-vector tests
+  bool const full = vector_io && (static_cast<size_t>(blockIdx.x) + 1) * fused_scales_per_cta <= m;
+  float a[nested_vectors][4];
+  if (full)
+    load_nested<true>(a, absmax, s, nested_shift, vector_io);
+  else
+    load_nested(a, absmax, s, nested_shift, vector_io);
+
+  // 1. this thread's sum (four chains: any order is the exact one where it is used) and bounds
+  span_sum t{0.0, 0u, ~0u, 0u};
+  {
+    double c[4] = {0.0, 0.0, 0.0, 0.0};
+    QMEM_UNROLL
+    for (int j = 0; j < nested_vectors; ++j)
+      QMEM_UNROLL
+    for (int k = 0; k < 4; ++k) {
+      add_span(t, a[j][k]);
+      c[k] += static_cast<double>(a[j][k]);
+    }
+    t.sum = (c[0] + c[1]) + (c[2] + c[3]);
+  }
+  t = cta_span_sum(t, partial);
+  if (threadIdx.x == 0) {
+    __stcg(ws + 3 * blockIdx.x, t.sum);
+    __stcg(reinterpret_cast<uint2*>(ws + 3 * blockIdx.x + 1), make_uint2(t.max_bits, t.min_bits_1));
+    __stcg(reinterpret_cast<uint2*>(ws + 3 * blockIdx.x + 2), make_uint2(t.mantissas, 0u));
+  }
+  grid.sync();
+
+  // 2. every CTA combines every record (grid-uniform result)
+  t = {0.0, 0u, ~0u, 0u};
+  for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+    uint2 const f = __ldcg(reinterpret_cast<uint2 const*>(ws + 3 * b + 1));
+    uint2 const g = __ldcg(reinterpret_cast<uint2 const*>(ws + 3 * b + 2));
+    t = combine(t, {__ldcg(ws + 3 * b), f.x, f.y, g.x});
+  }
+  t = cta_span_sum(t, partial);
+  int const log2_m = m > 1 ? 64 - __clzll(static_cast<long long>(m - 1)) : 0; // ceil(log2 m)
+  float off = 0.0f;
+  if (exact_in_any_order(t, log2_m)) {
+    off = __double2float_rn(__ddiv_rn(t.sum + 0.0, static_cast<double>(m)));
+  } else {
+    // the tree, level by level (uniform over the grid: every CTA took this branch)
+    constexpr size_t arity = offset_tree_arity_v;
+    int const warp = static_cast<int>(threadIdx.x) / 32;
+    int const lane = static_cast<int>(threadIdx.x) % 32;
+    double* const leaves = ws + 3 * static_cast<size_t>(gridDim.x);
+    size_t const nodes = (m + arity - 1) / arity;
+    size_t const uppers = (nodes + arity - 1) / arity;
+    double* const upper = leaves + nodes;
+    QMEM_UNROLL
+    for (int j = 0; j < mean_nodes_per_warp; ++j) {
+      size_t const node =
+          (static_cast<size_t>(blockIdx.x) * (cta_threads / 32) + static_cast<size_t>(warp)) *
+              mean_nodes_per_warp +
+          static_cast<size_t>(j);
+      if (node < nodes) {
+        double const v = leaf_sum(absmax, m, node);
+        if (lane == 0)
+          __stcg(leaves + node, v);
+      }
+    }
+    grid.sync();
+    if (uppers > 1) {
+      if (blockIdx.x < uppers && warp == 0) {
+        size_t const begin = static_cast<size_t>(blockIdx.x) * arity;
+        double const v = node_sum(leaves, begin, begin + arity < nodes ? begin + arity : nodes);
+        if (lane == 0)
+          __stcg(upper + blockIdx.x, v);
+      }
+      grid.sync();
+    }
+    if (warp == 0) {
+      double const root = nodes == 1    ? __ldcg(leaves)
+                          : uppers == 1 ? node_sum(leaves, 0, nodes)
+                                        : node_sum(upper, 0, uppers);
+      if (lane == 0)
+        shared_offset = __double2float_rn(__ddiv_rn(root, static_cast<double>(m)));
+    }
+    __syncthreads();
+    off = shared_offset;
+    // the scales again (L2 hits): `a` is dead across this branch, which keeps the common path's
+    // registers out of local memory (with `a` live here: 140 bytes of spill stores)
+    if (full)
+      load_nested<true>(a, absmax, s, nested_shift, vector_io);
+    else
+      load_nested(a, absmax, s, nested_shift, vector_io);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0)
+    *offset = off;
+
+  // 3. the nested quantization of the registers
+  if (full)
+    encode_nested<true>(a, off, s, nested_shift, qabsmax, absmax2, vector_io, table, p, warp_max);
+  else
+    encode_nested(a, off, s, nested_shift, qabsmax, absmax2, vector_io, table, p, warp_max);
 }
 
 //! Elementwise dequantization of double-quantized scales. (A template only so that the header
@@ -1750,6 +2123,88 @@ inline void launch_nested_quantize(exec::cuda const& e, float const* absmax, siz
                             device_encoder<dynamic_signed>::host_params(e.device));
 }
 
+//! How quantize_scales computes the offset and the nested codes: `two_kernels` offset_mean (or
+//! tree_level) then nested_quantize as its programmatic dependent; `fused` offset_nested_quantize
+//! (one cooperative launch); `fused_dependent` the same as a programmatic dependent of the
+//! kernel before it on the stream. quantize_scales takes fused_dependent when the scales fit
+//! (fused_capacity), else two_kernels; the benchmark times each.
+enum class scales_path { two_kernels, fused, fused_dependent };
+
+//! Scales offset_nested_quantize takes on `device` (one step per thread, every CTA resident:
+//! resident CTAs per SM x SMs x fused_scales_per_cta; 4 x 132 x 8192 = 4.3 M on the H200, the
+//! scales of a 2^28-element tensor in blocks of 64), 0 where the device has no cooperative
+//! launch. Cached per device (first 64).
+inline size_t fused_capacity(int device) {
+  static size_t cache[64] = {};
+  static bool known[64] = {};
+  static std::mutex mutex;
+  if (device >= 0 && device < 64) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (known[device])
+      return cache[device];
+  }
+  int cooperative = 0;
+  qmem::cuda_detail::check(
+      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device),
+      "cudaDeviceGetAttribute(CooperativeLaunch)");
+  size_t const capacity =
+      cooperative == 0 ? 0
+                       : static_cast<size_t>(grid_for(offset_nested_quantize<>, cta_threads,
+                                                      ~size_t{0} / fused_scales_per_cta, device)) *
+                             fused_scales_per_cta;
+  if (device >= 0 && device < 64) {
+    std::lock_guard<std::mutex> lock(mutex);
+    cache[device] = capacity;
+    known[device] = true;
+  }
+  return capacity;
+}
+
+//! Enqueues offset_nested_quantize of absmax[0, m) (0 < m <= fused_capacity(e.device)): one
+//! cooperative launch, with `dependent` also a programmatic dependent of the kernel before it.
+inline void launch_offset_nested_quantize(exec::cuda const& e, float const* absmax, size_t m,
+                                          size_t nested_block, float* offset, uint8_t* qabsmax,
+                                          float* absmax2, bool dependent) {
+  constexpr size_t arity = offset_tree_arity_v;
+  auto kernel = offset_nested_quantize<>;
+  size_t const grid = (m + fused_scales_per_cta - 1) / fused_scales_per_cta;
+  size_t const nodes = (m + arity - 1) / arity;
+  memory::device_workspace<double> ws(memory::default_device_resource(e.device),
+                                      3 * grid + nodes + (nodes + arity - 1) / arity, e.stream);
+  bool const vector_io = aligned16(absmax) && reinterpret_cast<std::uintptr_t>(qabsmax) % 4 == 0;
+  auto const params = device_encoder<dynamic_signed>::host_params(e.device);
+  int const shift = log2_exact(nested_block);
+  double* const w = ws.data();
+  cudaLaunchAttribute attr[2] = {};
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(cta_threads);
+  config.stream = e.stream;
+  config.attrs = attr;
+  config.numAttrs = dependent ? 2 : 1;
+  qmem::cuda_detail::check(cudaLaunchKernelEx(&config, kernel, absmax, m, shift, w, offset, qabsmax,
+                                              absmax2, vector_io, params),
+                           "qmem::quant offset_nested_quantize");
+  qmem::cuda_detail::check_launch(e, "qmem::quant offset_nested_quantize");
+}
+
+//! quantize_scales (below) through `path` (fused paths only for 0 < m <= fused_capacity).
+inline void quantize_scales_by(exec::cuda const& e, float const* absmax, size_t m,
+                               size_t nested_block, uint8_t* qabsmax, float* absmax2, float* offset,
+                               scales_path path) {
+  if (path == scales_path::two_kernels) {
+    tree_mean(e, absmax, m, offset);
+    launch_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2);
+  } else {
+    launch_offset_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2,
+                                  path == scales_path::fused_dependent);
+  }
+}
+
 } // namespace kernels
 
 //! GPU quantize_blockwise (see quant/blockwise.hpp; preconditions checked by the caller).
@@ -1776,9 +2231,10 @@ void dequantize_blockwise(exec::cuda const& e, tensor_view<std::uint8_t const> c
                              block_size, y.data());
 }
 
-//! GPU quantize_scales (see quant/double_quant.hpp): the fixed-order mean (offset_mean, or one
-//! tree_level kernel per level beyond 2^24 scales; workspace from the device's default pool), then
-//! nested_quantize of absmax - offset. Stream-ordered, no host round trip.
+//! GPU quantize_scales (see quant/double_quant.hpp): up to fused_capacity scales (4.3 M on the
+//! H200) one cooperative kernel (offset_nested_quantize); more: the fixed-order mean
+//! (offset_mean, or one tree_level kernel per level beyond 2^24 scales), then nested_quantize of
+//! absmax - offset. Workspace from the device's default pool; stream-ordered, no host round trip.
 inline void quantize_scales(exec::cuda const& e, tensor_view<float const> absmax,
                             std::size_t nested_block, tensor_view<std::uint8_t> qabsmax,
                             tensor_view<float> absmax2, tensor_view<float> offset) {
@@ -1788,9 +2244,10 @@ inline void quantize_scales(exec::cuda const& e, tensor_view<float const> absmax
                              "cudaMemsetAsync");
     return;
   }
-  kernels::tree_mean(e, absmax.data(), absmax.size(), offset.data());
-  kernels::launch_nested_quantize(e, absmax.data(), absmax.size(), nested_block, offset.data(),
-                                  qabsmax.data(), absmax2.data());
+  bool const fits = absmax.size() <= kernels::fused_capacity(e.device);
+  kernels::quantize_scales_by(
+      e, absmax.data(), absmax.size(), nested_block, qabsmax.data(), absmax2.data(), offset.data(),
+      fits ? kernels::scales_path::fused_dependent : kernels::scales_path::two_kernels);
 }
 
 //! GPU dequantize_scales (see quant/double_quant.hpp).
