@@ -2147,11 +2147,15 @@ inline size_t fused_capacity(int device) {
   qmem::cuda_detail::check(
       cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device),
       "cudaDeviceGetAttribute(CooperativeLaunch)");
-  size_t const capacity =
+  // at most 2^24 scales: the kernel's tree (fallback) sums at most 256 upper nodes in its root
+  size_t const resident_scales =
       cooperative == 0 ? 0
                        : static_cast<size_t>(grid_for(offset_nested_quantize<>, cta_threads,
                                                       ~size_t{0} / fused_scales_per_cta, device)) *
                              fused_scales_per_cta;
+  size_t const capacity = resident_scales < mean_max_leaves * offset_tree_arity_v
+                              ? resident_scales
+                              : mean_max_leaves * offset_tree_arity_v;
   if (device >= 0 && device < 64) {
     std::lock_guard<std::mutex> lock(mutex);
     cache[device] = capacity;
