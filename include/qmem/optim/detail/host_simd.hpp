@@ -107,23 +107,32 @@ struct byte_planes {
 //! float <= a B_j (the double product rounded down) the test is |s| > Q_j on float bits,
 //! exactly, for every finite s with |s| <= a. Per block
 //! that is two multiplications and conversions of 16 doubles instead of one IEEE division per
-//! state; per 16 states a binary search of four levels over the 15 thresholds of each sign, each
-//! level a 32-entry permute (both signs), a comparison and a masked add, all in registers.
-//! Built when both signs together have at most 15 steps (the optimizer's 4-bit maps: signed
-//! dynamic 8 + 7, linear without zero 15 + 0); `usable()` says whether it was.
+//! state. Both signs then form one ascending line of thresholds on s itself, compared as floats:
+//! a positive step's Q_j (s > Q_j), a negative step's -next(Q_j) (s > -next(Q_j) exactly when
+//! s >= -Q_j, i.e. |s| <= Q_j for negative s); the number of line thresholds below s gives the
+//! code, which needs the codes of -0 and +0 (each sign's code at |xn| = 0) to be equal (both
+//! maps: no step at zero). Per 16 states a binary search of four levels over the line's <= 15
+//! thresholds, each level a 16-entry permute, a float comparison and a masked add, all in
+//! registers: 12 instructions (the search per sign before, over magnitudes: 15). Built when both
+//! signs together have at most 15 steps (the optimizer's 4-bit maps: signed dynamic 8 + 7,
+//! linear without zero 15 + 0); `usable()` says whether it was.
 struct step_search4 {
   //! B_j of compact slot j (the positive side's steps ascending, then the negative side's);
   //! the unused slots and slot 15 hold 1.0 (a B = a: no state is above it).
   alignas(64) double bound[16];
-  //! Level l (step s = 8 >> l of the search), sign (0 positive): the slot of the threshold the
-  //! search compares at count c, T[c + s - 1] of that sign, or slot 15 past the last (level 0,
-  //! where every count is 0: T[7] in every lane, a broadcast).
-  alignas(64) std::int32_t level[4][2][16];
-  //! The code of sign * 16 + count (count = the number of thresholds below |s|).
+  //! Bit j: slot j is a negative side's step (its line threshold is -next(Q_j)).
+  std::uint16_t negative_slots;
+  //! Level l (step s = 8 >> l of the search): the slot of the line threshold the search compares
+  //! at count c, L[c + s - 1], or slot 15 past the last (level 0, where every count is 0: L[7]
+  //! in every lane, a broadcast). The line L: the negative side's steps by descending magnitude,
+  //! then the positive side's ascending.
+  alignas(64) std::int32_t level[4][16];
+  //! The code of each count (the number of line thresholds below s).
   alignas(64) std::uint8_t code[64];
 
   //! From the entries of a block table (search_table::entries() of host_encoder::block_table).
-  explicit step_search4(std::uint32_t const* entries) noexcept : bound{}, level{}, code{} {
+  explicit step_search4(std::uint32_t const* entries) noexcept
+      : bound{}, negative_slots{}, level{}, code{} {
     using quant::detail::search_table;
     std::uint32_t limit[2][16] = {};
     std::uint8_t codes[2][16] = {};
@@ -147,12 +156,13 @@ struct step_search4 {
         current = hi;
       }
     }
-    if (count[0] + count[1] > 15)
+    int const total = count[0] + count[1];
+    if (total > 15 || codes[0][0] != codes[1][0])
       return;
     for (double& b : bound)
       b = 1.0;
     int const base[2] = {0, count[0]};
-    for (int sign = 0; sign < 2; ++sign) {
+    for (int sign = 0; sign < 2; ++sign)
       for (int j = 0; j < count[sign]; ++j) {
         std::uint32_t const t = limit[sign][j];
         int const slot = base[sign] + j;
@@ -160,14 +170,22 @@ struct step_search4 {
         bound[slot] = (static_cast<double>(std::bit_cast<float>(t)) +
                        static_cast<double>(std::bit_cast<float>(t + 1))) /
                       2.0;
+        if (sign == 1)
+          negative_slots = static_cast<std::uint16_t>(negative_slots | 1u << slot);
       }
-      for (int l = 0; l < 4; ++l)
-        for (int c = 0; c < 16; ++c) {
-          int const j = (l == 0 ? 0 : c) + (8 >> l) - 1; // level 0: every lane at count 0
-          level[l][sign][c] = j < count[sign] ? base[sign] + j : 15;
-        }
+    // line position i: negative steps by descending magnitude, then positive ones ascending
+    auto slot_of = [&](int i) {
+      if (i >= total)
+        return 15;
+      return i < count[1] ? base[1] + count[1] - 1 - i : i - count[1];
+    };
+    for (int l = 0; l < 4; ++l)
       for (int c = 0; c < 16; ++c)
-        code[16 * sign + c] = codes[sign][c < count[sign] ? c : count[sign]];
+        level[l][c] = slot_of((l == 0 ? 0 : c) + (8 >> l) - 1); // level 0: every lane at 0
+    for (int c = 0; c < 16; ++c) {
+      int const k =
+          c <= count[1] ? count[1] - c : (c - count[1] < count[0] ? c - count[1] : count[0]);
+      code[c] = codes[c <= count[1] ? 1 : 0][k];
     }
     usable_ = true;
   }
@@ -778,7 +796,8 @@ pack_codes64(__m512i const (&c)[4]) noexcept {
 //! inside its bucket (checked when the table is built), so a step within 3 patterns of x' is in
 //! x''s own bucket, whose entry holds it. A state whose x' is within `margin` patterns of its
 //! bucket's step (or of a stepless bucket's top) is flagged, and its 64 values are encoded again
-//! by the division (block_encode16): about 2^-12 of the states of a stepped bucket.
+//! by the division (block_encode16): 0.9% of the groups of 64 in an AdamW 8-bit step on
+//! Gaussian gradients (1.7% with a margin of 8).
 //!
 //! The entries are indexed by the upper 16 bits of x' + offset as they are, sign bit included
 //! (negative x' at 0x8000 + key), every key from 0 (the first bucket's entry repeated below it)
@@ -790,8 +809,9 @@ public:
   //! The buckets' shift, in float patterns: the dynamic maps' steps then lie at least 655
   //! patterns from a bucket edge (0x8000: 51, 0x2000: 197, 0x1000: 77; no shift: 0).
   static constexpr std::uint32_t offset = 0x4000;
-  //! Patterns around x' checked for a step: at least the 3 of the argument above.
-  static constexpr std::uint32_t margin = 8;
+  //! Patterns around x' checked for a step: at least the 3 of the argument above (the test's
+  //! sweep finds every differing code within 2: with a margin of 2 it still flags them all).
+  static constexpr std::uint32_t margin = 4;
   //! Entries per sign (keys 0 .. key_hi), and where the negative keys start.
   static constexpr std::size_t keys = quant::detail::search_table::key_hi + 1;
   static constexpr std::size_t negative = 0x8000;
@@ -931,31 +951,25 @@ inline bool host_step_search4() noexcept {
   return cpu;
 }
 
-//! Per 32-bit lane, sign * 16 + the number of the block's thresholds below |x| for the 16 states
-//! at x (block_codes4_search): t[l][sign] holds, at each count, the threshold that level l of the
-//! binary search compares (step 8 >> l). Per 16 states 15 instructions, 7 of them permutes or
-//! comparisons.
-__attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512i
-step_count16(__m512i const (&t)[4][2], float const* x) noexcept {
-  __m512i const u = _mm512_loadu_si512(x);
-  __m512i const magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-  __mmask16 const negative = _mm512_movepi32_mask(u);
-  __m512i c = _mm512_maskz_mov_epi32(negative, _mm512_set1_epi32(16));
-  __m512i const first = _mm512_mask_blend_epi32(negative, t[0][0], t[0][1]);
-  c = _mm512_mask_add_epi32(c, _mm512_cmpgt_epi32_mask(magnitude, first), c, _mm512_set1_epi32(8));
-  for (int l = 1; l < 4; ++l) {
-    __m512i const threshold = _mm512_permutex2var_epi32(t[l][0], c, t[l][1]);
-    c = _mm512_mask_add_epi32(c, _mm512_cmpgt_epi32_mask(magnitude, threshold), c,
-                              _mm512_set1_epi32(8 >> l));
-  }
+//! Per 32-bit lane, the number of the block's line thresholds below x for the 16 states at x
+//! (block_codes4_search): t[l] holds, at each count, the threshold that level l of the binary
+//! search compares (step 8 >> l; t[0] the same in every lane). Per 16 states 12 instructions, 7
+//! of them permutes or comparisons.
+__attribute__((target("avx512f"), always_inline)) inline __m512i
+step_count16(__m512 const (&t)[4], float const* x) noexcept {
+  __m512 const s = _mm512_loadu_ps(x);
+  __m512i c = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(s, t[0], _CMP_GT_OQ), _mm512_set1_epi32(8));
+  for (int l = 1; l < 4; ++l)
+    c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(s, _mm512_permutexvar_ps(c, t[l]), _CMP_GT_OQ),
+                              c, _mm512_set1_epi32(8 >> l));
   return c;
 }
 
 //! One block's thresholds for block_codes4_search, in registers: Q_j of every step from the
-//! block's absmax, arranged per level of the search and sign (see step_count16), and the code of
-//! each count. AVX-512 DQ.
+//! block's absmax, on the line (see step_search4) and arranged per level of the search (see
+//! step_count16), and the code of each count. AVX-512 DQ.
 struct search4_block {
-  __m512i t[4][2];
+  __m512 t[4];
   __m512i code;
 
   search4_block() = default; //!< uninitialized (assign a constructed one before use)
@@ -968,10 +982,12 @@ struct search4_block {
     __m512d const p1 = _mm512_mul_pd(a, _mm512_load_pd(steps.bound + 8));
     __m256 const q0 = _mm512_cvt_roundpd_ps(p0, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m256 const q1 = _mm512_cvt_roundpd_ps(p1, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512i const q = _mm512_castps_si512(_mm512_insertf32x8(_mm512_castps256_ps512(q0), q1, 1));
+    __m512i q = _mm512_castps_si512(_mm512_insertf32x8(_mm512_castps256_ps512(q0), q1, 1));
+    // a negative step's line threshold: -next(Q), the next float's bits with the sign bit
+    q = _mm512_mask_or_epi32(q, steps.negative_slots, _mm512_add_epi32(q, _mm512_set1_epi32(1)),
+                             _mm512_set1_epi32(static_cast<int>(0x80000000u)));
     for (int l = 0; l < 4; ++l)
-      for (int sign = 0; sign < 2; ++sign)
-        t[l][sign] = _mm512_permutexvar_epi32(_mm512_load_si512(steps.level[l][sign]), q);
+      t[l] = _mm512_castsi512_ps(_mm512_permutexvar_epi32(_mm512_load_si512(steps.level[l]), q));
     code = _mm512_load_si512(steps.code);
   }
 
