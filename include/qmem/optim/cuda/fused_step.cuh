@@ -485,6 +485,115 @@ __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, std::u
       "prefetch.global.L2::evict_last [%0];" ::"l"(static_cast<G const*>(entry->grad) + first));
 }
 
+//! The shared-memory layout of one full task's raw bytes in a warp's ring (the shared-memory
+//! pipeline, QMEM_OPTIM_FUSED_SMEM_DEPTH): per stream, a lane's bytes in chunks of up to 16, chunk
+//! k of lane l at (32 k + l) x chunk, so that the 32 lanes' copies and reads of a chunk are
+//! contiguous (no bank conflicts): fp32 parameters, gradients, each state's codes, each state's
+//! old absmax (one per lane: its block's).
+template <update_rule Rule, state_policy Policy, class G>
+struct smem_slot {
+  using traits = kernel_traits<Rule, Policy>;
+  static constexpr int E = traits::per_lane;                     //!< elements per lane
+  static constexpr int S = Rule::state_count;                    //!< states
+  static constexpr int p_lane = E * 4;                           //!< a lane's parameter bytes
+  static constexpr int g_lane = E * static_cast<int>(sizeof(G)); //!< a lane's gradient bytes
+  //! a lane's code bytes of state j
+  QMEM_HOST_DEVICE static constexpr int code_lane(int j) {
+    int r = 0;
+    [&]<int... J>(std::integer_sequence<int, J...>) {
+      ((r = J == j ? E * traits::template format<J>::bits / 8 : r), ...);
+    }
+    (std::make_integer_sequence<int, S>{});
+    return r;
+  }
+  static constexpr int g_at = 32 * p_lane; //!< where the gradients start
+  //! where state j's codes start
+  QMEM_HOST_DEVICE static constexpr int code_at(int j) {
+    int at = g_at + 32 * g_lane;
+    for (int i = 0; i < j; ++i)
+      at += 32 * code_lane(i);
+    return at;
+  }
+  //! where state j's absmax values start (one float per lane)
+  QMEM_HOST_DEVICE static constexpr int absmax_at(int j) { return code_at(S) + 32 * 4 * j; }
+  static constexpr int bytes = (absmax_at(S) + 15) / 16 * 16; //!< one slot, 16-byte aligned
+};
+
+//! Copies a lane's `Bytes` (a multiple of 4, a power of two up to 16 or a multiple of 16) from
+//! global memory at `src` into its chunks at shared address `dst` (cp.async through L1: a lane's
+//! 16-byte chunks of one stream are 32 bytes apart in its 32-byte run, so each copy instruction
+//! touches every sector of the warp's range; through L2 only (`.cg`) the second instruction
+//! fetched each sector from L2 again: ncu, H200, 2026-11-30 01:14 UTC, AdamW 4-bit at 2^26, L2
+//! throughput 77% with DRAM at 51%, L1 hit rate 24% against 44% for the register ring).
+template <int Bytes>
+__device__ QMEM_INLINE void copy_lane_async(std::uint32_t dst, void const* src, unsigned lane) {
+  constexpr int chunk = Bytes >= 16 ? 16 : Bytes;
+  static_assert(Bytes % chunk == 0 && (chunk == 4 || chunk == 8 || chunk == 16));
+  QMEM_UNROLL
+  for (int k = 0; k < Bytes / chunk; ++k) {
+    std::uint32_t const to = dst + (static_cast<unsigned>(k) * 32u + lane) * chunk;
+    void const* const from = static_cast<char const*>(src) + k * chunk;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(to), "l"(from), "n"(chunk)
+                 : "memory");
+  }
+}
+
+//! Reads back what copy_lane_async<Bytes> wrote at `at` (after cp.async.wait_group).
+template <int Bytes>
+__device__ QMEM_INLINE void read_lane(char const* at, unsigned lane, void* out) {
+  constexpr int chunk = Bytes >= 16 ? 16 : Bytes;
+  using V = typename raw_vector<chunk>::type;
+  V v[Bytes / chunk];
+  QMEM_UNROLL
+  for (int k = 0; k < Bytes / chunk; ++k)
+    v[k] = *reinterpret_cast<V const*>(at + (static_cast<unsigned>(k) * 32u + lane) * chunk);
+  std::memcpy(out, v, Bytes);
+}
+
+//! Closes the lane's current group of cp.async copies (cp.async.commit_group).
+__device__ QMEM_INLINE void async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+//! Waits until at most `Pending` of the lane's newest groups are still in flight: the older ones'
+//! bytes are in shared memory for this lane (cp.async.wait_group).
+template <int Pending>
+__device__ QMEM_INLINE void async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(Pending) : "memory");
+}
+
+//! Starts the copies of full task `task` of `entry` (fp32 parameters) into the slot at shared
+//! address `slot` (smem_slot's layout): what load_full_task loads, without registers.
+template <update_rule Rule, state_policy Policy, class P, class G>
+__device__ QMEM_INLINE void issue_full_task(tensor_entry const* entry, std::uint64_t task,
+                                            unsigned lane, std::uint32_t slot) {
+  static_assert(std::same_as<P, float>);
+  using traits = kernel_traits<Rule, Policy>;
+  using L = smem_slot<Rule, Policy, G>;
+  constexpr int E = traits::per_lane;
+  std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * E;
+  std::uint64_t const block = lane_block<Rule, Policy>(task, first);
+  copy_lane_async<L::p_lane>(slot, static_cast<float const*>(entry->param) + first, lane);
+  copy_lane_async<L::g_lane>(slot + L::g_at, static_cast<G const*>(entry->grad) + first, lane);
+  for_states<Rule::state_count>([&](auto J) {
+    using F = typename traits::template format<J.value>;
+    copy_lane_async<L::code_lane(J.value)>(
+        slot + L::code_at(J.value),
+        static_cast<std::uint8_t const*>(entry->state[J.value]) + first * F::bits / 8, lane);
+    copy_lane_async<4>(slot + L::absmax_at(J.value), entry->absmax[J.value] + block, lane);
+  });
+}
+
+//! Reads a slot that issue_full_task filled (its group waited for) into `d`.
+template <update_rule Rule, state_policy Policy, class P, class G>
+__device__ QMEM_INLINE void read_full_task(char const* slot, unsigned lane,
+                                           full_task_data<Rule, Policy, P, G>& d) {
+  using L = smem_slot<Rule, Policy, G>;
+  read_lane<L::p_lane>(slot, lane, d.p);
+  read_lane<L::g_lane>(slot + L::g_at, lane, d.g_raw);
+  for_states<Rule::state_count>([&](auto J) {
+    read_lane<L::code_lane(J.value)>(slot + L::code_at(J.value), lane, d.state[J.value]);
+    read_lane<4>(slot + L::absmax_at(J.value), lane, &d.absmax[J.value]);
+  });
+}
+
 //! One warp task: kernel_traits::per_lane elements per lane, everything in registers. The
 //! arithmetic is the host backend's (optimizer.hpp), element for element. `Full`: the caller has
 //! checked that the whole task lies inside the tensor and that its pointers are aligned for the
@@ -963,6 +1072,22 @@ inline constexpr bool fused_pipeline = QMEM_OPTIM_FUSED_PIPELINE != 0;
 #define QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE 2
 #endif
 
+//! Tasks a warp keeps in a shared-memory ring in the pipelined kernels with fp32 parameters
+//! (cp.async: the copies of QMEM_OPTIM_FUSED_SMEM_DEPTH - 1 tasks in flight while one computes,
+//! without registers), at most what two blocks per SM leave beside the code tables (3 for the
+//! 8-bit and 4-bit AdamW and Lion): 0, off (a ring of fewer than 3 tasks means off too: the
+//! register ring above). H200, 2^28 parameters, 2026-11-30 01:13 UTC, same session, three runs
+//! each, ms: register ring with the L2 prefetch / ring of 3 copying through L2 only (`.cg`)
+//! without the prefetch / with it: AdamW 8-bit 1.146-1.150 / 1.675-1.676 / 1.600-1.602, 4-bit
+//! 1.068-1.080 / 1.573-1.576 / 1.535-1.577, Lion 8-bit 0.956-0.959 / 1.407-1.418 / 1.470-1.483,
+//! 64 tensors 1.194-1.204 / 1.561-1.567 / 1.574-1.587; ncu (AdamW 4-bit, 2^26): 268 -> 380 us,
+//! the warps waiting on shared memory (short scoreboard 0.6 -> 2.6 cycles per issue) and L2 busy
+//! re-reading sectors (see copy_lane_async, which now copies through L1: not yet timed).
+//! Overridable for tuning runs.
+#ifndef QMEM_OPTIM_FUSED_SMEM_DEPTH
+#define QMEM_OPTIM_FUSED_SMEM_DEPTH 0
+#endif
+
 //! Whether the pipelined two-state fused kernels with fp32 parameters (AdamW-like rules with
 //! blockwise states) copy each tensor's table entry into registers once per tensor (1) instead of
 //! reading its pointers from global memory in every task (0), as they must when the entry stays
@@ -1003,6 +1128,42 @@ inline constexpr int pipeline_depth =
                            : QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE;
 static_assert(QMEM_OPTIM_FUSED_PIPELINE_DEPTH_ONE_STATE >= 2 &&
               QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE >= 2);
+
+//! Tasks in the shared-memory ring of a warp (QMEM_OPTIM_FUSED_SMEM_DEPTH), at most what two
+//! blocks per SM leave beside the code tables (sm_90: 233472 bytes per SM, 1024 reserved per
+//! block); 0 where the kernel keeps the register ring (not pipelined, 16-bit parameters, or room
+//! for fewer than 3 tasks).
+template <update_rule Rule, state_policy Policy, class P, class G>
+inline constexpr int smem_depth = [] {
+  if constexpr (!pipelined<Rule, Policy> || !std::same_as<P, float> ||
+                QMEM_OPTIM_FUSED_SMEM_DEPTH < 3) {
+    return 0;
+  } else {
+    constexpr std::size_t per_block = 233472 / 2 - 1024;
+    constexpr std::size_t tables = sizeof(typename kernel_traits<Rule, Policy>::shared_tables);
+    constexpr std::size_t per_task = std::size_t{fused_block_threads / 32} *
+                                     static_cast<std::size_t>(smem_slot<Rule, Policy, G>::bytes);
+    constexpr int fits =
+        tables >= per_block ? 0 : static_cast<int>((per_block - tables) / per_task);
+    constexpr int depth = fits < QMEM_OPTIM_FUSED_SMEM_DEPTH ? fits : QMEM_OPTIM_FUSED_SMEM_DEPTH;
+    return depth >= 3 ? depth : 0;
+  }
+}();
+} // namespace detail
+
+//! The dynamic shared memory of fused_step_kernel<Rule, Policy, P, G, ...> (bytes): the warps'
+//! task rings of the shared-memory pipeline, or 0.
+template <update_rule Rule, state_policy Policy, class P, class G>
+inline constexpr std::size_t fused_dynamic_smem = [] {
+  if constexpr (detail::smem_depth<Rule, Policy, P, G> == 0)
+    return std::size_t{0};
+  else
+    return std::size_t{fused_block_threads / 32} *
+           static_cast<std::size_t>(detail::smem_depth<Rule, Policy, P, G>) *
+           static_cast<std::size_t>(detail::smem_slot<Rule, Policy, G>::bytes);
+}();
+
+namespace detail {
 
 //! The register bound of a kernel that does not pipeline: fused_min_blocks when every state is
 //! fp32, fused_min_blocks_16bit_states otherwise.
@@ -1080,7 +1241,52 @@ __global__ void __launch_bounds__(fused_block_threads,
     // the tasks wholly inside the tensor, when its pointers allow the vector path
     std::uint64_t const full_end =
         first_task + (entry->vectorized != 0 ? entry->size / traits::task_elements : 0);
-    if constexpr (detail::pipelined<Rule, Policy>) {
+    if constexpr (detail::smem_depth<Rule, Policy, P, G> >= 3) {
+      // the shared-memory ring: slot i % depth holds task i's raw bytes; the copies of the next
+      // depth - 1 tasks are in flight while one computes (one cp.async group per task)
+      constexpr int depth = detail::smem_depth<Rule, Policy, P, G>;
+      constexpr int slot_bytes = detail::smem_slot<Rule, Policy, G>::bytes;
+      std::uint64_t const full_stop = full_end < stop ? full_end : stop;
+      if (task < full_stop) {
+        extern __shared__ uint4 fused_ring[];
+        unsigned const ring_offset = (threadIdx.x >> 5) * unsigned{depth * slot_bytes};
+        char const* const ring = reinterpret_cast<char const*>(fused_ring) + ring_offset;
+        std::uint32_t const ring_shared =
+            static_cast<std::uint32_t>(__cvta_generic_to_shared(fused_ring)) + ring_offset;
+        QMEM_UNROLL
+        for (int d = 0; d + 1 < depth; ++d) {
+          if (task + d * warps < full_stop)
+            detail::issue_full_task<Rule, Policy, P, G>(entry, task + d * warps - first_task, lane,
+                                                        ring_shared +
+                                                            static_cast<unsigned>(d * slot_bytes));
+          detail::async_commit();
+        }
+        unsigned slot = 0; // of the current task
+        do {
+          detail::async_wait<depth - 2>(); // the current task's group has landed
+          detail::full_task_data<Rule, Policy, P, G> cur;
+          detail::read_full_task(ring + slot * unsigned{slot_bytes}, lane, cur);
+          // the task depth - 1 ahead goes into the slot that the previous task was read from
+          unsigned const free_slot = (slot == 0 ? unsigned{depth} : slot) - 1u;
+          std::uint64_t const ahead_task = task + (depth - 1) * warps;
+          if (ahead_task < full_stop)
+            detail::issue_full_task<Rule, Policy, P, G>(entry, ahead_task - first_task, lane,
+                                                        ring_shared + free_slot * slot_bytes);
+          detail::async_commit();
+          if constexpr (QMEM_OPTIM_FUSED_PREFETCH_L2 != 0) {
+            std::uint64_t const far_task = ahead_task + warps;
+            if (far_task < full_stop)
+              detail::prefetch_full_task<Rule, Policy, P, G>(entry, far_task - first_task, lane);
+          }
+          detail::fused_task<Rule, Policy, P, G, NonFinite, true, true>(
+              entry, task - first_task, k, grad_scale, step, args.seed, args.param_stochastic != 0,
+              tables, lane, &cur);
+          task += warps;
+          slot = slot + 1 == unsigned{depth} ? 0u : slot + 1;
+        } while (task < full_stop);
+        detail::async_wait<0>();
+      }
+    } else if constexpr (detail::pipelined<Rule, Policy>) {
       // the next depth - 1 full tasks' loads are issued before the current one computes
       constexpr int depth = detail::pipeline_depth<Rule, Policy>;
       std::uint64_t const full_stop = full_end < stop ? full_end : stop;
