@@ -336,7 +336,8 @@ std::vector<std::uint8_t> run(host_isa isa, R rule, optim::nonfinite_policy nf, 
       grads[i][3] = std::numeric_limits<float>::quiet_NaN();
       grads[i][40] = -std::numeric_limits<float>::infinity();
     }
-    // and in later blocks (the interleaved 4-bit step updates them beside another block's encode)
+    // and in later blocks (the interleaved 4- and 8-bit steps update them beside another
+    // block's encode)
     if (nf == optim::nonfinite_policy::skip_element && sizes[i] > 2000) {
       grads[i][300] = std::numeric_limits<float>::quiet_NaN();
       grads[i][1100] = std::numeric_limits<float>::infinity();
