@@ -421,39 +421,47 @@ void gemv_variant(benchmark::State& state) {
 //! The fixed part of a streaming GEMV call: one block per SM that (with `Table`) fills a 64 KiB
 //! shared table, (with pdl) lets the next kernel launch and waits for the previous one, then
 //! loads one word per thread and stores one per block. No weight is read.
-template <bool Table>
-__global__ void floor_kernel(std::uint32_t const* x, std::uint32_t* y, int pdl) {
+//! Table 1: one 4-byte store per word of 64 KiB; 2: the GEMV kernels' own table build
+//! (cuda_matmul::fill_gemv_tables, NF4 in bf16).
+template <int Table>
+__global__ void floor_kernel(std::uint32_t const* x, std::uint32_t* y, int pdl,
+                             code_table<16> values, code_table<256> nested) {
   extern __shared__ std::uint32_t floor_smem[];
   if (pdl != 0)
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  if constexpr (Table) {
+  if constexpr (Table == 1) {
     for (unsigned i = threadIdx.x; i < 16384u; i += blockDim.x)
       floor_smem[i] = i * 0x9E3779B1u;
     __syncthreads();
+  } else if constexpr (Table == 2) {
+    cuda_matmul::fill_gemv_tables<bf16, false>(floor_smem, nullptr, values, nested);
   }
   if (pdl != 0)
     asm volatile("griddepcontrol.wait;" ::: "memory");
   std::uint32_t acc = x[blockIdx.x * blockDim.x + threadIdx.x];
-  if constexpr (Table)
+  if constexpr (Table != 0)
     acc += floor_smem[(acc & 511u) * 32u + (threadIdx.x & 31u)];
   acc = __reduce_add_sync(0xFFFFFFFFu, acc);
   if (threadIdx.x == 0)
     y[blockIdx.x] = acc;
 }
 
-// Args: threads, dynamic shared KiB, pdl, table. floor_kernel with one block per SM, the same
-// graph timing as gemv: what a call costs before it streams any weight.
+// Args: threads, dynamic shared KiB, pdl, table (0: none, 1 or 2: floor_kernel's Table).
+// floor_kernel with one block per SM, the same graph timing as gemv: what a call costs before it
+// streams any weight.
 void gemv_floor(benchmark::State& state) {
   auto const threads = static_cast<unsigned>(state.range(0));
   auto const smem = static_cast<unsigned>(state.range(1)) * 1024u;
   int const pdl = static_cast<int>(state.range(2));
-  bool const table = state.range(3) != 0;
+  auto const table = state.range(3);
   int sms = 0;
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "cudaDeviceGetAttribute");
   device_buffer<std::uint32_t> x(std::size_t{threads} * static_cast<unsigned>(sms)),
       y(static_cast<unsigned>(sms));
   check(cudaMemset(x.p, 0, x.n * 4), "cudaMemset");
-  auto const kernel = table ? &floor_kernel<true> : &floor_kernel<false>;
+  auto const kernel = table == 2   ? &floor_kernel<2>
+                      : table == 1 ? &floor_kernel<1>
+                                   : &floor_kernel<0>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(cuda_matmul::gemv1_stream_smem_limit)),
         "cudaFuncSetAttribute");
@@ -464,7 +472,8 @@ void gemv_floor(benchmark::State& state) {
   exec::cuda const e{stream.s, 0};
   double const t = graph_loop(state, stream.s, [&] {
     cuda_detail::launch(e, pdl != 0, kernel, dim3(static_cast<unsigned>(sms)), dim3(threads), smem,
-                        "floor_kernel", x.p, y.p, pdl);
+                        "floor_kernel", x.p, y.p, pdl, cuda_matmul::values_of<nf4>(),
+                        cuda_matmul::nested_values());
   });
   state.counters["us"] = t * 1e6;
 }
@@ -694,6 +703,8 @@ BENCHMARK(gemv_floor)
     ->Args({512, 127, 0, 1})
     ->Args({512, 127, 1, 0})
     ->Args({512, 127, 1, 1})
+    ->Args({512, 127, 1, 2})
+    ->Args({512, 127, 0, 2})
     ->Args({256, 110, 1, 0})
     ->Args({256, 110, 1, 1})
     ->Apply(timed<2>);

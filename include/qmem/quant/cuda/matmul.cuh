@@ -321,22 +321,39 @@ inline constexpr unsigned gemv_lut_bytes = 256 * 256;
 
 //! Fills the GEMV kernels' shared tables: the decode table (entry `byte`, lane l at word
 //! 64 * byte + l: the T pair of the byte's two codes, the high nibble's in the low half, so that
-//! 32 lanes never share a bank) from the 16 values in T (first put in `bits16`: a dynamic index
-//! into the kernel parameter compiles to a 16-way select per entry), and the nested map `dyn`
-//! when Nested. Every thread of the block calls it; it ends with a barrier.
+//! 32 lanes never share a bank) and the nested map `dyn` when Nested. Every thread of the block
+//! calls it (blockDim.x a multiple of 32); it ends with a barrier.
+//! How: lane l holds the T bits of value l % 16 (one dynamic index into the kernel parameter
+//! per thread; written as 15 selects over the 16 values instead, nvcc 13 turned each select into
+//! a 16-way predicated constant load: 4.2 us per call), each entry's word comes from two shuffles,
+//! and each thread writes 16 bytes (4 lanes' words of one entry) per store: 2048 stores per
+//! table. The table build is on every call's critical path: the next call's block can only
+//! start once this one's has left its SM (one per SM). The former build (the 16 values staged
+//! in shared memory behind a barrier, then one 4-byte store per word: 8192 per table, each
+//! reading the staged values) cost 0.4-0.7 us per call more: H200, 2026-11-30 01:29 UTC, the
+//! same session, 200 calls in one graph, NF4 block 64, bf16, us on 4096 x 4096 / 14336 x 4096 /
+//! 4096 x 14336 / 8192 x 8192 / 28672 x 8192, matmul_4bit batch 1 5.29 / 10.48 / 10.90 / 12.05 /
+//! 37.18 -> 4.81 / 9.95 / 10.34 / 11.46 / 37.10, nested scales 6.04 / 11.81 / 12.16 / 13.33 /
+//! 40.81 -> 5.37 / 11.08 / 11.40 / 12.81 / 40.74, batch 16 7.16 / 19.37 / 17.99 / 19.95 / 77.32
+//! -> 6.73 / 19.31 / 17.90 / 19.73 / 76.85 (ncu, 4096 x 4096, one launch: 1026 instructions
+//! per warp instead of about 1200, 8.42 us instead of 8.80).
 template <class T, bool Nested>
-__device__ QMEM_INLINE void fill_gemv_tables(std::uint32_t* lut, std::uint32_t* bits16, float* dyn,
+__device__ QMEM_INLINE void fill_gemv_tables(std::uint32_t* lut, float* dyn,
                                              code_table<16> const& values,
                                              code_table<256> const& nested) {
-  if (threadIdx.x < 16)
-    bits16[threadIdx.x] = from_float<T>(values.value[threadIdx.x]).bits;
+  unsigned const lane = threadIdx.x & 31u;
+  std::uint32_t const bits = from_float<T>(values.value[lane & 15u]).bits;
   if constexpr (Nested)
     for (unsigned i = threadIdx.x; i < 256u; i += blockDim.x)
       dyn[i] = nested.value[i];
-  __syncthreads();
-  for (unsigned i = threadIdx.x; i < 256u * 32u; i += blockDim.x) {
-    unsigned const e = i >> 5;
-    lut[e * 64 + (i & 31u)] = bits16[e >> 4] | (bits16[e & 15u] << 16);
+  // store s: words 4 (s % 8) .. 4 (s % 8) + 3 of entry s / 8 (a warp's 32 stores are all in or
+  // all out of the loop: blockDim.x and 2048 are multiples of 32)
+  auto* const lut4 = reinterpret_cast<uint4*>(lut);
+  for (unsigned s = threadIdx.x; s < 2048u; s += blockDim.x) {
+    std::uint32_t const lo = __shfl_sync(0xFFFFFFFFu, bits, static_cast<int>(s >> 7));
+    std::uint32_t const hi = __shfl_sync(0xFFFFFFFFu, bits, static_cast<int>((s >> 3) & 15u));
+    std::uint32_t const w = lo | (hi << 16);
+    lut4[(s >> 3) * 16u + (s & 7u)] = make_uint4(w, w, w, w);
   }
   __syncthreads();
 }
@@ -593,8 +610,7 @@ __global__ void __launch_bounds__(Warps * 32)
 
   // the decode table and the nested map
   auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem);
-  std::uint32_t* const bits16 = reinterpret_cast<std::uint32_t*>(dyn + (Nested ? 256 : 0));
-  fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
+  fill_gemv_tables<T, Nested>(lut, dyn, values, nested);
   std::uint32_t const lane_bytes = static_cast<std::uint32_t>(lane) * 4u;
   // (the table's shared-window base stays in a uniform register: LDS [R + UR], no add per lookup)
   auto decode = [&](std::uint32_t word, int byte) -> std::uint32_t {
@@ -852,8 +868,7 @@ __global__ void __launch_bounds__(Warps * 32, MinBlocks)
 
   // the decode table and the nested map
   auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem);
-  std::uint32_t* const bits16 = reinterpret_cast<std::uint32_t*>(dyn + (Nested ? 256 : 0));
-  fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
+  fill_gemv_tables<T, Nested>(lut, dyn, values, nested);
   std::uint32_t const lane_bytes = static_cast<std::uint32_t>(lane) * 4u;
   // direct_lut: the shared address of the table with the lane's bytes in its low byte; a byte
   // permute puts the code byte in byte 1 and keeps bytes 2-3, giving the entry's address whole
@@ -1239,6 +1254,14 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
 //! +0.6% on 4096 x 14336 (two super-steps per warp), on 28672 x 8192 faster in two of three
 //! timings (37.29, 37.63; 42.54 once); dispatched. 41 {16, 8, pdl}: 5.52 / 11.24 / 10.78 / 12.18
 //! / 41.19 (21:54).
+//! Matmul round 6, tried and removed: the warps of 40 also asking L2 (prefetch.global.L2, one
+//! lane per 128-byte line of both rows' code slices and scales) for the pairs 8, 16 or 32 pairs
+//! after their register ring, so that DRAM works on more bytes than the registers hold. H200,
+//! 2026-11-30 01:07 UTC (copy 4202 GB/s), same order: 40 5.25 / 10.50 / 10.87 / 11.96 / 37.35,
+//! with 16 pairs asked ahead 5.36 / 11.22 / 11.96 / 12.67 / 55.74; 8 and 32 pairs and the
+//! ungrouped ring (28) with 16 lost the same way (8 least: +1 to +8%). ncu on 28672 x 8192: 59.0
+//! us against 42.9, DRAM 71.8% busy against 65.3%: 1.5 times the DRAM bytes (prefetched lines
+//! gone from L2 before their loads came), 12.4 cycles between a warp's issues against 9.2.
 inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[12];
 //! The same with nested scales: {16, 4, pdl} (variant 28). H200, 2026-11-29 22:18 UTC, bench
 //! gemv_variant_dq, us on the five shapes: 28 6.00 / 11.74 / 12.12 / 13.30 / 43.05 against
@@ -1266,7 +1289,7 @@ inline constexpr unsigned gemv1_stream_prefix = 0xFC00u;
 //! The most dynamic shared memory a block may have on sm_90 (227 KiB).
 inline constexpr unsigned gemv1_stream_smem_limit = 232448u;
 
-//! Bytes of the nested map and the 16 T values (after the partial sums).
+//! Bytes of the nested map and 64 spare bytes (once the 16 T values of the table build).
 QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_extra_bytes(bool nested) {
   return (nested ? 256u * 4u : 0u) + 64u;
 }
@@ -1332,7 +1355,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem + lut_off);
   auto* const partial = reinterpret_cast<float2*>(gemv_smem + side_off);
   float* const dyn = reinterpret_cast<float*>(partial + plan.tile_pairs * C * 8u);
-  std::uint32_t* const bits16 = reinterpret_cast<std::uint32_t*>(dyn + (Nested ? 256 : 0));
 
   unsigned const warp = threadIdx.x >> 5;
   unsigned const lane = threadIdx.x & 31u;
@@ -1363,7 +1385,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       }
     }
     // the table needs no memory another kernel writes; everything after the wait may
-    fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
+    fill_gemv_tables<T, Nested>(lut, dyn, values, nested);
     asm volatile("griddepcontrol.wait;" ::: "memory");
   }
 
@@ -1503,7 +1525,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   }
   // the decode table and the nested map (Pdl: built before the wait)
   if constexpr (!Pdl)
-    fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
+    fill_gemv_tables<T, Nested>(lut, dyn, values, nested);
 
   auto body = [&](auto direct_c) {
     constexpr bool Direct = decltype(direct_c)::value;
@@ -1872,7 +1894,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem + lut_off);
   auto* const partial = reinterpret_cast<float*>(gemv_smem + lut_off + gemv_lut_bytes);
   float* const dyn = partial + gemvm_partial_bytes(C, MT, R) / 4u;
-  std::uint32_t* const bits16 = reinterpret_cast<std::uint32_t*>(dyn + (Nested ? 256 : 0));
 
   unsigned const warp = threadIdx.x >> 5;
   unsigned const lane = threadIdx.x & 31u;
@@ -1912,7 +1933,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         }
       }
     }
-    fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
+    fill_gemv_tables<T, Nested>(lut, dyn, values, nested);
     asm volatile("griddepcontrol.wait;" ::: "memory");
   }
 
@@ -1996,7 +2017,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   if (tb < t1)
     load(std::integral_constant<int, 0>{}, tb, lo, 0);
   if constexpr (!Pdl)
-    fill_gemv_tables<T, Nested>(lut, bits16, dyn, values, nested);
+    fill_gemv_tables<T, Nested>(lut, dyn, values, nested);
 
   auto body = [&](auto direct_c) {
     constexpr bool Direct = decltype(direct_c)::value;
