@@ -46,6 +46,18 @@ void threaded_copy(exec::host const& e, std::byte* dst, std::byte const* src, st
   });
 }
 
+// The host step's path on this CPU, for reading a run from another machine: 0 portable, 1 AVX2,
+// 2 AVX-512F, 3 AVX-512 with VBMI and DQ (the 8- and 4-bit encodes without a division, each
+// block's encode interleaved with the next block's rule).
+double simd_path() {
+  int const isa = static_cast<int>(optim::detail::current_host_isa());
+#if QMEM_OPTIM_HOST_SIMD
+  if (isa == 2 && optim::detail::host_vbmi() && optim::detail::host_step_search4())
+    return 3.0;
+#endif
+  return static_cast<double>(isa);
+}
+
 template <class Rule, class Policy>
 void bm_step(benchmark::State& st, optim::nonfinite_policy nf) {
   std::mt19937 rng(1);
@@ -88,6 +100,7 @@ void bm_step(benchmark::State& st, optim::nonfinite_policy nf) {
   st.counters["copy_GBps"] =
       2.0 * static_cast<double>(copy_bytes) * static_cast<double>(st.iterations()) / copy_s / 1e9;
   st.counters["pct_of_copy"] = 100.0 * copy_s / step_s;
+  st.counters["simd_path"] = simd_path();
 }
 
 // QMEM_BENCH_ISA=0|1|2 caps the host step's ISA (portable, AVX2, AVX-512) for comparisons.
