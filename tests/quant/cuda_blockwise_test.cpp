@@ -696,8 +696,8 @@ TEST_CASE("cuda blockwise: double quantization in one cooperative kernel equals 
   sets.push_back(std::vector<float>(77, 0.25f)); // every scale equal to the offset
   sets.push_back(std::vector<float>(3000, 0.0f));
   for (std::size_t i = 0; i < sets.size(); ++i)
-    for (auto path :
-         {k::scales_path::two_kernels, k::scales_path::fused, k::scales_path::fused_dependent}) {
+    for (auto path : {k::scales_path::two_kernels, k::scales_path::fused,
+                      k::scales_path::fused_dependent, k::scales_path::fused_persistent}) {
       CAPTURE(i);
       CAPTURE(static_cast<int>(path));
       check(sets[i], 256, 0, path);
@@ -708,6 +708,7 @@ TEST_CASE("cuda blockwise: double quantization in one cooperative kernel equals 
       CAPTURE(nb);
       CAPTURE(offset);
       check(a, nb, offset, k::scales_path::fused_dependent);
+      check(a, nb, offset, k::scales_path::fused_persistent);
     }
 }
 
@@ -779,6 +780,34 @@ TEST_CASE("cuda blockwise: double quantization captured in a CUDA graph replays 
     cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
     REQUIRE(cuda_backend::download(dc.view()) == hc);
     REQUIRE(same_bits(cuda_backend::download(da.view()), ha));
+    REQUIRE(same_bits(cuda_backend::download(doff.view()), hoff));
+    REQUIRE(cuda_backend::download(dq.view()) == hq);
+    REQUIRE(same_bits(cuda_backend::download(d2.view()), h2));
+  }
+  // the same calls outside a capture take the stream's persistent workspace (one per stream,
+  // kept across calls), the capture took the pool's; both give the host's bits, in any order
+  namespace k = cuda_impl::kernels;
+  double* const on_s = k::persistent_workspace(e);
+  double* const on_default = k::persistent_workspace(exec::cuda{});
+  if (k::fused_capacity(0) != 0) {
+    CHECK(on_s != nullptr);
+    CHECK(on_default != nullptr);
+    CHECK(on_s != on_default);
+    CHECK(k::persistent_workspace(e) == on_s);
+  }
+  for (int round = 0; round < 2; ++round) {
+    cuda_detail::check(cudaMemsetAsync(dq.view().data(), 0, m, s), "cudaMemsetAsync");
+    cuda_detail::check(cudaMemsetAsync(d2.view().data(), 0, h2.size() * sizeof(float), s),
+                       "cudaMemsetAsync");
+    if (round == 0) {
+      quantize_blockwise<nf4>(e, tensor_view<bf16 const>(dx.view()), 64, dc.view(), da.view());
+      quantize_scales(e, tensor_view<float const>(da.view()), 256, dq.view(), d2.view(),
+                      doff.view());
+    } else {
+      cuda_detail::check(cudaGraphLaunch(instance, s), "cudaGraphLaunch");
+    }
+    cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    CAPTURE(round);
     REQUIRE(same_bits(cuda_backend::download(doff.view()), hoff));
     REQUIRE(cuda_backend::download(dq.view()) == hq);
     REQUIRE(same_bits(cuda_backend::download(d2.view()), h2));

@@ -63,6 +63,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <type_traits>
 
 namespace qmem::quant::cuda_impl {
@@ -1636,46 +1637,68 @@ inline constexpr size_t fused_scales_per_cta = static_cast<size_t>(cta_threads) 
 static_assert(fused_scales_per_cta ==
               offset_tree_arity_v * static_cast<size_t>(mean_nodes_per_warp * (cta_threads / 32)));
 
-//! A partial sum of scales with what bounds the bit span of its terms: over the nonzero terms,
+//! A thread's bounds of the bit span of its scales while it loads them: over the nonzero terms,
 //! the largest |x| bit pattern (`max_bits`), the smallest minus one (`min_bits_1`: a zero's
-//! 0 - 1 wraps to the largest), and the OR of the mantissa fields (`mantissas`). A term's lowest
-//! set bit is at least at exponent(min) - 23 + ctz(mantissas | 2^23): three integer operations
-//! per term instead of bit_span's eight (the bound is looser only where the terms' lowest bits
-//! differ).
-struct span_sum {
-  double sum;
-  uint32_t max_bits;
-  uint32_t min_bits_1;
-  uint32_t mantissas;
+//! 0 - 1 wraps to the largest), and the OR of the mantissa fields (`mantissas`): three integer
+//! operations per term instead of bit_span's eight (the bound is looser only where the terms'
+//! lowest bits differ). span_of turns them into a span_sum's two fields.
+struct span_bounds {
+  uint32_t max_bits = 0u;
+  uint32_t min_bits_1 = ~0u;
+  uint32_t mantissas = 0u;
 };
 
-//! Adds one term to a span_sum's bounds (not to its sum).
-__device__ QMEM_INLINE void add_span(span_sum& t, float v) noexcept {
+//! Adds one term to a span_bounds.
+__device__ QMEM_INLINE void add_span(span_bounds& t, float v) noexcept {
   uint32_t const u = qmem::detail::float_to_bits(v) & 0x7fffffffu;
   t.max_bits = u > t.max_bits ? u : t.max_bits;
   t.min_bits_1 = u - 1u < t.min_bits_1 ? u - 1u : t.min_bits_1;
   t.mantissas |= u & 0x007fffffu;
 }
 
+//! `low` of a span_sum whose terms are all zero (above every real bound) and of one with a
+//! subnormal term (below every real bound: never exact).
+inline constexpr int span_low_none = 1 << 29;
+inline constexpr int span_low_subnormal = -(1 << 29);
+
+//! A partial sum of scales with what bounds the bit span of its terms: `top` the largest |x| bit
+//! pattern (0: every term zero; >= 0x7f800000: an infinite or NaN term) and `low` a lower bound
+//! of every nonzero term's lowest set bit, as a biased exponent (exponent field - 23 + trailing
+//! zeros of the mantissa with its hidden bit; span_low_none / span_low_subnormal). Both combine
+//! by max / min, so a CTA's record is 16 bytes (one vector load) and its reductions shuffle
+//! three fields, not four.
+struct span_sum {
+  double sum;
+  uint32_t top;
+  int low;
+};
+
+//! The span_sum of terms with these bounds and sum. Every nonzero normal term u has its lowest
+//! set bit at exponent(u) - 23 + ctz(mantissa(u) | 2^23) >= exponent(min) - 23 +
+//! ctz(mantissas | 2^23), the bound stored in `low`.
+__device__ QMEM_INLINE span_sum span_of(double sum, span_bounds const& b) noexcept {
+  uint32_t const min_bits = b.min_bits_1 + 1u;
+  int const low = b.max_bits == 0          ? span_low_none
+                  : min_bits < 0x00800000u ? span_low_subnormal
+                                           : static_cast<int>(min_bits >> 23) - 24 +
+                                                 __ffs(static_cast<int>(b.mantissas | 0x00800000u));
+  return {sum, b.max_bits, low};
+}
+
 //! True when every partial sum, in any order, of m terms with these bounds is exact in double
 //! (no subnormal, infinite or NaN term; leading bit - lowest bit <= 52 - ceil(log2 m)): then
 //! `sum` is the host's tree sum whatever order made it.
 __device__ QMEM_INLINE bool exact_in_any_order(span_sum const& t, int log2_m) noexcept {
-  if (t.max_bits == 0)
+  if (t.top == 0)
     return true; // only zeros
-  uint32_t const min_bits = t.min_bits_1 + 1u;
-  if (t.max_bits >= 0x7f800000u || min_bits < 0x00800000u)
+  if (t.top >= 0x7f800000u)
     return false;
-  int const top = static_cast<int>(t.max_bits >> 23);
-  int const low = static_cast<int>(min_bits >> 23) - 23 +
-                  __ffs(static_cast<int>(t.mantissas | 0x00800000u)) - 1;
-  return top - low <= 52 - log2_m;
+  return static_cast<int>(t.top >> 23) - t.low <= 52 - log2_m;
 }
 
 //! Combines two span_sums (the sums in any order: used only where the result is exact).
 __device__ QMEM_INLINE span_sum combine(span_sum a, span_sum b) noexcept {
-  return {a.sum + b.sum, a.max_bits > b.max_bits ? a.max_bits : b.max_bits,
-          a.min_bits_1 < b.min_bits_1 ? a.min_bits_1 : b.min_bits_1, a.mantissas | b.mantissas};
+  return {a.sum + b.sum, a.top > b.top ? a.top : b.top, a.low < b.low ? a.low : b.low};
 }
 
 //! The CTA's combined span_sum, in every thread (two CTA barriers).
@@ -1684,9 +1707,8 @@ __device__ QMEM_INLINE span_sum cta_span_sum(span_sum v,
   QMEM_UNROLL
   for (int offset = 16; offset > 0; offset /= 2)
     v = combine(v, {__shfl_xor_sync(0xffffffffu, v.sum, offset),
-                    __shfl_xor_sync(0xffffffffu, v.max_bits, offset),
-                    __shfl_xor_sync(0xffffffffu, v.min_bits_1, offset),
-                    __shfl_xor_sync(0xffffffffu, v.mantissas, offset)});
+                    __shfl_xor_sync(0xffffffffu, v.top, offset),
+                    __shfl_xor_sync(0xffffffffu, v.low, offset)});
   if (threadIdx.x % 32 == 0)
     partial[threadIdx.x / 32] = v;
   __syncthreads();
@@ -1696,6 +1718,22 @@ __device__ QMEM_INLINE span_sum cta_span_sum(span_sum v,
     v = combine(v, partial[w]);
   __syncthreads(); // partial is reused
   return v;
+}
+
+//! A CTA's record in offset_nested_quantize's workspace: its span_sum in 16 bytes.
+__device__ QMEM_INLINE void store_record(double* ws, unsigned cta, span_sum const& t) noexcept {
+  auto const bits = static_cast<unsigned long long>(__double_as_longlong(t.sum));
+  __stcg(reinterpret_cast<uint4*>(ws) + cta,
+         make_uint4(static_cast<uint32_t>(bits), static_cast<uint32_t>(bits >> 32), t.top,
+                    static_cast<uint32_t>(t.low)));
+}
+
+//! The record store_record wrote (through L2: written by another CTA before a grid barrier).
+__device__ QMEM_INLINE span_sum load_record(double const* ws, unsigned cta) noexcept {
+  uint4 const r = __ldcg(reinterpret_cast<uint4 const*>(ws) + cta);
+  return {__longlong_as_double(static_cast<long long>((static_cast<unsigned long long>(r.y) << 32) |
+                                                      static_cast<unsigned long long>(r.x))),
+          r.z, static_cast<int>(r.w)};
 }
 
 //! The host's sum of one leaf of the offset's tree (absmax[256 node, ...) inside [0, m)), in
@@ -1751,16 +1789,20 @@ __device__ QMEM_INLINE double node_sum(double const* nodes, size_t begin, size_t
 //!    where warp_exact_sum allows, else in order), a grid barrier after each level;
 //! 3. offset = float(total / m) (CTA 0 stores it), then the nested quantization of the registers
 //!    (encode_nested).
-//! `ws`: 3 * gridDim.x + ceil(m / 256) + ceil(m / 65536) doubles. Launched as a programmatic
+//! `ws`: 2 * gridDim.x + ceil(m / 256) + ceil(m / 65536) doubles. Launched as a programmatic
 //! dependent of the blockwise quantization that writes absmax (the table copy overlaps its tail).
 //! Replaces offset_mean + nested_quantize for up to fused_capacity scales. Measured on the H200
 //! (2026-11-30, the 2^22 scales of a 2^28-element NF4 tensor, nested block 256): ncu 14.5 +
 //! 14.2 us for the two kernels; this kernel 24.2 us in its first form (bit_span per term, `a`
 //! live across the fallback branch, per-vector tests: 8.77 M issued instructions, 192 K local
-//! spill requests), 19.8 us now (span_sum bounds, the fallback re-loading `a`, `Full` CTAs
-//! without per-vector tests: 6.39 M instructions, 49 K spill requests; stalls: long scoreboard
-//! 7.6 of 23.5 cycles per issue, CTA barriers 3.8). quantize_scales alone 0.0266 -> 0.0210 ms;
-//! NF4 quantize + double quantization 0.216 -> 0.210 ms, FP4 0.216 -> 0.212 (quant_bench).
+//! spill requests), 19.8 us with span bounds per term, the fallback re-loading `a` and `Full`
+//! CTAs without per-vector tests (6.39 M instructions, 49 K spill requests; stalls: long
+//! scoreboard 7.6 of 23.5 cycles per issue, CTA barriers 3.8), 19.0 us now with 16-byte records
+//! of three fields (6.19 M instructions, 21.8 cycles per issue, 57 K spill requests). Loading
+//! the scales again after the barriers instead of keeping them in registers (2026-11-30 01:38
+//! UTC): 32 K spill requests but 19.6 us, quantize_scales 0.0186 -> 0.0198 ms in one A/B row:
+//! not taken. quantize_scales alone 0.0266 -> 0.0210 -> 0.0185 ms (with the stream's persistent
+//! workspace); NF4 quantize + double quantization 0.216 -> 0.210 ms, FP4 0.216 -> 0.209.
 template <int = 0>
 __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
     offset_nested_quantize(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
@@ -1790,33 +1832,28 @@ __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
     load_nested(a, absmax, s, nested_shift, vector_io);
 
   // 1. this thread's sum (four chains: any order is the exact one where it is used) and bounds
-  span_sum t{0.0, 0u, ~0u, 0u};
+  span_sum t;
   {
+    span_bounds b;
     double c[4] = {0.0, 0.0, 0.0, 0.0};
     QMEM_UNROLL
     for (int j = 0; j < nested_vectors; ++j)
       QMEM_UNROLL
     for (int k = 0; k < 4; ++k) {
-      add_span(t, a[j][k]);
+      add_span(b, a[j][k]);
       c[k] += static_cast<double>(a[j][k]);
     }
-    t.sum = (c[0] + c[1]) + (c[2] + c[3]);
+    t = span_of((c[0] + c[1]) + (c[2] + c[3]), b);
   }
   t = cta_span_sum(t, partial);
-  if (threadIdx.x == 0) {
-    __stcg(ws + 3 * blockIdx.x, t.sum);
-    __stcg(reinterpret_cast<uint2*>(ws + 3 * blockIdx.x + 1), make_uint2(t.max_bits, t.min_bits_1));
-    __stcg(reinterpret_cast<uint2*>(ws + 3 * blockIdx.x + 2), make_uint2(t.mantissas, 0u));
-  }
+  if (threadIdx.x == 0)
+    store_record(ws, blockIdx.x, t);
   grid.sync();
 
   // 2. every CTA combines every record (grid-uniform result)
-  t = {0.0, 0u, ~0u, 0u};
-  for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
-    uint2 const f = __ldcg(reinterpret_cast<uint2 const*>(ws + 3 * b + 1));
-    uint2 const g = __ldcg(reinterpret_cast<uint2 const*>(ws + 3 * b + 2));
-    t = combine(t, {__ldcg(ws + 3 * b), f.x, f.y, g.x});
-  }
+  t = {0.0, 0u, span_low_none};
+  for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x)
+    t = combine(t, load_record(ws, b));
   t = cta_span_sum(t, partial);
   int const log2_m = m > 1 ? 64 - __clzll(static_cast<long long>(m - 1)) : 0; // ceil(log2 m)
   float off = 0.0f;
@@ -1827,7 +1864,7 @@ __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
     constexpr size_t arity = offset_tree_arity_v;
     int const warp = static_cast<int>(threadIdx.x) / 32;
     int const lane = static_cast<int>(threadIdx.x) % 32;
-    double* const leaves = ws + 3 * static_cast<size_t>(gridDim.x);
+    double* const leaves = ws + 2 * static_cast<size_t>(gridDim.x);
     size_t const nodes = (m + arity - 1) / arity;
     size_t const uppers = (nodes + arity - 1) / arity;
     double* const upper = leaves + nodes;
@@ -2128,7 +2165,9 @@ inline void launch_nested_quantize(exec::cuda const& e, float const* absmax, siz
 //! (one cooperative launch); `fused_dependent` the same as a programmatic dependent of the
 //! kernel before it on the stream. quantize_scales takes fused_dependent when the scales fit
 //! (fused_capacity), else two_kernels; the benchmark times each.
-enum class scales_path { two_kernels, fused, fused_dependent };
+//! `fused_persistent` is fused_dependent with the stream's persistent workspace
+//! (persistent_workspace) instead of one from the pool.
+enum class scales_path { two_kernels, fused, fused_dependent, fused_persistent };
 
 //! Scales offset_nested_quantize takes on `device` (one step per thread, every CTA resident:
 //! resident CTAs per SM x SMs x fused_scales_per_cta; 4 x 132 x 8192 = 4.3 M on the H200, the
@@ -2164,21 +2203,77 @@ inline size_t fused_capacity(int device) {
   return capacity;
 }
 
-//! Enqueues offset_nested_quantize of absmax[0, m) (0 < m <= fused_capacity(e.device)): one
-//! cooperative launch, with `dependent` also a programmatic dependent of the kernel before it.
-inline void launch_offset_nested_quantize(exec::cuda const& e, float const* absmax, size_t m,
-                                          size_t nested_block, float* offset, uint8_t* qabsmax,
-                                          float* absmax2, bool dependent) {
+//! Doubles of workspace offset_nested_quantize needs for m scales (see the kernel).
+inline size_t fused_workspace_size(size_t m) noexcept {
   constexpr size_t arity = offset_tree_arity_v;
-  auto kernel = offset_nested_quantize<>;
   size_t const grid = (m + fused_scales_per_cta - 1) / fused_scales_per_cta;
   size_t const nodes = (m + arity - 1) / arity;
-  memory::device_workspace<double> ws(memory::default_device_resource(e.device),
-                                      3 * grid + nodes + (nodes + arity - 1) / arity, e.stream);
+  return 2 * grid + nodes + (nodes + arity - 1) / arity;
+}
+
+//! A workspace of fused_workspace_size(fused_capacity(e.device)) doubles kept for the life of
+//! the process for e's (device, stream) (cudaStreamGetId: ids are never reused), so that
+//! quantize_scales makes no pool allocation and free around offset_nested_quantize. Measured on
+//! the H200 (2026-11-30 01:38 UTC, interleaved A/B, pool / persistent): quantize_scales of 2^22
+//! scales 0.0197 / 0.0185 ms, NF4 quantize + double quantization 0.2118 / 0.2105, FP4 0.2132 /
+//! 0.2134 (the programmatic overlap with the quantization stays within noise either way).
+//! Kernels on one stream run in order, so one buffer per stream is never used by two launches at
+//! once. nullptr (the caller takes the pool) while e.stream is capturing (a graph may be replayed
+//! on any stream), when the stream has no id, or past 16 streams (at most 16 x 144 KB on the
+//! H200, never freed). Thread-safe.
+inline double* persistent_workspace(exec::cuda const& e) {
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  qmem::cuda_detail::check(cudaStreamIsCapturing(e.stream, &capturing), "cudaStreamIsCapturing");
+  if (capturing != cudaStreamCaptureStatusNone)
+    return nullptr;
+  unsigned long long id = 0;
+  if (cudaStreamGetId(e.stream, &id) != cudaSuccess) {
+    (void)cudaGetLastError(); // not sticky: clear it so that no later check reports it
+    return nullptr;
+  }
+  struct entry {
+    int device;
+    unsigned long long id;
+    double* data;
+  };
+  constexpr int max_entries = 16;
+  static entry entries[max_entries] = {};
+  static int used = 0;
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (int i = 0; i < used; ++i)
+    if (entries[i].device == e.device && entries[i].id == id)
+      return entries[i].data;
+  if (used == max_entries)
+    return nullptr;
+  void* p = nullptr;
+  relaxed_capture const relaxed; // another thread may be capturing in global mode
+  qmem::cuda_detail::check(
+      cudaMalloc(&p, fused_workspace_size(fused_capacity(e.device)) * sizeof(double)),
+      "cudaMalloc(offset_nested_quantize workspace)");
+  entries[used++] = {e.device, id, static_cast<double*>(p)};
+  return static_cast<double*>(p);
+}
+
+//! Enqueues offset_nested_quantize of absmax[0, m) (0 < m <= fused_capacity(e.device)): one
+//! cooperative launch, with `dependent` also a programmatic dependent of the kernel before it.
+//! `workspace`: fused_workspace_size(m) doubles, or nullptr for a stream-ordered allocation from
+//! the device's pool.
+inline void launch_offset_nested_quantize(exec::cuda const& e, float const* absmax, size_t m,
+                                          size_t nested_block, float* offset, uint8_t* qabsmax,
+                                          float* absmax2, bool dependent,
+                                          double* workspace = nullptr) {
+  auto kernel = offset_nested_quantize<>;
+  size_t const grid = (m + fused_scales_per_cta - 1) / fused_scales_per_cta;
+  std::optional<memory::device_workspace<double>> pooled;
+  if (workspace == nullptr)
+    workspace =
+        pooled.emplace(memory::default_device_resource(e.device), fused_workspace_size(m), e.stream)
+            .data();
   bool const vector_io = aligned16(absmax) && reinterpret_cast<std::uintptr_t>(qabsmax) % 4 == 0;
   auto const params = device_encoder<dynamic_signed>::host_params(e.device);
   int const shift = log2_exact(nested_block);
-  double* const w = ws.data();
+  double* const w = workspace;
   cudaLaunchAttribute attr[2] = {};
   attr[0].id = cudaLaunchAttributeCooperative;
   attr[0].val.cooperative = 1;
@@ -2204,8 +2299,9 @@ inline void quantize_scales_by(exec::cuda const& e, float const* absmax, size_t 
     tree_mean(e, absmax, m, offset);
     launch_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2);
   } else {
-    launch_offset_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2,
-                                  path == scales_path::fused_dependent);
+    launch_offset_nested_quantize(
+        e, absmax, m, nested_block, offset, qabsmax, absmax2, path != scales_path::fused,
+        path == scales_path::fused_persistent ? persistent_workspace(e) : nullptr);
   }
 }
 
@@ -2238,7 +2334,9 @@ void dequantize_blockwise(exec::cuda const& e, tensor_view<std::uint8_t const> c
 //! GPU quantize_scales (see quant/double_quant.hpp): up to fused_capacity scales (4.3 M on the
 //! H200) one cooperative kernel (offset_nested_quantize); more: the fixed-order mean
 //! (offset_mean, or one tree_level kernel per level beyond 2^24 scales), then nested_quantize of
-//! absmax - offset. Workspace from the device's default pool; stream-ordered, no host round trip.
+//! absmax - offset. Workspace: the stream's persistent one for the cooperative kernel
+//! (persistent_workspace; from the device's default pool while capturing), else from the pool;
+//! stream-ordered, no host round trip.
 inline void quantize_scales(exec::cuda const& e, tensor_view<float const> absmax,
                             std::size_t nested_block, tensor_view<std::uint8_t> qabsmax,
                             tensor_view<float> absmax2, tensor_view<float> offset) {
@@ -2251,7 +2349,7 @@ inline void quantize_scales(exec::cuda const& e, tensor_view<float const> absmax
   bool const fits = absmax.size() <= kernels::fused_capacity(e.device);
   kernels::quantize_scales_by(
       e, absmax.data(), absmax.size(), nested_block, qabsmax.data(), absmax2.data(), offset.data(),
-      fits ? kernels::scales_path::fused_dependent : kernels::scales_path::two_kernels);
+      fits ? kernels::scales_path::fused_persistent : kernels::scales_path::two_kernels);
 }
 
 //! GPU dequantize_scales (see quant/double_quant.hpp).
