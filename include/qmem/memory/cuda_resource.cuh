@@ -227,7 +227,10 @@ private:
 };
 
 //! The process-wide device pool of `device`, created on first use (thread-safe) and kept for the
-//! life of the process; qmem's kernels draw their workspaces from it. Devices 0..63.
+//! life of the process; qmem's kernels draw their workspaces from it. Devices 0..63. The first use
+//! may come inside a stream capture in global mode (a graph of a first quantization): the pool
+//! is then created with this thread's capture mode relaxed (cudaMemPoolCreate is refused
+//! otherwise: compute-sanitizer run of one test case per process, H200, 2026-11-30).
 inline cuda_device_resource& default_device_resource(int device) {
   constexpr int max_devices = 64;
   QMEM_EXPECTS(device >= 0 && device < max_devices, "device is ", device, "; expected 0..",
@@ -235,6 +238,7 @@ inline cuda_device_resource& default_device_resource(int device) {
   static std::array<std::once_flag, max_devices> once;
   static std::array<std::unique_ptr<cuda_device_resource>, max_devices> pools;
   std::call_once(once[static_cast<std::size_t>(device)], [device] {
+    qmem::cuda_detail::relaxed_capture_scope const relaxed;
     pools[static_cast<std::size_t>(device)] = std::make_unique<cuda_device_resource>(device);
   });
   return *pools[static_cast<std::size_t>(device)];

@@ -84,6 +84,25 @@ public:
   }
 };
 
+//! While alive, this thread may make the one-time set-up calls of a first use (a memory pool,
+//! an allocation, kernel attributes, occupancy and device queries, handle creation, an upload on
+//! a stream of its own) even while one of the caller's streams is being captured: it switches the
+//! thread's capture mode to relaxed and restores the previous mode on exit, on every path. In
+//! global or thread-local mode such "potentially unsafe" calls are refused during a capture and
+//! invalidate it; none of them enqueues work on the captured stream, so the graph is the same.
+//! Outside a capture the switch changes nothing.
+class relaxed_capture_scope {
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+
+public:
+  relaxed_capture_scope() {
+    check(cudaThreadExchangeStreamCaptureMode(&mode_), "cudaThreadExchangeStreamCaptureMode");
+  }
+  relaxed_capture_scope(relaxed_capture_scope const&) = delete;
+  relaxed_capture_scope& operator=(relaxed_capture_scope const&) = delete;
+  ~relaxed_capture_scope() { (void)cudaThreadExchangeStreamCaptureMode(&mode_); }
+};
+
 //! Number of multiprocessors of `device` (cached per device, first 64 devices).
 inline int sm_count(int device) {
   static int cache[64] = {};

@@ -57,24 +57,9 @@ inline void check_cublas(cublasStatus_t status, char const* what) {
         static_cast<int>(status));
 }
 
-//! While alive, this thread may make the one-time set-up calls of a first use (kernel
-//! attributes, occupancy and device queries, handle creation) even inside a stream capture: it
-//! switches the thread's capture mode to relaxed and restores the previous mode on exit. In global
-//! or thread-local mode such "potentially unsafe" calls are refused during a capture and
-//! invalidate it; none of them enqueues work, so the captured graph is the same. Outside a capture
-//! the mode switch changes nothing.
-class relaxed_capture_scope {
-  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
-
-public:
-  relaxed_capture_scope() {
-    cuda_detail::check(cudaThreadExchangeStreamCaptureMode(&mode_),
-                       "cudaThreadExchangeStreamCaptureMode");
-  }
-  relaxed_capture_scope(relaxed_capture_scope const&) = delete;
-  relaxed_capture_scope& operator=(relaxed_capture_scope const&) = delete;
-  ~relaxed_capture_scope() { (void)cudaThreadExchangeStreamCaptureMode(&mode_); }
-};
+//! The one-time set-up calls of a first use inside a stream capture: see
+//! cuda_detail::relaxed_capture_scope.
+using cuda_detail::relaxed_capture_scope;
 
 //! One cuBLASLt handle per device, created on first use and kept for the process's lifetime
 //! (creating one costs far more than a small matmul). Safe on a first use inside a capture.

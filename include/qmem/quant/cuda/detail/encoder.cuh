@@ -41,20 +41,9 @@
 
 namespace qmem::quant::cuda_impl {
 
-//! Switches this thread's stream-capture mode to relaxed for the object's lifetime and restores
-//! the previous mode (on every path), so that one-time set-up calls (allocations, an occupancy
-//! query, an upload on a stream of its own) are allowed while a caller's stream is being
-//! captured in global mode; they enqueue nothing on that stream.
-struct relaxed_capture {
-  cudaStreamCaptureMode previous = cudaStreamCaptureModeRelaxed;
-  relaxed_capture() {
-    qmem::cuda_detail::check(cudaThreadExchangeStreamCaptureMode(&previous),
-                             "cudaThreadExchangeStreamCaptureMode");
-  }
-  relaxed_capture(relaxed_capture const&) = delete;
-  relaxed_capture& operator=(relaxed_capture const&) = delete;
-  ~relaxed_capture() { (void)cudaThreadExchangeStreamCaptureMode(&previous); }
-};
+//! The one-time set-up calls of a first use inside a stream capture: see
+//! qmem::cuda_detail::relaxed_capture_scope.
+using relaxed_capture = qmem::cuda_detail::relaxed_capture_scope;
 
 //! A copy of `host` (a table built once per process, in static storage) in the device memory of
 //! `device` (the current device), made on the first call for that device and kept for the life of
