@@ -28,14 +28,6 @@ namespace {
 
 using namespace qmem;
 
-//! Positions where two float arrays of equal length differ in their bits (NaN payloads included).
-std::size_t bit_differences(std::vector<float> const& got, std::vector<float> const& want) {
-  std::size_t differ = 0;
-  for (std::size_t i = 0; i < got.size(); ++i)
-    differ += std::bit_cast<std::uint32_t>(got[i]) != std::bit_cast<std::uint32_t>(want[i]);
-  return differ;
-}
-
 using optim::detail::host_isa;
 
 // Sets the highest ISA of the host step; restores it when the test case ends.
@@ -423,6 +415,39 @@ TEST_CASE("block tables: equal to each format's encoder with the sign fix, and s
   check_block_kernels<unsigned4>("linear4_unsigned");
 }
 
+#if QMEM_OPTIM_HOST_SIMD
+namespace {
+//! Positions where two float arrays of equal length differ in their bits (NaN payloads included).
+std::size_t bit_differences(std::vector<float> const& got, std::vector<float> const& want) {
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < got.size(); ++i)
+    differ += std::bit_cast<std::uint32_t>(got[i]) != std::bit_cast<std::uint32_t>(want[i]);
+  return differ;
+}
+
+// The states within `reach` float patterns of `near` (clipped to [0, amax]), each with both
+// signs, appended to v.
+void push_near(std::vector<float>& v, float near, float amax, int reach) {
+  for (int d = -reach; d <= reach; ++d) {
+    auto const u = static_cast<std::int64_t>(std::bit_cast<std::uint32_t>(near)) + d;
+    float const s =
+        u < 0 ? 0.0f : std::min(std::bit_cast<float>(static_cast<std::uint32_t>(u)), amax);
+    v.push_back(s);
+    v.push_back(-s);
+  }
+}
+
+// v as blocks of `block` states whose first state is +-amax (alternating), the last block padded
+// with zeros, so that every block's absmax is amax.
+void lead_blocks_with_absmax(std::vector<float>& v, float amax, std::size_t block) {
+  for (std::size_t b = 0; b < v.size(); b += block)
+    v.insert(v.begin() + static_cast<std::ptrdiff_t>(b), b / block % 2 == 0 ? amax : -amax);
+  while (v.size() % block != 0)
+    v.push_back(0.0f);
+}
+} // namespace
+#endif
+
 // block_codes4_search's division-free test |s| > Q_j against F::encode(s, absmax) (which divides):
 // for absmax of every binade (random mantissas, subnormal ones included) the states nearest to
 // absmax B_j for every threshold j of both signs, +-4 ulps, in blocks of 128 whose first state is
@@ -449,21 +474,9 @@ void check_search4(char const* name, std::size_t absmaxes) {
     auto const bits = static_cast<std::uint32_t>((k % 255) << 23 | (rng() & 0x7fffffu)) | 1u;
     float const amax = std::bit_cast<float>(bits);
     v.clear();
-    for (double b : steps.bound) {
-      float const near = static_cast<float>(static_cast<double>(amax) * b);
-      for (int d = -4; d <= 4; ++d) {
-        auto const u = static_cast<std::int64_t>(std::bit_cast<std::uint32_t>(near)) + d;
-        float const s =
-            u < 0 ? 0.0f : std::min(std::bit_cast<float>(static_cast<std::uint32_t>(u)), amax);
-        v.push_back(s);
-        v.push_back(-s);
-      }
-    }
-    for (std::size_t b = 0; b < v.size(); b += F::block_size)
-      v.insert(v.begin() + static_cast<std::ptrdiff_t>(b),
-               b / F::block_size % 2 == 0 ? amax : -amax);
-    while (v.size() % F::block_size != 0)
-      v.push_back(0.0f);
+    for (double b : steps.bound)
+      push_near(v, static_cast<float>(static_cast<double>(amax) * b), amax, 4);
+    lead_blocks_with_absmax(v, amax, F::block_size);
     for (std::size_t b = 0; b < v.size(); b += F::block_size) {
       optim::detail::block_codes4_search(steps, v.data() + b, F::block_size, amax, codes.data());
       for (std::size_t i = 0; i < F::block_size; ++i) {
@@ -554,21 +567,10 @@ void check_recip8(char const* name, std::size_t absmaxes) {
       v.push_back(std::min(s, amax));
       v.push_back(-std::min(s, amax));
     }
-    for (float t : limits) {
-      float const near = static_cast<float>(static_cast<double>(amax) * static_cast<double>(t));
-      for (int d = -12; d <= 12; ++d) {
-        auto const u = static_cast<std::int64_t>(std::bit_cast<std::uint32_t>(near)) + d;
-        float const s =
-            u < 0 ? 0.0f : std::min(std::bit_cast<float>(static_cast<std::uint32_t>(u)), amax);
-        v.push_back(s);
-        v.push_back(-s);
-      }
-    }
-    for (std::size_t b = 0; b < v.size(); b += F::block_size)
-      v.insert(v.begin() + static_cast<std::ptrdiff_t>(b),
-               b / F::block_size % 2 == 0 ? amax : -amax);
-    while (v.size() % F::block_size != 0)
-      v.push_back(0.0f);
+    for (float t : limits)
+      push_near(v, static_cast<float>(static_cast<double>(amax) * static_cast<double>(t)), amax,
+                12);
+    lead_blocks_with_absmax(v, amax, F::block_size);
     for (std::size_t b = 0; b < v.size(); b += F::block_size) {
       optim::detail::block_codes8_recip(enc.recip8, enc.block_entries, v.data() + b, F::block_size,
                                         amax, codes.data());
