@@ -1961,7 +1961,8 @@ unsigned grid_for(Kernel kernel, int threads, size_t work_items, int device, int
         resident = cache[i].resident;
   }
   if (resident == 0) {
-    relaxed_capture const relaxed; // the first query may come inside a global-mode capture
+    // the first query may come inside a global-mode capture
+    qmem::cuda_detail::relaxed_capture_scope const relaxed;
     qmem::cuda_detail::check(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0),
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
@@ -2247,7 +2248,8 @@ inline double* persistent_workspace(exec::cuda const& e) {
   if (used == max_entries)
     return nullptr;
   void* p = nullptr;
-  relaxed_capture const relaxed; // another thread may be capturing in global mode
+  // another thread may be capturing in global mode
+  qmem::cuda_detail::relaxed_capture_scope const relaxed;
   qmem::cuda_detail::check(
       cudaMalloc(&p, fused_workspace_size(fused_capacity(e.device)) * sizeof(double)),
       "cudaMalloc(offset_nested_quantize workspace)");

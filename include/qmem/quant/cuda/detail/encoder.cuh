@@ -41,10 +41,6 @@
 
 namespace qmem::quant::cuda_impl {
 
-//! The one-time set-up calls of a first use inside a stream capture: see
-//! qmem::cuda_detail::relaxed_capture_scope.
-using relaxed_capture = qmem::cuda_detail::relaxed_capture_scope;
-
 //! A copy of `host` (a table built once per process, in static storage) in the device memory of
 //! `device` (the current device), made on the first call for that device and kept for the life of
 //! the process. Thread-safe; devices 0..63.
@@ -69,7 +65,7 @@ T const* device_table(T const& host, int device) {
   T*& table = tables[static_cast<std::size_t>(device)];
   if (table != nullptr)
     return table;
-  relaxed_capture const relaxed; // until the end of the upload
+  qmem::cuda_detail::relaxed_capture_scope const relaxed; // until the end of the upload
   struct own_stream {
     cudaStream_t stream = nullptr;
     own_stream() {
