@@ -470,6 +470,16 @@ __device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, std::uint6
   });
 }
 
+//! Whether prefetch_full_task (QMEM_OPTIM_FUSED_PREFETCH_L2) also asks for the task's state-code
+//! lines (one 128-byte line per lane, in the first lanes): 0. H200, 2^28 parameters, 2026-11-30
+//! 03:53 UTC, three runs each, 0 / 1 (ms): AdamW 4-bit 1.076-1.082 / 1.069-1.074, 8-bit
+//! 1.143-1.150 / 1.154-1.157, 64 tensors 1.154-1.158 / 1.144-1.153, Lion 0.960-0.965 /
+//! 0.956-0.961: within the runs' spread, not kept. (Asking for the parameter and gradient lines
+//! without `evict_last` was 2.5-3.5% slower on every row.) Overridable for tuning runs.
+#ifndef QMEM_OPTIM_FUSED_PREFETCH_CODES
+#define QMEM_OPTIM_FUSED_PREFETCH_CODES 0
+#endif
+
 //! Asks L2 for the parameter and gradient lines of full task `task` (the task after the one
 //! load_full_task has in flight), so that its loads find them there (QMEM_OPTIM_FUSED_PREFETCH_L2).
 //! A prefetch is a hint: it writes nothing and the task lies inside the tensor. (16-bit
@@ -483,6 +493,22 @@ __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, std::u
       "prefetch.global.L2::evict_last [%0];" ::"l"(static_cast<P const*>(entry->param) + first));
   asm volatile(
       "prefetch.global.L2::evict_last [%0];" ::"l"(static_cast<G const*>(entry->grad) + first));
+#if QMEM_OPTIM_FUSED_PREFETCH_CODES
+  // the task's code lines of each blockwise state, one 128-byte line per lane from lane `base`
+  int base = 0;
+  for_states<Rule::state_count>([&](auto J) {
+    using F = typename traits::template format<J.value>;
+    if constexpr (F::blockwise) {
+      constexpr int lines = static_cast<int>((traits::task_elements * F::bits / 8 + 127) / 128);
+      auto const at = static_cast<int>(lane) - base;
+      if (at >= 0 && at < lines)
+        asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(
+            static_cast<std::uint8_t const*>(entry->state[J.value]) +
+            task * traits::task_elements * F::bits / 8 + static_cast<unsigned>(at) * 128u));
+      base += lines;
+    }
+  });
+#endif
 }
 
 //! The shared-memory layout of one full task's raw bytes in a warp's ring (the shared-memory
@@ -1082,11 +1108,30 @@ inline constexpr bool fused_pipeline = QMEM_OPTIM_FUSED_PIPELINE != 0;
 //! 1.068-1.080 / 1.573-1.576 / 1.535-1.577, Lion 8-bit 0.956-0.959 / 1.407-1.418 / 1.470-1.483,
 //! 64 tensors 1.194-1.204 / 1.561-1.567 / 1.574-1.587; ncu (AdamW 4-bit, 2^26): 268 -> 380 us,
 //! the warps waiting on shared memory (short scoreboard 0.6 -> 2.6 cycles per issue) and L2 busy
-//! re-reading sectors (see copy_lane_async, which now copies through L1: not yet timed).
+//! re-reading sectors (see copy_lane_async). Through L1 (`.ca`, now), 2026-11-30 03:33 and 03:53
+//! UTC, register ring / ring of 3: AdamW 4-bit 1.073-1.083 / 1.064-1.077 (the only gain, 1%),
+//! 8-bit 1.146-1.163 / 1.250-1.264, Lion 0.957-0.968 / 0.990-1.005, 64 tensors 1.197-1.208 /
+//! 1.369-1.377.
 //! Overridable for tuning runs.
 #ifndef QMEM_OPTIM_FUSED_SMEM_DEPTH
 #define QMEM_OPTIM_FUSED_SMEM_DEPTH 0
 #endif
+
+//! Tasks per warp and tensor of a launch (on average) below which each warp takes one contiguous
+//! range of tasks instead of every (warps)-th task: 64. A warp's pipeline restarts at each tensor
+//! it enters (its first task's loads are waited for without overlap), and with the grid stride
+//! every warp enters every tensor. H200, 2^28 parameters, three runs each (ms). 2026-11-30 03:33
+//! UTC, grid-stride / always contiguous: AdamW 8-bit as 64 tensors of 4 Mi (8 tasks per warp and
+//! tensor) 1.201-1.204 / 1.152-1.156, but one tensor 1.146-1.151 / 1.154-1.158, Lion 8-bit
+//! 0.957-0.960 / 0.967-0.973, AdamW 4-bit 1.073-1.083 / 1.085-1.090, AdamW 32-bit 1.897-1.900 /
+//! 1.907-1.921; so a launch with many tasks per warp and tensor keeps the grid stride (one tensor
+//! of 2^28: 496). 03:53 UTC, HEAD / this rule: 64 tensors 1.197-1.208 / 1.154-1.158, one tensor
+//! 1.152-1.163 / 1.143-1.150, 4-bit 1.073-1.083 / 1.076-1.082, Lion 0.958-0.968 / 0.960-0.965.
+//! 0: always grid-stride. Overridable for tuning runs.
+#ifndef QMEM_OPTIM_FUSED_CONTIGUOUS_BELOW
+#define QMEM_OPTIM_FUSED_CONTIGUOUS_BELOW 64
+#endif
+inline constexpr unsigned fused_contiguous_below = QMEM_OPTIM_FUSED_CONTIGUOUS_BELOW;
 
 //! Whether the pipelined two-state fused kernels with fp32 parameters (AdamW-like rules with
 //! blockwise states) copy each tensor's table entry into registers once per tensor (1) instead of
@@ -1193,7 +1238,8 @@ partial_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scala
                                                            param_sr, tables, lane);
 }
 
-//! The fused kernel: grid-stride over warp tasks [task_begin, task_end) across all tensors.
+//! The fused kernel: warp tasks [task_begin, task_end) across all tensors, grid-stride or in one
+//! contiguous range per warp (fused_contiguous_below).
 template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
 __global__ void __launch_bounds__(fused_block_threads,
                                   detail::pipelined<Rule, Policy>
@@ -1216,15 +1262,28 @@ __global__ void __launch_bounds__(fused_block_threads,
   float const grad_scale = args.control->grad_scale;
   std::int32_t const step = args.control->step;
   unsigned const lane = threadIdx.x & 31u;
-  std::uint64_t const warps = (static_cast<std::uint64_t>(gridDim.x) * blockDim.x) >> 5;
-  std::uint32_t owner = 0;
+  std::uint64_t const warp_count = (static_cast<std::uint64_t>(gridDim.x) * blockDim.x) >> 5;
   std::uint64_t const warp =
       (static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  // which tasks this warp takes (warp-uniform): every warp_count-th from its own (grid stride), or,
+  // when the launch's tensors give a warp few tasks each (fused_contiguous_below), one contiguous
+  // range, so that the pipeline restarts at the warp's few tensor boundaries only
+  std::uint32_t owner = detail::find_tensor(args.tensors, args.tensor_count, args.task_begin, 0);
+  std::uint64_t const launch_tasks = args.task_end - args.task_begin;
+  std::uint64_t const launch_tensors =
+      detail::find_tensor(args.tensors, args.tensor_count, args.task_end - 1, owner) - owner + 1;
+  bool const contiguous =
+      launch_tasks < launch_tensors * warp_count * std::uint64_t{fused_contiguous_below};
+  std::uint64_t const per_warp = (launch_tasks + warp_count - 1) / warp_count;
+  std::uint64_t const warps = contiguous ? 1 : warp_count; // the stride between a warp's tasks
+  std::uint64_t const range_begin = args.task_begin + (contiguous ? warp * per_warp : warp);
+  std::uint64_t const range_end =
+      contiguous && range_begin + per_warp < args.task_end ? range_begin + per_warp : args.task_end;
   // outer loop: one trip per tensor this warp meets (its scalars and bounds read once); inner
   // loop: the warp's tasks of that tensor. (One loop with the tensor lookup and a conditional
   // reload of the scalars per task cost 12 instructions per task-lane more, ptxas sm_90, and
   // kept the lookup's state in local memory.)
-  for (std::uint64_t task = args.task_begin + warp; task < args.task_end;) {
+  for (std::uint64_t task = range_begin; task < range_end;) {
     owner = detail::find_tensor(args.tensors, args.tensor_count, task, owner);
     typename Rule::scalars const k = args.scalars[owner];
     // QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS: the tensor's pointers copied once per tensor, not
@@ -1237,7 +1296,7 @@ __global__ void __launch_bounds__(fused_block_threads,
       entry_copy = args.tensors[owner];
     tensor_entry const* const entry = copy_entry ? &entry_copy : args.tensors + owner;
     std::uint64_t const first_task = entry->first_task;
-    std::uint64_t const stop = entry->end_task < args.task_end ? entry->end_task : args.task_end;
+    std::uint64_t const stop = entry->end_task < range_end ? entry->end_task : range_end;
     // the tasks wholly inside the tensor, when its pointers allow the vector path
     std::uint64_t const full_end =
         first_task + (entry->vectorized != 0 ? entry->size / traits::task_elements : 0);
