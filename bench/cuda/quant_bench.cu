@@ -400,12 +400,14 @@ void plain_ab(benchmark::State& state) {
   run_ab(state, call, call);
 }
 
-// Double quantization's two ways (kernels::scales_path: 0 two_kernels = offset_mean +
+// Double quantization's ways (kernels::scales_path: 0 two_kernels = offset_mean +
 // nested_quantize, 1 fused = offset_nested_quantize, 2 fused_dependent = the same as a
-// programmatic dependent, 3 fused_persistent = that with the stream's persistent workspace instead
-// of a pool allocation between the two kernels: the dispatched path), interleaved A/B.
-// dq_path_ab: the blockwise quantization then the scales, range(0) 0 = NF4 from bf16 block 64,
-// 1 = FP4 from bf16 block 64, 2 = int8 from fp32 block 256; paths A = range(1), B = range(2).
+// programmatic dependent (the dispatched path), 3 fused_persistent = that with the stream's
+// persistent workspace instead of a pool allocation), interleaved A/B. dq_path_ab: the blockwise
+// quantization then the scales, range(0) 0 = NF4 from bf16 block 64, 1 = FP4 from bf16 block 64,
+// 2 = int8 from fp32 block 256; paths A = range(1), B = range(2); path -1: the quantization alone
+// (its row against a path is the double quantization's overhead, both halves timed interleaved
+// in one process).
 // scales_path_ab: the scales of NF4 block 64 alone.
 void quantize_scales_path(std::size_t m, int path) {
   cuda_impl::kernels::quantize_scales_by(e, g->absmax, m, nested_block, g->qabsmax, g->absmax2,
@@ -433,7 +435,8 @@ void dq_path_ab(benchmark::State& state) {
           e, tensor_view<float const>(g->x32, elements, memory_space::device), block,
           tensor_view<std::uint8_t>(g->codes, elements, memory_space::device),
           tensor_view<float>(g->absmax, m, memory_space::device));
-    quantize_scales_path(m, path);
+    if (path >= 0)
+      quantize_scales_path(m, path);
   };
   run_ab(
       state, [&] { call(static_cast<int>(state.range(1))); },
@@ -496,7 +499,7 @@ int main(int argc, char** argv) {
   {
     auto* b = benchmark::RegisterBenchmark("dq_path_ab", dq_path_ab);
     for (int code : {0, 1, 2})
-      b->Args({code, 0, 3})->Args({code, 2, 3});
+      b->Args({code, -1, 2})->Args({code, 0, 2})->Args({code, 2, 3});
     b->UseManualTime()->Unit(benchmark::kMillisecond);
   }
   benchmark::RegisterBenchmark("scales_path_ab", scales_path_ab)

@@ -5,8 +5,8 @@
 // are not a multiple of a thread's vector, grid-stride loops over many blocks per CTA, a tensor of
 // more than 2^32 elements, a multi-level offset tree, the one-launch offset mean on exact and
 // inexact sums, the nested quantization on every nested block size and unaligned views, double
-// quantization in one cooperative kernel (every path against the host; in a graph), a
-// non-default stream and
+// quantization in one cooperative kernel (every path against the host; in a graph; the fallback
+// when the runtime refuses its grid as too large), a non-default stream and
 // sync_after_launch. Every result is compared bit for bit with the host backend (NaN outputs:
 // as NaN, see same_values).
 // Compiled only by nvcc; without a GPU each case says so and returns.
@@ -117,6 +117,9 @@ void check_gpu_equals_host(std::vector<float> const& values, std::size_t block, 
   auto const xv = tensor_view<T const>(dx.view()).subview(offset, n);
   auto const cv = dc.view().subview(code_offset, code_bytes<C>(n));
   auto const yv = dy.view().subview(y_offset, n);
+  // the uploads and the allocations' fills run on the legacy default stream, which a
+  // non-blocking stream does not wait for
+  cuda_backend::sync();
   quantize_blockwise<C>(e, xv, block, cv, da.view(), r);
   dequantize_blockwise<C>(e, tensor_view<std::uint8_t const>(cv),
                           tensor_view<float const>(da.view()), block, yv);
@@ -407,6 +410,9 @@ TEST_CASE("cuda blockwise: quantization captured in a CUDA graph (global mode) r
     auto dx = cuda_backend::upload(x);
     auto dc = cuda_backend::alloc<std::uint8_t>(hc.size());
     auto da = cuda_backend::alloc<float>(ha.size());
+    // the uploads and the allocations' fills run on the legacy default stream, which a
+    // non-blocking stream does not wait for
+    cuda_backend::sync();
     cudaGraph_t graph = nullptr;
     cuda_detail::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal),
                        "cudaStreamBeginCapture");
@@ -695,21 +701,142 @@ TEST_CASE("cuda blockwise: double quantization in one cooperative kernel equals 
   }
   sets.push_back(std::vector<float>(77, 0.25f)); // every scale equal to the offset
   sets.push_back(std::vector<float>(3000, 0.0f));
+  std::vector<k::scales_path> paths = {k::scales_path::two_kernels, k::scales_path::fused,
+                                       k::scales_path::fused_dependent,
+                                       k::scales_path::fused_persistent};
   for (std::size_t i = 0; i < sets.size(); ++i)
-    for (auto path : {k::scales_path::two_kernels, k::scales_path::fused,
-                      k::scales_path::fused_dependent, k::scales_path::fused_persistent}) {
+    for (auto path : paths) {
       CAPTURE(i);
       CAPTURE(static_cast<int>(path));
       check(sets[i], 256, 0, path);
     }
   auto const& a = sets[3];
   for (std::size_t nb : {std::size_t{64}, std::size_t{128}, std::size_t{1024}, std::size_t{4096}})
-    for (std::size_t offset : {std::size_t{0}, std::size_t{1}, std::size_t{3}}) {
-      CAPTURE(nb);
-      CAPTURE(offset);
-      check(a, nb, offset, k::scales_path::fused_dependent);
-      check(a, nb, offset, k::scales_path::fused_persistent);
-    }
+    for (std::size_t offset : {std::size_t{0}, std::size_t{1}, std::size_t{3}})
+      for (auto path : paths) {
+        CAPTURE(nb);
+        CAPTURE(offset);
+        CAPTURE(static_cast<int>(path));
+        if (path != k::scales_path::two_kernels && path != k::scales_path::fused)
+          check(a, nb, offset, path);
+      }
+}
+
+TEST_CASE("cuda blockwise: a cooperative launch refused as too large falls back to the two "
+          "kernels, with no error left behind") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  // the case of a context that holds fewer CTAs than the device's SM count and occupancy promise
+  // (MPS with an active-thread limit): quantize_scales chooses the cooperative kernel, the runtime
+  // refuses it (cudaErrorCooperativeLaunchTooLarge), the two kernels run instead and the
+  // capacity drops below the refused grid. Made real here by a capacity set one CTA above what the
+  // device holds.
+  namespace k = cuda_impl::kernels;
+  std::size_t const promised = k::device_fused_capacity(0);
+  if (promised == 0 || promised >= k::fused_tree_limit) {
+    MESSAGE("the cooperative kernel's capacity is not bounded by residency on this device");
+    return;
+  }
+  CHECK_THROWS_AS(k::set_fused_capacity(0, k::fused_tree_limit + 1), bad_argument);
+  std::mt19937 g(53);
+  std::uniform_real_distribution<float> u(0.5f, 2.0f);
+  std::size_t const nb = 256;
+  auto run = [&](std::size_t m, auto&& call) {
+    std::vector<float> a(m);
+    for (auto& x : a)
+      x = to_float(bf16(u(g)));
+    std::vector<std::uint8_t> hq(m);
+    std::vector<float> h2(block_count(m, nb));
+    std::vector<float> hoff(1);
+    quantize_scales(exec::host{}, view(a), nb, view(hq), view(h2), view(hoff));
+    auto da = cuda_backend::upload(a);
+    auto dq = cuda_backend::alloc<std::uint8_t>(m);
+    auto d2 = cuda_backend::alloc<float>(h2.size());
+    auto doff = cuda_backend::alloc<float>(1);
+    // the uploads and the allocations' fills run on the legacy default stream, which a
+    // non-blocking stream does not wait for
+    cuda_backend::sync();
+    call(tensor_view<float const>(da.view()), dq.view(), d2.view(), doff.view());
+    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    CHECK(cudaGetLastError() == cudaSuccess);
+    REQUIRE(same_values(cuda_backend::download(doff.view()), hoff));
+    REQUIRE(cuda_backend::download(dq.view()) == hq);
+    REQUIRE(same_values(cuda_backend::download(d2.view()), h2));
+  };
+  std::size_t const over = promised + k::fused_scales_per_cta;
+  // 1. the launch helper itself: a grid one CTA past residency is refused, nothing is enqueued
+  {
+    auto da = cuda_backend::alloc<float>(over);
+    auto dq = cuda_backend::alloc<std::uint8_t>(over);
+    auto d2 = cuda_backend::alloc<float>(block_count(over, nb));
+    auto doff = cuda_backend::alloc<float>(1);
+    CHECK_FALSE(k::launch_offset_nested_quantize(exec::cuda{}, da.view().data(), over, nb,
+                                                 doff.view().data(), dq.view().data(),
+                                                 d2.view().data(), true));
+    CHECK(cudaGetLastError() == cudaSuccess);
+    CHECK(k::fused_capacity(0) == promised);
+  }
+  // 2. quantize_scales told the device holds one CTA more: refused, falls back, capacity lowered
+  k::set_fused_capacity(0, over);
+  CHECK(k::fused_capacity(0) == over);
+  run(over,
+      [&](auto a, auto q, auto a2, auto off) { quantize_scales(exec::cuda{}, a, nb, q, a2, off); });
+  CHECK(k::fused_capacity(0) == promised);
+  // 3. every fused path of quantize_scales_by past residency falls back the same way
+  for (auto path :
+       {k::scales_path::fused, k::scales_path::fused_dependent, k::scales_path::fused_persistent}) {
+    CAPTURE(static_cast<int>(path));
+    run(over, [&](auto a, auto q, auto a2, auto off) {
+      k::quantize_scales_by(exec::cuda{}, a.data(), a.size(), nb, q.data(), a2.data(), off.data(),
+                            path);
+    });
+  }
+  // 4. inside a capture the refusal invalidates the capture: quantize_scales throws a cuda_error
+  // that says so and lowers the capacity; the next capture takes the two kernels and replays to
+  // the host's bits
+  {
+    cudaStream_t s = nullptr;
+    cuda_detail::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+    exec::cuda const e{s, 0, false};
+    k::set_fused_capacity(0, over);
+    auto da = cuda_backend::alloc<float>(over);
+    auto dq = cuda_backend::alloc<std::uint8_t>(over);
+    auto d2 = cuda_backend::alloc<float>(block_count(over, nb));
+    auto doff = cuda_backend::alloc<float>(1);
+    cuda_detail::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal),
+                       "cudaStreamBeginCapture");
+    CHECK_THROWS_AS(quantize_scales(e, tensor_view<float const>(da.view()), nb, dq.view(),
+                                    d2.view(), doff.view()),
+                    cuda_error);
+    cudaGraph_t invalid = nullptr;
+    CHECK(cudaStreamEndCapture(s, &invalid) == cudaErrorStreamCaptureInvalidated);
+    (void)cudaGetLastError();
+    if (invalid != nullptr)
+      (void)cudaGraphDestroy(invalid);
+    CHECK(k::fused_capacity(0) == promised);
+    run(over, [&](auto a, auto q, auto a2, auto off) {
+      cudaGraph_t graph = nullptr;
+      cuda_detail::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal),
+                         "cudaStreamBeginCapture");
+      quantize_scales(e, a, nb, q, a2, off);
+      cuda_detail::check(cudaStreamEndCapture(s, &graph), "cudaStreamEndCapture");
+      cudaGraphExec_t instance = nullptr;
+      cuda_detail::check(cudaGraphInstantiate(&instance, graph, 0), "cudaGraphInstantiate");
+      cuda_detail::check(cudaGraphLaunch(instance, s), "cudaGraphLaunch");
+      cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+      (void)cudaGraphExecDestroy(instance);
+      (void)cudaGraphDestroy(graph);
+    });
+    cuda_detail::check(cudaStreamDestroy(s), "cudaStreamDestroy");
+  }
+  // 5. capacity 0: every size takes the two kernels; then the device's capacity again
+  k::set_fused_capacity(0, 0);
+  run(3000,
+      [&](auto a, auto q, auto a2, auto off) { quantize_scales(exec::cuda{}, a, nb, q, a2, off); });
+  k::set_fused_capacity(0, promised);
+  CHECK(k::fused_capacity(0) == promised);
+  run(promised,
+      [&](auto a, auto q, auto a2, auto off) { quantize_scales(exec::cuda{}, a, nb, q, a2, off); });
 }
 
 TEST_CASE("cuda blockwise: double quantization of as many scales as the cooperative kernel "
@@ -766,6 +893,9 @@ TEST_CASE("cuda blockwise: double quantization captured in a CUDA graph replays 
   auto dq = cuda_backend::alloc<std::uint8_t>(m);
   auto d2 = cuda_backend::alloc<float>(h2.size());
   auto doff = cuda_backend::alloc<float>(1);
+  // the uploads and the allocations' fills run on the legacy default stream, which a
+  // non-blocking stream does not wait for
+  cuda_backend::sync();
   exec::cuda const e{s, 0, false};
   cudaGraph_t graph = nullptr;
   cuda_detail::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal),

@@ -28,8 +28,10 @@
 //!   and writes one 16-byte store.
 //! - double quantization (quantize_scales): one cooperative kernel (offset_nested_quantize) loads
 //!   the scales once, sums them (exact in any order, checked from their bit span; else the
-//!   host's tree order), waits at a grid barrier and quantizes its registers with the mean; for
-//!   more scales than one wave holds, the offset's fixed-order mean in one kernel (offset_mean:
+//!   host's tree order), waits at a grid barrier and quantizes its registers with the mean (the
+//!   8-bit bucket table arrives in shared memory by cp.async meanwhile); for more scales than one
+//!   wave holds, or when the runtime refuses the cooperative launch as too large (a context with
+//!   a share of the SMs), the offset's fixed-order mean in one kernel (offset_mean:
 //!   exact warp sums where the order cannot matter, the host's order elsewhere), then the nested
 //!   8-bit quantization (nested_quantize: one step per thread), launched as a programmatic
 //!   dependent of it.
@@ -1463,32 +1465,16 @@ __device__ QMEM_INLINE void load_nested(float (&a)[nested_vectors][4],
   }
 }
 
-//! The nested quantization of one thread's scales `a` (load_nested), in place: d = a - off (0
-//! past the block's end: adds nothing to the maximum, encodes in range), the block's max |d|
-//! (group_max, every thread of the CTA calls this), absmax2[blk] and the dynamic_signed codes of
-//! d / max. `vector_io`: qabsmax 4-byte aligned (with absmax 16-byte aligned). `Full` as for
-//! load_nested.
+//! The end of a nested quantization step, shared by nested_quantize and offset_nested_quantize:
+//! absmax2[s.blk] = max (the bits `mx` of the block's max |d|, from group_max; lane 0 stores it)
+//! and the dynamic_signed codes of the thread's d / max into the block's qabsmax (0 < s.count).
+//! `vector_io`, `Full` as for encode_nested.
 template <bool Full = false>
 __device__ QMEM_INLINE void
-encode_nested(float (&d)[nested_vectors][4], float off, nested_slot const& s, int shift,
-              uint8_t* QMEM_RESTRICT qabsmax, float* QMEM_RESTRICT absmax2, bool vector_io,
-              uint32_t const* table, typename device_encoder<dynamic_signed>::params const& p,
-              uint32_t (&warp_max)[max_quantize_threads / 32]) {
+store_nested(float const (&d)[nested_vectors][4], uint32_t mx, nested_slot const& s, int shift,
+             uint8_t* QMEM_RESTRICT qabsmax, float* QMEM_RESTRICT absmax2, bool vector_io,
+             uint32_t const* table, typename device_encoder<dynamic_signed>::params const& p) {
   using layout = bucket_layout_of<dynamic_signed>::type;
-  uint32_t mx = 0;
-  QMEM_UNROLL
-  for (int j = 0; j < nested_vectors; ++j) {
-    int const o = 4 * (j * s.group_size + s.lane);
-    QMEM_UNROLL
-    for (int k = 0; k < 4; ++k) {
-      d[j][k] = Full || o + k < s.count ? fmath::sub(d[j][k], off) : 0.0f;
-      uint32_t const b = quant::detail::abs_bits(d[j][k]);
-      mx = b > mx ? b : mx;
-    }
-  }
-  mx = group_max(mx, s.group_size, warp_max);
-  if (!Full && s.count == 0)
-    return;
   float const amax2 = qmem::detail::bits_to_float(mx);
   if (s.lane == 0)
     absmax2[s.blk] = amax2;
@@ -1519,6 +1505,34 @@ encode_nested(float (&d)[nested_vectors][4], float off, nested_slot const& s, in
     encode_store(fmath::rcp(amax2), [&](float xn) -> uint32_t {
       return bucket_lookup<layout>(xn, table, p.nan_code, p.negative_zero_code);
     });
+}
+
+//! The nested quantization of one thread's scales `a` (load_nested), in place: d = a - off (0
+//! past the block's end: adds nothing to the maximum, encodes in range), the block's max |d|
+//! (group_max, every thread of the CTA calls this), absmax2[blk] and the dynamic_signed codes of
+//! d / max. `vector_io`: qabsmax 4-byte aligned (with absmax 16-byte aligned). `Full` as for
+//! load_nested.
+template <bool Full = false>
+__device__ QMEM_INLINE void
+encode_nested(float (&d)[nested_vectors][4], float off, nested_slot const& s, int shift,
+              uint8_t* QMEM_RESTRICT qabsmax, float* QMEM_RESTRICT absmax2, bool vector_io,
+              uint32_t const* table, typename device_encoder<dynamic_signed>::params const& p,
+              uint32_t (&warp_max)[max_quantize_threads / 32]) {
+  uint32_t mx = 0;
+  QMEM_UNROLL
+  for (int j = 0; j < nested_vectors; ++j) {
+    int const o = 4 * (j * s.group_size + s.lane);
+    QMEM_UNROLL
+    for (int k = 0; k < 4; ++k) {
+      d[j][k] = Full || o + k < s.count ? fmath::sub(d[j][k], off) : 0.0f;
+      uint32_t const b = quant::detail::abs_bits(d[j][k]);
+      mx = b > mx ? b : mx;
+    }
+  }
+  mx = group_max(mx, s.group_size, warp_max);
+  if (!Full && s.count == 0)
+    return;
+  store_nested<Full>(d, mx, s, shift, qabsmax, absmax2, vector_io, table, p);
 }
 
 //! The nested quantization of double quantization: qabsmax = dynamic_signed codes of
@@ -1596,36 +1610,8 @@ __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
     mx = group_max(mx, group_size, warp_max);
     if (count == 0)
       continue;
-    float const amax2 = qmem::detail::bits_to_float(mx);
-    if (lane == 0)
-      absmax2[blk] = amax2;
-    uint8_t* const dst = qabsmax + begin;
-    auto const encode_store = [&](float inv, auto const& enc) {
-      QMEM_UNROLL
-      for (int j = 0; j < vectors; ++j) {
-        int const o = 4 * (j * group_size + lane);
-        uint32_t c[4];
-        QMEM_UNROLL
-        for (int k = 0; k < 4; ++k)
-          c[k] = enc(fmath::mul(d[j][k], inv));
-        if (vector_io && o + 4 <= count) {
-          *reinterpret_cast<uint32_t*>(dst + o) = pack_bytes(c[0], c[1], c[2], c[3]);
-        } else {
-          QMEM_UNROLL
-          for (int k = 0; k < 4; ++k)
-            if (o + k < count)
-              dst[o + k] = static_cast<uint8_t>(c[k]);
-        }
-      }
-    };
-    // absmax2 in [2^-126, 2^126): the normal-domain lookup, as in quantize_whole
-    if (mx - 0x00800000u < 0x7e000000u)
-      encode_store(rcp_normal(amax2),
-                   [&](float xn) -> uint32_t { return bucket_lookup_normal<layout>(xn, table); });
-    else
-      encode_store(fmath::rcp(amax2), [&](float xn) -> uint32_t {
-        return bucket_lookup<layout>(xn, table, p.nan_code, p.negative_zero_code);
-      });
+    store_nested(d, mx, nested_slot{blk, count, lane, group_size}, nested_shift, qabsmax, absmax2,
+                 vector_io, table, p);
   }
 }
 
@@ -1788,9 +1774,11 @@ __device__ QMEM_INLINE double node_sum(double const* nodes, size_t begin, size_t
 //!    otherwise (rare) the tree is summed level by level as offset_mean does (exact warp sums
 //!    where warp_exact_sum allows, else in order), a grid barrier after each level;
 //! 3. offset = float(total / m) (CTA 0 stores it), then the nested quantization of the registers
-//!    (encode_nested).
+//!    (encode_nested) with the bucket table, whose copy into shared memory (cp.async) was started
+//!    before step 1 and waited for after the grid barrier.
 //! `ws`: 2 * gridDim.x + ceil(m / 256) + ceil(m / 65536) doubles. Launched as a programmatic
-//! dependent of the blockwise quantization that writes absmax (the table copy overlaps its tail).
+//! dependent of the blockwise quantization that writes absmax (its CTAs may start as that
+//! kernel's last wave retires; the table copy does not read what it writes).
 //! Replaces offset_mean + nested_quantize for up to fused_capacity scales. Measured on the H200
 //! (2026-11-30, the 2^22 scales of a 2^28-element NF4 tensor, nested block 256): ncu 14.5 +
 //! 14.2 us for the two kernels; this kernel 24.2 us in its first form (bit_span per term, `a`
@@ -1803,6 +1791,16 @@ __device__ QMEM_INLINE double node_sum(double const* nodes, size_t begin, size_t
 //! UTC): 32 K spill requests but 19.6 us, quantize_scales 0.0186 -> 0.0198 ms in one A/B row:
 //! not taken. quantize_scales alone 0.0266 -> 0.0210 -> 0.0185 ms (with the stream's persistent
 //! workspace); NF4 quantize + double quantization 0.216 -> 0.210 ms, FP4 0.216 -> 0.209.
+//! The bucket table's copy by cp.async, started before step 1 and waited for after the grid
+//! barrier, instead of a copy through registers and a CTA barrier before step 1 (H200,
+//! 2026-11-30 03:59 UTC, same session; ncu: 18.9 -> 16.0 us, 6.19 M -> 5.00 M issued
+//! instructions, 57 K -> 41 K spill requests; interleaved A/B with the persistent workspace on
+//! both sides: quantize_scales 0.0183 -> 0.0171 ms, NF4 quantize + double quantization 0.2257 ->
+//! 0.2235, FP4 0.2160 -> 0.2132). Where the 16 us go: a diagnostic copy that stops after step 2
+//! took 10.9 us (2.65 M instructions): the encode is about 5 us, the rest the loads, the two CTA
+//! reductions and the grid barrier. Tried and not taken: CTAs of 512 threads, 2 per SM (half the
+//! records and barrier arrivals): 16.3 us, 86 K spill requests, A/B within noise (0.0171 /
+//! 0.0170 ms).
 template <int = 0>
 __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
     offset_nested_quantize(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
@@ -1811,12 +1809,12 @@ __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
                            bool vector_io,
                            typename device_encoder<dynamic_signed>::params const p) {
   using layout = bucket_layout_of<dynamic_signed>::type;
-  __shared__ uint32_t table[layout::entries];
+  __shared__ alignas(16) uint32_t table[layout::entries];
   __shared__ uint32_t warp_max[max_quantize_threads / 32];
   __shared__ span_sum partial[cta_threads / 32];
   __shared__ float shared_offset;
-  copy_words_to_shared(table, p.entry, static_cast<int>(layout::entries));
-  __syncthreads();
+  // the table is read only in step 3: its copy overlaps steps 1 and 2 (tuning note above)
+  start_copy_to_shared(table, p.entry, static_cast<int>(layout::entries));
   wait_for_prerequisites(); // nothing above reads what an earlier kernel writes
   auto grid = cooperative_groups::this_grid();
   int const blocks_per_cta = static_cast<int>(blockDim.x) / ((1 << nested_shift) / nested_items);
@@ -1849,6 +1847,7 @@ __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
   if (threadIdx.x == 0)
     store_record(ws, blockIdx.x, t);
   grid.sync();
+  wait_copies_to_shared(); // cta_span_sum's barriers below publish every thread's copies
 
   // 2. every CTA combines every record (grid-uniform result)
   t = {0.0, 0u, span_low_none};
@@ -2170,38 +2169,106 @@ inline void launch_nested_quantize(exec::cuda const& e, float const* absmax, siz
 //! (persistent_workspace) instead of one from the pool.
 enum class scales_path { two_kernels, fused, fused_dependent, fused_persistent };
 
-//! Scales offset_nested_quantize takes on `device` (one step per thread, every CTA resident:
-//! resident CTAs per SM x SMs x fused_scales_per_cta; 4 x 132 x 8192 = 4.3 M on the H200, the
-//! scales of a 2^28-element tensor in blocks of 64), 0 where the device has no cooperative
-//! launch. Cached per device (first 64).
+//! Scales offset_nested_quantize may take at most: its tree (the fallback) sums at most 256 upper
+//! nodes in its root.
+inline constexpr size_t fused_tree_limit = mean_max_leaves * offset_tree_arity_v;
+
+//! Per-device state of fused_capacity (first 64 devices): what the device's attributes promise,
+//! and the capacity quantize_scales uses now.
+struct fused_capacity_state {
+  static constexpr int devices = 64;
+  size_t promised[devices] = {};
+  size_t capacity[devices] = {};
+  bool known[devices] = {};
+  std::mutex mutex;
+  static fused_capacity_state& instance() {
+    static fused_capacity_state s;
+    return s;
+  }
+  //! Fills device's entry on first use (caller holds no lock). Precondition: 0 <= device < 64.
+  static void ensure(int device) {
+    auto& st = instance();
+    {
+      std::lock_guard<std::mutex> lock(st.mutex);
+      if (st.known[device])
+        return;
+    }
+    int cooperative = 0;
+    qmem::cuda_detail::check(
+        cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device),
+        "cudaDeviceGetAttribute(CooperativeLaunch)");
+    size_t const resident =
+        cooperative == 0
+            ? 0
+            : static_cast<size_t>(grid_for(offset_nested_quantize<>, cta_threads,
+                                           ~size_t{0} / fused_scales_per_cta, device)) *
+                  fused_scales_per_cta;
+    size_t const promised = resident < fused_tree_limit ? resident : fused_tree_limit;
+    std::lock_guard<std::mutex> lock(st.mutex);
+    if (!st.known[device]) {
+      st.promised[device] = promised;
+      st.capacity[device] = promised;
+      st.known[device] = true;
+    }
+  }
+};
+
+//! Scales offset_nested_quantize holds on `device` by the device's attributes: one step per
+//! thread, every CTA resident (resident CTAs per SM x SMs x fused_scales_per_cta; 4 x 132 x 8192
+//! = 4.3 M on the H200, the scales of a 2^28-element tensor in blocks of 64), at most
+//! fused_tree_limit; 0 where the device has no cooperative launch. The persistent workspace is
+//! sized for it. Cached per device. Precondition: 0 <= device < 64.
+inline size_t device_fused_capacity(int device) {
+  QMEM_EXPECTS(device >= 0 && device < fused_capacity_state::devices, "device is ", device,
+               "; expected 0..", fused_capacity_state::devices - 1);
+  fused_capacity_state::ensure(device);
+  auto& st = fused_capacity_state::instance();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  return st.promised[device];
+}
+
+//! Scales quantize_scales gives offset_nested_quantize on `device` (more: the two-kernel path):
+//! device_fused_capacity, lowered for the rest of the process when a cooperative launch is
+//! refused as too large (lower_fused_capacity), or as set by set_fused_capacity. Precondition:
+//! 0 <= device < 64.
 inline size_t fused_capacity(int device) {
-  static size_t cache[64] = {};
-  static bool known[64] = {};
-  static std::mutex mutex;
-  if (device >= 0 && device < 64) {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (known[device])
-      return cache[device];
-  }
-  int cooperative = 0;
-  qmem::cuda_detail::check(
-      cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device),
-      "cudaDeviceGetAttribute(CooperativeLaunch)");
-  // at most 2^24 scales: the kernel's tree (fallback) sums at most 256 upper nodes in its root
-  size_t const resident_scales =
-      cooperative == 0 ? 0
-                       : static_cast<size_t>(grid_for(offset_nested_quantize<>, cta_threads,
-                                                      ~size_t{0} / fused_scales_per_cta, device)) *
-                             fused_scales_per_cta;
-  size_t const capacity = resident_scales < mean_max_leaves * offset_tree_arity_v
-                              ? resident_scales
-                              : mean_max_leaves * offset_tree_arity_v;
-  if (device >= 0 && device < 64) {
-    std::lock_guard<std::mutex> lock(mutex);
-    cache[device] = capacity;
-    known[device] = true;
-  }
-  return capacity;
+  QMEM_EXPECTS(device >= 0 && device < fused_capacity_state::devices, "device is ", device,
+               "; expected 0..", fused_capacity_state::devices - 1);
+  fused_capacity_state::ensure(device);
+  auto& st = fused_capacity_state::instance();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  return st.capacity[device];
+}
+
+//! Sets fused_capacity(device) to `capacity` scales (at most fused_tree_limit; 0: quantize_scales
+//! never takes the cooperative kernel on this device) for the rest of the process. For a process
+//! that knows it runs on a share of the device (MPS with an active-thread limit, a green
+//! context), and for tests: above device_fused_capacity the cooperative launch is refused and
+//! quantize_scales falls back to the two kernels (and lowers the capacity again). Preconditions:
+//! 0 <= device < 64; capacity <= fused_tree_limit.
+inline void set_fused_capacity(int device, size_t capacity) {
+  QMEM_EXPECTS(device >= 0 && device < fused_capacity_state::devices, "device is ", device,
+               "; expected 0..", fused_capacity_state::devices - 1);
+  QMEM_EXPECTS(capacity <= fused_tree_limit, "capacity is ", capacity, "; expected at most ",
+               fused_tree_limit);
+  fused_capacity_state::ensure(device);
+  auto& st = fused_capacity_state::instance();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  st.capacity[device] = capacity;
+}
+
+//! After a cooperative launch of `refused_grid` (>= 1) CTAs was refused as too large on `device`:
+//! fused_capacity drops below that grid (the context holds fewer CTAs than the SM count and the
+//! occupancy promised, e.g. under MPS with an active-thread limit), so that later calls of that
+//! size take the two-kernel path at once.
+inline void lower_fused_capacity(int device, size_t refused_grid) {
+  if (device < 0 || device >= fused_capacity_state::devices || refused_grid == 0)
+    return;
+  fused_capacity_state::ensure(device);
+  size_t const below = (refused_grid - 1) * fused_scales_per_cta;
+  auto& st = fused_capacity_state::instance();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  st.capacity[device] = below < st.capacity[device] ? below : st.capacity[device];
 }
 
 //! Doubles of workspace offset_nested_quantize needs for m scales (see the kernel).
@@ -2212,8 +2279,8 @@ inline size_t fused_workspace_size(size_t m) noexcept {
   return 2 * grid + nodes + (nodes + arity - 1) / arity;
 }
 
-//! A workspace of fused_workspace_size(fused_capacity(e.device)) doubles kept for the life of
-//! the process for e's (device, stream) (cudaStreamGetId: ids are never reused), so that
+//! A workspace of fused_workspace_size(device_fused_capacity(e.device)) doubles kept for the life
+//! of the process for e's (device, stream) (cudaStreamGetId: ids are never reused), so that
 //! quantize_scales makes no pool allocation and free around offset_nested_quantize. Measured on
 //! the H200 (2026-11-30 01:38 UTC, interleaved A/B, pool / persistent): quantize_scales of 2^22
 //! scales 0.0197 / 0.0185 ms, NF4 quantize + double quantization 0.2118 / 0.2105, FP4 0.2132 /
@@ -2251,7 +2318,7 @@ inline double* persistent_workspace(exec::cuda const& e) {
   // another thread may be capturing in global mode
   qmem::cuda_detail::relaxed_capture_scope const relaxed;
   qmem::cuda_detail::check(
-      cudaMalloc(&p, fused_workspace_size(fused_capacity(e.device)) * sizeof(double)),
+      cudaMalloc(&p, fused_workspace_size(device_fused_capacity(e.device)) * sizeof(double)),
       "cudaMalloc(offset_nested_quantize workspace)");
   entries[used++] = {e.device, id, static_cast<double*>(p)};
   return static_cast<double*>(p);
@@ -2260,8 +2327,12 @@ inline double* persistent_workspace(exec::cuda const& e) {
 //! Enqueues offset_nested_quantize of absmax[0, m) (0 < m <= fused_capacity(e.device)): one
 //! cooperative launch, with `dependent` also a programmatic dependent of the kernel before it.
 //! `workspace`: fused_workspace_size(m) doubles, or nullptr for a stream-ordered allocation from
-//! the device's pool.
-inline void launch_offset_nested_quantize(exec::cuda const& e, float const* absmax, size_t m,
+//! the device's pool. Returns false, with nothing enqueued and no error left behind, when the
+//! runtime refuses the grid as too large for one wave (cudaErrorCooperativeLaunchTooLarge: the
+//! context holds fewer CTAs than fused_capacity computed, e.g. under MPS with an active-thread
+//! limit); fused_capacity(e.device) is then lowered below that grid (lower_fused_capacity).
+//! Inside a stream capture that refusal has invalidated the capture: throws cuda_error.
+inline bool launch_offset_nested_quantize(exec::cuda const& e, float const* absmax, size_t m,
                                           size_t nested_block, float* offset, uint8_t* qabsmax,
                                           float* absmax2, bool dependent,
                                           double* workspace = nullptr) {
@@ -2287,24 +2358,45 @@ inline void launch_offset_nested_quantize(exec::cuda const& e, float const* absm
   config.stream = e.stream;
   config.attrs = attr;
   config.numAttrs = dependent ? 2 : 1;
-  qmem::cuda_detail::check(cudaLaunchKernelEx(&config, kernel, absmax, m, shift, w, offset, qabsmax,
-                                              absmax2, vector_io, params),
-                           "qmem::quant offset_nested_quantize");
+  cudaError_t const status = cudaLaunchKernelEx(&config, kernel, absmax, m, shift, w, offset,
+                                                qabsmax, absmax2, vector_io, params);
+  if (status == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError(); // not sticky: clear it so that no later check reports it
+    lower_fused_capacity(e.device, grid);
+    // inside a capture the refusal has invalidated the capture (H200, CUDA 13.0, 2026-11-30):
+    // nothing can be enqueued in its place
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    qmem::cuda_detail::check(cudaStreamIsCapturing(e.stream, &capturing), "cudaStreamIsCapturing");
+    if (capturing != cudaStreamCaptureStatusNone)
+      throw cuda_error(qmem::detail::message(
+                           "qmem::quant offset_nested_quantize: the cooperative launch of ", grid,
+                           " CTAs was refused as too large inside a stream capture, which it "
+                           "invalidated; fused_capacity is lowered to ",
+                           fused_capacity(e.device), " scales: capture again"),
+                       static_cast<int>(status));
+    return false;
+  }
+  qmem::cuda_detail::check(status, "qmem::quant offset_nested_quantize");
   qmem::cuda_detail::check_launch(e, "qmem::quant offset_nested_quantize");
+  return true;
 }
 
-//! quantize_scales (below) through `path` (fused paths only for 0 < m <= fused_capacity).
+//! quantize_scales (below) through `path` (fused paths for 0 < m <= fused_capacity; when the
+//! runtime refuses the cooperative launch as too large, the two kernels instead).
 inline void quantize_scales_by(exec::cuda const& e, float const* absmax, size_t m,
                                size_t nested_block, uint8_t* qabsmax, float* absmax2, float* offset,
                                scales_path path) {
-  if (path == scales_path::two_kernels) {
-    tree_mean(e, absmax, m, offset);
-    launch_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2);
-  } else {
-    launch_offset_nested_quantize(
-        e, absmax, m, nested_block, offset, qabsmax, absmax2, path != scales_path::fused,
-        path == scales_path::fused_persistent ? persistent_workspace(e) : nullptr);
+  if (path != scales_path::two_kernels) {
+    // the persistent workspace holds device_fused_capacity scales' records
+    bool const persistent =
+        path == scales_path::fused_persistent && m <= device_fused_capacity(e.device);
+    if (launch_offset_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2,
+                                      path != scales_path::fused,
+                                      persistent ? persistent_workspace(e) : nullptr))
+      return;
   }
+  tree_mean(e, absmax, m, offset);
+  launch_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2);
 }
 
 } // namespace kernels
@@ -2334,7 +2426,10 @@ void dequantize_blockwise(exec::cuda const& e, tensor_view<std::uint8_t const> c
 }
 
 //! GPU quantize_scales (see quant/double_quant.hpp): up to fused_capacity scales (4.3 M on the
-//! H200) one cooperative kernel (offset_nested_quantize); more: the fixed-order mean
+//! H200) one cooperative kernel (offset_nested_quantize; where the runtime refuses its grid as
+//! too large for the context, e.g. under MPS with an active-thread limit, the two kernels below,
+//! and the capacity is lowered for later calls; inside a stream capture that refusal has
+//! invalidated the capture, and this throws cuda_error saying so); more: the fixed-order mean
 //! (offset_mean, or one tree_level kernel per level beyond 2^24 scales), then nested_quantize of
 //! absmax - offset. Workspace from the device's default pool, stream-ordered, no host round trip.
 //! The stream's persistent workspace (scales_path::fused_persistent) is not dispatched: its first

@@ -105,6 +105,43 @@ __device__ QMEM_INLINE void copy_words_to_shared(std::uint32_t* dst, std::uint32
   }
 }
 
+//! Starts copying `count` 32-bit words from global memory (read-only for the kernel's lifetime)
+//! into shared memory with the whole CTA, without registers or waits: 16-byte cp.async copies
+//! (L2 only), then 4-byte ones for the tail. `src` and `dst` 16-byte aligned. The copies land
+//! after this thread's wait_copies_to_shared; the CTA then needs a barrier before any thread reads
+//! `dst`. Kernels whose first phase does not read the table (offset_nested_quantize) issue this
+//! first and wait just before the lookups, so the copy overlaps that phase instead of preceding
+//! it.
+__device__ QMEM_INLINE void start_copy_to_shared(std::uint32_t* dst, std::uint32_t const* src,
+                                                 int count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  auto const to = static_cast<std::uint32_t>(__cvta_generic_to_shared(dst));
+  int const chunks = count / 4;
+  for (int i = static_cast<int>(threadIdx.x); i < chunks; i += static_cast<int>(blockDim.x))
+    asm volatile(
+        "cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to + 16u * static_cast<std::uint32_t>(i)),
+        "l"(src + 4 * i)
+        : "memory");
+  for (int i = 4 * chunks + static_cast<int>(threadIdx.x); i < count;
+       i += static_cast<int>(blockDim.x))
+    asm volatile(
+        "cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(to + 4u * static_cast<std::uint32_t>(i)),
+        "l"(src + i)
+        : "memory");
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#else
+  copy_words_to_shared(dst, src, count);
+#endif
+}
+
+//! Waits until this thread's start_copy_to_shared copies have landed (the CTA barrier that makes
+//! every thread's copies visible is the caller's).
+__device__ QMEM_INLINE void wait_copies_to_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
 //! C::encode over the shared-memory book: the form of every encoder for code types without a
 //! table (the result is the clean code).
 template <class C>
