@@ -85,6 +85,9 @@ public:
   explicit device_array(std::size_t n) : size_(n) {
     cuda_detail::check(cudaMalloc(&data_, n == 0 ? 1 : n * sizeof(T)), "cudaMalloc");
     cuda_detail::check(cudaMemset(data_, 0xA5, n == 0 ? 1 : n * sizeof(T)), "cudaMemset");
+    // cudaMemset of device memory may return before it is done, and it runs on the legacy
+    // stream, which a test's non-blocking stream does not wait for
+    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   }
   device_array(device_array&& o) noexcept
       : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
@@ -113,6 +116,9 @@ struct cuda_backend {
       cuda_detail::check(
           cudaMemcpy(d.view().data(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice),
           "cudaMemcpy H2D");
+    // from pageable memory cudaMemcpy returns once the bytes are staged, not landed: a kernel on
+    // a non-blocking stream could otherwise read the array before it arrives
+    cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     return d;
   }
   template <class T>
