@@ -13,6 +13,8 @@
 //   batches 4 and 16: the small-batch streaming kernel's gemv_batch16_stream_candidates; 40 and
 //   up: the later batch-1 streaming candidates).
 // - gemv_variant_dq/n/k/1/v: batch-1 streaming shapes 19, 28, 40 and up with nested scales.
+// - gemv_bulk/n/k/v: the bulk-copy batch-1 kernel (gemv1_bulk_kernel) with each shape of
+//   cuda_matmul::gemv_batch1_bulk_candidates, plain scales.
 // - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).
 // - gemm_overlap/n/k/m/chunks: batch 4096 with the dequantization overlapped in row chunks.
 // - grad_input/*, int8/*: the QLoRA backward pass and the LLM.int8 layer.
@@ -355,6 +357,48 @@ void launch_variant_at(int v, exec::cuda const& e, cuda_matmul::gemv_args<bf16> 
   ((v == V ? launch_variant<V, Nested>(e, a) : void()), ...);
 }
 
+// Args: n, k, candidate index. The bulk-copy batch-1 kernel alone (plain scales), with each shape
+// of cuda_matmul::gemv_batch1_bulk_candidates.
+void gemv_bulk(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  int const v = static_cast<int>(state.range(2));
+  nf4_weight w(n, k, 64, false);
+  device_buffer<bf16> x(k), y(n);
+  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
+  exec::cuda const e{s, 0};
+  cuda_matmul::gemv_args<bf16> const a{
+      x.p, w.codes.p, cuda_matmul::make_scale_args(w.view().scales), y.p, 1u, n, k, 6};
+  constexpr auto const& shapes = cuda_matmul::gemv_batch1_bulk_candidates;
+  auto call = [&] {
+    bool launched = false;
+    [&]<std::size_t... V>(std::index_sequence<V...>) {
+      ((static_cast<std::size_t>(v) == V
+            ? void(launched = cuda_matmul::launch_gemv1_bulk<nf4, bf16, shapes[V]>(e, a))
+            : void()),
+       ...);
+    }
+    (std::make_index_sequence<std::size(shapes)>{});
+    if (!launched)
+      throw qmem::bad_argument("gemv_bulk: the bulk-copy kernel does not take this shape");
+  };
+  double t = 0;
+  try {
+    t = graph_loop(state, s, call);
+  } catch (std::exception const& error) {
+    state.SkipWithError(error.what());
+    return;
+  }
+  auto const& sh = shapes[v];
+  state.counters["warps"] = sh.warps;
+  state.counters["stage_kib"] = sh.stage_kib;
+  state.counters["ring_kib"] = sh.ring_kib;
+  state.counters["evict_first"] = sh.evict_first;
+  report(state, t, w.bytes() + 2.0 * static_cast<double>(k + n));
+}
+
 // Args: n, k, m, variant index. The fast GEMV kernel alone, plain scales (Nested: double-quantized
 // ones, batch-1 streaming shapes only), with each block shape.
 template <bool Nested = false>
@@ -679,6 +723,11 @@ void variant_dq_args(benchmark::internal::Benchmark* b) {
       if (is_dq_variant(static_cast<int>(v)))
         b->Args({s[0], s[1], 1, v});
 }
+void bulk_args(benchmark::internal::Benchmark* b) {
+  for (auto const& s : shapes)
+    for (std::int64_t v = 0; v < std::ssize(cuda_matmul::gemv_batch1_bulk_candidates); ++v)
+      b->Args({s[0], s[1], v});
+}
 void cublas_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes)
     for (std::int64_t m : {1, 16})
@@ -697,6 +746,7 @@ BENCHMARK(copy)->Apply(timed<1>);
 BENCHMARK(gemv)->Apply(gemv_args)->Apply(timed<3>);
 BENCHMARK(gemv_variant<false>)->Name("gemv_variant")->Apply(variant_args)->Apply(timed<2>);
 BENCHMARK(gemv_variant<true>)->Name("gemv_variant_dq")->Apply(variant_dq_args)->Apply(timed<2>);
+BENCHMARK(gemv_bulk)->Apply(bulk_args)->Apply(timed<2>);
 BENCHMARK(gemv_floor)
     ->Args({512, 0, 0, 0})
     ->Args({512, 0, 1, 0})

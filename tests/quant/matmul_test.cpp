@@ -515,6 +515,93 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
 #endif
 }
 
+#if QMEM_TEST_CANDIDATE_KERNELS
+namespace {
+//! The bulk-copy batch-1 kernel with shape S on each of `plans` (plain scales), against the GEMV
+//! model; every plan must suit it.
+template <cuda_matmul::gemv1_bulk_shape S>
+void bulk_cases(std::initializer_list<stream_plan_case> plans, std::mt19937& rng) {
+  for (auto const& p : plans)
+    kernel_case(1, p.n, p.k, p.block, false, rng, [&](cuda_matmul::gemv_args<bf16> const& a) {
+      bool const launched =
+          cuda_matmul::launch_gemv1_bulk<nf4, bf16, S>(qmem::test::cuda_backend::exec(), a, p.sms);
+      REQUIRE(launched);
+      return "bulk batch-1 " + std::to_string(S.warps) + "/" + std::to_string(S.stage_kib) + "/" +
+             std::to_string(S.ring_kib) + (S.evict_first ? " evict-first" : "") +
+             " sms=" + std::to_string(p.sms);
+    });
+}
+} // namespace
+
+TEST_CASE("the bulk-copy batch-1 GEMV kernel on small plans (for the sanitizers)") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  std::mt19937 rng(31);
+  constexpr auto const& c = cuda_matmul::gemv_batch1_bulk_candidates;
+  // 3 column groups and 5 row groups; one row; blocks of 128; 19 tiles on 7 planned
+  // multiprocessors; 17 tiles in one block with 16 consumer warps
+  std::initializer_list<stream_plan_case> const plans = {{45, 1536, 64, 0},
+                                                         {1, 512, 64, 0},
+                                                         {45, 2048, 128, 0},
+                                                         {300, 2048, 64, 7},
+                                                         {65, 4096, 64, 1}};
+  bulk_cases<c[0]>(plans, rng);
+  bulk_cases<c[2]>(plans, rng);
+  bulk_cases<c[4]>(plans, rng);
+}
+
+TEST_CASE("the bulk-copy batch-1 GEMV kernel computes the GEMV function on every plan") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  std::mt19937 rng(29);
+  constexpr auto const& c = cuda_matmul::gemv_batch1_bulk_candidates;
+  // J = 1 (1536 columns: 3 column groups, 5 row groups, stages of several row groups; 4096; 8192),
+  // J = 2 (12800: a half-empty last group; blocks of 256 on 13312) and J = 4 (17408), one row,
+  // odd row counts (a last pair of one row), blocks of 128 and 4096, and plans for 1, 2 and 7
+  // multiprocessors: blocks walking many tiles, the ring wrapping round many times
+  std::initializer_list<stream_plan_case> const plans = {
+      {45, 1536, 64, 0},    {33, 4096, 64, 0},   {70, 8192, 64, 0},   {1, 512, 64, 0},
+      {45, 12800, 64, 0},   {37, 13312, 256, 0}, {33, 17408, 64, 0},  {45, 2048, 128, 0},
+      {45, 16384, 4096, 0}, {601, 8192, 64, 1},  {1501, 8192, 64, 1}, {1601, 8192, 64, 2},
+      {300, 2048, 64, 7}};
+  bulk_cases<c[0]>(plans, rng);
+  bulk_cases<c[2]>(plans, rng);
+  bulk_cases<c[4]>(plans, rng);
+  bulk_cases<c[1]>({{70, 8192, 64, 0}, {1501, 8192, 64, 1}, {300, 2048, 64, 7}}, rng);
+  bulk_cases<c[3]>({{70, 8192, 64, 0}, {33, 17408, 64, 0}, {1501, 8192, 64, 1}}, rng);
+  bulk_cases<c[5]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}, {1601, 8192, 64, 2}}, rng);
+  bulk_cases<c[6]>({{70, 8192, 64, 0}, {45, 1536, 64, 0}, {1501, 8192, 64, 1}}, rng);
+  // J = 4 and J = 2 at least: J = 4 on 1536 columns (one column group, 16 row groups), 8192 (a
+  // full slice) and 16384 with blocks of 4096 (full); J = 2 on 4096 and 8192
+  bulk_cases<c[7]>({{45, 1536, 64, 0},
+                    {70, 8192, 64, 0},
+                    {45, 16384, 4096, 0},
+                    {1501, 8192, 64, 1},
+                    {300, 2048, 64, 7}},
+                   rng);
+  bulk_cases<c[8]>({{33, 4096, 64, 0}, {70, 8192, 64, 0}, {1601, 8192, 64, 2}}, rng);
+  // a row's block count that is not a multiple of 4 (1408 / 64 = 22): declined, nothing launched
+  std::mt19937 wrng(3);
+  host_weight const hw = random_weight(45, 1408, 64, false, wrng);
+  backend_weight<qmem::test::cuda_backend, nf4> bw(hw);
+  auto bx = qmem::test::cuda_backend::upload(random_matrix<bf16>(1408, wrng));
+  auto by = qmem::test::cuda_backend::template alloc<bf16>(45);
+  cuda_matmul::gemv_args<bf16> const a{bx.view().data(),
+                                       bw.view.codes.data(),
+                                       cuda_matmul::make_scale_args(bw.view.scales),
+                                       by.view().data(),
+                                       1u,
+                                       45,
+                                       1408,
+                                       6};
+  CHECK_FALSE(cuda_matmul::launch_gemv1_bulk<nf4, bf16, c[0]>(qmem::test::cuda_backend::exec(), a));
+}
+#endif
+
 namespace {
 //! The streaming small-batch kernel with shape S at batch m on one weight, planned for `sms`
 //! multiprocessors (0: the device's; fewer make blocks walk several rounds), against the GEMV

@@ -1719,6 +1719,351 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
 }
 
 // ------------------------------------------------------------------------------------------------
+// Batch-1 GEMV fed by bulk copies (gemv1_bulk_kernel)
+//
+// gemv1_stream_kernel keeps its bytes in flight in registers: 16 warps x a ring of 4 row pairs,
+// and ncu shows its warps stalled on those loads (long scoreboard, about 10 cycles between a
+// warp's issues). Here one thread of an extra warp (the producer) copies whole stages of the
+// block's weight rows, codes and scales, into a ring of shared-memory stages with bulk copies
+// (cp.async.bulk, completion counted in bytes on the stage's "full" mbarrier); the other warps
+// (the consumers, the column and row groups of gemv1_stream_kernel) wait for a stage, read their
+// column slice of its rows from shared memory, decode and multiply them as gemv1_stream_kernel
+// does, and arrive on the stage's "empty" mbarrier, which the producer waits for before it
+// refills the stage. The bytes in flight are then the ring's (about 140 KiB per SM beside the
+// 64 KiB table), whatever the registers and the warps: the rows of a stage are contiguous in
+// global memory (one copy for their codes, one for their scales), and nothing goes through L1.
+// The consumers' loads are 8-byte (codes) and 4-byte (scales) shared loads, one more pair of
+// loads per 16 table lookups. A block's stages follow its tiles; only the consumers take part
+// in a tile's reduction (named barrier 1), so the producer keeps the ring full meanwhile.
+// It computes the function of the other GEMV kernels (docs/matmul.md). Measured on the H200
+// (gemv_batch1_bulk_candidates): slower than gemv1_stream_kernel, by 10-15% on four anchor
+// shapes, bound by the consumers' per-pair instructions rather than by bytes in flight.
+
+//! Launch plan of gemv1_bulk_kernel (host-computed, a launch argument).
+struct gemv1_bulk_plan {
+  gemv1_stream_plan tiles; //!< column and row groups, tiles, as gemv1_stream_kernel's
+  unsigned stage_pairs;    //!< row pairs of one stage (a multiple of the row groups)
+  unsigned stage_bytes;    //!< bytes of one stage buffer: its codes, then its scales
+  unsigned stages;         //!< stages of the ring
+  unsigned front_stages;   //!< of which before the table (the others after it)
+  unsigned front_off;      //!< offset of the first stage before the table
+  unsigned evict_first;    //!< 1: the copies ask L2 to evict the weight's lines first
+};
+
+//! Block shape of gemv1_bulk_kernel.
+struct gemv1_bulk_shape {
+  int warps;       //!< consumer warps at most (the block has one more, the producer)
+  int stage_kib;   //!< bytes of one stage, about (rounded down to whole row-group pairs, >= 1)
+  int ring_kib;    //!< bytes of the ring at most
+  int partial_kib; //!< bytes of a tile's partial sums at most
+  bool evict_first = false; //!< copies with an L2 evict-first policy
+  //! Super-steps per warp at least (1, 2 or 4): more make fewer warps share a row, each with J
+  //! independent products per pair and J times the bytes per stage wait
+  int min_j = 1;
+};
+
+//! Shapes of gemv1_bulk_kernel the bench's gemv_bulk compares (matmul round 7; none dispatched),
+//! a tile's partial sums in at most 16 KiB unless said: 0 16 consumer warps, stages of one row
+//! group's pairs (about 8 KiB at most; one pair of rows when k >= 4096), a ring of up to 160 KiB
+//! (16 stages of 9 KiB at k = 8192); 1 stages of about 32 KiB (3 pairs at k = 8192); 2 a ring of
+//! 64 KiB; 3 as 0 with the weight's lines marked evict-first in L2; 4 as 0 with up to 31 consumer
+//! warps (64 registers); 5 as 0 with 32 KiB of partial sums; 6 a ring of 32 KiB; 7 and 8 as 0 with
+//! J = 4 and J = 2 at least (not yet timed).
+//! H200, 2026-11-30 04:09 UTC, 200 calls in one graph, NF4 block 64, us on 4096 x 4096 / 14336 x
+//! 4096 / 4096 x 14336 / 8192 x 8192 / 28672 x 8192 (J = 1, 1, 2, 1, 1), dispatched
+//! gemv_batch1_stream 4.78 / 10.01 / 10.35 / 11.33 / 37.69:
+//!   0  6.00 / 14.32 / 12.01 / 16.45 / 51.86     4  6.40 / 14.39 / 15.80 / 16.46 / 52.78
+//!   1  5.49 / 12.17 / 11.42 / 14.33 / 47.67     5  5.99 / 13.44 / 12.00 / 15.37 / 50.02
+//!   2  5.67 / 14.12 / 11.74 / 16.41 / 52.66     6  5.62 / 14.26 / 12.55 / 17.02 / 56.07
+//!   3  5.99 / 14.28 / 11.82 / 16.45 / 52.00
+//! and at 03:52 UTC with J = 1, 2, 2, 2, 4 (dispatched 4.83 / 9.97 / 10.33 / 11.36 / 38.10): 0
+//! 6.40 / 11.45 / 12.10 / 12.95 / 38.37, 1 5.49 / 11.44 / 11.50 / 12.97 / 41.45, 2 5.76 / 11.08 /
+//! 11.86 / 12.71 / -, 3 6.11 / 11.25 / 11.93 / 12.78 / 38.78. The ring's depth hardly matters; J
+//! does (the consumers' per-pair instructions: ncu, 8192 x 8192, 8.70 M warp instructions at J = 1
+//! against 6.38 M at J = 2 and 5.47 M for the dispatched kernel).
+inline constexpr gemv1_bulk_shape gemv_batch1_bulk_candidates[] = {
+    {16, 8, 160, 16},       {16, 32, 160, 16},          {16, 8, 64, 16},
+    {16, 8, 160, 16, true}, {31, 8, 160, 16},           {16, 8, 160, 32},
+    {16, 8, 32, 16},        {16, 8, 160, 16, false, 4}, {16, 8, 160, 16, false, 2}};
+
+//! Offset of the mbarriers in gemv1_bulk_kernel's dynamic shared memory, and of its partial sums.
+inline constexpr unsigned gemv1_bulk_barrier_bytes = 512u;
+
+//! Stages at most of gemv1_bulk_kernel's ring (2 mbarriers of 8 bytes each per stage).
+inline constexpr unsigned gemv1_bulk_max_stages = gemv1_bulk_barrier_bytes / 16u;
+
+__device__ QMEM_INLINE void mbar_init(std::uint32_t bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ QMEM_INLINE void mbar_arrive(std::uint32_t bar) {
+  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+__device__ QMEM_INLINE void mbar_expect_tx(std::uint32_t bar, unsigned bytes) {
+  asm volatile(
+      "{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
+      "r"(bytes)
+      : "memory");
+}
+//! Waits until the phase of parity `parity` of the mbarrier at `bar` has completed.
+__device__ QMEM_INLINE void mbar_wait(std::uint32_t bar, unsigned parity) {
+  asm volatile("{\n .reg .pred done;\n wait_%=:\n"
+               " mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+               " @!done bra wait_%=;\n}\n" ::"r"(bar),
+               "r"(parity)
+               : "memory");
+}
+//! Bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from global memory to
+//! shared memory, completing `bytes` transactions on the mbarrier at `bar`.
+__device__ QMEM_INLINE void bulk_copy(std::uint32_t dst, void const* src, unsigned bytes,
+                                      std::uint32_t bar, std::uint64_t policy) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint "
+               "[%0], [%1], %2, [%3], %4;" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar), "l"(policy)
+               : "memory");
+}
+
+//! `J` super-steps per warp, consumer blocks of at most `MaxWarps` warps plus the producer warp,
+//! `Full`: every chunk of every warp's slice exists (k == 512 * J * C). Plain scales only; launched
+//! with programmatic dependent launch (the table is built before griddepcontrol.wait).
+//! Preconditions (the launcher's): m == 1, k % 64 == 0, k % block == 0, block >= 64, the block
+//! count of a row a multiple of 4, codes, scales and x 16-byte aligned, n * k / 64 < 2^32;
+//! blockDim.x == 32 * (C * G + 1); the plan's layout fits plan.tiles.smem.
+template <class Code, class T, int J, int MaxWarps, bool Full>
+__global__ void __launch_bounds__((MaxWarps + 1) * 32, 1)
+    gemv1_bulk_kernel(gemv_args<T> a, code_table<16> values, gemv1_bulk_plan plan) {
+  extern __shared__ __align__(16) unsigned char gemv_smem[];
+  gemv1_stream_plan const& tp_plan = plan.tiles;
+  unsigned const C = tp_plan.col_groups;
+  unsigned const G = tp_plan.row_groups;
+  unsigned const consumers = 32u * C * G;
+  auto const base = static_cast<std::uint32_t>(__cvta_generic_to_shared(gemv_smem));
+  // layout: mbarriers (full[s] at 16 s, empty[s] at 16 s + 8), the partial sums, the front
+  // stages, the table at 0xFC00 (a 64 KiB-aligned shared address on sm_90), the back stages
+  unsigned const lut_off = gemv1_stream_prefix;
+  bool const direct = ((base + lut_off) & 0xFFFFu) == 0;
+  std::uint32_t const lut_addr = base + lut_off;
+  auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem + lut_off);
+  auto* const partial = reinterpret_cast<float2*>(gemv_smem + gemv1_bulk_barrier_bytes);
+  std::uint32_t const bars = base;
+  unsigned const stages = plan.stages;
+  auto stage_off = [&](unsigned s) -> unsigned {
+    return s < plan.front_stages
+               ? plan.front_off + s * plan.stage_bytes
+               : lut_off + gemv_lut_bytes + (s - plan.front_stages) * plan.stage_bytes;
+  };
+
+  unsigned const warp = threadIdx.x >> 5;
+  unsigned const lane = threadIdx.x & 31u;
+  auto const n = static_cast<unsigned>(a.n);
+  auto const half_k = static_cast<std::uint32_t>(a.k / 2);
+  auto const row_blocks = static_cast<std::uint32_t>(a.k >> a.block_shift);
+  unsigned const sp_max = plan.stage_pairs;
+
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if (threadIdx.x == 0) {
+    for (unsigned s = 0; s < stages; ++s) {
+      mbar_init(bars + 16u * s, 1u);
+      mbar_init(bars + 16u * s + 8u, consumers);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  // the table needs no memory another kernel writes; everything after the wait may (its barrier
+  // also publishes the mbarriers' initialization)
+  fill_gemv_tables<T, false>(lut, nullptr, values, code_table<256>{});
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+
+  if (warp == C * G) {
+    // the producer: stage after stage of the block's tiles, each into the next slot of the ring
+    // once its consumers have left it
+    if (lane != 0)
+      return;
+    std::uint64_t policy;
+    if (plan.evict_first != 0)
+      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    else
+      asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
+    unsigned slot = 0, use = 0;
+    for (unsigned tile = blockIdx.x; tile < tp_plan.tiles; tile += gridDim.x) {
+      unsigned const p0 = tile * tp_plan.tile_pairs;
+      unsigned const tp = min(tp_plan.tile_pairs, tp_plan.pairs - p0);
+      for (unsigned sp0 = 0; sp0 < tp; sp0 += sp_max) {
+        std::uint32_t const full = bars + 16u * slot;
+        if (use > 0)
+          mbar_wait(full + 8u, (use - 1u) & 1u);
+        unsigned const row0 = 2u * (p0 + sp0);
+        unsigned const rows = min(2u * min(sp_max, tp - sp0), n - row0);
+        unsigned const code_bytes = rows * half_k;
+        unsigned const scale_bytes = rows * row_blocks * 4u;
+        std::uint32_t const dst = base + stage_off(slot);
+        mbar_expect_tx(full, code_bytes + scale_bytes);
+        bulk_copy(dst, a.codes + std::size_t{row0} * half_k, code_bytes, full, policy);
+        bulk_copy(dst + sp_max * 2u * half_k, a.scales.absmax + std::size_t{row0} * row_blocks,
+                  scale_bytes, full, policy);
+        if (++slot == stages) {
+          slot = 0;
+          ++use;
+        }
+      }
+    }
+    return;
+  }
+
+  // the consumers
+  unsigned const g = lane >> 2; // fragment row group = this thread's chunk
+  unsigned const t = lane & 3u; // thread in group
+  unsigned const c = warp % C;  // column group: super-steps c * J .. c * J + J - 1
+  unsigned const rg = warp / C; // row group
+  auto const steps = static_cast<std::uint32_t>(a.k >> 6);
+  unsigned const step_shift = a.block_shift - 6u;
+
+  uint4 xv[J][2];
+  bool valid[J];
+  unsigned cb[J]; // the chunk's block within its row
+  QMEM_UNROLL
+  for (int j = 0; j < J; ++j) {
+    std::uint32_t const chunk = (c * J + static_cast<unsigned>(j)) * 8 + g;
+    valid[j] = Full || chunk < steps;
+    cb[j] = chunk >> step_shift;
+    xv[j][0] = xv[j][1] = make_uint4(0, 0, 0, 0);
+    if (valid[j]) {
+      auto const* xp = reinterpret_cast<uint4 const*>(a.x + static_cast<std::size_t>(chunk) * 64 +
+                                                      16 * static_cast<std::size_t>(t));
+      xv[j][0] = __ldg(xp);
+      xv[j][1] = __ldg(xp + 1);
+    }
+  }
+  bool const odd = (g & 1u) != 0;
+  bool const keeper = t == (g >> 1);
+  // this thread's code bytes within a stage row, its partial-sum slot for a tile's pair 0
+  unsigned const code_in_row = c * J * 256u + 32u * g + 8u * t;
+  std::uint32_t const part_addr =
+      static_cast<std::uint32_t>(__cvta_generic_to_shared(partial)) + (c * 8 + g) * 8u;
+  unsigned const scales_in_stage = sp_max * 2u * half_k;
+
+  auto body = [&](auto direct_c) {
+    constexpr bool Direct = decltype(direct_c)::value;
+    std::uint32_t const lane_word = Direct ? lut_addr | (lane * 4u) : lane * 4u;
+    auto decode = [&](std::uint32_t word, int byte) -> std::uint32_t {
+      std::uint32_t addr;
+      if constexpr (Direct)
+        addr = __byte_perm(word, lane_word, 0x7604u | (static_cast<unsigned>(byte) << 4));
+      else
+        addr =
+            lut_addr + __byte_perm(word, lane_word, 0x5504u | (static_cast<unsigned>(byte) << 4));
+      std::uint32_t v;
+      asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+      return v;
+    };
+    // the products of the stage's pair lp (tile pair `pi`), scaled; the kept entries to shared
+    // memory
+    auto compute = [&](unsigned char const* stage, unsigned lp, unsigned pi) {
+      uint2 q[J][2];
+      float sc[J][2];
+      QMEM_UNROLL
+      for (int j = 0; j < J; ++j)
+        QMEM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        unsigned const row = 2u * lp + static_cast<unsigned>(h);
+        q[j][h] = make_uint2(0, 0);
+        sc[j][h] = 0.0f;
+        if (Full || valid[j]) {
+          q[j][h] = *reinterpret_cast<uint2 const*>(stage + row * half_k + code_in_row +
+                                                    256u * static_cast<unsigned>(j));
+          sc[j][h] = *reinterpret_cast<float const*>(stage + scales_in_stage +
+                                                     (row * row_blocks + cb[j]) * 4u);
+        }
+      }
+      float d[J][4];
+      QMEM_UNROLL
+      for (int kk = 0; kk < 4; ++kk)
+        QMEM_UNROLL
+      for (int j = 0; j < J; ++j) {
+        std::uint32_t const b0 = kk < 2 ? (&xv[j][0].x)[2 * kk] : (&xv[j][1].x)[2 * kk - 4];
+        std::uint32_t const b1 = kk < 2 ? (&xv[j][0].x)[2 * kk + 1] : (&xv[j][1].x)[2 * kk - 3];
+        std::uint32_t const w0 = kk < 2 ? q[j][0].x : q[j][0].y;
+        std::uint32_t const w1 = kk < 2 ? q[j][1].x : q[j][1].y;
+        int const b = 2 * (kk & 1);
+        std::uint32_t const frag[4] = {decode(w0, b), decode(w1, b), decode(w0, b + 1),
+                                       decode(w1, b + 1)};
+        if (kk == 0)
+          mma_16816_zero<T>(d[j], frag, b0, b1);
+        else
+          mma_16816<T>(d[j], frag, b0, b1);
+      }
+      float v[2] = {0.0f, 0.0f};
+      QMEM_UNROLL
+      for (int j = 0; j < J; ++j)
+        QMEM_UNROLL
+      for (int h = 0; h < 2; ++h)
+        v[h] = fmaf(sc[j][h], odd ? d[j][2 * h + 1] : d[j][2 * h], v[h]);
+      if (keeper) {
+        std::uint32_t const addr = part_addr + pi * C * 64u;
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(v[0]), "f"(v[1]));
+      }
+    };
+
+    unsigned slot = 0, use = 0;
+    for (unsigned tile = blockIdx.x; tile < tp_plan.tiles; tile += gridDim.x) {
+      unsigned const p0 = tile * tp_plan.tile_pairs;
+      unsigned const tp = min(tp_plan.tile_pairs, tp_plan.pairs - p0);
+      for (unsigned sp0 = 0; sp0 < tp; sp0 += sp_max) {
+        std::uint32_t const full = bars + 16u * slot;
+        mbar_wait(full, use & 1u);
+        unsigned char const* const stage = gemv_smem + stage_off(slot);
+        unsigned const sp = min(sp_max, tp - sp0);
+        for (unsigned lp = rg; lp < sp; lp += G)
+          compute(stage, lp, sp0 + lp);
+        // every consumer thread arrives (an arrive releases its own thread's reads only: one
+        // lane's arrive after __syncwarp made compute-sanitizer racecheck report the producer's
+        // next copy into the stage against the other lanes' reads, H200 2026-11-30)
+        mbar_arrive(full + 8u);
+        if (++slot == stages) {
+          slot = 0;
+          ++use;
+        }
+      }
+      // the consumers only: each row's C * 8 chunk sums, added in a fixed order (rt threads per
+      // pair, interleaved reads, then a butterfly whose partners add the same two numbers)
+      asm volatile("bar.sync 1, %0;" ::"r"(consumers) : "memory");
+      unsigned const per_pair = C * 8;
+      unsigned rt = 8;
+      while (rt > 1 && rt * tp > consumers)
+        rt >>= 1;
+      for (unsigned from = 0; from < tp * rt; from += consumers) {
+        unsigned const idx = from + threadIdx.x;
+        unsigned const pl = idx / rt;
+        unsigned const part = idx % rt;
+        float s0 = 0.0f, s1 = 0.0f;
+        if (pl < tp) {
+          float2 const* const src = partial + static_cast<std::size_t>(pl) * per_pair;
+          for (unsigned qd = part; qd < per_pair; qd += rt) {
+            float2 const p = src[qd];
+            s0 += p.x;
+            s1 += p.y;
+          }
+        }
+        for (unsigned o = 1; o < rt; o <<= 1) {
+          s0 += __shfl_xor_sync(0xFFFFFFFFu, s0, static_cast<int>(o));
+          s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, static_cast<int>(o));
+        }
+        if (pl < tp && part == 0) {
+          std::size_t const r0 = 2 * static_cast<std::size_t>(p0 + pl);
+          a.y[r0] = from_float<T>(s0);
+          if (r0 + 1 < a.n)
+            a.y[r0 + 1] = from_float<T>(s1);
+        }
+      }
+      asm volatile("bar.sync 1, %0;" ::"r"(consumers) : "memory");
+    }
+  };
+  if (direct)
+    body(std::true_type{});
+  else
+    body(std::false_type{});
+}
+
+// ------------------------------------------------------------------------------------------------
 // Streaming small-batch GEMV (gemvm_stream_kernel), batches 2 to 16
 //
 // gemv_4bit_kernel (the batch 2-16 kernel before this one) gave each block 32 rows and all the
@@ -3023,6 +3368,91 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
       with_full(std::integral_constant<int, 4>{});
     return true;
   }
+}
+
+//! Launches the bulk-copy batch-1 kernel with a given shape; false (nothing launched) when the
+//! weight does not suit it (k > 2048 * shape.warps, n * k / 64 >= 2^32, a row's block count not a
+//! multiple of 4, codes or scales not 16-byte aligned, or fewer than 2 stages fit).
+//! Preconditions (the caller's): those of launch_gemv1_fast, plain scales. `plan_sms`:
+//! multiprocessors to plan for, 0 for the device's.
+template <class Code, class T, gemv1_bulk_shape Shape>
+bool launch_gemv1_bulk(exec::cuda const& e, gemv_args<T> const& a, unsigned plan_sms = 0) {
+  static_assert(Shape.warps >= 1 && Shape.warps <= 31, "1 to 31 consumer warps");
+  static_assert(Shape.min_j == 1 || Shape.min_j == 2 || Shape.min_j == 4, "J is 1, 2 or 4");
+  static_assert(Shape.partial_kib >= 1 &&
+                    unsigned(Shape.partial_kib) * 1024u + gemv1_bulk_barrier_bytes <=
+                        gemv1_stream_prefix,
+                "the partial sums go before the table");
+  auto const row_blocks = static_cast<std::uint32_t>(a.k >> a.block_shift);
+  if (a.n * (a.k >> 6) >= (std::size_t{1} << 32) || row_blocks % 4 != 0 || !aligned16(a.codes) ||
+      !aligned16(a.scales.absmax))
+    return false;
+  unsigned const sms = plan_sms != 0 ? plan_sms : multiprocessors(e.device);
+  unsigned j = 0;
+  gemv1_bulk_plan p{};
+  p.tiles =
+      gemv1_stream_plan_for(a.n, a.k, Shape.warps, unsigned(Shape.partial_kib) * 1024u, sms, j);
+  if (j == 0)
+    return false;
+  // one super-step per warp where the warps allow (J = 2 and 4 keep more registers per thread and
+  // have fewer warps share a row); the partial sums' room sets the tile
+  auto const supers = static_cast<unsigned>((a.k / 64 + 7) / 8);
+  j = supers <= unsigned(Shape.warps) ? 1u : supers <= 2u * Shape.warps ? 2u : 4u;
+  j = j < unsigned(Shape.min_j) ? unsigned(Shape.min_j) : j;
+  {
+    auto& tp = p.tiles;
+    tp.col_groups = (supers + j - 1) / j;
+    tp.row_groups = unsigned(Shape.warps) / tp.col_groups;
+    unsigned const per_block = (tp.pairs + sms - 1) / sms;
+    unsigned const cap = unsigned(Shape.partial_kib) * 1024u / (tp.col_groups * 64u);
+    unsigned const passes = (per_block + cap - 1) / cap;
+    tp.tile_pairs = (per_block + passes - 1) / passes;
+    tp.tiles = (tp.pairs + tp.tile_pairs - 1) / tp.tile_pairs;
+  }
+  unsigned const C = p.tiles.col_groups;
+  unsigned const G = p.tiles.row_groups;
+  auto const pair_bytes = static_cast<unsigned>(a.k) + 8u * row_blocks;
+  unsigned const groups = unsigned(Shape.stage_kib) * 1024u / (G * pair_bytes);
+  unsigned const cap = (p.tiles.tile_pairs + G - 1) / G * G;
+  p.stage_pairs = groups > 0 ? groups * G : G;
+  p.stage_pairs = p.stage_pairs < cap ? p.stage_pairs : cap;
+  p.stage_bytes = (p.stage_pairs * pair_bytes + 127u) / 128u * 128u;
+  p.front_off = (gemv1_bulk_barrier_bytes + p.tiles.tile_pairs * C * 64u + 127u) / 128u * 128u;
+  unsigned const front = (gemv1_stream_prefix - p.front_off) / p.stage_bytes;
+  unsigned const back =
+      (gemv1_stream_smem_limit - gemv1_stream_prefix - gemv_lut_bytes) / p.stage_bytes;
+  unsigned want = unsigned(Shape.ring_kib) * 1024u / p.stage_bytes;
+  want = want < gemv1_bulk_max_stages ? want : gemv1_bulk_max_stages;
+  want = want < front + back ? want : front + back;
+  if (want < 2)
+    return false;
+  p.stages = want;
+  p.front_stages = front < want ? front : want;
+  p.evict_first = Shape.evict_first ? 1u : 0u;
+  p.tiles.smem = gemv1_stream_prefix + gemv_lut_bytes + (want - p.front_stages) * p.stage_bytes;
+  bool const full = a.k == std::size_t{512} * j * C;
+  unsigned const threads = 32u * (C * G + 1u);
+  unsigned const grid = p.tiles.tiles < sms ? p.tiles.tiles : sms;
+  auto run = [&](auto jc, auto fullc) {
+    constexpr auto kernel =
+        &gemv1_bulk_kernel<Code, T, decltype(jc)::value, Shape.warps, decltype(fullc)::value>;
+    allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
+    cuda_detail::launch(e, true, kernel, dim3(grid), dim3(threads), p.tiles.smem,
+                        "qmem::quant::gemv1_bulk_kernel", a, values_of<Code>(), p);
+  };
+  auto with_full = [&](auto jc) {
+    if (full)
+      run(jc, std::true_type{});
+    else
+      run(jc, std::false_type{});
+  };
+  if (j == 1)
+    with_full(std::integral_constant<int, 1>{});
+  else if (j == 2)
+    with_full(std::integral_constant<int, 2>{});
+  else
+    with_full(std::integral_constant<int, 4>{});
+  return true;
 }
 
 //! Launches the streaming small-batch kernel with a given shape; false (nothing launched) when
