@@ -122,6 +122,38 @@ __device__ QMEM_INLINE void store_stream(void* ptr, T const (&in)[N]) {
     __stcs(static_cast<V*>(ptr) + k, v[k]);
 }
 
+} // namespace detail
+
+//! Tuning option (default 0: the kernels timed so far). 1 compiles the fused step with fewer
+//! SASS instructions per element and bit for bit the same results; not yet timed on a GPU.
+//! Offline count (ptxas sm_90, nvcc 13.0, 2026-11-30): the hot path of the pipelined loop, one
+//! trip of two tasks, every branch taken the common way (finite gradients, moments in range,
+//! blocks on the fp32 route). Instructions per element, off -> on:
+//! - AdamW 4-bit: 75.4 -> 72.1 (-4.3%); ncu measured 76.0 with the option off.
+//! - AdamW 8-bit: 77.2 -> 76.2.
+//! What changes:
+//! - 4-bit decode: the byte permute that extracts 4 x code also takes bytes 1-3 of the tables'
+//!   shared address; the tables are aligned to 256 bytes, so that sum is the code's address. This
+//!   removes one add per element and 4-bit state.
+//! - The lane's finite-gradient test: one FMNMX.NAN per element over the magnitudes (NaN
+//!   propagates, so the maximum is below +inf exactly when every gradient is finite), instead of
+//!   a mask and an integer max of the exponent fields.
+//! - Code byte offsets: first / (8 / bits) instead of first x bits / 8 (no masks for the 64-bit
+//!   product's wrap-around; both are equal for element indices below 2^61).
+//! - linear16_route codes (the 4-bit recipe's second moment): packed by six shift-adds and one
+//!   PRMT per word instead of eight funnel shifts.
+//! Tried and not kept (same count): the block max of 16 lanes by two full-warp redux.sync, each
+//! over one half with the other half zeroed (2 REDUX, 2 MOV from uniform registers and 3 SEL for
+//! 4 SHFL and 4 FMNMX). 32-bit element indices for tensors below 2^32 elements saved 0.3 per
+//! element but spilled 36-72 bytes in the loop.
+#ifndef QMEM_OPTIM_FUSED_4BIT_V2
+#define QMEM_OPTIM_FUSED_4BIT_V2 0
+#endif
+//! QMEM_OPTIM_FUSED_4BIT_V2 as a constant.
+inline constexpr bool fused_4bit_v2 = QMEM_OPTIM_FUSED_4BIT_V2 != 0;
+
+namespace detail {
+
 //! The max over each group of `Lanes` consecutive lanes (a power of two up to 32). Precondition:
 //! no lane holds a NaN or -0 (block maxima of magnitudes), so that fmaxf (one FMNMX) is the
 //! compare-and-select it replaces, bit for bit.
@@ -144,6 +176,16 @@ __device__ QMEM_INLINE float warp_max(float m) {
     return m;
   }
 }
+
+#if defined(__CUDA_ARCH__)
+//! The float at shared address `address + Offset` (ld.shared with an immediate offset).
+template <std::uint32_t Offset>
+__device__ QMEM_INLINE float load_shared_f32(std::uint32_t address) {
+  float r;
+  asm volatile("ld.shared.f32 %0, [%1+%2];" : "=f"(r) : "r"(address), "n"(Offset));
+  return r;
+}
+#endif
 
 //! bf16(v): qmem::detail::float_to_bf16_bits (nearest even, NaN -> 0x7FC0), the same integer
 //! arithmetic with the NaN case selected instead of returned early, so that it compiles to a
@@ -419,6 +461,17 @@ __device__ QMEM_INLINE std::uint64_t lane_block(std::uint64_t task, std::uint64_
     return first / traits::block;
 }
 
+//! The byte offset of element `first`'s code in a blockwise state of format F: first x bits / 8,
+//! with QMEM_OPTIM_FUSED_4BIT_V2 as first / (8 / bits) (ptxas sm_90: the 64-bit product's
+//! wrap-around cost two masks per stream and task; `first` is below 2^61, so both are equal).
+template <class F>
+__device__ QMEM_INLINE std::uint64_t code_offset(std::uint64_t first) {
+  if constexpr (fused_4bit_v2 && 8 % F::bits == 0)
+    return first / (8 / F::bits);
+  else
+    return first * F::bits / 8;
+}
+
 //! The raw bytes one lane loads for a full task (parameters or master weights, gradients, each
 //! state's codes or elements and old absmax), held in registers so that the next task's loads can
 //! be in flight while the current task computes (fused_step_kernel, fused_pipeline).
@@ -458,7 +511,7 @@ __device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, std::uint6
       constexpr int code_bytes = E * F::bits / 8;
       d.absmax[J.value] = entry->absmax[J.value][block];
       std::uint8_t bytes[code_bytes];
-      load_stream(static_cast<std::uint8_t const*>(entry->state[J.value]) + first * F::bits / 8,
+      load_stream(static_cast<std::uint8_t const*>(entry->state[J.value]) + code_offset<F>(first),
                   bytes);
       std::memcpy(d.state[J.value], bytes, code_bytes);
     } else {
@@ -704,7 +757,7 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
       float old_absmax = 0.0f;
       std::uint8_t bytes[code_bytes];
       [[maybe_unused]] auto const* const codes =
-          static_cast<std::uint8_t const*>(state) + first * F::bits / 8;
+          static_cast<std::uint8_t const*>(state) + code_offset<F>(first);
       if constexpr (Preloaded) {
         old_absmax = pre->absmax[J.value];
         std::memcpy(bytes, pre->state[J.value], code_bytes);
@@ -724,12 +777,37 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
         // per code before)
         std::uint32_t words[code_bytes / 4];
         std::memcpy(words, bytes, sizeof(words));
+#if defined(__CUDA_ARCH__)
+        // QMEM_OPTIM_FUSED_4BIT_V2: the byte permute that extracts 4 x code also takes bytes 1-3
+        // of the tables' shared address (aligned to 256 bytes: byte 0 is zero), so its result is
+        // the code's address less the value array's offset, which the load takes as immediate
+        // (value_at: the offset of fc's value array in the tables, the codec codec_for picks)
+        using tables_t = typename traits::shared_tables;
+        using fc_t = std::remove_cvref_t<decltype(fc)>;
+        constexpr bool signed_side =
+            state_sign_v<Rule, J.value> == state_sign::any || traits::one_codec;
+        constexpr std::uint32_t value_at = static_cast<std::uint32_t>(
+            (signed_side ? offsetof(tables_t, signed_codec) : offsetof(tables_t, unsigned_codec)) +
+            offsetof(fc_t, c) + offsetof(decltype(fc_t{}.c), value));
+        [[maybe_unused]] std::uint32_t const table_base =
+            static_cast<std::uint32_t>(__cvta_generic_to_shared(&tables));
+#endif
         QMEM_UNROLL
         for (int w = 0; w < code_bytes / 4; ++w) {
           std::uint32_t const high = (words[w] >> 2) & 0x3c3c3c3cu; // first code of each byte
           std::uint32_t const low = (words[w] << 2) & 0x3c3c3c3cu;
           QMEM_UNROLL
           for (int b = 0; b < 4; ++b) {
+#if defined(__CUDA_ARCH__)
+            if constexpr (fused_4bit_v2) {
+              auto const select = static_cast<unsigned>(0x7650 + b); // byte b, then base's 1-3
+              s[J.value][8 * w + 2 * b] = optim::detail::fmath::mul(
+                  load_shared_f32<value_at>(__byte_perm(high, table_base, select)), old_absmax);
+              s[J.value][8 * w + 2 * b + 1] = optim::detail::fmath::mul(
+                  load_shared_f32<value_at>(__byte_perm(low, table_base, select)), old_absmax);
+              continue;
+            }
+#endif
             auto const select = static_cast<unsigned>(0x4440 + b); // byte b, zeros above
             s[J.value][8 * w + 2 * b] = optim::detail::fmath::mul(
                 fc.c.decode_at(__byte_perm(high, 0u, select)), old_absmax);
@@ -792,11 +870,25 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
   // and a select per element and value
   bool lane_finite = true;
   if constexpr (NonFinite == nonfinite_policy::skip_element) {
-    std::uint32_t exponents = 0;
-    QMEM_UNROLL
-    for (int i = 0; i < E; ++i)
-      exponents = max(exponents, qmem::detail::float_to_bits(g[i]) & 0x7f800000u);
-    lane_finite = exponents != 0x7f800000u;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (fused_4bit_v2) {
+      // QMEM_OPTIM_FUSED_4BIT_V2: the largest magnitude with NaN propagated (max.NaN), which is
+      // below +inf exactly when every gradient is finite: one FMNMX per element (the magnitude is
+      // an operand modifier) instead of a LOP3 and an integer max
+      float top = fabsf(g[0]);
+      QMEM_UNROLL
+      for (int i = 1; i < E; ++i)
+        asm("max.NaN.f32 %0, %0, %1;" : "+f"(top) : "f"(fabsf(g[i])));
+      lane_finite = top < __int_as_float(0x7f800000);
+    } else
+#endif
+    {
+      std::uint32_t exponents = 0;
+      QMEM_UNROLL
+      for (int i = 0; i < E; ++i)
+        exponents = max(exponents, qmem::detail::float_to_bits(g[i]) & 0x7f800000u);
+      lane_finite = exponents != 0x7f800000u;
+    }
   }
   bool updated = false;
   bool states_finite = false; // every new state known to be finite (not NaN)
@@ -916,6 +1008,18 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
           std::uint32_t words[code_bytes / 4];
           QMEM_UNROLL
           for (int w = 0; w < code_bytes / 4; ++w) {
+            if constexpr (fused_4bit_v2 && codec_t::linear16_route) {
+              // QMEM_OPTIM_FUSED_4BIT_V2: high[i] is 0x4B000000 + code (linear16_code), so
+              // (high[2b] << 4) + high[2b + 1] holds byte b in its low byte and zeros in bytes 1-2;
+              // two such sums merge by one more shift-add, and the two halves by one byte permute
+              // (ptxas sm_90: 4 LEA + 2 LEA + 1 PRMT per word instead of 8 funnel shifts)
+              std::uint32_t pair[4];
+              QMEM_UNROLL
+              for (int b = 0; b < 4; ++b)
+                pair[b] = (high[8 * w + 2 * b] << 4) + high[8 * w + 2 * b + 1];
+              words[w] = __byte_perm(pair[0] + (pair[1] << 8), pair[2] + (pair[3] << 8), 0x5410u);
+              continue;
+            }
             std::uint32_t acc = 0;
             // codes 6 7 4 5 2 3 0 1 (top nibble first in) or 1 0 3 2 5 4 7 6 (bottom nibble
             // first in): byte b of the word is (code 2b << 4) | code 2b + 1
@@ -973,7 +1077,7 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
             bytes[b] = static_cast<std::uint8_t>((code[2 * b] << 4) | (code[2 * b + 1] & 0xf));
         }
       }
-      auto* const codes = static_cast<std::uint8_t*>(state) + first * F::bits / 8;
+      auto* const codes = static_cast<std::uint8_t*>(state) + code_offset<F>(first);
       if (vector_path) {
         store_stream(codes, bytes);
       } else if constexpr (!Full) {
@@ -1249,7 +1353,9 @@ __global__ void __launch_bounds__(fused_block_threads,
   using traits = kernel_traits<Rule, Policy>;
   using tables_t = typename traits::shared_tables;
   static_assert(sizeof(tables_t) % 16 == 0 && std::is_trivially_copyable_v<tables_t>);
-  __shared__ uint4 table_words[sizeof(tables_t) / 16];
+  // (aligned to 256 bytes with QMEM_OPTIM_FUSED_4BIT_V2: the 4-bit decode puts 4 x code in the
+  // low byte of the tables' address)
+  __shared__ alignas(fused_4bit_v2 ? 256 : 16) uint4 table_words[sizeof(tables_t) / 16];
   {
     auto const* src = reinterpret_cast<uint4 const*>(&shared_tables_image<Rule, Policy>);
     for (unsigned w = threadIdx.x; w < sizeof(tables_t) / 16; w += blockDim.x)
