@@ -172,8 +172,12 @@ if has sanitize && [[ -x $tests ]]; then
   mapfile -t cases < <("$tests" --no-intro --list-test-cases "${filter[@]}" | sed '1,2d; /^=====/,$d')
   san_dir=$build/sanitize; rm -rf "$san_dir"; mkdir -p "$san_dir"
   sanitize_one() { # tool index name
-    local t0=$SECONDS rc
-    timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool "$1" --error-exitcode 7 "$tests" --no-intro \
+    local t0=$SECONDS rc api=()
+    # a case that provokes failing API calls on purpose and checks them (a cooperative launch
+    # refused as too large, the capture it invalidates) is run without the report of failed API
+    # calls; memory errors and hazards are still reported (memcheck exit 7 on it, 2026-11-30)
+    [[ $3 == *refused* ]] && api=(--report-api-errors no)
+    timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool "$1" "${api[@]}" --error-exitcode 7 "$tests" --no-intro \
       --test-case="${3//,/?}" >"$san_dir/$1.$2.out" 2>&1
     rc=$?
     # a host-only case (its name says so, or it makes no CUDA call) ends before the sanitizer's
