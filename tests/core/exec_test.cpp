@@ -1,7 +1,8 @@
 // Execution objects and the host parallel loop: which types are execution objects, how many
 // threads `exec::host` asks for, and parallel_for's contract (every index exactly once, chunks
 // aligned to the grain, small problems on the calling thread, worker exceptions rethrown on the
-// caller after every worker joined).
+// caller after every worker joined), and its worker pool (the same chunk on the same thread from
+// call to call, nested loops, loops from several threads, a forked child).
 #include <qmem/core.hpp>
 #include <qmem/core/detail/parallel.hpp>
 
@@ -18,6 +19,11 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
 
 static_assert(qmem::exec::execution<qmem::exec::host>);
 static_assert(qmem::exec::execution<qmem::exec::cuda>);
@@ -145,3 +151,77 @@ TEST_CASE("parallel_for: an exception in a worker reaches the caller after all c
                                  [](std::size_t, std::size_t) { throw qmem::bad_argument("x"); }),
       qmem::bad_argument);
 }
+
+TEST_CASE("parallel_for: chunk t runs on the same pool thread in every call, t = 0 on the caller") {
+  auto const first = chunks_of(qmem::exec::host{4}, 4000, 10, 1);
+  REQUIRE(first.size() == 4);
+  for (int call = 0; call < 50; ++call) {
+    auto const again = chunks_of(qmem::exec::host{4}, 4000, 10, 1);
+    REQUIRE(again.size() == 4);
+    for (auto const& c : again) {
+      auto const same = std::find_if(first.begin(), first.end(),
+                                     [&](chunk const& f) { return f.begin == c.begin; });
+      REQUIRE(same != first.end());
+      CHECK(same->thread == c.thread);
+      if (c.begin == 0)
+        CHECK(c.thread == std::this_thread::get_id());
+    }
+  }
+  // more threads than the pool had so far: it grows, and every index is still covered once
+  auto const wide = chunks_of(qmem::exec::host{12}, 12000, 10, 1);
+  CHECK(wide.size() == 12);
+  std::set<std::thread::id> threads;
+  for (auto const& c : wide)
+    threads.insert(c.thread);
+  CHECK(threads.size() == 12);
+}
+
+TEST_CASE("parallel_for: a loop inside a loop's body, and loops from several threads at once") {
+  // nested: the inner loops cannot have the pool (the outer one holds it) and start their own
+  // threads; every inner index is seen exactly once per outer chunk
+  std::atomic<std::size_t> inner{0};
+  qmem::detail::parallel_for(
+      qmem::exec::host{4}, 4, 1,
+      [&](std::size_t b, std::size_t e) {
+        for (std::size_t i = b; i < e; ++i)
+          qmem::detail::parallel_for(
+              qmem::exec::host{3}, 3000, 10,
+              [&](std::size_t ib, std::size_t ie) { inner.fetch_add(ie - ib); }, 1);
+      },
+      1);
+  CHECK(inner.load() == 4 * 3000);
+
+  // four user threads, each running 200 loops: one holds the pool at a time, the others start
+  // their own threads; every loop covers its range exactly once and none waits forever
+  std::atomic<std::size_t> total{0};
+  std::vector<std::thread> users;
+  for (int u = 0; u < 4; ++u)
+    users.emplace_back([&] {
+      for (int k = 0; k < 200; ++k)
+        qmem::detail::parallel_for(
+            qmem::exec::host{3}, 999, 1,
+            [&](std::size_t b, std::size_t e) { total.fetch_add(e - b); }, 1);
+    });
+  for (auto& u : users)
+    u.join();
+  CHECK(total.load() == std::size_t{4} * 200 * 999);
+}
+
+#if defined(__linux__)
+TEST_CASE("parallel_for: a forked child, which has none of the pool's threads, still runs loops") {
+  CHECK(chunks_of(qmem::exec::host{4}, 4000, 10, 1).size() == 4); // the pool exists here
+  pid_t const child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) { // no doctest checks in the child: the exit status says it all
+    std::atomic<std::size_t> sum{0};
+    qmem::detail::parallel_for(
+        qmem::exec::host{4}, 4000, 10, [&](std::size_t b, std::size_t e) { sum.fetch_add(e - b); },
+        1);
+    ::_exit(sum.load() == 4000 ? 0 : 1);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+#endif
