@@ -21,6 +21,7 @@
 #include <vector>
 
 #if defined(__linux__)
+#include <sched.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #endif
@@ -70,7 +71,16 @@ TEST_CASE("exec objects: defaults and thread counts") {
   CHECK_FALSE(c.sync_after_launch);
   CHECK(qmem::detail::thread_count(qmem::exec::host{3}) == 3);
   unsigned const hw = std::thread::hardware_concurrency();
-  CHECK(qmem::detail::thread_count(qmem::exec::host{}) == (hw == 0 ? 1u : hw));
+  unsigned const usable = qmem::detail::usable_cpus();
+  CHECK(qmem::detail::thread_count(qmem::exec::host{}) == usable);
+  CHECK(usable >= 1);
+  CHECK(usable <= (hw == 0 ? usable : hw));
+#if defined(__linux__)
+  cpu_set_t set; // the default is the affinity mask's size, as taskset or a cpuset sets it
+  CPU_ZERO(&set);
+  REQUIRE(::sched_getaffinity(0, sizeof set, &set) == 0);
+  CHECK(usable == static_cast<unsigned>(CPU_COUNT(&set)));
+#endif
 }
 
 TEST_CASE("parallel_for: every index exactly once, for many sizes, grains and thread counts") {

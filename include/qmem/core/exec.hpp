@@ -21,8 +21,9 @@ struct CUstream_st;
 
 namespace qmem::exec {
 
-//! Run on the host. `threads` is the number of threads to use, 0 meaning one per hardware
-//! thread; small problems run on the calling thread alone whatever this says.
+//! Run on the host. `threads` is the number of threads to use, 0 meaning one per CPU the process
+//! may run on (its affinity mask on Linux); small problems run on the calling thread alone
+//! whatever this says.
 struct host {
   unsigned threads = 0;
 };

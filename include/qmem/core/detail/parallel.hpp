@@ -14,18 +14,39 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
 #endif
 
 namespace qmem::detail {
 
-//! Number of threads `e` asks for (0 means one per hardware thread).
+//! CPUs this process may run on, read once: on Linux the affinity mask it started with (a
+//! container's cpuset, `taskset`), which std::thread::hardware_concurrency ignores (a process
+//! limited to 2 of 16 CPUs would start 16 threads); elsewhere, or when the mask cannot be read,
+//! hardware_concurrency (at least 1).
+inline unsigned usable_cpus() noexcept {
+  static unsigned const cpus = [] {
+#if defined(__linux__)
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (::sched_getaffinity(0, sizeof set, &set) == 0) {
+      int const n = CPU_COUNT(&set);
+      if (n > 0)
+        return static_cast<unsigned>(n);
+    }
+#endif
+    unsigned const hw = std::thread::hardware_concurrency();
+    return hw == 0 ? 1u : hw;
+  }();
+  return cpus;
+}
+
+//! Number of threads `e` asks for (0 means one per CPU this process may run on: usable_cpus).
 inline unsigned thread_count(exec::host const& e) noexcept {
-  if (e.threads != 0)
-    return e.threads;
-  unsigned const hw = std::thread::hardware_concurrency();
-  return hw == 0 ? 1u : hw;
+  return e.threads != 0 ? e.threads : usable_cpus();
 }
 
 //! The worker threads host loops run on, started on first use and kept for the life of the
