@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <exception>
 #include <iterator>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -225,6 +226,19 @@ double graph_loop(benchmark::State& state, cudaStream_t s, F&& call) {
   return t;
 }
 
+//! graph_loop for a kernel that may not run here (a shape its launcher declines, a launch
+//! attribute the capture refuses): the error marks this benchmark skipped with its message and
+//! the result is empty; the other benchmarks still run.
+template <class F>
+std::optional<double> graph_loop_or_skip(benchmark::State& state, cudaStream_t s, F&& call) {
+  try {
+    return graph_loop(state, s, call);
+  } catch (std::exception const& error) {
+    state.SkipWithError(error.what());
+    return std::nullopt;
+  }
+}
+
 //! After one untimed call, each iteration times `call` as the median of 10; returns the last.
 template <class F>
 double median_loop(benchmark::State& state, cudaStream_t s, F&& call) {
@@ -384,13 +398,10 @@ void gemv_bulk(benchmark::State& state) {
     if (!launched)
       throw qmem::bad_argument("gemv_bulk: the bulk-copy kernel does not take this shape");
   };
-  double t = 0;
-  try {
-    t = graph_loop(state, s, call);
-  } catch (std::exception const& error) {
-    state.SkipWithError(error.what());
+  auto const timed = graph_loop_or_skip(state, s, call);
+  if (!timed)
     return;
-  }
+  double const t = *timed;
   auto const& sh = shapes[v];
   state.counters["warps"] = sh.warps;
   state.counters["stage_kib"] = sh.stage_kib;
@@ -424,15 +435,10 @@ void gemv_variant(benchmark::State& state) {
   auto call = [&] {
     launch_variant_at<Nested>(v, e, a, std::make_integer_sequence<int, variant_count>{});
   };
-  double t = 0;
-  try {
-    t = graph_loop(state, s, call);
-  } catch (std::exception const& error) {
-    // a variant that cannot run here (say, a launch attribute the capture refuses) is reported
-    // and skipped; the others still run
-    state.SkipWithError(error.what());
+  auto const timed = graph_loop_or_skip(state, s, call);
+  if (!timed)
     return;
-  }
+  double const t = *timed;
   if (v < 8) {
     state.counters["warps"] = variants[v].warps;
     state.counters["unroll"] = variants[v].unroll;

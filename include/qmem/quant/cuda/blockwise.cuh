@@ -2185,6 +2185,14 @@ struct fused_capacity_state {
     static fused_capacity_state s;
     return s;
   }
+  //! Fills `device`'s entry on first use and locks the state, for one read or write of the
+  //! entry. Precondition (bad_argument, nothing read or written): 0 <= device < 64.
+  static std::unique_lock<std::mutex> lock_entry(int device) {
+    QMEM_EXPECTS(device >= 0 && device < devices, "device is ", device, "; expected 0..",
+                 devices - 1);
+    ensure(device);
+    return std::unique_lock<std::mutex>(instance().mutex);
+  }
   //! Fills device's entry on first use (caller holds no lock). Precondition: 0 <= device < 64.
   static void ensure(int device) {
     auto& st = instance();
@@ -2219,12 +2227,8 @@ struct fused_capacity_state {
 //! fused_tree_limit; 0 where the device has no cooperative launch. The persistent workspace is
 //! sized for it. Cached per device. Precondition: 0 <= device < 64.
 inline size_t device_fused_capacity(int device) {
-  QMEM_EXPECTS(device >= 0 && device < fused_capacity_state::devices, "device is ", device,
-               "; expected 0..", fused_capacity_state::devices - 1);
-  fused_capacity_state::ensure(device);
-  auto& st = fused_capacity_state::instance();
-  std::lock_guard<std::mutex> lock(st.mutex);
-  return st.promised[device];
+  auto const lock = fused_capacity_state::lock_entry(device);
+  return fused_capacity_state::instance().promised[device];
 }
 
 //! Scales quantize_scales gives offset_nested_quantize on `device` (more: the two-kernel path):
@@ -2232,12 +2236,8 @@ inline size_t device_fused_capacity(int device) {
 //! refused as too large (lower_fused_capacity), or as set by set_fused_capacity. Precondition:
 //! 0 <= device < 64.
 inline size_t fused_capacity(int device) {
-  QMEM_EXPECTS(device >= 0 && device < fused_capacity_state::devices, "device is ", device,
-               "; expected 0..", fused_capacity_state::devices - 1);
-  fused_capacity_state::ensure(device);
-  auto& st = fused_capacity_state::instance();
-  std::lock_guard<std::mutex> lock(st.mutex);
-  return st.capacity[device];
+  auto const lock = fused_capacity_state::lock_entry(device);
+  return fused_capacity_state::instance().capacity[device];
 }
 
 //! Sets fused_capacity(device) to `capacity` scales (at most fused_tree_limit; 0: quantize_scales
@@ -2247,14 +2247,10 @@ inline size_t fused_capacity(int device) {
 //! quantize_scales falls back to the two kernels (and lowers the capacity again). Preconditions:
 //! 0 <= device < 64; capacity <= fused_tree_limit.
 inline void set_fused_capacity(int device, size_t capacity) {
-  QMEM_EXPECTS(device >= 0 && device < fused_capacity_state::devices, "device is ", device,
-               "; expected 0..", fused_capacity_state::devices - 1);
   QMEM_EXPECTS(capacity <= fused_tree_limit, "capacity is ", capacity, "; expected at most ",
                fused_tree_limit);
-  fused_capacity_state::ensure(device);
-  auto& st = fused_capacity_state::instance();
-  std::lock_guard<std::mutex> lock(st.mutex);
-  st.capacity[device] = capacity;
+  auto const lock = fused_capacity_state::lock_entry(device);
+  fused_capacity_state::instance().capacity[device] = capacity;
 }
 
 //! After a cooperative launch of `refused_grid` (>= 1) CTAs was refused as too large on `device`:
@@ -2264,11 +2260,10 @@ inline void set_fused_capacity(int device, size_t capacity) {
 inline void lower_fused_capacity(int device, size_t refused_grid) {
   if (device < 0 || device >= fused_capacity_state::devices || refused_grid == 0)
     return;
-  fused_capacity_state::ensure(device);
   size_t const below = (refused_grid - 1) * fused_scales_per_cta;
-  auto& st = fused_capacity_state::instance();
-  std::lock_guard<std::mutex> lock(st.mutex);
-  st.capacity[device] = below < st.capacity[device] ? below : st.capacity[device];
+  auto const lock = fused_capacity_state::lock_entry(device);
+  size_t& capacity = fused_capacity_state::instance().capacity[device];
+  capacity = below < capacity ? below : capacity;
 }
 
 //! Doubles of workspace offset_nested_quantize needs for m scales (see the kernel).

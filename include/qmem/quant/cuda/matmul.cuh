@@ -1297,6 +1297,44 @@ QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_slot_bytes(int j) {
   return static_cast<unsigned>(j) * 24u;
 }
 
+//! The streaming batch-1 kernels' last step for one tile: y of `pairs` row pairs from pair `p0` on,
+//! each the sum of its `per_pair` chunk partials (float2 at partial + pair * per_pair) added in a
+//! fixed order: rt threads per pair read interleaved, then a butterfly whose partners add the same
+//! two numbers. Run by the block's first `threads` threads (a multiple of 32), between barriers of
+//! the caller's.
+template <class T>
+__device__ QMEM_INLINE void store_pair_sums(gemv_args<T> const& a, float2 const* partial,
+                                            unsigned per_pair, unsigned pairs, unsigned p0,
+                                            unsigned threads) {
+  unsigned rt = 8;
+  while (rt > 1 && rt * pairs > threads)
+    rt >>= 1;
+  for (unsigned from = 0; from < pairs * rt; from += threads) {
+    unsigned const idx = from + threadIdx.x;
+    unsigned const pl = idx / rt;
+    unsigned const part = idx % rt;
+    float s0 = 0.0f, s1 = 0.0f;
+    if (pl < pairs) {
+      float2 const* const src = partial + static_cast<std::size_t>(pl) * per_pair;
+      for (unsigned q = part; q < per_pair; q += rt) {
+        float2 const p = src[q];
+        s0 += p.x;
+        s1 += p.y;
+      }
+    }
+    for (unsigned o = 1; o < rt; o <<= 1) {
+      s0 += __shfl_xor_sync(0xFFFFFFFFu, s0, static_cast<int>(o));
+      s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, static_cast<int>(o));
+    }
+    if (pl < pairs && part == 0) {
+      std::size_t const r0 = 2 * static_cast<std::size_t>(p0 + pl);
+      a.y[r0] = from_float<T>(s0);
+      if (r0 + 1 < a.n)
+        a.y[r0 + 1] = from_float<T>(s1);
+    }
+  }
+}
+
 //! `J` super-steps per warp, `Depth / J` pairs in flight, blocks of at most `MaxWarps` warps;
 //! `Full`: every chunk of every warp's slice exists (k == 512 * J * C); `Async`: the loads go
 //! through a per-thread cp.async ring in shared memory (plain scales only).
@@ -1679,36 +1717,8 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       }
       __syncthreads();
 
-      // each row's C * 8 chunk sums, added in a fixed order: rt threads per pair (interleaved
-      // reads, then a butterfly whose partners add the same two numbers)
-      unsigned const per_pair = C * 8;
-      unsigned rt = 8;
-      while (rt > 1 && rt * done_tp > threads)
-        rt >>= 1;
-      for (unsigned from = 0; from < done_tp * rt; from += threads) {
-        unsigned const idx = from + threadIdx.x;
-        unsigned const pl = idx / rt;
-        unsigned const part = idx % rt;
-        float s0 = 0.0f, s1 = 0.0f;
-        if (pl < done_tp) {
-          float2 const* const src = partial + static_cast<std::size_t>(pl) * per_pair;
-          for (unsigned q = part; q < per_pair; q += rt) {
-            float2 const p = src[q];
-            s0 += p.x;
-            s1 += p.y;
-          }
-        }
-        for (unsigned o = 1; o < rt; o <<= 1) {
-          s0 += __shfl_xor_sync(0xFFFFFFFFu, s0, static_cast<int>(o));
-          s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, static_cast<int>(o));
-        }
-        if (pl < done_tp && part == 0) {
-          std::size_t const r0 = 2 * static_cast<std::size_t>(done_p0 + pl);
-          a.y[r0] = from_float<T>(s0);
-          if (r0 + 1 < a.n)
-            a.y[r0 + 1] = from_float<T>(s1);
-        }
-      }
+      // each row's C * 8 chunk sums, added in a fixed order
+      store_pair_sums(a, partial, C * 8, done_tp, done_p0, threads);
       __syncthreads();
     }
   };
@@ -2023,37 +2033,9 @@ __global__ void __launch_bounds__((MaxWarps + 1) * 32, 1)
           ++use;
         }
       }
-      // the consumers only: each row's C * 8 chunk sums, added in a fixed order (rt threads per
-      // pair, interleaved reads, then a butterfly whose partners add the same two numbers)
+      // the consumers only: each row's C * 8 chunk sums, added in a fixed order
       asm volatile("bar.sync 1, %0;" ::"r"(consumers) : "memory");
-      unsigned const per_pair = C * 8;
-      unsigned rt = 8;
-      while (rt > 1 && rt * tp > consumers)
-        rt >>= 1;
-      for (unsigned from = 0; from < tp * rt; from += consumers) {
-        unsigned const idx = from + threadIdx.x;
-        unsigned const pl = idx / rt;
-        unsigned const part = idx % rt;
-        float s0 = 0.0f, s1 = 0.0f;
-        if (pl < tp) {
-          float2 const* const src = partial + static_cast<std::size_t>(pl) * per_pair;
-          for (unsigned qd = part; qd < per_pair; qd += rt) {
-            float2 const p = src[qd];
-            s0 += p.x;
-            s1 += p.y;
-          }
-        }
-        for (unsigned o = 1; o < rt; o <<= 1) {
-          s0 += __shfl_xor_sync(0xFFFFFFFFu, s0, static_cast<int>(o));
-          s1 += __shfl_xor_sync(0xFFFFFFFFu, s1, static_cast<int>(o));
-        }
-        if (pl < tp && part == 0) {
-          std::size_t const r0 = 2 * static_cast<std::size_t>(p0 + pl);
-          a.y[r0] = from_float<T>(s0);
-          if (r0 + 1 < a.n)
-            a.y[r0 + 1] = from_float<T>(s1);
-        }
-      }
+      store_pair_sums(a, partial, C * 8, tp, p0, consumers);
       asm volatile("bar.sync 1, %0;" ::"r"(consumers) : "memory");
     }
   };
