@@ -37,6 +37,21 @@ using namespace qmem;
 
 constexpr int in = 8, hid = 16, out = 8, samples = 2048;
 
+// Softmax cross-entropy of one sample's logits z[0, n): returns -log softmax(z)[label]; with dz,
+// also writes its gradient (softmax(z) - onehot(label)) * scale into dz[0, n).
+double softmax_xent(float const* z, int n, int label, float scale, float* dz) {
+  float const zmax = *std::max_element(z, z + n);
+  double sum = 0.0;
+  for (int k = 0; k < n; ++k)
+    sum += std::exp(static_cast<double>(z[k] - zmax));
+  if (dz != nullptr) {
+    for (int k = 0; k < n; ++k)
+      dz[k] = static_cast<float>(std::exp(static_cast<double>(z[k] - zmax)) / sum) * scale;
+    dz[label] -= scale;
+  }
+  return std::log(sum) - static_cast<double>(z[label] - zmax);
+}
+
 struct dataset {
   std::vector<float> x; // samples x in
   std::vector<int> y;
@@ -100,21 +115,13 @@ struct mlp {
           a += x[i] * w1[i * hid + j];
         h[j] = std::tanh(a);
       }
-      float zmax = -1e30f;
       for (int k = 0; k < out; ++k) {
         float a = b2[k];
         for (int j = 0; j < hid; ++j)
           a += h[j] * w2[j * out + k];
         z[k] = a;
-        zmax = std::max(zmax, a);
       }
-      double sum = 0.0;
-      for (int k = 0; k < out; ++k)
-        sum += std::exp(static_cast<double>(z[k] - zmax));
-      loss += -(static_cast<double>(z[ds.y[s]] - zmax) - std::log(sum));
-      for (int k = 0; k < out; ++k)
-        dz[k] = static_cast<float>(std::exp(static_cast<double>(z[k] - zmax)) / sum) * inv;
-      dz[ds.y[s]] -= inv;
+      loss += softmax_xent(z.data(), out, ds.y[s], inv, dz.data());
       for (int k = 0; k < out; ++k)
         gb2[k] += dz[k];
       for (int j = 0; j < hid; ++j) {
@@ -192,16 +199,9 @@ struct stream_mlp {
       for (int j = 0; j < Hid; ++j)
         for (int k = 0; k < classes; ++k)
           z[k] += h[j] * w2[static_cast<std::size_t>(j * classes + k)];
-      float const zmax = *std::max_element(z, z + classes);
-      double sum = 0.0;
-      for (int k = 0; k < classes; ++k)
-        sum += std::exp(static_cast<double>(z[k] - zmax));
-      total += std::log(sum) - static_cast<double>(z[y[s]] - zmax);
+      total += softmax_xent(z, classes, y[s], inv, grad ? dz : nullptr);
       if (!grad)
         continue;
-      for (int k = 0; k < classes; ++k)
-        dz[k] = static_cast<float>(std::exp(static_cast<double>(z[k] - zmax)) / sum) * inv;
-      dz[y[s]] -= inv;
       for (int k = 0; k < classes; ++k)
         gb2[static_cast<std::size_t>(k)] += dz[k];
       for (int j = 0; j < Hid; ++j) {
@@ -288,28 +288,21 @@ double logistic_loss_and_grad(dataset const& ds, std::vector<float> const& w,
   std::fill(gw.begin(), gw.end(), 0.0f);
   std::fill(gb.begin(), gb.end(), 0.0f);
   double loss = 0.0;
-  float z[out];
+  float z[out], dz[out];
   float const inv = 1.0f / samples;
   for (int s = 0; s < samples; ++s) {
     float const* x = &ds.x[static_cast<std::size_t>(s * features)];
-    float zmax = -1e30f;
     for (int k = 0; k < out; ++k) {
       float a = b[k];
       for (int i = 0; i < features; ++i)
         a += x[i] * w[i * out + k];
       z[k] = a;
-      zmax = std::max(zmax, a);
     }
-    double sum = 0.0;
-    for (int k = 0; k < out; ++k)
-      sum += std::exp(static_cast<double>(z[k] - zmax));
-    loss += -(static_cast<double>(z[ds.y[s]] - zmax) - std::log(sum));
+    loss += softmax_xent(z, out, ds.y[s], inv, dz);
     for (int k = 0; k < out; ++k) {
-      float const dz = static_cast<float>(std::exp(static_cast<double>(z[k] - zmax)) / sum) * inv -
-                       (k == ds.y[s] ? inv : 0.0f);
-      gb[k] += dz;
+      gb[k] += dz[k];
       for (int i = 0; i < features; ++i)
-        gw[i * out + k] += x[i] * dz;
+        gw[i * out + k] += x[i] * dz[k];
     }
   }
   return loss / samples;
