@@ -1,8 +1,9 @@
 // Execution objects and the host parallel loop: which types are execution objects, how many
 // threads `exec::host` asks for, and parallel_for's contract (every index exactly once, chunks
 // aligned to the grain, small problems on the calling thread, worker exceptions rethrown on the
-// caller after every worker joined), and its worker pool (the same chunk on the same thread from
-// call to call, nested loops, loops from several threads, a forked child).
+// caller after every worker joined), its pieces handed to whichever thread is free (a slow thread
+// takes fewer), and its worker pool (growth, nested loops, loops from several threads, a forked
+// child).
 #include <qmem/core.hpp>
 #include <qmem/core/detail/parallel.hpp>
 
@@ -107,22 +108,51 @@ TEST_CASE("parallel_for: every index exactly once, for many sizes, grains and th
       }
 }
 
-TEST_CASE("parallel_for: chunks are grain multiples, one per thread, disjoint and ordered") {
+TEST_CASE("parallel_for: pieces are grain multiples, disjoint and ordered, at most 16 per thread") {
+  // 100 grains on 4 threads: 64 pieces wanted, so 2 grains (20 items) a piece: 50 pieces
   auto cs = chunks_of(qmem::exec::host{4}, 1000, 10, 1);
-  REQUIRE(cs.size() == 4);
+  REQUIRE(cs.size() == 50);
   std::sort(cs.begin(), cs.end(), [](chunk const& a, chunk const& b) { return a.begin < b.begin; });
   std::set<std::thread::id> ids;
   std::size_t expected_begin = 0;
   for (std::size_t i = 0; i < cs.size(); ++i) {
     CHECK(cs[i].begin == expected_begin);
-    if (i + 1 < cs.size())
-      CHECK((cs[i].end - cs[i].begin) % 10 == 0);
+    CHECK(cs[i].end - cs[i].begin == 20);
     expected_begin = cs[i].end;
     ids.insert(cs[i].thread);
   }
   CHECK(expected_begin == 1000);
-  CHECK(ids.size() == 4); // the caller plus three workers, all alive at once
-  CHECK(ids.count(std::this_thread::get_id()) == 1);
+  CHECK(ids.size() <= 4);
+  // a last piece shorter than the others: 1005 items, 101 grains -> 51 pieces, the last of 5
+  cs = chunks_of(qmem::exec::host{4}, 1005, 10, 1);
+  std::sort(cs.begin(), cs.end(), [](chunk const& a, chunk const& b) { return a.begin < b.begin; });
+  REQUIRE(cs.size() == 51);
+  CHECK(cs.back().begin == 1000);
+  CHECK(cs.back().end == 1005);
+  // fewer grains than 16 per thread: one grain a piece
+  cs = chunks_of(qmem::exec::host{4}, 100, 10, 1);
+  CHECK(cs.size() == 10);
+}
+
+TEST_CASE("parallel_for: a thread that runs slower takes fewer pieces") {
+  // 64 pieces of 50 items on 4 threads; the caller takes 2 ms per item, a worker 0.02 ms. With
+  // one equal chunk per thread the caller would run 800 items (1.6 s); here the workers finish
+  // the others while it runs its first piece (100 ms).
+  std::mutex m;
+  std::size_t on_caller = 0, total = 0;
+  auto const caller = std::this_thread::get_id();
+  qmem::detail::parallel_for(
+      qmem::exec::host{4}, 3200, 10,
+      [&](std::size_t b, std::size_t e) {
+        bool const slow = std::this_thread::get_id() == caller;
+        std::this_thread::sleep_for(std::chrono::microseconds((e - b) * (slow ? 2000 : 20)));
+        std::lock_guard lock(m);
+        on_caller += slow ? e - b : 0;
+        total += e - b;
+      },
+      1);
+  CHECK(total == 3200);
+  CHECK(on_caller <= 200);
 }
 
 TEST_CASE("parallel_for: small problems run on the calling thread as one chunk") {
@@ -139,21 +169,22 @@ TEST_CASE("parallel_for: small problems run on the calling thread as one chunk")
   CHECK(chunks_of(qmem::exec::host{8}, 0, 1, 1).empty());
 }
 
-TEST_CASE("parallel_for: an exception in a worker reaches the caller after all chunks ran") {
+TEST_CASE("parallel_for: an exception in a piece reaches the caller after all pieces ran") {
+  // 50 pieces of 20 items; two throw: the lowest one's exception is rethrown
   std::atomic<int> finished{0};
   auto body = [&](std::size_t b, std::size_t e) {
-    if (b == 250) // the second chunk, on a worker thread
-      throw std::out_of_range("chunk " + std::to_string(b) + ".." + std::to_string(e));
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    if (b == 280 || b == 600)
+      throw std::out_of_range("piece " + std::to_string(b) + ".." + std::to_string(e));
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
     finished.fetch_add(1);
   };
   try {
     qmem::detail::parallel_for(qmem::exec::host{4}, 1000, 10, body, 1);
     FAIL("parallel_for did not rethrow");
   } catch (std::out_of_range const& e) {
-    CHECK(std::string(e.what()) == "chunk 250..500");
+    CHECK(std::string(e.what()) == "piece 280..300");
   }
-  CHECK(finished.load() == 3); // the other three chunks completed: nothing is left running
+  CHECK(finished.load() == 48); // every other piece completed: nothing is left running
 
   // on the calling thread (single chunk) the exception passes straight through
   CHECK_THROWS_AS(
@@ -162,28 +193,34 @@ TEST_CASE("parallel_for: an exception in a worker reaches the caller after all c
       qmem::bad_argument);
 }
 
-TEST_CASE("parallel_for: chunk t runs on the same pool thread in every call, t = 0 on the caller") {
-  auto const first = chunks_of(qmem::exec::host{4}, 4000, 10, 1);
-  REQUIRE(first.size() == 4);
+TEST_CASE("parallel_for: the pool grows to the threads asked for, and calls reuse it") {
   for (int call = 0; call < 50; ++call) {
     auto const again = chunks_of(qmem::exec::host{4}, 4000, 10, 1);
-    REQUIRE(again.size() == 4);
+    std::size_t covered = 0;
+    std::set<std::thread::id> threads;
     for (auto const& c : again) {
-      auto const same = std::find_if(first.begin(), first.end(),
-                                     [&](chunk const& f) { return f.begin == c.begin; });
-      REQUIRE(same != first.end());
-      CHECK(same->thread == c.thread);
-      if (c.begin == 0)
-        CHECK(c.thread == std::this_thread::get_id());
+      covered += c.end - c.begin;
+      threads.insert(c.thread);
     }
+    CHECK(covered == 4000);
+    CHECK(threads.size() <= 4);
   }
   // more threads than the pool had so far: it grows, and every index is still covered once
-  auto const wide = chunks_of(qmem::exec::host{12}, 12000, 10, 1);
-  CHECK(wide.size() == 12);
+  std::mutex m;
   std::set<std::thread::id> threads;
-  for (auto const& c : wide)
-    threads.insert(c.thread);
-  CHECK(threads.size() == 12);
+  std::atomic<std::size_t> covered{0};
+  qmem::detail::parallel_for(
+      qmem::exec::host{12}, 12000, 10,
+      [&](std::size_t b, std::size_t e) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(2)); // room for every thread
+        covered.fetch_add(e - b);
+        std::lock_guard lock(m);
+        threads.insert(std::this_thread::get_id());
+      },
+      1);
+  CHECK(covered.load() == 12000);
+  CHECK(threads.size() > 1);
+  CHECK(threads.size() <= 12);
 }
 
 TEST_CASE("parallel_for: a loop inside a loop's body, and loops from several threads at once") {
@@ -219,7 +256,7 @@ TEST_CASE("parallel_for: a loop inside a loop's body, and loops from several thr
 
 #if defined(__linux__)
 TEST_CASE("parallel_for: a forked child, which has none of the pool's threads, still runs loops") {
-  CHECK(chunks_of(qmem::exec::host{4}, 4000, 10, 1).size() == 4); // the pool exists here
+  CHECK(chunks_of(qmem::exec::host{4}, 4000, 10, 1).size() > 1); // the pool exists here
   pid_t const child = ::fork();
   REQUIRE(child >= 0);
   if (child == 0) { // no doctest checks in the child: the exit status says it all

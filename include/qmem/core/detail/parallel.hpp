@@ -160,10 +160,26 @@ private:
 #endif
 };
 
-//! Calls `f(begin, end)` on disjoint chunks covering [0, n), each chunk a multiple of `grain`
-//! items except the last: chunk t is [t * per, (t + 1) * per), the same chunk on the same pool
-//! thread for the same n, grain and thread count. Runs on the calling thread when one chunk
-//! suffices. Exceptions from a chunk are rethrown on the calling thread after every chunk ended.
+#ifndef QMEM_HOST_PIECES_PER_THREAD
+//! Pieces per thread of a host loop (parallel_for), handed out in order to whichever thread is
+//! free. Measured 2026-11-30 on the GPU machine's 16-vCPU Xeon (a KVM guest; docs/benchmarks.md
+//! "Host optimizers", round 7): with all 16 vCPUs busy, 2 to 4 of them ran 512-bit FMA and
+//! division loops at 0.41-0.50 of the others' rate (pairs sharing a physical core on the host),
+//! while dependent-chain loops ran at the same rate on all 16, so one equal chunk per thread
+//! waited for the slowest. AdamW at 2^22 parameters, 16 threads, two interleaved runs: 8-bit
+//! 0.751 / 0.802 ms with one chunk per thread, 0.645 / 0.829 with 8 pieces, 0.570 / 0.662 with 16;
+//! 4-bit 0.634 / 0.813, 0.478 / 0.632, 0.468 / 0.485.
+#define QMEM_HOST_PIECES_PER_THREAD 16
+#endif
+
+//! Calls `f(begin, end)` on disjoint pieces covering [0, n), each piece a multiple of `grain`
+//! items except the last, piece i being [i * per, min(n, (i + 1) * per)) with at most
+//! QMEM_HOST_PIECES_PER_THREAD pieces per thread. The threads (the caller and the pool's workers)
+//! take the pieces in ascending order as they become free, so a thread that runs slower (a CPU
+//! shared with other work) takes fewer; which thread runs a piece is not fixed, so `f` must write
+//! only results indexed by position (every caller in qmem does). Runs on the calling thread as one
+//! piece [0, n) when one thread suffices. An exception from a piece is rethrown on the calling
+//! thread after every piece ended (that of the lowest piece when several threw).
 //! `min_items_per_thread` keeps tiny problems single-threaded.
 template <class F>
 void parallel_for(exec::host const& e, std::size_t n, std::size_t grain, F&& f,
@@ -178,17 +194,25 @@ void parallel_for(exec::host const& e, std::size_t n, std::size_t grain, F&& f,
     f(std::size_t{0}, n);
     return;
   }
-  std::size_t const per = (grains + threads - 1) / threads * grain;
-  std::vector<std::exception_ptr> errors(threads);
-  auto run = [&](std::size_t t) noexcept {
-    std::size_t const b = t * per;
-    std::size_t const end = std::min(n, b + per);
-    if (b >= end)
-      return;
-    try {
-      f(b, end);
-    } catch (...) {
-      errors[t] = std::current_exception();
+  constexpr std::size_t pieces_per_thread = QMEM_HOST_PIECES_PER_THREAD;
+  static_assert(pieces_per_thread >= 1, "QMEM_HOST_PIECES_PER_THREAD must be at least 1");
+  std::size_t const wanted = std::min(grains, threads * pieces_per_thread);
+  std::size_t const per = (grains + wanted - 1) / wanted * grain;
+  std::size_t const pieces = (n + per - 1) / per;
+  threads = std::min(threads, pieces);
+  std::vector<std::exception_ptr> errors(pieces);
+  std::atomic<std::size_t> next{0};
+  auto run = [&](std::size_t) noexcept {
+    for (;;) {
+      std::size_t const i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= pieces)
+        return;
+      std::size_t const b = i * per;
+      try {
+        f(b, std::min(n, b + per));
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
     }
   };
   if (!host_pool::instance().try_run(threads, run)) {
