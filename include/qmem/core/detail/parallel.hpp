@@ -163,7 +163,7 @@ private:
 #ifndef QMEM_HOST_PIECES_PER_THREAD
 //! Pieces per thread of a host loop (parallel_for), handed out in order to whichever thread is
 //! free. Measured 2026-11-30 on the GPU machine's 16-vCPU Xeon (a KVM guest; docs/benchmarks.md
-//! "Host optimizers", round 7): with all 16 vCPUs busy, 2 to 4 of them ran 512-bit FMA and
+//! "Host optimizers", round 7): with all 16 vCPUs busy, 2 to 6 of them ran 512-bit FMA and
 //! division loops at 0.41-0.50 of the others' rate (pairs sharing a physical core on the host),
 //! while dependent-chain loops ran at the same rate on all 16, so one equal chunk per thread
 //! waited for the slowest. AdamW at 2^22 parameters, 16 threads, two interleaved runs: 8-bit
