@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -158,4 +159,24 @@ TEST_CASE("quantized_tensor: bad arguments") {
   quantized_tensor moved = quantize(exec::host{}, view(std::as_const(x)), ok, format_desc{});
   quantized_tensor other = std::move(moved);
   CHECK(other.numel() == 100);
+}
+
+// A shape whose element count does not fit 64 bits wrapped to a small count (2^32 x 2^32 -> 0),
+// so an empty x "matched" it and the tensor recorded a shape of 2^64 elements holding none.
+TEST_CASE("quantized_tensor: a shape whose element count overflows 64 bits is rejected") {
+  std::vector<float> const none;
+  std::int64_t const wraps[] = {std::int64_t{1} << 32, std::int64_t{1} << 32};
+  std::int64_t const wraps3[] = {3, std::int64_t{1} << 40, std::int64_t{1} << 40};
+  CHECK_THROWS_AS(quantize(exec::host{}, view(none), wraps, format_desc{}), qmem::bad_argument);
+  CHECK_THROWS_AS(quantized_tensor(format_desc{}, dtype::f32, wraps), qmem::bad_argument);
+  CHECK_THROWS_AS(quantized_tensor(format_desc{}, dtype::f32, wraps3), qmem::bad_argument);
+  // a zero extent anywhere makes an empty tensor, not an overflow
+  std::int64_t const empty_first[] = {0, std::int64_t{1} << 40, std::int64_t{1} << 40};
+  std::int64_t const empty_last[] = {std::int64_t{1} << 40, std::int64_t{1} << 40, 0};
+  for (auto const shape :
+       {std::span<std::int64_t const>(empty_first), std::span<std::int64_t const>(empty_last)}) {
+    auto const q = quantize(exec::host{}, view(none), shape, format_desc{});
+    CHECK(q.numel() == 0);
+    CHECK(q.shape().size() == 3);
+  }
 }

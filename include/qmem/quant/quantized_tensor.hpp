@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -89,14 +90,24 @@ codebook<N> runtime_codebook(std::span<float const> values) {
   return make_codebook(t);
 }
 
+//! The element count of `shape`. Throws bad_argument (naming `fn`) for a rank above max_rank, a
+//! negative extent, or a product that does not fit std::size_t (a wrapped count would let a
+//! smaller input pass for the shape). A zero extent anywhere gives 0.
 inline std::size_t checked_numel(std::span<std::int64_t const> shape, char const* fn) {
   QMEM_EXPECTS(shape.size() <= max_rank, "shape has rank ", shape.size(), "; at most ", max_rank,
                " is supported (from ", fn, ")");
-  std::size_t n = 1;
-  for (std::size_t i = 0; i < shape.size(); ++i) {
+  for (std::size_t i = 0; i < shape.size(); ++i)
     if (shape[i] < 0)
       qmem::detail::raise(fn, ": shape[", i, "] is ", shape[i], "; expected >= 0");
-    n *= static_cast<std::size_t>(shape[i]);
+  if (std::ranges::find(shape, std::int64_t{0}) != shape.end())
+    return 0; // empty, whatever the other extents
+  std::size_t n = 1;
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    auto const d = static_cast<std::size_t>(shape[i]);
+    if (n > std::numeric_limits<std::size_t>::max() / d)
+      qmem::detail::raise(fn, ": the shape's element count overflows 64 bits at shape[", i,
+                          "] = ", shape[i]);
+    n *= d;
   }
   return n;
 }
@@ -159,8 +170,8 @@ public:
   //! `original` is the element type it was quantized from (and dequantizes to by default);
   //! `table` holds the values of a custom4 (16) / custom8 (256) code, else is empty.
   //! Preconditions (qmem::bad_argument): `format` valid (quant::validate); rank <= max_rank; every
-  //! extent >= 0; `original` a floating dtype; `table` as the code requires, values in [-1, 1], a
-  //! 4-bit table containing 0.0.
+  //! extent >= 0, their product within std::size_t; `original` a floating dtype; `table` as the
+  //! code requires, values in [-1, 1], a 4-bit table containing 0.0.
   quantized_tensor(format_desc const& format, dtype original, std::span<std::int64_t const> shape,
                    memory::resource& r = memory::default_host_resource(),
                    std::span<float const> table = {}) {
