@@ -294,3 +294,32 @@ TEST_CASE(
   auto const y = back.dequantize<float>();
   CHECK(std::isnan(y[3])); // NaN stays visible (see quant/blockwise.hpp on non-finite input)
 }
+
+// quantize_bnb multiplied the shape unchecked: 2^32 x 2^32 wrapped to 0 elements, "matched" an
+// empty x and wrote a quant state that read_bnb_weight rejects. It now refuses every shape the
+// reader refuses (a dimension or element count above 2^48), as does from_quantized.
+TEST_CASE("bnb: quantize_bnb and from_quantized refuse shapes the reader would reject") {
+  std::vector<float> const none;
+  auto const big = std::int64_t{1} << 32;
+  CHECK_THROWS_AS((void)qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
+                                               qmem::view(none), {big, big}, 64, false),
+                  qmem::bad_argument);
+  auto const huge = (std::int64_t{1} << 48) + 1;
+  CHECK_THROWS_AS((void)qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::fp4,
+                                               qmem::view(none), {0, huge}, 64, false),
+                  qmem::bad_argument);
+  // the largest dimension the reader takes is accepted and reads back
+  auto const w = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4, qmem::view(none),
+                                        {0, std::int64_t{1} << 48}, 64, true);
+  scratch_dir tmp;
+  qmem::io::safetensors_writer out;
+  w.add_to(out);
+  out.save(tmp.path / "empty.safetensors");
+  safetensors_reader r(tmp.path / "empty.safetensors");
+  CHECK(qmem::io::read_bnb_weight(r, "w").state.shape == w.state.shape);
+
+  std::vector<std::int64_t> const shape{0, huge};
+  auto const q = qmem::quant::quantize(qmem::exec::host{}, qmem::view(none), shape,
+                                       {qmem::quant::code_id::nf4, 64, false, 256});
+  CHECK_THROWS_AS((void)qmem::io::bnb_weight::from_quantized("w", q), qmem::bad_argument);
+}

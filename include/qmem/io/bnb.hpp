@@ -155,6 +155,31 @@ inline std::string python_float_repr(double v) {
   return sign + mant + (exp < 0 ? "e-" : "e+") + (es.size() < 2 ? "0" : "") + es;
 }
 
+//! The largest dimension and element count a bnb quant state may record: parse rejects more
+//! (real weights are far below; the bound keeps every size computed from the shape in 64 bits),
+//! and the writers refuse shapes beyond it so that what qmem writes it also reads.
+inline constexpr std::uint64_t max_bnb_elements = std::uint64_t{1} << 48;
+
+namespace detail {
+
+//! The element count of `shape`. Throws bad_argument (naming `function`) for what
+//! bnb_quant_state::parse rejects: a dimension outside [0, max_bnb_elements], or a running product
+//! above max_bnb_elements.
+inline std::size_t checked_bnb_numel(std::span<std::int64_t const> shape, char const* function) {
+  std::uint64_t n = 1;
+  for (auto const d : shape) {
+    if (d < 0 || static_cast<std::uint64_t>(d) > max_bnb_elements)
+      qmem::detail::raise(function, ": shape has a dimension ", d, "; expected one in [0, 2^48]");
+    auto const v = static_cast<std::uint64_t>(d);
+    if (v != 0 && n > max_bnb_elements / v)
+      qmem::detail::raise(function, ": shape has more than 2^48 elements");
+    n *= v;
+  }
+  return static_cast<std::size_t>(n);
+}
+
+} // namespace detail
+
 //! The fields of a bnb quant-state JSON.
 struct bnb_quant_state {
   bnb_format format = bnb_format::nf4;
@@ -252,10 +277,10 @@ struct bnb_quant_state {
       fail("no shape array");
     std::uint64_t n = 1;
     for (auto const& d : *sh) {
-      if (!d.is_number_unsigned() || d.get<std::uint64_t>() > (std::uint64_t{1} << 48))
+      if (!d.is_number_unsigned() || d.get<std::uint64_t>() > max_bnb_elements)
         fail("shape ", sh->dump(), " has a dimension that is not an integer in [0, 2^48]");
       auto const v = d.get<std::uint64_t>();
-      if (v != 0 && n > (std::uint64_t{1} << 48) / v)
+      if (v != 0 && n > max_bnb_elements / v)
         fail("shape ", sh->dump(), " has more than 2^48 elements");
       n *= v;
       s.shape.push_back(static_cast<std::int64_t>(v));
@@ -382,7 +407,8 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
 
   //! A bnb weight named `name` holding `q`'s codes and scales, with the tensors and quant-state
   //! JSON bitsandbytes/transformers write (U8 codes). Preconditions: q's code is nf4, fp4 or
-  //! dynamic_signed (int8), and its buffers are in host-accessible memory; throws bad_argument.
+  //! dynamic_signed (int8), its buffers are in host-accessible memory, and its shape is one the
+  //! reader accepts (see quantize_bnb); throws bad_argument.
   [[nodiscard]] static bnb_weight from_quantized(std::string name,
                                                  quant::quantized_tensor const& q);
 
@@ -478,6 +504,7 @@ inline bnb_weight bnb_weight::from_quantized(std::string name, quant::quantized_
                "; bitsandbytes checkpoints hold nf4, fp4 or dynamic_signed (int8)");
   QMEM_EXPECTS(host_accessible(q.space()), "q is in ", to_string(q.space()),
                " memory; expected host-accessible memory");
+  (void)detail::checked_bnb_numel(q.shape(), "bnb_weight::from_quantized");
   bnb_weight w;
   w.name = std::move(name);
   w.state.format = code == quant::code_id::nf4   ? bnb_format::nf4
@@ -617,18 +644,15 @@ inline bnb_weight read_bnb_weight(safetensors_reader const& r, std::string_view 
 //! `blocksize`, optionally double-quantizing the scales, into exactly the tensors bitsandbytes and
 //! transformers save (qmem's int8 layout for int8). `original` is the dtype recorded in the quant
 //! state (normally dtype_of_v<T>). Preconditions: a valid block size for the format (4-bit: power
-//! of two in [32, 4096]; int8: [64, 4096]), a non-negative shape whose product is x.size(), a
-//! floating `original`; throws bad_argument otherwise.
+//! of two in [32, 4096]; int8: [64, 4096]), a shape whose product is x.size() and that the reader
+//! accepts (dimensions in [0, 2^48], running product at most 2^48: max_bnb_elements), a floating
+//! `original`; throws bad_argument otherwise.
 template <float_element T>
 [[nodiscard]] bnb_weight quantize_bnb(exec::host const& e, std::string name, bnb_format f,
                                       tensor_view<T const> x, std::vector<std::int64_t> shape,
                                       std::size_t blocksize, bool nested,
                                       dtype original = dtype_of_v<T>) {
-  std::size_t n = 1;
-  for (auto d : shape) {
-    QMEM_EXPECTS(d >= 0, "shape has a negative dimension ", d);
-    n *= static_cast<std::size_t>(d);
-  }
+  std::size_t const n = detail::checked_bnb_numel(shape, "quantize_bnb");
   QMEM_EXPECTS(n == x.size(), "shape has ", n, " elements; x has ", x.size());
   QMEM_EXPECTS(!torch_dtype_name(original).empty(), "original dtype ", dtype_name(original),
                " is not a floating dtype");
