@@ -415,3 +415,25 @@ TEST_CASE("bad arguments are refused before anything is written") {
   CHECK_THROWS_AS(opt_t({}, {.lr = optim::lr_schedule::constant(-1.0f)}), qmem::bad_argument);
   CHECK_THROWS_AS(opt.add_param(tensor_view<float>(nullptr, 10)), qmem::bad_argument);
 }
+
+// converted() copied the step count but not the percentile-clipping history, so the converted
+// optimizer clipped against a history of zeros: after 5 steps with percentile 50, its 6th step
+// scaled the gradient by 0 where the original scaled it by 1.
+TEST_CASE("conversion keeps the percentile-clipping history") {
+  std::size_t const n = 3000;
+  auto const g = randn(n, 1.0f, 21);
+  std::vector<tensor_view<float const>> gs{view(g)};
+  auto p = randn(n, 1.0f, 22);
+  optim::optimizer<optim::sgd, optim::fp32_state> a({}, {.percentile = 50});
+  a.add_param(view(p));
+  for (int s = 0; s < 5; ++s)
+    REQUIRE(a.step(exec::host{}, gs).applied);
+  auto b = a.converted<optim::fp32_state>();
+  auto c = a.converted<optim::int8_state>();
+  auto const ra = a.step(exec::host{}, gs);
+  auto const rb = b.step(exec::host{}, gs);
+  auto const rc = c.step(exec::host{}, gs);
+  CHECK(ra.grad_scale == 1.0f);
+  CHECK(rb.grad_scale == ra.grad_scale);
+  CHECK(rc.grad_scale == ra.grad_scale);
+}

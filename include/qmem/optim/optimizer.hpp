@@ -294,6 +294,9 @@ private:
 
   template <class O>
   friend struct state_access;
+  // converted() sets the percentile history of an optimizer of another policy
+  template <update_rule R, state_policy P, float_element Q>
+  requires(!std::same_as<Q, double>) friend class optimizer;
 
 public:
   //! An optimizer with default hyper-parameters `rule` and `options`; state is allocated from
@@ -499,8 +502,9 @@ public:
   }
 
   //! An optimizer with state policy `To` holding this one's state re-encoded (for example fp32
-  //! -> 8-bit): same parameters, rule, options, step count and master weights. Explicit, never
-  //! implicit. Tensors below min_quantized_size (or marked fp32_state) stay fp32.
+  //! -> 8-bit): same parameters, rule, options, step count, percentile-clipping history and
+  //! master weights. Explicit, never implicit. Tensors below min_quantized_size (or marked
+  //! fp32_state) stay fp32.
   template <state_policy To>
   [[nodiscard]] optimizer<Rule, To, Param>
   converted(memory::resource& r = memory::default_host_resource()) const {
@@ -520,6 +524,7 @@ public:
         std::copy_n(ps.master.data(), ps.master.size(), out.master_data(i));
     }
     out.set_step(step_count(), last_lr());
+    out.norm_history_ = norm_history_; // percentile clipping continues from the same history
     return out;
   }
 
