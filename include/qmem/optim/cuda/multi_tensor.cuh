@@ -613,12 +613,20 @@ public:
                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(ring_bytes)),
           "cudaFuncSetAttribute(fused_step_kernel)");
+      // and the largest shared-memory carve-out, so that the occupancy the kernel was compiled
+      // for (its blocks' tables and rings side by side) is what the SM gives it
+      for (auto kernel : {fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>,
+                          fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>})
+        cuda_detail::check(cudaFuncSetAttribute(kernel,
+                                                cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                cudaSharedmemCarveoutMaxShared),
+                           "cudaFuncSetAttribute(fused_step_kernel carve-out)");
     }
     int per_sm = 0;
     cuda_detail::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
                            &per_sm,
                            fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>,
-                           fused_block_threads, ring_bytes),
+                           fused_threads<Rule, Policy, P, G>, ring_bytes),
                        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     grid_ = std::max(1, per_sm) * cuda_detail::sm_count(e.device);
   }
@@ -689,14 +697,15 @@ public:
                                         entry_count_,
                                         o.rounding == param_rounding::stochastic ? 1u : 0u,
                                         traits::tables::make()};
-    std::uint64_t const blocks_needed = (task_end - task_begin + 7) / 8;
+    constexpr std::uint64_t block_warps = fused_threads<Rule, Policy, P, G> / 32;
+    std::uint64_t const blocks_needed = (task_end - task_begin + block_warps - 1) / block_warps;
     int const grid = static_cast<int>(std::min<std::uint64_t>(blocks_needed, grid_));
     if (o.nonfinite == nonfinite_policy::skip_element)
       fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>
-          <<<grid, fused_block_threads, ring_bytes, e.stream>>>(args);
+          <<<grid, fused_threads<Rule, Policy, P, G>, ring_bytes, e.stream>>>(args);
     else // skip_step and raise: resolve() already skipped a step with a non-finite gradient
       fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>
-          <<<grid, fused_block_threads, ring_bytes, e.stream>>>(args);
+          <<<grid, fused_threads<Rule, Policy, P, G>, ring_bytes, e.stream>>>(args);
     cuda_detail::check_launch(e, "fused_step_kernel");
   }
   //! Enqueues the fused update of every tensor of the group.
