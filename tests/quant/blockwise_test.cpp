@@ -379,6 +379,23 @@ TEST_CASE_TEMPLATE_DEFINE("blockwise: bad arguments throw and write nothing", B,
   CHECK_THROWS_AS(
       dequantize_blockwise<C8>(e, cv, acv, 64, tensor_view<float>(y.view().data(), 1000, wrong)),
       qmem::bad_argument);
+  // overlapping views: codes or absmax in x's bytes, codes over absmax, y over codes or absmax
+  auto* const xbytes = reinterpret_cast<std::uint8_t*>(dx.view().data());
+  tensor_view<std::uint8_t> codes_in_x(xbytes + 4, 1000, xv.space());
+  tensor_view<float> absmax_in_x(dx.view().data() + 900, 16, xv.space());
+  CHECK_THROWS_AS(quantize_blockwise<C8>(e, xv, 64, codes_in_x, absmax.view()), qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_blockwise<C8>(e, xv, 64, codes.view(), absmax_in_x), qmem::bad_argument);
+  tensor_view<std::uint8_t> codes_in_y(reinterpret_cast<std::uint8_t*>(y.view().data()), 1000,
+                                       y.view().space());
+  CHECK_THROWS_AS(quantize_blockwise<C8>(e, xv, 64, codes_in_y, y.view().subview(200, 16)),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(
+      dequantize_blockwise<C8>(e, tensor_view<std::uint8_t const>(codes_in_x), acv, 64, dx.view()),
+      qmem::bad_argument);
+  CHECK_THROWS_AS(
+      dequantize_blockwise<C8>(e, cv, tensor_view<float const>(absmax_in_x), 64, dx.view()),
+      qmem::bad_argument);
+  CHECK(qmem::test::same_bits(B::download(dx.view()), x));
   try {
     quantize_blockwise<C8>(e, xv, 100, codes.view(), absmax.view());
   } catch (qmem::bad_argument const& err) {

@@ -166,4 +166,27 @@ void check_view(tensor_view<T> v, char const* function, char const* name, bool n
                   " memory; this call runs on the GPU and needs device-accessible memory");
 }
 
+namespace detail {
+
+//! True when views `a` and `b` share a byte (empty views share none). Addresses are compared
+//! whatever the memory spaces: under unified addressing a device pointer never equals a host one.
+template <class T, class U>
+bool overlapping(tensor_view<T> a, tensor_view<U> b) noexcept {
+  if (a.empty() || b.empty())
+    return false;
+  auto const a0 = reinterpret_cast<std::uintptr_t>(a.data());
+  auto const b0 = reinterpret_cast<std::uintptr_t>(b.data());
+  return a0 < b0 + b.size_bytes() && b0 < a0 + a.size_bytes();
+}
+
+//! Throws bad_argument (naming `function` and both arguments) when views `a` and `b` overlap.
+template <class T, class U>
+void check_disjoint(tensor_view<T> a, tensor_view<U> b, char const* function, char const* name_a,
+                    char const* name_b) {
+  if (overlapping(a, b))
+    raise(function, ": ", name_a, " and ", name_b, " overlap; expected separate memory");
+}
+
+} // namespace detail
+
 } // namespace qmem

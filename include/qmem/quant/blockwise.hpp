@@ -584,8 +584,8 @@ void check_blockwise_sizes(char const* function, std::size_t n, std::size_t bloc
 //! Preconditions (checked before anything is written; qmem::bad_argument otherwise):
 //! valid_block_size<C>(block_size); codes.size() == code_bytes<C>(x.size()); absmax.size() ==
 //! block_count(x.size(), block_size); every view non-null when non-empty, aligned, and reachable
-//! by `e` (host memory for exec::host, device-accessible memory for exec::cuda); the outputs do
-//! not overlap the input. Bytes moved: n * sizeof(T) read, codes and absmax written.
+//! by `e` (host memory for exec::host, device-accessible memory for exec::cuda); x, codes and
+//! absmax do not overlap one another. Bytes moved: n * sizeof(T) read, codes and absmax written.
 template <code_type C, exec::execution E, float_element T>
 void quantize_blockwise(E const& e, tensor_view<T const> x, std::size_t block_size,
                         tensor_view<std::uint8_t> codes, tensor_view<float> absmax,
@@ -595,6 +595,9 @@ void quantize_blockwise(E const& e, tensor_view<T const> x, std::size_t block_si
   detail::check_arg<E>(codes, fn, "codes");
   detail::check_arg<E>(absmax, fn, "absmax");
   detail::check_blockwise_sizes<C>(fn, x.size(), block_size, codes.size(), absmax.size());
+  qmem::detail::check_disjoint(x, codes, fn, "x", "codes");
+  qmem::detail::check_disjoint(x, absmax, fn, "x", "absmax");
+  qmem::detail::check_disjoint(codes, absmax, fn, "codes", "absmax");
   if (x.empty())
     return;
   if constexpr (exec::is_cuda_v<E>) {
@@ -622,7 +625,8 @@ void quantize_blockwise(E const& e, tensor_view<T const> x, std::size_t block_si
 //! in float, rounded once to T.
 //! Preconditions (checked before anything is written): valid_block_size<C>(block_size);
 //! codes.size() == code_bytes<C>(y.size()); absmax.size() == block_count(y.size(), block_size);
-//! views non-null when non-empty, aligned, reachable by `e`. Every code value is valid (4-bit codes
+//! views non-null when non-empty, aligned, reachable by `e`; y overlaps neither codes nor absmax
+//! (codes and absmax may share memory: both are only read). Every code value is valid (4-bit codes
 //! use all 16, 8-bit codes all 256 patterns).
 template <code_type C, exec::execution E, float_element T>
 void dequantize_blockwise(E const& e, tensor_view<std::uint8_t const> codes,
@@ -633,6 +637,8 @@ void dequantize_blockwise(E const& e, tensor_view<std::uint8_t const> codes,
   detail::check_arg<E>(absmax, fn, "absmax");
   detail::check_arg<E>(y, fn, "y");
   detail::check_blockwise_sizes<C>(fn, y.size(), block_size, codes.size(), absmax.size());
+  qmem::detail::check_disjoint(codes, y, fn, "codes", "y");
+  qmem::detail::check_disjoint(absmax, y, fn, "absmax", "y");
   if (y.empty())
     return;
   if constexpr (exec::is_cuda_v<E>) {
