@@ -22,7 +22,10 @@
 #include <vector>
 
 #if defined(__linux__)
+#include <cstdio>
+#include <pthread.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #endif
@@ -269,6 +272,48 @@ TEST_CASE("parallel_for: a forked child, which has none of the pool's threads, s
   int status = 0;
   REQUIRE(::waitpid(child, &status, 0) == child);
   CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+
+// When the system refused a thread (address-space or thread limits), the loop threw
+// std::system_error although the caller could run every piece, or, when some threads had started,
+// let it unwind past joinable std::threads: std::terminate. Here a forked child (no pool: it
+// starts its own threads) whose address space leaves room for about two thread stacks runs a
+// loop of 8 threads.
+TEST_CASE("parallel_for: a loop still runs when the system refuses some of its threads") {
+  pid_t const child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) { // no doctest checks in the child: the exit status says it all
+    long pages = 0;
+    if (std::FILE* const f = std::fopen("/proc/self/statm", "r")) {
+      if (std::fscanf(f, "%ld", &pages) != 1)
+        pages = 0;
+      std::fclose(f);
+    }
+    pthread_attr_t attr;
+    std::size_t stack = 0;
+    if (pages <= 0 || ::pthread_getattr_default_np(&attr) != 0 ||
+        ::pthread_attr_getstacksize(&attr, &stack) != 0)
+      ::_exit(2);
+    ::pthread_attr_destroy(&attr);
+    auto const used = static_cast<rlim_t>(pages) * static_cast<rlim_t>(::sysconf(_SC_PAGESIZE));
+    rlim_t const room = used + 2 * stack + stack / 2; // two or three more threads, not seven
+    rlimit const limit{room, room};
+    if (::setrlimit(RLIMIT_AS, &limit) != 0)
+      ::_exit(3);
+    std::atomic<std::size_t> sum{0};
+    try {
+      qmem::detail::parallel_for(
+          qmem::exec::host{8}, 8000, 10,
+          [&](std::size_t b, std::size_t e) { sum.fetch_add(e - b); }, 1);
+    } catch (...) {
+      ::_exit(4);
+    }
+    ::_exit(sum.load() == 8000 ? 0 : 1);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  REQUIRE(WIFEXITED(status)); // not killed by std::terminate's SIGABRT
   CHECK(WEXITSTATUS(status) == 0);
 }
 #endif

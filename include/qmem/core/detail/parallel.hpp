@@ -69,9 +69,10 @@ public:
     return *pool;
   }
 
-  //! Runs body(t) for t in [0, threads): t = 0 on the calling thread, the others on the pool's
-  //! workers, and returns once every call returned; false (nothing run) when the pool is busy
-  //! or this is a forked child. `body` must not throw. Precondition: threads >= 1.
+  //! Runs body(t) for t in [0, m): t = 0 on the calling thread, the others on the pool's
+  //! workers, and returns once every call returned; m is `threads`, or fewer when the system
+  //! refused to start more workers (m >= 1: the caller always runs). False (nothing run) when the
+  //! pool is busy or this is a forked child. `body` must not throw. Precondition: threads >= 1.
   template <class Body>
   bool try_run(std::size_t threads, Body& body) {
     if (in_job_ || !owner_process())
@@ -81,10 +82,9 @@ public:
       return false;
     try {
       grow(threads - 1);
-    } catch (...) { // no thread could be started: the caller starts its own (and reports why)
-      busy_.store(false, std::memory_order_release);
-      return false;
+    } catch (...) { // a thread could not be started (thread or address-space limits)
     }
+    threads = std::min(threads, workers_ + 1); // run on the workers that exist
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = [](void* b, std::size_t t) { (*static_cast<Body*>(b))(t); };
@@ -179,7 +179,9 @@ private:
 //! shared with other work) takes fewer; which thread runs a piece is not fixed, so `f` must write
 //! only results indexed by position (every caller in qmem does). Runs on the calling thread as one
 //! piece [0, n) when one thread suffices. An exception from a piece is rethrown on the calling
-//! thread after every piece ended (that of the lowest piece when several threw).
+//! thread after every piece ended (that of the lowest piece when several threw). When the system
+//! refuses to start some of the threads (thread or address-space limits), the threads that did
+//! start, at least the caller, take every piece.
 //! `min_items_per_thread` keeps tiny problems single-threaded.
 template <class F>
 void parallel_for(exec::host const& e, std::size_t n, std::size_t grain, F&& f,
@@ -218,8 +220,11 @@ void parallel_for(exec::host const& e, std::size_t n, std::size_t grain, F&& f,
   if (!host_pool::instance().try_run(threads, run)) {
     std::vector<std::thread> pool;
     pool.reserve(threads - 1);
-    for (std::size_t t = 1; t < threads; ++t)
-      pool.emplace_back(run, t);
+    try {
+      for (std::size_t t = 1; t < threads; ++t)
+        pool.emplace_back(run, t);
+    } catch (...) { // refused by the system: the threads started take every piece
+    }
     run(0);
     for (auto& th : pool)
       th.join();
