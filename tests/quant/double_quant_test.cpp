@@ -153,6 +153,26 @@ TEST_CASE_TEMPLATE_DEFINE("double quant: bad arguments throw and write nothing",
                       tensor_view<float const>(d2.view()),
                       tensor_view<float const>(doff.view().subview(0, 1)), 128, 256, dy.view()),
                   qmem::bad_argument); // block 128 needs 150 scales
+  // an output over an input: the offset or the codes in absmax, dequantized scales over absmax2
+  // and the offset, y over the offset
+  auto const ad = da.view();
+  tensor_view<std::uint8_t> q_in_a(reinterpret_cast<std::uint8_t*>(ad.data()) + 100, 300,
+                                   ad.space());
+  CHECK_THROWS_AS(quantize_scales(e, av, 256, dq.view(), d2.view(), ad.subview(7, 1)),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_scales(e, av, 256, q_in_a, d2.view(), doff.view().subview(0, 1)),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(dequantize_scales(e, tensor_view<std::uint8_t const>(dq.view()),
+                                    tensor_view<float const>(ad.subview(0, 2)),
+                                    tensor_view<float const>(ad.subview(2, 1)), 256, ad),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(dequantize_blockwise_nested<nf4>(
+                      e, tensor_view<std::uint8_t const>(dc.view()),
+                      tensor_view<std::uint8_t const>(dq.view()),
+                      tensor_view<float const>(d2.view()),
+                      tensor_view<float const>(dy.view().subview(5, 1)), 64, 256, dy.view()),
+                  qmem::bad_argument);
+  CHECK(qmem::test::same_bits(B::download(da.view()), absmax));
   CHECK(B::download(dq.view()) == q0);
   CHECK(qmem::test::same_bits(B::download(d2.view()), a0));
   CHECK(qmem::test::same_bits(B::download(doff.view()), o0));

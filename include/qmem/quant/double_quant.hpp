@@ -109,6 +109,15 @@ inline void check_scales_sizes(char const* fn, std::size_t m, std::size_t nested
                         block_count(m, nested_block), " (ceil(", m, " / ", nested_block, "))");
 }
 
+//! Throws bad_argument when the scales `absmax` being quantized, the codes `qabsmax` and the
+//! nested scales `absmax2` overlap.
+inline void check_scales_disjoint(char const* fn, tensor_view<float const> absmax,
+                                  tensor_view<std::uint8_t> qabsmax, tensor_view<float> absmax2) {
+  qmem::detail::check_disjoint(absmax, qabsmax, fn, "absmax", "qabsmax");
+  qmem::detail::check_disjoint(absmax, absmax2, fn, "absmax", "absmax2");
+  qmem::detail::check_disjoint(qabsmax, absmax2, fn, "qabsmax", "absmax2");
+}
+
 } // namespace detail
 
 //! Double-quantizes block scales: offset[0] = the fixed-order mean of `absmax` (file comment);
@@ -116,7 +125,8 @@ inline void check_scales_sizes(char const* fn, std::size_t m, std::size_t nested
 //! `nested_block`.
 //! Preconditions (checked before anything is written): valid_block_size<dynamic_signed>(
 //! nested_block); qabsmax.size() == absmax.size(); absmax2.size() == block_count(absmax.size(),
-//! nested_block); offset.size() == 1; views non-null when non-empty, aligned, reachable by `e`.
+//! nested_block); offset.size() == 1; views non-null when non-empty, aligned, reachable by `e`;
+//! no two views overlap.
 template <exec::execution E>
 void quantize_scales(E const& e, tensor_view<float const> absmax, std::size_t nested_block,
                      tensor_view<std::uint8_t> qabsmax, tensor_view<float> absmax2,
@@ -128,6 +138,10 @@ void quantize_scales(E const& e, tensor_view<float const> absmax, std::size_t ne
   detail::check_arg<E>(offset, fn, "offset");
   detail::check_scales_sizes(fn, absmax.size(), nested_block, qabsmax.size(), absmax2.size());
   QMEM_EXPECTS(offset.size() == 1, "offset has ", offset.size(), " elements; expected 1");
+  detail::check_scales_disjoint(fn, absmax, qabsmax, absmax2);
+  qmem::detail::check_disjoint(absmax, offset, fn, "absmax", "offset");
+  qmem::detail::check_disjoint(qabsmax, offset, fn, "qabsmax", "offset");
+  qmem::detail::check_disjoint(absmax2, offset, fn, "absmax2", "offset");
   if constexpr (exec::is_cuda_v<E>) {
 #if QMEM_HAS_CUDA() && QMEM_QUANT_HAS_CUDA_BLOCKWISE
     cuda_impl::quantize_scales(e, absmax, nested_block, qabsmax, absmax2, offset);
@@ -156,6 +170,7 @@ inline void quantize_scales_given_offset(exec::host const& e, tensor_view<float 
   detail::check_arg<exec::host>(qabsmax, fn, "qabsmax");
   detail::check_arg<exec::host>(absmax2, fn, "absmax2");
   detail::check_scales_sizes(fn, absmax.size(), nested_block, qabsmax.size(), absmax2.size());
+  detail::check_scales_disjoint(fn, absmax, qabsmax, absmax2);
   detail::quantize_scales_host(e, absmax.data(), absmax.size(), nested_block, offset,
                                qabsmax.data(), absmax2.data());
 }
@@ -164,7 +179,8 @@ inline void quantize_scales_given_offset(exec::host const& e, tensor_view<float 
 //! absmax2[i / nested_block]) + offset[0], each operation rounded in float.
 //! Preconditions (checked before anything is written): valid_block_size<dynamic_signed>(
 //! nested_block); qabsmax.size() == absmax.size(); absmax2.size() == block_count(absmax.size(),
-//! nested_block); offset.size() == 1; views non-null when non-empty, aligned, reachable by `e`.
+//! nested_block); offset.size() == 1; views non-null when non-empty, aligned, reachable by `e`;
+//! absmax overlaps none of the inputs.
 template <exec::execution E>
 void dequantize_scales(E const& e, tensor_view<std::uint8_t const> qabsmax,
                        tensor_view<float const> absmax2, tensor_view<float const> offset,
@@ -176,6 +192,9 @@ void dequantize_scales(E const& e, tensor_view<std::uint8_t const> qabsmax,
   detail::check_arg<E>(absmax, fn, "absmax");
   detail::check_scales_sizes(fn, absmax.size(), nested_block, qabsmax.size(), absmax2.size());
   QMEM_EXPECTS(offset.size() == 1, "offset has ", offset.size(), " elements; expected 1");
+  qmem::detail::check_disjoint(qabsmax, absmax, fn, "qabsmax", "absmax");
+  qmem::detail::check_disjoint(absmax2, absmax, fn, "absmax2", "absmax");
+  qmem::detail::check_disjoint(offset, absmax, fn, "offset", "absmax");
   if (absmax.empty())
     return;
   if constexpr (exec::is_cuda_v<E>) {
@@ -203,7 +222,7 @@ void dequantize_scales(E const& e, tensor_view<std::uint8_t const> qabsmax,
 //! valid_block_size<dynamic_signed>(nested_block); codes.size() == code_bytes<C>(y.size());
 //! qabsmax.size() == block_count(y.size(), block_size); absmax2.size() ==
 //! block_count(qabsmax.size(), nested_block); offset.size() == 1; views non-null when non-empty,
-//! aligned, reachable by `e`.
+//! aligned, reachable by `e`; y overlaps none of the inputs.
 template <code_type C, exec::execution E, float_element T>
 void dequantize_blockwise_nested(E const& e, tensor_view<std::uint8_t const> codes,
                                  tensor_view<std::uint8_t const> qabsmax,
@@ -219,6 +238,10 @@ void dequantize_blockwise_nested(E const& e, tensor_view<std::uint8_t const> cod
   detail::check_blockwise_sizes<C>(fn, y.size(), block_size, codes.size(), qabsmax.size());
   detail::check_scales_sizes(fn, qabsmax.size(), nested_block, qabsmax.size(), absmax2.size());
   QMEM_EXPECTS(offset.size() == 1, "offset has ", offset.size(), " elements; expected 1");
+  qmem::detail::check_disjoint(codes, y, fn, "codes", "y");
+  qmem::detail::check_disjoint(qabsmax, y, fn, "qabsmax", "y");
+  qmem::detail::check_disjoint(absmax2, y, fn, "absmax2", "y");
+  qmem::detail::check_disjoint(offset, y, fn, "offset", "y");
   if (y.empty())
     return;
   if constexpr (exec::is_cuda_v<E>) {
