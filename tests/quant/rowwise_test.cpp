@@ -119,6 +119,22 @@ TEST_CASE("rowwise: bad arguments throw and write nothing") {
   CHECK_THROWS_AS(dequantize_rowwise(exec::host{}, view(std::as_const(q)), view(std::as_const(s)),
                                      6, 10, view(y).subview(1, 59)),
                   qmem::bad_argument);
+  // an output over an input: codes or row scales in x's bytes, y over the codes or the scales
+  tensor_view<std::int8_t> q_in_x(reinterpret_cast<std::int8_t*>(x.data()) + 8, 60);
+  CHECK_THROWS_AS(quantize_rowwise(exec::host{}, xv, 6, 10, q_in_x, view(s)), qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_rowwise(exec::host{}, xv, 6, 10, view(q), view(x).subview(50, 6)),
+                  qmem::bad_argument);
+  std::vector<float> qy(60, 3.0f);
+  tensor_view<std::int8_t const> q_in_y(reinterpret_cast<std::int8_t const*>(qy.data()) + 4, 60);
+  CHECK_THROWS_AS(dequantize_rowwise(exec::host{}, q_in_y, view(std::as_const(s)), 6, 10, view(qy)),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(dequantize_rowwise(exec::host{}, view(std::as_const(q)),
+                                     view(std::as_const(qy)).subview(54, 6), 6, 10, view(qy)),
+                  qmem::bad_argument);
+  for (auto v : x)
+    CHECK(v == 1.0f);
+  for (auto v : qy)
+    CHECK(v == 3.0f);
   for (auto v : q)
     CHECK(v == 42);
   for (auto v : s)

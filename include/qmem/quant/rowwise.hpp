@@ -79,7 +79,8 @@ void for_each_row_host(E const& e, std::size_t rows, std::size_t cols, Row const
 
 //! Quantizes the row-major matrix x[rows][cols] row-wise to int8 (see the file comment).
 //! Preconditions (qmem::bad_argument, nothing written): x.size() == q.size() == rows * cols;
-//! row_absmax.size() == rows; views non-null when non-empty, aligned, reachable by `e`.
+//! row_absmax.size() == rows; views non-null when non-empty, aligned, reachable by `e`; x, q and
+//! row_absmax do not overlap one another.
 template <exec::execution E, float_element T>
 void quantize_rowwise(E const& e, tensor_view<T const> x, std::size_t rows, std::size_t cols,
                       tensor_view<std::int8_t> q, tensor_view<float> row_absmax) {
@@ -88,6 +89,9 @@ void quantize_rowwise(E const& e, tensor_view<T const> x, std::size_t rows, std:
   detail::check_arg<E>(q, fn, "q");
   detail::check_arg<E>(row_absmax, fn, "row_absmax");
   detail::check_rowwise_sizes(fn, rows, cols, x.size(), q.size(), row_absmax.size());
+  qmem::detail::check_disjoint(x, q, fn, "x", "q");
+  qmem::detail::check_disjoint(x, row_absmax, fn, "x", "row_absmax");
+  qmem::detail::check_disjoint(q, row_absmax, fn, "q", "row_absmax");
   if (rows == 0)
     return;
   if constexpr (exec::is_cuda_v<E>) {
@@ -122,7 +126,8 @@ void quantize_rowwise(E const& e, tensor_view<T const> x, std::size_t rows, std:
 
 //! Dequantizes row-wise int8 codes: y[r][c] = (q[r][c] * row_absmax[r]) * (1/127), one rounding
 //! to T. Preconditions (qmem::bad_argument, nothing written): q.size() == y.size() == rows * cols;
-//! row_absmax.size() == rows; views non-null when non-empty, aligned, reachable by `e`.
+//! row_absmax.size() == rows; views non-null when non-empty, aligned, reachable by `e`; y overlaps
+//! neither q nor row_absmax.
 template <exec::execution E, float_element T>
 void dequantize_rowwise(E const& e, tensor_view<std::int8_t const> q,
                         tensor_view<float const> row_absmax, std::size_t rows, std::size_t cols,
@@ -132,6 +137,8 @@ void dequantize_rowwise(E const& e, tensor_view<std::int8_t const> q,
   detail::check_arg<E>(row_absmax, fn, "row_absmax");
   detail::check_arg<E>(y, fn, "y");
   detail::check_rowwise_sizes(fn, rows, cols, y.size(), q.size(), row_absmax.size());
+  qmem::detail::check_disjoint(q, y, fn, "q", "y");
+  qmem::detail::check_disjoint(row_absmax, y, fn, "row_absmax", "y");
   if (rows == 0)
     return;
   if constexpr (exec::is_cuda_v<E>) {
