@@ -10,7 +10,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
+#include <span>
 #include <string>
 #include <unistd.h>
 #include <vector>
@@ -151,6 +153,40 @@ TEST_CASE("load errors: wrong policy, wrong parameters, corrupt file; optimizer 
                          qmem::format_error);
     CHECK(target.step_count() == 2);
     CHECK(target.state_values_of(0, 0) == before);
+  }
+  // load_state took a parameter's lr_scale from the file unchecked (add_param refuses < 0): a
+  // file with a valid checksum and lr_scale -1 made the next step ascend the gradient.
+  SUBCASE("a negative lr_scale with a valid checksum") {
+    auto const edited = temp_file("edited");
+    {
+      io::safetensors_reader const r(path);
+      std::map<std::string, std::vector<std::byte>> bytes; // name order, as the checksum
+      for (auto const& t : r.tensors()) {
+        auto const b = r.bytes(t);
+        bytes[t.name].assign(b.begin(), b.end());
+      }
+      float const negative = -1.0f;
+      auto const nb = std::as_bytes(std::span<float const>(&negative, 1));
+      bytes["param.0.lr_scale"].assign(nb.begin(), nb.end());
+      std::uint64_t h = 0xcbf29ce484222325ull;
+      for (auto const& [name, b] : bytes) {
+        h = optim::detail::fnv1a(h, std::as_bytes(std::span<char const>(name.data(), name.size())));
+        h = optim::detail::fnv1a(h, b);
+      }
+      io::safetensors_writer w;
+      for (auto const& [k, v] : r.metadata())
+        w.set_metadata(k, v);
+      w.set_metadata("checksum", std::to_string(h));
+      for (auto const& t : r.tensors())
+        w.add(t.name, t.type, t.shape, bytes[t.name]);
+      w.save(edited);
+    }
+    CHECK_THROWS_WITH_AS(optim::load_state(target, edited), doctest::Contains("lr_scale"),
+                         qmem::format_error);
+    CHECK(target.step_count() == 2);
+    CHECK(target.state_values_of(0, 0) == before);
+    CHECK(target.params()[0].lr_scale == 1.0f);
+    std::filesystem::remove(edited);
   }
   SUBCASE("a truncated file") {
     std::filesystem::resize_file(path, std::filesystem::file_size(path) / 2);

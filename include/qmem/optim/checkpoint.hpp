@@ -12,8 +12,8 @@
 //!   param.{i}.rule U8 (the rule's hyper-parameters, its object bytes), param.{i}.lr_scale F32[1],
 //!   param.{i}.quantized U8[1].
 //! Loading checks everything first (schema, policy, parameter count and sizes, dtypes, the
-//! checksum) and throws qmem::format_error naming the mismatch, leaving the optimizer unchanged;
-//! only then does it copy. 10 steps equal 5 steps + save + load into a fresh optimizer + 5 steps,
+//! checksum, lr scales >= 0) and throws qmem::format_error naming the mismatch, leaving the
+//! optimizer unchanged; only then does it copy. 10 steps equal 5 steps + save + load into a fresh optimizer + 5 steps,
 //! bit for bit (the step count and the stochastic-rounding counters are restored too).
 //! The parameters themselves are not saved: they belong to the model's checkpoint.
 
@@ -251,6 +251,8 @@ void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const
     std::memcpy(static_cast<void*>(&rules[i]), expect(pre + "rule", dtype::u8, sizeof(Rule)).data(),
                 sizeof(Rule));
     std::memcpy(&lr_scales[i], expect(pre + "lr_scale", dtype::f32, 4).data(), 4);
+    if (!(lr_scales[i] >= 0.0f)) // what add_param accepts
+      fail("parameter ", i, " has lr_scale ", lr_scales[i], "; expected >= 0");
   }
   // nothing can fail from here on
   for (auto const& cp : copies)
