@@ -437,3 +437,20 @@ TEST_CASE("conversion keeps the percentile-clipping history") {
   CHECK(rb.grad_scale == ra.grad_scale);
   CHECK(rc.grad_scale == ra.grad_scale);
 }
+
+// The step count is an int32: step() at count 2^31 - 1 computed count + 1, a signed overflow
+// (undefined; in practice step -2^31, whose bias correction and schedule wrote NaN or garbage
+// into the parameters). It now refuses before writing anything.
+TEST_CASE("step refuses to count past 2^31 - 1 steps") {
+  std::vector<float> p(100, 0.5f);
+  std::vector<float> const g(100, 0.1f);
+  optim::optimizer<optim::adamw, optim::fp32_state> opt;
+  opt.add_param(view(p));
+  opt.set_step(std::numeric_limits<std::int32_t>::max() - 1, 0.001f);
+  REQUIRE(opt.step(exec::host{}, {view(g)}).applied);
+  CHECK(opt.step_count() == std::numeric_limits<std::int32_t>::max());
+  auto const p1 = p;
+  CHECK_THROWS_AS(opt.step(exec::host{}, {view(g)}), qmem::bad_argument);
+  CHECK(p == p1);
+  CHECK(opt.step_count() == std::numeric_limits<std::int32_t>::max());
+}

@@ -46,6 +46,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <span>
 #include <string>
@@ -415,7 +416,7 @@ public:
 
   //! One optimizer step on the host. `grads[i]` is the gradient of parameter i (same size,
   //! host-accessible). Preconditions (bad_argument before anything is written): one gradient per
-  //! parameter, sizes equal, views valid. With nonfinite_policy::raise, a non-finite gradient
+  //! parameter, sizes equal, views valid, step_count() below 2^31 - 1. With nonfinite_policy::raise, a non-finite gradient
   //! throws qmem::error before anything is written.
   //! Bytes moved per element (update pass): param read+write, grad read, each state read+write
   //! (plus a gradient read for the norm pass when clipping or a non-finite check is on).
@@ -431,6 +432,8 @@ public:
     }
     QMEM_EXPECTS(std::isfinite(so.grad_unscale) && so.grad_unscale >= 0.0f, "grad_unscale is ",
                  so.grad_unscale, "; expected a finite value >= 0");
+    QMEM_EXPECTS(counter_[0].step < std::numeric_limits<std::int32_t>::max(), "the step count is ",
+                 counter_[0].step, ", the largest an int32 holds; no further step can be counted");
     step_result res;
     if (so.found_inf)
       return res;
