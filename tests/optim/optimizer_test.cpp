@@ -454,3 +454,33 @@ TEST_CASE("step refuses to count past 2^31 - 1 steps") {
   CHECK(p == p1);
   CHECK(opt.step_count() == std::numeric_limits<std::int32_t>::max());
 }
+
+// The host optimizer's state is read and written by host code, but a resource handing out device
+// memory was accepted: the constructor then wrote the step counter through a device pointer (a
+// crash with a real cudaMalloc resource). It is now refused before anything is allocated.
+TEST_CASE("the host optimizer refuses a resource of device memory") {
+  class device_like final : public memory::resource { // host bytes that claim to be device memory
+  public:
+    std::size_t allocations = 0;
+    [[nodiscard]] memory_space space() const noexcept override { return memory_space::device; }
+
+  private:
+    void* do_allocate(std::size_t bytes, std::size_t alignment, memory::category) override {
+      ++allocations;
+      return ::operator new (bytes == 0 ? 1 : bytes, std::align_val_t{alignment});
+    }
+    void do_deallocate(void* p, std::size_t, std::size_t alignment,
+                       memory::category) noexcept override {
+      ::operator delete (p, std::align_val_t{alignment});
+    }
+  };
+  device_like r;
+  using opt_t = optim::optimizer<optim::adamw, optim::int8_state>;
+  CHECK_THROWS_AS(opt_t({}, {}, r), qmem::bad_argument);
+  CHECK(r.allocations == 0);
+  std::vector<float> p(100, 0.5f);
+  opt_t host;
+  host.add_param(view(p));
+  CHECK_THROWS_AS((void)host.converted<optim::fp32_state>(r), qmem::bad_argument);
+  CHECK(r.allocations == 0);
+}

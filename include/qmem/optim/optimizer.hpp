@@ -295,17 +295,26 @@ private:
 
   template <class O>
   friend struct state_access;
+
+  // `r`, when it hands out host-accessible memory (host code reads and writes the state)
+  static memory::resource& checked_host_resource(memory::resource& r) {
+    QMEM_EXPECTS(host_accessible(r.space()), "the resource hands out ", to_string(r.space()),
+                 " memory; the host optimizer needs host-accessible memory (device state: "
+                 "optim::cuda::device_optimizer)");
+    return r;
+  }
   // converted() sets the percentile history of an optimizer of another policy
   template <update_rule R, state_policy P, float_element Q>
   requires(!std::same_as<Q, double>) friend class optimizer;
 
 public:
   //! An optimizer with default hyper-parameters `rule` and `options`; state is allocated from
-  //! `r` (host memory for the host backend). Throws bad_argument for an lr < 0, a percentile
-  //! outside [1, 100], negative clipping thresholds, or stochastic rounding of f16 parameters.
+  //! `r` (host-accessible memory). Throws bad_argument for a resource of device memory, an lr < 0,
+  //! a percentile outside [1, 100], negative clipping thresholds, or stochastic rounding of f16
+  //! parameters.
   explicit optimizer(Rule rule = {}, optimizer_options options = {},
                      memory::resource& r = memory::default_host_resource())
-      : rule_(rule), options_(options), resource_(&r),
+      : rule_(rule), options_(options), resource_(&checked_host_resource(r)),
         counter_(1, r, memory::category::optimizer_state) {
     detail::check_optimizer_options<Param>(options);
     counter_[0] = step_counter{};
