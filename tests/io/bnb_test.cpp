@@ -13,6 +13,7 @@
 #include <fstream>
 #include <iterator>
 #include <limits>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -322,4 +323,21 @@ TEST_CASE("bnb: quantize_bnb and from_quantized refuse shapes the reader would r
   auto const q = qmem::quant::quantize(qmem::exec::host{}, qmem::view(none), shape,
                                        {qmem::quant::code_id::nf4, 64, false, 256});
   CHECK_THROWS_AS((void)qmem::io::bnb_weight::from_quantized("w", q), qmem::bad_argument);
+}
+
+// A default-constructed quantized_tensor has shape [] (a scalar's, one element) but holds no
+// element and no bytes: from_quantized made a weight whose quant state says 1 element over empty
+// codes and scales, so dequantizing it read past the (empty) buffers, and the file it wrote did
+// not load.
+TEST_CASE("bnb: from_quantized refuses a tensor that holds fewer elements than its shape") {
+  qmem::quant::quantized_tensor const none;
+  CHECK_THROWS_AS((void)qmem::io::bnb_weight::from_quantized("w", none), qmem::bad_argument);
+  // a real scalar is fine and round-trips
+  std::vector<float> const one{0.75f};
+  auto const q =
+      qmem::quant::quantize(qmem::exec::host{}, qmem::view(one), std::span<std::int64_t const>{},
+                            {qmem::quant::code_id::nf4, 64, false, 256});
+  auto const w = qmem::io::bnb_weight::from_quantized("w", q);
+  CHECK(w.numel() == 1);
+  CHECK(w.dequantize<float>() == std::vector<float>{0.75f});
 }

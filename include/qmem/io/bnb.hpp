@@ -408,7 +408,8 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
   //! A bnb weight named `name` holding `q`'s codes and scales, with the tensors and quant-state
   //! JSON bitsandbytes/transformers write (U8 codes). Preconditions: q's code is nf4, fp4 or
   //! dynamic_signed (int8), its buffers are in host-accessible memory, and its shape is one the
-  //! reader accepts (see quantize_bnb); throws bad_argument.
+  //! reader accepts (see quantize_bnb) and has q.numel() elements (not a default-constructed
+  //! tensor); throws bad_argument.
   [[nodiscard]] static bnb_weight from_quantized(std::string name,
                                                  quant::quantized_tensor const& q);
 
@@ -504,7 +505,9 @@ inline bnb_weight bnb_weight::from_quantized(std::string name, quant::quantized_
                "; bitsandbytes checkpoints hold nf4, fp4 or dynamic_signed (int8)");
   QMEM_EXPECTS(host_accessible(q.space()), "q is in ", to_string(q.space()),
                " memory; expected host-accessible memory");
-  (void)detail::checked_bnb_numel(q.shape(), "bnb_weight::from_quantized");
+  std::size_t const n = detail::checked_bnb_numel(q.shape(), "bnb_weight::from_quantized");
+  QMEM_EXPECTS(n == q.numel(), "q holds ", q.numel(), " elements but its shape has ", n,
+               " (a default-constructed quantized_tensor holds none)");
   bnb_weight w;
   w.name = std::move(name);
   w.state.format = code == quant::code_id::nf4   ? bnb_format::nf4
