@@ -13,6 +13,8 @@
 //   batches 4 and 16: the small-batch streaming kernel's gemv_batch16_stream_candidates; 40 and
 //   up: the later batch-1 streaming candidates).
 // - gemv_variant_dq/n/k/1/v: batch-1 streaming shapes 19, 28, 40 and up with nested scales.
+// - gemv_batch16/n/k/m/v: the small-batch streaming kernel with each shape of
+//   cuda_matmul::gemv_batch16_stream_candidates (v 0-8 are gemv_variant 31-39).
 // - gemv_bulk/n/k/v: the bulk-copy batch-1 kernel (gemv1_bulk_kernel) with each shape of
 //   cuda_matmul::gemv_batch1_bulk_candidates, plain scales.
 // - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).
@@ -321,8 +323,11 @@ constexpr int stream_early = 12;
 // gemv_4bit_kernel shape dispatched before it at batches 9-16).
 constexpr auto const& variants_m = cuda_matmul::gemv_batch16_stream_candidates;
 constexpr int stream_m_first = stream_first + stream_early;
-// Then the batch-1 streaming shapes from the 13th on (variants 40 and up: matmul round 5).
-constexpr int stream_late_first = stream_m_first + static_cast<int>(std::size(variants_m));
+// Then the batch-1 streaming shapes from the 13th on (variants 40 and up: matmul round 5). Only
+// the first 9 small-batch shapes have variant numbers (31-39); gemv_batch16 times every one by its
+// index in gemv_batch16_stream_candidates.
+constexpr int stream_m_count = 9;
+constexpr int stream_late_first = stream_m_first + stream_m_count;
 constexpr int variant_count =
     stream_late_first + static_cast<int>(std::size(variants_stream)) - stream_early;
 
@@ -408,6 +413,50 @@ void gemv_bulk(benchmark::State& state) {
   state.counters["ring_kib"] = sh.ring_kib;
   state.counters["evict_first"] = sh.evict_first;
   report(state, t, w.bytes() + 2.0 * static_cast<double>(k + n));
+}
+
+// Args: n, k, m, candidate index. The streaming small-batch kernel alone (plain scales) with
+// each shape of cuda_matmul::gemv_batch16_stream_candidates.
+void gemv_batch16(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  int const v = static_cast<int>(state.range(3));
+  nf4_weight w(n, k, 64, false);
+  device_buffer<bf16> x(m * k), y(m * n);
+  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
+  exec::cuda const e{s, 0};
+  cuda_matmul::gemv_args<bf16> const a{x.p,
+                                       w.codes.p,
+                                       cuda_matmul::make_scale_args(w.view().scales),
+                                       y.p,
+                                       static_cast<unsigned>(m),
+                                       n,
+                                       k,
+                                       6};
+  constexpr auto const& shapes = cuda_matmul::gemv_batch16_stream_candidates;
+  auto call = [&] {
+    bool launched = false;
+    [&]<std::size_t... V>(std::index_sequence<V...>) {
+      ((static_cast<std::size_t>(v) == V
+            ? void(launched = cuda_matmul::launch_gemvm_stream<nf4, bf16, false, shapes[V]>(e, a))
+            : void()),
+       ...);
+    }
+    (std::make_index_sequence<std::size(shapes)>{});
+    if (!launched)
+      throw qmem::bad_argument("gemv_batch16: the small-batch kernel does not take this shape");
+  };
+  auto const timed = graph_loop_or_skip(state, s, call);
+  if (!timed)
+    return;
+  auto const& sh = shapes[v];
+  state.counters["warps"] = m <= 8 ? sh.warps : sh.warps16;
+  state.counters["tiles"] = m <= 8 ? sh.tiles : sh.tiles16;
+  state.counters["x_once"] = sh.x_once;
+  report(state, *timed, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
 }
 
 // Args: n, k, m, variant index. The fast GEMV kernel alone, plain scales (Nested: double-quantized
@@ -734,6 +783,12 @@ void bulk_args(benchmark::internal::Benchmark* b) {
     for (std::int64_t v = 0; v < std::ssize(cuda_matmul::gemv_batch1_bulk_candidates); ++v)
       b->Args({s[0], s[1], v});
 }
+void batch16_args(benchmark::internal::Benchmark* b) {
+  for (auto const& s : shapes)
+    for (std::int64_t m : {4, 16})
+      for (std::int64_t v = 0; v < std::ssize(cuda_matmul::gemv_batch16_stream_candidates); ++v)
+        b->Args({s[0], s[1], m, v});
+}
 void cublas_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes)
     for (std::int64_t m : {1, 16})
@@ -753,6 +808,7 @@ BENCHMARK(gemv)->Apply(gemv_args)->Apply(timed<3>);
 BENCHMARK(gemv_variant<false>)->Name("gemv_variant")->Apply(variant_args)->Apply(timed<2>);
 BENCHMARK(gemv_variant<true>)->Name("gemv_variant_dq")->Apply(variant_dq_args)->Apply(timed<2>);
 BENCHMARK(gemv_bulk)->Apply(bulk_args)->Apply(timed<2>);
+BENCHMARK(gemv_batch16)->Apply(batch16_args)->Apply(timed<2>);
 BENCHMARK(gemv_floor)
     ->Args({512, 0, 0, 0})
     ->Args({512, 0, 1, 0})

@@ -31,6 +31,7 @@
 #include <iterator>
 #include <random>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -621,11 +622,14 @@ void small_batch_case(std::size_t m, std::size_t n, std::size_t k, std::size_t b
 }
 
 //! Every plan kind of the streaming small-batch kernel for shape S, at batches 2 (and 5, 8: one
-//! 8-row half) and 9 (and 16: two halves); nested scales on some.
+//! 8-row half) and 9 (and 16: two halves); nested scales on some. x_once shapes take batches of
+//! 9-16 only.
 template <cuda_matmul::gemvm_stream_shape S>
 void small_batch_cases(std::mt19937& rng) {
   for (std::size_t const m :
        {std::size_t{2}, std::size_t{5}, std::size_t{8}, std::size_t{9}, std::size_t{16}}) {
+    if (S.x_once && m <= 8)
+      continue;
     // 22 chunks over 16 warps (1 or 2 each), 3 tiles (the last partial), one tile per block
     small_batch_case<S>(m, 45, 1408, 64, m == 5, 0, rng);
     // 5 tiles in one block: rounds of R tiles, the last partial and a row tile past n
@@ -655,14 +659,97 @@ TEST_CASE("the streaming small-batch GEMV kernel computes the GEMV function on e
   constexpr auto count = std::size(cuda_matmul::gemv_batch16_stream_candidates);
   all_small_batch_cases(rng, std::make_index_sequence<count>{});
 #else
-  // the three shapes launch_gemv dispatches (gemv_batch16_stream, _unpaired, _short)
+  // the four shapes launch_gemv dispatches (gemv_batch16_stream, _long, _unpaired, _short)
   small_batch_cases<cuda_matmul::gemv_batch16_stream>(rng);
+  small_batch_cases<cuda_matmul::gemv_batch16_stream_long>(rng);
   small_batch_cases<cuda_matmul::gemv_batch16_stream_unpaired>(rng);
   small_batch_cases<cuda_matmul::gemv_batch16_stream_short>(rng);
 #endif
 }
 
 #if QMEM_TEST_CANDIDATE_KERNELS
+TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): small plans, and the "
+          "round-based kernel's bits") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  std::mt19937 rng(31);
+  constexpr auto const& c = cuda_matmul::gemv_batch16_stream_candidates;
+  // small plans for the sanitizers: 5 tiles in one block (a step walks tiles 0-3, then 4), at
+  // batches 16 and 9 (nested), 7 tiles in each of 2 blocks at batch 12, one tile per block; full
+  // rounds without the per-tile test on 5 tiles
+  small_batch_case<c[10]>(16, 70, 1024, 64, false, 1, rng);
+  small_batch_case<c[11]>(9, 70, 1024, 64, true, 1, rng);
+  small_batch_case<c[9]>(16, 70, 1024, 64, false, 1, rng);
+  small_batch_case<c[12]>(12, 200, 512, 64, false, 2, rng);
+  small_batch_case<c[10]>(16, 33, 512, 128, false, 0, rng);
+  // x-once shapes decline batches of 8 and fewer (nothing launched)
+  {
+    std::mt19937 wrng(5);
+    host_weight const hw = random_weight(70, 1024, 64, false, wrng);
+    backend_weight<qmem::test::cuda_backend, nf4> bw(hw);
+    auto bx = qmem::test::cuda_backend::upload(random_matrix<bf16>(8 * 1024, wrng));
+    auto by = qmem::test::cuda_backend::template alloc<bf16>(8 * 70);
+    cuda_matmul::gemv_args<bf16> const a{bx.view().data(),
+                                         bw.view.codes.data(),
+                                         cuda_matmul::make_scale_args(bw.view.scales),
+                                         by.view().data(),
+                                         8u,
+                                         70,
+                                         1024,
+                                         6};
+    CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[12]>(
+        qmem::test::cuda_backend::exec(), a, 1));
+  }
+  // the same fused multiply-adds in the same order as the round-based shape with the same warps
+  // and tiles per step (c[8]): equal bits for full rounds without the per-tile test (c[9]) and
+  // the x-once shapes (c[10] to c[12]), at batches 16 and 9, over 1, 3 and 7 rounds
+  using B = qmem::test::cuda_backend;
+  auto const& e = B::exec();
+  for (auto const& [m, n, k, sms] :
+       {std::tuple{16u, 300u, 2048u, 3u}, std::tuple{9u, 70u, 4096u, 1u},
+        std::tuple{16u, 450u, 1024u, 4u}}) {
+    host_weight const hw = random_weight(n, k, 64, false, rng);
+    backend_weight<B, nf4> bw(hw);
+    auto bx = B::upload(random_matrix<bf16>(std::size_t{m} * k, rng));
+    auto y0 = B::template alloc<bf16>(std::size_t{m} * n);
+    auto y1 = B::template alloc<bf16>(std::size_t{m} * n);
+    auto y2 = B::template alloc<bf16>(std::size_t{m} * n);
+    auto y3 = B::template alloc<bf16>(std::size_t{m} * n);
+    auto y4 = B::template alloc<bf16>(std::size_t{m} * n);
+    auto args = [&](bf16* y) {
+      return cuda_matmul::gemv_args<bf16>{bx.view().data(),
+                                          bw.view.codes.data(),
+                                          cuda_matmul::make_scale_args(bw.view.scales),
+                                          y,
+                                          m,
+                                          n,
+                                          k,
+                                          6};
+    };
+    REQUIRE(
+        cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[8]>(e, args(y0.view().data()), sms));
+    REQUIRE(
+        cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[9]>(e, args(y1.view().data()), sms));
+    REQUIRE(
+        cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[10]>(e, args(y2.view().data()), sms));
+    REQUIRE(
+        cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[11]>(e, args(y3.view().data()), sms));
+    REQUIRE(
+        cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[12]>(e, args(y4.view().data()), sms));
+    std::vector<bf16> const ref = B::download(y0.view());
+    int variant = 9;
+    for (auto const* y : {&y1, &y2, &y3, &y4}) {
+      std::vector<bf16> const got = B::download(y->view());
+      bool same = true;
+      for (std::size_t i = 0; i < ref.size(); ++i)
+        same = same && ref[i].bits == got[i].bits;
+      CHECK_MESSAGE(same, "candidate ", variant++, " m=", m, " n=", n, " k=", k, " sms=", sms);
+    }
+  }
+}
+
 // The dispatched shapes among these run in mm_forward through matmul_4bit.
 TEST_CASE("GEMV kernel block shapes the bench compares all compute the same function") {
   if (!qmem::test::gpu_present()) {

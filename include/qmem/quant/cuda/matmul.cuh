@@ -432,6 +432,19 @@ __device__ QMEM_INLINE void ldg_pred(std::uint32_t& v, std::uint8_t const* p, bo
                : "+r"(v)
                : "l"(p), "r"(static_cast<int>(pred)));
 }
+//! ldg_pred of bytes read once: they are not kept in L1 (`L1::no_allocate`).
+__device__ QMEM_INLINE void ldg_pred_once(uint2& v, void const* p, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n"
+               " @q ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n}\n"
+               : "+r"(v.x), "+r"(v.y)
+               : "l"(p), "r"(static_cast<int>(pred)));
+}
+__device__ QMEM_INLINE void ldg_pred_once(uint4& v, void const* p, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
+               " @q ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+               : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+               : "l"(p), "r"(static_cast<int>(pred)));
+}
 
 //! The scale of block b as the GEMV kernels read it (the nested one decoded once per block and
 //! row, never per weight).
@@ -2066,7 +2079,11 @@ __global__ void __launch_bounds__((MaxWarps + 1) * 32, 1)
 //   warp computes the other (the batch-1 kernel's "grouped" ring); the next round's first step
 //   is loaded before the current round's reduction;
 // - each round, the warps' fp32 sums go to shared memory and the block adds them per output in
-//   warp order (deterministic).
+//   warp order (deterministic);
+// - or, with x_once (gemv_batch16_stream_long, batches 9-16 on weights of more than 4 tiles per
+//   block), steps outer and tiles inner: a warp walks every tile of the block at one step before
+//   its next step, keeping the step's activations in registers, its sums of each tile in shared
+//   memory; one reduction at the end, the same bits.
 // Thread (g, t) holds bytes 8t .. 8t + 7 of each chunk in rows g and g + 8 of every tile (columns
 // 16t .. 16t + 15) and, as the B fragment, the activations of batch rows g (and g + 8) at the same
 // columns: the mma's k order is a permutation of the chunk's columns shared by A and B. It
@@ -2104,6 +2121,23 @@ struct gemvm_stream_shape {
   //! lines per two chunks instead of per chunk. Needs group_scales, k % 128 == 0 and 16-byte
   //! aligned codes (else the launcher declines).
   bool pair = false;
+  //! Steps outer, tiles inner: a warp walks all the block's tiles at one step before moving to
+  //! its next step, so its activations come from L2 once per block (then from L1) instead of
+  //! once per round of R tiles, and its fp32 sums live in shared memory (one read-add-write per
+  //! tile and step, the same fused multiply-adds in the same order: the results equal the
+  //! round-based kernel's bit for bit), added per output in warp order at the end. Scales are
+  //! loaded at every step. Batches of 9-16 only (timed there): the launcher declines smaller
+  //! batches, and a weight whose sums do not fit.
+  bool x_once = false;
+  //! Code loads bypass L1 (`L1::no_allocate`), leaving it to the activations (with x_once).
+  bool stream_codes = false;
+  //! A step whose R tiles are all the block's is computed without a test per tile, so that
+  //! ptxas may interleave the tiles' products (the test, a branch, is kept for a block's last,
+  //! partial round only).
+  bool full_rounds = false;
+  //! With x_once: a step at the same chunk as the previous one takes that step's activation
+  //! registers instead of loading them again (loads only when the warp moves to its next step).
+  bool keep_x = false;
 };
 
 //! Shapes of gemvm_stream_kernel the bench compares (gemv_variant 31 to 39, after the batch-1
@@ -2134,6 +2168,16 @@ struct gemvm_stream_shape {
 //! shapes {16, 2} / {12, 2} and {12, 4} / {8, 4}, whose code loads touch 8 lines per two chunks
 //! (ptxas -v, sm_90: no spills with plain scales; with nested ones 164 bytes for 39 at batch <= 8,
 //! 8 for 38 at batch > 8).
+//! Matmul round 8 (bench gemv_batch16, candidates 9-12; H200, 2026-11-30, same process as the
+//! dispatched shape 8, us at batch 16 on the five shapes): 8 {8, 4} pair 7.63 / 19.40 / 21.05 /
+//! 19.63 / 76.35 (06:56 UTC, copy 4195 GB/s); 9 the same with full_rounds 7.88 / 20.21 / 21.91 /
+//! 20.72 / 80.68; 11 x_once + stream_codes + keep_x 7.54 / 18.37 / 22.80 / 21.14 / 73.76; 12 the
+//! same with full_rounds 7.69 / 18.25 / 23.34 / 20.36 / 73.04 (dispatched where a block owns more
+//! than 4 tiles: gemv_batch16_stream_long); x_once + keep_x with codes through L1 7.58 / 18.42 /
+//! 22.73 / 21.02 / 79.57. 06:43 UTC (copy 4216 GB/s; 8: 7.62 / 19.43 / 20.99 / 19.66 / 76.20):
+//! 10 x_once alone (activations loaded at every step, from L2: L1 kept none between steps, ncu
+//! L1 hit rate 32% as for 8) 7.35 / 18.69 / 21.09 / 20.16 / 87.72, with stream_codes 82.17 on
+//! 28672 x 8192; {8, 5} and {8, 3} pair 82.41 / 81.88 there, {6, 4} 87.65.
 inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {16, 2, 8, 4},
     {16, 2, 16, 2},
@@ -2143,7 +2187,11 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {16, 2, 16, 2, true, 0, true},
     {16, 4, 12, 4, true, 0, true},
     {16, 2, 12, 2, true, 0, true, true},
-    {12, 4, 8, 4, true, 0, true, true}};
+    {12, 4, 8, 4, true, 0, true, true},
+    {12, 4, 8, 4, true, 0, true, true, false, false, true},
+    {12, 4, 8, 4, true, 0, true, true, true},
+    {12, 4, 8, 4, true, 0, true, true, true, true, false, true},
+    {12, 4, 8, 4, true, 0, true, true, true, true, true, true}};
 //! The shape batches 2 to 16 run with (blocks >= 64, k % 64 == 0) when a block owns at least 4
 //! tiles (more than 3 * SMs tiles of 16 rows), plain scales: the pair shape {12, 4} / {8, 4}
 //! (variant 39). Lead's integrated run (H200, 2026-11-29 19:55 UTC, copy 4164 GB/s, us per call;
@@ -2154,6 +2202,14 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
 //! the weights the pair shape declines (k % 128 != 0, codes not 16-byte aligned) run
 //! gemv_batch16_stream_unpaired. Else gemv_batch16_stream_short.
 inline constexpr gemvm_stream_shape gemv_batch16_stream = gemv_batch16_stream_candidates[8];
+//! Batches 9-16 with plain scales where a block owns more than 4 tiles (more than one step's;
+//! 14336 x 4096: 7, 28672 x 8192: 14): the pair shape {8, 4} with x_once, stream_codes,
+//! full_rounds and keep_x (candidate 12), when the launcher takes the weight (else
+//! gemv_batch16_stream). Matmul round 8 (H200, 2026-11-30 06:56 UTC, copy 4195 GB/s, 200 calls
+//! in one graph, us at batch 16): 14336 x 4096 18.25 / 28672 x 8192 73.04 against 19.40 / 76.35
+//! for gemv_batch16_stream (candidate 8) in the same process; on 8192 x 8192 (4 tiles per
+//! block: one step's) 20.36 against 19.63, hence the condition.
+inline constexpr gemvm_stream_shape gemv_batch16_stream_long = gemv_batch16_stream_candidates[12];
 //! {16, 4} / {12, 4} with group_scales (variant 37), the fastest unpaired shape on 14336 x 4096 and
 //! 8192 x 8192 at batches 4 and 16 and on 28672 x 8192 at batch 16 in the 19:27 UTC run above (at
 //! batch 4 there {16, 2} gs was 2.7% faster).
@@ -2184,7 +2240,8 @@ struct gemvm_stage {
 //! 0, block >= 64, codes 8-byte and x 16-byte aligned, a power-of-two nested block size,
 //! n * k / 64 < 2^32; blockDim.x == 32 * plan.col_groups, plan.col_groups <= plan.chunks.
 template <class Code, class T, bool Nested, int MT, int R, int MaxWarps, bool Pdl,
-          int PrefetchLines = 0, bool GroupScales = false, bool Pair = false>
+          int PrefetchLines = 0, bool GroupScales = false, bool Pair = false, bool XOnce = false,
+          bool StreamCodes = false, bool FullRounds = false, bool KeepX = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemvm_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemvm_stream_plan plan) {
@@ -2195,17 +2252,32 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   constexpr unsigned stride = 16u * R + 4u; // floats between batch rows of the partial sums
 
   // layout: the table at a 64 KiB-aligned shared address (direct byte-permute addressing) when
-  // the allocation allows, else at 0; the partial sums, the nested map and the T values after it
+  // the allocation allows, else at 0; the partial sums, the nested map and the T values after it.
+  // XOnce: the sums of the block's tiles ([C warps][MT][32 lanes] float4 per tile), the first
+  // `before` of them in the bytes before the table, the others after it
   auto const base = static_cast<std::uint32_t>(__cvta_generic_to_shared(gemv_smem));
-  unsigned const side_bytes = gemvm_partial_bytes(C, MT, R) + gemv1_stream_extra_bytes(Nested);
+  unsigned const tile_bytes = C * static_cast<unsigned>(MT) * 512u;
   unsigned lut_off = (0u - base) & 0xFFFFu;
-  bool const direct = lut_off + gemv_lut_bytes + side_bytes <= plan.smem;
-  if (!direct)
+  unsigned before = XOnce ? min(lut_off / tile_bytes, plan.per_block) : 0u;
+  auto const sums_bytes = [&] {
+    return XOnce ? (plan.per_block - before) * tile_bytes : gemvm_partial_bytes(C, MT, R);
+  };
+  bool const direct =
+      lut_off + gemv_lut_bytes + sums_bytes() + gemv1_stream_extra_bytes(Nested) <= plan.smem;
+  if (!direct) {
     lut_off = 0;
+    before = 0;
+  }
   std::uint32_t const lut_addr = base + lut_off;
   auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem + lut_off);
   auto* const partial = reinterpret_cast<float*>(gemv_smem + lut_off + gemv_lut_bytes);
-  float* const dyn = partial + gemvm_partial_bytes(C, MT, R) / 4u;
+  float* const dyn = partial + sums_bytes() / 4u;
+  // XOnce: tile j's (0: the block's first) sums
+  auto const tile_sums = [&](unsigned j) {
+    unsigned const off =
+        j < before ? j * tile_bytes : lut_off + gemv_lut_bytes + (j - before) * tile_bytes;
+    return reinterpret_cast<float4*>(gemv_smem + off);
+  };
 
   unsigned const warp = threadIdx.x >> 5;
   unsigned const lane = threadIdx.x & 31u;
@@ -2271,14 +2343,15 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       buf[s].x[pc][mt][0] = buf[s].x[pc][mt][1] = make_uint4(0, 0, 0, 0);
   }
 
-  // the loads of chunk i of the round starting at tile tb into slot S (`dep`: always 0)
-  auto load = [&](auto slot, unsigned tb, unsigned i, std::uint32_t dep) {
+  // the loads of chunk i of the round starting at tile tb into slot S (`dep`: always 0); KeepX and
+  // not `fresh_x`: the activations are the other slot's
+  auto load = [&](auto slot, unsigned tb, unsigned i, std::uint32_t dep, bool fresh_x) {
     constexpr int S = decltype(slot)::value;
     stage& st = buf[S];
     unsigned const chunk = i + dep;
     // GroupScales: thread t loads the scale of chunk (chunk & ~3) + t at a warp's first chunk of
     // a round and every 4th chunk; between those the slot keeps the other slot's (just waited for)
-    bool const fresh = !GroupScales || (i & 3u) == 0 || i == lo;
+    bool const fresh = !GroupScales || XOnce || (i & 3u) == 0 || i == lo;
     unsigned const schunk = GroupScales ? (chunk & ~3u) + t : chunk;
     std::uint32_t const cblk = schunk >> step_shift;
     if constexpr (GroupScales) {
@@ -2300,10 +2373,12 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     for (int h = 0; h < 2; ++h) {
       unsigned const row = (tb + static_cast<unsigned>(r)) * 16u + 8u * h + g;
       bool const in = tb + static_cast<unsigned>(r) < t1 && row < n;
-      ldg_pred(st.q[r][h],
-               a.codes + static_cast<std::size_t>(row) * half_k + std::size_t{32} * chunk +
-                   8 * P * t,
-               in);
+      unsigned char const* const cp =
+          a.codes + static_cast<std::size_t>(row) * half_k + std::size_t{32} * chunk + 8 * P * t;
+      if constexpr (StreamCodes)
+        ldg_pred_once(st.q[r][h], cp, in);
+      else
+        ldg_pred(st.q[r][h], cp, in);
       std::uint32_t const blk = row * row_blocks + cblk;
       if constexpr (Nested) {
         ldg_pred(st.qs[r][h], a.scales.qabsmax + blk, in && sin);
@@ -2311,6 +2386,16 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       } else {
         ldg_pred(st.s[r][h], a.scales.absmax + blk, in && sin);
       }
+    }
+    if (KeepX && !fresh_x) {
+      QMEM_UNROLL
+      for (unsigned pc = 0; pc < P; ++pc)
+        QMEM_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        st.x[pc][mt][0] = buf[1 - S].x[pc][mt][0];
+        st.x[pc][mt][1] = buf[1 - S].x[pc][mt][1];
+      }
+      return;
     }
     QMEM_UNROLL
     for (unsigned pc = 0; pc < P; ++pc)
@@ -2327,7 +2412,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   unsigned tb = t0; // the current round's first tile
   unsigned ci = lo; // the current chunk
   if (tb < t1)
-    load(std::integral_constant<int, 0>{}, tb, lo, 0);
+    load(std::integral_constant<int, 0>{}, tb, lo, 0, true);
   if constexpr (!Pdl)
     fill_gemv_tables<T, Nested>(lut, dyn, values, nested);
 
@@ -2360,7 +2445,8 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     // last round) are skipped: computing them doubled the time of R = 4 on 4096-row weights (2
     // tiles per block; H200, 2026-11-29 19:10 UTC, batch 4, 4096 x 14336: 23.1 us against 15.6
     // with R = 2)
-    auto compute = [&](auto slot) {
+    auto compute = [&](auto slot, auto partial_c) {
+      constexpr bool Partial = decltype(partial_c)::value;
       stage const& st = buf[decltype(slot)::value];
       // GroupScales: chunk c's scale is thread (g, c % 4)'s
       auto pick = [&](auto v, unsigned pc) {
@@ -2371,8 +2457,22 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       };
       QMEM_UNROLL
       for (int r = 0; r < R; ++r) {
-        if (r > 0 && tb + static_cast<unsigned>(r) >= t1)
+        if (Partial && r > 0 && tb + static_cast<unsigned>(r) >= t1)
           break;
+        // XOnce: the tile's sums so far (none at the warp's first step)
+        [[maybe_unused]] float4* const sums =
+            XOnce ? tile_sums(tb - t0 + static_cast<unsigned>(r)) : nullptr;
+        if constexpr (XOnce) {
+          QMEM_UNROLL
+          for (int mt = 0; mt < MT; ++mt) {
+            float4 const v = ci == lo ? make_float4(0.0f, 0.0f, 0.0f, 0.0f)
+                                      : sums[(warp * MT + mt) * 32u + lane];
+            acc[r][mt][0] = v.x;
+            acc[r][mt][1] = v.y;
+            acc[r][mt][2] = v.z;
+            acc[r][mt][3] = v.w;
+          }
+        }
         // this thread's 8 code bytes of rows g and g + 8 in each chunk of the step; Pair: thread
         // t < 2 holds bytes 16t..16t+15 of the first chunk and t >= 2 of the second; each keeps
         // the 8 bytes of its own chunk at its column, trades the other 8 with thread t ^ 2
@@ -2430,7 +2530,24 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
             acc[r][mt][3] = fmaf(sc[1], p[mt][3], acc[r][mt][3]);
           }
         }
+        if constexpr (XOnce) {
+          QMEM_UNROLL
+          for (int mt = 0; mt < MT; ++mt)
+            sums[(warp * MT + mt) * 32u + lane] =
+                make_float4(acc[r][mt][0], acc[r][mt][1], acc[r][mt][2], acc[r][mt][3]);
+        }
       }
+    };
+
+    // FullRounds: without the per-tile test when the step's R tiles are all the block's
+    auto compute_step = [&](auto slot) {
+      if constexpr (FullRounds) {
+        if (tb + R <= t1) {
+          compute(slot, std::false_type{});
+          return;
+        }
+      }
+      compute(slot, std::true_type{});
     };
 
     // the round of tiles done .. done + R - 1 is complete in every warp's acc: add the warps'
@@ -2486,24 +2603,76 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         dep ^= xv[0].x ^ xv[0].y ^ xv[0].z ^ xv[0].w ^ xv[1].x ^ xv[1].y ^ xv[1].z ^ xv[1].w;
       }
       dep &= a.zero;
-      unsigned ni = ci + P, ntb = tb;
-      if (ni == hi) {
-        ni = lo;
-        ntb = tb + R;
-      }
-      if (ntb < t1)
-        load(std::integral_constant<int, 1 - S>{}, ntb, ni, dep);
-      compute(slot);
-      ci = ni;
-      if (ntb != tb) {
-        end_round(tb);
+      if constexpr (XOnce) {
+        // the block's next tiles at this step, else its first tiles at the warp's next step
+        unsigned ntb = tb + R, ni = ci;
+        if (ntb >= t1) {
+          ntb = t0;
+          ni = ci + P;
+        }
+        if (ni < hi)
+          load(std::integral_constant<int, 1 - S>{}, ntb, ni, dep, ni != ci);
+        compute_step(slot);
+        ci = ni;
         tb = ntb;
+      } else {
+        unsigned ni = ci + P, ntb = tb;
+        if (ni == hi) {
+          ni = lo;
+          ntb = tb + R;
+        }
+        if (ntb < t1)
+          load(std::integral_constant<int, 1 - S>{}, ntb, ni, dep, true);
+        compute_step(slot);
+        ci = ni;
+        if (ntb != tb) {
+          end_round(tb);
+          tb = ntb;
+        }
       }
     };
-    while (tb < t1) {
-      step(std::integral_constant<int, 0>{});
-      if (tb < t1)
-        step(std::integral_constant<int, 1>{});
+    if constexpr (XOnce) {
+      if (tb < t1) {
+        while (ci < hi) {
+          step(std::integral_constant<int, 0>{});
+          if (ci < hi)
+            step(std::integral_constant<int, 1>{});
+        }
+      }
+      // every warp's sums of every tile are in: add them per output in warp order (as end_round)
+      __syncthreads();
+      unsigned const count = (t1 > t0 ? t1 - t0 : 0u) * static_cast<unsigned>(MT) * 32u;
+      for (unsigned o = threadIdx.x; o < count; o += blockDim.x) {
+        unsigned const l = o & 31u;
+        unsigned const mt = (o >> 5) % static_cast<unsigned>(MT);
+        unsigned const j = (o >> 5) / static_cast<unsigned>(MT);
+        float4 const* const cell = tile_sums(j) + mt * 32u + l;
+        float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (unsigned w = 0; w < C; ++w) {
+          float4 const v = cell[w * MT * 32u];
+          sum.x += v.x;
+          sum.y += v.y;
+          sum.z += v.z;
+          sum.w += v.w;
+        }
+        // fragment entries: rows g and g + 8 of tile j, batch rows 8 mt + 2 t and the next
+        unsigned const row = (t0 + j) * 16u + (l >> 2);
+        unsigned const m = 8u * mt + 2u * (l & 3u);
+        auto put = [&](unsigned mm, unsigned rr, float v) {
+          if (mm < a.m && rr < n)
+            a.y[static_cast<std::size_t>(mm) * a.n + rr] = from_float<T>(v);
+        };
+        put(m, row, sum.x);
+        put(m + 1u, row, sum.y);
+        put(m, row + 8u, sum.z);
+        put(m + 1u, row + 8u, sum.w);
+      }
+    } else {
+      while (tb < t1) {
+        step(std::integral_constant<int, 0>{});
+        if (tb < t1)
+          step(std::integral_constant<int, 1>{});
+      }
     }
   };
   if (direct)
@@ -3445,6 +3614,8 @@ template <class Code, class T, bool Nested, gemvm_stream_shape Shape>
 bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned plan_sms = 0) {
   if (a.m < 2 || a.m > 16 || a.block_shift < 6 || a.n * (a.k >> 6) >= (std::size_t{1} << 32))
     return false;
+  if (Shape.x_once && a.m <= 8)
+    return false;
   if constexpr (Shape.pair) {
     if (a.k % 128 != 0 || !aligned16(a.codes))
       return false;
@@ -3460,21 +3631,35 @@ bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     constexpr int W = MT == 1 ? Shape.warps : Shape.warps16;
     constexpr int R = MT == 1 ? Shape.tiles : Shape.tiles16;
     constexpr auto kernel = &gemvm_stream_kernel < Code, T, Nested, MT, R, W, Shape.pdl,
-                   Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales, Shape.pair > ;
+                   Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales, Shape.pair,
+                   Shape.x_once, Shape.stream_codes, Shape.full_rounds, Shape.keep_x > ;
     p.col_groups = std::min(static_cast<unsigned>(W), p.chunks / (Shape.pair ? 2u : 1u));
-    p.smem = gemv1_stream_prefix + gemv_lut_bytes + gemvm_partial_bytes(p.col_groups, MT, R) +
-             gemv1_stream_extra_bytes(Nested);
+    unsigned const extra = gemv1_stream_extra_bytes(Nested);
+    if constexpr (Shape.x_once) {
+      // every tile's sums: those that fit go before the table (0xFC00 bytes when the dynamic
+      // shared memory starts at 0x400), the rest after it; or all after a table at 0
+      unsigned const tile = p.col_groups * static_cast<unsigned>(MT) * 512u;
+      unsigned const before = std::min(gemv1_stream_prefix / tile, p.per_block);
+      p.smem = std::max(gemv1_stream_prefix + gemv_lut_bytes + (p.per_block - before) * tile,
+                        gemv_lut_bytes + p.per_block * tile) +
+               extra;
+      if (p.smem > gemv1_stream_smem_limit)
+        return false;
+    } else {
+      p.smem =
+          gemv1_stream_prefix + gemv_lut_bytes + gemvm_partial_bytes(p.col_groups, MT, R) + extra;
+    }
     allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
     unsigned const threads = 32u * p.col_groups;
     cuda_detail::launch(e, Shape.pdl, kernel, dim3(grid), dim3(threads), p.smem,
                         "qmem::quant::gemvm_stream_kernel", a, values_of<Code>(), nested_values(),
                         p);
+    return true;
   };
-  if (a.m <= 8)
-    run(std::integral_constant<int, 1>{});
+  if constexpr (Shape.x_once)
+    return run(std::integral_constant<int, 2>{});
   else
-    run(std::integral_constant<int, 2>{});
-  return true;
+    return a.m <= 8 ? run(std::integral_constant<int, 1>{}) : run(std::integral_constant<int, 2>{});
 }
 
 template <class Code, class T, bool Nested, int MTiles, gemv_shape Shape, bool Block32,
@@ -3520,14 +3705,22 @@ void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
     run(std::integral_constant<int, 2>{});
 }
 
-//! Batches 2 to 16 on weights where a block owns at least 4 tiles: the pair shape with plain
-//! scales, the unpaired one with nested scales or where the pair shape declines the weight.
-//! False when neither takes it.
+//! Batches 2 to 16 on weights where a block owns at least 4 tiles: with plain scales, at batches
+//! 9-16 where a block owns more than 4 tiles the steps-outer shape (gemv_batch16_stream_long),
+//! else the pair shape; the unpaired one with nested scales or where those decline the weight.
+//! False when none takes it.
 template <class Code, class T, bool Nested>
 bool launch_gemvm_long(exec::cuda const& e, gemv_args<T> const& a) {
-  if constexpr (!Nested)
+  if constexpr (!Nested) {
+    // batches 9-16 where a block owns more than one step's tiles: the x-once shape
+    std::size_t const sms = multiprocessors(e.device);
+    std::size_t const per_block = ((a.n + 15) / 16 + sms - 1) / sms;
+    if (a.m > 8 && per_block > static_cast<std::size_t>(gemv_batch16_stream_long.tiles16) &&
+        launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_long>(e, a))
+      return true;
     if (launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream>(e, a))
       return true;
+  }
   return launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_unpaired>(e, a);
 }
 
