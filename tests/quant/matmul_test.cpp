@@ -513,6 +513,8 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
   // two-group rings and the 8-pair ring with programmatic dependent launch
   stream_cases<c[12]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}, {1501, 8192, 64, 1}}, true, rng);
   stream_cases<c[13]>({{70, 8192, 64, 0}, {45, 1408, 64, 0}, {300, 2048, 64, 7}}, true, rng);
+  // the dispatched two-group ring with code loads that skip L1 (full and partial slices)
+  stream_cases<c[14]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}, {1501, 8192, 64, 1}}, true, rng);
 #endif
 }
 

@@ -432,6 +432,12 @@ __device__ QMEM_INLINE void ldg_pred(std::uint32_t& v, std::uint8_t const* p, bo
                : "+r"(v)
                : "l"(p), "r"(static_cast<int>(pred)));
 }
+//! ldg of bytes read once: they are not kept in L1 (`L1::no_allocate`).
+__device__ QMEM_INLINE void ldg_once(uint2& v, void const* p) {
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
+               : "=r"(v.x), "=r"(v.y)
+               : "l"(p));
+}
 //! ldg_pred of bytes read once: they are not kept in L1 (`L1::no_allocate`).
 __device__ QMEM_INLINE void ldg_pred_once(uint2& v, void const* p, bool pred) {
   asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n"
@@ -1186,6 +1192,9 @@ struct gemv1_stream_shape {
   //! write in a model's forward; and a line the previous kernel does write is still read correctly
   //! (L2 is where writes land; nothing reaches L1 before the wait).
   int prefetch_kib = 0;
+  //! Code loads bypass L1 (`ld.global.nc.L1::no_allocate`; register rings only): what won 7% for
+  //! the batch-16 kernel's steps-outer shape (matmul round 8), not yet timed here.
+  bool stream_codes = false;
 };
 
 //! Shapes of gemv1_stream_kernel the bench's gemv_variant compares (variants 19 to 25): register
@@ -1215,7 +1224,7 @@ struct gemv1_stream_shape {
 //! H200 run. Also not yet timed: 28 {16, 4, pdl}, the dispatched shape launched with
 //! programmatic dependent launch (the table built while the previous call drains).
 //! Round 5 (bench variants 40 and 41, after the small-batch shapes): {16, 4, grouped, pdl} and
-//! {16, 8, pdl}.
+//! {16, 8, pdl}. Round 8 (variant 42, not yet timed): 40 with stream_codes.
 inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 8},
     {16, 4},
@@ -1230,7 +1239,8 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 4, false, false, true, 32},
     {16, 4, false, false, true, 128},
     {16, 4, false, true, true},
-    {16, 8, false, false, true}};
+    {16, 8, false, false, true},
+    {16, 4, false, true, true, 0, true}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
 //! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
@@ -1355,7 +1365,7 @@ __device__ QMEM_INLINE void store_pair_sums(gemv_args<T> const& a, float2 const*
 //! 8-byte and x 16-byte aligned, a power-of-two nested block size, n * k / 64 < 2^32;
 //! blockDim.x == 32 * C * G.
 template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async,
-          bool Grouped, bool Pdl, int PrefetchKiB = 0>
+          bool Grouped, bool Pdl, int PrefetchKiB = 0, bool StreamCodes = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemv1_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemv1_stream_plan plan) {
@@ -1528,7 +1538,12 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
                        : "memory");
         } else {
           auto& st = buf[S];
-          ldg_if<Full>(st.q[j][h], cp + 256 * j, valid[j]);
+          if constexpr (StreamCodes && Full)
+            ldg_once(st.q[j][h], cp + 256 * j);
+          else if constexpr (StreamCodes)
+            ldg_pred_once(st.q[j][h], cp + 256 * j, valid[j]);
+          else
+            ldg_if<Full>(st.q[j][h], cp + 256 * j, valid[j]);
           if constexpr (Nested) {
             ldg_if<Full>(st.qs[j][h], a.scales.qabsmax + blk, valid[j]);
             ldg_if<Full>(st.s[j][h], a.scales.absmax2 + (blk >> a.scales.nested_shift), valid[j]);
@@ -3499,7 +3514,7 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     auto run = [&](auto jc, auto fullc) {
       constexpr auto kernel = &gemv1_stream_kernel < Code, T, Nested, decltype(jc)::value,
                      Shape.depth, Shape.warps, decltype(fullc)::value, Shape.async, Shape.grouped,
-                     Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0 > ;
+                     Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes > ;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
       cuda_detail::launch(e, Shape.pdl, kernel, dim3(grid), dim3(threads), p.smem,
                           "qmem::quant::gemv1_stream_kernel", a, values_of<Code>(), nested_values(),
