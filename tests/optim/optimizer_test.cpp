@@ -484,3 +484,17 @@ TEST_CASE("the host optimizer refuses a resource of device memory") {
   CHECK_THROWS_AS((void)host.converted<optim::fp32_state>(r), qmem::bad_argument);
   CHECK(r.allocations == 0);
 }
+
+// add_param accepted the same tensor twice (tied weights added once per module, say): each step
+// then updated those elements twice, with two independent states. torch's optimizers refuse a
+// parameter that appears twice; add_param now refuses one that overlaps an added parameter.
+TEST_CASE("add_param refuses a parameter that shares memory with one already added") {
+  std::vector<float> p(200, 0.5f);
+  optim::optimizer<optim::adamw, optim::fp32_state> opt;
+  opt.add_param(view(p).subview(0, 100));
+  CHECK_THROWS_AS(opt.add_param(view(p).subview(0, 100)), qmem::bad_argument);
+  CHECK_THROWS_AS(opt.add_param(view(p).subview(99, 50)), qmem::bad_argument);
+  CHECK(opt.size() == 1);
+  CHECK(opt.add_param(view(p).subview(100, 100)) == 1); // adjacent, not overlapping
+  CHECK(opt.add_param(view(p).subview(0, 0)) == 2);     // empty views share nothing
+}

@@ -323,12 +323,16 @@ public:
   optimizer(optimizer&&) noexcept = default;
   optimizer& operator=(optimizer&&) noexcept = default;
 
-  //! Adds a parameter tensor (host-accessible, non-null when non-empty) and allocates its state,
-  //! zeroed (bitsandbytes' initial codes and absmax). Returns its index, the position of its
-  //! gradient in step(). Throws bad_argument for a bad view or lr_scale < 0.
+  //! Adds a parameter tensor (host-accessible, non-null when non-empty, sharing no memory with a
+  //! parameter already added) and allocates its state, zeroed (bitsandbytes' initial codes and
+  //! absmax). Returns its index, the position of its gradient in step(). Throws bad_argument for
+  //! a bad or overlapping view or lr_scale < 0.
   std::size_t add_param(tensor_view<Param> param, param_options o = {}) {
     check_view(param, "add_param", "param", true, false);
     detail::check_lr_scale(o.lr_scale);
+    for (std::size_t i = 0; i < params_.size(); ++i)
+      QMEM_EXPECTS(!qmem::detail::overlapping(param, params_[i].param), "param overlaps parameter ",
+                   i, " (each element is updated once per step: add shared storage once)");
     param_state ps = make_param_state(param, o, rule_, options_, *resource_,
                                       [](void* p, std::size_t bytes) { std::memset(p, 0, bytes); });
     for (std::size_t i = 0; i < ps.master.size(); ++i)
