@@ -221,10 +221,12 @@ TEST_CASE("cuda blockwise: device encoders equal C::encode for all 2^32 floats, 
 
 TEST_CASE("cuda blockwise: interval tables reproduce C::encode around every threshold (host)") {
   // The host half of the check above: both sides of the midpoint of each pair of neighbouring
-  // code values, the values themselves, the bucket edges k / 16 and the domain's ends.
-  auto check = []<class C>(std::type_identity<C>) {
-    using layout = typename cuda_impl::interval_layout_of<C>::type;
-    auto const& t = cuda_impl::interval_table_of<C>();
+  // code values, the values themselves, the bucket edges (k + 1/2) / 16 and k / 16 (rounding to
+  // nearest and down) and the domain's ends; for the dispatched layouts, and for FP4 in both of
+  // its layouts (QMEM_QUANT_FP4_SIGNED_INTERVALS picks one).
+  auto check = []<class C, class Layout>(std::type_identity<C>, std::type_identity<Layout>) {
+    using layout = Layout;
+    auto const t = cuda_impl::build_interval_table<C, layout>();
     auto same = [&](float x) {
       CAPTURE(x);
       REQUIRE((cuda_impl::interval_lookup<layout>(x, t.entry) & 0x0fu) == C::encode(x, C::book));
@@ -235,19 +237,26 @@ TEST_CASE("cuda blockwise: interval tables reproduce C::encode around every thre
                       -mid, -std::nextafter(mid, 2.0f)})
         same(x);
     }
-    for (int k = -17; k <= 15; ++k) { // the bucket edges (k + 1/2) / 16 inside [-1, 1]
-      float const edge = (static_cast<float>(k) + 0.5f) / 16.0f;
-      if (edge < -1.0f)
-        continue;
-      for (float x : {edge, std::nextafter(edge, -2.0f), std::nextafter(edge, 2.0f)})
-        same(x);
+    for (int k = -17; k <= 16; ++k) { // the bucket edges (k + 1/2) / 16 and k / 16 in [-1, 1]
+      for (float const edge :
+           {(static_cast<float>(k) + 0.5f) / 16.0f, static_cast<float>(k) / 16.0f}) {
+        if (edge < -1.0f || edge > 1.0f)
+          continue;
+        for (float x : {edge, std::nextafter(edge, -2.0f), std::nextafter(edge, 2.0f)})
+          same(x);
+      }
     }
     for (float x : {0.0f, -0.0f, 1.0f, -1.0f, 1.0f + 0x1p-23f, -1.0f - 0x1p-23f, 1e-30f, -1e-30f,
-                    1e-45f, -1e-45f, 0.00260417f, -0.00260417f})
+                    1e-45f, -1e-45f, 0.00260417f, -0.00260417f, std::nextafter(0.00260417f, 1.0f),
+                    std::nextafter(-0.00260417f, -1.0f)})
       same(x);
   };
-  check(std::type_identity<nf4>{});
-  check(std::type_identity<fp4>{});
+  check(std::type_identity<nf4>{}, std::type_identity<cuda_impl::interval_layout_of<nf4>::type>{});
+  check(std::type_identity<fp4>{}, std::type_identity<cuda_impl::interval_layout_of<fp4>::type>{});
+  check(std::type_identity<fp4>{}, std::type_identity<cuda_impl::interval_layout<16, true, 8u>>{});
+  check(std::type_identity<fp4>{},
+        std::type_identity<
+            cuda_impl::interval_layout<16, false, 0u, cuda_impl::interval_rounding::down>>{});
 }
 
 TEST_CASE("cuda blockwise: bucket_lookup_normal equals C::encode around every midpoint (host)") {

@@ -8,12 +8,12 @@
 //! exponent-bucket table of detail/bucket_search.hpp needs a clamp, a sign split, a NaN test and
 //! 16-bit field extraction: 15-20 instructions per element, which made the H200 NF4 quantizer
 //! issue-bound (0.46 ms for 2^28 elements, 2026-11-29). Here a value's bucket is
-//! k = round(v * Scale) (v = xn, or |xn| for sign-magnitude codes), computed by one FFMA with the
-//! constant 1.5 * 2^23 (whose low mantissa bits then hold k), so the shared-memory address is one
-//! IMAD of the FFMA's bits. Every bucket is an interval of floats holding at most one code
-//! transition (NF4's thresholds are >= 0.08 apart, FP4's magnitude thresholds >= 0.083 apart,
-//! wider than a bucket at Scale 16), so the entry {T, below | above << 8} gives the code exactly:
-//! `v > T ? above : below`, one FSETP and one predicated shift.
+//! k = round(v * Scale) or floor(v * Scale) (v = xn, or |xn| for sign-magnitude layouts), computed
+//! by one FFMA (rounding to nearest or down) with the constant 1.5 * 2^23 (whose low mantissa bits
+//! then hold k), so the shared-memory address is one IMAD of the FFMA's bits. Every bucket is an
+//! interval of floats holding at most one code transition (NF4's thresholds are >= 0.08 apart,
+//! FP4's >= 0.083 apart, wider than a bucket at Scale 16), so the entry {T, below | above << 8}
+//! gives the code exactly: `v > T ? above : below`, one FSETP and one predicated shift.
 //!
 //! The table is built on the host from the code type's own `encode` (transition by transition,
 //! found by bisection over the ordered floats of each bucket), so it reproduces C::encode by
@@ -32,20 +32,29 @@
 
 namespace qmem::quant::cuda_impl {
 
-//! Layout of an interval table: buckets k = round(v * Scale) for v in [-(1 + 2^-23), 1 + 2^-23]
-//! (or [0, 1 + 2^-23] when `Magnitude`: the table encodes |xn| and a negative xn, -0.0 excepted,
+//! How an interval table finds a value's bucket k: `nearest`, k = round(v * Scale) (ties to
+//! even): buckets centred on the multiples of 1 / Scale; `down`, k = floor(v * Scale): buckets
+//! [k / Scale, (k + 1) / Scale), so that every negative value (-0.0 excepted: floor(-0.0) is 0)
+//! lies in a bucket apart from +-0.0 and the positive values.
+enum class interval_rounding { nearest, down };
+
+//! Layout of an interval table: buckets k of v in [-(1 + 2^-23), 1 + 2^-23] by `Rounding` (or of
+//! v in [0, 1 + 2^-23] when `Magnitude`: the table encodes |xn| and a negative xn, -0.0 excepted,
 //! gets `SignCode` or'ed in).
-template <int Scale, bool Magnitude, std::uint32_t SignCode = 0>
+template <int Scale, bool Magnitude, std::uint32_t SignCode = 0,
+          interval_rounding Rounding = interval_rounding::nearest>
 struct interval_layout {
   static constexpr int scale = Scale;
   static constexpr bool magnitude = Magnitude;
   static constexpr std::uint32_t sign_code = SignCode;
-  //! Most negative bucket: -(Scale + 1) leaves a margin past round(-(1 + 2^-23) * Scale).
+  static constexpr interval_rounding rounding = Rounding;
+  //! Most negative bucket: -(Scale + 1) leaves a margin past round(-(1 + 2^-23) * Scale) and is
+  //! floor(-(1 + 2^-23) * Scale).
   static constexpr int first = Magnitude ? 0 : -(Scale + 1);
   static constexpr int last = Scale + 1;
   static constexpr std::size_t entries = static_cast<std::size_t>(last - first + 1);
-  //! 1.5 * 2^23: fma(v, Scale, magic) has the bits magic_bits + round(v * Scale) for
-  //! |v * Scale| < 2^22 (round to nearest even, the FFMA's one rounding).
+  //! 1.5 * 2^23: fma(v, Scale, magic) has the bits magic_bits + k for |v * Scale| < 2^22, k the
+  //! FFMA's one rounding of v * Scale to an integer (to nearest even, or down).
   static constexpr float magic = 12582912.0f;
   static constexpr std::uint32_t magic_bits = 0x4b400000u;
   static_assert(Scale > 0 && Scale <= (1 << 20) && (Scale & (Scale - 1)) == 0,
@@ -66,13 +75,18 @@ struct interval_table {
   interval_entry entry[Layout::entries];
 };
 
-//! The bucket index of v in [0, entries): round(v * Scale) - first.
+//! The bucket index of v in [0, entries): k - first, k = round(v * Scale) or floor(v * Scale).
 template <class Layout>
 QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t interval_bucket(float v) noexcept {
+  constexpr bool down = Layout::rounding == interval_rounding::down;
 #if defined(__CUDA_ARCH__)
-  float const y = __fmaf_rn(v, static_cast<float>(Layout::scale), Layout::magic);
+  float const y = down ? __fmaf_rd(v, static_cast<float>(Layout::scale), Layout::magic)
+                       : __fmaf_rn(v, static_cast<float>(Layout::scale), Layout::magic);
 #else
-  float const y = std::fma(v, static_cast<float>(Layout::scale), Layout::magic);
+  // v * Scale is exact (Scale a power of two), and so is floor(v * Scale) + magic: the device's
+  // fma rounded down, without changing the host's rounding mode
+  float const y = down ? std::floor(v * static_cast<float>(Layout::scale)) + Layout::magic
+                       : std::fma(v, static_cast<float>(Layout::scale), Layout::magic);
 #endif
   return qmem::detail::float_to_bits(y) -
          (Layout::magic_bits + static_cast<std::uint32_t>(Layout::first));
@@ -192,11 +206,25 @@ template <>
 struct interval_layout_of<nf4> {
   using type = interval_layout<16, false>;
 };
-//! FP4: |xn| in buckets of 1/16 (magnitude thresholds >= 0.083 apart), sign bit 8 for xn < 0
-//! (the transitions at -2.6e-3, at -0.0 and at 2.6e-3 would otherwise share a bucket).
+//! FP4 (QMEM_QUANT_FP4_SIGNED_INTERVALS, 1 by default): signed buckets [k / 16, (k + 1) / 16)
+//! (thresholds >= 0.083 apart). The code's sign rule (bit 8 for every xn < 0, but not for -0.0)
+//! puts transitions at -2.6e-3, between the tiny negatives and -0.0, and at 2.6e-3; rounding down
+//! separates them: [-1/16, 0) holds the first, [+-0, 1/16) the last, and the middle one is the
+//! bucket edge itself. The lookup is then NF4's, without the magnitude and the sign's two
+//! instructions per element (FSETP, predicated LOP3). SASS (ptxas 13.0, sm_90, 2026-11-30):
+//! quantize_whole's normal-block encode of 32 bf16 values 333 -> 269 instructions, as NF4's.
+//! 0: the layout before (2026-11-29), |xn| in buckets of 1/16 rounded to nearest and the sign bit
+//! or'ed in.
+#ifndef QMEM_QUANT_FP4_SIGNED_INTERVALS
+#define QMEM_QUANT_FP4_SIGNED_INTERVALS 1
+#endif
 template <>
 struct interval_layout_of<fp4> {
+#if QMEM_QUANT_FP4_SIGNED_INTERVALS
+  using type = interval_layout<16, false, 0u, interval_rounding::down>;
+#else
   using type = interval_layout<16, true, 8u>;
+#endif
 };
 
 //! The table of C, built once per process (thread-safe).
