@@ -666,6 +666,11 @@ TEST_CASE("device_optimizer: the documented usage (docs/optim.md)") {
     // -- end usage --
     CHECK(opt.step_count_blocking(gpu) == 3);
     CHECK(weights.download() != pr.params[0]);
+    // the same storage again, or a part of it, would be updated twice per step: refused
+    CHECK_THROWS_AS(
+        opt.add_param(gpu, qmem::tensor_view<qmem::bf16>(w + 100, 10, qmem::memory_space::device)),
+        qmem::bad_argument);
+    CHECK(opt.size() == 1);
     qmem::optim::cuda::device_optimizer<qmem::optim::lamb, qmem::optim::int8_state, qmem::bf16>
         again(gpu, qmem::optim::lamb{.weight_decay = 0.01f},
               {.lr = qmem::optim::lr_schedule::cosine(1e-3f, 10, 1000),

@@ -214,8 +214,9 @@ public:
   //! (stream-ordered on e.stream; master weights are widened from the parameter there). Returns
   //! its index, the position of its gradient in bind(). Call bind() again before the next step
   //! (adding a parameter to a bound optimizer waits for e.stream and unbinds it).
-  //! Preconditions (bad_argument, nothing allocated): the view is non-null when non-empty and not
-  //! in host memory; lr_scale >= 0; e.device is this optimizer's device.
+  //! Preconditions (bad_argument, nothing allocated): the view is non-null when non-empty, not
+  //! in host memory and shares no memory with a parameter already added (as the host optimizer's
+  //! add_param); lr_scale >= 0; e.device is this optimizer's device.
   std::size_t add_param(exec::cuda const& e, tensor_view<Param> param, param_options o = {}) {
     QMEM_EXPECTS(e.device == device_, "e.device is ", e.device, "; this optimizer is on device ",
                  device_);
@@ -223,6 +224,10 @@ public:
                  " elements has a null pointer");
     QMEM_EXPECTS(device_accessible(param.space()), "add_param: param is in ",
                  to_string(param.space()), " memory; expected device-accessible memory");
+    for (std::size_t i = 0; i < params_.size(); ++i)
+      QMEM_EXPECTS(!qmem::detail::overlapping(param, params_[i].param),
+                   "add_param: param overlaps parameter ", i,
+                   " (each element is updated once per step: add shared storage once)");
     optim::detail::check_lr_scale(o.lr_scale);
     cuda_detail::device_guard guard(device_);
     param_state ps = host_optimizer::make_param_state(
