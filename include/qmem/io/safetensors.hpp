@@ -9,8 +9,9 @@
 //! section) and may hold `"__metadata__"`, a string -> string map.
 //!
 //! The reader validates the whole header before anyone can see a tensor, and throws
-//! qmem::format_error on: a header length beyond the file or above 100 MB; JSON that does not
-//! parse, nests deeper than the format needs, or repeats a key; an entry that is not an object with
+//! qmem::format_error on: a header length beyond the file or above 100 MB; a header whose first
+//! byte is not `{` (as the reference implementation; trailing spaces are padding and allowed);
+//! JSON that does not parse, nests deeper than the format needs, or repeats a key; an entry that is not an object with
 //! exactly the keys `dtype`, `shape`, `data_offsets`; an unknown dtype name; a shape entry that is
 //! not a non-negative integer, or whose product (times the dtype size) overflows 64 bits;
 //! offsets that are not two non-negative integers with begin <= end; a byte size different from
@@ -366,6 +367,10 @@ private:
     header_bytes_ = n;
     auto const* hb = reinterpret_cast<char const*>(bytes_.data() + 8);
     data_ = bytes_.subspan(8 + static_cast<std::size_t>(n));
+    // The reference implementation refuses a header whose first byte is not '{'
+    // (InvalidHeaderStart); trailing spaces (the writers' padding) parse as JSON whitespace.
+    if (n == 0 || hb[0] != '{')
+      fail("the header does not start with '{'");
 
     // Parse with a callback that rejects duplicate keys (nlohmann keeps the last silently) and
     // nesting deeper than the format needs (bounds work on hostile input).
