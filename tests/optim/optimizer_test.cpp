@@ -414,6 +414,15 @@ TEST_CASE("bad arguments are refused before anything is written") {
   CHECK_THROWS_AS(opt_t({}, {.percentile = 0}), qmem::bad_argument);
   CHECK_THROWS_AS(opt_t({}, {.lr = optim::lr_schedule::constant(-1.0f)}), qmem::bad_argument);
   CHECK_THROWS_AS(opt.add_param(tensor_view<float>(nullptr, 10)), qmem::bad_argument);
+  // A negative warmup or total was taken as 0 silently.
+  CHECK_THROWS_AS(opt_t({}, {.lr = optim::lr_schedule::linear_warmup(1e-3f, -10)}),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(opt_t({}, {.lr = optim::lr_schedule::cosine(1e-3f, 0, -100)}),
+                  qmem::bad_argument);
+  CHECK_NOTHROW(opt_t({}, {.lr = optim::lr_schedule::cosine(1e-3f, 0, 0)}));
+  // master_data(i) read past the parameters for i >= size() (no bounds check).
+  CHECK(opt.master_data(0) == nullptr); // fp32 parameters keep no master copy
+  CHECK_THROWS_AS((void)opt.master_data(1), qmem::bad_argument);
 }
 
 // converted() copied the step count but not the percentile-clipping history, so the converted

@@ -6,9 +6,12 @@
 
 #include <doctest/doctest.h>
 
+#include <array>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace {
@@ -286,4 +289,135 @@ TEST_CASE("rules: LAMB and LARS trust ratios against fp64 tensor-wide references
       bad += std::fabs(p[i] - rp[i]) > 1e-6 + 1e-5 * std::fabs(rp[i]);
     CHECK(bad == 0);
   }
+}
+
+namespace {
+
+// Whether the host optimizer refuses `r`, as its default rule (constructor) and as a
+// per-parameter override (add_param), and, when it does, that nothing was added and the message
+// names `field`.
+template <class R>
+bool refused(R const& r, char const* field) {
+  bool ctor = false;
+  try {
+    optim::optimizer<R, optim::fp32_state> opt(r);
+  } catch (qmem::bad_argument const& e) {
+    ctor = std::string(e.what()).find(field) != std::string::npos;
+  }
+  optim::optimizer<R, optim::fp32_state> opt;
+  std::vector<float> p(8, 1.0f);
+  bool add = false;
+  try {
+    opt.add_param(tensor_view<float>(p.data(), p.size()), {.rule = r});
+  } catch (qmem::bad_argument const& e) {
+    add = std::string(e.what()).find(field) != std::string::npos && opt.size() == 0;
+  }
+  CHECK(ctor == add);
+  return ctor && add;
+}
+
+template <class R>
+bool accepted(R const& r) {
+  try {
+    optim::optimizer<R, optim::fp32_state> opt(r);
+    std::vector<float> p(8, 1.0f);
+    opt.add_param(tensor_view<float>(p.data(), p.size()), {.rule = r});
+    return true;
+  } catch (qmem::bad_argument const&) {
+    return false;
+  }
+}
+
+constexpr float nan_f = std::numeric_limits<float>::quiet_NaN();
+
+// A user rule with its own check: the optimizer calls it.
+struct checked_rule {
+  static constexpr int state_count = 1;
+  static constexpr std::array<optim::state_sign, 1> state_signs = {optim::state_sign::any};
+  float scale = 1.0f;
+  struct scalars {
+    float lr;
+  };
+  void validate() const {
+    QMEM_EXPECTS(scale > 0.0f, "checked_rule: scale is ", scale, "; expected > 0");
+  }
+  QMEM_HOST_DEVICE scalars prepare(optim::step_info const& si) const noexcept { return {si.lr}; }
+  QMEM_HOST_DEVICE static void update(float& p, float g, optim::state_values<1>&,
+                                      scalars const& k) noexcept {
+    p -= k.lr * g;
+  }
+};
+static_assert(optim::validated_rule<checked_rule> && optim::validated_rule<optim::adamw>);
+
+} // namespace
+
+// Ranges of torch.optim (adamw.py, sgd.py, rmsprop.py, adagrad.py) and bitsandbytes 0.50.2
+// (optim/optimizer.py, Optimizer1State/Optimizer2State: every beta in [0, 1), lr, eps and weight
+// decay >= 0): the values they refuse are refused, the edges they accept are accepted.
+TEST_CASE("rules: hyper-parameters outside their ranges are refused where a rule enters") {
+  // Adam, AdamW: 0 <= beta < 1, eps >= 0, weight_decay >= 0.
+  CHECK(refused(optim::adamw{.beta1 = 1.0f}, "beta1"));
+  CHECK(refused(optim::adamw{.beta1 = -0.1f}, "beta1"));
+  CHECK(refused(optim::adamw{.beta2 = 1.0f}, "beta2"));
+  CHECK(refused(optim::adam{.beta2 = nan_f}, "beta2"));
+  CHECK(refused(optim::adamw{.eps = -1e-8f}, "eps"));
+  CHECK(refused(optim::adam{.weight_decay = -0.01f}, "weight_decay"));
+  CHECK(accepted(optim::adamw{.beta1 = 0.0f, .beta2 = 0.0f, .eps = 0.0f, .weight_decay = 0.0f}));
+  CHECK(accepted(optim::adamw{.beta1 = 0.99999f, .beta2 = 0.99999f}));
+  // SGD: momentum >= 0, weight_decay >= 0, Nesterov needs momentum > 0 and dampening 0.
+  CHECK(refused(optim::sgd{.momentum = -0.5f}, "momentum"));
+  CHECK(refused(optim::sgd{.weight_decay = -1.0f}, "weight_decay"));
+  CHECK(refused(optim::sgd{.momentum = 0.0f, .nesterov = true}, "nesterov"));
+  CHECK(refused(optim::sgd{.dampening = 0.1f, .nesterov = true}, "nesterov"));
+  CHECK(refused(optim::sgd{.dampening = nan_f}, "dampening"));
+  CHECK(accepted(optim::sgd{.momentum = 0.0f, .dampening = 0.5f}));
+  CHECK(accepted(optim::sgd{.momentum = 0.9f, .nesterov = true}));
+  // Lion: both betas in [0, 1).
+  CHECK(refused(optim::lion{.beta1 = 1.5f}, "beta1"));
+  CHECK(refused(optim::lion{.beta2 = 1.0f}, "beta2"));
+  CHECK(refused(optim::lion{.weight_decay = -0.1f}, "weight_decay"));
+  CHECK(accepted(optim::lion{.beta1 = 0.0f, .beta2 = 0.0f}));
+  // RMSprop: alpha in [0, 1], eps, weight_decay, momentum >= 0.
+  CHECK(refused(optim::rmsprop{.alpha = -0.1f}, "alpha"));
+  CHECK(refused(optim::rmsprop{.alpha = 1.5f}, "alpha"));
+  CHECK(refused(optim::rmsprop{.eps = -1.0f}, "eps"));
+  CHECK(refused(optim::rmsprop_rule<true, true>{.momentum = -0.9f}, "momentum"));
+  CHECK(accepted(optim::rmsprop_rule<true, true>{.alpha = 0.0f, .eps = 0.0f}));
+  CHECK(accepted(optim::rmsprop{.alpha = 1.0f}));
+  // Adagrad: eps, weight_decay, lr_decay >= 0.
+  CHECK(refused(optim::adagrad{.eps = -1e-10f}, "eps"));
+  CHECK(refused(optim::adagrad{.weight_decay = -1.0f}, "weight_decay"));
+  CHECK(refused(optim::adagrad{.lr_decay = -0.5f}, "lr_decay"));
+  CHECK(accepted(optim::adagrad{.eps = 0.0f, .lr_decay = 0.0f}));
+  // LAMB: as Adam.
+  CHECK(refused(optim::lamb{.beta1 = 1.0f}, "beta1"));
+  CHECK(refused(optim::lamb{.eps = nan_f}, "eps"));
+  CHECK(refused(optim::lamb{.weight_decay = -0.01f}, "weight_decay"));
+  // LARS: momentum >= 0, weight_decay >= 0, trust_coefficient > 0 and finite.
+  CHECK(refused(optim::lars{.momentum = -0.9f}, "momentum"));
+  CHECK(refused(optim::lars{.trust_coefficient = 0.0f}, "trust_coefficient"));
+  CHECK(refused(optim::lars{.trust_coefficient = std::numeric_limits<float>::infinity()},
+                "trust_coefficient"));
+  CHECK(accepted(optim::lars{.momentum = 0.0f, .weight_decay = 0.0f}));
+  // AdEMAMix: three betas in [0, 1), alpha >= 0 and finite, t_alpha, t_beta3 >= 0 (0: off).
+  CHECK(refused(optim::ademamix{.beta3 = 1.0f}, "beta3"));
+  CHECK(refused(optim::ademamix{.beta1 = -0.1f}, "beta1"));
+  CHECK(refused(optim::ademamix{.alpha = -1.0f}, "alpha"));
+  CHECK(refused(optim::ademamix{.eps = -1.0f}, "eps"));
+  CHECK(refused(optim::ademamix{.t_alpha = -1}, "t_alpha"));
+  CHECK(refused(optim::ademamix{.t_beta3 = -5}, "t_beta3"));
+  CHECK(accepted(optim::ademamix{.alpha = 0.0f, .t_alpha = 100, .t_beta3 = 100}));
+  // The message names the rule, the field, the value and the range.
+  try {
+    optim::optimizer<optim::adamw, optim::fp32_state> opt(optim::adamw{.beta2 = 1.5f});
+    FAIL("adamw{.beta2 = 1.5} was accepted");
+  } catch (qmem::bad_argument const& e) {
+    std::string const what = e.what();
+    CHECK(what.find("adamw") != std::string::npos);
+    CHECK(what.find("beta2 is 1.5") != std::string::npos);
+    CHECK(what.find("[0, 1)") != std::string::npos);
+  }
+  // A user rule's validate() runs too.
+  CHECK(refused(checked_rule{.scale = 0.0f}, "scale"));
+  CHECK(accepted(checked_rule{.scale = 2.0f}));
 }

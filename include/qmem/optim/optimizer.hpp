@@ -310,13 +310,14 @@ private:
 public:
   //! An optimizer with default hyper-parameters `rule` and `options`; state is allocated from
   //! `r` (host-accessible memory). Throws bad_argument for a resource of device memory, an lr < 0,
-  //! a percentile outside [1, 100], negative clipping thresholds, or stochastic rounding of f16
-  //! parameters.
+  //! a percentile outside [1, 100], negative clipping thresholds, stochastic rounding of f16
+  //! parameters, or a rule whose validate() refuses its hyper-parameters (validated_rule).
   explicit optimizer(Rule rule = {}, optimizer_options options = {},
                      memory::resource& r = memory::default_host_resource())
       : rule_(rule), options_(options), resource_(&checked_host_resource(r)),
         counter_(1, r, memory::category::optimizer_state) {
     detail::check_optimizer_options<Param>(options);
+    detail::check_rule(rule);
     counter_[0] = step_counter{};
   }
 
@@ -326,10 +327,12 @@ public:
   //! Adds a parameter tensor (host-accessible, non-null when non-empty, sharing no memory with a
   //! parameter already added) and allocates its state, zeroed (bitsandbytes' initial codes and
   //! absmax). Returns its index, the position of its gradient in step(). Throws bad_argument for
-  //! a bad or overlapping view or lr_scale < 0.
+  //! a bad or overlapping view, lr_scale < 0, or an `o.rule` whose validate() refuses it.
   std::size_t add_param(tensor_view<Param> param, param_options o = {}) {
     check_view(param, "add_param", "param", true, false);
     detail::check_lr_scale(o.lr_scale);
+    if (o.rule)
+      detail::check_rule(*o.rule);
     for (std::size_t i = 0; i < params_.size(); ++i)
       QMEM_EXPECTS(!qmem::detail::overlapping(param, params_[i].param), "param overlaps parameter ",
                    i, " (each element is updated once per step: add shared storage once)");
@@ -575,8 +578,10 @@ public:
     counter_[0] = step_counter{step, lr};
   }
 
-  //! The fp32 master weights of parameter i (nullptr when it has none).
-  [[nodiscard]] float* master_data(std::size_t i) noexcept {
+  //! The fp32 master weights of parameter i (nullptr when it has none). Precondition
+  //! (bad_argument): i < size().
+  [[nodiscard]] float* master_data(std::size_t i) {
+    QMEM_EXPECTS(i < params_.size(), "parameter index ", i, " is not below ", params_.size());
     return params_[i].master.empty() ? nullptr : params_[i].master.data();
   }
 

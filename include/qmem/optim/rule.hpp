@@ -26,6 +26,7 @@
 //! rounding each, in the order written in the rule (no fused multiply-add: qmem::fmath, core/fmath.hpp).
 
 #include <qmem/core/config.hpp>
+#include <qmem/core/error.hpp>
 #include <qmem/core/fmath.hpp>
 #include <qmem/core/numeric.hpp>
 
@@ -92,6 +93,34 @@ concept reducing_rule = update_rule<R> && requires(float p, float g, state_value
   { R::reduce(p, g, s, k) } -> std::same_as<norm_terms>;
   { R::finish(k, t) } -> std::same_as<typename R::scalars>;
 };
+
+//! A rule that checks its own hyper-parameters: `r.validate()` throws qmem::bad_argument naming
+//! the rule, the field, the value and the expected range. Optional: the optimizers call it where
+//! a rule instance enters them (constructor, per-parameter override in add_param); a rule
+//! without it is taken as is. Host-only (validate() is never called from a kernel).
+template <class R>
+concept validated_rule = requires(R const& r) {
+  r.validate();
+};
+
+namespace detail {
+//! The one check every optimizer front end runs on a rule instance it receives (host optimizer,
+//! device optimizer): r.validate() when `R` has one (validated_rule), else nothing.
+template <class R>
+void check_rule(R const& r) {
+  if constexpr (validated_rule<R>)
+    r.validate();
+}
+
+//! Throws bad_argument unless 0 <= v < 1 (an exponential-average coefficient; NaN refused).
+inline void expect_beta(char const* rule, char const* field, float v) {
+  QMEM_EXPECTS(v >= 0.0f && v < 1.0f, rule, ": ", field, " is ", v, "; expected [0, 1)");
+}
+//! Throws bad_argument unless v >= 0 (NaN refused).
+inline void expect_non_negative(char const* rule, char const* field, float v) {
+  QMEM_EXPECTS(v >= 0.0f, rule, ": ", field, " is ", v, "; expected >= 0");
+}
+} // namespace detail
 
 namespace detail {
 //! The one-rounding float operations shared with the quantizers (core/fmath.hpp).

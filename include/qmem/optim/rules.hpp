@@ -11,6 +11,7 @@
 //! once (detail::fmath): the host and the GPU compute the same bits.
 
 #include <qmem/core/config.hpp>
+#include <qmem/core/error.hpp>
 #include <qmem/optim/rule.hpp>
 
 #include <array>
@@ -36,6 +37,16 @@ struct adam_rule {
   float weight_decay = Decoupled ? 1e-2f : 0.0f;
   bool decay_first = false; //!< decoupled decay before the update (torch) instead of after (bnb)
 
+  //! Throws bad_argument unless 0 <= beta1, beta2 < 1, eps >= 0 and weight_decay >= 0 (the
+  //! ranges of torch.optim.Adam/AdamW and bitsandbytes' Optimizer2State).
+  void validate() const {
+    char const* name = Decoupled ? "adamw" : "adam";
+    detail::expect_beta(name, "beta1", beta1);
+    detail::expect_beta(name, "beta2", beta2);
+    detail::expect_non_negative(name, "eps", eps);
+    detail::expect_non_negative(name, "weight_decay", weight_decay);
+  }
+
   struct scalars {
     float beta1, one_minus_beta1, beta2, one_minus_beta2;
     float step_size;    //!< (-lr c2) / c1
@@ -46,7 +57,7 @@ struct adam_rule {
     bool has_l2;
   };
 
-  //! Precondition (checked by the optimizer): 0 <= beta < 1, eps >= 0, step >= 1.
+  //! Precondition (checked by the optimizer: validate()): 0 <= beta < 1, eps >= 0, step >= 1.
   QMEM_HOST_DEVICE scalars prepare(step_info const& si) const noexcept {
     using namespace detail::fmath;
     float const c1 = sub(1.0f, pow_step(beta1, si.step));
@@ -92,6 +103,18 @@ struct sgd {
   float weight_decay = 0.0f;
   bool nesterov = false;
 
+  //! Throws bad_argument unless momentum >= 0, weight_decay >= 0, dampening is finite, and, with
+  //! nesterov, momentum > 0 and dampening == 0 (torch.optim.SGD's checks; torch leaves dampening
+  //! otherwise unchecked, qmem refuses only a non-finite one).
+  void validate() const {
+    detail::expect_non_negative("sgd", "momentum", momentum);
+    detail::expect_non_negative("sgd", "weight_decay", weight_decay);
+    QMEM_EXPECTS(std::isfinite(dampening), "sgd: dampening is ", dampening, "; expected finite");
+    QMEM_EXPECTS(!nesterov || (momentum > 0.0f && dampening == 0.0f),
+                 "sgd: nesterov with momentum ", momentum, " and dampening ", dampening,
+                 "; expected momentum > 0 and dampening 0");
+  }
+
   struct scalars {
     float lr, momentum, one_minus_dampening, weight_decay;
     bool first, nesterov;
@@ -120,6 +143,14 @@ struct lion {
   float beta1 = 0.9f;
   float beta2 = 0.99f;
   float weight_decay = 0.0f;
+
+  //! Throws bad_argument unless 0 <= beta1, beta2 < 1 and weight_decay >= 0 (bitsandbytes'
+  //! Optimizer1State, which its Lion uses).
+  void validate() const {
+    detail::expect_beta("lion", "beta1", beta1);
+    detail::expect_beta("lion", "beta2", beta2);
+    detail::expect_non_negative("lion", "weight_decay", weight_decay);
+  }
 
   struct scalars {
     float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay;
@@ -166,6 +197,17 @@ struct rmsprop_rule {
   float weight_decay = 0.0f;
   float momentum = 0.0f; //!< used when Momentum
 
+  //! Throws bad_argument unless 0 <= alpha <= 1 and eps, weight_decay, momentum >= 0
+  //! (torch.optim.RMSprop's checks; torch also accepts alpha > 1, which makes v's coefficient
+  //! 1 - alpha negative, so v, stored with an unsigned code, could turn negative: refused here.
+  //! bitsandbytes refuses alpha 0 and 1, torch accepts both, and so does qmem).
+  void validate() const {
+    QMEM_EXPECTS(alpha >= 0.0f && alpha <= 1.0f, "rmsprop: alpha is ", alpha, "; expected [0, 1]");
+    detail::expect_non_negative("rmsprop", "eps", eps);
+    detail::expect_non_negative("rmsprop", "weight_decay", weight_decay);
+    detail::expect_non_negative("rmsprop", "momentum", momentum);
+  }
+
   struct scalars {
     float lr, alpha, one_minus_alpha, eps, weight_decay, momentum;
   };
@@ -204,6 +246,13 @@ struct adagrad {
   float weight_decay = 0.0f;
   float lr_decay = 0.0f;
 
+  //! Throws bad_argument unless eps, weight_decay and lr_decay are >= 0 (torch.optim.Adagrad).
+  void validate() const {
+    detail::expect_non_negative("adagrad", "eps", eps);
+    detail::expect_non_negative("adagrad", "weight_decay", weight_decay);
+    detail::expect_non_negative("adagrad", "lr_decay", lr_decay);
+  }
+
   struct scalars {
     float clr, eps, weight_decay;
   };
@@ -233,6 +282,15 @@ struct lamb {
   float beta2 = 0.999f;
   float eps = 1e-6f;
   float weight_decay = 0.01f;
+
+  //! Throws bad_argument unless 0 <= beta1, beta2 < 1, eps >= 0 and weight_decay >= 0
+  //! (bitsandbytes' Optimizer2State, which its LAMB uses).
+  void validate() const {
+    detail::expect_beta("lamb", "beta1", beta1);
+    detail::expect_beta("lamb", "beta2", beta2);
+    detail::expect_non_negative("lamb", "eps", eps);
+    detail::expect_non_negative("lamb", "weight_decay", weight_decay);
+  }
 
   struct scalars {
     float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, c1, c2, eps, weight_decay;
@@ -289,6 +347,16 @@ struct lars {
   float weight_decay = 0.0f;
   float trust_coefficient = 0.001f;
 
+  //! Throws bad_argument unless momentum >= 0, weight_decay >= 0 (torch.optim.SGD's ranges) and
+  //! 0 < trust_coefficient < infinity (no reference checks it; 0 would freeze every tensor of
+  //! non-zero norms while tensors of norm 0 still move with the plain lr).
+  void validate() const {
+    detail::expect_non_negative("lars", "momentum", momentum);
+    detail::expect_non_negative("lars", "weight_decay", weight_decay);
+    QMEM_EXPECTS(trust_coefficient > 0.0f && std::isfinite(trust_coefficient),
+                 "lars: trust_coefficient is ", trust_coefficient, "; expected > 0 and finite");
+  }
+
   struct scalars {
     float lr, momentum, weight_decay, trust_coefficient;
     float scaled_lr; //!< lr local_lr, set by finish()
@@ -337,6 +405,21 @@ struct ademamix {
   float weight_decay = 1e-2f;
   std::int32_t t_alpha = 0;
   std::int32_t t_beta3 = 0;
+
+  //! Throws bad_argument unless 0 <= beta1, beta2, beta3 < 1, eps >= 0, weight_decay >= 0
+  //! (bitsandbytes' Optimizer2State checks every beta its AdEMAMix passes), 0 <= alpha < infinity
+  //! and t_alpha, t_beta3 >= 0 (0: scheduler off; bitsandbytes' None).
+  void validate() const {
+    detail::expect_beta("ademamix", "beta1", beta1);
+    detail::expect_beta("ademamix", "beta2", beta2);
+    detail::expect_beta("ademamix", "beta3", beta3);
+    QMEM_EXPECTS(alpha >= 0.0f && std::isfinite(alpha), "ademamix: alpha is ", alpha,
+                 "; expected >= 0 and finite");
+    detail::expect_non_negative("ademamix", "eps", eps);
+    detail::expect_non_negative("ademamix", "weight_decay", weight_decay);
+    QMEM_EXPECTS(t_alpha >= 0 && t_beta3 >= 0, "ademamix: t_alpha is ", t_alpha, " and t_beta3 ",
+                 t_beta3, "; expected >= 0 (0: off)");
+  }
 
   struct scalars {
     float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, alpha;
@@ -390,6 +473,9 @@ static_assert(update_rule<adamw> && update_rule<adam> && update_rule<sgd> && upd
               update_rule<rmsprop> && update_rule<rmsprop_rule<true, true>> &&
               update_rule<adagrad> && update_rule<lamb> && update_rule<lars> &&
               update_rule<ademamix>);
+static_assert(validated_rule<adamw> && validated_rule<adam> && validated_rule<sgd> &&
+              validated_rule<lion> && validated_rule<rmsprop> && validated_rule<adagrad> &&
+              validated_rule<lamb> && validated_rule<lars> && validated_rule<ademamix>);
 static_assert(reducing_rule<lamb> && reducing_rule<lars> && !reducing_rule<adamw>);
 
 } // namespace qmem::optim

@@ -187,14 +187,15 @@ public:
   //! An optimizer with default hyper-parameters `rule` and `options` on device e.device: state
   //! from `state` (device or paged memory), the step tables and the step state from `workspace`
   //! (device memory). `found_inf`: a loss scaler's device flag (nonzero skips a step), or null.
-  //! Preconditions (bad_argument): the options are valid for optim::optimizer; both resources
-  //! hand out device-accessible memory.
+  //! Preconditions (bad_argument): the options and the rule are valid for optim::optimizer (the
+  //! rule's validate()); both resources hand out device-accessible memory.
   device_optimizer(exec::cuda const& e, Rule rule, optimizer_options options,
                    memory::resource& state, memory::resource& workspace,
                    std::uint32_t const* found_inf = nullptr)
       : rule_(rule), options_(options), state_resource_(&state), workspace_(&workspace),
         found_inf_(found_inf), device_(e.device) {
     optim::detail::check_optimizer_options<Param>(options);
+    optim::detail::check_rule(rule);
     QMEM_EXPECTS(device_accessible(state.space()) && device_accessible(workspace.space()),
                  "the state resource hands out ", to_string(state.space()),
                  " memory and the workspace resource ", to_string(workspace.space()),
@@ -216,7 +217,8 @@ public:
   //! (adding a parameter to a bound optimizer waits for e.stream and unbinds it).
   //! Preconditions (bad_argument, nothing allocated): the view is non-null when non-empty, not
   //! in host memory and shares no memory with a parameter already added (as the host optimizer's
-  //! add_param); lr_scale >= 0; e.device is this optimizer's device.
+  //! add_param); lr_scale >= 0; `o.rule`, when set, passes its validate(); e.device is this
+  //! optimizer's device.
   std::size_t add_param(exec::cuda const& e, tensor_view<Param> param, param_options o = {}) {
     QMEM_EXPECTS(e.device == device_, "e.device is ", e.device, "; this optimizer is on device ",
                  device_);
@@ -229,6 +231,8 @@ public:
                    "add_param: param overlaps parameter ", i,
                    " (each element is updated once per step: add shared storage once)");
     optim::detail::check_lr_scale(o.lr_scale);
+    if (o.rule)
+      optim::detail::check_rule(*o.rule);
     cuda_detail::device_guard guard(device_);
     param_state ps = host_optimizer::make_param_state(
         param, o, rule_, options_, *state_resource_, [&](void* p, std::size_t bytes) {

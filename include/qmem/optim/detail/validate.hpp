@@ -13,10 +13,13 @@
 
 namespace qmem::optim::detail {
 
-//! Throws bad_argument unless the schedule's lr and min_lr are >= 0 (a NaN is refused).
+//! Throws bad_argument unless the schedule's lr and min_lr are >= 0 (a NaN is refused) and its
+//! warmup and total step counts are >= 0 (a negative one was silently taken as 0).
 inline void check_lr_schedule(lr_schedule const& lr) {
   QMEM_EXPECTS(lr.lr >= 0.0f && lr.min_lr >= 0.0f, "lr is ", lr.lr, " and min_lr ", lr.min_lr,
                "; expected >= 0");
+  QMEM_EXPECTS(lr.warmup >= 0 && lr.total >= 0, "the lr schedule's warmup is ", lr.warmup,
+               " and total ", lr.total, "; expected >= 0");
 }
 
 //! Throws bad_argument unless the clipping thresholds are valid: max_grad_norm >= 0 and
