@@ -154,38 +154,55 @@ TEST_CASE("load errors: wrong policy, wrong parameters, corrupt file; optimizer 
     CHECK(target.step_count() == 2);
     CHECK(target.state_values_of(0, 0) == before);
   }
+  // A copy of `path` with one tensor's bytes replaced and the checksum recomputed, as a file
+  // written by a buggy or hostile tool would carry: only load_state's own checks can refuse it.
+  auto edited_copy = [&](std::string const& tensor, std::span<std::byte const> value) {
+    auto const edited = temp_file("edited");
+    io::safetensors_reader const r(path);
+    std::map<std::string, std::vector<std::byte>> bytes; // name order, as the checksum
+    for (auto const& t : r.tensors()) {
+      auto const b = r.bytes(t);
+      bytes[t.name].assign(b.begin(), b.end());
+    }
+    REQUIRE(bytes.at(tensor).size() == value.size());
+    bytes[tensor].assign(value.begin(), value.end());
+    std::uint64_t h = 0xcbf29ce484222325ull;
+    for (auto const& [name, b] : bytes) {
+      h = optim::detail::fnv1a(h, std::as_bytes(std::span<char const>(name.data(), name.size())));
+      h = optim::detail::fnv1a(h, b);
+    }
+    io::safetensors_writer w;
+    for (auto const& [k, v] : r.metadata())
+      w.set_metadata(k, v);
+    w.set_metadata("checksum", std::to_string(h));
+    for (auto const& t : r.tensors())
+      w.add(t.name, t.type, t.shape, bytes[t.name]);
+    w.save(edited);
+    return edited;
+  };
   // load_state took a parameter's lr_scale from the file unchecked (add_param refuses < 0): a
   // file with a valid checksum and lr_scale -1 made the next step ascend the gradient.
   SUBCASE("a negative lr_scale with a valid checksum") {
-    auto const edited = temp_file("edited");
-    {
-      io::safetensors_reader const r(path);
-      std::map<std::string, std::vector<std::byte>> bytes; // name order, as the checksum
-      for (auto const& t : r.tensors()) {
-        auto const b = r.bytes(t);
-        bytes[t.name].assign(b.begin(), b.end());
-      }
-      float const negative = -1.0f;
-      auto const nb = std::as_bytes(std::span<float const>(&negative, 1));
-      bytes["param.0.lr_scale"].assign(nb.begin(), nb.end());
-      std::uint64_t h = 0xcbf29ce484222325ull;
-      for (auto const& [name, b] : bytes) {
-        h = optim::detail::fnv1a(h, std::as_bytes(std::span<char const>(name.data(), name.size())));
-        h = optim::detail::fnv1a(h, b);
-      }
-      io::safetensors_writer w;
-      for (auto const& [k, v] : r.metadata())
-        w.set_metadata(k, v);
-      w.set_metadata("checksum", std::to_string(h));
-      for (auto const& t : r.tensors())
-        w.add(t.name, t.type, t.shape, bytes[t.name]);
-      w.save(edited);
-    }
+    float const negative = -1.0f;
+    auto const edited = edited_copy("param.0.lr_scale", std::as_bytes(std::span(&negative, 1)));
     CHECK_THROWS_WITH_AS(optim::load_state(target, edited), doctest::Contains("lr_scale"),
                          qmem::format_error);
     CHECK(target.step_count() == 2);
     CHECK(target.state_values_of(0, 0) == before);
     CHECK(target.params()[0].lr_scale == 1.0f);
+    std::filesystem::remove(edited);
+  }
+  // ... and each parameter's rule the same way (the constructor and add_param check a rule's
+  // ranges): beta2 1.5 made v grow without bound.
+  SUBCASE("a rule out of its ranges with a valid checksum") {
+    optim::adamw bad{};
+    bad.beta2 = 1.5f;
+    auto const edited = edited_copy("param.0.rule", std::as_bytes(std::span(&bad, 1)));
+    CHECK_THROWS_WITH_AS(optim::load_state(target, edited), doctest::Contains("beta2"),
+                         qmem::format_error);
+    CHECK(target.step_count() == 2);
+    CHECK(target.state_values_of(0, 0) == before);
+    CHECK(target.params()[0].rule.beta2 == optim::adamw{}.beta2);
     std::filesystem::remove(edited);
   }
   SUBCASE("a truncated file") {

@@ -156,7 +156,8 @@ void save_state(optimizer<Rule, Policy, Param> const& opt, std::filesystem::path
 //! Loads state saved by save_state into `opt`, which must have the same policy and parameters
 //! of the same sizes (added in the same order). Throws io_error when the file cannot be read,
 //! format_error when it is not a qmem optimizer state file of schema 1, was written for another
-//! policy or other parameters, or is corrupt (checksum); `opt` is then unchanged.
+//! policy or other parameters, or is corrupt (checksum), or holds a value the optimizer's own
+//! entry points refuse (a rule out of its ranges, a negative lr scale); `opt` is then unchanged.
 template <class Rule, class Policy, class Param>
 void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const& path) {
   using O = optimizer<Rule, Policy, Param>;
@@ -250,6 +251,11 @@ void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const
       fail("parameter ", i, " has master weights in the file; this optimizer keeps none");
     std::memcpy(static_cast<void*>(&rules[i]), expect(pre + "rule", dtype::u8, sizeof(Rule)).data(),
                 sizeof(Rule));
+    try { // the ranges the constructor and add_param check (a rule's validate())
+      detail::check_rule(rules[i]);
+    } catch (bad_argument const& e) {
+      fail("parameter ", i, "'s rule is out of range: ", e.what());
+    }
     std::memcpy(&lr_scales[i], expect(pre + "lr_scale", dtype::f32, 4).data(), 4);
     if (!(lr_scales[i] >= 0.0f)) // what add_param accepts
       fail("parameter ", i, " has lr_scale ", lr_scales[i], "; expected >= 0");
