@@ -376,20 +376,41 @@ void launch_variant_at(int v, exec::cuda const& e, cuda_matmul::gemv_args<bf16> 
   ((v == V ? launch_variant<V, Nested>(e, a) : void()), ...);
 }
 
+// The set-up of the kernel-alone rows (gemv_bulk, gemv_batch16, gemv_variant): an NF4 weight of
+// n x k (block 64, plain or nested scales), m rows of activations in [-1, 1], the output, the
+// row's own stream and the kernels' argument block.
+struct gemv_problem {
+  std::size_t n, k, m;
+  nf4_weight w;
+  device_buffer<bf16> x, y;
+  bench_stream stream;
+  exec::cuda e;
+  cuda_matmul::gemv_args<bf16> args;
+
+  gemv_problem(std::size_t rows, std::size_t cols, std::size_t batch, bool nested)
+      : n(rows), k(cols), m(batch), w(n, k, 64, nested), x(m * k),
+        y(m * n), e{stream.s, 0}, args{x.p,
+                                       w.codes.p,
+                                       cuda_matmul::make_scale_args(w.view().scales),
+                                       y.p,
+                                       static_cast<unsigned>(m),
+                                       n,
+                                       k,
+                                       6} {
+    fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  }
+  //! Bytes a call moves: the weight (codes and scales), x read and y written.
+  double bytes() const { return w.bytes() + 2.0 * static_cast<double>(m * k + m * n); }
+};
+
 // Args: n, k, candidate index. The bulk-copy batch-1 kernel alone (plain scales), with each shape
 // of cuda_matmul::gemv_batch1_bulk_candidates.
 void gemv_bulk(benchmark::State& state) {
-  auto const n = static_cast<std::size_t>(state.range(0));
-  auto const k = static_cast<std::size_t>(state.range(1));
   int const v = static_cast<int>(state.range(2));
-  nf4_weight w(n, k, 64, false);
-  device_buffer<bf16> x(k), y(n);
-  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
-  bench_stream const stream;
-  cudaStream_t const s = stream.s;
-  exec::cuda const e{s, 0};
-  cuda_matmul::gemv_args<bf16> const a{
-      x.p, w.codes.p, cuda_matmul::make_scale_args(w.view().scales), y.p, 1u, n, k, 6};
+  gemv_problem const pr(static_cast<std::size_t>(state.range(0)),
+                        static_cast<std::size_t>(state.range(1)), 1, false);
+  auto const& e = pr.e;
+  auto const& a = pr.args;
   constexpr auto const& shapes = cuda_matmul::gemv_batch1_bulk_candidates;
   auto call = [&] {
     bool launched = false;
@@ -403,7 +424,7 @@ void gemv_bulk(benchmark::State& state) {
     if (!launched)
       throw qmem::bad_argument("gemv_bulk: the bulk-copy kernel does not take this shape");
   };
-  auto const timed = graph_loop_or_skip(state, s, call);
+  auto const timed = graph_loop_or_skip(state, pr.stream.s, call);
   if (!timed)
     return;
   double const t = *timed;
@@ -412,30 +433,18 @@ void gemv_bulk(benchmark::State& state) {
   state.counters["stage_kib"] = sh.stage_kib;
   state.counters["ring_kib"] = sh.ring_kib;
   state.counters["evict_first"] = sh.evict_first;
-  report(state, t, w.bytes() + 2.0 * static_cast<double>(k + n));
+  report(state, t, pr.bytes());
 }
 
 // Args: n, k, m, candidate index. The streaming small-batch kernel alone (plain scales) with
 // each shape of cuda_matmul::gemv_batch16_stream_candidates.
 void gemv_batch16(benchmark::State& state) {
-  auto const n = static_cast<std::size_t>(state.range(0));
-  auto const k = static_cast<std::size_t>(state.range(1));
   auto const m = static_cast<std::size_t>(state.range(2));
   int const v = static_cast<int>(state.range(3));
-  nf4_weight w(n, k, 64, false);
-  device_buffer<bf16> x(m * k), y(m * n);
-  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
-  bench_stream const stream;
-  cudaStream_t const s = stream.s;
-  exec::cuda const e{s, 0};
-  cuda_matmul::gemv_args<bf16> const a{x.p,
-                                       w.codes.p,
-                                       cuda_matmul::make_scale_args(w.view().scales),
-                                       y.p,
-                                       static_cast<unsigned>(m),
-                                       n,
-                                       k,
-                                       6};
+  gemv_problem const pr(static_cast<std::size_t>(state.range(0)),
+                        static_cast<std::size_t>(state.range(1)), m, false);
+  auto const& e = pr.e;
+  auto const& a = pr.args;
   constexpr auto const& shapes = cuda_matmul::gemv_batch16_stream_candidates;
   auto call = [&] {
     bool launched = false;
@@ -449,42 +458,30 @@ void gemv_batch16(benchmark::State& state) {
     if (!launched)
       throw qmem::bad_argument("gemv_batch16: the small-batch kernel does not take this shape");
   };
-  auto const timed = graph_loop_or_skip(state, s, call);
+  auto const timed = graph_loop_or_skip(state, pr.stream.s, call);
   if (!timed)
     return;
   auto const& sh = shapes[v];
   state.counters["warps"] = m <= 8 ? sh.warps : sh.warps16;
   state.counters["tiles"] = m <= 8 ? sh.tiles : sh.tiles16;
   state.counters["x_once"] = sh.x_once;
-  report(state, *timed, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
+  report(state, *timed, pr.bytes());
 }
 
 // Args: n, k, m, variant index. The fast GEMV kernel alone, plain scales (Nested: double-quantized
 // ones, batch-1 streaming shapes only), with each block shape.
 template <bool Nested = false>
 void gemv_variant(benchmark::State& state) {
-  auto const n = static_cast<std::size_t>(state.range(0));
-  auto const k = static_cast<std::size_t>(state.range(1));
   auto const m = static_cast<std::size_t>(state.range(2));
   int const v = static_cast<int>(state.range(3));
-  nf4_weight w(n, k, 64, Nested);
-  device_buffer<bf16> x(m * k), y(m * n);
-  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
-  bench_stream const stream;
-  cudaStream_t const s = stream.s;
-  exec::cuda const e{s, 0};
-  cuda_matmul::gemv_args<bf16> const a{x.p,
-                                       w.codes.p,
-                                       cuda_matmul::make_scale_args(w.view().scales),
-                                       y.p,
-                                       static_cast<unsigned>(m),
-                                       n,
-                                       k,
-                                       6};
+  gemv_problem const pr(static_cast<std::size_t>(state.range(0)),
+                        static_cast<std::size_t>(state.range(1)), m, Nested);
+  auto const& e = pr.e;
+  auto const& a = pr.args;
   auto call = [&] {
     launch_variant_at<Nested>(v, e, a, std::make_integer_sequence<int, variant_count>{});
   };
-  auto const timed = graph_loop_or_skip(state, s, call);
+  auto const timed = graph_loop_or_skip(state, pr.stream.s, call);
   if (!timed)
     return;
   double const t = *timed;
@@ -514,7 +511,7 @@ void gemv_variant(benchmark::State& state) {
     state.counters["grouped"] = st.grouped;
     state.counters["pdl"] = st.pdl;
   }
-  report(state, t, w.bytes() + 2.0 * static_cast<double>(m * k + m * n));
+  report(state, t, pr.bytes());
 }
 
 //! The fixed part of a streaming GEMV call: one block per SM that (with `Table`) fills a 64 KiB

@@ -330,18 +330,28 @@ public:
   //! a bad or overlapping view, lr_scale < 0, or an `o.rule` whose validate() refuses it.
   std::size_t add_param(tensor_view<Param> param, param_options o = {}) {
     check_view(param, "add_param", "param", true, false);
-    detail::check_lr_scale(o.lr_scale);
-    if (o.rule)
-      detail::check_rule(*o.rule);
-    for (std::size_t i = 0; i < params_.size(); ++i)
-      QMEM_EXPECTS(!qmem::detail::overlapping(param, params_[i].param), "param overlaps parameter ",
-                   i, " (each element is updated once per step: add shared storage once)");
+    check_new_param(params_, param, o);
     param_state ps = make_param_state(param, o, rule_, options_, *resource_,
                                       [](void* p, std::size_t bytes) { std::memset(p, 0, bytes); });
     for (std::size_t i = 0; i < ps.master.size(); ++i)
       ps.master[i] = to_float(param[i]);
     params_.push_back(std::move(ps));
     return params_.size() - 1;
+  }
+
+  //! The checks add_param runs on a new parameter here and in the CUDA optimizer
+  //! (optim/cuda/device_optimizer.cuh), after each has checked the view and its memory space:
+  //! o.lr_scale >= 0, o.rule (if any) within its ranges, and no memory shared with a parameter
+  //! already `added` (each element is updated once per step). Throws bad_argument.
+  static void check_new_param(std::span<param_state const> added, tensor_view<Param> param,
+                              param_options const& o) {
+    detail::check_lr_scale(o.lr_scale);
+    if (o.rule)
+      detail::check_rule(*o.rule);
+    for (std::size_t i = 0; i < added.size(); ++i)
+      QMEM_EXPECTS(!qmem::detail::overlapping(param, added[i].param),
+                   "add_param: param overlaps parameter ", i,
+                   " (each element is updated once per step: add shared storage once)");
   }
 
   //! The state of a new parameter, as add_param sets it up here and the CUDA optimizer

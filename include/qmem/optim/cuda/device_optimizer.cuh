@@ -226,13 +226,7 @@ public:
                  " elements has a null pointer");
     QMEM_EXPECTS(device_accessible(param.space()), "add_param: param is in ",
                  to_string(param.space()), " memory; expected device-accessible memory");
-    for (std::size_t i = 0; i < params_.size(); ++i)
-      QMEM_EXPECTS(!qmem::detail::overlapping(param, params_[i].param),
-                   "add_param: param overlaps parameter ", i,
-                   " (each element is updated once per step: add shared storage once)");
-    optim::detail::check_lr_scale(o.lr_scale);
-    if (o.rule)
-      optim::detail::check_rule(*o.rule);
+    host_optimizer::check_new_param(params_, param, o);
     cuda_detail::device_guard guard(device_);
     param_state ps = host_optimizer::make_param_state(
         param, o, rule_, options_, *state_resource_, [&](void* p, std::size_t bytes) {
