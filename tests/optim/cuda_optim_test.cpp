@@ -379,6 +379,58 @@ TEST_CASE("CUDA step == host optimizer, bit for bit, over 3 steps on 8 tensors o
   }
 }
 
+TEST_CASE("multi_tensor_step refuses a tensor's rule out of its ranges or a negative lr scale") {
+  if (skip_without_gpu())
+    return;
+  // the low-level entry point checks what the optimizers check where a rule enters them (a device
+  // step cannot throw): without the check, AdamW with beta2 1.5 ran, v growing without bound
+  using P = float;
+  auto const pr = make_problem<P, P>({300, 4097}, 1, 71);
+  memory::cuda_device_resource dres(0);
+  exec::cuda const e{};
+  ocu::step_controller ctl(e, dres, ocu::cuda_step_options{});
+  device_problem<oq::adamw, oq::int4_state, P, P> d(pr, oq::adamw{});
+  using group_t = device_problem<oq::adamw, oq::int4_state, P, P>::group_t;
+  auto refused = [&](auto edit, char const* field) {
+    std::vector<group_t::tensor> ts(d.span().begin(), d.span().end());
+    edit(ts[1]);
+    INFO(field);
+    CHECK_THROWS_WITH_AS(group_t(e, std::span<group_t::tensor const>(ts), dres, ctl),
+                         doctest::Contains("tensor 1"), qmem::bad_argument);
+    CHECK_THROWS_WITH_AS(group_t(e, std::span<group_t::tensor const>(ts), dres, ctl),
+                         doctest::Contains(field), qmem::bad_argument);
+  };
+  refused([](auto& t) { t.rule.beta2 = 1.5f; }, "beta2");
+  refused([](auto& t) { t.rule.beta1 = std::numeric_limits<float>::quiet_NaN(); }, "beta1");
+  refused([](auto& t) { t.rule.eps = -1e-8f; }, "eps");
+  refused([](auto& t) { t.rule.weight_decay = -0.01f; }, "weight_decay");
+  refused([](auto& t) { t.lr_scale = -1.0f; }, "lr_scale");
+  refused([](auto& t) { t.lr_scale = std::numeric_limits<float>::quiet_NaN(); }, "lr_scale");
+  // the max_unorm adaptor checks the rule it wraps
+  using clipped = ocu::unorm_clipped<oq::adamw>;
+  static_assert(oq::validated_rule<clipped>);
+  using clipped_group = ocu::multi_tensor_step<clipped, oq::int4_state, P>;
+  clipped_group::tensor wrapped{};
+  wrapped.param = d.p[0];
+  wrapped.grad = d.g[0];
+  wrapped.size = d.sizes[0];
+  wrapped.state[0] = d.state[0][0];
+  wrapped.state[1] = d.state[0][1];
+  wrapped.absmax[0] = d.absmax[0][0];
+  wrapped.absmax[1] = d.absmax[0][1];
+  wrapped.rule.rule.beta2 = 1.0f; // [0, 1): 1 is out
+  CHECK_THROWS_WITH_AS(clipped_group(e, std::span(&wrapped, 1), dres, ctl),
+                       doctest::Contains("beta2"), qmem::bad_argument);
+  // the edges the optimizers accept are accepted, and the group still steps
+  std::vector<group_t::tensor> edges(d.span().begin(), d.span().end());
+  edges[0].rule.beta1 = 0.0f;
+  edges[0].lr_scale = 0.0f;
+  edges[1].rule.eps = 0.0f;
+  group_t group(e, std::span<group_t::tensor const>(edges), dres, ctl);
+  group.step(e);
+  CHECK(ctl.read_control_blocking(e).step == 1);
+}
+
 TEST_CASE("two groups on one controller (8-bit and, below 4096 elements, fp32) == host optimizer") {
   if (skip_without_gpu())
     return;

@@ -509,12 +509,18 @@ public:
   //! Preconditions (bad_argument naming the tensor, nothing allocated): every tensor with
   //! size > 0 has non-null param and grad, and for each state a non-null state pointer (and an
   //! absmax pointer for blockwise formats); no master weights when P is float (the fp32-parameter
-  //! kernels have no master path); e.device is the controller's device.
+  //! kernels have no master path); e.device is the controller's device; every tensor's
+  //! lr_scale >= 0 and its rule within its hyper-parameter ranges (the rule's validate(), when it
+  //! has one: validated_rule), as the optimizers check them where a rule enters (a device step
+  //! cannot throw, so an out-of-range rule would otherwise run, e.g. AdamW with beta2 > 1 letting
+  //! v grow without bound).
   multi_tensor_step(exec::cuda const& e, std::span<tensor const> tensors, memory::resource& device,
                     step_controller& controller)
       : controller_(&controller), tensors_(tensors.begin(), tensors.end()) {
     QMEM_EXPECTS(e.device == controller.device(), "e.device is ", e.device,
                  "; the controller lives on device ", controller.device());
+    for (std::size_t i = 0; i < tensors.size(); ++i)
+      check_rule_of(i, tensors[i]);
     QMEM_EXPECTS(controller.options().max_unorm == 0.0f || unorm_capable,
                  "the controller clips update norms (max_unorm ", controller.options().max_unorm,
                  "); expected a group whose rule is optim::cuda::unorm_clipped<Rule>");
@@ -734,6 +740,17 @@ public:
   [[nodiscard]] step_controller& controller() noexcept { return *controller_; }
 
 private:
+  //! Tensor i's lr scale and rule (optim::detail::check_lr_scale, check_rule), the message naming
+  //! the tensor. Throws bad_argument.
+  static void check_rule_of(std::size_t i, tensor const& t) {
+    try {
+      optim::detail::check_lr_scale(t.lr_scale);
+      optim::detail::check_rule(t.rule);
+    } catch (bad_argument const& x) {
+      qmem::detail::raise<bad_argument>("multi_tensor_step: tensor ", i, ": ", x.what());
+    }
+  }
+
   static bool is_aligned(void const* p, std::size_t bytes) noexcept {
     std::size_t const a = bytes >= 16 ? 16 : bytes;
     return p == nullptr || a <= 1 || reinterpret_cast<std::uintptr_t>(p) % a == 0;

@@ -66,6 +66,9 @@ struct unorm_clipped {
   QMEM_HOST_DEVICE scalars prepare(step_info const& si) const noexcept {
     return {rule.prepare(si), 1.0f};
   }
+  //! The wrapped rule's range check (validated_rule), when it has one: the adaptor adds no
+  //! hyper-parameter of its own. Host only.
+  void validate() const requires validated_rule<Rule> { rule.validate(); }
   QMEM_HOST_DEVICE QMEM_INLINE static void update(float& p, float g, state_values<state_count>& s,
                                                   scalars const& k) noexcept {
     float const p0 = p;
