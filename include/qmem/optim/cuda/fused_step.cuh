@@ -570,248 +570,6 @@ __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, std::u
 #endif
 }
 
-//! The shared-memory layout of one full task's raw bytes in a warp's ring (the shared-memory
-//! pipeline, QMEM_OPTIM_FUSED_SMEM_DEPTH): per stream, a lane's bytes in chunks of up to 16, chunk
-//! k of lane l at (32 k + l) x chunk, so that the 32 lanes' copies and reads of a chunk are
-//! contiguous (no bank conflicts): fp32 parameters, gradients, each state's codes, each state's
-//! old absmax (one per lane: its block's).
-template <update_rule Rule, state_policy Policy, class G>
-struct smem_slot {
-  using traits = kernel_traits<Rule, Policy>;
-  static constexpr int E = traits::per_lane;                     //!< elements per lane
-  static constexpr int S = Rule::state_count;                    //!< states
-  static constexpr int p_lane = E * 4;                           //!< a lane's parameter bytes
-  static constexpr int g_lane = E * static_cast<int>(sizeof(G)); //!< a lane's gradient bytes
-  //! a lane's code bytes of state j
-  QMEM_HOST_DEVICE static constexpr int code_lane(int j) {
-    int r = 0;
-    [&]<int... J>(std::integer_sequence<int, J...>) {
-      ((r = J == j ? E * traits::template format<J>::bits / 8 : r), ...);
-    }
-    (std::make_integer_sequence<int, S>{});
-    return r;
-  }
-  static constexpr int g_at = 32 * p_lane; //!< where the gradients start
-  //! where state j's codes start
-  QMEM_HOST_DEVICE static constexpr int code_at(int j) {
-    int at = g_at + 32 * g_lane;
-    for (int i = 0; i < j; ++i)
-      at += 32 * code_lane(i);
-    return at;
-  }
-  //! where state j's absmax values start (one float per lane)
-  QMEM_HOST_DEVICE static constexpr int absmax_at(int j) { return code_at(S) + 32 * 4 * j; }
-  static constexpr int bytes = (absmax_at(S) + 15) / 16 * 16; //!< one slot, 16-byte aligned
-};
-
-//! Copies a lane's `Bytes` (a multiple of 4, a power of two up to 16 or a multiple of 16) from
-//! global memory at `src` into its chunks at shared address `dst` (cp.async through L1: a lane's
-//! 16-byte chunks of one stream are 32 bytes apart in its 32-byte run, so each copy instruction
-//! touches every sector of the warp's range; through L2 only (`.cg`) the second instruction
-//! fetched each sector from L2 again: ncu, H200, 2026-11-30 01:14 UTC, AdamW 4-bit at 2^26, L2
-//! throughput 77% with DRAM at 51%, L1 hit rate 24% against 44% for the register ring).
-template <int Bytes>
-__device__ QMEM_INLINE void copy_lane_async(std::uint32_t dst, void const* src, unsigned lane) {
-  constexpr int chunk = Bytes >= 16 ? 16 : Bytes;
-  static_assert(Bytes % chunk == 0 && (chunk == 4 || chunk == 8 || chunk == 16));
-  QMEM_UNROLL
-  for (int k = 0; k < Bytes / chunk; ++k) {
-    std::uint32_t const to = dst + (static_cast<unsigned>(k) * 32u + lane) * chunk;
-    void const* const from = static_cast<char const*>(src) + k * chunk;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(to), "l"(from), "n"(chunk)
-                 : "memory");
-  }
-}
-
-//! Reads back what copy_lane_async<Bytes> wrote at `at` (after cp.async.wait_group).
-template <int Bytes>
-__device__ QMEM_INLINE void read_lane(char const* at, unsigned lane, void* out) {
-  constexpr int chunk = Bytes >= 16 ? 16 : Bytes;
-  using V = typename raw_vector<chunk>::type;
-  V v[Bytes / chunk];
-  QMEM_UNROLL
-  for (int k = 0; k < Bytes / chunk; ++k)
-    v[k] = *reinterpret_cast<V const*>(at + (static_cast<unsigned>(k) * 32u + lane) * chunk);
-  std::memcpy(out, v, Bytes);
-}
-
-//! Closes the lane's current group of cp.async copies (cp.async.commit_group).
-__device__ QMEM_INLINE void async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-//! Waits until at most `Pending` of the lane's newest groups are still in flight: the older ones'
-//! bytes are in shared memory for this lane (cp.async.wait_group).
-template <int Pending>
-__device__ QMEM_INLINE void async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(Pending) : "memory");
-}
-
-//! Starts the copies of full task `task` of `entry` (fp32 parameters) into the slot at shared
-//! address `slot` (smem_slot's layout): what load_full_task loads, without registers.
-template <update_rule Rule, state_policy Policy, class P, class G>
-__device__ QMEM_INLINE void issue_full_task(tensor_entry const* entry, std::uint64_t task,
-                                            unsigned lane, std::uint32_t slot) {
-  static_assert(std::same_as<P, float>);
-  using traits = kernel_traits<Rule, Policy>;
-  using L = smem_slot<Rule, Policy, G>;
-  constexpr int E = traits::per_lane;
-  std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * E;
-  std::uint64_t const block = lane_block<Rule, Policy>(task, first);
-  copy_lane_async<L::p_lane>(slot, static_cast<float const*>(entry->param) + first, lane);
-  copy_lane_async<L::g_lane>(slot + L::g_at, static_cast<G const*>(entry->grad) + first, lane);
-  for_states<Rule::state_count>([&](auto J) {
-    using F = typename traits::template format<J.value>;
-    copy_lane_async<L::code_lane(J.value)>(
-        slot + L::code_at(J.value),
-        static_cast<std::uint8_t const*>(entry->state[J.value]) + first * F::bits / 8, lane);
-    copy_lane_async<4>(slot + L::absmax_at(J.value), entry->absmax[J.value] + block, lane);
-  });
-}
-
-//! Reads a slot that issue_full_task filled (its group waited for) into `d`.
-template <update_rule Rule, state_policy Policy, class P, class G>
-__device__ QMEM_INLINE void read_full_task(char const* slot, unsigned lane,
-                                           full_task_data<Rule, Policy, P, G>& d) {
-  using L = smem_slot<Rule, Policy, G>;
-  read_lane<L::p_lane>(slot, lane, d.p);
-  read_lane<L::g_lane>(slot + L::g_at, lane, d.g_raw);
-  for_states<Rule::state_count>([&](auto J) {
-    read_lane<L::code_lane(J.value)>(slot + L::code_at(J.value), lane, d.state[J.value]);
-    read_lane<4>(slot + L::absmax_at(J.value), lane, &d.absmax[J.value]);
-  });
-}
-
-//! The shared-memory layout of one full task in a warp's bulk-copy ring (QMEM_OPTIM_FUSED_BULK):
-//! the task's bytes of each stream as they lie in global memory, one bulk copy per stream: fp32
-//! parameters, gradients, each state's codes (the old absmax travel in registers: a task's are
-//! 8 bytes or fewer, below a bulk copy's 16).
-template <update_rule Rule, state_policy Policy, class G>
-struct bulk_slot {
-  using traits = kernel_traits<Rule, Policy>;
-  static constexpr int S = Rule::state_count;                              //!< states
-  static constexpr unsigned p_bytes = unsigned{traits::task_elements} * 4; //!< the parameters
-  static constexpr unsigned g_at = p_bytes; //!< where gradients start
-  static constexpr unsigned g_bytes = unsigned{traits::task_elements} * sizeof(G);
-  //! the code bytes of state j
-  QMEM_HOST_DEVICE static constexpr unsigned code_bytes(int j) {
-    unsigned r = 0;
-    [&]<int... J>(std::integer_sequence<int, J...>) {
-      ((r = J == j ? unsigned{traits::task_elements} * traits::template format<J>::bits / 8 : r),
-       ...);
-    }
-    (std::make_integer_sequence<int, S>{});
-    return r;
-  }
-  //! where state j's codes start
-  QMEM_HOST_DEVICE static constexpr unsigned code_at(int j) {
-    unsigned at = g_at + g_bytes;
-    for (int i = 0; i < j; ++i)
-      at += code_bytes(i);
-    return at;
-  }
-  static constexpr unsigned bytes = code_at(S); //!< one slot: what one task's copies bring
-  static_assert(p_bytes % 16 == 0 && g_bytes % 16 == 0 && bytes % 16 == 0,
-                "a bulk copy moves a multiple of 16 bytes");
-};
-
-#if defined(__CUDA_ARCH__)
-//! mbarrier.init of the barrier at shared address `bar` for `count` arrivals.
-__device__ QMEM_INLINE void bulk_barrier_init(std::uint32_t bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-//! One arrival on the barrier at `bar` (release: this thread's earlier shared-memory reads are
-//! ordered before whatever waits for the phase).
-__device__ QMEM_INLINE void bulk_barrier_arrive(std::uint32_t bar) {
-  asm volatile("{\n\t.reg .b64 st;\n\tmbarrier.arrive.shared::cta.b64 st, [%0];\n\t}" ::"r"(bar)
-               : "memory");
-}
-//! One arrival on the barrier at `bar` that also expects `bytes` of bulk-copy transactions.
-__device__ QMEM_INLINE void bulk_barrier_expect(std::uint32_t bar, unsigned bytes) {
-  asm volatile(
-      "{\n\t.reg .b64 st;\n\tmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n\t}" ::"r"(
-          bar),
-      "r"(bytes)
-      : "memory");
-}
-//! Waits until the phase of parity `parity` of the barrier at `bar` has completed.
-__device__ QMEM_INLINE void bulk_barrier_wait(std::uint32_t bar, unsigned parity) {
-  asm volatile("{\n\t.reg .pred done;\n\twait_%=:\n\t"
-               "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
-               "@!done bra wait_%=;\n\t}" ::"r"(bar),
-               "r"(parity)
-               : "memory");
-}
-//! Bulk copy of `Bytes` (a multiple of 16, both addresses 16-byte aligned) from global memory at
-//! `src` to shared address `dst`, its completion counted in bytes on the barrier at `bar`.
-template <unsigned Bytes>
-__device__ QMEM_INLINE void bulk_copy_in(std::uint32_t dst, void const* src, std::uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-          "r"(dst),
-      "l"(src), "n"(Bytes), "r"(bar)
-      : "memory");
-}
-#endif
-
-//! Starts the bulk copies of full task `task` of `entry` (fp32 parameters) into the slot at
-//! shared address `slot`, completing on the barrier `full` (called by one lane).
-template <update_rule Rule, state_policy Policy, class P, class G>
-__device__ QMEM_INLINE void
-bulk_issue_task([[maybe_unused]] tensor_entry const* entry, [[maybe_unused]] std::uint64_t task,
-                [[maybe_unused]] std::uint32_t slot, [[maybe_unused]] std::uint32_t full) {
-  static_assert(std::same_as<P, float>);
-#if defined(__CUDA_ARCH__)
-  using traits = kernel_traits<Rule, Policy>;
-  using L = bulk_slot<Rule, Policy, G>;
-  std::uint64_t const first = task * traits::task_elements;
-  bulk_barrier_expect(full, L::bytes);
-  bulk_copy_in<L::p_bytes>(slot, static_cast<float const*>(entry->param) + first, full);
-  bulk_copy_in<L::g_bytes>(slot + L::g_at, static_cast<G const*>(entry->grad) + first, full);
-  for_states<Rule::state_count>([&](auto J) {
-    using F = typename traits::template format<J.value>;
-    bulk_copy_in<L::code_bytes(J.value)>(
-        slot + L::code_at(J.value),
-        static_cast<std::uint8_t const*>(entry->state[J.value]) + first * F::bits / 8, full);
-  });
-#endif
-}
-
-//! Reads lane `lane`'s part of a slot that bulk_issue_task filled (its barrier waited for) into
-//! `d`, all but the old absmax.
-template <update_rule Rule, state_policy Policy, class P, class G>
-__device__ QMEM_INLINE void read_bulk_task(char const* slot, unsigned lane,
-                                           full_task_data<Rule, Policy, P, G>& d) {
-  using traits = kernel_traits<Rule, Policy>;
-  using L = bulk_slot<Rule, Policy, G>;
-  constexpr int E = traits::per_lane;
-  auto read = [&](char const* at, auto& out) {
-    constexpr int bytes = static_cast<int>(sizeof(out));
-    constexpr int chunk = bytes >= 16 ? 16 : bytes;
-    using V = typename raw_vector<chunk>::type;
-    V v[bytes / chunk];
-    QMEM_UNROLL
-    for (int k = 0; k < bytes / chunk; ++k)
-      v[k] = reinterpret_cast<V const*>(at + lane * unsigned{bytes})[k];
-    std::memcpy(&out, v, bytes);
-  };
-  read(slot, d.p);
-  read(slot + L::g_at, d.g_raw);
-  for_states<Rule::state_count>([&](auto J) {
-    using F = typename traits::template format<J.value>;
-    std::uint8_t bytes[E * F::bits / 8];
-    read(slot + L::code_at(J.value), bytes);
-    std::memcpy(d.state[J.value], bytes, sizeof(bytes));
-  });
-}
-
-//! The old absmax of lane `lane`'s blocks of full task `task` of `entry`, one per state.
-template <update_rule Rule, state_policy Policy>
-__device__ QMEM_INLINE void load_task_absmax(tensor_entry const* entry, std::uint64_t task,
-                                             unsigned lane, float (&out)[Rule::state_count]) {
-  using traits = kernel_traits<Rule, Policy>;
-  std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * traits::per_lane;
-  std::uint64_t const block = lane_block<Rule, Policy>(task, first);
-  for_states<Rule::state_count>([&](auto J) { out[J.value] = entry->absmax[J.value][block]; });
-}
-
 //! One warp task: kernel_traits::per_lane elements per lane, everything in registers. The
 //! arithmetic is the host backend's (optimizer.hpp), element for element. `Full`: the caller has
 //! checked that the whole task lies inside the tensor and that its pointers are aligned for the
@@ -1341,69 +1099,6 @@ inline constexpr bool fused_pipeline = QMEM_OPTIM_FUSED_PIPELINE != 0;
 #define QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE 2
 #endif
 
-//! Tasks a warp keeps in a shared-memory ring in the pipelined kernels with fp32 parameters
-//! (cp.async: the copies of QMEM_OPTIM_FUSED_SMEM_DEPTH - 1 tasks in flight while one computes,
-//! without registers), at most what two blocks per SM leave beside the code tables (3 for the
-//! 8-bit and 4-bit AdamW and Lion): 0, off (a ring of fewer than 3 tasks means off too: the
-//! register ring above). H200, 2^28 parameters, 2026-11-30 01:13 UTC, same session, three runs
-//! each, ms: register ring with the L2 prefetch / ring of 3 copying through L2 only (`.cg`)
-//! without the prefetch / with it: AdamW 8-bit 1.146-1.150 / 1.675-1.676 / 1.600-1.602, 4-bit
-//! 1.068-1.080 / 1.573-1.576 / 1.535-1.577, Lion 8-bit 0.956-0.959 / 1.407-1.418 / 1.470-1.483,
-//! 64 tensors 1.194-1.204 / 1.561-1.567 / 1.574-1.587; ncu (AdamW 4-bit, 2^26): 268 -> 380 us,
-//! the warps waiting on shared memory (short scoreboard 0.6 -> 2.6 cycles per issue) and L2 busy
-//! re-reading sectors (see copy_lane_async). Through L1 (`.ca`, now), 2026-11-30 03:33 and 03:53
-//! UTC, register ring / ring of 3: AdamW 4-bit 1.073-1.083 / 1.064-1.077 (the only gain, 1%),
-//! 8-bit 1.146-1.163 / 1.250-1.264, Lion 0.957-0.968 / 0.990-1.005, 64 tensors 1.197-1.208 /
-//! 1.369-1.377.
-//! Overridable for tuning runs.
-#ifndef QMEM_OPTIM_FUSED_SMEM_DEPTH
-#define QMEM_OPTIM_FUSED_SMEM_DEPTH 0
-#endif
-
-//! Slots of a warp's bulk-copy ring in the pipelined kernels with fp32 parameters: 0, off (the
-//! register ring above). With N >= 2, each task's streams come into shared memory by one bulk copy
-//! per stream (cp.async.bulk, completion counted in bytes on the slot's mbarrier, issued by lane
-//! 0; every lane arrives on the slot's "empty" mbarrier once it has read it), N tasks ahead, so
-//! that no registers hold loads in flight; the kernels then run QMEM_OPTIM_FUSED_BULK_THREADS
-//! threads per block at QMEM_OPTIM_FUSED_BULK_MIN_BLOCKS blocks per SM (96 registers at 640 x 1,
-//! no spills). A kernel takes the ring where at least 2 slots fit beside its tables at that
-//! occupancy. Slower than the register ring in every shape measured, so off. H200, 2^28
-//! parameters, 2026-11-30 06:40 UTC, two runs each, copy 4271-4293 GB/s, ms (AdamW 4-bit / its 64
-//! tensors / AdamW 8-bit / Lion 8-bit): register ring 1.073-1.074 / 1.077-1.080 / 1.140-1.143 /
-//! 0.948-0.955; 640 x 1 (20 warps per SM), 4 slots: 1.103-1.104 / 1.112-1.140 / 1.241-1.249 /
-//! 1.020-1.031; 320 x 2, 3 slots: 1.189-1.194 / 1.145-1.156 / 1.236-1.240 / 1.037-1.038; 256 x 2
-//! (16 warps), 4 slots: 1.175 / 1.159 / 1.296 / 1.008; 256 x 3 (24 warps, 80 registers, 60-96
-//! bytes of spills), 2 slots: 1.235-1.249 / 1.196-1.197 / (no room: register ring) / 0.997-0.999.
-//! ncu (AdamW 4-bit, 2^26, register ring / 320 x 2): 266 / 303 us, 158.6 M / 189.9 M warp
-//! instructions (the ring's waits, lane 0's copy issue with its uniform-register loops, the
-//! entry's pointers read per task), 0.62 / 0.66 issued per scheduler and cycle, DRAM 72 / 63%:
-//! the step is bound by instruction issue, and the ring adds instructions. A block-wide variant
-//! (19 compute warps and a producer warp, stages of 19 consecutive tasks, one copy per stream and
-//! run; 06:51 UTC) was slower still: AdamW 4-bit 1.436-1.448 ms, 8-bit 1.588-1.597, Lion 8-bit
-//! 1.007-1.013 (register ring 1.079-1.085 / 1.144-1.149 / 0.952-0.957), ncu 358 us, 195.7 M warp
-//! instructions, long-scoreboard stall 3.87 cycles per issue (1.81): the compute warps' per-task
-//! tensor lookup and absmax loads, and 96-136 bytes of spills at 96 registers. See
-//! docs/benchmarks.md, GPU optimizers, round 9. Overridable for tuning runs.
-#ifndef QMEM_OPTIM_FUSED_BULK
-#define QMEM_OPTIM_FUSED_BULK 0
-#endif
-//! Blocks per SM asked of the register allocator by the kernels with a bulk-copy ring: 1.
-#ifndef QMEM_OPTIM_FUSED_BULK_MIN_BLOCKS
-#define QMEM_OPTIM_FUSED_BULK_MIN_BLOCKS 1
-#endif
-//! The bulk-copy ring serves only kernels whose blockwise states' codes have at most this many
-//! bits (4: the 4-bit steps; 8: the 8-bit ones too).
-#ifndef QMEM_OPTIM_FUSED_BULK_BITS
-#define QMEM_OPTIM_FUSED_BULK_BITS 8
-#endif
-//! Threads per block of the kernels with a bulk-copy ring (a multiple of 32): 640. (A block's
-//! warps are spread over the SM's four schedulers, each with a quarter of the registers: 21 warps
-//! leave 80 registers per thread, 20 leave 96.)
-#ifndef QMEM_OPTIM_FUSED_BULK_THREADS
-#define QMEM_OPTIM_FUSED_BULK_THREADS 640
-#endif
-static_assert(QMEM_OPTIM_FUSED_BULK_THREADS % 32 == 0 && QMEM_OPTIM_FUSED_BULK_THREADS <= 1024);
-
 //! Tasks per warp and tensor of a launch (on average) below which each warp takes one contiguous
 //! range of tasks instead of every (warps)-th task: 64. A warp's pipeline restarts at each tensor
 //! it enters (its first task's loads are waited for without overlap), and with the grid stride
@@ -1461,84 +1156,7 @@ inline constexpr int pipeline_depth =
 static_assert(QMEM_OPTIM_FUSED_PIPELINE_DEPTH_ONE_STATE >= 2 &&
               QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE >= 2);
 
-//! Tasks in the shared-memory ring of a warp (QMEM_OPTIM_FUSED_SMEM_DEPTH), at most what two
-//! blocks per SM leave beside the code tables (sm_90: 233472 bytes per SM, 1024 reserved per
-//! block); 0 where the kernel keeps the register ring (not pipelined, 16-bit parameters, or room
-//! for fewer than 3 tasks).
-template <update_rule Rule, state_policy Policy, class P, class G>
-inline constexpr int smem_depth = [] {
-  if constexpr (!pipelined<Rule, Policy> || !std::same_as<P, float> ||
-                QMEM_OPTIM_FUSED_SMEM_DEPTH < 3) {
-    return 0;
-  } else {
-    constexpr std::size_t per_block = 233472 / 2 - 1024;
-    constexpr std::size_t tables = sizeof(typename kernel_traits<Rule, Policy>::shared_tables);
-    constexpr std::size_t per_task = std::size_t{fused_block_threads / 32} *
-                                     static_cast<std::size_t>(smem_slot<Rule, Policy, G>::bytes);
-    constexpr int fits =
-        tables >= per_block ? 0 : static_cast<int>((per_block - tables) / per_task);
-    constexpr int depth = fits < QMEM_OPTIM_FUSED_SMEM_DEPTH ? fits : QMEM_OPTIM_FUSED_SMEM_DEPTH;
-    return depth >= 3 ? depth : 0;
-  }
-}();
-
-//! Bytes of one slot of a warp's bulk-copy ring with its two mbarriers (full, empty).
-template <update_rule Rule, state_policy Policy, class G>
-inline constexpr unsigned bulk_slot_stride = bulk_slot<Rule, Policy, G>::bytes + 16u;
-
-//! Slots of a warp's bulk-copy ring (QMEM_OPTIM_FUSED_BULK): what fits beside the tables at
-//! QMEM_OPTIM_FUSED_BULK_MIN_BLOCKS blocks per SM (sm_90: 233472 bytes per SM, 1024 reserved per
-//! block), at most QMEM_OPTIM_FUSED_BULK; 0 (the register ring) where fewer than 2 fit, the kernel
-//! is not pipelined, has 16-bit parameters, or codes of more than QMEM_OPTIM_FUSED_BULK_BITS bits.
-template <update_rule Rule, state_policy Policy, class P, class G>
-inline constexpr int bulk_depth = [] {
-  if constexpr (!pipelined<Rule, Policy> || !std::same_as<P, float> || QMEM_OPTIM_FUSED_BULK < 2) {
-    return 0;
-  } else {
-    // (pipelined: every state is blockwise, with codes of `bits` bits)
-    constexpr int bits = [] {
-      int b = 0;
-      [&]<int... J>(std::integer_sequence<int, J...>) {
-        ((b = std::max(b, static_cast<int>(kernel_traits<Rule, Policy>::template format<J>::bits))),
-         ...);
-      }
-      (std::make_integer_sequence<int, Rule::state_count>{});
-      return b;
-    }();
-    constexpr std::size_t per_block = 233472 / QMEM_OPTIM_FUSED_BULK_MIN_BLOCKS - 1024;
-    constexpr std::size_t tables = sizeof(typename kernel_traits<Rule, Policy>::shared_tables);
-    constexpr std::size_t per_slot =
-        std::size_t{QMEM_OPTIM_FUSED_BULK_THREADS / 32} * bulk_slot_stride<Rule, Policy, G>;
-    constexpr int fits =
-        tables >= per_block ? 0 : static_cast<int>((per_block - tables) / per_slot);
-    constexpr int depth = fits < QMEM_OPTIM_FUSED_BULK ? fits : QMEM_OPTIM_FUSED_BULK;
-    return depth >= 2 && bits <= QMEM_OPTIM_FUSED_BULK_BITS ? depth : 0;
-  }
-}();
 } // namespace detail
-
-//! Threads per block of fused_step_kernel<Rule, Policy, P, G, ...>: QMEM_OPTIM_FUSED_BULK_THREADS
-//! with a bulk-copy ring, else fused_block_threads.
-template <update_rule Rule, state_policy Policy, class P, class G>
-inline constexpr int fused_threads =
-    detail::bulk_depth<Rule, Policy, P, G> != 0 ? QMEM_OPTIM_FUSED_BULK_THREADS
-                                                : fused_block_threads;
-
-//! The dynamic shared memory of fused_step_kernel<Rule, Policy, P, G, ...> (bytes): the warps'
-//! task rings of the shared-memory pipeline or of the bulk copies, or 0.
-template <update_rule Rule, state_policy Policy, class P, class G>
-inline constexpr std::size_t fused_dynamic_smem = [] {
-  if constexpr (detail::bulk_depth<Rule, Policy, P, G> != 0)
-    return std::size_t{QMEM_OPTIM_FUSED_BULK_THREADS / 32} *
-           static_cast<std::size_t>(detail::bulk_depth<Rule, Policy, P, G>) *
-           std::size_t{detail::bulk_slot_stride<Rule, Policy, G>};
-  else if constexpr (detail::smem_depth<Rule, Policy, P, G> == 0)
-    return std::size_t{0};
-  else
-    return std::size_t{fused_block_threads / 32} *
-           static_cast<std::size_t>(detail::smem_depth<Rule, Policy, P, G>) *
-           static_cast<std::size_t>(detail::smem_slot<Rule, Policy, G>::bytes);
-}();
 
 namespace detail {
 
@@ -1573,11 +1191,10 @@ partial_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scala
 //! The fused kernel: warp tasks [task_begin, task_end) across all tensors, grid-stride or in one
 //! contiguous range per warp (fused_contiguous_below).
 template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
-__global__ void
-__launch_bounds__(fused_threads<Rule, Policy, P, G>,
-                  detail::bulk_depth<Rule, Policy, P, G> != 0 ? QMEM_OPTIM_FUSED_BULK_MIN_BLOCKS
-                  : detail::pipelined<Rule, Policy> ? QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED
-                                                    : detail::unpipelined_min_blocks<Rule, Policy>)
+__global__ void __launch_bounds__(fused_block_threads,
+                                  detail::pipelined<Rule, Policy>
+                                      ? QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED
+                                      : detail::unpipelined_min_blocks<Rule, Policy>)
     fused_step_kernel(__grid_constant__ fused_args<Rule, Policy> const args) {
   using traits = kernel_traits<Rule, Policy>;
   using tables_t = typename traits::shared_tables;
@@ -1589,27 +1206,6 @@ __launch_bounds__(fused_threads<Rule, Policy, P, G>,
     auto const* src = reinterpret_cast<uint4 const*>(&shared_tables_image<Rule, Policy>);
     for (unsigned w = threadIdx.x; w < sizeof(tables_t) / 16; w += blockDim.x)
       table_words[w] = src[w];
-  }
-  constexpr int bulk_depth = detail::bulk_depth<Rule, Policy, P, G>;
-  [[maybe_unused]] std::uint32_t bulk_ring = 0; // this warp's bulk-copy ring (shared address)
-  if constexpr (bulk_depth != 0) {
-    // each warp's slots, then its barriers: full[s] (one arrival and the copies' bytes) at
-    // 16 s, empty[s] (the 32 lanes' arrivals once they have read the slot) at 16 s + 8
-    extern __shared__ uint4 fused_ring[];
-    bulk_ring =
-        static_cast<std::uint32_t>(__cvta_generic_to_shared(fused_ring)) +
-        (threadIdx.x >> 5) * unsigned{bulk_depth} * detail::bulk_slot_stride<Rule, Policy, G>;
-#if defined(__CUDA_ARCH__)
-    if ((threadIdx.x & 31u) == 0) {
-      std::uint32_t const bars =
-          bulk_ring + unsigned{bulk_depth} * detail::bulk_slot<Rule, Policy, G>::bytes;
-      for (unsigned s = 0; s < unsigned{bulk_depth}; ++s) {
-        detail::bulk_barrier_init(bars + 16u * s, 1u);
-        detail::bulk_barrier_init(bars + 16u * s + 8u, 32u);
-      }
-      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-#endif
   }
   __syncthreads();
   auto const& tables = *reinterpret_cast<tables_t const*>(table_words);
@@ -1635,10 +1231,6 @@ __launch_bounds__(fused_threads<Rule, Policy, P, G>,
   std::uint64_t const range_begin = args.task_begin + (contiguous ? warp * per_warp : warp);
   std::uint64_t const range_end =
       contiguous && range_begin + per_warp < args.task_end ? range_begin + per_warp : args.task_end;
-  // the bulk-copy ring's fills issued and taken so far (warp-uniform; fill f goes to slot
-  // f % depth, its barriers' phase parity is (f / depth) & 1)
-  [[maybe_unused]] std::uint32_t bulk_fills = 0;
-  [[maybe_unused]] std::uint32_t bulk_taken = 0;
   // outer loop: one trip per tensor this warp meets (its scalars and bounds read once); inner
   // loop: the warp's tasks of that tensor. (One loop with the tensor lookup and a conditional
   // reload of the scalars per task cost 12 instructions per task-lane more, ptxas sm_90, and
@@ -1649,12 +1241,8 @@ __launch_bounds__(fused_threads<Rule, Policy, P, G>,
     // QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS: the tensor's pointers copied once per tensor, not
     // reloaded from global memory per task (the stores between could alias them)
     // (fp32 parameters and two-state pipelined kernels only: see fused_entry_in_registers)
-    // (not with the bulk-copy ring: its copies bypass L1, where the entry then stays, and the
-    // copied entry's registers are what the ring's occupancy cannot afford: ptxas sm_90, AdamW
-    // 4-bit at 80 registers, 120 -> 60 bytes of spill stores)
     constexpr bool copy_entry = fused_entry_in_registers && std::same_as<P, float> &&
-                                detail::pipelined<Rule, Policy> && Rule::state_count >= 2 &&
-                                bulk_depth == 0;
+                                detail::pipelined<Rule, Policy> && Rule::state_count >= 2;
     [[maybe_unused]] tensor_entry entry_copy;
     if constexpr (copy_entry)
       entry_copy = args.tensors[owner];
@@ -1664,104 +1252,7 @@ __launch_bounds__(fused_threads<Rule, Policy, P, G>,
     // the tasks wholly inside the tensor, when its pointers allow the vector path
     std::uint64_t const full_end =
         first_task + (entry->vectorized != 0 ? entry->size / traits::task_elements : 0);
-    if constexpr (bulk_depth != 0) {
-#if defined(__CUDA_ARCH__)
-      // the bulk-copy ring: the next `depth` tasks' streams are on their way into the warp's
-      // slots while one computes (its slot read into registers first, then refilled)
-      constexpr unsigned depth = unsigned{bulk_depth};
-      using L = detail::bulk_slot<Rule, Policy, G>;
-      std::uint32_t const bars = bulk_ring + depth * L::bytes;
-      std::uint64_t const full_stop = full_end < stop ? full_end : stop;
-      if (task < full_stop) {
-        extern __shared__ uint4 fused_ring[];
-        char const* const ring_generic =
-            reinterpret_cast<char const*>(fused_ring) +
-            (threadIdx.x >> 5) * unsigned{bulk_depth} * detail::bulk_slot_stride<Rule, Policy, G>;
-        auto issue = [&](std::uint64_t t) { // global task t into the next fill's slot
-          unsigned const s = bulk_fills % depth;
-          if (lane == 0) {
-            if (bulk_fills >= depth) // the slot's previous task has been read by every lane
-              detail::bulk_barrier_wait(bars + 16u * s + 8u, ((bulk_fills / depth) - 1u) & 1u);
-            detail::bulk_issue_task<Rule, Policy, P, G>(entry, t - first_task,
-                                                        bulk_ring + s * L::bytes, bars + 16u * s);
-          }
-          ++bulk_fills;
-        };
-        QMEM_UNROLL
-        for (unsigned d = 0; d < depth; ++d)
-          if (task + d * warps < full_stop)
-            issue(task + d * warps);
-        float next_absmax[Rule::state_count];
-        detail::load_task_absmax<Rule, Policy>(entry, task - first_task, lane, next_absmax);
-        do {
-          detail::full_task_data<Rule, Policy, P, G> cur;
-          unsigned const s = bulk_taken % depth;
-          detail::bulk_barrier_wait(bars + 16u * s, (bulk_taken / depth) & 1u);
-          detail::read_bulk_task(ring_generic + s * L::bytes, lane, cur);
-          detail::bulk_barrier_arrive(bars + 16u * s + 8u);
-          ++bulk_taken;
-          QMEM_UNROLL
-          for (int j = 0; j < Rule::state_count; ++j)
-            cur.absmax[j] = next_absmax[j];
-          if (task + warps < full_stop)
-            detail::load_task_absmax<Rule, Policy>(entry, task + warps - first_task, lane,
-                                                   next_absmax);
-          std::uint64_t const ahead_task = task + depth * warps;
-          if (ahead_task < full_stop)
-            issue(ahead_task);
-          detail::fused_task<Rule, Policy, P, G, NonFinite, true, true>(
-              entry, task - first_task, k, grad_scale, step, args.seed, args.param_stochastic != 0,
-              tables, lane, &cur);
-          task += warps;
-        } while (task < full_stop);
-      }
-#endif
-    } else if constexpr (detail::smem_depth<Rule, Policy, P, G> >= 3) {
-      // the shared-memory ring: slot i % depth holds task i's raw bytes; the copies of the next
-      // depth - 1 tasks are in flight while one computes (one cp.async group per task)
-      constexpr int depth = detail::smem_depth<Rule, Policy, P, G>;
-      constexpr int slot_bytes = detail::smem_slot<Rule, Policy, G>::bytes;
-      std::uint64_t const full_stop = full_end < stop ? full_end : stop;
-      if (task < full_stop) {
-        extern __shared__ uint4 fused_ring[];
-        unsigned const ring_offset = (threadIdx.x >> 5) * unsigned{depth * slot_bytes};
-        char const* const ring = reinterpret_cast<char const*>(fused_ring) + ring_offset;
-        std::uint32_t const ring_shared =
-            static_cast<std::uint32_t>(__cvta_generic_to_shared(fused_ring)) + ring_offset;
-        QMEM_UNROLL
-        for (int d = 0; d + 1 < depth; ++d) {
-          if (task + d * warps < full_stop)
-            detail::issue_full_task<Rule, Policy, P, G>(entry, task + d * warps - first_task, lane,
-                                                        ring_shared +
-                                                            static_cast<unsigned>(d * slot_bytes));
-          detail::async_commit();
-        }
-        unsigned slot = 0; // of the current task
-        do {
-          detail::async_wait<depth - 2>(); // the current task's group has landed
-          detail::full_task_data<Rule, Policy, P, G> cur;
-          detail::read_full_task(ring + slot * unsigned{slot_bytes}, lane, cur);
-          // the task depth - 1 ahead goes into the slot that the previous task was read from
-          unsigned const free_slot = (slot == 0 ? unsigned{depth} : slot) - 1u;
-          std::uint64_t const ahead_task = task + (depth - 1) * warps;
-          if (ahead_task < full_stop)
-            detail::issue_full_task<Rule, Policy, P, G>(entry, ahead_task - first_task, lane,
-                                                        ring_shared + free_slot * slot_bytes);
-          detail::async_commit();
-          if constexpr (QMEM_OPTIM_FUSED_PREFETCH_L2 != 0) {
-            std::uint64_t const far_task = ahead_task + warps;
-            if (far_task < full_stop)
-              detail::prefetch_full_task<Rule, Policy, P, G>(entry, far_task - first_task, lane);
-          }
-          detail::fused_task<Rule, Policy, P, G, NonFinite, true, true>(
-              entry, task - first_task, k, grad_scale, step, args.seed, args.param_stochastic != 0,
-              tables, lane, &cur);
-          task += warps;
-          slot = slot + 1 == unsigned{depth} ? 0u : slot + 1;
-        } while (task < full_stop);
-        detail::async_wait<0>();
-      }
-    } else if constexpr (detail::pipelined<Rule, Policy>) {
+    if constexpr (detail::pipelined<Rule, Policy>) {
       // the next depth - 1 full tasks' loads are issued before the current one computes
       constexpr int depth = detail::pipeline_depth<Rule, Policy>;
       std::uint64_t const full_stop = full_end < stop ? full_end : stop;

@@ -487,8 +487,6 @@ public:
   static constexpr bool unorm_capable = is_unorm_clipped_v<Rule>;
 
 private:
-  // the fused kernel's dynamic shared memory (QMEM_OPTIM_FUSED_SMEM_DEPTH; 0 by default)
-  static constexpr std::size_t ring_bytes = fused_dynamic_smem<Rule, Policy, P, G>;
   step_controller* controller_;
   std::vector<std::uint64_t> tensor_first_task_; // per caller tensor (empty ones included)
   std::vector<std::size_t> tensor_state_bytes_;  // per caller tensor: state + absmax bytes
@@ -607,32 +605,11 @@ public:
       reduction_ =
           tensor_reduction<Rule, Policy, P, G>(e, std::span<std::uint64_t const>(sizes), device);
     }
-    if constexpr (ring_bytes > 0) {
-      // the shared-memory pipeline's task rings (fused_dynamic_smem): above the 48 KB default
-      cuda_detail::check(cudaFuncSetAttribute(
-                             fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(ring_bytes)),
-                         "cudaFuncSetAttribute(fused_step_kernel)");
-      cuda_detail::check(
-          cudaFuncSetAttribute(fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(ring_bytes)),
-          "cudaFuncSetAttribute(fused_step_kernel)");
-      // and the largest shared-memory carve-out, so that the occupancy the kernel was compiled
-      // for (its blocks' tables and rings side by side) is what the SM gives it
-      for (auto kernel : {fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>,
-                          fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>})
-        cuda_detail::check(cudaFuncSetAttribute(kernel,
-                                                cudaFuncAttributePreferredSharedMemoryCarveout,
-                                                cudaSharedmemCarveoutMaxShared),
-                           "cudaFuncSetAttribute(fused_step_kernel carve-out)");
-    }
     int per_sm = 0;
     cuda_detail::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
                            &per_sm,
                            fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>,
-                           fused_threads<Rule, Policy, P, G>, ring_bytes),
+                           fused_block_threads, 0),
                        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     grid_ = std::max(1, per_sm) * cuda_detail::sm_count(e.device);
   }
@@ -703,15 +680,15 @@ public:
                                         entry_count_,
                                         o.rounding == param_rounding::stochastic ? 1u : 0u,
                                         traits::tables::make()};
-    constexpr std::uint64_t block_warps = fused_threads<Rule, Policy, P, G> / 32;
+    constexpr std::uint64_t block_warps = fused_block_threads / 32;
     std::uint64_t const blocks_needed = (task_end - task_begin + block_warps - 1) / block_warps;
     int const grid = static_cast<int>(std::min<std::uint64_t>(blocks_needed, grid_));
     if (o.nonfinite == nonfinite_policy::skip_element)
       fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>
-          <<<grid, fused_threads<Rule, Policy, P, G>, ring_bytes, e.stream>>>(args);
+          <<<grid, fused_block_threads, 0, e.stream>>>(args);
     else // skip_step and raise: resolve() already skipped a step with a non-finite gradient
       fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>
-          <<<grid, fused_threads<Rule, Policy, P, G>, ring_bytes, e.stream>>>(args);
+          <<<grid, fused_block_threads, 0, e.stream>>>(args);
     cuda_detail::check_launch(e, "fused_step_kernel");
   }
   //! Enqueues the fused update of every tensor of the group.
