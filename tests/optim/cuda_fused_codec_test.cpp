@@ -596,6 +596,9 @@ TEST_CASE("fused step, several full tasks per warp (pipelined loads) == host opt
   SUBCASE("Lion 8-bit, fp32 params") {
     large_tensor_matches_host<oq::lion, oq::int8_state, float>(oq::lion{}, n, 3, 14);
   }
+  SUBCASE("Lion 4-bit, fp32 params (three tasks in registers)") {
+    large_tensor_matches_host<oq::lion, oq::int4_state, float>(oq::lion{}, n, 3, 16);
+  }
   SUBCASE("AdamW 32-bit, fp32 params") {
     large_tensor_matches_host<oq::adamw, oq::fp32_state, float>(oq::adamw{}, n, 3, 15);
   }

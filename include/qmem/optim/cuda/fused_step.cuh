@@ -13,7 +13,8 @@
 //! shared-memory read per 8-bit or 4-bit code, codes gathered by byte permutes) and writes back:
 //! one pass over memory. A task wholly inside its tensor (all but at most one
 //! per tensor) runs without bounds checks or scalar fallbacks; in the quantized steps a warp
-//! loads its next such task into registers before computing the current one (fused_pipeline).
+//! loads its next such task into registers before computing the current one (fused_pipeline;
+//! tensors of up to 2^32 elements, indexed with 32 bits: fused_index32_max_size).
 //! AdamW's element update runs lane-wide (lane_update): the moments, one range test, then the
 //! square roots and divisions by the IEEE functions' own fast sequences. Tasks are
 //! numbered across all tensors; the device table of tensor entries (built once, multi_tensor.cuh)
@@ -125,38 +126,17 @@ __device__ QMEM_INLINE void store_stream(void* ptr, T const (&in)[N]) {
 
 } // namespace detail
 
-//! Tuning option (default 0: the kernels timed so far). 1 compiles the fused step with fewer
-//! SASS instructions per element and bit for bit the same results, but it was not faster, so it
-//! stays off. Timed on the H200 (lead, 2026-11-30 04:24 UTC, 2^28 params, off / on interleaved 3x,
-//! copy 4267-4293 GB/s): AdamW 4-bit 1.074-1.077 / 1.078-1.082 ms, 8-bit 1.150-1.161 /
-//! 1.147-1.158, Lion 8-bit 0.962-0.966 / 0.958-0.963, 32-bit 1.905-1.914 / 1.901-1.915; with it
-//! on, cuda_optim_test + cuda_fused_codec_test passed (2^32 sweeps and oversubscription left
-//! out). The 4-bit step is not issue-bound enough for 4% fewer instructions to show.
-//! Offline count (ptxas sm_90, nvcc 13.0, 2026-11-30): the hot path of the pipelined loop, one
-//! trip of two tasks, every branch taken the common way (finite gradients, moments in range,
-//! blocks on the fp32 route). Instructions per element, off -> on:
-//! - AdamW 4-bit: 75.4 -> 72.1 (-4.3%); ncu measured 76.0 with the option off.
-//! - AdamW 8-bit: 77.2 -> 76.2.
-//! What changes:
-//! - 4-bit decode: the byte permute that extracts 4 x code also takes bytes 1-3 of the tables'
-//!   shared address; the tables are aligned to 256 bytes, so that sum is the code's address. This
-//!   removes one add per element and 4-bit state.
-//! - The lane's finite-gradient test: one FMNMX.NAN per element over the magnitudes (NaN
-//!   propagates, so the maximum is below +inf exactly when every gradient is finite), instead of
-//!   a mask and an integer max of the exponent fields.
-//! - Code byte offsets: first / (8 / bits) instead of first x bits / 8 (no masks for the 64-bit
-//!   product's wrap-around; both are equal for element indices below 2^61).
-//! - linear16_route codes (the 4-bit recipe's second moment): packed by six shift-adds and one
-//!   PRMT per word instead of eight funnel shifts.
-//! Tried and not kept (same count): the block max of 16 lanes by two full-warp redux.sync, each
-//! over one half with the other half zeroed (2 REDUX, 2 MOV from uniform registers and 3 SEL for
-//! 4 SHFL and 4 FMNMX). 32-bit element indices for tensors below 2^32 elements saved 0.3 per
-//! element but spilled 36-72 bytes in the loop.
-#ifndef QMEM_OPTIM_FUSED_4BIT_V2
-#define QMEM_OPTIM_FUSED_4BIT_V2 0
-#endif
-//! QMEM_OPTIM_FUSED_4BIT_V2 as a constant.
-inline constexpr bool fused_4bit_v2 = QMEM_OPTIM_FUSED_4BIT_V2 != 0;
+//! The 4-bit decode by table address, the finite-gradient test by max.NaN, code offsets by
+//! division and the linear16 codes packed by shift-adds (fused_task) were the tuning option
+//! QMEM_OPTIM_FUSED_4BIT_V2 (off) until 2026-11-30: 4% fewer instructions per element that did not
+//! show alone (lead, H200, 04:24 UTC: AdamW 4-bit 1.074-1.077 off / 1.078-1.082 on). Together with
+//! the 32-bit indices (fused_index32_max_size) and the code lines in the L2 prefetch
+//! (prefetch_full_task) they did: H200, 2^28 parameters, 2026-11-30 10:27 UTC, three runs each,
+//! interleaved, ms, before / after: AdamW 4-bit 1.085-1.087 / 1.056-1.062, 8-bit 1.146-1.152 /
+//! 1.147-1.153, bf16 params 1.176-1.182 / 1.081-1.088, Lion 8-bit 0.958-0.962 / 0.947-0.951, 64
+//! tensors 1.154-1.160 / 1.138-1.142 (docs/benchmarks.md, "optim4"). ptxas sm_90, the AdamW 4-bit
+//! pipelined loop: ncu 158.6 M -> 144.1 M warp instructions at 2^26 without the prefetch of codes
+//! (149.8 M with it).
 
 namespace detail {
 
@@ -458,8 +438,9 @@ inline constexpr bool uses_master = !std::same_as<P, float>;
 //! masks the 64-bit element index: the pipelined AdamW 8-bit loop 75.6 -> 74.8 instructions per
 //! element, Lion 44.4 -> 44.0; for blocks of 128 task x 2 + lane / 16 was 0.3 more than first /
 //! 128, so they keep the division).
-template <update_rule Rule, state_policy Policy>
-__device__ QMEM_INLINE std::uint64_t lane_block(std::uint64_t task, std::uint64_t first) {
+//! `Index`: std::uint64_t, or std::uint32_t in the pipelined loop (fused_index32_max_size).
+template <update_rule Rule, state_policy Policy, class Index>
+__device__ QMEM_INLINE Index lane_block(Index task, Index first) {
   using traits = kernel_traits<Rule, Policy>;
   if constexpr (traits::task_elements == traits::block)
     return task;
@@ -467,15 +448,16 @@ __device__ QMEM_INLINE std::uint64_t lane_block(std::uint64_t task, std::uint64_
     return first / traits::block;
 }
 
-//! The byte offset of element `first`'s code in a blockwise state of format F: first x bits / 8,
-//! with QMEM_OPTIM_FUSED_4BIT_V2 as first / (8 / bits) (ptxas sm_90: the 64-bit product's
-//! wrap-around cost two masks per stream and task; `first` is below 2^61, so both are equal).
-template <class F>
-__device__ QMEM_INLINE std::uint64_t code_offset(std::uint64_t first) {
-  if constexpr (fused_4bit_v2 && 8 % F::bits == 0)
-    return first / (8 / F::bits);
+//! The byte offset of element `first`'s code in a blockwise state of format F: first / (8 / bits)
+//! where bits divides 8 (ptxas sm_90: first x bits / 8 of a 64-bit index cost two masks per
+//! stream and task for the product's wrap-around; with a 32-bit index (fused_index32_max_size)
+//! the product would wrap), else first x bits / 8 in 64 bits.
+template <class F, class Index>
+__device__ QMEM_INLINE auto code_offset(Index first) {
+  if constexpr (8 % F::bits == 0)
+    return static_cast<Index>(first / (8 / F::bits));
   else
-    return first * F::bits / 8;
+    return std::uint64_t{first} * F::bits / 8;
 }
 
 //! The raw bytes one lane loads for a full task (parameters or master weights, gradients, each
@@ -493,13 +475,13 @@ struct full_task_data {
 };
 
 //! Loads full task `task` of `entry` into `d` (streaming 16-byte loads, as fused_task does).
-template <update_rule Rule, state_policy Policy, class P, class G>
-__device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, std::uint64_t task,
-                                           unsigned lane, full_task_data<Rule, Policy, P, G>& d) {
+template <update_rule Rule, state_policy Policy, class P, class G, class Index>
+__device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, Index task, unsigned lane,
+                                           full_task_data<Rule, Policy, P, G>& d) {
   using traits = kernel_traits<Rule, Policy>;
   constexpr int E = traits::per_lane;
-  std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * E;
-  std::uint64_t const block = detail::lane_block<Rule, Policy>(task, first);
+  Index const first = task * Index{traits::task_elements} + Index{lane} * E;
+  Index const block = detail::lane_block<Rule, Policy>(task, first);
   auto const* const param = static_cast<P const*>(entry->param);
   float const* const master = uses_master<P> ? entry->master : nullptr;
   if constexpr (std::same_as<P, float>) {
@@ -529,30 +511,27 @@ __device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, std::uint6
   });
 }
 
-//! Whether prefetch_full_task (QMEM_OPTIM_FUSED_PREFETCH_L2) also asks for the task's state-code
-//! lines (one 128-byte line per lane, in the first lanes): 0. H200, 2^28 parameters, 2026-11-30
-//! 03:53 UTC, three runs each, 0 / 1 (ms): AdamW 4-bit 1.076-1.082 / 1.069-1.074, 8-bit
-//! 1.143-1.150 / 1.154-1.157, 64 tensors 1.154-1.158 / 1.144-1.153, Lion 0.960-0.965 /
-//! 0.956-0.961: within the runs' spread, not kept. (Asking for the parameter and gradient lines
-//! without `evict_last` was 2.5-3.5% slower on every row.) Overridable for tuning runs.
-#ifndef QMEM_OPTIM_FUSED_PREFETCH_CODES
-#define QMEM_OPTIM_FUSED_PREFETCH_CODES 0
-#endif
-
 //! Asks L2 for the parameter and gradient lines of full task `task` (the task after the one
-//! load_full_task has in flight), so that its loads find them there (QMEM_OPTIM_FUSED_PREFETCH_L2).
-//! A prefetch is a hint: it writes nothing and the task lies inside the tensor. (16-bit
-//! parameters with fp32 master weights load the master array, which this does not prefetch.)
-template <update_rule Rule, state_policy Policy, class P, class G>
-__device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, std::uint64_t task,
+//! load_full_task has in flight), so that its loads find them there (QMEM_OPTIM_FUSED_PREFETCH_L2),
+//! and for its state-code lines (one 128-byte line per lane, in the first lanes). A prefetch is a
+//! hint: it writes nothing and the task lies inside the tensor. (16-bit parameters with fp32
+//! master weights load the master array, which this does not prefetch.) The code lines: alone
+//! (64-bit indices) within the runs' spread (H200, 2026-11-30 03:53 UTC, without / with, ms: AdamW
+//! 4-bit 1.076-1.082 / 1.069-1.074, 8-bit 1.143-1.150 / 1.154-1.157, Lion 0.960-0.965 /
+//! 0.956-0.961); with the 32-bit indices faster on every row but AdamW 8-bit (equal): 10:27 UTC,
+//! without / with, ms: AdamW 4-bit 1.083-1.087 / 1.066-1.067, bf16 params 1.196-1.197 /
+//! 1.094-1.096, Lion 8-bit 0.962-0.966 / 0.947-0.950, 64 tensors 1.149-1.152 / 1.141-1.146, 8-bit
+//! 1.147-1.148 / 1.146-1.157. (The parameter and gradient lines without `evict_last` were 2.5-3.5%
+//! slower on every row.)
+template <update_rule Rule, state_policy Policy, class P, class G, class Index>
+__device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, Index task,
                                                unsigned lane) {
   using traits = kernel_traits<Rule, Policy>;
-  std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * traits::per_lane;
+  Index const first = task * Index{traits::task_elements} + Index{lane} * Index{traits::per_lane};
   asm volatile(
       "prefetch.global.L2::evict_last [%0];" ::"l"(static_cast<P const*>(entry->param) + first));
   asm volatile(
       "prefetch.global.L2::evict_last [%0];" ::"l"(static_cast<G const*>(entry->grad) + first));
-#if QMEM_OPTIM_FUSED_PREFETCH_CODES
   // the task's code lines of each blockwise state, one 128-byte line per lane from lane `base`
   int base = 0;
   for_states<Rule::state_count>([&](auto J) {
@@ -563,11 +542,11 @@ __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, std::u
       if (at >= 0 && at < lines)
         asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(
             static_cast<std::uint8_t const*>(entry->state[J.value]) +
-            task * traits::task_elements * F::bits / 8 + static_cast<unsigned>(at) * 128u));
+            std::uint64_t{task} * traits::task_elements * F::bits / 8 +
+            static_cast<unsigned>(at) * 128u));
       base += lines;
     }
   });
-#endif
 }
 
 //! One warp task: kernel_traits::per_lane elements per lane, everything in registers. The
@@ -575,10 +554,10 @@ __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, std::u
 //! checked that the whole task lies inside the tensor and that its pointers are aligned for the
 //! vector path, so the element bounds checks and the scalar path compile away.
 template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite,
-          bool Full, bool Preloaded = false>
+          bool Full, bool Preloaded = false, class Index = std::uint64_t>
 __device__ QMEM_INLINE void
-fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars const& k,
-           float grad_scale, std::int32_t step, std::uint64_t seed, bool param_sr,
+fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& k, float grad_scale,
+           std::int32_t step, std::uint64_t seed, bool param_sr,
            typename kernel_traits<Rule, Policy>::shared_tables const& tables, unsigned lane,
            full_task_data<Rule, Policy, P, G> const* pre = nullptr) {
   static_assert(Full || !Preloaded, "only full tasks are preloaded");
@@ -586,8 +565,9 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
   constexpr int E = traits::per_lane;
   constexpr int S = Rule::state_count;
   std::uint64_t const size = entry->size;
-  std::uint64_t const first = task * traits::task_elements + std::uint64_t{lane} * E;
-  std::uint64_t const block = lane_block<Rule, Policy>(task, first); // this lane's absmax block
+  static_assert(sizeof(Index) == 8 || (Full && Preloaded), "a 32-bit index: full tasks only");
+  Index const first = task * Index{traits::task_elements} + Index{lane} * E;
+  Index const block = lane_block<Rule, Policy>(task, first); // this lane's absmax block
   bool const vector_path = Full || (entry->vectorized != 0 && first + E <= size);
   auto* const param = static_cast<P*>(entry->param);
   auto const* const grad = static_cast<G const*>(entry->grad);
@@ -675,7 +655,7 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
         std::uint32_t words[code_bytes / 4];
         std::memcpy(words, bytes, sizeof(words));
 #if defined(__CUDA_ARCH__)
-        // QMEM_OPTIM_FUSED_4BIT_V2: the byte permute that extracts 4 x code also takes bytes 1-3
+        // the byte permute that extracts 4 x code also takes bytes 1-3
         // of the tables' shared address (aligned to 256 bytes: byte 0 is zero), so its result is
         // the code's address less the value array's offset, which the load takes as immediate
         // (value_at: the offset of fc's value array in the tables, the codec codec_for picks)
@@ -696,20 +676,18 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
           QMEM_UNROLL
           for (int b = 0; b < 4; ++b) {
 #if defined(__CUDA_ARCH__)
-            if constexpr (fused_4bit_v2) {
-              auto const select = static_cast<unsigned>(0x7650 + b); // byte b, then base's 1-3
-              s[J.value][8 * w + 2 * b] = optim::detail::fmath::mul(
-                  load_shared_f32<value_at>(__byte_perm(high, table_base, select)), old_absmax);
-              s[J.value][8 * w + 2 * b + 1] = optim::detail::fmath::mul(
-                  load_shared_f32<value_at>(__byte_perm(low, table_base, select)), old_absmax);
-              continue;
-            }
-#endif
+            auto const select = static_cast<unsigned>(0x7650 + b); // byte b, then base's 1-3
+            s[J.value][8 * w + 2 * b] = optim::detail::fmath::mul(
+                load_shared_f32<value_at>(__byte_perm(high, table_base, select)), old_absmax);
+            s[J.value][8 * w + 2 * b + 1] = optim::detail::fmath::mul(
+                load_shared_f32<value_at>(__byte_perm(low, table_base, select)), old_absmax);
+#else // (the host pass parses this; no host code calls it)
             auto const select = static_cast<unsigned>(0x4440 + b); // byte b, zeros above
             s[J.value][8 * w + 2 * b] = optim::detail::fmath::mul(
                 fc.c.decode_at(__byte_perm(high, 0u, select)), old_absmax);
             s[J.value][8 * w + 2 * b + 1] =
                 optim::detail::fmath::mul(fc.c.decode_at(__byte_perm(low, 0u, select)), old_absmax);
+#endif
           }
         }
       } else {
@@ -763,22 +741,20 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
       }
     }
   };
-  // every gradient of the lane finite: one test per lane (the largest exponent field), not a test
-  // and a select per element and value
+  // every gradient of the lane finite: one test per lane, not a test and a select per element
+  // and value
   bool lane_finite = true;
   if constexpr (NonFinite == nonfinite_policy::skip_element) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    if constexpr (fused_4bit_v2) {
-      // QMEM_OPTIM_FUSED_4BIT_V2: the largest magnitude with NaN propagated (max.NaN), which is
-      // below +inf exactly when every gradient is finite: one FMNMX per element (the magnitude is
-      // an operand modifier) instead of a LOP3 and an integer max
-      float top = fabsf(g[0]);
-      QMEM_UNROLL
-      for (int i = 1; i < E; ++i)
-        asm("max.NaN.f32 %0, %0, %1;" : "+f"(top) : "f"(fabsf(g[i])));
-      lane_finite = top < __int_as_float(0x7f800000);
-    } else
-#endif
+    // the largest magnitude with NaN propagated (max.NaN), which is below +inf exactly when every
+    // gradient is finite: one FMNMX per element (the magnitude is an operand modifier) instead of
+    // a LOP3 and an integer max of the exponent fields
+    float top = fabsf(g[0]);
+    QMEM_UNROLL
+    for (int i = 1; i < E; ++i)
+      asm("max.NaN.f32 %0, %0, %1;" : "+f"(top) : "f"(fabsf(g[i])));
+    lane_finite = top < __int_as_float(0x7f800000);
+#else
     {
       std::uint32_t exponents = 0;
       QMEM_UNROLL
@@ -786,6 +762,7 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
         exponents = max(exponents, qmem::detail::float_to_bits(g[i]) & 0x7f800000u);
       lane_finite = exponents != 0x7f800000u;
     }
+#endif
   }
   bool updated = false;
   bool states_finite = false; // every new state known to be finite (not NaN)
@@ -905,8 +882,8 @@ fused_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scalars
           std::uint32_t words[code_bytes / 4];
           QMEM_UNROLL
           for (int w = 0; w < code_bytes / 4; ++w) {
-            if constexpr (fused_4bit_v2 && codec_t::linear16_route) {
-              // QMEM_OPTIM_FUSED_4BIT_V2: high[i] is 0x4B000000 + code (linear16_code), so
+            if constexpr (codec_t::linear16_route) {
+              // high[i] is 0x4B000000 + code (linear16_code), so
               // (high[2b] << 4) + high[2b + 1] holds byte b in its low byte and zeros in bytes 1-2;
               // two such sums merge by one more shift-add, and the two halves by one byte permute
               // (ptxas sm_90: 4 LEA + 2 LEA + 1 PRMT per word instead of 8 funnel shifts)
@@ -1133,6 +1110,20 @@ inline constexpr unsigned fused_contiguous_below = QMEM_OPTIM_FUSED_CONTIGUOUS_B
 #endif
 inline constexpr bool fused_entry_in_registers = QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS != 0;
 
+//! The largest tensor (elements) that the pipelined loop runs: 2^32. The loop indexes elements,
+//! codes and absmax blocks with 32-bit tensor-relative indices (every element index t x 256 +
+//! 8 lane of such a tensor fits), so that an address is one IMAD.WIDE.U32 from the tensor's 64-bit
+//! base pointer instead of 64-bit shifts, masks and carries per stream and task (ptxas sm_90,
+//! nvcc 13.0, 2026-11-30: the AdamW 4-bit loop 66 SASS instructions shorter per two tasks, the
+//! 8-bit one 25, Lion 4-bit 108 per three; see docs/benchmarks.md, "optim4"). A larger tensor's
+//! full tasks run one at a time (the loop after it, 64-bit indices, no pipelining): a loop with
+//! either index type in one kernel spilled 136-176 bytes (AdamW 4-bit). Overridable for tests
+//! (0: no tensor takes the pipelined loop).
+#ifndef QMEM_OPTIM_FUSED_INDEX32_MAX_SIZE
+#define QMEM_OPTIM_FUSED_INDEX32_MAX_SIZE 0x100000000ull
+#endif
+inline constexpr std::uint64_t fused_index32_max_size = QMEM_OPTIM_FUSED_INDEX32_MAX_SIZE;
+
 namespace detail {
 //! Whether the fused kernel of Rule x Policy pipelines its loads: with fused_pipeline, when every
 //! state is blockwise (the quantized steps, bound by latency; the fp32-state steps stream at 90%
@@ -1199,9 +1190,8 @@ __global__ void __launch_bounds__(fused_block_threads,
   using traits = kernel_traits<Rule, Policy>;
   using tables_t = typename traits::shared_tables;
   static_assert(sizeof(tables_t) % 16 == 0 && std::is_trivially_copyable_v<tables_t>);
-  // (aligned to 256 bytes with QMEM_OPTIM_FUSED_4BIT_V2: the 4-bit decode puts 4 x code in the
-  // low byte of the tables' address)
-  __shared__ alignas(fused_4bit_v2 ? 256 : 16) uint4 table_words[sizeof(tables_t) / 16];
+  // (aligned to 256 bytes: the 4-bit decode puts 4 x code in the low byte of the tables' address)
+  __shared__ alignas(256) uint4 table_words[sizeof(tables_t) / 16];
   {
     auto const* src = reinterpret_cast<uint4 const*>(&shared_tables_image<Rule, Policy>);
     for (unsigned w = threadIdx.x; w < sizeof(tables_t) / 16; w += blockDim.x)
@@ -1254,28 +1244,33 @@ __global__ void __launch_bounds__(fused_block_threads,
         first_task + (entry->vectorized != 0 ? entry->size / traits::task_elements : 0);
     if constexpr (detail::pipelined<Rule, Policy>) {
       // the next depth - 1 full tasks' loads are issued before the current one computes
-      constexpr int depth = detail::pipeline_depth<Rule, Policy>;
       std::uint64_t const full_stop = full_end < stop ? full_end : stop;
-      if (task < full_stop) {
+      constexpr int depth = detail::pipeline_depth<Rule, Policy>;
+      // with 32-bit tensor-relative indices (fused_index32_max_size: the casts below are exact,
+      // each taken of a task below full_stop); a larger tensor takes the loop after this one
+      if (task < full_stop && entry->size <= fused_index32_max_size) {
         // buffers used in turn (a ring unrolled over its positions): copying the loaded task
         // into the current one cost 32 register moves per task-lane (ptxas sm_90, AdamW 8-bit)
+        using Index = std::uint32_t;
         detail::full_task_data<Rule, Policy, P, G> buffer[depth];
         QMEM_UNROLL
         for (int d = 0; d + 1 < depth; ++d)
           if (task + d * warps < full_stop)
-            detail::load_full_task(entry, task + d * warps - first_task, lane, buffer[d]);
+            detail::load_full_task(entry, static_cast<Index>(task + d * warps - first_task), lane,
+                                   buffer[d]);
         auto run = [&](auto const& cur, auto& ahead) {
           std::uint64_t const ahead_task = task + (depth - 1) * warps;
           if (ahead_task < full_stop)
-            detail::load_full_task(entry, ahead_task - first_task, lane, ahead);
+            detail::load_full_task(entry, static_cast<Index>(ahead_task - first_task), lane, ahead);
           if constexpr (QMEM_OPTIM_FUSED_PREFETCH_L2 != 0) {
             std::uint64_t const far_task = ahead_task + warps;
             if (far_task < full_stop)
-              detail::prefetch_full_task<Rule, Policy, P, G>(entry, far_task - first_task, lane);
+              detail::prefetch_full_task<Rule, Policy, P, G>(
+                  entry, static_cast<Index>(far_task - first_task), lane);
           }
           detail::fused_task<Rule, Policy, P, G, NonFinite, true, true>(
-              entry, task - first_task, k, grad_scale, step, args.seed, args.param_stochastic != 0,
-              tables, lane, &cur);
+              entry, static_cast<Index>(task - first_task), k, grad_scale, step, args.seed,
+              args.param_stochastic != 0, tables, lane, &cur);
           task += warps;
           return task < full_stop;
         };
