@@ -1303,9 +1303,13 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
 //! us per call): 40 4.78 / 10.00 / 10.33 / 11.39 / 36.66; 43 (lean) 4.65 / 9.71 / 9.88 / 11.09 /
 //! 38.39; 44 (min_j 2) 4.41 / 9.47 / 10.34 / 10.63 / 39.45; 45 (lean + min_j 2) 4.38 / 9.03 /
 //! 9.87 / 10.17 / 36.62: two super-steps per warp share a pair's addresses, scale handling and
-//! store (J = 2 on every shape: 4 to 16 row groups), and the lean addresses cut the rest; 45 is
+//! store (J = 2 on every shape: 1 to 4 row groups), and the lean addresses cut the rest; 45 is
 //! dispatched (-8 / -10 / -4 / -11% on the first four; on 28672 x 8192, J = 2 already, the same
 //! kernel timed 36.62 to 38.97 in different rows of one process: no difference resolved there).
+//! Run of 10:42 UTC (commit 7806d52, copy 4230-4240 GB/s): 45 through matmul_4bit 4.36 / 8.97 /
+//! 9.83 / 10.11 / 37.15 against 40's 4.82 / 10.00 / 10.32 / 11.40 / 37.67; 46 (lean, J >= 4) 4.54
+//! / 9.46 / 9.88 / 10.54 / 41.00 and 47 ({16, 6}, 3 pairs per group) 4.70 / 9.51 / 10.25 / 10.61
+//! / 40.02: slower.
 inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[17];
 //! The same with nested scales: {16, 4, pdl} (variant 28). H200, 2026-11-29 22:18 UTC, bench
 //! gemv_variant_dq, us on the five shapes: 28 6.00 / 11.74 / 12.12 / 13.30 / 43.05 against
