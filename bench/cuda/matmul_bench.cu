@@ -11,7 +11,7 @@
 //   cuda_matmul::gemv_batch1_candidates, to compare with v 9, gemv1_4bit_kernel's {8, 1, 4}; v 19
 //   to 30: the streaming kernel's cuda_matmul::gemv_batch1_stream_candidates; 31 to 39, at
 //   batches 4 and 16: the small-batch streaming kernel's gemv_batch16_stream_candidates; 40 and
-//   up: the later batch-1 streaming candidates).
+//   up: the later batch-1 streaming candidates; 45 is the dispatched shape since 2026-11-30).
 // - gemv_variant_dq/n/k/1/v: batch-1 streaming shapes 19, 28, 40 and up with nested scales.
 // - gemv_batch16/n/k/m/v: the small-batch streaming kernel with each shape of
 //   cuda_matmul::gemv_batch16_stream_candidates (v 0-8 are gemv_variant 31-39).

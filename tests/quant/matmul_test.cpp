@@ -515,7 +515,92 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
   stream_cases<c[13]>({{70, 8192, 64, 0}, {45, 1408, 64, 0}, {300, 2048, 64, 7}}, true, rng);
   // the dispatched two-group ring with code loads that skip L1 (full and partial slices)
   stream_cases<c[14]>({{70, 8192, 64, 0}, {45, 12800, 64, 0}, {1501, 8192, 64, 1}}, true, rng);
+  // lean addressing (nested scales take the former addresses), and at least two super-steps per
+  // warp: J = 2 where 1 would do, partial slices, odd rows, several tiles, a ring longer than a
+  // warp's pairs
+  std::initializer_list<stream_plan_case> const lean_plans = {
+      {70, 8192, 64, 0},   {45, 1408, 64, 0},  {45, 12800, 64, 0},  {33, 17408, 256, 0},
+      {1501, 8192, 64, 1}, {300, 2048, 64, 7}, {45, 4096, 4096, 0}, {1, 512, 64, 0}};
+  stream_cases<c[15]>(lean_plans, true, rng);
+  stream_cases<c[16]>(lean_plans, true, rng);
+  stream_cases<c[17]>(lean_plans, true, rng);
+  // lean, J >= 4; lean, J >= 2 with a ring of 3 pairs per group
+  stream_cases<c[18]>(lean_plans, true, rng);
+  stream_cases<c[19]>(lean_plans, true, rng);
 #endif
+}
+
+TEST_CASE("streaming batch-1 GEMV lean shapes on small plans (for the sanitizers)") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  // the dispatched shape (lean, J >= 2) and lean at J >= 4: a partial super-step, 2 row groups
+  // of 7 multiprocessors' tiles with an odd row count (the clamped last row), one row
+  std::mt19937 rng(41);
+  constexpr auto const& c = cuda_matmul::gemv_batch1_stream_candidates;
+  std::initializer_list<stream_plan_case> const plans = {
+      {45, 1408, 64, 0}, {301, 2048, 64, 7}, {1, 512, 64, 0}};
+  stream_cases<cuda_matmul::gemv_batch1_stream>(plans, false, rng);
+  stream_cases<c[18]>(plans, false, rng);
+}
+
+TEST_CASE("streaming batch-1 GEMV: lean addressing gives the same bits") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  // the same loads and fused multiply-adds in the same order, only the addresses computed
+  // otherwise: each lean shape against its former-address twin (the dispatched shape, and the same
+  // at J >= 2), bit for bit, on full and partial slices, odd row counts (the clamped last row),
+  // J = 1, 2 and 4, blocks looping over several tiles; and the ring's depth (c[19], 3 pairs per
+  // group, against c[16]'s 2) changes no bit either
+  using B = qmem::test::cuda_backend;
+  auto const& e = B::exec();
+  constexpr auto const& c = cuda_matmul::gemv_batch1_stream_candidates;
+  std::mt19937 rng(37);
+  for (auto const& p : {stream_plan_case{70, 8192, 64, 0}, stream_plan_case{45, 1408, 64, 0},
+                        stream_plan_case{45, 12800, 64, 0}, stream_plan_case{33, 17408, 256, 0},
+                        stream_plan_case{1501, 8192, 64, 1}, stream_plan_case{301, 2048, 64, 7},
+                        stream_plan_case{1, 512, 64, 0}}) {
+    host_weight const hw = random_weight(p.n, p.k, p.block, false, rng);
+    backend_weight<B, nf4> bw(hw);
+    auto bx = B::upload(random_matrix<bf16>(p.k, rng));
+    auto y0 = B::template alloc<bf16>(p.n);
+    auto y1 = B::template alloc<bf16>(p.n);
+    auto args = [&](bf16* y) {
+      return cuda_matmul::gemv_args<bf16>{bx.view().data(),
+                                          bw.view.codes.data(),
+                                          cuda_matmul::make_scale_args(bw.view.scales),
+                                          y,
+                                          1u,
+                                          p.n,
+                                          p.k,
+                                          qmem::quant::detail::mm::log2_exact(p.block)};
+    };
+    auto same = [&](char const* what) {
+      std::vector<bf16> const ref = B::download(y0.view());
+      std::vector<bf16> const got = B::download(y1.view());
+      std::size_t diff = 0;
+      for (std::size_t i = 0; i < ref.size(); ++i)
+        diff += ref[i].bits != got[i].bits ? 1 : 0;
+      CHECK_MESSAGE(diff == 0, what, ": ", diff, " outputs differ, n=", p.n, " k=", p.k,
+                    " block=", p.block, " sms=", p.sms);
+    };
+    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[12]>(e, args(y0.view().data()),
+                                                                      p.sms));
+    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[15]>(e, args(y1.view().data()),
+                                                                      p.sms));
+    same("lean against the former dispatched shape");
+    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[16]>(e, args(y0.view().data()),
+                                                                      p.sms));
+    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[17]>(e, args(y1.view().data()),
+                                                                      p.sms));
+    same("lean against former addresses, J >= 2");
+    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[19]>(e, args(y1.view().data()),
+                                                                      p.sms));
+    same("lean with a deeper ring against former addresses, J >= 2");
+  }
 }
 
 #if QMEM_TEST_CANDIDATE_KERNELS

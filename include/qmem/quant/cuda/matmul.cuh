@@ -1160,6 +1160,16 @@ __device__ QMEM_INLINE void prefetch_l2_range(void const* p, std::size_t bytes) 
     asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
 }
 
+//! base + row * stride as one wide multiply-add (IMAD.WIDE.U32): written in C++, the 64-bit product
+//! of two 32-bit values compiled (nvcc 13, sm_90) to the wide product plus an add of a zero high
+//! word, or re-associated with the base's parts (three to four instructions per address).
+__device__ QMEM_INLINE void const* row_address(void const* base, std::uint32_t row,
+                                               std::uint32_t stride) {
+  std::uint64_t r;
+  asm("mad.wide.u32 %0, %1, %2, %3;" : "=l"(r) : "r"(row), "r"(stride), "l"(base));
+  return reinterpret_cast<void const*>(r);
+}
+
 //! Launch plan of gemv1_stream_kernel (host-computed, a launch argument).
 struct gemv1_stream_plan {
   unsigned col_groups; //!< C: warps splitting a row's super-steps, J each
@@ -1195,6 +1205,14 @@ struct gemv1_stream_shape {
   //! Code loads bypass L1 (`ld.global.nc.L1::no_allocate`; register rings only): what won 7% for
   //! the batch-16 kernel's steps-outer shape (matmul round 8), not yet timed here.
   bool stream_codes = false;
+  //! Lean addressing (plain scales, register rings): each code and scale address is one wide
+  //! multiply-add of its row from per-thread bases, the steady loop's pairs skip the clamp of the
+  //! last row, and a group's loads wait on one register per slot of the other group, not all.
+  //! The same loads and the same fused multiply-adds: the same bits.
+  bool lean = false;
+  //! The least super-steps per warp (1, 2 or 4; the plan may take more): a warp's address
+  //! arithmetic, scale handling and partial-sum store are per pair, shared by its J super-steps.
+  int min_j = 1;
 };
 
 //! Shapes of gemv1_stream_kernel the bench's gemv_variant compares (variants 19 to 25): register
@@ -1224,7 +1242,13 @@ struct gemv1_stream_shape {
 //! H200 run. Also not yet timed: 28 {16, 4, pdl}, the dispatched shape launched with
 //! programmatic dependent launch (the table built while the previous call drains).
 //! Round 5 (bench variants 40 and 41, after the small-batch shapes): {16, 4, grouped, pdl} and
-//! {16, 8, pdl}. Round 8 (variant 42, not yet timed): 40 with stream_codes.
+//! {16, 8, pdl}. Round 8 (variant 42): 40 with stream_codes. 2026-11-30 (gemv round): variants
+//! 43 (40 + lean), 44 (40 + min_j 2), 45 (40 + lean + min_j 2: dispatched), 46 (lean, min_j 4;
+//! ptxas -v, sm_90: 128 registers, 32 bytes spilled) and 47 ({16, 6}, lean, min_j 2: 3 pairs per
+//! group, 128 registers). SASS of the unguarded loop (nvcc 13, sm_90, plain, full slices),
+//! instructions per row pair and super-step: 40 64.6 at J = 1 and 58.8 at J = 2; lean 64.5 and
+//! 57.2 (ptxas splits the wide multiply-adds at J = 1); lean J = 4 53.9; the decode's 32 (16 PRMT
+//! and 16 LDS) and 4 HMMA are in all of them.
 inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 8},
     {16, 4},
@@ -1240,7 +1264,12 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 4, false, false, true, 128},
     {16, 4, false, true, true},
     {16, 8, false, false, true},
-    {16, 4, false, true, true, 0, true}};
+    {16, 4, false, true, true, 0, true},
+    {16, 4, false, true, true, 0, false, true},
+    {16, 4, false, true, true, 0, false, false, 2},
+    {16, 4, false, true, true, 0, false, true, 2},
+    {16, 4, false, true, true, 0, false, true, 4},
+    {16, 6, false, true, true, 0, false, true, 2}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
 //! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
@@ -1270,7 +1299,18 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
 //! ungrouped ring (28) with 16 lost the same way (8 least: +1 to +8%). ncu on 28672 x 8192: 59.0
 //! us against 42.9, DRAM 71.8% busy against 65.3%: 1.5 times the DRAM bytes (prefetched lines
 //! gone from L2 before their loads came), 12.4 cycles between a warp's issues against 9.2.
-inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[12];
+//! Gemv round (2026-11-30, H200, 10:21 UTC, copy 4213-4236 GB/s, three bench processes, median,
+//! us per call): 40 4.78 / 10.00 / 10.33 / 11.39 / 36.66; 43 (lean) 4.65 / 9.71 / 9.88 / 11.09 /
+//! 38.39; 44 (min_j 2) 4.41 / 9.47 / 10.34 / 10.63 / 39.45; 45 (lean + min_j 2) 4.38 / 9.03 /
+//! 9.87 / 10.17 / 36.62: two super-steps per warp share a pair's addresses, scale handling and
+//! store (J = 2 on every shape: 1 to 4 row groups), and the lean addresses cut the rest; 45 is
+//! dispatched (-8 / -10 / -4 / -11% on the first four; on 28672 x 8192, J = 2 already, the same
+//! kernel timed 36.62 to 38.97 in different rows of one process: no difference resolved there).
+//! Run of 10:42 UTC (commit 7806d52, copy 4230-4240 GB/s): 45 through matmul_4bit 4.36 / 8.97 /
+//! 9.83 / 10.11 / 37.15 against 40's 4.82 / 10.00 / 10.32 / 11.40 / 37.67; 46 (lean, J >= 4) 4.54
+//! / 9.46 / 9.88 / 10.54 / 41.00 and 47 ({16, 6}, 3 pairs per group) 4.70 / 9.51 / 10.25 / 10.61
+//! / 40.02: slower.
+inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[17];
 //! The same with nested scales: {16, 4, pdl} (variant 28). H200, 2026-11-29 22:18 UTC, bench
 //! gemv_variant_dq, us on the five shapes: 28 6.00 / 11.74 / 12.12 / 13.30 / 43.05 against
 //! {16, 8} (19, dispatched before) 7.43 / 13.74 / 13.22 / 14.71 / 42.90, 40 {16, 4, grouped, pdl}
@@ -1365,7 +1405,7 @@ __device__ QMEM_INLINE void store_pair_sums(gemv_args<T> const& a, float2 const*
 //! 8-byte and x 16-byte aligned, a power-of-two nested block size, n * k / 64 < 2^32;
 //! blockDim.x == 32 * C * G.
 template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async,
-          bool Grouped, bool Pdl, int PrefetchKiB = 0, bool StreamCodes = false>
+          bool Grouped, bool Pdl, int PrefetchKiB = 0, bool StreamCodes = false, bool Lean = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemv1_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemv1_stream_plan plan) {
@@ -1396,6 +1436,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       direct = false;
     }
   }
+  auto const row_blocks = static_cast<std::uint32_t>(a.k >> a.block_shift);
   unsigned const ring_off = Async && direct ? 0u : gemv_lut_bytes;
   std::uint32_t const lut_addr = base + lut_off;
   auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem + lut_off);
@@ -1455,9 +1496,21 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
 
   auto const n = static_cast<unsigned>(a.n);
   auto const half_k = static_cast<std::uint32_t>(a.k / 2);
-  auto const row_blocks = static_cast<std::uint32_t>(a.k >> a.block_shift);
   std::uint8_t const* const cbase =
       a.codes + static_cast<std::size_t>(c) * J * 256 + 32 * g + 8 * t;
+  // Lean (plain scales, register rings): this thread's code and scale addresses of row 0, made
+  // opaque so that each load's address is one wide multiply-add of its row (IMAD.WIDE) instead of
+  // a product, a 64-bit add of the codes' base and a clamp (the compiler re-associated the sum)
+  constexpr bool LeanAddr = Lean && !Nested && !Async;
+  std::uint8_t const* lean_codes = cbase;
+  float const* lean_scales[J];
+  if constexpr (LeanAddr) {
+    QMEM_UNROLL
+    for (int j = 0; j < J; ++j) {
+      lean_scales[j] = a.scales.absmax + cb[j];
+    }
+  }
+  std::uint32_t const row_bytes4 = row_blocks * 4u;
   bool const odd = (g & 1u) != 0;
   bool const keeper = t == (g >> 1);
   // this thread's partial-sum slot for the warp's first pair of a tile, and the step per pair
@@ -1514,41 +1567,63 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
            threadIdx.x * 4u;
   };
 
-  // the loads of this warp's pair i into slot S (`dep`: always 0, a dependency of every address)
-  auto load = [&](auto slot, unsigned i, std::uint32_t dep = 0) {
+  // the loads of this warp's pair i into slot S (`dep`: always 0, a dependency of every address;
+  // `last_ok`: the pair's second row exists, no clamp needed)
+  auto load = [&](auto slot, unsigned i, std::uint32_t dep = 0, bool last_ok = false) {
     constexpr int S = decltype(slot)::value;
     unsigned const r0 = row_base + 2 * G * i + dep;
-    unsigned const rows[2] = {r0, min(r0 + 1, n - 1)};
-    QMEM_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      std::uint8_t const* const cp = cbase + static_cast<std::uint64_t>(rows[h]) * half_k;
+    unsigned const rows[2] = {r0, LeanAddr && last_ok ? r0 + 1 : min(r0 + 1, n - 1)};
+    if constexpr (LeanAddr) {
+      auto& st = buf[S];
       QMEM_UNROLL
-      for (int j = 0; j < J; ++j) {
-        std::uint32_t const blk = rows[h] * row_blocks + cb[j];
-        if constexpr (Async) {
-          // chunks past k: zero-filled, nothing read (src-size 0)
-          bool const in = Full || valid[j];
-          void const* const src = in ? static_cast<void const*>(cp + 256 * j) : a.codes;
-          void const* const ssrc = in ? static_cast<void const*>(a.scales.absmax + blk) : a.codes;
-          asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(slot_code(S, j, h)),
-                       "l"(src), "r"(in ? 8 : 0)
-                       : "memory");
-          asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(slot_scale(S, j, h)),
-                       "l"(ssrc), "r"(in ? 4 : 0)
-                       : "memory");
-        } else {
-          auto& st = buf[S];
+      for (int h = 0; h < 2; ++h) {
+        auto const* const cp =
+            static_cast<std::uint8_t const*>(row_address(lean_codes, rows[h], half_k));
+        QMEM_UNROLL
+        for (int j = 0; j < J; ++j) {
+          auto const* const sp =
+              static_cast<float const*>(row_address(lean_scales[j], rows[h], row_bytes4));
           if constexpr (StreamCodes && Full)
             ldg_once(st.q[j][h], cp + 256 * j);
           else if constexpr (StreamCodes)
             ldg_pred_once(st.q[j][h], cp + 256 * j, valid[j]);
           else
             ldg_if<Full>(st.q[j][h], cp + 256 * j, valid[j]);
-          if constexpr (Nested) {
-            ldg_if<Full>(st.qs[j][h], a.scales.qabsmax + blk, valid[j]);
-            ldg_if<Full>(st.s[j][h], a.scales.absmax2 + (blk >> a.scales.nested_shift), valid[j]);
+          ldg_if<Full>(st.s[j][h], sp, valid[j]);
+        }
+      }
+    } else {
+      QMEM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        std::uint8_t const* const cp = cbase + static_cast<std::uint64_t>(rows[h]) * half_k;
+        QMEM_UNROLL
+        for (int j = 0; j < J; ++j) {
+          [[maybe_unused]] std::uint32_t const blk = rows[h] * row_blocks + cb[j];
+          if constexpr (Async) {
+            // chunks past k: zero-filled, nothing read (src-size 0)
+            bool const in = Full || valid[j];
+            void const* const src = in ? static_cast<void const*>(cp + 256 * j) : a.codes;
+            void const* const ssrc = in ? static_cast<void const*>(a.scales.absmax + blk) : a.codes;
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(slot_code(S, j, h)),
+                         "l"(src), "r"(in ? 8 : 0)
+                         : "memory");
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(slot_scale(S, j, h)),
+                         "l"(ssrc), "r"(in ? 4 : 0)
+                         : "memory");
           } else {
-            ldg_if<Full>(st.s[j][h], a.scales.absmax + blk, valid[j]);
+            auto& st = buf[S];
+            if constexpr (StreamCodes && Full)
+              ldg_once(st.q[j][h], cp + 256 * j);
+            else if constexpr (StreamCodes)
+              ldg_pred_once(st.q[j][h], cp + 256 * j, valid[j]);
+            else
+              ldg_if<Full>(st.q[j][h], cp + 256 * j, valid[j]);
+            if constexpr (Nested) {
+              ldg_if<Full>(st.qs[j][h], a.scales.qabsmax + blk, valid[j]);
+              ldg_if<Full>(st.s[j][h], a.scales.absmax2 + (blk >> a.scales.nested_shift), valid[j]);
+            } else {
+              ldg_if<Full>(st.s[j][h], a.scales.absmax + blk, valid[j]);
+            }
           }
         }
       }
@@ -1666,20 +1741,27 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       std::uint32_t dep = 0;
       each_slot([&](auto slot) {
         stage const& st = buf[H * Ring + decltype(slot)::value];
-        QMEM_UNROLL
-        for (int j = 0; j < J; ++j)
+        if constexpr (LeanAddr) {
+          // the slot's last load (the loads of a ring share one scoreboard: waiting for one
+          // register waits for them all)
+          dep ^= __float_as_uint(st.s[J - 1][1]);
+        } else {
           QMEM_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          dep ^= st.q[j][h].x ^ st.q[j][h].y ^ __float_as_uint(st.s[j][h]);
-          if constexpr (Nested)
-            dep ^= st.qs[j][h];
+          for (int j = 0; j < J; ++j)
+            QMEM_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            dep ^= st.q[j][h].x ^ st.q[j][h].y ^ __float_as_uint(st.s[j][h]);
+            if constexpr (Nested)
+              dep ^= st.qs[j][h];
+          }
         }
       });
       dep &= a.zero;
       each_slot([&](auto slot) {
         constexpr int S = decltype(slot)::value;
         if (!Guard || base + Ring + S < count)
-          load(std::integral_constant<int, (1 - H) * Ring + S>{}, base + Ring + S, dep);
+          load(std::integral_constant<int, (1 - H) * Ring + S>{}, base + Ring + S, dep,
+               !Guard && H == 0);
       });
       each_slot([&](auto slot) {
         constexpr int S = decltype(slot)::value;
@@ -3448,19 +3530,20 @@ inline unsigned multiprocessors(int device) {
 }
 
 //! The streaming kernel's plan for an n x k weight on `sms` multiprocessors, and in `j` its
-//! super-steps per warp: the least J of 1, 2, 4 whose C = ceil(super-steps / J) column groups fit
-//! in `max_warps` and whose partial sums for a block's share of the row pairs fit in `room` bytes
-//! (one tile per block); else the largest J that fits, in several tiles; j = 0 when k is too long
-//! (C > max_warps at J = 4).
+//! super-steps per warp: the least J of 1, 2, 4 (from `min_j` on) whose C = ceil(super-steps / J)
+//! column groups fit in `max_warps` and whose partial sums for a block's share of the row pairs
+//! fit in `room` bytes (one tile per block); else the largest J that fits, in several tiles;
+//! j = 0 when k is too long (C > max_warps at J = 4).
 inline gemv1_stream_plan gemv1_stream_plan_for(std::size_t n, std::size_t k, int max_warps,
-                                               unsigned room, unsigned sms, unsigned& j) {
+                                               unsigned room, unsigned sms, unsigned& j,
+                                               unsigned min_j = 1) {
   auto const supers = static_cast<unsigned>((k / 64 + 7) / 8);
   auto const warps = static_cast<unsigned>(max_warps);
   gemv1_stream_plan p{};
   p.pairs = static_cast<unsigned>((n + 1) / 2);
   unsigned const per_block = (p.pairs + sms - 1) / sms;
   j = 0;
-  for (unsigned cand = 1; cand <= 4; cand *= 2) {
+  for (unsigned cand = min_j; cand <= 4; cand *= 2) {
     unsigned const groups = (supers + cand - 1) / cand;
     if (groups > warps)
       continue;
@@ -3498,7 +3581,8 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
         Shape.async ? gemv1_stream_smem_limit - gemv1_stream_prefix - gemv_lut_bytes - extra
                     : gemv1_stream_prefix - extra;
     unsigned j = 0;
-    gemv1_stream_plan p = gemv1_stream_plan_for(a.n, a.k, Shape.warps, room, sms, j);
+    gemv1_stream_plan p = gemv1_stream_plan_for(a.n, a.k, Shape.warps, room, sms, j,
+                                                static_cast<unsigned>(Shape.min_j));
     if (j == 0)
       return false;
     unsigned const threads = 32u * p.col_groups * p.row_groups;
@@ -3514,7 +3598,8 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     auto run = [&](auto jc, auto fullc) {
       constexpr auto kernel = &gemv1_stream_kernel < Code, T, Nested, decltype(jc)::value,
                      Shape.depth, Shape.warps, decltype(fullc)::value, Shape.async, Shape.grouped,
-                     Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes > ;
+                     Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes,
+                     Shape.lean > ;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
       cuda_detail::launch(e, Shape.pdl, kernel, dim3(grid), dim3(threads), p.smem,
                           "qmem::quant::gemv1_stream_kernel", a, values_of<Code>(), nested_values(),
