@@ -997,7 +997,7 @@ namespace {
 //! bound 1 (the same weights as dequantize + cuBLASLt, summed in fp32 in another order). Returns
 //! whether the kernel ran (false: not runnable on this build or device, or the shape outside
 //! sm90::fits; y then must be untouched).
-template <class T, class Code>
+template <class T, class Code, int Variant = 0>
 bool check_fused(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
                  std::mt19937& rng) {
   using B = qmem::test::cuda_backend;
@@ -1014,11 +1014,14 @@ bool check_fused(std::size_t m, std::size_t n, std::size_t k, std::size_t block,
   cudaStream_t s = nullptr;
   cuda_detail::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
   exec::cuda const e{s, 0};
-  bool const ran = cuda_matmul::fused_gemm<T>(e, bx.view().data(), m, bw.view, by.view().data());
+  bool const ran =
+      cuda_matmul::fused_gemm<T, Code, Variant>(e, bx.view().data(), m, bw.view, by.view().data());
   cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
   (void)cudaStreamDestroy(s);
   std::vector<T> const got = B::download(by.view());
-  std::string const what = case_name("cuda", "fused sm_90a forward", m, n, k, block, nested);
+  std::string const what =
+      case_name("cuda", Variant == 3 ? "fused sm_90a forward (register A)" : "fused sm_90a forward",
+                m, n, k, block, nested);
   if (ran)
     expect_close(got, ref, terms, plain_sum(k), 0.0, what);
   else
@@ -1050,6 +1053,13 @@ TEST_CASE("the fused sm_90a GEMM (dequantization in the main loop) against the h
   CHECK(check_fused<f16, fp4>(256, 256, 512, 256, false, rng));
   // outside sm90::fits (k % 32 != 0): nothing launched, y untouched
   CHECK_FALSE(check_fused<bf16, nf4>(40, 70, 100, 64, false, rng));
+  // the register-A variant (weight decoded into wgmma's A registers) on the same odd shapes
+  CHECK(check_fused<bf16, nf4, 3>(300, 200, 96, 64, false, rng));
+  CHECK(check_fused<f16, fp4, 3>(40, 70, 4096, 4096, true, rng));
+  CHECK(check_fused<f16, nf4, 3>(513, 128, 160, 32, true, rng));
+  CHECK(check_fused<bf16, fp4, 3>(17, 300, 384, 128, false, rng));
+  CHECK(check_fused<bf16, nf4, 3>(260, 136, 2080, 4096, true, rng));
+  CHECK(check_fused<bf16, nf4, 3>(520, 136, 1024, 64, false, rng));
 }
 #endif
 

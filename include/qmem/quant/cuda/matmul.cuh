@@ -3406,8 +3406,14 @@ inline std::size_t l2_chunk_rows(std::size_t rows, std::size_t cols, std::size_t
 }
 
 //! Bytes of the chunk buffer of the L2-resident forward; 0 keeps the one-shot dequantize_gemm.
-//! TO BE CONFIRMED by bench gemm_l2 (chunks of 4-32 MiB of bf16 against the one-shot path and
-//! cuBLAS bf16 in the same run, batch 4096, the three anchor shapes).
+//! Measured slower at every chunk size on all three anchor shapes (H200, L2 60 MiB, 2026-11-30
+//! 10:10 UTC, bench gemm_l2, batch 4096, median of 3 repetitions, ratio to cuBLAS bf16 in the same
+//! process; one-shot 1.02-1.06): 4096^2 1.356 / 1.171 / 1.145 / 1.076 with 8 / 4 / 3 / 2 chunks
+//! (4-16 MiB); 14336 x 4096 1.417 / 1.241 / 1.243 / 1.136 / 1.102 / 1.176 with 28 / 14 / 10 / 7 /
+//! 5 / 4 chunks (4-28 MiB); 8192^2 1.710 / 1.230 / 1.198 / 1.132 / 1.118 / 1.104 with 32 / 16 /
+//! 11 / 8 / 6 / 4 chunks (4-32 MiB). The smaller GEMMs (wave quantization, one heuristic per
+//! chunk, the output written in strided column blocks) cost far more than the 3-5% the
+//! dequantization's DRAM writes cost, so 0 stays.
 inline constexpr std::size_t gemm_l2_chunk_bytes = 0;
 
 //! y[m, n] = x[m, k] * dequant(w)^T for m > 16, in row chunks of `chunk_rows` rows of w, each
@@ -3441,7 +3447,8 @@ inline constexpr bool gemm_sm90_dispatch = false;
 //! sm_90a or the device not compute capability 9.0 (sm90::runnable; also while e.stream is
 //! capturing before the first uncaptured call has probed the device), or the shape or alignment
 //! outside sm90::fits. Preconditions: those of matmul_4bit (checked there).
-template <class T, class Code>
+//! `Variant` (bench only): sm90::gemm_4bit_kernel's time-placing variants (1 no decode, 2 no MMAs).
+template <class T, class Code, int Variant = 0>
 bool fused_gemm(exec::cuda const& e, T const* x, std::size_t m, weight_4bit_view<Code> const& w,
                 T* y) {
   scale_args const s = make_scale_args(w.scales);
@@ -3462,11 +3469,11 @@ bool fused_gemm(exec::cuda const& e, T const* x, std::size_t m, weight_4bit_view
   if (nested) {
     if (!sm90::runnable<T, true>(e.device, e.stream))
       return false;
-    sm90::launch<T, true>(e, x, a, values_of<Code>(), nested_values());
+    sm90::launch<T, true, Variant>(e, x, a, values_of<Code>(), nested_values());
   } else {
     if (!sm90::runnable<T, false>(e.device, e.stream))
       return false;
-    sm90::launch<T, false>(e, x, a, values_of<Code>(), nested_values());
+    sm90::launch<T, false, Variant>(e, x, a, values_of<Code>(), nested_values());
   }
   return true;
 }

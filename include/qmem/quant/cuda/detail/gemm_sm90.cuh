@@ -230,6 +230,92 @@ __device__ QMEM_INLINE void wgmma_64x256x16(float (&d)[128], std::uint64_t desc_
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
+//! d[64 x 256] += A[64 x 16] * B[16 x 256] with A from registers (the mma m16n8k16 A fragment
+//! of the warp's 16 rows: a[0] row g cols 2t..2t+1, a[1] row g + 8, a[2] row g cols 2t+8..,
+//! a[3] row g + 8 cols 2t+8.., g = lane / 4, t = lane % 4) and B K-major in shared memory.
+template <class T>
+__device__ QMEM_INLINE void wgmma_64x256x16_rs(float (&d)[128], std::uint32_t const (&a)[4],
+                                               std::uint64_t desc_b, std::uint32_t scale_d) {
+  if constexpr (std::same_as<T, bf16>)
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, "
+        "%111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, "
+        "%127"
+        "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+          "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+          "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+          "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+          "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+          "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+          "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+          "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+          "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+          "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+          "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+          "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+          "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+  else
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, "
+        "%111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, "
+        "%127"
+        "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+          "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+          "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+          "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+          "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+          "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+          "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+          "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+          "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+          "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+          "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+          "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+          "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
 //! Two floats rounded to T (nearest even) and packed, the first in the low half.
 template <class T>
 __device__ QMEM_INLINE std::uint32_t pack_pair(float lo, float hi) {
@@ -271,6 +357,103 @@ struct code_chunk {
 // ------------------------------------------------------------------------------------------------
 // The kernel
 
+//! One step's codes of a register-A consumer thread: chunk i = 2 * row + half holds the 16 code
+//! bytes of columns 32 half .. 32 half + 31 of the step in fragment row g (row 0) or g + 8, and
+//! what its scale is made of; bit i of `valid` is clear past the last row or column.
+struct fragment_codes {
+  uint4 codes[4];
+  float scale[4];
+  unsigned qcode[4];
+  unsigned valid;
+};
+
+//! The consumer main loop with the weight decoded straight into wgmma's A registers (variant 3):
+//! no A tile in shared memory, no proxy fence and no warpgroup barrier per step. The thread's
+//! fragment rows are `row` and row + 8 (row = the weight row of lane / 4 of its warp); for the k16
+//! slice kk it needs the code bytes q + 8 kk and q + 8 kk + 4 (q = lane % 4) of each row's 32
+//! bytes of the step, which it loads as two 16-byte chunks per row (the quad's four lanes load the
+//! same chunks: L1 hits) and picks byte q of each word. Two register buffers: the decode of step
+//! kt + 1 runs after wgmma.wait_group 1 retired step kt - 1 (the buffer's last reader), while step
+//! kt's group is in flight; codes are loaded two steps before their decode (two code buffers).
+template <class T, bool Nested>
+__device__ QMEM_INLINE void
+register_a_mainloop(float (&d)[128], gemm_args<T> const& a, float const* table, float const* dyn,
+                    std::uint32_t x_tiles, std::uint32_t bars, unsigned steps, unsigned row,
+                    unsigned q, bool leader) {
+  using S = tile_shape;
+  bool const ok[2] = {row < a.n, row + 8 < a.n};
+  std::size_t const elem[2] = {std::size_t{row} * a.k, std::size_t{row + 8} * a.k};
+  unsigned const shift = 8 * q;
+  auto load = [&](unsigned kt) {
+    fragment_codes f{};
+    QMEM_UNROLL
+    for (unsigned i = 0; i < 4; ++i) {
+      unsigned const col = kt * S::depth + 32 * (i % 2);
+      if (ok[i / 2] && col < a.k) {
+        std::size_t const e = elem[i / 2] + col;
+        f.codes[i] = __ldg(reinterpret_cast<uint4 const*>(a.codes + e / 2));
+        std::size_t const b = e >> a.block_shift;
+        if constexpr (Nested) {
+          f.qcode[i] = __ldg(a.qabsmax + b);
+          f.scale[i] = __ldg(a.absmax2 + (b >> a.nested_shift));
+        } else {
+          f.scale[i] = __ldg(a.absmax + b);
+        }
+        f.valid |= 1u << i;
+      }
+    }
+    return f;
+  };
+  auto decode = [&](fragment_codes const& f, std::uint32_t(&frag)[4][4]) {
+    QMEM_UNROLL
+    for (unsigned i = 0; i < 4; ++i) {
+      float s = f.scale[i];
+      if constexpr (Nested)
+        s = fmath::add(fmath::mul(dyn[f.qcode[i]], s), a.offset);
+      s = (f.valid >> i) & 1u ? s : 0.0f;
+      std::uint32_t const words[4] = {f.codes[i].x, f.codes[i].y, f.codes[i].z, f.codes[i].w};
+      QMEM_UNROLL
+      for (unsigned w = 0; w < 4; ++w) {
+        // word w of half i % 2: k16 slice 2 (i % 2) + w / 2, columns 2q (w even) or 2q + 8
+        std::uint32_t const byte = (words[w] >> shift) & 0xffu;
+        frag[2 * (i % 2) + w / 2][2 * (w % 2) + i / 2] =
+            pack_pair<T>(fmath::mul(table[byte >> 4], s), fmath::mul(table[byte & 15u], s));
+      }
+    }
+  };
+  std::uint32_t frag0[4][4], frag1[4][4];
+  decode(load(0), frag0);
+  // codes of steps kt + 1 (ahead) and kt + 2 (behind it) at the start of an even step kt: a
+  // load is used two steps after it is issued (with one step ahead, the load's latency showed:
+  // H200 2026-11-30 10:30 UTC, variant 2 of the shared-memory loop, no MMAs, 0.81-0.88 ms on
+  // 8192^2, as long as the MMAs alone)
+  fragment_codes ahead = steps > 1 ? load(1) : fragment_codes{};
+  fragment_codes behind = steps > 2 ? load(2) : fragment_codes{};
+  auto step = [&](unsigned kt, std::uint32_t(&cur)[4][4], std::uint32_t(&other)[4][4],
+                  fragment_codes& codes) {
+    unsigned const st = kt % S::stages;
+    mbar_wait(bars + 8 * st, (kt / S::stages) & 1u);
+    std::uint32_t const x_tile = x_tiles + st * S::x_tile_bytes;
+    wgmma_fence();
+    QMEM_UNROLL
+    for (unsigned kk = 0; kk < S::depth / 16; ++kk)
+      wgmma_64x256x16_rs<T>(d, cur[kk], sw128_desc(x_tile + kk * 32), 1u);
+    wgmma_commit();
+    wgmma_wait<1>(); // step kt - 1 retired: its x stage and its registers (`other`) are free
+    if (kt > 0 && leader)
+      mbar_arrive(bars + 8 * (S::stages + (kt - 1) % S::stages));
+    if (kt + 1 < steps) {
+      decode(codes, other); // step kt + 1
+      codes = kt + 3 < steps ? load(kt + 3) : fragment_codes{};
+    }
+  };
+  for (unsigned kt = 0; kt < steps; kt += 2) {
+    step(kt, frag0, frag1, ahead);
+    if (kt + 1 < steps)
+      step(kt + 1, frag1, frag0, behind);
+  }
+}
+
 //! y[m, n] = x[m, k] * dequant(w)^T, one 128 x 256 output tile per CTA (tile index = blockIdx.x,
 //! weight-row tiles fastest so that consecutive CTAs share an x tile in L2). `x_map`: x as a 2-D
 //! tensor {k, m}, box {64, 256}, 128-byte swizzle. With a.probe set, the kernel only writes 1
@@ -281,7 +464,11 @@ struct code_chunk {
 //! step kt - 1, which every warp passed after its wgmma.wait_group 1 of step kt - 2, which
 //! retired the wgmma group of step kt - 3, the tile's last reader. With two tiles a slow warp
 //! could still be reading tile kt % 2 (group kt - 2) while another overwrites it.
-template <class T, bool Nested>
+//! Variant (bench only, to place the time: docs/benchmarks.md): 0 the product; 1 skips the code
+//! loads and the decode (the A tiles keep whatever they hold: the pipeline and the MMAs alone);
+//! 2 skips the MMAs (loads, decode and the x ring alone; y gets zeros); 3 decodes into wgmma's
+//! register A operand instead of a shared-memory tile (register_a_mainloop).
+template <class T, bool Nested, int Variant = 0>
 __global__ void __launch_bounds__(tile_shape::threads, 1)
     gemm_4bit_kernel(__grid_constant__ CUtensorMap const x_map, gemm_args<T> const a,
                      int* const probe, __grid_constant__ code_table<16> const values,
@@ -366,51 +553,73 @@ __global__ void __launch_bounds__(tile_shape::threads, 1)
   QMEM_UNROLL
   for (int i = 0; i < 128; ++i)
     d[i] = 0.0f;
-  code_chunk cur = load(0);
-  for (unsigned kt = 0; kt < steps; ++kt) {
-    code_chunk const next = kt + 1 < steps ? load(kt + 1) : code_chunk{};
-    // decode 32 weights into row `row`, 16-byte chunks half * 4 + i, swizzled by row % 8
-    float s = cur.scale;
-    if constexpr (Nested)
-      s = fmath::add(fmath::mul(dyn[cur.qcode], s), a.offset);
-    s = cur.valid ? s : 0.0f;
-    std::uint32_t const a_tile = a_tiles + (c * S::a_buffers + kt % S::a_buffers) * S::a_tile_bytes;
-    std::uint32_t const row_addr = a_tile + row * 128;
-    std::uint32_t const words[4] = {cur.codes.x, cur.codes.y, cur.codes.z, cur.codes.w};
-    QMEM_UNROLL
-    for (unsigned i = 0; i < 4; ++i) {
-      std::uint32_t o[4];
-      QMEM_UNROLL
-      for (unsigned b = 0; b < 4; ++b) {
-        std::uint32_t const byte = (words[i] >> (8 * b)) & 0xffu;
-        o[b] = pack_pair<T>(fmath::mul(table[byte >> 4], s), fmath::mul(table[byte & 15u], s));
+  if constexpr (Variant == 3) {
+    register_a_mainloop<T, Nested>(d, a, table, dyn, x_tiles, bars, steps,
+                                   n0 + c * 64 + warp * 16 + lane / 4, lane % 4, lane == 0);
+  } else {
+    // codes of steps kt and kt + 1 at the start of an even step kt (two buffers, so that a load
+    // is used two steps after it is issued: with one, its latency showed, H200 2026-11-30 10:30
+    // UTC: this loop without the MMAs, variant 2, took 0.81-0.88 ms on 8192^2 at batch 4096,
+    // about as long as the MMAs alone, variant 1)
+    code_chunk even = Variant == 1 ? code_chunk{} : load(0);
+    code_chunk odd = Variant == 1 || steps < 2 ? code_chunk{} : load(1);
+    auto step = [&](unsigned kt, code_chunk& cur) {
+      // decode 32 weights into row `row`, 16-byte chunks half * 4 + i, swizzled by row % 8
+      float s = cur.scale;
+      if constexpr (Nested)
+        s = fmath::add(fmath::mul(dyn[cur.qcode], s), a.offset);
+      s = cur.valid ? s : 0.0f;
+      std::uint32_t const a_tile =
+          a_tiles + (c * S::a_buffers + kt % S::a_buffers) * S::a_tile_bytes;
+      std::uint32_t const row_addr = a_tile + row * 128;
+      if constexpr (Variant != 1) {
+        std::uint32_t const words[4] = {cur.codes.x, cur.codes.y, cur.codes.z, cur.codes.w};
+        QMEM_UNROLL
+        for (unsigned i = 0; i < 4; ++i) {
+          std::uint32_t o[4];
+          QMEM_UNROLL
+          for (unsigned b = 0; b < 4; ++b) {
+            std::uint32_t const byte = (words[i] >> (8 * b)) & 0xffu;
+            o[b] = pack_pair<T>(fmath::mul(table[byte >> 4], s), fmath::mul(table[byte & 15u], s));
+          }
+          std::uint32_t const chunk = (half * 4 + i) ^ (row & 7u);
+          asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(row_addr + chunk * 16),
+                       "r"(o[0]), "r"(o[1]), "r"(o[2]), "r"(o[3])
+                       : "memory");
+        }
       }
-      std::uint32_t const chunk = (half * 4 + i) ^ (row & 7u);
-      asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(row_addr + chunk * 16),
-                   "r"(o[0]), "r"(o[1]), "r"(o[2]), "r"(o[3])
-                   : "memory");
+      if (Variant != 1 && kt + 2 < steps)
+        cur = load(kt + 2);
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
+      unsigned const st = kt % S::stages;
+      mbar_wait(bars + 8 * st, (kt / S::stages) & 1u);
+      std::uint32_t const x_tile = x_tiles + st * S::x_tile_bytes;
+      if constexpr (Variant != 2) {
+        wgmma_fence();
+        QMEM_UNROLL
+        for (unsigned kk = 0; kk < S::depth / 16; ++kk)
+          wgmma_64x256x16<T>(d, sw128_desc(a_tile + kk * 32), sw128_desc(x_tile + kk * 32), 1u);
+        wgmma_commit();
+        wgmma_wait<1>();
+      } else {
+        (void)x_tile;
+      }
+      if (kt > 0 && lane == 0)
+        mbar_arrive(bars + 8 * (S::stages + (kt - 1) % S::stages));
+    };
+    for (unsigned kt = 0; kt < steps; kt += 2) {
+      step(kt, even);
+      if (kt + 1 < steps)
+        step(kt + 1, odd);
     }
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
-    unsigned const st = kt % S::stages;
-    mbar_wait(bars + 8 * st, (kt / S::stages) & 1u);
-    std::uint32_t const x_tile = x_tiles + st * S::x_tile_bytes;
-    wgmma_fence();
-    QMEM_UNROLL
-    for (unsigned kk = 0; kk < S::depth / 16; ++kk)
-      wgmma_64x256x16<T>(d, sw128_desc(a_tile + kk * 32), sw128_desc(x_tile + kk * 32), 1u);
-    wgmma_commit();
-    wgmma_wait<1>();
-    if (kt > 0 && lane == 0)
-      mbar_arrive(bars + 8 * (S::stages + (kt - 1) % S::stages));
-    cur = next;
   }
   wgmma_wait<0>();
   // d[4 j + 2 h + e]: weight row warp * 16 + lane / 4 + 8 h, token 8 j + 2 (lane % 4) + e
   unsigned const r_base = n0 + c * 64 + warp * 16 + lane / 4;
   unsigned const t_base = m0 + 2 * (lane % 4);
   QMEM_UNROLL
-  for (unsigned j = 0; j < 64; ++j)
+  for (unsigned j = 0; j < S::tokens / 8; ++j)
     QMEM_UNROLL
   for (unsigned h = 0; h < 2; ++h)
     QMEM_UNROLL
@@ -543,10 +752,10 @@ CUtensorMap activation_map(T const* x, std::size_t m, std::size_t k) {
 
 //! Launches gemm_4bit_kernel<T, Nested> on e.stream for a.m x a.n x a.k. Preconditions (the
 //! caller's): fits(...) and runnable<T, Nested>(...) hold; a describes x's product.
-template <class T, bool Nested>
+template <class T, bool Nested, int Variant = 0>
 void launch(exec::cuda const& e, T const* x, gemm_args<T> const& a, code_table<16> const& values,
             code_table<256> const& nested) {
-  constexpr auto kernel = &gemm_4bit_kernel<T, Nested>;
+  constexpr auto kernel = &gemm_4bit_kernel<T, Nested, Variant>;
   static std::once_flag flags[64];
   std::call_once(flags[e.device], [] {
     cuda_detail::relaxed_capture_scope const relaxed;
