@@ -3438,8 +3438,11 @@ void dequantize_gemm_l2(exec::cuda const& e, T const* x, std::size_t m,
 }
 
 //! Whether matmul_4bit sends its m > 16 forward to the fused sm_90a GEMM (sm90::gemm_4bit_kernel,
-//! detail/gemm_sm90.cuh) where it runs and takes the shape. Off: a tested candidate, TO BE
-//! CONFIRMED faster than dequantize + cuBLASLt by bench gemm_fused on the three anchor shapes.
+//! detail/gemm_sm90.cuh) where it runs and takes the shape. Off: a tested candidate, slower than
+//! dequantize + cuBLASLt (H200, 2026-11-30 10:43 UTC, batch 4096, NF4, bf16, ratio to cuBLAS bf16
+//! in the same run on 4096^2 / 14336 x 4096 / 8192^2: fused 1.44-1.45 / 1.56-1.57 / 1.52-1.53,
+//! register-A variant 1.50-1.56 / 1.58-1.60 / 1.53-1.54, dispatched path 1.03-1.06). Turn it on
+//! only when bench gemm_fused beats the `gemm` rows on all three shapes.
 inline constexpr bool gemm_sm90_dispatch = false;
 
 //! y[m, n] = x[m, k] * dequant(w)^T through the fused sm_90a GEMM, stream-ordered on e.stream.

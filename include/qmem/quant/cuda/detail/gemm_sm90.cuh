@@ -51,7 +51,8 @@ namespace qmem::quant::cuda_matmul::sm90 {
 
 //! The kernel's tiles: 128 weight rows (two consumer warpgroups of 64) x 256 tokens x 64 columns
 //! per K step, a ring of 4 x-tile stages, 3 A tiles per consumer.
-//! TO BE CONFIRMED: a first version; no shape has been measured against another yet.
+//! The only shape measured so far (H200, 2026-11-30 10:43 UTC, batch 4096, 8192^2: 1.12-1.17 ms,
+//! 471-491 TFLOP/s; cuBLAS bf16 0.73-0.77 ms): no other tile or stage count has been compared.
 struct tile_shape {
   static constexpr unsigned rows = 128;    //!< weight rows per CTA (wgmma M, 64 per consumer)
   static constexpr unsigned tokens = 256;  //!< activation rows per CTA (wgmma N)
