@@ -2,7 +2,7 @@
 //! \file
 //! A GEMM that dequantizes the 4-bit weight in its main loop, for Hopper (sm_90a): the candidate
 //! for matmul_4bit's large-batch forward, y[m, n] = x[m, k] * dequant(w)^T (docs/matmul.md,
-//! "Large batch").
+//! "CUDA paths", m > 16).
 //!
 //! Why: the dispatched path dequantizes the whole weight into a bf16 workspace, then calls
 //! cuBLASLt; the dequantization is about 5% of the GEMM's time and cannot overlap it. Here each
@@ -16,7 +16,7 @@
 //! tiles with the tensor-memory accelerator (TMA) into a ring of `stages` buffers, each completing
 //! on a "full" mbarrier and freed through an "empty" one. Two consumer warpgroups each own 64
 //! weight rows: per K step a thread loads 16 bytes of codes (32 weights of one row, one block
-//! scale) a step ahead into registers, decodes them to round_T(value * scale) (the reference's
+//! scale) two steps ahead into registers, decodes them to round_T(value * scale) (the reference's
 //! weights, as dequantize_into writes them) into a triple-buffered swizzled A tile, then issues
 //! four wgmma m64n256k16 with fp32 accumulators and keeps one group in flight. The epilogue
 //! rounds each fp32 sum once to T. Numerics: the same exact products as the dequantize + cuBLASLt
@@ -24,10 +24,10 @@
 //!
 //! Requirements: the binary carries sm_90a code (built with
 //! -gencode=arch=compute_90a,code=sm_90a) and the device is compute capability 9.0; otherwise the
-//! kernel body is empty and gemm_sm90_runnable says false (the dispatcher falls back). Shapes: k a
+//! kernel body is empty and sm90::runnable says false (the dispatcher falls back). Shapes: k a
 //! multiple of 32 (16-byte aligned code rows, a 32-weight chunk inside one block), block size a
 //! power of two >= 32, a power-of-two nested block size, codes and x 16-byte aligned
-//! (gemm_sm90_fits).
+//! (sm90::fits).
 
 #include <qmem/core/config.hpp>
 #include <qmem/core/cuda/runtime.cuh>
@@ -457,18 +457,19 @@ register_a_mainloop(float (&d)[128], gemm_args<T> const& a, float const* table, 
 
 //! y[m, n] = x[m, k] * dequant(w)^T, one 128 x 256 output tile per CTA (tile index = blockIdx.x,
 //! weight-row tiles fastest so that consecutive CTAs share an x tile in L2). `x_map`: x as a 2-D
-//! tensor {k, m}, box {64, 256}, 128-byte swizzle. With a.probe set, the kernel only writes 1
+//! tensor {k, m}, box {64, 256}, 128-byte swizzle. With `probe` set, the kernel only writes 1
 //! there when it was built for sm_90a (0 otherwise) and returns: that is how the host learns
-//! whether this very kernel can run (gemm_sm90_runnable).
+//! whether this very kernel can run (runnable).
 //!
 //! A-tile reuse: consumer thread writes A tile kt % 3 at step kt, after the warpgroup barrier of
 //! step kt - 1, which every warp passed after its wgmma.wait_group 1 of step kt - 2, which
 //! retired the wgmma group of step kt - 3, the tile's last reader. With two tiles a slow warp
 //! could still be reading tile kt % 2 (group kt - 2) while another overwrites it.
-//! Variant (bench only, to place the time: docs/benchmarks.md): 0 the product; 1 skips the code
-//! loads and the decode (the A tiles keep whatever they hold: the pipeline and the MMAs alone);
-//! 2 skips the MMAs (loads, decode and the x ring alone; y gets zeros); 3 decodes into wgmma's
-//! register A operand instead of a shared-memory tile (register_a_mainloop).
+//! Variant: 0 the product as described above; 3 the same product with the weight decoded into
+//! wgmma's register A operand instead of a shared-memory tile (register_a_mainloop; tested like
+//! 0, bit-identical in the bench). Bench only, to place the time (docs/benchmarks.md): 1 skips the
+//! code loads and the decode (the A tiles keep whatever they hold: the pipeline and the MMAs
+//! alone), 2 skips the MMAs (loads, decode and the x ring alone; y gets zeros).
 template <class T, bool Nested, int Variant = 0>
 __global__ void __launch_bounds__(tile_shape::threads, 1)
     gemm_4bit_kernel(__grid_constant__ CUtensorMap const x_map, gemm_args<T> const a,
