@@ -19,6 +19,10 @@
 //   cuda_matmul::gemv_batch1_bulk_candidates, plain scales.
 // - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).
 // - gemm_overlap/n/k/m/chunks: batch 4096 with the dequantization overlapped in row chunks.
+// - gemm_l2/n/k/m/mib: batch 4096 in row chunks dequantized into one reused L2-sized buffer.
+// - gemm_fused/n/k/m/nested: batch 4096 through the fused sm_90a GEMM (dequantization in the
+//   main loop), against cuBLAS bf16 and the dispatched path; gemm_fused_variant/v/n/k/m its
+//   time-placing variants (1 no decode, 2 no MMAs).
 // - grad_input/*, int8/*: the QLoRA backward pass and the LLM.int8 layer.
 #include <qmem/quant/cuda/matmul.cuh>
 #include <qmem/quant/matmul.hpp>
@@ -647,6 +651,132 @@ void gemm_overlap(benchmark::State& state) {
   (void)versus_cublas(state, s, qmem_call, cublas_call);
 }
 
+// Args: n, k, m, chunk MiB. The m > 16 forward in row chunks dequantized into one reused buffer
+// of at most `chunk MiB` (cuda_matmul::dequantize_gemm_l2: the chunk stays in L2 between its
+// dequantization and its GEMM), against the one-shot path (dequantize_gemm, 1 chunk) and cuBLASLt
+// bf16 in the same run: counters ratio (chunked / cuBLAS), oneshot_ratio, chunks, l2_MiB.
+void gemm_l2(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  auto const mib = static_cast<std::size_t>(state.range(3));
+  nf4_weight w(n, k, 64, false);
+  auto const wv = w.view();
+  std::size_t const rows =
+      cuda_matmul::l2_chunk_rows(n, k, wv.block_size, 0, mib << 20, sizeof(bf16));
+  device_buffer<bf16> x(m * k), y(m * n), wb(n * k), wd(n * k), chunk(rows * k);
+  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
+  device_buffer<std::byte> ws(cublaslt_workspace_bytes);
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
+  exec::cuda const e{s, 0};
+  auto chunked = [&] {
+    cuda_matmul::dequantize_gemm_l2<bf16>(e, x.p, m, wv, y.p, chunk.p, rows, ws.p,
+                                          cublaslt_workspace_bytes);
+  };
+  auto oneshot = [&] {
+    cuda_matmul::dequantize_gemm<bf16>(e, x.p, m, wv, y.p, wd.p, ws.p, cublaslt_workspace_bytes, 1);
+  };
+  auto cublas_call = [&] {
+    cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
+                                    CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
+  };
+  (void)versus_cublas(state, s, chunked, cublas_call);
+  oneshot();
+  double const to = time_median(s, 10, oneshot); // after versus_cublas's warm-up calls
+  int l2 = 0;
+  check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0), "cudaDeviceGetAttribute");
+  state.counters["oneshot_ratio"] = to * 1e3 / state.counters["cublas_bf16_ms"];
+  state.counters["oneshot_ms"] = to * 1e3;
+  state.counters["chunks"] = static_cast<double>((n + rows - 1) / rows);
+  state.counters["chunk_MiB"] = static_cast<double>(rows * k * sizeof(bf16)) / (1 << 20);
+  state.counters["l2_MiB"] = l2 / 1048576.0;
+}
+
+// Args: n, k, m, nested. The fused sm_90a GEMM (cuda_matmul::fused_gemm: the weight dequantized
+// in the main loop, detail/gemm_sm90.cuh) against cuBLASLt bf16 in the same run, with the
+// dispatched dequantize + cuBLASLt path timed alongside (oneshot_ratio). Skipped with a message
+// when the binary has no sm_90a code or the device is not compute capability 9.0.
+void gemm_fused(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  bool const nested = state.range(3) != 0;
+  nf4_weight w(n, k, 64, nested);
+  auto const wv = w.view();
+  device_buffer<bf16> x(m * k), y(m * n), wb(n * k), wd(n * k);
+  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
+  device_buffer<std::byte> ws(cublaslt_workspace_bytes);
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
+  exec::cuda const e{s, 0};
+  if (!cuda_matmul::fused_gemm<bf16>(e, x.p, m, wv, y.p)) {
+    state.SkipWithError("the fused sm_90a GEMM does not run here (build or device)");
+    return;
+  }
+  auto fused = [&] { (void)cuda_matmul::fused_gemm<bf16>(e, x.p, m, wv, y.p); };
+  auto oneshot = [&] {
+    cuda_matmul::dequantize_gemm<bf16>(e, x.p, m, wv, y.p, wd.p, ws.p, cublaslt_workspace_bytes, 1);
+  };
+  auto cublas_call = [&] {
+    cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
+                                    CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
+  };
+  double const tq = versus_cublas(state, s, fused, cublas_call);
+  oneshot();
+  double const to = time_median(s, 10, oneshot);
+  state.counters["oneshot_ratio"] = to * 1e3 / state.counters["cublas_bf16_ms"];
+  state.counters["TFLOP/s"] = 2.0 * static_cast<double>(m * n * k) / tq * 1e-12;
+}
+
+// Args: n, k, m. The fused sm_90a GEMM's variants (sm90::gemm_4bit_kernel: 1 without the code
+// loads and the decode, 2 without the MMAs, both to place the time; 3 the weight decoded into
+// wgmma's register A operand), plain scales, against cuBLASLt bf16 in the same run. Variant 3
+// also counts the outputs that differ from variant 0's bits (`differ`: same products in the same
+// wgmma order, so 0 is expected; the tests check variant 0 against the host reference).
+template <int Variant>
+void gemm_fused_variant(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const m = static_cast<std::size_t>(state.range(2));
+  nf4_weight w(n, k, 64, false);
+  auto const wv = w.view();
+  device_buffer<bf16> x(m * k), y(m * n), wb(n * k);
+  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+  fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
+  device_buffer<std::byte> ws(cublaslt_workspace_bytes);
+  bench_stream const stream;
+  cudaStream_t const s = stream.s;
+  exec::cuda const e{s, 0};
+  auto fused = [&] { return cuda_matmul::fused_gemm<bf16, nf4, Variant>(e, x.p, m, wv, y.p); };
+  if (!fused()) {
+    state.SkipWithError("the fused sm_90a GEMM does not run here (build or device)");
+    return;
+  }
+  auto cublas_call = [&] {
+    cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
+                                    CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
+  };
+  if constexpr (Variant == 3) {
+    device_buffer<bf16> y0(m * n);
+    check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    (void)cuda_matmul::fused_gemm<bf16, nf4, 0>(e, x.p, m, wv, y0.p);
+    std::vector<std::uint16_t> a(m * n), b(m * n);
+    check(cudaMemcpyAsync(a.data(), y.p, m * n * 2, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(b.data(), y0.p, m * n * 2, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
+    check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    std::size_t differ = 0;
+    for (std::size_t i = 0; i < a.size(); ++i)
+      differ += a[i] != b[i] ? 1 : 0;
+    state.counters["differ"] = static_cast<double>(differ);
+  }
+  auto fused_call = [&] { (void)fused(); };
+  double const tq = versus_cublas(state, s, fused_call, cublas_call);
+  state.counters["TFLOP/s"] = 2.0 * static_cast<double>(m * n * k) / tq * 1e-12;
+}
+
 // Args: n, k, m. QLoRA backward: grad_x = grad_y * dequant(w).
 void grad_input(benchmark::State& state) {
   auto const n = static_cast<std::size_t>(state.range(0));
@@ -827,6 +957,31 @@ BENCHMARK(gemm_overlap)
     ->ArgsProduct({{4096}, {4096}, {4096}, {1, 2, 4, 8}})
     ->ArgsProduct({{14336}, {4096}, {4096}, {1, 2, 4, 8}})
     ->ArgsProduct({{8192}, {8192}, {4096}, {1, 2, 4, 8}})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_l2)
+    ->ArgsProduct({{4096}, {4096}, {4096}, {4, 8, 12, 16, 24}})
+    ->ArgsProduct({{14336}, {4096}, {4096}, {4, 8, 12, 16, 24, 32}})
+    ->ArgsProduct({{8192}, {8192}, {4096}, {4, 8, 12, 16, 24, 32}})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused)
+    ->Args({4096, 4096, 4096, 0})
+    ->Args({14336, 4096, 4096, 0})
+    ->Args({8192, 8192, 4096, 0})
+    ->Args({8192, 8192, 4096, 1})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<1>)
+    ->Name("gemm_fused_variant/1")
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<2>)
+    ->Name("gemm_fused_variant/2")
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<3>)
+    ->Name("gemm_fused_variant/3")
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
     ->Apply(timed<2, true>);
 BENCHMARK(grad_input)->ArgsProduct({{8192}, {8192}, {1, 2, 16, 4096}})->Apply(timed<2>);
 BENCHMARK(grad_path)->ArgsProduct({{8192}, {8192}, {2, 4, 8, 16}, {0, 1}})->Apply(timed<1>);

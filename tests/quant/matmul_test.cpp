@@ -968,9 +968,11 @@ namespace {
 //! The m > 16 forward with its dequantization in `chunks` row chunks overlapping the GEMMs
 //! (cuda_matmul::dequantize_gemm), captured in a graph (global mode) or called directly, against
 //! the host reference.
+//! With l2_bytes > 0: the L2-resident chunked forward instead (cuda_matmul::dequantize_gemm_l2,
+//! chunks of l2_chunk_rows(..., l2_bytes) rows in one reused buffer; `chunks` is then unused).
 template <class T>
 void check_overlap(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
-                   unsigned chunks, bool captured, std::mt19937& rng) {
+                   unsigned chunks, bool captured, std::mt19937& rng, std::size_t l2_bytes = 0) {
   using B = qmem::test::cuda_backend;
   host_weight const hw = random_weight(n, k, block, nested, rng);
   std::vector<T> const x = random_matrix<T>(m * k, rng);
@@ -991,10 +993,18 @@ void check_overlap(std::size_t m, std::size_t n, std::size_t k, std::size_t bloc
   cudaStream_t s = nullptr;
   cuda_detail::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
   exec::cuda const e{s, 0};
+  std::size_t const l2_rows =
+      cuda_matmul::l2_chunk_rows(n, k, block, nested ? 256 : 0, l2_bytes, sizeof(T));
+  auto chunk = B::template alloc<T>(l2_rows * k);
   auto call = [&] {
-    cuda_matmul::dequantize_gemm<T>(e, bx.view().data(), m, bw.view, by.view().data(),
-                                    bwd.view().data(), lws.view().data(), lws.view().size(),
-                                    chunks);
+    if (l2_bytes > 0)
+      cuda_matmul::dequantize_gemm_l2<T>(e, bx.view().data(), m, bw.view, by.view().data(),
+                                         chunk.view().data(), l2_rows, lws.view().data(),
+                                         lws.view().size());
+    else
+      cuda_matmul::dequantize_gemm<T>(e, bx.view().data(), m, bw.view, by.view().data(),
+                                      bwd.view().data(), lws.view().data(), lws.view().size(),
+                                      chunks);
   };
   if (captured) {
     cudaGraph_t graph = nullptr;
@@ -1022,7 +1032,8 @@ void check_overlap(std::size_t m, std::size_t n, std::size_t k, std::size_t bloc
   cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
   (void)cudaStreamDestroy(s);
   expect_close(B::download(by.view()), ref, terms, plain_sum(k), 0.0,
-               std::string("overlapped forward chunks=") + std::to_string(chunks) +
+               (l2_bytes > 0 ? std::string("L2 chunks of rows=") + std::to_string(l2_rows)
+                             : std::string("overlapped forward chunks=") + std::to_string(chunks)) +
                    " m=" + std::to_string(m) + " n=" + std::to_string(n) +
                    " k=" + std::to_string(k) + " block=" + std::to_string(block) +
                    (nested ? " nested" : " plain") + (captured ? " captured" : ""));
@@ -1042,6 +1053,98 @@ TEST_CASE("the m > 16 forward with dequantization overlapped in row chunks") {
   check_overlap<bf16>(24, 45, 100, 32, false, 4, false, rng); // 8-row quantum, partial last
   check_overlap<bf16>(20, 300, 384, 128, true, 8, true, rng); // 256-row quantum: 256 + 44
   check_overlap<bf16>(17, 64, 256, 64, false, 1, false, rng);
+}
+
+TEST_CASE("the m > 16 forward in L2-resident row chunks (one reused buffer)") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  std::mt19937 rng(98);
+  // chunk rows from the byte budget: 70 x 192 bf16 with 12 KiB -> 32 rows (quanta of 8) -> 3
+  // chunks evened out to 24 + 24 + 22 rows; a budget below one quantum still takes one quantum; a
+  // budget above the weight is the one-shot product; nested (256-block groups) and f16; captured
+  CHECK(cuda_matmul::l2_chunk_rows(70, 192, 64, 0, 12288, 2) == 24);
+  CHECK(cuda_matmul::l2_chunk_rows(70, 192, 64, 0, 1, 2) == 8);
+  CHECK(cuda_matmul::l2_chunk_rows(70, 192, 64, 0, 1 << 20, 2) == 70);
+  check_overlap<bf16>(40, 70, 192, 64, false, 0, false, rng, 12288);
+  check_overlap<bf16>(40, 70, 192, 64, false, 0, true, rng, 12288);
+  check_overlap<bf16>(24, 45, 100, 32, false, 0, false, rng, 1);
+  check_overlap<f16>(33, 70, 4096, 64, true, 0, false, rng, 64 << 10);
+  check_overlap<bf16>(20, 300, 384, 128, true, 0, false, rng, 64 << 10);
+  check_overlap<bf16>(17, 64, 256, 64, false, 0, false, rng, 1 << 20);
+}
+#endif
+
+#if QMEM_HAS_CUDA()
+namespace {
+//! The fused sm_90a GEMM (cuda_matmul::fused_gemm) on one shape against the host reference with
+//! bound 1 (the same weights as dequantize + cuBLASLt, summed in fp32 in another order). Returns
+//! whether the kernel ran (false: not runnable on this build or device, or the shape outside
+//! sm90::fits; y then must be untouched).
+template <class T, class Code, int Variant = 0>
+bool check_fused(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
+                 std::mt19937& rng) {
+  using B = qmem::test::cuda_backend;
+  host_weight const hw = random_weight(n, k, block, nested, rng);
+  std::vector<T> const x = random_matrix<T>(m * k, rng);
+  std::vector<T> ref(m * n);
+  matmul_4bit<T>(exec::host{}, {x.data(), x.size()}, m, host_view<Code>(hw),
+                 tensor_view<T>{ref.data(), ref.size()});
+  std::vector<double> const terms = abs_terms<T, Code>(hw, x, m, false);
+  backend_weight<B, Code> bw(hw);
+  auto bx = B::upload(x);
+  std::vector<T> const sentinel(m * n, from_float<T>(12345.0f));
+  auto by = B::upload(sentinel);
+  cudaStream_t s = nullptr;
+  cuda_detail::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  exec::cuda const e{s, 0};
+  bool const ran =
+      cuda_matmul::fused_gemm<T, Code, Variant>(e, bx.view().data(), m, bw.view, by.view().data());
+  cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+  (void)cudaStreamDestroy(s);
+  std::vector<T> const got = B::download(by.view());
+  std::string const what =
+      case_name("cuda", Variant == 3 ? "fused sm_90a forward (register A)" : "fused sm_90a forward",
+                m, n, k, block, nested);
+  if (ran)
+    expect_close(got, ref, terms, plain_sum(k), 0.0, what);
+  else
+    CHECK_MESSAGE(got == sentinel, what);
+  return ran;
+}
+} // namespace
+
+TEST_CASE("the fused sm_90a GEMM (dequantization in the main loop) against the host reference") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  std::mt19937 rng(77);
+  // odd shapes: n not a multiple of the 128-row tile, m not a multiple of the 256-token tile (and
+  // m below one tile), k not a multiple of the 64-column step (96, 160, 2080); blocks of 32 to
+  // 4096 (rows that start inside a block: 2080 with 4096); 64 steps (the 4-stage ring wraps 16
+  // times); NF4 and FP4, bf16 and f16, plain and nested scales
+  if (!check_fused<bf16, nf4>(300, 200, 96, 64, false, rng)) {
+    MESSAGE("skipped: the fused sm_90a GEMM does not run here (not built with "
+            "-gencode=arch=compute_90a,code=sm_90a, or not a compute capability 9.0 device)");
+    return;
+  }
+  CHECK(check_fused<f16, fp4>(40, 70, 4096, 4096, true, rng));
+  CHECK(check_fused<f16, nf4>(513, 128, 160, 32, true, rng));
+  CHECK(check_fused<bf16, fp4>(17, 300, 384, 128, false, rng));
+  CHECK(check_fused<bf16, nf4>(260, 136, 2080, 4096, true, rng));
+  CHECK(check_fused<bf16, nf4>(520, 136, 1024, 64, false, rng));
+  CHECK(check_fused<f16, fp4>(256, 256, 512, 256, false, rng));
+  // outside sm90::fits (k % 32 != 0): nothing launched, y untouched
+  CHECK_FALSE(check_fused<bf16, nf4>(40, 70, 100, 64, false, rng));
+  // the register-A variant (weight decoded into wgmma's A registers) on the same odd shapes
+  CHECK(check_fused<bf16, nf4, 3>(300, 200, 96, 64, false, rng));
+  CHECK(check_fused<f16, fp4, 3>(40, 70, 4096, 4096, true, rng));
+  CHECK(check_fused<f16, nf4, 3>(513, 128, 160, 32, true, rng));
+  CHECK(check_fused<bf16, fp4, 3>(17, 300, 384, 128, false, rng));
+  CHECK(check_fused<bf16, nf4, 3>(260, 136, 2080, 4096, true, rng));
+  CHECK(check_fused<bf16, nf4, 3>(520, 136, 1024, 64, false, rng));
 }
 #endif
 

@@ -25,6 +25,7 @@
 
 #include <qmem/core/config.hpp>
 #include <qmem/core/cuda/runtime.cuh>
+#include <qmem/quant/cuda/detail/gemm_sm90.cuh>
 #include <qmem/quant/matmul.hpp>
 
 #include <cub/block/block_reduce.cuh>
@@ -3395,10 +3396,37 @@ inline std::size_t overlap_chunk_rows(std::size_t rows, std::size_t cols, std::s
 }
 
 //! Row chunks of the m > 16 forward (dequantize_gemm): 1 runs one dequantization, then one GEMM;
-//! more overlap the dequantization of a chunk with the previous chunk's GEMM. Not yet measured:
-//! TO BE CONFIRMED by bench gemm_overlap (chunks 1, 2, 4, 8 at batch 4096 on the three anchor
-//! shapes, same run as cuBLAS bf16); the dequantization is about 5% of the GEMM there.
+//! more overlap the dequantization of a chunk with the previous chunk's GEMM on a side stream.
+//! Measured slower than one chunk on all three anchor shapes (H200, 2026-11-29 13:38-13:48 UTC,
+//! the lead's integrated run, bench gemm_overlap, batch 4096, ratio to cuBLAS bf16 in the same
+//! run, chunks 1 / 2 / 4 / 8 on 8192 x 8192: 1.050 / 1.050 / 1.074 / 1.081; docs/benchmarks.md):
+//! the smaller GEMMs on the side stream lose more than the overlap saves, so the dispatched path
+//! keeps 1.
 inline constexpr unsigned gemm_overlap_chunks = 1;
+
+//! The rows w[r0, r0 + rows) of a 4-bit weight as a weight of their own. Precondition: r0 * cols
+//! is a multiple of the block size times the nested block size (when nested), so that the slice's
+//! scales start at a block and a nested group (overlap_chunk_rows and l2_chunk_rows ensure it).
+template <class Code>
+weight_4bit_view<Code> row_slice(weight_4bit_view<Code> const& w, std::size_t r0,
+                                 std::size_t rows) {
+  std::size_t const e0 = r0 * w.cols; // a multiple of the block size (and of 2)
+  weight_4bit_view<Code> part = w;
+  part.rows = rows;
+  part.codes = w.codes.subview(e0 / 2, (rows * w.cols + 1) / 2);
+  std::size_t const b0 = e0 / w.block_size;
+  std::size_t const blocks = (rows * w.cols + w.block_size - 1) / w.block_size;
+  if (w.scales.nested()) {
+    std::size_t const g0 = b0 / w.scales.nested_block_size;
+    std::size_t const groups =
+        (blocks + w.scales.nested_block_size - 1) / w.scales.nested_block_size;
+    part.scales.qabsmax = w.scales.qabsmax.subview(b0, blocks);
+    part.scales.absmax2 = w.scales.absmax2.subview(g0, groups);
+  } else {
+    part.scales.absmax = w.scales.absmax.subview(b0, blocks);
+  }
+  return part;
+}
 
 //! y[m, n] = x[m, k] * dequant(w)^T for m > 16: the weight dequantized into `wd` (n * k elements
 //! of T, the workspace), then cuBLASLt. `chunks` > 1 splits the rows of w: chunk i + 1 is
@@ -3430,22 +3458,8 @@ void dequantize_gemm(exec::cuda const& e, T const* x, std::size_t m,
   for (std::size_t c = 0; c < count; ++c) {
     std::size_t const r0 = c * per;
     std::size_t const rows = n - r0 < per ? n - r0 : per;
-    std::size_t const e0 = r0 * k; // a multiple of the block size (and of 2)
-    weight_4bit_view<Code> part = w;
-    part.rows = rows;
-    part.codes = w.codes.subview(e0 / 2, (rows * k + 1) / 2);
-    std::size_t const b0 = e0 / w.block_size;
-    std::size_t const blocks = (rows * k + w.block_size - 1) / w.block_size;
-    if (w.scales.nested()) {
-      std::size_t const g0 = b0 / w.scales.nested_block_size;
-      std::size_t const groups =
-          (blocks + w.scales.nested_block_size - 1) / w.scales.nested_block_size;
-      part.scales.qabsmax = w.scales.qabsmax.subview(b0, blocks);
-      part.scales.absmax2 = w.scales.absmax2.subview(g0, groups);
-    } else {
-      part.scales.absmax = w.scales.absmax.subview(b0, blocks);
-    }
-    dequantize_into(e, part, wd + e0);
+    std::size_t const e0 = r0 * k;
+    dequantize_into(e, row_slice(w, r0, rows), wd + e0);
     cuda_detail::check(cudaEventRecord(r.events[1 + c], e.stream), "cudaEventRecord");
     cuda_detail::check(cudaStreamWaitEvent(r.side, r.events[1 + c], 0), "cudaStreamWaitEvent");
     // y[:, r0 : r0 + rows] is column-major rows x m with leading dimension n
@@ -3454,6 +3468,99 @@ void dequantize_gemm(exec::cuda const& e, T const* x, std::size_t m,
   }
   cuda_detail::check(cudaEventRecord(r.events[1 + count], r.side), "cudaEventRecord");
   cuda_detail::check(cudaStreamWaitEvent(e.stream, r.events[1 + count], 0), "cudaStreamWaitEvent");
+}
+
+//! Rows per chunk of the L2-resident path (dequantize_gemm_l2) for a chunk buffer of at most
+//! `bytes` (elements of `elem` bytes): whole quanta as in overlap_chunk_rows (at least one quantum,
+//! whatever `bytes`), then evened out over the chunks that takes so that the last chunk's GEMM is
+//! not a sliver. At most `rows`.
+inline std::size_t l2_chunk_rows(std::size_t rows, std::size_t cols, std::size_t block,
+                                 std::size_t nested_block, std::size_t bytes, std::size_t elem) {
+  std::size_t const group = block * (nested_block == 0 ? 1 : nested_block);
+  std::size_t const quantum = std::lcm(group / std::gcd(cols, group), std::size_t{8});
+  std::size_t const fit = bytes / (cols * elem) / quantum * quantum;
+  std::size_t const per = fit < quantum ? quantum : fit;
+  if (per >= rows)
+    return rows;
+  std::size_t const count = (rows + per - 1) / per;
+  std::size_t const even = (rows + count - 1) / count;
+  return (even + quantum - 1) / quantum * quantum;
+}
+
+//! Bytes of the chunk buffer of the L2-resident forward; 0 keeps the one-shot dequantize_gemm.
+//! Measured slower at every chunk size on all three anchor shapes (H200, L2 60 MiB, 2026-11-30
+//! 10:10 UTC, bench gemm_l2, batch 4096, median of 3 repetitions, ratio to cuBLAS bf16 in the same
+//! process; one-shot 1.02-1.06): 4096^2 1.356 / 1.171 / 1.145 / 1.076 with 8 / 4 / 3 / 2 chunks
+//! (4-16 MiB); 14336 x 4096 1.417 / 1.241 / 1.243 / 1.136 / 1.102 / 1.176 with 28 / 14 / 10 / 7 /
+//! 5 / 4 chunks (4-28 MiB); 8192^2 1.710 / 1.230 / 1.198 / 1.132 / 1.118 / 1.104 with 32 / 16 /
+//! 11 / 8 / 6 / 4 chunks (4-32 MiB). The smaller GEMMs (wave quantization, one heuristic per
+//! chunk, the output written in strided column blocks) cost far more than the 3-5% the
+//! dequantization's DRAM writes cost, so 0 stays.
+inline constexpr std::size_t gemm_l2_chunk_bytes = 0;
+
+//! y[m, n] = x[m, k] * dequant(w)^T for m > 16, in row chunks of `chunk_rows` rows of w, each
+//! dequantized into the same buffer `chunk` (chunk_rows * k elements of T, small enough to stay in
+//! the L2 cache) and multiplied by cuBLASLt right after, all on e.stream: the dequantization
+//! writes into L2 rather than DRAM and the GEMM reads the chunk back from L2. Stream order makes
+//! the reuse safe (chunk c + 1 is written after chunk c's GEMM). Every output is the same fp32 dot
+//! product over the same weights as in the one-shot path (the algorithm, hence the sum order, may
+//! differ per chunk). Precondition: chunk_rows as l2_chunk_rows gives it (whole quanta), > 0.
+template <class T, class Code>
+void dequantize_gemm_l2(exec::cuda const& e, T const* x, std::size_t m,
+                        weight_4bit_view<Code> const& w, T* y, T* chunk, std::size_t chunk_rows,
+                        std::byte* lt_ws, std::size_t lt_ws_bytes) {
+  std::size_t const n = w.rows, k = w.cols;
+  for (std::size_t r0 = 0; r0 < n; r0 += chunk_rows) {
+    std::size_t const rows = n - r0 < chunk_rows ? n - r0 : chunk_rows;
+    dequantize_into(e, row_slice(w, r0, rows), chunk);
+    // y[:, r0 : r0 + rows] is column-major rows x m with leading dimension n
+    lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, rows, m, k, data_type<T>, chunk, x,
+                       data_type<T>, y + r0, lt_ws, lt_ws_bytes, n);
+  }
+}
+
+//! Whether matmul_4bit sends its m > 16 forward to the fused sm_90a GEMM (sm90::gemm_4bit_kernel,
+//! detail/gemm_sm90.cuh) where it runs and takes the shape. Off: a tested candidate, slower than
+//! dequantize + cuBLASLt (H200, 2026-11-30 10:43 UTC, batch 4096, NF4, bf16, ratio to cuBLAS bf16
+//! in the same run on 4096^2 / 14336 x 4096 / 8192^2: fused 1.44-1.45 / 1.56-1.57 / 1.52-1.53,
+//! register-A variant 1.50-1.56 / 1.58-1.60 / 1.53-1.54, dispatched path 1.03-1.06). Turn it on
+//! only when bench gemm_fused beats the `gemm` rows on all three shapes.
+inline constexpr bool gemm_sm90_dispatch = false;
+
+//! y[m, n] = x[m, k] * dequant(w)^T through the fused sm_90a GEMM, stream-ordered on e.stream.
+//! Returns false, launching nothing, when it cannot serve the call: the kernel not built for
+//! sm_90a or the device not compute capability 9.0 (sm90::runnable; also while e.stream is
+//! capturing before the first uncaptured call has probed the device), or the shape or alignment
+//! outside sm90::fits. Preconditions: those of matmul_4bit (checked there).
+//! `Variant` (bench only): sm90::gemm_4bit_kernel's time-placing variants (1 no decode, 2 no MMAs).
+template <class T, class Code, int Variant = 0>
+bool fused_gemm(exec::cuda const& e, T const* x, std::size_t m, weight_4bit_view<Code> const& w,
+                T* y) {
+  scale_args const s = make_scale_args(w.scales);
+  bool const nested = w.scales.nested();
+  if (!sm90::fits(m, w.rows, w.cols, w.block_size, nested, s.nested_shift, w.codes.data(), x))
+    return false;
+  sm90::gemm_args<T> const a{w.codes.data(),
+                             s.absmax,
+                             s.qabsmax,
+                             s.absmax2,
+                             s.offset,
+                             nested ? static_cast<unsigned>(s.nested_shift) : 0u,
+                             static_cast<unsigned>(detail::mm::log2_exact(w.block_size)),
+                             y,
+                             static_cast<unsigned>(m),
+                             static_cast<unsigned>(w.rows),
+                             static_cast<unsigned>(w.cols)};
+  if (nested) {
+    if (!sm90::runnable<T, true>(e.device, e.stream))
+      return false;
+    sm90::launch<T, true, Variant>(e, x, a, values_of<Code>(), nested_values());
+  } else {
+    if (!sm90::runnable<T, false>(e.device, e.stream))
+      return false;
+    sm90::launch<T, false, Variant>(e, x, a, values_of<Code>(), nested_values());
+  }
+  return true;
 }
 
 //! Lets `Kernel` use `bytes` of dynamic shared memory on `device` (once per kernel and device;
@@ -3960,6 +4067,9 @@ void matmul_4bit(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
       cuda_matmul::launch_gemv<Code, T, false>(e, a, fast);
     return;
   }
+  if constexpr (cuda_matmul::gemm_sm90_dispatch)
+    if (cuda_matmul::fused_gemm(e, x.data(), m, w, y.data()))
+      return;
   std::size_t offset = 0;
   T* wd = reinterpret_cast<T*>(cuda_matmul::carve(workspace, offset, w.elements() * sizeof(T)));
   cuda_matmul::dequantize_gemm(e, x.data(), m, w, y.data(), wd, workspace.data() + offset,
