@@ -1280,6 +1280,22 @@ inline constexpr unsigned mean_ctas_per_upper =
 //! more leaves go through tree_level.
 inline constexpr size_t mean_max_leaves = offset_tree_arity_v * offset_tree_arity_v;
 
+//! The host's sum of nodes[begin, end) (end - begin <= 256), in every lane of the calling warp.
+__device__ QMEM_INLINE double node_sum(double const* nodes, size_t begin, size_t end) noexcept {
+  constexpr int per = static_cast<int>(offset_tree_arity_v) / 32;
+  int const lane = static_cast<int>(threadIdx.x) % 32;
+  double c[per];
+  QMEM_UNROLL
+  for (int j = 0; j < per; ++j) {
+    size_t const i = begin + static_cast<size_t>(32 * j + lane);
+    c[j] = i < end ? __ldcg(nodes + i) : 0.0;
+  }
+  double s = 0.0;
+  if (!warp_exact_sum(c, s) && lane == 0)
+    s = ordered_sum(nodes, begin, end);
+  return __shfl_sync(0xffffffffu, s, 0);
+}
+
 //! The offset's fixed-order mean in one launch (leaves <= mean_max_leaves): warp w of CTA b sums
 //! the leaf nodes (256 consecutive absmax values each) mean_nodes_per_warp * (8b + w) ... + 3,
 //! exactly with shuffles where warp_exact_sum allows, else in order by one lane, into `leaves`;
@@ -1359,15 +1375,7 @@ __global__ void __launch_bounds__(cta_threads)
   double* const upper = leaves + nodes;
   size_t const begin = static_cast<size_t>(k) * arity;
   size_t const end = begin + arity < nodes ? begin + arity : nodes;
-  double c[per];
-  QMEM_UNROLL
-  for (int j = 0; j < per; ++j) {
-    size_t const i = begin + static_cast<size_t>(32 * j + lane);
-    c[j] = i < end ? __ldcg(leaves + i) : 0.0;
-  }
-  double s = 0.0;
-  if (!warp_exact_sum(c, s) && lane == 0)
-    s = ordered_sum(static_cast<double const*>(leaves), begin, end);
+  double s = node_sum(leaves, begin, end);
   if (uppers == 1) { // the host's tree ends here: offset = level 1's single node / count
     if (lane == 0)
       *offset = __double2float_rn(__ddiv_rn(s, static_cast<double>(len)));
@@ -1382,14 +1390,7 @@ __global__ void __launch_bounds__(cta_threads)
   if (!__shfl_sync(0xffffffffu, root, 0))
     return;
   __threadfence();
-  QMEM_UNROLL
-  for (int j = 0; j < per; ++j) {
-    auto const i = static_cast<size_t>(32 * j + lane);
-    c[j] = i < uppers ? __ldcg(upper + i) : 0.0;
-  }
-  s = 0.0;
-  if (!warp_exact_sum(c, s) && lane == 0)
-    s = ordered_sum(static_cast<double const*>(upper), 0, uppers);
+  s = node_sum(upper, 0, uppers);
   if (lane == 0)
     *offset = __double2float_rn(__ddiv_rn(s, static_cast<double>(len)));
 }
@@ -1732,22 +1733,6 @@ __device__ QMEM_INLINE double leaf_sum(float const* absmax, size_t m, size_t nod
   double s = 0.0;
   if (!warp_exact_sum(v, s) && lane == 0)
     s = ordered_sum(absmax, base, base + offset_tree_arity_v < m ? base + offset_tree_arity_v : m);
-  return __shfl_sync(0xffffffffu, s, 0);
-}
-
-//! The host's sum of nodes[begin, end) (end - begin <= 256), in every lane of the calling warp.
-__device__ QMEM_INLINE double node_sum(double const* nodes, size_t begin, size_t end) noexcept {
-  constexpr int per = static_cast<int>(offset_tree_arity_v) / 32;
-  int const lane = static_cast<int>(threadIdx.x) % 32;
-  double c[per];
-  QMEM_UNROLL
-  for (int j = 0; j < per; ++j) {
-    size_t const i = begin + static_cast<size_t>(32 * j + lane);
-    c[j] = i < end ? __ldcg(nodes + i) : 0.0;
-  }
-  double s = 0.0;
-  if (!warp_exact_sum(c, s) && lane == 0)
-    s = ordered_sum(nodes, begin, end);
   return __shfl_sync(0xffffffffu, s, 0);
 }
 
