@@ -319,9 +319,12 @@ struct stored_tensor {
     auto const b = r.bytes(e);
     return {e.type, e.shape, std::vector<std::byte>(b.begin(), b.end())};
   }
-  //! The bytes as `count` values of T (a copy; the bytes need not be aligned).
+  //! The bytes as `count` values of T (a copy; the bytes need not be aligned). Throws
+  //! bad_argument when the tensor holds fewer than count * sizeof(T) bytes.
   template <class T>
   [[nodiscard]] std::vector<T> as(std::size_t count) const {
+    QMEM_EXPECTS(count <= bytes.size() / sizeof(T), "the tensor holds ", bytes.size(), " bytes; ",
+                 count, " values of ", sizeof(T), " bytes need more");
     std::vector<T> v(count);
     if (count != 0)
       std::memcpy(v.data(), bytes.data(), count * sizeof(T));
@@ -388,9 +391,11 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
 
   //! Dequantizes into `out` (numel() elements, host memory) with bitsandbytes' arithmetic:
   //! table[code] * absmax in float (absmax = nested_table[q] * nested_absmax + offset when nested),
-  //! rounded once to T. Throws bad_argument when out has the wrong size or is not host memory.
+  //! rounded once to T. Throws bad_argument when out has the wrong size or is not host memory, or
+  //! when the members do not hold what the state says (check_stored), before writing anything.
   template <float_element T>
   void dequantize(exec::host const& e, tensor_view<T> out) const {
+    check_stored("dequantize");
     check_output(out);
     switch (state.format) {
     case bnb_format::nf4: dequantize_as<quant::nf4>(e, out); break;
@@ -401,7 +406,8 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
 
   //! The weight as a qmem quantized tensor whose buffers come from `r` (host-accessible memory):
   //! the same codes (the first code bytes of `W`, whatever its storage dtype), scales and offset.
-  //! The inverse of from_quantized up to the storage dtype of `W`.
+  //! The inverse of from_quantized up to the storage dtype of `W`. Throws bad_argument for a
+  //! resource of device memory or members that do not hold what the state says (check_stored).
   [[nodiscard]] quant::quantized_tensor
   to_quantized(memory::resource& r = memory::default_host_resource()) const;
 
@@ -412,6 +418,36 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
   //! tensor); throws bad_argument.
   [[nodiscard]] static bnb_weight from_quantized(std::string name,
                                                  quant::quantized_tensor const& q);
+
+  //! Throws bad_argument (naming `function` and the weight) unless the members hold what `state`
+  //! says, as read_bnb_weight, quantize_bnb and from_quantized leave them (a weight assembled or
+  //! edited by hand may not): a shape the reader accepts, a block size the format supports, at
+  //! least the code bytes and scales of numel() elements, and the nested scales when nested.
+  void check_stored(char const* function) const {
+    std::size_t const n = detail::checked_bnb_numel(state.shape, function);
+    bool const four_bit = state.format != bnb_format::int8;
+    auto fail = [&](auto const&... args) {
+      qmem::detail::raise(function, ": bnb weight '", name, "': ", args...);
+    };
+    if (!(four_bit ? quant::valid_block_size<quant::nf4>(state.blocksize)
+                   : quant::valid_block_size<quant::dynamic_signed>(state.blocksize)))
+      fail("blocksize ", state.blocksize, " is not one ", to_string(state.format), " supports");
+    std::size_t const code_b = four_bit ? n / 2 + n % 2 : n;
+    if (codes.bytes.size() < code_b)
+      fail("codes hold ", codes.bytes.size(), " bytes; ", n, " elements need ", code_b);
+    std::size_t const blocks = quant::block_count(n, state.blocksize);
+    std::size_t const scale_bytes = state.nested ? blocks : 4 * blocks;
+    if (absmax.bytes.size() < scale_bytes)
+      fail("absmax holds ", absmax.bytes.size(), " bytes; ", blocks, " blocks need ", scale_bytes);
+    if (state.nested) {
+      if (!quant::valid_block_size<quant::dynamic_signed>(state.nested_blocksize))
+        fail("nested_blocksize ", state.nested_blocksize, " is not a power of two in [64, 4096]");
+      std::size_t const nested_bytes = 4 * quant::block_count(blocks, state.nested_blocksize);
+      if (!nested_absmax || nested_absmax->bytes.size() < nested_bytes)
+        fail("nested_absmax holds ", nested_absmax ? nested_absmax->bytes.size() : 0,
+             " bytes; the nested scales need ", nested_bytes);
+    }
+  }
 
 private:
   template <quant::code_type C, float_element T>
@@ -481,6 +517,7 @@ inline quant::format_desc format_of(bnb_quant_state const& s) noexcept {
 inline quant::quantized_tensor bnb_weight::to_quantized(memory::resource& r) const {
   QMEM_EXPECTS(host_accessible(r.space()), "the resource hands out ", to_string(r.space()),
                " memory; expected host-accessible memory");
+  check_stored("to_quantized");
   quant::quantized_tensor q(format_of(state), state.type, state.shape, r);
   auto copy = [](auto dst, std::vector<std::byte> const& src) {
     if (dst.size() != 0)
