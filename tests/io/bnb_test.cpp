@@ -242,6 +242,16 @@ TEST_CASE("bnb: broken checkpoints are rejected") {
     w.state_json = json;
     expect_rejected(w, "quant_state");
   }
+  // a finite nested_offset beyond float32's range: converting it to float is undefined behaviour
+  // (the reader took it, as inf on x86); bnb writes a float32's repr
+  for (auto const* offset : {"1e300", "-3.4028236e38"}) {
+    CAPTURE(offset);
+    auto w = good;
+    auto const at = w.state_json.find("\"nested_offset\": ");
+    REQUIRE(at != std::string::npos);
+    w.state_json = w.state_json.substr(0, at) + "\"nested_offset\": " + offset + "}";
+    expect_rejected(w, "outside float32's range");
+  }
 }
 
 TEST_CASE("bnb: weights convert to and from qmem quantized tensors") {

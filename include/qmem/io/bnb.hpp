@@ -49,6 +49,7 @@
 #include <algorithm>
 #include <bit>
 #include <charconv>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -215,7 +216,9 @@ struct bnb_quant_state {
 
   //! Parses and validates quant-state JSON bytes; `where` names the tensor in messages.
   //! Throws format_error for bad JSON, a missing or mistyped field, an unknown quant_type or
-  //! dtype, a block size the format does not support, or a partial set of nested fields.
+  //! dtype, a block size the format does not support, a partial set of nested fields, or a
+  //! nested_offset outside float32's range (the bare NaN / Infinity / -Infinity Python writes for
+  //! a non-finite offset are read as those values).
   [[nodiscard]] static bnb_quant_state parse(std::span<std::byte const> bytes,
                                              std::string_view where) {
     using json = nlohmann::json;
@@ -302,7 +305,13 @@ struct bnb_quant_state {
       auto const& off = j["nested_offset"];
       if (!off.is_number())
         fail("nested_offset is ", off.dump(), "; expected a number");
-      s.nested_offset = special_offset ? *special_offset : static_cast<float>(off.get<double>());
+      // bnb writes a float32's repr; a finite value beyond float32's range (a hand-edited or
+      // hostile file) has no float to become (converting it is undefined behaviour)
+      double const v = off.get<double>();
+      if (!special_offset &&
+          !(std::fabs(v) <= static_cast<double>(std::numeric_limits<float>::max())))
+        fail("nested_offset ", off.dump(), " is outside float32's range");
+      s.nested_offset = special_offset ? *special_offset : static_cast<float>(v);
     }
     return s;
   }
