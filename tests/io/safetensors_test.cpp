@@ -212,6 +212,16 @@ TEST_CASE("safetensors: writer preconditions; nothing appears on failure") {
     s.write<float>("p", v);
     // destroyed before commit: the target keeps its contents, the temporary goes away
   }
+  {
+    // a tensor written again once every tensor is written: the message named "the next" tensor
+    // as entries_[current()], one past the end of the declared tensors (read out of bounds)
+    qmem::io::safetensors_stream_writer s(target, specs);
+    s.write<float>("p", v);
+    s.write<float>("q", std::span(v).first(2));
+    CHECK_THROWS_WITH_AS(s.write<float>("p", v),
+                         doctest::Contains("written already; every declared tensor is written"),
+                         qmem::bad_argument);
+  }
   CHECK(dir.entries() == 1);
   CHECK_THROWS_AS(qmem::io::safetensors_stream_writer(dir.path / "no" / "dir.safetensors", specs),
                   qmem::io_error);

@@ -557,7 +557,8 @@ public:
       return; // an empty tensor has no bytes; it may be "written" at any time
     QMEM_EXPECTS(e->begin == written_, "tensor '", name, "' is not next: ",
                  e->begin < written_ ? "it was written already" : "earlier tensors are missing",
-                 "; the next is '", entries_[current()].name, "'");
+                 current() < entries_.size() ? "; the next is '" + entries_[current()].name + "'"
+                                             : std::string("; every declared tensor is written"));
     write(std::as_bytes(values));
   }
 
