@@ -388,3 +388,20 @@ TEST_CASE("bnb: a weight whose tensors hold less than its state says is refused"
   refused(w, "blocksize 0");
   refused(qmem::io::bnb_weight{}, "codes hold 0 bytes"); // shape []: one element
 }
+
+// tensors() and stored_bytes() took nested_quant_map's presence from nested_absmax's and
+// dereferenced it regardless (an empty optional: undefined behaviour, a destroyed vector's bytes).
+TEST_CASE("bnb: a weight without nested_quant_map lists and counts the tensors it has") {
+  std::vector<float> x(300);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    x[i] = std::sin(static_cast<float>(i));
+  auto const good = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
+                                           qmem::view(std::as_const(x)), {300}, 64, true);
+  auto w = good;
+  w.nested_quant_map.reset();
+  CHECK(w.tensors().size() == good.tensors().size() - 1);
+  CHECK(w.stored_bytes() == good.stored_bytes() - 256 * 4);
+  std::vector<float> y(300);
+  w.dequantize(qmem::exec::host{}, qmem::view(y)); // dequantizing uses qmem's table
+  CHECK(y == good.dequantize<float>());
+}

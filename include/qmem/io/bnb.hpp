@@ -361,7 +361,9 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
     std::size_t b =
         codes.bytes.size() + absmax.bytes.size() + quant_map.bytes.size() + state_json.size();
     if (nested_absmax)
-      b += nested_absmax->bytes.size() + nested_quant_map->bytes.size();
+      b += nested_absmax->bytes.size();
+    if (nested_quant_map)
+      b += nested_quant_map->bytes.size();
     return b;
   }
   //! Bits per parameter of codes and scales (what grows with n; tables and the state excluded).
@@ -376,7 +378,8 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
     return 8.0 * static_cast<double>(b) / static_cast<double>(n);
   }
 
-  //! The keys and tensors to write, in no particular order (writers sort them).
+  //! The keys and tensors to write, in no particular order (writers sort them): each optional
+  //! tensor only when present.
   [[nodiscard]] std::vector<std::pair<tensor_spec, std::span<std::byte const>>> tensors() const {
     std::vector<std::pair<tensor_spec, std::span<std::byte const>>> out;
     auto add = [&](std::string key, stored_tensor const& t) {
@@ -385,10 +388,10 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
     add(name, codes);
     add(name + ".absmax", absmax);
     add(name + ".quant_map", quant_map);
-    if (nested_absmax) {
+    if (nested_absmax)
       add(name + ".nested_absmax", *nested_absmax);
+    if (nested_quant_map)
       add(name + ".nested_quant_map", *nested_quant_map);
-    }
     out.push_back({tensor_spec{quant_state_key(name, state.format),
                                dtype::u8,
                                {static_cast<std::int64_t>(state_json.size())}},
