@@ -75,7 +75,6 @@ struct checkpoint {
       names_by_file[f].insert(name);
     }
     auto const dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
-    std::set<std::string> seen;
     for (auto const& [file, names] : names_by_file) {
       io::safetensors_reader r(dir / file);
       // the index and the shard must agree on which tensors the shard holds

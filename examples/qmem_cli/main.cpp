@@ -564,8 +564,8 @@ int run(std::vector<std::string> const& argv) {
     std::fputs(usage_text, stdout);
     return 0;
   }
-  if (cmd == "--version") {
-    std::puts("qmem 0.1.0");
+  if (cmd == "--version") { // the library's version (core/config.hpp), not a copy of it
+    std::printf("qmem %d.%d.%d\n", QMEM_VERSION_MAJOR, QMEM_VERSION_MINOR, QMEM_VERSION_PATCH);
     return 0;
   }
   if (cmd == "inspect") {

@@ -139,6 +139,32 @@ TEST_CASE("bnb int8: a file in bitsandbytes' layout is found, read and dequantiz
   }
 }
 
+// int8_weight is an aggregate with public members: rows() and cols() indexed the codes' shape
+// unchecked (a default-constructed weight has none), and dequantize read rows * cols codes and
+// rows scales whatever the tensors held. Now 0 for a shape that is not [rows, cols], and
+// bad_argument before anything is written when the tensors are short.
+TEST_CASE("bnb int8: a weight whose tensors hold less than its shape says is refused") {
+  qmem::io::int8_weight const none;
+  CHECK(none.rows() == 0);
+  CHECK(none.cols() == 0);
+  CHECK(none.dequantize<float>().empty());
+  std::vector<float> const x(12, 0.5f);
+  auto const good = qmem::io::quantize_int8(qmem::exec::host{}, weight_key, qmem::view(x),
+                                            std::vector<std::int64_t>{3, 4});
+  std::vector<float> out(12, 7.0f);
+  auto w = good;
+  w.codes.bytes.resize(11);
+  CHECK_THROWS_WITH_AS(w.dequantize(qmem::exec::host{}, qmem::view(out)),
+                       doctest::Contains("codes hold 11 bytes"), qmem::bad_argument);
+  w = good;
+  w.scb.bytes.resize(8); // 3 rows need 12 bytes
+  CHECK_THROWS_AS(w.dequantize(qmem::exec::host{}, qmem::view(out)), qmem::bad_argument);
+  CHECK(out == std::vector<float>(12, 7.0f));
+  good.dequantize(qmem::exec::host{}, qmem::view(out));
+  CHECK(out == good.dequantize<float>());
+  CHECK(out[0] == doctest::Approx(0.5f));
+}
+
 TEST_CASE("bnb int8: quantize_int8 computes bitsandbytes' codes and scales") {
   // row 0: absmax 1 -> q = round_half_even(x * 127): -0.5 * 127 = -63.5 -> -64 (even),
   // 0.25 * 127 = 31.75 -> 32; row 1: 1.0002 is not a float16: cast first it is 1.0 (SCB 1.0,
@@ -204,6 +230,17 @@ TEST_CASE("bnb int8: quantize_int8 computes bitsandbytes' codes and scales") {
   CHECK_THROWS_AS((void)qmem::io::quantize_int8(qmem::exec::host{}, weight_key, qmem::view(x),
                                                 std::vector<std::int64_t>{4, 5}),
                   qmem::bad_argument);
+  // x is read on the host: it must be host memory and non-null. quantize_int8 read it (the
+  // float16 cast) before quantize_rowwise checked anything, and that only checked its own copy:
+  // a device view was read through on the host, a null one crashed.
+  qmem::tensor_view<float const> const on_device(x.data(), x.size(), qmem::memory_space::device);
+  CHECK_THROWS_WITH_AS((void)qmem::io::quantize_int8(qmem::exec::host{}, weight_key, on_device,
+                                                     std::vector<std::int64_t>{4, 4}),
+                       doctest::Contains("host-accessible"), qmem::bad_argument);
+  qmem::tensor_view<float const> const null_x(nullptr, x.size());
+  CHECK_THROWS_WITH_AS((void)qmem::io::quantize_int8(qmem::exec::host{}, weight_key, null_x,
+                                                     std::vector<std::int64_t>{4, 4}),
+                       doctest::Contains("null"), qmem::bad_argument);
 }
 
 TEST_CASE("bnb int8: float64 weights are cast to float16 with one rounding") {

@@ -242,6 +242,16 @@ TEST_CASE("bnb: broken checkpoints are rejected") {
     w.state_json = json;
     expect_rejected(w, "quant_state");
   }
+  // a finite nested_offset beyond float32's range: converting it to float is undefined behaviour
+  // (the reader took it, as inf on x86); bnb writes a float32's repr
+  for (auto const* offset : {"1e300", "-3.4028236e38"}) {
+    CAPTURE(offset);
+    auto w = good;
+    auto const at = w.state_json.find("\"nested_offset\": ");
+    REQUIRE(at != std::string::npos);
+    w.state_json = w.state_json.substr(0, at) + "\"nested_offset\": " + offset + "}";
+    expect_rejected(w, "outside float32's range");
+  }
 }
 
 TEST_CASE("bnb: weights convert to and from qmem quantized tensors") {
@@ -340,4 +350,58 @@ TEST_CASE("bnb: from_quantized refuses a tensor that holds fewer elements than i
   auto const w = qmem::io::bnb_weight::from_quantized("w", q);
   CHECK(w.numel() == 1);
   CHECK(w.dequantize<float>() == std::vector<float>{0.75f});
+}
+
+// bnb_weight is an aggregate with public members: a weight assembled or edited by hand can say
+// more elements than its tensors hold. dequantize and to_quantized copied and read by the state's
+// sizes regardless (past the end of codes, absmax or nested scales; through a null pointer for a
+// default-constructed weight, whose state says one element). Now bad_argument, nothing written.
+TEST_CASE("bnb: a weight whose tensors hold less than its state says is refused") {
+  std::vector<float> x(300);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    x[i] = std::sin(static_cast<float>(i));
+  auto const good = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
+                                           qmem::view(std::as_const(x)), {300}, 64, true);
+  auto refused = [](qmem::io::bnb_weight const& w, char const* why) {
+    CAPTURE(why);
+    std::vector<float> out(w.numel(), 7.0f);
+    CHECK_THROWS_WITH_AS(w.dequantize(qmem::exec::host{}, qmem::view(out)), doctest::Contains(why),
+                         qmem::bad_argument);
+    CHECK(out == std::vector<float>(w.numel(), 7.0f));
+    CHECK_THROWS_WITH_AS((void)w.to_quantized(), doctest::Contains(why), qmem::bad_argument);
+  };
+  CHECK_NOTHROW(good.check_stored("test"));
+  auto w = good;
+  w.codes.bytes.resize(149); // 300 elements need 150
+  refused(w, "codes hold 149 bytes");
+  w = good;
+  w.absmax.bytes.resize(4); // 5 blocks
+  refused(w, "absmax holds 4 bytes");
+  w = good;
+  w.nested_absmax.reset();
+  refused(w, "nested_absmax holds 0 bytes");
+  w = good;
+  w.state.shape = {600}; // the state says twice what the tensors hold
+  refused(w, "codes hold 150 bytes");
+  w = good;
+  w.state.blocksize = 0;
+  refused(w, "blocksize 0");
+  refused(qmem::io::bnb_weight{}, "codes hold 0 bytes"); // shape []: one element
+}
+
+// tensors() and stored_bytes() took nested_quant_map's presence from nested_absmax's and
+// dereferenced it regardless (an empty optional: undefined behaviour, a destroyed vector's bytes).
+TEST_CASE("bnb: a weight without nested_quant_map lists and counts the tensors it has") {
+  std::vector<float> x(300);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    x[i] = std::sin(static_cast<float>(i));
+  auto const good = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
+                                           qmem::view(std::as_const(x)), {300}, 64, true);
+  auto w = good;
+  w.nested_quant_map.reset();
+  CHECK(w.tensors().size() == good.tensors().size() - 1);
+  CHECK(w.stored_bytes() == good.stored_bytes() - 256 * 4);
+  std::vector<float> y(300);
+  w.dequantize(qmem::exec::host{}, qmem::view(y)); // dequantizing uses qmem's table
+  CHECK(y == good.dequantize<float>());
 }

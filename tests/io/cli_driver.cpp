@@ -468,6 +468,11 @@ TEST_CASE("cli: bad arguments and corrupt files give one line and a non-zero exi
     CHECK(!fs::exists(out));
   }
   CHECK(qmem_run({"--help"}).rc == 0);
+  auto const version = qmem_run({"--version"});
+  CHECK(version.rc == 0);
+  CHECK(version.out == "qmem " + std::to_string(QMEM_VERSION_MAJOR) + "." +
+                           std::to_string(QMEM_VERSION_MINOR) + "." +
+                           std::to_string(QMEM_VERSION_PATCH) + "\n");
 
   // a truncated file and a file with a corrupted header
   auto const bytes = slurp(model);

@@ -5,12 +5,14 @@
 
 #include <doctest/doctest.h>
 
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <sys/resource.h>
 #include <vector>
 
 #include "io_test_support.hpp"
@@ -210,9 +212,53 @@ TEST_CASE("safetensors: writer preconditions; nothing appears on failure") {
     s.write<float>("p", v);
     // destroyed before commit: the target keeps its contents, the temporary goes away
   }
+  {
+    // a tensor written again once every tensor is written: the message named "the next" tensor
+    // as entries_[current()], one past the end of the declared tensors (read out of bounds)
+    qmem::io::safetensors_stream_writer s(target, specs);
+    s.write<float>("p", v);
+    s.write<float>("q", std::span(v).first(2));
+    CHECK_THROWS_WITH_AS(s.write<float>("p", v),
+                         doctest::Contains("written already; every declared tensor is written"),
+                         qmem::bad_argument);
+  }
   CHECK(dir.entries() == 1);
   CHECK_THROWS_AS(qmem::io::safetensors_stream_writer(dir.path / "no" / "dir.safetensors", specs),
                   qmem::io_error);
+}
+
+// A write that fails part way (a full disk, a file size limit) leaves part of its bytes in the
+// temporary file. The stream writer kept counting from before them, so a caller that retried the
+// write and committed renamed a corrupt file over the target. Now the writer discards the file on
+// the failure: later writes and the commit throw, and the target keeps its contents.
+TEST_CASE("safetensors: a failed write discards the stream writer's file") {
+  scratch_dir dir;
+  auto const target = dir.path / "t.safetensors";
+  { std::ofstream(target) << "previous contents"; }
+  std::vector<std::byte> const data(4000, std::byte{1});
+  std::vector<qmem::io::tensor_spec> const specs{{"p", dtype::u8, {4000}}};
+  qmem::io::safetensors_stream_writer s(target, specs);
+  // the process's file size limit makes ::write stop at 1000 bytes, then fail with EFBIG
+  ::rlimit old_limit{};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old_limit) == 0);
+  REQUIRE((old_limit.rlim_max == RLIM_INFINITY || old_limit.rlim_max > 1000));
+  auto const old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  ::rlimit small = old_limit;
+  small.rlim_cur = 1000;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+  bool failed = false;
+  try {
+    s.write(data);
+  } catch (qmem::io_error const&) {
+    failed = true;
+  }
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &old_limit) == 0);
+  std::signal(SIGXFSZ, old_handler);
+  REQUIRE(failed);
+  CHECK_THROWS_AS(s.write(data), qmem::bad_argument);
+  CHECK_THROWS_AS(s.commit(), qmem::bad_argument);
+  CHECK(qmem::test::slurp(target) == "previous contents");
+  CHECK(dir.entries() == 1); // no temporary left behind
 }
 
 TEST_CASE("safetensors: I/O errors") {
@@ -278,6 +324,27 @@ TEST_CASE("safetensors: hostile headers are rejected with format_error") {
   check_rejected("{\"a\":" + std::string(100000, '[') + std::string(100000, ']') + "}", 0,
                  "nesting");
   check_rejected("{\"\xff\":1}", 0, "does not parse"); // invalid UTF-8
+}
+
+TEST_CASE("safetensors: the header limit is the reference implementation's 100,000,000 bytes") {
+  // MAX_HEADER_SIZE in safetensors' tensor.rs is 100_000_000 (decimal); qmem allowed 100 MiB, so
+  // it read files of 100,000,001 to 104,857,600 header bytes that the reference refuses, and its
+  // writers wrote them.
+  auto header_of = [](std::size_t bytes) { return "{}" + std::string(bytes - 2, ' '); };
+  CHECK_NOTHROW((void)safetensors_reader::parse(image(header_of(100'000'000))));
+  auto const over = image(header_of(100'000'008));
+  CHECK_THROWS_WITH_AS((void)safetensors_reader::parse(over),
+                       doctest::Contains("above the 100000000-byte limit"), qmem::format_error);
+
+  // the writers refuse to write such a header (here through 100 MB of metadata), before any file
+  scratch_dir dir;
+  qmem::io::safetensors_writer w;
+  std::vector<float> const v(2, 1.f);
+  w.add<float>("x", {2}, v);
+  w.set_metadata("big", std::string(100'000'000, 'a'));
+  CHECK_THROWS_WITH_AS(w.save(dir.path / "big.safetensors"),
+                       doctest::Contains("readers refuse more than 100000000"), qmem::bad_argument);
+  CHECK(dir.entries() == 0);
 }
 
 TEST_CASE("safetensors: every truncation and many corruptions of a real file are rejected") {

@@ -21,23 +21,19 @@ TEST_CASE("double quant: the offset is the fixed-order (256-ary tree, double) me
   for (std::size_t i = 0; i < a.size(); ++i)
     a[i] = 0.5f + static_cast<float>(i % 1000) * 1e-3f;
   // the tree, spelled out: leaves in chunks of 256, then chunks of 256 sums, ...
-  std::vector<double> level;
-  for (std::size_t c = 0; c < a.size(); c += 256) {
-    double s = 0.0;
-    for (std::size_t i = c; i < std::min(a.size(), c + 256); ++i)
-      s += a[i];
-    level.push_back(s);
-  }
-  while (level.size() > 1) {
-    std::vector<double> next;
-    for (std::size_t c = 0; c < level.size(); c += 256) {
+  auto chunk_sums = [](auto const& v) {
+    std::vector<double> sums;
+    for (std::size_t c = 0; c < v.size(); c += 256) {
       double s = 0.0;
-      for (std::size_t i = c; i < std::min(level.size(), c + 256); ++i)
-        s += level[i];
-      next.push_back(s);
+      for (std::size_t i = c; i < std::min(v.size(), c + 256); ++i)
+        s += v[i];
+      sums.push_back(s);
     }
-    level = next;
-  }
+    return sums;
+  };
+  std::vector<double> level = chunk_sums(a);
+  while (level.size() > 1)
+    level = chunk_sums(level);
   float const expected = static_cast<float>(level[0] / static_cast<double>(a.size()));
   CHECK(qmem::quant::detail::tree_mean(a.data(), a.size()) == expected);
   CHECK(qmem::quant::detail::tree_mean(a.data(), 0) == 0.0f);

@@ -62,14 +62,6 @@ std::vector<bf16> every_bf16() {
   return v;
 }
 
-template <class T>
-std::vector<T> scalar_narrow(std::vector<float> const& x) {
-  std::vector<T> y(x.size());
-  for (std::size_t i = 0; i < x.size(); ++i)
-    y[i] = from_float<T>(x[i]);
-  return y;
-}
-
 std::vector<float> scalar_widen(std::vector<bf16> const& x) {
   std::vector<float> y(x.size());
   for (std::size_t i = 0; i < x.size(); ++i)
@@ -187,7 +179,7 @@ TEST_CASE("host_simd: bf16 widening equals the scalar conversion for every bf16"
 
 TEST_CASE("host_simd: f32 -> bf16 narrowing equals float_to_bf16_bits over a dense sweep") {
   auto const x = sweep_floats();
-  auto const ref = scalar_narrow<bf16>(x);
+  auto const ref = qmem::test::convert<bf16>(x);
   // the sweep reaches NaN, infinities and subnormals of both signs, and every NaN narrows to 0x7fc0
   CHECK(ref[0x7fc1 * 8].bits == 0x7fc0);
   CHECK(ref[0xffc1 * 8].bits == 0x7fc0);
@@ -208,7 +200,7 @@ TEST_CASE("host_simd: f32 -> f16 narrowing equals float_to_f16_bits over a dense
   if (!have_avx512())
     return;
   auto const x = sweep_floats();
-  auto const ref = scalar_narrow<f16>(x);
+  auto const ref = qmem::test::convert<f16>(x);
   CHECK(ref[0x7fc1 * 8].bits == 0x7e00); // NaN
   CHECK(ref[0xffc1 * 8].bits == 0xfe00);
   CHECK(ref[0x477f * 8 + 6].bits == 0x7bfa); // 0x477f4000 = 65344: finite
@@ -231,10 +223,10 @@ TEST_CASE("host_simd: hardware bf16 / f16 narrowing (checked) equals the integer
   auto const x = sweep_floats();
   std::vector<bf16> yb(x.size());
   qd::narrow_avx512bf16(x.data(), x.size(), yb.data());
-  CHECK(same_bits(yb, scalar_narrow<bf16>(x)));
+  CHECK(same_bits(yb, qmem::test::convert<bf16>(x)));
   std::vector<f16> yh(x.size());
   qd::narrow_avx512bf16(x.data(), x.size(), yh.data());
-  CHECK(same_bits(yh, scalar_narrow<f16>(x)));
+  CHECK(same_bits(yh, qmem::test::convert<f16>(x)));
 }
 
 //! The 8-bit loops to 16-bit outputs (byte-permute tables, mirrored tables, gathers; hardware

@@ -122,6 +122,27 @@ TEST_CASE("quantized_tensor: custom run-time tables") {
   std::vector<float> a(16);
   quantize_blockwise<table_code<t16>>(exec::host{}, view(std::as_const(x)), 64, view(c), view(a));
   CHECK(std::vector<std::uint8_t>(q.codes().begin(), q.codes().end()) == c);
+  // a moved-from tensor is an empty one: the defaulted moves kept its numel (1001) with no
+  // codes and no table, and its dequantize read the empty table and codes
+  auto source = quantize(exec::host{}, view(std::as_const(x)), shape,
+                         format_desc{code_id::custom4, 64, false, 256},
+                         memory::default_host_resource(), {}, table);
+  quantized_tensor taken = std::move(source);
+  REQUIRE(source.numel() == 0);
+  CHECK(source.shape().empty());
+  CHECK(source.table().empty());
+  CHECK(source.size_bytes() == 0);
+  CHECK(source.format() == format_desc{});
+  std::vector<float> z(1001, 2.0f);
+  CHECK_THROWS_AS(source.dequantize(exec::host{}, view(z)), qmem::bad_argument);
+  CHECK(z == std::vector<float>(1001, 2.0f));
+  quantized_tensor assigned;
+  assigned = std::move(taken);
+  REQUIRE(taken.numel() == 0);
+  CHECK(taken.table().empty());
+  CHECK(assigned.numel() == 1001);
+  CHECK(assigned.table().size() == 16);
+  assigned.dequantize(exec::host{}, view(z));
   // bad tables
   std::vector<float> no_zero(16, 0.5f);
   CHECK_THROWS_AS(quantize(exec::host{}, view(std::as_const(x)), shape,

@@ -49,6 +49,7 @@
 #include <algorithm>
 #include <bit>
 #include <charconv>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -215,7 +216,9 @@ struct bnb_quant_state {
 
   //! Parses and validates quant-state JSON bytes; `where` names the tensor in messages.
   //! Throws format_error for bad JSON, a missing or mistyped field, an unknown quant_type or
-  //! dtype, a block size the format does not support, or a partial set of nested fields.
+  //! dtype, a block size the format does not support, a partial set of nested fields, or a
+  //! nested_offset outside float32's range (the bare NaN / Infinity / -Infinity Python writes for
+  //! a non-finite offset are read as those values).
   [[nodiscard]] static bnb_quant_state parse(std::span<std::byte const> bytes,
                                              std::string_view where) {
     using json = nlohmann::json;
@@ -302,7 +305,13 @@ struct bnb_quant_state {
       auto const& off = j["nested_offset"];
       if (!off.is_number())
         fail("nested_offset is ", off.dump(), "; expected a number");
-      s.nested_offset = special_offset ? *special_offset : static_cast<float>(off.get<double>());
+      // bnb writes a float32's repr; a finite value beyond float32's range (a hand-edited or
+      // hostile file) has no float to become (converting it is undefined behaviour)
+      double const v = off.get<double>();
+      if (!special_offset &&
+          !(std::fabs(v) <= static_cast<double>(std::numeric_limits<float>::max())))
+        fail("nested_offset ", off.dump(), " is outside float32's range");
+      s.nested_offset = special_offset ? *special_offset : static_cast<float>(v);
     }
     return s;
   }
@@ -319,9 +328,12 @@ struct stored_tensor {
     auto const b = r.bytes(e);
     return {e.type, e.shape, std::vector<std::byte>(b.begin(), b.end())};
   }
-  //! The bytes as `count` values of T (a copy; the bytes need not be aligned).
+  //! The bytes as `count` values of T (a copy; the bytes need not be aligned). Throws
+  //! bad_argument when the tensor holds fewer than count * sizeof(T) bytes.
   template <class T>
   [[nodiscard]] std::vector<T> as(std::size_t count) const {
+    QMEM_EXPECTS(count <= bytes.size() / sizeof(T), "the tensor holds ", bytes.size(), " bytes; ",
+                 count, " values of ", sizeof(T), " bytes need more");
     std::vector<T> v(count);
     if (count != 0)
       std::memcpy(v.data(), bytes.data(), count * sizeof(T));
@@ -349,7 +361,9 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
     std::size_t b =
         codes.bytes.size() + absmax.bytes.size() + quant_map.bytes.size() + state_json.size();
     if (nested_absmax)
-      b += nested_absmax->bytes.size() + nested_quant_map->bytes.size();
+      b += nested_absmax->bytes.size();
+    if (nested_quant_map)
+      b += nested_quant_map->bytes.size();
     return b;
   }
   //! Bits per parameter of codes and scales (what grows with n; tables and the state excluded).
@@ -364,7 +378,8 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
     return 8.0 * static_cast<double>(b) / static_cast<double>(n);
   }
 
-  //! The keys and tensors to write, in no particular order (writers sort them).
+  //! The keys and tensors to write, in no particular order (writers sort them): each optional
+  //! tensor only when present.
   [[nodiscard]] std::vector<std::pair<tensor_spec, std::span<std::byte const>>> tensors() const {
     std::vector<std::pair<tensor_spec, std::span<std::byte const>>> out;
     auto add = [&](std::string key, stored_tensor const& t) {
@@ -373,10 +388,10 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
     add(name, codes);
     add(name + ".absmax", absmax);
     add(name + ".quant_map", quant_map);
-    if (nested_absmax) {
+    if (nested_absmax)
       add(name + ".nested_absmax", *nested_absmax);
+    if (nested_quant_map)
       add(name + ".nested_quant_map", *nested_quant_map);
-    }
     out.push_back({tensor_spec{quant_state_key(name, state.format),
                                dtype::u8,
                                {static_cast<std::int64_t>(state_json.size())}},
@@ -388,9 +403,11 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
 
   //! Dequantizes into `out` (numel() elements, host memory) with bitsandbytes' arithmetic:
   //! table[code] * absmax in float (absmax = nested_table[q] * nested_absmax + offset when nested),
-  //! rounded once to T. Throws bad_argument when out has the wrong size or is not host memory.
+  //! rounded once to T. Throws bad_argument when out has the wrong size or is not host memory, or
+  //! when the members do not hold what the state says (check_stored), before writing anything.
   template <float_element T>
   void dequantize(exec::host const& e, tensor_view<T> out) const {
+    check_stored("dequantize");
     check_output(out);
     switch (state.format) {
     case bnb_format::nf4: dequantize_as<quant::nf4>(e, out); break;
@@ -401,7 +418,8 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
 
   //! The weight as a qmem quantized tensor whose buffers come from `r` (host-accessible memory):
   //! the same codes (the first code bytes of `W`, whatever its storage dtype), scales and offset.
-  //! The inverse of from_quantized up to the storage dtype of `W`.
+  //! The inverse of from_quantized up to the storage dtype of `W`. Throws bad_argument for a
+  //! resource of device memory or members that do not hold what the state says (check_stored).
   [[nodiscard]] quant::quantized_tensor
   to_quantized(memory::resource& r = memory::default_host_resource()) const;
 
@@ -412,6 +430,36 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
   //! tensor); throws bad_argument.
   [[nodiscard]] static bnb_weight from_quantized(std::string name,
                                                  quant::quantized_tensor const& q);
+
+  //! Throws bad_argument (naming `function` and the weight) unless the members hold what `state`
+  //! says, as read_bnb_weight, quantize_bnb and from_quantized leave them (a weight assembled or
+  //! edited by hand may not): a shape the reader accepts, a block size the format supports, at
+  //! least the code bytes and scales of numel() elements, and the nested scales when nested.
+  void check_stored(char const* function) const {
+    std::size_t const n = detail::checked_bnb_numel(state.shape, function);
+    bool const four_bit = state.format != bnb_format::int8;
+    auto fail = [&](auto const&... args) {
+      qmem::detail::raise(function, ": bnb weight '", name, "': ", args...);
+    };
+    if (!(four_bit ? quant::valid_block_size<quant::nf4>(state.blocksize)
+                   : quant::valid_block_size<quant::dynamic_signed>(state.blocksize)))
+      fail("blocksize ", state.blocksize, " is not one ", to_string(state.format), " supports");
+    std::size_t const code_b = four_bit ? n / 2 + n % 2 : n;
+    if (codes.bytes.size() < code_b)
+      fail("codes hold ", codes.bytes.size(), " bytes; ", n, " elements need ", code_b);
+    std::size_t const blocks = quant::block_count(n, state.blocksize);
+    std::size_t const scale_bytes = state.nested ? blocks : 4 * blocks;
+    if (absmax.bytes.size() < scale_bytes)
+      fail("absmax holds ", absmax.bytes.size(), " bytes; ", blocks, " blocks need ", scale_bytes);
+    if (state.nested) {
+      if (!quant::valid_block_size<quant::dynamic_signed>(state.nested_blocksize))
+        fail("nested_blocksize ", state.nested_blocksize, " is not a power of two in [64, 4096]");
+      std::size_t const nested_bytes = 4 * quant::block_count(blocks, state.nested_blocksize);
+      if (!nested_absmax || nested_absmax->bytes.size() < nested_bytes)
+        fail("nested_absmax holds ", nested_absmax ? nested_absmax->bytes.size() : 0,
+             " bytes; the nested scales need ", nested_bytes);
+    }
+  }
 
 private:
   template <quant::code_type C, float_element T>
@@ -481,6 +529,7 @@ inline quant::format_desc format_of(bnb_quant_state const& s) noexcept {
 inline quant::quantized_tensor bnb_weight::to_quantized(memory::resource& r) const {
   QMEM_EXPECTS(host_accessible(r.space()), "the resource hands out ", to_string(r.space()),
                " memory; expected host-accessible memory");
+  check_stored("to_quantized");
   quant::quantized_tensor q(format_of(state), state.type, state.shape, r);
   auto copy = [](auto dst, std::vector<std::byte> const& src) {
     if (dst.size() != 0)

@@ -95,12 +95,10 @@ struct int8_weight : detail::stored_weight<int8_weight> {
   stored_tensor scb;                          //!< F32 [rows]
   std::optional<stored_tensor> weight_format; //!< U8 [] holding 0, when the file has it
 
-  [[nodiscard]] std::size_t rows() const noexcept {
-    return static_cast<std::size_t>(codes.shape[0]);
-  }
-  [[nodiscard]] std::size_t cols() const noexcept {
-    return static_cast<std::size_t>(codes.shape[1]);
-  }
+  //! The codes' two dimensions (0 when `codes` does not have rank 2 or a dimension is negative,
+  //! as in a default-constructed weight: dequantize then refuses any non-empty output).
+  [[nodiscard]] std::size_t rows() const noexcept { return dim(0); }
+  [[nodiscard]] std::size_t cols() const noexcept { return dim(1); }
   [[nodiscard]] std::size_t numel() const noexcept { return rows() * cols(); }
   //! The weight's shape, [rows, cols].
   [[nodiscard]] std::vector<std::int64_t> const& shape() const noexcept { return codes.shape; }
@@ -133,14 +131,24 @@ struct int8_weight : detail::stored_weight<int8_weight> {
 
   //! Dequantizes into `out` (numel() elements, row-major, host memory):
   //! out[r][c] = T((q[r][c] * SCB[r]) * (1/127)). Throws bad_argument when out has the wrong size
-  //! or is not host memory.
+  //! or is not host memory, or when `codes` holds fewer than rows * cols bytes or `scb` fewer
+  //! than rows floats (a weight assembled or edited by hand), before writing anything.
   template <float_element T>
   void dequantize(exec::host const& e, tensor_view<T> out) const {
     check_output(out);
+    QMEM_EXPECTS(cols() == 0 || rows() <= codes.bytes.size() / cols(), "int8 weight '", name,
+                 "': codes hold ", codes.bytes.size(), " bytes; [", rows(), ", ", cols(),
+                 "] needs more");
     auto const s = scb.as<float>(rows());
     tensor_view<std::int8_t const> const q(reinterpret_cast<std::int8_t const*>(codes.bytes.data()),
                                            numel());
     quant::dequantize_rowwise(e, q, view(s), rows(), cols(), out);
+  }
+
+private:
+  [[nodiscard]] std::size_t dim(std::size_t i) const noexcept {
+    return codes.shape.size() == 2 && codes.shape[i] >= 0 ? static_cast<std::size_t>(codes.shape[i])
+                                                          : 0;
   }
 };
 
@@ -222,9 +230,10 @@ inline f16 f64_to_f16(double d) noexcept {
 
 //! Quantizes the weight `x` of shape [rows, cols] (row-major) into exactly the tensors
 //! bitsandbytes' Linear8bitLt saves: the values cast to float16 first, as bitsandbytes does, then
-//! row-wise int8 (quant::quantize_rowwise), `weight_format` 0. Preconditions (bad_argument):
-//! `name` ends in ".weight" (or is "weight"); shape has two non-negative dimensions whose product
-//! is x.size().
+//! row-wise int8 (quant::quantize_rowwise), `weight_format` 0. Preconditions (bad_argument,
+//! checked before x is read): `name` ends in ".weight" (or is "weight"); shape has two
+//! non-negative dimensions whose product is x.size(); x is host-accessible, aligned, non-null
+//! when non-empty.
 template <float_element T>
 [[nodiscard]] int8_weight quantize_int8(exec::host const& e, std::string name,
                                         tensor_view<T const> x, std::vector<std::int64_t> shape) {
@@ -238,6 +247,7 @@ template <float_element T>
                x.size(), " elements");
   QMEM_EXPECTS(rows * cols == x.size(), "shape [", rows, ", ", cols, "] has ", rows * cols,
                " elements; x has ", x.size());
+  check_view(x, "quantize_int8", "x", true, false);
   std::size_t const n = x.size();
   // the float16 values, held as floats (exact) so that the row-wise loop runs its 16-lane path:
   // the same codes and scales as quantizing the float16 tensor itself

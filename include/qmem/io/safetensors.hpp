@@ -9,7 +9,8 @@
 //! section) and may hold `"__metadata__"`, a string -> string map.
 //!
 //! The reader validates the whole header before anyone can see a tensor, and throws
-//! qmem::format_error on: a header length beyond the file or above 100 MB; a header whose first
+//! qmem::format_error on: a header length beyond the file or above 100,000,000 bytes (the
+//! reference implementation's limit); a header whose first
 //! byte is not `{` (as the reference implementation; trailing spaces are padding and allowed);
 //! JSON that does not parse, nests deeper than the format needs, or repeats a key; an entry that is not an object with
 //! exactly the keys `dtype`, `shape`, `data_offsets`; an unknown dtype name; a shape entry that is
@@ -91,8 +92,10 @@ struct tensor_spec {
 
 namespace detail {
 
-//! The header length bound: headers of real checkpoints are well under 10 MB.
-inline constexpr std::uint64_t max_header_bytes = 100ull << 20;
+//! The header length bound, the reference implementation's MAX_HEADER_SIZE (100,000,000 bytes,
+//! decimal; its HeaderTooLarge error): headers of real checkpoints are well under 10 MB. The
+//! writers refuse a header above it, so that what qmem writes every reader loads.
+inline constexpr std::uint64_t max_header_bytes = 100'000'000;
 
 //! The deepest JSON nesting a valid header has: top object (0) > entry (1) > shape array (2) >
 //! element (3).
@@ -502,8 +505,9 @@ class safetensors_stream_writer {
 public:
   //! Creates the temporary file and writes the header for `specs`, laid out in the given order
   //! (call sort_reference_order first to match the reference writer). Throws bad_argument for an
-  //! empty, reserved or duplicate name, a negative shape, a size overflow or a non-UTF-8 string
-  //! (before creating anything); io_error when the file cannot be created or written.
+  //! empty, reserved or duplicate name, a negative shape, a size overflow, a non-UTF-8 string or
+  //! a header above detail::max_header_bytes (before creating anything); io_error when the file
+  //! cannot be created or written.
   safetensors_stream_writer(std::filesystem::path const& path, std::span<tensor_spec const> specs,
                             metadata_map const& metadata = {})
       : safetensors_stream_writer(path, prepare(specs, metadata)) {}
@@ -521,12 +525,19 @@ public:
 
   //! Appends the next `bytes` of the data section (the current tensor's, possibly continuing into
   //! the following ones). Throws bad_argument when that would exceed the declared total (nothing
-  //! is written then), io_error on a write failure.
+  //! is written then), io_error on a write failure: part of `bytes` may have reached the file
+  //! then, so the writer discards it, and every later write or commit throws bad_argument (the
+  //! target keeps its old contents; retrying would have committed the part twice).
   void write(std::span<std::byte const> bytes) {
     QMEM_EXPECTS(bytes.size() <= remaining(), "writing ", bytes.size(), " bytes to '",
                  file_.target().string(), "' exceeds the ", remaining(),
                  " bytes the declared tensors have left");
-    file_.write(bytes);
+    try {
+      file_.write(bytes);
+    } catch (...) {
+      file_.discard();
+      throw;
+    }
     written_ += bytes.size();
   }
 
@@ -546,13 +557,17 @@ public:
       return; // an empty tensor has no bytes; it may be "written" at any time
     QMEM_EXPECTS(e->begin == written_, "tensor '", name, "' is not next: ",
                  e->begin < written_ ? "it was written already" : "earlier tensors are missing",
-                 "; the next is '", entries_[current()].name, "'");
+                 current() < entries_.size() ? "; the next is '" + entries_[current()].name + "'"
+                                             : std::string("; every declared tensor is written"));
     write(std::as_bytes(values));
   }
 
   //! Checks every declared byte was written, flushes and renames the file into place. Throws
-  //! bad_argument when bytes are missing (the file is then discarded), io_error on failure.
+  //! bad_argument when bytes are missing (the file is then discarded) or the writer was committed
+  //! or discarded before, io_error on failure.
   void commit() {
+    QMEM_EXPECTS(file_.open(), "'", file_.target().string(),
+                 "' was committed already, or discarded after a failed write");
     if (written_ != total_) {
       file_.discard();
       qmem::detail::raise("safetensors_stream_writer::commit: '", file_.target().string(), "' has ",
@@ -572,6 +587,11 @@ private:
     prepared p{detail::layout(specs, "safetensors_stream_writer"), {}};
     p.header = detail::header_json(p.entries, metadata);
     p.header.append((8 - p.header.size() % 8) % 8, ' ');
+    if (p.header.size() > detail::max_header_bytes)
+      qmem::detail::raise("safetensors_stream_writer: the header of ", specs.size(),
+                          " tensors and ", metadata.size(), " metadata entries is ",
+                          p.header.size(), " bytes; readers refuse more than ",
+                          detail::max_header_bytes);
     return p;
   }
 
@@ -635,7 +655,8 @@ public:
   //! Number of tensors added.
   [[nodiscard]] std::size_t size() const noexcept { return items_.size(); }
 
-  //! Writes the file atomically. Throws bad_argument for a non-UTF-8 name, io_error on failure.
+  //! Writes the file atomically. Throws bad_argument for a non-UTF-8 name or metadata string or a
+  //! header above detail::max_header_bytes (before creating anything), io_error on failure.
   void save(std::filesystem::path const& path, order o = order::reference) const {
     std::vector<std::size_t> perm(items_.size());
     for (std::size_t i = 0; i < perm.size(); ++i)

@@ -1,8 +1,8 @@
 #pragma once
 //! \file
 //! Memory resources: every allocation qmem makes goes through one, so that a framework can inject
-//! its own allocator and so that tracking (memory/tracking.hpp) sees every byte. A resource knows
-//! the memory space of what it hands out. `buffer<T>` is the owning, move-only array the library's
+//! its own allocator and a tracking resource (a wrapper of another resource; qmem has no tracking
+//! header yet) sees every byte. A resource knows the memory space of what it hands out. `buffer<T>` is the owning, move-only array the library's
 //! owners (quantized tensors, optimizer state) hold.
 
 #include <qmem/core/error.hpp>

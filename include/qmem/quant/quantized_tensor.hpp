@@ -36,6 +36,7 @@
 #include <limits>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace qmem::quant {
@@ -198,8 +199,30 @@ public:
     table_.assign(table.begin(), table.end());
   }
 
-  quantized_tensor(quantized_tensor&&) noexcept = default;
-  quantized_tensor& operator=(quantized_tensor&&) noexcept = default;
+  //! Moves: the source is left as a default-constructed tensor (numel 0, no buffers, no table).
+  //! (Defaulted moves emptied the buffers and the table but kept numel, format and dtype, so a
+  //! moved-from custom-table tensor passed dequantize's size check and read its empty table.)
+  quantized_tensor(quantized_tensor&& o) noexcept
+      : format_(std::exchange(o.format_, {})), dtype_(std::exchange(o.dtype_, dtype::f32)),
+        shape_(std::exchange(o.shape_, {})), numel_(std::exchange(o.numel_, 0)),
+        codes_(std::move(o.codes_)), absmax_(std::move(o.absmax_)), qabsmax_(std::move(o.qabsmax_)),
+        absmax2_(std::move(o.absmax2_)), offset_(std::move(o.offset_)),
+        table_(std::exchange(o.table_, {})) {}
+  quantized_tensor& operator=(quantized_tensor&& o) noexcept {
+    if (this != &o) {
+      format_ = std::exchange(o.format_, {});
+      dtype_ = std::exchange(o.dtype_, dtype::f32);
+      shape_ = std::exchange(o.shape_, {});
+      numel_ = std::exchange(o.numel_, 0);
+      codes_ = std::move(o.codes_);
+      absmax_ = std::move(o.absmax_);
+      qabsmax_ = std::move(o.qabsmax_);
+      absmax2_ = std::move(o.absmax2_);
+      offset_ = std::move(o.offset_);
+      table_ = std::exchange(o.table_, {});
+    }
+    return *this;
+  }
 
   [[nodiscard]] format_desc const& format() const noexcept { return format_; }
   [[nodiscard]] dtype original_dtype() const noexcept { return dtype_; }

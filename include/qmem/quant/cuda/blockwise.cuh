@@ -490,25 +490,11 @@ __device__ QMEM_INLINE float vector_element(uint4 const& v, int k) noexcept {
   }
 }
 
-//! max(a, b), NaN if either is NaN (max.NaN.f32, sm_80 and newer).
-__device__ QMEM_INLINE float max_nan(float a, float b) noexcept {
-  float r;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
-//! thread_abs_max of fp32 input without a transform through max.NaN (1) or through the bit
-//! patterns (0, the default: a mask and a third of a three-input integer maximum per value).
-//! SASS (ptxas 13.0, sm_90, 2026-11-30): quantize_whole for int8 from fp32 block 256, a thread's
-//! absmax of 16 values 24 -> 18 instructions (16 FMNMX.NAN, the NaN test and branch). Timed on
-//! the H200 (2026-11-30 07:25 UTC, 3 fresh processes each, medians) together with
-//! QMEM_QUANT_BUCKET_SIGN_IMAD = 1: int8 quantize block 256 0.3362 -> 0.3457 ms (+2.8%); ncu 328.1
-//! -> 339.4 us with 3.3% fewer executed instructions: the kernel went from no spills to a 16-byte
-//! frame with two local loads per step on its path (long-scoreboard stalls 9.1 -> 12.0 cycles
-//! per issued instruction) at its 40-register bound. So 0.
-#ifndef QMEM_QUANT_F32_ABSMAX_FMNMX
-#define QMEM_QUANT_F32_ABSMAX_FMNMX 0
-#endif
+// fp32 absmax through max.NaN (QMEM_QUANT_F32_ABSMAX_FMNMX, removed 2026-11-30): a thread's
+// absmax of 16 values 24 -> 18 instructions (ptxas 13.0, sm_90), but timed on the H200
+// (2026-11-30 07:25 UTC, 3 fresh processes each, medians) with the int8 sign IMAD
+// (detail/encoder.cuh): int8 quantize block 256 0.3362 -> 0.3457 ms (+2.8%; ncu 328.1 -> 339.4
+// us): spills at quantize_whole's 40-register bound. The bit-pattern maximum below stays.
 
 //! Maximum of the |transform(x)| bit patterns of a thread's loaded vectors. bf16 without a
 //! transform: two 16-bit lanes per instruction on the raw words (the bf16 -> float widening is a
@@ -539,32 +525,6 @@ __device__ QMEM_INLINE uint32_t thread_abs_max(uint4 const (&raw)[Vectors], Tf c
     uint32_t const hi = acc >> 16;
     uint32_t const lo = acc & 0xffffu;
     return (hi > lo ? hi : lo) << 16;
-  } else if constexpr (QMEM_QUANT_F32_ABSMAX_FMNMX && std::is_same_v<T, float> &&
-                       std::is_same_v<Tf, no_transform>) {
-    // float without a transform: one max.NaN of two |x| per element (FMNMX.NAN with the abs
-    // modifiers: no masks, no integer compare). For values that are not NaN, the largest |x| has
-    // the largest |x| bit pattern (+-0.0 give +0.0, bits 0, as abs_bits does). A NaN makes it the
-    // canonical NaN, not the largest NaN bit pattern the host keeps: such a thread takes the
-    // pattern loop below.
-    float a = 0.0f;
-    QMEM_UNROLL
-    for (int j = 0; j < Vectors; ++j) {
-      a = max_nan(a, fabsf(__uint_as_float(raw[j].x)));
-      a = max_nan(a, fabsf(__uint_as_float(raw[j].y)));
-      a = max_nan(a, fabsf(__uint_as_float(raw[j].z)));
-      a = max_nan(a, fabsf(__uint_as_float(raw[j].w)));
-    }
-    if (a == a) [[likely]]
-      return __float_as_uint(a);
-    uint32_t m = 0;
-    QMEM_UNROLL
-    for (int j = 0; j < Vectors; ++j) {
-      uint32_t const w[4] = {raw[j].x, raw[j].y, raw[j].z, raw[j].w};
-      QMEM_UNROLL
-      for (int k = 0; k < 4; ++k)
-        m = (w[k] & 0x7fffffffu) > m ? w[k] & 0x7fffffffu : m;
-    }
-    return m;
   } else {
     uint32_t m = 0;
     QMEM_UNROLL
@@ -680,50 +640,15 @@ __device__ QMEM_INLINE uint4 gather_block_words(uint32_t const (&w)[4], int grou
   return make_uint4(a, b, c, d);
 }
 
-//! Forms of a streamed 16-byte global load (quantize_whole's input, read once): 0 ld.global.cs
-//! (evict-first in L1 and L2), 1 ld.global.nc (the read-only path), 2 ld.global.nc with
-//! L1::no_allocate and a 256-byte L2 prefetch, 3 ld.global.nc with an L2 evict-first policy, 4
-//! ld.global.nc with L1::no_allocate alone.
-template <int Form>
-__device__ QMEM_INLINE uint4 load_stream(uint4 const* p) noexcept {
-  if constexpr (Form == 0) {
-    return __ldcs(p);
-  } else if constexpr (Form == 1) {
-    return __ldg(p);
-  } else if constexpr (Form == 2) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
-  } else if constexpr (Form == 4) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
-  } else {
-    static_assert(Form == 3);
-    uint4 v;
-    asm("{\n\t.reg .b64 pol;\n\t"
-        "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n\t"
-        "ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], pol;\n\t}"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
-  }
-}
-
-//! The load form quantize_whole uses (load_stream): ld.global.nc. Measured on the H200
-//! (2026-11-29 18:58 UTC, 2^28 elements, quantize_whole at the dispatched grid, same run, copy
-//! 4187 GB/s): NF4 from bf16 block 64 ld.global.cs 0.2029 ms, ld.global.nc 0.1866, L2
-//! evict-first policy 0.1972, nc + L1::no_allocate + L2::256B prefetch 0.2209; int8 from fp32
-//! block 256: 0.3698 / 0.3433 / 0.3652 / 0.3692. A plain 4:1 read:write stream: .cs 0.1721 ms,
-//! .nc 0.1628; a read-only stream is 4541 GB/s with either (the evict-first loads cost only when
-//! mixed with stores). Form 4 (nc + L1::no_allocate alone), interleaved A/B against form 1
+//! quantize_whole's input loads (read once) take the read-only path, ld.global.nc (__ldg).
+//! Measured on the H200 (2026-11-29 18:58 UTC, 2^28 elements, quantize_whole at the dispatched
+//! grid, same run, copy 4187 GB/s): NF4 from bf16 block 64 ld.global.cs 0.2029 ms, ld.global.nc
+//! 0.1866, L2 evict-first policy 0.1972, nc + L1::no_allocate + L2::256B prefetch 0.2209; int8
+//! from fp32 block 256: 0.3698 / 0.3433 / 0.3652 / 0.3692. A plain 4:1 read:write stream: .cs
+//! 0.1721 ms, .nc 0.1628; a read-only stream is 4541 GB/s with either (the evict-first loads cost
+//! only when mixed with stores). nc + L1::no_allocate alone, interleaved A/B against nc
 //! (2026-11-30 07:25 UTC, medians): NF4 block 64 0.2047 -> 0.2231 ms, FP4 0.1966 -> 0.2217, int8
-//! block 256 0.3508 -> 0.3679.
-inline constexpr int whole_load_form = 1;
+//! block 256 0.3508 -> 0.3679. The other forms were removed 2026-11-30 (review).
 
 //! Bytes of input one thread of quantize_whole loads per step, for blocks that one warp covers:
 //! four 16-byte loads in flight (96 KiB per SM at 48 warps), twice quantize_aligned's, to halve
@@ -777,7 +702,7 @@ inline constexpr int whole_waves = 4;
 //! registers, 104 bytes of spill stores; 4 CTAs: 64 registers, 64 bytes). quant_bench's
 //! `nf4_quantize_whole_variant` times it against the dispatched kernel.
 template <class C, class T, int Items, class Transform, int MinCtas = whole_min_ctas<T, Items>,
-          bool Prefetch = false, int LoadForm = whole_load_form>
+          bool Prefetch = false>
 __global__ void __launch_bounds__(cta_threads, MinCtas)
     quantize_whole(T const* QMEM_RESTRICT x, size_t blocks, int block_shift,
                    uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, book_t<C> book,
@@ -811,7 +736,7 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
     uint4 const* const xb = reinterpret_cast<uint4 const*>(x + (b << block_shift)) + lane;
     QMEM_UNROLL
     for (int j = 0; j < vectors; ++j)
-      v[j] = load_stream<LoadForm>(xb + j * group_size);
+      v[j] = __ldg(xb + j * group_size);
   };
   [[maybe_unused]] uint4 next[Prefetch ? vectors : 1] = {};
   if constexpr (Prefetch)
@@ -1355,6 +1280,22 @@ inline constexpr unsigned mean_ctas_per_upper =
 //! more leaves go through tree_level.
 inline constexpr size_t mean_max_leaves = offset_tree_arity_v * offset_tree_arity_v;
 
+//! The host's sum of nodes[begin, end) (end - begin <= 256), in every lane of the calling warp.
+__device__ QMEM_INLINE double node_sum(double const* nodes, size_t begin, size_t end) noexcept {
+  constexpr int per = static_cast<int>(offset_tree_arity_v) / 32;
+  int const lane = static_cast<int>(threadIdx.x) % 32;
+  double c[per];
+  QMEM_UNROLL
+  for (int j = 0; j < per; ++j) {
+    size_t const i = begin + static_cast<size_t>(32 * j + lane);
+    c[j] = i < end ? __ldcg(nodes + i) : 0.0;
+  }
+  double s = 0.0;
+  if (!warp_exact_sum(c, s) && lane == 0)
+    s = ordered_sum(nodes, begin, end);
+  return __shfl_sync(0xffffffffu, s, 0);
+}
+
 //! The offset's fixed-order mean in one launch (leaves <= mean_max_leaves): warp w of CTA b sums
 //! the leaf nodes (256 consecutive absmax values each) mean_nodes_per_warp * (8b + w) ... + 3,
 //! exactly with shuffles where warp_exact_sum allows, else in order by one lane, into `leaves`;
@@ -1434,15 +1375,7 @@ __global__ void __launch_bounds__(cta_threads)
   double* const upper = leaves + nodes;
   size_t const begin = static_cast<size_t>(k) * arity;
   size_t const end = begin + arity < nodes ? begin + arity : nodes;
-  double c[per];
-  QMEM_UNROLL
-  for (int j = 0; j < per; ++j) {
-    size_t const i = begin + static_cast<size_t>(32 * j + lane);
-    c[j] = i < end ? __ldcg(leaves + i) : 0.0;
-  }
-  double s = 0.0;
-  if (!warp_exact_sum(c, s) && lane == 0)
-    s = ordered_sum(static_cast<double const*>(leaves), begin, end);
+  double s = node_sum(leaves, begin, end);
   if (uppers == 1) { // the host's tree ends here: offset = level 1's single node / count
     if (lane == 0)
       *offset = __double2float_rn(__ddiv_rn(s, static_cast<double>(len)));
@@ -1457,14 +1390,7 @@ __global__ void __launch_bounds__(cta_threads)
   if (!__shfl_sync(0xffffffffu, root, 0))
     return;
   __threadfence();
-  QMEM_UNROLL
-  for (int j = 0; j < per; ++j) {
-    auto const i = static_cast<size_t>(32 * j + lane);
-    c[j] = i < uppers ? __ldcg(upper + i) : 0.0;
-  }
-  s = 0.0;
-  if (!warp_exact_sum(c, s) && lane == 0)
-    s = ordered_sum(static_cast<double const*>(upper), 0, uppers);
+  s = node_sum(upper, 0, uppers);
   if (lane == 0)
     *offset = __double2float_rn(__ddiv_rn(s, static_cast<double>(len)));
 }
@@ -1807,22 +1733,6 @@ __device__ QMEM_INLINE double leaf_sum(float const* absmax, size_t m, size_t nod
   double s = 0.0;
   if (!warp_exact_sum(v, s) && lane == 0)
     s = ordered_sum(absmax, base, base + offset_tree_arity_v < m ? base + offset_tree_arity_v : m);
-  return __shfl_sync(0xffffffffu, s, 0);
-}
-
-//! The host's sum of nodes[begin, end) (end - begin <= 256), in every lane of the calling warp.
-__device__ QMEM_INLINE double node_sum(double const* nodes, size_t begin, size_t end) noexcept {
-  constexpr int per = static_cast<int>(offset_tree_arity_v) / 32;
-  int const lane = static_cast<int>(threadIdx.x) % 32;
-  double c[per];
-  QMEM_UNROLL
-  for (int j = 0; j < per; ++j) {
-    size_t const i = begin + static_cast<size_t>(32 * j + lane);
-    c[j] = i < end ? __ldcg(nodes + i) : 0.0;
-  }
-  double s = 0.0;
-  if (!warp_exact_sum(c, s) && lane == 0)
-    s = ordered_sum(nodes, begin, end);
   return __shfl_sync(0xffffffffu, s, 0);
 }
 

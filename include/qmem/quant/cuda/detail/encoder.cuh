@@ -267,16 +267,12 @@ requires(!std::is_void_v<typename interval_layout_of<C>::type>) struct normal_en
   }
 };
 
-//! How normal_encoder of the dynamic 8-bit maps adds the offset of the negative half of its
-//! table: 1, sign mask (0 or ~0) times -(4 * per_sign) onto the base (IMAD), the index by a byte
-//! permute and an IMAD; 0 (the default), sign mask and offset (SHF, LOP3), index shifted and
-//! masked (SHF, LOP3), one IADD3. SASS (ptxas 13.0, sm_90, 2026-11-30): quantize_whole for int8
-//! from fp32 block 256, the normal-block encode and stores of a thread's 16 values 196 -> 181
-//! instructions. Timed with QMEM_QUANT_F32_ABSMAX_FMNMX = 1 (quant/cuda/blockwise.cuh, where the
-//! figures are): slower, through spills at the kernel's register bound. So 0.
-#ifndef QMEM_QUANT_BUCKET_SIGN_IMAD
-#define QMEM_QUANT_BUCKET_SIGN_IMAD 0
-#endif
+// The sign's half of the table is added as (u >> 31) * 4 * per_sign (SHF, LOP3 for the sign and
+// offset, SHF, LOP3 for the index, one IADD3). An IMAD of the sign mask onto the base and a byte
+// permute for the index (QMEM_QUANT_BUCKET_SIGN_IMAD, removed 2026-11-30) took the normal-block
+// encode and stores of a thread's 16 values from 196 to 181 SASS instructions (ptxas 13.0,
+// sm_90) but was slower on the H200 through spills at quantize_whole's register bound (figures
+// in quant/cuda/blockwise.cuh, thread_abs_max).
 
 //! The dynamic 8-bit maps: the bucket table in shared memory (copied from its device-resident
 //! copy, device_table), looked up without the NaN test and the upper clamp (bucket_lookup_normal).
@@ -301,20 +297,8 @@ requires(std::is_void_v<typename interval_layout_of<C>::type> &&
     __device__ QMEM_INLINE std::uint32_t operator()(float xn) const noexcept {
       std::uint32_t const u = __float_as_uint(xn);
       std::uint32_t const m = __float_as_uint(fmaxf(fabsf(xn), layout::lowest_value));
-#if QMEM_QUANT_BUCKET_SIGN_IMAD
-      // the sign's half as one IMAD of the sign mask (0 or ~0) onto the base, the index m >> 16
-      // as a byte permute (a shift would be merged with the scaling into a shift and a mask),
-      // scaled and added by one LEA
-      static_assert(layout::low_bits == 16);
-      std::uint32_t const sign_mask =
-          static_cast<std::uint32_t>(static_cast<std::int32_t>(u) >> 31);
-      std::uint32_t const half =
-          sign_mask * (0u - 4u * static_cast<std::uint32_t>(layout::per_sign)) + base;
-      std::uint32_t const addr = (__byte_perm(m, 0u, 0x4432) << 2) + half;
-#else
       std::uint32_t const addr = (m >> layout::low_bits) * 4u + base +
                                  (u >> 31) * static_cast<std::uint32_t>(4 * layout::per_sign);
-#endif
       std::uint32_t e;
       asm("ld.shared.b32 %0, [%1];" : "=r"(e) : "r"(addr));
       std::uint32_t code = e;
