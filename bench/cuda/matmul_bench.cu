@@ -15,6 +15,10 @@
 // - gemv_variant_dq/n/k/1/v: batch-1 streaming shapes 19, 28, 40 and up with nested scales.
 // - gemv_batch16/n/k/m/v: the small-batch streaming kernel with each shape of
 //   cuda_matmul::gemv_batch16_stream_candidates (v 0-8 are gemv_variant 31-39).
+// - gemv_batch16_ab/n/k/16/v/round: batch 16, the dispatched gemv_batch16_stream_long (v 12) and
+//   the candidates with activation slots of their own (v 13; v 14 without full_rounds, half the
+//   loop code) in turn, three rounds over 14336 x 4096, 8192 x 8192 and 28672 x 8192 (one
+//   process times each in several positions).
 // - gemv_bulk/n/k/v: the bulk-copy batch-1 kernel (gemv1_bulk_kernel) with each shape of
 //   cuda_matmul::gemv_batch1_bulk_candidates, plain scales.
 // - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).
@@ -916,6 +920,13 @@ void batch16_args(benchmark::internal::Benchmark* b) {
       for (std::int64_t v = 0; v < std::ssize(cuda_matmul::gemv_batch16_stream_candidates); ++v)
         b->Args({s[0], s[1], m, v});
 }
+void batch16_ab_args(benchmark::internal::Benchmark* b) {
+  constexpr std::int64_t ab_shapes[3][2] = {{14336, 4096}, {8192, 8192}, {28672, 8192}};
+  for (std::int64_t round = 0; round < 3; ++round)
+    for (auto const& s : ab_shapes)
+      for (std::int64_t v : {12, 13, 14})
+        b->Args({s[0], s[1], 16, v, round});
+}
 void cublas_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes)
     for (std::int64_t m : {1, 16})
@@ -936,6 +947,7 @@ BENCHMARK(gemv_variant<false>)->Name("gemv_variant")->Apply(variant_args)->Apply
 BENCHMARK(gemv_variant<true>)->Name("gemv_variant_dq")->Apply(variant_dq_args)->Apply(timed<2>);
 BENCHMARK(gemv_bulk)->Apply(bulk_args)->Apply(timed<2>);
 BENCHMARK(gemv_batch16)->Apply(batch16_args)->Apply(timed<2>);
+BENCHMARK(gemv_batch16)->Name("gemv_batch16_ab")->Apply(batch16_ab_args)->Apply(timed<2>);
 BENCHMARK(gemv_floor)
     ->Args({512, 0, 0, 0})
     ->Args({512, 0, 1, 0})

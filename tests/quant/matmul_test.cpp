@@ -770,6 +770,13 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
   small_batch_case<c[11]>(9, 70, 1024, 64, true, 1, rng);
   small_batch_case<c[9]>(16, 70, 1024, 64, false, 1, rng);
   small_batch_case<c[12]>(12, 200, 512, 64, false, 2, rng);
+  // activation slots of their own (c[13]; c[14] without full rounds, nested): 5 tiles in one
+  // block (2 steps per chunk), 9 tiles in one block (3 steps per chunk: the code slot at a
+  // chunk's first step alternates), one tile
+  small_batch_case<c[13]>(16, 70, 1024, 64, false, 1, rng);
+  small_batch_case<c[13]>(9, 140, 1024, 64, false, 1, rng);
+  small_batch_case<c[13]>(16, 33, 512, 64, false, 0, rng);
+  small_batch_case<c[14]>(9, 140, 1024, 64, true, 1, rng);
   small_batch_case<c[10]>(16, 33, 512, 128, false, 0, rng);
   // x-once shapes decline batches of 8 and fewer (nothing launched)
   {
@@ -791,12 +798,14 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
   }
   // the same fused multiply-adds in the same order as the round-based shape with the same warps
   // and tiles per step (c[8]): equal bits for full rounds without the per-tile test (c[9]) and
-  // the x-once shapes (c[10] to c[12]), at batches 16 and 9, over 1, 3 and 7 rounds
+  // the x-once shapes (c[10] to c[14]), at batches 16, 9 and 12, over 1, 3 and 7 rounds; blocks
+  // of 7, 5, 8, 9 and 15 tiles (2, 2, 2, 3 and 4 steps of R = 4 tiles per chunk)
   using B = qmem::test::cuda_backend;
   auto const& e = B::exec();
   for (auto const& [m, n, k, sms] :
        {std::tuple{16u, 300u, 2048u, 3u}, std::tuple{9u, 70u, 4096u, 1u},
-        std::tuple{16u, 450u, 1024u, 4u}}) {
+        std::tuple{16u, 450u, 1024u, 4u}, std::tuple{16u, 560u, 2048u, 4u},
+        std::tuple{12u, 900u, 1024u, 4u}}) {
     host_weight const hw = random_weight(n, k, 64, false, rng);
     backend_weight<B, nf4> bw(hw);
     auto bx = B::upload(random_matrix<bf16>(std::size_t{m} * k, rng));
@@ -805,6 +814,8 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
     auto y2 = B::template alloc<bf16>(std::size_t{m} * n);
     auto y3 = B::template alloc<bf16>(std::size_t{m} * n);
     auto y4 = B::template alloc<bf16>(std::size_t{m} * n);
+    auto y5 = B::template alloc<bf16>(std::size_t{m} * n);
+    auto y6 = B::template alloc<bf16>(std::size_t{m} * n);
     auto args = [&](bf16* y) {
       return cuda_matmul::gemv_args<bf16>{bx.view().data(),
                                           bw.view.codes.data(),
@@ -825,9 +836,13 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
         cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[11]>(e, args(y3.view().data()), sms));
     REQUIRE(
         cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[12]>(e, args(y4.view().data()), sms));
+    REQUIRE(
+        cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[13]>(e, args(y5.view().data()), sms));
+    REQUIRE(
+        cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[14]>(e, args(y6.view().data()), sms));
     std::vector<bf16> const ref = B::download(y0.view());
     int variant = 9;
-    for (auto const* y : {&y1, &y2, &y3, &y4}) {
+    for (auto const* y : {&y1, &y2, &y3, &y4, &y5, &y6}) {
       std::vector<bf16> const got = B::download(y->view());
       bool same = true;
       for (std::size_t i = 0; i < ref.size(); ++i)

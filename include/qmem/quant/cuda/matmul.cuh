@@ -2236,6 +2236,13 @@ struct gemvm_stream_shape {
   //! With x_once: a step at the same chunk as the previous one takes that step's activation
   //! registers instead of loading them again (loads only when the warp moves to its next step).
   bool keep_x = false;
+  //! With keep_x: the activations live in two register slots of their own, the next chunk's
+  //! loaded into the slot the current chunk does not use, so that a step at the same chunk reads
+  //! them where they are instead of copying the 32 registers (MT 2, pair) into the code slot it
+  //! loads (SASS, ptxas 13.0, sm_90: 359 register moves in candidate 12's loop of 2902
+  //! instructions). The loop is unrolled over both slot parities (four step bodies instead of
+  //! two). The same fused multiply-adds in the same order: the same bits as keep_x alone.
+  bool x_slots = false;
 };
 
 //! Shapes of gemvm_stream_kernel the bench compares (gemv_variant 31 to 39, after the batch-1
@@ -2276,6 +2283,12 @@ struct gemvm_stream_shape {
 //! 10 x_once alone (activations loaded at every step, from L2: L1 kept none between steps, ncu
 //! L1 hit rate 32% as for 8) 7.35 / 18.69 / 21.09 / 20.16 / 87.72, with stream_codes 82.17 on
 //! 28672 x 8192; {8, 5} and {8, 3} pair 82.41 / 81.88 there, {6, 4} 87.65.
+//! 13 (2026-11-30, not yet timed): 12 with x_slots. SASS (ptxas 13.0, sm_90) of the steps-outer
+//! loop per 256 tensor-core products: 2549 instructions against 12's 2902 (register moves 1
+//! against 359, selects 199 against 196), 227 registers against 222, no spills; loop code 80 KiB
+//! against 46 KiB. 14: 13 without full_rounds (2948 instructions per 256 products over 4 step
+//! bodies each with the per-tile test, 2 moves, 227 registers; loop code 46 KiB: a hedge against
+//! instruction-cache misses). bench gemv_batch16_ab times 12, 13 and 14 in turn.
 inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {16, 2, 8, 4},
     {16, 2, 16, 2},
@@ -2289,7 +2302,9 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {12, 4, 8, 4, true, 0, true, true, false, false, true},
     {12, 4, 8, 4, true, 0, true, true, true},
     {12, 4, 8, 4, true, 0, true, true, true, true, false, true},
-    {12, 4, 8, 4, true, 0, true, true, true, true, true, true}};
+    {12, 4, 8, 4, true, 0, true, true, true, true, true, true},
+    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, true},
+    {12, 4, 8, 4, true, 0, true, true, true, true, false, true, true}};
 //! The shape batches 2 to 16 run with (blocks >= 64, k % 64 == 0) when a block owns at least 4
 //! tiles (more than 3 * SMs tiles of 16 rows), plain scales: the pair shape {12, 4} / {8, 4}
 //! (variant 39). Lead's integrated run (H200, 2026-11-29 19:55 UTC, copy 4164 GB/s, us per call;
@@ -2339,11 +2354,13 @@ struct gemvm_stage {
 //! n * k / 64 < 2^32; blockDim.x == 32 * plan.col_groups, plan.col_groups <= plan.chunks.
 template <class Code, class T, bool Nested, int MT, int R, int MaxWarps, bool Pdl,
           int PrefetchLines = 0, bool GroupScales = false, bool Pair = false, bool XOnce = false,
-          bool StreamCodes = false, bool FullRounds = false, bool KeepX = false>
+          bool StreamCodes = false, bool FullRounds = false, bool KeepX = false,
+          bool XSlots = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemvm_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemvm_stream_plan plan) {
   static_assert(!Pair || GroupScales, "a pair step takes its two scales from a group");
+  static_assert(!XSlots || (XOnce && KeepX), "activation slots of their own need x_once, keep_x");
   constexpr unsigned P = Pair ? 2u : 1u; // chunks per step
   extern __shared__ __align__(16) unsigned char gemv_smem[];
   unsigned const C = plan.col_groups;
@@ -2421,6 +2438,23 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
 
   using stage = gemvm_stage<R, MT, Nested, Pair>;
   stage buf[2];
+  // XSlots: the activations of the current chunk (slot xs) and of the next (slot 1 - xs); else
+  // unused (each stage holds its own)
+  uint4 xbuf[XSlots ? 2 : 1][P][MT][2];
+  QMEM_UNROLL
+  for (int s = 0; s < (XSlots ? 2 : 1); ++s)
+    QMEM_UNROLL
+  for (unsigned pc = 0; pc < P; ++pc)
+    QMEM_UNROLL
+  for (int mt = 0; mt < MT; ++mt)
+    xbuf[s][pc][mt][0] = xbuf[s][pc][mt][1] = make_uint4(0, 0, 0, 0);
+  // the activations a step in code slot S with activation slot X reads
+  auto xs_of = [&](auto slot, auto xslot) -> uint4(&)[P][MT][2] {
+    if constexpr (XSlots)
+      return xbuf[decltype(xslot)::value];
+    else
+      return buf[decltype(slot)::value].x;
+  };
   // never-loaded registers (rows past n or past the round, batch rows past m) stay finite: the
   // sums they enter are never stored, and x rows past m are zero
   QMEM_UNROLL
@@ -2442,8 +2476,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   }
 
   // the loads of chunk i of the round starting at tile tb into slot S (`dep`: always 0); KeepX and
-  // not `fresh_x`: the activations are the other slot's
-  auto load = [&](auto slot, unsigned tb, unsigned i, std::uint32_t dep, bool fresh_x) {
+  // not `fresh_x`: the activations are the other slot's (XSlots: already in activation slot X,
+  // the one `fresh_x` loads into)
+  auto load = [&](auto slot, auto xslot, unsigned tb, unsigned i, std::uint32_t dep, bool fresh_x) {
     constexpr int S = decltype(slot)::value;
     stage& st = buf[S];
     unsigned const chunk = i + dep;
@@ -2485,6 +2520,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         ldg_pred(st.s[r][h], a.scales.absmax + blk, in && sin);
       }
     }
+    if constexpr (XSlots) {
+      if (!fresh_x)
+        return;
+    }
     if (KeepX && !fresh_x) {
       QMEM_UNROLL
       for (unsigned pc = 0; pc < P; ++pc)
@@ -2502,15 +2541,18 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       unsigned const m = static_cast<unsigned>(mt) * 8u + g;
       auto const* p = reinterpret_cast<uint4 const*>(a.x + static_cast<std::size_t>(m) * a.k +
                                                      std::size_t{64} * (chunk + pc) + xcol);
-      ldg_pred(st.x[pc][mt][0], p, m < a.m);
-      ldg_pred(st.x[pc][mt][1], p + 1, m < a.m);
+      uint4(&xd)[P][MT][2] = xs_of(slot, xslot);
+      ldg_pred(xd[pc][mt][0], p, m < a.m);
+      ldg_pred(xd[pc][mt][1], p + 1, m < a.m);
     }
   };
 
   unsigned tb = t0; // the current round's first tile
   unsigned ci = lo; // the current chunk
+  using zero_c = std::integral_constant<int, 0>;
+  using one_c = std::integral_constant<int, 1>;
   if (tb < t1)
-    load(std::integral_constant<int, 0>{}, tb, lo, 0, true);
+    load(zero_c{}, zero_c{}, tb, lo, 0, true);
   if constexpr (!Pdl)
     fill_gemv_tables<T, Nested>(lut, dyn, values, nested);
 
@@ -2543,9 +2585,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     // last round) are skipped: computing them doubled the time of R = 4 on 4096-row weights (2
     // tiles per block; H200, 2026-11-29 19:10 UTC, batch 4, 4096 x 14336: 23.1 us against 15.6
     // with R = 2)
-    auto compute = [&](auto slot, auto partial_c) {
+    auto compute = [&](auto slot, auto xslot, auto partial_c) {
       constexpr bool Partial = decltype(partial_c)::value;
       stage const& st = buf[decltype(slot)::value];
+      uint4 const(&xv)[P][MT][2] = xs_of(slot, xslot);
       // GroupScales: chunk c's scale is thread (g, c % 4)'s
       auto pick = [&](auto v, unsigned pc) {
         if constexpr (GroupScales)
@@ -2602,9 +2645,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
             for (int mt = 0; mt < MT; ++mt) {
               // activation words 2kk, 2kk + 1 go with code bytes 2kk, 2kk + 1
               std::uint32_t const b0 =
-                  kk < 2 ? (&st.x[pc][mt][0].x)[2 * kk] : (&st.x[pc][mt][1].x)[2 * kk - 4];
+                  kk < 2 ? (&xv[pc][mt][0].x)[2 * kk] : (&xv[pc][mt][1].x)[2 * kk - 4];
               std::uint32_t const b1 =
-                  kk < 2 ? (&st.x[pc][mt][0].x)[2 * kk + 1] : (&st.x[pc][mt][1].x)[2 * kk - 3];
+                  kk < 2 ? (&xv[pc][mt][0].x)[2 * kk + 1] : (&xv[pc][mt][1].x)[2 * kk - 3];
               if (kk == 0)
                 mma_16816_zero<T>(p[mt], frag, b0, b1);
               else
@@ -2638,14 +2681,14 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     };
 
     // FullRounds: without the per-tile test when the step's R tiles are all the block's
-    auto compute_step = [&](auto slot) {
+    auto compute_step = [&](auto slot, auto xslot) {
       if constexpr (FullRounds) {
         if (tb + R <= t1) {
-          compute(slot, std::false_type{});
+          compute(slot, xslot, std::false_type{});
           return;
         }
       }
-      compute(slot, std::true_type{});
+      compute(slot, xslot, std::true_type{});
     };
 
     // the round of tiles done .. done + R - 1 is complete in every warp's acc: add the warps'
@@ -2679,7 +2722,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
 
     // one step on slot S: wait for it (touch every register), load the next step into the other
     // slot (its addresses depend on the touch), compute it; a round ends after its last chunk
-    auto step = [&](auto slot) {
+    // XSlots: activation slot X holds the step's, and flips when the next step is at another chunk
+    [[maybe_unused]] unsigned xs = 0;
+    auto step = [&](auto slot, auto xslot) {
       constexpr int S = decltype(slot)::value;
       stage const& st = buf[S];
       std::uint32_t dep = 0;
@@ -2697,7 +2742,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       for (unsigned pc = 0; pc < P; ++pc)
         QMEM_UNROLL
       for (int mt = 0; mt < MT; ++mt) {
-        uint4 const(&xv)[2] = st.x[pc][mt];
+        uint4 const(&xv)[2] = xs_of(slot, xslot)[pc][mt];
         dep ^= xv[0].x ^ xv[0].y ^ xv[0].z ^ xv[0].w ^ xv[1].x ^ xv[1].y ^ xv[1].z ^ xv[1].w;
       }
       dep &= a.zero;
@@ -2709,8 +2754,11 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
           ni = ci + P;
         }
         if (ni < hi)
-          load(std::integral_constant<int, 1 - S>{}, ntb, ni, dep, ni != ci);
-        compute_step(slot);
+          load(std::integral_constant<int, 1 - S>{},
+               std::integral_constant<int, 1 - decltype(xslot)::value>{}, ntb, ni, dep, ni != ci);
+        compute_step(slot, xslot);
+        if constexpr (XSlots)
+          xs ^= ni != ci ? 1u : 0u;
         ci = ni;
         tb = ntb;
       } else {
@@ -2720,8 +2768,8 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
           ntb = tb + R;
         }
         if (ntb < t1)
-          load(std::integral_constant<int, 1 - S>{}, ntb, ni, dep, true);
-        compute_step(slot);
+          load(std::integral_constant<int, 1 - S>{}, xslot, ntb, ni, dep, true);
+        compute_step(slot, xslot);
         ci = ni;
         if (ntb != tb) {
           end_round(tb);
@@ -2730,11 +2778,21 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       }
     };
     if constexpr (XOnce) {
+      // XSlots: the step body of the current activation slot (a uniform branch per step)
+      auto step_x = [&](auto slot) {
+        if constexpr (XSlots) {
+          if (xs != 0u) {
+            step(slot, one_c{});
+            return;
+          }
+        }
+        step(slot, zero_c{});
+      };
       if (tb < t1) {
         while (ci < hi) {
-          step(std::integral_constant<int, 0>{});
+          step_x(zero_c{});
           if (ci < hi)
-            step(std::integral_constant<int, 1>{});
+            step_x(one_c{});
         }
       }
       // every warp's sums of every tile are in: add them per output in warp order (as end_round)
@@ -2767,9 +2825,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       }
     } else {
       while (tb < t1) {
-        step(std::integral_constant<int, 0>{});
+        step(zero_c{}, zero_c{});
         if (tb < t1)
-          step(std::integral_constant<int, 1>{});
+          step(one_c{}, zero_c{});
       }
     }
   };
@@ -3839,7 +3897,8 @@ bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     constexpr int R = MT == 1 ? Shape.tiles : Shape.tiles16;
     constexpr auto kernel = &gemvm_stream_kernel < Code, T, Nested, MT, R, W, Shape.pdl,
                    Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales, Shape.pair,
-                   Shape.x_once, Shape.stream_codes, Shape.full_rounds, Shape.keep_x > ;
+                   Shape.x_once, Shape.stream_codes, Shape.full_rounds, Shape.keep_x,
+                   Shape.x_slots > ;
     p.col_groups = std::min(static_cast<unsigned>(W), p.chunks / (Shape.pair ? 2u : 1u));
     unsigned const extra = gemv1_stream_extra_bytes(Nested);
     if constexpr (Shape.x_once) {
