@@ -20,6 +20,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -343,4 +344,100 @@ TEST_CASE("bnb int8: malformed files are rejected with a reason") {
     CHECK(qmem::io::int8_weight_names(r).empty());
     CHECK_THROWS_AS((void)qmem::io::read_int8_weight(r, weight_key), qmem::bad_argument);
   }
+}
+
+namespace {
+
+bool identical(qmem::io::int8_weight const& a, qmem::io::int8_weight const& b) {
+  auto const ta = a.tensors(), tb = b.tensors();
+  if (a.name != b.name || ta.size() != tb.size())
+    return false;
+  for (std::size_t i = 0; i < ta.size(); ++i)
+    if (ta[i].first.name != tb[i].first.name || ta[i].first.type != tb[i].first.type ||
+        ta[i].first.shape != tb[i].first.shape || !std::ranges::equal(ta[i].second, tb[i].second))
+      return false;
+  return true;
+}
+
+} // namespace
+
+// Every int8 weight the reader accepts (bitsandbytes' layout with and without weight_format, an
+// empty layer, and quantize_int8's output) is written by add_to and read back identical.
+TEST_CASE("bnb int8: every weight the reader accepts is written by add_to and read back "
+          "identical") {
+  scratch_dir tmp;
+  std::vector<qmem::io::int8_weight> weights;
+  tiny_layer const layer;
+  for (bool with_format : {true, false}) {
+    layer.save(tmp.path / "layer.safetensors", with_format);
+    safetensors_reader r(tmp.path / "layer.safetensors");
+    weights.push_back(qmem::io::read_int8_weight(r, weight_key));
+  }
+  std::vector<float> x(35);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    x[i] = std::sin(static_cast<float>(i));
+  weights.push_back(qmem::io::quantize_int8(
+      qmem::exec::host{}, "weight", qmem::view(std::as_const(x)), std::vector<std::int64_t>{5, 7}));
+  weights.push_back(qmem::io::quantize_int8(qmem::exec::host{}, "a.b.weight",
+                                            qmem::view(std::as_const(x).data(), 0),
+                                            std::vector<std::int64_t>{0, 7}));
+  auto scalar_format = weights.front();
+  scalar_format.weight_format->shape = {1}; // one element of any rank: the reader accepts it
+  weights.push_back(scalar_format);
+  for (auto const& w : weights) {
+    CAPTURE(w.name);
+    CHECK_NOTHROW(w.check_readable("test"));
+    safetensors_writer out;
+    w.add_to(out);
+    out.save(tmp.path / "again.safetensors");
+    safetensors_reader r(tmp.path / "again.safetensors");
+    CHECK(identical(qmem::io::read_int8_weight(r, w.name), w));
+  }
+}
+
+// add_to wrote the tensors as they were: a weight assembled or edited by hand gave a file
+// read_int8_weight refuses (SCB of another length or dtype, a weight_format of 1 or of two
+// bytes, U8 codes), and a failure part way left tensors added. Now bad_argument naming the weight
+// and the reason, before anything is added.
+TEST_CASE("bnb int8: add_to refuses a weight the reader would refuse") {
+  std::vector<float> const x(12, 0.5f);
+  auto const good = qmem::io::quantize_int8(qmem::exec::host{}, weight_key, qmem::view(x),
+                                            std::vector<std::int64_t>{3, 4});
+  std::vector<float> const other(4, 1.0f);
+  auto refused = [&](qmem::io::int8_weight const& w, char const* why) {
+    CAPTURE(why);
+    safetensors_writer out;
+    out.add<float>("other", {4}, other);
+    CHECK_THROWS_WITH_AS(w.add_to(out), doctest::Contains(why), qmem::bad_argument);
+    CHECK_THROWS_WITH_AS(w.add_to(out), doctest::Contains("int8 weight '"), qmem::bad_argument);
+    CHECK(out.size() == 1);
+    good.add_to(out);
+    CHECK(out.size() == 4);
+  };
+  CHECK_NOTHROW(good.check_readable("test"));
+  auto w = good;
+  w.scb.shape = {4};
+  w.scb.bytes.resize(16);
+  refused(w, "expected F32 [3]");
+  w = good;
+  w.scb.type = dtype::i32;
+  refused(w, "SCB is I32");
+  w = good;
+  w.weight_format->bytes[0] = std::byte{1};
+  refused(w, "weight_format is 1 (col32)");
+  w = good;
+  w.weight_format = qmem::io::stored_tensor{dtype::u8, {2}, {std::byte{0}, std::byte{0}}};
+  refused(w, "expected one U8 value");
+  w = good;
+  w.codes.type = dtype::u8;
+  refused(w, "expected I8 [rows, cols]");
+  w = good;
+  w.codes.shape = {12};
+  refused(w, "of rank 1");
+  w = good;
+  w.weight_format->bytes.clear(); // bytes that do not match the shape: the last tensor written
+  refused(w, "weight_format' has 0 bytes");
+  w = good;
+  w.name = "model.layers.0.mlp.down_proj.w";
+  refused(w, "does not end in '.weight'");
 }

@@ -6,6 +6,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,9 +24,10 @@ using namespace qmem::test::io_names;
 
 namespace {
 
-// Writes every tensor of `r` except those in `skip`, plus `extra` weights, to `path`.
+// Writes every tensor of `r` except those of `weights`, plus `weights`, to `path`; `raw`: their
+// tensors as they are, without add_to's checks (to make the broken files the reader must refuse).
 void rewrite(safetensors_reader const& r, std::vector<qmem::io::bnb_weight> const& weights,
-             fs::path const& path) {
+             fs::path const& path, bool raw = false) {
   qmem::io::safetensors_writer w;
   for (auto const& [k, v] : r.metadata())
     w.set_metadata(k, v);
@@ -36,8 +38,13 @@ void rewrite(safetensors_reader const& r, std::vector<qmem::io::bnb_weight> cons
     if (!owned)
       w.add(e.name, e.type, e.shape, r.bytes(e));
   }
-  for (auto const& bw : weights)
-    bw.add_to(w);
+  for (auto const& bw : weights) {
+    if (!raw)
+      bw.add_to(w);
+    else
+      for (auto const& [spec, bytes] : bw.tensors())
+        w.add(spec.name, spec.type, spec.shape, bytes);
+  }
   w.save(path);
 }
 
@@ -205,10 +212,14 @@ TEST_CASE("bnb: broken checkpoints are rejected") {
   auto expect_rejected = [&](qmem::io::bnb_weight const& w, char const* why) {
     CAPTURE(why);
     scratch_dir tmp;
-    rewrite(model, {w}, tmp.path / "b.safetensors");
+    rewrite(model, {w}, tmp.path / "b.safetensors", true);
     safetensors_reader r(tmp.path / "b.safetensors");
     CHECK_THROWS_WITH_AS((void)qmem::io::read_bnb_weight(r, name), doctest::Contains(why),
                          qmem::format_error);
+    // the same checks refuse to write it (the reader's format_error is the writer's bad_argument)
+    safetensors_writer out;
+    CHECK_THROWS_WITH_AS(w.add_to(out), doctest::Contains(why), qmem::bad_argument);
+    CHECK(out.size() == 0);
   };
   {
     auto w = good;
@@ -404,4 +415,150 @@ TEST_CASE("bnb: a weight without nested_quant_map lists and counts the tensors i
   std::vector<float> y(300);
   w.dequantize(qmem::exec::host{}, qmem::view(y)); // dequantizing uses qmem's table
   CHECK(y == good.dequantize<float>());
+}
+
+namespace {
+
+// True when two weights hold the same name, state, JSON bytes and stored tensors.
+bool identical(qmem::io::bnb_weight const& a, qmem::io::bnb_weight const& b) {
+  auto const ta = a.tensors(), tb = b.tensors();
+  if (a.name != b.name || a.state_json != b.state_json || a.state.to_json() != b.state.to_json() ||
+      ta.size() != tb.size())
+    return false;
+  for (std::size_t i = 0; i < ta.size(); ++i)
+    if (ta[i].first.name != tb[i].first.name || ta[i].first.type != tb[i].first.type ||
+        ta[i].first.shape != tb[i].first.shape || !std::ranges::equal(ta[i].second, tb[i].second))
+      return false;
+  return true;
+}
+
+// `w` written alone by add_to, saved and read back.
+qmem::io::bnb_weight written_and_read(qmem::io::bnb_weight const& w, fs::path const& path) {
+  safetensors_writer out;
+  w.add_to(out);
+  out.save(path);
+  safetensors_reader r(path);
+  return qmem::io::read_bnb_weight(r, w.name);
+}
+
+} // namespace
+
+// Every weight the reader accepts (both transformers checkpoints, and quantize_bnb's and
+// from_quantized's output in every format, nested or not, with codes in each quant_storage dtype)
+// passes add_to's checks and reads back identical.
+TEST_CASE("bnb: every weight the reader accepts is written by add_to and read back identical") {
+  scratch_dir tmp;
+  std::size_t count = 0;
+  for (auto const* dir : {"tiny_llama_nf4_dq", "tiny_llama_fp4_dq"}) {
+    safetensors_reader model(data_dir() / dir / "model.safetensors");
+    for (auto const& name : qmem::io::bnb_weight_names(model)) {
+      CAPTURE(name);
+      auto const w = qmem::io::read_bnb_weight(model, name);
+      CHECK_NOTHROW(w.check_readable("test"));
+      CHECK(identical(written_and_read(w, tmp.path / "one.safetensors"), w));
+      // codes stored in a wider dtype (quant_storage): read as-is, written as-is
+      for (auto t : {dtype::bf16, dtype::f32}) {
+        auto v = w;
+        v.codes.type = t;
+        v.codes.shape = {static_cast<std::int64_t>(v.codes.bytes.size() / qmem::dtype_size(t)), 1};
+        v.codes.bytes.resize(static_cast<std::size_t>(v.codes.shape[0]) * qmem::dtype_size(t));
+        if (v.codes.bytes.size() < (w.numel() + 1) / 2)
+          continue; // the padding would not hold every code
+        CHECK(identical(written_and_read(v, tmp.path / "wide.safetensors"), v));
+      }
+      ++count;
+    }
+  }
+  CHECK(count == 28);
+  std::vector<float> x(1000);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    x[i] = std::sin(0.37f * static_cast<float>(i));
+  for (auto f : {bnb_format::nf4, bnb_format::fp4, bnb_format::int8})
+    for (bool nested : {false, true})
+      for (std::vector<std::int64_t> shape :
+           {std::vector<std::int64_t>{1000}, std::vector<std::int64_t>{10, 100},
+            std::vector<std::int64_t>{0, 7}}) {
+        std::string const format(qmem::io::to_string(f));
+        CAPTURE(format);
+        CAPTURE(nested);
+        auto const n = static_cast<std::size_t>(shape[0] * (shape.size() > 1 ? shape[1] : 1));
+        auto const w =
+            qmem::io::quantize_bnb(qmem::exec::host{}, "layer.weight", f,
+                                   qmem::view(std::as_const(x).data(), n), shape, 64, nested);
+        CHECK(identical(written_and_read(w, tmp.path / "q.safetensors"), w));
+        auto const q = qmem::io::bnb_weight::from_quantized("layer.weight", w.to_quantized());
+        CHECK(identical(written_and_read(q, tmp.path / "q2.safetensors"), q));
+      }
+}
+
+// add_to wrote a weight's tensors as they were: a weight assembled or edited by hand gave a file
+// read_bnb_weight refused (an absmax one element long, a wrong table, nested tensors on a plain
+// state) or read as another weight (a state_json that disagrees with state). And a failure part
+// way (a bad third tensor, a key already in the writer) left the first tensors added. Now every
+// check runs first: bad_argument naming the weight and the reason, the writer unchanged.
+TEST_CASE("bnb: add_to refuses a weight the reader would refuse or read differently") {
+  std::vector<float> x(300);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    x[i] = std::sin(static_cast<float>(i));
+  auto const good = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
+                                           qmem::view(std::as_const(x)), {300}, 64, true);
+  auto const plain = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
+                                            qmem::view(std::as_const(x)), {300}, 64, false);
+  scratch_dir tmp;
+  std::vector<float> const other(4, 1.0f);
+  auto refused = [&](qmem::io::bnb_weight const& w, char const* why) {
+    CAPTURE(why);
+    safetensors_writer out;
+    out.add<float>("other", {4}, other);
+    CHECK_THROWS_WITH_AS(w.add_to(out), doctest::Contains(why), qmem::bad_argument);
+    CHECK_THROWS_WITH_AS(w.add_to(out), doctest::Contains("bnb weight 'w'"), qmem::bad_argument);
+    CHECK(out.size() == 1); // nothing added
+    CHECK(!out.contains("w"));
+    good.add_to(out); // still usable
+    CHECK(out.size() == 1 + good.tensors().size());
+  };
+  CHECK_NOTHROW(good.check_readable("test"));
+  auto w = good;
+  w.absmax.bytes.push_back(std::byte{0}); // dequantize's at-least check passes
+  w.absmax.shape = {6};
+  CHECK_NOTHROW(w.check_stored("test"));
+  refused(w, "absmax is U8 with 6 elements; expected U8 with 5");
+  w = good;
+  w.absmax.shape = {5, 1}; // the reader counts elements, not dimensions: accepted as stored
+  CHECK(identical(written_and_read(w, tmp.path / "rank2.safetensors"), w));
+  w = good;
+  w.absmax.bytes.pop_back(); // the bytes no longer match the shape
+  refused(w, "tensor 'w.absmax' has 4 bytes; its shape and dtype U8 need 5");
+  w = good;
+  w.quant_map = qmem::io::detail::stored_table(bnb_format::fp4);
+  refused(w, "quant_map is not bitsandbytes' nf4 table");
+  w = good;
+  w.nested_quant_map.reset();
+  refused(w, "the tensor 'w.nested_quant_map' is missing");
+  w = plain;
+  w.nested_absmax = good.nested_absmax;
+  refused(w, "has nested tensors but its quant_state has no nested fields");
+  w = good;
+  w.state.shape = {20, 15}; // same numel: the file would read as [300]
+  refused(w, "state_json is");
+  w = good;
+  w.state.format = bnb_format::fp4; // key quant_state.bitsandbytes__fp4, JSON says nf4
+  refused(w, "does not match the key");
+  w = good;
+  w.state_json = "{}";
+  refused(w, "bad bitsandbytes quant_state");
+  w = good;
+  w.name = "other"; // every key new but "other", which the writer holds
+  {
+    safetensors_writer out;
+    out.add<float>("other", {4}, other);
+    CHECK_THROWS_WITH_AS(w.add_to(out), doctest::Contains("'other' was already added"),
+                         qmem::bad_argument);
+    CHECK(out.size() == 1);
+  }
+  // a short codes tensor: the reader refuses it, so does add_to (and dequantize, as before)
+  w = good;
+  w.codes.bytes.resize(149);
+  w.codes.shape = {149, 1};
+  refused(w, "the codes tensor has 149 bytes; 300 elements need 150");
 }

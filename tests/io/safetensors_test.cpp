@@ -373,3 +373,65 @@ TEST_CASE("safetensors: every truncation and many corruptions of a real file are
   }
   CHECK(rejected > 0);
 }
+
+// read_into<bool> copied the stored bytes into bool objects as they were: a byte other than 0 or
+// 1 made a bool whose every read is undefined behaviour. Now format_error, nothing written.
+TEST_CASE("safetensors: read_into<bool> refuses bytes other than 0 and 1") {
+  qmem::io::safetensors_writer w;
+  std::vector<std::byte> const good{std::byte{0}, std::byte{1}, std::byte{1}, std::byte{0}};
+  std::vector<std::byte> const bad{std::byte{0}, std::byte{1}, std::byte{2}, std::byte{0}};
+  w.add("good", dtype::boolean, {4}, good);
+  w.add("bad", dtype::boolean, {2, 2}, bad);
+  scratch_dir dir;
+  w.save(dir.path / "b.safetensors");
+  safetensors_reader r(dir.path / "b.safetensors");
+  bool out[4] = {true, true, false, true};
+  r.read_into("good", qmem::view(out, 4));
+  CHECK(!out[0]);
+  CHECK(out[1]);
+  CHECK(out[2]);
+  CHECK(!out[3]);
+  bool kept[4] = {true, false, true, false};
+  CHECK_THROWS_WITH_AS(r.read_into("bad", qmem::view(kept, 4)),
+                       doctest::Contains("'bad' holds the byte 2 at element 2; expected 0 or 1"),
+                       qmem::format_error);
+  CHECK(kept[0]);
+  CHECK(!kept[1]);
+  CHECK(kept[2]);
+  CHECK(!kept[3]);
+}
+
+// add_all adds every tensor or none (add_to of the quantized weights relies on it).
+TEST_CASE("safetensors: add_all adds every tensor or none") {
+  std::vector<float> const v(4, 1.f);
+  auto const b = std::as_bytes(std::span(v));
+  using item = std::pair<qmem::io::tensor_spec, std::span<std::byte const>>;
+  qmem::io::safetensors_writer w;
+  w.add("x", dtype::f32, {4}, b);
+  std::vector<item> t{{{"a", dtype::f32, {4}}, b}, {{"b", dtype::f32, {2, 2}}, b}};
+  auto refused = [&](std::vector<item> const& bad, char const* why) {
+    CAPTURE(why);
+    CHECK_THROWS_WITH_AS(w.add_all(bad), doctest::Contains(why), qmem::bad_argument);
+    CHECK(w.size() == 1);
+    CHECK(!w.contains("a"));
+  };
+  auto u = t;
+  u.push_back({{"x", dtype::f32, {4}}, b});
+  refused(u, "'x' was already added");
+  u = t;
+  u.push_back({{"a", dtype::f32, {4}}, b});
+  refused(u, "'a' appears twice");
+  u = t;
+  u[1].first.shape = {3};
+  refused(u, "tensor 'b' has 16 bytes; its shape and dtype F32 need 12");
+  u = t;
+  u[1].first.name = "__metadata__";
+  refused(u, "reserved or empty");
+  u = t;
+  u[1].first.shape = {-1, -4};
+  refused(u, "negative or overflowing");
+  w.add_all(t);
+  CHECK(w.size() == 3);
+  CHECK(w.contains("a"));
+  CHECK(w.contains("b"));
+}

@@ -14,6 +14,7 @@
 
 #include <doctest/doctest.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -111,6 +112,30 @@ TEST_CASE("cuda resources: thrust vectors are tensor-like") {
   CHECK(std::vector<float>(absmax.begin(), absmax.end()) == ha);
   thrust::host_vector<float, thrust::universal_host_pinned_allocator<float>> pinned(4);
   CHECK(view(pinned).space() == memory_space::pinned);
+}
+
+// The resources checked the runtime's alignment after the allocation had succeeded and threw
+// without freeing it (a leak of pinned, managed or pool memory). The CUDA runtime cannot be made
+// to return misaligned storage, so this checks the one helper all three now call: the storage
+// goes back through `release` before the throw, and only then. (The old helper took no release:
+// this case does not compile against it, which is the closest a test comes to failing there.)
+TEST_CASE("cuda resources: storage refused for its alignment is released before the throw") {
+  alignas(256) static std::byte storage[512];
+  int released = 0;
+  void* got = nullptr;
+  auto release = [&](void* q) noexcept {
+    ++released;
+    got = q;
+  };
+  CHECK_NOTHROW(memory::cuda_resource_detail::check_alignment(storage, 256, "test", release));
+  CHECK(released == 0);
+  CHECK_THROWS_WITH_AS(
+      memory::cuda_resource_detail::check_alignment(storage + 64, 256, "cudaHostAlloc", release),
+      doctest::Contains("cudaHostAlloc returned storage not aligned to 256 bytes"), qmem::error);
+  CHECK(released == 1);
+  CHECK(got == storage + 64);
+  CHECK_NOTHROW(memory::cuda_resource_detail::check_alignment(storage + 64, 64, "test", release));
+  CHECK(released == 1);
 }
 
 #endif // QMEM_HAS_CUDA()

@@ -341,6 +341,52 @@ struct stored_tensor {
   }
 };
 
+namespace detail {
+
+//! A tensor as the weight checks see it, whether it lies in a file being read or in a weight
+//! about to be written: dtype, shape and bytes (borrowed).
+struct tensor_ref {
+  dtype type = dtype::u8;
+  std::span<std::int64_t const> shape;
+  std::span<std::byte const> bytes;
+
+  //! The element count (1 for shape []). Precondition: the shape's byte count does not overflow
+  //! (a validated file, or safetensors' detail::check_writable passed).
+  [[nodiscard]] std::size_t numel() const noexcept {
+    std::size_t n = 1;
+    for (auto d : shape)
+      n *= static_cast<std::size_t>(d);
+    return n;
+  }
+};
+
+//! Looks a tensor up by key among `tensors` (what a weight's tensors() returns).
+inline std::optional<tensor_ref>
+find_in(std::span<std::pair<tensor_spec, std::span<std::byte const>> const> tensors,
+        std::string_view key) noexcept {
+  for (auto const& [spec, bytes] : tensors)
+    if (spec.name == key)
+      return tensor_ref{spec.type, spec.shape, bytes};
+  return std::nullopt;
+}
+
+//! Checks `tensors` as a writer would before adding any (detail::check_writable for each: names,
+//! shapes, byte counts), so that the weight checks can trust numel() and byte counts. `fail` is
+//! called with the reason.
+template <class Fail>
+void check_each_writable(
+    std::span<std::pair<tensor_spec, std::span<std::byte const>> const> tensors, Fail const& fail) {
+  for (auto const& [spec, bytes] : tensors) {
+    try {
+      check_writable(spec.name, spec.type, spec.shape, bytes.size());
+    } catch (bad_argument const& e) {
+      fail(e.what());
+    }
+  }
+}
+
+} // namespace detail
+
 //! A bnb-quantized weight: its quant state and the stored tensors, kept as stored so that writing
 //! them back gives the same bytes.
 struct bnb_weight : detail::stored_weight<bnb_weight> {
@@ -431,10 +477,21 @@ struct bnb_weight : detail::stored_weight<bnb_weight> {
   [[nodiscard]] static bnb_weight from_quantized(std::string name,
                                                  quant::quantized_tensor const& q);
 
+  //! Throws bad_argument (naming the weight, `function` and what is wrong) unless the tensors
+  //! add_to writes form a weight read_bnb_weight accepts and reads back as this one: each tensor's
+  //! bytes match its dtype and shape, the tensors pass read_bnb_weight's own checks (one function,
+  //! detail::check_bnb_tensors, serves both: dtypes, element counts, tables, nested tensors
+  //! present exactly when the state is nested), and `state_json` parses to `state`. add_to calls
+  //! it before adding anything. Stricter than check_stored, which asks only what dequantize and
+  //! to_quantized read (at least the bytes the state needs, in any dtype).
+  void check_readable(char const* function) const;
+
   //! Throws bad_argument (naming `function` and the weight) unless the members hold what `state`
   //! says, as read_bnb_weight, quantize_bnb and from_quantized leave them (a weight assembled or
   //! edited by hand may not): a shape the reader accepts, a block size the format supports, at
   //! least the code bytes and scales of numel() elements, and the nested scales when nested.
+  //! Sizes are lower bounds: dequantize reads a prefix, and codes stored in a wider dtype
+  //! (quant_storage) carry padding; what a file must hold exactly is check_readable's.
   void check_stored(char const* function) const {
     std::size_t const n = detail::checked_bnb_numel(state.shape, function);
     bool const four_bit = state.format != bnb_format::int8;
@@ -486,13 +543,15 @@ namespace detail {
 
 //! The table a format's `quant_map` holds, as bnb stores it.
 template <std::size_t N>
-bool table_equals(stored_tensor const& t, quant::code_table<N> const& table) {
+bool table_equals(tensor_ref t, quant::code_table<N> const& table) {
   if (t.type != dtype::f32 || t.bytes.size() != N * 4)
     return false;
-  auto const v = t.as<float>(N);
-  for (std::size_t i = 0; i < N; ++i)
-    if (std::bit_cast<std::uint32_t>(v[i]) != std::bit_cast<std::uint32_t>(table.value[i]))
+  for (std::size_t i = 0; i < N; ++i) {
+    std::uint32_t v = 0;
+    std::memcpy(&v, t.bytes.data() + 4 * i, 4);
+    if (v != std::bit_cast<std::uint32_t>(table.value[i]))
       return false;
+  }
   return true;
 }
 
@@ -512,7 +571,106 @@ inline stored_tensor stored_table(bnb_format f) {
   return {dtype::f32, {256}, bytes_of(t.value)};
 }
 
+//! What read_bnb_weight requires of the tensors of weight `name` whose quant state is `qs`, stored
+//! under `qs_key`; the one list of checks its reader and its writer (bnb_weight::check_readable)
+//! share. `find(key)` gives the tensor_ref stored under `key`, or nullopt; `fail(args...)` throws
+//! with the reason and does not return. Requires: `qs` 1-D U8 holding a valid quant state
+//! (bnb_quant_state::parse: its format_error passes through) whose quant_type is the key's; codes
+//! of at least the state's code bytes (4-bit: any dtype, quant_storage; int8: U8); absmax F32 (U8
+//! when nested) with one element per block; quant_map bitsandbytes' table of the format; when
+//! nested, nested_absmax F32 with one element per nested block and nested_quant_map the signed
+//! dynamic map; when not, neither of them. Returns the parsed state.
+template <class Find, class Fail>
+bnb_quant_state check_bnb_tensors(std::string_view name, std::string_view qs_key, tensor_ref qs,
+                                  Find const& find, Fail const& fail) {
+  if (qs.type != dtype::u8 || qs.shape.size() != 1)
+    fail("the quant_state tensor is ", dtype_name(qs.type), " of rank ", qs.shape.size(),
+         "; expected 1-D U8");
+  auto const state = bnb_quant_state::parse(qs.bytes, qs_key);
+  if (!qs_key.ends_with(quant_state_suffix(state.format)))
+    fail("quant_type '", to_string(state.format), "' does not match the key ", qs_key);
+  std::string const w(name);
+  auto need = [&](std::string const& key) -> tensor_ref {
+    auto const t = find(key);
+    if (!t)
+      fail("the tensor '", key, "' is missing");
+    return *t;
+  };
+  std::size_t const n = state.numel();
+  bool const four_bit = state.format != bnb_format::int8;
+  std::size_t const code_b = four_bit ? n / 2 + n % 2 : n;
+  std::size_t const blocks = quant::block_count(n, state.blocksize);
+
+  auto const ce = need(w);
+  if (ce.bytes.size() < code_b)
+    fail("the codes tensor has ", ce.bytes.size(), " bytes; ", n, " elements need ", code_b);
+  if (!four_bit && ce.type != dtype::u8)
+    fail("int8 codes are ", dtype_name(ce.type), "; expected U8");
+
+  auto const ae = need(w + ".absmax");
+  dtype const absmax_type = state.nested ? dtype::u8 : dtype::f32;
+  if (ae.type != absmax_type || ae.numel() != blocks)
+    fail("absmax is ", dtype_name(ae.type), " with ", ae.numel(), " elements; expected ",
+         dtype_name(absmax_type), " with ", blocks, " (one per block of ", state.blocksize, ")");
+
+  auto const qm = need(w + ".quant_map");
+  bool const table_ok = state.format == bnb_format::nf4 ? table_equals(qm, quant::nf4_table)
+                        : state.format == bnb_format::fp4
+                            ? table_equals(qm, quant::fp4_stored_table)
+                            : table_equals(qm, dynamic_signed_table());
+  if (!table_ok)
+    fail("quant_map is not bitsandbytes' ", to_string(state.format),
+         " table; other tables are not supported");
+
+  if (state.nested) {
+    auto const ne = need(w + ".nested_absmax");
+    std::size_t const nblocks = quant::block_count(blocks, state.nested_blocksize);
+    if (ne.type != dtype::f32 || ne.numel() != nblocks)
+      fail("nested_absmax is ", dtype_name(ne.type), " with ", ne.numel(),
+           " elements; expected F32 with ", nblocks);
+    if (!table_equals(need(w + ".nested_quant_map"), dynamic_signed_table()))
+      fail("nested_quant_map is not bitsandbytes' signed dynamic map");
+  } else if (find(w + ".nested_absmax") || find(w + ".nested_quant_map")) {
+    fail("has nested tensors but its quant_state has no nested fields");
+  }
+  return state;
+}
+
+//! True when two quant states describe the same weight (what the reader would make of one is
+//! the other): every field, the nested ones only when nested, nested_offset bit for bit (any NaN
+//! equals any NaN: the JSON's NaN has no payload).
+inline bool same_state(bnb_quant_state const& a, bnb_quant_state const& b) noexcept {
+  if (a.format != b.format || a.blocksize != b.blocksize || a.type != b.type ||
+      a.shape != b.shape || a.nested != b.nested)
+    return false;
+  if (!a.nested)
+    return true;
+  bool const nan = a.nested_offset != a.nested_offset && b.nested_offset != b.nested_offset;
+  return a.nested_blocksize == b.nested_blocksize &&
+         (nan || std::bit_cast<std::uint32_t>(a.nested_offset) ==
+                     std::bit_cast<std::uint32_t>(b.nested_offset));
+}
+
 } // namespace detail
+
+inline void bnb_weight::check_readable(char const* function) const {
+  auto fail = [&](auto const&... args) {
+    qmem::detail::raise(function, ": bnb weight '", name, "': ", args...,
+                        " (read_bnb_weight would refuse the file or read another weight)");
+  };
+  auto const t = tensors();
+  detail::check_each_writable(t, fail);
+  std::string const qs_key = quant_state_key(name, state.format);
+  auto find = [&](std::string_view key) { return detail::find_in(t, key); };
+  bnb_quant_state parsed;
+  try {
+    parsed = detail::check_bnb_tensors(name, qs_key, *find(qs_key), find, fail);
+  } catch (format_error const& e) { // bnb_quant_state::parse: state_json is not a valid state
+    fail(e.what());
+  }
+  if (!detail::same_state(parsed, state))
+    fail("state_json is ", state_json, " but state is ", state.to_json());
+}
 
 //! The quantized-tensor format of a bnb weight.
 inline quant::format_desc format_of(bnb_quant_state const& s) noexcept {
@@ -632,62 +790,20 @@ inline bnb_weight read_bnb_weight(safetensors_reader const& r, std::string_view 
   auto fail = [&](auto const&... args) {
     qmem::detail::raise<format_error>(r.origin(), ": weight '", name, "': ", args...);
   };
-  if (qs->type != dtype::u8 || qs->shape.size() != 1)
-    fail("the quant_state tensor is ", dtype_name(qs->type), " of rank ", qs->shape.size(),
-         "; expected 1-D U8");
+  auto ref = [&](tensor_entry const& e) { return detail::tensor_ref{e.type, e.shape, r.bytes(e)}; };
+  auto find = [&](std::string_view key) -> std::optional<detail::tensor_ref> {
+    auto const* e = r.find(key);
+    return e ? std::optional(ref(*e)) : std::nullopt;
+  };
+  w.state = detail::check_bnb_tensors(w.name, qs->name, ref(*qs), find, fail);
   auto const qb = r.bytes(*qs);
   w.state_json.assign(reinterpret_cast<char const*>(qb.data()), qb.size());
-  w.state = bnb_quant_state::parse(qb, qs->name);
-  if (!qs->name.ends_with(quant_state_suffix(w.state.format)))
-    fail("quant_type '", to_string(w.state.format), "' does not match the key ", qs->name);
-
-  auto need = [&](std::string const& key) -> tensor_entry const& {
-    auto const* e = r.find(key);
-    if (e == nullptr)
-      fail("the tensor '", key, "' is missing");
-    return *e;
-  };
-  std::size_t const n = w.state.numel();
-  bool const four_bit = w.state.format != bnb_format::int8;
-  std::size_t const code_b = four_bit ? n / 2 + n % 2 : n;
-  std::size_t const blocks = quant::block_count(n, w.state.blocksize);
-
-  auto const& ce = need(w.name);
-  if (ce.nbytes() < code_b)
-    fail("the codes tensor has ", ce.nbytes(), " bytes; ", n, " elements need ", code_b);
-  if (!four_bit && ce.type != dtype::u8)
-    fail("int8 codes are ", dtype_name(ce.type), "; expected U8");
-  w.codes = stored_tensor::from(r, ce);
-
-  auto const& ae = need(w.name + ".absmax");
-  dtype const absmax_type = w.state.nested ? dtype::u8 : dtype::f32;
-  if (ae.type != absmax_type || ae.numel() != blocks)
-    fail("absmax is ", dtype_name(ae.type), " with ", ae.numel(), " elements; expected ",
-         dtype_name(absmax_type), " with ", blocks, " (one per block of ", w.state.blocksize, ")");
-  w.absmax = stored_tensor::from(r, ae);
-
-  w.quant_map = stored_tensor::from(r, need(w.name + ".quant_map"));
-  bool const table_ok = w.state.format == bnb_format::nf4
-                            ? detail::table_equals(w.quant_map, quant::nf4_table)
-                        : w.state.format == bnb_format::fp4
-                            ? detail::table_equals(w.quant_map, quant::fp4_stored_table)
-                            : detail::table_equals(w.quant_map, detail::dynamic_signed_table());
-  if (!table_ok)
-    fail("quant_map is not bitsandbytes' ", to_string(w.state.format),
-         " table; other tables are not supported");
-
+  w.codes = stored_tensor::from(r, r.at(w.name));
+  w.absmax = stored_tensor::from(r, r.at(w.name + ".absmax"));
+  w.quant_map = stored_tensor::from(r, r.at(w.name + ".quant_map"));
   if (w.state.nested) {
-    auto const& ne = need(w.name + ".nested_absmax");
-    std::size_t const nblocks = quant::block_count(blocks, w.state.nested_blocksize);
-    if (ne.type != dtype::f32 || ne.numel() != nblocks)
-      fail("nested_absmax is ", dtype_name(ne.type), " with ", ne.numel(),
-           " elements; expected F32 with ", nblocks);
-    w.nested_absmax = stored_tensor::from(r, ne);
-    w.nested_quant_map = stored_tensor::from(r, need(w.name + ".nested_quant_map"));
-    if (!detail::table_equals(*w.nested_quant_map, detail::dynamic_signed_table()))
-      fail("nested_quant_map is not bitsandbytes' signed dynamic map");
-  } else if (r.contains(w.name + ".nested_absmax") || r.contains(w.name + ".nested_quant_map")) {
-    fail("has nested tensors but its quant_state has no nested fields");
+    w.nested_absmax = stored_tensor::from(r, r.at(w.name + ".nested_absmax"));
+    w.nested_quant_map = stored_tensor::from(r, r.at(w.name + ".nested_quant_map"));
   }
   return w;
 }

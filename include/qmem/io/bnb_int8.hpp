@@ -127,6 +127,14 @@ struct int8_weight : detail::stored_weight<int8_weight> {
     return out;
   }
 
+  //! Throws bad_argument (naming the weight, `function` and what is wrong) unless the tensors
+  //! add_to writes form a weight read_int8_weight accepts and reads back as this one: `name` ends
+  //! in ".weight", each tensor's bytes match its dtype and shape, and the tensors pass the
+  //! reader's own checks (one function, detail::check_int8_tensors, serves both): codes I8
+  //! [rows, cols], SCB F32 [rows], weight_format (when present) one U8 element holding 0. add_to
+  //! calls it before adding anything.
+  void check_readable(char const* function) const;
+
   using detail::stored_weight<int8_weight>::dequantize; // the copy into a new vector
 
   //! Dequantizes into `out` (numel() elements, row-major, host memory):
@@ -170,6 +178,55 @@ inline bool is_int8_aux_key(std::string_view key, std::string_view w) {
   return key == int8_scb_key(w) || key == int8_format_key(w);
 }
 
+namespace detail {
+
+//! What read_int8_weight requires of the tensors of the LLM.int8 weight `name` (whose key ends in
+//! ".weight"); the one list of checks its reader and its writer (int8_weight::check_readable)
+//! share. `find(key)` gives the tensor_ref stored under `key`, or nullopt; `fail(args...)` throws
+//! with the reason and does not return. Requires: the weight I8 of rank 2, `P`SCB F32 [rows], and
+//! `P`weight_format, when present, a one-element U8 tensor holding 0 (row-major; bitsandbytes
+//! 0.50.2 refuses the tile layouts 1-3 too).
+template <class Find, class Fail>
+void check_int8_tensors(std::string_view name, Find const& find, Fail const& fail) {
+  auto const we = find(name);
+  if (!we)
+    fail("the tensor is missing (only its SCB is present)");
+  if (we->type != dtype::i8 || we->shape.size() != 2)
+    fail("the weight is ", dtype_name(we->type), " of rank ", we->shape.size(),
+         "; expected I8 [rows, cols] (bitsandbytes' row-major int8)");
+  auto const se = find(int8_scb_key(name));
+  if (!se)
+    fail("the tensor '", int8_scb_key(name), "' is missing");
+  if (se->type != dtype::f32 || se->shape.size() != 1 || se->shape[0] != we->shape[0])
+    fail("SCB is ", dtype_name(se->type), " of ", se->shape.size() == 1 ? se->numel() : 0,
+         " elements in ", se->shape.size(), " dimensions; expected F32 [", we->shape[0], "]");
+  if (auto const fe = find(int8_format_key(name))) {
+    if (fe->type != dtype::u8 || fe->numel() != 1 || fe->bytes.size() != 1)
+      fail("weight_format is ", dtype_name(fe->type), " with ", fe->numel(),
+           " elements; expected one U8 value");
+    if (auto const v = std::to_integer<unsigned>(fe->bytes[0]); v != 0) {
+      char const* const names[] = {"row", "col32", "col_turing", "col_ampere"};
+      fail("weight_format is ", v, v < 4 ? std::string(" (") + names[v] + ")" : std::string(),
+           "; only 0 (row-major) is supported, as in bitsandbytes 0.50.2");
+    }
+  }
+}
+
+} // namespace detail
+
+inline void int8_weight::check_readable(char const* function) const {
+  auto fail = [&](auto const&... args) {
+    qmem::detail::raise(function, ": int8 weight '", name, "': ", args...,
+                        " (read_int8_weight would refuse the file)");
+  };
+  if (!int8_prefix(name))
+    fail("the name does not end in '.weight'");
+  auto const t = tensors();
+  detail::check_each_writable(t, fail);
+  detail::check_int8_tensors(
+      name, [&](std::string_view key) { return detail::find_in(t, key); }, fail);
+}
+
 //! Reads and validates the LLM.int8 weight `name` of `r`. Throws bad_argument when `name` does not
 //! end in ".weight" or has no SCB tensor beside it; format_error when the weight is not I8 of rank
 //! 2, SCB is not F32 [rows], or weight_format is not a one-element U8 tensor holding 0.
@@ -182,32 +239,19 @@ inline int8_weight read_int8_weight(safetensors_reader const& r, std::string_vie
   auto fail = [&](auto const&... args) {
     qmem::detail::raise<format_error>(r.origin(), ": int8 weight '", name, "': ", args...);
   };
-  auto const* we = r.find(name);
-  if (we == nullptr)
-    fail("the tensor is missing (only its SCB is present)");
-  if (we->type != dtype::i8 || we->shape.size() != 2)
-    fail("the weight is ", dtype_name(we->type), " of rank ", we->shape.size(),
-         "; expected I8 [rows, cols] (bitsandbytes' row-major int8)");
-  auto const& se = *r.find(scb_key);
-  if (se.type != dtype::f32 || se.shape.size() != 1 || se.shape[0] != we->shape[0])
-    fail("SCB is ", dtype_name(se.type), " of ", se.shape.size() == 1 ? se.numel() : 0,
-         " elements in ", se.shape.size(), " dimensions; expected F32 [", we->shape[0], "]");
+  detail::check_int8_tensors(
+      name,
+      [&](std::string_view key) -> std::optional<detail::tensor_ref> {
+        auto const* e = r.find(key);
+        return e ? std::optional(detail::tensor_ref{e->type, e->shape, r.bytes(*e)}) : std::nullopt;
+      },
+      fail);
   int8_weight w;
   w.name = std::string(name);
-  w.codes = stored_tensor::from(r, *we);
-  w.scb = stored_tensor::from(r, se);
-  if (auto const* fe = r.find(int8_format_key(name))) {
-    if (fe->type != dtype::u8 || fe->numel() != 1)
-      fail("weight_format is ", dtype_name(fe->type), " with ", fe->numel(),
-           " elements; expected one U8 value");
+  w.codes = stored_tensor::from(r, r.at(name));
+  w.scb = stored_tensor::from(r, r.at(scb_key));
+  if (auto const* fe = r.find(int8_format_key(name)))
     w.weight_format = stored_tensor::from(r, *fe);
-    auto const v = static_cast<unsigned>(w.weight_format->bytes[0]);
-    if (v != 0) {
-      char const* const names[] = {"row", "col32", "col_turing", "col_ampere"};
-      fail("weight_format is ", v, v < 4 ? std::string(" (") + names[v] + ")" : std::string(),
-           "; only 0 (row-major) is supported, as in bitsandbytes 0.50.2");
-    }
-  }
   return w;
 }
 

@@ -140,6 +140,19 @@ inline std::optional<std::uint64_t> checked_nbytes(std::span<std::int64_t const>
   return n;
 }
 
+//! What every writer requires of one tensor of `nbytes` bytes, whatever else it holds: a
+//! non-empty name other than __metadata__, a shape of non-negative dimensions whose byte count
+//! (numel x dtype size) does not overflow and equals `nbytes`. Throws bad_argument.
+inline void check_writable(std::string_view name, dtype type, std::span<std::int64_t const> shape,
+                           std::size_t nbytes) {
+  QMEM_EXPECTS(!name.empty() && name != "__metadata__", "tensor name '", name,
+               "' is reserved or empty");
+  auto const n = checked_nbytes(shape, type);
+  QMEM_EXPECTS(n.has_value(), "tensor '", name, "' has a negative or overflowing shape");
+  QMEM_EXPECTS(*n == nbytes, "tensor '", name, "' has ", nbytes, " bytes; its shape and dtype ",
+               dtype_name(type), " need ", *n);
+}
+
 //! Writes `s` as a JSON string (quoted and escaped as serde_json and nlohmann do: `"`, `\`, and
 //! control characters; UTF-8 passes through). Throws bad_argument for invalid UTF-8.
 inline void append_json_string(std::string& out, std::string_view s) {
@@ -323,7 +336,9 @@ public:
 
   //! Copies tensor `name` into `out`. Preconditions: the tensor exists, its dtype is
   //! `dtype_of_v<T>`, `out` has exactly numel() elements in host-accessible memory, aligned and
-  //! non-null. Throws bad_argument otherwise, before writing anything.
+  //! non-null. Throws bad_argument otherwise, before writing anything. For T = bool, throws
+  //! format_error (before writing anything) when a stored byte is neither 0 nor 1: such a byte is
+  //! not a bool value (reading it as one is undefined behaviour).
   template <class T>
   requires(has_dtype_v<T> && !std::is_const_v<T>) void read_into(std::string_view name,
                                                                  tensor_view<T> out) const {
@@ -331,6 +346,13 @@ public:
     QMEM_EXPECTS(out.size() == e.numel(), "out has ", out.size(), " elements; tensor '", name,
                  "' has ", e.numel());
     check_view(out, "read_into", "out", true, false);
+    if constexpr (std::same_as<T, bool>) {
+      auto const b = bytes(e);
+      for (std::size_t i = 0; i < b.size(); ++i)
+        if (auto const v = std::to_integer<unsigned>(b[i]); v > 1)
+          fail("BOOL tensor '", name, "' holds the byte ", v, " at element ", i,
+               "; expected 0 or 1");
+    }
     if (!out.empty())
       std::memcpy(out.data(), bytes(e).data(), e.nbytes());
   }
@@ -633,16 +655,42 @@ public:
   //! a non-negative shape, and `bytes.size()` == numel x dtype_size(type). Throws bad_argument.
   void add(std::string name, dtype type, std::vector<std::int64_t> shape,
            std::span<std::byte const> bytes) {
-    QMEM_EXPECTS(!name.empty() && name != "__metadata__", "tensor name '", name,
-                 "' is reserved or empty");
-    for (auto const& it : items_)
-      QMEM_EXPECTS(it.spec.name != name, "tensor name '", name, "' was already added");
-    auto const n = detail::checked_nbytes(shape, type);
-    QMEM_EXPECTS(n.has_value(), "tensor '", name, "' has a negative or overflowing shape");
-    QMEM_EXPECTS(*n == bytes.size(), "tensor '", name, "' has ", bytes.size(),
-                 " bytes; its shape and dtype ", dtype_name(type), " need ", *n);
+    check_new(name, type, shape, bytes.size());
     items_.push_back(item{tensor_spec{std::move(name), type, std::move(shape)},
                           std::vector<std::byte>(bytes.begin(), bytes.end())});
+  }
+
+  //! Adds a copy of every tensor of `tensors`, or none: each must meet add's preconditions, and
+  //! their names must differ from each other. Throws bad_argument (or bad_alloc) with the writer
+  //! unchanged.
+  void add_all(std::span<std::pair<tensor_spec, std::span<std::byte const>> const> tensors) {
+    check_new_all(tensors);
+    std::size_t const before = items_.size();
+    items_.reserve(before + tensors.size());
+    try {
+      for (auto const& [spec, bytes] : tensors)
+        items_.push_back(item{spec, std::vector<std::byte>(bytes.begin(), bytes.end())});
+    } catch (...) {
+      items_.erase(items_.begin() + static_cast<std::ptrdiff_t>(before), items_.end());
+      throw;
+    }
+  }
+
+  //! Throws bad_argument unless add_all(tensors) would add them all; changes nothing.
+  void
+  check_new_all(std::span<std::pair<tensor_spec, std::span<std::byte const>> const> tensors) const {
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      auto const& spec = tensors[i].first;
+      check_new(spec.name, spec.type, spec.shape, tensors[i].second.size());
+      for (std::size_t j = 0; j < i; ++j)
+        QMEM_EXPECTS(tensors[j].first.name != spec.name, "tensor name '", spec.name,
+                     "' appears twice among the tensors to add");
+    }
+  }
+
+  //! True when a tensor named `name` was added.
+  [[nodiscard]] bool contains(std::string_view name) const noexcept {
+    return std::ranges::any_of(items_, [&](item const& it) { return it.spec.name == name; });
   }
 
   //! Adds a copy of typed values with the given shape (numel must equal values.size()).
@@ -655,6 +703,15 @@ public:
   //! Number of tensors added.
   [[nodiscard]] std::size_t size() const noexcept { return items_.size(); }
 
+private:
+  // add's preconditions for a tensor of `nbytes` bytes (bad_argument).
+  void check_new(std::string_view name, dtype type, std::span<std::int64_t const> shape,
+                 std::size_t nbytes) const {
+    detail::check_writable(name, type, shape, nbytes);
+    QMEM_EXPECTS(!contains(name), "tensor name '", name, "' was already added");
+  }
+
+public:
   //! Writes the file atomically. Throws bad_argument for a non-UTF-8 name or metadata string or a
   //! header above detail::max_header_bytes (before creating anything), io_error on failure.
   void save(std::filesystem::path const& path, order o = order::reference) const {

@@ -31,6 +31,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 
 namespace qmem::memory {
 
@@ -39,10 +40,17 @@ namespace cuda_resource_detail {
 //! cudaMallocManaged all return at least 256-byte aligned storage).
 inline constexpr std::size_t runtime_alignment = 256;
 
-inline void check_alignment(void* p, std::size_t alignment, char const* what) {
-  if (reinterpret_cast<std::uintptr_t>(p) % alignment != 0) [[unlikely]]
+//! Throws qmem::error when `what` returned `p` not aligned to `alignment`, after handing `p` back
+//! with `release(p)` (noexcept): the allocation succeeded, so the caller that gets the exception
+//! has no pointer to free and it would otherwise leak.
+template <class Release>
+requires std::is_nothrow_invocable_v<Release&, void*>
+void check_alignment(void* p, std::size_t alignment, char const* what, Release release) {
+  if (reinterpret_cast<std::uintptr_t>(p) % alignment != 0) [[unlikely]] {
+    release(p);
     qmem::detail::raise<qmem::error>(what, " returned storage not aligned to ", alignment,
                                      " bytes");
+  }
 }
 
 inline void check_alignment_request(std::size_t alignment, char const* resource_name) {
@@ -112,7 +120,8 @@ public:
     qmem::cuda_detail::check(cudaMallocFromPoolAsync(&p, bytes, pool_, stream),
                              "cudaMallocFromPoolAsync");
     cuda_resource_detail::check_alignment(p, cuda_resource_detail::runtime_alignment,
-                                          "cudaMallocFromPoolAsync");
+                                          "cudaMallocFromPoolAsync",
+                                          [&](void* q) noexcept { deallocate_async(q, stream); });
     return p;
   }
   //! Returns `p` to the pool in stream order on `stream` (no synchronization).
@@ -162,7 +171,8 @@ private:
     qmem::cuda_detail::check(
         cudaHostAlloc(&p, bytes == 0 ? 1 : bytes, cudaHostAllocPortable | cudaHostAllocMapped),
         "cudaHostAlloc");
-    cuda_resource_detail::check_alignment(p, alignment, "cudaHostAlloc");
+    cuda_resource_detail::check_alignment(p, alignment, "cudaHostAlloc",
+                                          [](void* q) noexcept { (void)cudaFreeHost(q); });
     return p;
   }
   void do_deallocate(void* p, std::size_t, std::size_t, category) noexcept override {
@@ -215,8 +225,9 @@ private:
     void* p = nullptr;
     qmem::cuda_detail::check(cudaMallocManaged(&p, bytes == 0 ? 1 : bytes, cudaMemAttachGlobal),
                              "cudaMallocManaged");
-    cuda_resource_detail::check_alignment(p, alignment, "cudaMallocManaged");
-    outstanding_ += bytes;
+    cuda_resource_detail::check_alignment(p, alignment, "cudaMallocManaged",
+                                          [](void* q) noexcept { (void)cudaFree(q); });
+    outstanding_ += bytes; // after the last throw: a refused allocation is not counted
     return p;
   }
   void do_deallocate(void* p, std::size_t bytes, std::size_t, category) noexcept override {

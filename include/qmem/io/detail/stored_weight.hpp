@@ -17,14 +17,16 @@
 namespace qmem::io::detail {
 
 //! The shared members of a stored weight `Weight` (CRTP), which provides `name` (its key),
-//! `numel()`, `tensors()` (pairs of tensor_spec and bytes) and `dequantize(exec::host const&,
-//! tensor_view<T>)`. `Weight` brings `dequantize` into its own scope with a using-declaration.
+//! `numel()`, `tensors()` (pairs of tensor_spec and bytes), `check_readable(char const*)` and
+//! `dequantize(exec::host const&, tensor_view<T>)`. `Weight` brings `dequantize` into its own scope with a using-declaration.
 template <class Weight>
 struct stored_weight {
-  //! Adds every tensor of this weight to `w` (the writer sorts them).
+  //! Adds every tensor of this weight to `w` (the writer sorts them), or none: throws
+  //! bad_argument with `w` unchanged when the file would hold a weight its reader refuses or reads
+  //! differently (`Weight::check_readable`), or when a key is already in `w`.
   void add_to(safetensors_writer& w) const {
-    for (auto const& [spec, bytes] : self().tensors())
-      w.add(spec.name, spec.type, spec.shape, bytes);
+    self().check_readable("add_to");
+    w.add_all(self().tensors());
   }
 
   //! The dequantized values as a new vector of numel() elements.
