@@ -319,8 +319,9 @@ constexpr cuda_matmul::gemv1_shape variants1[] = {{8, 2, 2},
                                                   cuda_matmul::gemv_batch1_candidates[4],
                                                   cuda_matmul::gemv_batch1_candidates[5]};
 // Variants 19 and up: the streaming batch-1 kernel's shapes (cuda_matmul::
-// gemv_batch1_stream_candidates; 20 is dispatched with plain scales, 19 with nested ones; 26-28
-// not yet timed), to compare with 9 and 13-18.
+// gemv_batch1_stream_candidates; the dispatched ones are cuda_matmul::gemv_batch1_stream and
+// gemv_batch1_stream_nested, whose comments name their variant numbers), to compare with 9 and
+// 13-18.
 constexpr auto const& variants_stream = cuda_matmul::gemv_batch1_stream_candidates;
 constexpr int stream_first = 8 + static_cast<int>(std::size(variants1));
 // (the first 12 of them, variants 19-30; the later ones come after the small-batch shapes, so

@@ -746,8 +746,10 @@ TEST_CASE("the streaming small-batch GEMV kernel computes the GEMV function on e
   constexpr auto count = std::size(cuda_matmul::gemv_batch16_stream_candidates);
   all_small_batch_cases(rng, std::make_index_sequence<count>{});
 #else
-  // the four shapes launch_gemv dispatches (gemv_batch16_stream, _long, _unpaired, _short)
+  // the five shapes launch_gemv dispatches (gemv_batch16_stream, _two_steps, _long, _unpaired,
+  // _short)
   small_batch_cases<cuda_matmul::gemv_batch16_stream>(rng);
+  small_batch_cases<cuda_matmul::gemv_batch16_stream_two_steps>(rng);
   small_batch_cases<cuda_matmul::gemv_batch16_stream_long>(rng);
   small_batch_cases<cuda_matmul::gemv_batch16_stream_unpaired>(rng);
   small_batch_cases<cuda_matmul::gemv_batch16_stream_short>(rng);

@@ -2323,6 +2323,16 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream = gemv_batch16_stream_ca
 //! for gemv_batch16_stream (candidate 8) in the same process; on 8192 x 8192 (4 tiles per
 //! block: one step's) 20.36 against 19.63, hence the condition.
 inline constexpr gemvm_stream_shape gemv_batch16_stream_long = gemv_batch16_stream_candidates[12];
+//! Batches 9-16 with plain scales where a block owns more than one step's tiles but at most two
+//! steps' (5 to 8 tiles: 14336 x 4096 on 132 SMs, 7): candidate 14, the long shape with the
+//! activations in slots of their own (x_slots) and without full_rounds. Lead's integrated run
+//! (H200, 2026-11-30 11:17 UTC, bench gemv_batch16_ab, 3 alternating rounds in one process, us at
+//! batch 16): 14336 x 4096 17.42 / 17.51 / 17.48 against 18.04 / 18.16 / 18.16 for candidate 12
+//! (-3.5%); on 28672 x 8192 (14 tiles, four steps) 75.82 / 75.47 / 75.87 against 72.83 / 72.77 /
+//! 72.78 (+4%), and candidate 13 (x_slots with full_rounds) was slower on both, so more than two
+//! steps keep candidate 12.
+inline constexpr gemvm_stream_shape gemv_batch16_stream_two_steps =
+    gemv_batch16_stream_candidates[14];
 //! {16, 4} / {12, 4} with group_scales (variant 37), the fastest unpaired shape on 14336 x 4096 and
 //! 8192 x 8192 at batches 4 and 16 and on 28672 x 8192 at batch 16 in the 19:27 UTC run above (at
 //! batch 4 there {16, 2} gs was 2.7% faster).
@@ -3972,7 +3982,8 @@ void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
 }
 
 //! Batches 2 to 16 on weights where a block owns at least 4 tiles: with plain scales, at batches
-//! 9-16 where a block owns more than 4 tiles the steps-outer shape (gemv_batch16_stream_long),
+//! 9-16 where a block owns more than 4 tiles the steps-outer shape (gemv_batch16_stream_two_steps
+//! up to 8 tiles, gemv_batch16_stream_long beyond),
 //! else the pair shape; the unpaired one with nested scales or where those decline the weight.
 //! False when none takes it.
 template <class Code, class T, bool Nested>
@@ -3981,7 +3992,12 @@ bool launch_gemvm_long(exec::cuda const& e, gemv_args<T> const& a) {
     // batches 9-16 where a block owns more than one step's tiles: the x-once shape
     std::size_t const sms = multiprocessors(e.device);
     std::size_t const per_block = ((a.n + 15) / 16 + sms - 1) / sms;
-    if (a.m > 8 && per_block > static_cast<std::size_t>(gemv_batch16_stream_long.tiles16) &&
+    static_assert(gemv_batch16_stream_two_steps.tiles16 == gemv_batch16_stream_long.tiles16);
+    std::size_t const step = static_cast<std::size_t>(gemv_batch16_stream_long.tiles16);
+    if (a.m > 8 && per_block > step && per_block <= 2 * step &&
+        launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_two_steps>(e, a))
+      return true;
+    if (a.m > 8 && per_block > step &&
         launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_long>(e, a))
       return true;
     if (launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream>(e, a))
