@@ -106,24 +106,32 @@ private:
     std::lock_guard lock(mutex_);
     cuda_detail::device_guard guard(device_);
     void* p = nullptr;
+    kind k = kind::managed;
     if (unified_) {
       cuda_detail::check(cudaMallocManaged(&p, n, cudaMemAttachGlobal), "cudaMallocManaged");
-      cudaMemLocation const loc{cudaMemLocationTypeDevice, device_};
-      // the device reads pages wherever they are rather than faulting them in one by one
-      cuda_detail::check(cudaMemAdvise(p, n, cudaMemAdviseSetAccessedBy, loc),
-                         "cudaMemAdvise(AccessedBy)");
-      managed_bytes_ += n;
-      live_[p] = {kind::managed, n};
     } else if (device_bytes_ + n <= device_budget_) {
       cuda_detail::check(cudaMalloc(&p, n), "cudaMalloc(paged state fallback)");
-      device_bytes_ += n;
-      live_[p] = {kind::device, n};
+      k = kind::device;
     } else {
       cuda_detail::check(cudaHostAlloc(&p, n, cudaHostAllocPortable | cudaHostAllocMapped),
                          "cudaHostAlloc(paged state fallback)");
-      pinned_bytes_ += n;
-      live_[p] = {kind::pinned, n};
+      k = kind::pinned;
     }
+    // until the allocation is recorded, a throw (the advice refused, the map out of memory)
+    // frees it: the caller never sees the pointer
+    try {
+      if (k == kind::managed) {
+        cudaMemLocation const loc{cudaMemLocationTypeDevice, device_};
+        // the device reads pages wherever they are rather than faulting them in one by one
+        cuda_detail::check(cudaMemAdvise(p, n, cudaMemAdviseSetAccessedBy, loc),
+                           "cudaMemAdvise(AccessedBy)");
+      }
+      live_.emplace(p, std::pair{k, n});
+    } catch (...) {
+      release(p, k);
+      throw;
+    }
+    bytes_of(k) += n;
     return p;
   }
   void do_deallocate(void* p, std::size_t, std::size_t, memory::category) noexcept override {
@@ -133,13 +141,17 @@ private:
       return;
     auto const [k, n] = it->second;
     live_.erase(it);
-    if (k == kind::pinned) {
+    release(p, k);
+    bytes_of(k) -= n;
+  }
+  static void release(void* p, kind k) noexcept {
+    if (k == kind::pinned)
       (void)cudaFreeHost(p);
-      pinned_bytes_ -= n;
-    } else {
+    else
       (void)cudaFree(p);
-      (k == kind::managed ? managed_bytes_ : device_bytes_) -= n;
-    }
+  }
+  std::size_t& bytes_of(kind k) noexcept {
+    return k == kind::managed ? managed_bytes_ : k == kind::device ? device_bytes_ : pinned_bytes_;
   }
 };
 
