@@ -27,7 +27,11 @@
 # One device command is limited to 600 s: on 2026-11-29 the build took 239 s (TEST_FAST=1) and
 # tests,bench,others,peers,host 487 s in all, so `sanitize` goes in a second command, right after
 # the first (the machine stays warm for 30 s), with REUSE_BUILD=1 and without carrying the build
-# folder again, so that the first command's build-gpu/ is still there.
+# folder again, so that the first command's build-gpu/ is still there. On 2026-11-30 (sm_90a, the
+# fused GEMM and more candidates) the build took 430 s, so `tests` belongs in that second command
+# too. Such a second command found build-gpu/ but not the rest of an uncarried, ignored copy of the
+# tree (tests/data was gone): run it from the checkout itself or carry the copy again without its
+# build folder, or point QMEM_GOLDEN_FILE at the checkout's tests/data.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-$root/out}
