@@ -152,6 +152,11 @@ struct quantized_weight {
   [[nodiscard]] std::size_t code_bytes() const {
     return std::visit([](auto const& x) { return x.codes.bytes.size(); }, w);
   }
+  //! Throws bad_argument unless the weight is what the readers accept (qmem's own quantization
+  //! always is: a library defect, never a user's, would trip this before a file is written).
+  void check_readable() const {
+    std::visit([](auto const& x) { x.check_readable("qmem quantize"); }, w);
+  }
   //! Frees the codes (kept: the small tensors).
   void drop_codes() {
     std::visit([](auto& x) { std::vector<std::byte>().swap(x.codes.bytes); }, w);
@@ -415,6 +420,7 @@ int quantize(std::vector<std::string> const& args, quantize_options o) {
           // quantization, convert with another (deterministic: the same bytes)
           auto w = quantize_entry(r, e, o);
           r.release(e);
+          w.check_readable();
           for (auto const& [spec, bytes] : w.tensors())
             items.push_back({spec, &e, true});
           // keep the small tensors (scales, tables, state: ~3% of the input at block 64) while
