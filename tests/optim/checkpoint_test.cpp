@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <random>
 #include <span>
@@ -24,6 +25,34 @@ using namespace qmem;
 std::filesystem::path temp_file(std::string const& name) {
   return std::filesystem::temp_directory_path() /
          ("qmem_optim_" + name + "_" + std::to_string(::getpid()) + ".safetensors");
+}
+
+// A copy of `path` with one tensor's bytes replaced and the checksum recomputed, as a file
+// written by a buggy or hostile tool would carry: only load_state's own checks can refuse it.
+std::filesystem::path resigned_copy(std::filesystem::path const& path, std::string const& tensor,
+                                    std::span<std::byte const> value) {
+  auto const edited = temp_file("edited");
+  io::safetensors_reader const r(path);
+  std::map<std::string, std::vector<std::byte>> bytes; // name order, as the checksum
+  for (auto const& t : r.tensors()) {
+    auto const b = r.bytes(t);
+    bytes[t.name].assign(b.begin(), b.end());
+  }
+  REQUIRE(bytes.at(tensor).size() == value.size());
+  bytes[tensor].assign(value.begin(), value.end());
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (auto const& [name, b] : bytes) {
+    h = optim::detail::fnv1a(h, std::as_bytes(std::span<char const>(name.data(), name.size())));
+    h = optim::detail::fnv1a(h, b);
+  }
+  io::safetensors_writer w;
+  for (auto const& [k, v] : r.metadata())
+    w.set_metadata(k, v);
+  w.set_metadata("checksum", std::to_string(h));
+  for (auto const& t : r.tensors())
+    w.add(t.name, t.type, t.shape, bytes[t.name]);
+  w.save(edited);
+  return edited;
 }
 
 std::vector<std::vector<float>> gradients(std::vector<std::size_t> const& sizes, int step) {
@@ -154,31 +183,9 @@ TEST_CASE("load errors: wrong policy, wrong parameters, corrupt file; optimizer 
     CHECK(target.step_count() == 2);
     CHECK(target.state_values_of(0, 0) == before);
   }
-  // A copy of `path` with one tensor's bytes replaced and the checksum recomputed, as a file
-  // written by a buggy or hostile tool would carry: only load_state's own checks can refuse it.
+  // resigned copies of `path`: only load_state's own checks can refuse them
   auto edited_copy = [&](std::string const& tensor, std::span<std::byte const> value) {
-    auto const edited = temp_file("edited");
-    io::safetensors_reader const r(path);
-    std::map<std::string, std::vector<std::byte>> bytes; // name order, as the checksum
-    for (auto const& t : r.tensors()) {
-      auto const b = r.bytes(t);
-      bytes[t.name].assign(b.begin(), b.end());
-    }
-    REQUIRE(bytes.at(tensor).size() == value.size());
-    bytes[tensor].assign(value.begin(), value.end());
-    std::uint64_t h = 0xcbf29ce484222325ull;
-    for (auto const& [name, b] : bytes) {
-      h = optim::detail::fnv1a(h, std::as_bytes(std::span<char const>(name.data(), name.size())));
-      h = optim::detail::fnv1a(h, b);
-    }
-    io::safetensors_writer w;
-    for (auto const& [k, v] : r.metadata())
-      w.set_metadata(k, v);
-    w.set_metadata("checksum", std::to_string(h));
-    for (auto const& t : r.tensors())
-      w.add(t.name, t.type, t.shape, bytes[t.name]);
-    w.save(edited);
-    return edited;
+    return resigned_copy(path, tensor, value);
   };
   // load_state took a parameter's lr_scale from the file unchecked (add_param refuses < 0): a
   // file with a valid checksum and lr_scale -1 made the next step ascend the gradient.
@@ -189,6 +196,16 @@ TEST_CASE("load errors: wrong policy, wrong parameters, corrupt file; optimizer 
                          qmem::format_error);
     CHECK(target.step_count() == 2);
     CHECK(target.state_values_of(0, 0) == before);
+    CHECK(target.params()[0].lr_scale == 1.0f);
+    std::filesystem::remove(edited);
+  }
+  // ... nor an infinite one (add_param now refuses it too): the tensor's lr became inf.
+  SUBCASE("an infinite lr_scale with a valid checksum") {
+    float const inf = std::numeric_limits<float>::infinity();
+    auto const edited = edited_copy("param.0.lr_scale", std::as_bytes(std::span(&inf, 1)));
+    CHECK_THROWS_WITH_AS(optim::load_state(target, edited), doctest::Contains("lr_scale"),
+                         qmem::format_error);
+    CHECK(target.step_count() == 2);
     CHECK(target.params()[0].lr_scale == 1.0f);
     std::filesystem::remove(edited);
   }
@@ -214,5 +231,48 @@ TEST_CASE("load errors: wrong policy, wrong parameters, corrupt file; optimizer 
   SUBCASE("a missing file") {
     CHECK_THROWS_AS(optim::load_state(target, temp_file("missing")), qmem::io_error);
   }
+  std::filesystem::remove(path);
+}
+
+// load_state took the percentile-clipping history from the file unchecked: a resigned file with
+// a NaN entry passed, and the next steps sorted an unordered history (NaN compares false both
+// ways) to pick their clip; a negative entry made the clip sqrt(< 0) = NaN.
+TEST_CASE("load_state refuses a percentile history entry that is NaN or < 0") {
+  auto const path = temp_file("history");
+  std::vector<float> p(5000, 0.5f), g(5000, 0.1f);
+  std::vector<tensor_view<float const>> gs{view(g)};
+  optim::optimizer<optim::adamw, optim::int8_state> saved({}, {.percentile = 50});
+  saved.add_param(view(p));
+  saved.step(exec::host{}, gs);
+  saved.step(exec::host{}, gs);
+  optim::save_state(saved, path);
+  std::vector<float> q(5000, 0.5f);
+  optim::optimizer<optim::adamw, optim::int8_state> target({}, {.percentile = 50});
+  target.add_param(view(q));
+  target.step(exec::host{}, gs);
+  auto const before = target.state_values_of(0, 0);
+  io::safetensors_reader const r(path);
+  auto const b = r.bytes(*r.find("norm_history"));
+  std::vector<float> history(100);
+  std::memcpy(history.data(), b.data(), 400);
+  REQUIRE(history[0] > 0.0f);
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), -1.0f}) {
+    CAPTURE(bad);
+    auto edited = history;
+    edited[1] = bad;
+    auto const file = resigned_copy(path, "norm_history", std::as_bytes(std::span(edited)));
+    CHECK_THROWS_WITH_AS(optim::load_state(target, file), doctest::Contains("norm_history[1]"),
+                         qmem::format_error);
+    CHECK(target.step_count() == 1);
+    CHECK(target.state_values_of(0, 0) == before);
+    std::filesystem::remove(file);
+  }
+  // an overflowed square (inf) is a value step() itself stores: accepted
+  auto edited = history;
+  edited[1] = std::numeric_limits<float>::infinity();
+  auto const file = resigned_copy(path, "norm_history", std::as_bytes(std::span(edited)));
+  CHECK_NOTHROW(optim::load_state(target, file));
+  CHECK(target.step_count() == 2);
+  std::filesystem::remove(file);
   std::filesystem::remove(path);
 }

@@ -420,6 +420,19 @@ TEST_CASE("bad arguments are refused before anything is written") {
   CHECK_THROWS_AS(opt_t({}, {.lr = optim::lr_schedule::cosine(1e-3f, 0, -100)}),
                   qmem::bad_argument);
   CHECK_NOTHROW(opt_t({}, {.lr = optim::lr_schedule::cosine(1e-3f, 0, 0)}));
+  // An infinite lr, min_lr or lr_scale was accepted (only < 0 and NaN were refused): the first
+  // step made every parameter inf, or NaN where the lr is inf x 0 (a cosine's end, a warmup).
+  float const inf = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_AS(opt_t({}, {.lr = optim::lr_schedule::constant(inf)}), qmem::bad_argument);
+  CHECK_THROWS_AS(opt_t({}, {.lr = optim::lr_schedule::cosine(inf, 0, 10)}), qmem::bad_argument);
+  CHECK_THROWS_AS(opt_t({}, {.lr = optim::lr_schedule::cosine(1e-3f, 0, 10, inf)}),
+                  qmem::bad_argument);
+  std::vector<float> p2(100, 1.0f);
+  opt_t::param_options infinite_scale;
+  infinite_scale.lr_scale = inf;
+  CHECK_THROWS_WITH_AS(opt.add_param(view(p2), infinite_scale), doctest::Contains("lr_scale"),
+                       qmem::bad_argument);
+  CHECK(opt.size() == 1);
   // master_data(i) read past the parameters for i >= size() (no bounds check).
   CHECK(opt.master_data(0) == nullptr); // fp32 parameters keep no master copy
   CHECK_THROWS_AS((void)opt.master_data(1), qmem::bad_argument);

@@ -8,8 +8,8 @@
 //! overflow to infinity and gradual underflow, exactly as `__float2bfloat16_rn`/`__float2half_rn`
 //! and torch's `.bfloat16()`/`.half()`; it is written with integer operations only, so the same
 //! function gives the same bits on the host, in a kernel, and under flush-to-zero. NaN inputs give a
-//! quiet NaN: bf16 0x7FC0 and f16 0x7E00 with the input's sign, as torch does (CUDA's intrinsics
-//! give 0x7FFF: a different NaN payload, the same value class).
+//! quiet NaN as torch does: bf16 0x7FC0 whatever the input's sign, f16 0x7E00 with the input's
+//! sign (CUDA's intrinsics give 0x7FFF: a different NaN payload, the same value class).
 
 #include <qmem/core/config.hpp>
 #include <qmem/core/error.hpp>

@@ -12,7 +12,8 @@
 //!   param.{i}.rule U8 (the rule's hyper-parameters, its object bytes), param.{i}.lr_scale F32[1],
 //!   param.{i}.quantized U8[1].
 //! Loading checks everything first (schema, policy, parameter count and sizes, dtypes, the
-//! checksum, lr scales >= 0) and throws qmem::format_error naming the mismatch, leaving the
+//! checksum, lr scales finite and >= 0, rules in their ranges, the
+//! percentile history >= 0) and throws qmem::format_error naming the mismatch, leaving the
 //! optimizer unchanged; only then does it copy. 10 steps equal 5 steps + save + load into a fresh optimizer + 5 steps,
 //! bit for bit (the step count and the stochastic-rounding counters are restored too).
 //! The parameters themselves are not saved: they belong to the model's checkpoint.
@@ -157,7 +158,8 @@ void save_state(optimizer<Rule, Policy, Param> const& opt, std::filesystem::path
 //! of the same sizes (added in the same order). Throws io_error when the file cannot be read,
 //! format_error when it is not a qmem optimizer state file of schema 1, was written for another
 //! policy or other parameters, or is corrupt (checksum), or holds a value the optimizer's own
-//! entry points refuse (a rule out of its ranges, a negative lr scale); `opt` is then unchanged.
+//! entry points refuse (a rule out of its ranges, an lr scale < 0 or not finite) or a percentile
+//! history entry < 0 or NaN; `opt` is then unchanged.
 template <class Rule, class Policy, class Param>
 void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const& path) {
   using O = optimizer<Rule, Policy, Param>;
@@ -217,6 +219,11 @@ void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const
     auto const b = expect("norm_history", dtype::f32, 400);
     new_hist.resize(100);
     std::memcpy(new_hist.data(), b.data(), 400);
+    // squared global norms of finite gradients: >= 0 (inf where the square overflowed); a NaN
+    // made the percentile's sort meaningless (NaN is unordered) and a negative the clip NaN
+    for (std::size_t j = 0; j < new_hist.size(); ++j)
+      if (!(new_hist[j] >= 0.0f))
+        fail("norm_history[", j, "] is ", new_hist[j], "; expected a squared norm >= 0");
   }
   std::vector<Rule> rules(params.size());
   std::vector<float> lr_scales(params.size());
@@ -257,8 +264,11 @@ void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const
       fail("parameter ", i, "'s rule is out of range: ", e.what());
     }
     std::memcpy(&lr_scales[i], expect(pre + "lr_scale", dtype::f32, 4).data(), 4);
-    if (!(lr_scales[i] >= 0.0f)) // what add_param accepts
-      fail("parameter ", i, " has lr_scale ", lr_scales[i], "; expected >= 0");
+    try { // what add_param accepts
+      detail::check_lr_scale(lr_scales[i]);
+    } catch (bad_argument const& e) {
+      fail("parameter ", i, " has a bad lr_scale: ", e.what());
+    }
   }
   // nothing can fail from here on
   for (auto const& cp : copies)

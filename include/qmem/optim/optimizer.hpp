@@ -309,7 +309,7 @@ private:
 
 public:
   //! An optimizer with default hyper-parameters `rule` and `options`; state is allocated from
-  //! `r` (host-accessible memory). Throws bad_argument for a resource of device memory, an lr < 0,
+  //! `r` (host-accessible memory). Throws bad_argument for a resource of device memory, an lr < 0 or not finite,
   //! a percentile outside [1, 100], negative clipping thresholds, stochastic rounding of f16
   //! parameters, or a rule whose validate() refuses its hyper-parameters (validated_rule).
   explicit optimizer(Rule rule = {}, optimizer_options options = {},
@@ -327,7 +327,7 @@ public:
   //! Adds a parameter tensor (host-accessible, non-null when non-empty, sharing no memory with a
   //! parameter already added) and allocates its state, zeroed (bitsandbytes' initial codes and
   //! absmax). Returns its index, the position of its gradient in step(). Throws bad_argument for
-  //! a bad or overlapping view, lr_scale < 0, or an `o.rule` whose validate() refuses it.
+  //! a bad or overlapping view, lr_scale < 0 or not finite, or an `o.rule` whose validate() refuses it.
   std::size_t add_param(tensor_view<Param> param, param_options o = {}) {
     check_view(param, "add_param", "param", true, false);
     check_new_param(params_, param, o);
@@ -341,7 +341,7 @@ public:
 
   //! The checks add_param runs on a new parameter here and in the CUDA optimizer
   //! (optim/cuda/device_optimizer.cuh), after each has checked the view and its memory space:
-  //! o.lr_scale >= 0, o.rule (if any) within its ranges, and no memory shared with a parameter
+  //! o.lr_scale finite and >= 0, o.rule (if any) within its ranges, and no memory shared with a parameter
   //! already `added` (each element is updated once per step). Throws bad_argument.
   static void check_new_param(std::span<param_state const> added, tensor_view<Param> param,
                               param_options const& o) {

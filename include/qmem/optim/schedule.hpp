@@ -25,17 +25,17 @@ struct lr_schedule {
   std::int32_t total = 0;
   float min_lr = 0.0f;
 
-  //! Constant learning rate. Precondition: lr >= 0 (checked by the optimizer).
+  //! Constant learning rate. Precondition: lr finite and >= 0 (checked by the optimizer).
   static constexpr lr_schedule constant(float lr) noexcept {
     return {shape::constant, lr, 0, 0, 0};
   }
   //! Linear warmup over `warmup` steps, then constant. Preconditions (checked by the
-  //! optimizer): lr >= 0, warmup >= 0.
+  //! optimizer): lr finite and >= 0, warmup >= 0.
   static constexpr lr_schedule linear_warmup(float lr, std::int32_t warmup) noexcept {
     return {shape::linear_warmup, lr, warmup, 0, 0};
   }
   //! Linear warmup, then cosine decay to `min_lr` at step `total`. Preconditions (checked by
-  //! the optimizer): lr, min_lr >= 0; warmup, total >= 0.
+  //! the optimizer): lr, min_lr finite and >= 0; warmup, total >= 0.
   static constexpr lr_schedule cosine(float lr, std::int32_t warmup, std::int32_t total,
                                       float min_lr = 0.0f) noexcept {
     return {shape::cosine, lr, warmup, total, min_lr};

@@ -10,14 +10,19 @@
 #include <qmem/optim/schedule.hpp>
 
 #include <concepts>
+#include <limits>
 
 namespace qmem::optim::detail {
 
-//! Throws bad_argument unless the schedule's lr and min_lr are >= 0 (a NaN is refused) and its
-//! warmup and total step counts are >= 0 (a negative one was silently taken as 0).
+//! Throws bad_argument unless the schedule's lr and min_lr are finite and >= 0 (a NaN is refused;
+//! so is an infinity, which made every parameter inf at the first step, or NaN where the schedule
+//! multiplies it by 0: a warmup's or a cosine's end) and its warmup and total step counts are >= 0
+//! (a negative one was silently taken as 0).
 inline void check_lr_schedule(lr_schedule const& lr) {
-  QMEM_EXPECTS(lr.lr >= 0.0f && lr.min_lr >= 0.0f, "lr is ", lr.lr, " and min_lr ", lr.min_lr,
-               "; expected >= 0");
+  QMEM_EXPECTS(lr.lr >= 0.0f && lr.min_lr >= 0.0f &&
+                   lr.lr < std::numeric_limits<float>::infinity() &&
+                   lr.min_lr < std::numeric_limits<float>::infinity(),
+               "lr is ", lr.lr, " and min_lr ", lr.min_lr, "; expected finite values >= 0");
   QMEM_EXPECTS(lr.warmup >= 0 && lr.total >= 0, "the lr schedule's warmup is ", lr.warmup,
                " and total ", lr.total, "; expected >= 0");
 }
@@ -43,9 +48,11 @@ void check_optimizer_options(optimizer_options const& options) {
                "stochastic rounding of parameters needs bf16 parameters; these are f16");
 }
 
-//! Throws bad_argument unless a parameter's lr scale is >= 0 (a NaN is refused).
+//! Throws bad_argument unless a parameter's lr scale is finite and >= 0 (a NaN is refused, and
+//! an infinity: it made the tensor's lr inf, or NaN at an lr of 0).
 inline void check_lr_scale(float lr_scale) {
-  QMEM_EXPECTS(lr_scale >= 0.0f, "lr_scale is ", lr_scale, "; expected >= 0");
+  QMEM_EXPECTS(lr_scale >= 0.0f && lr_scale < std::numeric_limits<float>::infinity(),
+               "lr_scale is ", lr_scale, "; expected a finite value >= 0");
 }
 
 } // namespace qmem::optim::detail
