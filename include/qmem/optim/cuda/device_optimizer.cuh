@@ -217,7 +217,7 @@ public:
   //! (adding a parameter to a bound optimizer waits for e.stream and unbinds it).
   //! Preconditions (bad_argument, nothing allocated): the view is non-null when non-empty, not
   //! in host memory and shares no memory with a parameter already added (as the host optimizer's
-  //! add_param); lr_scale >= 0; `o.rule`, when set, passes its validate(); e.device is this
+  //! add_param); lr_scale finite and >= 0; `o.rule`, when set, passes its validate(); e.device is this
   //! optimizer's device.
   std::size_t add_param(exec::cuda const& e, tensor_view<Param> param, param_options o = {}) {
     QMEM_EXPECTS(e.device == device_, "e.device is ", e.device, "; this optimizer is on device ",

@@ -310,7 +310,7 @@ class step_controller {
 
 public:
   //! Allocates the step state from `device` (a device or managed resource) and initializes it on
-  //! e.stream (blocks until that upload is done, once). Preconditions: lr >= 0, max_grad_norm >= 0,
+  //! e.stream (blocks until that upload is done, once). Preconditions: lr finite and >= 0, max_grad_norm >= 0,
   //! max_unorm >= 0, percentile in [1, 100], grad_unscale finite and >= 0, max_groups >= 1
   //! (bad_argument otherwise).
   step_controller(exec::cuda const& e, memory::resource& device, cuda_step_options options = {})
@@ -508,7 +508,7 @@ public:
   //! size > 0 has non-null param and grad, and for each state a non-null state pointer (and an
   //! absmax pointer for blockwise formats); no master weights when P is float (the fp32-parameter
   //! kernels have no master path); e.device is the controller's device; every tensor's
-  //! lr_scale >= 0 and its rule within its hyper-parameter ranges (the rule's validate(), when it
+  //! lr_scale finite and >= 0 and its rule within its hyper-parameter ranges (the rule's validate(), when it
   //! has one: validated_rule), as the optimizers check them where a rule enters (a device step
   //! cannot throw, so an out-of-range rule would otherwise run, e.g. AdamW with beta2 > 1 letting
   //! v grow without bound).
