@@ -26,6 +26,7 @@
 #include <qmem/core/config.hpp>
 #include <qmem/core/cuda/runtime.cuh>
 #include <qmem/quant/cuda/detail/gemm_sm90.cuh>
+#include <qmem/quant/cuda/detail/pack.cuh>
 #include <qmem/quant/matmul.hpp>
 
 #include <cub/block/block_reduce.cuh>
@@ -202,20 +203,6 @@ inline void lt_matmul_or_throw(exec::cuda const& e, cublasOperation_t op_a, cubl
 
 template <class T>
 inline constexpr cudaDataType_t data_type = std::same_as<T, bf16> ? CUDA_R_16BF : CUDA_R_16F;
-
-//! Two floats rounded to T (nearest even) and packed, the first in the low half.
-template <class T>
-__device__ QMEM_INLINE std::uint32_t pack2(float lo, float hi) {
-  std::uint32_t u;
-  if constexpr (std::same_as<T, bf16>) {
-    __nv_bfloat162 const v = __floats2bfloat162_rn(lo, hi);
-    std::memcpy(&u, &v, 4);
-  } else {
-    __half2 const v = __floats2half2_rn(lo, hi);
-    std::memcpy(&u, &v, 4);
-  }
-  return u;
-}
 
 //! c += a * b on the tensor cores: m16n8k16, A row-major 16x16, B column-major 16x8, fp32 c.
 template <class T>
@@ -451,6 +438,18 @@ __device__ QMEM_INLINE void ldg_pred_once(uint4& v, void const* p, bool pred) {
                " @q ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
                : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
                : "l"(p), "r"(static_cast<int>(pred)));
+}
+
+//! A row's code bytes at p: not kept in L1 when `Once` (ldg_once, ldg_pred_once), else ldg_if;
+//! unpredicated when `Full`, else only where `pred` (v unchanged elsewhere).
+template <bool Once, bool Full, class V>
+__device__ QMEM_INLINE void ldg_codes(V& v, std::uint8_t const* p, bool pred) {
+  if constexpr (Once && Full)
+    ldg_once(v, p);
+  else if constexpr (Once)
+    ldg_pred_once(v, p, pred);
+  else
+    ldg_if<Full>(v, p, pred);
 }
 
 //! The scale of block b as the GEMV kernels read it (the nested one decoded once per block and
@@ -1584,12 +1583,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         for (int j = 0; j < J; ++j) {
           auto const* const sp =
               static_cast<float const*>(row_address(lean_scales[j], rows[h], row_bytes4));
-          if constexpr (StreamCodes && Full)
-            ldg_once(st.q[j][h], cp + 256 * j);
-          else if constexpr (StreamCodes)
-            ldg_pred_once(st.q[j][h], cp + 256 * j, valid[j]);
-          else
-            ldg_if<Full>(st.q[j][h], cp + 256 * j, valid[j]);
+          ldg_codes<StreamCodes, Full>(st.q[j][h], cp + 256 * j, valid[j]);
           ldg_if<Full>(st.s[j][h], sp, valid[j]);
         }
       }
@@ -1613,12 +1607,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
                          : "memory");
           } else {
             auto& st = buf[S];
-            if constexpr (StreamCodes && Full)
-              ldg_once(st.q[j][h], cp + 256 * j);
-            else if constexpr (StreamCodes)
-              ldg_pred_once(st.q[j][h], cp + 256 * j, valid[j]);
-            else
-              ldg_if<Full>(st.q[j][h], cp + 256 * j, valid[j]);
+            ldg_codes<StreamCodes, Full>(st.q[j][h], cp + 256 * j, valid[j]);
             if constexpr (Nested) {
               ldg_if<Full>(st.qs[j][h], a.scales.qabsmax + blk, valid[j]);
               ldg_if<Full>(st.s[j][h], a.scales.absmax2 + (blk >> a.scales.nested_shift), valid[j]);

@@ -34,6 +34,7 @@
 #include <qmem/core/fmath.hpp>
 #include <qmem/core/numeric.hpp>
 #include <qmem/quant/code_table.hpp>
+#include <qmem/quant/cuda/detail/pack.cuh>
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -317,33 +318,22 @@ __device__ QMEM_INLINE void wgmma_64x256x16_rs(float (&d)[128], std::uint32_t co
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
 }
 
-//! Two floats rounded to T (nearest even) and packed, the first in the low half.
-template <class T>
-__device__ QMEM_INLINE std::uint32_t pack_pair(float lo, float hi) {
-  std::uint32_t u;
-  if constexpr (std::same_as<T, bf16>) {
-    __nv_bfloat162 const v = __floats2bfloat162_rn(lo, hi);
-    std::memcpy(&u, &v, 4);
-  } else {
-    __half2 const v = __floats2half2_rn(lo, hi);
-    std::memcpy(&u, &v, 4);
-  }
-  return u;
-}
-
+//! v rounded to T by the hardware conversion (one F2F per value): the epilogue's 128 outputs per
+//! thread; qmem::from_float's portable bit arithmetic gives the same bits for every non-NaN value
+//! but tripled this kernel's code (nvcc 13, sm_90a, 2026-11-30).
 template <class T>
 __device__ QMEM_INLINE T round_to(float v) {
+  std::uint16_t bits;
   if constexpr (std::same_as<T, bf16>) {
     __nv_bfloat16 const r = __float2bfloat16_rn(v);
-    T out;
-    std::memcpy(&out, &r, 2);
-    return out;
+    std::memcpy(&bits, &r, 2);
   } else {
     __half const r = __float2half_rn(v);
-    T out;
-    std::memcpy(&out, &r, 2);
-    return out;
+    std::memcpy(&bits, &r, 2);
   }
+  T out;
+  std::memcpy(&out, &bits, 2);
+  return out;
 }
 
 //! One consumer thread's share of a K step's weight tile: 16 code bytes (32 weights of one row)
@@ -418,7 +408,7 @@ register_a_mainloop(float (&d)[128], gemm_args<T> const& a, float const* table, 
         // word w of half i % 2: k16 slice 2 (i % 2) + w / 2, columns 2q (w even) or 2q + 8
         std::uint32_t const byte = (words[w] >> shift) & 0xffu;
         frag[2 * (i % 2) + w / 2][2 * (w % 2) + i / 2] =
-            pack_pair<T>(fmath::mul(table[byte >> 4], s), fmath::mul(table[byte & 15u], s));
+            pack2<T>(fmath::mul(table[byte >> 4], s), fmath::mul(table[byte & 15u], s));
       }
     }
   };
@@ -582,7 +572,7 @@ __global__ void __launch_bounds__(tile_shape::threads, 1)
           QMEM_UNROLL
           for (unsigned b = 0; b < 4; ++b) {
             std::uint32_t const byte = (words[i] >> (8 * b)) & 0xffu;
-            o[b] = pack_pair<T>(fmath::mul(table[byte >> 4], s), fmath::mul(table[byte & 15u], s));
+            o[b] = pack2<T>(fmath::mul(table[byte >> 4], s), fmath::mul(table[byte & 15u], s));
           }
           std::uint32_t const chunk = (half * 4 + i) ^ (row & 7u);
           asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(row_addr + chunk * 16),
