@@ -603,57 +603,64 @@ void cublas_gemv(benchmark::State& state) {
   report(state, t, 2.0 * static_cast<double>(n * k + m * k + m * n));
 }
 
-// Args: n, k, m. Large batch: qmem (dequantize + cuBLASLt) and cuBLASLt bf16 in the same run.
-void gemm(benchmark::State& state) {
-  auto const n = static_cast<std::size_t>(state.range(0));
-  auto const k = static_cast<std::size_t>(state.range(1));
-  auto const m = static_cast<std::size_t>(state.range(2));
-  nf4_weight w(n, k, 64, false);
-  device_buffer<bf16> x(m * k), y(m * n), wb(n * k);
-  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
-  fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
-  auto const wv = w.view();
-  device_buffer<std::byte> ws(matmul_4bit_workspace_bytes<bf16>(m, wv));
-  bench_stream const stream;
-  cudaStream_t const s = stream.s;
-  exec::cuda const e{s, 0};
-  auto qmem_call = [&] {
-    matmul_4bit<bf16>(e, tensor_view<bf16 const>(x.view()), m, wv, y.view(), ws.view());
-  };
-  auto cublas_call = [&] {
+// The large-batch rows' set-up (state.range 0-2: n, k, m): the NF4 weight (block 64), its
+// activations x and output y, a bf16 weight of the same shape for cuBLASLt, a workspace (cuBLASLt's
+// bytes, or matmul_4bit's when `for_matmul_4bit`), a stream, and the cuBLASLt bf16 call each row
+// times qmem against.
+struct gemm_problem {
+  std::size_t n, k, m;
+  nf4_weight w;
+  device_buffer<bf16> x, y, wb;
+  device_buffer<std::byte> ws;
+  bench_stream stream;
+  exec::cuda e;
+
+  gemm_problem(benchmark::State const& state, bool nested, bool for_matmul_4bit = false)
+      : n(static_cast<std::size_t>(state.range(0))), k(static_cast<std::size_t>(state.range(1))),
+        m(static_cast<std::size_t>(state.range(2))), w(n, k, 64, nested), x(m * k), y(m * n),
+        wb(n * k),
+        ws(std::max(cublaslt_workspace_bytes,
+                    for_matmul_4bit ? matmul_4bit_workspace_bytes<bf16>(m, w.view()) : 0)),
+        e{stream.s, 0} {
+    fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
+    fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
+  }
+  void cublas() const {
     cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
                                     CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
+  }
+  //! The dequantize + cuBLASLt path in `chunks` row chunks (1: what matmul_4bit runs), the weight
+  //! dequantized into `wd` (n * k elements).
+  void dequantize_gemm(bf16* wd, unsigned chunks) const {
+    cuda_matmul::dequantize_gemm<bf16>(e, x.p, m, w.view(), y.p, wd, ws.p, cublaslt_workspace_bytes,
+                                       chunks);
+  }
+  double tflops(double seconds) const {
+    return 2.0 * static_cast<double>(m * n * k) / seconds * 1e-12;
+  }
+};
+
+// Args: n, k, m. Large batch: qmem (dequantize + cuBLASLt) and cuBLASLt bf16 in the same run.
+void gemm(benchmark::State& state) {
+  gemm_problem pr(state, false, true);
+  auto const wv = pr.w.view();
+  auto qmem_call = [&] {
+    matmul_4bit<bf16>(pr.e, tensor_view<bf16 const>(pr.x.view()), pr.m, wv, pr.y.view(),
+                      pr.ws.view());
   };
-  double const tq = versus_cublas(state, s, qmem_call, cublas_call);
-  state.counters["TFLOP/s"] = 2.0 * static_cast<double>(m * n * k) / tq * 1e-12;
+  double const tq = versus_cublas(state, pr.stream.s, qmem_call, [&] { pr.cublas(); });
+  state.counters["TFLOP/s"] = pr.tflops(tq);
 }
 
 // Args: n, k, m, chunks. The m > 16 forward with its dequantization split into row chunks that
 // overlap the previous chunk's GEMM (cuda_matmul::dequantize_gemm; chunks 1 = the path
 // matmul_4bit runs with gemm_overlap_chunks = 1), against cuBLASLt bf16 in the same run.
 void gemm_overlap(benchmark::State& state) {
-  auto const n = static_cast<std::size_t>(state.range(0));
-  auto const k = static_cast<std::size_t>(state.range(1));
-  auto const m = static_cast<std::size_t>(state.range(2));
+  gemm_problem pr(state, false);
   auto const chunks = static_cast<unsigned>(state.range(3));
-  nf4_weight w(n, k, 64, false);
-  device_buffer<bf16> x(m * k), y(m * n), wb(n * k), wd(n * k);
-  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
-  fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
-  auto const wv = w.view();
-  device_buffer<std::byte> ws(cublaslt_workspace_bytes);
-  bench_stream const stream;
-  cudaStream_t const s = stream.s;
-  exec::cuda const e{s, 0};
-  auto qmem_call = [&] {
-    cuda_matmul::dequantize_gemm<bf16>(e, x.p, m, wv, y.p, wd.p, ws.p, cublaslt_workspace_bytes,
-                                       chunks);
-  };
-  auto cublas_call = [&] {
-    cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
-                                    CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
-  };
-  (void)versus_cublas(state, s, qmem_call, cublas_call);
+  device_buffer<bf16> wd(pr.n * pr.k);
+  (void)versus_cublas(
+      state, pr.stream.s, [&] { pr.dequantize_gemm(wd.p, chunks); }, [&] { pr.cublas(); });
 }
 
 // Args: n, k, m, chunk MiB. The m > 16 forward in row chunks dequantized into one reused buffer
@@ -661,41 +668,27 @@ void gemm_overlap(benchmark::State& state) {
 // dequantization and its GEMM), against the one-shot path (dequantize_gemm, 1 chunk) and cuBLASLt
 // bf16 in the same run: counters ratio (chunked / cuBLAS), oneshot_ratio, chunks, l2_MiB.
 void gemm_l2(benchmark::State& state) {
-  auto const n = static_cast<std::size_t>(state.range(0));
-  auto const k = static_cast<std::size_t>(state.range(1));
-  auto const m = static_cast<std::size_t>(state.range(2));
+  gemm_problem pr(state, false);
   auto const mib = static_cast<std::size_t>(state.range(3));
-  nf4_weight w(n, k, 64, false);
-  auto const wv = w.view();
+  auto const wv = pr.w.view();
   std::size_t const rows =
-      cuda_matmul::l2_chunk_rows(n, k, wv.block_size, 0, mib << 20, sizeof(bf16));
-  device_buffer<bf16> x(m * k), y(m * n), wb(n * k), wd(n * k), chunk(rows * k);
-  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
-  fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
-  device_buffer<std::byte> ws(cublaslt_workspace_bytes);
-  bench_stream const stream;
-  cudaStream_t const s = stream.s;
-  exec::cuda const e{s, 0};
+      cuda_matmul::l2_chunk_rows(pr.n, pr.k, wv.block_size, 0, mib << 20, sizeof(bf16));
+  device_buffer<bf16> wd(pr.n * pr.k), chunk(rows * pr.k);
   auto chunked = [&] {
-    cuda_matmul::dequantize_gemm_l2<bf16>(e, x.p, m, wv, y.p, chunk.p, rows, ws.p,
+    cuda_matmul::dequantize_gemm_l2<bf16>(pr.e, pr.x.p, pr.m, wv, pr.y.p, chunk.p, rows, pr.ws.p,
                                           cublaslt_workspace_bytes);
   };
-  auto oneshot = [&] {
-    cuda_matmul::dequantize_gemm<bf16>(e, x.p, m, wv, y.p, wd.p, ws.p, cublaslt_workspace_bytes, 1);
-  };
-  auto cublas_call = [&] {
-    cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
-                                    CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
-  };
-  (void)versus_cublas(state, s, chunked, cublas_call);
+  auto oneshot = [&] { pr.dequantize_gemm(wd.p, 1); };
+  cudaStream_t const s = pr.stream.s;
+  (void)versus_cublas(state, s, chunked, [&] { pr.cublas(); });
   oneshot();
   double const to = time_median(s, 10, oneshot); // after versus_cublas's warm-up calls
   int l2 = 0;
   check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0), "cudaDeviceGetAttribute");
   state.counters["oneshot_ratio"] = to * 1e3 / state.counters["cublas_bf16_ms"];
   state.counters["oneshot_ms"] = to * 1e3;
-  state.counters["chunks"] = static_cast<double>((n + rows - 1) / rows);
-  state.counters["chunk_MiB"] = static_cast<double>(rows * k * sizeof(bf16)) / (1 << 20);
+  state.counters["chunks"] = static_cast<double>((pr.n + rows - 1) / rows);
+  state.counters["chunk_MiB"] = static_cast<double>(rows * pr.k * sizeof(bf16)) / (1 << 20);
   state.counters["l2_MiB"] = l2 / 1048576.0;
 }
 
@@ -704,36 +697,22 @@ void gemm_l2(benchmark::State& state) {
 // dispatched dequantize + cuBLASLt path timed alongside (oneshot_ratio). Skipped with a message
 // when the binary has no sm_90a code or the device is not compute capability 9.0.
 void gemm_fused(benchmark::State& state) {
-  auto const n = static_cast<std::size_t>(state.range(0));
-  auto const k = static_cast<std::size_t>(state.range(1));
-  auto const m = static_cast<std::size_t>(state.range(2));
-  bool const nested = state.range(3) != 0;
-  nf4_weight w(n, k, 64, nested);
-  auto const wv = w.view();
-  device_buffer<bf16> x(m * k), y(m * n), wb(n * k), wd(n * k);
-  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
-  fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
-  device_buffer<std::byte> ws(cublaslt_workspace_bytes);
-  bench_stream const stream;
-  cudaStream_t const s = stream.s;
-  exec::cuda const e{s, 0};
-  if (!cuda_matmul::fused_gemm<bf16>(e, x.p, m, wv, y.p)) {
+  gemm_problem pr(state, state.range(3) != 0);
+  auto const wv = pr.w.view();
+  device_buffer<bf16> wd(pr.n * pr.k);
+  auto fused = [&] { return cuda_matmul::fused_gemm<bf16>(pr.e, pr.x.p, pr.m, wv, pr.y.p); };
+  if (!fused()) {
     state.SkipWithError("the fused sm_90a GEMM does not run here (build or device)");
     return;
   }
-  auto fused = [&] { (void)cuda_matmul::fused_gemm<bf16>(e, x.p, m, wv, y.p); };
-  auto oneshot = [&] {
-    cuda_matmul::dequantize_gemm<bf16>(e, x.p, m, wv, y.p, wd.p, ws.p, cublaslt_workspace_bytes, 1);
-  };
-  auto cublas_call = [&] {
-    cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
-                                    CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
-  };
-  double const tq = versus_cublas(state, s, fused, cublas_call);
+  auto oneshot = [&] { pr.dequantize_gemm(wd.p, 1); };
+  cudaStream_t const s = pr.stream.s;
+  double const tq = versus_cublas(
+      state, s, [&] { (void)fused(); }, [&] { pr.cublas(); });
   oneshot();
   double const to = time_median(s, 10, oneshot);
   state.counters["oneshot_ratio"] = to * 1e3 / state.counters["cublas_bf16_ms"];
-  state.counters["TFLOP/s"] = 2.0 * static_cast<double>(m * n * k) / tq * 1e-12;
+  state.counters["TFLOP/s"] = pr.tflops(tq);
 }
 
 // Args: n, k, m. The fused sm_90a GEMM's variants (sm90::gemm_4bit_kernel: 1 without the code
@@ -743,33 +722,24 @@ void gemm_fused(benchmark::State& state) {
 // wgmma order, so 0 is expected; the tests check variant 0 against the host reference).
 template <int Variant>
 void gemm_fused_variant(benchmark::State& state) {
-  auto const n = static_cast<std::size_t>(state.range(0));
-  auto const k = static_cast<std::size_t>(state.range(1));
-  auto const m = static_cast<std::size_t>(state.range(2));
-  nf4_weight w(n, k, 64, false);
-  auto const wv = w.view();
-  device_buffer<bf16> x(m * k), y(m * n), wb(n * k);
-  fill_values<bf16><<<256, 256>>>(x.p, x.n, -1.0f, 1.0f, 3u);
-  fill_values<bf16><<<1024, 256>>>(wb.p, wb.n, -0.05f, 0.05f, 5u);
-  device_buffer<std::byte> ws(cublaslt_workspace_bytes);
-  bench_stream const stream;
-  cudaStream_t const s = stream.s;
-  exec::cuda const e{s, 0};
-  auto fused = [&] { return cuda_matmul::fused_gemm<bf16, nf4, Variant>(e, x.p, m, wv, y.p); };
+  gemm_problem pr(state, false);
+  auto const wv = pr.w.view();
+  std::size_t const m = pr.m, n = pr.n;
+  cudaStream_t const s = pr.stream.s;
+  auto fused = [&] {
+    return cuda_matmul::fused_gemm<bf16, nf4, Variant>(pr.e, pr.x.p, m, wv, pr.y.p);
+  };
   if (!fused()) {
     state.SkipWithError("the fused sm_90a GEMM does not run here (build or device)");
     return;
   }
-  auto cublas_call = [&] {
-    cuda_matmul::lt_matmul_or_throw(e, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, CUDA_R_16BF, wb.p, x.p,
-                                    CUDA_R_16BF, y.p, ws.p, cublaslt_workspace_bytes);
-  };
   if constexpr (Variant == 3) {
     device_buffer<bf16> y0(m * n);
     check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
-    (void)cuda_matmul::fused_gemm<bf16, nf4, 0>(e, x.p, m, wv, y0.p);
+    (void)cuda_matmul::fused_gemm<bf16, nf4, 0>(pr.e, pr.x.p, m, wv, y0.p);
     std::vector<std::uint16_t> a(m * n), b(m * n);
-    check(cudaMemcpyAsync(a.data(), y.p, m * n * 2, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(a.data(), pr.y.p, m * n * 2, cudaMemcpyDeviceToHost, s),
+          "cudaMemcpyAsync");
     check(cudaMemcpyAsync(b.data(), y0.p, m * n * 2, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync");
     check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
     std::size_t differ = 0;
@@ -777,9 +747,9 @@ void gemm_fused_variant(benchmark::State& state) {
       differ += a[i] != b[i] ? 1 : 0;
     state.counters["differ"] = static_cast<double>(differ);
   }
-  auto fused_call = [&] { (void)fused(); };
-  double const tq = versus_cublas(state, s, fused_call, cublas_call);
-  state.counters["TFLOP/s"] = 2.0 * static_cast<double>(m * n * k) / tq * 1e-12;
+  double const tq = versus_cublas(
+      state, s, [&] { (void)fused(); }, [&] { pr.cublas(); });
+  state.counters["TFLOP/s"] = pr.tflops(tq);
 }
 
 // Args: n, k, m. QLoRA backward: grad_x = grad_y * dequant(w).
