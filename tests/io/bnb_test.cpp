@@ -363,16 +363,25 @@ TEST_CASE("bnb: from_quantized refuses a tensor that holds fewer elements than i
   CHECK(w.dequantize<float>() == std::vector<float>{0.75f});
 }
 
+namespace {
+
+// A bnb weight "w" of 300 elements sin(i), NF4 in blocks of 64, nested scales when `nested`.
+qmem::io::bnb_weight sine_weight(bool nested) {
+  std::vector<float> x(300);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    x[i] = std::sin(static_cast<float>(i));
+  return qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
+                                qmem::view(std::as_const(x)), {300}, 64, nested);
+}
+
+} // namespace
+
 // bnb_weight is an aggregate with public members: a weight assembled or edited by hand can say
 // more elements than its tensors hold. dequantize and to_quantized copied and read by the state's
 // sizes regardless (past the end of codes, absmax or nested scales; through a null pointer for a
 // default-constructed weight, whose state says one element). Now bad_argument, nothing written.
 TEST_CASE("bnb: a weight whose tensors hold less than its state says is refused") {
-  std::vector<float> x(300);
-  for (std::size_t i = 0; i < x.size(); ++i)
-    x[i] = std::sin(static_cast<float>(i));
-  auto const good = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
-                                           qmem::view(std::as_const(x)), {300}, 64, true);
+  auto const good = sine_weight(true);
   auto refused = [](qmem::io::bnb_weight const& w, char const* why) {
     CAPTURE(why);
     std::vector<float> out(w.numel(), 7.0f);
@@ -403,11 +412,7 @@ TEST_CASE("bnb: a weight whose tensors hold less than its state says is refused"
 // tensors() and stored_bytes() took nested_quant_map's presence from nested_absmax's and
 // dereferenced it regardless (an empty optional: undefined behaviour, a destroyed vector's bytes).
 TEST_CASE("bnb: a weight without nested_quant_map lists and counts the tensors it has") {
-  std::vector<float> x(300);
-  for (std::size_t i = 0; i < x.size(); ++i)
-    x[i] = std::sin(static_cast<float>(i));
-  auto const good = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
-                                           qmem::view(std::as_const(x)), {300}, 64, true);
+  auto const good = sine_weight(true);
   auto w = good;
   w.nested_quant_map.reset();
   CHECK(w.tensors().size() == good.tensors().size() - 1);
@@ -497,13 +502,8 @@ TEST_CASE("bnb: every weight the reader accepts is written by add_to and read ba
 // way (a bad third tensor, a key already in the writer) left the first tensors added. Now every
 // check runs first: bad_argument naming the weight and the reason, the writer unchanged.
 TEST_CASE("bnb: add_to refuses a weight the reader would refuse or read differently") {
-  std::vector<float> x(300);
-  for (std::size_t i = 0; i < x.size(); ++i)
-    x[i] = std::sin(static_cast<float>(i));
-  auto const good = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
-                                           qmem::view(std::as_const(x)), {300}, 64, true);
-  auto const plain = qmem::io::quantize_bnb(qmem::exec::host{}, "w", bnb_format::nf4,
-                                            qmem::view(std::as_const(x)), {300}, 64, false);
+  auto const good = sine_weight(true);
+  auto const plain = sine_weight(false);
   scratch_dir tmp;
   std::vector<float> const other(4, 1.0f);
   auto refused = [&](qmem::io::bnb_weight const& w, char const* why) {
