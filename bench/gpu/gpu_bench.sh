@@ -42,12 +42,28 @@ log=$OUT/run.log
 deps=$root/.peers/deps
 build=$root/build-gpu
 export LD_LIBRARY_PATH=$deps/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$log"; }
+clocks=$build/clocks.csv
+# each step's line also shows the GPU's state at that moment (SM and memory clock, temperature,
+# power, the active clock-event reasons) from the sampler started below
+say() {
+  local gpu=; [[ -s $clocks ]] && gpu="  [gpu: $(tail -n 1 "$clocks")]"
+  echo "== $(date -u +%H:%M:%S) $*$gpu" | tee -a "$log"
+}
 
 say "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >>"$log" 2>&1
 nvcc --version | tail -1 >>"$log"
 grep -m1 'model name' /proc/cpuinfo >>"$log"; nproc >>"$log"
+# The GPU's clocks, temperature, power and clock-event reasons every 0.5 s for the whole run, into
+# build-gpu/clocks.csv: run-to-run differences of the compute-heavier rows (FP4 quantize 0.186 vs
+# 0.208 ms with the same SASS, 2026-11-30) need to be told apart from clock or power throttling.
+mkdir -p "$build"; rm -f "$clocks"
+timeout 900 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_event_reasons.active \
+  --format=csv,noheader -lms 500 >"$clocks" 2>/dev/null &
+sampler_pid=$!
+# (stopped at the script's end; if a caller's `timeout` kills the script first, the sampler, which
+# writes only to its file, ends by its own 900 s limit or by the caller: pkill -f clocks_event)
+trap 'kill "$sampler_pid" 2>/dev/null' EXIT
 
 peers_pid=
 if has peers && [[ -d $root/.peers/bitsandbytes ]]; then
@@ -76,8 +92,16 @@ read -ra arch <<<"${GPU_ARCH:--gencode=arch=compute_90a,code=sm_90a}"
 nv=(nvcc -std=c++20 "${arch[@]}" -O3 -Xcompiler -O1 -DNDEBUG --extended-lambda -Werror=all-warnings
     -I"$root/include" -I"$deps/include")
 tests=$build/qmem_tests_cuda
-test_opt=()
-[[ ${TEST_FAST:-0} == 1 ]] && test_opt=(-Ofc max)
+# The test units with --split-compile: cicc and ptxas optimize a unit's kernels on several
+# threads. The build was bound by one unit, tests/quant/matmul_test.cpp with every GEMV candidate,
+# ~400 s of one thread at sm_90a (2026-11-30; on the 2-core development machine its ptxas alone
+# ran past 6 CPU-minutes at -Ofc max after 109 s of cicc), while the other units finished early
+# and left cores idle. Not for the benchmarks: the split changes register and predicate choices
+# (optim_bench.cu at sm_90: the same 69 kernels and instruction count, 3263 differing SASS lines),
+# and a timed kernel should be the SASS the layer owners timed. NVCC_SPLIT=1 turns it off, 0 is
+# one thread per CPU.
+test_opt=(--split-compile="${NVCC_SPLIT:-0}")
+[[ ${TEST_FAST:-0} == 1 ]] && test_opt+=(-Ofc max)
 # REUSE_BUILD=1: keep a test binary an earlier command built (the sanitize-only second command)
 build_tests=false
 if (has tests || has sanitize) && ! [[ ${REUSE_BUILD:-0} == 1 && -x $tests ]]; then
