@@ -236,19 +236,15 @@ requires(!std::is_void_v<typename interval_layout_of<C>::type>) struct normal_en
   struct functor {
     std::uint32_t base;
     __device__ QMEM_INLINE std::uint32_t operator()(float xn) const noexcept {
-      float const v = layout::magnitude ? fabsf(xn) : xn;
       float const y = layout::rounding == interval_rounding::down
-                          ? __fmaf_rd(v, static_cast<float>(layout::scale), layout::magic)
-                          : __fmaf_rn(v, static_cast<float>(layout::scale), layout::magic);
+                          ? __fmaf_rd(xn, static_cast<float>(layout::scale), layout::magic)
+                          : __fmaf_rn(xn, static_cast<float>(layout::scale), layout::magic);
       std::uint32_t const addr = __float_as_uint(y) * (8u * replicas) + base;
       float threshold;
       std::uint32_t c;
       asm("ld.shared.v2.b32 {%0, %1}, [%2];" : "=f"(threshold), "=r"(c) : "r"(addr));
-      if (v > threshold)
+      if (xn > threshold)
         c >>= 8;
-      if constexpr (layout::magnitude)
-        if (xn < 0.0f)
-          c |= layout::sign_code;
       return c;
     }
   };

@@ -8,7 +8,7 @@
 //! exponent-bucket table of detail/bucket_search.hpp needs a clamp, a sign split, a NaN test and
 //! 16-bit field extraction: 15-20 instructions per element, which made the H200 NF4 quantizer
 //! issue-bound (0.46 ms for 2^28 elements, 2026-11-29). Here a value's bucket is
-//! k = round(v * Scale) or floor(v * Scale) (v = xn, or |xn| for sign-magnitude layouts), computed
+//! k = round(xn * Scale) or floor(xn * Scale), computed
 //! by one FFMA (rounding to nearest or down) with the constant 1.5 * 2^23 (whose low mantissa bits
 //! then hold k), so the shared-memory address is one IMAD of the FFMA's bits. Every bucket is an
 //! interval of floats holding at most one code transition (NF4's thresholds are >= 0.08 apart,
@@ -38,19 +38,17 @@ namespace qmem::quant::cuda_impl {
 //! lies in a bucket apart from +-0.0 and the positive values.
 enum class interval_rounding { nearest, down };
 
-//! Layout of an interval table: buckets k of v in [-(1 + 2^-23), 1 + 2^-23] by `Rounding` (or of
-//! v in [0, 1 + 2^-23] when `Magnitude`: the table encodes |xn| and a negative xn, -0.0 excepted,
-//! gets `SignCode` or'ed in).
-template <int Scale, bool Magnitude, std::uint32_t SignCode = 0,
-          interval_rounding Rounding = interval_rounding::nearest>
+//! Layout of an interval table: buckets k of xn in [-(1 + 2^-23), 1 + 2^-23] by `Rounding`.
+//! (A sign-magnitude layout, |xn| in buckets rounded to nearest and the sign's code or'ed in, was
+//! FP4's until 2026-11-30 and was removed with it: 64 more instructions per 32 values, see FP4's
+//! layout below.)
+template <int Scale, interval_rounding Rounding = interval_rounding::nearest>
 struct interval_layout {
   static constexpr int scale = Scale;
-  static constexpr bool magnitude = Magnitude;
-  static constexpr std::uint32_t sign_code = SignCode;
   static constexpr interval_rounding rounding = Rounding;
   //! Most negative bucket: -(Scale + 1) leaves a margin past round(-(1 + 2^-23) * Scale) and is
   //! floor(-(1 + 2^-23) * Scale).
-  static constexpr int first = Magnitude ? 0 : -(Scale + 1);
+  static constexpr int first = -(Scale + 1);
   static constexpr int last = Scale + 1;
   static constexpr std::size_t entries = static_cast<std::size_t>(last - first + 1);
   //! 1.5 * 2^23: fma(v, Scale, magic) has the bits magic_bits + k for |v * Scale| < 2^22, k the
@@ -98,13 +96,10 @@ QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t interval_bucket(float v) noexcept {
 template <class Layout>
 QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t interval_lookup(float xn,
                                                            interval_entry const* entry) noexcept {
-  float const v = Layout::magnitude ? (xn < 0.0f ? -xn : xn) : xn;
-  interval_entry const e = entry[interval_bucket<Layout>(v)];
+  interval_entry const e = entry[interval_bucket<Layout>(xn)];
   std::uint32_t c = e.codes;
-  if (v > e.threshold)
+  if (xn > e.threshold)
     c >>= 8;
-  if constexpr (Layout::magnitude)
-    c |= xn < 0.0f ? Layout::sign_code : 0u;
   return c;
 }
 
@@ -125,13 +120,12 @@ constexpr float from_ordered(std::uint32_t o) noexcept {
 
 //! Builds the table of code type C over the fast-path domain; throws std::logic_error when a
 //! bucket holds two transitions at its ends' resolution, when a threshold would be -0.0 (a float
-//! comparison cannot separate it from +0.0), or when a sign-magnitude code does not follow its
-//! sign rule at the bucket ends.
+//! comparison cannot separate it from +0.0).
 template <class C, class Layout>
 interval_table<Layout> build_interval_table() {
   auto code_at = [](float v) -> std::uint32_t { return C::encode(v, C::book); };
   constexpr float top = 1.0f + 0x1p-23f;
-  std::uint32_t const lo_all = ordered_floats::ordered(Layout::magnitude ? 0.0f : -top);
+  std::uint32_t const lo_all = ordered_floats::ordered(-top);
   std::uint32_t const hi_all = ordered_floats::ordered(top);
   auto bucket_of = [](std::uint32_t o) {
     return static_cast<int>(interval_bucket<Layout>(ordered_floats::from_ordered(o))) +
@@ -185,13 +179,6 @@ interval_table<Layout> build_interval_table() {
         throw std::logic_error("interval_table: a transition at -0.0");
       e = {threshold, below | (above << 8)};
     }
-    if constexpr (Layout::magnitude) {
-      for (std::uint32_t o : {first, last}) {
-        float const v = ordered_floats::from_ordered(o);
-        if (v > 0.0f && code_at(-v) != (code_at(v) | Layout::sign_code))
-          throw std::logic_error("interval_table: the code does not follow its sign rule");
-      }
-    }
   }
   return t;
 }
@@ -204,27 +191,19 @@ struct interval_layout_of {
 //! NF4: signed buckets of 1/16 (thresholds >= 0.08 apart).
 template <>
 struct interval_layout_of<nf4> {
-  using type = interval_layout<16, false>;
+  using type = interval_layout<16>;
 };
-//! FP4 (QMEM_QUANT_FP4_SIGNED_INTERVALS, 1 by default): signed buckets [k / 16, (k + 1) / 16)
-//! (thresholds >= 0.083 apart). The code's sign rule (bit 8 for every xn < 0, but not for -0.0)
-//! puts transitions at -2.6e-3, between the tiny negatives and -0.0, and at 2.6e-3; rounding down
-//! separates them: [-1/16, 0) holds the first, [+-0, 1/16) the last, and the middle one is the
-//! bucket edge itself. The lookup is then NF4's, without the magnitude and the sign's two
-//! instructions per element (FSETP, predicated LOP3). SASS (ptxas 13.0, sm_90, 2026-11-30):
-//! quantize_whole's normal-block encode of 32 bf16 values 333 -> 269 instructions, as NF4's.
-//! 0: the layout before (2026-11-29), |xn| in buckets of 1/16 rounded to nearest and the sign bit
-//! or'ed in.
-#ifndef QMEM_QUANT_FP4_SIGNED_INTERVALS
-#define QMEM_QUANT_FP4_SIGNED_INTERVALS 1
-#endif
+//! FP4: signed buckets [k / 16, (k + 1) / 16) (thresholds >= 0.083 apart). The code's sign rule
+//! (bit 8 for every xn < 0, but not for -0.0) puts transitions at -2.6e-3, between the tiny
+//! negatives and -0.0, and at 2.6e-3; rounding down separates them: [-1/16, 0) holds the first,
+//! [+-0, 1/16) the last, and the middle one is the bucket edge itself. The lookup is then NF4's.
+//! The layout before (2026-11-29), |xn| in buckets rounded to nearest with the sign bit or'ed in,
+//! took two more instructions per element (FSETP, predicated LOP3); SASS (ptxas 13.0, sm_90,
+//! 2026-11-30): quantize_whole's normal-block encode of 32 bf16 values 333 -> 269 instructions, as
+//! NF4's. It was kept behind QMEM_QUANT_FP4_SIGNED_INTERVALS=0 until both were timed, then removed.
 template <>
 struct interval_layout_of<fp4> {
-#if QMEM_QUANT_FP4_SIGNED_INTERVALS
-  using type = interval_layout<16, false, 0u, interval_rounding::down>;
-#else
-  using type = interval_layout<16, true, 8u>;
-#endif
+  using type = interval_layout<16, interval_rounding::down>;
 };
 
 //! The table of C, built once per process (thread-safe).
