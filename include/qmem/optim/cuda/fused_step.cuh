@@ -525,7 +525,7 @@ __device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, Index task
 //! 1.090-1.177. Rejected (same sessions): the code and absmax lines one task further ahead than
 //! the parameter lines (4-bit 1.012-1.020 with per-lane, 1.019-1.029 with bulk prefetches, 8-bit
 //! 1.124-1.129, 1.129-1.139; bf16 params 1.168-1.286) or two (4-bit 1.019-1.024), every line one
-//! task further ahead (4-bit 1.023-1.035 per lane, 1.025-1.034 bulk). See docs/benchmarks.md,
+//! task further ahead (4-bit 1.023-1.035 per lane, 1.024-1.034 bulk). See docs/benchmarks.md,
 //! "2026-11-30, optim4: absmax lines".
 template <class P>
 inline constexpr bool prefetch_bulk_and_absmax = std::same_as<P, float>;
