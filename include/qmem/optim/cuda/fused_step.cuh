@@ -551,10 +551,13 @@ __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, Index 
                                                unsigned lane) {
   using traits = kernel_traits<Rule, Policy>;
   Index const task_first = task * Index{traits::task_elements};
+  // (cp.async.bulk needs sm_90 and 16-byte aligned ranges: the vector path's alignment check,
+  // multi_tensor_step, gives 16 bytes when a lane's parameters and gradients span 16 or more)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  constexpr bool bulk = false; // (cp.async.bulk needs sm_90)
+  constexpr bool bulk = false;
 #else
-  constexpr bool bulk = prefetch_bulk_and_absmax<P>;
+  constexpr bool bulk = prefetch_bulk_and_absmax<P> && traits::per_lane * sizeof(P) >= 16 &&
+                        traits::per_lane * sizeof(G) >= 16;
 #endif
   if constexpr (bulk) {
     if (lane < 2) {
@@ -590,7 +593,8 @@ __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, Index 
     }
   });
   if constexpr (prefetch_bulk_and_absmax<P>) {
-    // the task's absmax values of each blockwise state (8 bytes or fewer, in one line)
+    // the task's absmax values of each blockwise state (at most 64 bytes, aligned to their
+    // size: one line)
     for_states<Rule::state_count>([&](auto J) {
       using F = typename traits::template format<J.value>;
       if constexpr (F::blockwise) {
