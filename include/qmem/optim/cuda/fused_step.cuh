@@ -511,29 +511,75 @@ __device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, Index task
   });
 }
 
-//! Asks L2 for the parameter and gradient lines of full task `task` (the task after the one
-//! load_full_task has in flight), so that its loads find them there (QMEM_OPTIM_FUSED_PREFETCH_L2),
-//! and for its state-code lines (one 128-byte line per lane, in the first lanes). A prefetch is a
-//! hint: it writes nothing and the task lies inside the tensor. (16-bit parameters with fp32
-//! master weights load the master array, which this does not prefetch.) The code lines: alone
-//! (64-bit indices) within the runs' spread (H200, 2026-11-30 03:53 UTC, without / with, ms: AdamW
-//! 4-bit 1.076-1.082 / 1.069-1.074, 8-bit 1.143-1.150 / 1.154-1.157, Lion 0.960-0.965 /
-//! 0.956-0.961); with the 32-bit indices faster on every row but AdamW 8-bit (equal): 10:27 UTC,
-//! without / with, ms: AdamW 4-bit 1.083-1.087 / 1.066-1.067, bf16 params 1.196-1.197 /
-//! 1.094-1.096, Lion 8-bit 0.962-0.966 / 0.947-0.950, 64 tensors 1.149-1.152 / 1.141-1.146, 8-bit
-//! 1.147-1.148 / 1.146-1.157. (The parameter and gradient lines without `evict_last` were 2.5-3.5%
-//! slower on every row.)
+//! Whether prefetch_full_task asks for a task's absmax lines and takes one bulk prefetch per
+//! parameter and gradient array instead of one prefetch per lane and array: with fp32 parameters.
+//! H200, 2^28 parameters, one process per run, runs interleaved, ms. 2026-11-30 13:22 UTC, three
+//! runs each, before (HEAD) / absmax lines / absmax lines and bulk: AdamW 4-bit 1.064-1.071 /
+//! 1.018-1.023 / 1.004-1.007, 8-bit 1.140-1.146 / 1.125-1.131 / 1.113-1.124, Lion 8-bit
+//! 0.945-0.955 / 0.939-0.948 / 0.938-0.943, Lion 4-bit 0.902-0.908 / 0.884-0.893 / 0.885-0.891,
+//! 64 tensors 1.140-1.152 / 1.141-1.153 / 1.137-1.147; but AdamW 8-bit with bf16 parameters
+//! 1.076-1.113 / 1.129-1.149 / 1.147-1.171, so 16-bit parameters keep the per-lane prefetch
+//! without the absmax lines. 13:33 UTC, five runs each, before / this: AdamW 4-bit 1.062-1.073 /
+//! 1.001-1.011, 8-bit 1.149-1.156 / 1.115-1.129, Lion 8-bit 0.947-0.958 / 0.940-0.951, Lion 4-bit
+//! 0.906-0.912 / 0.886-0.894, 64 tensors 1.142-1.151 / 1.139-1.151, bf16 params 1.122-1.147 /
+//! 1.090-1.177. Rejected (same sessions): the code and absmax lines one task further ahead than
+//! the parameter lines (4-bit 1.012-1.020 with per-lane, 1.019-1.029 with bulk prefetches, 8-bit
+//! 1.124-1.129, 1.129-1.139; bf16 params 1.168-1.286) or two (4-bit 1.019-1.024), every line one
+//! task further ahead (4-bit 1.023-1.035 per lane, 1.024-1.034 bulk). See docs/benchmarks.md,
+//! "2026-11-30, optim4: absmax lines".
+template <class P>
+inline constexpr bool prefetch_bulk_and_absmax = std::same_as<P, float>;
+
+//! Asks L2 for the lines of full task `task` (the task after the one load_full_task has in
+//! flight), so that its loads find them there (QMEM_OPTIM_FUSED_PREFETCH_L2), with
+//! `prefetch.global.L2::evict_last` (without `evict_last` the parameter and gradient lines were
+//! 2.5-3.5% slower on every row): the parameter and gradient lines (prefetch_bulk_and_absmax: one
+//! cp.async.bulk.prefetch.L2 of each array's 16-byte aligned bytes of the task, from lanes 0 and
+//! 1, with an evict_last policy; else each lane its own sector), each blockwise state's code lines
+//! (one 128-byte line per lane, in the first lanes, offsets in 32 bits) and, with
+//! prefetch_bulk_and_absmax, each blockwise state's absmax line (one lane per state after those).
+//! A prefetch is a hint: it writes nothing, and the task lies inside the tensor. (16-bit
+//! parameters with fp32 master weights load the master array, which this does not prefetch.)
+//! The code lines: alone (64-bit indices) within the runs' spread (H200, 2026-11-30 03:53 UTC,
+//! without / with, ms: AdamW 4-bit 1.076-1.082 / 1.069-1.074, 8-bit 1.143-1.150 / 1.154-1.157,
+//! Lion 0.960-0.965 / 0.956-0.961); with the 32-bit indices faster on every row but AdamW 8-bit
+//! (equal): 10:27 UTC, without / with, ms: AdamW 4-bit 1.083-1.087 / 1.066-1.067, bf16 params
+//! 1.196-1.197 / 1.094-1.096, Lion 8-bit 0.962-0.966 / 0.947-0.950, 64 tensors 1.149-1.152 /
+//! 1.141-1.146, 8-bit 1.147-1.148 / 1.146-1.157.
 template <update_rule Rule, state_policy Policy, class P, class G, class Index>
 __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, Index task,
                                                unsigned lane) {
   using traits = kernel_traits<Rule, Policy>;
-  Index const first = task * Index{traits::task_elements} + Index{lane} * Index{traits::per_lane};
-  asm volatile(
-      "prefetch.global.L2::evict_last [%0];" ::"l"(static_cast<P const*>(entry->param) + first));
-  asm volatile(
-      "prefetch.global.L2::evict_last [%0];" ::"l"(static_cast<G const*>(entry->grad) + first));
-  // the task's code lines of each blockwise state, one 128-byte line per lane from lane `base`
-  int base = 0;
+  Index const task_first = task * Index{traits::task_elements};
+  // (cp.async.bulk needs sm_90 and 16-byte aligned ranges: the vector path's alignment check,
+  // multi_tensor_step, gives 16 bytes when a lane's parameters and gradients span 16 or more)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  constexpr bool bulk = false;
+#else
+  constexpr bool bulk = prefetch_bulk_and_absmax<P> && traits::per_lane * sizeof(P) >= 16 &&
+                        traits::per_lane * sizeof(G) >= 16;
+#endif
+  if constexpr (bulk) {
+    if (lane < 2) {
+      std::uint64_t policy;
+      asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+      void const* const at =
+          lane == 0 ? static_cast<void const*>(static_cast<P const*>(entry->param) + task_first)
+                    : static_cast<void const*>(static_cast<G const*>(entry->grad) + task_first);
+      unsigned const bytes =
+          lane == 0 ? traits::task_elements * sizeof(P) : traits::task_elements * sizeof(G);
+      asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(at),
+                   "r"(bytes), "l"(policy)
+                   : "memory");
+    }
+  } else {
+    Index const first = task_first + Index{lane} * Index{traits::per_lane};
+    asm volatile(
+        "prefetch.global.L2::evict_last [%0];" ::"l"(static_cast<P const*>(entry->param) + first));
+    asm volatile(
+        "prefetch.global.L2::evict_last [%0];" ::"l"(static_cast<G const*>(entry->grad) + first));
+  }
+  int base = 0; // the first lane of the next state's lines
   for_states<Rule::state_count>([&](auto J) {
     using F = typename traits::template format<J.value>;
     if constexpr (F::blockwise) {
@@ -542,11 +588,23 @@ __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, Index 
       if (at >= 0 && at < lines)
         asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(
             static_cast<std::uint8_t const*>(entry->state[J.value]) +
-            std::uint64_t{task} * traits::task_elements * F::bits / 8 +
-            static_cast<unsigned>(at) * 128u));
+            (code_offset<F>(task_first) + static_cast<unsigned>(at) * 128u)));
       base += lines;
     }
   });
+  if constexpr (prefetch_bulk_and_absmax<P>) {
+    // the task's absmax values of each blockwise state (at most 64 bytes, aligned to their
+    // size: one line)
+    for_states<Rule::state_count>([&](auto J) {
+      using F = typename traits::template format<J.value>;
+      if constexpr (F::blockwise) {
+        if (static_cast<int>(lane) == base)
+          asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(
+              entry->absmax[J.value] + lane_block<Rule, Policy>(task, task_first)));
+        ++base;
+      }
+    });
+  }
 }
 
 //! One warp task: kernel_traits::per_lane elements per lane, everything in registers. The
@@ -1033,8 +1091,9 @@ __device__ typename kernel_traits<Rule, Policy>::shared_tables const
 #endif
 inline constexpr bool fused_pipeline = QMEM_OPTIM_FUSED_PIPELINE != 0;
 
-//! Whether the pipelined loop also asks L2 for the parameter and gradient lines of the task after
-//! the one whose loads are in flight (prefetch.global.L2::evict_last, two per lane and task): 1.
+//! Whether the pipelined loop also asks L2 for the lines of the task after the one whose loads are
+//! in flight (prefetch_full_task; the measurements below are of its first form, the parameter and
+//! gradient lines alone, two prefetches per lane and task): 1.
 //! A third task in registers spills the two-state kernels; this keeps a third task's largest
 //! streams on their way without registers. ncu (H200, 2^26, AdamW 8-bit): L2 hit rate 39 -> 48%,
 //! long-scoreboard stall 3.3 -> 2.3 of 7.0 -> 6.6 cycles between a warp's issues, for 3.6% more
