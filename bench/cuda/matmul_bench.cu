@@ -1070,14 +1070,15 @@ void batch16_ab_args(benchmark::internal::Benchmark* b) {
       for (std::int64_t v : {12, 13, 14})
         b->Args({s[0], s[1], 16, v, round});
 }
-// gemv_ab: the dispatched shape (45), balanced slices (48: 4096 x 14336 only, where they apply)
-// and 45 with code loads that skip L1 (49) on the five shapes, then 45 and 49 on two more
+// gemv_ab: the dispatched shape (45), balanced slices (48: 4096 x 14336 only, where they apply),
+// 45 with code loads that skip L1 (49) and 45 asking L2 for its first 128 KiB before the wait
+// (50) on the five shapes, then 45 and 49 on two more
 // weights of 28672 x 8192 and 45 on 14336 x 8192 and 43008 x 8192 (the time's slope in the
 // weight's bytes), in three rounds.
 void ab_args(benchmark::internal::Benchmark* b) {
   for (std::int64_t round = 0; round < 3; ++round) {
     for (auto const& s : shapes)
-      for (std::int64_t v : {45, 48, 49})
+      for (std::int64_t v : {45, 48, 49, 50})
         if (v != 48 || (s[0] == 4096 && s[1] == 14336))
           b->Args({s[0], s[1], v, 0, round});
     for (std::int64_t buffer : {1, 2})

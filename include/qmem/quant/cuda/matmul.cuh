@@ -1280,7 +1280,8 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 4, false, true, true, 0, false, true, 4},
     {16, 6, false, true, true, 0, false, true, 2},
     {16, 4, false, true, true, 0, false, true, 2, true},
-    {16, 4, false, true, true, 0, true, true, 2}};
+    {16, 4, false, true, true, 0, true, true, 2},
+    {16, 4, false, true, true, 128, false, true, 2}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
 //! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
