@@ -1322,9 +1322,18 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
 //! 9.83 / 10.11 / 37.15 against 40's 4.82 / 10.00 / 10.32 / 11.40 / 37.67; 46 (lean, J >= 4) 4.54
 //! / 9.46 / 9.88 / 10.54 / 41.00 and 47 ({16, 6}, 3 pairs per group) 4.70 / 9.51 / 10.25 / 10.61
 //! / 40.02: slower.
+//! Gemv round 2 (2026-11-30, H200 13:39 UTC, commit a3603b0, copy 4185-4204 GB/s; bench gemv_ab:
+//! one weight per shape kept for the whole process, 3 alternating rounds x 3 processes, medians):
+//! 45 4.51 / 9.06 / 9.85 / 10.17 / 35.85; 48 (balanced slices, 4096 x 14336 only) 10.08: +2.3%,
+//! not dispatched; 49 (45 + code loads that skip L1) 4.41 / 9.04 / 9.85 / 10.15 / 37.71; 50 (45
+//! asking L2 for its first 128 KiB before the wait) 4.73 / 9.54 / 10.44 / 10.70 / 37.98: slower
+//! everywhere. On 28672 x 8192 the weight's allocation moves the time: on three weights kept
+//! side by side 45 ran 35.85 / 35.91 / 36.76 and 49 37.71 / 36.63 / 34.05 (each stable within
+//! 1.2% over its 9 timings), so 49 is no consistent win; 45 stays.
 inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[17];
-//! gemv_batch1_stream with balanced slices (variant 48), for the weights it takes (a row's column
-//! groups leave warps idle: 4096 x 14336).
+//! gemv_batch1_stream with balanced slices (variant 48) for the weights it takes (a row's column
+//! groups leave warps idle: 4096 x 14336). A candidate, not dispatched: 2.3% slower than
+//! gemv_batch1_stream on 4096 x 14336 (10.08 against 9.85 us, above).
 inline constexpr gemv1_stream_shape gemv_batch1_stream_balanced = gemv_batch1_stream_candidates[20];
 //! The same with nested scales: {16, 4, pdl} (variant 28). H200, 2026-11-29 22:18 UTC, bench
 //! gemv_variant_dq, us on the five shapes: 28 6.00 / 11.74 / 12.12 / 13.30 / 43.05 against
