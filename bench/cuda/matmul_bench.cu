@@ -22,6 +22,14 @@
 // - gemv_bulk/n/k/v: the bulk-copy batch-1 kernel (gemv1_bulk_kernel) with each shape of
 //   cuda_matmul::gemv_batch1_bulk_candidates, plain scales.
 // - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).
+// - gemv_ab/n/k/v/buffer/round: batch-1 streaming variant v (as gemv_variant) on one of three
+//   weights per shape that live for the whole process, in alternating rounds: a kernel's
+//   difference against the weight's placement and the time in the process.
+// - read_floor/n/k/pdl: a kernel that only reads the bytes of an n x k weight (codes and fp32
+//   scales), the same graph timing: the read roofline of a batch-1 call.
+// - pattern_floor/n/k/pairs: the batch-1 streaming kernel's loads at J = 2 (its order, its
+//   addresses) with nothing computed, `pairs` row pairs in flight per warp: what the access
+//   pattern and the bytes in flight allow.
 // - gemm_overlap/n/k/m/chunks: batch 4096 with the dequantization overlapped in row chunks.
 // - gemm_l2/n/k/m/mib: batch 4096 in row chunks dequantized into one reused L2-sized buffer.
 // - gemm_fused/n/k/m/nested: batch 4096 through the fused sm_90a GEMM (dequantization in the
@@ -38,7 +46,10 @@
 #include <cstdio>
 #include <exception>
 #include <iterator>
+#include <map>
+#include <memory>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -328,7 +339,8 @@ constexpr int stream_first = 8 + static_cast<int>(std::size(variants1));
 // that the variant numbers in docs/benchmarks.md keep their meaning)
 constexpr int stream_early = 12;
 // Then the streaming small-batch kernel's shapes (cuda_matmul::gemv_batch16_stream_candidates,
-// batches 2-16; 36 and 37 are dispatched), to compare with 3 ({8, 4, 2, contiguous}, the
+// batches 2-16; the dispatched ones are cuda_matmul::gemv_batch16_stream and its siblings, whose
+// comments name their candidate indices), to compare with 3 ({8, 4, 2, contiguous}, the
 // gemv_4bit_kernel shape dispatched before it at batches 9-16).
 constexpr auto const& variants_m = cuda_matmul::gemv_batch16_stream_candidates;
 constexpr int stream_m_first = stream_first + stream_early;
@@ -348,8 +360,9 @@ constexpr int stream_index(int v) {
 constexpr bool is_stream_variant(int v) {
   return (v >= stream_first && v < stream_m_first) || v >= stream_late_first;
 }
-//! The batch-1 streaming shapes gemv_variant_dq times with nested scales: 19 ({16, 8}, dispatched
-//! with them), 28 ({16, 4, pdl}) and the round-5 ones (40 and up).
+//! The batch-1 streaming shapes gemv_variant_dq times with nested scales: 19 ({16, 8}), 28
+//! ({16, 4, pdl}, dispatched with them: cuda_matmul::gemv_batch1_stream_nested) and the round-5
+//! ones (40 and up; the balanced 48 declines nested scales).
 constexpr bool is_dq_variant(int v) {
   return v == stream_first || v == stream_first + 9 || v >= stream_late_first;
 }
@@ -521,6 +534,165 @@ void gemv_variant(benchmark::State& state) {
     state.counters["pdl"] = st.pdl;
   }
   report(state, t, pr.bytes());
+}
+
+//! The weights gemv_ab times: one problem per (n, k, buffer), made on first use and kept until the
+//! process ends, so that every row of one buffer reads the same allocation.
+gemv_problem const& kept_problem(std::size_t n, std::size_t k, std::int64_t buffer) {
+  static std::map<std::tuple<std::size_t, std::size_t, std::int64_t>, std::unique_ptr<gemv_problem>>
+      kept;
+  auto& p = kept[{n, k, buffer}];
+  if (!p)
+    p = std::make_unique<gemv_problem>(n, k, 1, false);
+  return *p;
+}
+
+// Args: n, k, variant (a batch-1 streaming variant of gemv_variant), buffer, round.
+void gemv_ab(benchmark::State& state) {
+  auto const& pr = kept_problem(static_cast<std::size_t>(state.range(0)),
+                                static_cast<std::size_t>(state.range(1)), state.range(3));
+  int const v = static_cast<int>(state.range(2));
+  if (!is_stream_variant(v)) {
+    state.SkipWithError("gemv_ab: not a batch-1 streaming variant");
+    return;
+  }
+  auto call = [&] {
+    launch_variant_at<false>(v, pr.e, pr.args, std::make_integer_sequence<int, variant_count>{});
+  };
+  auto const timed = graph_loop_or_skip(state, pr.stream.s, call);
+  if (timed)
+    report(state, *timed, pr.bytes());
+}
+
+//! Reads n16 16-byte words at p (4 independent loads in flight per thread, not kept in L1) and
+//! stores nothing unless their XOR is a value random data never gives: only the reads cost.
+__global__ void read_kernel(uint4 const* p, std::size_t n16, std::uint32_t* out, int pdl) {
+  if (pdl != 0) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+  }
+  std::size_t const stride = std::size_t{gridDim.x} * blockDim.x;
+  std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x;
+  std::uint32_t acc = 0;
+  auto ld = [&](std::size_t at) {
+    uint2 lo, hi;
+    cuda_matmul::ldg_once(lo, p + at);
+    cuda_matmul::ldg_once(hi, reinterpret_cast<uint2 const*>(p + at) + 1);
+    return lo.x ^ lo.y ^ hi.x ^ hi.y;
+  };
+  for (; i + 3 * stride < n16; i += 4 * stride) {
+    std::uint32_t const a = ld(i), b = ld(i + stride), c = ld(i + 2 * stride),
+                        d = ld(i + 3 * stride);
+    acc ^= a ^ b ^ c ^ d;
+  }
+  for (; i < n16; i += stride)
+    acc ^= ld(i);
+  if (acc == 0x9E3779B1u)
+    out[0] = acc;
+}
+
+// Args: n, k, pdl. read_kernel over the bytes of an n x k NF4 weight with fp32 block-64 scales
+// (n k / 2 + n k / 16), 8 blocks of 256 threads per SM, 200 calls in one graph as gemv.
+void read_floor(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  int const pdl = static_cast<int>(state.range(2));
+  std::size_t const bytes = n * k / 2 + n * k / 16;
+  device_buffer<uint4> src((bytes + 15) / 16);
+  device_buffer<std::uint32_t> out(1);
+  fill_bytes<<<1024, 256>>>(reinterpret_cast<std::uint8_t*>(src.p), src.n * 16, 5u);
+  check(cudaGetLastError(), "fill");
+  int sms = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "cudaDeviceGetAttribute");
+  bench_stream const stream;
+  exec::cuda const e{stream.s, 0};
+  double const t = graph_loop(state, stream.s, [&] {
+    cuda_detail::launch(e, pdl != 0, &read_kernel, dim3(8u * static_cast<unsigned>(sms)), dim3(256),
+                        0, "read_kernel", static_cast<uint4 const*>(src.p), src.n, out.p, pdl);
+  });
+  report(state, t, static_cast<double>(bytes));
+}
+
+//! The loads of gemv1_stream_kernel at J = 2 on an n x k weight (k a multiple of 1024, plain
+//! block-64 scales), nothing computed: one block of 16 warps per SM owning `tile_pairs` row pairs,
+//! warp (c, rg) of C = k / 1024 column groups and G = 16 / C row groups reading, for every G-th
+//! pair from rg on, both rows' codes in its 1024 columns (4 x 8 bytes per lane) and their scales
+//! (4 per lane); P pairs are issued, then XOR-ed (P pairs in flight per warp, then none).
+template <int P>
+__global__ void __launch_bounds__(512, 1)
+    pattern_kernel(std::uint8_t const* codes, float const* scales, unsigned n, unsigned k,
+                   unsigned tile_pairs, std::uint32_t* out) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  unsigned const warp = threadIdx.x >> 5;
+  unsigned const lane = threadIdx.x & 31u;
+  unsigned const C = k / 1024;
+  unsigned const G = (blockDim.x >> 5) / C;
+  unsigned const c = warp % C;
+  unsigned const rg = warp / C;
+  unsigned const pairs = (n + 1) / 2;
+  unsigned const p0 = blockIdx.x * tile_pairs;
+  unsigned const tp = p0 < pairs ? min(tile_pairs, pairs - p0) : 0u;
+  unsigned const count = rg < G && rg < tp ? (tp - rg + G - 1) / G : 0u;
+  std::uint8_t const* const cb = codes + c * 512u + 32u * (lane >> 2) + 8u * (lane & 3u);
+  float const* const sb = scales + c * 16u + (lane >> 2);
+  std::uint32_t acc = 0;
+  for (unsigned i = 0; i < count; i += P) {
+    uint2 q[P][2][2];
+    float sc[P][2][2];
+    QMEM_UNROLL
+    for (int p = 0; p < P; ++p) {
+      unsigned const pi = min(i + static_cast<unsigned>(p), count - 1);
+      unsigned const row0 = 2 * (p0 + rg + G * pi);
+      QMEM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        std::size_t const row = min(row0 + static_cast<unsigned>(h), n - 1);
+        QMEM_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          cuda_matmul::ldg_once(q[p][h][j], cb + row * (k / 2) + 256 * j);
+          cuda_matmul::ldg(sc[p][h][j], sb + row * (k / 64) + 8 * j);
+        }
+      }
+    }
+    QMEM_UNROLL
+    for (int p = 0; p < P; ++p)
+      QMEM_UNROLL
+    for (int h = 0; h < 2; ++h)
+      QMEM_UNROLL
+    for (int j = 0; j < 2; ++j)
+      acc ^= q[p][h][j].x ^ q[p][h][j].y ^ __float_as_uint(sc[p][h][j]);
+  }
+  if (acc == 0x9E3779B1u)
+    out[0] = acc;
+}
+
+// Args: n, k, P (1, 2, 4 or 8). pattern_kernel<P> on an NF4 weight with plain scales, launched
+// with programmatic dependent launch, one block per SM (as the dispatched kernel), the same
+// graph timing as gemv.
+void pattern_floor(benchmark::State& state) {
+  auto const n = static_cast<std::size_t>(state.range(0));
+  auto const k = static_cast<std::size_t>(state.range(1));
+  auto const pp = state.range(2);
+  nf4_weight const w(n, k, 64, false);
+  device_buffer<std::uint32_t> out(1);
+  int sms = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "cudaDeviceGetAttribute");
+  auto const pairs = static_cast<unsigned>((n + 1) / 2);
+  unsigned const tile = (pairs + static_cast<unsigned>(sms) - 1) / static_cast<unsigned>(sms);
+  unsigned const grid = (pairs + tile - 1) / tile;
+  auto const kernel = pp == 8   ? &pattern_kernel<8>
+                      : pp == 4 ? &pattern_kernel<4>
+                      : pp == 2 ? &pattern_kernel<2>
+                                : &pattern_kernel<1>;
+  bench_stream const stream;
+  exec::cuda const e{stream.s, 0};
+  double const t = graph_loop(state, stream.s, [&] {
+    cuda_detail::launch(e, true, kernel, dim3(grid), dim3(512), 0, "pattern_kernel",
+                        static_cast<std::uint8_t const*>(w.codes.p),
+                        static_cast<float const*>(w.absmax.p), static_cast<unsigned>(n),
+                        static_cast<unsigned>(k), tile, out.p);
+  });
+  report(state, t, w.bytes());
 }
 
 //! The fixed part of a streaming GEMV call: one block per SM that (with `Table`) fills a 64 KiB
@@ -898,6 +1070,31 @@ void batch16_ab_args(benchmark::internal::Benchmark* b) {
       for (std::int64_t v : {12, 13, 14})
         b->Args({s[0], s[1], 16, v, round});
 }
+// gemv_ab: the dispatched shape (45), balanced slices (48: 4096 x 14336 only, where they apply),
+// 45 with code loads that skip L1 (49) and 45 asking L2 for its first 128 KiB before the wait
+// (50) on the five shapes, then 45 and 49 on two more
+// weights of 28672 x 8192 and 45 on 14336 x 8192 and 43008 x 8192 (the time's slope in the
+// weight's bytes), in three rounds.
+void ab_args(benchmark::internal::Benchmark* b) {
+  for (std::int64_t round = 0; round < 3; ++round) {
+    for (auto const& s : shapes)
+      for (std::int64_t v : {45, 48, 49, 50})
+        if (v != 48 || (s[0] == 4096 && s[1] == 14336))
+          b->Args({s[0], s[1], v, 0, round});
+    for (std::int64_t buffer : {1, 2})
+      for (std::int64_t v : {45, 49})
+        b->Args({28672, 8192, v, buffer, round});
+    for (std::int64_t n : {14336, 43008})
+      b->Args({n, 8192, 45, 0, round});
+  }
+}
+void read_args(benchmark::internal::Benchmark* b) {
+  for (auto const& s : shapes)
+    for (std::int64_t pdl : {0, 1})
+      b->Args({s[0], s[1], pdl});
+  for (std::int64_t n : {14336, 43008})
+    b->Args({n, 8192, 1});
+}
 void cublas_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes)
     for (std::int64_t m : {1, 16})
@@ -919,6 +1116,13 @@ BENCHMARK(gemv_variant<true>)->Name("gemv_variant_dq")->Apply(variant_dq_args)->
 BENCHMARK(gemv_bulk)->Apply(bulk_args)->Apply(timed<2>);
 BENCHMARK(gemv_batch16)->Apply(batch16_args)->Apply(timed<2>);
 BENCHMARK(gemv_batch16)->Name("gemv_batch16_ab")->Apply(batch16_ab_args)->Apply(timed<2>);
+BENCHMARK(gemv_ab)->Apply(ab_args)->Apply(timed<2>);
+BENCHMARK(read_floor)->Apply(read_args)->Apply(timed<2>);
+BENCHMARK(pattern_floor)
+    ->ArgsProduct({{28672}, {8192}, {1, 2, 4, 8}})
+    ->ArgsProduct({{4096}, {14336}, {2, 8}})
+    ->ArgsProduct({{8192}, {8192}, {2, 8}})
+    ->Apply(timed<2>);
 BENCHMARK(gemv_floor)
     ->Args({512, 0, 0, 0})
     ->Args({512, 0, 1, 0})
