@@ -30,8 +30,8 @@
 # folder again, so that the first command's build-gpu/ is still there. On 2026-11-30 (sm_90a, the
 # fused GEMM and more candidates) the build took 430 s, so `tests` belongs in that second command
 # too. Such a second command found build-gpu/ but not the rest of an uncarried, ignored copy of the
-# tree (tests/data was gone): run it from the checkout itself or carry the copy again without its
-# build folder, or point QMEM_GOLDEN_FILE at the checkout's tests/data.
+# tree (tests/data was gone): set BUILD_DIR to a folder outside the tree in both commands and carry
+# the tree each time, or point QMEM_GOLDEN_FILE at the checkout's tests/data.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-$root/out}
@@ -40,7 +40,10 @@ steps=${1:-all}
 has() { [[ ($steps == all && $1 != others && $1 != host) || ,$steps, == *,$1,* ]]; }
 log=$OUT/run.log
 deps=$root/.peers/deps
-build=$root/build-gpu
+# BUILD_DIR: where the binaries go (default build-gpu/ in the tree). A folder outside the tree,
+# e.g. /tmp/qmem-gpu-build, survives a second command on the same warm machine even when that
+# command carries the tree (and tests/data) again.
+build=${BUILD_DIR:-$root/build-gpu}
 export LD_LIBRARY_PATH=$deps/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 clocks=$build/clocks.csv
 # each step's line also shows the GPU's state at that moment (SM and memory clock, temperature,
