@@ -607,6 +607,22 @@ __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, Index 
   }
 }
 
+//! Programmatic dependent launch (sm_90; no-ops elsewhere and in a kernel launched without the
+//! attribute): `pdl_allow_dependents` lets the stream's next kernel, when launched as a
+//! programmatic dependent (step_pdl), start its blocks now; `pdl_wait` blocks until the previous
+//! kernel of the stream has finished and its writes are visible. A dependent reads nothing that
+//! any earlier kernel may write before its pdl_wait.
+__device__ QMEM_INLINE void pdl_allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ QMEM_INLINE void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 //! One warp task: kernel_traits::per_lane elements per lane, everything in registers. The
 //! arithmetic is the host backend's (optimizer.hpp), element for element. `Full`: the caller has
 //! checked that the whole task lies inside the tensor and that its pointers are aligned for the
@@ -1046,6 +1062,22 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
 
 } // namespace detail
 
+//! Whether multi_tensor_step launches its prepare and fused kernels as programmatic dependents
+//! of the kernel before them (cudaLaunchAttributeProgrammaticStreamSerialization): 1. Each one's
+//! launch, and the fused kernel's block start and table copy, overlap the kernel before it
+//! (resolve_kernel and prepare_kernel let their dependents start at once; each dependent waits,
+//! pdl_wait, before it reads anything another kernel writes). Measured on an H200, 2026-11-30
+//! 13:46 UTC, three runs each, interleaved, off / on: a whole step of Lion 8-bit at 65536
+//! parameters 21.3-24.7 us (median 22.3) / 18.3-22.0 (19.9), the step's fixed cost; at 2^28
+//! parameters within the runs' spread (ms: AdamW 4-bit 0.997-1.002 / 0.995-1.005, 8-bit
+//! 1.115-1.122 / 1.116-1.121, 32-bit 1.886-1.910 / 1.887-1.911, Lion 8-bit 0.938-0.946 /
+//! 0.941-0.949, 64 tensors 1.134-1.146 / 1.134-1.144; docs/benchmarks.md, "2026-11-30, optim4:
+//! programmatic dependent launch"). Overridable for tuning runs.
+#ifndef QMEM_OPTIM_STEP_PDL
+#define QMEM_OPTIM_STEP_PDL 1
+#endif
+inline constexpr bool step_pdl = QMEM_OPTIM_STEP_PDL != 0;
+
 //! Threads per block of the fused kernel: 8 warps, 8 tasks in flight per block.
 inline constexpr int fused_block_threads = 256;
 
@@ -1186,7 +1218,12 @@ inline constexpr std::uint64_t fused_index32_max_size = QMEM_OPTIM_FUSED_INDEX32
 namespace detail {
 //! Whether the fused kernel of Rule x Policy pipelines its loads: with fused_pipeline, when every
 //! state is blockwise (the quantized steps, bound by latency; the fp32-state steps stream at 90%
-//! of a copy and would spill their 32 extra registers).
+//! of a copy and would spill their 32 extra registers). Nor do the fp32-state steps gain from
+//! asking L2 for a later task's arrays: one cp.async.bulk.prefetch.L2 (evict_last) per array from
+//! lanes 0-3, one / two of the warp's tasks ahead, ms (H200, 2026-11-30 13:46 UTC, three runs
+//! each, without / one / two): AdamW 32-bit 1.887-1.911 / 1.911-1.936 / 2.045-2.065, paged
+//! 1.891-1.896 / 1.915-1.924 / 2.056-2.060, Lion 32-bit 1.352-1.357 / 1.380-1.401 /
+//! 1.505-1.519: removed.
 template <update_rule Rule, state_policy Policy>
 inline constexpr bool pipelined = [] {
   bool all = true;
@@ -1258,6 +1295,9 @@ __global__ void __launch_bounds__(fused_block_threads,
   }
   __syncthreads();
   auto const& tables = *reinterpret_cast<tables_t const*>(table_words);
+  // launched as a programmatic dependent (step_pdl): the table copy above reads only the constant
+  // image; the control block, the scalars and the tensors are read after the previous kernel ends
+  detail::pdl_wait();
   if (args.control->skip != 0)
     return;
   float const grad_scale = args.control->grad_scale;

@@ -199,6 +199,7 @@ __global__ void __launch_bounds__(256)
                    unsigned partial_count, std::uint32_t const* found_inf,
                    nonfinite_policy nonfinite, int percentile) {
   static_assert(optim::detail::norm_fold_threads == 256, "grad_norm.hpp's step 6: 256 threads");
+  pdl_allow_dependents(); // the prepare kernel may start; it waits for this one's writes
   __shared__ double sums[256];
   __shared__ std::uint32_t bads[256];
   __shared__ float history[norm_history_size];
@@ -285,6 +286,8 @@ template <update_rule Rule>
 __global__ void __launch_bounds__(256)
     prepare_kernel(step_control const* control, tensor_entry const* tensors, Rule const* rules,
                    typename Rule::scalars* scalars, std::uint32_t tensor_count) {
+  pdl_allow_dependents(); // the fused kernel may start; it waits for this one's writes
+  pdl_wait();
   if (control->skip != 0)
     return;
   float const lr = control->lr;
@@ -649,9 +652,10 @@ public:
       return;
     cuda_detail::device_guard guard(e.device);
     unsigned const blocks = std::min<unsigned>((entry_count_ + 255) / 256, 64);
-    detail::prepare_kernel<Rule><<<blocks, 256, 0, e.stream>>>(
-        controller_->control(), entries_.data(), rules_.data(), scalars_.data(), entry_count_);
-    cuda_detail::check_launch(e, "prepare_kernel");
+    cuda_detail::launch(e, step_pdl, detail::prepare_kernel<Rule>, dim3(blocks), dim3(256), 0,
+                        "prepare_kernel", controller_->control(),
+                        static_cast<tensor_entry const*>(entries_.data()),
+                        static_cast<Rule const*>(rules_.data()), scalars_.data(), entry_count_);
     cuda_step_options const& o = controller_->options();
     bool const skip_bad = o.nonfinite == nonfinite_policy::skip_element;
     if constexpr (reducing)
@@ -683,13 +687,12 @@ public:
     constexpr std::uint64_t block_warps = fused_block_threads / 32;
     std::uint64_t const blocks_needed = (task_end - task_begin + block_warps - 1) / block_warps;
     int const grid = static_cast<int>(std::min<std::uint64_t>(blocks_needed, grid_));
-    if (o.nonfinite == nonfinite_policy::skip_element)
-      fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>
-          <<<grid, fused_block_threads, 0, e.stream>>>(args);
-    else // skip_step and raise: resolve() already skipped a step with a non-finite gradient
-      fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>
-          <<<grid, fused_block_threads, 0, e.stream>>>(args);
-    cuda_detail::check_launch(e, "fused_step_kernel");
+    // skip_step and raise: resolve() already skipped a step with a non-finite gradient
+    auto* const kernel = o.nonfinite == nonfinite_policy::skip_element
+                             ? fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>
+                             : fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>;
+    cuda_detail::launch(e, step_pdl, kernel, dim3(static_cast<unsigned>(grid)),
+                        dim3(fused_block_threads), 0, "fused_step_kernel", args);
   }
   //! Enqueues the fused update of every tensor of the group.
   void update(exec::cuda const& e) { update(e, 0, task_count_); }
