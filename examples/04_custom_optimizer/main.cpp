@@ -1,4 +1,4 @@
-// A new optimizer in one small rule: Adan (adan.hpp, 46 lines) is an update_rule, so the same
+// A new optimizer in one small rule: Adan (adan.hpp, 50 lines) is an update_rule, so the same
 // qmem::optim::optimizer runs it with fp32, bf16, 8-bit, 4-bit and FP8 state, with schedules,
 // clipping and save/resume, on the host here and through the CUDA kernels in a .cu file. Nothing
 // in qmem names Adan.

@@ -8,7 +8,8 @@
 // Files are read through memory mappings and written a tensor at a time (streaming writer), so a
 // checkpoint larger than RAM converts with about one tensor in memory. On any error the tool
 // prints one line `qmem: error: <reason>` and exits non-zero (2 for usage errors); outputs are
-// written atomically, so a failed run leaves no partial file behind. See docs/cli.md.
+// written atomically (a sharded run commits its shards together once all are written), so a
+// failed run leaves no partial file behind. See docs/cli.md.
 
 #include <qmem/io.hpp>
 
@@ -22,6 +23,7 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <regex>
 #include <set>
@@ -302,11 +304,18 @@ void check_int8_selectable(io::tensor_entry const& e) {
                       e.name + "' is " + shape_string(e.shape) + ": narrow --only");
 }
 
+//! Output shards written to their temporary files, not yet renamed into place: a run commits
+//! them all once every shard is written, so an error in a later shard leaves no output shard
+//! (and an earlier run's output in OUT's directory stays whole, not half replaced).
+using pending_shards = std::vector<std::unique_ptr<io::safetensors_stream_writer>>;
+
 //! Writes one output shard: `items` in the reference order, converting with `convert` (which
-//! returns the bytes of a converted item; it may cache per source weight).
+//! returns the bytes of a converted item; it may cache per source weight), into a temporary file
+//! added to `pending` (the caller commits it). Returns the bytes of its tensors.
 template <class Convert>
 std::uint64_t write_shard(fs::path const& out, io::safetensors_reader const& r,
-                          std::vector<output_item> items, Convert&& convert, progress& p) {
+                          std::vector<output_item> items, Convert&& convert, progress& p,
+                          pending_shards& pending) {
   std::ranges::stable_sort(items, [](output_item const& a, output_item const& b) {
     int const ra = io::detail::reference_rank(a.spec.type),
               rb = io::detail::reference_rank(b.spec.type);
@@ -316,7 +325,8 @@ std::uint64_t write_shard(fs::path const& out, io::safetensors_reader const& r,
   for (auto const& it : items)
     specs.push_back(it.spec);
   r.advise_sequential();
-  io::safetensors_stream_writer w(out, specs, r.metadata());
+  auto& w = *pending.emplace_back(
+      std::make_unique<io::safetensors_stream_writer>(out, specs, r.metadata()));
   std::uint64_t const total = w.tensors().empty() ? 0 : w.tensors().back().end;
   std::set<io::tensor_entry const*> done;
   for (auto const& it : items) {
@@ -328,7 +338,6 @@ std::uint64_t write_shard(fs::path const& out, io::safetensors_reader const& r,
     p.step(done.insert(it.source).second ? it.source->nbytes() : 0);
     r.release(*it.source); // keep the resident set at about one tensor
   }
-  w.commit();
   return total;
 }
 
@@ -370,12 +379,15 @@ int convert_checkpoint(std::string const& verb, std::string const& in_path,
   progress p("qmem " + verb, bytes);
   std::map<std::string, std::string> weight_map;
   std::uint64_t total_size = 0;
+  pending_shards pending; // destroyed uncommitted on an error: their temporaries are removed
   for (std::size_t i = 0; i < in.shards.size(); ++i) {
-    auto const names = plan(in.shards[i].reader, outs[i], p, total_size);
+    auto const names = plan(in.shards[i].reader, outs[i], p, total_size, pending);
     for (auto const& n : names)
       weight_map[n] = in.shards[i].file;
   }
   p.done();
+  for (auto& w : pending)
+    w->commit();
   if (in.sharded)
     write_index(out_path, in.index_metadata, total_size, weight_map);
   return 0;
@@ -400,7 +412,8 @@ int quantize(std::vector<std::string> const& args, quantize_options o) {
                       std::string(io::to_string(o.format)));
   return convert_checkpoint(
       "quantize", args[0], args[1],
-      [&](io::safetensors_reader const& r, fs::path const& out, progress& p, std::uint64_t& total) {
+      [&](io::safetensors_reader const& r, fs::path const& out, progress& p, std::uint64_t& total,
+          pending_shards& pending) {
         bnb_keys const keys(r);
         std::vector<output_item> items;
         std::map<std::string, quantized_weight, std::less<>> smalls;
@@ -458,7 +471,7 @@ int quantize(std::vector<std::string> const& args, quantize_options o) {
                 }
               throw error("internal: no tensor '" + it.spec.name + "' in the quantization");
             },
-            p);
+            p, pending);
         return names;
       });
 }
@@ -469,7 +482,8 @@ int dequantize(std::vector<std::string> const& args, std::optional<dtype> out_ty
                       " arguments");
   return convert_checkpoint(
       "dequantize", args[0], args[1],
-      [&](io::safetensors_reader const& r, fs::path const& out, progress& p, std::uint64_t& total) {
+      [&](io::safetensors_reader const& r, fs::path const& out, progress& p, std::uint64_t& total,
+          pending_shards& pending) {
         bnb_keys const keys(r);
         std::vector<output_item> items;
         for (auto const& e : r.tensors()) {
@@ -509,7 +523,7 @@ int dequantize(std::vector<std::string> const& args, std::optional<dtype> out_ty
                 dequantize_into(io::read_bnb_weight(r, it.source->name));
               return buffer;
             },
-            p);
+            p, pending);
         return names;
       });
 }

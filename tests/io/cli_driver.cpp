@@ -285,6 +285,25 @@ TEST_CASE("cli: sharded checkpoints in and out") {
   auto const i2 = qmem_run({"inspect", q.string()});
   CHECK(i2.out.find("2 shards, 21 tensors (14 quantized)") != std::string::npos);
 
+  // A run that fails in the second shard commits no shard, so an earlier output in OUT's
+  // directory stays whole. Old code renamed each shard into place as it was written: the first
+  // shard of the failed run replaced the earlier output's, beside its old second shard and index.
+  {
+    scratch_dir again_dir;
+    auto const prior = again_dir.path / "model.safetensors.index.json";
+    REQUIRE(qmem_run({"quantize", "--format", "nf4", deq.string(), prior.string()}).rc == 0);
+    auto const first = again_dir.path / "model-00001-of-00002.safetensors";
+    auto const before = slurp(first);
+    // only the second shard has a tensor this selects, and LLM.int8 cannot store it (1-D)
+    auto const failed = qmem_run({"quantize", "--format", "int8", "--only", "layers\\.1\\..*norm",
+                                  index.string(), prior.string()});
+    CHECK(failed.rc == 2);
+    CHECK(failed.err.find("narrow --only") != std::string::npos);
+    CHECK(slurp(first) == before);
+    CHECK(std::distance(fs::directory_iterator(again_dir.path), {}) == 3); // no temporary left
+    check_index(prior);
+  }
+
   // sharded in, single file out (and the reverse) is a usage error; so is writing over the input
   auto const bad =
       qmem_run({"dequantize", index.string(), (out_dir.path / "x.safetensors").string()});

@@ -276,3 +276,94 @@ TEST_CASE("load_state refuses a percentile history entry that is NaN or < 0") {
   std::filesystem::remove(file);
   std::filesystem::remove(path);
 }
+
+// load_state copied each blockwise state's absmax from the file unchecked (beyond the checksum):
+// a resigned file with a NaN, infinite or negative absmax loaded, and the next step decoded the
+// block to NaN or flipped signs. A block absmax must be finite and >= 0; the optimizer is left
+// unchanged.
+TEST_CASE("load_state refuses a block absmax that is NaN, infinite or < 0") {
+  auto const path = temp_file("absmax");
+  std::vector<float> p(5000, 0.5f), g(5000, 0.1f);
+  std::vector<tensor_view<float const>> gs{view(g)};
+  optim::optimizer<optim::adamw, optim::int8_state> saved;
+  saved.add_param(view(p));
+  saved.step(exec::host{}, gs);
+  optim::save_state(saved, path);
+  std::vector<float> q(5000, 0.5f);
+  optim::optimizer<optim::adamw, optim::int8_state> target;
+  target.add_param(view(q));
+  target.step(exec::host{}, gs);
+  target.step(exec::host{}, gs);
+  auto const before0 = target.state_values_of(0, 0);
+  auto const before1 = target.state_values_of(0, 1);
+  io::safetensors_reader const r(path);
+  auto const b = r.bytes(*r.find("param.0.absmax.1"));
+  std::vector<float> absmax(b.size() / 4);
+  REQUIRE(absmax.size() > 2);
+  std::memcpy(absmax.data(), b.data(), b.size());
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), -1.0f}) {
+    CAPTURE(bad);
+    auto edited = absmax;
+    edited[2] = bad;
+    auto const file = resigned_copy(path, "param.0.absmax.1", std::as_bytes(std::span(edited)));
+    CHECK_THROWS_WITH_AS(optim::load_state(target, file),
+                         doctest::Contains("'param.0.absmax.1' block 2"), qmem::format_error);
+    CHECK(target.step_count() == 2);
+    CHECK(target.state_values_of(0, 0) == before0);
+    CHECK(target.state_values_of(0, 1) == before1);
+    std::filesystem::remove(file);
+  }
+  // the largest finite absmax and 0 (a block of zeros) are values step() writes: accepted
+  auto edited = absmax;
+  edited[1] = std::numeric_limits<float>::max();
+  edited[2] = 0.0f;
+  auto const file = resigned_copy(path, "param.0.absmax.1", std::as_bytes(std::span(edited)));
+  CHECK_NOTHROW(optim::load_state(target, file));
+  CHECK(target.step_count() == 1);
+  std::filesystem::remove(file);
+  std::filesystem::remove(path);
+}
+
+// A state saved without a percentile history (by an optimizer without percentile clipping) and
+// loaded into one that clips at percentile 50 at step 3 started the history as zeros: the next
+// step's window held 3 zeros and one measured norm, its clip was 0, and the gradient was scaled by
+// 0. The unknown norms now load as +inf (they never set the clip), and that history saves and
+// loads again.
+TEST_CASE("a state saved without a percentile history resumes percentile clipping safely") {
+  auto const path = temp_file("no_history");
+  auto const again = temp_file("no_history_again");
+  std::vector<float> p(5000, 0.5f), g(5000, 0.1f);
+  std::vector<tensor_view<float const>> gs{view(g)};
+  optim::optimizer<optim::adamw, optim::int8_state> saved;
+  saved.add_param(view(p));
+  for (int s = 0; s < 3; ++s)
+    saved.step(exec::host{}, gs);
+  optim::save_state(saved, path);
+  REQUIRE(!io::safetensors_reader(path).contains("norm_history"));
+
+  std::vector<float> q(5000, 0.5f);
+  optim::optimizer<optim::adamw, optim::int8_state> clipped({}, {.percentile = 50});
+  clipped.add_param(view(q));
+  optim::load_state(clipped, path);
+  CHECK(clipped.step(exec::host{}, gs).grad_scale == 1.0f);
+  optim::save_state(clipped, again);
+  optim::optimizer<optim::adamw, optim::int8_state> resumed({}, {.percentile = 50});
+  std::vector<float> u(5000, 0.5f);
+  resumed.add_param(view(u));
+  optim::load_state(resumed, again);
+  CHECK(resumed.step_count() == 4);
+  CHECK(resumed.step(exec::host{}, gs).grad_scale == 1.0f);
+
+  // a state at step 0 has no history to miss: loaded as a fresh start
+  optim::optimizer<optim::adamw, optim::int8_state> fresh_saved;
+  std::vector<float> v(5000, 0.5f), w(5000, 0.5f);
+  fresh_saved.add_param(view(v));
+  optim::save_state(fresh_saved, path);
+  optim::optimizer<optim::adamw, optim::int8_state> fresh({}, {.percentile = 50});
+  fresh.add_param(view(w));
+  optim::load_state(fresh, path);
+  CHECK(fresh.step(exec::host{}, gs).grad_scale == 1.0f);
+  std::filesystem::remove(path);
+  std::filesystem::remove(again);
+}

@@ -1,10 +1,15 @@
 // The user-written rule of examples/04_custom_optimizer (Adan): against an fp64 reference of its
-// definition with fp32 state, and run with every state policy (each must keep descending).
+// definition with fp32 state, run with every state policy (each must keep descending), and saved
+// and resumed with its four states (the example's claim: nothing in qmem names Adan).
 #include <qmem/optim.hpp>
 
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <unistd.h>
 #include <vector>
 
 #include "../../examples/04_custom_optimizer/adan.hpp"
@@ -80,4 +85,38 @@ TEST_CASE("custom rule (Adan) runs with every state policy") {
   CHECK(descend<optim::int8_state>(100) < 0.05);
   CHECK(descend<optim::int4_state>(100) < 0.2);
   CHECK(descend<optim::quantized_state<quant::fp8_e4m3>>(100) < 0.1);
+}
+
+TEST_CASE("custom rule (Adan): 6 steps == 3 + save + load + 3, bit for bit, 8-bit state") {
+  auto const path = std::filesystem::temp_directory_path() /
+                    ("qmem_adan_" + std::to_string(::getpid()) + ".safetensors");
+  using opt_t = optim::optimizer<example::adan, optim::int8_state>;
+  optim::optimizer_options const o{.lr = optim::lr_schedule::cosine(1e-2f, 2, 6), .percentile = 50};
+  std::vector<float> a(6000, 0.0f), b(6000, 0.0f);
+  opt_t straight({}, o);
+  straight.add_param(view(a));
+  for (int t = 0; t < 6; ++t) {
+    auto const g = grad_of(a, t);
+    straight.step(exec::host{}, {view(g)});
+  }
+  {
+    opt_t first({}, o);
+    first.add_param(view(b));
+    for (int t = 0; t < 3; ++t) {
+      auto const g = grad_of(b, t);
+      first.step(exec::host{}, {view(g)});
+    }
+    optim::save_state(first, path);
+  }
+  opt_t second({}, o);
+  second.add_param(view(b));
+  optim::load_state(second, path);
+  for (int t = 3; t < 6; ++t) {
+    auto const g = grad_of(b, t);
+    second.step(exec::host{}, {view(g)});
+  }
+  CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+  for (int k = 0; k < 4; ++k)
+    CHECK(straight.state_values_of(0, k) == second.state_values_of(0, k));
+  std::filesystem::remove(path);
 }

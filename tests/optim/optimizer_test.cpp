@@ -460,6 +460,28 @@ TEST_CASE("conversion keeps the percentile-clipping history") {
   CHECK(rc.grad_scale == ra.grad_scale);
 }
 
+// set_step(t) on an optimizer without a percentile history (a resume by hand) started the
+// history as zeros: the next step's window held t zeros and one measured norm, so its clip was 0
+// and the gradient was scaled by 0. The unknown norms now count as +inf: no clip until measured
+// norms reach the percentile's rank, then clipping as usual.
+TEST_CASE("percentile clipping after set_step starts from unknown norms, not zeros") {
+  std::size_t const n = 3000;
+  auto const g = randn(n, 1.0f, 23);
+  std::vector<tensor_view<float const>> gs{view(g)};
+  auto p = randn(n, 1.0f, 24);
+  optim::optimizer<optim::sgd, optim::fp32_state> a({}, {.percentile = 50});
+  a.add_param(view(p));
+  a.set_step(10, 0.001f);
+  CHECK(a.step(exec::host{}, gs).grad_scale == 1.0f);
+  for (int s = 0; s < 99; ++s) // the window (100 steps) now holds measured norms only
+    REQUIRE(a.step(exec::host{}, gs).grad_scale == 1.0f);
+  std::vector<float> big(n);
+  for (std::size_t i = 0; i < n; ++i)
+    big[i] = g[i] * 10.0f;
+  std::vector<tensor_view<float const>> bs{view(big)};
+  CHECK(a.step(exec::host{}, bs).grad_scale == doctest::Approx(0.1).epsilon(1e-5));
+}
+
 // The step count is an int32: step() at count 2^31 - 1 computed count + 1, a signed overflow
 // (undefined; in practice step -2^31, whose bias correction and schedule wrote NaN or garbage
 // into the parameters). It now refuses before writing anything.

@@ -29,6 +29,7 @@
 #include <exception>
 #include <initializer_list>
 #include <iterator>
+#include <limits>
 #include <random>
 #include <string>
 #include <tuple>
@@ -341,6 +342,83 @@ TEST_CASE("host matmul_4bit reference: hand-computed values") {
   std::vector<bf16> yn(2);
   matmul_4bit<bf16>(exec::host{}, {x.data(), 2}, 1, wn, tensor_view<bf16>{yn.data(), 2});
   CHECK(yn == y);
+}
+
+// Element counts that wrap around a size_t: a 2^32 x 2^32 weight has rows * cols = 0 (mod
+// 2^64), so empty codes, scales, x and y of m = 2^32 rows passed every size check and the host
+// loops read the empty views; a nested_block_size near SIZE_MAX made the absmax2 count
+// (blocks + nested - 1) / nested wrap to 0, so an empty absmax2 passed and was read (old code:
+// the REQUIREs below failed, and the calls after them would have crashed). Each is now refused.
+TEST_CASE("matmul shapes whose element counts overflow a size_t are refused") {
+  constexpr char const* fn = "test";
+  SUBCASE("a weight of 2^32 x 2^32 elements") {
+    constexpr std::size_t big = std::size_t{1} << 32;
+    weight_4bit_view<nf4> w; // no codes, no scales
+    w.rows = big;
+    w.cols = big;
+    REQUIRE_THROWS_WITH_AS(quant::detail::mm::check_weight(w, fn, true, false),
+                           doctest::Contains("does not fit a size_t"), qmem::bad_argument);
+    CHECK_THROWS_AS(
+        matmul_4bit<bf16>(exec::host{}, tensor_view<bf16 const>{}, big, w, tensor_view<bf16>{}),
+        qmem::bad_argument);
+    CHECK_THROWS_AS(matmul_4bit_grad_input<bf16>(exec::host{}, tensor_view<bf16 const>{}, big, w,
+                                                 tensor_view<bf16>{}),
+                    qmem::bad_argument);
+  }
+  SUBCASE("a nested_block_size near SIZE_MAX") {
+    std::vector<std::uint8_t> const codes(64), qabsmax(4, 255);
+    weight_4bit_view<nf4> nested;
+    nested.rows = 2;
+    nested.cols = 64;
+    nested.block_size = 32;
+    nested.codes = {codes.data(), codes.size()};
+    nested.scales.qabsmax = {qabsmax.data(), qabsmax.size()};
+    nested.scales.nested_block_size = std::numeric_limits<std::size_t>::max();
+    REQUIRE_THROWS_WITH_AS(quant::detail::mm::check_weight(nested, fn, true, false),
+                           doctest::Contains("absmax2 holds 0 scales; expected 1"),
+                           qmem::bad_argument);
+    std::vector<bf16> const x(64, bf16(1.0f));
+    std::vector<bf16> y(2);
+    CHECK_THROWS_AS(matmul_4bit<bf16>(exec::host{}, {x.data(), x.size()}, 1, nested,
+                                      tensor_view<bf16>{y.data(), y.size()}),
+                    qmem::bad_argument);
+  }
+  SUBCASE("linear_int8 with x and out of [2^62, 4] (0 elements, wrapped)") {
+    // (opaque to the compiler: a constant m lets g++ -O3 prove the refused call's loops
+    // overflow, -Waggressive-loop-optimizations)
+    std::size_t volatile shift = 62;
+    std::size_t const rows = std::size_t{1} << shift;
+    REQUIRE_THROWS_WITH_AS(
+        quant::detail::mm::check_matrix(tensor_view<bf16 const>{}, rows, 4, fn, "x", true, false),
+        doctest::Contains("does not fit a size_t"), qmem::bad_argument);
+    std::vector<std::int8_t> const b(16, 1);
+    std::vector<float> const col_scale(4, 1.0f);
+    CHECK_THROWS_AS(linear_int8<bf16>(exec::host{}, tensor_view<bf16 const>{}, {b.data(), b.size()},
+                                      {col_scale.data(), col_scale.size()}, rows, 4, 4, 6.0f,
+                                      tensor_view<bf16>{}),
+                    qmem::bad_argument);
+  }
+}
+
+// The host's int8_quantize converted a NaN product to int, which is undefined (x86-64: INT_MIN,
+// clamped to -127), where the GPU's cvt.rni.s32.f32 gives 0: a NaN activation outside the
+// outlier columns (the row's fmax absmax skips it) added -127 * b to the host's dot product and
+// nothing to the GPU's (old code: out 0 instead of 1, and int8_quantize(NaN) -127).
+TEST_CASE("linear_int8 on the host quantizes a NaN activation to 0, as the GPU does") {
+  float const nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<bf16> const x = {bf16(nan), bf16(1.0f)};
+  std::vector<std::int8_t> const b = {1, 1};
+  std::vector<float> const col_scale = {127.0f}; // the weight row is [1, 1]
+  std::vector<bf16> out(1);
+  linear_int8<bf16>(exec::host{}, {x.data(), x.size()}, {b.data(), b.size()},
+                    {col_scale.data(), col_scale.size()}, 1, 1, 2, 0.0f,
+                    tensor_view<bf16>{out.data(), out.size()});
+  CHECK(to_float(out[0]) == 1.0f); // 0 * 1 + 1 * 1
+  std::vector<float> const products = {nan, -nan, 126.6f, -127.4f};
+  std::vector<int> codes;
+  for (float v : products)
+    codes.push_back(quant::detail::mm::int8_quantize(v, 1.0f));
+  CHECK(codes == std::vector<int>{0, 0, 127, -127});
 }
 
 TEST_CASE_TEMPLATE_DEFINE("matmul_4bit forward matches the host reference", B, mm_forward) {

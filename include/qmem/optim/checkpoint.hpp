@@ -12,9 +12,11 @@
 //!   param.{i}.rule U8 (the rule's hyper-parameters, its object bytes), param.{i}.lr_scale F32[1],
 //!   param.{i}.quantized U8[1].
 //! Loading checks everything first (schema, policy, parameter count and sizes, dtypes, the
-//! checksum, lr scales finite and >= 0, rules in their ranges, the
-//! percentile history >= 0) and throws qmem::format_error naming the mismatch, leaving the
-//! optimizer unchanged; only then does it copy. 10 steps equal 5 steps + save + load into a fresh optimizer + 5 steps,
+//! checksum, lr scales finite and >= 0, rules in their ranges, the percentile history >= 0,
+//! block absmax values finite and >= 0) and throws qmem::format_error naming the mismatch,
+//! leaving the optimizer unchanged; only then does it copy. A file without a percentile history
+//! loaded at step > 0 into an optimizer with percentile < 100 gets a history of +inf (unknown
+//! norms, which never set the clip; docs/optim.md). 10 steps equal 5 steps + save + load into a fresh optimizer + 5 steps,
 //! bit for bit (the step count and the stochastic-rounding counters are restored too).
 //! The parameters themselves are not saved: they belong to the model's checkpoint.
 
@@ -26,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <span>
 #include <string>
@@ -158,8 +161,9 @@ void save_state(optimizer<Rule, Policy, Param> const& opt, std::filesystem::path
 //! of the same sizes (added in the same order). Throws io_error when the file cannot be read,
 //! format_error when it is not a qmem optimizer state file of schema 1, was written for another
 //! policy or other parameters, or is corrupt (checksum), or holds a value the optimizer's own
-//! entry points refuse (a rule out of its ranges, an lr scale < 0 or not finite) or a percentile
-//! history entry < 0 or NaN; `opt` is then unchanged.
+//! entry points refuse (a rule out of its ranges, an lr scale < 0 or not finite), a percentile
+//! history entry < 0 or NaN, or a block absmax < 0 or not finite (what an overflowed state holds:
+//! it cannot be resumed); `opt` is then unchanged.
 template <class Rule, class Policy, class Param>
 void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const& path) {
   using O = optimizer<Rule, Policy, Param>;
@@ -224,6 +228,12 @@ void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const
     for (std::size_t j = 0; j < new_hist.size(); ++j)
       if (!(new_hist[j] >= 0.0f))
         fail("norm_history[", j, "] is ", new_hist[j], "; expected a squared norm >= 0");
+  } else if (opt.options().percentile < 100 && c.step > 0) {
+    // saved without percentile clipping (or by a tool that drops the history): the norms of the
+    // steps before are unknown. Zeros would make the clip 0 and scale the next gradients to 0;
+    // +inf never sets the clip, so clipping starts once measured norms reach the percentile's
+    // rank in the window (as step() does after set_step)
+    new_hist.assign(100, std::numeric_limits<float>::infinity());
   }
   std::vector<Rule> rules(params.size());
   std::vector<float> lr_scales(params.size());
@@ -242,9 +252,22 @@ void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const
         copies.push_back(
             {ps.data[k].data(), expect(pre + "state." + std::to_string(k),
                                        detail::storage_dtype<F>(), ps.data[k].size_bytes())});
-        if constexpr (F::blockwise)
-          copies.push_back({ps.scale[k].data(), expect(pre + "absmax." + std::to_string(k),
-                                                       dtype::f32, ps.scale[k].size_bytes())});
+        if constexpr (F::blockwise) {
+          std::string const name = pre + "absmax." + std::to_string(k);
+          auto const b = expect(name, dtype::f32, ps.scale[k].size_bytes());
+          // a block absmax is a maximum magnitude: finite and >= 0. NaN or inf is what a state
+          // that overflowed holds (a square above FLT_MAX): its blocks decode to NaN and the next
+          // step turns the parameters NaN; a negative one flips the block's signs
+          for (std::size_t j = 0; j < ps.scale[k].size(); ++j) {
+            float a = 0.0f;
+            std::memcpy(&a, b.data() + j * 4, 4);
+            if (!(a >= 0.0f && a <= std::numeric_limits<float>::max()))
+              fail("tensor '", name, "' block ", j, " is ", a,
+                   "; expected a block absmax, finite and >= 0 (a state that overflowed cannot be "
+                   "resumed)");
+          }
+          copies.push_back({ps.scale[k].data(), b});
+        }
       });
     };
     if (ps.quantized)

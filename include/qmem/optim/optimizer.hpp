@@ -482,8 +482,11 @@ public:
         grad_scale = static_cast<float>(grad_scale * (options_.max_grad_norm / (norm + 1e-6)));
       if (options_.percentile < 100) {
         std::int32_t const t = counter_[0].step + 1;
+        // a fresh run reads only the entries it wrote (the first min(t, 100)); past step 1 an
+        // empty history means the earlier norms are unknown (set_step): +inf never sets the clip,
+        // where zeros would make it 0 and scale the gradients to 0
         if (norm_history_.empty())
-          norm_history_.assign(100, 0.0f);
+          norm_history_.assign(100, t == 1 ? 0.0f : std::numeric_limits<float>::infinity());
         norm_history_[static_cast<std::size_t>((t - 1) % 100)] = static_cast<float>(norm * norm);
         std::size_t const seen = static_cast<std::size_t>(std::min<std::int32_t>(t, 100));
         std::vector<float> sorted(norm_history_.begin(),
@@ -582,7 +585,9 @@ public:
       enc.template operator()<fp32_state>();
   }
 
-  //! Sets the step count and the last lr (resume, conversion).
+  //! Sets the step count and the last lr (resume, conversion). The percentile-clipping history
+  //! is kept; when it is empty at step > 0, the next step counts the earlier norms as unknown
+  //! (+inf: no clip until measured norms reach the percentile's rank; docs/optim.md).
   void set_step(std::int32_t step, float lr) {
     QMEM_EXPECTS(step >= 0, "step is ", step, "; expected >= 0");
     counter_[0] = step_counter{step, lr};

@@ -387,7 +387,9 @@ using fp8_e5m2 = fp8<5, 2>;
 //!   inline constexpr qmem::quant::code_table<16> my_values = {{...}};
 //!   using my4 = qmem::quant::table_code<my_values>;
 //! Encoding picks the nearest value (a value exactly between two goes to the lower one; NaN to
-//! the smallest). The table must contain 0.0 (its code pads odd 4-bit tails) and lie in [-1, 1].
+//! the smallest). The values lie in [-1, 1]; a 16-value table must contain 0.0 (its code pads odd
+//! 4-bit tails). A 256-value table without 0.0 is accepted and its zero_code is 255, which is then
+//! not the code of 0.0 (8-bit codes pad nothing).
 template <auto const& Table>
 struct table_code {
   static constexpr std::size_t entries = std::remove_cvref_t<decltype(Table)>::size;

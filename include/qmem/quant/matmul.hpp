@@ -34,6 +34,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -84,7 +85,7 @@ struct weight_4bit_view {
   [[nodiscard]] constexpr std::size_t elements() const noexcept { return rows * cols; }
   //! Number of blocks (and of scales).
   [[nodiscard]] constexpr std::size_t blocks() const noexcept {
-    return (elements() + block_size - 1) / block_size;
+    return elements() / block_size + (elements() % block_size != 0 ? 1 : 0);
   }
 };
 
@@ -140,12 +141,15 @@ QMEM_HOST_DEVICE QMEM_INLINE float int8_weight_value(std::int8_t code, float col
 }
 
 //! Row-wise int8 quantization of one activation: round(x * (127 / absmax)), ties to even, as an
-//! int8 in [-127, 127]; 0 when the row's absmax is 0.
+//! int8 in [-127, 127]; 0 when the row's absmax is 0, and 0 for a NaN product (a NaN activation,
+//! which the row's fmax-absmax skips, or an infinite one in a row without outliers: inf * 0).
 QMEM_HOST_DEVICE QMEM_INLINE std::int8_t int8_quantize(float x, float inv_scale) noexcept {
 #if defined(__CUDA_ARCH__)
-  int q = __float2int_rn(fmath::mul(x, inv_scale));
+  int q = __float2int_rn(fmath::mul(x, inv_scale)); // NaN -> 0 (PTX cvt.rni.s32.f32)
 #else
-  int q = static_cast<int>(std::nearbyint(fmath::mul(x, inv_scale)));
+  // NaN -> 0 as on the GPU; converting NaN to int is undefined (x86-64: INT_MIN, then -127)
+  float const v = fmath::mul(x, inv_scale);
+  int q = v == v ? static_cast<int>(std::nearbyint(v)) : 0;
 #endif
   q = q > 127 ? 127 : (q < -127 ? -127 : q);
   return static_cast<std::int8_t>(q);
@@ -171,10 +175,14 @@ void check_weight(weight_4bit_view<Code> const& w, char const* fn, bool host, bo
                         "; expected a power of two in [32, 4096]");
   if (w.rows == 0 || w.cols == 0)
     qmem::detail::raise(fn, ": w is ", w.rows, " x ", w.cols, "; expected a non-empty weight");
+  // rows * cols wrapping around (say 2^32 x 2^32 -> 0) would let empty views pass the size checks
+  if (w.cols > std::numeric_limits<std::size_t>::max() / w.rows)
+    qmem::detail::raise(fn, ": w is ", w.rows, " x ", w.cols,
+                        "; its element count does not fit a size_t");
   std::size_t const n = w.elements();
-  if (w.codes.size() != (n + 1) / 2)
+  if (w.codes.size() != n / 2 + n % 2)
     qmem::detail::raise(fn, ": w.codes holds ", w.codes.size(), " bytes; a ", w.rows, " x ", w.cols,
-                        " 4-bit weight needs ", (n + 1) / 2);
+                        " 4-bit weight needs ", n / 2 + n % 2);
   check_view(w.codes, fn, "w.codes", host, device);
   std::size_t const blocks = w.blocks();
   if (w.scales.nested()) {
@@ -185,8 +193,10 @@ void check_weight(weight_4bit_view<Code> const& w, char const* fn, bool host, bo
     if (w.scales.qabsmax.size() != blocks)
       qmem::detail::raise(fn, ": w.scales.qabsmax holds ", w.scales.qabsmax.size(),
                           " codes; expected one per block, ", blocks);
+    // ceil(blocks / nested_block_size) without the sum (blocks + nested - 1) that wraps around
+    // for a huge nested_block_size (to 0 groups: an empty absmax2 passed, and was read)
     std::size_t const groups =
-        (blocks + w.scales.nested_block_size - 1) / w.scales.nested_block_size;
+        blocks / w.scales.nested_block_size + (blocks % w.scales.nested_block_size != 0 ? 1 : 0);
     if (w.scales.absmax2.size() != groups)
       qmem::detail::raise(fn, ": w.scales.absmax2 holds ", w.scales.absmax2.size(),
                           " scales; expected ", groups, " (one per ", w.scales.nested_block_size,
@@ -205,6 +215,10 @@ void check_weight(weight_4bit_view<Code> const& w, char const* fn, bool host, bo
 template <class T>
 void check_matrix(tensor_view<T> v, std::size_t rows, std::size_t cols, char const* fn,
                   char const* name, bool host, bool device) {
+  // a product that wraps around could match a small (or empty) view
+  if (rows != 0 && cols > std::numeric_limits<std::size_t>::max() / rows)
+    qmem::detail::raise(fn, ": ", name, " is ", rows, " x ", cols,
+                        "; its element count does not fit a size_t");
   if (v.size() != rows * cols)
     qmem::detail::raise(fn, ": ", name, " holds ", v.size(), " elements; expected ", rows, " x ",
                         cols, " = ", rows * cols);
@@ -366,7 +380,9 @@ void matmul_4bit_grad_input(exec::host, std::type_identity_t<tensor_view<T const
 //! exact in int32, the epilogue in float (detail::mm::int8_epilogue), rounded once to Out.
 //! `row_scale`/`col_scale` are the absmax values the rows of a and b were quantized with.
 //! Preconditions: a holds m * k, b n * k, row_scale m, col_scale n, out m * n elements, all
-//! host-accessible; m, n, k > 0; k <= 131072 (so that the int32 sum cannot overflow).
+//! host-accessible; m, n, k > 0; k <= 131072 (checked); the codes in [-127, 127], as
+//! quantize_rowwise and bitsandbytes write them (not checked): then |sum| <= 127^2 k < 2^31 and
+//! the int32 sum cannot overflow (codes of -128 in both a and b at k = 131072 would reach 2^31).
 template <float_element Out>
 void matmul_int8(exec::host, tensor_view<std::int8_t const> a, tensor_view<float const> row_scale,
                  tensor_view<std::int8_t const> b, tensor_view<float const> col_scale,
