@@ -1469,3 +1469,19 @@ TEST_CASE_TEMPLATE_DEFINE("quantized matmuls reject bad arguments and write noth
   CHECK(B::download(bo.view()) == std::vector<float>(16, 42.0f));
 }
 TEST_CASE_TEMPLATE_APPLY(mm_bad, qmem::test::backends);
+
+#if QMEM_HAS_CUDA()
+TEST_CASE("cuda matmul: a nested block size above 2^32 - 1 is a power of two or refused (host)") {
+  // the kernels divide by a 32-bit nested block size (or shift by a power of two's log2): a larger
+  // divisor used to be truncated, which put every block in a wrong absmax2 group
+  block_scales s;
+  s.nested_block_size = (std::size_t{1} << 32) + 256;
+  CHECK_THROWS_AS(cuda_matmul::make_scale_args(s), qmem::bad_argument);
+  s.nested_block_size = std::size_t{1} << 40;
+  CHECK(cuda_matmul::make_scale_args(s).nested_shift == 40);
+  s.nested_block_size = 384;
+  auto const a = cuda_matmul::make_scale_args(s);
+  CHECK(a.nested_shift == -1);
+  CHECK(a.nested_block == 384u);
+}
+#endif

@@ -39,8 +39,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <numeric>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -230,10 +232,16 @@ struct scale_args {
   int nested_shift;            //!< log2(nested_block) when a power of two, else -1
 };
 
+//! Precondition (qmem::bad_argument, before any launch): a nested block size that is not a power
+//! of two fits the kernels' 32-bit divisor (powers of two of any size are a shift).
 inline scale_args make_scale_args(block_scales const& s) {
   std::size_t const nb = s.nested_block_size;
   int const shift =
       nb != 0 && (nb & (nb - 1)) == 0 ? static_cast<int>(detail::mm::log2_exact(nb)) : -1;
+  if (shift < 0 && nb > std::numeric_limits<unsigned>::max())
+    throw qmem::bad_argument("qmem::quant CUDA matmul: nested_block_size " + std::to_string(nb) +
+                             " is not a power of two and above 4294967295; expected a power of "
+                             "two or at most 4294967295 on the GPU");
   return {s.absmax.data(), s.qabsmax.data(),          s.absmax2.data(),
           s.offset,        static_cast<unsigned>(nb), shift};
 }
