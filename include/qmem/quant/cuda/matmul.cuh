@@ -2332,8 +2332,16 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream = gemv_batch16_stream_ca
 //! gemv_batch16_stream). Matmul round 8 (H200, 2026-11-30 06:56 UTC, copy 4195 GB/s, 200 calls
 //! in one graph, us at batch 16): 14336 x 4096 18.25 / 28672 x 8192 73.04 against 19.40 / 76.35
 //! for gemv_batch16_stream (candidate 8) in the same process; on 8192 x 8192 (4 tiles per
-//! block: one step's) 20.36 against 19.63, hence the condition.
-inline constexpr gemvm_stream_shape gemv_batch16_stream_long = gemv_batch16_stream_candidates[12];
+//! block: one step's) 20.36 against 19.63, hence the condition. Since gemv round 3 (H200,
+//! 2026-11-30 14:01 UTC, commit fca07d3, bench gemv_batch16_ab: one weight per shape for the
+//! process, 3 alternating rounds x 3 processes, us at batch 16): candidate 15, 12 with lean steps
+//! (the same loads and fused multiply-adds: the same bits). 28672 x 8192: 15 72.61-73.76 (median
+//! 72.94), 12 72.89-76.81 (median 75.41): -3.3%; paired with the 12 timed just before it, 15 was
+//! 2.6-4.1% faster in 7 of 9 rounds and 1.0-1.2% slower in 2 (where 12 ran 72.9). Also not
+//! slower where it is not dispatched: 14336 x 4096 20.28 against 20.79, 8192 x 8192 22.27
+//! against 22.49 (medians). ncu (one cold launch, 28672 x 8192): 141.6 k active SM cycles
+//! against 145.2 k.
+inline constexpr gemvm_stream_shape gemv_batch16_stream_long = gemv_batch16_stream_candidates[15];
 //! Batches 9-16 with plain scales where a block owns more than one step's tiles but at most two
 //! steps' (5 to 8 tiles: 14336 x 4096 on 132 SMs, 7): candidate 14, the long shape with the
 //! activations in slots of their own (x_slots) and without full_rounds. Lead's integrated run
