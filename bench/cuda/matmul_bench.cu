@@ -15,10 +15,11 @@
 // - gemv_variant_dq/n/k/1/v: batch-1 streaming shapes 19, 28, 40 and up with nested scales.
 // - gemv_batch16/n/k/m/v: the small-batch streaming kernel with each shape of
 //   cuda_matmul::gemv_batch16_stream_candidates (v 0-8 are gemv_variant 31-39).
-// - gemv_batch16_ab/n/k/16/v/round: batch 16, the dispatched gemv_batch16_stream_long (v 12),
-//   gemv_batch16_stream_two_steps (v 14: activation slots of their own, without full_rounds) and
-//   v 12 with lean steps (v 15) in turn, three rounds over 14336 x 4096, 8192 x 8192 and
-//   28672 x 8192, each shape's weight kept for the whole process (one allocation for all rows).
+// - gemv_batch16_ab/n/k/16/v/round: batch 16, candidate 12 (gemv_batch16_stream_long until gemv
+//   round 3), gemv_batch16_stream_two_steps (v 14: activation slots of their own, without
+//   full_rounds) and gemv_batch16_stream_long (v 15: 12 with lean steps) in turn, three rounds over
+//   14336 x 4096, 8192 x 8192 and 28672 x 8192, each shape's weight kept for the whole process
+//   (one allocation for all rows).
 // - gemv_bulk/n/k/v: the bulk-copy batch-1 kernel (gemv1_bulk_kernel) with each shape of
 //   cuda_matmul::gemv_batch1_bulk_candidates, plain scales.
 // - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).

@@ -2349,7 +2349,7 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_long = gemv_batch16_stre
 //! batch 16): 14336 x 4096 17.42 / 17.51 / 17.48 against 18.04 / 18.16 / 18.16 for candidate 12
 //! (-3.5%); on 28672 x 8192 (14 tiles, four steps) 75.82 / 75.47 / 75.87 against 72.83 / 72.77 /
 //! 72.78 (+4%), and candidate 13 (x_slots with full_rounds) was slower on both, so more than two
-//! steps keep candidate 12.
+//! steps keep candidate 12 (since gemv round 3, candidate 15: gemv_batch16_stream_long).
 inline constexpr gemvm_stream_shape gemv_batch16_stream_two_steps =
     gemv_batch16_stream_candidates[14];
 //! {16, 4} / {12, 4} with group_scales (variant 37), the fastest unpaired shape on 14336 x 4096 and
