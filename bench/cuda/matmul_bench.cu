@@ -15,10 +15,11 @@
 // - gemv_variant_dq/n/k/1/v: batch-1 streaming shapes 19, 28, 40 and up with nested scales.
 // - gemv_batch16/n/k/m/v: the small-batch streaming kernel with each shape of
 //   cuda_matmul::gemv_batch16_stream_candidates (v 0-8 are gemv_variant 31-39).
-// - gemv_batch16_ab/n/k/16/v/round: batch 16, the dispatched gemv_batch16_stream_long (v 12) and
-//   the candidates with activation slots of their own (v 13; v 14 without full_rounds, half the
-//   loop code) in turn, three rounds over 14336 x 4096, 8192 x 8192 and 28672 x 8192 (one
-//   process times each in several positions).
+// - gemv_batch16_ab/n/k/16/v/round: batch 16, candidate 12 (gemv_batch16_stream_long until gemv
+//   round 3), gemv_batch16_stream_two_steps (v 14: activation slots of their own, without
+//   full_rounds) and gemv_batch16_stream_long (v 15: 12 with lean steps) in turn, three rounds over
+//   14336 x 4096, 8192 x 8192 and 28672 x 8192, each shape's weight kept for the whole process
+//   (one allocation for all rows).
 // - gemv_bulk/n/k/v: the bulk-copy batch-1 kernel (gemv1_bulk_kernel) with each shape of
 //   cuda_matmul::gemv_batch1_bulk_candidates, plain scales.
 // - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).
@@ -362,7 +363,7 @@ constexpr bool is_stream_variant(int v) {
 }
 //! The batch-1 streaming shapes gemv_variant_dq times with nested scales: 19 ({16, 8}), 28
 //! ({16, 4, pdl}, dispatched with them: cuda_matmul::gemv_batch1_stream_nested) and the round-5
-//! ones (40 and up; the balanced 48 declines nested scales).
+//! ones (40 and up).
 constexpr bool is_dq_variant(int v) {
   return v == stream_first || v == stream_first + 9 || v >= stream_late_first;
 }
@@ -460,11 +461,32 @@ void gemv_bulk(benchmark::State& state) {
 
 // Args: n, k, m, candidate index. The streaming small-batch kernel alone (plain scales) with
 // each shape of cuda_matmul::gemv_batch16_stream_candidates.
+//! The weights gemv_ab and gemv_batch16_ab time: one problem per (n, k, batch, buffer), made on
+//! first use and kept until the process ends, so that every row of one buffer reads the same
+//! allocation.
+gemv_problem const& kept_problem(std::size_t n, std::size_t k, std::int64_t buffer,
+                                 std::size_t m = 1) {
+  static std::map<std::tuple<std::size_t, std::size_t, std::size_t, std::int64_t>,
+                  std::unique_ptr<gemv_problem>>
+      kept;
+  auto& p = kept[{n, k, m, buffer}];
+  if (!p)
+    p = std::make_unique<gemv_problem>(n, k, m, false);
+  return *p;
+}
+
+// Kept: the weight is kept_problem's (buffer 0), one allocation for every row of the process
+template <bool Kept>
 void gemv_batch16(benchmark::State& state) {
   auto const m = static_cast<std::size_t>(state.range(2));
   int const v = static_cast<int>(state.range(3));
-  gemv_problem const pr(static_cast<std::size_t>(state.range(0)),
-                        static_cast<std::size_t>(state.range(1)), m, false);
+  std::optional<gemv_problem> own;
+  if constexpr (!Kept)
+    own.emplace(static_cast<std::size_t>(state.range(0)), static_cast<std::size_t>(state.range(1)),
+                m, false);
+  gemv_problem const& pr = Kept ? kept_problem(static_cast<std::size_t>(state.range(0)),
+                                               static_cast<std::size_t>(state.range(1)), 0, m)
+                                : *own;
   auto const& e = pr.e;
   auto const& a = pr.args;
   constexpr auto const& shapes = cuda_matmul::gemv_batch16_stream_candidates;
@@ -534,17 +556,6 @@ void gemv_variant(benchmark::State& state) {
     state.counters["pdl"] = st.pdl;
   }
   report(state, t, pr.bytes());
-}
-
-//! The weights gemv_ab times: one problem per (n, k, buffer), made on first use and kept until the
-//! process ends, so that every row of one buffer reads the same allocation.
-gemv_problem const& kept_problem(std::size_t n, std::size_t k, std::int64_t buffer) {
-  static std::map<std::tuple<std::size_t, std::size_t, std::int64_t>, std::unique_ptr<gemv_problem>>
-      kept;
-  auto& p = kept[{n, k, buffer}];
-  if (!p)
-    p = std::make_unique<gemv_problem>(n, k, 1, false);
-  return *p;
 }
 
 // Args: n, k, variant (a batch-1 streaming variant of gemv_variant), buffer, round.
@@ -1067,23 +1078,18 @@ void batch16_ab_args(benchmark::internal::Benchmark* b) {
   constexpr std::int64_t ab_shapes[3][2] = {{14336, 4096}, {8192, 8192}, {28672, 8192}};
   for (std::int64_t round = 0; round < 3; ++round)
     for (auto const& s : ab_shapes)
-      for (std::int64_t v : {12, 13, 14})
+      for (std::int64_t v : {12, 14, 15})
         b->Args({s[0], s[1], 16, v, round});
 }
-// gemv_ab: the dispatched shape (45), balanced slices (48: 4096 x 14336 only, where they apply),
-// 45 with code loads that skip L1 (49) and 45 asking L2 for its first 128 KiB before the wait
-// (50) on the five shapes, then 45 and 49 on two more
-// weights of 28672 x 8192 and 45 on 14336 x 8192 and 43008 x 8192 (the time's slope in the
-// weight's bytes), in three rounds.
+// gemv_ab: the dispatched shape (45) on the five shapes and on two more weights of 28672 x 8192
+// (the weight's placement), and on 14336 x 8192 and 43008 x 8192 (the time's slope in the
+// weight's bytes), in three rounds. (Candidates 48-50, timed here in gemv round 2, were removed.)
 void ab_args(benchmark::internal::Benchmark* b) {
   for (std::int64_t round = 0; round < 3; ++round) {
     for (auto const& s : shapes)
-      for (std::int64_t v : {45, 48, 49, 50})
-        if (v != 48 || (s[0] == 4096 && s[1] == 14336))
-          b->Args({s[0], s[1], v, 0, round});
+      b->Args({s[0], s[1], 45, 0, round});
     for (std::int64_t buffer : {1, 2})
-      for (std::int64_t v : {45, 49})
-        b->Args({28672, 8192, v, buffer, round});
+      b->Args({28672, 8192, 45, buffer, round});
     for (std::int64_t n : {14336, 43008})
       b->Args({n, 8192, 45, 0, round});
   }
@@ -1114,8 +1120,8 @@ BENCHMARK(gemv)->Apply(gemv_args)->Apply(timed<3>);
 BENCHMARK(gemv_variant<false>)->Name("gemv_variant")->Apply(variant_args)->Apply(timed<2>);
 BENCHMARK(gemv_variant<true>)->Name("gemv_variant_dq")->Apply(variant_dq_args)->Apply(timed<2>);
 BENCHMARK(gemv_bulk)->Apply(bulk_args)->Apply(timed<2>);
-BENCHMARK(gemv_batch16)->Apply(batch16_args)->Apply(timed<2>);
-BENCHMARK(gemv_batch16)->Name("gemv_batch16_ab")->Apply(batch16_ab_args)->Apply(timed<2>);
+BENCHMARK(gemv_batch16<false>)->Name("gemv_batch16")->Apply(batch16_args)->Apply(timed<2>);
+BENCHMARK(gemv_batch16<true>)->Name("gemv_batch16_ab")->Apply(batch16_ab_args)->Apply(timed<2>);
 BENCHMARK(gemv_ab)->Apply(ab_args)->Apply(timed<2>);
 BENCHMARK(read_floor)->Apply(read_args)->Apply(timed<2>);
 BENCHMARK(pattern_floor)

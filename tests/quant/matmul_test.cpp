@@ -605,8 +605,6 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
   // lean, J >= 4; lean, J >= 2 with a ring of 3 pairs per group
   stream_cases<c[18]>(lean_plans, true, rng);
   stream_cases<c[19]>(lean_plans, true, rng);
-  // the dispatched shape with code loads that skip L1
-  stream_cases<c[21]>(lean_plans, true, rng);
 #endif
 }
 
@@ -623,79 +621,6 @@ TEST_CASE("streaming batch-1 GEMV lean shapes on small plans (for the sanitizers
       {45, 1408, 64, 0}, {301, 2048, 64, 7}, {1, 512, 64, 0}};
   stream_cases<cuda_matmul::gemv_batch1_stream>(plans, false, rng);
   stream_cases<c[18]>(plans, false, rng);
-  // balanced slices: 9 column groups over 16 warps, runs that switch column groups, an empty run
-  stream_cases<cuda_matmul::gemv_batch1_stream_balanced>({{96, 9216, 64, 3}}, false, rng);
-}
-
-TEST_CASE("streaming batch-1 GEMV: balanced slices give the dispatched shape's bits") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
-    return;
-  }
-  // each (column group, row pair) unit has the same loads, fused multiply-adds and partial-sum
-  // slot as in the unbalanced shape; only which warp computes it changes. Plans: 4096 x 14336 on
-  // 132 multiprocessors (14 column groups at J = 2, runs of 14 pairs, the first switching after
-  // its first group), 9 column groups (runs of 10: switches at 6, 4, 2, 8 pairs, the last run 4
-  // pairs, one warp without a run), 11 column groups (runs of 8 over slices of 10 pairs) and 12
-  // (runs of 24 over 32, block 256) on 4 and 2 multiprocessors; and the weights it must decline
-  // (odd rows; two row groups; a partial slice; tiles of an odd pair count; more tiles than
-  // multiprocessors)
-  using B = qmem::test::cuda_backend;
-  auto const& e = B::exec();
-  constexpr auto balanced = cuda_matmul::gemv_batch1_stream_balanced;
-  constexpr auto dispatched = cuda_matmul::gemv_batch1_stream_candidates[17];
-  std::mt19937 rng(43);
-  auto make = [&](stream_plan_case const& p) {
-    host_weight const hw = random_weight(p.n, p.k, p.block, false, rng);
-    return std::make_pair(hw, random_matrix<bf16>(p.k, rng));
-  };
-  for (auto const& p : {stream_plan_case{4096, 14336, 64, 132}, stream_plan_case{96, 9216, 64, 3},
-                        stream_plan_case{80, 11264, 64, 4}, stream_plan_case{128, 12288, 256, 2}}) {
-    auto const [hw, x] = make(p);
-    backend_weight<B, nf4> bw(hw);
-    auto bx = B::upload(x);
-    auto y0 = B::template alloc<bf16>(p.n);
-    auto y1 = B::template alloc<bf16>(p.n);
-    auto args = [&](bf16* y) {
-      return cuda_matmul::gemv_args<bf16>{bx.view().data(),
-                                          bw.view.codes.data(),
-                                          cuda_matmul::make_scale_args(bw.view.scales),
-                                          y,
-                                          1u,
-                                          p.n,
-                                          p.k,
-                                          qmem::quant::detail::mm::log2_exact(p.block)};
-    };
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, dispatched>(
-        e, args(y0.view().data()), p.sms));
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, balanced>(e, args(y1.view().data()),
-                                                                         p.sms));
-    std::vector<bf16> const ref = B::download(y0.view());
-    std::vector<bf16> const got = B::download(y1.view());
-    std::size_t diff = 0;
-    for (std::size_t i = 0; i < ref.size(); ++i)
-      diff += ref[i].bits != got[i].bits ? 1 : 0;
-    CHECK_MESSAGE(diff == 0, diff, " outputs differ, n=", p.n, " k=", p.k, " block=", p.block,
-                  " sms=", p.sms);
-  }
-  for (auto const& p : {stream_plan_case{97, 9216, 64, 3}, stream_plan_case{64, 8192, 64, 4},
-                        stream_plan_case{96, 9216 - 512, 64, 3}, stream_plan_case{90, 9216, 64, 3},
-                        stream_plan_case{400, 9216, 64, 1}}) {
-    auto const [hw, x] = make(p);
-    backend_weight<B, nf4> bw(hw);
-    auto bx = B::upload(x);
-    auto y = B::template alloc<bf16>(p.n);
-    cuda_matmul::gemv_args<bf16> const a{bx.view().data(),
-                                         bw.view.codes.data(),
-                                         cuda_matmul::make_scale_args(bw.view.scales),
-                                         y.view().data(),
-                                         1u,
-                                         p.n,
-                                         p.k,
-                                         qmem::quant::detail::mm::log2_exact(p.block)};
-    bool const launched = cuda_matmul::launch_gemv1_stream<nf4, bf16, false, balanced>(e, a, p.sms);
-    CHECK_MESSAGE(!launched, "balanced slices took n=", p.n, " k=", p.k, " sms=", p.sms);
-  }
 }
 
 TEST_CASE("streaming batch-1 GEMV: lean addressing gives the same bits") {
@@ -910,6 +835,22 @@ TEST_CASE("the streaming small-batch GEMV kernel computes the GEMV function on e
 }
 
 #if QMEM_TEST_CANDIDATE_KERNELS
+TEST_CASE("small-batch GEMV lean steps on small plans (for the sanitizers)") {
+  if (!qmem::test::gpu_present()) {
+    MESSAGE("skipped: no CUDA device on this machine");
+    return;
+  }
+  std::mt19937 rng(37);
+  constexpr auto const& c = cuda_matmul::gemv_batch16_stream_candidates;
+  // candidate 15: 5 tiles in one block with a row tile past n (a full round, then one tile), 9
+  // tiles (3 steps per chunk), blocks of 128, 2 blocks of 7 tiles, and nested scales (the former
+  // addresses and waits)
+  small_batch_case<c[15]>(16, 70, 1024, 64, false, 1, rng);
+  small_batch_case<c[15]>(12, 140, 1024, 128, false, 1, rng);
+  small_batch_case<c[15]>(16, 200, 512, 64, false, 2, rng);
+  small_batch_case<c[15]>(9, 70, 1024, 64, true, 1, rng);
+}
+
 TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): small plans, and the "
           "round-based kernel's bits") {
   if (!qmem::test::gpu_present()) {
@@ -953,7 +894,7 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
   }
   // the same fused multiply-adds in the same order as the round-based shape with the same warps
   // and tiles per step (c[8]): equal bits for full rounds without the per-tile test (c[9]) and
-  // the x-once shapes (c[10] to c[14]), at batches 16, 9 and 12, over 1, 3 and 7 rounds; blocks
+  // the x-once shapes (c[10] to c[15]), at batches 16, 9 and 12, over 1, 3 and 7 rounds; blocks
   // of 7, 5, 8, 9 and 15 tiles (2, 2, 2, 3 and 4 steps of R = 4 tiles per chunk)
   using B = qmem::test::cuda_backend;
   auto const& e = B::exec();
@@ -971,6 +912,7 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
     auto y4 = B::template alloc<bf16>(std::size_t{m} * n);
     auto y5 = B::template alloc<bf16>(std::size_t{m} * n);
     auto y6 = B::template alloc<bf16>(std::size_t{m} * n);
+    auto y7 = B::template alloc<bf16>(std::size_t{m} * n);
     auto args = [&](bf16* y) {
       return cuda_matmul::gemv_args<bf16>{bx.view().data(),
                                           bw.view.codes.data(),
@@ -995,9 +937,11 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
         cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[13]>(e, args(y5.view().data()), sms));
     REQUIRE(
         cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[14]>(e, args(y6.view().data()), sms));
+    REQUIRE(
+        cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[15]>(e, args(y7.view().data()), sms));
     std::vector<bf16> const ref = B::download(y0.view());
     int variant = 9;
-    for (auto const* y : {&y1, &y2, &y3, &y4, &y5, &y6}) {
+    for (auto const* y : {&y1, &y2, &y3, &y4, &y5, &y6, &y7}) {
       std::vector<bf16> const got = B::download(y->view());
       bool same = true;
       for (std::size_t i = 0; i < ref.size(); ++i)

@@ -1221,15 +1221,6 @@ struct gemv1_stream_shape {
   //! The least super-steps per warp (1, 2 or 4; the plan may take more): a warp's address
   //! arithmetic, scale handling and partial-sum store are per pair, shared by its J super-steps.
   int min_j = 1;
-  //! Balanced slices (lean, grouped, plain scales): where a row's C column groups leave warps of
-  //! the block idle (C < warps < 2 C, one row group: 4096 x 14336 has C = 14 at J = 2), every
-  //! warp takes an equal run of the tile's (column group, row pair) units, column group major,
-  //! so that a warp's run spans at most two column groups: 16 warps of 14 pairs instead of 14 of
-  //! 16. The loads switch to the second group's addresses at a group boundary (the ring keeps
-  //! streaming), the products after it to its activations (loaded at the start). Each unit's fused
-  //! multiply-adds and its partial-sum slot are those of the unbalanced kernel: the same bits. The
-  //! launcher declines weights where it does not apply (see launch_gemv1_stream).
-  bool balance = false;
 };
 
 //! Shapes of gemv1_stream_kernel the bench's gemv_variant compares (variants 19 to 25): register
@@ -1286,10 +1277,7 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 4, false, true, true, 0, false, false, 2},
     {16, 4, false, true, true, 0, false, true, 2},
     {16, 4, false, true, true, 0, false, true, 4},
-    {16, 6, false, true, true, 0, false, true, 2},
-    {16, 4, false, true, true, 0, false, true, 2, true},
-    {16, 4, false, true, true, 0, true, true, 2},
-    {16, 4, false, true, true, 128, false, true, 2}};
+    {16, 6, false, true, true, 0, false, true, 2}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
 //! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
@@ -1332,17 +1320,13 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
 //! / 40.02: slower.
 //! Gemv round 2 (2026-11-30, H200 13:39 UTC, commit a3603b0, copy 4185-4204 GB/s; bench gemv_ab:
 //! one weight per shape kept for the whole process, 3 alternating rounds x 3 processes, medians):
-//! 45 4.51 / 9.06 / 9.85 / 10.17 / 35.85; 48 (balanced slices, 4096 x 14336 only) 10.08: +2.3%,
-//! not dispatched; 49 (45 + code loads that skip L1) 4.41 / 9.04 / 9.85 / 10.15 / 37.71; 50 (45
-//! asking L2 for its first 128 KiB before the wait) 4.73 / 9.54 / 10.44 / 10.70 / 37.98: slower
-//! everywhere. On 28672 x 8192 the weight's allocation moves the time: on three weights kept
-//! side by side 45 ran 35.85 / 35.91 / 36.76 and 49 37.71 / 36.63 / 34.05 (each stable within
-//! 1.2% over its 9 timings), so 49 is no consistent win; 45 stays.
+//! 45 4.51 / 9.06 / 9.85 / 10.17 / 35.85. Tried and removed (gemv round 3, docs/benchmarks.md):
+//! 48, balanced slices (all 16 warps share a tile's (column group, row pair) units where the 14
+//! column groups of 4096 x 14336 leave 2 idle), 10.08 there: +2.3%; 49 (45 + code loads that skip
+//! L1) 4.41 / 9.04 / 9.85 / 10.15 / 37.71, and on 28672 x 8192 34.05-37.71 over three weights
+//! kept side by side against 45's 35.85-36.76: no consistent gain; 50 (45 asking L2 for its first
+//! 128 KiB before the wait) 4.73 / 9.54 / 10.44 / 10.70 / 37.98: 5-6% slower everywhere.
 inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[17];
-//! gemv_batch1_stream with balanced slices (variant 48) for the weights it takes (a row's column
-//! groups leave warps idle: 4096 x 14336). A candidate, not dispatched: 2.3% slower than
-//! gemv_batch1_stream on 4096 x 14336 (10.08 against 9.85 us, above).
-inline constexpr gemv1_stream_shape gemv_batch1_stream_balanced = gemv_batch1_stream_candidates[20];
 //! The same with nested scales: {16, 4, pdl} (variant 28). H200, 2026-11-29 22:18 UTC, bench
 //! gemv_variant_dq, us on the five shapes: 28 6.00 / 11.74 / 12.12 / 13.30 / 43.05 against
 //! {16, 8} (19, dispatched before) 7.43 / 13.74 / 13.22 / 14.71 / 42.90, 40 {16, 4, grouped, pdl}
@@ -1437,15 +1421,12 @@ __device__ QMEM_INLINE void store_pair_sums(gemv_args<T> const& a, float2 const*
 //! 8-byte and x 16-byte aligned, a power-of-two nested block size, n * k / 64 < 2^32;
 //! blockDim.x == 32 * C * G.
 template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async,
-          bool Grouped, bool Pdl, int PrefetchKiB = 0, bool StreamCodes = false, bool Lean = false,
-          bool Balance = false>
+          bool Grouped, bool Pdl, int PrefetchKiB = 0, bool StreamCodes = false, bool Lean = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemv1_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemv1_stream_plan plan) {
   static_assert(!(Async && Nested), "the async ring carries plain scales only");
   static_assert(!(Async && Grouped), "groups are a register ring's");
-  static_assert(!Balance || (Lean && Grouped && Full && !Nested && !Async),
-                "balanced slices are a lean two-group ring's, on full slices, plain scales");
   constexpr int Ring = gemv1_stream_ring(Depth, J, Nested, Async, Grouped); // pairs in flight
   extern __shared__ __align__(16) unsigned char gemv_smem[];
   unsigned const C = plan.col_groups;
@@ -1482,26 +1463,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   unsigned const lane = threadIdx.x & 31u;
   unsigned const g = lane >> 2; // fragment row group = this thread's chunk
   unsigned const t = lane & 3u; // thread in group
+  unsigned const c = warp % C;  // column group: super-steps c * J .. c * J + J - 1
+  unsigned const rg = warp / C; // row group
   auto const steps = static_cast<std::uint32_t>(a.k >> 6);
   unsigned const step_shift = a.block_shift - 6u; // log2(chunks per block)
-  // Balance: this warp's run of the tile's C x tile_pairs units (column group major), a multiple
-  // of Ring long (tile_pairs is one too: a run switches column groups at a group boundary); its
-  // first column group cA from pair pA on for nA pairs, then column group cA + 1 from pair 0 on.
-  // (One row group, every tile full and one tile per block: the launcher's conditions.)
-  unsigned run_len = 0, pA = 0, nA = 0, cA = 0, cB = 0;
-  if constexpr (Balance) {
-    unsigned const units = C * plan.tile_pairs;
-    unsigned const warps = threads >> 5;
-    unsigned const run = ((units + warps - 1) / warps + Ring - 1) / Ring * Ring;
-    unsigned const u0 = min(warp * run, units);
-    run_len = min(u0 + run, units) - u0;
-    cA = min(u0 / plan.tile_pairs, C - 1); // (an empty run loads nothing)
-    pA = u0 % plan.tile_pairs;
-    nA = min(run_len, plan.tile_pairs - pA);
-    cB = run_len > nA ? cA + 1 : cA;
-  }
-  unsigned const c = Balance ? cA : warp % C;  // column group: super-steps c * J .. c * J + J - 1
-  unsigned const rg = Balance ? 0u : warp / C; // row group
 
   if constexpr (Pdl) {
     // the next kernel may start as soon as SMs free up (it only builds its table before waiting)
@@ -1544,18 +1509,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       xv[j][1] = __ldg(xp + 1);
     }
   }
-  // Balance: the activations of the run's second column group (Full: every chunk exists)
-  uint4 xb[Balance ? J : 1][2];
-  if constexpr (Balance) {
-    QMEM_UNROLL
-    for (int j = 0; j < J; ++j) {
-      std::uint32_t const chunk = (cB * J + static_cast<unsigned>(j)) * 8 + g;
-      auto const* xp = reinterpret_cast<uint4 const*>(a.x + static_cast<std::size_t>(chunk) * 64 +
-                                                      16 * static_cast<std::size_t>(t));
-      xb[j][0] = __ldg(xp);
-      xb[j][1] = __ldg(xp + 1);
-    }
-  }
 
   auto const n = static_cast<unsigned>(a.n);
   auto const half_k = static_cast<std::uint32_t>(a.k / 2);
@@ -1577,22 +1530,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   bool const odd = (g & 1u) != 0;
   bool const keeper = t == (g >> 1);
   // this thread's partial-sum slot for the warp's first pair of a tile, and the step per pair
+  std::uint32_t const part_addr =
+      static_cast<std::uint32_t>(__cvta_generic_to_shared(partial)) + ((rg * C + c) * 8 + g) * 8u;
   std::uint32_t const part_stride = G * C * 64u;
-  auto const part_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(partial));
-  std::uint32_t part_addr = part_base + ((rg * C + c) * 8 + g) * 8u + pA * part_stride;
-  // Balance: the second column group's code and scale bases and partial-sum slots, offset so that
-  // the run's pair index i (counted from its first pair in cA) addresses them; the row base is set
-  // per tile (begin_tile). Unsigned wrap-around is intended: only the sums are used.
-  std::uint8_t const* codes_b = nullptr;
-  float const* scales_b[J] = {};
-  std::uint32_t part_b = 0, row_b = 0;
-  if constexpr (Balance) {
-    codes_b = a.codes + static_cast<std::size_t>(cB) * J * 256 + 32 * g + 8 * t;
-    QMEM_UNROLL
-    for (int j = 0; j < J; ++j)
-      scales_b[j] = a.scales.absmax + (((cB * J + static_cast<unsigned>(j)) * 8 + g) >> step_shift);
-    part_b = part_base + (cB * 8 + g) * 8u - nA * part_stride;
-  }
   using stage = gemv1_stream_stage<J, Nested>;
 
   // calls f(integral_constant<int, s>) for s = 0 .. N - 1 (slot indices known at compile time)
@@ -1607,14 +1547,8 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   auto begin_tile = [&] {
     p0 = tile * plan.tile_pairs;
     tp = min(plan.tile_pairs, plan.pairs - p0);
-    if constexpr (Balance) {
-      count = run_len;
-      row_base = 2 * (p0 + pA);
-      row_b = 2 * p0 - 2 * nA;
-    } else {
-      count = rg < tp ? (tp - rg + G - 1) / G : 0u; // this warp's pairs
-      row_base = 2 * (p0 + rg);
-    }
+    count = rg < tp ? (tp - rg + G - 1) / G : 0u; // this warp's pairs
+    row_base = 2 * (p0 + rg);
   };
 
   // register ring: Ring stages; async ring: this thread's slots in shared memory, slot s holding
@@ -1829,16 +1763,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         }
       });
       dep &= a.zero;
-      if constexpr (Balance) {
-        // the next group is the first of the run's second column group: its addresses
-        if (base + Ring == nA) {
-          row_base = row_b;
-          lean_codes = codes_b;
-          QMEM_UNROLL
-          for (int j = 0; j < J; ++j)
-            lean_scales[j] = scales_b[j];
-        }
-      }
       each_slot([&](auto slot) {
         constexpr int S = decltype(slot)::value;
         if (!Guard || base + Ring + S < count)
@@ -1850,17 +1774,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         if (!Guard || base + S < count)
           compute(std::integral_constant<int, H * Ring + S>{}, base + S);
       });
-      if constexpr (Balance) {
-        // ... and its activations and partial-sum slots
-        if (base + Ring == nA) {
-          QMEM_UNROLL
-          for (int j = 0; j < J; ++j) {
-            xv[j][0] = xb[j][0];
-            xv[j][1] = xb[j][1];
-          }
-          part_addr = part_b;
-        }
-      }
     };
 
     while (tile < plan.tiles) {
@@ -2335,6 +2248,13 @@ struct gemvm_stream_shape {
   //! instructions). The loop is unrolled over both slot parities (four step bodies instead of
   //! two). The same fused multiply-adds in the same order: the same bits as keep_x alone.
   bool x_slots = false;
+  //! Lean steps (pair, x_once; plain scales, nested ones ignore it): a step's next loads wait on one register of each kind of the
+  //! step's loads (its last code word, scale and activation word; a slot's loads share one
+  //! scoreboard, so waiting for one waits for them all) instead of an XOR of all 72, and each
+  //! code and scale address is one wide multiply-add from the step's row-0 addresses (the tile's
+  //! row offset 16 r + 8 h times the row stride) instead of a product, a 64-bit add and a
+  //! re-association. The same loads and fused multiply-adds: the same bits.
+  bool lean = false;
 };
 
 //! Shapes of gemvm_stream_kernel the bench compares (gemv_variant 31 to 39, after the batch-1
@@ -2381,6 +2301,12 @@ struct gemvm_stream_shape {
 //! against 46 KiB. 14: 13 without full_rounds (2948 instructions per 256 products over 4 step
 //! bodies each with the per-tile test, 2 moves, 227 registers; loop code 46 KiB: a hedge against
 //! instruction-cache misses). bench gemv_batch16_ab times 12, 13 and 14 in turn.
+//! 15 (gemv round 3, 2026-11-30): 12 with lean steps (lean: one register per kind of load
+//! waited for, each address one wide multiply-add from the step's row 0). SASS (ptxas 13.0,
+//! sm_90) of the steady two-step loop of full rounds (128 tensor-core products; the activation
+//! loads, one step in four on 28672 x 8192, left out): 1457 instructions against 12's 1531
+//! (-4.8%: LOP3 86 -> 18, the wait's XOR of 72 registers; IMAD 64 -> 32), 222 registers, no
+//! spills.
 inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {16, 2, 8, 4},
     {16, 2, 16, 2},
@@ -2396,7 +2322,8 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {12, 4, 8, 4, true, 0, true, true, true, true, false, true},
     {12, 4, 8, 4, true, 0, true, true, true, true, true, true},
     {12, 4, 8, 4, true, 0, true, true, true, true, true, true, true},
-    {12, 4, 8, 4, true, 0, true, true, true, true, false, true, true}};
+    {12, 4, 8, 4, true, 0, true, true, true, true, false, true, true},
+    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true}};
 //! The shape batches 2 to 16 run with (blocks >= 64, k % 64 == 0) when a block owns at least 4
 //! tiles (more than 3 * SMs tiles of 16 rows), plain scales: the pair shape {12, 4} / {8, 4}
 //! (variant 39). Lead's integrated run (H200, 2026-11-29 19:55 UTC, copy 4164 GB/s, us per call;
@@ -2413,8 +2340,16 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream = gemv_batch16_stream_ca
 //! gemv_batch16_stream). Matmul round 8 (H200, 2026-11-30 06:56 UTC, copy 4195 GB/s, 200 calls
 //! in one graph, us at batch 16): 14336 x 4096 18.25 / 28672 x 8192 73.04 against 19.40 / 76.35
 //! for gemv_batch16_stream (candidate 8) in the same process; on 8192 x 8192 (4 tiles per
-//! block: one step's) 20.36 against 19.63, hence the condition.
-inline constexpr gemvm_stream_shape gemv_batch16_stream_long = gemv_batch16_stream_candidates[12];
+//! block: one step's) 20.36 against 19.63, hence the condition. Since gemv round 3 (H200,
+//! 2026-11-30 14:01 UTC, commit fca07d3, bench gemv_batch16_ab: one weight per shape for the
+//! process, 3 alternating rounds x 3 processes, us at batch 16): candidate 15, 12 with lean steps
+//! (the same loads and fused multiply-adds: the same bits). 28672 x 8192: 15 72.61-73.76 (median
+//! 72.94), 12 72.89-76.81 (median 75.41): -3.3%; paired with the 12 timed just before it, 15 was
+//! 2.6-4.1% faster in 7 of 9 rounds and 1.0-1.2% slower in 2 (where 12 ran 72.9). Also not
+//! slower where it is not dispatched: 14336 x 4096 20.28 against 20.79, 8192 x 8192 22.27
+//! against 22.49 (medians). ncu (one cold launch, 28672 x 8192): 141.6 k active SM cycles
+//! against 145.2 k.
+inline constexpr gemvm_stream_shape gemv_batch16_stream_long = gemv_batch16_stream_candidates[15];
 //! Batches 9-16 with plain scales where a block owns more than one step's tiles but at most two
 //! steps' (5 to 8 tiles: 14336 x 4096 on 132 SMs, 7): candidate 14, the long shape with the
 //! activations in slots of their own (x_slots) and without full_rounds. Lead's integrated run
@@ -2422,7 +2357,7 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_long = gemv_batch16_stre
 //! batch 16): 14336 x 4096 17.42 / 17.51 / 17.48 against 18.04 / 18.16 / 18.16 for candidate 12
 //! (-3.5%); on 28672 x 8192 (14 tiles, four steps) 75.82 / 75.47 / 75.87 against 72.83 / 72.77 /
 //! 72.78 (+4%), and candidate 13 (x_slots with full_rounds) was slower on both, so more than two
-//! steps keep candidate 12.
+//! steps keep candidate 12 (since gemv round 3, candidate 15: gemv_batch16_stream_long).
 inline constexpr gemvm_stream_shape gemv_batch16_stream_two_steps =
     gemv_batch16_stream_candidates[14];
 //! {16, 4} / {12, 4} with group_scales (variant 37), the fastest unpaired shape on 14336 x 4096 and
@@ -2457,12 +2392,15 @@ struct gemvm_stage {
 template <class Code, class T, bool Nested, int MT, int R, int MaxWarps, bool Pdl,
           int PrefetchLines = 0, bool GroupScales = false, bool Pair = false, bool XOnce = false,
           bool StreamCodes = false, bool FullRounds = false, bool KeepX = false,
-          bool XSlots = false>
+          bool XSlots = false, bool Lean = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemvm_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemvm_stream_plan plan) {
   static_assert(!Pair || GroupScales, "a pair step takes its two scales from a group");
   static_assert(!XSlots || (XOnce && KeepX), "activation slots of their own need x_once, keep_x");
+  static_assert(!Lean || (Pair && XOnce), "lean steps are a pair x_once shape's");
+  // (nested scales keep the former addresses and waits)
+  constexpr bool LeanSteps = Lean && !Nested;
   constexpr unsigned P = Pair ? 2u : 1u; // chunks per step
   extern __shared__ __align__(16) unsigned char gemv_smem[];
   unsigned const C = plan.col_groups;
@@ -2602,24 +2540,46 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       }
     }
     bool const sin = fresh && schunk < plan.chunks;
+    // LeanSteps: this thread's code and scale addresses of the step's row 0 (row tb * 16 + g)
+    [[maybe_unused]] void const* lean_codes = nullptr;
+    [[maybe_unused]] void const* lean_scales = nullptr;
+    if constexpr (LeanSteps) {
+      std::uint32_t const row0 = tb * 16u + g;
+      lean_codes = row_address(a.codes + std::size_t{32} * chunk + 8 * P * t, row0,
+                               static_cast<std::uint32_t>(half_k));
+      lean_scales = row_address(a.scales.absmax + cblk, row0, row_blocks * 4u);
+    }
     QMEM_UNROLL
     for (int r = 0; r < R; ++r)
       QMEM_UNROLL
     for (int h = 0; h < 2; ++h) {
       unsigned const row = (tb + static_cast<unsigned>(r)) * 16u + 8u * h + g;
       bool const in = tb + static_cast<unsigned>(r) < t1 && row < n;
-      unsigned char const* const cp =
-          a.codes + static_cast<std::size_t>(row) * half_k + std::size_t{32} * chunk + 8 * P * t;
-      if constexpr (StreamCodes)
-        ldg_pred_once(st.q[r][h], cp, in);
-      else
-        ldg_pred(st.q[r][h], cp, in);
-      std::uint32_t const blk = row * row_blocks + cblk;
-      if constexpr (Nested) {
-        ldg_pred(st.qs[r][h], a.scales.qabsmax + blk, in && sin);
-        ldg_pred(st.s[r][h], a.scales.absmax2 + (blk >> a.scales.nested_shift), in && sin);
+      if constexpr (LeanSteps) {
+        auto const off = static_cast<std::uint32_t>(16 * r + 8 * h);
+        auto const* const cp = static_cast<unsigned char const*>(
+            row_address(lean_codes, off, static_cast<std::uint32_t>(half_k)));
+        if constexpr (StreamCodes)
+          ldg_pred_once(st.q[r][h], cp, in);
+        else
+          ldg_pred(st.q[r][h], cp, in);
+        ldg_pred(st.s[r][h],
+                 static_cast<float const*>(row_address(lean_scales, off, row_blocks * 4u)),
+                 in && sin);
       } else {
-        ldg_pred(st.s[r][h], a.scales.absmax + blk, in && sin);
+        unsigned char const* const cp =
+            a.codes + static_cast<std::size_t>(row) * half_k + std::size_t{32} * chunk + 8 * P * t;
+        if constexpr (StreamCodes)
+          ldg_pred_once(st.q[r][h], cp, in);
+        else
+          ldg_pred(st.q[r][h], cp, in);
+        std::uint32_t const blk = row * row_blocks + cblk;
+        if constexpr (Nested) {
+          ldg_pred(st.qs[r][h], a.scales.qabsmax + blk, in && sin);
+          ldg_pred(st.s[r][h], a.scales.absmax2 + (blk >> a.scales.nested_shift), in && sin);
+        } else {
+          ldg_pred(st.s[r][h], a.scales.absmax + blk, in && sin);
+        }
       }
     }
     if constexpr (XSlots) {
@@ -2830,22 +2790,28 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       constexpr int S = decltype(slot)::value;
       stage const& st = buf[S];
       std::uint32_t dep = 0;
-      QMEM_UNROLL
-      for (int r = 0; r < R; ++r)
+      if constexpr (LeanSteps) {
+        // the step's last code word, scale and activation word (one per kind of load)
+        dep = st.q[R - 1][1].w ^ __float_as_uint(st.s[R - 1][1]) ^
+              xs_of(slot, xslot)[P - 1][MT - 1][1].w;
+      } else {
         QMEM_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        dep ^= st.q[r][h].x ^ st.q[r][h].y ^ __float_as_uint(st.s[r][h]);
-        if constexpr (Pair)
-          dep ^= st.q[r][h].z ^ st.q[r][h].w;
-        if constexpr (Nested)
-          dep ^= st.qs[r][h];
-      }
-      QMEM_UNROLL
-      for (unsigned pc = 0; pc < P; ++pc)
+        for (int r = 0; r < R; ++r)
+          QMEM_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          dep ^= st.q[r][h].x ^ st.q[r][h].y ^ __float_as_uint(st.s[r][h]);
+          if constexpr (Pair)
+            dep ^= st.q[r][h].z ^ st.q[r][h].w;
+          if constexpr (Nested)
+            dep ^= st.qs[r][h];
+        }
         QMEM_UNROLL
-      for (int mt = 0; mt < MT; ++mt) {
-        uint4 const(&xv)[2] = xs_of(slot, xslot)[pc][mt];
-        dep ^= xv[0].x ^ xv[0].y ^ xv[0].z ^ xv[0].w ^ xv[1].x ^ xv[1].y ^ xv[1].z ^ xv[1].w;
+        for (unsigned pc = 0; pc < P; ++pc)
+          QMEM_UNROLL
+        for (int mt = 0; mt < MT; ++mt) {
+          uint4 const(&xv)[2] = xs_of(slot, xslot)[pc][mt];
+          dep ^= xv[0].x ^ xv[0].y ^ xv[0].z ^ xv[0].w ^ xv[1].x ^ xv[1].y ^ xv[1].z ^ xv[1].w;
+        }
       }
       dep &= a.zero;
       if constexpr (XOnce) {
@@ -3831,14 +3797,12 @@ inline gemv1_stream_plan gemv1_stream_plan_for(std::size_t n, std::size_t k, int
 
 //! Launches the streaming batch-1 kernel with a given shape; false (nothing launched) when the
 //! weight does not suit it (k > 2048 * shape.warps, n * k / 64 >= 2^32, or nested scales with an
-//! async or balanced shape; a balanced shape also declines unless its plan has one row group of
-//! fewer column groups than warps, full slices, an even row count, whole groups of pairs per tile,
-//! every tile full and at most one tile per multiprocessor). Preconditions (the caller's): those of launch_gemv1_fast. `plan_sms`:
+//! async shape). Preconditions (the caller's): those of launch_gemv1_fast. `plan_sms`:
 //! multiprocessors to plan for, 0 for the device's (the tests plan for fewer to make blocks loop
 //! over several tiles).
 template <class Code, class T, bool Nested, gemv1_stream_shape Shape>
 bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned plan_sms = 0) {
-  if constexpr ((Shape.async || Shape.balance) && Nested) {
+  if constexpr (Shape.async && Nested) {
     return false;
   } else {
     if (a.n * (a.k >> 6) >= (std::size_t{1} << 32))
@@ -3854,22 +3818,7 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
                                                 static_cast<unsigned>(Shape.min_j));
     if (j == 0)
       return false;
-    bool const full = a.k == std::size_t{512} * j * p.col_groups;
-    if constexpr (Shape.balance) {
-      // balanced slices: only where one row group leaves warps idle, on full slices, even rows
-      // (a run's pairs other than its last are never clamped), tiles of whole groups of pairs,
-      // every tile full and one tile per block
-      static_assert(Shape.lean && Shape.grouped && !Shape.async,
-                    "balanced slices are a lean two-group ring's");
-      auto const ring = static_cast<unsigned>(
-          gemv1_stream_ring(Shape.depth, static_cast<int>(j), Nested, false, true));
-      // (J = 4 is declined: with the second group's activations it spilled 1 KiB, ptxas 13.0)
-      if (Nested || j > 2 || p.row_groups != 1 || p.col_groups >= unsigned(Shape.warps) || !full ||
-          a.n % 2 != 0 || p.tile_pairs % ring != 0 || p.pairs % p.tile_pairs != 0 || p.tiles > sms)
-        return false;
-    }
-    unsigned const threads =
-        32u * (Shape.balance ? unsigned(Shape.warps) : p.col_groups * p.row_groups);
+    unsigned const threads = 32u * p.col_groups * p.row_groups;
     unsigned const side = p.tile_pairs * p.col_groups * 64u + extra;
     p.smem = gemv1_stream_prefix + gemv_lut_bytes + (Shape.async ? side : 0u);
     if (Shape.async &&
@@ -3877,12 +3826,13 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
                 threads * gemv1_stream_slot_bytes(static_cast<int>(j)) >
             gemv1_stream_prefix)
       return false; // the staging ring would not fit before the table
+    bool const full = a.k == std::size_t{512} * j * p.col_groups;
     unsigned const grid = p.tiles < sms ? p.tiles : sms;
     auto run = [&](auto jc, auto fullc) {
       constexpr auto kernel = &gemv1_stream_kernel < Code, T, Nested, decltype(jc)::value,
                      Shape.depth, Shape.warps, decltype(fullc)::value, Shape.async, Shape.grouped,
-                     Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes, Shape.lean,
-                     Shape.balance > ;
+                     Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes,
+                     Shape.lean > ;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
       cuda_detail::launch(e, Shape.pdl, kernel, dim3(grid), dim3(threads), p.smem,
                           "qmem::quant::gemv1_stream_kernel", a, values_of<Code>(), nested_values(),
@@ -3891,14 +3841,14 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     auto with_full = [&](auto jc) {
       if (full)
         run(jc, std::true_type{});
-      else if constexpr (!Shape.balance)
+      else
         run(jc, std::false_type{});
     };
     if (j == 1)
       with_full(std::integral_constant<int, 1>{});
     else if (j == 2)
       with_full(std::integral_constant<int, 2>{});
-    else if constexpr (!Shape.balance)
+    else
       with_full(std::integral_constant<int, 4>{});
     return true;
   }
@@ -4015,8 +3965,8 @@ bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     constexpr int R = MT == 1 ? Shape.tiles : Shape.tiles16;
     constexpr auto kernel = &gemvm_stream_kernel < Code, T, Nested, MT, R, W, Shape.pdl,
                    Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales, Shape.pair,
-                   Shape.x_once, Shape.stream_codes, Shape.full_rounds, Shape.keep_x,
-                   Shape.x_slots > ;
+                   Shape.x_once, Shape.stream_codes, Shape.full_rounds, Shape.keep_x, Shape.x_slots,
+                   Shape.lean > ;
     p.col_groups = std::min(static_cast<unsigned>(W), p.chunks / (Shape.pair ? 2u : 1u));
     unsigned const extra = gemv1_stream_extra_bytes(Nested);
     if constexpr (Shape.x_once) {
