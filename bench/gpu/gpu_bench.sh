@@ -95,15 +95,14 @@ read -ra arch <<<"${GPU_ARCH:--gencode=arch=compute_90a,code=sm_90a}"
 nv=(nvcc -std=c++20 "${arch[@]}" -O3 -Xcompiler -O1 -DNDEBUG --extended-lambda -Werror=all-warnings
     -I"$root/include" -I"$deps/include")
 tests=$build/qmem_tests_cuda
-# The test units with --split-compile: cicc and ptxas optimize a unit's kernels on several
-# threads. The build was bound by one unit, tests/quant/matmul_test.cpp with every GEMV candidate,
-# ~400 s of one thread at sm_90a (2026-11-30; on the 2-core development machine its ptxas alone
-# ran past 6 CPU-minutes at -Ofc max after 109 s of cicc), while the other units finished early
-# and left cores idle. Not for the benchmarks: the split changes register and predicate choices
-# (optim_bench.cu at sm_90: the same 69 kernels and instruction count, 3263 differing SASS lines),
-# and a timed kernel should be the SASS the layer owners timed. NVCC_SPLIT=1 turns it off, 0 is
-# one thread per CPU.
-test_opt=(--split-compile="${NVCC_SPLIT:-0}")
+# The build is bound by one unit, tests/quant/matmul_test.cpp with every GEMV candidate: on
+# 2026-11-30 (14:18 UTC, H200 machine, 16 cores) the other 15 test units compiled in parallel in
+# 87 s, while the whole build took 430 s (11:09 UTC). nvcc's --split-compile (cicc and ptxas on
+# several threads per unit) did not help: with --split-compile=0 on every test unit the build took
+# 558 s (14:06 UTC; 20 units each spawning threads on 16 cores). NVCC_SPLIT=N turns it on again
+# (0: one thread per CPU); the fix to make is splitting matmul_test.cpp into several units.
+test_opt=()
+[[ ${NVCC_SPLIT:-1} != 1 ]] && test_opt+=(--split-compile="$NVCC_SPLIT")
 [[ ${TEST_FAST:-0} == 1 ]] && test_opt+=(-Ofc max)
 # REUSE_BUILD=1: keep a test binary an earlier command built (the sanitize-only second command)
 build_tests=false
