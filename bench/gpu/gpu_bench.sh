@@ -80,9 +80,10 @@ fi
 # The build: nvcc directly, every unit at once (no CMake). A CMake build of all 45 CUDA test units
 # did not fit in one 300 s device command (2026-11-29); the 18 units then compiled and the three
 # benchmark programs, compiled in parallel on the machine's 16 cores, took 400 s (2026-11-29 19:47
-# UTC; the peers ran meanwhile), bounded by the heaviest units (tests/quant/matmul_test.cpp). Host
-# half at -O1: device code is optimized by ptxas regardless, and it halves the build. The whole
-# script (tests, sanitizers, quant + matmul + optimizer benchmarks, peers) ran in 555 s there.
+# UTC; the peers ran meanwhile), bounded by the heaviest unit (tests/quant/matmul_test.cpp, since
+# split in four; see below). Host half at -O1: device code is optimized by ptxas regardless, and
+# it halves the build. The whole script (tests, sanitizers, quant + matmul + optimizer benchmarks,
+# peers) ran in 555 s there.
 # The test files with CUDA cases: the pattern of tests/CMakeLists.txt (QMEM_CUDA_TEST_PATTERN).
 cuda_test_pattern='qmem::test::[a-z_]*backends|cuda_backend|gpu_present|exec::cuda|cuda_error|QMEM_HAS_CUDA|__CUDACC__'
 mapfile -t gpu_test_units < <(cd "$root/tests" && grep -lE "$cuda_test_pattern" -- */*_test.cpp)
@@ -95,12 +96,18 @@ read -ra arch <<<"${GPU_ARCH:--gencode=arch=compute_90a,code=sm_90a}"
 nv=(nvcc -std=c++20 "${arch[@]}" -O3 -Xcompiler -O1 -DNDEBUG --extended-lambda -Werror=all-warnings
     -I"$root/include" -I"$deps/include")
 tests=$build/qmem_tests_cuda
-# The build is bound by one unit, tests/quant/matmul_test.cpp with every GEMV candidate: on
+# The build was bound by one unit, tests/quant/matmul_test.cpp with every GEMV candidate: on
 # 2026-11-30 (14:18 UTC, H200 machine, 16 cores) the other 15 test units compiled in parallel in
 # 87 s, while the whole build took 430 s (11:09 UTC). nvcc's --split-compile (cicc and ptxas on
 # several threads per unit) did not help: with --split-compile=0 on every test unit the build took
 # 558 s (14:06 UTC; 20 units each spawning threads on 16 cores). NVCC_SPLIT=N turns it on again
-# (0: one thread per CPU); the fix to make is splitting matmul_test.cpp into several units.
+# (0: one thread per CPU). So matmul_test.cpp was split into four units (tests/quant/matmul_test,
+# matmul_gemv1_test, matmul_gemvm_test, matmul_gemm_test .cpp; helpers in matmul_test_support.hpp).
+# Compiled one after another with these flags plus -Ofc max and the candidates on (2-core build
+# box, 2026-11-30 14:23-14:44 UTC, NOT a quiet machine: another CI build ran alongside, load 6),
+# user CPU seconds (wall): the old unit 540 (828); the new ones 79 (124), 93 (153), 56 (91),
+# 27 (44): 255 in all, the largest 17% of the old unit (the one large module cost twice its parts;
+# peak memory 7.9 GB against 2.2 GB for the largest new unit). Not yet measured on the H200 build.
 test_opt=()
 [[ ${NVCC_SPLIT:-1} != 1 ]] && test_opt+=(--split-compile="$NVCC_SPLIT")
 [[ ${TEST_FAST:-0} == 1 ]] && test_opt+=(-Ofc max)
