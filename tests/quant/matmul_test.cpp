@@ -226,6 +226,57 @@ TEST_CASE_TEMPLATE_DEFINE("quantized matmuls reject bad arguments and write noth
 }
 TEST_CASE_TEMPLATE_APPLY(mm_bad, qmem::test::backends);
 
+TEST_CASE_TEMPLATE_DEFINE("quantized matmuls refuse an output that overlaps an input, on every "
+                          "backend, and write nothing",
+                          B, mm_alias) {
+  if (qmem::test::skip<B>())
+    return;
+  std::mt19937 rng(6);
+  host_weight const hw = random_weight(8, 64, 64, false, rng);
+  backend_weight<B, nf4> bw(hw);
+  std::vector<bf16> const hx = random_matrix<bf16>(2 * 64, rng);
+  auto bx = B::upload(hx);
+  auto ws = workspace_for<B>(matmul_4bit_grad_input_workspace_bytes<bf16>(2, bw.view));
+  // y inside x: the GPU kernels would read what they write (the host would not, but both refuse)
+  tensor_view<bf16> const y_in_x = bx.view().subview(64, 2 * 8);
+  CHECK_THROWS_AS(matmul_4bit<bf16>(B::exec(), bx.view(), 2, bw.view, y_in_x, ws.view()),
+                  qmem::bad_argument);
+  // grad_x inside grad_y (grad_y: 2 x 8, grad_x: 2 x 64)
+  auto bg = B::upload(random_matrix<bf16>(2 * 64, rng));
+  tensor_view<bf16 const> const gy_in_gx = bg.view().subview(32, 2 * 8);
+  CHECK_THROWS_AS(
+      matmul_4bit_grad_input<bf16>(B::exec(), gy_in_gx, 2, bw.view, bg.view(), ws.view()),
+      qmem::bad_argument);
+  CHECK(B::download(bx.view()) == hx);
+  // int8: out over row_scale; linear_int8: out inside x
+  auto ba = B::upload(std::vector<std::int8_t>(2 * 64, 1));
+  auto bb = B::upload(std::vector<std::int8_t>(8 * 64, 1));
+  std::vector<float> const scales(24, 1.0f);
+  auto bs = B::upload(scales);
+  tensor_view<float const> const row_scale = bs.view().subview(0, 2);
+  tensor_view<float const> const col_scale = bs.view().subview(16, 8);
+  tensor_view<float> const out_over_rows = bs.view().subview(0, 16);
+  auto ws8 = workspace_for<B>(linear_int8_workspace_bytes(2, 8, 64));
+  CHECK_THROWS_AS(matmul_int8(B::exec(), ba.view(), row_scale, bb.view(), col_scale, 2, 8, 64,
+                              out_over_rows, ws8.view()),
+                  qmem::bad_argument);
+  CHECK(B::download(bs.view()) == scales);
+  tensor_view<bf16> const out_in_x = bx.view().subview(0, 2 * 8);
+  CHECK_THROWS_AS(linear_int8<bf16>(B::exec(), bx.view(), bb.view(), col_scale, 2, 8, 64, 6.0f,
+                                    out_in_x, ws8.view()),
+                  qmem::bad_argument);
+  CHECK(B::download(bx.view()) == hx);
+  if constexpr (!std::is_same_v<B, qmem::test::host_backend>) {
+    // the GPU's workspace over the output
+    auto ws_big = workspace_for<B>(matmul_int8_workspace_bytes(2, 8) + 256);
+    tensor_view<float> const out_in_ws = ws_big.view().subview(0, 64).template reinterpret<float>();
+    CHECK_THROWS_AS(matmul_int8(B::exec(), ba.view(), row_scale, bb.view(), col_scale, 2, 8, 64,
+                                out_in_ws, ws_big.view()),
+                    qmem::bad_argument);
+  }
+}
+TEST_CASE_TEMPLATE_APPLY(mm_alias, qmem::test::backends);
+
 #if QMEM_HAS_CUDA()
 TEST_CASE("cuda matmul: a nested block size above 2^32 - 1 is a power of two or refused (host)") {
   // the kernels divide by a 32-bit nested block size (or shift by a power of two's log2): a larger

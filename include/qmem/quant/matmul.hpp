@@ -225,6 +225,18 @@ void check_matrix(tensor_view<T> v, std::size_t rows, std::size_t cols, char con
   check_view(v, fn, name, host, device);
 }
 
+//! Checks that `v` (an output or a workspace) shares no byte with any part of the weight: a
+//! kernel reading the weight while writing `v` would read its own results (both backends refuse
+//! it, so that a call means the same thing on each).
+template <class T, class Code>
+void check_apart_from_weight(tensor_view<T> v, weight_4bit_view<Code> const& w, char const* fn,
+                             char const* name) {
+  qmem::detail::check_disjoint(v, w.codes, fn, name, "w.codes");
+  qmem::detail::check_disjoint(v, w.scales.absmax, fn, name, "w.scales.absmax");
+  qmem::detail::check_disjoint(v, w.scales.qabsmax, fn, name, "w.scales.qabsmax");
+  qmem::detail::check_disjoint(v, w.scales.absmax2, fn, name, "w.scales.absmax2");
+}
+
 //! The block scale of block `b` on the host.
 template <class Code>
 float host_scale(weight_4bit_view<Code> const& w, std::size_t b) noexcept {
@@ -324,7 +336,8 @@ constexpr std::size_t linear_int8_workspace_bytes(std::size_t m, std::size_t n,
 //! y[m, n] = x[m, k] * dequant(w)^T on the host: the reference every backend is tested against.
 //! Each product term is exact and the sum is accumulated in double, then rounded once to T.
 //! Preconditions (bad_argument otherwise, nothing written): x holds m * w.cols elements, y holds
-//! m * w.rows, all in host-accessible memory; w is consistent (see weight_4bit_view); m > 0.
+//! m * w.rows, all in host-accessible memory; y shares no memory with x or w (on both backends);
+//! w is consistent (see weight_4bit_view); m > 0.
 //! The workspace argument is ignored on the host (the CUDA overload uses it).
 //! Cost: O(m * n * k) on the calling thread.
 template <matmul_activation T, matmul_code_4bit Code>
@@ -335,6 +348,8 @@ void matmul_4bit(exec::host, std::type_identity_t<tensor_view<T const>> x, std::
   detail::mm::check_weight(w, fn, true, false);
   detail::mm::check_matrix(x, m, w.cols, fn, "x", true, false);
   detail::mm::check_matrix(tensor_view<T const>(y), m, w.rows, fn, "y", true, false);
+  qmem::detail::check_disjoint(y, x, fn, "y", "x");
+  detail::mm::check_apart_from_weight(y, w, fn, "y");
   std::vector<float> const wd = detail::mm::host_dequantized<T>(w);
   std::size_t const n = w.rows, k = w.cols;
   std::vector<T> out(m * n);
@@ -352,7 +367,7 @@ void matmul_4bit(exec::host, std::type_identity_t<tensor_view<T const>> x, std::
 //! QLoRA's backward pass through a frozen 4-bit weight: grad_x[m, k] = grad_y[m, n] * dequant(w),
 //! on the host, accumulated in double and rounded once to T (no weight gradient: w is frozen).
 //! Preconditions (bad_argument otherwise): grad_y holds m * w.rows elements, grad_x m * w.cols,
-//! host-accessible; w consistent; m > 0.
+//! host-accessible; grad_x shares no memory with grad_y or w; w consistent; m > 0.
 template <matmul_activation T, matmul_code_4bit Code>
 void matmul_4bit_grad_input(exec::host, std::type_identity_t<tensor_view<T const>> grad_y,
                             std::size_t m, weight_4bit_view<Code> w, tensor_view<T> grad_x,
@@ -362,6 +377,8 @@ void matmul_4bit_grad_input(exec::host, std::type_identity_t<tensor_view<T const
   detail::mm::check_weight(w, fn, true, false);
   detail::mm::check_matrix(grad_y, m, w.rows, fn, "grad_y", true, false);
   detail::mm::check_matrix(tensor_view<T const>(grad_x), m, w.cols, fn, "grad_x", true, false);
+  qmem::detail::check_disjoint(grad_x, grad_y, fn, "grad_x", "grad_y");
+  detail::mm::check_apart_from_weight(grad_x, w, fn, "grad_x");
   std::vector<float> const wd = detail::mm::host_dequantized<T>(w);
   std::size_t const n = w.rows, k = w.cols;
   std::vector<double> acc(m * k, 0.0);
@@ -380,9 +397,24 @@ void matmul_4bit_grad_input(exec::host, std::type_identity_t<tensor_view<T const
 //! exact in int32, the epilogue in float (detail::mm::int8_epilogue), rounded once to Out.
 //! `row_scale`/`col_scale` are the absmax values the rows of a and b were quantized with.
 //! Preconditions: a holds m * k, b n * k, row_scale m, col_scale n, out m * n elements, all
-//! host-accessible; m, n, k > 0; k <= 131072 (checked); the codes in [-127, 127], as
+//! host-accessible; out shares no memory with an operand; m, n, k > 0; k <= 131072 (checked); the codes in [-127, 127], as
 //! quantize_rowwise and bitsandbytes write them (not checked): then |sum| <= 127^2 k < 2^31 and
 //! the int32 sum cannot overflow (codes of -128 in both a and b at k = 131072 would reach 2^31).
+namespace detail::mm {
+//! Checks that `v` (an output or a workspace) shares no byte with the int8 operands (empty views,
+//! such as linear_int8's absent row scales, share none).
+template <class T>
+void check_apart_from_int8(tensor_view<T> v, char const* fn, char const* name,
+                           tensor_view<std::int8_t const> a, char const* a_name,
+                           tensor_view<float const> row_scale, tensor_view<std::int8_t const> b,
+                           tensor_view<float const> col_scale) {
+  qmem::detail::check_disjoint(v, a, fn, name, a_name);
+  qmem::detail::check_disjoint(v, row_scale, fn, name, "row_scale");
+  qmem::detail::check_disjoint(v, b, fn, name, "b");
+  qmem::detail::check_disjoint(v, col_scale, fn, name, "col_scale");
+}
+} // namespace detail::mm
+
 template <float_element Out>
 void matmul_int8(exec::host, tensor_view<std::int8_t const> a, tensor_view<float const> row_scale,
                  tensor_view<std::int8_t const> b, tensor_view<float const> col_scale,
@@ -396,6 +428,7 @@ void matmul_int8(exec::host, tensor_view<std::int8_t const> a, tensor_view<float
   detail::mm::check_matrix(row_scale, m, 1, fn, "row_scale", true, false);
   detail::mm::check_matrix(col_scale, n, 1, fn, "col_scale", true, false);
   detail::mm::check_matrix(tensor_view<Out const>(out), m, n, fn, "out", true, false);
+  detail::mm::check_apart_from_int8(out, fn, "out", a, "a", row_scale, b, col_scale);
   for (std::size_t i = 0; i < m; ++i)
     for (std::size_t j = 0; j < n; ++j) {
       std::int32_t acc = 0;
@@ -412,7 +445,8 @@ void matmul_int8(exec::host, tensor_view<std::int8_t const> a, tensor_view<float
 //! other columns are quantized row-wise to int8 (absmax over the non-outlier columns,
 //! detail::mm::int8_quantize) and go through matmul_int8's arithmetic. Both backends compute
 //! exactly this, so their results agree bit for bit. Preconditions: x holds m * k, b n * k,
-//! col_scale n, out m * n elements, host-accessible; m, n, k > 0; k <= 131072.
+//! col_scale n, out m * n elements, host-accessible; out shares no memory with an operand; m, n,
+//! k > 0; k <= 131072.
 template <matmul_activation T>
 void linear_int8(exec::host, std::type_identity_t<tensor_view<T const>> x,
                  tensor_view<std::int8_t const> b, tensor_view<float const> col_scale,
@@ -425,6 +459,8 @@ void linear_int8(exec::host, std::type_identity_t<tensor_view<T const>> x,
   detail::mm::check_matrix(b, n, k, fn, "b", true, false);
   detail::mm::check_matrix(col_scale, n, 1, fn, "col_scale", true, false);
   detail::mm::check_matrix(tensor_view<T const>(out), m, n, fn, "out", true, false);
+  qmem::detail::check_disjoint(out, x, fn, "out", "x");
+  detail::mm::check_apart_from_int8(out, fn, "out", {}, "", {}, b, col_scale);
   std::vector<std::uint8_t> outlier(k, 0);
   for (std::size_t i = 0; i < m; ++i)
     for (std::size_t l = 0; l < k; ++l)

@@ -4130,8 +4130,9 @@ inline void check_workspace(tensor_view<std::byte> ws, std::size_t need, char co
 
 //! The checks matmul_4bit and matmul_4bit_grad_input make before launching anything, in this
 //! order: m > 0 (`rows_of`: what a row of `in` is), w consistent, `in` holding m x in_cols and
-//! `out` m x out_cols device-accessible elements, m and w's dimensions below 2^31, the workspace
-//! (`need` bytes). Throws qmem::bad_argument naming `fn` and the argument.
+//! `out` m x out_cols device-accessible elements, `out` apart from `in` and w, m and w's dimensions
+//! below 2^31, the workspace (`need` bytes, apart from the others). Throws qmem::bad_argument
+//! naming `fn` and the argument.
 template <class T, class Code>
 void check_4bit_call(char const* fn, char const* rows_of, char const* in_name,
                      tensor_view<T const> in, std::size_t in_cols, char const* out_name,
@@ -4142,11 +4143,19 @@ void check_4bit_call(char const* fn, char const* rows_of, char const* in_name,
   detail::mm::check_weight(w, fn, false, true);
   detail::mm::check_matrix(in, m, in_cols, fn, in_name, false, true);
   detail::mm::check_matrix(tensor_view<T const>(out), m, out_cols, fn, out_name, false, true);
+  qmem::detail::check_disjoint(out, in, fn, out_name, in_name);
+  detail::mm::check_apart_from_weight(out, w, fn, out_name);
   constexpr std::size_t limit = std::size_t{1} << 31;
   if (m >= limit || w.rows >= limit || w.cols >= limit)
     qmem::detail::raise(fn, ": shape ", m, " x ", w.rows, " x ", w.cols,
                         "; expected each below 2^31");
   check_workspace(ws, need, fn);
+  if (need != 0) {
+    tensor_view<std::byte> const used = ws.subview(0, need);
+    qmem::detail::check_disjoint(used, in, fn, "workspace", in_name);
+    qmem::detail::check_disjoint(used, out, fn, "workspace", out_name);
+    detail::mm::check_apart_from_weight(used, w, fn, "workspace");
+  }
 }
 
 //! The shape checks of the int8 entry points: m, n, k > 0, k <= 131072 (int32 accumulation),
@@ -4171,7 +4180,8 @@ inline void check_int8_shape(char const* fn, std::size_t m, std::size_t n, std::
 //! scale), the reference's weights) and cuBLASLt multiplies (fp32 accumulation).
 //! Preconditions (bad_argument, nothing launched): x holds m * w.cols, y m * w.rows elements, all
 //! views device-accessible; w consistent (weight_4bit_view); m > 0; workspace at least
-//! matmul_4bit_workspace_bytes<T>(m, w) bytes, 256-byte aligned; m, n, k < 2^31.
+//! matmul_4bit_workspace_bytes<T>(m, w) bytes, 256-byte aligned; y, x, w and the part of the
+//! workspace the call uses pairwise disjoint; m, n, k < 2^31.
 //! Bytes moved (m <= 16): the codes, the scales, x once per 16 rows of w (from L2), y.
 template <matmul_activation T, matmul_code_4bit Code>
 void matmul_4bit(exec::cuda const& e, std::type_identity_t<tensor_view<T const>> x, std::size_t m,
@@ -4268,7 +4278,13 @@ void matmul_int8(exec::cuda const& e, tensor_view<std::int8_t const> a,
   detail::mm::check_matrix(tensor_view<Out const>(out), m, n, fn, "out", false, true);
   QMEM_EXPECTS(cuda_matmul::aligned16(a.data()) && cuda_matmul::aligned16(b.data()),
                "a or b is not 16-byte aligned; cuBLASLt's int8 product needs 16");
+  detail::mm::check_apart_from_int8(out, fn, "out", a, "a", row_scale, b, col_scale);
   cuda_matmul::check_workspace(workspace, matmul_int8_workspace_bytes(m, n), fn);
+  {
+    tensor_view<std::byte> const used = workspace.subview(0, matmul_int8_workspace_bytes(m, n));
+    detail::mm::check_apart_from_int8(used, fn, "workspace", a, "a", row_scale, b, col_scale);
+    qmem::detail::check_disjoint(used, out, fn, "workspace", "out");
+  }
   cuda_detail::device_guard guard(e.device);
   std::size_t offset = 0;
   auto* acc = reinterpret_cast<std::int32_t*>(
@@ -4300,7 +4316,15 @@ void linear_int8(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
   detail::mm::check_matrix(tensor_view<T const>(out), m, n, fn, "out", false, true);
   QMEM_EXPECTS(cuda_matmul::aligned16(b.data()),
                "b is not 16-byte aligned; cuBLASLt's int8 product needs 16");
+  qmem::detail::check_disjoint(out, x, fn, "out", "x");
+  detail::mm::check_apart_from_int8(out, fn, "out", {}, "", {}, b, col_scale);
   cuda_matmul::check_workspace(workspace, linear_int8_workspace_bytes(m, n, k), fn);
+  {
+    tensor_view<std::byte> const used = workspace.subview(0, linear_int8_workspace_bytes(m, n, k));
+    qmem::detail::check_disjoint(used, x, fn, "workspace", "x");
+    detail::mm::check_apart_from_int8(used, fn, "workspace", {}, "", {}, b, col_scale);
+    qmem::detail::check_disjoint(used, out, fn, "workspace", "out");
+  }
   cuda_detail::device_guard guard(e.device);
   std::size_t offset = 0;
   auto* flags = reinterpret_cast<std::uint32_t*>(cuda_matmul::carve(workspace, offset, k * 4));
