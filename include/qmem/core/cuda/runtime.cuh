@@ -41,9 +41,25 @@ inline void check_launch(exec::cuda const& e, char const* kernel,
     check(cudaStreamSynchronize(e.stream), kernel, where);
 }
 
+//! Programmatic dependent launch, device side (sm_90; no-ops elsewhere and in a kernel launched
+//! without the attribute, see `launch`): `pdl_allow_dependents` lets the stream's next kernel,
+//! when launched as a programmatic dependent, start its blocks now (its prologue overlaps this
+//! kernel's tail); `pdl_wait` blocks until the stream's previous kernel has finished and its
+//! writes are visible. A dependent reads nothing an earlier kernel may write before its pdl_wait.
+__device__ QMEM_INLINE void pdl_allow_dependents() noexcept {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ QMEM_INLINE void pdl_wait() noexcept {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 //! Launches `kernel` on `e`'s stream and checks the launch (check_launch). With `dependent`, as a
 //! programmatic dependent launch: the kernel may start while the stream's previous kernel is still
-//! running, so it must call cudaGridDependencySynchronize() before reading that kernel's results.
+//! running, so it must call pdl_wait() before reading that kernel's results.
 template <class... Params, class... Args>
 void launch(exec::cuda const& e, bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block,
             std::size_t smem, char const* name, Args const&... args) {

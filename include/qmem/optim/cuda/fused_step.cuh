@@ -607,21 +607,9 @@ __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, Index 
   }
 }
 
-//! Programmatic dependent launch (sm_90; no-ops elsewhere and in a kernel launched without the
-//! attribute): `pdl_allow_dependents` lets the stream's next kernel, when launched as a
-//! programmatic dependent (step_pdl), start its blocks now; `pdl_wait` blocks until the previous
-//! kernel of the stream has finished and its writes are visible. A dependent reads nothing that
-//! any earlier kernel may write before its pdl_wait.
-__device__ QMEM_INLINE void pdl_allow_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ QMEM_INLINE void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
+// Programmatic dependent launch (step_pdl): the shared device half of core/cuda/runtime.cuh.
+using cuda_detail::pdl_allow_dependents;
+using cuda_detail::pdl_wait;
 
 //! One warp task: kernel_traits::per_lane elements per lane, everything in registers. The
 //! arithmetic is the host backend's (optimizer.hpp), element for element. `Full`: the caller has

@@ -274,20 +274,9 @@ __device__ QMEM_INLINE float rcp_normal(float a) noexcept {
   return __fmaf_rn(r, e, r);
 }
 
-//! Programmatic dependent launch (sm_90; no-ops elsewhere and for kernels launched without the
-//! attribute): `allow_dependents` lets the next kernel of the stream start its CTAs now (its
-//! prologue overlaps this kernel's tail), `wait_for_prerequisites` blocks until the previous
-//! kernel has finished and its writes are visible.
-__device__ QMEM_INLINE void allow_dependents() noexcept {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ QMEM_INLINE void wait_for_prerequisites() noexcept {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
+// Programmatic dependent launch: the shared device half of core/cuda/runtime.cuh.
+using cuda_detail::pdl_allow_dependents;
+using cuda_detail::pdl_wait;
 
 //! Identity on loaded values (plain quantization).
 struct no_transform {
@@ -719,7 +708,7 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
   // (griddepcontrol.wait) for this grid to finish before it reads what this grid writes (H200,
   // 2026-11-30, NF4 quantize + scales, interleaved: the fused kernel dependent 0.2193 ms against
   // 0.2207 not dependent)
-  allow_dependents();
+  pdl_allow_dependents();
   __shared__ quantize_shared<C, normal_encoder<C>> sh;
   auto const fast = sh.prepare(book, enc_params);
   auto& warp_max = sh.warp_max;
@@ -1312,7 +1301,7 @@ template <int = 0>
 __global__ void __launch_bounds__(cta_threads)
     offset_mean(float const* QMEM_RESTRICT in, size_t len, double* QMEM_RESTRICT leaves,
                 unsigned* QMEM_RESTRICT tickets, float* QMEM_RESTRICT offset) {
-  allow_dependents(); // the nested quantization's CTAs copy their table meanwhile
+  pdl_allow_dependents(); // the nested quantization's CTAs copy their table meanwhile
   constexpr int arity = static_cast<int>(offset_tree_arity_v);
   constexpr int per = arity / 32;
   constexpr int warps = cta_threads / 32;
@@ -1555,7 +1544,7 @@ __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
   __shared__ uint32_t warp_max[max_quantize_threads / 32];
   copy_words_to_shared(table, p.entry, static_cast<int>(layout::entries));
   __syncthreads();
-  wait_for_prerequisites(); // nothing above reads what an earlier kernel writes
+  pdl_wait(); // nothing above reads what an earlier kernel writes
   // through L2: the offset was written by the kernel this one overlapped (no stale L1 line)
   float const off = __ldcg(offset);
   int const group_size = (1 << nested_shift) / nested_items;
@@ -1792,7 +1781,7 @@ __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
   __shared__ float shared_offset;
   // the table is read only in step 3: its copy overlaps steps 1 and 2 (tuning note above)
   start_copy_to_shared(table, p.entry, static_cast<int>(layout::entries));
-  wait_for_prerequisites(); // nothing above reads what an earlier kernel writes
+  pdl_wait(); // nothing above reads what an earlier kernel writes
   auto grid = cooperative_groups::this_grid();
   int const blocks_per_cta = static_cast<int>(blockDim.x) / ((1 << nested_shift) / nested_items);
   nested_slot const s = nested_slot_of(
