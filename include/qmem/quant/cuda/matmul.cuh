@@ -1470,7 +1470,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
 
   if constexpr (Pdl) {
     // the next kernel may start as soon as SMs free up (it only builds its table before waiting)
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    cuda_detail::pdl_allow_dependents();
     if constexpr (PrefetchKiB > 0) {
       // the first rows of the block's first tile, in the order the warps stream them
       if (blockIdx.x < plan.tiles) {
@@ -1489,7 +1489,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     }
     // the table needs no memory another kernel writes; everything after the wait may
     fill_gemv_tables<T, Nested>(lut, dyn, values, nested);
-    asm volatile("griddepcontrol.wait;" ::: "memory");
+    cuda_detail::pdl_wait();
   }
 
   // this thread's activations, loaded once: chunk g of each of the warp's super-steps
@@ -1986,7 +1986,7 @@ __global__ void __launch_bounds__((MaxWarps + 1) * 32, 1)
   auto const row_blocks = static_cast<std::uint32_t>(a.k >> a.block_shift);
   unsigned const sp_max = plan.stage_pairs;
 
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  cuda_detail::pdl_allow_dependents();
   if (threadIdx.x == 0) {
     for (unsigned s = 0; s < stages; ++s) {
       mbar_init(bars + 16u * s, 1u);
@@ -1997,7 +1997,7 @@ __global__ void __launch_bounds__((MaxWarps + 1) * 32, 1)
   // the table needs no memory another kernel writes; everything after the wait may (its barrier
   // also publishes the mbarriers' initialization)
   fill_gemv_tables<T, false>(lut, nullptr, values, code_table<256>{});
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  cuda_detail::pdl_wait();
 
   if (warp == C * G) {
     // the producer: stage after stage of the block's tiles, each into the next slot of the ring
@@ -2452,7 +2452,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   auto const row_blocks = static_cast<std::uint32_t>(a.k >> a.block_shift);
 
   if constexpr (Pdl) {
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    cuda_detail::pdl_allow_dependents();
     if constexpr (PrefetchLines > 0) {
       // lane l: rows l and l + 32 of the first round, from this warp's first chunk on
       QMEM_UNROLL
@@ -2473,7 +2473,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       }
     }
     fill_gemv_tables<T, Nested>(lut, dyn, values, nested);
-    asm volatile("griddepcontrol.wait;" ::: "memory");
+    cuda_detail::pdl_wait();
   }
 
   using stage = gemvm_stage<R, MT, Nested, Pair>;
