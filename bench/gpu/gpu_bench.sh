@@ -107,7 +107,10 @@ tests=$build/qmem_tests_cuda
 # box, 2026-11-30 14:23-14:44 UTC, NOT a quiet machine: another CI build ran alongside, load 6),
 # user CPU seconds (wall): the old unit 540 (828); the new ones 79 (124), 93 (153), 56 (91),
 # 27 (44): 255 in all, the largest 17% of the old unit (the one large module cost twice its parts;
-# peak memory 7.9 GB against 2.2 GB for the largest new unit). Not yet measured on the H200 build.
+# peak memory 7.9 GB against 2.2 GB for the largest new unit). On the H200 machine (2026-11-30
+# 16:01 UTC, 20 units at once on its 16 vCPUs) the whole test build still took 312 s: the split
+# removed the one long unit, but the units together are more CPU work than 16 vCPUs (which share
+# physical cores) do in 87 s. Each unit's time is now logged (slowest first) to find the next cut.
 test_opt=()
 [[ ${NVCC_SPLIT:-1} != 1 ]] && test_opt+=(--split-compile="$NVCC_SPLIT")
 [[ ${TEST_FAST:-0} == 1 ]] && test_opt+=(-Ofc max)
@@ -123,8 +126,10 @@ if $build_tests || has bench || has others || has host; then
   if $build_tests; then
     for unit in "${gpu_test_units[@]}"; do
       obj=$build/obj/$(tr / _ <<<"$unit").o
-      ("${nv[@]}" "${test_opt[@]}" -x cu -I"$root/tests" -DQMEM_TEST_DATA_DIR="\"$root/tests/data\"" \
-         -c "$root/tests/$unit" -o "$obj" >"$obj.log" 2>&1 || say "COMPILE FAILED tests/$unit") &
+      (t0=$SECONDS
+       "${nv[@]}" "${test_opt[@]}" -x cu -I"$root/tests" -DQMEM_TEST_DATA_DIR="\"$root/tests/data\"" \
+         -c "$root/tests/$unit" -o "$obj" >"$obj.log" 2>&1 || say "COMPILE FAILED tests/$unit"
+       echo "$((SECONDS - t0)) s wall: tests/$unit" >"$obj.time") &
       pids+=($!)
     done
   fi
@@ -145,6 +150,8 @@ if $build_tests || has bench || has others || has host; then
   fi
   wait "${pids[@]}"
   cat "$build"/obj/*.log "$build"/*.log 2>/dev/null | grep -v '^$' | tail -n 60 >>"$log"
+  # each test unit's compile time, slowest first (the build's critical path)
+  $build_tests && cat "$build"/obj/*.time 2>/dev/null | sort -rn | head -n 8 >>"$log"
   if $build_tests; then
     nvcc "${arch[@]}" "$build"/obj/*.o -lcublas -lcublasLt -o "$tests" >>"$log" 2>&1 ||
       say "link of the CUDA tests FAILED"
