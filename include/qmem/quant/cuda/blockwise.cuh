@@ -159,7 +159,7 @@ inline constexpr int quantize_min_ctas = Stochastic ? 1
 //! (medians, copy 4160 GB/s): NF4 1 / 2 / 4 / 8 vectors 0.237 / 0.187 / 0.182 / 0.187, int8
 //! 0.405 / 0.339 / 0.345 / 0.350. So 4 for 4-bit codes, 2 for 8-bit codes (two sessions agree).
 template <class C>
-inline constexpr int dequantize_vectors_per_step = C::bits == 8 ? 2 : 4;
+inline constexpr int dequantize_vectors_per_step = 2;
 
 //! Largest grid of the one-step dequantize launch (the kernel strides beyond it).
 inline constexpr size_t max_grid = 0x7fffffff;
@@ -905,6 +905,7 @@ struct scales_state;
 template <>
 struct scales_state<plain_scales> {
   struct storage {};
+  static constexpr bool uses_shared = false; //!< whether prepare fills storage (a CTA barrier)
   __device__ static void prepare(plain_scales const&, storage&) noexcept {}
   //! The fetching half, usable before prepare (reads no shared memory).
   __device__ static plain_scales::loaded fetcher(plain_scales s) noexcept { return {s.absmax}; }
@@ -917,6 +918,7 @@ struct scales_state<nested_scales> {
   struct storage {
     float table[256];
   };
+  static constexpr bool uses_shared = true;
   __device__ static void prepare(nested_scales const& s, storage& st) noexcept {
     for (int i = static_cast<int>(threadIdx.x); i < 256; i += static_cast<int>(blockDim.x))
       st.table[i] = __ldg(s.table + i);
@@ -996,17 +998,46 @@ __device__ QMEM_INLINE uint32_t pack_two(float lo, float hi) noexcept {
   return r;
 }
 
+//! How dequantize_aligned finds the value of a 4-bit code (8-bit codes always use byte_table).
+//! Candidates compared on the H200 (see dequantize_decode).
+enum class nibble_decode {
+  //! decode_table in shared memory (both values of a code byte with one 8-byte load), copied from
+  //! device memory by every CTA (2 KB) before a CTA barrier.
+  byte_table,
+  //! Lane l of each warp holds the value of code l % 16 in a register (one 4-byte load from
+  //! device memory); an element's value is a shuffle from the lane its code names: no shared
+  //! memory, no barrier. The shuffles need every lane of the warp, so the loop is warp-uniform.
+  warp_shuffle,
+  //! A 32-entry table per warp in shared memory (entry l = the value of code l % 16, written by
+  //! lane l), published with __syncwarp instead of a CTA barrier; one 4-byte load per element.
+  warp_table,
+};
+
+//! The decoding dequantize_any launches (see nibble_decode).
+template <class C>
+inline constexpr nibble_decode dequantize_decode =
+    C::bits == 8 ? nibble_decode::byte_table : nibble_decode::warp_shuffle;
+
+//! What the nibble decodings keep in shared memory: nothing, or the warps' 32-entry tables.
+template <nibble_decode D>
+struct nibble_storage {};
+template <>
+struct alignas(128) nibble_storage<nibble_decode::warp_table> {
+  float v[cta_threads / 32][32]; // 128-byte aligned rows: an entry's address is row | 4 * entry
+};
+
 //! Fast dequantize kernel: aligned codes and output, block size a power of two of at least
 //! vector_items<T>. The work item is one 16-byte output vector (whose elements share a block);
 //! consecutive threads own consecutive vectors, and each thread handles PerStep of them per loop
 //! step (all loads first, then decode and store; the launch gives every thread one step). The
 //! first step's codes and scales are loaded before the prologue (the decode table and the nested
 //! scales' table copied from device memory into shared memory), so that its latency hides under
-//! theirs. Values come from decode_table (one shared load per code byte); bf16 / f16 outputs of a
-//! vector with a finite scale (every product then finite) are rounded two at a time by the
-//! hardware conversion: about 3 instructions per 4-bit element instead of 11 with the integer
-//! rounding of from_float (ptxas 13.0, sm_90, 2026-11-29).
-template <class C, class T, class Scales, int PerStep = dequantize_vectors_per_step<C>>
+//! theirs. Values come from decode_table (one shared load per code byte) or, for 4-bit codes,
+//! the nibble decoding D; bf16 / f16 outputs of a vector with a finite scale (every product then
+//! finite) are rounded two at a time by the hardware conversion: about 3 instructions per 4-bit
+//! element instead of 11 with the integer rounding of from_float (ptxas 13.0, sm_90, 2026-11-29).
+template <class C, class T, class Scales, int PerStep = dequantize_vectors_per_step<C>,
+          nibble_decode D = dequantize_decode<C>>
 __global__ void __launch_bounds__(cta_threads)
     dequantize_aligned(uint8_t const* QMEM_RESTRICT codes, Scales scales, size_t n, int block_shift,
                        T* QMEM_RESTRICT y,
@@ -1015,13 +1046,19 @@ __global__ void __launch_bounds__(cta_threads)
   constexpr int code_bytes_per_vector = C::bits == 8 ? vec : vec / 2;
   constexpr int per_step = PerStep;
   constexpr bool half_output = std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
+  constexpr bool by_byte = C::bits == 8 || D == nibble_decode::byte_table;
+  constexpr bool by_shuffle = !by_byte && D == nibble_decode::warp_shuffle;
+  constexpr bool by_warp_table = !by_byte && D == nibble_decode::warp_table;
   using raw_scale = decltype(scales_state<Scales>::fetcher(scales).fetch(0));
-  __shared__ decode_table<C> table;
+  struct no_table {};
+  __shared__ std::conditional_t<by_byte, decode_table<C>, no_table> table;
+  __shared__ nibble_storage<by_byte ? nibble_decode::byte_table : D> warp_values;
   __shared__ typename scales_state<Scales>::storage scale_storage;
 
   size_t const whole = n / vec; // vectors entirely inside [0, n)
   size_t const threads = static_cast<size_t>(gridDim.x) * blockDim.x;
   size_t const tid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int const lane = static_cast<int>(threadIdx.x) & 31;
   uint8_t c[per_step][code_bytes_per_vector];
   raw_scale r[per_step];
   auto load_step = [&](size_t base) {
@@ -1032,34 +1069,91 @@ __global__ void __launch_bounds__(cta_threads)
       if (v < whole) {
         load_bytes<code_bytes_per_vector>(c[u], codes + v * code_bytes_per_vector);
         r[u] = fetch.fetch((v * vec) >> block_shift);
+      } else if constexpr (by_shuffle) { // decoded (every lane shuffles), never stored
+        QMEM_UNROLL
+        for (int k = 0; k < code_bytes_per_vector; ++k)
+          c[u][k] = 0;
+        r[u] = raw_scale{};
       }
     }
   };
   load_step(tid);
-  table.load(values);
-  scales_state<Scales>::prepare(scales, scale_storage);
-  __syncthreads();
+  // the value of code `lane % 16` (4-bit codes: entry l < 16 of the pair table is {decode(0),
+  // decode(l)})
+  float mine = 0.0f;
+  if constexpr (!by_byte)
+    mine = __ldg(&values[lane & 15].y);
+  if constexpr (by_byte)
+    table.load(values);
+  if constexpr (by_warp_table) {
+    warp_values.v[threadIdx.x / 32][lane] = mine;
+    __syncwarp();
+  }
+  if constexpr (by_byte || scales_state<Scales>::uses_shared) {
+    scales_state<Scales>::prepare(scales, scale_storage);
+    __syncthreads();
+  }
   auto const scale_of = scales_state<Scales>::load(scales, scale_storage);
+  uint32_t warp_row = 0; // shared-space address of the warp's table row
+  if constexpr (by_warp_table)
+    warp_row = static_cast<uint32_t>(__cvta_generic_to_shared(warp_values.v[threadIdx.x / 32]));
+  // the value of the code in the low 4 bits of x; the bits above may be anything (only bits
+  // [0, 5) are used, and lanes / entries l and l + 16 hold the same value): the shuffle takes its
+  // source lane modulo 32 (no mask), the table needs one mask
+  auto nibble_value = [&](uint32_t x) -> float {
+    if constexpr (by_shuffle) {
+      return __shfl_sync(0xffffffffu, mine, static_cast<int>(x));
+    } else if constexpr (by_warp_table) {
+      // row | (4 x) & 0x7c: two instructions with the shift (the compiler's row + 4 (x & 31) took
+      // three, sm_90, nvcc 13); volatile with a memory clobber: not moved above __syncwarp
+      float value;
+      asm volatile("ld.shared.f32 %0, [%1];"
+                   : "=f"(value)
+                   : "r"(warp_row | ((x << 2) & 0x7cu))
+                   : "memory");
+      return value;
+    } else {
+      (void)x;
+      return 0.0f; // unused
+    }
+  };
 
-  for (size_t base = tid; base < whole; base += threads * per_step) {
+  // the shuffle decoding walks warp-uniform steps (lanes past the end decode zeros)
+  size_t const lane_offset = by_shuffle ? static_cast<size_t>(lane) : 0;
+  for (size_t warp_base = tid - lane_offset; warp_base < whole; warp_base += threads * per_step) {
+    size_t const base = warp_base + lane_offset;
     if (base != tid)
       load_step(base);
     QMEM_UNROLL
     for (int u = 0; u < per_step; ++u) {
       size_t const v = base + static_cast<size_t>(u) * threads;
-      if (v < whole) {
+      if (by_shuffle || v < whole) {
         float const s = scale_of.finish(r[u]);
         float f[vec];
         QMEM_UNROLL
         for (int k = 0; k < code_bytes_per_vector; ++k) {
           if constexpr (C::bits == 8) {
             f[k] = fmath::mul(table.v[c[u][k]], s);
-          } else {
+          } else if constexpr (by_byte) {
             float2 const p = table.v[c[u][k]];
             f[2 * k] = fmath::mul(p.x, s);
             f[2 * k + 1] = fmath::mul(p.y, s);
           }
         }
+        if constexpr (!by_byte) {
+          static_assert(code_bytes_per_vector <= 4);
+          uint32_t w = 0;
+          __builtin_memcpy(&w, c[u], code_bytes_per_vector);
+          // element 2k: the high nibble of byte k, element 2k + 1: its low nibble (a shift of the
+          // word each, no byte masks)
+          QMEM_UNROLL
+          for (int k = 0; k < code_bytes_per_vector; ++k) {
+            f[2 * k] = fmath::mul(nibble_value(w >> (8 * k + 4)), s);
+            f[2 * k + 1] = fmath::mul(nibble_value(w >> (8 * k)), s);
+          }
+        }
+        if (by_shuffle && v >= whole)
+          continue;
         if constexpr (half_output) {
           if ((qmem::detail::float_to_bits(s) & 0x7fffffffu) < 0x7f800000u) {
             uint4 const out = make_uint4(pack_two<T>(f[0], f[1]), pack_two<T>(f[2], f[3]),
@@ -1080,7 +1174,12 @@ __global__ void __launch_bounds__(cta_threads)
   if (tid == 0) {
     for (size_t i = whole * vec; i < n; ++i) {
       uint8_t const code = C::bits == 8 ? codes[i] : quant::detail::nibble(codes, i);
-      y[i] = from_float<T>(fmath::mul(table.value(code), scale_of(i >> block_shift)));
+      float value;
+      if constexpr (by_byte)
+        value = table.value(code);
+      else
+        value = __ldg(&values[code].y);
+      y[i] = from_float<T>(fmath::mul(value, scale_of(i >> block_shift)));
     }
   }
 }
