@@ -287,6 +287,8 @@ void nf4_whole_variant(benchmark::State& state) {
 // dequantize_aligned launched directly with PerStep vectors per thread and one step per thread
 // (the dispatched launch uses dequantize_vectors_per_step): NF4 -> bf16 block 64 and int8 -> fp32
 // block 256, same bytes as nf4_dequantize_bf16 / int8_dequantize_f32. state.range(0): PerStep.
+// (The 4-bit decoding candidates of 2026-11-30 16:25 UTC, a dequantize4_ab row interleaving them,
+// are recorded in docs/benchmarks.md, "2026-11-30, deq".)
 template <class C, class T, int PerStep>
 void launch_dequantize(std::size_t block) {
   namespace k = qmem::quant::cuda_impl::kernels;
@@ -361,77 +363,6 @@ void run_ab(benchmark::State& state, A&& a, B&& b) {
     state.counters["B_min_ms"] = tb.front();
     state.counters["B_median_ms"] = tb[tb.size() / 2];
   }
-}
-
-// dequantize_aligned for 4-bit codes -> bf16 launched directly as decoding candidate `variant`
-// (one step per thread, the dispatched launch's grid rule): 0 byte_table with 4 vectors per
-// thread, 1 byte_table 2, 2 warp_shuffle 2, 3 warp_shuffle 4, 4 warp_table 2, 5 warp_table 4.
-template <class C, class Scales, int PerStep, cuda_impl::kernels::nibble_decode D>
-void launch_dequantize4(Scales scales, std::size_t block) {
-  namespace k = qmem::quant::cuda_impl::kernels;
-  auto kernel = k::dequantize_aligned<C, bf16, Scales, PerStep, D>;
-  std::size_t const vectors = elements / k::vector_items<bf16>;
-  auto const grid = static_cast<unsigned>(vectors / PerStep / k::cta_threads + 1);
-  kernel<<<grid, k::cta_threads>>>(g->codes, scales, elements, k::log2_exact(block), g->y16,
-                                   k::decoded_values_on<C>(0));
-  check(cudaGetLastError(), "dequantize_aligned");
-}
-
-template <class C, class Scales>
-void launch_dequantize4_variant(Scales scales, std::size_t block, int variant) {
-  using d = cuda_impl::kernels::nibble_decode;
-  switch (variant) {
-  case 1: return launch_dequantize4<C, Scales, 2, d::byte_table>(scales, block);
-  case 2: return launch_dequantize4<C, Scales, 2, d::warp_shuffle>(scales, block);
-  case 3: return launch_dequantize4<C, Scales, 4, d::warp_shuffle>(scales, block);
-  case 4: return launch_dequantize4<C, Scales, 2, d::warp_table>(scales, block);
-  case 5: return launch_dequantize4<C, Scales, 4, d::warp_table>(scales, block);
-  default: return launch_dequantize4<C, Scales, 4, d::byte_table>(scales, block);
-  }
-}
-
-// Interleaved A/B of two decoding candidates (launch_dequantize4_variant) on the same codes:
-// range(0) 0 = NF4 -> bf16, 1 = FP4 -> bf16, 2 / 3 = the same with double-quantized scales
-// (nested block 256); variants A = range(1), B = range(2); block size range(3). Same bytes as
-// the nf4_dequantize_bf16 / fp4_dequantize_bf16 rows.
-void dequantize4_ab(benchmark::State& state) {
-  auto const code = state.range(0);
-  auto const block = static_cast<std::size_t>(state.range(3));
-  std::size_t const m = elements / block;
-  bool const nf = code == 0 || code == 2;
-  bool const nested = code >= 2;
-  tensor_view<bf16 const> x(g->x16, elements, memory_space::device);
-  tensor_view<std::uint8_t> codes(g->codes, elements / 2, memory_space::device);
-  tensor_view<float> absmax(g->absmax, m, memory_space::device);
-  if (nf)
-    quantize_blockwise<nf4>(e, x, block, codes, absmax);
-  else
-    quantize_blockwise<fp4>(e, x, block, codes, absmax);
-  namespace k = qmem::quant::cuda_impl::kernels;
-  if (nested)
-    quantize_scales(
-        e, tensor_view<float const>(absmax), nested_block,
-        tensor_view<std::uint8_t>(g->qabsmax, m, memory_space::device),
-        tensor_view<float>(g->absmax2, block_count(m, nested_block), memory_space::device),
-        tensor_view<float>(g->offset, 1, memory_space::device));
-  k::nested_scales const ns{g->qabsmax, g->absmax2, g->offset, k::log2_exact(nested_block),
-                            k::nested_values(0)};
-  k::plain_scales const ps{g->absmax};
-  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  auto launch = [&](int variant) {
-    if (nf && nested)
-      launch_dequantize4_variant<nf4>(ns, block, variant);
-    else if (nf)
-      launch_dequantize4_variant<nf4>(ps, block, variant);
-    else if (nested)
-      launch_dequantize4_variant<fp4>(ns, block, variant);
-    else
-      launch_dequantize4_variant<fp4>(ps, block, variant);
-  };
-  run_ab(
-      state, [&] { launch(static_cast<int>(state.range(1))); },
-      [&] { launch(static_cast<int>(state.range(2))); });
-  state.counters["roofline_ms"] = 1e3 * format_bytes<nf4, bf16>(block) / g->copy_bytes_per_s;
 }
 
 // quantize_whole A/B at two grid sizes: state.range(0) 0 = NF4 from bf16 block 64, 1 = FP4 from
@@ -609,21 +540,6 @@ int main(int argc, char** argv) {
   {
     auto* b = benchmark::RegisterBenchmark("whole_waves_ab", whole_waves_ab);
     b->Args({0, 2, 4})->Args({1, 1, 4})->Args({1, 2, 4})->Args({2, 1, 4});
-    b->UseManualTime()->Unit(benchmark::kMillisecond);
-  }
-  {
-    // decoding candidates of the 4-bit dequantization against the dispatched kernel (variant 0,
-    // first pair: the row's noise floor), block 64 for every code, other blocks for the
-    // candidates 2 and 4 (plain scales)
-    auto* b = benchmark::RegisterBenchmark("dequantize4_ab", dequantize4_ab);
-    for (int code : {0, 1, 2, 3})
-      for (int variant : {0, 1, 2, 3, 4, 5})
-        b->Args({code, variant, 0, 64});
-    for (int code : {0, 1})
-      for (int variant : {2, 4})
-        for (int block = 32; block <= 4096; block *= 2)
-          if (block != 64)
-            b->Args({code, variant, 0, block});
     b->UseManualTime()->Unit(benchmark::kMillisecond);
   }
   benchmark::RegisterBenchmark("plain_ab", plain_ab)

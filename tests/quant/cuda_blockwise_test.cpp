@@ -6,9 +6,10 @@
 // more than 2^32 elements, a multi-level offset tree, the one-launch offset mean on exact and
 // inexact sums, the nested quantization on every nested block size and unaligned views, double
 // quantization in one cooperative kernel (every path against the host; in a graph; the fallback
-// when the runtime refuses its grid as too large), a non-default stream and
-// sync_after_launch. Every result is compared bit for bit with the host backend (NaN outputs:
-// as NaN, see same_values).
+// when the runtime refuses its grid as too large), the 4-bit dequantization's warp-shuffle
+// decoding at 2 and 4 vectors per thread on strided grids and partial last warps, a non-default
+// stream and sync_after_launch. Every result is compared bit for bit with the host backend (NaN
+// outputs: as NaN, see same_values).
 // Compiled only by nvcc; without a GPU each case says so and returns.
 #include <qmem/core/config.hpp>
 
@@ -958,9 +959,9 @@ TEST_CASE("cuda blockwise: double quantization captured in a CUDA graph replays 
 }
 
 namespace {
-// Launches dequantize_aligned<C, T, Scales, PerStep, D> on `grid` CTAs (0: the dispatched
-// launch's rule, one step per thread) and returns its output.
-template <class C, class T, int PerStep, cuda_impl::kernels::nibble_decode D, class Scales>
+// Launches dequantize_aligned<C, T, Scales, PerStep> on `grid` CTAs (0: the dispatched launch's
+// rule, one step per thread) and returns its output.
+template <class C, class T, int PerStep, class Scales>
 std::vector<T> dequantize_with(tensor_view<std::uint8_t const> codes, Scales scales, std::size_t n,
                                std::size_t block, unsigned grid) {
   namespace k = cuda_impl::kernels;
@@ -968,18 +969,17 @@ std::vector<T> dequantize_with(tensor_view<std::uint8_t const> codes, Scales sca
   cuda_backend::sync();
   if (grid == 0)
     grid = static_cast<unsigned>(n / k::vector_items<T> / PerStep / k::cta_threads + 1);
-  k::dequantize_aligned<C, T, Scales, PerStep, D><<<grid, k::cta_threads>>>(
+  k::dequantize_aligned<C, T, Scales, PerStep><<<grid, k::cta_threads>>>(
       codes.data(), scales, n, k::log2_exact(block), y.view().data(), k::decoded_values_on<C>(0));
   cuda_detail::check(cudaGetLastError(), "dequantize_aligned");
   cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   return cuda_backend::download(tensor_view<T const>(y.view()));
 }
 
-// Every 4-bit decoding candidate of dequantize_aligned (nibble_decode x vectors per thread),
-// plain and double-quantized scales, against the host's dequantization.
+// The 4-bit decoding of dequantize_aligned (warp shuffles) with 2 (dispatched) and 4 vectors per
+// thread, plain and double-quantized scales, against the host's dequantization.
 template <class C, class T>
-void check_nibble_decodings(std::vector<float> const& values, std::size_t block, unsigned grid) {
-  using d = cuda_impl::kernels::nibble_decode;
+void check_shuffle_decoding(std::vector<float> const& values, std::size_t block, unsigned grid) {
   std::size_t const n = values.size();
   std::size_t const nb = 256;
   auto const x = as<T>(values);
@@ -1008,50 +1008,43 @@ void check_nibble_decodings(std::vector<float> const& values, std::size_t block,
   k::nested_scales const ns{dq.view().data(), d2.view().data(), doff.view().data(),
                             k::log2_exact(nb), k::nested_values(0)};
   tensor_view<std::uint8_t const> const cv(dc.view());
-  auto both = [&]<int PerStep, d D>() {
+  auto both = [&]<int PerStep>() {
     CAPTURE(PerStep);
-    CAPTURE(static_cast<int>(D));
-    CHECK(same_values(dequantize_with<C, T, PerStep, D>(cv, ps, n, block, grid), hy));
-    CHECK(same_values(dequantize_with<C, T, PerStep, D>(cv, ns, n, block, grid), hyn));
+    CHECK(same_values(dequantize_with<C, T, PerStep>(cv, ps, n, block, grid), hy));
+    CHECK(same_values(dequantize_with<C, T, PerStep>(cv, ns, n, block, grid), hyn));
   };
-  both.template operator()<4, d::byte_table>();
-  both.template operator()<2, d::byte_table>();
-  both.template operator()<2, d::warp_shuffle>();
-  both.template operator()<4, d::warp_shuffle>();
-  both.template operator()<2, d::warp_table>();
-  both.template operator()<4, d::warp_table>();
+  both.template operator()<2>();
+  both.template operator()<4>();
 }
 
 // Sizes with a partial last vector, a last warp partly past the end (the shuffle decoding's
 // warp-uniform loop), a partial last block; grids of one step per thread and of 1 and 3 CTAs (the
 // loop strides); blocks with zero, NaN and infinite absmax (the non-finite-scale path).
-void check_nibble_decodings_at(std::size_t n) {
+void check_shuffle_decoding_at(std::size_t n) {
   for (unsigned grid : {0u, 1u, 3u}) {
     CAPTURE(n);
     CAPTURE(grid);
     auto const v = test_values(n, static_cast<std::uint32_t>(n) + grid, true);
-    check_nibble_decodings<nf4, bf16>(v, 64, grid);
-    check_nibble_decodings<fp4, bf16>(v, 32, grid);
-    check_nibble_decodings<nf4, f16>(v, 4096, grid);
-    check_nibble_decodings<fp4, float>(v, 128, grid);
+    check_shuffle_decoding<nf4, bf16>(v, 64, grid);
+    check_shuffle_decoding<fp4, bf16>(v, 32, grid);
+    check_shuffle_decoding<nf4, f16>(v, 4096, grid);
+    check_shuffle_decoding<fp4, float>(v, 128, grid);
   }
 }
 } // namespace
 
-TEST_CASE("cuda blockwise: every 4-bit decoding of the fast dequantize kernel equals the host, "
-          "small sizes") {
+TEST_CASE("cuda blockwise: 4-bit shuffle dequantization equals the host, small sizes") {
   if (qmem::test::skip<cuda_backend>())
     return;
   for (std::size_t n : {std::size_t{1}, std::size_t{15}, std::size_t{17}, std::size_t{4095},
                         std::size_t{8 * 256 * 4 * 3 + 8 * 37 + 3}})
-    check_nibble_decodings_at(n);
+    check_shuffle_decoding_at(n);
 }
 
-TEST_CASE("cuda blockwise: every 4-bit decoding of the fast dequantize kernel equals the host, "
-          "2^20 + 7 elements") {
+TEST_CASE("cuda blockwise: 4-bit shuffle dequantization equals the host, 2^20 + 7 elements") {
   if (qmem::test::skip<cuda_backend>())
     return;
-  check_nibble_decodings_at((std::size_t{1} << 20) + 7);
+  check_shuffle_decoding_at((std::size_t{1} << 20) + 7);
 }
 
 namespace {
