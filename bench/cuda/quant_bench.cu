@@ -287,6 +287,8 @@ void nf4_whole_variant(benchmark::State& state) {
 // dequantize_aligned launched directly with PerStep vectors per thread and one step per thread
 // (the dispatched launch uses dequantize_vectors_per_step): NF4 -> bf16 block 64 and int8 -> fp32
 // block 256, same bytes as nf4_dequantize_bf16 / int8_dequantize_f32. state.range(0): PerStep.
+// (The 4-bit decoding candidates of 2026-11-30 16:25 UTC, a dequantize4_ab row interleaving them,
+// are recorded in docs/benchmarks.md, "2026-11-30, deq".)
 template <class C, class T, int PerStep>
 void launch_dequantize(std::size_t block) {
   namespace k = qmem::quant::cuda_impl::kernels;

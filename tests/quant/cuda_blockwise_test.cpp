@@ -6,9 +6,10 @@
 // more than 2^32 elements, a multi-level offset tree, the one-launch offset mean on exact and
 // inexact sums, the nested quantization on every nested block size and unaligned views, double
 // quantization in one cooperative kernel (every path against the host; in a graph; the fallback
-// when the runtime refuses its grid as too large), a non-default stream and
-// sync_after_launch. Every result is compared bit for bit with the host backend (NaN outputs:
-// as NaN, see same_values).
+// when the runtime refuses its grid as too large), the 4-bit dequantization's warp-shuffle
+// decoding at 2 and 4 vectors per thread on strided grids and partial last warps, a non-default
+// stream and sync_after_launch. Every result is compared bit for bit with the host backend (NaN
+// outputs: as NaN, see same_values).
 // Compiled only by nvcc; without a GPU each case says so and returns.
 #include <qmem/core/config.hpp>
 
@@ -955,6 +956,95 @@ TEST_CASE("cuda blockwise: double quantization captured in a CUDA graph replays 
   (void)cudaGraphExecDestroy(instance);
   (void)cudaGraphDestroy(graph);
   cuda_detail::check(cudaStreamDestroy(s), "cudaStreamDestroy");
+}
+
+namespace {
+// Launches dequantize_aligned<C, T, Scales, PerStep> on `grid` CTAs (0: the dispatched launch's
+// rule, one step per thread) and returns its output.
+template <class C, class T, int PerStep, class Scales>
+std::vector<T> dequantize_with(tensor_view<std::uint8_t const> codes, Scales scales, std::size_t n,
+                               std::size_t block, unsigned grid) {
+  namespace k = cuda_impl::kernels;
+  auto y = cuda_backend::alloc<T>(n);
+  cuda_backend::sync();
+  if (grid == 0)
+    grid = static_cast<unsigned>(n / k::vector_items<T> / PerStep / k::cta_threads + 1);
+  k::dequantize_aligned<C, T, Scales, PerStep><<<grid, k::cta_threads>>>(
+      codes.data(), scales, n, k::log2_exact(block), y.view().data(), k::decoded_values_on<C>(0));
+  cuda_detail::check(cudaGetLastError(), "dequantize_aligned");
+  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  return cuda_backend::download(tensor_view<T const>(y.view()));
+}
+
+// The 4-bit decoding of dequantize_aligned (warp shuffles) with 2 (dispatched) and 4 vectors per
+// thread, plain and double-quantized scales, against the host's dequantization.
+template <class C, class T>
+void check_shuffle_decoding(std::vector<float> const& values, std::size_t block, unsigned grid) {
+  std::size_t const n = values.size();
+  std::size_t const nb = 256;
+  auto const x = as<T>(values);
+  std::vector<std::uint8_t> hc(code_bytes<C>(n));
+  std::vector<float> ha(block_count(n, block));
+  quantize_blockwise<C>(exec::host{}, view(std::as_const(x)), block, view(hc), view(ha));
+  std::vector<T> hy(n);
+  dequantize_blockwise<C>(exec::host{}, view(std::as_const(hc)), view(std::as_const(ha)), block,
+                          view(hy));
+  std::vector<std::uint8_t> hq(ha.size());
+  std::vector<float> h2(block_count(ha.size(), nb));
+  std::vector<float> hoff(1);
+  quantize_scales(exec::host{}, view(std::as_const(ha)), nb, view(hq), view(h2), view(hoff));
+  std::vector<T> hyn(n);
+  dequantize_blockwise_nested<C>(exec::host{}, view(std::as_const(hc)), view(std::as_const(hq)),
+                                 view(std::as_const(h2)), view(std::as_const(hoff)), block, nb,
+                                 view(hyn));
+
+  auto dc = cuda_backend::upload(hc);
+  auto da = cuda_backend::upload(ha);
+  auto dq = cuda_backend::upload(hq);
+  auto d2 = cuda_backend::upload(h2);
+  auto doff = cuda_backend::upload(hoff);
+  namespace k = cuda_impl::kernels;
+  k::plain_scales const ps{da.view().data()};
+  k::nested_scales const ns{dq.view().data(), d2.view().data(), doff.view().data(),
+                            k::log2_exact(nb), k::nested_values(0)};
+  tensor_view<std::uint8_t const> const cv(dc.view());
+  auto both = [&]<int PerStep>() {
+    CAPTURE(PerStep);
+    CHECK(same_values(dequantize_with<C, T, PerStep>(cv, ps, n, block, grid), hy));
+    CHECK(same_values(dequantize_with<C, T, PerStep>(cv, ns, n, block, grid), hyn));
+  };
+  both.template operator()<2>();
+  both.template operator()<4>();
+}
+
+// Sizes with a partial last vector, a last warp partly past the end (the shuffle decoding's
+// warp-uniform loop), a partial last block; grids of one step per thread and of 1 and 3 CTAs (the
+// loop strides); blocks with zero, NaN and infinite absmax (the non-finite-scale path).
+void check_shuffle_decoding_at(std::size_t n) {
+  for (unsigned grid : {0u, 1u, 3u}) {
+    CAPTURE(n);
+    CAPTURE(grid);
+    auto const v = test_values(n, static_cast<std::uint32_t>(n) + grid, true);
+    check_shuffle_decoding<nf4, bf16>(v, 64, grid);
+    check_shuffle_decoding<fp4, bf16>(v, 32, grid);
+    check_shuffle_decoding<nf4, f16>(v, 4096, grid);
+    check_shuffle_decoding<fp4, float>(v, 128, grid);
+  }
+}
+} // namespace
+
+TEST_CASE("cuda blockwise: 4-bit shuffle dequantization equals the host, small sizes") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  for (std::size_t n : {std::size_t{1}, std::size_t{15}, std::size_t{17}, std::size_t{4095},
+                        std::size_t{8 * 256 * 4 * 3 + 8 * 37 + 3}})
+    check_shuffle_decoding_at(n);
+}
+
+TEST_CASE("cuda blockwise: 4-bit shuffle dequantization equals the host, 2^20 + 7 elements") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  check_shuffle_decoding_at((std::size_t{1} << 20) + 7);
 }
 
 namespace {

@@ -20,12 +20,13 @@
 //! - quantize, stochastic rounding (quantize_aligned): the same layout with 32 bytes per thread,
 //!   per-element bounds tests, every element through encode_stochastic.
 //! - dequantize: a thread owns 16-byte output vectors (8 bf16 / 4 fp32 values, inside one block),
-//!   consecutive threads consecutive vectors, four per thread and one loop step per thread (a
+//!   consecutive threads consecutive vectors, two per thread and one loop step per thread (a
 //!   grid of resident CTAs striding over the tensor held the write-heavy stream at 86% of the
-//!   copy bandwidth); it reads the codes and the scale of each, decodes each code byte with one
-//!   load from a shared table of decoded values (both values of a 4-bit code byte at once; copied
-//!   from device memory), rounds bf16 / f16 outputs two at a time with the hardware conversion,
-//!   and writes one 16-byte store.
+//!   copy bandwidth); it reads the codes and the scale of each, decodes a 4-bit code with one warp
+//!   shuffle (lane l holds the value of code l % 16: no shared memory, no CTA barrier) and an
+//!   8-bit code with one load from a shared table of decoded values (copied from device memory),
+//!   rounds bf16 / f16 outputs two at a time with the hardware conversion, and writes one 16-byte
+//!   store.
 //! - double quantization (quantize_scales): one cooperative kernel (offset_nested_quantize) loads
 //!   the scales once, sums them (exact in any order, checked from their bit span; else the
 //!   host's tree order), waits at a grid barrier and quantizes its registers with the mean (the
@@ -158,8 +159,13 @@ inline constexpr int quantize_min_ctas = Stochastic ? 1
 //! 0.185 / 0.179 ms, int8 -> fp32 block 256 0.400 / 0.334 / 0.339 (ncu, NF4: 173 us); 21:49 UTC
 //! (medians, copy 4160 GB/s): NF4 1 / 2 / 4 / 8 vectors 0.237 / 0.187 / 0.182 / 0.187, int8
 //! 0.405 / 0.339 / 0.345 / 0.350. So 4 for 4-bit codes, 2 for 8-bit codes (two sessions agree).
+//! Since 4-bit codes are decoded by warp shuffles (no per-CTA table and barrier, see
+//! dequantize_aligned), 2 for them too: 2026-11-30 16:25 UTC (copy 4180-4205 GB/s, medians of 3
+//! processes), NF4 -> bf16 block 64 with 1 / 2 / 4 / 8 vectors 0.1896 / 0.1741 / 0.1775 /
+//! 0.1805 ms, and in interleaved A/B rows 2 vectors 0.1738 / 0.1737 ms (NF4 / FP4) against 4
+//! vectors 0.1780 / 0.1774.
 template <class C>
-inline constexpr int dequantize_vectors_per_step = C::bits == 8 ? 2 : 4;
+inline constexpr int dequantize_vectors_per_step = 2;
 
 //! Largest grid of the one-step dequantize launch (the kernel strides beyond it).
 inline constexpr size_t max_grid = 0x7fffffff;
@@ -905,6 +911,7 @@ struct scales_state;
 template <>
 struct scales_state<plain_scales> {
   struct storage {};
+  static constexpr bool uses_shared = false; //!< whether prepare fills storage (a CTA barrier)
   __device__ static void prepare(plain_scales const&, storage&) noexcept {}
   //! The fetching half, usable before prepare (reads no shared memory).
   __device__ static plain_scales::loaded fetcher(plain_scales s) noexcept { return {s.absmax}; }
@@ -917,6 +924,7 @@ struct scales_state<nested_scales> {
   struct storage {
     float table[256];
   };
+  static constexpr bool uses_shared = true;
   __device__ static void prepare(nested_scales const& s, storage& st) noexcept {
     for (int i = static_cast<int>(threadIdx.x); i < 256; i += static_cast<int>(blockDim.x))
       st.table[i] = __ldg(s.table + i);
@@ -930,8 +938,10 @@ struct scales_state<nested_scales> {
 };
 
 //! Decoded values of every code byte, in shared memory: for 8-bit codes value[c] =
-//! C::decode(c); for 4-bit codes pair[b] = (C::decode(b >> 4), C::decode(b & 15)), both values of
-//! a code byte with one 8-byte load (2 KiB either way).
+//! C::decode(c); for 4-bit codes pair[b] = (C::decode(b >> 4), C::decode(b & 15)) (2 KiB either
+//! way). The fast dequantize kernel copies the 8-bit table into shared memory; for 4-bit codes it
+//! reads only the device copy's .y of entries 0..15 (decode(l)), one per lane (the pair layout is
+//! what the kernel used before the shuffles; kept: the same upload serves both).
 template <class C>
 struct decode_table {
   using entry = std::conditional_t<C::bits == 8, float, float2>;
@@ -1000,12 +1010,28 @@ __device__ QMEM_INLINE uint32_t pack_two(float lo, float hi) noexcept {
 //! vector_items<T>. The work item is one 16-byte output vector (whose elements share a block);
 //! consecutive threads own consecutive vectors, and each thread handles PerStep of them per loop
 //! step (all loads first, then decode and store; the launch gives every thread one step). The
-//! first step's codes and scales are loaded before the prologue (the decode table and the nested
-//! scales' table copied from device memory into shared memory), so that its latency hides under
-//! theirs. Values come from decode_table (one shared load per code byte); bf16 / f16 outputs of a
-//! vector with a finite scale (every product then finite) are rounded two at a time by the
-//! hardware conversion: about 3 instructions per 4-bit element instead of 11 with the integer
-//! rounding of from_float (ptxas 13.0, sm_90, 2026-11-29).
+//! first step's codes and scales are loaded before anything else, so that their latency hides
+//! the prologue's. Decoding:
+//! - 8-bit codes: decode_table in shared memory, copied from device memory by every CTA, then a
+//!   CTA barrier; one shared load per code.
+//! - 4-bit codes: lane l of each warp holds the value of code l % 16 in a register (one 4-byte
+//!   load from device memory) and an element's value is a shuffle from the lane its nibble names
+//!   (shfl.idx takes its source lane modulo 32, lanes l and l + 16 agree: a shift per element and
+//!   no mask): no shared memory and no CTA barrier. The shuffles need every lane of the warp, so
+//!   the loop runs warp-uniform steps (lanes past the end decode zeros and store nothing).
+//!   Measured on the H200 (2026-11-30 16:25 UTC, NF4 / FP4 -> bf16 block 64, 2^28 elements, A/B
+//!   rows interleaved in one process, medians of 3 processes, copy 4180-4205 GB/s): the CTA's 2 KB
+//!   pair table with 4 vectors per thread (the kernel before) 0.1790 / 0.1795 ms; the shuffle with
+//!   2 vectors 0.1738 / 0.1737 (-2.9% / -3.2%), with 4 vectors 0.1780 / 0.1774; a 128-byte table
+//!   per warp behind __syncwarp 0.1742 / 0.1739 (2 vectors) and 0.1774 / 0.1774 (4); the 2 KB
+//!   table with 2 vectors 0.1846 / 0.1873. With double-quantized scales (the nested table still
+//!   copied per CTA, then a barrier) the shuffle with 2 vectors 0.1730 / 0.1727 against 0.1796 /
+//!   0.1804. The shuffle costs 8 SHFL + 7 SHF per 8-element vector against 4 LDS.64 + ~4 ALU for
+//!   the pair table (ptxas 13.0, sm_90): the barrier and the 2 KB copy per CTA, not the
+//!   instructions, were the cost.
+//! bf16 / f16 outputs of a vector with a finite scale (every product then finite) are rounded two
+//! at a time by the hardware conversion: about 3 instructions per 4-bit element instead of 11 with
+//! the integer rounding of from_float (ptxas 13.0, sm_90, 2026-11-29).
 template <class C, class T, class Scales, int PerStep = dequantize_vectors_per_step<C>>
 __global__ void __launch_bounds__(cta_threads)
     dequantize_aligned(uint8_t const* QMEM_RESTRICT codes, Scales scales, size_t n, int block_shift,
@@ -1015,13 +1041,16 @@ __global__ void __launch_bounds__(cta_threads)
   constexpr int code_bytes_per_vector = C::bits == 8 ? vec : vec / 2;
   constexpr int per_step = PerStep;
   constexpr bool half_output = std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
+  constexpr bool by_shuffle = C::bits != 8;
   using raw_scale = decltype(scales_state<Scales>::fetcher(scales).fetch(0));
-  __shared__ decode_table<C> table;
+  struct no_table {};
+  __shared__ std::conditional_t<by_shuffle, no_table, decode_table<C>> table;
   __shared__ typename scales_state<Scales>::storage scale_storage;
 
   size_t const whole = n / vec; // vectors entirely inside [0, n)
   size_t const threads = static_cast<size_t>(gridDim.x) * blockDim.x;
   size_t const tid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int const lane = static_cast<int>(threadIdx.x) & 31;
   uint8_t c[per_step][code_bytes_per_vector];
   raw_scale r[per_step];
   auto load_step = [&](size_t base) {
@@ -1032,33 +1061,60 @@ __global__ void __launch_bounds__(cta_threads)
       if (v < whole) {
         load_bytes<code_bytes_per_vector>(c[u], codes + v * code_bytes_per_vector);
         r[u] = fetch.fetch((v * vec) >> block_shift);
+      } else if constexpr (by_shuffle) { // decoded (every lane shuffles), never stored
+        QMEM_UNROLL
+        for (int k = 0; k < code_bytes_per_vector; ++k)
+          c[u][k] = 0;
+        r[u] = raw_scale{};
       }
     }
   };
   load_step(tid);
-  table.load(values);
-  scales_state<Scales>::prepare(scales, scale_storage);
-  __syncthreads();
+  // 4-bit codes: the value of code lane % 16 (entry l < 16 of the pair table is {decode(0),
+  // decode(l)})
+  float mine = 0.0f;
+  if constexpr (by_shuffle)
+    mine = __ldg(&values[lane & 15].y);
+  else
+    table.load(values);
+  if constexpr (!by_shuffle || scales_state<Scales>::uses_shared) {
+    scales_state<Scales>::prepare(scales, scale_storage);
+    __syncthreads();
+  }
   auto const scale_of = scales_state<Scales>::load(scales, scale_storage);
 
-  for (size_t base = tid; base < whole; base += threads * per_step) {
+  // the shuffles walk warp-uniform steps: warp_base is lane 0's vector
+  size_t const lane_offset = by_shuffle ? static_cast<size_t>(lane) : 0;
+  for (size_t warp_base = tid - lane_offset; warp_base < whole; warp_base += threads * per_step) {
+    size_t const base = warp_base + lane_offset;
     if (base != tid)
       load_step(base);
     QMEM_UNROLL
     for (int u = 0; u < per_step; ++u) {
       size_t const v = base + static_cast<size_t>(u) * threads;
-      if (v < whole) {
+      if (by_shuffle || v < whole) {
         float const s = scale_of.finish(r[u]);
         float f[vec];
-        QMEM_UNROLL
-        for (int k = 0; k < code_bytes_per_vector; ++k) {
-          if constexpr (C::bits == 8) {
-            f[k] = fmath::mul(table.v[c[u][k]], s);
-          } else {
-            float2 const p = table.v[c[u][k]];
-            f[2 * k] = fmath::mul(p.x, s);
-            f[2 * k + 1] = fmath::mul(p.y, s);
+        if constexpr (by_shuffle) {
+          static_assert(code_bytes_per_vector <= 4);
+          uint32_t w = 0;
+          __builtin_memcpy(&w, c[u], code_bytes_per_vector);
+          // element 2k: the high nibble of byte k, element 2k + 1: its low nibble; the source
+          // lane is the shifted word modulo 32 (bit 4 picks lane l + 16, the same value)
+          auto nibble_value = [&](uint32_t x) {
+            return __shfl_sync(0xffffffffu, mine, static_cast<int>(x));
+          };
+          QMEM_UNROLL
+          for (int k = 0; k < code_bytes_per_vector; ++k) {
+            f[2 * k] = fmath::mul(nibble_value(w >> (8 * k + 4)), s);
+            f[2 * k + 1] = fmath::mul(nibble_value(w >> (8 * k)), s);
           }
+          if (v >= whole)
+            continue;
+        } else {
+          QMEM_UNROLL
+          for (int k = 0; k < code_bytes_per_vector; ++k)
+            f[k] = fmath::mul(table.v[c[u][k]], s);
         }
         if constexpr (half_output) {
           if ((qmem::detail::float_to_bits(s) & 0x7fffffffu) < 0x7f800000u) {
@@ -1080,7 +1136,12 @@ __global__ void __launch_bounds__(cta_threads)
   if (tid == 0) {
     for (size_t i = whole * vec; i < n; ++i) {
       uint8_t const code = C::bits == 8 ? codes[i] : quant::detail::nibble(codes, i);
-      y[i] = from_float<T>(fmath::mul(table.value(code), scale_of(i >> block_shift)));
+      float value;
+      if constexpr (by_shuffle)
+        value = __ldg(&values[code].y);
+      else
+        value = table.value(code);
+      y[i] = from_float<T>(fmath::mul(value, scale_of(i >> block_shift)));
     }
   }
 }
@@ -2043,8 +2104,9 @@ void dequantize_any(exec::cuda const& e, uint8_t const* codes, Scales scales, si
   if (aligned16(codes) && aligned16(y) && pow2 && block_size % vec == 0) {
     auto kernel = dequantize_aligned<C, T, Scales>;
     // One loop step per thread (a CTA per cta_threads * dequantize_vectors_per_step<C> vectors):
-    // see dequantize_vectors_per_step. The prologue it repeats per CTA is now two coalesced
-    // loads from device memory, issued after the step's own loads.
+    // see dequantize_vectors_per_step. The prologue it repeats per CTA, issued after the step's
+    // own loads: one 4-byte load per thread for 4-bit codes (then the nested table and a barrier
+    // only with double-quantized scales), the 1 KB table and a barrier for 8-bit codes.
     size_t const steps = n / vec / dequantize_vectors_per_step<C> + 1;
     size_t const ctas = steps / cta_threads + 1;
     auto const grid = static_cast<unsigned>(ctas < max_grid ? ctas : max_grid);
