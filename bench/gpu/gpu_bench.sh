@@ -14,7 +14,7 @@
 #
 # Prepare on the development machine first: bench/gpu/gpu_prepare.sh (fills .peers/), then
 #   run(command="OUT=$OUT bench/gpu/gpu_bench.sh tests,bench,others,peers,host", carry=[".peers"])
-# Steps, comma-separated:
+# Steps, comma-separated (TEST_UNITS_SKIP, below, leaves test units out):
 #   all        tests,sanitize,bench,peers
 #   tests      the CUDA test units (built with nvcc directly, in parallel) and their run
 #   sanitize   compute-sanitizer memcheck and racecheck over the CUDA-specific test units, one
@@ -87,6 +87,11 @@ fi
 # The test files with CUDA cases: the pattern of tests/CMakeLists.txt (QMEM_CUDA_TEST_PATTERN).
 cuda_test_pattern='qmem::test::[a-z_]*backends|cuda_backend|gpu_present|exec::cuda|cuda_error|QMEM_HAS_CUDA|__CUDACC__'
 mapfile -t gpu_test_units < <(cd "$root/tests" && grep -lE "$cuda_test_pattern" -- */*_test.cpp)
+# TEST_UNITS_SKIP: an extended regex of units left out of the build (and so of tests and sanitize),
+# e.g. 'matmul' for a run that changed no matmul code: the build is then ~90 s instead of ~310 s
+if [[ -n ${TEST_UNITS_SKIP:-} ]]; then
+  mapfile -t gpu_test_units < <(printf '%s\n' "${gpu_test_units[@]}" | grep -vE "$TEST_UNITS_SKIP")
+fi
 gpu_test_units=(main.cpp "${gpu_test_units[@]}")
 # The H200 is sm_90; the sm_90a target (Hopper's wgmma and setmaxnreg, HOPPER.md) also compiles
 # the fused large-batch GEMM candidate (quant/cuda/detail/gemm_sm90.cuh), whose test and bench
@@ -135,7 +140,8 @@ if $build_tests || has bench || has others || has host; then
   fi
   benches=()
   has bench && benches+=(quant)
-  has others && benches+=(matmul optim)
+  # OTHERS: which of the two (default both; `optim` alone skips the heaviest build, matmul_bench.cu)
+  has others && benches+=(${OTHERS:-matmul optim})
   for b in "${benches[@]}"; do
     ("${nv[@]}" "$root/bench/cuda/${b}_bench.cu" -L"$deps/lib/x86_64-linux-gnu" -lbenchmark \
        -lpthread -lcublas -lcublasLt -o "$build/${b}_bench_cuda" >"$build/$b.log" 2>&1 ||
