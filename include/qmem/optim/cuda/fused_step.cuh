@@ -100,7 +100,11 @@ struct raw_vector<1> {
 };
 
 //! Loads N trivially copyable T from a pointer aligned to min(16, N * sizeof(T)) bytes, streaming
-//! (each byte is read once per step: evict-first).
+//! (each byte is read once per step: evict-first). Rejected: the 16-byte loads with the
+//! `L2::256B` prefetch-size hint (`ld.global.cs.L2::256B`, every fused kernel), H200, 2^28
+//! parameters, 2026-11-30 16:31 UTC, three runs each, interleaved, ms, without / with: AdamW
+//! 4-bit 0.997-1.008 / 1.036-1.048, 8-bit 1.118-1.125 / 1.155-1.169, Lion 8-bit 0.944-0.950 /
+//! 0.984-1.001, 32-bit 1.894-1.899 / 1.917-1.941 (docs/benchmarks.md, "optim5").
 template <class T, int N>
 __device__ QMEM_INLINE void load_stream(void const* ptr, T (&out)[N]) {
   constexpr int bytes = N * static_cast<int>(sizeof(T));
@@ -112,6 +116,13 @@ __device__ QMEM_INLINE void load_stream(void const* ptr, T (&out)[N]) {
     v[k] = __ldcs(static_cast<V const*>(ptr) + k);
   std::memcpy(out, v, bytes);
 }
+//! Stores N trivially copyable T like load_stream loads them, streaming (`st.global.cs`). The
+//! default write-back policy instead (`__stwb`, the same SASS but the stores' cache operator) was
+//! slower on the fp32-state steps and within 1% elsewhere: H200, 2^28 parameters, 2026-11-30
+//! 16:31 UTC, three runs each, interleaved, ms, .cs / write-back: AdamW 32-bit 1.894-1.899 /
+//! 1.945-1.947, paged 1.886-1.896 / 1.932-1.942, AdamW 4-bit 0.997-1.008 / 0.994-0.998, 64 tensors
+//! 1.140-1.152 / 1.132-1.138, 8-bit 1.118-1.125 / 1.118-1.121, Lion 8-bit 0.944-0.950 /
+//! 0.948-0.952 (docs/benchmarks.md, "optim5").
 template <class T, int N>
 __device__ QMEM_INLINE void store_stream(void* ptr, T const (&in)[N]) {
   constexpr int bytes = N * static_cast<int>(sizeof(T));
@@ -545,7 +556,12 @@ inline constexpr bool prefetch_bulk_and_absmax = std::same_as<P, float>;
 //! Lion 0.960-0.965 / 0.956-0.961); with the 32-bit indices faster on every row but AdamW 8-bit
 //! (equal): 10:27 UTC, without / with, ms: AdamW 4-bit 1.083-1.087 / 1.066-1.067, bf16 params
 //! 1.196-1.197 / 1.094-1.096, Lion 8-bit 0.962-0.966 / 0.947-0.950, 64 tensors 1.149-1.152 /
-//! 1.141-1.146, 8-bit 1.147-1.148 / 1.146-1.157.
+//! 1.141-1.146, 8-bit 1.147-1.148 / 1.146-1.157. Rejected: the gradient lines (only read) put
+//! back to the normal eviction priority once load_full_task has loaded them
+//! (`applypriority.global.L2::evict_normal`, one line per 4 lanes), H200, 2^28 parameters,
+//! 2026-11-30 16:31 UTC, three runs each, interleaved, ms, without / with: AdamW 4-bit
+//! 0.997-1.008 / 1.041-1.046, 8-bit 1.118-1.125 / 1.168-1.174, Lion 8-bit 0.944-0.950 /
+//! 0.990-0.996, 64 tensors 1.140-1.152 / 1.155-1.164 (docs/benchmarks.md, "optim5").
 template <update_rule Rule, state_policy Policy, class P, class G, class Index>
 __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, Index task,
                                                unsigned lane) {
@@ -1079,7 +1095,11 @@ inline constexpr int fused_block_threads = 256;
 //! loads (their own bound below), this bound serves the fp32 and bf16 states only: 2 blocks (no
 //! spills; 3 spilled 40 bytes per thread in the 32-bit AdamW) gave AdamW 32-bit 1.89 ms against
 //! 1.98 with 3, paged 1.89 against 1.97 (lead's integrated H200 run, 2026-11-29 16:49 UTC, same
-//! build otherwise). Overridable for tuning runs.
+//! build otherwise). Also slower: 20 warps per SM in blocks of 128 threads, 5 per SM (the AdamW
+//! 32-bit kernel fits 96 registers without spills: 94 / 91 used), H200, 2^28 parameters,
+//! 2026-11-30 16:31 UTC, three runs each, interleaved, ms, 256 x 2 / 128 x 5: AdamW 32-bit
+//! 1.894-1.899 / 1.908-1.916, paged 1.886-1.896 / 1.913-1.920; 24 warps (128 x 6, 80 registers)
+//! spill 28-40 bytes. Overridable for tuning runs.
 #ifndef QMEM_OPTIM_FUSED_MIN_BLOCKS
 #define QMEM_OPTIM_FUSED_MIN_BLOCKS 2
 #endif
@@ -1150,7 +1170,9 @@ inline constexpr bool fused_pipeline = QMEM_OPTIM_FUSED_PIPELINE != 0;
 #endif
 //! The same for the pipelined kernels with two states (AdamW): 2. With 3 they spill (ptxas sm_90:
 //! AdamW 4-bit 24 bytes, bf16 params 136) and ran slower in the same session: AdamW 8-bit 1.218-
-//! 1.221 -> 1.333 ms, 4-bit 1.221-1.222 -> 1.289, 64 tensors 1.270-1.273 -> 1.430.
+//! 1.221 -> 1.333 ms, 4-bit 1.221-1.222 -> 1.289, 64 tensors 1.270-1.273 -> 1.430. Still so for
+//! the 4-bit kernel alone (ptxas sm_90, nvcc 13.0, 2026-11-30: 88 / 112 bytes of spills in the
+//! skip_step / skip_element kernels at depth 3; not timed).
 #ifndef QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE
 #define QMEM_OPTIM_FUSED_PIPELINE_DEPTH_TWO_STATE 2
 #endif
@@ -1211,7 +1233,9 @@ namespace detail {
 //! lanes 0-3, one / two of the warp's tasks ahead, ms (H200, 2026-11-30 13:46 UTC, three runs
 //! each, without / one / two): AdamW 32-bit 1.887-1.911 / 1.911-1.936 / 2.045-2.065, paged
 //! 1.891-1.896 / 1.915-1.924 / 2.056-2.060, Lion 32-bit 1.352-1.357 / 1.380-1.401 /
-//! 1.505-1.519: removed.
+//! 1.505-1.519: removed. Pipelined like the quantized steps (the next task in registers), the
+//! AdamW 32-bit kernel spills 592-720 bytes at 128 registers (ptxas sm_90, nvcc 13.0,
+//! 2026-11-30, with or without the entry copy): not timed.
 template <update_rule Rule, state_policy Policy>
 inline constexpr bool pipelined = [] {
   bool all = true;
