@@ -371,6 +371,12 @@ TEST_CASE("CUDA step == host optimizer, bit for bit, over 3 steps on 8 tensors o
     compare_with_host<oq::adamw, oq::int8_state, float>(
         make_problem<float, float>(odd_sizes(), 3, 11, true), oq::adamw{}, o);
   }
+  SUBCASE("skip_step with finite gradients: the skip_step kernel's update, AdamW 4-bit") {
+    auto oo = o;
+    oo.nonfinite = oq::nonfinite_policy::skip_step;
+    compare_with_host<oq::adamw, oq::int4_state, float>(
+        make_problem<float, float>(odd_sizes(), 3, 13), oq::adamw{}, oo);
+  }
   SUBCASE("skip_step: a non-finite gradient skips the whole step") {
     auto oo = o;
     oo.nonfinite = oq::nonfinite_policy::skip_step;
