@@ -17,9 +17,9 @@
 //   cuda_matmul::gemv_batch16_stream_candidates (v 0-8 are gemv_variant 31-39).
 // - gemv_batch16_ab/n/k/16/v/round: batch 16, candidate 12 (gemv_batch16_stream_long until gemv
 //   round 3), gemv_batch16_stream_two_steps (v 14: activation slots of their own, without
-//   full_rounds), gemv_batch16_stream_long (v 15: 12 with lean steps) and candidate 16 (15 with
-//   folded tails: every step full) in turn, three rounds over 14336 x 4096, 8192 x 8192 and
-//   28672 x 8192, each shape's weight kept for the whole process (one allocation for all rows).
+//   full_rounds) and gemv_batch16_stream_long (v 15: 12 with lean steps) in turn, three rounds over
+//   14336 x 4096, 8192 x 8192 and 28672 x 8192, each shape's weight kept for the whole process
+//   (one allocation for all rows).
 // - gemv_bulk/n/k/v: the bulk-copy batch-1 kernel (gemv1_bulk_kernel) with each shape of
 //   cuda_matmul::gemv_batch1_bulk_candidates, plain scales.
 // - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).
@@ -1078,7 +1078,7 @@ void batch16_ab_args(benchmark::internal::Benchmark* b) {
   constexpr std::int64_t ab_shapes[3][2] = {{14336, 4096}, {8192, 8192}, {28672, 8192}};
   for (std::int64_t round = 0; round < 3; ++round)
     for (auto const& s : ab_shapes)
-      for (std::int64_t v : {12, 14, 15, 16})
+      for (std::int64_t v : {12, 14, 15})
         b->Args({s[0], s[1], 16, v, round});
 }
 // gemv_ab: the dispatched shape (45) on the five shapes and on two more weights of 28672 x 8192

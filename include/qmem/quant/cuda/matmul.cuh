@@ -2255,14 +2255,6 @@ struct gemvm_stream_shape {
   //! row offset 16 r + 8 h times the row stride) instead of a product, a 64-bit add and a
   //! re-association. The same loads and fused multiply-adds: the same bits.
   bool lean = false;
-  //! Folded tails (with lean, keep_x, not x_slots): where a block's tiles leave a last round of
-  //! at most R/2 tiles (and it owns more than R), that round at a warp's even step and at its
-  //! next step are one step (its first R/2 tile slots at the first chunk, with the previous
-  //! step's activations; the others at the next chunk, with the activations it loads), so every
-  //! step is full: 28672 x 8192 on 132 SMs (14 tiles per block, rounds of 4, 4, 4 and 2) walks 7
-  //! steps per two chunks instead of 8. Each tile still takes its chunks in order: the same bits.
-  //! Other blocks walk as without it.
-  bool fold = false;
 };
 
 //! Shapes of gemvm_stream_kernel the bench compares (gemv_variant 31 to 39, after the batch-1
@@ -2315,6 +2307,14 @@ struct gemvm_stream_shape {
 //! loads, one step in four on 28672 x 8192, left out): 1457 instructions against 12's 1531
 //! (-4.8%: LOP3 86 -> 18, the wait's XOR of 72 registers; IMAD 64 -> 32), 222 registers, no
 //! spills.
+//! Tried and removed (gemv16 round, commit c62c5bf): 15 with folded tails, a block's last round
+//! of 2 tiles (14 = 4 + 4 + 4 + 2 on 28672 x 8192) at a warp's two consecutive chunk pairs
+//! walked as one full step (7 steps per two chunk pairs instead of 8; the same bits, 244
+//! registers). H200, 2026-11-30 16:54 UTC, gemv_batch16_ab on 28672 x 8192 (3 alternating
+//! rounds x 3 processes, us at batch 16): 71.13-71.24 (median 71.19) against 15's 70.84-71.75
+//! (median 71.21); paired, it won the three first rounds (where 15 ran 71.4-71.7) and lost 4 of
+//! the 6 others by 0.01-0.35 us: a half-full step cost about half a full one, so the step count
+//! is not what bounds this shape.
 inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {16, 2, 8, 4},
     {16, 2, 16, 2},
@@ -2331,8 +2331,7 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {12, 4, 8, 4, true, 0, true, true, true, true, true, true},
     {12, 4, 8, 4, true, 0, true, true, true, true, true, true, true},
     {12, 4, 8, 4, true, 0, true, true, true, true, false, true, true},
-    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true},
-    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true, true}};
+    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true}};
 //! The shape batches 2 to 16 run with (blocks >= 64, k % 64 == 0) when a block owns at least 4
 //! tiles (more than 3 * SMs tiles of 16 rows), plain scales: the pair shape {12, 4} / {8, 4}
 //! (variant 39). Lead's integrated run (H200, 2026-11-29 19:55 UTC, copy 4164 GB/s, us per call;
@@ -2401,14 +2400,13 @@ struct gemvm_stage {
 template <class Code, class T, bool Nested, int MT, int R, int MaxWarps, bool Pdl,
           int PrefetchLines = 0, bool GroupScales = false, bool Pair = false, bool XOnce = false,
           bool StreamCodes = false, bool FullRounds = false, bool KeepX = false,
-          bool XSlots = false, bool Lean = false, bool Fold = false>
+          bool XSlots = false, bool Lean = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemvm_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemvm_stream_plan plan) {
   static_assert(!Pair || GroupScales, "a pair step takes its two scales from a group");
   static_assert(!XSlots || (XOnce && KeepX), "activation slots of their own need x_once, keep_x");
   static_assert(!Lean || (Pair && XOnce), "lean steps are a pair x_once shape's");
-  static_assert(!Fold || (Lean && KeepX && !XSlots), "folded tails need lean steps and keep_x");
   // (nested scales keep the former addresses and waits)
   constexpr bool LeanSteps = Lean && !Nested;
   constexpr unsigned P = Pair ? 2u : 1u; // chunks per step
@@ -2456,12 +2454,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   unsigned const xcol = 16u * (Pair ? ((t >> 1) | ((t & 1u) << 1)) : t);
   unsigned const t0 = blockIdx.x * plan.per_block;
   unsigned const t1 = min(t0 + plan.per_block, plan.tiles);
-  // Fold: the block's last `rem` tiles (a round of at most R/2, after at least one full round)
-  // start at `head_end`, walked with the next chunk's in one step at a warp's even steps
-  [[maybe_unused]] unsigned const rem = t1 > t0 ? (t1 - t0) % static_cast<unsigned>(R) : 0u;
-  [[maybe_unused]] bool const fold =
-      Fold && t1 > t0 + R && rem != 0u && 2u * rem <= static_cast<unsigned>(R);
-  [[maybe_unused]] unsigned const head_end = fold ? t1 - rem : t1;
   unsigned const step_shift = a.block_shift - 6u; // log2(chunks per block)
   auto const n = static_cast<unsigned>(a.n);
   std::size_t const half_k = a.k / 2;
@@ -2624,72 +2616,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       ldg_pred(xd[pc][mt][1], p + 1, m < a.m);
     }
   };
-  // Fold: the fold step's loads into slot S: tiles head_end .. t1 - 1 at chunk i into tile slots
-  // 0 .. R/2 - 1 and at chunk i + P (when the warp has it) into slots R/2 .., and the activations
-  // of chunk i + P (those of chunk i stay in the other slot)
-  [[maybe_unused]] auto load_fold = [&](auto slot, unsigned i, std::uint32_t dep) {
-    stage& st = buf[decltype(slot)::value];
-    bool const second = i + P < hi;
-    QMEM_UNROLL
-    for (int half = 0; half < 2; ++half) {
-      unsigned const chunk = i + dep + (half != 0 ? P : 0u);
-      unsigned const schunk = (chunk & ~3u) + t; // group_scales (pair): chunk & ~3 + t
-      std::uint32_t const cblk = schunk >> step_shift;
-      bool const sin = schunk < plan.chunks;
-      [[maybe_unused]] void const* lean_codes = nullptr;
-      [[maybe_unused]] void const* lean_scales = nullptr;
-      if constexpr (LeanSteps) {
-        std::uint32_t const row0 = head_end * 16u + g;
-        lean_codes = row_address(a.codes + std::size_t{32} * chunk + 8 * P * t, row0,
-                                 static_cast<std::uint32_t>(half_k));
-        lean_scales = row_address(a.scales.absmax + cblk, row0, row_blocks * 4u);
-      }
-      QMEM_UNROLL
-      for (int rr = 0; rr < R / 2; ++rr)
-        QMEM_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        int const r = half * (R / 2) + rr;
-        unsigned const row = (head_end + static_cast<unsigned>(rr)) * 16u + 8u * h + g;
-        bool const in = static_cast<unsigned>(rr) < rem && row < n && (half == 0 || second);
-        if constexpr (LeanSteps) {
-          auto const off = static_cast<std::uint32_t>(16 * rr + 8 * h);
-          auto const* const cp = static_cast<unsigned char const*>(
-              row_address(lean_codes, off, static_cast<std::uint32_t>(half_k)));
-          if constexpr (StreamCodes)
-            ldg_pred_once(st.q[r][h], cp, in);
-          else
-            ldg_pred(st.q[r][h], cp, in);
-          ldg_pred(st.s[r][h],
-                   static_cast<float const*>(row_address(lean_scales, off, row_blocks * 4u)),
-                   in && sin);
-        } else {
-          unsigned char const* const cp = a.codes + static_cast<std::size_t>(row) * half_k +
-                                          std::size_t{32} * chunk + 8 * P * t;
-          if constexpr (StreamCodes)
-            ldg_pred_once(st.q[r][h], cp, in);
-          else
-            ldg_pred(st.q[r][h], cp, in);
-          std::uint32_t const blk = row * row_blocks + cblk;
-          if constexpr (Nested) {
-            ldg_pred(st.qs[r][h], a.scales.qabsmax + blk, in && sin);
-            ldg_pred(st.s[r][h], a.scales.absmax2 + (blk >> a.scales.nested_shift), in && sin);
-          } else {
-            ldg_pred(st.s[r][h], a.scales.absmax + blk, in && sin);
-          }
-        }
-      }
-    }
-    QMEM_UNROLL
-    for (unsigned pc = 0; pc < P; ++pc)
-      QMEM_UNROLL
-    for (int mt = 0; mt < MT; ++mt) {
-      unsigned const m = static_cast<unsigned>(mt) * 8u + g;
-      auto const* p = reinterpret_cast<uint4 const*>(a.x + static_cast<std::size_t>(m) * a.k +
-                                                     std::size_t{64} * (i + dep + P + pc) + xcol);
-      ldg_pred(st.x[pc][mt][0], p, second && m < a.m);
-      ldg_pred(st.x[pc][mt][1], p + 1, second && m < a.m);
-    }
-  };
 
   unsigned tb = t0; // the current round's first tile
   unsigned ci = lo; // the current chunk
@@ -2729,17 +2655,14 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     // last round) are skipped: computing them doubled the time of R = 4 on 4096-row weights (2
     // tiles per block; H200, 2026-11-29 19:10 UTC, batch 4, 4096 x 14336: 23.1 us against 15.6
     // with R = 2)
-    // Cross (Fold): the fold step, tile slots r < R/2 at chunk ci with the activations `xfirst`,
-    // the others at chunk ci + P (tiles head_end + r % (R/2)); else `xfirst` is unused
-    auto compute = [&](auto slot, auto xslot, auto partial_c, auto cross_c, auto const& xfirst) {
+    auto compute = [&](auto slot, auto xslot, auto partial_c) {
       constexpr bool Partial = decltype(partial_c)::value;
-      constexpr bool Cross = decltype(cross_c)::value;
       stage const& st = buf[decltype(slot)::value];
-      uint4 const(&xown)[P][MT][2] = xs_of(slot, xslot);
+      uint4 const(&xv)[P][MT][2] = xs_of(slot, xslot);
       // GroupScales: chunk c's scale is thread (g, c % 4)'s
-      auto pick = [&](auto v, unsigned pc, unsigned cr) {
+      auto pick = [&](auto v, unsigned pc) {
         if constexpr (GroupScales)
-          return __shfl_sync(0xFFFFFFFFu, v, static_cast<int>((lane & ~3u) | ((cr + pc) & 3u)));
+          return __shfl_sync(0xFFFFFFFFu, v, static_cast<int>((lane & ~3u) | ((ci + pc) & 3u)));
         else
           return v;
       };
@@ -2747,20 +2670,13 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       for (int r = 0; r < R; ++r) {
         if (Partial && r > 0 && tb + static_cast<unsigned>(r) >= t1)
           break;
-        // the tile slot's chunk, tile (from the block's first) and activations
-        bool const second = Cross && r >= R / 2;
-        unsigned const cr = second ? ci + P : ci;
-        unsigned const tr = Cross ? head_end - t0 + static_cast<unsigned>(r % (R / 2))
-                                  : tb - t0 + static_cast<unsigned>(r);
-        if (Cross && (static_cast<unsigned>(r % (R / 2)) >= rem || (second && cr >= hi)))
-          continue;
-        uint4 const(&xv)[P][MT][2] = Cross && !second ? xfirst : xown;
         // XOnce: the tile's sums so far (none at the warp's first step)
-        [[maybe_unused]] float4* const sums = XOnce ? tile_sums(tr) : nullptr;
+        [[maybe_unused]] float4* const sums =
+            XOnce ? tile_sums(tb - t0 + static_cast<unsigned>(r)) : nullptr;
         if constexpr (XOnce) {
           QMEM_UNROLL
           for (int mt = 0; mt < MT; ++mt) {
-            float4 const v = cr == lo ? make_float4(0.0f, 0.0f, 0.0f, 0.0f)
+            float4 const v = ci == lo ? make_float4(0.0f, 0.0f, 0.0f, 0.0f)
                                       : sums[(warp * MT + mt) * 32u + lane];
             acc[r][mt][0] = v.x;
             acc[r][mt][1] = v.y;
@@ -2812,11 +2728,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
           QMEM_UNROLL
           for (int h = 0; h < 2; ++h) {
             if constexpr (Nested)
-              sc[h] =
-                  fmath::add(fmath::mul(dyn[pick(st.qs[r][h], pc, cr)], pick(st.s[r][h], pc, cr)),
-                             a.scales.offset);
+              sc[h] = fmath::add(fmath::mul(dyn[pick(st.qs[r][h], pc)], pick(st.s[r][h], pc)),
+                                 a.scales.offset);
             else
-              sc[h] = pick(st.s[r][h], pc, cr);
+              sc[h] = pick(st.s[r][h], pc);
           }
           QMEM_UNROLL
           for (int mt = 0; mt < MT; ++mt) {
@@ -2837,14 +2752,13 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
 
     // FullRounds: without the per-tile test when the step's R tiles are all the block's
     auto compute_step = [&](auto slot, auto xslot) {
-      uint4 const(&xv)[P][MT][2] = xs_of(slot, xslot);
       if constexpr (FullRounds) {
         if (tb + R <= t1) {
-          compute(slot, xslot, std::false_type{}, std::false_type{}, xv);
+          compute(slot, xslot, std::false_type{});
           return;
         }
       }
-      compute(slot, xslot, std::true_type{}, std::false_type{}, xv);
+      compute(slot, xslot, std::true_type{});
     };
 
     // the round of tiles done .. done + R - 1 is complete in every warp's acc: add the warps'
@@ -2880,7 +2794,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     // slot (its addresses depend on the touch), compute it; a round ends after its last chunk
     // XSlots: activation slot X holds the step's, and flips when the next step is at another chunk
     [[maybe_unused]] unsigned xs = 0;
-    [[maybe_unused]] bool cross = false; // Fold: the current step is the fold step
     auto step = [&](auto slot, auto xslot) {
       constexpr int S = decltype(slot)::value;
       stage const& st = buf[S];
@@ -2910,53 +2823,16 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       }
       dep &= a.zero;
       if constexpr (XOnce) {
-        if constexpr (Fold) {
-          if (cross) {
-            // the fold step: next the block's first tiles at chunk ci + P, whose activations
-            // this slot holds (copied into the other slot, whose own, chunk ci's, this step's
-            // first tile slots read: kept here)
-            uint4 xfirst[P][MT][2];
-            QMEM_UNROLL
-            for (unsigned pc = 0; pc < P; ++pc)
-              QMEM_UNROLL
-            for (int mt = 0; mt < MT; ++mt) {
-              xfirst[pc][mt][0] = buf[1 - S].x[pc][mt][0];
-              xfirst[pc][mt][1] = buf[1 - S].x[pc][mt][1];
-            }
-            unsigned const ni = ci + P;
-            if (ni < hi)
-              load(std::integral_constant<int, 1 - S>{}, xslot, t0, ni, dep, false);
-            compute(slot, xslot, std::false_type{}, std::true_type{}, xfirst);
-            ci = ni;
-            tb = t0;
-            cross = false;
-            return;
-          }
-        }
         // the block's next tiles at this step, else its first tiles at the warp's next step
-        // (Fold: after a full round of the block's head at an even step, the fold step)
         unsigned ntb = tb + R, ni = ci;
-        [[maybe_unused]] bool ncross = false;
-        if (ntb >= head_end) {
-          if (Fold && fold && (((ci - lo) / P) & 1u) == 0u)
-            ncross = true;
-          else {
-            ntb = t0;
-            ni = ci + P;
-          }
+        if (ntb >= t1) {
+          ntb = t0;
+          ni = ci + P;
         }
-        if constexpr (Fold) {
-          if (ncross)
-            load_fold(std::integral_constant<int, 1 - S>{}, ci, dep);
-          else if (ni < hi)
-            load(std::integral_constant<int, 1 - S>{}, xslot, ntb, ni, dep, ni != ci);
-        } else if (ni < hi) {
+        if (ni < hi)
           load(std::integral_constant<int, 1 - S>{},
                std::integral_constant<int, 1 - decltype(xslot)::value>{}, ntb, ni, dep, ni != ci);
-        }
         compute_step(slot, xslot);
-        if constexpr (Fold)
-          cross = ncross;
         if constexpr (XSlots)
           xs ^= ni != ci ? 1u : 0u;
         ci = ni;
@@ -4098,7 +3974,7 @@ bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     constexpr auto kernel = &gemvm_stream_kernel < Code, T, Nested, MT, R, W, Shape.pdl,
                    Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales, Shape.pair,
                    Shape.x_once, Shape.stream_codes, Shape.full_rounds, Shape.keep_x, Shape.x_slots,
-                   Shape.lean, Shape.fold > ;
+                   Shape.lean > ;
     p.col_groups = std::min(static_cast<unsigned>(W), p.chunks / (Shape.pair ? 2u : 1u));
     unsigned const extra = gemv1_stream_extra_bytes(Nested);
     if constexpr (Shape.x_once) {
