@@ -138,13 +138,15 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
   // the same fused multiply-adds in the same order as the round-based shape with the same warps
   // and tiles per step (c[8]): equal bits for full rounds without the per-tile test (c[9]) and
   // the x-once shapes (c[10] to c[15]), at batches 16, 9 and 12, over 1, 3 and 7 rounds; blocks
-  // of 7, 5, 8, 9 and 15 tiles (2, 2, 2, 3 and 4 steps of R = 4 tiles per chunk)
+  // of 7, 5, 8, 9, 15 and 14 tiles (2, 2, 2, 3, 4 and 4 steps of R = 4 tiles per chunk; 14 as
+  // 28672 x 8192 on 132 SMs, with 2 and 3 chunk pairs per warp)
   using B = qmem::test::cuda_backend;
   auto const& e = B::exec();
   for (auto const& [m, n, k, sms] :
        {std::tuple{16u, 300u, 2048u, 3u}, std::tuple{9u, 70u, 4096u, 1u},
         std::tuple{16u, 450u, 1024u, 4u}, std::tuple{16u, 560u, 2048u, 4u},
-        std::tuple{12u, 900u, 1024u, 4u}}) {
+        std::tuple{12u, 900u, 1024u, 4u}, std::tuple{16u, 448u, 2048u, 2u},
+        std::tuple{16u, 445u, 3072u, 2u}}) {
     host_weight const hw = random_weight(n, k, 64, false, rng);
     backend_weight<B, nf4> bw(hw);
     auto bx = B::upload(random_matrix<bf16>(std::size_t{m} * k, rng));

@@ -2307,6 +2307,14 @@ struct gemvm_stream_shape {
 //! loads, one step in four on 28672 x 8192, left out): 1457 instructions against 12's 1531
 //! (-4.8%: LOP3 86 -> 18, the wait's XOR of 72 registers; IMAD 64 -> 32), 222 registers, no
 //! spills.
+//! Tried and removed (gemv16 round, commit c62c5bf): 15 with folded tails, a block's last round
+//! of 2 tiles (14 = 4 + 4 + 4 + 2 on 28672 x 8192) at a warp's two consecutive chunk pairs
+//! walked as one full step (7 steps per two chunk pairs instead of 8; the same bits, 244
+//! registers). H200, 2026-11-30 16:54 UTC, gemv_batch16_ab on 28672 x 8192 (3 alternating
+//! rounds x 3 processes, us at batch 16): 71.13-71.24 (median 71.19) against 15's 70.84-71.75
+//! (median 71.21); paired, it won the three first rounds (where 15 ran 71.4-71.7) and lost 4 of
+//! the 6 others by 0.01-0.35 us: a half-full step cost about half a full one, so the step count
+//! is not what bounds this shape.
 inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {16, 2, 8, 4},
     {16, 2, 16, 2},
