@@ -143,6 +143,9 @@ if $build_tests || has bench || has others || has host; then
   # OTHERS: which of the two (default both; `optim` alone skips the heaviest build, matmul_bench.cu)
   has others && benches+=(${OTHERS:-matmul optim})
   for b in "${benches[@]}"; do
+    # PREBUILT_BENCHES=1: a benchmark binary already in the build folder (built elsewhere with the
+    # same flags and carried) is used as it is, saving its build on the device
+    [[ ${PREBUILT_BENCHES:-0} == 1 && -x $build/${b}_bench_cuda ]] && { say "prebuilt ${b}_bench_cuda"; continue; }
     ("${nv[@]}" "$root/bench/cuda/${b}_bench.cu" -L"$deps/lib/x86_64-linux-gnu" -lbenchmark \
        -lpthread -lcublas -lcublasLt -o "$build/${b}_bench_cuda" >"$build/$b.log" 2>&1 ||
        say "COMPILE FAILED bench/cuda/${b}_bench.cu") &
