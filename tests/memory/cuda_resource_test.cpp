@@ -82,6 +82,34 @@ TEST_CASE("cuda resources: device pool, pinned and managed memory") {
   cuda_detail::check(cudaStreamDestroy(s), "cudaStreamDestroy");
 }
 
+// What docs/memory.md states of every GPU resource: alignments above the runtime's 256 bytes are
+// refused before anything is allocated; a zero-byte request gives null (device pool) or a one-byte
+// allocation that deallocate takes back (pinned, managed), and the managed counter does not
+// count it.
+TEST_CASE("cuda resources: zero-byte requests and alignments above 256") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  memory::cuda_device_resource dev(0);
+  CHECK(dev.allocate(0) == nullptr);
+  dev.deallocate(nullptr, 0);
+  CHECK_THROWS_AS((void)dev.allocate(64, 512), bad_argument);
+  CHECK(dev.used_bytes() == 0);
+  memory::cuda_pinned_resource pinned;
+  void* p = pinned.allocate(0);
+  CHECK(p != nullptr);
+  pinned.deallocate(p, 0);
+  CHECK_THROWS_AS((void)pinned.allocate(64, 512), bad_argument);
+  memory::cuda_managed_resource managed(0);
+  void* m = managed.allocate(0);
+  CHECK(m != nullptr);
+  CHECK(managed.outstanding_bytes() == 0);
+  managed.deallocate(m, 0);
+  CHECK(managed.outstanding_bytes() == 0);
+  CHECK_THROWS_AS((void)managed.allocate(64, 512), bad_argument);
+  CHECK(managed.outstanding_bytes() == 0);
+  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
 TEST_CASE("cuda resources: thrust vectors are tensor-like") {
   static_assert(tensor_like<thrust::device_vector<float>>);
   static_assert(tensor_like<thrust::host_vector<bf16>>);
@@ -112,6 +140,23 @@ TEST_CASE("cuda resources: thrust vectors are tensor-like") {
   CHECK(std::vector<float>(absmax.begin(), absmax.end()) == ha);
   thrust::host_vector<float, thrust::universal_host_pinned_allocator<float>> pinned(4);
   CHECK(view(pinned).space() == memory_space::pinned);
+  // thrust::universal_allocator is cudaMallocManaged: managed memory, which the old adapter called
+  // device memory in a device_vector (host algorithms refused it) and host memory in a
+  // host_vector (CUDA algorithms refused it)
+  thrust::device_vector<float, thrust::universal_allocator<float>> managed_d(4);
+  thrust::host_vector<float, thrust::universal_allocator<float>> managed_h(4);
+  CHECK(view(managed_d).space() == memory_space::managed);
+  CHECK(view(managed_h).space() == memory_space::managed);
+  cudaPointerAttributes attributes{};
+  cuda_detail::check(cudaPointerGetAttributes(&attributes, view(managed_h).data()),
+                     "cudaPointerGetAttributes");
+  CHECK(attributes.type == cudaMemoryTypeManaged);
+  // a host algorithm takes the managed device_vector
+  std::vector<std::uint8_t> mc(quant::code_bytes<quant::nf4>(4));
+  std::vector<float> ma(1);
+  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  CHECK_NOTHROW(quant::quantize_blockwise<quant::nf4>(exec::host{}, view(std::as_const(managed_d)),
+                                                      64, view(mc), view(ma)));
 }
 
 // The resources checked the runtime's alignment after the allocation had succeeded and threw

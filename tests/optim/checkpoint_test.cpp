@@ -6,6 +6,7 @@
 
 #include <doctest/doctest.h>
 
+#include <concepts>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -322,6 +323,113 @@ TEST_CASE("load_state refuses a block absmax that is NaN, infinite or < 0") {
   CHECK_NOTHROW(optim::load_state(target, file));
   CHECK(target.step_count() == 1);
   std::filesystem::remove(file);
+  std::filesystem::remove(path);
+}
+
+// load_state copied fp32 and bf16 state values from the file unchecked (beyond the checksum): a
+// resigned file with a NaN or infinite moment, or a negative second moment, loaded (the step
+// count went 2 -> 1 and the states were overwritten), and the next step's update was NaN. As a
+// blockwise absmax, a value must be finite, and >= 0 in a non-negative state (Adam's v); the
+// optimizer is left unchanged.
+TEST_CASE_TEMPLATE("load_state refuses an fp32 or bf16 state value that is NaN, infinite or a "
+                   "negative second moment",
+                   Policy, optim::fp32_state, optim::bf16_state) {
+  using F = typename Policy::template format<optim::state_sign::any>;
+  constexpr bool is_bf16 = std::same_as<F, optim::bf16_format>;
+  auto const path = temp_file("values");
+  // 5000 elements: at least min_quantized_size, so that a bf16_state policy stores bf16
+  std::vector<float> p(5000, 0.5f), g(5000, 0.1f);
+  std::vector<tensor_view<float const>> gs{view(g)};
+  optim::optimizer<optim::adamw, Policy> saved;
+  saved.add_param(view(p));
+  saved.step(exec::host{}, gs);
+  optim::save_state(saved, path);
+  std::vector<float> q(5000, 0.5f);
+  optim::optimizer<optim::adamw, Policy> target;
+  target.add_param(view(q));
+  target.step(exec::host{}, gs);
+  target.step(exec::host{}, gs);
+  auto const before0 = target.state_values_of(0, 0);
+  auto const before1 = target.state_values_of(0, 1);
+  io::safetensors_reader const r(path);
+  // `value` as the state's storage (bf16: the float's upper half; every value here is exact)
+  auto stored = [&](std::string const& name, std::size_t j, float value) {
+    auto const b = r.bytes(*r.find(name));
+    std::vector<std::byte> bytes(b.begin(), b.end());
+    std::uint32_t u = 0;
+    std::memcpy(&u, &value, 4);
+    if constexpr (is_bf16) {
+      auto const h = static_cast<std::uint16_t>(u >> 16);
+      std::memcpy(bytes.data() + j * 2, &h, 2);
+    } else {
+      std::memcpy(bytes.data() + j * 4, &u, 4);
+    }
+    return bytes;
+  };
+  struct bad_case {
+    char const* tensor;
+    float value;
+  };
+  float const nan = std::numeric_limits<float>::quiet_NaN();
+  float const inf = std::numeric_limits<float>::infinity();
+  for (bad_case const c : {bad_case{"param.0.state.0", nan}, bad_case{"param.0.state.0", -inf},
+                           bad_case{"param.0.state.1", nan}, bad_case{"param.0.state.1", inf},
+                           bad_case{"param.0.state.1", -1.0f}}) {
+    std::string const tensor = c.tensor;
+    float const value = c.value;
+    CAPTURE(tensor);
+    CAPTURE(value);
+    auto const file = resigned_copy(path, tensor, stored(tensor, 7, value));
+    std::string const want = "'" + tensor + "' element 7";
+    CHECK_THROWS_WITH_AS(optim::load_state(target, file), doctest::Contains(want.c_str()),
+                         qmem::format_error);
+    CHECK(target.step_count() == 2);
+    CHECK(target.state_values_of(0, 0) == before0);
+    CHECK(target.state_values_of(0, 1) == before1);
+    std::filesystem::remove(file);
+  }
+  // a negative first moment (a signed state) and the largest finite values are what step()
+  // writes: accepted
+  auto const file = resigned_copy(path, "param.0.state.0", stored("param.0.state.0", 7, -1.0f));
+  CHECK_NOTHROW(optim::load_state(target, file));
+  CHECK(target.step_count() == 1);
+  CHECK(target.state_values_of(0, 0)[7] == -1.0f);
+  std::filesystem::remove(file);
+  float const largest = is_bf16 ? 0x1.fep127f : std::numeric_limits<float>::max();
+  auto const big = resigned_copy(path, "param.0.state.1", stored("param.0.state.1", 7, largest));
+  CHECK_NOTHROW(optim::load_state(target, big));
+  CHECK(target.state_values_of(0, 1)[7] == largest);
+  std::filesystem::remove(big);
+  std::filesystem::remove(path);
+}
+
+// load_state copied the last step's lr from the file unchecked: a NaN, infinite or negative lr
+// loaded and last_lr() reported it (and device_optimizer::load copied it to the device). It must
+// be what a valid schedule gives, finite and >= 0.
+TEST_CASE("load_state refuses a last lr that is NaN, infinite or < 0") {
+  auto const path = temp_file("lr");
+  std::vector<float> p(300, 0.5f), g(300, 0.1f);
+  std::vector<tensor_view<float const>> gs{view(g)};
+  optim::optimizer<optim::adamw, optim::fp32_state> saved(
+      {}, {.lr = optim::lr_schedule::constant(0.25f)});
+  saved.add_param(view(p));
+  saved.step(exec::host{}, gs);
+  optim::save_state(saved, path);
+  std::vector<float> q(300, 0.5f);
+  optim::optimizer<optim::adamw, optim::fp32_state> target;
+  target.add_param(view(q));
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), -0.25f}) {
+    CAPTURE(bad);
+    auto const file = resigned_copy(path, "lr", std::as_bytes(std::span(&bad, 1)));
+    CHECK_THROWS_WITH_AS(optim::load_state(target, file), doctest::Contains("lr is"),
+                         qmem::format_error);
+    CHECK(target.step_count() == 0);
+    CHECK(target.last_lr() == 0.0f);
+    std::filesystem::remove(file);
+  }
+  CHECK_NOTHROW(optim::load_state(target, path));
+  CHECK(target.last_lr() == 0.25f);
   std::filesystem::remove(path);
 }
 

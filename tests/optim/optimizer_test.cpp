@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -314,6 +315,20 @@ TEST_CASE("lr schedules") {
   CHECK(cs(60) == doctest::Approx(0.55));
   CHECK(cs(110) == doctest::Approx(0.1));
   CHECK(cs(500) == doctest::Approx(0.1));
+  // the edges the header states: total <= warmup (total 0 included) does not decay, warmup 0
+  // starts at lr, and a step past total stays at min_lr
+  auto const flat = optim::lr_schedule::cosine(1.0f, 10, 10, 0.1f);
+  CHECK(flat(5) == doctest::Approx(0.5));
+  CHECK(flat(10) == 1.0f);
+  CHECK(flat(11) == 1.0f);
+  CHECK(flat(1000) == 1.0f);
+  CHECK(optim::lr_schedule::cosine(1.0f, 20, 5, 0.1f)(30) == 1.0f);
+  CHECK(optim::lr_schedule::cosine(1.0f, 0, 0, 0.1f)(1) == 1.0f);
+  CHECK(optim::lr_schedule::cosine(1.0f, 0, 0, 0.1f)(100) == 1.0f);
+  CHECK(optim::lr_schedule::cosine(1.0f, 0, 100, 0.1f)(1) == doctest::Approx(1.0).epsilon(1e-3));
+  CHECK(optim::lr_schedule::linear_warmup(1.0f, 0)(1) == 1.0f);
+  CHECK(optim::lr_schedule::cosine(1.0f, 0, 100, 0.1f)(std::numeric_limits<std::int32_t>::max()) ==
+        0.1f);
   // the optimizer uses the schedule's value of the step it takes
   std::vector<float> p(10, 1.0f), g(10, 1.0f);
   optim::optimizer<optim::sgd, optim::fp32_state> opt({0.0f}, {.lr = w});

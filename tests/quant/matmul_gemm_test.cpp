@@ -20,10 +20,8 @@ using capture_probe = table_code<capture_probe_values>;
 } // namespace
 
 TEST_CASE("matmul_4bit's first call may be inside a CUDA graph capture (global mode)") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   using B = qmem::test::cuda_backend;
   std::mt19937 rng(77);
   std::size_t const n = 70, k = 1536;
@@ -45,25 +43,9 @@ TEST_CASE("matmul_4bit's first call may be inside a CUDA graph capture (global m
     auto direct = B::template alloc<bf16>(m * n);
     REQUIRE(cuda_matmul::gemv_fast_path(k, 64, bw.view.codes.data(), bx.view().data()));
 
-    cudaGraph_t graph = nullptr;
-    cuda_detail::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal),
-                       "cudaStreamBeginCapture");
-    bool threw = false;
-    try {
-      matmul_4bit<bf16>(e, bx.view(), m, bw.view, captured.view());
-    } catch (std::exception const& ex) {
-      threw = true;
-      MESSAGE("matmul_4bit inside the capture threw: " << ex.what());
-    }
-    cudaError_t const ended = cudaStreamEndCapture(s, &graph);
-    CHECK_FALSE(threw);
-    REQUIRE(ended == cudaSuccess);
-    cudaGraphExec_t exec = nullptr;
-    REQUIRE(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess);
-    REQUIRE(cudaGraphLaunch(exec, s) == cudaSuccess);
-    REQUIRE(cudaStreamSynchronize(s) == cudaSuccess);
-    (void)cudaGraphExecDestroy(exec);
-    (void)cudaGraphDestroy(graph);
+    REQUIRE(capture_and_replay(s, "matmul_4bit", [&] {
+              matmul_4bit<bf16>(e, bx.view(), m, bw.view, captured.view());
+            }) == cudaSuccess);
 
     matmul_4bit<bf16>(e, bx.view(), m, bw.view, direct.view()); // the same call, not captured
     cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
@@ -88,17 +70,7 @@ template <class T>
 void check_overlap(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
                    unsigned chunks, bool captured, std::mt19937& rng, std::size_t l2_bytes = 0) {
   using B = qmem::test::cuda_backend;
-  host_weight const hw = random_weight(n, k, block, nested, rng);
-  std::vector<T> const x = random_matrix<T>(m * k, rng);
-  std::vector<T> ref(m * n);
-  matmul_4bit<T>(exec::host{}, {x.data(), x.size()}, m, host_view<nf4>(hw),
-                 tensor_view<T>{ref.data(), ref.size()});
-  std::vector<float> const wd = qmem::quant::detail::mm::host_dequantized<T>(host_view<nf4>(hw));
-  std::vector<double> terms(m * n, 0.0);
-  for (std::size_t i = 0; i < m; ++i)
-    for (std::size_t j = 0; j < n; ++j)
-      for (std::size_t l = 0; l < k; ++l)
-        terms[i * n + j] += std::fabs(static_cast<double>(to_float(x[i * k + l])) * wd[j * k + l]);
+  auto const [hw, x, ref, terms] = make_forward_reference<T, nf4>(m, n, k, block, nested, rng);
   backend_weight<B, nf4> bw(hw);
   auto bx = B::upload(x);
   auto by = B::template alloc<T>(m * n);
@@ -120,29 +92,10 @@ void check_overlap(std::size_t m, std::size_t n, std::size_t k, std::size_t bloc
                                       bwd.view().data(), lws.view().data(), lws.view().size(),
                                       chunks);
   };
-  if (captured) {
-    cudaGraph_t graph = nullptr;
-    cuda_detail::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal),
-                       "cudaStreamBeginCapture");
-    bool threw = false;
-    try {
-      call();
-    } catch (std::exception const& ex) {
-      threw = true;
-      MESSAGE("dequantize_gemm inside the capture threw: " << ex.what());
-    }
-    cudaError_t const ended = cudaStreamEndCapture(s, &graph);
-    CHECK_FALSE(threw);
-    REQUIRE(ended == cudaSuccess);
-    cudaGraphExec_t exec = nullptr;
-    REQUIRE(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess);
-    REQUIRE(cudaGraphLaunch(exec, s) == cudaSuccess);
-    (void)cudaStreamSynchronize(s);
-    (void)cudaGraphExecDestroy(exec);
-    (void)cudaGraphDestroy(graph);
-  } else {
+  if (captured)
+    (void)capture_and_replay(s, "dequantize_gemm", call); // checked by the synchronization below
+  else
     call();
-  }
   cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
   (void)cudaStreamDestroy(s);
   expect_close(B::download(by.view()), ref, terms, plain_sum(k), 0.0,
@@ -155,10 +108,8 @@ void check_overlap(std::size_t m, std::size_t n, std::size_t k, std::size_t bloc
 } // namespace
 
 TEST_CASE("the m > 16 forward with dequantization overlapped in row chunks") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   std::mt19937 rng(99);
   // captured first: the side stream and events are created inside the capture
   check_overlap<bf16>(40, 70, 192, 64, false, 3, true, rng);
@@ -170,10 +121,8 @@ TEST_CASE("the m > 16 forward with dequantization overlapped in row chunks") {
 }
 
 TEST_CASE("the m > 16 forward in L2-resident row chunks (one reused buffer)") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   std::mt19937 rng(98);
   // chunk rows from the byte budget: 70 x 192 bf16 with 12 KiB -> 32 rows (quanta of 8) -> 3
   // chunks evened out to 24 + 24 + 22 rows; a budget below one quantum still takes one quantum; a
@@ -200,12 +149,7 @@ template <class T, class Code, int Variant = 0>
 bool check_fused(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
                  std::mt19937& rng) {
   using B = qmem::test::cuda_backend;
-  host_weight const hw = random_weight(n, k, block, nested, rng);
-  std::vector<T> const x = random_matrix<T>(m * k, rng);
-  std::vector<T> ref(m * n);
-  matmul_4bit<T>(exec::host{}, {x.data(), x.size()}, m, host_view<Code>(hw),
-                 tensor_view<T>{ref.data(), ref.size()});
-  std::vector<double> const terms = abs_terms<T, Code>(hw, x, m, false);
+  auto const [hw, x, ref, terms] = make_forward_reference<T, Code>(m, n, k, block, nested, rng);
   backend_weight<B, Code> bw(hw);
   auto bx = B::upload(x);
   std::vector<T> const sentinel(m * n, from_float<T>(12345.0f));
@@ -230,10 +174,8 @@ bool check_fused(std::size_t m, std::size_t n, std::size_t k, std::size_t block,
 } // namespace
 
 TEST_CASE("the fused sm_90a GEMM (dequantization in the main loop) against the host reference") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   std::mt19937 rng(77);
   // odd shapes: n not a multiple of the 128-row tile, m not a multiple of the 256-token tile (and
   // m below one tile), k not a multiple of the 64-column step (96, 160, 2080); blocks of 32 to

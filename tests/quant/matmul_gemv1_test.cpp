@@ -12,10 +12,8 @@
 
 #if QMEM_HAS_CUDA()
 TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every plan") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   std::mt19937 rng(23);
   // the shapes matmul_4bit dispatches, on plans of every kind:
   // - J = 1: 1408 columns = 2.75 super-steps (a partial one, 3 column groups, 5 row groups), 4096
@@ -95,10 +93,8 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
 }
 
 TEST_CASE("streaming batch-1 GEMV lean shapes on small plans (for the sanitizers)") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   // the dispatched shape (lean, J >= 2) and lean at J >= 4: a partial super-step, 2 row groups
   // of 7 multiprocessors' tiles with an odd row count (the clamped last row), one row
   std::mt19937 rng(41);
@@ -110,10 +106,8 @@ TEST_CASE("streaming batch-1 GEMV lean shapes on small plans (for the sanitizers
 }
 
 TEST_CASE("streaming batch-1 GEMV: lean addressing gives the same bits") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   // the same loads and fused multiply-adds in the same order, only the addresses computed
   // otherwise: each lean shape against its former-address twin (the dispatched shape, and the same
   // at J >= 2), bit for bit, on full and partial slices, odd row counts (the clamped last row),
@@ -132,16 +126,7 @@ TEST_CASE("streaming batch-1 GEMV: lean addressing gives the same bits") {
     auto bx = B::upload(random_matrix<bf16>(p.k, rng));
     auto y0 = B::template alloc<bf16>(p.n);
     auto y1 = B::template alloc<bf16>(p.n);
-    auto args = [&](bf16* y) {
-      return cuda_matmul::gemv_args<bf16>{bx.view().data(),
-                                          bw.view.codes.data(),
-                                          cuda_matmul::make_scale_args(bw.view.scales),
-                                          y,
-                                          1u,
-                                          p.n,
-                                          p.k,
-                                          qmem::quant::detail::mm::log2_exact(p.block)};
-    };
+    auto args = [&](bf16* y) { return gemv_args_for(bw.view, bx.view().data(), y, 1u); };
     auto same = [&](char const* what) {
       std::vector<bf16> const ref = B::download(y0.view());
       std::vector<bf16> const got = B::download(y1.view());
@@ -186,10 +171,8 @@ void bulk_cases(std::initializer_list<stream_plan_case> plans, std::mt19937& rng
 } // namespace
 
 TEST_CASE("the bulk-copy batch-1 GEMV kernel on small plans (for the sanitizers)") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   std::mt19937 rng(31);
   constexpr auto const& c = cuda_matmul::gemv_batch1_bulk_candidates;
   // 3 column groups and 5 row groups; one row; blocks of 128; 19 tiles on 7 planned
@@ -205,10 +188,8 @@ TEST_CASE("the bulk-copy batch-1 GEMV kernel on small plans (for the sanitizers)
 }
 
 TEST_CASE("the bulk-copy batch-1 GEMV kernel computes the GEMV function on every plan") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   std::mt19937 rng(29);
   constexpr auto const& c = cuda_matmul::gemv_batch1_bulk_candidates;
   // J = 1 (1536 columns: 3 column groups, 5 row groups, stages of several row groups; 4096; 8192),
@@ -242,14 +223,7 @@ TEST_CASE("the bulk-copy batch-1 GEMV kernel computes the GEMV function on every
   backend_weight<qmem::test::cuda_backend, nf4> bw(hw);
   auto bx = qmem::test::cuda_backend::upload(random_matrix<bf16>(1408, wrng));
   auto by = qmem::test::cuda_backend::template alloc<bf16>(45);
-  cuda_matmul::gemv_args<bf16> const a{bx.view().data(),
-                                       bw.view.codes.data(),
-                                       cuda_matmul::make_scale_args(bw.view.scales),
-                                       by.view().data(),
-                                       1u,
-                                       45,
-                                       1408,
-                                       6};
+  auto const a = gemv_args_for(bw.view, bx.view().data(), by.view().data(), 1u);
   CHECK_FALSE(cuda_matmul::launch_gemv1_bulk<nf4, bf16, c[0]>(qmem::test::cuda_backend::exec(), a));
 }
 #endif

@@ -58,10 +58,8 @@ void all_small_batch_cases(std::mt19937& rng, std::index_sequence<I...>) {
 } // namespace
 
 TEST_CASE("the streaming small-batch GEMV kernel computes the GEMV function on every plan") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   std::mt19937 rng(29);
 #if QMEM_TEST_CANDIDATE_KERNELS
   constexpr auto count = std::size(cuda_matmul::gemv_batch16_stream_candidates);
@@ -79,10 +77,8 @@ TEST_CASE("the streaming small-batch GEMV kernel computes the GEMV function on e
 
 #if QMEM_TEST_CANDIDATE_KERNELS
 TEST_CASE("small-batch GEMV lean steps on small plans (for the sanitizers)") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   std::mt19937 rng(37);
   constexpr auto const& c = cuda_matmul::gemv_batch16_stream_candidates;
   // candidate 15: 5 tiles in one block with a row tile past n (a full round, then one tile), 9
@@ -96,10 +92,8 @@ TEST_CASE("small-batch GEMV lean steps on small plans (for the sanitizers)") {
 
 TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): small plans, and the "
           "round-based kernel's bits") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   std::mt19937 rng(31);
   constexpr auto const& c = cuda_matmul::gemv_batch16_stream_candidates;
   // small plans for the sanitizers: 5 tiles in one block (a step walks tiles 0-3, then 4), at
@@ -124,14 +118,7 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
     backend_weight<qmem::test::cuda_backend, nf4> bw(hw);
     auto bx = qmem::test::cuda_backend::upload(random_matrix<bf16>(8 * 1024, wrng));
     auto by = qmem::test::cuda_backend::template alloc<bf16>(8 * 70);
-    cuda_matmul::gemv_args<bf16> const a{bx.view().data(),
-                                         bw.view.codes.data(),
-                                         cuda_matmul::make_scale_args(bw.view.scales),
-                                         by.view().data(),
-                                         8u,
-                                         70,
-                                         1024,
-                                         6};
+    auto const a = gemv_args_for(bw.view, bx.view().data(), by.view().data(), 8u);
     CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[12]>(
         qmem::test::cuda_backend::exec(), a, 1));
   }
@@ -158,16 +145,7 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
     auto y5 = B::template alloc<bf16>(std::size_t{m} * n);
     auto y6 = B::template alloc<bf16>(std::size_t{m} * n);
     auto y7 = B::template alloc<bf16>(std::size_t{m} * n);
-    auto args = [&](bf16* y) {
-      return cuda_matmul::gemv_args<bf16>{bx.view().data(),
-                                          bw.view.codes.data(),
-                                          cuda_matmul::make_scale_args(bw.view.scales),
-                                          y,
-                                          m,
-                                          n,
-                                          k,
-                                          6};
-    };
+    auto args = [&](bf16* y) { return gemv_args_for(bw.view, bx.view().data(), y, m); };
     REQUIRE(
         cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[8]>(e, args(y0.view().data()), sms));
     REQUIRE(
@@ -198,10 +176,8 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
 
 // The dispatched shapes among these run in mm_forward through matmul_4bit.
 TEST_CASE("GEMV kernel block shapes the bench compares all compute the same function") {
-  if (!qmem::test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  }
   using cuda_matmul::gemv_shape;
   std::mt19937 rng(11);
   for (std::size_t const m : {std::size_t{1}, std::size_t{5}, std::size_t{16}})

@@ -232,6 +232,29 @@ std::vector<double> abs_terms(host_weight const& hw, std::vector<T> const& a, st
   return terms;
 }
 
+//! A forward case: a random n x k weight and m x k input, drawn from `rng` in that order, the
+//! host reference's output and its terms (abs_terms).
+template <class T>
+struct forward_reference {
+  host_weight hw;
+  std::vector<T> x;
+  std::vector<T> ref;
+  std::vector<double> terms;
+};
+
+template <class T, class Code>
+forward_reference<T> make_forward_reference(std::size_t m, std::size_t n, std::size_t k,
+                                            std::size_t block, bool nested, std::mt19937& rng) {
+  forward_reference<T> f;
+  f.hw = random_weight(n, k, block, nested, rng);
+  f.x = random_matrix<T>(m * k, rng);
+  f.ref.resize(m * n);
+  matmul_4bit<T>(exec::host{}, {f.x.data(), f.x.size()}, m, host_view<Code>(f.hw),
+                 tensor_view<T>{f.ref.data(), f.ref.size()});
+  f.terms = abs_terms<T, Code>(f.hw, f.x, m, false);
+  return f;
+}
+
 //! "<backend> <what> m=.. n=.. k=.. block=.. plain|nested", naming a checked case.
 inline std::string case_name(char const* backend, char const* what, std::size_t m, std::size_t n,
                              std::size_t k, std::size_t block, bool nested) {
@@ -243,13 +266,7 @@ inline std::string case_name(char const* backend, char const* what, std::size_t 
 template <class B, class T, class Code>
 void check_forward(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
                    std::mt19937& rng) {
-  host_weight const hw = random_weight(n, k, block, nested, rng);
-  std::vector<T> const x = random_matrix<T>(m * k, rng);
-  std::vector<T> ref(m * n);
-  matmul_4bit<T>(exec::host{}, {x.data(), x.size()}, m, host_view<Code>(hw),
-                 tensor_view<T>{ref.data(), ref.size()});
-  std::vector<double> const terms = abs_terms<T, Code>(hw, x, m, false);
-
+  auto const [hw, x, ref, terms] = make_forward_reference<T, Code>(m, n, k, block, nested, rng);
   backend_weight<B, Code> bw(hw);
   auto bx = B::upload(x);
   auto by = B::template alloc<T>(m * n);
@@ -297,6 +314,42 @@ void check_grad_input(std::size_t m, std::size_t n, std::size_t k, std::size_t b
 
 #if QMEM_HAS_CUDA()
 namespace {
+//! Captures `call()` on stream `s` in a graph (global capture mode), then instantiates, launches
+//! and destroys it: checks that `call` did not throw inside the capture (naming `what` in the
+//! message when it did) and that the capture, instantiation and launch succeeded. Returns what
+//! synchronizing `s` after the launch gave.
+template <class Call>
+cudaError_t capture_and_replay(cudaStream_t s, char const* what, Call&& call) {
+  cudaGraph_t graph = nullptr;
+  cuda_detail::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal),
+                     "cudaStreamBeginCapture");
+  bool threw = false;
+  try {
+    call();
+  } catch (std::exception const& ex) {
+    threw = true;
+    MESSAGE(what << " inside the capture threw: " << ex.what());
+  }
+  cudaError_t const ended = cudaStreamEndCapture(s, &graph);
+  CHECK_FALSE(threw);
+  REQUIRE(ended == cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  REQUIRE(cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess);
+  REQUIRE(cudaGraphLaunch(exec, s) == cudaSuccess);
+  cudaError_t const synced = cudaStreamSynchronize(s);
+  (void)cudaGraphExecDestroy(exec);
+  (void)cudaGraphDestroy(graph);
+  return synced;
+}
+
+//! The GEMV kernels' arguments for weight `w` (its codes and scales; n = w.rows, k = w.cols,
+//! blocks of w.block_size), a batch of m rows x [m, k] and the output y [m, n], in device memory.
+inline cuda_matmul::gemv_args<bf16> gemv_args_for(weight_4bit_view<nf4> const& w, bf16 const* x,
+                                                  bf16* y, unsigned m) {
+  return {x,      w.codes.data(), cuda_matmul::make_scale_args(w.scales),           y, m,
+          w.rows, w.cols,         qmem::quant::detail::mm::log2_exact(w.block_size)};
+}
+
 template <cuda_matmul::gemv_shape Shape, bool Nested>
 int launch_shape(cuda_matmul::gemv_args<bf16> const& a) {
   cuda_matmul::launch_gemv_fast<nf4, bf16, Nested, Shape>(qmem::test::cuda_backend::exec(), a);
@@ -323,14 +376,8 @@ void kernel_case(std::size_t m, std::size_t n, std::size_t k, std::size_t block,
   auto bx = B::upload(x);
   auto by = B::template alloc<bf16>(m * n);
   REQUIRE(cuda_matmul::gemv_fast_path(k, block, bw.view.codes.data(), bx.view().data()));
-  cuda_matmul::gemv_args<bf16> const a{bx.view().data(),
-                                       bw.view.codes.data(),
-                                       cuda_matmul::make_scale_args(bw.view.scales),
-                                       by.view().data(),
-                                       static_cast<unsigned>(m),
-                                       n,
-                                       k,
-                                       qmem::quant::detail::mm::log2_exact(block)};
+  auto const a =
+      gemv_args_for(bw.view, bx.view().data(), by.view().data(), static_cast<unsigned>(m));
   std::string const label = launch(a);
   expect_close(B::download(by.view()), model, terms, gemv_sum(k), 0.0,
                label + " " + case_name("cuda", "GEMV", m, n, k, block, nested));

@@ -3,7 +3,9 @@
 //! Execution objects: the first argument of every public algorithm says where it runs.
 //! `exec::host{}` runs on the calling thread plus worker threads; `exec::cuda{stream, device}`
 //! enqueues on a CUDA stream of a given device, never the "current" device or the default stream
-//! unless the caller passes them, and never synchronizes unless the function's name says so.
+//! unless the caller passes them. The per-call algorithms (quantization, matmuls, an optimizer's
+//! step) never wait for the device; set-up calls that copy host-side data to or from it (a CUDA
+//! optimizer's construction, add_param, state copies) may wait for the stream, and say so.
 //! The CUDA object is declared here (no CUDA headers needed) so host code can carry it; the
 //! kernels that accept it exist only in CUDA translation units.
 
@@ -31,7 +33,9 @@ struct host {
 //! Run on a CUDA device, stream-ordered on `stream` (nullptr: the legacy default stream of
 //! `device`). `device` is the ordinal the stream belongs to; kernels launch there.
 //! `sync_after_launch` synchronizes the stream after every launch and checks for errors, to
-//! localize a fault (a debugging aid: off by default).
+//! localize a fault (a debugging aid: off by default). Not for a stream being captured into a
+//! graph: CUDA refuses the synchronization there (cudaErrorStreamCaptureUnsupported, thrown as a
+//! cuda_error naming the kernel) and the capture is invalidated.
 struct cuda {
   CUstream_st* stream = nullptr;
   int device = 0;

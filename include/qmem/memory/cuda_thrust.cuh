@@ -2,7 +2,9 @@
 //! \file
 //! Thrust vectors as tensor-like types (CUDA translation units): `thrust::device_vector<T, A>` is
 //! a tensor in device memory, `thrust::host_vector<T, A>` one in host memory (pinned when its
-//! allocator is thrust::universal_host_pinned_allocator), so qmem algorithms take them directly:
+//! allocator is thrust::universal_host_pinned_allocator); either with thrust::universal_allocator
+//! (cudaMallocManaged, as thrust::universal_vector) is in managed memory, which host and CUDA
+//! algorithms both accept. qmem algorithms take them directly:
 //!
 //!   thrust::device_vector<qmem::bf16> w(n);
 //!   thrust::device_vector<std::uint8_t> codes(n / 2);
@@ -32,9 +34,13 @@ namespace detail {
 template <class T, class Alloc>
 inline constexpr bool is_thrust_pinned_allocator_v =
     std::is_same_v<Alloc, thrust::universal_host_pinned_allocator<T>>;
+//! thrust::universal_allocator hands out managed memory (cudaMallocManaged).
+template <class T, class Alloc>
+inline constexpr bool is_thrust_managed_allocator_v =
+    std::is_same_v<Alloc, thrust::universal_allocator<T>>;
 } // namespace detail
 
-//! thrust::device_vector is tensor-like: device memory.
+//! thrust::device_vector is tensor-like: device memory (managed with thrust::universal_allocator).
 template <class T, class Alloc>
 struct tensor_traits<thrust::device_vector<T, Alloc>> {
   using element_type = T;
@@ -46,11 +52,13 @@ struct tensor_traits<thrust::device_vector<T, Alloc>> {
   }
   static std::size_t size(thrust::device_vector<T, Alloc> const& v) noexcept { return v.size(); }
   static memory_space space(thrust::device_vector<T, Alloc> const&) noexcept {
-    return memory_space::device;
+    return detail::is_thrust_managed_allocator_v<T, Alloc> ? memory_space::managed
+                                                           : memory_space::device;
   }
 };
 
-//! thrust::host_vector is tensor-like: host memory (pinned with thrust::universal_host_pinned_allocator).
+//! thrust::host_vector is tensor-like: host memory (pinned with
+//! thrust::universal_host_pinned_allocator, managed with thrust::universal_allocator).
 template <class T, class Alloc>
 struct tensor_traits<thrust::host_vector<T, Alloc>> {
   using element_type = T;
@@ -62,8 +70,12 @@ struct tensor_traits<thrust::host_vector<T, Alloc>> {
   }
   static std::size_t size(thrust::host_vector<T, Alloc> const& v) noexcept { return v.size(); }
   static memory_space space(thrust::host_vector<T, Alloc> const&) noexcept {
-    return detail::is_thrust_pinned_allocator_v<T, Alloc> ? memory_space::pinned
-                                                          : memory_space::host;
+    if constexpr (detail::is_thrust_pinned_allocator_v<T, Alloc>)
+      return memory_space::pinned;
+    else if constexpr (detail::is_thrust_managed_allocator_v<T, Alloc>)
+      return memory_space::managed;
+    else
+      return memory_space::host;
   }
 };
 

@@ -12,8 +12,9 @@
 //!   param.{i}.rule U8 (the rule's hyper-parameters, its object bytes), param.{i}.lr_scale F32[1],
 //!   param.{i}.quantized U8[1].
 //! Loading checks everything first (schema, policy, parameter count and sizes, dtypes, the
-//! checksum, lr scales finite and >= 0, rules in their ranges, the percentile history >= 0,
-//! block absmax values finite and >= 0) and throws qmem::format_error naming the mismatch,
+//! checksum, the last lr and lr scales finite and >= 0, rules in their ranges, the percentile
+//! history >= 0, block absmax values finite and >= 0, fp32 / bf16 state values finite and >= 0
+//! in a non-negative state) and throws qmem::format_error naming the mismatch,
 //! leaving the optimizer unchanged; only then does it copy. A file without a percentile history
 //! loaded at step > 0 into an optimizer with percentile < 100 gets a history of +inf (unknown
 //! norms, which never set the clip; docs/optim.md). 10 steps equal 5 steps + save + load into a fresh optimizer + 5 steps,
@@ -25,6 +26,8 @@
 #include <qmem/optim/optimizer.hpp>
 
 #include <bit>
+#include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -161,9 +164,11 @@ void save_state(optimizer<Rule, Policy, Param> const& opt, std::filesystem::path
 //! of the same sizes (added in the same order). Throws io_error when the file cannot be read,
 //! format_error when it is not a qmem optimizer state file of schema 1, was written for another
 //! policy or other parameters, or is corrupt (checksum), or holds a value the optimizer's own
-//! entry points refuse (a rule out of its ranges, an lr scale < 0 or not finite), a percentile
-//! history entry < 0 or NaN, or a block absmax < 0 or not finite (what an overflowed state holds:
-//! it cannot be resumed); `opt` is then unchanged.
+//! entry points refuse (a rule out of its ranges, an lr scale < 0 or not finite), a last lr < 0
+//! or not finite, a percentile history entry < 0 or NaN, a block absmax < 0 or not finite, or an
+//! fp32 / bf16 state value that is not finite or, in a state the rule declares non_negative
+//! (Adam's v), < 0 (what an overflowed state holds: it cannot be resumed); `opt` is then
+//! unchanged. Master weights are taken as they are (parameters, which qmem does not check).
 template <class Rule, class Policy, class Param>
 void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const& path) {
   using O = optimizer<Rule, Policy, Param>;
@@ -217,6 +222,10 @@ void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const
   std::memcpy(&c.lr, expect("lr", dtype::f32, 4).data(), 4);
   if (c.step < 0)
     fail("step is ", c.step);
+  // what a schedule check_lr_schedule accepts evaluates to: finite and >= 0 (0 before the
+  // first step). last_lr() reports it until the next step computes its own
+  if (!(c.lr >= 0.0f && c.lr <= std::numeric_limits<float>::max()))
+    fail("lr is ", c.lr, "; expected the last step's lr, finite and >= 0");
   auto& hist = state_access<O>::history(opt);
   std::vector<float> new_hist;
   if (r.contains("norm_history")) {
@@ -249,9 +258,32 @@ void load_state(optimizer<Rule, Policy, Param>& opt, std::filesystem::path const
       detail::for_each_state<Rule::state_count>([&](auto K) {
         using F = typename O::template format_of<P, K.value>;
         auto const k = static_cast<std::size_t>(K.value);
-        copies.push_back(
-            {ps.data[k].data(), expect(pre + "state." + std::to_string(k),
-                                       detail::storage_dtype<F>(), ps.data[k].size_bytes())});
+        std::string const state_name = pre + "state." + std::to_string(k);
+        auto const values = expect(state_name, detail::storage_dtype<F>(), ps.data[k].size_bytes());
+        if constexpr (!F::blockwise) {
+          // fp32 / bf16 values: finite, and >= 0 for a non_negative state (a second moment, a
+          // sum of squares), as the absmax of a blockwise state below. NaN or inf is what a
+          // state that overflowed holds (a square above FLT_MAX); a negative second moment
+          // makes the next update NaN (sqrt)
+          constexpr bool non_negative = Rule::state_signs[k] == state_sign::non_negative;
+          constexpr std::size_t es = std::same_as<F, fp32_format> ? 4 : 2;
+          for (std::size_t j = 0; j < values.size() / es; ++j) {
+            float v = 0.0f;
+            if constexpr (es == 4) {
+              std::memcpy(&v, values.data() + j * 4, 4);
+            } else {
+              std::uint16_t h = 0;
+              std::memcpy(&h, values.data() + j * 2, 2);
+              v = qmem::detail::bf16_bits_to_float(h);
+            }
+            bool const finite = std::abs(v) <= std::numeric_limits<float>::max();
+            if (!finite || (non_negative && v < 0.0f))
+              fail("tensor '", state_name, "' element ", j, " is ", v, "; expected ",
+                   non_negative ? "a finite value >= 0 (a non-negative state)" : "a finite value",
+                   " (a state that overflowed cannot be resumed)");
+          }
+        }
+        copies.push_back({ps.data[k].data(), values});
         if constexpr (F::blockwise) {
           std::string const name = pre + "absmax." + std::to_string(k);
           auto const b = expect(name, dtype::f32, ps.scale[k].size_bytes());

@@ -16,7 +16,10 @@ namespace qmem::optim {
 //! - constant:      lr
 //! - linear_warmup: lr * t / warmup for t < warmup, then lr
 //! - cosine:        linear warmup, then min_lr + (lr - min_lr) (1 + cos(pi p)) / 2 with
-//!                  p = (t - warmup) / (total - warmup) clamped to [0, 1]
+//!                  p = (t - warmup) / (total - warmup) clamped to [0, 1]: min_lr from step
+//!                  `total` on. With total <= warmup (total 0 included) there is nothing to
+//!                  decay over: lr after the warmup, as linear_warmup.
+//! Warmup 0 (or 1) has no warmup: lr from step 1.
 struct lr_schedule {
   enum class shape : std::uint8_t { constant, linear_warmup, cosine };
   shape kind = shape::constant;
