@@ -1175,10 +1175,11 @@ private:
     }
 #endif
     // The interleaved 4-bit step prefetches only its state codes: with the parameter and gradient
-    // lines too it was slower on AMD EPYC (Zen 4), one thread, CPU time, 2^22: 1.07-1.12 against
-    // 0.96-0.98 ns/param without them (2^26: 1.10-1.16 against 0.99-1.02), 2026-11-30 16:50 UTC,
-    // two alternations of 3 repetitions; the 8-bit step keeps them (without: 1.71 -> 1.85-1.89 at
-    // 2^22, 1.78 -> 1.97-2.04 at 2^26). The hardware prefetchers follow those two streams.
+    // lines too it was slower on AMD EPYC (Zen 4), one thread, CPU time: 1.07-1.19 against
+    // 0.96-0.97 ns/param at 2^22, 1.10-1.16 against 1.00-1.02 at 2^26 (2026-11-30 16:50 UTC, two
+    // alternations of 3 repetitions; distances of 1 and 4 chunks and an L2 hint did not recover
+    // it). The 8-bit step keeps them: without, 1.71-1.86 -> 1.85-1.87 at 2^22, 1.78-1.79 ->
+    // 1.97-2.04 at 2^26. docs/benchmarks.md, "host8".
     [[maybe_unused]] bool const prefetch_streams = !(interleave && bits_i == 4);
     qmem::detail::parallel_for(
         e, n, chunk,
