@@ -735,6 +735,34 @@ private:
     float* absmax[state_count > 0 ? state_count : 1];
   };
 
+  //! update_encode's loop, one variant of the rule: per 64 elements the rule, then the codes of
+  //! 64 values of each state of the block before. The rule's scalars come by value and the
+  //! blocks' pointers as local arrays: read through references, g++ 12 reloaded and
+  //! re-broadcast the scalars (AdamW: 9 loads and 9 broadcasts) and reloaded the pointers every
+  //! 64 elements, the code stores possibly aliasing them.
+  template <std::size_t Chunk, bool SkipBad, bool Scaled, class Block>
+#if defined(__clang__)
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi"), always_inline))
+#else
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi,prefer-vector-width=512"),
+                 optimize("fp-contract=off"), always_inline))
+#endif
+  static inline void
+  update_encode_loop(std::size_t bs, float* QMEM_RESTRICT p, float const* QMEM_RESTRICT g,
+                     float* s0, typename Rule::scalars const k, float update_scale,
+                     Block const (&blocks)[state_count > 0 ? state_count : 1],
+                     float const* const (&values)[state_count > 0 ? state_count : 1],
+                     std::uint8_t* const (&codes)[state_count > 0 ? state_count : 1]) noexcept {
+    constexpr int Bits = std::same_as<Block, detail::search4_block> ? 4 : 8;
+    for (std::size_t i = 0; i < bs; i += 64) {
+      // the chunk's state rows from element i on (row q at s0 + q Chunk + i)
+      update_elements<Chunk, SkipBad, Scaled>(
+          64, p + i, g + i, reinterpret_cast<float(*)[Chunk]>(s0 + i), k, update_scale);
+      for (int q = 0; q < state_count; ++q)
+        blocks[q].codes64(values[q] + i, codes[q] + i * Bits / 8);
+    }
+  }
+
   //! The rule over the `bs` elements of one block (bs a multiple of 64), interleaved 64 elements
   //! at a time with the encoding of another block `w` of Bits-bit states (4-bit:
   //! block_codes4_search's operations; 8-bit: block_codes8_recip's). The rule's loop waits on
@@ -773,13 +801,32 @@ private:
       else
         blocks[q] = detail::recip8_block(w.recip[q], w.entries[q], amax[q]);
     }
-    for (std::size_t i = 0; i < bs; i += 64) {
-      // the chunk's state rows from element i on (row q at s0 + q Chunk + i)
-      update_variant<Chunk>(skip_bad, update_scale, 64, p + i, g + i,
-                            reinterpret_cast<float(*)[Chunk]>(s0 + i), k);
-      for (int q = 0; q < N; ++q)
-        blocks[q].codes64(w.values[q] + i, w.codes[q] + i * Bits / 8);
+    float const* values[N > 0 ? N : 1];
+    std::uint8_t* codes[N > 0 ? N : 1];
+    for (int q = 0; q < N; ++q) {
+      values[q] = w.values[q];
+      codes[q] = w.codes[q];
     }
+    // the block's non-finite test once (SkipBad's per-64 test then only where one is there)
+    bool bad = false;
+    if (skip_bad) {
+      std::int32_t exponents = 0;
+      for (std::size_t i = 0; i < bs; ++i) {
+        auto const x = static_cast<std::int32_t>(qmem::detail::float_to_bits(g[i]) & 0x7f800000u);
+        exponents = x > exponents ? x : exponents;
+      }
+      bad = exponents == 0x7f800000;
+    }
+    if (bad)
+      update_scale != 1.0f
+          ? update_encode_loop<Chunk, true, true>(bs, p, g, s0, k, update_scale, blocks, values,
+                                                  codes)
+          : update_encode_loop<Chunk, true, false>(bs, p, g, s0, k, 1.0f, blocks, values, codes);
+    else
+      update_scale != 1.0f
+          ? update_encode_loop<Chunk, false, true>(bs, p, g, s0, k, update_scale, blocks, values,
+                                                   codes)
+          : update_encode_loop<Chunk, false, false>(bs, p, g, s0, k, 1.0f, blocks, values, codes);
     return true;
   }
 #endif
@@ -1127,6 +1174,13 @@ private:
       });
     }
 #endif
+    // The interleaved 4-bit step prefetches only its state codes: with the parameter and gradient
+    // lines too it was slower on AMD EPYC (Zen 4), one thread, CPU time: 1.07-1.19 against
+    // 0.96-0.97 ns/param at 2^22, 1.10-1.16 against 1.00-1.02 at 2^26 (2026-11-30 16:50 UTC, two
+    // alternations of 3 repetitions; distances of 1 and 4 chunks and an L2 hint did not recover
+    // it). The 8-bit step keeps them: without, 1.71-1.86 -> 1.85-1.87 at 2^22, 1.78-1.79 ->
+    // 1.97-2.04 at 2^26. docs/benchmarks.md, "host8".
+    [[maybe_unused]] bool const prefetch_streams = !(interleave && bits_i == 4);
     qmem::detail::parallel_for(
         e, n, chunk,
         [&](std::size_t b0, std::size_t e0) {
@@ -1169,11 +1223,13 @@ private:
             if (b + prefetch_ahead < e0) {
               std::size_t const a = b + prefetch_ahead;
               std::size_t const ma = std::min(chunk, e0 - a);
-              if (master != nullptr)
-                detail::prefetch_bytes(master + a, ma * sizeof(float));
-              else
-                detail::prefetch_bytes(ps.param.data() + a, ma * sizeof(Param));
-              detail::prefetch_bytes(grad.data() + a, ma * sizeof(G));
+              if (prefetch_streams) {
+                if (master != nullptr)
+                  detail::prefetch_bytes(master + a, ma * sizeof(float));
+                else
+                  detail::prefetch_bytes(ps.param.data() + a, ma * sizeof(Param));
+                detail::prefetch_bytes(grad.data() + a, ma * sizeof(G));
+              }
               detail::for_each_state<N>([&](auto K) {
                 using F = format_of<P, K.value>;
                 detail::prefetch_bytes(ps.data[K].data() + F::bytes(a), F::bytes(ma));
