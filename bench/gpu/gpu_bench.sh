@@ -152,7 +152,7 @@ if $build_tests || has bench || has others || has host; then
     pids+=($!)
   done
   if has host; then
-    (g++ -std=c++20 -O3 -march=native -fno-math-errno -DNDEBUG -I"$root/include" -I"$deps/include" \
+    (g++ -std=c++20 -O3 -march=native -ffp-contract=off -fno-math-errno -DNDEBUG -I"$root/include" -I"$deps/include" \
        "$root/bench/optim_bench.cpp" -L"$deps/lib/x86_64-linux-gnu" -lbenchmark -lpthread \
        -o "$build/optim_bench_host" >"$build/host.log" 2>&1 || say "COMPILE FAILED bench/optim_bench.cpp") &
     pids+=($!)
