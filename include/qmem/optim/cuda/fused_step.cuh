@@ -228,20 +228,6 @@ __device__ QMEM_INLINE std::uint32_t find_tensor(tensor_entry const* t, std::uin
 
 } // namespace detail
 
-//! Whether a launch of one tensor with fp32 parameters in a two-state pipelined kernel takes a
-//! kernel instantiation of its own (`Single`) that reads the tensor's entry from its parameters
-//! (fused_args::single) instead of the device table (an untimed candidate, 0). The compiler then
-//! keeps the tensor's pointers in uniform registers and constant-bank operands: ptxas sm_90, nvcc
-//! 13.0, AdamW 4-bit, 128 -> 126 / 124 registers (skip_step / skip_element kernels) and no spills
-//! (the skip_step kernel spilled 12 bytes), three tasks in registers 88 / 112 -> 4 / 12 bytes of
-//! spills. QMEM_OPTIM_FUSED_SINGLE_DEPTH: tasks in registers in those kernels (2).
-#ifndef QMEM_OPTIM_FUSED_SINGLE_ENTRY
-#define QMEM_OPTIM_FUSED_SINGLE_ENTRY 0
-#endif
-#ifndef QMEM_OPTIM_FUSED_SINGLE_DEPTH
-#define QMEM_OPTIM_FUSED_SINGLE_DEPTH 2
-#endif
-
 //! Everything one launch of the fused kernel reads (passed by value as a __grid_constant__).
 template <update_rule Rule, state_policy Policy>
 struct fused_args {
@@ -255,9 +241,6 @@ struct fused_args {
   std::uint32_t param_stochastic; //!< bf16 params without master: stochastic rounding
   //! A placeholder: the codec tables reach the kernel through device memory (shared_tables_image).
   typename kernel_traits<Rule, Policy>::tables tables;
-#if QMEM_OPTIM_FUSED_SINGLE_ENTRY
-  tensor_entry single; //!< the launch's one tensor (the one-tensor kernels read it from here)
-#endif
 };
 
 namespace detail {
@@ -488,39 +471,6 @@ __device__ QMEM_INLINE auto code_offset(Index first) {
     return std::uint64_t{first} * F::bits / 8;
 }
 
-//! Whether the pipelined full tasks of Rule x Policy with fp32 parameters and gradients may take
-//! the split lane layout (QMEM_OPTIM_FUSED_4BIT_SPLIT, an untimed candidate, 0), in the one-tensor
-//! kernels of QMEM_OPTIM_FUSED_SINGLE_ENTRY only: where every state is 4-bit in blocks of 128 and
-//! a lane holds 8 elements, lane l holds elements 4l..4l+3 (block 0 of the task) and
-//! 128+4l..128+4l+3 (block 1) instead of 8l..8l+7, so that each 16-byte load and store of the
-//! parameters and gradients covers 512 contiguous bytes (4 lines) instead of alternate halves of
-//! 32 sectors (8 lines), and each block's max is one redux.sync over the warp instead of 4 shuffles
-//! and 4 maxima per state; the codes move as two 2-byte pieces per state and lane, and a task holds
-//! two absmax values per state. ptxas sm_90, nvcc 13.0, AdamW 4-bit: 127 / 128 registers, no
-//! spills, in the one-tensor kernels; with the table's entry (the other kernels) it spilled 56
-//! bytes inside the pipelined loop.
-#ifndef QMEM_OPTIM_FUSED_4BIT_SPLIT
-#define QMEM_OPTIM_FUSED_4BIT_SPLIT 0
-#endif
-template <update_rule Rule, state_policy Policy, class P, class G>
-inline constexpr bool split_layout = [] {
-  using traits = kernel_traits<Rule, Policy>;
-  if constexpr (QMEM_OPTIM_FUSED_4BIT_SPLIT == 0 || !std::same_as<P, float> ||
-                !std::same_as<G, float> || traits::per_lane != 8 || traits::block != 128 ||
-                Rule::state_count == 0) {
-    return false;
-  } else {
-    bool all = true;
-    [&]<int... J>(std::integer_sequence<int, J...>) {
-      ((all =
-            all && traits::template format<J>::blockwise && traits::template format<J>::bits == 4),
-       ...);
-    }
-    (std::make_integer_sequence<int, Rule::state_count>{});
-    return all;
-  }
-}();
-
 //! The raw bytes one lane loads for a full task (parameters or master weights, gradients, each
 //! state's codes or elements and old absmax), held in registers so that the next task's loads can
 //! be in flight while the current task computes (fused_step_kernel, fused_pipeline).
@@ -533,41 +483,14 @@ struct full_task_data {
   G g_raw[E];
   alignas(16) std::uint8_t state[S][E * 4];
   float absmax[S];
-  float absmax_hi[S]; //!< split_layout: the absmax of the task's second block
 };
 
-//! Loads full task `task` of `entry` into `d` (streaming 16-byte loads, as fused_task does), in
-//! the split lane layout when `Split` (split_layout).
-template <bool Split = false, update_rule Rule, state_policy Policy, class P, class G, class Index>
+//! Loads full task `task` of `entry` into `d` (streaming 16-byte loads, as fused_task does).
+template <update_rule Rule, state_policy Policy, class P, class G, class Index>
 __device__ QMEM_INLINE void load_full_task(tensor_entry const* entry, Index task, unsigned lane,
                                            full_task_data<Rule, Policy, P, G>& d) {
   using traits = kernel_traits<Rule, Policy>;
   constexpr int E = traits::per_lane;
-  static_assert(!Split || split_layout<Rule, Policy, P, G>);
-  if constexpr (Split) {
-    Index const first0 = task * Index{traits::task_elements} + Index{lane} * 4;
-    Index const first1 = first0 + 128;
-    auto const* const param = static_cast<float const*>(entry->param);
-    auto const* const grad = static_cast<float const*>(entry->grad);
-    float h[2][4];
-    load_stream(param + first0, h[0]);
-    load_stream(param + first1, h[1]);
-    std::memcpy(d.p, h, sizeof(h));
-    load_stream(grad + first0, h[0]);
-    load_stream(grad + first1, h[1]);
-    std::memcpy(d.g_raw, h, sizeof(h));
-    for_states<Rule::state_count>([&](auto J) {
-      using F = typename traits::template format<J.value>;
-      auto const* const codes = static_cast<std::uint8_t const*>(entry->state[J.value]);
-      d.absmax[J.value] = entry->absmax[J.value][2 * task];
-      d.absmax_hi[J.value] = entry->absmax[J.value][2 * task + 1];
-      std::uint8_t b[2][2];
-      load_stream(codes + code_offset<F>(first0), b[0]);
-      load_stream(codes + code_offset<F>(first1), b[1]);
-      std::memcpy(d.state[J.value], b, 4);
-    });
-    return;
-  }
   Index const first = task * Index{traits::task_elements} + Index{lane} * E;
   Index const block = detail::lane_block<Rule, Policy>(task, first);
   auto const* const param = static_cast<P const*>(entry->param);
@@ -709,7 +632,7 @@ using cuda_detail::pdl_wait;
 //! checked that the whole task lies inside the tensor and that its pointers are aligned for the
 //! vector path, so the element bounds checks and the scalar path compile away.
 template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite,
-          bool Full, bool Preloaded = false, class Index = std::uint64_t, bool Split = false>
+          bool Full, bool Preloaded = false, class Index = std::uint64_t>
 __device__ QMEM_INLINE void
 fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& k, float grad_scale,
            std::int32_t step, std::uint64_t seed, bool param_sr,
@@ -721,13 +644,7 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
   constexpr int S = Rule::state_count;
   std::uint64_t const size = entry->size;
   static_assert(sizeof(Index) == 8 || (Full && Preloaded), "a 32-bit index: full tasks only");
-  // split_layout (preloaded full tasks only): `first` is the lane's first element of block 0,
-  // `first_hi` its first of block 1
-  constexpr bool split = Split;
-  static_assert(!Split || (Preloaded && split_layout<Rule, Policy, P, G>));
-  Index const first =
-      task * Index{traits::task_elements} + Index{lane} * (split ? Index{4} : Index{E});
-  [[maybe_unused]] Index const first_hi = first + Index{128};
+  Index const first = task * Index{traits::task_elements} + Index{lane} * E;
   Index const block = lane_block<Rule, Policy>(task, first); // this lane's absmax block
   bool const vector_path = Full || (entry->vectorized != 0 && first + E <= size);
   auto* const param = static_cast<P*>(entry->param);
@@ -793,14 +710,11 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
       constexpr int code_bytes = E * F::bits / 8;
       auto const& fc = tables.template codec_for<state_sign_v<Rule, J.value>>();
       float old_absmax = 0.0f;
-      [[maybe_unused]] float old_absmax_hi = 0.0f; // split: block 1's
       std::uint8_t bytes[code_bytes];
       [[maybe_unused]] auto const* const codes =
           static_cast<std::uint8_t const*>(state) + code_offset<F>(first);
       if constexpr (Preloaded) {
         old_absmax = pre->absmax[J.value];
-        if constexpr (split)
-          old_absmax_hi = pre->absmax_hi[J.value];
         std::memcpy(bytes, pre->state[J.value], code_bytes);
       } else if (vector_path) {
         old_absmax = entry->absmax[J.value][block];
@@ -841,11 +755,10 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
           for (int b = 0; b < 4; ++b) {
 #if defined(__CUDA_ARCH__)
             auto const select = static_cast<unsigned>(0x7650 + b); // byte b, then base's 1-3
-            float const am = split && b >= 2 ? old_absmax_hi : old_absmax;
             s[J.value][8 * w + 2 * b] = optim::detail::fmath::mul(
-                load_shared_f32<value_at>(__byte_perm(high, table_base, select)), am);
+                load_shared_f32<value_at>(__byte_perm(high, table_base, select)), old_absmax);
             s[J.value][8 * w + 2 * b + 1] = optim::detail::fmath::mul(
-                load_shared_f32<value_at>(__byte_perm(low, table_base, select)), am);
+                load_shared_f32<value_at>(__byte_perm(low, table_base, select)), old_absmax);
 #else // (the host pass parses this; no host code calls it)
             auto const select = static_cast<unsigned>(0x4440 + b); // byte b, zeros above
             s[J.value][8 * w + 2 * b] = optim::detail::fmath::mul(
@@ -980,12 +893,7 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
     for (int i = 0; i < E; ++i)
       out[i] = from_float<P>(p[i]);
   }
-  if constexpr (split) {
-    float h[2][4];
-    std::memcpy(h, out, sizeof(h));
-    store_stream(param + first, h[0]);
-    store_stream(param + first_hi, h[1]);
-  } else if (vector_path) {
+  if (vector_path) {
     store_stream(param + first, out);
     if (master != nullptr)
       store_stream(master + first, p);
@@ -1010,23 +918,12 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
       // the block max of the magnitudes, NaN ignored: fmaxf returns the non-NaN operand, and
       // equals `a > local ? a : local` otherwise (both >= +0): one FMNMX per element, not two
       float local = 0.0f;
-      [[maybe_unused]] float local_hi = 0.0f;
       QMEM_UNROLL
-      for (int i = 0; i < E; ++i) {
-        if (split && i >= E / 2)
-          local_hi = fmaxf(local_hi, fabsf(s[J.value][i]));
-        else
-          local = valid[i] ? fmaxf(local, fabsf(s[J.value][i])) : local;
-      }
-      constexpr int block_lanes = split ? 32 : traits::lanes_per_block;
-      float const absmax = warp_max<block_lanes>(local);
-      [[maybe_unused]] float const absmax_hi = split ? warp_max<32>(local_hi) : 0.0f;
-      if constexpr (split) {
-        if (lane < 2)
-          entry->absmax[J.value][block + lane] = lane == 0 ? absmax : absmax_hi;
-      } else if (lane % traits::lanes_per_block == 0 && (Full || first < size)) {
+      for (int i = 0; i < E; ++i)
+        local = valid[i] ? fmaxf(local, fabsf(s[J.value][i])) : local;
+      float const absmax = warp_max<traits::lanes_per_block>(local);
+      if (lane % traits::lanes_per_block == 0 && (Full || first < size))
         entry->absmax[J.value][block] = absmax;
-      }
       std::uint8_t bytes[code_bytes];
       if constexpr (codec_t::has_block_route && (F::bits == 8 || F::bits == 4) &&
                     (code_bytes % 4 == 0 || code_bytes == 2)) {
@@ -1045,29 +942,7 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
         };
         // the block's scale is computed in the branch that reads it (the double reciprocal of
         // scale_of, with its slow-path call, only where the fp32 route does not apply)
-        if constexpr (split) {
-          // two blocks, each over the whole warp (the tests below are warp-uniform)
-          auto gather2 = [&](auto const& s0, auto const& s1, auto&& high_of) {
-            QMEM_UNROLL
-            for (int i = 0; i < E; ++i)
-              high[i] = high_of(s[J.value][i], i < E / 2 ? s0 : s1);
-          };
-          if (codec_t::block_route(absmax) && codec_t::block_route(absmax_hi)) {
-            auto const s0 = codec_t::block_route_scale(absmax);
-            auto const s1 = codec_t::block_route_scale(absmax_hi);
-            if (codec_t::nan_select && states_finite)
-              gather2(s0, s1, [&](float v, auto const& sc) {
-                return fc.template encode_block_high<false>(v, sc);
-              });
-            else
-              gather2(s0, s1, [&](float v, auto const& sc) { return fc.encode_block_high(v, sc); });
-          } else {
-            gather2(fc.scale_of(absmax), fc.scale_of(absmax_hi), [&](float v, auto const& sc) {
-              return std::uint32_t{fc.encode(v, sc)} << shift;
-            });
-          }
-        } else if (codec_t::block_route(absmax)) {
-          // (uniform over the block's lanes; the others rarely taken)
+        if (codec_t::block_route(absmax)) { // uniform over the block's lanes; the others rarely
           auto const scale = codec_t::block_route_scale(absmax);
           // a lane whose states the lane-wide update left in its fast range holds no NaN: its
           // encode skips NaN's select (codec_t::nan_select; ptxas sm_90, AdamW 4-bit: a FSETP
@@ -1155,13 +1030,7 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
         }
       }
       auto* const codes = static_cast<std::uint8_t*>(state) + code_offset<F>(first);
-      if constexpr (split) {
-        static_assert(code_bytes == 4);
-        std::uint8_t b[2][2];
-        std::memcpy(b, bytes, 4);
-        store_stream(codes, b[0]);
-        store_stream(static_cast<std::uint8_t*>(state) + code_offset<F>(first_hi), b[1]);
-      } else if (vector_path) {
+      if (vector_path) {
         store_stream(codes, bytes);
       } else if constexpr (!Full) {
         std::uint64_t const code_count = F::bits == 8 ? size : (size + 1) / 2;
@@ -1418,23 +1287,9 @@ partial_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scala
                                                            param_sr, tables, lane);
 }
 
-namespace detail {
-//! Whether the fused kernel of Rule x Policy x P copies its tensor's entry into registers
-//! (fused_entry_in_registers: fp32 parameters, two-state pipelined kernels).
-template <update_rule Rule, state_policy Policy, class P>
-inline constexpr bool copy_entry = (fused_entry_in_registers && std::same_as<P, float> &&
-                                    pipelined<Rule, Policy> && Rule::state_count >= 2);
-//! Whether Rule x Policy x P has a one-tensor kernel (QMEM_OPTIM_FUSED_SINGLE_ENTRY).
-template <update_rule Rule, state_policy Policy, class P>
-inline constexpr bool has_single_kernel =
-    QMEM_OPTIM_FUSED_SINGLE_ENTRY != 0 && copy_entry<Rule, Policy, P>;
-} // namespace detail
-
 //! The fused kernel: warp tasks [task_begin, task_end) across all tensors, grid-stride or in one
-//! contiguous range per warp (fused_contiguous_below). `Single` (has_single_kernel): the launch
-//! holds one tensor, whose entry is args.single.
-template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite,
-          bool Single = false>
+//! contiguous range per warp (fused_contiguous_below).
+template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
 __global__ void __launch_bounds__(fused_block_threads,
                                   detail::pipelined<Rule, Policy>
                                       ? QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED
@@ -1487,16 +1342,11 @@ __global__ void __launch_bounds__(fused_block_threads,
     // QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS: the tensor's pointers copied once per tensor, not
     // reloaded from global memory per task (the stores between could alias them)
     // (fp32 parameters and two-state pipelined kernels only: see fused_entry_in_registers)
-    constexpr bool copy_entry = detail::copy_entry<Rule, Policy, P>;
-    static_assert(!Single || detail::has_single_kernel<Rule, Policy, P>);
+    constexpr bool copy_entry = fused_entry_in_registers && std::same_as<P, float> &&
+                                detail::pipelined<Rule, Policy> && Rule::state_count >= 2;
     [[maybe_unused]] tensor_entry entry_copy;
-    if constexpr (Single) {
-#if QMEM_OPTIM_FUSED_SINGLE_ENTRY
-      entry_copy = args.single;
-#endif
-    } else if constexpr (copy_entry) {
+    if constexpr (copy_entry)
       entry_copy = args.tensors[owner];
-    }
     tensor_entry const* const entry = copy_entry ? &entry_copy : args.tensors + owner;
     std::uint64_t const first_task = entry->first_task;
     std::uint64_t const stop = entry->end_task < range_end ? entry->end_task : range_end;
@@ -1506,10 +1356,7 @@ __global__ void __launch_bounds__(fused_block_threads,
     if constexpr (detail::pipelined<Rule, Policy>) {
       // the next depth - 1 full tasks' loads are issued before the current one computes
       std::uint64_t const full_stop = full_end < stop ? full_end : stop;
-      constexpr int depth =
-          Single ? QMEM_OPTIM_FUSED_SINGLE_DEPTH : detail::pipeline_depth<Rule, Policy>;
-      // the split lane layout (split_layout) in the one-tensor kernels
-      constexpr bool split = Single && detail::split_layout<Rule, Policy, P, G>;
+      constexpr int depth = detail::pipeline_depth<Rule, Policy>;
       // with 32-bit tensor-relative indices (fused_index32_max_size: the casts below are exact,
       // each taken of a task below full_stop); a larger tensor takes the loop after this one
       if (task < full_stop && entry->size <= fused_index32_max_size) {
@@ -1520,20 +1367,19 @@ __global__ void __launch_bounds__(fused_block_threads,
         QMEM_UNROLL
         for (int d = 0; d + 1 < depth; ++d)
           if (task + d * warps < full_stop)
-            detail::load_full_task<split>(entry, static_cast<Index>(task + d * warps - first_task),
-                                          lane, buffer[d]);
+            detail::load_full_task(entry, static_cast<Index>(task + d * warps - first_task), lane,
+                                   buffer[d]);
         auto run = [&](auto const& cur, auto& ahead) {
           std::uint64_t const ahead_task = task + (depth - 1) * warps;
           if (ahead_task < full_stop)
-            detail::load_full_task<split>(entry, static_cast<Index>(ahead_task - first_task), lane,
-                                          ahead);
+            detail::load_full_task(entry, static_cast<Index>(ahead_task - first_task), lane, ahead);
           if constexpr (QMEM_OPTIM_FUSED_PREFETCH_L2 != 0) {
             std::uint64_t const far_task = ahead_task + warps;
             if (far_task < full_stop)
               detail::prefetch_full_task<Rule, Policy, P, G>(
                   entry, static_cast<Index>(far_task - first_task), lane);
           }
-          detail::fused_task<Rule, Policy, P, G, NonFinite, true, true, Index, split>(
+          detail::fused_task<Rule, Policy, P, G, NonFinite, true, true>(
               entry, static_cast<Index>(task - first_task), k, grad_scale, step, args.seed,
               args.param_stochastic != 0, tables, lane, &cur);
           task += warps;

@@ -494,9 +494,6 @@ private:
   std::vector<std::uint64_t> tensor_first_task_; // per caller tensor (empty ones included)
   std::vector<std::size_t> tensor_state_bytes_;  // per caller tensor: state + absmax bytes
   detail::device_array<tensor_entry> entries_;
-#if QMEM_OPTIM_FUSED_SINGLE_ENTRY
-  tensor_entry single_entry_{}; // entries_[0] when there is one entry (fused_args::single)
-#endif
   detail::device_array<std::uint64_t> norm_first_piece_; // [entries + 1]: the norm pass's pieces
   detail::device_array<Rule> rules_;
   detail::device_array<typename Rule::scalars> scalars_;
@@ -588,10 +585,6 @@ public:
                                                 optim::detail::norm_piece;
     norm_piece_count_ = first_piece.back();
     entries_ = {n, device, memory::category::workspace};
-#if QMEM_OPTIM_FUSED_SINGLE_ENTRY
-    if (n == 1)
-      single_entry_ = entries[0];
-#endif
     norm_first_piece_ = {n + 1, device, memory::category::workspace};
     rules_ = {n, device, memory::category::workspace};
     scalars_ = {n, device, memory::category::workspace};
@@ -682,27 +675,22 @@ public:
       return;
     cuda_detail::device_guard guard(e.device);
     cuda_step_options const& o = controller_->options();
-    fused_args<Rule, Policy> const args {
-      entries_.data(), scalars_.data(), controller_->control(), task_begin, task_end, o.seed,
-          entry_count_, o.rounding == param_rounding::stochastic ? 1u : 0u, traits::tables::make()
-#if QMEM_OPTIM_FUSED_SINGLE_ENTRY
-                                                                                ,
-          single_entry_
-#endif
-    };
+    fused_args<Rule, Policy> const args{entries_.data(),
+                                        scalars_.data(),
+                                        controller_->control(),
+                                        task_begin,
+                                        task_end,
+                                        o.seed,
+                                        entry_count_,
+                                        o.rounding == param_rounding::stochastic ? 1u : 0u,
+                                        traits::tables::make()};
     constexpr std::uint64_t block_warps = fused_block_threads / 32;
     std::uint64_t const blocks_needed = (task_end - task_begin + block_warps - 1) / block_warps;
     int const grid = static_cast<int>(std::min<std::uint64_t>(blocks_needed, grid_));
     // skip_step and raise: resolve() already skipped a step with a non-finite gradient
-    auto* kernel = o.nonfinite == nonfinite_policy::skip_element
-                       ? fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>
-                       : fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>;
-    // (QMEM_OPTIM_FUSED_SINGLE_ENTRY, an untimed candidate: one tensor, its entry a parameter)
-    if constexpr (detail::has_single_kernel<Rule, Policy, P>)
-      if (entry_count_ == 1)
-        kernel = o.nonfinite == nonfinite_policy::skip_element
-                     ? fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element, true>
-                     : fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step, true>;
+    auto* const kernel = o.nonfinite == nonfinite_policy::skip_element
+                             ? fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>
+                             : fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>;
     cuda_detail::launch(e, step_pdl, kernel, dim3(static_cast<unsigned>(grid)),
                         dim3(fused_block_threads), 0, "fused_step_kernel", args);
   }
