@@ -112,10 +112,13 @@ tests=$build/qmem_tests_cuda
 # box, 2026-11-30 14:23-14:44 UTC, NOT a quiet machine: another CI build ran alongside, load 6),
 # user CPU seconds (wall): the old unit 540 (828); the new ones 79 (124), 93 (153), 56 (91),
 # 27 (44): 255 in all, the largest 17% of the old unit (the one large module cost twice its parts;
-# peak memory 7.9 GB against 2.2 GB for the largest new unit). On the H200 machine (2026-11-30
-# 16:01 UTC, 20 units at once on its 16 vCPUs) the whole test build still took 312 s: the split
-# removed the one long unit, but the units together are more CPU work than 16 vCPUs (which share
-# physical cores) do in 87 s. Each unit's time is now logged (slowest first) to find the next cut.
+# peak memory 7.9 GB against 2.2 GB for the largest new unit). On the H200 machine the whole test
+# build at the default -O3 took 312 s (2026-11-30 16:01 UTC, 20 units at once on its 16 vCPUs;
+# the 87 s above were with TEST_FAST=1). Each unit's time is now logged, slowest first: at -O3
+# (17:10 UTC, 15 units without the matmul ones, 8 more units compiling beside them at nice 19)
+# tests/quant/blockwise_test.cpp 226 s, optim/cuda_features_test.cpp 110, cuda_blockwise_test 93,
+# golden/formats_test 91, optim/cuda_optim_test 84: blockwise_test.cpp is the next unit to split,
+# and TEST_FAST=1 is the quick way to a short build.
 test_opt=()
 [[ ${NVCC_SPLIT:-1} != 1 ]] && test_opt+=(--split-compile="$NVCC_SPLIT")
 [[ ${TEST_FAST:-0} == 1 ]] && test_opt+=(-Ofc max)
