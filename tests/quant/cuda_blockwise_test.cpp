@@ -355,6 +355,9 @@ TEST_CASE("cuda blockwise: odd sizes, partial vectors and many blocks per CTA") 
     CAPTURE(n);
     auto const v = test_values(n, static_cast<std::uint32_t>(n), true);
     check_gpu_equals_host<nf4, bf16>(v, 64, 0, 0, 0);
+    // quantize_whole with a compile-time block size (whole_fixed_shift): 2-byte inputs in blocks
+    // of 64, floats in blocks of 256 (above); the same codes with a runtime size: fp4 from f16 32
+    check_gpu_equals_host<fp4, bf16>(v, 64, 0, 0, 0);
     check_gpu_equals_host<fp4, f16>(v, 32, 0, 0, 0);
     check_gpu_equals_host<dynamic_signed, float>(v, 256, 0, 0, 0);
     check_gpu_equals_host<dynamic_signed, bf16>(v, 4096, 0, 0, 0);

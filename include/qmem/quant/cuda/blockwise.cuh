@@ -682,6 +682,29 @@ inline constexpr int whole_min_ctas = Items == whole_items<T> ? 6 : 4;
 template <class EncoderStorage>
 inline constexpr int whole_waves = 4;
 
+//! The block size (log2) for which quantize_whole is instantiated with a compile-time block size
+//! (its FixedShift), by element type and items per thread, or 0 for none: 2-byte inputs in blocks
+//! of 64 (the 4-bit formats' default block, bitsandbytes' too), floats in blocks of 256 (the int8
+//! row of issue 3). One size per input type, so that each (code, input) pair adds one kernel;
+//! every other size runs the runtime-size kernel, whose SASS is unchanged. The instructions of one
+//! step of a thread on a normal block (SASS, ptxas 13.0, sm_90a, 2026-11-30, the hot path traced
+//! through the branches): FP4 / NF4 from bf16, block 64 (32 values): 404 -> 387, local loads
+//! 3 -> 1 (one 8-byte spill pair inside the encode); int8 from fp32, block 256 (16 values):
+//! 330 -> 273, no spills either way. The group's shuffles (a loop over offsets), the regrouping
+//! of the codes (branches on the group size) and the 64-bit block index arithmetic fold away.
+//! Timed on the H200 (2026-11-30 17:25 UTC, 2^28 elements, main's kernel and this one in
+//! alternating fresh processes, 3 rounds, ms): FP4 block 64 0.1907 / 0.1919 / 0.1919 ->
+//! 0.1878 / 0.1884 / 0.1893 (-1.6%), NF4 0.1899 / 0.1910 / 0.1919 -> 0.1886 / 0.1870 / 0.1878
+//! (-1.6%), int8 block 256 0.3367 / 0.3366 / 0.3375 -> 0.3361 / 0.3377 / 0.3363 (unchanged: 95%
+//! of the copy, bandwidth-bound; kept for its 17% fewer instructions).
+template <class T, int Items>
+inline constexpr int whole_fixed_shift = Items != whole_items<T>
+                                             ? 0
+                                             : (sizeof(T) == 2 ? 6 : (sizeof(T) == 4 ? 8 : 0));
+//! The most blocks of a quantize_whole launch with a compile-time block size (32-bit block
+//! indices: blk + stride stays below 2^32).
+inline constexpr size_t whole_fixed_max_blocks = size_t{1} << 31;
+
 //! Quantize kernel of whole blocks, nearest rounding: aligned input and codes, a power-of-two
 //! block size of at least Items, `blocks` blocks all full (the caller quantizes a partial last
 //! block with quantize_scalar). The layout is quantize_aligned's (a group of block / Items
@@ -696,10 +719,14 @@ inline constexpr int whole_waves = 4;
 //! 0.197 to 0.182 at block 256 with it; here ptxas 13.0 spills the prefetched vectors (3 CTAs: 80
 //! registers, 104 bytes of spill stores; 4 CTAs: 64 registers, 64 bytes). quant_bench's
 //! `nf4_quantize_whole_variant` times it against the dispatched kernel.
+//! `FixedShift`: log2 of the block size when it is known at compile time (the caller then passes
+//! the same value as `block_shift`), or 0 when it is not (any block size, read from `block_shift`).
+//! With it the group's shuffles, the code regrouping and the block addressing fold to constants
+//! (whole_fixed_shift).
 template <class C, class T, int Items, class Transform, int MinCtas = whole_min_ctas<T, Items>,
-          bool Prefetch = false>
+          bool Prefetch = false, int FixedShift = 0>
 __global__ void __launch_bounds__(cta_threads, MinCtas)
-    quantize_whole(T const* QMEM_RESTRICT x, size_t blocks, int block_shift,
+    quantize_whole(T const* QMEM_RESTRICT x, size_t blocks, int runtime_block_shift,
                    uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, book_t<C> book,
                    typename normal_encoder<C>::params const enc_params, Transform transform) {
   using lay = thread_layout<C, T, Items>;
@@ -707,8 +734,14 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
   constexpr int code_bytes_per_vector = lay::code_bytes_per_vector;
   // four vectors of four code bytes per thread: small groups store through gather_block_words
   constexpr bool gathered = vectors == 4 && code_bytes_per_vector == 4;
+  static_assert(FixedShift == 0 ||
+                    ((1 << FixedShift) >= Items && (1 << FixedShift) / Items <= cta_threads),
+                "a block holds at least Items, and a group fits in a CTA of cta_threads");
+  int const block_shift = FixedShift != 0 ? FixedShift : runtime_block_shift;
   int const group_size = (1 << block_shift) / Items;
-  int const blocks_per_cta = static_cast<int>(blockDim.x) / group_size;
+  // with a compile-time block size the caller launches cta_threads threads per CTA
+  int const blocks_per_cta =
+      (FixedShift != 0 ? cta_threads : static_cast<int>(blockDim.x)) / group_size;
   // a programmatic dependent launched after this kernel (double quantization's
   // offset_nested_quantize) may place its CTAs as SMs free up in this grid's last wave; it waits
   // (griddepcontrol.wait) for this grid to finish before it reads what this grid writes (H200,
@@ -723,12 +756,28 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
   auto const tf = transform_state<Transform>::load(transform);
 
   int const group = static_cast<int>(threadIdx.x) / group_size;
-  int const lane = static_cast<int>(threadIdx.x) % group_size;
-  size_t const stride = static_cast<size_t>(gridDim.x) * static_cast<size_t>(blocks_per_cta);
-  size_t const first = static_cast<size_t>(blockIdx.x) * static_cast<size_t>(blocks_per_cta) +
-                       static_cast<size_t>(group);
-  auto load = [&](uint4(&v)[vectors], size_t b) {
-    uint4 const* const xb = reinterpret_cast<uint4 const*>(x + (b << block_shift)) + lane;
+  // This thread's lane in its group. With a compile-time block size it is computed again where
+  // it is used (volatile: ptxas neither hoists nor merges the reads), instead of held through the
+  // step in a register, which ptxas spilled at the 40-register bound (below).
+  int const thread_lane = static_cast<int>(threadIdx.x) % group_size;
+  auto const lane = [&]() -> int {
+    if constexpr (FixedShift != 0) {
+      uint32_t tid;
+      asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+      return static_cast<int>(tid % static_cast<uint32_t>(group_size));
+    } else {
+      return thread_lane;
+    }
+  };
+  // block indices in 32 bits with a compile-time block size (the caller guarantees
+  // blocks <= whole_fixed_max_blocks, so that blk + stride cannot wrap)
+  using index = std::conditional_t<FixedShift != 0, uint32_t, size_t>;
+  index const stride = static_cast<index>(gridDim.x) * static_cast<index>(blocks_per_cta);
+  index const first = static_cast<index>(blockIdx.x) * static_cast<index>(blocks_per_cta) +
+                      static_cast<index>(group);
+  auto load = [&](uint4(&v)[vectors], index b) {
+    uint4 const* const xb =
+        reinterpret_cast<uint4 const*>(x + (static_cast<size_t>(b) << block_shift)) + lane();
     QMEM_UNROLL
     for (int j = 0; j < vectors; ++j)
       v[j] = __ldg(xb + j * group_size);
@@ -737,9 +786,22 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
   if constexpr (Prefetch)
     if (first < blocks)
       load(next, first);
-  for (size_t blk = first; blk - static_cast<size_t>(group) < blocks; blk += stride) {
+  // With a compile-time block size the stride is read again at each step (a constant-bank read;
+  // volatile, so that ptxas does not hoist it into a register): held in a register it was spilled
+  // at the 40-register bound (ptxas 13.0 sm_90a, 2026-11-30: int8 from fp32 block 256, one local
+  // load per step, none with this; FP4 from bf16 block 64, the same with the lane below: 3 -> 1).
+  auto const next_stride = [&]() -> index {
+    if constexpr (FixedShift != 0) {
+      uint32_t ctas;
+      asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(ctas));
+      return ctas * static_cast<index>(blocks_per_cta);
+    } else {
+      return stride;
+    }
+  };
+  for (index blk = first; blk - static_cast<index>(group) < blocks; blk += next_stride()) {
     bool const active = blk < blocks;
-    size_t const begin = blk << block_shift;
+    size_t const begin = static_cast<size_t>(blk) << block_shift;
     uint4 raw[vectors] = {};
     if constexpr (Prefetch) {
       QMEM_UNROLL
@@ -762,7 +824,7 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
       if (group_size <= 4) {
         uint32_t w[4] = {};
         if (active) {
-          if (lane == 0)
+          if (lane() == 0)
             absmax[blk] = amax;
           if (normal) {
             float const inv = rcp_normal(amax);
@@ -776,17 +838,18 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
               w[j] = encode_vector_word<C, T>(raw[j], inv, tf, general);
           }
         }
-        uint4 const words = gather_block_words(w, group_size, lane);
+        uint4 const words = gather_block_words(w, group_size, lane());
         if (active)
-          *reinterpret_cast<uint4*>(codes + (C::bits == 8 ? begin : begin / 2) + 16 * lane) = words;
+          *reinterpret_cast<uint4*>(codes + (C::bits == 8 ? begin : begin / 2) + 16 * lane()) =
+              words;
         continue;
       }
     }
     if (!active)
       continue;
-    if (lane == 0)
+    if (lane() == 0)
       absmax[blk] = amax;
-    uint8_t* const cb = codes + (C::bits == 8 ? begin : begin / 2) + lane * code_bytes_per_vector;
+    uint8_t* const cb = codes + (C::bits == 8 ? begin : begin / 2) + lane() * code_bytes_per_vector;
     if (normal) {
       float const inv = rcp_normal(amax);
       QMEM_UNROLL
@@ -2048,13 +2111,21 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
       int const group = static_cast<int>(block_size / Items);
       int const threads = group > cta_threads ? group : cta_threads;
       size_t const per_step = static_cast<size_t>(threads / group);
-      auto kernel = quantize_whole<C, T, Items, Transform>;
-      unsigned const grid = grid_for(kernel, threads, whole / per_step + 1, e.device,
-                                     whole_waves<typename normal_encoder<C>::storage>);
-      qmem::cuda_detail::launch(e, false, kernel, dim3(grid), dim3(static_cast<unsigned>(threads)),
-                                0, "qmem::quant quantize_whole", x, whole, log2_exact(block_size),
-                                codes, absmax, C::book, normal_encoder<C>::host_params(e.device),
-                                tf);
+      auto const go = [&]<int FixedShift>(std::integral_constant<int, FixedShift>) {
+        auto kernel =
+            quantize_whole<C, T, Items, Transform, whole_min_ctas<T, Items>, false, FixedShift>;
+        unsigned const grid = grid_for(kernel, threads, whole / per_step + 1, e.device,
+                                       whole_waves<typename normal_encoder<C>::storage>);
+        qmem::cuda_detail::launch(
+            e, false, kernel, dim3(grid), dim3(static_cast<unsigned>(threads)), 0,
+            "qmem::quant quantize_whole", x, whole, log2_exact(block_size), codes, absmax, C::book,
+            normal_encoder<C>::host_params(e.device), tf);
+      };
+      constexpr int fixed = whole_fixed_shift<T, Items>;
+      if (fixed != 0 && block_size == size_t{1} << fixed && whole <= whole_fixed_max_blocks)
+        go(std::integral_constant<int, fixed>{});
+      else
+        go(std::integral_constant<int, 0>{});
     }
     if (whole != blocks) {
       size_t const begin = whole * block_size;
