@@ -14,6 +14,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <source_location>
 #include <string>
@@ -119,16 +120,21 @@ public:
   ~relaxed_capture_scope() { (void)cudaThreadExchangeStreamCaptureMode(&mode_); }
 };
 
-//! Number of multiprocessors of `device` (cached per device, first 64 devices).
+//! Number of multiprocessors of `device` (cached per device, first 64 devices). Safe to call from
+//! several threads at once: the cache entries are atomics (two first callers may both ask the
+//! driver; they store the same value).
 inline int sm_count(int device) {
-  static int cache[64] = {};
-  if (device >= 0 && device < 64 && cache[device] != 0)
-    return cache[device];
+  static std::atomic<int> cache[64] = {};
+  bool const cached = device >= 0 && device < 64;
+  if (cached) {
+    if (int const n = cache[device].load(std::memory_order_relaxed); n != 0)
+      return n;
+  }
   int n = 0;
   check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
         "cudaDeviceGetAttribute(MultiProcessorCount)");
-  if (device >= 0 && device < 64)
-    cache[device] = n;
+  if (cached)
+    cache[device].store(n, std::memory_order_relaxed);
   return n;
 }
 
