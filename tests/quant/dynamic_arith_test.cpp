@@ -1,8 +1,8 @@
 // The arithmetic dynamic-map encoder (quant/detail/dynamic_arith.hpp) returns, wherever it does
 // not flag a value, exactly the code of the 8-bit optimizer states' element encoder
 // (F::fix_sign(Code::encode(x), x), as the block tables of optim/optimizer.hpp tabulate it), for
-// both dynamic maps. CI: every 61st float pattern of both signs plus every step +-64 patterns,
-// also against bitsandbytes' search directly, and every 61st run of 16 patterns for the rest;
+// both dynamic maps. CI: every 1021st float pattern of both signs plus every step +-64 patterns,
+// also against bitsandbytes' search directly, and every 1021st run of 16 patterns for the rest;
 // QMEM_EXHAUSTIVE=1: every float but NaN (2^32 - 2^24 patterns, two threads), against the block
 // table (itself proven equal to the search over all floats by tests/optim/host_simd_test.cpp with
 // QMEM_EXHAUSTIVE=1). The rest: the reciprocal path's encoder (`near` = 3, the one
@@ -95,7 +95,7 @@ void check_format(std::string const& name) {
       FAIL_CHECK(name, ": bits ", u, " arith ", c, " table ", int(table.encode(x)), " search ",
                  int(element_encode<F>(x)));
   };
-  for (std::uint64_t u = 0; u <= 0xffffffffu; u += 61)
+  for (std::uint64_t u = 0; u <= 0xffffffffu; u += 1021)
     check(static_cast<std::uint32_t>(u));
   // every step of both signs +-64 patterns (each code's largest magnitude below, by search)
   for (std::uint32_t sign : {0u, 0x80000000u})
@@ -132,7 +132,7 @@ void check_format(std::string const& name) {
   CHECK(optim::detail::arith8_of<F>().eps() == near3.eps());
   CHECK(optim::detail::arith8_for(table) == &optim::detail::arith8_of<F>());
   bool const exhaustive = std::getenv("QMEM_EXHAUSTIVE") != nullptr;
-  std::uint64_t const stride = exhaustive ? 16 : 16 * 61;
+  std::uint64_t const stride = exhaustive ? 16 : 16 * 1021;
   std::atomic<std::size_t> wrong{0}, wrong_near{0}, wrong_simd{0}, swept{0};
 #if QMEM_OPTIM_HOST_SIMD
   bool const simd = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");

@@ -1,9 +1,10 @@
 #pragma once
 //! \file
 //! An arithmetic form of the 8-bit dynamic maps' exact encoder (bitsandbytes' create_dynamic_map,
-//! signed and unsigned, as the 8-bit optimizer states use them), meant to replace the search
-//! table's gather in the host AdamW step (optim/detail/host_simd.hpp). EXPERIMENTAL: scalar only;
-//! no kernel uses it yet (see docs/optim.md, "Host").
+//! signed and unsigned, as the 8-bit optimizer states use them). The host AdamW step's 8-bit
+//! reciprocal encode runs its AVX-512 form instead of the search table's gather
+//! (optim/detail/host_simd.hpp: use_arith8, arith_encode16, arith8_for); this scalar form builds
+//! its tables and is the reference the tests compare the vector form with.
 //!
 //! The dynamic map is, per sign, a zero code, seven decades 10^(i-6) [0.1, 1] of n_i evenly
 //! spaced values (signed: n_i = 2^i; unsigned: 2^(i+1)) and the code of 1.0. Inside decade i the
