@@ -791,6 +791,29 @@ pack_codes64(__m512i const (&c)[4]) noexcept {
 //! there). Same codes (tests/quant/dynamic_arith_test.cpp over every float).
 inline constexpr bool use_arith8 = true;
 
+//! Where the arithmetic encoder runs (use_arith8 on): -1 (default) on AMD CPUs only, 0 never, 1 on
+//! every CPU with AVX-512 VBMI (tests force it to compare both encoders on any machine). On the
+//! GPU machine's Intel Xeon the gather stays faster: AdamW 8-bit step, 2026-11-30 17:59-18:00
+//! UTC, two alternating rounds, gather -> arithmetic: one thread (CPU time) 2^22 6.27 / 6.44 ->
+//! 8.12 / 8.25 ms, 2^26 114 / 145 -> 133 / 155 ms; 16 threads 2^22 0.583 / 0.665 -> 0.730 / 0.770
+//! ms, 2^26 10.5 / 10.8 -> 12.2 / 12.7 ms (+15 to +30%): its gathers are cheap and its permutes
+//! share one port, while on Zen 4 one 16-lane gather costs ~5.3 ns whatever the mask.
+inline std::atomic<int>& host_arith8_mode() noexcept {
+  static std::atomic<int> mode{-1};
+  return mode;
+}
+
+//! Whether this CPU's 8-bit step encodes the dynamic maps by arithmetic (host_arith8_mode).
+inline bool host_arith8() noexcept {
+#if QMEM_OPTIM_HOST_SIMD
+  static bool const amd = __builtin_cpu_is("amd");
+  int const mode = host_arith8_mode().load(std::memory_order_relaxed);
+  return use_arith8 && (mode > 0 || (mode < 0 && amd));
+#else
+  return false;
+#endif
+}
+
 //! The block table of the 8-bit state format F's element encoder, xn -> F::fix_sign(encode(xn), xn)
 //! (host_encoder<F>::block_table() tabulates the same function, so the entries are equal).
 template <class F>
@@ -1031,7 +1054,7 @@ arith_flagged(std::uint32_t const* w, __m512 nearest) noexcept {
 struct recip8_block {
   std::uint32_t const* recip_entries;
   std::uint32_t const* block_entries;
-  //! The arithmetic encoder's words (use_arith8 and recip_table8::arith()), or nullptr.
+  //! The arithmetic encoder's words (host_arith8() and recip_table8::arith()), or nullptr.
   std::uint32_t const* arith;
   __m512 a; //!< absmax
   __m512 r; //!< RN(1 / absmax)
@@ -1042,7 +1065,7 @@ struct recip8_block {
   __attribute__((target("avx512f"), always_inline))
   recip8_block(std::uint32_t const* recip, std::uint32_t const* block, float amax) noexcept
       : recip_entries(recip), block_entries(block),
-        arith(use_arith8 && recip[recip_table8::arith_offset + arith8_words::present] != 0
+        arith(host_arith8() && recip[recip_table8::arith_offset + arith8_words::present] != 0
                   ? recip + recip_table8::arith_offset
                   : nullptr),
         a(_mm512_set1_ps(amax)), r(_mm512_set1_ps(1.0f / amax)) {}
