@@ -111,10 +111,16 @@ void bm_step(benchmark::State& st, optim::nonfinite_policy nf) {
   st.counters["simd_path"] = simd_path();
 }
 
-// QMEM_BENCH_ISA=0|1|2 caps the host step's ISA (portable, AVX2, AVX-512) for comparisons.
+// QMEM_BENCH_ISA=0|1|2 caps the host step's ISA (portable, AVX2, AVX-512) for comparisons;
+// QMEM_BENCH_SPIN_US sets how long the pool's threads poll before they sleep
+// (detail::host_pool_spin_us), QMEM_BENCH_PIECES the pieces per thread of a host loop.
 [[maybe_unused]] bool const isa_capped = [] {
   if (char const* v = std::getenv("QMEM_BENCH_ISA"))
     optim::detail::host_isa_limit().store(std::atoi(v));
+  if (char const* v = std::getenv("QMEM_BENCH_SPIN_US"))
+    qmem::detail::host_pool_spin_us().store(static_cast<unsigned>(std::atoi(v)));
+  if (char const* v = std::getenv("QMEM_BENCH_PIECES"))
+    qmem::detail::host_pieces_per_thread().store(static_cast<std::size_t>(std::atoi(v)));
   return true;
 }();
 

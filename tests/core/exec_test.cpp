@@ -257,6 +257,69 @@ TEST_CASE("parallel_for: a loop inside a loop's body, and loops from several thr
   CHECK(total.load() == std::size_t{4} * 200 * 999);
 }
 
+TEST_CASE("parallel_for: polling pool threads run every loop exactly once, whatever its threads") {
+  // host_pool_spin_us > 0: workers that ran a loop poll for the next one and the caller polls for
+  // the workers; back-to-back loops whose thread counts go up and down make workers sit loops out
+  // and take part again, so a worker that read the wrong loop's thread count would run a piece
+  // twice or never
+  struct restore {
+    unsigned spin = qmem::detail::host_pool_spin_us().load();
+    ~restore() { qmem::detail::host_pool_spin_us().store(spin); }
+  } const guard;
+  unsigned const counts[] = {8, 2, 8, 1, 5, 3, 8, 4};
+  for (unsigned spin : {500u, 0u, 20u}) {
+    qmem::detail::host_pool_spin_us().store(spin);
+    std::size_t wrong = 0;
+    for (int k = 0; k < 600; ++k) {
+      std::size_t const n = 64 + static_cast<std::size_t>(k % 7);
+      std::vector<std::atomic<int>> hits(n);
+      qmem::detail::parallel_for(
+          qmem::exec::host{counts[k % 8]}, n, 1,
+          [&](std::size_t b, std::size_t e) {
+            for (std::size_t i = b; i < e; ++i)
+              hits[i].fetch_add(1, std::memory_order_relaxed);
+          },
+          1);
+      for (auto& h : hits)
+        wrong += h.load() != 1;
+    }
+    CAPTURE(spin);
+    CHECK(wrong == 0);
+  }
+  // a loop from another thread while the pool is polling: it starts its own threads
+  qmem::detail::host_pool_spin_us().store(500);
+  std::atomic<std::size_t> total{0};
+  std::thread other([&] {
+    for (int k = 0; k < 100; ++k)
+      qmem::detail::parallel_for(
+          qmem::exec::host{3}, 999, 1,
+          [&](std::size_t b, std::size_t e) { total.fetch_add(e - b); }, 1);
+  });
+  for (int k = 0; k < 100; ++k)
+    qmem::detail::parallel_for(
+        qmem::exec::host{4}, 999, 1, [&](std::size_t b, std::size_t e) { total.fetch_add(e - b); },
+        1);
+  other.join();
+  CHECK(total.load() == std::size_t{200} * 999);
+}
+
+TEST_CASE("parallel_for: host_pieces_per_thread sets the number of pieces") {
+  struct restore {
+    std::size_t pieces = qmem::detail::host_pieces_per_thread().load();
+    ~restore() { qmem::detail::host_pieces_per_thread().store(pieces); }
+  } const guard;
+  // 1000 grains of 1 on 4 threads: 4 * k pieces of 1000 / (4 * k) items (rounded up)
+  for (std::size_t k : {1u, 4u, 16u, 64u}) {
+    qmem::detail::host_pieces_per_thread().store(k);
+    auto const cs = chunks_of(qmem::exec::host{4}, 1000, 1, 1);
+    std::size_t const per = (1000 + 4 * k - 1) / (4 * k);
+    CAPTURE(k);
+    CHECK(cs.size() == (1000 + per - 1) / per);
+  }
+  qmem::detail::host_pieces_per_thread().store(0); // read as 1
+  CHECK(chunks_of(qmem::exec::host{4}, 1000, 1, 1).size() == 4);
+}
+
 #if defined(__linux__)
 TEST_CASE("parallel_for: a forked child, which has none of the pool's threads, still runs loops") {
   CHECK(chunks_of(qmem::exec::host{4}, 4000, 10, 1).size() > 1); // the pool exists here

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -49,6 +50,47 @@ inline unsigned thread_count(exec::host const& e) noexcept {
   return e.threads != 0 ? e.threads : usable_cpus();
 }
 
+//! How long, in microseconds, a host pool thread keeps polling before it sleeps: a worker waiting
+//! for the next loop, and the caller waiting for the workers to finish the current one. A loop
+//! that starts within that time costs no system call and no wake-up of a sleeping CPU (on the GPU
+//! machine's KVM guest a wake-up crosses the hypervisor). 0 sleeps at once, as a condition
+//! variable alone does. Changing it affects the next wait. See SPIN_DEFAULT below for the
+//! measurement that chose the default.
+inline std::atomic<unsigned>& host_pool_spin_us() noexcept {
+  // SPIN_DEFAULT
+  static std::atomic<unsigned> us{0};
+  return us;
+}
+
+//! One pause of a polling loop: tells the core (and a hyper-thread sibling) that this thread waits.
+inline void spin_pause() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#else
+  std::this_thread::yield();
+#endif
+}
+
+//! Polls `ready()` for up to host_pool_spin_us() microseconds; whether it became true.
+template <class Ready>
+bool spin_until(Ready&& ready) noexcept {
+  unsigned const us = host_pool_spin_us().load(std::memory_order_relaxed);
+  if (us == 0)
+    return ready();
+  auto const until = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+  for (;;) {
+    for (int i = 0; i < 32; ++i) { // the clock read costs about as much as 32 polls
+      if (ready())
+        return true;
+      spin_pause();
+    }
+    if (std::chrono::steady_clock::now() >= until)
+      return ready();
+  }
+}
+
 //! The worker threads host loops run on, started on first use and kept for the life of the
 //! process, so that a loop costs a wake-up instead of starting and joining its threads. Measured
 //! 2026-11-30: on the GPU machine's 16-core Xeon, a threaded copy of 33.7 MB took 0.68-0.73 ms
@@ -56,6 +98,12 @@ inline unsigned thread_count(exec::host const& e) noexcept {
 //! parameters 1.13-1.25 ms -> 0.77-0.98 ms (4-bit 0.97-1.08 -> 0.65-0.75), 16 threads, three
 //! interleaved runs each; on the 2-core development VM, 200 loops of 15 threads took 620-890 us
 //! each with threads started per call and 115-170 us on the pool.
+//! A waiting thread first polls for host_pool_spin_us() microseconds, then sleeps on a condition
+//! variable: a worker that ran the last loop waits so for the next one (the job word below), the
+//! caller for the last worker. Only when the loop had no more threads than the process has CPUs
+//! (usable_cpus): threads polling on a CPU that others wait for delay them (on the 2-vCPU
+//! development VM, an empty loop of 8 or 16 threads took 0.2-3.3 ms polling, 26-46 us without);
+//! workers that sat a loop out sleep at once.
 //! One loop at a time uses the pool. A loop started while another one holds it (from another
 //! thread, or nested inside a loop's body) and a loop in a child process after fork() are told
 //! no by try_run and start their own threads, as every loop did before.
@@ -81,25 +129,29 @@ public:
     if (!busy_.compare_exchange_strong(expected, true, std::memory_order_acquire))
       return false;
     try {
-      grow(threads - 1);
+      grow(std::min(threads, max_threads) - 1);
     } catch (...) { // a thread could not be started (thread or address-space limits)
     }
     threads = std::min(threads, workers_ + 1); // run on the workers that exist
+    // No worker reads job_ or job_body_ now: the previous loop's workers all counted down.
+    job_ = [](void* b, std::size_t t) { (*static_cast<Body*>(b))(t); };
+    job_body_ = &body;
+    remaining_.store(threads - 1, std::memory_order_relaxed);
     {
+      // under the mutex: a worker going to sleep checks the word under it, so none misses it
       std::lock_guard<std::mutex> lock(mutex_);
-      job_ = [](void* b, std::size_t t) { (*static_cast<Body*>(b))(t); };
-      job_body_ = &body;
-      job_threads_ = threads;
-      remaining_ = threads - 1;
-      ++generation_;
+      job_word_.store((job_word_.load(std::memory_order_relaxed) & ~thread_mask) + generation_one +
+                          threads,
+                      std::memory_order_release);
     }
-    wake_.notify_all();
+    wake_.notify_all(); // no system call when no worker sleeps
     in_job_ = true;
     body(std::size_t{0});
     in_job_ = false;
-    {
+    auto const finished = [&] { return remaining_.load(std::memory_order_acquire) == 0; };
+    if (!(threads <= usable_cpus() && spin_until(finished))) {
       std::unique_lock<std::mutex> lock(mutex_);
-      done_.wait(lock, [&] { return remaining_ == 0; });
+      done_.wait(lock, finished);
     }
     busy_.store(false, std::memory_order_release);
     return true;
@@ -107,6 +159,12 @@ public:
 
 private:
   host_pool() = default;
+
+  // The job word: the loop's generation above, its thread count in the low 16 bits, so that a
+  // worker reads both at once (a worker that sits a loop out must not read the next loop's count).
+  static constexpr std::uint64_t generation_one = std::uint64_t{1} << 16;
+  static constexpr std::uint64_t thread_mask = generation_one - 1;
+  static constexpr std::size_t max_threads = thread_mask; // threads beyond it are not started
 
   bool owner_process() const noexcept {
 #if defined(__unix__) || defined(__APPLE__)
@@ -119,11 +177,7 @@ private:
   // Starts workers until `count` exist (only the caller holding busy_ starts them).
   void grow(std::size_t count) {
     while (workers_ < count) {
-      std::uint64_t seen;
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        seen = generation_;
-      }
+      std::uint64_t const seen = job_word_.load(std::memory_order_relaxed);
       std::thread(&host_pool::work, this, workers_ + 1, seen).detach();
       ++workers_;
     }
@@ -131,19 +185,24 @@ private:
 
   void work(std::size_t index, std::uint64_t seen) {
     in_job_ = true; // a loop inside a job's body starts its own threads
-    std::unique_lock<std::mutex> lock(mutex_);
+    auto const changed = [&] { return job_word_.load(std::memory_order_acquire) != seen; };
+    bool poll = false; // whether this worker ran the last loop, which had a CPU per thread
     for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (index >= job_threads_)
-        continue;
-      auto const job = job_;
-      void* const body = job_body_;
-      lock.unlock();
-      job(body, index);
-      lock.lock();
-      if (--remaining_ == 0)
+      if (!(poll && spin_until(changed))) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, changed);
+      }
+      seen = job_word_.load(std::memory_order_acquire);
+      std::size_t const threads = seen & thread_mask;
+      poll = index < threads && threads <= usable_cpus();
+      if (index >= threads)
+        continue; // not in this loop
+      job_(job_body_, index);
+      if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        // the last one: the caller may sleep (it checks remaining_ under the mutex)
+        { std::lock_guard<std::mutex> lock(mutex_); }
         done_.notify_one();
+      }
     }
   }
 
@@ -153,8 +212,9 @@ private:
   std::condition_variable wake_, done_;
   void (*job_)(void*, std::size_t) = nullptr;
   void* job_body_ = nullptr;
-  std::size_t job_threads_ = 0, remaining_ = 0, workers_ = 0;
-  std::uint64_t generation_ = 0;
+  std::atomic<std::uint64_t> job_word_{0};
+  std::atomic<std::size_t> remaining_{0};
+  std::size_t workers_ = 0;
 #if defined(__unix__) || defined(__APPLE__)
   pid_t const pid_ = ::getpid();
 #endif
@@ -172,9 +232,17 @@ private:
 #define QMEM_HOST_PIECES_PER_THREAD 16
 #endif
 
+//! Pieces per thread of the next host loops: QMEM_HOST_PIECES_PER_THREAD unless changed here (at
+//! least 1; benchmarks compare values in one program).
+inline std::atomic<std::size_t>& host_pieces_per_thread() noexcept {
+  static_assert(QMEM_HOST_PIECES_PER_THREAD >= 1, "QMEM_HOST_PIECES_PER_THREAD must be at least 1");
+  static std::atomic<std::size_t> pieces{QMEM_HOST_PIECES_PER_THREAD};
+  return pieces;
+}
+
 //! Calls `f(begin, end)` on disjoint pieces covering [0, n), each piece a multiple of `grain`
 //! items except the last, piece i being [i * per, min(n, (i + 1) * per)) with at most
-//! QMEM_HOST_PIECES_PER_THREAD pieces per thread. The threads (the caller and the pool's workers)
+//! host_pieces_per_thread() pieces per thread. The threads (the caller and the pool's workers)
 //! take the pieces in ascending order as they become free, so a thread that runs slower (a CPU
 //! shared with other work) takes fewer; which thread runs a piece is not fixed, so `f` must write
 //! only results indexed by position (every caller in qmem does). Runs on the calling thread as one
@@ -196,8 +264,8 @@ void parallel_for(exec::host const& e, std::size_t n, std::size_t grain, F&& f,
     f(std::size_t{0}, n);
     return;
   }
-  constexpr std::size_t pieces_per_thread = QMEM_HOST_PIECES_PER_THREAD;
-  static_assert(pieces_per_thread >= 1, "QMEM_HOST_PIECES_PER_THREAD must be at least 1");
+  std::size_t const pieces_per_thread =
+      std::max<std::size_t>(1, host_pieces_per_thread().load(std::memory_order_relaxed));
   std::size_t const wanted = std::min(grains, threads * pieces_per_thread);
   std::size_t const per = (grains + wanted - 1) / wanted * grain;
   std::size_t const pieces = (n + per - 1) / per;
