@@ -266,6 +266,7 @@ TEST_CASE("parallel_for: polling pool threads run every loop exactly once, whate
     unsigned spin = qmem::detail::host_pool_spin_us().load();
     ~restore() { qmem::detail::host_pool_spin_us().store(spin); }
   } const guard;
+  CHECK(guard.spin == QMEM_HOST_SPIN_US); // the default, unless a test above changed it
   unsigned const counts[] = {8, 2, 8, 1, 5, 3, 8, 4};
   for (unsigned spin : {500u, 0u, 20u}) {
     qmem::detail::host_pool_spin_us().store(spin);

@@ -50,15 +50,28 @@ inline unsigned thread_count(exec::host const& e) noexcept {
   return e.threads != 0 ? e.threads : usable_cpus();
 }
 
-//! How long, in microseconds, a host pool thread keeps polling before it sleeps: a worker waiting
-//! for the next loop, and the caller waiting for the workers to finish the current one. A loop
-//! that starts within that time costs no system call and no wake-up of a sleeping CPU (on the GPU
-//! machine's KVM guest a wake-up crosses the hypervisor). 0 sleeps at once, as a condition
-//! variable alone does. Changing it affects the next wait. See SPIN_DEFAULT below for the
-//! measurement that chose the default.
+#ifndef QMEM_HOST_SPIN_US
+//! Default of host_pool_spin_us(): how long, in microseconds, a host pool thread polls before it
+//! sleeps (0: it sleeps at once). Measured 2026-11-30 19:11-19:13 UTC on the GPU machine's 16-vCPU
+//! Xeon (docs/benchmarks.md, "host9"): an empty loop of 16 threads, back to back, took a median
+//! 33 us sleeping at once (a wake-up crosses the hypervisor there) and 4.2-5.0 us polling for 20,
+//! 50 or 200 us alike; in the AdamW benchmark (2^22 parameters, 16 threads, two rounds) the
+//! threaded copy took 0.286 / 0.288 ms without polling, 0.261 / 0.272 with 50 us, 0.259 / 0.273
+//! with 200 us, the 8-bit step 0.708 / 0.699, 0.702 / 0.732 and 0.693 / 0.715 ms (4-bit 0.531 /
+//! 0.562, 0.508 / 0.614 with one thread preempted, 0.505 / 0.504): 50 and 200 equal within the
+//! runs' spread. The cost: a polling thread holds a CPU that other programs may want; on the
+//! 2-vCPU development VM with 7-8 runnable threads of other programs an empty 2-thread loop took
+//! 47-49 us without polling, 67-84 us with 20, 136-157 with 50 and 119-452 with 200. 50 us: as
+//! fast as 200 on the Xeon, with a third of its worst case on a crowded machine.
+#define QMEM_HOST_SPIN_US 50
+#endif
+
+//! How long, in microseconds, a host pool thread polls before it sleeps: a worker waiting for the
+//! next loop, and the caller waiting for the workers to finish the current one. A loop that starts
+//! within that time costs no system call and no wake-up of a sleeping CPU. 0 sleeps at once, as
+//! a condition variable alone does. QMEM_HOST_SPIN_US unless changed here; the next wait reads it.
 inline std::atomic<unsigned>& host_pool_spin_us() noexcept {
-  // SPIN_DEFAULT
-  static std::atomic<unsigned> us{0};
+  static std::atomic<unsigned> us{QMEM_HOST_SPIN_US};
   return us;
 }
 
