@@ -578,8 +578,8 @@ inline constexpr bool prefetch_bulk_and_absmax = std::same_as<P, float>;
 //! frames grow by 16 bytes, with reloads in the loop): AdamW 4-bit 0.9941 / 1.0131 (+1.9%), 8-bit
 //! 1.1178 / 1.1319, bf16 params 1.0760 / 1.1192, 64 tensors 1.1391 / 1.1536, Lion 8-bit 0.9423 /
 //! 0.9456; the same bulk prefetches from uniform registers (addresses made uniform by redux.sync,
-//! no loop; the codes' and absmax lines by one predicated prefetch per lane; spills in every
-//! AdamW kernel, reloads in the loop): 4-bit 1.0179 (+2.4%), 8-bit 1.1461, bf16 params 1.1741,
+//! no loop; the codes' and absmax lines by one predicated prefetch per lane; more spills in the
+//! AdamW kernels, reloads in the loop): 4-bit 1.0179 (+2.4%), 8-bit 1.1461, bf16 params 1.1741,
 //! 64 tensors 1.1635, Lion 0.9390 (docs/benchmarks.md, "2026-11-30, opt6").
 template <update_rule Rule, state_policy Policy, class P, class G, class Index>
 __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, Index task,
