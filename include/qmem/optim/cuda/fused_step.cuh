@@ -568,7 +568,7 @@ inline constexpr bool prefetch_bulk_and_absmax = std::same_as<P, float>;
 //! 2026-11-30 16:31 UTC, three runs each, interleaved, ms, without / with: AdamW 4-bit
 //! 0.997-1.008 / 1.041-1.046, 8-bit 1.118-1.125 / 1.168-1.174, Lion 8-bit 0.944-0.950 /
 //! 0.990-0.996, 64 tensors 1.140-1.152 / 1.155-1.164 (docs/benchmarks.md, "optim5").
-//! This function costs about 59 warp instructions per task and lane group (ncu, AdamW 4-bit at
+//! This function costs about 59 warp instructions per warp and task (ncu, AdamW 4-bit at
 //! 2^26: 7.4 of 76.6 instructions per element, 12% of the stall samples), most of them the bulk
 //! prefetch: ptxas cannot prove its addresses warp-uniform and loops over the two lanes' values
 //! (R2UR, UBLKPF, BRA.U.ANY). Cheaper forms were slower all the same (H200, 2^28 parameters,
