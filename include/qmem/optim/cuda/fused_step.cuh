@@ -157,6 +157,12 @@ namespace detail {
 //! A whole warp (Lanes == 32) takes one `redux.sync.max.u32` over the bits: for floats >= +0 that
 //! are not NaN the unsigned order of the bits is the order of the values, so the integer maximum
 //! is fmaxf's, bit for bit (ptxas sm_90: 1 REDUX instead of 5 SHFL + 5 FMNMX per state and task).
+//! Half warps (Lanes == 16, the 4-bit blocks of 128) keep the shuffles. Rejected: each half's
+//! maximum by one redux.sync over the warp in which the other half's lanes give +0 (2 REDUX and
+//! 3 selects instead of 4 SHFL + 4 FMNMX in a chain; ncu had put 13% of the AdamW 4-bit kernel's
+//! stall samples on that chain), H200, 2^28 parameters, 2026-11-30 19:30 UTC, three interleaved
+//! rounds, ms, median (min-max), without / with: AdamW 4-bit 0.9941 (0.9922-1.0044) / 1.0005
+//! (0.9962-1.0011) (docs/benchmarks.md, "2026-11-30, opt6").
 template <int Lanes>
 __device__ QMEM_INLINE float warp_max(float m) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -562,6 +568,19 @@ inline constexpr bool prefetch_bulk_and_absmax = std::same_as<P, float>;
 //! 2026-11-30 16:31 UTC, three runs each, interleaved, ms, without / with: AdamW 4-bit
 //! 0.997-1.008 / 1.041-1.046, 8-bit 1.118-1.125 / 1.168-1.174, Lion 8-bit 0.944-0.950 /
 //! 0.990-0.996, 64 tensors 1.140-1.152 / 1.155-1.164 (docs/benchmarks.md, "optim5").
+//! This function costs about 59 warp instructions per warp and task (ncu, AdamW 4-bit at
+//! 2^26: 7.4 of 76.6 instructions per element, 12% of the stall samples), most of them the bulk
+//! prefetch: ptxas cannot prove its addresses warp-uniform and loops over the two lanes' values
+//! (R2UR, UBLKPF, BRA.U.ANY). Cheaper forms were slower all the same (H200, 2^28 parameters,
+//! 2026-11-30 19:30 UTC, three interleaved rounds, ms, median, this / candidate): one predicated
+//! `prefetch.global.L2` per lane and task, each lane one 128-byte line of the task's streams at
+//! base + task x stride fixed per tensor (about 5 instructions per task; the 8-bit kernels' stack
+//! frames grow by 16 bytes, with reloads in the loop): AdamW 4-bit 0.9941 / 1.0131 (+1.9%), 8-bit
+//! 1.1178 / 1.1319, bf16 params 1.0760 / 1.1192, 64 tensors 1.1391 / 1.1536, Lion 8-bit 0.9423 /
+//! 0.9456; the same bulk prefetches from uniform registers (addresses made uniform by redux.sync,
+//! no loop; the codes' and absmax lines by one predicated prefetch per lane; more spills in the
+//! AdamW kernels, reloads in the loop): 4-bit 1.0179 (+2.4%), 8-bit 1.1461, bf16 params 1.1741,
+//! 64 tensors 1.1635, Lion 0.9390 (docs/benchmarks.md, "2026-11-30, opt6").
 template <update_rule Rule, state_policy Policy, class P, class G, class Index>
 __device__ QMEM_INLINE void prefetch_full_task(tensor_entry const* entry, Index task,
                                                unsigned lane) {
@@ -1220,6 +1239,9 @@ inline constexpr bool fused_entry_in_registers = QMEM_OPTIM_FUSED_ENTRY_IN_REGIS
 //! full tasks run one at a time (the loop after it, 64-bit indices, no pipelining): a loop with
 //! either index type in one kernel spilled 136-176 bytes (AdamW 4-bit). Overridable for tests
 //! (0: no tensor takes the pipelined loop).
+//! Counting the loop's tasks in 32 bits from the tensor's first as well (not the global 64-bit
+//! task numbers) spilled 72-88 bytes in the AdamW kernels (ptxas sm_90, nvcc 13.0, 2026-11-30):
+//! not timed.
 #ifndef QMEM_OPTIM_FUSED_INDEX32_MAX_SIZE
 #define QMEM_OPTIM_FUSED_INDEX32_MAX_SIZE 0x100000000ull
 #endif
