@@ -18,10 +18,17 @@
 //!   blocking copy, a read of a result): the stream does not move until the host releases it, so
 //!   the wait would last until the blocking kernel's timeout (hold_timeout_ns), after which the
 //!   kernel exits and the measurement is refused (timer_timeout).
-//! - A held stream accepts a bounded number of launches (the driver's launch queue; about a
-//!   thousand kernel launches on CUDA 12-13, quant_bench's `timer_launch_queue` row measures it)
-//!   before the launching call blocks until the queue drains, which on a held stream is the
-//!   timeout again. A benchmark step of a few launches, or one graph launch, is far below it.
+//! - A held stream accepts a bounded number of launches (the driver's launch queue) before the
+//!   launching call blocks until the queue drains, which on a held stream is the timeout again.
+//!   Measured by quant_bench's `timer_launch_queue` (H200, CUDA 13.0, driver 580.159.04,
+//!   2026-11-30 19:31 UTC): 256 and 512 empty kernels enqueued behind the blocking kernel in
+//!   1.1 and 2.3 ms; 1024 or more blocked the host until the 200 ms timeout. So keep a timed
+//!   step below 512 launches; a benchmark step of a few launches, or one graph launch, is far
+//!   below it.
+//! - What it removes: the former timing counted 2.5-4.5 us of host time per call on a quantize
+//!   or dequantize row (1-2% of 0.17-0.33 ms) and 10-20 us on an optimizer step; the blocked
+//!   medians of the memory-bound rows agree within 0.1% across six processes, three of them with
+//!   16 busy processes on the 16 host CPUs (docs/benchmarks.md, "2026-11-30, quant6").
 //! - One timer per stream and thread at a time: the release flag belongs to one timed sequence.
 #include <qmem/core/cuda/runtime.cuh>
 #include <qmem/core/error.hpp>

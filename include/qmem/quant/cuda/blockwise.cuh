@@ -677,11 +677,12 @@ inline constexpr int whole_min_ctas = Items == whole_items<T> ? 6 : 4;
 //! of 32 values, 388 instructions on a normal block's path); at 5 it has no stack frame and 382.
 //! Timed on the H200 (2026-11-30 19:31 UTC, quant_bench's whole_ctas_ab, the two launched in
 //! turn, medians of six processes, 3 with an idle host and 3 with 16 busy processes): NF4 block 64
-//! 6 CTAs 0.1930-0.1992 ms, 5 CTAs 0.1841-0.1904 (-4.2%); FP4 0.1816-0.1917 -> 0.1730-0.1823
-//! (-4.8%), the noise floor of such a row (plain_ab, one kernel twice) 0.5%. The runtime-size
-//! kernel keeps 6: at 5 ptxas spills more there (21 local loads instead of 3) and NF4 / FP4 block
-//! 128 ran 6% slower (0.1779-0.1804 -> 0.1873-0.1913 ms, same rows). The int8-from-fp32 block-256
-//! kernel has no spills at 6; 8-bit codes from 2-byte inputs were not timed at 5.
+//! 6 CTAs 0.1930-0.1992 ms, 5 CTAs 0.1841-0.1904 (-4.1 to -4.6% in each process); FP4
+//! 0.1816-0.1917 -> 0.1730-0.1823 (-4.3 to -4.9%); one kernel twice in such a row (plain_ab)
+//! reads -0.5%. The runtime-size kernel keeps 6: at 5 ptxas spills more there (21 local loads in
+//! the code instead of 3) and NF4 / FP4 block 128 ran 5.5-5.7% slower (same rows). The
+//! int8-from-fp32 block-256 kernel has no spills at 6; 8-bit codes from 2-byte inputs were not
+//! timed at 5.
 template <class C, class T, int Items>
 inline constexpr int whole_fixed_min_ctas = C::bits == 4 && sizeof(T) == 2
                                                 ? 5
