@@ -5,13 +5,12 @@
 //! The plain pattern (record a start event, call the host API, record a stop event) counts as GPU
 //! time whatever the host spends between the start event and the enqueue of the first kernel:
 //! argument checks, occupancy queries, the launch itself, and any time the thread is
-//! descheduled. On the GPU machine's host that moved the quantize rows by up to 10% with the same
-//! SASS (FP4 0.186-0.209 ms, int8 0.332-0.362; the slow figures from runs with nvcc jobs on the
-//! host CPU, docs/benchmarks.md, 2026-11-30). gpu_timer::blocked_ms does what NVIDIA's nvbench
-//! does with its blocking kernel: a one-thread kernel that spins until the host releases it is
-//! enqueued first, then the start event, the work and the stop event, and only then is the
-//! kernel released. The start event is processed when the whole timed sequence already waits in
-//! the stream, so the events bracket the GPU's work alone.
+//! descheduled: on the H200 machine 1.5-6 us per quantize call and 7-24 us per optimizer step
+//! (1-2% of those rows), varying from process to process. gpu_timer::blocked_ms does what
+//! NVIDIA's nvbench does with its blocking kernel: a one-thread kernel that spins until the host
+//! releases it is enqueued first, then the start event, the work and the stop event, and only then
+//! is the kernel released. The start event is processed when the whole timed sequence already
+//! waits in the stream, so the events bracket the GPU's work alone.
 //!
 //! Limits (stated where they matter):
 //! - The timed function must not wait for the stream (cudaStreamSynchronize, cudaFree, a
@@ -25,10 +24,11 @@
 //!   1.1 and 2.3 ms; 1024 or more blocked the host until the 200 ms timeout. So keep a timed
 //!   step below 512 launches; a benchmark step of a few launches, or one graph launch, is far
 //!   below it.
-//! - What it removes: the former timing counted 2.5-4.5 us of host time per call on a quantize
-//!   or dequantize row (1-2% of 0.17-0.33 ms) and 10-20 us on an optimizer step; the blocked
-//!   medians of the memory-bound rows agree within 0.1% across six processes, three of them with
-//!   16 busy processes on the 16 host CPUs (docs/benchmarks.md, "2026-11-30, quant6").
+//! - What it removes and what it does not: with it the medians of the memory-bound rows agree to
+//!   0.1-0.3% across six processes, three of them with 16 busy processes on the 16 host CPUs
+//!   (0.8-1.2% with the former timing). The FP4 quantize row still moved 6.9% between those
+//!   processes, with the GPU at its power cap: that swing is the GPU's, not the host's
+//!   (docs/benchmarks.md, "2026-11-30, quant6").
 //! - One timer per stream and thread at a time: the release flag belongs to one timed sequence.
 #include <qmem/core/cuda/runtime.cuh>
 #include <qmem/core/error.hpp>
