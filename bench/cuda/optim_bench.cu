@@ -1,7 +1,11 @@
 // GPU optimizer step benchmarks: the fused multi-tensor step of qmem::optim::cuda for every rule
 // x state policy it runs, at 2^28 parameters (issue 4's workloads), beside a device-to-device copy
 // measured in the same run (the roofline). Each iteration is one whole step (resolve, prepare,
-// fused update; the norm pass only where a policy needs it), timed with CUDA events.
+// fused update; the norm pass only where a policy needs it), timed with CUDA events with all of
+// the step's launches enqueued behind a blocking kernel, so that the host's time (the step's
+// argument checks and launches, a descheduled thread) is not counted (gpu_timer.cuh); each
+// iteration also times one step the former way (events around the call on an idle stream) in
+// turn with it: counter host_incl_ms (median), kept for one release to compare with.
 // Counters: bytes moved per step (what an ideal kernel reads and writes), GB/s and % of the
 // same-run copy bandwidth; ms per step is the benchmark's manual time.
 //
@@ -22,6 +26,8 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "gpu_timer.cuh"
 
 namespace {
 
@@ -53,26 +59,37 @@ __global__ void fill_kernel(T* p, std::size_t n, float scale, std::uint32_t seed
   }
 }
 
-//! Times `step` with CUDA events (3 warm-up calls first).
+//! Times `step` with CUDA events (3 warm-up calls first), behind a blocking kernel
+//! (gpu_timer::blocked_ms), and the former way (counter host_incl_ms), in turn.
 template <class Step>
 void time_steps(benchmark::State& state, cudaStream_t stream, Step&& step, double bytes) {
   for (int i = 0; i < 3; ++i)
     step();
   check(cudaStreamSynchronize(stream), "sync");
-  cudaEvent_t start = nullptr, stop = nullptr;
-  check(cudaEventCreate(&start), "cudaEventCreate");
-  check(cudaEventCreate(&stop), "cudaEventCreate");
-  for (auto _ : state) {
-    check(cudaEventRecord(start, stream), "cudaEventRecord");
-    step();
-    check(cudaEventRecord(stop, stream), "cudaEventRecord");
-    check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-    float ms = 0.0f;
-    check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-    state.SetIterationTime(static_cast<double>(ms) / 1e3);
+  qmem::bench::gpu_timer timer(stream);
+  std::vector<float> times;
+  std::vector<float> host_incl;
+  try {
+    for (auto _ : state) {
+      bool const incl_first = times.size() % 2 == 1;
+      if (incl_first)
+        host_incl.push_back(timer.host_inclusive_ms(step));
+      float const ms = timer.blocked_ms(step);
+      if (!incl_first)
+        host_incl.push_back(timer.host_inclusive_ms(step));
+      times.push_back(ms);
+      state.SetIterationTime(static_cast<double>(ms) / 1e3);
+    }
+  } catch (qmem::bench::timer_timeout const& e) {
+    state.SkipWithError(e.what());
+    return;
   }
-  (void)cudaEventDestroy(start);
-  (void)cudaEventDestroy(stop);
+  std::sort(times.begin(), times.end());
+  std::sort(host_incl.begin(), host_incl.end());
+  if (!times.empty()) {
+    state.counters["median_ms"] = times[times.size() / 2];
+    state.counters["host_incl_ms"] = host_incl[host_incl.size() / 2];
+  }
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes) * state.iterations());
   state.counters["bytes_per_step"] = bytes;
   state.counters["GBps"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
@@ -112,24 +129,16 @@ void measure_copy_once() {
   check(cudaMalloc(&a, n * 4), "cudaMalloc");
   check(cudaMalloc(&b, n * 4), "cudaMalloc");
   check(cudaMemset(a, 0, n * 4), "cudaMemset");
-  cudaEvent_t e0 = nullptr, e1 = nullptr;
-  check(cudaEventCreate(&e0), "cudaEventCreate");
-  check(cudaEventCreate(&e1), "cudaEventCreate");
+  qmem::bench::gpu_timer timer(nullptr);
   std::vector<float> t;
   for (int i = 0; i < 23; ++i) {
-    check(cudaEventRecord(e0), "rec");
-    check(cudaMemcpyAsync(b, a, n * 4, cudaMemcpyDeviceToDevice), "copy");
-    check(cudaEventRecord(e1), "rec");
-    check(cudaEventSynchronize(e1), "sync");
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, e0, e1), "elapsed");
+    float const ms = timer.blocked_ms(
+        [&] { check(cudaMemcpyAsync(b, a, n * 4, cudaMemcpyDeviceToDevice), "copy"); });
     if (i >= 3)
       t.push_back(ms);
   }
   std::sort(t.begin(), t.end());
   copy_bytes_per_second = 2.0 * 4.0 * static_cast<double>(n) / (t[t.size() / 2] / 1e3);
-  (void)cudaEventDestroy(e0);
-  (void)cudaEventDestroy(e1);
   (void)cudaFree(a);
   (void)cudaFree(b);
 }

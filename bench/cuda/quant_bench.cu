@@ -2,10 +2,15 @@
 // shared/anchors/README.md): NF4 and FP4 from/to bf16 at every block size, int8 dynamic from/to
 // fp32 at every block size, and the double-quantized variants.
 //
-// Each case is timed with CUDA events around the one call (manual time) and reports the bytes an
-// ideal kernel must move (input read + codes + fp32 scales written, or the reverse),
-// GB/s, and "pct_copy": the percentage of a device-to-device copy's bandwidth measured in the same
-// run (the "copy_d2d" row, bytes read + written), which is the roofline.
+// Each case is timed with CUDA events around the one call (manual time), enqueued behind a
+// blocking kernel so that the host's time (argument checks, the launch, a descheduled thread) is
+// not counted (gpu_timer.cuh), and reports the bytes an ideal kernel must move (input read + codes
+// + fp32 scales written, or the reverse), GB/s, and "pct_copy": the percentage of a
+// device-to-device copy's bandwidth measured in the same run (the "copy_d2d" row, bytes read +
+// written), which is the roofline. The single-call rows also time each call the former way
+// (events around the call on an idle stream, the host's time included) in the same iterations,
+// alternating with the blocked timing: counters host_incl_ms and host_incl_min_ms, kept for one
+// release to compare with.
 //
 //   quant_bench_cuda --benchmark_min_time=0.05 --benchmark_out=quant.json --benchmark_out_format=json
 #include <qmem/core/cuda/runtime.cuh>
@@ -21,6 +26,8 @@
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "gpu_timer.cuh"
 
 namespace {
 
@@ -43,8 +50,7 @@ struct buffers {
   std::uint8_t* qabsmax = nullptr;
   float* absmax2 = nullptr;
   float* offset = nullptr;
-  cudaEvent_t start{};
-  cudaEvent_t stop{};
+  qmem::bench::gpu_timer* timer = nullptr; // on the legacy default stream, which every case uses
   double copy_bytes_per_s = 0.0;
 };
 buffers* g = nullptr;
@@ -78,22 +84,16 @@ void setup() {
   check(cudaMalloc(&g->qabsmax, elements / 32), "cudaMalloc");
   check(cudaMalloc(&g->absmax2, elements / 32 / 64 * sizeof(float) + 256), "cudaMalloc");
   check(cudaMalloc(&g->offset, sizeof(float)), "cudaMalloc");
-  check(cudaEventCreate(&g->start), "cudaEventCreate");
-  check(cudaEventCreate(&g->stop), "cudaEventCreate");
+  g->timer = new qmem::bench::gpu_timer(nullptr);
   fill_normalish<<<132 * 8, 256>>>(g->x32, g->x16, elements);
   check(cudaGetLastError(), "fill_normalish");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
 }
 
+//! GPU time of the work `f` enqueues, the host's time excluded (gpu_timer::blocked_ms).
 template <class F>
 float time_ms(F&& f) {
-  check(cudaEventRecord(g->start), "cudaEventRecord");
-  f();
-  check(cudaEventRecord(g->stop), "cudaEventRecord");
-  check(cudaEventSynchronize(g->stop), "cudaEventSynchronize");
-  float ms = 0.0f;
-  check(cudaEventElapsedTime(&ms, g->start, g->stop), "cudaEventElapsedTime");
-  return ms;
+  return g->timer->blocked_ms(f);
 }
 
 // The roofline: a 1 GiB device-to-device copy, median of 21 after 3 warm-ups.
@@ -116,21 +116,37 @@ double measure_copy() {
 // (min_ms, median_ms): the statistics to compare between runs, since a slow iteration (a clock
 // change, another process) moves the mean by up to 10% (the same kernel in two rows of one
 // session, H200, 2026-11-29 19:19 UTC: 0.191 and 0.211 ms).
+// Each iteration also times `f` once more the former way (host_inclusive_ms), before or after the
+// blocked call in turn: counters host_incl_ms (median) and host_incl_min_ms.
 template <class F>
 void run(benchmark::State& state, double bytes, F&& f) {
   for (int i = 0; i < 3; ++i) // warm-up: first launch, pool growth, table uploads, clocks
     f();
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   std::vector<float> times;
-  for (auto _ : state) {
-    float const ms = time_ms(f);
-    times.push_back(ms);
-    state.SetIterationTime(ms * 1e-3);
+  std::vector<float> host_incl;
+  try {
+    for (auto _ : state) {
+      bool const incl_first = times.size() % 2 == 1;
+      if (incl_first)
+        host_incl.push_back(g->timer->host_inclusive_ms(f));
+      float const ms = time_ms(f);
+      if (!incl_first)
+        host_incl.push_back(g->timer->host_inclusive_ms(f));
+      times.push_back(ms);
+      state.SetIterationTime(ms * 1e-3);
+    }
+  } catch (qmem::bench::timer_timeout const& e) {
+    state.SkipWithError(e.what());
+    return;
   }
   std::sort(times.begin(), times.end());
+  std::sort(host_incl.begin(), host_incl.end());
   if (!times.empty()) {
     state.counters["min_ms"] = times.front();
     state.counters["median_ms"] = times[times.size() / 2];
+    state.counters["host_incl_min_ms"] = host_incl.front();
+    state.counters["host_incl_ms"] = host_incl[host_incl.size() / 2];
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * bytes));
   state.counters["GBps"] =
@@ -350,10 +366,15 @@ void run_ab(benchmark::State& state, A&& a, B&& b) {
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   std::vector<float> ta;
   std::vector<float> tb;
-  for (auto _ : state) {
-    ta.push_back(time_ms(a));
-    tb.push_back(time_ms(b));
-    state.SetIterationTime((ta.back() + tb.back()) * 1e-3);
+  try {
+    for (auto _ : state) {
+      ta.push_back(time_ms(a));
+      tb.push_back(time_ms(b));
+      state.SetIterationTime((ta.back() + tb.back()) * 1e-3);
+    }
+  } catch (qmem::bench::timer_timeout const& e) {
+    state.SkipWithError(e.what());
+    return;
   }
   std::sort(ta.begin(), ta.end());
   std::sort(tb.begin(), tb.end());
@@ -381,6 +402,46 @@ void whole_waves_ab(benchmark::State& state) {
   run_ab(
       state, [&] { launch(static_cast<int>(state.range(1))); },
       [&] { launch(static_cast<int>(state.range(2))); });
+}
+
+// quantize_whole for a 4-bit code from bf16 as quantize_blockwise dispatches it (narrow groups;
+// the compile-time block size at block 64, the runtime one otherwise), with MinCtas resident CTAs
+// asked of ptxas (6: 40 registers, where ptxas spills; 5: 48). Dispatched since 2026-11-30 19:31
+// UTC: 5 at block 64 (whole_fixed_min_ctas, 4-5% faster there), 6 otherwise (5 was 6% slower).
+template <class C, int MinCtas>
+void launch_whole_ctas(std::size_t block) {
+  namespace k = qmem::quant::cuda_impl::kernels;
+  constexpr int items = k::whole_items<bf16>;
+  std::size_t const blocks = elements / block;
+  std::size_t const per_step = static_cast<std::size_t>(k::cta_threads / (block / items));
+  auto const params = cuda_impl::normal_encoder<C>::host_params(0);
+  auto go = [&](auto kernel, int shift) {
+    unsigned const grid =
+        k::grid_for(kernel, k::cta_threads, blocks / per_step + 1, 0,
+                    k::whole_waves<typename cuda_impl::normal_encoder<C>::storage>);
+    kernel<<<grid, k::cta_threads>>>(g->x16, blocks, shift, g->codes, g->absmax, C::book, params,
+                                     k::no_transform{});
+  };
+  if (block == 64)
+    go(k::quantize_whole<C, bf16, items, k::no_transform, MinCtas, false, 6>, 6);
+  else
+    go(k::quantize_whole<C, bf16, items, k::no_transform, MinCtas, false, 0>, k::log2_exact(block));
+  check(cudaGetLastError(), "quantize_whole");
+}
+
+// whole_ctas_ab/code/block/A/B: the kernel above with A then B resident CTAs asked, interleaved
+// (code 0 NF4, 1 FP4, from bf16; MinCtas 5 or 6).
+void whole_ctas_ab(benchmark::State& state) {
+  auto const code = state.range(0);
+  auto const block = static_cast<std::size_t>(state.range(1));
+  auto launch = [&](long ctas) {
+    if (code == 0)
+      ctas == 5 ? launch_whole_ctas<nf4, 5>(block) : launch_whole_ctas<nf4, 6>(block);
+    else
+      ctas == 5 ? launch_whole_ctas<fp4, 5>(block) : launch_whole_ctas<fp4, 6>(block);
+  };
+  run_ab(
+      state, [&] { launch(state.range(2)); }, [&] { launch(state.range(3)); });
 }
 
 // the dispatched quantize against itself (the noise floor of an A/B row): range(0) 0 NF4, 1 FP4
@@ -453,6 +514,21 @@ void scales_path_ab(benchmark::State& state) {
   run_ab(
       state, [&] { quantize_scales_path(m, static_cast<int>(state.range(0))); },
       [&] { quantize_scales_path(m, static_cast<int>(state.range(1))); });
+}
+
+// The launch queue of a held stream (gpu_timer.cuh's limit): the host's time to enqueue
+// state.range(0) empty kernels behind the blocking kernel (counter enqueue_ms) and whether the
+// blocking kernel timed out meanwhile (timed_out 1: the launches filled the queue, and the host
+// waited for the 0.2 s timeout).
+void timer_launch_queue(benchmark::State& state) {
+  int const n = static_cast<int>(state.range(0));
+  g->timer->probe_launch_queue(n); // first launches of the kernels, outside the row
+  for (auto _ : state) {
+    auto const [ms, timed_out] = g->timer->probe_launch_queue(n);
+    state.SetIterationTime(ms * 1e-3);
+    state.counters["enqueue_ms"] = ms;
+    state.counters["timed_out"] = timed_out ? 1 : 0;
+  }
 }
 
 // Every block size but `skip` (the goal's block, registered on its own before).
@@ -542,6 +618,13 @@ int main(int argc, char** argv) {
     b->Args({0, 2, 4})->Args({1, 1, 4})->Args({1, 2, 4})->Args({2, 1, 4});
     b->UseManualTime()->Unit(benchmark::kMillisecond);
   }
+  {
+    auto* b = benchmark::RegisterBenchmark("whole_ctas_ab", whole_ctas_ab);
+    for (int code : {0, 1})
+      for (int block : {64, 128})
+        b->Args({code, block, 6, 5});
+    b->UseManualTime()->Unit(benchmark::kMillisecond);
+  }
   benchmark::RegisterBenchmark("plain_ab", plain_ab)
       ->Arg(0)
       ->Arg(1)
@@ -556,6 +639,12 @@ int main(int argc, char** argv) {
   one_block(benchmark::RegisterBenchmark("int8_dequantize_f32_dq",
                                          dequantize_nested<dynamic_signed, float>),
             256);
+  {
+    auto* b = benchmark::RegisterBenchmark("timer_launch_queue", timer_launch_queue);
+    for (int n : {256, 512, 1024, 2048, 4096, 8192})
+      b->Arg(n);
+    b->Iterations(1)->UseManualTime()->Unit(benchmark::kMillisecond);
+  }
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session on the lent machine (the `run` tool), from the repository root: builds the CUDA
-# tests and benchmarks, measures the peers (bitsandbytes, torch) while the build runs, runs the
+# tests and benchmarks, measures the peers (bitsandbytes, torch) after the build, runs the
 # CUDA tests, compute-sanitizer (memcheck, racecheck) on the quant/memory CUDA tests, the qmem GPU
 # benchmarks, and writes the side-by-side report. Everything lands in $OUT (at most 8 files come
 # back from there):
@@ -22,7 +22,21 @@
 #   bench      the quantization benchmark and the report (QUANT_FILTER)
 #   others     the matmul and optimizer benchmarks' goal rows (MATMUL_FILTER, OPTIM_FILTER)
 #   host       the host optimizer benchmark (bench/optim_bench.cpp) on the machine's own cores
-#   peers      bitsandbytes and torch (anchors' scripts), run while the build runs
+#   peers      bitsandbytes and torch (anchors' scripts), after the build (PEERS_DURING_BUILD=1:
+#              while it runs, as before 2026-11-30 quant6; saves ~1 min of device time but
+#              inflates the peers' launch-bound rows)
+#
+# Nothing else may load the host CPU while a benchmark step runs: a loaded host moved qmem's
+# host-inclusive timings by up to 10% (FP4 quantize 0.186-0.209 ms with the same SASS; 17:09 UTC
+# 2026-11-30, with 8 nvcc jobs of the caller's beside the benchmarks) and bitsandbytes'
+# launch-bound rows by 2-3x (14:05 UTC, the peers during the build). The CUDA benchmarks now time
+# the GPU alone (bench/cuda/gpu_timer.cuh), but the peers' torch timings and the host benchmark
+# still count the host. So the steps run in this order, one at a time: the build (test units and
+# benchmarks, in parallel), then the peers, then the qmem GPU benchmarks, the host benchmark, the
+# tests and the sanitizers (the last two load the host and the GPU, after every measurement).
+# Before each measuring step quiet_host logs the runnable tasks and, when there are more than
+# this script's own, the busiest processes ("HOST BUSY"): a caller must not start builds or other
+# jobs beside this script while it measures.
 # TEST_FAST=1 compiles the test units at nvcc's fast-compile level (-Ofc max), as CI does.
 # One device command is limited to 600 s: on 2026-11-29 the build took 239 s (TEST_FAST=1) and
 # tests,bench,others,peers,host 487 s in all, so `sanitize` goes in a second command, right after
@@ -53,6 +67,23 @@ say() {
   echo "== $(date -u +%H:%M:%S) $*$gpu" | tee -a "$log"
 }
 
+# Before a measuring step: the number of runnable tasks (procs_running, the mean of 5 samples
+# 0.2 s apart, this script's sampler and the probe itself included) and, above 2, the busiest
+# processes, in the log.
+quiet_host() {
+  local sum=0 i
+  for i in 1 2 3 4 5; do
+    sum=$((sum + $(awk '/^procs_running/ {print $2}' /proc/stat)))
+    sleep 0.2
+  done
+  if ((sum > 10)); then
+    say "HOST BUSY before $1: $((sum / 5)) runnable tasks on $(nproc) CPUs (load $(cut -d' ' -f1-3 /proc/loadavg))"
+    ps -eo pcpu,pid,comm --sort=-pcpu | head -n 6 >>"$log"
+  else
+    echo "host quiet before $1 (runnable tasks: $sum in 5 samples; load $(cut -d' ' -f1-3 /proc/loadavg))" >>"$log"
+  fi
+}
+
 say "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >>"$log" 2>&1
 nvcc --version | tail -1 >>"$log"
@@ -69,11 +100,14 @@ sampler_pid=$!
 trap 'kill "$sampler_pid" 2>/dev/null' EXIT
 
 peers_pid=
-if has peers && [[ -d $root/.peers/bitsandbytes ]]; then
-  say "peers (background, GPU) while building"
+run_peers() {
   (cd "$OUT" && PYTHONPATH=$root/.peers PYTHONUNBUFFERED=1 OUT=$OUT \
      python3 "$root/bench/gpu/peers/peer_bench.py" >"$OUT/peers.log" 2>&1 &&
-   PYTHONPATH=$root/.peers python3 "$root/bench/gpu/peers/peer_gemv_graph.py" >"$OUT/peer_gemv.json" 2>>"$OUT/peers.log") &
+   PYTHONPATH=$root/.peers python3 "$root/bench/gpu/peers/peer_gemv_graph.py" >"$OUT/peer_gemv.json" 2>>"$OUT/peers.log")
+}
+if has peers && [[ -d $root/.peers/bitsandbytes && ${PEERS_DURING_BUILD:-0} == 1 ]]; then
+  say "peers (background, GPU) while building (PEERS_DURING_BUILD=1: their launch-bound rows are inflated)"
+  run_peers &
   peers_pid=$!
 fi
 
@@ -185,6 +219,11 @@ if [[ -n $peers_pid ]]; then
   say "waiting for the peers"
   wait "$peers_pid"
   tail -n 5 "$OUT/peers.log" >>"$log"; rm -f "$OUT/peers.log"
+elif has peers && [[ -d $root/.peers/bitsandbytes ]]; then
+  quiet_host peers
+  say "peers (GPU, after the build)"
+  run_peers
+  tail -n 5 "$OUT/peers.log" >>"$log"; rm -f "$OUT/peers.log"
 fi
 
 # The benchmarks first, on a GPU that has only run the peers: in the integrated run of 2026-11-30
@@ -192,6 +231,7 @@ fi
 # FP4 0.208, int8 0.366 ms) than in the fresh processes of the same day's earlier sessions (0.188,
 # 0.190, 0.336), while the memory-bound dequantize rows were unchanged.
 if has bench && [[ -x $build/quant_bench_cuda ]]; then
+  quiet_host "the quant benchmark"
   say "quant benchmark"
   # the tuning variants (..._variant rows) are cuda-quant's to run: QUANT_FILTER=. runs them too
   "$build/quant_bench_cuda" --benchmark_min_time=0.1 --benchmark_filter="${QUANT_FILTER:--variant}" \
@@ -202,6 +242,7 @@ fi
 # run), Google Benchmark JSON each.
 if has others; then
   if [[ -x $build/matmul_bench_cuda ]]; then
+    quiet_host "the matmul benchmark"
     say "matmul benchmark"
     timeout 150 "$build/matmul_bench_cuda" --benchmark_min_time=0.05 \
       --benchmark_filter="${MATMUL_FILTER:-^copy|^gemv/|^cublas_gemv/|^gemm/}" \
@@ -209,6 +250,7 @@ if has others; then
       say "matmul benchmark FAILED"
   fi
   if [[ -x $build/optim_bench_cuda ]]; then
+    quiet_host "the optimizer benchmark"
     say "optimizer benchmark"
     timeout 150 "$build/optim_bench_cuda" --benchmark_filter="${OPTIM_FILTER:-.}" \
       --benchmark_out="$OUT/optim_bench.json" --benchmark_out_format=json >/dev/null 2>>"$log" ||
@@ -216,6 +258,7 @@ if has others; then
   fi
 fi
 if has host && [[ -x $build/optim_bench_host ]]; then
+  quiet_host "the host benchmark"
   say "host optimizer benchmark ($(nproc) threads)"
   timeout 150 "$build/optim_bench_host" --benchmark_filter="${HOST_FILTER:-adamw_(8|4)bit(/|_1thread)}" \
     --benchmark_out="$OUT/host_optim_bench.json" --benchmark_out_format=json >>"$log" 2>&1 ||

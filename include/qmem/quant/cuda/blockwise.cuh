@@ -670,6 +670,24 @@ inline constexpr int whole_items_wide = 2 * whole_items<T>;
 template <class T, int Items>
 inline constexpr int whole_min_ctas = Items == whole_items<T> ? 6 : 4;
 
+//! Resident CTAs per SM asked of ptxas for quantize_whole with a compile-time block size
+//! (whole_fixed_shift): 5 (48 registers) for 4-bit codes from 2-byte inputs, else as the
+//! runtime-size kernel. ptxas 13.0 sm_90a (2026-11-30): at 6 CTAs (40 registers) the FP4 / NF4
+//! from bf16 block-64 kernel spilled one 8-byte pair inside the encode (STL.64 + LDL.64 per step
+//! of 32 values, 388 instructions on a normal block's path); at 5 it has no stack frame and 382.
+//! Timed on the H200 (2026-11-30 19:31 UTC, quant_bench's whole_ctas_ab, the two launched in
+//! turn, medians of six processes, 3 with an idle host and 3 with 16 busy processes): NF4 block 64
+//! 6 CTAs 0.1930-0.1992 ms, 5 CTAs 0.1841-0.1904 (-4.1 to -4.6% in each process); FP4
+//! 0.1816-0.1917 -> 0.1730-0.1823 (-4.3 to -4.9%); one kernel twice in such a row (plain_ab)
+//! reads -0.5%. The runtime-size kernel keeps 6: at 5 ptxas spills more there (21 local loads in
+//! the code instead of 3) and NF4 / FP4 block 128 ran 5.5-5.7% slower (same rows). The
+//! int8-from-fp32 block-256 kernel has no spills at 6; 8-bit codes from 2-byte inputs were not
+//! timed at 5.
+template <class C, class T, int Items>
+inline constexpr int whole_fixed_min_ctas = C::bits == 4 && sizeof(T) == 2
+                                                ? 5
+                                                : whole_min_ctas<T, Items>;
+
 //! Waves of resident CTAs in quantize_whole's grid (each CTA still walks several steps), by the
 //! size of the encoder's shared table. Measured on the H200 (2026-11-29, 16:10 UTC, NF4 from
 //! bf16, the kernel with 16 table copies and per-vector code stores, test harness): one wave
@@ -689,7 +707,8 @@ inline constexpr int whole_waves = 4;
 //! every other size runs the runtime-size kernel, whose SASS is unchanged. The instructions of one
 //! step of a thread on a normal block (SASS, ptxas 13.0, sm_90a, 2026-11-30, the hot path traced
 //! through the branches): FP4 / NF4 from bf16, block 64 (32 values): 404 -> 387, local loads
-//! 3 -> 1 (one 8-byte spill pair inside the encode); int8 from fp32, block 256 (16 values):
+//! 3 -> 1 (one 8-byte spill pair inside the encode, gone at 5 CTAs per SM since 2026-11-30 19:31
+//! UTC: whole_fixed_min_ctas, 382 instructions); int8 from fp32, block 256 (16 values):
 //! 330 -> 273, no spills either way. The group's shuffles (a loop over offsets), the regrouping
 //! of the codes (branches on the group size) and the 64-bit block index arithmetic fold away.
 //! Timed on the H200 (2026-11-30 17:25 UTC, 2^28 elements, main's kernel and this one in
@@ -2112,8 +2131,9 @@ void quantize_any(exec::cuda const& e, T const* x, size_t n, size_t block_size, 
       int const threads = group > cta_threads ? group : cta_threads;
       size_t const per_step = static_cast<size_t>(threads / group);
       auto const go = [&]<int FixedShift>(std::integral_constant<int, FixedShift>) {
-        auto kernel =
-            quantize_whole<C, T, Items, Transform, whole_min_ctas<T, Items>, false, FixedShift>;
+        constexpr int min_ctas =
+            FixedShift != 0 ? whole_fixed_min_ctas<C, T, Items> : whole_min_ctas<T, Items>;
+        auto kernel = quantize_whole<C, T, Items, Transform, min_ctas, false, FixedShift>;
         unsigned const grid = grid_for(kernel, threads, whole / per_step + 1, e.device,
                                        whole_waves<typename normal_encoder<C>::storage>);
         qmem::cuda_detail::launch(
