@@ -3,8 +3,10 @@
 //! Thrust vectors as tensor-like types (CUDA translation units): `thrust::device_vector<T, A>` is
 //! a tensor in device memory, `thrust::host_vector<T, A>` one in host memory (pinned when its
 //! allocator is thrust::universal_host_pinned_allocator); either with thrust::universal_allocator
-//! (cudaMallocManaged, as thrust::universal_vector) is in managed memory, which host and CUDA
-//! algorithms both accept. qmem algorithms take them directly:
+//! (cudaMallocManaged) is in managed memory, which host and CUDA algorithms both accept, and so is
+//! `thrust::universal_vector<T>` (a vector of its own type, thrust::detail::vector_base, with that
+//! allocator; with universal_host_pinned_allocator it is pinned). qmem algorithms take them
+//! directly:
 //!
 //!   thrust::device_vector<qmem::bf16> w(n);
 //!   thrust::device_vector<std::uint8_t> codes(n / 2);
@@ -25,6 +27,7 @@
 #include <thrust/device_vector.h>
 #include <thrust/host_vector.h>
 #include <thrust/universal_allocator.h>
+#include <thrust/universal_vector.h>
 
 #include <cstddef>
 #include <type_traits>
@@ -76,6 +79,27 @@ struct tensor_traits<thrust::host_vector<T, Alloc>> {
       return memory_space::managed;
     else
       return memory_space::host;
+  }
+};
+
+//! thrust::universal_vector (thrust::detail::vector_base, not a device_vector or host_vector) is
+//! tensor-like with its two allocators: managed memory (thrust::universal_allocator, the default),
+//! pinned memory (thrust::universal_host_pinned_allocator).
+template <class T, class Alloc>
+requires(detail::is_thrust_managed_allocator_v<T, Alloc> ||
+         detail::is_thrust_pinned_allocator_v<
+             T, Alloc>) struct tensor_traits<thrust::universal_vector<T, Alloc>> {
+  using element_type = T;
+  static T* data(thrust::universal_vector<T, Alloc>& v) noexcept {
+    return thrust::raw_pointer_cast(v.data());
+  }
+  static T const* data(thrust::universal_vector<T, Alloc> const& v) noexcept {
+    return thrust::raw_pointer_cast(v.data());
+  }
+  static std::size_t size(thrust::universal_vector<T, Alloc> const& v) noexcept { return v.size(); }
+  static memory_space space(thrust::universal_vector<T, Alloc> const&) noexcept {
+    return detail::is_thrust_pinned_allocator_v<T, Alloc> ? memory_space::pinned
+                                                          : memory_space::managed;
   }
 };
 
