@@ -41,19 +41,27 @@ inline constexpr bool is_thrust_pinned_allocator_v =
 template <class T, class Alloc>
 inline constexpr bool is_thrust_managed_allocator_v =
     std::is_same_v<Alloc, thrust::universal_allocator<T>>;
+
+//! The allocators of thrust::universal_vector: managed or pinned memory.
+template <class T, class Alloc>
+inline constexpr bool is_thrust_universal_allocator_v =
+    is_thrust_managed_allocator_v<T, Alloc> || is_thrust_pinned_allocator_v<T, Alloc>;
+
+//! The element type, data and size of a Thrust vector `V` of `T`; the tensor_traits below add
+//! where it lives.
+template <class V, class T>
+struct thrust_vector_traits {
+  using element_type = T;
+  static T* data(V& v) noexcept { return thrust::raw_pointer_cast(v.data()); }
+  static T const* data(V const& v) noexcept { return thrust::raw_pointer_cast(v.data()); }
+  static std::size_t size(V const& v) noexcept { return v.size(); }
+};
 } // namespace detail
 
 //! thrust::device_vector is tensor-like: device memory (managed with thrust::universal_allocator).
 template <class T, class Alloc>
-struct tensor_traits<thrust::device_vector<T, Alloc>> {
-  using element_type = T;
-  static T* data(thrust::device_vector<T, Alloc>& v) noexcept {
-    return thrust::raw_pointer_cast(v.data());
-  }
-  static T const* data(thrust::device_vector<T, Alloc> const& v) noexcept {
-    return thrust::raw_pointer_cast(v.data());
-  }
-  static std::size_t size(thrust::device_vector<T, Alloc> const& v) noexcept { return v.size(); }
+struct tensor_traits<thrust::device_vector<T, Alloc>>
+    : detail::thrust_vector_traits<thrust::device_vector<T, Alloc>, T> {
   static memory_space space(thrust::device_vector<T, Alloc> const&) noexcept {
     return detail::is_thrust_managed_allocator_v<T, Alloc> ? memory_space::managed
                                                            : memory_space::device;
@@ -63,15 +71,8 @@ struct tensor_traits<thrust::device_vector<T, Alloc>> {
 //! thrust::host_vector is tensor-like: host memory (pinned with
 //! thrust::universal_host_pinned_allocator, managed with thrust::universal_allocator).
 template <class T, class Alloc>
-struct tensor_traits<thrust::host_vector<T, Alloc>> {
-  using element_type = T;
-  static T* data(thrust::host_vector<T, Alloc>& v) noexcept {
-    return thrust::raw_pointer_cast(v.data());
-  }
-  static T const* data(thrust::host_vector<T, Alloc> const& v) noexcept {
-    return thrust::raw_pointer_cast(v.data());
-  }
-  static std::size_t size(thrust::host_vector<T, Alloc> const& v) noexcept { return v.size(); }
+struct tensor_traits<thrust::host_vector<T, Alloc>>
+    : detail::thrust_vector_traits<thrust::host_vector<T, Alloc>, T> {
   static memory_space space(thrust::host_vector<T, Alloc> const&) noexcept {
     if constexpr (detail::is_thrust_pinned_allocator_v<T, Alloc>)
       return memory_space::pinned;
@@ -86,17 +87,9 @@ struct tensor_traits<thrust::host_vector<T, Alloc>> {
 //! tensor-like with its two allocators: managed memory (thrust::universal_allocator, the default),
 //! pinned memory (thrust::universal_host_pinned_allocator).
 template <class T, class Alloc>
-requires(detail::is_thrust_managed_allocator_v<T, Alloc> ||
-         detail::is_thrust_pinned_allocator_v<
-             T, Alloc>) struct tensor_traits<thrust::universal_vector<T, Alloc>> {
-  using element_type = T;
-  static T* data(thrust::universal_vector<T, Alloc>& v) noexcept {
-    return thrust::raw_pointer_cast(v.data());
-  }
-  static T const* data(thrust::universal_vector<T, Alloc> const& v) noexcept {
-    return thrust::raw_pointer_cast(v.data());
-  }
-  static std::size_t size(thrust::universal_vector<T, Alloc> const& v) noexcept { return v.size(); }
+requires detail::is_thrust_universal_allocator_v<T, Alloc>
+struct tensor_traits<thrust::universal_vector<T, Alloc>>
+    : detail::thrust_vector_traits<thrust::universal_vector<T, Alloc>, T> {
   static memory_space space(thrust::universal_vector<T, Alloc> const&) noexcept {
     return detail::is_thrust_pinned_allocator_v<T, Alloc> ? memory_space::pinned
                                                           : memory_space::managed;
