@@ -10,6 +10,7 @@
 #include <doctest/doctest.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -121,10 +122,8 @@ void check_refused(F&& f, std::string const& text) {
 } // namespace
 
 TEST_CASE("CUDA entry points refuse pageable host memory presented as device memory") {
-  if (!test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (test::skip<cuda_backend>())
     return;
-  }
   using namespace qmem::quant;
   exec::cuda const e{nullptr, 0};
   quant_buffers d;
@@ -182,10 +181,8 @@ TEST_CASE("CUDA entry points refuse pageable host memory presented as device mem
 }
 
 TEST_CASE("CUDA matmuls refuse pageable host memory presented as device memory") {
-  if (!test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (test::skip<cuda_backend>())
     return;
-  }
   using namespace qmem::quant;
   exec::cuda const e{nullptr, 0};
   constexpr std::size_t rows = 64, cols = 128; // n x k, one batch row
@@ -251,10 +248,8 @@ TEST_CASE("CUDA matmuls refuse pageable host memory presented as device memory")
 }
 
 TEST_CASE("CUDA entry points take managed and pinned memory") {
-  if (!test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (test::skip<cuda_backend>())
     return;
-  }
   using namespace qmem::quant;
   exec::cuda const e{nullptr, 0};
   constexpr std::size_t n = 1024;
@@ -289,6 +284,7 @@ TEST_CASE("CUDA entry points refuse memory of another device") {
   if (!test::gpu_present() || cudaGetDeviceCount(&devices) != cudaSuccess || devices < 2) {
     std::string const why =
         "skipped: this case needs two CUDA devices (found " + std::to_string(devices) + ")";
+    std::printf("[qmem] %s\n", why.c_str());
     MESSAGE(why);
     return;
   }
@@ -324,10 +320,8 @@ TEST_CASE("CUDA entry points refuse memory of another device") {
 }
 
 TEST_CASE("CUDA device_optimizer refuses parameters and gradients off its device") {
-  if (!test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (test::skip<cuda_backend>())
     return;
-  }
   namespace oq = qmem::optim;
   exec::cuda const e{nullptr, 0};
   memory::cuda_device_resource dres(0);
@@ -353,10 +347,8 @@ TEST_CASE("CUDA device_optimizer refuses parameters and gradients off its device
 }
 
 TEST_CASE("after a CUDA call the host backend refuses device memory") {
-  if (!test::gpu_present()) {
-    MESSAGE("skipped: no CUDA device on this machine");
+  if (test::skip<cuda_backend>())
     return;
-  }
   using namespace qmem::quant;
   quant_buffers d;
   // any qmem CUDA call arms the probe
