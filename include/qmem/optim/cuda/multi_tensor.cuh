@@ -743,20 +743,19 @@ private:
   static void check_resident_tensor(exec::cuda const& e, std::size_t i, tensor const& t) {
     if (t.size == 0)
       return;
-    auto const check = [&](void const* p, char const* what, std::size_t j) {
+    auto const check = [&](void const* p, auto const&... what) {
       if (p != nullptr)
         cuda_detail::check_reachable(e.device, p, "multi_tensor_step",
-                                     j < Rule::state_count
-                                         ? qmem::detail::message("tensor ", i, " ", what, " ", j)
-                                         : qmem::detail::message("tensor ", i, " ", what));
+                                     qmem::detail::message("tensor ", i, " ", what...));
     };
-    check(t.param, "param", Rule::state_count);
-    check(t.grad, "grad", Rule::state_count);
-    check(t.master, "master", Rule::state_count);
-    for (std::size_t j = 0; j < Rule::state_count; ++j) {
-      check(t.state[j], "state", j);
-      check(t.absmax[j], "absmax", j);
-    }
+    check(t.param, "param");
+    check(t.grad, "grad");
+    check(t.master, "master");
+    // a compile-time loop: a rule without state (state_count 0) compares no index with 0
+    detail::for_each_state_host<Rule::state_count>([&](auto J) {
+      check(t.state[J.value], "state ", J.value);
+      check(t.absmax[J.value], "absmax ", J.value);
+    });
   }
 
   static bool is_aligned(void const* p, std::size_t bytes) noexcept {
