@@ -36,6 +36,54 @@ struct checkpoint {
       nlohmann::json::object(); // the index's "metadata" minus total_size
   bool sharded = false;
 
+  //! The index's JSON, refusing a key repeated within an object (nlohmann keeps the last, so a
+  //! tensor the weight_map names twice would silently come from the second file named): throws
+  //! format_error naming the key, and for a weight_map entry both files.
+  static nlohmann::json parse_index(std::string const& text) {
+    using json = nlohmann::json;
+    std::vector<std::set<std::string>> keys;   // of each open object
+    std::map<std::string, std::string> mapped; // the weight_map's entries so far
+    std::string top_key;                       // the top-level key being read
+    std::string entry;                         // the weight_map key being read
+    bool in_map = false;
+    auto const callback = [&](int depth, json::parse_event_t event, json& parsed) -> bool {
+      switch (event) {
+      case json::parse_event_t::object_start:
+        keys.emplace_back();
+        if (depth == 1)
+          in_map = top_key == "weight_map";
+        break;
+      case json::parse_event_t::object_end:
+        if (!keys.empty())
+          keys.pop_back();
+        if (depth == 1)
+          in_map = false;
+        break;
+      case json::parse_event_t::key: {
+        auto const k = parsed.get<std::string>();
+        if (depth == 1)
+          top_key = k;
+        if (in_map && depth == 2)
+          entry = k; // a repeat is reported with both files, at its value
+        else if (!keys.empty() && !keys.back().insert(k).second)
+          throw format_error("the key '" + k + "' appears twice in an object of the index");
+        break;
+      }
+      case json::parse_event_t::value:
+        if (in_map && depth == 2) {
+          auto const f = parsed.is_string() ? parsed.get<std::string>() : parsed.dump();
+          if (auto const [it, fresh] = mapped.emplace(entry, f); !fresh)
+            throw format_error("the weight_map maps '" + entry + "' twice, to '" + it->second +
+                               "' and to '" + f + "'; expected one shard per tensor");
+        }
+        break;
+      default: break;
+      }
+      return true;
+    };
+    return json::parse(text, callback);
+  }
+
   //! Opens `path`. Throws io_error/format_error with a one-line reason.
   static checkpoint open(fs::path const& path) {
     checkpoint c;
@@ -51,7 +99,9 @@ struct checkpoint {
     ss << in.rdbuf();
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(ss.str());
+      j = parse_index(ss.str());
+    } catch (format_error const& e) {
+      qmem::detail::raise<format_error>(path.string(), ": ", e.what());
     } catch (nlohmann::json::exception const& e) {
       qmem::detail::raise<format_error>(path.string(), ": the index does not parse: ", e.what());
     }
@@ -75,8 +125,15 @@ struct checkpoint {
       names_by_file[f].insert(name);
     }
     auto const dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
+    std::map<std::string, std::string> file_of; // tensor name -> the shard holding it
     for (auto const& [file, names] : names_by_file) {
       io::safetensors_reader r(dir / file);
+      // a name in two shards: a reader would take one of them silently
+      for (auto const& e : r.tensors())
+        if (auto const [it, fresh] = file_of.emplace(e.name, file); !fresh)
+          qmem::detail::raise<format_error>(path.string(), ": the tensor '", e.name,
+                                            "' is in two shards, '", it->second, "' and '", file,
+                                            "'; expected each name in one shard");
       // the index and the shard must agree on which tensors the shard holds
       for (auto const& e : r.tensors())
         if (!names.contains(e.name))

@@ -323,6 +323,57 @@ TEST_CASE("cli: sharded checkpoints in and out") {
   CHECK(lines(broken.err) == 1);
 }
 
+TEST_CASE("cli: a tensor name in two shards, or mapped twice by the index, is refused") {
+  scratch_dir in_dir;
+  auto const index =
+      make_sharded(data_dir() / "tiny_llama_fp4_dq" / "model.safetensors", in_dir.path);
+  std::string const first = "model-00001-of-00002.safetensors";
+  std::string const second = "model-00002-of-00002.safetensors";
+  std::string const name = "model.layers.1.mlp.down_proj.weight"; // in the second shard
+  auto const text = slurp(index);
+  REQUIRE(text.find("\"" + name + "\": \"" + second + "\"") != std::string::npos);
+
+  // the index maps the name twice (JSON parsers keep the last: the CLI took the second shard's)
+  auto twice = text;
+  auto const at = twice.find("\"weight_map\": {") + std::string("\"weight_map\": {").size();
+  twice.insert(at, "\n    \"" + name + "\": \"" + first + "\",");
+  std::ofstream(in_dir.path / "twice.safetensors.index.json") << twice;
+  auto const r1 = qmem_run({"inspect", (in_dir.path / "twice.safetensors.index.json").string()});
+  CHECK(r1.rc == 1);
+  CHECK(lines(r1.err) == 1);
+  CHECK(r1.err.find("'" + name + "'") != std::string::npos);
+  CHECK(r1.err.find(first) != std::string::npos);
+  CHECK(r1.err.find(second) != std::string::npos);
+
+  // two shards hold the name (a third shard with a copy of it, mapped once, to the third)
+  {
+    safetensors_reader r(in_dir.path / second);
+    qmem::io::safetensors_writer w;
+    auto const& e = r.at(name);
+    w.add(name, e.type, e.shape, r.bytes(e));
+    w.save(in_dir.path / "extra.safetensors");
+  }
+  auto both = text;
+  both.replace(both.find("\"" + name + "\": \"" + second + "\""), name.size() + second.size() + 6,
+               "\"" + name + "\": \"extra.safetensors\"");
+  std::ofstream(in_dir.path / "both.safetensors.index.json") << both;
+  auto const r2 = qmem_run({"inspect", (in_dir.path / "both.safetensors.index.json").string()});
+  CHECK(r2.rc == 1);
+  CHECK(lines(r2.err) == 1);
+  CHECK(r2.err.find("'" + name + "'") != std::string::npos);
+  CHECK(r2.err.find("extra.safetensors") != std::string::npos);
+  CHECK(r2.err.find(second) != std::string::npos);
+
+  // any other repeated key of the index is refused too
+  auto meta = text;
+  meta.insert(meta.find("\"metadata\": {") + std::string("\"metadata\": {").size(),
+              "\"total_size\": 1, ");
+  std::ofstream(in_dir.path / "meta.safetensors.index.json") << meta;
+  auto const r3 = qmem_run({"inspect", (in_dir.path / "meta.safetensors.index.json").string()});
+  CHECK(r3.rc == 1);
+  CHECK(r3.err.find("'total_size' appears twice") != std::string::npos);
+}
+
 TEST_CASE("cli: --format int8 writes bitsandbytes' LLM.int8 tensors that inspect and dequantize "
           "read") {
   scratch_dir tmp;

@@ -157,6 +157,26 @@ TEST_CASE("cuda resources: thrust vectors are tensor-like") {
   cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   CHECK_NOTHROW(quant::quantize_blockwise<quant::nf4>(exec::host{}, view(std::as_const(managed_d)),
                                                       64, view(mc), view(ma)));
+  // thrust::universal_vector is a vector_base, neither of the two above: it was not tensor-like
+  // (qmem::view did not compile) though the header named it
+  thrust::universal_vector<float> uni(64, 0.25f);
+  thrust::universal_vector<float, thrust::universal_host_pinned_allocator<float>> uni_pinned(4);
+  CHECK(view(uni).space() == memory_space::managed);
+  CHECK(view(uni).size() == 64);
+  CHECK(view(uni_pinned).space() == memory_space::pinned);
+  CHECK(view(uni).data() == thrust::raw_pointer_cast(uni.data()));
+  thrust::universal_vector<std::uint8_t> uni_codes(quant::code_bytes<quant::nf4>(64));
+  thrust::universal_vector<float> uni_absmax(1);
+  CHECK_NOTHROW(quant::quantize_blockwise<quant::nf4>(exec::cuda{}, view(std::as_const(uni)), 64,
+                                                      view(uni_codes), view(uni_absmax)));
+  cuda_detail::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  std::vector<std::uint8_t> uc(quant::code_bytes<quant::nf4>(64));
+  std::vector<float> ua(1);
+  CHECK_NOTHROW(quant::quantize_blockwise<quant::nf4>(exec::host{}, view(std::as_const(uni)), 64,
+                                                      view(uc), view(ua)));
+  auto const ucv = view(std::as_const(uni_codes)); // managed: readable here after the sync
+  CHECK(std::vector<std::uint8_t>(ucv.begin(), ucv.end()) == uc);
+  CHECK(view(std::as_const(uni_absmax))[0] == ua[0]);
 }
 
 // The resources checked the runtime's alignment after the allocation had succeeded and threw

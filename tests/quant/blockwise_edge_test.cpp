@@ -47,14 +47,7 @@ TEST_CASE_TEMPLATE_DEFINE("blockwise: mean absolute error on N(0, 1) data", B, b
   auto const x = normal_floats(n, 2024);
   auto const dx = B::upload(x);
   auto measure = [&]<class C>(std::type_identity<C>, std::size_t block) {
-    auto dc = B::template alloc<std::uint8_t>(code_bytes<C>(n));
-    auto da = B::template alloc<float>(block_count(n, block));
-    auto dy = B::template alloc<float>(n);
-    quantize_blockwise<C>(B::exec(), tensor_view<float const>(dx.view()), block, dc.view(),
-                          da.view());
-    dequantize_blockwise<C>(B::exec(), tensor_view<std::uint8_t const>(dc.view()),
-                            tensor_view<float const>(da.view()), block, dy.view());
-    auto const y = B::download(dy.view());
+    auto const y = quantize_on<C, B>(dx, block).template dequantized<C>(n, block);
     double e = 0.0;
     for (std::size_t i = 0; i < n; ++i)
       e += std::fabs(static_cast<double>(x[i]) - y[i]);
@@ -92,19 +85,14 @@ TEST_CASE_TEMPLATE_DEFINE("blockwise: all-zero blocks follow bitsandbytes' arith
   auto check = [&]<class C>(std::type_identity<C>, std::uint8_t expected_code, bool negative_zero) {
     CAPTURE(code_name<C>());
     auto dx = B::upload(x);
-    auto dc = B::template alloc<std::uint8_t>(code_bytes<C>(x.size()));
-    auto da = B::template alloc<float>(4);
-    quantize_blockwise<C>(B::exec(), tensor_view<float const>(dx.view()), 64, dc.view(), da.view());
-    auto const a = B::download(da.view());
-    auto const c = B::download(dc.view());
+    auto q = quantize_on<C, B>(dx, 64);
+    auto const a = B::download(q.absmax.view());
+    auto const c = B::download(q.codes.view());
     CHECK(a[0] == 0.0f);
     CHECK(a[2] == 0.5f);
     std::uint8_t const first = C::bits == 8 ? c[0] : static_cast<std::uint8_t>(c[0] >> 4);
     CHECK(int(first) == int(expected_code));
-    auto dy = B::template alloc<float>(x.size());
-    dequantize_blockwise<C>(B::exec(), tensor_view<std::uint8_t const>(dc.view()),
-                            tensor_view<float const>(da.view()), 64, dy.view());
-    auto const y = B::download(dy.view());
+    auto const y = q.template dequantized<C>(x.size(), 64);
     CHECK(y[0] == 0.0f);
     CHECK(std::signbit(y[0]) == negative_zero);
     CHECK(y[150] == 0.5f);
@@ -132,18 +120,13 @@ TEST_CASE_TEMPLATE_DEFINE("blockwise: NaN and infinity make their block's absmax
   auto check = [&]<class C>(std::type_identity<C>) {
     CAPTURE(code_name<C>());
     auto dx = B::upload(x);
-    auto dc = B::template alloc<std::uint8_t>(code_bytes<C>(x.size()));
-    auto da = B::template alloc<float>(4);
-    quantize_blockwise<C>(B::exec(), tensor_view<float const>(dx.view()), 64, dc.view(), da.view());
-    auto const a = B::download(da.view());
+    auto q = quantize_on<C, B>(dx, 64);
+    auto const a = B::download(q.absmax.view());
     CHECK(std::isnan(a[0]));
     CHECK(!std::signbit(a[0]));
     CHECK(a[1] == inf);
     CHECK(std::isfinite(a[2]));
-    auto dy = B::template alloc<float>(x.size());
-    dequantize_blockwise<C>(B::exec(), tensor_view<std::uint8_t const>(dc.view()),
-                            tensor_view<float const>(da.view()), 64, dy.view());
-    auto const y = B::download(dy.view());
+    auto const y = q.template dequantized<C>(x.size(), 64);
     for (std::size_t i = 0; i < 64; ++i)
       CHECK(std::isnan(y[i])); // NaN absmax: the whole block is NaN
     for (std::size_t i = 64; i < 128; ++i)
@@ -151,10 +134,7 @@ TEST_CASE_TEMPLATE_DEFINE("blockwise: NaN and infinity make their block's absmax
     for (std::size_t i = 128; i < 256; ++i)
       CHECK(std::isfinite(y[i]));
     // bf16 output: one rounding of the same float values, NaN included
-    auto db = B::template alloc<bf16>(x.size());
-    dequantize_blockwise<C>(B::exec(), tensor_view<std::uint8_t const>(dc.view()),
-                            tensor_view<float const>(da.view()), 64, db.view());
-    auto const yb = B::download(db.view());
+    auto const yb = q.template dequantized<C, bf16>(x.size(), 64);
     for (std::size_t i = 0; i < yb.size(); ++i)
       CHECK(yb[i] == bf16(y[i]));
   };

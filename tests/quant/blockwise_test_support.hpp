@@ -123,6 +123,33 @@ bool same_value_bits(T a, T b) {
     return (std::isnan(a.to_float()) && std::isnan(b.to_float())) || a.bits == b.bits;
 }
 
+// The codes and block scales of a float tensor quantized on backend B (quantize_on).
+template <class B>
+struct quantized_on_backend {
+  decltype(B::template alloc<std::uint8_t>(0)) codes;
+  decltype(B::template alloc<float>(0)) absmax;
+
+  // The values dequantized to T on B, downloaded.
+  template <class C, class T = float>
+  std::vector<T> dequantized(std::size_t n, std::size_t block) {
+    auto y = B::template alloc<T>(n);
+    dequantize_blockwise<C>(B::exec(), tensor_view<std::uint8_t const>(codes.view()),
+                            tensor_view<float const>(absmax.view()), block, y.view());
+    return B::download(y.view());
+  }
+};
+
+// x (already on backend B) quantized with code C in blocks of `block`, nearest rounding.
+template <class C, class B, class X>
+quantized_on_backend<B> quantize_on(X& x, std::size_t block) {
+  std::size_t const n = x.view().size();
+  quantized_on_backend<B> q{B::template alloc<std::uint8_t>(code_bytes<C>(n)),
+                            B::template alloc<float>(block_count(n, block))};
+  quantize_blockwise<C>(B::exec(), tensor_view<float const>(x.view()), block, q.codes.view(),
+                        q.absmax.view());
+  return q;
+}
+
 // Quantizes and dequantizes on backend B and compares with the reference: reference_check<B, C>
 // holds the check for the four input types of one code as non-inline members, so that a unit can
 // leave their instantiation (the CUDA kernels of that code) to another unit with an explicit

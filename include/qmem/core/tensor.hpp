@@ -12,6 +12,7 @@
 #include <qmem/core/error.hpp>
 #include <qmem/core/memory_space.hpp>
 
+#include <atomic>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
@@ -148,8 +149,24 @@ constexpr tensor_view<T> view(T* data, std::size_t size,
   return {data, size, space};
 }
 
+namespace detail {
+
+//! True when the address is memory only a GPU can read (device memory, no host alias). Null until
+//! a qmem CUDA call runs in this process: qmem/core/cuda/runtime.cuh's device_guard then stores
+//! its probe here (cudaPointerGetAttributes), so that check_view refuses device memory a view
+//! presents to the host backend. A process without qmem CUDA calls pays one atomic load; device
+//! memory it allocated by other means reaches the host backend unchecked.
+using device_memory_probe_fn = bool (*)(void const*) noexcept;
+inline std::atomic<device_memory_probe_fn> device_memory_probe{nullptr};
+
+} // namespace detail
+
 //! Checks the preconditions every algorithm shares for one argument: non-null data when non-empty,
-//! alignment of the element type, and a memory space the execution object can reach.
+//! alignment of the element type, and a memory space the execution object can reach. With
+//! `need_host`, once a qmem CUDA call has run in this process (detail::device_memory_probe), also
+//! that the bytes are not device memory, whatever the view's memory space says. The memory of a
+//! device-side call is checked where it launches (cuda_detail::check_resident, runtime.cuh): that
+//! needs the execution object's device.
 template <class T>
 void check_view(tensor_view<T> v, char const* function, char const* name, bool need_host,
                 bool need_device) {
@@ -161,6 +178,12 @@ void check_view(tensor_view<T> v, char const* function, char const* name, bool n
   if (need_host && !host_accessible(v.space()))
     detail::raise(function, ": ", name, " is in ", to_string(v.space()),
                   " memory; this call runs on the host and needs host-accessible memory");
+  if (need_host && !v.empty())
+    if (auto const probe = detail::device_memory_probe.load(std::memory_order_acquire);
+        probe != nullptr && probe(v.data()))
+      detail::raise(function, ": ", name, " is device memory (CUDA says so; its view says ",
+                    to_string(v.space()),
+                    "); this call runs on the host and needs host-accessible memory");
   if (need_device && !device_accessible(v.space()))
     detail::raise(function, ": ", name, " is in ", to_string(v.space()),
                   " memory; this call runs on the GPU and needs device-accessible memory");

@@ -814,7 +814,8 @@ inline bnb_weight read_bnb_weight(safetensors_reader const& r, std::string_view 
 //! state (normally dtype_of_v<T>). Preconditions: a valid block size for the format (4-bit: power
 //! of two in [32, 4096]; int8: [64, 4096]), a shape whose product is x.size() and that the reader
 //! accepts (dimensions in [0, 2^48], running product at most 2^48: max_bnb_elements), a floating
-//! `original`; throws bad_argument otherwise.
+//! `original`, `x` in host-accessible memory, aligned and non-null when non-empty (as
+//! quant::quantize_blockwise checks it); throws bad_argument otherwise.
 template <float_element T>
 [[nodiscard]] bnb_weight quantize_bnb(exec::host const& e, std::string name, bnb_format f,
                                       tensor_view<T const> x, std::vector<std::int64_t> shape,

@@ -77,7 +77,8 @@ private:
 public:
   //! Creates a pool on `device` whose allocations are ordered on `stream` (nullptr: the legacy
   //! default stream) and which keeps up to `release_threshold` bytes of freed memory cached across
-  //! synchronizations. Preconditions: `device` is a valid device ordinal (cuda_error otherwise).
+  //! synchronizations. Preconditions: `device` >= 0 (bad_argument otherwise) and a device of this
+  //! machine (cuda_error from cudaMemPoolCreate otherwise).
   explicit cuda_device_resource(int device = 0, CUstream_st* stream = nullptr,
                                 std::uint64_t release_threshold = keep_all)
       : stream_(stream), device_(device) {
@@ -265,7 +266,8 @@ class device_workspace {
   std::size_t size_ = 0;
 
 public:
-  //! `size` elements of T from `r`, ordered on `stream`.
+  //! `size` elements of T from `r`, ordered on `stream`. Throws bad_argument when size * sizeof(T)
+  //! overflows (before allocating), cuda_error when the pool cannot grow.
   device_workspace(cuda_device_resource& r, std::size_t size, CUstream_st* stream)
       : resource_(&r), stream_(stream), size_(size) {
     QMEM_EXPECTS(size <= std::numeric_limits<std::size_t>::max() / sizeof(T), "size ", size,

@@ -37,8 +37,10 @@ constexpr char const* to_string(category c) noexcept {
 }
 
 //! A polymorphic memory resource. `allocate` returns storage of at least `bytes` bytes aligned to
-//! `alignment` (a power of two) or throws (std::bad_alloc, qmem::cuda_error); `deallocate` takes
-//! back exactly what `allocate` returned, with the same size and alignment.
+//! `alignment` or throws: qmem::bad_argument when `alignment` is not a power of two (or is above
+//! what the resource can honour: 256 bytes for the CUDA resources), std::bad_alloc or
+//! qmem::cuda_error when the memory is not there. `deallocate` takes back exactly what `allocate`
+//! returned, with the same size and alignment (null: nothing to do).
 class resource {
 public:
   virtual ~resource() = default;
@@ -98,7 +100,8 @@ private:
 
 public:
   buffer() = default;
-  //! Allocates `size` elements from `r` (default: host).
+  //! Allocates `size` elements from `r` (default: host). Throws bad_argument, before allocating,
+  //! when size * sizeof(T) overflows; what `r.allocate` throws otherwise.
   explicit buffer(std::size_t size, resource& r = default_host_resource(),
                   category cat = category::other)
       : resource_(&r), size_(size), category_(cat) {

@@ -1,12 +1,14 @@
 #pragma once
 //! \file
 //! CUDA runtime plumbing shared by every kernel file: error checking where calls are made, launch
-//! checks, and a guard that makes the execution object's device current for the duration of a
-//! call (and restores the caller's). Only for CUDA translation units.
+//! checks, a guard that makes the execution object's device current for the duration of a call
+//! (and restores the caller's), and the check that a call's memory lives where it launches. Only
+//! for CUDA translation units.
 
 #include <qmem/core/config.hpp>
 #include <qmem/core/error.hpp>
 #include <qmem/core/exec.hpp>
+#include <qmem/core/tensor.hpp>
 
 #if !QMEM_HAS_CUDA()
 #error "qmem/core/cuda/runtime.cuh is for CUDA translation units (compile this file with nvcc)"
@@ -16,8 +18,10 @@
 
 #include <atomic>
 #include <cstddef>
+#include <initializer_list>
 #include <source_location>
 #include <string>
+#include <string_view>
 
 namespace qmem::cuda_detail {
 
@@ -82,12 +86,36 @@ void launch(exec::cuda const& e, bool dependent, void (*kernel)(Params...), dim3
   check_launch(e, name);
 }
 
-//! Makes `device` current for this scope; restores the previous device on exit.
+//! True when `p` is device memory the host cannot read (no host alias): the probe check_view
+//! (core/tensor.hpp) runs on the host backend's arguments. An address CUDA does not know is not
+//! device memory. The query runs in relaxed capture mode (see relaxed_capture_scope), so that a
+//! capture of one of the thread's streams does not count it as an unsafe call.
+inline bool is_device_only_memory(void const* p) noexcept {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  bool const relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
+  cudaPointerAttributes a{};
+  cudaError_t const status = cudaPointerGetAttributes(&a, p);
+  if (relaxed)
+    (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError(); // not sticky: clear it so that no later check reports it
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice && a.hostPointer == nullptr;
+}
+
+//! Makes `device` current for this scope; restores the previous device on exit. Every qmem CUDA
+//! call makes one, so its constructor also arms check_view's device-memory probe: from then on
+//! the host backend refuses device memory (the runtime is initialized by then; on a thread whose
+//! current device has no context yet, the probe's query may create one, as any runtime call
+//! there would).
 class device_guard {
   int previous_ = -1;
 
 public:
   explicit device_guard(int device) {
+    if (qmem::detail::device_memory_probe.load(std::memory_order_relaxed) == nullptr)
+      qmem::detail::device_memory_probe.store(&is_device_only_memory, std::memory_order_release);
     check(cudaGetDevice(&previous_), "cudaGetDevice");
     if (previous_ != device)
       check(cudaSetDevice(device), "cudaSetDevice");
@@ -119,6 +147,84 @@ public:
   relaxed_capture_scope& operator=(relaxed_capture_scope const&) = delete;
   ~relaxed_capture_scope() { (void)cudaThreadExchangeStreamCaptureMode(&mode_); }
 };
+
+namespace residency_detail {
+
+//! check_reachable without the capture-mode scope (the callers below hold one).
+inline void check_reachable(int device, void const* p, char const* function,
+                            std::string_view name) {
+  cudaPointerAttributes a{};
+  cudaError_t const status = cudaPointerGetAttributes(&a, p);
+  if (status == cudaErrorInvalidValue) {
+    (void)cudaGetLastError(); // not sticky: clear it so that no later check reports it
+    qmem::detail::raise(function, ": ", name, " is at an address CUDA does not know; this call ",
+                        "runs on device ", device, " (exec::cuda::device) and needs memory of ",
+                        "that device, managed memory or pinned host memory");
+  }
+  check(status, "cudaPointerGetAttributes");
+  switch (a.type) {
+  case cudaMemoryTypeDevice:
+    if (a.device == device)
+      return;
+    qmem::detail::raise(function, ": ", name, " is in the memory of device ", a.device,
+                        "; this call runs on device ", device,
+                        " (exec::cuda::device): expected memory of device ", device,
+                        ", managed memory or pinned host memory");
+  case cudaMemoryTypeManaged: return;
+  case cudaMemoryTypeHost:
+    if (a.devicePointer == p)
+      return;
+    qmem::detail::raise(function, ": ", name, " is registered host memory that device ", device,
+                        " cannot reach at this address (not mapped); expected memory of device ",
+                        device, ", managed memory or mapped pinned host memory");
+  default:
+    qmem::detail::raise(function, ": ", name, " is pageable host memory (CUDA knows no ",
+                        "allocation at this address); this call runs on device ", device,
+                        " (exec::cuda::device) and needs memory of that device, managed memory ",
+                        "or pinned host memory");
+  }
+}
+
+} // namespace residency_detail
+
+//! Throws qmem::bad_argument "<function>: <name> ..." unless the kernels of `device` may read and
+//! write the memory at `p` where it is: device memory of `device` itself, managed memory, or
+//! pinned host memory mapped at the same address (cudaHostAlloc; cudaHostRegister under unified
+//! addressing). Refused, with the place named: memory of another device (even with peer access:
+//! a call launches on its tensors' device, issue 3 section 1), pageable host memory, an address
+//! CUDA does not know. Call it with `device` current (device_guard): a pinned buffer's device
+//! alias is looked up for the current device. Cost: one cudaPointerGetAttributes, a host-side
+//! look-up in the driver's address map; nothing is enqueued, so a stream capture records nothing
+//! of it and in a CUDA graph the check runs once, at capture. The query runs in a
+//! relaxed_capture_scope, so that a capture of the caller's stream does not count it as an
+//! unsafe call.
+inline void check_reachable(int device, void const* p, char const* function,
+                            std::string_view name) {
+  relaxed_capture_scope relaxed;
+  residency_detail::check_reachable(device, p, function, name);
+}
+
+//! One argument of check_resident: its name and first byte (null: nothing to check).
+struct named_address {
+  std::string_view name;
+  void const* address = nullptr;
+};
+
+//! The argument `name` viewed by `v`; an empty view is not checked (no byte of it is touched).
+template <class T>
+named_address arg(std::string_view name, tensor_view<T> v) noexcept {
+  return {name, v.empty() ? nullptr : static_cast<void const*>(v.data())};
+}
+
+//! check_reachable(e.device, ...) of each argument, in order: what every CUDA entry point calls on
+//! its tensors, under its device_guard and before it allocates, writes or launches anything.
+inline void check_resident(exec::cuda const& e, char const* function,
+                           std::initializer_list<named_address> args) {
+  relaxed_capture_scope relaxed;
+  for (named_address const& a : args)
+    if (a.address != nullptr)
+      residency_detail::check_reachable(e.device, a.address, function, a.name);
+}
 
 //! Number of multiprocessors of `device` (cached per device, first 64 devices). Safe to call from
 //! several threads at once: the cache entries are atomics (two first callers may both ask the

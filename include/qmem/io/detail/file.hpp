@@ -81,8 +81,8 @@ public:
 
   [[nodiscard]] std::span<std::byte const> bytes() const noexcept { return {data_, size_}; }
 
-  //! Tells the kernel the bytes [offset, offset + size) will be read once, front to back, and may
-  //! be dropped from the page cache after use (keeps converting a file larger than RAM cheap).
+  //! Tells the kernel the whole mapping will be read once, front to back (MADV_SEQUENTIAL: read
+  //! ahead more, and pages behind the reader may be dropped early); release() drops a range.
   void advise_sequential() const noexcept {
     if (data_ != nullptr)
       ::madvise(const_cast<std::byte*>(data_), size_, MADV_SEQUENTIAL);
@@ -151,7 +151,8 @@ public:
   [[nodiscard]] std::filesystem::path const& target() const noexcept { return target_; }
   [[nodiscard]] bool open() const noexcept { return fd_ >= 0; }
 
-  //! Appends `bytes` (retrying short writes and EINTR). Throws io_error on failure.
+  //! Appends `bytes` (retrying short writes and EINTR). Throws bad_argument after commit or
+  //! discard (nothing written), io_error on failure.
   void write(std::span<std::byte const> bytes) {
     QMEM_EXPECTS(fd_ >= 0, "the file '", target_.string(), "' was already committed or discarded");
     while (!bytes.empty()) {
@@ -167,6 +168,8 @@ public:
   }
 
   //! Flushes the data to disk, renames the temporary over the target, flushes the directory.
+  //! Throws bad_argument after commit or discard, io_error on failure (after a failed flush the
+  //! file stays open and uncommitted; after a failed close or rename the temporary is removed).
   void commit() {
     QMEM_EXPECTS(fd_ >= 0, "the file '", target_.string(), "' was already committed or discarded");
     if (::fsync(fd_) != 0)

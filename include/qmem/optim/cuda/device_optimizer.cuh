@@ -215,8 +215,8 @@ public:
   //! (stream-ordered on e.stream; master weights are widened from the parameter there). Returns
   //! its index, the position of its gradient in bind(). Call bind() again before the next step
   //! (adding a parameter to a bound optimizer waits for e.stream and unbinds it).
-  //! Preconditions (bad_argument, nothing allocated): the view is non-null when non-empty, not
-  //! in host memory and shares no memory with a parameter already added (as the host optimizer's
+  //! Preconditions (bad_argument, nothing allocated): the view is non-null when non-empty, in
+  //! memory of e.device, managed or pinned memory (cuda_detail::check_resident) and shares no memory with a parameter already added (as the host optimizer's
   //! add_param); lr_scale finite and >= 0; `o.rule`, when set, passes its validate(); e.device is this
   //! optimizer's device.
   std::size_t add_param(exec::cuda const& e, tensor_view<Param> param, param_options o = {}) {
@@ -228,6 +228,7 @@ public:
                  to_string(param.space()), " memory; expected device-accessible memory");
     host_optimizer::check_new_param(params_, param, o);
     cuda_detail::device_guard guard(device_);
+    cuda_detail::check_resident(e, "add_param", {cuda_detail::arg("param", param)});
     param_state ps = host_optimizer::make_param_state(
         param, o, rule_, options_, *state_resource_, [&](void* p, std::size_t bytes) {
           cuda_detail::check(cudaMemsetAsync(p, 0, bytes, e.stream), "cudaMemsetAsync(state)");
@@ -249,12 +250,14 @@ public:
   //! Binds one gradient per parameter (same order and sizes as add_param, device-accessible) and
   //! builds the device tables of the step (waits for e.stream once). Call it again when the
   //! gradient buffers move or parameters were added. Preconditions (bad_argument, the previous
-  //! binding kept): one gradient per parameter of the same size; non-null; not in host memory.
+  //! binding kept): one gradient per parameter of the same size; non-null; in memory of this
+  //! optimizer's device, managed or pinned memory (cuda_detail::check_reachable).
   void bind(exec::cuda const& e, std::span<tensor_view<G const> const> grads) {
     QMEM_EXPECTS(e.device == device_, "e.device is ", e.device, "; this optimizer is on device ",
                  device_);
     QMEM_EXPECTS(grads.size() == params_.size(), "got ", grads.size(), " gradients for ",
                  params_.size(), " parameters");
+    cuda_detail::device_guard guard(device_);
     for (std::size_t i = 0; i < grads.size(); ++i) {
       QMEM_EXPECTS(grads[i].size() == params_[i].param.size(), "gradient ", i, " has ",
                    grads[i].size(), " elements; its parameter has ", params_[i].param.size());
@@ -262,9 +265,11 @@ public:
                    " has a null pointer");
       QMEM_EXPECTS(device_accessible(grads[i].space()), "gradient ", i, " is in ",
                    to_string(grads[i].space()), " memory; expected device-accessible memory");
+      if (!grads[i].empty())
+        cuda_detail::check_reachable(device_, grads[i].data(), "bind",
+                                     qmem::detail::message("gradient ", i));
     }
     grads_.assign(grads.begin(), grads.end());
-    cuda_detail::device_guard guard(device_);
     build_groups(e);
   }
   //! bind() over a vector of gradient views.

@@ -509,7 +509,8 @@ public:
   //! Builds and uploads the tables of `tensors` (stream-ordered on e.stream, then waits once).
   //! Preconditions (bad_argument naming the tensor, nothing allocated): every tensor with
   //! size > 0 has non-null param and grad, and for each state a non-null state pointer (and an
-  //! absmax pointer for blockwise formats); no master weights when P is float (the fp32-parameter
+  //! absmax pointer for blockwise formats); all of them memory of e.device, managed memory or
+  //! pinned host memory (cuda_detail::check_reachable: not another device's, not pageable); no master weights when P is float (the fp32-parameter
   //! kernels have no master path); e.device is the controller's device; every tensor's
   //! lr_scale finite and >= 0 and its rule within its hyper-parameter ranges (the rule's validate(), when it
   //! has one: validated_rule), as the optimizers check them where a rule enters (a device step
@@ -520,6 +521,11 @@ public:
       : controller_(&controller), tensors_(tensors.begin(), tensors.end()) {
     QMEM_EXPECTS(e.device == controller.device(), "e.device is ", e.device,
                  "; the controller lives on device ", controller.device());
+    {
+      cuda_detail::device_guard guard(e.device);
+      for (std::size_t i = 0; i < tensors.size(); ++i)
+        check_resident_tensor(e, i, tensors[i]);
+    }
     for (std::size_t i = 0; i < tensors.size(); ++i)
       check_rule_of(i, tensors[i]);
     QMEM_EXPECTS(controller.options().max_unorm == 0.0f || unorm_capable,
@@ -729,6 +735,27 @@ private:
     } catch (bad_argument const& x) {
       qmem::detail::raise<bad_argument>("multi_tensor_step: tensor ", i, ": ", x.what());
     }
+  }
+
+  //! check_reachable (core/cuda/runtime.cuh) of tensor i's param, grad, master weights, states
+  //! and absmax, the message naming the tensor (null pointers are left to the checks after it).
+  //! Call under device_guard(e.device). Throws bad_argument.
+  static void check_resident_tensor(exec::cuda const& e, std::size_t i, tensor const& t) {
+    if (t.size == 0)
+      return;
+    auto const check = [&](void const* p, auto const&... what) {
+      if (p != nullptr)
+        cuda_detail::check_reachable(e.device, p, "multi_tensor_step",
+                                     qmem::detail::message("tensor ", i, " ", what...));
+    };
+    check(t.param, "param");
+    check(t.grad, "grad");
+    check(t.master, "master");
+    // a compile-time loop: a rule without state (state_count 0) compares no index with 0
+    detail::for_each_state_host<Rule::state_count>([&](auto J) {
+      check(t.state[J.value], "state ", J.value);
+      check(t.absmax[J.value], "absmax ", J.value);
+    });
   }
 
   static bool is_aligned(void const* p, std::size_t bytes) noexcept {

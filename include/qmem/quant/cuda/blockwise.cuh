@@ -40,8 +40,9 @@
 //! Code books live in shared memory: kernel parameters sit in constant memory, which serializes
 //! a warp's reads of different entries.
 //!
-//! Every function launches on `e.device` (device_guard) and `e.stream`, checks each launch, and
-//! never synchronizes (except with `e.sync_after_launch`, a debugging aid).
+//! Every function launches on `e.device` (device_guard) and `e.stream`, first refuses tensors that
+//! do not live there (cuda_detail::check_resident: bad_argument, nothing written), checks each
+//! launch, and never synchronizes (except with `e.sync_after_launch`, a debugging aid).
 
 #include <qmem/core/config.hpp>
 
@@ -2523,6 +2524,9 @@ void quantize_blockwise(exec::cuda const& e, tensor_view<T const> x, std::size_t
   if (x.empty())
     return;
   qmem::cuda_detail::device_guard guard(e.device);
+  using qmem::cuda_detail::arg;
+  qmem::cuda_detail::check_resident(e, "quantize_blockwise",
+                                    {arg("x", x), arg("codes", codes), arg("absmax", absmax)});
   kernels::quantize_any<C>(e, x.data(), x.size(), block_size, codes.data(), absmax.data(), r,
                            kernels::no_transform{});
 }
@@ -2535,6 +2539,9 @@ void dequantize_blockwise(exec::cuda const& e, tensor_view<std::uint8_t const> c
   if (y.empty())
     return;
   qmem::cuda_detail::device_guard guard(e.device);
+  using qmem::cuda_detail::arg;
+  qmem::cuda_detail::check_resident(e, "dequantize_blockwise",
+                                    {arg("codes", codes), arg("absmax", absmax), arg("y", y)});
   kernels::dequantize_any<C>(e, codes.data(), kernels::plain_scales{absmax.data()}, y.size(),
                              block_size, y.data());
 }
@@ -2555,6 +2562,10 @@ inline void quantize_scales(exec::cuda const& e, tensor_view<float const> absmax
                             std::size_t nested_block, tensor_view<std::uint8_t> qabsmax,
                             tensor_view<float> absmax2, tensor_view<float> offset) {
   qmem::cuda_detail::device_guard guard(e.device);
+  using qmem::cuda_detail::arg;
+  qmem::cuda_detail::check_resident(e, "quantize_scales",
+                                    {arg("absmax", absmax), arg("qabsmax", qabsmax),
+                                     arg("absmax2", absmax2), arg("offset", offset)});
   if (absmax.empty()) {
     qmem::cuda_detail::check(cudaMemsetAsync(offset.data(), 0, sizeof(float), e.stream),
                              "cudaMemsetAsync");
@@ -2573,6 +2584,10 @@ inline void dequantize_scales(exec::cuda const& e, tensor_view<std::uint8_t cons
   if (absmax.empty())
     return;
   qmem::cuda_detail::device_guard guard(e.device);
+  using qmem::cuda_detail::arg;
+  qmem::cuda_detail::check_resident(e, "dequantize_scales",
+                                    {arg("qabsmax", qabsmax), arg("absmax2", absmax2),
+                                     arg("offset", offset), arg("absmax", absmax)});
   auto kernel = kernels::dequantize_scales_kernel<>;
   unsigned const grid = kernels::grid_for(kernel, kernels::cta_threads,
                                           absmax.size() / kernels::cta_threads + 1, e.device);
@@ -2594,6 +2609,10 @@ void dequantize_blockwise_nested(exec::cuda const& e, tensor_view<std::uint8_t c
   if (y.empty())
     return;
   qmem::cuda_detail::device_guard guard(e.device);
+  using qmem::cuda_detail::arg;
+  qmem::cuda_detail::check_resident(e, "dequantize_blockwise_nested",
+                                    {arg("codes", codes), arg("qabsmax", qabsmax),
+                                     arg("absmax2", absmax2), arg("offset", offset), arg("y", y)});
   kernels::dequantize_any<C>(e, codes.data(),
                              kernels::nested_scales{qabsmax.data(), absmax2.data(), offset.data(),
                                                     kernels::log2_exact(nested_block),

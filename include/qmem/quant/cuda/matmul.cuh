@@ -4166,6 +4166,20 @@ void check_4bit_call(char const* fn, char const* rows_of, char const* in_name,
   }
 }
 
+//! check_resident (core/cuda/runtime.cuh) of a 4-bit matmul's tensors: `in`, `out`, every part of
+//! w, and `ws` (an empty view when the call uses no workspace). Call under device_guard(e.device).
+template <class T, class Code>
+void check_4bit_resident(exec::cuda const& e, char const* fn, char const* in_name,
+                         tensor_view<T const> in, char const* out_name, tensor_view<T> out,
+                         weight_4bit_view<Code> const& w, tensor_view<std::byte> ws) {
+  using cuda_detail::arg;
+  cuda_detail::check_resident(e, fn,
+                              {arg(in_name, in), arg(out_name, out), arg("w.codes", w.codes),
+                               arg("w.scales.absmax", w.scales.absmax),
+                               arg("w.scales.qabsmax", w.scales.qabsmax),
+                               arg("w.scales.absmax2", w.scales.absmax2), arg("workspace", ws)});
+}
+
 //! The shape checks of the int8 entry points: m, n, k > 0, k <= 131072 (int32 accumulation),
 //! k % 4 == 0 (cuBLASLt's int8 product), m and n below 2^31. Throws qmem::bad_argument naming `fn`.
 inline void check_int8_shape(char const* fn, std::size_t m, std::size_t n, std::size_t k) {
@@ -4187,7 +4201,9 @@ inline void check_int8_shape(char const* fn, std::size_t m, std::size_t n, std::
 //! bound against the reference); larger m: w is dequantized into `workspace` (round_T(value *
 //! scale), the reference's weights) and cuBLASLt multiplies (fp32 accumulation).
 //! Preconditions (bad_argument, nothing launched): x holds m * w.cols, y m * w.rows elements, all
-//! views device-accessible; w consistent (weight_4bit_view); m > 0; workspace at least
+//! views device-accessible and on e.device (device memory of another device, or pageable host
+//! memory, is refused: cuda_detail::check_resident); w consistent (weight_4bit_view); m > 0;
+//! workspace at least
 //! matmul_4bit_workspace_bytes<T>(m, w) bytes, 256-byte aligned; y, x, w and the part of the
 //! workspace the call uses pairwise disjoint; m, n, k < 2^31.
 //! Bytes moved (m <= 16): the codes, the scales, x once per 16 rows of w (from L2), y.
@@ -4196,9 +4212,12 @@ void matmul_4bit(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
                  weight_4bit_view<Code> w, tensor_view<T> y,
                  tensor_view<std::byte> workspace = {}) {
   constexpr char const* fn = "qmem::quant::matmul_4bit";
+  std::size_t const need = matmul_4bit_workspace_bytes<T>(m, w);
   cuda_matmul::check_4bit_call(fn, "activations", "x", x, w.cols, "y", y, w.rows, m, w, workspace,
-                               matmul_4bit_workspace_bytes<T>(m, w));
+                               need);
   cuda_detail::device_guard guard(e.device);
+  cuda_matmul::check_4bit_resident(e, fn, "x", x, "y", y, w,
+                                   need != 0 ? workspace : tensor_view<std::byte>{});
   if (m <= gemv_max_rows) {
     cuda_matmul::gemv_args<T> a{x.data(),
                                 w.codes.data(),
@@ -4231,16 +4250,20 @@ void matmul_4bit(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
 //! grad_x[m, k] = grad_y[m, n] * dequant(w), stream-ordered. m <= grad_input_gemv_max_rows: a
 //! GEMV-style kernel over row slices whose fp32 partial sums (in `workspace`) are added in a fixed
 //! order; larger m: dequantize into `workspace`, then cuBLASLt. Preconditions: grad_y holds m *
-//! w.rows, grad_x m * w.cols elements, device-accessible; w consistent; m > 0; workspace at least
+//! w.rows, grad_x m * w.cols elements, device-accessible and on e.device (check_resident); w
+//! consistent; m > 0; workspace at least
 //! matmul_4bit_grad_input_workspace_bytes<T>(m, w) bytes, 256-byte aligned; m, n, k < 2^31.
 template <matmul_activation T, matmul_code_4bit Code>
 void matmul_4bit_grad_input(exec::cuda const& e, std::type_identity_t<tensor_view<T const>> grad_y,
                             std::size_t m, weight_4bit_view<Code> w, tensor_view<T> grad_x,
                             tensor_view<std::byte> workspace = {}) {
   constexpr char const* fn = "qmem::quant::matmul_4bit_grad_input";
+  std::size_t const need = matmul_4bit_grad_input_workspace_bytes<T>(m, w);
   cuda_matmul::check_4bit_call(fn, "gradients", "grad_y", grad_y, w.rows, "grad_x", grad_x, w.cols,
-                               m, w, workspace, matmul_4bit_grad_input_workspace_bytes<T>(m, w));
+                               m, w, workspace, need);
   cuda_detail::device_guard guard(e.device);
+  cuda_matmul::check_4bit_resident(e, fn, "grad_y", grad_y, "grad_x", grad_x, w,
+                                   need != 0 ? workspace : tensor_view<std::byte>{});
   if (m <= grad_input_gemv_max_rows) {
     std::size_t const slices = detail::mm::grad_input_slices(w.rows, w.cols);
     cuda_matmul::grad_args<T> a{grad_y.data(),
@@ -4269,7 +4292,8 @@ void matmul_4bit_grad_input(exec::cuda const& e, std::type_identity_t<tensor_vie
 
 //! LLM.int8's int8 product on the GPU: cuBLASLt int8 x int8 -> int32 into `workspace`, then the
 //! epilogue kernel (detail::mm::int8_epilogue); the results equal the host backend's bit for bit.
-//! Preconditions: as the host overload, device-accessible views, plus k % 4 == 0 and a, b 16-byte
+//! Preconditions: as the host overload, device-accessible views on e.device (check_resident),
+//! plus k % 4 == 0 and a, b 16-byte
 //! aligned (cuBLASLt's int8 kernels), workspace at least matmul_int8_workspace_bytes(m, n) bytes,
 //! 256-byte aligned.
 template <float_element Out>
@@ -4294,6 +4318,11 @@ void matmul_int8(exec::cuda const& e, tensor_view<std::int8_t const> a,
     qmem::detail::check_disjoint(used, out, fn, "workspace", "out");
   }
   cuda_detail::device_guard guard(e.device);
+  using cuda_detail::arg;
+  cuda_detail::check_resident(e, fn,
+                              {arg("a", a), arg("row_scale", row_scale), arg("b", b),
+                               arg("col_scale", col_scale), arg("out", out),
+                               arg("workspace", workspace)});
   std::size_t offset = 0;
   auto* acc = reinterpret_cast<std::int32_t*>(
       cuda_matmul::carve(workspace, offset, m * n * sizeof(std::int32_t)));
@@ -4309,7 +4338,8 @@ void matmul_int8(exec::cuda const& e, tensor_view<std::int8_t const> a,
 //! An LLM.int8 linear layer on the GPU (see the host overload for the function computed; the
 //! results equal the host's bit for bit): outlier columns flagged and listed in ascending order,
 //! rows quantized to int8, cuBLASLt int8 product, epilogue with the outlier columns.
-//! Preconditions: as the host overload, device-accessible views, plus k % 4 == 0, b 16-byte
+//! Preconditions: as the host overload, device-accessible views on e.device (check_resident),
+//! plus k % 4 == 0, b 16-byte
 //! aligned, workspace at least linear_int8_workspace_bytes(m, n, k) bytes, 256-byte aligned.
 template <matmul_activation T>
 void linear_int8(exec::cuda const& e, std::type_identity_t<tensor_view<T const>> x,
@@ -4334,6 +4364,10 @@ void linear_int8(exec::cuda const& e, std::type_identity_t<tensor_view<T const>>
     qmem::detail::check_disjoint(used, out, fn, "workspace", "out");
   }
   cuda_detail::device_guard guard(e.device);
+  using cuda_detail::arg;
+  cuda_detail::check_resident(e, fn,
+                              {arg("x", x), arg("b", b), arg("col_scale", col_scale),
+                               arg("out", out), arg("workspace", workspace)});
   std::size_t offset = 0;
   auto* flags = reinterpret_cast<std::uint32_t*>(cuda_matmul::carve(workspace, offset, k * 4));
   auto* list = reinterpret_cast<std::int32_t*>(cuda_matmul::carve(workspace, offset, (k + 1) * 4));

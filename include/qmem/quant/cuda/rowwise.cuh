@@ -84,6 +84,9 @@ template <float_element T>
 void quantize_rowwise(exec::cuda const& e, tensor_view<T const> x, std::size_t rows,
                       std::size_t cols, tensor_view<std::int8_t> q, tensor_view<float> row_absmax) {
   qmem::cuda_detail::device_guard guard(e.device);
+  using qmem::cuda_detail::arg;
+  qmem::cuda_detail::check_resident(e, "quantize_rowwise",
+                                    {arg("x", x), arg("q", q), arg("row_absmax", row_absmax)});
   std::size_t const max_grid = static_cast<std::size_t>(qmem::cuda_detail::sm_count(e.device)) * 8;
   auto const grid = static_cast<unsigned>(std::min(rows, max_grid));
   rowwise_kernels::quantize_rows<T><<<grid, rowwise_kernels::row_threads, 0, e.stream>>>(
@@ -100,6 +103,9 @@ void dequantize_rowwise(exec::cuda const& e, tensor_view<std::int8_t const> q,
   if (n == 0)
     return;
   qmem::cuda_detail::device_guard guard(e.device);
+  using qmem::cuda_detail::arg;
+  qmem::cuda_detail::check_resident(e, "dequantize_rowwise",
+                                    {arg("q", q), arg("row_absmax", row_absmax), arg("y", y)});
   std::size_t const max_grid = static_cast<std::size_t>(qmem::cuda_detail::sm_count(e.device)) *
                                rowwise_kernels::flat_ctas_per_sm;
   std::size_t const need = (n + rowwise_kernels::flat_threads - 1) / rowwise_kernels::flat_threads;
