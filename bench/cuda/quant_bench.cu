@@ -531,6 +531,43 @@ void timer_launch_queue(benchmark::State& state) {
   }
 }
 
+// The host's cost of a call, not the GPU's: the residency check every CUDA entry point makes on
+// its tensors (cuda_detail::check_resident, core/cuda/runtime.cuh: one cudaPointerGetAttributes
+// per tensor inside a relaxed capture scope), for 1 and 3 tensors, and a whole small call
+// (dequantize 4096 NF4 elements: argument checks, residency check, launch) enqueued back to back,
+// the stream drained every 64 calls outside the timed part. CPU time per call, host wall clock.
+void host_check_resident(benchmark::State& state) {
+  int const n = static_cast<int>(state.range(0));
+  void const* const a = g->codes;
+  void const* const b = g->absmax;
+  void const* const c = g->y16;
+  for (auto _ : state) {
+    if (n == 1)
+      cuda_detail::check_resident(e, "bench", {{"x", a}});
+    else
+      cuda_detail::check_resident(e, "bench", {{"x", a}, {"y", b}, {"z", c}});
+  }
+}
+
+void host_small_dequantize(benchmark::State& state) {
+  std::size_t const n = 4096, block = 64;
+  tensor_view<std::uint8_t const> codes(g->codes, code_bytes<nf4>(n), memory_space::device);
+  tensor_view<float const> absmax(g->absmax, block_count(n, block), memory_space::device);
+  tensor_view<bf16> y(g->y16, n, memory_space::device);
+  dequantize_blockwise<nf4>(e, codes, absmax, block, y);
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  std::int64_t i = 0;
+  for (auto _ : state) {
+    dequantize_blockwise<nf4>(e, codes, absmax, block, y);
+    if (++i % 64 == 0) {
+      state.PauseTiming();
+      check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+      state.ResumeTiming();
+    }
+  }
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
 // Every block size but `skip` (the goal's block, registered on its own before).
 void four_bit_blocks(benchmark::internal::Benchmark* b, int skip = 0) {
   for (int block = 32; block <= 4096; block *= 2)
@@ -564,6 +601,12 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("copy_GBps", std::to_string(g->copy_bytes_per_s / 1e9));
   benchmark::AddCustomContext("elements", std::to_string(elements));
 
+  benchmark::RegisterBenchmark("host_cost/check_resident", host_check_resident)
+      ->Arg(1)
+      ->Arg(3)
+      ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("host_cost/dequantize_nf4_4096", host_small_dequantize)
+      ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("copy_d2d", copy_d2d)
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond);
