@@ -89,6 +89,17 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
   // lean, J >= 4; lean, J >= 2 with a ring of 3 pairs per group
   stream_cases<c[18]>(lean_plans, true, rng);
   stream_cases<c[19]>(lean_plans, true, rng);
+  // the dispatched shape with the block-level bulk L2 prefetch 4, 8 and 64 pairs ahead (nested
+  // scales prefetch their 8-bit codes)
+  stream_cases<c[23]>(lean_plans, true, rng);
+  stream_cases<c[24]>(lean_plans, true, rng);
+  stream_cases<c[25]>(lean_plans, true, rng);
+  // block64 (blocks of 64, plain scales: the shapes decline others), J >= 2 and J >= 4
+  std::initializer_list<stream_plan_case> const block64_plans = {
+      {70, 8192, 64, 0},   {45, 1408, 64, 0},  {45, 12800, 64, 0}, {33, 17408, 64, 0},
+      {1501, 8192, 64, 1}, {300, 2048, 64, 7}, {64, 14336, 64, 3}, {1, 512, 64, 0}};
+  stream_cases<c[26]>(block64_plans, false, rng);
+  stream_cases<c[27]>(block64_plans, false, rng);
 #endif
 }
 
@@ -103,52 +114,68 @@ TEST_CASE("streaming batch-1 GEMV lean shapes on small plans (for the sanitizers
       {45, 1408, 64, 0}, {301, 2048, 64, 7}, {1, 512, 64, 0}};
   stream_cases<cuda_matmul::gemv_batch1_stream>(plans, false, rng);
   stream_cases<c[18]>(plans, false, rng);
+  // the block-level bulk L2 prefetch, 4 pairs ahead (rolling) and 64 (a whole tile at its start);
+  // block64 at J >= 2 and J >= 4
+  stream_cases<c[23]>(plans, false, rng);
+  stream_cases<c[25]>(plans, false, rng);
+  stream_cases<c[26]>(plans, false, rng);
+  stream_cases<c[27]>(plans, false, rng);
 }
 
-TEST_CASE("streaming batch-1 GEMV: lean addressing gives the same bits") {
+namespace {
+//! Streaming shape S on one weight (plain or nested scales), planned for `sms` multiprocessors.
+template <cuda_matmul::gemv1_stream_shape S>
+bool launch_stream(bool nested, cuda_matmul::gemv_args<bf16> const& a, unsigned sms) {
+  auto const& e = qmem::test::cuda_backend::exec();
+  return nested ? cuda_matmul::launch_gemv1_stream<nf4, bf16, true, S>(e, a, sms)
+                : cuda_matmul::launch_gemv1_stream<nf4, bf16, false, S>(e, a, sms);
+}
+} // namespace
+
+TEST_CASE("streaming batch-1 GEMV: the block-level L2 prefetch and block64 change no bit") {
   if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  // the same loads and fused multiply-adds in the same order, only the addresses computed
-  // otherwise: each lean shape against its former-address twin (the dispatched shape, and the same
-  // at J >= 2), bit for bit, on full and partial slices, odd row counts (the clamped last row),
-  // J = 1, 2 and 4, blocks looping over several tiles; and the ring's depth (c[19], 3 pairs per
-  // group, against c[16]'s 2) changes no bit either
+  // a prefetch is a hint: 4, 8 and 64 pairs ahead give the dispatched shape's bits on full and
+  // partial slices, odd row counts, J = 2 and 4, blocks looping over several tiles (prefetches
+  // cut at a tile's end and at the weight's last row), a ring longer than a warp's pairs, one row;
+  // and so does block64 (one scale address per pair row) where it applies
   using B = qmem::test::cuda_backend;
-  auto const& e = B::exec();
   constexpr auto const& c = cuda_matmul::gemv_batch1_stream_candidates;
-  std::mt19937 rng(37);
+  std::mt19937 rng(43);
   for (auto const& p : {stream_plan_case{70, 8192, 64, 0}, stream_plan_case{45, 1408, 64, 0},
                         stream_plan_case{45, 12800, 64, 0}, stream_plan_case{33, 17408, 256, 0},
                         stream_plan_case{1501, 8192, 64, 1}, stream_plan_case{301, 2048, 64, 7},
-                        stream_plan_case{1, 512, 64, 0}}) {
-    host_weight const hw = random_weight(p.n, p.k, p.block, false, rng);
-    backend_weight<B, nf4> bw(hw);
-    auto bx = B::upload(random_matrix<bf16>(p.k, rng));
-    auto y0 = B::template alloc<bf16>(p.n);
-    auto y1 = B::template alloc<bf16>(p.n);
-    auto args = [&](bf16* y) { return gemv_args_for(bw.view, bx.view().data(), y, 1u); };
-    auto same = [&](char const* what) {
-      std::vector<bf16> const ref = B::download(y0.view());
-      std::vector<bf16> const got = B::download(y1.view());
-      std::size_t diff = 0;
-      for (std::size_t i = 0; i < ref.size(); ++i)
-        diff += ref[i].bits != got[i].bits ? 1 : 0;
-      CHECK_MESSAGE(diff == 0, what, ": ", diff, " outputs differ, n=", p.n, " k=", p.k,
-                    " block=", p.block, " sms=", p.sms);
-    };
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[12]>(e, args(y0.view().data()),
-                                                                      p.sms));
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[15]>(e, args(y1.view().data()),
-                                                                      p.sms));
-    same("lean against the former dispatched shape");
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[16]>(e, args(y0.view().data()),
-                                                                      p.sms));
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[17]>(e, args(y1.view().data()),
-                                                                      p.sms));
-    same("lean against former addresses, J >= 2");
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[19]>(e, args(y1.view().data()),
-                                                                      p.sms));
-    same("lean with a deeper ring against former addresses, J >= 2");
+                        stream_plan_case{64, 14336, 64, 3}, stream_plan_case{1, 512, 64, 0}}) {
+    for (bool const nested : {false, true}) {
+      host_weight const hw = random_weight(p.n, p.k, p.block, nested, rng);
+      backend_weight<B, nf4> bw(hw);
+      auto bx = B::upload(random_matrix<bf16>(p.k, rng));
+      auto y0 = B::template alloc<bf16>(p.n);
+      auto y1 = B::template alloc<bf16>(p.n);
+      auto const a0 = gemv_args_for(bw.view, bx.view().data(), y0.view().data(), 1u);
+      auto const a1 = gemv_args_for(bw.view, bx.view().data(), y1.view().data(), 1u);
+      auto same = [&](char const* what) {
+        std::vector<bf16> const ref = B::download(y0.view());
+        std::vector<bf16> const got = B::download(y1.view());
+        std::size_t diff = 0;
+        for (std::size_t i = 0; i < ref.size(); ++i)
+          diff += ref[i].bits != got[i].bits ? 1 : 0;
+        CHECK_MESSAGE(diff == 0, what, ": ", diff, " outputs differ, n=", p.n, " k=", p.k,
+                      " block=", p.block, " sms=", p.sms, " nested=", nested);
+      };
+      REQUIRE(launch_stream<c[17]>(nested, a0, p.sms));
+      REQUIRE(launch_stream<c[23]>(nested, a1, p.sms));
+      same("prefetch 4 pairs ahead against the dispatched shape");
+      REQUIRE(launch_stream<c[24]>(nested, a1, p.sms));
+      same("prefetch 8 pairs ahead against the dispatched shape");
+      REQUIRE(launch_stream<c[25]>(nested, a1, p.sms));
+      same("prefetch 64 pairs ahead against the dispatched shape");
+      // block64: the same loads from other addresses (plain scales, blocks of 64; else declined)
+      bool const takes = !nested && p.block == 64;
+      CHECK(launch_stream<c[26]>(nested, a1, p.sms) == takes);
+      if (takes)
+        same("block64 against the dispatched shape");
+    }
   }
 }
 

@@ -1168,6 +1168,25 @@ __device__ QMEM_INLINE void prefetch_l2_range(void const* p, std::size_t bytes) 
     asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
 }
 
+//! Asks L2 for the 16-byte segments that hold [p, p + bytes) (`cp.async.bulk.prefetch.L2`, sm_90;
+//! elsewhere nothing): lane `lane` of the calling warp takes the 16 KiB pieces lane, lane + 32, ..
+//! A segment holding a byte of the range lies in that byte's page, so no prefetch faults.
+__device__ QMEM_INLINE void bulk_prefetch_l2(void const* p, std::size_t bytes, unsigned lane) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr std::uintptr_t piece = 16384;
+  auto const begin = reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t{15};
+  auto const end = (reinterpret_cast<std::uintptr_t>(p) + bytes + 15) & ~std::uintptr_t{15};
+  for (std::uintptr_t at = begin + lane * piece; at < end; at += 32 * piece) {
+    auto const size = static_cast<std::uint32_t>(end - at < piece ? end - at : piece);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(at), "r"(size) : "memory");
+  }
+#else
+  (void)p;
+  (void)bytes;
+  (void)lane;
+#endif
+}
+
 //! base + row * stride as one wide multiply-add (IMAD.WIDE.U32): written in C++, the 64-bit product
 //! of two 32-bit values compiled (nvcc 13, sm_90) to the wide product plus an add of a zero high
 //! word, or re-associated with the base's parts (three to four instructions per address).
@@ -1221,6 +1240,21 @@ struct gemv1_stream_shape {
   //! The least super-steps per warp (1, 2 or 4; the plan may take more): a warp's address
   //! arithmetic, scale handling and partial-sum store are per pair, shared by its J super-steps.
   int min_j = 1;
+  //! Block-level bulk L2 prefetch (grouped register rings; 0: none): the block's warps walk the
+  //! tile's row pairs in step, so the rows of local pairs i .. i + Ring - 1 of every row group
+  //! are one contiguous run of the codes (and of the scales). At a tile's start one warp asks L2
+  //! for local pairs Ring .. `prefetch_pairs` - 1 (`cp.async.bulk.prefetch.L2`, 16 KiB per lane
+  //! and instruction), and at each group step (the loads of pairs base + Ring ..) one warp in turn
+  //! asks for pairs base + prefetch_pairs .. + Ring - 1: DRAM works `prefetch_pairs` pairs ahead
+  //! of the registers' loads, which then find their lines in L2, at about two instructions per
+  //! group for the block (the per-lane line prefetches of matmul round 6 cost every warp about ten
+  //! per pair). A prefetch is a hint: it never faults and changes no result.
+  int prefetch_pairs = 0;
+  //! Lean addressing for blocks of 64 only (the launcher declines other block sizes): a chunk is
+  //! a block, so the scales of a pair row's J super-steps are 8 floats apart and all their loads
+  //! take one address (the first super-step's row address plus immediate offsets) instead of one
+  //! wide multiply-add and one base register per super-step. The same loads: the same bits.
+  bool block64 = false;
 };
 
 //! Shapes of gemv1_stream_kernel the bench's gemv_variant compares (variants 19 to 25): register
@@ -1277,7 +1311,19 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 4, false, true, true, 0, false, false, 2},
     {16, 4, false, true, true, 0, false, true, 2},
     {16, 4, false, true, true, 0, false, true, 4},
-    {16, 6, false, true, true, 0, false, true, 2}};
+    {16, 6, false, true, true, 0, false, true, 2},
+    // 48-50: the dispatched shape (45) again, where gemv round 2's removed candidates were (the
+    // same kernel: an A/A control for gemv_ab, and variant numbers keep one meaning)
+    {16, 4, false, true, true, 0, false, true, 2},
+    {16, 4, false, true, true, 0, false, true, 2},
+    {16, 4, false, true, true, 0, false, true, 2},
+    // 51-53 (gemv17): 45 with the block-level bulk L2 prefetch 4, 8 and 64 pairs ahead
+    {16, 4, false, true, true, 0, false, true, 2, 4},
+    {16, 4, false, true, true, 0, false, true, 2, 8},
+    {16, 4, false, true, true, 0, false, true, 2, 64},
+    // 54, 55 (gemv17): 45 and lean J >= 4 (46) with block64 (one scale address per pair row)
+    {16, 4, false, true, true, 0, false, true, 2, 0, true},
+    {16, 4, false, true, true, 0, false, true, 4, 0, true}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
 //! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
@@ -1421,12 +1467,15 @@ __device__ QMEM_INLINE void store_pair_sums(gemv_args<T> const& a, float2 const*
 //! 8-byte and x 16-byte aligned, a power-of-two nested block size, n * k / 64 < 2^32;
 //! blockDim.x == 32 * C * G.
 template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async,
-          bool Grouped, bool Pdl, int PrefetchKiB = 0, bool StreamCodes = false, bool Lean = false>
+          bool Grouped, bool Pdl, int PrefetchKiB = 0, bool StreamCodes = false, bool Lean = false,
+          int PrefetchPairs = 0, bool Block64 = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemv1_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemv1_stream_plan plan) {
   static_assert(!(Async && Nested), "the async ring carries plain scales only");
   static_assert(!(Async && Grouped), "groups are a register ring's");
+  static_assert(PrefetchPairs == 0 || Grouped, "the block prefetch walks a grouped ring's steps");
+  static_assert(!Block64 || (Lean && !Nested && !Async), "block64 is lean addressing's");
   constexpr int Ring = gemv1_stream_ring(Depth, J, Nested, Async, Grouped); // pairs in flight
   extern __shared__ __align__(16) unsigned char gemv_smem[];
   unsigned const C = plan.col_groups;
@@ -1519,10 +1568,11 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   // a product, a 64-bit add of the codes' base and a clamp (the compiler re-associated the sum)
   constexpr bool LeanAddr = Lean && !Nested && !Async;
   std::uint8_t const* lean_codes = cbase;
-  float const* lean_scales[J];
+  // (Block64: chunk = block, so super-step j's scale is the first one's plus 8 j)
+  float const* lean_scales[Block64 ? 1 : J];
   if constexpr (LeanAddr) {
     QMEM_UNROLL
-    for (int j = 0; j < J; ++j) {
+    for (int j = 0; j < (Block64 ? 1 : J); ++j) {
       lean_scales[j] = a.scales.absmax + cb[j];
     }
   }
@@ -1595,10 +1645,14 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       for (int h = 0; h < 2; ++h) {
         auto const* const cp =
             static_cast<std::uint8_t const*>(row_address(lean_codes, rows[h], half_k));
+        [[maybe_unused]] float const* sp0 = nullptr;
+        if constexpr (Block64)
+          sp0 = static_cast<float const*>(row_address(lean_scales[0], rows[h], row_bytes4));
         QMEM_UNROLL
         for (int j = 0; j < J; ++j) {
-          auto const* const sp =
-              static_cast<float const*>(row_address(lean_scales[j], rows[h], row_bytes4));
+          auto const* const sp = Block64 ? sp0 + 8 * j
+                                         : static_cast<float const*>(row_address(
+                                               lean_scales[Block64 ? 0 : j], rows[h], row_bytes4));
           ldg_codes<StreamCodes, Full>(st.q[j][h], cp + 256 * j, valid[j]);
           ldg_if<Full>(st.s[j][h], sp, valid[j]);
         }
@@ -1641,6 +1695,26 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     if constexpr (Async)
       asm volatile("cp.async.commit_group;" ::: "memory");
   };
+  // PrefetchPairs: asks L2 for the rows of the block's local pairs [from, from + cnt) of every
+  // row group (block pairs p0 + G from .. p0 + G (from + cnt) - 1, cut at the tile's end: one
+  // run of rows), codes and scales; called by a whole warp, 16 KiB per lane and instruction
+  [[maybe_unused]] auto prefetch_pairs = [&](unsigned from, unsigned cnt) {
+    unsigned const q0 = p0 + G * from;
+    unsigned const q1 = min(p0 + G * (from + cnt), p0 + tp);
+    if (q0 >= q1)
+      return;
+    std::size_t const r0 = 2 * std::size_t{q0};
+    std::size_t const r1 = min(2 * std::size_t{q1}, a.n);
+    bulk_prefetch_l2(a.codes + r0 * half_k, (r1 - r0) * half_k, lane);
+    if constexpr (Nested)
+      bulk_prefetch_l2(a.scales.qabsmax + r0 * row_blocks, (r1 - r0) * row_blocks, lane);
+    else
+      bulk_prefetch_l2(a.scales.absmax + r0 * row_blocks, (r1 - r0) * row_blocks * 4u, lane);
+  };
+  // the warp whose turn it is to prefetch (PrefetchPairs), one per group step in turn
+  [[maybe_unused]] unsigned pf_turn = 0;
+  [[maybe_unused]] unsigned const warps_in_block = threads >> 5;
+
   // the first Ring pairs of the tile
   auto prologue = [&] {
     each_slot([&](auto slot) {
@@ -1648,6 +1722,12 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         load(slot, static_cast<unsigned>(decltype(slot)::value));
       commit();
     });
+    if constexpr (PrefetchPairs > Ring) {
+      // the pairs after the first group's, up to PrefetchPairs (the first group is loaded now)
+      if (warp == 0)
+        prefetch_pairs(Ring, PrefetchPairs - Ring);
+      pf_turn = 1 % warps_in_block;
+    }
   };
 
   // the first tile's loads go out before the tables are built
@@ -1769,6 +1849,11 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
           load(std::integral_constant<int, (1 - H) * Ring + S>{}, base + Ring + S, dep,
                !Guard && H == 0);
       });
+      if constexpr (PrefetchPairs > 0) {
+        if (warp == pf_turn)
+          prefetch_pairs(base + PrefetchPairs, Ring);
+        pf_turn = pf_turn + 1 == warps_in_block ? 0u : pf_turn + 1;
+      }
       each_slot([&](auto slot) {
         constexpr int S = decltype(slot)::value;
         if (!Guard || base + S < count)
@@ -3815,6 +3900,8 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
   } else {
     if (a.n * (a.k >> 6) >= (std::size_t{1} << 32))
       return false;
+    if (Shape.block64 && (Nested || a.block_shift != 6))
+      return false;
     unsigned const sms = plan_sms != 0 ? plan_sms : multiprocessors(e.device);
     unsigned const extra = gemv1_stream_extra_bytes(Nested);
     // the partial sums go before the table (register ring) or after it (async ring)
@@ -3839,8 +3926,8 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     auto run = [&](auto jc, auto fullc) {
       constexpr auto kernel = &gemv1_stream_kernel < Code, T, Nested, decltype(jc)::value,
                      Shape.depth, Shape.warps, decltype(fullc)::value, Shape.async, Shape.grouped,
-                     Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes,
-                     Shape.lean > ;
+                     Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes, Shape.lean,
+                     Shape.prefetch_pairs, Shape.block64 > ;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
       cuda_detail::launch(e, Shape.pdl, kernel, dim3(grid), dim3(threads), p.smem,
                           "qmem::quant::gemv1_stream_kernel", a, values_of<Code>(), nested_values(),
