@@ -39,6 +39,12 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
        {1601, 8192, 64, 2},
        {300, 2048, 64, 7}},
       true, rng);
+  // the shape dispatched on rows of 8192 columns or more (blocks of 64, plain scales): J >= 4
+  // with block64, on long and short rows, partial slices, several tiles, one row
+  std::initializer_list<stream_plan_case> const block64_plans = {
+      {70, 8192, 64, 0},   {45, 1408, 64, 0},  {45, 12800, 64, 0}, {33, 17408, 64, 0},
+      {1501, 8192, 64, 1}, {300, 2048, 64, 7}, {64, 14336, 64, 3}, {1, 512, 64, 0}};
+  stream_cases<cuda_matmul::gemv_batch1_stream_long_k>(block64_plans, false, rng);
 #if QMEM_TEST_CANDIDATE_KERNELS
   // the other shapes the bench compares; the async rings (plain scales only) and the two-group
   // rings on J = 1, 2, 4, partial super-steps and groups, several tiles, rings longer than a
@@ -89,17 +95,8 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
   // lean, J >= 4; lean, J >= 2 with a ring of 3 pairs per group
   stream_cases<c[18]>(lean_plans, true, rng);
   stream_cases<c[19]>(lean_plans, true, rng);
-  // the dispatched shape with the block-level bulk L2 prefetch 4, 8 and 64 pairs ahead (nested
-  // scales prefetch their 8-bit codes)
-  stream_cases<c[23]>(lean_plans, true, rng);
-  stream_cases<c[24]>(lean_plans, true, rng);
-  stream_cases<c[25]>(lean_plans, true, rng);
-  // block64 (blocks of 64, plain scales: the shapes decline others), J >= 2 and J >= 4
-  std::initializer_list<stream_plan_case> const block64_plans = {
-      {70, 8192, 64, 0},   {45, 1408, 64, 0},  {45, 12800, 64, 0}, {33, 17408, 64, 0},
-      {1501, 8192, 64, 1}, {300, 2048, 64, 7}, {64, 14336, 64, 3}, {1, 512, 64, 0}};
+  // block64 at J >= 2 (54; blocks of 64, plain scales: it declines others)
   stream_cases<c[26]>(block64_plans, false, rng);
-  stream_cases<c[27]>(block64_plans, false, rng);
 #endif
 }
 
@@ -114,12 +111,9 @@ TEST_CASE("streaming batch-1 GEMV lean shapes on small plans (for the sanitizers
       {45, 1408, 64, 0}, {301, 2048, 64, 7}, {1, 512, 64, 0}};
   stream_cases<cuda_matmul::gemv_batch1_stream>(plans, false, rng);
   stream_cases<c[18]>(plans, false, rng);
-  // the block-level bulk L2 prefetch, 4 pairs ahead (rolling) and 64 (a whole tile at its start);
-  // block64 at J >= 2 and J >= 4
-  stream_cases<c[23]>(plans, false, rng);
-  stream_cases<c[25]>(plans, false, rng);
+  // block64 at J >= 2 and J >= 4 (gemv_batch1_stream_long_k, dispatched on long rows)
   stream_cases<c[26]>(plans, false, rng);
-  stream_cases<c[27]>(plans, false, rng);
+  stream_cases<cuda_matmul::gemv_batch1_stream_long_k>(plans, false, rng);
 }
 
 namespace {
@@ -132,13 +126,14 @@ bool launch_stream(bool nested, cuda_matmul::gemv_args<bf16> const& a, unsigned 
 }
 } // namespace
 
-TEST_CASE("streaming batch-1 GEMV: the block-level L2 prefetch and block64 change no bit") {
+TEST_CASE("streaming batch-1 GEMV: block64 addressing changes no bit") {
   if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  // a prefetch is a hint: 4, 8 and 64 pairs ahead give the dispatched shape's bits on full and
-  // partial slices, odd row counts, J = 2 and 4, blocks looping over several tiles (prefetches
-  // cut at a tile's end and at the weight's last row), a ring longer than a warp's pairs, one row;
-  // and so does block64 (one scale address per pair row) where it applies
+  // one scale address per pair row instead of one per super-step: the same loads and fused
+  // multiply-adds, so 54 gives the dispatched shape's (45) bits and the long-row shape
+  // (gemv_batch1_stream_long_k, 55) those of lean J >= 4 (46), on full and partial slices, odd
+  // row counts, J = 2 and 4, blocks looping over several tiles, a ring longer than a warp's
+  // pairs, one row; nested scales and other block sizes are declined (nothing launched)
   using B = qmem::test::cuda_backend;
   constexpr auto const& c = cuda_matmul::gemv_batch1_stream_candidates;
   std::mt19937 rng(43);
@@ -163,18 +158,15 @@ TEST_CASE("streaming batch-1 GEMV: the block-level L2 prefetch and block64 chang
         CHECK_MESSAGE(diff == 0, what, ": ", diff, " outputs differ, n=", p.n, " k=", p.k,
                       " block=", p.block, " sms=", p.sms, " nested=", nested);
       };
-      REQUIRE(launch_stream<c[17]>(nested, a0, p.sms));
-      REQUIRE(launch_stream<c[23]>(nested, a1, p.sms));
-      same("prefetch 4 pairs ahead against the dispatched shape");
-      REQUIRE(launch_stream<c[24]>(nested, a1, p.sms));
-      same("prefetch 8 pairs ahead against the dispatched shape");
-      REQUIRE(launch_stream<c[25]>(nested, a1, p.sms));
-      same("prefetch 64 pairs ahead against the dispatched shape");
-      // block64: the same loads from other addresses (plain scales, blocks of 64; else declined)
       bool const takes = !nested && p.block == 64;
+      REQUIRE(launch_stream<c[17]>(nested, a0, p.sms));
       CHECK(launch_stream<c[26]>(nested, a1, p.sms) == takes);
       if (takes)
-        same("block64 against the dispatched shape");
+        same("block64 (54) against the dispatched shape (45)");
+      REQUIRE(launch_stream<c[18]>(nested, a0, p.sms));
+      CHECK(launch_stream<cuda_matmul::gemv_batch1_stream_long_k>(nested, a1, p.sms) == takes);
+      if (takes)
+        same("the long-row shape (55) against lean J >= 4 (46)");
     }
   }
 }

@@ -1168,25 +1168,6 @@ __device__ QMEM_INLINE void prefetch_l2_range(void const* p, std::size_t bytes) 
     asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
 }
 
-//! Asks L2 for the 16-byte segments that hold [p, p + bytes) (`cp.async.bulk.prefetch.L2`, sm_90;
-//! elsewhere nothing): lane `lane` of the calling warp takes the 16 KiB pieces lane, lane + 32, ..
-//! A segment holding a byte of the range lies in that byte's page, so no prefetch faults.
-__device__ QMEM_INLINE void bulk_prefetch_l2(void const* p, std::size_t bytes, unsigned lane) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr std::uintptr_t piece = 16384;
-  auto const begin = reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t{15};
-  auto const end = (reinterpret_cast<std::uintptr_t>(p) + bytes + 15) & ~std::uintptr_t{15};
-  for (std::uintptr_t at = begin + lane * piece; at < end; at += 32 * piece) {
-    auto const size = static_cast<std::uint32_t>(end - at < piece ? end - at : piece);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(at), "r"(size) : "memory");
-  }
-#else
-  (void)p;
-  (void)bytes;
-  (void)lane;
-#endif
-}
-
 //! base + row * stride as one wide multiply-add (IMAD.WIDE.U32): written in C++, the 64-bit product
 //! of two 32-bit values compiled (nvcc 13, sm_90) to the wide product plus an add of a zero high
 //! word, or re-associated with the base's parts (three to four instructions per address).
@@ -1240,16 +1221,6 @@ struct gemv1_stream_shape {
   //! The least super-steps per warp (1, 2 or 4; the plan may take more): a warp's address
   //! arithmetic, scale handling and partial-sum store are per pair, shared by its J super-steps.
   int min_j = 1;
-  //! Block-level bulk L2 prefetch (grouped register rings; 0: none): the block's warps walk the
-  //! tile's row pairs in step, so the rows of local pairs i .. i + Ring - 1 of every row group
-  //! are one contiguous run of the codes (and of the scales). At a tile's start one warp asks L2
-  //! for local pairs Ring .. `prefetch_pairs` - 1 (`cp.async.bulk.prefetch.L2`, 16 KiB per lane
-  //! and instruction), and at each group step (the loads of pairs base + Ring ..) one warp in turn
-  //! asks for pairs base + prefetch_pairs .. + Ring - 1: DRAM works `prefetch_pairs` pairs ahead
-  //! of the registers' loads, which then find their lines in L2, at about two instructions per
-  //! group for the block (the per-lane line prefetches of matmul round 6 cost every warp about ten
-  //! per pair). A prefetch is a hint: it never faults and changes no result.
-  int prefetch_pairs = 0;
   //! Lean addressing for blocks of 64 only (the launcher declines other block sizes): a chunk is
   //! a block, so the scales of a pair row's J super-steps are 8 floats apart and all their loads
   //! take one address (the first super-step's row address plus immediate offsets) instead of one
@@ -1317,13 +1288,14 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 4, false, true, true, 0, false, true, 2},
     {16, 4, false, true, true, 0, false, true, 2},
     {16, 4, false, true, true, 0, false, true, 2},
-    // 51-53 (gemv17): 45 with the block-level bulk L2 prefetch 4, 8 and 64 pairs ahead
-    {16, 4, false, true, true, 0, false, true, 2, 4},
-    {16, 4, false, true, true, 0, false, true, 2, 8},
-    {16, 4, false, true, true, 0, false, true, 2, 64},
+    // 51-53: the dispatched shape (45) again, where gemv17's block-level L2 prefetch was (4, 8
+    // and 64 pairs ahead: 2.6-34% slower on every anchor shape; removed, docs/benchmarks.md)
+    {16, 4, false, true, true, 0, false, true, 2},
+    {16, 4, false, true, true, 0, false, true, 2},
+    {16, 4, false, true, true, 0, false, true, 2},
     // 54, 55 (gemv17): 45 and lean J >= 4 (46) with block64 (one scale address per pair row)
-    {16, 4, false, true, true, 0, false, true, 2, 0, true},
-    {16, 4, false, true, true, 0, false, true, 4, 0, true}};
+    {16, 4, false, true, true, 0, false, true, 2, true},
+    {16, 4, false, true, true, 0, false, true, 4, true}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
 //! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
@@ -1373,6 +1345,21 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
 //! kept side by side against 45's 35.85-36.76: no consistent gain; 50 (45 asking L2 for its first
 //! 128 KiB before the wait) 4.73 / 9.54 / 10.44 / 10.70 / 37.98: 5-6% slower everywhere.
 inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[17];
+//! Batch 1 on rows of `gemv_batch1_long_k` columns or more with plain scales in blocks of 64
+//! (launch_gemv; other weights take gemv_batch1_stream): variant 55, lean J >= 4 with block64
+//! (the J >= 4 of 46 without its 32 spilled bytes; ptxas 13.0, sm_90a: 128 registers, no spills;
+//! SASS of the steady loop 50.9 instructions per pair and super-step against 57.2 for 45). H200,
+//! 2026-11-30 19:47 UTC (gemv17 run 2), bench gemv_ab, one kept weight per shape, 3 rounds x 3
+//! processes, variant order rotated per round, medians (us): 4096 x 14336 9.41 against 45's 9.82
+//! (-4.1%, faster in 9 of 9 pairs: 9.38-9.48 against 9.80-9.89), 8192 x 8192 9.93 against 10.11
+//! (-1.7%, 9 of 9), 28672 x 8192 36.85 against 37.90 (-2.8%, 8 of 9); on the k = 4096 shapes it
+//! is not faster (4096^2 4.54 against 4.42, 14336 x 4096 9.05 against 8.98: J = 4 leaves two
+//! column groups of 8 row groups, 2 and 7 pairs per warp), hence the bound. 54 (45 with block64
+//! at J = 2, 55.2 instructions) tied 45 everywhere.
+inline constexpr gemv1_stream_shape gemv_batch1_stream_long_k = gemv_batch1_stream_candidates[27];
+//! The least row length (k) that takes gemv_batch1_stream_long_k (see there: faster at k = 8192
+//! and 14336, not at 4096).
+inline constexpr std::size_t gemv_batch1_long_k = 8192;
 //! The same with nested scales: {16, 4, pdl} (variant 28). H200, 2026-11-29 22:18 UTC, bench
 //! gemv_variant_dq, us on the five shapes: 28 6.00 / 11.74 / 12.12 / 13.30 / 43.05 against
 //! {16, 8} (19, dispatched before) 7.43 / 13.74 / 13.22 / 14.71 / 42.90, 40 {16, 4, grouped, pdl}
@@ -1468,13 +1455,12 @@ __device__ QMEM_INLINE void store_pair_sums(gemv_args<T> const& a, float2 const*
 //! blockDim.x == 32 * C * G.
 template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async,
           bool Grouped, bool Pdl, int PrefetchKiB = 0, bool StreamCodes = false, bool Lean = false,
-          int PrefetchPairs = 0, bool Block64 = false>
+          bool Block64 = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemv1_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemv1_stream_plan plan) {
   static_assert(!(Async && Nested), "the async ring carries plain scales only");
   static_assert(!(Async && Grouped), "groups are a register ring's");
-  static_assert(PrefetchPairs == 0 || Grouped, "the block prefetch walks a grouped ring's steps");
   static_assert(!Block64 || (Lean && !Nested && !Async), "block64 is lean addressing's");
   constexpr int Ring = gemv1_stream_ring(Depth, J, Nested, Async, Grouped); // pairs in flight
   extern __shared__ __align__(16) unsigned char gemv_smem[];
@@ -1695,26 +1681,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     if constexpr (Async)
       asm volatile("cp.async.commit_group;" ::: "memory");
   };
-  // PrefetchPairs: asks L2 for the rows of the block's local pairs [from, from + cnt) of every
-  // row group (block pairs p0 + G from .. p0 + G (from + cnt) - 1, cut at the tile's end: one
-  // run of rows), codes and scales; called by a whole warp, 16 KiB per lane and instruction
-  [[maybe_unused]] auto prefetch_pairs = [&](unsigned from, unsigned cnt) {
-    unsigned const q0 = p0 + G * from;
-    unsigned const q1 = min(p0 + G * (from + cnt), p0 + tp);
-    if (q0 >= q1)
-      return;
-    std::size_t const r0 = 2 * std::size_t{q0};
-    std::size_t const r1 = min(2 * std::size_t{q1}, a.n);
-    bulk_prefetch_l2(a.codes + r0 * half_k, (r1 - r0) * half_k, lane);
-    if constexpr (Nested)
-      bulk_prefetch_l2(a.scales.qabsmax + r0 * row_blocks, (r1 - r0) * row_blocks, lane);
-    else
-      bulk_prefetch_l2(a.scales.absmax + r0 * row_blocks, (r1 - r0) * row_blocks * 4u, lane);
-  };
-  // the warp whose turn it is to prefetch (PrefetchPairs), one per group step in turn
-  [[maybe_unused]] unsigned pf_turn = 0;
-  [[maybe_unused]] unsigned const warps_in_block = threads >> 5;
-
   // the first Ring pairs of the tile
   auto prologue = [&] {
     each_slot([&](auto slot) {
@@ -1722,12 +1688,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         load(slot, static_cast<unsigned>(decltype(slot)::value));
       commit();
     });
-    if constexpr (PrefetchPairs > Ring) {
-      // the pairs after the first group's, up to PrefetchPairs (the first group is loaded now)
-      if (warp == 0)
-        prefetch_pairs(Ring, PrefetchPairs - Ring);
-      pf_turn = 1 % warps_in_block;
-    }
   };
 
   // the first tile's loads go out before the tables are built
@@ -1849,11 +1809,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
           load(std::integral_constant<int, (1 - H) * Ring + S>{}, base + Ring + S, dep,
                !Guard && H == 0);
       });
-      if constexpr (PrefetchPairs > 0) {
-        if (warp == pf_turn)
-          prefetch_pairs(base + PrefetchPairs, Ring);
-        pf_turn = pf_turn + 1 == warps_in_block ? 0u : pf_turn + 1;
-      }
       each_slot([&](auto slot) {
         constexpr int S = decltype(slot)::value;
         if (!Guard || base + S < count)
@@ -3927,7 +3882,7 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
       constexpr auto kernel = &gemv1_stream_kernel < Code, T, Nested, decltype(jc)::value,
                      Shape.depth, Shape.warps, decltype(fullc)::value, Shape.async, Shape.grouped,
                      Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes, Shape.lean,
-                     Shape.prefetch_pairs, Shape.block64 > ;
+                     Shape.block64 && !Nested > ;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
       cuda_detail::launch(e, Shape.pdl, kernel, dim3(grid), dim3(threads), p.smem,
                           "qmem::quant::gemv1_stream_kernel", a, values_of<Code>(), nested_values(),
@@ -4163,6 +4118,13 @@ template <class Code, class T, bool Nested>
 void launch_gemv(exec::cuda const& e, gemv_args<T> const& a, bool fast) {
   if (fast) {
     constexpr gemv1_stream_shape stream = Nested ? gemv_batch1_stream_nested : gemv_batch1_stream;
+    // rows of gemv_batch1_long_k columns or more, plain scales in blocks of 64: J >= 4 with
+    // block64 (the shape declines other weights, which go on to `stream`)
+    if constexpr (!Nested) {
+      if (a.m == 1 && a.k >= gemv_batch1_long_k &&
+          launch_gemv1_stream<Code, T, Nested, gemv_batch1_stream_long_k>(e, a))
+        return;
+    }
     if (a.m == 1 && a.block_shift >= 6 && stream.warps > 0 &&
         launch_gemv1_stream<Code, T, Nested, stream>(e, a))
       return;
