@@ -1079,18 +1079,18 @@ void batch16_ab_args(benchmark::internal::Benchmark* b) {
       for (std::int64_t v : {12, 14, 15})
         b->Args({s[0], s[1], 16, v, round});
 }
-// gemv_ab: the dispatched shape (45) on the five shapes and on two more weights of 28672 x 8192
-// (the weight's placement), and on 14336 x 8192 and 43008 x 8192 (the time's slope in the
-// weight's bytes), in three rounds. (Candidates 48-50, timed here in gemv round 2, were removed.)
+// gemv_ab: the dispatched shape (45), its A/A twin (48: the same kernel), 45 with block64 (54)
+// and lean J >= 4 with block64 (55) on the five shapes, in three rounds, the order of the
+// variants rotated by one each round (the first row timed on a fresh kept weight runs slow:
+// gemv16 round). gemv17's first run timed the block-level L2 prefetch (51-53) here. (gemv round 2 timed the former candidates 48-50 here, since removed;
+// the placement and slope rows of that round are in docs/benchmarks.md.)
 void ab_args(benchmark::internal::Benchmark* b) {
-  for (std::int64_t round = 0; round < 3; ++round) {
+  constexpr std::int64_t ab_variants[] = {45, 54, 55, 48};
+  constexpr auto count = static_cast<std::int64_t>(std::size(ab_variants));
+  for (std::int64_t round = 0; round < 3; ++round)
     for (auto const& s : shapes)
-      b->Args({s[0], s[1], 45, 0, round});
-    for (std::int64_t buffer : {1, 2})
-      b->Args({28672, 8192, 45, buffer, round});
-    for (std::int64_t n : {14336, 43008})
-      b->Args({n, 8192, 45, 0, round});
-  }
+      for (std::int64_t i = 0; i < count; ++i)
+        b->Args({s[0], s[1], ab_variants[(i + round) % count], 0, round});
 }
 void read_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes)

@@ -39,6 +39,12 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
        {1601, 8192, 64, 2},
        {300, 2048, 64, 7}},
       true, rng);
+  // the shape dispatched on rows of 8192 columns or more (blocks of 64, plain scales): J >= 4
+  // with block64, on long and short rows, partial slices, several tiles, one row
+  std::initializer_list<stream_plan_case> const block64_plans = {
+      {70, 8192, 64, 0},   {45, 1408, 64, 0},  {45, 12800, 64, 0}, {33, 17408, 64, 0},
+      {1501, 8192, 64, 1}, {300, 2048, 64, 7}, {64, 14336, 64, 3}, {1, 512, 64, 0}};
+  stream_cases<cuda_matmul::gemv_batch1_stream_long_k>(block64_plans, false, rng);
 #if QMEM_TEST_CANDIDATE_KERNELS
   // the other shapes the bench compares; the async rings (plain scales only) and the two-group
   // rings on J = 1, 2, 4, partial super-steps and groups, several tiles, rings longer than a
@@ -89,6 +95,8 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
   // lean, J >= 4; lean, J >= 2 with a ring of 3 pairs per group
   stream_cases<c[18]>(lean_plans, true, rng);
   stream_cases<c[19]>(lean_plans, true, rng);
+  // block64 at J >= 2 (54; blocks of 64, plain scales: it declines others)
+  stream_cases<c[26]>(block64_plans, false, rng);
 #endif
 }
 
@@ -103,52 +111,63 @@ TEST_CASE("streaming batch-1 GEMV lean shapes on small plans (for the sanitizers
       {45, 1408, 64, 0}, {301, 2048, 64, 7}, {1, 512, 64, 0}};
   stream_cases<cuda_matmul::gemv_batch1_stream>(plans, false, rng);
   stream_cases<c[18]>(plans, false, rng);
+  // block64 at J >= 2 and J >= 4 (gemv_batch1_stream_long_k, dispatched on long rows)
+  stream_cases<c[26]>(plans, false, rng);
+  stream_cases<cuda_matmul::gemv_batch1_stream_long_k>(plans, false, rng);
 }
 
-TEST_CASE("streaming batch-1 GEMV: lean addressing gives the same bits") {
+namespace {
+//! Streaming shape S on one weight (plain or nested scales), planned for `sms` multiprocessors.
+template <cuda_matmul::gemv1_stream_shape S>
+bool launch_stream(bool nested, cuda_matmul::gemv_args<bf16> const& a, unsigned sms) {
+  auto const& e = qmem::test::cuda_backend::exec();
+  return nested ? cuda_matmul::launch_gemv1_stream<nf4, bf16, true, S>(e, a, sms)
+                : cuda_matmul::launch_gemv1_stream<nf4, bf16, false, S>(e, a, sms);
+}
+} // namespace
+
+TEST_CASE("streaming batch-1 GEMV: block64 addressing changes no bit") {
   if (qmem::test::skip<qmem::test::cuda_backend>())
     return;
-  // the same loads and fused multiply-adds in the same order, only the addresses computed
-  // otherwise: each lean shape against its former-address twin (the dispatched shape, and the same
-  // at J >= 2), bit for bit, on full and partial slices, odd row counts (the clamped last row),
-  // J = 1, 2 and 4, blocks looping over several tiles; and the ring's depth (c[19], 3 pairs per
-  // group, against c[16]'s 2) changes no bit either
+  // one scale address per pair row instead of one per super-step: the same loads and fused
+  // multiply-adds, so 54 gives the dispatched shape's (45) bits and the long-row shape
+  // (gemv_batch1_stream_long_k, 55) those of lean J >= 4 (46), on full and partial slices, odd
+  // row counts, J = 2 and 4, blocks looping over several tiles, a ring longer than a warp's
+  // pairs, one row; nested scales and other block sizes are declined (nothing launched)
   using B = qmem::test::cuda_backend;
-  auto const& e = B::exec();
   constexpr auto const& c = cuda_matmul::gemv_batch1_stream_candidates;
-  std::mt19937 rng(37);
+  std::mt19937 rng(43);
   for (auto const& p : {stream_plan_case{70, 8192, 64, 0}, stream_plan_case{45, 1408, 64, 0},
                         stream_plan_case{45, 12800, 64, 0}, stream_plan_case{33, 17408, 256, 0},
                         stream_plan_case{1501, 8192, 64, 1}, stream_plan_case{301, 2048, 64, 7},
-                        stream_plan_case{1, 512, 64, 0}}) {
-    host_weight const hw = random_weight(p.n, p.k, p.block, false, rng);
-    backend_weight<B, nf4> bw(hw);
-    auto bx = B::upload(random_matrix<bf16>(p.k, rng));
-    auto y0 = B::template alloc<bf16>(p.n);
-    auto y1 = B::template alloc<bf16>(p.n);
-    auto args = [&](bf16* y) { return gemv_args_for(bw.view, bx.view().data(), y, 1u); };
-    auto same = [&](char const* what) {
-      std::vector<bf16> const ref = B::download(y0.view());
-      std::vector<bf16> const got = B::download(y1.view());
-      std::size_t diff = 0;
-      for (std::size_t i = 0; i < ref.size(); ++i)
-        diff += ref[i].bits != got[i].bits ? 1 : 0;
-      CHECK_MESSAGE(diff == 0, what, ": ", diff, " outputs differ, n=", p.n, " k=", p.k,
-                    " block=", p.block, " sms=", p.sms);
-    };
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[12]>(e, args(y0.view().data()),
-                                                                      p.sms));
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[15]>(e, args(y1.view().data()),
-                                                                      p.sms));
-    same("lean against the former dispatched shape");
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[16]>(e, args(y0.view().data()),
-                                                                      p.sms));
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[17]>(e, args(y1.view().data()),
-                                                                      p.sms));
-    same("lean against former addresses, J >= 2");
-    REQUIRE(cuda_matmul::launch_gemv1_stream<nf4, bf16, false, c[19]>(e, args(y1.view().data()),
-                                                                      p.sms));
-    same("lean with a deeper ring against former addresses, J >= 2");
+                        stream_plan_case{64, 14336, 64, 3}, stream_plan_case{1, 512, 64, 0}}) {
+    for (bool const nested : {false, true}) {
+      host_weight const hw = random_weight(p.n, p.k, p.block, nested, rng);
+      backend_weight<B, nf4> bw(hw);
+      auto bx = B::upload(random_matrix<bf16>(p.k, rng));
+      auto y0 = B::template alloc<bf16>(p.n);
+      auto y1 = B::template alloc<bf16>(p.n);
+      auto const a0 = gemv_args_for(bw.view, bx.view().data(), y0.view().data(), 1u);
+      auto const a1 = gemv_args_for(bw.view, bx.view().data(), y1.view().data(), 1u);
+      auto same = [&](char const* what) {
+        std::vector<bf16> const ref = B::download(y0.view());
+        std::vector<bf16> const got = B::download(y1.view());
+        std::size_t diff = 0;
+        for (std::size_t i = 0; i < ref.size(); ++i)
+          diff += ref[i].bits != got[i].bits ? 1 : 0;
+        CHECK_MESSAGE(diff == 0, what, ": ", diff, " outputs differ, n=", p.n, " k=", p.k,
+                      " block=", p.block, " sms=", p.sms, " nested=", nested);
+      };
+      bool const takes = !nested && p.block == 64;
+      REQUIRE(launch_stream<c[17]>(nested, a0, p.sms));
+      CHECK(launch_stream<c[26]>(nested, a1, p.sms) == takes);
+      if (takes)
+        same("block64 (54) against the dispatched shape (45)");
+      REQUIRE(launch_stream<c[18]>(nested, a0, p.sms));
+      CHECK(launch_stream<cuda_matmul::gemv_batch1_stream_long_k>(nested, a1, p.sms) == takes);
+      if (takes)
+        same("the long-row shape (55) against lean J >= 4 (46)");
+    }
   }
 }
 

@@ -1221,6 +1221,11 @@ struct gemv1_stream_shape {
   //! The least super-steps per warp (1, 2 or 4; the plan may take more): a warp's address
   //! arithmetic, scale handling and partial-sum store are per pair, shared by its J super-steps.
   int min_j = 1;
+  //! Lean addressing for blocks of 64 only (the launcher declines other block sizes): a chunk is
+  //! a block, so the scales of a pair row's J super-steps are 8 floats apart and all their loads
+  //! take one address (the first super-step's row address plus immediate offsets) instead of one
+  //! wide multiply-add and one base register per super-step. The same loads: the same bits.
+  bool block64 = false;
 };
 
 //! Shapes of gemv1_stream_kernel the bench's gemv_variant compares (variants 19 to 25): register
@@ -1277,7 +1282,20 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 4, false, true, true, 0, false, false, 2},
     {16, 4, false, true, true, 0, false, true, 2},
     {16, 4, false, true, true, 0, false, true, 4},
-    {16, 6, false, true, true, 0, false, true, 2}};
+    {16, 6, false, true, true, 0, false, true, 2},
+    // 48-50: the dispatched shape (45) again, where gemv round 2's removed candidates were (the
+    // same kernel: an A/A control for gemv_ab, and variant numbers keep one meaning)
+    {16, 4, false, true, true, 0, false, true, 2},
+    {16, 4, false, true, true, 0, false, true, 2},
+    {16, 4, false, true, true, 0, false, true, 2},
+    // 51-53: the dispatched shape (45) again, where gemv17's block-level L2 prefetch was (4, 8
+    // and 64 pairs ahead: 2.6-34% slower on every anchor shape; removed, docs/benchmarks.md)
+    {16, 4, false, true, true, 0, false, true, 2},
+    {16, 4, false, true, true, 0, false, true, 2},
+    {16, 4, false, true, true, 0, false, true, 2},
+    // 54, 55 (gemv17): 45 and lean J >= 4 (46) with block64 (one scale address per pair row)
+    {16, 4, false, true, true, 0, false, true, 2, true},
+    {16, 4, false, true, true, 0, false, true, 4, true}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
 //! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
@@ -1327,6 +1345,21 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
 //! kept side by side against 45's 35.85-36.76: no consistent gain; 50 (45 asking L2 for its first
 //! 128 KiB before the wait) 4.73 / 9.54 / 10.44 / 10.70 / 37.98: 5-6% slower everywhere.
 inline constexpr gemv1_stream_shape gemv_batch1_stream = gemv_batch1_stream_candidates[17];
+//! Batch 1 on rows of `gemv_batch1_long_k` columns or more with plain scales in blocks of 64
+//! (launch_gemv; other weights take gemv_batch1_stream): variant 55, lean J >= 4 with block64
+//! (the J >= 4 of 46 without its 32 spilled bytes; ptxas 13.0, sm_90a: 128 registers, no spills;
+//! SASS of the steady loop 50.9 instructions per pair and super-step against 57.2 for 45). H200,
+//! 2026-11-30 19:47 UTC (gemv17 run 2), bench gemv_ab, one kept weight per shape, 3 rounds x 3
+//! processes, variant order rotated per round, medians (us): 4096 x 14336 9.41 against 45's 9.82
+//! (-4.1%, faster in 9 of 9 pairs: 9.38-9.48 against 9.80-9.89), 8192 x 8192 9.93 against 10.11
+//! (-1.7%, 9 of 9), 28672 x 8192 36.85 against 37.90 (-2.8%, 8 of 9); on the k = 4096 shapes it
+//! is not faster (4096^2 4.54 against 4.42, 14336 x 4096 9.05 against 8.98: J = 4 leaves two
+//! column groups of 8 row groups, 2 and 7 pairs per warp), hence the bound. 54 (45 with block64
+//! at J = 2, 55.2 instructions) tied 45 everywhere.
+inline constexpr gemv1_stream_shape gemv_batch1_stream_long_k = gemv_batch1_stream_candidates[27];
+//! The least row length (k) that takes gemv_batch1_stream_long_k (see there: faster at k = 8192
+//! and 14336, not at 4096).
+inline constexpr std::size_t gemv_batch1_long_k = 8192;
 //! The same with nested scales: {16, 4, pdl} (variant 28). H200, 2026-11-29 22:18 UTC, bench
 //! gemv_variant_dq, us on the five shapes: 28 6.00 / 11.74 / 12.12 / 13.30 / 43.05 against
 //! {16, 8} (19, dispatched before) 7.43 / 13.74 / 13.22 / 14.71 / 42.90, 40 {16, 4, grouped, pdl}
@@ -1421,12 +1454,14 @@ __device__ QMEM_INLINE void store_pair_sums(gemv_args<T> const& a, float2 const*
 //! 8-byte and x 16-byte aligned, a power-of-two nested block size, n * k / 64 < 2^32;
 //! blockDim.x == 32 * C * G.
 template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async,
-          bool Grouped, bool Pdl, int PrefetchKiB = 0, bool StreamCodes = false, bool Lean = false>
+          bool Grouped, bool Pdl, int PrefetchKiB = 0, bool StreamCodes = false, bool Lean = false,
+          bool Block64 = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemv1_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemv1_stream_plan plan) {
   static_assert(!(Async && Nested), "the async ring carries plain scales only");
   static_assert(!(Async && Grouped), "groups are a register ring's");
+  static_assert(!Block64 || (Lean && !Nested && !Async), "block64 is lean addressing's");
   constexpr int Ring = gemv1_stream_ring(Depth, J, Nested, Async, Grouped); // pairs in flight
   extern __shared__ __align__(16) unsigned char gemv_smem[];
   unsigned const C = plan.col_groups;
@@ -1519,10 +1554,11 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   // a product, a 64-bit add of the codes' base and a clamp (the compiler re-associated the sum)
   constexpr bool LeanAddr = Lean && !Nested && !Async;
   std::uint8_t const* lean_codes = cbase;
-  float const* lean_scales[J];
+  // (Block64: chunk = block, so super-step j's scale is the first one's plus 8 j)
+  float const* lean_scales[Block64 ? 1 : J];
   if constexpr (LeanAddr) {
     QMEM_UNROLL
-    for (int j = 0; j < J; ++j) {
+    for (int j = 0; j < (Block64 ? 1 : J); ++j) {
       lean_scales[j] = a.scales.absmax + cb[j];
     }
   }
@@ -1595,10 +1631,14 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       for (int h = 0; h < 2; ++h) {
         auto const* const cp =
             static_cast<std::uint8_t const*>(row_address(lean_codes, rows[h], half_k));
+        [[maybe_unused]] float const* sp0 = nullptr;
+        if constexpr (Block64)
+          sp0 = static_cast<float const*>(row_address(lean_scales[0], rows[h], row_bytes4));
         QMEM_UNROLL
         for (int j = 0; j < J; ++j) {
-          auto const* const sp =
-              static_cast<float const*>(row_address(lean_scales[j], rows[h], row_bytes4));
+          auto const* const sp = Block64 ? sp0 + 8 * j
+                                         : static_cast<float const*>(row_address(
+                                               lean_scales[Block64 ? 0 : j], rows[h], row_bytes4));
           ldg_codes<StreamCodes, Full>(st.q[j][h], cp + 256 * j, valid[j]);
           ldg_if<Full>(st.s[j][h], sp, valid[j]);
         }
@@ -3815,6 +3855,8 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
   } else {
     if (a.n * (a.k >> 6) >= (std::size_t{1} << 32))
       return false;
+    if (Shape.block64 && (Nested || a.block_shift != 6))
+      return false;
     unsigned const sms = plan_sms != 0 ? plan_sms : multiprocessors(e.device);
     unsigned const extra = gemv1_stream_extra_bytes(Nested);
     // the partial sums go before the table (register ring) or after it (async ring)
@@ -3839,8 +3881,8 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     auto run = [&](auto jc, auto fullc) {
       constexpr auto kernel = &gemv1_stream_kernel < Code, T, Nested, decltype(jc)::value,
                      Shape.depth, Shape.warps, decltype(fullc)::value, Shape.async, Shape.grouped,
-                     Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes,
-                     Shape.lean > ;
+                     Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes, Shape.lean,
+                     Shape.block64 && !Nested > ;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
       cuda_detail::launch(e, Shape.pdl, kernel, dim3(grid), dim3(threads), p.smem,
                           "qmem::quant::gemv1_stream_kernel", a, values_of<Code>(), nested_values(),
@@ -4076,6 +4118,13 @@ template <class Code, class T, bool Nested>
 void launch_gemv(exec::cuda const& e, gemv_args<T> const& a, bool fast) {
   if (fast) {
     constexpr gemv1_stream_shape stream = Nested ? gemv_batch1_stream_nested : gemv_batch1_stream;
+    // rows of gemv_batch1_long_k columns or more, plain scales in blocks of 64: J >= 4 with
+    // block64 (the shape declines other weights, which go on to `stream`)
+    if constexpr (!Nested) {
+      if (a.m == 1 && a.k >= gemv_batch1_long_k &&
+          launch_gemv1_stream<Code, T, Nested, gemv_batch1_stream_long_k>(e, a))
+        return;
+    }
     if (a.m == 1 && a.block_shift >= 6 && stream.warps > 0 &&
         launch_gemv1_stream<Code, T, Nested, stream>(e, a))
       return;
