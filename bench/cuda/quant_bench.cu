@@ -19,6 +19,7 @@
 #include <qmem/quant/double_quant.hpp>
 
 #include <benchmark/benchmark.h>
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -549,6 +550,52 @@ void host_check_resident(benchmark::State& state) {
   }
 }
 
+// The parts of that check, to choose its implementation: the runtime's query alone
+// (cudaPointerGetAttributes), the driver's (cuPointerGetAttributes of the memory type, device
+// ordinal and managed flag, through cudaGetDriverEntryPointByVersion: no link to libcuda), and the
+// pair of cudaThreadExchangeStreamCaptureMode calls of relaxed_capture_scope.
+void host_pointer_query(benchmark::State& state) {
+  int const which = static_cast<int>(state.range(0));
+  void const* const p = g->codes;
+  using query_fn = CUresult (*)(unsigned, CUpointer_attribute*, void**, CUdeviceptr);
+  static query_fn const driver_query = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuPointerGetAttributes", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<query_fn>(fn);
+  }();
+  if (which == 1 && driver_query == nullptr) {
+    state.SkipWithError("cuPointerGetAttributes not found through the runtime");
+    return;
+  }
+  for (auto _ : state) {
+    if (which == 0) {
+      cudaPointerAttributes a{};
+      check(cudaPointerGetAttributes(&a, p), "cudaPointerGetAttributes");
+      benchmark::DoNotOptimize(a);
+    } else if (which == 1) {
+      unsigned type = 0;
+      int ordinal = -1;
+      unsigned managed = 0;
+      CUpointer_attribute attributes[] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                                          CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                                          CU_POINTER_ATTRIBUTE_IS_MANAGED};
+      void* data[] = {&type, &ordinal, &managed};
+      if (driver_query(3, attributes, data, reinterpret_cast<CUdeviceptr>(p)) != CUDA_SUCCESS)
+        state.SkipWithError("cuPointerGetAttributes failed");
+      benchmark::DoNotOptimize(type);
+      benchmark::DoNotOptimize(ordinal);
+    } else {
+      cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+      check(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
+      check(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
+    }
+  }
+}
+
 void host_small_dequantize(benchmark::State& state) {
   std::size_t const n = 4096, block = 64;
   tensor_view<std::uint8_t const> codes(g->codes, code_bytes<nf4>(n), memory_space::device);
@@ -604,6 +651,11 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("host_cost/check_resident", host_check_resident)
       ->Arg(1)
       ->Arg(3)
+      ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("host_cost/pointer_query", host_pointer_query)
+      ->Arg(0)
+      ->Arg(1)
+      ->Arg(2)
       ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("host_cost/dequantize_nf4_4096", host_small_dequantize)
       ->Unit(benchmark::kMicrosecond);
