@@ -15,11 +15,10 @@
 // - gemv_variant_dq/n/k/1/v: batch-1 streaming shapes 19, 28, 40 and up with nested scales.
 // - gemv_batch16/n/k/m/v: the small-batch streaming kernel with each shape of
 //   cuda_matmul::gemv_batch16_stream_candidates (v 0-8 are gemv_variant 31-39).
-// - gemv_batch16_ab/n/k/16/v/round: batch 16, candidate 12 (gemv_batch16_stream_long until gemv
-//   round 3), gemv_batch16_stream_two_steps (v 14: activation slots of their own, without
-//   full_rounds) and gemv_batch16_stream_long (v 15: 12 with lean steps) in turn, three rounds over
-//   14336 x 4096, 8192 x 8192 and 28672 x 8192, each shape's weight kept for the whole process
-//   (one allocation for all rows).
+// - gemv_batch16_ab/n/k/16/v/round: batch 16, gemv_batch16_stream_long (v 15: candidate 12 with
+//   lean steps), 15 with block64 scales (v 16) and 16 with full_loads (v 17) in turn, the order
+//   rotated each round, three rounds over 8192 x 8192 and 28672 x 8192, each shape's weight kept
+//   for the whole process (one allocation for all rows).
 // - gemv_bulk/n/k/v: the bulk-copy batch-1 kernel (gemv1_bulk_kernel) with each shape of
 //   cuda_matmul::gemv_batch1_bulk_candidates, plain scales.
 // - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).
@@ -1072,12 +1071,18 @@ void batch16_args(benchmark::internal::Benchmark* b) {
       for (std::int64_t v = 0; v < std::ssize(cuda_matmul::gemv_batch16_stream_candidates); ++v)
         b->Args({s[0], s[1], m, v});
 }
+// gemv_batch16_ab: gemv_batch16_stream_long (v 15), 15 with block64 scales (v 16) and 16 with
+// unpredicated full-step loads (v 17), the order rotated each round (the first row timed on a
+// fresh kept weight runs slow: gemv16 round). Gemv round 3 timed 12, 14 and 15 here, gemv16 15
+// and its folded tails (then numbered 16, since removed), also on 14336 x 4096.
 void batch16_ab_args(benchmark::internal::Benchmark* b) {
-  constexpr std::int64_t ab_shapes[3][2] = {{14336, 4096}, {8192, 8192}, {28672, 8192}};
+  constexpr std::int64_t ab_shapes[2][2] = {{8192, 8192}, {28672, 8192}};
+  constexpr std::int64_t ab_variants[] = {15, 16, 17};
+  constexpr auto count = static_cast<std::int64_t>(std::size(ab_variants));
   for (std::int64_t round = 0; round < 3; ++round)
     for (auto const& s : ab_shapes)
-      for (std::int64_t v : {12, 14, 15})
-        b->Args({s[0], s[1], 16, v, round});
+      for (std::int64_t i = 0; i < count; ++i)
+        b->Args({s[0], s[1], 16, ab_variants[(i + round) % count], round});
 }
 // gemv_ab: the dispatched shape (45), its A/A twin (48: the same kernel), 45 with block64 (54)
 // and lean J >= 4 with block64 (55) on the five shapes, in three rounds, the order of the

@@ -18,6 +18,9 @@ namespace {
 template <cuda_matmul::gemvm_stream_shape S>
 void small_batch_case(std::size_t m, std::size_t n, std::size_t k, std::size_t block, bool nested,
                       unsigned sms, std::mt19937& rng) {
+  // block64 shapes take plain scales in blocks of 64 only (the decline is tested below)
+  if (S.block64 && (nested || block != 64))
+    return;
   kernel_case(m, n, k, block, nested, rng, [&](cuda_matmul::gemv_args<bf16> const& a) {
     auto const& e = qmem::test::cuda_backend::exec();
     bool const launched = nested ? cuda_matmul::launch_gemvm_stream<nf4, bf16, true, S>(e, a, sms)
@@ -88,6 +91,58 @@ TEST_CASE("small-batch GEMV lean steps on small plans (for the sanitizers)") {
   small_batch_case<c[15]>(12, 140, 1024, 128, false, 1, rng);
   small_batch_case<c[15]>(16, 200, 512, 64, false, 2, rng);
   small_batch_case<c[15]>(9, 70, 1024, 64, true, 1, rng);
+  // candidate 16 (15 with block64 scales: one 8-byte load of a row's two chunk scales per step,
+  // no shuffle): the same plain-scale plans, and 3 chunk pairs (3 warps of one step each) over 3
+  // tiles, the last with rows past n
+  small_batch_case<c[16]>(16, 70, 1024, 64, false, 1, rng);
+  small_batch_case<c[16]>(12, 140, 1024, 64, false, 1, rng);
+  small_batch_case<c[16]>(16, 200, 512, 64, false, 2, rng);
+  small_batch_case<c[16]>(9, 45, 384, 64, false, 1, rng);
+  // candidate 17 (16 with unpredicated loads for steps whose tiles are all in the block and all
+  // under n): 5 tiles in one block (a full step, then a tested one), 4 tiles whose last rows pass
+  // n = 60 (a whole round, tested), 7 tiles in each of 2 blocks, and 14 tiles in one block
+  small_batch_case<c[17]>(16, 70, 1024, 64, false, 1, rng);
+  small_batch_case<c[17]>(16, 60, 1024, 64, false, 1, rng);
+  small_batch_case<c[17]>(12, 200, 512, 64, false, 2, rng);
+  small_batch_case<c[17]>(9, 224, 512, 64, false, 1, rng);
+}
+
+TEST_CASE("small-batch GEMV block64 scales decline what they cannot read") {
+  if (qmem::test::skip<qmem::test::cuda_backend>())
+    return;
+  using B = qmem::test::cuda_backend;
+  constexpr auto const& c = cuda_matmul::gemv_batch16_stream_candidates;
+  std::mt19937 rng(41);
+  // blocks of 128, nested scales (both launch with candidate 15), scales 4 bytes off 8-byte
+  // alignment: candidate 16 launches nothing
+  for (auto const& [block, nested] :
+       {std::pair{std::size_t{128}, false}, std::pair{std::size_t{64}, true}}) {
+    host_weight const hw = random_weight(70, 1024, block, nested, rng);
+    backend_weight<B, nf4> bw(hw);
+    auto bx = B::upload(random_matrix<bf16>(16 * 1024, rng));
+    auto by = B::template alloc<bf16>(16 * 70);
+    auto const a = gemv_args_for(bw.view, bx.view().data(), by.view().data(), 16u);
+    if (nested) {
+      CHECK(cuda_matmul::launch_gemvm_stream<nf4, bf16, true, c[15]>(B::exec(), a, 1));
+      CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, true, c[16]>(B::exec(), a, 1));
+      CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, true, c[17]>(B::exec(), a, 1));
+    } else {
+      CHECK(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[15]>(B::exec(), a, 1));
+      CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[16]>(B::exec(), a, 1));
+      CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[17]>(B::exec(), a, 1));
+    }
+  }
+  {
+    host_weight const hw = random_weight(70, 1024, 64, false, rng);
+    backend_weight<B, nf4> bw(hw);
+    auto bx = B::upload(random_matrix<bf16>(16 * 1024, rng));
+    auto by = B::template alloc<bf16>(16 * 70);
+    auto a = gemv_args_for(bw.view, bx.view().data(), by.view().data(), 16u);
+    CHECK(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[16]>(B::exec(), a, 1));
+    a.scales.absmax += 1;
+    CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[16]>(B::exec(), a, 1));
+    CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[17]>(B::exec(), a, 1));
+  }
 }
 
 TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): small plans, and the "
@@ -145,6 +200,8 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
     auto y5 = B::template alloc<bf16>(std::size_t{m} * n);
     auto y6 = B::template alloc<bf16>(std::size_t{m} * n);
     auto y7 = B::template alloc<bf16>(std::size_t{m} * n);
+    auto y8 = B::template alloc<bf16>(std::size_t{m} * n);
+    auto y9 = B::template alloc<bf16>(std::size_t{m} * n);
     auto args = [&](bf16* y) { return gemv_args_for(bw.view, bx.view().data(), y, m); };
     REQUIRE(
         cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[8]>(e, args(y0.view().data()), sms));
@@ -162,14 +219,28 @@ TEST_CASE("small-batch GEMV candidates (full rounds, sums in shared memory): sma
         cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[14]>(e, args(y6.view().data()), sms));
     REQUIRE(
         cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[15]>(e, args(y7.view().data()), sms));
+    REQUIRE(
+        cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[16]>(e, args(y8.view().data()), sms));
+    REQUIRE(
+        cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[17]>(e, args(y9.view().data()), sms));
     std::vector<bf16> const ref = B::download(y0.view());
     int variant = 9;
-    for (auto const* y : {&y1, &y2, &y3, &y4, &y5, &y6, &y7}) {
+    for (auto const* y : {&y1, &y2, &y3, &y4, &y5, &y6, &y7, &y8, &y9}) {
       std::vector<bf16> const got = B::download(y->view());
       bool same = true;
       for (std::size_t i = 0; i < ref.size(); ++i)
         same = same && ref[i].bits == got[i].bits;
       CHECK_MESSAGE(same, "candidate ", variant++, " m=", m, " n=", n, " k=", k, " sms=", sms);
+    }
+    // block64 scales (16) and full-step loads (17) change no bit: against 15 directly
+    std::vector<bf16> const b15 = B::download(y7.view());
+    for (auto const* y : {&y8, &y9}) {
+      std::vector<bf16> const got = B::download(y->view());
+      std::size_t differ = 0;
+      for (std::size_t i = 0; i < b15.size(); ++i)
+        differ += b15[i].bits != got[i].bits ? 1u : 0u;
+      CHECK_MESSAGE(differ == 0, "candidate ", y == &y8 ? 16 : 17, ": ", differ,
+                    " outputs differ from candidate 15, m=", m, " n=", n, " k=", k, " sms=", sms);
     }
   }
 }

@@ -434,6 +434,11 @@ __device__ QMEM_INLINE void ldg_once(uint2& v, void const* p) {
                : "=r"(v.x), "=r"(v.y)
                : "l"(p));
 }
+__device__ QMEM_INLINE void ldg_once(uint4& v, void const* p) {
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+}
 //! ldg_pred of bytes read once: they are not kept in L1 (`L1::no_allocate`).
 __device__ QMEM_INLINE void ldg_pred_once(uint2& v, void const* p, bool pred) {
   asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n"
@@ -2295,6 +2300,19 @@ struct gemvm_stream_shape {
   //! row offset 16 r + 8 h times the row stride) instead of a product, a 64-bit add and a
   //! re-association. The same loads and fused multiply-adds: the same bits.
   bool lean = false;
+  //! With lean (plain scales): for blocks of 64 a chunk is a block, so a step's two scales of a
+  //! row (chunks c and c + 1, c even) are adjacent floats: each thread loads them as one 8-byte
+  //! word from the step's own address, instead of a group of 4 chunks' scales spread over the 4
+  //! threads of a fragment row and picked by a shuffle per chunk (16 shuffles per step of R = 4
+  //! tiles leave the shared-memory pipe, which the table decode keeps busy). The same scale
+  //! values and fused multiply-adds: the same bits. The launcher declines other weights (blocks
+  //! other than 64, nested scales, scales not 8-byte aligned).
+  bool block64 = false;
+  //! With block64: a step whose R tiles are all the block's and whose rows are all under n
+  //! (every step of 28672 x 8192) loads without a test per row (unpredicated loads, one uniform
+  //! branch per step), instead of two comparisons and a predicate per row and load. The same
+  //! loads: the same bits.
+  bool full_loads = false;
 };
 
 //! Shapes of gemvm_stream_kernel the bench compares (gemv_variant 31 to 39, after the batch-1
@@ -2371,7 +2389,9 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {12, 4, 8, 4, true, 0, true, true, true, true, true, true},
     {12, 4, 8, 4, true, 0, true, true, true, true, true, true, true},
     {12, 4, 8, 4, true, 0, true, true, true, true, false, true, true},
-    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true}};
+    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true},
+    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true, true},
+    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true, true, true}};
 //! The shape batches 2 to 16 run with (blocks >= 64, k % 64 == 0) when a block owns at least 4
 //! tiles (more than 3 * SMs tiles of 16 rows), plain scales: the pair shape {12, 4} / {8, 4}
 //! (variant 39). Lead's integrated run (H200, 2026-11-29 19:55 UTC, copy 4164 GB/s, us per call;
@@ -2424,11 +2444,12 @@ QMEM_HOST_DEVICE constexpr unsigned gemvm_partial_bytes(unsigned warps, int mt, 
 }
 
 //! The loads of one step (R tiles at one chunk, or two with `Pair`, and their activations).
-template <int R, int MT, bool Nested, bool Pair = false>
+template <int R, int MT, bool Nested, bool Pair = false, bool Block64 = false>
 struct gemvm_stage {
   //! 16 codes of rows g and g + 8 of each tile (Pair: 32, bytes 16t.. of two chunks)
   std::conditional_t<Pair, uint4, uint2> q[R][2];
-  float s[R][2];                       //!< plain scale, or the nested group's absmax2
+  //! plain scale, or the nested group's absmax2; Block64: the bits of the step's two chunks'
+  std::conditional_t<Block64, uint2, float> s[R][2];
   std::uint32_t qs[Nested ? R : 1][2]; //!< nested: the block's 8-bit scale code
   uint4 x[Pair ? 2 : 1][MT][2];        //!< 16 activations of batch rows g (MT 2: and g + 8)
 };
@@ -2440,13 +2461,15 @@ struct gemvm_stage {
 template <class Code, class T, bool Nested, int MT, int R, int MaxWarps, bool Pdl,
           int PrefetchLines = 0, bool GroupScales = false, bool Pair = false, bool XOnce = false,
           bool StreamCodes = false, bool FullRounds = false, bool KeepX = false,
-          bool XSlots = false, bool Lean = false>
+          bool XSlots = false, bool Lean = false, bool Block64 = false, bool FullLoads = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemvm_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemvm_stream_plan plan) {
   static_assert(!Pair || GroupScales, "a pair step takes its two scales from a group");
   static_assert(!XSlots || (XOnce && KeepX), "activation slots of their own need x_once, keep_x");
   static_assert(!Lean || (Pair && XOnce), "lean steps are a pair x_once shape's");
+  static_assert(!Block64 || (Lean && !Nested), "block64 scales are a lean plain-scale shape's");
+  static_assert(!FullLoads || Block64, "unpredicated full-step loads are a block64 shape's");
   // (nested scales keep the former addresses and waits)
   constexpr bool LeanSteps = Lean && !Nested;
   constexpr unsigned P = Pair ? 2u : 1u; // chunks per step
@@ -2524,7 +2547,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     cuda_detail::pdl_wait();
   }
 
-  using stage = gemvm_stage<R, MT, Nested, Pair>;
+  using stage = gemvm_stage<R, MT, Nested, Pair, Block64>;
   stage buf[2];
   // XSlots: the activations of the current chunk (slot xs) and of the next (slot 1 - xs); else
   // unused (each stage holds its own)
@@ -2552,7 +2575,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       QMEM_UNROLL
     for (int h = 0; h < 2; ++h) {
       buf[s].q[r][h] = {};
-      buf[s].s[r][h] = 0.0f;
+      buf[s].s[r][h] = {};
       if constexpr (Nested)
         buf[s].qs[r][h] = 0;
     }
@@ -2587,7 +2610,8 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         }
       }
     }
-    bool const sin = fresh && schunk < plan.chunks;
+    // (Block64: the step's own chunks, before plan.chunks: no test)
+    [[maybe_unused]] bool const sin = fresh && schunk < plan.chunks;
     // LeanSteps: this thread's code and scale addresses of the step's row 0 (row tb * 16 + g)
     [[maybe_unused]] void const* lean_codes = nullptr;
     [[maybe_unused]] void const* lean_scales = nullptr;
@@ -2595,26 +2619,43 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       std::uint32_t const row0 = tb * 16u + g;
       lean_codes = row_address(a.codes + std::size_t{32} * chunk + 8 * P * t, row0,
                                static_cast<std::uint32_t>(half_k));
-      lean_scales = row_address(a.scales.absmax + cblk, row0, row_blocks * 4u);
+      lean_scales = row_address(a.scales.absmax + (Block64 ? chunk : cblk), row0, row_blocks * 4u);
+    }
+    // LeanSteps: the step's loads; Full: its R tiles are all the block's and all their rows are
+    // under n (no test per row, unpredicated loads)
+    [[maybe_unused]] auto lean_loads = [&](auto full_c) {
+      constexpr bool Full = decltype(full_c)::value;
+      QMEM_UNROLL
+      for (int r = 0; r < R; ++r)
+        QMEM_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        bool const in =
+            Full || (tb + static_cast<unsigned>(r) < t1 &&
+                     (tb + static_cast<unsigned>(r)) * 16u + 8u * static_cast<unsigned>(h) + g < n);
+        auto const off = static_cast<std::uint32_t>(16 * r + 8 * h);
+        auto const* const cp = static_cast<std::uint8_t const*>(
+            row_address(lean_codes, off, static_cast<std::uint32_t>(half_k)));
+        ldg_codes<StreamCodes, Full>(st.q[r][h], cp, in);
+        void const* const sp = row_address(lean_scales, off, row_blocks * 4u);
+        if constexpr (Block64)
+          ldg_if<Full>(st.s[r][h], sp, in);
+        else
+          ldg_pred(st.s[r][h], static_cast<float const*>(sp), in && sin);
+      }
+    };
+    if constexpr (LeanSteps) {
+      if (FullLoads && tb + R <= t1 && (tb + R) * 16u <= n)
+        lean_loads(std::true_type{});
+      else
+        lean_loads(std::false_type{});
     }
     QMEM_UNROLL
     for (int r = 0; r < R; ++r)
       QMEM_UNROLL
     for (int h = 0; h < 2; ++h) {
-      unsigned const row = (tb + static_cast<unsigned>(r)) * 16u + 8u * h + g;
-      bool const in = tb + static_cast<unsigned>(r) < t1 && row < n;
-      if constexpr (LeanSteps) {
-        auto const off = static_cast<std::uint32_t>(16 * r + 8 * h);
-        auto const* const cp = static_cast<unsigned char const*>(
-            row_address(lean_codes, off, static_cast<std::uint32_t>(half_k)));
-        if constexpr (StreamCodes)
-          ldg_pred_once(st.q[r][h], cp, in);
-        else
-          ldg_pred(st.q[r][h], cp, in);
-        ldg_pred(st.s[r][h],
-                 static_cast<float const*>(row_address(lean_scales, off, row_blocks * 4u)),
-                 in && sin);
-      } else {
+      if constexpr (!LeanSteps) {
+        unsigned const row = (tb + static_cast<unsigned>(r)) * 16u + 8u * h + g;
+        bool const in = tb + static_cast<unsigned>(r) < t1 && row < n;
         unsigned char const* const cp =
             a.codes + static_cast<std::size_t>(row) * half_k + std::size_t{32} * chunk + 8 * P * t;
         if constexpr (StreamCodes)
@@ -2770,6 +2811,8 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
             if constexpr (Nested)
               sc[h] = fmath::add(fmath::mul(dyn[pick(st.qs[r][h], pc)], pick(st.s[r][h], pc)),
                                  a.scales.offset);
+            else if constexpr (Block64)
+              sc[h] = __uint_as_float(pc == 0 ? st.s[r][h].x : st.s[r][h].y);
             else
               sc[h] = pick(st.s[r][h], pc);
           }
@@ -2840,8 +2883,12 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       std::uint32_t dep = 0;
       if constexpr (LeanSteps) {
         // the step's last code word, scale and activation word (one per kind of load)
-        dep = st.q[R - 1][1].w ^ __float_as_uint(st.s[R - 1][1]) ^
-              xs_of(slot, xslot)[P - 1][MT - 1][1].w;
+        std::uint32_t sw;
+        if constexpr (Block64)
+          sw = st.s[R - 1][1].y;
+        else
+          sw = __float_as_uint(st.s[R - 1][1]);
+        dep = st.q[R - 1][1].w ^ sw ^ xs_of(slot, xslot)[P - 1][MT - 1][1].w;
       } else {
         QMEM_UNROLL
         for (int r = 0; r < R; ++r)
@@ -3999,6 +4046,10 @@ bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     return false;
   if (Shape.x_once && a.m <= 8)
     return false;
+  if constexpr (Shape.block64) {
+    if (Nested || a.block_shift != 6 || reinterpret_cast<std::uintptr_t>(a.scales.absmax) % 8 != 0)
+      return false;
+  }
   if constexpr (Shape.pair) {
     if (a.k % 128 != 0 || !aligned16(a.codes))
       return false;
@@ -4016,7 +4067,7 @@ bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     constexpr auto kernel = &gemvm_stream_kernel < Code, T, Nested, MT, R, W, Shape.pdl,
                    Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales, Shape.pair,
                    Shape.x_once, Shape.stream_codes, Shape.full_rounds, Shape.keep_x, Shape.x_slots,
-                   Shape.lean > ;
+                   Shape.lean, Shape.block64 && !Nested, Shape.full_loads && !Nested > ;
     p.col_groups = std::min(static_cast<unsigned>(W), p.chunks / (Shape.pair ? 2u : 1u));
     unsigned const extra = gemv1_stream_extra_bytes(Nested);
     if constexpr (Shape.x_once) {
