@@ -16,7 +16,7 @@
 // - gemv_batch16/n/k/m/v: the small-batch streaming kernel with each shape of
 //   cuda_matmul::gemv_batch16_stream_candidates (v 0-8 are gemv_variant 31-39).
 // - gemv_batch16_ab/n/k/16/v/round: batch 16, gemv_batch16_stream_long (v 15: candidate 12 with
-//   lean steps), 15 with block64 scales (v 16) and 16 with full_loads (v 17) in turn, the order
+//   lean steps) and 15 with block64 scales (v 16: gemv_batch16_stream_long_b64) in turn, the order
 //   rotated each round, three rounds over 8192 x 8192 and 28672 x 8192, each shape's weight kept
 //   for the whole process (one allocation for all rows).
 // - gemv_bulk/n/k/v: the bulk-copy batch-1 kernel (gemv1_bulk_kernel) with each shape of
@@ -1071,13 +1071,13 @@ void batch16_args(benchmark::internal::Benchmark* b) {
       for (std::int64_t v = 0; v < std::ssize(cuda_matmul::gemv_batch16_stream_candidates); ++v)
         b->Args({s[0], s[1], m, v});
 }
-// gemv_batch16_ab: gemv_batch16_stream_long (v 15), 15 with block64 scales (v 16) and 16 with
-// unpredicated full-step loads (v 17), the order rotated each round (the first row timed on a
-// fresh kept weight runs slow: gemv16 round). Gemv round 3 timed 12, 14 and 15 here, gemv16 15
+// gemv_batch16_ab: gemv_batch16_stream_long (v 15) and 15 with block64 scales (v 16), the order
+// rotated each round (the first row timed on a fresh kept weight runs slow: gemv16 round); the
+// gemv18 round also timed 16 with unpredicated full-step loads here (then v 17, since removed). Gemv round 3 timed 12, 14 and 15 here, gemv16 15
 // and its folded tails (then numbered 16, since removed), also on 14336 x 4096.
 void batch16_ab_args(benchmark::internal::Benchmark* b) {
   constexpr std::int64_t ab_shapes[2][2] = {{8192, 8192}, {28672, 8192}};
-  constexpr std::int64_t ab_variants[] = {15, 16, 17};
+  constexpr std::int64_t ab_variants[] = {15, 16};
   constexpr auto count = static_cast<std::int64_t>(std::size(ab_variants));
   for (std::int64_t round = 0; round < 3; ++round)
     for (auto const& s : ab_shapes)

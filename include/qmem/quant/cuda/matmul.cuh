@@ -434,11 +434,6 @@ __device__ QMEM_INLINE void ldg_once(uint2& v, void const* p) {
                : "=r"(v.x), "=r"(v.y)
                : "l"(p));
 }
-__device__ QMEM_INLINE void ldg_once(uint4& v, void const* p) {
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-}
 //! ldg_pred of bytes read once: they are not kept in L1 (`L1::no_allocate`).
 __device__ QMEM_INLINE void ldg_pred_once(uint2& v, void const* p, bool pred) {
   asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n"
@@ -2308,11 +2303,6 @@ struct gemvm_stream_shape {
   //! values and fused multiply-adds: the same bits. The launcher declines other weights (blocks
   //! other than 64, nested scales, scales not 8-byte aligned).
   bool block64 = false;
-  //! With block64: a step whose R tiles are all the block's and whose rows are all under n
-  //! (every step of 28672 x 8192) loads without a test per row (unpredicated loads, one uniform
-  //! branch per step), instead of two comparisons and a predicate per row and load. The same
-  //! loads: the same bits.
-  bool full_loads = false;
 };
 
 //! Shapes of gemvm_stream_kernel the bench compares (gemv_variant 31 to 39, after the batch-1
@@ -2373,6 +2363,14 @@ struct gemvm_stream_shape {
 //! (median 71.21); paired, it won the three first rounds (where 15 ran 71.4-71.7) and lost 4 of
 //! the 6 others by 0.01-0.35 us: a half-full step cost about half a full one, so the step count
 //! is not what bounds this shape.
+//! 16 (gemv18 round, 2026-11-30): 15 with block64 scales (a row's two chunk scales of a step as
+//! one 8-byte load from the step's own address; no group load, no shuffle per chunk). SASS
+//! (ptxas 13.0, sm_90a), whole kernel: 7344 instructions against 15's 7560 (SHFL 340 -> 212,
+//! i.e. 16 per step body; ISETP 276 -> 236; LOP3 111 -> 69), 236 registers against 222, no
+//! spills. Tried with it and removed: 17, 16 with unpredicated loads on steps whose tiles are all
+//! in the block and all under n (one uniform branch per step, 237 registers): slower than 16 by
+//! 1.6-4.0% on 28672 x 8192 (paired, 9 of 9 rounds; median 69.75 us against 67.94) and 1.1-1.6%
+//! on 8192 x 8192 (H200, 2026-11-30 20:35 UTC, gemv_batch16_ab).
 inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {16, 2, 8, 4},
     {16, 2, 16, 2},
@@ -2390,8 +2388,7 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {12, 4, 8, 4, true, 0, true, true, true, true, true, true, true},
     {12, 4, 8, 4, true, 0, true, true, true, true, false, true, true},
     {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true},
-    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true, true},
-    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true, true, true}};
+    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true, true}};
 //! The shape batches 2 to 16 run with (blocks >= 64, k % 64 == 0) when a block owns at least 4
 //! tiles (more than 3 * SMs tiles of 16 rows), plain scales: the pair shape {12, 4} / {8, 4}
 //! (variant 39). Lead's integrated run (H200, 2026-11-29 19:55 UTC, copy 4164 GB/s, us per call;
@@ -2418,6 +2415,17 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream = gemv_batch16_stream_ca
 //! against 22.49 (medians). ncu (one cold launch, 28672 x 8192): 141.6 k active SM cycles
 //! against 145.2 k.
 inline constexpr gemvm_stream_shape gemv_batch16_stream_long = gemv_batch16_stream_candidates[15];
+//! Where gemv_batch16_stream_long runs (blocks of more than 8 tiles), weights with plain scales in
+//! blocks of 64 (8-byte aligned) take candidate 16, gemv_batch16_stream_long with block64 scales
+//! (the same bits). gemv18 round (H200, 2026-11-30 20:35 UTC, commit c7093d7, copy 4235-4239
+//! GB/s, bench gemv_batch16_ab: one kept weight per process, 15 / 16 / 17 in turn with the order
+//! rotated each round, 3 rounds x 3 processes, us at batch 16): 28672 x 8192 16 67.16-68.67
+//! (median 67.94) against 15's 70.13-71.38 (median 70.43), -3.5%, faster in 9 of 9 paired
+//! rounds by 2.4-5.9%; 8192 x 8192 (not an x_once weight in the dispatch: 4 tiles per block)
+//! 19.55 against 20.33, 9 of 9. Batch 1 in the same processes 33.99-34.15 us: batch 16 / batch
+//! 1 1.99 instead of 2.06.
+inline constexpr gemvm_stream_shape gemv_batch16_stream_long_b64 =
+    gemv_batch16_stream_candidates[16];
 //! Batches 9-16 with plain scales where a block owns more than one step's tiles but at most two
 //! steps' (5 to 8 tiles: 14336 x 4096 on 132 SMs, 7): candidate 14, the long shape with the
 //! activations in slots of their own (x_slots) and without full_rounds. Lead's integrated run
@@ -2461,7 +2469,7 @@ struct gemvm_stage {
 template <class Code, class T, bool Nested, int MT, int R, int MaxWarps, bool Pdl,
           int PrefetchLines = 0, bool GroupScales = false, bool Pair = false, bool XOnce = false,
           bool StreamCodes = false, bool FullRounds = false, bool KeepX = false,
-          bool XSlots = false, bool Lean = false, bool Block64 = false, bool FullLoads = false>
+          bool XSlots = false, bool Lean = false, bool Block64 = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemvm_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemvm_stream_plan plan) {
@@ -2469,7 +2477,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   static_assert(!XSlots || (XOnce && KeepX), "activation slots of their own need x_once, keep_x");
   static_assert(!Lean || (Pair && XOnce), "lean steps are a pair x_once shape's");
   static_assert(!Block64 || (Lean && !Nested), "block64 scales are a lean plain-scale shape's");
-  static_assert(!FullLoads || Block64, "unpredicated full-step loads are a block64 shape's");
   // (nested scales keep the former addresses and waits)
   constexpr bool LeanSteps = Lean && !Nested;
   constexpr unsigned P = Pair ? 2u : 1u; // chunks per step
@@ -2621,41 +2628,26 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
                                static_cast<std::uint32_t>(half_k));
       lean_scales = row_address(a.scales.absmax + (Block64 ? chunk : cblk), row0, row_blocks * 4u);
     }
-    // LeanSteps: the step's loads; Full: its R tiles are all the block's and all their rows are
-    // under n (no test per row, unpredicated loads)
-    [[maybe_unused]] auto lean_loads = [&](auto full_c) {
-      constexpr bool Full = decltype(full_c)::value;
-      QMEM_UNROLL
-      for (int r = 0; r < R; ++r)
-        QMEM_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        bool const in =
-            Full || (tb + static_cast<unsigned>(r) < t1 &&
-                     (tb + static_cast<unsigned>(r)) * 16u + 8u * static_cast<unsigned>(h) + g < n);
-        auto const off = static_cast<std::uint32_t>(16 * r + 8 * h);
-        auto const* const cp = static_cast<std::uint8_t const*>(
-            row_address(lean_codes, off, static_cast<std::uint32_t>(half_k)));
-        ldg_codes<StreamCodes, Full>(st.q[r][h], cp, in);
-        void const* const sp = row_address(lean_scales, off, row_blocks * 4u);
-        if constexpr (Block64)
-          ldg_if<Full>(st.s[r][h], sp, in);
-        else
-          ldg_pred(st.s[r][h], static_cast<float const*>(sp), in && sin);
-      }
-    };
-    if constexpr (LeanSteps) {
-      if (FullLoads && tb + R <= t1 && (tb + R) * 16u <= n)
-        lean_loads(std::true_type{});
-      else
-        lean_loads(std::false_type{});
-    }
     QMEM_UNROLL
     for (int r = 0; r < R; ++r)
       QMEM_UNROLL
     for (int h = 0; h < 2; ++h) {
-      if constexpr (!LeanSteps) {
-        unsigned const row = (tb + static_cast<unsigned>(r)) * 16u + 8u * h + g;
-        bool const in = tb + static_cast<unsigned>(r) < t1 && row < n;
+      unsigned const row = (tb + static_cast<unsigned>(r)) * 16u + 8u * h + g;
+      bool const in = tb + static_cast<unsigned>(r) < t1 && row < n;
+      if constexpr (LeanSteps) {
+        auto const off = static_cast<std::uint32_t>(16 * r + 8 * h);
+        auto const* const cp = static_cast<unsigned char const*>(
+            row_address(lean_codes, off, static_cast<std::uint32_t>(half_k)));
+        if constexpr (StreamCodes)
+          ldg_pred_once(st.q[r][h], cp, in);
+        else
+          ldg_pred(st.q[r][h], cp, in);
+        void const* const sp = row_address(lean_scales, off, row_blocks * 4u);
+        if constexpr (Block64)
+          ldg_pred(st.s[r][h], sp, in);
+        else
+          ldg_pred(st.s[r][h], static_cast<float const*>(sp), in && sin);
+      } else {
         unsigned char const* const cp =
             a.codes + static_cast<std::size_t>(row) * half_k + std::size_t{32} * chunk + 8 * P * t;
         if constexpr (StreamCodes)
@@ -4067,7 +4059,7 @@ bool launch_gemvm_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     constexpr auto kernel = &gemvm_stream_kernel < Code, T, Nested, MT, R, W, Shape.pdl,
                    Shape.pdl ? Shape.prefetch_lines : 0, Shape.group_scales, Shape.pair,
                    Shape.x_once, Shape.stream_codes, Shape.full_rounds, Shape.keep_x, Shape.x_slots,
-                   Shape.lean, Shape.block64 && !Nested, Shape.full_loads && !Nested > ;
+                   Shape.lean, Shape.block64 && !Nested > ;
     p.col_groups = std::min(static_cast<unsigned>(W), p.chunks / (Shape.pair ? 2u : 1u));
     unsigned const extra = gemv1_stream_extra_bytes(Nested);
     if constexpr (Shape.x_once) {
@@ -4142,7 +4134,8 @@ void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
 
 //! Batches 2 to 16 on weights where a block owns at least 4 tiles: with plain scales, at batches
 //! 9-16 where a block owns more than 4 tiles the steps-outer shape (gemv_batch16_stream_two_steps
-//! up to 8 tiles, gemv_batch16_stream_long beyond),
+//! up to 8 tiles, gemv_batch16_stream_long_b64 beyond for blocks of 64, gemv_batch16_stream_long
+//! for the others),
 //! else the pair shape; the unpaired one with nested scales or where those decline the weight.
 //! False when none takes it.
 template <class Code, class T, bool Nested>
@@ -4155,6 +4148,10 @@ bool launch_gemvm_long(exec::cuda const& e, gemv_args<T> const& a) {
     std::size_t const step = static_cast<std::size_t>(gemv_batch16_stream_long.tiles16);
     if (a.m > 8 && per_block > step && per_block <= 2 * step &&
         launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_two_steps>(e, a))
+      return true;
+    // blocks of 64 with 8-byte aligned scales first (the block64 shape declines the others)
+    if (a.m > 8 && per_block > 2 * step &&
+        launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_long_b64>(e, a))
       return true;
     if (a.m > 8 && per_block > step &&
         launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_long>(e, a))
