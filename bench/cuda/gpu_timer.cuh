@@ -36,10 +36,14 @@
 #include <cuda/atomic>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <utility>
+#include <vector>
 
 namespace qmem::bench {
 
@@ -197,6 +201,41 @@ inline std::pair<double, bool> gpu_timer::probe_launch_queue(int n) {
   cuda_detail::check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
   cuda_detail::check(cudaGetLastError(), "qmem::bench::detail::empty_kernel");
   return {ms, std::atomic_ref<int>(flags_[1]).load() != 0};
+}
+
+//! The samples of one benchmark row, each sorted ascending: the GPU-only times (blocked_ms) and
+//! the host-inclusive times of the same work (host_inclusive_ms), in milliseconds.
+struct row_samples {
+  std::vector<float> gpu;
+  std::vector<float> host_incl;
+};
+
+//! Runs a Google Benchmark row's loop (`state` is a benchmark::State; any type with its range-for
+//! and SetIterationTime) over `f`: each iteration times `f` once GPU-only, which is the
+//! iteration's time, and once host-inclusive, in alternating order so that neither always runs
+//! first. Returns the sorted samples, or nothing when the blocking kernel timed out (`f` waited on
+//! the stream): the caller skips the row with that message (`error`).
+template <class State, class F>
+std::optional<row_samples> time_row(State& state, gpu_timer& timer, F&& f, std::string& error) {
+  row_samples r;
+  try {
+    for (auto _ : state) {
+      bool const incl_first = r.gpu.size() % 2 == 1;
+      if (incl_first)
+        r.host_incl.push_back(timer.host_inclusive_ms(f));
+      float const ms = timer.blocked_ms(f);
+      if (!incl_first)
+        r.host_incl.push_back(timer.host_inclusive_ms(f));
+      r.gpu.push_back(ms);
+      state.SetIterationTime(static_cast<double>(ms) * 1e-3);
+    }
+  } catch (timer_timeout const& e) {
+    error = e.what();
+    return std::nullopt;
+  }
+  std::sort(r.gpu.begin(), r.gpu.end());
+  std::sort(r.host_incl.begin(), r.host_incl.end());
+  return r;
 }
 
 } // namespace qmem::bench

@@ -67,28 +67,15 @@ void time_steps(benchmark::State& state, cudaStream_t stream, Step&& step, doubl
     step();
   check(cudaStreamSynchronize(stream), "sync");
   qmem::bench::gpu_timer timer(stream);
-  std::vector<float> times;
-  std::vector<float> host_incl;
-  try {
-    for (auto _ : state) {
-      bool const incl_first = times.size() % 2 == 1;
-      if (incl_first)
-        host_incl.push_back(timer.host_inclusive_ms(step));
-      float const ms = timer.blocked_ms(step);
-      if (!incl_first)
-        host_incl.push_back(timer.host_inclusive_ms(step));
-      times.push_back(ms);
-      state.SetIterationTime(static_cast<double>(ms) / 1e3);
-    }
-  } catch (qmem::bench::timer_timeout const& e) {
-    state.SkipWithError(e.what());
+  std::string error;
+  auto const r = qmem::bench::time_row(state, timer, step, error);
+  if (!r) {
+    state.SkipWithError(error.c_str());
     return;
   }
-  std::sort(times.begin(), times.end());
-  std::sort(host_incl.begin(), host_incl.end());
-  if (!times.empty()) {
-    state.counters["median_ms"] = times[times.size() / 2];
-    state.counters["host_incl_ms"] = host_incl[host_incl.size() / 2];
+  if (!r->gpu.empty()) {
+    state.counters["median_ms"] = r->gpu[r->gpu.size() / 2];
+    state.counters["host_incl_ms"] = r->host_incl[r->host_incl.size() / 2];
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes) * state.iterations());
   state.counters["bytes_per_step"] = bytes;

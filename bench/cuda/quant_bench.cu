@@ -124,30 +124,17 @@ void run(benchmark::State& state, double bytes, F&& f) {
   for (int i = 0; i < 3; ++i) // warm-up: first launch, pool growth, table uploads, clocks
     f();
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  std::vector<float> times;
-  std::vector<float> host_incl;
-  try {
-    for (auto _ : state) {
-      bool const incl_first = times.size() % 2 == 1;
-      if (incl_first)
-        host_incl.push_back(g->timer->host_inclusive_ms(f));
-      float const ms = time_ms(f);
-      if (!incl_first)
-        host_incl.push_back(g->timer->host_inclusive_ms(f));
-      times.push_back(ms);
-      state.SetIterationTime(ms * 1e-3);
-    }
-  } catch (qmem::bench::timer_timeout const& e) {
-    state.SkipWithError(e.what());
+  std::string error;
+  auto const r = qmem::bench::time_row(state, *g->timer, f, error);
+  if (!r) {
+    state.SkipWithError(error.c_str());
     return;
   }
-  std::sort(times.begin(), times.end());
-  std::sort(host_incl.begin(), host_incl.end());
-  if (!times.empty()) {
-    state.counters["min_ms"] = times.front();
-    state.counters["median_ms"] = times[times.size() / 2];
-    state.counters["host_incl_min_ms"] = host_incl.front();
-    state.counters["host_incl_ms"] = host_incl[host_incl.size() / 2];
+  if (!r->gpu.empty()) {
+    state.counters["min_ms"] = r->gpu.front();
+    state.counters["median_ms"] = r->gpu[r->gpu.size() / 2];
+    state.counters["host_incl_min_ms"] = r->host_incl.front();
+    state.counters["host_incl_ms"] = r->host_incl[r->host_incl.size() / 2];
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * bytes));
   state.counters["GBps"] =
