@@ -435,3 +435,41 @@ TEST_CASE("safetensors: add_all adds every tensor or none") {
   CHECK(w.contains("a"));
   CHECK(w.contains("b"));
 }
+
+// Many tensors: the writer's name index (add and contains stay O(log n)) agrees with the items
+// through adds, refused adds and a refused add_all, and the file lists every name once.
+TEST_CASE("safetensors: the writer's name index over thousands of tensors") {
+  std::vector<float> const v(1, 2.f);
+  auto const b = std::as_bytes(std::span(v));
+  using item = std::pair<qmem::io::tensor_spec, std::span<std::byte const>>;
+  constexpr int n = 4000;
+  qmem::io::safetensors_writer w;
+  for (int i = 0; i < n; ++i)
+    w.add("layer." + std::to_string(i) + ".weight", dtype::f32, {1}, b);
+  CHECK(w.size() == n);
+  CHECK(w.contains("layer.0.weight"));
+  CHECK(w.contains("layer.3999.weight"));
+  CHECK(!w.contains("layer.4000.weight"));
+  CHECK_THROWS_WITH_AS(w.add("layer.1234.weight", dtype::f32, {1}, b),
+                       doctest::Contains("'layer.1234.weight' was already added"),
+                       qmem::bad_argument);
+  std::vector<item> more;
+  for (int i = 0; i < n; ++i)
+    more.push_back({{"layer." + std::to_string(i) + ".bias", dtype::f32, {1}}, b});
+  more.push_back({{"layer.17.bias", dtype::f32, {1}}, b});
+  CHECK_THROWS_WITH_AS(w.add_all(more), doctest::Contains("'layer.17.bias' appears twice"),
+                       qmem::bad_argument);
+  CHECK(w.size() == n);
+  CHECK(!w.contains("layer.0.bias"));
+  more.pop_back();
+  w.add_all(more);
+  CHECK(w.size() == 2 * n);
+  CHECK(w.contains("layer.17.bias"));
+  auto const path = std::filesystem::temp_directory_path() / "qmem_many_names.safetensors";
+  w.save(path);
+  {
+    safetensors_reader const r(path);
+    CHECK(r.tensors().size() == 2 * n);
+  }
+  std::filesystem::remove(path);
+}

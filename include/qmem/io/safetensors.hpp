@@ -636,6 +636,7 @@ class safetensors_writer {
     std::vector<std::byte> bytes;
   };
   std::vector<item> items_;
+  std::set<std::string, std::less<>> names_; //!< the names of items_, so add stays O(log n)
   metadata_map metadata_;
 
 public:
@@ -656,8 +657,14 @@ public:
   void add(std::string name, dtype type, std::vector<std::int64_t> shape,
            std::span<std::byte const> bytes) {
     check_new(name, type, shape, bytes.size());
-    items_.push_back(item{tensor_spec{std::move(name), type, std::move(shape)},
-                          std::vector<std::byte>(bytes.begin(), bytes.end())});
+    auto const slot = names_.insert(name).first;
+    try {
+      items_.push_back(item{tensor_spec{std::move(name), type, std::move(shape)},
+                            std::vector<std::byte>(bytes.begin(), bytes.end())});
+    } catch (...) {
+      names_.erase(slot);
+      throw;
+    }
   }
 
   //! Adds a copy of every tensor of `tensors`, or none: each must meet add's preconditions, and
@@ -668,9 +675,13 @@ public:
     std::size_t const before = items_.size();
     items_.reserve(before + tensors.size());
     try {
-      for (auto const& [spec, bytes] : tensors)
+      for (auto const& [spec, bytes] : tensors) {
+        names_.insert(spec.name);
         items_.push_back(item{spec, std::vector<std::byte>(bytes.begin(), bytes.end())});
+      }
     } catch (...) {
+      for (auto const& t : tensors) // none of them was there before (check_new_all)
+        names_.erase(t.first.name);
       items_.erase(items_.begin() + static_cast<std::ptrdiff_t>(before), items_.end());
       throw;
     }
@@ -679,18 +690,17 @@ public:
   //! Throws bad_argument unless add_all(tensors) would add them all; changes nothing.
   void
   check_new_all(std::span<std::pair<tensor_spec, std::span<std::byte const>> const> tensors) const {
-    for (std::size_t i = 0; i < tensors.size(); ++i) {
-      auto const& spec = tensors[i].first;
-      check_new(spec.name, spec.type, spec.shape, tensors[i].second.size());
-      for (std::size_t j = 0; j < i; ++j)
-        QMEM_EXPECTS(tensors[j].first.name != spec.name, "tensor name '", spec.name,
-                     "' appears twice among the tensors to add");
+    std::set<std::string_view> seen;
+    for (auto const& [spec, bytes] : tensors) {
+      check_new(spec.name, spec.type, spec.shape, bytes.size());
+      QMEM_EXPECTS(seen.insert(spec.name).second, "tensor name '", spec.name,
+                   "' appears twice among the tensors to add");
     }
   }
 
   //! True when a tensor named `name` was added.
   [[nodiscard]] bool contains(std::string_view name) const noexcept {
-    return std::ranges::any_of(items_, [&](item const& it) { return it.spec.name == name; });
+    return names_.contains(name);
   }
 
   //! Adds a copy of typed values with the given shape (numel must equal values.size()).
