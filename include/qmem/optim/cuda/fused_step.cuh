@@ -135,6 +135,38 @@ __device__ QMEM_INLINE void store_stream(void* ptr, T const (&in)[N]) {
     __stcs(static_cast<V*>(ptr) + k, v[k]);
 }
 
+//! Which loads the fp32-state kernels (every state fp32, fp32 parameters and gradients) use for
+//! their four streams: 0, load_stream's `ld.global.cs`; 1, `ld.global.L1::no_allocate` for the
+//! parameters and states and `ld.global.nc.L1::no_allocate` for the gradients (read-only).
+//! Overridable for tuning runs.
+#ifndef QMEM_OPTIM_FUSED_FP32_LOADS
+#define QMEM_OPTIM_FUSED_FP32_LOADS 0
+#endif
+
+//! Loads N floats (N x 4 a multiple of 16, 16-byte aligned) as QMEM_OPTIM_FUSED_FP32_LOADS says;
+//! `read_only`: nothing writes them during the kernel.
+template <bool ReadOnly, int N>
+__device__ QMEM_INLINE void load_fp32_stream(float const* ptr, float (&out)[N]) {
+  if constexpr (QMEM_OPTIM_FUSED_FP32_LOADS == 0) {
+    load_stream(ptr, out);
+  } else {
+    static_assert(N % 4 == 0);
+    QMEM_UNROLL
+    for (int k = 0; k < N / 4; ++k) {
+      if constexpr (ReadOnly)
+        asm volatile("ld.global.nc.L1::no_allocate.v4.f32 {%0, %1, %2, %3}, [%4];"
+                     : "=f"(out[4 * k]), "=f"(out[4 * k + 1]), "=f"(out[4 * k + 2]),
+                       "=f"(out[4 * k + 3])
+                     : "l"(ptr + 4 * k));
+      else
+        asm volatile("ld.global.L1::no_allocate.v4.f32 {%0, %1, %2, %3}, [%4];"
+                     : "=f"(out[4 * k]), "=f"(out[4 * k + 1]), "=f"(out[4 * k + 2]),
+                       "=f"(out[4 * k + 3])
+                     : "l"(ptr + 4 * k));
+    }
+  }
+}
+
 } // namespace detail
 
 //! The 4-bit decode by table address, the finite-gradient test by max.NaN, code offsets by
@@ -669,6 +701,9 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
   auto* const param = static_cast<P*>(entry->param);
   auto const* const grad = static_cast<G const*>(entry->grad);
   float* const master = uses_master<P> ? entry->master : nullptr;
+  // every stream fp32, no master weights (QMEM_OPTIM_FUSED_FP32_LOADS)
+  constexpr bool fp32_kernel =
+      traits::fp32_states && std::same_as<P, float> && std::same_as<G, float> && !uses_master<P>;
 
   float p[E];
   float g[E];
@@ -684,17 +719,22 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
       for (int i = 0; i < E; ++i)
         valid[i] = true;
     } else if (vector_path) {
-      if constexpr (std::same_as<P, float>) {
-        // fp32 parameters: one load from whichever array holds them (both hold the same values
-        // when there are master weights), not two predicated loads merged by 8 selects
-        load_stream(master != nullptr ? master + first : param + first, p);
+      if constexpr (fp32_kernel) {
+        load_fp32_stream<false>(param + first, p);
+        load_fp32_stream<true>(grad + first, g_raw);
       } else {
-        if (master == nullptr)
-          load_stream(param + first, p_raw);
-        if (master != nullptr)
-          load_stream(master + first, p);
+        if constexpr (std::same_as<P, float>) {
+          // fp32 parameters: one load from whichever array holds them (both hold the same values
+          // when there are master weights), not two predicated loads merged by 8 selects
+          load_stream(master != nullptr ? master + first : param + first, p);
+        } else {
+          if (master == nullptr)
+            load_stream(param + first, p_raw);
+          if (master != nullptr)
+            load_stream(master + first, p);
+        }
+        load_stream(grad + first, g_raw);
       }
-      load_stream(grad + first, g_raw);
       QMEM_UNROLL
       for (int i = 0; i < E; ++i)
         valid[i] = true;
@@ -805,7 +845,10 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
       if constexpr (Preloaded) {
         std::memcpy(raw, pre->state[J.value], sizeof(raw));
       } else if (vector_path) {
-        load_stream(st + first, raw);
+        if constexpr (fp32_kernel)
+          load_fp32_stream<false>(st + first, raw);
+        else
+          load_stream(st + first, raw);
       } else if constexpr (!Full) {
         QMEM_UNROLL
         for (int i = 0; i < E; ++i)
@@ -1230,6 +1273,19 @@ inline constexpr unsigned fused_contiguous_below = QMEM_OPTIM_FUSED_CONTIGUOUS_B
 #endif
 inline constexpr bool fused_entry_in_registers = QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS != 0;
 
+//! Whether multi_tensor_step launches the fp32-state kernels with fp32 parameters with one warp
+//! per task (1, one pass) instead of the resident grid that strides over the tasks (0).
+//! Overridable for tuning runs.
+#ifndef QMEM_OPTIM_FUSED_FP32_ONE_PASS
+#define QMEM_OPTIM_FUSED_FP32_ONE_PASS 0
+#endif
+
+//! Whether the fp32-state kernels (every state fp32, fp32 parameters) copy each tensor's entry
+//! into registers as the pipelined two-state kernels do: 0. Overridable for tuning runs.
+#ifndef QMEM_OPTIM_FUSED_FP32_ENTRY_COPY
+#define QMEM_OPTIM_FUSED_FP32_ENTRY_COPY 0
+#endif
+
 //! The largest tensor (elements) that the pipelined loop runs: 2^32. The loop indexes elements,
 //! codes and absmax blocks with 32-bit tensor-relative indices (every element index t x 256 +
 //! 8 lane of such a tensor fits), so that an address is one IMAD.WIDE.U32 from the tensor's 64-bit
@@ -1365,7 +1421,8 @@ __global__ void __launch_bounds__(fused_block_threads,
     // reloaded from global memory per task (the stores between could alias them)
     // (fp32 parameters and two-state pipelined kernels only: see fused_entry_in_registers)
     constexpr bool copy_entry = fused_entry_in_registers && std::same_as<P, float> &&
-                                detail::pipelined<Rule, Policy> && Rule::state_count >= 2;
+                                ((detail::pipelined<Rule, Policy> && Rule::state_count >= 2) ||
+                                 (QMEM_OPTIM_FUSED_FP32_ENTRY_COPY != 0 && traits::fp32_states));
     [[maybe_unused]] tensor_entry entry_copy;
     if constexpr (copy_entry)
       entry_copy = args.tensors[owner];

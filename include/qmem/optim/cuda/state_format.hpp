@@ -632,6 +632,16 @@ struct format_codec<F, true> {
 #endif
 inline constexpr std::size_t fused_min_per_lane = QMEM_OPTIM_FUSED_MIN_PER_LANE;
 
+//! Elements per warp task of the fused kernel when every state is fp32 (no blockwise state fixes
+//! it): 256 (8 per lane, two 16-byte loads per lane and stream). A power of two from 256 to 1024.
+//! Overridable for tuning runs.
+#ifndef QMEM_OPTIM_FUSED_FP32_TASK_ELEMENTS
+#define QMEM_OPTIM_FUSED_FP32_TASK_ELEMENTS 256
+#endif
+inline constexpr std::size_t fused_fp32_task_elements = QMEM_OPTIM_FUSED_FP32_TASK_ELEMENTS;
+static_assert(fused_fp32_task_elements == 256 || fused_fp32_task_elements == 512 ||
+              fused_fp32_task_elements == 1024);
+
 //! What the kernels derive from a rule and a state policy: each state's format, the warp-task
 //! size (the common block of the blockwise formats, 256 when there is none), and the codecs of
 //! the two signs, copied into shared memory by each block.
@@ -642,6 +652,16 @@ struct kernel_traits {
   using format = typename Policy::template format<Rule::state_signs[static_cast<std::size_t>(J)]>;
   using signed_format = typename Policy::template format<state_sign::any>;
   using unsigned_format = typename Policy::template format<state_sign::non_negative>;
+
+  //! Whether every state is fp32 (a rule without states counts as such).
+  static constexpr bool fp32_states = [] {
+    bool all = true;
+    [&]<int... J>(std::integer_sequence<int, J...>) {
+      ((all = all && std::is_same_v<format<J>, fp32_format>), ...);
+    }
+    (std::make_integer_sequence<int, state_count>{});
+    return all;
+  }();
 
   static constexpr std::size_t block = [] {
     std::size_t b = 0;
@@ -657,7 +677,7 @@ struct kernel_traits {
           ...);
     }
     (std::make_integer_sequence<int, state_count>{});
-    return !same ? 0 : (b == 0 ? 256 : b);
+    return !same ? 0 : (b == 0 ? (fp32_states ? fused_fp32_task_elements : 256) : b);
   }();
   static_assert(block != 0, "the fused CUDA step needs every blockwise state of a rule to use the "
                             "same block size: choose a policy whose formats share one");
