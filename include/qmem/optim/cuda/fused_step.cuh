@@ -123,6 +123,10 @@ __device__ QMEM_INLINE void load_stream(void const* ptr, T (&out)[N]) {
 //! 1.945-1.947, paged 1.886-1.896 / 1.932-1.942, AdamW 4-bit 0.997-1.008 / 0.994-0.998, 64 tensors
 //! 1.140-1.152 / 1.132-1.138, 8-bit 1.118-1.125 / 1.118-1.121, Lion 8-bit 0.944-0.950 /
 //! 0.948-0.952 (docs/benchmarks.md, "optim5").
+//! Also slower on AdamW 32-bit: its loads as `ld.global.L1::no_allocate` (gradients
+//! `ld.global.nc.L1::no_allocate`) instead of `.cs`, H200, 2^28 parameters, 2026-11-30 22:10 UTC,
+//! three interleaved rounds, ms, median, .cs / no_allocate: 1.8928 / 1.9223 (+1.6%), paged
+//! 1.8765 / 1.8964, 64 tensors 1.9037 / 1.9120 (docs/benchmarks.md, "opt7").
 template <class T, int N>
 __device__ QMEM_INLINE void store_stream(void* ptr, T const (&in)[N]) {
   constexpr int bytes = N * static_cast<int>(sizeof(T));
@@ -133,38 +137,6 @@ __device__ QMEM_INLINE void store_stream(void* ptr, T const (&in)[N]) {
   QMEM_UNROLL
   for (int k = 0; k < bytes / chunk; ++k)
     __stcs(static_cast<V*>(ptr) + k, v[k]);
-}
-
-//! Which loads the fp32-state kernels (every state fp32, fp32 parameters and gradients) use for
-//! their four streams: 0, load_stream's `ld.global.cs`; 1, `ld.global.L1::no_allocate` for the
-//! parameters and states and `ld.global.nc.L1::no_allocate` for the gradients (read-only).
-//! Overridable for tuning runs.
-#ifndef QMEM_OPTIM_FUSED_FP32_LOADS
-#define QMEM_OPTIM_FUSED_FP32_LOADS 0
-#endif
-
-//! Loads N floats (N x 4 a multiple of 16, 16-byte aligned) as QMEM_OPTIM_FUSED_FP32_LOADS says;
-//! `read_only`: nothing writes them during the kernel.
-template <bool ReadOnly, int N>
-__device__ QMEM_INLINE void load_fp32_stream(float const* ptr, float (&out)[N]) {
-  if constexpr (QMEM_OPTIM_FUSED_FP32_LOADS == 0) {
-    load_stream(ptr, out);
-  } else {
-    static_assert(N % 4 == 0);
-    QMEM_UNROLL
-    for (int k = 0; k < N / 4; ++k) {
-      if constexpr (ReadOnly)
-        asm volatile("ld.global.nc.L1::no_allocate.v4.f32 {%0, %1, %2, %3}, [%4];"
-                     : "=f"(out[4 * k]), "=f"(out[4 * k + 1]), "=f"(out[4 * k + 2]),
-                       "=f"(out[4 * k + 3])
-                     : "l"(ptr + 4 * k));
-      else
-        asm volatile("ld.global.L1::no_allocate.v4.f32 {%0, %1, %2, %3}, [%4];"
-                     : "=f"(out[4 * k]), "=f"(out[4 * k + 1]), "=f"(out[4 * k + 2]),
-                       "=f"(out[4 * k + 3])
-                     : "l"(ptr + 4 * k));
-    }
-  }
 }
 
 } // namespace detail
@@ -701,9 +673,6 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
   auto* const param = static_cast<P*>(entry->param);
   auto const* const grad = static_cast<G const*>(entry->grad);
   float* const master = uses_master<P> ? entry->master : nullptr;
-  // every stream fp32, no master weights (QMEM_OPTIM_FUSED_FP32_LOADS)
-  constexpr bool fp32_kernel =
-      traits::fp32_states && std::same_as<P, float> && std::same_as<G, float> && !uses_master<P>;
 
   float p[E];
   float g[E];
@@ -719,22 +688,17 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
       for (int i = 0; i < E; ++i)
         valid[i] = true;
     } else if (vector_path) {
-      if constexpr (fp32_kernel) {
-        load_fp32_stream<false>(param + first, p);
-        load_fp32_stream<true>(grad + first, g_raw);
+      if constexpr (std::same_as<P, float>) {
+        // fp32 parameters: one load from whichever array holds them (both hold the same values
+        // when there are master weights), not two predicated loads merged by 8 selects
+        load_stream(master != nullptr ? master + first : param + first, p);
       } else {
-        if constexpr (std::same_as<P, float>) {
-          // fp32 parameters: one load from whichever array holds them (both hold the same values
-          // when there are master weights), not two predicated loads merged by 8 selects
-          load_stream(master != nullptr ? master + first : param + first, p);
-        } else {
-          if (master == nullptr)
-            load_stream(param + first, p_raw);
-          if (master != nullptr)
-            load_stream(master + first, p);
-        }
-        load_stream(grad + first, g_raw);
+        if (master == nullptr)
+          load_stream(param + first, p_raw);
+        if (master != nullptr)
+          load_stream(master + first, p);
       }
+      load_stream(grad + first, g_raw);
       QMEM_UNROLL
       for (int i = 0; i < E; ++i)
         valid[i] = true;
@@ -845,10 +809,7 @@ fused_task(tensor_entry const* entry, Index task, typename Rule::scalars const& 
       if constexpr (Preloaded) {
         std::memcpy(raw, pre->state[J.value], sizeof(raw));
       } else if (vector_path) {
-        if constexpr (fp32_kernel)
-          load_fp32_stream<false>(st + first, raw);
-        else
-          load_stream(st + first, raw);
+        load_stream(st + first, raw);
       } else if constexpr (!Full) {
         QMEM_UNROLL
         for (int i = 0; i < E; ++i)
@@ -1268,22 +1229,27 @@ inline constexpr unsigned fused_contiguous_below = QMEM_OPTIM_FUSED_CONTIGUOUS_B
 //! 1.213-1.223 -> 1.185-1.186; the one-state rules (three tasks in registers) were slower with it
 //! (Lion 8-bit 1.000 -> 1.014-1.015, SGD 8-bit 1.000 -> 1.012-1.014, Lion 4-bit 0.987-0.994 ->
 //! 1.002-1.003), so they keep reading the entry; the bf16-parameter kernel spilled 128 bytes.
+//! So do the fp32-state kernels: with the copy (ptxas sm_90a: 94 -> 102 registers, LDG.E.64 in
+//! the kernel 59 -> 16) AdamW 32-bit was slower, H200, 2^28 parameters, 2026-11-30 22:10 UTC,
+//! three interleaved rounds, ms, median, without / with: 1.8928 / 1.9152 (+1.2%), paged 1.8765 /
+//! 1.9006, 64 tensors 1.9037 / 1.9168 (docs/benchmarks.md, "opt7").
 #ifndef QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS
 #define QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS 1
 #endif
 inline constexpr bool fused_entry_in_registers = QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS != 0;
 
-//! Whether multi_tensor_step launches the fp32-state kernels with fp32 parameters with one warp
-//! per task (1, one pass) instead of the resident grid that strides over the tasks (0).
-//! Overridable for tuning runs.
+//! Whether multi_tensor_step launches the fused kernel of a group of one tensor, fp32 parameters
+//! and gradients and two fp32 states (AdamW 32-bit) with one warp per task (one pass: as many
+//! blocks as the tasks need, each warp one task) instead of the resident grid that strides over
+//! the tasks: 1. H200, 2^28 parameters, 2026-11-30 22:10 UTC, the same kernel, ms, median, grid
+//! stride / one pass: AdamW 32-bit 1.8928 / 1.7993 (-4.9%; three interleaved rounds, one process
+//! each: 1.8920-1.8940 / 1.7967-1.8013, 97.7% of the same process's copy); one process each:
+//! paged 1.8765 / 1.8361 (-2.2%), but 64 tensors of 4 Mi 1.9037 / 2.0057 (+5.4%; not profiled:
+//! each warp then runs find_tensor's binary searches over the table for a single task), so
+//! groups of several tensors keep the grid stride. Other rules with fp32 states (Lion, SGD) keep
+//! it too: not timed. Overridable for tuning runs (0: always the resident grid).
 #ifndef QMEM_OPTIM_FUSED_FP32_ONE_PASS
-#define QMEM_OPTIM_FUSED_FP32_ONE_PASS 0
-#endif
-
-//! Whether the fp32-state kernels (every state fp32, fp32 parameters) copy each tensor's entry
-//! into registers as the pipelined two-state kernels do: 0. Overridable for tuning runs.
-#ifndef QMEM_OPTIM_FUSED_FP32_ENTRY_COPY
-#define QMEM_OPTIM_FUSED_FP32_ENTRY_COPY 0
+#define QMEM_OPTIM_FUSED_FP32_ONE_PASS 1
 #endif
 
 //! The largest tensor (elements) that the pipelined loop runs: 2^32. The loop indexes elements,
@@ -1421,8 +1387,7 @@ __global__ void __launch_bounds__(fused_block_threads,
     // reloaded from global memory per task (the stores between could alias them)
     // (fp32 parameters and two-state pipelined kernels only: see fused_entry_in_registers)
     constexpr bool copy_entry = fused_entry_in_registers && std::same_as<P, float> &&
-                                ((detail::pipelined<Rule, Policy> && Rule::state_count >= 2) ||
-                                 (QMEM_OPTIM_FUSED_FP32_ENTRY_COPY != 0 && traits::fp32_states));
+                                detail::pipelined<Rule, Policy> && Rule::state_count >= 2;
     [[maybe_unused]] tensor_entry entry_copy;
     if constexpr (copy_entry)
       entry_copy = args.tensors[owner];

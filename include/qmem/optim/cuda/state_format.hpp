@@ -632,16 +632,6 @@ struct format_codec<F, true> {
 #endif
 inline constexpr std::size_t fused_min_per_lane = QMEM_OPTIM_FUSED_MIN_PER_LANE;
 
-//! Elements per warp task of the fused kernel when every state is fp32 (no blockwise state fixes
-//! it): 256 (8 per lane, two 16-byte loads per lane and stream). A power of two from 256 to 1024.
-//! Overridable for tuning runs.
-#ifndef QMEM_OPTIM_FUSED_FP32_TASK_ELEMENTS
-#define QMEM_OPTIM_FUSED_FP32_TASK_ELEMENTS 256
-#endif
-inline constexpr std::size_t fused_fp32_task_elements = QMEM_OPTIM_FUSED_FP32_TASK_ELEMENTS;
-static_assert(fused_fp32_task_elements == 256 || fused_fp32_task_elements == 512 ||
-              fused_fp32_task_elements == 1024);
-
 //! What the kernels derive from a rule and a state policy: each state's format, the warp-task
 //! size (the common block of the blockwise formats, 256 when there is none), and the codecs of
 //! the two signs, copied into shared memory by each block.
@@ -677,7 +667,7 @@ struct kernel_traits {
           ...);
     }
     (std::make_integer_sequence<int, state_count>{});
-    return !same ? 0 : (b == 0 ? (fp32_states ? fused_fp32_task_elements : 256) : b);
+    return !same ? 0 : (b == 0 ? 256 : b);
   }();
   static_assert(block != 0, "the fused CUDA step needs every blockwise state of a rule to use the "
                             "same block size: choose a policy whose formats share one");
@@ -686,7 +676,12 @@ struct kernel_traits {
                 "the fused CUDA step gives each block a power-of-two group of lanes of a warp: "
                 "the block size must be a power of two from 16 to 1024");
   //! Elements per lane: block/32, at least fused_min_per_lane (and at most half a block, at
-  //! least 2, so that 4-bit codes fill whole bytes).
+  //! least 2, so that 4-bit codes fill whole bytes). For fp32 states (no block) 8: 16 or 32
+  //! per lane (tasks of 512 or 1024 elements) were far slower on the AdamW 32-bit step, H200,
+  //! 2^28 parameters, 2026-11-30 22:10 UTC, three interleaved rounds, ms, median: 8 per lane
+  //! 1.8928, 16 (128 registers, 2 blocks per SM) 2.5364 (+34%), 32 (248 registers, 1 block)
+  //! 3.6316 (+92%) (docs/benchmarks.md, "opt7"; not profiled: a lane's 16-byte loads then
+  //! reach each 128-byte line's sectors over four or eight instructions instead of two).
   static constexpr int per_lane = static_cast<int>(
       block / 32 >= fused_min_per_lane ? block / 32
                                        : std::min<std::size_t>(fused_min_per_lane, block / 2));
