@@ -1238,16 +1238,17 @@ inline constexpr unsigned fused_contiguous_below = QMEM_OPTIM_FUSED_CONTIGUOUS_B
 #endif
 inline constexpr bool fused_entry_in_registers = QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS != 0;
 
-//! Whether multi_tensor_step launches the fused kernel of a group of one tensor, fp32 parameters
-//! and gradients and two fp32 states (AdamW 32-bit) with one warp per task (one pass: as many
-//! blocks as the tasks need, each warp one task) instead of the resident grid that strides over
-//! the tasks: 1. H200, 2^28 parameters, 2026-11-30 22:10 UTC, the same kernel, ms, median, grid
-//! stride / one pass: AdamW 32-bit 1.8928 / 1.7993 (-4.9%; three interleaved rounds, one process
-//! each: 1.8920-1.8940 / 1.7967-1.8013, 97.7% of the same process's copy); one process each:
-//! paged 1.8765 / 1.8361 (-2.2%), but 64 tensors of 4 Mi 1.9037 / 2.0057 (+5.4%; not profiled:
-//! each warp then runs find_tensor's binary searches over the table for a single task), so
-//! groups of several tensors keep the grid stride. Other rules with fp32 states (Lion, SGD) keep
-//! it too: not timed. Overridable for tuning runs (0: always the resident grid).
+//! Whether multi_tensor_step launches the fused kernel of a group of one tensor with fp32
+//! parameters, gradients and states, stepped by Adam or AdamW (AdamW 32-bit), with one warp per
+//! task (one pass: as many blocks as the tasks need, each warp one task) instead of the resident
+//! grid that strides over the tasks: 1. H200, 2^28 parameters, 2026-11-30 22:10 UTC, the same
+//! kernel, ms, median, grid stride / one pass: AdamW 32-bit 1.8928 / 1.7993 (-4.9%; three
+//! interleaved rounds, one process each: 1.8920-1.8940 / 1.7967-1.8013, 97.7% of the same process's
+//! copy); one process each: paged 1.8765 / 1.8361 (-2.2%), but 64 tensors of 4 Mi 1.9037 / 2.0057
+//! (+5.4%; not profiled: each warp then runs find_tensor's binary searches over the table for a
+//! single task), so groups of several tensors keep the grid stride. The other rules with fp32
+//! states (Lion, SGD, LAMB, ...) keep it too: not timed. Overridable for tuning runs (0: always the
+//! resident grid).
 #ifndef QMEM_OPTIM_FUSED_FP32_ONE_PASS
 #define QMEM_OPTIM_FUSED_FP32_ONE_PASS 1
 #endif

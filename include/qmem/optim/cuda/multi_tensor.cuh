@@ -693,10 +693,11 @@ public:
     constexpr std::uint64_t block_warps = fused_block_threads / 32;
     std::uint64_t const blocks_needed = (task_end - task_begin + block_warps - 1) / block_warps;
     // QMEM_OPTIM_FUSED_FP32_ONE_PASS: a group of one tensor with fp32 parameters, gradients and
-    // two fp32 states (AdamW 32-bit) launches a warp per task (one pass) instead of the resident
-    // grid (grid stride)
+    // states stepped by Adam or AdamW (AdamW 32-bit) launches a warp per task (one pass) instead
+    // of the resident grid (grid stride)
+    constexpr bool adam_family = std::same_as<Rule, adamw> || std::same_as<Rule, adam>;
     constexpr bool one_pass_kernel = QMEM_OPTIM_FUSED_FP32_ONE_PASS != 0 && traits::fp32_states &&
-                                     Rule::state_count == 2 && std::same_as<P, float> &&
+                                     adam_family && std::same_as<P, float> &&
                                      std::same_as<G, float>;
     bool const one_pass = one_pass_kernel && entry_count_ == 1;
     std::uint64_t const grid_limit =
