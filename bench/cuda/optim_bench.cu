@@ -252,6 +252,14 @@ int main(int argc, char** argv) {
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond)
       ->Iterations(20);
+// QMEM_BENCH_FP32_ONLY: the copy and the AdamW 32-bit rows alone (a tuning build of the
+// fp32-state kernel)
+#ifdef QMEM_BENCH_FP32_ONLY
+  add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params", oq::adamw{});
+  add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/paged_fits", oq::adamw{}, 1,
+                                        placement::paged);
+  add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/64_tensors", oq::adamw{}, 64);
+#else
   // issue 4's goals
   add<oq::adamw, oq::int8_state, float>("adamw/int8/fp32_params", oq::adamw{});
   add<oq::adamw, oq::int8_state, bf16>("adamw/int8/bf16_params", oq::adamw{});
@@ -263,6 +271,7 @@ int main(int argc, char** argv) {
                                         placement::paged);
   add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/paged_fits", oq::adamw{}, 1,
                                         placement::paged);
+  add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/64_tensors", oq::adamw{}, 64);
   add<oq::adamw, oq::int8_state, float>("adamw/int8/fp32_params/skip_step_norm_pass", oq::adamw{},
                                         1, placement::device, oq::nonfinite_policy::skip_step);
 // QMEM_BENCH_GOALS_ONLY: the goal rows alone (a tuning build: 2.5 instead of 7 minutes of nvcc)
@@ -286,6 +295,7 @@ int main(int argc, char** argv) {
   add<oq::lamb, oq::int8_state, float>("lamb/int8/fp32_params", oq::lamb{});
   add<oq::lars, oq::int8_state, float>("lars/int8/fp32_params", oq::lars{});
   add<oq::ademamix, oq::int8_state, float>("ademamix/int8/fp32_params", oq::ademamix{});
+#endif
 #endif
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

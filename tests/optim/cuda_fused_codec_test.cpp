@@ -589,7 +589,9 @@ TEST_CASE("fused step, several full tasks per warp (pipelined loads) == host opt
     return;
   }
   namespace oq = qmem::optim;
-  std::size_t const n = (std::size_t{3} << 20) + 77; // 12289 tasks of 256 and a tail
+  // full tasks and a tail: 12288 tasks of 256 (the 32-bit steps' tasks may be larger,
+  // QMEM_OPTIM_FUSED_FP32_TASK_ELEMENTS)
+  std::size_t const n = (std::size_t{3} << 20) + 77;
   SUBCASE("AdamW 8-bit, fp32 params") {
     large_tensor_matches_host<oq::adamw, oq::int8_state, float>(oq::adamw{}, n, 3, 11);
   }
@@ -611,6 +613,13 @@ TEST_CASE("fused step, several full tasks per warp (pipelined loads) == host opt
   }
   SUBCASE("AdamW 32-bit, fp32 params") {
     large_tensor_matches_host<oq::adamw, oq::fp32_state, float>(oq::adamw{}, n, 3, 15);
+  }
+  SUBCASE("AdamW 32-bit, fp32 params, skip_step (its own kernel; the second step skipped)") {
+    large_tensor_matches_host<oq::adamw, oq::fp32_state, float>(oq::adamw{}, n, 3, 18,
+                                                                oq::nonfinite_policy::skip_step);
+  }
+  SUBCASE("Lion 32-bit, fp32 params") {
+    large_tensor_matches_host<oq::lion, oq::fp32_state, float>(oq::lion{}, n, 3, 19);
   }
 }
 

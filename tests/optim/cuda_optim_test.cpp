@@ -385,6 +385,28 @@ TEST_CASE("CUDA step == host optimizer, bit for bit, over 3 steps on 8 tensors o
   }
 }
 
+TEST_CASE("CUDA step == host optimizer: AdamW 32-bit, a group of one tensor (a warp per task)") {
+  // groups of one tensor with fp32 states launch one warp per task instead of the resident grid
+  // (QMEM_OPTIM_FUSED_FP32_ONE_PASS): a last block with idle warps, a tail task
+  if (skip_without_gpu())
+    return;
+  auto const o = test::comparison_options();
+  SUBCASE("one partial task") {
+    compare_with_host<oq::adamw, oq::fp32_state, float>(make_problem<float, float>({31}, 3, 21),
+                                                        oq::adamw{}, o);
+  }
+  SUBCASE("1172 tasks, non-finite gradients skipped per element") {
+    compare_with_host<oq::adamw, oq::fp32_state, float>(
+        make_problem<float, float>({300001}, 3, 22, true), oq::adamw{}, o);
+  }
+  SUBCASE("skip_step with finite gradients") {
+    auto oo = o;
+    oo.nonfinite = oq::nonfinite_policy::skip_step;
+    compare_with_host<oq::adamw, oq::fp32_state, float>(make_problem<float, float>({300001}, 3, 23),
+                                                        oq::adamw{}, oo);
+  }
+}
+
 TEST_CASE("multi_tensor_step refuses a tensor's rule out of its ranges or a negative lr scale") {
   if (skip_without_gpu())
     return;

@@ -123,6 +123,10 @@ __device__ QMEM_INLINE void load_stream(void const* ptr, T (&out)[N]) {
 //! 1.945-1.947, paged 1.886-1.896 / 1.932-1.942, AdamW 4-bit 0.997-1.008 / 0.994-0.998, 64 tensors
 //! 1.140-1.152 / 1.132-1.138, 8-bit 1.118-1.125 / 1.118-1.121, Lion 8-bit 0.944-0.950 /
 //! 0.948-0.952 (docs/benchmarks.md, "optim5").
+//! Also slower on AdamW 32-bit: its loads as `ld.global.L1::no_allocate` (gradients
+//! `ld.global.nc.L1::no_allocate`) instead of `.cs`, H200, 2^28 parameters, 2026-11-30 22:10 UTC,
+//! three interleaved rounds, ms, median, .cs / no_allocate: 1.8928 / 1.9223 (+1.6%), paged
+//! 1.8765 / 1.8964, 64 tensors 1.9037 / 1.9120 (docs/benchmarks.md, "opt7").
 template <class T, int N>
 __device__ QMEM_INLINE void store_stream(void* ptr, T const (&in)[N]) {
   constexpr int bytes = N * static_cast<int>(sizeof(T));
@@ -1225,10 +1229,29 @@ inline constexpr unsigned fused_contiguous_below = QMEM_OPTIM_FUSED_CONTIGUOUS_B
 //! 1.213-1.223 -> 1.185-1.186; the one-state rules (three tasks in registers) were slower with it
 //! (Lion 8-bit 1.000 -> 1.014-1.015, SGD 8-bit 1.000 -> 1.012-1.014, Lion 4-bit 0.987-0.994 ->
 //! 1.002-1.003), so they keep reading the entry; the bf16-parameter kernel spilled 128 bytes.
+//! So do the fp32-state kernels: with the copy (ptxas sm_90a: 94 -> 102 registers, LDG.E.64 in
+//! the kernel 59 -> 16) AdamW 32-bit was slower, H200, 2^28 parameters, 2026-11-30 22:10 UTC,
+//! three interleaved rounds, ms, median, without / with: 1.8928 / 1.9152 (+1.2%), paged 1.8765 /
+//! 1.9006, 64 tensors 1.9037 / 1.9168 (docs/benchmarks.md, "opt7").
 #ifndef QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS
 #define QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS 1
 #endif
 inline constexpr bool fused_entry_in_registers = QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS != 0;
+
+//! Whether multi_tensor_step launches the fused kernel of a group of one tensor with fp32
+//! parameters, gradients and states, stepped by Adam or AdamW (AdamW 32-bit), with one warp per
+//! task (one pass: as many blocks as the tasks need, each warp one task) instead of the resident
+//! grid that strides over the tasks: 1. H200, 2^28 parameters, 2026-11-30 22:10 UTC, the same
+//! kernel, ms, median, grid stride / one pass: AdamW 32-bit 1.8928 / 1.7993 (-4.9%; three
+//! interleaved rounds, one process each: 1.8920-1.8940 / 1.7967-1.8013, 97.7% of the same process's
+//! copy); one process each: paged 1.8765 / 1.8361 (-2.2%), but 64 tensors of 4 Mi 1.9037 / 2.0057
+//! (+5.4%; not profiled: each warp then runs find_tensor's binary searches over the table for a
+//! single task), so groups of several tensors keep the grid stride. The other rules with fp32
+//! states (Lion, SGD, LAMB, ...) keep it too: not timed. Overridable for tuning runs (0: always the
+//! resident grid).
+#ifndef QMEM_OPTIM_FUSED_FP32_ONE_PASS
+#define QMEM_OPTIM_FUSED_FP32_ONE_PASS 1
+#endif
 
 //! The largest tensor (elements) that the pipelined loop runs: 2^32. The loop indexes elements,
 //! codes and absmax blocks with 32-bit tensor-relative indices (every element index t x 256 +

@@ -692,7 +692,17 @@ public:
                                         traits::tables::make()};
     constexpr std::uint64_t block_warps = fused_block_threads / 32;
     std::uint64_t const blocks_needed = (task_end - task_begin + block_warps - 1) / block_warps;
-    int const grid = static_cast<int>(std::min<std::uint64_t>(blocks_needed, grid_));
+    // QMEM_OPTIM_FUSED_FP32_ONE_PASS: a group of one tensor with fp32 parameters, gradients and
+    // states stepped by Adam or AdamW (AdamW 32-bit) launches a warp per task (one pass) instead
+    // of the resident grid (grid stride)
+    constexpr bool adam_family = std::same_as<Rule, adamw> || std::same_as<Rule, adam>;
+    constexpr bool one_pass_kernel = QMEM_OPTIM_FUSED_FP32_ONE_PASS != 0 && traits::fp32_states &&
+                                     adam_family && std::same_as<P, float> &&
+                                     std::same_as<G, float>;
+    bool const one_pass = one_pass_kernel && entry_count_ == 1;
+    std::uint64_t const grid_limit =
+        one_pass ? std::uint64_t{0x7fffffff} : static_cast<std::uint64_t>(grid_);
+    int const grid = static_cast<int>(std::min<std::uint64_t>(blocks_needed, grid_limit));
     // skip_step and raise: resolve() already skipped a step with a non-finite gradient
     auto* const kernel = o.nonfinite == nonfinite_policy::skip_element
                              ? fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>

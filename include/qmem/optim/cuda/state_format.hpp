@@ -643,6 +643,16 @@ struct kernel_traits {
   using signed_format = typename Policy::template format<state_sign::any>;
   using unsigned_format = typename Policy::template format<state_sign::non_negative>;
 
+  //! Whether every state is fp32 (a rule without states counts as such).
+  static constexpr bool fp32_states = [] {
+    bool all = true;
+    [&]<int... J>(std::integer_sequence<int, J...>) {
+      ((all = all && std::is_same_v<format<J>, fp32_format>), ...);
+    }
+    (std::make_integer_sequence<int, state_count>{});
+    return all;
+  }();
+
   static constexpr std::size_t block = [] {
     std::size_t b = 0;
     bool same = true;
@@ -666,7 +676,12 @@ struct kernel_traits {
                 "the fused CUDA step gives each block a power-of-two group of lanes of a warp: "
                 "the block size must be a power of two from 16 to 1024");
   //! Elements per lane: block/32, at least fused_min_per_lane (and at most half a block, at
-  //! least 2, so that 4-bit codes fill whole bytes).
+  //! least 2, so that 4-bit codes fill whole bytes). For fp32 states (no block) 8: 16 or 32
+  //! per lane (tasks of 512 or 1024 elements) were far slower on the AdamW 32-bit step, H200,
+  //! 2^28 parameters, 2026-11-30 22:10 UTC, three interleaved rounds, ms, median: 8 per lane
+  //! 1.8928, 16 (128 registers, 2 blocks per SM) 2.5364 (+34%), 32 (248 registers, 1 block)
+  //! 3.6316 (+92%) (docs/benchmarks.md, "opt7"; not profiled: a lane's 16-byte loads then
+  //! reach each 128-byte line's sectors over four or eight instructions instead of two).
   static constexpr int per_lane = static_cast<int>(
       block / 32 >= fused_min_per_lane ? block / 32
                                        : std::min<std::size_t>(fused_min_per_lane, block / 2));
