@@ -199,7 +199,7 @@ void dequantize(benchmark::State& state) {
 }
 
 // Quantize with double-quantized scales in one call (quantize_blockwise_nested: the blockwise
-// pass with the offset's partial sums, then the nested quantization). Bytes: those of the plain format (what the peers count).
+// pass, then quantize_scales). Bytes: those of the plain format (what the peers count).
 template <class C, class T>
 void quantize_nested(benchmark::State& state) {
   auto const block = static_cast<std::size_t>(state.range(0));
@@ -490,7 +490,8 @@ void dq_path_ab(benchmark::State& state) {
       quantize_scales_path(m, path);
   };
   // paths 4 and 5: quantize_blockwise_nested's records path (quantize_whole_records, then
-  // offset_nested_quantize<true>) with the quantize grid at 1 (4, dispatched) / 4 waves (5)
+  // offset_nested_quantize_records) with the quantize grid at 1 (4) / 4 waves (5); a candidate, not
+  // dispatched (kernels::record_waves: slower than path 2 in every row, 2026-11-30 22:12 UTC)
   auto nested = [&](int path) {
     int const waves = path == 4 ? 1 : 4;
     namespace k = cuda_impl::kernels;

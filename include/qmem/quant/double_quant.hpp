@@ -161,9 +161,9 @@ void quantize_scales(E const& e, tensor_view<float const> absmax, std::size_t ne
 //! Blockwise quantization with double-quantized scales in one call: quantize_blockwise<C>(e, x,
 //! block_size, codes, absmax, r), then quantize_scales(e, absmax, nested_block, qabsmax,
 //! absmax2, offset), with the same results bit for bit (`absmax` receives the plain scales, the
-//! nested quantization's input). On the GPU the quantize kernel can then also leave the partial
-//! sums of the offset's mean (quant/cuda/blockwise.cuh: quantize_blockwise_nested), which the
-//! two separate calls cannot.
+//! nested quantization's input). One call lets the GPU backend fuse the two passes; it has a
+//! candidate that does (quant/cuda/blockwise.cuh: quantize_blockwise_nested, record_waves), not
+//! dispatched: it measured slower than the two passes.
 //! Preconditions (checked before anything is written): those of quantize_blockwise and of
 //! quantize_scales; no two of x, codes, absmax, qabsmax, absmax2 and offset overlap.
 template <code_type C, exec::execution E, float_element T>

@@ -36,9 +36,10 @@
 //!   exact warp sums where the order cannot matter, the host's order elsewhere), then the nested
 //!   8-bit quantization (nested_quantize: one step per thread), launched as a programmatic
 //!   dependent of it.
-//! - quantize + double quantization in one call (quantize_blockwise_nested): the quantize kernel
+//! - quantize + double quantization in one call (quantize_blockwise_nested): the two passes above.
+//!   A candidate, not dispatched (slower, see record_waves): the quantize kernel
 //!   (quantize_whole_records) also leaves per CTA the span-bounded sum of the absmax values it
-//!   wrote, and offset_nested_quantize<true> takes the offset from those records (no loading and
+//!   wrote, and offset_nested_quantize_records takes the offset from those records (no loading and
 //!   summing of the scales, no grid barrier before the nested quantization when the sums are
 //!   exact in any order).
 //! Unaligned views (subviews at odd offsets) take a scalar path that computes the same function.
@@ -1058,12 +1059,13 @@ __global__ void __launch_bounds__(cta_threads, MinCtas)
 
 //! quantize_whole that also leaves, for double quantization, each CTA's span_sum of the absmax
 //! values it wrote at records[blockIdx.x] (16 bytes: store_record), launched with cta_threads
-//! threads per CTA: offset_nested_quantize<true> then finds the offset from these records alone
+//! threads per CTA: offset_nested_quantize_records then finds the offset from these records alone
 //! (where their sums are exact in any order) instead of loading, summing and reducing the scales
 //! behind a grid barrier itself. Adds per stored absmax (lane 0 of each group) one double addition
 //! and add_span's three integer operations on the thread's record_slots entry, and per CTA one
 //! reduction at its end; 5 KB of shared memory per CTA. No spills at the dispatched bounds (NF4 /
 //! FP4 from bf16 block 64: 48 registers; int8 from fp32 block 256: 40), as the plain kernel.
+//! Not dispatched: the whole records path is slower than the two passes (record_waves).
 template <class C, class T, int Items, class Transform, int MinCtas, int FixedShift>
 __global__ void __launch_bounds__(cta_threads, MinCtas)
     quantize_whole_records(T const* QMEM_RESTRICT x, size_t blocks, int runtime_block_shift,
@@ -2005,13 +2007,13 @@ __device__ QMEM_INLINE double leaf_sum(float const* absmax, size_t m, size_t nod
 //! step 1 and its grid barrier are skipped, step 2 combines those records (the fallback's tree
 //! then starts at ws + 2 * records). Otherwise `records` is unused and the kernel's own records
 //! take the first 2 * gridDim.x doubles.
-template <bool Precomputed = false>
-__global__ void __launch_bounds__(cta_threads, nested_min_ctas)
-    offset_nested_quantize(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
-                           double* QMEM_RESTRICT ws, unsigned records, float* QMEM_RESTRICT offset,
-                           uint8_t* QMEM_RESTRICT qabsmax, float* QMEM_RESTRICT absmax2,
-                           bool vector_io,
-                           typename device_encoder<dynamic_signed>::params const p) {
+//! (The body of offset_nested_quantize and offset_nested_quantize_records, below.)
+template <bool Precomputed>
+__device__ QMEM_INLINE void
+offset_nested_body(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
+                   double* QMEM_RESTRICT ws, unsigned records, float* QMEM_RESTRICT offset,
+                   uint8_t* QMEM_RESTRICT qabsmax, float* QMEM_RESTRICT absmax2, bool vector_io,
+                   typename device_encoder<dynamic_signed>::params const& p) {
   using layout = bucket_layout_of<dynamic_signed>::type;
   __shared__ alignas(16) uint32_t table[layout::entries];
   __shared__ uint32_t warp_max[max_quantize_threads / 32];
@@ -2034,18 +2036,17 @@ __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
     load_nested(a, absmax, s, nested_shift, vector_io);
 
   span_sum t = {0.0, 0u, span_low_none};
-  unsigned const record_count = Precomputed ? records : gridDim.x;
   if constexpr (Precomputed) {
     wait_copies_to_shared(); // cta_span_sum's barriers below publish every thread's copies
     // 2. every CTA combines the earlier kernel's records (grid-uniform result), four loads in
     // flight per thread
     constexpr int batch = 4;
-    for (unsigned b0 = threadIdx.x; b0 < record_count; b0 += batch * cta_threads) {
+    for (unsigned b0 = threadIdx.x; b0 < records; b0 += batch * cta_threads) {
       span_sum r[batch];
       QMEM_UNROLL
       for (int k = 0; k < batch; ++k) {
         unsigned const b = b0 + static_cast<unsigned>(k * cta_threads);
-        r[k] = b < record_count ? load_record(ws, b) : span_sum{0.0, 0u, span_low_none};
+        r[k] = b < records ? load_record(ws, b) : span_sum{0.0, 0u, span_low_none};
       }
       QMEM_UNROLL
       for (int k = 0; k < batch; ++k)
@@ -2086,7 +2087,7 @@ __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
     constexpr size_t arity = offset_tree_arity_v;
     int const warp = static_cast<int>(threadIdx.x) / 32;
     int const lane = static_cast<int>(threadIdx.x) % 32;
-    double* const leaves = ws + 2 * static_cast<size_t>(record_count);
+    double* const leaves = ws + 2 * static_cast<size_t>(Precomputed ? records : gridDim.x);
     size_t const nodes = (m + arity - 1) / arity;
     size_t const uppers = (nodes + arity - 1) / arity;
     double* const upper = leaves + nodes;
@@ -2136,6 +2137,30 @@ __global__ void __launch_bounds__(cta_threads, nested_min_ctas)
     encode_nested<true>(a, off, s, nested_shift, qabsmax, absmax2, vector_io, table, p, warp_max);
   else
     encode_nested(a, off, s, nested_shift, qabsmax, absmax2, vector_io, table, p, warp_max);
+}
+
+template <int = 0>
+__global__ void __launch_bounds__(cta_threads, nested_min_ctas)
+    offset_nested_quantize(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
+                           double* QMEM_RESTRICT ws, float* QMEM_RESTRICT offset,
+                           uint8_t* QMEM_RESTRICT qabsmax, float* QMEM_RESTRICT absmax2,
+                           bool vector_io,
+                           typename device_encoder<dynamic_signed>::params const p) {
+  offset_nested_body<false>(absmax, m, nested_shift, ws, 0u, offset, qabsmax, absmax2, vector_io,
+                            p);
+}
+
+//! offset_nested_quantize after quantize_whole_records: `ws` starts with its `records` records
+//! (the Precomputed form of the body above). A candidate, not dispatched (record_waves).
+template <int = 0>
+__global__ void __launch_bounds__(cta_threads, nested_min_ctas)
+    offset_nested_quantize_records(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
+                                   double* QMEM_RESTRICT ws, unsigned records,
+                                   float* QMEM_RESTRICT offset, uint8_t* QMEM_RESTRICT qabsmax,
+                                   float* QMEM_RESTRICT absmax2, bool vector_io,
+                                   typename device_encoder<dynamic_signed>::params const p) {
+  offset_nested_body<true>(absmax, m, nested_shift, ws, records, offset, qabsmax, absmax2,
+                           vector_io, p);
 }
 
 //! Elementwise dequantization of double-quantized scales. (A template only so that the header
@@ -2441,7 +2466,7 @@ struct fused_capacity_state {
     size_t const resident =
         cooperative == 0
             ? 0
-            : static_cast<size_t>(grid_for(offset_nested_quantize<false>, cta_threads,
+            : static_cast<size_t>(grid_for(offset_nested_quantize<>, cta_threads,
                                            ~size_t{0} / fused_scales_per_cta, device)) *
                   fused_scales_per_cta;
     size_t const promised = resident < fused_tree_limit ? resident : fused_tree_limit;
@@ -2500,7 +2525,7 @@ inline void lower_fused_capacity(int device, size_t refused_grid) {
 }
 
 //! Doubles of workspace offset_nested_quantize needs for m scales (see the kernel); with
-//! `records` > 0, offset_nested_quantize<true> after that many precomputed records.
+//! `records` > 0, offset_nested_quantize_records after that many precomputed records.
 inline size_t fused_workspace_size(size_t m, size_t records = 0) noexcept {
   constexpr size_t arity = offset_tree_arity_v;
   size_t const grid = (m + fused_scales_per_cta - 1) / fused_scales_per_cta;
@@ -2562,12 +2587,12 @@ inline double* persistent_workspace(exec::cuda const& e) {
 //! limit); fused_capacity(e.device) is then lowered below that grid (lower_fused_capacity).
 //! Inside a stream capture that refusal has invalidated the capture: throws cuda_error.
 //! `records` > 0: `workspace` (not nullptr) starts with that many span_sum records of absmax
-//! left by quantize_whole_records, the kernel before it on the stream (offset_nested_quantize<true>).
+//! left by quantize_whole_records, the kernel before it on the stream (offset_nested_quantize_records).
 inline bool launch_offset_nested_quantize(exec::cuda const& e, float const* absmax, size_t m,
                                           size_t nested_block, float* offset, uint8_t* qabsmax,
                                           float* absmax2, bool dependent,
                                           double* workspace = nullptr, unsigned records = 0) {
-  auto kernel = records != 0 ? offset_nested_quantize<true> : offset_nested_quantize<false>;
+  auto kernel = offset_nested_quantize<>;
   size_t const grid = (m + fused_scales_per_cta - 1) / fused_scales_per_cta;
   std::optional<memory::device_workspace<double>> pooled;
   if (workspace == nullptr)
@@ -2589,8 +2614,11 @@ inline bool launch_offset_nested_quantize(exec::cuda const& e, float const* absm
   config.stream = e.stream;
   config.attrs = attr;
   config.numAttrs = dependent ? 2 : 1;
-  cudaError_t const status = cudaLaunchKernelEx(&config, kernel, absmax, m, shift, w, records,
-                                                offset, qabsmax, absmax2, vector_io, params);
+  cudaError_t const status =
+      records != 0 ? cudaLaunchKernelEx(&config, offset_nested_quantize_records<>, absmax, m, shift,
+                                        w, records, offset, qabsmax, absmax2, vector_io, params)
+                   : cudaLaunchKernelEx(&config, kernel, absmax, m, shift, w, offset, qabsmax,
+                                        absmax2, vector_io, params);
   if (status == cudaErrorCooperativeLaunchTooLarge) {
     (void)cudaGetLastError(); // not sticky: clear it so that no later check reports it
     lower_fused_capacity(e.device, grid);
@@ -2630,17 +2658,26 @@ inline void quantize_scales_by(exec::cuda const& e, float const* absmax, size_t 
   launch_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2);
 }
 
-//! Waves of resident CTAs quantize_whole_records runs in for quantize_blockwise_nested (its CTAs'
-//! records are each read by every CTA of offset_nested_quantize<true>: fewer waves, fewer
-//! records).
-inline constexpr int record_waves = 1;
+//! Waves of resident CTAs of quantize_whole_records for quantize_blockwise_nested; 0: the records
+//! path is not dispatched (quantize_blockwise, then quantize_scales as it dispatches). Measured on
+//! the H200 (2026-11-30 22:12 UTC, commit 0658815, quant_bench dq_path_ab, 2^28 elements, three
+//! processes x three repetitions, A/B medians in one row): quantize + double quantization over the
+//! plain quantize, NF4 / FP4 from bf16 block 64, int8 from fp32 block 256: the two passes +9.1 to
+//! +9.5% / +9.0 to +9.4% / +2.9 to +3.2%; the records path at 1 wave +15.0 to +15.7% / +14.7 to
+//! +15.5% / +6.2 to +6.4% (against the two passes in one row: +4.7 to +4.9% / +4.8 to +5.0% / +2.4
+//! to +2.7%); at 4 waves 1.3-1.5% slower than at 1 for NF4 / FP4, 1.7-1.9% faster for int8 (still
+//! +0.5% over the two passes). The quantize kernel of NF4 / FP4 is bound by its instruction
+//! issue (about 382 per step), and the records' per-block work sits in a branch of one lane of
+//! four that the whole warp issues: the cost moved into it exceeds what the nested kernel saves.
+//! The split between the two kernels was not timed.
+inline constexpr int record_waves = 0;
 
 //! quantize_blockwise_nested (below) with the quantize kernel's grid at `waves` waves of resident
 //! CTAs when the records path applies (nearest rounding, x and codes 16-byte aligned, a
 //! power-of-two block that quantize_whole takes, n a multiple of it, 0 < m <= fused_capacity),
 //! else (or with waves == 0) quantize_any then quantize_scales_by as quantize_scales dispatches.
 //! The records path: quantize_whole_records (codes, absmax and one span_sum record per CTA), then
-//! offset_nested_quantize<true> as its programmatic dependent (where the runtime refuses the
+//! offset_nested_quantize_records as its programmatic dependent (where the runtime refuses the
 //! cooperative launch as too large: the two kernels, which do not need the records).
 template <class C, class T>
 void quantize_blockwise_nested_by(exec::cuda const& e, T const* x, size_t n, size_t block_size,
@@ -2755,10 +2792,11 @@ inline void quantize_scales(exec::cuda const& e, tensor_view<float const> absmax
 }
 
 //! GPU quantize_blockwise_nested (see quant/double_quant.hpp; preconditions checked by the
-//! caller): quantize_blockwise then quantize_scales, the same results bit for bit. Where the
-//! records path applies (kernels::quantize_blockwise_nested_by) the quantize kernel also leaves
-//! one partial sum of the scales per CTA (quantize_whole_records), from which the cooperative
-//! nested kernel takes the offset without summing the scales and waiting at a grid barrier.
+//! caller): quantize_blockwise then quantize_scales, the same results bit for bit. The records
+//! path of kernels::quantize_blockwise_nested_by (the quantize kernel also leaving one partial
+//! sum of the scales per CTA, quantize_whole_records, from which the cooperative nested kernel
+//! takes the offset without summing the scales and waiting at a grid barrier) is not dispatched:
+//! it measured slower (record_waves).
 template <code_type C, float_element T>
 void quantize_blockwise_nested(exec::cuda const& e, tensor_view<T const> x, std::size_t block_size,
                                tensor_view<std::uint8_t> codes, tensor_view<float> absmax,
