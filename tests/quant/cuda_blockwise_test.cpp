@@ -8,9 +8,8 @@
 // quantization in one cooperative kernel (every path against the host; in a graph; the fallback
 // when the runtime refuses its grid as too large), quantize_blockwise_nested's records path
 // (the quantize kernel's partial sums of the offset; not dispatched) and its fallbacks, the
-// 4-bit dequantization's warp-shuffle
-// decoding at 2 and 4 vectors per thread on strided grids and partial last warps, a non-default
-// stream and sync_after_launch. Every result is compared bit for bit with the host backend (NaN
+// 4-bit dequantization's warp-shuffle decoding at 2 and 4 vectors per thread on strided grids
+// and partial last warps, a non-default stream and sync_after_launch. Every result is compared bit for bit with the host backend (NaN
 // outputs: as NaN, see same_values).
 // Compiled only by nvcc; without a GPU each case says so and returns.
 #include <qmem/core/config.hpp>
