@@ -2586,12 +2586,14 @@ inline double* persistent_workspace(exec::cuda const& e) {
 //! context holds fewer CTAs than fused_capacity computed, e.g. under MPS with an active-thread
 //! limit); fused_capacity(e.device) is then lowered below that grid (lower_fused_capacity).
 //! Inside a stream capture that refusal has invalidated the capture: throws cuda_error.
-//! `records` > 0: `workspace` (not nullptr) starts with that many span_sum records of absmax
-//! left by quantize_whole_records, the kernel before it on the stream (offset_nested_quantize_records).
-inline bool launch_offset_nested_quantize(exec::cuda const& e, float const* absmax, size_t m,
-                                          size_t nested_block, float* offset, uint8_t* qabsmax,
-                                          float* absmax2, bool dependent,
-                                          double* workspace = nullptr, unsigned records = 0) {
+//! `Records`: offset_nested_quantize_records, whose `workspace` (not nullptr) starts with the
+//! `records` span_sum records of absmax left by quantize_whole_records, the kernel before it on
+//! the stream (a template argument, so that only its callers instantiate that kernel).
+template <bool Records = false>
+bool launch_offset_nested_quantize(exec::cuda const& e, float const* absmax, size_t m,
+                                   size_t nested_block, float* offset, uint8_t* qabsmax,
+                                   float* absmax2, bool dependent, double* workspace = nullptr,
+                                   unsigned records = 0) {
   auto kernel = offset_nested_quantize<>;
   size_t const grid = (m + fused_scales_per_cta - 1) / fused_scales_per_cta;
   std::optional<memory::device_workspace<double>> pooled;
@@ -2614,11 +2616,14 @@ inline bool launch_offset_nested_quantize(exec::cuda const& e, float const* absm
   config.stream = e.stream;
   config.attrs = attr;
   config.numAttrs = dependent ? 2 : 1;
-  cudaError_t const status =
-      records != 0 ? cudaLaunchKernelEx(&config, offset_nested_quantize_records<>, absmax, m, shift,
-                                        w, records, offset, qabsmax, absmax2, vector_io, params)
-                   : cudaLaunchKernelEx(&config, kernel, absmax, m, shift, w, offset, qabsmax,
-                                        absmax2, vector_io, params);
+  cudaError_t const status = [&] {
+    if constexpr (Records)
+      return cudaLaunchKernelEx(&config, offset_nested_quantize_records<>, absmax, m, shift, w,
+                                records, offset, qabsmax, absmax2, vector_io, params);
+    else
+      return cudaLaunchKernelEx(&config, kernel, absmax, m, shift, w, offset, qabsmax, absmax2,
+                                vector_io, params);
+  }();
   if (status == cudaErrorCooperativeLaunchTooLarge) {
     (void)cudaGetLastError(); // not sticky: clear it so that no later check reports it
     lower_fused_capacity(e.device, grid);
@@ -2672,6 +2677,19 @@ inline void quantize_scales_by(exec::cuda const& e, float const* absmax, size_t 
 //! The split between the two kernels was not timed.
 inline constexpr int record_waves = 0;
 
+//! quantize_blockwise then quantize_scales, as those two calls dispatch them (quantize_any, then
+//! the cooperative kernel up to fused_capacity scales, else the two kernels).
+template <class C, class T>
+void quantize_two_passes(exec::cuda const& e, T const* x, size_t n, size_t block_size,
+                         uint8_t* codes, float* absmax, size_t nested_block, uint8_t* qabsmax,
+                         float* absmax2, float* offset, rounding r) {
+  size_t const m = n / block_size + (n % block_size != 0 ? 1 : 0);
+  quantize_any<C>(e, x, n, block_size, codes, absmax, r, no_transform{});
+  quantize_scales_by(e, absmax, m, nested_block, qabsmax, absmax2, offset,
+                     m <= fused_capacity(e.device) ? scales_path::fused_dependent
+                                                   : scales_path::two_kernels);
+}
+
 //! quantize_blockwise_nested (below) with the quantize kernel's grid at `waves` waves of resident
 //! CTAs when the records path applies (nearest rounding, x and codes 16-byte aligned, a
 //! power-of-two block that quantize_whole takes, n a multiple of it, 0 < m <= fused_capacity),
@@ -2693,10 +2711,8 @@ void quantize_blockwise_nested_by(exec::cuda const& e, T const* x, size_t n, siz
                             block_size / wide <= static_cast<size_t>(max_quantize_threads / 2) &&
                             n % block_size == 0 && m <= fused_capacity(e.device);
   if (!records_path) {
-    quantize_any<C>(e, x, n, block_size, codes, absmax, r, no_transform{});
-    quantize_scales_by(e, absmax, m, nested_block, qabsmax, absmax2, offset,
-                       m <= fused_capacity(e.device) ? scales_path::fused_dependent
-                                                     : scales_path::two_kernels);
+    quantize_two_passes<C>(e, x, n, block_size, codes, absmax, nested_block, qabsmax, absmax2,
+                           offset, r);
     return;
   }
   auto const go = [&]<int Items, int FixedShift>(std::integral_constant<int, Items>,
@@ -2713,8 +2729,8 @@ void quantize_blockwise_nested_by(exec::cuda const& e, T const* x, size_t n, siz
                               "qmem::quant quantize_whole_records", x, m, log2_exact(block_size),
                               codes, absmax, C::book, normal_encoder<C>::host_params(e.device),
                               no_transform{}, ws.data());
-    if (!launch_offset_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2, true,
-                                       ws.data(), grid)) {
+    if (!launch_offset_nested_quantize<true>(e, absmax, m, nested_block, offset, qabsmax, absmax2,
+                                             true, ws.data(), grid)) {
       tree_mean(e, absmax, m, offset);
       launch_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2);
     }
@@ -2813,9 +2829,14 @@ void quantize_blockwise_nested(exec::cuda const& e, tensor_view<T const> x, std:
                                     {arg("x", x), arg("codes", codes), arg("absmax", absmax),
                                      arg("qabsmax", qabsmax), arg("absmax2", absmax2),
                                      arg("offset", offset)});
-  kernels::quantize_blockwise_nested_by<C>(e, x.data(), x.size(), block_size, codes.data(),
-                                           absmax.data(), nested_block, qabsmax.data(),
-                                           absmax2.data(), offset.data(), r, kernels::record_waves);
+  // the records kernels are instantiated only where they are dispatched
+  if constexpr (kernels::record_waves > 0)
+    kernels::quantize_blockwise_nested_by<C>(
+        e, x.data(), x.size(), block_size, codes.data(), absmax.data(), nested_block,
+        qabsmax.data(), absmax2.data(), offset.data(), r, kernels::record_waves);
+  else
+    kernels::quantize_two_passes<C>(e, x.data(), x.size(), block_size, codes.data(), absmax.data(),
+                                    nested_block, qabsmax.data(), absmax2.data(), offset.data(), r);
 }
 
 //! GPU dequantize_scales (see quant/double_quant.hpp).
