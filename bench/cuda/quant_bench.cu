@@ -198,8 +198,8 @@ void dequantize(benchmark::State& state) {
       [&] { dequantize_blockwise<C>(e, codes, absmax, block, y); });
 }
 
-// Quantize with double-quantized scales in one call (quantize_blockwise_nested: the blockwise
-// pass, then quantize_scales). Bytes: those of the plain format (what the peers count).
+// Quantize with double-quantized scales: the blockwise pass, then quantize_scales (mean tree +
+// nested quantization). Bytes: those of the plain format (what the peers count).
 template <class C, class T>
 void quantize_nested(benchmark::State& state) {
   auto const block = static_cast<std::size_t>(state.range(0));
@@ -211,8 +211,8 @@ void quantize_nested(benchmark::State& state) {
   tensor_view<float> absmax2(g->absmax2, block_count(m, nested_block), memory_space::device);
   tensor_view<float> offset(g->offset, 1, memory_space::device);
   run(state, format_bytes<C, T>(block), [&] {
-    quantize_blockwise_nested<C>(e, x, block, codes, absmax, nested_block, qabsmax, absmax2,
-                                 offset);
+    quantize_blockwise<C>(e, x, block, codes, absmax);
+    quantize_scales(e, tensor_view<float const>(absmax), nested_block, qabsmax, absmax2, offset);
   });
 }
 
@@ -458,7 +458,7 @@ void plain_ab(benchmark::State& state) {
 // quantization then the scales, range(0) 0 = NF4 from bf16 block 64, 1 = FP4 from bf16 block 64,
 // 2 = int8 from fp32 block 256; paths A = range(1), B = range(2); path -1: the quantization alone
 // (its row against a path is the double quantization's overhead, both halves timed interleaved
-// in one process); paths 4 and 5: quantize_blockwise_nested in one call (below).
+// in one process).
 // scales_path_ab: the scales of NF4 block 64 alone.
 void quantize_scales_path(std::size_t m, int path) {
   cuda_impl::kernels::quantize_scales_by(e, g->absmax, m, nested_block, g->qabsmax, g->absmax2,
@@ -489,34 +489,9 @@ void dq_path_ab(benchmark::State& state) {
     if (path >= 0)
       quantize_scales_path(m, path);
   };
-  // paths 4 and 5: quantize_blockwise_nested's records path (quantize_whole_records, then
-  // offset_nested_quantize_records) with the quantize grid at 1 (4) / 4 waves (5); a candidate, not
-  // dispatched (kernels::record_waves: slower than path 2 in every row, 2026-11-30 22:12 UTC)
-  auto nested = [&](int path) {
-    int const waves = path == 4 ? 1 : 4;
-    namespace k = cuda_impl::kernels;
-    if (code == 0)
-      k::quantize_blockwise_nested_by<nf4>(e, g->x16, elements, block, g->codes, g->absmax,
-                                           nested_block, g->qabsmax, g->absmax2, g->offset, {},
-                                           waves);
-    else if (code == 1)
-      k::quantize_blockwise_nested_by<fp4>(e, g->x16, elements, block, g->codes, g->absmax,
-                                           nested_block, g->qabsmax, g->absmax2, g->offset, {},
-                                           waves);
-    else
-      k::quantize_blockwise_nested_by<dynamic_signed>(e, g->x32, elements, block, g->codes,
-                                                      g->absmax, nested_block, g->qabsmax,
-                                                      g->absmax2, g->offset, {}, waves);
-  };
-  auto any = [&](int path) {
-    if (path >= 4)
-      nested(path);
-    else
-      call(path);
-  };
   run_ab(
-      state, [&] { any(static_cast<int>(state.range(1))); },
-      [&] { any(static_cast<int>(state.range(2))); });
+      state, [&] { call(static_cast<int>(state.range(1))); },
+      [&] { call(static_cast<int>(state.range(2))); });
 }
 
 void scales_path_ab(benchmark::State& state) {
@@ -700,7 +675,7 @@ int main(int argc, char** argv) {
   {
     auto* b = benchmark::RegisterBenchmark("dq_path_ab", dq_path_ab);
     for (int code : {0, 1, 2})
-      b->Args({code, -1, 2})->Args({code, -1, 4})->Args({code, 2, 4})->Args({code, 4, 5});
+      b->Args({code, -1, 2})->Args({code, 0, 2})->Args({code, 2, 3});
     b->UseManualTime()->Unit(benchmark::kMillisecond);
   }
   benchmark::RegisterBenchmark("scales_path_ab", scales_path_ab)

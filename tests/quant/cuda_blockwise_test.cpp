@@ -6,10 +6,9 @@
 // more than 2^32 elements, a multi-level offset tree, the one-launch offset mean on exact and
 // inexact sums, the nested quantization on every nested block size and unaligned views, double
 // quantization in one cooperative kernel (every path against the host; in a graph; the fallback
-// when the runtime refuses its grid as too large), quantize_blockwise_nested's records path
-// (the quantize kernel's partial sums of the offset; not dispatched) and its fallbacks, the
-// 4-bit dequantization's warp-shuffle decoding at 2 and 4 vectors per thread on strided grids
-// and partial last warps, a non-default stream and sync_after_launch. Every result is compared bit for bit with the host backend (NaN
+// when the runtime refuses its grid as too large), the 4-bit dequantization's warp-shuffle
+// decoding at 2 and 4 vectors per thread on strided grids and partial last warps, a non-default
+// stream and sync_after_launch. Every result is compared bit for bit with the host backend (NaN
 // outputs: as NaN, see same_values).
 // Compiled only by nvcc; without a GPU each case says so and returns.
 #include <qmem/core/config.hpp>
@@ -883,16 +882,14 @@ TEST_CASE("cuda blockwise: double quantization of as many scales as the cooperat
   }
 }
 
-// quantize_blockwise_nested_by<C> (waves: the quantize grid's waves; 0: no records) on x[offset,
-// offset + n) against quantize_blockwise then quantize_scales on the host, every output bit for bit.
+// quantize_blockwise_nested<C> (quantize + double quantization in one call) on x[offset, offset
+// + n) against the host's quantize_blockwise then quantize_scales, every output bit for bit.
 template <class C, class T>
 void check_nested_one_call(std::vector<float> const& values, std::size_t block, std::size_t nb,
-                           int waves, std::size_t offset = 0, rounding r = {}) {
-  namespace k = cuda_impl::kernels;
+                           std::size_t offset = 0) {
   CAPTURE(values.size());
   CAPTURE(block);
   CAPTURE(nb);
-  CAPTURE(waves);
   CAPTURE(offset);
   std::size_t const n = values.size() - offset;
   std::size_t const m = block_count(n, block);
@@ -902,18 +899,17 @@ void check_nested_one_call(std::vector<float> const& values, std::size_t block, 
   std::vector<float> ha(m);
   std::vector<std::uint8_t> hq(m);
   std::vector<float> h2(block_count(m, nb));
-  std::vector<float> hoff(1);
-  quantize_blockwise<C>(exec::host{}, hx, block, view(hc), view(ha), r);
+  std::vector<float> hoff(1, -1.f);
+  quantize_blockwise<C>(exec::host{}, hx, block, view(hc), view(ha));
   quantize_scales(exec::host{}, view(std::as_const(ha)), nb, view(hq), view(h2), view(hoff));
   auto dx = cuda_backend::upload(x);
   auto dc = cuda_backend::alloc<std::uint8_t>(hc.size());
   auto da = cuda_backend::alloc<float>(m);
   auto dq = cuda_backend::alloc<std::uint8_t>(m);
   auto d2 = cuda_backend::alloc<float>(h2.size());
-  auto doff = cuda_backend::alloc<float>(1);
-  k::quantize_blockwise_nested_by<C>(exec::cuda{}, dx.view().data() + offset, n, block,
-                                     dc.view().data(), da.view().data(), nb, dq.view().data(),
-                                     d2.view().data(), doff.view().data(), r, waves);
+  auto doff = cuda_backend::upload(std::vector<float>(1, -1.f));
+  quantize_blockwise_nested<C>(exec::cuda{}, tensor_view<T const>(dx.view()).subview(offset, n),
+                               block, dc.view(), da.view(), nb, dq.view(), d2.view(), doff.view());
   REQUIRE(cuda_backend::download(dc.view()) == hc);
   REQUIRE(same_values(cuda_backend::download(da.view()), ha));
   REQUIRE(same_values(cuda_backend::download(doff.view()), hoff));
@@ -921,105 +917,22 @@ void check_nested_one_call(std::vector<float> const& values, std::size_t block, 
   REQUIRE(same_values(cuda_backend::download(d2.view()), h2));
 }
 
-TEST_CASE("cuda blockwise: quantize_blockwise_nested (the quantize kernel's partial sums of the "
-          "offset) equals the host's two calls") {
+TEST_CASE("cuda blockwise: quantize_blockwise_nested equals the host's two calls") {
   if (qmem::test::skip<cuda_backend>())
     return;
-  namespace k = cuda_impl::kernels;
-  if (k::fused_capacity(0) == 0) {
-    MESSAGE("no cooperative launch on this device: quantize_blockwise_nested takes two calls");
-    return;
-  }
   std::mt19937 g(53);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  // normal values whose blocks' absmax span a few octaves: sums exact in any order (the records)
-  auto normal = [&](std::size_t n, std::size_t block, int octaves) {
-    std::vector<float> v(n);
-    for (std::size_t i = 0; i < n; ++i)
-      v[i] = std::ldexp(nd(g), static_cast<int>(i / block % static_cast<std::size_t>(octaves)));
-    return v;
-  };
-  // blocks scaled over 2^-30 .. 2^30: not exact, offset_nested_quantize<true>'s tree behind grid
-  // barriers
-  auto wide = [&](std::size_t n, std::size_t block) {
-    std::vector<float> v(n);
-    for (std::size_t i = 0; i < n; ++i)
-      v[i] = std::ldexp(nd(g), static_cast<int>(i / block % 61) - 30);
-    return v;
-  };
-  for (int waves : {1, 4}) {
-    // NF4 / FP4 from bf16, block 64 (the compile-time block size): one block, one CTA, a partial
-    // last CTA step, more records than one CTA of the nested kernel loads in one batch
-    for (std::size_t blocks : {std::size_t{1}, std::size_t{8192 * 3 + 77}, std::size_t{1} << 18}) {
-      check_nested_one_call<nf4, bf16>(normal(64 * blocks, 64, 3), 64, 256, waves);
-      check_nested_one_call<fp4, bf16>(normal(64 * blocks, 64, 2), 64, 256, waves);
-    }
-    check_nested_one_call<nf4, bf16>(wide(64 * 70001, 64), 64, 256, waves);
-    check_nested_one_call<nf4, bf16>(test_values(64 * 5000, 3, true), 64, 256, waves);
-    // runtime block sizes (narrow and wide groups), nested blocks 64 and 4096
-    check_nested_one_call<fp4, bf16>(normal(128 * 9000, 128, 4), 128, 64, waves);
-    check_nested_one_call<nf4, bf16>(normal(1024 * 700, 1024, 4), 1024, 4096, waves);
-    check_nested_one_call<nf4, bf16>(normal(4096 * 300, 4096, 4), 4096, 256, waves);
-    // int8 from fp32: block 256 (compile-time), 512 (wide groups), specials and a wide span
-    check_nested_one_call<dynamic_signed, float>(normal(256 * 20000, 256, 5), 256, 256, waves);
-    check_nested_one_call<dynamic_signed, float>(normal(512 * 3000, 512, 5), 512, 256, waves);
-    check_nested_one_call<dynamic_signed, float>(test_values(256 * 3000, 7, true), 256, 256, waves);
-    check_nested_one_call<dynamic_signed, float>(wide(256 * 3000, 256), 256, 128, waves);
-  }
-  // where the records path does not apply: a partial last block, an unaligned x, stochastic
-  // rounding, waves 0
-  check_nested_one_call<nf4, bf16>(normal(64 * 3000 + 5, 64, 3), 64, 256, 1);
-  check_nested_one_call<nf4, bf16>(normal(64 * 3000 + 3, 64, 3), 64, 256, 1, 3);
-  check_nested_one_call<nf4, bf16>(normal(64 * 3000, 64, 3), 64, 256, 1, 0, rounding{true, 9});
-  check_nested_one_call<nf4, bf16>(normal(64 * 3000, 64, 3), 64, 256, 0);
-  // more scales than fused_capacity: the two separate passes, the two-kernel double quantization
-  std::size_t const capacity = k::fused_capacity(0);
-  k::set_fused_capacity(0, 2000);
-  check_nested_one_call<nf4, bf16>(normal(64 * 3000, 64, 3), 64, 256, 1);
-  k::set_fused_capacity(0, capacity);
-  // the public entry point
-  {
-    auto const xf = normal(64 * 4096, 64, 3);
-    auto const x = as<bf16>(xf);
-    std::size_t const m = 4096;
-    std::vector<std::uint8_t> hc(x.size() / 2);
-    std::vector<float> ha(m);
-    std::vector<std::uint8_t> hq(m);
-    std::vector<float> h2(m / 256);
-    std::vector<float> hoff(1);
-    quantize_blockwise_nested<nf4>(exec::host{}, view(x), 64, view(hc), view(ha), 256, view(hq),
-                                   view(h2), view(hoff));
-    auto dx = cuda_backend::upload(x);
-    auto dc = cuda_backend::alloc<std::uint8_t>(hc.size());
-    auto da = cuda_backend::alloc<float>(m);
-    auto dq = cuda_backend::alloc<std::uint8_t>(m);
-    auto d2 = cuda_backend::alloc<float>(h2.size());
-    auto doff = cuda_backend::alloc<float>(1);
-    quantize_blockwise_nested<nf4>(exec::cuda{}, tensor_view<bf16 const>(dx.view()), 64, dc.view(),
-                                   da.view(), 256, dq.view(), d2.view(), doff.view());
-    REQUIRE(cuda_backend::download(dc.view()) == hc);
-    REQUIRE(same_values(cuda_backend::download(da.view()), ha));
-    REQUIRE(same_values(cuda_backend::download(doff.view()), hoff));
-    REQUIRE(cuda_backend::download(dq.view()) == hq);
-    REQUIRE(same_values(cuda_backend::download(d2.view()), h2));
-  }
-}
-
-TEST_CASE("cuda blockwise: quantize_blockwise_nested, small cases (sanitizers)") {
-  if (qmem::test::skip<cuda_backend>())
-    return;
-  // small enough for compute-sanitizer: the records path with exact and inexact sums, int8 too
-  std::mt19937 g(59);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> v(64 * 9000);
-  for (std::size_t i = 0; i < v.size(); ++i)
-    v[i] = nd(g);
-  check_nested_one_call<nf4, bf16>(v, 64, 256, 1);
-  check_nested_one_call<fp4, bf16>(v, 64, 256, 4);
+  std::vector<float> v(64 * 9000 + 5);
+  for (auto& e : v)
+    e = nd(g);
+  check_nested_one_call<nf4, bf16>(v, 64, 256);
+  check_nested_one_call<fp4, bf16>(v, 64, 256, 3); // unaligned view, partial last block
+  check_nested_one_call<dynamic_signed, float>(v, 256, 256);
+  // scales over 2^-30 .. 2^30: the offset's sum is not exact in every order
   for (std::size_t i = 0; i < v.size(); ++i)
     v[i] = std::ldexp(v[i], static_cast<int>(i / 64 % 61) - 30);
-  check_nested_one_call<nf4, bf16>(v, 64, 256, 1);
-  check_nested_one_call<dynamic_signed, float>(v, 256, 256, 1);
+  check_nested_one_call<nf4, bf16>(v, 64, 4096);
+  check_nested_one_call<nf4, bf16>(std::vector<float>{}, 64, 256); // empty: offset 0
 }
 
 TEST_CASE("cuda blockwise: double quantization captured in a CUDA graph replays to the host's "

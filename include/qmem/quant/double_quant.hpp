@@ -161,9 +161,9 @@ void quantize_scales(E const& e, tensor_view<float const> absmax, std::size_t ne
 //! Blockwise quantization with double-quantized scales in one call: quantize_blockwise<C>(e, x,
 //! block_size, codes, absmax, r), then quantize_scales(e, absmax, nested_block, qabsmax,
 //! absmax2, offset), with the same results bit for bit (`absmax` receives the plain scales, the
-//! nested quantization's input). One call lets the GPU backend fuse the two passes; it has a
-//! candidate that does (quant/cuda/blockwise.cuh: quantize_blockwise_nested, record_waves), not
-//! dispatched: it measured slower than the two passes.
+//! nested quantization's input), on every backend. Both backends run the two passes: a fused GPU
+//! form (the quantize kernel also leaving per-CTA partial sums of the offset's mean) measured
+//! slower (docs/benchmarks.md, "dq7"); one call leaves room for a faster one.
 //! Preconditions (checked before anything is written): those of quantize_blockwise and of
 //! quantize_scales; no two of x, codes, absmax, qabsmax, absmax2 and offset overlap.
 template <code_type C, exec::execution E, float_element T>
@@ -195,19 +195,8 @@ void quantize_blockwise_nested(E const& e, tensor_view<T const> x, std::size_t b
   qmem::detail::check_disjoint(absmax, offset, fn, "absmax", "offset");
   qmem::detail::check_disjoint(qabsmax, offset, fn, "qabsmax", "offset");
   qmem::detail::check_disjoint(absmax2, offset, fn, "absmax2", "offset");
-  if constexpr (exec::is_cuda_v<E>) {
-#if QMEM_HAS_CUDA() && QMEM_QUANT_HAS_CUDA_BLOCKWISE
-    cuda_impl::quantize_blockwise_nested<C>(e, x, block_size, codes, absmax, nested_block, qabsmax,
-                                            absmax2, offset, r);
-#else
-    static_assert(detail::always_false_v<E>,
-                  "qmem::quant::quantize_blockwise_nested with exec::cuda needs a translation "
-                  "unit compiled by nvcc (and quant/cuda/blockwise.cuh)");
-#endif
-  } else {
-    quantize_blockwise<C>(e, x, block_size, codes, absmax, r);
-    quantize_scales(e, tensor_view<float const>(absmax), nested_block, qabsmax, absmax2, offset);
-  }
+  quantize_blockwise<C>(e, x, block_size, codes, absmax, r);
+  quantize_scales(e, tensor_view<float const>(absmax), nested_block, qabsmax, absmax2, offset);
 }
 
 //! quantize_scales with a given offset instead of the computed mean (host only): reproduces

@@ -352,7 +352,7 @@ quantized_tensor quantize(E const& e, tensor_view<T const> x, std::span<std::int
   }
   if (!is_custom(format.code))
     visit_code(format.code, [&]<class C>(std::type_identity<C>) {
-      // nested: one call, so that the GPU's quantize kernel also sums the offset's mean
+      // nested: quantize + double quantization in one call
       if (format.nested)
         quantize_blockwise_nested<C>(e, x, format.block_size, q.codes(), absmax,
                                      format.nested_block, q.qabsmax(), q.absmax2(), q.offset(),

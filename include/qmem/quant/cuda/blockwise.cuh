@@ -36,12 +36,6 @@
 //!   exact warp sums where the order cannot matter, the host's order elsewhere), then the nested
 //!   8-bit quantization (nested_quantize: one step per thread), launched as a programmatic
 //!   dependent of it.
-//! - quantize + double quantization in one call (quantize_blockwise_nested): the two passes above.
-//!   A candidate, not dispatched (slower, see record_waves): the quantize kernel
-//!   (quantize_whole_records) also leaves per CTA the span-bounded sum of the absmax values it
-//!   wrote, and offset_nested_quantize_records takes the offset from those records (no loading and
-//!   summing of the scales, no grid barrier before the nested quantization when the sums are
-//!   exact in any order).
 //! Unaligned views (subviews at odd offsets) take a scalar path that computes the same function.
 //! Code books live in shared memory: kernel parameters sit in constant memory, which serializes
 //! a warp's reads of different entries.
@@ -731,107 +725,6 @@ inline constexpr int whole_fixed_shift = Items != whole_items<T>
 //! indices: blk + stride stays below 2^32).
 inline constexpr size_t whole_fixed_max_blocks = size_t{1} << 31;
 
-// ---- the offset's partial sums: span-bounded sums, exact in any order where they are used --
-
-//! A thread's bounds of the bit span of its scales while it loads them: over the nonzero terms,
-//! the largest |x| bit pattern (`max_bits`), the smallest minus one (`min_bits_1`: a zero's
-//! 0 - 1 wraps to the largest), and the OR of the mantissa fields (`mantissas`): three integer
-//! operations per term instead of bit_span's eight (the bound is looser only where the terms'
-//! lowest bits differ). span_of turns them into a span_sum's two fields.
-struct span_bounds {
-  uint32_t max_bits = 0u;
-  uint32_t min_bits_1 = ~0u;
-  uint32_t mantissas = 0u;
-};
-
-//! Adds one term to a span_bounds.
-__device__ QMEM_INLINE void add_span(span_bounds& t, float v) noexcept {
-  uint32_t const u = qmem::detail::float_to_bits(v) & 0x7fffffffu;
-  t.max_bits = u > t.max_bits ? u : t.max_bits;
-  t.min_bits_1 = u - 1u < t.min_bits_1 ? u - 1u : t.min_bits_1;
-  t.mantissas |= u & 0x007fffffu;
-}
-
-//! `low` of a span_sum whose terms are all zero (above every real bound) and of one with a
-//! subnormal term (below every real bound: never exact).
-inline constexpr int span_low_none = 1 << 29;
-inline constexpr int span_low_subnormal = -(1 << 29);
-
-//! A partial sum of scales with what bounds the bit span of its terms: `top` the largest |x| bit
-//! pattern (0: every term zero; >= 0x7f800000: an infinite or NaN term) and `low` a lower bound
-//! of every nonzero term's lowest set bit, as a biased exponent (exponent field - 23 + trailing
-//! zeros of the mantissa with its hidden bit; span_low_none / span_low_subnormal). Both combine
-//! by max / min, so a CTA's record is 16 bytes (one vector load) and its reductions shuffle
-//! three fields, not four.
-struct span_sum {
-  double sum;
-  uint32_t top;
-  int low;
-};
-
-//! The span_sum of terms with these bounds and sum. Every nonzero normal term u has its lowest
-//! set bit at exponent(u) - 23 + ctz(mantissa(u) | 2^23) >= exponent(min) - 23 +
-//! ctz(mantissas | 2^23), the bound stored in `low`.
-__device__ QMEM_INLINE span_sum span_of(double sum, span_bounds const& b) noexcept {
-  uint32_t const min_bits = b.min_bits_1 + 1u;
-  int const low = b.max_bits == 0          ? span_low_none
-                  : min_bits < 0x00800000u ? span_low_subnormal
-                                           : static_cast<int>(min_bits >> 23) - 24 +
-                                                 __ffs(static_cast<int>(b.mantissas | 0x00800000u));
-  return {sum, b.max_bits, low};
-}
-
-//! True when every partial sum, in any order, of m terms with these bounds is exact in double
-//! (no subnormal, infinite or NaN term; leading bit - lowest bit <= 52 - ceil(log2 m)): then
-//! `sum` is the host's tree sum whatever order made it.
-__device__ QMEM_INLINE bool exact_in_any_order(span_sum const& t, int log2_m) noexcept {
-  if (t.top == 0)
-    return true; // only zeros
-  if (t.top >= 0x7f800000u)
-    return false;
-  return static_cast<int>(t.top >> 23) - t.low <= 52 - log2_m;
-}
-
-//! Combines two span_sums (the sums in any order: used only where the result is exact).
-__device__ QMEM_INLINE span_sum combine(span_sum a, span_sum b) noexcept {
-  return {a.sum + b.sum, a.top > b.top ? a.top : b.top, a.low < b.low ? a.low : b.low};
-}
-
-//! The CTA's combined span_sum, in every thread (two CTA barriers).
-__device__ QMEM_INLINE span_sum cta_span_sum(span_sum v,
-                                             span_sum (&partial)[cta_threads / 32]) noexcept {
-  QMEM_UNROLL
-  for (int offset = 16; offset > 0; offset /= 2)
-    v = combine(v, {__shfl_xor_sync(0xffffffffu, v.sum, offset),
-                    __shfl_xor_sync(0xffffffffu, v.top, offset),
-                    __shfl_xor_sync(0xffffffffu, v.low, offset)});
-  if (threadIdx.x % 32 == 0)
-    partial[threadIdx.x / 32] = v;
-  __syncthreads();
-  v = partial[0];
-  QMEM_UNROLL
-  for (int w = 1; w < cta_threads / 32; ++w)
-    v = combine(v, partial[w]);
-  __syncthreads(); // partial is reused
-  return v;
-}
-
-//! A CTA's record in offset_nested_quantize's workspace: its span_sum in 16 bytes.
-__device__ QMEM_INLINE void store_record(double* ws, unsigned cta, span_sum const& t) noexcept {
-  auto const bits = static_cast<unsigned long long>(__double_as_longlong(t.sum));
-  __stcg(reinterpret_cast<uint4*>(ws) + cta,
-         make_uint4(static_cast<uint32_t>(bits), static_cast<uint32_t>(bits >> 32), t.top,
-                    static_cast<uint32_t>(t.low)));
-}
-
-//! The record store_record wrote (through L2: written by another CTA before a grid barrier).
-__device__ QMEM_INLINE span_sum load_record(double const* ws, unsigned cta) noexcept {
-  uint4 const r = __ldcg(reinterpret_cast<uint4 const*>(ws) + cta);
-  return {__longlong_as_double(static_cast<long long>((static_cast<unsigned long long>(r.y) << 32) |
-                                                      static_cast<unsigned long long>(r.x))),
-          r.z, static_cast<int>(r.w)};
-}
-
 //! Quantize kernel of whole blocks, nearest rounding: aligned input and codes, a power-of-two
 //! block size of at least Items, `blocks` blocks all full (the caller quantizes a partial last
 //! block with quantize_scalar). The layout is quantize_aligned's (a group of block / Items
@@ -850,50 +743,12 @@ __device__ QMEM_INLINE span_sum load_record(double const* ws, unsigned cta) noex
 //! the same value as `block_shift`), or 0 when it is not (any block size, read from `block_shift`).
 //! With it the group's shuffles, the code regrouping and the block addressing fold to constants
 //! (whole_fixed_shift).
-//! Each thread's running span_sum of quantize_whole_records (one slot per thread of a CTA of
-//! cta_threads threads; only the thread itself reads or writes its slot: no barriers).
-struct record_slots {
-  double sum[cta_threads];
-  span_bounds bounds[cta_threads];
-};
-
-//! The CTA's record_slots (one shared object per CTA, for every caller in the kernel).
-__device__ QMEM_INLINE record_slots& record_slots_shared() noexcept {
-  __shared__ record_slots slots;
-  return slots;
-}
-
-//! Empties this thread's slot.
-__device__ QMEM_INLINE void record_slots_init() noexcept {
-  record_slots& r = record_slots_shared();
-  r.sum[threadIdx.x] = 0.0;
-  r.bounds[threadIdx.x] = span_bounds{};
-}
-
-//! Adds one term to this thread's slot.
-__device__ QMEM_INLINE void record_slots_add(float v) noexcept {
-  record_slots& r = record_slots_shared();
-  span_bounds b = r.bounds[threadIdx.x];
-  add_span(b, v);
-  r.bounds[threadIdx.x] = b;
-  r.sum[threadIdx.x] += static_cast<double>(v);
-}
-
-//! This thread's span_sum.
-__device__ QMEM_INLINE span_sum record_slots_result() noexcept {
-  record_slots const& r = record_slots_shared();
-  return span_of(r.sum[threadIdx.x], r.bounds[threadIdx.x]);
-}
-
-//! The kernels are quantize_whole and quantize_whole_records (below), which share this body:
-//! `Records` also sums the absmax values this CTA writes into one span_sum record at
-//! records[blockIdx.x] (launched with cta_threads threads per CTA).
-template <class C, class T, int Items, class Transform, bool Prefetch, int FixedShift, bool Records>
-__device__ QMEM_INLINE void
-quantize_whole_body(T const* QMEM_RESTRICT x, size_t blocks, int runtime_block_shift,
-                    uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, book_t<C> book,
-                    typename normal_encoder<C>::params const& enc_params, Transform transform,
-                    double* QMEM_RESTRICT records) {
+template <class C, class T, int Items, class Transform, int MinCtas = whole_min_ctas<T, Items>,
+          bool Prefetch = false, int FixedShift = 0>
+__global__ void __launch_bounds__(cta_threads, MinCtas)
+    quantize_whole(T const* QMEM_RESTRICT x, size_t blocks, int runtime_block_shift,
+                   uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, book_t<C> book,
+                   typename normal_encoder<C>::params const enc_params, Transform transform) {
   using lay = thread_layout<C, T, Items>;
   constexpr int vectors = lay::vectors;
   constexpr int code_bytes_per_vector = lay::code_bytes_per_vector;
@@ -964,16 +819,6 @@ quantize_whole_body(T const* QMEM_RESTRICT x, size_t blocks, int runtime_block_s
       return stride;
     }
   };
-  // Records: this thread's sum of the absmax values it stores and the bounds of their bit span,
-  // in its slot of shared memory (in registers they took 5 more per thread, and ptxas spilled
-  // 60 bytes at the 48-register bound of NF4 / FP4 block 64: ptxas 13.0 sm_90a, 2026-11-30)
-  if constexpr (Records)
-    record_slots_init();
-  auto const store_absmax = [&](index blk, float amax) {
-    absmax[blk] = amax;
-    if constexpr (Records)
-      record_slots_add(amax);
-  };
   for (index blk = first; blk - static_cast<index>(group) < blocks; blk += next_stride()) {
     bool const active = blk < blocks;
     size_t const begin = static_cast<size_t>(blk) << block_shift;
@@ -1000,7 +845,7 @@ quantize_whole_body(T const* QMEM_RESTRICT x, size_t blocks, int runtime_block_s
         uint32_t w[4] = {};
         if (active) {
           if (lane() == 0)
-            store_absmax(blk, amax);
+            absmax[blk] = amax;
           if (normal) {
             float const inv = rcp_normal(amax);
             QMEM_UNROLL
@@ -1023,7 +868,7 @@ quantize_whole_body(T const* QMEM_RESTRICT x, size_t blocks, int runtime_block_s
     if (!active)
       continue;
     if (lane() == 0)
-      store_absmax(blk, amax);
+      absmax[blk] = amax;
     uint8_t* const cb = codes + (C::bits == 8 ? begin : begin / 2) + lane() * code_bytes_per_vector;
     if (normal) {
       float const inv = rcp_normal(amax);
@@ -1039,41 +884,6 @@ quantize_whole_body(T const* QMEM_RESTRICT x, size_t blocks, int runtime_block_s
                                   general);
     }
   }
-  if constexpr (Records) {
-    __shared__ span_sum partial[cta_threads / 32];
-    span_sum const t = cta_span_sum(record_slots_result(), partial);
-    if (threadIdx.x == 0)
-      store_record(records, blockIdx.x, t);
-  }
-}
-
-template <class C, class T, int Items, class Transform, int MinCtas = whole_min_ctas<T, Items>,
-          bool Prefetch = false, int FixedShift = 0>
-__global__ void __launch_bounds__(cta_threads, MinCtas)
-    quantize_whole(T const* QMEM_RESTRICT x, size_t blocks, int runtime_block_shift,
-                   uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax, book_t<C> book,
-                   typename normal_encoder<C>::params const enc_params, Transform transform) {
-  quantize_whole_body<C, T, Items, Transform, Prefetch, FixedShift, false>(
-      x, blocks, runtime_block_shift, codes, absmax, book, enc_params, transform, nullptr);
-}
-
-//! quantize_whole that also leaves, for double quantization, each CTA's span_sum of the absmax
-//! values it wrote at records[blockIdx.x] (16 bytes: store_record), launched with cta_threads
-//! threads per CTA: offset_nested_quantize_records then finds the offset from these records alone
-//! (where their sums are exact in any order) instead of loading, summing and reducing the scales
-//! behind a grid barrier itself. Adds per stored absmax (lane 0 of each group) one double addition
-//! and add_span's three integer operations on the thread's record_slots entry, and per CTA one
-//! reduction at its end; 5 KB of shared memory per CTA. No spills at the dispatched bounds (NF4 /
-//! FP4 from bf16 block 64: 48 registers; int8 from fp32 block 256: 40), as the plain kernel.
-//! Not dispatched: the whole records path is slower than the two passes (record_waves).
-template <class C, class T, int Items, class Transform, int MinCtas, int FixedShift>
-__global__ void __launch_bounds__(cta_threads, MinCtas)
-    quantize_whole_records(T const* QMEM_RESTRICT x, size_t blocks, int runtime_block_shift,
-                           uint8_t* QMEM_RESTRICT codes, float* QMEM_RESTRICT absmax,
-                           book_t<C> book, typename normal_encoder<C>::params const enc_params,
-                           Transform transform, double* QMEM_RESTRICT records) {
-  quantize_whole_body<C, T, Items, Transform, false, FixedShift, true>(
-      x, blocks, runtime_block_shift, codes, absmax, book, enc_params, transform, records);
 }
 
 //! Scalar quantize kernel: any alignment, any (even) block size. One warp per block; two passes
@@ -1939,6 +1749,105 @@ inline constexpr size_t fused_scales_per_cta = static_cast<size_t>(cta_threads) 
 static_assert(fused_scales_per_cta ==
               offset_tree_arity_v * static_cast<size_t>(mean_nodes_per_warp * (cta_threads / 32)));
 
+//! A thread's bounds of the bit span of its scales while it loads them: over the nonzero terms,
+//! the largest |x| bit pattern (`max_bits`), the smallest minus one (`min_bits_1`: a zero's
+//! 0 - 1 wraps to the largest), and the OR of the mantissa fields (`mantissas`): three integer
+//! operations per term instead of bit_span's eight (the bound is looser only where the terms'
+//! lowest bits differ). span_of turns them into a span_sum's two fields.
+struct span_bounds {
+  uint32_t max_bits = 0u;
+  uint32_t min_bits_1 = ~0u;
+  uint32_t mantissas = 0u;
+};
+
+//! Adds one term to a span_bounds.
+__device__ QMEM_INLINE void add_span(span_bounds& t, float v) noexcept {
+  uint32_t const u = qmem::detail::float_to_bits(v) & 0x7fffffffu;
+  t.max_bits = u > t.max_bits ? u : t.max_bits;
+  t.min_bits_1 = u - 1u < t.min_bits_1 ? u - 1u : t.min_bits_1;
+  t.mantissas |= u & 0x007fffffu;
+}
+
+//! `low` of a span_sum whose terms are all zero (above every real bound) and of one with a
+//! subnormal term (below every real bound: never exact).
+inline constexpr int span_low_none = 1 << 29;
+inline constexpr int span_low_subnormal = -(1 << 29);
+
+//! A partial sum of scales with what bounds the bit span of its terms: `top` the largest |x| bit
+//! pattern (0: every term zero; >= 0x7f800000: an infinite or NaN term) and `low` a lower bound
+//! of every nonzero term's lowest set bit, as a biased exponent (exponent field - 23 + trailing
+//! zeros of the mantissa with its hidden bit; span_low_none / span_low_subnormal). Both combine
+//! by max / min, so a CTA's record is 16 bytes (one vector load) and its reductions shuffle
+//! three fields, not four.
+struct span_sum {
+  double sum;
+  uint32_t top;
+  int low;
+};
+
+//! The span_sum of terms with these bounds and sum. Every nonzero normal term u has its lowest
+//! set bit at exponent(u) - 23 + ctz(mantissa(u) | 2^23) >= exponent(min) - 23 +
+//! ctz(mantissas | 2^23), the bound stored in `low`.
+__device__ QMEM_INLINE span_sum span_of(double sum, span_bounds const& b) noexcept {
+  uint32_t const min_bits = b.min_bits_1 + 1u;
+  int const low = b.max_bits == 0          ? span_low_none
+                  : min_bits < 0x00800000u ? span_low_subnormal
+                                           : static_cast<int>(min_bits >> 23) - 24 +
+                                                 __ffs(static_cast<int>(b.mantissas | 0x00800000u));
+  return {sum, b.max_bits, low};
+}
+
+//! True when every partial sum, in any order, of m terms with these bounds is exact in double
+//! (no subnormal, infinite or NaN term; leading bit - lowest bit <= 52 - ceil(log2 m)): then
+//! `sum` is the host's tree sum whatever order made it.
+__device__ QMEM_INLINE bool exact_in_any_order(span_sum const& t, int log2_m) noexcept {
+  if (t.top == 0)
+    return true; // only zeros
+  if (t.top >= 0x7f800000u)
+    return false;
+  return static_cast<int>(t.top >> 23) - t.low <= 52 - log2_m;
+}
+
+//! Combines two span_sums (the sums in any order: used only where the result is exact).
+__device__ QMEM_INLINE span_sum combine(span_sum a, span_sum b) noexcept {
+  return {a.sum + b.sum, a.top > b.top ? a.top : b.top, a.low < b.low ? a.low : b.low};
+}
+
+//! The CTA's combined span_sum, in every thread (two CTA barriers).
+__device__ QMEM_INLINE span_sum cta_span_sum(span_sum v,
+                                             span_sum (&partial)[cta_threads / 32]) noexcept {
+  QMEM_UNROLL
+  for (int offset = 16; offset > 0; offset /= 2)
+    v = combine(v, {__shfl_xor_sync(0xffffffffu, v.sum, offset),
+                    __shfl_xor_sync(0xffffffffu, v.top, offset),
+                    __shfl_xor_sync(0xffffffffu, v.low, offset)});
+  if (threadIdx.x % 32 == 0)
+    partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = partial[0];
+  QMEM_UNROLL
+  for (int w = 1; w < cta_threads / 32; ++w)
+    v = combine(v, partial[w]);
+  __syncthreads(); // partial is reused
+  return v;
+}
+
+//! A CTA's record in offset_nested_quantize's workspace: its span_sum in 16 bytes.
+__device__ QMEM_INLINE void store_record(double* ws, unsigned cta, span_sum const& t) noexcept {
+  auto const bits = static_cast<unsigned long long>(__double_as_longlong(t.sum));
+  __stcg(reinterpret_cast<uint4*>(ws) + cta,
+         make_uint4(static_cast<uint32_t>(bits), static_cast<uint32_t>(bits >> 32), t.top,
+                    static_cast<uint32_t>(t.low)));
+}
+
+//! The record store_record wrote (through L2: written by another CTA before a grid barrier).
+__device__ QMEM_INLINE span_sum load_record(double const* ws, unsigned cta) noexcept {
+  uint4 const r = __ldcg(reinterpret_cast<uint4 const*>(ws) + cta);
+  return {__longlong_as_double(static_cast<long long>((static_cast<unsigned long long>(r.y) << 32) |
+                                                      static_cast<unsigned long long>(r.x))),
+          r.z, static_cast<int>(r.w)};
+}
+
 //! The host's sum of one leaf of the offset's tree (absmax[256 node, ...) inside [0, m)), in
 //! every lane of the calling warp: with shuffles where warp_exact_sum allows, else in order by
 //! lane 0 (the layout of offset_mean's leaves).
@@ -2002,18 +1911,13 @@ __device__ QMEM_INLINE double leaf_sum(float const* absmax, size_t m, size_t nod
 //! reductions and the grid barrier. Tried and not taken: CTAs of 512 threads, 2 per SM (half the
 //! records and barrier arrivals): 16.3 us, 86 K spill requests, A/B within noise (0.0171 /
 //! 0.0170 ms).
-//! `Precomputed`: `ws` starts with `records` span_sum records of the scales left by the kernel
-//! before it (quantize_whole_records, whose CTAs together wrote every scale of absmax[0, m)):
-//! step 1 and its grid barrier are skipped, step 2 combines those records (the fallback's tree
-//! then starts at ws + 2 * records). Otherwise `records` is unused and the kernel's own records
-//! take the first 2 * gridDim.x doubles.
-//! (The body of offset_nested_quantize and offset_nested_quantize_records, below.)
-template <bool Precomputed>
-__device__ QMEM_INLINE void
-offset_nested_body(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
-                   double* QMEM_RESTRICT ws, unsigned records, float* QMEM_RESTRICT offset,
-                   uint8_t* QMEM_RESTRICT qabsmax, float* QMEM_RESTRICT absmax2, bool vector_io,
-                   typename device_encoder<dynamic_signed>::params const& p) {
+template <int = 0>
+__global__ void __launch_bounds__(cta_threads, nested_min_ctas)
+    offset_nested_quantize(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
+                           double* QMEM_RESTRICT ws, float* QMEM_RESTRICT offset,
+                           uint8_t* QMEM_RESTRICT qabsmax, float* QMEM_RESTRICT absmax2,
+                           bool vector_io,
+                           typename device_encoder<dynamic_signed>::params const p) {
   using layout = bucket_layout_of<dynamic_signed>::type;
   __shared__ alignas(16) uint32_t table[layout::entries];
   __shared__ uint32_t warp_max[max_quantize_threads / 32];
@@ -2035,48 +1939,30 @@ offset_nested_body(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift
   else
     load_nested(a, absmax, s, nested_shift, vector_io);
 
-  span_sum t = {0.0, 0u, span_low_none};
-  if constexpr (Precomputed) {
-    wait_copies_to_shared(); // cta_span_sum's barriers below publish every thread's copies
-    // 2. every CTA combines the earlier kernel's records (grid-uniform result), four loads in
-    // flight per thread
-    constexpr int batch = 4;
-    for (unsigned b0 = threadIdx.x; b0 < records; b0 += batch * cta_threads) {
-      span_sum r[batch];
+  // 1. this thread's sum (four chains: any order is the exact one where it is used) and bounds
+  span_sum t;
+  {
+    span_bounds b;
+    double c[4] = {0.0, 0.0, 0.0, 0.0};
+    QMEM_UNROLL
+    for (int j = 0; j < nested_vectors; ++j)
       QMEM_UNROLL
-      for (int k = 0; k < batch; ++k) {
-        unsigned const b = b0 + static_cast<unsigned>(k * cta_threads);
-        r[k] = b < records ? load_record(ws, b) : span_sum{0.0, 0u, span_low_none};
-      }
-      QMEM_UNROLL
-      for (int k = 0; k < batch; ++k)
-        t = combine(t, r[k]);
+    for (int k = 0; k < 4; ++k) {
+      add_span(b, a[j][k]);
+      c[k] += static_cast<double>(a[j][k]);
     }
-  } else {
-    // 1. this thread's sum (four chains: any order is the exact one where it is used) and bounds
-    {
-      span_bounds b;
-      double c[4] = {0.0, 0.0, 0.0, 0.0};
-      QMEM_UNROLL
-      for (int j = 0; j < nested_vectors; ++j)
-        QMEM_UNROLL
-      for (int k = 0; k < 4; ++k) {
-        add_span(b, a[j][k]);
-        c[k] += static_cast<double>(a[j][k]);
-      }
-      t = span_of((c[0] + c[1]) + (c[2] + c[3]), b);
-    }
-    t = cta_span_sum(t, partial);
-    if (threadIdx.x == 0)
-      store_record(ws, blockIdx.x, t);
-    grid.sync();
-    wait_copies_to_shared(); // cta_span_sum's barriers below publish every thread's copies
-
-    // 2. every CTA combines every record (grid-uniform result)
-    t = {0.0, 0u, span_low_none};
-    for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x)
-      t = combine(t, load_record(ws, b));
+    t = span_of((c[0] + c[1]) + (c[2] + c[3]), b);
   }
+  t = cta_span_sum(t, partial);
+  if (threadIdx.x == 0)
+    store_record(ws, blockIdx.x, t);
+  grid.sync();
+  wait_copies_to_shared(); // cta_span_sum's barriers below publish every thread's copies
+
+  // 2. every CTA combines every record (grid-uniform result)
+  t = {0.0, 0u, span_low_none};
+  for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x)
+    t = combine(t, load_record(ws, b));
   t = cta_span_sum(t, partial);
   int const log2_m = m > 1 ? 64 - __clzll(static_cast<long long>(m - 1)) : 0; // ceil(log2 m)
   float off = 0.0f;
@@ -2087,7 +1973,7 @@ offset_nested_body(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift
     constexpr size_t arity = offset_tree_arity_v;
     int const warp = static_cast<int>(threadIdx.x) / 32;
     int const lane = static_cast<int>(threadIdx.x) % 32;
-    double* const leaves = ws + 2 * static_cast<size_t>(Precomputed ? records : gridDim.x);
+    double* const leaves = ws + 2 * static_cast<size_t>(gridDim.x);
     size_t const nodes = (m + arity - 1) / arity;
     size_t const uppers = (nodes + arity - 1) / arity;
     double* const upper = leaves + nodes;
@@ -2137,30 +2023,6 @@ offset_nested_body(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift
     encode_nested<true>(a, off, s, nested_shift, qabsmax, absmax2, vector_io, table, p, warp_max);
   else
     encode_nested(a, off, s, nested_shift, qabsmax, absmax2, vector_io, table, p, warp_max);
-}
-
-template <int = 0>
-__global__ void __launch_bounds__(cta_threads, nested_min_ctas)
-    offset_nested_quantize(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
-                           double* QMEM_RESTRICT ws, float* QMEM_RESTRICT offset,
-                           uint8_t* QMEM_RESTRICT qabsmax, float* QMEM_RESTRICT absmax2,
-                           bool vector_io,
-                           typename device_encoder<dynamic_signed>::params const p) {
-  offset_nested_body<false>(absmax, m, nested_shift, ws, 0u, offset, qabsmax, absmax2, vector_io,
-                            p);
-}
-
-//! offset_nested_quantize after quantize_whole_records: `ws` starts with its `records` records
-//! (the Precomputed form of the body above). A candidate, not dispatched (record_waves).
-template <int = 0>
-__global__ void __launch_bounds__(cta_threads, nested_min_ctas)
-    offset_nested_quantize_records(float const* QMEM_RESTRICT absmax, size_t m, int nested_shift,
-                                   double* QMEM_RESTRICT ws, unsigned records,
-                                   float* QMEM_RESTRICT offset, uint8_t* QMEM_RESTRICT qabsmax,
-                                   float* QMEM_RESTRICT absmax2, bool vector_io,
-                                   typename device_encoder<dynamic_signed>::params const p) {
-  offset_nested_body<true>(absmax, m, nested_shift, ws, records, offset, qabsmax, absmax2,
-                           vector_io, p);
 }
 
 //! Elementwise dequantization of double-quantized scales. (A template only so that the header
@@ -2524,13 +2386,12 @@ inline void lower_fused_capacity(int device, size_t refused_grid) {
   capacity = below < capacity ? below : capacity;
 }
 
-//! Doubles of workspace offset_nested_quantize needs for m scales (see the kernel); with
-//! `records` > 0, offset_nested_quantize_records after that many precomputed records.
-inline size_t fused_workspace_size(size_t m, size_t records = 0) noexcept {
+//! Doubles of workspace offset_nested_quantize needs for m scales (see the kernel).
+inline size_t fused_workspace_size(size_t m) noexcept {
   constexpr size_t arity = offset_tree_arity_v;
   size_t const grid = (m + fused_scales_per_cta - 1) / fused_scales_per_cta;
   size_t const nodes = (m + arity - 1) / arity;
-  return 2 * (records != 0 ? records : grid) + nodes + (nodes + arity - 1) / arity;
+  return 2 * grid + nodes + (nodes + arity - 1) / arity;
 }
 
 //! A workspace of fused_workspace_size(device_fused_capacity(e.device)) doubles kept for the life
@@ -2586,14 +2447,10 @@ inline double* persistent_workspace(exec::cuda const& e) {
 //! context holds fewer CTAs than fused_capacity computed, e.g. under MPS with an active-thread
 //! limit); fused_capacity(e.device) is then lowered below that grid (lower_fused_capacity).
 //! Inside a stream capture that refusal has invalidated the capture: throws cuda_error.
-//! `Records`: offset_nested_quantize_records, whose `workspace` (not nullptr) starts with the
-//! `records` span_sum records of absmax left by quantize_whole_records, the kernel before it on
-//! the stream (a template argument, so that only its callers instantiate that kernel).
-template <bool Records = false>
-bool launch_offset_nested_quantize(exec::cuda const& e, float const* absmax, size_t m,
-                                   size_t nested_block, float* offset, uint8_t* qabsmax,
-                                   float* absmax2, bool dependent, double* workspace = nullptr,
-                                   unsigned records = 0) {
+inline bool launch_offset_nested_quantize(exec::cuda const& e, float const* absmax, size_t m,
+                                          size_t nested_block, float* offset, uint8_t* qabsmax,
+                                          float* absmax2, bool dependent,
+                                          double* workspace = nullptr) {
   auto kernel = offset_nested_quantize<>;
   size_t const grid = (m + fused_scales_per_cta - 1) / fused_scales_per_cta;
   std::optional<memory::device_workspace<double>> pooled;
@@ -2616,14 +2473,8 @@ bool launch_offset_nested_quantize(exec::cuda const& e, float const* absmax, siz
   config.stream = e.stream;
   config.attrs = attr;
   config.numAttrs = dependent ? 2 : 1;
-  cudaError_t const status = [&] {
-    if constexpr (Records)
-      return cudaLaunchKernelEx(&config, offset_nested_quantize_records<>, absmax, m, shift, w,
-                                records, offset, qabsmax, absmax2, vector_io, params);
-    else
-      return cudaLaunchKernelEx(&config, kernel, absmax, m, shift, w, offset, qabsmax, absmax2,
-                                vector_io, params);
-  }();
+  cudaError_t const status = cudaLaunchKernelEx(&config, kernel, absmax, m, shift, w, offset,
+                                                qabsmax, absmax2, vector_io, params);
   if (status == cudaErrorCooperativeLaunchTooLarge) {
     (void)cudaGetLastError(); // not sticky: clear it so that no later check reports it
     lower_fused_capacity(e.device, grid);
@@ -2661,87 +2512,6 @@ inline void quantize_scales_by(exec::cuda const& e, float const* absmax, size_t 
   }
   tree_mean(e, absmax, m, offset);
   launch_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2);
-}
-
-//! Waves of resident CTAs of quantize_whole_records for quantize_blockwise_nested; 0: the records
-//! path is not dispatched (quantize_blockwise, then quantize_scales as it dispatches). Measured on
-//! the H200 (2026-11-30 22:12 UTC, commit 0658815, quant_bench dq_path_ab, 2^28 elements, three
-//! processes x three repetitions, A/B medians in one row): quantize + double quantization over the
-//! plain quantize, NF4 / FP4 from bf16 block 64, int8 from fp32 block 256: the two passes +9.1 to
-//! +9.5% / +9.0 to +9.4% / +2.9 to +3.2%; the records path at 1 wave +15.0 to +15.7% / +14.7 to
-//! +15.5% / +6.2 to +6.4% (against the two passes in one row: +4.7 to +4.9% / +4.8 to +5.0% / +2.4
-//! to +2.7%); at 4 waves 1.3-1.5% slower than at 1 for NF4 / FP4, 1.7-1.9% faster for int8 (still
-//! +0.5% over the two passes). The quantize kernel of NF4 / FP4 is bound by its instruction
-//! issue (about 382 per step), and the records' per-block work sits in a branch of one lane of
-//! four that the whole warp issues: the cost moved into it exceeds what the nested kernel saves.
-//! The split between the two kernels was not timed.
-inline constexpr int record_waves = 0;
-
-//! quantize_blockwise then quantize_scales, as those two calls dispatch them (quantize_any, then
-//! the cooperative kernel up to fused_capacity scales, else the two kernels).
-template <class C, class T>
-void quantize_two_passes(exec::cuda const& e, T const* x, size_t n, size_t block_size,
-                         uint8_t* codes, float* absmax, size_t nested_block, uint8_t* qabsmax,
-                         float* absmax2, float* offset, rounding r) {
-  size_t const m = n / block_size + (n % block_size != 0 ? 1 : 0);
-  quantize_any<C>(e, x, n, block_size, codes, absmax, r, no_transform{});
-  quantize_scales_by(e, absmax, m, nested_block, qabsmax, absmax2, offset,
-                     m <= fused_capacity(e.device) ? scales_path::fused_dependent
-                                                   : scales_path::two_kernels);
-}
-
-//! quantize_blockwise_nested (below) with the quantize kernel's grid at `waves` waves of resident
-//! CTAs when the records path applies (nearest rounding, x and codes 16-byte aligned, a
-//! power-of-two block that quantize_whole takes, n a multiple of it, 0 < m <= fused_capacity),
-//! else (or with waves == 0) quantize_any then quantize_scales_by as quantize_scales dispatches.
-//! The records path: quantize_whole_records (codes, absmax and one span_sum record per CTA), then
-//! offset_nested_quantize_records as its programmatic dependent (where the runtime refuses the
-//! cooperative launch as too large: the two kernels, which do not need the records).
-template <class C, class T>
-void quantize_blockwise_nested_by(exec::cuda const& e, T const* x, size_t n, size_t block_size,
-                                  uint8_t* codes, float* absmax, size_t nested_block,
-                                  uint8_t* qabsmax, float* absmax2, float* offset, rounding r,
-                                  int waves) {
-  size_t const m = n / block_size + (n % block_size != 0 ? 1 : 0);
-  constexpr int narrow = whole_items<T>;
-  constexpr int wide = whole_items_wide<T>;
-  bool const pow2 = (block_size & (block_size - 1)) == 0;
-  bool const records_path = waves > 0 && !r.stochastic && aligned16(x) && aligned16(codes) &&
-                            pow2 && block_size >= static_cast<size_t>(narrow) &&
-                            block_size / wide <= static_cast<size_t>(max_quantize_threads / 2) &&
-                            n % block_size == 0 && m <= fused_capacity(e.device);
-  if (!records_path) {
-    quantize_two_passes<C>(e, x, n, block_size, codes, absmax, nested_block, qabsmax, absmax2,
-                           offset, r);
-    return;
-  }
-  auto const go = [&]<int Items, int FixedShift>(std::integral_constant<int, Items>,
-                                                 std::integral_constant<int, FixedShift>) {
-    // a group of block / Items <= 256 threads per block: CTAs of cta_threads threads
-    size_t const per_step = static_cast<size_t>(cta_threads) / (block_size / Items);
-    constexpr int min_ctas =
-        FixedShift != 0 ? whole_fixed_min_ctas<C, T, Items> : whole_min_ctas<T, Items>;
-    auto kernel = quantize_whole_records<C, T, Items, no_transform, min_ctas, FixedShift>;
-    unsigned const grid = grid_for(kernel, cta_threads, m / per_step + 1, e.device, waves);
-    memory::device_workspace<double> ws(memory::default_device_resource(e.device),
-                                        fused_workspace_size(m, grid), e.stream);
-    qmem::cuda_detail::launch(e, false, kernel, dim3(grid), dim3(cta_threads), 0,
-                              "qmem::quant quantize_whole_records", x, m, log2_exact(block_size),
-                              codes, absmax, C::book, normal_encoder<C>::host_params(e.device),
-                              no_transform{}, ws.data());
-    if (!launch_offset_nested_quantize<true>(e, absmax, m, nested_block, offset, qabsmax, absmax2,
-                                             true, ws.data(), grid)) {
-      tree_mean(e, absmax, m, offset);
-      launch_nested_quantize(e, absmax, m, nested_block, offset, qabsmax, absmax2);
-    }
-  };
-  constexpr int fixed = whole_fixed_shift<T, narrow>;
-  if (fixed != 0 && block_size == size_t{1} << fixed && m <= whole_fixed_max_blocks)
-    go(std::integral_constant<int, narrow>{}, std::integral_constant<int, fixed>{});
-  else if (block_size <= static_cast<size_t>(32 * narrow))
-    go(std::integral_constant<int, narrow>{}, std::integral_constant<int, 0>{});
-  else
-    go(std::integral_constant<int, wide>{}, std::integral_constant<int, 0>{});
 }
 
 } // namespace kernels
@@ -2805,38 +2575,6 @@ inline void quantize_scales(exec::cuda const& e, tensor_view<float const> absmax
   kernels::quantize_scales_by(
       e, absmax.data(), absmax.size(), nested_block, qabsmax.data(), absmax2.data(), offset.data(),
       fits ? kernels::scales_path::fused_dependent : kernels::scales_path::two_kernels);
-}
-
-//! GPU quantize_blockwise_nested (see quant/double_quant.hpp; preconditions checked by the
-//! caller): quantize_blockwise then quantize_scales, the same results bit for bit. The records
-//! path of kernels::quantize_blockwise_nested_by (the quantize kernel also leaving one partial
-//! sum of the scales per CTA, quantize_whole_records, from which the cooperative nested kernel
-//! takes the offset without summing the scales and waiting at a grid barrier) is not dispatched:
-//! it measured slower (record_waves).
-template <code_type C, float_element T>
-void quantize_blockwise_nested(exec::cuda const& e, tensor_view<T const> x, std::size_t block_size,
-                               tensor_view<std::uint8_t> codes, tensor_view<float> absmax,
-                               std::size_t nested_block, tensor_view<std::uint8_t> qabsmax,
-                               tensor_view<float> absmax2, tensor_view<float> offset,
-                               rounding r = {}) {
-  if (x.empty()) {
-    quantize_scales(e, tensor_view<float const>(absmax), nested_block, qabsmax, absmax2, offset);
-    return;
-  }
-  qmem::cuda_detail::device_guard guard(e.device);
-  using qmem::cuda_detail::arg;
-  qmem::cuda_detail::check_resident(e, "quantize_blockwise_nested",
-                                    {arg("x", x), arg("codes", codes), arg("absmax", absmax),
-                                     arg("qabsmax", qabsmax), arg("absmax2", absmax2),
-                                     arg("offset", offset)});
-  // the records kernels are instantiated only where they are dispatched
-  if constexpr (kernels::record_waves > 0)
-    kernels::quantize_blockwise_nested_by<C>(
-        e, x.data(), x.size(), block_size, codes.data(), absmax.data(), nested_block,
-        qabsmax.data(), absmax2.data(), offset.data(), r, kernels::record_waves);
-  else
-    kernels::quantize_two_passes<C>(e, x.data(), x.size(), block_size, codes.data(), absmax.data(),
-                                    nested_block, qabsmax.data(), absmax2.data(), offset.data(), r);
 }
 
 //! GPU dequantize_scales (see quant/double_quant.hpp).
