@@ -223,6 +223,22 @@ void run_case(golden_case const& gc, tally& t) {
     // measured on the dev file: 41 of 45 offsets bit-equal, the others 1 ulp apart
     CHECK_MESSAGE(u <= 2, pre, ": qmem's offset ", off, " is ", u, " ulps from bnb's ",
                   bnb_offset[0]);
+    // the same in one call (quantize_blockwise_nested: on the GPU the quantize kernel's partial
+    // sums give the offset): every output bit-identical to the two calls'
+    auto oq = B::template alloc<std::uint8_t>(code_bytes<C>(n));
+    auto oa = B::template alloc<float>(blocks);
+    auto oqa = B::template alloc<std::uint8_t>(blocks);
+    auto oa2 = B::template alloc<float>(bnb_absmax2.size());
+    auto ooff = B::template alloc<float>(1);
+    quantize_blockwise_nested<C>(B::exec(), tensor_view<T const>(dx.view()), gc.block, oq.view(),
+                                 oa.view(), nested_block, oqa.view(), oa2.view(), ooff.view());
+    CHECK_MESSAGE(B::download(oq.view()) == q, pre, ": codes of quantize_blockwise_nested");
+    check_bits_equal(B::download(oa.view()), absmax, pre + ".absmax (one call)");
+    CHECK_MESSAGE(B::download(oqa.view()) == B::download(dqa.view()), pre,
+                  ": nested codes of quantize_blockwise_nested");
+    check_bits_equal(B::download(oa2.view()), B::download(da2.view()), pre + ".absmax2 (one call)");
+    check_bits_equal(B::download(ooff.view()), B::download(doff.view()),
+                     pre + ".offset (one call)");
   }
   // (c) dequantize bnb's stored data in one pass: bit-identical to bnb's output
   {

@@ -882,6 +882,59 @@ TEST_CASE("cuda blockwise: double quantization of as many scales as the cooperat
   }
 }
 
+// quantize_blockwise_nested<C> (quantize + double quantization in one call) on x[offset, offset
+// + n) against the host's quantize_blockwise then quantize_scales, every output bit for bit.
+template <class C, class T>
+void check_nested_one_call(std::vector<float> const& values, std::size_t block, std::size_t nb,
+                           std::size_t offset = 0) {
+  CAPTURE(values.size());
+  CAPTURE(block);
+  CAPTURE(nb);
+  CAPTURE(offset);
+  std::size_t const n = values.size() - offset;
+  std::size_t const m = block_count(n, block);
+  auto const x = as<T>(values);
+  tensor_view<T const> hx(x.data() + offset, n);
+  std::vector<std::uint8_t> hc(code_bytes<C>(n));
+  std::vector<float> ha(m);
+  std::vector<std::uint8_t> hq(m);
+  std::vector<float> h2(block_count(m, nb));
+  std::vector<float> hoff(1, -1.f);
+  quantize_blockwise<C>(exec::host{}, hx, block, view(hc), view(ha));
+  quantize_scales(exec::host{}, view(std::as_const(ha)), nb, view(hq), view(h2), view(hoff));
+  auto dx = cuda_backend::upload(x);
+  auto dc = cuda_backend::alloc<std::uint8_t>(hc.size());
+  auto da = cuda_backend::alloc<float>(m);
+  auto dq = cuda_backend::alloc<std::uint8_t>(m);
+  auto d2 = cuda_backend::alloc<float>(h2.size());
+  auto doff = cuda_backend::upload(std::vector<float>(1, -1.f));
+  quantize_blockwise_nested<C>(exec::cuda{}, tensor_view<T const>(dx.view()).subview(offset, n),
+                               block, dc.view(), da.view(), nb, dq.view(), d2.view(), doff.view());
+  REQUIRE(cuda_backend::download(dc.view()) == hc);
+  REQUIRE(same_values(cuda_backend::download(da.view()), ha));
+  REQUIRE(same_values(cuda_backend::download(doff.view()), hoff));
+  REQUIRE(cuda_backend::download(dq.view()) == hq);
+  REQUIRE(same_values(cuda_backend::download(d2.view()), h2));
+}
+
+TEST_CASE("cuda blockwise: quantize_blockwise_nested equals the host's two calls") {
+  if (qmem::test::skip<cuda_backend>())
+    return;
+  std::mt19937 g(53);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> v(64 * 9000 + 5);
+  for (auto& e : v)
+    e = nd(g);
+  check_nested_one_call<nf4, bf16>(v, 64, 256);
+  check_nested_one_call<fp4, bf16>(v, 64, 256, 3); // unaligned view, partial last block
+  check_nested_one_call<dynamic_signed, float>(v, 256, 256);
+  // scales over 2^-30 .. 2^30: the offset's sum is not exact in every order
+  for (std::size_t i = 0; i < v.size(); ++i)
+    v[i] = std::ldexp(v[i], static_cast<int>(i / 64 % 61) - 30);
+  check_nested_one_call<nf4, bf16>(v, 64, 4096);
+  check_nested_one_call<nf4, bf16>(std::vector<float>{}, 64, 256); // empty: offset 0
+}
+
 TEST_CASE("cuda blockwise: double quantization captured in a CUDA graph replays to the host's "
           "bits") {
   if (qmem::test::skip<cuda_backend>())

@@ -175,3 +175,108 @@ TEST_CASE_TEMPLATE_DEFINE("double quant: bad arguments throw and write nothing",
   CHECK(qmem::test::same_bits(B::download(dy.view()), y0));
 }
 TEST_CASE_TEMPLATE_APPLY(double_quant_bad, qmem::test::quant_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("double quant: quantize_blockwise_nested equals quantize_blockwise "
+                          "then quantize_scales",
+                          B, double_quant_one_call) {
+  if (qmem::test::skip<B>())
+    return;
+  // the reference: the two calls on the host; n whole and partial blocks, 4-bit and 8-bit codes
+  auto check = [&]<class C, class T>(std::type_identity<C>, std::type_identity<T>, std::size_t n,
+                                     std::size_t block, std::size_t nb) {
+    CAPTURE(n);
+    CAPTURE(block);
+    CAPTURE(nb);
+    std::vector<T> x(n);
+    auto const r = normal_floats(n, static_cast<std::uint32_t>(n + block));
+    for (std::size_t i = 0; i < n; ++i)
+      x[i] = T(r[i] * static_cast<float>(1 + i / block % 5));
+    std::size_t const m = block_count(n, block);
+    std::vector<std::uint8_t> hc(code_bytes<C>(n));
+    std::vector<float> ha(m);
+    std::vector<std::uint8_t> hq(m);
+    std::vector<float> h2(block_count(m, nb));
+    std::vector<float> hoff(1);
+    quantize_blockwise<C>(exec::host{}, view(std::as_const(x)), block, view(hc), view(ha));
+    quantize_scales(exec::host{}, view(std::as_const(ha)), nb, view(hq), view(h2), view(hoff));
+    auto dx = B::upload(x);
+    auto dc = B::template alloc<std::uint8_t>(hc.size());
+    auto da = B::template alloc<float>(m);
+    auto dq = B::template alloc<std::uint8_t>(m);
+    auto d2 = B::template alloc<float>(h2.size());
+    auto doff = B::template alloc<float>(1);
+    quantize_blockwise_nested<C>(B::exec(), tensor_view<T const>(dx.view()), block, dc.view(),
+                                 da.view(), nb, dq.view(), d2.view(), doff.view());
+    CHECK(B::download(dc.view()) == hc);
+    CHECK(qmem::test::same_bits(B::download(da.view()), ha));
+    CHECK(B::download(dq.view()) == hq);
+    CHECK(qmem::test::same_bits(B::download(d2.view()), h2));
+    CHECK(qmem::test::same_bits(B::download(doff.view()), hoff));
+  };
+  for (std::size_t n :
+       {std::size_t{64}, std::size_t{64 * 300}, std::size_t{64 * 300 - 5}, std::size_t{64 * 70001}})
+    check(std::type_identity<nf4>{}, std::type_identity<bf16>{}, n, 64, 256);
+  check(std::type_identity<fp4>{}, std::type_identity<bf16>{}, 128 * 5000, 128, 64);
+  check(std::type_identity<dynamic_signed>{}, std::type_identity<float>{}, 256 * 4097, 256, 256);
+  check(std::type_identity<dynamic_signed>{}, std::type_identity<float>{}, 256 * 4097 + 9, 256,
+        4096);
+}
+TEST_CASE_TEMPLATE_APPLY(double_quant_one_call, qmem::test::quant_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("double quant: quantize_blockwise_nested with bad arguments throws and "
+                          "writes nothing",
+                          B, double_quant_one_call_bad) {
+  if (qmem::test::skip<B>())
+    return;
+  std::size_t const n = 64 * 300;
+  auto dx = B::upload(normal_floats(n, 5));
+  tensor_view<float const> xv(dx.view());
+  auto dc = B::template alloc<std::uint8_t>(n / 2);
+  auto da = B::template alloc<float>(300);
+  auto dq = B::template alloc<std::uint8_t>(300);
+  auto d2 = B::template alloc<float>(2);
+  auto doff = B::template alloc<float>(2);
+  auto const c0 = B::download(dc.view());
+  auto const a0 = B::download(da.view());
+  auto const q0 = B::download(dq.view());
+  auto const s0 = B::download(d2.view());
+  auto const o0 = B::download(doff.view());
+  auto const e = B::exec();
+  auto const off1 = doff.view().subview(0, 1);
+  // block 48 (not a power of two), absmax of 299, nested block 32, absmax2 of 1, offset of 2
+  CHECK_THROWS_AS(quantize_blockwise_nested<nf4>(e, xv, 48, dc.view(), da.view(), 256, dq.view(),
+                                                 d2.view(), off1),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_blockwise_nested<nf4>(e, xv, 64, dc.view(), da.view().subview(0, 299),
+                                                 256, dq.view(), d2.view(), off1),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_blockwise_nested<nf4>(e, xv, 64, dc.view(), da.view(), 32, dq.view(),
+                                                 d2.view(), off1),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_blockwise_nested<nf4>(e, xv, 64, dc.view(), da.view(), 256, dq.view(),
+                                                 d2.view().subview(0, 1), off1),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_blockwise_nested<nf4>(e, xv, 64, dc.view(), da.view(), 256, dq.view(),
+                                                 d2.view(), doff.view()),
+                  qmem::bad_argument);
+  // outputs over each other or over x: the offset in absmax, qabsmax in the codes, absmax2 in x
+  auto const cd = dc.view();
+  tensor_view<std::uint8_t> q_in_c(cd.data() + 10, 300, cd.space());
+  auto* const xd = const_cast<float*>(xv.data());
+  tensor_view<float> a2_in_x(xd + 100, 2, cd.space());
+  CHECK_THROWS_AS(quantize_blockwise_nested<nf4>(e, xv, 64, dc.view(), da.view(), 256, dq.view(),
+                                                 d2.view(), da.view().subview(3, 1)),
+                  qmem::bad_argument);
+  CHECK_THROWS_AS(
+      quantize_blockwise_nested<nf4>(e, xv, 64, dc.view(), da.view(), 256, q_in_c, d2.view(), off1),
+      qmem::bad_argument);
+  CHECK_THROWS_AS(quantize_blockwise_nested<nf4>(e, xv, 64, dc.view(), da.view(), 256, dq.view(),
+                                                 a2_in_x, off1),
+                  qmem::bad_argument);
+  CHECK(B::download(dc.view()) == c0);
+  CHECK(qmem::test::same_bits(B::download(da.view()), a0));
+  CHECK(B::download(dq.view()) == q0);
+  CHECK(qmem::test::same_bits(B::download(d2.view()), s0));
+  CHECK(qmem::test::same_bits(B::download(doff.view()), o0));
+}
+TEST_CASE_TEMPLATE_APPLY(double_quant_one_call_bad, qmem::test::quant_backends);

@@ -158,6 +158,47 @@ void quantize_scales(E const& e, tensor_view<float const> absmax, std::size_t ne
   }
 }
 
+//! Blockwise quantization with double-quantized scales in one call: quantize_blockwise<C>(e, x,
+//! block_size, codes, absmax, r), then quantize_scales(e, absmax, nested_block, qabsmax,
+//! absmax2, offset), with the same results bit for bit (`absmax` receives the plain scales, the
+//! nested quantization's input), on every backend. Both backends run the two passes: a fused GPU
+//! form (the quantize kernel also leaving per-CTA partial sums of the offset's mean) measured
+//! slower (docs/benchmarks.md, "dq7"); one call leaves room for a faster one.
+//! Preconditions (checked before anything is written): those of quantize_blockwise and of
+//! quantize_scales; no two of x, codes, absmax, qabsmax, absmax2 and offset overlap.
+template <code_type C, exec::execution E, float_element T>
+void quantize_blockwise_nested(E const& e, tensor_view<T const> x, std::size_t block_size,
+                               tensor_view<std::uint8_t> codes, tensor_view<float> absmax,
+                               std::size_t nested_block, tensor_view<std::uint8_t> qabsmax,
+                               tensor_view<float> absmax2, tensor_view<float> offset,
+                               rounding r = {}) {
+  constexpr char const* fn = "quantize_blockwise_nested";
+  detail::check_arg<E>(x, fn, "x");
+  detail::check_arg<E>(codes, fn, "codes");
+  detail::check_arg<E>(absmax, fn, "absmax");
+  detail::check_arg<E>(qabsmax, fn, "qabsmax");
+  detail::check_arg<E>(absmax2, fn, "absmax2");
+  detail::check_arg<E>(offset, fn, "offset");
+  detail::check_blockwise_sizes<C>(fn, x.size(), block_size, codes.size(), absmax.size());
+  detail::check_scales_sizes(fn, absmax.size(), nested_block, qabsmax.size(), absmax2.size());
+  QMEM_EXPECTS(offset.size() == 1, "offset has ", offset.size(), " elements; expected 1");
+  qmem::detail::check_disjoint(x, codes, fn, "x", "codes");
+  qmem::detail::check_disjoint(x, absmax, fn, "x", "absmax");
+  qmem::detail::check_disjoint(x, qabsmax, fn, "x", "qabsmax");
+  qmem::detail::check_disjoint(x, absmax2, fn, "x", "absmax2");
+  qmem::detail::check_disjoint(x, offset, fn, "x", "offset");
+  qmem::detail::check_disjoint(codes, absmax, fn, "codes", "absmax");
+  qmem::detail::check_disjoint(codes, qabsmax, fn, "codes", "qabsmax");
+  qmem::detail::check_disjoint(codes, absmax2, fn, "codes", "absmax2");
+  qmem::detail::check_disjoint(codes, offset, fn, "codes", "offset");
+  detail::check_scales_disjoint(fn, tensor_view<float const>(absmax), qabsmax, absmax2);
+  qmem::detail::check_disjoint(absmax, offset, fn, "absmax", "offset");
+  qmem::detail::check_disjoint(qabsmax, offset, fn, "qabsmax", "offset");
+  qmem::detail::check_disjoint(absmax2, offset, fn, "absmax2", "offset");
+  quantize_blockwise<C>(e, x, block_size, codes, absmax, r);
+  quantize_scales(e, tensor_view<float const>(absmax), nested_block, qabsmax, absmax2, offset);
+}
+
 //! quantize_scales with a given offset instead of the computed mean (host only): reproduces
 //! bitsandbytes' qabsmax and absmax2 exactly from the offset it stored, and lets a caller choose
 //! its own offset. Preconditions as quantize_scales (without `offset`); `offset` is any float.

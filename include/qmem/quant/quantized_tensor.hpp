@@ -352,9 +352,15 @@ quantized_tensor quantize(E const& e, tensor_view<T const> x, std::span<std::int
   }
   if (!is_custom(format.code))
     visit_code(format.code, [&]<class C>(std::type_identity<C>) {
-      quantize_blockwise<C>(e, x, format.block_size, q.codes(), absmax, rnd);
+      // nested: quantize + double quantization in one call
+      if (format.nested)
+        quantize_blockwise_nested<C>(e, x, format.block_size, q.codes(), absmax,
+                                     format.nested_block, q.qabsmax(), q.absmax2(), q.offset(),
+                                     rnd);
+      else
+        quantize_blockwise<C>(e, x, format.block_size, q.codes(), absmax, rnd);
     });
-  if (format.nested)
+  else if (format.nested)
     quantize_scales(e, tensor_view<float const>(absmax), format.nested_block, q.qabsmax(),
                     q.absmax2(), q.offset());
   return q;
