@@ -899,8 +899,10 @@ void gemm_fused(benchmark::State& state) {
 // loads and the decode, 2 without the MMAs, both to place the time; 3 the weight decoded into
 // wgmma's register A operand; sm90::gemm_4bit_staged_kernel, register A with the codes and
 // scales staged in shared memory by the producer warpgroup: 4 one tile per CTA, 5 persistent, 6
-// persistent with 6 stages, 7 = 5 without the decode, to place the time), plain scales, against
-// cuBLASLt bf16 in the same run. Variants 3-6 also count the outputs that differ from variant 0's
+// persistent with 6 stages, 7 = 5 without the decode, to place the time, 8 and 9 = 5 with half
+// or all of the code table lookups in registers, 10-12 = 5, 9, 8 with the TMA-store epilogue),
+// plain scales, against cuBLASLt bf16 in the same run. Variants 3-6 and 8-12 also count the
+// outputs that differ from variant 0's
 // bits (`differ`: same products in the same wgmma order, so 0 is expected; the tests check each
 // against the host reference).
 template <int Variant>
@@ -916,7 +918,7 @@ void gemm_fused_variant(benchmark::State& state) {
     state.SkipWithError("the fused sm_90a GEMM does not run here (build or device)");
     return;
   }
-  if constexpr (Variant == 3 || (Variant >= 4 && Variant <= 6)) {
+  if constexpr (Variant == 3 || (Variant >= 4 && Variant != 7)) {
     device_buffer<bf16> y0(m * n);
     check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
     (void)cuda_matmul::fused_gemm<bf16, nf4, 0>(pr.e, pr.x.p, m, wv, y0.p);
@@ -1202,6 +1204,36 @@ BENCHMARK(gemm_fused_variant<6>)
     ->Apply(timed<2, true>);
 BENCHMARK(gemm_fused_variant<7>)
     ->Name("gemm_fused_variant/7")
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<8>)
+    ->Name("gemm_fused_variant/8")
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<9>)
+    ->Name("gemm_fused_variant/9")
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<10>)
+    ->Name("gemm_fused_variant/10")
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<11>)
+    ->Name("gemm_fused_variant/11")
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<12>)
+    ->Name("gemm_fused_variant/12")
     ->Args({4096, 4096, 4096})
     ->Args({14336, 4096, 4096})
     ->Args({8192, 8192, 4096})
