@@ -21,6 +21,10 @@
 //! four wgmma m64n256k16 with fp32 accumulators and keeps one group in flight. The epilogue
 //! rounds each fp32 sum once to T. Numerics: the same exact products as the dequantize + cuBLASLt
 //! path, summed in fp32 in another order (docs/matmul.md, Tolerances, bound 1).
+//! gemm_4bit_staged_kernel, the faster form (cuda_matmul::gemm_sm90_variant), moves the code and
+//! scale loads to the producer warpgroup (TMA and shared-memory tiles in the same ring), decodes
+//! into wgmma's register A operand, loops over tiles on a persistent grid and stores each tile
+//! through shared memory by TMA: the same products in the same order, the same bits.
 //!
 //! Requirements: the binary carries sm_90a code (built with
 //! -gencode=arch=compute_90a,code=sm_90a) and the device is compute capability 9.0; otherwise the
@@ -53,8 +57,10 @@ namespace qmem::quant::cuda_matmul::sm90 {
 
 //! The kernel's tiles: 128 weight rows (two consumer warpgroups of 64) x 256 tokens x 64 columns
 //! per K step, a ring of 4 x-tile stages, 3 A tiles per consumer.
-//! The only shape measured so far (H200, 2026-11-30 10:43 UTC, batch 4096, 8192^2: 1.12-1.17 ms,
-//! 471-491 TFLOP/s; cuBLAS bf16 0.73-0.77 ms): no other tile or stage count has been compared.
+//! The only tile measured so far (H200, 2026-11-30 10:43 UTC, batch 4096, 8192^2: 1.12-1.17 ms,
+//! 471-491 TFLOP/s; cuBLAS bf16 0.73-0.77 ms). Stages: 6 instead of 4 in the staged kernel
+//! measured within the noise (22:08 UTC, 8192^2 1.293-1.295x cuBLAS against 1.287-1.347), and
+//! 4 leave room for its TMA-store staging tile.
 struct tile_shape {
   static constexpr unsigned rows = 128;    //!< weight rows per CTA (wgmma M, 64 per consumer)
   static constexpr unsigned tokens = 256;  //!< activation rows per CTA (wgmma N)
@@ -347,86 +353,6 @@ struct code_chunk {
 };
 
 // ------------------------------------------------------------------------------------------------
-// The code table in registers: a lookup without shared memory
-
-//! PTX prmt.b32 (default and sign-replicate modes): byte i of the result is byte s of the 8 bytes
-//! {b:a} (s = bits 0-2 of selector nibble i) or, where bit 3 of the nibble is set, that byte's
-//! sign bit replicated. The host computes the same bits (the tests check the lookups on the host).
-QMEM_HOST_DEVICE QMEM_INLINE std::uint32_t prmt(std::uint32_t a, std::uint32_t b, std::uint32_t c) {
-#if defined(__CUDA_ARCH__)
-  std::uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-#else
-  std::uint64_t const bytes = (std::uint64_t{b} << 32) | a;
-  std::uint32_t d = 0;
-  for (unsigned i = 0; i < 4; ++i) {
-    unsigned const n = (c >> (4 * i)) & 15u;
-    std::uint32_t v = static_cast<std::uint32_t>(bytes >> (8 * (n & 7u))) & 0xffu;
-    if (n & 8u)
-      v = (v & 0x80u) != 0 ? 0xffu : 0u;
-    d |= v << (8 * i);
-  }
-  return d;
-#endif
-}
-
-//! A 16-entry fp32 code table as byte planes: plane[b][g] holds byte b of entries 4g .. 4g + 3
-//! (entry 4g + j in byte j), 16 registers from which prmt selects any four entries' byte b.
-struct register_table {
-  std::uint32_t plane[4][4];
-};
-
-QMEM_HOST_DEVICE QMEM_INLINE register_table make_register_table(float const* values) {
-  register_table t{};
-  for (unsigned e = 0; e < 16; ++e) {
-    std::uint32_t bits;
-    std::memcpy(&bits, values + e, 4);
-    for (unsigned b = 0; b < 4; ++b)
-      t.plane[b][e / 4] |= ((bits >> (8 * b)) & 0xffu) << (8 * (e % 4));
-  }
-  return t;
-}
-
-//! The fp32 bits of the table entries of four codes: `sel` holds the codes' low three bits in
-//! its four low nibbles, byte j of `high` is 0xff where code j has bit 3 set. Byte b of each entry
-//! is picked from the low and the high half of plane b, the halves chosen byte-wise, then the
-//! 4 x 4 bytes transposed: 20 prmt and 4 lop3 per four codes, no memory access.
-QMEM_HOST_DEVICE QMEM_INLINE void lookup4(register_table const& t, std::uint32_t sel,
-                                          std::uint32_t high, std::uint32_t (&v)[4]) {
-  std::uint32_t r[4];
-  QMEM_UNROLL
-  for (unsigned b = 0; b < 4; ++b) {
-    std::uint32_t const lo = prmt(t.plane[b][0], t.plane[b][1], sel);
-    std::uint32_t const hi = prmt(t.plane[b][2], t.plane[b][3], sel);
-    r[b] = (lo & ~high) | (hi & high);
-  }
-  std::uint32_t const t0 = prmt(r[0], r[1], 0x5140u), t1 = prmt(r[0], r[1], 0x7362u);
-  std::uint32_t const t2 = prmt(r[2], r[3], 0x5140u), t3 = prmt(r[2], r[3], 0x7362u);
-  v[0] = prmt(t0, t2, 0x5410u);
-  v[1] = prmt(t0, t2, 0x7632u);
-  v[2] = prmt(t1, t3, 0x5410u);
-  v[3] = prmt(t1, t3, 0x7632u);
-}
-
-//! The table entries of the eight codes of four code bytes B0..B3 (bytes of `bytes`): hi[p] the
-//! first code of a byte (its high nibble), lo[p] the second, in the order p = B0, B2, B1, B3 (the
-//! order the selectors come out in without a compaction step: byte w is at p = {0, 2, 1, 3}[w]).
-QMEM_HOST_DEVICE QMEM_INLINE void lookup_bytes(register_table const& t, std::uint32_t bytes,
-                                               std::uint32_t (&hi)[4], std::uint32_t (&lo)[4]) {
-  // selectors: the low 3 bits of code j in nibble {0, 2, 1, 3}[j]
-  std::uint32_t const xh = bytes & 0x70707070u;
-  std::uint32_t const sel_hi = (xh >> 4) | (xh >> 16);
-  std::uint32_t const xl = bytes & 0x07070707u;
-  std::uint32_t const sel_lo = xl | (xl >> 12);
-  // bit 3 of each code as a byte mask, same order (sign-replicate selectors)
-  std::uint32_t const high_hi = prmt(bytes, 0u, 0xB9A8u);
-  std::uint32_t const high_lo = prmt(bytes << 4, 0u, 0xB9A8u);
-  lookup4(t, sel_hi, high_hi, hi);
-  lookup4(t, sel_lo, high_lo, lo);
-}
-
-// ------------------------------------------------------------------------------------------------
 // The kernel
 
 //! One step's codes of a register-A consumer thread: chunk i = 2 * row + half holds the 16 code
@@ -714,9 +640,9 @@ __global__ void __launch_bounds__(tile_shape::threads, 1)
 
 //! The staged kernel's shared memory: the x ring, next to it a ring of code tiles (the 128 rows'
 //! 32 code bytes of the step, by TMA) and of scale tiles (the 128 rows' block scale of each
-//! 32-column half, written by the producer warpgroup), the mbarriers, the code table, the
-//! nested map and 32 copies of the register table (register_table, one per lane), plus 1024
-//! bytes to align the swizzled x tiles. No A tiles (register A).
+//! 32-column half, written by the producer warpgroup), the mbarriers, the code table and the
+//! nested map, plus 1024 bytes to align the swizzled x tiles (and, with the TMA-store epilogue,
+//! the staging tile after the x ring). No A tiles (register A).
 template <unsigned Stages, bool TmaStore = false>
 struct staged_shape {
   static constexpr unsigned stages = Stages;
@@ -727,7 +653,7 @@ struct staged_shape {
   static constexpr unsigned scale_tile_bytes = tile_shape::rows * 2 * 4;
   static constexpr unsigned smem_bytes =
       1024 + stages * (tile_shape::x_tile_bytes + code_tile_bytes + scale_tile_bytes) +
-      staging_bytes + 2 * stages * 8 + (16 + 256 + 32 * 16) * 4;
+      staging_bytes + 2 * stages * 8 + (16 + 256) * 4;
   static_assert(smem_bytes <= 232448, "an H100/H200 CTA has at most 227 KiB of shared memory");
 };
 
@@ -750,15 +676,11 @@ struct staged_shape {
 //! `Stages`: the ring's depth (4 like gemm_4bit_kernel, up to 6 fit). `Decode` false (bench
 //! only, to place the time): the A fragments keep constant weights, the codes and scales are
 //! still staged, y gets the wrong product.
-//! `AluChunks` (0, 2 or 4): how many of a thread's four 32-weight chunks per step look their
-//! code table entries up in registers (lookup_bytes: prmt, no shared-memory access) instead of
-//! one shared-memory load per weight; the same entry bits, so the same weights.
 //! `TmaStore`: the epilogue writes the tile into a shared-memory staging tile (stmatrix, the
 //! 128-byte swizzle) and one thread per consumer warpgroup stores its 64 rows by TMA (`y_map`:
 //! y as {n, m}, box {64, 256}), which runs while the next tile's main loop starts; otherwise
 //! (and with n % 8 != 0, where y's rows are not 16-byte aligned) each thread stores its outputs.
-template <class T, bool Nested, unsigned Stages, bool Decode = true, unsigned AluChunks = 0,
-          bool TmaStore = false>
+template <class T, bool Nested, unsigned Stages, bool Decode = true, bool TmaStore = false>
 __global__ void __launch_bounds__(tile_shape::threads, 1)
     gemm_4bit_staged_kernel(__grid_constant__ CUtensorMap const x_map,
                             __grid_constant__ CUtensorMap const code_map,
@@ -782,26 +704,20 @@ __global__ void __launch_bounds__(tile_shape::threads, 1)
   float* const scales = reinterpret_cast<float*>(smem_raw + scale_off);
   float* const table = reinterpret_cast<float*>(smem_raw + bar_off + 2 * G::stages * 8);
   float* const dyn = table + 16;
-  // register_table's 16 words, one copy per lane (see the consumers' `rt`)
-  std::uint32_t* const planes = reinterpret_cast<std::uint32_t*>(dyn + 256);
   unsigned const tid = threadIdx.x;
   if (tid < 16)
     table[tid] = values.value[tid];
   if constexpr (Nested)
     for (unsigned i = tid; i < 256; i += S::threads)
       dyn[i] = nested.value[i];
-  if constexpr (AluChunks > 0)
-    for (unsigned i = tid; i < 32 * 16; i += S::threads) {
-      unsigned const b = i % 16 / 4, g4 = i % 4;
-      std::uint32_t word = 0;
-      for (unsigned j = 0; j < 4; ++j)
-        word |= ((__float_as_uint(values.value[4 * g4 + j]) >> (8 * b)) & 0xffu) << (8 * j);
-      planes[i] = word;
-    }
   if (tid == 0) {
     for (unsigned s = 0; s < G::stages; ++s) {
       mbar_init(bars + 8 * s, 128 + 1);
-      mbar_init(bars + 8 * (G::stages + s), S::consumers * 4);
+      // every consumer thread releases the stage after its last read of it (its shared-memory
+      // loads of the codes and scales, the x tile through its wgmma): one arrival per warp left
+      // the other lanes' loads unordered before the producer's next stores (racecheck reported
+      // those stores against the scale loads, H200 2026-11-30 22:09 and 22:24 UTC)
+      mbar_init(bars + 8 * (G::stages + s), S::consumers * 128);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -858,16 +774,6 @@ __global__ void __launch_bounds__(tile_shape::threads, 1)
   unsigned const c = tid / 128 - 1, t = tid % 128, lane = t % 32, warp = t / 32;
   unsigned const lrow = c * 64 + warp * 16 + lane / 4; // fragment rows lrow and lrow + 8
   unsigned const shift = 8 * (lane % 4);
-  bool const leader = lane == 0;
-  // the register table, read from this lane's copy: with one shared copy ptxas kept half the
-  // planes in uniform registers, which cannot be both of prmt's sources, and copied two planes
-  // before each lookup (64 IMAD.U32 per step in the SASS, nvcc 13, 2026-11-30)
-  register_table rt;
-  QMEM_UNROLL
-  for (unsigned w = 0; w < 16; ++w)
-    rt.plane[w / 4][w % 4] = planes[lane * 16 + w];
-  // byte q = lane % 4 of words a and b in bytes 0 and 1 (prmt selector)
-  std::uint32_t const pick = (lane % 4) | ((4 + lane % 4) << 4);
   // decode the stage's codes of rows lrow, lrow + 8 into the k16 slices' A fragments (the
   // mapping of register_a_mainloop's decode)
   auto decode = [&](unsigned s, std::uint32_t(&frag)[4][4]) {
@@ -884,20 +790,6 @@ __global__ void __launch_bounds__(tile_shape::threads, 1)
       unsigned const rr = lrow + 8 * (i / 2), h = i % 2;
       uint4 const q = *reinterpret_cast<uint4 const*>(codes + rr * (S::depth / 2) + 16 * h);
       float const sv = sc[h * S::rows + rr];
-      if (i + AluChunks >= 4) {
-        // the chunk's four code bytes (byte q of each word) in one register, looked up in
-        // registers: entry bits as in `table`
-        std::uint32_t const bytes = prmt(prmt(q.x, q.y, pick), prmt(q.z, q.w, pick), 0x5410u);
-        std::uint32_t hi[4], lo[4];
-        lookup_bytes(rt, bytes, hi, lo);
-        QMEM_UNROLL
-        for (unsigned w = 0; w < 4; ++w) {
-          unsigned const p = w == 1 ? 2 : w == 2 ? 1 : w; // byte w's place in lookup_bytes' order
-          frag[2 * h + w / 2][2 * (w % 2) + i / 2] = pack2<T>(
-              fmath::mul(__uint_as_float(hi[p]), sv), fmath::mul(__uint_as_float(lo[p]), sv));
-        }
-        continue;
-      }
       std::uint32_t const words[4] = {q.x, q.y, q.z, q.w};
       QMEM_UNROLL
       for (unsigned w = 0; w < 4; ++w) {
@@ -927,7 +819,7 @@ __global__ void __launch_bounds__(tile_shape::threads, 1)
         wgmma_64x256x16_rs<T>(d, cur[kk], sw128_desc(x_tile + kk * 32), 1u);
       wgmma_commit();
       wgmma_wait<1>(); // step kt - 1 retired: its stage and its registers (`other`) are free
-      if (kt > 0 && leader)
+      if (kt > 0)
         mbar_arrive(bars + 8 * (G::stages + (gk - 1) % G::stages));
       if (kt + 1 < steps) {
         unsigned const sn = (gk + 1) % G::stages;
@@ -941,8 +833,7 @@ __global__ void __launch_bounds__(tile_shape::threads, 1)
         step(kt + 1, frag1, frag0);
     }
     wgmma_wait<0>();
-    if (leader)
-      mbar_arrive(bars + 8 * (G::stages + (g + steps - 1) % G::stages));
+    mbar_arrive(bars + 8 * (G::stages + (g + steps - 1) % G::stages));
     g += steps;
     // d[4 j + 2 h + e]: weight row warp * 16 + lane / 4 + 8 h, token 8 j + 2 (lane % 4) + e
     if constexpr (TmaStore) {
@@ -1182,13 +1073,13 @@ bool store_fits(T const* y, std::size_t n) noexcept {
   return n % 8 == 0 && reinterpret_cast<std::uintptr_t>(y) % 16 == 0;
 }
 
-//! gemm_4bit_staged_kernel<T, Nested, Stages, Decode, AluChunks, TmaStore> on e.stream: one tile
-//! per CTA, or `persistent` (min(tiles, SMs) CTAs).
-template <class T, bool Nested, unsigned Stages, bool Decode, unsigned AluChunks, bool TmaStore>
+//! gemm_4bit_staged_kernel<T, Nested, Stages, Decode, TmaStore> on e.stream: one tile per CTA, or
+//! `persistent` (min(tiles, SMs) CTAs).
+template <class T, bool Nested, unsigned Stages, bool Decode, bool TmaStore>
 void launch_staged(exec::cuda const& e, T const* x, gemm_args<T> const& a,
                    code_table<16> const& values, code_table<256> const& nested, bool persistent) {
   using G = staged_shape<Stages, TmaStore>;
-  constexpr auto kernel = &gemm_4bit_staged_kernel<T, Nested, Stages, Decode, AluChunks, TmaStore>;
+  constexpr auto kernel = &gemm_4bit_staged_kernel<T, Nested, Stages, Decode, TmaStore>;
   static std::once_flag flags[64];
   std::call_once(flags[e.device], [] {
     cuda_detail::relaxed_capture_scope const relaxed;
@@ -1207,27 +1098,25 @@ void launch_staged(exec::cuda const& e, T const* x, gemm_args<T> const& a,
 
 //! Launches the product on e.stream for a.m x a.n x a.k. Variant 0-3: gemm_4bit_kernel<T,
 //! Nested, Variant> (one tile per CTA). gemm_4bit_staged_kernel: 4 four stages, one tile per CTA;
-//! 5 four stages, persistent; 6 six stages, persistent; 7 (bench only) 5 without the decode; 8
-//! and 9 = 5 with two or all four of a thread's chunks looked up in registers (AluChunks); 10, 11
-//! and 12 = 5, 9 and 8 with the TMA-store epilogue (the plain epilogue where store_fits fails).
+//! 5 four stages, persistent; 6 six stages, persistent; 7 (bench only) 5 without the decode; 10 =
+//! 5 with the TMA-store epilogue (the plain one where store_fits fails). (8, 9, 11 and 12 were
+//! register code table variants, measured slower and removed: docs/benchmarks.md, "gemm10".)
 //! Preconditions (the caller's): fits(...) and runnable<T, Nested>(...) hold; a describes x's
 //! product.
 template <class T, bool Nested, int Variant = 0>
 void launch(exec::cuda const& e, T const* x, gemm_args<T> const& a, code_table<16> const& values,
             code_table<256> const& nested) {
-  static_assert(Variant >= 0 && Variant <= 12, "gemm_4bit variants are 0-12");
+  static_assert(Variant >= 0 && Variant <= 10 && Variant != 8 && Variant != 9,
+                "gemm_4bit variants are 0-7 and 10");
   if constexpr (Variant >= 4) {
     constexpr unsigned stages = Variant == 6 ? 6u : 4u;
-    constexpr unsigned alu = Variant == 8 || Variant == 12   ? 2u
-                             : Variant == 9 || Variant == 11 ? 4u
-                                                             : 0u;
     constexpr bool decode = Variant != 7;
     if constexpr (Variant >= 10)
       if (store_fits(a.y, a.n)) {
-        launch_staged<T, Nested, stages, decode, alu, true>(e, x, a, values, nested, true);
+        launch_staged<T, Nested, stages, decode, true>(e, x, a, values, nested, true);
         return;
       }
-    launch_staged<T, Nested, stages, decode, alu, false>(e, x, a, values, nested, Variant != 4);
+    launch_staged<T, Nested, stages, decode, false>(e, x, a, values, nested, Variant != 4);
   } else {
     constexpr auto kernel = &gemm_4bit_kernel<T, Nested, Variant>;
     static std::once_flag flags[64];
