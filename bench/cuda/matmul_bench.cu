@@ -34,7 +34,7 @@
 // - gemm_l2/n/k/m/mib: batch 4096 in row chunks dequantized into one reused L2-sized buffer.
 // - gemm_fused/n/k/m/nested: batch 4096 through the fused sm_90a GEMM (dequantization in the
 //   main loop), against cuBLAS bf16 and the dispatched path; gemm_fused_variant/v/n/k/m its
-//   time-placing variants (1 no decode, 2 no MMAs).
+//   variants (sm90::launch: 3-6 and 10 products, 1, 2 and 7 time-placing: no decode, no MMAs).
 // - grad_input/*, int8/*: the QLoRA backward pass and the LLM.int8 layer.
 #include <qmem/quant/cuda/matmul.cuh>
 #include <qmem/quant/matmul.hpp>
@@ -872,10 +872,11 @@ void gemm_l2(benchmark::State& state) {
   state.counters["l2_MiB"] = l2 / 1048576.0;
 }
 
-// Args: n, k, m, nested. The fused sm_90a GEMM (cuda_matmul::fused_gemm: the weight dequantized
-// in the main loop, detail/gemm_sm90.cuh) against cuBLASLt bf16 in the same run, with the
-// dispatched dequantize + cuBLASLt path timed alongside (oneshot_ratio). Skipped with a message
-// when the binary has no sm_90a code or the device is not compute capability 9.0.
+// Args: n, k, m, nested. The fused sm_90a GEMM (cuda_matmul::fused_gemm in its default variant,
+// cuda_matmul::gemm_sm90_variant: the weight dequantized in the main loop, detail/gemm_sm90.cuh)
+// against cuBLASLt bf16 in the same run, with the dispatched dequantize + cuBLASLt path timed
+// alongside (oneshot_ratio). Skipped with a message when the binary has no sm_90a code or the
+// device is not compute capability 9.0.
 void gemm_fused(benchmark::State& state) {
   gemm_problem pr(state, state.range(3) != 0);
   auto const wv = pr.w.view();
@@ -897,9 +898,12 @@ void gemm_fused(benchmark::State& state) {
 
 // Args: n, k, m. The fused sm_90a GEMM's variants (sm90::gemm_4bit_kernel: 1 without the code
 // loads and the decode, 2 without the MMAs, both to place the time; 3 the weight decoded into
-// wgmma's register A operand), plain scales, against cuBLASLt bf16 in the same run. Variant 3
-// also counts the outputs that differ from variant 0's bits (`differ`: same products in the same
-// wgmma order, so 0 is expected; the tests check variant 0 against the host reference).
+// wgmma's register A operand; sm90::gemm_4bit_staged_kernel, register A with the codes and
+// scales staged in shared memory by the producer warpgroup: 4 one tile per CTA, 5 persistent, 6
+// persistent with 6 stages, 7 = 5 without the decode, to place the time, 10 = 5 with the
+// TMA-store epilogue), plain scales, against cuBLASLt bf16 in the same run. Variants 3-6 and 10
+// also count the outputs that differ from variant 0's bits (`differ`: same products in the same
+// wgmma order, so 0 is expected; the tests check each against the host reference).
 template <int Variant>
 void gemm_fused_variant(benchmark::State& state) {
   gemm_problem pr(state, false);
@@ -913,7 +917,7 @@ void gemm_fused_variant(benchmark::State& state) {
     state.SkipWithError("the fused sm_90a GEMM does not run here (build or device)");
     return;
   }
-  if constexpr (Variant == 3) {
+  if constexpr (Variant == 3 || (Variant >= 4 && Variant != 7)) {
     device_buffer<bf16> y0(m * n);
     check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
     (void)cuda_matmul::fused_gemm<bf16, nf4, 0>(pr.e, pr.x.p, m, wv, y0.p);
@@ -1175,6 +1179,36 @@ BENCHMARK(gemm_fused_variant<2>)
     ->Apply(timed<2, true>);
 BENCHMARK(gemm_fused_variant<3>)
     ->Name("gemm_fused_variant/3")
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<4>)
+    ->Name("gemm_fused_variant/4")
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<5>)
+    ->Name("gemm_fused_variant/5")
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<6>)
+    ->Name("gemm_fused_variant/6")
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<7>)
+    ->Name("gemm_fused_variant/7")
+    ->Args({4096, 4096, 4096})
+    ->Args({14336, 4096, 4096})
+    ->Args({8192, 8192, 4096})
+    ->Apply(timed<2, true>);
+BENCHMARK(gemm_fused_variant<10>)
+    ->Name("gemm_fused_variant/10")
     ->Args({4096, 4096, 4096})
     ->Args({14336, 4096, 4096})
     ->Args({8192, 8192, 4096})

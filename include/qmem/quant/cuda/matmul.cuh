@@ -3732,21 +3732,30 @@ void dequantize_gemm_l2(exec::cuda const& e, T const* x, std::size_t m,
   }
 }
 
-//! Whether matmul_4bit sends its m > 16 forward to the fused sm_90a GEMM (sm90::gemm_4bit_kernel,
-//! detail/gemm_sm90.cuh) where it runs and takes the shape. Off: a tested candidate, slower than
-//! dequantize + cuBLASLt (H200, 2026-11-30 10:43 UTC, batch 4096, NF4, bf16, ratio to cuBLAS bf16
-//! in the same run on 4096^2 / 14336 x 4096 / 8192^2: fused 1.44-1.45 / 1.56-1.57 / 1.52-1.53,
-//! register-A variant 1.50-1.56 / 1.58-1.60 / 1.53-1.54, dispatched path 1.03-1.06). Turn it on
-//! only when bench gemm_fused beats the `gemm` rows on all three shapes.
+//! Whether matmul_4bit sends its m > 16 forward to the fused sm_90a GEMM (detail/gemm_sm90.cuh,
+//! variant gemm_sm90_variant) where it runs and takes the shape. Off: a tested candidate, slower
+//! than dequantize + cuBLASLt (H200, 2026-11-30 22:23 UTC, batch 4096, NF4, bf16, ratio to cuBLAS
+//! bf16 in the same run on 4096^2 / 14336 x 4096 / 8192^2, two processes: variant 10 1.24-1.25 /
+//! 1.24 / 1.23-1.27, dispatched path 1.08 / 1.02-1.07 / 1.02-1.07; 10:43 UTC, variant 0 1.44-1.57).
+//! Turn it on only when bench gemm_fused beats the `gemm` rows on all three shapes.
 inline constexpr bool gemm_sm90_dispatch = false;
+
+//! The fused kernel fused_gemm runs by default (sm90::launch's variants): 10, the staged kernel
+//! (codes by TMA and scales by the producer warpgroup into the ring, the weight decoded into
+//! wgmma's register A operand), persistent, with the TMA-store epilogue: the fastest of variants
+//! 0, 3, 4, 5, 6, 10 and the rejected register-table ones on the three anchor shapes (H200,
+//! 2026-11-30 22:08 and 22:23 UTC, docs/benchmarks.md, "gemm10": 1.23-1.27x cuBLAS against 5's
+//! 1.28-1.43, 3's 1.55-1.68, 0's 1.44-1.57).
+inline constexpr int gemm_sm90_variant = 10;
 
 //! y[m, n] = x[m, k] * dequant(w)^T through the fused sm_90a GEMM, stream-ordered on e.stream.
 //! Returns false, launching nothing, when it cannot serve the call: the kernel not built for
 //! sm_90a or the device not compute capability 9.0 (sm90::runnable; also while e.stream is
 //! capturing before the first uncaptured call has probed the device), or the shape or alignment
 //! outside sm90::fits. Preconditions: those of matmul_4bit (checked there).
-//! `Variant` (bench only): sm90::gemm_4bit_kernel's time-placing variants (1 no decode, 2 no MMAs).
-template <class T, class Code, int Variant = 0>
+//! `Variant`: sm90::launch's (0, 3-6 and 10 products, tested; 1, 2 and 7 bench-only variants that
+//! place the time: no decode, no MMAs, the staged kernel without the decode).
+template <class T, class Code, int Variant = gemm_sm90_variant>
 bool fused_gemm(exec::cuda const& e, T const* x, std::size_t m, weight_4bit_view<Code> const& w,
                 T* y) {
   scale_args const s = make_scale_args(w.scales);

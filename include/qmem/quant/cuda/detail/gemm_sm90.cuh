@@ -21,6 +21,10 @@
 //! four wgmma m64n256k16 with fp32 accumulators and keeps one group in flight. The epilogue
 //! rounds each fp32 sum once to T. Numerics: the same exact products as the dequantize + cuBLASLt
 //! path, summed in fp32 in another order (docs/matmul.md, Tolerances, bound 1).
+//! gemm_4bit_staged_kernel, the faster form (cuda_matmul::gemm_sm90_variant), moves the code and
+//! scale loads to the producer warpgroup (TMA and shared-memory tiles in the same ring), decodes
+//! into wgmma's register A operand, loops over tiles on a persistent grid and stores each tile
+//! through shared memory by TMA: the same products in the same order, the same bits.
 //!
 //! Requirements: the binary carries sm_90a code (built with
 //! -gencode=arch=compute_90a,code=sm_90a) and the device is compute capability 9.0; otherwise the
@@ -41,6 +45,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <atomic>
 #include <concepts>
 #include <cstddef>
@@ -52,8 +57,10 @@ namespace qmem::quant::cuda_matmul::sm90 {
 
 //! The kernel's tiles: 128 weight rows (two consumer warpgroups of 64) x 256 tokens x 64 columns
 //! per K step, a ring of 4 x-tile stages, 3 A tiles per consumer.
-//! The only shape measured so far (H200, 2026-11-30 10:43 UTC, batch 4096, 8192^2: 1.12-1.17 ms,
-//! 471-491 TFLOP/s; cuBLAS bf16 0.73-0.77 ms): no other tile or stage count has been compared.
+//! The only tile measured so far (H200, 2026-11-30 10:43 UTC, batch 4096, 8192^2: 1.12-1.17 ms,
+//! 471-491 TFLOP/s; cuBLAS bf16 0.73-0.77 ms). Stages: 6 instead of 4 in the staged kernel
+//! measured within the noise (22:08 UTC, 8192^2 1.293-1.295x cuBLAS against 1.287-1.347), and
+//! 4 leave room for its TMA-store staging tile.
 struct tile_shape {
   static constexpr unsigned rows = 128;    //!< weight rows per CTA (wgmma M, 64 per consumer)
   static constexpr unsigned tokens = 256;  //!< activation rows per CTA (wgmma N)
@@ -631,6 +638,268 @@ __global__ void __launch_bounds__(tile_shape::threads, 1)
 #endif
 }
 
+//! The staged kernel's shared memory: the x ring, next to it a ring of code tiles (the 128 rows'
+//! 32 code bytes of the step, by TMA) and of scale tiles (the 128 rows' block scale of each
+//! 32-column half, written by the producer warpgroup), the mbarriers, the code table and the
+//! nested map, plus 1024 bytes to align the swizzled x tiles (and, with the TMA-store epilogue,
+//! the staging tile after the x ring). No A tiles (register A).
+template <unsigned Stages, bool TmaStore = false>
+struct staged_shape {
+  static constexpr unsigned stages = Stages;
+  //! the epilogue's staging tile (TmaStore): 128 rows x 256 tokens of T
+  static constexpr unsigned staging_bytes =
+      TmaStore ? tile_shape::rows * tile_shape::tokens * 2 : 0;
+  static constexpr unsigned code_tile_bytes = tile_shape::rows * tile_shape::depth / 2;
+  static constexpr unsigned scale_tile_bytes = tile_shape::rows * 2 * 4;
+  static constexpr unsigned smem_bytes =
+      1024 + stages * (tile_shape::x_tile_bytes + code_tile_bytes + scale_tile_bytes) +
+      staging_bytes + 2 * stages * 8 + (16 + 256) * 4;
+  static_assert(smem_bytes <= 232448, "an H100/H200 CTA has at most 227 KiB of shared memory");
+};
+
+//! y[m, n] = x[m, k] * dequant(w)^T like gemm_4bit_kernel's variant 3 (the weight decoded into
+//! wgmma's register A operand, the same products in the same order: the same bits), with the
+//! consumers' global loads moved to the producer warpgroup: per K step thread 0 loads the x tile
+//! and the 128 rows' 32 code bytes (`code_map`: codes as bytes {k / 2, n}, box {32, 128}, no
+//! swizzle) by TMA, and each of the 128 producer threads computes its row's two block scales
+//! (round(value * scale)'s scale: absmax, or dyn[qabsmax] * absmax2 + offset when nested, 0 past
+//! the last row or column) into the stage's scale tile; the stage's "full" mbarrier completes on
+//! the TMA bytes and 129 arrivals (thread 0's expect_tx, then every producer thread after its
+//! scale stores). A consumer thread reads its two fragment rows' codes (four 16-byte shared loads,
+//! the quad's lanes the same addresses) and scales from the stage, so its only long-latency wait
+//! is the "full" mbarrier, and it holds no code registers ahead (variant 3 kept two steps of codes
+//! in 50 registers).
+//! Tiles: tile index t = weight-row tile fastest; the CTA takes tiles blockIdx.x, blockIdx.x +
+//! gridDim.x, ... (grid = tiles: one tile per CTA; grid = SM count: persistent, the producer
+//! streams the next tile's stages while the consumers store the previous tile's outputs). The
+//! ring's stage and parity follow a step counter that runs on across tiles.
+//! `Stages`: the ring's depth (4 like gemm_4bit_kernel, up to 6 fit). `Decode` false (bench
+//! only, to place the time): the A fragments keep constant weights, the codes and scales are
+//! still staged, y gets the wrong product.
+//! `TmaStore`: the epilogue writes the tile into a shared-memory staging tile (stmatrix, the
+//! 128-byte swizzle) and one thread per consumer warpgroup stores its 64 rows by TMA (`y_map`:
+//! y as {n, m}, box {64, 256}), which runs while the next tile's main loop starts; otherwise
+//! (and with n % 8 != 0, where y's rows are not 16-byte aligned) each thread stores its outputs.
+template <class T, bool Nested, unsigned Stages, bool Decode = true, bool TmaStore = false>
+__global__ void __launch_bounds__(tile_shape::threads, 1)
+    gemm_4bit_staged_kernel(__grid_constant__ CUtensorMap const x_map,
+                            __grid_constant__ CUtensorMap const code_map,
+                            __grid_constant__ CUtensorMap const y_map, gemm_args<T> const a,
+                            __grid_constant__ code_table<16> const values,
+                            __grid_constant__ code_table<256> const nested) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = tile_shape;
+  using G = staged_shape<Stages, TmaStore>;
+  extern __shared__ unsigned char smem_raw[];
+  std::uint32_t const raw = smem_addr(smem_raw);
+  std::uint32_t const pad = ((raw + 1023u) & ~1023u) - raw;
+  std::uint32_t const x_tiles = raw + pad;
+  // the staging tile (TmaStore) right after the x ring: 1024-byte aligned for the swizzle
+  std::uint32_t const staging = x_tiles + G::stages * S::x_tile_bytes;
+  std::uint32_t const code_off = pad + G::stages * S::x_tile_bytes + G::staging_bytes;
+  std::uint32_t const scale_off = code_off + G::stages * G::code_tile_bytes;
+  std::uint32_t const bar_off = scale_off + G::stages * G::scale_tile_bytes;
+  std::uint32_t const bars = raw + bar_off;
+  // full[s] at bars + 8 s, empty[s] at bars + 8 (stages + s)
+  float* const scales = reinterpret_cast<float*>(smem_raw + scale_off);
+  float* const table = reinterpret_cast<float*>(smem_raw + bar_off + 2 * G::stages * 8);
+  float* const dyn = table + 16;
+  unsigned const tid = threadIdx.x;
+  if (tid < 16)
+    table[tid] = values.value[tid];
+  if constexpr (Nested)
+    for (unsigned i = tid; i < 256; i += S::threads)
+      dyn[i] = nested.value[i];
+  if (tid == 0) {
+    for (unsigned s = 0; s < G::stages; ++s) {
+      mbar_init(bars + 8 * s, 128 + 1);
+      // every consumer thread releases the stage after its last read of it (its shared-memory
+      // loads of the codes and scales, the x tile through its wgmma): one arrival per warp left
+      // the other lanes' loads unordered before the producer's next stores (racecheck reported
+      // those stores against the scale loads, H200 2026-11-30 22:09 and 22:24 UTC)
+      mbar_init(bars + 8 * (G::stages + s), S::consumers * 128);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  unsigned const tiles_n = (a.n + S::rows - 1) / S::rows;
+  unsigned const tiles = tiles_n * ((a.m + S::tokens - 1) / S::tokens);
+  unsigned const steps = (a.k + S::depth - 1) / S::depth;
+  if (tid < 128) {
+    // producer warpgroup: thread 0 the TMA loads, every thread its row's scales
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
+    if (tid == 0) {
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<std::uint64_t>(&x_map))
+                   : "memory");
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<std::uint64_t>(&code_map))
+                   : "memory");
+    }
+    unsigned g = 0;
+    for (unsigned tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      unsigned const n0 = tile % tiles_n * S::rows, m0 = tile / tiles_n * S::tokens;
+      unsigned const r = n0 + tid;
+      std::size_t const row_elem = std::size_t{r} * a.k;
+      for (unsigned kt = 0; kt < steps; ++kt, ++g) {
+        unsigned const s = g % G::stages;
+        if (g >= G::stages)
+          mbar_wait(bars + 8 * (G::stages + s), (g / G::stages - 1) & 1u);
+        if (tid == 0) {
+          mbar_expect_tx(bars + 8 * s, S::x_tile_bytes + G::code_tile_bytes);
+          tma_load_2d(x_tiles + s * S::x_tile_bytes, &x_map, bars + 8 * s,
+                      static_cast<int>(kt * S::depth), static_cast<int>(m0));
+          tma_load_2d(raw + code_off + s * G::code_tile_bytes, &code_map, bars + 8 * s,
+                      static_cast<int>(kt * S::depth / 2), static_cast<int>(n0));
+        }
+        QMEM_UNROLL
+        for (unsigned h = 0; h < 2; ++h) {
+          unsigned const col = kt * S::depth + 32 * h;
+          float v = 0.0f;
+          if (r < a.n && col < a.k) {
+            std::size_t const b = (row_elem + col) >> a.block_shift;
+            if constexpr (Nested)
+              v = fmath::add(
+                  fmath::mul(dyn[__ldg(a.qabsmax + b)], __ldg(a.absmax2 + (b >> a.nested_shift))),
+                  a.offset);
+            else
+              v = __ldg(a.absmax + b);
+          }
+          scales[s * (S::rows * 2) + h * S::rows + tid] = v;
+        }
+        mbar_arrive(bars + 8 * s);
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
+  unsigned const c = tid / 128 - 1, t = tid % 128, lane = t % 32, warp = t / 32;
+  unsigned const lrow = c * 64 + warp * 16 + lane / 4; // fragment rows lrow and lrow + 8
+  unsigned const shift = 8 * (lane % 4);
+  // decode the stage's codes of rows lrow, lrow + 8 into the k16 slices' A fragments (the
+  // mapping of register_a_mainloop's decode)
+  auto decode = [&](unsigned s, std::uint32_t(&frag)[4][4]) {
+    if constexpr (!Decode) {
+      QMEM_UNROLL
+      for (unsigned i = 0; i < 16; ++i)
+        frag[i / 4][i % 4] = 0x3c003c00u + s;
+      return;
+    }
+    unsigned char const* const codes = smem_raw + code_off + s * G::code_tile_bytes;
+    float const* const sc = scales + s * (S::rows * 2);
+    QMEM_UNROLL
+    for (unsigned i = 0; i < 4; ++i) {
+      unsigned const rr = lrow + 8 * (i / 2), h = i % 2;
+      uint4 const q = *reinterpret_cast<uint4 const*>(codes + rr * (S::depth / 2) + 16 * h);
+      float const sv = sc[h * S::rows + rr];
+      std::uint32_t const words[4] = {q.x, q.y, q.z, q.w};
+      QMEM_UNROLL
+      for (unsigned w = 0; w < 4; ++w) {
+        std::uint32_t const byte = (words[w] >> shift) & 0xffu;
+        frag[2 * h + w / 2][2 * (w % 2) + i / 2] =
+            pack2<T>(fmath::mul(table[byte >> 4], sv), fmath::mul(table[byte & 15u], sv));
+      }
+    }
+  };
+  unsigned g = 0;
+  for (unsigned tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    unsigned const n0 = tile % tiles_n * S::rows, m0 = tile / tiles_n * S::tokens;
+    float d[128];
+    QMEM_UNROLL
+    for (int i = 0; i < 128; ++i)
+      d[i] = 0.0f;
+    std::uint32_t frag0[4][4], frag1[4][4];
+    mbar_wait(bars + 8 * (g % G::stages), (g / G::stages) & 1u);
+    decode(g % G::stages, frag0);
+    // step kt (global g + kt): its stage's "full" barrier was waited for before its decode
+    auto step = [&](unsigned kt, std::uint32_t(&cur)[4][4], std::uint32_t(&other)[4][4]) {
+      unsigned const gk = g + kt, st = gk % G::stages;
+      std::uint32_t const x_tile = x_tiles + st * S::x_tile_bytes;
+      wgmma_fence();
+      QMEM_UNROLL
+      for (unsigned kk = 0; kk < S::depth / 16; ++kk)
+        wgmma_64x256x16_rs<T>(d, cur[kk], sw128_desc(x_tile + kk * 32), 1u);
+      wgmma_commit();
+      wgmma_wait<1>(); // step kt - 1 retired: its stage and its registers (`other`) are free
+      if (kt > 0)
+        mbar_arrive(bars + 8 * (G::stages + (gk - 1) % G::stages));
+      if (kt + 1 < steps) {
+        unsigned const sn = (gk + 1) % G::stages;
+        mbar_wait(bars + 8 * sn, ((gk + 1) / G::stages) & 1u);
+        decode(sn, other);
+      }
+    };
+    for (unsigned kt = 0; kt < steps; kt += 2) {
+      step(kt, frag0, frag1);
+      if (kt + 1 < steps)
+        step(kt + 1, frag1, frag0);
+    }
+    wgmma_wait<0>();
+    mbar_arrive(bars + 8 * (G::stages + (g + steps - 1) % G::stages));
+    g += steps;
+    // d[4 j + 2 h + e]: weight row warp * 16 + lane / 4 + 8 h, token 8 j + 2 (lane % 4) + e
+    if constexpr (TmaStore) {
+      // this warpgroup's 64 rows x 256 tokens as y's [token][row] box, 128 bytes per token,
+      // 16-byte chunk k of token row tok at chunk k ^ (tok % 8) (the 128-byte swizzle)
+      std::uint32_t const half = staging + c * (S::tokens * 128);
+      if (t == 0)
+        asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); // previous tile's store
+      asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
+      // stmatrix x4 .trans: matrices (h, j), (h + 1, j), (h, j + 1), (h + 1, j + 1) of 8 rows x
+      // 8 tokens; lane l gives the address of token row l % 8 of matrix l / 8
+      unsigned const mi = lane / 8, hh = mi % 2, tok_in = 8 * (mi / 2) + lane % 8;
+      unsigned const chunk = 2 * warp + hh;
+      QMEM_UNROLL
+      for (unsigned j = 0; j < S::tokens / 8; j += 2) {
+        unsigned const tok = 8 * j + tok_in;
+        std::uint32_t const addr = half + tok * 128 + ((chunk ^ (tok % 8)) * 16);
+        std::uint32_t const r0 = pack2<T>(d[4 * j + 0], d[4 * j + 1]);
+        std::uint32_t const r1 = pack2<T>(d[4 * j + 2], d[4 * j + 3]);
+        std::uint32_t const r2 = pack2<T>(d[4 * j + 4], d[4 * j + 5]);
+        std::uint32_t const r3 = pack2<T>(d[4 * j + 6], d[4 * j + 7]);
+        asm volatile(
+            "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr),
+            "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+            : "memory");
+      }
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
+      if (t == 0) {
+        asm volatile(
+            "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                reinterpret_cast<std::uint64_t>(&y_map)),
+            "r"(half), "r"(static_cast<int>(n0 + 64 * c)), "r"(static_cast<int>(m0))
+            : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      }
+      continue;
+    }
+    // (a tile inside y stores without per-store bounds checks)
+    unsigned const r_base = n0 + lrow;
+    unsigned const t_base = m0 + 2 * (lane % 4);
+    bool const inside = n0 + S::rows <= a.n && m0 + S::tokens <= a.m;
+    QMEM_UNROLL
+    for (unsigned j = 0; j < S::tokens / 8; ++j)
+      QMEM_UNROLL
+    for (unsigned h = 0; h < 2; ++h)
+      QMEM_UNROLL
+    for (unsigned e = 0; e < 2; ++e) {
+      unsigned const r = r_base + 8 * h, tok = t_base + 8 * j + e;
+      if (inside || (r < a.n && tok < a.m))
+        a.y[std::size_t{tok} * a.n + r] = round_to<T>(d[4 * j + 2 * h + e]);
+    }
+  }
+  if constexpr (TmaStore)
+    if (t == 0)
+      asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); // the stores done before exit
+#else
+  (void)x_map;
+  (void)code_map;
+  (void)y_map;
+  (void)a;
+  (void)values;
+  (void)nested;
+#endif
+}
+
 // ------------------------------------------------------------------------------------------------
 // Host side
 
@@ -744,22 +1013,125 @@ CUtensorMap activation_map(T const* x, std::size_t m, std::size_t k) {
 
 //! Launches gemm_4bit_kernel<T, Nested> on e.stream for a.m x a.n x a.k. Preconditions (the
 //! caller's): fits(...) and runnable<T, Nested>(...) hold; a describes x's product.
-template <class T, bool Nested, int Variant = 0>
-void launch(exec::cuda const& e, T const* x, gemm_args<T> const& a, code_table<16> const& values,
-            code_table<256> const& nested) {
-  constexpr auto kernel = &gemm_4bit_kernel<T, Nested, Variant>;
+//! The codes [n, k / 2] as the staged kernel's TMA source: bytes, dims {k / 2, n}, row stride
+//! k / 2 bytes, box {32, 128} (a step's 32 bytes of 128 rows), no swizzle, out-of-bounds bytes
+//! read as zeros (their scale is 0). Preconditions (fits): codes 16-byte aligned, k % 32 == 0.
+inline CUtensorMap code_map(std::uint8_t const* codes, std::size_t n, std::size_t k) {
+  CUtensorMap map;
+  cuuint64_t const dims[2] = {k / 2, n};
+  cuuint64_t const strides[1] = {k / 2};
+  cuuint32_t const box[2] = {tile_shape::depth / 2, tile_shape::rows};
+  cuuint32_t const steps[2] = {1, 1};
+  CUresult const r = tensor_map_encoder()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<std::uint8_t*>(codes), dims, strides, box,
+      steps, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw cuda_error(qmem::detail::message("cuTensorMapEncodeTiled failed for codes ", n, " x ", k,
+                                           ": CUresult ", static_cast<int>(r)),
+                     static_cast<int>(r));
+  return map;
+}
+
+//! The number of SMs of `device` (read once per device): the persistent grid.
+inline unsigned sm_count(int device) {
+  static std::atomic<int> counts[64] = {};
+  int v = counts[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    cuda_detail::check(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device),
+                       "cudaDeviceGetAttribute(MultiProcessorCount)");
+    counts[device].store(v, std::memory_order_relaxed);
+  }
+  return static_cast<unsigned>(v);
+}
+
+//! y[m, n] as the TMA-store epilogue's destination: dims {n, m}, row stride 2n bytes, box {64,
+//! 256} (a consumer warpgroup's 64 rows x 256 tokens), 128-byte swizzle; the store skips the box's
+//! elements outside y. Preconditions (store_fits): y 16-byte aligned, n % 8 == 0.
+template <class T>
+CUtensorMap output_map(T* y, std::size_t m, std::size_t n) {
+  CUtensorMap map;
+  cuuint64_t const dims[2] = {n, m};
+  cuuint64_t const strides[1] = {n * sizeof(T)};
+  cuuint32_t const box[2] = {64, tile_shape::tokens};
+  cuuint32_t const steps[2] = {1, 1};
+  CUresult const r = tensor_map_encoder()(
+      &map,
+      std::same_as<T, bf16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+      y, dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw cuda_error(qmem::detail::message("cuTensorMapEncodeTiled failed for the output ", m,
+                                           " x ", n, ": CUresult ", static_cast<int>(r)),
+                     static_cast<int>(r));
+  return map;
+}
+
+//! Whether y can be the TMA store's destination: 16-byte aligned rows (n % 8 == 0, y aligned).
+template <class T>
+bool store_fits(T const* y, std::size_t n) noexcept {
+  return n % 8 == 0 && reinterpret_cast<std::uintptr_t>(y) % 16 == 0;
+}
+
+//! gemm_4bit_staged_kernel<T, Nested, Stages, Decode, TmaStore> on e.stream: one tile per CTA, or
+//! `persistent` (min(tiles, SMs) CTAs).
+template <class T, bool Nested, unsigned Stages, bool Decode, bool TmaStore>
+void launch_staged(exec::cuda const& e, T const* x, gemm_args<T> const& a,
+                   code_table<16> const& values, code_table<256> const& nested, bool persistent) {
+  using G = staged_shape<Stages, TmaStore>;
+  constexpr auto kernel = &gemm_4bit_staged_kernel<T, Nested, Stages, Decode, TmaStore>;
   static std::once_flag flags[64];
   std::call_once(flags[e.device], [] {
     cuda_detail::relaxed_capture_scope const relaxed;
     cuda_detail::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(tile_shape::smem_bytes)),
+                                            static_cast<int>(G::smem_bytes)),
                        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   });
   unsigned const tiles = ((a.n + tile_shape::rows - 1) / tile_shape::rows) *
                          ((a.m + tile_shape::tokens - 1) / tile_shape::tokens);
-  kernel<<<tiles, tile_shape::threads, tile_shape::smem_bytes, e.stream>>>(
-      activation_map(x, a.m, a.k), a, nullptr, values, nested);
-  cuda_detail::check_launch(e, "qmem::quant::cuda_matmul::sm90::gemm_4bit_kernel");
+  unsigned const grid = persistent ? std::min(tiles, sm_count(e.device)) : tiles;
+  CUtensorMap const y_map = TmaStore ? output_map(a.y, a.m, a.n) : CUtensorMap{};
+  kernel<<<grid, tile_shape::threads, G::smem_bytes, e.stream>>>(
+      activation_map(x, a.m, a.k), code_map(a.codes, a.n, a.k), y_map, a, values, nested);
+  cuda_detail::check_launch(e, "qmem::quant::cuda_matmul::sm90::gemm_4bit_staged_kernel");
+}
+
+//! Launches the product on e.stream for a.m x a.n x a.k. Variant 0-3: gemm_4bit_kernel<T,
+//! Nested, Variant> (one tile per CTA). gemm_4bit_staged_kernel: 4 four stages, one tile per CTA;
+//! 5 four stages, persistent; 6 six stages, persistent; 7 (bench only) 5 without the decode; 10 =
+//! 5 with the TMA-store epilogue (the plain one where store_fits fails). (8, 9, 11 and 12 were
+//! register code table variants, measured slower and removed: docs/benchmarks.md, "gemm10".)
+//! Preconditions (the caller's): fits(...) and runnable<T, Nested>(...) hold; a describes x's
+//! product.
+template <class T, bool Nested, int Variant = 0>
+void launch(exec::cuda const& e, T const* x, gemm_args<T> const& a, code_table<16> const& values,
+            code_table<256> const& nested) {
+  static_assert(Variant >= 0 && Variant <= 10 && Variant != 8 && Variant != 9,
+                "gemm_4bit variants are 0-7 and 10");
+  if constexpr (Variant >= 4) {
+    constexpr unsigned stages = Variant == 6 ? 6u : 4u;
+    constexpr bool decode = Variant != 7;
+    if constexpr (Variant >= 10)
+      if (store_fits(a.y, a.n)) {
+        launch_staged<T, Nested, stages, decode, true>(e, x, a, values, nested, true);
+        return;
+      }
+    launch_staged<T, Nested, stages, decode, false>(e, x, a, values, nested, Variant != 4);
+  } else {
+    constexpr auto kernel = &gemm_4bit_kernel<T, Nested, Variant>;
+    static std::once_flag flags[64];
+    std::call_once(flags[e.device], [] {
+      cuda_detail::relaxed_capture_scope const relaxed;
+      cuda_detail::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(tile_shape::smem_bytes)),
+                         "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+    });
+    unsigned const tiles = ((a.n + tile_shape::rows - 1) / tile_shape::rows) *
+                           ((a.m + tile_shape::tokens - 1) / tile_shape::tokens);
+    kernel<<<tiles, tile_shape::threads, tile_shape::smem_bytes, e.stream>>>(
+        activation_map(x, a.m, a.k), a, nullptr, values, nested);
+    cuda_detail::check_launch(e, "qmem::quant::cuda_matmul::sm90::gemm_4bit_kernel");
+  }
 }
 
 } // namespace qmem::quant::cuda_matmul::sm90
