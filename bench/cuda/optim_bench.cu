@@ -144,12 +144,43 @@ double ideal_bytes(std::size_t n, bool master) {
 
 enum class placement { device, paged };
 
-//! One benchmark: `tensors` equal tensors holding `param_count()` parameters in all.
+//! The sizes of `tensors` tensors holding `total` parameters in all: equal, or (`mixed`) a model's
+//! mix, in turn a large matrix, a medium one, a small one and a norm-like vector of 1000 + 37 t
+//! elements (none of them a multiple of a 256-element task but by chance).
+std::vector<std::size_t> tensor_sizes(std::size_t total, int tensors, bool mixed) {
+  auto const count = static_cast<std::size_t>(tensors);
+  if (!mixed)
+    return std::vector<std::size_t>(count, total / count);
+  std::size_t const weights[] = {48, 12, 3};
+  std::vector<std::size_t> sizes(count, 0);
+  std::size_t vectors = 0;
+  std::size_t weight_sum = 0;
+  for (std::size_t t = 0; t < count; ++t) {
+    if (t % 4 == 3) {
+      sizes[t] = 1000 + 37 * t;
+      vectors += sizes[t];
+    } else {
+      weight_sum += weights[t % 4];
+    }
+  }
+  std::size_t const unit = (total - vectors) / weight_sum;
+  std::size_t sum = vectors;
+  for (std::size_t t = 0; t < count; ++t)
+    if (t % 4 != 3) {
+      sizes[t] = weights[t % 4] * unit - t % 7;
+      sum += sizes[t];
+    }
+  sizes[0] += total - sum; // the parameters in all: `total`
+  return sizes;
+}
+
+//! One benchmark: `tensors` tensors holding `param_count()` parameters in all, equal or of mixed
+//! sizes (tensor_sizes).
 template <class Rule, class Policy, class P, class G = P>
 void bm_step(benchmark::State& state, Rule rule, int tensors, placement where,
-             oq::nonfinite_policy nonfinite, bool master) {
+             oq::nonfinite_policy nonfinite, bool master, bool mixed) {
   std::size_t const total = param_count();
-  std::size_t const n = total / static_cast<std::size_t>(tensors);
+  std::vector<std::size_t> const sizes = tensor_sizes(total, tensors, mixed);
   memory::cuda_device_resource dres(0);
   cudaStream_t stream = nullptr;
   check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
@@ -174,7 +205,10 @@ void bm_step(benchmark::State& state, Rule rule, int tensors, placement where,
     return p;
   };
   std::vector<typename group_t::tensor> ts;
+  double bytes = 0.0;
   for (int t = 0; t < tensors; ++t) {
+    std::size_t const n = sizes[static_cast<std::size_t>(t)];
+    bytes += ideal_bytes<Rule, Policy, P, G>(n, master);
     typename group_t::tensor x;
     x.size = n;
     auto* p = static_cast<P*>(alloc(n * sizeof(P), false));
@@ -201,10 +235,8 @@ void bm_step(benchmark::State& state, Rule rule, int tensors, placement where,
   co.nonfinite = nonfinite;
   ocu::step_controller ctl(e, dres, co);
   group_t group(e, ts, dres, ctl);
-  double const bytes =
-      ideal_bytes<Rule, Policy, P, G>(n, master) * tensors +
-      (nonfinite == oq::nonfinite_policy::skip_element ? 0.0
-                                                       : static_cast<double>(total) * sizeof(G));
+  if (nonfinite != oq::nonfinite_policy::skip_element)
+    bytes += static_cast<double>(total) * sizeof(G);
   if (paged) {
     ocu::pager<group_t> pg(group, *paged, std::size_t{100} << 30);
     time_steps(
@@ -226,11 +258,12 @@ void bm_step(benchmark::State& state, Rule rule, int tensors, placement where,
 
 template <class Rule, class Policy, class P, class G = P>
 void add(std::string const& name, Rule rule, int tensors = 1, placement where = placement::device,
-         oq::nonfinite_policy nonfinite = oq::nonfinite_policy::skip_element, bool master = false) {
+         oq::nonfinite_policy nonfinite = oq::nonfinite_policy::skip_element, bool master = false,
+         bool mixed = false) {
   benchmark::RegisterBenchmark(name.c_str(),
                                [=](benchmark::State& s) {
                                  bm_step<Rule, Policy, P, G>(s, rule, tensors, where, nonfinite,
-                                                             master);
+                                                             master, mixed);
                                })
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond)
@@ -253,12 +286,20 @@ int main(int argc, char** argv) {
       ->Unit(benchmark::kMillisecond)
       ->Iterations(20);
 // QMEM_BENCH_FP32_ONLY: the copy and the AdamW 32-bit rows alone (a tuning build of the
-// fp32-state kernel)
+// fp32-state kernel), with AdamW 8-bit as one tensor and as 64 (the kernels that share its code)
 #ifdef QMEM_BENCH_FP32_ONLY
   add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params", oq::adamw{});
   add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/paged_fits", oq::adamw{}, 1,
                                         placement::paged);
   add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/64_tensors", oq::adamw{}, 64);
+  add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/4_tensors_mixed", oq::adamw{}, 4,
+                                        placement::device, oq::nonfinite_policy::skip_element,
+                                        false, true);
+  add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/1024_tensors_mixed", oq::adamw{},
+                                        1024, placement::device, oq::nonfinite_policy::skip_element,
+                                        false, true);
+  add<oq::adamw, oq::int8_state, float>("adamw/int8/fp32_params", oq::adamw{});
+  add<oq::adamw, oq::int8_state, float>("adamw/int8/fp32_params/64_tensors", oq::adamw{}, 64);
 #else
   // issue 4's goals
   add<oq::adamw, oq::int8_state, float>("adamw/int8/fp32_params", oq::adamw{});
@@ -272,6 +313,9 @@ int main(int argc, char** argv) {
   add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/paged_fits", oq::adamw{}, 1,
                                         placement::paged);
   add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/64_tensors", oq::adamw{}, 64);
+  add<oq::adamw, oq::fp32_state, float>("adamw/fp32/fp32_params/1024_tensors_mixed", oq::adamw{},
+                                        1024, placement::device, oq::nonfinite_policy::skip_element,
+                                        false, true);
   add<oq::adamw, oq::int8_state, float>("adamw/int8/fp32_params/skip_step_norm_pass", oq::adamw{},
                                         1, placement::device, oq::nonfinite_policy::skip_step);
 // QMEM_BENCH_GOALS_ONLY: the goal rows alone (a tuning build: 2.5 instead of 7 minutes of nvcc)

@@ -283,10 +283,12 @@ std::vector<std::size_t> all_of(std::size_t count) {
 }
 
 //! Runs `steps` on the host optimizer and on the device (one group, one controller), then
-//! compares parameters, codes/values and absmax of every tensor bit for bit.
+//! compares parameters, codes/values and absmax of every tensor bit for bit. With `cuts` (global
+//! task numbers, ascending, within the group's tasks), each step's update is enqueued as the
+//! ranges [0, cuts[0]), [cuts[0], cuts[1]), ..., [cuts.back(), task_count) (a pager's launches).
 template <class Rule, class Policy, class P, class G = P>
 void compare_with_host(problem<P, G> const& pr, Rule rule, oq::optimizer_options oo,
-                       float grad_unscale = 1.0f) {
+                       float grad_unscale = 1.0f, std::vector<std::uint64_t> const& cuts = {}) {
   oo.min_quantized_size = 0; // every tensor takes the policy's formats (one device group)
   test::host_reference<Rule, Policy, P> host(pr.params, rule, oo);
   host.run(pr, oq::step_options{grad_unscale, false});
@@ -307,7 +309,19 @@ void compare_with_host(problem<P, G> const& pr, Rule rule, oq::optimizer_options
   group_t group(e, d.span(), dres, ctl);
   for (auto const& step_grads : pr.grads) {
     d.set_grads(step_grads);
-    group.step(e);
+    if (cuts.empty()) {
+      group.step(e);
+      continue;
+    }
+    group.accumulate_norm(e);
+    ctl.resolve(e);
+    group.prepare(e);
+    std::uint64_t begin = 0;
+    for (std::uint64_t const cut : cuts) {
+      group.update(e, begin, cut);
+      begin = cut;
+    }
+    group.update(e, begin, group.task_count());
   }
   CHECK(ctl.read_control_blocking(e).step == host.opt.step_count());
   check_same_as_host(d, host, all_of(pr.sizes.size()));
@@ -404,6 +418,49 @@ TEST_CASE("CUDA step == host optimizer: AdamW 32-bit, a group of one tensor (a w
     oo.nonfinite = oq::nonfinite_policy::skip_step;
     compare_with_host<oq::adamw, oq::fp32_state, float>(make_problem<float, float>({300001}, 3, 23),
                                                         oq::adamw{}, oo);
+  }
+}
+
+//! `count` tensor sizes that cycle through tiny tensors, tails of a 256-element task, exact tasks
+//! and tensors of many tasks (one of 300001 elements, 1172 tasks, every 32nd).
+std::vector<std::size_t> mixed_sizes(std::size_t count) {
+  std::size_t const cycle[] = {1, 256, 257, 31, 512, 4097, 3, 1000, 33333, 255, 768, 7};
+  std::vector<std::size_t> v;
+  for (std::size_t i = 0; i < count; ++i)
+    v.push_back(i % 32 == 5 ? 300001 : cycle[i % std::size(cycle)]);
+  return v;
+}
+
+TEST_CASE("CUDA step == host optimizer: AdamW 32-bit, many tensors of mixed sizes in one pass") {
+  // every fp32 Adam/AdamW group launches a warp per task (QMEM_OPTIM_FUSED_FP32_ONE_PASS), each
+  // warp finding its tensor with find_tensor_warp: one round up to 64 tensors, two up to 4096,
+  // three beyond
+  if (skip_without_gpu())
+    return;
+  auto const o = test::comparison_options();
+  SUBCASE("70 tensors (two search rounds), non-finite gradients skipped per element") {
+    compare_with_host<oq::adamw, oq::fp32_state, float>(
+        make_problem<float, float>(mixed_sizes(70), 3, 31, true), oq::adamw{}, o);
+  }
+  SUBCASE("Adam (L2), 64 tensors (one round), skip_step with finite gradients") {
+    auto oo = o;
+    oo.nonfinite = oq::nonfinite_policy::skip_step;
+    compare_with_host<oq::adam, oq::fp32_state, float>(
+        make_problem<float, float>(mixed_sizes(64), 3, 32), oq::adam{.weight_decay = 1e-2f}, oo);
+  }
+  SUBCASE("40 tensors updated in five task ranges that cut through tensors") {
+    // tasks of tensors 0-8: [0, 1), [1, 2), [2, 4), [4, 5), [5, 7), [7, 1179) (300001 elements),
+    // [1179, 1180), [1180, 1184), [1184, 1315)
+    compare_with_host<oq::adamw, oq::fp32_state, float>(
+        make_problem<float, float>(mixed_sizes(40), 2, 33), oq::adamw{}, o, 1.0f,
+        {1, 3, 700, 1185});
+  }
+  SUBCASE("4500 tensors of 1 to 4097 elements (three search rounds)") {
+    std::vector<std::size_t> sizes = mixed_sizes(4500);
+    for (auto& n : sizes)
+      n = n > 4097 ? 4097 : n;
+    compare_with_host<oq::adamw, oq::fp32_state, float>(make_problem<float, float>(sizes, 2, 34),
+                                                        oq::adamw{}, o);
   }
 }
 

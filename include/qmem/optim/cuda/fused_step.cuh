@@ -236,6 +236,35 @@ __device__ QMEM_INLINE std::uint32_t find_tensor(tensor_entry const* t, std::uin
   return lo;
 }
 
+//! The table entry that owns global task `task`, found by the 32 lanes of a warp together (every
+//! lane passes the same `task`; all lanes get the answer): `first` holds the entries' first tasks,
+//! ascending, first[0] <= task. Each round the lanes compare 64 evenly spaced entries of the range
+//! still open (two per lane) and keep the stretch that the count of those at or below `task`
+//! points to: one round for up to 64 entries, two up to 4096. With 64 entries or fewer a round
+//! reads 512 contiguous bytes (four cache lines, hits in L1 after the first warps of an SM). A
+//! group of one entry loads nothing. Replaces find_tensor's binary search (a chain of up to
+//! log2(n) dependent loads of 128-byte entries) where a warp looks up one task.
+__device__ QMEM_INLINE std::uint32_t find_tensor_warp(std::uint64_t const* first, std::uint32_t n,
+                                                      std::uint64_t task, unsigned lane) {
+  std::uint32_t lo = 0;
+  std::uint32_t span = n; // the owner lies in [lo, lo + span)
+  while (span > 1) {
+    std::uint32_t const stride = (span + 63) / 64;
+    std::uint32_t const a = 2 * lane * stride; // offsets of this lane's two entries in the range
+    std::uint32_t const b = a + stride;
+    bool const in_a = a < span && first[lo + a] <= task;
+    bool const in_b = b < span && first[lo + b] <= task;
+    // the entries at or below `task` are a prefix of the 64 offsets (ascending first tasks); the
+    // first is always among them (first[lo] <= task)
+    auto const below = static_cast<std::uint32_t>(__popc(__ballot_sync(0xffffffffu, in_a)) +
+                                                  __popc(__ballot_sync(0xffffffffu, in_b)));
+    lo += (below - 1) * stride;
+    std::uint32_t const left = span - (below - 1) * stride;
+    span = left < stride ? left : stride;
+  }
+  return lo;
+}
+
 } // namespace detail
 
 //! Everything one launch of the fused kernel reads (passed by value as a __grid_constant__).
@@ -250,7 +279,10 @@ struct fused_args {
   std::uint32_t tensor_count;
   std::uint32_t param_stochastic; //!< bf16 params without master: stochastic rounding
   //! A placeholder: the codec tables reach the kernel through device memory (shared_tables_image).
-  typename kernel_traits<Rule, Policy>::tables tables;
+  typename kernel_traits<Rule, Policy>::tables
+      tables; //! [tensor_count] the entries' first tasks, densely (detail::find_tensor_warp; read by the
+  //! one-pass kernels, detail::one_pass_kernel, alone)
+  std::uint64_t const* first_tasks;
 };
 
 namespace detail {
@@ -1253,6 +1285,19 @@ inline constexpr bool fused_entry_in_registers = QMEM_OPTIM_FUSED_ENTRY_IN_REGIS
 #define QMEM_OPTIM_FUSED_FP32_ONE_PASS 1
 #endif
 
+namespace detail {
+//! Whether the fused kernel of Rule x Policy x P x G is the one-pass kernel
+//! (QMEM_OPTIM_FUSED_FP32_ONE_PASS): fp32 parameters, gradients and states, Adam or AdamW. Its
+//! warps take task task_begin + warp, then every (warps)-th after it (none with the one-pass grid),
+//! each task's tensor found by find_tensor_warp over fused_args::first_tasks.
+template <update_rule Rule, state_policy Policy, class P, class G>
+inline constexpr bool
+    one_pass_kernel = QMEM_OPTIM_FUSED_FP32_ONE_PASS != 0 &&
+                      kernel_traits<Rule, Policy>::fp32_states &&
+                      (std::same_as<Rule, adamw> ||
+                       std::same_as<Rule, adam>)&&std::same_as<P, float>&& std::same_as<G, float>;
+} // namespace detail
+
 //! The largest tensor (elements) that the pipelined loop runs: 2^32. The loop indexes elements,
 //! codes and absmax blocks with 32-bit tensor-relative indices (every element index t x 256 +
 //! 8 lane of such a tensor fits), so that an address is one IMAD.WIDE.U32 from the tensor's 64-bit
@@ -1363,6 +1408,23 @@ __global__ void __launch_bounds__(fused_block_threads,
   std::uint64_t const warp_count = (static_cast<std::uint64_t>(gridDim.x) * blockDim.x) >> 5;
   std::uint64_t const warp =
       (static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if constexpr (detail::one_pass_kernel<Rule, Policy, P, G>) {
+    // one task per warp with the one-pass grid: its tensor found by the whole warp at once
+    for (std::uint64_t task = args.task_begin + warp; task < args.task_end; task += warp_count) {
+      std::uint32_t const owner =
+          detail::find_tensor_warp(args.first_tasks, args.tensor_count, task, lane);
+      typename Rule::scalars const k = args.scalars[owner];
+      tensor_entry const* const entry = args.tensors + owner;
+      std::uint64_t const local = task - entry->first_task;
+      if (entry->vectorized != 0 && local < entry->size / traits::task_elements)
+        detail::fused_task<Rule, Policy, P, G, NonFinite, true>(
+            entry, local, k, grad_scale, step, args.seed, args.param_stochastic != 0, tables, lane);
+      else
+        partial_task<Rule, Policy, P, G, NonFinite>(entry, local, k, grad_scale, step, args.seed,
+                                                    args.param_stochastic != 0, tables, lane);
+    }
+    return;
+  }
   // which tasks this warp takes (warp-uniform): every warp_count-th from its own (grid stride), or,
   // when the launch's tensors give a warp few tasks each (fused_contiguous_below), one contiguous
   // range, so that the pipeline restarts at the warp's few tensor boundaries only

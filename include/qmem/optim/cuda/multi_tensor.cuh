@@ -495,6 +495,7 @@ private:
   std::vector<std::size_t> tensor_state_bytes_;  // per caller tensor: state + absmax bytes
   detail::device_array<tensor_entry> entries_;
   detail::device_array<std::uint64_t> norm_first_piece_; // [entries + 1]: the norm pass's pieces
+  detail::device_array<std::uint64_t> first_tasks_;      // [entries]: their first tasks, densely
   detail::device_array<Rule> rules_;
   detail::device_array<typename Rule::scalars> scalars_;
   std::vector<tensor> tensors_;
@@ -592,6 +593,7 @@ public:
     norm_piece_count_ = first_piece.back();
     entries_ = {n, device, memory::category::workspace};
     norm_first_piece_ = {n + 1, device, memory::category::workspace};
+    first_tasks_ = {n, device, memory::category::workspace};
     rules_ = {n, device, memory::category::workspace};
     scalars_ = {n, device, memory::category::workspace};
     if (n > 0) {
@@ -602,6 +604,13 @@ public:
                                          (n + 1) * sizeof(std::uint64_t), cudaMemcpyHostToDevice,
                                          e.stream),
                          "cudaMemcpyAsync(norm pieces)");
+      std::vector<std::uint64_t> first_tasks(n);
+      for (std::size_t k = 0; k < n; ++k)
+        first_tasks[k] = entries[k].first_task;
+      cuda_detail::check(cudaMemcpyAsync(first_tasks_.data(), first_tasks.data(),
+                                         n * sizeof(std::uint64_t), cudaMemcpyHostToDevice,
+                                         e.stream),
+                         "cudaMemcpyAsync(first tasks)");
       cuda_detail::check(cudaMemcpyAsync(rules_.data(), rules.data(), n * sizeof(Rule),
                                          cudaMemcpyHostToDevice, e.stream),
                          "cudaMemcpyAsync(rules)");
@@ -689,17 +698,14 @@ public:
                                         o.seed,
                                         entry_count_,
                                         o.rounding == param_rounding::stochastic ? 1u : 0u,
-                                        traits::tables::make()};
+                                        traits::tables::make(),
+                                        first_tasks_.data()};
     constexpr std::uint64_t block_warps = fused_block_threads / 32;
     std::uint64_t const blocks_needed = (task_end - task_begin + block_warps - 1) / block_warps;
-    // QMEM_OPTIM_FUSED_FP32_ONE_PASS: a group of one tensor with fp32 parameters, gradients and
-    // states stepped by Adam or AdamW (AdamW 32-bit) launches a warp per task (one pass) instead
-    // of the resident grid (grid stride)
-    constexpr bool adam_family = std::same_as<Rule, adamw> || std::same_as<Rule, adam>;
-    constexpr bool one_pass_kernel = QMEM_OPTIM_FUSED_FP32_ONE_PASS != 0 && traits::fp32_states &&
-                                     adam_family && std::same_as<P, float> &&
-                                     std::same_as<G, float>;
-    bool const one_pass = one_pass_kernel && entry_count_ == 1;
+    // QMEM_OPTIM_FUSED_FP32_ONE_PASS: a group with fp32 parameters, gradients and states stepped
+    // by Adam or AdamW (AdamW 32-bit), of any number of tensors, launches a warp per task (one
+    // pass) instead of the resident grid (grid stride)
+    constexpr bool one_pass = detail::one_pass_kernel<Rule, Policy, P, G>;
     std::uint64_t const grid_limit =
         one_pass ? std::uint64_t{0x7fffffff} : static_cast<std::uint64_t>(grid_);
     int const grid = static_cast<int>(std::min<std::uint64_t>(blocks_needed, grid_limit));
