@@ -279,9 +279,9 @@ struct fused_args {
   std::uint32_t tensor_count;
   std::uint32_t param_stochastic; //!< bf16 params without master: stochastic rounding
   //! A placeholder: the codec tables reach the kernel through device memory (shared_tables_image).
-  typename kernel_traits<Rule, Policy>::tables
-      tables; //! [tensor_count] the entries' first tasks, densely (detail::find_tensor_warp; read by the
-  //! one-pass kernels, detail::one_pass_kernel, alone)
+  typename kernel_traits<Rule, Policy>::tables tables;
+  //! [tensor_count] the entries' first tasks, densely (detail::find_tensor_warp; read by the
+  //! WarpLookup form of the fused kernel alone)
   std::uint64_t const* first_tasks;
 };
 
@@ -1270,26 +1270,36 @@ inline constexpr unsigned fused_contiguous_below = QMEM_OPTIM_FUSED_CONTIGUOUS_B
 #endif
 inline constexpr bool fused_entry_in_registers = QMEM_OPTIM_FUSED_ENTRY_IN_REGISTERS != 0;
 
-//! Whether multi_tensor_step launches the fused kernel of a group of one tensor with fp32
-//! parameters, gradients and states, stepped by Adam or AdamW (AdamW 32-bit), with one warp per
-//! task (one pass: as many blocks as the tasks need, each warp one task) instead of the resident
-//! grid that strides over the tasks: 1. H200, 2^28 parameters, 2026-11-30 22:10 UTC, the same
-//! kernel, ms, median, grid stride / one pass: AdamW 32-bit 1.8928 / 1.7993 (-4.9%; three
-//! interleaved rounds, one process each: 1.8920-1.8940 / 1.7967-1.8013, 97.7% of the same process's
-//! copy); one process each: paged 1.8765 / 1.8361 (-2.2%), but 64 tensors of 4 Mi 1.9037 / 2.0057
-//! (+5.4%; not profiled: each warp then runs find_tensor's binary searches over the table for a
-//! single task), so groups of several tensors keep the grid stride. The other rules with fp32
-//! states (Lion, SGD, LAMB, ...) keep it too: not timed. Overridable for tuning runs (0: always the
-//! resident grid).
+//! Whether multi_tensor_step launches the fused kernel of a group with fp32 parameters, gradients
+//! and states, stepped by Adam or AdamW (AdamW 32-bit), with one warp per task (one pass: as many
+//! blocks as the tasks need, each warp one task) instead of the resident grid that strides over the
+//! tasks: 1. A group of one tensor runs the plain kernel so, a group of several the kernel's
+//! WarpLookup form (each warp finds its tensor with find_tensor_warp).
+//! opt7, H200, 2^28 parameters, 2026-11-30 22:10 UTC, the plain kernel, ms, median, grid stride /
+//! one pass: AdamW 32-bit 1.8928 / 1.7993 (-4.9%; three interleaved rounds, one process each:
+//! 1.8920-1.8940 / 1.7967-1.8013, 97.7% of the same process's copy); paged 1.8765 / 1.8361, but 64
+//! tensors of 4 Mi 1.9037 / 2.0057 (+5.4%: each warp ran find_tensor's binary searches, a chain of
+//! dependent loads, for its single task).
+//! opt8, H200, 2026-11-30 23:24 UTC, three rounds of one process per build, order rotated, ms,
+//! median of the rounds' means, HEAD (plain kernel; one pass for one tensor only) / WarpLookup form
+//! one pass for every group: one tensor 1.7889 / 1.8137 (+1.4%, 3 of 3 rounds), paged 1.8215 /
+//! 1.8463, 64 tensors of 4 Mi 1.9042 / 1.8312 (-3.8%), 4 tensors of mixed sizes 1.9350 / 1.8177
+//! (-6.1%), 1024 of mixed sizes (256 of them 1000-38851 elements) 1.9495 / 1.8611 (-4.5%); copy
+//! 2.009.
+//! Hence the split: one tensor the plain kernel (1.789), several the WarpLookup form (64 tensors
+//! 1.831, +2.4% over one tensor). Not profiled why the WarpLookup form is slower on one tensor (it
+//! does no search there); ptxas sm_90a gives it 76 registers against the plain kernel's 94, so 3
+//! resident blocks per SM instead of 2, and 20 warps per SM instead of 16 made this step 0.8%
+//! slower before (docs/benchmarks.md, "optim5"). The other rules with fp32 states (Lion, SGD, LAMB,
+//! ...) keep the grid stride: not timed. Overridable for tuning runs (0: always the resident grid).
 #ifndef QMEM_OPTIM_FUSED_FP32_ONE_PASS
 #define QMEM_OPTIM_FUSED_FP32_ONE_PASS 1
 #endif
 
 namespace detail {
-//! Whether the fused kernel of Rule x Policy x P x G is the one-pass kernel
-//! (QMEM_OPTIM_FUSED_FP32_ONE_PASS): fp32 parameters, gradients and states, Adam or AdamW. Its
-//! warps take task task_begin + warp, then every (warps)-th after it (none with the one-pass grid),
-//! each task's tensor found by find_tensor_warp over fused_args::first_tasks.
+//! Whether groups of Rule x Policy x P x G launch one pass (QMEM_OPTIM_FUSED_FP32_ONE_PASS): fp32
+//! parameters, gradients and states, Adam or AdamW. A group of several tensors then runs the
+//! kernel's WarpLookup form (fused_step_kernel), a group of one tensor the plain form.
 template <update_rule Rule, state_policy Policy, class P, class G>
 inline constexpr bool
     one_pass_kernel = QMEM_OPTIM_FUSED_FP32_ONE_PASS != 0 &&
@@ -1378,8 +1388,11 @@ partial_task(tensor_entry const* entry, std::uint64_t task, typename Rule::scala
 }
 
 //! The fused kernel: warp tasks [task_begin, task_end) across all tensors, grid-stride or in one
-//! contiguous range per warp (fused_contiguous_below).
-template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite>
+//! contiguous range per warp (fused_contiguous_below); with WarpLookup (one-pass kernels of groups
+//! of several tensors, see detail::one_pass_kernel), task task_begin + warp and every
+//! (warps)-th after it, each task's tensor found by find_tensor_warp.
+template <update_rule Rule, state_policy Policy, class P, class G, nonfinite_policy NonFinite,
+          bool WarpLookup = false>
 __global__ void __launch_bounds__(fused_block_threads,
                                   detail::pipelined<Rule, Policy>
                                       ? QMEM_OPTIM_FUSED_MIN_BLOCKS_PIPELINED
@@ -1408,7 +1421,7 @@ __global__ void __launch_bounds__(fused_block_threads,
   std::uint64_t const warp_count = (static_cast<std::uint64_t>(gridDim.x) * blockDim.x) >> 5;
   std::uint64_t const warp =
       (static_cast<std::uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  if constexpr (detail::one_pass_kernel<Rule, Policy, P, G>) {
+  if constexpr (WarpLookup) {
     // one task per warp with the one-pass grid: its tensor found by the whole warp at once
     for (std::uint64_t task = args.task_begin + warp; task < args.task_end; task += warp_count) {
       std::uint32_t const owner =

@@ -710,9 +710,17 @@ public:
         one_pass ? std::uint64_t{0x7fffffff} : static_cast<std::uint64_t>(grid_);
     int const grid = static_cast<int>(std::min<std::uint64_t>(blocks_needed, grid_limit));
     // skip_step and raise: resolve() already skipped a step with a non-finite gradient
-    auto* const kernel = o.nonfinite == nonfinite_policy::skip_element
-                             ? fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>
-                             : fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>;
+    bool const skip_element = o.nonfinite == nonfinite_policy::skip_element;
+    auto* kernel = skip_element
+                       ? fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element>
+                       : fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step>;
+    // one pass over several tensors: the WarpLookup form (find_tensor_warp); one tensor keeps the
+    // plain form, faster there (see QMEM_OPTIM_FUSED_FP32_ONE_PASS)
+    if constexpr (one_pass)
+      if (entry_count_ > 1)
+        kernel = skip_element
+                     ? fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_element, true>
+                     : fused_step_kernel<Rule, Policy, P, G, nonfinite_policy::skip_step, true>;
     cuda_detail::launch(e, step_pdl, kernel, dim3(static_cast<unsigned>(grid)),
                         dim3(fused_block_threads), 0, "fused_step_kernel", args);
   }
