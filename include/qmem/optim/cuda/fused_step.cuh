@@ -1301,11 +1301,15 @@ namespace detail {
 //! parameters, gradients and states, Adam or AdamW. A group of several tensors then runs the
 //! kernel's WarpLookup form (fused_step_kernel), a group of one tensor the plain form.
 template <update_rule Rule, state_policy Policy, class P, class G>
-inline constexpr bool
-    one_pass_kernel = QMEM_OPTIM_FUSED_FP32_ONE_PASS != 0 &&
-                      kernel_traits<Rule, Policy>::fp32_states &&
-                      (std::same_as<Rule, adamw> ||
-                       std::same_as<Rule, adam>)&&std::same_as<P, float>&& std::same_as<G, float>;
+consteval bool one_pass_kernel_of() {
+  bool const enabled = QMEM_OPTIM_FUSED_FP32_ONE_PASS != 0;
+  bool const fp32_states = kernel_traits<Rule, Policy>::fp32_states;
+  bool const fp32_params_grads = std::same_as<P, float> && std::same_as<G, float>;
+  bool const adam_family = std::same_as<Rule, adamw> || std::same_as<Rule, adam>;
+  return enabled && fp32_states && fp32_params_grads && adam_family;
+}
+template <update_rule Rule, state_policy Policy, class P, class G>
+inline constexpr bool one_pass_kernel = one_pass_kernel_of<Rule, Policy, P, G>();
 } // namespace detail
 
 //! The largest tensor (elements) that the pipelined loop runs: 2^32. The loop indexes elements,
