@@ -230,6 +230,43 @@ TEST_CASE("check_view: null, misaligned and unreachable memory are named in the 
       qmem::check_view(qmem::view(v.data(), 4, qmem::memory_space::managed), "k", "c", true, true));
 }
 
+TEST_CASE("disjointness checks over lists of views: the first overlapping pair is named") {
+  std::vector<std::byte> buf(64);
+  auto const all = qmem::view(buf);
+  auto const a = all.subview(0, 16);                               // bytes [0, 16)
+  auto const b = all.subview(16, 16).reinterpret<float>();         // bytes [16, 32)
+  auto const c = all.subview(32, 32).reinterpret<std::uint32_t>(); // bytes [32, 64)
+  auto const ab = all.subview(15, 2);                              // one byte of a, one of b
+  auto const empty = qmem::tensor_view<float>(nullptr, 0);
+  using qmem::detail::check_disjoint_from;
+  using qmem::detail::check_pairwise_disjoint;
+
+  CHECK_NOTHROW(check_pairwise_disjoint("f", {{a, "a"}, {b, "b"}, {c, "c"}, {empty, "e"}}));
+  CHECK_NOTHROW(check_pairwise_disjoint("f", {}));
+  // an empty view at an address inside another overlaps nothing
+  CHECK_NOTHROW(check_pairwise_disjoint("f", {{a, "a"}, {all.subview(4, 0), "e"}}));
+  // the last pair of the list, the only one that overlaps
+  auto msg = bad_argument_message([&] {
+    check_pairwise_disjoint("quantize", {{a, "a"}, {c, "c"}, {b, "b"}, {ab, "ab"}});
+  });
+  CHECK(contains(msg, "quantize: b and ab overlap; expected separate memory"));
+  // the first of several overlapping pairs, in list order
+  msg = bad_argument_message([&] {
+    check_pairwise_disjoint("g", {{ab, "ab"}, {a, "a"}, {b, "b"}});
+  });
+  CHECK(contains(msg, "g: ab and a overlap"));
+  // adjacent views share no byte
+  CHECK(!qmem::detail::named_range(a, "a").overlaps(qmem::detail::named_range(b, "b")));
+  CHECK(qmem::detail::named_range(all, "all").overlaps(qmem::detail::named_range(c, "c")));
+
+  // one view against others that may overlap each other
+  CHECK_NOTHROW(check_disjoint_from("h", {c, "out"}, {{a, "a"}, {ab, "ab"}, {b, "b"}}));
+  msg = bad_argument_message([&] {
+    check_disjoint_from("h", {ab, "out"}, {{c, "c"}, {b, "b"}, {a, "a"}});
+  });
+  CHECK(contains(msg, "h: out and b overlap"));
+}
+
 TEST_CASE("memory spaces: who may touch them, and their names") {
   using qmem::memory_space;
   CHECK(qmem::host_accessible(memory_space::host));

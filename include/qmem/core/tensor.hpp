@@ -16,6 +16,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <iterator>
 #include <memory>
 #include <ranges>
@@ -208,6 +209,43 @@ void check_disjoint(tensor_view<T> a, tensor_view<U> b, char const* function, ch
                     char const* name_b) {
   if (overlapping(a, b))
     raise(function, ": ", name_a, " and ", name_b, " overlap; expected separate memory");
+}
+
+//! A view's bytes under a name, for the list checks below (any element type; an empty view
+//! overlaps nothing).
+struct named_range {
+  std::uintptr_t begin = 0;
+  std::size_t bytes = 0;
+  char const* name = "";
+
+  template <class T>
+  named_range(tensor_view<T> v, char const* n) noexcept
+      : begin(reinterpret_cast<std::uintptr_t>(v.data())), bytes(v.empty() ? 0 : v.size_bytes()),
+        name(n) {}
+
+  [[nodiscard]] bool overlaps(named_range const& o) const noexcept {
+    return bytes != 0 && o.bytes != 0 && begin < o.begin + o.bytes && o.begin < begin + bytes;
+  }
+};
+
+//! Throws bad_argument (naming `function` and the first overlapping pair in list order) when two
+//! of `views` share a byte: for a call whose views are all written, or read while others are.
+inline void check_pairwise_disjoint(char const* function,
+                                    std::initializer_list<named_range> views) {
+  for (auto a = views.begin(); a != views.end(); ++a)
+    for (auto b = a + 1; b != views.end(); ++b)
+      if (a->overlaps(*b))
+        raise(function, ": ", a->name, " and ", b->name, " overlap; expected separate memory");
+}
+
+//! Throws bad_argument (naming `function`, `v` and the first of `others` it overlaps) when `v`
+//! (an output or a workspace) shares a byte with one of `others`; `others` may overlap each other
+//! (inputs read together).
+inline void check_disjoint_from(char const* function, named_range v,
+                                std::initializer_list<named_range> others) {
+  for (named_range const& o : others)
+    if (v.overlaps(o))
+      raise(function, ": ", v.name, " and ", o.name, " overlap; expected separate memory");
 }
 
 } // namespace detail

@@ -595,9 +595,7 @@ void quantize_blockwise(E const& e, tensor_view<T const> x, std::size_t block_si
   detail::check_arg<E>(codes, fn, "codes");
   detail::check_arg<E>(absmax, fn, "absmax");
   detail::check_blockwise_sizes<C>(fn, x.size(), block_size, codes.size(), absmax.size());
-  qmem::detail::check_disjoint(x, codes, fn, "x", "codes");
-  qmem::detail::check_disjoint(x, absmax, fn, "x", "absmax");
-  qmem::detail::check_disjoint(codes, absmax, fn, "codes", "absmax");
+  qmem::detail::check_pairwise_disjoint(fn, {{x, "x"}, {codes, "codes"}, {absmax, "absmax"}});
   if (x.empty())
     return;
   if constexpr (exec::is_cuda_v<E>) {

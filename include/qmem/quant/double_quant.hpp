@@ -109,15 +109,6 @@ inline void check_scales_sizes(char const* fn, std::size_t m, std::size_t nested
                         block_count(m, nested_block), " (ceil(", m, " / ", nested_block, "))");
 }
 
-//! Throws bad_argument when the scales `absmax` being quantized, the codes `qabsmax` and the
-//! nested scales `absmax2` overlap.
-inline void check_scales_disjoint(char const* fn, tensor_view<float const> absmax,
-                                  tensor_view<std::uint8_t> qabsmax, tensor_view<float> absmax2) {
-  qmem::detail::check_disjoint(absmax, qabsmax, fn, "absmax", "qabsmax");
-  qmem::detail::check_disjoint(absmax, absmax2, fn, "absmax", "absmax2");
-  qmem::detail::check_disjoint(qabsmax, absmax2, fn, "qabsmax", "absmax2");
-}
-
 } // namespace detail
 
 //! Double-quantizes block scales: offset[0] = the fixed-order mean of `absmax` (file comment);
@@ -138,10 +129,8 @@ void quantize_scales(E const& e, tensor_view<float const> absmax, std::size_t ne
   detail::check_arg<E>(offset, fn, "offset");
   detail::check_scales_sizes(fn, absmax.size(), nested_block, qabsmax.size(), absmax2.size());
   QMEM_EXPECTS(offset.size() == 1, "offset has ", offset.size(), " elements; expected 1");
-  detail::check_scales_disjoint(fn, absmax, qabsmax, absmax2);
-  qmem::detail::check_disjoint(absmax, offset, fn, "absmax", "offset");
-  qmem::detail::check_disjoint(qabsmax, offset, fn, "qabsmax", "offset");
-  qmem::detail::check_disjoint(absmax2, offset, fn, "absmax2", "offset");
+  qmem::detail::check_pairwise_disjoint(
+      fn, {{absmax, "absmax"}, {qabsmax, "qabsmax"}, {absmax2, "absmax2"}, {offset, "offset"}});
   if constexpr (exec::is_cuda_v<E>) {
 #if QMEM_HAS_CUDA() && QMEM_QUANT_HAS_CUDA_BLOCKWISE
     cuda_impl::quantize_scales(e, absmax, nested_block, qabsmax, absmax2, offset);
@@ -182,19 +171,12 @@ void quantize_blockwise_nested(E const& e, tensor_view<T const> x, std::size_t b
   detail::check_blockwise_sizes<C>(fn, x.size(), block_size, codes.size(), absmax.size());
   detail::check_scales_sizes(fn, absmax.size(), nested_block, qabsmax.size(), absmax2.size());
   QMEM_EXPECTS(offset.size() == 1, "offset has ", offset.size(), " elements; expected 1");
-  qmem::detail::check_disjoint(x, codes, fn, "x", "codes");
-  qmem::detail::check_disjoint(x, absmax, fn, "x", "absmax");
-  qmem::detail::check_disjoint(x, qabsmax, fn, "x", "qabsmax");
-  qmem::detail::check_disjoint(x, absmax2, fn, "x", "absmax2");
-  qmem::detail::check_disjoint(x, offset, fn, "x", "offset");
-  qmem::detail::check_disjoint(codes, absmax, fn, "codes", "absmax");
-  qmem::detail::check_disjoint(codes, qabsmax, fn, "codes", "qabsmax");
-  qmem::detail::check_disjoint(codes, absmax2, fn, "codes", "absmax2");
-  qmem::detail::check_disjoint(codes, offset, fn, "codes", "offset");
-  detail::check_scales_disjoint(fn, tensor_view<float const>(absmax), qabsmax, absmax2);
-  qmem::detail::check_disjoint(absmax, offset, fn, "absmax", "offset");
-  qmem::detail::check_disjoint(qabsmax, offset, fn, "qabsmax", "offset");
-  qmem::detail::check_disjoint(absmax2, offset, fn, "absmax2", "offset");
+  qmem::detail::check_pairwise_disjoint(fn, {{x, "x"},
+                                             {codes, "codes"},
+                                             {absmax, "absmax"},
+                                             {qabsmax, "qabsmax"},
+                                             {absmax2, "absmax2"},
+                                             {offset, "offset"}});
   quantize_blockwise<C>(e, x, block_size, codes, absmax, r);
   quantize_scales(e, tensor_view<float const>(absmax), nested_block, qabsmax, absmax2, offset);
 }
@@ -211,7 +193,8 @@ inline void quantize_scales_given_offset(exec::host const& e, tensor_view<float 
   detail::check_arg<exec::host>(qabsmax, fn, "qabsmax");
   detail::check_arg<exec::host>(absmax2, fn, "absmax2");
   detail::check_scales_sizes(fn, absmax.size(), nested_block, qabsmax.size(), absmax2.size());
-  detail::check_scales_disjoint(fn, absmax, qabsmax, absmax2);
+  qmem::detail::check_pairwise_disjoint(
+      fn, {{absmax, "absmax"}, {qabsmax, "qabsmax"}, {absmax2, "absmax2"}});
   detail::quantize_scales_host(e, absmax.data(), absmax.size(), nested_block, offset,
                                qabsmax.data(), absmax2.data());
 }
@@ -233,9 +216,8 @@ void dequantize_scales(E const& e, tensor_view<std::uint8_t const> qabsmax,
   detail::check_arg<E>(absmax, fn, "absmax");
   detail::check_scales_sizes(fn, absmax.size(), nested_block, qabsmax.size(), absmax2.size());
   QMEM_EXPECTS(offset.size() == 1, "offset has ", offset.size(), " elements; expected 1");
-  qmem::detail::check_disjoint(qabsmax, absmax, fn, "qabsmax", "absmax");
-  qmem::detail::check_disjoint(absmax2, absmax, fn, "absmax2", "absmax");
-  qmem::detail::check_disjoint(offset, absmax, fn, "offset", "absmax");
+  qmem::detail::check_disjoint_from(
+      fn, {absmax, "absmax"}, {{qabsmax, "qabsmax"}, {absmax2, "absmax2"}, {offset, "offset"}});
   if (absmax.empty())
     return;
   if constexpr (exec::is_cuda_v<E>) {
@@ -279,10 +261,9 @@ void dequantize_blockwise_nested(E const& e, tensor_view<std::uint8_t const> cod
   detail::check_blockwise_sizes<C>(fn, y.size(), block_size, codes.size(), qabsmax.size());
   detail::check_scales_sizes(fn, qabsmax.size(), nested_block, qabsmax.size(), absmax2.size());
   QMEM_EXPECTS(offset.size() == 1, "offset has ", offset.size(), " elements; expected 1");
-  qmem::detail::check_disjoint(codes, y, fn, "codes", "y");
-  qmem::detail::check_disjoint(qabsmax, y, fn, "qabsmax", "y");
-  qmem::detail::check_disjoint(absmax2, y, fn, "absmax2", "y");
-  qmem::detail::check_disjoint(offset, y, fn, "offset", "y");
+  qmem::detail::check_disjoint_from(
+      fn, {y, "y"},
+      {{codes, "codes"}, {qabsmax, "qabsmax"}, {absmax2, "absmax2"}, {offset, "offset"}});
   if (y.empty())
     return;
   if constexpr (exec::is_cuda_v<E>) {

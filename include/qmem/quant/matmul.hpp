@@ -231,10 +231,11 @@ void check_matrix(tensor_view<T> v, std::size_t rows, std::size_t cols, char con
 template <class T, class Code>
 void check_apart_from_weight(tensor_view<T> v, weight_4bit_view<Code> const& w, char const* fn,
                              char const* name) {
-  qmem::detail::check_disjoint(v, w.codes, fn, name, "w.codes");
-  qmem::detail::check_disjoint(v, w.scales.absmax, fn, name, "w.scales.absmax");
-  qmem::detail::check_disjoint(v, w.scales.qabsmax, fn, name, "w.scales.qabsmax");
-  qmem::detail::check_disjoint(v, w.scales.absmax2, fn, name, "w.scales.absmax2");
+  qmem::detail::check_disjoint_from(fn, {v, name},
+                                    {{w.codes, "w.codes"},
+                                     {w.scales.absmax, "w.scales.absmax"},
+                                     {w.scales.qabsmax, "w.scales.qabsmax"},
+                                     {w.scales.absmax2, "w.scales.absmax2"}});
 }
 
 //! The block scale of block `b` on the host.
@@ -408,10 +409,8 @@ void check_apart_from_int8(tensor_view<T> v, char const* fn, char const* name,
                            tensor_view<std::int8_t const> a, char const* a_name,
                            tensor_view<float const> row_scale, tensor_view<std::int8_t const> b,
                            tensor_view<float const> col_scale) {
-  qmem::detail::check_disjoint(v, a, fn, name, a_name);
-  qmem::detail::check_disjoint(v, row_scale, fn, name, "row_scale");
-  qmem::detail::check_disjoint(v, b, fn, name, "b");
-  qmem::detail::check_disjoint(v, col_scale, fn, name, "col_scale");
+  qmem::detail::check_disjoint_from(
+      fn, {v, name}, {{a, a_name}, {row_scale, "row_scale"}, {b, "b"}, {col_scale, "col_scale"}});
 }
 } // namespace detail::mm
 

@@ -89,9 +89,7 @@ void quantize_rowwise(E const& e, tensor_view<T const> x, std::size_t rows, std:
   detail::check_arg<E>(q, fn, "q");
   detail::check_arg<E>(row_absmax, fn, "row_absmax");
   detail::check_rowwise_sizes(fn, rows, cols, x.size(), q.size(), row_absmax.size());
-  qmem::detail::check_disjoint(x, q, fn, "x", "q");
-  qmem::detail::check_disjoint(x, row_absmax, fn, "x", "row_absmax");
-  qmem::detail::check_disjoint(q, row_absmax, fn, "q", "row_absmax");
+  qmem::detail::check_pairwise_disjoint(fn, {{x, "x"}, {q, "q"}, {row_absmax, "row_absmax"}});
   if (rows == 0)
     return;
   if constexpr (exec::is_cuda_v<E>) {
