@@ -270,17 +270,6 @@ __device__ QMEM_INLINE float block_scale(scale_args const& s, std::size_t b, flo
     return __ldg(s.absmax + b);
 }
 
-//! Loads the code table (and the nested map) into shared memory; the caller synchronizes.
-template <bool Nested>
-__device__ QMEM_INLINE void load_tables(float* table, float* dyn, code_table<16> const& values,
-                                        code_table<256> const& nested) {
-  for (unsigned i = threadIdx.x; i < 16; i += blockDim.x)
-    table[i] = values.value[i];
-  if constexpr (Nested)
-    for (unsigned i = threadIdx.x; i < 256; i += blockDim.x)
-      dyn[i] = nested.value[i];
-}
-
 // ------------------------------------------------------------------------------------------------
 // GEMV-style forward: y[m, n] = x[m, k] * w[n, k]^T for m <= 16
 //
@@ -3753,7 +3742,7 @@ inline constexpr int gemm_sm90_variant = 10;
 //! sm_90a or the device not compute capability 9.0 (sm90::runnable; also while e.stream is
 //! capturing before the first uncaptured call has probed the device), or the shape or alignment
 //! outside sm90::fits. Preconditions: those of matmul_4bit (checked there).
-//! `Variant`: sm90::launch's (0, 3-6 and 10 products, tested; 1, 2 and 7 bench-only variants that
+//! `Variant`: sm90::launch's (0, 3 and 10 products, tested; 1, 2 and 7 bench-only variants that
 //! place the time: no decode, no MMAs, the staged kernel without the decode).
 template <class T, class Code, int Variant = gemm_sm90_variant>
 bool fused_gemm(exec::cuda const& e, T const* x, std::size_t m, weight_4bit_view<Code> const& w,

@@ -491,11 +491,7 @@ __global__ void __launch_bounds__(tile_shape::threads, 1)
       reinterpret_cast<float*>(smem_raw + (base - raw) + (bars - base) + 2 * S::stages * 8);
   float* const dyn = table + 16;
   unsigned const tid = threadIdx.x;
-  if (tid < 16)
-    table[tid] = values.value[tid];
-  if constexpr (Nested)
-    for (unsigned i = tid; i < 256; i += S::threads)
-      dyn[i] = nested.value[i];
+  load_tables<Nested>(table, dyn, values, nested);
   if (tid == 0) {
     for (unsigned s = 0; s < S::stages; ++s) {
       mbar_init(bars + 8 * s, 1);
@@ -705,11 +701,7 @@ __global__ void __launch_bounds__(tile_shape::threads, 1)
   float* const table = reinterpret_cast<float*>(smem_raw + bar_off + 2 * G::stages * 8);
   float* const dyn = table + 16;
   unsigned const tid = threadIdx.x;
-  if (tid < 16)
-    table[tid] = values.value[tid];
-  if constexpr (Nested)
-    for (unsigned i = tid; i < 256; i += S::threads)
-      dyn[i] = nested.value[i];
+  load_tables<Nested>(table, dyn, values, nested);
   if (tid == 0) {
     for (unsigned s = 0; s < G::stages; ++s) {
       mbar_init(bars + 8 * s, 128 + 1);
@@ -1073,11 +1065,11 @@ bool store_fits(T const* y, std::size_t n) noexcept {
   return n % 8 == 0 && reinterpret_cast<std::uintptr_t>(y) % 16 == 0;
 }
 
-//! gemm_4bit_staged_kernel<T, Nested, Stages, Decode, TmaStore> on e.stream: one tile per CTA, or
-//! `persistent` (min(tiles, SMs) CTAs).
+//! gemm_4bit_staged_kernel<T, Nested, Stages, Decode, TmaStore> on e.stream, persistent:
+//! min(tiles, SMs) CTAs.
 template <class T, bool Nested, unsigned Stages, bool Decode, bool TmaStore>
 void launch_staged(exec::cuda const& e, T const* x, gemm_args<T> const& a,
-                   code_table<16> const& values, code_table<256> const& nested, bool persistent) {
+                   code_table<16> const& values, code_table<256> const& nested) {
   using G = staged_shape<Stages, TmaStore>;
   constexpr auto kernel = &gemm_4bit_staged_kernel<T, Nested, Stages, Decode, TmaStore>;
   static std::once_flag flags[64];
@@ -1089,7 +1081,7 @@ void launch_staged(exec::cuda const& e, T const* x, gemm_args<T> const& a,
   });
   unsigned const tiles = ((a.n + tile_shape::rows - 1) / tile_shape::rows) *
                          ((a.m + tile_shape::tokens - 1) / tile_shape::tokens);
-  unsigned const grid = persistent ? std::min(tiles, sm_count(e.device)) : tiles;
+  unsigned const grid = std::min(tiles, sm_count(e.device));
   CUtensorMap const y_map = TmaStore ? output_map(a.y, a.m, a.n) : CUtensorMap{};
   kernel<<<grid, tile_shape::threads, G::smem_bytes, e.stream>>>(
       activation_map(x, a.m, a.k), code_map(a.codes, a.n, a.k), y_map, a, values, nested);
@@ -1097,26 +1089,25 @@ void launch_staged(exec::cuda const& e, T const* x, gemm_args<T> const& a,
 }
 
 //! Launches the product on e.stream for a.m x a.n x a.k. Variant 0-3: gemm_4bit_kernel<T,
-//! Nested, Variant> (one tile per CTA). gemm_4bit_staged_kernel: 4 four stages, one tile per CTA;
-//! 5 four stages, persistent; 6 six stages, persistent; 7 (bench only) 5 without the decode; 10 =
-//! 5 with the TMA-store epilogue (the plain one where store_fits fails). (8, 9, 11 and 12 were
-//! register code table variants, measured slower and removed: docs/benchmarks.md, "gemm10".)
+//! Nested, Variant> (one tile per CTA). 10: gemm_4bit_staged_kernel, four stages, persistent, with
+//! the TMA-store epilogue (the plain one where store_fits fails); 7 (bench only): 10 with the plain
+//! epilogue and without the decode. (4-6, the staged kernel one tile per CTA, persistent with the
+//! plain epilogue and with six stages, were the steps to 10 and slower; 8, 9, 11 and 12 were
+//! register code table variants, slower: removed, docs/benchmarks.md "gemm10".)
 //! Preconditions (the caller's): fits(...) and runnable<T, Nested>(...) hold; a describes x's
 //! product.
 template <class T, bool Nested, int Variant = 0>
 void launch(exec::cuda const& e, T const* x, gemm_args<T> const& a, code_table<16> const& values,
             code_table<256> const& nested) {
-  static_assert(Variant >= 0 && Variant <= 10 && Variant != 8 && Variant != 9,
-                "gemm_4bit variants are 0-7 and 10");
-  if constexpr (Variant >= 4) {
-    constexpr unsigned stages = Variant == 6 ? 6u : 4u;
-    constexpr bool decode = Variant != 7;
-    if constexpr (Variant >= 10)
-      if (store_fits(a.y, a.n)) {
-        launch_staged<T, Nested, stages, decode, true>(e, x, a, values, nested, true);
-        return;
-      }
-    launch_staged<T, Nested, stages, decode, false>(e, x, a, values, nested, Variant != 4);
+  static_assert((Variant >= 0 && Variant <= 3) || Variant == 7 || Variant == 10,
+                "gemm_4bit variants are 0-3, 7 and 10");
+  if constexpr (Variant == 7) {
+    launch_staged<T, Nested, 4, false, false>(e, x, a, values, nested);
+  } else if constexpr (Variant == 10) {
+    if (store_fits(a.y, a.n))
+      launch_staged<T, Nested, 4, true, true>(e, x, a, values, nested);
+    else
+      launch_staged<T, Nested, 4, true, false>(e, x, a, values, nested);
   } else {
     constexpr auto kernel = &gemm_4bit_kernel<T, Nested, Variant>;
     static std::once_flag flags[64];
