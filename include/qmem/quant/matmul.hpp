@@ -231,11 +231,17 @@ void check_matrix(tensor_view<T> v, std::size_t rows, std::size_t cols, char con
 template <class T, class Code>
 void check_apart_from_weight(tensor_view<T> v, weight_4bit_view<Code> const& w, char const* fn,
                              char const* name) {
+  // the views copied out first: nvcc 13's front end mistranslates a braced list whose elements
+  // name members of the dependent `w` (g++ takes it)
+  auto const codes = w.codes;
+  auto const absmax = w.scales.absmax;
+  auto const qabsmax = w.scales.qabsmax;
+  auto const absmax2 = w.scales.absmax2;
   qmem::detail::check_disjoint_from(fn, {v, name},
-                                    {{w.codes, "w.codes"},
-                                     {w.scales.absmax, "w.scales.absmax"},
-                                     {w.scales.qabsmax, "w.scales.qabsmax"},
-                                     {w.scales.absmax2, "w.scales.absmax2"}});
+                                    {{codes, "w.codes"},
+                                     {absmax, "w.scales.absmax"},
+                                     {qabsmax, "w.scales.qabsmax"},
+                                     {absmax2, "w.scales.absmax2"}});
 }
 
 //! The block scale of block `b` on the host.
