@@ -3732,9 +3732,9 @@ inline constexpr bool gemm_sm90_dispatch = false;
 //! The fused kernel fused_gemm runs by default (sm90::launch's variants): 10, the staged kernel
 //! (codes by TMA and scales by the producer warpgroup into the ring, the weight decoded into
 //! wgmma's register A operand), persistent, with the TMA-store epilogue: the fastest of variants
-//! 0, 3, 4, 5, 6, 10 and the rejected register-table ones on the three anchor shapes (H200,
-//! 2026-11-30 22:08 and 22:23 UTC, docs/benchmarks.md, "gemm10": 1.23-1.27x cuBLAS against 5's
-//! 1.28-1.43, 3's 1.55-1.68, 0's 1.44-1.57).
+//! 0, 3, 4, 5, 6 (4-6 since removed), 10 and the rejected register-table ones on the three anchor
+//! shapes (H200, 2026-11-30 22:08 and 22:23 UTC, docs/benchmarks.md, "gemm10": 1.23-1.27x cuBLAS
+//! against 5's 1.28-1.43, 3's 1.55-1.68, 0's 1.44-1.57).
 inline constexpr int gemm_sm90_variant = 10;
 
 //! y[m, n] = x[m, k] * dequant(w)^T through the fused sm_90a GEMM, stream-ordered on e.stream.
