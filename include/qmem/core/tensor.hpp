@@ -192,27 +192,9 @@ void check_view(tensor_view<T> v, char const* function, char const* name, bool n
 
 namespace detail {
 
-//! True when views `a` and `b` share a byte (empty views share none). Addresses are compared
-//! whatever the memory spaces: under unified addressing a device pointer never equals a host one.
-template <class T, class U>
-bool overlapping(tensor_view<T> a, tensor_view<U> b) noexcept {
-  if (a.empty() || b.empty())
-    return false;
-  auto const a0 = reinterpret_cast<std::uintptr_t>(a.data());
-  auto const b0 = reinterpret_cast<std::uintptr_t>(b.data());
-  return a0 < b0 + b.size_bytes() && b0 < a0 + a.size_bytes();
-}
-
-//! Throws bad_argument (naming `function` and both arguments) when views `a` and `b` overlap.
-template <class T, class U>
-void check_disjoint(tensor_view<T> a, tensor_view<U> b, char const* function, char const* name_a,
-                    char const* name_b) {
-  if (overlapping(a, b))
-    raise(function, ": ", name_a, " and ", name_b, " overlap; expected separate memory");
-}
-
-//! A view's bytes under a name, for the list checks below (any element type; an empty view
-//! overlaps nothing).
+//! A view's bytes under a name, for the aliasing checks below (any element type; an empty view
+//! overlaps nothing). Addresses are compared whatever the memory spaces: under unified addressing
+//! a device pointer never equals a host one.
 struct named_range {
   std::uintptr_t begin = 0;
   std::size_t bytes = 0;
@@ -228,14 +210,10 @@ struct named_range {
   }
 };
 
-//! Throws bad_argument (naming `function` and the first overlapping pair in list order) when two
-//! of `views` share a byte: for a call whose views are all written, or read while others are.
-inline void check_pairwise_disjoint(char const* function,
-                                    std::initializer_list<named_range> views) {
-  for (auto a = views.begin(); a != views.end(); ++a)
-    for (auto b = a + 1; b != views.end(); ++b)
-      if (a->overlaps(*b))
-        raise(function, ": ", a->name, " and ", b->name, " overlap; expected separate memory");
+//! True when views `a` and `b` share a byte (empty views share none).
+template <class T, class U>
+bool overlapping(tensor_view<T> a, tensor_view<U> b) noexcept {
+  return named_range(a, "").overlaps(named_range(b, ""));
 }
 
 //! Throws bad_argument (naming `function`, `v` and the first of `others` it overlaps) when `v`
@@ -246,6 +224,23 @@ inline void check_disjoint_from(char const* function, named_range v,
   for (named_range const& o : others)
     if (v.overlaps(o))
       raise(function, ": ", v.name, " and ", o.name, " overlap; expected separate memory");
+}
+
+//! Throws bad_argument (naming `function` and both arguments) when views `a` and `b` overlap.
+template <class T, class U>
+void check_disjoint(tensor_view<T> a, tensor_view<U> b, char const* function, char const* name_a,
+                    char const* name_b) {
+  check_disjoint_from(function, {a, name_a}, {{b, name_b}});
+}
+
+//! Throws bad_argument (naming `function` and the first overlapping pair in list order) when two
+//! of `views` share a byte: for a call whose views are all written, or read while others are.
+inline void check_pairwise_disjoint(char const* function,
+                                    std::initializer_list<named_range> views) {
+  for (auto a = views.begin(); a != views.end(); ++a)
+    for (auto b = a + 1; b != views.end(); ++b)
+      if (a->overlaps(*b))
+        raise(function, ": ", a->name, " and ", b->name, " overlap; expected separate memory");
 }
 
 } // namespace detail
