@@ -24,7 +24,8 @@
 // - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).
 // - gemv_ab/n/k/v/buffer/round: batch-1 streaming variant v (as gemv_variant) on one of three
 //   weights per shape that live for the whole process, in alternating rounds: a kernel's
-//   difference against the weight's placement and the time in the process.
+//   difference against the weight's placement and the time in the process. gemv_ab_dq: the
+//   same with nested scales (variants of gemv_variant_dq).
 // - read_floor/n/k/pdl: a kernel that only reads the bytes of an n x k weight (codes and fp32
 //   scales), the same graph timing: the read roofline of a batch-1 call.
 // - pattern_floor/n/k/pairs: the batch-1 streaming kernel's loads at J = 2 (its order, its
@@ -462,13 +463,13 @@ void gemv_bulk(benchmark::State& state) {
 //! first use and kept until the process ends, so that every row of one buffer reads the same
 //! allocation.
 gemv_problem const& kept_problem(std::size_t n, std::size_t k, std::int64_t buffer,
-                                 std::size_t m = 1) {
-  static std::map<std::tuple<std::size_t, std::size_t, std::size_t, std::int64_t>,
+                                 std::size_t m = 1, bool nested = false) {
+  static std::map<std::tuple<std::size_t, std::size_t, std::size_t, std::int64_t, bool>,
                   std::unique_ptr<gemv_problem>>
       kept;
-  auto& p = kept[{n, k, m, buffer}];
+  auto& p = kept[{n, k, m, buffer, nested}];
   if (!p)
-    p = std::make_unique<gemv_problem>(n, k, m, false);
+    p = std::make_unique<gemv_problem>(n, k, m, nested);
   return *p;
 }
 
@@ -555,17 +556,20 @@ void gemv_variant(benchmark::State& state) {
   report(state, t, pr.bytes());
 }
 
-// Args: n, k, variant (a batch-1 streaming variant of gemv_variant), buffer, round.
+// Args: n, k, variant (a batch-1 streaming variant of gemv_variant; Nested: of gemv_variant_dq),
+// buffer, round.
+template <bool Nested = false>
 void gemv_ab(benchmark::State& state) {
-  auto const& pr = kept_problem(static_cast<std::size_t>(state.range(0)),
-                                static_cast<std::size_t>(state.range(1)), state.range(3));
+  auto const& pr =
+      kept_problem(static_cast<std::size_t>(state.range(0)),
+                   static_cast<std::size_t>(state.range(1)), state.range(3), 1, Nested);
   int const v = static_cast<int>(state.range(2));
-  if (!is_stream_variant(v)) {
+  if (Nested ? !is_dq_variant(v) : !is_stream_variant(v)) {
     state.SkipWithError("gemv_ab: not a batch-1 streaming variant");
     return;
   }
   auto call = [&] {
-    launch_variant_at<false>(v, pr.e, pr.args, std::make_integer_sequence<int, variant_count>{});
+    launch_variant_at<Nested>(v, pr.e, pr.args, std::make_integer_sequence<int, variant_count>{});
   };
   auto const timed = graph_loop_or_skip(state, pr.stream.s, call);
   if (timed)
@@ -1100,6 +1104,17 @@ void ab_args(benchmark::internal::Benchmark* b) {
       for (std::int64_t i = 0; i < count; ++i)
         b->Args({s[0], s[1], ab_variants[(i + round) % count], 0, round});
 }
+// gemv_ab_dq: nested scales, the shape dispatched with them before (28), lean J >= 2 (45: the
+// former addresses with nested scales), block64 at J >= 2 (54: one absmax2 load per row) and
+// J >= 4 (55), rotated the same way.
+void ab_dq_args(benchmark::internal::Benchmark* b) {
+  constexpr std::int64_t ab_variants[] = {28, 45, 54, 55};
+  constexpr auto count = static_cast<std::int64_t>(std::size(ab_variants));
+  for (std::int64_t round = 0; round < 3; ++round)
+    for (auto const& s : shapes)
+      for (std::int64_t i = 0; i < count; ++i)
+        b->Args({s[0], s[1], ab_variants[(i + round) % count], 0, round});
+}
 void read_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes)
     for (std::int64_t pdl : {0, 1})
@@ -1128,7 +1143,8 @@ BENCHMARK(gemv_variant<true>)->Name("gemv_variant_dq")->Apply(variant_dq_args)->
 BENCHMARK(gemv_bulk)->Apply(bulk_args)->Apply(timed<2>);
 BENCHMARK(gemv_batch16<false>)->Name("gemv_batch16")->Apply(batch16_args)->Apply(timed<2>);
 BENCHMARK(gemv_batch16<true>)->Name("gemv_batch16_ab")->Apply(batch16_ab_args)->Apply(timed<2>);
-BENCHMARK(gemv_ab)->Apply(ab_args)->Apply(timed<2>);
+BENCHMARK(gemv_ab<false>)->Name("gemv_ab")->Apply(ab_args)->Apply(timed<2>);
+BENCHMARK(gemv_ab<true>)->Name("gemv_ab_dq")->Apply(ab_dq_args)->Apply(timed<2>);
 BENCHMARK(read_floor)->Apply(read_args)->Apply(timed<2>);
 BENCHMARK(pattern_floor)
     ->ArgsProduct({{28672}, {8192}, {1, 2, 4, 8}})

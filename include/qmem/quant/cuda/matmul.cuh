@@ -1356,13 +1356,32 @@ inline constexpr std::size_t gemv_batch1_long_k = 8192;
 //! (Earlier, {16, 8} 7.13 / 13.71 / 13.26 / 14.69 / 43.56; gemv1_4bit_kernel {8, 2, 2} 10.26 /
 //! 26.27 / 18.67 / 23.01 / 74.21.)
 inline constexpr gemv1_stream_shape gemv_batch1_stream_nested = gemv_batch1_stream_candidates[9];
+//! Nested scales in blocks of 64 where a warp's blocks of a row lie in one absmax2 group (the
+//! launcher declines the others, which take gemv_batch1_stream_nested): variant 54, lean J >= 2
+//! with block64 (one absmax2 load per row, the scales spread over the lanes of a row group).
+//! Rows of gemv_batch1_long_k columns or more take gemv_batch1_stream_long_k (55) first. H200,
+//! 2026-12-01 04:21 UTC, bench gemv_ab_dq (kept nested weights, 3 rotated rounds, medians, us on
+//! the five shapes): 28 5.35 / 11.17 / 11.40 / 12.80 / 39.09, 54 4.83 / 9.50 / 10.37 / 10.75 /
+//! 35.99, 55 4.87 / 9.67 / 10.17 / 10.67 / 34.29: 54 below 8192 columns, 55 from there.
+inline constexpr gemv1_stream_shape gemv_batch1_stream_nested_b64 =
+    gemv_batch1_stream_candidates[26];
 
 //! The loads of one row pair (both rows, the warp's J super-steps).
-template <int J, bool Nested>
+template <int J, bool Nested, bool Spread = false>
 struct gemv1_stream_stage {
   uint2 q[J][2];                       //!< 16 codes of each row and super-step
   float s[J][2];                       //!< plain scale, or the nested group's absmax2
   std::uint32_t qs[Nested ? J : 1][2]; //!< nested: the block's 8-bit scale code
+};
+
+//! Spread nested scales (block64): a pair's 2 J (row, super-step) scales are computed once per
+//! group of four lanes, not by each lane; lane t takes combination t + 4 i (i < mine) of
+//! h * J + j (J = 1: h = t & 1) and the products fetch theirs by shuffle.
+template <int J>
+struct gemv1_stream_stage<J, true, true> {
+  uint2 q[J][2];                        //!< 16 codes of each row and super-step
+  float s[J >= 2 ? J / 2 : 1];          //!< the absmax2 of this lane's combinations' rows
+  std::uint32_t qs[J >= 2 ? J / 2 : 1]; //!< their blocks' 8-bit scale codes
 };
 
 //! Where the streaming kernel's decode table goes in its dynamic shared memory: 0xFC00 bytes in,
@@ -1382,10 +1401,12 @@ QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_extra_bytes(bool nested) {
 
 //! Row pairs of loads in flight per warp of gemv1_stream_kernel (per group when `grouped`).
 QMEM_HOST_DEVICE constexpr int gemv1_stream_ring(int depth, int j, bool nested, bool async,
-                                                 bool grouped = false) {
+                                                 bool grouped = false, bool block64 = false) {
   // nested scales at J = 4 keep one pair in registers (ptxas -v, sm_90: two spilled 516 bytes
   // at 128 registers); two groups of nested scales take half the pairs (depth 6 in two groups of
-  // 6 spilled 208-456 bytes)
+  // 6 spilled 208-456 bytes). Nested block64 stages (one absmax2 per row, lean addresses) hold
+  // two registers more than plain ones and take the plain rings.
+  nested = nested && !block64;
   if (!async && nested && j == 4)
     return 1;
   int const per = grouped && nested ? 2 * j : j;
@@ -1450,8 +1471,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
                         gemv1_stream_plan plan) {
   static_assert(!(Async && Nested), "the async ring carries plain scales only");
   static_assert(!(Async && Grouped), "groups are a register ring's");
-  static_assert(!Block64 || (Lean && !Nested && !Async), "block64 is lean addressing's");
-  constexpr int Ring = gemv1_stream_ring(Depth, J, Nested, Async, Grouped); // pairs in flight
+  static_assert(!Block64 || (Lean && !Async), "block64 is lean addressing's");
+  // pairs in flight
+  constexpr int Ring = gemv1_stream_ring(Depth, J, Nested, Async, Grouped, Block64);
   extern __shared__ __align__(16) unsigned char gemv_smem[];
   unsigned const C = plan.col_groups;
   unsigned const G = plan.row_groups;
@@ -1538,19 +1560,32 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   auto const half_k = static_cast<std::uint32_t>(a.k / 2);
   std::uint8_t const* const cbase =
       a.codes + static_cast<std::size_t>(c) * J * 256 + 32 * g + 8 * t;
-  // Lean (plain scales, register rings): this thread's code and scale addresses of row 0, made
-  // opaque so that each load's address is one wide multiply-add of its row (IMAD.WIDE) instead of
-  // a product, a 64-bit add of the codes' base and a clamp (the compiler re-associated the sum)
-  constexpr bool LeanAddr = Lean && !Nested && !Async;
+  // Lean (register rings; nested scales with block64 only): this thread's code and scale
+  // addresses of row 0, made opaque so that each load's address is one wide multiply-add of its
+  // row (IMAD.WIDE) instead of a product, a 64-bit add of the codes' base and a clamp (the
+  // compiler re-associated the sum)
+  constexpr bool LeanAddr = Lean && !Async && (!Nested || Block64);
+  // Nested with block64 (the launcher's precondition: a power-of-two nested block of at least
+  // 8 J blocks, and 8 J | k / 64): the 8 J blocks of a warp's slice of a row start at a multiple
+  // of 8 J, so they lie in one absmax2 group; the scales are spread over the lanes (stage above)
+  constexpr bool RowGroup = Nested && Block64;
+  constexpr int Mine = RowGroup && J >= 2 ? J / 2 : 1; // combinations per lane (stage above)
   std::uint8_t const* lean_codes = cbase;
   // (Block64: chunk = block, so super-step j's scale is the first one's plus 8 j)
   float const* lean_scales[Block64 ? 1 : J];
-  if constexpr (LeanAddr) {
+  [[maybe_unused]] std::uint8_t const* lean_qs = nullptr;
+  if constexpr (LeanAddr && !Nested) {
     QMEM_UNROLL
     for (int j = 0; j < (Block64 ? 1 : J); ++j) {
       lean_scales[j] = a.scales.absmax + cb[j];
     }
   }
+  // Spread: this lane's combinations' super-step (J = 4: j = t for both rows; J = 2: j = t & 1,
+  // row t >> 1; J = 1: j = 0, row t & 1)
+  [[maybe_unused]] unsigned const j_mine = J == 4 ? t : (J == 2 ? (t & 1u) : 0u);
+  [[maybe_unused]] bool const valid_mine = Full || (c * J + j_mine) * 8 + g < steps;
+  if constexpr (RowGroup)
+    lean_qs = a.scales.qabsmax + cb[0] + 8 * j_mine;
   std::uint32_t const row_bytes4 = row_blocks * 4u;
   bool const odd = (g & 1u) != 0;
   bool const keeper = t == (g >> 1);
@@ -1558,7 +1593,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   std::uint32_t const part_addr =
       static_cast<std::uint32_t>(__cvta_generic_to_shared(partial)) + ((rg * C + c) * 8 + g) * 8u;
   std::uint32_t const part_stride = G * C * 64u;
-  using stage = gemv1_stream_stage<J, Nested>;
+  using stage = gemv1_stream_stage<J, Nested, RowGroup>;
 
   // calls f(integral_constant<int, s>) for s = 0 .. N - 1 (slot indices known at compile time)
   auto each_slot = [&]<class F>(F&& f) {
@@ -1590,9 +1625,17 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       QMEM_UNROLL
     for (int h = 0; h < 2; ++h) {
       buf[s].q[j][h] = make_uint2(0, 0);
-      buf[s].s[j][h] = 0.0f;
-      if constexpr (Nested)
-        buf[s].qs[j][h] = 0;
+      if constexpr (!RowGroup) {
+        buf[s].s[j][h] = 0.0f;
+        if constexpr (Nested)
+          buf[s].qs[j][h] = 0;
+      } else if (j == 0 && h == 0) {
+        QMEM_UNROLL
+        for (int i = 0; i < Mine; ++i) {
+          buf[s].s[i] = 0.0f;
+          buf[s].qs[i] = 0;
+        }
+      }
     }
   }
   std::uint32_t const slot_base = base + ring_off;
@@ -1616,20 +1659,41 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     unsigned const rows[2] = {r0, LeanAddr && last_ok ? r0 + 1 : min(r0 + 1, n - 1)};
     if constexpr (LeanAddr) {
       auto& st = buf[S];
+      if constexpr (RowGroup) {
+        // this lane's combinations: the row's absmax2 (its group holds all the warp's blocks of
+        // the row) and the block's 8-bit code
+        QMEM_UNROLL
+        for (int i = 0; i < Mine; ++i) {
+          unsigned const row =
+              J == 4 ? rows[i] : ((J == 2 ? (t >> 1) : (t & 1u)) != 0 ? rows[1] : rows[0]);
+          std::uint32_t const first = row * row_blocks + cb[0];
+          ldg_if<Full>(st.s[i], a.scales.absmax2 + (first >> a.scales.nested_shift), valid_mine);
+          ldg_if<Full>(st.qs[i],
+                       static_cast<std::uint8_t const*>(row_address(lean_qs, row, row_blocks)),
+                       valid_mine);
+        }
+      }
       QMEM_UNROLL
       for (int h = 0; h < 2; ++h) {
         auto const* const cp =
             static_cast<std::uint8_t const*>(row_address(lean_codes, rows[h], half_k));
-        [[maybe_unused]] float const* sp0 = nullptr;
-        if constexpr (Block64)
-          sp0 = static_cast<float const*>(row_address(lean_scales[0], rows[h], row_bytes4));
-        QMEM_UNROLL
-        for (int j = 0; j < J; ++j) {
-          auto const* const sp = Block64 ? sp0 + 8 * j
-                                         : static_cast<float const*>(row_address(
-                                               lean_scales[Block64 ? 0 : j], rows[h], row_bytes4));
-          ldg_codes<StreamCodes, Full>(st.q[j][h], cp + 256 * j, valid[j]);
-          ldg_if<Full>(st.s[j][h], sp, valid[j]);
+        if constexpr (RowGroup) {
+          QMEM_UNROLL
+          for (int j = 0; j < J; ++j)
+            ldg_codes<StreamCodes, Full>(st.q[j][h], cp + 256 * j, valid[j]);
+        } else {
+          [[maybe_unused]] float const* sp0 = nullptr;
+          if constexpr (Block64)
+            sp0 = static_cast<float const*>(row_address(lean_scales[0], rows[h], row_bytes4));
+          QMEM_UNROLL
+          for (int j = 0; j < J; ++j) {
+            auto const* const sp =
+                Block64 ? sp0 + 8 * j
+                        : static_cast<float const*>(
+                              row_address(lean_scales[Block64 ? 0 : j], rows[h], row_bytes4));
+            ldg_codes<StreamCodes, Full>(st.q[j][h], cp + 256 * j, valid[j]);
+            ldg_if<Full>(st.s[j][h], sp, valid[j]);
+          }
         }
       }
     } else {
@@ -1749,12 +1813,24 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       // only D[g][g] (element g & 1) and D[g + 8][g] (element 2 + (g & 1)) of thread t = g / 2
       // are kept; the other entries are cross terms
       float v[2] = {0.0f, 0.0f};
+      // Spread: this lane's combinations' scales, shared with the other lanes of its group
+      [[maybe_unused]] float sc_mine[RowGroup ? Mine : 1];
+      if constexpr (RowGroup) {
+        QMEM_UNROLL
+        for (int i = 0; i < Mine; ++i)
+          sc_mine[i] = fmath::add(fmath::mul(dyn[st.qs[i]], st.s[i]), a.scales.offset);
+      }
       QMEM_UNROLL
       for (int j = 0; j < J; ++j)
         QMEM_UNROLL
       for (int h = 0; h < 2; ++h) {
         float sc;
-        if constexpr (Nested)
+        if constexpr (RowGroup) {
+          // combination h * J + j (J = 1: h) is lane (q & 3)'s number q / 4 of its group
+          int const q = J == 1 ? h : h * J + j;
+          sc = __shfl_sync(0xFFFFFFFFu, sc_mine[J == 4 ? h : 0],
+                           static_cast<int>((lane & ~3u) | static_cast<unsigned>(q & 3)));
+        } else if constexpr (Nested)
           sc = fmath::add(fmath::mul(dyn[st.qs[j][h]], st.s[j][h]), a.scales.offset);
         else
           sc = st.s[j][h];
@@ -1779,7 +1855,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         if constexpr (LeanAddr) {
           // the slot's last load (the loads of a ring share one scoreboard: waiting for one
           // register waits for them all)
-          dep ^= __float_as_uint(st.s[J - 1][1]);
+          if constexpr (RowGroup)
+            dep ^= st.q[J - 1][1].y;
+          else
+            dep ^= __float_as_uint(st.s[J - 1][1]);
         } else {
           QMEM_UNROLL
           for (int j = 0; j < J; ++j)
@@ -3881,8 +3960,9 @@ inline gemv1_stream_plan gemv1_stream_plan_for(std::size_t n, std::size_t k, int
 }
 
 //! Launches the streaming batch-1 kernel with a given shape; false (nothing launched) when the
-//! weight does not suit it (k > 2048 * shape.warps, n * k / 64 >= 2^32, or nested scales with an
-//! async shape). Preconditions (the caller's): those of launch_gemv1_fast. `plan_sms`:
+//! weight does not suit it (k > 2048 * shape.warps, n * k / 64 >= 2^32, nested scales with an
+//! async shape; block64 shapes: blocks other than 64, and with nested scales a nested block that
+//! is not a power of two of at least 8 J blocks or rows whose blocks 8 J does not divide). Preconditions (the caller's): those of launch_gemv1_fast. `plan_sms`:
 //! multiprocessors to plan for, 0 for the device's (the tests plan for fewer to make blocks loop
 //! over several tiles).
 template <class Code, class T, bool Nested, gemv1_stream_shape Shape>
@@ -3892,7 +3972,7 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
   } else {
     if (a.n * (a.k >> 6) >= (std::size_t{1} << 32))
       return false;
-    if (Shape.block64 && (Nested || a.block_shift != 6))
+    if (Shape.block64 && a.block_shift != 6)
       return false;
     unsigned const sms = plan_sms != 0 ? plan_sms : multiprocessors(e.device);
     unsigned const extra = gemv1_stream_extra_bytes(Nested);
@@ -3905,6 +3985,13 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
                                                 static_cast<unsigned>(Shape.min_j));
     if (j == 0)
       return false;
+    if (Shape.block64 && Nested) {
+      // a warp's 8 J blocks of a row in one absmax2 group (the kernel loads it once per row)
+      std::size_t const span = 8u * std::size_t{j};
+      if (a.scales.nested_shift < 0 || (std::size_t{1} << a.scales.nested_shift) % span != 0 ||
+          (a.k >> 6) % span != 0)
+        return false;
+    }
     unsigned const threads = 32u * p.col_groups * p.row_groups;
     unsigned const side = p.tile_pairs * p.col_groups * 64u + extra;
     p.smem = gemv1_stream_prefix + gemv_lut_bytes + (Shape.async ? side : 0u);
@@ -3919,7 +4006,7 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
       constexpr auto kernel = &gemv1_stream_kernel < Code, T, Nested, decltype(jc)::value,
                      Shape.depth, Shape.warps, decltype(fullc)::value, Shape.async, Shape.grouped,
                      Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes, Shape.lean,
-                     Shape.block64 && !Nested > ;
+                     Shape.block64 > ;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
       cuda_detail::launch(e, Shape.pdl, kernel, dim3(grid), dim3(threads), p.smem,
                           "qmem::quant::gemv1_stream_kernel", a, values_of<Code>(), nested_values(),
@@ -4164,11 +4251,14 @@ template <class Code, class T, bool Nested>
 void launch_gemv(exec::cuda const& e, gemv_args<T> const& a, bool fast) {
   if (fast) {
     constexpr gemv1_stream_shape stream = Nested ? gemv_batch1_stream_nested : gemv_batch1_stream;
-    // rows of gemv_batch1_long_k columns or more, plain scales in blocks of 64: J >= 4 with
-    // block64 (the shape declines other weights, which go on to `stream`)
-    if constexpr (!Nested) {
-      if (a.m == 1 && a.k >= gemv_batch1_long_k &&
-          launch_gemv1_stream<Code, T, Nested, gemv_batch1_stream_long_k>(e, a))
+    // rows of gemv_batch1_long_k columns or more in blocks of 64: J >= 4 with block64 (the
+    // shape declines other weights, which go on to `stream`; with nested scales also those whose
+    // warps' blocks of a row span two absmax2 groups)
+    if (a.m == 1 && a.k >= gemv_batch1_long_k &&
+        launch_gemv1_stream<Code, T, Nested, gemv_batch1_stream_long_k>(e, a))
+      return;
+    if constexpr (Nested) {
+      if (a.m == 1 && launch_gemv1_stream<Code, T, Nested, gemv_batch1_stream_nested_b64>(e, a))
         return;
     }
     if (a.m == 1 && a.block_shift >= 6 && stream.warps > 0 &&
