@@ -14,7 +14,8 @@
 //   up: the later batch-1 streaming candidates; 45 is the dispatched shape since 2026-11-30).
 // - gemv_variant_dq/n/k/1/v: batch-1 streaming shapes 19, 28, 40 and up with nested scales.
 // - gemv_batch16/n/k/m/v: the small-batch streaming kernel with each shape of
-//   cuda_matmul::gemv_batch16_stream_candidates (v 0-8 are gemv_variant 31-39).
+//   cuda_matmul::gemv_batch16_stream_candidates (v 0-8 are gemv_variant 31-39);
+//   gemv_batch16_dq the shapes that take nested scales, with them.
 // - gemv_batch16_ab/n/k/16/v/round: batch 16, gemv_batch16_stream_long (v 15: candidate 12 with
 //   lean steps) and 15 with block64 scales (v 16: gemv_batch16_stream_long_b64) in turn, the order
 //   rotated each round, three rounds over 8192 x 8192 and 28672 x 8192, each shape's weight kept
@@ -473,18 +474,20 @@ gemv_problem const& kept_problem(std::size_t n, std::size_t k, std::int64_t buff
   return *p;
 }
 
-// Kept: the weight is kept_problem's (buffer 0), one allocation for every row of the process
-template <bool Kept>
+// Kept: the weight is kept_problem's (buffer 0), one allocation for every row of the process;
+// Nested: double-quantized scales
+template <bool Kept, bool Nested = false>
 void gemv_batch16(benchmark::State& state) {
   auto const m = static_cast<std::size_t>(state.range(2));
   int const v = static_cast<int>(state.range(3));
   std::optional<gemv_problem> own;
   if constexpr (!Kept)
     own.emplace(static_cast<std::size_t>(state.range(0)), static_cast<std::size_t>(state.range(1)),
-                m, false);
-  gemv_problem const& pr = Kept ? kept_problem(static_cast<std::size_t>(state.range(0)),
-                                               static_cast<std::size_t>(state.range(1)), 0, m)
-                                : *own;
+                m, Nested);
+  gemv_problem const& pr =
+      Kept ? kept_problem(static_cast<std::size_t>(state.range(0)),
+                          static_cast<std::size_t>(state.range(1)), 0, m, Nested)
+           : *own;
   auto const& e = pr.e;
   auto const& a = pr.args;
   constexpr auto const& shapes = cuda_matmul::gemv_batch16_stream_candidates;
@@ -492,7 +495,7 @@ void gemv_batch16(benchmark::State& state) {
     bool launched = false;
     [&]<std::size_t... V>(std::index_sequence<V...>) {
       ((static_cast<std::size_t>(v) == V
-            ? void(launched = cuda_matmul::launch_gemvm_stream<nf4, bf16, false, shapes[V]>(e, a))
+            ? void(launched = cuda_matmul::launch_gemvm_stream<nf4, bf16, Nested, shapes[V]>(e, a))
             : void()),
        ...);
     }
@@ -1082,6 +1085,16 @@ void batch16_args(benchmark::internal::Benchmark* b) {
 // rotated each round (the first row timed on a fresh kept weight runs slow: gemv16 round); the
 // gemv18 round also timed 16 with unpredicated full-step loads here (then v 17, since removed). Gemv round 3 timed 12, 14 and 15 here, gemv16 15
 // and its folded tails (then numbered 16, since removed), also on 14336 x 4096.
+// gemv_batch16_dq: nested scales at batches 4 and 16 on the shapes that take them: the unpaired
+// ones (5: {16, 2} gs, 6: dispatched with nested scales), the pair shape (8) and the steps-outer
+// ones (11, 12, 14, 15: lean ignored with nested scales).
+void batch16_dq_args(benchmark::internal::Benchmark* b) {
+  for (auto const& s : shapes)
+    for (std::int64_t m : {4, 16})
+      for (std::int64_t v : {5, 6, 8, 11, 12, 14, 15})
+        if (m == 16 || v < 11)
+          b->Args({s[0], s[1], m, v});
+}
 void batch16_ab_args(benchmark::internal::Benchmark* b) {
   constexpr std::int64_t ab_shapes[2][2] = {{8192, 8192}, {28672, 8192}};
   constexpr std::int64_t ab_variants[] = {15, 16};
@@ -1142,6 +1155,10 @@ BENCHMARK(gemv_variant<false>)->Name("gemv_variant")->Apply(variant_args)->Apply
 BENCHMARK(gemv_variant<true>)->Name("gemv_variant_dq")->Apply(variant_dq_args)->Apply(timed<2>);
 BENCHMARK(gemv_bulk)->Apply(bulk_args)->Apply(timed<2>);
 BENCHMARK(gemv_batch16<false>)->Name("gemv_batch16")->Apply(batch16_args)->Apply(timed<2>);
+BENCHMARK(gemv_batch16<false, true>)
+    ->Name("gemv_batch16_dq")
+    ->Apply(batch16_dq_args)
+    ->Apply(timed<2>);
 BENCHMARK(gemv_batch16<true>)->Name("gemv_batch16_ab")->Apply(batch16_ab_args)->Apply(timed<2>);
 BENCHMARK(gemv_ab<false>)->Name("gemv_ab")->Apply(ab_args)->Apply(timed<2>);
 BENCHMARK(gemv_ab<true>)->Name("gemv_ab_dq")->Apply(ab_dq_args)->Apply(timed<2>);

@@ -2463,9 +2463,10 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
 //! 14336 x 4096 / 8192 x 8192 / 28672 x 8192): batch 4 14.63 / 15.91 / 62.22 against 15.66 /
 //! 17.00 / 66.54 for {16, 4} / {12, 4} gs (variant 37, dispatched before), batch 16 19.39 / 19.85 /
 //! 77.98 against 21.20 / 21.63 / 86.08: batch 16 / batch 1 (10.92 / 12.50 / 40.15) 1.78 / 1.59 /
-//! 1.94 instead of 1.95 / 1.74 / 2.15. Nested scales (39 spills 164 bytes at batch <= 8 there) and
-//! the weights the pair shape declines (k % 128 != 0, codes not 16-byte aligned) run
-//! gemv_batch16_stream_unpaired. Else gemv_batch16_stream_short.
+//! 1.94 instead of 1.95 / 1.74 / 2.15. Nested scales at batches 2-8 (39 spills 164 bytes at batch
+//! <= 8 there) and the weights the pair shape declines (k % 128 != 0, codes not 16-byte aligned)
+//! run gemv_batch16_stream_unpaired; nested scales at batches 9-16 this shape or
+//! gemv_batch16_stream_long (launch_gemvm_long). Else gemv_batch16_stream_short.
 inline constexpr gemvm_stream_shape gemv_batch16_stream = gemv_batch16_stream_candidates[8];
 //! Batches 9-16 with plain scales where a block owns more than 4 tiles (more than one step's;
 //! 14336 x 4096: 7, 28672 x 8192: 14): the pair shape {8, 4} with x_once, stream_codes,
@@ -2547,6 +2548,13 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   static_assert(!Block64 || (Lean && !Nested), "block64 scales are a lean plain-scale shape's");
   // (nested scales keep the former addresses and waits)
   constexpr bool LeanSteps = Lean && !Nested;
+  // Nested scales in groups: each thread computes its own chunk's scale and the others take it by
+  // shuffle (the compute step below), where the registers allow: 16 warps of R = 4 (128
+  // registers) spilled 92 bytes with it and ran 12-14% slower at batch 4 (H200, 2026-12-01
+  // 04:35 UTC, {16, 4} gs, batch 4: 20.62 / 22.06 / 84.29 us on 14336 x 4096 / 8192^2 / 28672 x
+  // 8192 against 18.12 / 19.42 / 75.12); the pair and steps-outer shapes at batch 16 ran 4-6%
+  // faster with it (long: 18.10 / 20.20 / 72.61 against 18.85 / 21.02 / 76.20)
+  constexpr bool OwnScale = Nested && GroupScales && (MaxWarps <= 12 || R <= 2);
   constexpr unsigned P = Pair ? 2u : 1u; // chunks per step
   extern __shared__ __align__(16) unsigned char gemv_smem[];
   unsigned const C = plan.col_groups;
@@ -2842,6 +2850,16 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
             wq[0][h] = st.q[r][h];
           }
         }
+        // nested scales in a group (OwnScale): this thread's own chunk's scale of rows g and
+        // g + 8, computed once per step here and shuffled as a float (one shuffle per chunk
+        // instead of two, and one look-up, multiply and add instead of one per chunk; the same
+        // values)
+        [[maybe_unused]] float own[2];
+        if constexpr (OwnScale) {
+          QMEM_UNROLL
+          for (int h = 0; h < 2; ++h)
+            own[h] = fmath::add(fmath::mul(dyn[st.qs[r][h]], st.s[r][h]), a.scales.offset);
+        }
         QMEM_UNROLL
         for (unsigned pc = 0; pc < P; ++pc) {
           float p[MT][4];
@@ -2868,7 +2886,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
           float sc[2];
           QMEM_UNROLL
           for (int h = 0; h < 2; ++h) {
-            if constexpr (Nested)
+            if constexpr (OwnScale)
+              sc[h] = pick(own[h], pc);
+            else if constexpr (Nested)
               sc[h] = fmath::add(fmath::mul(dyn[pick(st.qs[r][h], pc)], pick(st.s[r][h], pc)),
                                  a.scales.offset);
             else if constexpr (Block64)
@@ -4221,11 +4241,25 @@ void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
 //! 9-16 where a block owns more than 4 tiles the steps-outer shape (gemv_batch16_stream_two_steps
 //! up to 8 tiles, gemv_batch16_stream_long_b64 beyond for blocks of 64, gemv_batch16_stream_long
 //! for the others),
-//! else the pair shape; the unpaired one with nested scales or where those decline the weight.
-//! False when none takes it.
+//! else the pair shape; the unpaired one where those decline the weight. Nested scales: at batches
+//! 9-16 gemv_batch16_stream_long where a block owns more than 4 tiles, else the pair shape; at
+//! batches 2-8 the unpaired shape. False when none takes it.
 template <class Code, class T, bool Nested>
 bool launch_gemvm_long(exec::cuda const& e, gemv_args<T> const& a) {
-  if constexpr (!Nested) {
+  if constexpr (Nested) {
+    // H200, 2026-12-01 04:40 UTC, bench gemv_batch16_dq (nested scales, fresh weights, us at
+    // batch 16 on 14336 x 4096 / 8192^2 / 28672 x 8192): unpaired (6, dispatched before) 23.23 /
+    // 23.46 / 90.96, pair (8) 20.69 / 21.40 / 82.80, long (15) 18.85 / 21.05 / 77.28, two steps
+    // (14) 19.09 / 21.68 / 78.05; at batch 4 the unpaired shape stays (18.12 / 19.42 / 75.12
+    // against the pair's 18.80 / 20.40 / 81.74)
+    std::size_t const sms = multiprocessors(e.device);
+    std::size_t const per_block = ((a.n + 15) / 16 + sms - 1) / sms;
+    if (a.m > 8 && per_block > static_cast<std::size_t>(gemv_batch16_stream_long.tiles16) &&
+        launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_long>(e, a))
+      return true;
+    if (a.m > 8 && launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream>(e, a))
+      return true;
+  } else {
     // batches 9-16 where a block owns more than one step's tiles: the x-once shape
     std::size_t const sms = multiprocessors(e.device);
     std::size_t const per_block = ((a.n + 15) / 16 + sms - 1) / sms;
