@@ -1123,10 +1123,17 @@ void ab_args(benchmark::internal::Benchmark* b) {
 void ab_dq_args(benchmark::internal::Benchmark* b) {
   constexpr std::int64_t ab_variants[] = {28, 45, 54, 55};
   constexpr auto count = static_cast<std::int64_t>(std::size(ab_variants));
-  for (std::int64_t round = 0; round < 3; ++round)
+  // the anchors' shapes, then two whose rows end in a partial super-step (Llama-2-7B's and
+  // -13B's down projections: k = 11008 and 13824)
+  constexpr std::int64_t partial[2][2] = {{4096, 11008}, {5120, 13824}};
+  for (std::int64_t round = 0; round < 3; ++round) {
     for (auto const& s : shapes)
       for (std::int64_t i = 0; i < count; ++i)
         b->Args({s[0], s[1], ab_variants[(i + round) % count], 0, round});
+    for (auto const& s : partial)
+      for (std::int64_t i = 0; i < count; ++i)
+        b->Args({s[0], s[1], ab_variants[(i + round) % count], 0, round});
+  }
 }
 void read_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes)

@@ -45,12 +45,14 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
       {70, 8192, 64, 0},   {45, 1408, 64, 0},  {45, 12800, 64, 0}, {33, 17408, 64, 0},
       {1501, 8192, 64, 1}, {300, 2048, 64, 7}, {64, 14336, 64, 3}, {1, 512, 64, 0}};
   stream_cases<cuda_matmul::gemv_batch1_stream_long_k>(block64_plans, false, rng);
-  // nested scales on the block64 shapes (one absmax2 load per row), where a warp's 8 J blocks of
-  // a row lie in one absmax2 group (8 J divides k / 64): J = 2 and 4, several tiles, a ring
-  // longer than a warp's pairs, one pair
+  // nested scales on the block64 shapes (the scales spread over a row group's lanes): J = 2 and
+  // 4, full and partial slices (a warp's blocks of a row in two absmax2 groups: 1408, 12800,
+  // 11008 columns), several tiles, a ring longer than a warp's pairs, one pair, one row
   for (auto const& p : {stream_plan_case{70, 8192, 64, 0}, stream_plan_case{1501, 8192, 64, 1},
                         stream_plan_case{301, 2048, 64, 7}, stream_plan_case{64, 14336, 64, 3},
-                        stream_plan_case{33, 4096, 64, 0}, stream_plan_case{2, 2048, 64, 0}}) {
+                        stream_plan_case{33, 4096, 64, 0}, stream_plan_case{2, 2048, 64, 0},
+                        stream_plan_case{45, 1408, 64, 0}, stream_plan_case{45, 12800, 64, 0},
+                        stream_plan_case{37, 11008, 64, 0}, stream_plan_case{1, 512, 64, 0}}) {
     stream_case<cuda_matmul::gemv_batch1_stream_nested_b64>(p.n, p.k, p.block, true, p.sms, rng);
     stream_case<cuda_matmul::gemv_batch1_stream_long_k>(p.n, p.k, p.block, true, p.sms, rng);
   }
@@ -123,8 +125,9 @@ TEST_CASE("streaming batch-1 GEMV lean shapes on small plans (for the sanitizers
   // block64 at J >= 2 and J >= 4 (gemv_batch1_stream_long_k, dispatched on long rows)
   stream_cases<c[26]>(plans, false, rng);
   stream_cases<cuda_matmul::gemv_batch1_stream_long_k>(plans, false, rng);
-  // nested scales on them (k / 64 a multiple of 32: one absmax2 group per warp and row)
-  for (auto const& p : {stream_plan_case{301, 2048, 64, 7}, stream_plan_case{2, 2048, 64, 0}}) {
+  // nested scales on them (full slices, and 1408 columns: a partial super-step)
+  for (auto const& p : {stream_plan_case{301, 2048, 64, 7}, stream_plan_case{2, 2048, 64, 0},
+                        stream_plan_case{45, 1408, 64, 0}}) {
     stream_case<c[26]>(p.n, p.k, p.block, true, p.sms, rng);
     stream_case<cuda_matmul::gemv_batch1_stream_long_k>(p.n, p.k, p.block, true, p.sms, rng);
   }
@@ -147,9 +150,8 @@ TEST_CASE("streaming batch-1 GEMV: block64 addressing changes no bit") {
   // multiply-adds, so 54 gives the dispatched shape's (45) bits and the long-row shape
   // (gemv_batch1_stream_long_k, 55) those of lean J >= 4 (46), on full and partial slices, odd
   // row counts, J = 2 and 4, blocks looping over several tiles, a ring longer than a warp's
-  // pairs, one row. Nested scales: one absmax2 load per row and lean addresses, the same
-  // function, taken where a warp's 8 J blocks of a row lie in one absmax2 group (8 J divides
-  // k / 64; the tests' nested block is 256), declined elsewhere; other block sizes are declined
+  // pairs, one row. Nested scales: spread over a row group's lanes with lean addresses, the same
+  // function (the tests' nested block is 256, a power of two); other block sizes are declined
   using B = qmem::test::cuda_backend;
   constexpr auto const& c = cuda_matmul::gemv_batch1_stream_candidates;
   std::mt19937 rng(43);
@@ -174,9 +176,7 @@ TEST_CASE("streaming batch-1 GEMV: block64 addressing changes no bit") {
         CHECK_MESSAGE(diff == 0, what, ": ", diff, " outputs differ, n=", p.n, " k=", p.k,
                       " block=", p.block, " sms=", p.sms, " nested=", nested);
       };
-      // nested: k / 64 is here either a multiple of 32 (taken at any J) or not of 16 (declined
-      // at J >= 2)
-      bool const takes = p.block == 64 && (!nested || (p.k / 64) % 32 == 0);
+      bool const takes = p.block == 64;
       REQUIRE(launch_stream<c[17]>(nested, a0, p.sms));
       CHECK(launch_stream<c[26]>(nested, a1, p.sms) == takes);
       if (takes)

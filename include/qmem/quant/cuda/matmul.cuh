@@ -1356,9 +1356,10 @@ inline constexpr std::size_t gemv_batch1_long_k = 8192;
 //! (Earlier, {16, 8} 7.13 / 13.71 / 13.26 / 14.69 / 43.56; gemv1_4bit_kernel {8, 2, 2} 10.26 /
 //! 26.27 / 18.67 / 23.01 / 74.21.)
 inline constexpr gemv1_stream_shape gemv_batch1_stream_nested = gemv_batch1_stream_candidates[9];
-//! Nested scales in blocks of 64 where a warp's blocks of a row lie in one absmax2 group (the
-//! launcher declines the others, which take gemv_batch1_stream_nested): variant 54, lean J >= 2
-//! with block64 (one absmax2 load per row, the scales spread over the lanes of a row group).
+//! Nested scales in blocks of 64 with a power-of-two nested block (the launcher declines the
+//! others, which take gemv_batch1_stream_nested): variant 54, lean J >= 2 with block64 (the
+//! scales spread over the lanes of a row group, each lane loading its own blocks' codes and
+//! absmax2).
 //! Rows of gemv_batch1_long_k columns or more take gemv_batch1_stream_long_k (55) first. H200,
 //! 2026-12-01 04:21 UTC, bench gemv_ab_dq (kept nested weights, 3 rotated rounds, medians, us on
 //! the five shapes): 28 5.35 / 11.17 / 11.40 / 12.80 / 39.09, 54 4.83 / 9.50 / 10.37 / 10.75 /
@@ -1380,7 +1381,7 @@ struct gemv1_stream_stage {
 template <int J>
 struct gemv1_stream_stage<J, true, true> {
   uint2 q[J][2];                        //!< 16 codes of each row and super-step
-  float s[J >= 2 ? J / 2 : 1];          //!< the absmax2 of this lane's combinations' rows
+  float s[J >= 2 ? J / 2 : 1];          //!< the absmax2 of this lane's combinations' blocks
   std::uint32_t qs[J >= 2 ? J / 2 : 1]; //!< their blocks' 8-bit scale codes
 };
 
@@ -1565,11 +1566,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   // row (IMAD.WIDE) instead of a product, a 64-bit add of the codes' base and a clamp (the
   // compiler re-associated the sum)
   constexpr bool LeanAddr = Lean && !Async && (!Nested || Block64);
-  // Nested with block64 (the launcher's precondition: a power-of-two nested block of at least
-  // 8 J blocks, and 8 J | k / 64): the 8 J blocks of a warp's slice of a row start at a multiple
-  // of 8 J, so they lie in one absmax2 group; the scales are spread over the lanes (stage above)
-  constexpr bool RowGroup = Nested && Block64;
-  constexpr int Mine = RowGroup && J >= 2 ? J / 2 : 1; // combinations per lane (stage above)
+  // Nested with block64 (the launcher's precondition: a power-of-two nested block): the scales
+  // are spread over the lanes of a fragment row group (stage above)
+  constexpr bool SpreadScales = Nested && Block64;
+  constexpr int Mine = SpreadScales && J >= 2 ? J / 2 : 1; // combinations per lane (stage above)
   std::uint8_t const* lean_codes = cbase;
   // (Block64: chunk = block, so super-step j's scale is the first one's plus 8 j)
   float const* lean_scales[Block64 ? 1 : J];
@@ -1584,8 +1584,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   // row t >> 1; J = 1: j = 0, row t & 1)
   [[maybe_unused]] unsigned const j_mine = J == 4 ? t : (J == 2 ? (t & 1u) : 0u);
   [[maybe_unused]] bool const valid_mine = Full || (c * J + j_mine) * 8 + g < steps;
-  if constexpr (RowGroup)
-    lean_qs = a.scales.qabsmax + cb[0] + 8 * j_mine;
+  // the block of this lane's combinations within their row (chunk = block)
+  [[maybe_unused]] std::uint32_t const blk_mine = cb[0] + 8 * j_mine;
+  if constexpr (SpreadScales)
+    lean_qs = a.scales.qabsmax + blk_mine;
   std::uint32_t const row_bytes4 = row_blocks * 4u;
   bool const odd = (g & 1u) != 0;
   bool const keeper = t == (g >> 1);
@@ -1593,7 +1595,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   std::uint32_t const part_addr =
       static_cast<std::uint32_t>(__cvta_generic_to_shared(partial)) + ((rg * C + c) * 8 + g) * 8u;
   std::uint32_t const part_stride = G * C * 64u;
-  using stage = gemv1_stream_stage<J, Nested, RowGroup>;
+  using stage = gemv1_stream_stage<J, Nested, SpreadScales>;
 
   // calls f(integral_constant<int, s>) for s = 0 .. N - 1 (slot indices known at compile time)
   auto each_slot = [&]<class F>(F&& f) {
@@ -1625,7 +1627,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       QMEM_UNROLL
     for (int h = 0; h < 2; ++h) {
       buf[s].q[j][h] = make_uint2(0, 0);
-      if constexpr (!RowGroup) {
+      if constexpr (!SpreadScales) {
         buf[s].s[j][h] = 0.0f;
         if constexpr (Nested)
           buf[s].qs[j][h] = 0;
@@ -1659,15 +1661,14 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     unsigned const rows[2] = {r0, LeanAddr && last_ok ? r0 + 1 : min(r0 + 1, n - 1)};
     if constexpr (LeanAddr) {
       auto& st = buf[S];
-      if constexpr (RowGroup) {
-        // this lane's combinations: the row's absmax2 (its group holds all the warp's blocks of
-        // the row) and the block's 8-bit code
+      if constexpr (SpreadScales) {
+        // this lane's combinations: the block's absmax2 and 8-bit code
         QMEM_UNROLL
         for (int i = 0; i < Mine; ++i) {
           unsigned const row =
               J == 4 ? rows[i] : ((J == 2 ? (t >> 1) : (t & 1u)) != 0 ? rows[1] : rows[0]);
-          std::uint32_t const first = row * row_blocks + cb[0];
-          ldg_if<Full>(st.s[i], a.scales.absmax2 + (first >> a.scales.nested_shift), valid_mine);
+          std::uint32_t const blk = row * row_blocks + blk_mine;
+          ldg_if<Full>(st.s[i], a.scales.absmax2 + (blk >> a.scales.nested_shift), valid_mine);
           ldg_if<Full>(st.qs[i],
                        static_cast<std::uint8_t const*>(row_address(lean_qs, row, row_blocks)),
                        valid_mine);
@@ -1677,7 +1678,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       for (int h = 0; h < 2; ++h) {
         auto const* const cp =
             static_cast<std::uint8_t const*>(row_address(lean_codes, rows[h], half_k));
-        if constexpr (RowGroup) {
+        if constexpr (SpreadScales) {
           QMEM_UNROLL
           for (int j = 0; j < J; ++j)
             ldg_codes<StreamCodes, Full>(st.q[j][h], cp + 256 * j, valid[j]);
@@ -1814,8 +1815,8 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       // are kept; the other entries are cross terms
       float v[2] = {0.0f, 0.0f};
       // Spread: this lane's combinations' scales, shared with the other lanes of its group
-      [[maybe_unused]] float sc_mine[RowGroup ? Mine : 1];
-      if constexpr (RowGroup) {
+      [[maybe_unused]] float sc_mine[SpreadScales ? Mine : 1];
+      if constexpr (SpreadScales) {
         QMEM_UNROLL
         for (int i = 0; i < Mine; ++i)
           sc_mine[i] = fmath::add(fmath::mul(dyn[st.qs[i]], st.s[i]), a.scales.offset);
@@ -1825,7 +1826,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         QMEM_UNROLL
       for (int h = 0; h < 2; ++h) {
         float sc;
-        if constexpr (RowGroup) {
+        if constexpr (SpreadScales) {
           // combination h * J + j (J = 1: h) is lane (q & 3)'s number q / 4 of its group
           int const q = J == 1 ? h : h * J + j;
           sc = __shfl_sync(0xFFFFFFFFu, sc_mine[J == 4 ? h : 0],
@@ -1855,7 +1856,7 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         if constexpr (LeanAddr) {
           // the slot's last load (the loads of a ring share one scoreboard: waiting for one
           // register waits for them all)
-          if constexpr (RowGroup)
+          if constexpr (SpreadScales)
             dep ^= st.q[J - 1][1].y;
           else
             dep ^= __float_as_uint(st.s[J - 1][1]);
@@ -3982,7 +3983,7 @@ inline gemv1_stream_plan gemv1_stream_plan_for(std::size_t n, std::size_t k, int
 //! Launches the streaming batch-1 kernel with a given shape; false (nothing launched) when the
 //! weight does not suit it (k > 2048 * shape.warps, n * k / 64 >= 2^32, nested scales with an
 //! async shape; block64 shapes: blocks other than 64, and with nested scales a nested block that
-//! is not a power of two of at least 8 J blocks or rows whose blocks 8 J does not divide). Preconditions (the caller's): those of launch_gemv1_fast. `plan_sms`:
+//! is not a power of two). Preconditions (the caller's): those of launch_gemv1_fast. `plan_sms`:
 //! multiprocessors to plan for, 0 for the device's (the tests plan for fewer to make blocks loop
 //! over several tiles).
 template <class Code, class T, bool Nested, gemv1_stream_shape Shape>
@@ -4005,13 +4006,8 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
                                                 static_cast<unsigned>(Shape.min_j));
     if (j == 0)
       return false;
-    if (Shape.block64 && Nested) {
-      // a warp's 8 J blocks of a row in one absmax2 group (the kernel loads it once per row)
-      std::size_t const span = 8u * std::size_t{j};
-      if (a.scales.nested_shift < 0 || (std::size_t{1} << a.scales.nested_shift) % span != 0 ||
-          (a.k >> 6) % span != 0)
-        return false;
-    }
+    if (Shape.block64 && Nested && a.scales.nested_shift < 0)
+      return false; // (the absmax2 group of a block is one shift)
     unsigned const threads = 32u * p.col_groups * p.row_groups;
     unsigned const side = p.tile_pairs * p.col_groups * 64u + extra;
     p.smem = gemv1_stream_prefix + gemv_lut_bytes + (Shape.async ? side : 0u);
@@ -4286,8 +4282,8 @@ void launch_gemv(exec::cuda const& e, gemv_args<T> const& a, bool fast) {
   if (fast) {
     constexpr gemv1_stream_shape stream = Nested ? gemv_batch1_stream_nested : gemv_batch1_stream;
     // rows of gemv_batch1_long_k columns or more in blocks of 64: J >= 4 with block64 (the
-    // shape declines other weights, which go on to `stream`; with nested scales also those whose
-    // warps' blocks of a row span two absmax2 groups)
+    // shape declines other weights, which go on to `stream`; with nested scales also nested
+    // blocks that are not a power of two)
     if (a.m == 1 && a.k >= gemv_batch1_long_k &&
         launch_gemv1_stream<Code, T, Nested, gemv_batch1_stream_long_k>(e, a))
       return;
