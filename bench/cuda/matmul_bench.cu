@@ -44,6 +44,8 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <array>
+#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -1118,22 +1120,21 @@ void ab_args(benchmark::internal::Benchmark* b) {
         b->Args({s[0], s[1], ab_variants[(i + round) % count], 0, round});
 }
 // gemv_ab_dq: nested scales, the shape dispatched with them before (28), lean J >= 2 (45: the
-// former addresses with nested scales), block64 at J >= 2 (54: one absmax2 load per row) and
-// J >= 4 (55), rotated the same way.
+// former addresses with nested scales), block64 at J >= 2 (54: the scales spread over a row
+// group's lanes) and J >= 4 (55), rotated the same way, on the anchors' shapes and two whose
+// rows end in a partial super-step (Llama-2-7B's and -13B's down projections).
 void ab_dq_args(benchmark::internal::Benchmark* b) {
   constexpr std::int64_t ab_variants[] = {28, 45, 54, 55};
   constexpr auto count = static_cast<std::int64_t>(std::size(ab_variants));
-  // the anchors' shapes, then two whose rows end in a partial super-step (Llama-2-7B's and
-  // -13B's down projections: k = 11008 and 13824)
-  constexpr std::int64_t partial[2][2] = {{4096, 11008}, {5120, 13824}};
-  for (std::int64_t round = 0; round < 3; ++round) {
-    for (auto const& s : shapes)
+  std::vector<std::array<std::int64_t, 2>> rows;
+  for (auto const& s : shapes)
+    rows.push_back({s[0], s[1]});
+  rows.push_back({4096, 11008});
+  rows.push_back({5120, 13824});
+  for (std::int64_t round = 0; round < 3; ++round)
+    for (auto const& s : rows)
       for (std::int64_t i = 0; i < count; ++i)
         b->Args({s[0], s[1], ab_variants[(i + round) % count], 0, round});
-    for (auto const& s : partial)
-      for (std::int64_t i = 0; i < count; ++i)
-        b->Args({s[0], s[1], ab_variants[(i + round) % count], 0, round});
-  }
 }
 void read_args(benchmark::internal::Benchmark* b) {
   for (auto const& s : shapes)

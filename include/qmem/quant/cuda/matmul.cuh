@@ -1405,8 +1405,8 @@ QMEM_HOST_DEVICE constexpr int gemv1_stream_ring(int depth, int j, bool nested, 
                                                  bool grouped = false, bool block64 = false) {
   // nested scales at J = 4 keep one pair in registers (ptxas -v, sm_90: two spilled 516 bytes
   // at 128 registers); two groups of nested scales take half the pairs (depth 6 in two groups of
-  // 6 spilled 208-456 bytes). Nested block64 stages (one absmax2 per row, lean addresses) hold
-  // two registers more than plain ones and take the plain rings.
+  // 6 spilled 208-456 bytes). Nested block64 stages (scales spread over a row group's lanes:
+  // J / 2 absmax2 and code registers against plain scales' 2 J) take the plain rings.
   nested = nested && !block64;
   if (!async && nested && j == 4)
     return 1;
@@ -3993,8 +3993,8 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
   } else {
     if (a.n * (a.k >> 6) >= (std::size_t{1} << 32))
       return false;
-    if (Shape.block64 && a.block_shift != 6)
-      return false;
+    if (Shape.block64 && (a.block_shift != 6 || (Nested && a.scales.nested_shift < 0)))
+      return false; // (with nested scales the absmax2 group of a block is one shift)
     unsigned const sms = plan_sms != 0 ? plan_sms : multiprocessors(e.device);
     unsigned const extra = gemv1_stream_extra_bytes(Nested);
     // the partial sums go before the table (register ring) or after it (async ring)
@@ -4006,8 +4006,6 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
                                                 static_cast<unsigned>(Shape.min_j));
     if (j == 0)
       return false;
-    if (Shape.block64 && Nested && a.scales.nested_shift < 0)
-      return false; // (the absmax2 group of a block is one shift)
     unsigned const threads = 32u * p.col_groups * p.row_groups;
     unsigned const side = p.tile_pairs * p.col_groups * 64u + extra;
     p.smem = gemv1_stream_prefix + gemv_lut_bytes + (Shape.async ? side : 0u);
@@ -4242,25 +4240,24 @@ void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
 //! batches 2-8 the unpaired shape. False when none takes it.
 template <class Code, class T, bool Nested>
 bool launch_gemvm_long(exec::cuda const& e, gemv_args<T> const& a) {
+  std::size_t const sms = multiprocessors(e.device);
+  std::size_t const per_block = ((a.n + 15) / 16 + sms - 1) / sms; // 16-row tiles per block
+  // tiles of one step of the steps-outer shapes
+  static_assert(gemv_batch16_stream_two_steps.tiles16 == gemv_batch16_stream_long.tiles16);
+  std::size_t const step = static_cast<std::size_t>(gemv_batch16_stream_long.tiles16);
   if constexpr (Nested) {
     // H200, 2026-12-01 04:40 UTC, bench gemv_batch16_dq (nested scales, fresh weights, us at
     // batch 16 on 14336 x 4096 / 8192^2 / 28672 x 8192): unpaired (6, dispatched before) 23.23 /
     // 23.46 / 90.96, pair (8) 20.69 / 21.40 / 82.80, long (15) 18.85 / 21.05 / 77.28, two steps
     // (14) 19.09 / 21.68 / 78.05; at batch 4 the unpaired shape stays (18.12 / 19.42 / 75.12
     // against the pair's 18.80 / 20.40 / 81.74)
-    std::size_t const sms = multiprocessors(e.device);
-    std::size_t const per_block = ((a.n + 15) / 16 + sms - 1) / sms;
-    if (a.m > 8 && per_block > static_cast<std::size_t>(gemv_batch16_stream_long.tiles16) &&
+    if (a.m > 8 && per_block > step &&
         launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_long>(e, a))
       return true;
     if (a.m > 8 && launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream>(e, a))
       return true;
   } else {
     // batches 9-16 where a block owns more than one step's tiles: the x-once shape
-    std::size_t const sms = multiprocessors(e.device);
-    std::size_t const per_block = ((a.n + 15) / 16 + sms - 1) / sms;
-    static_assert(gemv_batch16_stream_two_steps.tiles16 == gemv_batch16_stream_long.tiles16);
-    std::size_t const step = static_cast<std::size_t>(gemv_batch16_stream_long.tiles16);
     if (a.m > 8 && per_block > step && per_block <= 2 * step &&
         launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_two_steps>(e, a))
       return true;
