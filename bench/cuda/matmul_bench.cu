@@ -45,7 +45,6 @@
 
 #include <algorithm>
 #include <array>
-#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
