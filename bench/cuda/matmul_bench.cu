@@ -1105,13 +1105,13 @@ void batch16_ab_args(benchmark::internal::Benchmark* b) {
       for (std::int64_t i = 0; i < count; ++i)
         b->Args({s[0], s[1], 16, ab_variants[(i + round) % count], round});
 }
-// gemv_ab: the dispatched shape (45), its A/A twin (48: the same kernel), 45 with block64 (54)
-// and lean J >= 4 with block64 (55) on the five shapes, in three rounds, the order of the
+// gemv_ab: the former dispatched shape (45), 45 with block64 (54), lean J >= 4 with block64
+// (55) and 54 with spread scales (56) on the five shapes, in three rounds, the order of the
 // variants rotated by one each round (the first row timed on a fresh kept weight runs slow:
 // gemv16 round). gemv17's first run timed the block-level L2 prefetch (51-53) here. (gemv round 2 timed the former candidates 48-50 here, since removed;
 // the placement and slope rows of that round are in docs/benchmarks.md.)
 void ab_args(benchmark::internal::Benchmark* b) {
-  constexpr std::int64_t ab_variants[] = {45, 54, 55, 48};
+  constexpr std::int64_t ab_variants[] = {45, 54, 55, 56};
   constexpr auto count = static_cast<std::int64_t>(std::size(ab_variants));
   for (std::int64_t round = 0; round < 3; ++round)
     for (auto const& s : shapes)

@@ -39,12 +39,14 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
        {1601, 8192, 64, 2},
        {300, 2048, 64, 7}},
       true, rng);
-  // the shape dispatched on rows of 8192 columns or more (blocks of 64, plain scales): J >= 4
-  // with block64, on long and short rows, partial slices, several tiles, one row
+  // the shapes dispatched on blocks of 64 with plain scales: J >= 4 with block64 (rows of 8192
+  // columns or more) and J >= 2 with block64 and spread scales (shorter rows), on long and short
+  // rows, partial slices, several tiles, one row
   std::initializer_list<stream_plan_case> const block64_plans = {
       {70, 8192, 64, 0},   {45, 1408, 64, 0},  {45, 12800, 64, 0}, {33, 17408, 64, 0},
       {1501, 8192, 64, 1}, {300, 2048, 64, 7}, {64, 14336, 64, 3}, {1, 512, 64, 0}};
   stream_cases<cuda_matmul::gemv_batch1_stream_long_k>(block64_plans, false, rng);
+  stream_cases<cuda_matmul::gemv_batch1_stream_b64>(block64_plans, false, rng);
   // nested scales on the block64 shapes (the scales spread over a row group's lanes): J = 2 and
   // 4, full and partial slices (a warp's blocks of a row in two absmax2 groups: 1408, 12800,
   // 11008 columns), several tiles, a ring longer than a warp's pairs, one pair, one row
@@ -53,7 +55,7 @@ TEST_CASE("the streaming batch-1 GEMV kernel computes the GEMV function on every
                         stream_plan_case{33, 4096, 64, 0}, stream_plan_case{2, 2048, 64, 0},
                         stream_plan_case{45, 1408, 64, 0}, stream_plan_case{45, 12800, 64, 0},
                         stream_plan_case{37, 11008, 64, 0}, stream_plan_case{1, 512, 64, 0}}) {
-    stream_case<cuda_matmul::gemv_batch1_stream_nested_b64>(p.n, p.k, p.block, true, p.sms, rng);
+    stream_case<cuda_matmul::gemv_batch1_stream_b64>(p.n, p.k, p.block, true, p.sms, rng);
     stream_case<cuda_matmul::gemv_batch1_stream_long_k>(p.n, p.k, p.block, true, p.sms, rng);
   }
 #if QMEM_TEST_CANDIDATE_KERNELS
@@ -125,10 +127,12 @@ TEST_CASE("streaming batch-1 GEMV lean shapes on small plans (for the sanitizers
   // block64 at J >= 2 and J >= 4 (gemv_batch1_stream_long_k, dispatched on long rows)
   stream_cases<c[26]>(plans, false, rng);
   stream_cases<cuda_matmul::gemv_batch1_stream_long_k>(plans, false, rng);
+  // J >= 2 with plain scales spread over a row group's lanes (56, gemv_batch1_stream_b64)
+  stream_cases<c[28]>(plans, false, rng);
   // nested scales on them (full slices, and 1408 columns: a partial super-step)
   for (auto const& p : {stream_plan_case{301, 2048, 64, 7}, stream_plan_case{2, 2048, 64, 0},
                         stream_plan_case{45, 1408, 64, 0}}) {
-    stream_case<c[26]>(p.n, p.k, p.block, true, p.sms, rng);
+    stream_case<cuda_matmul::gemv_batch1_stream_b64>(p.n, p.k, p.block, true, p.sms, rng);
     stream_case<cuda_matmul::gemv_batch1_stream_long_k>(p.n, p.k, p.block, true, p.sms, rng);
   }
 }
@@ -185,6 +189,11 @@ TEST_CASE("streaming batch-1 GEMV: block64 addressing changes no bit") {
       CHECK(launch_stream<cuda_matmul::gemv_batch1_stream_long_k>(nested, a1, p.sms) == takes);
       if (takes)
         same("the long-row shape (55) against lean J >= 4 (46)");
+      // plain scales spread over a row group's lanes too (56; nested ones always are)
+      REQUIRE(launch_stream<c[17]>(nested, a0, p.sms));
+      CHECK(launch_stream<c[28]>(nested, a1, p.sms) == takes);
+      if (takes)
+        same("block64 with spread scales (56) against the dispatched shape (45)");
     }
   }
 }

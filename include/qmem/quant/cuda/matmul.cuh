@@ -1215,6 +1215,12 @@ struct gemv1_stream_shape {
   //! take one address (the first super-step's row address plus immediate offsets) instead of one
   //! wide multiply-add and one base register per super-step. The same loads: the same bits.
   bool block64 = false;
+  //! With block64 and plain scales: the scales spread over a row group's lanes as nested ones
+  //! always are (each lane loads J / 2 of a pair's 2 J scales and the group's keeper takes them,
+  //! at J = 2 through the warp's scale exchange in shared memory) instead of every lane loading
+  //! all 2 J.
+  //! The same scales and fused multiply-adds: the same bits.
+  bool spread = false;
 };
 
 //! Shapes of gemv1_stream_kernel the bench's gemv_variant compares (variants 19 to 25): register
@@ -1284,7 +1290,11 @@ inline constexpr gemv1_stream_shape gemv_batch1_stream_candidates[] = {
     {16, 4, false, true, true, 0, false, true, 2},
     // 54, 55 (gemv17): 45 and lean J >= 4 (46) with block64 (one scale address per pair row)
     {16, 4, false, true, true, 0, false, true, 2, true},
-    {16, 4, false, true, true, 0, false, true, 4, true}};
+    {16, 4, false, true, true, 0, false, true, 4, true},
+    // 56: 54 with plain scales spread over a row group's lanes (gemv_batch1_stream_b64); 57, 55
+    // with them, tied 55 (H200 2026-12-01 07:25 UTC: -1.3 / +0.4 / -0.7 / -3.2 / +0.2% on the
+    // five shapes; removed)
+    {16, 4, false, true, true, 0, false, true, 2, true, true}};
 //! The streaming shape batch 1 runs with plain scales (blocks >= 64, k <= 32768; warps 0:
 //! gemv1_4bit_kernel instead): the best of the candidates above on the five shapes. First {16, 4}
 //! (sum 86.9 us against 87.4 for {16, 8}); then the lead's integrated H200 run of 2026-11-29
@@ -1356,16 +1366,25 @@ inline constexpr std::size_t gemv_batch1_long_k = 8192;
 //! (Earlier, {16, 8} 7.13 / 13.71 / 13.26 / 14.69 / 43.56; gemv1_4bit_kernel {8, 2, 2} 10.26 /
 //! 26.27 / 18.67 / 23.01 / 74.21.)
 inline constexpr gemv1_stream_shape gemv_batch1_stream_nested = gemv_batch1_stream_candidates[9];
-//! Nested scales in blocks of 64 with a power-of-two nested block (the launcher declines the
-//! others, which take gemv_batch1_stream_nested): variant 54, lean J >= 2 with block64 (the
-//! scales spread over the lanes of a row group, each lane loading its own blocks' codes and
-//! absmax2).
-//! Rows of gemv_batch1_long_k columns or more take gemv_batch1_stream_long_k (55) first. H200,
-//! 2026-12-01 04:21 UTC, bench gemv_ab_dq (kept nested weights, 3 rotated rounds, medians, us on
-//! the five shapes): 28 5.35 / 11.17 / 11.40 / 12.80 / 39.09, 54 4.83 / 9.50 / 10.37 / 10.75 /
-//! 35.99, 55 4.87 / 9.67 / 10.17 / 10.67 / 34.29: 54 below 8192 columns, 55 from there.
-inline constexpr gemv1_stream_shape gemv_batch1_stream_nested_b64 =
-    gemv_batch1_stream_candidates[26];
+//! Batch 1 on rows of fewer than gemv_batch1_long_k columns in blocks of 64 (plain scales, or
+//! nested ones with a power-of-two nested block; the launcher declines the others, which take
+//! gemv_batch1_stream or gemv_batch1_stream_nested): variant 56, lean J >= 2 with block64 and the
+//! scales spread over the lanes of a row group (each lane loads, and nested computes, J / 2 of a
+//! pair's 2 J scales; at J = 2 the group's keeper reads them from the warp's scale exchange in
+//! shared memory, at J = 4 it takes them by shuffles). Bit for bit 45 (plain) and 54 (nested;
+//! tested).
+//! Nested: H200, 2026-12-01 04:21 UTC, bench gemv_ab_dq (kept nested weights, 3 rotated rounds,
+//! medians, us on the five shapes): 28 5.35 / 11.17 / 11.40 / 12.80 / 39.09, 54 (the spread
+//! scales fetched by 2 J shuffles then) 4.83 / 9.50 / 10.37 / 10.75 / 35.99, 55 4.87 / 9.67 /
+//! 10.17 / 10.67 / 34.29: 54 below 8192 columns, 55 from there. The exchange in place of the
+//! shuffles (07:25 UTC, two processes against the former binary, medians of 6): 54 -0.2 / -0.9 /
+//! -1.3 / -1.3 / -2.5% (and -1.5 / +3.5% on 5120 x 13824 / 4096 x 11008); at J = 4 (55) it ran
+//! +1.0 / +1.1 / +0.9 / +1.0 / -0.2% against the shuffles (+1.5% on 4096 x 14336 in a second
+//! run), with 2% more instructions and 12 spilled bytes, so J = 4 keeps them.
+//! Plain (the same run, gemv_ab): 56 4.32 / 8.74 / 9.55 / 9.79 / 38.43 us against 45's 4.41 /
+//! 8.97 / 9.82 / 10.05 / 37.31 and 54's 4.33 / 8.98 / 9.80 / 10.04 / 39.57: -2.1% on 4096^2 and
+//! -2.5% on 14336 x 4096, the rows it now takes (55 stays on the longer ones: 9.39 / 9.86 / 37.72).
+inline constexpr gemv1_stream_shape gemv_batch1_stream_b64 = gemv_batch1_stream_candidates[28];
 
 //! The loads of one row pair (both rows, the warp's J super-steps).
 template <int J, bool Nested, bool Spread = false>
@@ -1375,14 +1394,15 @@ struct gemv1_stream_stage {
   std::uint32_t qs[Nested ? J : 1][2]; //!< nested: the block's 8-bit scale code
 };
 
-//! Spread nested scales (block64): a pair's 2 J (row, super-step) scales are computed once per
-//! group of four lanes, not by each lane; lane t takes combination t + 4 i (i < mine) of
-//! h * J + j (J = 1: h = t & 1) and the products fetch theirs by shuffle.
-template <int J>
-struct gemv1_stream_stage<J, true, true> {
-  uint2 q[J][2];                        //!< 16 codes of each row and super-step
-  float s[J >= 2 ? J / 2 : 1];          //!< the absmax2 of this lane's combinations' blocks
-  std::uint32_t qs[J >= 2 ? J / 2 : 1]; //!< their blocks' 8-bit scale codes
+//! Spread scales (block64; nested always, plain with the shape's `spread`): a pair's 2 J (row,
+//! super-step) scales are loaded (and, nested, computed) once per group of four lanes, not by
+//! each lane; lane t takes combination t + 4 i (i < mine) of h * J + j (J = 1: h = t & 1) and
+//! the group's keeper fetches them (J = 2: through the warp's exchange; J = 1, 4: by shuffles).
+template <int J, bool Nested>
+struct gemv1_stream_stage<J, Nested, true> {
+  uint2 q[J][2];                                       //!< 16 codes of each row and super-step
+  float s[J >= 2 ? J / 2 : 1];                         //!< plain scale, or nested: the absmax2
+  std::uint32_t qs[Nested ? (J >= 2 ? J / 2 : 1) : 1]; //!< nested: the 8-bit scale codes
 };
 
 //! Where the streaming kernel's decode table goes in its dynamic shared memory: 0xFC00 bytes in,
@@ -1398,6 +1418,13 @@ inline constexpr unsigned gemv1_stream_smem_limit = 232448u;
 //! Bytes of the nested map and 64 spare bytes (once the 16 T values of the table build).
 QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_extra_bytes(bool nested) {
   return (nested ? 256u * 4u : 0u) + 64u;
+}
+
+//! Bytes of the scale exchange of spread scales at J = 2 (after the nested map and its 64 spare
+//! bytes): per warp two buffers (pair parity) of 32 floats, through which the lanes of a row
+//! group hand their scales to the group's keeper (gemv1_stream_kernel).
+QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_exchange_bytes(bool exchange, int warps) {
+  return exchange ? static_cast<unsigned>(warps) * 2u * 128u : 0u;
 }
 
 //! Row pairs of loads in flight per warp of gemv1_stream_kernel (per group when `grouped`).
@@ -1466,7 +1493,7 @@ __device__ QMEM_INLINE void store_pair_sums(gemv_args<T> const& a, float2 const*
 //! blockDim.x == 32 * C * G.
 template <class Code, class T, bool Nested, int J, int Depth, int MaxWarps, bool Full, bool Async,
           bool Grouped, bool Pdl, int PrefetchKiB = 0, bool StreamCodes = false, bool Lean = false,
-          bool Block64 = false>
+          bool Block64 = false, bool SpreadPlain = false>
 __global__ void __launch_bounds__(MaxWarps * 32, 1)
     gemv1_stream_kernel(gemv_args<T> a, code_table<16> values, code_table<256> nested,
                         gemv1_stream_plan plan) {
@@ -1485,7 +1512,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   // ("side") before the table when they fit, else after it. Async ring: the staging ring before
   // the table, the side after it.
   auto const base = static_cast<std::uint32_t>(__cvta_generic_to_shared(gemv_smem));
-  unsigned const side_bytes = plan.tile_pairs * C * 64u + gemv1_stream_extra_bytes(Nested);
+  unsigned const side_bytes =
+      plan.tile_pairs * C * 64u + gemv1_stream_extra_bytes(Nested) +
+      gemv1_stream_exchange_bytes((Nested || SpreadPlain) && Block64 && J == 2, MaxWarps);
   unsigned const ring_bytes = Async ? Ring * threads * gemv1_stream_slot_bytes(J) : 0u;
   unsigned const front = Async ? ring_bytes : side_bytes;
   unsigned lut_off = (0u - base) & 0xFFFFu;
@@ -1505,6 +1534,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   auto* const lut = reinterpret_cast<std::uint32_t*>(gemv_smem + lut_off);
   auto* const partial = reinterpret_cast<float2*>(gemv_smem + side_off);
   float* const dyn = reinterpret_cast<float*>(partial + plan.tile_pairs * C * 8u);
+  // spread scales at J = 2: this warp's scale exchange, two buffers of 32 floats (16-byte
+  // aligned: the side starts so, the partial sums and the nested map are multiples of 64 bytes)
+  [[maybe_unused]] float* const exchange = dyn + 256 + 16 + (threadIdx.x >> 5) * 64u;
 
   unsigned const warp = threadIdx.x >> 5;
   unsigned const lane = threadIdx.x & 31u;
@@ -1568,13 +1600,13 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   constexpr bool LeanAddr = Lean && !Async && (!Nested || Block64);
   // Nested with block64 (the launcher's precondition: a power-of-two nested block): the scales
   // are spread over the lanes of a fragment row group (stage above)
-  constexpr bool SpreadScales = Nested && Block64;
+  constexpr bool SpreadScales = (Nested || SpreadPlain) && Block64;
   constexpr int Mine = SpreadScales && J >= 2 ? J / 2 : 1; // combinations per lane (stage above)
   std::uint8_t const* lean_codes = cbase;
   // (Block64: chunk = block, so super-step j's scale is the first one's plus 8 j)
   float const* lean_scales[Block64 ? 1 : J];
   [[maybe_unused]] std::uint8_t const* lean_qs = nullptr;
-  if constexpr (LeanAddr && !Nested) {
+  if constexpr (LeanAddr && !Nested && !SpreadScales) {
     QMEM_UNROLL
     for (int j = 0; j < (Block64 ? 1 : J); ++j) {
       lean_scales[j] = a.scales.absmax + cb[j];
@@ -1586,8 +1618,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   [[maybe_unused]] bool const valid_mine = Full || (c * J + j_mine) * 8 + g < steps;
   // the block of this lane's combinations within their row (chunk = block)
   [[maybe_unused]] std::uint32_t const blk_mine = cb[0] + 8 * j_mine;
-  if constexpr (SpreadScales)
+  if constexpr (SpreadScales && Nested)
     lean_qs = a.scales.qabsmax + blk_mine;
+  else if constexpr (SpreadScales)
+    lean_scales[0] = a.scales.absmax + blk_mine;
   std::uint32_t const row_bytes4 = row_blocks * 4u;
   bool const odd = (g & 1u) != 0;
   bool const keeper = t == (g >> 1);
@@ -1635,7 +1669,8 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
         QMEM_UNROLL
         for (int i = 0; i < Mine; ++i) {
           buf[s].s[i] = 0.0f;
-          buf[s].qs[i] = 0;
+          if constexpr (Nested)
+            buf[s].qs[i] = 0;
         }
       }
     }
@@ -1662,16 +1697,22 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
     if constexpr (LeanAddr) {
       auto& st = buf[S];
       if constexpr (SpreadScales) {
-        // this lane's combinations: the block's absmax2 and 8-bit code
+        // this lane's combinations: the block's absmax2 and 8-bit code, or its plain scale
         QMEM_UNROLL
         for (int i = 0; i < Mine; ++i) {
           unsigned const row =
               J == 4 ? rows[i] : ((J == 2 ? (t >> 1) : (t & 1u)) != 0 ? rows[1] : rows[0]);
-          std::uint32_t const blk = row * row_blocks + blk_mine;
-          ldg_if<Full>(st.s[i], a.scales.absmax2 + (blk >> a.scales.nested_shift), valid_mine);
-          ldg_if<Full>(st.qs[i],
-                       static_cast<std::uint8_t const*>(row_address(lean_qs, row, row_blocks)),
-                       valid_mine);
+          if constexpr (Nested) {
+            std::uint32_t const blk = row * row_blocks + blk_mine;
+            ldg_if<Full>(st.s[i], a.scales.absmax2 + (blk >> a.scales.nested_shift), valid_mine);
+            ldg_if<Full>(st.qs[i],
+                         static_cast<std::uint8_t const*>(row_address(lean_qs, row, row_blocks)),
+                         valid_mine);
+          } else {
+            ldg_if<Full>(st.s[i],
+                         static_cast<float const*>(row_address(lean_scales[0], row, row_bytes4)),
+                         valid_mine);
+          }
         }
       }
       QMEM_UNROLL
@@ -1818,24 +1859,49 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       [[maybe_unused]] float sc_mine[SpreadScales ? Mine : 1];
       if constexpr (SpreadScales) {
         QMEM_UNROLL
-        for (int i = 0; i < Mine; ++i)
-          sc_mine[i] = fmath::add(fmath::mul(dyn[st.qs[i]], st.s[i]), a.scales.offset);
+        for (int i = 0; i < Mine; ++i) {
+          if constexpr (Nested)
+            sc_mine[i] = fmath::add(fmath::mul(dyn[st.qs[i]], st.s[i]), a.scales.offset);
+          else
+            sc_mine[i] = st.s[i];
+        }
       }
-      QMEM_UNROLL
-      for (int j = 0; j < J; ++j)
+      // J = 2: the group's four scales through the warp's exchange (the buffer of the pair's
+      // parity: a buffer is written again two pairs later, after the next pair's __syncwarp, by
+      // which every lane has read it), combination h * 2 + j at float 4 g + h * 2 + j: one
+      // store and one 16-byte load per lane (eight distinct addresses: one wavefront) in place
+      // of four shuffles. J = 1 and 4 keep the shuffles (J = 4 through the exchange ran about 1%
+      // slower, with 2% more instructions and 12 spilled bytes: docs/matmul.md). The same values, the
+      // same fused multiply-adds.
+      if constexpr (SpreadScales && J == 2) {
+        constexpr bool ByParity = Grouped; // groups alternate their slots' parity, pair by pair
+        float* const xb = exchange + 32u * ((ByParity ? static_cast<unsigned>(S) : i) & 1u);
+        xb[4u * g + t] = sc_mine[0];
+        __syncwarp();
+        float4 const f4 = *reinterpret_cast<float4 const*>(xb + 4u * g);
+        float const f[4] = {f4.x, f4.y, f4.z, f4.w};
         QMEM_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        float sc;
-        if constexpr (SpreadScales) {
-          // combination h * J + j (J = 1: h) is lane (q & 3)'s number q / 4 of its group
-          int const q = J == 1 ? h : h * J + j;
-          sc = __shfl_sync(0xFFFFFFFFu, sc_mine[J == 4 ? h : 0],
-                           static_cast<int>((lane & ~3u) | static_cast<unsigned>(q & 3)));
-        } else if constexpr (Nested)
-          sc = fmath::add(fmath::mul(dyn[st.qs[j][h]], st.s[j][h]), a.scales.offset);
-        else
-          sc = st.s[j][h];
-        v[h] = fmaf(sc, odd ? d[j][2 * h + 1] : d[j][2 * h], v[h]);
+        for (int j = 0; j < J; ++j)
+          QMEM_UNROLL
+        for (int h = 0; h < 2; ++h)
+          v[h] = fmaf(f[2 * h + j], odd ? d[j][2 * h + 1] : d[j][2 * h], v[h]);
+      } else {
+        QMEM_UNROLL
+        for (int j = 0; j < J; ++j)
+          QMEM_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          float sc;
+          if constexpr (SpreadScales) {
+            // combination h * J + j (J = 1: h) is lane (q & 3)'s number q / 4 of its group
+            int const q = J == 1 ? h : h * J + j;
+            sc = __shfl_sync(0xFFFFFFFFu, sc_mine[J == 4 ? h : 0],
+                             static_cast<int>((lane & ~3u) | static_cast<unsigned>(q & 3)));
+          } else if constexpr (Nested)
+            sc = fmath::add(fmath::mul(dyn[st.qs[j][h]], st.s[j][h]), a.scales.offset);
+          else
+            sc = st.s[j][h];
+          v[h] = fmaf(sc, odd ? d[j][2 * h + 1] : d[j][2 * h], v[h]);
+        }
       }
       if (keeper) {
         std::uint32_t const addr = part_addr + i * part_stride;
@@ -3996,7 +4062,10 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     if (Shape.block64 && (a.block_shift != 6 || (Nested && a.scales.nested_shift < 0)))
       return false; // (with nested scales the absmax2 group of a block is one shift)
     unsigned const sms = plan_sms != 0 ? plan_sms : multiprocessors(e.device);
-    unsigned const extra = gemv1_stream_extra_bytes(Nested);
+    unsigned const extra =
+        gemv1_stream_extra_bytes(Nested) +
+        gemv1_stream_exchange_bytes((Nested || Shape.spread) && Shape.block64 && Shape.min_j <= 2,
+                                    Shape.warps); // (J = 2 only; J is planned below)
     // the partial sums go before the table (register ring) or after it (async ring)
     unsigned const room =
         Shape.async ? gemv1_stream_smem_limit - gemv1_stream_prefix - gemv_lut_bytes - extra
@@ -4020,7 +4089,7 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
       constexpr auto kernel = &gemv1_stream_kernel < Code, T, Nested, decltype(jc)::value,
                      Shape.depth, Shape.warps, decltype(fullc)::value, Shape.async, Shape.grouped,
                      Shape.pdl, Shape.pdl ? Shape.prefetch_kib : 0, Shape.stream_codes, Shape.lean,
-                     Shape.block64 > ;
+                     Shape.block64, Shape.spread > ;
       allow_dynamic_smem<kernel>(e.device, gemv1_stream_smem_limit);
       cuda_detail::launch(e, Shape.pdl, kernel, dim3(grid), dim3(threads), p.smem,
                           "qmem::quant::gemv1_stream_kernel", a, values_of<Code>(), nested_values(),
@@ -4284,10 +4353,9 @@ void launch_gemv(exec::cuda const& e, gemv_args<T> const& a, bool fast) {
     if (a.m == 1 && a.k >= gemv_batch1_long_k &&
         launch_gemv1_stream<Code, T, Nested, gemv_batch1_stream_long_k>(e, a))
       return;
-    if constexpr (Nested) {
-      if (a.m == 1 && launch_gemv1_stream<Code, T, Nested, gemv_batch1_stream_nested_b64>(e, a))
-        return;
-    }
+    // shorter rows in blocks of 64: J >= 2 with block64 and spread scales (the same declines)
+    if (a.m == 1 && launch_gemv1_stream<Code, T, Nested, gemv_batch1_stream_b64>(e, a))
+      return;
     if (a.m == 1 && a.block_shift >= 6 && stream.warps > 0 &&
         launch_gemv1_stream<Code, T, Nested, stream>(e, a))
       return;
