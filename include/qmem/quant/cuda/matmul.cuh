@@ -1218,8 +1218,7 @@ struct gemv1_stream_shape {
   //! With block64 and plain scales: the scales spread over a row group's lanes as nested ones
   //! always are (each lane loads J / 2 of a pair's 2 J scales and the group's keeper takes them,
   //! at J = 2 through the warp's scale exchange in shared memory) instead of every lane loading
-  //! all 2 J.
-  //! The same scales and fused multiply-adds: the same bits.
+  //! all 2 J. The same scales and fused multiply-adds: the same bits.
   bool spread = false;
 };
 
@@ -1598,8 +1597,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   // row (IMAD.WIDE) instead of a product, a 64-bit add of the codes' base and a clamp (the
   // compiler re-associated the sum)
   constexpr bool LeanAddr = Lean && !Async && (!Nested || Block64);
-  // Nested with block64 (the launcher's precondition: a power-of-two nested block): the scales
-  // are spread over the lanes of a fragment row group (stage above)
+  // Nested with block64 (the launcher's precondition: a power-of-two nested block), or plain
+  // with block64 and SpreadPlain: the scales are spread over the lanes of a fragment row group
+  // (stage above)
   constexpr bool SpreadScales = (Nested || SpreadPlain) && Block64;
   constexpr int Mine = SpreadScales && J >= 2 ? J / 2 : 1; // combinations per lane (stage above)
   std::uint8_t const* lean_codes = cbase;
@@ -1870,9 +1870,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       // parity: a buffer is written again two pairs later, after the next pair's __syncwarp, by
       // which every lane has read it), combination h * 2 + j at float 4 g + h * 2 + j: one
       // store and one 16-byte load per lane (eight distinct addresses: one wavefront) in place
-      // of four shuffles. J = 1 and 4 keep the shuffles (J = 4 through the exchange ran about 1%
-      // slower, with 2% more instructions and 12 spilled bytes: docs/matmul.md). The same values, the
-      // same fused multiply-adds.
+      // of four shuffles. J = 1 and 4 keep the shuffles (J = 4 through the exchange ran about
+      // 1% slower, with 2% more instructions and 12 spilled bytes: docs/matmul.md). The same
+      // values, the same fused multiply-adds.
       if constexpr (SpreadScales && J == 2) {
         constexpr bool ByParity = Grouped; // groups alternate their slots' parity, pair by pair
         float* const xb = exchange + 32u * ((ByParity ? static_cast<unsigned>(S) : i) & 1u);
