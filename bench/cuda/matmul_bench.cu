@@ -16,10 +16,11 @@
 // - gemv_batch16/n/k/m/v: the small-batch streaming kernel with each shape of
 //   cuda_matmul::gemv_batch16_stream_candidates (v 0-8 are gemv_variant 31-39);
 //   gemv_batch16_dq the shapes that take nested scales, with them.
-// - gemv_batch16_ab/n/k/16/v/round: batch 16, gemv_batch16_stream_long (v 15: candidate 12 with
-//   lean steps) and 15 with block64 scales (v 16: gemv_batch16_stream_long_b64) in turn, the order
-//   rotated each round, three rounds over 8192 x 8192 and 28672 x 8192, each shape's weight kept
-//   for the whole process (one allocation for all rows).
+// - gemv_batch16_ab/n/k/16/v/round: batch 16, on 14336 x 4096 gemv_batch16_stream_two_steps (v 14)
+//   and 14 with lean steps and block64 scales (v 17: gemv_batch16_stream_two_steps_b64), on 8192 x
+//   8192 the pair shape (v 8), gemv_batch16_stream_long_b64 (v 16) and 17, in turn, the order
+//   rotated each round, three rounds, each shape's weight kept for the whole process (one
+//   allocation for all rows).
 // - gemv_bulk/n/k/v: the bulk-copy batch-1 kernel (gemv1_bulk_kernel) with each shape of
 //   cuda_matmul::gemv_batch1_bulk_candidates, plain scales.
 // - gemv_floor/threads/smem_kib/pdl/table: a call's fixed cost (a kernel that streams nothing).
@@ -909,8 +910,9 @@ void gemm_fused(benchmark::State& state) {
 // wgmma's register A operand; sm90::gemm_4bit_staged_kernel, register A with the codes and
 // scales staged in shared memory by the producer warpgroup, persistent: 10 with the TMA-store
 // epilogue, 7 with the plain one and without the decode, to place the time), plain scales,
-// against cuBLASLt bf16 in the same run. Variants 3 and 10 also count the outputs that differ from variant 0's bits (`differ`: same products in the same
-// wgmma order, so 0 is expected; the tests check each against the host reference).
+// against cuBLASLt bf16 in the same run. Variants 3 and 10 also count the outputs that differ
+// from variant 0's bits (`differ`: same products in the same wgmma order, so 0 is expected; the
+// tests check each against the host reference).
 template <int Variant>
 void gemm_fused_variant(benchmark::State& state) {
   gemm_problem pr(state, false);
@@ -1082,10 +1084,11 @@ void batch16_args(benchmark::internal::Benchmark* b) {
       for (std::int64_t v = 0; v < std::ssize(cuda_matmul::gemv_batch16_stream_candidates); ++v)
         b->Args({s[0], s[1], m, v});
 }
-// gemv_batch16_ab: gemv_batch16_stream_long (v 15) and 15 with block64 scales (v 16), the order
-// rotated each round (the first row timed on a fresh kept weight runs slow: gemv16 round); the
-// gemv18 round also timed 16 with unpredicated full-step loads here (then v 17, since removed). Gemv round 3 timed 12, 14 and 15 here, gemv16 15
-// and its folded tails (then numbered 16, since removed), also on 14336 x 4096.
+// gemv_batch16_ab: see the list at the top; the order rotated each round (the first row timed on a
+// fresh kept weight runs slow: gemv16 round). Gemv18 timed 15 and 16 on 8192 x 8192 and 28672 x
+// 8192 here, and 16 with unpredicated full-step loads (then v 17, since removed); gemv round 3
+// 12, 14 and 15, gemv16 15 and its folded tails (then numbered 16, since removed), also on
+// 14336 x 4096.
 // gemv_batch16_dq: nested scales at batches 4 and 16 on the shapes that take them: the unpaired
 // ones (5: {16, 2} gs, 6: dispatched with nested scales), the pair shape (8) and the steps-outer
 // ones (11, 12, 14, 15: lean ignored with nested scales).
@@ -1097,19 +1100,24 @@ void batch16_dq_args(benchmark::internal::Benchmark* b) {
           b->Args({s[0], s[1], m, v});
 }
 void batch16_ab_args(benchmark::internal::Benchmark* b) {
-  constexpr std::int64_t ab_shapes[2][2] = {{8192, 8192}, {28672, 8192}};
-  constexpr std::int64_t ab_variants[] = {15, 16};
-  constexpr auto count = static_cast<std::int64_t>(std::size(ab_variants));
+  struct row {
+    std::int64_t n, k;
+    std::vector<std::int64_t> variants;
+  };
+  std::vector<row> const rows = {{14336, 4096, {14, 17}}, {8192, 8192, {8, 16, 17}}};
   for (std::int64_t round = 0; round < 3; ++round)
-    for (auto const& s : ab_shapes)
+    for (auto const& r : rows) {
+      auto const count = static_cast<std::int64_t>(r.variants.size());
       for (std::int64_t i = 0; i < count; ++i)
-        b->Args({s[0], s[1], 16, ab_variants[(i + round) % count], round});
+        b->Args({r.n, r.k, 16, r.variants[static_cast<std::size_t>((i + round) % count)], round});
+    }
 }
 // gemv_ab: the former dispatched shape (45), 45 with block64 (54), lean J >= 4 with block64
 // (55) and 54 with spread scales (56) on the five shapes, in three rounds, the order of the
 // variants rotated by one each round (the first row timed on a fresh kept weight runs slow:
-// gemv16 round). gemv17's first run timed the block-level L2 prefetch (51-53) here. (gemv round 2 timed the former candidates 48-50 here, since removed;
-// the placement and slope rows of that round are in docs/benchmarks.md.)
+// gemv16 round). gemv17's first run timed the block-level L2 prefetch (51-53) here; gemv round
+// 2 the former candidates 48-50, since removed (the placement and slope rows of that round are
+// in docs/benchmarks.md); the third session of 2026-12-01 also 57 (55 with spread scales).
 void ab_args(benchmark::internal::Benchmark* b) {
   constexpr std::int64_t ab_variants[] = {45, 54, 55, 56};
   constexpr auto count = static_cast<std::int64_t>(std::size(ab_variants));

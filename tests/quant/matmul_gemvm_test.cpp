@@ -68,14 +68,15 @@ TEST_CASE("the streaming small-batch GEMV kernel computes the GEMV function on e
   constexpr auto count = std::size(cuda_matmul::gemv_batch16_stream_candidates);
   all_small_batch_cases(rng, std::make_index_sequence<count>{});
 #else
-  // the six shapes launch_gemv dispatches (gemv_batch16_stream, _two_steps, _long, _long_b64,
-  // _unpaired, _short)
+  // the seven shapes launch_gemv dispatches (gemv_batch16_stream, _two_steps, _long, _long_b64,
+  // _unpaired, _short, _two_steps_b64)
   small_batch_cases<cuda_matmul::gemv_batch16_stream>(rng);
   small_batch_cases<cuda_matmul::gemv_batch16_stream_two_steps>(rng);
   small_batch_cases<cuda_matmul::gemv_batch16_stream_long>(rng);
   small_batch_cases<cuda_matmul::gemv_batch16_stream_long_b64>(rng);
   small_batch_cases<cuda_matmul::gemv_batch16_stream_unpaired>(rng);
   small_batch_cases<cuda_matmul::gemv_batch16_stream_short>(rng);
+  small_batch_cases<cuda_matmul::gemv_batch16_stream_two_steps_b64>(rng);
 #endif
 }
 
@@ -99,6 +100,12 @@ TEST_CASE("small-batch GEMV lean steps on small plans (for the sanitizers)") {
   small_batch_case<c[16]>(12, 140, 1024, 64, false, 1, rng);
   small_batch_case<c[16]>(16, 200, 512, 64, false, 2, rng);
   small_batch_case<c[16]>(9, 45, 384, 64, false, 1, rng);
+  // candidate 17 (14, two steps with activation slots, with lean steps and block64 scales;
+  // gemv_batch16_stream_two_steps_b64): the same plain-scale plans
+  small_batch_case<c[17]>(16, 70, 1024, 64, false, 1, rng);
+  small_batch_case<c[17]>(12, 140, 1024, 64, false, 1, rng);
+  small_batch_case<c[17]>(16, 200, 512, 64, false, 2, rng);
+  small_batch_case<c[17]>(9, 45, 384, 64, false, 1, rng);
 }
 
 TEST_CASE("small-batch GEMV block64 scales decline what they cannot read") {
@@ -108,7 +115,7 @@ TEST_CASE("small-batch GEMV block64 scales decline what they cannot read") {
   constexpr auto const& c = cuda_matmul::gemv_batch16_stream_candidates;
   std::mt19937 rng(41);
   // blocks of 128, nested scales (both launch with candidate 15), scales 4 bytes off 8-byte
-  // alignment: candidate 16 launches nothing
+  // alignment: candidates 16 and 17 launch nothing
   for (auto const& [block, nested] :
        {std::pair{std::size_t{128}, false}, std::pair{std::size_t{64}, true}}) {
     host_weight const hw = random_weight(70, 1024, block, nested, rng);
@@ -119,9 +126,11 @@ TEST_CASE("small-batch GEMV block64 scales decline what they cannot read") {
     if (nested) {
       CHECK(cuda_matmul::launch_gemvm_stream<nf4, bf16, true, c[15]>(B::exec(), a, 1));
       CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, true, c[16]>(B::exec(), a, 1));
+      CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, true, c[17]>(B::exec(), a, 1));
     } else {
       CHECK(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[15]>(B::exec(), a, 1));
       CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[16]>(B::exec(), a, 1));
+      CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[17]>(B::exec(), a, 1));
     }
   }
   {
@@ -131,8 +140,10 @@ TEST_CASE("small-batch GEMV block64 scales decline what they cannot read") {
     auto by = B::template alloc<bf16>(16 * 70);
     auto a = gemv_args_for(bw.view, bx.view().data(), by.view().data(), 16u);
     CHECK(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[16]>(B::exec(), a, 1));
+    CHECK(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[17]>(B::exec(), a, 1));
     a.scales.absmax += 1;
     CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[16]>(B::exec(), a, 1));
+    CHECK_FALSE(cuda_matmul::launch_gemvm_stream<nf4, bf16, false, c[17]>(B::exec(), a, 1));
   }
 }
 

@@ -2523,7 +2523,9 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_candidates[] = {
     {12, 4, 8, 4, true, 0, true, true, true, true, true, true, true},
     {12, 4, 8, 4, true, 0, true, true, true, true, false, true, true},
     {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true},
-    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true, true}};
+    {12, 4, 8, 4, true, 0, true, true, true, true, true, true, false, true, true},
+    // 17 (2026-12-01): 14 (two steps, x_slots) with lean steps and block64 scales
+    {12, 4, 8, 4, true, 0, true, true, true, true, false, true, true, true, true}};
 //! The shape batches 2 to 16 run with (blocks >= 64, k % 64 == 0) when a block owns at least 4
 //! tiles (more than 3 * SMs tiles of 16 rows), plain scales: the pair shape {12, 4} / {8, 4}
 //! (variant 39). Lead's integrated run (H200, 2026-11-29 19:55 UTC, copy 4164 GB/s, us per call;
@@ -2572,6 +2574,16 @@ inline constexpr gemvm_stream_shape gemv_batch16_stream_long_b64 =
 //! steps keep candidate 12 (since gemv round 3, candidate 15: gemv_batch16_stream_long).
 inline constexpr gemvm_stream_shape gemv_batch16_stream_two_steps =
     gemv_batch16_stream_candidates[14];
+//! Where gemv_batch16_stream_two_steps runs (5 to 8 tiles per block), weights with plain scales
+//! in blocks of 64 (8-byte aligned) take candidate 17: the same shape with lean steps and
+//! block64 scales, as gemv_batch16_stream_long_b64 is to the long shape (the launcher declines
+//! the other weights, which keep candidate 14). H200, 2026-12-01 08:03 UTC (bench
+//! gemv_batch16_ab: one kept weight, 3 rounds x 2 processes, order rotated, us at batch 16):
+//! 14336 x 4096 16.77 / 17.12 / 17.54 against 14's 17.49 / 18.01 / 18.56 in the same rounds
+//! (-4.1 to -5.5%, both processes alike); on 8192 x 8192 (4 tiles per block: not dispatched
+//! there) 19.48-20.05 against the pair shape's 19.55-19.62.
+inline constexpr gemvm_stream_shape gemv_batch16_stream_two_steps_b64 =
+    gemv_batch16_stream_candidates[17];
 //! {16, 4} / {12, 4} with group_scales (variant 37), the fastest unpaired shape on 14336 x 4096 and
 //! 8192 x 8192 at batches 4 and 16 and on 28672 x 8192 at batch 16 in the 19:27 UTC run above (at
 //! batch 4 there {16, 2} gs was 2.7% faster).
@@ -4302,7 +4314,7 @@ void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
 
 //! Batches 2 to 16 on weights where a block owns at least 4 tiles: with plain scales, at batches
 //! 9-16 where a block owns more than 4 tiles the steps-outer shape (gemv_batch16_stream_two_steps
-//! up to 8 tiles, gemv_batch16_stream_long_b64 beyond for blocks of 64, gemv_batch16_stream_long
+//! up to 8 tiles, gemv_batch16_stream_two_steps_b64 first for blocks of 64, gemv_batch16_stream_long_b64 beyond for blocks of 64, gemv_batch16_stream_long
 //! for the others),
 //! else the pair shape; the unpaired one where those decline the weight. Nested scales: at batches
 //! 9-16 gemv_batch16_stream_long where a block owns more than 4 tiles, else the pair shape; at
@@ -4326,9 +4338,11 @@ bool launch_gemvm_long(exec::cuda const& e, gemv_args<T> const& a) {
     if (a.m > 8 && launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream>(e, a))
       return true;
   } else {
-    // batches 9-16 where a block owns more than one step's tiles: the x-once shape
+    // batches 9-16 where a block owns more than one step's tiles: the x-once shape (block64
+    // scales first: that shape declines the other weights)
     if (a.m > 8 && per_block > step && per_block <= 2 * step &&
-        launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_two_steps>(e, a))
+        (launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_two_steps_b64>(e, a) ||
+         launch_gemvm_stream<Code, T, Nested, gemv_batch16_stream_two_steps>(e, a)))
       return true;
     // blocks of 64 with 8-byte aligned scales first (the block64 shape declines the others)
     if (a.m > 8 && per_block > 2 * step &&
