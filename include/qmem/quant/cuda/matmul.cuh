@@ -1419,6 +1419,12 @@ QMEM_HOST_DEVICE constexpr unsigned gemv1_stream_extra_bytes(bool nested) {
   return (nested ? 256u * 4u : 0u) + 64u;
 }
 
+//! Whether gemv1_stream_kernel spreads a pair's scales over a row group's lanes: nested scales
+//! with block64 always, plain ones with block64 and the shape's `spread`.
+QMEM_HOST_DEVICE constexpr bool gemv1_stream_spreads(bool nested, bool spread, bool block64) {
+  return (nested || spread) && block64;
+}
+
 //! Bytes of the scale exchange of spread scales at J = 2 (after the nested map and its 64 spare
 //! bytes): per warp two buffers (pair parity) of 32 floats, through which the lanes of a row
 //! group hand their scales to the group's keeper (gemv1_stream_kernel).
@@ -1501,6 +1507,9 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   static_assert(!Block64 || (Lean && !Async), "block64 is lean addressing's");
   // pairs in flight
   constexpr int Ring = gemv1_stream_ring(Depth, J, Nested, Async, Grouped, Block64);
+  // the scales spread over the lanes of a fragment row group (stage above; nested with block64:
+  // the launcher's precondition is a power-of-two nested block)
+  constexpr bool SpreadScales = gemv1_stream_spreads(Nested, SpreadPlain, Block64);
   extern __shared__ __align__(16) unsigned char gemv_smem[];
   unsigned const C = plan.col_groups;
   unsigned const G = plan.row_groups;
@@ -1511,9 +1520,8 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   // ("side") before the table when they fit, else after it. Async ring: the staging ring before
   // the table, the side after it.
   auto const base = static_cast<std::uint32_t>(__cvta_generic_to_shared(gemv_smem));
-  unsigned const side_bytes =
-      plan.tile_pairs * C * 64u + gemv1_stream_extra_bytes(Nested) +
-      gemv1_stream_exchange_bytes((Nested || SpreadPlain) && Block64 && J == 2, MaxWarps);
+  unsigned const side_bytes = plan.tile_pairs * C * 64u + gemv1_stream_extra_bytes(Nested) +
+                              gemv1_stream_exchange_bytes(SpreadScales && J == 2, MaxWarps);
   unsigned const ring_bytes = Async ? Ring * threads * gemv1_stream_slot_bytes(J) : 0u;
   unsigned const front = Async ? ring_bytes : side_bytes;
   unsigned lut_off = (0u - base) & 0xFFFFu;
@@ -1597,10 +1605,6 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
   // row (IMAD.WIDE) instead of a product, a 64-bit add of the codes' base and a clamp (the
   // compiler re-associated the sum)
   constexpr bool LeanAddr = Lean && !Async && (!Nested || Block64);
-  // Nested with block64 (the launcher's precondition: a power-of-two nested block), or plain
-  // with block64 and SpreadPlain: the scales are spread over the lanes of a fragment row group
-  // (stage above)
-  constexpr bool SpreadScales = (Nested || SpreadPlain) && Block64;
   constexpr int Mine = SpreadScales && J >= 2 ? J / 2 : 1; // combinations per lane (stage above)
   std::uint8_t const* lean_codes = cbase;
   // (Block64: chunk = block, so super-step j's scale is the first one's plus 8 j)
@@ -1874,8 +1878,10 @@ __global__ void __launch_bounds__(MaxWarps * 32, 1)
       // 1% slower, with 2% more instructions and 12 spilled bytes: docs/matmul.md). The same
       // values, the same fused multiply-adds.
       if constexpr (SpreadScales && J == 2) {
-        constexpr bool ByParity = Grouped; // groups alternate their slots' parity, pair by pair
-        float* const xb = exchange + 32u * ((ByParity ? static_cast<unsigned>(S) : i) & 1u);
+        // consecutive pairs take alternate slots of the two groups, so the slot's parity is the
+        // pair's (every block64 shape has grouped rings)
+        static_assert(Grouped, "the scale exchange picks its buffer by the slot's parity");
+        float* const xb = exchange + 32u * (static_cast<unsigned>(S) & 1u);
         xb[4u * g + t] = sc_mine[0];
         __syncwarp();
         float4 const f4 = *reinterpret_cast<float4 const*>(xb + 4u * g);
@@ -4076,7 +4082,8 @@ bool launch_gemv1_stream(exec::cuda const& e, gemv_args<T> const& a, unsigned pl
     unsigned const sms = plan_sms != 0 ? plan_sms : multiprocessors(e.device);
     unsigned const extra =
         gemv1_stream_extra_bytes(Nested) +
-        gemv1_stream_exchange_bytes((Nested || Shape.spread) && Shape.block64 && Shape.min_j <= 2,
+        gemv1_stream_exchange_bytes(gemv1_stream_spreads(Nested, Shape.spread, Shape.block64) &&
+                                        Shape.min_j <= 2,
                                     Shape.warps); // (J = 2 only; J is planned below)
     // the partial sums go before the table (register ring) or after it (async ring)
     unsigned const room =
@@ -4313,12 +4320,12 @@ void launch_gemv_fast(exec::cuda const& e, gemv_args<T> const& a) {
 }
 
 //! Batches 2 to 16 on weights where a block owns at least 4 tiles: with plain scales, at batches
-//! 9-16 where a block owns more than 4 tiles the steps-outer shape (gemv_batch16_stream_two_steps
-//! up to 8 tiles, gemv_batch16_stream_two_steps_b64 first for blocks of 64, gemv_batch16_stream_long_b64 beyond for blocks of 64, gemv_batch16_stream_long
-//! for the others),
-//! else the pair shape; the unpaired one where those decline the weight. Nested scales: at batches
-//! 9-16 gemv_batch16_stream_long where a block owns more than 4 tiles, else the pair shape; at
-//! batches 2-8 the unpaired shape. False when none takes it.
+//! 9-16 where a block owns more than 4 tiles the steps-outer shape (up to 8 tiles
+//! gemv_batch16_stream_two_steps_b64 for blocks of 64, gemv_batch16_stream_two_steps for the
+//! others; beyond, gemv_batch16_stream_long_b64 for blocks of 64, gemv_batch16_stream_long for
+//! the others), else the pair shape; the unpaired one where those decline the weight. Nested
+//! scales: at batches 9-16 gemv_batch16_stream_long where a block owns more than 4 tiles, else
+//! the pair shape; at batches 2-8 the unpaired shape. False when none takes it.
 template <class Code, class T, bool Nested>
 bool launch_gemvm_long(exec::cuda const& e, gemv_args<T> const& a) {
   std::size_t const sms = multiprocessors(e.device);
